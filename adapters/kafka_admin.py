@@ -1,0 +1,47 @@
+"""Broker administration: readiness probe and topic creation (works on Kafka and Tansu)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable
+
+# kafka-python logs every refused connection at ERROR while the broker starts; readiness polls expect that.
+logging.getLogger("kafka").setLevel(logging.CRITICAL)
+
+
+def broker_answers(bootstrap: str, timeout_ms: int = 2000) -> bool:
+    """True when the broker answers a metadata request."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms,
+                                 api_version_auto_timeout_ms=timeout_ms)
+    except (KafkaError, OSError, ValueError):
+        return False
+    try:
+        admin.list_topics()
+        return True
+    except (KafkaError, OSError):
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            admin.close()
+
+
+def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int) -> None:
+    """Create the topics that do not exist yet."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    try:
+        have = set(admin.list_topics())
+        missing = [NewTopic(t, partitions, 1) for t in topics if t not in have]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics(missing)
+    finally:
+        admin.close()

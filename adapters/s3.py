@@ -1,0 +1,29 @@
+"""S3 through boto3 against the configured endpoint (SeaweedFS embedded, AWS S3 in production)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adapters.settings import Settings
+
+
+def s3_client(settings: Settings, timeout_s: float = 10, max_pool: int = 16) -> Any:
+    """A boto3 S3 client with path-style addressing and SigV4 (presigned URLs work on any endpoint)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.effective_s3_endpoint,
+        aws_access_key_id=settings.s3_access_key,
+        aws_secret_access_key=settings.s3_secret_key,
+        region_name=settings.s3_region,
+        config=Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            connect_timeout=timeout_s,
+            read_timeout=timeout_s,
+            retries={"max_attempts": 2, "mode": "standard"},
+            max_pool_connections=max_pool,
+        ),
+    )

@@ -1,0 +1,159 @@
+"""Settings from the environment (prefix ``PALETTE_``), with defaults that serve the embedded stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Literal
+from urllib.parse import quote, urlsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Secrets shorter than this are refused outside development (HS256 wants >= 256 bits).
+MIN_SECRET_BYTES = 32
+PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "placeholder", "dev", "development"}
+# Secret names, printed by `palette env` but never logged.
+SECRET_FIELDS = ("jwt_secret", "callback_secret", "s3_secret_key", "pg_password")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names it."""
+
+
+class Settings(BaseSettings):
+    """Effective configuration. Empty connection settings mean "the embedded stack's"."""
+
+    model_config = SettingsConfigDict(env_prefix="PALETTE_", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    data_dir: Path = Path(".palette")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    pg_port: int = Field(5433, ge=1, le=65535)
+    pg_password: str = ""
+    database_url: str = ""
+    kafka_port: int = Field(9092, ge=1, le=65535)
+    kafka_bootstrap: str = ""
+    kafka_partitions: int = Field(4, ge=1, le=256)
+    s3_port: int = Field(8333, ge=1, le=55535)
+    s3_endpoint: str = ""
+    s3_bucket: str = "palette-images"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_region: str = "us-east-1"
+    broker_bucket: str = "palette-broker"
+    jwt_secret: str = ""
+    jwt_issuer: str = "palette"
+    jwt_audience: str = "palette-app"
+    jwt_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    callback_secret: str = ""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    pg_fsync: bool = True
+
+    @field_validator("s3_bucket", "broker_bucket")
+    @classmethod
+    def _bucket_name(cls, v: str) -> str:
+        if len(v) < 3:
+            raise ValueError("bucket names need at least 3 characters")
+        return v
+
+    # -- derived values -------------------------------------------------------------
+    @property
+    def embedded_postgres(self) -> bool:
+        return not self.database_url or self._is_local_url(self.database_url, self.pg_port)
+
+    @staticmethod
+    def _is_local_url(url: str, port: int) -> bool:
+        parts = urlsplit(url)
+        return parts.hostname in ("127.0.0.1", "localhost") and parts.port == port
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        pw = quote(self.pg_password, safe="")
+        return f"postgresql://palette:{pw}@127.0.0.1:{self.pg_port}/palette"
+
+    @property
+    def effective_kafka_bootstrap(self) -> str:
+        return self.kafka_bootstrap or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def effective_s3_endpoint(self) -> str:
+        return self.s3_endpoint or f"http://127.0.0.1:{self.s3_port}"
+
+    def as_env(self) -> dict[str, str]:
+        """Every setting as ``PALETTE_*`` variables with the derived values filled in."""
+        out: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            out[f"PALETTE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        out["PALETTE_DATABASE_URL"] = self.effective_database_url
+        out["PALETTE_KAFKA_BOOTSTRAP"] = self.effective_kafka_bootstrap
+        out["PALETTE_S3_ENDPOINT"] = self.effective_s3_endpoint
+        return out
+
+    def check_secrets(self) -> None:
+        """Refuse placeholder or short secrets outside development."""
+        if self.env == "development":
+            return
+        for name in ("jwt_secret", "callback_secret"):
+            value = getattr(self, name)
+            if value.lower() in PLACEHOLDER_SECRETS or len(value.encode()) < MIN_SECRET_BYTES:
+                raise SettingsError(
+                    f"PALETTE_{name.upper()} must be a real secret of at least "
+                    f"{MIN_SECRET_BYTES} bytes when PALETTE_ENV=production"
+                )
+
+
+def _dev_secrets(data_dir: Path) -> dict[str, str]:
+    """Development secrets, generated once into the data directory (mode 0600)."""
+    path = data_dir / "secrets.json"
+    if path.exists():
+        stored: dict[str, str] = json.loads(path.read_text())
+        return stored
+    data_dir.mkdir(parents=True, exist_ok=True)
+    generated = {
+        "jwt_secret": secrets.token_urlsafe(48),
+        "callback_secret": secrets.token_urlsafe(48),
+        "s3_access_key": "palette" + secrets.token_hex(6),
+        "s3_secret_key": secrets.token_urlsafe(32),
+        "pg_password": secrets.token_urlsafe(24),
+    }
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(generated, f)
+    tmp.replace(path)
+    return generated
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment, fill development secrets from the data directory, validate."""
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        raise SettingsError(_one_line(e)) from None
+    settings.data_dir = settings.data_dir.expanduser().resolve()
+    if settings.env == "development":
+        try:
+            dev = _dev_secrets(settings.data_dir)
+        except OSError as e:
+            raise SettingsError(f"data directory {settings.data_dir} is not writable: {e.strerror}") from None
+        for name, value in dev.items():
+            if not getattr(settings, name):
+                setattr(settings, name, value)
+    settings.check_secrets()
+    return settings
+
+
+def _one_line(e: ValueError) -> str:
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        return f"invalid setting PALETTE_{loc.upper()}: {first.get('msg')}"
+    return str(e).splitlines()[0]

@@ -1,0 +1,1 @@
+"""Use cases: load aggregates, decide, save atomically; ports for the outside world."""

@@ -1,0 +1,30 @@
+"""The S3 key layout (ARCHITECTURE §3): every object of a job lives under its user's prefix."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+
+def input_key(user_id: UUID, job_id: UUID, idx: int) -> str:
+    return f"inputs/{user_id}/{job_id}/{idx}.jpg"
+
+
+def output_key(user_id: UUID, job_id: UUID, idx: int) -> str:
+    return f"outputs/{user_id}/{job_id}/{idx}_result.png"
+
+
+def mask_key(user_id: UUID, job_id: UUID, idx: int, concept: str) -> str:
+    return f"masks/{user_id}/{job_id}/{idx}_{concept}.png"
+
+
+def preview_key(user_id: UUID, job_id: UUID, idx: int) -> str:
+    return f"previews/{user_id}/{job_id}/{idx}_thumb.jpg"
+
+
+def user_prefixes(user_id: UUID) -> tuple[str, ...]:
+    return tuple(f"{kind}/{user_id}/" for kind in ("inputs", "outputs", "masks", "previews"))
+
+
+def callback_key(job_id: UUID, idx: int) -> str:
+    """The idempotency key a GPU worker reports an item result under."""
+    return f"{job_id}:{idx}"

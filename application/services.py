@@ -1,0 +1,299 @@
+"""Palette's use cases: each loads aggregates, decides, and saves every change in one transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+
+from application.keys import input_key
+from application.ports import Clock, IdGenerator, ObjectStore
+from application.unit_of_work import CommandExecutor, Committed, UnitOfWork
+from domain.errors import NotFound, ValidationFailed
+from domain.job import MAX_ITEMS, Job, RecordedResult
+from domain.plans import DEFAULT_PLANS, Plan
+from domain.presets import get_preset, normalise_edits
+from domain.rule import Rule
+from domain.user import User, user_id_for_device
+
+MAX_DEVICE_HASH = 200
+
+
+class PaletteApplication(Application):
+    """The event store: User, Job and Rule streams in one PostgreSQL events table."""
+
+    name = "palette"
+    env = {
+        # The cache keeps hot aggregates; fast-forward keeps them current across processes.
+        "AGGREGATE_CACHE_MAXSIZE": "10000",
+        "AGGREGATE_CACHE_FASTFORWARD": "y",
+    }
+
+
+class InputsMissing(ValidationFailed):
+    code = "INPUTS_MISSING"
+
+    def __init__(self, missing: list[int]) -> None:
+        shown = ", ".join(str(i) for i in missing[:20]) + (" ..." if len(missing) > 20 else "")
+        super().__init__(f"{len(missing)} input(s) not uploaded yet: idx {shown}")
+        self.missing = missing
+
+
+@dataclass(frozen=True)
+class UserView:
+    user_id: UUID
+    plan: str
+    credits: int
+    reserved: int
+    spent: int
+    granted: int
+    active_jobs: int
+    rule_slots_used: int
+    rule_slots_max: int
+    max_concurrency: int
+
+
+class PaletteService:
+    """Commands return :class:`Committed` (value + event-store position) for read-your-writes."""
+
+    def __init__(
+        self, app: Application, executor: CommandExecutor, clock: Clock, ids: IdGenerator,
+        store: ObjectStore | None = None, plans: Mapping[str, Plan] = DEFAULT_PLANS,
+    ) -> None:
+        self.app = app
+        self.executor = executor
+        self.clock = clock
+        self.ids = ids
+        self.store = store
+        self.plans = plans
+
+    # -- users ---------------------------------------------------------------------------
+    def register(self, device_hash: str, plan: str = "free") -> Committed[tuple[UUID, bool]]:
+        """Register once per device; a repeat returns the same user (created=False)."""
+        if not device_hash or len(device_hash) > MAX_DEVICE_HASH:
+            raise ValidationFailed(f"device_hash must be 1..{MAX_DEVICE_HASH} characters")
+        limits = self._plan(plan)
+        user_id = user_id_for_device(device_hash)
+        at = self.clock.now()
+
+        def command(uow: UnitOfWork) -> tuple[UUID, bool]:
+            if uow.get(User, user_id) is not None:
+                return user_id, False
+            uow.add(User.register(device_hash, limits, at))
+            return user_id, True
+
+        return self.executor.execute(command)
+
+    def grant_credits(self, user_id: UUID, amount: int, reason: str) -> Committed[int]:
+        at = self.clock.now()
+
+        def command(uow: UnitOfWork) -> int:
+            user = self._user(uow, user_id)
+            user.grant(amount, reason, at)
+            return user.balance
+
+        return self.executor.execute(command)
+
+    def change_plan(self, user_id: UUID, plan: str) -> Committed[str]:
+        limits = self._plan(plan)
+        at = self.clock.now()
+
+        def command(uow: UnitOfWork) -> str:
+            user = self._user(uow, user_id)
+            user.change_plan(limits, at)
+            return user.plan
+
+        return self.executor.execute(command)
+
+    def get_user(self, user_id: UUID) -> UserView:
+        user = self._read(User, user_id, "user")
+        limits = self._plan(user.plan)
+        return UserView(
+            user_id=user.id, plan=user.plan, credits=user.balance, reserved=user.reserved,
+            spent=user.spent, granted=user.granted, active_jobs=user.active_jobs,
+            rule_slots_used=len(user.rule_ids), rule_slots_max=limits.max_rule_slots,
+            max_concurrency=limits.max_concurrency,
+        )
+
+    # -- jobs ----------------------------------------------------------------------------
+    def create_job(self, user_id: UUID, preset: str, item_count: int) -> Committed[UUID]:
+        """Reserve one credit per item and create the job, atomically."""
+        get_preset(preset)
+        if not isinstance(item_count, int) or not 1 <= item_count <= MAX_ITEMS:
+            raise ValidationFailed(f"item_count must be between 1 and {MAX_ITEMS}")
+        job_id = self.ids.new_id()
+        at = self.clock.now()
+
+        def command(uow: UnitOfWork) -> UUID:
+            user = self._user(uow, user_id)
+            user.reserve(job_id, item_count, self._plan(user.plan), at)
+            uow.add(Job.create(job_id, user_id, preset, item_count, at))
+            return job_id
+
+        return self.executor.execute(command)
+
+    def confirm_upload(self, user_id: UUID, job_id: UUID) -> Committed[None]:
+        """created -> uploaded, once every input object exists in the store."""
+        job = self.get_job(user_id, job_id)
+        if self.store is not None and job.status == "created":
+            keys = [input_key(user_id, job_id, i) for i in range(job.item_count)]
+            missing = set(self.store.missing(keys))
+            if missing:
+                raise InputsMissing([i for i, k in enumerate(keys) if k in missing])
+        at = self.clock.now()
+
+        def command(uow: UnitOfWork) -> None:
+            self._own_job(uow, user_id, job_id).confirm_upload(at)
+
+        return self.executor.execute(command)
+
+    def execute_job(
+        self, user_id: UUID, job_id: UUID, concepts: Mapping[str, Mapping[str, Any]] | None,
+        protect: Sequence[str] | None = None, rule_id: UUID | None = None,
+        output_template: str = "",
+    ) -> Committed[None]:
+        """uploaded -> queued with the edits; a rule supplies edits the request leaves out."""
+        job = self.get_job(user_id, job_id)
+        merged: dict[str, Mapping[str, Any]] = {}
+        merged_protect = list(protect or [])
+        if rule_id is not None:
+            rule = self.get_rule(user_id, rule_id)
+            if rule.preset_id != job.preset:
+                raise ValidationFailed(f"rule is for preset {rule.preset_id!r}, job is {job.preset!r}")
+            merged.update(rule.concepts)
+            if protect is None:
+                merged_protect = list(rule.protect)
+        merged.update(concepts or {})
+        edits, protected = normalise_edits(job.preset, merged, merged_protect)
+        at = self.clock.now()
+
+        def command(uow: UnitOfWork) -> None:
+            self._own_job(uow, user_id, job_id).execute(edits, protected, rule_id, output_template, at)
+
+        return self.executor.execute(command)
+
+    def record_item_result(
+        self, job_id: UUID, idx: int, status: str, idempotency_key: str, output_key: str = "",
+        preview_key: str = "", error: str = "",
+    ) -> Committed[RecordedResult]:
+        """Record one GPU result; the last one finishes the job and settles credits atomically."""
+        at = self.clock.now()
+
+        def command(uow: UnitOfWork) -> RecordedResult:
+            job = uow.get(Job, job_id)
+            if job is None:
+                raise NotFound("job not found")
+            result = job.record_result(idx, status, output_key, preview_key, error, idempotency_key, at)
+            if result.finished is not None:
+                self._user(uow, job.user_id).settle(job_id, job.done_items, at)
+            return result
+
+        return self.executor.execute(command)
+
+    def cancel_job(self, user_id: UUID, job_id: UUID, reason: str = "user") -> Committed[bool]:
+        """Cancel and refund the items not done, atomically; canceling twice changes nothing."""
+        at = self.clock.now()
+
+        def command(uow: UnitOfWork) -> bool:
+            job = self._own_job(uow, user_id, job_id)
+            canceled = job.cancel(reason, at)
+            if canceled:
+                self._user(uow, user_id).settle(job_id, job.done_items, at)
+            return canceled
+
+        return self.executor.execute(command)
+
+    def get_job(self, user_id: UUID, job_id: UUID) -> Job:
+        job = self._read(Job, job_id, "job")
+        if job.user_id != user_id:
+            raise NotFound("job not found")
+        return job
+
+    # -- rules ---------------------------------------------------------------------------
+    def create_rule(
+        self, user_id: UUID, name: str, preset_id: str, concepts: Mapping[str, Mapping[str, Any]],
+        protect: Sequence[str] = (),
+    ) -> Committed[UUID]:
+        """Take a rule slot and create the rule, atomically."""
+        edits, protected = normalise_edits(preset_id, concepts, protect)
+        rule_id = self.ids.new_id()
+        at = self.clock.now()
+
+        def command(uow: UnitOfWork) -> UUID:
+            user = self._user(uow, user_id)
+            rule = Rule.create(rule_id, user_id, name, preset_id, edits, protected, at)
+            user.take_rule_slot(rule_id, self._plan(user.plan), at)
+            uow.add(rule)
+            return rule_id
+
+        return self.executor.execute(command)
+
+    def update_rule(
+        self, user_id: UUID, rule_id: UUID, name: str, concepts: Mapping[str, Mapping[str, Any]],
+        protect: Sequence[str] = (),
+    ) -> Committed[None]:
+        current = self.get_rule(user_id, rule_id)
+        edits, protected = normalise_edits(current.preset_id, concepts, protect)
+        at = self.clock.now()
+
+        def command(uow: UnitOfWork) -> None:
+            self._own_rule(uow, user_id, rule_id).update(name, edits, protected, at)
+
+        return self.executor.execute(command)
+
+    def delete_rule(self, user_id: UUID, rule_id: UUID) -> Committed[None]:
+        """Delete the rule and free its slot, atomically."""
+        at = self.clock.now()
+
+        def command(uow: UnitOfWork) -> None:
+            rule = self._own_rule(uow, user_id, rule_id)
+            rule.delete(at)
+            self._user(uow, user_id).free_rule_slot(rule_id, at)
+
+        return self.executor.execute(command)
+
+    def get_rule(self, user_id: UUID, rule_id: UUID) -> Rule:
+        rule = self._read(Rule, rule_id, "rule")
+        if rule.user_id != user_id or rule.deleted:
+            raise NotFound("rule not found")
+        return rule
+
+    # -- helpers -------------------------------------------------------------------------
+    def _plan(self, name: str) -> Plan:
+        try:
+            return self.plans[name]
+        except KeyError:
+            raise ValidationFailed(f"unknown plan {name!r}; choose one of {sorted(self.plans)}") from None
+
+    def _read(self, cls: type[Any], aggregate_id: UUID, what: str) -> Any:
+        try:
+            agg = self.app.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            raise NotFound(f"{what} not found") from None
+        if not isinstance(agg, cls):
+            raise NotFound(f"{what} not found")
+        return agg
+
+    @staticmethod
+    def _user(uow: UnitOfWork, user_id: UUID) -> User:
+        user = uow.get(User, user_id)
+        if user is None:
+            raise NotFound("user not found")
+        return user
+
+    @staticmethod
+    def _own_job(uow: UnitOfWork, user_id: UUID, job_id: UUID) -> Job:
+        job = uow.get(Job, job_id)
+        if job is None or job.user_id != user_id:
+            raise NotFound("job not found")
+        return job
+
+    @staticmethod
+    def _own_rule(uow: UnitOfWork, user_id: UUID, rule_id: UUID) -> Rule:
+        rule = uow.get(Rule, rule_id)
+        if rule is None or rule.user_id != user_id or rule.deleted:
+            raise NotFound("rule not found")
+        return rule

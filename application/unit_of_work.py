@@ -1,0 +1,247 @@
+"""Unit of work and the two ways to run a command: group commit and one save per command."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import IntegrityError
+
+from domain.errors import DomainError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+A = TypeVar("A", bound=Aggregate)
+
+
+class ConflictError(DomainError):
+    """Optimistic concurrency kept failing after bounded retries; the client may retry."""
+
+    code = "CONFLICT"
+
+
+class UnitOfWork:
+    """The aggregates one batch of commands works on; later commands see earlier changes."""
+
+    def __init__(self, app: Application) -> None:
+        self._app = app
+        self._loaded: dict[UUID, Aggregate | None] = {}
+
+    def get(self, cls: type[A], aggregate_id: UUID) -> A | None:
+        if aggregate_id not in self._loaded:
+            try:
+                self._loaded[aggregate_id] = self._app.repository.get(aggregate_id)
+            except AggregateNotFoundError:
+                self._loaded[aggregate_id] = None
+        agg = self._loaded[aggregate_id]
+        if agg is not None and not isinstance(agg, cls):
+            return None
+        return agg
+
+    def add(self, aggregate: Aggregate) -> None:
+        if self._loaded.get(aggregate.id) is not None:
+            raise ValueError(f"aggregate {aggregate.id} already exists in this unit of work")
+        self._loaded[aggregate.id] = aggregate
+
+    def pending_count(self) -> int:
+        return sum(len(a.pending_events) for a in self._loaded.values() if a is not None)
+
+    def changed(self) -> list[Aggregate]:
+        return [a for a in self._loaded.values() if a is not None and a.pending_events]
+
+    def ids(self) -> list[UUID]:
+        return list(self._loaded)
+
+
+Command = Callable[[UnitOfWork], T]
+
+
+@dataclass(frozen=True)
+class Committed(Generic[T]):
+    """A command's result and the event-store position its save reached (None: nothing new)."""
+
+    value: T
+    position: int | None
+
+
+class CommandExecutor(Protocol):
+    def execute(self, command: Command[T]) -> Committed[T]: ...
+
+
+class _CommandBug(Exception):
+    """A command raised something other than a domain refusal, or refused after recording."""
+
+
+def _run_one(uow: UnitOfWork, command: Command[Any]) -> Any:
+    before = uow.pending_count()
+    try:
+        return command(uow)
+    except DomainError:
+        if uow.pending_count() != before:
+            raise _CommandBug("command refused after recording events") from None
+        raise
+
+
+def _evict(app: Application, ids: list[UUID]) -> None:
+    cache = app.repository.cache
+    if cache is not None:
+        for aggregate_id in ids:
+            with contextlib.suppress(KeyError):
+                cache.get(aggregate_id, evict=True)
+
+
+def _backoff(attempt: int) -> None:
+    # Jitter spreads competing writers apart so the next attempt is likely to win.
+    time.sleep(random.uniform(0, 0.002 * 2**attempt))
+
+
+def _position(recordings: list[Any]) -> int | None:
+    ids = [r.notification.id for r in recordings]
+    return max(ids) if ids else None
+
+
+class DirectExecutor:
+    """The naive path: one load-decide-save transaction per command, retried on conflict."""
+
+    def __init__(self, app: Application, max_attempts: int = 10) -> None:
+        self.app = app
+        self.max_attempts = max_attempts
+
+    def execute(self, command: Command[T]) -> Committed[T]:
+        for attempt in range(self.max_attempts):
+            uow = UnitOfWork(self.app)
+            try:
+                value = _run_one(uow, command)
+            except _CommandBug as e:
+                raise RuntimeError(str(e)) from e
+            try:
+                recordings = self.app.save(*uow.changed())
+            except IntegrityError:
+                _evict(self.app, uow.ids())
+                _backoff(attempt)
+                continue
+            return Committed(value, _position(recordings))
+        raise ConflictError("too much contention on this object; try again")
+
+
+@dataclass
+class _Pending:
+    command: Command[Any]
+    future: Future[Committed[Any]]
+
+
+class GroupCommitter:
+    """Runs queued commands in batches on one writer thread, saving each batch in one transaction.
+
+    Commands for one aggregate apply in arrival order against the same in-memory object, so a
+    hot stream sees no conflicts from this process; a conflict with another process reloads and
+    decides the whole batch again, bounded, with jitter. A refused command (DomainError) fails
+    alone; a command that raises anything else is dropped from the batch, which is then redone.
+    """
+
+    def __init__(self, app: Application, max_batch: int = 500, max_attempts: int = 10) -> None:
+        self.app = app
+        self.max_batch = max_batch
+        self.max_attempts = max_attempts
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.batches = 0
+        self.commands = 0
+
+    def start(self) -> GroupCommitter:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="group-commit", daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+    def submit(self, command: Command[T]) -> Future[Committed[T]]:
+        if self._thread is None:
+            self.start()
+        future: Future[Committed[T]] = Future()
+        self._queue.put(_Pending(command, future))
+        return future
+
+    def execute(self, command: Command[T]) -> Committed[T]:
+        return self.submit(command).result()
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+            try:
+                self._run(batch)
+            except BaseException as e:  # never leave a caller waiting forever
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+
+    def _run(self, batch: list[_Pending]) -> None:
+        attempt = 0
+        while batch:
+            uow = UnitOfWork(self.app)
+            outcomes: list[tuple[_Pending, bool, Any]] = []
+            bug: _Pending | None = None
+            for p in batch:
+                try:
+                    outcomes.append((p, True, _run_one(uow, p.command)))
+                except DomainError as e:
+                    outcomes.append((p, False, e))
+                except Exception as e:  # noqa: BLE001 - isolate the broken command, redo the rest
+                    p.future.set_exception(e)
+                    bug = p
+                    break
+            if bug is not None:
+                batch = [p for p in batch if p is not bug]
+                continue
+            try:
+                recordings = self.app.save(*uow.changed())
+            except IntegrityError:
+                _evict(self.app, uow.ids())
+                attempt += 1
+                if attempt >= self.max_attempts:
+                    for p in batch:
+                        p.future.set_exception(ConflictError("too much contention; try again"))
+                    return
+                _backoff(attempt)
+                continue
+            position = _position(recordings)
+            self.batches += 1
+            self.commands += len(batch)
+            for p, ok, value in outcomes:
+                if ok:
+                    p.future.set_result(Committed(value, position))
+                else:
+                    p.future.set_exception(value)
+            return

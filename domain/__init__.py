@@ -1,0 +1,1 @@
+"""Palette's domain: event-sourced User, Job and Rule aggregates and the rules they enforce. Pure."""

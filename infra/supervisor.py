@@ -1,0 +1,214 @@
+"""Starts processes in order, waits on real readiness checks, restarts crashed ones, stops in reverse."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+PR_SET_PDEATHSIG = 1
+
+
+class StackError(RuntimeError):
+    """A service could not be started; the message is one line for the operator."""
+
+
+@dataclass
+class ServiceSpec:
+    """How to run one service and how to know it is ready."""
+
+    name: str
+    argv: list[str]
+    ready: Callable[[], bool]
+    env: dict[str, str] = field(default_factory=dict)
+    user: str | None = None
+    cwd: Path | None = None
+    stop_signal: int = signal.SIGTERM
+    ready_timeout_s: float = 60.0
+    restart: bool = False  # application processes are restarted with backoff
+
+
+def _die_with_parent() -> None:
+    # The kernel sends SIGTERM to the child if the supervisor dies, so nothing is orphaned.
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    os.setpgrp()
+
+
+class _Running:
+    def __init__(self, spec: ServiceSpec, log_dir: Path, echo: IO[str] | None) -> None:
+        self.spec = spec
+        self.log_path = log_dir / f"{spec.name}.log"
+        self.echo = echo
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self.next_restart_at = 0.0
+        self.started_at = 0.0
+
+    def start(self) -> None:
+        env = {**os.environ, **self.spec.env}
+        self.proc = subprocess.Popen(  # noqa: S603 - argv built from our own specs
+            self.spec.argv,
+            env=env,
+            cwd=self.spec.cwd,
+            user=self.spec.user,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509
+        )
+        self.started_at = time.monotonic()
+        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+
+    def _pump(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        prefix = f"[{self.spec.name}] "
+        with open(self.log_path, "ab") as log:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if self.echo is not None:
+                    with contextlib.suppress(ValueError, OSError):
+                        self.echo.write(prefix + line.decode(errors="replace"))
+                        self.echo.flush()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(self.spec.stop_signal)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def tail(self, lines: int = 3) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+
+class Supervisor:
+    """Owns the processes of one stack. Not thread-safe: one owner drives it."""
+
+    def __init__(self, log_dir: Path, echo: IO[str] | None = None) -> None:
+        self.log_dir = log_dir
+        self.echo = echo
+        self._running: dict[str, _Running] = {}
+        self._order: list[str] = []
+        self.startup_s: dict[str, float] = {}
+
+    def start(self, spec: ServiceSpec) -> None:
+        """Start one service and block until its readiness check passes."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        run = _Running(spec, self.log_dir, self.echo)
+        t0 = time.monotonic()
+        try:
+            run.start()
+        except FileNotFoundError:
+            raise StackError(f"{spec.name}: program not found: {spec.argv[0]}") from None
+        except PermissionError as e:
+            raise StackError(f"{spec.name}: cannot run {spec.argv[0]}: {e.strerror}") from None
+        self._running[spec.name] = run
+        self._order.append(spec.name)
+        deadline = t0 + spec.ready_timeout_s
+        while True:
+            if not run.alive():
+                raise StackError(f"{spec.name} exited during start-up: {run.tail() or 'no output'}")
+            if spec.ready():
+                break
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"{spec.name} not ready after {spec.ready_timeout_s:.0f}s: {run.tail() or 'no output'}"
+                )
+            time.sleep(0.1)
+        self.startup_s[spec.name] = time.monotonic() - t0
+        self._say(f"{spec.name} ready in {self.startup_s[spec.name]:.1f}s (pid {run.proc.pid if run.proc else '?'})")
+
+    def pid(self, name: str) -> int | None:
+        run = self._running.get(name)
+        return run.proc.pid if run and run.proc and run.alive() else None
+
+    def names(self) -> list[str]:
+        return list(self._order)
+
+    def restart(self, name: str) -> None:
+        """Stop and start one service again (used for the broker and by tests)."""
+        run = self._running[name]
+        run.stop()
+        self._running.pop(name)
+        self._order.remove(name)
+        self.start(run.spec)
+
+    def check(self) -> list[str]:
+        """Restart crashed restartable services with exponential backoff; return the names restarted."""
+        restarted = []
+        now = time.monotonic()
+        for name in self._order:
+            run = self._running[name]
+            if run.alive() or not run.spec.restart:
+                continue
+            if run.next_restart_at == 0.0:
+                # Backoff doubles per crash, reset after a minute of healthy running.
+                healthy_for = now - run.started_at
+                if healthy_for > 60:
+                    run.restarts = 0
+                delay = min(30.0, 0.5 * 2**run.restarts)
+                run.next_restart_at = now + delay
+                code = run.proc.returncode if run.proc else None
+                self._say(f"{name} exited with {code}; restarting in {delay:.1f}s")
+            elif now >= run.next_restart_at:
+                run.restarts += 1
+                run.next_restart_at = 0.0
+                run.start()
+                restarted.append(name)
+        return restarted
+
+    def stopped_unexpectedly(self) -> list[str]:
+        return [n for n in self._order if not self._running[n].spec.restart and not self._running[n].alive()]
+
+    def stop_all(self) -> None:
+        for name in reversed(self._order):
+            self._say(f"stopping {name}")
+            self._running[name].stop()
+        self._running.clear()
+        self._order.clear()
+
+    def _say(self, msg: str) -> None:
+        if self.echo is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self.echo.write(f"[palette] {msg}\n")
+                self.echo.flush()
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def eprint(msg: str) -> None:
+    print(msg, file=sys.stderr)
