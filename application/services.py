@@ -186,6 +186,9 @@ class PaletteService:
             job = uow.get(Job, job_id)
             if job is None:
                 raise NotFound("job not found")
+            for key, kind in ((output_key, "outputs"), (preview_key, "previews")):
+                if key and not key.startswith(f"{kind}/{job.user_id}/{job_id}/"):
+                    raise ValidationFailed(f"{kind} key must lie under {kind}/<user>/<job>/")
             result = job.record_result(idx, status, output_key, preview_key, error, idempotency_key, at)
             if result.finished is not None:
                 self._user(uow, job.user_id).settle(job_id, job.done_items, at)
@@ -254,6 +257,11 @@ class PaletteService:
             self._user(uow, user_id).free_rule_slot(rule_id, at)
 
         return self.executor.execute(command)
+
+    def list_rules(self, user_id: UUID) -> list[Rule]:
+        user = self._read(User, user_id, "user")
+        rules = [self._read(Rule, rule_id, "rule") for rule_id in sorted(user.rule_ids)]
+        return [r for r in rules if not r.deleted]
 
     def get_rule(self, user_id: UUID, rule_id: UUID) -> Rule:
         rule = self._read(Rule, rule_id, "rule")

@@ -1,0 +1,1 @@
+"""The HTTP command/query API (FastAPI)."""

@@ -1,0 +1,44 @@
+"""Dependency aliases: the current user, the services, the container."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from adapters.api.app import ApiError
+from adapters.bootstrap import Container
+from adapters.tokens import TokenInvalid
+from application.services import PaletteService
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def get_container(request: Request) -> Container:
+    container: Container = request.app.state.container
+    return container
+
+
+def get_service(request: Request) -> PaletteService:
+    return get_container(request).service
+
+
+def current_user(
+    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> UUID:
+    if creds is None or not creds.credentials:
+        raise ApiError("AUTH_REQUIRED", "a Bearer token is required")
+    try:
+        user_id, role = request.app.state.tokens.verify(creds.credentials)
+    except TokenInvalid:
+        raise ApiError("AUTH_INVALID", "the token is invalid or expired") from None
+    if role != "client":
+        raise ApiError("AUTH_INVALID", "this token cannot act as a client")
+    return user_id  # type: ignore[no-any-return]
+
+
+CurrentUser = Annotated[UUID, Depends(current_user)]
+ServiceDep = Annotated[PaletteService, Depends(get_service)]
+ContainerDep = Annotated[Container, Depends(get_container)]

@@ -1,0 +1,142 @@
+"""Jobs: create with presigned uploads, confirm, execute, status, GPU callback, cancel."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from adapters.api.app import ApiError, ok
+from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
+from adapters.api.schemas import (
+    CallbackCreate, CallbackPublic, Envelope, ItemPublic, JobCreate, JobCreatedPublic, JobExecute,
+    JobPublic, JobStatePublic, Progress, UploadSlot,
+)
+from adapters.bootstrap import Container
+from adapters.tokens import verify_callback
+from application.keys import input_key
+from domain.job import Job
+
+router = APIRouter(tags=["jobs"])
+URL_TTL_S = 900  # presigned URLs live at most 15 minutes
+INPUT_CONTENT_TYPE = "image/jpeg"
+_E = Envelope[None]
+COMMON = {401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},
+          422: {"model": _E, "description": "VALIDATION_FAILED"}}
+OWN = {**COMMON,
+       404: {"model": _E, "description": "NOT_FOUND (also another user's job)"},
+       409: {"model": _E, "description": "INVALID_STATE / INPUTS_MISSING / CONFLICT"}}
+
+
+def _presign(c: Container, method: str, key: str, **extra: Any) -> str:
+    url: str = c.s3.generate_presigned_url(
+        method, Params={"Bucket": c.settings.s3_bucket, "Key": key, **extra}, ExpiresIn=URL_TTL_S
+    )
+    return url
+
+
+def _job_public(c: Container, job: Job) -> JobPublic:
+    items = []
+    for idx in range(job.item_count):
+        result = job.items.get(idx)
+        if result is None:
+            items.append(ItemPublic(idx=idx, status="pending"))
+        elif result.status == "done":
+            items.append(ItemPublic(
+                idx=idx, status="done",
+                output_url=_presign(c, "get_object", result.output_key) if result.output_key else None,
+                preview_url=_presign(c, "get_object", result.preview_key) if result.preview_key else None,
+            ))
+        else:
+            items.append(ItemPublic(idx=idx, status="failed", error=result.error or None))
+    return JobPublic(
+        job_id=job.id, status=job.status.value, preset=job.preset,
+        progress=Progress(done=job.done_items, failed=job.failed_items, total=job.item_count),
+        concepts=job.concepts, protect=job.protect, rule_id=job.rule_id, items=items,
+    )
+
+
+@router.post("/jobs", response_model=Envelope[JobCreatedPublic], status_code=201,
+             responses={**COMMON, 402: {"model": _E, "description": "INSUFFICIENT_CREDITS"},
+                        409: {"model": _E, "description": "CONCURRENCY_LIMIT"}})
+async def create_job(body: JobCreate, user_id: CurrentUser, service: ServiceDep,
+                     container: ContainerDep, request: Request) -> JSONResponse:
+    """Reserve one credit per item, create the job, and hand out presigned PUT URLs."""
+    committed = await run_in_threadpool(service.create_job, user_id, body.preset, body.item_count)
+    job_id = committed.value
+
+    def slots() -> list[UploadSlot]:
+        return [
+            UploadSlot(idx=i, key=(k := input_key(user_id, job_id, i)), content_type=INPUT_CONTENT_TYPE,
+                       url=_presign(container, "put_object", k, ContentType=INPUT_CONTENT_TYPE))
+            for i in range(body.item_count)
+        ]
+
+    upload = await run_in_threadpool(slots)
+    return ok(JobCreatedPublic(
+        job_id=job_id, upload=upload, expires_in=URL_TTL_S,
+        confirm_url=str(request.url_for("confirm_upload", job_id=str(job_id))),
+    ), status=201)
+
+
+@router.post("/jobs/{job_id}/confirm-upload", response_model=Envelope[JobStatePublic], responses=OWN)
+async def confirm_upload(job_id: UUID, user_id: CurrentUser, service: ServiceDep) -> JSONResponse:
+    """created -> uploaded once every input exists in S3 (else 409 INPUTS_MISSING naming them)."""
+    await run_in_threadpool(service.confirm_upload, user_id, job_id)
+    job = await run_in_threadpool(service.get_job, user_id, job_id)
+    return ok(JobStatePublic(job_id=job_id, status=job.status.value))
+
+
+@router.post("/jobs/{job_id}/execute", response_model=Envelope[JobStatePublic], responses=OWN)
+async def execute_job(job_id: UUID, body: JobExecute, user_id: CurrentUser,
+                      service: ServiceDep) -> JSONResponse:
+    """uploaded -> queued with per-concept edits (a rule fills in what the body leaves out)."""
+    concepts = {k: v.model_dump() for k, v in body.concepts.items()}
+    await run_in_threadpool(service.execute_job, user_id, job_id, concepts, body.protect,
+                            body.rule_id, body.output_template)
+    job = await run_in_threadpool(service.get_job, user_id, job_id)
+    return ok(JobStatePublic(job_id=job_id, status=job.status.value))
+
+
+@router.get("/jobs/{job_id}", response_model=Envelope[JobPublic], responses=OWN)
+async def get_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
+                  container: ContainerDep) -> JSONResponse:
+    """Status, progress and items, with presigned download URLs for finished outputs."""
+    job = await run_in_threadpool(service.get_job, user_id, job_id)
+    return ok(await run_in_threadpool(_job_public, container, job))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=Envelope[JobStatePublic], responses=OWN)
+async def cancel_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep) -> JSONResponse:
+    """Cancel and refund the items not done; canceling twice is harmless."""
+    await run_in_threadpool(service.cancel_job, user_id, job_id, "user")
+    job = await run_in_threadpool(service.get_job, user_id, job_id)
+    return ok(JobStatePublic(job_id=job_id, status=job.status.value))
+
+
+@router.post("/jobs/{job_id}/callback", response_model=Envelope[CallbackPublic],
+             responses={**OWN, 401: {"model": _E, "description": "AUTH_INVALID (callback auth)"}})
+async def callback(
+    job_id: UUID, body: CallbackCreate, request: Request, service: ServiceDep, container: ContainerDep,
+    x_callback_secret: Annotated[str | None, Header()] = None,
+    x_palette_timestamp: Annotated[str | None, Header()] = None,
+    x_palette_signature: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    """A GPU worker's item result. Auth: HMAC over timestamp + body (300 s window) or the shared
+    secret. A repeated idempotency key returns the original outcome."""
+    raw = await request.body()
+    if not verify_callback(container.settings.callback_secret, int(time.time()), raw,
+                           shared_secret=x_callback_secret, timestamp=x_palette_timestamp,
+                           signature=x_palette_signature):
+        raise ApiError("AUTH_INVALID", "callback authentication failed")
+    committed = await run_in_threadpool(
+        service.record_item_result, job_id, body.idx, body.status, body.idempotency_key,
+        body.output_key or "", body.preview_key or "", body.error or "",
+    )
+    r = committed.value
+    return ok(CallbackPublic(outcome=r.outcome.value, idx=r.idx, item_status=r.item_status,
+                             job_status=r.finished.value if r.finished else None))

@@ -1,0 +1,61 @@
+"""Rules: saved edit recipes, bounded by the plan's rule slots."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from adapters.api.app import ok
+from adapters.api.deps import CurrentUser, ServiceDep
+from adapters.api.schemas import Envelope, RuleCreate, RuleList, RulePublic, RuleUpdate
+from domain.rule import Rule
+
+router = APIRouter(tags=["rules"])
+_E = Envelope[None]
+COMMON = {401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},
+          422: {"model": _E, "description": "VALIDATION_FAILED"}}
+OWN = {**COMMON, 404: {"model": _E, "description": "NOT_FOUND (also another user's rule)"}}
+
+
+def _public(rule: Rule) -> RulePublic:
+    return RulePublic(id=rule.id, name=rule.name, preset_id=rule.preset_id,
+                      concepts=rule.concepts, protect=rule.protect)
+
+
+def _edits(body: RuleCreate | RuleUpdate) -> dict[str, dict[str, object]]:
+    return {k: v.model_dump() for k, v in body.concepts.items()}
+
+
+@router.post("/rules", response_model=Envelope[RulePublic], status_code=201,
+             responses={**COMMON, 403: {"model": _E, "description": "RULE_SLOTS_FULL"}})
+async def create_rule(body: RuleCreate, user_id: CurrentUser, service: ServiceDep) -> JSONResponse:
+    """Save a rule; takes one of the plan's rule slots."""
+    committed = await run_in_threadpool(
+        service.create_rule, user_id, body.name, body.preset_id, _edits(body), body.protect
+    )
+    rule = await run_in_threadpool(service.get_rule, user_id, committed.value)
+    return ok(_public(rule), status=201)
+
+
+@router.get("/rules", response_model=Envelope[RuleList], responses=COMMON)
+async def list_rules(user_id: CurrentUser, service: ServiceDep) -> JSONResponse:
+    """The caller's rules (at most the plan's slots), read from their streams."""
+    rules = await run_in_threadpool(service.list_rules, user_id)
+    return ok(RuleList(items=[_public(r) for r in rules]))
+
+
+@router.put("/rules/{rule_id}", response_model=Envelope[RulePublic], responses=OWN)
+async def update_rule(rule_id: UUID, body: RuleUpdate, user_id: CurrentUser,
+                      service: ServiceDep) -> JSONResponse:
+    await run_in_threadpool(service.update_rule, user_id, rule_id, body.name, _edits(body), body.protect)
+    return ok(_public(await run_in_threadpool(service.get_rule, user_id, rule_id)))
+
+
+@router.delete("/rules/{rule_id}", response_model=Envelope[dict[str, bool]], responses=OWN)
+async def delete_rule(rule_id: UUID, user_id: CurrentUser, service: ServiceDep) -> JSONResponse:
+    """Delete the rule and free its slot."""
+    await run_in_threadpool(service.delete_rule, user_id, rule_id)
+    return ok({"deleted": True})

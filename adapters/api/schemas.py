@@ -1,0 +1,198 @@
+"""HTTP request/response schemas (pydantic lives at the edges, never in the domain)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Generic, Literal, TypeVar
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+Name = Field(min_length=1, max_length=80)
+ConceptName = str
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: dict[str, object] | None = None
+
+
+class Meta(BaseModel):
+    request_id: str
+    timestamp: datetime
+
+
+class Envelope(BaseModel, Generic[T]):
+    success: bool
+    data: T | None = None
+    error: ErrorBody | None = None
+    meta: Meta
+
+
+# -- health / auth / me / presets ---------------------------------------------------------
+class HealthPublic(BaseModel):
+    status: Literal["ok", "degraded"]
+    dependencies: dict[str, Literal["ok", "failing"]]
+
+
+class AnonCreate(Strict):
+    device_hash: str = Field(min_length=8, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$")
+
+
+class TokenPublic(BaseModel):
+    token: str
+    user_id: UUID
+    created: bool
+
+
+class RuleSlots(BaseModel):
+    used: int
+    max: int
+
+
+class MePublic(BaseModel):
+    user_id: UUID
+    plan: str
+    credits: int
+    reserved: int
+    active_jobs: int
+    max_concurrent_jobs: int
+    rule_slots: RuleSlots
+
+
+class PresetPublic(BaseModel):
+    id: str
+    name: str
+    concepts: list[str]
+    actions: list[str]
+    tones: list[str]
+    textures: list[str]
+
+
+# -- rules -------------------------------------------------------------------------------
+class ConceptEdit(Strict):
+    action: Literal["recolor", "tone", "texture", "remove"]
+    value: str | None = Field(default=None, max_length=32)
+
+
+class RuleCreate(Strict):
+    name: str = Name
+    preset_id: str = Field(min_length=1, max_length=32)
+    concepts: dict[ConceptName, ConceptEdit] = Field(min_length=1, max_length=32)
+    protect: list[ConceptName] = Field(default_factory=list, max_length=32)
+
+
+class RuleUpdate(Strict):
+    name: str = Name
+    concepts: dict[ConceptName, ConceptEdit] = Field(min_length=1, max_length=32)
+    protect: list[ConceptName] = Field(default_factory=list, max_length=32)
+
+
+class RulePublic(BaseModel):
+    id: UUID
+    name: str
+    preset_id: str
+    concepts: dict[str, dict[str, str]]
+    protect: list[str]
+
+
+class RuleList(BaseModel):
+    items: list[RulePublic]
+
+
+# -- jobs --------------------------------------------------------------------------------
+class JobCreate(Strict):
+    preset: str = Field(min_length=1, max_length=32)
+    item_count: int = Field(ge=1, le=200)
+
+
+class UploadSlot(BaseModel):
+    idx: int
+    url: str
+    key: str
+    method: Literal["PUT"] = "PUT"
+    content_type: str
+
+
+class JobCreatedPublic(BaseModel):
+    job_id: UUID
+    upload: list[UploadSlot]
+    confirm_url: str
+    expires_in: int
+
+
+class JobExecute(Strict):
+    concepts: dict[ConceptName, ConceptEdit] = Field(default_factory=dict, max_length=32)
+    protect: list[ConceptName] | None = Field(default=None, max_length=32)
+    rule_id: UUID | None = None
+    output_template: str = Field(default="", max_length=120)
+
+
+class Progress(BaseModel):
+    done: int
+    failed: int
+    total: int
+
+
+class ItemPublic(BaseModel):
+    idx: int
+    status: Literal["pending", "done", "failed"]
+    output_url: str | None = None
+    preview_url: str | None = None
+    error: str | None = None
+
+
+class JobPublic(BaseModel):
+    job_id: UUID
+    status: str
+    preset: str
+    progress: Progress
+    concepts: dict[str, dict[str, str]]
+    protect: list[str]
+    rule_id: UUID | None
+    items: list[ItemPublic]
+
+
+class JobStatePublic(BaseModel):
+    job_id: UUID
+    status: str
+
+
+class JobSummary(BaseModel):
+    job_id: UUID
+    status: str
+    preset: str
+    rule_id: UUID | None
+    total_items: int
+    done_items: int
+    failed_items: int
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class JobList(BaseModel):
+    items: list[JobSummary]
+    next_cursor: str | None
+
+
+class CallbackCreate(Strict):
+    idx: int = Field(ge=0, le=199)
+    status: Literal["done", "failed"]
+    output_key: str | None = Field(default=None, max_length=300)
+    preview_key: str | None = Field(default=None, max_length=300)
+    error: str | None = Field(default=None, max_length=2000)
+    idempotency_key: str = Field(min_length=1, max_length=120)
+
+
+class CallbackPublic(BaseModel):
+    outcome: str
+    idx: int
+    item_status: str
+    job_status: str | None

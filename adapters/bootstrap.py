@@ -1,0 +1,87 @@
+"""The composition root: wires settings, the event store, executors and adapters into services."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from adapters.s3 import s3_client
+from adapters.settings import Settings
+from adapters.system import RandomIds, SystemClock
+from application.services import PaletteApplication, PaletteService
+from application.unit_of_work import DirectExecutor, GroupCommitter
+
+
+def event_store_env(settings: Settings, pool_size: int = 8, cache: bool = True) -> dict[str, str]:
+    """eventsourcing's PostgreSQL settings from PALETTE_DATABASE_URL."""
+    url = urlsplit(settings.effective_database_url)
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": url.path.lstrip("/") or "palette",
+        "POSTGRES_HOST": url.hostname or "127.0.0.1",
+        "POSTGRES_PORT": str(url.port or 5432),
+        "POSTGRES_USER": unquote(url.username or "palette"),
+        "POSTGRES_PASSWORD": unquote(url.password or ""),
+        "POSTGRES_POOL_SIZE": str(pool_size),
+        "POSTGRES_MAX_OVERFLOW": "4",
+        "POSTGRES_CONNECT_TIMEOUT": "10",
+        "POSTGRES_PRE_PING": "y",
+        "POSTGRES_LOCK_TIMEOUT": "5",
+    }
+    if not cache:
+        env["AGGREGATE_CACHE_MAXSIZE"] = ""
+    return env
+
+
+class S3ObjectStore:
+    """The application's ObjectStore port on S3."""
+
+    def __init__(self, client: Any, bucket: str) -> None:
+        self.client = client
+        self.bucket = bucket
+
+    def missing(self, keys: Sequence[str]) -> list[str]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def absent(key: str) -> bool:
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=key)
+                return False
+            except self.client.exceptions.ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return True
+                raise
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            flags = list(pool.map(absent, keys))
+        return [k for k, gone in zip(keys, flags, strict=True) if gone]
+
+
+@dataclass
+class Container:
+    """Everything one process needs, built once at start-up."""
+
+    settings: Settings
+    app: PaletteApplication
+    service: PaletteService
+    committer: GroupCommitter | None
+    s3: Any
+
+    def close(self) -> None:
+        if self.committer is not None:
+            self.committer.stop()
+        self.app.close()
+
+
+def build(settings: Settings, *, naive: bool = False, pool_size: int = 8) -> Container:
+    """``naive`` builds the baseline path: no cache, one save per command."""
+    app = PaletteApplication(env=event_store_env(settings, pool_size=pool_size, cache=not naive))
+    s3 = s3_client(settings)
+    committer = None if naive else GroupCommitter(app).start()
+    executor = DirectExecutor(app) if committer is None else committer
+    service = PaletteService(
+        app, executor, SystemClock(), RandomIds(), store=S3ObjectStore(s3, settings.s3_bucket)
+    )
+    return Container(settings, app, service, committer, s3)

@@ -1,0 +1,69 @@
+"""JWTs for clients (HS256 pinned in code) and HMAC signatures for GPU callbacks."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import datetime, timedelta
+from uuid import UUID
+
+import jwt
+
+ALGORITHM = "HS256"  # pinned: the header's alg is never trusted
+LEEWAY_S = 10
+CALLBACK_WINDOW_S = 300
+
+
+class TokenInvalid(Exception):
+    """The token is missing a claim, expired, tampered, or not ours."""
+
+
+class TokenIssuer:
+    def __init__(self, secret: str, issuer: str, audience: str, ttl_s: int) -> None:
+        self._secret = secret
+        self.issuer = issuer
+        self.audience = audience
+        self.ttl_s = ttl_s
+
+    def issue(self, user_id: UUID, now: datetime, role: str = "client", ttl_s: int | None = None) -> str:
+        claims = {
+            "sub": str(user_id), "iat": int(now.timestamp()), "nbf": int(now.timestamp()),
+            "exp": int((now + timedelta(seconds=ttl_s or self.ttl_s)).timestamp()),
+            "iss": self.issuer, "aud": self.audience, "role": role,
+        }
+        return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
+
+    def verify(self, token: str) -> tuple[UUID, str]:
+        """The token's user id and role; raises TokenInvalid."""
+        try:
+            claims = jwt.decode(
+                token, self._secret, algorithms=[ALGORITHM], audience=self.audience,
+                issuer=self.issuer, leeway=LEEWAY_S,
+                options={"require": ["sub", "exp", "iat", "iss", "aud"]},
+            )
+            return UUID(str(claims["sub"])), str(claims.get("role", "client"))
+        except (jwt.PyJWTError, ValueError) as e:
+            raise TokenInvalid(type(e).__name__) from None
+
+
+def sign_callback(secret: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+def verify_callback(
+    secret: str, now: int, body: bytes, *, shared_secret: str | None = None,
+    timestamp: str | None = None, signature: str | None = None,
+) -> bool:
+    """Accept a valid HMAC signature inside the window, or the shared secret (constant time)."""
+    if signature is not None and timestamp is not None:
+        try:
+            ts = int(timestamp)
+        except ValueError:
+            return False
+        if abs(now - ts) > CALLBACK_WINDOW_S:
+            return False
+        return hmac.compare_digest(sign_callback(secret, ts, body), signature)
+    if shared_secret is not None:
+        return hmac.compare_digest(shared_secret.encode(), secret.encode())
+    return False
