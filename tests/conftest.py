@@ -1,0 +1,48 @@
+"""Shared fixtures. The embedded stack (same infra code as `palette up`) starts once per session,
+on free loopback ports in a temporary directory, only when a test asks for it."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from adapters.settings import Settings, load_settings
+from infra.stack import EmbeddedStack, embedded_ports
+from infra.supervisor import port_free
+
+
+def _free_port_block(rng: random.Random) -> dict[str, int]:
+    """Ports for one stack where every derived port (SeaweedFS neighbours, gRPC +10000) is free."""
+    for _ in range(500):
+        base = rng.randrange(21000, 29000, 10)
+        candidate = {"pg_port": base, "kafka_port": base + 1, "api_port": base + 2, "s3_port": base + 3}
+        probe = Settings(data_dir=Path("/nonexistent"), **candidate)  # type: ignore[arg-type]
+        if all(port_free(p) for p in [*embedded_ports(probe).values(), candidate["api_port"]]):
+            return candidate
+    raise RuntimeError("no free port block found")
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[EmbeddedStack]:
+    data_dir = Path(tempfile.mkdtemp(prefix="palette-test-"))
+    data_dir.chmod(0o755)  # PostgreSQL runs as another user and must traverse it
+    ports = _free_port_block(random.Random(os.getpid()))
+    settings = load_settings(env="development", data_dir=data_dir, pg_fsync=False, **ports)
+    s = EmbeddedStack(settings)
+    s.start_infra()
+    try:
+        yield s
+    finally:
+        s.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def settings(stack: EmbeddedStack) -> Settings:
+    return stack.settings

@@ -1,0 +1,212 @@
+"""Property tests over the use cases on the in-memory event store: credits are conserved, never
+negative, settled once per job; terminal states are stable; results are order- and
+duplicate-independent; a satisfied command records nothing."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from uuid import UUID, uuid4
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from application.services import PaletteApplication, PaletteService
+from application.unit_of_work import DirectExecutor, GroupCommitter
+from domain.errors import DomainError
+from domain.job import Job, JobStatus
+from domain.user import User
+
+EDITS = {"wall": {"action": "recolor", "value": "#336699"}}
+
+
+class StepClock:
+    def __init__(self) -> None:
+        self.t = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        self.t += timedelta(milliseconds=1)
+        return self.t
+
+
+class Ids:
+    def new_id(self) -> UUID:
+        return uuid4()
+
+
+def make_service(group_commit: bool = False) -> PaletteService:
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    executor = GroupCommitter(app) if group_commit else DirectExecutor(app)
+    return PaletteService(app, executor, StepClock(), Ids())
+
+
+class Billing(RuleBasedStateMachine):
+    """Random grants, jobs, results (duplicated, reordered, late), cancels and plan changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.svc = make_service()
+        self.users: list[UUID] = []
+        self.jobs: list[tuple[UUID, UUID]] = []
+        self.terminal: dict[UUID, str] = {}
+        self.outcomes: dict[str, tuple[int, str]] = {}
+        self.devices = itertools.count()
+
+    @rule()
+    def register(self) -> None:
+        user_id, _ = self.svc.register(f"device-{next(self.devices)}").value
+        self.users.append(user_id)
+
+    @precondition(lambda self: self.users)
+    @rule(data=st.data(), amount=st.integers(1, 30))
+    def grant(self, data: st.DataObject, amount: int) -> None:
+        self.svc.grant_credits(data.draw(st.sampled_from(self.users)), amount, "promo")
+
+    @precondition(lambda self: self.users)
+    @rule(data=st.data(), plan=st.sampled_from(["free", "pro"]))
+    def change_plan(self, data: st.DataObject, plan: str) -> None:
+        self.svc.change_plan(data.draw(st.sampled_from(self.users)), plan)
+
+    @precondition(lambda self: self.users)
+    @rule(data=st.data(), items=st.integers(1, 6))
+    def create_and_queue_job(self, data: st.DataObject, items: int) -> None:
+        user_id = data.draw(st.sampled_from(self.users))
+        try:
+            job_id = self.svc.create_job(user_id, "interior", items).value
+        except DomainError:
+            return
+        self.svc.confirm_upload(user_id, job_id)
+        self.svc.execute_job(user_id, job_id, EDITS, [])
+        self.jobs.append((user_id, job_id))
+
+    @precondition(lambda self: self.jobs)
+    @rule(data=st.data(), status=st.sampled_from(["done", "failed"]))
+    def item_result(self, data: st.DataObject, status: str) -> None:
+        _, job_id = data.draw(st.sampled_from(self.jobs))
+        job = self.svc.app.repository.get(job_id)
+        idx = data.draw(st.integers(0, job.item_count - 1))
+        key = f"{job_id}:{idx}"
+        result = self.svc.record_item_result(job_id, idx, status, key, error="e").value
+        if key in self.outcomes and result.outcome != "ignored_canceled":
+            assert (result.idx, result.item_status) == self.outcomes[key]
+        elif result.outcome == "recorded":
+            self.outcomes[key] = (result.idx, result.item_status)
+
+    @precondition(lambda self: self.jobs)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        user_id, job_id = data.draw(st.sampled_from(self.jobs))
+        try:
+            self.svc.cancel_job(user_id, job_id)
+        except DomainError as e:
+            assert e.code == "INVALID_STATE"
+
+    @invariant()
+    def credits_are_conserved_and_never_negative(self) -> None:
+        for user_id in self.users:
+            user: User = self.svc.app.repository.get(user_id)
+            assert user.balance >= 0
+            assert user.granted == user.balance + user.reserved + user.spent
+
+    @invariant()
+    def each_job_is_settled_at_most_once_and_only_when_terminal(self) -> None:
+        for user_id, job_id in self.jobs:
+            settled = Counter(
+                e.job_id for e in self.svc.app.events.get(user_id)
+                if isinstance(e, User.CreditsSettled)
+            )
+            job: Job = self.svc.app.repository.get(job_id)
+            assert settled[job_id] == (1 if job.status.terminal else 0)
+
+    @invariant()
+    def terminal_states_never_change(self) -> None:
+        for _, job_id in self.jobs:
+            status = self.svc.app.repository.get(job_id).status
+            if job_id in self.terminal:
+                assert status == self.terminal[job_id]
+            elif status.terminal:
+                self.terminal[job_id] = status
+
+
+TestBilling = Billing.TestCase
+TestBilling.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    statuses=st.lists(st.sampled_from(["done", "failed"]), min_size=1, max_size=8),
+    data=st.data(),
+)
+def test_results_are_independent_of_duplicates_and_order(statuses: list[str], data: st.DataObject) -> None:
+    def run(deliveries: list[int]) -> tuple[object, ...]:
+        svc = make_service()
+        user_id, _ = svc.register("d").value
+        svc.change_plan(user_id, "pro")
+        job_id = svc.create_job(user_id, "interior", len(statuses)).value
+        svc.confirm_upload(user_id, job_id)
+        svc.execute_job(user_id, job_id, EDITS, [])
+        for idx in deliveries:
+            svc.record_item_result(job_id, idx, statuses[idx], f"{job_id}:{idx}", error="x")
+        job = svc.app.repository.get(job_id)
+        user = svc.get_user(user_id)
+        return (job.status, {i: r.status for i, r in job.items.items()}, user.credits, user.spent)
+
+    in_order = list(range(len(statuses)))
+    shuffled = data.draw(st.permutations(in_order))
+    duplicates = data.draw(st.lists(st.sampled_from(in_order), max_size=10))
+    assert run(in_order) == run(shuffled + duplicates)
+
+
+@settings(max_examples=40, deadline=None)
+@given(repeats=st.integers(1, 4), items=st.integers(1, 5), plan=st.sampled_from(["free", "pro"]))
+def test_a_satisfied_command_records_no_events(repeats: int, items: int, plan: str) -> None:
+    svc = make_service()
+    user_id, _ = svc.register("d").value
+    job_id = svc.create_job(user_id, "interior", items).value
+    rule_id = svc.create_rule(user_id, "r", "interior", EDITS).value
+    satisfied = [
+        lambda: svc.register("d"),
+        lambda: svc.change_plan(user_id, plan),
+        lambda: svc.confirm_upload(user_id, job_id),
+        lambda: svc.execute_job(user_id, job_id, EDITS, []),
+        lambda: svc.update_rule(user_id, rule_id, "r", EDITS),
+        lambda: svc.cancel_job(user_id, job_id),
+    ]
+    for command in satisfied:
+        command()  # the first time may record
+        before = svc.app.recorder.max_notification_id()
+        for _ in range(repeats):
+            command()
+        assert svc.app.recorder.max_notification_id() == before
+
+
+def test_group_commit_applies_a_batch_in_order_and_isolates_refusals() -> None:
+    svc = make_service(group_commit=True)
+    user_id, _ = svc.register("d").value
+    committer = svc.executor
+    assert isinstance(committer, GroupCommitter)
+
+    def reserve(n: int):  # type: ignore[no-untyped-def]
+        def command(uow):  # type: ignore[no-untyped-def]
+            user = uow.get(User, user_id)
+            user.grant(1, "x", StepClock().now()) if n % 3 else user.grant(-1, "bad", StepClock().now())
+            return n
+        return command
+
+    def broken(uow):  # type: ignore[no-untyped-def]
+        uow.get(User, user_id).grant(5, "x", StepClock().now())
+        raise RuntimeError("bug after recording")
+
+    futures = [committer.submit(reserve(n)) for n in range(30)] + [committer.submit(broken)]
+    outcomes = []
+    for f in futures:
+        try:
+            outcomes.append(f.result().value)
+        except Exception as e:  # noqa: BLE001
+            outcomes.append(type(e).__name__)
+    assert outcomes[:6] == ["ValidationFailed", 1, 2, "ValidationFailed", 4, 5]
+    assert outcomes[-1] == "RuntimeError"
+    assert svc.get_user(user_id).credits == 50 + 20  # the broken command's grant was not saved
+    committer.stop()

@@ -1,0 +1,138 @@
+"""Job aggregate: the state machine and idempotent item results, as given/when/then."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from uuid import uuid4
+
+import pytest
+
+from domain.errors import InvalidState, ValidationFailed
+from domain.job import Job, JobStatus, ResultOutcome
+
+AT = datetime(2026, 1, 1, tzinfo=UTC)
+EDITS = {"wall": {"action": "recolor", "value": "#aabbcc"}}
+
+
+def new_events(job: Job) -> list[str]:
+    return [type(e).__name__ for e in job.collect_events()]
+
+
+def job_in(status: str, items: int = 3) -> Job:
+    job = Job.create(uuid4(), uuid4(), "interior", items, AT)
+    if status in ("uploaded", "queued", "running"):
+        job.confirm_upload(AT)
+    if status in ("queued", "running"):
+        job.execute(EDITS, [], None, "", AT)
+    if status == "running":
+        job.record_result(0, "done", "o", "p", "", "k0", AT)
+    job.collect_events()
+    return job
+
+
+def test_created_job_confirms_upload():
+    job = job_in("created")
+    job.confirm_upload(AT)
+    assert new_events(job) == ["UploadConfirmed"]
+    assert job.status == JobStatus.UPLOADED
+
+
+def test_confirming_twice_records_nothing():
+    job = job_in("uploaded")
+    job.confirm_upload(AT)
+    assert new_events(job) == []
+
+
+def test_execute_before_confirm_is_refused():
+    with pytest.raises(InvalidState):
+        job_in("created").execute(EDITS, [], None, "", AT)
+
+
+def test_execute_queues_the_edits():
+    job = job_in("uploaded")
+    job.execute(EDITS, ["sofa"], None, "", AT)
+    assert new_events(job) == ["JobQueued"]
+    assert (job.status, job.concepts, job.protect) == (JobStatus.QUEUED, EDITS, ["sofa"])
+
+
+def test_execute_again_with_the_same_edits_records_nothing():
+    job = job_in("queued")
+    job.execute(EDITS, [], None, "", AT)
+    assert new_events(job) == []
+
+
+def test_first_result_starts_the_job():
+    job = job_in("queued")
+    result = job.record_result(0, "done", "o", "p", "", "k0", AT)
+    assert new_events(job) == ["JobStarted", "ItemCompleted"]
+    assert result.outcome == ResultOutcome.RECORDED
+    assert job.status == JobStatus.RUNNING
+
+
+def test_last_result_finishes_done_when_any_item_succeeded():
+    job = job_in("running", items=2)
+    result = job.record_result(1, "failed", "", "", "bad input", "k1", AT)
+    assert new_events(job) == ["ItemCompleted", "JobFinished"]
+    assert result.finished == JobStatus.DONE == job.status
+
+
+def test_job_fails_when_every_item_failed():
+    job = job_in("queued", items=2)
+    job.record_result(0, "failed", "", "", "x", "k0", AT)
+    result = job.record_result(1, "failed", "", "", "y", "k1", AT)
+    assert result.finished == JobStatus.FAILED == job.status
+
+
+def test_a_repeated_key_returns_the_original_outcome_and_records_nothing():
+    job = job_in("running")
+    result = job.record_result(2, "failed", "", "", "late", "k0", AT)
+    assert new_events(job) == []
+    assert (result.outcome, result.idx, result.item_status) == (ResultOutcome.DUPLICATE, 0, "done")
+
+
+def test_a_second_result_for_an_item_under_another_key_changes_nothing():
+    job = job_in("running")
+    result = job.record_result(0, "failed", "", "", "", "other", AT)
+    assert new_events(job) == []
+    assert result.outcome == ResultOutcome.ALREADY_RECORDED
+
+
+def test_canceled_job_ignores_late_item_result():
+    job = job_in("running")
+    job.cancel("user", AT)
+    job.collect_events()
+    result = job.record_result(1, "done", "o", "p", "", "k1", AT)
+    assert new_events(job) == []
+    assert result.outcome == ResultOutcome.IGNORED_CANCELED
+
+
+def test_results_before_execute_are_refused():
+    with pytest.raises(InvalidState):
+        job_in("uploaded").record_result(0, "done", "o", "p", "", "k", AT)
+
+
+def test_result_index_out_of_range_is_refused():
+    with pytest.raises(ValidationFailed):
+        job_in("queued").record_result(3, "done", "o", "p", "", "k", AT)
+
+
+def test_cancel_twice_records_one_event():
+    job = job_in("queued")
+    assert job.cancel("user", AT) is True
+    assert job.cancel("user", AT) is False
+    assert new_events(job) == ["JobCanceled"]
+
+
+@pytest.mark.parametrize("terminal", ["done", "failed"])
+def test_finished_job_cannot_be_canceled(terminal):
+    job = job_in("queued", items=1)
+    job.record_result(0, terminal, "o", "p", "e", "k", AT)
+    with pytest.raises(InvalidState):
+        job.cancel("user", AT)
+    assert job.status == JobStatus(terminal)
+
+
+@pytest.mark.parametrize("count", [0, 201])
+def test_item_count_is_bounded(count):
+    with pytest.raises(ValidationFailed):
+        Job.create(uuid4(), uuid4(), "interior", count, AT)

@@ -1,0 +1,89 @@
+"""Settings refuse bad secrets outside development; tokens pin HS256 and check every claim."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from uuid import uuid4
+
+import jwt
+import pytest
+
+from adapters.settings import SettingsError, load_settings
+from adapters.tokens import TokenInvalid, TokenIssuer, sign_callback, verify_callback
+
+SECRET = "s" * 48
+NOW = datetime.now(UTC)
+
+
+def test_development_secrets_are_generated_once_into_the_data_dir(tmp_path):
+    first = load_settings(data_dir=tmp_path)
+    second = load_settings(data_dir=tmp_path)
+    assert len(first.jwt_secret) >= 32 and first.jwt_secret == second.jwt_secret
+    assert (tmp_path / "secrets.json").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("secret", ["changeme", "short-secret", ""])
+def test_production_refuses_placeholder_or_short_secrets(tmp_path, secret):
+    with pytest.raises(SettingsError, match="PALETTE_JWT_SECRET"):
+        load_settings(env="production", data_dir=tmp_path, jwt_secret=secret, callback_secret=SECRET)
+
+
+def test_invalid_setting_is_one_line_naming_it(tmp_path):
+    with pytest.raises(SettingsError, match="PALETTE_API_PORT") as e:
+        load_settings(data_dir=tmp_path, api_port=70000)
+    assert "\n" not in str(e.value)
+
+
+def test_env_prints_derived_urls(tmp_path):
+    s = load_settings(data_dir=tmp_path, pg_port=6000)
+    env = s.as_env()
+    assert env["PALETTE_DATABASE_URL"].endswith("@127.0.0.1:6000/palette")
+
+
+def issuer() -> TokenIssuer:
+    return TokenIssuer(SECRET, "palette", "palette-app", 3600)
+
+
+def test_token_round_trip():
+    user = uuid4()
+    assert issuer().verify(issuer().issue(user, NOW)) == (user, "client")
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda c: {**c, "exp": int((NOW - timedelta(hours=1)).timestamp())},
+    lambda c: {**c, "aud": "someone-else"},
+    lambda c: {**c, "iss": "evil"},
+    lambda c: {k: v for k, v in c.items() if k != "exp"},
+    lambda c: {**c, "nbf": int((NOW + timedelta(hours=1)).timestamp())},
+])
+def test_bad_claims_are_refused(mutate):
+    claims = {"sub": str(uuid4()), "iat": int(NOW.timestamp()), "exp": int(NOW.timestamp()) + 60,
+              "iss": "palette", "aud": "palette-app"}
+    token = jwt.encode(mutate(claims), SECRET, algorithm="HS256")
+    with pytest.raises(TokenInvalid):
+        issuer().verify(token)
+
+
+def test_alg_none_and_wrong_key_and_tampering_are_refused():
+    good = issuer().issue(uuid4(), NOW)
+    header, payload, sig = good.split(".")
+    none = jwt.encode({"sub": str(uuid4())}, None, algorithm="none")
+    other = TokenIssuer("o" * 48, "palette", "palette-app", 3600).issue(uuid4(), NOW)
+    tampered = f"{header}.{payload[:-2]}AA.{sig}"
+    for token in (none, other, tampered, "not-a-token"):
+        with pytest.raises(TokenInvalid):
+            issuer().verify(token)
+
+
+def test_callback_signature_window_and_body():
+    now = int(time.time())
+    body = b'{"idx":0}'
+    sig = sign_callback(SECRET, now, body)
+    assert verify_callback(SECRET, now, body, timestamp=str(now), signature=sig)
+    assert not verify_callback(SECRET, now + 301, body, timestamp=str(now), signature=sig)
+    assert not verify_callback(SECRET, now, body + b" ", timestamp=str(now), signature=sig)
+    assert not verify_callback("x" * 48, now, body, timestamp=str(now), signature=sig)
+    assert verify_callback(SECRET, now, body, shared_secret=SECRET)
+    assert not verify_callback(SECRET, now, body, shared_secret=SECRET[:-1])
+    assert not verify_callback(SECRET, now, body)

@@ -1,0 +1,134 @@
+"""User aggregate: given events, when a command, then new events (or a refusal)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from uuid import uuid4
+
+import pytest
+
+from domain.errors import ConcurrencyLimit, InsufficientCredits, RuleSlotsFull, ValidationFailed
+from domain.plans import DEFAULT_PLANS
+from domain.user import User, user_id_for_device
+
+AT = datetime(2026, 1, 1, tzinfo=UTC)
+FREE, PRO = DEFAULT_PLANS["free"], DEFAULT_PLANS["pro"]
+
+
+def new_events(user: User) -> list[str]:
+    return [type(e).__name__ for e in user.collect_events()]
+
+
+def registered(plan=FREE) -> User:
+    user = User.register("device-1", plan, AT)
+    user.collect_events()
+    return user
+
+
+def test_registration_grants_the_plans_initial_credits():
+    user = User.register("device-1", FREE, AT)
+    assert new_events(user) == ["Registered", "CreditsGranted"]
+    assert (user.balance, user.granted, user.plan) == (50, 50, "free")
+    assert user.id == user_id_for_device("device-1")
+
+
+def test_event_timestamps_come_from_the_command():
+    user = User.register("device-1", FREE, AT)
+    assert {e.timestamp for e in user.collect_events()} == {AT}
+
+
+def test_reserve_moves_credits_from_balance_to_the_job():
+    user, job = registered(), uuid4()
+    user.reserve(job, 10, FREE, AT)
+    assert new_events(user) == ["CreditsReserved"]
+    assert (user.balance, user.reserved, user.active_jobs) == (40, 10, 1)
+
+
+def test_reserve_twice_for_one_job_records_nothing():
+    user, job = registered(), uuid4()
+    user.reserve(job, 10, FREE, AT)
+    user.collect_events()
+    user.reserve(job, 10, FREE, AT)
+    assert new_events(user) == []
+
+
+def test_reserve_beyond_balance_is_refused():
+    user = registered()
+    with pytest.raises(InsufficientCredits):
+        user.reserve(uuid4(), 51, FREE, AT)
+    assert new_events(user) == []
+
+
+def test_reserve_beyond_the_plans_concurrency_is_refused():
+    user = registered()
+    user.reserve(uuid4(), 1, FREE, AT)
+    with pytest.raises(ConcurrencyLimit):
+        user.reserve(uuid4(), 1, FREE, AT)
+
+
+def test_pro_plan_runs_four_jobs_at_once():
+    user = registered(PRO)
+    for _ in range(4):
+        user.reserve(uuid4(), 1, PRO, AT)
+    with pytest.raises(ConcurrencyLimit):
+        user.reserve(uuid4(), 1, PRO, AT)
+
+
+def test_settle_keeps_the_spent_part_and_refunds_the_rest():
+    user, job = registered(), uuid4()
+    user.reserve(job, 10, FREE, AT)
+    user.collect_events()
+    user.settle(job, 7, AT)
+    [event] = user.collect_events()
+    assert isinstance(event, User.CreditsSettled)
+    assert (event.spent, event.refunded) == (7, 3)
+    assert (user.balance, user.spent, user.reserved, user.active_jobs) == (43, 7, 0, 0)
+
+
+def test_a_reservation_is_settled_only_once():
+    user, job = registered(), uuid4()
+    user.reserve(job, 10, FREE, AT)
+    user.settle(job, 10, AT)
+    user.collect_events()
+    user.settle(job, 0, AT)
+    assert new_events(user) == []
+    assert user.balance == 40
+
+
+def test_settling_more_than_reserved_is_refused():
+    user, job = registered(), uuid4()
+    user.reserve(job, 2, FREE, AT)
+    with pytest.raises(ValidationFailed):
+        user.settle(job, 3, AT)
+
+
+def test_grant_must_be_positive():
+    with pytest.raises(ValidationFailed):
+        registered().grant(0, "promo", AT)
+
+
+def test_rule_slots_are_bounded_by_the_plan():
+    user = registered()
+    user.take_rule_slot(uuid4(), FREE, AT)
+    user.take_rule_slot(uuid4(), FREE, AT)
+    with pytest.raises(RuleSlotsFull):
+        user.take_rule_slot(uuid4(), FREE, AT)
+
+
+def test_freeing_a_slot_makes_room_and_freeing_twice_records_nothing():
+    user, rule = registered(), uuid4()
+    user.take_rule_slot(rule, FREE, AT)
+    user.free_rule_slot(rule, AT)
+    user.collect_events()
+    user.free_rule_slot(rule, AT)
+    assert new_events(user) == []
+    assert user.rule_ids == set()
+
+
+def test_changing_to_the_same_plan_records_nothing():
+    user = registered()
+    user.change_plan(FREE, AT)
+    assert new_events(user) == []
+    user.change_plan(PRO, AT)
+    assert new_events(user) == ["PlanChanged"]
+    assert user.plan == "pro"
