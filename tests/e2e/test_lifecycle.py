@@ -1,0 +1,191 @@
+"""The whole client lifecycle through a real uvicorn server, S3 presigned URLs and signed callbacks."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+
+import httpx
+from PIL import Image
+
+from adapters.s3 import s3_client
+from adapters.tokens import sign_callback
+from application.keys import output_key, preview_key
+
+from .conftest import Client
+
+EDITS = {"wall": {"action": "recolor", "value": "#3366aa"}, "lamp": {"action": "remove"}}
+
+
+def jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 180, 150)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def callback(http: httpx.Client, secret: str, job_id: str, body: dict) -> httpx.Response:
+    raw = json.dumps(body).encode()
+    ts = int(time.time())
+    return http.post(f"/jobs/{job_id}/callback", content=raw, headers={
+        "content-type": "application/json", "X-Palette-Timestamp": str(ts),
+        "X-Palette-Signature": sign_callback(secret, ts, raw)})
+
+
+def create_uploaded_job(client: Client, items: int) -> str:
+    created = client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": items})
+    for slot in created["upload"]:
+        r = httpx.put(slot["url"], content=jpeg(), headers={"Content-Type": slot["content_type"]})
+        assert r.status_code == 200, r.text
+    client.data("POST", f"/jobs/{created['job_id']}/confirm-upload")
+    return str(created["job_id"])
+
+
+def test_health_reports_every_dependency(http):
+    body = http.get("/health").json()
+    assert body["data"] == {"status": "ok", "dependencies": {"postgres": "ok", "broker": "ok", "s3": "ok"}}
+    assert body["meta"]["request_id"]
+
+
+def test_anonymous_registration_is_idempotent_per_device(http):
+    first = http.post("/auth/anon", json={"device_hash": "same-device-123"})
+    again = http.post("/auth/anon", json={"device_hash": "same-device-123"})
+    assert again.status_code == 200
+    assert first.json()["data"]["user_id"] == again.json()["data"]["user_id"]
+
+
+def test_whole_lifecycle_with_exact_credits_at_every_step(client, http, settings):
+    assert client.data("GET", "/me")["credits"] == 50
+    job_id = create_uploaded_job(client, 3)
+    me = client.data("GET", "/me")
+    assert (me["credits"], me["reserved"], me["active_jobs"]) == (47, 3, 1)
+
+    assert client.data("POST", f"/jobs/{job_id}/execute",
+                       json={"concepts": EDITS, "protect": ["sofa"]})["status"] == "queued"
+    for idx, status in enumerate(["done", "failed", "done"]):
+        body = {"idx": idx, "status": status, "idempotency_key": f"{job_id}:{idx}"}
+        if status == "done":
+            key = output_key(uuid.UUID(client.user_id), uuid.UUID(job_id), idx)
+            body |= {"output_key": key,
+                     "preview_key": preview_key(uuid.UUID(client.user_id), uuid.UUID(job_id), idx)}
+            s3_client(settings).put_object(Bucket=settings.s3_bucket, Key=key, Body=b"png-bytes")
+        else:
+            body["error"] = "decode failed"
+        r = callback(http, settings.callback_secret, job_id, body)
+        assert r.status_code == 200, r.text
+        assert r.json()["data"]["outcome"] == "recorded"
+
+    job = client.data("GET", f"/jobs/{job_id}")
+    assert job["status"] == "done"
+    assert job["progress"] == {"done": 2, "failed": 1, "total": 3}
+    assert job["items"][1] == {"idx": 1, "status": "failed", "output_url": None,
+                               "preview_url": None, "error": "decode failed"}
+    download = httpx.get(job["items"][0]["output_url"])
+    assert download.status_code == 200 and download.content == b"png-bytes"
+    me = client.data("GET", "/me")
+    assert (me["credits"], me["reserved"], me["active_jobs"]) == (48, 0, 0)
+
+    again = callback(http, settings.callback_secret, job_id,
+                     {"idx": 0, "status": "failed", "idempotency_key": f"{job_id}:0"})
+    assert again.status_code == 200 and again.json()["data"]["outcome"] == "duplicate"
+    assert client.data("GET", "/me")["credits"] == 48
+
+
+def test_confirm_names_the_missing_inputs(client):
+    created = client.data("POST", "/jobs", 201, json={"preset": "seller", "item_count": 2})
+    r = client.call("POST", f"/jobs/{created['job_id']}/confirm-upload")
+    assert r.status_code == 409
+    assert r.json()["error"]["code"] == "INPUTS_MISSING"
+    assert r.json()["error"]["details"] == {"missing": [0, 1]}
+
+
+def test_cancel_refunds_unprocessed_items(client, http, settings):
+    job_id = create_uploaded_job(client, 4)
+    client.data("POST", f"/jobs/{job_id}/execute", json={"concepts": EDITS})
+    callback(http, settings.callback_secret, job_id,
+             {"idx": 2, "status": "done", "idempotency_key": f"{job_id}:2"})
+    assert client.data("POST", f"/jobs/{job_id}/cancel")["status"] == "canceled"
+    assert client.data("POST", f"/jobs/{job_id}/cancel")["status"] == "canceled"
+    me = client.data("GET", "/me")
+    assert (me["credits"], me["reserved"]) == (49, 0)
+    late = callback(http, settings.callback_secret, job_id,
+                    {"idx": 3, "status": "done", "idempotency_key": f"{job_id}:3"})
+    assert late.json()["data"]["outcome"] == "ignored_canceled"
+    assert client.data("GET", "/me")["credits"] == 49
+
+
+def test_rules_are_bounded_by_slots_and_deleting_frees_one(client):
+    body = {"name": "warm walls", "preset_id": "interior", "concepts": {"wall": {"action": "tone", "value": "warm"}}}
+    ids = [client.data("POST", "/rules", 201, json=body)["id"] for _ in range(2)]
+    full = client.call("POST", "/rules", json=body)
+    assert full.status_code == 403 and full.json()["error"]["code"] == "RULE_SLOTS_FULL"
+    assert client.data("GET", "/me")["rule_slots"] == {"used": 2, "max": 2}
+    updated = client.data("PUT", f"/rules/{ids[0]}", json={"name": "cool walls", "concepts": body["concepts"]})
+    assert updated["name"] == "cool walls"
+    assert sorted(r["id"] for r in client.data("GET", "/rules")["items"]) == sorted(ids)
+    client.data("DELETE", f"/rules/{ids[0]}")
+    assert client.data("GET", "/me")["rule_slots"]["used"] == 1
+    assert client.data("POST", "/rules", 201, json=body)["id"]
+
+
+def test_another_users_objects_are_404_and_unchanged(client, other):
+    job = client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})["job_id"]
+    rule = client.data("POST", "/rules", 201, json={
+        "name": "r", "preset_id": "interior", "concepts": {"lamp": {"action": "remove"}}})["id"]
+    for method, path, body in [
+        ("GET", f"/jobs/{job}", None), ("POST", f"/jobs/{job}/confirm-upload", None),
+        ("POST", f"/jobs/{job}/execute", {"concepts": EDITS}), ("POST", f"/jobs/{job}/cancel", None),
+        ("PUT", f"/rules/{rule}", {"name": "x", "concepts": {"lamp": {"action": "remove"}}}),
+        ("DELETE", f"/rules/{rule}", None),
+    ]:
+        r = other.call(method, path, json=body)
+        assert r.status_code == 404, (method, path, r.text)
+        assert r.json()["error"]["code"] == "NOT_FOUND"
+        assert r.json()["data"] is None and "concepts" not in r.text
+    assert client.data("GET", f"/jobs/{job}")["status"] == "created"
+    assert client.data("GET", "/me")["rule_slots"]["used"] == 1
+
+
+def test_bad_input_is_a_4xx_with_a_stable_code(client, http):
+    cases = [
+        (client.call("POST", "/jobs", json={"preset": "interior", "item_count": 201}), 422, "VALIDATION_FAILED"),
+        (client.call("POST", "/jobs", json={"preset": "garage", "item_count": 1}), 422, "VALIDATION_FAILED"),
+        (client.call("POST", "/jobs", content=b"{not json", headers={"content-type": "application/json"}), 422, "VALIDATION_FAILED"),
+        (client.call("GET", "/jobs/not-a-uuid"), 422, "VALIDATION_FAILED"),
+        (client.call("GET", f"/jobs/{uuid.uuid4()}"), 404, "NOT_FOUND"),
+        (client.call("GET", "/presets/garage"), 404, "NOT_FOUND"),
+        (http.get("/me"), 401, "AUTH_REQUIRED"),
+        (http.get("/me", headers={"Authorization": "Bearer x.y.z"}), 401, "AUTH_INVALID"),
+        (client.call("POST", "/rules", content=b"x" * 70_000, headers={"content-type": "application/json"}), 413, "PAYLOAD_TOO_LARGE"),
+    ]
+    for response, status, code in cases:
+        assert response.status_code == status, response.text
+        assert response.json()["error"]["code"] == code
+
+
+def test_execute_before_confirm_is_invalid_state(client):
+    job = client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})["job_id"]
+    r = client.call("POST", f"/jobs/{job}/execute", json={"concepts": EDITS})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "INVALID_STATE"
+
+
+def test_callback_without_valid_auth_is_refused(client, http, settings):
+    job = client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})["job_id"]
+    body = {"idx": 0, "status": "done", "idempotency_key": f"{job}:0"}
+    assert http.post(f"/jobs/{job}/callback", json=body).status_code == 401
+    assert http.post(f"/jobs/{job}/callback", json=body, headers={"X-Callback-Secret": "wrong"}).status_code == 401
+    stale = int(time.time()) - 1000
+    raw = json.dumps(body).encode()
+    r = http.post(f"/jobs/{job}/callback", content=raw, headers={
+        "content-type": "application/json", "X-Palette-Timestamp": str(stale),
+        "X-Palette-Signature": sign_callback(settings.callback_secret, stale, raw)})
+    assert r.status_code == 401
+
+
+def test_openapi_describes_every_endpoint(http):
+    paths = http.get("/openapi.json").json()["paths"]
+    for path in ["/health", "/auth/anon", "/me", "/presets", "/presets/{preset_id}", "/rules",
+                 "/rules/{rule_id}", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/confirm-upload",
+                 "/jobs/{job_id}/execute", "/jobs/{job_id}/callback", "/jobs/{job_id}/cancel"]:
+        assert path in paths, path
