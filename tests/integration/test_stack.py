@@ -1,0 +1,105 @@
+"""The embedded stack: restarts lose nothing, crashed apps come back, bad set-ups fail in one line."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from adapters.settings import load_settings
+from infra.stack import EmbeddedStack
+from infra.supervisor import StackError
+
+
+def wait_until(predicate, timeout_s: float = 60.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_broker_restart_keeps_published_messages(stack):
+    from kafka import KafkaConsumer, KafkaProducer
+
+    bootstrap = stack.settings.effective_kafka_bootstrap
+    topic = f"restart-{uuid.uuid4().hex[:8]}"
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    sent = [f"m{i}".encode() for i in range(20)]
+    for value in sent:
+        producer.send(topic, value=value, key=b"k")
+    producer.flush()
+    producer.close()
+
+    stack.kill("broker")
+    stack.supervisor.restart("broker")
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, fetch_max_wait_ms=50)
+    got: list[bytes] = []
+
+    def drained() -> bool:
+        for records in consumer.poll(500).values():
+            got.extend(r.value for r in records)
+        return len(got) >= len(sent)
+
+    wait_until(drained, what="messages after the broker restart")
+    consumer.close()
+    assert got == sent
+
+
+def test_a_killed_application_process_is_restarted(stack):
+    if stack.supervisor.pid("api") is None:
+        stack.start_apps(("api",))
+    before = stack.supervisor.pid("api")
+    stack.kill("api")
+
+    def restarted() -> bool:
+        stack.supervisor.check()
+        pid = stack.supervisor.pid("api")
+        return pid is not None and pid != before and stack._api_ready()
+
+    wait_until(restarted, what="the API to come back")
+
+
+def test_a_taken_port_fails_in_one_line_and_leaves_nothing_running():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data_dir = Path(tempfile.mkdtemp(prefix="palette-port-"))
+        settings = load_settings(data_dir=data_dir, pg_port=port, s3_port=39000, kafka_port=39100)
+        stack = EmbeddedStack(settings)
+        with pytest.raises(StackError, match=f"port {port} is already in use.*PALETTE_PG_PORT"):
+            stack.start_infra()
+        assert stack.supervisor.names() == []
+
+
+def test_cli_reports_an_unwritable_data_dir_without_a_traceback(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "adapters.cli", "up"], capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PALETTE_DATA_DIR": str(blocker / "sub")},
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "not writable" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_reports_an_invalid_setting_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "adapters.cli", "env"], capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PALETTE_DATA_DIR": str(tmp_path), "PALETTE_API_PORT": "http"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("palette env: invalid setting PALETTE_API_PORT")
+    assert result.stderr.count("\n") == 1
