@@ -7,11 +7,15 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from psycopg_pool import ConnectionPool
+
+from adapters.api.consistency import LastWrites
 from adapters.s3 import s3_client
 from adapters.settings import Settings
 from adapters.system import RandomIds, SystemClock
 from application.services import PaletteApplication, PaletteService
 from application.unit_of_work import DirectExecutor, GroupCommitter
+from projections.store import ensure_schema
 
 
 def event_store_env(settings: Settings, pool_size: int = 8, cache: bool = True) -> dict[str, str]:
@@ -68,10 +72,13 @@ class Container:
     service: PaletteService
     committer: GroupCommitter | None
     s3: Any
+    read_pool: Any
+    last_writes: LastWrites
 
     def close(self) -> None:
         if self.committer is not None:
             self.committer.stop()
+        self.read_pool.close()
         self.app.close()
 
 
@@ -84,4 +91,32 @@ def build(settings: Settings, *, naive: bool = False, pool_size: int = 8) -> Con
     service = PaletteService(
         app, executor, SystemClock(), RandomIds(), store=S3ObjectStore(s3, settings.s3_bucket)
     )
-    return Container(settings, app, service, committer, s3)
+    read_pool = ConnectionPool(settings.effective_database_url, min_size=1, max_size=pool_size,
+                               kwargs={"autocommit": True}, open=True)
+    with read_pool.connection() as conn:
+        ensure_schema(conn)
+    return Container(settings, app, service, committer, s3, read_pool, LastWrites())
+
+
+def build_relay(settings: Settings) -> Any:
+    from adapters import kafka_io
+    from adapters.relay import Relay
+
+    app = PaletteApplication(env=event_store_env(settings, pool_size=2, cache=False))
+    return Relay(app, kafka_io.producer(settings, linger_ms=5), settings.effective_database_url)
+
+
+def build_projector(settings: Settings) -> Any:
+    from adapters import kafka_io
+    from adapters.projector import GROUP, Projector
+
+    return Projector(kafka_io.consumer(settings, GROUP, kafka_io.EVENTS_TOPIC), settings.effective_database_url)
+
+
+def build_dispatcher(settings: Settings) -> Any:
+    from adapters import kafka_io
+    from adapters.dispatcher import GROUP, Dispatcher
+
+    app = PaletteApplication(env=event_store_env(settings, pool_size=2, cache=False))
+    return Dispatcher(kafka_io.consumer(settings, GROUP, kafka_io.EVENTS_TOPIC),
+                      kafka_io.producer(settings), app)

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from adapters.settings import SettingsError, load_settings
 from infra.supervisor import StackError
 
+APP_PROCESSES = ("api", "relay", "projector", "dispatcher")
+
 
 def _cmd_env(args: argparse.Namespace) -> int:
     settings = load_settings()
@@ -60,19 +62,45 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve_api(_: argparse.Namespace) -> int:
-    import uvicorn
+def _serve_loop(worker: object, ready_file: str | None) -> None:
+    """Run a worker's loop until SIGTERM/SIGINT, finishing the step in flight. The ready file
+    appears once the worker has done its first step (a consumer: once it holds partitions)."""
+    import threading
+    from pathlib import Path
 
-    from adapters.api.app import create_asgi
-    from adapters.bootstrap import build
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        worker.warm_up(stop)  # type: ignore[attr-defined]
+        if ready_file:
+            Path(ready_file).touch()
+        worker.run(stop)  # type: ignore[attr-defined]
+    finally:
+        worker.close()  # type: ignore[attr-defined]
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from adapters import bootstrap
 
     settings = load_settings()
-    container = build(settings, pool_size=16)
-    try:
-        uvicorn.run(create_asgi(container), host=settings.api_host, port=settings.api_port,
-                    log_level="warning", access_log=False)
-    finally:
-        container.close()
+    if args.process == "api":
+        import uvicorn
+
+        from adapters.api.app import create_asgi
+
+        container = bootstrap.build(settings, pool_size=16)
+        try:
+            uvicorn.run(create_asgi(container), host=settings.api_host, port=settings.api_port,
+                        log_level="warning", access_log=False)
+        finally:
+            container.close()
+    elif args.process == "relay":
+        _serve_loop(bootstrap.build_relay(settings), args.ready_file)
+    elif args.process == "projector":
+        _serve_loop(bootstrap.build_projector(settings), args.ready_file)
+    elif args.process == "dispatcher":
+        _serve_loop(bootstrap.build_dispatcher(settings), args.ready_file)
     return 0
 
 
@@ -87,12 +115,14 @@ def parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the embedded stack and the application processes")
     up.add_argument("--external", action="store_true",
                     help="start only the application processes, against PostgreSQL/Kafka/S3 from settings")
-    up.add_argument("--apps", nargs="*", default=["api"], choices=["api"],
+    up.add_argument("--apps", nargs="*", default=list(APP_PROCESSES), choices=APP_PROCESSES,
                     help="application processes to run (default: all)")
     up.set_defaults(func=_cmd_up)
 
-    serve = sub.add_parser("serve-api", help="serve the HTTP API (what `palette up` runs)")
-    serve.set_defaults(func=_cmd_serve_api)
+    serve = sub.add_parser("serve", help="run one application process (what `palette up` runs)")
+    serve.add_argument("process", choices=APP_PROCESSES)
+    serve.add_argument("--ready-file", help="touch this file once the process is ready (used by `palette up`)")
+    serve.set_defaults(func=_cmd_serve)
     return p
 
 

@@ -258,11 +258,6 @@ class PaletteService:
 
         return self.executor.execute(command)
 
-    def list_rules(self, user_id: UUID) -> list[Rule]:
-        user = self._read(User, user_id, "user")
-        rules = [self._read(Rule, rule_id, "rule") for rule_id in sorted(user.rule_ids)]
-        return [r for r in rules if not r.deleted]
-
     def get_rule(self, user_id: UUID, rule_id: UUID) -> Rule:
         rule = self._read(Rule, rule_id, "rule")
         if rule.user_id != user_id or rule.deleted:

@@ -8,9 +8,9 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 from uuid import UUID
 
@@ -70,10 +70,12 @@ Command = Callable[[UnitOfWork], T]
 
 @dataclass(frozen=True)
 class Committed(Generic[T]):
-    """A command's result and the event-store position its save reached (None: nothing new)."""
+    """A command's result, the event-store position its save reached (None: nothing new), and
+    the stream versions it saved (for readers that wait on a projection)."""
 
     value: T
     position: int | None
+    versions: Mapping[UUID, int] = field(default_factory=dict)
 
 
 class CommandExecutor(Protocol):
@@ -126,13 +128,14 @@ class DirectExecutor:
                 value = _run_one(uow, command)
             except _CommandBug as e:
                 raise RuntimeError(str(e)) from e
+            changed = uow.changed()
             try:
-                recordings = self.app.save(*uow.changed())
+                recordings = self.app.save(*changed)
             except IntegrityError:
                 _evict(self.app, uow.ids())
                 _backoff(attempt)
                 continue
-            return Committed(value, _position(recordings))
+            return Committed(value, _position(recordings), {a.id: a.version for a in changed})
         raise ConflictError("too much contention on this object; try again")
 
 
@@ -225,8 +228,9 @@ class GroupCommitter:
             if bug is not None:
                 batch = [p for p in batch if p is not bug]
                 continue
+            changed = uow.changed()
             try:
-                recordings = self.app.save(*uow.changed())
+                recordings = self.app.save(*changed)
             except IntegrityError:
                 _evict(self.app, uow.ids())
                 attempt += 1
@@ -237,11 +241,12 @@ class GroupCommitter:
                 _backoff(attempt)
                 continue
             position = _position(recordings)
+            versions = {a.id: a.version for a in changed}
             self.batches += 1
             self.commands += len(batch)
             for p, ok, value in outcomes:
                 if ok:
-                    p.future.set_result(Committed(value, position))
+                    p.future.set_result(Committed(value, position, versions))
                 else:
                     p.future.set_exception(value)
             return

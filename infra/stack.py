@@ -108,7 +108,7 @@ class EmbeddedStack:
             self.supervisor.stop_all()
             raise
 
-    def start_apps(self, names: tuple[str, ...] = ("api",)) -> None:
+    def start_apps(self, names: tuple[str, ...] = ("api", "relay", "projector", "dispatcher")) -> None:
         for name in names:
             self.supervisor.start(self._app_spec(name))
 
@@ -255,12 +255,15 @@ class EmbeddedStack:
     def _app_spec(self, name: str) -> ServiceSpec:
         env = self.settings.as_env()
         env["PYTHONUNBUFFERED"] = "1"
+        argv = [sys.executable, "-m", "adapters.cli", "serve", name]
         if name == "api":
-            return ServiceSpec(
-                "api", [sys.executable, "-m", "adapters.cli", "serve-api"], ready=self._api_ready,
-                env=env, restart=True,
-            )
-        raise StackError(f"unknown application process {name!r}")
+            return ServiceSpec(name, argv, ready=self._api_ready, env=env, restart=True)
+        run_dir = self.data_dir / "run"
+        run_dir.mkdir(exist_ok=True)
+        ready_file = run_dir / f"{name}.ready"
+        ready_file.unlink(missing_ok=True)
+        return ServiceSpec(name, [*argv, "--ready-file", str(ready_file)], ready=ready_file.exists,
+                           env=env, restart=True, stop_signal=signal.SIGTERM)
 
     def _api_ready(self) -> bool:
         url = f"http://{self.settings.api_host}:{self.settings.api_port}/health"

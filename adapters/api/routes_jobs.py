@@ -6,7 +6,7 @@ import time
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
@@ -14,12 +14,16 @@ from adapters.api.app import ApiError, ok
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
 from adapters.api.schemas import (
     CallbackCreate, CallbackPublic, Envelope, ItemPublic, JobCreate, JobCreatedPublic, JobExecute,
-    JobPublic, JobStatePublic, Progress, UploadSlot,
+    JobList, JobPublic, JobStatePublic, JobSummary, Progress, UploadSlot,
 )
 from adapters.bootstrap import Container
 from adapters.tokens import verify_callback
 from application.keys import input_key
+from application.unit_of_work import Committed
+from domain.errors import ValidationFailed
 from domain.job import Job
+from projections.queries import BadCursor, wait_for_stream
+from projections.queries import list_jobs as list_jobs_query
 
 router = APIRouter(tags=["jobs"])
 URL_TTL_S = 900  # presigned URLs live at most 15 minutes
@@ -30,6 +34,10 @@ COMMON = {401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},
 OWN = {**COMMON,
        404: {"model": _E, "description": "NOT_FOUND (also another user's job)"},
        409: {"model": _E, "description": "INVALID_STATE / INPUTS_MISSING / CONFLICT"}}
+
+
+def _remember(c: Container, user_id: UUID, job_id: UUID, committed: Committed[Any]) -> None:
+    c.last_writes.record(user_id, "jobs_log", job_id, committed.versions.get(job_id))
 
 
 def _presign(c: Container, method: str, key: str, **extra: Any) -> str:
@@ -60,6 +68,28 @@ def _job_public(c: Container, job: Job) -> JobPublic:
     )
 
 
+@router.get("/jobs", response_model=Envelope[JobList], responses=COMMON)
+async def list_jobs(user_id: CurrentUser, container: ContainerDep,
+                    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                    cursor: Annotated[str | None, Query(max_length=200)] = None) -> JSONResponse:
+    """The caller's jobs, newest first, from the jobs_log read model (keyset-paginated; waits
+    up to 1 s for the caller's own last write to reach it)."""
+
+    def read() -> tuple[list[dict[str, Any]], str | None]:
+        with container.read_pool.connection() as conn:
+            last = container.last_writes.last(user_id, "jobs_log")
+            if last is not None:
+                wait_for_stream(conn, "jobs_log", *last)
+            try:
+                return list_jobs_query(conn, user_id, limit, cursor)
+            except BadCursor:
+                raise ValidationFailed("cursor: not a cursor this API issued") from None
+
+    rows, next_cursor = await run_in_threadpool(read)
+    items = [JobSummary(job_id=r["id"], **{k: v for k, v in r.items() if k != "id"}) for r in rows]
+    return ok(JobList(items=items, next_cursor=next_cursor))
+
+
 @router.post("/jobs", response_model=Envelope[JobCreatedPublic], status_code=201,
              responses={**COMMON, 402: {"model": _E, "description": "INSUFFICIENT_CREDITS"},
                         409: {"model": _E, "description": "CONCURRENCY_LIMIT"}})
@@ -68,6 +98,7 @@ async def create_job(body: JobCreate, user_id: CurrentUser, service: ServiceDep,
     """Reserve one credit per item, create the job, and hand out presigned PUT URLs."""
     committed = await run_in_threadpool(service.create_job, user_id, body.preset, body.item_count)
     job_id = committed.value
+    _remember(container, user_id, job_id, committed)
 
     def slots() -> list[UploadSlot]:
         return [
@@ -84,20 +115,23 @@ async def create_job(body: JobCreate, user_id: CurrentUser, service: ServiceDep,
 
 
 @router.post("/jobs/{job_id}/confirm-upload", response_model=Envelope[JobStatePublic], responses=OWN)
-async def confirm_upload(job_id: UUID, user_id: CurrentUser, service: ServiceDep) -> JSONResponse:
+async def confirm_upload(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
+                         container: ContainerDep) -> JSONResponse:
     """created -> uploaded once every input exists in S3 (else 409 INPUTS_MISSING naming them)."""
-    await run_in_threadpool(service.confirm_upload, user_id, job_id)
+    committed = await run_in_threadpool(service.confirm_upload, user_id, job_id)
+    _remember(container, user_id, job_id, committed)
     job = await run_in_threadpool(service.get_job, user_id, job_id)
     return ok(JobStatePublic(job_id=job_id, status=job.status.value))
 
 
 @router.post("/jobs/{job_id}/execute", response_model=Envelope[JobStatePublic], responses=OWN)
 async def execute_job(job_id: UUID, body: JobExecute, user_id: CurrentUser,
-                      service: ServiceDep) -> JSONResponse:
+                      service: ServiceDep, container: ContainerDep) -> JSONResponse:
     """uploaded -> queued with per-concept edits (a rule fills in what the body leaves out)."""
     concepts = {k: v.model_dump() for k, v in body.concepts.items()}
-    await run_in_threadpool(service.execute_job, user_id, job_id, concepts, body.protect,
-                            body.rule_id, body.output_template)
+    committed = await run_in_threadpool(service.execute_job, user_id, job_id, concepts, body.protect,
+                                        body.rule_id, body.output_template)
+    _remember(container, user_id, job_id, committed)
     job = await run_in_threadpool(service.get_job, user_id, job_id)
     return ok(JobStatePublic(job_id=job_id, status=job.status.value))
 
@@ -111,9 +145,11 @@ async def get_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=Envelope[JobStatePublic], responses=OWN)
-async def cancel_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep) -> JSONResponse:
+async def cancel_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
+                     container: ContainerDep) -> JSONResponse:
     """Cancel and refund the items not done; canceling twice is harmless."""
-    await run_in_threadpool(service.cancel_job, user_id, job_id, "user")
+    committed = await run_in_threadpool(service.cancel_job, user_id, job_id, "user")
+    _remember(container, user_id, job_id, committed)
     job = await run_in_threadpool(service.get_job, user_id, job_id)
     return ok(JobStatePublic(job_id=job_id, status=job.status.value))
 

@@ -9,9 +9,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from adapters.api.app import ok
-from adapters.api.deps import CurrentUser, ServiceDep
+from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
 from adapters.api.schemas import Envelope, RuleCreate, RuleList, RulePublic, RuleUpdate
 from domain.rule import Rule
+from projections.queries import list_rules as list_rules_query
+from projections.queries import wait_for_stream
 
 router = APIRouter(tags=["rules"])
 _E = Envelope[None]
@@ -31,31 +33,45 @@ def _edits(body: RuleCreate | RuleUpdate) -> dict[str, dict[str, object]]:
 
 @router.post("/rules", response_model=Envelope[RulePublic], status_code=201,
              responses={**COMMON, 403: {"model": _E, "description": "RULE_SLOTS_FULL"}})
-async def create_rule(body: RuleCreate, user_id: CurrentUser, service: ServiceDep) -> JSONResponse:
+async def create_rule(body: RuleCreate, user_id: CurrentUser, service: ServiceDep,
+                      container: ContainerDep) -> JSONResponse:
     """Save a rule; takes one of the plan's rule slots."""
     committed = await run_in_threadpool(
         service.create_rule, user_id, body.name, body.preset_id, _edits(body), body.protect
     )
+    container.last_writes.record(user_id, "rules", committed.value, committed.versions.get(committed.value))
     rule = await run_in_threadpool(service.get_rule, user_id, committed.value)
     return ok(_public(rule), status=201)
 
 
 @router.get("/rules", response_model=Envelope[RuleList], responses=COMMON)
-async def list_rules(user_id: CurrentUser, service: ServiceDep) -> JSONResponse:
-    """The caller's rules (at most the plan's slots), read from their streams."""
-    rules = await run_in_threadpool(service.list_rules, user_id)
-    return ok(RuleList(items=[_public(r) for r in rules]))
+async def list_rules(user_id: CurrentUser, container: ContainerDep) -> JSONResponse:
+    """The caller's rules from the rules read model (waits up to 1 s for the caller's last write)."""
+
+    def read() -> list[dict[str, object]]:
+        with container.read_pool.connection() as conn:
+            last = container.last_writes.last(user_id, "rules")
+            if last is not None:
+                wait_for_stream(conn, "rules", *last)
+            return list_rules_query(conn, user_id)
+
+    rows = await run_in_threadpool(read)
+    return ok(RuleList(items=[RulePublic.model_validate(r) for r in rows]))
 
 
 @router.put("/rules/{rule_id}", response_model=Envelope[RulePublic], responses=OWN)
 async def update_rule(rule_id: UUID, body: RuleUpdate, user_id: CurrentUser,
-                      service: ServiceDep) -> JSONResponse:
-    await run_in_threadpool(service.update_rule, user_id, rule_id, body.name, _edits(body), body.protect)
+                      service: ServiceDep, container: ContainerDep) -> JSONResponse:
+    committed = await run_in_threadpool(
+        service.update_rule, user_id, rule_id, body.name, _edits(body), body.protect)
+    container.last_writes.record(user_id, "rules", rule_id, committed.versions.get(rule_id))
     return ok(_public(await run_in_threadpool(service.get_rule, user_id, rule_id)))
 
 
 @router.delete("/rules/{rule_id}", response_model=Envelope[dict[str, bool]], responses=OWN)
-async def delete_rule(rule_id: UUID, user_id: CurrentUser, service: ServiceDep) -> JSONResponse:
+async def delete_rule(rule_id: UUID, user_id: CurrentUser, service: ServiceDep,
+                      container: ContainerDep) -> JSONResponse:
     """Delete the rule and free its slot."""
-    await run_in_threadpool(service.delete_rule, user_id, rule_id)
+    committed = await run_in_threadpool(service.delete_rule, user_id, rule_id)
+    container.last_writes.record(user_id, "rules", rule_id, committed.versions.get(rule_id))
     return ok({"deleted": True})

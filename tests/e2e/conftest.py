@@ -14,8 +14,9 @@ from infra.stack import EmbeddedStack
 
 @pytest.fixture(scope="session")
 def api_url(stack: EmbeddedStack) -> Iterator[str]:
-    if stack.supervisor.pid("api") is None:
-        stack.start_apps(("api",))
+    missing = tuple(n for n in ("api", "relay", "projector", "dispatcher") if stack.supervisor.pid(n) is None)
+    if missing:
+        stack.start_apps(missing)
     yield f"http://{stack.settings.api_host}:{stack.settings.api_port}"
 
 

@@ -189,3 +189,17 @@ def test_openapi_describes_every_endpoint(http):
                  "/rules/{rule_id}", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/confirm-upload",
                  "/jobs/{job_id}/execute", "/jobs/{job_id}/callback", "/jobs/{job_id}/cancel"]:
         assert path in paths, path
+
+
+def test_job_list_shows_the_job_just_created_and_paginates(client):
+    created = [client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})["job_id"]]
+    client.data("POST", f"/jobs/{created[0]}/cancel")
+    created.append(client.data("POST", "/jobs", 201, json={"preset": "seller", "item_count": 2})["job_id"])
+    first = client.data("GET", "/jobs", params={"limit": 1})
+    assert [j["job_id"] for j in first["items"]] == [created[1]]
+    assert first["items"][0]["status"] == "created" and first["items"][0]["total_items"] == 2
+    second = client.data("GET", "/jobs", params={"limit": 1, "cursor": first["next_cursor"]})
+    assert [j["job_id"] for j in second["items"]] == [created[0]]
+    assert second["items"][0]["status"] == "canceled" and second["next_cursor"] is None
+    bad = client.call("GET", "/jobs", params={"cursor": "garbage"})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "VALIDATION_FAILED"

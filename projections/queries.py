@@ -1,0 +1,78 @@
+"""Queries over the read models (what GET /jobs and GET /rules serve)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+
+from projections.store import table
+
+
+class BadCursor(ValueError):
+    """A pagination cursor that this API did not issue."""
+
+
+def encode_cursor(created_at: datetime, job_id: UUID) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at.isoformat(), str(job_id)]).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    try:
+        created, job = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return datetime.fromisoformat(created), UUID(job)
+    except (ValueError, TypeError) as e:
+        raise BadCursor("invalid cursor") from e
+
+
+def wait_for_stream(conn: psycopg.Connection[Any], model: str, stream_id: UUID, version: int,
+                    timeout_s: float = 1.0) -> bool:
+    """Wait briefly until ``model`` has folded ``stream_id`` up to ``version`` (read-your-writes)."""
+    deadline = time.monotonic() + timeout_s
+    query = sql.SQL("SELECT version FROM {} WHERE stream_id = %s").format(table(f"{model}_tracking"))
+    while True:
+        row = conn.execute(query, [stream_id]).fetchone()
+        if row is not None and row[0] >= version:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+
+
+def list_jobs(conn: psycopg.Connection[Any], user_id: UUID, limit: int, cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    """Newest first, keyset-paginated by (created_at, id)."""
+    cols = ["id", "status", "preset", "rule_id", "total_items", "done_items", "failed_items",
+            "created_at", "finished_at"]
+    select = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
+    params: list[Any] = [user_id]
+    where = sql.SQL("user_id = %s")
+    if cursor:
+        created_at, job_id = decode_cursor(cursor)
+        where = sql.SQL("user_id = %s AND (created_at, id) < (%s, %s)")
+        params += [created_at, job_id]
+    query = sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY created_at DESC, id DESC LIMIT %s").format(
+        select, table("jobs_log"), where)
+    rows = [dict(zip(cols, r, strict=True)) for r in conn.execute(query, [*params, limit + 1]).fetchall()]
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"])
+    return rows, next_cursor
+
+
+def list_rules(conn: psycopg.Connection[Any], user_id: UUID) -> list[dict[str, Any]]:
+    cols = ["id", "name", "preset_id", "concepts_json", "protect_json"]
+    query = sql.SQL("SELECT {} FROM {} WHERE user_id = %s AND NOT deleted ORDER BY created_at, id").format(
+        sql.SQL(", ").join(sql.Identifier(c) for c in cols), table("rules"))
+    out = []
+    for r in conn.execute(query, [user_id]).fetchall():
+        row = dict(zip(cols, r, strict=True))
+        out.append({"id": row["id"], "name": row["name"], "preset_id": row["preset_id"],
+                    "concepts": json.loads(row["concepts_json"]), "protect": json.loads(row["protect_json"])})
+    return out

@@ -1,0 +1,288 @@
+"""Read models in PostgreSQL (schema ``palette_read``): DDL, batch apply with per-stream tracking,
+dead letters. The fold is pure (read_models); this module only loads and writes rows."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+
+from adapters.envelope import EventEnvelope, encode
+from projections.read_models import (
+    LEDGER_COLUMNS, LEDGER_DDL, LEDGER_INDEXES, READ_MODELS, Key, ReadModel, Row, Rows,
+)
+
+SCHEMA = "palette_read"
+
+
+def ident(*parts: str) -> sql.Composable:
+    return sql.Identifier(*parts)
+
+
+def table(name: str) -> sql.Composable:
+    return sql.Identifier(SCHEMA, name)
+
+
+def lock_id(model: ReadModel) -> int:
+    """Advisory lock key shared by the live projector (shared) and a rebuild (exclusive)."""
+    return zlib.crc32(f"palette-read:{model.name}".encode())
+
+
+def tracking_table(model: ReadModel, suffix: str = "") -> str:
+    return f"{model.name}_tracking{suffix}"
+
+
+def create_model_tables(conn: psycopg.Connection[Any], model: ReadModel, suffix: str = "") -> None:
+    cols = sql.SQL(", ").join(
+        sql.SQL("{} {}").format(ident(c.name), sql.SQL(c.sql_type)) for c in model.columns
+    )
+    pk = sql.SQL(", ").join(ident(k) for k in model.key)
+    keyed = model.keyed_table + suffix
+    conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(table(keyed), cols, pk))
+    for index in model.indexes:
+        conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
+            ident(f"{keyed}_{zlib.crc32(index.encode()):x}"), table(keyed), sql.SQL(index)))
+    conn.execute(sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} (stream_id uuid PRIMARY KEY, version integer NOT NULL)"
+    ).format(table(tracking_table(model, suffix))))
+    if model.append_table:
+        append = model.append_table + suffix
+        conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(table(append), sql.SQL(LEDGER_DDL)))
+        for index in LEDGER_INDEXES:
+            conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
+                ident(f"{append}_{zlib.crc32(index.encode()):x}"), table(append), sql.SQL(index)))
+
+
+def ensure_schema(conn: psycopg.Connection[Any]) -> None:
+    """Create the read-model schema once (idempotent, safe under concurrent starters)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (zlib.crc32(b"palette-read-ddl"),))
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(SCHEMA)))
+        for model in READ_MODELS.values():
+            create_model_tables(conn, model)
+        conn.execute(sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (model text PRIMARY KEY, position bigint NOT NULL, "
+            "updated_at timestamptz NOT NULL DEFAULT now())").format(table("positions")))
+        conn.execute(sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (id bigserial PRIMARY KEY, model text NOT NULL, "
+            "stream_id uuid NOT NULL, version integer NOT NULL, position bigint NOT NULL, "
+            "envelope jsonb NOT NULL, error text NOT NULL, status text NOT NULL, "
+            "parked_at timestamptz NOT NULL DEFAULT now(), UNIQUE (model, stream_id, version))"
+        ).format(table("dead_letters")))
+
+
+@dataclass
+class BatchResult:
+    applied: int = 0
+    skipped: int = 0  # duplicates and stale redeliveries
+    parked: int = 0
+    max_position: int = 0
+    per_model: dict[str, int] = field(default_factory=dict)
+
+
+def _load_rows(conn: psycopg.Connection[Any], model: ReadModel, tbl: str, keys: set[Key]) -> Rows:
+    rows: Rows = {}
+    if not keys:
+        return rows
+    names = model.column_names
+    select = sql.SQL(", ").join(ident(c) for c in names)
+    if len(model.key) == 1:
+        query = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(select, table(tbl), ident(model.key[0]))
+        params: list[Any] = [[k[0] for k in keys]]
+    else:
+        types = {c.name: c.sql_type for c in model.columns}
+        tuple_cols = sql.SQL(", ").join(ident(k) for k in model.key)
+        unnest = sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(types[k])) for k in model.key)
+        query = sql.SQL("SELECT {} FROM {} WHERE ({}) IN (SELECT * FROM unnest({}))").format(
+            select, table(tbl), tuple_cols, unnest)
+        params = [[k[i] for k in keys] for i in range(len(model.key))]
+    for rec in conn.execute(query, params).fetchall():
+        row = dict(zip(names, rec, strict=True))
+        rows[tuple(row[k] for k in model.key)] = row
+    return rows
+
+
+def write_rows(conn: psycopg.Connection[Any], model: ReadModel, tbl: str, rows: Rows, keys: Iterable[Key]) -> None:
+    names = model.column_names
+    upserts = [rows[k] for k in keys if rows.get(k) is not None]
+    deletes = [k for k in keys if k in rows and rows[k] is None]
+    if upserts:
+        non_key = [c for c in names if c not in model.key]
+        stmt = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}").format(
+            table(tbl), sql.SQL(", ").join(ident(c) for c in names),
+            sql.SQL(", ").join(sql.Placeholder() for _ in names),
+            sql.SQL(", ").join(ident(k) for k in model.key),
+            sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(ident(c)) for c in non_key),
+        )
+        with conn.cursor() as cur:
+            cur.executemany(stmt, [[r[c] for c in names] for r in upserts])  # type: ignore[index]
+    if deletes:
+        where = sql.SQL(" AND ").join(sql.SQL("{} = %s").format(ident(k)) for k in model.key)
+        with conn.cursor() as cur:
+            cur.executemany(sql.SQL("DELETE FROM {} WHERE {}").format(table(tbl), where), [list(k) for k in deletes])
+
+
+def insert_ledger(conn: psycopg.Connection[Any], tbl: str, rows: Sequence[Row]) -> None:
+    if not rows:
+        return
+    stmt = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+        table(tbl), sql.SQL(", ").join(ident(c) for c in LEDGER_COLUMNS),
+        sql.SQL(", ").join(sql.Placeholder() for _ in LEDGER_COLUMNS))
+    with conn.cursor() as cur:
+        cur.executemany(stmt, [[r[c] for c in LEDGER_COLUMNS] for r in rows])
+
+
+def _tracked(conn: psycopg.Connection[Any], model: ReadModel, streams: set[UUID], suffix: str = "") -> dict[UUID, int]:
+    if not streams:
+        return {}
+    rows = conn.execute(sql.SQL(
+        "SELECT stream_id, version FROM {} WHERE stream_id = ANY(%s) FOR UPDATE"
+    ).format(table(tracking_table(model, suffix))), [list(streams)]).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+def _blocked(conn: psycopg.Connection[Any], model: ReadModel, streams: set[UUID]) -> set[UUID]:
+    rows = conn.execute(sql.SQL(
+        "SELECT DISTINCT stream_id FROM {} WHERE model = %s AND status IN ('parked', 'held') "
+        "AND stream_id = ANY(%s)").format(table("dead_letters")), [model.name, list(streams)]).fetchall()
+    return {r[0] for r in rows}
+
+
+def _park(conn: psycopg.Connection[Any], model: ReadModel, env: EventEnvelope, error: str, status: str) -> None:
+    conn.execute(sql.SQL(
+        "INSERT INTO {} (model, stream_id, version, position, envelope, error, status) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (model, stream_id, version) DO NOTHING"
+    ).format(table("dead_letters")),
+        [model.name, env.stream_id, env.version, env.id, encode(env).decode(), error[:2000], status])
+
+
+def apply_model(
+    conn: psycopg.Connection[Any], model: ReadModel, envelopes: Sequence[EventEnvelope],
+    result: BatchResult, suffix: str = "", park: bool = True,
+) -> None:
+    """Fold a batch into one model: skip what the stream tracking has seen, park what fails."""
+    relevant = [e for e in envelopes if model.keys_for(e) or _tracks_stream(model, e)]
+    if not relevant:
+        return
+    streams = {e.stream_id for e in relevant}
+    tracked = _tracked(conn, model, streams, suffix)
+    blocked = _blocked(conn, model, streams) if park else set()
+    todo: list[EventEnvelope] = []
+    for e in relevant:
+        if e.version <= tracked.get(e.stream_id, 0):
+            result.skipped += 1
+            continue
+        if e.stream_id in blocked:
+            _park(conn, model, e, "held behind an earlier parked event of this stream", "held")
+            result.parked += 1
+            continue
+        todo.append(e)
+        tracked[e.stream_id] = e.version
+    keys = {k for e in todo for k in model.keys_for(e)}
+    rows = _load_rows(conn, model, model.keyed_table + suffix, keys)
+    appended: list[Row] = []
+    changed_tracking: dict[UUID, int] = {}
+    for e in todo:
+        if e.stream_id in blocked:
+            _park(conn, model, e, "held behind an earlier parked event of this stream", "held")
+            result.parked += 1
+            continue
+        try:
+            # evolve raises before it changes ``rows`` (each fold builds the new row, then assigns)
+            appended_now = model.evolve(rows, e)
+        except Exception as exc:  # noqa: BLE001 - a poison event is parked, not fatal
+            if not park:
+                raise
+            _park(conn, model, e, f"{type(exc).__name__}: {exc}", "parked")
+            blocked.add(e.stream_id)
+            result.parked += 1
+            continue
+        appended.extend(appended_now)
+        changed_tracking[e.stream_id] = e.version
+        result.applied += 1
+        result.max_position = max(result.max_position, e.id)
+    write_rows(conn, model, model.keyed_table + suffix, rows, keys)
+    if model.append_table:
+        insert_ledger(conn, model.append_table + suffix, appended)
+    if changed_tracking:
+        with conn.cursor() as cur:
+            cur.executemany(sql.SQL(
+                "INSERT INTO {} (stream_id, version) VALUES (%s, %s) "
+                "ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version"
+            ).format(table(tracking_table(model, suffix))), list(changed_tracking.items()))
+    result.per_model[model.name] = result.per_model.get(model.name, 0) + len(changed_tracking)
+
+
+def _tracks_stream(model: ReadModel, env: EventEnvelope) -> bool:
+    # Every event of a stream the model folds advances its tracking, even ones it ignores,
+    # so "seen" is exact per stream version.
+    stream_of = {"users": "User", "billing_events": "User", "rules": "Rule",
+                 "jobs_log": "Job", "job_items_log": "Job"}
+    return stream_of.get(model.name) == env.stream_type
+
+
+def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope],
+                models: Iterable[ReadModel] | None = None) -> BatchResult:
+    """Fold a batch into every read model in ONE transaction, tracking included."""
+    result = BatchResult()
+    with conn.transaction():
+        for model in models or READ_MODELS.values():
+            conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (lock_id(model),))
+            apply_model(conn, model, envelopes, result)
+            if envelopes:
+                conn.execute(sql.SQL(
+                    "INSERT INTO {} (model, position, updated_at) VALUES (%s, %s, now()) "
+                    "ON CONFLICT (model) DO UPDATE SET position = GREATEST({}.position, EXCLUDED.position), "
+                    "updated_at = now()").format(table("positions"), table("positions")),
+                    [model.name, max(e.id for e in envelopes)])
+    return result
+
+
+def dead_letters(conn: psycopg.Connection[Any], status: Sequence[str] = ("parked", "held")) -> list[dict[str, Any]]:
+    rows = conn.execute(sql.SQL(
+        "SELECT id, model, stream_id, version, position, error, status, parked_at FROM {} "
+        "WHERE status = ANY(%s) ORDER BY model, stream_id, version").format(table("dead_letters")),
+        [list(status)]).fetchall()
+    keys = ("id", "model", "stream_id", "version", "position", "error", "status", "parked_at")
+    return [dict(zip(keys, r, strict=True)) for r in rows]
+
+
+def resolve_dead_letter(conn: psycopg.Connection[Any], letter_id: int, action: str) -> BatchResult:
+    """``retry`` re-applies the parked event and those held behind it; ``skip`` marks it skipped
+    (advancing the stream's tracking past it) and then applies the held ones."""
+    from adapters.envelope import decode
+
+    with conn.transaction():
+        row = conn.execute(sql.SQL("SELECT model, stream_id, version FROM {} WHERE id = %s AND status = 'parked'")
+                           .format(table("dead_letters")), [letter_id]).fetchone()
+        if row is None:
+            raise LookupError(f"no parked event with id {letter_id}")
+        model_name, stream_id, version = row
+        model = READ_MODELS[model_name]
+        letters = conn.execute(sql.SQL(
+            "SELECT id, version, envelope FROM {} WHERE model = %s AND stream_id = %s "
+            "AND status IN ('parked', 'held') ORDER BY version").format(table("dead_letters")),
+            [model_name, stream_id]).fetchall()
+        envelopes = [decode(json.dumps(env).encode()) for _, _, env in letters]
+        if action not in ("retry", "skip"):
+            raise ValueError("action must be retry or skip")
+        if action == "skip":
+            conn.execute(sql.SQL(
+                "INSERT INTO {} (stream_id, version) VALUES (%s, %s) ON CONFLICT (stream_id) "
+                "DO UPDATE SET version = GREATEST({}.version, EXCLUDED.version)"
+            ).format(table(tracking_table(model)), table(tracking_table(model))), [stream_id, version])
+            conn.execute(sql.SQL("UPDATE {} SET status = 'skipped' WHERE id = %s")
+                         .format(table("dead_letters")), [letter_id])
+            envelopes = [e for e in envelopes if e.version != version]
+        # The rest leave the table and go through the fold again; a failure parks them anew.
+        conn.execute(sql.SQL("DELETE FROM {} WHERE model = %s AND stream_id = %s AND status IN ('parked', 'held')")
+                     .format(table("dead_letters")), [model_name, stream_id])
+        result = BatchResult()
+        apply_model(conn, model, envelopes, result)
+    return result
