@@ -39,24 +39,30 @@ def tracking_table(model: ReadModel, suffix: str = "") -> str:
 
 
 def create_model_tables(conn: psycopg.Connection[Any], model: ReadModel, suffix: str = "") -> None:
+    """Create a model's keyed, tracking and append tables (with their indexes) where missing.
+    Indexes are unnamed, so PostgreSQL picks unique names and rebuild swaps never collide."""
     cols = sql.SQL(", ").join(
         sql.SQL("{} {}").format(ident(c.name), sql.SQL(c.sql_type)) for c in model.columns
     )
     pk = sql.SQL(", ").join(ident(k) for k in model.key)
     keyed = model.keyed_table + suffix
-    conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(table(keyed), cols, pk))
-    for index in model.indexes:
-        conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
-            ident(f"{keyed}_{zlib.crc32(index.encode()):x}"), table(keyed), sql.SQL(index)))
+    if not _exists(conn, keyed):
+        conn.execute(sql.SQL("CREATE TABLE {} ({}, PRIMARY KEY ({}))").format(table(keyed), cols, pk))
+        for index in model.indexes:
+            conn.execute(sql.SQL("CREATE INDEX ON {} ({})").format(table(keyed), sql.SQL(index)))
     conn.execute(sql.SQL(
         "CREATE TABLE IF NOT EXISTS {} (stream_id uuid PRIMARY KEY, version integer NOT NULL)"
     ).format(table(tracking_table(model, suffix))))
-    if model.append_table:
+    if model.append_table and not _exists(conn, model.append_table + suffix):
         append = model.append_table + suffix
-        conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(table(append), sql.SQL(LEDGER_DDL)))
+        conn.execute(sql.SQL("CREATE TABLE {} ({})").format(table(append), sql.SQL(LEDGER_DDL)))
         for index in LEDGER_INDEXES:
-            conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
-                ident(f"{append}_{zlib.crc32(index.encode()):x}"), table(append), sql.SQL(index)))
+            conn.execute(sql.SQL("CREATE INDEX ON {} ({})").format(table(append), sql.SQL(index)))
+
+
+def _exists(conn: psycopg.Connection[Any], name: str) -> bool:
+    row = conn.execute("SELECT to_regclass(%s)", [f"{SCHEMA}.{name}"]).fetchone()
+    return row is not None and row[0] is not None
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:

@@ -1,0 +1,144 @@
+"""Rebuild a read model from the event store without downtime: fold the log in memory into a
+shadow table (COPY), catch up under the model's lock, then swap the tables atomically."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+
+from adapters.envelope import EventEnvelope, from_notification
+from projections.read_models import LEDGER_COLUMNS, READ_MODELS, ReadModel, Row, Rows
+from projections.store import (
+    BatchResult, _tracks_stream, apply_model, create_model_tables, ensure_schema, lock_id, table,
+    tracking_table,
+)
+
+SHADOW = "__shadow"
+REBUILD_LOCK = zlib.crc32(b"palette-read:rebuild")
+PAGE = 5000
+
+
+class RebuildBusy(RuntimeError):
+    """Another rebuild holds the lock: one rebuild at a time."""
+
+
+@dataclass
+class RebuildReport:
+    model: str
+    events: int
+    seconds: float
+    rows: int
+    ledger_rows: int
+    failed_streams: int
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+
+def iter_envelopes(recorder: Any, transcoder: Any, start: int, stop: int | None,
+                   topics: tuple[str, ...] = ()) -> Any:
+    """Envelopes of the notification log in commit order, read page by page via the recorder."""
+    position = start
+    while True:
+        page = recorder.select_notifications(start=position, limit=PAGE, stop=stop, topics=topics)
+        if not page:
+            return
+        for n in page:
+            yield from_notification(n, transcoder)
+        position = page[-1].id + 1
+
+
+def fold_log(model: ReadModel, envelopes: Any) -> tuple[Rows, list[Row], dict[UUID, int], int, set[UUID]]:
+    """The pure fold of a whole log: rows, ledger rows, stream tracking, events seen, failed streams."""
+    rows: Rows = {}
+    appended: list[Row] = []
+    tracking: dict[UUID, int] = {}
+    failed: set[UUID] = set()
+    count = 0
+    for env in envelopes:
+        count += 1
+        if env.stream_id in failed or not (_tracks_stream(model, env) or model.keys_for(env)):
+            continue
+        try:
+            appended.extend(model.evolve(rows, env))
+        except Exception:  # noqa: BLE001 - the stream stays parked, as in the live projector
+            failed.add(env.stream_id)
+            continue
+        tracking[env.stream_id] = env.version
+    return rows, appended, tracking, count, failed
+
+
+def _copy(conn: psycopg.Connection[Any], tbl: str, columns: list[str] | tuple[str, ...], rows: Any) -> None:
+    stmt = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        table(tbl), sql.SQL(", ").join(sql.Identifier(c) for c in columns))
+    with conn.cursor() as cur, cur.copy(stmt) as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def _drop_shadow(conn: psycopg.Connection[Any], model: ReadModel) -> None:
+    for name in _tables(model):
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table(name + SHADOW)))
+
+
+def _tables(model: ReadModel) -> list[str]:
+    names = [model.keyed_table, tracking_table(model)]
+    if model.append_table:
+        names.append(model.append_table)
+    return names
+
+
+def rebuild(database_url: str, recorder: Any, transcoder: Any, name: str,
+            progress: Callable[[int], None] | None = None) -> RebuildReport:
+    if name not in READ_MODELS:
+        raise KeyError(f"unknown read model {name!r}; choose one of {sorted(READ_MODELS)}")
+    model = READ_MODELS[name]
+    t0 = time.perf_counter()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        ensure_schema(conn)
+        got = conn.execute("SELECT pg_try_advisory_lock(%s)", [REBUILD_LOCK]).fetchone()
+        if not got or not got[0]:
+            raise RebuildBusy("another rebuild is running; one rebuild at a time")
+        try:
+            _drop_shadow(conn, model)
+            create_model_tables(conn, model, SHADOW)
+            upto = recorder.max_notification_id() or 0
+
+            def counted() -> Any:
+                for n, env in enumerate(iter_envelopes(recorder, transcoder, 1, upto), 1):
+                    if progress and n % 50_000 == 0:
+                        progress(n)
+                    yield env
+
+            rows, appended, tracking, events, failed = fold_log(model, counted())
+            names = model.column_names
+            _copy(conn, model.keyed_table + SHADOW, names,
+                  ([r[c] for c in names] for r in rows.values() if r is not None))
+            if model.append_table:
+                _copy(conn, model.append_table + SHADOW, LEDGER_COLUMNS,
+                      ([r[c] for c in LEDGER_COLUMNS] for r in appended))
+            _copy(conn, tracking_table(model, SHADOW), ("stream_id", "version"), tracking.items())
+            with conn.transaction():
+                # Exclusive: the live projector's batches (shared holders) pause for the swap.
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", [lock_id(model)])
+                tail: list[EventEnvelope] = list(iter_envelopes(recorder, transcoder, upto + 1, None))
+                apply_model(conn, model, tail, BatchResult(), suffix=SHADOW, park=False)
+                events += len(tail)
+                for tbl in _tables(model):
+                    conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                        table(tbl), sql.Identifier(tbl + "__old")))
+                    conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                        table(tbl + SHADOW), sql.Identifier(tbl)))
+                    conn.execute(sql.SQL("DROP TABLE {}").format(table(tbl + "__old")))
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", [REBUILD_LOCK])
+    return RebuildReport(name, events, time.perf_counter() - t0,
+                         sum(1 for r in rows.values() if r is not None), len(appended), len(failed))
