@@ -178,15 +178,14 @@ def _projection_status(app: object, url: str) -> str:
     lines = [f"event store head: {head}", f"relay position:   {relay[0] if relay else 0}",
              f"{'model':<16}{'position':>10}{'lag events':>12}{'lag s':>9}"]
     now = datetime.now(UTC)
-    for name in READ_MODELS:
-        pos = int(positions.get(name, 0))
-        lag_s = 0.0
-        if pos < head:
-            nxt = app.recorder.select_notifications(start=pos + 1, limit=1)  # type: ignore[attr-defined]
-            if nxt:
-                env = from_notification(nxt[0], app.mapper.transcoder)  # type: ignore[attr-defined]
-                lag_s = (now - env.timestamp).total_seconds()
-        lines.append(f"{name:<16}{pos:>10}{head - pos:>12}{lag_s:>9.2f}")
+    with psycopg.connect(url, autocommit=True) as conn:
+        for name, model in READ_MODELS.items():
+            lag, oldest = store.unapplied(conn, model, app.recorder.events_table_name)  # type: ignore[attr-defined]
+            lag_s = 0.0
+            if oldest is not None:
+                nxt = app.recorder.select_notifications(start=oldest, limit=1)  # type: ignore[attr-defined]
+                lag_s = (now - from_notification(nxt[0], app.mapper.transcoder).timestamp).total_seconds()  # type: ignore[attr-defined]
+            lines.append(f"{name:<16}{int(positions.get(name, 0)):>10}{lag:>12}{lag_s:>9.2f}")
     lines.append(f"dead letters (parked or held): {parked[0] if parked else 0}")
     return "\n".join(lines)
 

@@ -36,6 +36,7 @@ class ReadModel:
     """A keyed table folded from events; ``evolve`` returns insert-only rows (the ledger)."""
 
     name: str
+    stream_type: str  # the aggregate whose streams this model folds (and tracks)
     columns: tuple[Column, ...]
     key: tuple[str, ...]
     keys_for: Callable[[EventEnvelope], list[Key]]
@@ -92,7 +93,7 @@ def _users_evolve(rows: Rows, env: EventEnvelope) -> list[Row]:
 
 
 USERS = ReadModel(
-    "users",
+    "users", "User",
     (Column("id", "uuid"), Column("plan", "text"), Column("credits", "integer"),
      Column("reserved", "integer"), Column("spent", "integer"), Column("granted", "integer"),
      Column("device_hash", "text"), Column("created_at", "timestamptz"),
@@ -130,7 +131,7 @@ def _rules_evolve(rows: Rows, env: EventEnvelope) -> list[Row]:
 
 
 RULES = ReadModel(
-    "rules",
+    "rules", "Rule",
     (Column("id", "uuid"), Column("user_id", "uuid"), Column("name", "text"),
      Column("preset_id", "text"), Column("concepts_json", "text"), Column("protect_json", "text"),
      Column("deleted", "boolean"), Column("created_at", "timestamptz"),
@@ -177,7 +178,7 @@ def _jobs_evolve(rows: Rows, env: EventEnvelope) -> list[Row]:
 
 
 JOBS_LOG = ReadModel(
-    "jobs_log",
+    "jobs_log", "Job",
     (Column("id", "uuid"), Column("user_id", "uuid"), Column("status", "text"),
      Column("preset", "text"), Column("rule_id", "uuid"), Column("cost_estimate", "integer"),
      Column("total_items", "integer"), Column("done_items", "integer"),
@@ -219,7 +220,7 @@ def _items_evolve(rows: Rows, env: EventEnvelope) -> list[Row]:
 
 
 JOB_ITEMS_LOG = ReadModel(
-    "job_items_log",
+    "job_items_log", "Job",
     (Column("job_id", "uuid"), Column("idx", "integer"), Column("status", "text"),
      Column("input_key", "text"), Column("output_key", "text"), Column("preview_key", "text"),
      Column("error", "text"), Column("updated_at", "timestamptz")),
@@ -286,7 +287,7 @@ def _billing_evolve(heads: Rows, env: EventEnvelope) -> list[Row]:
 
 
 BILLING = ReadModel(
-    "billing_events",
+    "billing_events", "User",
     # The keyed table of this model is the per-user chain head; the ledger rows are appended.
     (Column("user_id", "uuid"), Column("seq", "integer"), Column("last_hash", "text")),
     ("user_id",), _billing_keys, _billing_evolve,

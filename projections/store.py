@@ -228,9 +228,21 @@ def apply_model(
 def _tracks_stream(model: ReadModel, env: EventEnvelope) -> bool:
     # Every event of a stream the model folds advances its tracking, even ones it ignores,
     # so "seen" is exact per stream version.
-    stream_of = {"users": "User", "billing_events": "User", "rules": "Rule",
-                 "jobs_log": "Job", "job_items_log": "Job"}
-    return stream_of.get(model.name) == env.stream_type
+    return model.stream_type == env.stream_type
+
+
+TOPIC_PREFIX = {"User": "domain.user:User.", "Job": "domain.job:Job.", "Rule": "domain.rule:Rule."}
+
+
+def unapplied(conn: psycopg.Connection[Any], model: ReadModel, events_table: str) -> tuple[int, int | None]:
+    """Exact lag: how many stored events the model has not folded yet, and the oldest one's position."""
+    row = conn.execute(sql.SQL(
+        "SELECT count(*), min(e.notification_id) FROM {} e LEFT JOIN {} t ON t.stream_id = e.originator_id "
+        "WHERE e.topic LIKE %s AND e.originator_version > coalesce(t.version, 0)"
+    ).format(sql.Identifier(events_table), table(tracking_table(model))),
+        [TOPIC_PREFIX[model.stream_type] + "%"]).fetchone()
+    assert row is not None
+    return int(row[0]), row[1]
 
 
 def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope],

@@ -46,3 +46,15 @@ def stack() -> Iterator[EmbeddedStack]:
 @pytest.fixture(scope="session")
 def settings(stack: EmbeddedStack) -> Settings:
     return stack.settings
+
+
+APP_PROCESSES = ("api", "relay", "projector", "dispatcher")
+
+
+@pytest.fixture(scope="session")
+def apps(stack: EmbeddedStack) -> EmbeddedStack:
+    """The application processes running on the session's stack (started once, as `palette up` does)."""
+    missing = tuple(n for n in APP_PROCESSES if stack.supervisor.pid(n) is None)
+    if missing:
+        stack.start_apps(missing)
+    return stack

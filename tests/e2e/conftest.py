@@ -13,11 +13,8 @@ from infra.stack import EmbeddedStack
 
 
 @pytest.fixture(scope="session")
-def api_url(stack: EmbeddedStack) -> Iterator[str]:
-    missing = tuple(n for n in ("api", "relay", "projector", "dispatcher") if stack.supervisor.pid(n) is None)
-    if missing:
-        stack.start_apps(missing)
-    yield f"http://{stack.settings.api_host}:{stack.settings.api_port}"
+def api_url(apps: EmbeddedStack) -> Iterator[str]:
+    yield f"http://{apps.settings.api_host}:{apps.settings.api_port}"
 
 
 @pytest.fixture

@@ -56,9 +56,8 @@ def test_broker_restart_keeps_published_messages(stack):
     assert got == sent
 
 
-def test_a_killed_application_process_is_restarted(stack):
-    if stack.supervisor.pid("api") is None:
-        stack.start_apps(("api",))
+def test_a_killed_application_process_is_restarted(apps):
+    stack = apps
     before = stack.supervisor.pid("api")
     stack.kill("api")
 

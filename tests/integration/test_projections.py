@@ -1,0 +1,209 @@
+"""Projections on the real stack: redelivery is harmless, crashes lose nothing, a poison event
+holds back only its own stream, and a rebuild equals the live model."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from adapters.bootstrap import event_store_env
+from adapters.envelope import EventEnvelope
+from adapters.settings import Settings
+from adapters.system import RandomIds, SystemClock
+from application.services import PaletteApplication, PaletteService
+from application.unit_of_work import GroupCommitter
+from domain.errors import DomainError
+from projections.read_models import LEDGER_COLUMNS, READ_MODELS
+from projections.rebuild import fold_log, iter_envelopes, rebuild
+from projections.store import apply_batch, dead_letters, resolve_dead_letter, unapplied
+
+from .test_stack import wait_until
+
+EDITS = {"floor": {"action": "texture", "value": "wood"}}
+
+
+@pytest.fixture(scope="module")
+def service(settings: Settings) -> Iterator[PaletteService]:
+    app = PaletteApplication(env=event_store_env(settings))
+    committer = GroupCommitter(app).start()
+    yield PaletteService(app, committer, SystemClock(), RandomIds())
+    committer.stop()
+    app.close()
+
+
+@pytest.fixture
+def conn(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as c:
+        yield c
+
+
+def workload(svc: PaletteService, users: int, rng: random.Random) -> None:
+    """Users with jobs that finish, fail, get canceled or stay open; rules made and deleted."""
+    for _ in range(users):
+        user_id = svc.register(f"proj-{uuid.uuid4()}", plan="pro").value[0]
+        rule_id = svc.create_rule(user_id, "r", "interior", EDITS).value
+        for _ in range(rng.randint(1, 3)):
+            items = rng.randint(1, 4)
+            try:
+                job_id = svc.create_job(user_id, "interior", items).value
+            except DomainError:
+                continue
+            svc.confirm_upload(user_id, job_id)
+            svc.execute_job(user_id, job_id, {}, None, rule_id)
+            for idx in range(items):
+                if rng.random() < 0.15:
+                    svc.cancel_job(user_id, job_id)
+                    break
+                status = "done" if rng.random() < 0.8 else "failed"
+                svc.record_item_result(job_id, idx, status, f"{job_id}:{idx}")
+                if rng.random() < 0.2:  # a redelivered callback
+                    svc.record_item_result(job_id, idx, status, f"{job_id}:{idx}")
+        if rng.random() < 0.3:
+            svc.delete_rule(user_id, rule_id)
+
+
+def _norm(value: Any) -> Any:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    return value
+
+
+def table_contents(conn: psycopg.Connection[Any], name: str, columns: list[str] | tuple[str, ...]) -> set[tuple[Any, ...]]:
+    query = sql.SQL("SELECT {} FROM {}").format(
+        sql.SQL(", ").join(sql.Identifier(c) for c in columns), sql.Identifier("palette_read", name))
+    return {tuple(_norm(v) for v in row) for row in conn.execute(query).fetchall()}
+
+
+def folded_contents(svc: PaletteService, name: str) -> tuple[set[tuple[Any, ...]], set[tuple[Any, ...]]]:
+    model = READ_MODELS[name]
+    rows, appended, _, _, failed = fold_log(model, iter_envelopes(svc.app.recorder, svc.app.mapper.transcoder, 1, None))
+    assert not failed
+    names = model.column_names
+    keyed = {tuple(_norm(r[c]) for c in names) for r in rows.values() if r is not None}
+    ledger = {tuple(_norm(r[c]) for c in LEDGER_COLUMNS) for r in appended}
+    return keyed, ledger
+
+
+def drained(svc: PaletteService, conn: psycopg.Connection[Any]) -> bool:
+    table = svc.app.recorder.events_table_name
+    return all(unapplied(conn, m, table)[0] == 0 for m in READ_MODELS.values())
+
+
+def assert_models_equal_fold(svc: PaletteService, conn: psycopg.Connection[Any]) -> None:
+    for name, model in READ_MODELS.items():
+        keyed, ledger = folded_contents(svc, name)
+        assert table_contents(conn, model.keyed_table, model.column_names) == keyed, name
+        if model.append_table:
+            assert table_contents(conn, model.append_table, LEDGER_COLUMNS) == ledger
+
+
+def test_crashes_and_broker_restart_lose_nothing_and_duplicate_nothing(apps, service, conn):
+    rng = random.Random(7)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            while not stop.is_set():
+                workload(service, 2, rng)
+        except BaseException as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    chaos = random.Random(11)
+    for kill in range(6):
+        apps.kill(chaos.choice(["relay", "projector"]))
+        if kill == 2:
+            apps.kill("broker")
+            apps.supervisor.restart("broker")
+        deadline = time.monotonic() + chaos.uniform(0.3, 1.0)
+        while time.monotonic() < deadline:
+            apps.supervisor.check()
+            time.sleep(0.05)
+    stop.set()
+    loader.join()
+    assert not errors, errors
+
+    def settle() -> bool:
+        apps.supervisor.check()
+        return drained(service, conn)
+
+    wait_until(settle, timeout_s=180, what="projections to drain after the crashes")
+    assert_models_equal_fold(service, conn)
+
+
+def test_every_event_delivered_twice_changes_no_read_model(apps, service, conn):
+    workload(service, 3, random.Random(3))
+    wait_until(lambda: drained(service, conn), timeout_s=60, what="projections to drain")
+    before = {m.name: table_contents(conn, m.keyed_table, m.column_names) for m in READ_MODELS.values()}
+    ledger_before = table_contents(conn, "billing_events", LEDGER_COLUMNS)
+    envelopes = list(iter_envelopes(service.app.recorder, service.app.mapper.transcoder, 1, None))
+    result = apply_batch(conn, envelopes + envelopes[-50:])
+    assert result.applied == 0 and result.parked == 0
+    after = {m.name: table_contents(conn, m.keyed_table, m.column_names) for m in READ_MODELS.values()}
+    assert after == before
+    assert table_contents(conn, "billing_events", LEDGER_COLUMNS) == ledger_before
+
+
+def test_rebuild_equals_the_live_model(apps, service, conn, settings):
+    workload(service, 3, random.Random(5))
+    wait_until(lambda: drained(service, conn), timeout_s=60, what="projections to drain")
+    for name, model in READ_MODELS.items():
+        live = table_contents(conn, model.keyed_table, model.column_names)
+        report = rebuild(settings.effective_database_url, service.app.recorder, service.app.mapper.transcoder, name)
+        assert report.events >= len(live)
+        assert table_contents(conn, model.keyed_table, model.column_names) == live
+    assert_models_equal_fold(service, conn)
+
+
+def _env(stream: uuid.UUID, version: int, kind: str, data: dict[str, Any], position: int) -> EventEnvelope:
+    return EventEnvelope(id=position, stream_id=stream, stream_type="Job", version=version, type=kind,
+                         timestamp=datetime.now(UTC), data=data)
+
+
+def test_a_poison_event_holds_back_only_its_own_stream(apps, conn):
+    poisoned, healthy = uuid.uuid4(), uuid.uuid4()
+    base = 10**12 + random.randrange(10**9)
+    created = {"user_id": str(uuid.uuid4()), "preset": "interior", "item_count": 1}
+    batch = [
+        _env(poisoned, 1, "JobCreated", {"user_id": created["user_id"], "item_count": 1}, base),  # no preset
+        _env(healthy, 1, "JobCreated", created, base + 1),
+        _env(poisoned, 2, "UploadConfirmed", {}, base + 2),
+        _env(healthy, 2, "UploadConfirmed", {}, base + 3),
+    ]
+    result = apply_batch(conn, batch)
+    status = conn.execute("SELECT status FROM palette_read.jobs_log WHERE id = %s", [healthy]).fetchone()
+    assert status == ("uploaded",)
+    assert conn.execute("SELECT 1 FROM palette_read.jobs_log WHERE id = %s", [poisoned]).fetchone() is None
+    letters = [d for d in dead_letters(conn) if d["stream_id"] == poisoned and d["model"] == "jobs_log"]
+    assert [(d["version"], d["status"]) for d in letters] == [(1, "parked"), (2, "held")]
+    assert "KeyError" in letters[0]["error"] and result.parked >= 2
+
+    later = _env(poisoned, 3, "JobCanceled", {"reason": "x"}, base + 4)
+    apply_batch(conn, [later])
+    assert [d["version"] for d in dead_letters(conn) if d["stream_id"] == poisoned and d["model"] == "jobs_log"] == [1, 2, 3]
+
+    resolve_dead_letter(conn, letters[0]["id"], "skip")
+    remaining = [(d["version"], d["status"]) for d in dead_letters(conn)
+                 if d["stream_id"] == poisoned and d["model"] == "jobs_log"]
+    # v2 has no row to update once v1 is skipped, so it is parked again and v3 waits behind it.
+    assert remaining == [(2, "parked"), (3, "held")]
+
+    # Leave the session's read models a fold of the real log again.
+    for tbl in ("jobs_log", "jobs_log_tracking", "job_items_log", "job_items_log_tracking"):
+        column = "job_id" if tbl == "job_items_log" else ("stream_id" if tbl.endswith("tracking") else "id")
+        conn.execute(sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(
+            sql.Identifier("palette_read", tbl), sql.Identifier(column)), [[poisoned, healthy]])
+    conn.execute("DELETE FROM palette_read.dead_letters WHERE stream_id = ANY(%s)", [[poisoned, healthy]])
