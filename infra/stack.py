@@ -268,7 +268,7 @@ class EmbeddedStack:
     def _api_ready(self) -> bool:
         url = f"http://{self.settings.api_host}:{self.settings.api_port}/health"
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - our own loopback URL
+            with urllib.request.urlopen(url, timeout=2) as resp:
                 return bool(resp.status == 200)
         except OSError:
             return False

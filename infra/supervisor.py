@@ -64,7 +64,7 @@ class _Running:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509
+            preexec_fn=_die_with_parent,
         )
         self.started_at = time.monotonic()
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()

@@ -16,7 +16,13 @@ from psycopg import sql
 from adapters.envelope import EventEnvelope, from_notification
 from projections.read_models import LEDGER_COLUMNS, READ_MODELS, ReadModel, Row, Rows
 from projections.store import (
-    BatchResult, _tracks_stream, apply_model, create_model_tables, ensure_schema, lock_id, table,
+    BatchResult,
+    _tracks_stream,
+    apply_model,
+    create_model_tables,
+    ensure_schema,
+    lock_id,
+    table,
     tracking_table,
 )
 

@@ -15,7 +15,14 @@ from psycopg import sql
 
 from adapters.envelope import EventEnvelope, encode
 from projections.read_models import (
-    LEDGER_COLUMNS, LEDGER_DDL, LEDGER_INDEXES, READ_MODELS, Key, ReadModel, Row, Rows,
+    LEDGER_COLUMNS,
+    LEDGER_DDL,
+    LEDGER_INDEXES,
+    READ_MODELS,
+    Key,
+    ReadModel,
+    Row,
+    Rows,
 )
 
 SCHEMA = "palette_read"
@@ -202,7 +209,7 @@ def apply_model(
         try:
             # evolve raises before it changes ``rows`` (each fold builds the new row, then assigns)
             appended_now = model.evolve(rows, e)
-        except Exception as exc:  # noqa: BLE001 - a poison event is parked, not fatal
+        except Exception as exc:
             if not park:
                 raise
             _park(conn, model, e, f"{type(exc).__name__}: {exc}", "parked")

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import uuid
-from datetime import UTC, datetime
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adapters.api.envelope import CODE_BY_STATUS, STATUS_BY_CODE, ApiError, fail, request_id_var
 from adapters.bootstrap import Container
 from adapters.tokens import TokenIssuer
 from domain.errors import DomainError
@@ -21,58 +19,6 @@ from domain.errors import DomainError
 log = logging.getLogger("palette.api")
 
 MAX_BODY_BYTES = 64 * 1024
-_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-
-# One table from error code to HTTP status; unknown codes are client errors (400).
-STATUS_BY_CODE = {
-    "VALIDATION_FAILED": 422,
-    "INPUTS_MISSING": 409,
-    "NOT_FOUND": 404,
-    "INVALID_STATE": 409,
-    "INSUFFICIENT_CREDITS": 402,
-    "CONCURRENCY_LIMIT": 409,
-    "RULE_SLOTS_FULL": 403,
-    "CONFLICT": 409,
-    "AUTH_REQUIRED": 401,
-    "AUTH_INVALID": 401,
-    "PAYLOAD_TOO_LARGE": 413,
-    "METHOD_NOT_ALLOWED": 405,
-    "INTERNAL": 500,
-}
-CODE_BY_STATUS = {401: "AUTH_REQUIRED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
-
-
-def meta() -> dict[str, str]:
-    return {"request_id": _request_id.get(), "timestamp": datetime.now(UTC).isoformat()}
-
-
-def ok(data: Any, status: int = 200) -> JSONResponse:
-    from fastapi.encoders import jsonable_encoder
-
-    return JSONResponse(
-        {"success": True, "data": jsonable_encoder(data), "error": None, "meta": meta()},
-        status_code=status,
-    )
-
-
-def fail(code: str, message: str, status: int | None = None, details: dict[str, Any] | None = None,
-         headers: dict[str, str] | None = None) -> JSONResponse:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if details:
-        error["details"] = details
-    return JSONResponse(
-        {"success": False, "data": None, "error": error, "meta": meta()},
-        status_code=status or STATUS_BY_CODE.get(code, 400), headers=headers,
-    )
-
-
-class ApiError(Exception):
-    """An edge-level refusal (auth, limits) with a stable code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class BodyLimit:
@@ -86,7 +32,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        token = _request_id.set(uuid.uuid4().hex[:16])
+        token = request_id_var.set(uuid.uuid4().hex[:16])
         try:
             headers = dict(scope.get("headers") or [])
             length = headers.get(b"content-length")
@@ -106,7 +52,7 @@ class BodyLimit:
 
             await self.app(scope, limited, send)
         finally:
-            _request_id.reset(token)
+            request_id_var.reset(token)
 
 
 def create_app(container: Container) -> FastAPI:
@@ -147,7 +93,7 @@ def create_app(container: Container) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error (request %s)", _request_id.get())
+        log.exception("unhandled error (request %s)", request_id_var.get())
         return fail("INTERNAL", "internal error", status=500)
 
     app.include_router(routes_users.router)
@@ -157,6 +103,10 @@ def create_app(container: Container) -> FastAPI:
 
 
 def create_asgi(container: Container) -> ASGIApp:
-    """The app wrapped in the body cap (what uvicorn serves)."""
+    """The app wrapped in the body cap and Idempotency-Key handling (what uvicorn serves)."""
+    from adapters.api.idempotency import IdempotencyKeys, ensure_schema
+
     app = create_app(container)
-    return BodyLimit(app, MAX_BODY_BYTES)
+    with container.read_pool.connection() as conn:
+        ensure_schema(conn)
+    return BodyLimit(IdempotencyKeys(app, container.read_pool, app.state.tokens, fail), MAX_BODY_BYTES)

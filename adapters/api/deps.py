@@ -8,7 +8,7 @@ from uuid import UUID
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from adapters.api.app import ApiError
+from adapters.api.envelope import ApiError
 from adapters.bootstrap import Container
 from adapters.tokens import TokenInvalid
 from application.services import PaletteService

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
-from adapters.api.app import ApiError, ok
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
+from adapters.api.envelope import ApiError, ok
 from adapters.api.schemas import (
-    CallbackCreate, CallbackPublic, Envelope, ItemPublic, JobCreate, JobCreatedPublic, JobExecute,
-    JobList, JobPublic, JobStatePublic, JobSummary, Progress, UploadSlot,
+    CallbackCreate,
+    CallbackPublic,
+    Envelope,
+    ItemPublic,
+    JobCreate,
+    JobCreatedPublic,
+    JobExecute,
+    JobList,
+    JobPublic,
+    JobStatePublic,
+    JobSummary,
+    Progress,
+    UploadSlot,
 )
 from adapters.bootstrap import Container
 from adapters.tokens import verify_callback
@@ -176,3 +190,46 @@ async def callback(
     r = committed.value
     return ok(CallbackPublic(outcome=r.outcome.value, idx=r.idx, item_status=r.item_status,
                              job_status=r.finished.value if r.finished else None))
+
+
+SSE_POLL_S = 0.2
+SSE_MAX_S = 600.0  # a client reconnects with Last-Event-ID after this
+
+
+@router.get("/jobs/{job_id}/events", tags=["jobs"], responses={
+    200: {"content": {"text/event-stream": {}}, "description": "the job's events as server-sent "
+          "events (`id` = stream version, `event` = type, `data` = JSON); ends when the job is terminal"},
+    **OWN})
+async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, request: Request,
+                     last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
+    """Live progress, resumable with Last-Event-ID (the last stream version seen)."""
+    await run_in_threadpool(service.get_job, user_id, job_id)  # 404 for another user's job
+    try:
+        after = max(0, int(last_event_id)) if last_event_id else 0
+    except ValueError:
+        raise ValidationFailed("Last-Event-ID must be a stream version (an integer)") from None
+    app = service.app
+
+    async def stream() -> AsyncIterator[bytes]:
+        version = after
+        deadline = time.monotonic() + SSE_MAX_S
+        while time.monotonic() < deadline and not await request.is_disconnected():
+            events = await run_in_threadpool(lambda: list(app.events.get(job_id, gt=version)))
+            for event in events:
+                version = event.originator_version
+                data = {k: _jsonable(v) for k, v in vars(event).items()
+                        if k not in ("originator_id", "originator_version", "originator_topic")}
+                name = type(event).__name__
+                yield f"id: {version}\nevent: {name}\ndata: {json.dumps(data)}\n\n".encode()
+                if name in ("JobFinished", "JobCanceled"):
+                    return
+            await asyncio.sleep(SSE_POLL_S)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+def _jsonable(value: Any) -> Any:
+    from fastapi.encoders import jsonable_encoder
+
+    return jsonable_encoder(value)

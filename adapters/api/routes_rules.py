@@ -8,8 +8,8 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from adapters.api.app import ok
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
+from adapters.api.envelope import ok
 from adapters.api.schemas import Envelope, RuleCreate, RuleList, RulePublic, RuleUpdate
 from domain.rule import Rule
 from projections.queries import list_rules as list_rules_query

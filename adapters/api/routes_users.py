@@ -9,10 +9,16 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from adapters.api.app import fail, ok
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
+from adapters.api.envelope import fail, ok
 from adapters.api.schemas import (
-    AnonCreate, Envelope, ErrorBody, HealthPublic, MePublic, PresetPublic, TokenPublic,
+    AnonCreate,
+    Envelope,
+    ErrorBody,
+    HealthPublic,
+    MePublic,
+    PresetPublic,
+    TokenPublic,
 )
 from adapters.bootstrap import Container
 from adapters.system import SystemClock

@@ -203,3 +203,39 @@ def test_job_list_shows_the_job_just_created_and_paginates(client):
     assert second["items"][0]["status"] == "canceled" and second["next_cursor"] is None
     bad = client.call("GET", "/jobs", params={"cursor": "garbage"})
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "VALIDATION_FAILED"
+
+
+def test_idempotency_key_replays_the_same_response_and_refuses_another_body(client):
+    headers = {"Idempotency-Key": f"create-{uuid.uuid4()}"}
+    body = {"preset": "interior", "item_count": 2}
+    first = client.call("POST", "/jobs", json=body, headers=headers)
+    again = client.call("POST", "/jobs", json=body, headers=headers)
+    assert first.status_code == again.status_code == 201
+    assert again.json()["data"]["job_id"] == first.json()["data"]["job_id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert client.data("GET", "/me")["credits"] == 48  # reserved once
+    other = client.call("POST", "/jobs", json={**body, "item_count": 3}, headers=headers)
+    assert other.status_code == 422 and other.json()["error"]["code"] == "VALIDATION_FAILED"
+
+
+def test_job_events_stream_as_sse_and_resume_from_last_event_id(client, http, settings):
+    job_id = create_uploaded_job(client, 1)
+    client.data("POST", f"/jobs/{job_id}/execute", json={"concepts": EDITS})
+    callback(http, settings.callback_secret, job_id,
+             {"idx": 0, "status": "failed", "error": "x", "idempotency_key": f"{job_id}:0"})
+
+    def events(last: str | None = None) -> list[tuple[str, str]]:
+        headers = {"Last-Event-ID": last} if last else {}
+        with client.http.stream("GET", f"/jobs/{job_id}/events", headers={**client.headers, **headers}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            text = "".join(r.iter_text())
+        out = []
+        for block in text.strip().split("\n\n"):
+            fields = dict(line.split(": ", 1) for line in block.splitlines())
+            out.append((fields["id"], fields["event"]))
+        return out
+
+    everything = events()
+    assert [name for _, name in everything] == ["JobCreated", "UploadConfirmed", "JobQueued", "JobStarted",
+                                                 "ItemCompleted", "JobFinished"]
+    assert events(everything[2][0]) == everything[3:]

@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from application.services import PaletteApplication, PaletteService
 from application.unit_of_work import DirectExecutor, GroupCommitter
 from domain.errors import DomainError
-from domain.job import Job, JobStatus
+from domain.job import Job
 from domain.user import User
 
 EDITS = {"wall": {"action": "recolor", "value": "#336699"}}

@@ -1,0 +1,139 @@
+"""``Idempotency-Key`` on POSTs (Stripe's rules): the same key and body get the same response;
+the same key with another body or path is a 422; a key still in flight is a 409."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from adapters.api.envelope import ApiError
+from adapters.tokens import TokenInvalid, TokenIssuer
+
+MAX_KEY = 255
+DDL = (
+    "CREATE SCHEMA IF NOT EXISTS palette_api",
+    "CREATE TABLE IF NOT EXISTS palette_api.idempotency (scope text NOT NULL, key text NOT NULL, "
+    "request_hash text NOT NULL, status integer, headers jsonb, body bytea, "
+    "created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (scope, key))",
+)
+
+
+def ensure_schema(conn: Any) -> None:
+    for statement in DDL:
+        conn.execute(statement)
+
+
+class IdempotencyKeys:
+    """Pure ASGI middleware; requests without the header pass straight through."""
+
+    def __init__(self, app: ASGIApp, pool: Any, tokens: TokenIssuer, fail: Any) -> None:
+        self.app = app
+        self.pool = pool
+        self.tokens = tokens
+        self.fail = fail
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        raw_key = headers.get(b"idempotency-key")
+        if raw_key is None:
+            await self.app(scope, receive, send)
+            return
+        key = raw_key.decode(errors="replace")
+        if not key or len(key) > MAX_KEY:
+            await self.fail("VALIDATION_FAILED", f"Idempotency-Key must be 1..{MAX_KEY} characters")(scope, receive, send)
+            return
+        body = b""
+        try:
+            while True:
+                message = await receive()
+                body += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+        except ApiError as e:  # the body cap tripped while buffering
+            await self.fail(e.code, e.message)(scope, receive, send)
+            return
+        owner = self._owner(headers)
+        request_hash = hashlib.sha256(scope["path"].encode() + b"\n" + body).hexdigest()
+        claimed, stored = await run_in_threadpool(self._claim, owner, key, request_hash)
+        if not claimed:
+            if stored is None or stored[0] != request_hash:
+                await self.fail("VALIDATION_FAILED", "Idempotency-Key reused with a different request",
+                                status=422)(scope, receive, send)
+            elif stored[1] is None:
+                await self.fail("CONFLICT", "a request with this Idempotency-Key is still in flight",
+                                status=409)(scope, receive, send)
+            else:
+                await self._replay(stored, send)
+            return
+
+        sent = False
+
+        async def replay_body() -> Message:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        captured: dict[str, Any] = {"body": b""}
+
+        async def capture(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                captured["status"] = message["status"]
+                captured["headers"] = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in message.get("headers", [])]
+            elif message["type"] == "http.response.body":
+                captured["body"] += message.get("body", b"")
+            await send(message)
+
+        try:
+            await self.app(scope, replay_body, capture)
+        finally:
+            status = captured.get("status")
+            if status is None or status >= 500:
+                await run_in_threadpool(self._release, owner, key)  # a retry may run it again
+            else:
+                await run_in_threadpool(self._store, owner, key, status, captured["headers"], captured["body"])
+
+    def _owner(self, headers: dict[bytes, bytes]) -> str:
+        auth = headers.get(b"authorization", b"").decode(errors="replace")
+        if auth.lower().startswith("bearer "):
+            try:
+                user_id, _ = self.tokens.verify(auth[7:].strip())
+                return f"user:{user_id}"
+            except TokenInvalid:
+                return "invalid-token"
+        return "anonymous"
+
+    def _claim(self, owner: str, key: str, request_hash: str) -> tuple[bool, tuple[str, int | None, Any, Any] | None]:
+        with self.pool.connection() as conn:
+            inserted = conn.execute(
+                "INSERT INTO palette_api.idempotency (scope, key, request_hash) VALUES (%s, %s, %s) "
+                "ON CONFLICT DO NOTHING RETURNING 1", [owner, key, request_hash]).fetchone()
+            if inserted:
+                return True, None
+            row = conn.execute("SELECT request_hash, status, headers, body FROM palette_api.idempotency "
+                               "WHERE scope = %s AND key = %s", [owner, key]).fetchone()
+            return False, (row[0], row[1], row[2], row[3]) if row else None
+
+    def _store(self, owner: str, key: str, status: int, headers: Any, body: bytes) -> None:
+        with self.pool.connection() as conn:
+            conn.execute("UPDATE palette_api.idempotency SET status = %s, headers = %s, body = %s "
+                         "WHERE scope = %s AND key = %s", [status, json.dumps(headers), body, owner, key])
+
+    def _release(self, owner: str, key: str) -> None:
+        with self.pool.connection() as conn:
+            conn.execute("DELETE FROM palette_api.idempotency WHERE scope = %s AND key = %s", [owner, key])
+
+    async def _replay(self, stored: tuple[str, int | None, Any, Any], send: Send) -> None:
+        _, status, headers, body = stored
+        raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers or []]
+        raw_headers.append((b"idempotent-replayed", b"true"))
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": bytes(body or b"")})
