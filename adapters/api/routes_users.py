@@ -68,7 +68,8 @@ async def health(container: ContainerDep) -> JSONResponse:
 
 
 @router.post("/auth/anon", response_model=Envelope[TokenPublic], tags=["auth"],
-             responses={422: ERRORS[422]})
+             responses={201: {"model": Envelope[TokenPublic], "description": "registered now"},
+                        422: ERRORS[422]})
 async def auth_anon(body: AnonCreate, service: ServiceDep, request: Request) -> JSONResponse:
     """Register this device once (idempotent) and issue a client token."""
     committed = await run_in_threadpool(service.register, body.device_hash)
