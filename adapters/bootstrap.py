@@ -120,3 +120,27 @@ def build_dispatcher(settings: Settings) -> Any:
     app = PaletteApplication(env=event_store_env(settings, pool_size=2, cache=False))
     return Dispatcher(kafka_io.consumer(settings, GROUP, kafka_io.EVENTS_TOPIC),
                       kafka_io.producer(settings), app)
+
+
+def build_gpu_worker(settings: Settings) -> Any:
+    import psycopg
+
+    from adapters import kafka_io
+    from gpu_consumer.worker import GROUP, CallbackClient, GpuWorker, ImagePipeline, pick_device
+
+    database_url = settings.effective_database_url
+
+    def canceled(job_ids: Sequence[str]) -> set[str]:
+        # Skip items of jobs already canceled (read model; a miss only costs wasted work).
+        try:
+            with psycopg.connect(database_url, autocommit=True, connect_timeout=2) as conn:
+                rows = conn.execute("SELECT id::text FROM palette_read.jobs_log WHERE id = ANY(%s::uuid[]) "
+                                    "AND status = 'canceled'", [list(job_ids)]).fetchall()
+            return {r[0] for r in rows}
+        except psycopg.Error:
+            return set()
+
+    pipeline = ImagePipeline(s3_client(settings, max_pool=16), settings.s3_bucket, pick_device(settings.device))
+    callbacks = CallbackClient(settings.api_url, settings.callback_secret)
+    return GpuWorker(kafka_io.consumer(settings, GROUP, kafka_io.GPU_TOPIC, max_poll_records=16),
+                     kafka_io.producer(settings), pipeline, callbacks, canceled_lookup=canceled)

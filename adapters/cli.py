@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from adapters.settings import SettingsError, load_settings
 from infra.supervisor import StackError
 
-APP_PROCESSES = ("api", "relay", "projector", "dispatcher")
+APP_PROCESSES = ("api", "relay", "projector", "dispatcher", "gpu")
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
@@ -101,6 +101,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _serve_loop(bootstrap.build_projector(settings), args.ready_file)
     elif args.process == "dispatcher":
         _serve_loop(bootstrap.build_dispatcher(settings), args.ready_file)
+    elif args.process == "gpu":
+        _serve_loop(bootstrap.build_gpu_worker(settings), args.ready_file)
     return 0
 
 

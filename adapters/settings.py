@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     jwt_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     callback_secret: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    callback_url: str = ""
     pg_fsync: bool = True
 
     @field_validator("s3_bucket", "broker_bucket")
@@ -80,6 +81,11 @@ class Settings(BaseSettings):
     @property
     def effective_kafka_bootstrap(self) -> str:
         return self.kafka_bootstrap or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def api_url(self) -> str:
+        """Where the GPU worker sends its callbacks."""
+        return self.callback_url or f"http://{self.api_host}:{self.api_port}"
 
     @property
     def effective_s3_endpoint(self) -> str:

@@ -108,7 +108,7 @@ class EmbeddedStack:
             self.supervisor.stop_all()
             raise
 
-    def start_apps(self, names: tuple[str, ...] = ("api", "relay", "projector", "dispatcher")) -> None:
+    def start_apps(self, names: tuple[str, ...] = ("api", "relay", "projector", "dispatcher", "gpu")) -> None:
         for name in names:
             self.supervisor.start(self._app_spec(name))
 

@@ -48,7 +48,7 @@ def settings(stack: EmbeddedStack) -> Settings:
     return stack.settings
 
 
-APP_PROCESSES = ("api", "relay", "projector", "dispatcher")
+APP_PROCESSES = ("api", "relay", "projector", "dispatcher", "gpu")
 
 
 @pytest.fixture(scope="session")

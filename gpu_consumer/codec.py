@@ -1,0 +1,76 @@
+"""Decoding and encoding with input limits; the fastest decoder available (kornia-rs for JPEG)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+MAX_BYTES = 20 * 1024 * 1024
+MAX_SIDE = 4096
+PREVIEW_SIDE = 320
+Image.MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE  # PIL refuses decompression bombs beyond this
+
+
+class BadInput(ValueError):
+    """The upload cannot be processed; the item fails with this message (no retry)."""
+
+
+def check_size(data: bytes) -> None:
+    if len(data) > MAX_BYTES:
+        raise BadInput(f"input is {len(data) / 1e6:.1f} MB; the limit is {MAX_BYTES // (1024 * 1024)} MB")
+
+
+def decode(data: bytes) -> torch.Tensor:
+    """``[H, W, 3]`` uint8. JPEG through kornia-rs (libjpeg-turbo), anything else through PIL."""
+    check_size(data)
+    try:
+        with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+            width, height = probe.size
+            fmt = probe.format
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise BadInput(f"not a readable image ({type(e).__name__})") from None
+    if width > MAX_SIDE or height > MAX_SIDE:
+        raise BadInput(f"image is {width}x{height}; the limit is {MAX_SIDE}x{MAX_SIDE}")
+    try:
+        if fmt == "JPEG":
+            import kornia_rs
+
+            array = kornia_rs.io.decode_image_jpegturbo(data, "rgb")
+        else:
+            with Image.open(io.BytesIO(data)) as img:
+                array = np.asarray(img.convert("RGB"))
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's fault
+        raise BadInput(f"corrupt image data ({type(e).__name__})") from None
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def decode_mask(data: bytes, size: tuple[int, int]) -> torch.Tensor:
+    """A client mask PNG as ``[1, 1, H, W]`` float in [0, 1], resized to the image if needed."""
+    check_size(data)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            gray = img.convert("L")
+            if gray.size != (size[1], size[0]):
+                gray = gray.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            array = np.asarray(gray, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as e:
+        raise BadInput(f"mask is not a readable image ({type(e).__name__})") from None
+    return torch.from_numpy(array).view(1, 1, *array.shape)
+
+
+def encode_png(image_u8: torch.Tensor, compress_level: int = 1) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image_u8.cpu().numpy()).save(buf, "PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def encode_preview(image_u8: torch.Tensor, side: int = PREVIEW_SIDE, quality: int = 82) -> bytes:
+    """A JPEG thumbnail whose longest side is ``side``."""
+    img = Image.fromarray(image_u8.cpu().numpy())
+    img.thumbnail((side, side), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()

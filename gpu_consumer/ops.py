@@ -1,0 +1,256 @@
+"""Pure image edits on tensors: batch-capable, device-agnostic, no I/O.
+
+Images are float32 ``[B, 3, H, W]`` in [0, 1]; masks are float32 ``[B, 1, H, W]`` in [0, 1]
+(soft edges). Every op returns the edited image *before* masking; :func:`blend` applies the
+mask, so pixels where the mask is 0 are returned bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+
+import kornia
+import torch
+import torch.nn.functional as F
+
+TONES = ("warm", "cool", "bright", "dark", "vivid", "muted")
+TEXTURES = ("wood", "marble", "concrete", "linen", "brick", "terrazzo")
+
+
+def hex_to_rgb(value: str) -> tuple[float, float, float]:
+    v = value.lstrip("#")
+    if len(v) != 6:
+        raise ValueError(f"not a #rrggbb colour: {value!r}")
+    return (int(v[0:2], 16) / 255.0, int(v[2:4], 16) / 255.0, int(v[4:6], 16) / 255.0)
+
+
+def blend(image: torch.Tensor, edited: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``edited`` where the mask is 1, the original where it is 0, a soft mix on the edges."""
+    return torch.where(mask > 0, image + mask * (edited - image), image)
+
+
+def recolor(image: torch.Tensor, target_hex: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Move chroma to the target colour in CIE Lab, keeping each pixel's lightness L.
+
+    A little of the original chroma variation (relative to the masked mean) is kept so fabric
+    and paint texture still read."""
+    lab = kornia.color.rgb_to_lab(image)
+    target = torch.tensor(hex_to_rgb(target_hex), dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
+    target_ab = kornia.color.rgb_to_lab(target)[:, 1:]
+    ab = lab[:, 1:]
+    if mask is not None:
+        weight = mask.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+        mean_ab = (ab * mask).sum(dim=(2, 3), keepdim=True) / weight
+    else:
+        mean_ab = ab.mean(dim=(2, 3), keepdim=True)
+    new_ab = target_ab + 0.25 * (ab - mean_ab)
+    lightness = lab[:, :1]
+    out = kornia.color.lab_to_rgb(torch.cat([lightness, new_ab], dim=1), clip=False)
+    # Gamut mapping that keeps L: where the colour falls outside sRGB, shrink its chroma.
+    for _ in range(6):
+        outside = ((out < 0) | (out > 1)).any(dim=1, keepdim=True)
+        if not bool(outside.any()):
+            break
+        new_ab = torch.where(outside, new_ab * 0.8, new_ab)
+        out = kornia.color.lab_to_rgb(torch.cat([lightness, new_ab], dim=1), clip=False)
+    return out.clamp(0, 1)
+
+
+_WARM = torch.tensor([[1.08, 0.02, 0.0], [0.0, 1.02, 0.0], [0.0, 0.0, 0.88]])
+_COOL = torch.tensor([[0.90, 0.0, 0.0], [0.0, 1.0, 0.02], [0.0, 0.04, 1.10]])
+
+
+def tone(image: torch.Tensor, name: str) -> torch.Tensor:
+    """Named tone presets built on kornia's enhance ops."""
+    if name == "warm":
+        out = torch.einsum("ij,bjhw->bihw", _WARM.to(image), image)
+    elif name == "cool":
+        out = torch.einsum("ij,bjhw->bihw", _COOL.to(image), image)
+    elif name == "bright":
+        out = kornia.enhance.adjust_gamma(image, 0.75)
+    elif name == "dark":
+        out = kornia.enhance.adjust_gamma(image, 1.4)
+    elif name == "vivid":
+        out = kornia.enhance.adjust_saturation(image, 1.5)
+    elif name == "muted":
+        out = kornia.enhance.adjust_saturation(image, 0.45)
+    else:
+        raise ValueError(f"unknown tone {name!r}; choose one of {TONES}")
+    return out.clamp(0, 1)
+
+
+# -- textures -----------------------------------------------------------------------------
+def _value_noise(h: int, w: int, cells: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    grid = torch.rand(1, 1, cells + 1, cells + 1, generator=gen).to(device)
+    return F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=True)[0, 0]
+
+
+def _fbm(h: int, w: int, gen: torch.Generator, device: torch.device, octaves: int = 4, base: int = 4) -> torch.Tensor:
+    total = torch.zeros(h, w, device=device)
+    amp, norm = 1.0, 0.0
+    for o in range(octaves):
+        total += amp * _value_noise(h, w, base * 2**o, gen, device)
+        norm += amp
+        amp *= 0.5
+    return total / norm
+
+
+def _palette(t: torch.Tensor, a: tuple[float, float, float], b: tuple[float, float, float]) -> torch.Tensor:
+    ca = torch.tensor(a, device=t.device).view(3, 1, 1)
+    cb = torch.tensor(b, device=t.device).view(3, 1, 1)
+    return ca + (cb - ca) * t.clamp(0, 1).unsqueeze(0)
+
+
+def make_texture(name: str, h: int, w: int, device: torch.device | str = "cpu", seed: int = 7) -> torch.Tensor:
+    """A named procedural texture ``[3, H, W]`` in [0, 1]; deterministic for (name, size, seed)."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed * 1000 + TEXTURES.index(name) if name in TEXTURES else seed)
+    ys = torch.linspace(0, 1, h, device=device).view(h, 1).expand(h, w)
+    xs = torch.linspace(0, 1, w, device=device).view(1, w).expand(h, w)
+    scale = max(h, w) / 512.0
+    if name == "wood":
+        n = _fbm(h, w, gen, device)
+        rings = torch.sin((ys * 40 / scale + 6 * n) * math.pi) * 0.5 + 0.5
+        grain = _value_noise(h, w, 64, gen, device)
+        return _palette(0.6 * rings + 0.4 * grain, (0.45, 0.28, 0.14), (0.72, 0.52, 0.32))
+    if name == "marble":
+        n = _fbm(h, w, gen, device, octaves=5)
+        veins = (torch.sin((xs + ys) * 12 / scale + 8 * n) * 0.5 + 0.5) ** 3
+        return _palette(1 - 0.7 * veins, (0.55, 0.55, 0.58), (0.95, 0.94, 0.92))
+    if name == "concrete":
+        n = _fbm(h, w, gen, device, octaves=5, base=8)
+        pores = (torch.rand(h, w, generator=gen).to(device) > 0.995).float()
+        return _palette(n - 0.3 * pores, (0.45, 0.45, 0.44), (0.70, 0.70, 0.68))
+    if name == "linen":
+        weave = (torch.sin(xs * 600 / scale) * torch.sin(ys * 600 / scale)) * 0.5 + 0.5
+        n = _value_noise(h, w, 32, gen, device)
+        return _palette(0.5 * weave + 0.5 * n, (0.78, 0.74, 0.66), (0.90, 0.87, 0.80))
+    if name == "brick":
+        rows = 18 / scale
+        row = torch.floor(ys * rows)
+        offset = (row % 2) * 0.5
+        bx = (xs * rows / 2.5 + offset) % 1.0
+        by = (ys * rows) % 1.0
+        mortar = ((bx < 0.05) | (by < 0.1)).float()
+        n = _fbm(h, w, gen, device)
+        brick = _palette(n, (0.55, 0.22, 0.15), (0.75, 0.35, 0.25))
+        return brick * (1 - mortar) + mortar * torch.tensor([0.78, 0.76, 0.72], device=device).view(3, 1, 1)
+    if name == "terrazzo":
+        base = _palette(_fbm(h, w, gen, device), (0.86, 0.84, 0.80), (0.93, 0.92, 0.89))
+        chips = _value_noise(h, w, int(80 / scale) + 8, gen, device)
+        hue = _value_noise(h, w, int(40 / scale) + 4, gen, device)
+        chip_col = _palette(hue, (0.30, 0.45, 0.50), (0.80, 0.45, 0.30))
+        m = (chips > 0.78).float()
+        return base * (1 - m) + chip_col * m
+    raise ValueError(f"unknown texture {name!r}; choose one of {TEXTURES}")
+
+
+def texture(image: torch.Tensor, name: str, mask: torch.Tensor | None = None,
+            cache: dict[tuple[str, int, int, str], torch.Tensor] | None = None) -> torch.Tensor:
+    """Tile a named texture over the image, modulated by the original lightness (shading kept)."""
+    _, _, h, w = image.shape
+    key = (name, h, w, str(image.device))
+    tex = cache.get(key) if cache is not None else None
+    if tex is None:
+        tex = make_texture(name, h, w, image.device).to(image.dtype)
+        if cache is not None:
+            cache[key] = tex
+    luma = kornia.color.rgb_to_grayscale(image)
+    if mask is not None:
+        mean = (luma * mask).sum(dim=(2, 3), keepdim=True) / mask.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    else:
+        mean = luma.mean(dim=(2, 3), keepdim=True)
+    shading = (luma / mean.clamp_min(0.05)).clamp(0.2, 1.8)
+    return (tex.unsqueeze(0) * shading).clamp(0, 1)
+
+
+# -- removal --------------------------------------------------------------------------------
+def remove(image: torch.Tensor, mask: torch.Tensor, levels: int = 8) -> torch.Tensor:
+    """Fill the masked region from its surroundings with push-pull (multi-scale) interpolation.
+
+    Push: downsample colour and confidence (1 - mask) together, so holes get the weighted mean
+    of the known pixels around them at every scale. Pull: upsample coarse estimates into the
+    holes of finer levels. Smooth, seam-free fills; no model weights needed."""
+    known = (1.0 - (mask > 0.5).to(image.dtype))
+    colours, weights = [image * known], [known]
+    for _ in range(levels):
+        c, k = colours[-1], weights[-1]
+        if min(c.shape[-2:]) <= 2:
+            break
+        colours.append(F.avg_pool2d(c, 2, ceil_mode=True))
+        weights.append(F.avg_pool2d(k, 2, ceil_mode=True))
+    estimate = colours[-1] / weights[-1].clamp_min(1e-6)
+    for c, k in zip(reversed(colours[:-1]), reversed(weights[:-1]), strict=True):
+        up = F.interpolate(estimate, size=c.shape[-2:], mode="bilinear", align_corners=False)
+        filled = c / k.clamp_min(1e-6)
+        conf = k.clamp(0, 1)
+        estimate = conf * filled + (1 - conf) * up
+    return estimate.clamp(0, 1)
+
+
+# -- applying a set of edits ------------------------------------------------------------------
+def mask_bbox(mask: torch.Tensor, pad: int = 8) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1) around the mask's nonzero pixels, padded; None when the mask is empty."""
+    nz = (mask.reshape(mask.shape[-2], mask.shape[-1]) > 0).nonzero()
+    if nz.numel() == 0:
+        return None
+    h, w = mask.shape[-2:]
+    y0, x0 = nz.min(dim=0).values.tolist()
+    y1, x1 = nz.max(dim=0).values.tolist()
+    return max(0, y0 - pad), min(h, y1 + pad + 1), max(0, x0 - pad), min(w, x1 + pad + 1)
+
+
+def apply_edit(image: torch.Tensor, mask: torch.Tensor, action: str, value: str,
+               texture_cache: dict[tuple[str, int, int, str], torch.Tensor] | None = None,
+               crop: bool = True) -> torch.Tensor:
+    """One edit on one image ``[1, 3, H, W]`` inside its mask; with ``crop`` only the mask's
+    bounding box is computed (removal gets a wider context)."""
+    box = mask_bbox(mask, pad=64 if action == "remove" else 8) if crop else (0, image.shape[-2], 0, image.shape[-1])
+    if box is None:
+        return image
+    y0, y1, x0, x1 = box
+    region, m = image[..., y0:y1, x0:x1], mask[..., y0:y1, x0:x1]
+    if action == "recolor":
+        edited = recolor(region, value, m)
+    elif action == "tone":
+        edited = tone(region, value)
+    elif action == "texture":
+        edited = texture(region, value, m, texture_cache)
+    elif action == "remove":
+        edited = remove(region, m)
+    else:
+        raise ValueError(f"unknown action {action!r}")
+    out = image.clone()
+    out[..., y0:y1, x0:x1] = blend(region, edited, m)
+    return out
+
+
+def apply_edits(image: torch.Tensor, masks: dict[str, torch.Tensor], edits: dict[str, dict[str, str]],
+                protect: torch.Tensor | None = None,
+                texture_cache: dict[tuple[str, int, int, str], torch.Tensor] | None = None,
+                crop: bool = True) -> torch.Tensor:
+    """Apply the edits in concept order; protected pixels (protect > 0.5) are never touched."""
+    keep = None if protect is None else (protect <= 0.5).to(image.dtype)
+    out = image
+    for concept in sorted(edits):
+        mask = masks.get(concept)
+        if mask is None:
+            continue
+        if keep is not None:
+            mask = mask * keep
+        edit = edits[concept]
+        out = apply_edit(out, mask, edit["action"], edit.get("value", ""), texture_cache, crop)
+    return out
+
+
+def to_float(image_u8: torch.Tensor) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 -> ``[1, 3, H, W]`` float in [0, 1]."""
+    return image_u8.permute(2, 0, 1).unsqueeze(0).to(torch.float32).div_(255.0)
+
+
+def to_u8(image: torch.Tensor, original_u8: torch.Tensor, changed: torch.Tensor | None = None) -> torch.Tensor:
+    """Back to ``[H, W, 3]`` uint8; where nothing changed the original bytes are returned as is."""
+    out = image[0].mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+    if changed is None:
+        return out
+    return torch.where(changed.reshape(*changed.shape[-2:], 1) > 0, out, original_u8)

@@ -1,0 +1,288 @@
+"""The GPU worker loop: consumer group ``palette-gpu`` on ``palette.gpu-jobs``.
+
+Per poll: fetch and decode inputs concurrently (threads), edit on the device (items of one job
+with one image size batched together on CUDA; mask bounding boxes on CPU), then encode, upload
+and report each item through the signed callback while the next item computes. The Kafka
+offset is committed only after every callback of the poll was acknowledged. A failing item
+is retried with backoff up to 3 attempts, then parked on ``palette.gpu-jobs.dlq`` and reported
+``failed`` so its job still terminates and refunds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import torch
+
+from adapters.tokens import sign_callback
+from gpu_consumer import ops
+from gpu_consumer.codec import BadInput, check_size, decode, decode_mask, encode_png, encode_preview
+from gpu_consumer.segment import PriorClusterSegmenter, Segmenter
+
+log = logging.getLogger("palette.gpu")
+GROUP = "palette-gpu"
+MAX_ATTEMPTS = 3
+
+
+class CallbackUnavailable(RuntimeError):
+    """The API did not acknowledge a result: the offset must not be committed."""
+
+
+@dataclass
+class Task:
+    job_id: str
+    user_id: str
+    idx: int
+    concepts: dict[str, dict[str, str]]
+    protect: list[str]
+    input_key: str
+    output_key: str
+    preview_key: str
+    mask_keys: dict[str, str]
+    idempotency_key: str
+    attempt: int = 0
+    preset: str = ""
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def parse(cls, value: bytes) -> Task:
+        data = json.loads(value)
+        fields = {k: data[k] for k in ("job_id", "user_id", "idx", "concepts", "protect", "input_key",
+                                       "output_key", "preview_key", "mask_keys", "idempotency_key")}
+        return cls(**fields, attempt=int(data.get("attempt", 0)), preset=data.get("preset", ""), raw=data)
+
+
+class CallbackClient:
+    """Reports item results to the API, signed with HMAC over timestamp + body."""
+
+    def __init__(self, base_url: str, secret: str, timeout_s: float = 10.0) -> None:
+        self.http = httpx.Client(base_url=base_url, timeout=timeout_s)
+        self._secret = secret
+
+    def report(self, task: Task, status: str, output_key: str = "", preview_key: str = "", error: str = "") -> str:
+        body = {"idx": task.idx, "status": status, "idempotency_key": task.idempotency_key}
+        if status == "done":
+            body |= {"output_key": output_key, "preview_key": preview_key}
+        else:
+            body["error"] = error[:2000]
+        raw = json.dumps(body).encode()
+        ts = int(time.time())
+        try:
+            r = self.http.post(f"/jobs/{task.job_id}/callback", content=raw, headers={
+                "content-type": "application/json", "X-Palette-Timestamp": str(ts),
+                "X-Palette-Signature": sign_callback(self._secret, ts, raw)})
+        except httpx.HTTPError as e:
+            raise CallbackUnavailable(f"callback failed: {type(e).__name__}") from None
+        if r.status_code >= 500 or r.status_code in (401, 429):
+            raise CallbackUnavailable(f"callback answered {r.status_code}")
+        if r.status_code >= 400:
+            # The job is gone or in a state that takes no results: nothing to retry.
+            log.warning("callback for %s refused: %s", task.idempotency_key, r.text[:200])
+            return "refused"
+        return str(r.json()["data"]["outcome"])
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class ImagePipeline:
+    """Fetch -> decode -> masks -> edits -> encode -> upload, for one item or a same-size group."""
+
+    def __init__(self, s3: Any, bucket: str, device: torch.device, segmenter: Segmenter | None = None) -> None:
+        self.s3 = s3
+        self.bucket = bucket
+        self.device = device
+        self.segmenter = segmenter or PriorClusterSegmenter()
+        self.texture_cache: dict[tuple[str, int, int, str], torch.Tensor] = {}
+
+    def _get(self, key: str) -> bytes | None:
+        try:
+            obj = self.s3.get_object(Bucket=self.bucket, Key=key)
+        except self.s3.exceptions.NoSuchKey:
+            return None
+        except self.s3.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        if obj.get("ContentLength", 0) > 20 * 1024 * 1024:
+            obj["Body"].close()
+            raise BadInput("input is larger than 20 MB")
+        data: bytes = obj["Body"].read()
+        return data
+
+    def fetch(self, task: Task) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The decoded input and the client masks that exist (I/O; runs on a thread)."""
+        data = self._get(task.input_key)
+        if data is None:
+            raise BadInput("input image is missing")
+        check_size(data)
+        image = decode(data)
+        masks = {}
+        for concept in [*task.concepts, *task.protect]:
+            key = task.mask_keys.get(concept)
+            blob = self._get(key) if key else None
+            if blob is not None:
+                masks[concept] = decode_mask(blob, (image.shape[0], image.shape[1]))
+        return image, masks
+
+    def compute(self, image_u8: torch.Tensor, client_masks: dict[str, torch.Tensor], task: Task) -> torch.Tensor:
+        """Edit one image on the device; returns uint8 ``[H, W, 3]`` on the CPU."""
+        for edit in task.concepts.values():
+            if edit.get("action") not in ("recolor", "tone", "texture", "remove"):
+                raise ValueError(f"unknown action {edit.get('action')!r}")
+        original = image_u8.to(self.device, non_blocking=True)
+        image = ops.to_float(original)
+        wanted = [*task.concepts, *task.protect]
+        missing = [c for c in wanted if c not in client_masks]
+        masks = {c: m.to(self.device) for c, m in client_masks.items()}
+        if missing:
+            masks.update(self.segmenter.masks(image, missing))
+        protect = None
+        if task.protect:
+            protect = torch.stack([masks[c] for c in task.protect if c in masks]).amax(dim=0) if any(
+                c in masks for c in task.protect) else None
+        out = ops.apply_edits(image, masks, task.concepts, protect, self.texture_cache,
+                              crop=self.device.type == "cpu")
+        changed = torch.zeros_like(image[:, :1])
+        for concept in task.concepts:
+            if concept in masks:
+                changed = torch.maximum(changed, masks[concept])
+        if protect is not None:
+            changed = changed * (protect <= 0.5)
+        return ops.to_u8(out, original, changed).cpu()
+
+    def store(self, task: Task, out_u8: torch.Tensor) -> None:
+        self.s3.put_object(Bucket=self.bucket, Key=task.output_key, Body=encode_png(out_u8),
+                           ContentType="image/png")
+        self.s3.put_object(Bucket=self.bucket, Key=task.preview_key, Body=encode_preview(out_u8),
+                           ContentType="image/jpeg")
+
+
+class GpuWorker:
+    def __init__(self, consumer: Any, producer: Any, pipeline: ImagePipeline, callbacks: CallbackClient,
+                 canceled_lookup: Callable[[Sequence[str]], set[str]] | None = None,
+                 io_threads: int = 8, max_records: int = 16, backoff_s: float = 0.2) -> None:
+        self.consumer = consumer
+        self.producer = producer
+        self.pipeline = pipeline
+        self.callbacks = callbacks
+        self.canceled_lookup = canceled_lookup
+        self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="gpu-io")
+        self.max_records = max_records
+        self.backoff_s = backoff_s
+        self.canceled: set[str] = set()
+        self.stats = {"done": 0, "failed": 0, "dlq": 0, "skipped": 0, "retried": 0}
+
+    # -- one item, all stages, with retries (the slow path after a first failure) ---------
+    def _finish(self, task: Task, out_u8: torch.Tensor) -> None:
+        self.pipeline.store(task, out_u8)
+        self._report(task, "done", task.output_key, task.preview_key)
+
+    def _report(self, task: Task, status: str, output_key: str = "", preview_key: str = "", error: str = "") -> None:
+        outcome = self.callbacks.report(task, status, output_key, preview_key, error)
+        if outcome == "ignored_canceled":
+            self.canceled.add(task.job_id)
+        self.stats["done" if status == "done" else "failed"] += 1
+
+    def _retry(self, task: Task, first_error: BaseException) -> None:
+        error: BaseException = first_error
+        for attempt in range(2, MAX_ATTEMPTS + 1):
+            self.stats["retried"] += 1
+            time.sleep(self.backoff_s * 2 ** (attempt - 2))
+            try:
+                image, masks = self.pipeline.fetch(task)
+                self._finish(task, self.pipeline.compute(image, masks, task))
+                return
+            except BadInput as e:
+                self._report(task, "failed", error=str(e))
+                return
+            except CallbackUnavailable:
+                raise
+            except Exception as e:  # noqa: BLE001 - counted as a failed attempt
+                error = e
+        reason = f"processing failed after {MAX_ATTEMPTS} attempts: {type(error).__name__}: {error}"
+        dlq = {**task.raw, "attempt": MAX_ATTEMPTS, "error": reason}
+        self.producer.send("palette.gpu-jobs.dlq", key=task.job_id.encode(), value=json.dumps(dlq).encode())
+        self.producer.flush()
+        self.stats["dlq"] += 1
+        self._report(task, "failed", error=reason)
+
+    # -- a poll's worth of items --------------------------------------------------------------
+    def process(self, tasks: list[Task]) -> None:
+        """Process tasks; returns once every result is acknowledged (raises CallbackUnavailable)."""
+        if self.canceled_lookup is not None and tasks:
+            self.canceled |= self.canceled_lookup(sorted({t.job_id for t in tasks}))
+        live = []
+        for t in tasks:
+            if t.job_id in self.canceled:
+                self.stats["skipped"] += 1
+            else:
+                live.append(t)
+        fetched = [(t, self.pool.submit(self.pipeline.fetch, t)) for t in live]
+        pending: list[Future[None]] = []
+        for task, future in fetched:
+            try:
+                image, masks = future.result()
+                out = self.pipeline.compute(image, masks, task)
+            except BadInput as e:
+                pending.append(self.pool.submit(self._report, task, "failed", "", "", str(e)))
+                continue
+            except Exception as e:  # noqa: BLE001 - retried off the fast path
+                pending.append(self.pool.submit(self._retry, task, e))
+                continue
+            pending.append(self.pool.submit(self._finish_or_retry, task, out))
+        for f in pending:
+            f.result()  # CallbackUnavailable propagates: the offset stays uncommitted
+
+    def _finish_or_retry(self, task: Task, out: torch.Tensor) -> None:
+        try:
+            self._finish(task, out)
+        except CallbackUnavailable:
+            raise
+        except Exception as e:  # noqa: BLE001 - an S3 hiccup: the whole item is retried
+            self._retry(task, e)
+
+    def step(self, timeout_ms: int = 200) -> int:
+        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.max_records)
+        tasks = []
+        for records in polled.values():
+            for record in records:
+                try:
+                    tasks.append(Task.parse(record.value))
+                except (ValueError, KeyError, TypeError):
+                    log.error("malformed task at offset %s parked on the DLQ", record.offset)
+                    self.producer.send("palette.gpu-jobs.dlq", key=record.key, value=record.value)
+        self.process(tasks)
+        if polled:
+            self.producer.flush()
+            self.consumer.commit()
+        return len(tasks)
+
+    def warm_up(self, stop: threading.Event) -> None:
+        while not stop.is_set() and not self.consumer.assignment():
+            self.step()
+
+    def run(self, stop: threading.Event) -> None:
+        """Until SIGTERM: the batch in flight is finished before the loop ends."""
+        while not stop.is_set():
+            self.step()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.consumer.close()
+        self.producer.close()
+        self.callbacks.close()
