@@ -18,8 +18,8 @@ from application.unit_of_work import DirectExecutor, GroupCommitter
 from projections.store import ensure_schema
 
 
-def event_store_env(settings: Settings, pool_size: int = 8, cache: bool = True) -> dict[str, str]:
-    """eventsourcing's PostgreSQL settings from PALETTE_DATABASE_URL."""
+def event_store_env(settings: Settings, pool_size: int = 8, cache: bool = True, schema: str = "") -> dict[str, str]:
+    """eventsourcing's PostgreSQL settings from PALETTE_DATABASE_URL (``schema`` must exist)."""
     url = urlsplit(settings.effective_database_url)
     env = {
         "PERSISTENCE_MODULE": "eventsourcing.postgres",
@@ -36,6 +36,8 @@ def event_store_env(settings: Settings, pool_size: int = 8, cache: bool = True) 
     }
     if not cache:
         env["AGGREGATE_CACHE_MAXSIZE"] = ""
+    if schema:
+        env["POSTGRES_SCHEMA"] = schema
     return env
 
 

@@ -171,7 +171,7 @@ def remove(image: torch.Tensor, mask: torch.Tensor, levels: int = 8) -> torch.Te
     Push: downsample colour and confidence (1 - mask) together, so holes get the weighted mean
     of the known pixels around them at every scale. Pull: upsample coarse estimates into the
     holes of finer levels. Smooth, seam-free fills; no model weights needed."""
-    known = (1.0 - (mask > 0.5).to(image.dtype))
+    known = (1.0 - (mask > 0.1).to(image.dtype))  # the soft rim is refilled too: no halo
     colours, weights = [image * known], [known]
     for _ in range(levels):
         c, k = colours[-1], weights[-1]

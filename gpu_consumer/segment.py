@@ -117,7 +117,10 @@ class PriorClusterSegmenter:
                     continue
                 score = float((member * p).sum() / size)  # how much of the cluster lies in the prior
                 if score >= self.min_score:
-                    chosen = torch.maximum(chosen, member * p)
+                    # A region about the prior's size is taken whole (not cut at the prior's edge);
+                    # a much larger one (the wall behind a lamp) only where the prior is.
+                    whole = size <= 3 * p.sum()
+                    chosen = torch.maximum(chosen, member if whole else member * p)
                 if score > best_score:
                     best, best_score = c, score
             if chosen.sum() == 0 and best is not None:

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import psycopg
 import pytest
 
 from adapters.bootstrap import event_store_env
@@ -26,9 +27,12 @@ PLANS = {**DEFAULT_PLANS, "wide": Plan("wide", initial_credits=100, max_concurre
 
 @pytest.fixture
 def two_processes(settings: Settings) -> Iterator[tuple[PaletteService, PaletteService]]:
-    """Two independent apps (own pools and caches) on one store, as two API processes would be."""
-    app_a = PaletteApplication(env=event_store_env(settings))
-    app_b = PaletteApplication(env=event_store_env(settings))
+    """Two independent apps (own pools and caches) on one store, as two API processes would be.
+    The store lives in its own schema, out of reach of the session's relay and GPU worker."""
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS core_races")
+    app_a = PaletteApplication(env=event_store_env(settings, schema="core_races"))
+    app_b = PaletteApplication(env=event_store_env(settings, schema="core_races"))
     committer = GroupCommitter(app_a).start()
     a = PaletteService(app_a, committer, SystemClock(), RandomIds(), plans=PLANS)
     b = PaletteService(app_b, DirectExecutor(app_b), SystemClock(), RandomIds(), plans=PLANS)
