@@ -109,8 +109,25 @@ class EmbeddedStack:
             raise
 
     def start_apps(self, names: tuple[str, ...] = ("api", "relay", "projector", "dispatcher", "gpu")) -> None:
-        for name in names:
-            self.supervisor.start(self._app_spec(name))
+        self.prepare_schemas()
+        self.supervisor.start_together([self._app_spec(name) for name in names])
+
+    def prepare_schemas(self) -> None:
+        """Create the event store and read-model tables once, before processes race to do it."""
+        import psycopg
+
+        from adapters.api.idempotency import ensure_schema as ensure_api_schema
+        from adapters.bootstrap import event_store_env
+        from application.services import PaletteApplication
+        from projections.store import ensure_schema
+
+        try:
+            PaletteApplication(env=event_store_env(self.settings, pool_size=1, cache=False)).close()
+            with psycopg.connect(self.settings.effective_database_url, autocommit=True) as conn:
+                ensure_schema(conn)
+                ensure_api_schema(conn)
+        except Exception as e:  # noqa: BLE001 - reported in one line
+            raise StackError(f"cannot prepare the database: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
     def stop(self) -> None:
         self.supervisor.stop_all()

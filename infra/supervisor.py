@@ -117,30 +117,40 @@ class Supervisor:
 
     def start(self, spec: ServiceSpec) -> None:
         """Start one service and block until its readiness check passes."""
+        self.start_together([spec])
+
+    def start_together(self, specs: list[ServiceSpec]) -> None:
+        """Launch services that do not depend on each other at once, then wait for all of them."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        run = _Running(spec, self.log_dir, self.echo)
         t0 = time.monotonic()
-        try:
-            run.start()
-        except FileNotFoundError:
-            raise StackError(f"{spec.name}: program not found: {spec.argv[0]}") from None
-        except PermissionError as e:
-            raise StackError(f"{spec.name}: cannot run {spec.argv[0]}: {e.strerror}") from None
-        self._running[spec.name] = run
-        self._order.append(spec.name)
-        deadline = t0 + spec.ready_timeout_s
-        while True:
-            if not run.alive():
-                raise StackError(f"{spec.name} exited during start-up: {run.tail() or 'no output'}")
-            if spec.ready():
-                break
-            if time.monotonic() > deadline:
-                raise StackError(
-                    f"{spec.name} not ready after {spec.ready_timeout_s:.0f}s: {run.tail() or 'no output'}"
-                )
-            time.sleep(0.1)
-        self.startup_s[spec.name] = time.monotonic() - t0
-        self._say(f"{spec.name} ready in {self.startup_s[spec.name]:.1f}s (pid {run.proc.pid if run.proc else '?'})")
+        launched = []
+        for spec in specs:
+            run = _Running(spec, self.log_dir, self.echo)
+            try:
+                run.start()
+            except FileNotFoundError:
+                raise StackError(f"{spec.name}: program not found: {spec.argv[0]}") from None
+            except PermissionError as e:
+                raise StackError(f"{spec.name}: cannot run {spec.argv[0]}: {e.strerror}") from None
+            self._running[spec.name] = run
+            self._order.append(spec.name)
+            launched.append(run)
+        waiting = list(launched)
+        while waiting:
+            for run in list(waiting):
+                spec = run.spec
+                if not run.alive():
+                    raise StackError(f"{spec.name} exited during start-up: {run.tail() or 'no output'}")
+                if spec.ready():
+                    waiting.remove(run)
+                    self.startup_s[spec.name] = time.monotonic() - t0
+                    pid = run.proc.pid if run.proc else "?"
+                    self._say(f"{spec.name} ready in {self.startup_s[spec.name]:.1f}s (pid {pid})")
+                elif time.monotonic() > t0 + spec.ready_timeout_s:
+                    raise StackError(
+                        f"{spec.name} not ready after {spec.ready_timeout_s:.0f}s: {run.tail() or 'no output'}")
+            if waiting:
+                time.sleep(0.1)
 
     def pid(self, name: str) -> int | None:
         run = self._running.get(name)
