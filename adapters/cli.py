@@ -6,7 +6,10 @@ import argparse
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID, uuid4
 
 from adapters.settings import SettingsError, load_settings
 from infra.supervisor import StackError
@@ -192,6 +195,156 @@ def _projection_status(app: object, url: str) -> str:
     return "\n".join(lines)
 
 
+def _when(value: str) -> datetime:
+    """An ISO-8601 time; naive times are UTC."""
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {value!r}") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _uuid(value: str) -> UUID:
+    try:
+        return UUID(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a stream/user id (UUID): {value!r}") from None
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    import json
+
+    from projections.replay import Replayer, as_csv, as_jsonl
+
+    settings = load_settings()
+    app = _event_store(settings)
+    replayer = Replayer(app)
+    out = sys.stdout
+    try:
+        if args.action == "state":
+            try:
+                state = replayer.state(args.id, version=args.version, as_of=args.as_of)
+            except LookupError as e:
+                print(f"palette replay state: {e.args[0]}", file=sys.stderr)
+                return 2
+            except Exception as e:
+                if type(e).__name__ == "AggregateNotFoundError":
+                    print(f"palette replay state: no stream {args.id}", file=sys.stderr)
+                    return 2
+                raise
+            print(json.dumps(state, indent=2))
+            return 0
+        if args.action == "stream":
+            envelopes = replayer.stream(args.id)
+        else:
+            try:
+                envelopes = replayer.all(start=args.from_position, since=args.since, until=args.until,
+                                         types=args.type or None)
+                envelopes = _with_progress(envelopes)
+            except ValueError as e:
+                print(f"palette replay all: {e}", file=sys.stderr)
+                return 2
+        if args.format == "csv":
+            for line in as_csv(envelopes):
+                out.write(line)
+        else:
+            for chunk in as_jsonl(envelopes):
+                out.buffer.write(chunk)
+        out.flush()
+    except BrokenPipeError:
+        return 0  # e.g. piped into head
+    finally:
+        app.close()  # type: ignore[attr-defined]
+    return 0
+
+
+def _with_progress(envelopes: Iterator[Any], every: int = 100_000) -> Iterator[Any]:
+    t0 = time.monotonic()
+    n = 0
+    for n, env in enumerate(envelopes, 1):
+        if n % every == 0:
+            rate = n / max(time.monotonic() - t0, 1e-9)
+            print(f"  {n:,} events ({rate:,.0f}/s), at position {env.id}", file=sys.stderr, flush=True)
+        yield env
+    if n >= every:
+        print(f"  done: {n:,} events in {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    import csv
+    import json
+
+    import psycopg
+
+    from projections import audit, store
+
+    settings = load_settings()
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        store.ensure_schema(conn)
+        if args.action == "ledger":
+            rows = audit.ledger(conn, args.user, args.since, args.until)
+            print(f"{'seq':>5} {'occurred_at':<33}{'type':<8}{'amount':>8}{'delta':>8}{'balance':>9}  ref")
+            for r in rows:
+                print(f"{r['seq']:>5} {r['occurred_at'].isoformat():<33}{r['type']:<8}{r['amount']:>8}"
+                      f"{r['balance_delta']:>8}{r['balance']:>9}  {r['ref']}")
+            if not rows:
+                print("no ledger entries for this user in that range")
+        elif args.action == "balance":
+            print(json.dumps(audit.balance_as_of(conn, args.user, args.as_of), indent=2))
+        elif args.action == "export":
+            rows = audit.export(conn)
+            if args.format == "csv":
+                writer = csv.writer(sys.stdout)
+                writer.writerow(audit.LEDGER_COLUMNS)
+                for r in rows:
+                    writer.writerow([r[c] for c in audit.LEDGER_COLUMNS])
+            else:
+                for r in rows:
+                    sys.stdout.write(json.dumps(r, default=str) + "\n")
+        elif args.action == "verify":
+            checked, breaks = audit.verify(conn)
+            for b in breaks:
+                where = f"position {b.position}" if b.position is not None else "its end"
+                print(f"BROKEN user {b.user_id} at seq {b.seq} ({where}): {b.reason}")
+            print(f"verified {checked:,} ledger rows: {'OK' if not breaks else f'{len(breaks)} broken chain(s)'}")
+            return 0 if not breaks else 1
+        elif args.action == "reconcile":
+            app = _event_store(settings)
+            try:
+                t0 = time.monotonic()
+                report = audit.reconcile(conn, app.recorder, app.mapper.transcoder)  # type: ignore[attr-defined]
+            finally:
+                app.close()  # type: ignore[attr-defined]
+            for d in report.differences:
+                print(f"DIFF {d}")
+            print(f"reconciled {report.events:,} events, {report.ledger_rows:,} ledger rows, {report.users:,} users "
+                  f"in {time.monotonic() - t0:.1f}s: {'OK' if report.ok else f'{len(report.differences)} difference(s)'}")
+            return 0 if report.ok else 1
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from adapters.system import SystemClock
+    from adapters.tokens import TokenIssuer
+
+    settings = load_settings()
+    issuer = TokenIssuer(settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience, settings.jwt_ttl_s)
+    subject = args.subject or uuid4()
+    print(issuer.issue(subject, SystemClock().now(), role=args.role, ttl_s=args.ttl))
+    return 0
+
+
+def _duration(value: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        seconds = int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"not a duration like 30m, 1h, 7d: {value!r}") from None
+    if not 60 <= seconds <= 30 * 86400:
+        raise argparse.ArgumentTypeError("ttl must be between 1m and 30d")
+    return seconds
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="palette", description="Palette: event-sourced photo-editing backend.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -224,6 +377,45 @@ def parser() -> argparse.ArgumentParser:
         v = dlq_sub.add_parser(verb, help=text)
         v.add_argument("id", type=int, help="the dead letter's id (from `dlq list`)")
     proj.set_defaults(func=_cmd_projections)
+
+    replay = sub.add_parser("replay", help="analysts: replay streams or the log; state as of a point")
+    rsub = replay.add_subparsers(dest="action", required=True)
+    rs = rsub.add_parser("stream", help="one stream's events in version order")
+    rs.add_argument("id", type=_uuid)
+    ra = rsub.add_parser("all", help="the global log in commit order")
+    ra.add_argument("--from", dest="from_position", type=int, default=1, help="first notification id")
+    ra.add_argument("--since", type=_when, help="first event time (ISO-8601)")
+    ra.add_argument("--until", type=_when, help="last event time (ISO-8601)")
+    ra.add_argument("--type", action="append", help="only these event types (repeatable)")
+    for cmd in (rs, ra):
+        cmd.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    rst = rsub.add_parser("state", help="an aggregate's state folded up to a version or a time")
+    rst.add_argument("id", type=_uuid)
+    point = rst.add_mutually_exclusive_group(required=True)
+    point.add_argument("--version", type=int)
+    point.add_argument("--as-of", type=_when)
+    replay.set_defaults(func=_cmd_replay)
+
+    aud = sub.add_parser("audit", help="auditors: queries over the billing_events projection")
+    asub = aud.add_subparsers(dest="action", required=True)
+    al = asub.add_parser("ledger", help="a user's ledger with running balance")
+    al.add_argument("--user", type=_uuid, required=True)
+    al.add_argument("--from", dest="since", type=_when)
+    al.add_argument("--to", dest="until", type=_when)
+    ab = asub.add_parser("balance", help="a user's balance as of a time, with the positions used")
+    ab.add_argument("--user", type=_uuid, required=True)
+    ab.add_argument("--as-of", type=_when, required=True)
+    asub.add_parser("reconcile", help="prove the projection equals the fold of the event log (exit 1 if not)")
+    ae = asub.add_parser("export", help="every ledger row, paged by position")
+    ae.add_argument("--format", choices=("csv", "jsonl"), default="jsonl")
+    asub.add_parser("verify", help="recompute the per-user hash chains (exit 1 at a break)")
+    aud.set_defaults(func=_cmd_audit)
+
+    tok = sub.add_parser("token", help="mint an analyst or auditor token from the server secret")
+    tok.add_argument("--role", choices=("analyst", "auditor"), required=True)
+    tok.add_argument("--ttl", type=_duration, default=3600, help="lifetime, e.g. 30m, 1h (default 1h)")
+    tok.add_argument("--subject", type=_uuid, help="who the token names (default: a fresh id)")
+    tok.set_defaults(func=_cmd_token)
     return p
 
 

@@ -57,7 +57,7 @@ class BodyLimit:
 
 def create_app(container: Container) -> FastAPI:
     """Build the API around an already-wired container."""
-    from adapters.api import routes_jobs, routes_rules, routes_users
+    from adapters.api import routes_analysts, routes_jobs, routes_rules, routes_users
 
     app = FastAPI(
         title="Palette API",
@@ -99,6 +99,7 @@ def create_app(container: Container) -> FastAPI:
     app.include_router(routes_users.router)
     app.include_router(routes_rules.router)
     app.include_router(routes_jobs.router)
+    app.include_router(routes_analysts.router)
     return app
 
 

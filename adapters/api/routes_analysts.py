@@ -1,0 +1,135 @@
+"""Read-only routes for analysts (stream replay, state as of) and auditors (billing ledger).
+
+Tokens with role ``analyst`` or ``auditor`` are minted by ``palette token``. A client token gets
+404 here (these routes do not exist for it); staff tokens cannot call any client route."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from adapters.api.deps import ContainerDep
+from adapters.api.envelope import ApiError, ok
+from adapters.api.schemas import Envelope
+from adapters.tokens import TokenInvalid
+from projections import audit
+from projections.replay import Replayer, as_jsonl
+
+router = APIRouter()
+_bearer = HTTPBearer(auto_error=False)
+_E = Envelope[None]
+STAFF_ERRORS = {401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},
+                404: {"model": _E, "description": "NOT_FOUND (also for client tokens)"},
+                422: {"model": _E, "description": "VALIDATION_FAILED"}}
+
+
+def staff(*roles: str) -> Callable[..., str]:
+    def check(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+        if creds is None or not creds.credentials:
+            raise ApiError("AUTH_REQUIRED", "a Bearer token is required")
+        try:
+            _, role = request.app.state.tokens.verify(creds.credentials)
+        except TokenInvalid:
+            raise ApiError("AUTH_INVALID", "the token is invalid or expired") from None
+        if role not in roles:
+            raise ApiError("NOT_FOUND", "not found")
+        return str(role)
+    return check
+
+
+Analyst = Annotated[str, Depends(staff("analyst", "auditor"))]
+Auditor = Annotated[str, Depends(staff("auditor"))]
+NDJSON = {200: {"content": {"application/x-ndjson": {}}, "description": "event envelopes, one JSON per line"}}
+
+
+def _stream(lines: Iterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(lines, media_type="application/x-ndjson")
+
+
+@router.get("/streams", tags=["analysts"], responses={**NDJSON, **STAFF_ERRORS})
+async def replay_all(_: Analyst, container: ContainerDep,
+                     from_position: Annotated[int, Query(alias="from", ge=1)] = 1,
+                     since: datetime | None = None, until: datetime | None = None,
+                     type: Annotated[list[str] | None, Query()] = None) -> StreamingResponse:  # noqa: A002
+    """The global log in commit order as envelope JSON lines."""
+    try:
+        envelopes = Replayer(container.app).all(start=from_position, since=since, until=until, types=type)
+    except ValueError as e:
+        raise ApiError("VALIDATION_FAILED", str(e)) from None
+    return _stream(as_jsonl(envelopes))
+
+
+@router.get("/streams/{stream_id}/events", tags=["analysts"], responses={**NDJSON, **STAFF_ERRORS})
+async def replay_stream(stream_id: UUID, _: Analyst, container: ContainerDep) -> StreamingResponse:
+    """One stream's events in version order as envelope JSON lines."""
+    return _stream(as_jsonl(Replayer(container.app).stream(stream_id)))
+
+
+@router.get("/streams/{stream_id}/state", tags=["analysts"], response_model=Envelope[dict[str, Any]],
+            responses=STAFF_ERRORS)
+async def stream_state(stream_id: UUID, _: Analyst, container: ContainerDep,
+                       version: Annotated[int | None, Query(ge=1)] = None,
+                       as_of: datetime | None = None) -> JSONResponse:
+    """An aggregate's state folded up to a version or a time (exactly one of them)."""
+    if (version is None) == (as_of is None):
+        raise ApiError("VALIDATION_FAILED", "give exactly one of version and as_of")
+
+    def fold() -> dict[str, Any]:
+        try:
+            return Replayer(container.app).state(stream_id, version=version, as_of=as_of)
+        except LookupError as e:
+            raise ApiError("NOT_FOUND", str(e.args[0])) from None
+        except Exception as e:
+            if type(e).__name__ == "AggregateNotFoundError":
+                raise ApiError("NOT_FOUND", "no such stream") from None
+            raise
+
+    return ok(await run_in_threadpool(fold))
+
+
+@router.get("/audit/ledger", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=STAFF_ERRORS)
+async def audit_ledger(user_id: UUID, _: Auditor, container: ContainerDep,
+                       from_time: Annotated[datetime | None, Query(alias="from")] = None,
+                       to_time: Annotated[datetime | None, Query(alias="to")] = None) -> JSONResponse:
+    """A user's ledger with running balance."""
+    def read() -> list[dict[str, Any]]:
+        with container.read_pool.connection() as conn:
+            return audit.ledger(conn, user_id, from_time, to_time)
+    return ok({"user_id": user_id, "entries": await run_in_threadpool(read)})
+
+
+@router.get("/audit/balance", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=STAFF_ERRORS)
+async def audit_balance(user_id: UUID, as_of: datetime, _: Auditor, container: ContainerDep) -> JSONResponse:
+    """A user's balance as of a time, with the ledger positions it used."""
+    def read() -> dict[str, Any]:
+        with container.read_pool.connection() as conn:
+            return audit.balance_as_of(conn, user_id, as_of)
+    return ok(await run_in_threadpool(read))
+
+
+@router.get("/audit/reconcile", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=STAFF_ERRORS)
+async def audit_reconcile(_: Auditor, container: ContainerDep) -> JSONResponse:
+    """Does billing_events equal the fold of the event log? (differences listed)."""
+    def run() -> audit.Reconciliation:
+        with container.read_pool.connection() as conn:
+            return audit.reconcile(conn, container.app.recorder, container.app.mapper.transcoder)
+    report = await run_in_threadpool(run)
+    return ok({"ok": report.ok, "events": report.events, "ledger_rows": report.ledger_rows,
+               "users": report.users, "differences": report.differences})
+
+
+@router.get("/audit/verify", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=STAFF_ERRORS)
+async def audit_verify(_: Auditor, container: ContainerDep) -> JSONResponse:
+    """Recompute the per-user hash chains of the ledger."""
+    def run() -> tuple[int, list[audit.ChainBreak]]:
+        with container.read_pool.connection() as conn:
+            return audit.verify(conn)
+    checked, breaks = await run_in_threadpool(run)
+    return ok({"ok": not breaks, "checked": checked, "breaks": [b.__dict__ for b in breaks]})

@@ -1,0 +1,194 @@
+"""Auditors' queries over ``billing_events``: ledgers, balances as of a time, exports, the
+reconciliation against a fresh fold of the event log, and hash-chain verification."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+
+from projections.read_models import BILLING, GENESIS, LEDGER_COLUMNS, USERS, ledger_hash
+from projections.rebuild import fold_log, iter_envelopes
+
+LEDGER = sql.Identifier("palette_read", "billing_events")
+
+
+def _rows(conn: psycopg.Connection[Any], query: sql.Composable, params: list[Any]) -> list[dict[str, Any]]:
+    return [dict(zip(LEDGER_COLUMNS, r, strict=True)) for r in conn.execute(query, params).fetchall()]
+
+
+def _select() -> sql.Composable:
+    return sql.SQL("SELECT {} FROM {}").format(sql.SQL(", ").join(sql.Identifier(c) for c in LEDGER_COLUMNS), LEDGER)
+
+
+def ledger(conn: psycopg.Connection[Any], user_id: UUID, since: datetime | None = None,
+           until: datetime | None = None) -> list[dict[str, Any]]:
+    """The user's entries in order, each with the running balance (opening balance included)."""
+    opening = 0
+    if since is not None:
+        row = conn.execute(sql.SQL("SELECT coalesce(sum(balance_delta), 0) FROM {} WHERE user_id = %s "
+                                   "AND occurred_at < %s").format(LEDGER), [user_id, since]).fetchone()
+        opening = int(row[0]) if row else 0
+    where, params = sql.SQL("user_id = %s"), [user_id]
+    if since is not None:
+        where += sql.SQL(" AND occurred_at >= %s")
+        params.append(since)
+    if until is not None:
+        where += sql.SQL(" AND occurred_at <= %s")
+        params.append(until)
+    rows = _rows(conn, _select() + sql.SQL(" WHERE ") + where + sql.SQL(" ORDER BY seq"), params)
+    balance = opening
+    for r in rows:
+        balance += r["balance_delta"]
+        r["balance"] = balance
+    return rows
+
+
+def balance_as_of(conn: psycopg.Connection[Any], user_id: UUID, as_of: datetime) -> dict[str, Any]:
+    row = conn.execute(sql.SQL(
+        "SELECT coalesce(sum(balance_delta), 0), "
+        "coalesce(sum(amount) FILTER (WHERE type = 'grant'), 0), "
+        "coalesce(sum(amount) FILTER (WHERE type = 'reserve'), 0), "
+        "coalesce(sum(amount) FILTER (WHERE type = 'spend'), 0), "
+        "coalesce(sum(amount) FILTER (WHERE type = 'refund'), 0), "
+        "count(*), min(position), max(position) FROM {} WHERE user_id = %s AND occurred_at <= %s"
+    ).format(LEDGER), [user_id, as_of]).fetchone()
+    assert row is not None
+    balance, granted, reserved_total, spent, refunded, entries, first, last = row
+    return {"user_id": str(user_id), "as_of": as_of.isoformat(), "balance": int(balance),
+            "granted": int(granted), "reserved": int(reserved_total - spent - refunded), "spent": int(spent),
+            "entries": int(entries), "positions": {"first": first, "last": last}}
+
+
+def export(conn: psycopg.Connection[Any], page: int = 10_000) -> Iterator[dict[str, Any]]:
+    """Every ledger row in position order, read page by page (keyset on position, id)."""
+    last: tuple[int, str] = (0, "")
+    while True:
+        rows = _rows(conn, _select() + sql.SQL(" WHERE (position, id) > (%s, %s) ORDER BY position, id LIMIT %s"),
+                     [last[0], last[1], page])
+        if not rows:
+            return
+        yield from rows
+        last = (rows[-1]["position"], rows[-1]["id"])
+
+
+@dataclass
+class Reconciliation:
+    events: int = 0
+    ledger_rows: int = 0
+    users: int = 0
+    differences: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+
+def _key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(str(row[c]) if isinstance(row[c], UUID) else row[c] for c in LEDGER_COLUMNS)
+
+
+def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, limit: int = 20) -> Reconciliation:
+    """Prove billing_events (and users' credits) equal the fold of the event log, and that every
+    job's reservation is settled at most once."""
+    report = Reconciliation()
+    envelopes = list(iter_envelopes(recorder, transcoder, 1, None))
+    report.events = len(envelopes)
+    _, expected, _, _, failed = fold_log(BILLING, iter(envelopes))
+    users, _, _, _, _ = fold_log(USERS, iter(envelopes))
+    if failed:
+        report.differences.append(f"{len(failed)} user stream(s) cannot be folded")
+    report.ledger_rows = len(expected)
+    expected_rows = {_key(r) for r in expected}
+    actual_rows = {_key(r) for r in export(conn)}
+    for kind, rows in (("missing from the projection", expected_rows - actual_rows),
+                       ("in the projection but not in the log", actual_rows - expected_rows)):
+        for row in sorted(rows, key=lambda r: (r[8], r[0]))[:limit]:
+            report.differences.append(f"{kind}: position {row[8]} {row[3]} {row[4]} user {row[1]} (id {row[0]})")
+        if len(rows) > limit:
+            report.differences.append(f"... and {len(rows) - limit} more {kind}")
+    live = {str(r[0]): (r[1], r[2], r[3]) for r in conn.execute(
+        "SELECT id, credits, reserved, spent FROM palette_read.users").fetchall()}
+    report.users = len(users)
+    for (user_id,), row in users.items():
+        if row is None:
+            continue
+        want = (row["credits"], row["reserved"], row["spent"])
+        if live.get(str(user_id)) != want:
+            report.differences.append(f"user {user_id}: projection has (credits, reserved, spent) "
+                                      f"{live.get(str(user_id))}, the log folds to {want}")
+    reserved = Counter(e.data["job_id"] for e in envelopes if e.type == "CreditsReserved")
+    settled = Counter(e.data["job_id"] for e in envelopes if e.type == "CreditsSettled")
+    for job_id, n in settled.items():
+        if n > 1:
+            report.differences.append(f"job {job_id} settled {n} times")
+        if job_id not in reserved:
+            report.differences.append(f"job {job_id} settled without a reservation")
+    return report
+
+
+@dataclass(frozen=True)
+class ChainBreak:
+    user_id: str
+    seq: int
+    position: int | None
+    reason: str
+
+
+def verify(conn: psycopg.Connection[Any]) -> tuple[int, list[ChainBreak]]:
+    """Recompute every user's hash chain; the first break per user names where a row was
+    edited, inserted or deleted. The chain heads (billing_heads) catch a deleted last row.
+
+    Without a secret in the hash, someone who rewrites a whole chain consistently is caught by
+    ``reconcile`` (the event log is the authority), not here."""
+    heads = {str(r[0]): (r[1], r[2]) for r in conn.execute(
+        "SELECT user_id, seq, last_hash FROM palette_read.billing_heads").fetchall()}
+    breaks: list[ChainBreak] = []
+    seen: set[str] = set()
+    checked = 0
+    state: dict[str, Any] = {"user": None}
+
+    def close_chain() -> None:
+        user = state["user"]
+        if user is None or state["broken"]:
+            return
+        head = heads.get(user)
+        if head is None or (head[0], head[1]) != (state["expected_seq"] - 1, state["prev"]):
+            breaks.append(ChainBreak(user, state["expected_seq"], None,
+                                     "the chain ends before its recorded head (the last row was deleted)"))
+
+    with conn.transaction(), conn.cursor(name="verify_ledger") as cur:
+        cur.itersize = 10_000
+        cur.execute(_select() + sql.SQL(" ORDER BY user_id, seq"))
+        for rec in cur:
+            row = dict(zip(LEDGER_COLUMNS, rec, strict=True))
+            user = str(row["user_id"])
+            if user != state["user"]:
+                close_chain()
+                state.update(user=user, prev=GENESIS, expected_seq=1, broken=False)
+                seen.add(user)
+            checked += 1
+            if state["broken"]:
+                continue
+            reason, at_seq = None, row["seq"]
+            if row["seq"] != state["expected_seq"]:
+                at_seq = state["expected_seq"]  # name the missing row, found just before this one
+                reason = f"sequence jumps from {state['expected_seq'] - 1} to {row['seq']} (a row was deleted)"
+            elif row["prev_hash"] != state["prev"]:
+                reason = "prev_hash does not match the previous row (a row was inserted or replaced)"
+            elif ledger_hash(row["prev_hash"], row) != row["hash"]:
+                reason = "hash does not match the row's contents (the row was edited)"
+            if reason:
+                breaks.append(ChainBreak(user, at_seq, row["position"], reason))
+                state["broken"] = True
+            state["prev"], state["expected_seq"] = row["hash"], row["seq"] + 1
+        close_chain()
+    for user in sorted(set(heads) - seen):
+        breaks.append(ChainBreak(user, 1, None, "every row of this chain is missing"))
+    return checked, breaks

@@ -1,0 +1,151 @@
+"""Analysts' view of the log: replay streams or the whole log as envelopes, and fold an
+aggregate's state as of a version or a time."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate
+from psycopg import sql
+
+from adapters.envelope import EventEnvelope, encode, from_notification
+from domain.job import Job
+from domain.rule import Rule
+from domain.user import User
+from projections.rebuild import PAGE
+
+AGGREGATES: tuple[type[Aggregate], ...] = (User, Job, Rule)
+CSV_COLUMNS = ("id", "stream_id", "stream_type", "version", "type", "timestamp", "data")
+TIME_SLACK_S = 5.0  # timestamps come from the command, commit order may differ by this much
+
+
+def event_topics() -> dict[str, list[str]]:
+    """Event type name -> stored topics (``domain.job:Job.ItemCompleted``)."""
+    out: dict[str, list[str]] = {}
+    for cls in AGGREGATES:
+        for name, attr in vars(cls).items():
+            if isinstance(attr, type) and issubclass(attr, Aggregate.Event) and name not in ("Created", "Event"):
+                out.setdefault(name, []).append(f"{cls.__module__}:{cls.__qualname__}.{name}")
+    return out
+
+
+@dataclass(frozen=True)
+class _Row:
+    id: int
+    originator_id: UUID
+    originator_version: int
+    topic: str
+    state: bytes
+
+
+class Replayer:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.recorder = app.recorder
+        self.transcoder = app.mapper.transcoder
+
+    def stream(self, stream_id: UUID) -> Iterator[EventEnvelope]:
+        """One stream's events in version order."""
+        query = sql.SQL("SELECT notification_id, originator_id, originator_version, topic, state FROM {}.{} "
+                        "WHERE originator_id = %s ORDER BY originator_version").format(
+            sql.Identifier(self.recorder.datastore.schema), sql.Identifier(self.recorder.events_table_name))
+        with self.recorder.datastore.get_connection() as conn, conn.cursor() as cur:
+            cur.execute(query, [stream_id])
+            rows = cur.fetchall()
+        for r in rows:
+            yield from_notification(_Row(r["notification_id"], r["originator_id"], r["originator_version"],
+                                         r["topic"], bytes(r["state"])), self.transcoder)
+
+    def _timestamp_at(self, position: int) -> datetime | None:
+        page = self.recorder.select_notifications(start=position, limit=1)
+        return from_notification(page[0], self.transcoder).timestamp if page else None
+
+    def position_at(self, since: datetime) -> int:
+        """The first position whose event may be at or after ``since`` (binary search, with slack)."""
+        head = self.recorder.max_notification_id() or 0
+        lo, hi = 1, head + 1
+        target = since.timestamp() - TIME_SLACK_S
+        while lo < hi:
+            mid = (lo + hi) // 2
+            ts = self._timestamp_at(mid)
+            if ts is None or ts.timestamp() >= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def all(self, start: int = 1, since: datetime | None = None, until: datetime | None = None,
+            types: list[str] | None = None) -> Iterator[EventEnvelope]:
+        """The global log in commit order, optionally by time range and event type (checked now,
+        before the first event is read)."""
+        topics: list[str] = []
+        if types:
+            known = event_topics()
+            unknown = [t for t in types if t not in known]
+            if unknown:
+                raise ValueError(f"unknown event type(s) {unknown}; known: {sorted(known)}")
+            topics = [topic for t in types for topic in known[t]]
+        position = max(start, self.position_at(since) if since else 1)
+        return self._scan(position, topics, since, until)
+
+    def _scan(self, position: int, topics: list[str], since: datetime | None,
+              until: datetime | None) -> Iterator[EventEnvelope]:
+        stop_after = until.timestamp() + TIME_SLACK_S if until else None
+        while True:
+            page = self.recorder.select_notifications(start=position, limit=PAGE, topics=topics)
+            if not page:
+                return
+            for n in page:
+                env = from_notification(n, self.transcoder)
+                ts = env.timestamp.timestamp()
+                if stop_after is not None and ts > stop_after:
+                    return
+                if since is not None and env.timestamp < since:
+                    continue
+                if until is not None and env.timestamp > until:
+                    continue
+                yield env
+            position = page[-1].id + 1
+
+    def state(self, stream_id: UUID, version: int | None = None, as_of: datetime | None = None) -> dict[str, Any]:
+        """An aggregate's state folded from its events up to a version or a time."""
+        if as_of is not None:
+            versions = [e.version for e in self.stream(stream_id) if e.timestamp <= as_of]
+            if not versions:
+                raise LookupError(f"stream {stream_id} has no events at or before {as_of.isoformat()}")
+            version = versions[-1]
+        aggregate = self.app.repository.get(stream_id, version=version)
+        return {"stream_id": str(stream_id), "stream_type": type(aggregate).__name__,
+                "version": aggregate.version, "state": _plain_state(aggregate)}
+
+
+def _plain_state(aggregate: Any) -> dict[str, Any]:
+    from fastapi.encoders import jsonable_encoder
+
+    state = {k.lstrip("_"): v for k, v in vars(aggregate).items() if k not in ("_pending_events",)}
+    return dict(jsonable_encoder(state, custom_encoder={set: lambda s: sorted(str(x) for x in s)}))
+
+
+def as_jsonl(envelopes: Iterator[EventEnvelope]) -> Iterator[bytes]:
+    for env in envelopes:
+        yield encode(env) + b"\n"
+
+
+def as_csv(envelopes: Iterator[EventEnvelope]) -> Iterator[str]:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(CSV_COLUMNS)
+    yield buf.getvalue()
+    for env in envelopes:
+        buf.seek(0)
+        buf.truncate()
+        writer.writerow([env.id, env.stream_id, env.stream_type, env.version, env.type,
+                         env.timestamp.isoformat(), json.dumps(env.data, separators=(",", ":"))])
+        yield buf.getvalue()
