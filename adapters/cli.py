@@ -92,7 +92,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         from adapters.api.app import create_asgi
 
-        container = bootstrap.build(settings, pool_size=16)
+        container = bootstrap.build(settings, naive=settings.command_path == "naive", pool_size=16)
         try:
             uvicorn.run(create_asgi(container), host=settings.api_host, port=settings.api_port,
                         log_level="warning", access_log=False)
@@ -410,6 +410,13 @@ def parser() -> argparse.ArgumentParser:
     ae.add_argument("--format", choices=("csv", "jsonl"), default="jsonl")
     asub.add_parser("verify", help="recompute the per-user hash chains (exit 1 at a break)")
     aud.set_defaults(func=_cmd_audit)
+
+    bench = sub.add_parser("bench", help="measure every performance goal against a naive baseline")
+    bench.add_argument("--quick", action="store_true", help="the short profile (under 3 minutes)")
+    bench.add_argument("--json", dest="json_path", help="write the results as JSON here")
+    bench.add_argument("--plot", dest="plot_path", help="write a PNG chart of measured/goal here")
+    bench.set_defaults(func=lambda a: __import__("adapters.bench", fromlist=["main"]).main(
+        a.quick, a.json_path, a.plot_path))
 
     tok = sub.add_parser("token", help="mint an analyst or auditor token from the server secret")
     tok.add_argument("--role", choices=("analyst", "auditor"), required=True)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 
-from adapters.envelope import encode, from_notification
+from adapters.envelope import EventEnvelope, encode, from_notification
 from adapters.kafka_io import EVENTS_TOPIC
 
 log = logging.getLogger("palette.relay")
@@ -26,7 +27,8 @@ DDL = (
 
 class Relay:
     def __init__(self, app: Any, producer: Any, database_url: str, name: str = "palette.events",
-                 topic: str = EVENTS_TOPIC, batch_size: int = 2000) -> None:
+                 topic: str = EVENTS_TOPIC, batch_size: int = 2000,
+                 on_acked: Callable[[list[EventEnvelope]], None] | None = None) -> None:
         self.app = app  # owns the recorder's connection pool
         self.recorder = app.recorder
         self.transcoder = app.mapper.transcoder
@@ -38,6 +40,7 @@ class Relay:
         for statement in DDL:
             self.conn.execute(statement)
         self.published = 0
+        self.on_acked = on_acked  # measurement hook (commit-to-ack latency in the benchmark)
 
     def position(self) -> int:
         row = self.conn.execute("SELECT position FROM palette_relay.positions WHERE name = %s",
@@ -54,14 +57,16 @@ class Relay:
         notifications = self.recorder.select_notifications(start=position + 1, limit=self.batch_size)
         if not notifications:
             return position
+        envelopes = [from_notification(n, self.transcoder) for n in notifications]
         futures = [
-            self.producer.send(self.topic, key=str(n.originator_id).encode(),
-                               value=encode(from_notification(n, self.transcoder)))
-            for n in notifications
+            self.producer.send(self.topic, key=str(env.stream_id).encode(), value=encode(env))
+            for env in envelopes
         ]
         self.producer.flush()
         for f in futures:
             f.get(timeout=30)  # raises if the broker did not acknowledge: position stays put
+        if self.on_acked is not None:
+            self.on_acked(envelopes)
         new_position = int(notifications[-1].id)
         self._save(new_position)
         self.published += len(notifications)

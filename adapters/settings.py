@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     callback_secret: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     callback_url: str = ""
+    # "naive" serves commands with one load-decide-save each, no cache: the benchmark's baseline.
+    command_path: Literal["group", "naive"] = "group"
     pg_fsync: bool = True
 
     @field_validator("s3_bucket", "broker_bucket")

@@ -11,7 +11,7 @@ from eventsourcing.application import AggregateNotFoundError, Application
 
 from application.keys import input_key
 from application.ports import Clock, IdGenerator, ObjectStore
-from application.unit_of_work import CommandExecutor, Committed, UnitOfWork
+from application.unit_of_work import CommandExecutor, Committed, UnitOfWork, touches
 from domain.errors import NotFound, ValidationFailed
 from domain.job import MAX_ITEMS, Job, RecordedResult
 from domain.plans import DEFAULT_PLANS, Plan
@@ -79,6 +79,7 @@ class PaletteService:
         user_id = user_id_for_device(device_hash)
         at = self.clock.now()
 
+        @touches(user_id)
         def command(uow: UnitOfWork) -> tuple[UUID, bool]:
             if uow.get(User, user_id) is not None:
                 return user_id, False
@@ -90,6 +91,7 @@ class PaletteService:
     def grant_credits(self, user_id: UUID, amount: int, reason: str) -> Committed[int]:
         at = self.clock.now()
 
+        @touches(user_id)
         def command(uow: UnitOfWork) -> int:
             user = self._user(uow, user_id)
             user.grant(amount, reason, at)
@@ -101,6 +103,7 @@ class PaletteService:
         limits = self._plan(plan)
         at = self.clock.now()
 
+        @touches(user_id)
         def command(uow: UnitOfWork) -> str:
             user = self._user(uow, user_id)
             user.change_plan(limits, at)
@@ -127,6 +130,7 @@ class PaletteService:
         job_id = self.ids.new_id()
         at = self.clock.now()
 
+        @touches(user_id)
         def command(uow: UnitOfWork) -> UUID:
             user = self._user(uow, user_id)
             user.reserve(job_id, item_count, self._plan(user.plan), at)
@@ -135,18 +139,22 @@ class PaletteService:
 
         return self.executor.execute(command)
 
-    def confirm_upload(self, user_id: UUID, job_id: UUID) -> Committed[None]:
-        """created -> uploaded, once every input object exists in the store."""
-        job = self.get_job(user_id, job_id)
-        if self.store is not None and job.status == "created":
-            keys = [input_key(user_id, job_id, i) for i in range(job.item_count)]
-            missing = set(self.store.missing(keys))
-            if missing:
-                raise InputsMissing([i for i, k in enumerate(keys) if k in missing])
+    def confirm_upload(self, user_id: UUID, job_id: UUID) -> Committed[str]:
+        """created -> uploaded, once every input object exists in the store. Returns the status."""
+        if self.store is not None:
+            job = self.get_job(user_id, job_id)
+            if job.status == "created":
+                keys = [input_key(user_id, job_id, i) for i in range(job.item_count)]
+                missing = set(self.store.missing(keys))
+                if missing:
+                    raise InputsMissing([i for i, k in enumerate(keys) if k in missing])
         at = self.clock.now()
 
-        def command(uow: UnitOfWork) -> None:
-            self._own_job(uow, user_id, job_id).confirm_upload(at)
+        @touches(job_id)
+        def command(uow: UnitOfWork) -> str:
+            job = self._own_job(uow, user_id, job_id)
+            job.confirm_upload(at)
+            return job.status.value
 
         return self.executor.execute(command)
 
@@ -154,24 +162,28 @@ class PaletteService:
         self, user_id: UUID, job_id: UUID, concepts: Mapping[str, Mapping[str, Any]] | None,
         protect: Sequence[str] | None = None, rule_id: UUID | None = None,
         output_template: str = "",
-    ) -> Committed[None]:
-        """uploaded -> queued with the edits; a rule supplies edits the request leaves out."""
-        job = self.get_job(user_id, job_id)
-        merged: dict[str, Mapping[str, Any]] = {}
-        merged_protect = list(protect or [])
-        if rule_id is not None:
-            rule = self.get_rule(user_id, rule_id)
-            if rule.preset_id != job.preset:
-                raise ValidationFailed(f"rule is for preset {rule.preset_id!r}, job is {job.preset!r}")
-            merged.update(rule.concepts)
-            if protect is None:
-                merged_protect = list(rule.protect)
-        merged.update(concepts or {})
-        edits, protected = normalise_edits(job.preset, merged, merged_protect)
+    ) -> Committed[str]:
+        """uploaded -> queued with the edits; a rule supplies edits the request leaves out.
+        Everything is read and checked inside the command (one batched load). Returns the status."""
         at = self.clock.now()
+        ids = (job_id,) if rule_id is None else (job_id, rule_id)
 
-        def command(uow: UnitOfWork) -> None:
-            self._own_job(uow, user_id, job_id).execute(edits, protected, rule_id, output_template, at)
+        @touches(*ids)
+        def command(uow: UnitOfWork) -> str:
+            job = self._own_job(uow, user_id, job_id)
+            merged: dict[str, Mapping[str, Any]] = {}
+            merged_protect = list(protect or [])
+            if rule_id is not None:
+                rule = self._own_rule(uow, user_id, rule_id)
+                if rule.preset_id != job.preset:
+                    raise ValidationFailed(f"rule is for preset {rule.preset_id!r}, job is {job.preset!r}")
+                merged.update(rule.concepts)
+                if protect is None:
+                    merged_protect = list(rule.protect)
+            merged.update(concepts or {})
+            edits, protected = normalise_edits(job.preset, merged, merged_protect)
+            job.execute(edits, protected, rule_id, output_template, at)
+            return job.status.value
 
         return self.executor.execute(command)
 
@@ -182,6 +194,7 @@ class PaletteService:
         """Record one GPU result; the last one finishes the job and settles credits atomically."""
         at = self.clock.now()
 
+        @touches(job_id, related=lambda job: [job.user_id])
         def command(uow: UnitOfWork) -> RecordedResult:
             job = uow.get(Job, job_id)
             if job is None:
@@ -197,9 +210,11 @@ class PaletteService:
         return self.executor.execute(command)
 
     def cancel_job(self, user_id: UUID, job_id: UUID, reason: str = "user") -> Committed[bool]:
-        """Cancel and refund the items not done, atomically; canceling twice changes nothing."""
+        """Cancel and refund the items not done, atomically; canceling twice changes nothing.
+        True when this call canceled the job."""
         at = self.clock.now()
 
+        @touches(job_id, user_id)
         def command(uow: UnitOfWork) -> bool:
             job = self._own_job(uow, user_id, job_id)
             canceled = job.cancel(reason, at)
@@ -225,6 +240,7 @@ class PaletteService:
         rule_id = self.ids.new_id()
         at = self.clock.now()
 
+        @touches(user_id)
         def command(uow: UnitOfWork) -> UUID:
             user = self._user(uow, user_id)
             rule = Rule.create(rule_id, user_id, name, preset_id, edits, protected, at)
@@ -242,6 +258,7 @@ class PaletteService:
         edits, protected = normalise_edits(current.preset_id, concepts, protect)
         at = self.clock.now()
 
+        @touches(rule_id)
         def command(uow: UnitOfWork) -> None:
             self._own_rule(uow, user_id, rule_id).update(name, edits, protected, at)
 
@@ -251,6 +268,7 @@ class PaletteService:
         """Delete the rule and free its slot, atomically."""
         at = self.clock.now()
 
+        @touches(rule_id, user_id)
         def command(uow: UnitOfWork) -> None:
             rule = self._own_rule(uow, user_id, rule_id)
             rule.delete(at)

@@ -8,7 +8,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -35,17 +35,19 @@ class ConflictError(DomainError):
 class UnitOfWork:
     """The aggregates one batch of commands works on; later commands see earlier changes."""
 
-    def __init__(self, app: Application) -> None:
-        self._app = app
-        self._loaded: dict[UUID, Aggregate | None] = {}
+    def __init__(self, fetch: Callable[[UUID], Aggregate | None],
+                 loaded: dict[UUID, Aggregate | None] | None = None) -> None:
+        self._fetch = fetch
+        self._loaded: dict[UUID, Aggregate | None] = dict(loaded or {})
+        # What the current command touched, with each aggregate's pending count at first touch.
+        self._touched: dict[UUID, int] = {}
 
     def get(self, cls: type[A], aggregate_id: UUID) -> A | None:
         if aggregate_id not in self._loaded:
-            try:
-                self._loaded[aggregate_id] = self._app.repository.get(aggregate_id)
-            except AggregateNotFoundError:
-                self._loaded[aggregate_id] = None
+            self._loaded[aggregate_id] = self._fetch(aggregate_id)
         agg = self._loaded[aggregate_id]
+        if agg is not None and aggregate_id not in self._touched:
+            self._touched[aggregate_id] = len(agg.pending_events)
         if agg is not None and not isinstance(agg, cls):
             return None
         return agg
@@ -54,15 +56,98 @@ class UnitOfWork:
         if self._loaded.get(aggregate.id) is not None:
             raise ValueError(f"aggregate {aggregate.id} already exists in this unit of work")
         self._loaded[aggregate.id] = aggregate
+        self._touched[aggregate.id] = 0
 
-    def pending_count(self) -> int:
-        return sum(len(a.pending_events) for a in self._loaded.values() if a is not None)
+    def begin_command(self) -> None:
+        self._touched = {}
+
+    def command_recorded(self) -> bool:
+        """Whether the current command recorded events (checked when it refuses)."""
+        for aggregate_id, before in self._touched.items():
+            agg = self._loaded.get(aggregate_id)
+            if agg is not None and len(agg.pending_events) != before:
+                return True
+        return False
 
     def changed(self) -> list[Aggregate]:
         return [a for a in self._loaded.values() if a is not None and a.pending_events]
 
+    def aggregates(self) -> list[Aggregate]:
+        return [a for a in self._loaded.values() if a is not None]
+
     def ids(self) -> list[UUID]:
         return list(self._loaded)
+
+
+def touches(
+    *aggregate_ids: UUID, related: Callable[[Any], Iterable[UUID]] | None = None
+) -> Callable[[Callable[[UnitOfWork], T]], Callable[[UnitOfWork], T]]:
+    """Declare the aggregates a command will load, so a batch fetches them all in one query;
+    ``related`` names more ids from a loaded aggregate (a job's owner), fetched in a second one."""
+    def mark(command: Callable[[UnitOfWork], T]) -> Callable[[UnitOfWork], T]:
+        command.aggregate_ids = aggregate_ids  # type: ignore[attr-defined]
+        command.related_ids = related  # type: ignore[attr-defined]
+        return command
+    return mark
+
+
+class WriterCache:
+    """The group committer's own aggregates: as this writer last saved them, brought up to date
+    with ONE query per batch (new events of every aggregate the batch declares). Owned by the
+    writer thread alone, so no copies: a failed save or a broken command evicts what it touched."""
+
+    def __init__(self, app: Application, maxsize: int = 20_000) -> None:
+        from collections import OrderedDict
+
+        self.app = app
+        self.maxsize = maxsize
+        self._cache: OrderedDict[UUID, Aggregate] = OrderedDict()
+        recorder: Any = app.recorder
+        self._sql = None
+        if hasattr(recorder, "datastore") and hasattr(recorder.datastore, "get_connection"):
+            from psycopg import sql
+
+            self._sql = sql.SQL(
+                "SELECT e.originator_id, e.originator_version, e.topic, e.state FROM {}.{} e "
+                "JOIN unnest(%s::uuid[], %s::int[]) AS v(id, ver) "
+                "ON e.originator_id = v.id AND e.originator_version > v.ver "
+                "ORDER BY e.originator_id, e.originator_version"
+            ).format(sql.Identifier(recorder.datastore.schema), sql.Identifier(recorder.events_table_name))
+
+    def _new_events(self, versions: dict[UUID, int]) -> list[Any]:
+        from eventsourcing.persistence import StoredEvent
+
+        if self._sql is None:  # the in-memory store (unit tests): per aggregate, same semantics
+            return [e for i, v in versions.items() for e in self.app.recorder.select_events(i, gt=v or None)]
+        recorder: Any = self.app.recorder
+        with recorder.datastore.get_connection() as conn, conn.cursor() as cur:
+            cur.execute(self._sql, [list(versions), list(versions.values())], prepare=True)
+            rows = cur.fetchall()
+        return [StoredEvent(r["originator_id"], r["originator_version"], r["topic"], bytes(r["state"])) for r in rows]
+
+    def load(self, ids: set[UUID] | list[UUID]) -> dict[UUID, Aggregate | None]:
+        if not ids:
+            return {}
+        versions = {i: (self._cache[i].version if i in self._cache else 0) for i in ids}
+        out: dict[UUID, Aggregate | None] = {i: self._cache.get(i) for i in ids}
+        for stored in self._new_events(versions):
+            event: Any = self.app.mapper.to_domain_event(stored)
+            out[stored.originator_id] = event.mutate(out[stored.originator_id])
+        return out
+
+    def fetch_one(self, aggregate_id: UUID) -> Aggregate | None:
+        return self.load([aggregate_id])[aggregate_id]
+
+    def keep(self, aggregates: list[Aggregate]) -> None:
+        for agg in aggregates:
+            self._cache[agg.id] = agg
+            self._cache.move_to_end(agg.id)
+        while len(self._cache) > self.maxsize:
+            self._cache.popitem(last=False)
+
+    def evict(self, ids: list[UUID]) -> None:
+        for i in ids:
+            self._cache.pop(i, None)
 
 
 Command = Callable[[UnitOfWork], T]
@@ -87,11 +172,11 @@ class _CommandBug(Exception):
 
 
 def _run_one(uow: UnitOfWork, command: Command[Any]) -> Any:
-    before = uow.pending_count()
+    uow.begin_command()
     try:
         return command(uow)
     except DomainError:
-        if uow.pending_count() != before:
+        if uow.command_recorded():
             raise _CommandBug("command refused after recording events") from None
         raise
 
@@ -121,9 +206,15 @@ class DirectExecutor:
         self.app = app
         self.max_attempts = max_attempts
 
+    def _fetch(self, aggregate_id: UUID) -> Aggregate | None:
+        try:
+            return self.app.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            return None
+
     def execute(self, command: Command[T]) -> Committed[T]:
         for attempt in range(self.max_attempts):
-            uow = UnitOfWork(self.app)
+            uow = UnitOfWork(self._fetch)
             try:
                 value = _run_one(uow, command)
             except _CommandBug as e:
@@ -161,6 +252,7 @@ class GroupCommitter:
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.cache = WriterCache(app)
         self.batches = 0
         self.commands = 0
 
@@ -210,10 +302,24 @@ class GroupCommitter:
                     if not p.future.done():
                         p.future.set_exception(e)
 
+    def _prefetch(self, batch: list[_Pending]) -> dict[UUID, Aggregate | None]:
+        declared = {i for p in batch for i in getattr(p.command, "aggregate_ids", ())}
+        loaded = self.cache.load(declared)
+        related: set[UUID] = set()
+        for p in batch:
+            name_more = getattr(p.command, "related_ids", None)
+            if name_more is None:
+                continue
+            for i in getattr(p.command, "aggregate_ids", ()):
+                if loaded.get(i) is not None:
+                    related.update(name_more(loaded[i]))
+        loaded.update(self.cache.load(related - set(loaded)))
+        return loaded
+
     def _run(self, batch: list[_Pending]) -> None:
         attempt = 0
         while batch:
-            uow = UnitOfWork(self.app)
+            uow = UnitOfWork(self.cache.fetch_one, self._prefetch(batch))
             outcomes: list[tuple[_Pending, bool, Any]] = []
             bug: _Pending | None = None
             for p in batch:
@@ -226,13 +332,14 @@ class GroupCommitter:
                     bug = p
                     break
             if bug is not None:
+                self.cache.evict(uow.ids())  # it may have changed what it touched
                 batch = [p for p in batch if p is not bug]
                 continue
             changed = uow.changed()
             try:
                 recordings = self.app.save(*changed)
             except IntegrityError:
-                _evict(self.app, uow.ids())
+                self.cache.evict(uow.ids())
                 attempt += 1
                 if attempt >= self.max_attempts:
                     for p in batch:
@@ -240,6 +347,7 @@ class GroupCommitter:
                     return
                 _backoff(attempt)
                 continue
+            self.cache.keep(uow.aggregates())
             position = _position(recordings)
             versions = {a.id: a.version for a in changed}
             self.batches += 1

@@ -159,6 +159,12 @@ class Supervisor:
     def names(self) -> list[str]:
         return list(self._order)
 
+    def stop(self, name: str) -> None:
+        """Stop one service for good (no restart) until it is started again."""
+        run = self._running.pop(name)
+        self._order.remove(name)
+        run.stop()
+
     def restart(self, name: str) -> None:
         """Stop and start one service again (used for the broker and by tests)."""
         run = self._running[name]

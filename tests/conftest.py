@@ -48,13 +48,24 @@ def settings(stack: EmbeddedStack) -> Settings:
     return stack.settings
 
 
-APP_PROCESSES = ("api", "relay", "projector", "dispatcher", "gpu")
+APP_PROCESSES = ("api", "relay", "projector")
+GPU_PROCESSES = ("dispatcher", "gpu")
 
 
 @pytest.fixture(scope="session")
 def apps(stack: EmbeddedStack) -> EmbeddedStack:
-    """The application processes running on the session's stack (started once, as `palette up` does)."""
+    """API, relay and projector on the session's stack (started once, as `palette up` does).
+    Without the GPU worker, tests stand in for it and their jobs stay where they put them."""
     missing = tuple(n for n in APP_PROCESSES if stack.supervisor.pid(n) is None)
     if missing:
         stack.start_apps(missing)
     return stack
+
+
+@pytest.fixture(scope="module")
+def gpu_apps(apps: EmbeddedStack) -> Iterator[EmbeddedStack]:
+    """The dispatcher and the GPU worker too, for one module; stopped after it."""
+    apps.start_apps(GPU_PROCESSES)
+    yield apps
+    for name in GPU_PROCESSES:
+        apps.supervisor.stop(name)

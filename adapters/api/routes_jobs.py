@@ -134,8 +134,7 @@ async def confirm_upload(job_id: UUID, user_id: CurrentUser, service: ServiceDep
     """created -> uploaded once every input exists in S3 (else 409 INPUTS_MISSING naming them)."""
     committed = await run_in_threadpool(service.confirm_upload, user_id, job_id)
     _remember(container, user_id, job_id, committed)
-    job = await run_in_threadpool(service.get_job, user_id, job_id)
-    return ok(JobStatePublic(job_id=job_id, status=job.status.value))
+    return ok(JobStatePublic(job_id=job_id, status=committed.value))
 
 
 @router.post("/jobs/{job_id}/execute", response_model=Envelope[JobStatePublic], responses=OWN)
@@ -146,8 +145,7 @@ async def execute_job(job_id: UUID, body: JobExecute, user_id: CurrentUser,
     committed = await run_in_threadpool(service.execute_job, user_id, job_id, concepts, body.protect,
                                         body.rule_id, body.output_template)
     _remember(container, user_id, job_id, committed)
-    job = await run_in_threadpool(service.get_job, user_id, job_id)
-    return ok(JobStatePublic(job_id=job_id, status=job.status.value))
+    return ok(JobStatePublic(job_id=job_id, status=committed.value))
 
 
 @router.get("/jobs/{job_id}", response_model=Envelope[JobPublic], responses=OWN)
@@ -164,8 +162,7 @@ async def cancel_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
     """Cancel and refund the items not done; canceling twice is harmless."""
     committed = await run_in_threadpool(service.cancel_job, user_id, job_id, "user")
     _remember(container, user_id, job_id, committed)
-    job = await run_in_threadpool(service.get_job, user_id, job_id)
-    return ok(JobStatePublic(job_id=job_id, status=job.status.value))
+    return ok(JobStatePublic(job_id=job_id, status="canceled"))
 
 
 @router.post("/jobs/{job_id}/callback", response_model=Envelope[CallbackPublic],

@@ -61,7 +61,7 @@ def terminal(service: PaletteService, job_id: uuid.UUID) -> Job | None:
     return job if job.status.terminal else None
 
 
-def test_a_job_of_real_jpegs_is_edited_and_finishes_done(apps, service, settings):
+def test_a_job_of_real_jpegs_is_edited_and_finishes_done(gpu_apps, service, settings):
     user_id, job_id = queued_job(service, settings, [photo(i) for i in range(3)])
     job = wait_until(lambda: terminal(service, job_id), timeout_s=120, what="the GPU worker to finish the job")
     assert job.status == JobStatus.DONE and job.done_items == 3
@@ -90,7 +90,7 @@ def _probe_job(service: PaletteService, settings: Settings) -> uuid.UUID:
     return queued_job(service, settings, [photo(9)])[1]
 
 
-def test_a_corrupt_upload_fails_its_item_and_the_job_refunds(apps, service, settings):
+def test_a_corrupt_upload_fails_its_item_and_the_job_refunds(gpu_apps, service, settings):
     user_id, job_id = queued_job(service, settings, [photo(1), b"definitely not a jpeg"])
     job = wait_until(lambda: terminal(service, job_id), timeout_s=120, what="the job to terminate")
     assert job.status == JobStatus.DONE
@@ -99,7 +99,7 @@ def test_a_corrupt_upload_fails_its_item_and_the_job_refunds(apps, service, sett
     assert (view.spent, view.reserved, view.credits) == (1, 0, 999)
 
 
-def test_a_poisoned_item_lands_in_the_dlq_and_the_job_still_terminates(apps, service, settings):
+def test_a_poisoned_item_lands_in_the_dlq_and_the_job_still_terminates(gpu_apps, service, settings):
     user_id = service.register(f"gpu-{uuid.uuid4()}", plan="pro").value[0]
     job_id = service.create_job(user_id, "interior", 1).value
     s3_client(settings).put_object(Bucket=settings.s3_bucket, Key=input_key(user_id, job_id, 0), Body=photo(2))
