@@ -82,24 +82,27 @@ class IdempotencyKeys:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        captured: dict[str, Any] = {"body": b""}
+        captured: dict[str, Any] = {"body": b"", "stored": False}
 
         async def capture(message: Message) -> None:
+            # The response is stored before its last byte leaves: a retry that arrives the moment
+            # the client has its answer finds the answer, not "in flight".
             if message["type"] == "http.response.start":
                 captured["status"] = message["status"]
                 captured["headers"] = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in message.get("headers", [])]
             elif message["type"] == "http.response.body":
                 captured["body"] += message.get("body", b"")
+                if not message.get("more_body") and captured.get("status", 500) < 500:
+                    await run_in_threadpool(self._store, owner, key, captured["status"], captured["headers"],
+                                            captured["body"])
+                    captured["stored"] = True
             await send(message)
 
         try:
             await self.app(scope, replay_body, capture)
         finally:
-            status = captured.get("status")
-            if status is None or status >= 500:
-                await run_in_threadpool(self._release, owner, key)  # a retry may run it again
-            else:
-                await run_in_threadpool(self._store, owner, key, status, captured["headers"], captured["body"])
+            if not captured["stored"]:
+                await run_in_threadpool(self._release, owner, key)  # a 5xx or a crash: a retry may run it again
 
     def _owner(self, headers: dict[bytes, bytes]) -> str:
         auth = headers.get(b"authorization", b"").decode(errors="replace")
