@@ -50,20 +50,14 @@ class S3ObjectStore:
         self.bucket = bucket
 
     def missing(self, keys: Sequence[str]) -> list[str]:
-        from concurrent.futures import ThreadPoolExecutor
+        """One LIST per common prefix instead of a HEAD per key (a 200-item job: 1 call, not 200)."""
+        import os.path
 
-        def absent(key: str) -> bool:
-            try:
-                self.client.head_object(Bucket=self.bucket, Key=key)
-                return False
-            except self.client.exceptions.ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return True
-                raise
-
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            flags = list(pool.map(absent, keys))
-        return [k for k, gone in zip(keys, flags, strict=True) if gone]
+        prefix = os.path.commonprefix(list(keys)) if keys else ""
+        present: set[str] = set()
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            present.update(obj["Key"] for obj in page.get("Contents", []))
+        return [k for k in keys if k not in present]
 
 
 @dataclass
@@ -121,7 +115,7 @@ def build_dispatcher(settings: Settings) -> Any:
     from adapters.dispatcher import GROUP, Dispatcher
 
     app = PaletteApplication(env=event_store_env(settings, pool_size=2, cache=False))
-    return Dispatcher(kafka_io.consumer(settings, GROUP, kafka_io.EVENTS_TOPIC),
+    return Dispatcher(kafka_io.consumer(settings, GROUP, kafka_io.EVENTS_TOPIC, fetch_max_wait_ms=100),
                       kafka_io.producer(settings), app)
 
 
@@ -145,5 +139,6 @@ def build_gpu_worker(settings: Settings) -> Any:
 
     pipeline = ImagePipeline(s3_client(settings, max_pool=16), settings.s3_bucket, pick_device(settings.device))
     callbacks = CallbackClient(settings.api_url, settings.callback_secret)
-    return GpuWorker(kafka_io.consumer(settings, GROUP, kafka_io.GPU_TOPIC, max_poll_records=16),
+    return GpuWorker(kafka_io.consumer(settings, GROUP, kafka_io.GPU_TOPIC, max_poll_records=16,
+                                     fetch_max_wait_ms=200),
                      kafka_io.producer(settings), pipeline, callbacks, canceled_lookup=canceled)

@@ -25,13 +25,15 @@ def producer(settings: Settings, linger_ms: int = 5, batch_size: int = 256 * 102
     )
 
 
-def consumer(settings: Settings, group_id: str, *topics: str, max_poll_records: int = 1000) -> Any:
-    """Manual offset commits (after the database commit); short fetch wait for low latency."""
+def consumer(settings: Settings, group_id: str, *topics: str, max_poll_records: int = 1000,
+             fetch_max_wait_ms: int = 20) -> Any:
+    """Manual offset commits (after the database commit). The fetch wait bounds latency: new data
+    does not wake a waiting fetch on the embedded broker, so latency-bound consumers keep it short."""
     from kafka import KafkaConsumer
 
     return KafkaConsumer(
         *topics, bootstrap_servers=settings.effective_kafka_bootstrap, group_id=group_id,
         enable_auto_commit=False, auto_offset_reset="earliest", session_timeout_ms=10000,
-        heartbeat_interval_ms=2000, fetch_max_wait_ms=10, max_poll_records=max_poll_records,
+        heartbeat_interval_ms=2000, fetch_max_wait_ms=fetch_max_wait_ms, max_poll_records=max_poll_records,
         max_poll_interval_ms=300000,
     )

@@ -14,18 +14,21 @@ from adapters.tokens import TokenInvalid
 from application.services import PaletteService
 
 _bearer = HTTPBearer(auto_error=False)
+# Dependencies are `async def`: they never block, and FastAPI would run plain `def` ones in a
+# worker thread (a thread hop per dependency per request).
 
 
-def get_container(request: Request) -> Container:
+async def get_container(request: Request) -> Container:
     container: Container = request.app.state.container
     return container
 
 
-def get_service(request: Request) -> PaletteService:
-    return get_container(request).service
+async def get_service(request: Request) -> PaletteService:
+    service: PaletteService = request.app.state.container.service
+    return service
 
 
-def current_user(
+async def current_user(
     request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> UUID:
     if creds is None or not creds.credentials:

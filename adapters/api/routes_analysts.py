@@ -30,8 +30,8 @@ STAFF_ERRORS = {401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"
                 422: {"model": _E, "description": "VALIDATION_FAILED"}}
 
 
-def staff(*roles: str) -> Callable[..., str]:
-    def check(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+def staff(*roles: str) -> Callable[..., Any]:
+    async def check(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
         if creds is None or not creds.credentials:
             raise ApiError("AUTH_REQUIRED", "a Bearer token is required")
         try:
