@@ -509,10 +509,14 @@ def _gpu_phase(settings_json: str, items: int, naive: bool) -> dict[str, Any]:
                 "X-Palette-Signature": sign_callback(settings.callback_secret, ts, raw)}).raise_for_status()
         http.close()
     else:
+        from adapters.bootstrap import compute_threads_for
+
         pipeline = ImagePipeline(s3, settings.s3_bucket, device)
-        worker = GpuWorker(None, None, pipeline, CallbackClient(settings.api_url, settings.callback_secret))
+        worker = GpuWorker(None, None, pipeline, CallbackClient(settings.api_url, settings.callback_secret),
+                           compute_threads=compute_threads_for(device))
         for start in range(0, len(tasks), 16):
             worker.process(tasks[start:start + 16])
+        worker.compute_pool.shutdown()
         worker.pool.shutdown()
     elapsed = time.perf_counter() - t0
     job = svc.app.repository.get(job_id)

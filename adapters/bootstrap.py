@@ -119,6 +119,19 @@ def build_dispatcher(settings: Settings) -> Any:
                       kafka_io.producer(settings), app)
 
 
+def compute_threads_for(device: Any) -> int:
+    """CPU: one item per core, one torch thread each. CUDA: one feeding thread."""
+    import os
+
+    import torch
+
+    if device.type == "cuda":
+        return 1
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(1)
+    return cores
+
+
 def build_gpu_worker(settings: Settings) -> Any:
     import psycopg
 
@@ -137,8 +150,10 @@ def build_gpu_worker(settings: Settings) -> Any:
         except psycopg.Error:
             return set()
 
-    pipeline = ImagePipeline(s3_client(settings, max_pool=16), settings.s3_bucket, pick_device(settings.device))
+    device = pick_device(settings.device)
+    pipeline = ImagePipeline(s3_client(settings, max_pool=16), settings.s3_bucket, device)
     callbacks = CallbackClient(settings.api_url, settings.callback_secret)
     return GpuWorker(kafka_io.consumer(settings, GROUP, kafka_io.GPU_TOPIC, max_poll_records=16,
                                      fetch_max_wait_ms=200),
-                     kafka_io.producer(settings), pipeline, callbacks, canceled_lookup=canceled)
+                     kafka_io.producer(settings), pipeline, callbacks, canceled_lookup=canceled,
+                     compute_threads=compute_threads_for(device))

@@ -25,14 +25,15 @@ def hex_to_rgb(value: str) -> tuple[float, float, float]:
 
 
 def blend(image: torch.Tensor, edited: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``edited`` where the mask is 1, the original where it is 0, a soft mix on the edges."""
-    return torch.where(mask > 0, image + mask * (edited - image), image)
+    """``edited`` where the mask is 1, the original where it is 0 (exactly: a + 0 * (b - a) == a),
+    a soft mix on the edges. One fused kernel."""
+    return torch.lerp(image, edited, mask.expand_as(image))
 
 
 def recolor(image: torch.Tensor, target_hex: str, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Move chroma to the target colour in CIE Lab, keeping each pixel's lightness L.
 
-    A little of the original chroma variation (relative to the masked mean) is kept so fabric
+    A quarter of the original chroma variation (relative to the masked mean) is kept so fabric
     and paint texture still read."""
     lab = kornia.color.rgb_to_lab(image)
     target = torch.tensor(hex_to_rgb(target_hex), dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
@@ -46,14 +47,21 @@ def recolor(image: torch.Tensor, target_hex: str, mask: torch.Tensor | None = No
     new_ab = target_ab + 0.25 * (ab - mean_ab)
     lightness = lab[:, :1]
     out = kornia.color.lab_to_rgb(torch.cat([lightness, new_ab], dim=1), clip=False)
-    # Gamut mapping that keeps L: where the colour falls outside sRGB, shrink its chroma.
-    for _ in range(6):
-        outside = ((out < 0) | (out > 1)).any(dim=1, keepdim=True)
-        if not bool(outside.any()):
-            break
-        new_ab = torch.where(outside, new_ab * 0.8, new_ab)
-        out = kornia.color.lab_to_rgb(torch.cat([lightness, new_ab], dim=1), clip=False)
+    # Gamut mapping that keeps L: slide each colour towards the grey of the same lightness just
+    # as far as it must to fit in sRGB (in-gamut colours get a factor >= 1, clamped to 1).
+    grey = _grey_of_lightness(lightness)
+    delta = out - grey
+    room = torch.where(delta > 0, 1 - grey, grey) / delta.abs().clamp_min(1e-6)
+    out = grey + delta * room.amin(dim=1, keepdim=True).clamp(max=1)
     return out.clamp(0, 1)
+
+
+def _grey_of_lightness(lightness: torch.Tensor) -> torch.Tensor:
+    """sRGB grey with CIE lightness L (a = b = 0 under D65): the same value in every channel."""
+    fy = (lightness + 16.0) / 116.0
+    y = torch.where(fy > 6.0 / 29.0, fy**3, 3 * (6.0 / 29.0) ** 2 * (fy - 4.0 / 29.0))
+    srgb = torch.where(y > 0.0031308, 1.055 * y.clamp_min(1e-12) ** (1 / 2.4) - 0.055, 12.92 * y)
+    return srgb.clamp(0, 1)
 
 
 _WARM = torch.tensor([[1.08, 0.02, 0.0], [0.0, 1.02, 0.0], [0.0, 0.0, 0.88]])

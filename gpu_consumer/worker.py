@@ -175,13 +175,17 @@ class ImagePipeline:
 class GpuWorker:
     def __init__(self, consumer: Any, producer: Any, pipeline: ImagePipeline, callbacks: CallbackClient,
                  canceled_lookup: Callable[[Sequence[str]], set[str]] | None = None,
-                 io_threads: int = 8, max_records: int = 16, backoff_s: float = 0.2) -> None:
+                 io_threads: int = 8, max_records: int = 16, backoff_s: float = 0.2,
+                 compute_threads: int = 1) -> None:
         self.consumer = consumer
         self.producer = producer
         self.pipeline = pipeline
         self.callbacks = callbacks
         self.canceled_lookup = canceled_lookup
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="gpu-io")
+        # On the CPU, items compute side by side (torch releases the GIL in its kernels) with one
+        # intra-op thread each; on CUDA one thread feeds the device.
+        self.compute_pool = ThreadPoolExecutor(compute_threads, thread_name_prefix="gpu-compute")
         self.max_records = max_records
         self.backoff_s = backoff_s
         self.canceled: set[str] = set()
@@ -233,20 +237,21 @@ class GpuWorker:
             else:
                 live.append(t)
         fetched = [(t, self.pool.submit(self.pipeline.fetch, t)) for t in live]
-        pending: list[Future[None]] = []
-        for task, future in fetched:
-            try:
-                image, masks = future.result()
-                out = self.pipeline.compute(image, masks, task)
-            except BadInput as e:
-                pending.append(self.pool.submit(self._report, task, "failed", "", "", str(e)))
-                continue
-            except Exception as e:  # noqa: BLE001 - retried off the fast path
-                pending.append(self.pool.submit(self._retry, task, e))
-                continue
-            pending.append(self.pool.submit(self._finish_or_retry, task, out))
+        computed = [self.compute_pool.submit(self._compute, task, future) for task, future in fetched]
+        pending = [c.result() for c in computed]
         for f in pending:
             f.result()  # CallbackUnavailable propagates: the offset stays uncommitted
+
+    def _compute(self, task: Task, fetched: Future[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> Future[None]:
+        """Edit one fetched item, then hand its upload and callback to the I/O threads."""
+        try:
+            image, masks = fetched.result()
+            out = self.pipeline.compute(image, masks, task)
+        except BadInput as e:
+            return self.pool.submit(self._report, task, "failed", "", "", str(e))
+        except Exception as e:  # noqa: BLE001 - retried off the fast path
+            return self.pool.submit(self._retry, task, e)
+        return self.pool.submit(self._finish_or_retry, task, out)
 
     def _finish_or_retry(self, task: Task, out: torch.Tensor) -> None:
         try:
@@ -282,6 +287,7 @@ class GpuWorker:
             self.step()
 
     def close(self) -> None:
+        self.compute_pool.shutdown(wait=True)
         self.pool.shutdown(wait=True)
         self.consumer.close()
         self.producer.close()
