@@ -328,6 +328,20 @@ def bench_relay(settings: Settings, prof: Profile, results: dict[str, Any]) -> N
     app.close()
 
 
+def wait_drained(settings: Settings, timeout_s: float = 300) -> None:
+    """Until the projector has folded the backlog (lag is measured on live traffic, not catch-up)."""
+    from projections.read_models import READ_MODELS
+    from projections.store import unapplied
+
+    deadline = time.monotonic() + timeout_s
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            if all(unapplied(conn, m, "palette_events")[0] == 0 for m in READ_MODELS.values()):
+                return
+            time.sleep(0.2)
+    raise RuntimeError("the projector did not catch up with the backlog")
+
+
 def bench_lag(stack: EmbeddedStack, prof: Profile, results: dict[str, Any]) -> None:
     """Commit -> Kafka ack (relay) and commit -> read-model row (relay + projector) at ~500 events/s."""
     from adapters import kafka_io
@@ -373,15 +387,20 @@ def bench_lag(stack: EmbeddedStack, prof: Profile, results: dict[str, Any]) -> N
     for t in threads:
         t.start()
     user_id = svc.register(f"lag-{uuid.uuid4()}", plan="bench").value[0]
-    rate = 250  # job creations per second, 2 events each: 500 events/s
+    rate = 250  # job creations per second, 2 events each: 500 events/s, issued on schedule
+
+    def create() -> None:
+        job_id = svc.create_job(user_id, "interior", 1).value
+        commits[str(job_id)] = time.time()
+
     t0 = time.time()
     deadline = t0 + prof.lag_seconds
     i = 0
-    while time.time() < deadline:
-        time.sleep(max(0.0, t0 + i / rate - time.time()))
-        job_id = svc.create_job(user_id, "interior", 1).value
-        commits[str(job_id)] = time.time()
-        i += 1
+    with ThreadPoolExecutor(16) as pool:
+        while time.time() < deadline:
+            time.sleep(max(0.0, t0 + i / rate - time.time()))
+            pool.submit(create)
+            i += 1
     stop.set()
     for t in threads:
         t.join(timeout=30)
@@ -401,7 +420,7 @@ def bench_lag(stack: EmbeddedStack, prof: Profile, results: dict[str, Any]) -> N
 def bench_rebuild_and_replay(settings: Settings, prof: Profile, results: dict[str, Any]) -> None:
     from projections.read_models import JOBS_LOG
     from projections.rebuild import iter_envelopes, rebuild
-    from projections.replay import Replayer, as_jsonl
+    from projections.replay import Replayer
     from projections.store import BatchResult, apply_model, create_model_tables
 
     app = PaletteApplication(env=event_store_env(settings, pool_size=2, cache=False))
@@ -431,7 +450,7 @@ def bench_rebuild_and_replay(settings: Settings, prof: Profile, results: dict[st
         sink.truncate()
         t0 = time.perf_counter()
         n = 0
-        for chunk in as_jsonl(Replayer(app).all()):
+        for chunk in Replayer(app).all_jsonl():
             sink.write(chunk)
             n += 1
         replay_rates.append(n / (time.perf_counter() - t0))
@@ -591,6 +610,7 @@ def run(quick: bool) -> dict[str, Any]:
         make_backlog(stack.settings, prof.backlog_commands)
         bench_relay(stack.settings, prof, results)
         stack.start_apps(("relay", "projector"))
+        wait_drained(stack.settings)
         bench_lag(stack, prof, results)
         for name in ("relay", "projector"):
             results.setdefault("peak_rss_mb", {})[name] = rss_mb(stack.supervisor.pid(name))

@@ -238,6 +238,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             envelopes = replayer.stream(args.id)
         else:
             try:
+                if args.format == "jsonl" and args.since is None and args.until is None:
+                    for line in _with_progress(replayer.all_jsonl(args.from_position, args.type or None)):
+                        out.buffer.write(line)
+                    out.flush()
+                    return 0
                 envelopes = replayer.all(start=args.from_position, since=args.since, until=args.until,
                                          types=args.type or None)
                 envelopes = _with_progress(envelopes)
@@ -264,7 +269,7 @@ def _with_progress(envelopes: Iterator[Any], every: int = 100_000) -> Iterator[A
     for n, env in enumerate(envelopes, 1):
         if n % every == 0:
             rate = n / max(time.monotonic() - t0, 1e-9)
-            print(f"  {n:,} events ({rate:,.0f}/s), at position {env.id}", file=sys.stderr, flush=True)
+            print(f"  {n:,} events ({rate:,.0f}/s)", file=sys.stderr, flush=True)
         yield env
     if n >= every:
         print(f"  done: {n:,} events in {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)

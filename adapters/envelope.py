@@ -12,7 +12,6 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
-_BASE_FIELDS = {"originator_topic", "timestamp"}
 
 
 class EventEnvelope(BaseModel):
@@ -46,16 +45,47 @@ def split_topic(topic: str) -> tuple[str, str]:
     return stream_type or qualname, event_type
 
 
+def _plain_hook(obj: dict[str, Any]) -> Any:
+    """eventsourcing's typed JSON values ({"_type_", "_data_"}) as plain JSON: UUIDs as dashed
+    strings, datetimes as their ISO text. The same values ``_plain`` gives, without objects."""
+    kind = obj.get("_type_")
+    if kind is None or "_data_" not in obj:
+        return obj
+    data = obj["_data_"]
+    if kind == "uuid_hex":
+        return f"{data[:8]}-{data[8:12]}-{data[12:16]}-{data[16:20]}-{data[20:]}"
+    return data
+
+
+def _state(notification: Any, transcoder: Any) -> dict[str, Any]:
+    if notification.state[:1] == b"{":  # plain JSON: the fast path (no compression, no cipher)
+        plain: dict[str, Any] = json.loads(notification.state, object_hook=_plain_hook)
+        return plain
+    return {k: _plain(v) for k, v in transcoder.decode(notification.state).items()}
+
+
 def from_notification(notification: Any, transcoder: Any) -> EventEnvelope:
-    """Build the envelope of one stored notification (no JSON round trip)."""
-    state: dict[str, Any] = transcoder.decode(notification.state)
+    """Build the envelope of one stored notification."""
+    state = _state(notification, transcoder)
     stream_type, event_type = split_topic(notification.topic)
-    timestamp = state.get("timestamp")
-    data = {k: _plain(v) for k, v in state.items() if k not in _BASE_FIELDS}
+    timestamp = datetime.fromisoformat(state.pop("timestamp"))
+    state.pop("originator_topic", None)
     return EventEnvelope.model_construct(
         id=notification.id, stream_id=notification.originator_id, stream_type=stream_type,
-        version=notification.originator_version, type=event_type, timestamp=timestamp, data=data,
+        version=notification.originator_version, type=event_type, timestamp=timestamp, data=state,
     )
+
+
+def encode_notification(notification: Any, transcoder: Any) -> bytes:
+    """The envelope's JSON straight from a stored notification (the relay's and replay's path)."""
+    state = _state(notification, transcoder)
+    stream_type, event_type = split_topic(notification.topic)
+    timestamp = state.pop("timestamp")
+    state.pop("originator_topic", None)
+    return json.dumps({
+        "id": notification.id, "stream_id": str(notification.originator_id), "stream_type": stream_type,
+        "version": notification.originator_version, "type": event_type, "timestamp": timestamp, "data": state,
+    }, separators=(",", ":")).encode()
 
 
 def encode(envelope: EventEnvelope) -> bytes:

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from adapters.envelope import EventEnvelope, encode, from_notification
+from adapters.envelope import EventEnvelope, encode_notification, from_notification
 from adapters.kafka_io import EVENTS_TOPIC
 
 log = logging.getLogger("palette.relay")
@@ -57,16 +57,16 @@ class Relay:
         notifications = self.recorder.select_notifications(start=position + 1, limit=self.batch_size)
         if not notifications:
             return position
-        envelopes = [from_notification(n, self.transcoder) for n in notifications]
         futures = [
-            self.producer.send(self.topic, key=str(env.stream_id).encode(), value=encode(env))
-            for env in envelopes
+            self.producer.send(self.topic, key=str(n.originator_id).encode(),
+                               value=encode_notification(n, self.transcoder))
+            for n in notifications
         ]
         self.producer.flush()
         for f in futures:
             f.get(timeout=30)  # raises if the broker did not acknowledge: position stays put
         if self.on_acked is not None:
-            self.on_acked(envelopes)
+            self.on_acked([from_notification(n, self.transcoder) for n in notifications])
         new_position = int(notifications[-1].id)
         self._save(new_position)
         self.published += len(notifications)

@@ -59,8 +59,11 @@ async def replay_all(_: Analyst, container: ContainerDep,
                      since: datetime | None = None, until: datetime | None = None,
                      type: Annotated[list[str] | None, Query()] = None) -> StreamingResponse:  # noqa: A002
     """The global log in commit order as envelope JSON lines."""
+    replayer = Replayer(container.app)
     try:
-        envelopes = Replayer(container.app).all(start=from_position, since=since, until=until, types=type)
+        if since is None and until is None:
+            return _stream(replayer.all_jsonl(from_position, type))
+        envelopes = replayer.all(start=from_position, since=since, until=until, types=type)
     except ValueError as e:
         raise ApiError("VALIDATION_FAILED", str(e)) from None
     return _stream(as_jsonl(envelopes))
