@@ -342,6 +342,7 @@ def bench_relay(settings: Settings, prof: Profile, results: dict[str, Any]) -> N
         position, t0 = 0, time.perf_counter()
         while position < head:
             position = relay.step(position)
+        relay.drain()
         rates.append(head / (time.perf_counter() - t0))
         relay.producer.close()
         relay.conn.close()
@@ -356,10 +357,20 @@ def bench_relay(settings: Settings, prof: Profile, results: dict[str, Any]) -> N
             f.get(timeout=30)
         raw_rates.append(len(values) / (time.perf_counter() - t0))
         producer.close()
+    # One message at a time, each waiting for its ack: the broker's own produce latency.
+    producer = kafka_io.producer(settings, linger_ms=0)
+    acks = []
+    for i in range(50):
+        t1 = time.perf_counter()
+        producer.send(f"bench.relay.{prof.repeats - 1}.raw", key=b"k", value=b"%d" % i).get(timeout=30)
+        acks.append((time.perf_counter() - t1) * 1000)
+    producer.close()
+    results["raw_produce_ack_p50_ms"] = round(statistics.median(acks), 1)
     results["relay_events_per_s"] = round(statistics.median(rates), 1)
     results["raw_producer_events_per_s"] = round(statistics.median(raw_rates), 1)
     say(f"relay {results['relay_events_per_s']:,.0f} events/s over {head:,} events; "
-        f"raw producer {results['raw_producer_events_per_s']:,.0f}/s")
+        f"raw producer {results['raw_producer_events_per_s']:,.0f}/s; one produce->ack "
+        f"{results['raw_produce_ack_p50_ms']} ms (p50)")
     app.close()
 
 
@@ -666,7 +677,7 @@ def run(quick: bool) -> dict[str, Any]:
 
 KEYS = ["commands_per_s", "naive_commands_per_s", "api_p99_ms", "core_commands_per_s", "naive_core_commands_per_s",
         "hot_stream_results_per_s", "naive_hot_stream_results_per_s", "relay_events_per_s", "relay_p99_ms",
-        "raw_producer_events_per_s", "projection_lag_p99_ms", "rebuild_events_per_s", "naive_rebuild_events_per_s",
+        "raw_producer_events_per_s", "raw_produce_ack_p50_ms", "projection_lag_p99_ms", "rebuild_events_per_s", "naive_rebuild_events_per_s",
         "replay_events_per_s", "gpu_items_per_s", "naive_gpu_items_per_s", "gpu_device"]
 
 

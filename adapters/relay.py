@@ -40,6 +40,8 @@ class Relay:
         for statement in DDL:
             self.conn.execute(statement)
         self.published = 0
+        self.acked = 0
+        self._in_flight: tuple[int, list[Any], Any] | None = None
         self.on_acked = on_acked  # measurement hook (commit-to-ack latency in the benchmark)
 
     def position(self) -> int:
@@ -53,24 +55,37 @@ class Relay:
             "DO UPDATE SET position = EXCLUDED.position, updated_at = now()", [self.name, position])
 
     def step(self, position: int) -> int:
-        """Publish the next batch after ``position``; return the new position."""
+        """Publish the next batch after ``position`` and return the position published up to.
+
+        Pipelined: the batch just sent is acknowledged while the next one is read and encoded;
+        the saved position only ever covers acknowledged events (``acked``)."""
         notifications = self.recorder.select_notifications(start=position + 1, limit=self.batch_size)
         if not notifications:
+            self.drain()
             return position
         futures = [
             self.producer.send(self.topic, key=str(n.originator_id).encode(),
                                value=encode_notification(n, self.transcoder))
             for n in notifications
         ]
+        self.drain()  # the previous batch: its acks arrived while this one was read and sent
+        self._in_flight = (int(notifications[-1].id), futures, notifications)
+        return int(notifications[-1].id)
+
+    def drain(self) -> None:
+        """Wait for the batch in flight to be acknowledged, then record its position."""
+        if self._in_flight is None:
+            return
+        last, futures, notifications = self._in_flight
         self.producer.flush()
         for f in futures:
-            f.get(timeout=30)  # raises if the broker did not acknowledge: position stays put
+            f.get(timeout=30)  # raises if the broker did not acknowledge: the position stays put
+        self._save(last)
+        self.acked = last
+        self._in_flight = None
+        self.published += len(futures)
         if self.on_acked is not None:
             self.on_acked([from_notification(n, self.transcoder) for n in notifications])
-        new_position = int(notifications[-1].id)
-        self._save(new_position)
-        self.published += len(notifications)
-        return new_position
 
     def warm_up(self, stop: threading.Event) -> None:
         """The relay is ready once its position table answers."""
@@ -90,6 +105,7 @@ class Relay:
             else:
                 wait = idle_s
             position = new_position
+        self.drain()  # SIGTERM: what was sent is acknowledged and recorded before exiting
 
     def close(self) -> None:
         self.producer.close()

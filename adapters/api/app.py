@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adapters.api.rate_limit import RateLimited, TokenBuckets
 from adapters.api.envelope import CODE_BY_STATUS, STATUS_BY_CODE, ApiError, fail, request_id_var
 from adapters.bootstrap import Container
 from adapters.tokens import TokenIssuer
@@ -82,6 +83,12 @@ def create_app(container: Container) -> FastAPI:
     s = container.settings
     app.state.container = container
     app.state.tokens = TokenIssuer(s.jwt_secret, s.jwt_issuer, s.jwt_audience, s.jwt_ttl_s)
+    app.state.job_limits = TokenBuckets(s.rate_jobs_per_s, s.rate_jobs_burst)
+    app.state.callback_limits = TokenBuckets(s.rate_callbacks_per_s, s.rate_callbacks_burst)
+
+    @app.exception_handler(RateLimited)
+    async def _rate(_: Request, e: RateLimited) -> JSONResponse:
+        return fail("RATE_LIMITED", str(e), headers={"Retry-After": e.retry_after_header})
 
     @app.exception_handler(DomainError)
     async def _domain(_: Request, e: DomainError) -> JSONResponse:

@@ -106,10 +106,12 @@ async def list_jobs(user_id: CurrentUser, container: ContainerDep,
 
 @router.post("/jobs", response_model=Envelope[JobCreatedPublic], status_code=201,
              responses={**COMMON, 402: {"model": _E, "description": "INSUFFICIENT_CREDITS"},
-                        409: {"model": _E, "description": "CONCURRENCY_LIMIT"}})
+                        409: {"model": _E, "description": "CONCURRENCY_LIMIT"},
+                        429: {"model": _E, "description": "RATE_LIMITED (with Retry-After)"}})
 async def create_job(body: JobCreate, user_id: CurrentUser, service: ServiceDep,
                      container: ContainerDep, request: Request) -> JSONResponse:
     """Reserve one credit per item, create the job, and hand out presigned PUT URLs."""
+    request.app.state.job_limits.take(user_id)
     committed = await run_in_threadpool(service.create_job, user_id, body.preset, body.item_count)
     job_id = committed.value
     _remember(container, user_id, job_id, committed)
@@ -166,7 +168,8 @@ async def cancel_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
 
 
 @router.post("/jobs/{job_id}/callback", response_model=Envelope[CallbackPublic],
-             responses={**OWN, 401: {"model": _E, "description": "AUTH_INVALID (callback auth)"}})
+             responses={**OWN, 401: {"model": _E, "description": "AUTH_INVALID (callback auth)"},
+                        429: {"model": _E, "description": "RATE_LIMITED (with Retry-After)"}})
 async def callback(
     job_id: UUID, body: CallbackCreate, request: Request, service: ServiceDep, container: ContainerDep,
     x_callback_secret: Annotated[str | None, Header()] = None,
@@ -180,6 +183,7 @@ async def callback(
                            shared_secret=x_callback_secret, timestamp=x_palette_timestamp,
                            signature=x_palette_signature):
         raise ApiError("AUTH_INVALID", "callback authentication failed")
+    request.app.state.callback_limits.take(job_id)  # after auth: strangers cannot spend a job's budget
     committed = await run_in_threadpool(
         service.record_item_result, job_id, body.idx, body.status, body.idempotency_key,
         body.output_key or "", body.preview_key or "", body.error or "",

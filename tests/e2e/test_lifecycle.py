@@ -239,3 +239,19 @@ def test_job_events_stream_as_sse_and_resume_from_last_event_id(client, http, se
     assert [name for _, name in everything] == ["JobCreated", "UploadConfirmed", "JobQueued", "JobStarted",
                                                  "ItemCompleted", "JobFinished"]
     assert events(everything[2][0]) == everything[3:]
+
+
+def test_100_concurrent_creations_from_one_user_never_overdraw_and_429s_say_when(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def create(_: int) -> httpx.Response:
+        return client.call("POST", "/jobs", json={"preset": "interior", "item_count": 1})
+
+    with ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(create, range(100)))
+    codes = [r.status_code for r in responses]
+    assert codes.count(201) == 1  # the free plan runs one job at a time
+    assert set(codes) <= {201, 409, 429} and 429 in codes
+    assert all(int(r.headers["Retry-After"]) >= 1 for r in responses if r.status_code == 429)
+    me = client.data("GET", "/me")
+    assert (me["credits"], me["reserved"], me["active_jobs"]) == (49, 1, 1)
