@@ -90,7 +90,7 @@ def say(msg: str) -> None:
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 # -- the stack ----------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def start_stack() -> tuple[EmbeddedStack, Path]:
     data_dir.chmod(0o755)
     rng = random.Random(os.getpid())
     for _ in range(500):
-        base = rng.randrange(31000, 39000, 10)
+        base = rng.randrange(31000, 39000, 10)  # the derived ports stay under 65535
         ports = {"pg_port": base, "kafka_port": base + 1, "api_port": base + 2, "s3_port": base + 3}
         probe = Settings(data_dir=Path("/nonexistent"), **ports)  # type: ignore[arg-type]
         if all(port_free(p) for p in [*embedded_ports(probe).values(), ports["api_port"]]):
@@ -587,7 +587,7 @@ def _gpu_phase(settings_json: str, items: int, naive: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     run(tasks[warm:])
     elapsed = time.perf_counter() - t0
-    job = svc.app.repository.get(job_id)
+    job: Any = svc.app.repository.get(job_id)
     close()
     assert job.done_items == items + warm, f"only {job.done_items}/{items + warm} items done"
     return {"items_per_s": items / elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -677,7 +677,8 @@ def run(quick: bool) -> dict[str, Any]:
 
 KEYS = ["commands_per_s", "naive_commands_per_s", "api_p99_ms", "core_commands_per_s", "naive_core_commands_per_s",
         "hot_stream_results_per_s", "naive_hot_stream_results_per_s", "relay_events_per_s", "relay_p99_ms",
-        "raw_producer_events_per_s", "raw_produce_ack_p50_ms", "projection_lag_p99_ms", "rebuild_events_per_s", "naive_rebuild_events_per_s",
+        "raw_producer_events_per_s", "raw_produce_ack_p50_ms", "projection_lag_p99_ms", "rebuild_events_per_s",
+        "naive_rebuild_events_per_s",
         "replay_events_per_s", "gpu_items_per_s", "naive_gpu_items_per_s", "gpu_device"]
 
 
@@ -729,6 +730,12 @@ def plot(results: dict[str, Any], path: str) -> None:
 
 
 def main(quick: bool, json_path: str | None, plot_path: str | None) -> int:
+    import signal
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt  # unwinds through run()'s finally: the stack is stopped
+
+    signal.signal(signal.SIGTERM, interrupted)
     results = run(quick)
     print(table(results))
     if json_path:

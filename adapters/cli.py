@@ -175,11 +175,12 @@ def _projection_status(app: object, url: str) -> str:
     head = app.recorder.max_notification_id() or 0  # type: ignore[attr-defined]
     with psycopg.connect(url, autocommit=True) as conn:
         store.ensure_schema(conn)
-        positions = dict(conn.execute("SELECT model, position FROM palette_read.positions").fetchall())
+        positions: dict[str, int] = dict(conn.execute("SELECT model, position FROM palette_read.positions").fetchall())
         relay = conn.execute("SELECT position FROM palette_relay.positions WHERE name = 'palette.events'"
                              ).fetchone() if conn.execute("SELECT to_regclass('palette_relay.positions')"
                                                           ).fetchone()[0] else None  # type: ignore[index]
-        parked = conn.execute("SELECT count(*) FROM palette_read.dead_letters WHERE status IN ('parked','held')").fetchone()
+        parked = conn.execute(
+            "SELECT count(*) FROM palette_read.dead_letters WHERE status IN ('parked','held')").fetchone()
     lines = [f"event store head: {head}", f"relay position:   {relay[0] if relay else 0}",
              f"{'model':<16}{'position':>10}{'lag events':>12}{'lag s':>9}"]
     now = datetime.now(UTC)
@@ -297,14 +298,14 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         elif args.action == "balance":
             print(json.dumps(audit.balance_as_of(conn, args.user, args.as_of), indent=2))
         elif args.action == "export":
-            rows = audit.export(conn)
+            exported = audit.export(conn)
             if args.format == "csv":
                 writer = csv.writer(sys.stdout)
                 writer.writerow(audit.LEDGER_COLUMNS)
-                for r in rows:
+                for r in exported:
                     writer.writerow([r[c] for c in audit.LEDGER_COLUMNS])
             else:
-                for r in rows:
+                for r in exported:
                     sys.stdout.write(json.dumps(r, default=str) + "\n")
         elif args.action == "verify":
             checked, breaks = audit.verify(conn)
@@ -322,8 +323,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                 app.close()  # type: ignore[attr-defined]
             for d in report.differences:
                 print(f"DIFF {d}")
+            verdict = "OK" if report.ok else f"{len(report.differences)} difference(s)"
             print(f"reconciled {report.events:,} events, {report.ledger_rows:,} ledger rows, {report.users:,} users "
-                  f"in {time.monotonic() - t0:.1f}s: {'OK' if report.ok else f'{len(report.differences)} difference(s)'}")
+                  f"in {time.monotonic() - t0:.1f}s: {verdict}")
             return 0 if report.ok else 1
     return 0
 

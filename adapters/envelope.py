@@ -13,7 +13,6 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict
 
 
-
 class EventEnvelope(BaseModel):
     model_config = ConfigDict(frozen=True)
 

@@ -22,7 +22,7 @@ from domain.user import User, user_id_for_device
 MAX_DEVICE_HASH = 200
 
 
-class PaletteApplication(Application):
+class PaletteApplication(Application[UUID]):
     """The event store: User, Job and Rule streams in one PostgreSQL events table."""
 
     name = "palette"
@@ -60,7 +60,7 @@ class PaletteService:
     """Commands return :class:`Committed` (value + event-store position) for read-your-writes."""
 
     def __init__(
-        self, app: Application, executor: CommandExecutor, clock: Clock, ids: IdGenerator,
+        self, app: Application[UUID], executor: CommandExecutor, clock: Clock, ids: IdGenerator,
         store: ObjectStore | None = None, plans: Mapping[str, Plan] = DEFAULT_PLANS,
     ) -> None:
         self.app = app
@@ -225,7 +225,7 @@ class PaletteService:
         return self.executor.execute(command)
 
     def get_job(self, user_id: UUID, job_id: UUID) -> Job:
-        job = self._read(Job, job_id, "job")
+        job: Job = self._read(Job, job_id, "job")
         if job.user_id != user_id:
             raise NotFound("job not found")
         return job
@@ -277,7 +277,7 @@ class PaletteService:
         return self.executor.execute(command)
 
     def get_rule(self, user_id: UUID, rule_id: UUID) -> Rule:
-        rule = self._read(Rule, rule_id, "rule")
+        rule: Rule = self._read(Rule, rule_id, "rule")
         if rule.user_id != user_id or rule.deleted:
             raise NotFound("rule not found")
         return rule
@@ -291,7 +291,7 @@ class PaletteService:
 
     def _read(self, cls: type[Any], aggregate_id: UUID, what: str) -> Any:
         try:
-            agg = self.app.repository.get(aggregate_id)
+            agg: Any = self.app.repository.get(aggregate_id)
         except AggregateNotFoundError:
             raise NotFound(f"{what} not found") from None
         if not isinstance(agg, cls):

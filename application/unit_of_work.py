@@ -96,7 +96,7 @@ class WriterCache:
     with ONE query per batch (new events of every aggregate the batch declares). Owned by the
     writer thread alone, so no copies: a failed save or a broken command evicts what it touched."""
 
-    def __init__(self, app: Application, maxsize: int = 20_000) -> None:
+    def __init__(self, app: Application[UUID], maxsize: int = 20_000) -> None:
         from collections import OrderedDict
 
         self.app = app
@@ -181,7 +181,7 @@ def _run_one(uow: UnitOfWork, command: Command[Any]) -> Any:
         raise
 
 
-def _evict(app: Application, ids: list[UUID]) -> None:
+def _evict(app: Application[UUID], ids: list[UUID]) -> None:
     cache = app.repository.cache
     if cache is not None:
         for aggregate_id in ids:
@@ -202,7 +202,7 @@ def _position(recordings: list[Any]) -> int | None:
 class DirectExecutor:
     """The naive path: one load-decide-save transaction per command, retried on conflict."""
 
-    def __init__(self, app: Application, max_attempts: int = 10) -> None:
+    def __init__(self, app: Application[UUID], max_attempts: int = 10) -> None:
         self.app = app
         self.max_attempts = max_attempts
 
@@ -245,7 +245,7 @@ class GroupCommitter:
     alone; a command that raises anything else is dropped from the batch, which is then redone.
     """
 
-    def __init__(self, app: Application, max_batch: int = 500, max_attempts: int = 10) -> None:
+    def __init__(self, app: Application[UUID], max_batch: int = 500, max_attempts: int = 10) -> None:
         self.app = app
         self.max_batch = max_batch
         self.max_attempts = max_attempts
@@ -297,7 +297,7 @@ class GroupCommitter:
                 batch.append(nxt)
             try:
                 self._run(batch)
-            except BaseException as e:  # never leave a caller waiting forever
+            except BaseException as e:  # noqa: BLE001 - never leave a caller waiting forever
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(e)

@@ -64,7 +64,11 @@ def normalise_edits(
             raise ValidationFailed(f"{concept}: tone must be one of {list(TONES)}")
         if action == "texture" and value_s not in TEXTURES:
             raise ValidationFailed(f"{concept}: texture must be one of {list(TEXTURES)}")
-        edits[concept] = {"action": str(action), "value": value_s.lower() if action == "recolor" else ("" if action == "remove" else value_s)}
+        if action == "recolor":
+            value_s = value_s.lower()
+        elif action == "remove":
+            value_s = ""
+        edits[concept] = {"action": str(action), "value": value_s}
     protected = sorted(set(protect))
     for concept in protected:
         if concept not in preset.concepts:

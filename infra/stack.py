@@ -12,7 +12,7 @@ import sys
 import sysconfig
 import urllib.request
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from adapters.settings import Settings
 from infra.supervisor import ServiceSpec, StackError, Supervisor, port_free
@@ -147,7 +147,8 @@ class EmbeddedStack:
             try:
                 pwd.getpwnam(self._run_as)
             except KeyError:
-                raise StackError("running as root needs the 'postgres' system user (Debian package postgresql)") from None
+                raise StackError(
+                    "running as root needs the 'postgres' system user (Debian package postgresql)") from None
         rundir.mkdir(exist_ok=True)
         self._chown_pg(rundir)
         if not (pgdir / "PG_VERSION").exists():
@@ -226,7 +227,7 @@ class EmbeddedStack:
         env = {"AWS_ACCESS_KEY_ID": s.s3_access_key, "AWS_SECRET_ACCESS_KEY": s.s3_secret_key}
         return ServiceSpec("s3", argv, ready=self._s3_ready, env=env, cwd=weed_dir, restart=True)
 
-    def _s3(self):  # type: ignore[no-untyped-def]
+    def _s3(self) -> Any:
         from adapters.s3 import s3_client
 
         return s3_client(self.settings, timeout_s=2)

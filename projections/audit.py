@@ -17,13 +17,14 @@ from projections.read_models import BILLING, GENESIS, LEDGER_COLUMNS, USERS, led
 from projections.rebuild import fold_log, iter_envelopes
 
 LEDGER = sql.Identifier("palette_read", "billing_events")
+__all__ = ["LEDGER_COLUMNS", "ChainBreak", "Reconciliation", "balance_as_of", "export", "ledger", "reconcile", "verify"]
 
 
-def _rows(conn: psycopg.Connection[Any], query: sql.Composable, params: list[Any]) -> list[dict[str, Any]]:
+def _rows(conn: psycopg.Connection[Any], query: sql.Composed, params: list[Any]) -> list[dict[str, Any]]:
     return [dict(zip(LEDGER_COLUMNS, r, strict=True)) for r in conn.execute(query, params).fetchall()]
 
 
-def _select() -> sql.Composable:
+def _select() -> sql.Composed:
     return sql.SQL("SELECT {} FROM {}").format(sql.SQL(", ").join(sql.Identifier(c) for c in LEDGER_COLUMNS), LEDGER)
 
 
@@ -35,7 +36,8 @@ def ledger(conn: psycopg.Connection[Any], user_id: UUID, since: datetime | None 
         row = conn.execute(sql.SQL("SELECT coalesce(sum(balance_delta), 0) FROM {} WHERE user_id = %s "
                                    "AND occurred_at < %s").format(LEDGER), [user_id, since]).fetchone()
         opening = int(row[0]) if row else 0
-    where, params = sql.SQL("user_id = %s"), [user_id]
+    where: sql.Composable = sql.SQL("user_id = %s")
+    params: list[Any] = [user_id]
     if since is not None:
         where += sql.SQL(" AND occurred_at >= %s")
         params.append(since)
@@ -68,14 +70,14 @@ def balance_as_of(conn: psycopg.Connection[Any], user_id: UUID, as_of: datetime)
 
 def export(conn: psycopg.Connection[Any], page: int = 10_000) -> Iterator[dict[str, Any]]:
     """Every ledger row in position order, read page by page (keyset on position, id)."""
-    last: tuple[int, str] = (0, "")
+    last_position, last_id = 0, ""
     while True:
         rows = _rows(conn, _select() + sql.SQL(" WHERE (position, id) > (%s, %s) ORDER BY position, id LIMIT %s"),
-                     [last[0], last[1], page])
+                     [last_position, last_id, page])
         if not rows:
             return
         yield from rows
-        last = (rows[-1]["position"], rows[-1]["id"])
+        last_position, last_id = rows[-1]["position"], rows[-1]["id"]
 
 
 @dataclass
@@ -107,12 +109,12 @@ def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, lim
     report.ledger_rows = len(expected)
     expected_rows = {_key(r) for r in expected}
     actual_rows = {_key(r) for r in export(conn)}
-    for kind, rows in (("missing from the projection", expected_rows - actual_rows),
+    for kind, keys in (("missing from the projection", expected_rows - actual_rows),
                        ("in the projection but not in the log", actual_rows - expected_rows)):
-        for row in sorted(rows, key=lambda r: (r[8], r[0]))[:limit]:
-            report.differences.append(f"{kind}: position {row[8]} {row[3]} {row[4]} user {row[1]} (id {row[0]})")
-        if len(rows) > limit:
-            report.differences.append(f"... and {len(rows) - limit} more {kind}")
+        for key in sorted(keys, key=lambda r: (r[8], r[0]))[:limit]:
+            report.differences.append(f"{kind}: position {key[8]} {key[3]} {key[4]} user {key[1]} (id {key[0]})")
+        if len(keys) > limit:
+            report.differences.append(f"... and {len(keys) - limit} more {kind}")
     live = {str(r[0]): (r[1], r[2], r[3]) for r in conn.execute(
         "SELECT id, credits, reserved, spent FROM palette_read.users").fetchall()}
     report.users = len(users)

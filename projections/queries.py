@@ -45,7 +45,9 @@ def wait_for_stream(conn: psycopg.Connection[Any], model: str, stream_id: UUID, 
         time.sleep(0.005)
 
 
-def list_jobs(conn: psycopg.Connection[Any], user_id: UUID, limit: int, cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
+def list_jobs(
+    conn: psycopg.Connection[Any], user_id: UUID, limit: int, cursor: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
     """Newest first, keyset-paginated by (created_at, id)."""
     cols = ["id", "status", "preset", "rule_id", "total_items", "done_items", "failed_items",
             "created_at", "finished_at"]

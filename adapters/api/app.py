@@ -8,15 +8,14 @@ import uuid
 from collections.abc import AsyncIterator
 
 import anyio
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from adapters.api.rate_limit import RateLimited, TokenBuckets
 from adapters.api.envelope import CODE_BY_STATUS, STATUS_BY_CODE, ApiError, fail, request_id_var
+from adapters.api.rate_limit import RateLimited, TokenBuckets
 from adapters.bootstrap import Container
 from adapters.tokens import TokenIssuer
 from domain.errors import DomainError

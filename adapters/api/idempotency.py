@@ -47,7 +47,8 @@ class IdempotencyKeys:
             return
         key = raw_key.decode(errors="replace")
         if not key or len(key) > MAX_KEY:
-            await self.fail("VALIDATION_FAILED", f"Idempotency-Key must be 1..{MAX_KEY} characters")(scope, receive, send)
+            refusal = self.fail("VALIDATION_FAILED", f"Idempotency-Key must be 1..{MAX_KEY} characters")
+            await refusal(scope, receive, send)
             return
         body = b""
         try:
@@ -89,7 +90,8 @@ class IdempotencyKeys:
             # the client has its answer finds the answer, not "in flight".
             if message["type"] == "http.response.start":
                 captured["status"] = message["status"]
-                captured["headers"] = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in message.get("headers", [])]
+                captured["headers"] = [[k.decode("latin-1"), v.decode("latin-1")]
+                                       for k, v in message.get("headers", [])]
             elif message["type"] == "http.response.body":
                 captured["body"] += message.get("body", b"")
                 if not message.get("more_body") and captured.get("status", 500) < 500:

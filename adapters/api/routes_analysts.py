@@ -25,7 +25,7 @@ from projections.replay import Replayer, as_jsonl
 router = APIRouter()
 _bearer = HTTPBearer(auto_error=False)
 _E = Envelope[None]
-STAFF_ERRORS = {401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},
+STAFF_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},
                 404: {"model": _E, "description": "NOT_FOUND (also for client tokens)"},
                 422: {"model": _E, "description": "VALIDATION_FAILED"}}
 
@@ -46,7 +46,8 @@ def staff(*roles: str) -> Callable[..., Any]:
 
 Analyst = Annotated[str, Depends(staff("analyst", "auditor"))]
 Auditor = Annotated[str, Depends(staff("auditor"))]
-NDJSON = {200: {"content": {"application/x-ndjson": {}}, "description": "event envelopes, one JSON per line"}}
+NDJSON: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/x-ndjson": {}}, "description": "event envelopes, one JSON per line"}}
 
 
 def _stream(lines: Iterator[bytes]) -> StreamingResponse:
@@ -57,7 +58,7 @@ def _stream(lines: Iterator[bytes]) -> StreamingResponse:
 async def replay_all(_: Analyst, container: ContainerDep,
                      from_position: Annotated[int, Query(alias="from", ge=1)] = 1,
                      since: datetime | None = None, until: datetime | None = None,
-                     type: Annotated[list[str] | None, Query()] = None) -> StreamingResponse:  # noqa: A002
+                     type: Annotated[list[str] | None, Query()] = None) -> StreamingResponse:
     """The global log in commit order as envelope JSON lines."""
     replayer = Replayer(container.app)
     try:

@@ -43,9 +43,9 @@ router = APIRouter(tags=["jobs"])
 URL_TTL_S = 900  # presigned URLs live at most 15 minutes
 INPUT_CONTENT_TYPE = "image/jpeg"
 _E = Envelope[None]
-COMMON = {401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},
+COMMON: dict[int | str, dict[str, Any]] = {401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},
           422: {"model": _E, "description": "VALIDATION_FAILED"}}
-OWN = {**COMMON,
+OWN: dict[int | str, dict[str, Any]] = {**COMMON,
        404: {"model": _E, "description": "NOT_FOUND (also another user's job)"},
        409: {"model": _E, "description": "INVALID_STATE / INPUTS_MISSING / CONFLICT"}}
 
@@ -215,7 +215,7 @@ async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, re
         version = after
         deadline = time.monotonic() + SSE_MAX_S
         while time.monotonic() < deadline and not await request.is_disconnected():
-            events = await run_in_threadpool(lambda: list(app.events.get(job_id, gt=version)))
+            events: list[Any] = await run_in_threadpool(_events_after, app, job_id, version)
             for event in events:
                 version = event.originator_version
                 data = {k: _jsonable(v) for k, v in vars(event).items()
@@ -228,6 +228,10 @@ async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, re
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+def _events_after(app: Any, job_id: UUID, version: int) -> list[Any]:
+    return list(app.events.get(job_id, gt=version))
 
 
 def _jsonable(value: Any) -> Any:

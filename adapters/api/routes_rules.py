@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from uuid import UUID
 
 from fastapi import APIRouter
@@ -17,9 +18,11 @@ from projections.queries import wait_for_stream
 
 router = APIRouter(tags=["rules"])
 _E = Envelope[None]
-COMMON = {401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},
+COMMON: dict[int | str, dict[str, Any]] = {
+    401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},
           422: {"model": _E, "description": "VALIDATION_FAILED"}}
-OWN = {**COMMON, 404: {"model": _E, "description": "NOT_FOUND (also another user's rule)"}}
+OWN: dict[int | str, dict[str, Any]] = {
+    **COMMON, 404: {"model": _E, "description": "NOT_FOUND (also another user's rule)"}}
 
 
 def _public(rule: Rule) -> RulePublic:

@@ -63,8 +63,7 @@ async def health(container: ContainerDep) -> JSONResponse:
     deps: dict[str, Literal["ok", "failing"]] = {
         name: "ok" if good else "failing" for name, good in zip(checks, results, strict=True)
     }
-    status = "ok" if all(results) else "degraded"
-    return ok(HealthPublic(status=status, dependencies=deps))
+    return ok(HealthPublic(status="ok" if all(results) else "degraded", dependencies=deps))
 
 
 @router.post("/auth/anon", response_model=Envelope[TokenPublic], tags=["auth"],

@@ -37,7 +37,7 @@ def test_no_endpoint_leaks_or_changes_another_users_objects(client, other, http,
     paths = http.get("/openapi.json").json()["paths"]
     tried = 0
     for path, methods in paths.items():
-        if "{job_id}" not in path and "{rule_id}" not in path or path == CALLBACK:
+        if ("{job_id}" not in path and "{rule_id}" not in path) or path == CALLBACK:
             continue
         url = path.replace("{job_id}", job_id).replace("{rule_id}", rule_id)
         for method in methods:

@@ -151,13 +151,15 @@ def test_bad_input_is_a_4xx_with_a_stable_code(client, http):
     cases = [
         (client.call("POST", "/jobs", json={"preset": "interior", "item_count": 201}), 422, "VALIDATION_FAILED"),
         (client.call("POST", "/jobs", json={"preset": "garage", "item_count": 1}), 422, "VALIDATION_FAILED"),
-        (client.call("POST", "/jobs", content=b"{not json", headers={"content-type": "application/json"}), 422, "VALIDATION_FAILED"),
+        (client.call("POST", "/jobs", content=b"{not json", headers={"content-type": "application/json"}),
+         422, "VALIDATION_FAILED"),
         (client.call("GET", "/jobs/not-a-uuid"), 422, "VALIDATION_FAILED"),
         (client.call("GET", f"/jobs/{uuid.uuid4()}"), 404, "NOT_FOUND"),
         (client.call("GET", "/presets/garage"), 404, "NOT_FOUND"),
         (http.get("/me"), 401, "AUTH_REQUIRED"),
         (http.get("/me", headers={"Authorization": "Bearer x.y.z"}), 401, "AUTH_INVALID"),
-        (client.call("POST", "/rules", content=b"x" * 70_000, headers={"content-type": "application/json"}), 413, "PAYLOAD_TOO_LARGE"),
+        (client.call("POST", "/rules", content=b"x" * 70_000, headers={"content-type": "application/json"}),
+         413, "PAYLOAD_TOO_LARGE"),
     ]
     for response, status, code in cases:
         assert response.status_code == status, response.text

@@ -45,7 +45,8 @@ def photo(seed: int, size: tuple[int, int] = (320, 240)) -> bytes:
     return buf.getvalue()
 
 
-def queued_job(service: PaletteService, settings: Settings, uploads: list[bytes], edits=EDITS) -> tuple[uuid.UUID, uuid.UUID]:  # type: ignore[no-untyped-def]
+def queued_job(service: PaletteService, settings: Settings, uploads: list[bytes],  # type: ignore[no-untyped-def]
+               edits=EDITS) -> tuple[uuid.UUID, uuid.UUID]:
     user_id = service.register(f"gpu-{uuid.uuid4()}", plan="pro").value[0]
     job_id = service.create_job(user_id, "interior", len(uploads)).value
     s3 = s3_client(settings)
@@ -69,7 +70,8 @@ def test_a_job_of_real_jpegs_is_edited_and_finishes_done(gpu_apps, service, sett
     for idx, result in job.items.items():
         out = Image.open(io.BytesIO(s3.get_object(Bucket=settings.s3_bucket, Key=result.output_key)["Body"].read()))
         assert out.format == "PNG" and out.size == (320, 240)
-        preview = Image.open(io.BytesIO(s3.get_object(Bucket=settings.s3_bucket, Key=result.preview_key)["Body"].read()))
+        preview_bytes = s3.get_object(Bucket=settings.s3_bucket, Key=result.preview_key)["Body"].read()
+        preview = Image.open(io.BytesIO(preview_bytes))
         assert preview.format == "JPEG" and max(preview.size) == 320
         assert result.output_key == f"outputs/{user_id}/{job_id}/{idx}_result.png"
     assert service.get_user(user_id).spent == 3

@@ -79,7 +79,9 @@ def _norm(value: Any) -> Any:
     return value
 
 
-def table_contents(conn: psycopg.Connection[Any], name: str, columns: list[str] | tuple[str, ...]) -> set[tuple[Any, ...]]:
+def table_contents(
+    conn: psycopg.Connection[Any], name: str, columns: list[str] | tuple[str, ...]
+) -> set[tuple[Any, ...]]:
     query = sql.SQL("SELECT {} FROM {}").format(
         sql.SQL(", ").join(sql.Identifier(c) for c in columns), sql.Identifier("palette_read", name))
     return {tuple(_norm(v) for v in row) for row in conn.execute(query).fetchall()}
@@ -193,7 +195,8 @@ def test_a_poison_event_holds_back_only_its_own_stream(apps, conn):
 
     later = _env(poisoned, 3, "JobCanceled", {"reason": "x"}, base + 4)
     apply_batch(conn, [later])
-    assert [d["version"] for d in dead_letters(conn) if d["stream_id"] == poisoned and d["model"] == "jobs_log"] == [1, 2, 3]
+    parked = [d for d in dead_letters(conn) if d["stream_id"] == poisoned and d["model"] == "jobs_log"]
+    assert [d["version"] for d in parked] == [1, 2, 3]
 
     resolve_dead_letter(conn, letters[0]["id"], "skip")
     remaining = [(d["version"], d["status"]) for d in dead_letters(conn)

@@ -75,7 +75,7 @@ def test_removed_region_matches_its_surroundings():
 def test_textures_are_deterministic_and_distinct(name):
     a, b = ops.make_texture(name, 48, 48), ops.make_texture(name, 48, 48)
     assert torch.equal(a, b) and a.shape == (3, 48, 48)
-    assert 0 <= float(a.min()) and float(a.max()) <= 1 and float(a.std()) > 0.005
+    assert float(a.min()) >= 0 and float(a.max()) <= 1 and float(a.std()) > 0.005
     others = [ops.make_texture(n, 48, 48) for n in ops.TEXTURES if n != name]
     assert all(not torch.allclose(a, o, atol=0.02) for o in others)
 
