@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install postgres run test test-unit lint clean
+.PHONY: install postgres run test test-unit lint bench clean
 
 install: $(VENV)/.installed postgres
 
@@ -21,6 +21,8 @@ run: install
 	$(BIN)/palette up
 
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test-unit: install
@@ -29,6 +31,9 @@ test-unit: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+bench: install
+	$(BIN)/palette bench --json docs/bench.json --plot docs/bench.png
 
 clean:
 	rm -rf $(VENV) .palette .pytest_cache .hypothesis
