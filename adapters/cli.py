@@ -94,8 +94,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         container = bootstrap.build(settings, naive=settings.command_path == "naive", pool_size=16)
         try:
+            # Keep-alive longer than clients and proxies keep idle connections (uvicorn's 5 s
+            # default races clients that reuse a connection just as the server closes it).
             uvicorn.run(create_asgi(container), host=settings.api_host, port=settings.api_port,
-                        log_level="warning", access_log=False)
+                        log_level="warning", access_log=False, timeout_keep_alive=75)
         finally:
             container.close()
     elif args.process == "relay":
@@ -422,8 +424,10 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="the short profile (under 3 minutes)")
     bench.add_argument("--json", dest="json_path", help="write the results as JSON here")
     bench.add_argument("--plot", dest="plot_path", help="write a PNG chart of measured/goal here")
+    bench.add_argument("--audit-events", type=int, metavar="N",
+                       help="instead: write a log of about N events, then time `audit reconcile` and replay over it")
     bench.set_defaults(func=lambda a: __import__("adapters.bench", fromlist=["main"]).main(
-        a.quick, a.json_path, a.plot_path))
+        a.quick, a.json_path, a.plot_path, a.audit_events))
 
     tok = sub.add_parser("token", help="mint an analyst or auditor token from the server secret")
     tok.add_argument("--role", choices=("analyst", "auditor"), required=True)
