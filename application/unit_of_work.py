@@ -107,11 +107,13 @@ class WriterCache:
         if hasattr(recorder, "datastore") and hasattr(recorder.datastore, "get_connection"):
             from psycopg import sql
 
+            # LATERAL: one index range scan per aggregate, whatever the planner guesses for
+            # unnest() (a hash join would scan the whole events table as it grows).
             self._sql = sql.SQL(
-                "SELECT e.originator_id, e.originator_version, e.topic, e.state FROM {}.{} e "
-                "JOIN unnest(%s::uuid[], %s::int[]) AS v(id, ver) "
-                "ON e.originator_id = v.id AND e.originator_version > v.ver "
-                "ORDER BY e.originator_id, e.originator_version"
+                "SELECT e.originator_id, e.originator_version, e.topic, e.state "
+                "FROM unnest(%s::uuid[], %s::int[]) AS v(id, ver) CROSS JOIN LATERAL ("
+                " SELECT originator_id, originator_version, topic, state FROM {}.{}"
+                " WHERE originator_id = v.id AND originator_version > v.ver ORDER BY originator_version) e"
             ).format(sql.Identifier(recorder.datastore.schema), sql.Identifier(recorder.events_table_name))
 
     def _new_events(self, versions: dict[UUID, int]) -> list[Any]:

@@ -99,26 +99,33 @@ class BatchResult:
     per_model: dict[str, int] = field(default_factory=dict)
 
 
-def _load_rows(conn: psycopg.Connection[Any], model: ReadModel, tbl: str, keys: set[Key]) -> Rows:
-    rows: Rows = {}
-    if not keys:
-        return rows
-    names = model.column_names
-    select = sql.SQL(", ").join(ident(c) for c in names)
+def _rows_query(model: ReadModel, tbl: str, keys: set[Key]) -> tuple[sql.Composable, list[Any]]:
+    select = sql.SQL(", ").join(ident(c) for c in model.column_names)
     if len(model.key) == 1:
         query = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(select, table(tbl), ident(model.key[0]))
-        params: list[Any] = [[k[0] for k in keys]]
-    else:
-        types = {c.name: c.sql_type for c in model.columns}
-        tuple_cols = sql.SQL(", ").join(ident(k) for k in model.key)
-        unnest = sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(types[k])) for k in model.key)
-        query = sql.SQL("SELECT {} FROM {} WHERE ({}) IN (SELECT * FROM unnest({}))").format(
-            select, table(tbl), tuple_cols, unnest)
-        params = [[k[i] for k in keys] for i in range(len(model.key))]
-    for rec in conn.execute(query, params).fetchall():
+        return query, [[k[0] for k in keys]]
+    types = {c.name: c.sql_type for c in model.columns}
+    tuple_cols = sql.SQL(", ").join(ident(k) for k in model.key)
+    unnest = sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(types[k])) for k in model.key)
+    query = sql.SQL("SELECT {} FROM {} WHERE ({}) IN (SELECT * FROM unnest({}))").format(
+        select, table(tbl), tuple_cols, unnest)
+    return query, [[k[i] for k in keys] for i in range(len(model.key))]
+
+
+def _parse_rows(model: ReadModel, records: Sequence[Sequence[Any]]) -> Rows:
+    rows: Rows = {}
+    names = model.column_names
+    for rec in records:
         row = dict(zip(names, rec, strict=True))
         rows[tuple(row[k] for k in model.key)] = row
     return rows
+
+
+def _load_rows(conn: psycopg.Connection[Any], model: ReadModel, tbl: str, keys: set[Key]) -> Rows:
+    if not keys:
+        return {}
+    query, params = _rows_query(model, tbl, keys)
+    return _parse_rows(model, conn.execute(query, params).fetchall())
 
 
 def write_rows(conn: psycopg.Connection[Any], model: ReadModel, tbl: str, rows: Rows, keys: Iterable[Key]) -> None:
@@ -151,12 +158,15 @@ def insert_ledger(conn: psycopg.Connection[Any], tbl: str, rows: Sequence[Row]) 
         cur.executemany(stmt, [[r[c] for c in LEDGER_COLUMNS] for r in rows])
 
 
+def _tracking_query(model: ReadModel, suffix: str = "") -> sql.Composable:
+    return sql.SQL("SELECT stream_id, version FROM {} WHERE stream_id = ANY(%s) FOR UPDATE").format(
+        table(tracking_table(model, suffix)))
+
+
 def _tracked(conn: psycopg.Connection[Any], model: ReadModel, streams: set[UUID], suffix: str = "") -> dict[UUID, int]:
     if not streams:
         return {}
-    rows = conn.execute(sql.SQL(
-        "SELECT stream_id, version FROM {} WHERE stream_id = ANY(%s) FOR UPDATE"
-    ).format(table(tracking_table(model, suffix))), [list(streams)]).fetchall()
+    rows = conn.execute(_tracking_query(model, suffix), [list(streams)]).fetchall()
     return {r[0]: r[1] for r in rows}
 
 
@@ -252,20 +262,103 @@ def unapplied(conn: psycopg.Connection[Any], model: ReadModel, events_table: str
     return int(row[0]), row[1]
 
 
+def _relevant(model: ReadModel, env: EventEnvelope) -> bool:
+    return _tracks_stream(model, env) or bool(model.keys_for(env))
+
+
+def _positions_sql() -> sql.Composable:
+    return sql.SQL(
+        "INSERT INTO {} (model, position, updated_at) VALUES (%s, %s, now()) "
+        "ON CONFLICT (model) DO UPDATE SET position = GREATEST({}.position, EXCLUDED.position), "
+        "updated_at = now()").format(table("positions"), table("positions"))
+
+
 def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope],
                 models: Iterable[ReadModel] | None = None) -> BatchResult:
-    """Fold a batch into every read model in ONE transaction, tracking included."""
+    """Fold a batch into every read model in ONE transaction, tracking included, in three
+    round trips (pipelined): locks + tracking + dead letters; current rows; all writes."""
     result = BatchResult()
+    if not envelopes:
+        return result
+    chosen = list(models or READ_MODELS.values())
+    share = {m.name: [e for e in envelopes if _relevant(m, e)] for m in chosen}
+    active = [m for m in chosen if share[m.name]]
+    all_streams = list({e.stream_id for e in envelopes})
+    top = max(e.id for e in envelopes)
     with conn.transaction():
-        for model in models or READ_MODELS.values():
-            conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (lock_id(model),))
-            apply_model(conn, model, envelopes, result)
-            if envelopes:
-                conn.execute(sql.SQL(
-                    "INSERT INTO {} (model, position, updated_at) VALUES (%s, %s, now()) "
-                    "ON CONFLICT (model) DO UPDATE SET position = GREATEST({}.position, EXCLUDED.position), "
-                    "updated_at = now()").format(table("positions"), table("positions")),
-                    [model.name, max(e.id for e in envelopes)])
+        with conn.pipeline():
+            locks = sorted(lock_id(m) for m in active)
+            if locks:
+                conn.execute("SELECT pg_advisory_xact_lock_shared(k) FROM unnest(%s::bigint[]) AS k", [locks])
+            tracked_cur = {m.name: conn.execute(_tracking_query(m), [list({e.stream_id for e in share[m.name]})])
+                           for m in active}
+            blocked_cur = conn.execute(sql.SQL(
+                "SELECT model, stream_id FROM {} WHERE status IN ('parked', 'held') AND stream_id = ANY(%s)"
+            ).format(table("dead_letters")), [all_streams])
+        blocked: dict[str, set[UUID]] = {}
+        for name, stream in blocked_cur.fetchall():
+            blocked.setdefault(name, set()).add(stream)
+        plans: dict[str, tuple[list[EventEnvelope], set[Key], dict[UUID, int]]] = {}
+        parks: list[tuple[ReadModel, EventEnvelope, str, str]] = []
+        for m in active:
+            tracked = {r[0]: r[1] for r in tracked_cur[m.name].fetchall()}
+            held = blocked.get(m.name, set())
+            todo = []
+            for e in share[m.name]:
+                if e.version <= tracked.get(e.stream_id, 0):
+                    result.skipped += 1
+                elif e.stream_id in held:
+                    parks.append((m, e, "held behind an earlier parked event of this stream", "held"))
+                else:
+                    todo.append(e)
+                    tracked[e.stream_id] = e.version
+            plans[m.name] = (todo, {k for e in todo for k in m.keys_for(e)}, tracked)
+        with conn.pipeline():
+            rows_cur = {}
+            for m in active:
+                keys = plans[m.name][1]
+                if keys:
+                    query, params = _rows_query(m, m.keyed_table, keys)
+                    rows_cur[m.name] = conn.execute(query, params)
+        writes: list[tuple[ReadModel, Rows, set[Key], list[Row], dict[UUID, int]]] = []
+        for m in active:
+            todo, keys, _ = plans[m.name]
+            rows = _parse_rows(m, rows_cur[m.name].fetchall()) if m.name in rows_cur else {}
+            appended: list[Row] = []
+            advanced: dict[UUID, int] = {}
+            stopped: set[UUID] = set(blocked.get(m.name, set()))
+            for e in todo:
+                if e.stream_id in stopped:
+                    parks.append((m, e, "held behind an earlier parked event of this stream", "held"))
+                    continue
+                try:
+                    # evolve raises before it changes ``rows`` (each fold builds the new row, then assigns)
+                    appended.extend(m.evolve(rows, e))
+                except Exception as exc:  # noqa: BLE001 - a poison event is parked, not fatal
+                    parks.append((m, e, f"{type(exc).__name__}: {exc}", "parked"))
+                    stopped.add(e.stream_id)
+                    continue
+                advanced[e.stream_id] = e.version
+                result.applied += 1
+                result.max_position = max(result.max_position, e.id)
+            result.per_model[m.name] = result.per_model.get(m.name, 0) + len(advanced)
+            writes.append((m, rows, keys, appended, advanced))
+        result.parked += len(parks)
+        with conn.pipeline():
+            for m, e, error, status in parks:
+                _park(conn, m, e, error, status)
+            for m, rows, keys, appended, advanced in writes:
+                write_rows(conn, m, m.keyed_table, rows, keys)
+                if m.append_table:
+                    insert_ledger(conn, m.append_table, appended)
+                if advanced:
+                    with conn.cursor() as cur:
+                        cur.executemany(sql.SQL(
+                            "INSERT INTO {} (stream_id, version) VALUES (%s, %s) "
+                            "ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version"
+                        ).format(table(tracking_table(m))), list(advanced.items()))
+            with conn.cursor() as cur:
+                cur.executemany(_positions_sql(), [[m.name, top] for m in chosen])
     return result
 
 
