@@ -99,7 +99,7 @@ class BatchResult:
     per_model: dict[str, int] = field(default_factory=dict)
 
 
-def _rows_query(model: ReadModel, tbl: str, keys: set[Key]) -> tuple[sql.Composable, list[Any]]:
+def _rows_query(model: ReadModel, tbl: str, keys: set[Key]) -> tuple[sql.Composed, list[Any]]:
     select = sql.SQL(", ").join(ident(c) for c in model.column_names)
     if len(model.key) == 1:
         query = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(select, table(tbl), ident(model.key[0]))
@@ -158,7 +158,7 @@ def insert_ledger(conn: psycopg.Connection[Any], tbl: str, rows: Sequence[Row]) 
         cur.executemany(stmt, [[r[c] for c in LEDGER_COLUMNS] for r in rows])
 
 
-def _tracking_query(model: ReadModel, suffix: str = "") -> sql.Composable:
+def _tracking_query(model: ReadModel, suffix: str = "") -> sql.Composed:
     return sql.SQL("SELECT stream_id, version FROM {} WHERE stream_id = ANY(%s) FOR UPDATE").format(
         table(tracking_table(model, suffix)))
 
@@ -266,7 +266,7 @@ def _relevant(model: ReadModel, env: EventEnvelope) -> bool:
     return _tracks_stream(model, env) or bool(model.keys_for(env))
 
 
-def _positions_sql() -> sql.Composable:
+def _positions_sql() -> sql.Composed:
     return sql.SQL(
         "INSERT INTO {} (model, position, updated_at) VALUES (%s, %s, now()) "
         "ON CONFLICT (model) DO UPDATE SET position = GREATEST({}.position, EXCLUDED.position), "
