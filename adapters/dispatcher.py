@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from typing import Any
 from uuid import UUID
 
 from adapters.envelope import decode
-from adapters.kafka_io import GPU_TOPIC
+from adapters.kafka_io import GPU_TOPIC, ConsumerLoop
 from application.keys import input_key, mask_key, output_key, preview_key
 from domain.job import Job
 from domain.presets import PRESETS
@@ -33,7 +32,7 @@ def tasks_for(job: Job) -> list[dict[str, Any]]:
     } for idx in range(job.item_count)]
 
 
-class Dispatcher:
+class Dispatcher(ConsumerLoop):
     def __init__(self, consumer: Any, producer: Any, app: Any) -> None:
         self.consumer = consumer
         self.producer = producer
@@ -61,15 +60,6 @@ class Dispatcher:
         if polled:
             self.consumer.commit()
         return len(futures)
-
-    def warm_up(self, stop: threading.Event) -> None:
-        """Join the consumer group: poll until partitions are assigned."""
-        while not stop.is_set() and not self.consumer.assignment():
-            self.step()
-
-    def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            self.step()
 
     def close(self) -> None:
         self.consumer.close()

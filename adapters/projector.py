@@ -4,19 +4,19 @@ read models; database commit first (rows + tracking, one transaction), Kafka off
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 import psycopg
 
 from adapters.envelope import EventEnvelope, decode
+from adapters.kafka_io import ConsumerLoop
 from projections.store import BatchResult, apply_batch, ensure_schema
 
 log = logging.getLogger("palette.projector")
 GROUP = "palette-projections"
 
 
-class Projector:
+class Projector(ConsumerLoop):
     def __init__(self, consumer: Any, database_url: str) -> None:
         self.consumer = consumer
         self.conn = psycopg.connect(database_url, autocommit=True)
@@ -42,15 +42,6 @@ class Projector:
         self.totals.skipped += result.skipped
         self.totals.parked += result.parked
         return len(envelopes)
-
-    def warm_up(self, stop: threading.Event) -> None:
-        """Join the consumer group: poll until partitions are assigned."""
-        while not stop.is_set() and not self.consumer.assignment():
-            self.step()
-
-    def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            self.step()
 
     def close(self) -> None:
         self.consumer.close()

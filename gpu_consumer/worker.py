@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +21,7 @@ from typing import Any
 import httpx
 import torch
 
+from adapters.kafka_io import ConsumerLoop
 from adapters.tokens import sign_callback
 from gpu_consumer import ops
 from gpu_consumer.codec import BadInput, check_size, decode, decode_mask, encode_png, encode_preview
@@ -172,7 +172,7 @@ class ImagePipeline:
                            ContentType="image/jpeg")
 
 
-class GpuWorker:
+class GpuWorker(ConsumerLoop):
     def __init__(self, consumer: Any, producer: Any, pipeline: ImagePipeline, callbacks: CallbackClient,
                  canceled_lookup: Callable[[Sequence[str]], set[str]] | None = None,
                  io_threads: int = 8, max_records: int = 16, backoff_s: float = 0.2,
@@ -276,15 +276,6 @@ class GpuWorker:
             self.producer.flush()
             self.consumer.commit()
         return len(tasks)
-
-    def warm_up(self, stop: threading.Event) -> None:
-        while not stop.is_set() and not self.consumer.assignment():
-            self.step()
-
-    def run(self, stop: threading.Event) -> None:
-        """Until SIGTERM: the batch in flight is finished before the loop ends."""
-        while not stop.is_set():
-            self.step()
 
     def close(self) -> None:
         self.compute_pool.shutdown(wait=True)

@@ -13,7 +13,7 @@ from adapters.bootstrap import Container
 from adapters.tokens import TokenInvalid
 from application.services import PaletteService
 
-_bearer = HTTPBearer(auto_error=False)
+bearer = HTTPBearer(auto_error=False)
 # Dependencies are `async def`: they never block, and FastAPI would run plain `def` ones in a
 # worker thread (a thread hop per dependency per request).
 
@@ -28,18 +28,24 @@ async def get_service(request: Request) -> PaletteService:
     return service
 
 
-async def current_user(
-    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> UUID:
+def verified(request: Request, creds: HTTPAuthorizationCredentials | None) -> tuple[UUID, str]:
+    """The bearer token's subject and role, or 401 (missing: AUTH_REQUIRED, bad: AUTH_INVALID)."""
     if creds is None or not creds.credentials:
         raise ApiError("AUTH_REQUIRED", "a Bearer token is required")
     try:
-        user_id, role = request.app.state.tokens.verify(creds.credentials)
+        subject, role = request.app.state.tokens.verify(creds.credentials)
     except TokenInvalid:
         raise ApiError("AUTH_INVALID", "the token is invalid or expired") from None
+    return subject, role
+
+
+async def current_user(
+    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> UUID:
+    user_id, role = verified(request, creds)
     if role != "client":
         raise ApiError("AUTH_INVALID", "this token cannot act as a client")
-    return user_id  # type: ignore[no-any-return]
+    return user_id
 
 
 CurrentUser = Annotated[UUID, Depends(current_user)]

@@ -13,17 +13,15 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials
 
-from adapters.api.deps import ContainerDep
+from adapters.api.deps import ContainerDep, bearer, verified
 from adapters.api.envelope import ApiError, ok
 from adapters.api.schemas import Envelope
-from adapters.tokens import TokenInvalid
 from projections import audit
 from projections.replay import Replayer, as_jsonl
 
 router = APIRouter()
-_bearer = HTTPBearer(auto_error=False)
 _E = Envelope[None]
 STAFF_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},
                 404: {"model": _E, "description": "NOT_FOUND (also for client tokens)"},
@@ -31,13 +29,8 @@ STAFF_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": _E, "description
 
 
 def staff(*roles: str) -> Callable[..., Any]:
-    async def check(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
-        if creds is None or not creds.credentials:
-            raise ApiError("AUTH_REQUIRED", "a Bearer token is required")
-        try:
-            _, role = request.app.state.tokens.verify(creds.credentials)
-        except TokenInvalid:
-            raise ApiError("AUTH_INVALID", "the token is invalid or expired") from None
+    async def check(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+        _, role = verified(request, creds)
         if role not in roles:
             raise ApiError("NOT_FOUND", "not found")
         return str(role)
