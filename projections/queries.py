@@ -32,7 +32,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
 
 
 def wait_for_stream(conn: psycopg.Connection[Any], model: str, stream_id: UUID, version: int,
-                    timeout_s: float = 1.0) -> bool:
+                    timeout_s: float = 5.0) -> bool:
     """Wait briefly until ``model`` has folded ``stream_id`` up to ``version`` (read-your-writes)."""
     deadline = time.monotonic() + timeout_s
     query = sql.SQL("SELECT version FROM {} WHERE stream_id = %s").format(table(f"{model}_tracking"))

@@ -87,7 +87,7 @@ async def list_jobs(user_id: CurrentUser, container: ContainerDep,
                     limit: Annotated[int, Query(ge=1, le=100)] = 20,
                     cursor: Annotated[str | None, Query(max_length=200)] = None) -> JSONResponse:
     """The caller's jobs, newest first, from the jobs_log read model (keyset-paginated; waits
-    up to 1 s for the caller's own last write to reach it)."""
+    up to 5 s for the caller's own last write to reach it)."""
 
     def read() -> tuple[list[dict[str, Any]], str | None]:
         with container.read_pool.connection() as conn:

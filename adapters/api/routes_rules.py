@@ -49,7 +49,7 @@ async def create_rule(body: RuleCreate, user_id: CurrentUser, service: ServiceDe
 
 @router.get("/rules", response_model=Envelope[RuleList], responses=COMMON)
 async def list_rules(user_id: CurrentUser, container: ContainerDep) -> JSONResponse:
-    """The caller's rules from the rules read model (waits up to 1 s for the caller's last write)."""
+    """The caller's rules from the rules read model (waits up to 5 s for the caller's last write)."""
 
     def read() -> list[dict[str, object]]:
         with container.read_pool.connection() as conn:
