@@ -31,14 +31,17 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
         raise BadCursor("invalid cursor") from e
 
 
-def wait_for_stream(conn: psycopg.Connection[Any], model: str, stream_id: UUID, version: int,
-                    timeout_s: float = 5.0) -> bool:
-    """Wait briefly until ``model`` has folded ``stream_id`` up to ``version`` (read-your-writes)."""
+def wait_for_streams(conn: psycopg.Connection[Any], model: str, versions: dict[UUID, int],
+                     timeout_s: float = 5.0) -> bool:
+    """Wait briefly until ``model`` has folded every given stream up to its version
+    (read-your-writes)."""
+    if not versions:
+        return True
     deadline = time.monotonic() + timeout_s
-    query = sql.SQL("SELECT version FROM {} WHERE stream_id = %s").format(table(f"{model}_tracking"))
+    query = sql.SQL("SELECT stream_id, version FROM {} WHERE stream_id = ANY(%s)").format(table(f"{model}_tracking"))
     while True:
-        row = conn.execute(query, [stream_id]).fetchone()
-        if row is not None and row[0] >= version:
+        seen = dict(conn.execute(query, [list(versions)]).fetchall())
+        if all(seen.get(stream, 0) >= version for stream, version in versions.items()):
             return True
         if time.monotonic() >= deadline:
             return False

@@ -1,4 +1,4 @@
-"""Read-your-writes for projection-backed lists: remember each user's last write per model."""
+"""Read-your-writes for projection-backed lists: remember each user's recent writes per model."""
 
 from __future__ import annotations
 
@@ -6,12 +6,17 @@ import threading
 from collections import OrderedDict
 from uuid import UUID
 
+STREAMS_PER_USER = 32  # a user's recent streams per model; older ones have long been folded
+
 
 class LastWrites:
-    """user -> model -> (stream id, version) of the user's last write in this process (LRU)."""
+    """user -> model -> {stream id: version} of the user's recent writes in this process (LRU).
+
+    All of them are waited for: streams land on different partitions, so the last write being
+    folded says nothing about an earlier one on another stream."""
 
     def __init__(self, max_users: int = 100_000) -> None:
-        self._data: OrderedDict[UUID, dict[str, tuple[UUID, int]]] = OrderedDict()
+        self._data: OrderedDict[UUID, dict[str, OrderedDict[UUID, int]]] = OrderedDict()
         self._lock = threading.Lock()
         self.max_users = max_users
 
@@ -19,11 +24,15 @@ class LastWrites:
         if version is None:
             return
         with self._lock:
-            self._data.setdefault(user_id, {})[model] = (stream_id, version)
+            streams = self._data.setdefault(user_id, {}).setdefault(model, OrderedDict())
+            streams[stream_id] = max(version, streams.get(stream_id, 0))
+            streams.move_to_end(stream_id)
+            while len(streams) > STREAMS_PER_USER:
+                streams.popitem(last=False)
             self._data.move_to_end(user_id)
             while len(self._data) > self.max_users:
                 self._data.popitem(last=False)
 
-    def last(self, user_id: UUID, model: str) -> tuple[UUID, int] | None:
+    def recent(self, user_id: UUID, model: str) -> dict[UUID, int]:
         with self._lock:
-            return self._data.get(user_id, {}).get(model)
+            return dict(self._data.get(user_id, {}).get(model, {}))

@@ -36,7 +36,7 @@ from application.keys import input_key
 from application.unit_of_work import Committed
 from domain.errors import ValidationFailed
 from domain.job import Job
-from projections.queries import BadCursor, wait_for_stream
+from projections.queries import BadCursor, wait_for_streams
 from projections.queries import list_jobs as list_jobs_query
 
 router = APIRouter(tags=["jobs"])
@@ -91,9 +91,7 @@ async def list_jobs(user_id: CurrentUser, container: ContainerDep,
 
     def read() -> tuple[list[dict[str, Any]], str | None]:
         with container.read_pool.connection() as conn:
-            last = container.last_writes.last(user_id, "jobs_log")
-            if last is not None:
-                wait_for_stream(conn, "jobs_log", *last)
+            wait_for_streams(conn, "jobs_log", container.last_writes.recent(user_id, "jobs_log"))
             try:
                 return list_jobs_query(conn, user_id, limit, cursor)
             except BadCursor:

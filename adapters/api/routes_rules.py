@@ -14,7 +14,7 @@ from adapters.api.envelope import ok
 from adapters.api.schemas import Envelope, RuleCreate, RuleList, RulePublic, RuleUpdate
 from domain.rule import Rule
 from projections.queries import list_rules as list_rules_query
-from projections.queries import wait_for_stream
+from projections.queries import wait_for_streams
 
 router = APIRouter(tags=["rules"])
 _E = Envelope[None]
@@ -53,9 +53,7 @@ async def list_rules(user_id: CurrentUser, container: ContainerDep) -> JSONRespo
 
     def read() -> list[dict[str, object]]:
         with container.read_pool.connection() as conn:
-            last = container.last_writes.last(user_id, "rules")
-            if last is not None:
-                wait_for_stream(conn, "rules", *last)
+            wait_for_streams(conn, "rules", container.last_writes.recent(user_id, "rules"))
             return list_rules_query(conn, user_id)
 
     rows = await run_in_threadpool(read)
