@@ -104,11 +104,16 @@ def _rows_query(model: ReadModel, tbl: str, keys: set[Key]) -> tuple[sql.Compose
     if len(model.key) == 1:
         query = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(select, table(tbl), ident(model.key[0]))
         return query, [[k[0] for k in keys]]
+    # Composite keys: one primary-key lookup per key (LATERAL). An IN (unnest) semi-join lets
+    # the planner scan the whole table, which grows with every job.
     types = {c.name: c.sql_type for c in model.columns}
-    tuple_cols = sql.SQL(", ").join(ident(k) for k in model.key)
     unnest = sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(types[k])) for k in model.key)
-    query = sql.SQL("SELECT {} FROM {} WHERE ({}) IN (SELECT * FROM unnest({}))").format(
-        select, table(tbl), tuple_cols, unnest)
+    names = [f"k{i}" for i in range(len(model.key))]
+    match = sql.SQL(" AND ").join(
+        sql.SQL("t.{} = k.{}").format(ident(col), sql.Identifier(n)) for col, n in zip(model.key, names, strict=True))
+    select_t = sql.SQL(", ").join(sql.SQL("t.{}").format(ident(c)) for c in model.column_names)
+    query = sql.SQL("SELECT {} FROM unnest({}) AS k({}) CROSS JOIN LATERAL (SELECT * FROM {} t WHERE {}) t").format(
+        select_t, unnest, sql.SQL(", ").join(sql.Identifier(n) for n in names), table(tbl), match)
     return query, [[k[i] for k in keys] for i in range(len(model.key))]
 
 
