@@ -7,7 +7,6 @@ import ctypes
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -197,9 +196,6 @@ class Supervisor:
                 restarted.append(name)
         return restarted
 
-    def stopped_unexpectedly(self) -> list[str]:
-        return [n for n in self._order if not self._running[n].spec.restart and not self._running[n].alive()]
-
     def stop_all(self) -> None:
         for name in reversed(self._order):
             self._say(f"stopping {name}")
@@ -224,7 +220,3 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
     return True
-
-
-def eprint(msg: str) -> None:
-    print(msg, file=sys.stderr)

@@ -58,6 +58,14 @@ def _ts(env: EventEnvelope) -> datetime:
     return env.timestamp
 
 
+def _current(rows: Rows, key: Key, env: EventEnvelope, created_by: str) -> Row:
+    """A copy of the row an event updates; an update before its creation event is a poison event."""
+    row = rows.get(key)
+    if row is None:
+        raise ValueError(f"{env.stream_type.lower()} {env.stream_id} has no {created_by} event before {env.type}")
+    return dict(row)
+
+
 # -- users -------------------------------------------------------------------------------
 def _users_keys(env: EventEnvelope) -> list[Key]:
     return [(env.stream_id,)] if env.stream_type == "User" else []
@@ -71,10 +79,7 @@ def _users_evolve(rows: Rows, env: EventEnvelope) -> list[Row]:
                      "granted": 0, "device_hash": d["device_hash"], "created_at": _ts(env),
                      "updated_at": _ts(env)}
         return []
-    row = rows.get(key)
-    if row is None:
-        raise ValueError(f"user {env.stream_id} has no Registered event before {env.type}")
-    row = dict(row)
+    row = _current(rows, key, env, "Registered")
     if env.type == "CreditsGranted":
         row["credits"] += d["amount"]
         row["granted"] += d["amount"]
@@ -116,10 +121,7 @@ def _rules_evolve(rows: Rows, env: EventEnvelope) -> list[Row]:
                      "protect_json": json.dumps(d["protect"]), "deleted": False,
                      "created_at": _ts(env), "updated_at": _ts(env)}
         return []
-    row = rows.get(key)
-    if row is None:
-        raise ValueError(f"rule {env.stream_id} has no RuleCreated event before {env.type}")
-    row = dict(row)
+    row = _current(rows, key, env, "RuleCreated")
     if env.type == "RuleUpdated":
         row.update(name=d["name"], concepts_json=json.dumps(d["concepts"], sort_keys=True),
                    protect_json=json.dumps(d["protect"]))
@@ -155,10 +157,7 @@ def _jobs_evolve(rows: Rows, env: EventEnvelope) -> list[Row]:
                      "created_at": _ts(env), "finished_at": None, "updated_at": _ts(env),
                      "version": env.version}
         return []
-    row = rows.get(key)
-    if row is None:
-        raise ValueError(f"job {env.stream_id} has no JobCreated event before {env.type}")
-    row = dict(row)
+    row = _current(rows, key, env, "JobCreated")
     if env.type == "UploadConfirmed":
         row["status"] = "uploaded"
     elif env.type == "JobQueued":
