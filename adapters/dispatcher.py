@@ -10,7 +10,7 @@ from uuid import UUID
 
 from adapters.envelope import decode
 from adapters.kafka_io import GPU_TOPIC, ConsumerLoop
-from application.keys import input_key, mask_key, output_key, preview_key
+from application.keys import callback_key, input_key, mask_key, output_key, preview_key
 from domain.job import Job
 from domain.presets import PRESETS
 
@@ -28,7 +28,7 @@ def tasks_for(job: Job) -> list[dict[str, Any]]:
         "input_key": input_key(user_id, job_id, idx), "output_key": output_key(user_id, job_id, idx),
         "preview_key": preview_key(user_id, job_id, idx),
         "mask_keys": {c: mask_key(user_id, job_id, idx, c) for c in concepts},
-        "idempotency_key": f"{job_id}:{idx}", "attempt": 0,
+        "idempotency_key": callback_key(job_id, idx), "attempt": 0,
     } for idx in range(job.item_count)]
 
 

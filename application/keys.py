@@ -21,10 +21,6 @@ def preview_key(user_id: UUID, job_id: UUID, idx: int) -> str:
     return f"previews/{user_id}/{job_id}/{idx}_thumb.jpg"
 
 
-def user_prefixes(user_id: UUID) -> tuple[str, ...]:
-    return tuple(f"{kind}/{user_id}/" for kind in ("inputs", "outputs", "masks", "previews"))
-
-
 def callback_key(job_id: UUID, idx: int) -> str:
     """The idempotency key a GPU worker reports an item result under."""
     return f"{job_id}:{idx}"
