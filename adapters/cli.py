@@ -139,8 +139,8 @@ def _cmd_projections(args: argparse.Namespace) -> int:
             except (KeyError, rebuilding.RebuildBusy) as e:
                 print(f"palette projections rebuild: {e.args[0]}", file=sys.stderr)
                 return 2
-            print(f"rebuilt {report.model}: {report.events:,} events in {report.seconds:.2f}s "
-                  f"({report.events_per_s:,.0f} events/s), {report.rows:,} rows"
+            print(f"rebuilt {report.model}: {report.events:,} of its events (log of {report.log_events:,}) "
+                  f"in {report.seconds:.2f}s ({report.events_per_s:,.0f} log events/s), {report.rows:,} rows"
                   + (f", {report.ledger_rows:,} ledger rows" if report.ledger_rows else "")
                   + (f", {report.failed_streams} stream(s) held by a failing event" if report.failed_streams else ""))
         elif args.action == "dlq":
@@ -320,13 +320,17 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             app = _event_store(settings)
             try:
                 t0 = time.monotonic()
-                report = audit.reconcile(conn, app.recorder, app.mapper.transcoder)  # type: ignore[attr-defined]
+                report = audit.reconcile(
+                    conn, app.recorder, app.mapper.transcoder,  # type: ignore[attr-defined]
+                    progress=lambda n: print(f"... {n:,} user events folded", file=sys.stderr, flush=True))
+                log_size = app.recorder.max_notification_id() or 0  # type: ignore[attr-defined]
             finally:
                 app.close()  # type: ignore[attr-defined]
             for d in report.differences:
                 print(f"DIFF {d}")
             verdict = "OK" if report.ok else f"{len(report.differences)} difference(s)"
-            print(f"reconciled {report.events:,} events, {report.ledger_rows:,} ledger rows, {report.users:,} users "
+            print(f"reconciled {report.events:,} user events (of {log_size:,} in the log), "
+                  f"{report.ledger_rows:,} ledger rows, {report.users:,} users "
                   f"in {time.monotonic() - t0:.1f}s: {verdict}")
             return 0 if report.ok else 1
     return 0

@@ -4,7 +4,7 @@ reconciliation against a fresh fold of the event log, and hash-chain verificatio
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -13,8 +13,8 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from projections.read_models import BILLING, GENESIS, LEDGER_COLUMNS, USERS, ledger_hash
-from projections.rebuild import fold_log, iter_envelopes
+from projections.read_models import BILLING, GENESIS, LEDGER_COLUMNS, USERS, Rows, ledger_hash
+from projections.rebuild import iter_envelopes, stream_topics
 
 LEDGER = sql.Identifier("palette_read", "billing_events")
 __all__ = ["LEDGER_COLUMNS", "ChainBreak", "Reconciliation", "balance_as_of", "export", "ledger", "reconcile", "verify"]
@@ -96,28 +96,48 @@ def _key(row: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(str(row[c]) if isinstance(row[c], UUID) else row[c] for c in LEDGER_COLUMNS)
 
 
-def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, limit: int = 20) -> Reconciliation:
+def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, limit: int = 20,
+              progress: Callable[[int], None] | None = None) -> Reconciliation:
     """Prove billing_events (and users' credits) equal the fold of the event log, and that every
-    job's reservation is settled at most once."""
+    job's reservation is settled at most once.
+
+    One streaming pass over the User streams (the only ones these models fold): both folds and
+    the reservation counts advance together, so memory holds rows, not the log."""
     report = Reconciliation()
-    envelopes = list(iter_envelopes(recorder, transcoder, 1, None))
-    report.events = len(envelopes)
-    _, expected, _, _, failed = fold_log(BILLING, iter(envelopes))
-    users, _, _, _, _ = fold_log(USERS, iter(envelopes))
+    users: Rows = {}
+    expected: set[tuple[Any, ...]] = set()
+    failed: set[UUID] = set()
+    reserved: Counter[str] = Counter()
+    settled: Counter[str] = Counter()
+    heads: Rows = {}
+    for env in iter_envelopes(recorder, transcoder, 1, None, topics=stream_topics("User")):
+        report.events += 1
+        if progress and report.events % 100_000 == 0:
+            progress(report.events)
+        if env.type == "CreditsReserved":
+            reserved[str(env.data["job_id"])] += 1
+        elif env.type == "CreditsSettled":
+            settled[str(env.data["job_id"])] += 1
+        if env.stream_id in failed:
+            continue
+        try:
+            USERS.evolve(users, env)
+            expected.update(_key(r) for r in BILLING.evolve(heads, env))
+        except Exception:  # noqa: BLE001 - reported below, as the live projector would park it
+            failed.add(env.stream_id)
     if failed:
         report.differences.append(f"{len(failed)} user stream(s) cannot be folded")
     report.ledger_rows = len(expected)
-    expected_rows = {_key(r) for r in expected}
     actual_rows = {_key(r) for r in export(conn)}
-    for kind, keys in (("missing from the projection", expected_rows - actual_rows),
-                       ("in the projection but not in the log", actual_rows - expected_rows)):
+    for kind, keys in (("missing from the projection", expected - actual_rows),
+                       ("in the projection but not in the log", actual_rows - expected)):
         for key in sorted(keys, key=lambda r: (r[8], r[0]))[:limit]:
             report.differences.append(f"{kind}: position {key[8]} {key[3]} {key[4]} user {key[1]} (id {key[0]})")
         if len(keys) > limit:
             report.differences.append(f"... and {len(keys) - limit} more {kind}")
     live = {str(r[0]): (r[1], r[2], r[3]) for r in conn.execute(
         "SELECT id, credits, reserved, spent FROM palette_read.users").fetchall()}
-    report.users = len(users)
+    report.users = sum(1 for row in users.values() if row is not None)
     for (user_id,), row in users.items():
         if row is None:
             continue
@@ -125,8 +145,6 @@ def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, lim
         if live.get(str(user_id)) != want:
             report.differences.append(f"user {user_id}: projection has (credits, reserved, spent) "
                                       f"{live.get(str(user_id))}, the log folds to {want}")
-    reserved = Counter(e.data["job_id"] for e in envelopes if e.type == "CreditsReserved")
-    settled = Counter(e.data["job_id"] for e in envelopes if e.type == "CreditsSettled")
     for job_id, n in settled.items():
         if n > 1:
             report.differences.append(f"job {job_id} settled {n} times")
