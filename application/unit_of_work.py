@@ -349,6 +349,11 @@ class GroupCommitter:
                     return
                 _backoff(attempt)
                 continue
+            except BaseException:
+                # The database went away mid-save (or the save raised anything else): what the
+                # batch decided is not stored, so the cached objects holding it must go too.
+                self.cache.evict(uow.ids())
+                raise
             self.cache.keep(uow.aggregates())
             position = _position(recordings)
             versions = {a.id: a.version for a in changed}

@@ -210,3 +210,30 @@ def test_group_commit_applies_a_batch_in_order_and_isolates_refusals() -> None:
     assert outcomes[-1] == "RuntimeError"
     assert svc.get_user(user_id).credits == 50 + 20  # the broken command's grant was not saved
     committer.stop()
+
+
+def test_regression_a_save_that_dies_leaves_no_phantom_in_the_writer_cache() -> None:
+    """Found by the model-based simulation (shrunk): the group committer kept the aggregates of a
+    batch whose save died (not a conflict), so the next batch saved the lost grant after all and
+    numbered its own events past a hole."""
+    svc = make_service(group_commit=True)
+    user_id, _ = svc.register("phantom").value
+    recorder = svc.app.recorder
+    real = recorder.insert_events
+
+    def dying(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("the database went away")
+
+    recorder.insert_events = dying  # type: ignore[method-assign]
+    try:
+        svc.grant_credits(user_id, 7, "promo")
+        raise AssertionError("the grant should have failed")
+    except ConnectionError:
+        pass
+    finally:
+        recorder.insert_events = real  # type: ignore[method-assign]
+    svc.grant_credits(user_id, 5, "promo")
+    versions = [e.originator_version for e in svc.app.events.get(user_id)]  # type: ignore[attr-defined]
+    assert versions == list(range(1, len(versions) + 1))
+    assert svc.get_user(user_id).granted == 50 + 5
+    svc.executor.stop()  # type: ignore[attr-defined]
