@@ -97,17 +97,25 @@ def build(settings: Settings, *, naive: bool = False, pool_size: int = 8) -> Con
 
 def build_relay(settings: Settings) -> Any:
     from adapters import kafka_io
-    from adapters.relay import Relay
+    from adapters.relay import PgPositions, Relay
 
     app = PaletteApplication(env=event_store_env(settings, pool_size=2, cache=False))
-    return Relay(app, kafka_io.producer(settings, linger_ms=5), settings.effective_database_url)
+    return Relay(app, kafka_io.producer(settings, linger_ms=5), PgPositions(settings.effective_database_url))
 
 
 def build_projector(settings: Settings) -> Any:
     from adapters import kafka_io
-    from adapters.projector import GROUP, Projector
+    from adapters.projector import GROUP, PgReadStore, Projector
+    from adapters.relay import RELAY_NAME, PgPositions
+    from projections.log import LogReader
 
-    return Projector(kafka_io.consumer(settings, GROUP, kafka_io.EVENTS_TOPIC), settings.effective_database_url)
+    app = PaletteApplication(env=event_store_env(settings, pool_size=1, cache=False))
+    relay_positions = PgPositions(settings.effective_database_url)
+    return Projector(kafka_io.consumer(settings, GROUP, kafka_io.EVENTS_TOPIC),
+                     PgReadStore(settings.effective_database_url),
+                     LogReader(app.recorder, app.mapper.transcoder),
+                     published=lambda: relay_positions.get(RELAY_NAME),
+                     sweep_every_s=settings.projector_sweep_s)
 
 
 def build_dispatcher(settings: Settings) -> Any:

@@ -1,27 +1,79 @@
 """The projector process: consumer group ``palette-projections`` folds ``palette.events`` into the
-read models; database commit first (rows + tracking, one transaction), Kafka offset second."""
+read models; database commit first (rows + tracking, one transaction), Kafka offset second.
+
+Two guards against a broker that loses a message (an acknowledged write lost in a crash):
+a batch that skips a stream's version reads the missing ones from the event log first (never a
+later event over a lost one), and a sweep walks the log behind the relay every ``sweep_every_s``
+to fold what never arrived at all (a stream's last event). Both are idle when nothing is lost.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import psycopg
 
 from adapters.envelope import EventEnvelope, decode
 from adapters.kafka_io import ConsumerLoop
-from projections.store import BatchResult, apply_batch, ensure_schema
+from projections.log import LogReader
+from projections.store import BatchResult, Fill, apply_batch, ensure_schema
 
 log = logging.getLogger("palette.projector")
 GROUP = "palette-projections"
+SWEEP = "sweep"  # the read store's position row for the sweep
+SWEEP_PAGE = 2000
+
+
+class ReadStore(Protocol):
+    def apply(self, envelopes: Sequence[EventEnvelope], fill: Fill | None = None) -> BatchResult: ...
+    def position(self, name: str) -> int: ...
+    def save_position(self, name: str, position: int) -> None: ...
+
+
+class PgReadStore:
+    """The read models in PostgreSQL (schema ``palette_read``)."""
+
+    def __init__(self, database_url: str) -> None:
+        self.conn = psycopg.connect(database_url, autocommit=True)
+        ensure_schema(self.conn)
+
+    def apply(self, envelopes: Sequence[EventEnvelope], fill: Fill | None = None) -> BatchResult:
+        return apply_batch(self.conn, envelopes, fill=fill)
+
+    def position(self, name: str) -> int:
+        row = self.conn.execute("SELECT position FROM palette_read.positions WHERE model = %s", [name]).fetchone()
+        return int(row[0]) if row else 0
+
+    def save_position(self, name: str, position: int) -> None:
+        self.conn.execute(
+            "INSERT INTO palette_read.positions (model, position) VALUES (%s, %s) ON CONFLICT (model) "
+            "DO UPDATE SET position = EXCLUDED.position, updated_at = now()", [name, position])
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 class Projector(ConsumerLoop):
-    def __init__(self, consumer: Any, database_url: str) -> None:
+    def __init__(self, consumer: Any, store: ReadStore, log_reader: LogReader | None = None,
+                 published: Callable[[], int] | None = None, sweep_every_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.consumer = consumer
-        self.conn = psycopg.connect(database_url, autocommit=True)
-        ensure_schema(self.conn)
+        self.store = store
+        self.log = log_reader
+        self.published = published  # how far the relay has published (the sweep stays behind it)
+        self.sweep_every_s = sweep_every_s
+        self.clock = clock
         self.totals = BatchResult()
+        self.swept = 0  # events only the sweep folded: the broker never delivered them
+        self.sweep_bound = 0
+        self._next_sweep = clock() + sweep_every_s
+
+    @property
+    def fill(self) -> Fill | None:
+        return self.log.stream_events if self.log is not None else None
 
     def step(self, timeout_ms: int = 100) -> int:
         polled = self.consumer.poll(timeout_ms=timeout_ms)
@@ -34,15 +86,46 @@ class Projector(ConsumerLoop):
                     # Only the relay writes this topic; an undecodable message is a bug, not data.
                     log.error("undecodable message at %s:%s offset %s skipped",
                               record.topic, record.partition, record.offset)
-        if not polled:
-            return 0
-        result = apply_batch(self.conn, envelopes)
-        self.consumer.commit()
+        if polled:
+            self._count(self.store.apply(envelopes, self.fill))
+            self.consumer.commit()
+        if self.log is not None and self.clock() >= self._next_sweep:
+            self.sweep()
+        return len(envelopes)
+
+    def sweep(self, limit: int = SWEEP_PAGE) -> int:
+        """Fold one page of the log behind the relay: what the broker never delivered.
+
+        The bound is the relay's position as of the previous sweep, so what the broker is still
+        delivering is left to it. Returns the events this page applied (0 when nothing was lost)."""
+        assert self.log is not None
+        start = self.store.position(SWEEP)
+        page = self.log.read(start, self.sweep_bound, limit)
+        applied = 0
+        if page:
+            result = self.store.apply(page, self.fill)
+            self._count(result)
+            applied = result.applied
+            self.swept += applied
+            self.store.save_position(SWEEP, page[-1].id)
+            if applied:
+                log.warning("sweep folded %d event(s) the broker did not deliver (positions %d..%d)",
+                            applied, page[0].id, page[-1].id)
+        if len(page) < limit:  # caught up with the bound: the next sweep after the interval
+            self.sweep_bound = self.published() if self.published is not None else self.log.head()
+            self._next_sweep = self.clock() + self.sweep_every_s
+        return applied
+
+    def _count(self, result: BatchResult) -> None:
         self.totals.applied += result.applied
         self.totals.skipped += result.skipped
         self.totals.parked += result.parked
-        return len(envelopes)
+        self.totals.filled += result.filled
+        if result.filled:
+            log.warning("filled %d event(s) missing from the broker's delivery from the event log", result.filled)
 
     def close(self) -> None:
         self.consumer.close()
-        self.conn.close()
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            close()

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 
@@ -18,6 +18,7 @@ from adapters.envelope import EventEnvelope, encode_notification, from_notificat
 from adapters.kafka_io import EVENTS_TOPIC
 
 log = logging.getLogger("palette.relay")
+RELAY_NAME = "palette.events"
 DDL = (
     "CREATE SCHEMA IF NOT EXISTS palette_relay",
     "CREATE TABLE IF NOT EXISTS palette_relay.positions (name text PRIMARY KEY, position bigint NOT NULL, "
@@ -25,34 +26,51 @@ DDL = (
 )
 
 
+class Positions(Protocol):
+    def get(self, name: str) -> int: ...
+    def save(self, name: str, position: int) -> None: ...
+
+
+class PgPositions:
+    """The relay's positions in PostgreSQL (``palette_relay.positions``)."""
+
+    def __init__(self, database_url: str) -> None:
+        self.conn = psycopg.connect(database_url, autocommit=True)
+        for statement in DDL:
+            self.conn.execute(statement)
+
+    def get(self, name: str) -> int:
+        row = self.conn.execute("SELECT position FROM palette_relay.positions WHERE name = %s", [name]).fetchone()
+        return int(row[0]) if row else 0
+
+    def save(self, name: str, position: int) -> None:
+        self.conn.execute(
+            "INSERT INTO palette_relay.positions (name, position) VALUES (%s, %s) ON CONFLICT (name) "
+            "DO UPDATE SET position = EXCLUDED.position, updated_at = now()", [name, position])
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 class Relay:
-    def __init__(self, app: Any, producer: Any, database_url: str, name: str = "palette.events",
+    def __init__(self, app: Any, producer: Any, positions: Positions, name: str = RELAY_NAME,
                  topic: str = EVENTS_TOPIC, batch_size: int = 2000,
                  on_acked: Callable[[list[EventEnvelope]], None] | None = None) -> None:
         self.app = app  # owns the recorder's connection pool
         self.recorder = app.recorder
         self.transcoder = app.mapper.transcoder
         self.producer = producer
+        self.positions = positions
         self.name = name
         self.topic = topic
         self.batch_size = batch_size
-        self.conn = psycopg.connect(database_url, autocommit=True)
-        for statement in DDL:
-            self.conn.execute(statement)
         self.published = 0
         self.acked = 0
         self._in_flight: tuple[int, list[Any], Any] | None = None
         self.on_acked = on_acked  # measurement hook (commit-to-ack latency in the benchmark)
 
     def position(self) -> int:
-        row = self.conn.execute("SELECT position FROM palette_relay.positions WHERE name = %s",
-                                [self.name]).fetchone()
-        return int(row[0]) if row else 0
-
-    def _save(self, position: int) -> None:
-        self.conn.execute(
-            "INSERT INTO palette_relay.positions (name, position) VALUES (%s, %s) ON CONFLICT (name) "
-            "DO UPDATE SET position = EXCLUDED.position, updated_at = now()", [self.name, position])
+        return self.positions.get(self.name)
 
     def step(self, position: int) -> int:
         """Publish the next batch after ``position`` and return the position published up to.
@@ -80,7 +98,7 @@ class Relay:
         self.producer.flush()
         for f in futures:
             f.get(timeout=30)  # raises if the broker did not acknowledge: the position stays put
-        self._save(last)
+        self.positions.save(self.name, last)
         self.acked = last
         self._in_flight = None
         self.published += len(futures)
@@ -109,5 +127,7 @@ class Relay:
 
     def close(self) -> None:
         self.producer.close()
-        self.conn.close()
+        close = getattr(self.positions, "close", None)
+        if close is not None:
+            close()
         self.app.close()

@@ -52,10 +52,12 @@ class Settings(BaseSettings):
     callback_secret: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     callback_url: str = ""
+    callback_require_signature: bool = False  # refuse the shared X-Callback-Secret (replayable) header
     rate_jobs_per_s: float = Field(5.0, gt=0)  # job creations per user
     rate_jobs_burst: int = Field(20, ge=1)
     rate_callbacks_per_s: float = Field(200.0, gt=0)  # results per job
     rate_callbacks_burst: int = Field(400, ge=1)
+    projector_sweep_s: float = Field(30.0, gt=0)  # how often the projector trues up against the log
     # "naive" serves commands with one load-decide-save each, no cache: the benchmark's baseline.
     command_path: Literal["group", "naive"] = "group"
     pg_fsync: bool = True

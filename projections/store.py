@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -14,6 +14,7 @@ import psycopg
 from psycopg import sql
 
 from adapters.envelope import EventEnvelope, encode
+from projections import batch
 from projections.read_models import (
     LEDGER_COLUMNS,
     LEDGER_DDL,
@@ -96,6 +97,7 @@ class BatchResult:
     skipped: int = 0  # duplicates and stale redeliveries
     parked: int = 0
     max_position: int = 0
+    filled: int = 0  # events read from the log to close a hole the broker left
     per_model: dict[str, int] = field(default_factory=dict)
 
 
@@ -192,65 +194,43 @@ def _park(conn: psycopg.Connection[Any], model: ReadModel, env: EventEnvelope, e
 
 def apply_model(
     conn: psycopg.Connection[Any], model: ReadModel, envelopes: Sequence[EventEnvelope],
-    result: BatchResult, suffix: str = "", park: bool = True,
+    result: BatchResult, suffix: str = "", park: bool = True, fill: Fill | None = None,
 ) -> None:
-    """Fold a batch into one model: skip what the stream tracking has seen, park what fails."""
-    relevant = [e for e in envelopes if model.keys_for(e) or _tracks_stream(model, e)]
+    """Fold a batch into one model (tables ``suffix``ed for rebuilds): skip what the stream
+    tracking has seen, park what fails, or raise when ``park`` is off."""
+    relevant = [e for e in envelopes if batch.relevant(model, e)]
     if not relevant:
         return
     streams = {e.stream_id for e in relevant}
     tracked = _tracked(conn, model, streams, suffix)
     blocked = _blocked(conn, model, streams) if park else set()
-    todo: list[EventEnvelope] = []
-    for e in relevant:
-        if e.version <= tracked.get(e.stream_id, 0):
-            result.skipped += 1
-            continue
-        if e.stream_id in blocked:
-            _park(conn, model, e, "held behind an earlier parked event of this stream", "held")
-            result.parked += 1
-            continue
-        todo.append(e)
-        tracked[e.stream_id] = e.version
-    keys = {k for e in todo for k in model.keys_for(e)}
+    p = batch.plan(model, relevant, tracked, blocked)
+    if p.gaps and fill is not None:
+        found = fill(p.gaps)
+        result.filled += len(found)
+        p = batch.plan(model, [*relevant, *found], tracked, blocked)
+    result.skipped += p.skipped
+    keys = {k for e in p.todo for k in model.keys_for(e)}
     rows = _load_rows(conn, model, model.keyed_table + suffix, keys)
-    appended: list[Row] = []
-    changed_tracking: dict[UUID, int] = {}
-    for e in todo:
-        if e.stream_id in blocked:
-            _park(conn, model, e, "held behind an earlier parked event of this stream", "held")
-            result.parked += 1
-            continue
-        try:
-            # evolve raises before it changes ``rows`` (each fold builds the new row, then assigns)
-            appended_now = model.evolve(rows, e)
-        except Exception as exc:
-            if not park:
-                raise
-            _park(conn, model, e, f"{type(exc).__name__}: {exc}", "parked")
-            blocked.add(e.stream_id)
-            result.parked += 1
-            continue
-        appended.extend(appended_now)
-        changed_tracking[e.stream_id] = e.version
-        result.applied += 1
-        result.max_position = max(result.max_position, e.id)
+    folded = batch.fold(model, rows, p.todo, p.held, blocked)
+    failures = [error for _, error, status in folded.parks if status == "parked"]
+    if failures and not park:
+        raise ValueError(failures[0])
+    for e, error, status in folded.parks:
+        _park(conn, model, e, error, status)
+    result.parked += len(folded.parks)
+    result.applied += folded.applied
+    result.max_position = max(result.max_position, folded.max_position)
     write_rows(conn, model, model.keyed_table + suffix, rows, keys)
     if model.append_table:
-        insert_ledger(conn, model.append_table + suffix, appended)
-    if changed_tracking:
+        insert_ledger(conn, model.append_table + suffix, folded.appended)
+    if folded.advanced:
         with conn.cursor() as cur:
             cur.executemany(sql.SQL(
                 "INSERT INTO {} (stream_id, version) VALUES (%s, %s) "
                 "ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version"
-            ).format(table(tracking_table(model, suffix))), list(changed_tracking.items()))
-    result.per_model[model.name] = result.per_model.get(model.name, 0) + len(changed_tracking)
-
-
-def _tracks_stream(model: ReadModel, env: EventEnvelope) -> bool:
-    # Every event of a stream the model folds advances its tracking, even ones it ignores,
-    # so "seen" is exact per stream version.
-    return model.stream_type == env.stream_type
+            ).format(table(tracking_table(model, suffix))), list(folded.advanced.items()))
+    result.per_model[model.name] = result.per_model.get(model.name, 0) + len(folded.advanced)
 
 
 TOPIC_PREFIX = {"User": "domain.user:User.", "Job": "domain.job:Job.", "Rule": "domain.rule:Rule."}
@@ -267,10 +247,6 @@ def unapplied(conn: psycopg.Connection[Any], model: ReadModel, events_table: str
     return int(row[0]), row[1]
 
 
-def _relevant(model: ReadModel, env: EventEnvelope) -> bool:
-    return _tracks_stream(model, env) or bool(model.keys_for(env))
-
-
 def _positions_sql() -> sql.Composed:
     return sql.SQL(
         "INSERT INTO {} (model, position, updated_at) VALUES (%s, %s, now()) "
@@ -278,16 +254,21 @@ def _positions_sql() -> sql.Composed:
         "updated_at = now()").format(table("positions"), table("positions"))
 
 
+Fill = Callable[[dict[UUID, tuple[int, int]]], list[EventEnvelope]]
+
+
 def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope],
-                models: Iterable[ReadModel] | None = None) -> BatchResult:
+                models: Iterable[ReadModel] | None = None, fill: Fill | None = None) -> BatchResult:
     """Fold a batch into every read model in ONE transaction, tracking included, in three
-    round trips (pipelined): locks + tracking + dead letters; current rows; all writes."""
+    round trips (pipelined): locks + tracking + dead letters; current rows; all writes.
+
+    ``fill`` reads from the event log the versions a batch lacks (a message the broker lost);
+    without it, events after a hole wait (uncounted) for a later delivery or the sweep."""
     result = BatchResult()
     if not envelopes:
         return result
     chosen = list(models or READ_MODELS.values())
-    share = {m.name: [e for e in envelopes if _relevant(m, e)] for m in chosen}
-    active = [m for m in chosen if share[m.name]]
+    active = [m for m in chosen if any(batch.relevant(m, e) for e in envelopes)]
     all_streams = list({e.stream_id for e in envelopes})
     top = max(e.id for e in envelopes)
     with conn.transaction():
@@ -295,73 +276,55 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
             locks = sorted(lock_id(m) for m in active)
             if locks:
                 conn.execute("SELECT pg_advisory_xact_lock_shared(k) FROM unnest(%s::bigint[]) AS k", [locks])
-            tracked_cur = {m.name: conn.execute(_tracking_query(m), [list({e.stream_id for e in share[m.name]})])
-                           for m in active}
+            tracked_cur = {m.name: conn.execute(
+                _tracking_query(m), [list({e.stream_id for e in envelopes if batch.relevant(m, e)})])
+                for m in active}
             blocked_cur = conn.execute(sql.SQL(
                 "SELECT model, stream_id FROM {} WHERE status IN ('parked', 'held') AND stream_id = ANY(%s)"
             ).format(table("dead_letters")), [all_streams])
         blocked: dict[str, set[UUID]] = {}
         for name, stream in blocked_cur.fetchall():
             blocked.setdefault(name, set()).add(stream)
-        plans: dict[str, tuple[list[EventEnvelope], set[Key], dict[UUID, int]]] = {}
-        parks: list[tuple[ReadModel, EventEnvelope, str, str]] = []
-        for m in active:
-            tracked = {r[0]: r[1] for r in tracked_cur[m.name].fetchall()}
-            held = blocked.get(m.name, set())
-            todo = []
-            for e in share[m.name]:
-                if e.version <= tracked.get(e.stream_id, 0):
-                    result.skipped += 1
-                elif e.stream_id in held:
-                    parks.append((m, e, "held behind an earlier parked event of this stream", "held"))
-                else:
-                    todo.append(e)
-                    tracked[e.stream_id] = e.version
-            plans[m.name] = (todo, {k for e in todo for k in m.keys_for(e)}, tracked)
+        tracked = {m.name: {r[0]: r[1] for r in tracked_cur[m.name].fetchall()} for m in active}
+        plans = {m.name: batch.plan(m, envelopes, tracked[m.name], blocked.get(m.name, set())) for m in active}
+        gaps = batch.merge_gaps(plans.values())
+        if gaps and fill is not None:
+            found = fill(gaps)
+            result.filled = len(found)
+            envelopes = [*envelopes, *found]
+            plans = {m.name: batch.plan(m, envelopes, tracked[m.name], blocked.get(m.name, set())) for m in active}
+        result.skipped = sum(p.skipped for p in plans.values())
         with conn.pipeline():
             rows_cur = {}
             for m in active:
-                keys = plans[m.name][1]
+                keys = {k for e in plans[m.name].todo for k in m.keys_for(e)}
                 if keys:
                     query, params = _rows_query(m, m.keyed_table, keys)
                     rows_cur[m.name] = conn.execute(query, params)
-        writes: list[tuple[ReadModel, Rows, set[Key], list[Row], dict[UUID, int]]] = []
+        writes: list[tuple[ReadModel, Rows, set[Key], batch.Folded]] = []
         for m in active:
-            todo, keys, _ = plans[m.name]
+            p = plans[m.name]
+            keys = {k for e in p.todo for k in m.keys_for(e)}
             rows = _parse_rows(m, rows_cur[m.name].fetchall()) if m.name in rows_cur else {}
-            appended: list[Row] = []
-            advanced: dict[UUID, int] = {}
-            stopped: set[UUID] = set(blocked.get(m.name, set()))
-            for e in todo:
-                if e.stream_id in stopped:
-                    parks.append((m, e, "held behind an earlier parked event of this stream", "held"))
-                    continue
-                try:
-                    # evolve raises before it changes ``rows`` (each fold builds the new row, then assigns)
-                    appended.extend(m.evolve(rows, e))
-                except Exception as exc:  # noqa: BLE001 - a poison event is parked, not fatal
-                    parks.append((m, e, f"{type(exc).__name__}: {exc}", "parked"))
-                    stopped.add(e.stream_id)
-                    continue
-                advanced[e.stream_id] = e.version
-                result.applied += 1
-                result.max_position = max(result.max_position, e.id)
-            result.per_model[m.name] = result.per_model.get(m.name, 0) + len(advanced)
-            writes.append((m, rows, keys, appended, advanced))
-        result.parked += len(parks)
+            folded = batch.fold(m, rows, p.todo, p.held, blocked.get(m.name, set()))
+            result.applied += folded.applied
+            result.parked += len(folded.parks)
+            result.max_position = max(result.max_position, folded.max_position)
+            result.per_model[m.name] = result.per_model.get(m.name, 0) + len(folded.advanced)
+            writes.append((m, rows, keys, folded))
         with conn.pipeline():
-            for m, e, error, status in parks:
-                _park(conn, m, e, error, status)
-            for m, rows, keys, appended, advanced in writes:
+            for m, rows, keys, folded in writes:
+                for e, error, status in folded.parks:
+                    _park(conn, m, e, error, status)
                 write_rows(conn, m, m.keyed_table, rows, keys)
                 if m.append_table:
-                    insert_ledger(conn, m.append_table, appended)
-                if advanced:
+                    insert_ledger(conn, m.append_table, folded.appended)
+                if folded.advanced:
                     with conn.cursor() as cur:
                         cur.executemany(sql.SQL(
                             "INSERT INTO {} (stream_id, version) VALUES (%s, %s) "
                             "ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version"
-                        ).format(table(tracking_table(m))), list(advanced.items()))
+                        ).format(table(tracking_table(m))), list(folded.advanced.items()))
             with conn.cursor() as cur:
                 cur.executemany(_positions_sql(), [[m.name, top] for m in chosen])
     return result
