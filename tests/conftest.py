@@ -69,3 +69,11 @@ def gpu_apps(apps: EmbeddedStack) -> Iterator[EmbeddedStack]:
     yield apps
     for name in GPU_PROCESSES:
         apps.supervisor.stop(name)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The figures the reliability suites report: what the simulations and attacks tried."""
+    from tests import figures
+
+    for line in figures.summary():
+        terminalreporter.write_line(line)
