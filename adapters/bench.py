@@ -229,7 +229,7 @@ class _Calls:
         ts = int(time.time())
         await self.call("POST", f"/jobs/{job_id}/callback", content=raw, headers={
             "content-type": "application/json", "X-Palette-Timestamp": str(ts),
-            "X-Palette-Signature": sign_callback(self.secret, ts, raw)})
+            "X-Palette-Signature": sign_callback(self.secret, ts, str(job_id), raw)})
         await self.call("GET", f"/jobs/{job_id}", headers=auth)
         await self.call("GET", "/me", headers=auth)
 
@@ -584,9 +584,10 @@ def _gpu_phase(settings_json: str, items: int, naive: bool) -> dict[str, Any]:
                 raw = json.dumps({"idx": task.idx, "status": "done", "output_key": task.output_key,
                                   "preview_key": task.preview_key, "idempotency_key": task.idempotency_key}).encode()
                 ts = int(time.time())
+                signature = sign_callback(settings.callback_secret, ts, str(task.job_id), raw)
                 http.post(f"/jobs/{task.job_id}/callback", content=raw, headers={
                     "content-type": "application/json", "X-Palette-Timestamp": str(ts),
-                    "X-Palette-Signature": sign_callback(settings.callback_secret, ts, raw)}).raise_for_status()
+                    "X-Palette-Signature": signature}).raise_for_status()
     else:
         from adapters.bootstrap import compute_threads_for
 

@@ -46,13 +46,14 @@ class TokenIssuer:
             raise TokenInvalid(type(e).__name__) from None
 
 
-def sign_callback(secret: str, timestamp: int, body: bytes) -> str:
-    mac = hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256)
+def sign_callback(secret: str, timestamp: int, job_id: str, body: bytes) -> str:
+    """HMAC-SHA256 over ``timestamp.job_id.body``: a signature is good for one job's URL only."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.{job_id}.".encode() + body, hashlib.sha256)
     return "sha256=" + mac.hexdigest()
 
 
 def verify_callback(
-    secret: str, now: int, body: bytes, *, shared_secret: str | None = None,
+    secret: str, now: int, job_id: str, body: bytes, *, shared_secret: str | None = None,
     timestamp: str | None = None, signature: str | None = None,
 ) -> bool:
     """Accept a valid HMAC signature inside the window, or the shared secret (constant time)."""
@@ -63,7 +64,7 @@ def verify_callback(
             return False
         if abs(now - ts) > CALLBACK_WINDOW_S:
             return False
-        return hmac.compare_digest(sign_callback(secret, ts, body), signature)
+        return hmac.compare_digest(sign_callback(secret, ts, job_id, body), signature)
     if shared_secret is not None:
         return hmac.compare_digest(shared_secret.encode(), secret.encode())
     return False

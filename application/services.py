@@ -122,16 +122,20 @@ class PaletteService:
         )
 
     # -- jobs ----------------------------------------------------------------------------
-    def create_job(self, user_id: UUID, preset: str, item_count: int) -> Committed[UUID]:
-        """Reserve one credit per item and create the job, atomically."""
+    def create_job(self, user_id: UUID, preset: str, item_count: int, job_id: UUID | None = None) -> Committed[UUID]:
+        """Reserve one credit per item and create the job, atomically. A caller-chosen ``job_id``
+        (derived from an Idempotency-Key) makes a retry of a creation that did commit a no-op."""
         get_preset(preset)
         if not isinstance(item_count, int) or not 1 <= item_count <= MAX_ITEMS:
             raise ValidationFailed(f"item_count must be between 1 and {MAX_ITEMS}")
-        job_id = self.ids.new_id()
+        chosen = job_id is not None
+        job_id = job_id or self.ids.new_id()
         at = self.clock.now()
 
-        @touches(user_id)
+        @touches(user_id, *((job_id,) if chosen else ()))
         def command(uow: UnitOfWork) -> UUID:
+            if chosen and self._created_before(uow, Job, job_id, user_id):
+                return job_id
             user = self._user(uow, user_id)
             user.reserve(job_id, item_count, self._plan(user.plan), at)
             uow.add(Job.create(job_id, user_id, preset, item_count, at))
@@ -233,15 +237,18 @@ class PaletteService:
     # -- rules ---------------------------------------------------------------------------
     def create_rule(
         self, user_id: UUID, name: str, preset_id: str, concepts: Mapping[str, Mapping[str, Any]],
-        protect: Sequence[str] = (),
+        protect: Sequence[str] = (), rule_id: UUID | None = None,
     ) -> Committed[UUID]:
-        """Take a rule slot and create the rule, atomically."""
+        """Take a rule slot and create the rule, atomically (a chosen ``rule_id``: as for jobs)."""
         edits, protected = normalise_edits(preset_id, concepts, protect)
-        rule_id = self.ids.new_id()
+        chosen = rule_id is not None
+        rule_id = rule_id or self.ids.new_id()
         at = self.clock.now()
 
-        @touches(user_id)
+        @touches(user_id, *((rule_id,) if chosen else ()))
         def command(uow: UnitOfWork) -> UUID:
+            if chosen and self._created_before(uow, Rule, rule_id, user_id):
+                return rule_id
             user = self._user(uow, user_id)
             rule = Rule.create(rule_id, user_id, name, preset_id, edits, protected, at)
             user.take_rule_slot(rule_id, self._plan(user.plan), at)
@@ -297,6 +304,16 @@ class PaletteService:
         if not isinstance(agg, cls):
             raise NotFound(f"{what} not found")
         return agg
+
+    @staticmethod
+    def _created_before(uow: UnitOfWork, cls: type[Any], aggregate_id: UUID, user_id: UUID) -> bool:
+        """Whether a creation under this id already happened (for this user; another's is a 404)."""
+        existing = uow.get(cls, aggregate_id)
+        if existing is None:
+            return False
+        if existing.user_id != user_id:
+            raise NotFound(f"{cls.__name__.lower()} not found")
+        return True
 
     @staticmethod
     def _user(uow: UnitOfWork, user_id: UUID) -> User:

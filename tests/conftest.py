@@ -3,6 +3,7 @@ on free loopback ports in a temporary directory, only when a test asks for it.""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -26,6 +27,26 @@ def _free_port_block(rng: random.Random) -> dict[str, int]:
         if all(port_free(p) for p in [*embedded_ports(probe).values(), candidate["api_port"]]):
             return candidate
     raise RuntimeError("no free port block found")
+
+
+RECORDS: list[str] = []  # every log record of the test process, formatted (scanned for secrets)
+
+
+class _Keep(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        RECORDS.append(self.format(record))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def keep_log_records() -> Iterator[None]:
+    handler = _Keep(level=logging.DEBUG)
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(min(previous, logging.INFO))
+    root.addHandler(handler)
+    yield
+    root.removeHandler(handler)
+    root.setLevel(previous)
 
 
 @pytest.fixture(scope="session")

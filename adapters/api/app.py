@@ -6,6 +6,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
@@ -15,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.api.envelope import CODE_BY_STATUS, STATUS_BY_CODE, ApiError, fail, request_id_var
+from adapters.api.links import add_links
 from adapters.api.rate_limit import RateLimited, TokenBuckets
 from adapters.bootstrap import Container
 from adapters.tokens import TokenIssuer
@@ -119,6 +121,12 @@ def create_app(container: Container) -> FastAPI:
     app.include_router(routes_rules.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_analysts.router)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        return add_links(generate())  # add_links is idempotent on the cached schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -1,10 +1,13 @@
 """``Idempotency-Key`` on POSTs (Stripe's rules): the same key and body get the same response;
-the same key with another body or path is a 422; a key still in flight is a 409."""
+the same key with another body or path is a 422; a key still in flight is a 409, until its
+claim is ``STALE_S`` old (its process died before answering): then a retry runs it again, and
+creations, whose ids derive from the key (``id_for_key``), find what the first run committed."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -14,11 +17,22 @@ from adapters.api.envelope import ApiError
 from adapters.tokens import TokenInvalid, TokenIssuer
 
 MAX_KEY = 255
+STALE_S = 15  # an in-flight claim this old belongs to a process that died: a retry takes it over
+KEY_NAMESPACE = uuid.UUID("6f1c3a52-8d0e-4b8e-9a57-6c1f0e0b7d21")
+
+
+def id_for_key(user_id: uuid.UUID, kind: str, key: str | None) -> uuid.UUID | None:
+    """The id a creation under this Idempotency-Key gets: a retry after a crash that came after
+    the commit finds the object, so it is created once (the key's stored answer may be lost)."""
+    return uuid.uuid5(KEY_NAMESPACE, f"{kind}:{user_id}:{key}") if key else None
 DDL = (
     "CREATE SCHEMA IF NOT EXISTS palette_api",
     "CREATE TABLE IF NOT EXISTS palette_api.idempotency (scope text NOT NULL, key text NOT NULL, "
     "request_hash text NOT NULL, status integer, headers jsonb, body bytea, "
     "created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (scope, key))",
+    # Signed callbacks seen inside their window: the same signature twice is a replay.
+    "CREATE TABLE IF NOT EXISTS palette_api.callback_signatures (signature text PRIMARY KEY, "
+    "seen_at timestamptz NOT NULL DEFAULT now())",
 )
 
 
@@ -122,6 +136,12 @@ class IdempotencyKeys:
                 "INSERT INTO palette_api.idempotency (scope, key, request_hash) VALUES (%s, %s, %s) "
                 "ON CONFLICT DO NOTHING RETURNING 1", [owner, key, request_hash]).fetchone()
             if inserted:
+                return True, None
+            taken_over = conn.execute(
+                "UPDATE palette_api.idempotency SET created_at = now() WHERE scope = %s AND key = %s "
+                "AND request_hash = %s AND status IS NULL AND created_at < now() - %s * interval '1 second' "
+                "RETURNING 1", [owner, key, request_hash, STALE_S]).fetchone()
+            if taken_over:
                 return True, None
             row = conn.execute("SELECT request_hash, status, headers, body FROM palette_api.idempotency "
                                "WHERE scope = %s AND key = %s", [owner, key]).fetchone()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -11,10 +12,13 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
 from adapters.api.envelope import ApiError, ok
+from adapters.api.idempotency import id_for_key
 from adapters.api.schemas import (
     CallbackCreate,
     CallbackPublic,
@@ -31,7 +35,7 @@ from adapters.api.schemas import (
     UploadSlot,
 )
 from adapters.bootstrap import Container
-from adapters.tokens import verify_callback
+from adapters.tokens import CALLBACK_WINDOW_S, verify_callback
 from application.keys import input_key
 from application.unit_of_work import Committed
 from domain.errors import ValidationFailed
@@ -107,10 +111,13 @@ async def list_jobs(user_id: CurrentUser, container: ContainerDep,
                         409: {"model": _E, "description": "CONCURRENCY_LIMIT"},
                         429: {"model": _E, "description": "RATE_LIMITED (with Retry-After)"}})
 async def create_job(body: JobCreate, user_id: CurrentUser, service: ServiceDep,
-                     container: ContainerDep, request: Request) -> JSONResponse:
-    """Reserve one credit per item, create the job, and hand out presigned PUT URLs."""
+                     container: ContainerDep, request: Request,
+                     idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
+    """Reserve one credit per item, create the job, and hand out presigned PUT URLs. With an
+    Idempotency-Key the job is created once, however often the request is retried."""
     request.app.state.job_limits.take(user_id)
-    committed = await run_in_threadpool(service.create_job, user_id, body.preset, body.item_count)
+    committed = await run_in_threadpool(service.create_job, user_id, body.preset, body.item_count,
+                                        id_for_key(user_id, "job", idempotency_key))
     job_id = committed.value
     _remember(container, user_id, job_id, committed)
 
@@ -167,21 +174,33 @@ async def cancel_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
 
 @router.post("/jobs/{job_id}/callback", response_model=Envelope[CallbackPublic],
              responses={**OWN, 401: {"model": _E, "description": "AUTH_INVALID (callback auth)"},
-                        429: {"model": _E, "description": "RATE_LIMITED (with Retry-After)"}})
+                        429: {"model": _E, "description": "RATE_LIMITED (with Retry-After)"}},
+             # The body is read after authentication (a forger learns nothing from a 422).
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": CallbackCreate.model_json_schema()}}}})
 async def callback(
-    job_id: UUID, body: CallbackCreate, request: Request, service: ServiceDep, container: ContainerDep,
+    job_id: UUID, request: Request, service: ServiceDep, container: ContainerDep,
     x_callback_secret: Annotated[str | None, Header()] = None,
     x_palette_timestamp: Annotated[str | None, Header()] = None,
     x_palette_signature: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
-    """A GPU worker's item result. Auth: HMAC over timestamp + body (300 s window) or the shared
-    secret. A repeated idempotency key returns the original outcome."""
+    """A GPU worker's item result. Auth: HMAC over ``timestamp.job_id.body`` (300 s window, each
+    signature accepted once) or the shared secret. A repeated idempotency key returns the
+    original outcome."""
     raw = await request.body()
-    if not verify_callback(container.settings.callback_secret, int(time.time()), raw,
+    if container.settings.callback_require_signature and x_palette_signature is None:
+        raise ApiError("AUTH_INVALID", "callback authentication failed")
+    if not verify_callback(container.settings.callback_secret, int(time.time()), str(job_id), raw,
                            shared_secret=x_callback_secret, timestamp=x_palette_timestamp,
                            signature=x_palette_signature):
         raise ApiError("AUTH_INVALID", "callback authentication failed")
+    if x_palette_signature is not None and not await run_in_threadpool(_first_use, container, x_palette_signature):
+        raise ApiError("AUTH_INVALID", "callback replayed")
     request.app.state.callback_limits.take(job_id)  # after auth: strangers cannot spend a job's budget
+    try:
+        body = CallbackCreate.model_validate_json(raw)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
     committed = await run_in_threadpool(
         service.record_item_result, job_id, body.idx, body.status, body.idempotency_key,
         body.output_key or "", body.preview_key or "", body.error or "",
@@ -189,6 +208,19 @@ async def callback(
     r = committed.value
     return ok(CallbackPublic(outcome=r.outcome.value, idx=r.idx, item_status=r.item_status,
                              job_status=r.finished.value if r.finished else None))
+
+
+def _first_use(container: Container, signature: str) -> bool:
+    """Record a verified signature; False when it was seen inside the window (a replay). Rows
+    older than two windows can never match a valid timestamp again and are dropped now and then."""
+    with container.read_pool.connection() as conn:
+        fresh = conn.execute(
+            "INSERT INTO palette_api.callback_signatures (signature) VALUES (%s) ON CONFLICT DO NOTHING "
+            "RETURNING 1", [signature]).fetchone() is not None
+        if fresh and secrets.randbelow(500) == 0:
+            conn.execute("DELETE FROM palette_api.callback_signatures WHERE seen_at < now() - %s * interval '1 second'",
+                         [2 * CALLBACK_WINDOW_S])
+    return fresh
 
 
 SSE_POLL_S = 0.2

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
 from adapters.api.envelope import ok
+from adapters.api.idempotency import id_for_key
 from adapters.api.schemas import Envelope, RuleCreate, RuleList, RulePublic, RuleUpdate
 from domain.rule import Rule
 from projections.queries import list_rules as list_rules_query
@@ -36,11 +37,12 @@ def _edits(body: RuleCreate | RuleUpdate) -> dict[str, dict[str, object]]:
 
 @router.post("/rules", response_model=Envelope[RulePublic], status_code=201,
              responses={**COMMON, 403: {"model": _E, "description": "RULE_SLOTS_FULL"}})
-async def create_rule(body: RuleCreate, user_id: CurrentUser, service: ServiceDep,
-                      container: ContainerDep) -> JSONResponse:
-    """Save a rule; takes one of the plan's rule slots."""
+async def create_rule(body: RuleCreate, user_id: CurrentUser, service: ServiceDep, container: ContainerDep,
+                      idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
+    """Save a rule; takes one of the plan's rule slots (once per Idempotency-Key)."""
     committed = await run_in_threadpool(
-        service.create_rule, user_id, body.name, body.preset_id, _edits(body), body.protect
+        service.create_rule, user_id, body.name, body.preset_id, _edits(body), body.protect,
+        id_for_key(user_id, "rule", idempotency_key),
     )
     container.last_writes.record(user_id, "rules", committed.value, committed.versions.get(committed.value))
     rule = await run_in_threadpool(service.get_rule, user_id, committed.value)

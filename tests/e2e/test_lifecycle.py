@@ -8,6 +8,7 @@ import time
 import uuid
 
 import httpx
+import psycopg
 from PIL import Image
 
 from adapters.s3 import s3_client
@@ -30,7 +31,7 @@ def callback(http: httpx.Client, secret: str, job_id: str, body: dict) -> httpx.
     ts = int(time.time())
     return http.post(f"/jobs/{job_id}/callback", content=raw, headers={
         "content-type": "application/json", "X-Palette-Timestamp": str(ts),
-        "X-Palette-Signature": sign_callback(secret, ts, raw)})
+        "X-Palette-Signature": sign_callback(secret, ts, job_id, raw)})
 
 
 def create_uploaded_job(client: Client, items: int) -> str:
@@ -181,7 +182,7 @@ def test_callback_without_valid_auth_is_refused(client, http, settings):
     raw = json.dumps(body).encode()
     r = http.post(f"/jobs/{job}/callback", content=raw, headers={
         "content-type": "application/json", "X-Palette-Timestamp": str(stale),
-        "X-Palette-Signature": sign_callback(settings.callback_secret, stale, raw)})
+        "X-Palette-Signature": sign_callback(settings.callback_secret, stale, str(job), raw)})
     assert r.status_code == 401
 
 
@@ -218,6 +219,29 @@ def test_idempotency_key_replays_the_same_response_and_refuses_another_body(clie
     assert client.data("GET", "/me")["credits"] == 48  # reserved once
     other = client.call("POST", "/jobs", json={**body, "item_count": 3}, headers=headers)
     assert other.status_code == 422 and other.json()["error"]["code"] == "VALIDATION_FAILED"
+
+
+def test_a_creation_retried_after_the_api_died_is_made_once(client, settings):
+    """The API commits the job, then dies before it stores (or sends) its answer: the key's claim
+    stays in flight. A retry after STALE_S takes the claim over and finds the same job."""
+    from adapters.api.idempotency import STALE_S
+
+    key = f"create-{uuid.uuid4()}"
+    body = {"preset": "interior", "item_count": 2}
+    first = client.call("POST", "/jobs", json=body, headers={"Idempotency-Key": key})
+    assert first.status_code == 201
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        conn.execute("UPDATE palette_api.idempotency SET status = NULL, body = NULL, created_at = now() "
+                     "WHERE key = %s", [key])  # what a process killed after the commit leaves
+        in_flight = client.call("POST", "/jobs", json=body, headers={"Idempotency-Key": key})
+        assert in_flight.status_code == 409
+        conn.execute("UPDATE palette_api.idempotency SET created_at = now() - %s * interval '1 second' "
+                     "WHERE key = %s", [STALE_S + 1, key])
+    retried = client.call("POST", "/jobs", json=body, headers={"Idempotency-Key": key})
+    assert retried.status_code == 201, retried.text
+    assert retried.json()["data"]["job_id"] == first.json()["data"]["job_id"]
+    me = client.data("GET", "/me")
+    assert (me["credits"], me["reserved"], me["active_jobs"]) == (48, 2, 1)
 
 
 def test_job_events_stream_as_sse_and_resume_from_last_event_id(client, http, settings):

@@ -76,14 +76,19 @@ def test_alg_none_and_wrong_key_and_tampering_are_refused():
             issuer().verify(token)
 
 
+JOB = "00000000-0000-4000-8000-000000000001"
+
+
 def test_callback_signature_window_and_body():
     now = int(time.time())
     body = b'{"idx":0}'
-    sig = sign_callback(SECRET, now, body)
-    assert verify_callback(SECRET, now, body, timestamp=str(now), signature=sig)
-    assert not verify_callback(SECRET, now + 301, body, timestamp=str(now), signature=sig)
-    assert not verify_callback(SECRET, now, body + b" ", timestamp=str(now), signature=sig)
-    assert not verify_callback("x" * 48, now, body, timestamp=str(now), signature=sig)
-    assert verify_callback(SECRET, now, body, shared_secret=SECRET)
-    assert not verify_callback(SECRET, now, body, shared_secret=SECRET[:-1])
-    assert not verify_callback(SECRET, now, body)
+    sig = sign_callback(SECRET, now, JOB, body)
+    assert verify_callback(SECRET, now, JOB, body, timestamp=str(now), signature=sig)
+    assert not verify_callback(SECRET, now + 301, JOB, body, timestamp=str(now), signature=sig)
+    assert not verify_callback(SECRET, now, JOB, body + b" ", timestamp=str(now), signature=sig)
+    assert not verify_callback("x" * 48, now, JOB, body, timestamp=str(now), signature=sig)
+    assert verify_callback(SECRET, now, JOB, body, shared_secret=SECRET)
+    assert not verify_callback(SECRET, now, JOB, body, shared_secret=SECRET[:-1])
+    assert not verify_callback(SECRET, now, JOB, body)
+    other_job = "00000000-0000-4000-8000-000000000002"
+    assert not verify_callback(SECRET, now, other_job, body, timestamp=str(now), signature=sig)
