@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install postgres run test test-unit lint bench clean
+.PHONY: install postgres run test test-unit lint bench chaos clean
 
 install: $(VENV)/.installed postgres
 
@@ -31,6 +31,11 @@ test-unit: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# The long reliability runs (not part of `make test`, which runs their short slices).
+chaos: install
+	$(BIN)/python -m tests.chaos --minutes $(or $(MINUTES),10)
+	PALETTE_LONG=1 $(BIN)/pytest -q tests/unit/test_model_based.py tests/integration/test_model_based_postgres.py
 
 bench: install
 	$(BIN)/palette bench --json docs/bench.json --plot docs/bench.png

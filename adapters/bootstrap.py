@@ -113,7 +113,7 @@ def build_projector(settings: Settings) -> Any:
     relay_positions = PgPositions(settings.effective_database_url)
     return Projector(kafka_io.consumer(settings, GROUP, kafka_io.EVENTS_TOPIC),
                      PgReadStore(settings.effective_database_url),
-                     LogReader(app.recorder, app.mapper.transcoder),
+                     LogReader.of(app),
                      published=lambda: relay_positions.get(RELAY_NAME),
                      sweep_every_s=settings.projector_sweep_s)
 

@@ -129,3 +129,5 @@ class Projector(ConsumerLoop):
         close = getattr(self.store, "close", None)
         if close is not None:
             close()
+        if self.log is not None:
+            self.log.close()

@@ -78,7 +78,7 @@ class CallbackClient:
         try:
             r = self.http.post(f"/jobs/{task.job_id}/callback", content=raw, headers={
                 "content-type": "application/json", "X-Palette-Timestamp": str(ts),
-                "X-Palette-Signature": sign_callback(self._secret, ts, raw)})
+                "X-Palette-Signature": sign_callback(self._secret, ts, str(task.job_id), raw)})
         except httpx.HTTPError as e:
             raise CallbackUnavailable(f"callback failed: {type(e).__name__}") from None
         if r.status_code >= 500 or r.status_code in (401, 429):

@@ -15,9 +15,20 @@ SCAN_PAGE = 5000
 
 
 class LogReader:
-    def __init__(self, recorder: Any, transcoder: Any) -> None:
+    def __init__(self, recorder: Any, transcoder: Any, owner: Any = None) -> None:
         self.recorder = recorder
         self.transcoder = transcoder
+        # The application that owns the recorder's connection pool: an eventsourcing Application
+        # closes its pool when it is garbage-collected, so the reader keeps it alive.
+        self.owner = owner
+
+    @classmethod
+    def of(cls, app: Any) -> LogReader:
+        return cls(app.recorder, app.mapper.transcoder, owner=app)
+
+    def close(self) -> None:
+        if self.owner is not None:
+            self.owner.close()
 
     def read(self, after: int, upto: int, limit: int) -> list[EventEnvelope]:
         """Up to ``limit`` events with ``after < position <= upto``, in commit order."""

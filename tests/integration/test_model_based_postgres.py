@@ -3,6 +3,7 @@ the relay's and the read models' PostgreSQL stores, each sequence in a database 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -125,5 +126,6 @@ def on_postgres(settings: Settings) -> Iterator[type[OnPostgres]]:
 
 
 def test_the_simulation_holds_on_postgresql(on_postgres):
-    run_state_machine_as_test(on_postgres, settings=hsettings(max_examples=40, stateful_step_count=40,
-                                                              deadline=None))
+    long = os.environ.get("PALETTE_LONG") == "1"  # `make chaos`
+    run_state_machine_as_test(on_postgres, settings=hsettings(max_examples=300 if long else 40,
+                                                              stateful_step_count=60 if long else 40, deadline=None))

@@ -210,3 +210,23 @@ def test_a_poison_event_holds_back_only_its_own_stream(apps, conn):
         conn.execute(sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(
             sql.Identifier("palette_read", tbl), sql.Identifier(column)), [[poisoned, healthy]])
     conn.execute("DELETE FROM palette_read.dead_letters WHERE stream_id = ANY(%s)", [[poisoned, healthy]])
+
+
+def test_the_projector_built_for_a_process_can_sweep(apps, service, conn, settings):
+    """Regression (found by the chaos run): the projector's event-store application was only
+    referenced by a local, was garbage-collected, and closed the pool its sweep reads with."""
+    import gc
+
+    from adapters.bootstrap import build_projector
+
+    service.register(f"sweep-{uuid.uuid4()}")
+    wait_until(lambda: conn.execute("SELECT position FROM palette_relay.positions").fetchone(), timeout_s=30,
+               what="the relay to publish")
+    projector = build_projector(settings.model_copy(update={"projector_sweep_s": 0.01}))
+    try:
+        gc.collect()
+        for _ in range(3):
+            projector.sweep()
+        assert projector.sweep_bound > 0  # it read the relay's position and walked the log
+    finally:
+        projector.close()

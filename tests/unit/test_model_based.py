@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import settings
 
 from application.services import PaletteApplication, PaletteService
 from application.unit_of_work import DirectExecutor
 from tests.simulation import Ids, PaletteSimulation, StepClock, Uploads
+
+LONG = os.environ.get("PALETTE_LONG") == "1"
 
 
 class InMemory(PaletteSimulation):
@@ -18,4 +22,6 @@ class InMemory(PaletteSimulation):
 
 
 TestInMemory = InMemory.TestCase
-TestInMemory.settings = settings(max_examples=400, stateful_step_count=60, deadline=None)
+# `make chaos` (PALETTE_LONG=1) runs the long version.
+TestInMemory.settings = settings(max_examples=5000 if LONG else 400, stateful_step_count=100 if LONG else 60,
+                                 deadline=None)
