@@ -42,6 +42,24 @@ def event_store_env(settings: Settings, pool_size: int = 8, cache: bool = True, 
     return env
 
 
+def open_event_store(settings: Settings, pool_size: int = 8, cache: bool = True) -> PaletteApplication:
+    """The event store application. Processes that start together each create the tables if
+    missing; concurrent DDL on PostgreSQL's catalog can fail with "tuple concurrently updated",
+    which a short retry settles (the other process has created them by then)."""
+    import time
+
+    from eventsourcing.persistence import InternalError
+
+    for attempt in range(5):
+        try:
+            return PaletteApplication(env=event_store_env(settings, pool_size=pool_size, cache=cache))
+        except InternalError:
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 class S3ObjectStore:
     """The application's ObjectStore port on S3."""
 
@@ -81,7 +99,7 @@ class Container:
 
 def build(settings: Settings, *, naive: bool = False, pool_size: int = 8) -> Container:
     """``naive`` builds the baseline path: no cache, one save per command."""
-    app = PaletteApplication(env=event_store_env(settings, pool_size=pool_size, cache=not naive))
+    app = open_event_store(settings, pool_size=pool_size, cache=not naive)
     s3 = s3_client(settings)
     committer = None if naive else GroupCommitter(app).start()
     executor = DirectExecutor(app) if committer is None else committer
@@ -99,7 +117,7 @@ def build_relay(settings: Settings) -> Any:
     from adapters import kafka_io
     from adapters.relay import PgPositions, Relay
 
-    app = PaletteApplication(env=event_store_env(settings, pool_size=2, cache=False))
+    app = open_event_store(settings, pool_size=2, cache=False)
     return Relay(app, kafka_io.producer(settings, linger_ms=5), PgPositions(settings.effective_database_url))
 
 
@@ -109,7 +127,7 @@ def build_projector(settings: Settings) -> Any:
     from adapters.relay import RELAY_NAME, PgPositions
     from projections.log import LogReader
 
-    app = PaletteApplication(env=event_store_env(settings, pool_size=1, cache=False))
+    app = open_event_store(settings, pool_size=1, cache=False)
     relay_positions = PgPositions(settings.effective_database_url)
     return Projector(kafka_io.consumer(settings, GROUP, kafka_io.EVENTS_TOPIC),
                      PgReadStore(settings.effective_database_url),
@@ -122,9 +140,10 @@ def build_dispatcher(settings: Settings) -> Any:
     from adapters import kafka_io
     from adapters.dispatcher import GROUP, Dispatcher
 
-    app = PaletteApplication(env=event_store_env(settings, pool_size=2, cache=False))
+    app = open_event_store(settings, pool_size=2, cache=False)
     return Dispatcher(kafka_io.consumer(settings, GROUP, kafka_io.EVENTS_TOPIC, fetch_max_wait_ms=100),
-                      kafka_io.producer(settings), app)
+                      kafka_io.producer(settings), app, settings.effective_database_url,
+                      stale_s=settings.dispatch_stale_s)
 
 
 def compute_threads_for(device: Any) -> int:

@@ -109,8 +109,8 @@ class Projector(ConsumerLoop):
             self.swept += applied
             self.store.save_position(SWEEP, page[-1].id)
             if applied:
-                log.warning("sweep folded %d event(s) the broker did not deliver (positions %d..%d)",
-                            applied, page[0].id, page[-1].id)
+                log.warning("sweep folded %d event(s) the broker had not delivered within %.0f s "
+                            "(positions %d..%d)", applied, self.sweep_every_s, page[0].id, page[-1].id)
         if len(page) < limit:  # caught up with the bound: the next sweep after the interval
             self.sweep_bound = self.published() if self.published is not None else self.log.head()
             self._next_sweep = self.clock() + self.sweep_every_s

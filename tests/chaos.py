@@ -181,6 +181,7 @@ def run(minutes: float, seed: int = 1, workers: int = 3, pg_stops: int = 2, say:
     data_dir = Path(tempfile.mkdtemp(prefix="palette-chaos-"))
     data_dir.chmod(0o755)
     settings = load_settings(env="development", data_dir=data_dir, pg_fsync=False, projector_sweep_s=5.0,
+                             dispatch_stale_s=20.0,
                              **_free_port_block(random.Random(seed + 7)))
     stack = EmbeddedStack(settings)
     supervising = threading.Event()

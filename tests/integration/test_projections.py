@@ -230,3 +230,27 @@ def test_the_projector_built_for_a_process_can_sweep(apps, service, conn, settin
         assert projector.sweep_bound > 0  # it read the relay's position and walked the log
     finally:
         projector.close()
+
+
+def test_the_dispatcher_sends_a_stalled_job_again(apps, service, conn, settings):
+    """A job queued while no dispatcher ran (as if the broker lost its JobQueued) is found by the
+    dispatcher's sweep once it is stale, and only its unfinished items go out again."""
+    from adapters.bootstrap import build_dispatcher
+
+    user_id = service.register(f"stalled-{uuid.uuid4()}", plan="pro").value[0]
+    job_id = service.create_job(user_id, "interior", 3).value
+    service.confirm_upload(user_id, job_id)
+    service.execute_job(user_id, job_id, EDITS)
+    service.record_item_result(job_id, 1, "done", f"{job_id}:1")
+    wait_until(lambda: conn.execute("SELECT status FROM palette_read.jobs_log WHERE id = %s",
+                                    [job_id]).fetchone() == ("running",), timeout_s=30, what="the job's row")
+    dispatcher = build_dispatcher(settings.model_copy(update={"dispatch_stale_s": 0.001}))
+    try:
+        sent: list[dict[str, Any]] = []
+        real = dispatcher._send
+        dispatcher._send = lambda task: (sent.append(task), real(task))[1]
+        dispatcher.sweep(limit=10_000)
+        mine = sorted(t["idx"] for t in sent if t["job_id"] == str(job_id))
+        assert mine == [0, 2]
+    finally:
+        dispatcher.close()
