@@ -38,18 +38,28 @@ def broker_answers(bootstrap: str, timeout_ms: int = 2000) -> bool:
             admin.close()
 
 
-def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int) -> None:
-    """Create the topics that do not exist yet."""
+def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int, attempts: int = 5) -> None:
+    """Create the topics that do not exist yet. A protocol error is retried: the embedded broker
+    has answered a CreateTopics with a truncated response, once in a few hundred starts."""
+    import time
+
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
+    from kafka.errors import KafkaProtocolError, TopicAlreadyExistsError
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
-    try:
-        have = set(admin.list_topics())
-        missing = [NewTopic(t, partitions, 1) for t in topics if t not in have]
-        if missing:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                admin.create_topics(missing)
-    finally:
-        admin.close()
+    wanted = list(topics)
+    for attempt in range(attempts):
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+        try:
+            have = set(admin.list_topics())
+            missing = [NewTopic(t, partitions, 1) for t in wanted if t not in have]
+            if missing:
+                with contextlib.suppress(TopicAlreadyExistsError):
+                    admin.create_topics(missing)
+            return
+        except KafkaProtocolError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
+        finally:
+            admin.close()

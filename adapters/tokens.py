@@ -46,15 +46,16 @@ class TokenIssuer:
             raise TokenInvalid(type(e).__name__) from None
 
 
-def sign_callback(secret: str, timestamp: int, job_id: str, body: bytes) -> str:
-    """HMAC-SHA256 over ``timestamp.job_id.body``: a signature is good for one job's URL only."""
-    mac = hmac.new(secret.encode(), f"{timestamp}.{job_id}.".encode() + body, hashlib.sha256)
+def sign_callback(secret: str, timestamp: int, job_id: str, body: bytes, nonce: str = "") -> str:
+    """HMAC-SHA256 over ``timestamp.nonce.job_id.body``: good for one job's URL only, and (with a
+    fresh nonce per request) unique, so the API can accept each signature once."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.{nonce}.{job_id}.".encode() + body, hashlib.sha256)
     return "sha256=" + mac.hexdigest()
 
 
 def verify_callback(
     secret: str, now: int, job_id: str, body: bytes, *, shared_secret: str | None = None,
-    timestamp: str | None = None, signature: str | None = None,
+    timestamp: str | None = None, signature: str | None = None, nonce: str | None = None,
 ) -> bool:
     """Accept a valid HMAC signature inside the window, or the shared secret (constant time)."""
     if signature is not None and timestamp is not None:
@@ -64,7 +65,7 @@ def verify_callback(
             return False
         if abs(now - ts) > CALLBACK_WINDOW_S:
             return False
-        return hmac.compare_digest(sign_callback(secret, ts, job_id, body), signature)
+        return hmac.compare_digest(sign_callback(secret, ts, job_id, body, nonce or ""), signature)
     if shared_secret is not None:
         return hmac.compare_digest(shared_secret.encode(), secret.encode())
     return False

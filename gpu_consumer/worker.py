@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -75,10 +76,11 @@ class CallbackClient:
             body["error"] = error[:2000]
         raw = json.dumps(body).encode()
         ts = int(time.time())
+        nonce = secrets.token_hex(8)  # every request signs differently: the API takes a signature once
         try:
             r = self.http.post(f"/jobs/{task.job_id}/callback", content=raw, headers={
-                "content-type": "application/json", "X-Palette-Timestamp": str(ts),
-                "X-Palette-Signature": sign_callback(self._secret, ts, str(task.job_id), raw)})
+                "content-type": "application/json", "X-Palette-Timestamp": str(ts), "X-Palette-Nonce": nonce,
+                "X-Palette-Signature": sign_callback(self._secret, ts, str(task.job_id), raw, nonce)})
         except httpx.HTTPError as e:
             raise CallbackUnavailable(f"callback failed: {type(e).__name__}") from None
         if r.status_code >= 500 or r.status_code in (401, 429):
@@ -230,11 +232,12 @@ class GpuWorker(ConsumerLoop):
         """Process tasks; returns once every result is acknowledged (raises CallbackUnavailable)."""
         if self.canceled_lookup is not None and tasks:
             self.canceled |= self.canceled_lookup(sorted({t.job_id for t in tasks}))
-        live = []
+        live, seen = [], set()
         for t in tasks:
-            if t.job_id in self.canceled:
+            if t.job_id in self.canceled or t.idempotency_key in seen:  # canceled, or a duplicate task
                 self.stats["skipped"] += 1
             else:
+                seen.add(t.idempotency_key)
                 live.append(t)
         fetched = [(t, self.pool.submit(self.pipeline.fetch, t)) for t in live]
         computed = [self.compute_pool.submit(self._compute, task, future) for task, future in fetched]

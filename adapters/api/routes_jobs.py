@@ -183,16 +183,17 @@ async def callback(
     x_callback_secret: Annotated[str | None, Header()] = None,
     x_palette_timestamp: Annotated[str | None, Header()] = None,
     x_palette_signature: Annotated[str | None, Header()] = None,
+    x_palette_nonce: Annotated[str | None, Header(max_length=64)] = None,
 ) -> JSONResponse:
-    """A GPU worker's item result. Auth: HMAC over ``timestamp.job_id.body`` (300 s window, each
-    signature accepted once) or the shared secret. A repeated idempotency key returns the
+    """A GPU worker's item result. Auth: HMAC over ``timestamp.nonce.job_id.body`` (300 s window,
+    each signature accepted once) or the shared secret. A repeated idempotency key returns the
     original outcome."""
     raw = await request.body()
     if container.settings.callback_require_signature and x_palette_signature is None:
         raise ApiError("AUTH_INVALID", "callback authentication failed")
     if not verify_callback(container.settings.callback_secret, int(time.time()), str(job_id), raw,
                            shared_secret=x_callback_secret, timestamp=x_palette_timestamp,
-                           signature=x_palette_signature):
+                           signature=x_palette_signature, nonce=x_palette_nonce):
         raise ApiError("AUTH_INVALID", "callback authentication failed")
     if x_palette_signature is not None and not await run_in_threadpool(_first_use, container, x_palette_signature):
         raise ApiError("AUTH_INVALID", "callback replayed")

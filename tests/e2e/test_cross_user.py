@@ -48,3 +48,6 @@ def test_no_endpoint_leaks_or_changes_another_users_objects(client, other, http,
                 assert "mine" not in r.text and client.user_id not in r.text, (who, method, path)
     assert tried == 4 * 7  # GET/execute/confirm/cancel/events of a job, PUT/DELETE of a rule
     assert snapshot(client, job_id) == before
+    from tests import figures
+
+    figures.add("cross-user requests tried (0 leaks)", tried)

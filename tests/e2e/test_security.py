@@ -158,8 +158,9 @@ def _events(settings: Settings, stream_id: str) -> int:
 
 def signed(secret: str, job_id: str, body: bytes, ts: int | None = None) -> dict[str, str]:
     ts = int(time.time()) if ts is None else ts
-    return {"content-type": "application/json", "X-Palette-Timestamp": str(ts),
-            "X-Palette-Signature": sign_callback(secret, ts, job_id, body)}
+    nonce = uuid.uuid4().hex[:16]
+    return {"content-type": "application/json", "X-Palette-Timestamp": str(ts), "X-Palette-Nonce": nonce,
+            "X-Palette-Signature": sign_callback(secret, ts, job_id, body, nonce)}
 
 
 @pytest.fixture
@@ -188,6 +189,7 @@ def test_forged_and_replayed_callbacks_are_refused_and_change_nothing(
         "future timestamp": (job_id, body, signed(secret, job_id, body, now + 301)),
         "timestamp not a number": (job_id, body, {**signed(secret, job_id, body), "X-Palette-Timestamp": "soon"}),
         "flipped body byte": (job_id, bytes(flipped), signed(secret, job_id, body)),
+        "nonce changed": (job_id, body, {**signed(secret, job_id, body), "X-Palette-Nonce": "another"}),
         "signature for another job": (other_job, body, signed(secret, job_id, body)),
         "signature without its prefix": (job_id, body, {**signed(secret, job_id, body), "X-Palette-Signature":
                                                         signed(secret, job_id, body)["X-Palette-Signature"][7:]}),
@@ -206,6 +208,11 @@ def test_forged_and_replayed_callbacks_are_refused_and_change_nothing(
     for _ in range(3):
         replay = http.post(f"/jobs/{job_id}/callback", content=body, headers=genuine)
         assert replay.status_code == 401 and "replayed" in replay.json()["error"]["message"]
+    assert _events(settings, job_id) == after_genuine
+    # The same result sent again by a worker (a duplicate task, a retry): a fresh nonce signs it
+    # anew, so it is authentic, and its idempotency key makes it change nothing.
+    again = http.post(f"/jobs/{job_id}/callback", content=body, headers=signed(secret, job_id, body))
+    assert again.status_code == 200 and again.json()["data"]["outcome"] == "duplicate"
     assert _events(settings, job_id) == after_genuine
     figures.add("forged or replayed callbacks tried (0 accepted)", len(attempts) + 3)
 
