@@ -337,7 +337,8 @@ def bench_relay(settings: Settings, prof: Profile, results: dict[str, Any]) -> N
     for rep in range(prof.repeats):
         topic = f"bench.relay.{rep}"
         ensure_topics(settings.effective_kafka_bootstrap, [topic, f"{topic}.raw"], settings.kafka_partitions)
-        relay = Relay(app, kafka_io.producer(settings, linger_ms=5), PgPositions(settings.effective_database_url),
+        positions = PgPositions.connect(settings.effective_database_url)
+        relay = Relay(app, kafka_io.producer(settings, linger_ms=5), positions,
                       name=f"bench-{uuid.uuid4().hex[:6]}", topic=topic)
         position, t0 = 0, time.perf_counter()
         while position < head:
@@ -448,7 +449,7 @@ def bench_lag(stack: EmbeddedStack, prof: Profile, results: dict[str, Any]) -> N
     # The relay's commit-to-ack latency: a second relay (own position and topic) in this process.
     acked: list[float] = []
     app = PaletteApplication(env=event_store_env(settings, pool_size=2, cache=False))
-    relay = Relay(app, kafka_io.producer(settings, linger_ms=5), PgPositions(settings.effective_database_url),
+    relay = Relay(app, kafka_io.producer(settings, linger_ms=5), PgPositions.connect(settings.effective_database_url),
                   name=f"bench-lag-{uuid.uuid4().hex[:6]}", topic="bench.lag",
                   on_acked=lambda envs: acked.extend(time.time() - e.timestamp.timestamp() for e in envs))
     relay_stop = threading.Event()

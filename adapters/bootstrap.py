@@ -118,7 +118,7 @@ def build_relay(settings: Settings) -> Any:
     from adapters.relay import PgPositions, Relay
 
     app = open_event_store(settings, pool_size=2, cache=False)
-    return Relay(app, kafka_io.producer(settings, linger_ms=5), PgPositions(settings.effective_database_url))
+    return Relay(app, kafka_io.producer(settings, linger_ms=5), PgPositions.connect(settings.effective_database_url))
 
 
 def build_projector(settings: Settings) -> Any:
@@ -128,7 +128,7 @@ def build_projector(settings: Settings) -> Any:
     from projections.log import LogReader
 
     app = open_event_store(settings, pool_size=1, cache=False)
-    relay_positions = PgPositions(settings.effective_database_url)
+    relay_positions = PgPositions.connect(settings.effective_database_url)
     return Projector(kafka_io.consumer(settings, GROUP, kafka_io.EVENTS_TOPIC),
                      PgReadStore(settings.effective_database_url),
                      LogReader.of(app),

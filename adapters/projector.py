@@ -18,6 +18,7 @@ import psycopg
 
 from adapters.envelope import EventEnvelope, decode
 from adapters.kafka_io import ConsumerLoop
+from adapters.relay import PgPositions
 from projections.log import LogReader
 from projections.store import BatchResult, Fill, apply_batch, ensure_schema
 
@@ -39,18 +40,16 @@ class PgReadStore:
     def __init__(self, database_url: str) -> None:
         self.conn = psycopg.connect(database_url, autocommit=True)
         ensure_schema(self.conn)
+        self.positions = PgPositions(self.conn, ("palette_read", "positions"), key="model")
 
     def apply(self, envelopes: Sequence[EventEnvelope], fill: Fill | None = None) -> BatchResult:
         return apply_batch(self.conn, envelopes, fill=fill)
 
     def position(self, name: str) -> int:
-        row = self.conn.execute("SELECT position FROM palette_read.positions WHERE model = %s", [name]).fetchone()
-        return int(row[0]) if row else 0
+        return self.positions.get(name)
 
     def save_position(self, name: str, position: int) -> None:
-        self.conn.execute(
-            "INSERT INTO palette_read.positions (model, position) VALUES (%s, %s) ON CONFLICT (model) "
-            "DO UPDATE SET position = EXCLUDED.position, updated_at = now()", [name, position])
+        self.positions.save(name, position)
 
     def close(self) -> None:
         self.conn.close()

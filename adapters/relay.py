@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import psycopg
+from psycopg import sql
 
 from adapters.envelope import EventEnvelope, encode_notification, from_notification
 from adapters.kafka_io import EVENTS_TOPIC
@@ -32,21 +33,32 @@ class Positions(Protocol):
 
 
 class PgPositions:
-    """The relay's positions in PostgreSQL (``palette_relay.positions``)."""
+    """Named positions in a PostgreSQL table keyed by ``key`` (with ``position`` and
+    ``updated_at``): the relay's (``palette_relay.positions``) and the read store's."""
 
-    def __init__(self, database_url: str) -> None:
-        self.conn = psycopg.connect(database_url, autocommit=True)
+    def __init__(self, conn: psycopg.Connection[Any], table: tuple[str, str] = ("palette_relay", "positions"),
+                 key: str = "name") -> None:
+        self.conn = conn
+        tbl, column = sql.Identifier(*table), sql.Identifier(key)
+        self._select = sql.SQL("SELECT position FROM {} WHERE {} = %s").format(tbl, column)
+        self._upsert = sql.SQL(
+            "INSERT INTO {t} ({k}, position) VALUES (%s, %s) ON CONFLICT ({k}) "
+            "DO UPDATE SET position = EXCLUDED.position, updated_at = now()").format(t=tbl, k=column)
+
+    @classmethod
+    def connect(cls, database_url: str) -> PgPositions:
+        """The relay's positions, on a connection of their own (the schema created if missing)."""
+        conn = psycopg.connect(database_url, autocommit=True)
         for statement in DDL:
-            self.conn.execute(statement)
+            conn.execute(statement)
+        return cls(conn)
 
     def get(self, name: str) -> int:
-        row = self.conn.execute("SELECT position FROM palette_relay.positions WHERE name = %s", [name]).fetchone()
+        row = self.conn.execute(self._select, [name]).fetchone()
         return int(row[0]) if row else 0
 
     def save(self, name: str, position: int) -> None:
-        self.conn.execute(
-            "INSERT INTO palette_relay.positions (name, position) VALUES (%s, %s) ON CONFLICT (name) "
-            "DO UPDATE SET position = EXCLUDED.position, updated_at = now()", [name, position])
+        self.conn.execute(self._upsert, [name, position])
 
     def close(self) -> None:
         self.conn.close()

@@ -533,8 +533,7 @@ class PaletteSimulation(RuleBasedStateMachine):
 
     @rule()
     def projector_step(self) -> None:
-        result = self._projector().step()
-        del result
+        self._projector().step()
 
     @rule(point=st.sampled_from(["mid-batch (projector)", "after the read-model commit, before the offset commit"]))
     def projector_crash(self, point: str) -> None:

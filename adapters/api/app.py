@@ -109,6 +109,8 @@ def create_app(container: Container) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == 400:  # a body that is not JSON: bad input like any other, one status
+            return fail("VALIDATION_FAILED", f"request: {e.detail}")
         code = CODE_BY_STATUS.get(e.status_code, "VALIDATION_FAILED" if e.status_code < 500 else "INTERNAL")
         return fail(code, str(e.detail), status=e.status_code)
 

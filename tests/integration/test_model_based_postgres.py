@@ -61,7 +61,7 @@ class OnPostgres(PaletteSimulation):
         return PaletteService(app, self.committer, StepClock(), Ids(), store=uploads)
 
     def make_store(self) -> Any:
-        self.relay_positions = PgPositions(self.url)
+        self.relay_positions = PgPositions.connect(self.url)
         return PgCrashableStore(PgReadStore(self.url))
 
     def __init__(self) -> None:

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from datetime import UTC, datetime, timedelta
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,22 +17,9 @@ from application.unit_of_work import DirectExecutor, GroupCommitter
 from domain.errors import DomainError
 from domain.job import Job
 from domain.user import User
+from tests.simulation import Ids, StepClock
 
 EDITS = {"wall": {"action": "recolor", "value": "#336699"}}
-
-
-class StepClock:
-    def __init__(self) -> None:
-        self.t = datetime(2026, 1, 1, tzinfo=UTC)
-
-    def now(self) -> datetime:
-        self.t += timedelta(milliseconds=1)
-        return self.t
-
-
-class Ids:
-    def new_id(self) -> UUID:
-        return uuid4()
 
 
 def make_service(group_commit: bool = False) -> PaletteService:
