@@ -103,6 +103,13 @@ def _fbm(h: int, w: int, gen: torch.Generator, device: torch.device, octaves: in
     return total / norm
 
 
+def _wave(phase: torch.Tensor) -> torch.Tensor:
+    """``sin(phase * pi)`` exactly reproducible: the phase reaches thousands, where one float32
+    ulp differs between the vectorised and scalar paths of a kernel (and so with the thread
+    count), so it is reduced in float64 first."""
+    return torch.sin(torch.remainder(phase.double(), 2.0) * math.pi).float()
+
+
 def _palette(t: torch.Tensor, a: tuple[float, float, float], b: tuple[float, float, float]) -> torch.Tensor:
     ca = torch.tensor(a, device=t.device).view(3, 1, 1)
     cb = torch.tensor(b, device=t.device).view(3, 1, 1)
@@ -118,19 +125,19 @@ def make_texture(name: str, h: int, w: int, device: torch.device | str = "cpu", 
     scale = max(h, w) / 512.0
     if name == "wood":
         n = _fbm(h, w, gen, device)
-        rings = torch.sin((ys * 40 / scale + 6 * n) * math.pi) * 0.5 + 0.5
+        rings = _wave(ys.double() * 40 / scale + 6 * n.double()) * 0.5 + 0.5
         grain = _value_noise(h, w, 64, gen, device)
         return _palette(0.6 * rings + 0.4 * grain, (0.45, 0.28, 0.14), (0.72, 0.52, 0.32))
     if name == "marble":
         n = _fbm(h, w, gen, device, octaves=5)
-        veins = (torch.sin((xs + ys) * 12 / scale + 8 * n) * 0.5 + 0.5) ** 3
+        veins = (_wave(((xs.double() + ys.double()) * 12 / scale + 8 * n.double()) / math.pi) * 0.5 + 0.5) ** 3
         return _palette(1 - 0.7 * veins, (0.55, 0.55, 0.58), (0.95, 0.94, 0.92))
     if name == "concrete":
         n = _fbm(h, w, gen, device, octaves=5, base=8)
         pores = (torch.rand(h, w, generator=gen).to(device) > 0.995).float()
         return _palette(n - 0.3 * pores, (0.45, 0.45, 0.44), (0.70, 0.70, 0.68))
     if name == "linen":
-        weave = (torch.sin(xs * 600 / scale) * torch.sin(ys * 600 / scale)) * 0.5 + 0.5
+        weave = (_wave(xs.double() * 600 / scale / math.pi) * _wave(ys.double() * 600 / scale / math.pi)) * 0.5 + 0.5
         n = _value_noise(h, w, 32, gen, device)
         return _palette(0.5 * weave + 0.5 * n, (0.78, 0.74, 0.66), (0.90, 0.87, 0.80))
     if name == "brick":

@@ -47,13 +47,14 @@ class LogReader:
         table = getattr(self.recorder, "events_table_name", None)
         if table is None:
             return self._scan(gaps)
+        schema = getattr(self.recorder.datastore, "schema", "") or ""
         ids, afters, uptos = zip(*[(s, a, u) for s, (a, u) in gaps.items()], strict=True)
         query = sql.SQL(
             "SELECT e.notification_id, e.originator_id, e.originator_version, e.topic, e.state "
             "FROM unnest(%s::uuid[], %s::int[], %s::int[]) AS g(id, after, upto) "
             "JOIN {} e ON e.originator_id = g.id AND e.originator_version > g.after "
             "AND e.originator_version <= g.upto ORDER BY e.notification_id"
-        ).format(sql.Identifier(*table.split(".")))
+        ).format(sql.Identifier(schema, table) if schema else sql.Identifier(table))
         with self.recorder.datastore.get_connection() as conn, conn.cursor() as cur:
             cur.execute(query, [list(ids), list(afters), list(uptos)])
             rows = cur.fetchall()

@@ -268,7 +268,8 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
     if not envelopes:
         return result
     chosen = list(models or READ_MODELS.values())
-    active = [m for m in chosen if any(batch.relevant(m, e) for e in envelopes)]
+    share = {m.name: [e for e in envelopes if batch.relevant(m, e)] for m in chosen}
+    active = [m for m in chosen if share[m.name]]
     all_streams = list({e.stream_id for e in envelopes})
     top = max(e.id for e in envelopes)
     with conn.transaction():
@@ -276,9 +277,8 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
             locks = sorted(lock_id(m) for m in active)
             if locks:
                 conn.execute("SELECT pg_advisory_xact_lock_shared(k) FROM unnest(%s::bigint[]) AS k", [locks])
-            tracked_cur = {m.name: conn.execute(
-                _tracking_query(m), [list({e.stream_id for e in envelopes if batch.relevant(m, e)})])
-                for m in active}
+            tracked_cur = {m.name: conn.execute(_tracking_query(m), [list({e.stream_id for e in share[m.name]})])
+                           for m in active}
             blocked_cur = conn.execute(sql.SQL(
                 "SELECT model, stream_id FROM {} WHERE status IN ('parked', 'held') AND stream_id = ANY(%s)"
             ).format(table("dead_letters")), [all_streams])
@@ -286,13 +286,13 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
         for name, stream in blocked_cur.fetchall():
             blocked.setdefault(name, set()).add(stream)
         tracked = {m.name: {r[0]: r[1] for r in tracked_cur[m.name].fetchall()} for m in active}
-        plans = {m.name: batch.plan(m, envelopes, tracked[m.name], blocked.get(m.name, set())) for m in active}
+        plans = {m.name: batch.plan(m, share[m.name], tracked[m.name], blocked.get(m.name, set())) for m in active}
         gaps = batch.merge_gaps(plans.values())
         if gaps and fill is not None:
             found = fill(gaps)
             result.filled = len(found)
-            envelopes = [*envelopes, *found]
-            plans = {m.name: batch.plan(m, envelopes, tracked[m.name], blocked.get(m.name, set())) for m in active}
+            plans = {m.name: batch.plan(m, [*share[m.name], *found], tracked[m.name], blocked.get(m.name, set()))
+                     for m in active}
         result.skipped = sum(p.skipped for p in plans.values())
         with conn.pipeline():
             rows_cur = {}
