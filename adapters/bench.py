@@ -346,7 +346,7 @@ def bench_relay(settings: Settings, prof: Profile, results: dict[str, Any]) -> N
         relay.drain()
         rates.append(head / (time.perf_counter() - t0))
         relay.producer.close()
-        relay.positions.close()  # type: ignore[attr-defined]
+        positions.close()
         # The client's ceiling: a bare producer sending the same envelopes, already encoded.
         values = [(str(n.originator_id).encode(), encode(from_notification(n, app.mapper.transcoder)))
                   for n in app.recorder.select_notifications(start=1, limit=head)]
@@ -449,7 +449,8 @@ def bench_lag(stack: EmbeddedStack, prof: Profile, results: dict[str, Any]) -> N
     # The relay's commit-to-ack latency: a second relay (own position and topic) in this process.
     acked: list[float] = []
     app = PaletteApplication(env=event_store_env(settings, pool_size=2, cache=False))
-    relay = Relay(app, kafka_io.producer(settings, linger_ms=5), PgPositions.connect(settings.effective_database_url),
+    positions = PgPositions.connect(settings.effective_database_url)
+    relay = Relay(app, kafka_io.producer(settings, linger_ms=5), positions,
                   name=f"bench-lag-{uuid.uuid4().hex[:6]}", topic="bench.lag",
                   on_acked=lambda envs: acked.extend(time.time() - e.timestamp.timestamp() for e in envs))
     relay_stop = threading.Event()
@@ -470,7 +471,7 @@ def bench_lag(stack: EmbeddedStack, prof: Profile, results: dict[str, Any]) -> N
     relay_stop.set()
     looper.join(timeout=30)
     relay.producer.close()
-    relay.positions.close()  # type: ignore[attr-defined]
+    positions.close()
     app.close()
     close()
     results["relay_p99_ms"] = round(percentile([a * 1000 for a in acked], 99), 1) if acked else None

@@ -48,11 +48,11 @@ class Dispatcher(ConsumerLoop):
         self.app = app
         self.repository = app.repository
         self.dispatched = 0
-        self.redispatched = 0
         self.stale_s = stale_s
+        self.sweep_every_s = min(60.0, stale_s / 2)
         self.clock = clock
         self.conn = psycopg.connect(database_url, autocommit=True) if database_url else None
-        self._next_sweep = clock() + min(60.0, stale_s / 2)
+        self._next_sweep = clock() + self.sweep_every_s
 
     def sweep(self, limit: int = 100) -> int:
         """Dispatch again the unfinished items of jobs that made no progress for ``stale_s``."""
@@ -70,7 +70,6 @@ class Dispatcher(ConsumerLoop):
                 if task["idx"] not in job.items:
                     futures.append(self._send(task))
         self._flush(futures)
-        self.redispatched += len(futures)
         if futures:
             log.warning("dispatched %d task(s) of %d stalled job(s) again", len(futures), len(rows))
         return len(futures)
@@ -99,7 +98,7 @@ class Dispatcher(ConsumerLoop):
         if polled:
             self.consumer.commit()
         if self.conn is not None and self.clock() >= self._next_sweep:
-            self._next_sweep = self.clock() + min(60.0, self.stale_s / 2)
+            self._next_sweep = self.clock() + self.sweep_every_s
             self.sweep()
         return len(futures)
 

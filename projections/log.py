@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
+from eventsourcing.persistence import Notification
 from psycopg import sql
 
 from adapters.envelope import EventEnvelope, from_notification
@@ -62,8 +63,6 @@ class LogReader:
                                r["topic"], bytes(r["state"])) for r in rows]
 
     def _envelope(self, position: int, stream_id: UUID, version: int, topic: str, state: bytes) -> EventEnvelope:
-        from eventsourcing.persistence import Notification
-
         return from_notification(Notification(originator_id=stream_id, originator_version=version,
                                               topic=topic, state=state, id=position), self.transcoder)
 

@@ -118,7 +118,7 @@ class Workload:
             self.report.gave_up += 1
         return None
 
-    def session(self, http: httpx.Client, n: int) -> None:
+    def session(self, http: httpx.Client) -> None:
         r = self.call(http, "POST", "/auth/anon", json={"device_hash": f"chaos-{uuid.uuid4().hex}"})
         if r is None or r.status_code not in (200, 201):
             return
@@ -154,12 +154,10 @@ class Workload:
                 return
             setattr(acked, flag, True)
 
-    def run(self, worker: int) -> None:
+    def run(self) -> None:
         with httpx.Client(base_url=self.base_url, timeout=15) as http:
-            n = 0
             while not self.stop.wait(self.rng.uniform(0, 2 * self.think_s)):  # a user's think time
-                self.session(http, n)
-                n += 1
+                self.session(http)
                 with self.lock:
                     self.report.sessions += 1
 
@@ -197,7 +195,7 @@ def run(minutes: float, seed: int = 1, workers: int = 3, pg_stops: int = 2, say:
         threading.Thread(target=supervise, daemon=True).start()
         base_url = f"http://{settings.api_host}:{settings.api_port}"
         load = Workload(base_url, report, seed, think_s)
-        threads = [threading.Thread(target=load.run, args=(i,), daemon=True) for i in range(workers)]
+        threads = [threading.Thread(target=load.run, daemon=True) for _ in range(workers)]
         for t in threads:
             t.start()
         say(f"[chaos] stack up in {data_dir}; {workers} clients; killing for {minutes} min")
@@ -272,13 +270,8 @@ def verify(stack: EmbeddedStack, load: Workload, report: Report, say: Any) -> No
             check_log(log, load, report, app)
             from tests.integration.test_projections import assert_models_equal_fold
 
-            class Svc:
-                pass
-
-            svc: Any = Svc()
-            svc.app = app
             try:
-                assert_models_equal_fold(svc, conn)
+                assert_models_equal_fold(app, conn)
             except AssertionError as e:
                 report.problems.append(f"a read model differs from the fold of the log: {e}")
     finally:

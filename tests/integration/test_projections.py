@@ -87,9 +87,9 @@ def table_contents(
     return {tuple(_norm(v) for v in row) for row in conn.execute(query).fetchall()}
 
 
-def folded_contents(svc: PaletteService, name: str) -> tuple[set[tuple[Any, ...]], set[tuple[Any, ...]]]:
+def folded_contents(app: Any, name: str) -> tuple[set[tuple[Any, ...]], set[tuple[Any, ...]]]:
     model = READ_MODELS[name]
-    rows, appended, _, _, failed = fold_log(model, iter_envelopes(svc.app.recorder, svc.app.mapper.transcoder, 1, None))
+    rows, appended, _, _, failed = fold_log(model, iter_envelopes(app.recorder, app.mapper.transcoder, 1, None))
     assert not failed
     names = model.column_names
     keyed = {tuple(_norm(r[c]) for c in names) for r in rows.values() if r is not None}
@@ -102,9 +102,10 @@ def drained(svc: PaletteService, conn: psycopg.Connection[Any]) -> bool:
     return all(unapplied(conn, m, table)[0] == 0 for m in READ_MODELS.values())
 
 
-def assert_models_equal_fold(svc: PaletteService, conn: psycopg.Connection[Any]) -> None:
+def assert_models_equal_fold(app: Any, conn: psycopg.Connection[Any]) -> None:
+    """Every read-model table equals the fold of ``app``'s whole event log."""
     for name, model in READ_MODELS.items():
-        keyed, ledger = folded_contents(svc, name)
+        keyed, ledger = folded_contents(app, name)
         assert table_contents(conn, model.keyed_table, model.column_names) == keyed, name
         if model.append_table:
             assert table_contents(conn, model.append_table, LEDGER_COLUMNS) == ledger
@@ -143,7 +144,7 @@ def test_crashes_and_broker_restart_lose_nothing_and_duplicate_nothing(apps, ser
         return drained(service, conn)
 
     wait_until(settle, timeout_s=180, what="projections to drain after the crashes")
-    assert_models_equal_fold(service, conn)
+    assert_models_equal_fold(service.app, conn)
 
 
 def test_every_event_delivered_twice_changes_no_read_model(apps, service, conn):
@@ -167,7 +168,7 @@ def test_rebuild_equals_the_live_model(apps, service, conn, settings):
         report = rebuild(settings.effective_database_url, service.app.recorder, service.app.mapper.transcoder, name)
         assert report.events >= len(live)
         assert table_contents(conn, model.keyed_table, model.column_names) == live
-    assert_models_equal_fold(service, conn)
+    assert_models_equal_fold(service.app, conn)
 
 
 def _env(stream: uuid.UUID, version: int, kind: str, data: dict[str, Any], position: int) -> EventEnvelope:
