@@ -13,6 +13,7 @@ from adapters.api.consistency import LastWrites
 from adapters.s3 import s3_client
 from adapters.settings import Settings
 from adapters.system import RandomIds, SystemClock
+from application.device_keys import HmacDeviceKeyer
 from application.services import PaletteApplication, PaletteService
 from application.unit_of_work import DirectExecutor, GroupCommitter
 from projections.store import ensure_schema
@@ -104,7 +105,8 @@ def build(settings: Settings, *, naive: bool = False, pool_size: int = 8) -> Con
     committer = None if naive else GroupCommitter(app).start()
     executor = DirectExecutor(app) if committer is None else committer
     service = PaletteService(
-        app, executor, SystemClock(), RandomIds(), store=S3ObjectStore(s3, settings.s3_bucket)
+        app, executor, SystemClock(), RandomIds(), store=S3ObjectStore(s3, settings.s3_bucket),
+        device_keys=HmacDeviceKeyer(settings.device_key_secret),
     )
     read_pool = ConnectionPool(settings.effective_database_url, min_size=1, max_size=pool_size,
                                kwargs={"autocommit": True}, open=True)
@@ -138,12 +140,15 @@ def build_projector(settings: Settings) -> Any:
 
 def build_dispatcher(settings: Settings) -> Any:
     from adapters import kafka_io
-    from adapters.dispatcher import GROUP, Dispatcher
+    from adapters.dispatcher import DLQ_TOPIC, GROUP, Dispatcher, KafkaTaskQueue
+    from adapters.kafka_admin import ensure_topics
 
+    bootstrap = settings.effective_kafka_bootstrap
+    ensure_topics(bootstrap, [DLQ_TOPIC], settings.kafka_partitions)
     app = open_event_store(settings, pool_size=2, cache=False)
     return Dispatcher(kafka_io.consumer(settings, GROUP, kafka_io.EVENTS_TOPIC, fetch_max_wait_ms=100),
                       kafka_io.producer(settings), app, settings.effective_database_url,
-                      stale_s=settings.dispatch_stale_s)
+                      stale_s=settings.dispatch_stale_s, queue=KafkaTaskQueue.connect(bootstrap))
 
 
 def compute_threads_for(device: Any) -> int:
@@ -178,9 +183,10 @@ def build_gpu_worker(settings: Settings) -> Any:
             return set()
 
     device = pick_device(settings.device)
-    pipeline = ImagePipeline(s3_client(settings, max_pool=16), settings.s3_bucket, device)
+    pipeline = ImagePipeline(s3_client(settings, max_pool=16), settings.s3_bucket, device,
+                             texture_cache_bytes=settings.texture_cache_bytes)
     callbacks = CallbackClient(settings.api_url, settings.callback_secret)
     return GpuWorker(kafka_io.consumer(settings, GROUP, kafka_io.GPU_TOPIC, max_poll_records=16,
                                      fetch_max_wait_ms=200),
                      kafka_io.producer(settings), pipeline, callbacks, canceled_lookup=canceled,
-                     compute_threads=compute_threads_for(device))
+                     compute_threads=compute_threads_for(device), remember_bytes=settings.worker_remember_bytes)

@@ -322,14 +322,16 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                 t0 = time.monotonic()
                 report = audit.reconcile(
                     conn, app.recorder, app.mapper.transcoder,  # type: ignore[attr-defined]
-                    progress=lambda n: print(f"... {n:,} user events folded", file=sys.stderr, flush=True))
+                    progress=lambda n: print(f"... {n:,} user events folded", file=sys.stderr, flush=True),
+                    at=args.at)
                 log_size = app.recorder.max_notification_id() or 0  # type: ignore[attr-defined]
             finally:
                 app.close()  # type: ignore[attr-defined]
             for d in report.differences:
                 print(f"DIFF {d}")
             verdict = "OK" if report.ok else f"{len(report.differences)} difference(s)"
-            print(f"reconciled {report.events:,} user events (of {log_size:,} in the log), "
+            print(f"reconciled {report.events:,} user events (of {log_size:,} in the log; folded up to "
+                  f"position {report.position:,} at least), "
                   f"{report.ledger_rows:,} ledger rows, {report.users:,} users "
                   f"in {time.monotonic() - t0:.1f}s: {verdict}")
             return 0 if report.ok else 1
@@ -418,7 +420,10 @@ def parser() -> argparse.ArgumentParser:
     ab = asub.add_parser("balance", help="a user's balance as of a time, with the positions used")
     ab.add_argument("--user", type=_uuid, required=True)
     ab.add_argument("--as-of", type=_when, required=True)
-    asub.add_parser("reconcile", help="prove the projection equals the fold of the event log (exit 1 if not)")
+    rec = asub.add_parser("reconcile", help="prove the projection equals the fold of the event log (exit 1 if not); "
+                          "safe on a live system: one snapshot of the projection, the log folded to match it")
+    rec.add_argument("--at", type=int, metavar="POSITION", default=None,
+                     help="every event up to this log position must be folded (default: the log's head at start)")
     ae = asub.add_parser("export", help="every ledger row, paged by position")
     ae.add_argument("--format", choices=("csv", "jsonl"), default="jsonl")
     asub.add_parser("verify", help="recompute the per-user hash chains (exit 1 at a break)")

@@ -1,20 +1,38 @@
 """The dispatcher: on ``JobQueued``, one task per item to ``palette.gpu-jobs`` (key = job id).
 At-least-once; the GPU worker's callback key makes duplicates harmless.
 
+A record it cannot handle never stops it: an envelope that does not decode, a ``JobQueued`` whose
+job cannot be loaded or whose preset is unknown, a task the broker refuses as too large, any other
+error while building tasks. Such a record is logged in one line and parked as it came on
+``palette.events.dispatcher-dlq`` (same key and value, the reason in its ``error`` header, the
+origin in ``topic``/``partition``/``offset`` headers); the loop goes on. Database and broker
+errors are transient and raise: the supervisor restarts the process and the uncommitted records
+come again.
+
 A broker that loses an acknowledged message (seen with the embedded broker under SIGKILL) would
 leave a job queued forever, so the dispatcher also sweeps: a queued or running job without
-progress for ``stale_s`` gets the tasks of its unfinished items again."""
+progress for ``stale_s`` gets the tasks of its unfinished items again, unless they are merely
+waiting behind a backlog. The dispatcher remembers where each job's tasks went (partition and
+offset of its last task, from the producer's acknowledgement; least recently used out first,
+within a byte budget) and sends again only when the GPU consumer group has committed past that
+offset (consumed, yet no progress) or the partition's log no longer reaches it (lost). A job it
+holds no position for (dispatched before a restart, or forgotten) falls back to the time rule.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 from uuid import UUID
 
 import psycopg
+from eventsourcing.persistence import ConnectionPoolClosedError, PersistenceError
+from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from adapters.envelope import decode
 from adapters.kafka_io import GPU_TOPIC, ConsumerLoop
@@ -24,6 +42,12 @@ from domain.presets import PRESETS
 
 log = logging.getLogger("palette.dispatcher")
 GROUP = "palette-dispatcher"
+GPU_GROUP = "palette-gpu"  # the GPU worker's consumer group: its committed offsets say what it consumed
+DLQ_TOPIC = "palette.events.dispatcher-dlq"
+# Errors of the database or the broker: the record is fine, the process restarts and reads it again.
+TRANSIENT: tuple[type[BaseException], ...] = (PersistenceError, ConnectionPoolClosedError, psycopg.Error,
+                                              KafkaError, OSError)
+PLACEMENTS_BYTES = 16 * 1024 * 1024
 
 
 def tasks_for(job: Job) -> list[dict[str, Any]]:
@@ -40,71 +64,257 @@ def tasks_for(job: Job) -> list[dict[str, Any]]:
     } for idx in range(job.item_count)]
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a job's last task was written (all its tasks share the key, so the partition)."""
+
+    partition: int
+    offset: int
+
+
+class Placements:
+    """Placements by job id, least recently used out first, within ``budget_bytes``. Entries are
+    of one size: a job id string, a small object and a dictionary slot (``ENTRY_BYTES``)."""
+
+    ENTRY_BYTES = 250
+
+    def __init__(self, budget_bytes: int = PLACEMENTS_BYTES) -> None:
+        self.capacity = max(0, budget_bytes // self.ENTRY_BYTES)
+        self._entries: OrderedDict[str, Placement] = OrderedDict()
+
+    def put(self, job_id: str, placement: Placement) -> None:
+        self._entries[job_id] = placement
+        self._entries.move_to_end(job_id)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def get(self, job_id: str) -> Placement | None:
+        placement = self._entries.get(job_id)
+        if placement is not None:
+            self._entries.move_to_end(job_id)
+        return placement
+
+    def discard(self, job_id: str) -> None:
+        self._entries.pop(job_id, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class TaskQueue(Protocol):
+    """What the broker says about the GPU queue."""
+
+    def committed(self, partitions: Iterable[int]) -> dict[int, int]:
+        """The GPU group's committed offset by partition (absent: nothing committed)."""
+
+    def reaches(self, partition: int, offset: int) -> bool:
+        """Whether the partition's log still holds ``offset`` (False: the broker lost it)."""
+
+
+class KafkaTaskQueue:
+    """The GPU queue as the broker reports it. The group's committed offsets are exact. End offsets
+    are not always (the embedded broker answers stale, low ones), so an end offset at or below the
+    offset asked about is checked by fetching from that offset before the log counts as short."""
+
+    def __init__(self, admin: Any, probe: Any, topic: str = GPU_TOPIC, group: str = GPU_GROUP,
+                 probe_timeout_s: float = 2.0) -> None:
+        self.admin = admin
+        self.probe = probe  # a consumer outside any group, used by assign/seek only
+        self.topic = topic
+        self.group = group
+        self.probe_timeout_s = probe_timeout_s
+
+    @classmethod
+    def connect(cls, bootstrap: str, topic: str = GPU_TOPIC, group: str = GPU_GROUP) -> KafkaTaskQueue:
+        from kafka import KafkaAdminClient, KafkaConsumer
+
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+        probe = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                              auto_offset_reset="latest", fetch_max_wait_ms=100)
+        return cls(admin, probe, topic, group)
+
+    def committed(self, partitions: Iterable[int]) -> dict[int, int]:
+        from kafka import TopicPartition
+
+        wanted = [TopicPartition(self.topic, p) for p in sorted(set(partitions))]
+        if not wanted:
+            return {}
+        offsets = self.admin.list_group_offsets({self.group: wanted}).get(self.group, {})
+        return {tp.partition: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+
+    def reaches(self, partition: int, offset: int) -> bool:
+        from kafka import TopicPartition
+
+        tp = TopicPartition(self.topic, partition)
+        end = self.probe.end_offsets([tp]).get(tp)
+        if end is not None and end > offset:
+            return True
+        self.probe.assign([tp])
+        self.probe.seek(tp, offset)
+        deadline = time.monotonic() + self.probe_timeout_s
+        while time.monotonic() < deadline:
+            for records in self.probe.poll(timeout_ms=200, max_records=1).values():
+                if any(r.offset >= offset for r in records):
+                    return True
+        return False
+
+    def close(self) -> None:
+        self.probe.close()
+        self.admin.close()
+
+
 class Dispatcher(ConsumerLoop):
     def __init__(self, consumer: Any, producer: Any, app: Any, database_url: str | None = None,
-                 stale_s: float = 600.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 stale_s: float = 600.0, clock: Callable[[], float] = time.monotonic,
+                 queue: TaskQueue | None = None,
+                 stale_jobs: Callable[[float, int], Sequence[Any]] | None = None,
+                 placements_bytes: int = PLACEMENTS_BYTES) -> None:
         self.consumer = consumer
         self.producer = producer
         self.app = app
         self.repository = app.repository
         self.dispatched = 0
+        self.parked = 0
         self.stale_s = stale_s
         self.sweep_every_s = min(60.0, stale_s / 2)
         self.clock = clock
+        self.queue = queue
+        self.placements = Placements(placements_bytes)
         self.conn = psycopg.connect(database_url, autocommit=True) if database_url else None
+        self.stale_jobs = stale_jobs or (self._stale_jobs_in_read_model if self.conn is not None else None)
         self._next_sweep = clock() + self.sweep_every_s
 
-    def sweep(self, limit: int = 100) -> int:
-        """Dispatch again the unfinished items of jobs that made no progress for ``stale_s``."""
+    # -- the stale sweep ------------------------------------------------------------------------
+    def _stale_jobs_in_read_model(self, stale_s: float, limit: int) -> Sequence[Any]:
         assert self.conn is not None
         rows = self.conn.execute(
             "SELECT id FROM palette_read.jobs_log WHERE status IN ('queued', 'running') "
             "AND updated_at < now() - %s * interval '1 second' ORDER BY updated_at LIMIT %s",
-            [self.stale_s, limit]).fetchall()
-        futures = []
-        for (job_id,) in rows:
-            job = self.repository.get(job_id)
-            if job.status.value not in ("queued", "running"):
-                continue  # the read model lags the store: it finished meanwhile
-            for task in tasks_for(job):
-                if task["idx"] not in job.items:
-                    futures.append(self._send(task))
-        self._flush(futures)
-        if futures:
-            log.warning("dispatched %d task(s) of %d stalled job(s) again", len(futures), len(rows))
-        return len(futures)
+            [stale_s, limit]).fetchall()
+        return [job_id for (job_id,) in rows]
 
+    def sweep(self, limit: int = 100) -> int:
+        """Dispatch again the unfinished items of jobs that made no progress for ``stale_s`` and
+        whose tasks are not waiting in the queue."""
+        assert self.stale_jobs is not None
+        jobs: list[tuple[Job, list[dict[str, Any]]]] = []
+        for job_id in self.stale_jobs(self.stale_s, limit):
+            try:
+                job = self.repository.get(job_id)
+                if job.status.value not in ("queued", "running"):
+                    continue  # the read model lags the store: it finished meanwhile
+                jobs.append((job, [t for t in tasks_for(job) if t["idx"] not in job.items]))
+            except TRANSIENT:
+                raise
+            except Exception as e:  # noqa: BLE001 - one job that cannot be built never stops the sweep
+                log.error("stalled job %s cannot be dispatched: %s: %s", job_id, type(e).__name__, str(e)[:200])
+        try:
+            waiting = self._waiting([job for job, _ in jobs])
+        except TRANSIENT as e:
+            log.warning("stale sweep postponed: the broker did not answer (%s)", type(e).__name__)
+            return 0
+        sent: list[tuple[str, Any]] = []
+        for job, tasks in jobs:
+            if str(job.id) not in waiting:
+                sent.extend((task["job_id"], self._send(task)) for task in tasks)
+        self._flush(sent)
+        if sent:
+            log.warning("dispatched %d task(s) of %d stalled job(s) again", len(sent), len(jobs) - len(waiting))
+        if waiting:
+            log.info("%d stalled job(s) still waiting in the GPU queue", len(waiting))
+        return len(sent)
+
+    def _waiting(self, jobs: Sequence[Job]) -> set[str]:
+        """The jobs whose last task is still in the queue: not consumed by the GPU group, and the
+        log still holds it. Jobs without a known placement are not waiting (the time rule)."""
+        if self.queue is None:
+            return set()
+        known = {str(job.id): p for job in jobs if (p := self.placements.get(str(job.id))) is not None}
+        if not known:
+            return set()
+        committed = self.queue.committed(p.partition for p in known.values())
+        reached: dict[int, int] = {}  # by partition, an offset the log holds (so every one below it)
+        waiting = set()
+        for job_id, p in sorted(known.items(), key=lambda kv: -kv[1].offset):  # highest first: one probe
+            if committed.get(p.partition, -1) > p.offset:
+                continue  # consumed, yet no progress: send again
+            if reached.get(p.partition, -1) >= p.offset or self.queue.reaches(p.partition, p.offset):
+                reached[p.partition] = max(reached.get(p.partition, -1), p.offset)
+                waiting.add(job_id)
+        return waiting
+
+    # -- sending ----------------------------------------------------------------------------------
     def _send(self, task: dict[str, Any]) -> Any:
         return self.producer.send(GPU_TOPIC, key=task["job_id"].encode(), value=json.dumps(task).encode())
 
-    def _flush(self, futures: list[Any]) -> None:
-        if futures:
-            self.producer.flush()
-            for f in futures:
-                f.get(timeout=30)
+    def _flush(self, sent: list[tuple[str, Any]]) -> None:
+        """Wait for the broker's acknowledgements and remember where each job's tasks went."""
+        if not sent:
+            return
+        self.producer.flush()
+        for job_id, future in sent:
+            meta = future.get(timeout=30)
+            last = self.placements.get(job_id)
+            if last is None or last.partition != meta.partition or meta.offset > last.offset:
+                self.placements.put(job_id, Placement(meta.partition, meta.offset))
+
+    def dispatch(self, tasks: Sequence[dict[str, Any]]) -> int:
+        """Send tasks and wait for the broker; returns how many went out."""
+        sent = [(task["job_id"], self._send(task)) for task in tasks]
+        self._flush(sent)
+        return len(sent)
+
+    def _tasks_of(self, record: Any) -> list[dict[str, Any]]:
+        env = decode(record.value)
+        if env.type in ("JobFinished", "JobCanceled"):
+            self.placements.discard(str(env.stream_id))
+        if env.type != "JobQueued":
+            return []
+        return tasks_for(self.repository.get(env.stream_id, version=env.version))
+
+    def _park(self, record: Any, error: BaseException) -> None:
+        reason = f"{type(error).__name__}: {error}"
+        log.error("record %s/%s/%s parked on %s: %s", record.topic, record.partition, record.offset, DLQ_TOPIC,
+                  " ".join(reason.split())[:300])
+        headers = [("error", reason.encode()[:2000]), ("topic", str(record.topic).encode()),
+                   ("partition", str(record.partition).encode()), ("offset", str(record.offset).encode())]
+        value = record.value if record.value is not None else b""
+        try:
+            self.producer.send(DLQ_TOPIC, key=record.key, value=value, headers=headers)
+        except MessageSizeTooLargeError:  # larger than this producer sends: its head is enough to look into it
+            self.producer.send(DLQ_TOPIC, key=record.key, value=value[:64 * 1024],
+                               headers=[*headers, ("truncated", b"true")])
+        self.parked += 1
 
     def step(self, timeout_ms: int = 100) -> int:
         polled = self.consumer.poll(timeout_ms=timeout_ms)
-        futures: list[Any] = []
+        sent: list[tuple[str, Any]] = []
         for records in polled.values():
             for record in records:
-                env = decode(record.value)
-                if env.type != "JobQueued":
-                    continue
-                job = self.repository.get(env.stream_id, version=env.version)
-                futures.extend(self._send(task) for task in tasks_for(job))
-        self._flush(futures)
-        self.dispatched += len(futures)
+                try:
+                    tasks = self._tasks_of(record)
+                    sent.extend((task["job_id"], self._send(task)) for task in tasks)
+                except MessageSizeTooLargeError as e:
+                    self._park(record, e)
+                except TRANSIENT:
+                    raise
+                except Exception as e:  # noqa: BLE001 - a record it cannot handle is parked, never a stop
+                    self._park(record, e)
+        self._flush(sent)
+        self.dispatched += len(sent)
         if polled:
+            self.producer.flush()  # the parked records too, before their offsets are committed
             self.consumer.commit()
-        if self.conn is not None and self.clock() >= self._next_sweep:
+        if self.stale_jobs is not None and self.clock() >= self._next_sweep:
             self._next_sweep = self.clock() + self.sweep_every_s
             self.sweep()
-        return len(futures)
+        return len(sent)
 
     def close(self) -> None:
         self.consumer.close()
         self.producer.close()
+        if self.queue is not None and hasattr(self.queue, "close"):
+            self.queue.close()
         if self.conn is not None:
             self.conn.close()
         self.app.close()

@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 from uuid import UUID
 
@@ -56,18 +57,63 @@ def _plain_hook(obj: dict[str, Any]) -> Any:
     return data
 
 
+@cache
+def versioned_events() -> dict[str, type[Any]]:
+    """Stored topic -> event class, for the classes past their first version."""
+    from domain.job import Job
+    from domain.rule import Rule
+    from domain.user import User
+
+    return {f"{cls.__module__}:{cls.__qualname__}.{name}": attr
+            for cls in (User, Job, Rule) for name, attr in vars(cls).items()
+            if isinstance(attr, type) and getattr(attr, "class_version", 1) > 1}
+
+
+def upcast_state(topic: str, state: dict[str, Any]) -> dict[str, Any]:
+    """A stored event's plain state at its class's current version, through the class's
+    ``upcast_vN_vM`` methods, as the mapper upcasts what aggregates fold: every envelope leaves
+    at the current version (a v1 ``User.Registered`` held the raw device hash, a credential)."""
+    cls = versioned_events().get(topic)
+    if cls is None:
+        return state
+    current: int = cls.class_version
+    stored = int(state.pop("class_version", 1))
+    for version in range(stored, current):
+        getattr(cls, f"upcast_v{version}_v{version + 1}")(state)
+    state["class_version"] = max(stored, current)  # as the mapper stores an event of this version
+    return state
+
+
 def _state(notification: Any, transcoder: Any) -> dict[str, Any]:
     if notification.state[:1] == b"{":  # plain JSON: the fast path (no compression, no cipher)
         plain: dict[str, Any] = json.loads(notification.state, object_hook=_plain_hook)
-        return plain
-    return {k: _plain(v) for k, v in transcoder.decode(notification.state).items()}
+    else:
+        plain = {k: _plain(v) for k, v in transcoder.decode(notification.state).items()}
+    return upcast_state(notification.topic, plain)
+
+
+UNREADABLE = "_unreadable"  # the data of an envelope whose stored state could not be decoded
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _readable_state(notification: Any, transcoder: Any) -> tuple[dict[str, Any], datetime]:
+    """The state and timestamp of a stored event; a state that cannot be decoded (written past
+    the application) becomes ``{UNREADABLE: why}`` at the epoch, which every fold refuses, so the
+    projector parks it rather than the relay or the sweep stopping on it."""
+    try:
+        state = _state(notification, transcoder)
+        timestamp = state.pop("timestamp")
+        moment = timestamp if isinstance(timestamp, datetime) else datetime.fromisoformat(timestamp)
+        return state, moment
+    except Exception as exc:  # noqa: BLE001 - any stored bytes at all
+        why = f"{type(exc).__name__}: {exc}"[:500].encode("ascii", "backslashreplace").decode()
+        return {UNREADABLE: why}, EPOCH
 
 
 def from_notification(notification: Any, transcoder: Any) -> EventEnvelope:
     """Build the envelope of one stored notification."""
-    state = _state(notification, transcoder)
+    state, timestamp = _readable_state(notification, transcoder)
     stream_type, event_type = split_topic(notification.topic)
-    timestamp = datetime.fromisoformat(state.pop("timestamp"))
     state.pop("originator_topic", None)
     return EventEnvelope.model_construct(
         id=notification.id, stream_id=notification.originator_id, stream_type=stream_type,
@@ -77,9 +123,9 @@ def from_notification(notification: Any, transcoder: Any) -> EventEnvelope:
 
 def encode_notification(notification: Any, transcoder: Any) -> bytes:
     """The envelope's JSON straight from a stored notification (the relay's and replay's path)."""
-    state = _state(notification, transcoder)
+    state, moment = _readable_state(notification, transcoder)
     stream_type, event_type = split_topic(notification.topic)
-    timestamp = state.pop("timestamp")
+    timestamp = moment.isoformat()
     state.pop("originator_topic", None)
     return json.dumps({
         "id": notification.id, "stream_id": str(notification.originator_id), "stream_type": stream_type,

@@ -20,7 +20,7 @@ from adapters.envelope import EventEnvelope, decode
 from adapters.kafka_io import ConsumerLoop
 from adapters.relay import PgPositions
 from projections.log import LogReader
-from projections.store import BatchResult, Fill, apply_batch, ensure_schema
+from projections.store import BatchResult, Fill, apply_isolating, ensure_schema
 
 log = logging.getLogger("palette.projector")
 GROUP = "palette-projections"
@@ -43,7 +43,7 @@ class PgReadStore:
         self.positions = PgPositions(self.conn, ("palette_read", "positions"), key="model")
 
     def apply(self, envelopes: Sequence[EventEnvelope], fill: Fill | None = None) -> BatchResult:
-        return apply_batch(self.conn, envelopes, fill=fill)
+        return apply_isolating(self.conn, envelopes, fill=fill)
 
     def position(self, name: str) -> int:
         return self.positions.get(name)

@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Secrets shorter than this are refused outside development (HS256 wants >= 256 bits).
 MIN_SECRET_BYTES = 32
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "placeholder", "dev", "development"}
 # Secret names, printed by `palette env` but never logged.
-SECRET_FIELDS = ("jwt_secret", "callback_secret", "s3_secret_key", "pg_password")
+# Registrations per second and burst per client address in development (see rate_register_per_s).
+DEV_REGISTER_RATE = (1000.0, 100_000)
+SECRET_FIELDS = ("jwt_secret", "callback_secret", "s3_secret_key", "pg_password", "device_key_secret")
 
 
 class SettingsError(ValueError):
@@ -62,6 +65,19 @@ class Settings(BaseSettings):
     # "naive" serves commands with one load-decide-save each, no cache: the benchmark's baseline.
     command_path: Literal["group", "naive"] = "group"
     pg_fsync: bool = True
+    idempotency_ttl_s: float = Field(24 * 3600.0, gt=0)  # an Idempotency-Key is forgotten this long after its claim
+    sse_streams_per_user: int = Field(4, ge=1)  # concurrent GET /jobs/{id}/events per user (per API process)
+    # HMAC key of stored device hashes (a device hash is a credential). Changing it gives every
+    # device a new user on its next registration.
+    device_key_secret: str = ""
+    # Registrations (POST /auth/anon, new or repeated: each issues a token) per client address.
+    # These defaults are production's; in development, unless set, DEV_REGISTER_RATE applies, as
+    # local tools and test suites register many users from one loopback address.
+    rate_register_per_s: float = Field(0.2, gt=0)
+    rate_register_burst: int = Field(20, ge=1)
+    # Reverse proxies in front of the API that append to X-Forwarded-For (that many entries from
+    # the right are trusted); 0: the header is ignored and the TCP peer is the client.
+    trusted_proxies: int = Field(0, ge=0, le=16)
 
     @field_validator("s3_bucket", "broker_bucket")
     @classmethod
@@ -69,6 +85,16 @@ class Settings(BaseSettings):
         if len(v) < 3:
             raise ValueError("bucket names need at least 3 characters")
         return v
+
+    @model_validator(mode="after")
+    def _development_register_rate(self) -> Settings:
+        if self.env == "development":
+            rate, burst = DEV_REGISTER_RATE
+            if "rate_register_per_s" not in self.model_fields_set:
+                self.rate_register_per_s = rate
+            if "rate_register_burst" not in self.model_fields_set:
+                self.rate_register_burst = burst
+        return self
 
     # -- derived values -------------------------------------------------------------
     @property
@@ -115,7 +141,7 @@ class Settings(BaseSettings):
         """Refuse placeholder or short secrets outside development."""
         if self.env == "development":
             return
-        for name in ("jwt_secret", "callback_secret"):
+        for name in ("jwt_secret", "callback_secret", "device_key_secret"):
             value = getattr(self, name)
             if value.lower() in PLACEHOLDER_SECRETS or len(value.encode()) < MIN_SECRET_BYTES:
                 raise SettingsError(
@@ -123,21 +149,31 @@ class Settings(BaseSettings):
                     f"{MIN_SECRET_BYTES} bytes when PALETTE_ENV=production"
                 )
 
+    # -- the GPU worker's memory, bounded by bytes ---------------------------------------------
+    texture_cache_bytes: int = Field(256 * 1024 * 1024, ge=0)  # procedural textures, by region size
+    # Idempotency keys of acknowledged results (duplicate tasks are dropped across polls), and
+    # canceled job ids: each set within this budget, least recently seen out first.
+    worker_remember_bytes: int = Field(8 * 1024 * 1024, ge=0)
+
 
 def _dev_secrets(data_dir: Path) -> dict[str, str]:
     """Development secrets, generated once into the data directory (mode 0600)."""
     path = data_dir / "secrets.json"
-    if path.exists():
-        stored: dict[str, str] = json.loads(path.read_text())
-        return stored
-    data_dir.mkdir(parents=True, exist_ok=True)
-    generated = {
-        "jwt_secret": secrets.token_urlsafe(48),
-        "callback_secret": secrets.token_urlsafe(48),
-        "s3_access_key": "palette" + secrets.token_hex(6),
-        "s3_secret_key": secrets.token_urlsafe(32),
-        "pg_password": secrets.token_urlsafe(24),
+    stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    makers: dict[str, Callable[[], str]] = {
+        "jwt_secret": lambda: secrets.token_urlsafe(48),
+        "callback_secret": lambda: secrets.token_urlsafe(48),
+        "s3_access_key": lambda: "palette" + secrets.token_hex(6),
+        "s3_secret_key": lambda: secrets.token_urlsafe(32),
+        "pg_password": lambda: secrets.token_urlsafe(24),
+        "device_key_secret": lambda: secrets.token_urlsafe(48),
     }
+    missing = {name: make() for name, make in makers.items() if name not in stored}
+    if not missing:
+        return stored
+    # A new data directory, or one from before a secret was added: the others are kept.
+    data_dir.mkdir(parents=True, exist_ok=True)
+    generated = {**stored, **missing}
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

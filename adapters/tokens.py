@@ -56,16 +56,23 @@ def sign_callback(secret: str, timestamp: int, job_id: str, body: bytes, nonce: 
 def verify_callback(
     secret: str, now: int, job_id: str, body: bytes, *, shared_secret: str | None = None,
     timestamp: str | None = None, signature: str | None = None, nonce: str | None = None,
+    allow_shared_secret: bool = True,
 ) -> bool:
-    """Accept a valid HMAC signature inside the window, or the shared secret (constant time)."""
-    if signature is not None and timestamp is not None:
+    """Accept a valid HMAC signature inside the window, or (when allowed, and only when no
+    signature is offered) the shared secret, compared in constant time."""
+    if signature is not None or timestamp is not None:
+        # A signature offered is the whole proof: a wrong or partial one is refused, never
+        # excused by a shared secret riding along with it.
+        if signature is None or timestamp is None:
+            return False
         try:
             ts = int(timestamp)
         except ValueError:
             return False
         if abs(now - ts) > CALLBACK_WINDOW_S:
             return False
-        return hmac.compare_digest(sign_callback(secret, ts, job_id, body, nonce or ""), signature)
-    if shared_secret is not None:
+        return hmac.compare_digest(sign_callback(secret, ts, job_id, body, nonce or "").encode(),
+                                   signature.encode())
+    if allow_shared_secret and shared_secret is not None:
         return hmac.compare_digest(shared_secret.encode(), secret.encode())
     return False

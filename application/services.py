@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +10,7 @@ from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
 
+from application.device_keys import DeviceKeyer, HmacDeviceKeyer
 from application.keys import input_key
 from application.ports import Clock, IdGenerator, ObjectStore
 from application.unit_of_work import CommandExecutor, Committed, UnitOfWork, touches
@@ -17,7 +19,7 @@ from domain.job import MAX_ITEMS, Job, RecordedResult
 from domain.plans import DEFAULT_PLANS, Plan
 from domain.presets import get_preset, normalise_edits
 from domain.rule import Rule
-from domain.user import User, user_id_for_device
+from domain.user import User, legacy_user_id_for_device, user_id_for_device_key
 
 MAX_DEVICE_HASH = 200
 
@@ -62,8 +64,12 @@ class PaletteService:
     def __init__(
         self, app: Application[UUID], executor: CommandExecutor, clock: Clock, ids: IdGenerator,
         store: ObjectStore | None = None, plans: Mapping[str, Plan] = DEFAULT_PLANS,
+        device_keys: DeviceKeyer | None = None,
     ) -> None:
         self.app = app
+        # Without a configured keyer (tests, tools), a secret for this service's life: devices
+        # still get one user each, and nothing unkeyed is ever stored.
+        self.device_keys = device_keys or HmacDeviceKeyer(secrets.token_bytes(32))
         self.executor = executor
         self.clock = clock
         self.ids = ids
@@ -76,14 +82,18 @@ class PaletteService:
         if not device_hash or len(device_hash) > MAX_DEVICE_HASH:
             raise ValidationFailed(f"device_hash must be 1..{MAX_DEVICE_HASH} characters")
         limits = self._plan(plan)
-        user_id = user_id_for_device(device_hash)
+        device_key = self.device_keys.key(device_hash)
+        user_id = user_id_for_device_key(device_key)
+        # A device registered before device keys has its user under the unkeyed id: keep it.
+        legacy_id = legacy_user_id_for_device(device_hash)
         at = self.clock.now()
 
-        @touches(user_id)
+        @touches(user_id, legacy_id)
         def command(uow: UnitOfWork) -> tuple[UUID, bool]:
-            if uow.get(User, user_id) is not None:
-                return user_id, False
-            uow.add(User.register(device_hash, limits, at))
+            for existing in (user_id, legacy_id):
+                if uow.get(User, existing) is not None:
+                    return existing, False
+            uow.add(User.register(device_key, limits, at))
             return user_id, True
 
         return self.executor.execute(command)

@@ -16,7 +16,7 @@ from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
 
 from domain.errors import DomainError
 
@@ -165,6 +165,11 @@ class Committed(Generic[T]):
     versions: Mapping[UUID, int] = field(default_factory=dict)
 
 
+# The database, not a command, failed: the batch's outcome is unknown (the commit may have landed),
+# so it is not run again here; every caller gets the error.
+TRANSIENT: tuple[type[BaseException], ...] = (OperationalError, InterfaceError, ConnectionError)
+
+
 class CommandExecutor(Protocol):
     def execute(self, command: Command[T]) -> Committed[T]: ...
 
@@ -244,7 +249,9 @@ class GroupCommitter:
     Commands for one aggregate apply in arrival order against the same in-memory object, so a
     hot stream sees no conflicts from this process; a conflict with another process reloads and
     decides the whole batch again, bounded, with jitter. A refused command (DomainError) fails
-    alone; a command that raises anything else is dropped from the batch, which is then redone.
+    alone; a command that raises anything else is dropped from the batch, which is then redone;
+    a batch whose prefetch or save fails for a reason other than the database runs again one
+    command per transaction, so only the command at fault fails.
     """
 
     def __init__(self, app: Application[UUID], max_batch: int = 500, max_attempts: int = 10) -> None:
@@ -318,10 +325,36 @@ class GroupCommitter:
         loaded.update(self.cache.load(related - set(loaded)))
         return loaded
 
+    def _one_by_one(self, batch: list[_Pending], error: BaseException) -> None:
+        """Run each command of a failed batch in a transaction of its own (or fail the one)."""
+        if len(batch) == 1:
+            batch[0].future.set_exception(error)
+            return
+        log.warning("a batch of %d commands failed (%s: %s); running them one by one",
+                    len(batch), type(error).__name__, error)
+        for n, p in enumerate(batch):
+            try:
+                self._run([p])
+            except TRANSIENT as e:  # the database went away: the rest would only wait for it too
+                for rest in batch[n:]:
+                    if not rest.future.done():
+                        rest.future.set_exception(e)
+                raise
+            except BaseException as e:  # noqa: BLE001 - that command's caller gets it
+                if not p.future.done():
+                    p.future.set_exception(e)
+
     def _run(self, batch: list[_Pending]) -> None:
         attempt = 0
         while batch:
-            uow = UnitOfWork(self.cache.fetch_one, self._prefetch(batch))
+            try:
+                prefetched = self._prefetch(batch)
+            except TRANSIENT:
+                raise
+            except Exception as e:  # noqa: BLE001 - one command's declared ids may be at fault
+                self._one_by_one(batch, e)
+                return
+            uow = UnitOfWork(self.cache.fetch_one, prefetched)
             outcomes: list[tuple[_Pending, bool, Any]] = []
             bug: _Pending | None = None
             for p in batch:
@@ -349,9 +382,16 @@ class GroupCommitter:
                     return
                 _backoff(attempt)
                 continue
+            except TRANSIENT:
+                # The database went away mid-save: what the batch decided may not be stored, so
+                # the cached objects holding it must go too.
+                self.cache.evict(uow.ids())
+                raise
+            except Exception as e:  # noqa: BLE001 - e.g. one command's events cannot be encoded
+                self.cache.evict(uow.ids())
+                self._one_by_one(batch, e)
+                return
             except BaseException:
-                # The database went away mid-save (or the save raised anything else): what the
-                # batch decided is not stored, so the cached objects holding it must go too.
                 self.cache.evict(uow.ids())
                 raise
             self.cache.keep(uow.aggregates())

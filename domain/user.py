@@ -4,11 +4,15 @@ Storage contract: the event classes below are the stored format (topic ``domain.
 Never rename or move them; evolve with ``class_version`` and ``upcast_vN_vM``.
 
 Invariant: ``granted == balance + reserved + spent`` after every event; ``balance >= 0``.
+
+A device hash is a credential (whoever presents it gets the device's token), so it never enters
+the domain: the application keys it with a server secret, and the domain sees only that key.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.domain import Aggregate
@@ -17,17 +21,40 @@ from domain.errors import ConcurrencyLimit, InsufficientCredits, RuleSlotsFull, 
 from domain.plans import Plan
 
 USER_NAMESPACE = uuid5(NAMESPACE_URL, "https://palette.invalid/users")
+# Keyed ids live apart from legacy ones: a device key presented as a device hash must not
+# derive, through the legacy lookup, the id of the user it belongs to.
+DEVICE_KEY_NAMESPACE = uuid5(NAMESPACE_URL, "https://palette.invalid/users/device-key")
+# A device key is ``hmac-sha256:<hex>`` of the device hash under the server's secret.
+DEVICE_KEY_SCHEME = "hmac-sha256:"
+# What a v1 Registered event (which stored the raw hash) holds once upcast: no key can equal it.
+REDACTED_DEVICE_KEY = "redacted:v1"
 
 
-def user_id_for_device(device_hash: str) -> UUID:
-    """One user per device: the stream id is derived, so registration is idempotent."""
+def user_id_for_device_key(device_key: str) -> UUID:
+    """One user per device: the stream id is derived from the keyed hash, so registration is
+    idempotent and the id reveals nothing that could be brute-forced without the secret."""
+    return uuid5(DEVICE_KEY_NAMESPACE, device_key)
+
+
+def legacy_user_id_for_device(device_hash: str) -> UUID:
+    """The id users registered before device keys got (from the raw hash); looked up so that
+    such a device keeps its user."""
     return uuid5(USER_NAMESPACE, device_hash)
 
 
 class User(Aggregate):
     class Registered(Aggregate.Created):
-        device_hash: str
+        """v2: the keyed device hash. v1 stored the raw ``device_hash``; it is dropped on read."""
+
+        class_version = 2
+        device_key: str
         plan: str
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            # The secret is not at hand here, and the raw hash must not survive a read.
+            state.pop("device_hash", None)
+            state["device_key"] = REDACTED_DEVICE_KEY
 
     class CreditsGranted(Aggregate.Event):
         amount: int
@@ -73,8 +100,8 @@ class User(Aggregate):
         def apply(self, user: User) -> None:
             user.plan = self.plan
 
-    def __init__(self, device_hash: str, plan: str) -> None:
-        self.device_hash = device_hash
+    def __init__(self, plan: str) -> None:
+        # The device key stays in the Registered event: no rule needs it.
         self.plan = plan
         self.balance = 0
         self.granted = 0
@@ -93,11 +120,12 @@ class User(Aggregate):
 
     # -- commands (validate first, then record; a satisfied command records nothing) --
     @classmethod
-    def register(cls, device_hash: str, plan: Plan, at: datetime) -> User:
-        if not device_hash:
-            raise ValidationFailed("device_hash is required")
+    def register(cls, device_key: str, plan: Plan, at: datetime) -> User:
+        """A new user for a device, by its key (never the raw device hash)."""
+        if not device_key.startswith(DEVICE_KEY_SCHEME) or len(device_key) == len(DEVICE_KEY_SCHEME):
+            raise ValidationFailed(f"a device key ({DEVICE_KEY_SCHEME}...) is required, not a device hash")
         user = cls._create(
-            cls.Registered, id=user_id_for_device(device_hash), device_hash=device_hash,
+            cls.Registered, id=user_id_for_device_key(device_key), device_key=device_key,
             plan=plan.name, timestamp=at,
         )
         if plan.initial_credits > 0:

@@ -8,6 +8,9 @@ mask, so pixels where the mask is 0 are returned bit-identical.
 from __future__ import annotations
 
 import math
+import re
+import threading
+from collections import OrderedDict
 
 import kornia
 import torch
@@ -15,12 +18,14 @@ import torch.nn.functional as F
 
 TONES = ("warm", "cool", "bright", "dark", "vivid", "muted")
 TEXTURES = ("wood", "marble", "concrete", "linen", "brick", "terrazzo")
+TextureKey = tuple[str, int, int, str]  # (name, H, W, device)
+_HEX = re.compile(r"#?[0-9a-fA-F]{6}")
 
 
 def hex_to_rgb(value: str) -> tuple[float, float, float]:
-    v = value.lstrip("#")
-    if len(v) != 6:
+    if not isinstance(value, str) or _HEX.fullmatch(value) is None:  # int() alone takes "9\n"
         raise ValueError(f"not a #rrggbb colour: {value!r}")
+    v = value.lstrip("#")
     return (int(v[0:2], 16) / 255.0, int(v[2:4], 16) / 255.0, int(v[4:6], 16) / 255.0)
 
 
@@ -160,8 +165,48 @@ def make_texture(name: str, h: int, w: int, device: torch.device | str = "cpu", 
     raise ValueError(f"unknown texture {name!r}; choose one of {TEXTURES}")
 
 
+class TextureCache:
+    """Textures made for earlier regions, least recently used out first, at most ``budget_bytes``
+    of tensor data: cropped regions come in every size, so a count bound would not bound memory.
+    A texture larger than the whole budget is not kept. Compute threads share one cache."""
+
+    def __init__(self, budget_bytes: int = 256 * 1024 * 1024) -> None:
+        self.budget_bytes = budget_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[TextureKey, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def size_of(tensor: torch.Tensor) -> int:
+        return tensor.element_size() * tensor.nelement()
+
+    def get(self, key: TextureKey) -> torch.Tensor | None:
+        with self._lock:
+            tex = self._entries.get(key)
+            if tex is not None:
+                self._entries.move_to_end(key)
+            return tex
+
+    def put(self, key: TextureKey, tex: torch.Tensor) -> None:
+        size = self.size_of(tex)
+        if size > self.budget_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.nbytes -= self.size_of(old)
+            self._entries[key] = tex
+            self.nbytes += size
+            while self.nbytes > self.budget_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self.nbytes -= self.size_of(evicted)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 def texture(image: torch.Tensor, name: str, mask: torch.Tensor | None = None,
-            cache: dict[tuple[str, int, int, str], torch.Tensor] | None = None) -> torch.Tensor:
+            cache: TextureCache | None = None) -> torch.Tensor:
     """Tile a named texture over the image, modulated by the original lightness (shading kept)."""
     _, _, h, w = image.shape
     key = (name, h, w, str(image.device))
@@ -169,7 +214,7 @@ def texture(image: torch.Tensor, name: str, mask: torch.Tensor | None = None,
     if tex is None:
         tex = make_texture(name, h, w, image.device).to(image.dtype)
         if cache is not None:
-            cache[key] = tex
+            cache.put(key, tex)
     luma = kornia.color.rgb_to_grayscale(image)
     if mask is not None:
         mean = (luma * mask).sum(dim=(2, 3), keepdim=True) / mask.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)
@@ -216,8 +261,7 @@ def mask_bbox(mask: torch.Tensor, pad: int = 8) -> tuple[int, int, int, int] | N
 
 
 def apply_edit(image: torch.Tensor, mask: torch.Tensor, action: str, value: str,
-               texture_cache: dict[tuple[str, int, int, str], torch.Tensor] | None = None,
-               crop: bool = True) -> torch.Tensor:
+               texture_cache: TextureCache | None = None, crop: bool = True) -> torch.Tensor:
     """One edit on one image ``[1, 3, H, W]`` inside its mask; with ``crop`` only the mask's
     bounding box is computed (removal gets a wider context)."""
     box = mask_bbox(mask, pad=64 if action == "remove" else 8) if crop else (0, image.shape[-2], 0, image.shape[-1])
@@ -242,8 +286,7 @@ def apply_edit(image: torch.Tensor, mask: torch.Tensor, action: str, value: str,
 
 def apply_edits(image: torch.Tensor, masks: dict[str, torch.Tensor], edits: dict[str, dict[str, str]],
                 protect: torch.Tensor | None = None,
-                texture_cache: dict[tuple[str, int, int, str], torch.Tensor] | None = None,
-                crop: bool = True) -> torch.Tensor:
+                texture_cache: TextureCache | None = None, crop: bool = True) -> torch.Tensor:
     """Apply the edits in concept order; protected pixels (protect > 0.5) are never touched."""
     keep = None if protect is None else (protect <= 0.5).to(image.dtype)
     out = image

@@ -3,9 +3,19 @@
 Per poll: fetch and decode inputs concurrently (threads), edit on the device (items of one job
 with one image size batched together on CUDA; mask bounding boxes on CPU), then encode, upload
 and report each item through the signed callback while the next item computes. The Kafka
-offset is committed only after every callback of the poll was acknowledged. A failing item
-is retried with backoff up to 3 attempts, then parked on ``palette.gpu-jobs.dlq`` and reported
-``failed`` so its job still terminates and refunds.
+offset is committed only after every callback of the poll was acknowledged.
+
+What fails, and how: a task that cannot be parsed, or whose edits the ops refuse (any
+``ValueError``, e.g. a colour ``"#5b7f95\n"`` or an unknown texture), is bad input: it is parked on
+``palette.gpu-jobs.dlq`` at once and its item (when the task names a job and an index) reported
+``failed`` with the reason. An unreadable upload (``BadInput``) fails its item. Anything else (an
+S3 hiccup) is retried with backoff up to 3 attempts, then parked and reported ``failed``, so the
+job still terminates and refunds. Nothing a task holds stops the loop; only an unacknowledged
+callback (``CallbackUnavailable``) ends the step without committing.
+
+Duplicates (at-least-once delivery, the dispatcher's sweep) are dropped within a poll and across
+polls: the keys of the results the API acknowledged are remembered, least recently seen out
+first, within a byte budget.
 """
 
 from __future__ import annotations
@@ -13,7 +23,10 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
 import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,17 +37,104 @@ import torch
 
 from adapters.kafka_io import ConsumerLoop
 from adapters.tokens import sign_callback
+from application.keys import callback_key
 from gpu_consumer import ops
 from gpu_consumer.codec import BadInput, check_size, decode, decode_mask, encode_png, encode_preview
 from gpu_consumer.segment import PriorClusterSegmenter, Segmenter
 
 log = logging.getLogger("palette.gpu")
 GROUP = "palette-gpu"
+DLQ_TOPIC = "palette.gpu-jobs.dlq"
 MAX_ATTEMPTS = 3
+REMEMBER_BYTES = 8 * 1024 * 1024
 
 
 class CallbackUnavailable(RuntimeError):
     """The API did not acknowledge a result: the offset must not be committed."""
+
+
+class MalformedTask(ValueError):
+    """A task without the shape the dispatcher writes: parked, never retried."""
+
+
+class RecentKeys:
+    """A set of strings, least recently added or looked up out first, within ``budget_bytes``.
+    Each key is charged its length plus ``ENTRY_OVERHEAD`` (the dictionary slot and str header)."""
+
+    ENTRY_OVERHEAD = 100
+
+    def __init__(self, budget_bytes: int = REMEMBER_BYTES) -> None:
+        self.budget_bytes = budget_bytes
+        self.nbytes = 0
+        self._keys: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()  # results are reported from the I/O threads
+
+    def _cost(self, key: str) -> int:
+        return len(key) + self.ENTRY_OVERHEAD
+
+    def add(self, key: str) -> None:
+        cost = self._cost(key)
+        if cost > self.budget_bytes:
+            return
+        with self._lock:
+            if key in self._keys:
+                self._keys.move_to_end(key)
+                return
+            self._keys[key] = None
+            self.nbytes += cost
+            while self.nbytes > self.budget_bytes:
+                evicted, _ = self._keys.popitem(last=False)
+                self.nbytes -= self._cost(evicted)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        with self._lock:
+            if key not in self._keys:
+                return False
+            self._keys.move_to_end(key)
+            return True
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _string(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str):
+        raise MalformedTask(f"{name} must be a string")
+    return value
+
+
+def _strings(value: Any, name: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise MalformedTask(f"{name} must be a list of strings")
+    return value
+
+
+def _string_map(value: Any, name: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise MalformedTask(f"{name} must map strings to strings")
+    return value
+
+
+def _index(value: Any, name: str) -> int:
+    if type(value) is not int or value < 0:  # bool is an int subclass: refused too
+        raise MalformedTask(f"{name} must be a non-negative integer")
+    return value
+
+
+def _job_id(value: Any) -> str:
+    """The job id as the dispatcher writes it: a canonical UUID (it goes into the callback's path)."""
+    if not isinstance(value, str):
+        raise MalformedTask("job_id must be a string")
+    try:
+        canonical = str(uuid.UUID(value))
+    except ValueError:
+        raise MalformedTask("job_id must be a UUID") from None
+    if canonical != value:
+        raise MalformedTask("job_id must be a UUID in canonical form")
+    return value
 
 
 @dataclass
@@ -55,10 +155,53 @@ class Task:
 
     @classmethod
     def parse(cls, value: bytes) -> Task:
+        """A task as the dispatcher writes it; anything else raises ``MalformedTask`` (or the
+        ``ValueError`` of undecodable JSON)."""
         data = json.loads(value)
-        fields = {k: data[k] for k in ("job_id", "user_id", "idx", "concepts", "protect", "input_key",
-                                       "output_key", "preview_key", "mask_keys", "idempotency_key")}
-        return cls(**fields, attempt=int(data.get("attempt", 0)), preset=data.get("preset", ""), raw=data)
+        if not isinstance(data, dict):
+            raise MalformedTask("a task is a JSON object")
+        concepts = data.get("concepts")
+        if not isinstance(concepts, dict) or not all(
+                isinstance(c, str) and isinstance(e, dict) for c, e in concepts.items()):
+            raise MalformedTask("concepts must map concept names to edits")
+        for concept, edit in concepts.items():
+            _string_map(edit, f"the edit of {concept!r}")
+        preset = data.get("preset", "")
+        if not isinstance(preset, str):
+            raise MalformedTask("preset must be a string")
+        return cls(
+            job_id=_job_id(data.get("job_id")), user_id=_string(data, "user_id"), idx=_index(data.get("idx"), "idx"),
+            concepts=concepts, protect=_strings(data.get("protect"), "protect"),
+            input_key=_string(data, "input_key"), output_key=_string(data, "output_key"),
+            preview_key=_string(data, "preview_key"), mask_keys=_string_map(data.get("mask_keys"), "mask_keys"),
+            idempotency_key=_string(data, "idempotency_key"),
+            attempt=_index(data.get("attempt", 0), "attempt"), preset=preset, raw=data)
+
+    @classmethod
+    def identify(cls, value: bytes | None) -> tuple[Task | None, dict[str, Any] | None]:
+        """What a malformed task still says: its JSON object, and a task to report its item
+        ``failed`` by when it names a job and an index (reported under the canonical key)."""
+        try:
+            data = json.loads(value) if value is not None else None
+        except (ValueError, TypeError):
+            return None, None
+        if not isinstance(data, dict):
+            return None, None
+        try:
+            job_id, idx = _job_id(data.get("job_id")), _index(data.get("idx"), "idx")
+        except MalformedTask:
+            return None, data
+        return cls(job_id=job_id, user_id="", idx=idx, concepts={}, protect=[], input_key="", output_key="",
+                   preview_key="", mask_keys={}, idempotency_key=callback_key(uuid.UUID(job_id), idx),
+                   raw=data), data
+
+
+def printable(text: str) -> str:
+    """Text the API accepts as an item's error: an exception may quote the bad input itself, so
+    anything but printable characters, tabs and newlines is escaped."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch in "\t\n" else ascii(ch)[1:-1] for ch in text)
 
 
 class CallbackClient:
@@ -73,7 +216,7 @@ class CallbackClient:
         if status == "done":
             body |= {"output_key": output_key, "preview_key": preview_key}
         else:
-            body["error"] = error[:2000]
+            body["error"] = printable(error)[:2000]
         raw = json.dumps(body).encode()
         ts = int(time.time())
         nonce = secrets.token_hex(8)  # every request signs differently: the API takes a signature once
@@ -89,7 +232,10 @@ class CallbackClient:
             # The job is gone or in a state that takes no results: nothing to retry.
             log.warning("callback for %s refused: %s", task.idempotency_key, r.text[:200])
             return "refused"
-        return str(r.json()["data"]["outcome"])
+        try:
+            return str(r.json()["data"]["outcome"])
+        except (ValueError, KeyError, TypeError):
+            raise CallbackUnavailable(f"callback answered {r.status_code} with an unreadable body") from None
 
     def close(self) -> None:
         self.http.close()
@@ -104,12 +250,13 @@ def pick_device(setting: str) -> torch.device:
 class ImagePipeline:
     """Fetch -> decode -> masks -> edits -> encode -> upload, for one item or a same-size group."""
 
-    def __init__(self, s3: Any, bucket: str, device: torch.device, segmenter: Segmenter | None = None) -> None:
+    def __init__(self, s3: Any, bucket: str, device: torch.device, segmenter: Segmenter | None = None,
+                 texture_cache_bytes: int = 256 * 1024 * 1024) -> None:
         self.s3 = s3
         self.bucket = bucket
         self.device = device
         self.segmenter = segmenter or PriorClusterSegmenter()
-        self.texture_cache: dict[tuple[str, int, int, str], torch.Tensor] = {}
+        self.texture_cache = ops.TextureCache(texture_cache_bytes)
 
     def _get(self, key: str) -> bytes | None:
         try:
@@ -178,7 +325,7 @@ class GpuWorker(ConsumerLoop):
     def __init__(self, consumer: Any, producer: Any, pipeline: ImagePipeline, callbacks: CallbackClient,
                  canceled_lookup: Callable[[Sequence[str]], set[str]] | None = None,
                  io_threads: int = 8, max_records: int = 16, backoff_s: float = 0.2,
-                 compute_threads: int = 1) -> None:
+                 compute_threads: int = 1, remember_bytes: int = REMEMBER_BYTES) -> None:
         self.consumer = consumer
         self.producer = producer
         self.pipeline = pipeline
@@ -190,7 +337,8 @@ class GpuWorker(ConsumerLoop):
         self.compute_pool = ThreadPoolExecutor(compute_threads, thread_name_prefix="gpu-compute")
         self.max_records = max_records
         self.backoff_s = backoff_s
-        self.canceled: set[str] = set()
+        self.canceled = RecentKeys(remember_bytes)
+        self.finished = RecentKeys(remember_bytes)  # idempotency keys whose result the API acknowledged
         self.stats = {"done": 0, "failed": 0, "dlq": 0, "skipped": 0, "retried": 0}
 
     # -- one item, all stages, with retries (the slow path after a first failure) ---------
@@ -202,7 +350,30 @@ class GpuWorker(ConsumerLoop):
         outcome = self.callbacks.report(task, status, output_key, preview_key, error)
         if outcome == "ignored_canceled":
             self.canceled.add(task.job_id)
+        self.finished.add(task.idempotency_key)
         self.stats["done" if status == "done" else "failed"] += 1
+
+    def _park(self, key: bytes | None, value: bytes, reason: str) -> None:
+        self.producer.send(DLQ_TOPIC, key=key, value=value, headers=[("error", reason.encode()[:2000])])
+        self.producer.flush()
+        self.stats["dlq"] += 1
+
+    def _reject(self, task: Task, error: BaseException) -> None:
+        """Bad input the ops refused: parked and reported at once (retrying cannot help)."""
+        reason = f"bad input: {type(error).__name__}: {error}"
+        log.warning("task %s parked on the DLQ: %s", task.idempotency_key, reason[:300])
+        self._park(task.job_id.encode(), json.dumps({**task.raw, "error": reason}).encode(), reason)
+        self._report(task, "failed", error=reason)
+
+    def _reject_record(self, record: Any, error: BaseException) -> None:
+        """A task that does not parse: parked as it came; its item reported when it names one."""
+        reason = f"malformed task: {type(error).__name__}: {error}"
+        log.error("malformed task at offset %s parked on the DLQ: %s", record.offset, reason[:300])
+        task, data = Task.identify(record.value)
+        value = json.dumps({**data, "error": reason}).encode() if data is not None else (record.value or b"")
+        self._park(record.key, value, reason)
+        if task is not None:
+            self._report(task, "failed", error=reason)
 
     def _retry(self, task: Task, first_error: BaseException) -> None:
         error: BaseException = first_error
@@ -216,25 +387,28 @@ class GpuWorker(ConsumerLoop):
             except BadInput as e:
                 self._report(task, "failed", error=str(e))
                 return
+            except ValueError as e:
+                self._reject(task, e)
+                return
             except CallbackUnavailable:
                 raise
             except Exception as e:  # noqa: BLE001 - counted as a failed attempt
                 error = e
         reason = f"processing failed after {MAX_ATTEMPTS} attempts: {type(error).__name__}: {error}"
         dlq = {**task.raw, "attempt": MAX_ATTEMPTS, "error": reason}
-        self.producer.send("palette.gpu-jobs.dlq", key=task.job_id.encode(), value=json.dumps(dlq).encode())
-        self.producer.flush()
-        self.stats["dlq"] += 1
+        self._park(task.job_id.encode(), json.dumps(dlq).encode(), reason)
         self._report(task, "failed", error=reason)
 
     # -- a poll's worth of items --------------------------------------------------------------
     def process(self, tasks: list[Task]) -> None:
         """Process tasks; returns once every result is acknowledged (raises CallbackUnavailable)."""
         if self.canceled_lookup is not None and tasks:
-            self.canceled |= self.canceled_lookup(sorted({t.job_id for t in tasks}))
+            for job_id in self.canceled_lookup(sorted({t.job_id for t in tasks})):
+                self.canceled.add(job_id)
         live, seen = [], set()
         for t in tasks:
-            if t.job_id in self.canceled or t.idempotency_key in seen:  # canceled, or a duplicate task
+            key = t.idempotency_key
+            if t.job_id in self.canceled or key in seen or key in self.finished:  # canceled, or a duplicate
                 self.stats["skipped"] += 1
             else:
                 seen.add(t.idempotency_key)
@@ -252,6 +426,8 @@ class GpuWorker(ConsumerLoop):
             out = self.pipeline.compute(image, masks, task)
         except BadInput as e:
             return self.pool.submit(self._report, task, "failed", "", "", str(e))
+        except ValueError as e:
+            return self.pool.submit(self._reject, task, e)
         except Exception as e:  # noqa: BLE001 - retried off the fast path
             return self.pool.submit(self._retry, task, e)
         return self.pool.submit(self._finish_or_retry, task, out)
@@ -261,6 +437,8 @@ class GpuWorker(ConsumerLoop):
             self._finish(task, out)
         except CallbackUnavailable:
             raise
+        except ValueError as e:  # the encoder refused the result: retrying cannot help
+            self._reject(task, e)
         except Exception as e:  # noqa: BLE001 - an S3 hiccup: the whole item is retried
             self._retry(task, e)
 
@@ -271,9 +449,8 @@ class GpuWorker(ConsumerLoop):
             for record in records:
                 try:
                     tasks.append(Task.parse(record.value))
-                except (ValueError, KeyError, TypeError):
-                    log.error("malformed task at offset %s parked on the DLQ", record.offset)
-                    self.producer.send("palette.gpu-jobs.dlq", key=record.key, value=record.value)
+                except Exception as e:  # noqa: BLE001 - whatever a task holds, it is parked, never a crash
+                    self._reject_record(record, e)
         self.process(tasks)
         if polled:
             self.producer.flush()

@@ -17,6 +17,9 @@ from typing import IO
 PR_SET_PDEATHSIG = 1
 
 
+START_ATTEMPTS = 3  # starts of a restartable service before `palette up` gives up on it
+
+
 class StackError(RuntimeError):
     """A service could not be started; the message is one line for the operator."""
 
@@ -139,6 +142,15 @@ class Supervisor:
             for run in list(waiting):
                 spec = run.spec
                 if not run.alive():
+                    # An application process that crashes while starting (a dependency not yet
+                    # answering, a fault it recovers from) gets the restarts it would get later;
+                    # one that keeps crashing is reported with its last lines.
+                    if spec.restart and run.restarts < START_ATTEMPTS - 1:
+                        run.restarts += 1
+                        self._say(f"{spec.name} exited during start-up; starting it again "
+                                  f"({run.restarts + 1}/{START_ATTEMPTS})")
+                        run.start()
+                        continue
                     raise StackError(f"{spec.name} exited during start-up: {run.tail() or 'no output'}")
                 if spec.ready():
                     waiting.remove(run)

@@ -3,6 +3,8 @@ reconciliation against a fresh fold of the event log, and hash-chain verificatio
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from psycopg import sql
 
 from projections.read_models import BILLING, GENESIS, LEDGER_COLUMNS, USERS, Rows, ledger_hash
 from projections.rebuild import iter_envelopes, stream_topics
+from projections.store import TOPIC_PREFIX
 
 LEDGER = sql.Identifier("palette_read", "billing_events")
 __all__ = ["LEDGER_COLUMNS", "ChainBreak", "Reconciliation", "balance_as_of", "export", "ledger", "reconcile", "verify"]
@@ -85,6 +88,7 @@ class Reconciliation:
     events: int = 0
     ledger_rows: int = 0
     users: int = 0
+    position: int = 0  # every event up to here must be folded
     differences: list[str] = field(default_factory=list)
 
     @property
@@ -96,21 +100,69 @@ def _key(row: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(str(row[c]) if isinstance(row[c], UUID) else row[c] for c in LEDGER_COLUMNS)
 
 
-def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, limit: int = 20,
-              progress: Callable[[int], None] | None = None) -> Reconciliation:
-    """Prove billing_events (and users' credits) equal the fold of the event log, and that every
-    job's reservation is settled at most once.
+def _unfolded(conn: psycopg.Connection[Any], events_table: str, upto: int) -> int:
+    """User events at or before position ``upto`` that users or billing_events has not folded,
+    leaving out the streams a dead letter holds back (they will not move by waiting)."""
+    behind = 0
+    for model in (USERS, BILLING):
+        row = conn.execute(sql.SQL(
+            "SELECT count(*) FROM {} e LEFT JOIN {} t ON t.stream_id = e.originator_id "
+            "WHERE e.topic LIKE %s AND e.notification_id <= %s AND e.originator_version > coalesce(t.version, 0) "
+            "AND NOT EXISTS (SELECT 1 FROM palette_read.dead_letters d WHERE d.model = %s "
+            "AND d.stream_id = e.originator_id AND d.status IN ('parked', 'held'))"
+        ).format(sql.Identifier(events_table), sql.Identifier("palette_read", f"{model.name}_tracking")),
+            [TOPIC_PREFIX["User"] + "%", upto, model.name]).fetchone()
+        behind = max(behind, int(row[0]) if row else 0)
+    return behind
 
-    One streaming pass over the User streams (the only ones these models fold): both folds and
-    the reservation counts advance together, so memory holds rows, not the log."""
+
+def _held(conn: psycopg.Connection[Any]) -> set[UUID]:
+    return {r[0] for r in conn.execute(
+        "SELECT DISTINCT stream_id FROM palette_read.dead_letters WHERE model = ANY(%s) "
+        "AND status IN ('parked', 'held')", [[USERS.name, BILLING.name]]).fetchall()}
+
+
+def _tracked(conn: psycopg.Connection[Any], model: Any) -> dict[UUID, int]:
+    return {r[0]: r[1] for r in conn.execute(
+        sql.SQL("SELECT stream_id, version FROM {}").format(sql.Identifier("palette_read", f"{model.name}_tracking")))}
+
+
+def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, limit: int = 20,
+              progress: Callable[[int], None] | None = None, at: int | None = None,
+              wait_s: float = 30.0) -> Reconciliation:
+    """Prove billing_events (and users' credits) equal the fold of the event log, that they have
+    folded every event up to position ``at`` (default: the log's head when this starts), and that
+    every job's reservation is settled at most once.
+
+    Safe on a live system: the projection is read in ONE snapshot (rows and per-stream tracking,
+    which commit together), and each stream's events are folded exactly up to the version that
+    snapshot has tracked, so what the projector folds meanwhile is neither missing nor extra.
+    Events up to ``at`` not folded after ``wait_s`` (or held by a dead letter) are differences.
+    One streaming pass over the User streams: memory holds rows, not the log."""
     report = Reconciliation()
+    events_table = recorder.events_table_name
+    upto = at if at is not None else (recorder.max_notification_id() or 0)
+    report.position = upto
+    deadline = time.monotonic() + wait_s
+    pause = 0.05
+    while _unfolded(conn, events_table, upto) and time.monotonic() < deadline:  # the projector is on its way
+        time.sleep(pause)
+        pause = min(1.0, pause * 2)
+    with _snapshot(conn):
+        held = _held(conn)
+        tracked_users, tracked_billing = _tracked(conn, USERS), _tracked(conn, BILLING)
+        actual_rows = {_key(r) for r in export(conn)}
+        live = {str(r[0]): (r[1], r[2], r[3]) for r in conn.execute(
+            "SELECT id, credits, reserved, spent FROM palette_read.users").fetchall()}
+    stop = recorder.max_notification_id() or 0  # every event the snapshot tracked is at or before it
     users: Rows = {}
     expected: set[tuple[Any, ...]] = set()
     failed: set[UUID] = set()
+    unfolded: Counter[UUID] = Counter()
     reserved: Counter[str] = Counter()
     settled: Counter[str] = Counter()
     heads: Rows = {}
-    for env in iter_envelopes(recorder, transcoder, 1, None, topics=stream_topics("User")):
+    for env in iter_envelopes(recorder, transcoder, 1, stop, topics=stream_topics("User")):
         report.events += 1
         if progress and report.events % 100_000 == 0:
             progress(report.events)
@@ -118,25 +170,33 @@ def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, lim
             reserved[str(env.data["job_id"])] += 1
         elif env.type == "CreditsSettled":
             settled[str(env.data["job_id"])] += 1
+        in_users = env.version <= tracked_users.get(env.stream_id, 0)
+        in_billing = env.version <= tracked_billing.get(env.stream_id, 0)
+        if env.id <= upto and not (in_users and in_billing):
+            unfolded[env.stream_id] += 1
         if env.stream_id in failed:
             continue
         try:
-            USERS.evolve(users, env)
-            expected.update(_key(r) for r in BILLING.evolve(heads, env))
+            if in_users:
+                USERS.evolve(users, env)
+            if in_billing:
+                expected.update(_key(r) for r in BILLING.evolve(heads, env))
         except Exception:  # noqa: BLE001 - reported below, as the live projector would park it
             failed.add(env.stream_id)
     if failed:
         report.differences.append(f"{len(failed)} user stream(s) cannot be folded")
+    for stream_id, n in sorted(unfolded.items(), key=lambda kv: str(kv[0]))[:limit]:
+        why = "held by a dead letter" if stream_id in held else f"not folded after {wait_s:.0f} s"
+        report.differences.append(f"user {stream_id}: {n} event(s) at or before position {upto} {why}")
+    if len(unfolded) > limit:
+        report.differences.append(f"... and {len(unfolded) - limit} more user stream(s) not folded up to {upto}")
     report.ledger_rows = len(expected)
-    actual_rows = {_key(r) for r in export(conn)}
     for kind, keys in (("missing from the projection", expected - actual_rows),
                        ("in the projection but not in the log", actual_rows - expected)):
         for key in sorted(keys, key=lambda r: (r[8], r[0]))[:limit]:
             report.differences.append(f"{kind}: position {key[8]} {key[3]} {key[4]} user {key[1]} (id {key[0]})")
         if len(keys) > limit:
             report.differences.append(f"... and {len(keys) - limit} more {kind}")
-    live = {str(r[0]): (r[1], r[2], r[3]) for r in conn.execute(
-        "SELECT id, credits, reserved, spent FROM palette_read.users").fetchall()}
     report.users = sum(1 for row in users.values() if row is not None)
     for (user_id,), row in users.items():
         if row is None:
@@ -151,6 +211,23 @@ def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, lim
         if job_id not in reserved:
             report.differences.append(f"job {job_id} settled without a reservation")
     return report
+
+
+@contextlib.contextmanager
+def _snapshot(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """One consistent, read-only view of the read models for the statements inside (a caller's
+    open transaction is used as it is)."""
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        yield
+        return
+    previous = conn.isolation_level
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    try:
+        with conn.transaction():
+            conn.execute("SET TRANSACTION READ ONLY")
+            yield
+    finally:
+        conn.isolation_level = previous
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,11 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import anyio
+import anyio.to_thread
 import psycopg
 from psycopg import sql
+from psycopg_pool import ConnectionPool
 
 from projections.store import table
 
@@ -31,21 +34,42 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
         raise BadCursor("invalid cursor") from e
 
 
-def wait_for_streams(conn: psycopg.Connection[Any], model: str, versions: dict[UUID, int],
-                     timeout_s: float = 5.0) -> bool:
+POLL_FIRST_S = 0.005
+POLL_MAX_S = 0.05
+
+
+def streams_caught_up(conn: psycopg.Connection[Any], model: str, versions: dict[UUID, int]) -> bool:
+    """Whether ``model`` has folded every given stream up to its version."""
+    if not versions:
+        return True
+    query = sql.SQL("SELECT stream_id, version FROM {} WHERE stream_id = ANY(%s)").format(table(f"{model}_tracking"))
+    seen = dict(conn.execute(query, [list(versions)]).fetchall())
+    return all(seen.get(stream, 0) >= version for stream, version in versions.items())
+
+
+def _check(pool: ConnectionPool[Any], model: str, versions: dict[UUID, int]) -> bool:
+    with pool.connection() as conn:
+        return streams_caught_up(conn, model, versions)
+
+
+async def wait_for_streams(pool: ConnectionPool[Any], model: str, versions: dict[UUID, int],
+                           timeout_s: float = 5.0) -> bool:
     """Wait briefly until ``model`` has folded every given stream up to its version
-    (read-your-writes)."""
+    (read-your-writes). Each check borrows a pool connection in a worker thread (anyio's, the
+    API's thread limiter) and gives it back; between checks the wait holds neither a connection
+    nor a thread, so slow readers cannot exhaust the pool."""
     if not versions:
         return True
     deadline = time.monotonic() + timeout_s
-    query = sql.SQL("SELECT stream_id, version FROM {} WHERE stream_id = ANY(%s)").format(table(f"{model}_tracking"))
+    delay = POLL_FIRST_S
     while True:
-        seen = dict(conn.execute(query, [list(versions)]).fetchall())
-        if all(seen.get(stream, 0) >= version for stream, version in versions.items()):
+        if await anyio.to_thread.run_sync(_check, pool, model, versions):
             return True
-        if time.monotonic() >= deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             return False
-        time.sleep(0.005)
+        await anyio.sleep(min(delay, left))
+        delay = min(2 * delay, POLL_MAX_S)
 
 
 def list_jobs(

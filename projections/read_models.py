@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from adapters.envelope import EventEnvelope
+from domain.user import DEVICE_KEY_SCHEME
 
 Key = tuple[Any, ...]
 Row = dict[str, Any]
@@ -67,6 +68,11 @@ def _current(rows: Rows, key: Key, env: EventEnvelope, created_by: str) -> Row:
 
 
 # -- users -------------------------------------------------------------------------------
+def _device_key(data: dict[str, Any]) -> str | None:
+    key = data.get("device_key")
+    return key if isinstance(key, str) and key.startswith(DEVICE_KEY_SCHEME) else None
+
+
 def _users_keys(env: EventEnvelope) -> list[Key]:
     return [(env.stream_id,)] if env.stream_type == "User" else []
 
@@ -75,8 +81,10 @@ def _users_evolve(rows: Rows, env: EventEnvelope) -> list[Row]:
     key = (env.stream_id,)
     d = env.data
     if env.type == "Registered":
+        # The column keeps the D1 name but only ever holds the keyed hash (hmac-sha256:...):
+        # a v1 event's raw ``device_hash`` is a credential and is never copied (NULL instead).
         rows[key] = {"id": env.stream_id, "plan": d["plan"], "credits": 0, "reserved": 0, "spent": 0,
-                     "granted": 0, "device_hash": d["device_hash"], "created_at": _ts(env),
+                     "granted": 0, "device_hash": _device_key(d), "created_at": _ts(env),
                      "updated_at": _ts(env)}
         return []
     row = _current(rows, key, env, "Registered")

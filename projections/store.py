@@ -4,6 +4,7 @@ dead letters. The fold is pure (read_models); this module only loads and writes 
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,8 +26,31 @@ from projections.read_models import (
     Row,
     Rows,
 )
+from projections.users_migration import drop_raw_device_hashes
 
 SCHEMA = "palette_read"
+log = logging.getLogger("palette.projections")
+# SQLSTATE classes where the database, not the event, failed: connection (08), transaction
+# rollback (40: serialization, deadlock), resources (53), operator intervention (57: shutdown,
+# canceled statement), lock not available (55P03).
+TRANSIENT_SQLSTATE = ("08", "40", "53", "57")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The database or the connection failed, not the event: raise (the process restarts and
+    tries again) rather than park anything. Errors of the event store's own layer (a fill reads
+    through it) count the same way."""
+    from eventsourcing.persistence import InterfaceError as StoreInterfaceError
+    from eventsourcing.persistence import OperationalError as StoreOperationalError
+
+    if isinstance(exc, (StoreOperationalError, StoreInterfaceError, psycopg.InterfaceError, ConnectionError)):
+        return True
+    if isinstance(exc, psycopg.Error):
+        state = exc.sqlstate
+        if state is None:  # no answer from the server: the connection itself
+            return isinstance(exc, psycopg.OperationalError)
+        return state.startswith(TRANSIENT_SQLSTATE) or state == "55P03"
+    return False
 
 
 def ident(*parts: str) -> sql.Composable:
@@ -86,9 +110,17 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
         conn.execute(sql.SQL(
             "CREATE TABLE IF NOT EXISTS {} (id bigserial PRIMARY KEY, model text NOT NULL, "
             "stream_id uuid NOT NULL, version integer NOT NULL, position bigint NOT NULL, "
-            "envelope jsonb NOT NULL, error text NOT NULL, status text NOT NULL, "
+            "envelope bytea NOT NULL, error text NOT NULL, status text NOT NULL, "
             "parked_at timestamptz NOT NULL DEFAULT now(), UNIQUE (model, stream_id, version))"
         ).format(table("dead_letters")))
+        # Dead letters hold the envelope's bytes: jsonb refuses some payloads (\u0000) and a
+        # parking place must take anything. Older schemas stored jsonb.
+        conn.execute(sql.SQL(
+            "DO $$ BEGIN IF (SELECT data_type FROM information_schema.columns WHERE table_schema = {} "
+            "AND table_name = 'dead_letters' AND column_name = 'envelope') = 'jsonb' THEN "
+            "ALTER TABLE {} ALTER COLUMN envelope TYPE bytea USING convert_to(envelope::text, 'UTF8'); "
+            "END IF; END $$").format(sql.Literal(SCHEMA), table("dead_letters")))
+        drop_raw_device_hashes(conn, SCHEMA)
 
 
 @dataclass
@@ -184,12 +216,23 @@ def _blocked(conn: psycopg.Connection[Any], model: ReadModel, streams: set[UUID]
     return {r[0] for r in rows}
 
 
+def storable(text: str, limit: int = 2000) -> str:
+    """``text`` as PostgreSQL can store it: no NUL, no lone surrogates (an error message may quote
+    the very value that failed)."""
+    clean = text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+    return clean.replace("\x00", "\\x00")
+
+
+def describe(exc: BaseException) -> str:
+    return storable(f"{type(exc).__name__}: {exc}")
+
+
 def _park(conn: psycopg.Connection[Any], model: ReadModel, env: EventEnvelope, error: str, status: str) -> None:
     conn.execute(sql.SQL(
         "INSERT INTO {} (model, stream_id, version, position, envelope, error, status) "
         "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (model, stream_id, version) DO NOTHING"
     ).format(table("dead_letters")),
-        [model.name, env.stream_id, env.version, env.id, encode(env).decode(), error[:2000], status])
+        [model.name, env.stream_id, env.version, env.id, encode(env), storable(error), status])
 
 
 def apply_model(
@@ -341,9 +384,10 @@ def dead_letters(conn: psycopg.Connection[Any], status: Sequence[str] = ("parked
 
 def resolve_dead_letter(conn: psycopg.Connection[Any], letter_id: int, action: str) -> BatchResult:
     """``retry`` re-applies the parked event and those held behind it; ``skip`` marks it skipped
-    (advancing the stream's tracking past it) and then applies the held ones."""
-    from adapters.envelope import decode
-
+    (advancing the stream's tracking past it) and then applies the held ones. What fails again
+    is parked again, with its new error."""
+    if action not in ("retry", "skip"):
+        raise ValueError("action must be retry or skip")
     with conn.transaction():
         row = conn.execute(sql.SQL("SELECT model, stream_id, version FROM {} WHERE id = %s AND status = 'parked'")
                            .format(table("dead_letters")), [letter_id]).fetchone()
@@ -355,9 +399,8 @@ def resolve_dead_letter(conn: psycopg.Connection[Any], letter_id: int, action: s
             "SELECT id, version, envelope FROM {} WHERE model = %s AND stream_id = %s "
             "AND status IN ('parked', 'held') ORDER BY version").format(table("dead_letters")),
             [model_name, stream_id]).fetchall()
-        envelopes = [decode(json.dumps(env).encode()) for _, _, env in letters]
-        if action not in ("retry", "skip"):
-            raise ValueError("action must be retry or skip")
+        # json first: pydantic's JSON parser refuses the escaped lone surrogates a letter may hold
+        envelopes = [EventEnvelope.model_validate(json.loads(bytes(raw))) for _, _, raw in letters]
         if action == "skip":
             conn.execute(sql.SQL(
                 "INSERT INTO {} (stream_id, version) VALUES (%s, %s) ON CONFLICT (stream_id) "
@@ -370,5 +413,61 @@ def resolve_dead_letter(conn: psycopg.Connection[Any], letter_id: int, action: s
         conn.execute(sql.SQL("DELETE FROM {} WHERE model = %s AND stream_id = %s AND status IN ('parked', 'held')")
                      .format(table("dead_letters")), [model_name, stream_id])
         result = BatchResult()
-        apply_model(conn, model, envelopes, result)
+        try:
+            with conn.transaction():  # a savepoint: a write that fails undoes only the retry
+                apply_model(conn, model, envelopes, result)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            result = BatchResult(parked=len(envelopes))
+            for n, env in enumerate(envelopes):
+                _park(conn, model, env, describe(exc) if n == 0 else batch.HELD, "parked" if n == 0 else "held")
     return result
+
+
+def _add(total: BatchResult, part: BatchResult) -> None:
+    total.applied += part.applied
+    total.skipped += part.skipped
+    total.parked += part.parked
+    total.filled += part.filled
+    total.max_position = max(total.max_position, part.max_position)
+    for name, n in part.per_model.items():
+        total.per_model[name] = total.per_model.get(name, 0) + n
+
+
+def apply_isolating(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope],
+                    fill: Fill | None = None) -> BatchResult:
+    """``apply_batch``; when it fails for any reason but the connection, again model by model,
+    and in a failing model event by event: an event whose fold or write fails is parked with its
+    error (its stream's later events are held behind it) and every other stream goes on."""
+    try:
+        return apply_batch(conn, envelopes, fill=fill)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        log.warning("batch of %d event(s) failed (%s); applying it event by event", len(envelopes), describe(exc))
+    total = BatchResult()
+    for model in READ_MODELS.values():
+        share = sorted((e for e in envelopes if batch.relevant(model, e)), key=lambda e: e.id)
+        if not share:
+            continue
+        try:
+            _add(total, apply_batch(conn, share, [model], fill))
+            continue
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            # otherwise this model has the poison: found event by event below
+        for env in share:
+            try:
+                _add(total, apply_batch(conn, [env], [model], fill))
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                error = describe(exc)  # parked with its error, not fatal
+                with conn.transaction():
+                    _park(conn, model, env, error, "parked")
+                total.parked += 1
+                log.error("%s: parked event %s v%d (position %d): %s",
+                          model.name, env.stream_id, env.version, env.id, error)
+    return total

@@ -139,4 +139,6 @@ def create_asgi(container: Container) -> ASGIApp:
     app = create_app(container)
     with container.read_pool.connection() as conn:
         ensure_schema(conn)
-    return BodyLimit(IdempotencyKeys(app, container.read_pool, app.state.tokens, fail), MAX_BODY_BYTES)
+    keys = IdempotencyKeys(app, container.read_pool, app.state.tokens, fail,
+                           ttl_s=container.settings.idempotency_ttl_s)
+    return BodyLimit(keys, MAX_BODY_BYTES)

@@ -8,6 +8,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from adapters.api.text import refused_character
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 # One table from error code to HTTP status; unknown codes are client errors (400).
@@ -43,9 +45,18 @@ def ok(data: Any, status: int = 200) -> JSONResponse:
     )
 
 
+def _shown(message: str, limit: int = 500) -> str:
+    """A message as it can be sent: it may quote the refused input (a lone surrogate cannot
+    even be encoded as UTF-8), so what is not readable text is escaped."""
+    message = message[:limit]
+    if refused_character(message) is None:
+        return message
+    return message.encode("ascii", "backslashreplace").decode("ascii")
+
+
 def fail(code: str, message: str, status: int | None = None, details: dict[str, Any] | None = None,
          headers: dict[str, str] | None = None) -> JSONResponse:
-    error: dict[str, Any] = {"code": code, "message": message}
+    error: dict[str, Any] = {"code": code, "message": _shown(message)}
     if details:
         error["details"] = details
     return JSONResponse(

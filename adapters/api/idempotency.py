@@ -1,7 +1,14 @@
 """``Idempotency-Key`` on POSTs (Stripe's rules): the same key and body get the same response;
 the same key with another body or path is a 422; a key still in flight is a 409, until its
 claim is ``STALE_S`` old (its process died before answering): then a retry runs it again, and
-creations, whose ids derive from the key (``id_for_key``), find what the first run committed."""
+creations, whose ids derive from the key (``id_for_key``), find what the first run committed.
+
+Keys belong to the authenticated principal: a request without a valid bearer token neither
+claims nor reads a key; the header is ignored and the app answers it as usual (a 401, or, for
+the endpoints without a token, their own idempotency: registration per device hash, GPU
+callbacks per result key). Answers that invite a retry (409, 429, 5xx) or refuse the request
+before it ran (401, 422) are not stored. A key
+is forgotten ``ttl_s`` after its claim; each claim deletes at most ``SWEEP_BATCH`` expired keys."""
 
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ from adapters.tokens import TokenInvalid, TokenIssuer
 
 MAX_KEY = 255
 STALE_S = 15  # an in-flight claim this old belongs to a process that died: a retry takes it over
+DEFAULT_TTL_S = 24 * 3600.0
+SWEEP_BATCH = 16  # expired keys deleted per claim (which adds at most one): the sweep outpaces growth
 KEY_NAMESPACE = uuid.UUID("6f1c3a52-8d0e-4b8e-9a57-6c1f0e0b7d21")
 
 
@@ -25,11 +34,14 @@ def id_for_key(user_id: uuid.UUID, kind: str, key: str | None) -> uuid.UUID | No
     """The id a creation under this Idempotency-Key gets: a retry after a crash that came after
     the commit finds the object, so it is created once (the key's stored answer may be lost)."""
     return uuid.uuid5(KEY_NAMESPACE, f"{kind}:{user_id}:{key}") if key else None
+
+
 DDL = (
     "CREATE SCHEMA IF NOT EXISTS palette_api",
     "CREATE TABLE IF NOT EXISTS palette_api.idempotency (scope text NOT NULL, key text NOT NULL, "
     "request_hash text NOT NULL, status integer, headers jsonb, body bytea, "
     "created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (scope, key))",
+    "CREATE INDEX IF NOT EXISTS idempotency_created_at ON palette_api.idempotency (created_at)",
     # Signed callbacks seen inside their window: the same signature twice is a replay.
     "CREATE TABLE IF NOT EXISTS palette_api.callback_signatures (signature text PRIMARY KEY, "
     "seen_at timestamptz NOT NULL DEFAULT now())",
@@ -41,14 +53,27 @@ def ensure_schema(conn: Any) -> None:
         conn.execute(statement)
 
 
-class IdempotencyKeys:
-    """Pure ASGI middleware; requests without the header pass straight through."""
+def storable(status: int) -> bool:
+    """Whether an answer is kept for the key: not one that invites a retry (409, 429, 5xx), nor
+    one refused before the endpoint ran (401 token, 422 parameters), as Stripe does."""
+    return status < 500 and status not in (401, 409, 422, 429)
 
-    def __init__(self, app: ASGIApp, pool: Any, tokens: TokenIssuer, fail: Any) -> None:
+
+def _valid_key(key: bytes) -> bool:
+    # Printable ASCII only: what the database stores as text without surprises (no NUL).
+    return 0 < len(key) <= MAX_KEY and all(0x20 <= b < 0x7F for b in key)
+
+
+class IdempotencyKeys:
+    """Pure ASGI middleware; requests without the header, or without a valid token, pass straight through."""
+
+    def __init__(self, app: ASGIApp, pool: Any, tokens: TokenIssuer, fail: Any,
+                 ttl_s: float = DEFAULT_TTL_S) -> None:
         self.app = app
         self.pool = pool
         self.tokens = tokens
         self.fail = fail
+        self.ttl_s = ttl_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -56,14 +81,15 @@ class IdempotencyKeys:
             return
         headers = dict(scope.get("headers") or [])
         raw_key = headers.get(b"idempotency-key")
-        if raw_key is None:
+        owner = self._owner(headers) if raw_key is not None else None
+        if raw_key is None or owner is None:
             await self.app(scope, receive, send)
             return
-        key = raw_key.decode(errors="replace")
-        if not key or len(key) > MAX_KEY:
-            refusal = self.fail("VALIDATION_FAILED", f"Idempotency-Key must be 1..{MAX_KEY} characters")
+        if not _valid_key(raw_key):
+            refusal = self.fail("VALIDATION_FAILED", f"Idempotency-Key must be 1..{MAX_KEY} printable ASCII characters")
             await refusal(scope, receive, send)
             return
+        key = raw_key.decode("ascii")
         body = b""
         try:
             while True:
@@ -74,7 +100,6 @@ class IdempotencyKeys:
         except ApiError as e:  # the body cap tripped while buffering
             await self.fail(e.code, e.message)(scope, receive, send)
             return
-        owner = self._owner(headers)
         request_hash = hashlib.sha256(scope["path"].encode() + b"\n" + body).hexdigest()
         claimed, stored = await run_in_threadpool(self._claim, owner, key, request_hash)
         if not claimed:
@@ -97,50 +122,60 @@ class IdempotencyKeys:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        captured: dict[str, Any] = {"body": b"", "stored": False}
+        captured: dict[str, Any] = {"body": b"", "settled": False}
 
         async def capture(message: Message) -> None:
-            # The response is stored before its last byte leaves: a retry that arrives the moment
-            # the client has its answer finds the answer, not "in flight".
+            # The claim is settled (answer stored, or key released) before the last byte leaves:
+            # a retry that arrives the moment the client has its answer finds the answer, or runs
+            # again, never "in flight".
             if message["type"] == "http.response.start":
                 captured["status"] = message["status"]
                 captured["headers"] = [[k.decode("latin-1"), v.decode("latin-1")]
                                        for k, v in message.get("headers", [])]
             elif message["type"] == "http.response.body":
                 captured["body"] += message.get("body", b"")
-                if not message.get("more_body") and captured.get("status", 500) < 500:
-                    await run_in_threadpool(self._store, owner, key, captured["status"], captured["headers"],
-                                            captured["body"])
-                    captured["stored"] = True
+                if not message.get("more_body"):
+                    status = captured.get("status", 500)
+                    if storable(status):
+                        await run_in_threadpool(self._store, owner, key, status, captured["headers"],
+                                                captured["body"])
+                    else:
+                        await run_in_threadpool(self._release, owner, key)
+                    captured["settled"] = True
             await send(message)
 
         try:
             await self.app(scope, replay_body, capture)
         finally:
-            if not captured["stored"]:
-                await run_in_threadpool(self._release, owner, key)  # a 5xx or a crash: a retry may run it again
+            if not captured["settled"]:
+                await run_in_threadpool(self._release, owner, key)  # a crash: a retry may run it again
 
-    def _owner(self, headers: dict[bytes, bytes]) -> str:
+    def _owner(self, headers: dict[bytes, bytes]) -> str | None:
+        """The authenticated principal the keys belong to; None without a valid bearer token."""
         auth = headers.get(b"authorization", b"").decode(errors="replace")
-        if auth.lower().startswith("bearer "):
-            try:
-                user_id, _ = self.tokens.verify(auth[7:].strip())
-                return f"user:{user_id}"
-            except TokenInvalid:
-                return "invalid-token"
-        return "anonymous"
+        if not auth.lower().startswith("bearer "):
+            return None
+        try:
+            user_id, role = self.tokens.verify(auth[7:].strip())
+        except TokenInvalid:
+            return None
+        return f"user:{user_id}" if role == "client" else f"{role}:{user_id}"
 
     def _claim(self, owner: str, key: str, request_hash: str) -> tuple[bool, tuple[str, int | None, Any, Any] | None]:
         with self.pool.connection() as conn:
+            sweep_expired(conn, self.ttl_s)
             inserted = conn.execute(
                 "INSERT INTO palette_api.idempotency (scope, key, request_hash) VALUES (%s, %s, %s) "
                 "ON CONFLICT DO NOTHING RETURNING 1", [owner, key, request_hash]).fetchone()
             if inserted:
                 return True, None
+            # An expired key is a new key; a stale claim of the same request is taken over.
             taken_over = conn.execute(
-                "UPDATE palette_api.idempotency SET created_at = now() WHERE scope = %s AND key = %s "
-                "AND request_hash = %s AND status IS NULL AND created_at < now() - %s * interval '1 second' "
-                "RETURNING 1", [owner, key, request_hash, STALE_S]).fetchone()
+                "UPDATE palette_api.idempotency SET request_hash = %(h)s, status = NULL, headers = NULL, "
+                "body = NULL, created_at = now() WHERE scope = %(s)s AND key = %(k)s AND ("
+                "created_at < now() - %(ttl)s * interval '1 second' OR (request_hash = %(h)s AND status IS NULL "
+                "AND created_at < now() - %(stale)s * interval '1 second')) RETURNING 1",
+                {"h": request_hash, "s": owner, "k": key, "ttl": self.ttl_s, "stale": STALE_S}).fetchone()
             if taken_over:
                 return True, None
             row = conn.execute("SELECT request_hash, status, headers, body FROM palette_api.idempotency "
@@ -162,3 +197,13 @@ class IdempotencyKeys:
         raw_headers.append((b"idempotent-replayed", b"true"))
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": bytes(body or b"")})
+
+
+def sweep_expired(conn: Any, ttl_s: float, limit: int = SWEEP_BATCH) -> int:
+    """Delete at most ``limit`` keys claimed more than ``ttl_s`` ago (oldest first, skipping rows
+    another claim holds); the number deleted."""
+    cur = conn.execute(
+        "DELETE FROM palette_api.idempotency WHERE (scope, key) IN (SELECT scope, key FROM palette_api.idempotency "
+        "WHERE created_at < now() - %s * interval '1 second' ORDER BY created_at LIMIT %s "
+        "FOR UPDATE SKIP LOCKED)", [ttl_s, limit])
+    return int(cur.rowcount)

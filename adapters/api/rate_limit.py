@@ -1,7 +1,9 @@
-"""Per-key token buckets (one API process): job creation per user, callbacks per job."""
+"""Per-key token buckets (one API process): job creation per user, callbacks per job,
+registrations per client address."""
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import threading
 import time
@@ -44,3 +46,24 @@ class TokenBuckets:
             self._buckets.move_to_end(key)
             while len(self._buckets) > self.max_keys:
                 self._buckets.popitem(last=False)
+
+
+def client_address(peer: str | None, forwarded_for: list[str], trusted_proxies: int) -> str:
+    """The address a per-client limit counts against. The TCP peer, unless ``trusted_proxies``
+    reverse proxies stand in front: then the entry that many places from the right of
+    X-Forwarded-For (the entries left of it are whatever the client chose to send). An IPv6
+    client counts by its /64, which one subscriber usually holds whole."""
+    address = peer or "unknown"
+    if trusted_proxies > 0:
+        entries = [e.strip() for header in forwarded_for for e in header.split(",") if e.strip()]
+        if len(entries) >= trusted_proxies:
+            address = entries[-trusted_proxies]
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:64]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)

@@ -116,9 +116,11 @@ async def audit_reconcile(_: Auditor, container: ContainerDep) -> JSONResponse:
     """Does billing_events equal the fold of the event log? (differences listed)."""
     def run() -> audit.Reconciliation:
         with container.read_pool.connection() as conn:
-            return audit.reconcile(conn, container.app.recorder, container.app.mapper.transcoder)
+            # a short wait for the projector: the request holds a pool connection meanwhile
+            return audit.reconcile(conn, container.app.recorder, container.app.mapper.transcoder, wait_s=5.0)
     report = await run_in_threadpool(run)
-    return ok({"ok": report.ok, "events": report.events, "ledger_rows": report.ledger_rows,
+    return ok({"ok": report.ok, "position": report.position, "events": report.events,
+               "ledger_rows": report.ledger_rows,
                "users": report.users, "differences": report.differences})
 
 

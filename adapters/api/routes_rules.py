@@ -55,9 +55,9 @@ async def list_rules(user_id: CurrentUser, container: ContainerDep) -> JSONRespo
 
     def read() -> list[dict[str, object]]:
         with container.read_pool.connection() as conn:
-            wait_for_streams(conn, "rules", container.last_writes.recent(user_id, "rules"))
             return list_rules_query(conn, user_id)
 
+    await wait_for_streams(container.read_pool, "rules", container.last_writes.recent(user_id, "rules"))
     rows = await run_in_threadpool(read)
     return ok(RuleList(items=[RulePublic.model_validate(r) for r in rows]))
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import time
+from collections.abc import Callable
 from typing import Literal
 
 from fastapi import APIRouter, Request
@@ -11,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
 from adapters.api.envelope import fail, ok
+from adapters.api.rate_limit import TokenBuckets, client_address
 from adapters.api.schemas import (
     AnonCreate,
     Envelope,
@@ -30,21 +34,26 @@ ERRORS = {code: {"model": Envelope[None], "description": text} for code, text in
 }.items()}
 
 
+HEALTH_CACHE_S = 1.0  # a flood of /health costs at most one check per dependency per second
+HEALTH_TIMEOUT_S = 2.0  # a dependency slower than this to answer reads as failing
+
+
 def _check_postgres(c: Container) -> bool:
+    """A query on a read-pool connection: /health never opens a connection of its own."""
     import psycopg
 
     try:
-        with psycopg.connect(c.settings.effective_database_url, connect_timeout=2) as conn:
+        with c.read_pool.connection(timeout=HEALTH_TIMEOUT_S) as conn:
             conn.execute("select 1")
         return True
-    except psycopg.Error:
+    except psycopg.Error:  # PoolTimeout too: the pool had no connection to spare in time
         return False
 
 
 def _check_broker(c: Container) -> bool:
     from adapters.kafka_admin import broker_answers
 
-    return broker_answers(c.settings.effective_kafka_bootstrap)
+    return broker_answers(c.settings.effective_kafka_bootstrap, timeout_ms=int(HEALTH_TIMEOUT_S * 1000))
 
 
 def _check_s3(c: Container) -> bool:
@@ -55,11 +64,58 @@ def _check_s3(c: Container) -> bool:
         return False
 
 
+class CachedCheck:
+    """One dependency's status, checked at most once per ``ttl_s`` and never twice at a time: a
+    flood of callers shares one check, and a hung dependency holds one thread, not one per call
+    (callers wait at most ``timeout_s``, then read it as failing)."""
+
+    def __init__(self, check: Callable[[], bool], ttl_s: float = HEALTH_CACHE_S,
+                 timeout_s: float = HEALTH_TIMEOUT_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.check = check
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self._result: tuple[float, bool] | None = None  # (when, good)
+        self._running: asyncio.Future[bool] | None = None
+
+    async def __call__(self) -> bool:
+        if self._result is not None and self.clock() - self._result[0] < self.ttl_s:
+            return self._result[1]
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._run())
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._running), self.timeout_s)
+        except TimeoutError:
+            self._result = (self.clock(), False)  # still running: "failing" until it answers
+            return False
+
+    async def _run(self) -> bool:
+        good = False
+        try:
+            good = bool(await run_in_threadpool(self.check))
+        except Exception:  # noqa: BLE001 - a check that raises reads as "failing"
+            good = False
+        finally:
+            self._result = (self.clock(), good)
+            self._running = None
+        return good
+
+
+def _health_checks(request: Request, container: Container) -> dict[str, CachedCheck]:
+    """The app's cached dependency checks, made on first use."""
+    checks: dict[str, CachedCheck] | None = getattr(request.app.state, "health_checks", None)
+    if checks is None:  # no await since the check: no other request can interleave
+        checks = request.app.state.health_checks = {
+            name: CachedCheck(functools.partial(f, container))
+            for name, f in (("postgres", _check_postgres), ("broker", _check_broker), ("s3", _check_s3))}
+    return checks
+
+
 @router.get("/health", response_model=Envelope[HealthPublic], tags=["health"])
-async def health(container: ContainerDep) -> JSONResponse:
-    """Liveness plus the status of PostgreSQL, the broker and S3. No auth."""
-    checks = {"postgres": _check_postgres, "broker": _check_broker, "s3": _check_s3}
-    results = await asyncio.gather(*(run_in_threadpool(f, container) for f in checks.values()))
+async def health(container: ContainerDep, request: Request) -> JSONResponse:
+    """Liveness plus the status of PostgreSQL, the broker and S3 (each at most 1 s old). No auth."""
+    checks = _health_checks(request, container)
+    results = await asyncio.gather(*(check() for check in checks.values()))
     deps: dict[str, Literal["ok", "failing"]] = {
         name: "ok" if good else "failing" for name, good in zip(checks, results, strict=True)
     }
@@ -68,9 +124,18 @@ async def health(container: ContainerDep) -> JSONResponse:
 
 @router.post("/auth/anon", response_model=Envelope[TokenPublic], tags=["auth"],
              responses={201: {"model": Envelope[TokenPublic], "description": "registered now"},
-                        422: ERRORS[422]})
-async def auth_anon(body: AnonCreate, service: ServiceDep, request: Request) -> JSONResponse:
-    """Register this device once (idempotent) and issue a client token."""
+                        422: ERRORS[422],
+                        429: {"model": Envelope[None], "description": "RATE_LIMITED (with Retry-After)"}})
+async def auth_anon(body: AnonCreate, service: ServiceDep, container: ContainerDep,
+                    request: Request) -> JSONResponse:
+    """Register this device once (idempotent) and issue a client token. Limited per client
+    address, repeats included (each issues a token; new ones grant free credits)."""
+    s = container.settings
+    limits: TokenBuckets | None = getattr(request.app.state, "register_limits", None)
+    if limits is None:  # one per app, made on first use (no await in between: no race)
+        limits = request.app.state.register_limits = TokenBuckets(s.rate_register_per_s, s.rate_register_burst)
+    peer = request.client.host if request.client else None
+    limits.take(client_address(peer, request.headers.getlist("x-forwarded-for"), s.trusted_proxies))
     committed = await run_in_threadpool(service.register, body.device_hash)
     user_id, created = committed.value
     token = request.app.state.tokens.issue(user_id, SystemClock().now())

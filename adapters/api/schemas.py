@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Generic, Literal, TypeVar
+from typing import Annotated, Generic, Literal, TypeVar
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from adapters.api.text import storable_text
 
 T = TypeVar("T")
 
+# Every string a client sends is text PostgreSQL can store and a person can read (no NUL, no
+# lone surrogates, no controls but tab and newlines, no non-characters): refused here with a
+# 422, never found by the projector.
+Text = Annotated[str, AfterValidator(storable_text)]
 Name = Field(min_length=1, max_length=80)
-ConceptName = str
+ConceptName = Annotated[Text, Field(min_length=1, max_length=64)]
 
 
 class Strict(BaseModel):
@@ -79,18 +85,18 @@ class PresetPublic(BaseModel):
 # -- rules -------------------------------------------------------------------------------
 class ConceptEdit(Strict):
     action: Literal["recolor", "tone", "texture", "remove"]
-    value: str | None = Field(default=None, max_length=32)
+    value: Text | None = Field(default=None, max_length=32)
 
 
 class RuleCreate(Strict):
-    name: str = Name
-    preset_id: str = Field(min_length=1, max_length=32)
+    name: Text = Name
+    preset_id: Text = Field(min_length=1, max_length=32)
     concepts: dict[ConceptName, ConceptEdit] = Field(min_length=1, max_length=32)
     protect: list[ConceptName] = Field(default_factory=list, max_length=32)
 
 
 class RuleUpdate(Strict):
-    name: str = Name
+    name: Text = Name
     concepts: dict[ConceptName, ConceptEdit] = Field(min_length=1, max_length=32)
     protect: list[ConceptName] = Field(default_factory=list, max_length=32)
 
@@ -109,7 +115,7 @@ class RuleList(BaseModel):
 
 # -- jobs --------------------------------------------------------------------------------
 class JobCreate(Strict):
-    preset: str = Field(min_length=1, max_length=32)
+    preset: Text = Field(min_length=1, max_length=32)
     item_count: int = Field(ge=1, le=200)
 
 
@@ -132,7 +138,7 @@ class JobExecute(Strict):
     concepts: dict[ConceptName, ConceptEdit] = Field(default_factory=dict, max_length=32)
     protect: list[ConceptName] | None = Field(default=None, max_length=32)
     rule_id: UUID | None = None
-    output_template: str = Field(default="", max_length=120)
+    output_template: Text = Field(default="", max_length=120)
 
 
 class Progress(BaseModel):
@@ -185,10 +191,10 @@ class JobList(BaseModel):
 class CallbackCreate(Strict):
     idx: int = Field(ge=0, le=199)
     status: Literal["done", "failed"]
-    output_key: str | None = Field(default=None, max_length=300)
-    preview_key: str | None = Field(default=None, max_length=300)
-    error: str | None = Field(default=None, max_length=2000)
-    idempotency_key: str = Field(min_length=1, max_length=120)
+    output_key: Text | None = Field(default=None, max_length=300)
+    preview_key: Text | None = Field(default=None, max_length=300)
+    error: Text | None = Field(default=None, max_length=2000)
+    idempotency_key: Text = Field(min_length=1, max_length=120)
 
 
 class CallbackPublic(BaseModel):

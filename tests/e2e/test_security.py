@@ -294,3 +294,77 @@ def test_a_body_that_is_not_json_is_a_422_with_the_stable_code(client: Client) -
     for raw in (b"\xff\xfe\x00N", b"{", b"[1, 2"):
         r = client.call("POST", "/jobs", content=raw, headers={"Content-Type": "application/json"})
         assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_FAILED", r.text
+
+
+# -- callback auth modes ------------------------------------------------------------------------
+def _shared(secret: str) -> dict[str, str]:
+    return {"content-type": "application/json", "X-Callback-Secret": secret}
+
+
+def _result(job_id: str, idx: int) -> bytes:
+    return json.dumps({"idx": idx, "status": "failed", "error": "x", "idempotency_key": f"{job_id}:{idx}"}).encode()
+
+
+def _bogus_signatures() -> dict[str, dict[str, str]]:
+    """Signature headers that sign nothing, sent next to the right shared secret."""
+    now = str(int(time.time()))
+    return {
+        "any signature, no timestamp": {"X-Palette-Signature": "sha256=" + "0" * 64},
+        "garbage signature, no timestamp": {"X-Palette-Signature": "x"},
+        "empty signature": {"X-Palette-Signature": ""},
+        "bad signature with a timestamp": {"X-Palette-Signature": "sha256=" + "0" * 64, "X-Palette-Timestamp": now},
+        "timestamp only": {"X-Palette-Timestamp": now},
+    }
+
+
+def test_with_signatures_optional_both_ways_pass_but_a_bad_signature_never_rides_on_the_secret(
+    http: httpx.Client, settings: Settings, queued: str
+) -> None:
+    assert settings.callback_require_signature is False
+    job_id = queued
+    before = _events(settings, job_id)
+    for name, bogus in _bogus_signatures().items():
+        r = http.post(f"/jobs/{job_id}/callback", content=_result(job_id, 0),
+                      headers={**_shared(settings.callback_secret), **bogus})
+        assert r.status_code == 401, (name, r.status_code, r.text)
+    assert _events(settings, job_id) == before
+    shared = http.post(f"/jobs/{job_id}/callback", content=_result(job_id, 0),
+                       headers=_shared(settings.callback_secret))
+    assert shared.status_code == 200 and shared.json()["data"]["outcome"] == "recorded", shared.text
+    body = _result(job_id, 1)
+    signed_only = http.post(f"/jobs/{job_id}/callback", content=body,
+                            headers=signed(settings.callback_secret, job_id, body))
+    assert signed_only.status_code == 200 and signed_only.json()["data"]["outcome"] == "recorded", signed_only.text
+    figures.add("forged or replayed callbacks tried (0 accepted)", len(_bogus_signatures()))
+
+
+def test_with_signatures_required_the_shared_secret_is_refused_whatever_rides_with_it(
+    settings: Settings, queued: str
+) -> None:
+    """An API started with PALETTE_CALLBACK_REQUIRE_SIGNATURE=true accepts only a valid HMAC."""
+    from fastapi.testclient import TestClient
+
+    from adapters.api.app import create_asgi
+    from adapters.bootstrap import build
+
+    strict = settings.model_copy(update={"callback_require_signature": True})
+    container = build(strict, pool_size=2)
+    try:
+        with TestClient(create_asgi(container)) as api:
+            job_id = queued
+            before = _events(settings, job_id)
+            attempts = {"shared secret alone": {}, **_bogus_signatures()}
+            for name, extra in attempts.items():
+                r = api.post(f"/jobs/{job_id}/callback", content=_result(job_id, 0),
+                             headers={**_shared(settings.callback_secret), **extra})
+                assert r.status_code == 401, (name, r.status_code, r.text)
+                assert r.json()["error"]["code"] == "AUTH_INVALID"
+            assert _events(settings, job_id) == before
+            body = _result(job_id, 0)
+            good = api.post(f"/jobs/{job_id}/callback", content=body, headers=signed(settings.callback_secret,
+                                                                                   job_id, body))
+            assert good.status_code == 200 and good.json()["data"]["outcome"] == "recorded", good.text
+            assert _events(settings, job_id) > before
+            figures.add("forged or replayed callbacks tried (0 accepted)", len(attempts))
+    finally:
+        container.close()

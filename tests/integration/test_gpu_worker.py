@@ -1,5 +1,6 @@
 """The GPU worker end to end on the embedded stack: real JPEGs in, PNG + preview out, results
-reported once, a poisoned item parked on the DLQ, and the job still terminating with its refund."""
+reported once, duplicates dropped, a poisoned item failed at once and parked on the DLQ, and the
+job still terminating with its refund."""
 
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def test_a_job_of_real_jpegs_is_edited_and_finishes_done(gpu_apps, service, sett
         assert result.output_key == f"outputs/{user_id}/{job_id}/{idx}_result.png"
     assert service.get_user(user_id).spent == 3
 
-    # A redelivered task (at-least-once) is processed again but recorded once.
+    # A redelivered task (at-least-once) is dropped by the worker, or at worst recorded once.
     producer = KafkaProducer(bootstrap_servers=settings.effective_kafka_bootstrap, acks="all")
     for task in tasks_for(job)[:2]:
         producer.send("palette.gpu-jobs", key=task["job_id"].encode(), value=json.dumps(task).encode())
@@ -101,7 +102,10 @@ def test_a_corrupt_upload_fails_its_item_and_the_job_refunds(gpu_apps, service, 
     assert (view.spent, view.reserved, view.credits) == (1, 0, 999)
 
 
-def test_a_poisoned_item_lands_in_the_dlq_and_the_job_still_terminates(gpu_apps, service, settings):
+@pytest.mark.parametrize("edit", [{"action": "recolor", "value": "#5b7f95\n"}, {"action": "melt", "value": ""}],
+                         ids=["colour-with-newline", "unknown-action"])
+def test_a_poisoned_item_fails_at_once_lands_in_the_dlq_and_the_job_still_terminates(gpu_apps, service, settings,
+                                                                                     edit):
     user_id = service.register(f"gpu-{uuid.uuid4()}", plan="pro").value[0]
     job_id = service.create_job(user_id, "interior", 1).value
     s3_client(settings).put_object(Bucket=settings.s3_bucket, Key=input_key(user_id, job_id, 0), Body=photo(2))
@@ -109,12 +113,13 @@ def test_a_poisoned_item_lands_in_the_dlq_and_the_job_still_terminates(gpu_apps,
 
     def poison(uow):  # type: ignore[no-untyped-def]
         # Bypasses the service's validation: an edit the worker cannot apply, as an old client's might be.
-        uow.get(Job, job_id).execute({"wall": {"action": "melt", "value": ""}}, [], None, "", SystemClock().now())
+        uow.get(Job, job_id).execute({"wall": edit}, [], None, "", SystemClock().now())
 
     service.executor.execute(poison)
     job = wait_until(lambda: terminal(service, job_id), timeout_s=120, what="the poisoned job to terminate")
     assert job.status == JobStatus.FAILED
-    assert "after 3 attempts" in job.items[0].error
+    assert job.items[0].error.startswith("bad input: ValueError")  # not retried: bad input, not a fault
+    assert "attempts" not in job.items[0].error
     assert service.get_user(user_id).credits == 1000  # fully refunded
 
     consumer = KafkaConsumer("palette.gpu-jobs.dlq", bootstrap_servers=settings.effective_kafka_bootstrap,

@@ -223,3 +223,72 @@ def test_regression_a_save_that_dies_leaves_no_phantom_in_the_writer_cache() -> 
     assert versions == list(range(1, len(versions) + 1))
     assert svc.get_user(user_id).granted == 50 + 5
     svc.executor.stop()  # type: ignore[attr-defined]
+
+
+def _held_batch(committer: GroupCommitter, commands: list) -> list:  # type: ignore[type-arg]
+    """Submit ``commands`` while the writer is busy, so they run as ONE batch."""
+    import threading
+
+    release = threading.Event()
+    started = threading.Event()
+
+    def blocker(uow):  # type: ignore[no-untyped-def]
+        started.set()
+        release.wait(10)
+
+    first = committer.submit(blocker)
+    assert started.wait(10)
+    futures = [committer.submit(c) for c in commands]
+    release.set()
+    first.result()
+    outcomes = []
+    for f in futures:
+        try:
+            outcomes.append(f.result().value)
+        except Exception as e:  # noqa: BLE001
+            outcomes.append(type(e).__name__)
+    return outcomes
+
+
+def test_one_command_whose_events_cannot_be_stored_fails_alone_and_its_batch_commits() -> None:
+    svc = make_service(group_commit=True)
+    user_id, _ = svc.register("encoder").value
+    committer = svc.executor
+    assert isinstance(committer, GroupCommitter)
+
+    def grant(n: int, reason: str):  # type: ignore[no-untyped-def]
+        def command(uow):  # type: ignore[no-untyped-def]
+            uow.get(User, user_id).grant(n, reason, StepClock().now())
+            return n
+        return command
+
+    # A lone surrogate passes the domain but not the event store's UTF-8 encoder: the save fails.
+    outcomes = _held_batch(committer, [grant(1, "a"), grant(2, "bad \ud800"), grant(4, "b")])
+    assert outcomes == [1, "UnicodeEncodeError", 4]
+    assert svc.get_user(user_id).credits == 50 + 1 + 4
+    committer.stop()
+
+
+def test_one_command_whose_prefetch_fails_fails_alone_and_its_batch_commits() -> None:
+    from application.unit_of_work import touches
+
+    svc = make_service(group_commit=True)
+    user_id, _ = svc.register("prefetch").value
+    committer = svc.executor
+    assert isinstance(committer, GroupCommitter)
+
+    def grant(uow):  # type: ignore[no-untyped-def]
+        uow.get(User, user_id).grant(3, "ok", StepClock().now())
+        return 3
+
+    def bad_related(user):  # type: ignore[no-untyped-def]
+        raise LookupError("a related id that cannot be named")
+
+    @touches(user_id, related=bad_related)
+    def broken(uow):  # type: ignore[no-untyped-def]
+        return 0
+
+    outcomes = _held_batch(committer, [touches(user_id)(grant), broken, touches(user_id)(grant)])
+    assert outcomes == [3, "LookupError", 3]
+    assert svc.get_user(user_id).credits == 50 + 6
+    committer.stop()

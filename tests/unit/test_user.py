@@ -9,10 +9,11 @@ import pytest
 
 from domain.errors import ConcurrencyLimit, InsufficientCredits, RuleSlotsFull, ValidationFailed
 from domain.plans import DEFAULT_PLANS
-from domain.user import User, user_id_for_device
+from domain.user import User, user_id_for_device_key
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 FREE, PRO = DEFAULT_PLANS["free"], DEFAULT_PLANS["pro"]
+KEY = "hmac-sha256:" + "ab" * 32  # a device key, as the application derives it
 
 
 def new_events(user: User) -> list[str]:
@@ -20,20 +21,33 @@ def new_events(user: User) -> list[str]:
 
 
 def registered(plan=FREE) -> User:
-    user = User.register("device-1", plan, AT)
+    user = User.register(KEY, plan, AT)
     user.collect_events()
     return user
 
 
 def test_registration_grants_the_plans_initial_credits():
-    user = User.register("device-1", FREE, AT)
+    user = User.register(KEY, FREE, AT)
     assert new_events(user) == ["Registered", "CreditsGranted"]
     assert (user.balance, user.granted, user.plan) == (50, 50, "free")
-    assert user.id == user_id_for_device("device-1")
+    assert user.id == user_id_for_device_key(KEY)
+
+
+def test_registration_stores_the_device_key_and_the_aggregate_keeps_none():
+    user = User.register(KEY, FREE, AT)
+    registered_event = user.collect_events()[0]
+    assert isinstance(registered_event, User.Registered) and registered_event.device_key == KEY
+    assert KEY not in str(vars(user))
+
+
+@pytest.mark.parametrize("raw", ["", "device-1", "hmac-sha256:"])
+def test_registration_refuses_anything_but_a_device_key(raw):
+    with pytest.raises(ValidationFailed):
+        User.register(raw, FREE, AT)
 
 
 def test_event_timestamps_come_from_the_command():
-    user = User.register("device-1", FREE, AT)
+    user = User.register(KEY, FREE, AT)
     assert {e.timestamp for e in user.collect_events()} == {AT}
 
 

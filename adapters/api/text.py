@@ -1,0 +1,33 @@
+"""What text the API accepts: what PostgreSQL can store and a person can read."""
+
+from __future__ import annotations
+
+import unicodedata
+
+ALLOWED_CONTROLS = frozenset("\t\n\r")
+
+
+def refused_character(value: str) -> str | None:
+    """The first character of ``value`` the API refuses, as ``U+XXXX``, or None.
+
+    Refused: NUL and the other C0/C1 controls (tab and newlines aside), lone surrogates (the
+    UTF-8 encoder and PostgreSQL refuse them) and Unicode's non-characters (U+FDD0..U+FDEF and
+    the last two code points of every plane)."""
+    if value.isprintable():  # the fast path: no controls, no surrogates, no unassigned code points
+        return None
+    for ch in value:
+        code = ord(ch)
+        if ch in ALLOWED_CONTROLS:
+            continue
+        if (unicodedata.category(ch) in ("Cc", "Cs") or 0xFDD0 <= code <= 0xFDEF
+                or code & 0xFFFE == 0xFFFE):
+            return f"U+{code:04X}"
+    return None
+
+
+def storable_text(value: str) -> str:
+    """``value`` unchanged, or ValueError naming the first refused character."""
+    bad = refused_character(value)
+    if bad is not None:
+        raise ValueError(f"contains a character that is not allowed ({bad})")
+    return value

@@ -1,0 +1,287 @@
+"""Bounded resources in the API: event streams per user, pool connections while waiting,
+/health's cost, and the cost of a 200-item job's status."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+from uuid import UUID
+
+import httpx
+import psycopg
+import pytest
+
+from adapters.bootstrap import Container
+from adapters.s3 import s3_client
+from adapters.settings import Settings
+from adapters.tokens import sign_callback
+from application.keys import output_key, preview_key
+
+from .conftest import Client
+
+EDITS = {"wall": {"action": "tone", "value": "warm"}}
+
+
+# -- helpers ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def served(container: Container) -> Iterator[str]:
+    """The API of ``container`` under uvicorn in this process, on a free loopback port."""
+    import uvicorn
+
+    from adapters.api.app import create_asgi
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_asgi(container), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "in-process API did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+class CountingPool:
+    """A connection pool that counts checkouts and the connections held at this moment."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.checkouts = 0
+        self.held = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def connection(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        with self.pool.connection(*args, **kwargs) as conn:
+            with self._lock:
+                self.checkouts += 1
+                self.held += 1
+            try:
+                yield conn
+            finally:
+                with self._lock:
+                    self.held -= 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+
+def token_for(settings: Settings, user_id: UUID) -> dict[str, str]:
+    from datetime import UTC, datetime
+
+    from adapters.tokens import TokenIssuer
+
+    issuer = TokenIssuer(settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience, 600)
+    return {"Authorization": f"Bearer {issuer.issue(user_id, datetime.now(UTC))}"}
+
+
+@contextlib.contextmanager
+def event_stream(http: httpx.Client, job_id: str, headers: dict[str, str]) -> Iterator[httpx.Response]:
+    with http.stream("GET", f"/jobs/{job_id}/events", headers=headers) as r:
+        yield r
+
+
+# -- event streams per user ---------------------------------------------------------------------
+def test_a_user_holds_at_most_four_event_streams_and_a_closed_stream_frees_its_slot(
+    client: Client, other: Client, api_url: str, settings: Settings
+) -> None:
+    cap = settings.sse_streams_per_user
+    assert cap == 4
+    job_id = client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})["job_id"]
+    their_job = other.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})["job_id"]
+    with httpx.Client(base_url=api_url, timeout=30) as http, contextlib.ExitStack() as streams:
+        opened = [streams.enter_context(event_stream(http, job_id, client.headers)) for _ in range(cap)]
+        assert [r.status_code for r in opened] == [200] * cap
+        with event_stream(http, job_id, client.headers) as fifth:
+            assert fifth.status_code == 429  # today: a fifth, sixth... stream, each polling every 200 ms
+            fifth.read()
+            assert fifth.json()["error"]["code"] == "RATE_LIMITED" and int(fifth.headers["Retry-After"]) >= 1
+        with event_stream(http, their_job, other.headers) as theirs:
+            assert theirs.status_code == 200  # the cap is per user
+        opened[0].close()
+        deadline = time.monotonic() + 10
+        while True:
+            with event_stream(http, job_id, client.headers) as again:
+                if again.status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "a closed stream never gave its slot back"
+            time.sleep(0.05)
+
+
+def test_idle_event_streams_hold_no_event_store_connection(client: Client, settings: Settings) -> None:
+    """Eight idle streams on an event store pool of at most six connections: commands still run."""
+    from adapters.bootstrap import build
+
+    container = build(settings, pool_size=2)  # eventsourcing: 2 + 4 overflow connections
+    try:
+        with served(container) as url, httpx.Client(base_url=url, timeout=10) as http, \
+                contextlib.ExitStack() as streams:
+            users = [Client(http) for _ in range(2)]
+            for user in users:
+                job_id = user.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})["job_id"]
+                for _ in range(4):
+                    assert streams.enter_context(event_stream(http, job_id, user.headers)).status_code == 200
+            third = Client(http)
+            assert third.data("GET", "/me")["credits"] == 50
+            third.data("POST", "/rules", 201, json={"name": "r", "preset_id": "interior", "concepts": EDITS})
+            assert len(third.data("GET", "/rules")["items"]) == 1
+            third.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})
+    finally:
+        container.close()
+
+
+# -- read-your-writes waits ---------------------------------------------------------------------
+def test_read_your_writes_waits_hold_no_pool_connection(settings: Settings) -> None:
+    """Four readers wait (5 s) for a write the read model never folds, on a pool of two: the
+    pool serves everyone else meanwhile. Today each waiting reader holds its connection."""
+    from adapters.bootstrap import build
+
+    container = build(settings, pool_size=2)
+    pool = CountingPool(container.read_pool)
+    container.read_pool = pool
+    slow = [uuid.uuid4() for _ in range(4)]
+    for i, user_id in enumerate(slow):
+        model = "rules" if i == 0 else "jobs_log"
+        container.last_writes.record(user_id, model, uuid.uuid4(), 10**9)  # never reached
+    try:
+        with served(container) as url, httpx.Client(base_url=url, timeout=30) as http, \
+                ThreadPoolExecutor(len(slow)) as executor:
+            checkouts_before = pool.checkouts
+            waiting: list[Future[httpx.Response]] = [
+                executor.submit(http.get, "/rules" if i == 0 else "/jobs", headers=token_for(settings, u))
+                for i, u in enumerate(slow)]
+            deadline = time.monotonic() + 15
+            while pool.checkouts < checkouts_before + 2 * len(slow) and not any(f.done() for f in waiting):
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            assert not any(f.done() for f in waiting), "the waiting readers were served one pool slot at a time"
+            held = []
+            for _ in range(50):
+                held.append(pool.held)
+                time.sleep(0.002)
+            fast = http.get("/jobs", headers=token_for(settings, uuid.uuid4()))
+            assert fast.status_code == 200, fast.text
+            assert not any(f.done() for f in waiting)
+            assert statistics.mean(held) < 1.5, held  # a connection only for each check (today: 2, always)
+            assert [f.result().status_code for f in waiting] == [200] * len(slow)  # served after the wait
+    finally:
+        container.close()
+
+
+# -- /health -----------------------------------------------------------------------------------
+def _sessions(settings: Settings) -> int:
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        row = conn.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()").fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_flood_of_health_checks_opens_no_database_connection_per_call(http: httpx.Client, api_url: str,
+                                                                       settings: Settings) -> None:
+    assert http.get("/health").status_code == 200
+    before = _sessions(settings)  # this probe is one session itself
+    for _ in range(30):
+        assert http.get("/health").json()["data"]["dependencies"]["postgres"] == "ok"
+    with ThreadPoolExecutor(8) as executor:
+        statuses = list(executor.map(lambda _: httpx.get(f"{api_url}/health", timeout=30).status_code, range(40)))
+    assert statuses == [200] * 40
+    opened = _sessions(settings) - before - 1
+    assert opened <= 3, f"{opened} new PostgreSQL sessions for 70 /health calls"
+
+
+# -- GET /jobs/{id} of a finished 200-item job --------------------------------------------------
+ITEMS = 200
+
+
+def _signed(settings: Settings, job_id: str, body: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    raw = json.dumps(body).encode()
+    ts, nonce = int(time.time()), uuid.uuid4().hex[:16]
+    return raw, {"content-type": "application/json", "X-Palette-Timestamp": str(ts), "X-Palette-Nonce": nonce,
+                 "X-Palette-Signature": sign_callback(settings.callback_secret, ts, job_id, raw, nonce)}
+
+
+@pytest.fixture(scope="module")
+def finished_200_item_job(apps: Any, api_url: str, settings: Settings) -> tuple[dict[str, str], str, dict[str, bytes]]:
+    """A user with a done 200-item job; the bytes of a few outputs and previews by key."""
+    from adapters.bootstrap import build
+
+    with httpx.Client(base_url=api_url, timeout=30) as http:
+        user = Client(http)
+        container = build(settings, pool_size=1)
+        try:
+            container.service.grant_credits(UUID(user.user_id), ITEMS, "test: a 200-item job")
+        finally:
+            container.close()
+        created = user.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": ITEMS})
+        job_id = created["job_id"]
+        s3 = s3_client(settings)
+        for slot in created["upload"]:
+            s3.put_object(Bucket=settings.s3_bucket, Key=slot["key"], Body=b"jpeg")
+        user.data("POST", f"/jobs/{job_id}/confirm-upload")
+        user.data("POST", f"/jobs/{job_id}/execute", json={"concepts": EDITS})
+        objects: dict[str, bytes] = {}
+        for idx in range(ITEMS):
+            out, prev = (k(UUID(user.user_id), UUID(job_id), idx) for k in (output_key, preview_key))
+            if idx in (0, 7, ITEMS - 1):
+                for key in (out, prev):
+                    objects[key] = f"{key} {uuid.uuid4()}".encode()
+                    s3.put_object(Bucket=settings.s3_bucket, Key=key, Body=objects[key])
+            raw, headers = _signed(settings, job_id, {"idx": idx, "status": "done", "output_key": out,
+                                                      "preview_key": prev, "idempotency_key": f"{job_id}:{idx}"})
+            r = http.post(f"/jobs/{job_id}/callback", content=raw, headers=headers)
+            assert r.status_code == 200, r.text
+        return user.headers, job_id, objects
+
+
+def test_a_finished_200_item_job_links_every_output_and_preview(
+    api_url: str, finished_200_item_job: tuple[dict[str, str], str, dict[str, bytes]]
+) -> None:
+    headers, job_id, objects = finished_200_item_job
+    with httpx.Client(base_url=api_url, timeout=30, headers=headers) as http:
+        job = http.get(f"/jobs/{job_id}").json()["data"]
+        assert job["status"] == "done" and job["progress"] == {"done": ITEMS, "failed": 0, "total": ITEMS}
+        urls = {}
+        for item in job["items"]:
+            assert item["status"] == "done" and item["output_url"] and item["preview_url"], item
+            urls[httpx.URL(item["output_url"]).path] = item["output_url"]
+            urls[httpx.URL(item["preview_url"]).path] = item["preview_url"]
+        assert len(urls) == 2 * ITEMS
+        for key, content in objects.items():
+            url = next(u for path, u in urls.items() if path.endswith("/" + key))
+            got = httpx.get(url, timeout=30)
+            assert got.status_code == 200 and got.content == content, (key, got.status_code, got.text[:200])
+            tampered = url.replace("X-Amz-Expires=", "X-Amz-Expires=1")
+            assert httpx.get(tampered, timeout=30).status_code == 403
+
+
+def test_measure_the_status_of_a_finished_200_item_job(
+    api_url: str, finished_200_item_job: tuple[dict[str, str], str, dict[str, bytes]]
+) -> None:
+    """Prints p50/p99 of GET /jobs/{id} over loopback (run with -s); asserts only the answers."""
+    headers, job_id, _ = finished_200_item_job
+    timings = []
+    with httpx.Client(base_url=api_url, timeout=30, headers=headers) as http:
+        for _ in range(10):  # warm-up
+            assert http.get(f"/jobs/{job_id}").status_code == 200
+        for _ in range(200):
+            start = time.perf_counter()
+            r = http.get(f"/jobs/{job_id}")
+            timings.append((time.perf_counter() - start) * 1000)
+            assert r.status_code == 200
+    timings.sort()
+    p50, p99 = timings[len(timings) // 2], timings[int(len(timings) * 0.99) - 1]
+    print(f"\nGET /jobs/{{id}} ({ITEMS} done items, {len(timings)} requests): p50 {p50:.1f} ms, p99 {p99:.1f} ms")

@@ -1,0 +1,155 @@
+"""Idempotency-Key by Stripe's rules, through the running API: keys belong to an authenticated
+principal (a request without a valid token neither claims nor reads one), answers that invite a
+retry (409, 429, 5xx) are not stored, and keys expire."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import psycopg
+import pytest
+
+from adapters.settings import Settings
+
+from .conftest import Client
+
+JOB = {"preset": "interior", "item_count": 1}
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        yield conn
+
+
+def stored(db: psycopg.Connection, key: str) -> list[tuple[str, int | None]]:
+    return [(r[0], r[1]) for r in db.execute(
+        "SELECT scope, status FROM palette_api.idempotency WHERE key = %s", [key]).fetchall()]
+
+
+def test_requests_without_a_valid_token_neither_claim_nor_read_keys(http: httpx.Client, db: psycopg.Connection) -> None:
+    key = f"k-{uuid.uuid4()}"
+    tries = [
+        ({"Authorization": "Bearer not-a-token"}, JOB),
+        ({"Authorization": "Bearer another-forgery"}, {**JOB, "item_count": 2}),  # today: 422, the key is "taken"
+        ({}, JOB),
+        ({}, {**JOB, "item_count": 3}),
+    ]
+    for headers, body in tries:
+        r = http.post("/jobs", json=body, headers={**headers, "Idempotency-Key": key})
+        assert r.status_code == 401, (headers, r.status_code, r.text)
+        assert "idempotent-replayed" not in r.headers
+    assert stored(db, key) == []
+
+
+def test_keys_are_scoped_to_the_user(client: Client, other: Client, db: psycopg.Connection) -> None:
+    key = f"k-{uuid.uuid4()}"
+    mine = client.call("POST", "/jobs", json=JOB, headers={"Idempotency-Key": key})
+    theirs = other.call("POST", "/jobs", json={**JOB, "item_count": 2}, headers={"Idempotency-Key": key})
+    assert mine.status_code == theirs.status_code == 201, (mine.text, theirs.text)
+    assert mine.json()["data"]["job_id"] != theirs.json()["data"]["job_id"]
+    assert sorted(stored(db, key)) == sorted([(f"user:{client.user_id}", 201), (f"user:{other.user_id}", 201)])
+
+
+def test_anonymous_registration_ignores_idempotency_keys(http: httpx.Client, db: psycopg.Connection) -> None:
+    """POST /auth/anon is idempotent by its device hash; one client's key can neither block nor
+    replay another's registration."""
+    key = f"k-{uuid.uuid4()}"
+    first, second = (http.post("/auth/anon", json={"device_hash": f"device-{uuid.uuid4().hex}"},
+                               headers={"Idempotency-Key": key}) for _ in range(2))
+    assert first.status_code == second.status_code == 201, (first.text, second.text)  # today: 422 for the second
+    assert first.json()["data"]["user_id"] != second.json()["data"]["user_id"]
+    assert "idempotent-replayed" not in second.headers
+    assert stored(db, key) == []
+
+
+def test_a_409_is_not_stored_and_the_retry_runs_again(client: Client, db: psycopg.Connection) -> None:
+    """A free user runs one job at a time: the second creation is a 409 until the first ends."""
+    running = client.data("POST", "/jobs", 201, json=JOB)["job_id"]
+    key = f"k-{uuid.uuid4()}"
+    refused = client.call("POST", "/jobs", json=JOB, headers={"Idempotency-Key": key})
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "CONCURRENCY_LIMIT", refused.text
+    assert stored(db, key) == []
+    client.data("POST", f"/jobs/{running}/cancel")
+    retried = client.call("POST", "/jobs", json=JOB, headers={"Idempotency-Key": key})
+    assert retried.status_code == 201, retried.text  # today: the stored 409, replayed
+    assert "idempotent-replayed" not in retried.headers
+    again = client.call("POST", "/jobs", json=JOB, headers={"Idempotency-Key": key})
+    assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert again.json()["data"]["job_id"] == retried.json()["data"]["job_id"]
+
+
+def test_a_429_is_not_stored_and_a_retry_after_retry_after_runs_again(
+    client: Client, settings: Settings, db: psycopg.Connection
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from adapters.api.app import create_asgi
+    from adapters.bootstrap import build
+
+    container = build(settings.model_copy(update={"rate_jobs_burst": 1, "rate_jobs_per_s": 1.0}), pool_size=2)
+    try:
+        with TestClient(create_asgi(container), headers=client.headers) as api:
+            first = api.post("/jobs", json=JOB)
+            assert first.status_code == 201, first.text
+            assert api.post(f"/jobs/{first.json()['data']['job_id']}/cancel").status_code == 200
+            key = f"k-{uuid.uuid4()}"
+            limited = api.post("/jobs", json=JOB, headers={"Idempotency-Key": key})
+            assert limited.status_code == 429, limited.text
+            assert stored(db, key) == []
+            time.sleep(int(limited.headers["Retry-After"]))  # what the client is told to do
+            retried = api.post("/jobs", json=JOB, headers={"Idempotency-Key": key})
+            assert retried.status_code == 201, retried.text  # today: the stored 429, replayed
+            assert "idempotent-replayed" not in retried.headers
+            assert stored(db, key) == [(f"user:{client.user_id}", 201)]
+    finally:
+        container.close()
+
+
+def test_a_key_expires_after_its_ttl(client: Client, db: psycopg.Connection, settings: Settings) -> None:
+    key = f"k-{uuid.uuid4()}"
+    first = client.call("POST", "/rules", json=_rule("first"), headers={"Idempotency-Key": key})
+    assert first.status_code == 201, first.text
+    replayed = client.call("POST", "/rules", json=_rule("first"), headers={"Idempotency-Key": key})
+    assert replayed.headers.get("idempotent-replayed") == "true"
+    db.execute("UPDATE palette_api.idempotency SET created_at = now() - %s * interval '1 second' WHERE key = %s",
+               [settings.idempotency_ttl_s + 60, key])
+    fresh = client.call("POST", "/rules", json=_rule("second"), headers={"Idempotency-Key": key})
+    assert fresh.status_code == 201, fresh.text  # today: 422, "reused with a different request"
+    assert "idempotent-replayed" not in fresh.headers
+
+
+def test_claiming_a_key_sweeps_expired_ones_a_bounded_batch_at_a_time(
+    client: Client, db: psycopg.Connection, settings: Settings
+) -> None:
+    from adapters.api.idempotency import SWEEP_BATCH
+
+    scope = f"test-sweep:{uuid.uuid4()}"
+    expired = SWEEP_BATCH + 3
+    db.execute("INSERT INTO palette_api.idempotency (scope, key, request_hash, created_at) "
+               "SELECT %s, 'old-' || i, 'h', now() - %s * interval '1 second' - i * interval '1 millisecond' "
+               "FROM generate_series(1, %s) i", [scope, settings.idempotency_ttl_s + 60, expired])
+    db.execute("INSERT INTO palette_api.idempotency (scope, key, request_hash) VALUES (%s, 'young', 'h')", [scope])
+
+    def left() -> int:
+        row = db.execute("SELECT count(*) FROM palette_api.idempotency WHERE scope = %s AND key LIKE 'old-%%'",
+                         [scope]).fetchone()
+        return int(row[0]) if row else 0
+
+    deadline = time.monotonic() + 30
+    claims = 0
+    while left() and time.monotonic() < deadline:
+        r = client.call("POST", "/rules", json=_rule(f"r{claims}"), headers={"Idempotency-Key": f"k-{uuid.uuid4()}"})
+        assert r.status_code in (201, 403), r.text  # 403 once the slots are full: the claim swept all the same
+        claims += 1
+    assert left() == 0, "expired keys were never swept"
+    assert claims >= 2  # one claim sweeps a bounded batch, not everything
+    assert db.execute("SELECT 1 FROM palette_api.idempotency WHERE scope = %s AND key = 'young'", [scope]).fetchone()
+    db.execute("DELETE FROM palette_api.idempotency WHERE scope = %s", [scope])
+
+
+def _rule(name: str) -> dict[str, object]:
+    return {"name": name, "preset_id": "interior", "concepts": {"wall": {"action": "tone", "value": "warm"}}}

@@ -1,0 +1,232 @@
+"""The dispatcher against small fakes: a record it cannot handle is parked and the loop goes on;
+the stale sweep sends again only tasks that left the queue (consumed, or lost by the broker)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import pytest
+from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import OperationalError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adapters.dispatcher import DLQ_TOPIC, Dispatcher, Placement, Placements
+from adapters.kafka_io import GPU_TOPIC
+from domain.job import Job
+
+AT = datetime(2025, 1, 1, tzinfo=UTC)
+EDITS = {"wall": {"action": "recolor", "value": "#2255cc"}}
+
+
+@dataclass
+class Record:
+    value: bytes | None
+    key: bytes | None = None
+    offset: int = 0
+    partition: int = 0
+    topic: str = "palette.events"
+
+
+class FakeConsumer:
+    def __init__(self, *polls: list[Record]) -> None:
+        self.polls = deque(polls)
+        self.commits = 0
+
+    def poll(self, timeout_ms: int = 0) -> dict[Any, list[Record]]:
+        return {("palette.events", 0): self.polls.popleft()} if self.polls else {}
+
+    def commit(self) -> None:
+        self.commits += 1
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Meta:
+    partition: int
+    offset: int
+
+
+@dataclass
+class Sent:
+    meta: Meta
+
+    def get(self, timeout: float = 0) -> Meta:
+        return self.meta
+
+
+@dataclass
+class FakeProducer:
+    """Every key to partition 0, offsets counted per topic as a broker would."""
+
+    sent: list[tuple[str, bytes | None, bytes, dict[str, bytes]]] = field(default_factory=list)
+    ends: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def send(self, topic: str, key: bytes | None = None, value: bytes = b"",
+             headers: list[tuple[str, bytes]] | None = None) -> Sent:
+        self.sent.append((topic, key, value, dict(headers or [])))
+        self.ends[topic] += 1
+        return Sent(Meta(0, self.ends[topic] - 1))
+
+    def tasks(self) -> list[dict[str, Any]]:
+        return [json.loads(value) for topic, _, value, _ in self.sent if topic == GPU_TOPIC]
+
+    def parked(self) -> list[tuple[bytes, dict[str, bytes]]]:
+        return [(value, headers) for topic, _, value, headers in self.sent if topic == DLQ_TOPIC]
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class FakeRepository:
+    def __init__(self, *jobs: Job, failure: Exception | None = None) -> None:
+        self.jobs = {job.id: job for job in jobs}
+        self.failure = failure
+
+    def get(self, job_id: UUID, version: int | None = None) -> Job:
+        if self.failure is not None:
+            raise self.failure
+        if job_id not in self.jobs:
+            raise AggregateNotFoundError(job_id)
+        return self.jobs[job_id]
+
+
+@dataclass
+class FakeApp:
+    repository: FakeRepository
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class FakeQueue:
+    """The GPU group's committed offsets, and the offsets the log still holds (below ``end``)."""
+
+    consumed: dict[int, int] = field(default_factory=dict)
+    end: int = 1_000_000
+
+    def committed(self, partitions: Iterable[int]) -> dict[int, int]:
+        return {p: o for p, o in self.consumed.items() if p in set(partitions)}
+
+    def reaches(self, partition: int, offset: int) -> bool:
+        return offset < self.end
+
+
+def queued_job(items: int = 2, preset: str = "interior") -> Job:
+    job = Job.create(uuid.uuid4(), uuid.uuid4(), preset, items, AT)
+    job.confirm_upload(AT)
+    job.execute(EDITS, [], None, "", AT)
+    return job
+
+
+def envelope(job_id: UUID, event: str = "JobQueued", version: int = 3) -> Record:
+    return Record(json.dumps({"id": 1, "stream_id": str(job_id), "stream_type": "Job", "version": version,
+                              "type": event, "timestamp": AT.isoformat(), "data": {}}).encode(),
+                  str(job_id).encode())
+
+
+def dispatcher(*polls: list[Record], jobs: Iterable[Job] = (), queue: FakeQueue | None = None,
+               failure: Exception | None = None) -> tuple[Dispatcher, FakeProducer, FakeConsumer]:
+    consumer, producer = FakeConsumer(*polls), FakeProducer()
+    jobs = list(jobs)
+    d = Dispatcher(consumer, producer, FakeApp(FakeRepository(*jobs, failure=failure)), stale_s=60.0,
+                   clock=lambda: 0.0, queue=queue, stale_jobs=lambda stale_s, limit: [j.id for j in jobs])
+    return d, producer, consumer
+
+
+# -- records it cannot handle ----------------------------------------------------------------------
+def test_the_dispatcher_parks_what_it_cannot_handle_and_dispatches_the_next_good_job():
+    good, unknown_preset, missing = queued_job(2), queued_job(1, preset="no-such-preset"), uuid.uuid4()
+    records = [Record(b"\xff definitely not an envelope", b"k", 1), Record(None, b"k", 2),
+               Record(b'{"id": "one"}', None, 3), envelope(missing), envelope(unknown_preset.id), envelope(good.id)]
+    d, producer, consumer = dispatcher(records, jobs=[good, unknown_preset])
+    assert d.step() == 2
+    assert [(t["job_id"], t["idx"]) for t in producer.tasks()] == [(str(good.id), 0), (str(good.id), 1)]
+    parked = producer.parked()
+    assert len(parked) == 5 and d.parked == 5
+    assert parked[0][0] == b"\xff definitely not an envelope" and parked[0][1]["offset"] == b"1"
+    assert b"AggregateNotFoundError" in parked[3][1]["error"] and b"no-such-preset" in parked[4][1]["error"]
+    assert consumer.commits == 1
+
+
+def test_a_database_outage_raises_and_commits_nothing():
+    d, producer, consumer = dispatcher([envelope(uuid.uuid4())], failure=OperationalError("server closed"))
+    with pytest.raises(OperationalError):
+        d.step()
+    assert consumer.commits == 0 and producer.parked() == []
+
+
+# -- the lag-aware stale sweep --------------------------------------------------------------------
+def test_the_sweep_leaves_tasks_waiting_in_the_queue_alone():
+    job = queued_job(3)
+    d, producer, _ = dispatcher([envelope(job.id)], jobs=[job], queue=FakeQueue(consumed={0: 0}))
+    d.step()
+    assert d.placements.get(str(job.id)) == Placement(0, 2)
+    assert d.sweep() == 0 and len(producer.tasks()) == 3
+
+
+def test_the_sweep_resends_once_the_gpu_group_consumed_past_without_progress():
+    job = queued_job(3)
+    job.record_result(1, "done", "o", "p", "", f"{job.id}:1", AT)
+    queue = FakeQueue(consumed={0: 0})
+    d, producer, _ = dispatcher([envelope(job.id)], jobs=[job], queue=queue)
+    d.step()
+    queue.consumed[0] = 3  # the worker consumed all three tasks, yet two items have no result
+    assert d.sweep() == 2
+    assert [t["idx"] for t in producer.tasks()[3:]] == [0, 2]
+    assert d.placements.get(str(job.id)) == Placement(0, 4)
+    assert d.sweep() == 0  # the tasks sent again wait in the queue in their turn
+
+
+def test_the_sweep_resends_tasks_the_broker_lost():
+    job = queued_job(2)
+    queue = FakeQueue(consumed={0: 0})
+    d, _, _ = dispatcher([envelope(job.id)], jobs=[job], queue=queue)
+    d.step()
+    queue.end = 1  # restarted without the acknowledged records at offsets 1 and up
+    assert d.sweep() == 2
+
+
+def test_without_a_known_placement_the_sweep_falls_back_to_the_time_rule():
+    job = queued_job(2)
+    d, _, _ = dispatcher(jobs=[job], queue=FakeQueue(consumed={}))  # dispatched before a restart
+    assert d.sweep() == 2
+
+
+def test_a_stalled_job_that_cannot_be_built_never_stops_the_sweep():
+    good, broken = queued_job(1), queued_job(1, preset="no-such-preset")
+    d, _, _ = dispatcher(jobs=[broken, good], queue=FakeQueue())
+    assert d.sweep() == 1
+
+
+def test_a_finished_job_is_forgotten():
+    job = queued_job(1)
+    d, _, _ = dispatcher([envelope(job.id)], [envelope(job.id, "JobFinished", 5)], jobs=[job], queue=FakeQueue())
+    d.step()
+    assert d.placements.get(str(job.id)) is not None
+    d.step()
+    assert d.placements.get(str(job.id)) is None
+
+
+@settings(max_examples=50, deadline=None)
+@given(ids=st.lists(st.integers(0, 30), max_size=200), budget=st.integers(0, 5000))
+def test_placements_stay_within_their_byte_budget(ids, budget):
+    placements = Placements(budget)
+    for n in ids:
+        placements.put(f"job-{n}", Placement(0, n))
+        assert len(placements) * Placements.ENTRY_BYTES <= budget
+        if budget >= Placements.ENTRY_BYTES:
+            assert placements.get(f"job-{n}") == Placement(0, n)

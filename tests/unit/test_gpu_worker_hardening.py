@@ -1,0 +1,313 @@
+"""The GPU worker's loop against small fakes (a consumer, a producer, S3 and the callback): what a
+task the worker cannot handle does, duplicates across polls, and the bounds of its caches."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from gpu_consumer import ops
+from gpu_consumer.worker import CallbackUnavailable, GpuWorker, ImagePipeline, RecentKeys, Task
+
+DLQ = "palette.gpu-jobs.dlq"
+BUCKET = "images"
+
+
+@dataclass
+class Record:
+    value: bytes | None
+    key: bytes | None = None
+    offset: int = 0
+    partition: int = 0
+    topic: str = "palette.gpu-jobs"
+
+
+class FakeConsumer:
+    """Hands out one list of records per poll, then nothing."""
+
+    def __init__(self, *polls: list[Record]) -> None:
+        self.polls = deque(polls)
+        self.commits = 0
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[Record]]:
+        return {("palette.gpu-jobs", 0): self.polls.popleft()} if self.polls else {}
+
+    def commit(self) -> None:
+        self.commits += 1
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class FakeProducer:
+    sent: list[tuple[str, bytes | None, bytes, dict[str, bytes]]] = field(default_factory=list)
+
+    def send(self, topic: str, key: bytes | None = None, value: bytes = b"",
+             headers: list[tuple[str, bytes]] | None = None) -> None:
+        self.sent.append((topic, key, value, dict(headers or [])))
+
+    def parked(self) -> list[tuple[bytes, dict[str, bytes]]]:
+        return [(value, headers) for topic, _, value, headers in self.sent if topic == DLQ]
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class FakeCallbacks:
+    reports: list[tuple[str, str, str]] = field(default_factory=list)
+    unavailable: bool = False
+
+    def report(self, task: Task, status: str, output_key: str = "", preview_key: str = "", error: str = "") -> str:
+        if self.unavailable:
+            raise CallbackUnavailable("callback answered 503")
+        self.reports.append((task.idempotency_key, status, error))
+        return "recorded"
+
+    def close(self) -> None:
+        pass
+
+
+class FakeS3:
+    """Objects in a dict; ``failing_puts`` puts raise first, as an S3 hiccup would."""
+
+    class exceptions:  # boto3's shape
+        class NoSuchKey(Exception):
+            pass
+
+        class ClientError(Exception):
+            response: dict[str, Any] = {}
+
+    def __init__(self, failing_puts: int = 0) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.failing_puts = failing_puts
+
+    def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:  # boto3's names
+        if Key not in self.objects:
+            raise self.exceptions.NoSuchKey(Key)
+        data = self.objects[Key]
+        return {"Body": io.BytesIO(data), "ContentLength": len(data)}
+
+    def put_object(self, Bucket: str, Key: str, Body: bytes, ContentType: str) -> None:
+        if self.failing_puts:
+            self.failing_puts -= 1
+            raise ConnectionResetError("connection reset by peer")
+        self.objects[Key] = Body
+
+
+def photo() -> bytes:
+    img = Image.new("RGB", (48, 32), (230, 225, 215))
+    for y in range(16, 32):
+        for x in range(48):
+            img.putpixel((x, y), (120, 80, 50))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def task(concepts: dict[str, dict[str, str]] | None = None, idx: int = 0, job_id: str | None = None) -> dict[str, Any]:
+    job_id = job_id or str(uuid.uuid4())
+    return {
+        "job_id": job_id, "user_id": str(uuid.uuid4()), "idx": idx, "preset": "interior",
+        "concepts": concepts or {"wall": {"action": "recolor", "value": "#2255cc"}}, "protect": [],
+        "input_key": f"in/{job_id}/{idx}", "output_key": f"out/{job_id}/{idx}.png",
+        "preview_key": f"out/{job_id}/{idx}.jpg", "mask_keys": {}, "idempotency_key": f"{job_id}:{idx}",
+        "attempt": 0,
+    }
+
+
+def record(t: dict[str, Any], offset: int = 0) -> Record:
+    return Record(json.dumps(t).encode(), t["job_id"].encode(), offset)
+
+
+def worker(*polls: list[Record], s3: FakeS3 | None = None, remember_bytes: int = 1 << 20,
+           ) -> tuple[GpuWorker, FakeS3, FakeProducer, FakeCallbacks, FakeConsumer]:
+    s3 = s3 or FakeS3()
+    for records in polls:
+        for r in records:
+            try:
+                t = json.loads(r.value or b"null")
+            except ValueError:
+                continue
+            if isinstance(t, dict) and isinstance(t.get("input_key"), str):
+                s3.objects[t["input_key"]] = photo()
+    consumer, producer, callbacks = FakeConsumer(*polls), FakeProducer(), FakeCallbacks()
+    pipeline = ImagePipeline(s3, BUCKET, torch.device("cpu"))
+    w = GpuWorker(consumer, producer, pipeline, callbacks, io_threads=2, backoff_s=0.0,
+                  remember_bytes=remember_bytes)
+    return w, s3, producer, callbacks, consumer
+
+
+# -- bad input: failed at once, parked, never retried ------------------------------------------
+@pytest.mark.parametrize(("edit", "reason"), [
+    ({"action": "recolor", "value": "#5b7f95\n"}, "#rrggbb"),
+    ({"action": "texture", "value": "velvet"}, "unknown texture"),
+    ({"action": "tone", "value": "sepia"}, "unknown tone"),
+    ({"action": "melt", "value": ""}, "unknown action"),
+])
+def test_an_edit_the_ops_refuse_fails_its_item_at_once_and_parks_the_task(edit, reason):
+    t = task({"wall": edit})
+    w, s3, producer, callbacks, consumer = worker([record(t)])
+    try:
+        w.step()
+    finally:
+        w.close()
+    assert len(callbacks.reports) == 1
+    key, status, error = callbacks.reports[0]
+    assert (key, status) == (t["idempotency_key"], "failed") and reason in error
+    assert w.stats["retried"] == 0 and w.stats["dlq"] == 1
+    [(value, headers)] = producer.parked()
+    assert json.loads(value)["idempotency_key"] == t["idempotency_key"] and reason in headers["error"].decode()
+    assert t["output_key"] not in s3.objects and consumer.commits == 1
+
+
+def test_a_transient_fault_is_still_retried_then_succeeds():
+    t = task()
+    w, _, producer, callbacks, _ = worker([record(t)], s3=FakeS3(failing_puts=1))
+    try:
+        w.step()
+    finally:
+        w.close()
+    assert callbacks.reports == [(t["idempotency_key"], "done", "")]
+    assert w.stats["retried"] == 1 and producer.parked() == []
+
+
+def test_a_persistent_fault_is_parked_after_three_attempts():
+    t = task()
+    w, _, producer, callbacks, _ = worker([record(t)], s3=FakeS3(failing_puts=1000))
+    try:
+        w.step()
+    finally:
+        w.close()
+    [(_, status, error)] = callbacks.reports
+    assert status == "failed" and "after 3 attempts" in error and "ConnectionResetError" in error
+    assert w.stats["retried"] == 2 and len(producer.parked()) == 1
+
+
+# -- malformed tasks: parked, reported when they name an item, never a crash ------------------
+def _malformed() -> list[tuple[bytes | None, bool]]:
+    """(value, whether it names a job and an index to report failed)."""
+    good = task()
+    cases: list[tuple[bytes | None, bool]] = [
+        (b"definitely not json", False), (b"[1, 2]", False), (b"null", False), (None, False),
+        (json.dumps({**good, "job_id": "../../users/me"}).encode(), False),
+        (json.dumps({**good, "idx": "1"}).encode(), False),
+        (json.dumps({**good, "idx": True}).encode(), False),
+    ]
+    for name, value in [("concepts", ["wall"]), ("concepts", {"wall": "recolor"}),
+                        ("concepts", {"wall": {"action": 7}}), ("protect", "sofa"), ("mask_keys", None),
+                        ("input_key", 12), ("attempt", "x")]:
+        cases.append((json.dumps({**task(), name: value}).encode(), True))
+    bare = task()
+    del bare["output_key"]
+    cases.append((json.dumps(bare).encode(), True))
+    return cases
+
+
+@pytest.mark.parametrize(("value", "names_an_item"), _malformed())
+def test_a_malformed_task_is_parked_and_the_next_task_still_runs(value, names_an_item):
+    good = task()
+    w, _, producer, callbacks, consumer = worker([Record(value, b"k", 7), record(good, 8)])
+    try:
+        w.step()
+    finally:
+        w.close()
+    assert len(producer.parked()) == 1 and w.stats["retried"] == 0
+    failed = [r for r in callbacks.reports if r[1] == "failed"]
+    assert len(failed) == (1 if names_an_item else 0)
+    if names_an_item:
+        assert "malformed task" in failed[0][2]
+    assert (good["idempotency_key"], "done", "") in callbacks.reports
+    assert consumer.commits == 1
+
+
+def test_an_unacknowledged_result_leaves_the_offset_uncommitted():
+    w, _, _, callbacks, consumer = worker([record(task({"wall": {"action": "melt"}}))])
+    callbacks.unavailable = True
+    try:
+        with pytest.raises(CallbackUnavailable):
+            w.step()
+    finally:
+        w.close()
+    assert consumer.commits == 0
+
+
+# -- duplicates across polls ----------------------------------------------------------------------
+def test_a_task_seen_again_in_a_later_poll_is_skipped():
+    t = task()
+    w, _, _, callbacks, consumer = worker([record(t, 1)], [record(t, 2)], [record(task(), 3)])
+    try:
+        for _ in range(3):
+            w.step()
+    finally:
+        w.close()
+    assert [r for r in callbacks.reports if r[0] == t["idempotency_key"]] == [(t["idempotency_key"], "done", "")]
+    assert w.stats["skipped"] == 1 and w.stats["done"] == 2 and consumer.commits == 3
+
+
+def test_a_task_is_processed_again_once_its_key_was_forgotten():
+    """The memory is bounded: beyond it a duplicate costs a recomputation, recorded once by the API."""
+    first, others = task(), [task() for _ in range(3)]
+    budget = 2 * (len(first["idempotency_key"]) + RecentKeys.ENTRY_OVERHEAD)  # two keys
+    w, _, _, callbacks, _ = worker([record(first)], [record(t) for t in others], [record(first)],
+                                   remember_bytes=budget)
+    try:
+        for _ in range(3):
+            w.step()
+    finally:
+        w.close()
+    assert [r[0] for r in callbacks.reports].count(first["idempotency_key"]) == 2
+    assert len(w.finished) == 2 and w.finished.nbytes <= budget
+
+
+@settings(max_examples=50, deadline=None)
+@given(keys=st.lists(st.text(max_size=60), max_size=80), budget=st.integers(0, 2000))
+def test_remembered_keys_stay_within_their_byte_budget(keys, budget):
+    recent = RecentKeys(budget)
+    for key in keys:
+        recent.add(key)
+        assert recent.nbytes <= budget
+        assert recent.nbytes == sum(len(k) + RecentKeys.ENTRY_OVERHEAD for k in recent._keys)
+        if len(key) + RecentKeys.ENTRY_OVERHEAD <= budget:
+            assert key in recent  # the newest key is always kept
+
+
+# -- the texture cache ------------------------------------------------------------------------
+def test_the_texture_cache_stays_within_its_byte_budget_over_many_image_sizes():
+    budget = 64 * 1024
+    pipeline = ImagePipeline(FakeS3(), BUCKET, torch.device("cpu"), texture_cache_bytes=budget)
+    edits = {"floor": {"action": "texture", "value": "wood"}}
+    for size in range(16, 64, 2):
+        image = torch.rand(1, 3, size, size + 3)
+        ops.apply_edits(image, {"floor": torch.ones(1, 1, size, size + 3)}, edits, None, pipeline.texture_cache)
+        held = sum(t.element_size() * t.nelement() for t in pipeline.texture_cache._entries.values())
+        assert held <= budget and held == pipeline.texture_cache.nbytes
+    assert len(pipeline.texture_cache) >= 1
+
+
+@settings(max_examples=50, deadline=None)
+@given(sizes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 40)), max_size=40),
+       budget=st.integers(0, 40_000))
+def test_the_texture_cache_keeps_the_most_recent_textures_that_fit(sizes, budget):
+    cache = ops.TextureCache(budget)
+    for h, w in sizes:
+        tex = torch.zeros(3, h, w)
+        cache.put(("wood", h, w, "cpu"), tex)
+        assert cache.nbytes <= budget
+        assert cache.nbytes == sum(cache.size_of(t) for t in cache._entries.values())
+        fits = cache.size_of(tex) <= budget
+        assert (cache.get(("wood", h, w, "cpu")) is tex) == fits  # an entry over the budget is not kept
