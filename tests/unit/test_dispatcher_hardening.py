@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,33 +21,10 @@ from hypothesis import strategies as st
 from adapters.dispatcher import DLQ_TOPIC, Dispatcher, Placement, Placements
 from adapters.kafka_io import GPU_TOPIC
 from domain.job import Job
+from tests.unit.broker_fakes import FakeConsumer, Record
 
 AT = datetime(2025, 1, 1, tzinfo=UTC)
 EDITS = {"wall": {"action": "recolor", "value": "#2255cc"}}
-
-
-@dataclass
-class Record:
-    value: bytes | None
-    key: bytes | None = None
-    offset: int = 0
-    partition: int = 0
-    topic: str = "palette.events"
-
-
-class FakeConsumer:
-    def __init__(self, *polls: list[Record]) -> None:
-        self.polls = deque(polls)
-        self.commits = 0
-
-    def poll(self, timeout_ms: int = 0) -> dict[Any, list[Record]]:
-        return {("palette.events", 0): self.polls.popleft()} if self.polls else {}
-
-    def commit(self) -> None:
-        self.commits += 1
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass

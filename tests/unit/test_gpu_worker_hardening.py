@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,35 +17,10 @@ from PIL import Image
 
 from gpu_consumer import ops
 from gpu_consumer.worker import CallbackUnavailable, GpuWorker, ImagePipeline, RecentKeys, Task
+from tests.unit.broker_fakes import FakeConsumer, Record
 
 DLQ = "palette.gpu-jobs.dlq"
 BUCKET = "images"
-
-
-@dataclass
-class Record:
-    value: bytes | None
-    key: bytes | None = None
-    offset: int = 0
-    partition: int = 0
-    topic: str = "palette.gpu-jobs"
-
-
-class FakeConsumer:
-    """Hands out one list of records per poll, then nothing."""
-
-    def __init__(self, *polls: list[Record]) -> None:
-        self.polls = deque(polls)
-        self.commits = 0
-
-    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[Record]]:
-        return {("palette.gpu-jobs", 0): self.polls.popleft()} if self.polls else {}
-
-    def commit(self) -> None:
-        self.commits += 1
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
