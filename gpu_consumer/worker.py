@@ -38,6 +38,7 @@ import torch
 from adapters.kafka_io import ConsumerLoop
 from adapters.tokens import sign_callback
 from application.keys import callback_key
+from domain.text import escaped
 from gpu_consumer import ops
 from gpu_consumer.codec import BadInput, check_size, decode, decode_mask, encode_png, encode_preview
 from gpu_consumer.segment import PriorClusterSegmenter, Segmenter
@@ -196,14 +197,6 @@ class Task:
                    raw=data), data
 
 
-def printable(text: str) -> str:
-    """Text the API accepts as an item's error: an exception may quote the bad input itself, so
-    anything but printable characters, tabs and newlines is escaped."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() or ch in "\t\n" else ascii(ch)[1:-1] for ch in text)
-
-
 class CallbackClient:
     """Reports item results to the API, signed with HMAC over timestamp + body."""
 
@@ -216,7 +209,7 @@ class CallbackClient:
         if status == "done":
             body |= {"output_key": output_key, "preview_key": preview_key}
         else:
-            body["error"] = printable(error)[:2000]
+            body["error"] = escaped(error)[:2000]  # it may quote the bad input
         raw = json.dumps(body).encode()
         ts = int(time.time())
         nonce = secrets.token_hex(8)  # every request signs differently: the API takes a signature once

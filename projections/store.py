@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 
 from adapters.envelope import EventEnvelope, encode
+from domain.text import escaped
 from projections import batch
 from projections.read_models import (
     LEDGER_COLUMNS,
@@ -219,8 +220,7 @@ def _blocked(conn: psycopg.Connection[Any], model: ReadModel, streams: set[UUID]
 def storable(text: str, limit: int = 2000) -> str:
     """``text`` as PostgreSQL can store it: no NUL, no lone surrogates (an error message may quote
     the very value that failed)."""
-    clean = text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
-    return clean.replace("\x00", "\\x00")
+    return escaped(text[:limit])
 
 
 def describe(exc: BaseException) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from adapters.api.text import refused_character
+from domain.text import escaped
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -48,10 +48,7 @@ def ok(data: Any, status: int = 200) -> JSONResponse:
 def _shown(message: str, limit: int = 500) -> str:
     """A message as it can be sent: it may quote the refused input (a lone surrogate cannot
     even be encoded as UTF-8), so what is not readable text is escaped."""
-    message = message[:limit]
-    if refused_character(message) is None:
-        return message
-    return message.encode("ascii", "backslashreplace").decode("ascii")
+    return escaped(message[:limit])
 
 
 def fail(code: str, message: str, status: int | None = None, details: dict[str, Any] | None = None,

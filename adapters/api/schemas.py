@@ -8,7 +8,7 @@ from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from adapters.api.text import storable_text
+from domain.text import storable_text
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""What text the API accepts: what PostgreSQL can store and a person can read."""
+"""What text Palette accepts and stores: what PostgreSQL can store and a person can read."""
 
 from __future__ import annotations
 
@@ -31,3 +31,11 @@ def storable_text(value: str) -> str:
     if bad is not None:
         raise ValueError(f"contains a character that is not allowed ({bad})")
     return value
+
+
+def escaped(text: str) -> str:
+    """``text`` with every refused character written as its escape (``\\x00``, ``\\ud800``):
+    messages that quote bad input can then be stored, logged and sent."""
+    if refused_character(text) is None:
+        return text
+    return "".join(ch if refused_character(ch) is None else ascii(ch)[1:-1] for ch in text)
