@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from psycopg_pool import ConnectionPool
 
 from adapters.api.consistency import LastWrites
-from adapters.s3 import s3_client
+from adapters.pg_streams import pg_stream_loader
 from adapters.settings import Settings
 from adapters.system import RandomIds, SystemClock
 from application.device_keys import HmacDeviceKeyer
+from application.executors import DirectExecutor, GroupCommitter
 from application.services import PaletteApplication, PaletteService
-from application.unit_of_work import DirectExecutor, GroupCommitter
-from projections.store import ensure_schema
+from domain.contracts import topics
+from infra.s3 import s3_client
+from infra.stack import EmbeddedStack
+from projections.schema import ensure_schema
 
 
-def event_store_env(settings: Settings, pool_size: int = 8, cache: bool = True, schema: str = "") -> dict[str, str]:
+def event_store_env(settings: Settings, pool_size: int = 8, schema: str = "") -> dict[str, str]:
     """eventsourcing's PostgreSQL settings from PALETTE_DATABASE_URL (``schema`` must exist)."""
     url = urlsplit(settings.effective_database_url)
     env = {
@@ -36,14 +40,12 @@ def event_store_env(settings: Settings, pool_size: int = 8, cache: bool = True, 
         "POSTGRES_PRE_PING": "n",
         "POSTGRES_LOCK_TIMEOUT": "5",
     }
-    if not cache:
-        env["AGGREGATE_CACHE_MAXSIZE"] = ""
     if schema:
         env["POSTGRES_SCHEMA"] = schema
     return env
 
 
-def open_event_store(settings: Settings, pool_size: int = 8, cache: bool = True) -> PaletteApplication:
+def open_event_store(settings: Settings, pool_size: int = 8) -> PaletteApplication:
     """The event store application. Processes that start together each create the tables if
     missing; concurrent DDL on PostgreSQL's catalog can fail with "tuple concurrently updated",
     which a short retry settles (the other process has created them by then)."""
@@ -53,7 +55,7 @@ def open_event_store(settings: Settings, pool_size: int = 8, cache: bool = True)
 
     for attempt in range(5):
         try:
-            return PaletteApplication(env=event_store_env(settings, pool_size=pool_size, cache=cache))
+            return PaletteApplication(env=event_store_env(settings, pool_size=pool_size))
         except InternalError:
             if attempt == 4:
                 raise
@@ -98,14 +100,23 @@ class Container:
         self.app.close()
 
 
+def executor(app: PaletteApplication, kind: Literal["group", "direct"] = "group") -> GroupCommitter | DirectExecutor:
+    """The command executor of ``kind`` on ``app``: "group" (group commit, the process's one
+    aggregate cache, new events of a batch's streams in one query on PostgreSQL) or "direct" (one
+    load-decide-save per command, no cache)."""
+    if kind == "direct":
+        return DirectExecutor(app)
+    return GroupCommitter(app, pg_stream_loader(app)).start()
+
+
 def build(settings: Settings, *, naive: bool = False, pool_size: int = 8) -> Container:
     """``naive`` builds the baseline path: no cache, one save per command."""
-    app = open_event_store(settings, pool_size=pool_size, cache=not naive)
+    app = open_event_store(settings, pool_size=pool_size)
     s3 = s3_client(settings)
-    committer = None if naive else GroupCommitter(app).start()
-    executor = DirectExecutor(app) if committer is None else committer
+    runs = executor(app, "direct" if naive else "group")
+    committer = runs if isinstance(runs, GroupCommitter) else None
     service = PaletteService(
-        app, executor, SystemClock(), RandomIds(), store=S3ObjectStore(s3, settings.s3_bucket),
+        app, runs, SystemClock(), RandomIds(), store=S3ObjectStore(s3, settings.s3_bucket),
         device_keys=HmacDeviceKeyer(settings.device_key_secret),
     )
     read_pool = ConnectionPool(settings.effective_database_url, min_size=1, max_size=pool_size,
@@ -115,11 +126,29 @@ def build(settings: Settings, *, naive: bool = False, pool_size: int = 8) -> Con
     return Container(settings, app, service, committer, s3, read_pool, LastWrites())
 
 
+def prepare_schemas(settings: Settings) -> None:
+    """Every table, once: the event store's, the read models' and the API's."""
+    import psycopg
+
+    from adapters.api.idempotency import ensure_schema as ensure_api_schema
+
+    PaletteApplication(env=event_store_env(settings, pool_size=1)).close()
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        ensure_schema(conn)
+        ensure_api_schema(conn)
+
+
+def embedded_stack(settings: Settings, echo: IO[str] | None = None) -> EmbeddedStack[Settings]:
+    """The embedded stack, handed its topics, the schema step and the command of each process."""
+    return EmbeddedStack(settings, topics=topics.ALL, prepare=lambda: prepare_schemas(settings),
+                         app_argv=[sys.executable, "-m", "adapters.cli", "serve"], echo=echo)
+
+
 def build_relay(settings: Settings) -> Any:
     from adapters import kafka_io
     from adapters.relay import PgPositions, Relay
 
-    app = open_event_store(settings, pool_size=2, cache=False)
+    app = open_event_store(settings, pool_size=2)
     return Relay(app, kafka_io.producer(settings, linger_ms=5), PgPositions.connect(settings.effective_database_url))
 
 
@@ -129,9 +158,9 @@ def build_projector(settings: Settings) -> Any:
     from adapters.relay import RELAY_NAME, PgPositions
     from projections.log import LogReader
 
-    app = open_event_store(settings, pool_size=1, cache=False)
+    app = open_event_store(settings, pool_size=1)
     relay_positions = PgPositions.connect(settings.effective_database_url)
-    return Projector(kafka_io.consumer(settings, GROUP, kafka_io.EVENTS_TOPIC),
+    return Projector(kafka_io.consumer(settings, GROUP, topics.EVENTS),
                      PgReadStore(settings.effective_database_url),
                      LogReader.of(app),
                      published=lambda: relay_positions.get(RELAY_NAME),
@@ -140,13 +169,10 @@ def build_projector(settings: Settings) -> Any:
 
 def build_dispatcher(settings: Settings) -> Any:
     from adapters import kafka_io
-    from adapters.dispatcher import DLQ_TOPIC, GROUP, Dispatcher, KafkaTaskQueue
-    from adapters.kafka_admin import ensure_topics
-
+    from adapters.dispatcher import GROUP, Dispatcher, KafkaTaskQueue
     bootstrap = settings.effective_kafka_bootstrap
-    ensure_topics(bootstrap, [DLQ_TOPIC], settings.kafka_partitions)
-    app = open_event_store(settings, pool_size=2, cache=False)
-    return Dispatcher(kafka_io.consumer(settings, GROUP, kafka_io.EVENTS_TOPIC, fetch_max_wait_ms=100),
+    app = open_event_store(settings, pool_size=2)
+    return Dispatcher(kafka_io.consumer(settings, GROUP, topics.EVENTS, fetch_max_wait_ms=100),
                       kafka_io.producer(settings), app, settings.effective_database_url,
                       stale_s=settings.dispatch_stale_s, queue=KafkaTaskQueue.connect(bootstrap))
 
@@ -186,7 +212,7 @@ def build_gpu_worker(settings: Settings) -> Any:
     pipeline = ImagePipeline(s3_client(settings, max_pool=16), settings.s3_bucket, device,
                              texture_cache_bytes=settings.texture_cache_bytes)
     callbacks = CallbackClient(settings.api_url, settings.callback_secret)
-    return GpuWorker(kafka_io.consumer(settings, GROUP, kafka_io.GPU_TOPIC, max_poll_records=16,
+    return GpuWorker(kafka_io.consumer(settings, GROUP, topics.GPU_TASKS, max_poll_records=16,
                                      fetch_max_wait_ms=200),
                      kafka_io.producer(settings), pipeline, callbacks, canceled_lookup=canceled,
                      compute_threads=compute_threads_for(device), remember_bytes=settings.worker_remember_bytes)

@@ -33,10 +33,10 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from infra.stack import EmbeddedStack
+    from adapters.bootstrap import embedded_stack
 
     settings = load_settings()
-    stack = EmbeddedStack(settings, echo=sys.stdout)
+    stack = embedded_stack(settings, echo=sys.stdout)
     stopping = False
 
     def _stop(signum: int, _frame: object) -> None:
@@ -86,13 +86,16 @@ def _serve_loop(worker: object, ready_file: str | None) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from adapters import bootstrap
 
+    if args.naive and args.process != "api":
+        print("palette serve: --naive applies to the api only", file=sys.stderr)
+        return 2
     settings = load_settings()
     if args.process == "api":
         import uvicorn
 
         from adapters.api.app import create_asgi
 
-        container = bootstrap.build(settings, naive=settings.command_path == "naive", pool_size=16)
+        container = bootstrap.build(settings, naive=args.naive, pool_size=16)
         try:
             # Keep-alive longer than clients and proxies keep idle connections (uvicorn's 5 s
             # default races clients that reuse a connection just as the server closes it).
@@ -115,14 +118,14 @@ def _event_store(settings: object) -> object:
     from adapters.bootstrap import event_store_env
     from application.services import PaletteApplication
 
-    return PaletteApplication(env=event_store_env(settings, pool_size=2, cache=False))  # type: ignore[arg-type]
+    return PaletteApplication(env=event_store_env(settings, pool_size=2))  # type: ignore[arg-type]
 
 
 def _cmd_projections(args: argparse.Namespace) -> int:
     import psycopg
 
     from projections import rebuild as rebuilding
-    from projections import store
+    from projections import schema, store
 
     settings = load_settings()
     app = _event_store(settings)
@@ -145,7 +148,7 @@ def _cmd_projections(args: argparse.Namespace) -> int:
                   + (f", {report.failed_streams} stream(s) held by a failing event" if report.failed_streams else ""))
         elif args.action == "dlq":
             with psycopg.connect(url, autocommit=True) as conn:
-                store.ensure_schema(conn)
+                schema.ensure_schema(conn)
                 if args.dlq_action == "list":
                     letters = store.dead_letters(conn)
                     if not letters:
@@ -170,13 +173,13 @@ def _projection_status(app: object, url: str) -> str:
 
     import psycopg
 
-    from adapters.envelope import from_notification
-    from projections import store
-    from projections.read_models import READ_MODELS
+    from domain.contracts.envelope import from_notification
+    from projections import schema, store
+    from projections.models import READ_MODELS
 
     head = app.recorder.max_notification_id() or 0  # type: ignore[attr-defined]
     with psycopg.connect(url, autocommit=True) as conn:
-        store.ensure_schema(conn)
+        schema.ensure_schema(conn)
         positions: dict[str, int] = dict(conn.execute("SELECT model, position FROM palette_read.positions").fetchall())
         relay = conn.execute("SELECT position FROM palette_relay.positions WHERE name = 'palette.events'"
                              ).fetchone() if conn.execute("SELECT to_regclass('palette_relay.positions')"
@@ -284,11 +287,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     import psycopg
 
-    from projections import audit, store
+    from projections import audit, schema
 
     settings = load_settings()
     with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
-        store.ensure_schema(conn)
+        schema.ensure_schema(conn)
         if args.action == "ledger":
             rows = audit.ledger(conn, args.user, args.since, args.until)
             print(f"{'seq':>5} {'occurred_at':<33}{'type':<8}{'amount':>8}{'delta':>8}{'balance':>9}  ref")
@@ -329,7 +332,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                 app.close()  # type: ignore[attr-defined]
             for d in report.differences:
                 print(f"DIFF {d}")
-            verdict = "OK" if report.ok else f"{len(report.differences)} difference(s)"
+            verdict = "OK" if report.ok else (f"{len(report.differences)} difference(s), of which "
+                                              f"{len(report.balance_mismatches)} ledger/aggregate balance mismatch(es)")
             print(f"reconciled {report.events:,} user events (of {log_size:,} in the log; folded up to "
                   f"position {report.position:,} at least), "
                   f"{report.ledger_rows:,} ledger rows, {report.users:,} users "
@@ -360,6 +364,28 @@ def _duration(value: str) -> int:
     return seconds
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """The harness is no part of the installed packages: it is imported from tests/bench."""
+    import importlib
+    from pathlib import Path
+
+    # A console script's sys.path starts with its own directory, not the working directory
+    # (`python -m` would put it first): from a checkout's root, tests/ becomes importable.
+    root = Path.cwd()
+    if (root / "tests" / "bench" / "__init__.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        bench = importlib.import_module("tests.bench")
+    except ModuleNotFoundError as e:
+        if e.name not in ("tests", "tests.bench"):
+            print(f"palette bench: {e} (the benchmark needs the dev extras: pip install -e '.[dev]')",
+                  file=sys.stderr)
+            return 2
+        print("palette bench runs from a source checkout: tests/bench is not importable here", file=sys.stderr)
+        return 2
+    return int(bench.main(args.quick, args.json_path, args.plot_path, args.audit_events))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="palette", description="Palette: event-sourced photo-editing backend.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -378,6 +404,9 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one application process (what `palette up` runs)")
     serve.add_argument("process", choices=APP_PROCESSES)
     serve.add_argument("--ready-file", help="touch this file once the process is ready (used by `palette up`)")
+    serve.add_argument("--naive", action="store_true",
+                       help="api only: serve commands with one load-decide-save each and no cache "
+                            "(the benchmark's baseline, started by `palette bench`)")
     serve.set_defaults(func=_cmd_serve)
     proj = sub.add_parser("projections", help="read models: status, rebuild, dead letters")
     proj_sub = proj.add_subparsers(dest="action", required=True)
@@ -429,14 +458,17 @@ def parser() -> argparse.ArgumentParser:
     asub.add_parser("verify", help="recompute the per-user hash chains (exit 1 at a break)")
     aud.set_defaults(func=_cmd_audit)
 
-    bench = sub.add_parser("bench", help="measure every performance goal against a naive baseline")
+    bench = sub.add_parser("bench", help="measure every performance goal against a naive baseline "
+                           "(from a source checkout: runs tests/bench)",
+                           description="Starts its own embedded stack on free ports and measures every performance "
+                           "goal next to a naive baseline. The harness is tests/bench: run it from the root of a "
+                           "source checkout.")
     bench.add_argument("--quick", action="store_true", help="the short profile (under 3 minutes)")
     bench.add_argument("--json", dest="json_path", help="write the results as JSON here")
     bench.add_argument("--plot", dest="plot_path", help="write a PNG chart of measured/goal here")
     bench.add_argument("--audit-events", type=int, metavar="N",
                        help="instead: write a log of about N events, then time `audit reconcile` and replay over it")
-    bench.set_defaults(func=lambda a: __import__("adapters.bench", fromlist=["main"]).main(
-        a.quick, a.json_path, a.plot_path, a.audit_events))
+    bench.set_defaults(func=_cmd_bench)
 
     tok = sub.add_parser("token", help="mint an analyst or auditor token from the server secret")
     tok.add_argument("--role", choices=("analyst", "auditor"), required=True)

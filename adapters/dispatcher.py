@@ -34,16 +34,18 @@ import psycopg
 from eventsourcing.persistence import ConnectionPoolClosedError, PersistenceError
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
-from adapters.envelope import decode
-from adapters.kafka_io import GPU_TOPIC, ConsumerLoop
-from application.keys import callback_key, input_key, mask_key, output_key, preview_key
+from domain.contracts import topics
+from domain.contracts.envelope import decode
+from domain.contracts.gpu_task import tasks_for as build_tasks
+from domain.contracts.loop import ConsumerLoop
 from domain.job import Job
 from domain.presets import PRESETS
 
 log = logging.getLogger("palette.dispatcher")
-GROUP = "palette-dispatcher"
-GPU_GROUP = "palette-gpu"  # the GPU worker's consumer group: its committed offsets say what it consumed
-DLQ_TOPIC = "palette.events.dispatcher-dlq"
+GROUP = topics.DISPATCHER_GROUP
+GPU_GROUP = topics.GPU_GROUP
+GPU_TOPIC = topics.GPU_TASKS
+DLQ_TOPIC = topics.DISPATCHER_DLQ
 # Errors of the database or the broker: the record is fine, the process restarts and reads it again.
 TRANSIENT: tuple[type[BaseException], ...] = (PersistenceError, ConnectionPoolClosedError, psycopg.Error,
                                               KafkaError, OSError)
@@ -51,17 +53,9 @@ PLACEMENTS_BYTES = 16 * 1024 * 1024
 
 
 def tasks_for(job: Job) -> list[dict[str, Any]]:
-    """The GPU tasks of a queued job: everything the worker needs, no lookups."""
-    user_id, job_id = job.user_id, UUID(str(job.id))
-    concepts = list(PRESETS[job.preset].concepts)
-    return [{
-        "job_id": str(job_id), "user_id": str(user_id), "idx": idx, "preset": job.preset,
-        "concepts": job.concepts, "protect": job.protect,
-        "input_key": input_key(user_id, job_id, idx), "output_key": output_key(user_id, job_id, idx),
-        "preview_key": preview_key(user_id, job_id, idx),
-        "mask_keys": {c: mask_key(user_id, job_id, idx, c) for c in concepts},
-        "idempotency_key": callback_key(job_id, idx), "attempt": 0,
-    } for idx in range(job.item_count)]
+    """The GPU tasks of a queued job (a mask key for every concept of its preset)."""
+    return build_tasks(job.user_id, UUID(str(job.id)), job.item_count, job.concepts, job.protect,
+                       PRESETS[job.preset].concepts)
 
 
 @dataclass(frozen=True)

@@ -3,35 +3,11 @@
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 from adapters.settings import Settings
 
-EVENTS_TOPIC = "palette.events"
-GPU_TOPIC = "palette.gpu-jobs"
-GPU_DLQ_TOPIC = "palette.gpu-jobs.dlq"
-
 logging.getLogger("kafka").setLevel(logging.WARNING)
-
-
-class ConsumerLoop:
-    """A consumer process's loop: ``step()`` handles one poll; subclasses set ``consumer``."""
-
-    consumer: Any
-
-    def step(self) -> int:
-        raise NotImplementedError
-
-    def warm_up(self, stop: threading.Event) -> None:
-        """Join the consumer group: poll until partitions are assigned (the readiness signal)."""
-        while not stop.is_set() and not self.consumer.assignment():
-            self.step()
-
-    def run(self, stop: threading.Event) -> None:
-        """Until SIGTERM: the poll in flight is finished before the loop ends."""
-        while not stop.is_set():
-            self.step()
 
 
 def producer(settings: Settings, linger_ms: int = 5, batch_size: int = 256 * 1024) -> Any:

@@ -16,14 +16,16 @@ from typing import Any, Protocol
 
 import psycopg
 
-from adapters.envelope import EventEnvelope, decode
-from adapters.kafka_io import ConsumerLoop
 from adapters.relay import PgPositions
+from domain.contracts import topics
+from domain.contracts.envelope import EventEnvelope, decode
+from domain.contracts.loop import ConsumerLoop
 from projections.log import LogReader
-from projections.store import BatchResult, Fill, apply_isolating, ensure_schema
+from projections.schema import ensure_schema
+from projections.store import BatchResult, Fill, apply_isolating
 
 log = logging.getLogger("palette.projector")
-GROUP = "palette-projections"
+GROUP = topics.PROJECTOR_GROUP
 SWEEP = "sweep"  # the read store's position row for the sweep
 SWEEP_PAGE = 2000
 

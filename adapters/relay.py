@@ -15,8 +15,8 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import sql
 
-from adapters.envelope import EventEnvelope, encode_notification, from_notification
-from adapters.kafka_io import EVENTS_TOPIC
+from domain.contracts.envelope import EventEnvelope, encode_notification, from_notification
+from domain.contracts.topics import EVENTS as EVENTS_TOPIC
 
 log = logging.getLogger("palette.relay")
 RELAY_NAME = "palette.events"

@@ -62,8 +62,6 @@ class Settings(BaseSettings):
     rate_callbacks_burst: int = Field(400, ge=1)
     projector_sweep_s: float = Field(30.0, gt=0)  # how often the projector trues up against the log
     dispatch_stale_s: float = Field(600.0, gt=0)  # a job without progress this long is dispatched again
-    # "naive" serves commands with one load-decide-save each, no cache: the benchmark's baseline.
-    command_path: Literal["group", "naive"] = "group"
     pg_fsync: bool = True
     idempotency_ttl_s: float = Field(24 * 3600.0, gt=0)  # an Idempotency-Key is forgotten this long after its claim
     sse_streams_per_user: int = Field(4, ge=1)  # concurrent GET /jobs/{id}/events per user (per API process)

@@ -1,9 +1,7 @@
-"""JWTs for clients (HS256 pinned in code) and HMAC signatures for GPU callbacks."""
+"""JWTs for clients (HS256 pinned in code). The GPU callback's HMAC is in ``domain.contracts.callback``."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from datetime import datetime, timedelta
 from uuid import UUID
 
@@ -11,7 +9,6 @@ import jwt
 
 ALGORITHM = "HS256"  # pinned: the header's alg is never trusted
 LEEWAY_S = 10
-CALLBACK_WINDOW_S = 300
 
 
 class TokenInvalid(Exception):
@@ -44,35 +41,3 @@ class TokenIssuer:
             return UUID(str(claims["sub"])), str(claims.get("role", "client"))
         except (jwt.PyJWTError, ValueError) as e:
             raise TokenInvalid(type(e).__name__) from None
-
-
-def sign_callback(secret: str, timestamp: int, job_id: str, body: bytes, nonce: str = "") -> str:
-    """HMAC-SHA256 over ``timestamp.nonce.job_id.body``: good for one job's URL only, and (with a
-    fresh nonce per request) unique, so the API can accept each signature once."""
-    mac = hmac.new(secret.encode(), f"{timestamp}.{nonce}.{job_id}.".encode() + body, hashlib.sha256)
-    return "sha256=" + mac.hexdigest()
-
-
-def verify_callback(
-    secret: str, now: int, job_id: str, body: bytes, *, shared_secret: str | None = None,
-    timestamp: str | None = None, signature: str | None = None, nonce: str | None = None,
-    allow_shared_secret: bool = True,
-) -> bool:
-    """Accept a valid HMAC signature inside the window, or (when allowed, and only when no
-    signature is offered) the shared secret, compared in constant time."""
-    if signature is not None or timestamp is not None:
-        # A signature offered is the whole proof: a wrong or partial one is refused, never
-        # excused by a shared secret riding along with it.
-        if signature is None or timestamp is None:
-            return False
-        try:
-            ts = int(timestamp)
-        except ValueError:
-            return False
-        if abs(now - ts) > CALLBACK_WINDOW_S:
-            return False
-        return hmac.compare_digest(sign_callback(secret, ts, job_id, body, nonce or "").encode(),
-                                   signature.encode())
-    if allow_shared_secret and shared_secret is not None:
-        return hmac.compare_digest(shared_secret.encode(), secret.encode())
-    return False

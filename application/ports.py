@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 from uuid import UUID
+
+from eventsourcing.persistence import StoredEvent
 
 
 class Clock(Protocol):
@@ -21,4 +23,11 @@ class IdGenerator(Protocol):
 class ObjectStore(Protocol):
     def missing(self, keys: Sequence[str]) -> list[str]:
         """The keys among ``keys`` that do not exist in the store."""
+        ...
+
+
+class StreamLoader(Protocol):
+    def newer_than(self, versions: Mapping[UUID, int]) -> list[StoredEvent]:
+        """The stored events of each stream in ``versions`` past the version given for it (0: the
+        whole stream), each stream's in version order; a stream with none contributes nothing."""
         ...

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import Application
 
 from application.device_keys import DeviceKeyer, HmacDeviceKeyer
-from application.keys import input_key
 from application.ports import Clock, IdGenerator, ObjectStore
 from application.unit_of_work import CommandExecutor, Committed, UnitOfWork, touches
+from domain.contracts.keys import input_key
 from domain.errors import NotFound, ValidationFailed
 from domain.job import MAX_ITEMS, Job, RecordedResult
 from domain.plans import DEFAULT_PLANS, Plan
@@ -27,12 +28,9 @@ MAX_DEVICE_HASH = 200
 class PaletteApplication(Application[UUID]):
     """The event store: User, Job and Rule streams in one PostgreSQL events table."""
 
+    # No eventsourcing aggregate cache: the process's one cache is the group committer's
+    # (application.executors.WriterCache), which reads go through too (PaletteService._read).
     name = "palette"
-    env = {
-        # The cache keeps hot aggregates; fast-forward keeps them current across processes.
-        "AGGREGATE_CACHE_MAXSIZE": "10000",
-        "AGGREGATE_CACHE_FASTFORWARD": "y",
-    }
 
 
 class InputsMissing(ValidationFailed):
@@ -138,20 +136,11 @@ class PaletteService:
         get_preset(preset)
         if not isinstance(item_count, int) or not 1 <= item_count <= MAX_ITEMS:
             raise ValidationFailed(f"item_count must be between 1 and {MAX_ITEMS}")
-        chosen = job_id is not None
-        job_id = job_id or self.ids.new_id()
-        at = self.clock.now()
+        def create(uow: UnitOfWork, user: User, new_id: UUID, at: datetime) -> None:
+            user.reserve(new_id, item_count, self._plan(user.plan), at)
+            uow.add(Job.create(new_id, user_id, preset, item_count, at))
 
-        @touches(user_id, *((job_id,) if chosen else ()))
-        def command(uow: UnitOfWork) -> UUID:
-            if chosen and self._created_before(uow, Job, job_id, user_id):
-                return job_id
-            user = self._user(uow, user_id)
-            user.reserve(job_id, item_count, self._plan(user.plan), at)
-            uow.add(Job.create(job_id, user_id, preset, item_count, at))
-            return job_id
-
-        return self.executor.execute(command)
+        return self._create_owned(user_id, Job, job_id, create)
 
     def confirm_upload(self, user_id: UUID, job_id: UUID) -> Committed[str]:
         """created -> uploaded, once every input object exists in the store. Returns the status."""
@@ -175,7 +164,6 @@ class PaletteService:
     def execute_job(
         self, user_id: UUID, job_id: UUID, concepts: Mapping[str, Mapping[str, Any]] | None,
         protect: Sequence[str] | None = None, rule_id: UUID | None = None,
-        output_template: str = "",
     ) -> Committed[str]:
         """uploaded -> queued with the edits; a rule supplies edits the request leaves out.
         Everything is read and checked inside the command (one batched load). Returns the status."""
@@ -196,7 +184,7 @@ class PaletteService:
                     merged_protect = list(rule.protect)
             merged.update(concepts or {})
             edits, protected = normalise_edits(job.preset, merged, merged_protect)
-            job.execute(edits, protected, rule_id, output_template, at)
+            job.execute(edits, protected, rule_id, at)
             return job.status.value
 
         return self.executor.execute(command)
@@ -251,21 +239,12 @@ class PaletteService:
     ) -> Committed[UUID]:
         """Take a rule slot and create the rule, atomically (a chosen ``rule_id``: as for jobs)."""
         edits, protected = normalise_edits(preset_id, concepts, protect)
-        chosen = rule_id is not None
-        rule_id = rule_id or self.ids.new_id()
-        at = self.clock.now()
-
-        @touches(user_id, *((rule_id,) if chosen else ()))
-        def command(uow: UnitOfWork) -> UUID:
-            if chosen and self._created_before(uow, Rule, rule_id, user_id):
-                return rule_id
-            user = self._user(uow, user_id)
-            rule = Rule.create(rule_id, user_id, name, preset_id, edits, protected, at)
-            user.take_rule_slot(rule_id, self._plan(user.plan), at)
+        def create(uow: UnitOfWork, user: User, new_id: UUID, at: datetime) -> None:
+            rule = Rule.create(new_id, user_id, name, preset_id, edits, protected, at)
+            user.take_rule_slot(new_id, self._plan(user.plan), at)
             uow.add(rule)
-            return rule_id
 
-        return self.executor.execute(command)
+        return self._create_owned(user_id, Rule, rule_id, create)
 
     def update_rule(
         self, user_id: UUID, rule_id: UUID, name: str, concepts: Mapping[str, Mapping[str, Any]],
@@ -307,13 +286,26 @@ class PaletteService:
             raise ValidationFailed(f"unknown plan {name!r}; choose one of {sorted(self.plans)}") from None
 
     def _read(self, cls: type[Any], aggregate_id: UUID, what: str) -> Any:
-        try:
-            agg: Any = self.app.repository.get(aggregate_id)
-        except AggregateNotFoundError:
-            raise NotFound(f"{what} not found") from None
-        if not isinstance(agg, cls):
+        agg: Any = self.executor.read(aggregate_id)
+        if agg is None or not isinstance(agg, cls):
             raise NotFound(f"{what} not found")
         return agg
+
+    def _create_owned(self, user_id: UUID, cls: type[Any], chosen_id: UUID | None,
+                      create: Callable[[UnitOfWork, User, UUID, datetime], None]) -> Committed[UUID]:
+        """Create an aggregate the user owns, with what it takes from the User, in one command.
+        A caller-chosen id makes the retry of a creation that did commit a no-op."""
+        new_id = chosen_id or self.ids.new_id()
+        at = self.clock.now()
+
+        @touches(user_id, *((new_id,) if chosen_id is not None else ()))
+        def command(uow: UnitOfWork) -> UUID:
+            if chosen_id is not None and self._created_before(uow, cls, new_id, user_id):
+                return new_id
+            create(uow, self._user(uow, user_id), new_id, at)
+            return new_id
+
+        return self.executor.execute(command)
 
     @staticmethod
     def _created_before(uow: UnitOfWork, cls: type[Any], aggregate_id: UUID, user_id: UUID) -> bool:

@@ -8,30 +8,36 @@ class DomainError(Exception):
 
     code = "DOMAIN_ERROR"
 
+    def __init_subclass__(cls, code: str = "", **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.code = code or cls.code
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
 
-class ValidationFailed(DomainError):
-    code = "VALIDATION_FAILED"
+class ValidationFailed(DomainError, code="VALIDATION_FAILED"):
+    """The command's input breaks a rule: an unknown preset, a colour that is not ``#rrggbb``,
+    a concept both edited and protected, an item count outside 1 to 200."""
 
 
-class NotFound(DomainError):
-    code = "NOT_FOUND"
+class NotFound(DomainError, code="NOT_FOUND"):
+    """No such aggregate for this user: another user's object is not found either."""
 
 
-class InvalidState(DomainError):
-    code = "INVALID_STATE"
+class InvalidState(DomainError, code="INVALID_STATE"):
+    """The aggregate's state does not take the command (a job executed before its upload)."""
 
 
-class InsufficientCredits(DomainError):
-    code = "INSUFFICIENT_CREDITS"
+class InsufficientCredits(DomainError, code="INSUFFICIENT_CREDITS"):
+    """Reserving a job's credits would take the balance below zero; credits are never
+    negative, and a job reserves one credit per item when it is created, before any upload."""
 
 
-class ConcurrencyLimit(DomainError):
-    code = "CONCURRENCY_LIMIT"
+class ConcurrencyLimit(DomainError, code="CONCURRENCY_LIMIT"):
+    """The plan's number of active jobs is reached: one must finish or be canceled first."""
 
 
-class RuleSlotsFull(DomainError):
-    code = "RULE_SLOTS_FULL"
+class RuleSlotsFull(DomainError, code="RULE_SLOTS_FULL"):
+    """Every rule slot of the plan is taken; deleting a rule frees one."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
@@ -72,10 +73,16 @@ class Job(Aggregate):
             job.status = JobStatus.UPLOADED
 
     class JobQueued(Aggregate.Event):
+        """v2: v1 also stored an ``output_template`` that nothing ever used; dropped on read."""
+
+        class_version = 2
         concepts: dict[str, dict[str, str]]
         protect: list[str]
         rule_id: UUID | None
-        output_template: str
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state.pop("output_template", None)
 
         def apply(self, job: Job) -> None:
             job.status = JobStatus.QUEUED
@@ -153,8 +160,7 @@ class Job(Aggregate):
         self.trigger_event(self.UploadConfirmed, timestamp=at)
 
     def execute(
-        self, concepts: dict[str, dict[str, str]], protect: list[str], rule_id: UUID | None,
-        output_template: str, at: datetime,
+        self, concepts: dict[str, dict[str, str]], protect: list[str], rule_id: UUID | None, at: datetime,
     ) -> None:
         """Queue the job for the GPU; ``concepts``/``protect`` are normalised by the caller."""
         if self.status == JobStatus.QUEUED and (concepts, protect, rule_id) == (
@@ -164,8 +170,7 @@ class Job(Aggregate):
         if self.status != JobStatus.UPLOADED:
             raise InvalidState(f"cannot execute a {self.status} job (confirm the upload first)")
         self.trigger_event(
-            self.JobQueued, concepts=concepts, protect=protect, rule_id=rule_id,
-            output_template=output_template, timestamp=at,
+            self.JobQueued, concepts=concepts, protect=protect, rule_id=rule_id, timestamp=at,
         )
 
     def record_result(

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from domain.contracts.edits import ACTIONS, HEX_COLOUR, TEXTURES, TONES
 from domain.errors import ValidationFailed
 
 
@@ -28,10 +28,6 @@ PRESETS: Mapping[str, Preset] = {
     ),
 }
 
-ACTIONS = ("recolor", "tone", "texture", "remove")
-TONES = ("warm", "cool", "bright", "dark", "vivid", "muted")
-TEXTURES = ("wood", "marble", "concrete", "linen", "brick", "terrazzo")
-_HEX = re.compile(r"#[0-9a-fA-F]{6}")  # full match only: "#5b7f95\n" is not a colour
 
 
 def get_preset(preset_id: str) -> Preset:
@@ -58,7 +54,7 @@ def normalise_edits(
         if action not in ACTIONS:
             raise ValidationFailed(f"{concept}: action must be one of {list(ACTIONS)}")
         value_s = "" if value is None else str(value)
-        if action == "recolor" and _HEX.fullmatch(value_s) is None:
+        if action == "recolor" and HEX_COLOUR.fullmatch(value_s) is None:
             raise ValidationFailed(f"{concept}: recolor needs a value like #a1b2c3")
         if action == "tone" and value_s not in TONES:
             raise ValidationFailed(f"{concept}: tone must be one of {list(TONES)}")

@@ -16,8 +16,8 @@ import kornia
 import torch
 import torch.nn.functional as F
 
-TONES = ("warm", "cool", "bright", "dark", "vivid", "muted")
-TEXTURES = ("wood", "marble", "concrete", "linen", "brick", "terrazzo")
+from domain.contracts.edits import TEXTURES, TONES
+
 TextureKey = tuple[str, int, int, str]  # (name, H, W, device)
 _HEX = re.compile(r"#?[0-9a-fA-F]{6}")
 

@@ -25,37 +25,33 @@ import logging
 import secrets
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import torch
 
-from adapters.kafka_io import ConsumerLoop
-from adapters.tokens import sign_callback
-from application.keys import callback_key
+from domain.contracts import topics
+from domain.contracts.callback import callback_body, signed_headers
+from domain.contracts.edits import ACTIONS
+from domain.contracts.gpu_task import Task
+from domain.contracts.loop import ConsumerLoop
 from domain.text import escaped
 from gpu_consumer import ops
 from gpu_consumer.codec import BadInput, check_size, decode, decode_mask, encode_png, encode_preview
 from gpu_consumer.segment import PriorClusterSegmenter, Segmenter
 
 log = logging.getLogger("palette.gpu")
-GROUP = "palette-gpu"
-DLQ_TOPIC = "palette.gpu-jobs.dlq"
+GROUP = topics.GPU_GROUP
+DLQ_TOPIC = topics.GPU_DLQ
 MAX_ATTEMPTS = 3
 REMEMBER_BYTES = 8 * 1024 * 1024
 
 
 class CallbackUnavailable(RuntimeError):
     """The API did not acknowledge a result: the offset must not be committed."""
-
-
-class MalformedTask(ValueError):
-    """A task without the shape the dispatcher writes: parked, never retried."""
 
 
 class RecentKeys:
@@ -100,103 +96,6 @@ class RecentKeys:
         return len(self._keys)
 
 
-def _string(data: dict[str, Any], name: str) -> str:
-    value = data.get(name)
-    if not isinstance(value, str):
-        raise MalformedTask(f"{name} must be a string")
-    return value
-
-
-def _strings(value: Any, name: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise MalformedTask(f"{name} must be a list of strings")
-    return value
-
-
-def _string_map(value: Any, name: str) -> dict[str, str]:
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise MalformedTask(f"{name} must map strings to strings")
-    return value
-
-
-def _index(value: Any, name: str) -> int:
-    if type(value) is not int or value < 0:  # bool is an int subclass: refused too
-        raise MalformedTask(f"{name} must be a non-negative integer")
-    return value
-
-
-def _job_id(value: Any) -> str:
-    """The job id as the dispatcher writes it: a canonical UUID (it goes into the callback's path)."""
-    if not isinstance(value, str):
-        raise MalformedTask("job_id must be a string")
-    try:
-        canonical = str(uuid.UUID(value))
-    except ValueError:
-        raise MalformedTask("job_id must be a UUID") from None
-    if canonical != value:
-        raise MalformedTask("job_id must be a UUID in canonical form")
-    return value
-
-
-@dataclass
-class Task:
-    job_id: str
-    user_id: str
-    idx: int
-    concepts: dict[str, dict[str, str]]
-    protect: list[str]
-    input_key: str
-    output_key: str
-    preview_key: str
-    mask_keys: dict[str, str]
-    idempotency_key: str
-    attempt: int = 0
-    preset: str = ""
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def parse(cls, value: bytes) -> Task:
-        """A task as the dispatcher writes it; anything else raises ``MalformedTask`` (or the
-        ``ValueError`` of undecodable JSON)."""
-        data = json.loads(value)
-        if not isinstance(data, dict):
-            raise MalformedTask("a task is a JSON object")
-        concepts = data.get("concepts")
-        if not isinstance(concepts, dict) or not all(
-                isinstance(c, str) and isinstance(e, dict) for c, e in concepts.items()):
-            raise MalformedTask("concepts must map concept names to edits")
-        for concept, edit in concepts.items():
-            _string_map(edit, f"the edit of {concept!r}")
-        preset = data.get("preset", "")
-        if not isinstance(preset, str):
-            raise MalformedTask("preset must be a string")
-        return cls(
-            job_id=_job_id(data.get("job_id")), user_id=_string(data, "user_id"), idx=_index(data.get("idx"), "idx"),
-            concepts=concepts, protect=_strings(data.get("protect"), "protect"),
-            input_key=_string(data, "input_key"), output_key=_string(data, "output_key"),
-            preview_key=_string(data, "preview_key"), mask_keys=_string_map(data.get("mask_keys"), "mask_keys"),
-            idempotency_key=_string(data, "idempotency_key"),
-            attempt=_index(data.get("attempt", 0), "attempt"), preset=preset, raw=data)
-
-    @classmethod
-    def identify(cls, value: bytes | None) -> tuple[Task | None, dict[str, Any] | None]:
-        """What a malformed task still says: its JSON object, and a task to report its item
-        ``failed`` by when it names a job and an index (reported under the canonical key)."""
-        try:
-            data = json.loads(value) if value is not None else None
-        except (ValueError, TypeError):
-            return None, None
-        if not isinstance(data, dict):
-            return None, None
-        try:
-            job_id, idx = _job_id(data.get("job_id")), _index(data.get("idx"), "idx")
-        except MalformedTask:
-            return None, data
-        return cls(job_id=job_id, user_id="", idx=idx, concepts={}, protect=[], input_key="", output_key="",
-                   preview_key="", mask_keys={}, idempotency_key=callback_key(uuid.UUID(job_id), idx),
-                   raw=data), data
-
-
 class CallbackClient:
     """Reports item results to the API, signed with HMAC over timestamp + body."""
 
@@ -205,18 +104,13 @@ class CallbackClient:
         self._secret = secret
 
     def report(self, task: Task, status: str, output_key: str = "", preview_key: str = "", error: str = "") -> str:
-        body = {"idx": task.idx, "status": status, "idempotency_key": task.idempotency_key}
-        if status == "done":
-            body |= {"output_key": output_key, "preview_key": preview_key}
-        else:
-            body["error"] = escaped(error)[:2000]  # it may quote the bad input
-        raw = json.dumps(body).encode()
-        ts = int(time.time())
+        # the error may quote the bad input: made printable first
+        raw = callback_body(task.idx, status, task.idempotency_key, output_key=output_key,
+                            preview_key=preview_key, error=escaped(error)[:2000])
         nonce = secrets.token_hex(8)  # every request signs differently: the API takes a signature once
+        headers = signed_headers(self._secret, int(time.time()), task.job_id, raw, nonce)
         try:
-            r = self.http.post(f"/jobs/{task.job_id}/callback", content=raw, headers={
-                "content-type": "application/json", "X-Palette-Timestamp": str(ts), "X-Palette-Nonce": nonce,
-                "X-Palette-Signature": sign_callback(self._secret, ts, str(task.job_id), raw, nonce)})
+            r = self.http.post(f"/jobs/{task.job_id}/callback", content=raw, headers=headers)
         except httpx.HTTPError as e:
             raise CallbackUnavailable(f"callback failed: {type(e).__name__}") from None
         if r.status_code >= 500 or r.status_code in (401, 429):
@@ -284,7 +178,7 @@ class ImagePipeline:
     def compute(self, image_u8: torch.Tensor, client_masks: dict[str, torch.Tensor], task: Task) -> torch.Tensor:
         """Edit one image on the device; returns uint8 ``[H, W, 3]`` on the CPU."""
         for edit in task.concepts.values():
-            if edit.get("action") not in ("recolor", "tone", "texture", "remove"):
+            if edit.get("action") not in ACTIONS:
                 raise ValueError(f"unknown action {edit.get('action')!r}")
         original = image_u8.to(self.device, non_blocking=True)
         image = ops.to_float(original)

@@ -8,16 +8,17 @@ import os
 import pwd
 import shutil
 import signal
-import sys
 import sysconfig
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Generic, TypeVar
 
-from adapters.settings import Settings
+from infra.config import StackSettings
+from infra.kafka_admin import broker_answers, ensure_topics
+from infra.s3 import s3_client
 from infra.supervisor import ServiceSpec, StackError, Supervisor, port_free
 
-TOPICS = ("palette.events", "palette.gpu-jobs", "palette.gpu-jobs.dlq")
 # SeaweedFS needs a handful of ports; they sit just above the S3 port (gRPC ports are +10000).
 WEED_PORT_OFFSETS = {"master": 1, "volume": 2, "filer": 3, "iceberg": 4, "lance": 5, "admin": 6}
 
@@ -62,7 +63,7 @@ def weed_ports(s3_port: int) -> dict[str, int]:
     return {name: s3_port + off for name, off in WEED_PORT_OFFSETS.items()}
 
 
-def embedded_ports(settings: Settings) -> dict[str, int]:
+def embedded_ports(settings: StackSettings) -> dict[str, int]:
     """Every loopback port the embedded infrastructure binds, by the setting that moves it."""
     ports = {"PALETTE_PG_PORT": settings.pg_port, "PALETTE_KAFKA_PORT": settings.kafka_port,
              "PALETTE_S3_PORT": settings.s3_port}
@@ -74,11 +75,22 @@ def embedded_ports(settings: Settings) -> dict[str, int]:
     return ports
 
 
-class EmbeddedStack:
-    """Starts and stops the embedded infrastructure and the application processes."""
+S = TypeVar("S", bound=StackSettings)
 
-    def __init__(self, settings: Settings, echo: IO[str] | None = None) -> None:
+
+class EmbeddedStack(Generic[S]):
+    """Starts and stops the embedded infrastructure and the application processes.
+
+    It is handed what it must not know: the topics to create, the command that prepares the
+    database (event store, read models, API tables) and the command line of an application
+    process (``<app_argv> <name>``); the composition root (``adapters.bootstrap``) wires them."""
+
+    def __init__(self, settings: S, *, topics: Sequence[str], prepare: Callable[[], None],
+                 app_argv: Sequence[str], echo: IO[str] | None = None) -> None:
         self.settings = settings
+        self.topics = tuple(topics)
+        self.prepare = prepare
+        self.app_argv = list(app_argv)
         self.data_dir = settings.data_dir
         self.log_dir = self.data_dir / "logs"
         self.supervisor = Supervisor(self.log_dir, echo)
@@ -113,19 +125,9 @@ class EmbeddedStack:
         self.supervisor.start_together([self._app_spec(name) for name in names])
 
     def prepare_schemas(self) -> None:
-        """Create the event store and read-model tables once, before processes race to do it."""
-        import psycopg
-
-        from adapters.api.idempotency import ensure_schema as ensure_api_schema
-        from adapters.bootstrap import event_store_env
-        from application.services import PaletteApplication
-        from projections.store import ensure_schema
-
+        """Create the database's tables once, before processes race to do it."""
         try:
-            PaletteApplication(env=event_store_env(self.settings, pool_size=1, cache=False)).close()
-            with psycopg.connect(self.settings.effective_database_url, autocommit=True) as conn:
-                ensure_schema(conn)
-                ensure_api_schema(conn)
+            self.prepare()
         except Exception as e:  # noqa: BLE001 - reported in one line
             raise StackError(f"cannot prepare the database: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
@@ -228,8 +230,6 @@ class EmbeddedStack:
         return ServiceSpec("s3", argv, ready=self._s3_ready, env=env, cwd=weed_dir, restart=True)
 
     def _s3(self) -> Any:
-        from adapters.s3 import s3_client
-
         return s3_client(self.settings, timeout_s=2)
 
     def _s3_ready(self) -> bool:
@@ -260,20 +260,16 @@ class EmbeddedStack:
         return ServiceSpec("broker", argv, ready=self._kafka_ready, env=env, restart=True)
 
     def _kafka_ready(self) -> bool:
-        from adapters.kafka_admin import broker_answers
-
         return broker_answers(self.settings.effective_kafka_bootstrap)
 
     def ensure_topics(self) -> None:
-        from adapters.kafka_admin import ensure_topics
-
-        ensure_topics(self.settings.effective_kafka_bootstrap, TOPICS, self.settings.kafka_partitions)
+        ensure_topics(self.settings.effective_kafka_bootstrap, self.topics, self.settings.kafka_partitions)
 
     # -- application processes -----------------------------------------------------------
     def _app_spec(self, name: str) -> ServiceSpec:
         env = self.settings.as_env()
         env["PYTHONUNBUFFERED"] = "1"
-        argv = [sys.executable, "-m", "adapters.cli", "serve", name]
+        argv = [*self.app_argv, name]
         if name == "api":
             return ServiceSpec(name, argv, ready=self._api_ready, env=env, restart=True)
         run_dir = self.data_dir / "run"

@@ -15,12 +15,15 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from projections.read_models import BILLING, GENESIS, LEDGER_COLUMNS, USERS, Rows, ledger_hash
-from projections.rebuild import iter_envelopes, stream_topics
-from projections.store import TOPIC_PREFIX
+from domain.contracts.streams import stream_topics, topic_prefix
+from projections.models.base import Rows
+from projections.models.billing_events import BILLING, GENESIS, LEDGER_COLUMNS, ledger_hash
+from projections.models.users import USERS
+from projections.rebuild import iter_envelopes
 
 LEDGER = sql.Identifier("palette_read", "billing_events")
-__all__ = ["LEDGER_COLUMNS", "ChainBreak", "Reconciliation", "balance_as_of", "export", "ledger", "reconcile", "verify"]
+__all__ = ["LEDGER_COLUMNS", "BalanceMismatch", "ChainBreak", "Reconciliation", "balance_as_of", "export", "ledger",
+           "reconcile", "verify"]
 
 
 def _rows(conn: psycopg.Connection[Any], query: sql.Composed, params: list[Any]) -> list[dict[str, Any]]:
@@ -83,6 +86,20 @@ def export(conn: psycopg.Connection[Any], page: int = 10_000) -> Iterator[dict[s
         last_position, last_id = rows[-1]["position"], rows[-1]["id"]
 
 
+@dataclass(frozen=True)
+class BalanceMismatch:
+    """A user whose projected balance is not the User aggregate's: ``table`` is ``billing_events``
+    (``projected`` = Σ balance_delta of the user's ledger rows) or ``users`` (its credits column);
+    ``aggregate`` is the balance the user's events give at ``version``, the version that table
+    had folded in the snapshot."""
+
+    user_id: str
+    table: str
+    projected: int
+    aggregate: int
+    version: int
+
+
 @dataclass
 class Reconciliation:
     events: int = 0
@@ -90,10 +107,12 @@ class Reconciliation:
     users: int = 0
     position: int = 0  # every event up to here must be folded
     differences: list[str] = field(default_factory=list)
+    # users whose ledger sum or credits differ from the User aggregate's balance (at most ``limit``)
+    balance_mismatches: list[BalanceMismatch] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.differences
+        return not self.differences and not self.balance_mismatches
 
 
 def _key(row: dict[str, Any]) -> tuple[Any, ...]:
@@ -111,7 +130,7 @@ def _unfolded(conn: psycopg.Connection[Any], events_table: str, upto: int) -> in
             "AND NOT EXISTS (SELECT 1 FROM palette_read.dead_letters d WHERE d.model = %s "
             "AND d.stream_id = e.originator_id AND d.status IN ('parked', 'held'))"
         ).format(sql.Identifier(events_table), sql.Identifier("palette_read", f"{model.name}_tracking")),
-            [TOPIC_PREFIX["User"] + "%", upto, model.name]).fetchone()
+            [topic_prefix("User") + "%", upto, model.name]).fetchone()
         behind = max(behind, int(row[0]) if row else 0)
     return behind
 
@@ -120,6 +139,19 @@ def _held(conn: psycopg.Connection[Any]) -> set[UUID]:
     return {r[0] for r in conn.execute(
         "SELECT DISTINCT stream_id FROM palette_read.dead_letters WHERE model = ANY(%s) "
         "AND status IN ('parked', 'held')", [[USERS.name, BILLING.name]]).fetchall()}
+
+
+def _balance_effect(env: Any) -> int:
+    """What one event does to the User aggregate's balance (domain/user.py: a grant adds, a
+    reservation takes, a settlement gives back what was not spent), written apart from the
+    projections' folds so that a wrong fold cannot agree with itself."""
+    if env.type == "CreditsGranted":
+        return int(env.data["amount"])
+    if env.type == "CreditsReserved":
+        return -int(env.data["amount"])
+    if env.type == "CreditsSettled":
+        return int(env.data["refunded"])
+    return 0
 
 
 def _tracked(conn: psycopg.Connection[Any], model: Any) -> dict[UUID, int]:
@@ -132,7 +164,9 @@ def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, lim
               wait_s: float = 30.0) -> Reconciliation:
     """Prove billing_events (and users' credits) equal the fold of the event log, that they have
     folded every event up to position ``at`` (default: the log's head when this starts), and that
-    every job's reservation is settled at most once.
+    every job's reservation is settled at most once. Apart from that fold (which a wrong fold
+    would pass), each user's Σ balance_delta and credits are checked against the User aggregate's
+    balance from its events (``balance_mismatches``).
 
     Safe on a live system: the projection is read in ONE snapshot (rows and per-stream tracking,
     which commit together), and each stream's events are folded exactly up to the version that
@@ -162,6 +196,8 @@ def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, lim
     reserved: Counter[str] = Counter()
     settled: Counter[str] = Counter()
     heads: Rows = {}
+    # the aggregate's balance at the version each table tracked: {user: [balance, version]}
+    balances: dict[str, dict[str, list[int]]] = {"users": {}, "billing_events": {}}
     for env in iter_envelopes(recorder, transcoder, 1, stop, topics=stream_topics("User")):
         report.events += 1
         if progress and report.events % 100_000 == 0:
@@ -177,10 +213,15 @@ def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, lim
         if env.stream_id in failed:
             continue
         try:
+            for table, folded in (("users", in_users), ("billing_events", in_billing)):
+                if folded:
+                    balance = balances[table].setdefault(str(env.stream_id), [0, 0])
+                    balance[0] += _balance_effect(env)
+                    balance[1] = env.version
             if in_users:
-                USERS.evolve(users, env)
+                USERS.apply(users, env)
             if in_billing:
-                expected.update(_key(r) for r in BILLING.evolve(heads, env))
+                expected.update(_key(r) for r in BILLING.apply(heads, env))
         except Exception:  # noqa: BLE001 - reported below, as the live projector would park it
             failed.add(env.stream_id)
     if failed:
@@ -205,12 +246,41 @@ def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, lim
         if live.get(str(user_id)) != want:
             report.differences.append(f"user {user_id}: projection has (credits, reserved, spent) "
                                       f"{live.get(str(user_id))}, the log folds to {want}")
+    _compare_balances(report, balances, actual_rows, live, {str(s) for s in failed}, limit)
     for job_id, n in settled.items():
         if n > 1:
             report.differences.append(f"job {job_id} settled {n} times")
         if job_id not in reserved:
             report.differences.append(f"job {job_id} settled without a reservation")
     return report
+
+
+def _compare_balances(report: Reconciliation, balances: dict[str, dict[str, list[int]]],
+                      ledger_rows: set[tuple[Any, ...]], live: dict[str, tuple[int, int, int]],
+                      failed: set[str], limit: int) -> None:
+    """Σ balance_delta per user (billing_events) and users.credits against the User aggregate's
+    balance at the version each had folded; a user with rows but no events has balance 0."""
+    ledger_sums: Counter[str] = Counter()
+    for row in ledger_rows:
+        ledger_sums[str(row[1])] += row[5]
+    projected = {"billing_events": dict(ledger_sums), "users": {u: v[0] for u, v in live.items()}}
+    found: list[BalanceMismatch] = []
+    for table in ("billing_events", "users"):
+        folded = balances[table]
+        for user_id in sorted(set(folded) | set(projected[table])):
+            if user_id in failed:
+                continue  # reported above: its stream cannot be folded
+            aggregate, version = folded.get(user_id, [0, 0])
+            have = projected[table].get(user_id, 0)
+            if have != aggregate:
+                found.append(BalanceMismatch(user_id, table, have, aggregate, version))
+    report.balance_mismatches = found[:limit]
+    for m in found[:limit]:
+        what = "Σ balance_delta" if m.table == "billing_events" else "credits"
+        report.differences.append(f"user {m.user_id}: {m.table} {what} is {m.projected}, the User aggregate's "
+                                  f"balance at version {m.version} is {m.aggregate}")
+    if len(found) > limit:
+        report.differences.append(f"... and {len(found) - limit} more balance(s) not the User aggregate's")
 
 
 @contextlib.contextmanager

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
-from adapters.envelope import EventEnvelope
-from projections.read_models import ReadModel, Row, Rows
+from domain.contracts.envelope import EventEnvelope
+from projections.models.base import ReadModel, Row, Rows
 
 HELD = "held behind an earlier parked event of this stream"
 
@@ -100,7 +100,7 @@ def fold(model: ReadModel, rows: Rows, todo: Sequence[EventEnvelope], held: Sequ
             continue
         try:
             # evolve raises before it changes ``rows`` (each fold builds the new row, then assigns)
-            out.appended.extend(model.evolve(rows, e))
+            out.appended.extend(model.apply(rows, e))
         except Exception as exc:  # noqa: BLE001 - a poison event is parked, not fatal
             out.parks.append((e, f"{type(exc).__name__}: {exc}", "parked"))
             stopped.add(e.stream_id)

@@ -10,7 +10,7 @@ from uuid import UUID
 from eventsourcing.persistence import Notification
 from psycopg import sql
 
-from adapters.envelope import EventEnvelope, from_notification
+from domain.contracts.envelope import EventEnvelope, from_notification
 
 SCAN_PAGE = 5000
 

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-from adapters.envelope import EventEnvelope
+from domain.contracts.envelope import EventEnvelope
 from projections import batch
-from projections.read_models import READ_MODELS, ReadModel, Row, Rows
+from projections.models import READ_MODELS
+from projections.models.base import ReadModel, Row, Rows
 from projections.store import BatchResult, Fill
 
 

@@ -15,7 +15,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from projections.store import table
+from projections.schema import table
 
 
 class BadCursor(ValueError):

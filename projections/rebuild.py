@@ -13,18 +13,13 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from adapters.envelope import EventEnvelope, from_notification
+from domain.contracts.envelope import EventEnvelope, from_notification
+from domain.contracts.streams import stream_topics
 from projections.batch import relevant
-from projections.read_models import LEDGER_COLUMNS, READ_MODELS, ReadModel, Row, Rows
-from projections.store import (
-    BatchResult,
-    apply_model,
-    create_model_tables,
-    ensure_schema,
-    lock_id,
-    table,
-    tracking_table,
-)
+from projections.models import READ_MODELS
+from projections.models.base import ReadModel, Row, Rows
+from projections.schema import create_model_tables, ensure_schema, lock_id, table, tracking_table
+from projections.store import apply_batch
 
 SHADOW = "__shadow"
 REBUILD_LOCK = zlib.crc32(b"palette-read:rebuild")
@@ -64,19 +59,6 @@ def iter_envelopes(recorder: Any, transcoder: Any, start: int, stop: int | None,
         position = page[-1].id + 1
 
 
-def stream_topics(stream_type: str) -> tuple[str, ...]:
-    """Every event topic of one aggregate type; each read model folds one type's streams only."""
-    from eventsourcing.domain import Aggregate
-    from eventsourcing.utils import get_topic
-
-    from domain.job import Job
-    from domain.rule import Rule
-    from domain.user import User
-
-    cls = {"User": User, "Job": Job, "Rule": Rule}[stream_type]
-    return tuple(get_topic(v) for v in vars(cls).values() if isinstance(v, type) and issubclass(v, Aggregate.Event))
-
-
 def fold_log(model: ReadModel, envelopes: Any) -> tuple[Rows, list[Row], dict[UUID, int], int, set[UUID]]:
     """The pure fold of a whole log: rows, ledger rows, stream tracking, events seen, failed streams."""
     rows: Rows = {}
@@ -89,7 +71,7 @@ def fold_log(model: ReadModel, envelopes: Any) -> tuple[Rows, list[Row], dict[UU
         if env.stream_id in failed or not relevant(model, env):
             continue
         try:
-            appended.extend(model.evolve(rows, env))
+            appended.extend(model.apply(rows, env))
         except Exception:  # noqa: BLE001 - the stream stays parked, as in the live projector
             failed.add(env.stream_id)
             continue
@@ -144,15 +126,15 @@ def rebuild(database_url: str, recorder: Any, transcoder: Any, name: str,
             names = model.column_names
             _copy(conn, model.keyed_table + SHADOW, names,
                   ([r[c] for c in names] for r in rows.values() if r is not None))
-            if model.append_table:
-                _copy(conn, model.append_table + SHADOW, LEDGER_COLUMNS,
-                      ([r[c] for c in LEDGER_COLUMNS] for r in appended))
+            if model.append:
+                columns = model.append.columns
+                _copy(conn, model.append.name + SHADOW, columns, ([r[c] for c in columns] for r in appended))
             _copy(conn, tracking_table(model, SHADOW), ("stream_id", "version"), tracking.items())
             with conn.transaction():
                 # Exclusive: the live projector's batches (shared holders) pause for the swap.
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", [lock_id(model)])
                 tail: list[EventEnvelope] = list(iter_envelopes(recorder, transcoder, upto + 1, None, topics))
-                apply_model(conn, model, tail, BatchResult(), suffix=SHADOW, park=False)
+                apply_batch(conn, tail, [model], suffix=SHADOW, park=False)
                 events += len(tail)
                 for tbl in _tables(model):
                     conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(

@@ -15,13 +15,10 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate
 from psycopg import sql
 
-from adapters.envelope import EventEnvelope, encode, encode_notification, from_notification
-from domain.job import Job
-from domain.rule import Rule
-from domain.user import User
+from domain.contracts.envelope import EventEnvelope, encode, encode_notification, from_notification
+from domain.contracts.streams import STREAMS
 from projections.rebuild import PAGE
 
-AGGREGATES: tuple[type[Aggregate], ...] = (User, Job, Rule)
 CSV_COLUMNS = ("id", "stream_id", "stream_type", "version", "type", "timestamp", "data")
 TIME_SLACK_S = 5.0  # timestamps come from the command, commit order may differ by this much
 
@@ -29,7 +26,7 @@ TIME_SLACK_S = 5.0  # timestamps come from the command, commit order may differ 
 def event_topics() -> dict[str, list[str]]:
     """Event type name -> stored topics (``domain.job:Job.ItemCompleted``)."""
     out: dict[str, list[str]] = {}
-    for cls in AGGREGATES:
+    for cls in STREAMS.values():
         for name, attr in vars(cls).items():
             if isinstance(attr, type) and issubclass(attr, Aggregate.Event) and name not in ("Created", "Event"):
                 out.setdefault(name, []).append(f"{cls.__module__}:{cls.__qualname__}.{name}")

@@ -1,11 +1,10 @@
-"""Read models in PostgreSQL (schema ``palette_read``): DDL, batch apply with per-stream tracking,
-dead letters. The fold is pure (read_models); this module only loads and writes rows."""
+"""Read models in PostgreSQL (schema ``palette_read``): one apply path with per-stream tracking,
+dead letters, the lag. The folds are pure (``projections.models``); this module only loads and
+writes rows. The tables are made in ``projections.schema``."""
 
 from __future__ import annotations
 
-import json
 import logging
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,22 +13,14 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from adapters.envelope import EventEnvelope, encode
+from domain.contracts.envelope import EventEnvelope, decode, encode
+from domain.contracts.streams import topic_prefix
 from domain.text import escaped
 from projections import batch
-from projections.read_models import (
-    LEDGER_COLUMNS,
-    LEDGER_DDL,
-    LEDGER_INDEXES,
-    READ_MODELS,
-    Key,
-    ReadModel,
-    Row,
-    Rows,
-)
-from projections.users_migration import drop_raw_device_hashes
+from projections.models import READ_MODELS
+from projections.models.base import Key, ReadModel, Row, Rows
+from projections.schema import ident, lock_id, table, tracking_table
 
-SCHEMA = "palette_read"
 log = logging.getLogger("palette.projections")
 # SQLSTATE classes where the database, not the event, failed: connection (08), transaction
 # rollback (40: serialization, deadlock), resources (53), operator intervention (57: shutdown,
@@ -52,76 +43,6 @@ def is_transient(exc: BaseException) -> bool:
             return isinstance(exc, psycopg.OperationalError)
         return state.startswith(TRANSIENT_SQLSTATE) or state == "55P03"
     return False
-
-
-def ident(*parts: str) -> sql.Composable:
-    return sql.Identifier(*parts)
-
-
-def table(name: str) -> sql.Composable:
-    return sql.Identifier(SCHEMA, name)
-
-
-def lock_id(model: ReadModel) -> int:
-    """Advisory lock key shared by the live projector (shared) and a rebuild (exclusive)."""
-    return zlib.crc32(f"palette-read:{model.name}".encode())
-
-
-def tracking_table(model: ReadModel, suffix: str = "") -> str:
-    return f"{model.name}_tracking{suffix}"
-
-
-def create_model_tables(conn: psycopg.Connection[Any], model: ReadModel, suffix: str = "") -> None:
-    """Create a model's keyed, tracking and append tables (with their indexes) where missing.
-    Indexes are unnamed, so PostgreSQL picks unique names and rebuild swaps never collide."""
-    cols = sql.SQL(", ").join(
-        sql.SQL("{} {}").format(ident(c.name), sql.SQL(c.sql_type)) for c in model.columns
-    )
-    pk = sql.SQL(", ").join(ident(k) for k in model.key)
-    keyed = model.keyed_table + suffix
-    if not _exists(conn, keyed):
-        conn.execute(sql.SQL("CREATE TABLE {} ({}, PRIMARY KEY ({}))").format(table(keyed), cols, pk))
-        for index in model.indexes:
-            conn.execute(sql.SQL("CREATE INDEX ON {} ({})").format(table(keyed), sql.SQL(index)))
-    conn.execute(sql.SQL(
-        "CREATE TABLE IF NOT EXISTS {} (stream_id uuid PRIMARY KEY, version integer NOT NULL)"
-    ).format(table(tracking_table(model, suffix))))
-    if model.append_table and not _exists(conn, model.append_table + suffix):
-        append = model.append_table + suffix
-        conn.execute(sql.SQL("CREATE TABLE {} ({})").format(table(append), sql.SQL(LEDGER_DDL)))
-        for index in LEDGER_INDEXES:
-            conn.execute(sql.SQL("CREATE INDEX ON {} ({})").format(table(append), sql.SQL(index)))
-
-
-def _exists(conn: psycopg.Connection[Any], name: str) -> bool:
-    row = conn.execute("SELECT to_regclass(%s)", [f"{SCHEMA}.{name}"]).fetchone()
-    return row is not None and row[0] is not None
-
-
-def ensure_schema(conn: psycopg.Connection[Any]) -> None:
-    """Create the read-model schema once (idempotent, safe under concurrent starters)."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (zlib.crc32(b"palette-read-ddl"),))
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(SCHEMA)))
-        for model in READ_MODELS.values():
-            create_model_tables(conn, model)
-        conn.execute(sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {} (model text PRIMARY KEY, position bigint NOT NULL, "
-            "updated_at timestamptz NOT NULL DEFAULT now())").format(table("positions")))
-        conn.execute(sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {} (id bigserial PRIMARY KEY, model text NOT NULL, "
-            "stream_id uuid NOT NULL, version integer NOT NULL, position bigint NOT NULL, "
-            "envelope bytea NOT NULL, error text NOT NULL, status text NOT NULL, "
-            "parked_at timestamptz NOT NULL DEFAULT now(), UNIQUE (model, stream_id, version))"
-        ).format(table("dead_letters")))
-        # Dead letters hold the envelope's bytes: jsonb refuses some payloads (\u0000) and a
-        # parking place must take anything. Older schemas stored jsonb.
-        conn.execute(sql.SQL(
-            "DO $$ BEGIN IF (SELECT data_type FROM information_schema.columns WHERE table_schema = {} "
-            "AND table_name = 'dead_letters' AND column_name = 'envelope') = 'jsonb' THEN "
-            "ALTER TABLE {} ALTER COLUMN envelope TYPE bytea USING convert_to(envelope::text, 'UTF8'); "
-            "END IF; END $$").format(sql.Literal(SCHEMA), table("dead_letters")))
-        drop_raw_device_hashes(conn, SCHEMA)
 
 
 @dataclass
@@ -161,13 +82,6 @@ def _parse_rows(model: ReadModel, records: Sequence[Sequence[Any]]) -> Rows:
     return rows
 
 
-def _load_rows(conn: psycopg.Connection[Any], model: ReadModel, tbl: str, keys: set[Key]) -> Rows:
-    if not keys:
-        return {}
-    query, params = _rows_query(model, tbl, keys)
-    return _parse_rows(model, conn.execute(query, params).fetchall())
-
-
 def write_rows(conn: psycopg.Connection[Any], model: ReadModel, tbl: str, rows: Rows, keys: Iterable[Key]) -> None:
     names = model.column_names
     upserts = [rows[k] for k in keys if rows.get(k) is not None]
@@ -188,33 +102,20 @@ def write_rows(conn: psycopg.Connection[Any], model: ReadModel, tbl: str, rows: 
             cur.executemany(sql.SQL("DELETE FROM {} WHERE {}").format(table(tbl), where), [list(k) for k in deletes])
 
 
-def insert_ledger(conn: psycopg.Connection[Any], tbl: str, rows: Sequence[Row]) -> None:
-    if not rows:
+def insert_appended(conn: psycopg.Connection[Any], model: ReadModel, suffix: str, rows: Sequence[Row]) -> None:
+    if not rows or model.append is None:
         return
+    columns = model.append.columns
     stmt = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-        table(tbl), sql.SQL(", ").join(ident(c) for c in LEDGER_COLUMNS),
-        sql.SQL(", ").join(sql.Placeholder() for _ in LEDGER_COLUMNS))
+        table(model.append.name + suffix), sql.SQL(", ").join(ident(c) for c in columns),
+        sql.SQL(", ").join(sql.Placeholder() for _ in columns))
     with conn.cursor() as cur:
-        cur.executemany(stmt, [[r[c] for c in LEDGER_COLUMNS] for r in rows])
+        cur.executemany(stmt, [[r[c] for c in columns] for r in rows])
 
 
 def _tracking_query(model: ReadModel, suffix: str = "") -> sql.Composed:
     return sql.SQL("SELECT stream_id, version FROM {} WHERE stream_id = ANY(%s) FOR UPDATE").format(
         table(tracking_table(model, suffix)))
-
-
-def _tracked(conn: psycopg.Connection[Any], model: ReadModel, streams: set[UUID], suffix: str = "") -> dict[UUID, int]:
-    if not streams:
-        return {}
-    rows = conn.execute(_tracking_query(model, suffix), [list(streams)]).fetchall()
-    return {r[0]: r[1] for r in rows}
-
-
-def _blocked(conn: psycopg.Connection[Any], model: ReadModel, streams: set[UUID]) -> set[UUID]:
-    rows = conn.execute(sql.SQL(
-        "SELECT DISTINCT stream_id FROM {} WHERE model = %s AND status IN ('parked', 'held') "
-        "AND stream_id = ANY(%s)").format(table("dead_letters")), [model.name, list(streams)]).fetchall()
-    return {r[0] for r in rows}
 
 
 def storable(text: str, limit: int = 2000) -> str:
@@ -235,57 +136,13 @@ def _park(conn: psycopg.Connection[Any], model: ReadModel, env: EventEnvelope, e
         [model.name, env.stream_id, env.version, env.id, encode(env), storable(error), status])
 
 
-def apply_model(
-    conn: psycopg.Connection[Any], model: ReadModel, envelopes: Sequence[EventEnvelope],
-    result: BatchResult, suffix: str = "", park: bool = True, fill: Fill | None = None,
-) -> None:
-    """Fold a batch into one model (tables ``suffix``ed for rebuilds): skip what the stream
-    tracking has seen, park what fails, or raise when ``park`` is off."""
-    relevant = [e for e in envelopes if batch.relevant(model, e)]
-    if not relevant:
-        return
-    streams = {e.stream_id for e in relevant}
-    tracked = _tracked(conn, model, streams, suffix)
-    blocked = _blocked(conn, model, streams) if park else set()
-    p = batch.plan(model, relevant, tracked, blocked)
-    if p.gaps and fill is not None:
-        found = fill(p.gaps)
-        result.filled += len(found)
-        p = batch.plan(model, [*relevant, *found], tracked, blocked)
-    result.skipped += p.skipped
-    keys = {k for e in p.todo for k in model.keys_for(e)}
-    rows = _load_rows(conn, model, model.keyed_table + suffix, keys)
-    folded = batch.fold(model, rows, p.todo, p.held, blocked)
-    failures = [error for _, error, status in folded.parks if status == "parked"]
-    if failures and not park:
-        raise ValueError(failures[0])
-    for e, error, status in folded.parks:
-        _park(conn, model, e, error, status)
-    result.parked += len(folded.parks)
-    result.applied += folded.applied
-    result.max_position = max(result.max_position, folded.max_position)
-    write_rows(conn, model, model.keyed_table + suffix, rows, keys)
-    if model.append_table:
-        insert_ledger(conn, model.append_table + suffix, folded.appended)
-    if folded.advanced:
-        with conn.cursor() as cur:
-            cur.executemany(sql.SQL(
-                "INSERT INTO {} (stream_id, version) VALUES (%s, %s) "
-                "ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version"
-            ).format(table(tracking_table(model, suffix))), list(folded.advanced.items()))
-    result.per_model[model.name] = result.per_model.get(model.name, 0) + len(folded.advanced)
-
-
-TOPIC_PREFIX = {"User": "domain.user:User.", "Job": "domain.job:Job.", "Rule": "domain.rule:Rule."}
-
-
 def unapplied(conn: psycopg.Connection[Any], model: ReadModel, events_table: str) -> tuple[int, int | None]:
     """Exact lag: how many stored events the model has not folded yet, and the oldest one's position."""
     row = conn.execute(sql.SQL(
         "SELECT count(*), min(e.notification_id) FROM {} e LEFT JOIN {} t ON t.stream_id = e.originator_id "
         "WHERE e.topic LIKE %s AND e.originator_version > coalesce(t.version, 0)"
     ).format(sql.Identifier(events_table), table(tracking_table(model))),
-        [TOPIC_PREFIX[model.stream_type] + "%"]).fetchone()
+        [topic_prefix(model.stream_type) + "%"]).fetchone()
     assert row is not None
     return int(row[0]), row[1]
 
@@ -301,12 +158,15 @@ Fill = Callable[[dict[UUID, tuple[int, int]]], list[EventEnvelope]]
 
 
 def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope],
-                models: Iterable[ReadModel] | None = None, fill: Fill | None = None) -> BatchResult:
-    """Fold a batch into every read model in ONE transaction, tracking included, in three
-    round trips (pipelined): locks + tracking + dead letters; current rows; all writes.
+                models: Iterable[ReadModel] | None = None, fill: Fill | None = None, *,
+                suffix: str = "", park: bool = True) -> BatchResult:
+    """Fold a batch into the read models in ONE transaction, tracking included, in three round
+    trips (pipelined): locks + tracking + dead letters; current rows; all writes.
 
     ``fill`` reads from the event log the versions a batch lacks (a message the broker lost);
-    without it, events after a hole wait (uncounted) for a later delivery or the sweep."""
+    without it, events after a hole wait (uncounted) for a later delivery or the sweep. A rebuild
+    folds into its ``suffix``ed tables with ``park`` off: a failing event raises instead of being
+    parked, and the positions (the live projector's) are left alone."""
     result = BatchResult()
     if not envelopes:
         return result
@@ -320,13 +180,13 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
             locks = sorted(lock_id(m) for m in active)
             if locks:
                 conn.execute("SELECT pg_advisory_xact_lock_shared(k) FROM unnest(%s::bigint[]) AS k", [locks])
-            tracked_cur = {m.name: conn.execute(_tracking_query(m), [list({e.stream_id for e in share[m.name]})])
-                           for m in active}
+            tracked_cur = {m.name: conn.execute(_tracking_query(m, suffix),
+                                                [list({e.stream_id for e in share[m.name]})]) for m in active}
             blocked_cur = conn.execute(sql.SQL(
                 "SELECT model, stream_id FROM {} WHERE status IN ('parked', 'held') AND stream_id = ANY(%s)"
-            ).format(table("dead_letters")), [all_streams])
+            ).format(table("dead_letters")), [all_streams]) if park else None
         blocked: dict[str, set[UUID]] = {}
-        for name, stream in blocked_cur.fetchall():
+        for name, stream in blocked_cur.fetchall() if blocked_cur is not None else []:
             blocked.setdefault(name, set()).add(stream)
         tracked = {m.name: {r[0]: r[1] for r in tracked_cur[m.name].fetchall()} for m in active}
         plans = {m.name: batch.plan(m, share[m.name], tracked[m.name], blocked.get(m.name, set())) for m in active}
@@ -342,7 +202,7 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
             for m in active:
                 keys = {k for e in plans[m.name].todo for k in m.keys_for(e)}
                 if keys:
-                    query, params = _rows_query(m, m.keyed_table, keys)
+                    query, params = _rows_query(m, m.keyed_table + suffix, keys)
                     rows_cur[m.name] = conn.execute(query, params)
         writes: list[tuple[ReadModel, Rows, set[Key], batch.Folded]] = []
         for m in active:
@@ -350,6 +210,9 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
             keys = {k for e in p.todo for k in m.keys_for(e)}
             rows = _parse_rows(m, rows_cur[m.name].fetchall()) if m.name in rows_cur else {}
             folded = batch.fold(m, rows, p.todo, p.held, blocked.get(m.name, set()))
+            failures = [error for _, error, status in folded.parks if status == "parked"]
+            if failures and not park:
+                raise ValueError(failures[0])
             result.applied += folded.applied
             result.parked += len(folded.parks)
             result.max_position = max(result.max_position, folded.max_position)
@@ -359,17 +222,17 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
             for m, rows, keys, folded in writes:
                 for e, error, status in folded.parks:
                     _park(conn, m, e, error, status)
-                write_rows(conn, m, m.keyed_table, rows, keys)
-                if m.append_table:
-                    insert_ledger(conn, m.append_table, folded.appended)
+                write_rows(conn, m, m.keyed_table + suffix, rows, keys)
+                insert_appended(conn, m, suffix, folded.appended)
                 if folded.advanced:
                     with conn.cursor() as cur:
                         cur.executemany(sql.SQL(
                             "INSERT INTO {} (stream_id, version) VALUES (%s, %s) "
                             "ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version"
-                        ).format(table(tracking_table(m))), list(folded.advanced.items()))
-            with conn.cursor() as cur:
-                cur.executemany(_positions_sql(), [[m.name, top] for m in chosen])
+                        ).format(table(tracking_table(m, suffix))), list(folded.advanced.items()))
+            if not suffix:
+                with conn.cursor() as cur:
+                    cur.executemany(_positions_sql(), [[m.name, top] for m in chosen])
     return result
 
 
@@ -399,8 +262,7 @@ def resolve_dead_letter(conn: psycopg.Connection[Any], letter_id: int, action: s
             "SELECT id, version, envelope FROM {} WHERE model = %s AND stream_id = %s "
             "AND status IN ('parked', 'held') ORDER BY version").format(table("dead_letters")),
             [model_name, stream_id]).fetchall()
-        # json first: pydantic's JSON parser refuses the escaped lone surrogates a letter may hold
-        envelopes = [EventEnvelope.model_validate(json.loads(bytes(raw))) for _, _, raw in letters]
+        envelopes = [decode(bytes(raw)) for _, _, raw in letters]
         if action == "skip":
             conn.execute(sql.SQL(
                 "INSERT INTO {} (stream_id, version) VALUES (%s, %s) ON CONFLICT (stream_id) "
@@ -412,10 +274,9 @@ def resolve_dead_letter(conn: psycopg.Connection[Any], letter_id: int, action: s
         # The rest leave the table and go through the fold again; a failure parks them anew.
         conn.execute(sql.SQL("DELETE FROM {} WHERE model = %s AND stream_id = %s AND status IN ('parked', 'held')")
                      .format(table("dead_letters")), [model_name, stream_id])
-        result = BatchResult()
         try:
-            with conn.transaction():  # a savepoint: a write that fails undoes only the retry
-                apply_model(conn, model, envelopes, result)
+            # a nested transaction (a savepoint): a write that fails undoes only the retry
+            result = apply_batch(conn, envelopes, [model])
         except Exception as exc:
             if is_transient(exc):
                 raise

@@ -1,7 +1,8 @@
 """Chaos: the whole embedded stack (its own, on free ports) under a client workload over HTTP
 while a driver SIGKILLs random application processes every 1-5 s, kills the broker, and stops
 PostgreSQL with ``pg_ctl stop -m immediate``. Then: nothing lost, nothing done twice, read
-models equal to a fold of the log, every job terminal or resumable by its client.
+models equal to the aggregates (balances, ledger sums, statuses, items: not the projections'
+own fold) and to a fold of the log, every job terminal or resumable by its client.
 
 ``make chaos`` runs it long (``python -m tests.chaos --minutes 10``); ``make test`` runs a
 short one (tests/integration/test_chaos.py).
@@ -28,11 +29,11 @@ import httpx
 import psycopg
 
 from adapters.api.idempotency import id_for_key
-from adapters.bootstrap import event_store_env
+from adapters.bootstrap import embedded_stack, event_store_env
 from adapters.settings import load_settings
 from application.services import PaletteApplication
 from infra.stack import EmbeddedStack, find_pg_bin
-from projections.read_models import READ_MODELS
+from projections.models import READ_MODELS
 from projections.rebuild import iter_envelopes
 from projections.store import unapplied
 
@@ -181,7 +182,7 @@ def run(minutes: float, seed: int = 1, workers: int = 3, pg_stops: int = 2, say:
     settings = load_settings(env="development", data_dir=data_dir, pg_fsync=False, projector_sweep_s=5.0,
                              dispatch_stale_s=20.0,
                              **_free_port_block(random.Random(seed + 7)))
-    stack = EmbeddedStack(settings)
+    stack = embedded_stack(settings)
     supervising = threading.Event()
     try:
         stack.start_infra()
@@ -245,7 +246,7 @@ def verify(stack: EmbeddedStack, load: Workload, report: Report, say: Any) -> No
     url = s.effective_database_url
     base_url = f"http://{s.api_host}:{s.api_port}"
     _wait("every process", lambda: httpx.get(f"{base_url}/health", timeout=5).json()["data"]["status"] == "ok", 180)
-    app = PaletteApplication(env=event_store_env(s, pool_size=2, cache=False))
+    app = PaletteApplication(env=event_store_env(s, pool_size=2))
     try:
         executed = [j for j, a in load.jobs.items() if a.executed and not a.canceled]
 
@@ -268,6 +269,7 @@ def verify(stack: EmbeddedStack, load: Workload, report: Report, say: Any) -> No
             log = list(iter_envelopes(app.recorder, app.mapper.transcoder, 1, None))
             report.events = len(log)
             check_log(log, load, report, app)
+            report.problems.extend(read_model_problems(conn, log, app, load.jobs))
             from tests.integration.test_projections import assert_models_equal_fold
 
             try:
@@ -276,6 +278,60 @@ def verify(stack: EmbeddedStack, load: Workload, report: Report, say: Any) -> No
                 report.problems.append(f"a read model differs from the fold of the log: {e}")
     finally:
         app.close()
+
+
+def read_model_problems(conn: psycopg.Connection[Any], log: list[Any], app: Any,
+                        acked_jobs: dict[str, Acked] | None = None) -> list[str]:
+    """The projected rows against oracles that share nothing with the projections' fold: each
+    user's row and ledger sums against its User aggregate (the domain's own fold), each job's and
+    item's row against its Job aggregate, and the jobs against what their clients were told.
+    ``log`` is the whole event log, every event of it folded."""
+    problems: list[str] = []
+    users = {str(r[0]): tuple(r[1:]) for r in conn.execute(
+        "SELECT id, plan, credits, reserved, spent, granted FROM palette_read.users").fetchall()}
+    ledger = {str(r[0]): tuple(int(v) for v in r[1:]) for r in conn.execute(
+        "SELECT user_id, sum(balance_delta), coalesce(sum(amount) FILTER (WHERE type = 'grant'), 0), "
+        "coalesce(sum(amount) FILTER (WHERE type = 'spend'), 0) FROM palette_read.billing_events "
+        "GROUP BY user_id").fetchall()}
+    jobs = {str(r[0]): (str(r[1]), *r[2:]) for r in conn.execute(
+        "SELECT id, user_id, status, total_items, done_items, failed_items FROM palette_read.jobs_log").fetchall()}
+    items: dict[str, dict[int, str]] = {}
+    for job_id, idx, status in conn.execute("SELECT job_id, idx, status FROM palette_read.job_items_log").fetchall():
+        items.setdefault(str(job_id), {})[idx] = status
+    streams = {str(e.stream_id): e.stream_type for e in log}
+    for kind, rows in (("User", users), ("Job", jobs)):
+        want = {s for s, k in streams.items() if k == kind}
+        if set(rows) != want:
+            problems.append(f"{kind} read model: {len(set(rows) - want)} row(s) without a stream, "
+                            f"{len(want - set(rows))} stream(s) without a row")
+    active: Counter[str] = Counter()
+    for job_id in (s for s, k in streams.items() if k == "Job"):
+        job = app.repository.get(uuid.UUID(job_id))
+        row = jobs.get(job_id)
+        want_row = (str(job.user_id), job.status.value, job.item_count, job.done_items, job.failed_items)
+        if row != want_row:
+            problems.append(f"job {job_id}: jobs_log has {row}, the aggregate {want_row}")
+        want_items = {i: job.items[i].status if i in job.items else "pending" for i in range(job.item_count)}
+        if items.get(job_id) != want_items:
+            problems.append(f"job {job_id}: job_items_log has {items.get(job_id)}, the aggregate {want_items}")
+        active[str(job.user_id)] += row is not None and row[1] not in ("done", "failed", "canceled")
+        acked = (acked_jobs or {}).get(job_id)
+        if acked is not None and row is not None and acked.canceled and row[1] != "canceled":
+            problems.append(f"job {job_id}: cancel acknowledged, jobs_log says {row[1]}")
+    for user_id in (s for s, k in streams.items() if k == "User"):
+        user = app.repository.get(uuid.UUID(user_id))
+        want_user = (user.plan, user.balance, user.reserved, user.spent, user.granted)
+        if users.get(user_id) != want_user:
+            problems.append(f"user {user_id}: users has (plan, credits, reserved, spent, granted) "
+                            f"{users.get(user_id)}, the aggregate {want_user}")
+        sums = ledger.get(user_id, (0, 0, 0))
+        if sums != (user.balance, user.granted, user.spent):
+            problems.append(f"user {user_id}: billing_events sums (balance_delta, granted, spent) to {sums}, "
+                            f"the aggregate has {(user.balance, user.granted, user.spent)}")
+        if active[user_id] != user.active_jobs:
+            problems.append(f"user {user_id}: {active[user_id]} open job(s) in jobs_log, "
+                            f"the aggregate has {user.active_jobs}")
+    return problems
 
 
 def check_log(log: list[Any], load: Workload, report: Report, app: Any) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from adapters.bootstrap import embedded_stack
 from adapters.settings import Settings, load_settings
 from infra.stack import EmbeddedStack, embedded_ports
 from infra.supervisor import port_free
@@ -55,7 +56,7 @@ def stack() -> Iterator[EmbeddedStack]:
     data_dir.chmod(0o755)  # PostgreSQL runs as another user and must traverse it
     ports = _free_port_block(random.Random(os.getpid()))
     settings = load_settings(env="development", data_dir=data_dir, pg_fsync=False, **ports)
-    s = EmbeddedStack(settings)
+    s = embedded_stack(settings)
     s.start_infra()
     try:
         yield s

@@ -19,15 +19,15 @@ from uuid import UUID, uuid4
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from adapters.envelope import EventEnvelope
 from adapters.projector import SWEEP, Projector
 from adapters.relay import RELAY_NAME, Relay
-from application.keys import input_key
 from application.services import PaletteService
+from domain.contracts.envelope import EventEnvelope
+from domain.contracts.keys import input_key
 from domain.errors import DomainError
 from domain.plans import DEFAULT_PLANS
 from projections.log import LogReader
-from projections.read_models import READ_MODELS
+from projections.models import READ_MODELS
 from projections.rebuild import fold_log, iter_envelopes
 
 EDITS = {"wall": {"action": "recolor", "value": "#336699"}}
@@ -194,6 +194,8 @@ class RefUser:
     granted: int = 0
     spent: int = 0
     reservations: dict[UUID, int] = field(default_factory=dict)
+    # the user's billing ledger in order: (type, amount, balance_delta, ref)
+    ledger: list[tuple[str, int, int, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -216,12 +218,14 @@ class Reference:
     def register(self, user_id: UUID, plan: str) -> None:
         if user_id not in self.users:
             self.users[user_id] = RefUser(plan)
-            self.grant(user_id, DEFAULT_PLANS[plan].initial_credits)
+            if DEFAULT_PLANS[plan].initial_credits > 0:
+                self.grant(user_id, DEFAULT_PLANS[plan].initial_credits, "signup")
 
-    def grant(self, user_id: UUID, amount: int) -> None:
+    def grant(self, user_id: UUID, amount: int, reason: str = "promo") -> None:
         u = self.users[user_id]
         u.balance += amount
         u.granted += amount
+        u.ledger.append(("grant", amount, amount, reason))
 
     def change_plan(self, user_id: UUID, plan: str) -> None:
         self.users[user_id].plan = plan
@@ -237,6 +241,7 @@ class Reference:
     def add_job(self, job_id: UUID, user_id: UUID, items: int) -> None:
         self.users[user_id].balance -= items
         self.users[user_id].reservations[job_id] = items
+        self.users[user_id].ledger.append(("reserve", items, -items, str(job_id)))
         self.jobs[job_id] = RefJob(user_id, items)
 
     def confirm(self, job_id: UUID, uploaded: set[int]) -> str | None:
@@ -295,6 +300,10 @@ class Reference:
         spent = sum(1 for s in j.results.values() if s == "done")
         u.spent += spent
         u.balance += reserved - spent
+        if spent:
+            u.ledger.append(("spend", spent, 0, str(job_id)))
+        if reserved - spent:
+            u.ledger.append(("refund", reserved - spent, reserved - spent, str(job_id)))
         j.settlements += 1
 
 
@@ -611,15 +620,76 @@ class PaletteSimulation(RuleBasedStateMachine):
         assert all(n == 1 for n in settled.values()), settled
 
     @invariant()
-    def read_models_are_a_fold_of_the_log(self) -> None:
-        """Per stream, each model holds exactly the fold of the versions it has tracked."""
+    def read_models_agree_with_the_reference(self) -> None:
+        """The projected rows against the plain-Python reference (the oracle: it never calls the
+        projections' fold), then, per stream, each model against the fold of the versions it has
+        tracked (which alone sees a model's in-between states, but shares the fold's mistakes)."""
         assert self.parked() == 0
         log = self._log()
         actual = self.read_models()
+        seen = {name: self.tracking(name) for name in READ_MODELS}
+        self._rows_match_the_reference(actual, seen, {e.stream_id: e.version for e in log})
+        self._rows_are_a_fold_of_the_log(actual, seen, log)
+
+    def _rows_match_the_reference(self, actual: dict[str, dict[Any, dict[str, Any]]],
+                                  seen: dict[str, dict[UUID, int]], latest: dict[UUID, int]) -> None:
+        """Each stream a model has folded up to its latest event shows what the reference says:
+        users' plan and credits, the ledger entry by entry (so Σ balance_delta is the balance),
+        jobs' status and counts, items' statuses, and each user's active jobs."""
+        ref = self.ref
+
+        def current(name: str) -> set[str]:
+            return {str(s) for s, v in seen[name].items() if v == latest.get(s)}
+
+        users = {str(r["id"]): r for r in actual["users"].values()}
+        jobs = {str(r["id"]): r for r in actual["jobs_log"].values()}
+        items: dict[str, dict[int, str]] = {}
+        for r in actual["job_items_log"].values():
+            items.setdefault(str(r["job_id"]), {})[r["idx"]] = r["status"]
+        ledgers: dict[str, list[tuple[int, str, int, int, str]]] = {}
+        for r in actual["billing_events"].values():
+            ledgers.setdefault(str(r["user_id"]), []).append(
+                (r["seq"], r["type"], r["amount"], r["balance_delta"], str(r["ref"])))
+        known_users, known_jobs = {str(u) for u in ref.users}, {str(j) for j in ref.jobs}
+        assert set(users) <= known_users and set(ledgers) <= known_users, "a row for a user never registered"
+        assert set(jobs) <= known_jobs and set(items) <= known_jobs, "a row for a job never created"
+        fresh_users, fresh_ledgers = current("users"), current("billing_events")
+        fresh_jobs, fresh_items = current("jobs_log"), current("job_items_log")
+        for user_id, u in ref.users.items():
+            uid = str(user_id)
+            if uid in fresh_users:
+                row = users.get(uid)
+                assert row is not None, f"user {uid} folded but has no row"
+                assert (row["plan"], row["credits"], row["reserved"], row["spent"], row["granted"]) == (
+                    u.plan, u.balance, sum(u.reservations.values()), u.spent, u.granted), (uid, row, u)
+            if uid in fresh_ledgers:
+                ledger = sorted(ledgers.get(uid, []))
+                assert [e[0] for e in ledger] == list(range(1, len(ledger) + 1)), (uid, ledger)
+                assert [e[1:] for e in ledger] == u.ledger, (uid, ledger, u.ledger)
+                assert sum(e[3] for e in ledger) == u.balance, (uid, ledger, u.balance)
+        active: Counter[str] = Counter()
+        for job_id, j in ref.jobs.items():
+            jid = str(job_id)
+            if jid in fresh_jobs:
+                row = jobs.get(jid)
+                assert row is not None, f"job {jid} folded but has no row"
+                done = sum(1 for s in j.results.values() if s == "done")
+                assert (str(row["user_id"]), row["status"], row["total_items"], row["cost_estimate"],
+                        row["done_items"], row["failed_items"]) == (
+                    str(j.owner), j.status, j.items, j.items, done, len(j.results) - done), (jid, row, j)
+                active[str(j.owner)] += row["status"] not in ("done", "failed", "canceled")
+            if jid in fresh_items:
+                want = {i: j.results.get(i, "pending") for i in range(j.items)}
+                assert items.get(jid) == want, (jid, items.get(jid), j)
+        for user_id, u in ref.users.items():
+            if all(str(job) in fresh_jobs for job, j in ref.jobs.items() if j.owner == user_id):
+                assert active[str(user_id)] == len(u.reservations), (user_id, active[str(user_id)], u)
+
+    def _rows_are_a_fold_of_the_log(self, actual: dict[str, dict[Any, dict[str, Any]]],
+                                    seen: dict[str, dict[UUID, int]], log: list[EventEnvelope]) -> None:
         for name, model in READ_MODELS.items():
-            seen = self.tracking(name)
             rows, appended, _, _, failed = fold_log(
-                model, (e for e in log if e.version <= seen.get(e.stream_id, 0)))
+                model, (e for e in log if e.version <= seen[name].get(e.stream_id, 0)))
             assert not failed
             assert _plain(actual[model.keyed_table]) == _plain({k: v for k, v in rows.items() if v is not None}), name
             if model.append_table:
@@ -631,11 +701,14 @@ class PaletteSimulation(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         self.drain()
-        self.read_models_are_a_fold_of_the_log()
         latest: dict[UUID, tuple[str, int]] = {e.stream_id: (e.stream_type, e.version) for e in self._log()}
         for name, model in READ_MODELS.items():
             want = {s: v for s, (kind, v) in latest.items() if kind == model.stream_type}
             assert self.tracking(name) == want, f"{name} has not folded every event"
+        # every stream is folded to its end now: the reference check covers every user and job
+        assert {s for s, (kind, _) in latest.items() if kind == "User"} == set(self.ref.users)
+        assert {s for s, (kind, _) in latest.items() if kind == "Job"} == set(self.ref.jobs)
+        self.read_models_agree_with_the_reference()
         self._forget_projector()
         self.figures.dropped += self.broker.dropped
         self.figures.duplicated += self.broker.duplicated

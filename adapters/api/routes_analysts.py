@@ -5,6 +5,7 @@ Tokens with role ``analyst`` or ``auditor`` are minted by ``palette token``. A c
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Annotated, Any
@@ -121,7 +122,8 @@ async def audit_reconcile(_: Auditor, container: ContainerDep) -> JSONResponse:
     report = await run_in_threadpool(run)
     return ok({"ok": report.ok, "position": report.position, "events": report.events,
                "ledger_rows": report.ledger_rows,
-               "users": report.users, "differences": report.differences})
+               "users": report.users, "differences": report.differences,
+               "balance_mismatches": [dataclasses.asdict(m) for m in report.balance_mismatches]})
 
 
 @router.get("/audit/verify", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=STAFF_ERRORS)

@@ -42,9 +42,9 @@ from adapters.api.schemas import (
     UploadSlot,
 )
 from adapters.bootstrap import Container
-from adapters.tokens import CALLBACK_WINDOW_S, verify_callback
-from application.keys import input_key
 from application.unit_of_work import Committed
+from domain.contracts.callback import CALLBACK_WINDOW_S, verify_callback
+from domain.contracts.keys import input_key
 from domain.errors import ValidationFailed
 from domain.job import Job
 from projections.queries import BadCursor, wait_for_streams
@@ -194,7 +194,7 @@ async def execute_job(job_id: UUID, body: JobExecute, user_id: CurrentUser,
     """uploaded -> queued with per-concept edits (a rule fills in what the body leaves out)."""
     concepts = {k: v.model_dump() for k, v in body.concepts.items()}
     committed = await run_in_threadpool(service.execute_job, user_id, job_id, concepts, body.protect,
-                                        body.rule_id, body.output_template)
+                                        body.rule_id)
     _remember(container, user_id, job_id, committed)
     return ok(JobStatePublic(job_id=job_id, status=committed.value))
 

@@ -26,7 +26,8 @@ from adapters.api.schemas import (
 )
 from adapters.bootstrap import Container
 from adapters.system import SystemClock
-from domain.presets import ACTIONS, PRESETS, TEXTURES, TONES
+from domain.contracts.edits import ACTIONS, TEXTURES, TONES
+from domain.presets import PRESETS
 
 router = APIRouter()
 ERRORS = {code: {"model": Envelope[None], "description": text} for code, text in {
@@ -51,7 +52,7 @@ def _check_postgres(c: Container) -> bool:
 
 
 def _check_broker(c: Container) -> bool:
-    from adapters.kafka_admin import broker_answers
+    from infra.kafka_admin import broker_answers
 
     return broker_answers(c.settings.effective_kafka_bootstrap, timeout_ms=int(HEALTH_TIMEOUT_S * 1000))
 

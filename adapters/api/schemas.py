@@ -8,6 +8,7 @@ from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from domain.contracts.edits import Action
 from domain.text import storable_text
 
 T = TypeVar("T")
@@ -84,7 +85,7 @@ class PresetPublic(BaseModel):
 
 # -- rules -------------------------------------------------------------------------------
 class ConceptEdit(Strict):
-    action: Literal["recolor", "tone", "texture", "remove"]
+    action: Action
     value: Text | None = Field(default=None, max_length=32)
 
 
@@ -138,7 +139,6 @@ class JobExecute(Strict):
     concepts: dict[ConceptName, ConceptEdit] = Field(default_factory=dict, max_length=32)
     protect: list[ConceptName] | None = Field(default=None, max_length=32)
     rule_id: UUID | None = None
-    output_template: Text = Field(default="", max_length=120)
 
 
 class Progress(BaseModel):

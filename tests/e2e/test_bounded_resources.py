@@ -20,10 +20,10 @@ import psycopg
 import pytest
 
 from adapters.bootstrap import Container
-from adapters.s3 import s3_client
 from adapters.settings import Settings
-from adapters.tokens import sign_callback
-from application.keys import output_key, preview_key
+from domain.contracts.callback import sign_callback
+from domain.contracts.keys import output_key, preview_key
+from infra.s3 import s3_client
 
 from .conftest import Client
 

@@ -75,7 +75,7 @@ def test_the_raw_device_hash_is_stored_nowhere_in_postgresql(http, settings):
     row = wait_until(lambda: users_row(settings, user_id), timeout_s=30, what="the users row")
     assert row[1].startswith(DEVICE_KEY_SCHEME)
 
-    app = open_event_store(settings, pool_size=1, cache=False)
+    app = open_event_store(settings, pool_size=1)
     try:
         recorder: Any = app.recorder
         events = sql.Identifier(recorder.datastore.schema, recorder.events_table_name)
@@ -112,7 +112,7 @@ def test_a_device_registered_before_device_keys_keeps_its_user_and_its_hash_is_n
     device = f"legacy-{uuid.uuid4().hex}"
     legacy_id = legacy_user_id_for_device(device)
     at = datetime.now(UTC)
-    app = open_event_store(settings, pool_size=1, cache=False)
+    app = open_event_store(settings, pool_size=1)
     try:  # stored as the code before device keys stored it: v1, the raw hash, the unkeyed id
         encode = app.mapper.transcoder.encode
         app.recorder.insert_events([
@@ -179,8 +179,7 @@ def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget(limited
 
 
 def test_the_users_migration_clears_raw_device_hashes_and_keeps_device_keys(settings):
-    from projections.store import ensure_schema
-    from projections.users_migration import drop_raw_device_hashes
+    from projections.schema import drop_raw_device_hashes, ensure_schema
 
     raw_id, keyed_id, key = uuid.uuid4(), uuid.uuid4(), DEVICE_KEY_SCHEME + "ab" * 32
     with psycopg.connect(settings.effective_database_url) as conn:

@@ -16,7 +16,7 @@ import psycopg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.tokens import sign_callback
+from domain.contracts.callback import sign_callback
 from tests import figures
 from tests.integration.test_stack import wait_until
 
@@ -93,7 +93,7 @@ def test_hostile_text_in_every_field_never_stops_palette(apps, http, settings, c
             ("POST", "/rules", {"name": a, "preset_id": b, "concepts": concepts, "protect": protect}, {}),
             ("PUT", f"/rules/{rule_id}", {"name": a, "concepts": concepts, "protect": protect}, {}),
             ("POST", "/jobs", {"preset": a, "item_count": 1}, {"Idempotency-Key": _header(c)}),
-            ("POST", f"/jobs/{job_id}/execute", {"concepts": concepts, "protect": protect, "output_template": c}, {}),
+            ("POST", f"/jobs/{job_id}/execute", {"concepts": concepts, "protect": protect}, {}),
         ]
         for method, path, body, extra in bodies:
             tally.send(http, method, path, content=_raw_json(body), headers={**auth, **extra})

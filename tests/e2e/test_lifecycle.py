@@ -11,9 +11,9 @@ import httpx
 import psycopg
 from PIL import Image
 
-from adapters.s3 import s3_client
-from adapters.tokens import sign_callback
-from application.keys import output_key, preview_key
+from domain.contracts.callback import sign_callback
+from domain.contracts.keys import output_key, preview_key
+from infra.s3 import s3_client
 
 from .conftest import Client
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.settings import Settings
-from adapters.tokens import sign_callback
+from domain.contracts.callback import sign_callback
 from tests import figures
 
 from .conftest import Client

@@ -1,6 +1,9 @@
 """Analysts and auditors: replay folds to the live aggregate, as-of matches the events before
 that time, any edited/deleted/inserted ledger row breaks verify at that row, and reconcile
-catches a projection changed behind its back."""
+catches a projection changed behind its back.
+
+The expected states are folded here the plain way (``_expected``): not by the domain's ``apply``
+(which replay uses) nor by the projections' folds, so a wrong fold cannot agree with itself."""
 
 from __future__ import annotations
 
@@ -38,7 +41,74 @@ def _streams(replayer: Replayer) -> list[Any]:
     return sorted({e.stream_id for e in replayer.all()})
 
 
+def _expected(events: list[Any]) -> dict[str, Any]:
+    """A stream's state from its events' data, by plain arithmetic (what domain/*.py mean)."""
+    kind = events[0].stream_type
+    s: dict[str, Any]
+    if kind == "User":
+        s = {"plan": None, "balance": 0, "granted": 0, "spent": 0, "reservations": {}, "rule_ids": set()}
+        for e in events:
+            d = e.data
+            if e.type in ("Registered", "PlanChanged"):
+                s["plan"] = d["plan"]
+            elif e.type == "CreditsGranted":
+                s["balance"] += d["amount"]
+                s["granted"] += d["amount"]
+            elif e.type == "CreditsReserved":
+                s["balance"] -= d["amount"]
+                s["reservations"][str(d["job_id"])] = d["amount"]
+            elif e.type == "CreditsSettled":
+                assert s["reservations"].pop(str(d["job_id"])) == d["spent"] + d["refunded"]
+                s["spent"] += d["spent"]
+                s["balance"] += d["refunded"]
+            elif e.type == "RuleSlotTaken":
+                s["rule_ids"].add(str(d["rule_id"]))
+            elif e.type == "RuleSlotFreed":
+                s["rule_ids"].discard(str(d["rule_id"]))
+        s["rule_ids"] = sorted(s["rule_ids"])
+        return s
+    if kind == "Job":
+        s = {"status": "created", "items": {}, "done_items": 0, "failed_items": 0}
+        statuses = {"UploadConfirmed": "uploaded", "JobQueued": "queued", "JobStarted": "running",
+                    "JobCanceled": "canceled"}
+        for e in events:
+            d = e.data
+            if e.type == "JobCreated":
+                s.update(user_id=str(d["user_id"]), item_count=d["item_count"])
+            elif e.type in statuses:
+                s["status"] = statuses[e.type]
+            elif e.type == "JobFinished":
+                s["status"] = d["status"]
+            elif e.type == "ItemCompleted":
+                s["items"][d["idx"]] = d["status"]
+                s["done_items" if d["status"] == "done" else "failed_items"] += 1
+        return s
+    s = {"deleted": False}
+    for e in events:
+        if e.type in ("RuleCreated", "RuleUpdated"):
+            s["name"] = e.data["name"]
+        elif e.type == "RuleDeleted":
+            s["deleted"] = True
+    return s
+
+
+def _observed(replayed: dict[str, Any]) -> dict[str, Any]:
+    """The same fields out of a replayed (or live) state, in the same plain shapes."""
+    state = replayed["state"]
+    if replayed["stream_type"] == "User":
+        return {"plan": state["plan"], "balance": state["balance"], "granted": state["granted"],
+                "spent": state["spent"],
+                "reservations": {str(k): v for k, v in state["reservations"].items()},
+                "rule_ids": sorted(str(r) for r in state["rule_ids"])}
+    if replayed["stream_type"] == "Job":
+        return {"status": state["status"], "items": {int(k): v["status"] for k, v in state["items"].items()},
+                "done_items": state["done_items"], "failed_items": state["failed_items"],
+                "user_id": str(state["user_id"]), "item_count": state["item_count"]}
+    return {"deleted": state["deleted"], "name": state["name"]}
+
+
 def test_replaying_a_stream_folds_to_the_live_aggregate(history, service):  # noqa: F811
+    kinds = set()
     for stream_id in _streams(history):
         live = service.app.repository.get(stream_id)
         replayed = history.state(stream_id, version=live.version)
@@ -46,6 +116,15 @@ def test_replaying_a_stream_folds_to_the_live_aggregate(history, service):  # no
         assert [e.version for e in events] == list(range(1, live.version + 1))
         assert replayed["state"]["version"] == live.version
         assert replayed == history.state(stream_id, as_of=events[-1].timestamp)
+        # the state, not only the version: balances, reservations, statuses, items
+        assert _observed(replayed) == _expected(events), stream_id
+        kinds.add(replayed["stream_type"])
+        if replayed["stream_type"] == "User":
+            assert (live.balance, live.granted, live.spent) == tuple(
+                _expected(events)[k] for k in ("balance", "granted", "spent"))
+        elif replayed["stream_type"] == "Job":
+            assert live.status.value == _expected(events)["status"]
+    assert kinds == {"User", "Job", "Rule"}
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
@@ -60,7 +139,10 @@ def test_as_of_equals_the_fold_of_the_events_before_that_time(history, service, 
         if event.timestamp <= as_of:
             aggregate = event.mutate(aggregate)
     assert aggregate is not None
-    assert history.state(stream_id, as_of=as_of)["version"] == aggregate.version
+    replayed = history.state(stream_id, as_of=as_of)
+    assert replayed["version"] == aggregate.version
+    before = [e for e in history.stream(stream_id) if e.timestamp <= as_of]
+    assert _observed(replayed) == _expected(before)  # the state then, not only its version
 
 
 def test_replay_all_filters_by_type_and_time(history):
@@ -113,6 +195,54 @@ def test_reconcile_is_clean_then_catches_a_row_changed_behind_its_back(history, 
     assert not dirty.ok
     assert any("projection has (credits" in d for d in dirty.differences)
     assert any(d.startswith("in the projection but not in the log") for d in dirty.differences)
+    # the users' credits against the User aggregate; the grant's amount changed, not its balance_delta
+    (changed,) = tx.execute("SELECT id FROM palette_read.users ORDER BY id LIMIT 1").fetchone() or (None,)
+    assert [(m.table, m.user_id, m.projected - m.aggregate) for m in dirty.balance_mismatches] == [
+        ("users", str(changed), 7)]
+    assert dirty.balance_mismatches[0].aggregate == service.app.repository.get(changed).balance
+
+
+def test_reconcile_catches_a_ledger_sum_that_is_not_the_user_aggregate_balance(history, service, settings,  # noqa: F811
+                                                                                tx):
+    """Σ balance_delta per user is checked against the User aggregate's balance (folded from the
+    stored events apart from the ledger's fold): an altered and a deleted ledger row each show."""
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as probe:
+        wait_until(lambda: drained(service, probe), timeout_s=60, what="projections to drain")
+    clean = audit.reconcile(tx, service.app.recorder, service.app.mapper.transcoder)
+    assert clean.ok and clean.balance_mismatches == [], clean.differences
+    (altered, altered_user, _), (deleted, deleted_user, deleted_delta) = tx.execute(
+        "SELECT DISTINCT ON (user_id) id, user_id, balance_delta FROM palette_read.billing_events "
+        "WHERE balance_delta <> 0 ORDER BY user_id, seq LIMIT 2").fetchall()
+    tx.execute("UPDATE palette_read.billing_events SET balance_delta = balance_delta + 3 WHERE id = %s", [altered])
+    tx.execute("DELETE FROM palette_read.billing_events WHERE id = %s", [deleted])
+    dirty = audit.reconcile(tx, service.app.recorder, service.app.mapper.transcoder)
+    assert not dirty.ok
+    found = {m.user_id: m for m in dirty.balance_mismatches}
+    assert set(found) == {str(altered_user), str(deleted_user)}
+    for user_id, shift in ((altered_user, 3), (deleted_user, -deleted_delta)):
+        user = service.app.repository.get(user_id)  # the domain's own fold of the same events
+        m = found[str(user_id)]
+        assert (m.table, m.aggregate, m.projected, m.version) == (
+            "billing_events", user.balance, user.balance + shift, user.version)
+        assert any(d.startswith(f"user {user_id}: billing_events") for d in dirty.differences)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_the_ledger_balance_as_of_a_time_is_the_users_events_until_then(history, service, settings, data):  # noqa: F811
+    """audit.balance_as_of (Σ over billing_events) against the user's events up to that time."""
+    user_id = data.draw(st.sampled_from(sorted({e.stream_id for e in history.all(types=["Registered"])})))
+    events = list(history.stream(user_id))
+    as_of = events[data.draw(st.integers(0, len(events) - 1))].timestamp
+    before = [e for e in events if e.timestamp <= as_of]
+    want = _expected(before)
+    entries = sum(1 for e in before if e.type in ("CreditsGranted", "CreditsReserved")) + sum(
+        bool(e.data["spent"]) + bool(e.data["refunded"]) for e in before if e.type == "CreditsSettled")
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        wait_until(lambda: drained(service, conn), timeout_s=60, what="projections to drain")
+        got = audit.balance_as_of(conn, user_id, as_of)
+    assert (got["balance"], got["granted"], got["reserved"], got["spent"], got["entries"]) == (
+        want["balance"], want["granted"], sum(want["reservations"].values()), want["spent"], entries)
 
 
 def test_reconcile_on_a_live_system_reports_no_false_differences(apps, history, service, settings):  # noqa: F811

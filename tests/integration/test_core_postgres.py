@@ -12,10 +12,11 @@ import psycopg
 import pytest
 
 from adapters.bootstrap import event_store_env
+from adapters.pg_streams import PgStreamLoader, pg_stream_loader
 from adapters.settings import Settings
 from adapters.system import RandomIds, SystemClock
+from application.executors import DirectExecutor, GroupCommitter
 from application.services import PaletteApplication, PaletteService
-from application.unit_of_work import DirectExecutor, GroupCommitter
 from domain.errors import ConcurrencyLimit, DomainError, InsufficientCredits, InvalidState
 from domain.job import JobStatus, ResultOutcome
 from domain.plans import DEFAULT_PLANS, Plan
@@ -27,13 +28,15 @@ PLANS = {**DEFAULT_PLANS, "wide": Plan("wide", initial_credits=100, max_concurre
 
 @pytest.fixture
 def two_processes(settings: Settings) -> Iterator[tuple[PaletteService, PaletteService]]:
-    """Two independent apps (own pools and caches) on one store, as two API processes would be.
+    """Two independent apps (own pools; a group-commits through its cache) on one store, as two
+    API processes would be.
     The store lives in its own schema, out of reach of the session's relay and GPU worker."""
     with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
         conn.execute("CREATE SCHEMA IF NOT EXISTS core_races")
     app_a = PaletteApplication(env=event_store_env(settings, schema="core_races"))
     app_b = PaletteApplication(env=event_store_env(settings, schema="core_races"))
-    committer = GroupCommitter(app_a).start()
+    committer = GroupCommitter(app_a, pg_stream_loader(app_a)).start()
+    assert isinstance(committer.cache.loader, PgStreamLoader)  # one query per batch, not the fallback
     a = PaletteService(app_a, committer, SystemClock(), RandomIds(), plans=PLANS)
     b = PaletteService(app_b, DirectExecutor(app_b), SystemClock(), RandomIds(), plans=PLANS)
     yield a, b

@@ -17,8 +17,9 @@ from adapters.bootstrap import build_dispatcher, event_store_env
 from adapters.dispatcher import DLQ_TOPIC, Dispatcher, KafkaTaskQueue, tasks_for
 from adapters.settings import Settings
 from adapters.system import RandomIds, SystemClock
+from application.executors import DirectExecutor
 from application.services import PaletteApplication, PaletteService
-from application.unit_of_work import DirectExecutor
+from domain.contracts import topics
 
 from .test_stack import wait_until
 
@@ -93,7 +94,7 @@ def test_the_stale_sweep_resends_only_tasks_the_gpu_group_consumed_past(apps, se
         dispatcher.sweep(limit=10_000)
         assert mine() == []  # waiting in the queue: nobody consumed it
 
-        tp = TopicPartition(kafka_io.GPU_TOPIC, placed.partition)
+        tp = TopicPartition(topics.GPU_TASKS, placed.partition)
         group_consumer.assign([tp])
         group_consumer.commit({tp: OffsetAndMetadata(placed.offset + 1, None, -1)})
         assert queue.committed([placed.partition]) == {placed.partition: placed.offset + 1}
@@ -133,4 +134,4 @@ def test_a_record_the_dispatcher_cannot_handle_lands_on_its_dlq_topic(apps, sett
         reader.close()
     record = next(r for r in seen if r.value == garbage)
     headers = dict(record.headers)
-    assert headers["offset"] == b"42" and b"ValidationError" in headers["error"]
+    assert headers["offset"] == b"42" and b"EnvelopeInvalid" in headers["error"]

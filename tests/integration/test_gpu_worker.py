@@ -16,13 +16,13 @@ from PIL import Image
 
 from adapters.bootstrap import event_store_env
 from adapters.dispatcher import tasks_for
-from adapters.s3 import s3_client
 from adapters.settings import Settings
 from adapters.system import RandomIds, SystemClock
-from application.keys import input_key
+from application.executors import DirectExecutor
 from application.services import PaletteApplication, PaletteService
-from application.unit_of_work import DirectExecutor
+from domain.contracts.keys import input_key
 from domain.job import Job, JobStatus
+from infra.s3 import s3_client
 
 from .test_stack import wait_until
 
@@ -113,7 +113,7 @@ def test_a_poisoned_item_fails_at_once_lands_in_the_dlq_and_the_job_still_termin
 
     def poison(uow):  # type: ignore[no-untyped-def]
         # Bypasses the service's validation: an edit the worker cannot apply, as an old client's might be.
-        uow.get(Job, job_id).execute({"wall": edit}, [], None, "", SystemClock().now())
+        uow.get(Job, job_id).execute({"wall": edit}, [], None, SystemClock().now())
 
     service.executor.execute(poison)
     job = wait_until(lambda: terminal(service, job_id), timeout_s=120, what="the poisoned job to terminate")

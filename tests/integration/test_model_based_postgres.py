@@ -16,13 +16,14 @@ from hypothesis.stateful import run_state_machine_as_test
 from psycopg import sql
 
 from adapters.bootstrap import event_store_env
+from adapters.pg_streams import pg_stream_loader
 from adapters.projector import PgReadStore
 from adapters.relay import PgPositions
 from adapters.settings import Settings
+from application.executors import GroupCommitter
 from application.services import PaletteApplication, PaletteService
-from application.unit_of_work import GroupCommitter
 from projections import store as pg_store
-from projections.read_models import READ_MODELS
+from projections.models import READ_MODELS
 from tests.simulation import TABLES, Crash, CrashableStore, Ids, PaletteSimulation, StepClock, Uploads
 
 
@@ -57,7 +58,7 @@ class OnPostgres(PaletteSimulation):
         self.pg = psycopg.connect(self.url, autocommit=True)
         app = PaletteApplication(env=event_store_env(self.base.model_copy(update={"database_url": self.url}),
                                                      pool_size=2))
-        self.committer = GroupCommitter(app).start()
+        self.committer = GroupCommitter(app, pg_stream_loader(app)).start()
         return PaletteService(app, self.committer, StepClock(), Ids(), store=uploads)
 
     def make_store(self) -> Any:

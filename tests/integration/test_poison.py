@@ -19,11 +19,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from adapters.bootstrap import event_store_env
+from adapters.bootstrap import embedded_stack, event_store_env
+from adapters.pg_streams import pg_stream_loader
 from adapters.settings import load_settings
 from adapters.system import RandomIds, SystemClock
+from application.executors import GroupCommitter
 from application.services import PaletteApplication, PaletteService
-from application.unit_of_work import GroupCommitter
 from infra.stack import EmbeddedStack
 from projections.store import dead_letters, resolve_dead_letter
 from tests.conftest import _free_port_block
@@ -40,7 +41,7 @@ def own_stack() -> Iterator[EmbeddedStack]:
     data_dir.chmod(0o755)
     ports = _free_port_block(random.Random(os.getpid() + 1))
     settings = load_settings(env="development", data_dir=data_dir, pg_fsync=False, projector_sweep_s=1.0, **ports)
-    stack = EmbeddedStack(settings)
+    stack = embedded_stack(settings)
     stack.start_infra()
     try:
         stack.start_apps(APPS)
@@ -53,7 +54,7 @@ def own_stack() -> Iterator[EmbeddedStack]:
 @pytest.fixture(scope="module")
 def service(own_stack: EmbeddedStack) -> Iterator[PaletteService]:
     app = PaletteApplication(env=event_store_env(own_stack.settings))
-    committer = GroupCommitter(app).start()
+    committer = GroupCommitter(app, pg_stream_loader(app)).start()
     yield PaletteService(app, committer, SystemClock(), RandomIds())
     committer.stop()
     app.close()
@@ -129,7 +130,7 @@ def test_a_stack_starts_again_on_data_holding_a_poison_event(own_stack, service,
     own_stack.start_apps(APPS)
 
     app = PaletteApplication(env=event_store_env(own_stack.settings))  # the old pool's server is gone
-    committer = GroupCommitter(app).start()
+    committer = GroupCommitter(app, pg_stream_loader(app)).start()
     try:
         again = PaletteService(app, committer, SystemClock(), RandomIds())
         with psycopg.connect(own_stack.settings.effective_database_url, autocommit=True) as fresh:

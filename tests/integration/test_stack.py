@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from adapters.bootstrap import embedded_stack
 from adapters.settings import load_settings
-from infra.stack import EmbeddedStack
 from infra.supervisor import StackError
 
 
@@ -76,7 +76,7 @@ def test_a_taken_port_fails_in_one_line_and_leaves_nothing_running():
         port = taken.getsockname()[1]
         data_dir = Path(tempfile.mkdtemp(prefix="palette-port-"))
         settings = load_settings(data_dir=data_dir, pg_port=port, s3_port=39000, kafka_port=39100)
-        stack = EmbeddedStack(settings)
+        stack = embedded_stack(settings)
         with pytest.raises(StackError, match=f"port {port} is already in use.*PALETTE_PG_PORT"):
             stack.start_infra()
         assert stack.supervisor.names() == []

@@ -18,9 +18,9 @@ import pytest
 from adapters.api.rate_limit import RateLimited
 from adapters.api.routes_jobs import GetUrls, StreamSlots
 from adapters.api.routes_users import CachedCheck
-from adapters.s3 import s3_client
 from adapters.settings import Settings
-from adapters.tokens import sign_callback, verify_callback
+from domain.contracts.callback import sign_callback, verify_callback
+from infra.s3 import s3_client
 
 
 # -- presigned GET URLs -------------------------------------------------------------------------

@@ -11,11 +11,11 @@ from uuid import UUID
 import pytest
 
 from adapters.api.rate_limit import RateLimited, TokenBuckets, client_address
-from adapters.envelope import from_notification
 from adapters.settings import DEV_REGISTER_RATE, SettingsError, load_settings
 from application.device_keys import HmacDeviceKeyer
+from application.executors import DirectExecutor
 from application.services import PaletteApplication, PaletteService
-from application.unit_of_work import DirectExecutor
+from domain.contracts.envelope import from_notification
 from domain.user import (
     DEVICE_KEY_SCHEME,
     REDACTED_DEVICE_KEY,
@@ -23,7 +23,7 @@ from domain.user import (
     legacy_user_id_for_device,
     user_id_for_device_key,
 )
-from projections.read_models import USERS
+from projections.models.users import USERS
 from tests.simulation import Ids, StepClock
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
@@ -108,7 +108,7 @@ def test_the_users_read_model_copies_only_a_device_key():
     for n in app.recorder.select_notifications(start=1, limit=100):
         env = from_notification(n, app.mapper.transcoder)
         if env.type == "Registered":
-            USERS.evolve(rows, env)
+            USERS.apply(rows, env)
     assert rows[(legacy_user_id_for_device(RAW),)]["device_hash"] is None
     assert rows[(new_id,)]["device_hash"] == HmacDeviceKeyer(SECRET).key("new-device-0001")
 

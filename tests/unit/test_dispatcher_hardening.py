@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.dispatcher import DLQ_TOPIC, Dispatcher, Placement, Placements
-from adapters.kafka_io import GPU_TOPIC
+from domain.contracts.topics import GPU_TASKS as GPU_TOPIC
 from domain.job import Job
 from tests.unit.broker_fakes import FakeConsumer, Record
 
@@ -105,7 +105,7 @@ class FakeQueue:
 def queued_job(items: int = 2, preset: str = "interior") -> Job:
     job = Job.create(uuid.uuid4(), uuid.uuid4(), preset, items, AT)
     job.confirm_upload(AT)
-    job.execute(EDITS, [], None, "", AT)
+    job.execute(EDITS, [], None, AT)
     return job
 
 

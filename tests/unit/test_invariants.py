@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from application.executors import DirectExecutor, GroupCommitter
 from application.services import PaletteApplication, PaletteService
-from application.unit_of_work import DirectExecutor, GroupCommitter
 from domain.errors import DomainError
 from domain.job import Job
 from domain.user import User

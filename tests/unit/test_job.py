@@ -23,7 +23,7 @@ def job_in(status: str, items: int = 3) -> Job:
     if status in ("uploaded", "queued", "running"):
         job.confirm_upload(AT)
     if status in ("queued", "running"):
-        job.execute(EDITS, [], None, "", AT)
+        job.execute(EDITS, [], None, AT)
     if status == "running":
         job.record_result(0, "done", "o", "p", "", "k0", AT)
     job.collect_events()
@@ -45,19 +45,19 @@ def test_confirming_twice_records_nothing():
 
 def test_execute_before_confirm_is_refused():
     with pytest.raises(InvalidState):
-        job_in("created").execute(EDITS, [], None, "", AT)
+        job_in("created").execute(EDITS, [], None, AT)
 
 
 def test_execute_queues_the_edits():
     job = job_in("uploaded")
-    job.execute(EDITS, ["sofa"], None, "", AT)
+    job.execute(EDITS, ["sofa"], None, AT)
     assert new_events(job) == ["JobQueued"]
     assert (job.status, job.concepts, job.protect) == (JobStatus.QUEUED, EDITS, ["sofa"])
 
 
 def test_execute_again_with_the_same_edits_records_nothing():
     job = job_in("queued")
-    job.execute(EDITS, [], None, "", AT)
+    job.execute(EDITS, [], None, AT)
     assert new_events(job) == []
 
 

@@ -6,8 +6,8 @@ import os
 
 from hypothesis import settings
 
+from application.executors import DirectExecutor
 from application.services import PaletteApplication, PaletteService
-from application.unit_of_work import DirectExecutor
 from tests.simulation import Ids, PaletteSimulation, StepClock, Uploads
 
 LONG = os.environ.get("PALETTE_LONG") == "1"

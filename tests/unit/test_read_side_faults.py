@@ -11,9 +11,9 @@ import psycopg
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 from psycopg import errors
 
-from adapters.envelope import UNREADABLE, decode, encode_notification, from_notification
+from domain.contracts.envelope import UNREADABLE, decode, encode_notification, from_notification
 from projections.batch import fold, plan
-from projections.read_models import READ_MODELS
+from projections.models import READ_MODELS
 from projections.store import describe, is_transient, storable
 
 

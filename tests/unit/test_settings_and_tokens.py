@@ -10,7 +10,8 @@ import jwt
 import pytest
 
 from adapters.settings import SettingsError, load_settings
-from adapters.tokens import TokenInvalid, TokenIssuer, sign_callback, verify_callback
+from adapters.tokens import TokenInvalid, TokenIssuer
+from domain.contracts.callback import sign_callback, verify_callback
 
 SECRET = "s" * 48
 NOW = datetime.now(UTC)

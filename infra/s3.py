@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapters.settings import Settings
+from infra.config import S3Settings
 
 
-def s3_client(settings: Settings, timeout_s: float = 10, max_pool: int = 16) -> Any:
+def s3_client(settings: S3Settings, timeout_s: float = 10, max_pool: int = 16) -> Any:
     """A boto3 S3 client with path-style addressing and SigV4 (presigned URLs work on any endpoint)."""
     import boto3
     from botocore.config import Config

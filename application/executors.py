@@ -1,0 +1,348 @@
+"""The two ways to run a command: one save per command (DirectExecutor) and group commit
+(GroupCommitter, with the process's one aggregate cache, brought up to date through the
+StreamLoader port)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError, Recorder, StoredEvent
+
+from application.ports import StreamLoader
+from application.unit_of_work import Command, Committed, ConflictError, UnitOfWork, touches
+from domain.errors import DomainError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# The database, not a command, failed: the batch's outcome is unknown (the commit may have landed),
+# so it is not run again here; every caller gets the error.
+TRANSIENT: tuple[type[BaseException], ...] = (OperationalError, InterfaceError, ConnectionError)
+
+
+class RecorderStreamLoader:
+    """The StreamLoader port on any eventsourcing recorder, one query per stream (the in-memory
+    store of the unit tests; PostgreSQL has adapters.pg_streams.PgStreamLoader, one query in all)."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder: Any = recorder
+
+    def newer_than(self, versions: Mapping[UUID, int]) -> list[StoredEvent]:
+        return [e for i, v in versions.items() for e in self.recorder.select_events(i, gt=v or None)]
+
+
+class WriterCache:
+    """The process's aggregates: as the writer last saved them, brought up to date with ONE
+    loader call per batch (new events of every aggregate the batch declares). Owned by the
+    writer thread alone, so no copies: a failed save or a broken command evicts what it touched;
+    readers get copies through the writer (GroupCommitter.read)."""
+
+    def __init__(self, app: Application[UUID], loader: StreamLoader, maxsize: int = 20_000) -> None:
+        self.app = app
+        self.loader = loader
+        self.maxsize = maxsize
+        self._cache: OrderedDict[UUID, Aggregate] = OrderedDict()
+
+    def load(self, ids: set[UUID] | list[UUID]) -> dict[UUID, Aggregate | None]:
+        if not ids:
+            return {}
+        versions = {i: (self._cache[i].version if i in self._cache else 0) for i in ids}
+        out: dict[UUID, Aggregate | None] = {i: self._cache.get(i) for i in ids}
+        for stored in self.loader.newer_than(versions):
+            event: Any = self.app.mapper.to_domain_event(stored)
+            out[event.originator_id] = event.mutate(out[event.originator_id])
+        return out
+
+    def fetch_one(self, aggregate_id: UUID) -> Aggregate | None:
+        return self.load([aggregate_id])[aggregate_id]
+
+    def keep(self, aggregates: list[Aggregate]) -> None:
+        for agg in aggregates:
+            self._cache[agg.id] = agg
+            self._cache.move_to_end(agg.id)
+        while len(self._cache) > self.maxsize:
+            self._cache.popitem(last=False)
+
+    def evict(self, ids: list[UUID]) -> None:
+        for i in ids:
+            self._cache.pop(i, None)
+
+
+class _CommandBug(Exception):
+    """A command raised something other than a domain refusal, or refused after recording."""
+
+
+def _run_one(uow: UnitOfWork, command: Command[Any]) -> Any:
+    uow.begin_command()
+    try:
+        return command(uow)
+    except DomainError:
+        if uow.command_recorded():
+            raise _CommandBug("command refused after recording events") from None
+        raise
+
+
+def _backoff(attempt: int) -> None:
+    # Jitter spreads competing writers apart so the next attempt is likely to win.
+    time.sleep(random.uniform(0, 0.002 * 2**attempt))
+
+
+def _position(recordings: list[Any]) -> int | None:
+    ids = [r.notification.id for r in recordings]
+    return max(ids) if ids else None
+
+
+def _save(app: Application[UUID], changed: list[Aggregate]) -> list[Any]:
+    # Nothing changed (a read, a satisfied command): no transaction to open.
+    return app.save(*changed) if changed else []
+
+
+class DirectExecutor:
+    """The naive path: one load-decide-save transaction per command, retried on conflict; no
+    cache (every load replays the stream)."""
+
+    def __init__(self, app: Application[UUID], max_attempts: int = 10) -> None:
+        self.app = app
+        self.max_attempts = max_attempts
+
+    def _fetch(self, aggregate_id: UUID) -> Aggregate | None:
+        try:
+            return self.app.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            return None
+
+    def read(self, aggregate_id: UUID) -> Aggregate | None:
+        return self._fetch(aggregate_id)
+
+    def execute(self, command: Command[T]) -> Committed[T]:
+        for attempt in range(self.max_attempts):
+            uow = UnitOfWork(self._fetch)
+            try:
+                value = _run_one(uow, command)
+            except _CommandBug as e:
+                raise RuntimeError(str(e)) from e
+            changed = uow.changed()
+            try:
+                recordings = _save(self.app, changed)
+            except IntegrityError:
+                _backoff(attempt)
+                continue
+            return Committed(value, _position(recordings), {a.id: a.version for a in changed})
+        raise ConflictError("too much contention on this object; try again")
+
+
+@dataclass
+class _Pending:
+    command: Command[Any]
+    future: Future[Committed[Any]]
+    read: bool = False  # records nothing: served before the batch changes anything
+
+
+class GroupCommitter:
+    """Runs queued commands in batches on one writer thread, saving each batch in one transaction.
+
+    Commands for one aggregate apply in arrival order against the same in-memory object, so a
+    hot stream sees no conflicts from this process; a conflict with another process reloads and
+    decides the whole batch again, bounded, with jitter. A refused command (DomainError) fails
+    alone; a command that raises anything else is dropped from the batch, which is then redone;
+    a batch whose prefetch or save fails for a reason other than the database runs again one
+    command per transaction, so only the command at fault fails. Reads join the next batch and
+    get a copy of the aggregate as last committed, before that batch's commands run.
+    """
+
+    def __init__(self, app: Application[UUID], loader: StreamLoader | None = None,
+                 max_batch: int = 500, max_attempts: int = 10) -> None:
+        self.app = app
+        self.max_batch = max_batch
+        self.max_attempts = max_attempts
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.cache = WriterCache(app, loader or RecorderStreamLoader(app.recorder))
+        self.batches = 0
+        self.commands = 0
+
+    def start(self) -> GroupCommitter:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="group-commit", daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+    def _enqueue(self, pending: _Pending) -> None:
+        if self._thread is None:
+            self.start()
+        self._queue.put(pending)
+
+    def submit(self, command: Command[T]) -> Future[Committed[T]]:
+        future: Future[Committed[T]] = Future()
+        self._enqueue(_Pending(command, future))
+        return future
+
+    def execute(self, command: Command[T]) -> Committed[T]:
+        return self.submit(command).result()
+
+    def read(self, aggregate_id: UUID) -> Aggregate | None:
+        """A private copy of the aggregate as last committed (None: no such aggregate)."""
+        @touches(aggregate_id)
+        def copy_of(uow: UnitOfWork) -> Aggregate | None:
+            return copy.deepcopy(uow.get(Aggregate, aggregate_id))
+
+        future: Future[Committed[Aggregate | None]] = Future()
+        self._enqueue(_Pending(copy_of, future, read=True))
+        return future.result().value
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+            try:
+                self._run(batch)
+            except BaseException as e:  # noqa: BLE001 - never leave a caller waiting forever
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+
+    def _prefetch(self, batch: list[_Pending]) -> dict[UUID, Aggregate | None]:
+        declared = {i for p in batch for i in getattr(p.command, "aggregate_ids", ())}
+        loaded = self.cache.load(declared)
+        related: set[UUID] = set()
+        for p in batch:
+            name_more = getattr(p.command, "related_ids", None)
+            if name_more is None:
+                continue
+            for i in getattr(p.command, "aggregate_ids", ()):
+                if loaded.get(i) is not None:
+                    related.update(name_more(loaded[i]))
+        loaded.update(self.cache.load(related - set(loaded)))
+        return loaded
+
+    def _serve_reads(self, batch: list[_Pending], prefetched: dict[UUID, Aggregate | None]) -> list[_Pending]:
+        """Answer the batch's reads from the state the batch starts from (all committed); the rest."""
+        uow = UnitOfWork(self.cache.fetch_one, prefetched)
+        rest = []
+        for p in batch:
+            if not p.read:
+                rest.append(p)
+                continue
+            try:
+                p.future.set_result(Committed(_run_one(uow, p.command), None))
+            except Exception as e:  # noqa: BLE001 - that reader gets it
+                p.future.set_exception(e)
+        return rest
+
+    def _one_by_one(self, batch: list[_Pending], error: BaseException) -> None:
+        """Run each command of a failed batch in a transaction of its own (or fail the one)."""
+        if len(batch) == 1:
+            batch[0].future.set_exception(error)
+            return
+        log.warning("a batch of %d commands failed (%s: %s); running them one by one",
+                    len(batch), type(error).__name__, error)
+        for n, p in enumerate(batch):
+            try:
+                self._run([p])
+            except TRANSIENT as e:  # the database went away: the rest would only wait for it too
+                for rest in batch[n:]:
+                    if not rest.future.done():
+                        rest.future.set_exception(e)
+                raise
+            except BaseException as e:  # noqa: BLE001 - that command's caller gets it
+                if not p.future.done():
+                    p.future.set_exception(e)
+
+    def _run(self, batch: list[_Pending]) -> None:
+        attempt = 0
+        while batch:
+            try:
+                prefetched = self._prefetch(batch)
+            except TRANSIENT:
+                raise
+            except Exception as e:  # noqa: BLE001 - one command's declared ids may be at fault
+                self._one_by_one(batch, e)
+                return
+            batch = self._serve_reads(batch, prefetched)
+            if not batch:
+                return
+            uow = UnitOfWork(self.cache.fetch_one, prefetched)
+            outcomes: list[tuple[_Pending, bool, Any]] = []
+            bug: _Pending | None = None
+            for p in batch:
+                try:
+                    outcomes.append((p, True, _run_one(uow, p.command)))
+                except DomainError as e:
+                    outcomes.append((p, False, e))
+                except Exception as e:  # noqa: BLE001 - isolate the broken command, redo the rest
+                    p.future.set_exception(e)
+                    bug = p
+                    break
+            if bug is not None:
+                self.cache.evict(uow.ids())  # it may have changed what it touched
+                batch = [p for p in batch if p is not bug]
+                continue
+            changed = uow.changed()
+            try:
+                recordings = _save(self.app, changed)
+            except IntegrityError:
+                self.cache.evict(uow.ids())
+                attempt += 1
+                if attempt >= self.max_attempts:
+                    for p in batch:
+                        p.future.set_exception(ConflictError("too much contention; try again"))
+                    return
+                _backoff(attempt)
+                continue
+            except TRANSIENT:
+                # The database went away mid-save: what the batch decided may not be stored, so
+                # the cached objects holding it must go too.
+                self.cache.evict(uow.ids())
+                raise
+            except Exception as e:  # noqa: BLE001 - e.g. one command's events cannot be encoded
+                self.cache.evict(uow.ids())
+                self._one_by_one(batch, e)
+                return
+            except BaseException:
+                self.cache.evict(uow.ids())
+                raise
+            self.cache.keep(uow.aggregates())
+            position = _position(recordings)
+            versions = {a.id: a.version for a in changed}
+            self.batches += 1
+            self.commands += len(batch)
+            for p, ok, value in outcomes:
+                if ok:
+                    p.future.set_result(Committed(value, position, versions))
+                else:
+                    p.future.set_exception(value)
+            return

@@ -1,0 +1,182 @@
+"""The relay and the projections: the relay's throughput over the backlog against a bare
+producer, then on live traffic (~500 events/s) commit -> read-model row through the real relay
+and projector processes, and event -> broker ack on a second relay in this process.
+
+Every relay here is ``adapters.bootstrap.build_relay``'s, run by its own loop (``Relay.run``);
+only its name (its saved position) and its topic are the bench's, so the live one is untouched."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import psycopg
+
+from adapters import kafka_io
+from adapters.bootstrap import build_relay
+from adapters.settings import Settings
+from application.services import PaletteService
+from domain.contracts.envelope import EventEnvelope, encode_notification
+from infra.kafka_admin import ensure_topics
+from tests.bench.harness import Profile, Results, Stack, percentile, say, service_on
+
+LAG_EVENTS_PER_S = 500  # job creations at half that rate: each commits 2 events
+ACK_SAMPLES = 50
+
+
+def named_relay(settings: Settings, topic: str, name: str,
+                      on_acked: Callable[[list[EventEnvelope]], None] | None = None) -> Any:
+    """The composition root's relay, publishing to ``topic`` under its own position ``name``."""
+    logging.getLogger("palette.relay").setLevel(logging.ERROR)  # its start-up line, once per run
+    relay = build_relay(settings)
+    relay.name, relay.topic, relay.on_acked = name, topic, on_acked
+    return relay
+
+
+def bench_relay(settings: Settings, prof: Profile, results: Results) -> None:
+    rates, raw_rates = [], []
+    for rep in range(prof.repeats):
+        topic = f"bench.relay.{rep}"
+        ensure_topics(settings.effective_kafka_bootstrap, [topic, f"{topic}.raw"], settings.kafka_partitions)
+        relay = named_relay(settings, topic, f"bench-{uuid.uuid4().hex[:6]}")
+        head = relay.recorder.max_notification_id() or 0
+        stop = threading.Event()
+        loop = threading.Thread(target=relay.run, args=(stop,), daemon=True)
+        t0 = time.perf_counter()
+        loop.start()
+        while relay.acked < head and loop.is_alive():  # acked: sent, acknowledged and its position saved
+            time.sleep(0.001)
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        loop.join(timeout=30)
+        if relay.acked < head:
+            raise RuntimeError(f"the relay stopped at {relay.acked} of {head} events")
+        rates.append(head / elapsed)
+        # The client's ceiling: a bare producer sending the same envelopes, already encoded.
+        values = [(str(n.originator_id).encode(), encode_notification(n, relay.transcoder))
+                  for n in relay.recorder.select_notifications(start=1, limit=head)]
+        relay.close()
+        producer = kafka_io.producer(settings, linger_ms=5)
+        t0 = time.perf_counter()
+        futures = [producer.send(f"{topic}.raw", key=k, value=v) for k, v in values]
+        producer.flush()
+        for f in futures:
+            f.get(timeout=30)
+        raw_rates.append(len(values) / (time.perf_counter() - t0))
+        producer.close()
+    # One message at a time, each waiting for its ack: the broker's own produce latency.
+    producer = kafka_io.producer(settings, linger_ms=0)
+    acks = []
+    for i in range(ACK_SAMPLES):
+        t1 = time.perf_counter()
+        producer.send(f"bench.relay.{prof.repeats - 1}.raw", key=b"k", value=b"%d" % i).get(timeout=30)
+        acks.append((time.perf_counter() - t1) * 1000)
+    producer.close()
+    results["relay_backlog_events"] = head
+    results["raw_produce_ack_p50_ms"] = round(statistics.median(acks), 1)
+    results["relay_events_per_s"] = round(statistics.median(rates), 1)
+    results["raw_producer_events_per_s"] = round(statistics.median(raw_rates), 1)
+    say(f"relay {results['relay_events_per_s']:,.0f} events/s over a backlog of {head:,} events; bare producer "
+        f"{results['raw_producer_events_per_s']:,.0f} events/s; one message send->ack "
+        f"{results['raw_produce_ack_p50_ms']} ms (p50 of {ACK_SAMPLES})")
+
+
+def wait_drained(settings: Settings, timeout_s: float = 300) -> None:
+    """Until the projector has folded the backlog (lag is measured on live traffic, not catch-up)."""
+    from projections.models import READ_MODELS
+    from projections.store import unapplied
+
+    deadline = time.monotonic() + timeout_s
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            if all(unapplied(conn, m, "palette_events")[0] == 0 for m in READ_MODELS.values()):
+                return
+            time.sleep(0.2)
+    raise RuntimeError("the projector did not catch up with the backlog")
+
+
+def steady_creates(svc: PaletteService, seconds: float, on_commit: Callable[[str], None]) -> float:
+    """Job creations offered on schedule for ``seconds`` at LAG_EVENTS_PER_S events/s (fewer when
+    this process falls behind its schedule); returns the events per second committed."""
+    user_id = svc.register(f"lag-{uuid.uuid4()}", plan="bench").value[0]
+    rate = LAG_EVENTS_PER_S / 2
+
+    def create() -> None:
+        on_commit(str(svc.create_job(user_id, "interior", 1).value))
+
+    t0 = time.time()
+    futures: list[Future[None]] = []
+    with ThreadPoolExecutor(16) as pool:
+        while time.time() < t0 + seconds:
+            time.sleep(max(0.0, t0 + len(futures) / rate - time.time()))
+            futures.append(pool.submit(create))
+    return 2 * sum(1 for f in futures if f.exception() is None) / seconds
+
+
+def projection_lags(settings: Settings, svc: PaletteService, seconds: float) -> tuple[list[float], int, float]:
+    """Milliseconds from each job creation's return (committed) to its jobs_log tracking row,
+    polled every 10 ms; returns the lags seen, how many jobs were created, and events/s."""
+    seen: dict[str, float] = {}
+    commits: dict[str, float] = {}
+    stop = threading.Event()
+    stopped_at = [float("inf")]
+
+    def poll_rows() -> None:
+        # Only the oldest unseen jobs are asked for (rows arrive about in order): the probe's own
+        # load stays small however far the projector falls behind.
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            while not stop.is_set() or len(seen) < len(commits):
+                pending = [k for k in list(commits) if k not in seen][:200]
+                if pending:
+                    rows = conn.execute("SELECT stream_id::text FROM palette_read.jobs_log_tracking "
+                                        "WHERE stream_id = ANY(%s::uuid[])", [pending]).fetchall()
+                    now = time.time()
+                    for (job,) in rows:
+                        seen.setdefault(job, now)
+                if stop.is_set() and time.time() > stopped_at[0] + 30:
+                    return
+                time.sleep(0.01)
+
+    poller = threading.Thread(target=poll_rows, daemon=True)
+    poller.start()
+    rate = steady_creates(svc, seconds, lambda job: commits.__setitem__(job, time.time()))
+    stopped_at[0] = time.time()
+    stop.set()
+    poller.join(timeout=40)
+    return [(seen[k] - commits[k]) * 1000 for k in commits if k in seen], len(commits), rate
+
+
+def bench_lag(stack: Stack, prof: Profile, results: Results) -> None:
+    """Needs the stack's relay and projector processes running, the backlog drained."""
+    settings = stack.settings
+    svc, close = service_on(settings, "public", naive=False)
+    try:
+        lags, created, rate = projection_lags(settings, svc, prof.lag_seconds)
+        results["projection_lag_events_per_s"] = round(rate, 1)
+        results["projection_lag_p99_ms"] = round(percentile(lags, 99), 1) if lags else None
+        results["projection_lag_p50_ms"] = round(percentile(lags, 50), 1) if lags else None
+        # Event -> ack: a second relay in this process (own position and topic), from the head on.
+        acked: list[float] = []
+        relay = named_relay(settings, "bench.lag", f"bench-lag-{uuid.uuid4().hex[:6]}",
+                                  on_acked=lambda envs: acked.extend(time.time() - e.timestamp.timestamp()
+                                                                     for e in envs))
+        relay.positions.save(relay.name, relay.recorder.max_notification_id() or 0)
+        stop = threading.Event()
+        loop = threading.Thread(target=relay.run, args=(stop,), daemon=True)
+        loop.start()
+        results["relay_ack_events_per_s"] = round(steady_creates(svc, min(prof.lag_seconds, 8), lambda job: None), 1)
+        stop.set()
+        loop.join(timeout=30)
+        relay.close()
+    finally:
+        close()
+    results["relay_p99_ms"] = round(percentile([a * 1000 for a in acked], 99), 1) if acked else None
+    say(f"commit -> jobs_log row at {rate:,.0f} events/s: p50 {results['projection_lag_p50_ms']} ms, "
+        f"p99 {results['projection_lag_p99_ms']} ms ({len(lags)}/{created} seen); event -> broker ack (second "
+        f"relay) at {results['relay_ack_events_per_s']:,.0f} events/s: p99 {results['relay_p99_ms']} ms")

@@ -1,0 +1,152 @@
+"""The goals, what every figure measures, and the report: a table, JSON and a measured/goal chart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.bench.api import LATENCY_CLIENTS, LATENCY_LOAD
+from tests.bench.core import HOT_CLIENTS, HOT_JOB_ITEMS
+from tests.bench.gpu import BATCH, WARM_ITEMS
+from tests.bench.harness import CORE_CLIENTS, HTTP_CLIENTS, Results
+from tests.bench.relay import ACK_SAMPLES, LAG_EVENTS_PER_S
+
+NAIVE_PATH = "one load-decide-save per command, no cache"
+LAG = (f"job creations (2 events each) offered at {LAG_EVENTS_PER_S} events/s, the stack's relay and projector "
+       "processes running")
+
+# Every figure the run reports, in report order, with exactly what it measures.
+MEASURES: dict[str, str] = {
+    "requests_per_s": f"HTTP API requests per second of API time, {HTTP_CLIENTS} concurrent users in 2 client "
+                      "processes; sessions of 7 requests (5 commands, 2 reads), their S3 uploads untimed",
+    "commands_per_s": "the commands (POSTs) among those requests, per second of the same API time",
+    "naive_requests_per_s": f"requests_per_s against `palette serve api --naive` ({NAIVE_PATH})",
+    "naive_commands_per_s": f"commands_per_s against `palette serve api --naive` ({NAIVE_PATH})",
+    "api_p50_ms": f"latency of every API request (client side), requests offered open loop at "
+                  f"{LATENCY_LOAD:.0%} of requests_per_s in each stage (at most {LATENCY_CLIENTS} in flight)",
+    "api_p99_ms": "p99 of the same latencies",
+    "core_commands_per_s": f"commands per second through PaletteService in process, {CORE_CLIENTS} threads, "
+                           "group commit; sessions of 5-6 commands (register, create, confirm, execute, "
+                           "cancel or 2 results)",
+    "naive_core_commands_per_s": f"core_commands_per_s with the direct executor ({NAIVE_PATH})",
+    "hot_stream_results_per_s": f"item results per second into one {HOT_JOB_ITEMS}-item job (one stream) from "
+                                f"{HOT_CLIENTS} threads in process, group commit",
+    "naive_hot_stream_results_per_s": "the same with the direct executor, each 409 conflict retried",
+    "relay_backlog_events": "events in the log the relay figures publish",
+    "relay_events_per_s": "events per second of the relay (bootstrap.build_relay, Relay.run) from position 0 "
+                          "until the last event is acknowledged and its position saved, to a fresh topic",
+    "raw_producer_events_per_s": "a bare kafka-python producer (linger 5 ms) sending the same envelopes, "
+                                 "encoded beforehand, to a fresh topic",
+    "raw_produce_ack_p50_ms": f"one message sent and its ack awaited (linger 0), p50 of {ACK_SAMPLES}",
+    "relay_p99_ms": f"event time (set when decided, before its commit) -> broker ack, p99, on a second relay "
+                    f"in the bench process; {LAG}",
+    "relay_ack_events_per_s": "the events per second committed while relay_p99_ms was measured",
+    "projection_lag_p50_ms": f"create_job returned (committed) -> its jobs_log tracking row seen (polled every "
+                             f"10 ms); {LAG}",
+    "projection_lag_p99_ms": "p99 of the same lags",
+    "projection_lag_events_per_s": "the events per second committed while the projection lags were measured",
+    "rebuild_log_events": "events in the log the rebuild and replay figures read",
+    "rebuild_events_per_s": "`palette projections rebuild jobs_log`: log events covered per second (other "
+                            "streams' events skipped in SQL; fold in memory, COPY, swap)",
+    "naive_rebuild_events_per_s": "the log's first events applied to jobs_log in one transaction each "
+                                  "(projections.store.apply_batch per event), reading untimed",
+    "replay_events_per_s": "Replayer.all_jsonl over the whole log, the lines written to memory "
+                           "(what `palette replay all` prints)",
+    "gpu_items_per_s": f"items per second of GpuWorker.process (bootstrap.build_gpu_worker), batches of {BATCH}, "
+                       "1 MP JPEGs: S3 get, masks, edits, PNG and preview put, signed callback to the API; "
+                       f"{WARM_ITEMS} warm-up items untimed",
+    "naive_gpu_items_per_s": "one item at a time on the CPU: S3 get, PIL decode, masks, each op on the full "
+                             "image, PIL PNG (level 6) and preview put, CallbackClient callback",
+    "gpu_device": "the torch device of the pipeline run",
+    "peak_rss_mb": "peak resident memory (VmHWM) of the api, relay and projector processes, and of the child "
+                   "process that ran the GPU pipeline (gpu_worker, the largest over repeats)",
+}
+
+
+Part = tuple[str | None, float, bool]
+
+
+def _ratio(r: Results, key: str, parts: tuple[Part, ...]) -> float | None:
+    """measured / goal, the smallest over the goal's parts (1 or more = met); None when the figure
+    or a baseline was not measured."""
+    value = r.get(key)
+    if value is None:
+        return None
+    ratios: list[float] = []
+    for baseline, factor, higher in parts:
+        if baseline is not None and not r.get(baseline):
+            return None  # the baseline was not measured
+        target = factor * r[baseline] if baseline is not None else factor
+        if not higher and value <= 0:
+            return None
+        ratios.append(value / target if higher else target / value)
+    return min(ratios)
+
+
+# Each goal: its figure, its text, its parts (the key of a baseline or None, the factor or the
+# bound, whether higher is better); a two-part goal is met when both parts are.
+GOALS: list[tuple[str, str, tuple[Part, ...]]] = [
+    ("commands_per_s", ">= 2000 and >= 5x naive", ((None, 2000, True), ("naive_commands_per_s", 5, True))),
+    ("core_commands_per_s", ">= 2000 (in process)", ((None, 2000, True),)),
+    ("hot_stream_results_per_s", ">= 1000", ((None, 1000, True),)),
+    ("api_p99_ms", "<= 25 at 70% of peak", ((None, 25, False),)),
+    ("relay_events_per_s", ">= 10000 and >= 80% of raw producer",
+     ((None, 10000, True), ("raw_producer_events_per_s", 0.8, True))),
+    ("relay_p99_ms", "<= 50", ((None, 50, False),)),
+    ("projection_lag_p99_ms", "<= 100 at 500 events/s", ((None, 100, False),)),
+    ("rebuild_events_per_s", ">= 20000 and >= 10x naive",
+     ((None, 20000, True), ("naive_rebuild_events_per_s", 10, True))),
+    ("replay_events_per_s", ">= 50000", ((None, 50000, True),)),
+    ("gpu_items_per_s", ">= 3x naive (CPU)", (("naive_gpu_items_per_s", 3, True),)),
+]
+
+
+def judge(results: Results) -> None:
+    """Each goal's measured/goal ratio and verdict (None: not measured), and the measures' texts."""
+    results["goals"] = {}
+    for name, text, parts in GOALS:
+        ratio = _ratio(results, name, parts)
+        results["goals"][name] = {"goal": text, "ratio": None if ratio is None else round(ratio, 3),
+                                  "met": None if ratio is None else ratio >= 1}
+    results["measures"] = {k: v for k, v in MEASURES.items() if k in results}
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else (f"{value:,.2f}" if isinstance(value, float) else str(value))
+
+
+def table(results: Results) -> str:
+    lines = [f"{'figure':<32}{'value':>14}  what it measures", "-" * 120]
+    for key, what in MEASURES.items():
+        if key == "peak_rss_mb" and results.get(key):
+            lines.append(f"{key:<32}{'':>14}  {what}")
+            lines += [f"{'  ' + name:<32}{_shown(mb):>14}" for name, mb in results[key].items()]
+        elif key in results:
+            lines.append(f"{key:<32}{_shown(results[key]):>14}  {what}")
+    lines += ["", f"{'goal':<26}{'target':<40}{'measured/goal':>14}  result", "-" * 90]
+    for name, g in results["goals"].items():
+        verdict = {True: "pass", False: "SHORT", None: "not measured"}[g["met"]]
+        lines.append(f"{name:<26}{g['goal']:<40}{_shown(g['ratio']):>14}  {verdict}")
+    m = results["machine"]
+    lines += ["", f"machine: {m['cores']} cores, {m['memory_gb']} GB, {m['cpu']}, GPU: {m['gpu'] or 'none'}; "
+              f"{results['profile']} run in {results['seconds']}s"]
+    return "\n".join(lines)
+
+
+def plot(results: Results, path: str) -> None:
+    """Each goal's measured/goal ratio (of a two-part goal, its smaller part) as a bar chart."""
+    from PIL import Image, ImageDraw
+
+    ratios = [(name, g["ratio"]) for name, g in results["goals"].items() if g["ratio"] is not None]
+    w, row = 900, 34
+    img = Image.new("RGB", (w, row * (len(ratios) + 2)), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 8), "measured / goal, the smaller part of a two-part goal (right of the line = goal met)",
+           fill="black")
+    x0, scale = 260, 200
+    for i, (name, ratio) in enumerate(ratios, 1):
+        y = i * row + 8
+        d.text((10, y + 8), name, fill="black")
+        d.rectangle([x0, y + 4, x0 + min(ratio, 3) * scale, y + row - 8], fill="#3a7" if ratio >= 1 else "#d54")
+        d.text((x0 + min(ratio, 3) * scale + 6, y + 8), f"{ratio:.2f}", fill="black")
+    d.line([x0 + scale, row, x0 + scale, row * (len(ratios) + 1)], fill="black", width=2)
+    img.save(path)

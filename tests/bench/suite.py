@@ -1,0 +1,62 @@
+"""The whole run, in order, on one embedded stack; then the report (`palette bench`)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+from tests.bench.api import bench_http
+from tests.bench.audit import bench_audit_at_scale
+from tests.bench.core import bench_core, make_backlog
+from tests.bench.gpu import bench_gpu
+from tests.bench.harness import FULL, QUICK, Results, machine, rss_mb, running_stack, say
+from tests.bench.rebuild import bench_rebuild_and_replay
+from tests.bench.relay import bench_lag, bench_relay, wait_drained
+from tests.bench.report import judge, plot, table
+
+
+def run(quick: bool) -> Results:
+    prof = QUICK if quick else FULL
+    results: Results = {"profile": "quick" if quick else "full", "machine": machine()}
+    t0 = time.monotonic()
+    say(f"starting an embedded stack ({results['profile']} profile)")
+    with running_stack() as stack:
+        bench_core(stack.settings, prof, results)
+        bench_http(stack, prof, results)
+        say(f"writing a backlog of ~{prof.backlog_commands:,} commands")
+        make_backlog(stack.settings, prof.backlog_commands)
+        bench_relay(stack.settings, prof, results)
+        stack.start_apps(("relay", "projector"))
+        wait_drained(stack.settings)
+        bench_lag(stack, prof, results)
+        for name in ("relay", "projector"):
+            results.setdefault("peak_rss_mb", {})[name] = rss_mb(stack.supervisor.pid(name))
+        stack.supervisor.stop("projector")
+        stack.supervisor.stop("relay")
+        bench_rebuild_and_replay(stack.settings, prof, results)
+        bench_gpu(stack, prof, results)
+    results["seconds"] = round(time.monotonic() - t0, 1)
+    judge(results)
+    return results
+
+
+def main(quick: bool, json_path: str | None, plot_path: str | None, audit_events: int | None = None) -> int:
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt  # unwinds through the stack's context: everything is stopped
+
+    signal.signal(signal.SIGTERM, interrupted)
+    if audit_events:
+        results = bench_audit_at_scale(audit_events)
+        print(json.dumps(results, indent=2))
+        if json_path:
+            Path(json_path).write_text(json.dumps(results, indent=2))
+        return 0 if results.get("reconcile_ok") else 1
+    results = run(quick)
+    print(table(results))
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2, default=str))
+    if plot_path:
+        plot(results, plot_path)
+    return 0

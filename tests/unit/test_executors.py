@@ -1,0 +1,93 @@
+"""The executors on the in-memory store: reads go through the one aggregate cache (the group
+committer's) and see committed state only; stream loading stays behind the StreamLoader port."""
+
+from __future__ import annotations
+
+import ast
+import threading
+from pathlib import Path
+
+from application.executors import DirectExecutor, GroupCommitter, RecorderStreamLoader
+from application.services import PaletteApplication, PaletteService
+from domain.user import User
+from tests.simulation import Ids, StepClock
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _service(group_commit: bool) -> PaletteService:
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    return PaletteService(app, GroupCommitter(app) if group_commit else DirectExecutor(app), StepClock(), Ids())
+
+
+def test_the_event_store_keeps_no_aggregate_cache_of_its_own() -> None:
+    assert PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"}).repository.cache is None
+
+
+def test_a_read_is_a_private_copy_of_the_committed_aggregate() -> None:
+    for group_commit in (False, True):
+        svc = _service(group_commit)
+        user_id, _ = svc.register("reader").value
+        svc.grant_credits(user_id, 5, "promo")
+        copy = svc.executor.read(user_id)
+        assert isinstance(copy, User) and copy.granted == 50 + 5
+        copy.grant(100, "not saved", StepClock().now())  # changes the copy only
+        assert svc.get_user(user_id).granted == 50 + 5
+        assert svc.executor.read(Ids().new_id()) is None
+        if group_commit:
+            svc.executor.stop()  # type: ignore[attr-defined]
+
+
+def test_a_read_queued_with_a_write_sees_the_state_before_that_batch_and_never_a_phantom() -> None:
+    svc = _service(group_commit=True)
+    committer = svc.executor
+    assert isinstance(committer, GroupCommitter)
+    user_id, _ = svc.register("batch").value
+    release, started = threading.Event(), threading.Event()
+
+    def blocker(uow):  # type: ignore[no-untyped-def]
+        started.set()
+        release.wait(10)
+
+    first = committer.submit(blocker)
+    assert started.wait(10)
+    seen: list[int] = []
+    reader = threading.Thread(target=lambda: seen.append(committer.read(user_id).granted))  # type: ignore[union-attr]
+    reader.start()
+    while committer._queue.qsize() == 0:  # the read is queued before the write
+        pass
+
+    def grant(uow):  # type: ignore[no-untyped-def]
+        uow.get(User, user_id).grant(7, "x", StepClock().now())
+
+    write = committer.submit(grant)
+    release.set()
+    first.result()
+    write.result()
+    reader.join(10)
+    assert seen == [50]  # served before the batch's write ran
+    assert svc.get_user(user_id).granted == 57  # a read after the write sees it
+    committer.stop()
+
+
+def test_the_generic_loader_returns_only_newer_events_per_stream() -> None:
+    svc = _service(group_commit=False)
+    a, _ = svc.register("a").value
+    b, _ = svc.register("b").value
+    svc.grant_credits(a, 1, "x")
+    loader = RecorderStreamLoader(svc.app.recorder)
+    a_versions = [e.originator_version for e in svc.app.recorder.select_events(a)]
+    b_versions = [e.originator_version for e in svc.app.recorder.select_events(b)]
+    got = [(e.originator_id, e.originator_version) for e in loader.newer_than({a: 1, b: 0})]
+    assert got == [(a, v) for v in a_versions if v > 1] + [(b, v) for v in b_versions]
+    assert len(got) == len(a_versions) - 1 + len(b_versions) > len(b_versions)
+    assert loader.newer_than({}) == []
+
+
+def test_application_runs_no_sql() -> None:
+    """Stream loading is behind application.ports.StreamLoader; the SQL is in adapters.pg_streams."""
+    for path in sorted((ROOT / "application").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] in ("psycopg", "psycopg_pool") for n in names), path
