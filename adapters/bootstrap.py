@@ -145,17 +145,39 @@ def embedded_stack(settings: Settings, echo: IO[str] | None = None) -> EmbeddedS
 
 
 def build_relay(settings: Settings) -> Any:
+    """The relay, woken by the event store's commits and watching the broker for lost messages."""
+    import psycopg
+
     from adapters import kafka_io
-    from adapters.relay import PgPositions, Relay
+    from adapters.relay import RELAY_NAME, LossWatch, PgWakeup, Relay, RelayState, install_wakeup
+    from infra.kafka_admin import ensure_topics
+    from projections.models import READ_MODELS
+    from projections.store import oldest_needed
 
     app = open_event_store(settings, pool_size=2)
-    return Relay(app, kafka_io.producer(settings, linger_ms=5), PgPositions.connect(settings.effective_database_url))
+    url = settings.effective_database_url
+    recorder: Any = app.recorder
+    with psycopg.connect(url, autocommit=True) as conn:
+        install_wakeup(conn, recorder.datastore.schema or "public", recorder.events_table_name)
+
+    def republish_from() -> int:
+        """The oldest event some read model has not folded (the dispatcher sweeps by itself);
+        the topics are made again first, as the broker may have forgotten them too."""
+        ensure_topics(settings.effective_kafka_bootstrap, topics.ALL, settings.kafka_partitions)
+        head = (recorder.max_notification_id() or 0) + 1
+        with psycopg.connect(url, autocommit=True) as conn:
+            oldest = [oldest_needed(conn, m, recorder.events_table_name) for m in READ_MODELS.values()]
+        return min([head, *(o for o in oldest if o is not None)])
+
+    state = RelayState.connect(url)
+    loss = LossWatch(kafka_io.TopicEnds(settings, topics.EVENTS), republish_from, state, RELAY_NAME)
+    return Relay(app, kafka_io.producer(settings, linger_ms=5), state, wakeup=PgWakeup(url), loss=loss)
 
 
 def build_projector(settings: Settings) -> Any:
     from adapters import kafka_io
     from adapters.projector import GROUP, PgReadStore, Projector
-    from adapters.relay import RELAY_NAME, PgPositions
+    from adapters.relay import RELAY_NAME, LossSignal, PgPositions
     from projections.log import LogReader
 
     app = open_event_store(settings, pool_size=1)
@@ -164,7 +186,8 @@ def build_projector(settings: Settings) -> Any:
                      PgReadStore(settings.effective_database_url),
                      LogReader.of(app),
                      published=lambda: relay_positions.get(RELAY_NAME),
-                     sweep_every_s=settings.projector_sweep_s)
+                     sweep_every_s=settings.projector_sweep_s,
+                     losses=LossSignal(settings.effective_database_url, GROUP))
 
 
 def build_dispatcher(settings: Settings) -> Any:
@@ -172,9 +195,12 @@ def build_dispatcher(settings: Settings) -> Any:
     from adapters.dispatcher import GROUP, Dispatcher, KafkaTaskQueue
     bootstrap = settings.effective_kafka_bootstrap
     app = open_event_store(settings, pool_size=2)
+    from adapters.relay import LossSignal
+
     return Dispatcher(kafka_io.consumer(settings, GROUP, topics.EVENTS, fetch_max_wait_ms=100),
                       kafka_io.producer(settings), app, settings.effective_database_url,
-                      stale_s=settings.dispatch_stale_s, queue=KafkaTaskQueue.connect(bootstrap))
+                      stale_s=settings.dispatch_stale_s, queue=KafkaTaskQueue.connect(bootstrap),
+                      losses=LossSignal(settings.effective_database_url, GROUP))
 
 
 def compute_threads_for(device: Any) -> int:

@@ -21,6 +21,7 @@ holds no position for (dispatched before a restart, or forgotten) falls back to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -34,6 +35,7 @@ import psycopg
 from eventsourcing.persistence import ConnectionPoolClosedError, PersistenceError
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
+from adapters.relay import LossSignal
 from domain.contracts import topics
 from domain.contracts.envelope import decode
 from domain.contracts.gpu_task import tasks_for as build_tasks
@@ -162,7 +164,7 @@ class Dispatcher(ConsumerLoop):
                  stale_s: float = 600.0, clock: Callable[[], float] = time.monotonic,
                  queue: TaskQueue | None = None,
                  stale_jobs: Callable[[float, int], Sequence[Any]] | None = None,
-                 placements_bytes: int = PLACEMENTS_BYTES) -> None:
+                 placements_bytes: int = PLACEMENTS_BYTES, losses: LossSignal | None = None) -> None:
         self.consumer = consumer
         self.producer = producer
         self.app = app
@@ -173,7 +175,9 @@ class Dispatcher(ConsumerLoop):
         self.sweep_every_s = min(60.0, stale_s / 2)
         self.clock = clock
         self.queue = queue
+        self.placements_bytes = placements_bytes
         self.placements = Placements(placements_bytes)
+        self.losses = losses  # says when the relay saw the broker lose messages
         self.conn = psycopg.connect(database_url, autocommit=True) if database_url else None
         self.stale_jobs = stale_jobs or (self._stale_jobs_in_read_model if self.conn is not None else None)
         self._next_sweep = clock() + self.sweep_every_s
@@ -191,8 +195,32 @@ class Dispatcher(ConsumerLoop):
         """Dispatch again the unfinished items of jobs that made no progress for ``stale_s`` and
         whose tasks are not waiting in the queue."""
         assert self.stale_jobs is not None
+        return self._send_again(self.stale_jobs(self.stale_s, limit), "stalled")
+
+    def after_loss(self, page: int = 500) -> int:
+        """The broker lost messages (the relay recorded it): GPU tasks in its log may be gone, so
+        the unfinished items of every queued or running job are sent again now, not after
+        ``stale_s``; the worker's callback key makes a duplicate harmless. The events are read
+        again from the start of the (new) log, and the placements, which point into the lost
+        log, are forgotten."""
+        self.placements = Placements(self.placements_bytes)
+        with contextlib.suppress(Exception):  # no partitions assigned yet: the group starts at the start
+            self.consumer.seek_to_beginning()
+        if self.conn is None:
+            return 0
+        sent, after = 0, None
+        while True:
+            rows = self.conn.execute(
+                "SELECT id FROM palette_read.jobs_log WHERE status IN ('queued', 'running') "
+                "AND (%s::uuid IS NULL OR id > %s::uuid) ORDER BY id LIMIT %s", [after, after, page]).fetchall()
+            sent += self._send_again([job_id for (job_id,) in rows], "unfinished after a broker loss")
+            if len(rows) < page:
+                return sent
+            after = rows[-1][0]
+
+    def _send_again(self, job_ids: Sequence[Any], why: str) -> int:
         jobs: list[tuple[Job, list[dict[str, Any]]]] = []
-        for job_id in self.stale_jobs(self.stale_s, limit):
+        for job_id in job_ids:
             try:
                 job = self.repository.get(job_id)
                 if job.status.value not in ("queued", "running"):
@@ -201,7 +229,7 @@ class Dispatcher(ConsumerLoop):
             except TRANSIENT:
                 raise
             except Exception as e:  # noqa: BLE001 - one job that cannot be built never stops the sweep
-                log.error("stalled job %s cannot be dispatched: %s: %s", job_id, type(e).__name__, str(e)[:200])
+                log.error("%s job %s cannot be dispatched: %s: %s", why, job_id, type(e).__name__, str(e)[:200])
         try:
             waiting = self._waiting([job for job, _ in jobs])
         except TRANSIENT as e:
@@ -213,9 +241,9 @@ class Dispatcher(ConsumerLoop):
                 sent.extend((task["job_id"], self._send(task)) for task in tasks)
         self._flush(sent)
         if sent:
-            log.warning("dispatched %d task(s) of %d stalled job(s) again", len(sent), len(jobs) - len(waiting))
+            log.warning("dispatched %d task(s) of %d %s job(s) again", len(sent), len(jobs) - len(waiting), why)
         if waiting:
-            log.info("%d stalled job(s) still waiting in the GPU queue", len(waiting))
+            log.info("%d %s job(s) still waiting in the GPU queue", len(waiting), why)
         return len(sent)
 
     def _waiting(self, jobs: Sequence[Job]) -> set[str]:
@@ -264,7 +292,13 @@ class Dispatcher(ConsumerLoop):
             self.placements.discard(str(env.stream_id))
         if env.type != "JobQueued":
             return []
-        return tasks_for(self.repository.get(env.stream_id, version=env.version))
+        # The job as it is now: a JobQueued delivered again (a redelivery, or the relay publishing
+        # again after a broker loss) sends only what is still unfinished, and nothing for a job
+        # that ended meanwhile.
+        job = self.repository.get(env.stream_id)
+        if job.status.value not in ("queued", "running"):
+            return []
+        return [t for t in tasks_for(job) if t["idx"] not in job.items]
 
     def _park(self, record: Any, error: BaseException) -> None:
         reason = f"{type(error).__name__}: {error}"
@@ -299,6 +333,9 @@ class Dispatcher(ConsumerLoop):
         if polled:
             self.producer.flush()  # the parked records too, before their offsets are committed
             self.consumer.commit()
+        if self.losses is not None and self.losses.new_loss():
+            self.after_loss()
+            self.losses.handled()
         if self.stale_jobs is not None and self.clock() >= self._next_sweep:
             self._next_sweep = self.clock() + self.sweep_every_s
             self.sweep()

@@ -11,13 +11,18 @@ logging.getLogger("kafka").setLevel(logging.WARNING)
 
 
 def producer(settings: Settings, linger_ms: int = 5, batch_size: int = 256 * 1024) -> Any:
-    """acks=all, one request in flight per connection: retries never reorder a stream."""
+    """acks=all, one request in flight per connection: retries never reorder a stream (and may
+    repeat a message, which every consumer takes as a duplicate)."""
     from kafka import KafkaProducer
 
     return KafkaProducer(
         bootstrap_servers=settings.effective_kafka_bootstrap, acks="all", linger_ms=linger_ms,
         batch_size=batch_size, max_in_flight_requests_per_connection=1, retries=5,
         request_timeout_ms=30000,
+        # No idempotent producer: a broker that restarted empty does not know its producer id and
+        # refuses every send (UnknownProducerId). Consumers are idempotent; one request in flight
+        # keeps a stream's order on retries.
+        enable_idempotence=False,
     )
 
 
@@ -33,3 +38,26 @@ def consumer(settings: Settings, group_id: str, *topics: str, max_poll_records: 
         heartbeat_interval_ms=2000, fetch_max_wait_ms=fetch_max_wait_ms, max_poll_records=max_poll_records,
         max_poll_interval_ms=300000,
     )
+
+
+class TopicEnds:
+    """The end offsets of one topic's partitions, asked of the broker (no consumer group)."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        from kafka import KafkaConsumer
+
+        self.topic = topic
+        self.consumer = KafkaConsumer(bootstrap_servers=settings.effective_kafka_bootstrap,
+                                      enable_auto_commit=False, request_timeout_ms=10000)
+
+    def end_offsets(self) -> dict[int, int]:
+        """The next offset of each partition; empty when the topic does not exist."""
+        from kafka import TopicPartition
+
+        self.consumer.topics()  # fresh metadata: a restarted broker may have forgotten the topic
+        partitions = self.consumer.partitions_for_topic(self.topic) or set()
+        ends = self.consumer.end_offsets([TopicPartition(self.topic, p) for p in partitions])
+        return {tp.partition: int(offset) for tp, offset in ends.items()}
+
+    def close(self) -> None:
+        self.consumer.close()

@@ -9,6 +9,7 @@ to fold what never arrived at all (a stream's last event). Both are idle when no
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 
 import psycopg
 
-from adapters.relay import PgPositions
+from adapters.relay import LossSignal, PgPositions
 from domain.contracts import topics
 from domain.contracts.envelope import EventEnvelope, decode
 from domain.contracts.loop import ConsumerLoop
@@ -60,7 +61,7 @@ class PgReadStore:
 class Projector(ConsumerLoop):
     def __init__(self, consumer: Any, store: ReadStore, log_reader: LogReader | None = None,
                  published: Callable[[], int] | None = None, sweep_every_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, losses: LossSignal | None = None) -> None:
         self.consumer = consumer
         self.store = store
         self.log = log_reader
@@ -71,6 +72,7 @@ class Projector(ConsumerLoop):
         self.swept = 0  # events only the sweep folded: the broker never delivered them
         self.sweep_bound = 0
         self._next_sweep = clock() + sweep_every_s
+        self.losses = losses  # says when the relay saw the broker lose messages
 
     @property
     def fill(self) -> Fill | None:
@@ -90,9 +92,26 @@ class Projector(ConsumerLoop):
         if polled:
             self._count(self.store.apply(envelopes, self.fill))
             self.consumer.commit()
+        if self.losses is not None and self.losses.new_loss():
+            self.after_loss(self.losses.republish_from)
+            self.losses.handled()
         if self.log is not None and self.clock() >= self._next_sweep:
             self.sweep()
         return len(envelopes)
+
+    def after_loss(self, republish_from: int = 0) -> None:
+        """The broker lost messages and the relay publishes them again from ``republish_from``
+        (everything before it is folded): read the (new) log from its start, whatever offset this
+        consumer held in the old one, and sweep the event log from there to the relay now rather
+        than at the next interval. Duplicates change nothing."""
+        with contextlib.suppress(Exception):  # no partitions assigned yet: the group starts at the start
+            self.consumer.seek_to_beginning()
+        if self.log is not None:
+            if republish_from > 0:
+                self.store.save_position(SWEEP, max(self.store.position(SWEEP), republish_from - 1))
+            self.sweep_bound = self.published() if self.published is not None else self.log.head()
+            self._next_sweep = self.clock()
+        log.warning("the broker lost messages: reading its log again from the start")
 
     def sweep(self, limit: int = SWEEP_PAGE) -> int:
         """Fold one page of the log behind the relay: what the broker never delivered.

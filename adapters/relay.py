@@ -2,6 +2,16 @@
 
 Publishes in notification order, keyed by stream id (one partition per stream keeps its order),
 and records its position in PostgreSQL only after the broker acknowledged. At-least-once.
+
+It wakes on commit: a statement trigger on the events table notifies ``palette_events``, and the
+relay waits on that channel (polling only as a fallback, every half second).
+
+The broker is not the source of truth, the event store is. The relay remembers the last offset
+the broker acknowledged on each partition (in PostgreSQL, with its position). When a partition it
+had acknowledged records on is empty (a broker that restarted empty), or an acknowledgement comes
+back at or below one before it (a lost tail, seen on the next publish), the broker lost messages:
+the relay records the loss (``palette_relay.broker_losses``, which the projector and the
+dispatcher watch) and publishes again from the oldest event some read model still needs.
 """
 
 from __future__ import annotations
@@ -10,9 +20,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import psycopg
+from kafka.errors import KafkaError
 from psycopg import sql
 
 from domain.contracts.envelope import EventEnvelope, encode_notification, from_notification
@@ -20,11 +31,121 @@ from domain.contracts.topics import EVENTS as EVENTS_TOPIC
 
 log = logging.getLogger("palette.relay")
 RELAY_NAME = "palette.events"
+NOTIFY_CHANNEL = "palette_events"
 DDL = (
     "CREATE SCHEMA IF NOT EXISTS palette_relay",
     "CREATE TABLE IF NOT EXISTS palette_relay.positions (name text PRIMARY KEY, position bigint NOT NULL, "
     "updated_at timestamptz NOT NULL DEFAULT now())",
+    "CREATE TABLE IF NOT EXISTS palette_relay.acked_offsets (name text NOT NULL, partition integer NOT NULL, "
+    "acked bigint NOT NULL, PRIMARY KEY (name, partition))",
+    "CREATE TABLE IF NOT EXISTS palette_relay.broker_losses (id bigserial PRIMARY KEY, name text NOT NULL, "
+    "republish_from bigint NOT NULL, detected_at timestamptz NOT NULL DEFAULT now())",
+    "CREATE TABLE IF NOT EXISTS palette_relay.losses_handled (consumer text PRIMARY KEY, loss_id bigint NOT NULL)",
 )
+
+
+def install_wakeup(conn: psycopg.Connection[Any], schema: str, events_table: str) -> None:
+    """The statement trigger that notifies the relay of every commit that wrote events."""
+    for statement in DDL:
+        conn.execute(statement)
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('palette-relay-trigger'))")
+        conn.execute("CREATE OR REPLACE FUNCTION palette_relay.notify_events() RETURNS trigger LANGUAGE plpgsql "
+                     f"AS $$ BEGIN PERFORM pg_notify('{NOTIFY_CHANNEL}', ''); RETURN NULL; END $$")
+        conn.execute(sql.SQL(
+            "CREATE OR REPLACE TRIGGER palette_notify_events AFTER INSERT ON {} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION palette_relay.notify_events()"
+        ).format(sql.Identifier(schema, events_table)))
+
+
+class Wakeup(Protocol):
+    def wait(self, timeout_s: float) -> bool:
+        """Block until new events may be there (True) or the timeout passed (False)."""
+
+
+class PgWakeup:
+    """LISTEN on the events channel, on a connection of its own."""
+
+    def __init__(self, database_url: str) -> None:
+        self.conn = psycopg.connect(database_url, autocommit=True)
+        self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+
+    def wait(self, timeout_s: float) -> bool:
+        woke = False
+        for _ in self.conn.notifies(timeout=timeout_s, stop_after=1):
+            woke = True
+        if woke:  # several commits may have notified: one read covers them all
+            for _ in self.conn.notifies(timeout=0):
+                pass
+        return woke
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class BrokerLog(Protocol):
+    """What the relay asks the broker about its own topic."""
+
+    def end_offsets(self) -> dict[int, int]:
+        """The next offset of each partition (0: empty)."""
+
+
+class LossWatch:
+    """Sees that the broker lost acknowledged messages, and where to publish from again.
+
+    ``acked`` holds, by partition, the highest offset the broker acknowledged (kept in PostgreSQL
+    with the relay's position, so a relay restart still compares a fresh broker with the old one)."""
+
+    def __init__(self, broker: BrokerLog, republish_from: Callable[[], int], state: RelayState, name: str,
+                 probe_every_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.broker = broker
+        self.republish_from = republish_from  # the oldest position a consumer still needs
+        self.state = state
+        self.name = name
+        self.acked = state.acked_offsets(name)
+        self.probe_every_s = probe_every_s
+        self.clock = clock
+        self._next_probe = 0.0
+        self.losses = 0
+
+    def save(self, position: int) -> None:
+        """The relay's position and the offsets acknowledged up to it."""
+        self.state.save_acked(self.name, position, self.acked)
+
+    def on_acks(self, offsets: list[tuple[int, int]]) -> bool:
+        """Take the (partition, offset) acknowledgements of one batch; True when one restarted."""
+        lost = False
+        for partition, offset in offsets:
+            if offset <= self.acked.get(partition, -1):
+                lost = True  # the log restarted below what it had acknowledged
+            self.acked[partition] = offset if lost else max(offset, self.acked.get(partition, -1))
+        return lost
+
+    def probe(self, force: bool = False) -> bool:
+        """Every ``probe_every_s``: whether a partition the broker acknowledged records on is now
+        empty (or gone). A lost tail under load shows in the acknowledgements instead."""
+        if not self.acked or (not force and self.clock() < self._next_probe):
+            return False
+        self._next_probe = self.clock() + self.probe_every_s
+        try:
+            ends = self.broker.end_offsets()
+        except (KafkaError, OSError) as e:  # the broker is away: the next acknowledgement will tell
+            log.warning("broker probe failed: %s", type(e).__name__)
+            return False
+        # Only an empty partition is evidence: Tansu answers the end of its last batch, not of its
+        # last record, so a partition that holds anything may end "before" an acknowledged offset.
+        return any(ends.get(p, 0) == 0 for p in self.acked)
+
+    def recover(self) -> int:
+        """Record the loss; the position to publish after (one before the oldest still needed)."""
+        start = self.republish_from()
+        self.state.record_loss(self.name, start)
+        self.state.forget_acked(self.name)
+        self.state.save(self.name, start - 1)
+        self.acked.clear()
+        self.losses += 1
+        log.error("the broker lost acknowledged messages: publishing again from position %d", start)
+        return start - 1
 
 
 class Positions(Protocol):
@@ -46,7 +167,7 @@ class PgPositions:
             "DO UPDATE SET position = EXCLUDED.position, updated_at = now()").format(t=tbl, k=column)
 
     @classmethod
-    def connect(cls, database_url: str) -> PgPositions:
+    def connect(cls, database_url: str) -> Self:
         """The relay's positions, on a connection of their own (the schema created if missing)."""
         conn = psycopg.connect(database_url, autocommit=True)
         for statement in DDL:
@@ -64,10 +185,87 @@ class PgPositions:
         self.conn.close()
 
 
+class RelayState(PgPositions):
+    """The relay's position, the offsets the broker acknowledged, and the losses it saw."""
+
+    def acked_offsets(self, name: str) -> dict[int, int]:
+        rows = self.conn.execute("SELECT partition, acked FROM palette_relay.acked_offsets WHERE name = %s",
+                                 [name]).fetchall()
+        return {int(p): int(o) for p, o in rows}
+
+    def save_acked(self, name: str, position: int, offsets: dict[int, int]) -> None:
+        """Position and acknowledged offsets together (one transaction)."""
+        with self.conn.transaction():
+            self.save(name, position)
+            with self.conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO palette_relay.acked_offsets (name, partition, acked) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (name, partition) DO UPDATE SET acked = EXCLUDED.acked",
+                    [(name, p, o) for p, o in offsets.items()])
+
+    def forget_acked(self, name: str) -> None:
+        self.conn.execute("DELETE FROM palette_relay.acked_offsets WHERE name = %s", [name])
+
+    def record_loss(self, name: str, republish_from: int) -> None:
+        self.conn.execute("INSERT INTO palette_relay.broker_losses (name, republish_from) VALUES (%s, %s)",
+                          [name, republish_from])
+
+
+class LossSignal:
+    """What a consumer of the broker watches: the losses the relay recorded that this consumer
+    (``name``) has not handled yet. Checked at most every ``every_s`` (one indexed query on a
+    connection of its own); a loss counts as handled only once ``handled`` says so, so a consumer
+    that crashes while catching up handles it again after its restart."""
+
+    def __init__(self, database_url: str, name: str, every_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.conn = psycopg.connect(database_url, autocommit=True)
+        for statement in DDL:
+            self.conn.execute(statement)
+        self.name = name
+        self.every_s = every_s
+        self.clock = clock
+        self._next = 0.0
+        # A consumer seen for the first time starts from the losses recorded so far.
+        self.conn.execute(
+            "INSERT INTO palette_relay.losses_handled (consumer, loss_id) "
+            "SELECT %s, coalesce(max(id), 0) FROM palette_relay.broker_losses ON CONFLICT (consumer) DO NOTHING",
+            [name])
+        row = self.conn.execute("SELECT loss_id FROM palette_relay.losses_handled WHERE consumer = %s",
+                                [name]).fetchone()
+        self.seen = int(row[0]) if row else 0
+        self._pending = 0
+        self.republish_from = 0  # of the pending losses: the relay publishes again from here
+
+    def new_loss(self) -> bool:
+        """Whether a loss this consumer has not handled was recorded (then call ``handled``)."""
+        if self._pending:
+            return True
+        if self.clock() < self._next:
+            return False
+        self._next = self.clock() + self.every_s
+        row = self.conn.execute("SELECT max(id), min(republish_from) FROM palette_relay.broker_losses WHERE id > %s",
+                                [self.seen]).fetchone()
+        if row is not None and row[0] is not None:
+            self._pending, self.republish_from = int(row[0]), int(row[1])
+        return bool(self._pending)
+
+    def handled(self) -> None:
+        """The pending losses are dealt with (recorded, so a restart does not do it again)."""
+        if self._pending:
+            self.conn.execute("UPDATE palette_relay.losses_handled SET loss_id = %s WHERE consumer = %s",
+                              [self._pending, self.name])
+            self.seen, self._pending = self._pending, 0
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 class Relay:
     def __init__(self, app: Any, producer: Any, positions: Positions, name: str = RELAY_NAME,
                  topic: str = EVENTS_TOPIC, batch_size: int = 2000,
-                 on_acked: Callable[[list[EventEnvelope]], None] | None = None) -> None:
+                 on_acked: Callable[[list[EventEnvelope]], None] | None = None,
+                 wakeup: Wakeup | None = None, loss: LossWatch | None = None) -> None:
         self.app = app  # owns the recorder's connection pool
         self.recorder = app.recorder
         self.transcoder = app.mapper.transcoder
@@ -80,6 +278,9 @@ class Relay:
         self.acked = 0
         self._in_flight: tuple[int, list[Any], Any] | None = None
         self.on_acked = on_acked  # measurement hook (commit-to-ack latency in the benchmark)
+        self.wakeup = wakeup
+        self.loss = loss
+        self._lost = False  # an acknowledgement came back below one before it
 
     def position(self) -> int:
         return self.positions.get(self.name)
@@ -108,14 +309,30 @@ class Relay:
             return
         last, futures, notifications = self._in_flight
         self.producer.flush()
-        for f in futures:
-            f.get(timeout=30)  # raises if the broker did not acknowledge: the position stays put
-        self.positions.save(self.name, last)
-        self.acked = last
+        # raises if the broker did not acknowledge: the position stays put
+        metas = [f.get(timeout=30) for f in futures]
         self._in_flight = None
+        if self.loss is not None:
+            if self.loss.on_acks([(m.partition, m.offset) for m in metas]):
+                self._lost = True
+                return
+            self.loss.save(last)
+        else:
+            self.positions.save(self.name, last)
+        self.acked = last
         self.published += len(futures)
         if self.on_acked is not None:
             self.on_acked([from_notification(n, self.transcoder) for n in notifications])
+
+    def _recover(self) -> int:
+        """The broker lost messages: forget what is in flight, publish again from the oldest one
+        a consumer still needs."""
+        assert self.loss is not None
+        if self._in_flight is not None:
+            self.producer.flush()
+            self._in_flight = None
+        self._lost = False
+        return self.loss.recover()
 
     def warm_up(self, stop: threading.Event) -> None:
         """The relay is ready once its position table answers."""
@@ -124,14 +341,25 @@ class Relay:
     def run(self, stop: threading.Event, idle_s: float = 0.005, max_idle_s: float = 0.02) -> None:
         position = self.position()
         log.warning("relay starting after position %d", position)
+        if self.loss is not None and self.loss.probe(force=True):
+            position = self._recover()
         wait = idle_s
         while not stop.is_set():
             new_position = self.step(position)
-            if new_position == position:
-                # Polling the log (an indexed, empty query); backing off a little when idle keeps
-                # the relay off the CPU without costing more than ~20 ms of latency.
-                time.sleep(wait)
-                wait = min(max_idle_s, wait * 1.5)
+            if self._lost:
+                new_position = self._recover()
+            elif new_position == position:
+                if self.loss is not None and self.loss.probe():
+                    new_position = self._recover()
+                elif self.wakeup is not None:
+                    # Woken by the commit's notification; the timeout is the fallback poll (and
+                    # the pace of the broker probe).
+                    self.wakeup.wait(0.5)
+                else:
+                    # Polling the log (an indexed, empty query); backing off a little when idle
+                    # keeps the relay off the CPU without costing more than ~20 ms of latency.
+                    time.sleep(wait)
+                    wait = min(max_idle_s, wait * 1.5)
             else:
                 wait = idle_s
             position = new_position
@@ -139,7 +367,8 @@ class Relay:
 
     def close(self) -> None:
         self.producer.close()
-        close = getattr(self.positions, "close", None)
-        if close is not None:
-            close()
+        for part in (self.positions, self.wakeup):
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
         self.app.close()

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     s3_secret_key: str = ""
     s3_region: str = "us-east-1"
     broker_bucket: str = "palette-broker"
+    # The embedded broker's log: "memory" (fast; a restart forgets it, and the relay re-publishes
+    # from the event store) or "s3" (the log in SeaweedFS: slower, and still not the source of truth).
+    broker_storage: Literal["memory", "s3"] = "memory"
     jwt_secret: str = ""
     jwt_issuer: str = "palette"
     jwt_audience: str = "palette-app"

@@ -251,7 +251,7 @@ class EmbeddedStack(Generic[S]):
         s = self.settings
         url = f"tcp://127.0.0.1:{s.kafka_port}"
         argv = [_tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                "--storage-engine", f"s3://{s.broker_bucket}/"]
+                "--storage-engine", f"s3://{s.broker_bucket}/" if s.broker_storage == "s3" else "memory://tansu/"]
         env = {
             "AWS_ENDPOINT": s.effective_s3_endpoint, "AWS_ALLOW_HTTP": "true",
             "AWS_ACCESS_KEY_ID": s.s3_access_key, "AWS_SECRET_ACCESS_KEY": s.s3_secret_key,
@@ -286,6 +286,13 @@ class EmbeddedStack(Generic[S]):
                 return bool(resp.status == 200)
         except OSError:
             return False
+
+    def stop_app(self, name: str) -> None:
+        """Stop one application process until ``start_app`` (tests of a process being away)."""
+        self.supervisor.stop(name)
+
+    def start_app(self, name: str) -> None:
+        self.supervisor.start(self._app_spec(name))
 
     def kill(self, name: str) -> None:
         """SIGKILL one process (chaos and restart tests)."""

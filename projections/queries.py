@@ -40,11 +40,16 @@ POLL_MAX_S = 0.05
 
 def streams_caught_up(conn: psycopg.Connection[Any], model: str, versions: dict[UUID, int]) -> bool:
     """Whether ``model`` has folded every given stream up to its version."""
+    return not unfolded(conn, model, versions)
+
+
+def unfolded(conn: psycopg.Connection[Any], model: str, versions: dict[UUID, int]) -> dict[UUID, int]:
+    """The given streams ``model`` has not folded up to their versions yet."""
     if not versions:
-        return True
+        return {}
     query = sql.SQL("SELECT stream_id, version FROM {} WHERE stream_id = ANY(%s)").format(table(f"{model}_tracking"))
     seen = dict(conn.execute(query, [list(versions)]).fetchall())
-    return all(seen.get(stream, 0) >= version for stream, version in versions.items())
+    return {stream: version for stream, version in versions.items() if seen.get(stream, 0) < version}
 
 
 def _check(pool: ConnectionPool[Any], model: str, versions: dict[UUID, int]) -> bool:

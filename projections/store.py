@@ -147,6 +147,18 @@ def unapplied(conn: psycopg.Connection[Any], model: ReadModel, events_table: str
     return int(row[0]), row[1]
 
 
+def oldest_needed(conn: psycopg.Connection[Any], model: ReadModel, events_table: str) -> int | None:
+    """The position of the oldest stored event the model still has to fold from a delivery: not
+    folded yet, and not held behind a dead letter (a retry reads those from the table itself)."""
+    row = conn.execute(sql.SQL(
+        "SELECT min(e.notification_id) FROM {} e LEFT JOIN {} t ON t.stream_id = e.originator_id "
+        "WHERE e.topic LIKE %s AND e.originator_version > coalesce(t.version, 0) AND NOT EXISTS ("
+        "SELECT 1 FROM {} d WHERE d.model = %s AND d.stream_id = e.originator_id AND d.status IN ('parked', 'held'))"
+    ).format(sql.Identifier(events_table), table(tracking_table(model)), table("dead_letters")),
+        [topic_prefix(model.stream_type) + "%", model.name]).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
 def _positions_sql() -> sql.Composed:
     return sql.SQL(
         "INSERT INTO {} (model, position, updated_at) VALUES (%s, %s, now()) "

@@ -32,15 +32,15 @@ STATUS_BY_CODE = {
 CODE_BY_STATUS = {401: "AUTH_REQUIRED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
 
 
-def meta() -> dict[str, str]:
+def meta() -> dict[str, Any]:
     return {"request_id": request_id_var.get(), "timestamp": datetime.now(UTC).isoformat()}
 
 
-def ok(data: Any, status: int = 200) -> JSONResponse:
+def ok(data: Any, status: int = 200, extra_meta: dict[str, Any] | None = None) -> JSONResponse:
     from fastapi.encoders import jsonable_encoder
 
     return JSONResponse(
-        {"success": True, "data": jsonable_encoder(data), "error": None, "meta": meta()},
+        {"success": True, "data": jsonable_encoder(data), "error": None, "meta": {**meta(), **(extra_meta or {})}},
         status_code=status,
     )
 

@@ -42,12 +42,13 @@ from adapters.api.schemas import (
     UploadSlot,
 )
 from adapters.bootstrap import Container
+from application.services import PaletteService
 from application.unit_of_work import Committed
 from domain.contracts.callback import CALLBACK_WINDOW_S, verify_callback
 from domain.contracts.keys import input_key
-from domain.errors import ValidationFailed
+from domain.errors import NotFound, ValidationFailed
 from domain.job import Job
-from projections.queries import BadCursor, wait_for_streams
+from projections.queries import BadCursor, encode_cursor, unfolded
 from projections.queries import list_jobs as list_jobs_query
 
 router = APIRouter(tags=["jobs"])
@@ -131,23 +132,60 @@ def _job_public(c: Container, job: Job) -> JobPublic:
 
 
 @router.get("/jobs", response_model=Envelope[JobList], responses=COMMON)
-async def list_jobs(user_id: CurrentUser, container: ContainerDep,
+async def list_jobs(user_id: CurrentUser, container: ContainerDep, service: ServiceDep,
                     limit: Annotated[int, Query(ge=1, le=100)] = 20,
                     cursor: Annotated[str | None, Query(max_length=200, pattern=CURSOR)] = None) -> JSONResponse:
-    """The caller's jobs, newest first, from the jobs_log read model (keyset-paginated; waits
-    up to 5 s for the caller's own last write to reach it)."""
+    """The caller's jobs, newest first, from the jobs_log read model (keyset-paginated). It never
+    waits for the projector: the caller's own recent writes the model has not folded yet are read
+    from the write side instead, and ``meta.projection_behind`` says how many there were."""
+    recent = container.last_writes.recent(user_id, "jobs_log")
 
-    def read() -> tuple[list[dict[str, Any]], str | None]:
+    def read() -> tuple[list[dict[str, Any]], str | None, dict[UUID, int]]:
         with container.read_pool.connection() as conn:
             try:
-                return list_jobs_query(conn, user_id, limit, cursor)
+                rows, next_cursor = list_jobs_query(conn, user_id, limit, cursor)
             except BadCursor:
                 raise ValidationFailed("cursor: not a cursor this API issued") from None
+            return rows, next_cursor, unfolded(conn, "jobs_log", recent)
 
-    await wait_for_streams(container.read_pool, "jobs_log", container.last_writes.recent(user_id, "jobs_log"))
-    rows, next_cursor = await run_in_threadpool(read)
+    rows, next_cursor, behind = await run_in_threadpool(read)
+    if behind:
+        fresh = await run_in_threadpool(_fresh_rows, service, user_id, list(behind))
+        rows, next_cursor = _merged(rows, fresh, limit, next_cursor, first_page=cursor is None)
     items = [JobSummary(job_id=r["id"], **{k: v for k, v in r.items() if k != "id"}) for r in rows]
-    return ok(JobList(items=items, next_cursor=next_cursor))
+    return ok(JobList(items=items, next_cursor=next_cursor), extra_meta={"projection_behind": len(behind)})
+
+
+def _fresh_rows(service: PaletteService, user_id: UUID, job_ids: list[UUID]) -> list[dict[str, Any]]:
+    rows = []
+    for job_id in job_ids:
+        try:
+            rows.append(_summary_row(service.get_job(user_id, job_id)))
+        except NotFound:  # a write remembered for a job that is not there: nothing to list
+            continue
+    return rows
+
+
+def _summary_row(job: Job) -> dict[str, Any]:
+    """A job as the jobs_log row the projector will write for it."""
+    return {"id": job.id, "status": job.status.value, "preset": job.preset, "rule_id": job.rule_id,
+            "total_items": job.item_count, "done_items": job.done_items, "failed_items": job.failed_items,
+            "created_at": job.created_on, "finished_at": job.modified_on if job.status.terminal else None}
+
+
+def _merged(rows: list[dict[str, Any]], fresh: list[dict[str, Any]], limit: int, next_cursor: str | None,
+            first_page: bool) -> tuple[list[dict[str, Any]], str | None]:
+    """The page with the write side's rows in place of the folded ones; jobs the model has not
+    seen at all join the first page, in order (the newest jobs are on it)."""
+    by_id = {r["id"]: r for r in fresh}
+    out = [by_id.pop(r["id"], r) for r in rows]
+    if first_page:
+        out.extend(by_id.values())
+    out.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
+    if len(out) > limit:
+        out = out[:limit]
+        next_cursor = encode_cursor(out[-1]["created_at"], out[-1]["id"])
+    return out, next_cursor
 
 
 @router.post("/jobs", response_model=Envelope[JobCreatedPublic], status_code=201,

@@ -13,7 +13,8 @@ from tests.bench.core import bench_core, make_backlog
 from tests.bench.gpu import bench_gpu
 from tests.bench.harness import FULL, QUICK, Results, machine, rss_mb, running_stack, say
 from tests.bench.rebuild import bench_rebuild_and_replay
-from tests.bench.relay import bench_lag, bench_relay, wait_drained
+from tests.bench.recovery import bench_broker_restart, bench_catchup
+from tests.bench.relay import bench_fast_lag, bench_lag, bench_relay, wait_drained
 from tests.bench.report import judge, plot, table
 
 
@@ -23,6 +24,7 @@ def run(quick: bool) -> Results:
     t0 = time.monotonic()
     say(f"starting an embedded stack ({results['profile']} profile)")
     with running_stack() as stack:
+        results["machine"]["broker_storage"] = stack.settings.broker_storage  # what a broker restart loses
         bench_core(stack.settings, prof, results)
         bench_http(stack, prof, results)
         say(f"writing a backlog of ~{prof.backlog_commands:,} commands")
@@ -33,6 +35,9 @@ def run(quick: bool) -> Results:
         bench_lag(stack, prof, results)
         for name in ("relay", "projector"):
             results.setdefault("peak_rss_mb", {})[name] = rss_mb(stack.supervisor.pid(name))
+        bench_fast_lag(stack, prof, results)
+        bench_catchup(stack, prof, results)
+        bench_broker_restart(stack, results)
         stack.supervisor.stop("projector")
         stack.supervisor.stop("relay")
         bench_rebuild_and_replay(stack.settings, prof, results)

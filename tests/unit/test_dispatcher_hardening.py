@@ -161,10 +161,11 @@ def test_the_sweep_resends_once_the_gpu_group_consumed_past_without_progress():
     queue = FakeQueue(consumed={0: 0})
     d, producer, _ = dispatcher([envelope(job.id)], jobs=[job], queue=queue)
     d.step()
-    queue.consumed[0] = 3  # the worker consumed all three tasks, yet two items have no result
+    assert [t["idx"] for t in producer.tasks()] == [0, 2]  # item 1 has its result already
+    queue.consumed[0] = 2  # the worker consumed both tasks, yet neither item has a result
     assert d.sweep() == 2
-    assert [t["idx"] for t in producer.tasks()[3:]] == [0, 2]
-    assert d.placements.get(str(job.id)) == Placement(0, 4)
+    assert [t["idx"] for t in producer.tasks()[2:]] == [0, 2]
+    assert d.placements.get(str(job.id)) == Placement(0, 3)
     assert d.sweep() == 0  # the tasks sent again wait in the queue in their turn
 
 

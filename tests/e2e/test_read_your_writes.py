@@ -1,0 +1,53 @@
+"""GET /jobs never waits for the projector: a caller's own job the read model has not folded yet
+is listed from the write side, and the answer says how many such jobs there were."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import uuid4
+
+from adapters.api.routes_jobs import _merged
+from tests.integration.test_stack import wait_until
+
+
+def test_a_new_job_is_listed_at_once_with_the_projector_stopped(apps: Any, client: Any) -> None:
+    apps.stop_app("projector")
+    try:
+        older = client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})
+        body = client.call("GET", "/jobs").json()
+        assert [j["job_id"] for j in body["data"]["items"]] == [older["job_id"]]
+        assert body["meta"]["projection_behind"] == 1
+        client.data("POST", f"/jobs/{older['job_id']}/cancel")  # a free plan runs one job at a time
+        created = client.data("POST", "/jobs", 201, json={"preset": "seller", "item_count": 3})
+        body = client.call("GET", "/jobs").json()
+        listed = body["data"]["items"]
+        assert [j["job_id"] for j in listed] == [created["job_id"], older["job_id"]]
+        assert listed[0] | {"created_at": None} == {
+            "job_id": created["job_id"], "status": "created", "preset": "seller", "rule_id": None,
+            "total_items": 3, "done_items": 0, "failed_items": 0, "created_at": None, "finished_at": None}
+        assert listed[1]["status"] == "canceled" and listed[1]["finished_at"] is not None
+        assert body["meta"]["projection_behind"] == 2
+    finally:
+        apps.start_app("projector")
+
+    def folded() -> bool:
+        return bool(client.call("GET", "/jobs").json()["meta"]["projection_behind"] == 0)
+
+    wait_until(folded, timeout_s=60, what="the projector to fold the new jobs")
+    again = client.data("GET", "/jobs")["items"]
+    assert again == listed  # the write side said what the model says
+
+
+def _row(minutes: int) -> dict[str, Any]:
+    return {"id": uuid4(), "created_at": datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=minutes)}
+
+
+def test_the_write_sides_jobs_join_the_first_page_in_order_and_move_the_cursor() -> None:
+    folded = [_row(5), _row(4), _row(3)]
+    newer, replaced = _row(9), {**folded[1], "status": "canceled"}
+    rows, cursor = _merged(folded, [newer, replaced], limit=3, next_cursor="old", first_page=True)
+    assert [r["id"] for r in rows] == [newer["id"], folded[0]["id"], folded[1]["id"]]
+    assert rows[2]["status"] == "canceled" and cursor != "old"
+    later, cursor_later = _merged(folded, [newer], limit=3, next_cursor="old", first_page=False)
+    assert later == folded and cursor_later == "old"  # a later page never gains the newest jobs

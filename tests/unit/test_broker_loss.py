@@ -1,0 +1,85 @@
+"""The relay's watch on the broker: a log that restarted below an acknowledged offset, or that
+ends before one, is a loss; the relay then publishes again from the oldest event still needed."""
+
+from __future__ import annotations
+
+from adapters.relay import LossWatch
+
+
+class FakeState:
+    def __init__(self, acked: dict[int, int] | None = None) -> None:
+        self.acked = dict(acked or {})
+        self.saved: list[tuple[int, dict[int, int]]] = []
+        self.losses: list[int] = []
+        self.position = 0
+
+    def acked_offsets(self, name: str) -> dict[int, int]:
+        return dict(self.acked)
+
+    def save_acked(self, name: str, position: int, offsets: dict[int, int]) -> None:
+        self.saved.append((position, dict(offsets)))
+
+    def record_loss(self, name: str, republish_from: int) -> None:
+        self.losses.append(republish_from)
+
+    def forget_acked(self, name: str) -> None:
+        self.acked = {}
+
+    def save(self, name: str, position: int) -> None:
+        self.position = position
+
+
+class FakeBroker:
+    def __init__(self, ends: dict[int, int]) -> None:
+        self.ends = ends
+
+    def end_offsets(self) -> dict[int, int]:
+        return dict(self.ends)
+
+
+def watch(state: FakeState, broker: FakeBroker, oldest: int = 41) -> LossWatch:
+    now = [0.0]
+    return LossWatch(broker, lambda: oldest, state, "relay", probe_every_s=1.0, clock=lambda: now[0])  # type: ignore[arg-type]
+
+
+def test_acknowledgements_that_only_grow_are_no_loss_and_are_saved_with_the_position() -> None:
+    state = FakeState()
+    w = watch(state, FakeBroker({}))
+    assert not w.on_acks([(0, 0), (1, 0), (0, 1)])
+    assert not w.on_acks([(0, 2), (1, 1)])
+    w.save(9)
+    assert state.saved == [(9, {0: 2, 1: 1})]
+
+
+def test_an_acknowledgement_at_or_below_one_before_it_is_a_restarted_log() -> None:
+    w = watch(FakeState({0: 5, 1: 3}), FakeBroker({}))
+    assert w.on_acks([(0, 0)])
+
+
+def test_a_relay_that_restarted_still_sees_an_emptied_partition_it_had_acknowledged() -> None:
+    state = FakeState({0: 5, 1: 3})
+    assert watch(state, FakeBroker({0: 6, 1: 4})).probe(force=True) is False
+    # Tansu answers the end of its last batch: a partition ending "before" offset 3 holds data
+    assert watch(state, FakeBroker({0: 1, 1: 1})).probe(force=True) is False
+    assert watch(state, FakeBroker({0: 6, 1: 0})).probe(force=True) is True  # partition 1 is empty
+    assert watch(state, FakeBroker({})).probe(force=True) is True  # the topic itself is gone
+
+
+def test_recovery_records_the_loss_forgets_the_offsets_and_rewinds_before_the_oldest_needed() -> None:
+    state = FakeState({0: 5})
+    w = watch(state, FakeBroker({}), oldest=41)
+    assert w.recover() == 40
+    assert state.losses == [41] and state.position == 40 and w.acked == {} and state.acked == {}
+    assert not w.on_acks([(0, 0)])  # the new log starts afresh
+
+
+def test_the_probe_asks_the_broker_at_most_once_per_interval() -> None:
+    asked = []
+
+    class Counting(FakeBroker):
+        def end_offsets(self) -> dict[int, int]:
+            asked.append(1)
+            return {0: 10}
+
+    w = watch(FakeState({0: 5}), Counting({}))
+    assert [w.probe(), w.probe(), w.probe()] == [False, False, False] and len(asked) == 1
