@@ -31,8 +31,19 @@ def consumer(settings: Settings, group_id: str, *topics: str, max_poll_records: 
     """Manual offset commits (after the database commit). The fetch wait bounds latency: new data
     does not wake a waiting fetch on the embedded broker, so latency-bound consumers keep it short."""
     from kafka import KafkaConsumer
+    from kafka.errors import CommitFailedError
 
-    return KafkaConsumer(
+    class GroupConsumer(KafkaConsumer):  # type: ignore[misc]
+        def commit(self, *args: Any, **kwargs: Any) -> None:
+            """A group that no longer knows this member (a broker that restarted, a rebalance)
+            refuses the commit: the records come again and every consumer here takes them as
+            duplicates, so the process goes on and rejoins on its next poll instead of exiting."""
+            try:
+                super().commit(*args, **kwargs)
+            except CommitFailedError as e:
+                logging.getLogger("palette.kafka").warning("offsets not committed (%s); they come again", e)
+
+    return GroupConsumer(
         *topics, bootstrap_servers=settings.effective_kafka_bootstrap, group_id=group_id,
         enable_auto_commit=False, auto_offset_reset="earliest", session_timeout_ms=10000,
         heartbeat_interval_ms=2000, fetch_max_wait_ms=fetch_max_wait_ms, max_poll_records=max_poll_records,

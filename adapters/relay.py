@@ -345,7 +345,16 @@ class Relay:
             position = self._recover()
         wait = idle_s
         while not stop.is_set():
-            new_position = self.step(position)
+            try:
+                new_position = self.step(position)
+            except KafkaError as e:
+                # The broker went away mid-batch (restarting): nothing past the saved position
+                # counts as sent; publish again from there once it answers.
+                log.warning("the broker did not acknowledge a batch (%s); publishing again", type(e).__name__)
+                self._in_flight = None
+                stop.wait(0.2)
+                position = self.position()
+                continue
             if self._lost:
                 new_position = self._recover()
             elif new_position == position:
