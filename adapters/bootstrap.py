@@ -127,15 +127,18 @@ def build(settings: Settings, *, naive: bool = False, pool_size: int = 8) -> Con
 
 
 def prepare_schemas(settings: Settings) -> None:
-    """Every table, once: the event store's, the read models' and the API's."""
+    """Every table, once: the event store's, the read models', the API's and the relay's."""
     import psycopg
 
     from adapters.api.idempotency import ensure_schema as ensure_api_schema
+    from adapters.relay import DDL as RELAY_DDL
 
     PaletteApplication(env=event_store_env(settings, pool_size=1)).close()
     with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
         ensure_schema(conn)
         ensure_api_schema(conn)
+        for statement in RELAY_DDL:  # before the relay, projector and dispatcher race to make them
+            conn.execute(statement)
 
 
 def embedded_stack(settings: Settings, echo: IO[str] | None = None) -> EmbeddedStack[Settings]:

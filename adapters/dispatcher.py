@@ -343,6 +343,8 @@ class Dispatcher(ConsumerLoop):
 
     def close(self) -> None:
         self.consumer.close()
+        if self.losses is not None:
+            self.losses.close()
         self.producer.close()
         if self.queue is not None and hasattr(self.queue, "close"):
             self.queue.close()

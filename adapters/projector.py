@@ -146,6 +146,8 @@ class Projector(ConsumerLoop):
 
     def close(self) -> None:
         self.consumer.close()
+        if self.losses is not None:
+            self.losses.close()
         close = getattr(self.store, "close", None)
         if close is not None:
             close()

@@ -106,6 +106,7 @@ class LossWatch:
         self.probe_every_s = probe_every_s
         self.clock = clock
         self._next_probe = 0.0
+        self._suspected = False  # the previous probe saw an emptied partition
         self.losses = 0
 
     def save(self, position: int) -> None:
@@ -134,14 +135,18 @@ class LossWatch:
             return False
         # Only an empty partition is evidence: Tansu answers the end of its last batch, not of its
         # last record, so a partition that holds anything may end "before" an acknowledged offset.
-        return any(ends.get(p, 0) == 0 for p in self.acked)
+        # Two probes in a row must say so: a broker still starting may answer without the topic.
+        empty = any(ends.get(p, 0) <= 0 for p in self.acked)
+        suspected, self._suspected = self._suspected, empty
+        return empty and (suspected or force)
 
     def recover(self) -> int:
         """Record the loss; the position to publish after (one before the oldest still needed)."""
         start = self.republish_from()
-        self.state.record_loss(self.name, start)
-        self.state.forget_acked(self.name)
-        self.state.save(self.name, start - 1)
+        with self.state.conn.transaction():  # all or nothing: a crash here is detected again
+            self.state.record_loss(self.name, start)
+            self.state.save(self.name, start - 1)
+            self.state.forget_acked(self.name)
         self.acked.clear()
         self.losses += 1
         log.error("the broker lost acknowledged messages: publishing again from position %d", start)
@@ -215,7 +220,8 @@ class LossSignal:
     """What a consumer of the broker watches: the losses the relay recorded that this consumer
     (``name``) has not handled yet. Checked at most every ``every_s`` (one indexed query on a
     connection of its own); a loss counts as handled only once ``handled`` says so, so a consumer
-    that crashes while catching up handles it again after its restart."""
+    that crashes in its ``after_loss`` does it again after its restart. (What ``after_loss`` starts
+    — a sweep, tasks sent again — is not awaited: the consumer's own sweeps cover the rest.)"""
 
     def __init__(self, database_url: str, name: str, every_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -324,6 +330,17 @@ class Relay:
         if self.on_acked is not None:
             self.on_acked([from_notification(n, self.transcoder) for n in notifications])
 
+    def _recover_or_wait(self, stop: threading.Event, position: int) -> int:
+        """``_recover``; a broker that does not answer yet is waited for (the loss is still known
+        from the acknowledged offsets, in memory and in PostgreSQL, so it is tried again)."""
+        try:
+            return self._recover()
+        except KafkaError as e:
+            log.warning("recovery postponed: the broker did not answer (%s)", type(e).__name__)
+            self._lost = True
+            stop.wait(0.5)
+            return position
+
     def _recover(self) -> int:
         """The broker lost messages: forget what is in flight, publish again from the oldest one
         a consumer still needs."""
@@ -342,7 +359,7 @@ class Relay:
         position = self.position()
         log.warning("relay starting after position %d", position)
         if self.loss is not None and self.loss.probe(force=True):
-            position = self._recover()
+            position = self._recover_or_wait(stop, position)
         wait = idle_s
         while not stop.is_set():
             try:
@@ -356,10 +373,10 @@ class Relay:
                 position = self.position()
                 continue
             if self._lost:
-                new_position = self._recover()
+                new_position = self._recover_or_wait(stop, position)
             elif new_position == position:
                 if self.loss is not None and self.loss.probe():
-                    new_position = self._recover()
+                    new_position = self._recover_or_wait(stop, position)
                 elif self.wakeup is not None:
                     # Woken by the commit's notification; the timeout is the fallback poll (and
                     # the pace of the broker probe).
@@ -376,7 +393,7 @@ class Relay:
 
     def close(self) -> None:
         self.producer.close()
-        for part in (self.positions, self.wakeup):
+        for part in (self.positions, self.wakeup, self.loss.broker if self.loss is not None else None):
             close = getattr(part, "close", None)
             if close is not None:
                 close()

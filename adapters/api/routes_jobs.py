@@ -142,11 +142,13 @@ async def list_jobs(user_id: CurrentUser, container: ContainerDep, service: Serv
 
     def read() -> tuple[list[dict[str, Any]], str | None, dict[UUID, int]]:
         with container.read_pool.connection() as conn:
+            # First what is not folded, then the page: a job folded in between is in the page.
+            behind = unfolded(conn, "jobs_log", recent)
             try:
                 rows, next_cursor = list_jobs_query(conn, user_id, limit, cursor)
             except BadCursor:
                 raise ValidationFailed("cursor: not a cursor this API issued") from None
-            return rows, next_cursor, unfolded(conn, "jobs_log", recent)
+            return rows, next_cursor, behind
 
     rows, next_cursor, behind = await run_in_threadpool(read)
     if behind:

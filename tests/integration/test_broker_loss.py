@@ -50,9 +50,13 @@ def test_a_broker_restarted_empty_loses_nothing(gpu_apps: Any, service: PaletteS
     assert settings.broker_storage == "memory" and settings.dispatch_stale_s >= 600
     with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
         before = losses(conn)
+        gpu_apps.stop_app("gpu")  # the tasks of these jobs wait in the broker's log when it dies
         jobs = [queued_job(service, settings, [photo(i + j) for i in range(3)]) for j in range(4)]
+        wait_until(lambda: losses(conn) == before and all(
+            service.get_job(u, j).status == JobStatus.QUEUED for u, j in jobs), what="the jobs queued")
         gpu_apps.kill("broker")
         gpu_apps.supervisor.restart("broker")  # memory://: it comes back with nothing
+        gpu_apps.start_app("gpu")
         jobs += [queued_job(service, settings, [photo(7)]) for _ in range(2)]
 
         def finished() -> bool:

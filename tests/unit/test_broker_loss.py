@@ -3,10 +3,21 @@ ends before one, is a loss; the relay then publishes again from the oldest event
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from adapters.relay import LossWatch
 
 
+class FakeConnection:
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        yield
+
+
 class FakeState:
+    conn = FakeConnection()
+
     def __init__(self, acked: dict[int, int] | None = None) -> None:
         self.acked = dict(acked or {})
         self.saved: list[tuple[int, dict[int, int]]] = []
@@ -63,6 +74,16 @@ def test_a_relay_that_restarted_still_sees_an_emptied_partition_it_had_acknowled
     assert watch(state, FakeBroker({0: 1, 1: 1})).probe(force=True) is False
     assert watch(state, FakeBroker({0: 6, 1: 0})).probe(force=True) is True  # partition 1 is empty
     assert watch(state, FakeBroker({})).probe(force=True) is True  # the topic itself is gone
+
+
+def test_while_running_two_probes_in_a_row_must_see_the_emptied_partition() -> None:
+    broker = FakeBroker({0: 6, 1: 0})
+    w = watch(FakeState({0: 5, 1: 3}), broker)
+    w.probe_every_s = 0.0
+    assert w.probe() is False  # a broker still starting may answer without the topic
+    assert w.probe() is True
+    broker.ends = {0: 6, 1: 4}
+    assert w.probe() is False and w.probe() is False
 
 
 def test_recovery_records_the_loss_forgets_the_offsets_and_rewinds_before_the_oldest_needed() -> None:
