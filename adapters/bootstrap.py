@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -147,8 +147,11 @@ def embedded_stack(settings: Settings, echo: IO[str] | None = None) -> EmbeddedS
                          app_argv=[sys.executable, "-m", "adapters.cli", "serve"], echo=echo)
 
 
-def build_relay(settings: Settings) -> Any:
-    """The relay, woken by the event store's commits and watching the broker for lost messages."""
+def build_relay(settings: Settings, name: str = "", topic: str = "",
+                on_acked: Callable[[list[Any]], None] | None = None) -> Any:
+    """The relay, woken by the event store's commits. The live one (``palette.events`` under its
+    own position) watches the broker for lost messages; another ``name``/``topic`` (the bench's)
+    publishes the same log elsewhere and watches nothing."""
     import psycopg
 
     from adapters import kafka_io
@@ -173,8 +176,10 @@ def build_relay(settings: Settings) -> Any:
         return min([head, *(o for o in oldest if o is not None)])
 
     state = RelayState.connect(url)
-    loss = LossWatch(kafka_io.TopicEnds(settings, topics.EVENTS), republish_from, state, RELAY_NAME)
-    return Relay(app, kafka_io.producer(settings, linger_ms=5), state, wakeup=PgWakeup(url), loss=loss)
+    live = (name or RELAY_NAME, topic or topics.EVENTS) == (RELAY_NAME, topics.EVENTS)
+    loss = LossWatch(kafka_io.TopicEnds(settings, topics.EVENTS), republish_from, state, RELAY_NAME) if live else None
+    return Relay(app, kafka_io.producer(settings, linger_ms=5), state, name=name or RELAY_NAME,
+                 topic=topic or topics.EVENTS, on_acked=on_acked, wakeup=PgWakeup(url), loss=loss)
 
 
 def build_projector(settings: Settings) -> Any:

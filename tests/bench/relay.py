@@ -38,14 +38,7 @@ def named_relay(settings: Settings, topic: str, name: str,
                       on_acked: Callable[[list[EventEnvelope]], None] | None = None) -> Any:
     """The composition root's relay, publishing to ``topic`` under its own position ``name``."""
     logging.getLogger("palette.relay").setLevel(logging.ERROR)  # its start-up line, once per run
-    relay = build_relay(settings)
-    relay.name, relay.topic, relay.on_acked = name, topic, on_acked
-    if relay.loss is not None:
-        # The loss watch saves under the live relay's name and probes the live topic: on this
-        # relay it would move the live relay's position and see losses that are none.
-        relay.loss.broker.close()
-        relay.loss = None
-    return relay
+    return build_relay(settings, name=name, topic=topic, on_acked=on_acked)
 
 
 def bench_relay(settings: Settings, prof: Profile, results: Results) -> None:

@@ -107,20 +107,13 @@ def test_registering_again_returns_the_same_user_and_token_subject(http, setting
 
 
 def test_a_device_registered_before_device_keys_keeps_its_user_and_its_hash_is_not_shown(http, settings):
-    from eventsourcing.persistence import StoredEvent
+    from tests.unit.test_device_key import store_v1_user
 
     device = f"legacy-{uuid.uuid4().hex}"
     legacy_id = legacy_user_id_for_device(device)
-    at = datetime.now(UTC)
     app = open_event_store(settings, pool_size=1)
     try:  # stored as the code before device keys stored it: v1, the raw hash, the unkeyed id
-        encode = app.mapper.transcoder.encode
-        app.recorder.insert_events([
-            StoredEvent(legacy_id, 1, "domain.user:User.Registered", encode(
-                {"timestamp": at, "originator_topic": "domain.user:User", "device_hash": device, "plan": "free"})),
-            StoredEvent(legacy_id, 2, "domain.user:User.CreditsGranted", encode(
-                {"timestamp": at, "amount": 50, "reason": "signup"})),
-        ])
+        assert store_v1_user(app, device, at=datetime.now(UTC)) == legacy_id
         position = int(app.recorder.max_notification_id() or 1)
     finally:
         app.close()

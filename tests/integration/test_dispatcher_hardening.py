@@ -57,17 +57,23 @@ class OnePoll:
         pass
 
 
-def test_the_stale_sweep_resends_only_tasks_the_gpu_group_consumed_past(apps, service, conn, settings):
-    """A stand-in GPU group that has consumed nothing: the job's tasks wait in the queue, so the
-    sweep sends nothing however stale the job looks. Once the group commits past them without the
-    job progressing, the unfinished items go out again, and then wait in their turn."""
-    user_id = service.register(f"lag-{uuid.uuid4()}", plan="pro").value[0]
-    job_id = service.create_job(user_id, "interior", 3).value
+def running_job(service: PaletteService, conn: psycopg.Connection[Any]) -> uuid.UUID:
+    """A queued 3-item job whose item 1 is done, once jobs_log shows it running."""
+    user_id = service.register(f"running-{uuid.uuid4()}", plan="pro").value[0]
+    job_id: uuid.UUID = service.create_job(user_id, "interior", 3).value
     service.confirm_upload(user_id, job_id)
     service.execute_job(user_id, job_id, EDITS)
     service.record_item_result(job_id, 1, "done", f"{job_id}:1")
     wait_until(lambda: conn.execute("SELECT status FROM palette_read.jobs_log WHERE id = %s",
                                     [job_id]).fetchone() == ("running",), timeout_s=30, what="the job's row")
+    return job_id
+
+
+def test_the_stale_sweep_resends_only_tasks_the_gpu_group_consumed_past(apps, service, conn, settings):
+    """A stand-in GPU group that has consumed nothing: the job's tasks wait in the queue, so the
+    sweep sends nothing however stale the job looks. Once the group commits past them without the
+    job progressing, the unfinished items go out again, and then wait in their turn."""
+    job_id = running_job(service, conn)
     bootstrap = settings.effective_kafka_bootstrap
     group = f"gpu-stand-in-{uuid.uuid4().hex[:8]}"  # the real palette-gpu group belongs to other tests
     queue = KafkaTaskQueue.connect(bootstrap, group=group)

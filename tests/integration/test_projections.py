@@ -28,6 +28,7 @@ from projections.models.billing_events import LEDGER_COLUMNS
 from projections.rebuild import fold_log, iter_envelopes, rebuild
 from projections.store import apply_batch, dead_letters, resolve_dead_letter, unapplied
 from tests.chaos import read_model_problems
+from tests.integration.test_dispatcher_hardening import running_job
 
 from .test_stack import wait_until
 
@@ -250,13 +251,7 @@ def test_the_dispatcher_sends_a_stalled_job_again(apps, service, conn, settings)
     dispatcher's sweep once it is stale, and only its unfinished items go out again."""
     from adapters.bootstrap import build_dispatcher
 
-    user_id = service.register(f"stalled-{uuid.uuid4()}", plan="pro").value[0]
-    job_id = service.create_job(user_id, "interior", 3).value
-    service.confirm_upload(user_id, job_id)
-    service.execute_job(user_id, job_id, EDITS)
-    service.record_item_result(job_id, 1, "done", f"{job_id}:1")
-    wait_until(lambda: conn.execute("SELECT status FROM palette_read.jobs_log WHERE id = %s",
-                                    [job_id]).fetchone() == ("running",), timeout_s=30, what="the job's row")
+    job_id = running_job(service, conn)
     dispatcher = build_dispatcher(settings.model_copy(update={"dispatch_stale_s": 0.001}))
     try:
         sent: list[dict[str, Any]] = []

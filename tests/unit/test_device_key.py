@@ -39,7 +39,7 @@ def service(app: PaletteApplication, secret: str = SECRET) -> PaletteService:
     return PaletteService(app, DirectExecutor(app), StepClock(), Ids(), device_keys=HmacDeviceKeyer(secret))
 
 
-def store_v1_user(app: PaletteApplication, device_hash: str) -> UUID:
+def store_v1_user(app: PaletteApplication, device_hash: str, at: datetime = AT) -> UUID:
     """Given a user registered by the code before device keys: v1 Registered with the raw hash,
     under the id derived from it, stored as that code's mapper stored it."""
     from eventsourcing.persistence import StoredEvent
@@ -48,9 +48,9 @@ def store_v1_user(app: PaletteApplication, device_hash: str) -> UUID:
     encode = app.mapper.transcoder.encode
     app.recorder.insert_events([
         StoredEvent(user_id, 1, "domain.user:User.Registered", encode(
-            {"timestamp": AT, "originator_topic": "domain.user:User", "device_hash": device_hash, "plan": "free"})),
+            {"timestamp": at, "originator_topic": "domain.user:User", "device_hash": device_hash, "plan": "free"})),
         StoredEvent(user_id, 2, "domain.user:User.CreditsGranted", encode(
-            {"timestamp": AT, "amount": 50, "reason": "signup"})),
+            {"timestamp": at, "amount": 50, "reason": "signup"})),
     ])
     return user_id
 

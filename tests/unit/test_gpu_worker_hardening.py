@@ -149,13 +149,17 @@ def test_an_edit_the_ops_refuse_fails_its_item_at_once_and_parks_the_task(edit, 
     assert t["output_key"] not in s3.objects and consumer.commits == 1
 
 
-def test_a_transient_fault_is_still_retried_then_succeeds():
-    t = task()
-    w, _, producer, callbacks, _ = worker([record(t)], s3=FakeS3(failing_puts=1))
+def step_once(w: Any) -> None:
     try:
         w.step()
     finally:
         w.close()
+
+
+def test_a_transient_fault_is_still_retried_then_succeeds():
+    t = task()
+    w, _, producer, callbacks, _ = worker([record(t)], s3=FakeS3(failing_puts=1))
+    step_once(w)
     assert callbacks.reports == [(t["idempotency_key"], "done", "")]
     assert w.stats["retried"] == 1 and producer.parked() == []
 
@@ -163,10 +167,7 @@ def test_a_transient_fault_is_still_retried_then_succeeds():
 def test_a_persistent_fault_is_parked_after_three_attempts():
     t = task()
     w, _, producer, callbacks, _ = worker([record(t)], s3=FakeS3(failing_puts=1000))
-    try:
-        w.step()
-    finally:
-        w.close()
+    step_once(w)
     [(_, status, error)] = callbacks.reports
     assert status == "failed" and "after 3 attempts" in error and "ConnectionResetError" in error
     assert w.stats["retried"] == 2 and len(producer.parked()) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from typing import Any
 from uuid import UUID
 
 from hypothesis import given, settings
@@ -21,6 +22,16 @@ from tests.simulation import Ids, StepClock
 
 EDITS = {"wall": {"action": "recolor", "value": "#336699"}}
 
+
+def outcomes_of(futures: list[Any]) -> list[Any]:
+    """Each command's value, or the name of what it raised."""
+    outcomes: list[Any] = []
+    for f in futures:
+        try:
+            outcomes.append(f.result().value)
+        except Exception as e:  # noqa: BLE001
+            outcomes.append(type(e).__name__)
+    return outcomes
 
 def make_service(group_commit: bool = False) -> PaletteService:
     app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
@@ -186,12 +197,7 @@ def test_group_commit_applies_a_batch_in_order_and_isolates_refusals() -> None:
         raise RuntimeError("bug after recording")
 
     futures = [committer.submit(reserve(n)) for n in range(30)] + [committer.submit(broken)]
-    outcomes = []
-    for f in futures:
-        try:
-            outcomes.append(f.result().value)
-        except Exception as e:  # noqa: BLE001
-            outcomes.append(type(e).__name__)
+    outcomes = outcomes_of(futures)
     assert outcomes[:6] == ["ValidationFailed", 1, 2, "ValidationFailed", 4, 5]
     assert outcomes[-1] == "RuntimeError"
     assert svc.get_user(user_id).credits == 50 + 20  # the broken command's grant was not saved
@@ -241,12 +247,7 @@ def _held_batch(committer: GroupCommitter, commands: list) -> list:  # type: ign
     futures = [committer.submit(c) for c in commands]
     release.set()
     first.result()
-    outcomes = []
-    for f in futures:
-        try:
-            outcomes.append(f.result().value)
-        except Exception as e:  # noqa: BLE001
-            outcomes.append(type(e).__name__)
+    outcomes = outcomes_of(futures)
     return outcomes
 
 
