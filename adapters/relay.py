@@ -245,11 +245,11 @@ class LossSignal:
 
     def new_loss(self) -> bool:
         """Whether a loss this consumer has not handled was recorded (then call ``handled``)."""
-        if self._pending:
-            return True
         if self.clock() < self._next:
             return False
         self._next = self.clock() + self.every_s
+        if self._pending:  # not handled yet (it failed): once an interval, as a new one
+            return True
         row = self.conn.execute("SELECT max(id), min(republish_from) FROM palette_relay.broker_losses WHERE id > %s",
                                 [self.seen]).fetchone()
         if row is not None and row[0] is not None:

@@ -260,7 +260,12 @@ class EmbeddedStack(Generic[S]):
         return ServiceSpec("broker", argv, ready=self._kafka_ready, env=env, restart=True)
 
     def _kafka_ready(self) -> bool:
-        return broker_answers(self.settings.effective_kafka_bootstrap)
+        """Answering, with its topics: a broker on memory storage restarts without them, and a
+        topic that a client's first send creates instead gets the broker's defaults."""
+        if not broker_answers(self.settings.effective_kafka_bootstrap):
+            return False
+        self.ensure_topics()
+        return True
 
     def ensure_topics(self) -> None:
         ensure_topics(self.settings.effective_kafka_bootstrap, self.topics, self.settings.kafka_partitions)
