@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import pwd
 import shutil
 import signal
+import stat
 import sysconfig
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -18,6 +20,11 @@ from infra.config import StackSettings
 from infra.kafka_admin import broker_answers, ensure_topics
 from infra.s3 import s3_client
 from infra.supervisor import ServiceSpec, StackError, Supervisor, port_free
+
+# Where PostgreSQL's files go when root's data directory is out of the postgres user's reach (a
+# clone under /root, mode 0700): one directory per data directory, named by its path's hash.
+PG_HOME = Path("/var/lib/palette")
+PG_ELSEWHERE = "pg-elsewhere"  # the data directory's note of where its PostgreSQL files are
 
 # SeaweedFS needs a handful of ports; they sit just above the S3 port (gRPC ports are +10000).
 WEED_PORT_OFFSETS = {"master": 1, "volume": 2, "filer": 3, "iceberg": 4, "lance": 5, "admin": 6}
@@ -38,6 +45,24 @@ def find_pg_bin(name: str) -> str:
         f"PostgreSQL binary '{name}' not found: install the Debian package postgresql "
         "(`make install` does it when run as root)"
     )
+
+
+def traversable_by(path: Path, user: str) -> bool:
+    """Whether ``user`` may enter ``path`` and every directory above it (the execute bit that
+    applies to it: owner, one of its groups, or other)."""
+    entry = pwd.getpwnam(user)
+    groups = set(os.getgrouplist(user, entry.pw_gid))
+    for directory in (path, *path.parents):
+        st = directory.stat()
+        if st.st_uid == entry.pw_uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
+    return True
 
 
 def _tansu_binary() -> str:
@@ -136,7 +161,29 @@ class EmbeddedStack(Generic[S]):
 
     # -- PostgreSQL -------------------------------------------------------------------
     def _pg_paths(self) -> tuple[Path, Path]:
-        return self.data_dir / "pg", self.data_dir / "pg-run"
+        base = self._pg_base()
+        return base / "pg", base / "pg-run"
+
+    def _pg_base(self) -> Path:
+        """The data directory, or (as root, when the postgres user cannot reach it) a directory of
+        its own under PG_HOME, noted in the data directory: a data directory made afresh (its note
+        gone) gets a fresh database there, never the one a deleted data directory left behind."""
+        if self._run_as is None or traversable_by(self.data_dir, self._run_as):
+            return self.data_dir
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:16]
+        base = PG_HOME / digest
+        note = self.data_dir / PG_ELSEWHERE
+        try:
+            if not note.exists() and base.exists():
+                shutil.rmtree(base)
+            base.mkdir(parents=True, exist_ok=True)
+            for directory in (PG_HOME, base):
+                directory.chmod(0o755)
+            note.write_text(f"{base}\n")
+        except OSError as e:
+            raise StackError(f"{self.data_dir} is out of the {self._run_as} user's reach and {base} cannot be "
+                             f"made: {e.strerror}") from None
+        return base
 
     def _chown_pg(self, path: Path) -> None:
         if self._run_as:
@@ -154,7 +201,7 @@ class EmbeddedStack(Generic[S]):
         rundir.mkdir(exist_ok=True)
         self._chown_pg(rundir)
         if not (pgdir / "PG_VERSION").exists():
-            self._initdb(pgdir)
+            self._initdb(pgdir, rundir)
         s = self.settings
         argv = [
             find_pg_bin("postgres"), "-D", str(pgdir), "-p", str(s.pg_port),
@@ -167,14 +214,14 @@ class EmbeddedStack(Generic[S]):
         return ServiceSpec("postgres", argv, ready=self._pg_ready, user=self._run_as,
                            stop_signal=signal.SIGINT, restart=True)
 
-    def _initdb(self, pgdir: Path) -> None:
+    def _initdb(self, pgdir: Path, rundir: Path) -> None:
         import subprocess
 
         if pgdir.exists():
             shutil.rmtree(pgdir)  # a half-finished initdb from an interrupted first start
         pgdir.mkdir(mode=0o700)
         self._chown_pg(pgdir)
-        pwfile = self.data_dir / "pg-run" / "pwfile"
+        pwfile = rundir / "pwfile"
         fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.settings.pg_password)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +18,7 @@ import pytest
 from adapters.bootstrap import embedded_stack
 from adapters.settings import load_settings
 from infra.supervisor import StackError
+from tests.conftest import _free_port_block
 
 
 def wait_until(predicate, timeout_s: float = 60.0, what: str = "condition"):  # type: ignore[no-untyped-def]
@@ -99,3 +103,39 @@ def test_cli_reports_an_invalid_setting_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("palette env: invalid setting PALETTE_API_PORT")
     assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL runs as another user only for root")
+def test_root_starts_from_a_data_dir_postgres_cannot_reach(tmp_path):
+    """A clone under /root (0700): PostgreSQL's files go where the postgres user can reach them;
+    a data directory made afresh at the same path gets a fresh database, not the old one."""
+    import psycopg
+
+    from infra.stack import traversable_by
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    home.chmod(0o700)
+    data_dir = home / "palette" / ".palette"
+    assert not traversable_by(home, "postgres")
+    settings = load_settings(env="development", data_dir=data_dir, pg_fsync=False,
+                             **_free_port_block(random.Random(os.getpid() + 1)))
+    stack = embedded_stack(settings)
+    elsewhere = None
+    try:
+        for fresh in (True, False):
+            stack.start_infra()
+            elsewhere = Path((data_dir / "pg-elsewhere").read_text().strip())
+            assert traversable_by(elsewhere, "postgres") and (elsewhere / "pg" / "PG_VERSION").exists()
+            with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+                tables = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename = 'left_behind'").fetchone()
+                assert tables == (0,)  # the database the removed data directory had is gone
+                if fresh:
+                    conn.execute("CREATE TABLE left_behind (x int)")
+            stack.stop()
+            shutil.rmtree(data_dir)  # `make clean`
+            data_dir.mkdir(parents=True)
+    finally:
+        stack.stop()
+        if elsewhere is not None:
+            shutil.rmtree(elsewhere, ignore_errors=True)
