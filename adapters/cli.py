@@ -85,11 +85,13 @@ def _serve_loop(worker: object, ready_file: str | None) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from adapters import bootstrap
+    from adapters.logs import configure as configure_logs
 
     if args.naive and args.process != "api":
         print("palette serve: --naive applies to the api only", file=sys.stderr)
         return 2
     settings = load_settings()
+    configure_logs(args.process)
     if args.process == "api":
         import uvicorn
 

@@ -229,7 +229,8 @@ class Dispatcher(ConsumerLoop):
             except TRANSIENT:
                 raise
             except Exception as e:  # noqa: BLE001 - one job that cannot be built never stops the sweep
-                log.error("%s job %s cannot be dispatched: %s: %s", why, job_id, type(e).__name__, str(e)[:200])
+                log.error("%s job %s cannot be dispatched: %s: %s", why, job_id, type(e).__name__, str(e)[:200],
+                          extra={"job_id": str(job_id)})
         try:
             waiting = self._waiting([job for job, _ in jobs])
         except TRANSIENT as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -37,6 +38,29 @@ class ServiceSpec:
     stop_signal: int = signal.SIGTERM
     ready_timeout_s: float = 60.0
     restart: bool = False  # application processes are restarted with backoff
+
+
+IDS = ("request_id", "job_id", "user_id", "trace_id")
+
+
+def readable(line: bytes) -> str:
+    """A process's log line for the terminal: a JSON record (what `palette serve` writes) as
+    ``LEVEL logger: msg ids``, its traceback indented below; any other line as it came."""
+    text = line.decode(errors="replace")
+    if not text.startswith("{"):
+        return text
+    try:
+        entry = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(entry, dict) or "msg" not in entry:
+        return text
+    ids = " ".join(f"{k}={entry[k]}" for k in IDS if entry.get(k))
+    level = str(entry.get("level", "")).upper()
+    out = f"{level:<7} {entry.get('logger', '')}: {entry['msg']}{' ' + ids if ids else ''}\n"
+    if entry.get("exc"):
+        out += "".join(f"    {row}\n" for row in str(entry["exc"]).splitlines())
+    return out
 
 
 def _die_with_parent() -> None:
@@ -80,7 +104,7 @@ class _Running:
                 log.flush()
                 if self.echo is not None:
                     with contextlib.suppress(ValueError, OSError):
-                        self.echo.write(prefix + line.decode(errors="replace"))
+                        self.echo.write(prefix + readable(line))
                         self.echo.flush()
 
     def alive(self) -> bool:

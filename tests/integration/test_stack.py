@@ -139,3 +139,13 @@ def test_root_starts_from_a_data_dir_postgres_cannot_reach(tmp_path):
         stack.stop()
         if elsewhere is not None:
             shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+def test_application_processes_log_one_json_object_per_line(apps):
+    """What `palette serve` writes (the files under the data directory keep it as written)."""
+    import json
+
+    lines = (apps.log_dir / "relay.log").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert records and all({"ts", "level", "process", "logger", "msg"} <= r.keys() for r in records)
+    assert any(r["process"] == "relay" and r["msg"].startswith("relay starting after position") for r in records)

@@ -1,0 +1,52 @@
+"""JSON log lines and their rendering on the terminal."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from adapters.logs import JsonLines, bound
+from infra.supervisor import readable
+
+
+def _record(msg: str, *args: object, exc: bool = False, **extra: object) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise RuntimeError("boom\nsecond line")
+        except RuntimeError:
+            import sys
+
+            exc_info = sys.exc_info()
+    record = logging.LogRecord("palette.test", logging.WARNING, __file__, 1, msg, args, exc_info)
+    for key, value in extra.items():
+        setattr(record, key, value)
+    return record
+
+
+def test_a_record_is_one_json_line_with_the_ids_bound_around_it():
+    fmt = JsonLines("dispatcher")
+    with bound(job_id="j-1", user_id="u-1"):
+        line = fmt.format(_record("sent %d task(s)", 3, request_id="r-9"))
+    outside = json.loads(fmt.format(_record("later")))
+    entry = json.loads(line)
+    assert "\n" not in line
+    assert entry["msg"] == "sent 3 task(s)" and entry["level"] == "warning" and entry["process"] == "dispatcher"
+    assert (entry["job_id"], entry["user_id"], entry["request_id"]) == ("j-1", "u-1", "r-9")
+    assert "job_id" not in outside and "user_id" not in outside  # unbound on leaving
+
+
+def test_a_traceback_stays_inside_its_line():
+    line = JsonLines("api").format(_record("failed", exc=True))
+    assert "\n" not in line
+    assert "RuntimeError: boom" in json.loads(line)["exc"]
+
+
+def test_the_terminal_shows_json_lines_readably_and_other_lines_as_they_came():
+    line = JsonLines("gpu").format(_record("item %s failed", "7", exc=True, job_id="j-2"))
+    shown = readable(line.encode() + b"\n")
+    first, *rest = shown.splitlines()
+    assert first == "WARNING palette.test: item 7 failed job_id=j-2"
+    assert rest and all(row.startswith("    ") for row in rest)
+    for raw in (b"2026-12-01 LOG:  database system is ready\n", b"{not json\n", b'{"no": "msg"}\n'):
+        assert readable(raw) == raw.decode()
