@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
 
-from adapters.settings import SettingsError, load_settings
+from adapters.settings import Settings, SettingsError, load_settings
 from infra.supervisor import StackError
 
 APP_PROCESSES = ("api", "relay", "projector", "dispatcher", "gpu")
@@ -65,15 +65,20 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_loop(worker: object, ready_file: str | None) -> None:
+def _serve_loop(worker: object, ready_file: str | None, observed: tuple[str, Settings] | None = None) -> None:
     """Run a worker's loop until SIGTERM/SIGINT, finishing the step in flight. The ready file
-    appears once the worker has done its first step (a consumer: once it holds partitions)."""
+    appears once the worker has done its first step (a consumer: once it holds partitions).
+    ``observed`` (the process's name and settings) opens its metrics and probes port."""
     import threading
     from pathlib import Path
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if observed is not None:
+        from adapters import observability
+
+        observability.start(observed[0], worker, observed[1])
     try:
         worker.warm_up(stop)  # type: ignore[attr-defined]
         if ready_file:
@@ -106,13 +111,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         finally:
             container.close()
     elif args.process == "relay":
-        _serve_loop(bootstrap.build_relay(settings), args.ready_file)
+        _serve_loop(bootstrap.build_relay(settings), args.ready_file, (args.process, settings))
     elif args.process == "projector":
-        _serve_loop(bootstrap.build_projector(settings), args.ready_file)
+        _serve_loop(bootstrap.build_projector(settings), args.ready_file, (args.process, settings))
     elif args.process == "dispatcher":
-        _serve_loop(bootstrap.build_dispatcher(settings), args.ready_file)
+        _serve_loop(bootstrap.build_dispatcher(settings), args.ready_file, (args.process, settings))
     elif args.process == "gpu":
-        _serve_loop(bootstrap.build_gpu_worker(settings), args.ready_file)
+        _serve_loop(bootstrap.build_gpu_worker(settings), args.ready_file, (args.process, settings))
     return 0
 
 

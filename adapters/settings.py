@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     # The embedded broker's log: "memory" (fast; a restart forgets it, and the relay re-publishes
     # from the event store) or "s3" (the log in SeaweedFS: slower, and still not the source of truth).
     broker_storage: Literal["memory", "s3"] = "memory"
+    # Each worker process serves /metrics, /livez and /readyz on this port + its offset (relay +1,
+    # projector +2, dispatcher +3, gpu +4, webhooks +5, checkpointer +6); 0 turns them off.
+    metrics_port: int = Field(9400, ge=0, le=65000)
+    metrics_host: str = "127.0.0.1"
     jwt_secret: str = ""
     jwt_issuer: str = "palette"
     jwt_audience: str = "palette-app"

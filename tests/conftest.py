@@ -30,6 +30,15 @@ def _free_port_block(rng: random.Random) -> dict[str, int]:
     raise RuntimeError("no free port block found")
 
 
+def _free_metrics_port(rng: random.Random) -> int:
+    """A base for the worker processes' metrics ports (base + 1..6) where all of them are free."""
+    for _ in range(500):
+        base = rng.randrange(30000, 39000, 10)
+        if all(port_free(base + offset) for offset in range(1, 7)):
+            return base
+    raise RuntimeError("no free metrics port block found")
+
+
 RECORDS: list[str] = []  # every log record of the test process, formatted (scanned for secrets)
 
 
@@ -55,7 +64,8 @@ def stack() -> Iterator[EmbeddedStack]:
     data_dir = Path(tempfile.mkdtemp(prefix="palette-test-"))
     data_dir.chmod(0o755)  # PostgreSQL runs as another user and must traverse it
     ports = _free_port_block(random.Random(os.getpid()))
-    settings = load_settings(env="development", data_dir=data_dir, pg_fsync=False, **ports)
+    settings = load_settings(env="development", data_dir=data_dir, pg_fsync=False,
+                             metrics_port=_free_metrics_port(random.Random(os.getpid())), **ports)
     s = embedded_stack(settings)
     s.start_infra()
     try:

@@ -149,3 +149,30 @@ def test_application_processes_log_one_json_object_per_line(apps):
     records = [json.loads(line) for line in lines if line.startswith("{")]
     assert records and all({"ts", "level", "process", "logger", "msg"} <= r.keys() for r in records)
     assert any(r["process"] == "relay" and r["msg"].startswith("relay starting after position") for r in records)
+
+
+def test_worker_processes_serve_metrics_and_probes(apps):
+    """The projector's port: its counts and the read side's lag per model, /livez and /readyz."""
+    import urllib.request
+
+    from adapters.observability import port_of
+
+    port = port_of(apps.settings, "projector")
+    assert port is not None
+
+    def scraped() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return str(r.read().decode())
+        except OSError:
+            return None  # the process is still starting
+
+    text = wait_until(scraped, what="the projector's metrics port")
+    for model in ("users", "rules", "jobs_log", "job_items_log", "billing_events"):
+        assert f'palette_read_model_lag_events{{model="{model}"}}' in text
+        assert f'palette_dead_letters{{model="{model}"}}' in text
+    assert 'palette_projector_events_total{result="applied"}' in text
+    assert "palette_event_store_head_position" in text
+    for probe in ("/livez", "/readyz"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe}", timeout=5) as r:
+            assert r.status == 200

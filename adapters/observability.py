@@ -1,0 +1,217 @@
+"""Metrics and probes of the worker processes, on a port of their own (``PALETTE_METRICS_PORT`` +
+the process's offset; 0 turns them off): ``/metrics`` (Prometheus text), ``/livez`` (the process
+answers) and ``/readyz`` (503 naming the failing dependency).
+
+The figures are read from what each worker already counts, when Prometheus scrapes (custom
+collectors: nothing on the hot path), plus, in the projector, the read side's lag per model
+measured in the database.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from adapters.relay import RELAY_NAME
+from adapters.settings import Settings
+
+log = logging.getLogger("palette.metrics")
+# The worker processes' ports: PALETTE_METRICS_PORT + offset.
+OFFSETS = {"relay": 1, "projector": 2, "dispatcher": 3, "gpu": 4, "webhooks": 5, "checkpointer": 6}
+CHECK_TIMEOUT_S = 2.0
+CHECK_TTL_S = 1.0  # a flood of /readyz costs one check per dependency per second
+
+
+def port_of(settings: Settings, process: str) -> int | None:
+    if not settings.metrics_port or process not in OFFSETS:
+        return None
+    return settings.metrics_port + OFFSETS[process]
+
+
+class CountsCollector:
+    """A dict of counts the worker keeps (``GpuWorker.stats``, ``Projector.totals``) as one
+    counter with the key as a label."""
+
+    def __init__(self, name: str, documentation: str, label: str, counts: Callable[[], Mapping[str, float]]) -> None:
+        self.name, self.documentation, self.label, self.counts = name, documentation, label, counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for key, value in sorted(self.counts().items()):
+            family.add_metric([key], float(value))
+        yield family
+
+
+class ReadSideCollector:
+    """Per read model: events not folded yet, seconds since the oldest of them was recorded,
+    dead letters; the event store's head and the relay's position. Measured when scraped."""
+
+    def __init__(self, database_url: str, log_reader: Any) -> None:
+        self.database_url = database_url
+        self.log = log_reader  # the projector's: the events table and the oldest events' times
+
+    def collect(self) -> Iterator[Metric]:
+        import psycopg
+
+        lag = GaugeMetricFamily("palette_read_model_lag_events", "events of the log a read model has not folded",
+                                labels=["model"])
+        lag_s = GaugeMetricFamily("palette_read_model_lag_seconds",
+                                  "age of the oldest event a read model has not folded", labels=["model"])
+        letters = GaugeMetricFamily("palette_dead_letters", "events parked or held per read model", labels=["model"])
+        try:
+            rows, positions = self._measure(psycopg)
+        except psycopg.Error as e:
+            log.warning("read-side metrics unavailable: %s", type(e).__name__)
+            return
+        for model, events, seconds, parked in rows:
+            lag.add_metric([model], events)
+            lag_s.add_metric([model], seconds)
+            letters.add_metric([model], parked)
+        yield from (lag, lag_s, letters)
+        for name, value in positions.items():
+            yield GaugeMetricFamily(f"palette_{name}_position", f"the {name.replace('_', ' ')}'s position",
+                                    value=value)
+
+    def _measure(self, psycopg: Any) -> tuple[list[tuple[str, int, float, int]], dict[str, float]]:
+        from projections.models import READ_MODELS
+        from projections.store import unapplied
+
+        rows = []
+        now = datetime.now(UTC)
+        with psycopg.connect(self.database_url, autocommit=True, connect_timeout=int(CHECK_TIMEOUT_S)) as conn:
+            parked = dict(conn.execute("SELECT model, count(*) FROM palette_read.dead_letters "
+                                       "WHERE status IN ('parked', 'held') GROUP BY model").fetchall())
+            for name, model in READ_MODELS.items():
+                count, oldest = unapplied(conn, model, self.log.recorder.events_table_name)
+                first = self.log.read(oldest - 1, oldest, 1) if oldest is not None else []
+                seconds = max(0.0, (now - first[0].timestamp).total_seconds()) if first else 0.0
+                rows.append((name, count, seconds, int(parked.get(name, 0))))
+            relay = conn.execute("SELECT position FROM palette_relay.positions WHERE name = %s",
+                                 [RELAY_NAME]).fetchone()
+        return rows, {"event_store_head": float(self.log.head()), "relay": float(relay[0] if relay else 0)}
+
+
+# -- probes ---------------------------------------------------------------------------------
+def dependency_checks(settings: Settings, needs: Iterable[str]) -> dict[str, Callable[[], bool]]:
+    """Readiness checks of the dependencies a process needs: postgres, broker, s3."""
+
+    def postgres() -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(settings.effective_database_url, connect_timeout=int(CHECK_TIMEOUT_S)) as conn:
+                conn.execute("select 1")
+            return True
+        except psycopg.Error:
+            return False
+
+    def broker() -> bool:
+        from infra.kafka_admin import broker_answers
+
+        return broker_answers(settings.effective_kafka_bootstrap, timeout_ms=int(CHECK_TIMEOUT_S * 1000))
+
+    def s3() -> bool:
+        from infra.s3 import s3_client
+
+        try:
+            s3_client(settings, timeout_s=CHECK_TIMEOUT_S).head_bucket(Bucket=settings.s3_bucket)
+            return True
+        except Exception:  # noqa: BLE001 - any failure reads as failing
+            return False
+
+    every = {"postgres": postgres, "broker": broker, "s3": s3}
+    return {name: every[name] for name in needs}
+
+
+class Readiness:
+    """The checks, each run at most once per CHECK_TTL_S whatever the callers."""
+
+    def __init__(self, checks: Mapping[str, Callable[[], bool]], clock: Callable[[], float] = time.monotonic) -> None:
+        self.checks = dict(checks)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._last: tuple[float, list[str]] | None = None
+
+    def failing(self) -> list[str]:
+        with self._lock:
+            if self._last is None or self.clock() - self._last[0] >= CHECK_TTL_S:
+                self._last = (self.clock(), [name for name, check in self.checks.items() if not check()])
+            return list(self._last[1])
+
+
+def serve(port: int, registry: CollectorRegistry, readiness: Readiness, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """``/metrics``, ``/livez``, ``/readyz`` on ``host:port`` from a daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                self._send(200, generate_latest(registry), "text/plain; version=0.0.4; charset=utf-8")
+            elif self.path == "/livez":
+                self._send(200, b'{"status":"alive"}', "application/json")
+            elif self.path == "/readyz":
+                failing = readiness.failing()
+                body = {"status": "ready"} if not failing else {"status": "not ready", "failing": failing}
+                self._send(503 if failing else 200, json.dumps(body).encode(), "application/json")
+            else:
+                self._send(404, b'{"status":"not found"}', "application/json")
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:  # scrapes are not worth a log line each
+            return
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
+
+
+NEEDS = {"relay": ("postgres", "broker"), "projector": ("postgres", "broker"),
+         "dispatcher": ("postgres", "broker"), "gpu": ("broker", "s3"), "webhooks": ("postgres", "broker"),
+         "checkpointer": ("postgres",)}
+
+
+def collectors_for(process: str, worker: Any, settings: Settings) -> list[Collector]:
+    """What each worker counts, as metrics."""
+    found: list[Collector] = []
+    if process == "gpu" and isinstance(getattr(worker, "stats", None), dict):
+        found.append(CountsCollector("palette_gpu_items", "GPU worker items by outcome", "outcome",
+                                     lambda: worker.stats))
+    if process == "projector" and hasattr(worker, "totals"):
+        found.append(CountsCollector("palette_projector_events", "events the projector handled by result", "result",
+                                     lambda: {k: getattr(worker.totals, k) for k in
+                                              ("applied", "skipped", "parked", "filled")}))
+        if getattr(worker, "log", None) is not None:
+            found.append(ReadSideCollector(settings.effective_database_url, worker.log))
+    return found
+
+
+def start(process: str, worker: Any, settings: Settings) -> ThreadingHTTPServer | None:
+    """The process's metrics and probes port, when PALETTE_METRICS_PORT is set."""
+    port = port_of(settings, process)
+    if port is None:
+        return None
+    registry = CollectorRegistry()
+    for collector in collectors_for(process, worker, settings):
+        registry.register(collector)
+    try:
+        return serve(port, registry, Readiness(dependency_checks(settings, NEEDS.get(process, ()))),
+                     settings.metrics_host)
+    except OSError as e:
+        log.warning("metrics port %d not opened: %s", port, e.strerror)
+        return None
