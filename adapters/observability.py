@@ -18,12 +18,13 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from adapters.relay import RELAY_NAME
 from adapters.settings import Settings
+from domain.contracts import topics
 
 log = logging.getLogger("palette.metrics")
 # The worker processes' ports: PALETTE_METRICS_PORT + offset.
@@ -186,9 +187,64 @@ NEEDS = {"relay": ("postgres", "broker"), "projector": ("postgres", "broker"),
          "checkpointer": ("postgres",)}
 
 
-def collectors_for(process: str, worker: Any, settings: Settings) -> list[Collector]:
+class ConsumerLagCollector:
+    """Per consumer group and topic: messages in the broker the group has not committed yet
+    (end offsets minus committed offsets, summed over partitions). Asked of the broker when
+    scraped, outside the groups (an admin client and a bare consumer)."""
+
+    GROUPS = ((topics.PROJECTOR_GROUP, topics.EVENTS), (topics.DISPATCHER_GROUP, topics.EVENTS),
+              (topics.GPU_GROUP, topics.GPU_TASKS))
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self._lock = threading.Lock()
+        self._clients: tuple[Any, Any] | None = None
+
+    def _connect(self) -> tuple[Any, Any]:
+        from kafka import KafkaAdminClient, KafkaConsumer
+
+        if self._clients is None:
+            self._clients = (KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000),
+                             KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                           request_timeout_ms=5000))
+        return self._clients
+
+    def collect(self) -> Iterator[Metric]:
+        from kafka import TopicPartition
+
+        family = GaugeMetricFamily("palette_consumer_group_lag", "messages a consumer group has not committed",
+                                   labels=["group", "topic"])
+        with self._lock:
+            try:
+                admin, probe = self._connect()
+                probe.topics()  # fresh metadata: partitions_for_topic reads the cached one
+                for group, topic in self.GROUPS:
+                    partitions = probe.partitions_for_topic(topic) or set()
+                    wanted = [TopicPartition(topic, p) for p in sorted(partitions)]
+                    ends = probe.end_offsets(wanted)
+                    committed = admin.list_group_offsets({group: wanted}).get(group, {})
+                    behind = sum(max(0, int(end) - max(0, committed[tp].offset if tp in committed else 0))
+                                 for tp, end in ends.items())
+                    family.add_metric([group, topic], behind)
+            except Exception as e:  # noqa: BLE001 - a scrape without this family, never a failed scrape
+                log.warning("consumer group lag unavailable: %s: %s", type(e).__name__, e)
+                self._clients = None
+                return
+        yield family
+
+
+def collectors_for(process: str, worker: Any, settings: Settings, registry: CollectorRegistry) -> list[Collector]:
     """What each worker counts, as metrics."""
     found: list[Collector] = []
+    if process == "relay" and hasattr(worker, "observe_ack"):
+        found.append(CountsCollector("palette_relay_events", "events the relay published (acknowledged)",
+                                     "result", lambda: {"acknowledged": worker.published}))
+        latency = Histogram("palette_relay_commit_to_ack_seconds", "decided -> broker ack, oldest event per batch",
+                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=registry)
+        worker.observe_ack = latency.observe
+    if process == "dispatcher" and hasattr(worker, "dispatched"):
+        found.append(CountsCollector("palette_dispatcher_tasks", "GPU tasks sent, and records parked", "result",
+                                     lambda: {"dispatched": worker.dispatched, "parked": worker.parked}))
     if process == "gpu" and isinstance(getattr(worker, "stats", None), dict):
         found.append(CountsCollector("palette_gpu_items", "GPU worker items by outcome", "outcome",
                                      lambda: worker.stats))
@@ -198,6 +254,7 @@ def collectors_for(process: str, worker: Any, settings: Settings) -> list[Collec
                                               ("applied", "skipped", "parked", "filled")}))
         if getattr(worker, "log", None) is not None:
             found.append(ReadSideCollector(settings.effective_database_url, worker.log))
+        found.append(ConsumerLagCollector(settings.effective_kafka_bootstrap))
     return found
 
 
@@ -207,7 +264,7 @@ def start(process: str, worker: Any, settings: Settings) -> ThreadingHTTPServer 
     if port is None:
         return None
     registry = CollectorRegistry()
-    for collector in collectors_for(process, worker, settings):
+    for collector in collectors_for(process, worker, settings, registry):
         registry.register(collector)
     try:
         return serve(port, registry, Readiness(dependency_checks(settings, NEEDS.get(process, ()))),

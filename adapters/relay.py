@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, Protocol, Self
 
 import psycopg
@@ -287,6 +288,8 @@ class Relay:
         self.wakeup = wakeup
         self.loss = loss
         self._lost = False  # an acknowledgement came back below one before it
+        # Seconds from the oldest event of each acknowledged batch being decided to its ack (metrics).
+        self.observe_ack: Callable[[float], None] | None = None
 
     def position(self) -> int:
         return self.positions.get(self.name)
@@ -329,6 +332,9 @@ class Relay:
         self.published += len(futures)
         if self.on_acked is not None:
             self.on_acked([from_notification(n, self.transcoder) for n in notifications])
+        if self.observe_ack is not None:  # one decode per batch: its oldest event, the longest wait
+            oldest = from_notification(notifications[0], self.transcoder).timestamp
+            self.observe_ack((datetime.now(UTC) - oldest).total_seconds())
 
     def _recover_or_wait(self, stop: threading.Event, position: int) -> int:
         """``_recover``; a broker that does not answer yet is waited for (the loss is still known

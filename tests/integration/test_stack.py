@@ -152,27 +152,46 @@ def test_application_processes_log_one_json_object_per_line(apps):
 
 
 def test_worker_processes_serve_metrics_and_probes(apps):
-    """The projector's port: its counts and the read side's lag per model, /livez and /readyz."""
+    """The relay's and the projector's ports, parsed as Prometheus parses them: counters move
+    after a job is created; the read side's lag per model and the groups' lag are there."""
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from adapters import bootstrap
     from adapters.observability import port_of
 
-    port = port_of(apps.settings, "projector")
-    assert port is not None
-
-    def scraped() -> str | None:
+    def scrape(process: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                return str(r.read().decode())
+            with urllib.request.urlopen(f"http://127.0.0.1:{port_of(apps.settings, process)}/metrics",
+                                        timeout=5) as r:
+                text = r.read().decode()
         except OSError:
             return None  # the process is still starting
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}
 
-    text = wait_until(scraped, what="the projector's metrics port")
+    acked = ("palette_relay_events_total", (("result", "acknowledged"),))
+    applied = ("palette_projector_events_total", (("result", "applied"),))
+    latencies = ("palette_relay_commit_to_ack_seconds_count", ())
+    relay_before = wait_until(lambda: scrape("relay"), what="the relay's metrics port")
+    projector_before = wait_until(lambda: scrape("projector"), what="the projector's metrics port")
+    container = bootstrap.build(apps.settings)
+    try:
+        container.service.register(f"metrics-{uuid.uuid4()}")
+    finally:
+        container.close()
+    relay = wait_until(lambda: (m := scrape("relay")) and m[acked] > relay_before[acked] and m,
+                       what="the relay's count to move")
+    assert relay[latencies] > relay_before.get(latencies, 0)
+    projector = wait_until(lambda: (m := scrape("projector")) and m[applied] > projector_before[applied] and m,
+                           what="the projector's count to move")
     for model in ("users", "rules", "jobs_log", "job_items_log", "billing_events"):
-        assert f'palette_read_model_lag_events{{model="{model}"}}' in text
-        assert f'palette_dead_letters{{model="{model}"}}' in text
-    assert 'palette_projector_events_total{result="applied"}' in text
-    assert "palette_event_store_head_position" in text
+        assert ("palette_read_model_lag_events", (("model", model),)) in projector
+        assert ("palette_dead_letters", (("model", model),)) in projector
+    assert ("palette_consumer_group_lag", (("group", "palette-projections"), ("topic", "palette.events"))) in projector
+    assert projector[("palette_event_store_head_position", ())] >= projector[("palette_relay_position", ())] > 0
     for probe in ("/livez", "/readyz"):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe}", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port_of(apps.settings, 'projector')}{probe}",
+                                    timeout=5) as r:
             assert r.status == 200
