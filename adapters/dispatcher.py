@@ -37,6 +37,7 @@ from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from adapters.relay import LossSignal
 from domain.contracts import topics
+from domain.contracts import trace as tracing
 from domain.contracts.envelope import decode
 from domain.contracts.gpu_task import tasks_for as build_tasks
 from domain.contracts.loop import ConsumerLoop
@@ -268,7 +269,9 @@ class Dispatcher(ConsumerLoop):
 
     # -- sending ----------------------------------------------------------------------------------
     def _send(self, task: dict[str, Any]) -> Any:
-        return self.producer.send(GPU_TOPIC, key=task["job_id"].encode(), value=json.dumps(task).encode())
+        trace = task.get(tracing.HEADER, "")
+        return self.producer.send(GPU_TOPIC, key=task["job_id"].encode(), value=json.dumps(task).encode(),
+                                  headers=[(tracing.HEADER, trace.encode())] if trace else None)
 
     def _flush(self, sent: list[tuple[str, Any]]) -> None:
         """Wait for the broker's acknowledgements and remember where each job's tasks went."""
@@ -299,7 +302,13 @@ class Dispatcher(ConsumerLoop):
         job = self.repository.get(env.stream_id)
         if job.status.value not in ("queued", "running"):
             return []
-        return [t for t in tasks_for(job) if t["idx"] not in job.items]
+        tasks = [t for t in tasks_for(job) if t["idx"] not in job.items]
+        if env.trace:  # the request's trace goes on with the tasks, to the worker and its callbacks
+            for task in tasks:
+                task[tracing.HEADER] = env.trace
+        log.info("dispatching %d task(s) of job %s", len(tasks), env.stream_id,
+                 extra={"job_id": str(env.stream_id), "trace_id": tracing.trace_id(env.trace)})
+        return tasks
 
     def _park(self, record: Any, error: BaseException) -> None:
         reason = f"{type(error).__name__}: {error}"

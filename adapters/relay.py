@@ -27,7 +27,8 @@ import psycopg
 from kafka.errors import KafkaError
 from psycopg import sql
 
-from domain.contracts.envelope import EventEnvelope, encode_notification, from_notification
+from domain.contracts import trace as tracing
+from domain.contracts.envelope import EventEnvelope, from_notification, notification_message
 from domain.contracts.topics import EVENTS as EVENTS_TOPIC
 
 log = logging.getLogger("palette.relay")
@@ -303,11 +304,11 @@ class Relay:
         if not notifications:
             self.drain()
             return position
-        futures = [
-            self.producer.send(self.topic, key=str(n.originator_id).encode(),
-                               value=encode_notification(n, self.transcoder))
-            for n in notifications
-        ]
+        futures = []
+        for n in notifications:
+            value, trace = notification_message(n, self.transcoder)
+            futures.append(self.producer.send(self.topic, key=str(n.originator_id).encode(), value=value,
+                                              headers=[(tracing.HEADER, trace.encode())] if trace else None))
         self.drain()  # the previous batch: its acks arrived while this one was read and sent
         self._in_flight = (int(notifications[-1].id), futures, notifications)
         return int(notifications[-1].id)

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # projector +2, dispatcher +3, gpu +4, webhooks +5, checkpointer +6); 0 turns them off.
     metrics_port: int = Field(9400, ge=0, le=65000)
     metrics_host: str = "127.0.0.1"
+    # Where each process's spans go: off (ids still made, for the logs), console, or otlp
+    # (OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT).
+    trace_exporter: Literal["off", "console", "otlp"] = "off"
     jwt_secret: str = ""
     jwt_issuer: str = "palette"
     jwt_audience: str = "palette-app"

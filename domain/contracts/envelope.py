@@ -1,6 +1,7 @@
 """The event envelope on Kafka: one codec shared by relay, projectors, dispatcher and tools.
 
-``{id (notification id), stream_id, stream_type, version, type, timestamp, data}`` as JSON.
+``{id (notification id), stream_id, stream_type, version, type, timestamp, data}`` as JSON,
+plus ``trace`` (a W3C traceparent, ``domain.contracts.trace``) when the event was stored with one.
 Every envelope leaves at its event class's current version (``upcast_state``); a stored state
 that cannot be decoded leaves as ``{"_unreadable": why}`` at the epoch, which every fold refuses.
 """
@@ -14,6 +15,7 @@ from functools import cache
 from typing import Any
 from uuid import UUID
 
+from domain.contracts import trace as tracing
 from domain.contracts.streams import STREAMS
 
 
@@ -30,6 +32,7 @@ class EventEnvelope:
     type: str
     timestamp: datetime
     data: dict[str, Any]
+    trace: str = ""  # the traceparent of the request that caused the event, if any
 
 
 def _plain(value: Any) -> Any:
@@ -98,49 +101,59 @@ UNREADABLE = "_unreadable"  # the data of an envelope whose stored state could n
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _readable_state(notification: Any, transcoder: Any) -> tuple[dict[str, Any], datetime]:
-    """The state and timestamp of a stored event; a state that cannot be decoded (written past
-    the application) becomes ``{UNREADABLE: why}`` at the epoch, which every fold refuses, so the
-    projector parks it rather than the relay or the sweep stopping on it."""
+def _readable_state(notification: Any, transcoder: Any) -> tuple[dict[str, Any], datetime, str]:
+    """The state, timestamp and trace of a stored event; a state that cannot be decoded (written
+    past the application) becomes ``{UNREADABLE: why}`` at the epoch, which every fold refuses, so
+    the projector parks it rather than the relay or the sweep stopping on it."""
     try:
         state = _state(notification, transcoder)
         timestamp = state.pop("timestamp")
         moment = timestamp if isinstance(timestamp, datetime) else datetime.fromisoformat(timestamp)
-        return state, moment
+        return state, moment, tracing.valid(state.pop(tracing.TRACE_KEY, ""))
     except Exception as exc:  # noqa: BLE001 - any stored bytes at all
         why = f"{type(exc).__name__}: {exc}"[:500].encode("ascii", "backslashreplace").decode()
-        return {UNREADABLE: why}, EPOCH
+        return {UNREADABLE: why}, EPOCH, ""
 
 
 def from_notification(notification: Any, transcoder: Any) -> EventEnvelope:
     """Build the envelope of one stored notification."""
-    state, timestamp = _readable_state(notification, transcoder)
+    state, timestamp, trace = _readable_state(notification, transcoder)
     stream_type, event_type = split_topic(notification.topic)
     state.pop("originator_topic", None)
     return EventEnvelope(
         id=notification.id, stream_id=notification.originator_id, stream_type=stream_type,
-        version=notification.originator_version, type=event_type, timestamp=timestamp, data=state,
+        version=notification.originator_version, type=event_type, timestamp=timestamp, data=state, trace=trace,
     )
 
 
-def encode_notification(notification: Any, transcoder: Any) -> bytes:
-    """The envelope's JSON straight from a stored notification (the relay's and replay's path)."""
-    state, moment = _readable_state(notification, transcoder)
+def notification_message(notification: Any, transcoder: Any) -> tuple[bytes, str]:
+    """The envelope's JSON straight from a stored notification, and its trace (the relay's path)."""
+    state, moment, trace = _readable_state(notification, transcoder)
     stream_type, event_type = split_topic(notification.topic)
-    timestamp = moment.isoformat()
     state.pop("originator_topic", None)
-    return json.dumps({
+    envelope = {
         "id": notification.id, "stream_id": str(notification.originator_id), "stream_type": stream_type,
-        "version": notification.originator_version, "type": event_type, "timestamp": timestamp, "data": state,
-    }, separators=(",", ":")).encode()
+        "version": notification.originator_version, "type": event_type, "timestamp": moment.isoformat(), "data": state,
+    }
+    if trace:
+        envelope["trace"] = trace
+    return json.dumps(envelope, separators=(",", ":")).encode(), trace
+
+
+def encode_notification(notification: Any, transcoder: Any) -> bytes:
+    """The envelope's JSON straight from a stored notification (replay's path)."""
+    return notification_message(notification, transcoder)[0]
 
 
 def encode(envelope: EventEnvelope) -> bytes:
-    return json.dumps({
+    data = {
         "id": envelope.id, "stream_id": str(envelope.stream_id), "stream_type": envelope.stream_type,
         "version": envelope.version, "type": envelope.type,
         "timestamp": envelope.timestamp.isoformat(), "data": envelope.data,
-    }, separators=(",", ":")).encode()
+    }
+    if envelope.trace:
+        data["trace"] = envelope.trace
+    return json.dumps(data, separators=(",", ":")).encode()
 
 
 def _field(data: dict[str, Any], name: str, kind: type) -> Any:
@@ -167,4 +180,5 @@ def decode(raw: bytes) -> EventEnvelope:
         raise EnvelopeInvalid("timestamp must carry its offset")
     return EventEnvelope(id=_field(data, "id", int), stream_id=stream_id,
                          stream_type=_field(data, "stream_type", str), version=_field(data, "version", int),
-                         type=_field(data, "type", str), timestamp=timestamp, data=_field(data, "data", dict))
+                         type=_field(data, "type", str), timestamp=timestamp, data=_field(data, "data", dict),
+                         trace=tracing.valid(data.get("trace")))

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from domain.contracts import trace
 from domain.contracts.keys import callback_key, input_key, mask_key, output_key, preview_key
 
 
@@ -81,6 +82,7 @@ class Task:
     mask_keys: dict[str, str]
     idempotency_key: str
     attempt: int = 0
+    traceparent: str = ""  # the trace of the request that queued the job (dropped when malformed)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -102,7 +104,8 @@ class Task:
             input_key=_string(data, "input_key"), output_key=_string(data, "output_key"),
             preview_key=_string(data, "preview_key"), mask_keys=_string_map(data.get("mask_keys"), "mask_keys"),
             idempotency_key=_string(data, "idempotency_key"),
-            attempt=_index(data.get("attempt", 0), "attempt"), raw=data)
+            attempt=_index(data.get("attempt", 0), "attempt"), traceparent=trace.valid(data.get(trace.HEADER)),
+            raw=data)
 
     @classmethod
     def identify(cls, value: bytes | None) -> tuple[Task | None, dict[str, Any] | None]:

@@ -1,0 +1,55 @@
+"""Trace context: the traceparent contract, spans that continue it, and the envelope carrying it."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import UTC, datetime
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from adapters import tracing
+from adapters.logs import CONTEXT
+from domain.contracts import trace as contract
+from domain.contracts.envelope import EventEnvelope, decode, encode
+from domain.contracts.gpu_task import Task
+
+GOOD = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_a_span_continues_the_parent_trace_and_its_logs_carry_the_id():
+    tracing.configure("test", "off")
+    with tracing.span("outer") as outer:
+        assert contract.valid(outer) and CONTEXT["trace_id"].get() == contract.trace_id(outer)
+    assert CONTEXT["trace_id"].get() is None
+    with tracing.span("callback", parent=GOOD) as child:
+        assert contract.trace_id(child) == GOOD[3:35] and child != GOOD  # same trace, a new span
+    with tracing.span("fresh", parent="00-junk") as fresh:
+        assert contract.valid(fresh) and contract.trace_id(fresh) != GOOD[3:35]
+
+
+@given(st.text(max_size=80))
+def test_anything_but_a_traceparent_is_dropped(value):
+    assert contract.valid(value) in ("", value)
+    if contract.valid(value):
+        assert contract.trace_id(value) == value[3:35]
+
+
+def test_malformed_traceparents_are_dropped():
+    for bad in ("01-" + GOOD[3:], GOOD.upper(), "00-" + "0" * 32 + GOOD[35:], GOOD[:-1], GOOD + " ", None, 7):
+        assert contract.valid(bad) == ""
+
+
+def test_the_envelope_and_the_task_carry_the_trace_and_drop_a_bad_one():
+    env = EventEnvelope(id=3, stream_id=uuid.uuid4(), stream_type="Job", version=2, type="JobQueued",
+                        timestamp=datetime.now(UTC), data={"concepts": {}}, trace=GOOD)
+    assert decode(encode(env)) == env
+    raw = encode(env).replace(GOOD.encode(), b"00-nope")
+    assert decode(raw).trace == "" and decode(raw).data == env.data
+    assert b"trace" not in encode(dataclasses.replace(env, trace=""))  # no trace: the envelope as before
+    task = b'{"job_id": "%s", "user_id": "u", "idx": 0, "concepts": {}, "protect": [], "input_key": "i",' \
+           b' "output_key": "o", "preview_key": "p", "mask_keys": {}, "idempotency_key": "k", "traceparent": "%s"}'
+    job = str(uuid.uuid4()).encode()
+    assert Task.parse(task % (job, GOOD.encode())).traceparent == GOOD
+    assert Task.parse(task % (job, b"<script>")).traceparent == ""
