@@ -210,6 +210,13 @@ class RelayState(PgPositions):
                     "ON CONFLICT (name, partition) DO UPDATE SET acked = EXCLUDED.acked",
                     [(name, p, o) for p, o in offsets.items()])
 
+    def lead(self, name: str) -> bool:
+        """Try to become the one relay publishing ``name``: a session lock on this connection,
+        released when the connection ends, so a relay that dies or loses the database hands over
+        (its next save fails and the process restarts, as a standby)."""
+        row = self.conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [f"palette-relay:{name}"]).fetchone()
+        return bool(row and row[0])
+
     def forget_acked(self, name: str) -> None:
         self.conn.execute("DELETE FROM palette_relay.acked_offsets WHERE name = %s", [name])
 
@@ -273,7 +280,8 @@ class Relay:
     def __init__(self, app: Any, producer: Any, positions: Positions, name: str = RELAY_NAME,
                  topic: str = EVENTS_TOPIC, batch_size: int = 2000,
                  on_acked: Callable[[list[EventEnvelope]], None] | None = None,
-                 wakeup: Wakeup | None = None, loss: LossWatch | None = None) -> None:
+                 wakeup: Wakeup | None = None, loss: LossWatch | None = None,
+                 lead: Callable[[str], bool] | None = None) -> None:
         self.app = app  # owns the recorder's connection pool
         self.recorder = app.recorder
         self.transcoder = app.mapper.transcoder
@@ -289,6 +297,7 @@ class Relay:
         self.wakeup = wakeup
         self.loss = loss
         self._lost = False  # an acknowledgement came back below one before it
+        self.lead = lead  # several relays of one name: the one that gets it publishes, the others wait
         # Seconds from the oldest event of each acknowledged batch being decided to its ack (metrics).
         self.observe_ack: Callable[[float], None] | None = None
 
@@ -363,6 +372,8 @@ class Relay:
         self.position()
 
     def run(self, stop: threading.Event, idle_s: float = 0.005, max_idle_s: float = 0.02) -> None:
+        if not self._leading(stop):
+            return
         position = self.position()
         log.warning("relay starting after position %d", position)
         if self.loss is not None and self.loss.probe(force=True):
@@ -397,6 +408,22 @@ class Relay:
                 wait = idle_s
             position = new_position
         self.drain()  # SIGTERM: what was sent is acknowledged and recorded before exiting
+
+    def _leading(self, stop: threading.Event, every_s: float = 1.0) -> bool:
+        """Wait until this relay is the one publishing its log (at once when it is alone)."""
+        if self.lead is None:
+            return True
+        waited = False
+        while not stop.is_set():
+            if self.lead(self.name):
+                if waited:
+                    log.warning("this relay publishes %s now", self.name)
+                return True
+            if not waited:
+                log.warning("another relay publishes %s: standing by", self.name)
+                waited = True
+            stop.wait(every_s)
+        return False
 
     def close(self) -> None:
         self.producer.close()
