@@ -141,3 +141,26 @@ def test_a_record_the_dispatcher_cannot_handle_lands_on_its_dlq_topic(apps, sett
     record = next(r for r in seen if r.value == garbage)
     headers = dict(record.headers)
     assert headers["offset"] == b"42" and b"EnvelopeInvalid" in headers["error"]
+
+
+def test_after_a_broker_loss_a_job_held_behind_a_dead_letter_is_sent_again(apps, service, conn, settings):
+    """jobs_log cannot say a held job is unfinished (its row stopped at the dead letter); the
+    job's aggregate does, so its unfinished items go out again after a loss all the same."""
+    job_id = running_job(service, conn)
+    dispatcher = Dispatcher(OnePoll([]), kafka_io.producer(settings), PaletteApplication(env=event_store_env(settings)),
+                            settings.effective_database_url, stale_s=3600)
+    sent: list[dict[str, Any]] = []
+    real = dispatcher._send
+    dispatcher._send = lambda task: (sent.append(task), real(task))[1]  # type: ignore[method-assign]
+    row = conn.execute("SELECT status FROM palette_read.jobs_log WHERE id = %s", [job_id]).fetchone()
+    conn.execute("UPDATE palette_read.jobs_log SET status = 'uploaded' WHERE id = %s", [job_id])  # where it stopped
+    conn.execute("INSERT INTO palette_read.dead_letters (model, stream_id, version, position, envelope, error, "
+                 "status) VALUES ('jobs_log', %s, 3, 0, '\\x7b7d', 'test', 'parked')", [job_id])
+    try:
+        dispatcher.after_loss()
+        assert sorted(t["idx"] for t in sent if t["job_id"] == str(job_id)) == [0, 2]
+    finally:
+        conn.execute("DELETE FROM palette_read.dead_letters WHERE stream_id = %s AND error = 'test'", [job_id])
+        conn.execute("UPDATE palette_read.jobs_log SET status = %s WHERE id = %s", [row[0] if row else "running",
+                                                                                    job_id])
+        dispatcher.close()
