@@ -1,0 +1,53 @@
+"""The API's metrics: every request by route template, method and status, with a latency
+histogram. Labels come from the route the router matched, never from the raw path (a client
+cannot grow the label sets: an unmatched path counts as ``unmatched``)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
+
+
+class HttpMetrics:
+    """Pure ASGI middleware (no body buffering, streams included: timed to the response's start)."""
+
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
+        self.app = app
+        self.requests = Counter("palette_http_requests", "HTTP requests by route template, method and status",
+                                ["route", "method", "status"], registry=registry)
+        self.latency = Histogram("palette_http_request_duration_seconds",
+                                 "request received -> response headers sent, by route template and method",
+                                 ["route", "method"], buckets=LATENCY_BUCKETS, registry=registry)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = [500]  # an exception that escapes every handler is what the server answers
+
+        async def timed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                self._observe(scope, status[0], time.perf_counter() - t0)
+                status.append(0)  # observed
+            await send(message)
+
+        try:
+            await self.app(scope, receive, timed)
+        finally:
+            if len(status) == 1:
+                self._observe(scope, status[0], time.perf_counter() - t0)
+
+    def _observe(self, scope: Scope, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        method = scope.get("method", "")
+        method = method if method in METHODS else "other"
+        self.requests.labels(template, method, str(status)).inc()
+        self.latency.labels(template, method).observe(seconds)

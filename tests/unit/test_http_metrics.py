@@ -1,0 +1,38 @@
+"""The API's request metrics: labels from route templates, so clients cannot grow them."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from adapters.api.metrics import HttpMetrics
+
+
+async def job(request):  # type: ignore[no-untyped-def]
+    return JSONResponse({"id": request.path_params["job_id"]}, status_code=200 if request.method == "GET" else 201)
+
+
+def test_requests_are_counted_by_route_template_method_and_status():
+    registry = CollectorRegistry()
+    app = HttpMetrics(Starlette(routes=[Route("/jobs/{job_id}", job, methods=["GET", "POST"])]), registry)
+    with TestClient(app) as client:
+        for n in range(5):
+            client.get(f"/jobs/{n}")
+        client.post("/jobs/x")
+        for n in range(3):
+            client.get(f"/nowhere/{n}")
+        client.request("BREW", "/jobs/1")
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("palette_http_requests_total", route="/jobs/{job_id}", method="GET", status="200") == 5
+    assert value("palette_http_requests_total", route="/jobs/{job_id}", method="POST", status="201") == 1
+    assert value("palette_http_requests_total", route="unmatched", method="GET", status="404") == 3
+    assert value("palette_http_request_duration_seconds_count", route="/jobs/{job_id}", method="GET") == 5
+    label_sets = {tuple(sorted(s.labels.items())) for m in registry.collect() for s in m.samples
+                  if s.name == "palette_http_requests_total"}
+    assert len(label_sets) == 4  # 9 distinct paths, one odd method: four label sets
