@@ -82,20 +82,30 @@ def _parse_rows(model: ReadModel, records: Sequence[Sequence[Any]]) -> Rows:
     return rows
 
 
+def _column(sql_type: str, values: list[Any]) -> list[Any]:
+    """One column's values as one array: an array holds one Python type, and a fold may keep an
+    id as text (from an event's data) or as a UUID (a stream id)."""
+    if sql_type == "uuid":
+        return [v if v is None or isinstance(v, UUID) else UUID(str(v)) for v in values]
+    return values
+
+
 def write_rows(conn: psycopg.Connection[Any], model: ReadModel, tbl: str, rows: Rows, keys: Iterable[Key]) -> None:
+    """The changed rows in one statement (an upsert over ``unnest`` of one array per column: a
+    batch's rows cost one round of parsing and planning, not one per row); deleted ones by key."""
     names = model.column_names
     upserts = [rows[k] for k in keys if rows.get(k) is not None]
     deletes = [k for k in keys if k in rows and rows[k] is None]
     if upserts:
         non_key = [c for c in names if c not in model.key]
-        stmt = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}").format(
+        stmt = sql.SQL("INSERT INTO {} ({}) SELECT * FROM unnest({}) ON CONFLICT ({}) DO UPDATE SET {}").format(
             table(tbl), sql.SQL(", ").join(ident(c) for c in names),
-            sql.SQL(", ").join(sql.Placeholder() for _ in names),
+            sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(c.sql_type)) for c in model.columns),
             sql.SQL(", ").join(ident(k) for k in model.key),
             sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(ident(c)) for c in non_key),
         )
-        with conn.cursor() as cur:
-            cur.executemany(stmt, [[r[c] for c in names] for r in upserts])  # type: ignore[index]
+        conn.execute(stmt, [_column(c.sql_type, [r[c.name] for r in upserts])  # type: ignore[index]
+                            for c in model.columns])
     if deletes:
         where = sql.SQL(" AND ").join(sql.SQL("{} = %s").format(ident(k)) for k in model.key)
         with conn.cursor() as cur:
@@ -237,11 +247,10 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
                 write_rows(conn, m, m.keyed_table + suffix, rows, keys)
                 insert_appended(conn, m, suffix, folded.appended)
                 if folded.advanced:
-                    with conn.cursor() as cur:
-                        cur.executemany(sql.SQL(
-                            "INSERT INTO {} (stream_id, version) VALUES (%s, %s) "
-                            "ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version"
-                        ).format(table(tracking_table(m, suffix))), list(folded.advanced.items()))
+                    conn.execute(sql.SQL(
+                        "INSERT INTO {} (stream_id, version) SELECT * FROM unnest(%s::uuid[], %s::bigint[]) "
+                        "ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version"
+                    ).format(table(tracking_table(m, suffix))), [list(folded.advanced), list(folded.advanced.values())])
             if not suffix:
                 with conn.cursor() as cur:
                     cur.executemany(_positions_sql(), [[m.name, top] for m in chosen])
