@@ -2,6 +2,8 @@
 
     created -confirm-> uploaded -execute-> queued -first result-> running -last result-> done|failed
     any non-terminal state -cancel-> canceled          (done, failed, canceled are terminal)
+    a terminal job -delete-> deleted (its objects gone, the job gone from every view)
+    a terminal job -expire-> its objects gone after the retention period (the job stays listed)
 
 Storage contract: event classes are stored as ``domain.job:Job.<Name>``; never rename them.
 """
@@ -124,6 +126,23 @@ class Job(Aggregate):
         def apply(self, job: Job) -> None:
             job.status = JobStatus.CANCELED
 
+    class JobDeleted(Aggregate.Event):
+        """The owner deleted a terminal job: its objects are removed, and so is every row of it."""
+
+        item_count: int
+
+        def apply(self, job: Job) -> None:
+            job.deleted = True
+            job.objects_deleted = True
+
+    class ObjectsExpired(Aggregate.Event):
+        """The retention period of a terminal job passed: its objects are removed (it stays listed)."""
+
+        retention_days: int
+
+        def apply(self, job: Job) -> None:
+            job.objects_deleted = True
+
     def __init__(self, user_id: UUID, preset: str, item_count: int) -> None:
         self.user_id = user_id
         self.preset = preset
@@ -136,6 +155,8 @@ class Job(Aggregate):
         self.keys: dict[str, int] = {}
         self.done_items = 0
         self.failed_items = 0
+        self.deleted = False  # the owner deleted it: as if it never was, to everyone but the log
+        self.objects_deleted = False  # its inputs, outputs, masks and previews are gone
 
     # -- queries ----------------------------------------------------------------------
     @property
@@ -216,4 +237,21 @@ class Job(Aggregate):
         if self.status.terminal:
             raise InvalidState(f"cannot cancel a {self.status} job")
         self.trigger_event(self.JobCanceled, reason=reason[:200], timestamp=at)
+        return True
+
+    def delete(self, at: datetime) -> bool:
+        """Delete a terminal job; True when this call deleted it (False: it already was)."""
+        if self.deleted:
+            return False
+        if not self.status.terminal:
+            raise InvalidState(f"cannot delete a {self.status} job (cancel it first)")
+        self.trigger_event(self.JobDeleted, item_count=self.item_count, timestamp=at)
+        return True
+
+    def expire(self, retention_days: int, at: datetime) -> bool:
+        """Record that a terminal job's objects were removed after ``retention_days``; True when
+        this call recorded it."""
+        if self.objects_deleted or not self.status.terminal:
+            return False
+        self.trigger_event(self.ObjectsExpired, retention_days=retention_days, timestamp=at)
         return True

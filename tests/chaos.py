@@ -299,8 +299,9 @@ def read_model_problems(conn: psycopg.Connection[Any], log: list[Any], app: Any,
     for job_id, idx, status in conn.execute("SELECT job_id, idx, status FROM palette_read.job_items_log").fetchall():
         items.setdefault(str(job_id), {})[idx] = status
     streams = {str(e.stream_id): e.stream_type for e in log}
+    deleted = {str(e.stream_id) for e in log if e.type == "JobDeleted"}  # gone from every view
     for kind, rows in (("User", users), ("Job", jobs)):
-        want = {s for s, k in streams.items() if k == kind}
+        want = {s for s, k in streams.items() if k == kind and s not in deleted}
         if set(rows) != want:
             problems.append(f"{kind} read model: {len(set(rows) - want)} row(s) without a stream, "
                             f"{len(want - set(rows))} stream(s) without a row")
@@ -308,6 +309,10 @@ def read_model_problems(conn: psycopg.Connection[Any], log: list[Any], app: Any,
     for job_id in (s for s, k in streams.items() if k == "Job"):
         job = app.repository.get(uuid.UUID(job_id))
         row = jobs.get(job_id)
+        if job.deleted:
+            if row is not None or job_id in items:
+                problems.append(f"job {job_id}: deleted, still in jobs_log or job_items_log")
+            continue
         want_row = (str(job.user_id), job.status.value, job.item_count, job.done_items, job.failed_items)
         if row != want_row:
             problems.append(f"job {job_id}: jobs_log has {row}, the aggregate {want_row}")

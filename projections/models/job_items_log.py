@@ -19,7 +19,7 @@ COLUMNS = (
 def keys_for(env: EventEnvelope) -> list[Key]:
     if env.stream_type != "Job":
         return []
-    if env.type == "JobCreated":
+    if env.type in ("JobCreated", "JobDeleted"):
         return [(env.stream_id, i) for i in range(env.data["item_count"])]
     if env.type == "ItemCompleted":
         return [(env.stream_id, env.data["idx"])]
@@ -42,6 +42,8 @@ def evolve(rows: Mapping[Key, Row | None], env: EventEnvelope) -> Change:
         return {key: {**row, "status": d["status"], "output_key": d["output_key"] or None,
                       "preview_key": d["preview_key"] or None, "error": d["error"] or None,
                       "updated_at": env.timestamp}}, []
+    if env.type == "JobDeleted":
+        return {(env.stream_id, i): None for i in range(d["item_count"])}, []
     return {}, []
 
 

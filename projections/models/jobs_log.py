@@ -24,6 +24,8 @@ def evolve(rows: Mapping[Key, Row | None], env: EventEnvelope) -> Change:
                       "total_items": d["item_count"], "done_items": 0, "failed_items": 0,
                       "created_at": env.timestamp, "finished_at": None, "updated_at": env.timestamp,
                       "version": env.version}}, []
+    if env.type == "JobDeleted":
+        return {key: None}, []  # the row goes: the job is gone from every view
     row = current(rows, key, env, "JobCreated")
     if env.type == "UploadConfirmed":
         row["status"] = "uploaded"

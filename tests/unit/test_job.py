@@ -136,3 +136,34 @@ def test_finished_job_cannot_be_canceled(terminal):
 def test_item_count_is_bounded(count):
     with pytest.raises(ValidationFailed):
         Job.create(uuid4(), uuid4(), "interior", count, AT)
+
+
+@pytest.mark.parametrize("status", ["created", "uploaded", "queued", "running"])
+def test_an_unfinished_job_cannot_be_deleted(status):
+    job = job_in(status)
+    with pytest.raises(InvalidState):
+        job.delete(AT)
+    assert new_events(job) == [] and not job.deleted
+
+
+def test_a_terminal_job_is_deleted_once_and_then_takes_no_command():
+    job = job_in("queued", items=2)
+    job.cancel("changed my mind", AT)
+    job.collect_events()
+    assert job.delete(AT) is True
+    assert new_events(job) == ["JobDeleted"] and job.deleted and job.objects_deleted
+    assert job.delete(AT) is False and new_events(job) == []  # idempotent
+    assert job.expire(30, AT) is False and new_events(job) == []  # nothing left to expire
+    with pytest.raises(InvalidState):
+        job.execute(EDITS, [], None, AT)
+
+
+def test_expiry_removes_a_terminal_jobs_objects_once_and_keeps_the_job():
+    unfinished = job_in("running")
+    assert unfinished.expire(30, AT) is False and new_events(unfinished) == []
+    job = job_in("queued", items=1)
+    job.record_result(0, "done", "o", "p", "", "k-last", AT)
+    job.collect_events()
+    assert job.expire(30, AT) is True
+    assert new_events(job) == ["ObjectsExpired"] and job.objects_deleted and not job.deleted
+    assert job.expire(30, AT) is False and new_events(job) == []
