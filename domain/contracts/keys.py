@@ -24,3 +24,16 @@ def preview_key(user_id: UUID, job_id: UUID, idx: int) -> str:
 def callback_key(job_id: UUID, idx: int) -> str:
     """The idempotency key a GPU worker reports an item result under."""
     return f"{job_id}:{idx}"
+
+
+KINDS = ("inputs", "outputs", "masks", "previews")  # every object of a job is under one of these
+
+
+def job_prefixes(user_id: UUID, job_id: UUID) -> list[str]:
+    """The prefixes that hold every object of one job (what deleting the job removes)."""
+    return [f"{kind}/{user_id}/{job_id}/" for kind in KINDS]
+
+
+def user_prefixes(user_id: UUID) -> list[str]:
+    """The prefixes that hold every object of one user (what erasing the user removes)."""
+    return [f"{kind}/{user_id}/" for kind in KINDS]

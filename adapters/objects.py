@@ -1,0 +1,31 @@
+"""Removing stored objects by prefix (a deleted or expired job, an erased user): listed page by
+page and deleted a thousand keys per request, so a prefix of any size costs bounded memory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+PAGE = 1000  # S3's most keys per DeleteObjects request
+
+
+def delete_prefixes(s3: Any, bucket: str, prefixes: Iterable[str]) -> int:
+    """Delete every object under ``prefixes``; returns how many went. Deleting what is already
+    gone is no error, so a deletion cut short is finished by running it again."""
+    deleted = 0
+    for prefix in prefixes:
+        token: str | None = None
+        while True:
+            page = s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=PAGE,
+                                      **({"ContinuationToken": token} if token else {}))
+            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+            if keys:
+                answer = s3.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+                failed = answer.get("Errors", [])
+                if failed:
+                    raise OSError(f"{len(failed)} object(s) under {prefix} not deleted: {failed[0].get('Code')}")
+                deleted += len(keys)
+            if not page.get("IsTruncated"):
+                break
+            token = page.get("NextContinuationToken")
+    return deleted
