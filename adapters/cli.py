@@ -88,6 +88,29 @@ def _serve_loop(worker: object, ready_file: str | None, observed: tuple[str, Set
         worker.close()  # type: ignore[attr-defined]
 
 
+def _serve_api(settings: Any, naive: bool) -> None:
+    """uvicorn on the API port: this process, or PALETTE_API_WORKERS processes sharing the port,
+    each with its own container (uvicorn starts them from a factory, as it must for workers)."""
+    import uvicorn
+
+    from adapters import bootstrap
+    from adapters.api.app import API_POOL_SIZE, create_asgi
+
+    # Keep-alive longer than clients and proxies keep idle connections (uvicorn's 5 s default
+    # races clients that reuse a connection just as the server closes it).
+    options: dict[str, Any] = {"host": settings.api_host, "port": settings.api_port, "log_level": "warning",
+                               "access_log": False, "timeout_keep_alive": 75}
+    if settings.api_workers > 1:
+        factory = "naive_worker_asgi" if naive else "group_worker_asgi"
+        uvicorn.run(f"adapters.api.app:{factory}", factory=True, workers=settings.api_workers, **options)
+        return
+    container = bootstrap.build(settings, naive=naive, pool_size=API_POOL_SIZE)
+    try:
+        uvicorn.run(create_asgi(container), **options)
+    finally:
+        container.close()
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from adapters import bootstrap
     from adapters.logs import configure as configure_logs
@@ -98,18 +121,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     configure_logs(args.process)
     if args.process == "api":
-        import uvicorn
-
-        from adapters.api.app import create_asgi
-
-        container = bootstrap.build(settings, naive=args.naive, pool_size=16)
-        try:
-            # Keep-alive longer than clients and proxies keep idle connections (uvicorn's 5 s
-            # default races clients that reuse a connection just as the server closes it).
-            uvicorn.run(create_asgi(container), host=settings.api_host, port=settings.api_port,
-                        log_level="warning", access_log=False, timeout_keep_alive=75)
-        finally:
-            container.close()
+        _serve_api(settings, args.naive)
     elif args.process == "relay":
         _serve_loop(bootstrap.build_relay(settings), args.ready_file, (args.process, settings))
     elif args.process == "projector":

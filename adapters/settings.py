@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".palette")
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
+    # API processes on the one port, each with its own group committer and cache (commands on the
+    # same stream from two of them conflict, and the loser reloads and decides again). One is
+    # best on two cores: a second process's gain is eaten by the cross-process conflicts and
+    # lost batching (see the bench).
+    api_workers: int = Field(1, ge=1, le=64)
     pg_port: int = Field(5433, ge=1, le=65535)
     pg_password: str = ""
     database_url: str = ""

@@ -1,9 +1,11 @@
 """The two ways to run a command: one save per command (DirectExecutor) and group commit
 (GroupCommitter, with the process's one aggregate cache, brought up to date through the
-StreamLoader port)."""
+StreamLoader port). Each runs commands for threads (``execute``) and for an event loop
+(``execute_async``): a coroutine waiting on the group committer holds no thread."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import queue
@@ -11,12 +13,13 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
+import anyio.to_thread
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError, Recorder, StoredEvent
@@ -128,6 +131,13 @@ class DirectExecutor:
     def read(self, aggregate_id: UUID) -> Aggregate | None:
         return self._fetch(aggregate_id)
 
+    async def read_async(self, aggregate_id: UUID, view: Callable[[Aggregate | None], T]) -> T:
+        return await anyio.to_thread.run_sync(lambda: view(self._fetch(aggregate_id)))
+
+    async def execute_async(self, command: Command[T]) -> Committed[T]:
+        # The naive path as it is: a worker thread per command for the whole load-decide-save.
+        return await anyio.to_thread.run_sync(self.execute, command)
+
     def execute(self, command: Command[T]) -> Committed[T]:
         for attempt in range(self.max_attempts):
             uow = UnitOfWork(self._fetch)
@@ -145,10 +155,75 @@ class DirectExecutor:
         raise ConflictError("too much contention on this object; try again")
 
 
+class _Outcome(Protocol):
+    """Where a queued command's outcome goes (a concurrent Future, or a _LoopOutcome)."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: Any) -> None: ...
+    def set_exception(self, exception: BaseException) -> None: ...
+
+
+class _Outbox:
+    """Outcomes for event loops, held by the writer until its batch is done, then handed to each
+    loop in ONE call_soon_threadsafe (one wake-up of the loop per batch, not per command)."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Any, BaseException | None]] = []
+
+    def hold(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any,
+             exception: BaseException | None) -> None:
+        self._held.append((loop, future, result, exception))
+
+    def flush(self) -> None:
+        held, self._held = self._held, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+        for loop, future, result, exception in held:
+            by_loop.setdefault(loop, []).append((future, result, exception))
+        for loop, outcomes in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, outcomes)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                continue
+
+
+def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, result, exception in outcomes:
+        if future.cancelled():  # the request went away while its command ran
+            continue
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)
+
+
+class _LoopOutcome:
+    """A command's outcome for a coroutine: an asyncio future of the caller's loop, settled
+    through the writer's outbox."""
+
+    __slots__ = ("_done", "future", "loop", "outbox")
+
+    def __init__(self, outbox: _Outbox) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[Any] = self.loop.create_future()
+        self.outbox = outbox
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: Any) -> None:
+        self._done = True
+        self.outbox.hold(self.loop, self.future, result, None)
+
+    def set_exception(self, exception: BaseException) -> None:
+        self._done = True
+        self.outbox.hold(self.loop, self.future, None, exception)
+
+
 @dataclass
 class _Pending:
     command: Command[Any]
-    future: Future[Committed[Any]]
+    future: _Outcome
     read: bool = False  # records nothing: served before the batch changes anything
 
 
@@ -173,6 +248,7 @@ class GroupCommitter:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.cache = WriterCache(app, loader or RecorderStreamLoader(app.recorder))
+        self._outbox = _Outbox()
         self.batches = 0
         self.commands = 0
 
@@ -203,15 +279,35 @@ class GroupCommitter:
     def execute(self, command: Command[T]) -> Committed[T]:
         return self.submit(command).result()
 
+    async def execute_async(self, command: Command[T]) -> Committed[T]:
+        """execute for a coroutine: it waits on an asyncio future the writer settles (no thread)."""
+        outcome = _LoopOutcome(self._outbox)
+        self._enqueue(_Pending(command, outcome))
+        committed: Committed[T] = await outcome.future
+        return committed
+
+    @staticmethod
+    def _viewing(aggregate_id: UUID, view: Callable[[Aggregate | None], T]) -> Command[T]:
+        @touches(aggregate_id)
+        def viewed(uow: UnitOfWork) -> T:
+            return view(uow.get(Aggregate, aggregate_id))
+
+        return viewed
+
     def read(self, aggregate_id: UUID) -> Aggregate | None:
         """A private copy of the aggregate as last committed (None: no such aggregate)."""
-        @touches(aggregate_id)
-        def copy_of(uow: UnitOfWork) -> Aggregate | None:
-            return copy.deepcopy(uow.get(Aggregate, aggregate_id))
-
         future: Future[Committed[Aggregate | None]] = Future()
-        self._enqueue(_Pending(copy_of, future, read=True))
+        self._enqueue(_Pending(self._viewing(aggregate_id, copy.deepcopy), future, read=True))
         return future.result().value
+
+    async def read_async(self, aggregate_id: UUID, view: Callable[[Aggregate | None], T]) -> T:
+        """``view`` of the aggregate as last committed (None: no such aggregate), computed on the
+        writer thread from the cached object itself: it must not change it, and must return
+        nothing that shares its state (a copy, or plain values), as the next batch changes it."""
+        outcome = _LoopOutcome(self._outbox)
+        self._enqueue(_Pending(self._viewing(aggregate_id, view), outcome, read=True))
+        committed: Committed[T] = await outcome.future
+        return committed.value
 
     def _loop(self) -> None:
         while True:
@@ -234,6 +330,8 @@ class GroupCommitter:
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(e)
+            finally:
+                self._outbox.flush()
 
     def _prefetch(self, batch: list[_Pending]) -> dict[UUID, Aggregate | None]:
         declared = {i for p in batch for i in getattr(p.command, "aggregate_ids", ())}
@@ -293,6 +391,7 @@ class GroupCommitter:
                 self._one_by_one(batch, e)
                 return
             batch = self._serve_reads(batch, prefetched)
+            self._outbox.flush()  # the readers need not wait for the batch's save
             if not batch:
                 return
             uow = UnitOfWork(self.cache.fetch_one, prefetched)

@@ -1,19 +1,26 @@
-"""Palette's use cases: each loads aggregates, decides, and saves every change in one transaction."""
+"""Palette's use cases: each loads aggregates, decides, and saves every change in one transaction.
+
+A use case that changes something is built as a command (``*_command``: the input checked, the
+decision as a closure over the unit of work) that either entry runs: the method of the same name
+from a thread, ``run`` from an event loop (the API), which holds no thread while it waits."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
+import anyio.to_thread
 from eventsourcing.application import Application
 
 from application.device_keys import DeviceKeyer, HmacDeviceKeyer
 from application.ports import Clock, IdGenerator, ObjectStore
-from application.unit_of_work import CommandExecutor, Committed, UnitOfWork, touches
+from application.unit_of_work import Command, CommandExecutor, Committed, UnitOfWork, touches
 from domain.contracts.keys import input_key
 from domain.errors import NotFound, ValidationFailed
 from domain.job import MAX_ITEMS, Job, RecordedResult
@@ -23,6 +30,7 @@ from domain.rule import Rule
 from domain.user import User, legacy_user_id_for_device, user_id_for_device_key
 
 MAX_DEVICE_HASH = 200
+T = TypeVar("T")
 
 
 class PaletteApplication(Application[UUID]):
@@ -74,9 +82,16 @@ class PaletteService:
         self.store = store
         self.plans = plans
 
+    async def run(self, command: Command[T]) -> Committed[T]:
+        """Run a command built by a ``*_command`` method from an event loop."""
+        return await self.executor.execute_async(command)
+
     # -- users ---------------------------------------------------------------------------
     def register(self, device_hash: str, plan: str = "free") -> Committed[tuple[UUID, bool]]:
         """Register once per device; a repeat returns the same user (created=False)."""
+        return self.executor.execute(self.register_command(device_hash, plan))
+
+    def register_command(self, device_hash: str, plan: str = "free") -> Command[tuple[UUID, bool]]:
         if not device_hash or len(device_hash) > MAX_DEVICE_HASH:
             raise ValidationFailed(f"device_hash must be 1..{MAX_DEVICE_HASH} characters")
         limits = self._plan(plan)
@@ -94,7 +109,7 @@ class PaletteService:
             uow.add(User.register(device_key, limits, at))
             return user_id, True
 
-        return self.executor.execute(command)
+        return command
 
     def grant_credits(self, user_id: UUID, amount: int, reason: str) -> Committed[int]:
         at = self.clock.now()
@@ -120,7 +135,15 @@ class PaletteService:
         return self.executor.execute(command)
 
     def get_user(self, user_id: UUID) -> UserView:
-        user = self._read(User, user_id, "user")
+        return self._user_view(self.executor.read(user_id))
+
+    async def get_user_async(self, user_id: UUID) -> UserView:
+        """get_user from an event loop: the view is taken on the writer's own object, no copy."""
+        return await self.executor.read_async(user_id, self._user_view)
+
+    def _user_view(self, user: Any) -> UserView:
+        if not isinstance(user, User):
+            raise NotFound("user not found")
         limits = self._plan(user.plan)
         return UserView(
             user_id=user.id, plan=user.plan, credits=user.balance, reserved=user.reserved,
@@ -133,6 +156,10 @@ class PaletteService:
     def create_job(self, user_id: UUID, preset: str, item_count: int, job_id: UUID | None = None) -> Committed[UUID]:
         """Reserve one credit per item and create the job, atomically. A caller-chosen ``job_id``
         (derived from an Idempotency-Key) makes a retry of a creation that did commit a no-op."""
+        return self.executor.execute(self.create_job_command(user_id, preset, item_count, job_id))
+
+    def create_job_command(self, user_id: UUID, preset: str, item_count: int,
+                           job_id: UUID | None = None) -> Command[UUID]:
         get_preset(preset)
         if not isinstance(item_count, int) or not 1 <= item_count <= MAX_ITEMS:
             raise ValidationFailed(f"item_count must be between 1 and {MAX_ITEMS}")
@@ -140,17 +167,40 @@ class PaletteService:
             user.reserve(new_id, item_count, self._plan(user.plan), at)
             uow.add(Job.create(new_id, user_id, preset, item_count, at))
 
-        return self._create_owned(user_id, Job, job_id, create)
+        return self._create_owned_command(user_id, Job, job_id, create)
 
     def confirm_upload(self, user_id: UUID, job_id: UUID) -> Committed[str]:
         """created -> uploaded, once every input object exists in the store. Returns the status."""
         if self.store is not None:
-            job = self.get_job(user_id, job_id)
-            if job.status == "created":
-                keys = [input_key(user_id, job_id, i) for i in range(job.item_count)]
-                missing = set(self.store.missing(keys))
-                if missing:
-                    raise InputsMissing([i for i, k in enumerate(keys) if k in missing])
+            self._check_inputs(user_id, job_id, self._upload_state(user_id, self.executor.read(job_id)))
+        return self.executor.execute(self.confirm_upload_command(user_id, job_id))
+
+    async def confirm_upload_async(self, user_id: UUID, job_id: UUID) -> Committed[str]:
+        """confirm_upload from an event loop (only the object store's listing takes a thread)."""
+        if self.store is not None:
+            state = await self.executor.read_async(job_id, functools.partial(self._upload_state, user_id))
+            if state[0] == "created":
+                await anyio.to_thread.run_sync(self._check_inputs, user_id, job_id, state)
+        return await self.run(self.confirm_upload_command(user_id, job_id))
+
+    @staticmethod
+    def _upload_state(user_id: UUID, job: Any) -> tuple[str, int]:
+        """The job's status and item count (NotFound: no such job, or another user's)."""
+        if not isinstance(job, Job) or job.user_id != user_id:
+            raise NotFound("job not found")
+        return job.status.value, job.item_count
+
+    def _check_inputs(self, user_id: UUID, job_id: UUID, state: tuple[str, int]) -> None:
+        """InputsMissing unless every input of a created job is in the store."""
+        status, item_count = state
+        if status != "created" or self.store is None:
+            return
+        keys = [input_key(user_id, job_id, i) for i in range(item_count)]
+        missing = set(self.store.missing(keys))
+        if missing:
+            raise InputsMissing([i for i, k in enumerate(keys) if k in missing])
+
+    def confirm_upload_command(self, user_id: UUID, job_id: UUID) -> Command[str]:
         at = self.clock.now()
 
         @touches(job_id)
@@ -159,7 +209,7 @@ class PaletteService:
             job.confirm_upload(at)
             return job.status.value
 
-        return self.executor.execute(command)
+        return command
 
     def execute_job(
         self, user_id: UUID, job_id: UUID, concepts: Mapping[str, Mapping[str, Any]] | None,
@@ -167,6 +217,12 @@ class PaletteService:
     ) -> Committed[str]:
         """uploaded -> queued with the edits; a rule supplies edits the request leaves out.
         Everything is read and checked inside the command (one batched load). Returns the status."""
+        return self.executor.execute(self.execute_job_command(user_id, job_id, concepts, protect, rule_id))
+
+    def execute_job_command(
+        self, user_id: UUID, job_id: UUID, concepts: Mapping[str, Mapping[str, Any]] | None,
+        protect: Sequence[str] | None = None, rule_id: UUID | None = None,
+    ) -> Command[str]:
         at = self.clock.now()
         ids = (job_id,) if rule_id is None else (job_id, rule_id)
 
@@ -187,13 +243,20 @@ class PaletteService:
             job.execute(edits, protected, rule_id, at)
             return job.status.value
 
-        return self.executor.execute(command)
+        return command
 
     def record_item_result(
         self, job_id: UUID, idx: int, status: str, idempotency_key: str, output_key: str = "",
         preview_key: str = "", error: str = "",
     ) -> Committed[RecordedResult]:
         """Record one GPU result; the last one finishes the job and settles credits atomically."""
+        return self.executor.execute(self.record_item_result_command(
+            job_id, idx, status, idempotency_key, output_key, preview_key, error))
+
+    def record_item_result_command(
+        self, job_id: UUID, idx: int, status: str, idempotency_key: str, output_key: str = "",
+        preview_key: str = "", error: str = "",
+    ) -> Command[RecordedResult]:
         at = self.clock.now()
 
         @touches(job_id, related=lambda job: [job.user_id])
@@ -209,11 +272,14 @@ class PaletteService:
                 self._user(uow, job.user_id).settle(job_id, job.done_items, at)
             return result
 
-        return self.executor.execute(command)
+        return command
 
     def cancel_job(self, user_id: UUID, job_id: UUID, reason: str = "user") -> Committed[bool]:
         """Cancel and refund the items not done, atomically; canceling twice changes nothing.
         True when this call canceled the job."""
+        return self.executor.execute(self.cancel_job_command(user_id, job_id, reason))
+
+    def cancel_job_command(self, user_id: UUID, job_id: UUID, reason: str = "user") -> Command[bool]:
         at = self.clock.now()
 
         @touches(job_id, user_id)
@@ -224,7 +290,7 @@ class PaletteService:
                 self._user(uow, user_id).settle(job_id, job.done_items, at)
             return canceled
 
-        return self.executor.execute(command)
+        return command
 
     def get_job(self, user_id: UUID, job_id: UUID) -> Job:
         job: Job = self._read(Job, job_id, "job")
@@ -232,19 +298,34 @@ class PaletteService:
             raise NotFound("job not found")
         return job
 
+    async def get_job_async(self, user_id: UUID, job_id: UUID) -> Job:
+        """get_job from an event loop (a private copy, taken only of the caller's own job)."""
+        def own_copy(job: Any) -> Job:
+            self._upload_state(user_id, job)  # NotFound for none, or another user's
+            copied: Job = copy.deepcopy(job)
+            return copied
+
+        return await self.executor.read_async(job_id, own_copy)
+
     # -- rules ---------------------------------------------------------------------------
     def create_rule(
         self, user_id: UUID, name: str, preset_id: str, concepts: Mapping[str, Mapping[str, Any]],
         protect: Sequence[str] = (), rule_id: UUID | None = None,
     ) -> Committed[UUID]:
         """Take a rule slot and create the rule, atomically (a chosen ``rule_id``: as for jobs)."""
+        return self.executor.execute(self.create_rule_command(user_id, name, preset_id, concepts, protect, rule_id))
+
+    def create_rule_command(
+        self, user_id: UUID, name: str, preset_id: str, concepts: Mapping[str, Mapping[str, Any]],
+        protect: Sequence[str] = (), rule_id: UUID | None = None,
+    ) -> Command[UUID]:
         edits, protected = normalise_edits(preset_id, concepts, protect)
         def create(uow: UnitOfWork, user: User, new_id: UUID, at: datetime) -> None:
             rule = Rule.create(new_id, user_id, name, preset_id, edits, protected, at)
             user.take_rule_slot(new_id, self._plan(user.plan), at)
             uow.add(rule)
 
-        return self._create_owned(user_id, Rule, rule_id, create)
+        return self._create_owned_command(user_id, Rule, rule_id, create)
 
     def update_rule(
         self, user_id: UUID, rule_id: UUID, name: str, concepts: Mapping[str, Mapping[str, Any]],
@@ -262,6 +343,9 @@ class PaletteService:
 
     def delete_rule(self, user_id: UUID, rule_id: UUID) -> Committed[None]:
         """Delete the rule and free its slot, atomically."""
+        return self.executor.execute(self.delete_rule_command(user_id, rule_id))
+
+    def delete_rule_command(self, user_id: UUID, rule_id: UUID) -> Command[None]:
         at = self.clock.now()
 
         @touches(rule_id, user_id)
@@ -270,7 +354,7 @@ class PaletteService:
             rule.delete(at)
             self._user(uow, user_id).free_rule_slot(rule_id, at)
 
-        return self.executor.execute(command)
+        return command
 
     def get_rule(self, user_id: UUID, rule_id: UUID) -> Rule:
         rule: Rule = self._read(Rule, rule_id, "rule")
@@ -291,9 +375,9 @@ class PaletteService:
             raise NotFound(f"{what} not found")
         return agg
 
-    def _create_owned(self, user_id: UUID, cls: type[Any], chosen_id: UUID | None,
-                      create: Callable[[UnitOfWork, User, UUID, datetime], None]) -> Committed[UUID]:
-        """Create an aggregate the user owns, with what it takes from the User, in one command.
+    def _create_owned_command(self, user_id: UUID, cls: type[Any], chosen_id: UUID | None,
+                              create: Callable[[UnitOfWork, User, UUID, datetime], None]) -> Command[UUID]:
+        """The command creating an aggregate the user owns, with what it takes from the User.
         A caller-chosen id makes the retry of a creation that did commit a no-op."""
         new_id = chosen_id or self.ids.new_id()
         at = self.clock.now()
@@ -305,7 +389,7 @@ class PaletteService:
             create(uow, self._user(uow, user_id), new_id, at)
             return new_id
 
-        return self.executor.execute(command)
+        return command
 
     @staticmethod
     def _created_before(uow: UnitOfWork, cls: type[Any], aggregate_id: UUID, user_id: UUID) -> bool:

@@ -102,3 +102,12 @@ class CommandExecutor(Protocol):
     def read(self, aggregate_id: UUID) -> Aggregate | None:
         """A private copy of the aggregate as last committed (None: no such aggregate)."""
         ...
+
+    async def execute_async(self, command: Command[T]) -> Committed[T]:
+        """``execute`` for an event loop: the caller awaits the outcome."""
+        ...
+
+    async def read_async(self, aggregate_id: UUID, view: Callable[[Aggregate | None], T]) -> T:
+        """``view`` of the aggregate as last committed, for an event loop (``view`` must neither
+        change the aggregate nor return anything sharing its state)."""
+        ...

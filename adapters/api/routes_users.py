@@ -137,7 +137,7 @@ async def auth_anon(body: AnonCreate, service: ServiceDep, container: ContainerD
         limits = request.app.state.register_limits = TokenBuckets(s.rate_register_per_s, s.rate_register_burst)
     peer = request.client.host if request.client else None
     limits.take(client_address(peer, request.headers.getlist("x-forwarded-for"), s.trusted_proxies))
-    committed = await run_in_threadpool(service.register, body.device_hash)
+    committed = await service.run(service.register_command(body.device_hash))
     user_id, created = committed.value
     token = request.app.state.tokens.issue(user_id, SystemClock().now())
     return ok(TokenPublic(token=token, user_id=user_id, created=created), status=201 if created else 200)
@@ -146,7 +146,7 @@ async def auth_anon(body: AnonCreate, service: ServiceDep, container: ContainerD
 @router.get("/me", response_model=Envelope[MePublic], tags=["user"], responses={401: ERRORS[401]})
 async def me(user_id: CurrentUser, service: ServiceDep) -> JSONResponse:
     """The caller's plan, credits, active jobs and rule slots (strongly consistent)."""
-    view = await run_in_threadpool(service.get_user, user_id)
+    view = await service.get_user_async(user_id)
     return ok(MePublic(
         user_id=view.user_id, plan=view.plan, credits=view.credits, reserved=view.reserved,
         active_jobs=view.active_jobs, max_concurrent_jobs=view.max_concurrency,

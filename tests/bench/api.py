@@ -1,19 +1,39 @@
-"""The HTTP API under load from client processes: the API process as `palette up` starts it
-against the same process started with `palette serve api --naive` (the baseline)."""
+"""The HTTP API under load: the API process as `palette up` starts it against the same process
+started with `palette serve api --naive` (the baseline), next to a bare FastAPI app under the same
+uvicorn settings (the ceiling). With `wrk` installed the load comes from wrk (C, one thread; Lua
+scripts in tests/bench/wrk for the sessions), so the figures measure the server; without it, from
+Python client processes (which take a core of their own: the figures then measure them too)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
+import shutil
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from domain.contracts.callback import callback_body, signed_headers
-from domain.contracts.keys import callback_key
+from domain.contracts.callback import callback_body, sign_callback, signed_headers
+from domain.contracts.keys import callback_key, input_key
 from tests.bench.harness import HTTP_CLIENTS, Profile, Results, Stack, percentile, rss_mb, say
+
+WRK_SCRIPTS = Path(__file__).parent / "wrk"
+WRK_CONNECTIONS = 32  # one wrk thread, 32 connections (the load of the issue's measurements)
+LATENCY_CONNECTIONS = 128  # for the paced run: enough that a slow answer rarely holds back the schedule
+# Sessions written for a timed run, per second of it, before a rate is known (the run ends early,
+# and its rate holds, if they run out); later runs get 1.5x what the last one used.
+FIRST_SESSIONS_PER_S = 700
+UVICORN_OPTIONS = ("--log-level", "warning", "--no-access-log", "--timeout-keep-alive", "75")
 
 # A session: POST /auth/anon and POST /jobs (stage 1), then confirm-upload, execute, the
 # worker's callback, GET /jobs/{id} and GET /me (stage 2). Commands are the POSTs.
@@ -123,18 +143,215 @@ def http_run(base_url: str, secret: str, sessions: int, concurrency: int, reques
     return sum(n / s for n, _, s, _ in parts), sum(c / s for _, c, s, _ in parts), latencies
 
 
-def start_api(stack: Stack, naive: bool) -> None:
+def start_api(stack: Stack, naive: bool, workers: int | None = None) -> None:
     """The API process of the stack; the baseline is the same command with ``--naive``
-    (`palette serve --naive api`: one load-decide-save per command, no cache)."""
-    argv = stack.app_argv
+    (`palette serve --naive api`: one load-decide-save per command, no cache). ``workers``
+    overrides PALETTE_API_WORKERS for this start."""
+    argv, settings = stack.app_argv, stack.settings
     stack.app_argv = [*argv, "--naive"] if naive else argv
+    if workers is not None:
+        stack.settings = settings.model_copy(update={"api_workers": workers})
     try:
         stack.start_apps(("api",))
     finally:
-        stack.app_argv = argv
+        stack.app_argv, stack.settings = argv, settings
+
+
+def hello_app() -> Any:
+    """The ceiling: a bare FastAPI app answering a small JSON document (uvicorn's factory)."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/")
+    async def hello() -> dict[str, str]:
+        return {"hello": "world"}
+
+    return app
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def hello_server() -> Iterator[str]:
+    """hello_app under uvicorn with the API's settings (httptools and uvloop as installed, no
+    access log, the same keep-alive), in a process of its own; its URL."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "tests.bench.api:hello_app",
+                             "--host", "127.0.0.1", "--port", str(port), *UVICORN_OPTIONS],
+                            cwd=Path(__file__).parents[2], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the hello app did not start") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def wrk(url: str, seconds: float, *options: str, script: str | None = None, script_args: tuple[str, ...] = (),
+        connections: int = WRK_CONNECTIONS) -> str:
+    """wrk's output: one thread, ``connections`` connections, ``seconds`` long (10 s timeout),
+    with a script of tests/bench/wrk and its arguments."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", *options]
+    if script is not None:
+        argv += ["-s", str(WRK_SCRIPTS / script), url, "--", *script_args]
+    else:
+        argv.append(url)
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=seconds + 120).stdout
+
+
+def wrk_rate(out: str) -> float:
+    """Requests per second from wrk's report, refusing a run with error answers."""
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw errors:\n{out}")
+    return float(next(line.split()[1] for line in out.splitlines() if line.startswith("Requests/sec")))
+
+
+class SessionFiles:
+    """Sessions for tests/bench/wrk/session.lua, made as a client would make them and written to
+    a file: the user id of the device (keyed as the server keys it), a token for that user (as the
+    server would issue it), a job id from an Idempotency-Key (as the server derives it), its input
+    photo uploaded to S3, and the GPU worker's signed callback. All of it untimed."""
+
+    def __init__(self, settings: Any, folder: Path) -> None:
+        from adapters.tokens import TokenIssuer
+        from application.device_keys import HmacDeviceKeyer
+        from infra.s3 import s3_client
+
+        self.settings = settings
+        self.folder = folder
+        self.keys = HmacDeviceKeyer(settings.device_key_secret)
+        self.tokens = TokenIssuer(settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience, settings.jwt_ttl_s)
+        self.s3 = s3_client(settings, max_pool=32)
+        self.made = 0
+
+    def write(self, count: int) -> Path:
+        from datetime import UTC, datetime
+
+        from adapters.api.idempotency import id_for_key
+        from domain.user import user_id_for_device_key
+
+        now = datetime.now(UTC)
+        lines, inputs = [], []
+        for _ in range(count):
+            self.made += 1
+            device = f"wrk-{uuid.uuid4().hex}"
+            user_id = user_id_for_device_key(self.keys.key(device))
+            key = uuid.uuid4().hex
+            job_id = id_for_key(user_id, "job", key)
+            assert job_id is not None
+            body = callback_body(0, "failed", callback_key(job_id, 0), error="bench")
+            stamp, nonce = int(now.timestamp()), secrets.token_hex(8)
+            signature = sign_callback(self.settings.callback_secret, stamp, str(job_id), body, nonce)
+            lines.append("\t".join((device, str(user_id), self.tokens.issue(user_id, now), str(job_id), key,
+                                     body.decode(), str(stamp), nonce, signature)))
+            inputs.append(input_key(user_id, job_id, 0))
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda k: self.s3.put_object(Bucket=self.settings.s3_bucket, Key=k, Body=b"\xff\xd8bench",
+                                                       ContentType="image/jpeg"), inputs))
+        path = self.folder / f"sessions-{self.made}.tsv"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+
+def wrk_sessions(url: str, sessions: SessionFiles, seconds: float, count: int, rate: float | None = None,
+                 connections: int = WRK_CONNECTIONS) -> dict[str, Any]:
+    """One run of the mixed workload (session.lua); its figures, with commands_per_s and requests_per_s."""
+    script_args = (str(sessions.write(count)),) + ((f"{rate:.1f}",) if rate is not None else ())
+    out = wrk(url, seconds, script="session.lua", script_args=script_args, connections=connections)
+    figures: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    if figures["errors"]:
+        raise RuntimeError(f"the sessions saw {figures['errors']} errors:\n{out}")
+    figures["commands_per_s"] = figures["commands"] / figures["duration_s"]
+    figures["requests_per_s"] = figures["requests"] / figures["duration_s"]
+    return figures
+
+
+def _token(url: str) -> str:
+    import httpx
+
+    r = httpx.post(f"{url}/auth/anon", json={"device_hash": f"bench-{uuid.uuid4().hex}"}, timeout=30)
+    r.raise_for_status()
+    token: str = r.json()["data"]["token"]
+    return token
 
 
 def bench_http(stack: Stack, prof: Profile, results: Results) -> None:
+    if shutil.which("wrk") is None:
+        say("wrk is not installed (Debian: apt-get install wrk): the HTTP figures come from Python clients")
+        bench_http_python(stack, prof, results)
+        return
+    bench_http_wrk(stack, prof, results)
+
+
+def _median_rate(runs: list[str]) -> float:
+    return round(statistics.median(wrk_rate(out) for out in runs), 1)
+
+
+def bench_http_wrk(stack: Stack, prof: Profile, results: Results) -> None:
+    """Every HTTP figure with wrk: the ceiling, GET /presets, GET /me, POST /auth/anon, the mixed
+    sessions (group commit, then naive), and latency at 70 % of the mixed peak, paced."""
+    settings = stack.settings
+    url = f"http://{settings.api_host}:{settings.api_port}"
+    seconds = prof.http_seconds
+    rounds = range(prof.http_repeats)
+    results["api_workers"] = settings.api_workers
+    with hello_server() as hello:
+        results["http_ceiling_per_s"] = _median_rate([wrk(hello, seconds) for _ in rounds])
+    say(f"HTTP ceiling (bare FastAPI hello, same uvicorn settings): {results['http_ceiling_per_s']:,.0f} requests/s")
+    with tempfile.TemporaryDirectory(prefix="palette-wrk-") as folder:
+        sessions = SessionFiles(settings, Path(folder))
+        for naive in (False, True):
+            start_api(stack, naive)
+            try:
+                prefix = "naive_" if naive else ""
+                if not naive:
+                    auth = f"Authorization: Bearer {_token(url)}"
+                    for key, path in (("presets_per_s", "/presets"), ("me_per_s", "/me")):
+                        results[key] = _median_rate([wrk(url + path, seconds, "-H", auth) for _ in rounds])
+                    results["register_per_s"] = _median_rate(
+                        [wrk(url, seconds, script="register.lua", script_args=(f"bench{i}",)) for i in rounds])
+                    say(f"HTTP GET /presets {results['presets_per_s']:,.0f}/s, GET /me {results['me_per_s']:,.0f}/s, "
+                        f"POST /auth/anon {results['register_per_s']:,.0f}/s (wrk, {WRK_CONNECTIONS} connections)")
+                count = round(FIRST_SESSIONS_PER_S * seconds)
+                runs = []
+                for _ in rounds:
+                    runs.append(wrk_sessions(url, sessions, seconds, count))
+                    count = round(1.5 * runs[-1]["sessions"] * seconds / runs[-1]["duration_s"]) + WRK_CONNECTIONS
+                results[f"{prefix}requests_per_s"] = round(statistics.median(r["requests_per_s"] for r in runs), 1)
+                results[f"{prefix}commands_per_s"] = round(statistics.median(r["commands_per_s"] for r in runs), 1)
+                say(f"HTTP sessions, {'naive (--naive)' if naive else 'group commit'}: "
+                    f"{results[f'{prefix}requests_per_s']:,.0f} requests/s, "
+                    f"{results[f'{prefix}commands_per_s']:,.0f} commands/s (wrk, median of {len(runs)})")
+                if not naive:
+                    rate = LATENCY_LOAD * results["requests_per_s"]
+                    paced = wrk_sessions(url, sessions, seconds, round(1.5 * rate * seconds / 7) + LATENCY_CONNECTIONS,
+                                         rate=rate, connections=LATENCY_CONNECTIONS)
+                    results["api_p50_ms"] = round(paced["p50_ms"], 2)
+                    results["api_p99_ms"] = round(paced["p99_ms"], 2)
+                    results["api_latency_requests_per_s"] = round(paced["requests_per_s"], 1)
+                    say(f"HTTP latency, sessions paced at {rate:,.0f} requests/s ({LATENCY_LOAD:.0%} of the peak; "
+                        f"{paced['requests_per_s']:,.0f}/s achieved): p50 {results['api_p50_ms']} ms, "
+                        f"p99 {results['api_p99_ms']} ms")
+                    results.setdefault("peak_rss_mb", {})["api"] = rss_mb(stack.supervisor.pid("api"))
+            finally:
+                stack.supervisor.stop("api")
+
+
+def bench_http_python(stack: Stack, prof: Profile, results: Results) -> None:
     settings = stack.settings
     url = f"http://{settings.api_host}:{settings.api_port}"
     for naive in (True, False):

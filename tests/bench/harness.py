@@ -47,14 +47,18 @@ class Profile:
     naive_rebuild_events: int
     gpu_items: int
     catchup_events: int  # written while the projector is stopped
+    http_seconds: float  # each wrk run
+    http_repeats: int  # wrk runs per HTTP figure (their median)
 
 
 CORE_CLIENTS = 96  # concurrent callers of the service in process (threads)
 HTTP_CLIENTS = 64  # concurrent virtual users over HTTP
 QUICK = Profile(repeats=3, core_seconds=3, http_sessions=200, hot_jobs=3, backlog_commands=4000,
-                lag_seconds=5, naive_rebuild_events=1500, gpu_items=10, catchup_events=20000)
+                lag_seconds=5, naive_rebuild_events=1500, gpu_items=10, catchup_events=20000,
+                http_seconds=5, http_repeats=2)
 FULL = Profile(repeats=5, core_seconds=8, http_sessions=600, hot_jobs=5, backlog_commands=20000,
-               lag_seconds=15, naive_rebuild_events=4000, gpu_items=24, catchup_events=100000)
+               lag_seconds=15, naive_rebuild_events=4000, gpu_items=24, catchup_events=100000,
+               http_seconds=10, http_repeats=3)
 
 
 def say(msg: str) -> None:

@@ -1,5 +1,6 @@
 """Reading the whole log: `projections rebuild jobs_log` against a projector that commits once
-per event, and `replay all` to JSON lines."""
+per event, and `replay all` to JSON lines. Rebuild rates count the events the model folds (its
+own streams' events), not the whole log: the rest is skipped in SQL and costs nearly nothing."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import psycopg
 from adapters.bootstrap import event_store_env
 from adapters.settings import Settings
 from application.services import PaletteApplication
+from domain.contracts.streams import stream_topics
 from tests.bench.harness import Profile, Results, say
 
 
@@ -26,11 +28,15 @@ def bench_rebuild_and_replay(settings: Settings, prof: Profile, results: Results
     url = settings.effective_database_url
     try:
         results["rebuild_log_events"] = app.recorder.max_notification_id() or 0
-        rates = [rebuild(url, app.recorder, app.mapper.transcoder, "jobs_log").events_per_s
-                 for _ in range(prof.repeats)]
-        results["rebuild_events_per_s"] = round(statistics.median(rates), 1)
-        # The naive projector: one transaction per event, into its own tables (reading is untimed).
-        envelopes = list(iter_envelopes(app.recorder, app.mapper.transcoder, 1, None))[: prof.naive_rebuild_events]
+        reports = [rebuild(url, app.recorder, app.mapper.transcoder, "jobs_log") for _ in range(prof.repeats)]
+        results["rebuild_events"] = reports[-1].events
+        results["rebuild_events_per_s"] = round(statistics.median(r.events / r.seconds for r in reports), 1)
+        results["rebuild_log_events_per_s"] = round(statistics.median(r.events_per_s for r in reports), 1)
+        # The naive projector: one transaction per event of the model's streams, into its own
+        # tables (reading is untimed).
+        topics = stream_topics(JOBS_LOG.stream_type)
+        envelopes = list(iter_envelopes(app.recorder, app.mapper.transcoder, 1, None, topics))
+        envelopes = envelopes[: prof.naive_rebuild_events]
         with psycopg.connect(url, autocommit=True) as conn:
             for tbl in ("jobs_log__naive", "jobs_log_tracking__naive"):
                 conn.execute(f"DROP TABLE IF EXISTS palette_read.{tbl}")  # fixed names of this module
@@ -39,9 +45,10 @@ def bench_rebuild_and_replay(settings: Settings, prof: Profile, results: Results
             for env in envelopes:
                 apply_batch(conn, [env], [JOBS_LOG], suffix="__naive", park=False)
             results["naive_rebuild_events_per_s"] = round(len(envelopes) / (time.perf_counter() - t0), 1)
-        say(f"rebuild jobs_log {results['rebuild_events_per_s']:,.0f} log events/s over "
-            f"{results['rebuild_log_events']:,} events; one transaction per event "
-            f"{results['naive_rebuild_events_per_s']:,.0f} log events/s (first {len(envelopes):,})")
+        say(f"rebuild jobs_log {results['rebuild_events_per_s']:,.0f} folded events/s ({results['rebuild_events']:,} "
+            f"job events; {results['rebuild_log_events_per_s']:,.0f}/s over the {results['rebuild_log_events']:,} "
+            f"events of the log); one transaction per event {results['naive_rebuild_events_per_s']:,.0f} events/s "
+            f"(first {len(envelopes):,} job events)")
         replay_rates = []
         sink = io.BytesIO()
         for _ in range(prof.repeats):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.bench.api import LATENCY_CLIENTS, LATENCY_LOAD
+from tests.bench.api import LATENCY_CLIENTS, LATENCY_CONNECTIONS, LATENCY_LOAD, WRK_CONNECTIONS
 from tests.bench.core import HOT_CLIENTS, HOT_JOB_ITEMS
 from tests.bench.gpu import BATCH, WARM_ITEMS
 from tests.bench.harness import CORE_CLIENTS, FULL, HTTP_CLIENTS, QUICK, Results
@@ -16,16 +16,30 @@ LAG = (f"job creations (2 events each) offered at {LAG_EVENTS_PER_S} events/s, t
        "processes running")
 FAST = f"_{FAST_LAG_EVENTS_PER_S}"
 
-# Every figure the run reports, in report order, with exactly what it measures.
+WRK = f"wrk, 1 thread, {WRK_CONNECTIONS} connections"
+SESSIONS = ("sessions of 7 requests, each sent once the one before it is answered: POST /auth/anon, POST /jobs "
+            "(Idempotency-Key), confirm-upload, execute, GET /jobs/{id}, GET /me, the signed GPU callback "
+            "(tests/bench/wrk/session.lua; tokens, inputs and signatures made beforehand, untimed)")
+# Every figure the run reports, in report order, with exactly what it measures. The HTTP figures
+# are wrk's when it is installed (as described); otherwise Python clients' (the fallback texts).
 MEASURES: dict[str, str] = {
-    "requests_per_s": f"HTTP API requests per second of API time, {HTTP_CLIENTS} concurrent users in 2 client "
-                      "processes; sessions of 7 requests (5 commands, 2 reads), their S3 uploads untimed",
-    "commands_per_s": "the commands (POSTs) among those requests, per second of the same API time",
+    "api_workers": "API processes on the port (PALETTE_API_WORKERS)",
+    "http_ceiling_per_s": f"a bare FastAPI app answering GET / with a small JSON document, under uvicorn with the "
+                          f"API's settings, in the same run ({WRK}): the ceiling of every HTTP figure",
+    "presets_per_s": f"GET /presets with a client token ({WRK})",
+    "me_per_s": f"GET /me with a client token, strongly consistent ({WRK})",
+    "register_per_s": f"POST /auth/anon, each a new device (tests/bench/wrk/register.lua; {WRK})",
+    "requests_per_s": f"HTTP API requests per second, {SESSIONS} ({WRK}); without wrk: {HTTP_CLIENTS} concurrent "
+                      "users in 2 Python client processes, per second of API time, S3 uploads untimed",
+    "commands_per_s": "the commands (the 5 POSTs of a session) among those requests, per second",
     "naive_requests_per_s": f"requests_per_s against `palette serve api --naive` ({NAIVE_PATH})",
     "naive_commands_per_s": f"commands_per_s against `palette serve api --naive` ({NAIVE_PATH})",
-    "api_p50_ms": f"latency of every API request (client side), requests offered open loop at "
-                  f"{LATENCY_LOAD:.0%} of requests_per_s in each stage (at most {LATENCY_CLIENTS} in flight)",
+    "api_p50_ms": f"latency of the session requests paced at {LATENCY_LOAD:.0%} of requests_per_s: wrk with "
+                  f"session.lua scheduling request i at start + i / rate ({LATENCY_CONNECTIONS} connections, latency "
+                  "from each request's write, as wrk measures; a late schedule is not charged to it); without wrk: "
+                  f"Python clients open loop, at most {LATENCY_CLIENTS} in flight",
     "api_p99_ms": "p99 of the same latencies",
+    "api_latency_requests_per_s": "the request rate achieved while api_p50_ms and api_p99_ms were measured",
     "core_commands_per_s": f"commands per second through PaletteService in process, {CORE_CLIENTS} threads, "
                            "group commit; sessions of 5-6 commands (register, create, confirm, execute, "
                            "cancel or 2 results)",
@@ -79,9 +93,12 @@ MEASURES: dict[str, str] = {
     "broker_restart_events_per_s": "the events per second committed from the load's start to its end (1 s after "
                                    "the recovered window was found)",
     "rebuild_log_events": "events in the log the rebuild and replay figures read",
-    "rebuild_events_per_s": "`palette projections rebuild jobs_log`: log events covered per second (other "
-                            "streams' events skipped in SQL; fold in memory, COPY, swap)",
-    "naive_rebuild_events_per_s": "the log's first events applied to jobs_log in one transaction each "
+    "rebuild_events": "events the jobs_log rebuild folds (the job streams' events of the log)",
+    "rebuild_events_per_s": "`palette projections rebuild jobs_log`: events folded per second (rebuild_events / "
+                            "seconds; fold in memory, COPY, swap)",
+    "rebuild_log_events_per_s": "the same rebuild's log events covered per second (other streams' events are "
+                                "skipped in SQL)",
+    "naive_rebuild_events_per_s": "the log's first job events applied to jobs_log in one transaction each "
                                   "(projections.store.apply_batch per event), reading untimed",
     "replay_events_per_s": "Replayer.all_jsonl over the whole log, the lines written to memory "
                            "(what `palette replay all` prints)",
@@ -120,6 +137,8 @@ def _ratio(r: Results, key: str, parts: tuple[Part, ...]) -> float | None:
 # bound, whether higher is better); a two-part goal is met when both parts are.
 GOALS: list[tuple[str, str, tuple[Part, ...]]] = [
     ("commands_per_s", ">= 2000 and >= 5x naive", ((None, 2000, True), ("naive_commands_per_s", 5, True))),
+    ("me_per_s", ">= 0.8x presets_per_s", (("presets_per_s", 0.8, True),)),
+    ("register_per_s", ">= 0.5x presets_per_s", (("presets_per_s", 0.5, True),)),
     ("core_commands_per_s", ">= 2000 (in process)", ((None, 2000, True),)),
     ("hot_stream_results_per_s", ">= 1000", ((None, 1000, True),)),
     ("api_p99_ms", "<= 25 at 70% of peak", ((None, 25, False),)),

@@ -368,3 +368,38 @@ def test_with_signatures_required_the_shared_secret_is_refused_whatever_rides_wi
             figures.add("forged or replayed callbacks tried (0 accepted)", len(attempts))
     finally:
         container.close()
+
+
+
+def test_a_remembered_token_is_checked_anew_once_it_expires_and_a_tampered_one_is_never_remembered():
+    """The API remembers verified tokens (adapters.api.deps.VerifiedTokens): what it remembers
+    must not outlive the token, and only the very string verified is remembered."""
+    from datetime import UTC, datetime
+
+    from adapters.api.deps import VerifiedTokens
+    from adapters.tokens import LEEWAY_S, TokenInvalid, TokenIssuer
+
+    class CountingIssuer(TokenIssuer):
+        calls = 0
+
+        def verify(self, token: str) -> tuple[uuid.UUID, str]:
+            self.calls += 1
+            return super().verify(token)
+
+    issuer = CountingIssuer("s" * 48, "palette", "palette-app", ttl_s=60)
+    now = [time.time()]
+    tokens = VerifiedTokens(issuer, clock=lambda: now[0])
+    user_id = uuid.uuid4()
+    token = issuer.issue(user_id, datetime.fromtimestamp(now[0], UTC))
+    assert [tokens.verify(token), tokens.verify(token)] == [(user_id, "client")] * 2
+    assert issuer.calls == 1  # the second was remembered
+    head, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    forged = f"{head}.{b64(json.dumps({**claims, 'role': 'analyst'}).encode())}.{signature}"
+    for _ in range(2):
+        with pytest.raises(TokenInvalid):
+            tokens.verify(forged)
+    assert issuer.calls == 3  # refused each time, never remembered
+    now[0] = claims["exp"] + LEEWAY_S + 1  # past its expiry and the issuer's leeway
+    tokens.verify(token)  # (the real clock has not moved: the issuer still accepts it)
+    assert issuer.calls == 4  # checked anew, not answered from memory

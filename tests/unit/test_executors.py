@@ -4,11 +4,17 @@ committer's) and see committed state only; stream loading stays behind the Strea
 from __future__ import annotations
 
 import ast
+import asyncio
 import threading
 from pathlib import Path
+from uuid import UUID
+
+import pytest
 
 from application.executors import DirectExecutor, GroupCommitter, RecorderStreamLoader
 from application.services import PaletteApplication, PaletteService
+from application.unit_of_work import touches
+from domain.errors import NotFound
 from domain.user import User
 from tests.simulation import Ids, StepClock
 
@@ -91,3 +97,73 @@ def test_application_runs_no_sql() -> None:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] in ("psycopg", "psycopg_pool") for n in names), path
+
+
+def test_coroutines_waiting_on_the_group_committer_hold_no_thread_and_all_get_their_outcome() -> None:
+    svc = _service(group_commit=True)
+    committer = svc.executor
+    assert isinstance(committer, GroupCommitter)
+    user_id, _ = svc.register("async").value
+    waiting = 300
+    gate, all_queued = threading.Event(), threading.Event()
+    threads_while_waiting: list[int] = []
+
+    def hold(uow):  # type: ignore[no-untyped-def]
+        gate.wait(10)  # the writer is busy: every coroutine below queues behind this
+
+    def grant(amount: int):  # type: ignore[no-untyped-def]
+        @touches(user_id)
+        def command(uow):  # type: ignore[no-untyped-def]
+            if all_queued.is_set() and not threads_while_waiting:
+                threads_while_waiting.append(threading.active_count())
+            uow.get(User, user_id).grant(amount, "async", StepClock().now())
+            return amount
+        return command
+
+    async def main() -> tuple[list[int], int]:
+        blocked = committer.submit(hold)
+        grants = [asyncio.ensure_future(committer.execute_async(grant(i))) for i in range(1, waiting + 1)]
+        read = asyncio.ensure_future(svc.get_user_async(user_id))
+        while committer._queue.qsize() < waiting + 1:
+            await asyncio.sleep(0)  # let every task reach the queue
+        all_queued.set()
+        gate.set()
+        blocked.result()
+        return [c.value for c in await asyncio.gather(*grants)], (await read).credits
+
+    threads_before = threading.active_count()
+    granted, credits_read = asyncio.run(main())
+    assert granted == list(range(1, waiting + 1))
+    assert credits_read == 50  # the read queued with the grants sees the state before their batch
+    assert svc.get_user(user_id).credits == 50 + sum(range(1, waiting + 1))
+    assert threads_while_waiting == [threads_before]  # no thread per waiting coroutine
+    assert committer.batches < waiting  # they were batched
+    committer.stop()
+
+
+def test_an_async_read_refuses_a_missing_aggregate_and_another_users_job() -> None:
+    svc = _service(group_commit=True)
+    owner, _ = svc.register("owner").value
+    stranger, _ = svc.register("stranger").value
+    job_id = svc.create_job(owner, "interior", 1).value
+
+    async def main() -> None:
+        assert (await svc.get_job_async(owner, job_id)).id == job_id
+        for call in (svc.get_job_async(stranger, job_id), svc.get_user_async(Ids().new_id())):
+            with pytest.raises(NotFound):
+                await call
+
+    asyncio.run(main())
+    svc.executor.stop()  # type: ignore[attr-defined]
+
+
+def test_the_naive_executor_runs_coroutines_commands_too() -> None:
+    svc = _service(group_commit=False)
+
+    async def main() -> tuple[UUID, bool]:
+        committed = await svc.run(svc.register_command("naive-async"))
+        value: tuple[UUID, bool] = committed.value
+        return value
+
+    user_id, created = asyncio.run(main())
+    assert created and svc.get_user(user_id).credits == 50
