@@ -132,11 +132,13 @@ def prepare_schemas(settings: Settings) -> None:
 
     from adapters.api.idempotency import ensure_schema as ensure_api_schema
     from adapters.relay import DDL as RELAY_DDL
+    from adapters.webhooks.store import ensure_schema as ensure_webhooks_schema
 
     PaletteApplication(env=event_store_env(settings, pool_size=1)).close()
     with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
         ensure_schema(conn)
         ensure_api_schema(conn)
+        ensure_webhooks_schema(conn)
         for statement in RELAY_DDL:  # before the relay, projector and dispatcher race to make them
             conn.execute(statement)
 
@@ -209,6 +211,38 @@ def build_dispatcher(settings: Settings) -> Any:
                       kafka_io.producer(settings), app, settings.effective_database_url,
                       stale_s=settings.dispatch_stale_s, queue=KafkaTaskQueue.connect(bootstrap),
                       losses=LossSignal(settings.effective_database_url, GROUP))
+
+
+def build_webhooks(settings: Settings) -> Any:
+    """The webhook consumer with its sender (threads of the same process)."""
+    import psycopg
+
+    from adapters import kafka_io
+    from adapters.relay import RELAY_NAME, LossSignal, PgPositions
+    from adapters.webhooks import store, targets
+    from adapters.webhooks.consumer import GROUP, DeliveryRecorder, WebhookConsumer
+    from adapters.webhooks.retries import parse_schedule
+    from adapters.webhooks.sender import WebhookSender
+    from projections.log import LogReader
+
+    url = settings.effective_database_url
+    production = settings.env == "production"
+    app = open_event_store(settings, pool_size=2)
+    conn = psycopg.connect(url, autocommit=True)
+    store.ensure_schema(conn)
+    relay_positions = PgPositions.connect(url)
+    sender = WebhookSender(ConnectionPool(url, min_size=1, max_size=settings.webhook_senders + 1,
+                                          kwargs={"autocommit": True}, open=True),
+                           targets.client(production), parse_schedule(settings.webhook_retry_schedule),
+                           production=production, disable_after=settings.webhook_disable_after,
+                           disable_after_s=settings.webhook_disable_after_s, workers=settings.webhook_senders,
+                           keep_s=settings.webhook_keep_days * 86400)
+    log_reader = LogReader.of(app)
+    return WebhookConsumer(kafka_io.consumer(settings, GROUP, topics.EVENTS),
+                           DeliveryRecorder(conn, log_reader, app.repository.event_store), sender, log_reader,
+                           PgPositions(psycopg.connect(url, autocommit=True), store.POSITIONS),
+                           published=lambda: relay_positions.get(RELAY_NAME),
+                           sweep_every_s=settings.projector_sweep_s, losses=LossSignal(url, GROUP))
 
 
 def compute_threads_for(device: Any) -> int:

@@ -14,7 +14,7 @@ from uuid import UUID, uuid4
 from adapters.settings import Settings, SettingsError, load_settings
 from infra.supervisor import StackError
 
-APP_PROCESSES = ("api", "relay", "projector", "dispatcher", "gpu")
+APP_PROCESSES = ("api", "relay", "projector", "dispatcher", "gpu", "webhooks")
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
@@ -130,6 +130,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _serve_loop(bootstrap.build_dispatcher(settings), args.ready_file, (args.process, settings))
     elif args.process == "gpu":
         _serve_loop(bootstrap.build_gpu_worker(settings), args.ready_file, (args.process, settings))
+    elif args.process == "webhooks":
+        _serve_loop(bootstrap.build_webhooks(settings), args.ready_file, (args.process, settings))
     return 0
 
 

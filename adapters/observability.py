@@ -193,7 +193,7 @@ class ConsumerLagCollector:
     scraped, outside the groups (an admin client and a bare consumer)."""
 
     GROUPS = ((topics.PROJECTOR_GROUP, topics.EVENTS), (topics.DISPATCHER_GROUP, topics.EVENTS),
-              (topics.GPU_GROUP, topics.GPU_TASKS))
+              (topics.GPU_GROUP, topics.GPU_TASKS), (topics.WEBHOOKS_GROUP, topics.EVENTS))
 
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
@@ -233,6 +233,37 @@ class ConsumerLagCollector:
         yield family
 
 
+class WebhookCollector:
+    """Deliveries by status, the oldest pending one's age, and disabled endpoints (one query per scrape)."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+
+    def collect(self) -> Iterator[Metric]:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.database_url, autocommit=True, connect_timeout=int(CHECK_TIMEOUT_S)) as conn:
+                by_status = conn.execute("SELECT status, count(*) FROM palette_webhooks.deliveries "
+                                         "GROUP BY status").fetchall()
+                oldest = conn.execute("SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0) FROM "
+                                      "palette_webhooks.deliveries WHERE status = 'pending'").fetchone()
+                disabled = conn.execute("SELECT count(*) FROM palette_webhooks.endpoints WHERE NOT enabled"
+                                        ).fetchone()
+        except psycopg.Error as e:
+            log.warning("webhook metrics unavailable: %s", type(e).__name__)
+            return
+        deliveries = GaugeMetricFamily("palette_webhook_deliveries", "webhook deliveries kept, by status",
+                                       labels=["status"])
+        for status, count in by_status:
+            deliveries.add_metric([str(status)], count)
+        yield deliveries
+        yield GaugeMetricFamily("palette_webhook_oldest_pending_seconds", "age of the oldest pending delivery",
+                                value=float(oldest[0]) if oldest else 0.0)
+        yield GaugeMetricFamily("palette_webhook_endpoints_disabled", "endpoints disabled after failing",
+                                value=float(disabled[0]) if disabled else 0.0)
+
+
 def collectors_for(process: str, worker: Any, settings: Settings, registry: CollectorRegistry) -> list[Collector]:
     """What each worker counts, as metrics."""
     found: list[Collector] = []
@@ -242,6 +273,8 @@ def collectors_for(process: str, worker: Any, settings: Settings, registry: Coll
         latency = Histogram("palette_relay_commit_to_ack_seconds", "decided -> broker ack, oldest event per batch",
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=registry)
         worker.observe_ack = latency.observe
+    if process == "webhooks":
+        found.append(WebhookCollector(settings.effective_database_url))
     if process == "dispatcher" and hasattr(worker, "dispatched"):
         found.append(CountsCollector("palette_dispatcher_tasks", "GPU tasks sent, and records parked", "result",
                                      lambda: {"dispatched": worker.dispatched, "parked": worker.parked}))

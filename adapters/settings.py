@@ -13,6 +13,9 @@ from urllib.parse import quote, urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapters.webhooks.retries import DEFAULT_SCHEDULE as DEFAULT_RETRY_SCHEDULE
+from adapters.webhooks.retries import parse_schedule
+
 # Secrets shorter than this are refused outside development (HS256 wants >= 256 bits).
 MIN_SECRET_BYTES = 32
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "placeholder", "dev", "development"}
@@ -91,12 +94,27 @@ class Settings(BaseSettings):
     # Reverse proxies in front of the API that append to X-Forwarded-For (that many entries from
     # the right are trusted); 0: the header is ignored and the TCP peer is the client.
     trusted_proxies: int = Field(0, ge=0, le=16)
+    # Webhooks: the delays between tries of a failed delivery (``5s,5m,2h,1d``; jittered +-20 %),
+    # and an endpoint disabled once its failures in a row number PALETTE_WEBHOOK_DISABLE_AFTER and
+    # have lasted PALETTE_WEBHOOK_DISABLE_AFTER_S (its owner enables it again).
+    webhook_retry_schedule: str = DEFAULT_RETRY_SCHEDULE
+    webhook_disable_after: int = Field(20, ge=1)
+    webhook_disable_after_s: float = Field(3 * 24 * 3600.0, ge=0)
+    webhook_endpoints_per_user: int = Field(10, ge=1, le=100)
+    webhook_senders: int = Field(8, ge=1, le=64)  # POSTs in flight at once
+    webhook_keep_days: float = Field(7.0, gt=0)  # finished deliveries (and their attempts) listed this long
 
     @field_validator("s3_bucket", "broker_bucket")
     @classmethod
     def _bucket_name(cls, v: str) -> str:
         if len(v) < 3:
             raise ValueError("bucket names need at least 3 characters")
+        return v
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _retry_schedule(cls, v: str) -> str:
+        parse_schedule(v)
         return v
 
     @model_validator(mode="after")

@@ -145,7 +145,8 @@ class EmbeddedStack(Generic[S]):
             self.supervisor.stop_all()
             raise
 
-    def start_apps(self, names: tuple[str, ...] = ("api", "relay", "projector", "dispatcher", "gpu")) -> None:
+    def start_apps(self, names: tuple[str, ...] = ("api", "relay", "projector", "dispatcher", "gpu",
+                                                    "webhooks")) -> None:
         self.prepare_schemas()
         self.supervisor.start_together([self._app_spec(name) for name in names])
 

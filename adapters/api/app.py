@@ -67,7 +67,7 @@ class BodyLimit:
 def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     """Build the API around an already-wired container (closed when the server stops if it
     ``owns_container``)."""
-    from adapters.api import routes_analysts, routes_jobs, routes_rules, routes_users
+    from adapters.api import routes_analysts, routes_jobs, routes_rules, routes_users, routes_webhooks
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -131,6 +131,7 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     app.include_router(routes_rules.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_analysts.router)
+    app.include_router(routes_webhooks.router)
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:

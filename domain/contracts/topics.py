@@ -12,3 +12,4 @@ ALL = (EVENTS, GPU_TASKS, GPU_DLQ, DISPATCHER_DLQ)  # created at start-up
 PROJECTOR_GROUP = "palette-projections"
 DISPATCHER_GROUP = "palette-dispatcher"
 GPU_GROUP = "palette-gpu"  # its committed offsets say what the GPU workers consumed
+WEBHOOKS_GROUP = "palette-webhooks"

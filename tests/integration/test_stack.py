@@ -195,3 +195,29 @@ def test_worker_processes_serve_metrics_and_probes(apps):
         with urllib.request.urlopen(f"http://127.0.0.1:{port_of(apps.settings, 'projector')}{probe}",
                                     timeout=5) as r:
             assert r.status == 200
+
+
+def test_webhook_metrics_read_the_delivery_tables(settings):
+    """The webhooks process's families, from its tables (a pending delivery counts, and ages)."""
+    import psycopg
+
+    from adapters.observability import WebhookCollector
+    from adapters.webhooks.store import ensure_schema
+
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        ensure_schema(conn)
+        endpoint = uuid.uuid4()
+        conn.execute("INSERT INTO palette_webhooks.endpoints (id, user_id, url, events, secret) "
+                     "VALUES (%s, %s, 'http://127.0.0.1:9/x', '{job.queued}', 's')", [endpoint, uuid.uuid4()])
+        conn.execute("INSERT INTO palette_webhooks.deliveries (id, endpoint_id, message_id, job_id, version, "
+                     "event_type, body, created_at) VALUES (%s, %s, 'msg_x_1', %s, 1, 'job.queued', '\\x7b7d', "
+                     "now() - interval '1 hour')", [uuid.uuid4(), endpoint, uuid.uuid4()])
+        try:
+            samples = {(s.name, tuple(s.labels.items())): s.value
+                       for family in WebhookCollector(settings.effective_database_url).collect()
+                       for s in family.samples}
+        finally:
+            conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
+    assert samples[("palette_webhook_deliveries", (("status", "pending"),))] >= 1
+    assert samples[("palette_webhook_oldest_pending_seconds", ())] >= 3600
+    assert ("palette_webhook_endpoints_disabled", ()) in samples

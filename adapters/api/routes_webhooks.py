@@ -1,0 +1,167 @@
+"""Webhooks: a user's endpoints (signed with a secret shown once), their deliveries, redelivery.
+
+Another user's endpoint is 404 like every object. An endpoint's URL is checked as the sender
+checks it (``adapters.webhooks.targets``): in production, https to public addresses only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from adapters.api.deps import ContainerDep, CurrentUser
+from adapters.api.envelope import ok
+from adapters.api.schemas import Envelope, Strict, Text
+from adapters.bootstrap import Container
+from adapters.webhooks import store, targets
+from adapters.webhooks.events import EventType
+from adapters.webhooks.signing import new_secret
+from domain.errors import InvalidState, NotFound, ValidationFailed
+
+router = APIRouter(tags=["webhooks"])
+_E = Envelope[None]
+COMMON: dict[int | str, dict[str, Any]] = {401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},
+                                           422: {"model": _E, "description": "VALIDATION_FAILED"}}
+OWN: dict[int | str, dict[str, Any]] = {**COMMON,
+                                        404: {"model": _E, "description": "NOT_FOUND (also another user's endpoint)"}}
+
+
+class WebhookCreate(Strict):
+    url: Text = Field(min_length=1, max_length=targets.MAX_URL_LENGTH)
+    events: list[EventType] = Field(min_length=1, max_length=16)
+
+
+class WebhookPublic(BaseModel):
+    id: UUID
+    url: str
+    events: list[str]
+    enabled: bool
+    disabled_at: datetime | None
+    created_at: datetime
+
+
+class WebhookSecretPublic(WebhookPublic):
+    secret: str  # shown by this answer only: keep it, it signs every delivery
+
+
+class WebhookList(BaseModel):
+    items: list[WebhookPublic]
+
+
+class AttemptPublic(BaseModel):
+    n: int
+    at: datetime
+    status_code: int | None
+    error: str
+    response: str  # the head of the answer (at most 4 KiB)
+    duration_ms: int
+
+
+class DeliveryPublic(BaseModel):
+    id: UUID
+    message_id: str  # the webhook-id header, the same on every attempt
+    event_type: str
+    job_id: UUID
+    status: str  # pending | succeeded | failed
+    attempt_count: int
+    next_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    attempts: list[AttemptPublic]  # the latest first
+
+
+class DeliveryList(BaseModel):
+    items: list[DeliveryPublic]
+
+
+def _in_db(container: Container, query: Any, *args: Any) -> Any:
+    with container.read_pool.connection() as conn:
+        return query(conn, *args)
+
+
+async def _run(container: Container, query: Any, *args: Any) -> Any:
+    return await run_in_threadpool(_in_db, container, query, *args)
+
+
+def _found(row: Any) -> Any:
+    if row is None:
+        raise NotFound("no such webhook endpoint")
+    return row
+
+
+@router.post("/webhooks", response_model=Envelope[WebhookSecretPublic], status_code=201,
+             responses={**COMMON, 409: {"model": _E, "description": "CONFLICT (as many endpoints as allowed)"}})
+async def create_webhook(body: WebhookCreate, user_id: CurrentUser, container: ContainerDep) -> JSONResponse:
+    """Register an endpoint for these event types; the answer holds its signing secret, once."""
+    settings = container.settings
+    try:
+        await run_in_threadpool(targets.check, body.url, settings.env == "production")
+    except targets.TargetRefused as e:
+        raise ValidationFailed(f"url: {e}") from None
+    secret = new_secret()
+    try:
+        row = await _run(container, store.create_endpoint, user_id, body.url, list(dict.fromkeys(body.events)),
+                         secret, settings.webhook_endpoints_per_user)
+    except store.EndpointsFull as e:
+        raise InvalidState(str(e)) from None
+    return ok(WebhookSecretPublic(**row, secret=secret), status=201)
+
+
+@router.get("/webhooks", response_model=Envelope[WebhookList], responses=COMMON)
+async def list_webhooks(user_id: CurrentUser, container: ContainerDep) -> JSONResponse:
+    rows = await _run(container, store.list_endpoints, user_id)
+    return ok(WebhookList(items=[WebhookPublic(**r) for r in rows]))
+
+
+@router.get("/webhooks/{endpoint_id}", response_model=Envelope[WebhookPublic], responses=OWN)
+async def get_webhook(endpoint_id: UUID, user_id: CurrentUser, container: ContainerDep) -> JSONResponse:
+    return ok(WebhookPublic(**_found(await _run(container, store.get_endpoint, user_id, endpoint_id))))
+
+
+@router.delete("/webhooks/{endpoint_id}", response_model=Envelope[dict[str, bool]], responses=OWN)
+async def delete_webhook(endpoint_id: UUID, user_id: CurrentUser, container: ContainerDep) -> JSONResponse:
+    """Delete the endpoint, its pending deliveries and its delivery history."""
+    if not await _run(container, store.delete_endpoint, user_id, endpoint_id):
+        raise NotFound("no such webhook endpoint")
+    return ok({"deleted": True})
+
+
+@router.post("/webhooks/{endpoint_id}/rotate-secret", response_model=Envelope[WebhookSecretPublic],
+             responses=OWN)
+async def rotate_secret(endpoint_id: UUID, user_id: CurrentUser, container: ContainerDep) -> JSONResponse:
+    """A new signing secret, shown once; for 24 h deliveries carry a signature by the old one too."""
+    secret = new_secret()
+    row = _found(await _run(container, store.rotate_secret, user_id, endpoint_id, secret))
+    return ok(WebhookSecretPublic(**row, secret=secret))
+
+
+@router.post("/webhooks/{endpoint_id}/enable", response_model=Envelope[WebhookPublic], responses=OWN)
+async def enable_webhook(endpoint_id: UUID, user_id: CurrentUser, container: ContainerDep) -> JSONResponse:
+    """Enable an endpoint disabled after its failures; its pending deliveries go out now."""
+    return ok(WebhookPublic(**_found(await _run(container, store.enable_endpoint, user_id, endpoint_id))))
+
+
+@router.get("/webhooks/{endpoint_id}/deliveries", response_model=Envelope[DeliveryList], responses=OWN)
+async def list_deliveries(endpoint_id: UUID, user_id: CurrentUser, container: ContainerDep,
+                          limit: int = Query(50, ge=1, le=200)) -> JSONResponse:
+    """The endpoint's latest deliveries, newest first, each with its latest attempts."""
+    rows = _found(await _run(container, store.list_deliveries, user_id, endpoint_id, limit))
+    return ok(DeliveryList(items=[DeliveryPublic(**r) for r in rows]))
+
+
+@router.post("/webhooks/{endpoint_id}/deliveries/{delivery_id}/redeliver", response_model=Envelope[DeliveryPublic],
+             status_code=202, responses=OWN)
+async def redeliver(endpoint_id: UUID, delivery_id: UUID, user_id: CurrentUser,
+                    container: ContainerDep) -> JSONResponse:
+    """Send the delivery again (a new attempt, the same ``webhook-id``), with a fresh retry schedule."""
+    row = await _run(container, store.redeliver, user_id, endpoint_id, delivery_id)
+    if row is None:
+        raise NotFound("no such delivery")
+    return ok(DeliveryPublic(**row), status=202)

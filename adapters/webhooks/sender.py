@@ -1,0 +1,112 @@
+"""The sender: claims due deliveries and posts them, signed, from a pool of threads.
+
+A claim leases the delivery (its next try moved ``lease_s`` ahead) before the POST, and the
+attempt is recorded after it: a process killed in between leaves the delivery due again once the
+lease runs out, and it goes out again under the same ``webhook-id`` (at least once). Later
+deliveries of the same job to the same endpoint wait while an earlier one is pending, so a
+receiver sees a job's events in order. The consumer wakes the sender after recording; without a
+wake it looks for due retries every ``poll_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+from psycopg_pool import ConnectionPool
+
+from adapters.webhooks import store, targets
+from adapters.webhooks.retries import retry_delay
+from adapters.webhooks.signing import signed_headers
+
+log = logging.getLogger("palette.webhooks")
+PRUNE_EVERY_S = 3600.0
+PRUNE_PAGE = 5000
+LEASE_S = 3 * targets.TIMEOUT_S  # longer than an attempt can take (a timeout each to connect, write, read)
+
+
+class WebhookSender:
+    def __init__(self, pool: ConnectionPool[Any], http: httpx.Client, schedule: tuple[float, ...], *,
+                 production: bool, disable_after: int, disable_after_s: float, workers: int = 8,
+                 keep_s: float = 7 * 24 * 3600.0, lease_s: float = LEASE_S, poll_s: float = 1.0,
+                 draw: Callable[[], float] = random.random, clock: Callable[[], float] = time.time) -> None:
+        self.pool = pool
+        self.http = http
+        self.schedule = schedule
+        self.production = production
+        self.disable_after = disable_after
+        self.disable_after_s = disable_after_s
+        self.workers = workers
+        self.keep_s = keep_s
+        self.lease_s = lease_s
+        self.poll_s = poll_s
+        self.draw = draw
+        self.clock = clock
+        self._next_prune = 0.0
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def run(self, stop: threading.Event) -> None:
+        """Until ``stop``: claim what is due as threads free up; the attempts in flight finish."""
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="webhook-post") as posts:
+            while not stop.is_set():
+                self._wake.clear()
+                if time.monotonic() >= self._next_prune:
+                    self._prune()
+                free = self.workers - self._in_flight
+                claimed = self._claim(free) if free > 0 else []
+                for due in claimed:
+                    with self._lock:
+                        self._in_flight += 1
+                    posts.submit(self._deliver, due)
+                if not claimed or len(claimed) < free:
+                    self._wake.wait(self.poll_s)
+
+    def _claim(self, limit: int) -> list[store.Due]:
+        try:
+            with self.pool.connection() as conn:
+                return store.claim(conn, limit, self.lease_s)
+        except Exception as e:  # noqa: BLE001 - the database is away: the next poll tries again
+            log.warning("due deliveries not claimed (%s: %s)", type(e).__name__, str(e)[:200])
+            return []
+
+    def _prune(self) -> None:
+        """Forget one page of the deliveries finished more than ``keep_s`` ago; the next page at
+        once when this one was full, else in an hour."""
+        self._next_prune = time.monotonic() + PRUNE_EVERY_S
+        try:
+            with self.pool.connection() as conn:
+                if store.prune(conn, self.keep_s, PRUNE_PAGE) == PRUNE_PAGE:
+                    self._next_prune = 0.0
+        except Exception as e:  # noqa: BLE001 - the next hour tries again
+            log.warning("finished deliveries not pruned (%s: %s)", type(e).__name__, str(e)[:200])
+
+    def _deliver(self, due: store.Due) -> None:
+        try:
+            outcome = targets.post(self.http, due.url, due.body,
+                                   signed_headers(due.keys, due.message_id, int(self.clock()), due.body),
+                                   self.production)
+            retry_in = None if outcome.ok else retry_delay(self.schedule, due.tries + 1, self.draw)
+            with self.pool.connection() as conn:
+                store.finish(conn, due.id, outcome, retry_in, self.disable_after, self.disable_after_s)
+        except Exception as e:  # noqa: BLE001 - the lease brings the delivery back
+            log.warning("delivery %s not recorded (%s: %s); due again after its lease",
+                        due.id, type(e).__name__, str(e)[:200])
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+            self._wake.set()
+
+    def close(self) -> None:
+        self.http.close()
+        self.pool.close()

@@ -1,0 +1,285 @@
+"""The webhook tables (schema ``palette_webhooks``) and every statement on them.
+
+``endpoints`` (a user's URLs, their event types and signing secrets), ``deliveries`` (one per
+endpoint and event: the signed body, its state and its next try; kept a week once finished) and
+``attempts`` (one row per POST). A delivery is due when it is pending, its time has come, its endpoint is enabled and no
+earlier delivery of the same job to the same endpoint is pending (order per job). Claiming one
+moves its time a lease ahead, so a sender that dies mid-POST leaves it due again after the lease.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from adapters.webhooks.targets import Outcome
+
+DDL = (
+    "CREATE SCHEMA IF NOT EXISTS palette_webhooks",
+    "CREATE TABLE IF NOT EXISTS palette_webhooks.endpoints (id uuid PRIMARY KEY, user_id uuid NOT NULL, "
+    "url text NOT NULL, events text[] NOT NULL, secret text NOT NULL, previous_secret text, "
+    "previous_until timestamptz, enabled boolean NOT NULL DEFAULT true, disabled_at timestamptz, "
+    "failures integer NOT NULL DEFAULT 0, failing_since timestamptz, "
+    "created_at timestamptz NOT NULL DEFAULT now())",
+    "CREATE INDEX IF NOT EXISTS endpoints_user ON palette_webhooks.endpoints (user_id)",
+    "CREATE TABLE IF NOT EXISTS palette_webhooks.deliveries (id uuid PRIMARY KEY, "
+    "endpoint_id uuid NOT NULL REFERENCES palette_webhooks.endpoints ON DELETE CASCADE, "
+    "message_id text NOT NULL, job_id uuid NOT NULL, version integer NOT NULL, event_type text NOT NULL, "
+    "body bytea NOT NULL, status text NOT NULL DEFAULT 'pending', tries integer NOT NULL DEFAULT 0, "
+    "attempts integer NOT NULL DEFAULT 0, next_attempt_at timestamptz, last_status_code integer, "
+    "last_error text, created_at timestamptz NOT NULL DEFAULT now(), UNIQUE (endpoint_id, message_id))",
+    "CREATE INDEX IF NOT EXISTS deliveries_due ON palette_webhooks.deliveries (next_attempt_at) "
+    "WHERE status = 'pending'",
+    "CREATE INDEX IF NOT EXISTS deliveries_job ON palette_webhooks.deliveries (endpoint_id, job_id, version) "
+    "WHERE status = 'pending'",
+    "CREATE INDEX IF NOT EXISTS deliveries_recent ON palette_webhooks.deliveries (endpoint_id, created_at)",
+    "CREATE INDEX IF NOT EXISTS deliveries_done ON palette_webhooks.deliveries (created_at) "
+    "WHERE status <> 'pending'",
+    "CREATE TABLE IF NOT EXISTS palette_webhooks.attempts (delivery_id uuid NOT NULL "
+    "REFERENCES palette_webhooks.deliveries ON DELETE CASCADE, n integer NOT NULL, at timestamptz NOT NULL "
+    "DEFAULT now(), status_code integer, error text NOT NULL, response text NOT NULL, "
+    "duration_ms integer NOT NULL, PRIMARY KEY (delivery_id, n))",
+    "CREATE TABLE IF NOT EXISTS palette_webhooks.positions (name text PRIMARY KEY, position bigint NOT NULL, "
+    "updated_at timestamptz NOT NULL DEFAULT now())",
+)
+POSITIONS = ("palette_webhooks", "positions")
+ROTATION_GRACE_S = 24 * 3600  # the secret a rotation replaced still signs this long
+SHOWN_ATTEMPTS = 20  # attempts listed per delivery, the latest first
+_ENDPOINT = sql.SQL("id, url, events, enabled, disabled_at, created_at")
+
+
+class EndpointsFull(Exception):
+    """The user has as many endpoints as allowed."""
+
+
+def ensure_schema(conn: psycopg.Connection[Any]) -> None:
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('palette-webhooks-ddl'))")
+        for statement in DDL:
+            conn.execute(statement)
+
+
+# -- endpoints (the API) ------------------------------------------------------------------------
+def create_endpoint(conn: psycopg.Connection[Any], user_id: UUID, url: str, events: Sequence[str],
+                    secret: str, limit: int) -> dict[str, Any]:
+    """A new endpoint; raises EndpointsFull when the user has ``limit`` already."""
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext('palette-webhooks:' || %s::text))", [user_id])
+        count = cur.execute("SELECT count(*) AS n FROM palette_webhooks.endpoints WHERE user_id = %s",
+                            [user_id]).fetchone()
+        if count is not None and count["n"] >= limit:
+            raise EndpointsFull(f"at most {limit} webhook endpoints per user")
+        row = cur.execute(sql.SQL("INSERT INTO palette_webhooks.endpoints (id, user_id, url, events, secret) "
+                                  "VALUES (%s, %s, %s, %s, %s) RETURNING {}").format(_ENDPOINT),
+                          [uuid4(), user_id, url, list(events), secret]).fetchone()
+    assert row is not None
+    return row
+
+
+def list_endpoints(conn: psycopg.Connection[Any], user_id: UUID) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(sql.SQL("SELECT {} FROM palette_webhooks.endpoints WHERE user_id = %s "
+                                   "ORDER BY created_at, id").format(_ENDPOINT), [user_id]).fetchall()
+
+
+def get_endpoint(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(sql.SQL("SELECT {} FROM palette_webhooks.endpoints WHERE id = %s AND user_id = %s")
+                           .format(_ENDPOINT), [endpoint_id, user_id]).fetchone()
+
+
+def delete_endpoint(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID) -> bool:
+    """Delete the endpoint with its deliveries and attempts."""
+    cur = conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s AND user_id = %s",
+                       [endpoint_id, user_id])
+    return cur.rowcount == 1
+
+
+def rotate_secret(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID,
+                  secret: str) -> dict[str, Any] | None:
+    """A new secret; the replaced one keeps signing (alongside) for ``ROTATION_GRACE_S``."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(sql.SQL(
+            "UPDATE palette_webhooks.endpoints SET previous_secret = secret, secret = %s, "
+            "previous_until = now() + %s * interval '1 second' WHERE id = %s AND user_id = %s "
+            "RETURNING {}").format(_ENDPOINT), [secret, ROTATION_GRACE_S, endpoint_id, user_id]).fetchone()
+
+
+def enable_endpoint(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID) -> dict[str, Any] | None:
+    """Enable the endpoint again: its failure run forgotten, its pending deliveries due now."""
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(sql.SQL(
+            "UPDATE palette_webhooks.endpoints SET enabled = true, disabled_at = NULL, failures = 0, "
+            "failing_since = NULL WHERE id = %s AND user_id = %s RETURNING {}").format(_ENDPOINT),
+            [endpoint_id, user_id]).fetchone()
+        if row is not None:
+            cur.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() "
+                        "WHERE endpoint_id = %s AND status = 'pending'", [endpoint_id])
+    return row
+
+
+_DELIVERY = sql.SQL("d.id, d.message_id, d.event_type, d.job_id, d.status, d.attempts AS attempt_count, "
+                    "d.next_attempt_at, d.last_status_code, d.last_error, d.created_at")
+
+
+def _with_attempts(cur: psycopg.Cursor[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    ids = [r["id"] for r in rows]
+    found: dict[UUID, list[dict[str, Any]]] = {i: [] for i in ids}
+    for a in cur.execute(
+            "SELECT a.delivery_id, a.n, a.at, a.status_code, a.error, a.response, a.duration_ms "
+            "FROM unnest(%s::uuid[]) AS i(id) "
+            "CROSS JOIN LATERAL (SELECT * FROM palette_webhooks.attempts WHERE delivery_id = i.id "
+            "ORDER BY n DESC LIMIT %s) a", [ids, SHOWN_ATTEMPTS]).fetchall():
+        found[a.pop("delivery_id")].append(a)
+    return [{**r, "attempts": found[r["id"]]} for r in rows]
+
+
+def list_deliveries(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID,
+                    limit: int) -> list[dict[str, Any]] | None:
+    """The endpoint's latest deliveries with their latest attempts; None: no such endpoint."""
+    if get_endpoint(conn, user_id, endpoint_id) is None:
+        return None
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(sql.SQL("SELECT {} FROM palette_webhooks.deliveries d WHERE d.endpoint_id = %s "
+                                   "ORDER BY d.created_at DESC, d.version DESC LIMIT %s").format(_DELIVERY),
+                           [endpoint_id, limit]).fetchall()
+        return _with_attempts(cur, rows)
+
+
+def redeliver(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID,
+              delivery_id: UUID) -> dict[str, Any] | None:
+    """The delivery pending again, due now, with a fresh retry schedule (same message id)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(sql.SQL(
+            "UPDATE palette_webhooks.deliveries d SET status = 'pending', tries = 0, next_attempt_at = now() "
+            "FROM palette_webhooks.endpoints e WHERE d.id = %s AND d.endpoint_id = %s AND e.id = d.endpoint_id "
+            "AND e.user_id = %s RETURNING {}").format(_DELIVERY), [delivery_id, endpoint_id, user_id]).fetchall()
+        return _with_attempts(cur, rows)[0] if rows else None
+
+
+# -- recording (the consumer) ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Subscriber:
+    endpoint_id: UUID
+    user_id: UUID
+    events: tuple[str, ...]
+    since: datetime
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    endpoint_id: UUID
+    message_id: str
+    job_id: UUID
+    version: int
+    event_type: str
+    body: bytes
+
+
+def subscribers(conn: psycopg.Connection[Any], user_ids: Sequence[UUID]) -> list[Subscriber]:
+    """The enabled endpoints of these users."""
+    rows = conn.execute("SELECT id, user_id, events, created_at FROM palette_webhooks.endpoints "
+                        "WHERE user_id = ANY(%s) AND enabled", [list(user_ids)]).fetchall()
+    return [Subscriber(r[0], r[1], tuple(r[2]), r[3]) for r in rows]
+
+
+def recorded(conn: psycopg.Connection[Any], keys: Sequence[tuple[UUID, str]]) -> set[tuple[UUID, str]]:
+    """Which (endpoint, message id) pairs already have a delivery."""
+    if not keys:
+        return set()
+    endpoint_ids, message_ids = zip(*keys, strict=True)
+    rows = conn.execute("SELECT d.endpoint_id, d.message_id FROM unnest(%s::uuid[], %s::text[]) AS k(e, m) "
+                        "JOIN palette_webhooks.deliveries d ON d.endpoint_id = k.e AND d.message_id = k.m",
+                        [list(endpoint_ids), list(message_ids)]).fetchall()
+    return {(r[0], r[1]) for r in rows}
+
+
+def record(conn: psycopg.Connection[Any], deliveries: Sequence[NewDelivery]) -> int:
+    """Insert the deliveries (due now) in one transaction; those already there are left alone."""
+    if not deliveries:
+        return 0
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO palette_webhooks.deliveries (id, endpoint_id, message_id, job_id, version, event_type, "
+            "body, next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, now()) "
+            "ON CONFLICT (endpoint_id, message_id) DO NOTHING",
+            [(uuid4(), d.endpoint_id, d.message_id, d.job_id, d.version, d.event_type, d.body) for d in deliveries])
+    return len(deliveries)
+
+
+# -- sending (the sender) -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Due:
+    id: UUID
+    message_id: str
+    body: bytes
+    tries: int
+    url: str
+    keys: tuple[str, ...]  # the secrets that sign it: the current one, and a rotated one in its grace
+
+
+def claim(conn: psycopg.Connection[Any], limit: int, lease_s: float) -> list[Due]:
+    """Up to ``limit`` due deliveries (oldest due first), leased for ``lease_s``."""
+    rows = conn.execute(
+        "WITH due AS (SELECT d.id FROM palette_webhooks.deliveries d "
+        "JOIN palette_webhooks.endpoints e ON e.id = d.endpoint_id "
+        "WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND e.enabled "
+        "AND NOT EXISTS (SELECT 1 FROM palette_webhooks.deliveries p WHERE p.endpoint_id = d.endpoint_id "
+        "AND p.job_id = d.job_id AND p.status = 'pending' AND p.version < d.version) "
+        "ORDER BY d.next_attempt_at LIMIT %s FOR UPDATE OF d SKIP LOCKED) "
+        "UPDATE palette_webhooks.deliveries d SET next_attempt_at = now() + %s * interval '1 second' "
+        "FROM due, palette_webhooks.endpoints e WHERE d.id = due.id AND e.id = d.endpoint_id "
+        "RETURNING d.id, d.message_id, d.body, d.tries, e.url, e.secret, "
+        "CASE WHEN e.previous_until > now() THEN e.previous_secret END",
+        [limit, lease_s]).fetchall()
+    return [Due(r[0], r[1], bytes(r[2]), r[3], r[4], tuple(k for k in (r[5], r[6]) if k)) for r in rows]
+
+
+def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, retry_in_s: float | None,
+           disable_after: int, disable_after_s: float) -> None:
+    """Record an attempt. A failure schedules the next try (``retry_in_s``; None: the delivery
+    has failed) and lengthens the endpoint's run of failures, which disables it once it is
+    ``disable_after`` attempts long and has lasted ``disable_after_s``; a success ends the run."""
+    status = "succeeded" if outcome.ok else ("pending" if retry_in_s is not None else "failed")
+    with conn.transaction():
+        row = conn.execute(
+            "UPDATE palette_webhooks.deliveries SET attempts = attempts + 1, status = %s, "
+            "tries = CASE WHEN %s THEN 0 ELSE tries + 1 END, "
+            "next_attempt_at = CASE WHEN %s = 'pending' THEN now() + %s * interval '1 second' END, "
+            "last_status_code = %s, last_error = %s WHERE id = %s RETURNING attempts, endpoint_id",
+            [status, outcome.ok, status, retry_in_s or 0.0, outcome.status_code, outcome.error or None,
+             delivery_id]).fetchone()
+        if row is None:  # the endpoint was deleted meanwhile
+            return
+        conn.execute("INSERT INTO palette_webhooks.attempts (delivery_id, n, status_code, error, response, "
+                     "duration_ms) VALUES (%s, %s, %s, %s, %s, %s)",
+                     [delivery_id, row[0], outcome.status_code, outcome.error, outcome.body.replace("\x00", ""),
+                      outcome.duration_ms])
+        if outcome.ok:
+            conn.execute("UPDATE palette_webhooks.endpoints SET failures = 0, failing_since = NULL "
+                         "WHERE id = %s AND failures > 0", [row[1]])
+            return
+        conn.execute(
+            "UPDATE palette_webhooks.endpoints SET failures = failures + 1, "
+            "failing_since = coalesce(failing_since, now()), "
+            "enabled = enabled AND NOT (failures + 1 >= %(n)s "
+            "  AND now() - coalesce(failing_since, now()) >= %(s)s * interval '1 second'), "
+            "disabled_at = CASE WHEN enabled AND failures + 1 >= %(n)s "
+            "  AND now() - coalesce(failing_since, now()) >= %(s)s * interval '1 second' THEN now() "
+            "  ELSE disabled_at END WHERE id = %(id)s",
+            {"n": disable_after, "s": disable_after_s, "id": row[1]})
+
+
+def prune(conn: psycopg.Connection[Any], keep_s: float, limit: int) -> int:
+    """Delete up to ``limit`` finished deliveries (and their attempts) older than ``keep_s``."""
+    return conn.execute(
+        "DELETE FROM palette_webhooks.deliveries WHERE id IN (SELECT id FROM palette_webhooks.deliveries "
+        "WHERE status <> 'pending' AND created_at < now() - %s * interval '1 second' LIMIT %s)",
+        [keep_s, limit]).rowcount

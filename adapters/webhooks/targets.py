@@ -1,0 +1,162 @@
+"""Where a webhook may go, and one POST to it.
+
+In production a target must be ``https`` and every address its host resolves to public: not
+loopback, private, link-local (the cloud metadata address 169.254.169.254 among them), shared,
+reserved or multicast; checked at registration and again before each attempt (DNS changes), and
+the attempt connects to the very address checked (no second lookup to rebind). Development
+allows anything, so tests listen on 127.0.0.1. An attempt waits at most 10 s, follows no
+redirect (a 3xx is a failure) and reads at most 4 KiB of the answer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+MAX_URL_LENGTH = 2048
+TIMEOUT_S = 10.0
+MAX_RESPONSE_BYTES = 4096
+METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254"),
+            ipaddress.ip_address("100.100.100.200")}
+
+Resolver = Callable[[str, int], list[str]]
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class TargetRefused(ValueError):
+    """A URL webhooks may not be sent to; the message says why."""
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise TargetRefused(f"{host} does not resolve ({e})") from None
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def refusal(address: Address) -> str | None:
+    """Why production refuses to send to ``address`` (None: a public address)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address in METADATA:
+        return "metadata"
+    for reason, hit in (("loopback", address.is_loopback), ("link-local", address.is_link_local),
+                        ("private", address.is_private), ("multicast", address.is_multicast)):
+        if hit:
+            return reason
+    return None if address.is_global else "non-public"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A checked URL and, in production, the address to connect to."""
+
+    url: str
+    host: str
+    address: str | None
+
+
+def check(url: str, production: bool, resolver: Resolver = resolve) -> Target:
+    """The target of ``url``; raises TargetRefused with the reason."""
+    if len(url) > MAX_URL_LENGTH:
+        raise TargetRefused(f"the URL is longer than {MAX_URL_LENGTH} characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:
+        raise TargetRefused(f"not a URL ({e})") from None
+    allowed = ("https",) if production else ("http", "https")
+    if parts.scheme not in allowed or not parts.hostname:
+        raise TargetRefused(f"the URL must be {' or '.join(allowed)} with a host")
+    if parts.username or parts.password:
+        raise TargetRefused("the URL must not carry credentials")
+    if not production:
+        return Target(url, parts.hostname, None)
+    addresses = resolver(parts.hostname, port)
+    if not addresses:
+        raise TargetRefused(f"{parts.hostname} does not resolve")
+    for text in addresses:
+        reason = refusal(ipaddress.ip_address(text.split("%")[0]))
+        if reason is not None:
+            raise TargetRefused(f"{parts.hostname} resolves to a {reason} address")
+    return Target(url, parts.hostname, addresses[0])
+
+
+def capped(chunks: Iterable[bytes], limit: int = MAX_RESPONSE_BYTES) -> bytes:
+    """At most ``limit`` bytes of a body, reading no chunk past the one that reaches it."""
+    out = bytearray()
+    for chunk in chunks:
+        out += chunk
+        if len(out) >= limit:
+            break
+    return bytes(out[:limit])
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt got: a status code (None: no answer) or an error, and the answer's head."""
+
+    status_code: int | None
+    error: str
+    body: str
+    duration_ms: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+def _pinned(target: Target) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """The URL to connect to the checked address, the Host header and TLS name that keep the name."""
+    if target.address is None:
+        return target.url, {}, {}
+    parts = urlsplit(target.url)
+    literal = f"[{target.address}]" if ":" in target.address else target.address
+    netloc = literal if parts.port is None else f"{literal}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=netloc)), {"host": host}, {"sni_hostname": target.host}
+
+
+def post(client: httpx.Client, url: str, body: bytes, headers: dict[str, str], production: bool,
+         resolver: Resolver = resolve, clock: Callable[[], float] = time.monotonic) -> Outcome:
+    """One attempt; never raises for what the target does (refused, unreachable, slow, rude)."""
+    started = clock()
+
+    def done(status: int | None, error: str, answer: bytes = b"") -> Outcome:
+        text = answer.decode("utf-8", "replace")
+        return Outcome(status, error, text, int((clock() - started) * 1000))
+
+    try:
+        target = check(url, production, resolver)
+    except TargetRefused as e:
+        return done(None, f"refused: {e}")
+    address, extra_headers, extensions = _pinned(target)
+    try:
+        with client.stream("POST", address, content=body, headers={**headers, **extra_headers},
+                           extensions=extensions) as response:
+            return done(response.status_code, "", capped(response.iter_raw(MAX_RESPONSE_BYTES)))
+    except httpx.TimeoutException:
+        return done(None, "timeout")
+    except httpx.HTTPError as e:
+        return done(None, f"{type(e).__name__}: {str(e)[:200]}")
+
+
+def client(production: bool) -> httpx.Client:
+    """The sender's HTTP client: 10 s timeouts, no redirects, no environment proxies. In production
+    no connection is kept: the pool is keyed by the address connected to, and a connection made
+    (and its certificate checked) for one name must not carry a request for another name there.
+    httpx's line per request is not logged: a user's URL may carry a token."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    kept = 0 if production else 32
+    return httpx.Client(timeout=httpx.Timeout(TIMEOUT_S), follow_redirects=False, trust_env=False,
+                        limits=httpx.Limits(max_connections=64, max_keepalive_connections=kept))
