@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -49,7 +50,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     try:
         if not args.external:
             stack.start_infra()
-        stack.start_apps(tuple(args.apps))
+        # signed ledger checkpoints on a schedule, when one is set (adapters/checkpoints.py)
+        checkpointer = ("checkpointer",) if settings.audit_checkpoint_interval_s > 0 else ()
+        stack.start_apps(tuple(args.apps) + checkpointer)
         url = f"http://{settings.api_host}:{settings.api_port}"
         print(f"[palette] up in {time.monotonic() - t0:.1f}s: API on {url} "
               f"(data and logs in {settings.data_dir}); Ctrl-C stops everything", flush=True)
@@ -132,6 +135,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _serve_loop(bootstrap.build_gpu_worker(settings), args.ready_file, (args.process, settings))
     elif args.process == "webhooks":
         _serve_loop(bootstrap.build_webhooks(settings), args.ready_file, (args.process, settings))
+    elif args.process == "checkpointer":
+        from adapters.checkpoints import Checkpointer, CheckpointError
+
+        try:
+            checkpointer = Checkpointer(settings)
+        except CheckpointError as e:
+            print(f"palette serve checkpointer: {e}", file=sys.stderr)
+            return 2
+        _serve_loop(checkpointer, args.ready_file, (args.process, settings))
     return 0
 
 
@@ -263,6 +275,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             return 0
         if args.action == "stream":
             envelopes = replayer.stream(args.id)
+        elif args.format == "parquet":
+            return _replay_parquet(args, app, replayer)
         else:
             try:
                 if args.format == "jsonl" and args.since is None and args.until is None:
@@ -302,6 +316,193 @@ def _with_progress(envelopes: Iterator[Any], every: int = 100_000) -> Iterator[A
         print(f"  done: {n:,} events in {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
+def _replay_parquet(args: argparse.Namespace, app: Any, replayer: Any) -> int:
+    from projections.parquet import ExportError, export_log
+
+    if args.out is None:
+        print("palette replay all: --format parquet writes a dataset: give --out DIR", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    shown = [0]
+
+    def progress(n: int) -> None:
+        if n - shown[0] >= 100_000:
+            shown[0] = n
+            print(f"  {n:,} events ({n / max(time.monotonic() - t0, 1e-9):,.0f}/s)", file=sys.stderr, flush=True)
+
+    try:
+        start = max(args.from_position, replayer.position_at(args.since) if args.since else 1)
+        stats = export_log(app.recorder, app.mapper.transcoder, args.out, start, args.since, args.until,
+                           args.type or None, progress)
+    except ExportError as e:
+        print(f"palette replay all: {e}", file=sys.stderr)
+        return 2
+    seconds = time.monotonic() - t0
+    print(f"wrote {stats.events:,} events in {seconds:.1f}s ({stats.events / max(seconds, 1e-9):,.0f}/s) to "
+          f"{args.out}: {len(stats.partitions)} partitions (type, day), {stats.files} files, "
+          f"{stats.bytes / 1e6:.1f} MB", file=sys.stderr)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from projections.parquet import ExportError, export_table
+
+    settings = load_settings()
+    with psycopg.connect(settings.effective_database_url) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        try:
+            with conn.transaction():
+                stats = export_table(conn, args.name, args.out)
+        except ExportError as e:
+            print(f"palette export: {e}", file=sys.stderr)
+            return 2
+    print(f"exported {args.name}: {stats.events:,} rows to {args.out / args.name} ({stats.bytes / 1e6:.2f} MB)",
+          file=sys.stderr)
+    return 0
+
+
+def _row_limit(value: str) -> int:
+    try:
+        limit = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of rows: {value!r}") from None
+    if not 1 <= limit <= 10_000_000:
+        raise argparse.ArgumentTypeError("--limit must be between 1 and 10,000,000")
+    return limit
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from adapters.query import QueryError, render, run
+
+    settings = load_settings()
+    try:
+        result = run(args.sql, args.data, None if args.no_db else settings.effective_database_url, args.limit)
+    except QueryError as e:
+        print(f"palette query: {e}", file=sys.stderr)
+        return 2
+    print(render(result, args.format))
+    if result.truncated:
+        print(f"palette query: showing the first {args.limit:,} rows (--limit N for more)", file=sys.stderr)
+    return 0
+
+
+def _report_text(report: Any, fmt: str) -> str:
+    """An audit period report as a table, CSV or JSON."""
+    import csv
+    import io
+    import json
+
+    from projections.audit import FIGURES
+
+    if fmt == "json":
+        return json.dumps(report.as_dict(), indent=2)
+    rows = [p.as_dict() for p in [*report.plans, report.total]]
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["plan", *FIGURES, "balanced"])
+        writer.writerows([[r["plan"], *(r[f] for f in FIGURES), r["balanced"]] for r in rows])
+        return buf.getvalue().rstrip("\n")
+    t = report.total
+    where = (f"reconciled to the log at position {report.position:,}: every user event up to it folded, "
+             "none after it counted" if not report.unfolded else
+             f"INCOMPLETE: {report.unfolded:,} user event(s) at or before position {report.position:,} not folded "
+             "into billing_events (see `palette projections status` / `dlq list`)")
+    widths = {f: 2 + max(len(f), *(len(f"{r[f]:,}") for r in rows)) for f in FIGURES}
+    plan_w = 2 + max(len("plan"), *(len(r["plan"]) for r in rows))
+    lines = [f"period {report.since.isoformat()} (inclusive) to {report.until.isoformat()} (exclusive)", where, "",
+             "plan".ljust(plan_w) + "".join(f.rjust(widths[f]) for f in FIGURES)]
+    lines += [r["plan"].ljust(plan_w) + "".join(f"{r[f]:,}".rjust(widths[f]) for f in FIGURES) for r in rows]
+    verdict = "holds" if report.ok else "DOES NOT HOLD"
+    lines += ["", f"opening + granted - spent = closing + reserved: {t.opening:,} + {t.granted:,} - {t.spent:,} = "
+              f"{t.opening + t.granted - t.spent:,}; {t.closing:,} + {t.reserved:,} = {t.closing + t.reserved:,}: "
+              f"{verdict}" + ("" if all(p.balanced for p in report.plans) else " (for some plan)"),
+              "opening/closing: spendable balance; reserved: net credits moved into reservations in the period "
+              "(placed - spent - refunded = held_closing - held_opening); outstanding: owed to users at the end "
+              "(closing + held_closing)"]
+    return "\n".join(lines)
+
+
+def _audit_report(args: argparse.Namespace, conn: Any, settings: Any) -> int:
+    from projections import audit
+
+    app = _event_store(settings)
+    try:
+        report = audit.period_report(conn, app.recorder, app.mapper.transcoder, args.since, args.until,  # type: ignore[attr-defined]
+                                     at=args.at)
+    except ValueError as e:
+        print(f"palette audit report: {e}", file=sys.stderr)
+        return 2
+    finally:
+        app.close()  # type: ignore[attr-defined]
+    print(_report_text(report, args.format))
+    return 0 if report.ok else 1
+
+
+def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int:
+    from adapters import checkpoints
+    from adapters.system import SystemClock
+
+    try:
+        key = checkpoints.private_key(settings)
+        store = checkpoints.CheckpointStore.of(settings, use_s3=not args.no_s3)
+        if args.out is None and store.directory is None and args.no_s3:
+            raise checkpoints.CheckpointError("--no-s3 needs --out FILE or PALETTE_AUDIT_CHECKPOINT_DIR")
+        app = _event_store(settings)
+        try:
+            doc = checkpoints.take(conn, app.recorder, key, SystemClock().now())  # type: ignore[attr-defined]
+        finally:
+            app.close()  # type: ignore[attr-defined]
+        where = store.put(doc) if (store.s3 is not None or store.directory is not None) else []
+    except checkpoints.CheckpointError as e:
+        print(f"palette audit checkpoint: {e}", file=sys.stderr)
+        return 2
+    if args.out is not None:
+        import json
+
+        args.out.write_text(json.dumps(doc, separators=(",", ":")))
+        where.append(str(args.out))
+    payload = doc["payload"]
+    print(f"checkpoint of {len(payload['heads']):,} chain heads at log position {payload['log_position']:,}"
+          + ("" if payload["complete"] else " (INCOMPLETE: the ledger had not folded every event up to it)")
+          + f" signed and kept at {', '.join(where)}")
+    print(f"public key (Ed25519, hex): {doc['public_key']}")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace, conn: Any, settings: Any) -> int:
+    from adapters import checkpoints
+    from projections import audit
+
+    anchored = ""
+    head_breaks: list[Any] = []
+    if args.checkpoint:
+        try:
+            key = checkpoints.trusted_key(settings, args.public_key)
+            if args.checkpoint == "latest":
+                where, doc = checkpoints.CheckpointStore.of(settings).latest()
+            else:
+                where, doc = args.checkpoint, checkpoints.read_file(Path(args.checkpoint))
+            payload = checkpoints.verified_payload(doc, key)
+        except checkpoints.CheckpointError as e:
+            print(f"palette audit verify: {e}", file=sys.stderr)
+            return 2
+        head_breaks = audit.verify_heads(conn, payload["heads"])
+        anchored = (f"; {len(payload['heads']):,} chain heads of the checkpoint at log position "
+                    f"{payload['log_position']:,} ({where}, signature valid): "
+                    + ("all match" if not head_breaks else f"{len(head_breaks)} do not match"))
+    checked, breaks = audit.verify(conn)
+    for b in [*breaks, *head_breaks]:
+        where_ = f"position {b.position}" if b.position is not None else "its end"
+        print(f"BROKEN user {b.user_id} at seq {b.seq} ({where_}): {b.reason}")
+    bad = len(breaks) + len(head_breaks)
+    print(f"verified {checked:,} ledger rows: {'OK' if not bad else f'{bad} broken chain(s)'}{anchored}")
+    return 0 if not bad else 1
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     import csv
     import json
@@ -311,8 +512,14 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from projections import audit, schema
 
     settings = load_settings()
+    if args.action == "keygen":
+        return _audit_keygen(args)
     with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
         schema.ensure_schema(conn)
+        if args.action == "report":
+            return _audit_report(args, conn, settings)
+        if args.action == "checkpoint":
+            return _audit_checkpoint(args, conn, settings)
         if args.action == "ledger":
             rows = audit.ledger(conn, args.user, args.since, args.until)
             print(f"{'seq':>5} {'occurred_at':<33}{'type':<8}{'amount':>8}{'delta':>8}{'balance':>9}  ref")
@@ -334,12 +541,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                 for r in exported:
                     sys.stdout.write(json.dumps(r, default=str) + "\n")
         elif args.action == "verify":
-            checked, breaks = audit.verify(conn)
-            for b in breaks:
-                where = f"position {b.position}" if b.position is not None else "its end"
-                print(f"BROKEN user {b.user_id} at seq {b.seq} ({where}): {b.reason}")
-            print(f"verified {checked:,} ledger rows: {'OK' if not breaks else f'{len(breaks)} broken chain(s)'}")
-            return 0 if not breaks else 1
+            return _audit_verify(args, conn, settings)
         elif args.action == "reconcile":
             app = _event_store(settings)
             try:
@@ -360,6 +562,20 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                   f"{report.ledger_rows:,} ledger rows, {report.users:,} users "
                   f"in {time.monotonic() - t0:.1f}s: {verdict}")
             return 0 if report.ok else 1
+    return 0
+
+
+def _audit_keygen(args: argparse.Namespace) -> int:
+    from adapters import checkpoints
+
+    try:
+        public = checkpoints.keygen(args.out)
+    except checkpoints.CheckpointError as e:
+        print(f"palette audit keygen: {e}", file=sys.stderr)
+        return 2
+    print(f"signing key written to {args.out} (mode 0600): keep it off the database host's backups, and set "
+          f"PALETTE_AUDIT_SIGNING_KEY_FILE={args.out} where checkpoints are taken")
+    print(f"public key (Ed25519, hex), for auditors (PALETTE_AUDIT_PUBLIC_KEY): {checkpoints.public_hex(public)}")
     return 0
 
 
@@ -423,7 +639,8 @@ def parser() -> argparse.ArgumentParser:
     up.set_defaults(func=_cmd_up)
 
     serve = sub.add_parser("serve", help="run one application process (what `palette up` runs)")
-    serve.add_argument("process", choices=APP_PROCESSES)
+    serve.add_argument("process", choices=(*APP_PROCESSES, "checkpointer"),
+                       help="checkpointer: signed ledger checkpoints every PALETTE_AUDIT_CHECKPOINT_INTERVAL_S")
     serve.add_argument("--ready-file", help="touch this file once the process is ready (used by `palette up`)")
     serve.add_argument("--naive", action="store_true",
                        help="api only: serve commands with one load-decide-save each and no cache "
@@ -452,8 +669,11 @@ def parser() -> argparse.ArgumentParser:
     ra.add_argument("--since", type=_when, help="first event time (ISO-8601)")
     ra.add_argument("--until", type=_when, help="last event time (ISO-8601)")
     ra.add_argument("--type", action="append", help="only these event types (repeatable)")
-    for cmd in (rs, ra):
-        cmd.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    rs.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    ra.add_argument("--format", choices=("jsonl", "csv", "parquet"), default="jsonl",
+                    help="parquet: a dataset under --out partitioned by event type and day "
+                    "(type=<Event>/day=<date>/), each event's data as typed columns")
+    ra.add_argument("--out", type=Path, help="the Parquet dataset's directory (--format parquet; must not hold one)")
     rst = rsub.add_parser("state", help="an aggregate's state folded up to a version or a time")
     rst.add_argument("id", type=_uuid)
     point = rst.add_mutually_exclusive_group(required=True)
@@ -476,8 +696,48 @@ def parser() -> argparse.ArgumentParser:
                      help="every event up to this log position must be folded (default: the log's head at start)")
     ae = asub.add_parser("export", help="every ledger row, paged by position")
     ae.add_argument("--format", choices=("csv", "jsonl"), default="jsonl")
-    asub.add_parser("verify", help="recompute the per-user hash chains (exit 1 at a break)")
+    av = asub.add_parser("verify", help="recompute the per-user hash chains (exit 1 at a break); with --checkpoint, "
+                         "also check every chain head a signed checkpoint holds (catches a consistent rewrite)")
+    av.add_argument("--checkpoint", metavar="FILE|latest",
+                    help="a checkpoint file, or `latest` from the object store / PALETTE_AUDIT_CHECKPOINT_DIR")
+    av.add_argument("--public-key", metavar="HEX|PEM_FILE",
+                    help="the public key to trust (default: PALETTE_AUDIT_PUBLIC_KEY, else the signing key's)")
+    ar = asub.add_parser("report", help="a period's opening, granted, reserved, spent, refunded, closing and "
+                         "outstanding credits by plan, at one log position (exit 1 if the identity fails)",
+                         description="Figures for [--from, --to): opening/closing = spendable balance; reserved = "
+                         "net credits moved into reservations in the period (placed - spent - refunded); "
+                         "outstanding = owed to users at --to (closing + still held). Checks opening + granted - "
+                         "spent = closing + reserved.")
+    ar.add_argument("--from", dest="since", type=_when, required=True, help="period start (inclusive), ISO-8601")
+    ar.add_argument("--to", dest="until", type=_when, required=True, help="period end (exclusive), ISO-8601")
+    ar.add_argument("--at", type=int, metavar="POSITION", help="count the log up to here (default: its head)")
+    ar.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    ack = asub.add_parser("checkpoint", help="sign the ledger's chain heads and log position (Ed25519) and keep "
+                          "the checkpoint in the object store (audit/checkpoints/) and/or a file")
+    ack.add_argument("--out", type=Path, help="also write the checkpoint to this file")
+    ack.add_argument("--no-s3", action="store_true", help="do not use the object store")
+    akg = asub.add_parser("keygen", help="make an Ed25519 signing key file for checkpoints; prints the public key")
+    akg.add_argument("--out", type=Path, required=True, help="the key file to create (never overwritten)")
     aud.set_defaults(func=_cmd_audit)
+
+    exp = sub.add_parser("export", help="analysts: a read model as Parquet (one read-only snapshot)")
+    exp.add_argument("name", choices=("jobs_log", "job_items_log", "billing_events", "users", "rules"))
+    exp.add_argument("--format", choices=("parquet",), default="parquet")
+    exp.add_argument("--out", type=Path, required=True, help="writes OUT/<name>/part-00000.parquet")
+    exp.set_defaults(func=_cmd_export)
+
+    qry = sub.add_parser("query", help="analysts: one SQL SELECT (DuckDB) over Parquet exports and the read models",
+                         description="Views: one per event type (JobCreated, ...) and `events` over the dataset of "
+                         "`palette replay all --format parquet --out DIR`, and each read model exported under DIR "
+                         "by `palette export`. A read model the SQL names without an export is loaded from "
+                         "PostgreSQL via psycopg in one read-only transaction (DuckDB's postgres extension would "
+                         "need a download at runtime). Only a single SELECT runs; file access is confined to DIR.")
+    qry.add_argument("sql", help='e.g. "SELECT preset, count(*) FROM JobCreated GROUP BY 1"')
+    qry.add_argument("--data", type=Path, help="the directory of the Parquet exports")
+    qry.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    qry.add_argument("--limit", type=_row_limit, default=1000, help="at most this many rows (default 1000)")
+    qry.add_argument("--no-db", action="store_true", help="never connect to PostgreSQL")
+    qry.set_defaults(func=_cmd_query)
 
     bench = sub.add_parser("bench", help="measure every performance goal against a naive baseline "
                            "(from a source checkout: runs tests/bench)",

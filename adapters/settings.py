@@ -103,6 +103,15 @@ class Settings(BaseSettings):
     webhook_endpoints_per_user: int = Field(10, ge=1, le=100)
     webhook_senders: int = Field(8, ge=1, le=64)  # POSTs in flight at once
     webhook_keep_days: float = Field(7.0, gt=0)  # finished deliveries (and their attempts) listed this long
+    # Signed ledger checkpoints (adapters/checkpoints.py): the Ed25519 signing key, never stored in
+    # the database (raw 32 bytes as hex or base64, or a PEM file); the public key auditors trust;
+    # how often `palette serve checkpointer` signs one (0: never); a directory to keep them in as
+    # well as the object store (bucket s3_bucket, prefix audit/checkpoints/).
+    audit_signing_key: str = ""
+    audit_signing_key_file: str = ""
+    audit_public_key: str = ""
+    audit_checkpoint_interval_s: float = Field(0.0, ge=0)
+    audit_checkpoint_dir: str = ""
 
     @field_validator("s3_bucket", "broker_bucket")
     @classmethod

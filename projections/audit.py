@@ -1,5 +1,7 @@
 """Auditors' queries over ``billing_events``: ledgers, balances as of a time, exports, the
-reconciliation against a fresh fold of the event log, and hash-chain verification."""
+reconciliation against a fresh fold of the event log, hash-chain verification, period reports
+(opening, granted, reserved, spent, refunded, closing, outstanding, by plan, at one log position)
+and the chain heads that signed checkpoints commit to (``adapters.checkpoints`` signs them)."""
 
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from projections.models.users import USERS
 from projections.rebuild import iter_envelopes
 
 LEDGER = sql.Identifier("palette_read", "billing_events")
-__all__ = ["LEDGER_COLUMNS", "BalanceMismatch", "ChainBreak", "Reconciliation", "balance_as_of", "export", "ledger",
-           "reconcile", "verify"]
+__all__ = ["LEDGER_COLUMNS", "BalanceMismatch", "ChainBreak", "PeriodFigures", "PeriodReport", "Reconciliation",
+           "balance_as_of", "chain_heads", "export", "ledger", "period_report", "reconcile", "verify", "verify_heads"]
 
 
 def _rows(conn: psycopg.Connection[Any], query: sql.Composed, params: list[Any]) -> list[dict[str, Any]]:
@@ -135,6 +137,17 @@ def _unfolded(conn: psycopg.Connection[Any], events_table: str, upto: int) -> in
     return behind
 
 
+def wait_folded(conn: psycopg.Connection[Any], events_table: str, upto: int, wait_s: float) -> int:
+    """Wait (up to ``wait_s``) for users and billing_events to fold every User event up to
+    position ``upto``; the number still unfolded (0: all folded, or held by a dead letter)."""
+    deadline = time.monotonic() + wait_s
+    pause = 0.05
+    while (behind := _unfolded(conn, events_table, upto)) and time.monotonic() < deadline:
+        time.sleep(pause)  # the projector is on its way
+        pause = min(1.0, pause * 2)
+    return behind
+
+
 def _held(conn: psycopg.Connection[Any]) -> set[UUID]:
     return {r[0] for r in conn.execute(
         "SELECT DISTINCT stream_id FROM palette_read.dead_letters WHERE model = ANY(%s) "
@@ -177,11 +190,7 @@ def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, lim
     events_table = recorder.events_table_name
     upto = at if at is not None else (recorder.max_notification_id() or 0)
     report.position = upto
-    deadline = time.monotonic() + wait_s
-    pause = 0.05
-    while _unfolded(conn, events_table, upto) and time.monotonic() < deadline:  # the projector is on its way
-        time.sleep(pause)
-        pause = min(1.0, pause * 2)
+    wait_folded(conn, events_table, upto, wait_s)
     with _snapshot(conn):
         held = _held(conn)
         tracked_users, tracked_billing = _tracked(conn, USERS), _tracked(conn, BILLING)
@@ -313,7 +322,8 @@ def verify(conn: psycopg.Connection[Any]) -> tuple[int, list[ChainBreak]]:
     edited, inserted or deleted. The chain heads (billing_heads) catch a deleted last row.
 
     Without a secret in the hash, someone who rewrites a whole chain consistently is caught by
-    ``reconcile`` (the event log is the authority), not here."""
+    ``reconcile`` (the event log is the authority) or by ``verify_heads`` against a signed
+    checkpoint, not here."""
     heads = {str(r[0]): (r[1], r[2]) for r in conn.execute(
         "SELECT user_id, seq, last_hash FROM palette_read.billing_heads").fetchall()}
     breaks: list[ChainBreak] = []
@@ -359,3 +369,172 @@ def verify(conn: psycopg.Connection[Any]) -> tuple[int, list[ChainBreak]]:
     for user in sorted(set(heads) - seen):
         breaks.append(ChainBreak(user, 1, None, "every row of this chain is missing"))
     return checked, breaks
+
+
+# -- period report ----------------------------------------------------------------------------
+# Definitions (credits; a period is [from, to): from inclusive, to exclusive, so periods tile):
+#   opening / closing  the users' spendable balance at from / at to (Σ balance_delta before it)
+#   granted            credits granted in the period
+#   spent              reserved credits a settlement kept (the job's cost) in the period
+#   refunded           reserved credits a settlement gave back to the spendable balance
+#   reserved           net credits moved into reservations in the period: placed - (spent + refunded),
+#                      i.e. held at to - held at from (negative when more was settled than placed)
+#   held               credits reserved for jobs not yet settled, at from / at to
+#   outstanding        what is owed to users at to: closing + held at to (spendable or reserved,
+#                      not yet spent); = opening + held at from + granted - spent
+# The identity opening + granted - spent = closing + reserved is then the roll-forward of the
+# spendable balance (a refund moves credits from held back to spendable: no new liability).
+# Each side is summed from different columns (balance_delta vs amount by type), so a ledger
+# row whose delta disagrees with its type breaks it.
+FIGURES = ("users", "opening", "granted", "reserved", "spent", "refunded", "closing", "held_opening",
+           "held_closing", "placed", "outstanding")
+
+
+@dataclass
+class PeriodFigures:
+    plan: str
+    users: int = 0
+    opening: int = 0
+    granted: int = 0
+    placed: int = 0  # reservations placed in the period
+    spent: int = 0
+    refunded: int = 0
+    closing: int = 0
+    held_opening: int = 0
+    held_closing: int = 0
+
+    @property
+    def reserved(self) -> int:
+        return self.placed - self.spent - self.refunded
+
+    @property
+    def outstanding(self) -> int:
+        return self.closing + self.held_closing
+
+    @property
+    def balanced(self) -> bool:
+        """opening + granted - spent = closing + reserved, and held moved by exactly ``reserved``."""
+        return (self.opening + self.granted - self.spent == self.closing + self.reserved
+                and self.held_closing - self.held_opening == self.reserved)
+
+    def add(self, other: PeriodFigures) -> None:
+        for name in ("users", "opening", "granted", "placed", "spent", "refunded", "closing", "held_opening",
+                     "held_closing"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan, **{f: getattr(self, f) for f in FIGURES}, "balanced": self.balanced}
+
+
+@dataclass
+class PeriodReport:
+    since: datetime
+    until: datetime
+    position: int  # the report is the ledger folded from the log up to here, nothing after it
+    unfolded: int  # user events at or before ``position`` the ledger has not folded (0: complete)
+    total: PeriodFigures
+    plans: list[PeriodFigures]
+
+    @property
+    def ok(self) -> bool:
+        return not self.unfolded and self.total.balanced and all(p.balanced for p in self.plans)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"from": self.since.isoformat(), "to": self.until.isoformat(), "position": self.position,
+                "complete": not self.unfolded, "unfolded_events": self.unfolded, "ok": self.ok,
+                "identity": "opening + granted - spent = closing + reserved",
+                "total": self.total.as_dict(), "plans": [p.as_dict() for p in self.plans]}
+
+
+def plans_at(recorder: Any, transcoder: Any, upto: int, until: datetime) -> dict[str, str]:
+    """Each user's plan at ``until`` (its last Registered/PlanChanged before then), from the log."""
+    topics = tuple(t for t in stream_topics("User") if t.endswith((".Registered", ".PlanChanged")))
+    plans: dict[str, str] = {}
+    for env in iter_envelopes(recorder, transcoder, 1, upto, topics=topics):
+        if env.timestamp < until and "plan" in env.data:
+            plans[str(env.stream_id)] = str(env.data["plan"])
+    return plans
+
+
+def _unfolded_ledger(conn: psycopg.Connection[Any], events_table: str, upto: int) -> int:
+    """User events at or before ``upto`` that billing_events has not folded (dead letters included)."""
+    row = conn.execute(sql.SQL(
+        "SELECT count(*) FROM {} e LEFT JOIN {} t ON t.stream_id = e.originator_id "
+        "WHERE e.topic LIKE %s AND e.notification_id <= %s AND e.originator_version > coalesce(t.version, 0)"
+    ).format(sql.Identifier(events_table), sql.Identifier("palette_read", f"{BILLING.name}_tracking")),
+        [topic_prefix("User") + "%", upto]).fetchone()
+    return int(row[0]) if row else 0
+
+
+def period_report(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, since: datetime,
+                  until: datetime, at: int | None = None, wait_s: float = 30.0) -> PeriodReport:
+    """The period's figures per plan and in total, from billing_events restricted to the log up
+    to position ``at`` (default: the log's head when this starts), read in one snapshot after
+    the projector has folded that far (waiting up to ``wait_s``)."""
+    if until <= since:
+        raise ValueError("the period's end (to) must be after its start (from)")
+    upto = at if at is not None else int(recorder.max_notification_id() or 0)
+    wait_folded(conn, recorder.events_table_name, upto, wait_s)
+    plans = plans_at(recorder, transcoder, upto, until)
+    with _snapshot(conn):
+        unfolded = _unfolded_ledger(conn, recorder.events_table_name, upto)
+        rows = conn.execute(sql.SQL(
+            "SELECT user_id, "
+            "coalesce(sum(balance_delta) FILTER (WHERE occurred_at < %(from)s), 0), "
+            "coalesce(sum(balance_delta) FILTER (WHERE occurred_at < %(to)s), 0), "
+            "coalesce(sum(amount) FILTER (WHERE type = 'grant' AND occurred_at >= %(from)s "
+            "AND occurred_at < %(to)s), 0), "
+            "coalesce(sum(amount) FILTER (WHERE type = 'reserve' AND occurred_at >= %(from)s "
+            "AND occurred_at < %(to)s), 0), "
+            "coalesce(sum(amount) FILTER (WHERE type = 'spend' AND occurred_at >= %(from)s "
+            "AND occurred_at < %(to)s), 0), "
+            "coalesce(sum(amount) FILTER (WHERE type = 'refund' AND occurred_at >= %(from)s "
+            "AND occurred_at < %(to)s), 0), "
+            "coalesce(sum(CASE type WHEN 'reserve' THEN amount WHEN 'grant' THEN 0 ELSE -amount END) "
+            "FILTER (WHERE occurred_at < %(from)s), 0), "
+            "coalesce(sum(CASE type WHEN 'reserve' THEN amount WHEN 'grant' THEN 0 ELSE -amount END) "
+            "FILTER (WHERE occurred_at < %(to)s), 0) "
+            "FROM {} WHERE position <= %(upto)s AND occurred_at < %(to)s GROUP BY user_id").format(LEDGER),
+            {"from": since, "to": until, "upto": upto}).fetchall()
+    by_plan: dict[str, PeriodFigures] = {}
+    total = PeriodFigures("TOTAL")
+    for user_id, opening, closing, granted, placed, spent, refunded, held_opening, held_closing in rows:
+        plan = plans.get(str(user_id), "unknown")
+        one = PeriodFigures(plan, 1, int(opening), int(granted), int(placed), int(spent), int(refunded),
+                            int(closing), int(held_opening), int(held_closing))
+        by_plan.setdefault(plan, PeriodFigures(plan)).add(one)
+        total.add(one)
+    return PeriodReport(since, until, upto, unfolded, total, [by_plan[p] for p in sorted(by_plan)])
+
+
+# -- anchored chain ---------------------------------------------------------------------------
+def chain_heads(conn: psycopg.Connection[Any], recorder: Any, wait_s: float = 30.0) -> dict[str, Any]:
+    """What a checkpoint commits to: every user's chain head (seq, hash and the head row's log
+    position) and the log position up to which the ledger has folded every user event, read in
+    one snapshot. The caller signs it with a key the database does not hold."""
+    upto = int(recorder.max_notification_id() or 0)
+    wait_folded(conn, recorder.events_table_name, upto, wait_s)
+    with _snapshot(conn):
+        unfolded = _unfolded_ledger(conn, recorder.events_table_name, upto)
+        heads = conn.execute(sql.SQL(
+            "SELECT h.user_id::text, h.seq, h.last_hash, e.position FROM palette_read.billing_heads h "
+            "JOIN {} e ON e.user_id = h.user_id AND e.seq = h.seq ORDER BY h.user_id").format(LEDGER)).fetchall()
+    return {"log_position": upto, "complete": not unfolded,
+            "heads": [[user, int(seq), digest, int(position)] for user, seq, digest, position in heads]}
+
+
+def verify_heads(conn: psycopg.Connection[Any], heads: list[list[Any]]) -> list[ChainBreak]:
+    """The ledger row at each checkpointed head must still hash as the checkpoint says. With the
+    chain itself intact (``verify``), that pins every row up to the head: rewriting any of them,
+    however consistently, changes the hash at the head."""
+    if not heads:
+        return []
+    users, seqs, digests = ([h[i] for h in heads] for i in range(3))
+    found = conn.execute(sql.SQL(
+        "SELECT c.user_id::text, c.seq, c.position, e.hash FROM unnest(%s::uuid[], %s::int[], %s::text[], "
+        "%s::bigint[]) AS c(user_id, seq, hash, position) LEFT JOIN {} e ON e.user_id = c.user_id "
+        "AND e.seq = c.seq WHERE e.hash IS DISTINCT FROM c.hash ORDER BY c.user_id").format(LEDGER),
+        [users, seqs, digests, [h[3] for h in heads]]).fetchall()
+    return [ChainBreak(user, seq, position, "no ledger row at the checkpointed head" if digest is None else
+                       "the row at the checkpointed head hashes differently: the chain was rewritten "
+                       "at or before it") for user, seq, position, digest in found]

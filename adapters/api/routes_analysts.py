@@ -134,3 +134,25 @@ async def audit_verify(_: Auditor, container: ContainerDep) -> JSONResponse:
             return audit.verify(conn)
     checked, breaks = await run_in_threadpool(run)
     return ok({"ok": not breaks, "checked": checked, "breaks": [b.__dict__ for b in breaks]})
+
+
+@router.get("/audit/report", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=STAFF_ERRORS)
+async def audit_report(_: Auditor, container: ContainerDep,
+                       from_time: Annotated[datetime, Query(alias="from")],
+                       to_time: Annotated[datetime, Query(alias="to")],
+                       at: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None) -> JSONResponse:
+    """A period's credits by plan at one log position: opening, granted, reserved, spent, refunded,
+    closing and outstanding, with the identity opening + granted - spent = closing + reserved
+    checked (``ok``). The period is [from, to); see ``projections.audit`` for the definitions."""
+    if from_time.tzinfo is None or to_time.tzinfo is None:
+        raise ApiError("VALIDATION_FAILED", "from and to must carry their UTC offset")
+
+    def run() -> audit.PeriodReport:
+        with container.read_pool.connection() as conn:
+            try:
+                # a short wait for the projector: the request holds a pool connection meanwhile
+                return audit.period_report(conn, container.app.recorder, container.app.mapper.transcoder,
+                                           from_time, to_time, at=at, wait_s=5.0)
+            except ValueError as e:
+                raise ApiError("VALIDATION_FAILED", str(e)) from None
+    return ok((await run_in_threadpool(run)).as_dict())

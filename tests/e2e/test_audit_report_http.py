@@ -1,0 +1,34 @@
+"""GET /audit/report over HTTP: auditors only, the period's figures at one log position with the
+identity checked, and a clear 422 for a period that is not one."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from tests.e2e.test_staff_roles import staff_headers
+from tests.integration.test_stack import wait_until
+
+
+def test_auditors_get_the_period_report_and_others_do_not(client, http, settings):
+    client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 2})
+    auditor, analyst = staff_headers(settings, "auditor"), staff_headers(settings, "analyst")
+    period = {"from": (datetime.now(UTC) - timedelta(days=1)).isoformat(),
+              "to": (datetime.now(UTC) + timedelta(days=1)).isoformat()}
+
+    def report() -> dict | None:  # the projector may still be folding this client's reservation
+        data = http.get("/audit/report", params=period, headers=auditor).json()["data"]
+        return data if data["complete"] and data["total"]["placed"] >= 2 else None
+
+    data = wait_until(report, timeout_s=30, what="the period report to include the reservation")
+    total = data["total"]
+    assert data["ok"] and data["position"] >= 1 and data["identity"] == "opening + granted - spent = closing + reserved"
+    assert total["opening"] + total["granted"] - total["spent"] == total["closing"] + total["reserved"]
+    assert total["outstanding"] == total["closing"] + total["held_closing"]
+    assert {p["plan"] for p in data["plans"]} >= {"free"}
+    assert http.get("/audit/report", params=period, headers=analyst).status_code == 404
+    assert client.call("GET", "/audit/report", params=period).status_code == 404
+    backwards = {"from": period["to"], "to": period["from"]}
+    r = http.get("/audit/report", params=backwards, headers=auditor)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_FAILED"
+    naive = {"from": "2026-01-01T00:00:00", "to": "2026-02-01T00:00:00"}
+    assert http.get("/audit/report", params=naive, headers=auditor).status_code == 422

@@ -1,0 +1,180 @@
+"""Analysts' Parquet exports and `palette query` on the real stack: the dataset holds every event
+of the log with its data in typed columns (older versions upcast), the filters select what the
+log says they should, read models export as they are, and queries answer but never write.
+
+The expected values come from the envelope codec (``Replayer``: Python's JSON decoder, the
+upcasters), the exports from Arrow's JSON reader over states PostgreSQL joined: two paths."""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+
+from adapters import cli
+from adapters.query import QueryError, run
+from domain.user import REDACTED_DEVICE_KEY
+from projections.parquet import TIMESTAMP, ExportError, export_log, export_table
+from projections.replay import Replayer
+
+from .test_projections import drained, service, workload  # noqa: F401 - shared module fixture
+from .test_stack import wait_until
+
+RULE = uuid.uuid4()
+
+
+@pytest.fixture(scope="module")
+def log(apps, service, settings) -> Replayer:  # noqa: F811
+    workload(service, 5, random.Random(7))
+    # a User.Registered stored at version 1 (the raw device hash): the export must upcast it
+    app = service.app
+    legacy = uuid.uuid4()
+    state = json.dumps({"timestamp": {"_type_": "datetime_iso", "_data_": datetime.now(UTC).isoformat()},
+                        "originator_topic": "domain.user:User", "device_hash": "raw-secret-hash",
+                        "plan": "free"}).encode()
+    # and a state that is not one line of compact JSON (indented): it takes the codec's path
+    slot = json.dumps({"timestamp": {"_type_": "datetime_iso", "_data_": datetime.now(UTC).isoformat()},
+                       "rule_id": {"_type_": "uuid_hex", "_data_": RULE.hex}}, indent=1).encode()
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        for version, topic, data in ((1, "Registered", state), (2, "RuleSlotTaken", b" " + slot)):
+            conn.execute(f"INSERT INTO {app.recorder.events_table_name} (originator_id, originator_version, "  # noqa: S608
+                         "topic, state) VALUES (%s, %s, %s, %s)", [legacy, version, f"domain.user:User.{topic}", data])
+        wait_until(lambda: drained(service, conn), timeout_s=60, what="projections to drain")
+    return Replayer(app)
+
+
+def _rows(path: Path, event_type: str) -> dict[int, dict[str, Any]]:
+    table = ds.dataset(path / f"type={event_type}", format="parquet", partitioning="hive").to_table()
+    return {r["position"]: r for r in table.to_pylist()}
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, uuid.UUID) else value
+
+
+def test_the_parquet_dataset_holds_every_event_with_typed_columns(log, tmp_path):
+    stats = export_log(log.app.recorder, log.app.mapper.transcoder, tmp_path / "log")
+    events = list(log.all())
+    assert stats.events == len(events)
+    by_type: dict[str, list[Any]] = {}
+    for env in events:
+        by_type.setdefault(env.type, []).append(env)
+    assert {p.name for p in (tmp_path / "log").iterdir()} == {f"type={t}" for t in by_type}
+    for event_type, envs in by_type.items():
+        rows = _rows(tmp_path / "log", event_type)
+        assert sorted(rows) == [e.id for e in envs], event_type
+        for env in envs:
+            row = rows[env.id]
+            assert (row["stream_id"], row["version"], row["timestamp"]) == (str(env.stream_id), env.version,
+                                                                           env.timestamp)
+            assert str(row["day"]) == env.timestamp.date().isoformat()
+            for name, value in env.data.items():
+                if name == "class_version":
+                    continue
+                got = row[name]
+                if isinstance(value, dict):
+                    got = json.loads(got)
+                assert got == _plain(value), (event_type, name)
+    schema = {t: ds.dataset(tmp_path / "log" / f"type={t}", format="parquet").schema
+              for t in ("CreditsGranted", "JobCreated", "ItemCompleted", "JobQueued")}
+    assert schema["CreditsGranted"].field("amount").type == pa.int64()
+    assert schema["JobCreated"].field("user_id").type == pa.string()
+    assert schema["ItemCompleted"].field("idx").type == pa.int64()
+    assert schema["JobQueued"].field("protect").type == pa.list_(pa.string())
+    assert all(s.field("timestamp").type == TIMESTAMP for s in schema.values())
+
+
+def test_an_older_version_is_upcast_and_an_unusual_state_decoded(log, tmp_path):
+    export_log(log.app.recorder, log.app.mapper.transcoder, tmp_path / "log", types_=["Registered"])
+    rows = list(_rows(tmp_path / "log", "Registered").values())
+    legacy = [r for r in rows if r["device_key"] == REDACTED_DEVICE_KEY]
+    assert len(legacy) == 1 and legacy[0]["plan"] == "free"
+    assert "device_hash" not in legacy[0]  # the v1 credential never reaches the file
+    assert all(r["device_key"].startswith("hmac-sha256:") for r in rows if r is not legacy[0])
+    export_log(log.app.recorder, log.app.mapper.transcoder, tmp_path / "slots", types_=["RuleSlotTaken"])
+    slots = _rows(tmp_path / "slots", "RuleSlotTaken").values()
+    assert [(r["stream_id"], r["version"]) for r in slots if r["rule_id"] == str(RULE)] == [
+        (legacy[0]["stream_id"], 2)]
+
+
+def test_type_time_and_position_filters_select_what_the_log_says(log, tmp_path):
+    events = list(log.all())
+    middle = events[len(events) // 2]
+    late = events[3 * len(events) // 4].timestamp
+    stats = export_log(log.app.recorder, log.app.mapper.transcoder, tmp_path / "f", start=1,
+                       since=middle.timestamp, until=late, types_=["CreditsGranted", "ItemCompleted"])
+    want = {e.id for e in events if e.type in ("CreditsGranted", "ItemCompleted")
+            and middle.timestamp <= e.timestamp <= late}
+    got = set()
+    for t in ("CreditsGranted", "ItemCompleted"):
+        if (tmp_path / "f" / f"type={t}").exists():
+            got |= set(_rows(tmp_path / "f", t))
+    assert got == want and stats.events == len(want)
+    after = export_log(log.app.recorder, log.app.mapper.transcoder, tmp_path / "p", start=middle.id)
+    assert after.events == sum(1 for e in events if e.id >= middle.id)
+    with pytest.raises(ExportError, match="unknown event type"):
+        export_log(log.app.recorder, log.app.mapper.transcoder, tmp_path / "x", types_=["Nope"])
+    with pytest.raises(ExportError, match="already holds"):
+        export_log(log.app.recorder, log.app.mapper.transcoder, tmp_path / "f")
+
+
+def test_a_read_model_exports_as_its_table(log, settings, tmp_path):
+    with psycopg.connect(settings.effective_database_url) as conn:
+        want = {(str(r[0]), r[1], r[2])
+                for r in conn.execute("SELECT id, status, done_items FROM palette_read.jobs_log")}
+        stats = export_table(conn, "jobs_log", tmp_path)
+    table = ds.dataset(tmp_path / "jobs_log", format="parquet").to_table()
+    assert stats.events == table.num_rows == len(want) > 0
+    assert {(r["id"], r["status"], r["done_items"]) for r in table.to_pylist()} == want
+    assert table.schema.field("created_at").type == TIMESTAMP
+    assert table.schema.field("done_items").type == pa.int32()
+
+
+def test_query_answers_over_exports_and_live_read_models_and_refuses_writes(log, settings, tmp_path):
+    export_log(log.app.recorder, log.app.mapper.transcoder, tmp_path)
+    events = list(log.all())
+    created = [e for e in events if e.type == "JobCreated"]
+    got = run("SELECT preset, count(*) AS n FROM JobCreated GROUP BY preset ORDER BY preset", tmp_path, None)
+    presets: dict[str, int] = {}
+    for e in created:
+        presets[e.data["preset"]] = presets.get(e.data["preset"], 0) + 1
+    assert got.columns == ["preset", "n"] and dict(got.rows) == presets
+    assert run("SELECT count(*) FROM events", tmp_path, None).rows == [(len(events),)]
+    # a read model without an export comes from PostgreSQL, read-only
+    with psycopg.connect(settings.effective_database_url) as conn:
+        (jobs,) = conn.execute("SELECT count(*) FROM palette_read.jobs_log").fetchone() or (0,)
+    assert run("SELECT count(*) FROM jobs_log", tmp_path, settings.effective_database_url).rows == [(jobs,)]
+    assert len(run("SELECT * FROM range(50)", None, None, limit=7).rows) == 7
+    assert run("SELECT * FROM range(50)", None, None, limit=7).truncated
+    for sql_text, why in (("DELETE FROM JobCreated", "only SELECT"), ("CREATE TABLE t (a int)", "only SELECT"),
+                          ("SELECT 1; SELECT 2", "one statement"), ("SELEC 1", "Parser Error"),
+                          (f"COPY (SELECT 1) TO '{tmp_path}/x.csv'", "only SELECT"),
+                          ("SELECT * FROM read_csv('/etc/passwd')", "Permission"),
+                          ("SELECT * FROM nowhere", "Catalog Error")):
+        with pytest.raises(QueryError, match=why):
+            run(sql_text, tmp_path, None)
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_cli_errors_are_one_line(log, settings, tmp_path, monkeypatch, capsys):
+    for key, value in settings.as_env().items():
+        monkeypatch.setenv(key, value)
+    assert cli.main(["query", "DROP TABLE users", "--no-db"]) == 2
+    assert cli.main(["query", "SELECT * FROM JobCreated", "--data", str(tmp_path / "none")]) == 2
+    assert cli.main(["replay", "all", "--format", "parquet"]) == 2
+    assert cli.main(["replay", "all", "--format", "parquet", "--type", "Nope", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith(("palette query:", "palette replay all:")) for line in err), err
+    assert cli.main(["replay", "all", "--format", "parquet", "--out", str(tmp_path / "ok")]) == 0
+    assert cli.main(["query", "SELECT count(*) AS n FROM events", "--data", str(tmp_path / "ok"), "--format",
+                     "json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out) == [{"n": sum(1 for _ in log.all())}]

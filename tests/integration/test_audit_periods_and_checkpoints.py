@@ -1,0 +1,273 @@
+"""Auditors' period reports and signed checkpoints on the real stack.
+
+The report's figures are checked against an oracle that folds the raw User events of the log
+(``_oracle``: plain arithmetic on what domain/user.py records), not the billing projection the
+report reads; the identity must hold on workloads hypothesis generates through the service's
+real commands. A consistent rewrite of one user's chain (every later hash recomputed) passes
+``verify`` and is caught by ``verify_heads`` against a signed checkpoint; a checkpoint altered
+or verified under another key is refused."""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adapters import checkpoints, cli
+from adapters.system import SystemClock
+from domain.errors import DomainError
+from projections import audit
+from projections.models.billing_events import ledger_hash
+from projections.replay import Replayer
+
+from .test_projections import drained, service, workload  # noqa: F401 - shared module fixture
+from .test_stack import wait_until
+
+FIELDS = ("users", "opening", "granted", "placed", "spent", "refunded", "closing", "held_opening", "held_closing")
+
+
+@pytest.fixture(scope="module")
+def busy(apps, service) -> Replayer:  # noqa: F811
+    workload(service, 4, random.Random(5))
+    return Replayer(service.app)
+
+
+def _drain(service, settings) -> None:  # noqa: F811
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as probe:
+        wait_until(lambda: drained(service, probe), timeout_s=60, what="projections to drain")
+
+
+def _oracle(replayer: Replayer, upto: int, since: Any, until: Any) -> dict[str, dict[str, int]]:
+    """Per plan (the user's plan at ``until``), the period's figures folded from the raw events."""
+    users: dict[str, dict[str, Any]] = {}
+    for e in replayer.all():
+        if e.id > upto or e.stream_type != "User" or e.timestamp >= until:
+            continue
+        u = users.setdefault(str(e.stream_id), {f: 0 for f in FIELDS} | {"plan": "unknown", "rows": 0})
+        before, inside = e.timestamp < since, e.timestamp >= since
+        d = e.data
+        if e.type in ("Registered", "PlanChanged"):
+            u["plan"] = d["plan"]
+            continue
+        if e.type == "CreditsGranted":
+            effect, held, flows = d["amount"], 0, {"granted": d["amount"]}
+        elif e.type == "CreditsReserved":
+            effect, held, flows = -d["amount"], d["amount"], {"placed": d["amount"]}
+        elif e.type == "CreditsSettled":
+            effect, held = d["refunded"], -(d["spent"] + d["refunded"])
+            flows = {"spent": d["spent"], "refunded": d["refunded"]}
+        else:
+            continue
+        u["rows"] += 1
+        u["closing"] += effect
+        u["held_closing"] += held
+        if before:
+            u["opening"] += effect
+            u["held_opening"] += held
+        if inside:
+            for k, v in flows.items():
+                u[k] += v
+    plans: dict[str, dict[str, int]] = {}
+    for u in users.values():
+        if not u["rows"]:
+            continue  # no ledger entry before the period's end: not in the ledger's report either
+        p = plans.setdefault(u["plan"], {f: 0 for f in FIELDS})
+        p["users"] += 1
+        for f in FIELDS[1:]:
+            p[f] += u[f]
+    return plans
+
+
+def _figures(f: audit.PeriodFigures) -> dict[str, int]:
+    return {name: getattr(f, name) for name in FIELDS}
+
+
+def _check(report: audit.PeriodReport, replayer: Replayer) -> None:
+    assert not report.unfolded, "the ledger had not folded the log up to the report's position"
+    want = _oracle(replayer, report.position, report.since, report.until)
+    assert {p.plan: _figures(p) for p in report.plans} == want
+    total = {f: sum(p[f] for p in want.values()) for f in FIELDS}
+    assert _figures(report.total) == total
+    t = report.total
+    assert t.opening + t.granted - t.spent == t.closing + t.reserved  # the identity, from the oracle's numbers too
+    assert total["opening"] + total["granted"] - total["spent"] == total["closing"] + (
+        total["held_closing"] - total["held_opening"])
+    assert report.ok
+
+
+def test_a_period_report_equals_the_fold_of_the_raw_log(busy, service, settings):  # noqa: F811
+    _drain(service, settings)
+    events = [e for e in busy.all() if e.stream_type == "User"]
+    since, until = events[len(events) // 3].timestamp, events[2 * len(events) // 3].timestamp
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        report = audit.period_report(conn, service.app.recorder, service.app.mapper.transcoder, since, until)
+        everything = audit.period_report(conn, service.app.recorder, service.app.mapper.transcoder,
+                                         events[0].timestamp - timedelta(days=1),
+                                         events[-1].timestamp + timedelta(days=1))
+        with pytest.raises(ValueError, match="after its start"):
+            audit.period_report(conn, service.app.recorder, service.app.mapper.transcoder, until, since)
+    _check(report, busy)
+    _check(everything, busy)
+    assert report.total.granted > 0 and everything.total.opening == 0
+    # the whole history: what is outstanding is every grant not yet spent
+    assert everything.total.outstanding == everything.total.granted - everything.total.spent
+
+
+def _run(service, ops: list[tuple[str, int]]) -> None:  # noqa: F811
+    """Commands drawn by hypothesis, through the real service: grants, jobs settled done/failed or
+    canceled, plan changes."""
+    user_id = service.register(f"period-{uuid.uuid4()}", plan="pro").value[0]
+    for op, n in ops:
+        try:
+            if op == "grant":
+                service.grant_credits(user_id, n, "bonus")
+            elif op == "plan":
+                service.change_plan(user_id, "free" if n % 2 else "pro")
+            else:
+                job_id = service.create_job(user_id, "interior", n).value
+                service.confirm_upload(user_id, job_id)
+                service.execute_job(user_id, job_id, {}, None, None)
+                for idx in range(n):
+                    if op == "cancel" and idx == n // 2:
+                        service.cancel_job(user_id, job_id)
+                        break
+                    service.record_item_result(job_id, idx, "failed" if op == "fail" else "done", f"{job_id}:{idx}")
+        except DomainError:
+            continue  # out of credits or over the plan's concurrency: the command recorded nothing
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["grant", "done", "fail", "cancel", "open", "plan"]), st.integers(1, 4)),
+               min_size=1, max_size=8)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(workloads=st.lists(OPS, min_size=1, max_size=3), data=st.data())
+def test_the_period_identity_holds_on_generated_workloads(busy, service, settings, workloads, data):  # noqa: F811
+    for ops in workloads:
+        _run(service, ops)
+    _drain(service, settings)
+    stamps = sorted(e.timestamp for e in busy.all() if e.stream_type == "User")
+    a, b = sorted(data.draw(st.lists(st.sampled_from(stamps), min_size=2, max_size=2, unique=True)))
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        report = audit.period_report(conn, service.app.recorder, service.app.mapper.transcoder, a, b)
+    _check(report, busy)
+
+
+@pytest.fixture
+def tx(settings) -> Iterator[psycopg.Connection[Any]]:
+    """A connection whose changes are rolled back: tampering never outlives the test."""
+    with psycopg.connect(settings.effective_database_url) as conn:
+        yield conn
+        conn.rollback()
+
+
+def _checkpoint(service, settings, key: Ed25519PrivateKey) -> dict[str, Any]:  # noqa: F811
+    _drain(service, settings)
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        return checkpoints.take(conn, service.app.recorder, key, SystemClock().now())
+
+
+def _rewrite_consistently(tx: psycopg.Connection[Any], user_id: Any) -> None:
+    """Change the amount of the user's first grant and recompute every later hash and the head:
+    a chain that is internally perfect."""
+    rows = tx.execute("SELECT id, user_id, seq, type, amount, balance_delta, ref, occurred_at, position "
+                      "FROM palette_read.billing_events WHERE user_id = %s ORDER BY seq", [user_id]).fetchall()
+    prev = "0" * 64
+    for n, (row_id, uid, seq, kind, amount, delta, ref, at, position) in enumerate(rows):
+        if n == 0:
+            amount, delta = amount + 1_000, delta + 1_000
+        row = {"user_id": uid, "seq": seq, "type": kind, "amount": amount, "balance_delta": delta, "ref": ref,
+               "occurred_at": at, "position": position}
+        digest = ledger_hash(prev, row)
+        tx.execute("UPDATE palette_read.billing_events SET amount = %s, balance_delta = %s, prev_hash = %s, "
+                   "hash = %s WHERE id = %s", [amount, delta, prev, digest, row_id])
+        prev = digest
+    tx.execute("UPDATE palette_read.billing_heads SET last_hash = %s WHERE user_id = %s", [prev, user_id])
+
+
+def test_a_consistent_rewrite_passes_verify_but_not_a_signed_checkpoint(busy, service, settings, tx):  # noqa: F811
+    key = Ed25519PrivateKey.generate()
+    doc = _checkpoint(service, settings, key)
+    payload = checkpoints.verified_payload(json.loads(json.dumps(doc)), key.public_key())
+    assert payload["complete"] and payload["heads"]
+    assert audit.verify(tx)[1] == [] and audit.verify_heads(tx, payload["heads"]) == []
+    (victim,) = tx.execute("SELECT user_id FROM palette_read.billing_events GROUP BY user_id HAVING count(*) >= 3 "
+                           "ORDER BY user_id LIMIT 1").fetchone() or (None,)
+    _rewrite_consistently(tx, victim)
+    assert audit.verify(tx)[1] == []  # today's verify cannot tell
+    breaks = audit.verify_heads(tx, payload["heads"])
+    assert [b.user_id for b in breaks] == [str(victim)]
+    assert "rewritten" in breaks[0].reason
+
+
+def test_an_altered_checkpoint_or_another_key_is_refused(busy, service, settings):  # noqa: F811
+    key = Ed25519PrivateKey.generate()
+    doc = _checkpoint(service, settings, key)
+    forged = json.loads(json.dumps(doc))
+    forged["payload"]["heads"][0][2] = "f" * 64  # a head moved to match a rewritten chain
+    with pytest.raises(checkpoints.CheckpointError, match="does not verify"):
+        checkpoints.verified_payload(forged, key.public_key())
+    with pytest.raises(checkpoints.CheckpointError, match="does not verify"):
+        checkpoints.verified_payload(doc, Ed25519PrivateKey.generate().public_key())
+    resigned = checkpoints.sign(forged["payload"], Ed25519PrivateKey.generate())  # an insider's own key
+    with pytest.raises(checkpoints.CheckpointError, match="does not verify"):
+        checkpoints.verified_payload(resigned, key.public_key())
+
+
+def test_cli_checkpoint_to_the_object_store_and_verify_latest(busy, service, settings, tmp_path,  # noqa: F811
+                                                              monkeypatch, capsys):
+    key_file = tmp_path / "audit.pem"
+    for name, value in settings.as_env().items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["audit", "checkpoint", "--no-s3"]) == 2  # no key yet, nowhere to keep it
+    assert cli.main(["audit", "keygen", "--out", str(key_file)]) == 0
+    assert cli.main(["audit", "keygen", "--out", str(key_file)]) == 2  # never overwritten
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv("PALETTE_AUDIT_SIGNING_KEY_FILE", str(key_file))
+    _drain(service, settings)
+    assert cli.main(["audit", "checkpoint", "--out", str(tmp_path / "cp.json")]) == 0
+    out = capsys.readouterr()
+    assert "s3://" in out.out and "public key" in out.out
+    public = out.out.strip().rsplit(" ", 1)[-1]
+    assert cli.main(["audit", "verify", "--checkpoint", "latest", "--public-key", public]) == 0
+    assert cli.main(["audit", "verify", "--checkpoint", str(tmp_path / "cp.json")]) == 0
+    assert "all match" in capsys.readouterr().out
+    assert cli.main(["audit", "verify", "--checkpoint", str(tmp_path / "cp.json"), "--public-key", "00" * 32]) == 2
+    assert cli.main(["audit", "verify", "--checkpoint", str(tmp_path / "missing.json")]) == 2
+    assert cli.main(["audit", "report", "--from", "2030-01-02", "--to", "2030-01-01"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("palette audit") for line in err), err
+    assert cli.main(["audit", "report", "--from", "2000-01-01", "--to", "2100-01-01", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["complete"] and report["total"]["opening"] == 0
+
+
+def test_the_scheduled_checkpointer_signs_whenever_the_log_has_moved(busy, service, settings, tmp_path):  # noqa: F811
+    key_file = tmp_path / "audit.pem"
+    public = checkpoints.keygen(key_file)
+    configured = settings.model_copy(update={"audit_signing_key_file": str(key_file),
+                                             "audit_checkpoint_interval_s": 60.0,
+                                             "audit_checkpoint_dir": str(tmp_path / "kept")})
+    with pytest.raises(checkpoints.CheckpointError, match="off"):
+        checkpoints.Checkpointer(settings.model_copy(update={"audit_signing_key_file": str(key_file)}))
+    worker = checkpoints.Checkpointer(configured)
+    _drain(service, settings)
+    s3, kept = worker.step()
+    assert s3.startswith(f"s3://{settings.s3_bucket}/audit/checkpoints/") and kept.startswith(str(tmp_path / "kept"))
+    assert worker.step() == []  # nothing new in the log: nothing new to sign
+    workload(service, 1, random.Random(3))
+    _drain(service, settings)
+    assert worker.step()
+    _, doc = checkpoints.CheckpointStore(None, "", tmp_path / "kept").latest()
+    payload = checkpoints.verified_payload(doc, public)
+    assert payload["log_position"] == service.app.recorder.max_notification_id()
+    assert payload["complete"] and len(list((tmp_path / "kept").glob("*.json"))) == 2

@@ -1,0 +1,132 @@
+"""The pure parts of the analysts' and auditors' tools: Parquet schemas from the event classes,
+`palette query`'s refusals and rendering, and checkpoint signatures and keys (no I/O beyond
+temporary files; the real-stack behaviour is in tests/integration)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import typing
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from eventsourcing.domain import Aggregate
+from hypothesis import given
+from hypothesis import strategies as st
+
+from adapters import checkpoints
+from adapters.query import QueryError, Result, render, run
+from adapters.settings import Settings
+from domain.contracts.streams import STREAMS
+from projections.parquet import ENVELOPE, TIMESTAMP, event_schemas, topics_for
+
+
+def test_every_event_class_has_a_schema_with_its_fields_typed():
+    schemas = event_schemas()
+    classes = {f"{cls.__module__}:{cls.__qualname__}.{name}": attr for cls in STREAMS.values()
+               for name, attr in vars(cls).items()
+               if isinstance(attr, type) and issubclass(attr, Aggregate.Event) and name not in ("Created", "Event")}
+    assert set(schemas) == set(classes)
+    for topic, spec in schemas.items():
+        assert spec.schema.names[:4] == ENVELOPE.names, topic
+        hints = typing.get_type_hints(classes[topic])
+        data = set(hints) - {"originator_id", "originator_version", "timestamp", "originator_id_type",
+                             "originator_topic"}
+        assert set(spec.schema.names[4:]) == data, topic
+    granted = schemas["domain.user:User.CreditsGranted"].schema
+    assert (granted.field("amount").type, granted.field("reason").type) == (pa.int64(), pa.string())
+    queued = schemas["domain.job:Job.JobQueued"]
+    assert queued.class_version == 2 and queued.texts == ("concepts",) and queued.uuids == ("rule_id",)
+    assert queued.schema.field("protect").type == pa.list_(pa.string())
+    assert all(s.schema.field("timestamp").type == TIMESTAMP for s in schemas.values())
+
+
+def test_unknown_event_types_are_refused_with_the_known_ones():
+    assert topics_for(None) == []
+    assert topics_for(["CreditsGranted"]) == ["domain.user:User.CreditsGranted"]
+    with pytest.raises(ValueError, match=r"unknown event type\(s\) \['Nope'\]; known: \['CreditsGranted'"):
+        topics_for(["Nope"])
+
+
+@pytest.mark.parametrize(("query", "why"), [
+    ("INSERT INTO t VALUES (1)", "only SELECT"), ("ATTACH 'x.db'", "only SELECT"), ("PRAGMA version", "only SELECT"),
+    ("SELECT 1; DROP TABLE t", "one statement"), ("", "one statement"), ("SELECT FROM WHERE", "Parser Error"),
+    ("SELECT * FROM read_parquet('/etc/*.parquet')", "Permission"), ("INSTALL httpfs", "only SELECT"),
+])
+def test_query_refuses_anything_but_one_select_in_one_line(query, why):
+    with pytest.raises(QueryError, match=why) as e:
+        run(query, None, None)
+    assert "\n" not in str(e.value)
+
+
+def test_query_bounds_its_output_and_renders_table_csv_and_json():
+    result = run("SELECT range AS n, 'x' || range AS label FROM range(10)", None, None, limit=4)
+    assert result.truncated and result.rows == [(0, "x0"), (1, "x1"), (2, "x2"), (3, "x3")]
+    table = render(result, "table").splitlines()
+    assert table[0].split() == ["n", "label"] and table[-1] == "(4 rows)" and table[2].split() == ["0", "x0"]
+    assert render(result, "csv").splitlines() == ["n,label", "0,x0", "1,x1", "2,x2", "3,x3"]
+    assert json.loads(render(result, "json"))[3] == {"n": 3, "label": "x3"}
+    assert render(Result(["a"], [], False), "table").splitlines()[-1] == "(0 rows)"
+    with pytest.raises(QueryError, match="no such directory"):
+        run("SELECT 1", Path("/nonexistent/palette"), None)
+
+
+def _payload(heads: list[list[object]]) -> dict[str, object]:
+    return {"kind": checkpoints.KIND, "taken_at": "2026-12-01T00:00:00+00:00", "log_position": 7, "complete": True,
+            "heads": heads}
+
+
+@given(heads=st.lists(st.tuples(st.uuids().map(str), st.integers(1, 10**6), st.text("0123456789abcdef", min_size=64,
+                                                                                    max_size=64),
+                                st.integers(1, 10**9)).map(list), max_size=5),
+       change=st.integers(0, 3))
+def test_a_signed_checkpoint_verifies_and_any_change_to_it_does_not(heads, change):
+    key = Ed25519PrivateKey.generate()
+    doc = json.loads(json.dumps(checkpoints.sign(_payload(heads), key)))  # as stored and read back
+    assert checkpoints.verified_payload(doc, key.public_key())["heads"] == heads
+    tampered = json.loads(json.dumps(doc))
+    if heads:
+        tampered["payload"]["heads"][0][change] = "f" * 64 if change == 2 else 123456789
+    else:
+        tampered["payload"]["log_position"] = 8
+    with pytest.raises(checkpoints.CheckpointError, match="does not verify"):
+        checkpoints.verified_payload(tampered, key.public_key())
+    with pytest.raises(checkpoints.CheckpointError, match="does not verify"):
+        checkpoints.verified_payload(doc, Ed25519PrivateKey.generate().public_key())
+
+
+@pytest.mark.parametrize("doc", [None, [], {"payload": {}}, {"payload": {"kind": "x"}, "algorithm": "Ed25519"},
+                                 {"payload": _payload([]), "algorithm": "RSA"},
+                                 {"payload": _payload([]), "algorithm": "Ed25519", "signature": "zz"}])
+def test_what_is_not_a_checkpoint_is_refused_in_one_line(doc):
+    with pytest.raises(checkpoints.CheckpointError):
+        checkpoints.verified_payload(doc, Ed25519PrivateKey.generate().public_key())
+
+
+def test_keys_come_from_hex_base64_or_a_pem_file_and_bad_ones_are_named(tmp_path):
+    key = Ed25519PrivateKey.generate()
+    raw = key.private_bytes_raw()
+    public = checkpoints.public_hex(key.public_key())
+    for text in (raw.hex(), base64.b64encode(raw).decode()):
+        assert checkpoints.public_hex(checkpoints.private_key(Settings(audit_signing_key=text)).public_key()) == public
+    pem = tmp_path / "k.pem"
+    made = checkpoints.keygen(pem)
+    assert pem.stat().st_mode & 0o777 == 0o600
+    from_file = checkpoints.private_key(Settings(audit_signing_key_file=str(pem))).public_key()
+    assert checkpoints.public_hex(from_file) == checkpoints.public_hex(made)
+    with pytest.raises(checkpoints.CheckpointError, match="not overwritten"):
+        checkpoints.keygen(pem)
+    for bad in ("abc", "00" * 31, "!" * 44):
+        with pytest.raises(checkpoints.CheckpointError, match="PALETTE_AUDIT_SIGNING_KEY"):
+            checkpoints.private_key(Settings(audit_signing_key=bad))
+    with pytest.raises(checkpoints.CheckpointError, match="no signing key"):
+        checkpoints.private_key(Settings())
+    with pytest.raises(checkpoints.CheckpointError, match="cannot read"):
+        checkpoints.private_key(Settings(audit_signing_key_file=str(tmp_path / "missing.pem")))
+    assert checkpoints.public_hex(checkpoints.trusted_key(Settings(audit_public_key=public), None)) == public
+    with pytest.raises(checkpoints.CheckpointError, match="no public key to trust"):
+        checkpoints.trusted_key(Settings(), None)
+    with pytest.raises(checkpoints.CheckpointError):
+        checkpoints.public_key("not a key")
