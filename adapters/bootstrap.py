@@ -262,6 +262,7 @@ def build_gpu_worker(settings: Settings) -> Any:
     import psycopg
 
     from adapters import kafka_io
+    from gpu_consumer.segment import built_in
     from gpu_consumer.worker import GROUP, CallbackClient, GpuWorker, ImagePipeline, pick_device
 
     database_url = settings.effective_database_url
@@ -277,7 +278,8 @@ def build_gpu_worker(settings: Settings) -> Any:
             return set()
 
     device = pick_device(settings.device)
-    pipeline = ImagePipeline(s3_client(settings, max_pool=16), settings.s3_bucket, device,
+    segmenter = built_in(settings.segmenter_model or None, settings.segmenter_labels or None)
+    pipeline = ImagePipeline(s3_client(settings, max_pool=16), settings.s3_bucket, device, segmenter,
                              texture_cache_bytes=settings.texture_cache_bytes)
     callbacks = CallbackClient(settings.api_url, settings.callback_secret)
     return GpuWorker(kafka_io.consumer(settings, GROUP, topics.GPU_TASKS, max_poll_records=16,

@@ -620,6 +620,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             return 2
         print("palette bench runs from a source checkout: tests/bench is not importable here", file=sys.stderr)
         return 2
+    if args.quality:
+        quality = importlib.import_module("tests.bench.quality")
+        return int(quality.main(args.quick, args.json_path))
     return int(bench.main(args.quick, args.json_path, args.plot_path, args.audit_events))
 
 
@@ -745,6 +748,8 @@ def parser() -> argparse.ArgumentParser:
                            "goal next to a naive baseline. The harness is tests/bench: run it from the root of a "
                            "source checkout.")
     bench.add_argument("--quick", action="store_true", help="the short profile (under 3 minutes)")
+    bench.add_argument("--quality", action="store_true",
+                       help="edit quality against ground truth instead (generated scenes, both mask sources)")
     bench.add_argument("--json", dest="json_path", help="write the results as JSON here")
     bench.add_argument("--plot", dest="plot_path", help="write a PNG chart of measured/goal here")
     bench.add_argument("--audit-events", type=int, metavar="N",

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     # Where each process's spans go: off (ids still made, for the logs), console, or otlp
     # (OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT).
     trace_exporter: Literal["off", "console", "otlp"] = "off"
+    # The GPU worker's segmenter: a local TorchScript model file the operator provides (none: the
+    # built-in region segmenter) and a JSON label map {concept: [class indices]} (none: ADE20K's).
+    segmenter_model: str = ""
+    segmenter_labels: str = ""
     jwt_secret: str = ""
     jwt_issuer: str = "palette"
     jwt_audience: str = "palette-app"

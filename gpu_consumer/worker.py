@@ -33,15 +33,15 @@ from typing import Any
 import httpx
 import torch
 
-from domain.contracts import topics
+from domain.contracts import topics, trace
 from domain.contracts.callback import callback_body, signed_headers
-from domain.contracts.edits import ACTIONS
 from domain.contracts.gpu_task import Task
 from domain.contracts.loop import ConsumerLoop
 from domain.text import escaped
 from gpu_consumer import ops
 from gpu_consumer.codec import BadInput, check_size, decode, decode_mask, encode_png, encode_preview
-from gpu_consumer.segment import PriorClusterSegmenter, Segmenter
+from gpu_consumer.refine import refine_masks
+from gpu_consumer.segment import Segmenter, built_in
 
 log = logging.getLogger("palette.gpu")
 GROUP = topics.GPU_GROUP
@@ -109,6 +109,8 @@ class CallbackClient:
                             preview_key=preview_key, error=escaped(error)[:2000])
         nonce = secrets.token_hex(8)  # every request signs differently: the API takes a signature once
         headers = signed_headers(self._secret, int(time.time()), task.job_id, raw, nonce)
+        if task.traceparent:  # the result is recorded in the trace of the request that queued the job
+            headers[trace.HEADER] = task.traceparent
         try:
             r = self.http.post(f"/jobs/{task.job_id}/callback", content=raw, headers=headers)
         except httpx.HTTPError as e:
@@ -142,7 +144,7 @@ class ImagePipeline:
         self.s3 = s3
         self.bucket = bucket
         self.device = device
-        self.segmenter = segmenter or PriorClusterSegmenter()
+        self.segmenter = segmenter or built_in()
         self.texture_cache = ops.TextureCache(texture_cache_bytes)
 
     def _get(self, key: str) -> bytes | None:
@@ -176,17 +178,18 @@ class ImagePipeline:
         return image, masks
 
     def compute(self, image_u8: torch.Tensor, client_masks: dict[str, torch.Tensor], task: Task) -> torch.Tensor:
-        """Edit one image on the device; returns uint8 ``[H, W, 3]`` on the CPU."""
-        for edit in task.concepts.values():
-            if edit.get("action") not in ACTIONS:
-                raise ValueError(f"unknown action {edit.get('action')!r}")
+        """Edit one image on the device; returns uint8 ``[H, W, 3]`` on the CPU. Every mask, the
+        client's or the segmenter's, is first refined against the photo (:mod:`gpu_consumer.refine`)."""
+        for edit in task.concepts.values():  # a bad edit fails the item before the segmenter runs
+            ops.check_edit(edit.get("action"), edit.get("value", ""))
         original = image_u8.to(self.device, non_blocking=True)
         image = ops.to_float(original)
         wanted = [*task.concepts, *task.protect]
         missing = [c for c in wanted if c not in client_masks]
         masks = {c: m.to(self.device) for c, m in client_masks.items()}
         if missing:
-            masks.update(self.segmenter.masks(image, missing))
+            masks.update(self.segmenter.masks(image, missing, optional=[c for c in missing if c in task.protect]))
+        masks = refine_masks(image, masks, client=client_masks.keys())
         protect = None
         if task.protect:
             protect = torch.stack([masks[c] for c in task.protect if c in masks]).amax(dim=0) if any(
@@ -235,6 +238,9 @@ class GpuWorker(ConsumerLoop):
 
     def _report(self, task: Task, status: str, output_key: str = "", preview_key: str = "", error: str = "") -> None:
         outcome = self.callbacks.report(task, status, output_key, preview_key, error)
+        log.info("item %d of job %s %s (%s)", task.idx, task.job_id, status, outcome,
+                 extra={"job_id": task.job_id, "user_id": task.user_id or None,
+                        "trace_id": trace.trace_id(task.traceparent) or None})
         if outcome == "ignored_canceled":
             self.canceled.add(task.job_id)
         self.finished.add(task.idempotency_key)

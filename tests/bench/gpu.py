@@ -1,6 +1,9 @@
 """The GPU worker on 1 MP photos, in a child process (for its own peak memory): the worker of
 ``adapters.bootstrap.build_gpu_worker`` against one item at a time, each step done plainly.
-Both paths read from and write to S3 and report through the worker's ``CallbackClient``."""
+Both paths read from and write to S3 and report through the worker's ``CallbackClient``, and
+both run the same algorithms (segmenter, mask refinement, edits). The naive path runs them the
+plain way: PIL decode, every edit over the whole image with its reference per-pixel formula
+(``ops.apply_edits(..., crop=False, fast=False)``), PNG at PIL's default compression, no overlap."""
 
 from __future__ import annotations
 
@@ -44,17 +47,19 @@ def _naive_run(settings: Settings, s3: Any, callbacks: Any) -> Callable[[list[An
     from domain.contracts.gpu_task import Task
     from gpu_consumer import ops
     from gpu_consumer.codec import encode_preview
-    from gpu_consumer.segment import PriorClusterSegmenter
+    from gpu_consumer.refine import refine_masks
+    from gpu_consumer.segment import built_in
 
-    segmenter = PriorClusterSegmenter()
+    segmenter = built_in()  # the worker's
 
     def run(batch: list[Task]) -> None:
         for task in batch:  # one item at a time: download, decode, each op, encode, upload, callback
             data = s3.get_object(Bucket=settings.s3_bucket, Key=task.input_key)["Body"].read()
             u8 = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy())
             image = ops.to_float(u8)
-            masks = segmenter.masks(image, [*task.concepts, *task.protect])
-            out = ops.apply_edits(image, masks, task.concepts, masks["sofa"], crop=False)
+            masks = segmenter.masks(image, [*task.concepts, *task.protect], optional=task.protect)
+            masks = refine_masks(image, masks, client=())
+            out = ops.apply_edits(image, masks, task.concepts, masks["sofa"], crop=False, fast=False)
             out_u8 = ops.to_u8(out, u8)
             png = io.BytesIO()
             Image.fromarray(out_u8.numpy()).save(png, "PNG")

@@ -37,12 +37,12 @@ def service(settings: Settings) -> Iterator[PaletteService]:
 
 
 def photo(seed: int, size: tuple[int, int] = (320, 240)) -> bytes:
-    img = Image.new("RGB", size, (230, 225, 215))
-    for y in range(size[1] // 2, size[1]):
-        for x in range(0, size[0], 4):
-            img.putpixel((x, y), (120 + seed % 30, 80, 50))
+    """A room photo (JPEG), a little lighter or darker by seed."""
+    from gpu_consumer.demo import synthetic_room
+
+    room = synthetic_room(size[1], size[0])[0].permute(1, 2, 0) * (0.9 + 0.02 * (seed % 10))
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90)
+    Image.fromarray((room.clamp(0, 1) * 255).round().byte().numpy()).save(buf, "JPEG", quality=90)
     return buf.getvalue()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import math
 
 import kornia
 import pytest
@@ -11,9 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from gpu_consumer import ops
+from domain.contracts.gpu_task import Task
+from gpu_consumer import fill, ops, refine
 from gpu_consumer.codec import BadInput, decode, encode_preview
 from gpu_consumer.segment import PriorClusterSegmenter
+from gpu_consumer.worker import ImagePipeline
 
 H = W = 64
 
@@ -60,6 +64,23 @@ def test_protected_and_unmasked_pixels_are_bit_identical(action, y0, x0):
     out_u8 = ops.to_u8(out, img_u8, changed)
     untouched = (changed[0, 0] == 0)
     assert torch.equal(out_u8[untouched], img_u8[untouched])
+
+
+def test_the_fast_recolor_matches_the_per_pixel_formula_within_40_db():
+    img = shaded_scene(96, 128)
+    mask = torch.zeros(1, 1, 96, 128)
+    mask[..., 10:60, :] = 1
+    fast = ops.recolor(img, "#5b7f95", mask, chroma_step=ops.CHROMA_STEP)
+    exact = ops.recolor(img, "#5b7f95", mask)
+    mse = float(((fast - exact)[..., 10:60, :] ** 2).mean())
+    assert 10 * math.log10(1 / mse) >= 40
+
+
+def test_a_texture_is_the_same_whether_its_region_was_cropped_or_not():
+    img, mask = room(), box_mask(40, 64, 10, 50)
+    cropped = ops.apply_edit(img, mask, "texture", "wood", crop=True)
+    whole = ops.apply_edit(img, mask, "texture", "wood", crop=False)
+    assert torch.allclose(cropped, whole, atol=1e-6)
 
 
 def test_removed_region_matches_its_surroundings():
@@ -114,3 +135,120 @@ def test_decode_refuses_corrupt_and_oversized_inputs():
 def test_preview_longest_side_is_320():
     preview = encode_preview(torch.zeros(500, 800, 3, dtype=torch.uint8))
     assert Image.open(io.BytesIO(preview)).size == (320, 200)
+
+
+# -- masks that follow the image ------------------------------------------------------------------
+def shaded_scene(h: int, w: int) -> torch.Tensor:
+    """A beige wall with a lighting gradient over a floor of vertical dark-lined planks."""
+    ys = torch.linspace(0, 1, h).view(h, 1).expand(h, w)
+    xs = torch.linspace(0, 1, w).view(1, w).expand(h, w)
+    img = torch.empty(3, h, w)
+    img[:] = torch.tensor([0.86, 0.80, 0.68]).view(3, 1, 1)
+    floor = ys >= 0.6
+    img[:, floor] = torch.tensor([0.55, 0.38, 0.24]).view(3, 1)
+    img[:, floor & (torch.remainder(torch.arange(w), 16) < 3).view(1, w).expand(h, w)] *= 0.7
+    return (img * (1.05 - 0.3 * xs)).clamp(0, 1).unsqueeze(0)
+
+
+def with_object(img: torch.Tensor, y0: int, y1: int, x0: int, x1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scene with a sharp green-grey box pasted in, and the box's exact mask."""
+    out = img.clone()
+    out[..., y0:y1, x0:x1] = torch.tensor([0.30, 0.45, 0.40]).view(1, 3, 1, 1)
+    truth = torch.zeros(1, 1, *img.shape[-2:])
+    truth[..., y0:y1, x0:x1] = 1
+    return out, truth
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a > 0.5, b > 0.5
+    return float((a & b).sum() / (a | b).sum())
+
+
+def test_a_coarse_mask_snaps_to_the_objects_sharp_edge():
+    img, truth = with_object(shaded_scene(128, 192), 15, 60, 60, 140)  # on the wall
+    ys = torch.arange(128).view(128, 1).float()
+    xs = torch.arange(192).view(1, 192).float()
+    blob = ((((ys - 37) / 26) ** 2 + ((xs - 98) / 44) ** 2) < 1).float().view(1, 1, 128, 192)  # rounded, off by px
+    refined = refine.refine(img, blob, radius=8)
+    assert iou(blob, truth) < 0.85
+    assert iou(refined, truth) > 0.97
+    assert float(refined[0, 0, 16, 61]) > 0.9  # the corner the blob cut off
+
+
+def test_a_mask_edge_on_planks_is_kept_where_colour_cannot_tell_the_sides_apart():
+    img = shaded_scene(128, 192)
+    floor = torch.zeros(1, 1, 128, 192)
+    floor[..., 77:, 40:150] = 1  # a floor mask cut across the planks: no image edge there
+    refined = refine.refine(img, floor, radius=8)
+    assert torch.equal(refined > 0.5, floor > 0.5)
+
+
+def test_a_mask_across_a_flat_surface_keeps_its_edge():
+    img = torch.full((1, 3, 64, 64), 0.6)
+    half = box_mask(0, 64, 0, 30)
+    assert torch.equal(refine.refine(img, half, radius=6), half)
+
+
+@settings(max_examples=20, deadline=None)
+@given(y0=st.integers(0, 70), x0=st.integers(0, 120), h=st.integers(4, 50), w=st.integers(4, 60),
+       soft=st.booleans(), radius=st.integers(1, 12))
+def test_a_grow_only_refinement_never_drops_a_pixel_of_the_mask(y0, x0, h, w, soft, radius):
+    img, _ = with_object(shaded_scene(128, 192), 40, 90, 60, 140)
+    mask = torch.zeros(1, 1, 128, 192)
+    mask[..., y0:y0 + h, x0:x0 + w] = 1
+    if soft:
+        mask = torch.nn.functional.avg_pool2d(mask, 5, 1, 2)
+    refined = refine.refine(img, mask, radius, grow_only=True)
+    assert bool((refined >= mask).all())
+
+
+def test_a_clients_exact_mask_stays_as_it_is():
+    img, truth = with_object(shaded_scene(128, 192), 40, 90, 60, 140)
+    refined = refine.refine_masks(img, {"sofa": truth}, client={"sofa"})["sofa"]
+    assert torch.equal(refined > 0.5, truth > 0.5)
+
+
+def pipeline_task(concepts: dict[str, dict[str, str]], protect: list[str]) -> Task:
+    return Task.parse(json.dumps({
+        "job_id": "00000000-0000-4000-8000-000000000001", "user_id": "u", "idx": 0, "concepts": concepts,
+        "protect": protect, "input_key": "in", "output_key": "out.png", "preview_key": "out.jpg",
+        "mask_keys": {}, "idempotency_key": "k:0"}).encode())
+
+
+@settings(max_examples=15, deadline=None)
+@given(y0=st.integers(0, 100), x0=st.integers(0, 150), h=st.integers(1, 60), w=st.integers(1, 80),
+       action=st.sampled_from([("recolor", "#aa3300"), ("texture", "brick"), ("remove", ""), ("tone", "dark")]))
+def test_a_protect_mask_as_given_is_bit_identical_after_refinement_and_edits(y0, x0, h, w, action):
+    img, _ = with_object(shaded_scene(128, 192), 40, 90, 60, 140)
+    image_u8 = (img[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
+    protect = torch.zeros(1, 1, 128, 192)
+    protect[..., y0:y0 + h, x0:x0 + w] = 1
+    pipeline = ImagePipeline(s3=None, bucket="", device=torch.device("cpu"))
+    task = pipeline_task({"wall": {"action": action[0], "value": action[1]},
+                          "floor": {"action": "recolor", "value": "#224466"}}, ["sofa"])
+    out = pipeline.compute(image_u8, {"sofa": protect}, task)
+    kept = protect[0, 0] > 0.5
+    assert torch.equal(out[kept], image_u8[kept])
+
+
+# -- remove with structure ----------------------------------------------------------------------
+def delta_e(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (kornia.color.rgb_to_lab(a) - kornia.color.rgb_to_lab(b)).square().sum(1).sqrt()[0]
+
+
+@pytest.mark.parametrize("box", [(78, 110, 40, 120), (20, 60, 100, 170), (60, 100, 30, 90)],
+                         ids=["on the planks", "on the wall", "across the wall's foot"])
+def test_remove_continues_the_planks_the_wall_and_its_boundary(box):
+    scene = shaded_scene(128, 192)
+    img, mask = with_object(scene, *box)
+    out = ops.apply_edit(img, mask, "remove", "")
+    inside = mask[0, 0] > 0.5
+    error = delta_e(out, scene)[inside]
+    smooth = ops.blend(img, fill.push_pull(img, 1 - mask), mask)
+    assert float(error.median()) <= 2.0
+    assert float(error.median()) < float(delta_e(smooth, scene)[inside].median())
+
+
+def test_remove_is_deterministic():
+    img, mask = with_object(shaded_scene(128, 192), 78, 110, 40, 120)
+    assert torch.equal(ops.apply_edit(img, mask, "remove", ""), ops.apply_edit(img, mask, "remove", ""))

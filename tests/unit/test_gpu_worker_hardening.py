@@ -84,12 +84,12 @@ class FakeS3:
 
 
 def photo() -> bytes:
-    img = Image.new("RGB", (48, 32), (230, 225, 215))
-    for y in range(16, 32):
-        for x in range(48):
-            img.putpixel((x, y), (120, 80, 50))
+    """A small room (the built-in segmenter refuses an image where nothing looks like a wall)."""
+    from gpu_consumer.demo import synthetic_room
+
+    room = (synthetic_room(32, 48)[0].permute(1, 2, 0) * 255).round().byte().numpy()
     buf = io.BytesIO()
-    img.save(buf, "PNG")
+    Image.fromarray(room).save(buf, "PNG")
     return buf.getvalue()
 
 
