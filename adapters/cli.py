@@ -95,27 +95,32 @@ def _serve_api(settings: Any, naive: bool) -> None:
     """uvicorn on the API port: this process, or PALETTE_API_WORKERS processes sharing the port,
     each with its own container (uvicorn starts them from a factory, as it must for workers)."""
     import uvicorn
+    from prometheus_client import CollectorRegistry
 
-    from adapters import bootstrap
+    from adapters import bootstrap, observability
     from adapters.api.app import API_POOL_SIZE, create_asgi
 
     # Keep-alive longer than clients and proxies keep idle connections (uvicorn's 5 s default
     # races clients that reuse a connection just as the server closes it).
+    # log_config None: uvicorn's own records go to the process's JSON lines (adapters.logs).
     options: dict[str, Any] = {"host": settings.api_host, "port": settings.api_port, "log_level": "warning",
-                               "access_log": False, "timeout_keep_alive": 75}
+                               "access_log": False, "timeout_keep_alive": 75, "log_config": None}
     if settings.api_workers > 1:
         factory = "naive_worker_asgi" if naive else "group_worker_asgi"
         uvicorn.run(f"adapters.api.app:{factory}", factory=True, workers=settings.api_workers, **options)
         return
     container = bootstrap.build(settings, naive=naive, pool_size=API_POOL_SIZE)
+    registry = CollectorRegistry()  # the API's metrics port (one process; several: none)
     try:
-        uvicorn.run(create_asgi(container), **options)
+        asgi = create_asgi(container, registry=registry)
+        observability.start("api", None, settings, registry)
+        uvicorn.run(asgi, **options)
     finally:
         container.close()
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from adapters import bootstrap
+    from adapters import bootstrap, tracing
     from adapters.logs import configure as configure_logs
 
     if args.naive and args.process != "api":
@@ -123,6 +128,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     settings = load_settings()
     configure_logs(args.process)
+    tracing.configure(args.process, settings.trace_exporter)
     if args.process == "api":
         _serve_api(settings, args.naive)
     elif args.process == "relay":

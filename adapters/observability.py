@@ -28,7 +28,7 @@ from domain.contracts import topics
 
 log = logging.getLogger("palette.metrics")
 # The worker processes' ports: PALETTE_METRICS_PORT + offset.
-OFFSETS = {"relay": 1, "projector": 2, "dispatcher": 3, "gpu": 4, "webhooks": 5, "checkpointer": 6}
+OFFSETS = {"api": 0, "relay": 1, "projector": 2, "dispatcher": 3, "gpu": 4, "webhooks": 5, "checkpointer": 6}
 CHECK_TIMEOUT_S = 2.0
 CHECK_TTL_S = 1.0  # a flood of /readyz costs one check per dependency per second
 
@@ -182,7 +182,7 @@ def serve(port: int, registry: CollectorRegistry, readiness: Readiness, host: st
     return server
 
 
-NEEDS = {"relay": ("postgres", "broker"), "projector": ("postgres", "broker"),
+NEEDS = {"api": ("postgres", "broker", "s3"), "relay": ("postgres", "broker"), "projector": ("postgres", "broker"),
          "dispatcher": ("postgres", "broker"), "gpu": ("broker", "s3"), "webhooks": ("postgres", "broker"),
          "checkpointer": ("postgres",)}
 
@@ -291,12 +291,24 @@ def collectors_for(process: str, worker: Any, settings: Settings, registry: Coll
     return found
 
 
-def start(process: str, worker: Any, settings: Settings) -> ThreadingHTTPServer | None:
-    """The process's metrics and probes port, when PALETTE_METRICS_PORT is set."""
+def command_metrics(committer: Any, registry: CollectorRegistry) -> None:
+    """The group committer's commands, batches and conflicts, and a histogram of batch sizes."""
+    registry.register(CountsCollector("palette_group_commit", "the group committer's work", "kind",
+                                      lambda: {"commands": committer.commands, "batches": committer.batches,
+                                               "conflicts": committer.conflicts}))
+    sizes = Histogram("palette_group_commit_batch_size", "commands saved per batch",
+                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 500), registry=registry)
+    committer.observe_batch = sizes.observe
+
+
+def start(process: str, worker: Any, settings: Settings,
+          registry: CollectorRegistry | None = None) -> ThreadingHTTPServer | None:
+    """The process's metrics and probes port, when PALETTE_METRICS_PORT is set (``registry``:
+    what the process already measures, e.g. the API's requests)."""
     port = port_of(settings, process)
     if port is None:
         return None
-    registry = CollectorRegistry()
+    registry = registry or CollectorRegistry()
     for collector in collectors_for(process, worker, settings, registry):
         registry.register(collector)
     try:

@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
@@ -26,6 +26,7 @@ from eventsourcing.persistence import IntegrityError, InterfaceError, Operationa
 
 from application.ports import StreamLoader
 from application.unit_of_work import Command, Committed, ConflictError, UnitOfWork, touches
+from domain.contracts import trace as tracing
 from domain.errors import DomainError
 
 log = logging.getLogger(__name__)
@@ -89,14 +90,18 @@ class _CommandBug(Exception):
     """A command raised something other than a domain refusal, or refused after recording."""
 
 
-def _run_one(uow: UnitOfWork, command: Command[Any]) -> Any:
+def _run_one(uow: UnitOfWork, command: Command[Any], trace: str = "") -> Any:
+    """One command in ``uow``; the events it records carry ``trace`` (the caller's request)."""
     uow.begin_command()
     try:
-        return command(uow)
+        value = command(uow)
     except DomainError:
         if uow.command_recorded():
             raise _CommandBug("command refused after recording events") from None
         raise
+    if trace:
+        uow.stamp(tracing.TRACE_KEY, trace)
+    return value
 
 
 def _backoff(attempt: int) -> None:
@@ -142,7 +147,7 @@ class DirectExecutor:
         for attempt in range(self.max_attempts):
             uow = UnitOfWork(self._fetch)
             try:
-                value = _run_one(uow, command)
+                value = _run_one(uow, command, tracing.CURRENT.get())
             except _CommandBug as e:
                 raise RuntimeError(str(e)) from e
             changed = uow.changed()
@@ -225,6 +230,7 @@ class _Pending:
     command: Command[Any]
     future: _Outcome
     read: bool = False  # records nothing: served before the batch changes anything
+    trace: str = field(default_factory=tracing.CURRENT.get)  # the submitting request's, for its events
 
 
 class GroupCommitter:
@@ -251,6 +257,8 @@ class GroupCommitter:
         self._outbox = _Outbox()
         self.batches = 0
         self.commands = 0
+        self.conflicts = 0  # batches decided again after another process wrote one of their streams
+        self.observe_batch: Callable[[int], None] | None = None  # each saved batch's size (metrics)
 
     def start(self) -> GroupCommitter:
         with self._lock:
@@ -399,7 +407,7 @@ class GroupCommitter:
             bug: _Pending | None = None
             for p in batch:
                 try:
-                    outcomes.append((p, True, _run_one(uow, p.command)))
+                    outcomes.append((p, True, _run_one(uow, p.command, p.trace)))
                 except DomainError as e:
                     outcomes.append((p, False, e))
                 except Exception as e:  # noqa: BLE001 - isolate the broken command, redo the rest
@@ -416,6 +424,7 @@ class GroupCommitter:
             except IntegrityError:
                 self.cache.evict(uow.ids())
                 attempt += 1
+                self.conflicts += 1
                 if attempt >= self.max_attempts:
                     for p in batch:
                         p.future.set_exception(ConflictError("too much contention; try again"))
@@ -439,6 +448,8 @@ class GroupCommitter:
             versions = {a.id: a.version for a in changed}
             self.batches += 1
             self.commands += len(batch)
+            if self.observe_batch is not None:
+                self.observe_batch(len(batch))
             for p, ok, value in outcomes:
                 if ok:
                     p.future.set_result(Committed(value, position, versions))

@@ -22,7 +22,7 @@ from application.device_keys import DeviceKeyer, HmacDeviceKeyer
 from application.ports import Clock, IdGenerator, ObjectStore
 from application.unit_of_work import Command, CommandExecutor, Committed, UnitOfWork, touches
 from domain.contracts.keys import input_key
-from domain.errors import NotFound, ValidationFailed
+from domain.errors import InvalidState, NotFound, ValidationFailed
 from domain.job import MAX_ITEMS, Job, RecordedResult
 from domain.plans import DEFAULT_PLANS, Plan
 from domain.presets import get_preset, normalise_edits
@@ -186,7 +186,7 @@ class PaletteService:
     @staticmethod
     def _upload_state(user_id: UUID, job: Any) -> tuple[str, int]:
         """The job's status and item count (NotFound: no such job, or another user's)."""
-        if not isinstance(job, Job) or job.user_id != user_id:
+        if not isinstance(job, Job) or job.user_id != user_id or job.deleted:
             raise NotFound("job not found")
         return job.status.value, job.item_count
 
@@ -292,9 +292,49 @@ class PaletteService:
 
         return command
 
+    async def deleted_async(self, user_id: UUID, job_id: UUID) -> bool:
+        """Whether the caller's job is deleted already; NotFound (none, another user's) and
+        InvalidState (not finished) as deleting it would raise."""
+        def state(job: Any) -> bool:
+            if not isinstance(job, Job) or job.user_id != user_id:
+                raise NotFound("job not found")
+            if not job.deleted and not job.status.terminal:
+                raise InvalidState(f"cannot delete a {job.status} job (cancel it first)")
+            return bool(job.deleted)
+
+        return await self.executor.read_async(job_id, state)
+
+    def delete_job_command(self, user_id: UUID, job_id: UUID) -> Command[bool]:
+        """Delete the caller's terminal job (True: this call deleted it; False: it already was).
+        Its objects are removed by the caller first (adapters.objects), so a failure there leaves
+        the job as it was for a retry."""
+        at = self.clock.now()
+
+        @touches(job_id)
+        def command(uow: UnitOfWork) -> bool:
+            job = uow.get(Job, job_id)
+            if job is None or job.user_id != user_id:
+                raise NotFound("job not found")
+            return job.delete(at)
+
+        return command
+
+    def expire_job_command(self, job_id: UUID, retention_days: int) -> Command[bool]:
+        """Record that a terminal job's objects were removed after the retention period."""
+        at = self.clock.now()
+
+        @touches(job_id)
+        def command(uow: UnitOfWork) -> bool:
+            job = uow.get(Job, job_id)
+            if job is None:
+                raise NotFound("job not found")
+            return job.expire(retention_days, at)
+
+        return command
+
     def get_job(self, user_id: UUID, job_id: UUID) -> Job:
         job: Job = self._read(Job, job_id, "job")
-        if job.user_id != user_id:
+        if job.user_id != user_id or job.deleted:
             raise NotFound("job not found")
         return job
 
@@ -411,7 +451,7 @@ class PaletteService:
     @staticmethod
     def _own_job(uow: UnitOfWork, user_id: UUID, job_id: UUID) -> Job:
         job = uow.get(Job, job_id)
-        if job is None or job.user_id != user_id:
+        if job is None or job.user_id != user_id or job.deleted:
             raise NotFound("job not found")
         return job
 

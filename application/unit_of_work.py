@@ -40,6 +40,14 @@ class UnitOfWork:
             return None
         return agg
 
+    def stamp(self, key: str, value: str) -> None:
+        """Put ``key = value`` on every event the current command recorded (it is stored with
+        the event's state, e.g. the trace of the request that caused it)."""
+        for aggregate_id, before in self._touched.items():
+            agg = self._loaded.get(aggregate_id)
+            for event in agg.pending_events[before:] if agg is not None else ():
+                object.__setattr__(event, key, value)  # events are frozen: set once, before the save
+
     def add(self, aggregate: Aggregate) -> None:
         if self._loaded.get(aggregate.id) is not None:
             raise ValueError(f"aggregate {aggregate.id} already exists in this unit of work")

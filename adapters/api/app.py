@@ -11,6 +11,7 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -141,16 +142,23 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     return app
 
 
-def create_asgi(container: Container, owns_container: bool = False) -> ASGIApp:
-    """The app wrapped in the body cap and Idempotency-Key handling (what uvicorn serves)."""
+def create_asgi(container: Container, owns_container: bool = False,
+                registry: CollectorRegistry | None = None) -> ASGIApp:
+    """The app wrapped in the body cap, the request's context (trace, log ids), its metrics
+    (into ``registry``, with the group committer's) and Idempotency-Key handling (what uvicorn serves)."""
     from adapters.api.idempotency import IdempotencyKeys, ensure_schema
+    from adapters.api.metrics import HttpMetrics, RequestContext
+    from adapters.observability import command_metrics
 
     app = create_app(container, owns_container)
     with container.read_pool.connection() as conn:
         ensure_schema(conn)
     keys = IdempotencyKeys(app, container.read_pool, app.state.verified_tokens, fail,
                            ttl_s=container.settings.idempotency_ttl_s)
-    return BodyLimit(keys, MAX_BODY_BYTES)
+    registry = registry or CollectorRegistry()
+    if container.committer is not None:
+        command_metrics(container.committer, registry)
+    return BodyLimit(RequestContext(HttpMetrics(keys, registry)), MAX_BODY_BYTES)
 
 
 def worker_asgi(naive: bool) -> ASGIApp:

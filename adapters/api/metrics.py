@@ -1,6 +1,7 @@
-"""The API's metrics: every request by route template, method and status, with a latency
-histogram. Labels come from the route the router matched, never from the raw path (a client
-cannot grow the label sets: an unmatched path counts as ``unmatched``)."""
+"""The API's observability middleware: every request by route template, method and status with
+a latency histogram (labels come from the route the router matched, never from the raw path: a
+client cannot grow the label sets, an unmatched path counts as ``unmatched``), and each request
+in a trace with its ids on its log lines."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from adapters import tracing
+from adapters.api.envelope import request_id_var
+from adapters.logs import bound
+from domain.contracts import trace as contract
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
@@ -51,3 +57,29 @@ class HttpMetrics:
         method = method if method in METHODS else "other"
         self.requests.labels(template, method, str(status)).inc()
         self.latency.labels(template, method).observe(seconds)
+
+
+class RequestContext:
+    """Each request in a trace (continuing the caller's ``traceparent`` header, else a new one):
+    its span, the trace the events of its commands are stored with (``domain.contracts.trace``),
+    and its ids on every log line it causes."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        parent = ""
+        for name, value in scope.get("headers") or ():
+            if name == b"traceparent":
+                parent = value.decode("latin-1")
+                break
+        with tracing.span(f"HTTP {scope.get('method', '')}", parent) as traceparent, \
+                bound(request_id=request_id_var.get()):
+            token = contract.CURRENT.set(traceparent)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                contract.CURRENT.reset(token)

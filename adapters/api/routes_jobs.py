@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import threading
 import time
@@ -45,12 +46,13 @@ from adapters.bootstrap import Container
 from application.services import PaletteService
 from application.unit_of_work import Committed
 from domain.contracts.callback import CALLBACK_WINDOW_S, verify_callback
-from domain.contracts.keys import input_key
+from domain.contracts.keys import input_key, job_prefixes
 from domain.errors import NotFound, ValidationFailed
 from domain.job import Job
 from projections.queries import BadCursor, encode_cursor, unfolded
 from projections.queries import list_jobs as list_jobs_query
 
+log = logging.getLogger("palette.api")
 router = APIRouter(tags=["jobs"])
 CURSOR = r"^[A-Za-z0-9_=-]+$"  # what encode_cursor issues (URL-safe base64)
 URL_TTL_S = 900  # presigned URLs live at most 15 minutes
@@ -153,20 +155,24 @@ async def list_jobs(user_id: CurrentUser, container: ContainerDep, service: Serv
 
     rows, next_cursor, behind = await run_in_threadpool(read)
     if behind:
-        fresh = await run_in_threadpool(_fresh_rows, service, user_id, list(behind))
-        rows, next_cursor = _merged(rows, fresh, limit, next_cursor, first_page=cursor is None)
+        fresh, gone = await run_in_threadpool(_fresh_rows, service, user_id, list(behind))
+        rows, next_cursor = _merged([r for r in rows if r["id"] not in gone], fresh, limit, next_cursor,
+                                    first_page=cursor is None)
     items = [JobSummary(job_id=r["id"], **{k: v for k, v in r.items() if k != "id"}) for r in rows]
     return ok(JobList(items=items, next_cursor=next_cursor), extra_meta={"projection_behind": len(behind)})
 
 
-def _fresh_rows(service: PaletteService, user_id: UUID, job_ids: list[UUID]) -> list[dict[str, Any]]:
-    rows = []
+def _fresh_rows(service: PaletteService, user_id: UUID,
+                job_ids: list[UUID]) -> tuple[list[dict[str, Any]], set[UUID]]:
+    """The write side's rows of jobs the model has not folded yet, and the ids of those that are
+    gone (deleted, or never there): a folded row of a job deleted since is not listed."""
+    rows, gone = [], set()
     for job_id in job_ids:
         try:
             rows.append(_summary_row(service.get_job(user_id, job_id)))
-        except NotFound:  # a write remembered for a job that is not there: nothing to list
-            continue
-    return rows
+        except NotFound:
+            gone.add(job_id)
+    return rows, gone
 
 
 def _summary_row(job: Job) -> dict[str, Any]:
@@ -237,6 +243,7 @@ async def execute_job(job_id: UUID, body: JobExecute, user_id: CurrentUser,
     committed = await service.run(service.execute_job_command(user_id, job_id, concepts, body.protect,
                                                               body.rule_id))
     _remember(container, user_id, job_id, committed)
+    log.info("job %s queued", job_id, extra={"job_id": str(job_id), "user_id": str(user_id)})
     return ok(JobStatePublic(job_id=job_id, status=committed.value))
 
 
@@ -249,6 +256,30 @@ async def get_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
         return ok(_job_public(container, job))
     # A big job's URLs (~8 us each) and items are built in a worker thread, off the event loop.
     return ok(await run_in_threadpool(_job_public, container, job))
+
+
+@router.delete("/jobs/{job_id}", response_model=Envelope[dict[str, bool]], responses=OWN)
+async def delete_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
+                     container: ContainerDep) -> JSONResponse:
+    """Delete a finished (done, failed or canceled) job: its inputs, outputs, masks and previews
+    first, then the job, which is 404 from then on and leaves GET /jobs. Deleting it again
+    answers the same; a job still in progress is 409 INVALID_STATE (cancel it first)."""
+    if not await service.deleted_async(user_id, job_id):  # NotFound, InvalidState: nothing is touched
+        await run_in_threadpool(_forget_job_data, container, user_id, job_id)
+    committed = await service.run(service.delete_job_command(user_id, job_id))
+    _remember(container, user_id, job_id, committed)
+    log.info("job %s deleted", job_id, extra={"job_id": str(job_id), "user_id": str(user_id)})
+    return ok({"deleted": True})
+
+
+def _forget_job_data(c: Container, user_id: UUID, job_id: UUID) -> None:
+    """The job's objects and its webhook deliveries (they hold its public view)."""
+    from adapters.objects import delete_prefixes
+    from adapters.webhooks.store import forget_job
+
+    delete_prefixes(c.s3, c.settings.s3_bucket, job_prefixes(user_id, job_id))
+    with c.read_pool.connection() as conn:
+        forget_job(conn, job_id)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=Envelope[JobStatePublic], responses=OWN)
@@ -294,6 +325,8 @@ async def callback(
         body.output_key or "", body.preview_key or "", body.error or "",
     ))
     r = committed.value
+    if r.finished is not None:
+        log.info("job %s finished: %s", job_id, r.finished.value, extra={"job_id": str(job_id)})
     return ok(CallbackPublic(outcome=r.outcome.value, idx=r.idx, item_status=r.item_status,
                              job_status=r.finished.value if r.finished else None))
 

@@ -123,6 +123,24 @@ async def health(container: ContainerDep, request: Request) -> JSONResponse:
     return ok(HealthPublic(status="ok" if all(results) else "degraded", dependencies=deps))
 
 
+@router.get("/livez", tags=["health"])
+async def livez() -> JSONResponse:
+    """The process answers (a liveness probe: nothing else is checked). No auth."""
+    return JSONResponse({"status": "alive"})
+
+
+@router.get("/readyz", tags=["health"], responses={503: {"description": "a dependency is failing (named)"}})
+async def readyz(container: ContainerDep, request: Request) -> JSONResponse:
+    """200 when PostgreSQL, the broker and S3 answer (each checked at most once a second), else
+    503 naming the failing ones: a load balancer sends no traffic to this process. No auth."""
+    checks = _health_checks(request, container)
+    results = await asyncio.gather(*(check() for check in checks.values()))
+    failing = [name for name, good in zip(checks, results, strict=True) if not good]
+    if failing:
+        return JSONResponse({"status": "not ready", "failing": failing}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
 @router.post("/auth/anon", response_model=Envelope[TokenPublic], tags=["auth"],
              responses={201: {"model": Envelope[TokenPublic], "description": "registered now"},
                         422: ERRORS[422],

@@ -102,6 +102,16 @@ def delete_endpoint(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: U
     return cur.rowcount == 1
 
 
+def forget_job(conn: psycopg.Connection[Any], job_id: UUID) -> int:
+    """A deleted job's deliveries (and their attempts): they hold its public view."""
+    return conn.execute("DELETE FROM palette_webhooks.deliveries WHERE job_id = %s", [job_id]).rowcount
+
+
+def forget_user(conn: psycopg.Connection[Any], user_id: UUID) -> int:
+    """An erased user's endpoints, with their deliveries and attempts (ON DELETE CASCADE)."""
+    return conn.execute("DELETE FROM palette_webhooks.endpoints WHERE user_id = %s", [user_id]).rowcount
+
+
 def rotate_secret(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID,
                   secret: str) -> dict[str, Any] | None:
     """A new secret; the replaced one keeps signing (alongside) for ``ROTATION_GRACE_S``."""

@@ -1,0 +1,53 @@
+"""One trace from POST /execute to the job's end: the API, the dispatcher and the GPU worker
+log the job under the trace id the client sent, and the job's events are stored with it."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from adapters.bootstrap import open_event_store
+from domain.contracts import trace as contract
+from projections.rebuild import iter_envelopes
+from tests.integration.test_stack import wait_until
+
+from .test_lifecycle import create_uploaded_job
+
+
+def _lines(path, job_id: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("job_id") == job_id:
+                out.append(entry)
+    return out
+
+
+def test_one_trace_id_follows_a_job_through_every_process(client, gpu_apps, settings):
+    trace_id = uuid.uuid4().hex
+    traceparent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
+    job_id = create_uploaded_job(client, 1)
+    client.data("POST", f"/jobs/{job_id}/execute", headers={"traceparent": traceparent},
+                json={"concepts": {"wall": {"action": "tone", "value": "warm"}}})
+    wait_until(lambda: client.data("GET", f"/jobs/{job_id}")["status"] in ("done", "failed"), timeout_s=120,
+               what="the job to finish")
+    logs = gpu_apps.log_dir
+
+    def traced(process: str) -> list[str]:
+        return [e["msg"] for e in _lines(logs / f"{process}.log", job_id) if e.get("trace_id") == trace_id]
+
+    found = wait_until(lambda: all(traced(p) for p in ("api", "dispatcher", "gpu")) and
+                       {p: traced(p) for p in ("api", "dispatcher", "gpu")}, timeout_s=30,
+                       what="the job's log lines under the client's trace id")
+    assert any("queued" in m for m in found["api"]) and any("finished" in m for m in found["api"])
+    assert any("dispatching" in m for m in found["dispatcher"]) and any("item 0" in m for m in found["gpu"])
+    app = open_event_store(settings, pool_size=1)
+    try:
+        traces = {e.type: e.trace for e in iter_envelopes(app.recorder, app.mapper.transcoder, 1, None)
+                  if str(e.stream_id) == job_id}
+    finally:
+        app.close()
+    assert contract.trace_id(traces["JobQueued"]) == trace_id  # the request's own event
+    assert contract.trace_id(traces["JobFinished"]) == trace_id  # recorded by the worker's callback
+    assert contract.trace_id(traces["JobCreated"]) not in ("", trace_id)  # another request: its own trace
