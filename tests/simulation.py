@@ -112,7 +112,7 @@ class Producer:
         self.crash_at_send = False
         self.crash_in_flush: int | None = None
 
-    def send(self, topic: str, key: bytes, value: bytes) -> Future:
+    def send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> Future:
         if self.crash_at_send:
             raise Crash("relay: after commit, before publish")
         self.pending.append((key, value))

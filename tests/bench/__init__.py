@@ -14,6 +14,9 @@ signed by ``domain.contracts.callback``, and the naive API is `palette serve api
 - ``recovery``: the projector catching up after a restart, the broker SIGKILLed and restarted
 - ``rebuild``: rebuild and replay over the whole log
 - ``gpu``: the GPU worker against one item at a time
+- ``analytics``: the analysts' Parquet export over a generated log, and its size against JSON lines
+- ``quality``: ``--quality``, every edit against ground truth on generated scenes (``scenes``)
+- ``webhooks``: ``python -m tests.bench.webhooks``, commit -> webhook receipt at 200 jobs/min
 - ``audit``: ``--audit-events N``, the auditors' tools over a large log
 - ``report``: goals, what each figure measures, table and chart; ``suite``: the run
 """

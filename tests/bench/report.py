@@ -23,6 +23,9 @@ SESSIONS = ("sessions of 7 requests, each sent once the one before it is answere
 # Every figure the run reports, in report order, with exactly what it measures. The HTTP figures
 # are wrk's when it is installed (as described); otherwise Python clients' (the fallback texts).
 MEASURES: dict[str, str] = {
+    "parquet_export_events_per_s": "`palette replay all --format parquet` over a generated log (the main log's "
+                                   "events copied into schema analytics to ~200k quick, ~1M full), median of 3",
+    "parquet_vs_jsonl_size": "bytes of that Parquet dataset (zstd) / bytes of `palette replay all` JSON lines",
     "api_workers": "API processes on the port (PALETTE_API_WORKERS)",
     "http_ceiling_per_s": f"a bare FastAPI app answering GET / with a small JSON document, under uvicorn with the "
                           f"API's settings, in the same run ({WRK}): the ceiling of every HTTP figure",
@@ -153,6 +156,8 @@ GOALS: list[tuple[str, str, tuple[Part, ...]]] = [
      ((None, 20000, True), ("naive_rebuild_events_per_s", 10, True))),
     ("replay_events_per_s", ">= 50000", ((None, 50000, True),)),
     ("gpu_items_per_s", ">= 3x naive (CPU)", (("naive_gpu_items_per_s", 3, True),)),
+    ("parquet_export_events_per_s", ">= 100000", ((None, 100000, True),)),
+    ("parquet_vs_jsonl_size", "<= 0.25 (Parquet / JSON lines bytes)", ((None, 0.25, False),)),
 ]
 
 

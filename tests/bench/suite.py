@@ -7,6 +7,7 @@ import signal
 import time
 from pathlib import Path
 
+from tests.bench.analytics import FULL_EVENTS, QUICK_EVENTS, bench_analytics
 from tests.bench.api import bench_http
 from tests.bench.audit import bench_audit_at_scale
 from tests.bench.core import bench_core, make_backlog
@@ -41,6 +42,7 @@ def run(quick: bool) -> Results:
         stack.supervisor.stop("projector")
         stack.supervisor.stop("relay")
         bench_rebuild_and_replay(stack.settings, prof, results)
+        bench_analytics(stack.settings, QUICK_EVENTS if quick else FULL_EVENTS, results)
         bench_gpu(stack, prof, results)
     results["seconds"] = round(time.monotonic() - t0, 1)
     judge(results)
