@@ -57,9 +57,13 @@ class ReadSideCollector:
     """Per read model: events not folded yet, seconds since the oldest of them was recorded,
     dead letters; the event store's head and the relay's position. Measured when scraped."""
 
-    def __init__(self, database_url: str, log_reader: Any) -> None:
+    def __init__(self, database_url: str, log_reader: Any, ttl_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.database_url = database_url
         self.log = log_reader  # the projector's: the events table and the oldest events' times
+        self.ttl_s = ttl_s  # the lag counts scan the log: measured at most this often, however many scrapers
+        self.clock = clock
+        self._last: tuple[float, Any] | None = None
 
     def collect(self) -> Iterator[Metric]:
         import psycopg
@@ -70,7 +74,9 @@ class ReadSideCollector:
                                   "age of the oldest event a read model has not folded", labels=["model"])
         letters = GaugeMetricFamily("palette_dead_letters", "events parked or held per read model", labels=["model"])
         try:
-            rows, positions = self._measure(psycopg)
+            if self._last is None or self.clock() - self._last[0] >= self.ttl_s:
+                self._last = (self.clock(), self._measure(psycopg))
+            rows, positions = self._last[1]
         except psycopg.Error as e:
             log.warning("read-side metrics unavailable: %s", type(e).__name__)
             return

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -228,19 +228,22 @@ class Regions:
     box: torch.Tensor  # [n, 4] y0, x0, y1, x1 (inclusive), work pixels
     centre: torch.Tensor  # [n, 2] y, x in [0, 1]
     touch: dict[tuple[int, int], int]  # (a, b) with a < b -> shared boundary length
+    _adjacent: dict[int, dict[int, int]] | None = field(default=None, repr=False)
 
     @property
     def count(self) -> int:
         return int(self.area.numel())
 
     def neighbours(self, region: int) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for (a, b), n in self.touch.items():
-            if a == region:
-                out[b] = n
-            elif b == region:
-                out[a] = n
-        return out
+        """The regions touching ``region``, with the shared boundary's length (the adjacency is
+        built once, on first use: a walk of ``touch`` per call is quadratic on a busy image)."""
+        if self._adjacent is None:
+            adjacent: dict[int, dict[int, int]] = {}
+            for (a, b), n in self.touch.items():
+                adjacent.setdefault(a, {})[b] = n
+                adjacent.setdefault(b, {})[a] = n
+            self._adjacent = adjacent
+        return self._adjacent.get(region, {})
 
 
 def _stats(labels: torch.Tensor, lab: torch.Tensor) -> Regions:

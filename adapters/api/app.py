@@ -158,7 +158,8 @@ def create_asgi(container: Container, owns_container: bool = False,
     registry = registry or CollectorRegistry()
     if container.committer is not None:
         command_metrics(container.committer, registry)
-    return BodyLimit(RequestContext(HttpMetrics(keys, registry)), MAX_BODY_BYTES)
+    # The metrics outermost: a body refused by the cap (413) is counted too.
+    return HttpMetrics(BodyLimit(RequestContext(keys), MAX_BODY_BYTES), registry)
 
 
 def worker_asgi(naive: bool) -> ASGIApp:

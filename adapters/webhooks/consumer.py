@@ -23,6 +23,7 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
+from psycopg import sql
 
 from adapters.relay import LossSignal, PgPositions
 from adapters.webhooks import store
@@ -79,6 +80,8 @@ class DeliveryRecorder:
                 heads[e.stream_id] = max(heads.get(e.stream_id, 0), e.version)
         if not heads:
             return 0
+        for job_id in self._deleted(set(heads)):  # its owner deleted it: nothing of it goes out again
+            del heads[job_id]
         owners = self._owners(set(heads))
         by_user: dict[UUID, list[store.Subscriber]] = defaultdict(list)
         for sub in store.subscribers(self.conn, list(set(owners.values()))):
@@ -99,6 +102,19 @@ class DeliveryRecorder:
         for job in folded:  # only once recorded: a failure leaves the next try to fold them again
             self.folds.keep(job.id, job)
         return recorded
+
+    def _deleted(self, job_ids: set[UUID]) -> set[UUID]:
+        """The jobs among these whose log holds a JobDeleted (their deliveries were forgotten on
+        purpose: a redelivered or swept record must not bring them back)."""
+        if not job_ids:
+            return set()
+        recorder = self.log.recorder
+        table = sql.Identifier(getattr(getattr(recorder, "datastore", None), "schema", None) or "public",
+                               recorder.events_table_name)
+        rows = self.conn.execute(sql.SQL("SELECT DISTINCT originator_id FROM {} WHERE originator_id = ANY(%s) "
+                                         "AND topic = %s").format(table),
+                                 [list(job_ids), f"{Job.__module__}:{Job.JobDeleted.__qualname__}"]).fetchall()
+        return {row[0] for row in rows}
 
     def _owners(self, job_ids: set[UUID]) -> dict[UUID, UUID]:
         unknown = {j: (0, 1) for j in job_ids if j not in self.owners}

@@ -233,6 +233,7 @@ class Due:
     tries: int
     url: str
     keys: tuple[str, ...]  # the secrets that sign it: the current one, and a rotated one in its grace
+    lease: datetime | None = None  # when the claim ends: only this claim's attempt may record its outcome
 
 
 def claim(conn: psycopg.Connection[Any], limit: int, lease_s: float) -> list[Due]:
@@ -247,26 +248,29 @@ def claim(conn: psycopg.Connection[Any], limit: int, lease_s: float) -> list[Due
         "UPDATE palette_webhooks.deliveries d SET next_attempt_at = now() + %s * interval '1 second' "
         "FROM due, palette_webhooks.endpoints e WHERE d.id = due.id AND e.id = d.endpoint_id "
         "RETURNING d.id, d.message_id, d.body, d.tries, e.url, e.secret, "
-        "CASE WHEN e.previous_until > now() THEN e.previous_secret END",
+        "CASE WHEN e.previous_until > now() THEN e.previous_secret END, d.next_attempt_at",
         [limit, lease_s]).fetchall()
-    return [Due(r[0], r[1], bytes(r[2]), r[3], r[4], tuple(k for k in (r[5], r[6]) if k)) for r in rows]
+    return [Due(r[0], r[1], bytes(r[2]), r[3], r[4], tuple(k for k in (r[5], r[6]) if k), r[7]) for r in rows]
 
 
 def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, retry_in_s: float | None,
-           disable_after: int, disable_after_s: float) -> None:
+           disable_after: int, disable_after_s: float, lease: datetime | None = None) -> None:
     """Record an attempt. A failure schedules the next try (``retry_in_s``; None: the delivery
     has failed) and lengthens the endpoint's run of failures, which disables it once it is
-    ``disable_after`` attempts long and has lasted ``disable_after_s``; a success ends the run."""
+    ``disable_after`` attempts long and has lasted ``disable_after_s``; a success ends the run.
+    With ``lease`` (the claim's end), an attempt whose claim was taken over since (it outlived its
+    lease, or the delivery was redelivered) records nothing: a later attempt's outcome stands."""
     status = "succeeded" if outcome.ok else ("pending" if retry_in_s is not None else "failed")
     with conn.transaction():
         row = conn.execute(
             "UPDATE palette_webhooks.deliveries SET attempts = attempts + 1, status = %s, "
             "tries = CASE WHEN %s THEN 0 ELSE tries + 1 END, "
             "next_attempt_at = CASE WHEN %s = 'pending' THEN now() + %s * interval '1 second' END, "
-            "last_status_code = %s, last_error = %s WHERE id = %s RETURNING attempts, endpoint_id",
+            "last_status_code = %s, last_error = %s WHERE id = %s "
+            "AND (%s::timestamptz IS NULL OR next_attempt_at = %s::timestamptz) RETURNING attempts, endpoint_id",
             [status, outcome.ok, status, retry_in_s or 0.0, outcome.status_code, outcome.error or None,
-             delivery_id]).fetchone()
-        if row is None:  # the endpoint was deleted meanwhile
+             delivery_id, lease, lease]).fetchone()
+        if row is None:  # the endpoint was deleted meanwhile, or another claim holds the delivery now
             return
         conn.execute("INSERT INTO palette_webhooks.attempts (delivery_id, n, status_code, error, response, "
                      "duration_ms) VALUES (%s, %s, %s, %s, %s, %s)",

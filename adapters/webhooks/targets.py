@@ -44,10 +44,18 @@ def resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def refusal(address: Address) -> str | None:
     """Why production refuses to send to ``address`` (None: a public address)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        # IPv4 inside IPv6 (mapped, 6to4, Teredo, NAT64) reaches that IPv4 address: judged as it
+        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
+        if embedded is None and address in NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            address = embedded
     if address in METADATA:
         return "metadata"
     for reason, hit in (("loopback", address.is_loopback), ("link-local", address.is_link_local),
@@ -92,12 +100,14 @@ def check(url: str, production: bool, resolver: Resolver = resolve) -> Target:
     return Target(url, parts.hostname, addresses[0])
 
 
-def capped(chunks: Iterable[bytes], limit: int = MAX_RESPONSE_BYTES) -> bytes:
-    """At most ``limit`` bytes of a body, reading no chunk past the one that reaches it."""
+def capped(chunks: Iterable[bytes], limit: int = MAX_RESPONSE_BYTES, deadline: float | None = None,
+           clock: Callable[[], float] = time.monotonic) -> bytes:
+    """At most ``limit`` bytes of a body, reading no chunk past the one that reaches it, and none
+    after ``deadline`` (a receiver dripping its answer cannot hold a sender)."""
     out = bytearray()
     for chunk in chunks:
         out += chunk
-        if len(out) >= limit:
+        if len(out) >= limit or (deadline is not None and clock() >= deadline):
             break
     return bytes(out[:limit])
 
@@ -144,7 +154,8 @@ def post(client: httpx.Client, url: str, body: bytes, headers: dict[str, str], p
     try:
         with client.stream("POST", address, content=body, headers={**headers, **extra_headers},
                            extensions=extensions) as response:
-            return done(response.status_code, "", capped(response.iter_raw(MAX_RESPONSE_BYTES)))
+            answer = capped(response.iter_raw(MAX_RESPONSE_BYTES), deadline=started + TIMEOUT_S, clock=clock)
+            return done(response.status_code, "", answer)
     except httpx.TimeoutException:
         return done(None, "timeout")
     except httpx.HTTPError as e:

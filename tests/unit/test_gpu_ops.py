@@ -60,10 +60,10 @@ def test_protected_and_unmasked_pixels_are_bit_identical(action, y0, x0):
     mask = box_mask(y0, y0 + 20, x0, x0 + 20)
     protect = box_mask(y0 + 5, y0 + 12, x0 + 5, x0 + 12)
     out = ops.apply_edits(img, {"wall": mask}, {"wall": {"action": action[0], "value": action[1]}}, protect)
-    changed = mask * (protect <= 0.5)
-    out_u8 = ops.to_u8(out, img_u8, changed)
-    untouched = (changed[0, 0] == 0)
-    assert torch.equal(out_u8[untouched], img_u8[untouched])
+    untouched = (mask * (protect <= 0.5))[0, 0] == 0
+    # the edits' own output, before to_u8 (which copies the original bytes where nothing changed)
+    assert torch.equal(out[0][:, untouched], img[0][:, untouched])
+    assert torch.equal(ops.to_u8(out, img_u8)[untouched], img_u8[untouched])
 
 
 def test_the_fast_recolor_matches_the_per_pixel_formula_within_40_db():

@@ -246,3 +246,15 @@ def test_a_name_that_now_resolves_to_loopback_is_not_sent_to():
     outcome = targets.post(target.client(), "https://hooks.example/in", BODY, {}, production=True,
                            resolver=resolving_to("127.0.0.1"))
     assert not outcome.ok and outcome.error.startswith("refused:") and target.requests == []
+
+
+def test_ipv4_inside_ipv6_is_judged_as_the_ipv4_address_it_reaches():
+    import ipaddress
+
+    from adapters.webhooks.targets import refusal
+
+    for inside, reason in (("64:ff9b::a9fe:a9fe", "metadata"), ("2002:a9fe:a9fe::1", "metadata"),
+                           ("64:ff9b::a00:1", "private"), ("::ffff:127.0.0.1", "loopback"),
+                           ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "private")):  # Teredo to 10.0.0.1
+        assert refusal(ipaddress.ip_address(inside)) == reason, inside
+    assert refusal(ipaddress.ip_address("2001:4860:4860::8888")) is None
