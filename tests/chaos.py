@@ -164,7 +164,7 @@ class Workload:
 
 
 def pg_stop_immediate(stack: EmbeddedStack) -> None:
-    pgdir = stack.data_dir / "pg"
+    pgdir = stack._pg_paths()[0]  # under the data directory, or where root put it (infra.stack.PG_HOME)
     argv = [find_pg_bin("pg_ctl"), "stop", "-D", str(pgdir), "-m", "immediate", "-w"]
     if stack._run_as:
         argv = ["runuser", "-u", stack._run_as, "--", *argv]

@@ -222,3 +222,39 @@ def test_webhook_metrics_read_the_delivery_tables(settings):
     assert samples[("palette_webhook_deliveries", (("status", "pending"),))] >= 1
     assert samples[("palette_webhook_oldest_pending_seconds", ())] >= 3600
     assert ("palette_webhook_endpoints_disabled", ()) in samples
+
+
+def test_the_apis_readiness_names_postgresql_while_it_is_down_and_recovers(tmp_path):
+    """A load balancer's view: /readyz is 503 naming postgres within 5 s of PostgreSQL stopping
+    (each check at most 1 s old, 2 s to answer), and 200 again once it is back; /livez stays 200."""
+    import httpx
+
+    from tests.chaos import pg_stop_immediate
+
+    data_dir = Path(tempfile.mkdtemp(prefix="palette-ready-"))
+    data_dir.chmod(0o755)
+    settings = load_settings(env="development", data_dir=data_dir, pg_fsync=False, metrics_port=0,
+                             **_free_port_block(random.Random(os.getpid() + 3)))
+    stack = embedded_stack(settings)
+    url = f"http://{settings.api_host}:{settings.api_port}"
+
+    def ready() -> tuple[int, list[str]]:
+        r = httpx.get(f"{url}/readyz", timeout=5)
+        return r.status_code, r.json().get("failing", [])
+
+    try:
+        stack.start_infra()
+        stack.start_apps(("api",))
+        wait_until(lambda: ready() == (200, []), what="the API to be ready")
+        pg_stop_immediate(stack)
+        wait_until(lambda: ready() == (503, ["postgres"]), timeout_s=5, what="/readyz to name postgres")
+        assert httpx.get(f"{url}/livez", timeout=5).status_code == 200  # alive all the same
+
+        def back() -> bool:
+            stack.supervisor.check()  # restarts PostgreSQL, as palette up does
+            return ready() == (200, [])
+
+        wait_until(back, timeout_s=90, what="/readyz to be 200 again")
+    finally:
+        stack.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
