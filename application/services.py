@@ -319,19 +319,6 @@ class PaletteService:
 
         return command
 
-    def expire_job_command(self, job_id: UUID, retention_days: int) -> Command[bool]:
-        """Record that a terminal job's objects were removed after the retention period."""
-        at = self.clock.now()
-
-        @touches(job_id)
-        def command(uow: UnitOfWork) -> bool:
-            job = uow.get(Job, job_id)
-            if job is None:
-                raise NotFound("job not found")
-            return job.expire(retention_days, at)
-
-        return command
-
     def get_job(self, user_id: UUID, job_id: UUID) -> Job:
         job: Job = self._read(Job, job_id, "job")
         if job.user_id != user_id or job.deleted:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -16,6 +17,7 @@ import psycopg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adapters.tokens import TokenIssuer
 from domain.contracts.callback import sign_callback
 from tests import figures
 from tests.integration.test_stack import wait_until
@@ -84,6 +86,8 @@ def test_hostile_text_in_every_field_never_stops_palette(apps, http, settings, c
     job_id = create_uploaded_job(client, 1)
     tally = Tally()
     auth = {**client.headers, "content-type": "application/json"}
+    staff = TokenIssuer(settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience, 3600)
+    auditor = {"Authorization": f"Bearer {staff.issue(uuid.uuid4(), datetime.now(UTC), role='auditor')}"}
 
     @settings_for_fuzz
     @given(a=TEXT, b=TEXT, c=TEXT, concepts=CONCEPTS, protect=st.lists(TEXT, max_size=3))
@@ -93,12 +97,17 @@ def test_hostile_text_in_every_field_never_stops_palette(apps, http, settings, c
             ("POST", "/rules", {"name": a, "preset_id": b, "concepts": concepts, "protect": protect}, {}),
             ("PUT", f"/rules/{rule_id}", {"name": a, "concepts": concepts, "protect": protect}, {}),
             ("POST", "/jobs", {"preset": a, "item_count": 1}, {"Idempotency-Key": _header(c)}),
-            ("POST", f"/jobs/{job_id}/execute", {"concepts": concepts, "protect": protect}, {}),
+            ("POST", f"/jobs/{job_id}/execute", {"concepts": concepts, "protect": protect},
+             {"traceparent": _header(c)}),
+            ("POST", "/webhooks", {"url": a, "events": [b, "job.queued"]}, {"traceparent": _header(a)}),
         ]
         for method, path, body, extra in bodies:
             tally.send(http, method, path, content=_raw_json(body), headers={**auth, **extra})
         tally.send(http, "GET", f"/jobs?cursor={_path(a)}", headers=client.headers)
         tally.send(http, "GET", f"/presets/{_path(b)}", headers=client.headers)
+        tally.send(http, "GET", f"/webhooks/{_path(b)}/deliveries", headers=client.headers)
+        tally.send(http, "DELETE", f"/jobs/{_path(c)}", headers=client.headers)
+        tally.send(http, "GET", f"/audit/report?from={_path(a)}&to={_path(b)}&at={_path(c)}", headers=auditor)
         tally.send(http, "GET", f"/jobs/{job_id}/events", headers={**client.headers, "Last-Event-ID": _header(c)})
         callback = _raw_json({"idx": 0, "status": "failed", "output_key": a, "preview_key": b, "error": c,
                               "idempotency_key": a})
