@@ -64,6 +64,15 @@ class UserView:
     max_concurrency: int
 
 
+@dataclass(frozen=True)
+class RerunSource:
+    """What a job made from a finished one takes from it: the item count, and the concepts (edited,
+    then protected) whose masks its worker kept."""
+
+    item_count: int
+    concepts: tuple[str, ...]
+
+
 class PaletteService:
     """Commands return :class:`Committed` (value + event-store position) for read-your-writes."""
 
@@ -168,6 +177,35 @@ class PaletteService:
             uow.add(Job.create(new_id, user_id, preset, item_count, at))
 
         return self._create_owned_command(user_id, Job, job_id, create)
+
+    async def rerun_source_async(self, user_id: UUID, source_id: UUID) -> RerunSource:
+        """What a new job takes from the caller's finished job ``source_id`` (NotFound: none,
+        another user's or deleted; InvalidState: not finished, or its objects expired)."""
+        def view(job: Any) -> RerunSource:
+            self._upload_state(user_id, job)
+            self._check_rerunnable(job)
+            return RerunSource(job.item_count, (*job.concepts, *job.protect))
+
+        return await self.executor.read_async(source_id, view)
+
+    def rerun_job_command(self, user_id: UUID, source_id: UUID, job_id: UUID | None = None) -> Command[UUID]:
+        """A new job of the preset and size of the caller's finished job ``source_id``, its credits
+        reserved as for any job. The caller (the API) then copies the source's inputs and the masks
+        its worker used into it, so no photo is uploaded again."""
+        def create(uow: UnitOfWork, user: User, new_id: UUID, at: datetime) -> None:
+            source = self._own_job(uow, user_id, source_id)
+            self._check_rerunnable(source)
+            user.reserve(new_id, source.item_count, self._plan(user.plan), at)
+            uow.add(Job.create(new_id, user_id, source.preset, source.item_count, at))
+
+        return self._create_owned_command(user_id, Job, job_id, create, also=(source_id,))
+
+    @staticmethod
+    def _check_rerunnable(job: Job) -> None:
+        if not job.status.terminal:
+            raise InvalidState(f"cannot rerun a {job.status} job: wait for it to finish, or cancel it")
+        if job.objects_deleted:
+            raise InvalidState("cannot rerun this job: its photos were removed after the retention period")
 
     def confirm_upload(self, user_id: UUID, job_id: UUID) -> Committed[str]:
         """created -> uploaded, once every input object exists in the store. Returns the status."""
@@ -403,13 +441,15 @@ class PaletteService:
         return agg
 
     def _create_owned_command(self, user_id: UUID, cls: type[Any], chosen_id: UUID | None,
-                              create: Callable[[UnitOfWork, User, UUID, datetime], None]) -> Command[UUID]:
-        """The command creating an aggregate the user owns, with what it takes from the User.
-        A caller-chosen id makes the retry of a creation that did commit a no-op."""
+                              create: Callable[[UnitOfWork, User, UUID, datetime], None],
+                              also: Sequence[UUID] = ()) -> Command[UUID]:
+        """The command creating an aggregate the user owns, with what it takes from the User (and
+        from the aggregates ``also`` names). A caller-chosen id makes the retry of a creation that
+        did commit a no-op."""
         new_id = chosen_id or self.ids.new_id()
         at = self.clock.now()
 
-        @touches(user_id, *((new_id,) if chosen_id is not None else ()))
+        @touches(user_id, *also, *((new_id,) if chosen_id is not None else ()))
         def command(uow: UnitOfWork) -> UUID:
             if chosen_id is not None and self._created_before(uow, cls, new_id, user_id):
                 return new_id

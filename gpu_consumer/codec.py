@@ -52,11 +52,13 @@ def decode_mask(data: bytes, size: tuple[int, int]) -> torch.Tensor:
     check_size(data)
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if img.width > MAX_SIDE or img.height > MAX_SIDE:  # before a pixel is decoded
+                raise BadInput(f"mask is {img.width}x{img.height}; the limit is {MAX_SIDE}x{MAX_SIDE}")
             gray = img.convert("L")
             if gray.size != (size[1], size[0]):
                 gray = gray.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.asarray(gray, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise BadInput(f"mask is not a readable image ({type(e).__name__})") from None
     return torch.from_numpy(array).view(1, 1, *array.shape)
 

@@ -89,6 +89,11 @@ class Segmenter(Protocol):
         :class:`NothingFits`."""
         ...
 
+    def segment(self, image: torch.Tensor, concepts: Sequence[str],
+                optional: Collection[str] = ()) -> tuple[dict[str, torch.Tensor], list[Instance]]:
+        """The masks as :meth:`masks` gives them, and the instances found behind them."""
+        ...
+
 
 def kmeans(features: torch.Tensor, k: int, iterations: int = 10) -> torch.Tensor:
     """Deterministic k-means (init on evenly spaced points of the lightness order)."""
@@ -153,6 +158,12 @@ class PriorClusterSegmenter:
             out[concept] = F.interpolate(soft, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
         return out
 
+    def segment(self, image: torch.Tensor, concepts: Sequence[str],
+                optional: Collection[str] = ()) -> tuple[dict[str, torch.Tensor], list[Instance]]:
+        """The masks, each one instance of confidence 0: a position prior, not a finding."""
+        out = self.masks(image, concepts, optional)
+        return out, _prior_instances(out)
+
 
 # -- regions: connected areas of similar colour, named by shape, size, placement and colour ----
 REGION_WORK = 160  # region resolution (pixels on the long side)
@@ -179,6 +190,22 @@ class Instance:
     def as_json(self) -> dict[str, object]:
         return {"concept": self.concept, "box": list(self.box), "area": self.area,
                 "confidence": round(self.confidence, 3), "source": self.source}
+
+    @classmethod
+    def of_mask(cls, concept: str, hard: torch.Tensor, confidence: float, source: str) -> Instance | None:
+        """The whole of a boolean mask ``[..., H, W]`` as one instance (None when it is empty)."""
+        rows = hard.reshape(hard.shape[-2:]).any(dim=1).nonzero()
+        cols = hard.reshape(hard.shape[-2:]).any(dim=0).nonzero()
+        if not len(rows):
+            return None
+        box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+        return cls(concept, box, int(hard.sum()), confidence, source)
+
+
+def _prior_instances(masks: Mapping[str, torch.Tensor]) -> list[Instance]:
+    """Masks guessed from position priors, each as one instance of confidence 0."""
+    found = (Instance.of_mask(c, m > 0.5, 0.0, "prior") for c, m in masks.items())
+    return [i for i in found if i is not None]
 
 
 def _distance2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -574,9 +601,9 @@ class RegionSegmenter:
                 instances.append(Instance(concept, (int(x0 * sx), int(y0 * sy), int((x1 + 1) * sx), int((y1 + 1) * sy)),
                                           int(float(regions.area[i]) * sx * sy), found.confidence))
         if unknown and self.fallback is not None:
-            out.update(self.fallback.masks(image, unknown, optional))
-            instances += [Instance(c, (0, 0, w, h), int(float(out[c].sum())), 0.0, "prior")
-                          for c in unknown if c in out]
+            guessed = self.fallback.masks(image, unknown, optional)
+            out.update(guessed)
+            instances += _prior_instances(guessed)
         elif unknown:
             missing += [c for c in unknown if c not in optional]
         if missing:

@@ -5,6 +5,14 @@ with one image size batched together on CUDA; mask bounding boxes on CPU), then 
 and report each item through the signed callback while the next item computes. The Kafka
 offset is committed only after every callback of the poll was acknowledged.
 
+Masks back to the client: with each output the worker stores the masks the edit used (refined,
+protect included; a protected concept not in the photo as an empty mask) under the task's
+``used_mask_keys`` and an instances JSON under ``instances_key`` (per concept: role, source
+``client`` or ``segmenter``, and instances with box, area and confidence), all before the
+callback, so a reported item has them. It reads client masks only from ``mask_keys``, never from
+where it writes: a retried or redelivered task computes from the same inputs as the first
+attempt, and writes the same bytes again.
+
 What fails, and how: a task that cannot be parsed, or whose edits the ops refuse (any
 ``ValueError``, e.g. a colour ``"#5b7f95\n"`` or an unknown texture), is bad input: it is parked on
 ``palette.gpu-jobs.dlq`` at once and its item (when the task names a job and an index) reported
@@ -28,6 +36,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -41,7 +50,7 @@ from domain.text import escaped
 from gpu_consumer import ops
 from gpu_consumer.codec import BadInput, check_size, decode, decode_mask, encode_png, encode_preview
 from gpu_consumer.refine import refine_masks
-from gpu_consumer.segment import Segmenter, built_in
+from gpu_consumer.segment import Instance, Segmenter, built_in
 
 log = logging.getLogger("palette.gpu")
 GROUP = topics.GPU_GROUP
@@ -136,6 +145,46 @@ def pick_device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class Edited:
+    """One edited item on the CPU, as it is stored: the output ``[H, W, 3]``, each mask the edit
+    used as uint8 ``[H, W]`` (rounded up: a pixel the edit could touch is at least 1), the
+    concepts whose mask was the client's, and the instances the segmenter found."""
+
+    image: torch.Tensor
+    masks: dict[str, torch.Tensor]
+    client: frozenset[str]
+    found: list[Instance]
+
+    def instances_json(self, task: Task) -> bytes:
+        """The instances document (deterministic bytes: a retry writes the same)."""
+        concepts: dict[str, Any] = {}
+        for concept, mask in self.masks.items():
+            if concept in self.client:
+                whole = Instance.of_mask(concept, mask > 127, 1.0, "client")
+                instances = [whole] if whole is not None else []
+            else:
+                instances = [i for i in self.found if i.concept == concept]
+            concepts[concept] = {
+                "role": "protect" if concept in task.protect else "edit",
+                "source": "client" if concept in self.client else "segmenter",
+                "instances": [{k: v for k, v in i.as_json().items() if k != "concept"} for i in instances]}
+        h, w = self.image.shape[:2]
+        return json.dumps({"idx": task.idx, "width": w, "height": h, "concepts": concepts}, sort_keys=True).encode()
+
+
+def used_masks(masks: dict[str, torch.Tensor], concepts: Sequence[str],
+               size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The masks of ``concepts`` as uint8 ``[H, W]`` on the CPU (one transfer), rounded up; a
+    concept without a mask (a protected one not in the photo) as zeros."""
+    present = [c for c in concepts if c in masks]
+    out = {c: torch.zeros(size, dtype=torch.uint8) for c in concepts if c not in masks}
+    if present:
+        stacked = torch.cat([masks[c].reshape(1, *size) for c in present])
+        out.update(zip(present, stacked.mul(255).ceil_().clamp_(0, 255).to(torch.uint8).cpu(), strict=True))
+    return {c: out[c] for c in concepts}
+
+
 class ImagePipeline:
     """Fetch -> decode -> masks -> edits -> encode -> upload, for one item or a same-size group."""
 
@@ -178,8 +227,13 @@ class ImagePipeline:
         return image, masks
 
     def compute(self, image_u8: torch.Tensor, client_masks: dict[str, torch.Tensor], task: Task) -> torch.Tensor:
-        """Edit one image on the device; returns uint8 ``[H, W, 3]`` on the CPU. Every mask, the
-        client's or the segmenter's, is first refined against the photo (:mod:`gpu_consumer.refine`)."""
+        """Edit one image on the device; returns uint8 ``[H, W, 3]`` on the CPU."""
+        return self.edit(image_u8, client_masks, task).image
+
+    def edit(self, image_u8: torch.Tensor, client_masks: dict[str, torch.Tensor], task: Task) -> Edited:
+        """Edit one image on the device; the output and the masks it used (those the task has a
+        ``used_mask_keys`` entry for) on the CPU. Every mask, the client's or the segmenter's, is
+        first refined against the photo (:mod:`gpu_consumer.refine`)."""
         for edit in task.concepts.values():  # a bad edit fails the item before the segmenter runs
             ops.check_edit(edit.get("action"), edit.get("value", ""))
         original = image_u8.to(self.device, non_blocking=True)
@@ -187,8 +241,11 @@ class ImagePipeline:
         wanted = [*task.concepts, *task.protect]
         missing = [c for c in wanted if c not in client_masks]
         masks = {c: m.to(self.device) for c, m in client_masks.items()}
+        found: list[Instance] = []
         if missing:
-            masks.update(self.segmenter.masks(image, missing, optional=[c for c in missing if c in task.protect]))
+            segmented, found = self.segmenter.segment(image, missing,
+                                                      optional=[c for c in missing if c in task.protect])
+            masks.update(segmented)
         masks = refine_masks(image, masks, client=client_masks.keys())
         protect = None
         if task.protect:
@@ -202,12 +259,22 @@ class ImagePipeline:
                 changed = torch.maximum(changed, masks[concept])
         if protect is not None:
             changed = changed * (protect <= 0.5)
-        return ops.to_u8(out, original, changed).cpu()
+        out_u8 = ops.to_u8(out, original, changed).cpu()
+        kept = used_masks(masks, [c for c in wanted if c in task.used_mask_keys], (out_u8.shape[0], out_u8.shape[1]))
+        return Edited(out_u8, kept, frozenset(client_masks), found)
 
-    def store(self, task: Task, out_u8: torch.Tensor) -> None:
-        self.s3.put_object(Bucket=self.bucket, Key=task.output_key, Body=encode_png(out_u8),
+    def store(self, task: Task, edited: Edited) -> None:
+        """The masks used and their instances, then the output and its preview (all before the
+        callback: a reported item has every object)."""
+        for concept, mask in edited.masks.items():
+            self.s3.put_object(Bucket=self.bucket, Key=task.used_mask_keys[concept], Body=encode_png(mask),
+                               ContentType="image/png")
+        if task.instances_key:
+            self.s3.put_object(Bucket=self.bucket, Key=task.instances_key, Body=edited.instances_json(task),
+                               ContentType="application/json")
+        self.s3.put_object(Bucket=self.bucket, Key=task.output_key, Body=encode_png(edited.image),
                            ContentType="image/png")
-        self.s3.put_object(Bucket=self.bucket, Key=task.preview_key, Body=encode_preview(out_u8),
+        self.s3.put_object(Bucket=self.bucket, Key=task.preview_key, Body=encode_preview(edited.image),
                            ContentType="image/jpeg")
 
 
@@ -230,10 +297,11 @@ class GpuWorker(ConsumerLoop):
         self.canceled = RecentKeys(remember_bytes)
         self.finished = RecentKeys(remember_bytes)  # idempotency keys whose result the API acknowledged
         self.stats = {"done": 0, "failed": 0, "dlq": 0, "skipped": 0, "retried": 0}
+        self.observe_item: Callable[[Task, float], None] | None = None  # seconds editing each item (metrics)
 
     # -- one item, all stages, with retries (the slow path after a first failure) ---------
-    def _finish(self, task: Task, out_u8: torch.Tensor) -> None:
-        self.pipeline.store(task, out_u8)
+    def _finish(self, task: Task, edited: Edited) -> None:
+        self.pipeline.store(task, edited)
         self._report(task, "done", task.output_key, task.preview_key)
 
     def _report(self, task: Task, status: str, output_key: str = "", preview_key: str = "", error: str = "") -> None:
@@ -275,7 +343,7 @@ class GpuWorker(ConsumerLoop):
             time.sleep(self.backoff_s * 2 ** (attempt - 2))
             try:
                 image, masks = self.pipeline.fetch(task)
-                self._finish(task, self.pipeline.compute(image, masks, task))
+                self._finish(task, self.pipeline.edit(image, masks, task))
                 return
             except BadInput as e:
                 self._report(task, "failed", error=str(e))
@@ -316,7 +384,10 @@ class GpuWorker(ConsumerLoop):
         """Edit one fetched item, then hand its upload and callback to the I/O threads."""
         try:
             image, masks = fetched.result()
-            out = self.pipeline.compute(image, masks, task)
+            started = time.perf_counter()
+            out = self.pipeline.edit(image, masks, task)
+            if self.observe_item is not None:
+                self.observe_item(task, time.perf_counter() - started)
         except BadInput as e:
             return self.pool.submit(self._report, task, "failed", "", "", str(e))
         except ValueError as e:
@@ -325,7 +396,7 @@ class GpuWorker(ConsumerLoop):
             return self.pool.submit(self._retry, task, e)
         return self.pool.submit(self._finish_or_retry, task, out)
 
-    def _finish_or_retry(self, task: Task, out: torch.Tensor) -> None:
+    def _finish_or_retry(self, task: Task, out: Edited) -> None:
         try:
             self._finish(task, out)
         except CallbackUnavailable:

@@ -10,6 +10,7 @@ LINKS: dict[tuple[str, str, str], tuple[str, str, list[tuple[str, str]]]] = {
     ("/jobs", "post", "201"): ("job_id", "$response.body#/data/job_id", [
         ("/jobs/{job_id}", "get"), ("/jobs/{job_id}/confirm-upload", "post"),
         ("/jobs/{job_id}/execute", "post"), ("/jobs/{job_id}/cancel", "post"),
+        ("/jobs/{job_id}/rerun", "post"),
     ]),
     ("/rules", "post", "201"): ("rule_id", "$response.body#/data/id", [
         ("/rules/{rule_id}", "put"), ("/rules/{rule_id}", "delete"),

@@ -1,4 +1,5 @@
-"""Jobs: create with presigned uploads, confirm, execute, status, GPU callback, cancel."""
+"""Jobs: create with presigned uploads, confirm, execute, status, GPU callback, cancel, and a new
+job made from a finished one (its photos and masks copied in S3, nothing uploaded again)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
@@ -37,18 +39,28 @@ from adapters.api.schemas import (
     JobExecute,
     JobList,
     JobPublic,
+    JobRerunPublic,
     JobStatePublic,
     JobSummary,
+    MaskSlot,
     Progress,
     UploadSlot,
 )
 from adapters.bootstrap import Container
-from application.services import PaletteService
+from application.services import PaletteService, RerunSource
 from application.unit_of_work import Committed
 from domain.contracts.callback import CALLBACK_WINDOW_S, verify_callback
-from domain.contracts.keys import input_key, job_prefixes
-from domain.errors import NotFound, ValidationFailed
-from domain.job import Job
+from domain.contracts.keys import (
+    input_key,
+    inputs_prefix,
+    instances_key,
+    job_prefixes,
+    mask_key,
+    used_mask_key,
+    used_masks_prefix,
+)
+from domain.errors import InvalidState, NotFound, ValidationFailed
+from domain.job import Job, JobStatus
 from projections.queries import BadCursor, encode_cursor, unfolded
 from projections.queries import list_jobs as list_jobs_query
 
@@ -56,7 +68,8 @@ log = logging.getLogger("palette.api")
 router = APIRouter(tags=["jobs"])
 CURSOR = r"^[A-Za-z0-9_=-]+$"  # what encode_cursor issues (URL-safe base64)
 URL_TTL_S = 900  # presigned URLs live at most 15 minutes
-INLINE_ITEMS = 16  # a job answer of at most this many items is built on the event loop (< 0.3 ms)
+INLINE_ITEMS, INLINE_URLS = 16, 32  # a job answer of at most this many items and URLs is built on the event loop
+COPY_THREADS = 8  # object copies in flight for one new job made from a finished one
 INPUT_CONTENT_TYPE = "image/jpeg"
 _E = Envelope[None]
 COMMON: dict[int | str, dict[str, Any]] = {401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},
@@ -83,6 +96,8 @@ class GetUrls:
     (200 ms on a 200-item job); here the signing key is derived once per instance (one response)
     and a URL costs one SHA-256 and one HMAC (~8 us)."""
 
+    METHOD = "GET"
+
     def __init__(self, c: Container, now: datetime, expires_s: int = URL_TTL_S) -> None:
         s = c.settings
         parts = urlsplit(s.effective_s3_endpoint)
@@ -106,14 +121,26 @@ class GetUrls:
 
     def url(self, key: str) -> str:
         path = quote(self._prefix + key, safe="/~")
-        canonical = f"GET\n{path}\n{self._query}{self._tail}"
+        canonical = f"{self.METHOD}\n{path}\n{self._query}{self._tail}"
         digest = hashlib.sha256(canonical.encode()).hexdigest()
         signature = hmac.digest(self._key, (self._to_sign + digest).encode(), "sha256").hex()
         return f"{self._origin}{path}?{self._query}&X-Amz-Signature={signature}"
 
 
+class PutUrls(GetUrls):
+    """Presigned S3 PUT URLs of the same make (host signed only: any Content-Type is taken)."""
+
+    METHOD = "PUT"
+
+
+def _mask_concepts(job: Job) -> list[str]:
+    """The concepts a done item has a used mask of: edited, then protected."""
+    return [*job.concepts, *job.protect]
+
+
 def _job_public(c: Container, job: Job) -> JobPublic:
     urls = GetUrls(c, datetime.now(UTC))
+    concepts = _mask_concepts(job)
     items = []
     for idx in range(job.item_count):
         result = job.items.get(idx)
@@ -124,6 +151,8 @@ def _job_public(c: Container, job: Job) -> JobPublic:
                 idx=idx, status="done",
                 output_url=urls.url(result.output_key) if result.output_key else None,
                 preview_url=urls.url(result.preview_key) if result.preview_key else None,
+                mask_urls={k: urls.url(used_mask_key(job.user_id, job.id, idx, k)) for k in concepts},
+                instances_url=urls.url(instances_key(job.user_id, job.id, idx)),
             ))
         else:
             items.append(ItemPublic(idx=idx, status="failed", error=result.error or None))
@@ -247,12 +276,85 @@ async def execute_job(job_id: UUID, body: JobExecute, user_id: CurrentUser,
     return ok(JobStatePublic(job_id=job_id, status=committed.value))
 
 
+@router.post("/jobs/{job_id}/rerun", response_model=Envelope[JobRerunPublic], status_code=201,
+             responses={**OWN, 402: {"model": _E, "description": "INSUFFICIENT_CREDITS"},
+                        409: {"model": _E, "description": "INVALID_STATE (the job is not finished, or its "
+                              "photos are gone) / CONCURRENCY_LIMIT"},
+                        429: {"model": _E, "description": "RATE_LIMITED (with Retry-After)"}})
+async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, container: ContainerDep,
+                    request: Request,
+                    idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
+    """A new job over the photos of this finished (done, failed or canceled) job, without uploading
+    them again. It reserves one credit per item as POST /jobs does; the inputs and the masks the
+    worker used are copied in S3, and those masks are the new job's client masks. ``masks`` holds a
+    presigned PUT per item and concept of the source: overwrite the ones to correct (a PNG, white =
+    the concept, black = not), then confirm-upload and execute as usual. Another user's job, or a
+    deleted one, is 404; a job not finished, or whose photos are gone, 409 INVALID_STATE."""
+    source = await service.rerun_source_async(user_id, job_id)
+    request.app.state.job_limits.take(user_id)
+    present = await run_in_threadpool(_source_objects, container, user_id, job_id)
+    absent = [i for i in range(source.item_count) if input_key(user_id, job_id, i) not in present]
+    if absent:  # canceled before its upload: nothing to run again
+        shown = ", ".join(str(i) for i in absent[:20]) + (" ..." if len(absent) > 20 else "")
+        raise InvalidState(f"cannot rerun this job: {len(absent)} of its photos are not there (idx {shown})")
+    committed = await service.run(service.rerun_job_command(
+        user_id, job_id, id_for_key(user_id, f"rerun:{job_id}", idempotency_key)))
+    new_id = committed.value
+    _remember(container, user_id, new_id, committed)
+    if (await service.get_job_async(user_id, new_id)).status == JobStatus.CREATED:  # never over a confirmed one
+        await run_in_threadpool(_copy_objects, container, _rerun_copies(user_id, job_id, new_id, source, present))
+
+    def slots() -> list[MaskSlot]:
+        urls = PutUrls(container, datetime.now(UTC))
+        return [MaskSlot(idx=i, concept=c, key=(k := mask_key(user_id, new_id, i, c)), url=urls.url(k),
+                         copied=used_mask_key(user_id, job_id, i, c) in present)
+                for i in range(source.item_count) for c in source.concepts]
+
+    masks = slots() if source.item_count * len(source.concepts) <= INLINE_URLS else await run_in_threadpool(slots)
+    return ok(JobRerunPublic(
+        job_id=new_id, source_job_id=job_id, inputs_copied=source.item_count, masks=masks, expires_in=URL_TTL_S,
+        confirm_url=str(request.url_for("confirm_upload", job_id=str(new_id))),
+    ), status=201)
+
+
+def _source_objects(c: Container, user_id: UUID, job_id: UUID) -> set[str]:
+    """The keys of a job's inputs and used masks (one LIST per prefix, paged)."""
+    pages = c.s3.get_paginator("list_objects_v2")
+    return {obj["Key"] for prefix in (inputs_prefix(user_id, job_id), used_masks_prefix(user_id, job_id))
+            for page in pages.paginate(Bucket=c.settings.s3_bucket, Prefix=prefix)
+            for obj in page.get("Contents", [])}
+
+
+def _rerun_copies(user_id: UUID, source_id: UUID, job_id: UUID, source: RerunSource,
+                  present: set[str]) -> list[tuple[str, str]]:
+    """(from, to) for the inputs, and for each used mask there is, to the new job's client masks."""
+    copies = [(input_key(user_id, source_id, i), input_key(user_id, job_id, i)) for i in range(source.item_count)]
+    for i in range(source.item_count):
+        for concept in source.concepts:
+            if (used := used_mask_key(user_id, source_id, i, concept)) in present:
+                copies.append((used, mask_key(user_id, job_id, i, concept)))
+    return copies
+
+
+def _copy_objects(c: Container, copies: list[tuple[str, str]]) -> None:
+    """Server-side copies, ``COPY_THREADS`` at a time. A copy again overwrites with the same bytes,
+    so a rerun retried with its Idempotency-Key finishes what a failed one began."""
+    bucket = c.settings.s3_bucket
+
+    def copy(pair: tuple[str, str]) -> None:
+        c.s3.copy_object(Bucket=bucket, Key=pair[1], CopySource={"Bucket": bucket, "Key": pair[0]})
+
+    with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="s3-copy") as pool:
+        list(pool.map(copy, copies))
+
+
 @router.get("/jobs/{job_id}", response_model=Envelope[JobPublic], responses=OWN)
 async def get_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
                   container: ContainerDep) -> JSONResponse:
-    """Status, progress and items, with presigned download URLs for finished outputs."""
+    """Status, progress and items, with presigned download URLs for finished outputs, the masks
+    the worker used for each (``mask_urls`` by concept) and their instances (``instances_url``)."""
     job = await service.get_job_async(user_id, job_id)
-    if job.item_count <= INLINE_ITEMS:
+    if job.item_count <= INLINE_ITEMS and job.done_items * (3 + len(_mask_concepts(job))) <= INLINE_URLS:
         return ok(_job_public(container, job))
     # A big job's URLs (~8 us each) and items are built in a worker thread, off the event loop.
     return ok(await run_in_threadpool(_job_public, container, job))

@@ -147,12 +147,19 @@ class Progress(BaseModel):
     total: int
 
 
+def _absent(value: object) -> bool:
+    return value is None
+
+
 class ItemPublic(BaseModel):
     idx: int
     status: Literal["pending", "done", "failed"]
     output_url: str | None = None
     preview_url: str | None = None
     error: str | None = None
+    # Done items only (absent otherwise): the masks the worker used, by concept, and their instances.
+    mask_urls: dict[str, str] | None = Field(default=None, exclude_if=_absent)
+    instances_url: str | None = Field(default=None, exclude_if=_absent)
 
 
 class JobPublic(BaseModel):
@@ -164,6 +171,26 @@ class JobPublic(BaseModel):
     protect: list[str]
     rule_id: UUID | None
     items: list[ItemPublic]
+
+
+class MaskSlot(BaseModel):
+    """Where a client may put its own mask for an item's concept (a PNG, white = the concept)."""
+
+    idx: int
+    concept: str
+    url: str
+    key: str
+    method: Literal["PUT"] = "PUT"
+    copied: bool  # the source job's mask for it is there already (overwrite it to correct it)
+
+
+class JobRerunPublic(BaseModel):
+    job_id: UUID
+    source_job_id: UUID
+    inputs_copied: int
+    masks: list[MaskSlot]
+    confirm_url: str
+    expires_in: int
 
 
 class JobStatePublic(BaseModel):

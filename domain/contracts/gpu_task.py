@@ -1,6 +1,10 @@
 """The GPU task on ``palette.gpu-jobs``: one per item of a queued job, everything the worker needs
 (no lookups). The dispatcher writes it with :func:`tasks_for`; the worker reads it with
-:meth:`Task.parse`, which refuses any other shape (``MalformedTask``)."""
+:meth:`Task.parse`, which refuses any other shape (``MalformedTask``).
+
+``mask_keys`` are where a client's masks may be (read); ``used_mask_keys`` and ``instances_key``
+are where the worker writes the masks it used and their instances (never read back). A task
+written before those two existed parses with them empty: its item gets no used masks."""
 
 from __future__ import annotations
 
@@ -11,7 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from domain.contracts import trace
-from domain.contracts.keys import callback_key, input_key, mask_key, output_key, preview_key
+from domain.contracts.keys import (
+    callback_key,
+    input_key,
+    instances_key,
+    mask_key,
+    output_key,
+    preview_key,
+    used_mask_key,
+)
 
 
 class MalformedTask(ValueError):
@@ -27,6 +39,8 @@ def tasks_for(user_id: uuid.UUID, job_id: uuid.UUID, item_count: int, concepts: 
         "input_key": input_key(user_id, job_id, idx), "output_key": output_key(user_id, job_id, idx),
         "preview_key": preview_key(user_id, job_id, idx),
         "mask_keys": {c: mask_key(user_id, job_id, idx, c) for c in mask_concepts},
+        "used_mask_keys": {c: used_mask_key(user_id, job_id, idx, c) for c in [*concepts, *protect]},
+        "instances_key": instances_key(user_id, job_id, idx),
         "idempotency_key": callback_key(job_id, idx), "attempt": 0,
     } for idx in range(item_count)]
 
@@ -83,6 +97,8 @@ class Task:
     idempotency_key: str
     attempt: int = 0
     traceparent: str = ""  # the trace of the request that queued the job (dropped when malformed)
+    used_mask_keys: dict[str, str] = field(default_factory=dict)  # where the masks used go, by concept
+    instances_key: str = ""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -105,6 +121,8 @@ class Task:
             preview_key=_string(data, "preview_key"), mask_keys=_string_map(data.get("mask_keys"), "mask_keys"),
             idempotency_key=_string(data, "idempotency_key"),
             attempt=_index(data.get("attempt", 0), "attempt"), traceparent=trace.valid(data.get(trace.HEADER)),
+            used_mask_keys=_string_map(data.get("used_mask_keys", {}), "used_mask_keys"),
+            instances_key=_string(data, "instances_key") if "instances_key" in data else "",
             raw=data)
 
     @classmethod

@@ -5,8 +5,12 @@ from __future__ import annotations
 from uuid import UUID
 
 
+def inputs_prefix(user_id: UUID, job_id: UUID) -> str:
+    return f"inputs/{user_id}/{job_id}/"
+
+
 def input_key(user_id: UUID, job_id: UUID, idx: int) -> str:
-    return f"inputs/{user_id}/{job_id}/{idx}.jpg"
+    return f"{inputs_prefix(user_id, job_id)}{idx}.jpg"
 
 
 def output_key(user_id: UUID, job_id: UUID, idx: int) -> str:
@@ -15,6 +19,24 @@ def output_key(user_id: UUID, job_id: UUID, idx: int) -> str:
 
 def mask_key(user_id: UUID, job_id: UUID, idx: int, concept: str) -> str:
     return f"masks/{user_id}/{job_id}/{idx}_{concept}.png"
+
+
+def used_masks_prefix(user_id: UUID, job_id: UUID) -> str:
+    """Where the GPU worker writes the masks it used. Apart from the client's ``mask_key`` on
+    purpose: the worker never reads what it wrote, so a retried or redelivered task sees the same
+    inputs as the first attempt and computes the same."""
+    return f"masks/{user_id}/{job_id}/used/"
+
+
+def used_mask_key(user_id: UUID, job_id: UUID, idx: int, concept: str) -> str:
+    """A mask the GPU worker used for an item, as refined against the photo (what the edit was held to)."""
+    return f"{used_masks_prefix(user_id, job_id)}{idx}_{concept}.png"
+
+
+def instances_key(user_id: UUID, job_id: UUID, idx: int) -> str:
+    """The JSON beside an item's used masks: per concept its source (client or segmenter) and its
+    instances (box, area, confidence)."""
+    return f"{used_masks_prefix(user_id, job_id)}{idx}_instances.json"
 
 
 def preview_key(user_id: UUID, job_id: UUID, idx: int) -> str:

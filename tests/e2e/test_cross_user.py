@@ -46,7 +46,7 @@ def test_no_endpoint_leaks_or_changes_another_users_objects(client, other, http,
                 tried += 1
                 assert r.status_code == expected, (who, method, path, r.status_code, r.text)
                 assert "mine" not in r.text and client.user_id not in r.text, (who, method, path)
-    assert tried == 4 * 8  # GET/DELETE/execute/confirm/cancel/events of a job, PUT/DELETE of a rule
+    assert tried == 4 * 9  # GET/DELETE/execute/confirm/cancel/events/rerun of a job, PUT/DELETE of a rule
     assert snapshot(client, job_id) == before
     from tests import figures
 

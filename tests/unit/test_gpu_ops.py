@@ -252,3 +252,21 @@ def test_remove_continues_the_planks_the_wall_and_its_boundary(box):
 def test_remove_is_deterministic():
     img, mask = with_object(shaded_scene(128, 192), 78, 110, 40, 120)
     assert torch.equal(ops.apply_edit(img, mask, "remove", ""), ops.apply_edit(img, mask, "remove", ""))
+
+
+def test_a_huge_or_unreadable_client_mask_fails_the_item_without_decoding_it():
+    import io
+
+    from PIL import Image
+
+    from gpu_consumer.codec import MAX_SIDE, decode_mask
+
+    buf = io.BytesIO()
+    Image.new("1", (MAX_SIDE + 1, 8)).save(buf, "PNG")  # a few hundred bytes on the wire
+    with pytest.raises(BadInput, match="limit"):
+        decode_mask(buf.getvalue(), (8, 8))
+    with pytest.raises(BadInput, match="readable"):
+        decode_mask(b"\x89PNG\r\n\x1a\n" + b"\0" * 64, (8, 8))
+    small = io.BytesIO()
+    Image.new("L", (4, 2), 255).save(small, "PNG")
+    assert decode_mask(small.getvalue(), (2, 4)).shape == (1, 1, 2, 4)
