@@ -106,11 +106,18 @@ def _serve_api(settings: Any, naive: bool) -> None:
     options: dict[str, Any] = {"host": settings.api_host, "port": settings.api_port, "log_level": "warning",
                                "access_log": False, "timeout_keep_alive": 75, "log_config": None}
     if settings.api_workers > 1:
+        from adapters.logs import dict_config
+
         factory = "naive_worker_asgi" if naive else "group_worker_asgi"
+        # Each worker logs JSON lines (uvicorn configures its logging) and counts into files that
+        # this process adds up on the API's metrics port.
+        options["log_config"] = dict_config("api")
+        shared = observability.multiprocess_registry(settings.data_dir / "api-metrics")
+        observability.start("api", None, settings, shared)
         uvicorn.run(f"adapters.api.app:{factory}", factory=True, workers=settings.api_workers, **options)
         return
     container = bootstrap.build(settings, naive=naive, pool_size=API_POOL_SIZE)
-    registry = CollectorRegistry()  # the API's metrics port (one process; several: none)
+    registry = CollectorRegistry()  # the API's metrics port
     try:
         asgi = create_asgi(container, registry=registry)
         observability.start("api", None, settings, registry)

@@ -14,10 +14,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import sys
+import logging.config
 from collections.abc import Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import Any
 
 FIELDS = ("request_id", "user_id", "job_id", "trace_id")
 CONTEXT: dict[str, ContextVar[str | None]] = {name: ContextVar(f"palette_{name}", default=None) for name in FIELDS}
@@ -59,14 +60,20 @@ class JsonLines(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+def dict_config(process: str, level: int = logging.INFO) -> dict[str, Any]:
+    """Every logger of a process (uvicorn's and the libraries' too) to stderr as JSON lines, as a
+    ``logging.config.dictConfig`` dictionary: what uvicorn applies in each API worker process it
+    starts (its ``log_config``), and :func:`configure` in this one."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonLines, "process": process}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "root": {"handlers": ["stderr"], "level": level},
+        "loggers": {noisy: {"level": "WARNING"} for noisy in ("kafka", "urllib3", "botocore", "boto3", "s3transfer")},
+    }
+
+
 def configure(process: str, level: int = logging.INFO) -> None:
-    """Route every logger of this process (uvicorn's and the libraries' too) to stderr as JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLines(process))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
-    for noisy in ("kafka", "urllib3", "botocore", "boto3", "s3transfer"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """Route every logger of this process to stderr as JSON lines."""
+    logging.config.dictConfig(dict_config(process, level))

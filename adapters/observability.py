@@ -4,22 +4,29 @@ answers) and ``/readyz`` (503 naming the failing dependency).
 
 The figures are read from what each worker already counts, when Prometheus scrapes (custom
 collectors: nothing on the hot path), plus, in the projector, the read side's lag per model
-measured in the database.
+measured in the database. The histograms (the relay's commit -> ack, the GPU worker's seconds
+per item by op, the group committer's batch sizes) and the group committer's counters are
+observed through a hook the worker calls once per batch or item. Several API processes share one
+port in prometheus_client's multiprocess mode (:func:`multiprocess_registry`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from adapters.relay import RELAY_NAME
@@ -31,6 +38,7 @@ log = logging.getLogger("palette.metrics")
 OFFSETS = {"api": 0, "relay": 1, "projector": 2, "dispatcher": 3, "gpu": 4, "webhooks": 5, "checkpointer": 6}
 CHECK_TIMEOUT_S = 2.0
 CHECK_TTL_S = 1.0  # a flood of /readyz costs one check per dependency per second
+GPU_ITEM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 def port_of(settings: Settings, process: str) -> int | None:
@@ -270,6 +278,13 @@ class WebhookCollector:
                                 value=float(disabled[0]) if disabled else 0.0)
 
 
+def ops_label(concepts: Mapping[str, Mapping[str, Any]]) -> str:
+    """An item's ops as one label: its distinct actions, sorted, joined by "+" ("recolor",
+    "recolor+texture"). Each item is observed once, under the set of ops it ran; the ops have
+    checked every action before an item is observed, so the labels are subsets of four actions."""
+    return "+".join(sorted({str(edit.get("action")) for edit in concepts.values()})) or "none"
+
+
 def collectors_for(process: str, worker: Any, settings: Settings, registry: CollectorRegistry) -> list[Collector]:
     """What each worker counts, as metrics."""
     found: list[Collector] = []
@@ -287,6 +302,10 @@ def collectors_for(process: str, worker: Any, settings: Settings, registry: Coll
     if process == "gpu" and isinstance(getattr(worker, "stats", None), dict):
         found.append(CountsCollector("palette_gpu_items", "GPU worker items by outcome", "outcome",
                                      lambda: worker.stats))
+        seconds = Histogram("palette_gpu_item_seconds", "seconds editing one item on the device (masks, refinement, "
+                            "edits; after its fetch, before its upload), by the item's ops", ["op"],
+                            buckets=GPU_ITEM_BUCKETS, registry=registry)
+        worker.observe_item = lambda task, s: seconds.labels(ops_label(task.concepts)).observe(s)
     if process == "projector" and hasattr(worker, "totals"):
         found.append(CountsCollector("palette_projector_events", "events the projector handled by result", "result",
                                      lambda: {k: getattr(worker.totals, k) for k in
@@ -298,13 +317,39 @@ def collectors_for(process: str, worker: Any, settings: Settings, registry: Coll
 
 
 def command_metrics(committer: Any, registry: CollectorRegistry) -> None:
-    """The group committer's commands, batches and conflicts, and a histogram of batch sizes."""
-    registry.register(CountsCollector("palette_group_commit", "the group committer's work", "kind",
-                                      lambda: {"commands": committer.commands, "batches": committer.batches,
-                                               "conflicts": committer.conflicts}))
+    """The group committer's commands, batches and conflicts, and a histogram of batch sizes,
+    counted as each batch is saved (plain counters: several API processes add up in
+    multiprocess mode; a conflict is counted with the batch saved after it)."""
+    work = Counter("palette_group_commit", "the group committer's work", ["kind"], registry=registry)
     sizes = Histogram("palette_group_commit_batch_size", "commands saved per batch",
                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 500), registry=registry)
-    committer.observe_batch = sizes.observe
+    commands, batches, conflicts = (work.labels(kind) for kind in ("commands", "batches", "conflicts"))
+    counted = [committer.conflicts]
+
+    def observe(size: int) -> None:  # on the committer's thread, once per saved batch
+        sizes.observe(size)
+        commands.inc(size)
+        batches.inc()
+        now = committer.conflicts
+        if now > counted[0]:
+            conflicts.inc(now - counted[0])
+            counted[0] = now
+
+    committer.observe_batch = observe
+
+
+def multiprocess_registry(directory: Path) -> CollectorRegistry:
+    """Several API processes (PALETTE_API_WORKERS > 1) on one metrics port: each counts into files
+    under ``directory`` (prometheus_client's multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR``, which
+    the worker processes inherit), and the returned registry adds them up when scraped. Emptied
+    first, or a previous run's counts would be added in; the files of a worker that died stay, as
+    its counts do. Every API family is a counter or a histogram, which add up across processes."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    return registry
 
 
 def start(process: str, worker: Any, settings: Settings,

@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 from collections.abc import Callable
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlsplit
@@ -22,6 +23,8 @@ PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "placeholder", "dev", 
 # Secret names, printed by `palette env` but never logged.
 # Registrations per second and burst per client address in development (see rate_register_per_s).
 DEV_REGISTER_RATE = (1000.0, 100_000)
+# Whose traceparent is continued in development unless set (see trace_trusted_peers).
+DEV_TRACE_TRUSTED_PEERS = "127.0.0.0/8,::1/128"
 SECRET_FIELDS = ("jwt_secret", "callback_secret", "s3_secret_key", "pg_password", "device_key_secret")
 
 
@@ -66,6 +69,11 @@ class Settings(BaseSettings):
     # Where each process's spans go: off (ids still made, for the logs), console, or otlp
     # (OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT).
     trace_exporter: Literal["off", "console", "otlp"] = "off"
+    # Peers (CIDRs, comma-separated) whose ``traceparent`` header the API continues: the GPU
+    # workers (their callbacks carry the job's trace) and a gateway that sets the header itself.
+    # Anyone else's request starts a new trace. Empty in production unless set; in development,
+    # unless set, loopback (DEV_TRACE_TRUSTED_PEERS).
+    trace_trusted_peers: str = ""
     # The GPU worker's segmenter: a local TorchScript model file the operator provides (none: the
     # built-in region segmenter) and a JSON label map {concept: [class indices]} (none: ADE20K's).
     segmenter_model: str = ""
@@ -123,6 +131,18 @@ class Settings(BaseSettings):
         if len(v) < 3:
             raise ValueError("bucket names need at least 3 characters")
         return v
+
+    @field_validator("trace_trusted_peers")
+    @classmethod
+    def _trace_trusted_peers(cls, v: str) -> str:
+        trusted_networks(v)
+        return v
+
+    @model_validator(mode="after")
+    def _development_trace_peers(self) -> Settings:
+        if self.env == "development" and "trace_trusted_peers" not in self.model_fields_set:
+            self.trace_trusted_peers = DEV_TRACE_TRUSTED_PEERS
+        return self
 
     @field_validator("webhook_retry_schedule")
     @classmethod
@@ -198,6 +218,18 @@ class Settings(BaseSettings):
     # Idempotency keys of acknowledged results (duplicate tasks are dropped across polls), and
     # canceled job ids: each set within this budget, least recently seen out first.
     worker_remember_bytes: int = Field(8 * 1024 * 1024, ge=0)
+
+
+def trusted_networks(spec: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """``"10.0.0.0/8, ::1"`` as networks (an address alone is its own network); ValueError naming a bad one."""
+    found = []
+    for part in (p.strip() for p in spec.split(",")):
+        if part:
+            try:
+                found.append(ip_network(part, strict=False))
+            except ValueError:
+                raise ValueError(f"{part!r} is not an IP network (e.g. 10.0.0.0/8)") from None
+    return tuple(found)
 
 
 def _dev_secrets(data_dir: Path) -> dict[str, str]:

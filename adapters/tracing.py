@@ -1,6 +1,6 @@
 """Traces with OpenTelemetry: one trace from a request to the last event it causes.
 
-The API continues a caller's ``traceparent`` header (or starts a trace) for each request; the
+The API continues a trusted peer's ``traceparent`` header (or starts a trace) for each request; the
 events a command records are stored with it (``domain.contracts.trace``); the relay carries it
 in the envelope and a Kafka header, the dispatcher in each GPU task, the worker on its callback,
 whose command records the item and job events under the same trace. Each process makes spans in
@@ -48,12 +48,18 @@ def current() -> str:
     return contract.valid(carrier.get(contract.HEADER, ""))
 
 
+def _span_context(traceparent: str) -> trace.SpanContext:
+    return trace.get_current_span(propagate.extract({contract.HEADER: traceparent})).get_span_context()
+
+
 @contextlib.contextmanager
-def span(name: str, parent: str = "", **attributes: str | int) -> Iterator[str]:
+def span(name: str, parent: str = "", link: str = "", **attributes: str | int) -> Iterator[str]:
     """A span named ``name`` as a child of the ``parent`` traceparent (a new trace when it is
-    empty or malformed); its log lines carry the trace id. Yields the span's traceparent."""
+    empty or malformed), linked to the ``link`` traceparent when it is valid (a trace it does not
+    join: a client's, not trusted); its log lines carry the trace id. Yields the span's traceparent."""
     context = propagate.extract({contract.HEADER: parent}) if contract.valid(parent) else None
-    with _tracer.start_as_current_span(name, context=context, attributes=attributes):
+    links = [trace.Link(_span_context(link))] if contract.valid(link) else None
+    with _tracer.start_as_current_span(name, context=context, links=links, attributes=attributes):
         now = current()
         with bound(trace_id=contract.trace_id(now) or None):
             yield now

@@ -149,6 +149,7 @@ def create_asgi(container: Container, owns_container: bool = False,
     from adapters.api.idempotency import IdempotencyKeys, ensure_schema
     from adapters.api.metrics import HttpMetrics, RequestContext
     from adapters.observability import command_metrics
+    from adapters.settings import trusted_networks
 
     app = create_app(container, owns_container)
     with container.read_pool.connection() as conn:
@@ -159,16 +160,23 @@ def create_asgi(container: Container, owns_container: bool = False,
     if container.committer is not None:
         command_metrics(container.committer, registry)
     # The metrics outermost: a body refused by the cap (413) is counted too.
-    return HttpMetrics(BodyLimit(RequestContext(keys), MAX_BODY_BYTES), registry)
+    trusted = trusted_networks(container.settings.trace_trusted_peers)
+    return HttpMetrics(BodyLimit(RequestContext(keys, trusted), MAX_BODY_BYTES), registry)
 
 
 def worker_asgi(naive: bool) -> ASGIApp:
     """What one of several API processes serves (PALETTE_API_WORKERS > 1): a container of its
-    own, from the environment's settings, closed when that process stops."""
-    from adapters import bootstrap
+    own, from the environment's settings, closed when that process stops; its own tracer (uvicorn
+    has set up its JSON logs, and the parent its metrics directory: adapters.cli)."""
+    import os
+
+    from adapters import bootstrap, tracing
     from adapters.settings import load_settings
 
-    return create_asgi(bootstrap.build(load_settings(), naive=naive, pool_size=API_POOL_SIZE), owns_container=True)
+    settings = load_settings()
+    tracing.configure("api", settings.trace_exporter)
+    log.info("API worker process %d serving", os.getpid())
+    return create_asgi(bootstrap.build(settings, naive=naive, pool_size=API_POOL_SIZE), owns_container=True)
 
 
 def group_worker_asgi() -> ASGIApp:

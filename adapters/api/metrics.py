@@ -6,6 +6,8 @@ in a trace with its ids on its log lines."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -59,24 +61,44 @@ class HttpMetrics:
         self.latency.labels(template, method).observe(seconds)
 
 
-class RequestContext:
-    """Each request in a trace (continuing the caller's ``traceparent`` header, else a new one):
-    its span, the trace the events of its commands are stored with (``domain.contracts.trace``),
-    and its ids on every log line it causes."""
+def trusted_peer(client: object, trusted: Sequence[IPv4Network | IPv6Network]) -> bool:
+    """Whether the TCP peer of a request (ASGI ``scope["client"]``) is in one of ``trusted``
+    (an IPv4 address mapped into IPv6 counts as itself; a peer that is no address never is)."""
+    if not trusted or not isinstance(client, (tuple, list)) or not client:
+        return False
+    try:
+        address = ip_address(str(client[0]))
+    except ValueError:
+        return False
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in trusted)
 
-    def __init__(self, app: ASGIApp) -> None:
+
+class RequestContext:
+    """Each request in a trace: its span, the trace the events of its commands are stored with
+    (``domain.contracts.trace``), and its ids on every log line it causes.
+
+    A ``traceparent`` header is continued only from a trusted peer (``PALETTE_TRACE_TRUSTED_PEERS``:
+    the GPU workers, whose callbacks carry the job's trace, and a gateway that sets the header
+    itself). Anyone else's starts a new trace, linked to the one the client named: a client
+    cannot put its requests' events into another trace, or choose the ids the logs are read by."""
+
+    def __init__(self, app: ASGIApp, trusted: Sequence[IPv4Network | IPv6Network] = ()) -> None:
         self.app = app
+        self.trusted = tuple(trusted)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        parent = ""
+        sent = ""
         for name, value in scope.get("headers") or ():
             if name == b"traceparent":
-                parent = value.decode("latin-1")
+                sent = value.decode("latin-1")
                 break
-        with tracing.span(f"HTTP {scope.get('method', '')}", parent) as traceparent, \
+        parent, link = (sent, "") if trusted_peer(scope.get("client"), self.trusted) else ("", sent)
+        with tracing.span(f"HTTP {scope.get('method', '')}", parent, link=link) as traceparent, \
                 bound(request_id=request_id_var.get()):
             token = contract.CURRENT.set(traceparent)
             try:

@@ -1,5 +1,6 @@
-"""One trace from POST /execute to the job's end: the API, the dispatcher and the GPU worker
-log the job under the trace id the client sent, and the job's events are stored with it."""
+"""One trace from POST /execute to the job's end: the API, the relay, the dispatcher and the GPU
+worker log the job under the trace id the client sent (from loopback: a trusted peer in
+development), and the job's events are stored with it."""
 
 from __future__ import annotations
 
@@ -37,10 +38,13 @@ def test_one_trace_id_follows_a_job_through_every_process(client, gpu_apps, sett
     def traced(process: str) -> list[str]:
         return [e["msg"] for e in _lines(logs / f"{process}.log", job_id) if e.get("trace_id") == trace_id]
 
-    found = wait_until(lambda: all(traced(p) for p in ("api", "dispatcher", "gpu")) and
-                       {p: traced(p) for p in ("api", "dispatcher", "gpu")}, timeout_s=30,
-                       what="the job's log lines under the client's trace id")
+    processes = ("api", "relay", "dispatcher", "gpu")
+    found = wait_until(lambda: all(traced(p) for p in processes) and {p: traced(p) for p in processes},
+                       timeout_s=30, what="the job's log lines under the client's trace id")
     assert any("queued" in m for m in found["api"]) and any("finished" in m for m in found["api"])
+    assert any(m.startswith("published JobQueued") for m in found["relay"])
+    wait_until(lambda: any(m.startswith("published JobFinished") for m in traced("relay")), timeout_s=30,
+               what="the relay's line for JobFinished")
     assert any("dispatching" in m for m in found["dispatcher"]) and any("item 0" in m for m in found["gpu"])
     app = open_event_store(settings, pool_size=1)
     try:

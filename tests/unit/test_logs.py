@@ -50,3 +50,24 @@ def test_the_terminal_shows_json_lines_readably_and_other_lines_as_they_came():
     assert rest and all(row.startswith("    ") for row in rest)
     for raw in (b"2026-12-01 LOG:  database system is ready\n", b"{not json\n", b'{"no": "msg"}\n'):
         assert readable(raw) == raw.decode()
+
+
+def test_the_dictionary_each_api_worker_applies_makes_json_lines_and_quiets_the_libraries():
+    """What uvicorn applies in every API worker process (its log_config): loggers made before it
+    (uvicorn's) still log, as JSON lines; the libraries' info lines are dropped."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import logging, logging.config\n"
+            "early = logging.getLogger('uvicorn.error')\n"
+            "from adapters.logs import dict_config\n"
+            "logging.config.dictConfig(dict_config('api'))\n"
+            "early.warning('worker %d up', 2)\n"
+            "logging.getLogger('kafka.conn').info('hidden')\n"
+            "logging.getLogger('palette.api').info('shown')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(e["logger"], e["msg"], e["process"], e["level"]) for e in lines] == [
+        ("uvicorn.error", "worker 2 up", "api", "warning"), ("palette.api", "shown", "api", "info")]
