@@ -11,6 +11,8 @@ from urllib.parse import unquote, urlsplit
 from psycopg_pool import ConnectionPool
 
 from adapters.api.consistency import LastWrites
+from adapters.keyring import PgKeyring
+from adapters.keyring import ensure_schema as ensure_keyring_schema
 from adapters.pg_streams import pg_stream_loader
 from adapters.settings import Settings
 from adapters.system import RandomIds, SystemClock
@@ -115,14 +117,16 @@ def build(settings: Settings, *, naive: bool = False, pool_size: int = 8) -> Con
     s3 = s3_client(settings)
     runs = executor(app, "direct" if naive else "group")
     committer = runs if isinstance(runs, GroupCommitter) else None
-    service = PaletteService(
-        app, runs, SystemClock(), RandomIds(), store=S3ObjectStore(s3, settings.s3_bucket),
-        device_keys=HmacDeviceKeyer(settings.device_key_secret),
-    )
     read_pool = ConnectionPool(settings.effective_database_url, min_size=1, max_size=pool_size,
                                kwargs={"autocommit": True}, open=True)
     with read_pool.connection() as conn:
         ensure_schema(conn)
+        ensure_keyring_schema(conn)
+    service = PaletteService(
+        app, runs, SystemClock(), RandomIds(), store=S3ObjectStore(s3, settings.s3_bucket),
+        device_keys=HmacDeviceKeyer(settings.device_key_secret),
+        keyring=PgKeyring(read_pool, settings.device_key_secret),
+    )
     return Container(settings, app, service, committer, s3, read_pool, LastWrites())
 
 
@@ -139,6 +143,7 @@ def prepare_schemas(settings: Settings) -> None:
         ensure_schema(conn)
         ensure_api_schema(conn)
         ensure_webhooks_schema(conn)
+        ensure_keyring_schema(conn)
         for statement in RELAY_DDL:  # before the relay, projector and dispatcher race to make them
             conn.execute(statement)
 

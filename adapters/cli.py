@@ -52,7 +52,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
             stack.start_infra()
         # signed ledger checkpoints on a schedule, when one is set (adapters/checkpoints.py)
         checkpointer = ("checkpointer",) if settings.audit_checkpoint_interval_s > 0 else ()
-        stack.start_apps(tuple(args.apps) + checkpointer)
+        # retention and unfinished erasures (adapters/retention.py), with the API
+        sweeper = ("sweeper",) if "api" in args.apps else ()
+        stack.start_apps(tuple(args.apps) + checkpointer + sweeper)
         url = f"http://{settings.api_host}:{settings.api_port}"
         print(f"[palette] up in {time.monotonic() - t0:.1f}s: API on {url} "
               f"(data and logs in {settings.data_dir}); Ctrl-C stops everything", flush=True)
@@ -157,6 +159,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"palette serve checkpointer: {e}", file=sys.stderr)
             return 2
         _serve_loop(checkpointer, args.ready_file, (args.process, settings))
+    elif args.process == "sweeper":
+        from adapters.retention import Sweeper
+
+        _serve_loop(Sweeper(settings), args.ready_file)
     return 0
 
 
@@ -270,7 +276,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     app = _event_store(settings)
-    replayer = Replayer(app)
+    replayer = Replayer(app, _erased_users(settings))
     out = sys.stdout
     try:
         if args.action == "state":
@@ -346,7 +352,7 @@ def _replay_parquet(args: argparse.Namespace, app: Any, replayer: Any) -> int:
     try:
         start = max(args.from_position, replayer.position_at(args.since) if args.since else 1)
         stats = export_log(app.recorder, app.mapper.transcoder, args.out, start, args.since, args.until,
-                           args.type or None, progress)
+                           args.type or None, progress, replayer.erased)
     except ExportError as e:
         print(f"palette replay all: {e}", file=sys.stderr)
         return 2
@@ -357,9 +363,19 @@ def _replay_parquet(args: argparse.Namespace, app: Any, replayer: Any) -> int:
     return 0
 
 
+def _erased_users(settings: Settings) -> frozenset[UUID]:
+    import psycopg
+
+    from adapters.keyring import all_erased
+
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        return all_erased(conn)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     import psycopg
 
+    from adapters.keyring import all_erased
     from projections.parquet import ExportError, export_table
 
     settings = load_settings()
@@ -368,7 +384,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         conn.read_only = True
         try:
             with conn.transaction():
-                stats = export_table(conn, args.name, args.out)
+                stats = export_table(conn, args.name, args.out, all_erased(conn))
         except ExportError as e:
             print(f"palette export: {e}", file=sys.stderr)
             return 2
@@ -603,6 +619,38 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_admin(args: argparse.Namespace) -> int:
+    """Operators: erase a user (what DELETE /me does), or run one sweeper pass now."""
+    from adapters import bootstrap
+
+    settings = load_settings()
+    if args.action == "sweep":
+        from adapters.retention import Sweeper
+
+        sweeper = Sweeper(settings)
+        try:
+            r = sweeper.step()
+        finally:
+            sweeper.close()
+        print(f"swept: {r.jobs_expired} job(s) past {settings.retention_days} days expired, "
+              f"{r.erasures_finished} erasure(s) finished, {r.objects_deleted} object(s) deleted")
+        return 0
+    from adapters.erasure import erase
+    from domain.errors import DomainError
+
+    container = bootstrap.build(settings, pool_size=2)
+    try:
+        done = erase(container.service, container.read_pool, container.s3, settings.s3_bucket, args.user_id)
+    except DomainError as e:
+        print(f"palette admin erase: {e}", file=sys.stderr)
+        return 1
+    finally:
+        container.close()
+    print(f"erased {args.user_id}: {'recorded now' if done.recorded else 'already erased, finished again'}; "
+          f"{done.objects} object(s) and {done.webhooks} webhook endpoint(s) deleted, key destroyed")
+    return 0
+
+
 def _duration(value: str) -> int:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
@@ -655,8 +703,10 @@ def parser() -> argparse.ArgumentParser:
     up.set_defaults(func=_cmd_up)
 
     serve = sub.add_parser("serve", help="run one application process (what `palette up` runs)")
-    serve.add_argument("process", choices=(*APP_PROCESSES, "checkpointer"),
-                       help="checkpointer: signed ledger checkpoints every PALETTE_AUDIT_CHECKPOINT_INTERVAL_S")
+    serve.add_argument("process", choices=(*APP_PROCESSES, "checkpointer", "sweeper"),
+                       help="checkpointer: signed ledger checkpoints every PALETTE_AUDIT_CHECKPOINT_INTERVAL_S; "
+                            "sweeper: deletes the objects of jobs finished PALETTE_RETENTION_DAYS ago and "
+                            "finishes erasures a crash cut short (`palette up` starts it with the api)")
     serve.add_argument("--ready-file", help="touch this file once the process is ready (used by `palette up`)")
     serve.add_argument("--naive", action="store_true",
                        help="api only: serve commands with one load-decide-save each and no cache "
@@ -774,6 +824,15 @@ def parser() -> argparse.ArgumentParser:
     tok.add_argument("--ttl", type=_duration, default=3600, help="lifetime, e.g. 30m, 1h (default 1h)")
     tok.add_argument("--subject", type=_uuid, help="who the token names (default: a fresh id)")
     tok.set_defaults(func=_cmd_token)
+    adm = sub.add_parser("admin", help="operators: erase a user; run the sweeper once")
+    adm_sub = adm.add_subparsers(dest="action", required=True)
+    er = adm_sub.add_parser("erase", help="erase a user as DELETE /me does: jobs canceled and refunded, personal "
+                            "fields' key destroyed, objects and webhooks deleted, tokens refused; the ledger "
+                            "keeps its amounts (idempotent: finishes an erasure cut short)")
+    er.add_argument("user_id", type=_uuid)
+    adm_sub.add_parser("sweep", help="one sweeper pass now: expire jobs past PALETTE_RETENTION_DAYS, finish "
+                       "erasures cut short")
+    adm.set_defaults(func=_cmd_admin)
     return p
 
 

@@ -124,6 +124,11 @@ class Settings(BaseSettings):
     audit_public_key: str = ""
     audit_checkpoint_interval_s: float = Field(0.0, ge=0)
     audit_checkpoint_dir: str = ""
+    # Data lifecycle (adapters/retention.py, `palette serve sweeper`): the objects of jobs finished
+    # more than PALETTE_RETENTION_DAYS ago are deleted (the job stays listed, its links stop
+    # working); a pass every PALETTE_SWEEP_INTERVAL_S, which also finishes erasures a crash cut short.
+    retention_days: int = Field(30, ge=1, le=3650)
+    sweep_interval_s: float = Field(3600.0, gt=0)
 
     @field_validator("s3_bucket", "broker_bucket")
     @classmethod

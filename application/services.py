@@ -19,6 +19,7 @@ import anyio.to_thread
 from eventsourcing.application import Application
 
 from application.device_keys import DeviceKeyer, HmacDeviceKeyer
+from application.personal import Keyring, MemoryKeyring, Sealer
 from application.ports import Clock, IdGenerator, ObjectStore
 from application.unit_of_work import Command, CommandExecutor, Committed, UnitOfWork, touches
 from domain.contracts.keys import input_key
@@ -27,9 +28,12 @@ from domain.job import MAX_ITEMS, Job, RecordedResult
 from domain.plans import DEFAULT_PLANS, Plan
 from domain.presets import get_preset, normalise_edits
 from domain.rule import Rule
+from domain.rule import check_name as check_rule_name
 from domain.user import User, legacy_user_id_for_device, user_id_for_device_key
 
 MAX_DEVICE_HASH = 200
+DEVICE_KEY_FIELD = "device_key"  # the names personal fields are sealed under (bound to the ciphertext)
+RULE_NAME_FIELD = "rule.name"
 T = TypeVar("T")
 
 
@@ -79,12 +83,14 @@ class PaletteService:
     def __init__(
         self, app: Application[UUID], executor: CommandExecutor, clock: Clock, ids: IdGenerator,
         store: ObjectStore | None = None, plans: Mapping[str, Plan] = DEFAULT_PLANS,
-        device_keys: DeviceKeyer | None = None,
+        device_keys: DeviceKeyer | None = None, keyring: Keyring | None = None,
     ) -> None:
         self.app = app
         # Without a configured keyer (tests, tools), a secret for this service's life: devices
         # still get one user each, and nothing unkeyed is ever stored.
         self.device_keys = device_keys or HmacDeviceKeyer(secrets.token_bytes(32))
+        # Personal fields are sealed under per-user keys (erasure destroys the key).
+        self.sealer = Sealer(keyring or MemoryKeyring())
         self.executor = executor
         self.clock = clock
         self.ids = ids
@@ -97,25 +103,61 @@ class PaletteService:
 
     # -- users ---------------------------------------------------------------------------
     def register(self, device_hash: str, plan: str = "free") -> Committed[tuple[UUID, bool]]:
-        """Register once per device; a repeat returns the same user (created=False)."""
-        return self.executor.execute(self.register_command(device_hash, plan))
+        """Register once per device; a repeat returns the same user (created=False). A device
+        whose user was erased gets a new user."""
+        generation = self.device_generation(device_hash)
+        return self.executor.execute(self.register_command(device_hash, plan, generation))
 
-    def register_command(self, device_hash: str, plan: str = "free") -> Command[tuple[UUID, bool]]:
+    async def register_async(self, device_hash: str, plan: str = "free") -> Committed[tuple[UUID, bool]]:
+        """register from an event loop: the key and generation lookups (I/O) run on a thread,
+        and only for a device this process has not seen registered."""
+        self._check_device_hash(device_hash)
+        generation = await anyio.to_thread.run_sync(self.device_generation, device_hash)
+        return await self.run(self.register_command(device_hash, plan, generation))
+
+    def device_generation(self, device_hash: str) -> int:
+        """The generation of the device's current user (the first not erased), its key made ready
+        for sealing."""
+        self._check_device_hash(device_hash)
+        device_key = self.device_keys.key(device_hash)
+        if self.sealer.has_key(user_id_for_device_key(device_key)):
+            return 0  # a key in memory: the user is live (erasing it here drops the key)
+        start = 0
+        while True:
+            ids = [user_id_for_device_key(device_key, g) for g in range(start, start + 8)]
+            erased = self.sealer.keyring.erased(ids)
+            live = next((g for g, uid in zip(range(start, start + 8), ids, strict=True) if uid not in erased), None)
+            if live is not None:
+                self.sealer.prepare(user_id_for_device_key(device_key, live))
+                return live
+            start += 8
+
+    @staticmethod
+    def _check_device_hash(device_hash: str) -> None:
         if not device_hash or len(device_hash) > MAX_DEVICE_HASH:
             raise ValidationFailed(f"device_hash must be 1..{MAX_DEVICE_HASH} characters")
+
+    def register_command(self, device_hash: str, plan: str = "free", generation: int = 0) -> Command[tuple[UUID, bool]]:
+        self._check_device_hash(device_hash)
         limits = self._plan(plan)
         device_key = self.device_keys.key(device_hash)
-        user_id = user_id_for_device_key(device_key)
+        user_id = user_id_for_device_key(device_key, generation)
         # A device registered before device keys has its user under the unkeyed id: keep it.
         legacy_id = legacy_user_id_for_device(device_hash)
         at = self.clock.now()
 
+        def seal(uid: UUID, value: str) -> str:
+            return self.sealer.seal(uid, DEVICE_KEY_FIELD, value)
+
         @touches(user_id, legacy_id)
         def command(uow: UnitOfWork) -> tuple[UUID, bool]:
             for existing in (user_id, legacy_id):
-                if uow.get(User, existing) is not None:
+                user = uow.get(User, existing)
+                if user is not None and not user.erased:
                     return existing, False
-            uow.add(User.register(device_key, limits, at))
+                if user is not None and existing == user_id:
+                    raise InvalidState("this device's user was erased a moment ago: register again")
+            uow.add(User.register(device_key, limits, at, generation, seal))
             return user_id, True
 
         return command
@@ -130,6 +172,39 @@ class PaletteService:
             return user.balance
 
         return self.executor.execute(command)
+
+    def erase_user(self, user_id: UUID) -> bool:
+        """Cancel the user's unfinished jobs (refunded) and record the erasure, atomically; True
+        when this call recorded it. Destroying the key and deleting objects and webhooks is the
+        caller's (``adapters.erasure``), which does it first."""
+        for _ in range(3):
+            user = self.executor.read(user_id)
+            if not isinstance(user, User):
+                raise NotFound("user not found")
+            try:
+                return self.executor.execute(self.erase_user_command(user_id, list(user.reservations))).value
+            except InvalidState:
+                continue  # a job started between the read and the command: read again
+        raise InvalidState("the user keeps starting jobs: try again")
+
+    def erase_user_command(self, user_id: UUID, job_ids: Sequence[UUID]) -> Command[bool]:
+        at = self.clock.now()
+
+        @touches(user_id, *job_ids)
+        def command(uow: UnitOfWork) -> bool:
+            user = uow.get(User, user_id)
+            if user is None:
+                raise NotFound("user not found")
+            for job_id in job_ids:
+                job = uow.get(Job, job_id)
+                if job is None or job.user_id != user_id:
+                    continue
+                if not job.status.terminal:
+                    job.cancel("erasure", at)
+                user.settle(job_id, job.done_items, at)
+            return user.erase(at)  # InvalidState while a job not in job_ids holds credits
+
+        return command
 
     def change_plan(self, user_id: UUID, plan: str) -> Committed[str]:
         limits = self._plan(plan)
@@ -151,7 +226,7 @@ class PaletteService:
         return await self.executor.read_async(user_id, self._user_view)
 
     def _user_view(self, user: Any) -> UserView:
-        if not isinstance(user, User):
+        if not isinstance(user, User) or user.erased:
             raise NotFound("user not found")
         limits = self._plan(user.plan)
         return UserView(
@@ -357,6 +432,18 @@ class PaletteService:
 
         return command
 
+    def expire_job_command(self, job_id: UUID, retention_days: int) -> Command[bool]:
+        """Record that a terminal job's objects were deleted after its retention period (the
+        sweeper deletes them first); True when this call recorded it."""
+        at = self.clock.now()
+
+        @touches(job_id)
+        def command(uow: UnitOfWork) -> bool:
+            job = uow.get(Job, job_id)
+            return job is not None and job.expire(retention_days, at)
+
+        return command
+
     def get_job(self, user_id: UUID, job_id: UUID) -> Job:
         job: Job = self._read(Job, job_id, "job")
         if job.user_id != user_id or job.deleted:
@@ -385,8 +472,11 @@ class PaletteService:
         protect: Sequence[str] = (), rule_id: UUID | None = None,
     ) -> Command[UUID]:
         edits, protected = normalise_edits(preset_id, concepts, protect)
+        check_rule_name(name)
+        sealed = self.sealer.seal(user_id, RULE_NAME_FIELD, name)
+
         def create(uow: UnitOfWork, user: User, new_id: UUID, at: datetime) -> None:
-            rule = Rule.create(new_id, user_id, name, preset_id, edits, protected, at)
+            rule = Rule.create(new_id, user_id, sealed, preset_id, edits, protected, at)
             user.take_rule_slot(new_id, self._plan(user.plan), at)
             uow.add(rule)
 
@@ -398,11 +488,13 @@ class PaletteService:
     ) -> Committed[None]:
         current = self.get_rule(user_id, rule_id)
         edits, protected = normalise_edits(current.preset_id, concepts, protect)
+        check_rule_name(name)
+        sealed = self.sealer.seal(user_id, RULE_NAME_FIELD, name)
         at = self.clock.now()
 
         @touches(rule_id)
         def command(uow: UnitOfWork) -> None:
-            self._own_rule(uow, user_id, rule_id).update(name, edits, protected, at)
+            self._own_rule(uow, user_id, rule_id).update(sealed, edits, protected, at)
 
         return self.executor.execute(command)
 
@@ -420,6 +512,16 @@ class PaletteService:
             self._user(uow, user_id).free_rule_slot(rule_id, at)
 
         return command
+
+    def rule_name(self, name: str) -> str:
+        """A rule's name as the client gave it (stored sealed; "erased" once its user is)."""
+        return self.sealer.open(RULE_NAME_FIELD, name)
+
+    async def keys_ready(self, user_id: UUID) -> None:
+        """Make sealing for ``user_id`` need no I/O (call from an event loop before a command
+        that seals)."""
+        if not self.sealer.has_key(user_id):
+            await anyio.to_thread.run_sync(self.sealer.prepare, user_id)
 
     def get_rule(self, user_id: UUID, rule_id: UUID) -> Rule:
         rule: Rule = self._read(Rule, rule_id, "rule")
@@ -471,7 +573,7 @@ class PaletteService:
     @staticmethod
     def _user(uow: UnitOfWork, user_id: UUID) -> User:
         user = uow.get(User, user_id)
-        if user is None:
+        if user is None or user.erased:
             raise NotFound("user not found")
         return user
 

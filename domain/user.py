@@ -6,18 +6,21 @@ Never rename or move them; evolve with ``class_version`` and ``upcast_vN_vM``.
 Invariant: ``granted == balance + reserved + spent`` after every event; ``balance >= 0``.
 
 A device hash is a credential (whoever presents it gets the device's token), so it never enters
-the domain: the application keys it with a server secret, and the domain sees only that key.
+the domain: the application keys it with a server secret, and the domain sees only that key —
+and stores it sealed under the user's own key (``domain.contracts.personal``), so that erasing
+the user (``Erased``) leaves nothing in the log that points back to the device.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.domain import Aggregate
 
-from domain.errors import ConcurrencyLimit, InsufficientCredits, RuleSlotsFull, ValidationFailed
+from domain.errors import ConcurrencyLimit, InsufficientCredits, InvalidState, RuleSlotsFull, ValidationFailed
 from domain.plans import Plan
 
 USER_NAMESPACE = uuid5(NAMESPACE_URL, "https://palette.invalid/users")
@@ -30,10 +33,11 @@ DEVICE_KEY_SCHEME = "hmac-sha256:"
 REDACTED_DEVICE_KEY = "redacted:v1"
 
 
-def user_id_for_device_key(device_key: str) -> UUID:
+def user_id_for_device_key(device_key: str, generation: int = 0) -> UUID:
     """One user per device: the stream id is derived from the keyed hash, so registration is
-    idempotent and the id reveals nothing that could be brute-forced without the secret."""
-    return uuid5(DEVICE_KEY_NAMESPACE, device_key)
+    idempotent and the id reveals nothing that could be brute-forced without the secret. Each
+    erasure of the device's user moves the device on to the next ``generation``: a new user."""
+    return uuid5(DEVICE_KEY_NAMESPACE, device_key if generation == 0 else f"{device_key}#{generation}")
 
 
 def legacy_user_id_for_device(device_hash: str) -> UUID:
@@ -44,7 +48,8 @@ def legacy_user_id_for_device(device_hash: str) -> UUID:
 
 class User(Aggregate):
     class Registered(Aggregate.Created):
-        """v2: the keyed device hash. v1 stored the raw ``device_hash``; it is dropped on read."""
+        """v2: the keyed device hash, sealed (``sealed:v1:...``) since users could be erased;
+        earlier v2 events hold it in clear. v1 stored the raw ``device_hash``; it is dropped on read."""
 
         class_version = 2
         device_key: str
@@ -100,6 +105,13 @@ class User(Aggregate):
         def apply(self, user: User) -> None:
             user.plan = self.plan
 
+    class Erased(Aggregate.Event):
+        """The user's personal data is gone (key destroyed, objects and webhooks deleted); the
+        credit history stays for the ledger. No command is accepted after it."""
+
+        def apply(self, user: User) -> None:
+            user.erased = True
+
     def __init__(self, plan: str) -> None:
         # The device key stays in the Registered event: no rule needs it.
         self.plan = plan
@@ -108,6 +120,7 @@ class User(Aggregate):
         self.spent = 0
         self.reservations: dict[UUID, int] = {}
         self.rule_ids: set[UUID] = set()
+        self.erased = False
 
     # -- queries ----------------------------------------------------------------------
     @property
@@ -120,12 +133,15 @@ class User(Aggregate):
 
     # -- commands (validate first, then record; a satisfied command records nothing) --
     @classmethod
-    def register(cls, device_key: str, plan: Plan, at: datetime) -> User:
-        """A new user for a device, by its key (never the raw device hash)."""
+    def register(cls, device_key: str, plan: Plan, at: datetime, generation: int = 0,
+                 seal: Callable[[UUID, str], str] | None = None) -> User:
+        """A new user for a device, by its key (never the raw device hash), stored as
+        ``seal(user id, key)`` returns it (sealed under the user's key)."""
         if not device_key.startswith(DEVICE_KEY_SCHEME) or len(device_key) == len(DEVICE_KEY_SCHEME):
             raise ValidationFailed(f"a device key ({DEVICE_KEY_SCHEME}...) is required, not a device hash")
+        user_id = user_id_for_device_key(device_key, generation)
         user = cls._create(
-            cls.Registered, id=user_id_for_device_key(device_key), device_key=device_key,
+            cls.Registered, id=user_id, device_key=seal(user_id, device_key) if seal else device_key,
             plan=plan.name, timestamp=at,
         )
         if plan.initial_credits > 0:
@@ -171,6 +187,16 @@ class User(Aggregate):
     def free_rule_slot(self, rule_id: UUID, at: datetime) -> None:
         if rule_id in self.rule_ids:
             self.trigger_event(self.RuleSlotFreed, rule_id=rule_id, timestamp=at)
+
+    def erase(self, at: datetime) -> bool:
+        """Record the erasure once no job holds credits (cancel them first); True when this call
+        recorded it."""
+        if self.erased:
+            return False
+        if self.reservations:
+            raise InvalidState(f"{len(self.reservations)} job(s) still hold credits: cancel them first")
+        self.trigger_event(self.Erased, timestamp=at)
+        return True
 
     def change_plan(self, plan: Plan, at: datetime) -> None:
         if plan.name != self.plan:

@@ -18,7 +18,7 @@ import json
 import types
 import typing
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,6 +38,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from domain.contracts.envelope import from_notification
+from domain.contracts.personal import SEALED_PREFIX, redact
 from domain.contracts.streams import STREAMS
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
@@ -358,9 +359,11 @@ def check_out_dir(out: Path, name: str) -> None:
 
 def export_log(recorder: Any, transcoder: Any, out: Path, start: int = 1, since: datetime | None = None,
                until: datetime | None = None, types_: list[str] | None = None,
-               progress: Callable[[int], None] | None = None) -> DatasetStats:
+               progress: Callable[[int], None] | None = None,
+               erased: Container[UUID] = frozenset()) -> DatasetStats:
     """The log from position ``start`` (events of ``types_`` only, timestamps within
-    [since, until]) as the partitioned dataset under ``out``."""
+    [since, until]) as the partitioned dataset under ``out``; sealed fields of ``erased`` users
+    read "erased"."""
     topics = topics_for(types_)
     check_out_dir(out, "type=*")
     out.mkdir(parents=True, exist_ok=True)
@@ -373,7 +376,7 @@ def export_log(recorder: Any, transcoder: Any, out: Path, start: int = 1, since:
             for name, t in tables:
                 if stop_after is not None and pc.max(t.column("timestamp")).value / 1e6 > stop_after:
                     last = True  # the log has moved past ``until`` (with slack): this is the last page
-                t = _between(t, since, until)
+                t = _redacted(_between(t, since, until), erased)
                 if t.num_rows:
                     writer.add(name, t)
             if progress:
@@ -392,6 +395,20 @@ def _between(table: pa.Table, since: datetime | None, until: datetime | None) ->
         upper = pc.less_equal(ts, pa.scalar(until, TIMESTAMP))
         mask = upper if mask is None else pc.and_(mask, upper)
     return table if mask is None else table.filter(mask)
+
+
+def _redacted(table: pa.Table, erased: Container[UUID]) -> pa.Table:
+    """``table`` with every sealed value of an erased user as "erased" (only the few columns
+    that hold sealed values are touched)."""
+    for i, f in enumerate(table.schema):
+        if not pa.types.is_string(f.type):
+            continue
+        column = table.column(i)
+        if not pc.any(pc.starts_with(column, SEALED_PREFIX)).as_py():
+            continue
+        values = [redact(v, erased) for v in column.to_pylist()]
+        table = table.set_column(i, f, pa.array(values, f.type))
+    return table
 
 
 # -- read models ------------------------------------------------------------------------------
@@ -429,8 +446,9 @@ def read_table(conn: Any, name: str, batch: int = 50_000) -> Iterator[pa.Table]:
     yield _cast_rows([], schema)  # an empty table still has its columns
 
 
-def export_table(conn: Any, name: str, out: Path) -> DatasetStats:
-    """One read model as ``out/<name>/part-00000.parquet`` (one row group per batch)."""
+def export_table(conn: Any, name: str, out: Path, erased: Container[UUID] = frozenset()) -> DatasetStats:
+    """One read model as ``out/<name>/part-00000.parquet`` (one row group per batch); sealed
+    fields of ``erased`` users read "erased"."""
     check_out_dir(out, name)
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -438,7 +456,8 @@ def export_table(conn: Any, name: str, out: Path) -> DatasetStats:
     path = folder / "part-00000.parquet"
     writer: pq.ParquetWriter | None = None
     try:
-        for t in read_table(conn, name):
+        for batch in read_table(conn, name):
+            t = _redacted(batch, erased)
             writer = writer or pq.ParquetWriter(path, t.schema, compression="zstd")
             if t.num_rows or not stats.events:
                 writer.write_table(t)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from adapters.api.envelope import CODE_BY_STATUS, STATUS_BY_CODE, ApiError, Requ
 from adapters.api.links import add_links
 from adapters.api.rate_limit import RateLimited, TokenBuckets
 from adapters.bootstrap import Container
+from adapters.erasure import ErasedUsers
 from adapters.tokens import TokenIssuer
 from domain.errors import DomainError
 
@@ -75,9 +77,11 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
         # Commands wait on the group committer without a thread; the naive path and the object
         # store's listings still take one each, and more of them make its batches bigger.
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+        watching = asyncio.create_task(app.state.erased_users.run())
         try:
             yield
         finally:
+            watching.cancel()
             if owns_container:
                 container.close()
 
@@ -93,6 +97,7 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     app.state.container = container
     app.state.tokens = TokenIssuer(s.jwt_secret, s.jwt_issuer, s.jwt_audience, s.jwt_ttl_s)
     app.state.verified_tokens = VerifiedTokens(app.state.tokens)
+    app.state.erased_users = ErasedUsers(container.read_pool, s.jwt_ttl_s)
     app.state.job_limits = TokenBuckets(s.rate_jobs_per_s, s.rate_jobs_burst)
     app.state.callback_limits = TokenBuckets(s.rate_callbacks_per_s, s.rate_callbacks_burst)
 

@@ -96,6 +96,8 @@ class ClientBearer(HTTPBearer):
         user_id, role = verified(request, creds)
         if role != "client":
             raise ApiError("AUTH_INVALID", "this token cannot act as a client")
+        if user_id in request.app.state.erased_users:
+            raise ApiError("AUTH_INVALID", "the token is invalid or expired")
         return user_id
 
 

@@ -13,6 +13,7 @@ from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
 from adapters.api.envelope import ok
 from adapters.api.idempotency import id_for_key
 from adapters.api.schemas import Envelope, RuleCreate, RuleList, RulePublic, RuleUpdate
+from application.services import PaletteService
 from domain.rule import Rule
 from projections.queries import list_rules as list_rules_query
 from projections.queries import wait_for_streams
@@ -26,8 +27,8 @@ OWN: dict[int | str, dict[str, Any]] = {
     **COMMON, 404: {"model": _E, "description": "NOT_FOUND (also another user's rule)"}}
 
 
-def _public(rule: Rule) -> RulePublic:
-    return RulePublic(id=rule.id, name=rule.name, preset_id=rule.preset_id,
+def _public(service: PaletteService, rule: Rule) -> RulePublic:
+    return RulePublic(id=rule.id, name=service.rule_name(rule.name), preset_id=rule.preset_id,
                       concepts=rule.concepts, protect=rule.protect)
 
 
@@ -40,21 +41,23 @@ def _edits(body: RuleCreate | RuleUpdate) -> dict[str, dict[str, object]]:
 async def create_rule(body: RuleCreate, user_id: CurrentUser, service: ServiceDep, container: ContainerDep,
                       idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
     """Save a rule; takes one of the plan's rule slots (once per Idempotency-Key)."""
+    await service.keys_ready(user_id)  # the name is sealed under the caller's key
     committed = await service.run(service.create_rule_command(
         user_id, body.name, body.preset_id, _edits(body), body.protect, id_for_key(user_id, "rule", idempotency_key),
     ))
     container.last_writes.record(user_id, "rules", committed.value, committed.versions.get(committed.value))
     rule = await run_in_threadpool(service.get_rule, user_id, committed.value)
-    return ok(_public(rule), status=201)
+    return ok(_public(service, rule), status=201)
 
 
 @router.get("/rules", response_model=Envelope[RuleList], responses=COMMON)
-async def list_rules(user_id: CurrentUser, container: ContainerDep) -> JSONResponse:
+async def list_rules(user_id: CurrentUser, container: ContainerDep, service: ServiceDep) -> JSONResponse:
     """The caller's rules from the rules read model (waits up to 5 s for the caller's last write)."""
 
     def read() -> list[dict[str, object]]:
         with container.read_pool.connection() as conn:
-            return list_rules_query(conn, user_id)
+            rows = list_rules_query(conn, user_id)
+        return [{**r, "name": service.rule_name(str(r["name"]))} for r in rows]  # opened with the caller's key
 
     await wait_for_streams(container.read_pool, "rules", container.last_writes.recent(user_id, "rules"))
     rows = await run_in_threadpool(read)
@@ -67,7 +70,7 @@ async def update_rule(rule_id: UUID, body: RuleUpdate, user_id: CurrentUser,
     committed = await run_in_threadpool(
         service.update_rule, user_id, rule_id, body.name, _edits(body), body.protect)
     container.last_writes.record(user_id, "rules", rule_id, committed.versions.get(rule_id))
-    return ok(_public(await run_in_threadpool(service.get_rule, user_id, rule_id)))
+    return ok(_public(service, await run_in_threadpool(service.get_rule, user_id, rule_id)))
 
 
 @router.delete("/rules/{rule_id}", response_model=Envelope[dict[str, bool]], responses=OWN)

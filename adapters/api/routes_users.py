@@ -13,11 +13,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
-from adapters.api.envelope import fail, ok
+from adapters.api.envelope import ApiError, fail, ok
 from adapters.api.rate_limit import TokenBuckets, client_address
 from adapters.api.schemas import (
     AnonCreate,
     Envelope,
+    ErasedPublic,
     ErrorBody,
     HealthPublic,
     MePublic,
@@ -25,8 +26,10 @@ from adapters.api.schemas import (
     TokenPublic,
 )
 from adapters.bootstrap import Container
+from adapters.erasure import erase
 from adapters.system import SystemClock
 from domain.contracts.edits import ACTIONS, TEXTURES, TONES
+from domain.errors import NotFound
 from domain.presets import PRESETS
 
 router = APIRouter()
@@ -155,7 +158,7 @@ async def auth_anon(body: AnonCreate, service: ServiceDep, container: ContainerD
         limits = request.app.state.register_limits = TokenBuckets(s.rate_register_per_s, s.rate_register_burst)
     peer = request.client.host if request.client else None
     limits.take(client_address(peer, request.headers.getlist("x-forwarded-for"), s.trusted_proxies))
-    committed = await service.run(service.register_command(body.device_hash))
+    committed = await service.register_async(body.device_hash)
     user_id, created = committed.value
     token = request.app.state.tokens.issue(user_id, SystemClock().now())
     return ok(TokenPublic(token=token, user_id=user_id, created=created), status=201 if created else 200)
@@ -164,12 +167,30 @@ async def auth_anon(body: AnonCreate, service: ServiceDep, container: ContainerD
 @router.get("/me", response_model=Envelope[MePublic], tags=["user"], responses={401: ERRORS[401]})
 async def me(user_id: CurrentUser, service: ServiceDep) -> JSONResponse:
     """The caller's plan, credits, active jobs and rule slots (strongly consistent)."""
-    view = await service.get_user_async(user_id)
+    try:
+        view = await service.get_user_async(user_id)
+    except NotFound:  # erased a moment ago, before this process refused its tokens
+        raise ApiError("AUTH_INVALID", "the token is invalid or expired") from None
     return ok(MePublic(
         user_id=view.user_id, plan=view.plan, credits=view.credits, reserved=view.reserved,
         active_jobs=view.active_jobs, max_concurrent_jobs=view.max_concurrency,
         rule_slots={"used": view.rule_slots_used, "max": view.rule_slots_max},  # type: ignore[arg-type]
     ))
+
+
+@router.delete("/me", response_model=Envelope[ErasedPublic], tags=["user"],
+               responses={401: ERRORS[401], 409: {"model": Envelope[None], "description": "INVALID_STATE"}})
+async def erase_me(user_id: CurrentUser, service: ServiceDep, container: ContainerDep,
+                   request: Request) -> JSONResponse:
+    """Erase the caller (GDPR): unfinished jobs are canceled and refunded, the key sealing the
+    caller's personal fields is destroyed (they read as "erased" everywhere from then on), every
+    photo, output, mask and preview and every webhook endpoint is deleted, and this token is
+    refused (401). The credit history stays, without personal data, for the ledger. The same
+    device registering again gets a new user."""
+    request.app.state.erased_users.add(user_id)  # refused from now on, even mid-erasure
+    done = await run_in_threadpool(erase, service, container.read_pool, container.s3,
+                                   container.settings.s3_bucket, user_id)
+    return ok(ErasedPublic(erased=True, objects_deleted=done.objects, webhooks_deleted=done.webhooks))
 
 
 def _preset_public(preset_id: str) -> PresetPublic:

@@ -64,6 +64,12 @@ class RuleSlots(BaseModel):
     max: int
 
 
+class ErasedPublic(BaseModel):
+    erased: bool
+    objects_deleted: int
+    webhooks_deleted: int
+
+
 class MePublic(BaseModel):
     user_id: UUID
     plan: str

@@ -45,4 +45,4 @@ def evolve(rows: Mapping[Key, Row | None], env: EventEnvelope) -> Change:
 
 
 JOBS_LOG = ReadModel("jobs_log", "Job", COLUMNS, ("id",), own_stream("Job"), evolve,
-                     indexes=("user_id, created_at DESC, id",))
+                     indexes=("user_id, created_at DESC, id", "finished_at, id"))

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from domain.contracts.envelope import EventEnvelope
+from domain.contracts.personal import ERASED, sealed_owner
 from domain.user import DEVICE_KEY_SCHEME
 from projections.models.base import Change, Column, Key, ReadModel, Row, current, own_stream
 
@@ -18,8 +19,9 @@ COLUMNS = (
 
 
 def _device_key(data: dict[str, Any]) -> str | None:
+    """The stored device key: sealed (``sealed:v1:...``) or, from before sealing, keyed."""
     key = data.get("device_key")
-    return key if isinstance(key, str) and key.startswith(DEVICE_KEY_SCHEME) else None
+    return key if isinstance(key, str) and (key.startswith(DEVICE_KEY_SCHEME) or sealed_owner(key)) else None
 
 
 def evolve(rows: Mapping[Key, Row | None], env: EventEnvelope) -> Change:
@@ -44,6 +46,8 @@ def evolve(rows: Mapping[Key, Row | None], env: EventEnvelope) -> Change:
         row["credits"] += d["refunded"]
     elif env.type == "PlanChanged":
         row["plan"] = d["plan"]
+    elif env.type == "Erased":
+        row["device_hash"] = ERASED
     row["updated_at"] = env.timestamp
     return {key: row}, []
 

@@ -19,6 +19,7 @@ from psycopg import sql
 
 from adapters.bootstrap import build, open_event_store
 from adapters.tokens import TokenIssuer
+from domain.contracts.personal import SEALED_PREFIX
 from domain.user import DEVICE_KEY_SCHEME, REDACTED_DEVICE_KEY, legacy_user_id_for_device
 from tests.e2e.test_staff_roles import staff_headers
 from tests.integration.test_stack import wait_until
@@ -59,7 +60,7 @@ def test_an_analyst_reading_a_users_stream_finds_no_credential_for_that_client(h
     assert events.status_code == 200 and state.status_code == 200
     assert device not in events.text and device not in state.text
     [registered, *_] = [json.loads(line) for line in events.text.splitlines()]
-    assert registered["data"]["device_key"].startswith(DEVICE_KEY_SCHEME)
+    assert registered["data"]["device_key"].startswith(f"{SEALED_PREFIX}{user_id}:")  # sealed, not even the key
 
     # Whatever the analyst saw, presented as a device hash, is not this client.
     shown = {s for line in events.text.splitlines() for s in strings(json.loads(line))} | set(strings(state.json()))
@@ -73,7 +74,7 @@ def test_the_raw_device_hash_is_stored_nowhere_in_postgresql(http, settings):
     device = f"device-{uuid.uuid4().hex}"
     user_id = register(http, device, 201)["user_id"]
     row = wait_until(lambda: users_row(settings, user_id), timeout_s=30, what="the users row")
-    assert row[1].startswith(DEVICE_KEY_SCHEME)
+    assert row[1].startswith(f"{SEALED_PREFIX}{user_id}:") and DEVICE_KEY_SCHEME not in row[1]
 
     app = open_event_store(settings, pool_size=1)
     try:

@@ -107,6 +107,7 @@ def test_hostile_text_in_every_field_never_stops_palette(apps, http, settings, c
         tally.send(http, "GET", f"/presets/{_path(b)}", headers=client.headers)
         tally.send(http, "GET", f"/webhooks/{_path(b)}/deliveries", headers=client.headers)
         tally.send(http, "DELETE", f"/jobs/{_path(c)}", headers=client.headers)
+        tally.send(http, "DELETE", "/me", headers={"Authorization": b"Bearer " + _header(a)})  # never erases
         tally.send(http, "GET", f"/audit/report?from={_path(a)}&to={_path(b)}&at={_path(c)}", headers=auditor)
         tally.send(http, "GET", f"/jobs/{job_id}/events", headers={**client.headers, "Last-Event-ID": _header(c)})
         callback = _raw_json({"idx": 0, "status": "failed", "output_key": a, "preview_key": b, "error": c,

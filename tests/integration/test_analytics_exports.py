@@ -99,7 +99,8 @@ def test_an_older_version_is_upcast_and_an_unusual_state_decoded(log, tmp_path):
     legacy = [r for r in rows if r["stream_id"] == str(LEGACY)]
     assert len(legacy) == 1 and legacy[0]["plan"] == "free" and legacy[0]["device_key"] == REDACTED_DEVICE_KEY
     assert "device_hash" not in legacy[0]  # the v1 credential never reaches the file
-    assert all(r["device_key"] == REDACTED_DEVICE_KEY or r["device_key"].startswith("hmac-sha256:") for r in rows)
+    assert all(r["device_key"] == REDACTED_DEVICE_KEY or r["device_key"].startswith(("hmac-sha256:", "sealed:v1:"))
+               for r in rows)
     export_log(log.app.recorder, log.app.mapper.transcoder, tmp_path / "slots", types_=["RuleSlotTaken"])
     slots = _rows(tmp_path / "slots", "RuleSlotTaken").values()
     assert [(r["stream_id"], r["version"]) for r in slots if r["rule_id"] == str(RULE)] == [

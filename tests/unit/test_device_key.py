@@ -99,7 +99,7 @@ def test_the_analysts_envelope_of_a_v1_event_is_upcast_too():
     assert shown.data == {"plan": "free", "device_key": REDACTED_DEVICE_KEY, "class_version": 2}
 
 
-def test_the_users_read_model_copies_only_a_device_key():
+def test_the_users_read_model_copies_only_a_sealed_device_key():
     app = in_memory()
     store_v1_user(app, RAW)
     svc = service(app)
@@ -110,7 +110,10 @@ def test_the_users_read_model_copies_only_a_device_key():
         if env.type == "Registered":
             USERS.apply(rows, env)
     assert rows[(legacy_user_id_for_device(RAW),)]["device_hash"] is None
-    assert rows[(new_id,)]["device_hash"] == HmacDeviceKeyer(SECRET).key("new-device-0001")
+    stored = rows[(new_id,)]["device_hash"]
+    key = HmacDeviceKeyer(SECRET).key("new-device-0001")
+    assert stored.startswith(f"sealed:v1:{new_id}:") and key not in stored
+    assert svc.sealer.open("device_key", stored) == key  # the user's key opens it, and only that
 
 
 # -- registration ------------------------------------------------------------------------------

@@ -146,3 +146,27 @@ def test_changing_to_the_same_plan_records_nothing():
     user.change_plan(PRO, AT)
     assert new_events(user) == ["PlanChanged"]
     assert user.plan == "pro"
+
+
+def test_erasure_waits_for_jobs_holding_credits_then_is_recorded_once():
+    from domain.errors import InvalidState
+
+    user = registered()
+    job = uuid4()
+    user.reserve(job, 3, FREE, AT)
+    user.collect_events()
+    with pytest.raises(InvalidState):
+        user.erase(AT)
+    user.settle(job, 1, AT)
+    assert user.erase(AT) is True and user.erase(AT) is False
+    assert new_events(user) == ["CreditsSettled", "Erased"]
+    assert user.erased and user.spent == 1
+
+
+def test_each_generation_of_a_device_is_another_user_and_the_key_is_stored_as_sealed():
+    ids = {user_id_for_device_key(KEY, g) for g in range(4)}
+    assert len(ids) == 4 and user_id_for_device_key(KEY) == user_id_for_device_key(KEY, 0)
+    seen = []
+    user = User.register(KEY, FREE, AT, generation=2, seal=lambda uid, v: seen.append((uid, v)) or "sealed:x")
+    assert user.id == user_id_for_device_key(KEY, 2) and seen == [(user.id, KEY)]
+    assert user.collect_events()[0].device_key == "sealed:x"

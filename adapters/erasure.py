@@ -1,0 +1,99 @@
+"""Erasing a user (``DELETE /me``, ``palette admin erase``), in an order that a crash at any step
+leaves finishable: the tombstone (tokens refused, the device registers anew), the ``Erased``
+event (unfinished jobs canceled and refunded, no command accepted after), the data key destroyed
+(every sealed field unreadable), webhooks and objects deleted, the tombstone marked complete. Each
+step is idempotent; the sweeper finishes an erasure a crash cut short."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from adapters import keyring
+from adapters.objects import delete_prefixes
+from application.services import PaletteService
+from domain.contracts.keys import user_prefixes
+from domain.errors import NotFound
+from domain.user import User
+
+log = logging.getLogger("palette.erasure")
+REFRESH_S = 1.0  # how soon another API process refuses an erased user's tokens
+
+
+@dataclass(frozen=True)
+class Erasure:
+    user_id: UUID
+    recorded: bool  # this call recorded the Erased event (False: it already was)
+    webhooks: int
+    objects: int
+
+
+def erase(service: PaletteService, pool: Any, s3: Any, bucket: str, user_id: UUID,
+          must_exist: bool = True) -> Erasure:
+    """Erase ``user_id`` (NotFound for no such user when ``must_exist``)."""
+    from adapters.webhooks.store import forget_user
+
+    if must_exist and not isinstance(service.executor.read(user_id), User):
+        raise NotFound("user not found")
+    with pool.connection() as conn:
+        keyring.request_erasure(conn, user_id)
+    try:
+        recorded = service.erase_user(user_id)
+    except NotFound:
+        recorded = False  # a tombstone without a user (finishing one): nothing to record
+    service.sealer.forget(user_id)
+    with pool.connection() as conn:
+        webhooks = forget_user(conn, user_id)
+    objects = delete_prefixes(s3, bucket, user_prefixes(user_id))
+    with pool.connection() as conn:
+        keyring.complete_erasure(conn, user_id)
+    log.info("user %s erased (%d webhook endpoints, %d objects)", user_id, webhooks, objects,
+             extra={"user_id": str(user_id)})
+    return Erasure(user_id, recorded, webhooks, objects)
+
+
+class ErasedUsers:
+    """The users erased within a token's lifetime, for refusing their tokens: this process's own
+    erasures at once, other processes' within ``refresh_s`` (each refresh reads the window's
+    tombstones anew, so one committed late is not missed). Older erasures are dropped: every
+    token issued before them has expired."""
+
+    def __init__(self, pool: Any, token_ttl_s: float, refresh_s: float = REFRESH_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.pool = pool
+        self.within_s = token_ttl_s + 60.0  # the issuer's leeway and clock skew, generously
+        self.refresh_s = refresh_s
+        self.clock = clock
+        self._stored: frozenset[UUID] = frozenset()
+        self._local: dict[UUID, float] = {}  # this process's erasures, until a refresh shows them
+        self._lock = threading.Lock()
+
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._stored or user_id in self._local
+
+    def add(self, user_id: UUID) -> None:
+        with self._lock:
+            self._local[user_id] = self.clock()
+
+    def refresh(self) -> None:
+        """Read the window's tombstones (I/O: call on a thread)."""
+        with self.pool.connection() as conn:
+            self._stored = frozenset(keyring.erased_within(conn, self.within_s))
+        horizon = self.clock() - self.within_s
+        with self._lock:
+            self._local = {u: at for u, at in self._local.items() if at >= horizon and u not in self._stored}
+
+    async def run(self) -> None:
+        """Refresh every ``refresh_s`` until canceled; a failed refresh is retried next time."""
+        while True:
+            try:
+                await asyncio.to_thread(self.refresh)
+            except Exception:
+                log.warning("could not read erasures; retrying", exc_info=True)
+            await asyncio.sleep(self.refresh_s)

@@ -1,0 +1,128 @@
+"""Users' data keys in PostgreSQL (the write side's database), and the erasure tombstones.
+
+A data key is stored wrapped (AES-GCM) under a key-encryption key derived (HKDF-SHA256) from the
+server's device-key secret, so a copy of the database alone opens nothing. Destroying a key
+deletes its row; ``vacuum`` then removes the dead row from the table's pages (until the next
+vacuum, the wrapped key survives on disk — and in backups of that age, which is why backups
+must age out too).
+
+``palette_erasures`` lists erased users (ids only, no personal data): registration skips them,
+tokens of those erased within a token's lifetime are refused, and an erasure cut short (its
+``completed_at`` still empty) is finished by the sweeper."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from application.personal import KEY_BYTES, NONCE_BYTES, KeyDestroyed
+
+DDL = (
+    "CREATE TABLE IF NOT EXISTS palette_user_keys (user_id uuid PRIMARY KEY, wrapped bytea NOT NULL, "
+    "created_at timestamptz NOT NULL DEFAULT now())",
+    "CREATE TABLE IF NOT EXISTS palette_erasures (user_id uuid PRIMARY KEY, "
+    "requested_at timestamptz NOT NULL DEFAULT now(), completed_at timestamptz)",
+    "CREATE INDEX IF NOT EXISTS palette_erasures_recent ON palette_erasures (requested_at)",
+    "CREATE INDEX IF NOT EXISTS palette_erasures_pending ON palette_erasures (requested_at) "
+    "WHERE completed_at IS NULL",
+)
+
+
+def ensure_schema(conn: psycopg.Connection[Any]) -> None:
+    for statement in DDL:
+        conn.execute(statement)
+
+
+def key_encryption_key(secret: str) -> bytes:
+    """The key that wraps data keys, derived from the server's device-key secret."""
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
+                info=b"palette keyring v1").derive(secret.encode())
+
+
+class PgKeyring:
+    """The :class:`application.personal.Keyring` port on PostgreSQL (``pool``: autocommit)."""
+
+    def __init__(self, pool: Any, secret: str) -> None:
+        self.pool = pool
+        self._kek = AESGCM(key_encryption_key(secret))
+
+    def _wrap(self, user_id: UUID, key: bytes) -> bytes:
+        nonce = os.urandom(NONCE_BYTES)
+        return nonce + self._kek.encrypt(nonce, key, user_id.bytes)
+
+    def _unwrap(self, user_id: UUID, wrapped: bytes) -> bytes:
+        return self._kek.decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], user_id.bytes)
+
+    def key_for(self, user_id: UUID) -> bytes:
+        """One round trip: the stored key, or a new one stored — never for an erased user."""
+        candidate = self._wrap(user_id, AESGCM.generate_key(bit_length=KEY_BYTES * 8))
+        with self.pool.connection() as conn:
+            row = conn.execute(
+                "WITH made AS (INSERT INTO palette_user_keys (user_id, wrapped) SELECT %(u)s, %(w)s "
+                "WHERE NOT EXISTS (SELECT 1 FROM palette_erasures WHERE user_id = %(u)s) "
+                "ON CONFLICT (user_id) DO NOTHING RETURNING wrapped) "
+                "SELECT wrapped FROM made UNION ALL SELECT wrapped FROM palette_user_keys WHERE user_id = %(u)s",
+                {"u": user_id, "w": candidate}).fetchone()
+        if row is None:
+            raise KeyDestroyed(str(user_id))
+        return self._unwrap(user_id, bytes(row[0]))
+
+    def key(self, user_id: UUID) -> bytes | None:
+        with self.pool.connection() as conn:
+            row = conn.execute("SELECT wrapped FROM palette_user_keys WHERE user_id = %s", [user_id]).fetchone()
+        return None if row is None else self._unwrap(user_id, bytes(row[0]))
+
+    def destroy(self, user_id: UUID) -> None:
+        with self.pool.connection() as conn, conn.transaction():
+            request_erasure(conn, user_id)
+            conn.execute("DELETE FROM palette_user_keys WHERE user_id = %s", [user_id])
+
+    def erased(self, user_ids: Iterable[UUID]) -> set[UUID]:
+        ids = list(user_ids)
+        with self.pool.connection() as conn:
+            rows = conn.execute("SELECT user_id FROM palette_erasures WHERE user_id = ANY(%s)", [ids]).fetchall()
+        return {r[0] for r in rows}
+
+
+def request_erasure(conn: psycopg.Connection[Any], user_id: UUID) -> None:
+    """The tombstone, first thing: from here on the user's tokens fail and the device registers anew."""
+    conn.execute("INSERT INTO palette_erasures (user_id) VALUES (%s) ON CONFLICT (user_id) DO NOTHING", [user_id])
+
+
+def complete_erasure(conn: psycopg.Connection[Any], user_id: UUID) -> None:
+    conn.execute("UPDATE palette_erasures SET completed_at = now() WHERE user_id = %s AND completed_at IS NULL",
+                 [user_id])
+
+
+def pending_erasures(conn: psycopg.Connection[Any], limit: int = 100) -> list[UUID]:
+    """Erasures requested but not finished (cut short by a crash), oldest first."""
+    rows = conn.execute("SELECT user_id FROM palette_erasures WHERE completed_at IS NULL "
+                        "ORDER BY requested_at LIMIT %s", [limit]).fetchall()
+    return [r[0] for r in rows]
+
+
+def erased_within(conn: psycopg.Connection[Any], within_s: float, limit: int = 100_000) -> list[UUID]:
+    """Users erased no longer ago than ``within_s`` (a token's lifetime: an older erasure's
+    tokens have all expired)."""
+    rows = conn.execute("SELECT user_id FROM palette_erasures WHERE requested_at > now() - %s * interval '1 second' "
+                        "ORDER BY requested_at DESC LIMIT %s", [within_s, limit]).fetchall()
+    return [r[0] for r in rows]
+
+
+def vacuum_keys(conn: psycopg.Connection[Any]) -> None:
+    """Remove destroyed keys' dead rows from the table's pages (``conn`` in autocommit)."""
+    conn.execute("VACUUM palette_user_keys")
+
+
+def all_erased(conn: psycopg.Connection[Any]) -> frozenset[UUID]:
+    """Every erased user (for replays and exports, which show their sealed fields as erased)."""
+    if conn.execute("SELECT to_regclass('palette_erasures')").fetchone() == (None,):
+        return frozenset()
+    return frozenset(r[0] for r in conn.execute("SELECT user_id FROM palette_erasures").fetchall())

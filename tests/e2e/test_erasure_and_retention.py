@@ -1,0 +1,208 @@
+"""Erasure (DELETE /me, crypto-shredding) and retention (the sweeper) on the real stack: what a
+GDPR request and the retention period must leave behind, checked where it lives — S3's listing,
+the event store's bytes, the read models, the ledger's chain."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import httpx
+import psycopg
+import pytest
+from psycopg import sql
+
+from adapters.bootstrap import open_event_store
+from adapters.keyring import all_erased
+from adapters.retention import Sweeper
+from domain.contracts.personal import ERASED
+from infra.s3 import s3_client
+from projections import audit
+from projections.models import READ_MODELS
+from projections.replay import Replayer
+from projections.store import unapplied
+from tests.integration.test_stack import wait_until
+
+from .conftest import Client
+from .test_data_lifecycle import _objects
+from .test_lifecycle import EDITS, callback, create_uploaded_job
+
+RULE_NAME = "Grandma's living room, 12 Rue des Lilas"
+
+
+def _register(http: httpx.Client, device: str) -> httpx.Response:
+    return http.post("/auth/anon", json={"device_hash": device})
+
+
+def _stored_text(app, settings, user_id: str) -> str:  # type: ignore[no-untyped-def]
+    """Every stored event state that names the user, as text (what a database dump holds)."""
+    table = sql.Identifier(app.recorder.datastore.schema, app.recorder.events_table_name)
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        rows = conn.execute(sql.SQL("SELECT convert_from(state, 'UTF8') FROM {} WHERE originator_id = %s "
+                                    "OR position(%s in convert_from(state, 'UTF8')) > 0").format(table),
+                            [user_id, user_id]).fetchall()
+    return "\n".join(r[0] for r in rows)
+
+
+def test_erasing_a_user_shreds_personal_fields_deletes_objects_and_keeps_the_ledger(http, settings):
+    device = f"device-{uuid.uuid4().hex}"
+    first = _register(http, device)
+    user_id = first.json()["data"]["user_id"]
+    client = Client.__new__(Client)
+    client.http, client.token, client.user_id = http, first.json()["data"]["token"], user_id
+    client.headers = {"Authorization": f"Bearer {client.token}"}
+    rule = client.data("POST", "/rules", 201, json={"name": RULE_NAME, "preset_id": "interior", "concepts": EDITS})
+    assert rule["name"] == RULE_NAME  # opened for its owner
+    assert [r["name"] for r in client.data("GET", "/rules")["items"]] == [RULE_NAME]  # from the read model too
+    client.data("POST", "/webhooks", 201, json={"url": "http://127.0.0.1:9/hook", "events": ["job.finished"]})
+    job_id = create_uploaded_job(client, 2)
+    client.data("POST", f"/jobs/{job_id}/execute", json={"concepts": EDITS})  # running: erasure cancels it
+    assert _objects(settings, user_id)
+    app = open_event_store(settings)
+    stored = _stored_text(app, settings, user_id)
+    assert RULE_NAME not in stored and "hmac-sha256:" not in stored and "sealed:v1:" in stored  # sealed from the start
+    credits_before = client.data("GET", "/me")["credits"]
+
+    erased = client.data("DELETE", "/me")
+    assert erased["erased"] is True and erased["webhooks_deleted"] == 1 and erased["objects_deleted"] >= 2
+    assert _objects(settings, user_id) == set()  # S3's own listing
+    assert client.call("GET", "/me").status_code == 401  # the token is refused at once
+    assert client.call("GET", "/jobs").status_code == 401
+    again = _register(http, device)  # the same device: a new user, with the free credits anew
+    assert again.status_code == 201 and again.json()["data"]["user_id"] != user_id
+    assert _register(http, device).json()["data"]["user_id"] == again.json()["data"]["user_id"]  # and it stays
+
+    try:
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            erased_users = all_erased(conn)
+            assert uuid.UUID(user_id) in erased_users
+            replayed = {e.type: e.data for e in Replayer(app, erased_users).stream(uuid.UUID(user_id))}
+            assert replayed["Registered"]["device_key"] == ERASED and "Erased" in replayed
+            assert [e.data["name"] for e in Replayer(app, erased_users).stream(uuid.UUID(rule["id"]))] == [ERASED]
+            key_rows = conn.execute("SELECT count(*) FROM palette_user_keys WHERE user_id = %s", [user_id]).fetchone()
+            assert key_rows == (0,)
+            wait_until(lambda: conn.execute("SELECT device_hash FROM palette_read.users WHERE id = %s",
+                                            [user_id]).fetchone() == (ERASED,), what="the users model to erase")
+            # the ledger keeps its amounts: the running job's reservation came back, nothing else moved
+            state = Replayer(app, erased_users).state(uuid.UUID(user_id))["state"]
+            assert (state["balance"], state["reservations"], state["erased"]) == (credits_before + 2, {}, True)
+            wait_until(lambda: all(unapplied(conn, m, app.recorder.events_table_name)[0] == 0
+                                   for m in READ_MODELS.values()), timeout_s=60, what="projections to drain")
+            _, breaks = audit.verify(conn)
+            assert breaks == []
+            with conn.transaction():
+                report = audit.reconcile(conn, app.recorder, app.mapper.transcoder)
+            assert report.ok, report.differences
+    finally:
+        app.close()
+    assert client.call("DELETE", "/me").status_code == 401  # once is all a token gets
+
+
+@pytest.mark.parametrize("items", [2])
+def test_the_sweeper_deletes_the_objects_of_jobs_past_retention_and_nothing_newer(client, http, settings, items):
+    old = create_uploaded_job(client, items)
+    client.data("POST", f"/jobs/{old}/execute", json={"concepts": EDITS})
+    for idx in range(items):
+        callback(http, settings.callback_secret, old, {"idx": idx, "status": "failed", "error": "x",
+                                                       "idempotency_key": f"{old}:{idx}"})
+    newer = create_uploaded_job(client, 1)
+    client.data("POST", f"/jobs/{newer}/cancel")
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        def finished_at(job_id: str):  # type: ignore[no-untyped-def]
+            row = conn.execute("SELECT finished_at FROM palette_read.jobs_log WHERE id = %s", [job_id]).fetchone()
+            return row[0] if row else None
+        wait_until(lambda: finished_at(old) is not None and finished_at(newer) is not None,
+                   what="both jobs to be folded as finished")
+        cutoff = finished_at(old) + timedelta(microseconds=1)
+        assert finished_at(newer) >= cutoff
+    inputs = [k for k in _objects(settings, client.user_id) if old in k]
+    assert len(inputs) == items
+    sweeper = Sweeper(settings)
+    try:
+        report = sweeper.step(now=cutoff + timedelta(days=settings.retention_days))
+        assert report.jobs_expired >= 1 and report.objects_deleted >= items
+        left = _objects(settings, client.user_id)
+        assert not any(old in k for k in left) and any(newer in k for k in left)
+        assert sweeper.step(now=cutoff + timedelta(days=settings.retention_days)).jobs_expired == 0  # once
+    finally:
+        sweeper.close()
+    listed = client.data("GET", f"/jobs/{old}")  # the job stays; its objects are gone
+    assert listed["status"] == "failed"
+    app = open_event_store(settings)
+    try:
+        types = [e.type for e in Replayer(app).stream(uuid.UUID(old))]
+    finally:
+        app.close()
+    assert types[-1] == "ObjectsExpired" and types.count("ObjectsExpired") == 1
+
+
+def test_an_upload_landing_after_a_job_was_deleted_or_its_user_erased_is_swept(client, other, settings):
+    from datetime import UTC, datetime
+
+    from adapters.retention import LATE_UPLOADS_S
+    from domain.contracts.keys import output_key
+
+    job_id = create_uploaded_job(client, 1)
+    client.data("POST", f"/jobs/{job_id}/cancel")
+    client.data("DELETE", f"/jobs/{job_id}")
+    erased_job = create_uploaded_job(other, 1)
+    other.data("DELETE", "/me")
+    s3 = s3_client(settings)
+    late = [output_key(uuid.UUID(client.user_id), uuid.UUID(job_id), 0),
+            output_key(uuid.UUID(other.user_id), uuid.UUID(erased_job), 0)]
+    for key in late:  # what a worker still busy with the item would upload
+        s3.put_object(Bucket=settings.s3_bucket, Key=key, Body=b"late")
+    assert all(any(k == key for k in _objects(settings, user)) for key, user in zip(late, (client.user_id,
+                                                                                          other.user_id), strict=True))
+    sweeper = Sweeper(settings)
+    try:
+        sweeper.step(now=datetime.now(UTC))  # too soon: a late upload may still come
+        assert _objects(settings, client.user_id) | _objects(settings, other.user_id) >= set(late)
+        report = sweeper.step(now=datetime.now(UTC) + timedelta(seconds=LATE_UPLOADS_S + 60))
+    finally:
+        sweeper.close()
+    assert report.objects_deleted >= 2
+    assert not (_objects(settings, client.user_id) | _objects(settings, other.user_id)) & set(late)
+
+
+def test_another_api_process_learns_of_an_erasure_from_the_tombstones(settings):
+    from psycopg_pool import ConnectionPool
+
+    from adapters.erasure import ErasedUsers
+    from adapters.keyring import ensure_schema as ensure_keyring
+    from adapters.keyring import request_erasure
+
+    user_id = uuid.uuid4()
+    with ConnectionPool(settings.effective_database_url, min_size=1, max_size=1,
+                        kwargs={"autocommit": True}) as pool:
+        with pool.connection() as conn:
+            ensure_keyring(conn)
+        elsewhere = ErasedUsers(pool, token_ttl_s=3600)
+        elsewhere.refresh()
+        assert user_id not in elsewhere
+        with pool.connection() as conn:
+            request_erasure(conn, user_id)
+        elsewhere.refresh()
+        assert user_id in elsewhere
+        past = ErasedUsers(pool, token_ttl_s=-3600)  # tokens live less than the erasure is old: forgotten
+        past.refresh()
+        assert user_id not in past
+
+
+def test_an_operator_erases_from_the_command_line_with_one_line_answers(client, settings, monkeypatch, capsys):
+    from adapters import cli
+
+    for key, value in settings.as_env().items():
+        monkeypatch.setenv(key, value)
+    assert cli.main(["admin", "erase", str(uuid.uuid4())]) == 1  # no such user
+    assert capsys.readouterr().err.strip() == "palette admin erase: user not found"
+    assert cli.main(["admin", "erase", client.user_id]) == 0
+    assert "recorded now" in capsys.readouterr().out
+    assert cli.main(["admin", "erase", client.user_id]) == 0  # again: finished again, nothing new recorded
+    assert "already erased" in capsys.readouterr().out
+    wait_until(lambda: client.call("GET", "/presets").status_code == 401, timeout_s=10,
+               what="the API process to learn of the erasure from the tombstones")
+    assert client.call("GET", "/me").status_code == 401
+    with pytest.raises(SystemExit) as bad:
+        cli.main(["admin", "erase", "not-a-uuid"])
+    assert bad.value.code == 2

@@ -1,0 +1,77 @@
+"""Sealed personal fields: what a sealed value reveals, what it refuses, and what erasure leaves."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from application.personal import KeyDestroyed, MemoryKeyring, Sealer
+from domain.contracts.personal import ERASED, SEALED_PREFIX, redact, sealed_owner
+
+ALICE, BOB = uuid.uuid4(), uuid.uuid4()
+
+
+@given(st.text(max_size=200))
+def test_a_sealed_value_opens_to_itself_and_shows_nothing_of_it(value):
+    sealer = Sealer(MemoryKeyring())
+    sealed = sealer.seal(ALICE, "rule.name", value)
+    assert sealed.startswith(f"{SEALED_PREFIX}{ALICE}:") and sealed_owner(sealed) == ALICE
+    assert sealer.open("rule.name", sealed) == value
+    if len(value) >= 4:
+        assert value not in sealed.removeprefix(f"{SEALED_PREFIX}{ALICE}:")
+
+
+def test_sealing_is_deterministic_per_user_and_field_only():
+    sealer = Sealer(MemoryKeyring())
+    same = sealer.seal(ALICE, "rule.name", "Kitchen")
+    assert sealer.seal(ALICE, "rule.name", "Kitchen") == same  # an unchanged name is an unchanged value
+    assert sealer.seal(ALICE, "device_key", "Kitchen") != same
+    assert sealer.seal(BOB, "rule.name", "Kitchen").split(":")[-1] != same.split(":")[-1]
+
+
+def test_a_value_moved_to_another_field_or_user_or_altered_does_not_open():
+    sealer = Sealer(MemoryKeyring())
+    sealed = sealer.seal(ALICE, "rule.name", "Kitchen")
+    with pytest.raises(ValueError, match="does not open"):
+        sealer.open("device_key", sealed)  # the field is bound to the ciphertext
+    sealer.seal(BOB, "rule.name", "x")  # Bob has a key too
+    with pytest.raises(ValueError, match="does not open"):
+        sealer.open("rule.name", sealed.replace(str(ALICE), str(BOB)))  # so is the user
+    body = sealed.rsplit(":", 1)[1]
+    raw = bytearray(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    raw[-1] ^= 1
+    tampered = sealed.rsplit(":", 1)[0] + ":" + base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("=")
+    with pytest.raises(ValueError, match="does not open"):
+        sealer.open("rule.name", tampered)
+
+
+def test_after_erasure_the_value_reads_erased_and_nothing_can_be_sealed_for_the_user():
+    keyring = MemoryKeyring()
+    sealer = Sealer(keyring)
+    sealed = sealer.seal(ALICE, "device_key", "hmac-sha256:abc")
+    other = Sealer(keyring)  # another process, its cache warm
+    assert other.open("device_key", sealed) == "hmac-sha256:abc"
+    sealer.forget(ALICE)
+    assert sealer.open("device_key", sealed) == ERASED
+    with pytest.raises(KeyDestroyed):
+        sealer.seal(ALICE, "device_key", "again")
+    assert keyring.erased([ALICE, BOB]) == {ALICE}
+
+
+def test_a_value_written_before_sealing_is_returned_as_it_is():
+    assert Sealer(MemoryKeyring()).open("rule.name", "Plain old name") == "Plain old name"
+
+
+def test_redact_replaces_only_erased_users_sealed_values_anywhere_in_the_data():
+    sealer = Sealer(MemoryKeyring())
+    a, b = sealer.seal(ALICE, "f", "a"), sealer.seal(BOB, "f", "b")
+    data = {"x": a, "y": [b, {"z": a}], "n": 3, "s": "sealed:v1:not-a-uuid:zz"}
+    shown = redact(data, {ALICE})
+    assert shown == {"x": ERASED, "y": [b, {"z": ERASED}], "n": 3, "s": "sealed:v1:not-a-uuid:zz"}
+    assert data["x"] == a  # a copy: the input is untouched
+    untouched = {"y": [b]}
+    assert redact(untouched, {ALICE}) is untouched
