@@ -25,7 +25,7 @@ from typing import Any
 import duckdb
 import psycopg
 
-from projections.parquet import read_table
+from projections.parquet import read_table, redacted
 
 READ_MODELS = ("users", "rules", "jobs_log", "job_items_log", "billing_events", "billing_heads")
 DEFAULT_LIMIT = 1000
@@ -78,15 +78,19 @@ def _named(query: str, names: Sequence[str]) -> list[str]:
 
 
 def _load_read_models(con: duckdb.DuckDBPyConnection, database_url: str, names: list[str]) -> None:
-    """Read models from PostgreSQL into DuckDB, all from one read-only snapshot."""
+    """Read models from PostgreSQL into DuckDB, all from one read-only snapshot (sealed fields
+    of erased users read "erased")."""
     import pyarrow as pa
+
+    from adapters.keyring import all_erased
 
     with psycopg.connect(database_url) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         with conn.transaction():
+            erased = all_erased(conn)
             for name in names:
-                con.register(name, pa.concat_tables(list(read_table(conn, name))))
+                con.register(name, redacted(pa.concat_tables(list(read_table(conn, name))), erased))
 
 
 def _one_select(con: duckdb.DuckDBPyConnection, query: str) -> None:

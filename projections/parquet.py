@@ -376,7 +376,7 @@ def export_log(recorder: Any, transcoder: Any, out: Path, start: int = 1, since:
             for name, t in tables:
                 if stop_after is not None and pc.max(t.column("timestamp")).value / 1e6 > stop_after:
                     last = True  # the log has moved past ``until`` (with slack): this is the last page
-                t = _redacted(_between(t, since, until), erased)
+                t = redacted(_between(t, since, until), erased)
                 if t.num_rows:
                     writer.add(name, t)
             if progress:
@@ -397,7 +397,7 @@ def _between(table: pa.Table, since: datetime | None, until: datetime | None) ->
     return table if mask is None else table.filter(mask)
 
 
-def _redacted(table: pa.Table, erased: Container[UUID]) -> pa.Table:
+def redacted(table: pa.Table, erased: Container[UUID]) -> pa.Table:
     """``table`` with every sealed value of an erased user as "erased" (only the few columns
     that hold sealed values are touched)."""
     for i, f in enumerate(table.schema):
@@ -457,7 +457,7 @@ def export_table(conn: Any, name: str, out: Path, erased: Container[UUID] = froz
     writer: pq.ParquetWriter | None = None
     try:
         for batch in read_table(conn, name):
-            t = _redacted(batch, erased)
+            t = redacted(batch, erased)
             writer = writer or pq.ParquetWriter(path, t.schema, compression="zstd")
             if t.num_rows or not stats.events:
                 writer.write_table(t)

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from adapters import query
 from adapters.bootstrap import open_event_store
 from adapters.keyring import all_erased
 from adapters.retention import Sweeper
@@ -79,6 +80,9 @@ def test_erasing_a_user_shreds_personal_fields_deletes_objects_and_keeps_the_led
             replayed = {e.type: e.data for e in Replayer(app, erased_users).stream(uuid.UUID(user_id))}
             assert replayed["Registered"]["device_key"] == ERASED and "Erased" in replayed
             assert [e.data["name"] for e in Replayer(app, erased_users).stream(uuid.UUID(rule["id"]))] == [ERASED]
+            asked = query.run(f"SELECT name FROM rules WHERE id = '{uuid.UUID(rule['id'])}'", None,  # noqa: S608
+                              settings.effective_database_url)
+            assert asked.rows == [(ERASED,)]  # what an analyst's SQL over the read models shows
             key_rows = conn.execute("SELECT count(*) FROM palette_user_keys WHERE user_id = %s", [user_id]).fetchone()
             assert key_rows == (0,)
             wait_until(lambda: conn.execute("SELECT device_hash FROM palette_read.users WHERE id = %s",
