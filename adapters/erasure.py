@@ -1,8 +1,9 @@
 """Erasing a user (``DELETE /me``, ``palette admin erase``), in an order that a crash at any step
 leaves finishable: the tombstone (tokens refused, the device registers anew), the ``Erased``
 event (unfinished jobs canceled and refunded, no command accepted after), the data key destroyed
-(every sealed field unreadable), webhooks and objects deleted, the tombstone marked complete. Each
-step is idempotent; the sweeper finishes an erasure a crash cut short."""
+(every sealed field unreadable), webhooks, kept idempotent answers and objects deleted, the
+tombstone marked complete. Each step is idempotent; the sweeper finishes an erasure a crash cut
+short."""
 
 from __future__ import annotations
 
@@ -37,8 +38,6 @@ class Erasure:
 def erase(service: PaletteService, pool: Any, s3: Any, bucket: str, user_id: UUID,
           must_exist: bool = True) -> Erasure:
     """Erase ``user_id`` (NotFound for no such user when ``must_exist``)."""
-    from adapters.webhooks.store import forget_user
-
     if must_exist and not isinstance(service.executor.read(user_id), User):
         raise NotFound("user not found")
     with pool.connection() as conn:
@@ -49,13 +48,28 @@ def erase(service: PaletteService, pool: Any, s3: Any, bucket: str, user_id: UUI
         recorded = False  # a tombstone without a user (finishing one): nothing to record
     service.sealer.forget(user_id)
     with pool.connection() as conn:
-        webhooks = forget_user(conn, user_id)
+        webhooks = forget_user_data(conn, user_id)
     objects = delete_prefixes(s3, bucket, user_prefixes(user_id))
     with pool.connection() as conn:
         keyring.complete_erasure(conn, user_id)
     log.info("user %s erased (%d webhook endpoints, %d objects)", user_id, webhooks, objects,
              extra={"user_id": str(user_id)})
     return Erasure(user_id, recorded, webhooks, objects)
+
+
+def forget_user_data(conn: Any, user_id: UUID) -> int:
+    """Delete what the user left in PostgreSQL outside the event store: webhook endpoints (their
+    deliveries and attempts cascade) and the answers kept for the user's Idempotency-Keys, which
+    hold what the API answered — a rule's name in clear, upload links — and would be replayed to
+    the user's token. Returns the number of endpoints deleted. The sweeper calls it again a while
+    after the erasure, for what a request in flight during it wrote afterwards."""
+    from adapters.webhooks.store import forget_user
+
+    endpoints = forget_user(conn, user_id)
+    if conn.execute("SELECT to_regclass('palette_api.idempotency')").fetchone() != (None,):
+        # the scope adapters.api.idempotency gives a client's keys
+        conn.execute("DELETE FROM palette_api.idempotency WHERE scope = %s", [f"user:{user_id}"])
+    return endpoints
 
 
 class ErasedUsers:

@@ -61,7 +61,8 @@ class PgKeyring:
         return self._kek.decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], user_id.bytes)
 
     def key_for(self, user_id: UUID) -> bytes:
-        """One round trip: the stored key, or a new one stored — never for an erased user."""
+        """One round trip (two when another process makes the key at the same moment): the stored
+        key, or a new one stored — never for an erased user."""
         candidate = self._wrap(user_id, AESGCM.generate_key(bit_length=KEY_BYTES * 8))
         with self.pool.connection() as conn:
             row = conn.execute(
@@ -70,6 +71,8 @@ class PgKeyring:
                 "ON CONFLICT (user_id) DO NOTHING RETURNING wrapped) "
                 "SELECT wrapped FROM made UNION ALL SELECT wrapped FROM palette_user_keys WHERE user_id = %(u)s",
                 {"u": user_id, "w": candidate}).fetchone()
+            if row is None:  # made by another process after this statement's snapshot: the next one sees it
+                row = conn.execute("SELECT wrapped FROM palette_user_keys WHERE user_id = %s", [user_id]).fetchone()
         if row is None:
             raise KeyDestroyed(str(user_id))
         return self._unwrap(user_id, bytes(row[0]))

@@ -7,10 +7,17 @@ Each pass (every ``PALETTE_SWEEP_INTERVAL_S``):
    stays listed; its links stop working). Jobs are taken from ``jobs_log`` in ``(finished_at,
    id)`` order after a cursor kept in ``palette_sweeps``, so a pass costs what finished since the
    last one, and a crash between the deletion and the event only repeats a harmless deletion.
-2. **Erasures** — one a crash cut short (tombstone without ``completed_at``) is finished.
+   A job never executed nor canceled never finishes: once it was *created* that long ago it is
+   canceled (refunded), its objects deleted and ``ObjectsExpired`` recorded (a ``(created_at,
+   id)`` cursor).
+2. **Erasures** — those a crash cut short (tombstone without ``completed_at``) are finished; one
+   that fails is logged and left for the next pass, the others go on.
 3. **Late uploads** — a GPU worker busy with an item when its job was canceled and deleted, or its
-   user erased, may still upload the output afterwards: the objects of jobs deleted and users
-   erased are deleted once more when ``LATE_UPLOADS_S`` have passed (cursors in ``palette_sweeps``).
+   user erased, may still upload the output afterwards, and so may a client through an upload link
+   handed out before (links live ``URL_TTL_S``): the objects of jobs deleted and users erased are
+   deleted once more when ``LATE_UPLOADS_S`` have passed, and an erased user's webhook endpoints
+   and kept idempotent answers too (a request in flight during the erasure may write them after
+   it); cursors in ``palette_sweeps``, every settled one in the pass, a page at a time.
 """
 
 from __future__ import annotations
@@ -27,20 +34,24 @@ from eventsourcing.persistence import Notification
 from psycopg import sql
 
 from adapters import keyring
-from adapters.erasure import erase
+from adapters.erasure import erase, forget_user_data
 from adapters.objects import delete_prefixes
 from adapters.settings import Settings
 from domain.contracts.envelope import from_notification
-from domain.contracts.keys import job_prefixes, user_prefixes
+from domain.contracts.keys import URL_TTL_S, job_prefixes, user_prefixes
+from domain.errors import DomainError
 from domain.job import Job
 
 log = logging.getLogger("palette.sweeper")
 PAGE = 500  # jobs per query
-LATE_UPLOADS_S = 300.0  # far longer than a worker spends on an item
+# Upload links handed out before a deletion or an erasure work until they expire, and a worker
+# busy with an item uploads its output once done (far sooner).
+LATE_UPLOADS_S = URL_TTL_S + 300.0
 DDL = ("CREATE TABLE IF NOT EXISTS palette_sweeps (name text PRIMARY KEY, at timestamptz NOT NULL, "
        "id uuid NOT NULL, position bigint NOT NULL DEFAULT 0)",)
 JOB_DELETED = "domain.job:Job.JobDeleted"
 TERMINAL = ("done", "failed", "canceled")
+UNSTARTED = ("created", "uploaded")  # never finish unless executed or canceled
 
 
 @dataclass
@@ -83,6 +94,17 @@ def expired_jobs(conn: psycopg.Connection[Any], cutoff: datetime, after: tuple[d
     return [(r[0], r[1], r[2]) for r in rows]
 
 
+def abandoned_jobs(conn: psycopg.Connection[Any], cutoff: datetime, after: tuple[datetime, UUID],
+                   limit: int = PAGE) -> list[tuple[UUID, UUID, datetime]]:
+    """(job, user, created_at) of jobs created after the cursor and before ``cutoff``, never
+    executed nor canceled."""
+    rows = conn.execute(
+        "SELECT id, user_id, created_at FROM palette_read.jobs_log WHERE finished_at IS NULL "
+        "AND (created_at, id) > (%s, %s) AND created_at < %s AND status = ANY(%s) "
+        "ORDER BY created_at, id LIMIT %s", [after[0], after[1], cutoff, list(UNSTARTED), limit]).fetchall()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
 class Sweeper:
     def __init__(self, settings: Settings) -> None:
         from adapters import bootstrap
@@ -98,12 +120,18 @@ class Sweeper:
         c = self.container
         now = now or c.service.clock.now()
         report = SweepReport()
-        self._retention(now - timedelta(days=self.settings.retention_days), report)
+        cutoff = now - timedelta(days=self.settings.retention_days)
+        self._retention(cutoff, report)
+        self._abandoned(cutoff, report)
         with c.read_pool.connection() as conn:
             pending = keyring.pending_erasures(conn)
         for user_id in pending:
-            erase(c.service, c.read_pool, c.s3, c.settings.s3_bucket, user_id, must_exist=False)
-        report.erasures_finished = len(pending)
+            try:
+                erase(c.service, c.read_pool, c.s3, c.settings.s3_bucket, user_id, must_exist=False)
+            except Exception:  # one that keeps failing must not stop the others, nor the pass
+                log.warning("could not finish the erasure of %s; retrying next pass", user_id, exc_info=True)
+                continue
+            report.erasures_finished += 1
         report.objects_deleted += self._late_uploads(now - timedelta(seconds=LATE_UPLOADS_S))
         if report.jobs_expired or report.erasures_finished or report.objects_deleted:
             log.info("sweep: %d job(s) expired, %d erasure(s) finished, %d object(s) deleted",
@@ -125,41 +153,100 @@ class Sweeper:
 
     def _expired(self, cutoff: datetime, after: tuple[datetime, UUID]) -> list[tuple[UUID, UUID, datetime]]:
         with self.container.read_pool.connection() as conn:
-            return expired_jobs(conn, cutoff, after)
+            return expired_jobs(conn, cutoff, after, PAGE)
+
+    def _abandoned(self, cutoff: datetime, report: SweepReport) -> None:
+        """Cancel (refunding) the jobs created before ``cutoff`` and never executed nor canceled,
+        delete their objects and record ``ObjectsExpired``."""
+        c, days = self.container, self.settings.retention_days
+        with c.read_pool.connection() as conn:
+            after = _cursor(conn, "abandoned")
+        while True:
+            with c.read_pool.connection() as conn:
+                jobs = abandoned_jobs(conn, cutoff, (after.at, after.id), PAGE)
+            if not jobs:
+                return
+            for job_id, user_id, created_at in jobs:
+                job = c.service.executor.read(job_id)
+                if not isinstance(job, Job) or job.status not in UNSTARTED:
+                    after = Cursor(created_at, job_id)  # executed or canceled since the read model's row
+                    continue
+                try:
+                    c.service.executor.execute(c.service.cancel_job_command(user_id, job_id, "retention"))
+                except DomainError as e:  # its user erased meanwhile: the erasure deletes it
+                    log.info("job %s not canceled for retention: %s", job_id, e)
+                else:
+                    report.objects_deleted += delete_prefixes(c.s3, c.settings.s3_bucket,
+                                                              job_prefixes(user_id, job_id))
+                    if c.service.executor.execute(c.service.expire_job_command(job_id, days)).value:
+                        report.jobs_expired += 1
+                after = Cursor(created_at, job_id)
+            with c.read_pool.connection() as conn:
+                _save(conn, "abandoned", after)
 
     def _late_uploads(self, settled: datetime) -> int:
-        """Delete once more the objects of users erased and jobs deleted before ``settled``."""
+        """Delete once more the objects of users erased and jobs deleted before ``settled`` (and
+        what an erased user left in PostgreSQL)."""
+        return self._late_erasures(settled) + self._late_deletions(settled)
+
+    def _late_erasures(self, settled: datetime) -> int:
+        c = self.container
+        deleted, swept = 0, False
+        with c.read_pool.connection() as conn:
+            after = _cursor(conn, "late-erasures")
+        while True:
+            with c.read_pool.connection() as conn:
+                erased = conn.execute(
+                    "SELECT user_id, completed_at FROM palette_erasures WHERE completed_at IS NOT NULL "
+                    "AND (completed_at, user_id) > (%s, %s) AND completed_at < %s ORDER BY completed_at, user_id "
+                    "LIMIT %s", [after.at, after.id, settled, PAGE]).fetchall()
+            for user_id, completed_at in erased:
+                deleted += delete_prefixes(c.s3, c.settings.s3_bucket, user_prefixes(user_id))
+                with c.read_pool.connection() as conn:
+                    forget_user_data(conn, user_id)
+                after, swept = Cursor(completed_at, user_id), True
+            with c.read_pool.connection() as conn:
+                _save(conn, "late-erasures", after)
+                if swept and len(erased) < PAGE:  # destroyed keys' dead rows off the table's pages
+                    keyring.vacuum_keys(conn)
+            if len(erased) < PAGE:
+                return deleted
+
+    def _late_deletions(self, settled: datetime) -> int:
         c = self.container
         deleted = 0
+        recorder: Any = c.app.recorder  # eventsourcing's PostgreSQL recorder
+        table = sql.Identifier(*(p for p in (recorder.datastore.schema, recorder.events_table_name) if p))
         with c.read_pool.connection() as conn:
-            users, jobs = _cursor(conn, "late-erasures"), _cursor(conn, "late-deletions")
-            erased = conn.execute("SELECT user_id, completed_at FROM palette_erasures WHERE completed_at IS NOT NULL "
-                                  "AND (completed_at, user_id) > (%s, %s) AND completed_at < %s "
-                                  "ORDER BY completed_at, user_id LIMIT %s",
-                                  [users.at, users.id, settled, PAGE]).fetchall()
-            recorder: Any = c.app.recorder  # eventsourcing's PostgreSQL recorder
-            table = sql.Identifier(*(p for p in (recorder.datastore.schema, recorder.events_table_name) if p))
-            dropped = conn.execute(sql.SQL("SELECT notification_id, originator_id, state FROM {} WHERE topic = %s "
-                                           "AND notification_id > %s ORDER BY notification_id LIMIT %s").format(table),
-                                   [JOB_DELETED, jobs.position, PAGE]).fetchall()
-        for user_id, completed_at in erased:
-            deleted += delete_prefixes(c.s3, c.settings.s3_bucket, user_prefixes(user_id))
-            users = Cursor(completed_at, user_id)
-        for position, job_id, state in dropped:
-            at = from_notification(Notification(originator_id=job_id, originator_version=0, topic=JOB_DELETED,
-                                                state=bytes(state), id=position), c.app.mapper.transcoder).timestamp
-            if at >= settled:
-                break  # the rest are newer still: next pass
-            job = c.service.executor.read(job_id)
-            if isinstance(job, Job):
-                deleted += delete_prefixes(c.s3, c.settings.s3_bucket, job_prefixes(job.user_id, job_id))
-            jobs = Cursor(position=position)
-        with c.read_pool.connection() as conn:
-            _save(conn, "late-erasures", users)
-            _save(conn, "late-deletions", jobs)
-            if erased:  # destroyed keys' dead rows off the table's pages
-                keyring.vacuum_keys(conn)
-        return deleted
+            after = _cursor(conn, "late-deletions")
+        # The log's head now: a scan that reaches it without a JobDeleted still too new moves the
+        # cursor there, so the next pass reads only what came since (the recorder commits in
+        # notification order: nothing lower can appear later).
+        head = recorder.max_notification_id() or 0
+        while True:
+            with c.read_pool.connection() as conn:
+                dropped = conn.execute(sql.SQL("SELECT notification_id, originator_id, state FROM {} "
+                                               "WHERE topic = %s AND notification_id > %s AND notification_id <= %s "
+                                               "ORDER BY notification_id LIMIT %s").format(table),
+                                       [JOB_DELETED, after.position, head, PAGE]).fetchall()
+            newer = False
+            for position, job_id, state in dropped:
+                at = from_notification(Notification(originator_id=job_id, originator_version=0, topic=JOB_DELETED,
+                                                    state=bytes(state), id=position),
+                                       c.app.mapper.transcoder).timestamp
+                if at >= settled:
+                    newer = True  # the rest are newer still: next pass
+                    break
+                job = c.service.executor.read(job_id)
+                if isinstance(job, Job):
+                    deleted += delete_prefixes(c.s3, c.settings.s3_bucket, job_prefixes(job.user_id, job_id))
+                after = Cursor(position=position)
+            if not newer and len(dropped) < PAGE:
+                after = Cursor(position=max(after.position, head))  # none left before the head
+            with c.read_pool.connection() as conn:
+                _save(conn, "late-deletions", after)
+            if newer or len(dropped) < PAGE:
+                return deleted
 
     def warm_up(self, stop: threading.Event) -> None:
         """Ready at once: the container was built when this was constructed."""

@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from domain.contracts.personal import ERASED, SEALED_PREFIX, sealed_owner
+from domain.errors import NotFound
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -52,8 +53,14 @@ class Keyring(Protocol):
         ...
 
 
-class KeyDestroyed(Exception):
-    """The user was erased: nothing can be sealed for them any more."""
+class KeyDestroyed(NotFound):
+    """The user was erased: nothing can be sealed for them any more. A NotFound, as every command
+    on an erased user is: a request that passed its token check just before the erasure is
+    answered 404, not 500."""
+
+    def __init__(self, user_id: str) -> None:
+        super().__init__("user not found")
+        self.user_id = user_id
 
 
 class MemoryKeyring:
@@ -145,6 +152,11 @@ class Sealer:
             return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _aad(owner, field)).decode()
         except (InvalidTag, binascii.Error, ValueError):
             raise ValueError(f"a sealed {field} that does not open with its user's key") from None
+
+    def evict(self, user_id: UUID) -> None:
+        """Drop the user's key from this cache only (another process destroyed it)."""
+        with self._lock:
+            self._keys.pop(user_id, None)
 
     def forget(self, user_id: UUID) -> None:
         """Destroy the user's key (here and in the keyring)."""

@@ -10,7 +10,7 @@ import copy
 import functools
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
@@ -43,6 +43,14 @@ class PaletteApplication(Application[UUID]):
     # No eventsourcing aggregate cache: the process's one cache is the group committer's
     # (application.executors.WriterCache), which reads go through too (PaletteService._read).
     name = "palette"
+
+
+class UserErased(InvalidState):
+    """The device's current user (as this process knew it) was erased meanwhile."""
+
+    def __init__(self, user_id: UUID) -> None:
+        super().__init__("this device's user was erased a moment ago: register again")
+        self.user_id = user_id
 
 
 class InputsMissing(ValidationFailed):
@@ -104,16 +112,27 @@ class PaletteService:
     # -- users ---------------------------------------------------------------------------
     def register(self, device_hash: str, plan: str = "free") -> Committed[tuple[UUID, bool]]:
         """Register once per device; a repeat returns the same user (created=False). A device
-        whose user was erased gets a new user."""
-        generation = self.device_generation(device_hash)
-        return self.executor.execute(self.register_command(device_hash, plan, generation))
+        whose user was erased gets a new user (without sign-up credits: erasing is no way to
+        mint them)."""
+        try:
+            return self.executor.execute(self.register_command(device_hash, plan, self.device_generation(device_hash)))
+        except UserErased as e:  # by another process, while this one kept the user's key
+            self.sealer.evict(e.user_id)
+            return self.executor.execute(self.register_command(device_hash, plan, self.device_generation(device_hash)))
 
     async def register_async(self, device_hash: str, plan: str = "free") -> Committed[tuple[UUID, bool]]:
         """register from an event loop: the key and generation lookups (I/O) run on a thread,
         and only for a device this process has not seen registered."""
         self._check_device_hash(device_hash)
-        generation = await anyio.to_thread.run_sync(self.device_generation, device_hash)
-        return await self.run(self.register_command(device_hash, plan, generation))
+        for last in (False, True):
+            generation = await anyio.to_thread.run_sync(self.device_generation, device_hash)
+            try:
+                return await self.run(self.register_command(device_hash, plan, generation))
+            except UserErased as e:
+                if last:
+                    raise
+                self.sealer.evict(e.user_id)  # erased by another process: look the generation up again
+        raise AssertionError("unreachable")
 
     def device_generation(self, device_hash: str) -> int:
         """The generation of the device's current user (the first not erased), its key made ready
@@ -140,6 +159,8 @@ class PaletteService:
     def register_command(self, device_hash: str, plan: str = "free", generation: int = 0) -> Command[tuple[UUID, bool]]:
         self._check_device_hash(device_hash)
         limits = self._plan(plan)
+        if generation:
+            limits = replace(limits, initial_credits=0)
         device_key = self.device_keys.key(device_hash)
         user_id = user_id_for_device_key(device_key, generation)
         # A device registered before device keys has its user under the unkeyed id: keep it.
@@ -156,7 +177,7 @@ class PaletteService:
                 if user is not None and not user.erased:
                     return existing, False
                 if user is not None and existing == user_id:
-                    raise InvalidState("this device's user was erased a moment ago: register again")
+                    raise UserErased(user_id)
             uow.add(User.register(device_key, limits, at, generation, seal))
             return user_id, True
 
@@ -492,8 +513,9 @@ class PaletteService:
         sealed = self.sealer.seal(user_id, RULE_NAME_FIELD, name)
         at = self.clock.now()
 
-        @touches(rule_id)
+        @touches(rule_id, user_id)
         def command(uow: UnitOfWork) -> None:
+            self._user(uow, user_id)  # NotFound once erased, whatever this process still caches
             self._own_rule(uow, user_id, rule_id).update(sealed, edits, protected, at)
 
         return self.executor.execute(command)

@@ -160,7 +160,7 @@ def create_asgi(container: Container, owns_container: bool = False,
     with container.read_pool.connection() as conn:
         ensure_schema(conn)
     keys = IdempotencyKeys(app, container.read_pool, app.state.verified_tokens, fail,
-                           ttl_s=container.settings.idempotency_ttl_s)
+                           ttl_s=container.settings.idempotency_ttl_s, erased=app.state.erased_users)
     registry = registry or CollectorRegistry()
     if container.committer is not None:
         command_metrics(container.committer, registry)

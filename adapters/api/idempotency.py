@@ -21,8 +21,9 @@ import contextlib
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from typing import Any, Protocol
+from uuid import UUID
 
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -90,12 +91,13 @@ class IdempotencyKeys:
     """Pure ASGI middleware; requests without the header, or without a valid token, pass straight through."""
 
     def __init__(self, app: ASGIApp, pool: Any, tokens: TokenVerifier, fail: Any,
-                 ttl_s: float = DEFAULT_TTL_S) -> None:
+                 ttl_s: float = DEFAULT_TTL_S, erased: Container[UUID] = frozenset()) -> None:
         self.app = app
         self.pool = pool
         self.tokens = tokens
         self.fail = fail
         self.ttl_s = ttl_s
+        self.erased = erased  # users whose kept answers are never replayed (the route answers 401)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -180,6 +182,8 @@ class IdempotencyKeys:
         try:
             user_id, role = self.tokens.verify(auth[7:].strip())
         except TokenInvalid:
+            return None
+        if role == "client" and user_id in self.erased:
             return None
         return f"user:{user_id}" if role == "client" else f"{role}:{user_id}"
 

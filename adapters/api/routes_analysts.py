@@ -19,6 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from adapters.api.deps import ContainerDep, bearer, verified
 from adapters.api.envelope import ApiError, ok
 from adapters.api.schemas import Envelope
+from adapters.bootstrap import Container
 from projections import audit
 from projections.replay import Replayer, as_jsonl
 
@@ -44,6 +45,15 @@ NDJSON: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/x-ndjson": {}}, "description": "event envelopes, one JSON per line"}}
 
 
+def _replayer(container: Container) -> Replayer:
+    """A replayer that shows erased users' sealed fields as erased (reads the tombstones: call
+    on a thread)."""
+    from adapters.keyring import all_erased
+
+    with container.read_pool.connection() as conn:
+        return Replayer(container.app, all_erased(conn))
+
+
 def _stream(lines: Iterator[bytes]) -> StreamingResponse:
     return StreamingResponse(lines, media_type="application/x-ndjson")
 
@@ -54,7 +64,7 @@ async def replay_all(_: Analyst, container: ContainerDep,
                      since: datetime | None = None, until: datetime | None = None,
                      type: Annotated[list[str] | None, Query()] = None) -> StreamingResponse:
     """The global log in commit order as envelope JSON lines."""
-    replayer = Replayer(container.app)
+    replayer = await run_in_threadpool(_replayer, container)
     try:
         if since is None and until is None:
             return _stream(replayer.all_jsonl(from_position, type))
@@ -67,7 +77,7 @@ async def replay_all(_: Analyst, container: ContainerDep,
 @router.get("/streams/{stream_id}/events", tags=["analysts"], responses={**NDJSON, **STAFF_ERRORS})
 async def replay_stream(stream_id: UUID, _: Analyst, container: ContainerDep) -> StreamingResponse:
     """One stream's events in version order as envelope JSON lines."""
-    return _stream(as_jsonl(Replayer(container.app).stream(stream_id)))
+    return _stream(as_jsonl((await run_in_threadpool(_replayer, container)).stream(stream_id)))
 
 
 @router.get("/streams/{stream_id}/state", tags=["analysts"], response_model=Envelope[dict[str, Any]],
@@ -81,7 +91,7 @@ async def stream_state(stream_id: UUID, _: Analyst, container: ContainerDep,
 
     def fold() -> dict[str, Any]:
         try:
-            return Replayer(container.app).state(stream_id, version=version, as_of=as_of)
+            return _replayer(container).state(stream_id, version=version, as_of=as_of)
         except LookupError as e:
             raise ApiError("NOT_FOUND", str(e.args[0])) from None
         except Exception as e:

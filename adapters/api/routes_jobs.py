@@ -51,6 +51,7 @@ from application.services import PaletteService, RerunSource
 from application.unit_of_work import Committed
 from domain.contracts.callback import CALLBACK_WINDOW_S, verify_callback
 from domain.contracts.keys import (
+    URL_TTL_S,
     input_key,
     inputs_prefix,
     instances_key,
@@ -67,7 +68,6 @@ from projections.queries import list_jobs as list_jobs_query
 log = logging.getLogger("palette.api")
 router = APIRouter(tags=["jobs"])
 CURSOR = r"^[A-Za-z0-9_=-]+$"  # what encode_cursor issues (URL-safe base64)
-URL_TTL_S = 900  # presigned URLs live at most 15 minutes
 INLINE_ITEMS, INLINE_URLS = 16, 32  # a job answer of at most this many items and URLs is built on the event loop
 COPY_THREADS = 8  # object copies in flight for one new job made from a finished one
 INPUT_CONTENT_TYPE = "image/jpeg"

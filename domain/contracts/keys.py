@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from uuid import UUID
 
+URL_TTL_S = 900  # a presigned link to any of these objects lives at most 15 minutes
+
 
 def inputs_prefix(user_id: UUID, job_id: UUID) -> str:
     return f"inputs/{user_id}/{job_id}/"

@@ -69,7 +69,7 @@ def test_erasing_a_user_shreds_personal_fields_deletes_objects_and_keeps_the_led
     assert _objects(settings, user_id) == set()  # S3's own listing
     assert client.call("GET", "/me").status_code == 401  # the token is refused at once
     assert client.call("GET", "/jobs").status_code == 401
-    again = _register(http, device)  # the same device: a new user, with the free credits anew
+    again = _register(http, device)  # the same device: a new user (without sign-up credits)
     assert again.status_code == 201 and again.json()["data"]["user_id"] != user_id
     assert _register(http, device).json()["data"]["user_id"] == again.json()["data"]["user_id"]  # and it stays
 
