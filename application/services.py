@@ -19,7 +19,7 @@ import anyio.to_thread
 from eventsourcing.application import Application
 
 from application.device_keys import DeviceKeyer, HmacDeviceKeyer
-from application.personal import Keyring, MemoryKeyring, Sealer
+from application.personal import KeyDestroyed, Keyring, MemoryKeyring, Sealer
 from application.ports import Clock, IdGenerator, ObjectStore
 from application.unit_of_work import Command, CommandExecutor, Committed, UnitOfWork, touches
 from domain.contracts.keys import input_key
@@ -139,9 +139,15 @@ class PaletteService:
         for sealing."""
         self._check_device_hash(device_hash)
         device_key = self.device_keys.key(device_hash)
-        if self.sealer.has_key(user_id_for_device_key(device_key)):
-            return 0  # a key in memory: the user is live (erasing it here drops the key)
-        start = 0
+        first = user_id_for_device_key(device_key)
+        if self.sealer.has_key(first):
+            return 0  # a key in memory: the user is live (an erasure anywhere is caught by the command)
+        try:
+            self.sealer.prepare(first)  # one round trip: the key, made if new, refused if erased
+            return 0
+        except KeyDestroyed:
+            pass
+        start = 1
         while True:
             ids = [user_id_for_device_key(device_key, g) for g in range(start, start + 8)]
             erased = self.sealer.keyring.erased(ids)
