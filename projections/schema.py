@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from domain.contracts.personal import ERASED, SEALED_PREFIX
 from domain.user import DEVICE_KEY_SCHEME
 from projections.models import READ_MODELS
 from projections.models.base import ReadModel
@@ -98,14 +99,16 @@ USERS_TABLES = ("users", "users__shadow", "users__old")
 
 
 def drop_raw_device_hashes(conn: psycopg.Connection[Any], schema: str = SCHEMA) -> int:
-    """Set to NULL every ``device_hash`` that is not a device key; returns the rows changed."""
+    """Set to NULL every ``device_hash`` that is neither a device key, sealed or not, nor erased;
+    returns the rows changed."""
     changed = 0
     for name in USERS_TABLES:
         found = conn.execute("SELECT to_regclass(%s)", [f"{schema}.{name}"]).fetchone()
         if found is None or found[0] is None:
             continue
         cur = conn.execute(sql.SQL(
-            "UPDATE {} SET device_hash = NULL WHERE device_hash IS NOT NULL AND NOT starts_with(device_hash, %s)"
-        ).format(sql.Identifier(schema, name)), [DEVICE_KEY_SCHEME])
+            "UPDATE {} SET device_hash = NULL WHERE device_hash IS NOT NULL AND NOT starts_with(device_hash, %s) "
+            "AND NOT starts_with(device_hash, %s) AND device_hash <> %s"
+        ).format(sql.Identifier(schema, name)), [DEVICE_KEY_SCHEME, SEALED_PREFIX, ERASED])
         changed += max(cur.rowcount, 0)
     return changed

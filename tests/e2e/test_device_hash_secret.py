@@ -176,16 +176,20 @@ def test_the_users_migration_clears_raw_device_hashes_and_keeps_device_keys(sett
     from projections.schema import drop_raw_device_hashes, ensure_schema
 
     raw_id, keyed_id, key = uuid.uuid4(), uuid.uuid4(), DEVICE_KEY_SCHEME + "ab" * 32
+    sealed_id, erased_id = uuid.uuid4(), uuid.uuid4()
+    sealed = f"{SEALED_PREFIX}{sealed_id}:c2VhbGVk"
     with psycopg.connect(settings.effective_database_url) as conn:
         ensure_schema(conn)
         try:  # rows as the code before device keys left them; rolled back, other tests never see them
             conn.execute("INSERT INTO palette_read.users (id, plan, credits, reserved, spent, granted, device_hash, "
                          "created_at, updated_at) VALUES (%s, 'free', 0, 0, 0, 0, 'raw-device-hash', now(), now()), "
-                         "(%s, 'free', 0, 0, 0, 0, %s, now(), now())", [raw_id, keyed_id, key])
+                         "(%s, 'free', 0, 0, 0, 0, %s, now(), now()), (%s, 'free', 0, 0, 0, 0, %s, now(), now()), "
+                         "(%s, 'free', 0, 0, 0, 0, 'erased', now(), now())",
+                         [raw_id, keyed_id, key, sealed_id, sealed, erased_id])
             assert drop_raw_device_hashes(conn) >= 1
             rows = dict(conn.execute("SELECT id, device_hash FROM palette_read.users WHERE id = ANY(%s)",
-                                     [[raw_id, keyed_id]]).fetchall())
-            assert rows == {raw_id: None, keyed_id: key}
+                                     [[raw_id, keyed_id, sealed_id, erased_id]]).fetchall())
+            assert rows == {raw_id: None, keyed_id: key, sealed_id: sealed, erased_id: "erased"}
             assert drop_raw_device_hashes(conn) == 0
         finally:
             conn.rollback()
