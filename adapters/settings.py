@@ -115,6 +115,8 @@ class Settings(BaseSettings):
     webhook_endpoints_per_user: int = Field(10, ge=1, le=100)
     webhook_senders: int = Field(8, ge=1, le=64)  # POSTs in flight at once
     webhook_keep_days: float = Field(7.0, gt=0)  # finished deliveries (and their attempts) listed this long
+    rate_redeliver_per_s: float = Field(0.5, gt=0)  # POST .../redeliver per user (a token every 2 s)
+    rate_redeliver_burst: int = Field(20, ge=1)
     # Signed ledger checkpoints (adapters/checkpoints.py): the Ed25519 signing key, never stored in
     # the database (raw 32 bytes as hex or base64, or a PEM file); the public key auditors trust;
     # how often `palette serve checkpointer` signs one (0: never); a directory to keep them in as

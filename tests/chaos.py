@@ -1,8 +1,11 @@
 """Chaos: the whole embedded stack (its own, on free ports) under a client workload over HTTP
-while a driver SIGKILLs random application processes every 1-5 s, kills the broker, and stops
-PostgreSQL with ``pg_ctl stop -m immediate``. Then: nothing lost, nothing done twice, read
-models equal to the aggregates (balances, ledger sums, statuses, items: not the projections'
-own fold) and to a fold of the log, every job terminal or resumable by its client.
+while a driver SIGKILLs random application processes every 1-5 s (each of them, and the broker,
+at least once in the first round), kills the broker, and stops PostgreSQL with
+``pg_ctl stop -m immediate``. Then: nothing lost, nothing done twice, read models equal to the
+aggregates (balances, ledger sums, statuses, items: not the projections' own fold) and to a fold
+of the log, every job terminal or resumable by its client. Some clients register a webhook
+endpoint (a receiver in this process): every event of their jobs that the log calls for is
+received, at least once, in the log's order, and every receipt of one event under one webhook-id.
 
 ``make chaos`` runs it long (``python -m tests.chaos --minutes 10``); ``make test`` runs a
 short one (tests/integration/test_chaos.py).
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import random
 import shutil
 import subprocess
@@ -20,7 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +40,18 @@ from infra.stack import EmbeddedStack, find_pg_bin
 from projections.models import READ_MODELS
 from projections.rebuild import iter_envelopes
 from projections.store import unapplied
+from tests.webhook_receiver import Received, Receiver
 
-APPS = ("api", "relay", "projector", "dispatcher", "gpu")
+APPS = ("api", "relay", "projector", "dispatcher", "gpu", "webhooks")
 EDITS = {"wall": {"action": "tone", "value": "warm"}}
 RETRYABLE = {409, 429, 500, 502, 503, 504}
+HOOKED = 0.5  # the share of sessions whose user registers a webhook endpoint
+# The webhooks the log calls for (issue 18): event class -> webhook type. The oracle's own table,
+# not the webhook code's.
+WEBHOOK_TYPES = {"JobQueued": "job.queued", "ItemCompleted": "item.completed", "JobFinished": "job.finished",
+                 "JobCanceled": "job.canceled"}
+Webhook = tuple[str, int | None]  # (type, item idx)
+Receipts = dict[str, list[tuple[Webhook, str]]]  # job id -> (webhook, webhook-id) in arrival order
 
 
 def jpeg() -> bytes:
@@ -60,6 +72,7 @@ class Acked:
     confirmed: bool = False
     executed: bool = False
     canceled: bool = False
+    hooked: bool = False  # its user has a webhook endpoint (registered before the job)
 
 
 @dataclass
@@ -74,6 +87,10 @@ class Report:
     jobs: int = 0
     events: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
+    hooked_jobs: int = 0
+    webhooks_expected: int = 0
+    webhook_receipts: int = 0
+    webhook_duplicates: int = 0
     problems: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -81,13 +98,16 @@ class Report:
         return (f"chaos: {self.minutes:.1f} min, {sum(self.kills.values())} SIGKILLs ({kills}), "
                 f"{self.pg_stops} PostgreSQL immediate stops; {self.sessions} client sessions, "
                 f"{self.requests} requests ({self.retries} retried, {self.gave_up} given up); "
-                f"{self.jobs} jobs {dict(self.statuses)}, {self.events} events; "
-                f"{len(self.problems)} problems (lost or duplicated)")
+                f"{self.jobs} jobs {dict(self.statuses)}, {self.events} events; webhooks: "
+                f"{self.webhooks_expected} events of {self.hooked_jobs} jobs expected, {self.webhook_receipts} "
+                f"received ({self.webhook_duplicates} duplicates); {len(self.problems)} problems (lost or duplicated)")
 
 
 class Workload:
-    def __init__(self, base_url: str, report: Report, seed: int, think_s: float = 1.0) -> None:
+    def __init__(self, base_url: str, report: Report, seed: int, think_s: float = 1.0,
+                 hooks: Receiver | None = None) -> None:
         self.base_url = base_url
+        self.hooks = hooks
         self.think_s = think_s
         self.report = report
         self.rng = random.Random(seed)
@@ -125,6 +145,11 @@ class Workload:
             return
         token, user = r.json()["data"]["token"], r.json()["data"]["user_id"]
         auth = {"Authorization": f"Bearer {token}"}
+        hooked = False
+        if self.hooks is not None and self.rng.random() < HOOKED:
+            r = self.call(http, "POST", "/webhooks", headers=auth,
+                          json={"url": self.hooks.url(f"/chaos/{user}"), "events": list(WEBHOOK_TYPES.values())})
+            hooked = r is not None and r.status_code == 201
         items = self.rng.randint(1, 2)
         key = f"job-{uuid.uuid4().hex}"
         r = self.call(http, "POST", "/jobs", json={"preset": "interior", "item_count": items},
@@ -133,7 +158,7 @@ class Workload:
             return
         job_id = r.json()["data"]["job_id"]
         assert str(id_for_key(uuid.UUID(user), "job", key)) == job_id
-        acked = Acked(user, items, {key})
+        acked = Acked(user, items, {key}, hooked=hooked)
         with self.lock:
             self.jobs[job_id] = acked
         for slot in r.json()["data"]["upload"]:
@@ -180,10 +205,11 @@ def run(minutes: float, seed: int = 1, workers: int = 3, pg_stops: int = 2, say:
     data_dir = Path(tempfile.mkdtemp(prefix="palette-chaos-"))
     data_dir.chmod(0o755)
     settings = load_settings(env="development", data_dir=data_dir, pg_fsync=False, projector_sweep_s=5.0,
-                             dispatch_stale_s=20.0,
+                             dispatch_stale_s=20.0, webhook_retry_schedule="1s,2s,5s,10s,30s,60s",
                              **_free_port_block(random.Random(seed + 7)))
     stack = embedded_stack(settings)
     supervising = threading.Event()
+    hooks = Receiver()
     try:
         stack.start_infra()
         stack.start_apps(APPS)
@@ -195,13 +221,15 @@ def run(minutes: float, seed: int = 1, workers: int = 3, pg_stops: int = 2, say:
 
         threading.Thread(target=supervise, daemon=True).start()
         base_url = f"http://{settings.api_host}:{settings.api_port}"
-        load = Workload(base_url, report, seed, think_s)
+        load = Workload(base_url, report, seed, think_s, hooks)
         threads = [threading.Thread(target=load.run, daemon=True) for _ in range(workers)]
         for t in threads:
             t.start()
         say(f"[chaos] stack up in {data_dir}; {workers} clients; killing for {minutes} min")
         end = time.monotonic() + minutes * 60
         stops_at = sorted(rng.uniform(0.15, 0.85) * minutes * 60 for _ in range(pg_stops))
+        victims = [*APPS, "broker"]
+        first_round = rng.sample(victims, len(victims))  # every one of them, before any twice
         started = time.monotonic()
         while time.monotonic() < end:
             time.sleep(rng.uniform(1, 5))
@@ -211,7 +239,7 @@ def run(minutes: float, seed: int = 1, workers: int = 3, pg_stops: int = 2, say:
                 report.pg_stops += 1
                 say("[chaos] pg_ctl stop -m immediate")
                 continue
-            victim = rng.choice([*APPS, "broker"])
+            victim = first_round.pop() if first_round else rng.choice(victims)
             stack.kill(victim)
             report.kills[victim] += 1
         say(f"[chaos] stopping the clients after {sum(report.kills.values())} kills; settling")
@@ -222,6 +250,7 @@ def run(minutes: float, seed: int = 1, workers: int = 3, pg_stops: int = 2, say:
     finally:
         supervising.set()
         stack.stop()
+        hooks.close()
         if keep:
             say(f"[chaos] kept {data_dir} (logs/ has every process's log)")
         else:
@@ -276,6 +305,17 @@ def verify(stack: EmbeddedStack, load: Workload, report: Report, say: Any) -> No
                 assert_models_equal_fold(app, conn)
             except AssertionError as e:
                 report.problems.append(f"a read model differs from the fold of the log: {e}")
+
+        def webhooks_received() -> list[str]:
+            assert load.hooks is not None
+            with load.hooks.changed:
+                receipts = list(load.hooks.got)
+            log = list(iter_envelopes(app.recorder, app.mapper.transcoder, 1, None))
+            return webhook_problems(log, load.jobs, receipts, report)
+
+        if load.hooks is not None:
+            _wait("webhooks", lambda: not webhooks_received(), 120)
+            report.problems.extend(webhooks_received())
     finally:
         app.close()
 
@@ -337,6 +377,59 @@ def read_model_problems(conn: psycopg.Connection[Any], log: list[Any], app: Any,
             problems.append(f"user {user_id}: {active[user_id]} open job(s) in jobs_log, "
                             f"the aggregate has {user.active_jobs}")
     return problems
+
+
+def webhook_problems(log: list[Any], jobs: dict[str, Acked], receipts: list[Received], report: Report) -> list[str]:
+    """What the webhook receiver got (``receipts``, in arrival order) for the jobs of hooked users
+    against their log: every event the log calls for received (duplicates allowed), nothing else,
+    each event under one webhook-id of its own, a job's events first received in the log's order.
+    Counts go to ``report``."""
+    want: dict[str, list[Webhook]] = {j: [] for j, acked in jobs.items() if acked.hooked}
+    for e in log:
+        if str(e.stream_id) in want and e.type in WEBHOOK_TYPES:
+            idx = e.data["idx"] if e.type == "ItemCompleted" else None
+            want[str(e.stream_id)].append((WEBHOOK_TYPES[e.type], idx))
+    owners = {str(e.stream_id): str(e.data["user_id"]) for e in log if e.type == "JobCreated"}
+    got, problems = received_webhooks(receipts, owners)
+    sent_as: dict[str, set[Webhook]] = defaultdict(set)  # webhook-id -> the events sent under it
+    report.hooked_jobs, report.webhook_receipts = len(want), 0
+    report.webhooks_expected = sum(len(events) for events in want.values())
+    for job_id, events in want.items():
+        ids: dict[Webhook, set[str]] = defaultdict(set)
+        for event, webhook_id in got.get(job_id, []):
+            ids[event].add(webhook_id)
+            sent_as[webhook_id].add(event)
+        report.webhook_receipts += len(got.get(job_id, []))
+        missing = [e for e in events if e not in ids]
+        if missing:
+            problems.append(f"webhooks: job {job_id}: {missing} never received")
+        if set(ids) - set(events):
+            problems.append(f"webhooks: job {job_id}: received {sorted(map(str, set(ids) - set(events)))}, "
+                            "which its log does not have")
+        problems += [f"webhooks: job {job_id}: {event} received under {len(i)} webhook-ids"
+                     for event, i in ids.items() if len(i) > 1]
+        first = [e for e in dict.fromkeys(event for event, _ in got.get(job_id, [])) if e in events]
+        if first != [e for e in events if e in ids]:
+            problems.append(f"webhooks: job {job_id}: first received in the order {first}, its log has {events}")
+    report.webhook_duplicates = report.webhook_receipts - sum(len({e for e, _ in got.get(j, [])}) for j in want)
+    problems += [f"webhooks: webhook-id {i} sent for {len(events)} events" for i, events in sent_as.items()
+                 if len(events) > 1]
+    return problems
+
+
+def received_webhooks(receipts: list[Received], owners: dict[str, str]) -> tuple[Receipts, list[str]]:
+    """Per job, its receipts in arrival order; and a problem for each receipt at an endpoint
+    other than its job's user's (``owners``: job id -> user id, from the log)."""
+    got: Receipts = defaultdict(list)
+    problems = []
+    for r in receipts:
+        payload = json.loads(r.body)
+        job_id = payload["data"]["job_id"]
+        idx = payload["data"]["item"]["idx"] if payload["type"] == "item.completed" else None
+        got[job_id].append(((payload["type"], idx), r.headers["webhook-id"]))
+        if r.path != f"/chaos/{owners.get(job_id)}":
+            problems.append(f"webhooks: job {job_id} (of user {owners.get(job_id)}) delivered to {r.path}")
+    return got, problems
 
 
 def check_log(log: list[Any], load: Workload, report: Report, app: Any) -> None:

@@ -2,6 +2,7 @@
 
 Another user's endpoint is 404 like every object. An endpoint's URL is checked as the sender
 checks it (``adapters.webhooks.targets``): in production, https to public addresses only.
+Redeliveries are limited per user (each makes the sender POST again, wherever the user points).
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from adapters.api.deps import ContainerDep, CurrentUser
 from adapters.api.envelope import ok
+from adapters.api.rate_limit import TokenBuckets
 from adapters.api.schemas import Envelope, Strict, Text
 from adapters.bootstrap import Container
 from adapters.webhooks import store, targets
@@ -156,11 +158,21 @@ async def list_deliveries(endpoint_id: UUID, user_id: CurrentUser, container: Co
     return ok(DeliveryList(items=[DeliveryPublic(**r) for r in rows]))
 
 
+def _redeliver_limits(request: Request, container: Container) -> TokenBuckets:
+    limits: TokenBuckets | None = getattr(request.app.state, "redeliver_limits", None)
+    if limits is None:  # one per app, made on first use (no await in between: no race)
+        s = container.settings
+        limits = request.app.state.redeliver_limits = TokenBuckets(s.rate_redeliver_per_s, s.rate_redeliver_burst)
+    return limits
+
+
 @router.post("/webhooks/{endpoint_id}/deliveries/{delivery_id}/redeliver", response_model=Envelope[DeliveryPublic],
-             status_code=202, responses=OWN)
-async def redeliver(endpoint_id: UUID, delivery_id: UUID, user_id: CurrentUser,
-                    container: ContainerDep) -> JSONResponse:
-    """Send the delivery again (a new attempt, the same ``webhook-id``), with a fresh retry schedule."""
+             status_code=202, responses={**OWN, 429: {"model": _E, "description": "RATE_LIMITED (with Retry-After)"}})
+async def redeliver(endpoint_id: UUID, delivery_id: UUID, user_id: CurrentUser, container: ContainerDep,
+                    request: Request) -> JSONResponse:
+    """Send the delivery again (a new attempt, the same ``webhook-id``), with a fresh retry schedule.
+    Limited per user (``PALETTE_RATE_REDELIVER_PER_S``/``_BURST``), tries at unknown deliveries included."""
+    _redeliver_limits(request, container).take(user_id)
     row = await _run(container, store.redeliver, user_id, endpoint_id, delivery_id)
     if row is None:
         raise NotFound("no such delivery")

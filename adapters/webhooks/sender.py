@@ -28,7 +28,7 @@ from adapters.webhooks.signing import signed_headers
 log = logging.getLogger("palette.webhooks")
 PRUNE_EVERY_S = 3600.0
 PRUNE_PAGE = 5000
-LEASE_S = 3 * targets.TIMEOUT_S  # longer than an attempt can take (a timeout each to connect, write, read)
+LEASE_S = 3 * targets.TIMEOUT_S  # well past an attempt's deadline (targets.post)
 
 
 class WebhookSender:

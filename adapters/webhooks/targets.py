@@ -4,8 +4,12 @@ In production a target must be ``https`` and every address its host resolves to 
 loopback, private, link-local (the cloud metadata address 169.254.169.254 among them), shared,
 reserved or multicast; checked at registration and again before each attempt (DNS changes), and
 the attempt connects to the very address checked (no second lookup to rebind). Development
-allows anything, so tests listen on 127.0.0.1. An attempt waits at most 10 s, follows no
+allows anything, so tests listen on 127.0.0.1. An attempt takes at most 10 s in all, follows no
 redirect (a 3xx is a failure) and reads at most 4 KiB of the answer.
+
+httpx's timeouts bound each socket operation, so a receiver answering a byte every few seconds
+would hold a sender for as long as it liked; the sender's sockets cut every operation to what is
+left of the attempt's deadline (``_Deadlined``), and an attempt past it is a timeout.
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import httpcore
 import httpx
 
 MAX_URL_LENGTH = 2048
@@ -100,16 +107,77 @@ def check(url: str, production: bool, resolver: Resolver = resolve) -> Target:
     return Target(url, parts.hostname, addresses[0])
 
 
-def capped(chunks: Iterable[bytes], limit: int = MAX_RESPONSE_BYTES, deadline: float | None = None,
-           clock: Callable[[], float] = time.monotonic) -> bytes:
-    """At most ``limit`` bytes of a body, reading no chunk past the one that reaches it, and none
-    after ``deadline`` (a receiver dripping its answer cannot hold a sender)."""
+def capped(chunks: Iterable[bytes], limit: int = MAX_RESPONSE_BYTES) -> bytes:
+    """At most ``limit`` bytes of a body, reading no chunk past the one that reaches it."""
     out = bytearray()
     for chunk in chunks:
         out += chunk
-        if len(out) >= limit or (deadline is not None and clock() >= deadline):
+        if len(out) >= limit:
             break
     return bytes(out[:limit])
+
+
+# The monotonic time the attempt in this thread must end by (None: no attempt, no deadline).
+_deadline: ContextVar[float | None] = ContextVar("webhook_attempt_deadline", default=None)
+
+
+@contextmanager
+def ending_by(deadline: float) -> Iterator[None]:
+    """Every operation on the sender's sockets in this thread, in this block, ends by ``deadline``
+    (``time.monotonic``)."""
+    token = _deadline.set(deadline)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def _left(timeout: float | None, late: type[Exception]) -> float | None:
+    """An operation's ``timeout`` cut to what is left of the attempt; raises ``late`` when nothing is."""
+    deadline = _deadline.get()
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:  # a socket timeout of 0 would make it non-blocking, not late
+        raise late("the attempt's deadline has passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlinedStream(httpcore.NetworkStream):
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self.stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self.stream.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.stream.write(buffer, _left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        return _DeadlinedStream(self.stream.start_tls(ssl_context, server_hostname,
+                                                      _left(timeout, httpcore.ConnectTimeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self.stream.get_extra_info(info)
+
+
+class _Deadlined(httpcore.NetworkBackend):
+    """httpcore's sockets, each operation bounded by the attempt's deadline as well as its own timeout."""
+
+    def __init__(self) -> None:
+        self.backend = httpcore.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        return _DeadlinedStream(self.backend.connect_tcp(host, port, _left(timeout, httpcore.ConnectTimeout),
+                                                         local_address, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self.backend.sleep(seconds)
 
 
 @dataclass(frozen=True)
@@ -138,13 +206,14 @@ def _pinned(target: Target) -> tuple[str, dict[str, str], dict[str, Any]]:
 
 
 def post(client: httpx.Client, url: str, body: bytes, headers: dict[str, str], production: bool,
-         resolver: Resolver = resolve, clock: Callable[[], float] = time.monotonic) -> Outcome:
-    """One attempt; never raises for what the target does (refused, unreachable, slow, rude)."""
-    started = clock()
+         resolver: Resolver = resolve) -> Outcome:
+    """One attempt, over within TIMEOUT_S of its start (with the client of ``client()``); never
+    raises for what the target does (refused, unreachable, slow, dripping, rude)."""
+    started = time.monotonic()
 
     def done(status: int | None, error: str, answer: bytes = b"") -> Outcome:
         text = answer.decode("utf-8", "replace")
-        return Outcome(status, error, text, int((clock() - started) * 1000))
+        return Outcome(status, error, text, int((time.monotonic() - started) * 1000))
 
     try:
         target = check(url, production, resolver)
@@ -152,9 +221,10 @@ def post(client: httpx.Client, url: str, body: bytes, headers: dict[str, str], p
         return done(None, f"refused: {e}")
     address, extra_headers, extensions = _pinned(target)
     try:
-        with client.stream("POST", address, content=body, headers={**headers, **extra_headers},
-                           extensions=extensions) as response:
-            answer = capped(response.iter_raw(MAX_RESPONSE_BYTES), deadline=started + TIMEOUT_S, clock=clock)
+        with ending_by(started + TIMEOUT_S), client.stream(
+                "POST", address, content=body, headers={**headers, **extra_headers},
+                extensions=extensions) as response:
+            answer = capped(response.iter_raw(MAX_RESPONSE_BYTES))
             return done(response.status_code, "", answer)
     except httpx.TimeoutException:
         return done(None, "timeout")
@@ -162,12 +232,25 @@ def post(client: httpx.Client, url: str, body: bytes, headers: dict[str, str], p
         return done(None, f"{type(e).__name__}: {str(e)[:200]}")
 
 
+class _Transport(httpx.HTTPTransport):
+    """httpx's transport over a pool of deadlined sockets (httpx takes no network backend: the
+    pool it made is replaced by the same one with ours)."""
+
+    def __init__(self, limits: httpx.Limits) -> None:
+        super().__init__(limits=limits, trust_env=False)
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False), max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
+            network_backend=_Deadlined())
+
+
 def client(production: bool) -> httpx.Client:
-    """The sender's HTTP client: 10 s timeouts, no redirects, no environment proxies. In production
-    no connection is kept: the pool is keyed by the address connected to, and a connection made
-    (and its certificate checked) for one name must not carry a request for another name there.
-    httpx's line per request is not logged: a user's URL may carry a token."""
+    """The sender's HTTP client: 10 s timeouts, each attempt within 10 s in all (``post``), no
+    redirects, no environment proxies. In production no connection is kept: the pool is keyed by
+    the address connected to, and a connection made (and its certificate checked) for one name
+    must not carry a request for another name there. httpx's line per request is not logged: a
+    user's URL may carry a token."""
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    kept = 0 if production else 32
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=0 if production else 32)
     return httpx.Client(timeout=httpx.Timeout(TIMEOUT_S), follow_redirects=False, trust_env=False,
-                        limits=httpx.Limits(max_connections=64, max_keepalive_connections=kept))
+                        transport=_Transport(limits))

@@ -13,8 +13,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,83 +28,19 @@ from adapters.webhooks import store
 from adapters.webhooks.consumer import DeliveryRecorder
 from domain.contracts.keys import output_key
 from projections.log import LogReader
+from tests.webhook_receiver import WAIT_S, Received, Receiver
 
 from .conftest import Client
 from .test_lifecycle import EDITS, callback, create_uploaded_job
 
-WAIT_S = 60.0
 ALL = ["job.queued", "item.completed", "job.finished", "job.canceled"]
-
-
-@dataclass(frozen=True)
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    at: float
-
-    @property
-    def payload(self) -> dict[str, Any]:
-        parsed: dict[str, Any] = json.loads(self.body)
-        return parsed
-
-
-class Receiver:
-    """An HTTP server on 127.0.0.1 that keeps what it is sent; ``fail[path]`` answers 500 that
-    many times on that path before answering 200."""
-
-    def __init__(self) -> None:
-        self.got: list[Received] = []
-        self.fail: dict[str, int] = {}
-        self.hold: dict[str, threading.Event] = {}  # a path's answers wait for its event
-        self.changed = threading.Condition()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                with receiver.changed:
-                    receiver.got.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()},
-                                                 body, time.time()))
-                    failing = receiver.fail.get(self.path, 0)
-                    receiver.fail[self.path] = max(0, failing - 1)
-                    receiver.changed.notify_all()
-                held = receiver.hold.get(self.path)
-                if held is not None:
-                    held.wait(WAIT_S)
-                try:
-                    self.send_response(500 if failing else 200)
-                    self.send_header("content-length", "2")
-                    self.end_headers()
-                    self.wfile.write(b"no" if failing else b"ok")
-                except OSError:  # the sender is gone (killed while it waited)
-                    return
-
-            def log_message(self, *_: Any) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}{path}"
-
-    def wait(self, path: str, count: int) -> list[Received]:
-        """The first ``count`` requests to ``path``, waiting for them (up to WAIT_S)."""
-        with self.changed:
-            assert self.changed.wait_for(lambda: len(self.on(path)) >= count, timeout=WAIT_S), self.on(path)
-            return self.on(path)[:count]
-
-    def on(self, path: str) -> list[Received]:
-        return [r for r in self.got if r.path == path]
 
 
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[Receiver]:
     r = Receiver()
     yield r
-    r.server.shutdown()
+    r.close()
 
 
 class WebhooksProcess:
@@ -362,6 +296,27 @@ def test_endpoints_per_user_are_bounded(client, receiver, settings):
         register(client, receiver.url(f"/bounded/{n}"))
     r = client.call("POST", "/webhooks", json={"url": receiver.url("/bounded/more"), "events": ALL})
     assert r.status_code == 409 and "at most" in r.json()["error"]["message"]
+
+
+def test_redeliveries_are_limited_per_user_with_retry_after(settings, client, other, receiver):
+    """An API whose users may redeliver twice (a token every 100 s): the third try is 429 with
+    Retry-After, tries at unknown deliveries counted; another user has a budget of their own."""
+    container = build(settings.model_copy(update={"rate_redeliver_burst": 2, "rate_redeliver_per_s": 0.01}))
+    try:
+        with TestClient(create_app(container)) as api:
+            mine = register(client, receiver.url("/limited"))["id"]
+            theirs = register(other, receiver.url("/limited"))["id"]
+
+            def redeliver(who: Client, endpoint_id: str) -> Any:
+                return api.post(f"/webhooks/{endpoint_id}/deliveries/{uuid.uuid4()}/redeliver", headers=who.headers)
+
+            assert [redeliver(client, mine).status_code for _ in range(2)] == [404, 404]
+            limited = redeliver(client, mine)
+            assert limited.status_code == 429 and limited.json()["error"]["code"] == "RATE_LIMITED", limited.text
+            assert 1 <= int(limited.headers["Retry-After"]) <= 100
+            assert redeliver(other, theirs).status_code == 404
+    finally:
+        container.close()
 
 
 @pytest.fixture(scope="module")
