@@ -193,16 +193,20 @@ def build_projector(settings: Settings) -> Any:
     from adapters import kafka_io
     from adapters.projector import GROUP, PgReadStore, Projector
     from adapters.relay import RELAY_NAME, LossSignal, PgPositions
+    from projections.catchup import CatchUp
     from projections.log import LogReader
 
     app = open_event_store(settings, pool_size=1)
     relay_positions = PgPositions.connect(settings.effective_database_url)
+    store = PgReadStore(settings.effective_database_url)
+    log_reader = LogReader.of(app)
     return Projector(kafka_io.consumer(settings, GROUP, topics.EVENTS),
-                     PgReadStore(settings.effective_database_url),
-                     LogReader.of(app),
+                     store,
+                     log_reader,
                      published=lambda: relay_positions.get(RELAY_NAME),
                      sweep_every_s=settings.projector_sweep_s,
-                     losses=LossSignal(settings.effective_database_url, GROUP))
+                     losses=LossSignal(settings.effective_database_url, GROUP),
+                     catchup=CatchUp(store.conn, log_reader, settings.projector_catchup_events))
 
 
 def build_dispatcher(settings: Settings) -> Any:

@@ -5,6 +5,10 @@ Two guards against a broker that loses a message (an acknowledged write lost in 
 a batch that skips a stream's version reads the missing ones from the event log first (never a
 later event over a lost one), and a sweep walks the log behind the relay every ``sweep_every_s``
 to fold what never arrived at all (a stream's last event). Both are idle when nothing is lost.
+
+A projector far behind the log (back after downtime) catches up from the event store first
+(``projections.catchup``: large pages, bulk writes) and then goes on with the broker, dropping
+what it delivers up to the position the catch-up reached before the database sees it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from adapters.relay import LossSignal, PgPositions
 from domain.contracts import topics
 from domain.contracts.envelope import EventEnvelope, decode
 from domain.contracts.loop import ConsumerLoop
+from projections.catchup import CatchUp
 from projections.log import LogReader
 from projections.schema import ensure_schema
 from projections.store import BatchResult, Fill, apply_isolating
@@ -29,6 +34,7 @@ log = logging.getLogger("palette.projector")
 GROUP = topics.PROJECTOR_GROUP
 SWEEP = "sweep"  # the read store's position row for the sweep
 SWEEP_PAGE = 2000
+CATCHUP_CHECK_S = 10.0  # how often a running projector asks whether it fell far behind the log
 
 
 class ReadStore(Protocol):
@@ -61,7 +67,8 @@ class PgReadStore:
 class Projector(ConsumerLoop):
     def __init__(self, consumer: Any, store: ReadStore, log_reader: LogReader | None = None,
                  published: Callable[[], int] | None = None, sweep_every_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic, losses: LossSignal | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, losses: LossSignal | None = None,
+                 catchup: CatchUp | None = None) -> None:
         self.consumer = consumer
         self.store = store
         self.log = log_reader
@@ -73,12 +80,17 @@ class Projector(ConsumerLoop):
         self.sweep_bound = 0
         self._next_sweep = clock() + sweep_every_s
         self.losses = losses  # says when the relay saw the broker lose messages
+        self.catchup = catchup
+        self.caught_up_to = 0  # the catch-up folded every event up to here: the broker's copies are dropped
+        self._next_catchup = clock()  # the first step after joining the group looks
 
     @property
     def fill(self) -> Fill | None:
         return self.log.stream_events if self.log is not None else None
 
     def step(self, timeout_ms: int = 100) -> int:
+        if self.catchup is not None and self.clock() >= self._next_catchup and self.consumer.assignment():
+            self.catch_up()
         polled = self.consumer.poll(timeout_ms=timeout_ms)
         envelopes: list[EventEnvelope] = []
         for records in polled.values():
@@ -90,7 +102,9 @@ class Projector(ConsumerLoop):
                     log.error("undecodable message at %s:%s offset %s skipped",
                               record.topic, record.partition, record.offset)
         if polled:
-            self._count(self.store.apply(envelopes, self.fill))
+            fresh = [e for e in envelopes if e.id > self.caught_up_to]
+            self.totals.skipped += len(envelopes) - len(fresh)
+            self._count(self.store.apply(fresh, self.fill))
             self.consumer.commit()
         if self.losses is not None and self.losses.new_loss():
             self.after_loss(self.losses.republish_from)
@@ -98,6 +112,23 @@ class Projector(ConsumerLoop):
         if self.log is not None and self.clock() >= self._next_sweep:
             self.sweep()
         return len(envelopes)
+
+    def catch_up(self) -> int:
+        """Far behind the log: fold it from the event store up to its head; the sweep need not
+        walk that part again. Returns the events applied (0 when not behind)."""
+        assert self.catchup is not None
+        done = self.catchup.run()
+        self._next_catchup = self.clock() + CATCHUP_CHECK_S
+        if done is None:
+            return 0
+        position, result = done
+        self._count(result)
+        self.caught_up_to = max(self.caught_up_to, position)
+        if self.log is not None:
+            self.store.save_position(SWEEP, max(self.store.position(SWEEP), position))
+        log.info("caught up from the event log to position %d: %d event(s) applied, %d parked",
+                 position, result.applied, result.parked)
+        return result.applied
 
     def after_loss(self, republish_from: int = 0) -> None:
         """The broker lost messages and the relay publishes them again from ``republish_from``

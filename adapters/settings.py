@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     rate_callbacks_per_s: float = Field(200.0, gt=0)  # results per job
     rate_callbacks_burst: int = Field(400, ge=1)
     projector_sweep_s: float = Field(30.0, gt=0)  # how often the projector trues up against the log
+    # A projector this many events behind the log folds straight from it (catch-up); 0: Kafka only.
+    projector_catchup_events: int = Field(5000, ge=0)
     dispatch_stale_s: float = Field(600.0, gt=0)  # a job without progress this long is dispatched again
     pg_fsync: bool = True
     idempotency_ttl_s: float = Field(24 * 3600.0, gt=0)  # an Idempotency-Key is forgotten this long after its claim

@@ -19,7 +19,7 @@ from projections.batch import relevant
 from projections.models import READ_MODELS
 from projections.models.base import ReadModel, Row, Rows
 from projections.schema import create_model_tables, ensure_schema, lock_id, table, tracking_table
-from projections.store import apply_batch
+from projections.store import apply_batch, copy_rows
 
 SHADOW = "__shadow"
 REBUILD_LOCK = zlib.crc32(b"palette-read:rebuild")
@@ -79,14 +79,6 @@ def fold_log(model: ReadModel, envelopes: Any) -> tuple[Rows, list[Row], dict[UU
     return rows, appended, tracking, count, failed
 
 
-def _copy(conn: psycopg.Connection[Any], tbl: str, columns: list[str] | tuple[str, ...], rows: Any) -> None:
-    stmt = sql.SQL("COPY {} ({}) FROM STDIN").format(
-        table(tbl), sql.SQL(", ").join(sql.Identifier(c) for c in columns))
-    with conn.cursor() as cur, cur.copy(stmt) as copy:
-        for row in rows:
-            copy.write_row(row)
-
-
 def _drop_shadow(conn: psycopg.Connection[Any], model: ReadModel) -> None:
     for name in _tables(model):
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table(name + SHADOW)))
@@ -124,12 +116,12 @@ def rebuild(database_url: str, recorder: Any, transcoder: Any, name: str,
 
             rows, appended, tracking, events, failed = fold_log(model, counted())
             names = model.column_names
-            _copy(conn, model.keyed_table + SHADOW, names,
+            copy_rows(conn, table(model.keyed_table + SHADOW), names,
                   ([r[c] for c in names] for r in rows.values() if r is not None))
             if model.append:
                 columns = model.append.columns
-                _copy(conn, model.append.name + SHADOW, columns, ([r[c] for c in columns] for r in appended))
-            _copy(conn, tracking_table(model, SHADOW), ("stream_id", "version"), tracking.items())
+                copy_rows(conn, table(model.append.name + SHADOW), columns, ([r[c] for c in columns] for r in appended))
+            copy_rows(conn, table(tracking_table(model, SHADOW)), ("stream_id", "version"), tracking.items())
             with conn.transaction():
                 # Exclusive: the live projector's batches (shared holders) pause for the swap.
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", [lock_id(model)])

@@ -4,6 +4,7 @@ writes rows. The tables are made in ``projections.schema``."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ log = logging.getLogger("palette.projections")
 # rollback (40: serialization, deadlock), resources (53), operator intervention (57: shutdown,
 # canceled statement), lock not available (55P03).
 TRANSIENT_SQLSTATE = ("08", "40", "53", "57")
+BULK_ROWS = 1000  # rows of one table from one batch written by COPY rather than one upsert of arrays
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -90,13 +92,42 @@ def _column(sql_type: str, values: list[Any]) -> list[Any]:
     return values
 
 
+def copy_rows(conn: psycopg.Connection[Any], target: sql.Composable, columns: Sequence[str],
+              records: Iterable[Sequence[Any]]) -> None:
+    """``records`` into ``target`` by COPY: no per-row parameters, no planning."""
+    stmt = sql.SQL("COPY {} ({}) FROM STDIN").format(target, sql.SQL(", ").join(ident(c) for c in columns))
+    with conn.cursor() as cur, cur.copy(stmt) as copy:
+        for record in records:
+            copy.write_row(record)
+
+
+def _bulk_upsert(conn: psycopg.Connection[Any], tbl: str, columns: Sequence[str], key: Sequence[str],
+                 records: Iterable[Sequence[Any]]) -> None:
+    """An upsert by COPY: the rows into a temporary table shaped like ``tbl``, then moved into it
+    in one statement (which leaves the temporary table empty for the next one)."""
+    stage = sql.Identifier(f"stage_{tbl}")
+    conn.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS").format(
+        stage, table(tbl)))
+    copy_rows(conn, stage, columns, records)
+    names = sql.SQL(", ").join(ident(c) for c in columns)
+    non_key = [c for c in columns if c not in key]
+    conn.execute(sql.SQL(
+        "WITH moved AS (DELETE FROM {} RETURNING *) INSERT INTO {} ({}) SELECT {} FROM moved "
+        "ON CONFLICT ({}) DO UPDATE SET {}").format(
+        stage, table(tbl), names, names, sql.SQL(", ").join(ident(k) for k in key),
+        sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(ident(c)) for c in non_key)))
+
+
 def write_rows(conn: psycopg.Connection[Any], model: ReadModel, tbl: str, rows: Rows, keys: Iterable[Key]) -> None:
     """The changed rows in one statement (an upsert over ``unnest`` of one array per column: a
-    batch's rows cost one round of parsing and planning, not one per row); deleted ones by key."""
+    batch's rows cost one round of parsing and planning, not one per row); deleted ones by key.
+    Many rows (a catch-up page) go through COPY instead (``_bulk_upsert``; not in a pipeline)."""
     names = model.column_names
     upserts = [rows[k] for k in keys if rows.get(k) is not None]
     deletes = [k for k in keys if k in rows and rows[k] is None]
-    if upserts:
+    if len(upserts) >= BULK_ROWS and not conn.pgconn.pipeline_status:  # a bulk batch's big table
+        _bulk_upsert(conn, tbl, names, model.key, ([r[c] for c in names] for r in upserts))  # type: ignore[index]
+    elif upserts:
         non_key = [c for c in names if c not in model.key]
         stmt = sql.SQL("INSERT INTO {} ({}) SELECT * FROM unnest({}) ON CONFLICT ({}) DO UPDATE SET {}").format(
             table(tbl), sql.SQL(", ").join(ident(c) for c in names),
@@ -116,11 +147,27 @@ def insert_appended(conn: psycopg.Connection[Any], model: ReadModel, suffix: str
     if not rows or model.append is None:
         return
     columns = model.append.columns
+    records = [[r[c] for c in columns] for r in rows]
+    if len(records) >= BULK_ROWS and not conn.pgconn.pipeline_status:
+        copy_rows(conn, table(model.append.name + suffix), columns, records)
+        return
     stmt = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
         table(model.append.name + suffix), sql.SQL(", ").join(ident(c) for c in columns),
         sql.SQL(", ").join(sql.Placeholder() for _ in columns))
     with conn.cursor() as cur:
-        cur.executemany(stmt, [[r[c] for c in columns] for r in rows])
+        cur.executemany(stmt, records)
+
+
+def write_tracking(conn: psycopg.Connection[Any], model: ReadModel, suffix: str, advanced: dict[UUID, int]) -> None:
+    """Each stream's new version (what the model has folded of it)."""
+    tbl = tracking_table(model, suffix)
+    if len(advanced) >= BULK_ROWS and not conn.pgconn.pipeline_status:
+        _bulk_upsert(conn, tbl, ("stream_id", "version"), ("stream_id",), advanced.items())
+    elif advanced:
+        conn.execute(sql.SQL(
+            "INSERT INTO {} (stream_id, version) SELECT * FROM unnest(%s::uuid[], %s::bigint[]) "
+            "ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version"
+        ).format(table(tbl)), [list(advanced), list(advanced.values())])
 
 
 def _tracking_query(model: ReadModel, suffix: str = "") -> sql.Composed:
@@ -181,14 +228,15 @@ Fill = Callable[[dict[UUID, tuple[int, int]]], list[EventEnvelope]]
 
 def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope],
                 models: Iterable[ReadModel] | None = None, fill: Fill | None = None, *,
-                suffix: str = "", park: bool = True) -> BatchResult:
+                suffix: str = "", park: bool = True, bulk: bool = False) -> BatchResult:
     """Fold a batch into the read models in ONE transaction, tracking included, in three round
     trips (pipelined): locks + tracking + dead letters; current rows; all writes.
 
     ``fill`` reads from the event log the versions a batch lacks (a message the broker lost);
     without it, events after a hole wait (uncounted) for a later delivery or the sweep. A rebuild
     folds into its ``suffix``ed tables with ``park`` off: a failing event raises instead of being
-    parked, and the positions (the live projector's) are left alone."""
+    parked, and the positions (the live projector's) are left alone. ``bulk`` (a catch-up page)
+    writes large tables by COPY, which a pipeline cannot carry."""
     result = BatchResult()
     if not envelopes:
         return result
@@ -219,17 +267,17 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
             plans = {m.name: batch.plan(m, [*share[m.name], *found], tracked[m.name], blocked.get(m.name, set()))
                      for m in active}
         result.skipped = sum(p.skipped for p in plans.values())
+        touched = {m.name: {k for e in plans[m.name].todo for k in m.keys_for(e)} for m in active}
         with conn.pipeline():
             rows_cur = {}
             for m in active:
-                keys = {k for e in plans[m.name].todo for k in m.keys_for(e)}
-                if keys:
-                    query, params = _rows_query(m, m.keyed_table + suffix, keys)
+                if touched[m.name]:
+                    query, params = _rows_query(m, m.keyed_table + suffix, touched[m.name])
                     rows_cur[m.name] = conn.execute(query, params)
         writes: list[tuple[ReadModel, Rows, set[Key], batch.Folded]] = []
         for m in active:
             p = plans[m.name]
-            keys = {k for e in p.todo for k in m.keys_for(e)}
+            keys = touched[m.name]
             rows = _parse_rows(m, rows_cur[m.name].fetchall()) if m.name in rows_cur else {}
             folded = batch.fold(m, rows, p.todo, p.held, blocked.get(m.name, set()))
             failures = [error for _, error, status in folded.parks if status == "parked"]
@@ -240,17 +288,13 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
             result.max_position = max(result.max_position, folded.max_position)
             result.per_model[m.name] = result.per_model.get(m.name, 0) + len(folded.advanced)
             writes.append((m, rows, keys, folded))
-        with conn.pipeline():
+        with contextlib.nullcontext() if bulk else conn.pipeline():
             for m, rows, keys, folded in writes:
                 for e, error, status in folded.parks:
                     _park(conn, m, e, error, status)
                 write_rows(conn, m, m.keyed_table + suffix, rows, keys)
                 insert_appended(conn, m, suffix, folded.appended)
-                if folded.advanced:
-                    conn.execute(sql.SQL(
-                        "INSERT INTO {} (stream_id, version) SELECT * FROM unnest(%s::uuid[], %s::bigint[]) "
-                        "ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version"
-                    ).format(table(tracking_table(m, suffix))), [list(folded.advanced), list(folded.advanced.values())])
+                write_tracking(conn, m, suffix, folded.advanced)
             if not suffix:
                 with conn.cursor() as cur:
                     cur.executemany(_positions_sql(), [[m.name, top] for m in chosen])
@@ -307,7 +351,7 @@ def resolve_dead_letter(conn: psycopg.Connection[Any], letter_id: int, action: s
     return result
 
 
-def _add(total: BatchResult, part: BatchResult) -> None:
+def add_result(total: BatchResult, part: BatchResult) -> None:
     total.applied += part.applied
     total.skipped += part.skipped
     total.parked += part.parked
@@ -318,12 +362,12 @@ def _add(total: BatchResult, part: BatchResult) -> None:
 
 
 def apply_isolating(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope],
-                    fill: Fill | None = None) -> BatchResult:
+                    fill: Fill | None = None, *, bulk: bool = False) -> BatchResult:
     """``apply_batch``; when it fails for any reason but the connection, again model by model,
     and in a failing model event by event: an event whose fold or write fails is parked with its
     error (its stream's later events are held behind it) and every other stream goes on."""
     try:
-        return apply_batch(conn, envelopes, fill=fill)
+        return apply_batch(conn, envelopes, fill=fill, bulk=bulk)
     except Exception as exc:
         if is_transient(exc):
             raise
@@ -334,7 +378,7 @@ def apply_isolating(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnve
         if not share:
             continue
         try:
-            _add(total, apply_batch(conn, share, [model], fill))
+            add_result(total, apply_batch(conn, share, [model], fill, bulk=bulk))
             continue
         except Exception as exc:
             if is_transient(exc):
@@ -342,7 +386,7 @@ def apply_isolating(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnve
             # otherwise this model has the poison: found event by event below
         for env in share:
             try:
-                _add(total, apply_batch(conn, [env], [model], fill))
+                add_result(total, apply_batch(conn, [env], [model], fill))
             except Exception as exc:
                 if is_transient(exc):
                     raise

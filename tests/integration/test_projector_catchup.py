@@ -1,0 +1,177 @@
+"""A projector that comes back far behind the log catches up from the event store (large pages,
+bulk writes), survives a crash between two pages with nothing lost and nothing counted twice,
+and then goes on live with the broker; a poison event in a bulk page is parked and holds back
+its own stream only, as on the live path."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from adapters.bootstrap import build_projector
+from adapters.settings import Settings
+from application.services import PaletteService
+from domain.contracts.envelope import EventEnvelope
+from projections.catchup import CatchUp
+from projections.models.billing_events import BILLING
+from projections.rebuild import fold_log, iter_envelopes
+from projections.store import BULK_ROWS, BatchResult, dead_letters
+
+from .test_projections import assert_models_equal_fold, conn, drained, service, workload  # noqa: F401 - shared fixtures
+from .test_stack import wait_until
+
+THRESHOLD = 50  # events behind that make the projector catch up from the log
+PAGE = 40  # small pages: the backlog takes several, and the crash falls between two
+
+
+class Crash(RuntimeError):
+    """Injected right after a page's transaction committed."""
+
+
+@pytest.fixture
+def stopped_projector(apps: Any) -> Iterator[Any]:
+    """The stack's projector process stopped for the test (the test runs its own); started after."""
+    apps.stop_app("projector")
+    try:
+        yield apps
+    finally:
+        apps.start_app("projector")
+
+
+def projector_for(settings: Settings) -> Any:
+    projector = build_projector(settings.model_copy(update={"projector_catchup_events": THRESHOLD}))
+    projector.catchup.page = PAGE
+    return projector
+
+
+def ledger_oracle(app: Any) -> tuple[int, int]:
+    """Rows and total amount of the billing ledger folded from the whole log."""
+    _, appended, _, _, _ = fold_log(BILLING, iter_envelopes(app.recorder, app.mapper.transcoder, 1, None))
+    return len(appended), sum(r["amount"] for r in appended)
+
+
+def ledger_in(db: psycopg.Connection[Any]) -> tuple[int, int, int]:
+    """Rows, distinct (user, seq) pairs and total amount of the projected billing ledger."""
+    row = db.execute("SELECT count(*), count(DISTINCT (user_id, seq)), coalesce(sum(amount), 0) "
+                     "FROM palette_read.billing_events").fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def test_a_projector_far_behind_catches_up_from_the_log_through_a_crash_then_goes_live(
+        stopped_projector: Any, service: PaletteService, conn: psycopg.Connection[Any],  # noqa: F811
+        settings: Settings) -> None:
+    wait_until(lambda: drained(service, conn), timeout_s=60, what="the read models to fold the log so far")
+    # Tests that fold synthetic events far past the log leave positions there: back to the log.
+    conn.execute("UPDATE palette_read.positions SET position = LEAST(position, %s)",
+                 [int(service.app.recorder.max_notification_id() or 0)])
+    workload(service, 8, random.Random(21))  # the backlog, written while no projector runs
+    head = int(service.app.recorder.max_notification_id() or 0)
+
+    # Both built before the first page: building one ensures the schema, and its migration of
+    # raw device hashes (projections.schema.drop_raw_device_hashes) also clears sealed device
+    # keys, which would set the users the first page folded apart from the fold of the log.
+    first, second = projector_for(settings), projector_for(settings)
+    pages: list[int] = []
+
+    def crash_after_the_first_page(position: int) -> None:
+        pages.append(position)
+        raise Crash(position)
+
+    first.catchup.after_page = crash_after_the_first_page
+    try:
+        with pytest.raises(Crash):
+            first.catch_up()
+    finally:
+        first.close()
+    assert len(pages) == 1 and pages[0] < head  # it crashed between two pages
+    rows, distinct, _ = ledger_in(conn)
+    assert rows == distinct  # nothing twice so far
+
+    folded: list[int] = []
+    second.catchup.after_page = folded.append
+    try:
+        assert second.catch_up() > 0
+        assert second.caught_up_to >= head and len(folded) >= 2 and folded[0] > pages[0]
+        assert second.totals.applied > 0
+        assert drained(service, conn)  # the catch-up alone folded the whole backlog
+        assert_models_equal_fold(service.app, conn)
+        expected_rows, expected_amount = ledger_oracle(service.app)
+        assert ledger_in(conn) == (expected_rows, expected_rows, expected_amount)
+
+        # Live mode: the broker's copies of the backlog are dropped, what comes next is folded.
+        workload(service, 1, random.Random(22))
+        later = int(service.app.recorder.max_notification_id() or 0)
+        assert later - head < THRESHOLD  # too little for another catch-up: the broker brings it
+
+        def live() -> bool:
+            second.step()
+            return drained(service, conn)
+
+        wait_until(live, timeout_s=120, what="the live projector to fold the new events")
+        assert second.caught_up_to < later and second.totals.skipped > 0
+        assert_models_equal_fold(service.app, conn)
+        expected_rows, expected_amount = ledger_oracle(service.app)
+        assert ledger_in(conn) == (expected_rows, expected_rows, expected_amount)
+    finally:
+        second.close()
+
+
+class PagedLog:
+    """A log of synthetic events (positions far past the real log's), read as ``LogReader`` reads."""
+
+    def __init__(self, envelopes: list[EventEnvelope]) -> None:
+        self.envelopes = envelopes
+
+    def read(self, after: int, upto: int, limit: int) -> list[EventEnvelope]:
+        return [e for e in self.envelopes if after < e.id <= upto][:limit]
+
+    def stream_events(self, gaps: Any) -> list[EventEnvelope]:
+        return []
+
+
+def test_a_poison_event_in_a_bulk_page_is_parked_and_holds_back_only_its_stream(
+        apps: Any, conn: psycopg.Connection[Any]) -> None:  # noqa: F811
+    base = 10**12 + random.randrange(10**9)
+    healthy = [uuid.uuid4() for _ in range(BULK_ROWS + 100)]
+    poisoned = uuid.uuid4()
+    user = str(uuid.uuid4())
+
+    def created(stream: uuid.UUID, position: int, **data: Any) -> EventEnvelope:
+        return EventEnvelope(id=position, stream_id=stream, stream_type="Job", version=1, type="JobCreated",
+                             timestamp=datetime.now(UTC), data={"user_id": user, "item_count": 1, **data})
+
+    events = [created(poisoned, base)]  # no preset: jobs_log cannot fold it
+    events += [created(s, base + 1 + i, preset="interior") for i, s in enumerate(healthy)]
+    events.append(EventEnvelope(id=base + len(events), stream_id=poisoned, stream_type="Job", version=2,
+                                type="UploadConfirmed", timestamp=datetime.now(UTC), data={}))
+    positions = dict(conn.execute("SELECT model, position FROM palette_read.positions").fetchall())
+    streams = [poisoned, *healthy]
+    try:
+        total = BatchResult()
+        catchup = CatchUp(conn, PagedLog(events), threshold=1, page=BULK_ROWS + 50)  # type: ignore[arg-type]
+        assert catchup.fold(base - 1, events[-1].id, total) == events[-1].id
+        folded = conn.execute("SELECT count(*) FROM palette_read.jobs_log WHERE id = ANY(%s) AND status = 'created'",
+                              [healthy]).fetchone()
+        assert folded == (len(healthy),)
+        assert conn.execute("SELECT 1 FROM palette_read.jobs_log WHERE id = %s", [poisoned]).fetchone() is None
+        items = conn.execute("SELECT count(*) FROM palette_read.job_items_log WHERE job_id = ANY(%s)",
+                             [streams]).fetchone()
+        assert items == (len(streams),)  # the other model folds the poisoned stream
+        letters = [(d["version"], d["status"]) for d in dead_letters(conn)
+                   if d["stream_id"] == poisoned and d["model"] == "jobs_log"]
+        assert letters == [(1, "parked"), (2, "held")] and total.parked == 2
+    finally:  # the session's read models a fold of the real log again
+        for tbl, column in (("jobs_log", "id"), ("jobs_log_tracking", "stream_id"), ("job_items_log", "job_id"),
+                            ("job_items_log_tracking", "stream_id"), ("dead_letters", "stream_id")):
+            conn.execute(sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(
+                sql.Identifier("palette_read", tbl), sql.Identifier(column)), [streams])
+        for model, position in positions.items():
+            conn.execute("UPDATE palette_read.positions SET position = %s WHERE model = %s", [position, model])
