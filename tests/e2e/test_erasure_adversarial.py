@@ -37,6 +37,15 @@ def _ahead(seconds: float) -> datetime:
     return datetime.now(UTC) + timedelta(seconds=seconds)
 
 
+def _sweep(settings, now: datetime | None = None) -> None:  # type: ignore[no-untyped-def]
+    """One sweeper pass (at ``now``), with a sweeper of its own."""
+    sweeper = Sweeper(settings)
+    try:
+        sweeper.step(now=now)
+    finally:
+        sweeper.close()
+
+
 def _completed(settings, user_id: str) -> bool:  # type: ignore[no-untyped-def]
     with _db(settings) as conn:
         row = conn.execute("SELECT completed_at FROM palette_erasures WHERE user_id = %s", [user_id]).fetchone()
@@ -91,11 +100,7 @@ def test_a_webhook_endpoint_or_kept_answer_written_by_a_request_in_flight_during
         webhooks.create_endpoint(conn, user_id, "http://127.0.0.1:9/grandma-hook", ["job.finished"], "whsec_x", 10)
         conn.execute("INSERT INTO palette_api.idempotency (scope, key, request_hash, status, body) "
                      "VALUES (%s, 'late', 'h', 201, %s)", [f"user:{user_id}", RULE_NAME.encode()])
-    sweeper = Sweeper(settings)
-    try:
-        sweeper.step(now=_ahead(LATE_UPLOADS_S + URL_TTL_S + 60))
-    finally:
-        sweeper.close()
+    _sweep(settings, now=_ahead(LATE_UPLOADS_S + URL_TTL_S + 60))
     with _db(settings) as conn:
         assert webhooks.list_endpoints(conn, user_id) == []
         assert conn.execute("SELECT count(*) FROM palette_api.idempotency WHERE scope = %s",
@@ -122,11 +127,7 @@ def test_one_pass_sweeps_every_settled_erasure_and_deletion_not_one_page_of_them
     s3 = s3_client(settings)
     for key in late.values():  # what workers still busy with the items upload afterwards
         s3.put_object(Bucket=settings.s3_bucket, Key=key, Body=b"late")
-    sweeper = Sweeper(settings)
-    try:
-        sweeper.step(now=_ahead(LATE_UPLOADS_S + URL_TTL_S + 3600))
-    finally:
-        sweeper.close()
+    _sweep(settings, now=_ahead(LATE_UPLOADS_S + URL_TTL_S + 3600))
     left = {k for user in (*late, kept.user_id) for k in _objects(settings, user)}
     assert not left & set(late.values())
 
@@ -148,19 +149,11 @@ def test_an_erasure_that_keeps_failing_does_not_stop_the_others_nor_the_rest_of_
         return real_erase(service, pool, s3, bucket, user_id, must_exist)
 
     monkeypatch.setattr(retention, "erase", erase)
-    sweeper = Sweeper(settings)
-    try:
-        sweeper.step()
-    finally:
-        sweeper.close()
+    _sweep(settings)
     assert _completed(settings, cut_short.user_id)
     assert not _completed(settings, stuck.user_id)  # left for the next pass, which finishes it
     monkeypatch.setattr(retention, "erase", real_erase)
-    sweeper = Sweeper(settings)
-    try:
-        sweeper.step()
-    finally:
-        sweeper.close()
+    _sweep(settings)
     assert _completed(settings, stuck.user_id)
 
 
@@ -175,11 +168,7 @@ def test_photos_of_a_job_never_executed_nor_canceled_are_deleted_after_the_reten
         wait_until(lambda: conn.execute("SELECT 1 FROM palette_read.jobs_log WHERE id = %s", [job_id]).fetchone(),
                    what="the job folded into jobs_log")
     assert any(job_id in k for k in _objects(settings, client.user_id))
-    sweeper = Sweeper(settings)
-    try:
-        sweeper.step(now=_ahead(settings.retention_days * 86400 + 3600))
-    finally:
-        sweeper.close()
+    _sweep(settings, now=_ahead(settings.retention_days * 86400 + 3600))
     assert not any(job_id in k for k in _objects(settings, client.user_id))
     assert client.data("GET", f"/jobs/{job_id}")["status"] == "canceled"
     assert client.data("GET", "/me")["credits"] == credits + 2
@@ -281,11 +270,7 @@ def test_erasure_racing_everything_the_user_can_do_leaves_nothing_running_and_no
             assert isinstance(job, Job) and job.status.terminal, (job_id, job.status)
     finally:
         app.close()
-    sweeper = Sweeper(settings)
-    try:
-        sweeper.step(now=_ahead(LATE_UPLOADS_S + 3600))  # what a request in flight left after the erasure
-    finally:
-        sweeper.close()
+    _sweep(settings, now=_ahead(LATE_UPLOADS_S + 3600))  # what a request in flight left after the erasure
     with _db(settings) as conn:
         assert webhooks.list_endpoints(conn, uuid.UUID(client.user_id)) == []
     assert _completed(settings, client.user_id) and _objects(settings, client.user_id) == set()
@@ -320,11 +305,7 @@ def test_a_pass_with_no_job_deleted_lately_does_not_read_the_whole_log_again_nex
         head = app.recorder.max_notification_id()
     finally:
         app.close()
-    sweeper = Sweeper(settings)
-    try:
-        sweeper.step(now=_ahead(LATE_UPLOADS_S + 3600))  # every JobDeleted so far has settled
-    finally:
-        sweeper.close()
+    _sweep(settings, now=_ahead(LATE_UPLOADS_S + 3600))  # every JobDeleted so far has settled
     with _db(settings) as conn:
         position = conn.execute("SELECT position FROM palette_sweeps WHERE name = 'late-deletions'").fetchone()
     assert position is not None and position[0] >= head
