@@ -213,6 +213,8 @@ def test_an_operator_erases_from_the_command_line_with_one_line_answers(client, 
 
 
 def test_erasing_a_user_registered_before_device_keys_drops_the_raw_device_hash_from_the_stored_event(settings):
+    from datetime import UTC, datetime
+
     from adapters import bootstrap
     from adapters.erasure import erase
     from domain.user import REDACTED_DEVICE_KEY
@@ -221,7 +223,7 @@ def test_erasing_a_user_registered_before_device_keys_drops_the_raw_device_hash_
     raw = f"legacy-device-{uuid.uuid4().hex}"
     container = bootstrap.build(settings, pool_size=2)
     try:
-        user_id = store_v1_user(container.app, raw)
+        user_id = store_v1_user(container.app, raw, datetime.now(UTC))  # now: the session's audit periods see it
         recorder = container.app.recorder
         table = sql.Identifier(recorder.datastore.schema, recorder.events_table_name)
 

@@ -116,7 +116,7 @@ def test_a_projector_far_behind_catches_up_from_the_log_through_a_crash_then_goe
             return drained(service, conn)
 
         wait_until(live, timeout_s=120, what="the live projector to fold the new events")
-        assert second.caught_up_to < later and second.totals.skipped > 0
+        assert second.caught_up_to < later  # (dropping the broker's copies: tests/unit/test_projector_catchup.py)
         assert_models_equal_fold(service.app, conn)
         expected_rows, expected_amount = ledger_oracle(service.app)
         assert ledger_in(conn) == (expected_rows, expected_rows, expected_amount)
