@@ -62,7 +62,7 @@ from domain.contracts.keys import (
 )
 from domain.errors import InvalidState, NotFound, ValidationFailed
 from domain.job import Job, JobStatus
-from projections.queries import BadCursor, encode_cursor, unfolded
+from projections.queries import BadCursor, decode_cursor, encode_cursor, unfolded
 from projections.queries import list_jobs as list_jobs_query
 
 log = logging.getLogger("palette.api")
@@ -186,7 +186,7 @@ async def list_jobs(user_id: CurrentUser, container: ContainerDep, service: Serv
     if behind:
         fresh, gone = await run_in_threadpool(_fresh_rows, service, user_id, list(behind))
         rows, next_cursor = _merged([r for r in rows if r["id"] not in gone], fresh, limit, next_cursor,
-                                    first_page=cursor is None)
+                                    after=decode_cursor(cursor) if cursor is not None else None)
     items = [JobSummary(job_id=r["id"], **{k: v for k, v in r.items() if k != "id"}) for r in rows]
     return ok(JobList(items=items, next_cursor=next_cursor), extra_meta={"projection_behind": len(behind)})
 
@@ -212,13 +212,13 @@ def _summary_row(job: Job) -> dict[str, Any]:
 
 
 def _merged(rows: list[dict[str, Any]], fresh: list[dict[str, Any]], limit: int, next_cursor: str | None,
-            first_page: bool) -> tuple[list[dict[str, Any]], str | None]:
+            after: tuple[datetime, UUID] | None) -> tuple[list[dict[str, Any]], str | None]:
     """The page with the write side's rows in place of the folded ones; jobs the model has not
-    seen at all join the first page, in order (the newest jobs are on it)."""
+    seen at all join the page they sort into: any page for the first (``after`` None), a later
+    one when they come after its cursor (a page before cut them off)."""
     by_id = {r["id"]: r for r in fresh}
     out = [by_id.pop(r["id"], r) for r in rows]
-    if first_page:
-        out.extend(by_id.values())
+    out.extend(r for r in by_id.values() if after is None or (r["created_at"], r["id"]) < after)
     out.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
     if len(out) > limit:
         out = out[:limit]
