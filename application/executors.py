@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 from uuid import UUID
 
 import anyio.to_thread
@@ -25,7 +25,7 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError, Recorder, StoredEvent
 
 from application.ports import StreamLoader
-from application.unit_of_work import Command, Committed, ConflictError, UnitOfWork, touches
+from application.unit_of_work import Command, Committed, ConflictError, UnitOfWork
 from domain.contracts import trace as tracing
 from domain.errors import DomainError
 
@@ -233,6 +233,21 @@ class _Pending:
     trace: str = field(default_factory=tracing.CURRENT.get)  # the submitting request's, for its events
 
 
+class _Viewing(Generic[T]):
+    """A read as a command of the batch: ``view`` of one aggregate (declared, so the batch
+    prefetches it). A class, not a closure marked with ``touches``: one is made per read."""
+
+    __slots__ = ("aggregate_ids", "view")
+    related_ids = None
+
+    def __init__(self, aggregate_id: UUID, view: Callable[[Aggregate | None], T]) -> None:
+        self.aggregate_ids = (aggregate_id,)
+        self.view = view
+
+    def __call__(self, uow: UnitOfWork) -> T:
+        return self.view(uow.get(Aggregate, self.aggregate_ids[0]))
+
+
 class GroupCommitter:
     """Runs queued commands in batches on one writer thread, saving each batch in one transaction.
 
@@ -294,18 +309,10 @@ class GroupCommitter:
         committed: Committed[T] = await outcome.future
         return committed
 
-    @staticmethod
-    def _viewing(aggregate_id: UUID, view: Callable[[Aggregate | None], T]) -> Command[T]:
-        @touches(aggregate_id)
-        def viewed(uow: UnitOfWork) -> T:
-            return view(uow.get(Aggregate, aggregate_id))
-
-        return viewed
-
     def read(self, aggregate_id: UUID) -> Aggregate | None:
         """A private copy of the aggregate as last committed (None: no such aggregate)."""
         future: Future[Committed[Aggregate | None]] = Future()
-        self._enqueue(_Pending(self._viewing(aggregate_id, copy.deepcopy), future, read=True))
+        self._enqueue(_Pending(_Viewing(aggregate_id, copy.deepcopy), future, read=True))
         return future.result().value
 
     async def read_async(self, aggregate_id: UUID, view: Callable[[Aggregate | None], T]) -> T:
@@ -313,7 +320,7 @@ class GroupCommitter:
         writer thread from the cached object itself: it must not change it, and must return
         nothing that shares its state (a copy, or plain values), as the next batch changes it."""
         outcome = _LoopOutcome(self._outbox)
-        self._enqueue(_Pending(self._viewing(aggregate_id, view), outcome, read=True))
+        self._enqueue(_Pending(_Viewing(aggregate_id, view), outcome, read=True))
         committed: Committed[T] = await outcome.future
         return committed.value
 

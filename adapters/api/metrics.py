@@ -97,7 +97,7 @@ class RequestContext:
             if name == b"traceparent":
                 sent = value.decode("latin-1")
                 break
-        parent, link = (sent, "") if trusted_peer(scope.get("client"), self.trusted) else ("", sent)
+        parent, link = (sent, "") if sent and trusted_peer(scope.get("client"), self.trusted) else ("", sent)
         with tracing.span(f"HTTP {scope.get('method', '')}", parent, link=link) as traceparent, \
                 bound(request_id=request_id_var.get()):
             token = contract.CURRENT.set(traceparent)

@@ -55,3 +55,36 @@ def test_one_trace_id_follows_a_job_through_every_process(client, gpu_apps, sett
     assert contract.trace_id(traces["JobQueued"]) == trace_id  # the request's own event
     assert contract.trace_id(traces["JobFinished"]) == trace_id  # recorded by the worker's callback
     assert contract.trace_id(traces["JobCreated"]) not in ("", trace_id)  # another request: its own trace
+
+
+def test_no_span_of_a_request_joins_the_trace_an_untrusted_client_names(settings):
+    """Every span the API makes for a client's request is in a trace of the server's choosing:
+    the client's traceparent is only linked (the framework's own request spans would continue it)."""
+    from fastapi.testclient import TestClient
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from adapters import tracing
+    from adapters.api.app import create_asgi
+    from adapters.bootstrap import build
+
+    tracing.configure("test", "off")  # ignored when a test before set one: either way an SDK provider
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    sent = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
+    container = build(settings, pool_size=2)
+    try:
+        with TestClient(create_asgi(container)) as api:  # its peer, "testclient", is no trusted address
+            for path in ("/livez", "/presets", "/nowhere"):
+                api.get(path, headers={"traceparent": sent})
+    finally:
+        container.close()
+    spans = exporter.get_finished_spans()
+    assert len(spans) >= 3
+    assert [s.name for s in spans if f"{s.context.trace_id:032x}" == contract.trace_id(sent)] == []
+    assert all(contract.trace_id(sent) in {f"{link.context.trace_id:032x}" for link in s.links}
+               for s in spans if s.parent is None)
