@@ -1,4 +1,5 @@
-"""The goals, what every figure measures, and the report: a table, JSON and a measured/goal chart."""
+"""The goals, what every figure measures, and the report: a table, JSON, a measured/goal chart,
+and the README's Markdown table (``python -m tests.bench.readme docs/bench.json``)."""
 
 from __future__ import annotations
 
@@ -191,6 +192,31 @@ def table(results: Results) -> str:
     lines += ["", f"machine: {m['cores']} cores, {m['memory_gb']} GB, {m['cpu']}, GPU: {m['gpu'] or 'none'}; "
               f"broker storage: {m.get('broker_storage', 'unknown')}; "
               f"{results['profile']} run in {results['seconds']}s"]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{name} {_cell(v)}" for name, v in value.items())
+    return "—" if value is None else (f"{value:,.1f}" if isinstance(value, float) else str(value))
+
+
+def markdown(results: Results) -> str:
+    """The run as the README shows it: every figure with what it measures, its goal and verdict."""
+    goals = results.get("goals", {})
+    lines = ["| key | what it measures | value | goal | measured/goal | result |", "|---|---|---|---|---|---|"]
+    for key, what in MEASURES.items():
+        if key not in results:
+            continue
+        g = goals.get(key)
+        verdict = "" if g is None else {True: "pass", False: "**short**", None: "not measured"}[g["met"]]
+        ratio = "" if g is None or g["ratio"] is None else f"{g['ratio']:.2f}"
+        lines.append(f"| `{key}` | {what.replace('|', '/')} | {_cell(results[key])} | "
+                     f"{'' if g is None else g['goal']} | {ratio} | {verdict} |")
+    m = results["machine"]
+    lines += ["", f"Machine: {m['cores']} cores, {m['memory_gb']} GB, {m['cpu']}, GPU: {m['gpu'] or 'none'}; "
+                  f"broker storage: {m.get('broker_storage', 'unknown')}; {results['profile']} profile, "
+                  f"{results['seconds']} s."]
     return "\n".join(lines)
 
 
