@@ -27,6 +27,13 @@ def relevant(model: ReadModel, env: EventEnvelope) -> bool:
     return model.stream_type == env.stream_type or bool(model.keys_for(env))
 
 
+def relevant_events(model: ReadModel, envelopes: Iterable[EventEnvelope]) -> list[EventEnvelope]:
+    """The ``relevant`` events of ``envelopes`` (its test inline: a catch-up page asks it of every
+    event for every model)."""
+    own, keys_for = model.stream_type, model.keys_for
+    return [e for e in envelopes if e.stream_type == own or keys_for(e)]
+
+
 @dataclass
 class Plan:
     todo: list[EventEnvelope] = field(default_factory=list)  # per stream, contiguous versions
@@ -39,13 +46,19 @@ def plan(model: ReadModel, envelopes: Iterable[EventEnvelope], tracked: dict[UUI
          blocked: set[UUID]) -> Plan:
     result = Plan()
     streams: dict[UUID, dict[int, EventEnvelope]] = {}
-    for e in envelopes:
-        if not relevant(model, e):
+    skipped = 0
+    for e in relevant_events(model, envelopes):
+        versions = streams.get(e.stream_id)
+        if versions is None:
+            if e.version <= tracked.get(e.stream_id, 0):
+                skipped += 1
+                continue
+            streams[e.stream_id] = versions = {}
+        elif e.version in versions or e.version <= tracked.get(e.stream_id, 0):
+            skipped += 1
             continue
-        if e.version <= tracked.get(e.stream_id, 0) or e.version in streams.get(e.stream_id, {}):
-            result.skipped += 1
-            continue
-        streams.setdefault(e.stream_id, {})[e.version] = e
+        versions[e.version] = e
+    result.skipped = skipped
     for stream_id, versions in streams.items():
         ordered = [versions[v] for v in sorted(versions)]
         if stream_id in blocked:
@@ -94,18 +107,20 @@ def fold(model: ReadModel, rows: Rows, todo: Sequence[EventEnvelope], held: Sequ
     and the rest of that stream is held, so a stream never skips an event."""
     out = Folded(parks=[(e, HELD, "held") for e in held])
     stopped = set(blocked)
+    appended, advanced, apply = out.appended, out.advanced, model.apply  # a page's worth of events
     for e in todo:
         if e.stream_id in stopped:
             out.parks.append((e, HELD, "held"))
             continue
         try:
             # evolve raises before it changes ``rows`` (each fold builds the new row, then assigns)
-            out.appended.extend(model.apply(rows, e))
+            appended.extend(apply(rows, e))
         except Exception as exc:  # noqa: BLE001 - a poison event is parked, not fatal
             out.parks.append((e, f"{type(exc).__name__}: {exc}", "parked"))
             stopped.add(e.stream_id)
             continue
-        out.advanced[e.stream_id] = e.version
+        advanced[e.stream_id] = e.version
         out.applied += 1
-        out.max_position = max(out.max_position, e.id)
+        if e.id > out.max_position:
+            out.max_position = e.id
     return out

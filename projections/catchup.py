@@ -16,6 +16,7 @@ delivers up to that head is already folded.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from projections.models import READ_MODELS
 from projections.schema import table
 from projections.store import BatchResult, add_result, apply_isolating, oldest_needed
 
+log = logging.getLogger("palette.projections")
 PAGE = 20_000
 
 
@@ -68,6 +70,7 @@ class CatchUp:
         position = self.start()
         if position is None:
             return None
+        log.info("catching up from the event log: positions %d to %d", position + 1, head)
         total = BatchResult()
         while True:
             position = self.fold(position, head, total)

@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import Notification
 from psycopg import sql
+from psycopg.rows import tuple_row
 
-from domain.contracts.envelope import EventEnvelope, from_notification
+from domain.contracts.envelope import EventEnvelope, from_notification, from_stored
 
 SCAN_PAGE = 5000
 
@@ -32,11 +32,31 @@ class LogReader:
             self.owner.close()
 
     def read(self, after: int, upto: int, limit: int) -> list[EventEnvelope]:
-        """Up to ``limit`` events with ``after < position <= upto``, in commit order."""
+        """Up to ``limit`` events with ``after < position <= upto``, in commit order. On
+        PostgreSQL one query of plain rows (no ``Notification`` per row) and one UUID object per
+        stream (the fold's dict lookups then match by identity)."""
         if upto <= after:
             return []
-        page = self.recorder.select_notifications(start=after + 1, limit=limit, stop=upto)
-        return [from_notification(n, self.transcoder) for n in page]
+        if self.events_table is None:
+            page = self.recorder.select_notifications(start=after + 1, limit=limit, stop=upto)
+            return [from_notification(n, self.transcoder) for n in page]
+        query = sql.SQL("SELECT notification_id, originator_id, originator_version, topic, state FROM {} "
+                        "WHERE notification_id > %s AND notification_id <= %s ORDER BY notification_id LIMIT %s"
+                        ).format(self.events_table)
+        with self.recorder.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+            rows = cur.execute(query, [after, upto, limit], prepare=True).fetchall()
+        streams: dict[UUID, UUID] = {}
+        return [from_stored(position, streams.setdefault(stream_id, stream_id), version, topic, state, self.transcoder)
+                for position, stream_id, version, topic, state in rows]
+
+    @property
+    def events_table(self) -> sql.Identifier | None:
+        """The events table on PostgreSQL (None for the in-memory recorder)."""
+        name = getattr(self.recorder, "events_table_name", None)
+        if name is None:
+            return None
+        schema = getattr(self.recorder.datastore, "schema", "") or ""
+        return sql.Identifier(schema, name) if schema else sql.Identifier(name)
 
     def head(self) -> int:
         return int(self.recorder.max_notification_id() or 0)
@@ -45,26 +65,21 @@ class LogReader:
         """For each stream, its events with ``after < version <= upto``, positions included."""
         if not gaps:
             return []
-        table = getattr(self.recorder, "events_table_name", None)
+        table = self.events_table
         if table is None:
             return self._scan(gaps)
-        schema = getattr(self.recorder.datastore, "schema", "") or ""
         ids, afters, uptos = zip(*[(s, a, u) for s, (a, u) in gaps.items()], strict=True)
         query = sql.SQL(
             "SELECT e.notification_id, e.originator_id, e.originator_version, e.topic, e.state "
             "FROM unnest(%s::uuid[], %s::int[], %s::int[]) AS g(id, after, upto) "
             "JOIN {} e ON e.originator_id = g.id AND e.originator_version > g.after "
             "AND e.originator_version <= g.upto ORDER BY e.notification_id"
-        ).format(sql.Identifier(schema, table) if schema else sql.Identifier(table))
+        ).format(table)
         with self.recorder.datastore.get_connection() as conn, conn.cursor() as cur:
             cur.execute(query, [list(ids), list(afters), list(uptos)])
             rows = cur.fetchall()
-        return [self._envelope(r["notification_id"], r["originator_id"], r["originator_version"],
-                               r["topic"], bytes(r["state"])) for r in rows]
-
-    def _envelope(self, position: int, stream_id: UUID, version: int, topic: str, state: bytes) -> EventEnvelope:
-        return from_notification(Notification(originator_id=stream_id, originator_version=version,
-                                              topic=topic, state=state, id=position), self.transcoder)
+        return [from_stored(r["notification_id"], r["originator_id"], r["originator_version"], r["topic"],
+                            bytes(r["state"]), self.transcoder) for r in rows]
 
     def _scan(self, gaps: dict[UUID, tuple[int, int]]) -> list[EventEnvelope]:
         found: list[EventEnvelope] = []

@@ -59,20 +59,21 @@ class BatchResult:
 
 def _rows_query(model: ReadModel, tbl: str, keys: set[Key]) -> tuple[sql.Composed, list[Any]]:
     select = sql.SQL(", ").join(ident(c) for c in model.column_names)
+    types = {c.name: c.sql_type for c in model.columns}
     if len(model.key) == 1:
-        query = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(select, table(tbl), ident(model.key[0]))
-        return query, [[k[0] for k in keys]]
+        query = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%b::{}[])").format(
+            select, table(tbl), ident(model.key[0]), sql.SQL(types[model.key[0]]))
+        return query, [_column(types[model.key[0]], [k[0] for k in keys])]
     # Composite keys: one primary-key lookup per key (LATERAL). An IN (unnest) semi-join lets
     # the planner scan the whole table, which grows with every job.
-    types = {c.name: c.sql_type for c in model.columns}
-    unnest = sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(types[k])) for k in model.key)
+    unnest = sql.SQL(", ").join(sql.SQL("%b::{}[]").format(sql.SQL(types[k])) for k in model.key)
     names = [f"k{i}" for i in range(len(model.key))]
     match = sql.SQL(" AND ").join(
         sql.SQL("t.{} = k.{}").format(ident(col), sql.Identifier(n)) for col, n in zip(model.key, names, strict=True))
     select_t = sql.SQL(", ").join(sql.SQL("t.{}").format(ident(c)) for c in model.column_names)
     query = sql.SQL("SELECT {} FROM unnest({}) AS k({}) CROSS JOIN LATERAL (SELECT * FROM {} t WHERE {}) t").format(
         select_t, unnest, sql.SQL(", ").join(sql.Identifier(n) for n in names), table(tbl), match)
-    return query, [[k[i] for k in keys] for i in range(len(model.key))]
+    return query, [_column(types[k], [key[i] for key in keys]) for i, k in enumerate(model.key)]
 
 
 def _parse_rows(model: ReadModel, records: Sequence[Sequence[Any]]) -> Rows:
@@ -86,7 +87,8 @@ def _parse_rows(model: ReadModel, records: Sequence[Sequence[Any]]) -> Rows:
 
 def _column(sql_type: str, values: list[Any]) -> list[Any]:
     """One column's values as one array: an array holds one Python type, and a fold may keep an
-    id as text (from an event's data) or as a UUID (a stream id)."""
+    id as text (from an event's data) or as a UUID (a stream id). Arrays of ids go as binary
+    (``%b``): psycopg's text form of an array costs a pattern search per element."""
     if sql_type == "uuid":
         return [v if v is None or isinstance(v, UUID) else UUID(str(v)) for v in values]
     return values
@@ -165,13 +167,13 @@ def write_tracking(conn: psycopg.Connection[Any], model: ReadModel, suffix: str,
         _bulk_upsert(conn, tbl, ("stream_id", "version"), ("stream_id",), advanced.items())
     elif advanced:
         conn.execute(sql.SQL(
-            "INSERT INTO {} (stream_id, version) SELECT * FROM unnest(%s::uuid[], %s::bigint[]) "
+            "INSERT INTO {} (stream_id, version) SELECT * FROM unnest(%b::uuid[], %b::bigint[]) "
             "ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version"
         ).format(table(tbl)), [list(advanced), list(advanced.values())])
 
 
 def _tracking_query(model: ReadModel, suffix: str = "") -> sql.Composed:
-    return sql.SQL("SELECT stream_id, version FROM {} WHERE stream_id = ANY(%s) FOR UPDATE").format(
+    return sql.SQL("SELECT stream_id, version FROM {} WHERE stream_id = ANY(%b) FOR UPDATE").format(
         table(tracking_table(model, suffix)))
 
 
@@ -241,9 +243,9 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
     if not envelopes:
         return result
     chosen = list(models or READ_MODELS.values())
-    share = {m.name: [e for e in envelopes if batch.relevant(m, e)] for m in chosen}
+    share = {m.name: batch.relevant_events(m, envelopes) for m in chosen}
     active = [m for m in chosen if share[m.name]]
-    all_streams = list({e.stream_id for e in envelopes})
+    streams = {e.stream_id: e.stream_id for e in envelopes}  # one UUID object per stream (lookups by identity)
     top = max(e.id for e in envelopes)
     with conn.transaction():
         with conn.pipeline():
@@ -253,12 +255,12 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
             tracked_cur = {m.name: conn.execute(_tracking_query(m, suffix),
                                                 [list({e.stream_id for e in share[m.name]})]) for m in active}
             blocked_cur = conn.execute(sql.SQL(
-                "SELECT model, stream_id FROM {} WHERE status IN ('parked', 'held') AND stream_id = ANY(%s)"
-            ).format(table("dead_letters")), [all_streams]) if park else None
+                "SELECT model, stream_id FROM {} WHERE status IN ('parked', 'held') AND stream_id = ANY(%b)"
+            ).format(table("dead_letters")), [list(streams)]) if park else None
         blocked: dict[str, set[UUID]] = {}
         for name, stream in blocked_cur.fetchall() if blocked_cur is not None else []:
-            blocked.setdefault(name, set()).add(stream)
-        tracked = {m.name: {r[0]: r[1] for r in tracked_cur[m.name].fetchall()} for m in active}
+            blocked.setdefault(name, set()).add(streams.get(stream, stream))
+        tracked = {m.name: {streams.get(r[0], r[0]): r[1] for r in tracked_cur[m.name].fetchall()} for m in active}
         plans = {m.name: batch.plan(m, share[m.name], tracked[m.name], blocked.get(m.name, set())) for m in active}
         gaps = batch.merge_gaps(plans.values())
         if gaps and fill is not None:
