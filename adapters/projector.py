@@ -17,23 +17,27 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import psycopg
+from psycopg import sql
 
 from adapters.relay import LossSignal, PgPositions
 from domain.contracts import topics
 from domain.contracts.envelope import EventEnvelope, decode
 from domain.contracts.loop import ConsumerLoop
+from domain.contracts.streams import topic_prefix
 from projections.catchup import CatchUp
 from projections.log import LogReader
-from projections.schema import ensure_schema
+from projections.models import READ_MODELS
+from projections.schema import ensure_schema, table, tracking_table
 from projections.store import BatchResult, Fill, apply_isolating
 
 log = logging.getLogger("palette.projector")
 GROUP = topics.PROJECTOR_GROUP
 SWEEP = "sweep"  # the read store's position row for the sweep
 SWEEP_PAGE = 2000
+SWEEP_SCAN = 10_000  # positions one step of the sweep asks the database about (~0.2 s on the bench machine)
 CATCHUP_CHECK_S = 10.0  # how often a running projector asks whether it fell far behind the log
 
 
@@ -41,6 +45,32 @@ class ReadStore(Protocol):
     def apply(self, envelopes: Sequence[EventEnvelope], fill: Fill | None = None) -> BatchResult: ...
     def position(self, name: str) -> int: ...
     def save_position(self, name: str, position: int) -> None: ...
+
+
+@runtime_checkable
+class FoldedIndex(Protocol):
+    """A read store that can tell, without the events, where the sweep has work."""
+
+    def first_unfolded(self, events: sql.Composable, after: int, upto: int) -> int | None: ...
+
+
+def _unfolded_sql(events: sql.Composable) -> tuple[sql.Composed, dict[str, Any]]:
+    """Per read model: the oldest of its events in a range (``after``, ``upto``) that its tracking
+    has not reached and that is not waiting as a dead letter (what a sweep would fold, hold or park)."""
+    models = list(READ_MODELS.values())
+    query = sql.SQL(" UNION ALL ").join(sql.SQL(
+        "(SELECT min(e.notification_id) AS p FROM {e} e LEFT JOIN {t} t ON t.stream_id = e.originator_id "
+        "WHERE e.notification_id > %(after)s AND e.notification_id <= %(upto)s AND e.topic LIKE {prefix} "
+        "AND e.originator_version > coalesce(t.version, 0) AND NOT EXISTS (SELECT 1 FROM {d} d "
+        "WHERE d.model = {model} AND d.stream_id = e.originator_id AND d.version = e.originator_version "
+        "AND d.status IN ('parked', 'held')))"
+    ).format(e=events, t=table(tracking_table(m)), d=table("dead_letters"),
+             prefix=sql.Placeholder(f"prefix{i}"), model=sql.Placeholder(f"model{i}"))
+        for i, m in enumerate(models))
+    params: dict[str, Any] = {}
+    for i, m in enumerate(models):
+        params[f"prefix{i}"], params[f"model{i}"] = topic_prefix(m.stream_type) + "%", m.name
+    return query, params
 
 
 class PgReadStore:
@@ -59,6 +89,15 @@ class PgReadStore:
 
     def save_position(self, name: str, position: int) -> None:
         self.positions.save(name, position)
+
+    def first_unfolded(self, events: sql.Composable, after: int, upto: int) -> int | None:
+        """The position of the oldest event with ``after < position <= upto`` that some read
+        model has not folded (nor holds as a dead letter); None when there is none. One indexed
+        query instead of reading, decoding and folding again what the broker delivered."""
+        query, params = _unfolded_sql(events)
+        row = self.conn.execute(sql.SQL("SELECT min(p) FROM ({}) AS unfolded").format(query),
+                                {**params, "after": after, "upto": upto}).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
 
     def close(self) -> None:
         self.conn.close()
@@ -151,6 +190,17 @@ class Projector(ConsumerLoop):
         delivering is left to it. Returns the events this page applied (0 when nothing was lost)."""
         assert self.log is not None
         start = self.store.position(SWEEP)
+        index = self.store if isinstance(self.store, FoldedIndex) else None
+        events = self.log.events_table if index is not None else None
+        if index is not None and events is not None and self.sweep_bound > start:
+            upto = min(self.sweep_bound, start + SWEEP_SCAN)
+            first = index.first_unfolded(events, start, upto)
+            if first is None:  # everything up to there is folded: nothing to read
+                self.store.save_position(SWEEP, upto)
+                if upto == self.sweep_bound:
+                    self._sweep_done()
+                return 0
+            start = first - 1
         page = self.log.read(start, self.sweep_bound, limit)
         applied = 0
         if page:
@@ -163,9 +213,14 @@ class Projector(ConsumerLoop):
                 log.warning("sweep folded %d event(s) the broker had not delivered within %.0f s "
                             "(positions %d..%d)", applied, self.sweep_every_s, page[0].id, page[-1].id)
         if len(page) < limit:  # caught up with the bound: the next sweep after the interval
-            self.sweep_bound = self.published() if self.published is not None else self.log.head()
-            self._next_sweep = self.clock() + self.sweep_every_s
+            self._sweep_done()
         return applied
+
+    def _sweep_done(self) -> None:
+        """Caught up with the bound: the next sweep after the interval, up to where the relay is now."""
+        assert self.log is not None
+        self.sweep_bound = self.published() if self.published is not None else self.log.head()
+        self._next_sweep = self.clock() + self.sweep_every_s
 
     def _count(self, result: BatchResult) -> None:
         self.totals.applied += result.applied

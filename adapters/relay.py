@@ -209,14 +209,15 @@ class RelayState(PgPositions):
         return {int(p): int(o) for p, o in rows}
 
     def save_acked(self, name: str, position: int, offsets: dict[int, int]) -> None:
-        """Position and acknowledged offsets together (one transaction)."""
-        with self.conn.transaction():
-            self.save(name, position)
-            with self.conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO palette_relay.acked_offsets (name, partition, acked) VALUES (%s, %s, %s) "
-                    "ON CONFLICT (name, partition) DO UPDATE SET acked = EXCLUDED.acked",
-                    [(name, p, o) for p, o in offsets.items()])
+        """Position and acknowledged offsets together: one statement (atomic, one round trip; it
+        runs after every acknowledged batch)."""
+        self.conn.execute(
+            "WITH saved AS (INSERT INTO palette_relay.positions (name, position) VALUES (%(name)s, %(position)s) "
+            "ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, updated_at = now()) "
+            "INSERT INTO palette_relay.acked_offsets (name, partition, acked) "
+            "SELECT %(name)s, p, o FROM unnest(%(partitions)s::int[], %(offsets)s::bigint[]) AS a(p, o) "
+            "ON CONFLICT (name, partition) DO UPDATE SET acked = EXCLUDED.acked",
+            {"name": name, "position": position, "partitions": list(offsets), "offsets": list(offsets.values())})
 
     def lead(self, name: str) -> bool:
         """Try to become the one relay publishing ``name``: a session lock on this connection,
@@ -315,39 +316,48 @@ class Relay:
     def step(self, position: int) -> int:
         """Publish the next batch after ``position`` and return the position published up to.
 
-        Pipelined: the batch just sent is acknowledged while the next one is read and encoded;
-        the saved position only ever covers acknowledged events (``acked``)."""
+        Pipelined: the batch in flight is acknowledged while the next one is read and encoded, and
+        the next one is sent before the acknowledged one's position is saved; the saved position
+        only ever covers acknowledged events (``acked``)."""
         notifications = self.recorder.select_notifications(start=position + 1, limit=self.batch_size)
         if not notifications:
             self.drain()
             return position
-        futures = []
-        for n in notifications:
-            value, trace = notification_message(n, self.transcoder)
-            futures.append(self.producer.send(self.topic, key=str(n.originator_id).encode(), value=value,
-                                              headers=[(tracing.HEADER, trace.encode())] if trace else None))
-        self.drain()  # the previous batch: its acks arrived while this one was read and sent
+        messages = [notification_message(n, self.transcoder) for n in notifications]
+        acked = self._acknowledged()  # the previous batch (sent, or leaving now)
+        if self._lost:
+            return position  # publishing again from what a consumer still needs, not from here
+        futures = [self.producer.send(self.topic, key=str(n.originator_id).encode(), value=value,
+                                      headers=[(tracing.HEADER, trace.encode())] if trace else None)
+                   for n, (value, trace) in zip(notifications, messages, strict=True)]
         self._in_flight = (int(notifications[-1].id), futures, notifications)
+        if acked is not None:
+            self._record(*acked)
         return int(notifications[-1].id)
 
     def drain(self) -> None:
         """Wait for the batch in flight to be acknowledged, then record its position."""
+        acked = self._acknowledged()
+        if acked is not None:
+            self._record(*acked)
+
+    def _acknowledged(self) -> tuple[int, list[Any]] | None:
+        """The batch in flight, sent now and acknowledged (raises when the broker did not, and
+        the position stays put); None when none was in flight or the broker lost messages."""
         if self._in_flight is None:
-            return
+            return None
         last, futures, notifications = self._in_flight
-        self.producer.flush()
-        # raises if the broker did not acknowledge: the position stays put
+        self.producer.flush()  # only this batch: the next one is sent after it
         metas = [f.get(timeout=30) for f in futures]
         self._in_flight = None
-        if self.loss is not None:
-            if self.loss.on_acks([(m.partition, m.offset) for m in metas]):
-                self._lost = True
-                return
-            self.loss.save(last)
-        else:
-            self.positions.save(self.name, last)
-        self.acked = last
-        self.published += len(futures)
+        if self.loss is not None and self.loss.on_acks([(m.partition, m.offset) for m in metas]):
+            self._lost = True
+            return None
+        return last, notifications
+
+    def _record(self, last: int, notifications: list[Any]) -> None:
+        """An acknowledged batch: its log lines and hooks (as of its acknowledgement), then its
+        position (with its offsets)."""
         for n in notifications:  # a suffix test per event; a few decodes per job
             if n.topic.endswith(LOGGED_EVENTS):
                 _log_published(from_notification(n, self.transcoder))
@@ -356,6 +366,12 @@ class Relay:
         if self.observe_ack is not None:  # one decode per batch: its oldest event, the longest wait
             oldest = from_notification(notifications[0], self.transcoder).timestamp
             self.observe_ack((datetime.now(UTC) - oldest).total_seconds())
+        if self.loss is not None:
+            self.loss.save(last)
+        else:
+            self.positions.save(self.name, last)
+        self.acked = last
+        self.published += len(notifications)
 
     def _recover_or_wait(self, stop: threading.Event, position: int) -> int:
         """``_recover``; a broker that does not answer yet is waited for (the loss is still known

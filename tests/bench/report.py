@@ -57,8 +57,8 @@ MEASURES: dict[str, str] = {
     "raw_producer_events_per_s": "a bare kafka-python producer (linger 5 ms) sending the same envelopes, "
                                  "encoded beforehand, to a fresh topic",
     "raw_produce_ack_p50_ms": f"one message sent and its ack awaited (linger 0), p50 of {ACK_SAMPLES}",
-    "relay_p99_ms": f"event time (set when decided, before its commit) -> broker ack, p99, on a second relay "
-                    f"in the bench process; {LAG}",
+    "relay_p99_ms": f"event time (set when decided, before its commit) -> broker ack (taken as the batch's acks "
+                    f"arrive, before its position is saved), p99, on a second relay in the bench process; {LAG}",
     "relay_ack_events_per_s": "the events per second committed while relay_p99_ms was measured",
     "projection_lag_p50_ms": f"create_job returned (committed) -> its jobs_log tracking row seen (polled every "
                              f"10 ms); {LAG}",

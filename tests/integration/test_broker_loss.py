@@ -8,17 +8,12 @@ agree with the aggregates."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
-import pytest
 
-from adapters.bootstrap import event_store_env
 from adapters.settings import Settings
-from adapters.system import RandomIds, SystemClock
-from application.executors import DirectExecutor
-from application.services import PaletteApplication, PaletteService
+from application.services import PaletteService
 from domain.job import JobStatus
 from projections.models import READ_MODELS
 from projections.rebuild import iter_envelopes
@@ -27,13 +22,6 @@ from tests.chaos import read_model_problems
 
 from .test_gpu_worker import photo, queued_job
 from .test_stack import wait_until
-
-
-@pytest.fixture(scope="module")
-def service(settings: Settings) -> Iterator[PaletteService]:
-    app = PaletteApplication(env=event_store_env(settings))
-    yield PaletteService(app, DirectExecutor(app), SystemClock(), RandomIds())
-    app.close()
 
 
 def tail(settings: Settings, name: str, lines: int = 15) -> str:

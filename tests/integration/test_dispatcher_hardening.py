@@ -4,39 +4,21 @@ and leaves tasks that wait in the queue alone; a record it cannot handle lands o
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
-import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from adapters import kafka_io
 from adapters.bootstrap import build_dispatcher, event_store_env
 from adapters.dispatcher import DLQ_TOPIC, Dispatcher, KafkaTaskQueue, tasks_for
-from adapters.settings import Settings
-from adapters.system import RandomIds, SystemClock
-from application.executors import DirectExecutor
 from application.services import PaletteApplication, PaletteService
 from domain.contracts import topics
 
 from .test_stack import wait_until
 
 EDITS = {"floor": {"action": "texture", "value": "wood"}}
-
-
-@pytest.fixture(scope="module")
-def service(settings: Settings) -> Iterator[PaletteService]:
-    app = PaletteApplication(env=event_store_env(settings))
-    yield PaletteService(app, DirectExecutor(app), SystemClock(), RandomIds())
-    app.close()
-
-
-@pytest.fixture
-def conn(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
-    with psycopg.connect(settings.effective_database_url, autocommit=True) as c:
-        yield c
 
 
 class OnePoll:

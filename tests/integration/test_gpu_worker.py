@@ -8,18 +8,15 @@ import io
 import json
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from PIL import Image
 
-from adapters.bootstrap import event_store_env
 from adapters.dispatcher import tasks_for
 from adapters.settings import Settings
-from adapters.system import RandomIds, SystemClock
-from application.executors import DirectExecutor
-from application.services import PaletteApplication, PaletteService
+from adapters.system import SystemClock
+from application.services import PaletteService
 from domain.contracts.keys import input_key
 from domain.job import Job, JobStatus
 from infra.s3 import s3_client
@@ -27,13 +24,6 @@ from infra.s3 import s3_client
 from .test_stack import wait_until
 
 EDITS = {"wall": {"action": "recolor", "value": "#2255cc"}, "floor": {"action": "texture", "value": "wood"}}
-
-
-@pytest.fixture(scope="module")
-def service(settings: Settings) -> Iterator[PaletteService]:
-    app = PaletteApplication(env=event_store_env(settings))
-    yield PaletteService(app, DirectExecutor(app), SystemClock(), RandomIds())
-    app.close()
 
 
 def photo(seed: int, size: tuple[int, int] = (320, 240)) -> bytes:

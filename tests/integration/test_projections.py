@@ -44,12 +44,6 @@ def service(settings: Settings) -> Iterator[PaletteService]:
     app.close()
 
 
-@pytest.fixture
-def conn(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
-    with psycopg.connect(settings.effective_database_url, autocommit=True) as c:
-        yield c
-
-
 def workload(svc: PaletteService, users: int, rng: random.Random) -> None:
     """Users with jobs that finish, fail, get canceled or stay open; rules made and deleted."""
     for _ in range(users):

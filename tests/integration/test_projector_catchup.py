@@ -24,7 +24,7 @@ from projections.models.billing_events import BILLING
 from projections.rebuild import fold_log, iter_envelopes
 from projections.store import BULK_ROWS, BatchResult, dead_letters
 
-from .test_projections import assert_models_equal_fold, conn, drained, service, workload  # noqa: F401 - shared fixtures
+from .test_projections import assert_models_equal_fold, drained, service, workload  # noqa: F401 - shared fixtures
 from .test_stack import wait_until
 
 THRESHOLD = 50  # events behind that make the projector catch up from the log
@@ -138,7 +138,7 @@ class PagedLog:
 
 
 def test_a_poison_event_in_a_bulk_page_is_parked_and_holds_back_only_its_stream(
-        apps: Any, conn: psycopg.Connection[Any]) -> None:  # noqa: F811
+        apps: Any, conn: psycopg.Connection[Any]) -> None:
     base = 10**12 + random.randrange(10**9)
     healthy = [uuid.uuid4() for _ in range(BULK_ROWS + 100)]
     poisoned = uuid.uuid4()

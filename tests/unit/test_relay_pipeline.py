@@ -1,0 +1,141 @@
+"""The relay's pipeline: the next batch is read and sent while the previous one is acknowledged,
+and a saved position never covers an event the broker has not acknowledged."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from adapters.relay import LossWatch, Relay
+from tests.unit.test_broker_loss import FakeBroker, FakeState
+from tests.unit.test_read_side_faults import Stored
+
+
+class Recorder:
+    def __init__(self, count: int) -> None:
+        stream = uuid.uuid4()
+        state = json.dumps({"timestamp": "2026-01-01T00:00:00+00:00"}).encode()
+        self.log = [Stored(i, stream, i, "domain.job:Job.ItemCompleted", state) for i in range(1, count + 1)]
+
+    def select_notifications(self, start: int, limit: int) -> list[Stored]:
+        return [n for n in self.log if n.id >= start][:limit]
+
+
+class App:
+    def __init__(self, count: int) -> None:
+        self.recorder = Recorder(count)
+        self.mapper = self  # the relay asks for app.mapper.transcoder; plain JSON needs none
+        self.transcoder = None
+
+
+@dataclass
+class Meta:
+    partition: int
+    offset: int
+
+
+class Broker:
+    """Acknowledges what was sent once flushed, with growing offsets on one partition (or, once
+    ``restart_after`` records are in, from offset 0 again: a log that restarted); a future asked
+    before that has not been acknowledged, and says so."""
+
+    def __init__(self, restart_after: int | None = None) -> None:
+        self.timeline: list[tuple[str, int]] = []  # ("send", event id) / ("flush", 0) / ("save", position)
+        self.pending: list[Future] = []
+        self.acked: list[int] = []
+        self.restart_after = restart_after
+
+    def send(self, topic: str, key: bytes, value: bytes, headers: Any = None) -> Future:
+        future = Future(self, json.loads(value)["id"])
+        self.timeline.append(("send", future.event))
+        self.pending.append(future)
+        return future
+
+    def flush(self) -> None:
+        self.timeline.append(("flush", 0))
+        for future in self.pending:
+            offset = len(self.acked)
+            if self.restart_after is not None and offset >= self.restart_after:
+                offset -= self.restart_after
+            future.meta = Meta(0, offset)
+            self.acked.append(future.event)
+        self.pending = []
+
+    def close(self) -> None:
+        pass
+
+
+class Future:
+    def __init__(self, broker: Broker, event: int) -> None:
+        self.event = event
+        self.meta: Meta | None = None
+
+    def get(self, timeout: float | None = None) -> Meta:
+        assert self.meta is not None, f"event {self.event} was waited for before it was flushed"
+        return self.meta
+
+
+class Positions:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.saved = 0
+
+    def get(self, name: str) -> int:
+        return self.saved
+
+    def save(self, name: str, position: int) -> None:
+        assert set(range(1, position + 1)) <= set(self.broker.acked), f"position {position} saved before its acks"
+        self.broker.timeline.append(("save", position))
+        self.saved = position
+
+
+def relay(events: int, broker: Broker, batch_size: int = 2) -> tuple[Relay, Positions]:
+    positions = Positions(broker)
+    return Relay(App(events), broker, positions, batch_size=batch_size), positions
+
+
+def test_a_saved_position_only_ever_covers_acknowledged_events() -> None:
+    broker = Broker()
+    r, positions = relay(5, broker)
+    position = 0
+    for _ in range(4):  # three batches, then an empty read that drains the last one
+        position = r.step(position)
+    assert position == 5 and positions.saved == 5 and r.acked == 5 and r.published == 5
+    assert broker.acked == [1, 2, 3, 4, 5]  # in order, each once
+
+
+def test_the_next_batch_is_sent_before_the_previous_ones_position_is_saved() -> None:
+    broker = Broker()
+    r, _ = relay(4, broker)
+    r.step(r.step(0))
+    # batch 1 (events 1, 2) flushed and acknowledged, batch 2 sent, then batch 1's position saved
+    assert broker.timeline == [("send", 1), ("send", 2), ("flush", 0), ("send", 3), ("send", 4), ("save", 2)]
+    r.drain()
+    assert broker.timeline[-2:] == [("flush", 0), ("save", 4)]
+
+
+def test_after_a_lost_acknowledgement_it_sends_nothing_more_and_saves_nothing() -> None:
+    broker = Broker(restart_after=2)  # the third record is acknowledged at offset 0 again
+    positions = Positions(broker)
+    state = FakeState()
+    loss = LossWatch(FakeBroker({}), lambda: 1, state, "relay")  # type: ignore[arg-type]
+    r = Relay(App(6), broker, positions, batch_size=2, loss=loss)
+    position = r.step(r.step(0))  # batch 1 acknowledged (saved with its offsets), batch 2 sent
+    assert state.saved == [(2, {0: 1})]
+    assert r.step(position) == position  # batch 2's acks restart the log: batch 3 is not sent
+    assert r._lost and [e for kind, e in broker.timeline if kind == "send"] == [1, 2, 3, 4]
+    assert state.saved == [(2, {0: 1})]
+
+
+@pytest.mark.parametrize("events", [1, 2, 3, 7])
+def test_every_event_is_published_once_whatever_the_batch_boundaries(events: int) -> None:
+    broker = Broker()
+    r, positions = relay(events, broker, batch_size=3)
+    position = 0
+    while (after := r.step(position)) != position:  # an empty read drains the last batch
+        position = after
+    assert broker.acked == list(range(1, events + 1)) and positions.saved == events
