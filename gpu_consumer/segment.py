@@ -7,7 +7,8 @@
   by position; a sofa (or bed) is a large region standing on the floor in front of the wall; a
   lamp is a compact, solid region that differs from the wall around it, wherever it hangs; a rug
   is flat and lies on the floor. Each mask's edge is then placed pixel by pixel at full size
-  (:func:`snap`). Each found instance has a box, an area and a confidence.
+  (:func:`snap`), and the floor's thin lines that went to the sofa standing on it are handed back
+  to the floor (:func:`floor_lines`). Each found instance has a box, an area and a confidence.
 - :class:`TorchScriptSegmenter`: a semantic segmentation model from a local file the operator
   provides, with a label map (ADE20K's by default); nothing is downloaded.
 - :class:`PriorClusterSegmenter`: colour clusters picked by per-concept position priors; it knows
@@ -170,6 +171,7 @@ REGION_WORK = 160  # region resolution (pixels on the long side)
 LOCAL_DE = 4.0  # neighbours closer than this (CIE76 at the work resolution) are one region
 MERGE_DE = 10.0  # adjacent regions whose mean colours are closer than this merge
 WALLS = ("ceiling", "wall", "floor")
+STANDING = ("sofa", "bed")  # concepts found by the rule of a large region standing on the floor
 
 
 class NothingFits(BadInput):
@@ -528,23 +530,35 @@ def _blocks(work: torch.Tensor, full: int, cells: int) -> tuple[torch.Tensor, to
     return coords, coords < end[:, None]
 
 
-def snap(image: torch.Tensor, lab_small: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+def snap(image: torch.Tensor, lab_small: torch.Tensor, small: torch.Tensor,
+         window: tuple[slice, slice] | None = None) -> torch.Tensor:
     """A work-resolution mask ``[h, w]`` at the image's size ``[1, 1, H, W]``, its edge placed
     pixel by pixel: in the work pixels next to the edge, each image pixel goes (softly) to the
-    side, inside or outside, whose nearby colour it is closer to in Lab."""
+    side, inside or outside, whose nearby colour it is closer to in Lab. With ``window`` (rows and
+    columns of the image) only that part is placed and returned."""
     _, _, h, w = image.shape
+    top, bottom, left, right = (0, h, 0, w) if window is None else (
+        window[0].start, window[0].stop, window[1].start, window[1].stop)
     sh, sw = small.shape
     m = small.float().view(1, 1, sh, sw)
-    soft = F.interpolate(m, size=(h, w), mode="nearest")[0, 0]
+    soft = F.interpolate(m, size=(h, w), mode="nearest")[0, 0, top:bottom, left:right]
     inner = -F.max_pool2d(-m, 3, 1, 1)  # eroded: the edge's mixed pixels belong to neither side
     outer = 1 - F.max_pool2d(m, 3, 1, 1)
-    by, bx = ((inner == 0) & (outer == 0))[0, 0].nonzero(as_tuple=True)
+    edge = ((inner == 0) & (outer == 0))[0, 0]
+    if window is not None:  # the work pixels whose blocks may reach into the window
+        wy, wx = torch.arange(sh, device=m.device), torch.arange(sw, device=m.device)
+        edge &= (((wy + 1) * h > top * sh) & (wy * h < bottom * sh))[:, None]
+        edge &= (((wx + 1) * w > left * sw) & (wx * w < right * sw))[None, :]
+    by, bx = edge.nonzero(as_tuple=True)
     if by.numel() == 0:
-        return soft.view(1, 1, h, w)
+        return soft.reshape(1, 1, *soft.shape)
     rows, row_ok = _blocks(by, h, sh)
     cols, col_ok = _blocks(bx, w, sw)
     ys = rows[:, :, None].expand(-1, -1, cols.shape[1])[(row_ok[:, :, None] & col_ok[:, None, :])]
     xs = cols[:, None, :].expand(-1, rows.shape[1], -1)[(row_ok[:, :, None] & col_ok[:, None, :])]
+    if window is not None:
+        inside = (ys >= top) & (ys < bottom) & (xs >= left) & (xs < right)
+        ys, xs = ys[inside], xs[inside]
     lab = lab_small.unsqueeze(0)
     w_in, w_out = _box(inner), _box(outer)
     colour_in = _box(lab * inner) / w_in.clamp_min(1e-4)
@@ -555,8 +569,65 @@ def snap(image: torch.Tensor, lab_small: torch.Tensor, small: torch.Tensor) -> t
     pixels = kornia.color.rgb_to_lab(image[0, :, ys, xs].view(1, 3, 1, -1))[0, :, 0]
     d_in, d_out = _distance2(pixels, sampled[:3]).sqrt(), _distance2(pixels, sampled[3:6]).sqrt()
     decided = (sampled[6] > 0.02) & (sampled[7] > 0.02)
+    ys, xs = ys - top, xs - left
     soft[ys, xs] = torch.where(decided, torch.sigmoid((d_out - d_in) / 1.5), soft[ys, xs])
-    return soft.view(1, 1, h, w)
+    return soft.reshape(1, 1, *soft.shape)
+
+
+def _dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
+    """A bool mask grown by ``px`` pixels (chessboard distance): shifted copies or-ed together, one
+    axis at a time (on the CPU far cheaper than a max pool)."""
+    for axis in (-2, -1):
+        n = mask.shape[axis]
+        grown = mask.clone()
+        for d in range(1, min(px, n - 1) + 1):
+            grown.narrow(axis, d, n - d).logical_or_(mask.narrow(axis, 0, n - d))
+            grown.narrow(axis, 0, n - d).logical_or_(mask.narrow(axis, d, n - d))
+        mask = grown
+    return mask
+
+
+def thin_parts(mask: torch.Tensor, px: int) -> torch.Tensor:
+    """The pixels of a bool mask that no ``2px+1`` square inside the mask covers: its strips and
+    spurs narrower than that (what a morphological opening takes away; outside the image counts
+    as inside)."""
+    opened = _dilate(~_dilate(~mask, px), px)
+    return mask & ~opened
+
+
+def floor_lines(image: torch.Tensor, regions: Regions, layout: Layout,
+                placed: Mapping[tuple[int, ...], torch.Tensor] | None = None,
+                ) -> tuple[slice, slice, torch.Tensor] | None:
+    """The floor's own lines (plank grooves, grout, a contact shadow) that the colour decision gave
+    to the sofa (or bed) standing on it: rows, columns and the 0/1 lines ``[1, 1, h, w]`` on that
+    window of the image, or None where there is none. ``placed``: snapped masks already made, by
+    their regions (the sofa's, when it was asked for, is not made twice).
+
+    A line narrower than about a work pixel is dissolved into a neighbour by the region step, and
+    at full size a dark groove is often closer in colour to a dark sofa than to the planks; so the
+    sofa's snapped mask is cut to the parts a square of about half a work pixel fits in, and what
+    it loses next to the floor is floor (a groove that runs along the sofa's edge for its whole
+    length is not thin, and stays the sofa's). The sofa's legs, wider than that, stay the sofa's."""
+    floor, sofa = layout.find("floor"), layout.find("sofa")
+    if floor is None or sofa is None or not floor.regions or not sofa.regions:
+        return None
+    _, _, h, w = image.shape
+    standing = torch.isin(regions.labels, torch.tensor(sofa.regions, device=image.device))
+    floor_small = torch.isin(regions.labels, torch.tensor(floor.regions, device=image.device)).to(image.dtype)
+    near = F.max_pool2d(floor_small.view(1, 1, layout.h, layout.w), 3, 1, 1)[0, 0]
+    ys, xs = (standing & (near > 0)).nonzero(as_tuple=True)
+    if ys.numel() == 0:
+        return None
+    # the window: where the sofa meets the floor, with two work pixels around (the snap's and
+    # the square's reach); the rest of the image is not looked at
+    rows = slice(max(0, (int(ys.min()) - 2) * h // layout.h), min(h, -(-(int(ys.max()) + 3) * h // layout.h)))
+    cols = slice(max(0, (int(xs.min()) - 2) * w // layout.w), min(w, -(-(int(xs.max()) + 3) * w // layout.w)))
+    known = (placed or {}).get(tuple(sorted(sofa.regions)))
+    hard = known[0, 0, rows, cols] if known is not None else snap(image, regions.lab, standing, (rows, cols))[0, 0]
+    thin = thin_parts(hard > 0.5, max(2, round(0.4 * max(h, w) / max(layout.h, layout.w))))
+    wy = torch.arange(rows.start, rows.stop, device=image.device) * layout.h // h
+    wx = torch.arange(cols.start, cols.stop, device=image.device) * layout.w // w
+    return rows, cols, (thin & (near[wy][:, wx] > 0)).to(image.dtype)
 
 
 class RegionSegmenter:
@@ -585,6 +656,7 @@ class RegionSegmenter:
         out: dict[str, torch.Tensor] = {}
         instances: list[Instance] = []
         unknown, missing = [], []
+        placed: dict[tuple[int, ...], torch.Tensor] = {}
         for concept in concepts:
             found = layout.find(concept)
             if found is None:
@@ -595,11 +667,19 @@ class RegionSegmenter:
                     missing.append(concept)
                 continue
             small = torch.isin(regions.labels, torch.tensor(found.regions, device=image.device))
-            out[concept] = snap(image, regions.lab, small)
+            out[concept] = placed[tuple(sorted(found.regions))] = snap(image, regions.lab, small)
             for i in found.regions:
                 y0, x0, y1, x1 = regions.box[i].tolist()
                 instances.append(Instance(concept, (int(x0 * sx), int(y0 * sy), int((x1 + 1) * sx), int((y1 + 1) * sy)),
                                           int(float(regions.area[i]) * sx * sy), found.confidence))
+        on_floor = {"floor", *STANDING} & set(out)
+        lines = floor_lines(image, regions, layout, placed) if on_floor else None
+        if lines is not None:
+            rows, cols, line = lines
+            for concept in on_floor:
+                window = out[concept][..., rows, cols]
+                out[concept][..., rows, cols] = (torch.maximum(window, line) if concept == "floor"
+                                                 else window * (1 - line))
         if unknown and self.fallback is not None:
             guessed = self.fallback.masks(image, unknown, optional)
             out.update(guessed)
