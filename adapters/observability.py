@@ -12,6 +12,7 @@ port in prometheus_client's multiprocess mode (:func:`multiprocess_registry`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -242,9 +243,20 @@ class ConsumerLagCollector:
                     family.add_metric([group, topic], behind)
             except Exception as e:  # noqa: BLE001 - a scrape without this family, never a failed scrape
                 log.warning("consumer group lag unavailable: %s: %s", type(e).__name__, e)
-                self._clients = None
+                self._close()
                 return
         yield family
+
+    def _close(self) -> None:
+        clients, self._clients = self._clients, None
+        for client in clients or ():
+            with contextlib.suppress(Exception):  # a broker gone away: the sockets close anyway
+                client.close()
+
+    def close(self) -> None:
+        """Close the admin client and the probe (a later scrape opens them again)."""
+        with self._lock:
+            self._close()
 
 
 class WebhookCollector:

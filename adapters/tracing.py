@@ -52,12 +52,6 @@ def _remote(traceparent: str) -> trace.SpanContext:
                              is_remote=True, trace_flags=trace.TraceFlags(int(traceparent[53:55], 16)))
 
 
-def current() -> str:
-    """The traceparent of the span in progress ("" outside any)."""
-    context = trace.get_current_span().get_span_context()
-    return _traceparent(context) if context.is_valid else ""
-
-
 @contextlib.contextmanager
 def span(name: str, parent: str = "", link: str = "", **attributes: str | int) -> Iterator[str]:
     """A span named ``name`` as a child of the ``parent`` traceparent (a new trace when it is

@@ -92,12 +92,12 @@ def bench_relay(settings: Settings, prof: Profile, results: Results) -> None:
 DRAINED_MESSAGES = 100  # the projector's group is this close to the broker's ends: live traffic from here
 
 
-def _projector_behind(settings: Settings) -> int | None:
-    """Messages of palette.events the projector's group has not committed (None: not known)."""
-    from adapters.observability import ConsumerLagCollector
+def _projector_behind(lag: Any) -> int | None:
+    """Messages of palette.events the projector's group has not committed (None: not known), as
+    ``lag`` (an adapters.observability.ConsumerLagCollector) reads them."""
     from domain.contracts import topics
 
-    for family in ConsumerLagCollector(settings.effective_kafka_bootstrap).collect():
+    for family in lag.collect():
         for sample in family.samples:
             if sample.labels == {"group": topics.PROJECTOR_GROUP, "topic": topics.EVENTS}:
                 return int(sample.value)
@@ -119,11 +119,17 @@ def wait_drained(settings: Settings, timeout_s: float = 300) -> None:
             time.sleep(0.2)
         else:
             raise RuntimeError("the projector did not catch up with the backlog")
-    while time.monotonic() < deadline:
-        behind = _projector_behind(settings)
-        if behind is not None and behind <= DRAINED_MESSAGES:
-            return
-        time.sleep(0.5)
+    from adapters.observability import ConsumerLagCollector
+
+    lag = ConsumerLagCollector(settings.effective_kafka_bootstrap)  # one admin client for the wait
+    try:
+        while time.monotonic() < deadline:
+            behind = _projector_behind(lag)
+            if behind is not None and behind <= DRAINED_MESSAGES:
+                return
+            time.sleep(0.5)
+    finally:
+        lag.close()
     raise RuntimeError("the projector did not read through the broker's backlog")
 
 
