@@ -13,7 +13,7 @@ from psycopg_pool import ConnectionPool
 from adapters.api.consistency import LastWrites
 from adapters.keyring import PgKeyring
 from adapters.keyring import ensure_schema as ensure_keyring_schema
-from adapters.pg_streams import pg_stream_loader
+from adapters.pg_streams import pg_stream_loader, pg_stream_versions
 from adapters.settings import Settings
 from adapters.system import RandomIds, SystemClock
 from application.device_keys import HmacDeviceKeyer
@@ -126,6 +126,7 @@ def build(settings: Settings, *, naive: bool = False, pool_size: int = 8) -> Con
         app, runs, SystemClock(), RandomIds(), store=S3ObjectStore(s3, settings.s3_bucket),
         device_keys=HmacDeviceKeyer(settings.device_key_secret),
         keyring=PgKeyring(read_pool, settings.device_key_secret),
+        versions=None if naive else pg_stream_versions(app, settings.effective_database_url),
     )
     return Container(settings, app, service, committer, s3, read_pool, LastWrites())
 

@@ -31,3 +31,18 @@ class StreamLoader(Protocol):
         """The stored events of each stream in ``versions`` past the version given for it (0: the
         whole stream), each stream's in version order; a stream with none contributes nothing."""
         ...
+
+
+class VersionUnknown(Exception):
+    """The store could not say a stream's version (it is down, or the query failed)."""
+
+
+class StreamVersions(Protocol):
+    async def current(self, aggregate_id: UUID) -> int:
+        """The stream's version in the store as of a moment after the call began (0: no such
+        stream); raises VersionUnknown when it cannot tell."""
+        ...
+
+    async def close(self) -> None:
+        """Release what it holds (a connection), on the loop it was used on."""
+        ...

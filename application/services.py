@@ -18,9 +18,10 @@ from uuid import UUID
 import anyio.to_thread
 from eventsourcing.application import Application
 
+from application.current_views import CurrentViews
 from application.device_keys import DeviceKeyer, HmacDeviceKeyer
 from application.personal import KeyDestroyed, Keyring, MemoryKeyring, Sealer
-from application.ports import Clock, IdGenerator, ObjectStore
+from application.ports import Clock, IdGenerator, ObjectStore, StreamVersions
 from application.unit_of_work import Command, CommandExecutor, Committed, UnitOfWork, touches
 from domain.contracts.keys import input_key
 from domain.errors import InvalidState, NotFound, ValidationFailed
@@ -92,6 +93,7 @@ class PaletteService:
         self, app: Application[UUID], executor: CommandExecutor, clock: Clock, ids: IdGenerator,
         store: ObjectStore | None = None, plans: Mapping[str, Plan] = DEFAULT_PLANS,
         device_keys: DeviceKeyer | None = None, keyring: Keyring | None = None,
+        versions: StreamVersions | None = None,
     ) -> None:
         self.app = app
         # Without a configured keyer (tests, tools), a secret for this service's life: devices
@@ -104,6 +106,9 @@ class PaletteService:
         self.ids = ids
         self.store = store
         self.plans = plans
+        # With the store's stream versions at hand, /me is answered on the event loop while the
+        # user's stream has not changed (application.current_views).
+        self.user_views = CurrentViews(versions, self._read_user_view) if versions is not None else None
 
     async def run(self, command: Command[T]) -> Committed[T]:
         """Run a command built by a ``*_command`` method from an event loop."""
@@ -250,8 +255,18 @@ class PaletteService:
         return self._user_view(self.executor.read(user_id))
 
     async def get_user_async(self, user_id: UUID) -> UserView:
-        """get_user from an event loop: the view is taken on the writer's own object, no copy."""
+        """get_user from an event loop: the view kept from the last read while the user's stream
+        has no event since, else taken on the writer's own object (no copy)."""
+        if self.user_views is not None:
+            return await self.user_views.get(user_id)
         return await self.executor.read_async(user_id, self._user_view)
+
+    async def _read_user_view(self, user_id: UUID) -> tuple[int, UserView]:
+        return await self.executor.read_async(user_id, self._versioned_user_view)
+
+    def _versioned_user_view(self, user: Any) -> tuple[int, UserView]:
+        view = self._user_view(user)
+        return user.version, view
 
     def _user_view(self, user: Any) -> UserView:
         if not isinstance(user, User) or user.erased:

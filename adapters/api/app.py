@@ -82,6 +82,8 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
             yield
         finally:
             watching.cancel()
+            if (views := container.service.user_views) is not None:
+                await views.versions.close()
             if owns_container:
                 container.close()
 

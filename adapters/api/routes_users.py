@@ -28,6 +28,7 @@ from adapters.api.schemas import (
 from adapters.bootstrap import Container
 from adapters.erasure import erase
 from adapters.system import SystemClock
+from application.services import PaletteService
 from domain.contracts.edits import ACTIONS, TEXTURES, TONES
 from domain.errors import NotFound
 from domain.presets import PRESETS
@@ -165,8 +166,11 @@ async def auth_anon(body: AnonCreate, service: ServiceDep, container: ContainerD
 
 
 @router.get("/me", response_model=Envelope[MePublic], tags=["user"], responses={401: ERRORS[401]})
-async def me(user_id: CurrentUser, service: ServiceDep) -> JSONResponse:
+async def me(user_id: CurrentUser, request: Request) -> JSONResponse:
     """The caller's plan, credits, active jobs and rule slots (strongly consistent)."""
+    # The service straight from the app, not as a ServiceDep: FastAPI solves each dependency per
+    # request (an eighth of this route's time), and /me is the read clients poll.
+    service: PaletteService = request.app.state.container.service
     try:
         view = await service.get_user_async(user_id)
     except NotFound:  # erased a moment ago, before this process refused its tokens
