@@ -113,6 +113,11 @@ class PgStreamVersions:
             await cur.execute(self._query, [ids], prepare=True)
             return {i: v or 0 for i, v in await cur.fetchall()}
 
+    @property
+    def backend_pid(self) -> int | None:
+        """The server process of its connection (None: none open)."""
+        return self._conn.info.backend_pid if self._conn is not None and not self._conn.closed else None
+
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.closed:

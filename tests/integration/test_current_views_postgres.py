@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 from uuid import uuid4
 
+import psycopg
 import pytest
 
 from adapters.bootstrap import event_store_env
@@ -84,3 +86,28 @@ def test_a_store_it_cannot_reach_fails_fast_with_version_unknown(grouped: Palett
 
     with pytest.raises(VersionUnknown):
         asyncio.run(ask())
+
+
+def test_a_dropped_versions_connection_costs_one_read_through_then_reconnects(
+        grouped: PaletteService, conn: psycopg.Connection[Any]) -> None:
+    user_id = grouped.register(f"views-drop-{uuid4()}").value[0]
+    views = grouped.user_views
+    assert views is not None and isinstance(views.versions, PgStreamVersions)
+    versions = views.versions
+
+    async def script() -> list[int]:
+        try:
+            credits = [(await grouped.get_user_async(user_id)).credits]
+            credits.append((await grouped.get_user_async(user_id)).credits)  # kept: its connection is open
+            backend = versions.backend_pid
+            assert backend is not None
+            conn.execute("SELECT pg_terminate_backend(%s)", [backend])
+            credits.append((await grouped.get_user_async(user_id)).credits)  # the query fails: read through
+            credits.append((await grouped.get_user_async(user_id)).credits)  # a new connection: kept again
+            assert versions.backend_pid not in (None, backend)
+            return credits
+        finally:
+            await versions.close()
+
+    assert asyncio.run(script()) == [grouped.get_user(user_id).credits] * 4
+    assert (views.hits, views.misses) == (2, 2)
