@@ -4,14 +4,17 @@ view was taken at; anything else reads through (the store's answers and the read
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from application.current_views import CurrentViews
 from application.ports import VersionUnknown
+
+T = TypeVar("T")
 
 
 class Store:
@@ -39,7 +42,7 @@ class Store:
         return None
 
 
-def run(coro):  # type: ignore[no-untyped-def]
+def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
@@ -122,10 +125,9 @@ def test_the_kept_views_are_bounded_least_recently_read_first() -> None:
     assert store.reads == 1
 
 
-@pytest.mark.parametrize("maxsize", [0])
-def test_a_zero_bound_keeps_nothing(maxsize: int) -> None:
+def test_a_zero_bound_keeps_nothing() -> None:
     store = Store()
-    views = CurrentViews(store, store.read, maxsize=maxsize)
+    views = CurrentViews(store, store.read, maxsize=0)
     user = uuid4()
     run(views.get(user))
     run(views.get(user))
