@@ -4,6 +4,8 @@ table."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -46,80 +48,115 @@ class PgStreamLoader:
 
 
 class PgStreamVersions:
-    """Streams' current versions for coroutines of one event loop, on one connection of its own:
+    """Streams' current versions for coroutines, each event loop's on a connection of its own:
     the ids asked for while a query runs go together in the next query, so a round trip serves
-    every read that arrived meanwhile (at most ``max_batch`` ids a query). A query that fails
-    fails its callers with VersionUnknown (they read another way) and the next one reconnects."""
+    every read that arrived meanwhile (at most ``max_batch`` ids a query). When a query fails or
+    takes over ``timeout_s``, every caller waiting gets VersionUnknown (they read another way),
+    and so does every caller for ``pause_s``; the next query reconnects."""
 
     def __init__(self, conninfo: str, recorder: PostgresAggregateRecorder, max_batch: int = 1000,
-                 timeout_s: float = 5.0) -> None:
+                 timeout_s: float = 5.0, pause_s: float = 1.0) -> None:
         self.conninfo = conninfo
         self.max_batch = max_batch
         self.timeout_s = timeout_s
+        self.pause_s = pause_s
         # max() of the primary key (originator_id, originator_version): one index probe per id.
-        self._query = sql.SQL(
+        self.query = sql.SQL(
             "SELECT v.id, (SELECT max(originator_version) FROM {}.{} WHERE originator_id = v.id) "
             "FROM unnest(%b::uuid[]) AS v(id)"
         ).format(sql.Identifier(recorder.datastore.schema), sql.Identifier(recorder.events_table_name))
-        self._asked: dict[UUID, list[asyncio.Future[int]]] = {}
-        self._querying: asyncio.Task[None] | None = None
-        self._conn: psycopg.AsyncConnection[Any] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.queries = 0
+        self._by_loop: dict[asyncio.AbstractEventLoop, _LoopVersions] = {}
+
+    def _here(self) -> _LoopVersions:
+        loop = asyncio.get_running_loop()
+        here = self._by_loop.get(loop)
+        if here is None:
+            for gone in [old for old in self._by_loop if old.is_closed()]:
+                del self._by_loop[gone]
+            here = self._by_loop[loop] = _LoopVersions(self, loop)
+        return here
 
     async def current(self, aggregate_id: UUID) -> int:
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # a new loop (a test client's): nothing of the old one carries over
-            self._loop, self._asked, self._querying, self._conn = loop, {}, None, None
-        future: asyncio.Future[int] = loop.create_future()
-        self._asked.setdefault(aggregate_id, []).append(future)
-        if self._querying is None:
-            self._querying = asyncio.create_task(self._answer())
+        return await self._here().current(aggregate_id)
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The server process of the running loop's connection (None: none open)."""
+        return self._here().backend_pid
+
+    async def close(self) -> None:
+        here = self._by_loop.pop(asyncio.get_running_loop(), None)
+        if here is not None:
+            await here.close()
+
+
+class _LoopVersions:
+    """PgStreamVersions on one event loop: its callers, its query task and its connection."""
+
+    def __init__(self, owner: PgStreamVersions, loop: asyncio.AbstractEventLoop) -> None:
+        self.owner = owner
+        self.loop = loop
+        self.asked: dict[UUID, list[asyncio.Future[int]]] = {}
+        self.querying: asyncio.Task[None] | None = None
+        self.conn: psycopg.AsyncConnection[Any] | None = None
+        self.paused_until = 0.0
+
+    async def current(self, aggregate_id: UUID) -> int:
+        if self.loop.time() < self.paused_until:
+            raise VersionUnknown("stream versions paused after a failure")
+        future: asyncio.Future[int] = self.loop.create_future()
+        self.asked.setdefault(aggregate_id, []).append(future)
+        if self.querying is None:
+            self.querying = self.loop.create_task(self._answer())
         return await future
 
     async def _answer(self) -> None:
+        waiting: dict[UUID, list[asyncio.Future[int]]] = {}
         try:
-            while self._asked:
-                ids = list(self._asked)[:self.max_batch]
-                waiting = {i: self._asked.pop(i) for i in ids}
+            while self.asked:
+                ids = list(itertools.islice(self.asked, self.owner.max_batch))
+                waiting = {i: self.asked.pop(i) for i in ids}
                 try:
-                    versions = await asyncio.wait_for(self._versions(ids), self.timeout_s)
-                    outcome: BaseException | None = None
-                except (psycopg.Error, OSError, TimeoutError) as e:
+                    versions = await asyncio.wait_for(self._versions(ids), self.owner.timeout_s)
+                except Exception as e:  # noqa: BLE001 - whatever it is, the callers read another way
                     log.warning("stream versions unavailable (%s: %s)", type(e).__name__, e)
-                    versions, outcome = {}, VersionUnknown(str(e))
-                    await self.close()
+                    self.paused_until = self.loop.time() + self.owner.pause_s
+                    await self._disconnect()
+                    return  # the finally fails every caller waiting
                 for i, futures in waiting.items():
                     for future in futures:
-                        if future.done():  # its request went away
-                            continue
-                        if outcome is not None:
-                            future.set_exception(outcome)
-                        else:
+                        if not future.done():  # done: its request went away
                             future.set_result(versions.get(i, 0))
+                waiting = {}
         finally:
-            self._querying = None
-            for futures in self._asked.values():  # cancelled (the loop is closing): nobody left hanging
+            self.querying = None
+            for futures in [*waiting.values(), *self.asked.values()]:
                 for future in futures:
                     if not future.done():
-                        future.set_exception(VersionUnknown("stream versions stopped"))
-            self._asked.clear()
+                        future.set_exception(VersionUnknown("stream versions unavailable"))
+            self.asked.clear()
 
     async def _versions(self, ids: list[UUID]) -> dict[UUID, int]:
-        if self._conn is None or self._conn.closed:
-            self._conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
-        self.queries += 1
-        async with self._conn.cursor() as cur:
-            await cur.execute(self._query, [ids], prepare=True)
+        if self.conn is None or self.conn.closed:
+            self.conn = await psycopg.AsyncConnection.connect(self.owner.conninfo, autocommit=True)
+        async with self.conn.cursor() as cur:
+            await cur.execute(self.owner.query, [ids], prepare=True)
             return {i: v or 0 for i, v in await cur.fetchall()}
 
     @property
     def backend_pid(self) -> int | None:
-        """The server process of its connection (None: none open)."""
-        return self._conn.info.backend_pid if self._conn is not None and not self._conn.closed else None
+        return self.conn.info.backend_pid if self.conn is not None and not self.conn.closed else None
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
+        """Stop (the callers waiting get VersionUnknown) and disconnect."""
+        if self.querying is not None:
+            self.querying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.querying
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
+        conn, self.conn = self.conn, None
         if conn is not None and not conn.closed:
             await conn.close()
 

@@ -44,7 +44,7 @@ class CurrentViews(Generic[V]):
                 current = None
             if current == kept[0]:
                 self.hits += 1
-                self._kept.move_to_end(aggregate_id)
+                self._keep(aggregate_id, *kept)  # dropped meanwhile, perhaps, for another's view
                 return kept[1]
         self.misses += 1
         version, view = await self.read(aggregate_id)

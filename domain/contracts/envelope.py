@@ -92,15 +92,16 @@ def _plain_tree(value: Any) -> Any:
     return value
 
 
-def _plain_json(raw: bytes) -> Any:
-    """Stored JSON as plain values. orjson parses a catch-up's worth several times faster than
-    ``json`` with a hook; what it refuses (NaN, lone surrogates) or may read otherwise (a float:
-    orjson reads an integer past 64 bits as one) goes through ``json``, so every input reads as
-    it always did."""
+def _plain_json(raw: bytes) -> tuple[Any, bool]:
+    """Stored JSON as plain values, and whether orjson read them. orjson parses a catch-up's worth
+    several times faster than ``json`` with a hook; what it refuses (NaN, lone surrogates) or may
+    read otherwise (a float: orjson reads an integer past 64 bits as one) goes through ``json``,
+    so every input reads as it always did. What orjson read holds no float, no integer past 64
+    bits and no lone surrogate, so orjson also writes it as ``json`` would (``_message``)."""
     try:
-        return _plain_tree(orjson.loads(raw))
+        return _plain_tree(orjson.loads(raw)), True
     except (orjson.JSONDecodeError, _FloatSeen):
-        return json.loads(raw, object_hook=_plain_hook)
+        return json.loads(raw, object_hook=_plain_hook), False
 
 
 @cache
@@ -126,30 +127,32 @@ def upcast_state(topic: str, state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _state(topic: str, raw: bytes, transcoder: Any) -> dict[str, Any]:
+def _state(topic: str, raw: bytes, transcoder: Any) -> tuple[dict[str, Any], bool]:
+    """The plain state, and whether orjson read it (``_plain_json``)."""
     if raw[:1] == b"{":  # plain JSON: the fast path (no compression, no cipher)
-        plain: dict[str, Any] = _plain_json(raw)
+        plain, by_orjson = _plain_json(raw)
     else:
-        plain = {k: _plain(v) for k, v in transcoder.decode(raw).items()}
-    return upcast_state(topic, plain)
+        plain, by_orjson = {k: _plain(v) for k, v in transcoder.decode(raw).items()}, False
+    return upcast_state(topic, plain), by_orjson
 
 
 UNREADABLE = "_unreadable"  # the data of an envelope whose stored state could not be decoded
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _readable_state(topic: str, raw: bytes, transcoder: Any) -> tuple[dict[str, Any], datetime, str]:
-    """The state, timestamp and trace of a stored event; a state that cannot be decoded (written
-    past the application) becomes ``{UNREADABLE: why}`` at the epoch, which every fold refuses, so
-    the projector parks it rather than the relay or the sweep stopping on it."""
+def _readable_state(topic: str, raw: bytes, transcoder: Any) -> tuple[dict[str, Any], datetime, str, bool]:
+    """The state, timestamp and trace of a stored event, and whether orjson read the state; a
+    state that cannot be decoded (written past the application) becomes ``{UNREADABLE: why}`` at
+    the epoch, which every fold refuses, so the projector parks it rather than the relay or the
+    sweep stopping on it."""
     try:
-        state = _state(topic, raw, transcoder)
+        state, by_orjson = _state(topic, raw, transcoder)
         timestamp = state.pop("timestamp")
         moment = timestamp if isinstance(timestamp, datetime) else datetime.fromisoformat(timestamp)
-        return state, moment, tracing.valid(state.pop(tracing.TRACE_KEY, ""))
+        return state, moment, tracing.valid(state.pop(tracing.TRACE_KEY, "")), by_orjson
     except Exception as exc:  # noqa: BLE001 - any stored bytes at all
         why = f"{type(exc).__name__}: {exc}"[:500].encode("ascii", "backslashreplace").decode()
-        return {UNREADABLE: why}, EPOCH, ""
+        return {UNREADABLE: why}, EPOCH, "", False
 
 
 def from_notification(notification: Any, transcoder: Any) -> EventEnvelope:
@@ -162,7 +165,7 @@ def from_stored(position: int, stream_id: UUID, version: int, topic: str, state:
                 transcoder: Any) -> EventEnvelope:
     """Build the envelope of one stored event from its columns (a page read without a
     ``Notification`` per row)."""
-    data, timestamp, trace = _readable_state(topic, state, transcoder)
+    data, timestamp, trace, _ = _readable_state(topic, state, transcoder)
     stream_type, event_type = split_topic(topic)
     data.pop("originator_topic", None)
     return EventEnvelope(id=position, stream_id=stream_id, stream_type=stream_type, version=version,
@@ -171,7 +174,7 @@ def from_stored(position: int, stream_id: UUID, version: int, topic: str, state:
 
 def notification_message(notification: Any, transcoder: Any) -> tuple[bytes, str]:
     """The envelope's JSON straight from a stored notification, and its trace (the relay's path)."""
-    state, moment, trace = _readable_state(notification.topic, notification.state, transcoder)
+    state, moment, trace, by_orjson = _readable_state(notification.topic, notification.state, transcoder)
     stream_type, event_type = split_topic(notification.topic)
     state.pop("originator_topic", None)
     envelope = {
@@ -180,20 +183,14 @@ def notification_message(notification: Any, transcoder: Any) -> tuple[bytes, str
     }
     if trace:
         envelope["trace"] = trace
-    return _message(envelope, notification.state), trace
+    return _message(envelope, by_orjson), trace
 
 
-def _message(envelope: dict[str, Any], raw: bytes) -> bytes:
-    """The envelope's JSON: orjson (1 µs for a typical envelope, 19 with ``json``) where it
-    writes what ``json`` would, up to spacing and escapes, else ``json``. orjson refuses integers
-    past 64 bits and lone surrogates, and writes NaN and infinities as null: a state that is not
-    plain JSON text (a transcoder's) or that spells them goes through ``json``, as do the refusals."""
-    if raw[:1] == b"{" and b"NaN" not in raw and b"Infinity" not in raw:
-        try:
-            return orjson.dumps(envelope)
-        except orjson.JSONEncodeError:  # a big integer, a lone surrogate
-            pass
-    return json.dumps(envelope, separators=(",", ":")).encode()
+def _message(envelope: dict[str, Any], by_orjson: bool) -> bytes:
+    """The envelope's JSON: orjson's (1 µs for a typical envelope, 19 with ``json``) where orjson
+    read the state, so writes it as ``json`` would up to spacing and escapes; else ``json``'s
+    (orjson writes NaN and infinities as null, and refuses big integers and lone surrogates)."""
+    return orjson.dumps(envelope) if by_orjson else json.dumps(envelope, separators=(",", ":")).encode()
 
 
 def encode_notification(notification: Any, transcoder: Any) -> bytes:

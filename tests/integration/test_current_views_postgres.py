@@ -94,6 +94,7 @@ def test_a_dropped_versions_connection_costs_one_read_through_then_reconnects(
     views = grouped.user_views
     assert views is not None and isinstance(views.versions, PgStreamVersions)
     versions = views.versions
+    versions.pause_s = 0  # no pause after the failure: the next read may ask again at once
 
     async def script() -> list[int]:
         try:

@@ -132,3 +132,61 @@ def test_a_zero_bound_keeps_nothing() -> None:
     run(views.get(user))
     run(views.get(user))
     assert store.reads == 2 and views.kept == 0
+
+
+def test_a_view_dropped_while_its_version_was_asked_is_still_answered() -> None:
+    """maxsize 1: A's version is asked (A kept), B's read comes back meanwhile and drops A."""
+    store = Store()
+    a, b = uuid4(), uuid4()
+    asked = asyncio.Event()
+    release = asyncio.Event()
+
+    class Slow(Store):
+        async def current(self, aggregate_id: UUID) -> int:
+            asked.set()
+            await release.wait()
+            return await super().current(aggregate_id)
+
+    slow = Slow()
+    slow.versions = store.versions
+    views = CurrentViews(slow, store.read, maxsize=1)
+
+    async def script() -> tuple[str, str]:
+        await views.get(a)
+        hit = asyncio.ensure_future(views.get(a))
+        await asked.wait()
+        other = await views.get(b)  # a miss: read, kept, A dropped
+        release.set()
+        return await hit, other
+
+    assert run(script()) == (f"{a}@0", f"{b}@0")
+    assert views.kept == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 2), max_size=6), max_size=8), st.integers(0, 3))
+def test_concurrent_reads_between_writes_answer_the_state_now(rounds: list[list[int]], maxsize: int) -> None:
+    """Reads of a round run together (each store call yields to the others); writes come between
+    rounds: every read answers the version its stream has in that round."""
+    store = Store()
+    ids = [uuid4() for _ in range(3)]
+
+    class Yielding(Store):
+        async def current(self, aggregate_id: UUID) -> int:
+            await asyncio.sleep(0)
+            return await store.current(aggregate_id)
+
+    async def read(aggregate_id: UUID) -> tuple[int, str]:
+        await asyncio.sleep(0)
+        return await store.read(aggregate_id)
+
+    views = CurrentViews(Yielding(), read, maxsize=maxsize)
+
+    async def script() -> None:
+        for n, reads in enumerate(rounds):
+            store.write(ids[n % 3])
+            got = await asyncio.gather(*(views.get(ids[i]) for i in reads))
+            assert got == [f"{ids[i]}@{store.versions.get(ids[i], 0)}" for i in reads]
+            assert views.kept <= maxsize
+
+    run(script())
