@@ -53,3 +53,22 @@ def test_the_envelope_and_the_task_carry_the_trace_and_drop_a_bad_one():
     job = str(uuid.uuid4()).encode()
     assert Task.parse(task % (job, GOOD.encode())).traceparent == GOOD
     assert Task.parse(task % (job, b"<script>")).traceparent == ""
+
+
+@given(st.from_regex(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", fullmatch=True) | st.text(max_size=60))
+def test_a_span_that_goes_nowhere_still_continues_a_valid_parent(parent):
+    """The ids made when no exporter records spans: a valid traceparent always; the parent's
+    trace and flags when the parent is valid, a new sampled trace otherwise; a new span id."""
+    made = tracing.ids_only(parent)
+    assert contract.valid(made) == made
+    if contract.valid(parent):
+        assert made[:36] == parent[:36] and made[53:] == parent[53:] and made != parent
+    else:
+        assert made.endswith("-01")
+
+
+def test_spans_that_go_nowhere_are_unique_and_unsampled_parents_stay_unsampled():
+    made = {tracing.ids_only() for _ in range(1000)}
+    assert len({m[3:35] for m in made}) == 1000 and len({m[36:52] for m in made}) == 1000
+    unsampled = GOOD[:-2] + "00"
+    assert tracing.ids_only(unsampled).endswith("-00")

@@ -8,9 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from adapters import tracing
@@ -26,10 +23,8 @@ LOOPBACK = trusted_networks(DEV_TRACE_TRUSTED_PEERS)
 def spans() -> InMemorySpanExporter:
     """The spans this process makes (the tracer provider is set once per process)."""
     tracing.configure("test", "off")  # ignored when a test before set one: either way an SDK provider
-    provider = trace.get_tracer_provider()
-    assert isinstance(provider, TracerProvider)
     exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.export_to(exporter)
     return exporter
 
 
