@@ -36,6 +36,17 @@ def test_presigned_put_urls_are_the_very_ones_boto3_makes(key: str) -> None:
     assert PutUrls(SimpleNamespace(settings=s), NOW).url(key) == expected  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("key", ["inputs/u/j/0.jpg", "inputs/a b/c~d+e%f/199.jpg"])
+def test_presigned_upload_urls_sign_the_content_type_as_boto3_does(key: str) -> None:
+    """POST /jobs's upload URLs: an upload must send the Content-Type they were made for."""
+    s = settings()
+    with mock.patch.object(botocore.auth, "get_current_datetime", return_value=NOW.replace(tzinfo=None)):
+        expected = s3_client(s).generate_presigned_url(
+            "put_object", Params={"Bucket": "palette-images", "Key": key, "ContentType": "image/jpeg"}, ExpiresIn=900)
+    made = PutUrls(SimpleNamespace(settings=s), NOW, content_type="image/jpeg")  # type: ignore[arg-type]
+    assert made.url(key) == expected and "content-type%3Bhost" in expected
+
+
 def test_a_done_item_links_each_used_mask_and_its_instances_and_no_other_item_does() -> None:
     user_id, job_id = uuid.uuid4(), uuid.uuid4()
     job = Job.create(job_id, user_id, "interior", 3, NOW)
