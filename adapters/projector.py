@@ -7,8 +7,15 @@ later event over a lost one), and a sweep walks the log behind the relay every `
 to fold what never arrived at all (a stream's last event). Both are idle when nothing is lost.
 
 A projector far behind the log (back after downtime) catches up from the event store first
-(``projections.catchup``: large pages, bulk writes) and then goes on with the broker, dropping
-what it delivers up to the position the catch-up reached before the database sees it.
+(``projections.catchup``: large pages, bulk writes) and then goes on with the broker, its partitions
+moved past the offsets the broker acknowledged to the relay up to there, dropping whatever else it
+delivers up to the position the catch-up reached before the database sees it.
+
+A broker that restarted empty has forgotten the consumer group too: joining it again takes the
+embedded broker half a session timeout, during which nothing is delivered. So after a loss the
+projector tails the event log itself, up to what the relay has published, until its consumer has
+partitions again and delivers past it; the broker's copies of what the tail folded are dropped
+likewise.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ SWEEP = "sweep"  # the read store's position row for the sweep
 SWEEP_PAGE = 2000
 SWEEP_SCAN = 10_000  # positions one step of the sweep asks the database about (~0.2 s on the bench machine)
 CATCHUP_CHECK_S = 10.0  # how often a running projector asks whether it fell far behind the log
+TAIL_POLL_MS = 10  # the poll's wait while tailing the log: the tail's pace
 
 
 class ReadStore(Protocol):
@@ -122,6 +130,7 @@ class Projector(ConsumerLoop):
         self.catchup = catchup
         self.caught_up_to = 0  # the catch-up folded every event up to here: the broker's copies are dropped
         self._next_catchup = clock()  # the first step after joining the group looks
+        self.tailing = False  # after a loss, until the broker delivers past it: folding from the log
 
     @property
     def fill(self) -> Fill | None:
@@ -130,7 +139,7 @@ class Projector(ConsumerLoop):
     def step(self, timeout_ms: int = 100) -> int:
         if self.catchup is not None and self.clock() >= self._next_catchup and self.consumer.assignment():
             self.catch_up()
-        polled = self.consumer.poll(timeout_ms=timeout_ms)
+        polled = self.consumer.poll(timeout_ms=TAIL_POLL_MS if self.tailing else timeout_ms)
         envelopes: list[EventEnvelope] = []
         for records in polled.values():
             for record in records:
@@ -140,15 +149,19 @@ class Projector(ConsumerLoop):
                     # Only the relay writes this topic; an undecodable message is a bug, not data.
                     log.error("undecodable message at %s:%s offset %s skipped",
                               record.topic, record.partition, record.offset)
+        fresh = [e for e in envelopes if e.id > self.caught_up_to]
         if polled:
-            fresh = [e for e in envelopes if e.id > self.caught_up_to]
             self.totals.skipped += len(envelopes) - len(fresh)
             self._count(self.store.apply(fresh, self.fill))
             self.consumer.commit()
         if self.losses is not None and self.losses.new_loss():
             self.after_loss(self.losses.republish_from)
             self.losses.handled()
-        if self.log is not None and self.clock() >= self._next_sweep:
+        elif self.tailing and fresh and self.consumer.assignment():
+            self._end_tail()  # in the group again and ahead of the tail: the broker carries on from here
+        if self.tailing:
+            self.tail()
+        elif self.log is not None and self.clock() >= self._next_sweep:
             self.sweep()
         return len(envelopes)
 
@@ -167,21 +180,70 @@ class Projector(ConsumerLoop):
             self.store.save_position(SWEEP, max(self.store.position(SWEEP), position))
         log.info("caught up from the event log to position %d: %d event(s) applied, %d parked",
                  position, result.applied, result.parked)
+        self._skip_folded(position)
         return result.applied
+
+    def _skip_folded(self, folded: int) -> None:
+        """Every event up to ``folded`` is folded: move this consumer's partitions past the
+        messages the broker acknowledged to the relay when its position was at or before it (all
+        of them such events), instead of reading and dropping them; the offsets are committed.
+        A relay further on, or without offsets (a loss forgot them), leaves the partitions as
+        they are. A broker that lost its log meanwhile is no risk: the loss makes the consumer
+        read the new log from its start again (``after_loss``)."""
+        if self.losses is None:
+            return
+        relay_at, acked = self.losses.published_offsets()
+        if relay_at > folded or not acked:
+            return
+        moved = 0
+        for tp in self.consumer.assignment():
+            offset = acked.get(tp.partition)
+            if tp.topic == topics.EVENTS and offset is not None and self.consumer.position(tp) <= offset:
+                self.consumer.seek(tp, offset + 1)
+                moved += 1
+        if moved:
+            self.consumer.commit()
+            log.info("skipped the broker's copies of what the catch-up folded on %d partition(s)", moved)
 
     def after_loss(self, republish_from: int = 0) -> None:
         """The broker lost messages and the relay publishes them again from ``republish_from``
         (everything before it is folded): read the (new) log from its start, whatever offset this
-        consumer held in the old one, and sweep the event log from there to the relay now rather
-        than at the next interval. Duplicates change nothing."""
+        consumer held in the old one, and meanwhile tail the event log from there (``tail``), or
+        without a known start sweep it to the relay now rather than at the next interval.
+        Duplicates change nothing."""
         with contextlib.suppress(Exception):  # no partitions assigned yet: the group starts at the start
             self.consumer.seek_to_beginning()
         if self.log is not None:
             if republish_from > 0:
                 self.store.save_position(SWEEP, max(self.store.position(SWEEP), republish_from - 1))
+                self.caught_up_to = max(self.caught_up_to, republish_from - 1)
+                self.tailing = True
             self.sweep_bound = self.published() if self.published is not None else self.log.head()
             self._next_sweep = self.clock()
-        log.warning("the broker lost messages: reading its log again from the start")
+        log.warning("the broker lost messages: reading its log again from the start%s",
+                    f", tailing the event log from position {self.caught_up_to} meanwhile" if self.tailing else "")
+
+    def tail(self, limit: int = SWEEP_PAGE) -> int:
+        """One page of the event log after ``caught_up_to`` up to what the relay has published,
+        folded: every event up to ``caught_up_to`` is folded before and after (pages in commit
+        order), so the broker's copies of them are dropped. Returns the events applied."""
+        assert self.log is not None
+        upto = self.published() if self.published is not None else self.log.head()
+        page = self.log.read(self.caught_up_to, upto, limit)
+        if not page:
+            return 0
+        result = self.store.apply(page, self.fill)
+        self._count(result)
+        self.caught_up_to = page[-1].id
+        return result.applied
+
+    def _end_tail(self) -> None:
+        """The broker delivers past the tail again: the sweep need not walk what the tail folded."""
+        assert self.log is not None
+        self.tailing = False
+        self.store.save_position(SWEEP, max(self.store.position(SWEEP), self.caught_up_to))
+        self._sweep_done()
+        log.warning("the broker delivers again: tailed the event log up to position %d", self.caught_up_to)
 
     def sweep(self, limit: int = SWEEP_PAGE) -> int:
         """Fold one page of the log behind the relay: what the broker never delivered.

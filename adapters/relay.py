@@ -274,6 +274,17 @@ class LossSignal:
             self._pending, self.republish_from = int(row[0]), int(row[1])
         return bool(self._pending)
 
+    def published_offsets(self) -> tuple[int, dict[int, int]]:
+        """The (live) relay's position and, by partition, the offset of the last of its messages
+        the broker acknowledged up to there (saved in one statement: read here as one snapshot); an
+        empty dict when it has none (a loss forgot them)."""
+        rows = self.conn.execute(
+            "SELECT p.position, a.partition, a.acked FROM palette_relay.positions p LEFT JOIN "
+            "palette_relay.acked_offsets a ON a.name = p.name WHERE p.name = %s", [RELAY_NAME]).fetchall()
+        if not rows:
+            return 0, {}
+        return int(rows[0][0]), {int(partition): int(acked) for _, partition, acked in rows if partition is not None}
+
     def handled(self) -> None:
         """The pending losses are dealt with (recorded, so a restart does not do it again)."""
         if self._pending:

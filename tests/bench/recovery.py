@@ -123,17 +123,18 @@ def bench_catchup(stack: Stack, prof: Profile, results: Results) -> None:
         f"{times['done'] - t0:.1f}s (its start-up, started -> ready: {results['catchup_start_s']}s)")
 
 
-def recovered_after(kill_at: float, timeline: list[tuple[float, float]], until: float) -> float | None:
+def recovered_after(kill_at: float, timeline: list[tuple[float, float]], until: float,
+                    bound_ms: float = RECOVERED_MS) -> float | None:
     """Seconds from ``kill_at`` to the start of the first window (WINDOW_S long, starting every
     WINDOW_STEP_S from the kill, over commit times) holding WINDOW_MIN_JOBS jobs or more whose
-    p99 lag is under RECOVERED_MS; only windows that end by ``until``. ``timeline``: (commit
-    time, lag ms; inf when not seen), in commit order."""
+    p99 lag is under ``bound_ms`` (RECOVERED_MS); only windows that end by ``until``. ``timeline``:
+    (commit time, lag ms; inf when not seen), in commit order."""
     commits = [t for t, _ in timeline]
     step = 0
     while (start := kill_at + step * WINDOW_STEP_S) + WINDOW_S <= until:
         lags = [lag for _, lag in timeline[bisect.bisect_left(commits, start):
                                            bisect.bisect_left(commits, start + WINDOW_S)]]
-        if len(lags) >= WINDOW_MIN_JOBS and percentile(lags, 99) < RECOVERED_MS:
+        if len(lags) >= WINDOW_MIN_JOBS and percentile(lags, 99) < bound_ms:
             return round(start - kill_at, 2)
         step += 1
     return None
@@ -195,3 +196,26 @@ def bench_broker_restart(stack: Stack, results: Results) -> None:
         f"{recovered if recovered is not None else f'more than {RESTART_LIMIT_S:.0f}'}s; worst lag after the kill "
         f"{worst:.0f} ms ({unseen} rows never seen); losses recorded {results['broker_restart_losses']}"
         f"{'; restarted ' + ', '.join(restarted) if restarted else ''}")
+    # Diagnostics: how the lag went back to what it was before the kill (the load's steady p99,
+    # from its start to a second before the kill: the jobs of the last second meet the kill).
+    steady = [lag for t, lag in timeline if kill_at - RESTART_WARM_S <= t < kill_at - 1]
+    if steady:
+        before = percentile(steady, 99)
+        back = recovered_after(kill_at, timeline, time.time(), bound_ms=max(before, RECOVERED_MS) + 1)
+        results["broker_restart_steady_p99_ms"] = round(before, 1)
+        results["broker_restart_back_to_steady_s"] = back
+        say(f"steady p99 before the kill {before:.0f} ms; a 1 s window back at or under it after "
+            f"{back if back is not None else f'more than {RESTART_LIMIT_S:.0f}'}s")
+    say(f"commit -> jobs_log p99 by second of commit from the kill: {_seconds_after(kill_at, timeline)}")
+
+
+def _seconds_after(kill_at: float, timeline: list[tuple[float, float]], seconds: int = 15) -> str:
+    """The p99 lag (ms; "-" when some row was never seen) of the jobs committed in each second
+    around ``kill_at`` (the steady load's before it, then ``seconds`` after): where the recovery
+    spends its time."""
+    cells = []
+    for s in range(-int(RESTART_WARM_S), seconds):
+        lags = [lag for t, lag in timeline if kill_at + s <= t < kill_at + s + 1]
+        p99 = percentile(lags, 99) if lags else None
+        cells.append(f"{s}s:{'-' if p99 is None or p99 == math.inf else round(p99)}")
+    return " ".join(cells)

@@ -96,6 +96,11 @@ MEASURES: dict[str, str] = {
                              "messages)",
     "broker_restart_events_per_s": "the events per second committed from the load's start to its end (1 s after "
                                    "the recovered window was found)",
+    "broker_restart_steady_p99_ms": "commit -> jobs_log p99 of the same load before the kill (its first "
+                                    f"{RESTART_WARM_S - 1:.0f} s)",
+    "broker_restart_back_to_steady_s": "the kill -> the first window (as for broker_restart_recovery_s) whose p99 "
+                                       "is at or under max(broker_restart_steady_p99_ms, "
+                                       f"{RECOVERED_MS:.0f} ms); null when none within {RESTART_LIMIT_S:.0f} s",
     "rebuild_log_events": "events in the log the rebuild and replay figures read",
     "rebuild_events": "events the jobs_log rebuild folds (the job streams' events of the log)",
     "rebuild_events_per_s": "`palette projections rebuild jobs_log`: events folded per second (rebuild_events / "

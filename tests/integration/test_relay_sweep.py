@@ -1,7 +1,8 @@
 """The read side's cheap paths on PostgreSQL: the relay saves its position and acknowledged
 offsets in one statement, and the projector's sweep asks the database where something is not
 folded instead of reading and folding again what the broker delivered; it still folds what the
-broker never delivered, and leaves alone what waits as a dead letter."""
+broker never delivered, and leaves alone what waits as a dead letter; after a catch-up from the log,
+the consumer moves past what the broker holds of it instead of reading it again."""
 
 from __future__ import annotations
 
@@ -12,13 +13,19 @@ from typing import Any
 import psycopg
 import pytest
 
+from adapters import kafka_io
 from adapters.bootstrap import open_event_store
 from adapters.projector import SWEEP, PgReadStore, Projector
-from adapters.relay import RelayState
+from adapters.relay import LossSignal, RelayState
 from adapters.settings import Settings
 from application.services import PaletteService
+from domain.contracts import topics
 from domain.contracts.envelope import from_notification
+from infra.stack import EmbeddedStack
+from projections.catchup import CatchUp
 from projections.log import LogReader
+
+from .test_stack import wait_until
 
 
 @pytest.fixture
@@ -143,3 +150,39 @@ def test_a_page_read_in_one_query_is_what_the_recorder_gives(service: PaletteSer
     assert page == expected and len(page) >= 2  # (a rolled-back commit leaves a gap in the positions)
     assert reader.read(after, head, 7) == expected[:7]
     assert reader.read(head, head, 10) == [] and reader.read(head, head - 5, 10) == []
+
+
+def test_after_catching_up_from_the_log_the_consumer_skips_what_the_relay_had_published_up_to_there(
+        apps: EmbeddedStack, settings: Settings, service: PaletteService, store: PgReadStore,
+        reader: LogReader) -> None:
+    """Not read and dropped one by one: the consumer's partitions move past the offsets the broker
+    acknowledged to the relay up to a position the catch-up folded (and are committed there)."""
+    url = settings.effective_database_url
+    group = f"test-skip-{uuid.uuid4().hex[:8]}"  # a group of its own: it starts at the topic's start
+    apps.stop_app("projector")  # the read models fall behind; the live relay publishes
+    projector = Projector(kafka_io.consumer(settings, group, topics.EVENTS, max_poll_records=10), store, reader,
+                          sweep_every_s=3600.0, losses=LossSignal(url, group), catchup=CatchUp(store.conn, reader, 1))
+    losses = projector.losses
+    assert losses is not None
+    try:
+        for _ in range(10):
+            new_job(service)
+        head = reader.head()
+        wait_until(lambda: losses.published_offsets()[0] >= head, what="the relay to publish the jobs")
+        acked = losses.published_offsets()[1]  # the relay is idle now: these stay
+        assert sum(offset + 1 for offset in acked.values()) > 10  # more than one poll's worth
+
+        def caught_up() -> bool:
+            projector.step()
+            return projector.caught_up_to >= head
+
+        wait_until(caught_up, what="the projector to join and catch up from the log")
+        consumer = projector.consumer
+        partitions = [tp for tp in consumer.assignment() if tp.partition in acked]
+        assert partitions
+        assert all((consumer.committed(tp) or 0) > acked[tp.partition] for tp in partitions)
+    finally:
+        projector.consumer.close()
+        losses.conn.execute("DELETE FROM palette_relay.losses_handled WHERE consumer = %s", [group])
+        losses.close()
+        apps.start_app("projector")
