@@ -1,10 +1,12 @@
 """Catch-up: a projector far behind the event log (back after downtime, or a fresh read side)
 folds straight from the event store, as a rebuild reads it, instead of through the broker.
 
-Pages of ``PAGE`` events in commit order go through the live apply path (``apply_isolating``)
-with bulk writes (COPY): one transaction per page holds the rows, the ledger, the tracking
-versions and the positions, so a crash between pages loses nothing and the page after the
-restart skips what was folded (the tracking versions, as for a redelivery). The live path's
+Pages in commit order (``FIRST_PAGE`` events, then twice as many each time up to ``PAGE``) go
+through the live apply path (``apply_isolating``) with bulk writes (binary COPY, straight into
+the tables for rows and streams the page found absent): one transaction per page holds the
+rows, the ledger, the tracking versions and the positions, so a crash between pages loses
+nothing and the page after the restart skips what was folded (the tracking versions, as for a
+redelivery). The live path's
 rules hold because it is the live path: per stream in version order, never past a missing
 version (``fill`` reads it), a failing event parked and its stream held, a page that fails
 applied again model by model and event by event.
@@ -32,6 +34,7 @@ from projections.store import BatchResult, add_result, apply_isolating, oldest_n
 
 log = logging.getLogger("palette.projections")
 PAGE = 20_000
+FIRST_PAGE = 2500  # nothing folds before the first page is read: it is small, and each next one twice as large
 
 
 @dataclass
@@ -43,6 +46,7 @@ class CatchUp:
     log: LogReader
     threshold: int
     page: int = PAGE
+    first_page: int = FIRST_PAGE
     after_page: Callable[[int], None] | None = None  # called with each committed page's last position
 
     def behind(self, head: int) -> int:
@@ -81,13 +85,16 @@ class CatchUp:
 
     def fold(self, after: int, upto: int, total: BatchResult) -> int:
         """The log's events in ``after < position <= upto``, page by page; returns ``upto``. The
-        next page is read and decoded (a thread) while this one is folded and written."""
+        next page is read and decoded (a thread) while this one is folded and written; pages grow
+        from ``first_page`` to ``page``, as reading one takes about half as long as folding one."""
+        size = min(self.first_page, self.page)
         with ThreadPoolExecutor(1, thread_name_prefix="catchup-read") as reader:
-            ahead = reader.submit(self.log.read, after, upto, self.page)
+            ahead = reader.submit(self.log.read, after, upto, size)
             while envelopes := ahead.result():
                 after = envelopes[-1].id
                 if after < upto:
-                    ahead = reader.submit(self.log.read, after, upto, self.page)
+                    size = min(2 * size, self.page)
+                    ahead = reader.submit(self.log.read, after, upto, size)
                 add_result(total, apply_isolating(self.conn, envelopes, self.log.stream_events, bulk=True))
                 if self.after_page is not None:
                     self.after_page(after)
