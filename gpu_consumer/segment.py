@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_consumer.codec import BadInput
+from gpu_consumer.refine import box_sum
 
 WORK = 64  # clustering resolution (pixels on the long side)
 CLUSTERS = 8
@@ -521,6 +522,25 @@ def _box(x: torch.Tensor, radius: int = 2) -> torch.Tensor:
     return F.avg_pool2d(x, 2 * radius + 1, 1, radius, count_include_pad=False)
 
 
+def _closest(pixels: torch.Tensor, lab: torch.Tensor, side: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor,
+             radius: int = 2) -> torch.Tensor:
+    """For image pixels (Lab ``[3, K]``, in work pixels ``wy, wx``), the CIE76 distance to the
+    closest colour among the work pixels of ``side`` (``[h, w]`` bool) within ``radius`` of theirs
+    (inf where there is none). The closest, not the mean: a side made of two surfaces (the wall
+    between a lamp and a sofa is outside both) has no mean colour a pixel of either looks like."""
+    sh, sw = side.shape
+    blocks, which = torch.unique(wy * sw + wx, return_inverse=True)  # the neighbours, once per work pixel
+    offsets = torch.arange(-radius, radius + 1, device=side.device)
+    span = len(offsets)
+    ny = ((blocks // sw)[:, None, None] + offsets[None, :, None]).expand(-1, span, span)
+    nx = ((blocks % sw)[:, None, None] + offsets[None, None, :]).expand(-1, span, span)
+    valid = ((ny >= 0) & (ny < sh) & (nx >= 0) & (nx < sw)).reshape(len(blocks), -1)
+    ny, nx = ny.clamp(0, sh - 1).reshape(len(blocks), -1), nx.clamp(0, sw - 1).reshape(len(blocks), -1)
+    valid &= side[ny, nx]
+    d = (pixels.T[:, None, :] - lab[:, ny, nx].permute(1, 2, 0)[which]).square().sum(-1)  # [K, neighbours]
+    return d.masked_fill(~valid[which], float("inf")).amin(dim=1).sqrt()
+
+
 def _blocks(work: torch.Tensor, full: int, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For work-resolution coordinates, the full-resolution coordinates nearest upsampling maps
     onto each (``[n, k]``) and which of them exist (blocks differ in size by one)."""
@@ -534,8 +554,10 @@ def snap(image: torch.Tensor, lab_small: torch.Tensor, small: torch.Tensor,
          window: tuple[slice, slice] | None = None) -> torch.Tensor:
     """A work-resolution mask ``[h, w]`` at the image's size ``[1, 1, H, W]``, its edge placed
     pixel by pixel: in the work pixels next to the edge, each image pixel goes (softly) to the
-    side, inside or outside, whose nearby colour it is closer to in Lab. With ``window`` (rows and
-    columns of the image) only that part is placed and returned."""
+    side, inside or outside, whose nearby colour it is closer to in Lab: the side's mean colour,
+    or where a side nearby is two surfaces or thinner than a work pixel, the closest colour among
+    its work pixels. With ``window`` (rows and columns of the image) only that part is placed and
+    returned."""
     _, _, h, w = image.shape
     top, bottom, left, right = (0, h, 0, w) if window is None else (
         window[0].start, window[0].stop, window[1].start, window[1].stop)
@@ -559,16 +581,33 @@ def snap(image: torch.Tensor, lab_small: torch.Tensor, small: torch.Tensor,
     if window is not None:
         inside = (ys >= top) & (ys < bottom) & (xs >= left) & (xs < right)
         ys, xs = ys[inside], xs[inside]
-    lab = lab_small.unsqueeze(0)
-    w_in, w_out = _box(inner), _box(outer)
-    colour_in = _box(lab * inner) / w_in.clamp_min(1e-4)
-    colour_out = _box(lab * outer) / w_out.clamp_min(1e-4)
-    grid = torch.stack([(xs.float() + 0.5) / w * 2 - 1, (ys.float() + 0.5) / h * 2 - 1], -1).view(1, 1, -1, 2)
-    fields = torch.cat([colour_in, colour_out, w_in, w_out], 1)
-    sampled = F.grid_sample(fields, grid, mode="bilinear", align_corners=False)[0, :, 0]  # [8, K]
     pixels = kornia.color.rgb_to_lab(image[0, :, ys, xs].view(1, 3, 1, -1))[0, :, 0]
-    d_in, d_out = _distance2(pixels, sampled[:3]).sqrt(), _distance2(pixels, sampled[3:6]).sqrt()
-    decided = (sampled[6] > 0.02) & (sampled[7] > 0.02)
+    lab = lab_small.unsqueeze(0)
+    sums = _box(torch.cat([torch.cat([lab * side, lab.square() * side, side], 1) for side in (inner, outer)], 1))
+    fields = []
+    for part in (sums[:, :7], sums[:, 7:]):  # each side's nearby mean colour, its spread, how much was seen
+        mean = part[:, :3] / part[:, 6:].clamp_min(1e-4)
+        spread = (part[:, 3:6] / part[:, 6:].clamp_min(1e-4) - mean.square()).sum(1, keepdim=True)
+        fields += [mean, spread, part[:, 6:]]
+    grid = torch.stack([(xs.float() + 0.5) / w * 2 - 1, (ys.float() + 0.5) / h * 2 - 1], -1).view(1, 1, -1, 2)
+    sampled = F.grid_sample(torch.cat(fields, 1), grid, mode="bilinear", align_corners=False)[0, :, 0]  # [10, K]
+    d_in, d_out = _distance2(pixels, sampled[:3]).sqrt(), _distance2(pixels, sampled[5:8]).sqrt()
+    # where a side nearby is two surfaces (colours spread wider than a region merge: the wall between
+    # a lamp and a sofa is outside both) or none is seen (a gap a work pixel wide), its mean is no
+    # surface's colour: each pixel there is judged by the closest colour of each side instead
+    mixed = ((sampled[3] > MERGE_DE**2) | (sampled[8] > MERGE_DE**2) | (sampled[4] <= 0.02) | (sampled[9] <= 0.02))
+    if bool(mixed.any()):
+        at_y, at_x = ys[mixed] * sh // h, xs[mixed] * sw // w  # the work pixels nearest upsampling took
+        near_in = _closest(pixels[:, mixed], lab_small, inner[0, 0] > 0, at_y, at_x)
+        near_out = _closest(pixels[:, mixed], lab_small, outer[0, 0] > 0, at_y, at_x)
+        # a pixel like neither side's interior (a line a work pixel wide, a gap between two objects)
+        # is judged by every work pixel of each side, the edge's own included
+        odd = torch.minimum(near_in, near_out) > MERGE_DE
+        if bool(odd.any()):
+            near_in[odd] = _closest(pixels[:, mixed][:, odd], lab_small, m[0, 0] > 0, at_y[odd], at_x[odd])
+            near_out[odd] = _closest(pixels[:, mixed][:, odd], lab_small, m[0, 0] == 0, at_y[odd], at_x[odd])
+        d_in[mixed], d_out[mixed] = near_in, near_out
+    decided = torch.isfinite(d_in) & torch.isfinite(d_out)
     ys, xs = ys - top, xs - left
     soft[ys, xs] = torch.where(decided, torch.sigmoid((d_out - d_in) / 1.5), soft[ys, xs])
     return soft.reshape(1, 1, *soft.shape)
@@ -607,7 +646,10 @@ def floor_lines(image: torch.Tensor, regions: Regions, layout: Layout,
     at full size a dark groove is often closer in colour to a dark sofa than to the planks; so the
     sofa's snapped mask is cut to the parts a square of about half a work pixel fits in, and what
     it loses next to the floor is floor (a groove that runs along the sofa's edge for its whole
-    length is not thin, and stays the sofa's). The sofa's legs, wider than that, stay the sofa's."""
+    length is not thin: its row along the sofa's bottom edge is handed back when it is not a mix of
+    sofa and floor, :func:`contact`). The sofa's legs, wider than that, stay the sofa's; what of
+    the sofa's region next to the floor its own edge placement let go is floor too (a line of
+    grout the region step joined to the sofa)."""
     floor, sofa = layout.find("floor"), layout.find("sofa")
     if floor is None or sofa is None or not floor.regions or not sofa.regions:
         return None
@@ -623,11 +665,41 @@ def floor_lines(image: torch.Tensor, regions: Regions, layout: Layout,
     rows = slice(max(0, (int(ys.min()) - 2) * h // layout.h), min(h, -(-(int(ys.max()) + 3) * h // layout.h)))
     cols = slice(max(0, (int(xs.min()) - 2) * w // layout.w), min(w, -(-(int(xs.max()) + 3) * w // layout.w)))
     known = (placed or {}).get(tuple(sorted(sofa.regions)))
-    hard = known[0, 0, rows, cols] if known is not None else snap(image, regions.lab, standing, (rows, cols))[0, 0]
-    thin = thin_parts(hard > 0.5, max(2, round(0.4 * max(h, w) / max(layout.h, layout.w))))
+    soft = known[0, 0, rows, cols] if known is not None else snap(image, regions.lab, standing, (rows, cols))[0, 0]
+    hard = soft > 0.5
+    px = max(2, round(0.4 * max(h, w) / max(layout.h, layout.w)))
     wy = torch.arange(rows.start, rows.stop, device=image.device) * layout.h // h
     wx = torch.arange(cols.start, cols.stop, device=image.device) * layout.w // w
-    return rows, cols, (thin & (near[wy][:, wx] > 0)).to(image.dtype)
+    by_floor = near[wy][:, wx] > 0
+    given_up = standing[wy][:, wx] & ~hard  # the sofa's region where its edge placement let go
+    lines = thin_parts(hard, px) | contact(image[..., rows, cols], hard, by_floor, px) | given_up
+    return rows, cols, (lines & by_floor).to(image.dtype)
+
+
+def contact(image: torch.Tensor, hard: torch.Tensor, by_floor: torch.Tensor, px: int) -> torch.Tensor:
+    """The bottom row of an object's mask ``hard`` (``[h, w]`` bool on ``image`` ``[1, 3, h, w]``):
+    its pixels with floor right below (``by_floor``: where floor may be) whose colour is more than
+    a region step (LOCAL_DE) from every mix of the object's own colour and the floor's nearby (the
+    means over their pixels at least ``px`` from the edge): a groove, grout or a contact shadow
+    along the edge it stands on, which the colour decision gave to the object because it is as
+    dark as the object, not like it. A blurred edge is such a mix and stays; one pixel at most, so
+    an object shaded at its bottom loses no more than a row."""
+    core = hard & ~_dilate(~hard, px)
+    bottom = torch.zeros_like(hard)
+    bottom[:-1] = hard[:-1] & ~hard[1:] & by_floor[1:]  # the edge it stands on, not its sides
+    if not bool(bottom.any()) or not bool(core.any()):
+        return torch.zeros_like(hard)
+    lab = kornia.color.rgb_to_lab(image)
+    floor_core = ~hard & by_floor & ~_dilate(hard | ~by_floor, px)
+    sides = [w.to(lab.dtype).view(1, 1, *w.shape) for w in (core, floor_core)]
+    sums = box_sum(torch.cat([lab * sides[0], sides[0], lab * sides[1], sides[1]], 1), 2 * px + 1)
+    own, below = sums[:, :3] / sums[:, 3:4].clamp_min(1e-6), sums[:, 4:7] / sums[:, 7:].clamp_min(1e-6)
+    # a mix of the object and the floor (its blurred edge) lies between their colours; a line does not
+    span = below - own
+    t = ((lab - own) * span).sum(1, keepdim=True) / span.square().sum(1, keepdim=True).clamp_min(1e-6)
+    off_mix = _distance2(lab[0], (own + t.clamp(0, 1) * span)[0]) > LOCAL_DE**2
+    seen = (sums[0, 3] > 0.5) & (sums[0, 7] > 0.5)
+    return bottom & off_mix & seen
 
 
 class RegionSegmenter:
