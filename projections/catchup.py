@@ -2,8 +2,8 @@
 folds straight from the event store, as a rebuild reads it, instead of through the broker.
 
 Pages in commit order (``FIRST_PAGE`` events, then twice as many each time up to ``PAGE``) go
-through the live apply path (``apply_isolating``) with bulk writes (binary COPY, straight into
-the tables for rows and streams the page found absent): one transaction per page holds the
+through the live apply path (``apply_isolating``) with bulk writes (COPY, straight into the
+tables for rows and streams the page found absent): one transaction per page holds the
 rows, the ledger, the tracking versions and the positions, so a crash between pages loses
 nothing and the page after the restart skips what was folded (the tracking versions, as for a
 redelivery). The live path's

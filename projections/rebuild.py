@@ -19,7 +19,7 @@ from projections.batch import relevant
 from projections.models import READ_MODELS
 from projections.models.base import ReadModel, Row, Rows
 from projections.schema import create_model_tables, ensure_schema, lock_id, table, tracking_table
-from projections.store import apply_batch, column_types, copy_rows
+from projections.store import apply_batch, copy_rows
 
 SHADOW = "__shadow"
 REBUILD_LOCK = zlib.crc32(b"palette-read:rebuild")
@@ -116,16 +116,12 @@ def rebuild(database_url: str, recorder: Any, transcoder: Any, name: str,
 
             rows, appended, tracking, events, failed = fold_log(model, counted())
             names = model.column_names
-            keyed = model.keyed_table + SHADOW  # binary COPY (column_types): a tenth of the text form's cost
-            copy_rows(conn, table(keyed), names, ([r[c] for c in names] for r in rows.values() if r is not None),
-                      column_types(conn, keyed, names))
+            copy_rows(conn, table(model.keyed_table + SHADOW), names,
+                      ([r[c] for c in names] for r in rows.values() if r is not None))
             if model.append:
-                columns, ledger = model.append.columns, model.append.name + SHADOW
-                copy_rows(conn, table(ledger), columns, ([r[c] for c in columns] for r in appended),
-                          column_types(conn, ledger, columns))
-            tracked = tracking_table(model, SHADOW)
-            copy_rows(conn, table(tracked), ("stream_id", "version"), tracking.items(),
-                      column_types(conn, tracked, ("stream_id", "version")))
+                columns = model.append.columns
+                copy_rows(conn, table(model.append.name + SHADOW), columns, ([r[c] for c in columns] for r in appended))
+            copy_rows(conn, table(tracking_table(model, SHADOW)), ("stream_id", "version"), tracking.items())
             with conn.transaction():
                 # Exclusive: the live projector's batches (shared holders) pause for the swap.
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", [lock_id(model)])

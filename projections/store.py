@@ -21,7 +21,7 @@ from domain.text import escaped
 from projections import batch
 from projections.models import READ_MODELS
 from projections.models.base import Key, ReadModel, Row, Rows
-from projections.schema import SCHEMA, ident, lock_id, table, tracking_table
+from projections.schema import ident, lock_id, table, tracking_table
 
 log = logging.getLogger("palette.projections")
 # SQLSTATE classes where the database, not the event, failed: connection (08), transaction
@@ -96,43 +96,14 @@ def _column(sql_type: str, values: list[Any]) -> list[Any]:
 
 
 def copy_rows(conn: psycopg.Connection[Any], target: sql.Composable, columns: Sequence[str],
-              records: Iterable[Sequence[Any]], types: Sequence[int] | None = None) -> None:
-    """``records`` into ``target`` by COPY: no per-row parameters, no planning. Binary when the
-    columns' type oids are given (``column_types``): formatting UUIDs and timestamps as text
-    costs about ten times as much as the rows' binary form."""
-    names = sql.SQL(", ").join(ident(c) for c in columns)
-    if types is None:
-        stmt = sql.SQL("COPY {} ({}) FROM STDIN").format(target, names)
-    else:
-        stmt = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, names)
-        records = _uuids(records, [n for n, oid in enumerate(types) if oid == UUID_OID])
+              records: Iterable[Sequence[Any]]) -> None:
+    """``records`` into ``target`` by COPY: no per-row parameters, no planning. In text form, so
+    the server checks every value as an INSERT would (a binary COPY would take an integer past an
+    ``integer`` column's range silently, and refuse what the live path's casts accept)."""
+    stmt = sql.SQL("COPY {} ({}) FROM STDIN").format(target, sql.SQL(", ").join(ident(c) for c in columns))
     with conn.cursor() as cur, cur.copy(stmt) as copy:
-        if types is not None:
-            copy.set_types(list(types))
         for record in records:
             copy.write_row(record)
-
-
-UUID_OID = 2950
-
-
-def column_types(conn: psycopg.Connection[Any], tbl: str, columns: Sequence[str]) -> list[int]:
-    """The type oids of ``columns`` of the read-model table ``tbl``, for a binary ``copy_rows``."""
-    oids = dict(conn.execute("SELECT attname, atttypid::int FROM pg_attribute WHERE attrelid = %s::regclass "
-                             "AND attnum > 0 AND NOT attisdropped", [f"{SCHEMA}.{tbl}"]).fetchall())
-    return [oids[c] for c in columns]
-
-
-def _uuids(records: Iterable[Sequence[Any]], at: Sequence[int]) -> list[Sequence[Any]]:
-    """``records`` with a UUID wherever a column ``at`` holds an id as text (a fold may keep one
-    from an event's data): a binary COPY takes UUID objects only, as ``_column`` says. A column
-    of UUIDs alone is checked in C and left as it is."""
-    rows = records if isinstance(records, list) else list(records)
-    for n in at:
-        if set(map(type, map(itemgetter(n), rows))) <= {UUID, type(None)}:
-            continue
-        rows = [r if r[n] is None or type(r[n]) is UUID else (*r[:n], UUID(str(r[n])), *r[n + 1:]) for r in rows]
-    return rows
 
 
 def _values(columns: Sequence[str]) -> Callable[[Any], tuple[Any, ...]]:
@@ -149,7 +120,7 @@ def _bulk_upsert(conn: psycopg.Connection[Any], tbl: str, columns: Sequence[str]
     stage = sql.Identifier(f"stage_{tbl}")
     conn.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS").format(
         stage, table(tbl)))
-    copy_rows(conn, stage, columns, records, column_types(conn, tbl, columns))
+    copy_rows(conn, stage, columns, records)
     names = sql.SQL(", ").join(ident(c) for c in columns)
     non_key = [c for c in columns if c not in key]
     conn.execute(sql.SQL(
@@ -195,12 +166,15 @@ def _copy_fresh(conn: psycopg.Connection[Any], tbl: str, columns: Sequence[str],
     such row, by ``_bulk_upsert`` otherwise (all of them when ``found`` is None). A row that some
     other writer (a second projector catching up) added since fails the batch with a unique
     violation rather than being doubled, and ``apply_isolating`` applies it again, reading afresh."""
+    if found is None:
+        _bulk_upsert(conn, tbl, columns, key, records)
+        return
     fresh: list[Sequence[Any]] = []
     known: list[Sequence[Any]] = []
-    for record, seen in zip(records, found if found is not None else [True] * len(records), strict=True):
+    for record, seen in zip(records, found, strict=True):
         (known if seen else fresh).append(record)
     if fresh:
-        copy_rows(conn, table(tbl), columns, fresh, column_types(conn, tbl, columns))
+        copy_rows(conn, table(tbl), columns, fresh)
     if known:
         _bulk_upsert(conn, tbl, columns, key, known)
 
@@ -212,7 +186,7 @@ def insert_appended(conn: psycopg.Connection[Any], model: ReadModel, suffix: str
     records = list(map(_values(columns), rows))
     if len(records) >= BULK_ROWS and not conn.pgconn.pipeline_status:
         tbl = model.append.name + suffix
-        copy_rows(conn, table(tbl), columns, records, column_types(conn, tbl, columns))
+        copy_rows(conn, table(tbl), columns, records)
         return
     stmt = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
         table(model.append.name + suffix), sql.SQL(", ").join(ident(c) for c in columns),
