@@ -229,8 +229,6 @@ class Projector(ConsumerLoop):
         order), so the broker's copies of them are dropped. Returns the events applied."""
         assert self.log is not None
         upto = self.published() if self.published is not None else self.log.head()
-        if upto <= self.caught_up_to:  # at the relay already: no page to ask for
-            return 0
         page = self.log.read(self.caught_up_to, upto, limit)
         if not page:
             return 0
