@@ -8,6 +8,7 @@ from typing import Any
 from adapters.settings import Settings
 
 logging.getLogger("kafka").setLevel(logging.WARNING)
+log = logging.getLogger("palette.kafka")
 # A group member's session. The embedded broker holds a JoinGroup for about half of it (measured
 # on Tansu 0.6: 10 s -> 5.1 s, 6 s -> 3.0 s, 3 s -> 2.0 s), at every start and after it restarts
 # (it forgot the group). Kept long all the same: a process on a loaded machine that misses its
@@ -66,17 +67,62 @@ def consumer(settings: Settings, group_id: str, *topics: str, max_poll_records: 
     """Manual offset commits (after the database commit). The fetch wait bounds latency: new data
     does not wake a waiting fetch on the embedded broker, so latency-bound consumers keep it short."""
     from kafka import KafkaConsumer
-    from kafka.errors import CommitFailedError
+    from kafka.errors import KafkaError
 
     class GroupConsumer(KafkaConsumer):  # type: ignore[misc]
+        """A member of ``group_id`` that reads a topic the broker recreated from its start.
+
+        A broker that restarted empty (memory storage) recreates its topics under new ids, but a
+        member that lives through the restart keeps its offsets in the old log: kafka-python keeps
+        a partition's position across a rebalance, and the embedded broker answers a fetch past
+        the end of a log with nothing rather than OFFSET_OUT_OF_RANGE. So the member would wait,
+        silently, until the new log grows past where it was, and skip everything before. Each
+        poll and commit compares the topic ids in the client's metadata with those last seen."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._topic_ids: dict[str, Any] = {}
+
+        def poll(self, *args: Any, **kwargs: Any) -> Any:
+            records = super().poll(*args, **kwargs)
+            self.rewind_recreated()
+            return records
+
+        def rewind_recreated(self) -> bool:
+            """Move to the start of each assigned partition of a topic whose id changed since it
+            was last seen; returns whether it moved any. What this member held came from the old
+            log, so nothing is lost, and every consumer here takes what comes again as
+            duplicates. (A partition not assigned now has no position to keep: when assigned, it
+            starts from the group's offset in the new broker, or from the start.)"""
+            cluster = self._client.cluster
+            recreated: set[str] = set()
+            for topic in self.subscription() or ():
+                now = cluster.topic_id(topic)
+                if now is not None and self._topic_ids.setdefault(topic, now) != now:
+                    self._topic_ids[topic] = now
+                    recreated.add(topic)
+            if not recreated:
+                return False
+            moved = [tp for tp in self.assignment() if tp.topic in recreated]
+            if moved:
+                self.seek_to_beginning(*moved)
+            for topic in recreated:
+                log.warning("the broker recreated %s: reading %d partition(s) of it again from the start",
+                            topic, sum(tp.topic == topic for tp in moved))
+            return bool(moved)
+
         def commit(self, *args: Any, **kwargs: Any) -> None:
             """A group that no longer knows this member (a broker that restarted, a rebalance)
-            refuses the commit: the records come again and every consumer here takes them as
-            duplicates, so the process goes on and rejoins on its next poll instead of exiting."""
+            or a broker not back yet refuses the commit: the records come again and every consumer here takes them as
+            duplicates, so the process goes on and rejoins on its next poll instead of exiting.
+            Nothing is committed when the topic was just found recreated: the offsets at hand
+            point into the old log."""
+            if self.rewind_recreated():
+                return
             try:
                 super().commit(*args, **kwargs)
-            except CommitFailedError as e:
-                logging.getLogger("palette.kafka").warning("offsets not committed (%s); they come again", e)
+            except KafkaError as e:  # also a rebalance under way, or no coordinator yet
+                log.warning("offsets not committed (%s); they come again", e)
 
     return GroupConsumer(
         *topics, bootstrap_servers=settings.effective_kafka_bootstrap, group_id=group_id,

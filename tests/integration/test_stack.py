@@ -57,6 +57,51 @@ def test_a_broker_on_memory_storage_restarts_with_an_empty_log(stack):
     after.close()
 
 
+def test_a_consumer_living_through_a_broker_restart_reads_the_new_log_from_its_start(stack):
+    """A member keeps its position across the restart (kafka-python keeps it over a rebalance)
+    and the memory broker answers a fetch past its new, shorter log with nothing: without reading
+    the recreated topic from its start, this consumer would skip the messages sent after the
+    restart until the new log grew past where it was (the GPU worker's silence in a chaos run)."""
+    from kafka import KafkaProducer
+
+    from adapters import kafka_io
+    from infra.kafka_admin import ensure_topics
+
+    bootstrap = stack.settings.effective_kafka_bootstrap
+    topic = f"recreated-{uuid.uuid4().hex[:8]}"
+    ensure_topics(bootstrap, [topic], 2)
+
+    def send(prefix: str, per_partition: int) -> None:
+        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False)
+        for p in range(2):
+            for i in range(per_partition):
+                producer.send(topic, value=f"{prefix}{p}-{i}".encode(), partition=p)
+        producer.flush()
+        producer.close()
+
+    consumer = kafka_io.consumer(stack.settings, f"g-{topic}", topic)
+    received: list[bytes] = []
+
+    def drain(expected: set[bytes]) -> bool:
+        for batch in consumer.poll(200).values():
+            received.extend(r.value for r in batch)
+        consumer.commit()
+        return expected <= set(received)
+
+    try:
+        send("old", 20)
+        wait_until(lambda: drain({f"old{p}-{i}".encode() for p in range(2) for i in range(20)}),
+                   what="the first messages")
+        stack.kill("broker")
+        stack.supervisor.restart("broker")
+        ensure_topics(bootstrap, [topic], 2)
+        send("new", 3)  # fewer than the consumer had read from each partition
+        wait_until(lambda: drain({f"new{p}-{i}".encode() for p in range(2) for i in range(3)}),
+                   timeout_s=60, what="the messages sent after the restart")
+    finally:
+        consumer.close()
+
+
 def test_a_killed_application_process_is_restarted(apps):
     stack = apps
     before = stack.supervisor.pid("api")
