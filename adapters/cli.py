@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import time
@@ -85,7 +86,10 @@ def _serve_loop(worker: object, ready_file: str | None, observed: tuple[str, Set
 
         observability.start(observed[0], worker, observed[1])
     try:
+        started = time.monotonic()
         worker.warm_up(stop)  # type: ignore[attr-defined]
+        if not stop.is_set():  # one line per start: how long joining took (a group's rebalance)
+            logging.getLogger("palette.serve").info("ready after %.1f s", time.monotonic() - started)
         if ready_file:
             Path(ready_file).touch()
         worker.run(stop)  # type: ignore[attr-defined]

@@ -18,8 +18,10 @@ What fails, and how: a task that cannot be parsed, or whose edits the ops refuse
 ``palette.gpu-jobs.dlq`` at once and its item (when the task names a job and an index) reported
 ``failed`` with the reason. An unreadable upload (``BadInput``) fails its item. Anything else (an
 S3 hiccup) is retried with backoff up to 3 attempts, then parked and reported ``failed``, so the
-job still terminates and refunds. Nothing a task holds stops the loop; only an unacknowledged
-callback (``CallbackUnavailable``) ends the step without committing.
+job still terminates and refunds. Nothing a task holds stops the loop. An unacknowledged callback
+(``CallbackUnavailable``: the API restarting or refusing) ends the step without committing: the
+poll's tasks come again from their first offsets after a pause that doubles while the API stays
+away (up to ``UNAVAILABLE_MAX_S``), and those it had acknowledged are skipped then.
 
 Duplicates (at-least-once delivery, the dispatcher's sweep) are dropped within a poll and across
 polls: the keys of the results the API acknowledged are remembered, least recently seen out
@@ -56,6 +58,7 @@ log = logging.getLogger("palette.gpu")
 GROUP = topics.GPU_GROUP
 DLQ_TOPIC = topics.GPU_DLQ
 MAX_ATTEMPTS = 3
+UNAVAILABLE_MAX_S = 5.0  # the longest pause while the API does not acknowledge results
 REMEMBER_BYTES = 8 * 1024 * 1024
 
 
@@ -282,7 +285,8 @@ class GpuWorker(ConsumerLoop):
     def __init__(self, consumer: Any, producer: Any, pipeline: ImagePipeline, callbacks: CallbackClient,
                  canceled_lookup: Callable[[Sequence[str]], set[str]] | None = None,
                  io_threads: int = 8, max_records: int = 16, backoff_s: float = 0.2,
-                 compute_threads: int = 1, remember_bytes: int = REMEMBER_BYTES) -> None:
+                 compute_threads: int = 1, remember_bytes: int = REMEMBER_BYTES,
+                 unavailable_pause_s: float = 0.5) -> None:
         self.consumer = consumer
         self.producer = producer
         self.pipeline = pipeline
@@ -294,6 +298,8 @@ class GpuWorker(ConsumerLoop):
         self.compute_pool = ThreadPoolExecutor(compute_threads, thread_name_prefix="gpu-compute")
         self.max_records = max_records
         self.backoff_s = backoff_s
+        self.unavailable_pause_s = unavailable_pause_s  # the first pause; it doubles while it lasts
+        self._pause_s = 0.0
         self.canceled = RecentKeys(remember_bytes)
         self.finished = RecentKeys(remember_bytes)  # idempotency keys whose result the API acknowledged
         self.stats = {"done": 0, "failed": 0, "dlq": 0, "skipped": 0, "retried": 0}
@@ -415,11 +421,29 @@ class GpuWorker(ConsumerLoop):
                     tasks.append(Task.parse(record.value))
                 except Exception as e:  # noqa: BLE001 - whatever a task holds, it is parked, never a crash
                     self._reject_record(record, e)
-        self.process(tasks)
+        try:
+            self.process(tasks)
+        except CallbackUnavailable as e:
+            self._again(polled, e)
+            return 0
+        self._pause_s = 0.0
         if polled:
             self.producer.flush()
             self.consumer.commit()
         return len(tasks)
+
+    def _again(self, polled: dict[Any, list[Any]], error: CallbackUnavailable) -> None:
+        """The API did not acknowledge a result: read the poll's records again from their first
+        offsets after a pause, rather than exit (a restart would join the group again)."""
+        for tp, records in polled.items():
+            if records:
+                try:
+                    self.consumer.seek(tp, records[0].offset)
+                except Exception:  # noqa: BLE001 - no longer assigned: the group hands it on from its offset
+                    log.debug("%s is no longer assigned", tp)
+        self._pause_s = min(UNAVAILABLE_MAX_S, max(self.unavailable_pause_s, 2 * self._pause_s))
+        log.warning("%s: the poll's tasks come again in %.1f s", error, self._pause_s)
+        time.sleep(self._pause_s)
 
     def close(self) -> None:
         self.compute_pool.shutdown(wait=True)

@@ -23,12 +23,17 @@ class FakeConsumer:
     def __init__(self, *polls: list[Record]) -> None:
         self.polls = deque(polls)
         self.commits = 0
+        self.last: list[Record] = []
 
     def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[Record]]:
         if not self.polls:
             return {}
-        records = self.polls.popleft()
+        self.last = records = self.polls.popleft()
         return {(records[0].topic if records else "", 0): records}
+
+    def seek(self, tp: Any, offset: int) -> None:
+        """The last poll's records from ``offset`` on come again in the next poll."""
+        self.polls.appendleft([r for r in self.last if r.offset >= offset])
 
     def commit(self) -> None:
         self.commits += 1

@@ -122,7 +122,7 @@ def worker(*polls: list[Record], s3: FakeS3 | None = None, remember_bytes: int =
     consumer, producer, callbacks = FakeConsumer(*polls), FakeProducer(), FakeCallbacks()
     pipeline = ImagePipeline(s3, BUCKET, torch.device("cpu"))
     w = GpuWorker(consumer, producer, pipeline, callbacks, io_threads=2, backoff_s=0.0,
-                  remember_bytes=remember_bytes)
+                  remember_bytes=remember_bytes, unavailable_pause_s=0.0)
     return w, s3, producer, callbacks, consumer
 
 
@@ -210,15 +210,31 @@ def test_a_malformed_task_is_parked_and_the_next_task_still_runs(value, names_an
     assert consumer.commits == 1
 
 
-def test_an_unacknowledged_result_leaves_the_offset_uncommitted():
-    w, _, _, callbacks, consumer = worker([record(task({"wall": {"action": "melt"}}))])
-    callbacks.unavailable = True
+def test_an_unacknowledged_result_leaves_the_offset_uncommitted_and_its_task_comes_again():
+    """The API restarting is no reason to exit: the poll comes again from its first offset, and
+    what the API had acknowledged before it went away is not sent twice."""
+    first, second = task(), task()
+    w, _, _, callbacks, consumer = worker([record(first, 4), record(second, 5)])
+    unacknowledged = callbacks.report
+
+    def first_only(t: Task, status: str, *args: Any) -> str:
+        if t.idempotency_key != first["idempotency_key"]:
+            raise CallbackUnavailable("callback answered 503")
+        return unacknowledged(t, status, *args)
+
+    callbacks.report = first_only  # type: ignore[method-assign]
+    w.unavailable_pause_s = 0.01
     try:
-        with pytest.raises(CallbackUnavailable):
-            w.step()
+        assert w.step() == 0
+        assert consumer.commits == 0 and w._pause_s == 0.01
+        assert w.step() == 0
+        assert consumer.commits == 0 and w._pause_s == 0.02  # doubling while the API stays away
+        callbacks.report = unacknowledged  # type: ignore[method-assign]
+        assert w.step() == 2
     finally:
         w.close()
-    assert consumer.commits == 0
+    assert consumer.commits == 1 and w._pause_s == 0
+    assert [k for k, _, _ in callbacks.reports] == [first["idempotency_key"], second["idempotency_key"]]
 
 
 # -- duplicates across polls ----------------------------------------------------------------------
