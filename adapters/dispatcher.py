@@ -17,6 +17,12 @@ offset of its last task, from the producer's acknowledgement; least recently use
 within a byte budget) and sends again only when the GPU consumer group has committed past that
 offset (consumed, yet no progress) or the partition's log no longer reaches it (lost). A job it
 holds no position for (dispatched before a restart, or forgotten) falls back to the time rule.
+
+A loss is acted on at once, not after ``stale_s``: the relay records a loss of the events it
+published (``LossSignal``), and the dispatcher asks the GPU queue's topic id every second, since a
+broker restarted again after the relay published everything anew holds the events but none of
+the tasks sent before (it recreated the topic under a new id). Either way the unfinished items of
+every queued or running job go out again.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ DLQ_TOPIC = topics.DISPATCHER_DLQ
 TRANSIENT: tuple[type[BaseException], ...] = (PersistenceError, ConnectionPoolClosedError, psycopg.Error,
                                               KafkaError, OSError)
 PLACEMENTS_BYTES = 16 * 1024 * 1024
+QUEUE_CHECK_S = 1.0  # how often the GPU queue's topic id is asked (one metadata request)
 
 
 def tasks_for(job: Job) -> list[dict[str, Any]]:
@@ -107,6 +114,10 @@ class TaskQueue(Protocol):
     def reaches(self, partition: int, offset: int) -> bool:
         """Whether the partition's log still holds ``offset`` (False: the broker lost it)."""
 
+    def log_id(self) -> Any:
+        """The queue's topic id: a broker that restarted empty recreates the topic under a new
+        one (None when the broker does not say)."""
+
 
 class KafkaTaskQueue:
     """The GPU queue as the broker reports it. The group's committed offsets are exact. End offsets
@@ -155,6 +166,12 @@ class KafkaTaskQueue:
                     return True
         return False
 
+    def log_id(self) -> Any:
+        for topic in self.admin.describe_topics([self.topic]):
+            if topic.get("name") == self.topic and topic.get("error_code", 0) == 0:
+                return topic.get("topic_id")
+        return None
+
     def close(self) -> None:
         self.probe.close()
         self.admin.close()
@@ -182,6 +199,9 @@ class Dispatcher(ConsumerLoop):
         self.conn = psycopg.connect(database_url, autocommit=True) if database_url else None
         self.stale_jobs = stale_jobs or (self._stale_jobs_in_read_model if self.conn is not None else None)
         self._next_sweep = clock() + self.sweep_every_s
+        self.queue_check_s = QUEUE_CHECK_S
+        self._next_queue_check = clock()
+        self._queue_id: Any = None  # the GPU queue's topic id when last checked
 
     # -- the stale sweep ------------------------------------------------------------------------
     def _stale_jobs_in_read_model(self, stale_s: float, limit: int) -> Sequence[Any]:
@@ -199,17 +219,42 @@ class Dispatcher(ConsumerLoop):
         return self._send_again(self.stale_jobs(self.stale_s, limit), "stalled")
 
     def after_loss(self, page: int = 500) -> int:
-        """The broker lost messages (the relay recorded it): GPU tasks in its log may be gone, so
-        the unfinished items of every queued or running job are sent again now, not after
-        ``stale_s``; the worker's callback key makes a duplicate harmless. The events are read
-        again from the start of the (new) log, and the placements, which point into the lost
-        log, are forgotten."""
-        self.placements = Placements(self.placements_bytes)
+        """The broker lost messages (the relay recorded it): the events are read again from the
+        start of the (new) log, and the GPU tasks are sent again (``queue_lost``)."""
         with contextlib.suppress(Exception):  # no partitions assigned yet: the group starts at the start
             self.consumer.seek_to_beginning()
+        if self.queue is not None:
+            self._queue_id = self.queue.log_id()  # this loss is the one a queue check would find
+        return self.queue_lost("unfinished after a broker loss", page)
+
+    def check_queue(self) -> int:
+        """Every ``queue_check_s``: whether the broker recreated the GPU queue since the last check
+        (it restarted empty). The relay sees a loss of the events it published, not always of
+        the queue: a broker that restarts again after the relay published everything again holds
+        the events, and none of the tasks sent before."""
+        if self.queue is None or self.clock() < self._next_queue_check:
+            return 0
+        self._next_queue_check = self.clock() + self.queue_check_s
+        try:
+            now = self.queue.log_id()
+        except TRANSIENT as e:
+            log.debug("GPU queue not checked (%s)", type(e).__name__)
+            return 0
+        sent = 0
+        if now is not None and self._queue_id not in (None, now):
+            log.warning("the broker recreated %s: the tasks sent before are gone", GPU_TOPIC)
+            sent = self.queue_lost("unfinished after the GPU queue was lost")  # raises: checked again
+        if now is not None:
+            self._queue_id = now
+        return sent
+
+    def queue_lost(self, why: str, page: int = 500) -> int:
+        """GPU tasks in the broker's log may be gone: the unfinished items of every queued or
+        running job are sent again now, not after ``stale_s`` (the worker's callback key makes a
+        duplicate harmless), and the placements, which point into the lost log, are forgotten."""
+        self.placements = Placements(self.placements_bytes)
         if self.conn is None:
             return 0
-        why = "unfinished after a broker loss"
         # A job whose jobs_log row is held behind a dead letter may read as anything there: its
         # aggregate says whether it is unfinished.
         held = self.conn.execute("SELECT DISTINCT stream_id FROM palette_read.dead_letters "
@@ -356,6 +401,10 @@ class Dispatcher(ConsumerLoop):
                 self.losses.handled()
             except KafkaError as e:  # the broker is still coming back: the loss stays pending
                 log.warning("tasks of unfinished jobs not sent again yet (%s); trying again", type(e).__name__)
+        try:
+            self.check_queue()
+        except KafkaError as e:  # the broker is still coming back: the next check finds the loss again
+            log.warning("tasks of unfinished jobs not sent again yet (%s); trying again", type(e).__name__)
         if self.stale_jobs is not None and self.clock() >= self._next_sweep:
             self._next_sweep = self.clock() + self.sweep_every_s
             self.sweep()

@@ -3,6 +3,7 @@ and leaves tasks that wait in the queue alone; a record it cannot handle lands o
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from typing import Any
 
@@ -146,3 +147,40 @@ def test_after_a_broker_loss_a_job_held_behind_a_dead_letter_is_sent_again(apps,
         conn.execute("UPDATE palette_read.jobs_log SET status = %s WHERE id = %s", [row[0] if row else "running",
                                                                                     job_id])
         dispatcher.close()
+
+
+def test_a_gpu_queue_the_broker_recreated_gets_the_unfinished_tasks_again(apps, service, conn, settings):
+    """No loss the relay could see (the events are all there), yet the queue's tasks are gone: a
+    broker restarted again after the relay had published everything again. The queue's new
+    topic id tells the dispatcher, which sends the unfinished items again at once."""
+    from kafka import KafkaAdminClient
+
+    from infra.kafka_admin import ensure_topics
+
+    job_id = running_job(service, conn)
+    bootstrap = settings.effective_kafka_bootstrap
+    topic = f"gpu-queue-{uuid.uuid4().hex[:8]}"
+    ensure_topics(bootstrap, [topic], 2)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    probe = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    dispatcher = Dispatcher(OnePoll([]), kafka_io.producer(settings), PaletteApplication(env=event_store_env(settings)),
+                            settings.effective_database_url, stale_s=3600,
+                            queue=KafkaTaskQueue(admin, probe, topic=topic))
+    dispatcher.queue_check_s = 0.0
+    sent: list[dict[str, Any]] = []
+    real = dispatcher._send
+    dispatcher._send = lambda task: (sent.append(task), real(task))[1]  # type: ignore[method-assign]
+    try:
+        dispatcher.step()
+        dispatcher.step()
+        assert [t for t in sent if t["job_id"] == str(job_id)] == []  # the same queue: nothing to do
+        admin.delete_topics([topic])
+        ensure_topics(bootstrap, [topic], 2)
+        dispatcher.step()
+        assert sorted(t["idx"] for t in sent if t["job_id"] == str(job_id)) == [0, 2]
+    finally:
+        dispatcher.close()  # and the queue's clients
+        cleanup = KafkaAdminClient(bootstrap_servers=bootstrap)
+        with contextlib.suppress(Exception):
+            cleanup.delete_topics([topic])
+        cleanup.close()

@@ -101,6 +101,9 @@ class FakeQueue:
     def reaches(self, partition: int, offset: int) -> bool:
         return offset < self.end
 
+    def log_id(self) -> str:
+        return "the first log"
+
 
 def queued_job(items: int = 2, preset: str = "interior") -> Job:
     job = Job.create(uuid.uuid4(), uuid.uuid4(), preset, items, AT)
