@@ -190,8 +190,12 @@ class PgPositions:
         return cls(conn)
 
     def get(self, name: str) -> int:
+        return self.find(name) or 0
+
+    def find(self, name: str) -> int | None:
+        """The saved position; None when none was ever saved."""
         row = self.conn.execute(self._select, [name]).fetchone()
-        return int(row[0]) if row else 0
+        return int(row[0]) if row else None
 
     def save(self, name: str, position: int) -> None:
         self.conn.execute(self._upsert, [name, position])

@@ -153,7 +153,7 @@ class WebhookConsumer(ConsumerLoop):
         self.sweep_every_s = sweep_every_s
         self.losses = losses
         self.clock = clock
-        if positions.get(SWEEP) == 0:  # a new group reads the topic from its start: the sweep starts here
+        if positions.find(SWEEP) is None:  # a new group reads the topic from its start: the sweep starts here
             positions.save(SWEEP, published())
         self.sweep_bound = published()
         self._next_sweep = clock() + sweep_every_s
