@@ -67,7 +67,16 @@ def consumer(settings: Settings, group_id: str, *topics: str, max_poll_records: 
     """Manual offset commits (after the database commit). The fetch wait bounds latency: new data
     does not wake a waiting fetch on the embedded broker, so latency-bound consumers keep it short."""
     from kafka import KafkaConsumer
-    from kafka.errors import KafkaError
+    from kafka.errors import (
+        CommitFailedError,
+        IllegalGenerationError,
+        KafkaError,
+        RebalanceInProgressError,
+        UnknownMemberIdError,
+    )
+
+    # What a commit may meet while a group or its broker comes back: the records come again.
+    passing = (CommitFailedError, RebalanceInProgressError, UnknownMemberIdError, IllegalGenerationError)
 
     class GroupConsumer(KafkaConsumer):  # type: ignore[misc]
         """A member of ``group_id`` that reads a topic the broker recreated from its start.
@@ -82,8 +91,10 @@ def consumer(settings: Settings, group_id: str, *topics: str, max_poll_records: 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._topic_ids: dict[str, Any] = {}
+            self.rewound: set[Any] = set()  # the partitions the last poll moved to the start
 
         def poll(self, *args: Any, **kwargs: Any) -> Any:
+            self.rewound = set()
             records = super().poll(*args, **kwargs)
             self.rewind_recreated()
             return records
@@ -106,6 +117,7 @@ def consumer(settings: Settings, group_id: str, *topics: str, max_poll_records: 
             moved = [tp for tp in self.assignment() if tp.topic in recreated]
             if moved:
                 self.seek_to_beginning(*moved)
+                self.rewound.update(moved)
             for topic in recreated:
                 log.warning("the broker recreated %s: reading %d partition(s) of it again from the start",
                             topic, sum(tp.topic == topic for tp in moved))
@@ -113,15 +125,17 @@ def consumer(settings: Settings, group_id: str, *topics: str, max_poll_records: 
 
         def commit(self, *args: Any, **kwargs: Any) -> None:
             """A group that no longer knows this member (a broker that restarted, a rebalance)
-            or a broker not back yet refuses the commit: the records come again and every consumer here takes them as
-            duplicates, so the process goes on and rejoins on its next poll instead of exiting.
-            Nothing is committed when the topic was just found recreated: the offsets at hand
-            point into the old log."""
+            or a broker not back yet refuses the commit (anything else raises): the records come
+            again and every consumer here takes them as duplicates, so the process goes on and
+            rejoins on its next poll instead of exiting. Nothing is committed when the topic was
+            just found recreated: the offsets at hand point into the old log."""
             if self.rewind_recreated():
                 return
             try:
                 super().commit(*args, **kwargs)
-            except KafkaError as e:  # also a rebalance under way, or no coordinator yet
+            except KafkaError as e:
+                if not (isinstance(e, passing) or e.retriable):  # a broker away, no coordinator yet
+                    raise
                 log.warning("offsets not committed (%s); they come again", e)
 
     return GroupConsumer(

@@ -383,8 +383,14 @@ class GpuWorker(ConsumerLoop):
         fetched = [(t, self.pool.submit(self.pipeline.fetch, t)) for t in live]
         computed = [self.compute_pool.submit(self._compute, task, future) for task, future in fetched]
         pending = [c.result() for c in computed]
-        for f in pending:
-            f.result()  # CallbackUnavailable propagates: the offset stays uncommitted
+        unacknowledged = []
+        for f in pending:  # every item's upload and callback ends before the step does
+            try:
+                f.result()
+            except CallbackUnavailable as e:
+                unacknowledged.append(e)
+        if unacknowledged:
+            raise unacknowledged[0]  # the offset stays uncommitted
 
     def _compute(self, task: Task, fetched: Future[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> Future[None]:
         """Edit one fetched item, then hand its upload and callback to the I/O threads."""
@@ -415,19 +421,19 @@ class GpuWorker(ConsumerLoop):
     def step(self, timeout_ms: int = 200) -> int:
         polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.max_records)
         tasks = []
-        for records in polled.values():
-            for record in records:
-                try:
-                    tasks.append(Task.parse(record.value))
-                except Exception as e:  # noqa: BLE001 - whatever a task holds, it is parked, never a crash
-                    self._reject_record(record, e)
         try:
+            for records in polled.values():
+                for record in records:
+                    try:
+                        tasks.append(Task.parse(record.value))
+                    except Exception as e:  # noqa: BLE001 - whatever a task holds, it is parked, never a crash
+                        self._reject_record(record, e)
             self.process(tasks)
         except CallbackUnavailable as e:
             self._again(polled, e)
             return 0
-        self._pause_s = 0.0
         if polled:
+            self._pause_s = 0.0  # results acknowledged again (an empty poll says nothing of the API)
             self.producer.flush()
             self.consumer.commit()
         return len(tasks)
@@ -435,8 +441,9 @@ class GpuWorker(ConsumerLoop):
     def _again(self, polled: dict[Any, list[Any]], error: CallbackUnavailable) -> None:
         """The API did not acknowledge a result: read the poll's records again from their first
         offsets after a pause, rather than exit (a restart would join the group again)."""
+        rewound: set[Any] = getattr(self.consumer, "rewound", set())  # a recreated topic: left at its start
         for tp, records in polled.items():
-            if records:
+            if records and tp not in rewound:
                 try:
                     self.consumer.seek(tp, records[0].offset)
                 except Exception:  # noqa: BLE001 - no longer assigned: the group hands it on from its offset

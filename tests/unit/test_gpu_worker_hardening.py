@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,6 +236,56 @@ def test_an_unacknowledged_result_leaves_the_offset_uncommitted_and_its_task_com
         w.close()
     assert consumer.commits == 1 and w._pause_s == 0
     assert [k for k, _, _ in callbacks.reports] == [first["idempotency_key"], second["idempotency_key"]]
+
+
+def test_a_malformed_task_reported_while_the_api_is_away_comes_again_instead_of_ending_the_process():
+    bad = json.dumps({**task(), "protect": "sofa"}).encode()  # names an item: reported failed
+    w, _, _, callbacks, consumer = worker([Record(bad, b"k", 3)])
+    callbacks.unavailable = True
+    try:
+        assert w.step() == 0
+        callbacks.unavailable = False
+        w.step()
+    finally:
+        w.close()
+    assert [status for _, status, _ in callbacks.reports] == ["failed"] and consumer.commits == 1
+
+
+def test_every_callback_of_the_poll_is_tried_before_the_step_ends():
+    """One unacknowledged result must not leave the others running while the poll comes again
+    (they would be sent twice, and pile up while the API stays away)."""
+    tasks = [task(idx=i) for i in range(3)]
+    w, _, _, callbacks, _ = worker([record(t, i) for i, t in enumerate(tasks)])
+    tried: list[str] = []
+
+    def refused(t: Task, status: str, *args: Any) -> str:
+        tried.append(t.idempotency_key)
+        raise CallbackUnavailable("callback answered 503")
+
+    callbacks.report = refused  # type: ignore[method-assign]
+    try:
+        assert w.step() == 0
+        assert sorted(tried) == sorted(t["idempotency_key"] for t in tasks)
+    finally:
+        w.close()
+
+
+def test_a_poll_that_found_its_topic_recreated_is_not_sought_back_into_the_old_log():
+    class Rewinding(FakeConsumer):
+        def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[Record]]:
+            polled = super().poll(timeout_ms, max_records)
+            self.rewound = set(polled)  # the consumer moved these to the start of the new log
+            return polled
+
+    polled = [record(task(), 900)]
+    w, _, _, callbacks, _ = worker(polled)
+    w.consumer = consumer = Rewinding(polled)
+    callbacks.unavailable = True
+    try:
+        assert w.step() == 0
+    finally:
+        w.close()
+    assert consumer.polls == deque()  # nothing sought back to offset 900 (FakeConsumer.seek queues a poll)
 
 
 # -- duplicates across polls ----------------------------------------------------------------------
