@@ -202,6 +202,7 @@ class Dispatcher(ConsumerLoop):
         self.queue_check_s = QUEUE_CHECK_S
         self._next_queue_check = clock()
         self._queue_id: Any = None  # the GPU queue's topic id when last checked
+        self._resent_for: Any = None  # the topic id the unfinished tasks were last sent again into
 
     # -- the stale sweep ------------------------------------------------------------------------
     def _stale_jobs_in_read_model(self, stale_s: float, limit: int) -> Sequence[Any]:
@@ -220,12 +221,19 @@ class Dispatcher(ConsumerLoop):
 
     def after_loss(self, page: int = 500) -> int:
         """The broker lost messages (the relay recorded it): the events are read again from the
-        start of the (new) log, and the GPU tasks are sent again (``queue_lost``)."""
+        start of the (new) log, and the GPU tasks are sent again (``queue_lost``), unless the
+        queue check already did for the queue as it is now (one restart, seen both ways). A loss
+        that kept the queue's id (a lost tail, on s3 storage) sends them again all the same."""
         with contextlib.suppress(Exception):  # no partitions assigned yet: the group starts at the start
             self.consumer.seek_to_beginning()
-        if self.queue is not None:
-            self._queue_id = self.queue.log_id()  # this loss is the one a queue check would find
-        return self.queue_lost("unfinished after a broker loss", page)
+        now = self.queue.log_id() if self.queue is not None else None
+        if now is not None and now == self._resent_for:  # the queue check saw this restart first
+            self._queue_id = now
+            return 0
+        sent = self.queue_lost("unfinished after a broker loss", page)
+        if now is not None:  # this loss is the one a queue check would find
+            self._queue_id = now
+        return sent
 
     def check_queue(self) -> int:
         """Every ``queue_check_s``: whether the broker recreated the GPU queue since the last check
@@ -244,6 +252,7 @@ class Dispatcher(ConsumerLoop):
         if now is not None and self._queue_id not in (None, now):
             log.warning("the broker recreated %s: the tasks sent before are gone", GPU_TOPIC)
             sent = self.queue_lost("unfinished after the GPU queue was lost")  # raises: checked again
+            self._resent_for = now
         if now is not None:
             self._queue_id = now
         return sent

@@ -101,8 +101,10 @@ class FakeQueue:
     def reaches(self, partition: int, offset: int) -> bool:
         return offset < self.end
 
+    log: str = "the first log"  # the topic id: a broker restarted empty makes the topic anew
+
     def log_id(self) -> str:
-        return "the first log"
+        return self.log
 
 
 def queued_job(items: int = 2, preset: str = "interior") -> Job:
@@ -179,6 +181,28 @@ def test_the_sweep_resends_tasks_the_broker_lost():
     d.step()
     queue.end = 1  # restarted without the acknowledged records at offsets 1 and up
     assert d.sweep() == 2
+
+
+def test_a_recreated_gpu_queue_gets_the_tasks_again_once_per_restart_however_it_is_seen():
+    queue = FakeQueue()
+    d, _, _ = dispatcher(queue=queue)
+    d.queue_check_s = 0.0
+    resent: list[str] = []
+    d.queue_lost = lambda why, page=500: resent.append(why) or 0  # type: ignore[method-assign,assignment]
+    d.step()
+    assert resent == []  # the first id seen is the queue as it is
+    queue.log = "the second log"
+    d.step()
+    d.step()
+    assert resent == ["unfinished after the GPU queue was lost"]
+    d.after_loss()  # the relay's word on the same restart, later
+    assert len(resent) == 1
+    queue.log = "the third log"
+    d.after_loss()  # the relay's word first this time: the check finds nothing more to do
+    d.step()
+    assert resent[1:] == ["unfinished after a broker loss"]
+    d.after_loss()  # a lost tail that kept the topic (s3 storage): sent again all the same
+    assert resent[2:] == ["unfinished after a broker loss"]
 
 
 def test_without_a_known_placement_the_sweep_falls_back_to_the_time_rule():
