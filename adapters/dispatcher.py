@@ -404,15 +404,12 @@ class Dispatcher(ConsumerLoop):
         if polled:
             self.producer.flush()  # the parked records too, before their offsets are committed
             self.consumer.commit()
-        if self.losses is not None and self.losses.new_loss():
-            try:
+        try:
+            if self.losses is not None and self.losses.new_loss():
                 self.after_loss()
                 self.losses.handled()
-            except KafkaError as e:  # the broker is still coming back: the loss stays pending
-                log.warning("tasks of unfinished jobs not sent again yet (%s); trying again", type(e).__name__)
-        try:
             self.check_queue()
-        except KafkaError as e:  # the broker is still coming back: the next check finds the loss again
+        except KafkaError as e:  # the broker is still coming back: the loss stays pending, the queue's id unseen
             log.warning("tasks of unfinished jobs not sent again yet (%s); trying again", type(e).__name__)
         if self.stale_jobs is not None and self.clock() >= self._next_sweep:
             self._next_sweep = self.clock() + self.sweep_every_s

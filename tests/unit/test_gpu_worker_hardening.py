@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,21 +253,27 @@ def test_a_malformed_task_reported_while_the_api_is_away_comes_again_instead_of_
     assert [status for _, status, _ in callbacks.reports] == ["failed"] and consumer.commits == 1
 
 
-def test_every_callback_of_the_poll_is_tried_before_the_step_ends():
+def test_every_callback_of_the_poll_ends_before_the_step_does():
     """One unacknowledged result must not leave the others running while the poll comes again
-    (they would be sent twice, and pile up while the API stays away)."""
+    (they would be sent twice, and pile up while the API stays away). The three callbacks run
+    side by side; the first is refused at once, the others a little later."""
     tasks = [task(idx=i) for i in range(3)]
     w, _, _, callbacks, _ = worker([record(t, i) for i, t in enumerate(tasks)])
-    tried: list[str] = []
+    w.pool.shutdown()
+    w.pool = ThreadPoolExecutor(3)  # a thread per callback, so all three are in flight together
+    together, ended = threading.Barrier(3, timeout=10), []
 
     def refused(t: Task, status: str, *args: Any) -> str:
-        tried.append(t.idempotency_key)
+        together.wait()
+        if t.idx > 0:
+            threading.Event().wait(0.1)  # still in flight when the first one is refused
+        ended.append(t.idempotency_key)
         raise CallbackUnavailable("callback answered 503")
 
     callbacks.report = refused  # type: ignore[method-assign]
     try:
         assert w.step() == 0
-        assert sorted(tried) == sorted(t["idempotency_key"] for t in tasks)
+        assert sorted(ended) == sorted(t["idempotency_key"] for t in tasks)
     finally:
         w.close()
 
