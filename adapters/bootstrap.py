@@ -13,6 +13,7 @@ from psycopg_pool import ConnectionPool
 from adapters.api.consistency import LastWrites
 from adapters.keyring import PgKeyring
 from adapters.keyring import ensure_schema as ensure_keyring_schema
+from adapters.loop_pg import LoopConnections
 from adapters.pg_streams import pg_stream_loader, pg_stream_versions
 from adapters.settings import Settings
 from adapters.system import RandomIds, SystemClock
@@ -94,6 +95,9 @@ class Container:
     s3: Any
     read_pool: Any
     last_writes: LastWrites
+    # The event loop's own connections (users' data keys made for registrations); an async
+    # server closes its loop's in its lifespan.
+    loop_connections: LoopConnections | None = None
 
     def close(self) -> None:
         if self.committer is not None:
@@ -122,13 +126,14 @@ def build(settings: Settings, *, naive: bool = False, pool_size: int = 8) -> Con
     with read_pool.connection() as conn:
         ensure_schema(conn)
         ensure_keyring_schema(conn)
+    connections = None if naive else LoopConnections(settings.effective_database_url)
     service = PaletteService(
         app, runs, SystemClock(), RandomIds(), store=S3ObjectStore(s3, settings.s3_bucket),
         device_keys=HmacDeviceKeyer(settings.device_key_secret),
-        keyring=PgKeyring(read_pool, settings.device_key_secret),
+        keyring=PgKeyring(read_pool, settings.device_key_secret, connections),
         versions=None if naive else pg_stream_versions(app, settings.effective_database_url),
     )
-    return Container(settings, app, service, committer, s3, read_pool, LastWrites())
+    return Container(settings, app, service, committer, s3, read_pool, LastWrites(), connections)
 
 
 def prepare_schemas(settings: Settings) -> None:

@@ -17,11 +17,13 @@ from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
+import anyio
 import psycopg
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from adapters.loop_pg import LoopConnections
 from application.personal import KEY_BYTES, NONCE_BYTES, KeyDestroyed
 
 DDL = (
@@ -46,11 +48,22 @@ def key_encryption_key(secret: str) -> bytes:
                 info=b"palette keyring v1").derive(secret.encode())
 
 
-class PgKeyring:
-    """The :class:`application.personal.Keyring` port on PostgreSQL (``pool``: autocommit)."""
+# One round trip (two when another process makes the key at the same moment): the stored key, or
+# a new one stored, never for an erased user.
+KEY_FOR = ("WITH made AS (INSERT INTO palette_user_keys (user_id, wrapped) SELECT %(u)s, %(w)s "
+           "WHERE NOT EXISTS (SELECT 1 FROM palette_erasures WHERE user_id = %(u)s) "
+           "ON CONFLICT (user_id) DO NOTHING RETURNING wrapped) "
+           "SELECT wrapped FROM made UNION ALL SELECT wrapped FROM palette_user_keys WHERE user_id = %(u)s")
+KEY = "SELECT wrapped FROM palette_user_keys WHERE user_id = %s"
 
-    def __init__(self, pool: Any, secret: str) -> None:
+
+class PgKeyring:
+    """The :class:`application.personal.Keyring` port on PostgreSQL (``pool``: autocommit; an
+    event loop's keys are made on ``connections``, else in a worker thread)."""
+
+    def __init__(self, pool: Any, secret: str, connections: LoopConnections | None = None) -> None:
         self.pool = pool
+        self.connections = connections
         self._kek = AESGCM(key_encryption_key(secret))
 
     def _wrap(self, user_id: UUID, key: bytes) -> bytes:
@@ -61,25 +74,34 @@ class PgKeyring:
         return self._kek.decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], user_id.bytes)
 
     def key_for(self, user_id: UUID) -> bytes:
-        """One round trip (two when another process makes the key at the same moment): the stored
-        key, or a new one stored — never for an erased user."""
-        candidate = self._wrap(user_id, AESGCM.generate_key(bit_length=KEY_BYTES * 8))
+        candidate = self._candidate(user_id)
         with self.pool.connection() as conn:
-            row = conn.execute(
-                "WITH made AS (INSERT INTO palette_user_keys (user_id, wrapped) SELECT %(u)s, %(w)s "
-                "WHERE NOT EXISTS (SELECT 1 FROM palette_erasures WHERE user_id = %(u)s) "
-                "ON CONFLICT (user_id) DO NOTHING RETURNING wrapped) "
-                "SELECT wrapped FROM made UNION ALL SELECT wrapped FROM palette_user_keys WHERE user_id = %(u)s",
-                {"u": user_id, "w": candidate}).fetchone()
+            row = conn.execute(KEY_FOR, {"u": user_id, "w": candidate}).fetchone()
             if row is None:  # made by another process after this statement's snapshot: the next one sees it
-                row = conn.execute("SELECT wrapped FROM palette_user_keys WHERE user_id = %s", [user_id]).fetchone()
+                row = conn.execute(KEY, [user_id]).fetchone()
+        return self._opened(user_id, row)
+
+    async def key_for_async(self, user_id: UUID) -> bytes:
+        if self.connections is None:
+            return await anyio.to_thread.run_sync(self.key_for, user_id)
+        candidate = self._candidate(user_id)
+        async with self.connections.connection() as conn:
+            row = await (await conn.execute(KEY_FOR, {"u": user_id, "w": candidate})).fetchone()
+            if row is None:
+                row = await (await conn.execute(KEY, [user_id])).fetchone()
+        return self._opened(user_id, row)
+
+    def _candidate(self, user_id: UUID) -> bytes:
+        return self._wrap(user_id, AESGCM.generate_key(bit_length=KEY_BYTES * 8))
+
+    def _opened(self, user_id: UUID, row: Any) -> bytes:
         if row is None:
             raise KeyDestroyed(str(user_id))
         return self._unwrap(user_id, bytes(row[0]))
 
     def key(self, user_id: UUID) -> bytes | None:
         with self.pool.connection() as conn:
-            row = conn.execute("SELECT wrapped FROM palette_user_keys WHERE user_id = %s", [user_id]).fetchone()
+            row = conn.execute(KEY, [user_id]).fetchone()
         return None if row is None else self._unwrap(user_id, bytes(row[0]))
 
     def destroy(self, user_id: UUID) -> None:

@@ -40,6 +40,10 @@ class Keyring(Protocol):
         """The user's key, made on first use; KeyDestroyed once the user is erased."""
         ...
 
+    async def key_for_async(self, user_id: UUID) -> bytes:
+        """key_for from an event loop."""
+        ...
+
     def key(self, user_id: UUID) -> bytes | None:
         """The user's key, or None (never made, or destroyed)."""
         ...
@@ -77,6 +81,9 @@ class MemoryKeyring:
                 raise KeyDestroyed(str(user_id))
             return self._keys.setdefault(user_id, AESGCM.generate_key(bit_length=KEY_BYTES * 8))
 
+    async def key_for_async(self, user_id: UUID) -> bytes:
+        return self.key_for(user_id)
+
     def key(self, user_id: UUID) -> bytes | None:
         return self._keys.get(user_id)
 
@@ -111,11 +118,14 @@ class Sealer:
                 return key
         key = self.keyring.key_for(user_id) if create else self.keyring.key(user_id)
         if key is not None:
-            with self._lock:
-                self._keys[user_id] = key
-                while len(self._keys) > self.cached:
-                    self._keys.popitem(last=False)
+            self._keep(user_id, key)
         return key
+
+    def _keep(self, user_id: UUID, key: bytes) -> None:
+        with self._lock:
+            self._keys[user_id] = key
+            while len(self._keys) > self.cached:
+                self._keys.popitem(last=False)
 
     def has_key(self, user_id: UUID) -> bool:
         """Whether the user's key is in memory (sealing for them needs no I/O)."""
@@ -124,6 +134,11 @@ class Sealer:
     def prepare(self, user_id: UUID) -> None:
         """Load (or make) the user's key, so that sealing for them needs no I/O (KeyDestroyed)."""
         self._key(user_id, create=True)
+
+    async def prepare_async(self, user_id: UUID) -> None:
+        """prepare from an event loop."""
+        if user_id not in self._keys:
+            self._keep(user_id, await self.keyring.key_for_async(user_id))
 
     def seal(self, user_id: UUID, field: str, value: str) -> str:
         key = self._key(user_id, create=True)

@@ -126,12 +126,18 @@ class PaletteService:
             return self.executor.execute(self.register_command(device_hash, plan, self.device_generation(device_hash)))
 
     async def register_async(self, device_hash: str, plan: str = "free") -> Committed[tuple[UUID, bool]]:
-        """register from an event loop: the key and generation lookups (I/O) run on a thread,
-        and only for a device this process has not seen registered."""
+        """register from an event loop: the user's key is made (or loaded) on the loop, only for a
+        device this process has not seen registered; an erased device's next generation is looked
+        up on a thread."""
         self._check_device_hash(device_hash)
+        first = user_id_for_device_key(self.device_keys.key(device_hash))
         for last in (False, True):
-            known = self.sealer.has_key(user_id_for_device_key(self.device_keys.key(device_hash)))
-            generation = 0 if known else await anyio.to_thread.run_sync(self.device_generation, device_hash)
+            generation = 0
+            if not self.sealer.has_key(first):
+                try:
+                    await self.sealer.prepare_async(first)  # one round trip: the key, made if new
+                except KeyDestroyed:  # erased: a later generation (rare, so on a thread)
+                    generation = await anyio.to_thread.run_sync(self.device_generation, device_hash)
             try:
                 return await self.run(self.register_command(device_hash, plan, generation))
             except UserErased as e:

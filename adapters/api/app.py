@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.api.deps import VerifiedTokens
 from adapters.api.envelope import CODE_BY_STATUS, STATUS_BY_CODE, ApiError, RequestIds, fail, request_id_var
+from adapters.api.idempotency import unflushed
 from adapters.api.links import add_links
 from adapters.api.rate_limit import RateLimited, TokenBuckets
 from adapters.bootstrap import Container
@@ -84,6 +85,9 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
             watching.cancel()
             if (views := container.service.user_views) is not None:
                 await views.versions.close()
+            await app.state.unflushed.close()
+            if container.loop_connections is not None:
+                await container.loop_connections.close()
             if owns_container:
                 container.close()
 
@@ -105,6 +109,7 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     app.state.erased_users = ErasedUsers(container.read_pool, s.jwt_ttl_s)
     app.state.job_limits = TokenBuckets(s.rate_jobs_per_s, s.rate_jobs_burst)
     app.state.callback_limits = TokenBuckets(s.rate_callbacks_per_s, s.rate_callbacks_burst)
+    app.state.unflushed = unflushed(s.effective_database_url)  # idempotency keys, callback signatures
 
     @app.exception_handler(RateLimited)
     async def _rate(_: Request, e: RateLimited) -> JSONResponse:
@@ -163,7 +168,7 @@ def create_asgi(container: Container, owns_container: bool = False,
     app = create_app(container, owns_container)
     with container.read_pool.connection() as conn:
         ensure_schema(conn)
-    keys = IdempotencyKeys(app, container.read_pool, app.state.verified_tokens, fail,
+    keys = IdempotencyKeys(app, app.state.unflushed, app.state.verified_tokens, fail,
                            ttl_s=container.settings.idempotency_ttl_s, erased=app.state.erased_users)
     registry = registry or CollectorRegistry()
     if container.committer is not None:

@@ -10,25 +10,25 @@ callbacks per result key). Answers that invite a retry (409, 429, 5xx) or refuse
 before it ran (401, 422) are not stored. A key
 is forgotten ``ttl_s`` after its claim; each claim deletes at most ``SWEEP_BATCH`` expired keys.
 
-Claims and answers are written without waiting for the WAL flush (``unflushed``): a fsync per
-write doubled the cost of a keyed creation. A database crash can forget the last few hundred
+Claims and answers are written on the event loop's own connections (adapters.loop_pg: no worker
+thread), in autocommit, without waiting for the WAL flush (``unflushed``): a fsync per write
+doubled the cost of a keyed creation. A database crash can forget the last few hundred
 milliseconds of them; a retry then runs again, as after a stale claim, and finds what the first
 run committed (the event store's commits do wait for the flush)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import uuid
-from collections.abc import Container, Iterator
+from collections.abc import Container
 from typing import Any, Protocol
 from uuid import UUID
 
-from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.api.envelope import ApiError
+from adapters.loop_pg import LoopConnections
 from adapters.tokens import TokenInvalid
 
 MAX_KEY = 255
@@ -36,6 +36,7 @@ STALE_S = 15  # an in-flight claim this old belongs to a process that died: a re
 DEFAULT_TTL_S = 24 * 3600.0
 SWEEP_BATCH = 16  # expired keys deleted per claim (which adds at most one): the sweep outpaces growth
 KEY_NAMESPACE = uuid.UUID("6f1c3a52-8d0e-4b8e-9a57-6c1f0e0b7d21")
+UNFLUSHED_CONNECTIONS = 4  # a loop's: a claim is one round trip
 
 
 def id_for_key(user_id: uuid.UUID, kind: str, key: str | None) -> uuid.UUID | None:
@@ -56,13 +57,10 @@ DDL = (
 )
 
 
-@contextlib.contextmanager
-def unflushed(pool: Any) -> Iterator[Any]:
-    """A pooled connection in a transaction that commits without waiting for the WAL flush, for
-    records a crash may forget (idempotency claims, seen callback signatures)."""
-    with pool.connection() as conn, conn.transaction():
-        conn.execute("SET LOCAL synchronous_commit TO off")
-        yield conn
+def unflushed(conninfo: str) -> LoopConnections:
+    """Connections whose commits do not wait for the WAL flush, for records a crash may forget
+    (idempotency claims, seen callback signatures)."""
+    return LoopConnections(conninfo, size=UNFLUSHED_CONNECTIONS, flushed=False)
 
 
 def ensure_schema(conn: Any) -> None:
@@ -90,10 +88,10 @@ class TokenVerifier(Protocol):
 class IdempotencyKeys:
     """Pure ASGI middleware; requests without the header, or without a valid token, pass straight through."""
 
-    def __init__(self, app: ASGIApp, pool: Any, tokens: TokenVerifier, fail: Any,
+    def __init__(self, app: ASGIApp, connections: LoopConnections, tokens: TokenVerifier, fail: Any,
                  ttl_s: float = DEFAULT_TTL_S, erased: Container[UUID] = frozenset()) -> None:
         self.app = app
-        self.pool = pool
+        self.connections = connections
         self.tokens = tokens
         self.fail = fail
         self.ttl_s = ttl_s
@@ -125,7 +123,7 @@ class IdempotencyKeys:
             await self.fail(e.code, e.message)(scope, receive, send)
             return
         request_hash = hashlib.sha256(scope["path"].encode() + b"\n" + body).hexdigest()
-        claimed, stored = await run_in_threadpool(self._claim, owner, key, request_hash)
+        claimed, stored = await self._claim(owner, key, request_hash)
         if not claimed:
             if stored is None or stored[0] != request_hash:
                 await self.fail("VALIDATION_FAILED", "Idempotency-Key reused with a different request",
@@ -161,10 +159,9 @@ class IdempotencyKeys:
                 if not message.get("more_body"):
                     status = captured.get("status", 500)
                     if storable(status):
-                        await run_in_threadpool(self._store, owner, key, status, captured["headers"],
-                                                captured["body"])
+                        await self._store(owner, key, status, captured["headers"], captured["body"])
                     else:
-                        await run_in_threadpool(self._release, owner, key)
+                        await self._release(owner, key)
                     captured["settled"] = True
             await send(message)
 
@@ -172,7 +169,7 @@ class IdempotencyKeys:
             await self.app(scope, replay_body, capture)
         finally:
             if not captured["settled"]:
-                await run_in_threadpool(self._release, owner, key)  # a crash: a retry may run it again
+                await self._release(owner, key)  # a crash: a retry may run it again
 
     def _owner(self, headers: dict[bytes, bytes]) -> str | None:
         """The authenticated principal the keys belong to; None without a valid bearer token."""
@@ -187,35 +184,35 @@ class IdempotencyKeys:
             return None
         return f"user:{user_id}" if role == "client" else f"{role}:{user_id}"
 
-    def _claim(self, owner: str, key: str, request_hash: str) -> tuple[bool, tuple[str, int | None, Any, Any] | None]:
-        with unflushed(self.pool) as conn:
-            sweep_expired(conn, self.ttl_s)
-            inserted = conn.execute(
-                "INSERT INTO palette_api.idempotency (scope, key, request_hash) VALUES (%s, %s, %s) "
-                "ON CONFLICT DO NOTHING RETURNING 1", [owner, key, request_hash]).fetchone()
+    async def _claim(self, owner: str, key: str,
+                     request_hash: str) -> tuple[bool, tuple[str, int | None, Any, Any] | None]:
+        async with self.connections.connection() as conn:
+            # The sweep rides along in the claim's statement: one round trip for a new key.
+            inserted = await (await conn.execute(CLAIM, {
+                "ttl": self.ttl_s, "limit": SWEEP_BATCH, "s": owner, "k": key, "h": request_hash})).fetchone()
             if inserted:
                 return True, None
             # An expired key is a new key; a stale claim of the same request is taken over.
-            taken_over = conn.execute(
+            taken_over = await (await conn.execute(
                 "UPDATE palette_api.idempotency SET request_hash = %(h)s, status = NULL, headers = NULL, "
                 "body = NULL, created_at = now() WHERE scope = %(s)s AND key = %(k)s AND ("
                 "created_at < now() - %(ttl)s * interval '1 second' OR (request_hash = %(h)s AND status IS NULL "
                 "AND created_at < now() - %(stale)s * interval '1 second')) RETURNING 1",
-                {"h": request_hash, "s": owner, "k": key, "ttl": self.ttl_s, "stale": STALE_S}).fetchone()
+                {"h": request_hash, "s": owner, "k": key, "ttl": self.ttl_s, "stale": STALE_S})).fetchone()
             if taken_over:
                 return True, None
-            row = conn.execute("SELECT request_hash, status, headers, body FROM palette_api.idempotency "
-                               "WHERE scope = %s AND key = %s", [owner, key]).fetchone()
+            row = await (await conn.execute("SELECT request_hash, status, headers, body FROM palette_api.idempotency "
+                                            "WHERE scope = %s AND key = %s", [owner, key])).fetchone()
             return False, (row[0], row[1], row[2], row[3]) if row else None
 
-    def _store(self, owner: str, key: str, status: int, headers: Any, body: bytes) -> None:
-        with unflushed(self.pool) as conn:
-            conn.execute("UPDATE palette_api.idempotency SET status = %s, headers = %s, body = %s "
-                         "WHERE scope = %s AND key = %s", [status, json.dumps(headers), body, owner, key])
+    async def _store(self, owner: str, key: str, status: int, headers: Any, body: bytes) -> None:
+        async with self.connections.connection() as conn:
+            await conn.execute("UPDATE palette_api.idempotency SET status = %s, headers = %s, body = %s "
+                               "WHERE scope = %s AND key = %s", [status, json.dumps(headers), body, owner, key])
 
-    def _release(self, owner: str, key: str) -> None:
-        with unflushed(self.pool) as conn:
-            conn.execute("DELETE FROM palette_api.idempotency WHERE scope = %s AND key = %s", [owner, key])
+    async def _release(self, owner: str, key: str) -> None:
+        async with self.connections.connection() as conn:
+            await conn.execute("DELETE FROM palette_api.idempotency WHERE scope = %s AND key = %s", [owner, key])
 
     async def _replay(self, stored: tuple[str, int | None, Any, Any], send: Send) -> None:
         _, status, headers, body = stored
@@ -225,11 +222,10 @@ class IdempotencyKeys:
         await send({"type": "http.response.body", "body": bytes(body or b"")})
 
 
-def sweep_expired(conn: Any, ttl_s: float, limit: int = SWEEP_BATCH) -> int:
-    """Delete at most ``limit`` keys claimed more than ``ttl_s`` ago (oldest first, skipping rows
-    another claim holds); the number deleted."""
-    cur = conn.execute(
-        "DELETE FROM palette_api.idempotency WHERE (scope, key) IN (SELECT scope, key FROM palette_api.idempotency "
-        "WHERE created_at < now() - %s * interval '1 second' ORDER BY created_at LIMIT %s "
-        "FOR UPDATE SKIP LOCKED)", [ttl_s, limit])
-    return int(cur.rowcount)
+# At most %(limit)s keys claimed more than %(ttl)s seconds ago, oldest first, skipping rows another
+# claim holds and the key being claimed (an expired one is taken over by the claim itself).
+SWEEP = ("DELETE FROM palette_api.idempotency WHERE (scope, key) IN (SELECT scope, key FROM palette_api.idempotency "
+         "WHERE created_at < now() - %(ttl)s * interval '1 second' AND (scope, key) <> (%(s)s, %(k)s) "
+         "ORDER BY created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)")
+CLAIM = ("WITH swept AS (" + SWEEP + ") INSERT INTO palette_api.idempotency (scope, key, request_hash) "
+         "VALUES (%(s)s, %(k)s, %(h)s) ON CONFLICT DO NOTHING RETURNING 1")

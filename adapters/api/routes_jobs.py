@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
 from adapters.api.envelope import ApiError, ok
-from adapters.api.idempotency import id_for_key, unflushed
+from adapters.api.idempotency import id_for_key
 from adapters.api.rate_limit import RateLimited
 from adapters.api.schemas import (
     CallbackCreate,
@@ -47,6 +47,7 @@ from adapters.api.schemas import (
     UploadSlot,
 )
 from adapters.bootstrap import Container
+from adapters.loop_pg import LoopConnections
 from application.services import PaletteService, RerunSource
 from application.unit_of_work import Committed
 from domain.contracts.callback import CALLBACK_WINDOW_S, verify_callback
@@ -407,7 +408,7 @@ async def callback(
                            signature=x_palette_signature, nonce=x_palette_nonce,
                            allow_shared_secret=not container.settings.callback_require_signature):
         raise ApiError("AUTH_INVALID", "callback authentication failed")
-    if x_palette_signature is not None and not await run_in_threadpool(_first_use, container, x_palette_signature):
+    if x_palette_signature is not None and not await _first_use(request.app.state.unflushed, x_palette_signature):
         raise ApiError("AUTH_INVALID", "callback replayed")
     request.app.state.callback_limits.take(job_id)  # after auth: strangers cannot spend a job's budget
     try:
@@ -425,18 +426,18 @@ async def callback(
                              job_status=r.finished.value if r.finished else None))
 
 
-def _first_use(container: Container, signature: str) -> bool:
+async def _first_use(connections: LoopConnections, signature: str) -> bool:
     """Record a verified signature; False when it was seen inside the window (a replay). Rows
     older than two windows can never match a valid timestamp again and are dropped now and then.
     Not flushed at commit: a signature a database crash forgets can be replayed once, and its
     result is then a repeat the job already recorded (results carry their idempotency key)."""
-    with unflushed(container.read_pool) as conn:
-        fresh = conn.execute(
+    async with connections.connection() as conn:
+        fresh = await (await conn.execute(
             "INSERT INTO palette_api.callback_signatures (signature) VALUES (%s) ON CONFLICT DO NOTHING "
-            "RETURNING 1", [signature]).fetchone() is not None
+            "RETURNING 1", [signature])).fetchone() is not None
         if fresh and secrets.randbelow(500) == 0:
-            conn.execute("DELETE FROM palette_api.callback_signatures WHERE seen_at < now() - %s * interval '1 second'",
-                         [2 * CALLBACK_WINDOW_S])
+            await conn.execute("DELETE FROM palette_api.callback_signatures "
+                               "WHERE seen_at < now() - %s * interval '1 second'", [2 * CALLBACK_WINDOW_S])
     return fresh
 
 

@@ -115,8 +115,10 @@ def test_a_key_expires_after_its_ttl(client: Client, db: psycopg.Connection, set
     assert first.status_code == 201, first.text
     replayed = client.call("POST", "/rules", json=_rule("first"), headers={"Idempotency-Key": key})
     assert replayed.headers.get("idempotent-replayed") == "true"
-    db.execute("UPDATE palette_api.idempotency SET created_at = now() - %s * interval '1 second' WHERE key = %s",
-               [settings.idempotency_ttl_s + 60, key])
+    # Older than any other expired key: the claim's own sweep takes the oldest first, and must
+    # leave the key it claims to be taken over (deleting it in the same statement made a 422).
+    db.execute("UPDATE palette_api.idempotency SET created_at = now() - %s * interval '1 second' "
+               "- interval '50 years' WHERE key = %s", [settings.idempotency_ttl_s + 60, key])
     fresh = client.call("POST", "/rules", json=_rule("second"), headers={"Idempotency-Key": key})
     assert fresh.status_code == 201, fresh.text  # today: 422, "reused with a different request"
     assert "idempotent-replayed" not in fresh.headers
