@@ -14,10 +14,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from adapters.api.deps import VerifiedTokens
-from adapters.api.envelope import CODE_BY_STATUS, STATUS_BY_CODE, ApiError, RequestIds, fail, request_id_var
+from adapters.api.envelope import CODE_BY_STATUS, STATUS_BY_CODE, ApiError, fail, request_id_var
 from adapters.api.idempotency import unflushed
 from adapters.api.links import add_links
 from adapters.api.rate_limit import RateLimited, TokenBuckets
@@ -28,44 +28,8 @@ from domain.errors import DomainError
 
 log = logging.getLogger("palette.api")
 
-MAX_BODY_BYTES = 64 * 1024
 THREADS = 256
 API_POOL_SIZE = 16  # event store and read-pool connections of one API process
-
-
-class BodyLimit:
-    """Refuses bodies over the cap with 413 before the app reads them (chunked bodies too)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.request_ids = RequestIds()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        token = request_id_var.set(self.request_ids.next())
-        try:
-            headers = dict(scope.get("headers") or [])
-            length = headers.get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-                await fail("PAYLOAD_TOO_LARGE", f"body over {self.max_bytes} bytes")(scope, receive, send)
-                return
-            seen = 0
-
-            async def limited() -> Message:
-                nonlocal seen
-                message = await receive()
-                if message["type"] == "http.request":
-                    seen += len(message.get("body", b""))
-                    if seen > self.max_bytes:
-                        raise ApiError("PAYLOAD_TOO_LARGE", f"body over {self.max_bytes} bytes")
-                return message
-
-            await self.app(scope, limited, send)
-        finally:
-            request_id_var.reset(token)
 
 
 def create_app(container: Container, owns_container: bool = False) -> FastAPI:
@@ -93,7 +57,7 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
 
     app = FastAPI(
         lifespan=lifespan,
-        # RequestContext owns each request's span: FastAPI's own would be a second span per
+        # RequestEdge owns each request's span: FastAPI's own would be a second span per
         # request (a fifth of a cheap request's time) continuing any client's traceparent.
         telemetry={"tracing": False, "metrics": False, "logs": False},
         title="Palette API",
@@ -160,8 +124,8 @@ def create_asgi(container: Container, owns_container: bool = False,
                 registry: CollectorRegistry | None = None) -> ASGIApp:
     """The app wrapped in the body cap, the request's context (trace, log ids), its metrics
     (into ``registry``, with the group committer's) and Idempotency-Key handling (what uvicorn serves)."""
+    from adapters.api.edge import RequestEdge
     from adapters.api.idempotency import IdempotencyKeys, ensure_schema
-    from adapters.api.metrics import HttpMetrics, RequestContext
     from adapters.observability import command_metrics
     from adapters.settings import trusted_networks
 
@@ -173,9 +137,7 @@ def create_asgi(container: Container, owns_container: bool = False,
     registry = registry or CollectorRegistry()
     if container.committer is not None:
         command_metrics(container.committer, registry)
-    # The metrics outermost: a body refused by the cap (413) is counted too.
-    trusted = trusted_networks(container.settings.trace_trusted_peers)
-    return HttpMetrics(BodyLimit(RequestContext(keys, trusted), MAX_BODY_BYTES), registry)
+    return RequestEdge(keys, registry, trusted=trusted_networks(container.settings.trace_trusted_peers))
 
 
 def worker_asgi(naive: bool) -> ASGIApp:

@@ -8,7 +8,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from adapters.api.metrics import HttpMetrics
+from adapters.api.edge import RequestEdge
 
 
 async def job(request):  # type: ignore[no-untyped-def]
@@ -17,7 +17,7 @@ async def job(request):  # type: ignore[no-untyped-def]
 
 def test_requests_are_counted_by_route_template_method_and_status():
     registry = CollectorRegistry()
-    app = HttpMetrics(Starlette(routes=[Route("/jobs/{job_id}", job, methods=["GET", "POST"])]), registry)
+    app = RequestEdge(Starlette(routes=[Route("/jobs/{job_id}", job, methods=["GET", "POST"])]), registry)
     with TestClient(app) as client:
         for n in range(5):
             client.get(f"/jobs/{n}")

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
 
 from adapters import tracing
-from adapters.api.metrics import RequestContext, trusted_peer
+from adapters.api.edge import RequestEdge, trusted_peer
 from adapters.settings import DEV_TRACE_TRUSTED_PEERS, Settings, SettingsError, load_settings, trusted_networks
 from domain.contracts import trace as contract
 
@@ -28,7 +29,11 @@ def spans() -> InMemorySpanExporter:
     return exporter
 
 
-def serve_one(context_of: RequestContext, peer: tuple[str, int] | None, headers: list[tuple[bytes, bytes]]) -> str:
+def edge(trusted: Any) -> RequestEdge:
+    return RequestEdge(None, CollectorRegistry(), trusted=trusted)  # type: ignore[arg-type]
+
+
+def serve_one(context_of: RequestEdge, peer: tuple[str, int] | None, headers: list[tuple[bytes, bytes]]) -> str:
     """The traceparent the request's handler ran under."""
     seen: list[str] = []
 
@@ -60,13 +65,13 @@ def test_only_a_peer_in_a_trusted_network_is_trusted(peer, trusted):
 
 
 def test_a_trusted_peers_traceparent_is_continued(spans):
-    got = serve_one(RequestContext(None, LOOPBACK), ("127.0.0.1", 40000), [(b"traceparent", SENT.encode())])  # type: ignore[arg-type]
+    got = serve_one(edge(LOOPBACK), ("127.0.0.1", 40000), [(b"traceparent", SENT.encode())])
     assert contract.trace_id(got) == SENT[3:35] and got != SENT  # the same trace, a span of its own
 
 
 def test_an_untrusted_clients_traceparent_starts_a_new_trace_linked_to_it(spans):
     spans.clear()
-    got = serve_one(RequestContext(None, LOOPBACK), ("203.0.113.9", 40000), [(b"traceparent", SENT.encode())])  # type: ignore[arg-type]
+    got = serve_one(edge(LOOPBACK), ("203.0.113.9", 40000), [(b"traceparent", SENT.encode())])
     assert contract.valid(got) and contract.trace_id(got) != SENT[3:35]
     [span] = [s for s in spans.get_finished_spans() if s.name == "HTTP POST"]
     assert format(span.context.trace_id, "032x") == contract.trace_id(got)
@@ -74,14 +79,14 @@ def test_an_untrusted_clients_traceparent_starts_a_new_trace_linked_to_it(spans)
 
 
 def test_nothing_trusted_means_every_request_starts_its_own_trace(spans):
-    first = serve_one(RequestContext(None, ()), ("127.0.0.1", 40000), [(b"traceparent", SENT.encode())])  # type: ignore[arg-type]
-    second = serve_one(RequestContext(None, ()), ("127.0.0.1", 40001), [])  # type: ignore[arg-type]
+    first = serve_one(edge(()), ("127.0.0.1", 40000), [(b"traceparent", SENT.encode())])
+    second = serve_one(edge(()), ("127.0.0.1", 40001), [])
     assert contract.trace_id(first) not in ("", SENT[3:35], contract.trace_id(second))
 
 
 def test_a_malformed_traceparent_from_a_trusted_peer_starts_a_new_trace_without_a_link(spans):
     spans.clear()
-    got = serve_one(RequestContext(None, LOOPBACK), ("127.0.0.1", 40000), [(b"traceparent", b"00-junk")])  # type: ignore[arg-type]
+    got = serve_one(edge(LOOPBACK), ("127.0.0.1", 40000), [(b"traceparent", b"00-junk")])
     assert contract.valid(got)
     [span] = [s for s in spans.get_finished_spans() if s.name == "HTTP POST"]
     assert not span.links
