@@ -25,6 +25,10 @@ class ObjectStore(Protocol):
         """The keys among ``keys`` that do not exist in the store."""
         ...
 
+    async def missing_async(self, keys: Sequence[str]) -> list[str]:
+        """missing from an event loop."""
+        ...
+
 
 class StreamLoader(Protocol):
     def newer_than(self, versions: Mapping[UUID, int]) -> list[StoredEvent]:

@@ -338,11 +338,12 @@ class PaletteService:
         return self.executor.execute(self.confirm_upload_command(user_id, job_id))
 
     async def confirm_upload_async(self, user_id: UUID, job_id: UUID) -> Committed[str]:
-        """confirm_upload from an event loop (only the object store's listing takes a thread)."""
+        """confirm_upload from an event loop."""
         if self.store is not None:
-            state = await self.executor.read_async(job_id, functools.partial(self._upload_state, user_id))
-            if state[0] == "created":
-                await anyio.to_thread.run_sync(self._check_inputs, user_id, job_id, state)
+            status, item_count = await self.executor.read_async(job_id, functools.partial(self._upload_state, user_id))
+            if status == "created":
+                keys = _input_keys(user_id, job_id, item_count)
+                _require(keys, await self.store.missing_async(keys))
         return await self.run(self.confirm_upload_command(user_id, job_id))
 
     @staticmethod
@@ -357,10 +358,8 @@ class PaletteService:
         status, item_count = state
         if status != "created" or self.store is None:
             return
-        keys = [input_key(user_id, job_id, i) for i in range(item_count)]
-        missing = set(self.store.missing(keys))
-        if missing:
-            raise InputsMissing([i for i, k in enumerate(keys) if k in missing])
+        keys = _input_keys(user_id, job_id, item_count)
+        _require(keys, self.store.missing(keys))
 
     def confirm_upload_command(self, user_id: UUID, job_id: UUID) -> Command[str]:
         at = self.clock.now()
@@ -640,3 +639,14 @@ class PaletteService:
         if rule is None or rule.user_id != user_id or rule.deleted:
             raise NotFound("rule not found")
         return rule
+
+
+def _input_keys(user_id: UUID, job_id: UUID, item_count: int) -> list[str]:
+    return [input_key(user_id, job_id, i) for i in range(item_count)]
+
+
+def _require(keys: list[str], missing: list[str]) -> None:
+    """InputsMissing naming the items whose input is among ``missing``."""
+    if missing:
+        gone = set(missing)
+        raise InputsMissing([i for i, k in enumerate(keys) if k in gone])

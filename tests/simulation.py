@@ -63,6 +63,9 @@ class Uploads:
     def missing(self, keys: Any) -> list[str]:
         return [k for k in keys if k not in self.keys]
 
+    async def missing_async(self, keys: Any) -> list[str]:
+        return self.missing(keys)
+
 
 @dataclass(frozen=True)
 class Record:

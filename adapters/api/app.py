@@ -50,8 +50,7 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
             if (views := container.service.user_views) is not None:
                 await views.versions.close()
             await app.state.unflushed.close()
-            if container.loop_connections is not None:
-                await container.loop_connections.close()
+            await container.close_loop()
             if owns_container:
                 container.close()
 
