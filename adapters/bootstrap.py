@@ -15,7 +15,7 @@ from adapters.api.consistency import LastWrites
 from adapters.keyring import PgKeyring
 from adapters.keyring import ensure_schema as ensure_keyring_schema
 from adapters.loop_pg import LoopConnections
-from adapters.pg_streams import pg_stream_loader, pg_stream_versions
+from adapters.pg_streams import insert_in_one_round_trip, pg_stream_loader, pg_stream_versions
 from adapters.s3_listing import S3Listing
 from adapters.settings import Settings
 from adapters.system import RandomIds, SystemClock
@@ -60,7 +60,13 @@ def open_event_store(settings: Settings, pool_size: int = 8) -> PaletteApplicati
 
     for attempt in range(5):
         try:
-            return PaletteApplication(env=event_store_env(settings, pool_size=pool_size))
+            app = PaletteApplication(env=event_store_env(settings, pool_size=pool_size))
+            try:
+                insert_in_one_round_trip(app)
+            except BaseException:
+                app.close()
+                raise
+            return app
         except InternalError:
             if attempt == 4:
                 raise
