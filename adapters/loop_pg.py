@@ -23,7 +23,7 @@ class LoopConnections:
     WAL flush (``synchronous_commit`` off for the whole session): for records a database crash
     may forget (see adapters.api.idempotency)."""
 
-    def __init__(self, conninfo: str, size: int = 4, flushed: bool = True, timeout_s: float = 10.0) -> None:
+    def __init__(self, conninfo: str, size: int = 8, flushed: bool = True, timeout_s: float = 10.0) -> None:
         self.conninfo = conninfo
         self.size = size
         self.flushed = flushed

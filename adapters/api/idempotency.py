@@ -36,7 +36,7 @@ STALE_S = 15  # an in-flight claim this old belongs to a process that died: a re
 DEFAULT_TTL_S = 24 * 3600.0
 SWEEP_BATCH = 16  # expired keys deleted per claim (which adds at most one): the sweep outpaces growth
 KEY_NAMESPACE = uuid.UUID("6f1c3a52-8d0e-4b8e-9a57-6c1f0e0b7d21")
-UNFLUSHED_CONNECTIONS = 4  # a loop's: a claim is one round trip
+UNFLUSHED_CONNECTIONS = 8  # a loop's: under 128 paced sessions 4 made claims queue
 
 
 def id_for_key(user_id: uuid.UUID, kind: str, key: str | None) -> uuid.UUID | None:
