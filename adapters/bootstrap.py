@@ -148,7 +148,8 @@ def build(settings: Settings, *, naive: bool = False, pool_size: int = 8) -> Con
     with read_pool.connection() as conn:
         ensure_schema(conn)
         ensure_keyring_schema(conn)
-    # The naive baseline keeps the first design's I/O: a worker thread for each key and listing.
+    # The naive baseline also makes data keys and lists inputs on a worker thread each (its
+    # Idempotency-Key claims, callback signatures and event inserts go as the API's do).
     connections = None if naive else LoopConnections(settings.effective_database_url)
     listing = None if naive else S3Listing.from_settings(settings)
     service = PaletteService(

@@ -4,7 +4,9 @@ A request's short statement (an idempotency claim, a callback signature, a user'
 the loop costs a third of the CPU it costs through a worker thread and a pooled blocking
 connection (0.26-0.36 ms against 0.64-1.07 ms a statement, 2,000 statements 32 at a time), and
 holds no thread. The connections of a loop are made on first use, at most ``size`` of them; one
-whose statement failed is closed, not reused; ``close`` closes the running loop's.
+whose statement failed is closed, not reused; ``close`` closes the running loop's idle ones (one in
+use then is closed when its block ends), and those of a loop that ended are closed when another
+loop first asks.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class LoopConnections:
         here = self._by_loop.get(loop)
         if here is None:
             for gone in [old for old in self._by_loop if old.is_closed()]:
-                del self._by_loop[gone]
+                for conn in self._by_loop.pop(gone).idle:  # that loop cannot close them any more
+                    conn.pgconn.finish()
             here = self._by_loop[loop] = _Connections(self)
         return here
 
@@ -64,6 +67,7 @@ class _Connections:
         self.owner = owner
         self.slots = asyncio.Semaphore(owner.size)
         self.idle: list[psycopg.AsyncConnection[Any]] = []
+        self.closed = False
 
     async def take(self) -> psycopg.AsyncConnection[Any]:
         try:
@@ -93,10 +97,10 @@ class _Connections:
         return conn
 
     async def give(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        if not conn.closed and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        if not self.closed and not conn.closed and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
             self.idle.append(conn)
             self.slots.release()
-        else:  # left inside a transaction (or broken): not reusable as it is
+        else:  # closed meanwhile, or left inside a transaction (or broken): not reusable as it is
             await self.drop(conn)
 
     async def drop(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -105,6 +109,7 @@ class _Connections:
             await conn.close()
 
     async def close(self) -> None:
+        self.closed = True
         idle, self.idle = self.idle, []
         for conn in idle:
             with contextlib.suppress(Exception):

@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import hmac
 import os.path
+import random
+import re
 import ssl
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -23,16 +25,20 @@ from adapters.settings import Settings
 
 S3 = "{http://s3.amazonaws.com/doc/2006-03-01/}"  # the namespace of S3's answers, in Clark notation
 HEAD_LIMIT = 64 * 1024  # the longest status line and headers read (the stream reader's limit)
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,12}")
+RETRY_PAUSE_S = (0.05, 0.25)  # before the one retry of a LIST the store refused (5xx) or never answered
 
 
 class ListingFailed(Exception):
     """A LIST did not succeed: S3 answered an error (``status``, its ``code``), broke HTTP, took
     too long or could not be reached. The message never holds the request (it is signed)."""
 
-    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, code: str | None = None,
+                 retriable: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.retriable = retriable  # worth asking once more: a 5xx, a timeout, a network error
 
 
 class _Stale(Exception):
@@ -58,8 +64,10 @@ class S3Listing:
     signed as boto3's ``generate_presigned_url("list_objects_v2")`` signs them (SigV4 query auth,
     path-style, host signed, unsigned payload; keys URL-encoded in the answer, as boto3 asks, so
     that any key survives XML). Each event loop keeps up to ``max_idle`` connections alive; one the
-    server closed meanwhile is retried once on a new connection. A request (connect, send, answer)
-    takes at most ``timeout_s``; an answer over ``max_answer_bytes`` is refused."""
+    server closed meanwhile is retried once on a new connection, and a LIST the store refused with
+    a 5xx or never answered is asked once more. At most ``max_connections`` requests are in flight
+    on a loop. A request (waiting for a connection, connect, send, answer) takes at most
+    ``timeout_s``; an answer over ``max_answer_bytes`` is refused."""
 
     def __init__(
         self,
@@ -73,6 +81,7 @@ class S3Listing:
         timeout_s: float = 10.0,
         max_answer_bytes: int = 8 << 20,
         max_idle: int = 8,
+        max_connections: int = 16,
         expires_s: int = 900,
     ) -> None:
         parts = urlsplit(endpoint)
@@ -89,6 +98,7 @@ class S3Listing:
         self.timeout_s = timeout_s
         self.max_answer_bytes = max_answer_bytes
         self.max_idle = max_idle
+        self.max_connections = max_connections
         self._hostname = parts.hostname
         self._port = parts.port or default_port
         self._tls = ssl.create_default_context() if parts.scheme == "https" else None
@@ -100,6 +110,7 @@ class S3Listing:
         self._expires = str(expires_s)
         self._signing: tuple[str, str, str, bytes] = ("", "", "", b"")  # see _day
         self._idle: dict[asyncio.AbstractEventLoop, list[_Connection]] = {}
+        self._slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, *, max_keys: int = 1000, timeout_s: float = 10.0) -> S3Listing:
@@ -186,21 +197,44 @@ class S3Listing:
         return idle
 
     async def _get(self, target: str) -> bytes:
-        """The body of a 200 answer to GET ``target``."""
+        """The body of a 200 answer to GET ``target``, asked once more (after a short pause) when
+        the store answered 5xx or could not be reached, as boto3's standard retry mode does."""
+        try:
+            return await self._get_once(target)
+        except ListingFailed as e:
+            if not e.retriable:
+                raise
+        await asyncio.sleep(random.uniform(*RETRY_PAUSE_S))
+        return await self._get_once(target)
+
+    async def _get_once(self, target: str) -> bytes:
         request = f"GET {target} HTTP/1.1\r\nHost: {self._host}\r\nAccept-Encoding: identity\r\n\r\n".encode()
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(self.timeout_s), self._slots_here():
                 status, body = await self._answer(request)
         except TimeoutError as e:
-            raise ListingFailed(f"S3 LIST in bucket {self.bucket!r} took over {self.timeout_s} s") from e
+            raise ListingFailed(f"S3 LIST in bucket {self.bucket!r} took over {self.timeout_s} s",
+                                retriable=True) from e
         except (OSError, EOFError, asyncio.LimitOverrunError) as e:
-            raise ListingFailed(f"S3 LIST in bucket {self.bucket!r} failed ({type(e).__name__}: {e})") from e
+            raise ListingFailed(f"S3 LIST in bucket {self.bucket!r} failed ({type(e).__name__}: {e})",
+                                retriable=isinstance(e, OSError)) from e
         if status != 200:
             code = _error_code(body)
             raise ListingFailed(
-                f"S3 LIST in bucket {self.bucket!r} answered {status} {code or '(no code)'}", status, code
+                f"S3 LIST in bucket {self.bucket!r} answered {status} {code or '(no code)'}", status, code,
+                retriable=status >= 500,
             )
         return body
+
+    def _slots_here(self) -> asyncio.Semaphore:
+        """The running loop's requests in flight, at most ``max_connections`` (each holds one)."""
+        loop = asyncio.get_running_loop()
+        slots = self._slots.get(loop)
+        if slots is None:
+            for gone in [old for old in list(self._slots) if old.is_closed()]:
+                self._slots.pop(gone, None)
+            slots = self._slots[loop] = asyncio.Semaphore(self.max_connections)
+        return slots
 
     async def _answer(self, request: bytes) -> tuple[int, bytes]:
         idle = self._idle_here()
@@ -282,7 +316,7 @@ class S3Listing:
             return status, keep_alive, await self._chunked(reader)
         if "content-length" in headers:
             length = headers["content-length"]
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit() and len(length) <= 12):
                 raise ListingFailed("S3 answered a malformed Content-Length")
             self._check_size(int(length))
             return status, keep_alive, await reader.readexactly(int(length))
@@ -293,10 +327,10 @@ class S3Listing:
         size = 0
         while True:
             line = await reader.readuntil(b"\r\n")
-            try:
-                chunk = int(line.partition(b";")[0].strip(), 16)
-            except ValueError:
-                raise ListingFailed("S3 answered a malformed chunk size") from None
+            size_field = line.partition(b";")[0].strip()
+            if not CHUNK_SIZE.fullmatch(size_field):
+                raise ListingFailed("S3 answered a malformed chunk size")
+            chunk = int(size_field, 16)
             if chunk == 0:
                 break
             size += chunk

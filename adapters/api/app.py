@@ -39,8 +39,8 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # Commands wait on the group committer without a thread; the naive path and the object
-        # store's listings still take one each, and more of them make its batches bigger.
+        # Commands wait on the group committer without a thread; the naive path (its commands,
+        # data keys and listings) and the analysts' and erasure's reads still take one each.
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
         watching = asyncio.create_task(app.state.erased_users.run())
         try:

@@ -83,7 +83,7 @@ class RequestEdge:
         try:
             sent, length = "", None
             for name, value in scope.get("headers") or ():
-                if name == b"traceparent":
+                if name == b"traceparent" and not sent:  # the first one, as before
                     sent = value.decode("latin-1")
                 elif name == b"content-length":
                     length = value

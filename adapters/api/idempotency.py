@@ -36,6 +36,7 @@ STALE_S = 15  # an in-flight claim this old belongs to a process that died: a re
 DEFAULT_TTL_S = 24 * 3600.0
 SWEEP_BATCH = 16  # expired keys deleted per claim (which adds at most one): the sweep outpaces growth
 KEY_NAMESPACE = uuid.UUID("6f1c3a52-8d0e-4b8e-9a57-6c1f0e0b7d21")
+CLAIM_ATTEMPTS = 3  # a key released or swept between a claim's statements is claimed again
 UNFLUSHED_CONNECTIONS = 8  # a loop's: under 128 paced sessions 4 made claims queue
 
 
@@ -125,10 +126,10 @@ class IdempotencyKeys:
         request_hash = hashlib.sha256(scope["path"].encode() + b"\n" + body).hexdigest()
         claimed, stored = await self._claim(owner, key, request_hash)
         if not claimed:
-            if stored is None or stored[0] != request_hash:
+            if stored is not None and stored[0] != request_hash:
                 await self.fail("VALIDATION_FAILED", "Idempotency-Key reused with a different request",
                                 status=422)(scope, receive, send)
-            elif stored[1] is None:
+            elif stored is None or stored[1] is None:
                 await self.fail("CONFLICT", "a request with this Idempotency-Key is still in flight",
                                 status=409)(scope, receive, send)
             else:
@@ -187,23 +188,29 @@ class IdempotencyKeys:
     async def _claim(self, owner: str, key: str,
                      request_hash: str) -> tuple[bool, tuple[str, int | None, Any, Any] | None]:
         async with self.connections.connection() as conn:
-            # The sweep rides along in the claim's statement: one round trip for a new key.
-            inserted = await (await conn.execute(CLAIM, {
-                "ttl": self.ttl_s, "limit": SWEEP_BATCH, "s": owner, "k": key, "h": request_hash})).fetchone()
-            if inserted:
-                return True, None
-            # An expired key is a new key; a stale claim of the same request is taken over.
-            taken_over = await (await conn.execute(
-                "UPDATE palette_api.idempotency SET request_hash = %(h)s, status = NULL, headers = NULL, "
-                "body = NULL, created_at = now() WHERE scope = %(s)s AND key = %(k)s AND ("
-                "created_at < now() - %(ttl)s * interval '1 second' OR (request_hash = %(h)s AND status IS NULL "
-                "AND created_at < now() - %(stale)s * interval '1 second')) RETURNING 1",
-                {"h": request_hash, "s": owner, "k": key, "ttl": self.ttl_s, "stale": STALE_S})).fetchone()
-            if taken_over:
-                return True, None
-            row = await (await conn.execute("SELECT request_hash, status, headers, body FROM palette_api.idempotency "
-                                            "WHERE scope = %s AND key = %s", [owner, key])).fetchone()
-            return False, (row[0], row[1], row[2], row[3]) if row else None
+            for _ in range(CLAIM_ATTEMPTS):
+                # The sweep rides along in the claim's statement: one round trip for a new key.
+                inserted = await (await conn.execute(CLAIM, {
+                    "ttl": self.ttl_s, "limit": SWEEP_BATCH, "s": owner, "k": key, "h": request_hash})).fetchone()
+                if inserted:
+                    return True, None
+                # An expired key is a new key; a stale claim of the same request is taken over.
+                taken_over = await (await conn.execute(
+                    "UPDATE palette_api.idempotency SET request_hash = %(h)s, status = NULL, headers = NULL, "
+                    "body = NULL, created_at = now() WHERE scope = %(s)s AND key = %(k)s AND ("
+                    "created_at < now() - %(ttl)s * interval '1 second' OR (request_hash = %(h)s AND status IS NULL "
+                    "AND created_at < now() - %(stale)s * interval '1 second')) RETURNING 1",
+                    {"h": request_hash, "s": owner, "k": key, "ttl": self.ttl_s, "stale": STALE_S})).fetchone()
+                if taken_over:
+                    return True, None
+                row = await (await conn.execute(
+                    "SELECT request_hash, status, headers, body FROM palette_api.idempotency "
+                    "WHERE scope = %s AND key = %s", [owner, key])).fetchone()
+                if row is not None:
+                    return False, (row[0], row[1], row[2], row[3])
+                # Gone since the insert found it (released by its request, or swept by another
+                # claim): claim it again, never answer a retry of the same request with a 422.
+        return False, None  # still vanishing each time: the caller answers "in flight" (409)
 
     async def _store(self, owner: str, key: str, status: int, headers: Any, body: bytes) -> None:
         async with self.connections.connection() as conn:

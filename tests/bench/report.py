@@ -13,6 +13,7 @@ from tests.bench.recovery import RECOVERED_MS, RESTART_LIMIT_S, RESTART_WARM_S, 
 from tests.bench.relay import ACK_SAMPLES, FAST_LAG_EVENTS_PER_S, LAG_EVENTS_PER_S
 
 NAIVE_PATH = "one load-decide-save per command, no cache"
+NAIVE_API = f"{NAIVE_PATH}, data keys and input listings (boto3) on a worker thread each"
 LAG = (f"job creations (2 events each) offered at {LAG_EVENTS_PER_S} events/s, the stack's relay and projector "
        "processes running")
 FAST = f"_{FAST_LAG_EVENTS_PER_S}"
@@ -36,8 +37,8 @@ MEASURES: dict[str, str] = {
     "requests_per_s": f"HTTP API requests per second, {SESSIONS} ({WRK}); without wrk: {HTTP_CLIENTS} concurrent "
                       "users in 2 Python client processes, per second of API time, S3 uploads untimed",
     "commands_per_s": "the commands (the 5 POSTs of a session) among those requests, per second",
-    "naive_requests_per_s": f"requests_per_s against `palette serve api --naive` ({NAIVE_PATH})",
-    "naive_commands_per_s": f"commands_per_s against `palette serve api --naive` ({NAIVE_PATH})",
+    "naive_requests_per_s": f"requests_per_s against `palette serve api --naive` ({NAIVE_API})",
+    "naive_commands_per_s": f"commands_per_s against `palette serve api --naive` ({NAIVE_API})",
     "api_p50_ms": f"latency of the session requests paced at {LATENCY_LOAD:.0%} of requests_per_s: wrk with "
                   f"session.lua scheduling request i at start + i / rate ({LATENCY_CONNECTIONS} connections, latency "
                   "from each request's write, as wrk measures; a late schedule is not charged to it); without wrk: "

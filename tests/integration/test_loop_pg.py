@@ -92,12 +92,19 @@ def test_unflushed_connections_commit_without_waiting_for_the_flush(settings: Se
     assert asyncio.run(setting(flushed=True)) == "on"
 
 
-def test_each_event_loop_has_connections_of_its_own(settings: Settings) -> None:
+def test_each_event_loop_has_connections_of_its_own_and_an_ended_loops_are_closed(settings: Settings) -> None:
+    import time
+
     connections = LoopConnections(settings.effective_database_url, size=1)
     first = asyncio.run(_pid(connections))  # that loop closes with its connection still idle
-    second = asyncio.run(_pid(connections))  # a new loop never touches the old loop's connection
+    second = asyncio.run(_pid(connections))  # a new loop never touches the old loop's connection...
     assert second != first
-    assert len(connections._by_loop) == 1  # the closed loop's were dropped
+    assert len(connections._by_loop) == 1
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as watcher:
+        deadline, alive = time.monotonic() + 10, True
+        while alive and time.monotonic() < deadline:  # ...but closes it (its server process ends)
+            alive = watcher.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [first]).fetchone() is not None
+        assert not alive
 
 
 def test_keys_made_on_the_loop_are_the_keyrings_even_made_at_once_and_never_for_an_erased_user(

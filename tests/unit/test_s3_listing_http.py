@@ -286,6 +286,7 @@ def test_an_s3_error_names_its_status_and_code_and_never_the_credentials(serve: 
     with pytest.raises(ListingFailed) as failed:
         run(listing_of(server).keys("in/"))
     assert (failed.value.status, failed.value.code) == (403, "AccessDenied")
+    assert len(server.requests) == 1  # refused: not asked again
     assert "403 AccessDenied" in str(failed.value)
     assert not any(s in str(failed.value) for s in (SECRET, "AKID", "Signature", "X-Amz"))
 
@@ -295,6 +296,42 @@ def test_an_error_without_an_s3_body_names_its_status(serve: Serve, run: Run) ->
     with pytest.raises(ListingFailed, match="502") as failed:
         run(listing_of(server).keys("in/"))
     assert (failed.value.status, failed.value.code) == (502, None)
+
+
+def test_a_store_refusing_once_with_a_5xx_is_asked_again_and_twice_fails(serve: Serve, run: Run) -> None:
+    slow_down = b"<Error><Code>SlowDown</Code></Error>"
+    once = serve(lambda r: answer(slow_down, "503 Slow Down") if len(once.requests) == 1 else answer(page(KEYS)))
+    assert run(listing_of(once).keys("in/")) == set(KEYS)
+    assert len(once.requests) == 2
+    always = serve(lambda r: answer(slow_down, "503 Slow Down"))
+    with pytest.raises(ListingFailed, match="503 SlowDown"):
+        run(listing_of(always).keys("in/"))
+    assert len(always.requests) == 2
+
+
+@pytest.mark.parametrize("framing", [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nabc\r\n0\r\n\r\n",
+    "HTTP/1.1 200 OK\r\nContent-Length: \u00b2\r\n\r\nab".encode(),
+    b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+], ids=["negative-chunk", "superscript-length", "5000-digit-length"])
+def test_a_malformed_framing_fails_as_a_listing_failure(serve: Serve, run: Run, framing: bytes) -> None:
+    server = serve(lambda r: Last(framing))
+    with pytest.raises(ListingFailed, match="malformed"):
+        run(listing_of(server).keys("in/"))
+
+
+def test_at_most_max_connections_requests_are_in_flight_on_a_loop(serve: Serve, run: Run) -> None:
+    server = serve(lambda r: answer(page(KEYS)))
+    listing = listing_of(server, max_connections=2)
+
+    async def scenario() -> list[set[str]]:
+        try:
+            return list(await asyncio.gather(*(listing.keys("in/") for _ in range(6))))
+        finally:
+            await listing.close()
+
+    assert run(scenario()) == [set(KEYS)] * 6
+    assert server.connections == 2 and len(server.requests) == 6
 
 
 def test_an_answer_that_is_not_http_fails(serve: Serve, run: Run) -> None:

@@ -1,0 +1,87 @@
+"""Idempotency-Key claims against PostgreSQL when another request moves the key between the
+claim's statements (adapters.api.idempotency on the loop's own connections)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+
+from adapters.api.envelope import fail
+from adapters.api.idempotency import IdempotencyKeys, ensure_schema, unflushed
+from adapters.settings import Settings
+
+
+class Tokens:
+    def __init__(self, user_id: uuid.UUID) -> None:
+        self.user_id = user_id
+
+    def verify(self, token: str) -> tuple[uuid.UUID, str]:
+        return self.user_id, "client"
+
+
+def test_a_key_released_while_its_retry_claims_it_is_claimed_again_not_refused_as_another_request(
+    settings: Settings,
+) -> None:
+    url = settings.effective_database_url
+    with psycopg.connect(url, autocommit=True) as conn:
+        ensure_schema(conn)
+    user_id, key = uuid.uuid4(), f"k-{uuid.uuid4().hex}"
+    connections = unflushed(url)
+    ran: list[bool] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        ran.append(True)
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"made"})
+
+    keys = IdempotencyKeys(app, connections, Tokens(user_id), fail)
+    # The first request is in flight: its claim is there, for the very same body.
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO palette_api.idempotency (scope, key, request_hash) VALUES (%s, %s, %s)",
+                     [f"user:{user_id}", key, hashlib.sha256(b"/rules\n{}").hexdigest()])
+    plain = connections.connection
+
+    @contextlib.asynccontextmanager
+    async def releasing_after_the_first_statement() -> AsyncIterator[Any]:
+        async with plain() as conn:
+            execute, statements = conn.execute, []
+
+            async def hooked(*args: Any, **kwargs: Any) -> Any:
+                cursor = await execute(*args, **kwargs)
+                statements.append(args[0])
+                if len(statements) == 1:  # the insert found the claim: now the first request fails (released)
+                    with psycopg.connect(url, autocommit=True) as other:
+                        other.execute("DELETE FROM palette_api.idempotency WHERE key = %s", [key])
+                return cursor
+
+            conn.execute = hooked
+            yield conn
+
+    connections.connection = releasing_after_the_first_statement  # type: ignore[method-assign]
+
+    async def retry() -> int:
+        sent: list[Any] = []
+
+        async def receive() -> Any:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/rules",
+                 "headers": [(b"authorization", b"Bearer t"), (b"idempotency-key", key.encode())]}
+        try:
+            await keys(scope, receive, send)
+        finally:
+            connections.connection = plain  # type: ignore[method-assign]
+            await connections.close()
+        return int(next(m["status"] for m in sent if m["type"] == "http.response.start"))
+
+    assert asyncio.run(retry()) == 201  # before: 422, "reused with a different request"
+    assert ran == [True]
