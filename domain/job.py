@@ -19,6 +19,7 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate
 
 from domain.errors import InvalidState, ValidationFailed
+from domain.stream import Stream
 
 MAX_ITEMS = 200
 MAX_ERROR_LEN = 500
@@ -64,7 +65,7 @@ class RecordedResult:
     finished: JobStatus | None = None
 
 
-class Job(Aggregate):
+class Job(Stream):
     class JobCreated(Aggregate.Created):
         user_id: UUID
         preset: str

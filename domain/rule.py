@@ -13,11 +13,12 @@ from eventsourcing.domain import Aggregate
 
 from domain.contracts.personal import sealed_owner
 from domain.errors import NotFound, ValidationFailed
+from domain.stream import Stream
 
 MAX_RULE_NAME = 80
 
 
-class Rule(Aggregate):
+class Rule(Stream):
     class RuleCreated(Aggregate.Created):
         user_id: UUID
         name: str

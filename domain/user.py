@@ -22,6 +22,7 @@ from eventsourcing.domain import Aggregate
 
 from domain.errors import ConcurrencyLimit, InsufficientCredits, InvalidState, RuleSlotsFull, ValidationFailed
 from domain.plans import Plan
+from domain.stream import Stream
 
 USER_NAMESPACE = uuid5(NAMESPACE_URL, "https://palette.invalid/users")
 # Keyed ids live apart from legacy ones: a device key presented as a device hash must not
@@ -46,7 +47,7 @@ def legacy_user_id_for_device(device_hash: str) -> UUID:
     return uuid5(USER_NAMESPACE, device_hash)
 
 
-class User(Aggregate):
+class User(Stream):
     class Registered(Aggregate.Created):
         """v2: the keyed device hash, sealed (``sealed:v1:...``) since users could be erased;
         earlier v2 events hold it in clear. v1 stored the raw ``device_hash``; it is dropped on read."""

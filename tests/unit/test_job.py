@@ -167,3 +167,15 @@ def test_expiry_removes_a_terminal_jobs_objects_once_and_keeps_the_job():
     assert job.expire(30, AT) is True
     assert new_events(job) == ["ObjectsExpired"] and job.objects_deleted and not job.deleted
     assert job.expire(30, AT) is False and new_events(job) == []
+
+
+def test_an_event_decided_with_an_earlier_time_than_the_streams_last_is_stamped_at_that_last():
+    # A result decided again after another API process wrote the job first keeps the time its
+    # command was made: it must not land before that write ("as of" reads a stream's prefix).
+    later = AT.replace(hour=12)
+    job = Job.create(uuid4(), uuid4(), "interior", 3, AT)
+    job.confirm_upload(later)
+    job.execute(EDITS, [], None, AT)  # made before the confirmation was written
+    job.record_result(0, "failed", "", "", "x", "k0", later.replace(hour=13))
+    assert [(type(e).__name__, e.timestamp.hour) for e in job.collect_events()] == [
+        ("JobCreated", 0), ("UploadConfirmed", 12), ("JobQueued", 12), ("JobStarted", 13), ("ItemCompleted", 13)]
