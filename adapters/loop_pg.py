@@ -19,6 +19,8 @@ from typing import Any
 import psycopg
 from psycopg_pool import PoolTimeout
 
+from adapters.per_loop import of_running_loop
+
 
 class LoopConnections:
     """Autocommit connections per event loop. ``flushed=False`` commits without waiting for the
@@ -33,14 +35,7 @@ class LoopConnections:
         self._by_loop: dict[asyncio.AbstractEventLoop, _Connections] = {}
 
     def _here(self) -> _Connections:
-        loop = asyncio.get_running_loop()
-        here = self._by_loop.get(loop)
-        if here is None:
-            for gone in [old for old in self._by_loop if old.is_closed()]:
-                for conn in self._by_loop.pop(gone).idle:  # that loop cannot close them any more
-                    conn.pgconn.finish()
-            here = self._by_loop[loop] = _Connections(self)
-        return here
+        return of_running_loop(self._by_loop, lambda: _Connections(self), _Connections.finish)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -107,6 +102,11 @@ class _Connections:
         self.slots.release()
         with contextlib.suppress(Exception):
             await conn.close()
+
+    def finish(self) -> None:
+        """Close the idle connections of a loop that has ended (it cannot await their close)."""
+        for conn in self.idle:
+            conn.pgconn.finish()
 
     async def close(self) -> None:
         self.closed = True

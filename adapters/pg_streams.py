@@ -17,6 +17,7 @@ from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresAggregateRecorder, PostgresApplicationRecorder
 from psycopg import sql
 
+from adapters.per_loop import of_running_loop
 from application.ports import VersionUnknown
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,7 @@ class PgStreamVersions:
         self._by_loop: dict[asyncio.AbstractEventLoop, _LoopVersions] = {}
 
     def _here(self) -> _LoopVersions:
-        loop = asyncio.get_running_loop()
-        here = self._by_loop.get(loop)
-        if here is None:
-            for gone in [old for old in self._by_loop if old.is_closed()]:
-                del self._by_loop[gone]
-            here = self._by_loop[loop] = _LoopVersions(self, loop)
-        return here
+        return of_running_loop(self._by_loop, lambda: _LoopVersions(self, asyncio.get_running_loop()))
 
     async def current(self, aggregate_id: UUID) -> int:
         return await self._here().current(aggregate_id)

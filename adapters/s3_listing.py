@@ -21,12 +21,23 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from urllib.parse import quote, unquote_plus, urlsplit
 
+from adapters.per_loop import of_running_loop
 from adapters.settings import Settings
 
 S3 = "{http://s3.amazonaws.com/doc/2006-03-01/}"  # the namespace of S3's answers, in Clark notation
 HEAD_LIMIT = 64 * 1024  # the longest status line and headers read (the stream reader's limit)
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,12}")
 RETRY_PAUSE_S = (0.05, 0.25)  # before the one retry of a LIST the store refused (5xx) or never answered
+
+
+def signing_scope(access_key: str, secret_key: str, region: str, day: str) -> tuple[str, str, bytes]:
+    """SigV4 for S3 on the UTC date ``day`` (``YYYYMMDD``): the credential scope, the URI-encoded
+    credential of a presigned query, and the signing key (what every signature of that day uses)."""
+    scope = f"{day}/{region}/s3/aws4_request"
+    key = ("AWS4" + secret_key).encode()
+    for part in (day, region, "s3", "aws4_request"):
+        key = hmac.digest(key, part.encode(), "sha256")
+    return scope, quote(f"{access_key}/{scope}", safe="-_.~"), key
 
 
 class ListingFailed(Exception):
@@ -57,6 +68,14 @@ class _Connection:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class _LoopState:
+    """One event loop's kept-alive connections, and its requests in flight (at most ``slots``)."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.idle: list[_Connection] = []
+        self.slots = asyncio.Semaphore(max_connections)
 
 
 class S3Listing:
@@ -109,8 +128,7 @@ class S3Listing:
         self._secret_key = secret_key
         self._expires = str(expires_s)
         self._signing: tuple[str, str, str, bytes] = ("", "", "", b"")  # see _day
-        self._idle: dict[asyncio.AbstractEventLoop, list[_Connection]] = {}
-        self._slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+        self._by_loop: dict[asyncio.AbstractEventLoop, _LoopState] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, *, max_keys: int = 1000, timeout_s: float = 10.0) -> S3Listing:
@@ -148,7 +166,8 @@ class S3Listing:
 
     async def close(self) -> None:
         """Close the running loop's idle connections (a later call opens new ones)."""
-        idle = self._idle.pop(asyncio.get_running_loop(), [])
+        here = self._by_loop.pop(asyncio.get_running_loop(), None)
+        idle = here.idle if here is not None else []
         for conn in idle:
             conn.close()
         with contextlib.suppress(OSError, TimeoutError):
@@ -179,22 +198,13 @@ class S3Listing:
         key: derived once a day."""
         cached = self._signing
         if cached[0] != day:
-            scope = f"{day}/{self._region}/s3/aws4_request"
-            key = ("AWS4" + self._secret_key).encode()
-            for part in (day, self._region, "s3", "aws4_request"):
-                key = hmac.digest(key, part.encode(), "sha256")
-            cached = self._signing = (day, scope, quote(f"{self._access_key}/{scope}", safe="-_.~"), key)
+            cached = self._signing = (day, *signing_scope(self._access_key, self._secret_key, self._region, day))
         return cached[1], cached[2], cached[3]
 
     # -- HTTP/1.1 ------------------------------------------------------------------------------
-    def _idle_here(self) -> list[_Connection]:
-        loop = asyncio.get_running_loop()
-        idle = self._idle.get(loop)
-        if idle is None:
-            for gone in [old for old in list(self._idle) if old.is_closed()]:
-                self._idle.pop(gone, None)
-            idle = self._idle[loop] = []
-        return idle
+    def _here(self) -> _LoopState:
+        """The running loop's kept connections and request slots."""
+        return of_running_loop(self._by_loop, lambda: _LoopState(self.max_connections))
 
     async def _get(self, target: str) -> bytes:
         """The body of a 200 answer to GET ``target``, asked once more (after a short pause) when
@@ -210,7 +220,7 @@ class S3Listing:
     async def _get_once(self, target: str) -> bytes:
         request = f"GET {target} HTTP/1.1\r\nHost: {self._host}\r\nAccept-Encoding: identity\r\n\r\n".encode()
         try:
-            async with asyncio.timeout(self.timeout_s), self._slots_here():
+            async with asyncio.timeout(self.timeout_s), self._here().slots:
                 status, body = await self._answer(request)
         except TimeoutError as e:
             raise ListingFailed(f"S3 LIST in bucket {self.bucket!r} took over {self.timeout_s} s",
@@ -226,18 +236,8 @@ class S3Listing:
             )
         return body
 
-    def _slots_here(self) -> asyncio.Semaphore:
-        """The running loop's requests in flight, at most ``max_connections`` (each holds one)."""
-        loop = asyncio.get_running_loop()
-        slots = self._slots.get(loop)
-        if slots is None:
-            for gone in [old for old in list(self._slots) if old.is_closed()]:
-                self._slots.pop(gone, None)
-            slots = self._slots[loop] = asyncio.Semaphore(self.max_connections)
-        return slots
-
     async def _answer(self, request: bytes) -> tuple[int, bytes]:
-        idle = self._idle_here()
+        idle = self._here().idle
         while idle:
             conn = idle.pop()  # the most recent: the least likely to have been closed
             if not conn.usable():
@@ -284,7 +284,7 @@ class S3Listing:
         except BaseException:
             conn.close()
             raise
-        idle = self._idle_here()
+        idle = self._here().idle
         if keep_alive and len(idle) < self.max_idle:
             idle.append(conn)
         else:

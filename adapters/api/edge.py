@@ -87,7 +87,8 @@ class RequestEdge:
                     sent = value.decode("latin-1")
                 elif name == b"content-length":
                     length = value
-            if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            # A length of more digits than any cap is over it (int() refuses 4,300 digits or more).
+            if length is not None and (not length.isdigit() or len(length) > 18 or int(length) > self.max_bytes):
                 await fail("PAYLOAD_TOO_LARGE", f"body over {self.max_bytes} bytes")(scope, receive, timed)
                 return
             seen = 0

@@ -48,6 +48,7 @@ from adapters.api.schemas import (
 )
 from adapters.bootstrap import Container
 from adapters.loop_pg import LoopConnections
+from adapters.s3_listing import signing_scope
 from application.services import PaletteService, RerunSource
 from application.unit_of_work import Committed
 from domain.contracts.callback import CALLBACK_WINDOW_S, verify_callback
@@ -102,8 +103,7 @@ class GetUrls:
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self._prefix = f"{parts.path.rstrip('/')}/{s.s3_bucket}/"
         stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
-        scope = f"{stamp[:8]}/{s.s3_region}/s3/aws4_request"
-        credential = quote(f"{s.s3_access_key}/{scope}", safe="-_.~")
+        scope, credential, self._key = signing_scope(s.s3_access_key, s.s3_secret_key, s.s3_region, stamp[:8])
         signed = "content-type;host" if content_type else "host"
         self._query = (f"X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={credential}"
                        f"&X-Amz-Date={stamp}&X-Amz-Expires={expires_s}"
@@ -111,10 +111,6 @@ class GetUrls:
         headers = (f"content-type:{content_type}\n" if content_type else "") + f"host:{host}\n"
         self._tail = f"\n{headers}\n{signed}\nUNSIGNED-PAYLOAD"
         self._to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n"
-        key = ("AWS4" + s.s3_secret_key).encode()
-        for part in (stamp[:8], s.s3_region, "s3", "aws4_request"):
-            key = hmac.digest(key, part.encode(), "sha256")
-        self._key = key
 
     def url(self, key: str) -> str:
         path = quote(self._prefix + key, safe="/~")

@@ -36,3 +36,21 @@ def test_requests_are_counted_by_route_template_method_and_status():
     label_sets = {tuple(sorted(s.labels.items())) for m in registry.collect() for s in m.samples
                   if s.name == "palette_http_requests_total"}
     assert len(label_sets) == 4  # 9 distinct paths, one odd method: four label sets
+
+
+def test_a_content_length_of_thousands_of_digits_is_a_413_not_a_crash():
+    import asyncio
+
+    from adapters.api.edge import RequestEdge
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        raise AssertionError("the body cap lets nothing through")
+
+    sent = []
+
+    async def send(message):  # type: ignore[no-untyped-def]
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/jobs", "headers": [(b"content-length", b"9" * 5000)]}
+    asyncio.run(RequestEdge(app, CollectorRegistry())(scope, None, send))  # type: ignore[arg-type]
+    assert sent[0]["status"] == 413
