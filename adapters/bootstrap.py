@@ -216,7 +216,7 @@ def build_relay(settings: Settings, name: str = "", topic: str = "",
     state = RelayState.connect(url)
     live = (name or RELAY_NAME, topic or topics.EVENTS) == (RELAY_NAME, topics.EVENTS)
     loss = LossWatch(kafka_io.TopicEnds(settings, topics.EVENTS), republish_from, state, RELAY_NAME) if live else None
-    return Relay(app, kafka_io.producer(settings, linger_ms=5), state, name=name or RELAY_NAME,
+    return Relay(app, kafka_io.LogProducer(settings), state, name=name or RELAY_NAME,
                  topic=topic or topics.EVENTS, on_acked=on_acked, wakeup=PgWakeup(url), loss=loss, lead=state.lead)
 
 

@@ -25,8 +25,8 @@ from tests.bench.core import make_backlog
 from tests.bench.harness import QUICK, Results, Stack, running_stack, say
 from tests.bench.relay import FAST_LAG_EVENTS_PER_S, bench_fast_lag, bench_lag, bench_relay, wait_drained
 
-FIGURES = ("relay_events_per_s", "raw_producer_events_per_s", "relay_p99_ms", "projection_lag_p50_ms",
-           "projection_lag_p99_ms", "projection_lag_p50_ms_2000", "projection_lag_p99_ms_2000",
+FIGURES = ("relay_events_per_s", "raw_producer_events_per_s", "raw_kafka_python_events_per_s", "relay_p99_ms",
+           "projection_lag_p50_ms", "projection_lag_p99_ms", "projection_lag_p50_ms_2000", "projection_lag_p99_ms_2000",
            "projection_lag_events_per_s_2000", "relay_cpu_ms_per_event_2000", "projector_cpu_ms_per_event_2000")
 
 

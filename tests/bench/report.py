@@ -55,8 +55,10 @@ MEASURES: dict[str, str] = {
     "relay_backlog_events": "events in the log the relay figures publish",
     "relay_events_per_s": "events per second of the relay (bootstrap.build_relay, Relay.run) from position 0 "
                           "until the last event is acknowledged and its position saved, to a fresh topic",
-    "raw_producer_events_per_s": "a bare kafka-python producer (linger 5 ms) sending the same envelopes, "
-                                 "encoded beforehand, to a fresh topic",
+    "raw_producer_events_per_s": "a bare producer of the relay's client (kafka_io.LogProducer: librdkafka, linger "
+                                 "5 ms) sending the same envelopes, encoded beforehand, to a fresh topic",
+    "raw_kafka_python_events_per_s": "the same with the relay's former client (kafka-python, linger 5 ms; "
+                                     "kafka_io.producer, which the dispatcher and the GPU worker keep)",
     "raw_produce_ack_p50_ms": f"one message sent and its ack awaited (linger 0), p50 of {ACK_SAMPLES}",
     "relay_p99_ms": f"event time (set when decided, before its commit) -> broker ack (taken as the batch's acks "
                     f"arrive, before its position is saved), p99, on a second relay in the bench process; {LAG}",
