@@ -154,6 +154,7 @@ class LossWatch:
         """Record the loss; the position to publish after (one before the oldest still needed)."""
         start = self.republish_from()
         with self.state.conn.transaction():  # all or nothing: a crash here is detected again
+            self.state.conn.execute("SET LOCAL synchronous_commit = on")  # consumers act on it at once
             self.state.record_loss(self.name, start)
             self.state.save(self.name, start - 1)
             self.state.forget_acked(self.name)
@@ -205,7 +206,20 @@ class PgPositions:
 
 
 class RelayState(PgPositions):
-    """The relay's position, the offsets the broker acknowledged, and the losses it saw."""
+    """The relay's position, the offsets the broker acknowledged, and the losses it saw.
+
+    Its saves do not wait for their WAL flush (``synchronous_commit`` off on its connection): one
+    runs after every acknowledged batch, and waiting for the disk there held the next batch back.
+    A database crash may forget the last of them (up to three WAL writer delays, 600 ms by
+    default): the relay then publishes those events again, which every consumer takes as
+    duplicates, and what survives is consistent (PostgreSQL keeps the commits' order). A loss's
+    record does wait for its flush (``LossWatch.recover``)."""
+
+    @classmethod
+    def connect(cls, database_url: str) -> Self:
+        state = super().connect(database_url)
+        state.conn.execute("SET synchronous_commit = off")
+        return state
 
     def acked_offsets(self, name: str) -> dict[int, int]:
         rows = self.conn.execute("SELECT partition, acked FROM palette_relay.acked_offsets WHERE name = %s",
