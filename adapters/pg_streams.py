@@ -33,7 +33,7 @@ class PgStreamLoader:
         # values are parameters.
         self._query = sql.SQL(
             "SELECT e.originator_id, e.originator_version, e.topic, e.state "
-            "FROM unnest(%s::uuid[], %s::int[]) AS v(id, ver) CROSS JOIN LATERAL ("
+            "FROM unnest(%b::uuid[], %b::int[]) AS v(id, ver) CROSS JOIN LATERAL ("
             " SELECT originator_id, originator_version, topic, state FROM {}.{}"
             " WHERE originator_id = v.id AND originator_version > v.ver ORDER BY originator_version) e"
         ).format(sql.Identifier(recorder.datastore.schema), sql.Identifier(recorder.events_table_name))

@@ -88,8 +88,9 @@ def _parse_rows(model: ReadModel, records: Sequence[Sequence[Any]]) -> Rows:
 
 def _column(sql_type: str, values: list[Any]) -> list[Any]:
     """One column's values as one array: an array holds one Python type, and a fold may keep an
-    id as text (from an event's data) or as a UUID (a stream id). Arrays of ids go as binary
-    (``%b``): psycopg's text form of an array costs a pattern search per element."""
+    id as text (from an event's data) or as a UUID (a stream id). Arrays go as binary (``%b``):
+    psycopg writes an array's text form in Python, 1-8 µs an element (a pattern search and an
+    escape each; a timestamp's text is the dearest), against ~0.5 µs in binary."""
     if sql_type == "uuid":
         return [v if v is None or isinstance(v, UUID) else UUID(str(v)) for v in values]
     return values
@@ -148,7 +149,7 @@ def write_rows(conn: psycopg.Connection[Any], model: ReadModel, tbl: str, rows: 
         non_key = [c for c in names if c not in model.key]
         stmt = sql.SQL("INSERT INTO {} ({}) SELECT * FROM unnest({}) ON CONFLICT ({}) DO UPDATE SET {}").format(
             table(tbl), sql.SQL(", ").join(ident(c) for c in names),
-            sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(c.sql_type)) for c in model.columns),
+            sql.SQL(", ").join(sql.SQL("%b::{}[]").format(sql.SQL(c.sql_type)) for c in model.columns),
             sql.SQL(", ").join(ident(k) for k in model.key),
             sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(ident(c)) for c in non_key),
         )
