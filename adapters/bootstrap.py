@@ -222,22 +222,32 @@ def build_relay(settings: Settings, name: str = "", topic: str = "",
 
 def build_projector(settings: Settings) -> Any:
     from adapters import kafka_io
+    from adapters.catchup_processes import CatchUpProcesses
     from adapters.projector import GROUP, PgReadStore, Projector
     from adapters.relay import RELAY_NAME, LossSignal, PgPositions
-    from projections.catchup import CatchUp
+    from projections.catchup import CatchUp, fold_models, groups
     from projections.log import LogReader
 
     app = open_event_store(settings, pool_size=1)
     relay_positions = PgPositions.connect(settings.effective_database_url)
     store = PgReadStore(settings.effective_database_url)
     log_reader = LogReader.of(app)
+    # A catch-up folds the first group of read models here, each other in a process of its own.
+    parts = groups(settings.projector_catchup_processes) if settings.projector_catchup_events > 0 else []
+    catchup = CatchUp(store.conn, log_reader, settings.projector_catchup_events,
+                      models=parts[0] if len(parts) > 1 else ())
+    if len(parts) > 1:
+        beside = CatchUpProcesses(settings, parts[1:],
+                                  fold_here=lambda models, head: fold_models(store.conn, log_reader, models, head))
+        beside.warm()
+        catchup.beside = beside
     return Projector(kafka_io.consumer(settings, GROUP, topics.EVENTS),
                      store,
                      log_reader,
                      published=lambda: relay_positions.get(RELAY_NAME),
                      sweep_every_s=settings.projector_sweep_s,
                      losses=LossSignal(settings.effective_database_url, GROUP),
-                     catchup=CatchUp(store.conn, log_reader, settings.projector_catchup_events))
+                     catchup=catchup)
 
 
 def build_dispatcher(settings: Settings) -> Any:

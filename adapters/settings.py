@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     projector_sweep_s: float = Field(30.0, gt=0)  # how often the projector trues up against the log
     # A projector this many events behind the log folds straight from it (catch-up); 0: Kafka only.
     projector_catchup_events: int = Field(5000, ge=0)
+    # Processes a catch-up folds in, side by side, each a group of read models (adapters.catchup_processes).
+    projector_catchup_processes: int = Field(2, ge=1, le=3)
     dispatch_stale_s: float = Field(600.0, gt=0)  # a job without progress this long is dispatched again
     pg_fsync: bool = True
     idempotency_ttl_s: float = Field(24 * 3600.0, gt=0)  # an Idempotency-Key is forgotten this long after its claim

@@ -4,6 +4,7 @@ recorder (one SQL query for all streams) and its in-memory recorder (a scan, for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
@@ -11,6 +12,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from domain.contracts.envelope import EventEnvelope, from_notification, from_stored
+from domain.contracts.streams import topic_prefix
 
 SCAN_PAGE = 5000
 
@@ -31,20 +33,28 @@ class LogReader:
         if self.owner is not None:
             self.owner.close()
 
-    def read(self, after: int, upto: int, limit: int) -> list[EventEnvelope]:
-        """Up to ``limit`` events with ``after < position <= upto``, in commit order. On
-        PostgreSQL one query of plain rows (no ``Notification`` per row) and one UUID object per
-        stream (the fold's dict lookups then match by identity)."""
+    def read(self, after: int, upto: int, limit: int, stream_types: Sequence[str] = ()) -> list[EventEnvelope]:
+        """Up to ``limit`` events with ``after < position <= upto``, in commit order; with
+        ``stream_types``, only those streams' events. On PostgreSQL one query of plain rows (no
+        ``Notification`` per row) and one UUID object per stream (the fold's dict lookups then
+        match by identity)."""
         if upto <= after:
             return []
-        if self.events_table is None:
-            page = self.recorder.select_notifications(start=after + 1, limit=limit, stop=upto)
-            return [from_notification(n, self.transcoder) for n in page]
+        prefixes = [topic_prefix(st) for st in stream_types]  # as unapplied() and oldest_needed() match
+        if self.events_table is None:  # the in-memory recorder (tests): a scan
+            found: list[Any] = []
+            start = after + 1
+            while len(found) < limit and (page := self.recorder.select_notifications(start=start, limit=limit,
+                                                                                     stop=upto)):
+                found += [n for n in page if not prefixes or n.topic.startswith(tuple(prefixes))]
+                start = page[-1].id + 1
+            return [from_notification(n, self.transcoder) for n in found[:limit]]
         query = sql.SQL("SELECT notification_id, originator_id, originator_version, topic, state FROM {} "
-                        "WHERE notification_id > %s AND notification_id <= %s ORDER BY notification_id LIMIT %s"
-                        ).format(self.events_table)
+                        "WHERE notification_id > %s AND notification_id <= %s{} ORDER BY notification_id LIMIT %s"
+                        ).format(self.events_table, sql.SQL(" AND topic LIKE ANY(%s)") if prefixes else sql.SQL(""))
+        params: list[Any] = [after, upto, [p + "%" for p in prefixes], limit] if prefixes else [after, upto, limit]
         with self.recorder.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
-            rows = cur.execute(query, [after, upto, limit], prepare=True).fetchall()
+            rows = cur.execute(query, params, prepare=True).fetchall()
         streams: dict[UUID, UUID] = {}
         return [from_stored(position, streams.setdefault(stream_id, stream_id), version, topic, state, self.transcoder)
                 for position, stream_id, version, topic, state in rows]

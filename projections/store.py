@@ -266,6 +266,12 @@ def _touched(model: ReadModel, todo: Iterable[EventEnvelope]) -> set[Key]:
     return keys
 
 
+def advance_positions(conn: psycopg.Connection[Any], models: Iterable[ReadModel], position: int) -> None:
+    """Every model of ``models`` has folded the log up to ``position`` (positions never go back)."""
+    with conn.cursor() as cur:
+        cur.executemany(_positions_sql(), [[m.name, position] for m in models])
+
+
 def _positions_sql() -> sql.Composed:
     return sql.SQL(
         "INSERT INTO {} (model, position, updated_at) VALUES (%s, %s, now()) "
@@ -347,8 +353,7 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
                 insert_appended(conn, m, suffix, folded.appended)
                 write_tracking(conn, m, suffix, folded.advanced, tracked[m.name])
             if not suffix:
-                with conn.cursor() as cur:
-                    cur.executemany(_positions_sql(), [[m.name, top] for m in chosen])
+                advance_positions(conn, chosen, top)
     return result
 
 
@@ -413,18 +418,20 @@ def add_result(total: BatchResult, part: BatchResult) -> None:
 
 
 def apply_isolating(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope],
-                    fill: Fill | None = None, *, bulk: bool = False) -> BatchResult:
-    """``apply_batch``; when it fails for any reason but the connection, again model by model,
-    and in a failing model event by event: an event whose fold or write fails is parked with its
-    error (its stream's later events are held behind it) and every other stream goes on."""
+                    fill: Fill | None = None, *, bulk: bool = False,
+                    models: Sequence[ReadModel] | None = None) -> BatchResult:
+    """``apply_batch`` (into ``models``, all by default); when it fails for any reason but the
+    connection, again model by model, and in a failing model event by event: an event whose fold
+    or write fails is parked with its error (its stream's later events are held behind it) and
+    every other stream goes on."""
     try:
-        return apply_batch(conn, envelopes, fill=fill, bulk=bulk)
+        return apply_batch(conn, envelopes, models, fill=fill, bulk=bulk)
     except Exception as exc:
         if is_transient(exc):
             raise
         log.warning("batch of %d event(s) failed (%s); applying it event by event", len(envelopes), describe(exc))
     total = BatchResult()
-    for model in READ_MODELS.values():
+    for model in models or READ_MODELS.values():
         share = sorted((e for e in envelopes if batch.relevant(model, e)), key=lambda e: e.id)
         if not share:
             continue

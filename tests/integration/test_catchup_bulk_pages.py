@@ -35,7 +35,7 @@ class RecordedLog(PagedLog):
         self.limits: list[int] = []
         self.pages: list[list[EventEnvelope]] = []
 
-    def read(self, after: int, upto: int, limit: int) -> list[EventEnvelope]:
+    def read(self, after: int, upto: int, limit: int, stream_types: Any = ()) -> list[EventEnvelope]:
         page = super().read(after, upto, limit)
         self.limits.append(limit)
         if page:

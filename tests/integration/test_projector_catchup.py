@@ -5,7 +5,9 @@ its own stream only, as on the live path."""
 
 from __future__ import annotations
 
+import logging
 import random
+import socket
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -20,6 +22,7 @@ from adapters.settings import Settings
 from application.services import PaletteService
 from domain.contracts.envelope import EventEnvelope
 from projections.catchup import CatchUp
+from projections.models import READ_MODELS
 from projections.models.billing_events import BILLING
 from projections.rebuild import fold_log, iter_envelopes
 from projections.store import BULK_ROWS, BatchResult, dead_letters
@@ -46,7 +49,9 @@ def stopped_projector(apps: Any) -> Iterator[Any]:
 
 
 def projector_for(settings: Settings) -> Any:
-    projector = build_projector(settings.model_copy(update={"projector_catchup_events": THRESHOLD}))
+    """A projector catching up in one process (the crash below falls between two of its pages)."""
+    projector = build_projector(settings.model_copy(update={"projector_catchup_events": THRESHOLD,
+                                                            "projector_catchup_processes": 1}))
     projector.catchup.page = PAGE
     return projector
 
@@ -130,7 +135,7 @@ class PagedLog:
     def __init__(self, envelopes: list[EventEnvelope]) -> None:
         self.envelopes = envelopes
 
-    def read(self, after: int, upto: int, limit: int) -> list[EventEnvelope]:
+    def read(self, after: int, upto: int, limit: int, stream_types: Any = ()) -> list[EventEnvelope]:
         return [e for e in self.envelopes if after < e.id <= upto][:limit]
 
     def stream_events(self, gaps: Any) -> list[EventEnvelope]:
@@ -175,3 +180,73 @@ def test_a_poison_event_in_a_bulk_page_is_parked_and_holds_back_only_its_stream(
                 sql.Identifier("palette_read", tbl), sql.Identifier(column)), [streams])
         for model, position in positions.items():
             conn.execute("UPDATE palette_read.positions SET position = %s WHERE model = %s", [position, model])
+
+
+def backlog_while_stopped(svc: PaletteService, conn: psycopg.Connection[Any], seed: int) -> int:
+    """The read models drained, then a backlog written while no projector runs; its head."""
+    wait_until(lambda: drained(svc, conn), timeout_s=60, what="the read models to fold the log so far")
+    conn.execute("UPDATE palette_read.positions SET position = LEAST(position, %s)",
+                 [int(svc.app.recorder.max_notification_id() or 0)])
+    workload(svc, 8, random.Random(seed))
+    return int(svc.app.recorder.max_notification_id() or 0)
+
+
+def test_a_catch_up_folds_one_group_of_models_here_and_the_other_in_a_process_beside(
+        stopped_projector: Any, service: PaletteService, conn: psycopg.Connection[Any],  # noqa: F811
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    head = backlog_while_stopped(service, conn, 31)
+    projector = build_projector(settings.model_copy(update={"projector_catchup_events": THRESHOLD,
+                                                            "projector_catchup_processes": 2}))
+    try:
+        here = {m.name for m in projector.catchup.chosen}
+        beside = set(READ_MODELS) - here  # the other process's
+        assert here and beside
+        mine: list[int] = []
+        projector.catchup.after_page = mine.append  # only this process's pages come here
+        answers: list[BatchResult] = []
+        started = projector.catchup.beside
+
+        def recorded(upto: int) -> Any:
+            wait = started(upto)
+            return lambda: answers.append(wait()) or answers[-1]
+
+        projector.catchup.beside = recorded
+        with caplog.at_level(logging.WARNING, logger="palette.projector"):
+            assert projector.catch_up() > 0
+        assert not any("folding them here" in r.getMessage() for r in caplog.records)
+        assert projector.caught_up_to >= head and mine
+        assert len(answers) == 1 and set(answers[0].per_model) == beside and answers[0].applied > 0
+        # Each group read only its streams' events, and every model's position reached the head
+        # all the same (the lag GET /jobs reports comes from them).
+        positions = dict(conn.execute("SELECT model, position FROM palette_read.positions").fetchall())
+        assert all(positions[name] >= head for name in READ_MODELS), positions
+        assert drained(service, conn)
+        assert_models_equal_fold(service.app, conn)
+        expected_rows, expected_amount = ledger_oracle(service.app)
+        assert ledger_in(conn) == (expected_rows, expected_rows, expected_amount)
+    finally:
+        projector.close()
+
+
+def test_a_group_whose_process_fails_is_folded_by_the_projector_itself(
+        stopped_projector: Any, service: PaletteService, conn: psycopg.Connection[Any],  # noqa: F811
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    head = backlog_while_stopped(service, conn, 32)
+    projector = build_projector(settings.model_copy(update={"projector_catchup_events": THRESHOLD,
+                                                            "projector_catchup_processes": 2}))
+    with socket.socket() as s:  # the process beside gets a database nothing listens on
+        s.bind(("127.0.0.1", 0))
+        nowhere = s.getsockname()[1]
+    projector.catchup.beside.settings_json = settings.model_copy(update={
+        "database_url": f"postgresql://postgres@127.0.0.1:{nowhere}/palette?connect_timeout=2"}).model_dump_json()
+    try:
+        with caplog.at_level(logging.WARNING, logger="palette.projector"):
+            assert projector.catch_up() > 0
+        assert any("folding them here" in r.getMessage() for r in caplog.records)
+        assert projector.caught_up_to >= head
+        assert drained(service, conn)
+        assert_models_equal_fold(service.app, conn)
+        expected_rows, expected_amount = ledger_oracle(service.app)
+        assert ledger_in(conn) == (expected_rows, expected_rows, expected_amount)
+    finally:
+        projector.close()
