@@ -5,15 +5,18 @@ its own, with its own connections, reading only its streams' events. Measured on
 
 The processes are forked from multiprocessing's fork server, started with the projector (it
 imports the code once, ~1 s), so a catch-up does not wait for a fresh interpreter; one lives as
-long as its catch-up. The server exits with the projector; a process whose projector died
-finishes its pages (each its own transaction, as the projector's) and exits. A process that fails
-or dies leaves its models to the projector, which folds them itself afterwards: a catch-up never
-ends with a group behind."""
+long as its catch-up. A process whose projector died (SIGKILL) stops after the page it is on
+(each page is its own transaction, as the projector's), so it does not write beside the
+projector that restarts; the server exits once the projector and its last process are gone. A
+process that fails, dies or cannot start leaves its models to the projector, which folds them
+itself afterwards: a catch-up never ends with a group behind."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
+import os
 import threading
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
@@ -30,9 +33,23 @@ def _ready() -> None:
     """The first process: its fork starts the server, which imports ``PRELOAD``."""
 
 
-def _fold(settings_json: str, models: Sequence[str], head: int, answer: Connection) -> None:
-    """A process beside the projector: ``models`` folded up to ``head``; what was applied is
-    sent back (or why it failed, as text)."""
+class Orphaned(RuntimeError):
+    """The projector that started this process is gone."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone's process: not ours any more, but alive
+        return True
+    return True
+
+
+def _fold(settings_json: str, models: Sequence[str], head: int, projector: int, answer: Connection) -> None:
+    """A process beside the projector (pid ``projector``): ``models`` folded up to ``head``;
+    what was applied is sent back (or why it failed, as text)."""
     import psycopg
 
     from adapters import logs
@@ -40,18 +57,26 @@ def _fold(settings_json: str, models: Sequence[str], head: int, answer: Connecti
     from projections.catchup import fold_models
     from projections.log import LogReader
 
+    def still_wanted(position: int) -> None:
+        if not _alive(projector):
+            raise Orphaned(f"the projector (pid {projector}) is gone: stopping at position {position}")
+
     logs.configure("projector")
     try:
         settings = Settings.model_validate_json(settings_json)
         app = open_event_store(settings, pool_size=1)
         try:
             with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
-                result: BatchResult | str = fold_models(conn, LogReader.of(app), models, head)
+                result: BatchResult | str = fold_models(conn, LogReader.of(app), models, head, still_wanted)
         finally:
             app.close()
+    except Orphaned as exc:
+        log.warning("%s", exc)
+        return
     except Exception as exc:  # noqa: BLE001 - reported to the projector, which folds these models itself
         result = f"{type(exc).__name__}: {exc}"[:500]
-    answer.send(result)
+    with contextlib.suppress(OSError):  # the projector died meanwhile
+        answer.send(result)
     answer.close()
 
 
@@ -62,6 +87,7 @@ class CatchUpProcesses:
     def __init__(self, settings: Settings, groups: Sequence[Sequence[str]],
                  fold_here: Callable[[Sequence[str], int], BatchResult]) -> None:
         self.settings_json = settings.model_dump_json()
+        self.pid = os.getpid()  # the projector: a process beside it stops once it is gone
         self.groups = [tuple(g) for g in groups]
         self.fold_here = fold_here
         self.ctx: Any = multiprocessing.get_context("forkserver")
@@ -80,25 +106,33 @@ class CatchUpProcesses:
         return thread
 
     def __call__(self, head: int) -> Callable[[], BatchResult]:
-        started = []
+        started: list[tuple[tuple[str, ...], Any, Connection | None, str]] = []
         for models in self.groups:
             receive, send = self.ctx.Pipe(duplex=False)
-            process = self.ctx.Process(target=_fold, args=(self.settings_json, models, head, send),
+            process = self.ctx.Process(target=_fold, args=(self.settings_json, models, head, self.pid, send),
                                        name=f"catchup-{'-'.join(models)}", daemon=True)
-            process.start()
-            send.close()  # the child holds the only sending end: its death ends the wait below
-            started.append((models, process, receive))
+            try:
+                process.start()
+            except Exception as exc:  # noqa: BLE001 - no fork server, no file descriptors: folded here
+                receive.close()
+                started.append((models, None, None, f"it did not start: {type(exc).__name__}: {exc}"))
+                continue
+            finally:
+                send.close()  # the child holds the only sending end: its death ends the wait below
+            started.append((models, process, receive, ""))
 
         def wait() -> BatchResult:
             total = BatchResult()
-            for models, process, receive in started:
-                try:
-                    answer = receive.recv()
-                except EOFError:
-                    answer = None
-                finally:
-                    receive.close()
-                    process.join()
+            for models, process, receive, why in started:
+                answer: BatchResult | str | None = why or None
+                if receive is not None:
+                    try:
+                        answer = receive.recv()
+                    except EOFError:
+                        answer = None
+                    finally:
+                        receive.close()
+                        process.join()
                 if isinstance(answer, BatchResult):
                     add_result(total, answer)
                     continue

@@ -119,11 +119,15 @@ class LogProducer:
             # A broker back from a restart is found within a second (the default backs off to 10 s).
             "reconnect.backoff.ms": 50, "reconnect.backoff.max.ms": 1000,
             "queue.buffering.max.messages": 200_000,
+            "message.max.bytes": 1_048_576,  # kafka-python's max_request_size, as before
             "logger": log,  # librdkafka's lines (a broker away) into logging, not stderr
         })
 
     def send(self, topic: str, key: bytes | None = None, value: bytes | None = None,
              headers: list[tuple[str, str | bytes | None]] | None = None) -> Delivery:
+        from confluent_kafka import KafkaException
+        from kafka.errors import KafkaError
+
         delivery = Delivery(self)
         while True:
             try:
@@ -131,6 +135,8 @@ class LogProducer:
                 return delivery
             except BufferError:  # the local queue is full: serve delivery reports until it is not
                 self._producer.poll(0.05)
+            except KafkaException as e:  # refused at once (a message too large): the relay's error family
+                raise KafkaError(str(e)) from None
 
     def flush(self, timeout: float | None = None) -> None:
         """Until every message sent is acknowledged or failed (``timeout``: at most that long)."""

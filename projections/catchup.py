@@ -102,19 +102,30 @@ class CatchUp:
         total = BatchResult()
         while True:
             waiting = self.beside(head) if self.beside is not None else None
-            position = self.start()
-            if position is not None:
-                log.info("catching up from the event log: positions %d to %d (%s)", position + 1, head,
-                         ", ".join(m.name for m in self.chosen))
-                self.fold(position, head, total)
-            if waiting is not None:
-                add_result(total, waiting())
-            elif position is None and not total.applied and not total.parked:
+            try:
+                needed = self.catch_up_to(head, total)
+            finally:  # the other groups too, even when this one failed: no writer is left behind
+                if waiting is not None:
+                    add_result(total, waiting())
+            if waiting is None and not needed and not total.applied and not total.parked:
                 return None
             latest = self.log.head()
             if latest - head < self.threshold:  # the rest comes through the broker
                 return head, total
             head = latest
+
+    def catch_up_to(self, head: int, total: BatchResult) -> bool:
+        """This catch-up's models folded from the oldest event one of them still needs up to
+        ``head``; returns whether one needed any. Their positions reach ``head`` either way, or
+        a group with nothing to fold would look behind and be caught up again and again."""
+        position = self.start()
+        if position is None or position >= head:
+            advance_positions(self.conn, self.chosen, head)
+            return False
+        log.info("catching up from the event log: positions %d to %d (%s)", position + 1, head,
+                 ", ".join(m.name for m in self.chosen))
+        self.fold(position, head, total)
+        return True
 
     def fold(self, after: int, upto: int, total: BatchResult) -> int:
         """The log's events in ``after < position <= upto`` (of this catch-up's models' streams),
@@ -142,14 +153,10 @@ class CatchUp:
         return upto
 
 
-def fold_models(conn: psycopg.Connection[Any], log_reader: LogReader, models: Sequence[str], head: int) -> BatchResult:
-    """What a process beside the projector runs: ``models`` folded from the oldest event one of
-    them still needs up to ``head``."""
-    part = CatchUp(conn, log_reader, threshold=1, models=models)
+def fold_models(conn: psycopg.Connection[Any], log_reader: LogReader, models: Sequence[str], head: int,
+                after_page: Callable[[int], None] | None = None) -> BatchResult:
+    """What a process beside the projector runs: ``models`` caught up to ``head``
+    (``CatchUp.catch_up_to``), ``after_page`` called after each page."""
     total = BatchResult()
-    position = part.start()
-    if position is not None and position < head:
-        log.info("catching up from the event log beside the projector: positions %d to %d (%s)",
-                 position + 1, head, ", ".join(models))
-        part.fold(position, head, total)
+    CatchUp(conn, log_reader, threshold=1, models=models, after_page=after_page).catch_up_to(head, total)
     return total

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import random
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -22,6 +24,7 @@ from adapters.settings import Settings
 from application.services import PaletteService
 from domain.contracts.envelope import EventEnvelope
 from projections.catchup import CatchUp
+from projections.log import LogReader
 from projections.models import READ_MODELS
 from projections.models.billing_events import BILLING
 from projections.rebuild import fold_log, iter_envelopes
@@ -220,6 +223,14 @@ def test_a_catch_up_folds_one_group_of_models_here_and_the_other_in_a_process_be
         # all the same (the lag GET /jobs reports comes from them).
         positions = dict(conn.execute("SELECT model, position FROM palette_read.positions").fetchall())
         assert all(positions[name] >= head for name in READ_MODELS), positions
+
+        # Positions far behind with nothing left to fold (no group needs an event): one more
+        # catch-up brings them to the head, and the next finds nothing to do.
+        conn.execute("UPDATE palette_read.positions SET position = %s", [head - 10 * THRESHOLD])
+        projector.catchup.run()
+        positions = dict(conn.execute("SELECT model, position FROM palette_read.positions").fetchall())
+        assert all(positions[name] >= head for name in READ_MODELS), positions
+        assert projector.catchup.run() is None
         assert drained(service, conn)
         assert_models_equal_fold(service.app, conn)
         expected_rows, expected_amount = ledger_oracle(service.app)
@@ -250,3 +261,38 @@ def test_a_group_whose_process_fails_is_folded_by_the_projector_itself(
         assert ledger_in(conn) == (expected_rows, expected_rows, expected_amount)
     finally:
         projector.close()
+
+
+def test_a_process_whose_projector_is_gone_stops_and_its_group_is_folded_here(
+        stopped_projector: Any, service: PaletteService, conn: psycopg.Connection[Any],  # noqa: F811
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    head = backlog_while_stopped(service, conn, 33)
+    projector = build_projector(settings.model_copy(update={"projector_catchup_events": THRESHOLD,
+                                                            "projector_catchup_processes": 2}))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    projector.catchup.beside.pid = gone.pid  # the process beside finds "its projector" dead after a page
+    try:
+        with caplog.at_level(logging.WARNING, logger="palette.projector"):
+            assert projector.catch_up() > 0
+        warnings = [r.getMessage() for r in caplog.records if "folding them here" in r.getMessage()]
+        assert warnings and "ended with code 0" in warnings[0]  # it stopped, sending nothing back
+        assert projector.caught_up_to >= head
+        assert drained(service, conn)
+        assert_models_equal_fold(service.app, conn)
+    finally:
+        projector.close()
+
+
+def test_the_log_read_for_some_stream_types_is_the_whole_log_filtered(
+        service: PaletteService, settings: Settings) -> None:  # noqa: F811
+    workload(service, 2, random.Random(34))
+    reader = LogReader(service.app.recorder, service.app.mapper.transcoder)
+    head = reader.head()
+    whole = reader.read(0, head, 10**7)
+    assert {e.stream_type for e in whole} >= {"User", "Job", "Rule"}
+    for kinds in (["User"], ["Job", "Rule"], ["Rule"]):
+        expected = [e.id for e in whole if e.stream_type in kinds]
+        assert [e.id for e in reader.read(0, head, 10**7, kinds)] == expected
+        limited = reader.read(expected[0], head, 5, kinds)  # a page: after a position, at most a limit
+        assert [e.id for e in limited] == expected[1:6]

@@ -1,0 +1,30 @@
+"""``LogReader.read`` on the in-memory recorder (the simulation's log) keeps the PostgreSQL
+query's promise: commit order, after a position, at most a limit, only the streams asked for."""
+
+from __future__ import annotations
+
+from application.executors import DirectExecutor
+from application.services import PaletteApplication, PaletteService
+from domain.presets import PRESETS
+from projections.log import LogReader
+from tests.simulation import Ids, StepClock
+
+
+def test_a_read_for_some_stream_types_is_the_whole_log_filtered() -> None:
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    svc = PaletteService(app, DirectExecutor(app), StepClock(), Ids())
+    preset = next(iter(PRESETS))
+    for n in range(6):
+        user_id, _ = svc.register(f"device-{n}").value
+        svc.create_rule(user_id, "r", preset, {"wall": {"action": "recolor", "value": "#ffffff"}})
+        svc.create_job(user_id, preset, 2)
+    reader = LogReader(app.recorder, app.mapper.transcoder)
+    head = reader.head()
+    whole = reader.read(0, head, 10**6)
+    assert [e.id for e in whole] == sorted(e.id for e in whole) and {e.stream_type for e in whole} == {
+        "User", "Job", "Rule"}
+    for kinds in (["User"], ["Job", "Rule"], ["Rule"]):
+        expected = [e.id for e in whole if e.stream_type in kinds]
+        assert [e.id for e in reader.read(0, head, 10**6, kinds)] == expected
+        assert [e.id for e in reader.read(expected[0], head, 3, kinds)] == expected[1:4]
+        assert [e.id for e in reader.read(0, expected[2], 10**6, kinds)] == expected[:3]  # up to a position
