@@ -194,12 +194,38 @@ def backlog_while_stopped(svc: PaletteService, conn: psycopg.Connection[Any], se
     return int(svc.app.recorder.max_notification_id() or 0)
 
 
+def two_group_projector(settings: Settings) -> Any:
+    return build_projector(settings.model_copy(update={"projector_catchup_events": THRESHOLD,
+                                                       "projector_catchup_processes": 2}))
+
+
+def assert_read_side_is_the_fold(svc: PaletteService, conn: psycopg.Connection[Any]) -> None:
+    assert drained(svc, conn)
+    assert_models_equal_fold(svc.app, conn)
+    expected_rows, expected_amount = ledger_oracle(svc.app)
+    assert ledger_in(conn) == (expected_rows, expected_rows, expected_amount)
+
+
+def folded_here_after(projector: Any, head: int, svc: PaletteService, conn: psycopg.Connection[Any],
+                      caplog: pytest.LogCaptureFixture) -> str:
+    """Catch up with ``projector`` (its process beside bound to fail), check the read side, and
+    return the projector's warning that it folded the other group itself."""
+    try:
+        with caplog.at_level(logging.WARNING, logger="palette.projector"):
+            assert projector.catch_up() > 0
+        warnings = [r.getMessage() for r in caplog.records if "folding them here" in r.getMessage()]
+        assert warnings and projector.caught_up_to >= head
+        assert_read_side_is_the_fold(svc, conn)
+        return warnings[0]
+    finally:
+        projector.close()
+
+
 def test_a_catch_up_folds_one_group_of_models_here_and_the_other_in_a_process_beside(
         stopped_projector: Any, service: PaletteService, conn: psycopg.Connection[Any],  # noqa: F811
         settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
     head = backlog_while_stopped(service, conn, 31)
-    projector = build_projector(settings.model_copy(update={"projector_catchup_events": THRESHOLD,
-                                                            "projector_catchup_processes": 2}))
+    projector = two_group_projector(settings)
     try:
         here = {m.name for m in projector.catchup.chosen}
         beside = set(READ_MODELS) - here  # the other process's
@@ -231,10 +257,7 @@ def test_a_catch_up_folds_one_group_of_models_here_and_the_other_in_a_process_be
         positions = dict(conn.execute("SELECT model, position FROM palette_read.positions").fetchall())
         assert all(positions[name] >= head for name in READ_MODELS), positions
         assert projector.catchup.run() is None
-        assert drained(service, conn)
-        assert_models_equal_fold(service.app, conn)
-        expected_rows, expected_amount = ledger_oracle(service.app)
-        assert ledger_in(conn) == (expected_rows, expected_rows, expected_amount)
+        assert_read_side_is_the_fold(service, conn)
     finally:
         projector.close()
 
@@ -243,45 +266,24 @@ def test_a_group_whose_process_fails_is_folded_by_the_projector_itself(
         stopped_projector: Any, service: PaletteService, conn: psycopg.Connection[Any],  # noqa: F811
         settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
     head = backlog_while_stopped(service, conn, 32)
-    projector = build_projector(settings.model_copy(update={"projector_catchup_events": THRESHOLD,
-                                                            "projector_catchup_processes": 2}))
+    projector = two_group_projector(settings)
     with socket.socket() as s:  # the process beside gets a database nothing listens on
         s.bind(("127.0.0.1", 0))
         nowhere = s.getsockname()[1]
     projector.catchup.beside.settings_json = settings.model_copy(update={
         "database_url": f"postgresql://postgres@127.0.0.1:{nowhere}/palette?connect_timeout=2"}).model_dump_json()
-    try:
-        with caplog.at_level(logging.WARNING, logger="palette.projector"):
-            assert projector.catch_up() > 0
-        assert any("folding them here" in r.getMessage() for r in caplog.records)
-        assert projector.caught_up_to >= head
-        assert drained(service, conn)
-        assert_models_equal_fold(service.app, conn)
-        expected_rows, expected_amount = ledger_oracle(service.app)
-        assert ledger_in(conn) == (expected_rows, expected_rows, expected_amount)
-    finally:
-        projector.close()
+    assert "OperationalError" in folded_here_after(projector, head, service, conn, caplog)
 
 
 def test_a_process_whose_projector_is_gone_stops_and_its_group_is_folded_here(
         stopped_projector: Any, service: PaletteService, conn: psycopg.Connection[Any],  # noqa: F811
         settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
     head = backlog_while_stopped(service, conn, 33)
-    projector = build_projector(settings.model_copy(update={"projector_catchup_events": THRESHOLD,
-                                                            "projector_catchup_processes": 2}))
+    projector = two_group_projector(settings)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     projector.catchup.beside.pid = gone.pid  # the process beside finds "its projector" dead after a page
-    try:
-        with caplog.at_level(logging.WARNING, logger="palette.projector"):
-            assert projector.catch_up() > 0
-        warnings = [r.getMessage() for r in caplog.records if "folding them here" in r.getMessage()]
-        assert warnings and "ended with code 0" in warnings[0]  # it stopped, sending nothing back
-        assert projector.caught_up_to >= head
-        assert drained(service, conn)
-        assert_models_equal_fold(service.app, conn)
-    finally:
-        projector.close()
+    assert "ended with code 0" in folded_here_after(projector, head, service, conn, caplog)  # it sent nothing
 
 
 def test_the_log_read_for_some_stream_types_is_the_whole_log_filtered(
