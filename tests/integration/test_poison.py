@@ -104,7 +104,8 @@ def test_an_event_postgres_cannot_store_is_parked_and_the_read_side_moves_on(own
     wait_until(lambda: _letters(conn, rule_id) == [("rules", 1, "parked")], timeout_s=30,
                what="the poison event parked")
     parked = next(d for d in dead_letters(conn) if d["stream_id"] == rule_id)
-    assert "NUL" in parked["error"]
+    # Refused by the server (arrays go in binary) or, in text, by psycopg: either names the NUL.
+    assert "0x00" in parked["error"] or "NUL" in parked["error"]
     # The owner's own stream (User) is not held: its slot was taken and is visible.
     assert conn.execute("SELECT 1 FROM palette_read.users WHERE id = %s", [owner]).fetchone() is not None
     # retry fails again (the text still cannot be stored): parked anew, nothing applied.
