@@ -154,7 +154,6 @@ class LossWatch:
         """Record the loss; the position to publish after (one before the oldest still needed)."""
         start = self.republish_from()
         with self.state.conn.transaction():  # all or nothing: a crash here is detected again
-            self.state.conn.execute("SET LOCAL synchronous_commit = on")  # consumers act on it at once
             self.state.record_loss(self.name, start)
             self.state.save(self.name, start - 1)
             self.state.forget_acked(self.name)
@@ -213,7 +212,7 @@ class RelayState(PgPositions):
     A database crash may forget the last of them (up to three WAL writer delays, 600 ms by
     default): the relay then publishes those events again, which every consumer takes as
     duplicates, and what survives is consistent (PostgreSQL keeps the commits' order). A loss's
-    record does wait for its flush (``LossWatch.recover``)."""
+    record does wait for its flush (``record_loss``)."""
 
     @classmethod
     def connect(cls, database_url: str) -> Self:
@@ -248,6 +247,8 @@ class RelayState(PgPositions):
         self.conn.execute("DELETE FROM palette_relay.acked_offsets WHERE name = %s", [name])
 
     def record_loss(self, name: str, republish_from: int) -> None:
+        """In the caller's transaction, which then waits for its flush: consumers act on it at once."""
+        self.conn.execute("SET LOCAL synchronous_commit = on")
         self.conn.execute("INSERT INTO palette_relay.broker_losses (name, republish_from) VALUES (%s, %s)",
                           [name, republish_from])
 
