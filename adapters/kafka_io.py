@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from confluent_kafka import KafkaException
+from kafka.errors import KafkaError, KafkaTimeoutError
+
 from adapters.settings import Settings
 
 logging.getLogger("kafka").setLevel(logging.WARNING)
@@ -83,8 +86,6 @@ class Delivery:
         self.done = True
 
     def get(self, timeout: float | None = None) -> Delivery:
-        from kafka.errors import KafkaError, KafkaTimeoutError
-
         if not self.done:
             self._producer.flush(timeout)
         if not self.done:
@@ -125,9 +126,6 @@ class LogProducer:
 
     def send(self, topic: str, key: bytes | None = None, value: bytes | None = None,
              headers: list[tuple[str, str | bytes | None]] | None = None) -> Delivery:
-        from confluent_kafka import KafkaException
-        from kafka.errors import KafkaError
-
         delivery = Delivery(self)
         while True:
             try:

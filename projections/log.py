@@ -40,13 +40,13 @@ class LogReader:
         match by identity)."""
         if upto <= after:
             return []
-        prefixes = [topic_prefix(st) for st in stream_types]  # as unapplied() and oldest_needed() match
+        prefixes = tuple(topic_prefix(st) for st in stream_types)  # as unapplied() and oldest_needed() match
         if self.events_table is None:  # the in-memory recorder (tests): a scan
             found: list[Any] = []
             start = after + 1
             while len(found) < limit and (page := self.recorder.select_notifications(start=start, limit=limit,
                                                                                      stop=upto)):
-                found += [n for n in page if not prefixes or n.topic.startswith(tuple(prefixes))]
+                found += [n for n in page if not prefixes or n.topic.startswith(prefixes)]
                 start = page[-1].id + 1
             return [from_notification(n, self.transcoder) for n in found[:limit]]
         query = sql.SQL("SELECT notification_id, originator_id, originator_version, topic, state FROM {} "

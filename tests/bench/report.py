@@ -59,7 +59,8 @@ MEASURES: dict[str, str] = {
                                  "5 ms) sending the same envelopes, encoded beforehand, to a fresh topic",
     "raw_kafka_python_events_per_s": "the same with the relay's former client (kafka-python, linger 5 ms; "
                                      "kafka_io.producer, which the dispatcher and the GPU worker keep)",
-    "raw_produce_ack_p50_ms": f"one message sent and its ack awaited (linger 0), p50 of {ACK_SAMPLES}",
+    "raw_produce_ack_p50_ms": f"one message sent by the relay's client (linger 0) and its ack awaited, "
+                              f"p50 of {ACK_SAMPLES}",
     "relay_p99_ms": f"event time (set when decided, before its commit) -> broker ack (taken as the batch's acks "
                     f"arrive, before its position is saved), p99, on a second relay in the bench process; {LAG}",
     "relay_ack_events_per_s": "the events per second committed while relay_p99_ms was measured",
