@@ -12,11 +12,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from adapters.bootstrap import embedded_stack
 from adapters.settings import Settings, load_settings
 from infra.stack import EmbeddedStack, embedded_ports
 from infra.supervisor import port_free
+
+# Hypothesis builds its table of Unicode characters on a machine's first text draw (~1.5 s on the
+# 2-core CI machine), which its too_slow health check took for a slow strategy: on a fresh clone,
+# whichever text-drawing property ran first could fail. Deadlines and the other checks stay.
+hypothesis_settings.register_profile("palette", suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.load_profile("palette")
 
 
 def _free_port_block(rng: random.Random) -> dict[str, int]:
