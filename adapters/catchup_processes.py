@@ -9,8 +9,10 @@ imports the code once, ~1 s), so a catch-up does not wait for a fresh interprete
 long as its catch-up. A process whose projector died (SIGKILL) stops after the page it is on
 (each page is its own transaction, as the projector's), so it does not write beside the
 projector that restarts; the server exits once the projector and its last process are gone. A
-process that fails, dies or cannot start leaves its models to the projector, which folds them
-itself afterwards: a catch-up never ends with a group behind."""
+process that fails, dies, cannot start or makes no progress for ``STALL_S`` (a database that
+stopped answering: it reports each page it commits) leaves its models to the projector, which
+stops it and folds them itself afterwards: a catch-up never ends with a group behind, nor waits
+forever for one."""
 
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ from projections.store import BatchResult, add_result
 
 log = logging.getLogger("palette.projector")
 PRELOAD = ["psycopg", "adapters.bootstrap", "adapters.logs", "projections.catchup"]
+# Seconds a process beside may go without committing a page (pages take well under one on the
+# bench machine) before the projector stops it and folds its models itself.
+STALL_S = 120.0
 
 
 def _ready() -> None:
@@ -49,8 +54,9 @@ def _alive(pid: int) -> bool:
 
 
 def _fold(settings_json: str, models: Sequence[str], head: int, projector: int, answer: Connection) -> None:
-    """A process beside the projector (pid ``projector``): ``models`` folded up to ``head``;
-    what was applied is sent back (or why it failed, as text)."""
+    """A process beside the projector (pid ``projector``): ``models`` folded up to ``head``; the
+    position of each page committed is sent as it goes (an int), then what was applied (or why it
+    failed, as text)."""
     import psycopg
 
     from adapters import logs
@@ -61,6 +67,7 @@ def _fold(settings_json: str, models: Sequence[str], head: int, projector: int, 
     def still_wanted(position: int) -> None:
         if not _alive(projector):
             raise Orphaned(f"the projector (pid {projector}) is gone: stopping at position {position}")
+        answer.send(position)
 
     logs.configure("projector")
     try:
@@ -71,7 +78,7 @@ def _fold(settings_json: str, models: Sequence[str], head: int, projector: int, 
                 result: BatchResult | str = fold_models(conn, LogReader.of(app), models, head, still_wanted)
         finally:
             app.close()
-    except Orphaned as exc:
+    except (Orphaned, BrokenPipeError) as exc:  # BrokenPipeError: the projector stopped listening
         log.warning("%s", exc)
         return
     except Exception as exc:  # noqa: BLE001 - reported to the projector, which folds these models itself
@@ -86,8 +93,9 @@ class CatchUpProcesses:
     ``fold_here`` (models, head) folds a group whose process failed in the projector instead."""
 
     def __init__(self, settings: Settings, groups: Sequence[Sequence[str]],
-                 fold_here: Callable[[Sequence[str], int], BatchResult]) -> None:
+                 fold_here: Callable[[Sequence[str], int], BatchResult], stall_s: float = STALL_S) -> None:
         self.settings_json = settings.model_dump_json()
+        self.stall_s = stall_s
         self.pid = os.getpid()  # the projector: a process beside it stops once it is gone
         self.groups = [tuple(g) for g in groups]
         self.fold_here = fold_here
@@ -128,9 +136,7 @@ class CatchUpProcesses:
                 answer: BatchResult | str | None = why or None
                 if receive is not None:
                     try:
-                        answer = receive.recv()
-                    except EOFError:
-                        answer = None
+                        answer = self._answer(process, receive)
                     finally:
                         receive.close()
                         process.join()
@@ -144,3 +150,16 @@ class CatchUpProcesses:
             return total
 
         return wait
+
+    def _answer(self, process: Any, receive: Connection) -> BatchResult | str | None:
+        """The process's answer once it sends one; None when it died without; why, when it went
+        ``stall_s`` without a page (then it is stopped: its open page rolls back)."""
+        try:
+            while receive.poll(self.stall_s):
+                answer = receive.recv()
+                if not isinstance(answer, int):  # a page's position: progress, go on waiting
+                    return answer  # type: ignore[no-any-return]
+        except EOFError:
+            return None
+        process.kill()
+        return f"it made no progress for {self.stall_s:g} s and was stopped"

@@ -10,6 +10,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -273,6 +274,35 @@ def test_a_group_whose_process_fails_is_folded_by_the_projector_itself(
     projector.catchup.beside.settings_json = settings.model_copy(update={
         "database_url": f"postgresql://postgres@127.0.0.1:{nowhere}/palette?connect_timeout=2"}).model_dump_json()
     assert "OperationalError" in folded_here_after(projector, head, service, conn, caplog)
+
+
+def test_a_process_that_makes_no_progress_is_stopped_and_its_group_is_folded_here(
+        stopped_projector: Any, service: PaletteService, conn: psycopg.Connection[Any],  # noqa: F811
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    head = backlog_while_stopped(service, conn, 35)
+    projector = two_group_projector(settings)
+    projector.catchup.beside.stall_s = 1.0
+    assert "jobs_log" not in {m.name for m in projector.catchup.chosen}  # the process beside folds it
+
+    def stopped() -> bool:
+        return any("no progress" in r.getMessage() for r in caplog.records)
+
+    # The table the process beside writes is locked (a database that stopped answering it): its
+    # first page waits, with nothing to time it out. Once the projector has stopped it, the lock
+    # goes, and the projector folds the group itself.
+    with psycopg.connect(settings.effective_database_url) as locker:
+        locker.execute("LOCK TABLE palette_read.jobs_log IN ACCESS EXCLUSIVE MODE")
+
+        def release() -> None:
+            try:
+                wait_until(stopped, timeout_s=60, what="the projector to stop its stalled process")
+            finally:
+                locker.rollback()
+
+        releaser = threading.Thread(target=release, daemon=True)
+        releaser.start()
+        assert "no progress for 1 s" in folded_here_after(projector, head, service, conn, caplog)
+        releaser.join()
 
 
 def test_a_process_whose_projector_is_gone_stops_and_its_group_is_folded_here(
