@@ -9,10 +9,11 @@ imports the code once, ~1 s), so a catch-up does not wait for a fresh interprete
 long as its catch-up. A process whose projector died (SIGKILL) stops after the page it is on
 (each page is its own transaction, as the projector's), so it does not write beside the
 projector that restarts; the server exits once the projector and its last process are gone. A
-process that fails, dies, cannot start or makes no progress for ``STALL_S`` (a database that
-stopped answering: it reports each page it commits) leaves its models to the projector, which
-stops it and folds them itself afterwards: a catch-up never ends with a group behind, nor waits
-forever for one."""
+process that fails, dies or cannot start leaves its models to the projector, which folds them
+itself afterwards: a catch-up never ends with a group behind. Nor does it wait forever on one: a
+process that sends nothing for ``STALL_S`` while the projector waits on it (it reports each page it
+commits; a write blocked on a lock has nothing else to time it out) is stopped, its database
+session ended (so its open page rolls back and its locks go), and its models folded here."""
 
 from __future__ import annotations
 
@@ -54,9 +55,9 @@ def _alive(pid: int) -> bool:
 
 
 def _fold(settings_json: str, models: Sequence[str], head: int, projector: int, answer: Connection) -> None:
-    """A process beside the projector (pid ``projector``): ``models`` folded up to ``head``; the
-    position of each page committed is sent as it goes (an int), then what was applied (or why it
-    failed, as text)."""
+    """A process beside the projector (pid ``projector``): ``models`` folded up to ``head``. It
+    sends ("session", its writing connection's backend pid), ("page", position) after each page
+    it commits, then ("done", what was applied) or ("failed", why)."""
     import psycopg
 
     from adapters import logs
@@ -67,22 +68,24 @@ def _fold(settings_json: str, models: Sequence[str], head: int, projector: int, 
     def still_wanted(position: int) -> None:
         if not _alive(projector):
             raise Orphaned(f"the projector (pid {projector}) is gone: stopping at position {position}")
-        answer.send(position)
+        answer.send(("page", position))
 
     logs.configure("projector")
+    result: tuple[str, BatchResult | str]
     try:
         settings = Settings.model_validate_json(settings_json)
         app = open_event_store(settings, pool_size=1)
         try:
             with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
-                result: BatchResult | str = fold_models(conn, LogReader.of(app), models, head, still_wanted)
+                answer.send(("session", conn.info.backend_pid))
+                result = ("done", fold_models(conn, LogReader.of(app), models, head, still_wanted))
         finally:
             app.close()
     except (Orphaned, BrokenPipeError) as exc:  # BrokenPipeError: the projector stopped listening
         log.warning("%s", exc)
         return
     except Exception as exc:  # noqa: BLE001 - reported to the projector, which folds these models itself
-        result = f"{type(exc).__name__}: {exc}"[:500]
+        result = ("failed", f"{type(exc).__name__}: {exc}"[:500])
     with contextlib.suppress(OSError):  # the projector died meanwhile
         answer.send(result)
     answer.close()
@@ -95,6 +98,7 @@ class CatchUpProcesses:
     def __init__(self, settings: Settings, groups: Sequence[Sequence[str]],
                  fold_here: Callable[[Sequence[str], int], BatchResult], stall_s: float = STALL_S) -> None:
         self.settings_json = settings.model_dump_json()
+        self.database_url = settings.effective_database_url
         self.stall_s = stall_s
         self.pid = os.getpid()  # the projector: a process beside it stops once it is gone
         self.groups = [tuple(g) for g in groups]
@@ -139,6 +143,8 @@ class CatchUpProcesses:
                         answer = self._answer(process, receive)
                     finally:
                         receive.close()
+                        if process.is_alive():  # _answer did not get to the end (it raised)
+                            process.kill()
                         process.join()
                 if isinstance(answer, BatchResult):
                     add_result(total, answer)
@@ -152,14 +158,37 @@ class CatchUpProcesses:
         return wait
 
     def _answer(self, process: Any, receive: Connection) -> BatchResult | str | None:
-        """The process's answer once it sends one; None when it died without; why, when it went
-        ``stall_s`` without a page (then it is stopped: its open page rolls back)."""
+        """The process's answer once it sends one; None when it died without one; why, when it
+        sent nothing for ``stall_s`` (it is stopped, and its database session ended)."""
+        session: int | None = None
         try:
             while receive.poll(self.stall_s):
-                answer = receive.recv()
-                if not isinstance(answer, int):  # a page's position: progress, go on waiting
-                    return answer  # type: ignore[no-any-return]
-        except EOFError:
+                kind, value = receive.recv()
+                if kind == "session":
+                    session = value
+                elif kind != "page":  # "done" or "failed": the answer
+                    return value  # type: ignore[no-any-return]
+        except (EOFError, OSError):
             return None
         process.kill()
-        return f"it made no progress for {self.stall_s:g} s and was stopped"
+        try:  # its answer may have come in just after the wait
+            while receive.poll(0):
+                kind, value = receive.recv()
+                if kind in ("done", "failed"):
+                    return value  # type: ignore[no-any-return]
+        except (EOFError, OSError):
+            pass
+        ended = self._end_session(session) if session is not None else "it had none yet"
+        return f"it sent nothing for {self.stall_s:g} s and was stopped; its database session: {ended}"
+
+    def _end_session(self, backend_pid: int) -> str:
+        """End a stopped process's database session (a statement waiting on a lock would
+        otherwise hold its page's locks until the wait ends), waiting up to 10 s for it to go."""
+        import psycopg
+
+        try:
+            with psycopg.connect(self.database_url, autocommit=True, connect_timeout=10) as conn:
+                row = conn.execute("SELECT pg_terminate_backend(%s, 10000)", [backend_pid]).fetchone()
+        except psycopg.Error as exc:
+            return f"not ended ({type(exc).__name__}: {exc})"[:200]
+        return f"{backend_pid} ended" if row and row[0] else f"{backend_pid} already gone"

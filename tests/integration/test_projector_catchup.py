@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -285,11 +286,11 @@ def test_a_process_that_makes_no_progress_is_stopped_and_its_group_is_folded_her
     assert "jobs_log" not in {m.name for m in projector.catchup.chosen}  # the process beside folds it
 
     def stopped() -> bool:
-        return any("no progress" in r.getMessage() for r in caplog.records)
+        return any("sent nothing" in r.getMessage() for r in caplog.records)
 
     # The table the process beside writes is locked (a database that stopped answering it): its
-    # first page waits, with nothing to time it out. Once the projector has stopped it, the lock
-    # goes, and the projector folds the group itself.
+    # first page waits, with nothing to time it out. The projector stops it and ends its database
+    # session; then the lock goes, and the projector folds the group itself.
     with psycopg.connect(settings.effective_database_url) as locker:
         locker.execute("LOCK TABLE palette_read.jobs_log IN ACCESS EXCLUSIVE MODE")
 
@@ -301,8 +302,12 @@ def test_a_process_that_makes_no_progress_is_stopped_and_its_group_is_folded_her
 
         releaser = threading.Thread(target=release, daemon=True)
         releaser.start()
-        assert "no progress for 1 s" in folded_here_after(projector, head, service, conn, caplog)
+        warning = folded_here_after(projector, head, service, conn, caplog)
         releaser.join()
+    assert "sent nothing for 1 s" in warning
+    ended = re.search(r"its database session: (\d+) ended", warning)
+    assert ended, warning  # it was waiting on the lock, not gone
+    assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [int(ended[1])]).fetchone() == (0,)
 
 
 def test_a_process_whose_projector_is_gone_stops_and_its_group_is_folded_here(
