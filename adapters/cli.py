@@ -78,6 +78,8 @@ def _serve_loop(worker: object, ready_file: str | None, observed: tuple[str, Set
     import threading
     from pathlib import Path
 
+    from adapters.runtime import serving_gc
+
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -92,6 +94,7 @@ def _serve_loop(worker: object, ready_file: str | None, observed: tuple[str, Set
             logging.getLogger("palette.serve").info("ready after %.1f s", time.monotonic() - started)
         if ready_file:
             Path(ready_file).touch()
+        serving_gc()
         worker.run(stop)  # type: ignore[attr-defined]
     finally:
         worker.close()  # type: ignore[attr-defined]
@@ -105,6 +108,7 @@ def _serve_api(settings: Any, naive: bool) -> None:
 
     from adapters import bootstrap, observability
     from adapters.api.app import API_POOL_SIZE, create_asgi
+    from adapters.runtime import serving_gc
 
     # Keep-alive longer than clients and proxies keep idle connections (uvicorn's 5 s default
     # races clients that reuse a connection just as the server closes it).
@@ -127,6 +131,7 @@ def _serve_api(settings: Any, naive: bool) -> None:
     try:
         asgi = create_asgi(container, registry=registry)
         observability.start("api", None, settings, registry)
+        serving_gc()
         uvicorn.run(asgi, **options)
     finally:
         container.close()

@@ -146,12 +146,15 @@ def worker_asgi(naive: bool) -> ASGIApp:
     import os
 
     from adapters import bootstrap, tracing
+    from adapters.runtime import serving_gc
     from adapters.settings import load_settings
 
     settings = load_settings()
     tracing.configure("api", settings.trace_exporter)
     log.info("API worker process %d serving", os.getpid())
-    return create_asgi(bootstrap.build(settings, naive=naive, pool_size=API_POOL_SIZE), owns_container=True)
+    asgi = create_asgi(bootstrap.build(settings, naive=naive, pool_size=API_POOL_SIZE), owns_container=True)
+    serving_gc()
+    return asgi
 
 
 def group_worker_asgi() -> ASGIApp:
