@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import uuid
+import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +26,7 @@ from adapters.bootstrap import build_projector
 from adapters.settings import Settings
 from application.services import PaletteService
 from domain.contracts.envelope import EventEnvelope
+from infra.supervisor import StackError
 from projections.catchup import CatchUp
 from projections.log import LogReader
 from projections.models import READ_MODELS
@@ -43,6 +45,26 @@ class Crash(RuntimeError):
     """Injected right after a page's transaction committed."""
 
 
+def start_projector_again(apps: Any) -> None:
+    """The stack's projector started again after a test stopped it. Known issue, not fixed: on a
+    fast host, after the broker-killing tests, the embedded broker (Tansu 0.6) sometimes holds
+    every join of palette-projections until it restarts (seen 2026-12-02 with this code and the
+    code before: a new group joined in 5 s, this one not in 40; the clean-clone CI's projector
+    was not ready for minutes). The read side does not wait on it (the projector tails the event
+    log after a loss), but a projector started then is never ready; a broker restarted in peace
+    clears it, so that is done here, loudly, rather than failing every later test."""
+    try:
+        apps.start_app("projector")
+    except StackError as e:
+        if "not ready" not in str(e):
+            raise
+        warnings.warn(f"the embedded broker held the projector's group join; restarting it: {str(e)[:200]}",
+                      stacklevel=2)
+        apps.stop_app("projector")
+        apps.supervisor.restart("broker")
+        apps.start_app("projector")
+
+
 @pytest.fixture
 def stopped_projector(apps: Any) -> Iterator[Any]:
     """The stack's projector process stopped for the test (the test runs its own); started after."""
@@ -50,7 +72,7 @@ def stopped_projector(apps: Any) -> Iterator[Any]:
     try:
         yield apps
     finally:
-        apps.start_app("projector")
+        start_projector_again(apps)
 
 
 def projector_for(settings: Settings) -> Any:

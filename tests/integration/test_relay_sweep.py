@@ -25,6 +25,7 @@ from infra.stack import EmbeddedStack
 from projections.catchup import CatchUp
 from projections.log import LogReader
 
+from .test_projector_catchup import start_projector_again
 from .test_stack import wait_until
 
 
@@ -185,4 +186,4 @@ def test_after_catching_up_from_the_log_the_consumer_skips_what_the_relay_had_pu
         projector.consumer.close()
         losses.conn.execute("DELETE FROM palette_relay.losses_handled WHERE consumer = %s", [group])
         losses.close()
-        apps.start_app("projector")
+        start_projector_again(apps)
