@@ -65,7 +65,7 @@ def _fold(settings_json: str, models: Sequence[str], head: int, projector: int, 
     from projections.catchup import fold_models
     from projections.log import LogReader
 
-    def still_wanted(position: int) -> None:
+    def page_committed(position: int) -> None:
         if not _alive(projector):
             raise Orphaned(f"the projector (pid {projector}) is gone: stopping at position {position}")
         answer.send(("page", position))
@@ -78,7 +78,7 @@ def _fold(settings_json: str, models: Sequence[str], head: int, projector: int, 
         try:
             with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
                 answer.send(("session", conn.info.backend_pid))
-                result = ("done", fold_models(conn, LogReader.of(app), models, head, still_wanted))
+                result = ("done", fold_models(conn, LogReader.of(app), models, head, page_committed))
         finally:
             app.close()
     except (Orphaned, BrokenPipeError) as exc:  # BrokenPipeError: the projector stopped listening

@@ -50,9 +50,10 @@ def start_projector_again(apps: Any) -> None:
     fast host, after the broker-killing tests, the embedded broker (Tansu 0.6) sometimes holds
     every join of palette-projections until it restarts (seen 2026-12-02 with this code and the
     code before: a new group joined in 5 s, this one not in 40; the clean-clone CI's projector
-    was not ready for minutes). The read side does not wait on it (the projector tails the event
-    log after a loss), but a projector started then is never ready; a broker restarted in peace
-    clears it, so that is done here, loudly, rather than failing every later test."""
+    was not ready for minutes). While it lasts, the read side moves only if the projector is
+    tailing the event log after a loss, and a projector started then is never ready; a broker
+    restarted in peace clears it, so that is done here, loudly, rather than failing every later
+    test (README: "Not fixed")."""
     try:
         apps.start_app("projector")
     except StackError as e:
@@ -237,10 +238,10 @@ def folded_here_after(projector: Any, head: int, svc: PaletteService, conn: psyc
     try:
         with caplog.at_level(logging.WARNING, logger="palette.projector"):
             assert projector.catch_up() > 0
-        warnings = [r.getMessage() for r in caplog.records if "folding them here" in r.getMessage()]
-        assert warnings and projector.caught_up_to >= head
+        fallbacks = [r.getMessage() for r in caplog.records if "folding them here" in r.getMessage()]
+        assert fallbacks and projector.caught_up_to >= head
         assert_read_side_is_the_fold(svc, conn)
-        return warnings[0]
+        return fallbacks[0]
     finally:
         projector.close()
 
