@@ -194,6 +194,7 @@ def build_relay(settings: Settings, name: str = "", topic: str = "",
 
     from adapters import kafka_io
     from adapters.relay import RELAY_NAME, LossWatch, PgWakeup, Relay, RelayState, install_wakeup
+    from adapters.rollover import KafkaLogAdmin, LogRollover
     from infra.kafka_admin import ensure_topics
     from projections.models import READ_MODELS
     from projections.store import oldest_needed
@@ -216,8 +217,12 @@ def build_relay(settings: Settings, name: str = "", topic: str = "",
     state = RelayState.connect(url)
     live = (name or RELAY_NAME, topic or topics.EVENTS) == (RELAY_NAME, topics.EVENTS)
     loss = LossWatch(kafka_io.TopicEnds(settings, topics.EVENTS), republish_from, state, RELAY_NAME) if live else None
-    return Relay(app, kafka_io.LogProducer(settings), state, name=name or RELAY_NAME,
-                 topic=topic or topics.EVENTS, on_acked=on_acked, wakeup=PgWakeup(url), loss=loss, lead=state.lead)
+    rollover = None
+    if live and settings.broker_log_batches:
+        rollover = LogRollover(KafkaLogAdmin(settings.effective_kafka_bootstrap), topics.EVENTS,
+                               settings.kafka_partitions, topics.EVENTS_GROUPS, settings.broker_log_batches)
+    return Relay(app, kafka_io.LogProducer(settings), state, name=name or RELAY_NAME, topic=topic or topics.EVENTS,
+                 on_acked=on_acked, wakeup=PgWakeup(url), loss=loss, lead=state.lead, rollover=rollover)
 
 
 def build_projector(settings: Settings) -> Any:

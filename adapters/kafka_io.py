@@ -19,6 +19,8 @@ log = logging.getLogger("palette.kafka")
 # event log while it waits after a restart (adapters.projector), so the pause costs little lag.
 SESSION_TIMEOUT_MS = 10_000
 HEARTBEAT_MS = 2000
+# How old a member's metadata gets: a topic recreated under it shows within this (see GroupConsumer).
+METADATA_MAX_AGE_MS = 30_000
 
 
 def keyed_partitioner(remember: int = 100_000) -> Any:
@@ -173,13 +175,35 @@ def consumer(settings: Settings, group_id: str, *topics: str, max_poll_records: 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._topic_ids: dict[str, Any] = {}
+            self._renewed: dict[str, Any] = {}  # topic -> the metadata update asked for after a rewind
             self.rewound: set[Any] = set()  # the partitions the last poll moved to the start
 
         def poll(self, *args: Any, **kwargs: Any) -> Any:
             self.rewound = set()
             records = super().poll(*args, **kwargs)
             self.rewind_recreated()
+            self.rewind_truncated()
             return records
+
+        def rewind_truncated(self) -> bool:
+            """Move to the start of each assigned partition whose log now ends before this
+            member's position (the broker's last fetch answer says so): the relay started the
+            log afresh (``adapters.rollover``), or the broker lost it. Returns whether it moved
+            any. The topic's id, when the metadata shows it changed, is then taken as it is."""
+            moved = []
+            for tp, state in self._subscription.assignment.items():
+                position = state.position if state.has_valid_position else None
+                if position is not None and state.highwater is not None and position.offset > state.highwater:
+                    moved.append(tp)
+            if not moved:
+                return False
+            self.seek_to_beginning(*moved)
+            self.rewound.update(moved)
+            for topic in {tp.topic for tp in moved}:
+                self._topic_ids.pop(topic, None)
+                self._renewed[topic] = self._client.cluster.request_update()
+            log.info("a log ended before this member's position: reading %d partition(s) from the start", len(moved))
+            return True
 
         def rewind_recreated(self) -> bool:
             """Move to the start of each assigned partition of a topic whose id changed since it
@@ -190,6 +214,11 @@ def consumer(settings: Settings, group_id: str, *topics: str, max_poll_records: 
             cluster = self._client.cluster
             recreated: set[str] = set()
             for topic in self.subscription() or ():
+                renewal = self._renewed.get(topic)
+                if renewal is not None:  # rewound already: the id is taken once the metadata is new
+                    if not renewal.is_done:
+                        continue
+                    del self._renewed[topic]
                 now = cluster.topic_id(topic)
                 if now is not None and self._topic_ids.setdefault(topic, now) != now:
                     self._topic_ids[topic] = now
@@ -225,7 +254,7 @@ def consumer(settings: Settings, group_id: str, *topics: str, max_poll_records: 
         enable_auto_commit=False, auto_offset_reset="earliest",
         session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=HEARTBEAT_MS,
         fetch_max_wait_ms=fetch_max_wait_ms, max_poll_records=max_poll_records,
-        max_poll_interval_ms=300000,
+        max_poll_interval_ms=300000, metadata_max_age_ms=METADATA_MAX_AGE_MS,
     )
 
 

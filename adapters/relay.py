@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import psycopg
 from kafka.errors import KafkaError
@@ -30,6 +30,9 @@ from psycopg import sql
 from domain.contracts import trace as tracing
 from domain.contracts.envelope import EventEnvelope, from_notification, notification_message
 from domain.contracts.topics import EVENTS as EVENTS_TOPIC
+
+if TYPE_CHECKING:
+    from adapters.rollover import LogRollover
 
 log = logging.getLogger("palette.relay")
 RELAY_NAME = "palette.events"
@@ -122,6 +125,15 @@ class LossWatch:
     def save(self, position: int) -> None:
         """The relay's position and the offsets acknowledged up to it."""
         self.state.save_acked(self.name, position, self.acked)
+
+    def ends(self) -> dict[int, int]:
+        """By partition, the offset after the last one the broker acknowledged."""
+        return {p: offset + 1 for p, offset in self.acked.items()}
+
+    def forget(self) -> None:
+        """The log is about to start afresh (``LogRollover``): its offsets mean nothing after."""
+        self.state.forget_acked(self.name)
+        self.acked.clear()
 
     def on_acks(self, offsets: list[tuple[int, int]]) -> bool:
         """Take the (partition, offset) acknowledgements of one batch; True when one restarted."""
@@ -320,7 +332,7 @@ class Relay:
                  topic: str = EVENTS_TOPIC, batch_size: int = 2000,
                  on_acked: Callable[[list[EventEnvelope]], None] | None = None,
                  wakeup: Wakeup | None = None, loss: LossWatch | None = None,
-                 lead: Callable[[str], bool] | None = None) -> None:
+                 lead: Callable[[str], bool] | None = None, rollover: LogRollover | None = None) -> None:
         self.app = app  # owns the recorder's connection pool
         self.recorder = app.recorder
         self.transcoder = app.mapper.transcoder
@@ -337,6 +349,7 @@ class Relay:
         self.loss = loss
         self._lost = False  # an acknowledgement came back below one before it
         self.lead = lead  # several relays of one name: the one that gets it publishes, the others wait
+        self.rollover = rollover if loss is not None else None  # needs the acknowledged offsets
         # Seconds from the oldest event of each acknowledged batch being decided to its ack (metrics).
         self.observe_ack: Callable[[float], None] | None = None
 
@@ -380,6 +393,8 @@ class Relay:
         self.producer.flush()  # only this batch: the next one is sent after it
         metas = [f.get(timeout=30) for f in futures]
         self._in_flight = None
+        if self.rollover is not None:
+            self.rollover.count(m.partition for m in metas)
         if self.loss is not None and self.loss.on_acks([(m.partition, m.offset) for m in metas]):
             self._lost = True
             return None
@@ -424,6 +439,20 @@ class Relay:
         self._lost = False
         return self.loss.recover()
 
+    def _start_log_afresh(self) -> None:
+        """With nothing in flight (every batch sent is acknowledged and recorded): start the
+        broker's log afresh if every consumer group has read it (``LogRollover``). Its acknowledged
+        offsets are forgotten first: a crash in between leaves the relay nothing to compare the new
+        log with, rather than a loss it would see."""
+        assert self.rollover is not None and self.loss is not None
+        try:
+            if self._lost or not self.rollover.read_by_all(self.loss.ends()):
+                return
+            self.loss.forget()
+            self.rollover.start_afresh()
+        except (KafkaError, OSError) as e:  # the broker away: its topics are made again as it returns
+            self.rollover.postpone(f"the broker did not answer ({type(e).__name__})")
+
     def warm_up(self, stop: threading.Event) -> None:
         """The relay is ready once its position table answers."""
         self.position()
@@ -433,6 +462,11 @@ class Relay:
             return
         position = self.position()
         log.warning("relay starting after position %d", position)
+        if self.rollover is not None:
+            try:
+                self.rollover.ensure_topic()
+            except (KafkaError, OSError) as e:  # the broker away: it makes its topics as it comes back
+                log.warning("the topic was not checked: the broker did not answer (%s)", type(e).__name__)
         if self.loss is not None and self.loss.probe(force=True):
             position = self._recover_or_wait(stop, position)
         wait = idle_s
@@ -464,6 +498,9 @@ class Relay:
             else:
                 wait = idle_s
             position = new_position
+            if (self.rollover is not None and self.loss is not None and self._in_flight is None
+                    and self.rollover.due(self.loss.ends())):
+                self._start_log_afresh()
         self.drain()  # SIGTERM: what was sent is acknowledged and recorded before exiting
 
     def _leading(self, stop: threading.Event, every_s: float = 1.0) -> bool:
@@ -484,7 +521,8 @@ class Relay:
 
     def close(self) -> None:
         self.producer.close()
-        for part in (self.positions, self.wakeup, self.loss.broker if self.loss is not None else None):
+        for part in (self.positions, self.wakeup, self.loss.broker if self.loss is not None else None,
+                     self.rollover):
             close = getattr(part, "close", None)
             if close is not None:
                 close()

@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     # The embedded broker's log: "memory" (fast; a restart forgets it, and the relay re-publishes
     # from the event store) or "s3" (the log in SeaweedFS: slower, and still not the source of truth).
     broker_storage: Literal["memory", "s3"] = "memory"
+    # The relay starts the broker's log of palette.events afresh once a partition has taken this
+    # many produce batches and every consumer group has read it (adapters.rollover: the broker's
+    # fetches cost more with every batch a partition holds); 0: never.
+    broker_log_batches: int = Field(1000, ge=0)
     # Each worker process serves /metrics, /livez and /readyz on this port + its offset (relay +1,
     # projector +2, dispatcher +3, gpu +4, webhooks +5, checkpointer +6); 0 turns them off.
     metrics_port: int = Field(9400, ge=0, le=65000)

@@ -13,3 +13,4 @@ PROJECTOR_GROUP = "palette-projections"
 DISPATCHER_GROUP = "palette-dispatcher"
 GPU_GROUP = "palette-gpu"  # its committed offsets say what the GPU workers consumed
 WEBHOOKS_GROUP = "palette-webhooks"
+EVENTS_GROUPS = (PROJECTOR_GROUP, DISPATCHER_GROUP, WEBHOOKS_GROUP)  # every group that reads EVENTS

@@ -1,0 +1,176 @@
+"""The broker's log of ``palette.events`` started afresh once every consumer has read it.
+
+The embedded broker (Tansu 0.6, memory or S3 storage) finds a fetch's records by listing every
+record batch the partition holds: a fetch costs ~0.6 µs per batch the partition ever took
+(``python -m tests.bench.broker_growth``), so under steady load the broker's CPU grows with its
+age until projection lag does too. It has no retention and no DeleteRecords (its storage panics
+on one). The event store is the source of truth and every consumer of the log tells where it is
+in it by committed offsets, so the relay, its only producer, deletes and creates the topic again
+at a moment when nothing in it is still needed: between two of its batches, once the longest
+partition has taken ``every_batches`` batches and each consumer group of the topic that has
+members or committed offsets has committed up to the end of what the relay published. A group
+that is behind, joining, or stopped with offsets postpones it. A group with neither (never
+started, or stopped before an earlier fresh start) does not: what it missed reaches it through
+its own sweep of the event store, as after a broker that restarted empty.
+
+The consumers see the new log at their next fetch: it ends before their position, and
+``kafka_io``'s group consumer reads such a partition again from its start. Each partition of the
+old log held at least ``min_messages``, so the new one, published to from offset 0, passes a
+member's old position only if that member fetched nothing for as long as that many messages
+take to arrive; the topic id it later sees changed makes it read the new log from the start
+then (duplicates, which every consumer takes)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+log = logging.getLogger("palette.relay")
+
+
+class LogAdmin(Protocol):
+    def committed(self, groups: Iterable[str], topic: str) -> dict[str, dict[int, int]]:
+        """By group that reads ``topic``, its committed offset by partition: a group with members
+        but no commit yet (joining) is there with none; a group with neither is left out."""
+
+    def recreate(self, topic: str, partitions: int) -> None:
+        """Delete ``topic`` and create it again, empty, with ``partitions`` partitions."""
+
+    def ensure(self, topic: str, partitions: int) -> None:
+        """Create ``topic`` with ``partitions`` partitions if it does not exist."""
+
+
+class KafkaLogAdmin:
+    """``LogAdmin`` on the admin clients (kafka-python's for offsets and topics; librdkafka's for
+    group states, which kafka-python cannot decode from the embedded broker)."""
+
+    def __init__(self, bootstrap: str) -> None:
+        from confluent_kafka.admin import AdminClient
+        from kafka import KafkaAdminClient
+
+        self.admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+        self.groups = AdminClient({"bootstrap.servers": bootstrap})
+
+    def committed(self, groups: Iterable[str], topic: str) -> dict[str, dict[int, int]]:
+        from confluent_kafka import ConsumerGroupState, KafkaException
+        from kafka.errors import KafkaError
+
+        groups = list(groups)
+        out: dict[str, dict[int, int]] = {}
+        for group, state in self.groups.describe_consumer_groups(groups, request_timeout=10).items():
+            try:
+                if state.result().state not in (ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD):
+                    out[group] = {}  # members (joining: the embedded broker says UNKNOWN then)
+            except KafkaException as e:
+                raise KafkaError(str(e)) from None
+        for group in groups:
+            offsets = self.admin.list_group_offsets({group: None}).get(group, {})
+            mine = {tp.partition: int(meta.offset) for tp, meta in offsets.items()
+                    if tp.topic == topic and meta.offset >= 0}
+            if mine:
+                out[group] = mine
+        return out
+
+    def recreate(self, topic: str, partitions: int) -> None:
+        from kafka.errors import UnknownTopicOrPartitionError
+
+        with contextlib.suppress(UnknownTopicOrPartitionError):  # gone already (a broker that restarted)
+            self.admin.delete_topics([topic])
+        self.ensure(topic, partitions)
+
+    def ensure(self, topic: str, partitions: int) -> None:
+        from kafka.admin import NewTopic
+        from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+        for attempt in range(5):  # the broker has answered a CreateTopics with a truncated response
+            try:
+                self.admin.create_topics([NewTopic(topic, partitions, 1)])
+                return
+            except TopicAlreadyExistsError:
+                return
+            except KafkaError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        self.admin.close()
+
+
+class LogRollover:
+    """When to start the log afresh, and doing it (see the module's docstring)."""
+
+    def __init__(self, admin: LogAdmin, topic: str, partitions: int, groups: Iterable[str], every_batches: int,
+                 min_messages: int | None = None, wait_s: float = 0.2, retry_s: float = 5.0,
+                 max_retry_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], Any] = time.sleep) -> None:
+        self.admin = admin
+        self.topic = topic
+        self.partitions = partitions
+        self.groups = tuple(groups)
+        self.every_batches = every_batches
+        self.min_messages = every_batches if min_messages is None else min_messages
+        self.wait_s = wait_s  # the longest the relay holds its next batch for the groups to catch up
+        self.retry_s = retry_s  # after a postponement; doubled after each in a row, up to max_retry_s
+        self.max_retry_s = max_retry_s
+        self._backoff = retry_s
+        self.clock = clock
+        self.sleep = sleep
+        self.batches: dict[int, int] = {}  # produce batches each partition took since the log began
+        self._next_try = 0.0
+        self.rollovers = 0
+        self.postponed = 0
+
+    def ensure_topic(self) -> None:
+        """At the relay's start: a relay that died between deleting the topic and creating it
+        again would otherwise publish into one the broker makes with its own defaults."""
+        self.admin.ensure(self.topic, self.partitions)
+
+    def count(self, partitions: Iterable[int]) -> None:
+        """One acknowledged batch of the relay's, on these partitions."""
+        for p in set(partitions):
+            self.batches[p] = self.batches.get(p, 0) + 1
+
+    def due(self, ends: dict[int, int]) -> bool:
+        """Whether to try now, the relay's acknowledged ends (next offset by partition) at hand."""
+        return (self.every_batches > 0 and max(self.batches.values(), default=0) >= self.every_batches
+                and bool(ends) and min(ends.values()) >= self.min_messages and self.clock() >= self._next_try)
+
+    def read_by_all(self, ends: dict[int, int]) -> bool:
+        """Wait up to ``wait_s`` until every group that committed on the topic has committed up to
+        ``ends`` on each partition; False when one has not (and no try for ``retry_s``, doubled
+        for each postponement in a row: a stopped group costs the relay ``wait_s`` once a minute)."""
+        deadline = self.clock() + self.wait_s
+        while True:
+            committed = self.admin.committed(self.groups, self.topic)
+            behind = [g for g, offsets in committed.items() if any(offsets.get(p, -1) < end for p, end in ends.items())]
+            if not behind:
+                self._backoff = self.retry_s
+                return True
+            if self.clock() >= deadline:
+                self.postpone(f"{', '.join(behind)} behind")
+                return False
+            self.sleep(0.005)
+
+    def postpone(self, why: str) -> None:
+        self.postponed += 1
+        self._next_try = self.clock() + self._backoff
+        self._backoff = min(self.max_retry_s, 2 * self._backoff)
+        log.info("the broker's log of %s is not started afresh yet: %s", self.topic, why)
+
+    def start_afresh(self) -> None:
+        """Delete and create the topic (everything in it was read: see ``read_by_all``)."""
+        longest = max(self.batches.values(), default=0)
+        self.admin.recreate(self.topic, self.partitions)
+        self.batches.clear()
+        self.rollovers += 1
+        log.info("the broker's log of %s started afresh (its longest partition had taken %d batches; "
+                 "every consumer group had read it)", self.topic, longest)
+
+    def close(self) -> None:
+        close = getattr(self.admin, "close", None)
+        if close is not None:
+            close()

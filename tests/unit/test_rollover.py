@@ -1,0 +1,113 @@
+"""When the relay starts the broker's log afresh (adapters.rollover), decided on fakes: only once a
+partition took enough batches, every partition holds enough, and every group that committed on
+the topic has committed up to the end; a group behind postpones it, later each time in a row."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from adapters.rollover import LogRollover
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Admin:
+    """Committed offsets that move on as they are asked for (``catch_up`` per ask and partition)."""
+
+    def __init__(self, committed: dict[str, dict[int, int]], catch_up: int = 0) -> None:
+        self.offsets = committed
+        self.catch_up = catch_up
+        self.asked = 0
+        self.recreated: list[tuple[str, int]] = []
+
+    def committed(self, groups: Iterable[str], topic: str) -> dict[str, dict[int, int]]:
+        self.asked += 1
+        out = {g: dict(self.offsets[g]) for g in groups if g in self.offsets}
+        for offsets in self.offsets.values():
+            for p in offsets:
+                offsets[p] += self.catch_up
+        return out
+
+    def recreate(self, topic: str, partitions: int) -> None:
+        self.recreated.append((topic, partitions))
+
+    def ensure(self, topic: str, partitions: int) -> None:
+        raise AssertionError("not at a relay's start")
+
+
+def rollover(admin: Admin, clock: Clock, every: int = 3, min_messages: int | None = None) -> LogRollover:
+    return LogRollover(admin, "events", 2, ("projector", "dispatcher"), every, min_messages=min_messages,
+                       wait_s=0.2, retry_s=5, max_retry_s=20, clock=clock, sleep=clock.sleep)
+
+
+def test_due_once_a_partition_took_enough_batches_and_every_partition_holds_enough() -> None:
+    clock = Clock()
+    r = rollover(Admin({}), clock, every=3, min_messages=10)
+    ends = {0: 10, 1: 12}
+    r.count([0, 1])
+    r.count([0, 0, 1])  # one batch per partition per acknowledgement, however many records
+    assert r.batches == {0: 2, 1: 2}
+    assert not r.due(ends)
+    r.count([0])
+    assert r.due(ends)
+    assert not r.due({0: 10, 1: 9})  # a partition the relay filled less: its readers could be passed
+    assert not r.due({})
+    assert not rollover(Admin({}), clock, every=0).due(ends)  # 0: never
+
+
+def test_read_by_all_waits_for_the_groups_that_committed_and_ignores_the_others() -> None:
+    clock = Clock()
+    admin = Admin({"projector": {0: 7, 1: 9}, "dispatcher": {0: 10, 1: 10}, "stranger": {0: 0}}, catch_up=1)
+    r = rollover(admin, clock)
+    assert r.read_by_all({0: 10, 1: 10})  # the projector catches up while the relay waits
+    assert admin.asked == 4 and clock.now > 0  # "stranger" is not one of its groups
+    r.count([0, 1])
+    r.start_afresh()
+    assert admin.recreated == [("events", 2)] and r.batches == {} and r.rollovers == 1
+
+
+def test_a_group_not_there_does_not_hold_it_but_a_joining_one_or_one_missing_a_partition_does() -> None:
+    clock = Clock()
+    assert rollover(Admin({"projector": {0: 10, 1: 10}}), clock).read_by_all({0: 10, 1: 10})
+    assert not rollover(Admin({"projector": {0: 10, 1: 10}, "dispatcher": {}}), clock).read_by_all({0: 10, 1: 10})
+    assert not rollover(Admin({"projector": {0: 10}}), clock).read_by_all({0: 10, 1: 10})
+
+
+def test_a_group_behind_postpones_it_for_longer_each_time_in_a_row() -> None:
+    clock = Clock()
+    admin = Admin({"projector": {0: 10, 1: 10}, "dispatcher": {0: 3, 1: 10}})  # the dispatcher stopped
+    r = rollover(admin, clock, every=1, min_messages=1)
+    r.count([0, 1])
+    ends = {0: 10, 1: 10}
+    gaps = []
+    for _ in range(4):
+        assert r.due(ends)
+        start = clock.now
+        assert not r.read_by_all(ends)
+        assert clock.now - start >= 0.2  # waited wait_s for it
+        assert not r.due(ends)
+        waited = clock.now
+        while not r.due(ends):
+            clock.now += 0.5
+        gaps.append(clock.now - waited)
+    assert gaps[0] < gaps[1] < gaps[2] and gaps[3] <= 20.5  # 5, 10, 20, then at most max_retry_s
+    assert r.postponed == 4 and admin.recreated == []
+    admin.offsets["dispatcher"][0] = 10  # back, and caught up
+    assert r.read_by_all(ends)
+    r.start_afresh()
+    r.count([0, 1])
+    admin.offsets["dispatcher"][0] = 3
+    start = clock.now
+    assert not r.read_by_all(ends)
+    while not r.due(ends):
+        clock.now += 0.5
+    assert clock.now - start <= 5.5  # a success started the wait over
