@@ -20,7 +20,7 @@ log = logging.getLogger("palette.kafka")
 SESSION_TIMEOUT_MS = 10_000
 HEARTBEAT_MS = 2000
 # How old a member's metadata gets: a topic recreated under it shows within this (see GroupConsumer).
-METADATA_MAX_AGE_MS = 30_000
+METADATA_MAX_AGE_MS = 5000
 
 
 def keyed_partitioner(remember: int = 100_000) -> Any:
@@ -184,6 +184,15 @@ def consumer(settings: Settings, group_id: str, *topics: str, max_poll_records: 
             self.rewind_recreated()
             self.rewind_truncated()
             return records
+
+        def seek(self, partition: Any, offset: int) -> None:
+            """As kafka-python's, and the partition's last known log end is dropped: it came with
+            records before the new position (``rewind_truncated`` would take it for a log that
+            ends before it)."""
+            super().seek(partition, offset)
+            state = self._subscription.assignment.get(partition)
+            if state is not None:
+                state.highwater = None
 
         def rewind_truncated(self) -> bool:
             """Move to the start of each assigned partition whose log now ends before this

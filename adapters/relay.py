@@ -453,6 +453,17 @@ class Relay:
         except (KafkaError, OSError) as e:  # the broker away: its topics are made again as it returns
             self.rollover.postpone(f"the broker did not answer ({type(e).__name__})")
 
+    def _ensure_topic(self, stop: threading.Event) -> None:
+        """The topic made if it is missing (see ``LogRollover.ensure_topic``); a broker that does
+        not answer is asked again after a pause, and nothing is published meanwhile."""
+        assert self.rollover is not None
+        try:
+            self.rollover.ensure_topic()
+        except (KafkaError, OSError) as e:
+            log.warning("the topic %s is not known to exist yet: the broker did not answer (%s)",
+                        self.topic, type(e).__name__)
+            stop.wait(0.5)
+
     def warm_up(self, stop: threading.Event) -> None:
         """The relay is ready once its position table answers."""
         self.position()
@@ -463,14 +474,14 @@ class Relay:
         position = self.position()
         log.warning("relay starting after position %d", position)
         if self.rollover is not None:
-            try:
-                self.rollover.ensure_topic()
-            except (KafkaError, OSError) as e:  # the broker away: it makes its topics as it comes back
-                log.warning("the topic was not checked: the broker did not answer (%s)", type(e).__name__)
+            self.rollover.missing = True  # checked before the first batch
         if self.loss is not None and self.loss.probe(force=True):
             position = self._recover_or_wait(stop, position)
         wait = idle_s
         while not stop.is_set():
+            if self.rollover is not None and self.rollover.missing:
+                self._ensure_topic(stop)
+                continue
             try:
                 new_position = self.step(position)
             except KafkaError as e:

@@ -29,12 +29,14 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 log = logging.getLogger("palette.relay")
+POLL_S = 0.02  # between two looks at the groups' offsets while the relay waits for them
 
 
 class LogAdmin(Protocol):
     def committed(self, groups: Iterable[str], topic: str) -> dict[str, dict[int, int]]:
         """By group that reads ``topic``, its committed offset by partition: a group with members
-        but no commit yet (joining) is there with none; a group with neither is left out."""
+        but no commit yet, or joining or rebalancing, is there with none (so it is behind); a group
+        with neither members nor offsets is left out."""
 
     def recreate(self, topic: str, partitions: int) -> None:
         """Delete ``topic`` and create it again, empty, with ``partitions`` partitions."""
@@ -51,7 +53,7 @@ class KafkaLogAdmin:
         from confluent_kafka.admin import AdminClient
         from kafka import KafkaAdminClient
 
-        self.admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+        self.admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
         self.groups = AdminClient({"bootstrap.servers": bootstrap})
 
     def committed(self, groups: Iterable[str], topic: str) -> dict[str, dict[int, int]]:
@@ -60,17 +62,21 @@ class KafkaLogAdmin:
 
         groups = list(groups)
         out: dict[str, dict[int, int]] = {}
-        for group, state in self.groups.describe_consumer_groups(groups, request_timeout=10).items():
-            try:
-                if state.result().state not in (ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD):
-                    out[group] = {}  # members (joining: the embedded broker says UNKNOWN then)
-            except KafkaException as e:
-                raise KafkaError(str(e)) from None
+        joining: set[str] = set()
+        try:
+            for group, state in self.groups.describe_consumer_groups(groups, request_timeout=2).items():
+                now = state.result().state
+                if now not in (ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD):
+                    out[group] = {}  # members; joining or rebalancing (the embedded broker: UNKNOWN)
+                    if now != ConsumerGroupState.STABLE:
+                        joining.add(group)
+        except KafkaException as e:
+            raise KafkaError(str(e)) from None
         for group in groups:
             offsets = self.admin.list_group_offsets({group: None}).get(group, {})
             mine = {tp.partition: int(meta.offset) for tp, meta in offsets.items()
                     if tp.topic == topic and meta.offset >= 0}
-            if mine:
+            if mine and group not in joining:  # a member may keep a position over a rebalance
                 out[group] = mine
         return out
 
@@ -123,11 +129,17 @@ class LogRollover:
         self._next_try = 0.0
         self.rollovers = 0
         self.postponed = 0
+        # Groups seen reading the topic: one stopped across a fresh start has no offsets after it
+        # (the broker forgets them with the topic), and still holds the log until it is back.
+        self.seen: set[str] = set()
+        self.missing = False  # deleted, not created again yet (the broker failed in between)
 
     def ensure_topic(self) -> None:
-        """At the relay's start: a relay that died between deleting the topic and creating it
-        again would otherwise publish into one the broker makes with its own defaults."""
+        """At the relay's start, and before its next batch while ``missing``: a relay that died
+        (or a broker that failed) between deleting the topic and creating it again would
+        otherwise leave the relay publishing into one the broker makes with its own defaults."""
         self.admin.ensure(self.topic, self.partitions)
+        self.missing = False
 
     def count(self, partitions: Iterable[int]) -> None:
         """One acknowledged batch of the relay's, on these partitions."""
@@ -137,23 +149,28 @@ class LogRollover:
     def due(self, ends: dict[int, int]) -> bool:
         """Whether to try now, the relay's acknowledged ends (next offset by partition) at hand."""
         return (self.every_batches > 0 and max(self.batches.values(), default=0) >= self.every_batches
-                and bool(ends) and min(ends.values()) >= self.min_messages and self.clock() >= self._next_try)
+                and len(ends) == self.partitions and min(ends.values()) >= self.min_messages
+                and self.clock() >= self._next_try)
 
     def read_by_all(self, ends: dict[int, int]) -> bool:
-        """Wait up to ``wait_s`` until every group that committed on the topic has committed up to
-        ``ends`` on each partition; False when one has not (and no try for ``retry_s``, doubled
-        for each postponement in a row: a stopped group costs the relay ``wait_s`` once a minute)."""
+        """Until about ``wait_s`` has passed, every group reading the topic (or seen reading it)
+        has committed up to ``ends`` on each partition; False when one has not (and no try for
+        ``retry_s``, doubled for each postponement in a row: a stopped group costs the relay
+        ``wait_s`` about once a minute). An admin request that hangs is bounded by its own
+        2 s timeout."""
         deadline = self.clock() + self.wait_s
         while True:
             committed = self.admin.committed(self.groups, self.topic)
-            behind = [g for g, offsets in committed.items() if any(offsets.get(p, -1) < end for p, end in ends.items())]
+            self.seen.update(committed)
+            behind = [g for g in sorted(self.seen)
+                      if any(committed.get(g, {}).get(p, -1) < end for p, end in ends.items())]
             if not behind:
                 self._backoff = self.retry_s
                 return True
-            if self.clock() >= deadline:
+            if self.clock() + POLL_S >= deadline:
                 self.postpone(f"{', '.join(behind)} behind")
                 return False
-            self.sleep(0.005)
+            self.sleep(POLL_S)
 
     def postpone(self, why: str) -> None:
         self.postponed += 1
@@ -164,7 +181,9 @@ class LogRollover:
     def start_afresh(self) -> None:
         """Delete and create the topic (everything in it was read: see ``read_by_all``)."""
         longest = max(self.batches.values(), default=0)
+        self.missing = True
         self.admin.recreate(self.topic, self.partitions)
+        self.missing = False
         self.batches.clear()
         self.rollovers += 1
         log.info("the broker's log of %s started afresh (its longest partition had taken %d batches; "

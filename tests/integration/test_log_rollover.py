@@ -56,6 +56,10 @@ def test_a_member_reads_a_log_started_afresh_from_its_start(settings: Settings) 
         produce(settings, topic, range(200, 220))  # far fewer than the member's positions
         wait_until(lambda: read(220), what="the new log read from its start")
         assert sorted(seen) == list(range(220))  # each once: nothing skipped, nothing read twice
+        # What the group committed is where it is in the new log, not where it was in the old one.
+        committed = admin.committed([group], topic)[group]
+        assert sum(committed.values()) == 20
+        assert committed == {p: member.position(kafka_io_tp(topic, p)) for p in committed}
     finally:
         member.close()
         admin.close()
