@@ -473,8 +473,6 @@ class Relay:
             return
         position = self.position()
         log.warning("relay starting after position %d", position)
-        if self.rollover is not None:
-            self.rollover.missing = True  # checked before the first batch
         if self.loss is not None and self.loss.probe(force=True):
             position = self._recover_or_wait(stop, position)
         wait = idle_s

@@ -132,7 +132,7 @@ class LogRollover:
         # Groups seen reading the topic: one stopped across a fresh start has no offsets after it
         # (the broker forgets them with the topic), and still holds the log until it is back.
         self.seen: set[str] = set()
-        self.missing = False  # deleted, not created again yet (the broker failed in between)
+        self.missing = True  # not known to exist: unchecked since this relay started, or deleted and not created again
 
     def ensure_topic(self) -> None:
         """At the relay's start, and before its next batch while ``missing``: a relay that died
@@ -162,8 +162,10 @@ class LogRollover:
         while True:
             committed = self.admin.committed(self.groups, self.topic)
             self.seen.update(committed)
+            # Exactly the end: an offset past it is a member's commit from the log before (made
+            # after the topic was recreated, before it fetched from the new one), not progress.
             behind = [g for g in sorted(self.seen)
-                      if any(committed.get(g, {}).get(p, -1) < end for p, end in ends.items())]
+                      if any(committed.get(g, {}).get(p, -1) != end for p, end in ends.items())]
             if not behind:
                 self._backoff = self.retry_s
                 return True

@@ -25,7 +25,7 @@ from typing import Any
 
 from domain.contracts.callback import callback_body, sign_callback, signed_headers
 from domain.contracts.keys import callback_key, input_key
-from tests.bench.harness import HTTP_CLIENTS, Profile, Results, Stack, percentile, rss_mb, say
+from tests.bench.harness import HTTP_CLIENTS, Profile, Results, Stack, free_port, percentile, rss_mb, say
 
 WRK_SCRIPTS = Path(__file__).parent / "wrk"
 WRK_CONNECTIONS = 32  # one wrk thread, 32 connections (the load of the issue's measurements)
@@ -170,18 +170,11 @@ def hello_app() -> Any:
     return app
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextmanager
 def hello_server() -> Iterator[str]:
     """hello_app under uvicorn with the API's settings (httptools and uvloop as installed, no
     access log, the same keep-alive), in a process of its own; its URL."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "tests.bench.api:hello_app",
                              "--host", "127.0.0.1", "--port", str(port), *UVICORN_OPTIONS],
                             cwd=Path(__file__).parents[2], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -9,24 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import time
-from pathlib import Path
 
 from infra.stack import _tansu_binary
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from tests.bench.harness import cpu_s, free_port
 
 
 def main() -> None:

@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import statistics
 import subprocess
 from pathlib import Path
 
 from tests.bench.core import make_backlog
-from tests.bench.harness import QUICK, Results, Stack, running_stack, say
+from tests.bench.harness import QUICK, Results, Stack, cpu_s, running_stack, say
 from tests.bench.relay import FAST_LAG_EVENTS_PER_S, bench_fast_lag, bench_lag, bench_relay, wait_drained
 
 FIGURES = ("relay_events_per_s", "raw_producer_events_per_s", "raw_kafka_python_events_per_s", "relay_p99_ms",
@@ -40,16 +39,14 @@ def recording(stack: Stack, out: Path, seconds: float, rep: int) -> list[subproc
             for name in ("relay", "projector")]
 
 
-def cpu_s(stack: Stack) -> dict[str, float]:
+def stack_cpu_s(stack: Stack) -> dict[str, float]:
     """CPU seconds (user + system) each of the relay and projector processes has used so far."""
-    ticks = os.sysconf("SC_CLK_TCK")
     used = {}
     for name in ("relay", "projector"):
         pid = stack.supervisor.pid(name)
         if pid is None:
             raise RuntimeError(f"the {name} process is not running (see its log): the round is void")
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        used[name] = (int(fields[11]) + int(fields[12])) / ticks
+        used[name] = cpu_s(pid)
     return used
 
 
@@ -73,9 +70,9 @@ def main() -> None:
                 bench_relay(stack.settings, prof, results)
             bench_lag(stack, prof, results)
             spies = recording(stack, args.py_spy, args.seconds, rep) if args.py_spy else []
-            before = cpu_s(stack)
+            before = stack_cpu_s(stack)
             bench_fast_lag(stack, prof, results)
-            for name, used in cpu_s(stack).items():  # per event offered at 2,000 events/s
+            for name, used in stack_cpu_s(stack).items():  # per event offered at 2,000 events/s
                 results[f"{name}_cpu_ms_per_event_2000"] = round(
                     1000 * (used - before[name]) / (FAST_LAG_EVENTS_PER_S * args.seconds), 3)
             for spy in spies:

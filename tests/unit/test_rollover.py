@@ -21,11 +21,13 @@ class Clock:
 
 
 class Admin:
-    """Committed offsets that move on as they are asked for (``catch_up`` per ask and partition)."""
+    """Committed offsets that move on as they are asked for (``catch_up`` per ask and partition,
+    up to the log's end ``until``, as a member's commits do)."""
 
-    def __init__(self, committed: dict[str, dict[int, int]], catch_up: int = 0) -> None:
+    def __init__(self, committed: dict[str, dict[int, int]], catch_up: int = 0, until: int = 0) -> None:
         self.offsets = committed
         self.catch_up = catch_up
+        self.until = until
         self.asked = 0
         self.recreated: list[tuple[str, int]] = []
 
@@ -34,7 +36,7 @@ class Admin:
         out = {g: dict(self.offsets[g]) for g in groups if g in self.offsets}
         for offsets in self.offsets.values():
             for p in offsets:
-                offsets[p] += self.catch_up
+                offsets[p] = max(offsets[p], min(self.until, offsets[p] + self.catch_up))
         return out
 
     def recreate(self, topic: str, partitions: int) -> None:
@@ -67,7 +69,8 @@ def test_due_once_a_partition_took_enough_batches_and_every_partition_holds_enou
 
 def test_read_by_all_waits_for_the_groups_that_committed_and_ignores_the_others() -> None:
     clock = Clock()
-    admin = Admin({"projector": {0: 7, 1: 9}, "dispatcher": {0: 10, 1: 10}, "stranger": {0: 0}}, catch_up=1)
+    admin = Admin({"projector": {0: 7, 1: 9}, "dispatcher": {0: 10, 1: 10}, "stranger": {0: 0}}, catch_up=1,
+                  until=10)
     r = rollover(admin, clock)
     assert r.read_by_all({0: 10, 1: 10})  # the projector catches up while the relay waits
     assert admin.asked == 4 and clock.now > 0  # "stranger" is not one of its groups
@@ -94,6 +97,18 @@ def test_a_group_seen_before_holds_it_when_its_offsets_are_gone_with_the_last_lo
     assert not r.read_by_all({0: 12, 1: 11})
     admin.offsets["dispatcher"] = {0: 12, 1: 11}  # back, and through the new log
     assert r.read_by_all({0: 12, 1: 11})
+
+
+def test_an_offset_past_the_end_is_a_commit_from_the_log_before_and_holds_it() -> None:
+    clock = Clock()
+    admin = Admin({"projector": {0: 10, 1: 10}})
+    r = rollover(admin, clock)
+    assert r.read_by_all({0: 10, 1: 10})
+    r.start_afresh()
+    admin.offsets["projector"] = {0: 10, 1: 10}  # committed after the delete, from its old positions
+    assert not r.read_by_all({0: 4, 1: 3})
+    admin.offsets["projector"] = {0: 4, 1: 3}  # through the new log
+    assert r.read_by_all({0: 4, 1: 3})
 
 
 def test_a_group_behind_postpones_it_for_longer_each_time_in_a_row() -> None:
