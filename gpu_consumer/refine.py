@@ -54,8 +54,11 @@ def box_sum(x: torch.Tensor, r: int) -> torch.Tensor:
 def colour_cells(image: torch.Tensor, step: int) -> torch.Tensor:
     """``[1, 4, h, w]``: each ``step``-pixel cell's mean colour and mean squared colour norm (so
     window variances include the texture finer than a cell)."""
-    both = torch.cat([image, image.square().sum(1, keepdim=True)], dim=1)
-    return F.avg_pool2d(both, step, ceil_mode=True) if step > 1 else both
+    norm = image.square().sum(1, keepdim=True)
+    if step == 1:
+        return torch.cat([image, norm], dim=1)
+    # pooled apart, joined small: the same numbers (the pool is per channel) without a full-size copy
+    return torch.cat([F.avg_pool2d(image, step, ceil_mode=True), F.avg_pool2d(norm, step, ceil_mode=True)], dim=1)
 
 
 def _side_stats(cells: torch.Tensor, hard: torch.Tensor, r: int) -> torch.Tensor:

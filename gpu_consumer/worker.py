@@ -183,8 +183,12 @@ def used_masks(masks: dict[str, torch.Tensor], concepts: Sequence[str],
     present = [c for c in concepts if c in masks]
     out = {c: torch.zeros(size, dtype=torch.uint8) for c in concepts if c not in masks}
     if present:
-        stacked = torch.cat([masks[c].reshape(1, *size) for c in present])
-        out.update(zip(present, stacked.mul(255).ceil_().clamp_(0, 255).to(torch.uint8).cpu(), strict=True))
+        device = masks[present[0]].device
+        stacked = torch.empty((len(present), *size), dtype=torch.uint8, device=device)
+        scaled = torch.empty(size, dtype=masks[present[0]].dtype, device=device)  # one scratch for all
+        for i, c in enumerate(present):
+            stacked[i].copy_(torch.mul(masks[c].reshape(size), 255, out=scaled).ceil_().clamp_(0, 255))
+        out.update(zip(present, stacked.cpu(), strict=True))
     return {c: out[c] for c in concepts}
 
 
