@@ -276,11 +276,13 @@ def remove(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def mask_bbox(mask: torch.Tensor, pad: int = 8) -> tuple[int, int, int, int] | None:
     """(y0, y1, x0, x1) around the mask's nonzero pixels, padded; None when the mask is empty."""
     h, w = mask.shape[-2:]
-    nz = mask.reshape(h, w) > 0
-    rows, cols = nz.any(dim=1).nonzero(), nz.any(dim=0).nonzero()  # two short lists, not every pixel
+    flat = mask.reshape(h, w)
+    rows = (flat.amax(dim=1) > 0).nonzero()  # a short list, not every pixel (masks are >= 0)
     if rows.numel() == 0:
         return None
-    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    y0, y1 = int(rows[0]), int(rows[-1])
+    cols = (flat[y0:y1 + 1].amax(dim=0) > 0).nonzero()  # only the rows that have any
+    x0, x1 = int(cols[0]), int(cols[-1])
     return max(0, y0 - pad), min(h, y1 + pad + 1), max(0, x0 - pad), min(w, x1 + pad + 1)
 
 

@@ -139,6 +139,21 @@ def test_preview_longest_side_is_320():
     assert Image.open(io.BytesIO(preview)).size == (320, 200)
 
 
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(1, 30), w=st.integers(1, 30), seed=st.integers(0, 2**31 - 1), density=st.floats(0, 0.2),
+       pad=st.integers(0, 9))
+def test_a_masks_bounding_box_holds_every_pixel_it_has_and_its_pad(h, w, seed, density, pad):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(1, 1, h, w, generator=g) * (torch.rand(1, 1, h, w, generator=g) < density)
+    ys, xs = (mask[0, 0] > 0).nonzero(as_tuple=True)
+    box = ops.mask_bbox(mask, pad)
+    if ys.numel() == 0:
+        assert box is None
+        return
+    assert box == (max(0, int(ys.min()) - pad), min(h, int(ys.max()) + pad + 1),
+                   max(0, int(xs.min()) - pad), min(w, int(xs.max()) + pad + 1))
+
+
 @settings(max_examples=40, deadline=None)
 @given(h=st.integers(1, 24), w=st.integers(1, 24), seed=st.integers(0, 2**31 - 1))
 def test_to_u8_keeps_the_original_bytes_exactly_where_nothing_changed(h, w, seed):
