@@ -195,23 +195,29 @@ def consumer(settings: Settings, group_id: str, *topics: str, max_poll_records: 
                 state.highwater = None
 
         def rewind_truncated(self) -> bool:
-            """Move to the start of each assigned partition whose log now ends before this
-            member's position (the broker's last fetch answer says so): the relay started the
-            log afresh (``adapters.rollover``), or the broker lost it. Returns whether it moved
-            any. The topic's id, when the metadata shows it changed, is then taken as it is."""
-            moved = []
-            for tp, state in self._subscription.assignment.items():
+            """Move to the start of every assigned partition of a topic one of whose logs now
+            ends before this member's position (the broker's last fetch answer says so): the
+            relay started the topic's log afresh (``adapters.rollover``), or the broker lost it.
+            Each of its partitions is new then, not only that one: another may have grown past
+            this member's position in it already, and would be read from there on, its start
+            skipped, once the topic's new id (taken as it is after this) no longer tells.
+            Returns whether it moved any."""
+            assigned = self._subscription.assignment
+            truncated = set()
+            for tp, state in assigned.items():
                 position = state.position if state.has_valid_position else None
                 if position is not None and state.highwater is not None and position.offset > state.highwater:
-                    moved.append(tp)
-            if not moved:
+                    truncated.add(tp.topic)
+            if not truncated:
                 return False
+            moved = [tp for tp in assigned if tp.topic in truncated]
             self.seek_to_beginning(*moved)
             self.rewound.update(moved)
-            for topic in {tp.topic for tp in moved}:
+            for topic in truncated:
                 self._topic_ids.pop(topic, None)
                 self._renewed[topic] = self._client.cluster.request_update()
-            log.info("a log ended before this member's position: reading %d partition(s) from the start", len(moved))
+            log.info("a log ended before this member's position: reading %d partition(s) of %s from the start",
+                     len(moved), ", ".join(sorted(truncated)))
             return True
 
         def rewind_recreated(self) -> bool:
