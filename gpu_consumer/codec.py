@@ -67,8 +67,9 @@ def decode_mask(data: bytes, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(array).view(1, 1, *array.shape)
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+def _png_chunk(kind: bytes, data: bytes) -> list[bytes]:
+    """A chunk's parts, to be joined once (no copy of ``data`` for its CRC)."""
+    return [struct.pack(">I", len(data)), kind, data, struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))]
 
 
 def encode_png(image_u8: torch.Tensor, level: int = 1) -> bytes:
@@ -90,9 +91,12 @@ def encode_png(image_u8: torch.Tensor, level: int = 1) -> bytes:
         filtered[:, 0] = 2  # Up; the first row's "above" is zeros
         filtered[0, 1:] = rows[0]
         np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 wraps: mod 256
+    del rows  # a copy when the image was not contiguous
     header = struct.pack(">IIBBBBB", w, h, 8, 0 if a.ndim == 2 else 2, 0, 0, 0)  # 8-bit grey or RGB
-    return (PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(filtered.data, level))
-            + _png_chunk(b"IEND", b""))
+    idat = zlib.compress(filtered.data, level)
+    del filtered  # at most two image-sized buffers at once: the compressed data and the file
+    return b"".join([PNG_SIGNATURE, *_png_chunk(b"IHDR", header), *_png_chunk(b"IDAT", idat),
+                     *_png_chunk(b"IEND", b"")])
 
 
 def encode_preview(image_u8: torch.Tensor, side: int = PREVIEW_SIDE, quality: int = 82) -> bytes:

@@ -273,15 +273,24 @@ def remove(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # -- applying a set of edits ------------------------------------------------------------------
+def _occupied(flat: torch.Tensor, dim: int) -> torch.Tensor:
+    """Whether each line of ``flat`` along ``dim`` has a pixel > 0: from its maximum, unless a
+    NaN (which a maximum carries) makes that say nothing, then from its pixels."""
+    peaks = flat.amax(dim=dim)
+    if flat.is_floating_point() and bool(peaks.isnan().any()):
+        return (flat > 0).any(dim=dim)
+    return peaks > 0
+
+
 def mask_bbox(mask: torch.Tensor, pad: int = 8) -> tuple[int, int, int, int] | None:
     """(y0, y1, x0, x1) around the mask's nonzero pixels, padded; None when the mask is empty."""
     h, w = mask.shape[-2:]
     flat = mask.reshape(h, w)
-    rows = (flat.amax(dim=1) > 0).nonzero()  # a short list, not every pixel (masks are >= 0)
+    rows = _occupied(flat, dim=1).nonzero()  # a short list, not every pixel
     if rows.numel() == 0:
         return None
     y0, y1 = int(rows[0]), int(rows[-1])
-    cols = (flat[y0:y1 + 1].amax(dim=0) > 0).nonzero()  # only the rows that have any
+    cols = _occupied(flat[y0:y1 + 1], dim=0).nonzero()  # only the rows that have any
     x0, x1 = int(cols[0]), int(cols[-1])
     return max(0, y0 - pad), min(h, y1 + pad + 1), max(0, x0 - pad), min(w, x1 + pad + 1)
 

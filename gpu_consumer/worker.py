@@ -185,9 +185,10 @@ def used_masks(masks: dict[str, torch.Tensor], concepts: Sequence[str],
     if present:
         device = masks[present[0]].device
         stacked = torch.empty((len(present), *size), dtype=torch.uint8, device=device)
-        scaled = torch.empty(size, dtype=masks[present[0]].dtype, device=device)  # one scratch for all
+        scaled = torch.empty(size, dtype=torch.float32, device=device)  # one scratch for all
         for i, c in enumerate(present):
-            stacked[i].copy_(torch.mul(masks[c].reshape(size), 255, out=scaled).ceil_().clamp_(0, 255))
+            mask = masks[c].reshape(size).to(torch.float32)  # as they come (float32): no copy
+            stacked[i].copy_(torch.mul(mask, 255, out=scaled).ceil_().clamp_(0, 255))
         out.update(zip(present, stacked.cpu(), strict=True))
     return {c: out[c] for c in concepts}
 
