@@ -14,11 +14,11 @@ started, or stopped before an earlier fresh start) does not: what it missed reac
 its own sweep of the event store, as after a broker that restarted empty.
 
 The consumers see the new log at their next fetch: it ends before their position, and
-``kafka_io``'s group consumer reads every partition of the topic again from its start. Each partition of the
-old log held at least ``min_messages``, so the new one, published to from offset 0, passes a
-member's old position only if that member fetched nothing for as long as that many messages
-take to arrive; the topic id it later sees changed makes it read the new log from the start
-then (duplicates, which every consumer takes)."""
+``kafka_io``'s group consumer reads every partition of the topic it is assigned again from its
+start. Each partition of the old log held at least ``min_messages``, so the new one, published to
+from offset 0, passes a member's old position only if that member fetched nothing for as long as
+that many messages take to arrive; the topic id it later sees changed makes it read the new log
+from the start then (duplicates, which every consumer takes)."""
 
 from __future__ import annotations
 
