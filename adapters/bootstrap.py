@@ -261,11 +261,16 @@ def build_dispatcher(settings: Settings) -> Any:
     bootstrap = settings.effective_kafka_bootstrap
     app = open_event_store(settings, pool_size=2)
     from adapters.relay import LossSignal
+    from adapters.rollover import KafkaLogAdmin, LogRollover
 
+    rollover = None
+    if settings.broker_log_batches:
+        rollover = LogRollover(KafkaLogAdmin(bootstrap), topics.GPU_TASKS, settings.kafka_partitions,
+                               (topics.GPU_GROUP,), settings.broker_log_batches)
     return Dispatcher(kafka_io.consumer(settings, GROUP, topics.EVENTS, fetch_max_wait_ms=100),
                       kafka_io.producer(settings), app, settings.effective_database_url,
                       stale_s=settings.dispatch_stale_s, queue=KafkaTaskQueue.connect(bootstrap),
-                      losses=LossSignal(settings.effective_database_url, GROUP))
+                      losses=LossSignal(settings.effective_database_url, GROUP), rollover=rollover)
 
 
 def build_webhooks(settings: Settings) -> Any:

@@ -23,6 +23,17 @@ published (``LossSignal``), and the dispatcher asks the GPU queue's topic id eve
 broker restarted again after the relay published everything anew holds the events but none of
 the tasks sent before (it recreated the topic under a new id). Either way the unfinished items of
 every queued or running job go out again.
+
+The GPU queue's log is started afresh as ``palette.events``' is (``adapters.rollover``: the
+embedded broker's fetches cost more with every batch a partition holds), by the dispatcher, its
+producer: between two steps, once a partition took ``PALETTE_BROKER_LOG_BATCHES`` batches, every
+partition holds as many tasks, and the GPU group has committed exactly up to the ends the broker
+acknowledged to this dispatcher. Its placements, which point into the old log, are forgotten, and
+the new topic id is not taken for a lost queue. A second dispatcher's tasks not yet consumed would
+go with the old log, so a queue whose log the broker says is longer than this dispatcher knows
+it is not started afresh; where the broker answers low, that dispatcher sees the queue's id
+change within a second and sends the unfinished items of every job again, as after a broker
+restart.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ from eventsourcing.persistence import ConnectionPoolClosedError, PersistenceErro
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from adapters.relay import LossSignal
+from adapters.rollover import LogRollover
 from domain.contracts import topics
 from domain.contracts import trace as tracing
 from domain.contracts.envelope import decode
@@ -118,6 +130,9 @@ class TaskQueue(Protocol):
         """The queue's topic id: a broker that restarted empty recreates the topic under a new
         one (None when the broker does not say)."""
 
+    def ends(self) -> dict[int, int]:
+        """The next offset of each partition, as the broker answers (it may answer low)."""
+
 
 class KafkaTaskQueue:
     """The GPU queue as the broker reports it. The group's committed offsets are exact. End offsets
@@ -172,6 +187,13 @@ class KafkaTaskQueue:
                 return topic.get("topic_id")
         return None
 
+    def ends(self) -> dict[int, int]:
+        from kafka import TopicPartition
+
+        partitions = self.probe.partitions_for_topic(self.topic) or set()
+        offsets = self.probe.end_offsets([TopicPartition(self.topic, p) for p in partitions])
+        return {tp.partition: int(offset) for tp, offset in offsets.items()}
+
     def close(self) -> None:
         self.probe.close()
         self.admin.close()
@@ -182,8 +204,10 @@ class Dispatcher(ConsumerLoop):
                  stale_s: float = 600.0, clock: Callable[[], float] = time.monotonic,
                  queue: TaskQueue | None = None,
                  stale_jobs: Callable[[float, int], Sequence[Any]] | None = None,
-                 placements_bytes: int = PLACEMENTS_BYTES, losses: LossSignal | None = None) -> None:
+                 placements_bytes: int = PLACEMENTS_BYTES, losses: LossSignal | None = None,
+                 rollover: LogRollover | None = None, topic: str = GPU_TOPIC) -> None:
         self.consumer = consumer
+        self.topic = topic  # the GPU queue
         self.producer = producer
         self.app = app
         self.repository = app.repository
@@ -203,6 +227,8 @@ class Dispatcher(ConsumerLoop):
         self._next_queue_check = clock()
         self._queue_id: Any = None  # the GPU queue's topic id when last checked
         self._resent_for: Any = None  # the topic id the unfinished tasks were last sent again into
+        self.rollover = rollover  # starts the GPU queue's log afresh (see the module's docstring)
+        self.ends: dict[int, int] = {}  # the queue's next offset by partition, as acknowledged to this one
 
     # -- the stale sweep ------------------------------------------------------------------------
     def _stale_jobs_in_read_model(self, stale_s: float, limit: int) -> Sequence[Any]:
@@ -250,7 +276,7 @@ class Dispatcher(ConsumerLoop):
             return 0
         sent = 0
         if now is not None and self._queue_id not in (None, now):
-            log.warning("the broker recreated %s: the tasks sent before are gone", GPU_TOPIC)
+            log.warning("the broker recreated %s: the tasks sent before are gone", self.topic)
             sent = self.queue_lost("unfinished after the GPU queue was lost")  # raises: checked again
             self._resent_for = now
         if now is not None:
@@ -262,6 +288,9 @@ class Dispatcher(ConsumerLoop):
         running job are sent again now, not after ``stale_s`` (the worker's callback key makes a
         duplicate harmless), and the placements, which point into the lost log, are forgotten."""
         self.placements = Placements(self.placements_bytes)
+        self.ends = {}
+        if self.rollover is not None:
+            self.rollover.batches.clear()
         if self.conn is None:
             return 0
         # A job whose jobs_log row is held behind a dead letter may read as anything there: its
@@ -331,7 +360,7 @@ class Dispatcher(ConsumerLoop):
     # -- sending ----------------------------------------------------------------------------------
     def _send(self, task: dict[str, Any]) -> Any:
         trace = task.get(tracing.HEADER, "")
-        return self.producer.send(GPU_TOPIC, key=task["job_id"].encode(), value=json.dumps(task).encode(),
+        return self.producer.send(self.topic, key=task["job_id"].encode(), value=json.dumps(task).encode(),
                                   headers=[(tracing.HEADER, trace.encode())] if trace else None)
 
     def _flush(self, sent: list[tuple[str, Any]]) -> None:
@@ -339,11 +368,16 @@ class Dispatcher(ConsumerLoop):
         if not sent:
             return
         self.producer.flush()
+        partitions = set()
         for job_id, future in sent:
             meta = future.get(timeout=30)
+            partitions.add(meta.partition)
+            self.ends[meta.partition] = max(self.ends.get(meta.partition, 0), meta.offset + 1)
             last = self.placements.get(job_id)
             if last is None or last.partition != meta.partition or meta.offset > last.offset:
                 self.placements.put(job_id, Placement(meta.partition, meta.offset))
+        if self.rollover is not None:
+            self.rollover.count(partitions)
 
     def dispatch(self, tasks: Sequence[dict[str, Any]]) -> int:
         """Send tasks and wait for the broker; returns how many went out."""
@@ -385,7 +419,34 @@ class Dispatcher(ConsumerLoop):
                                headers=[*headers, ("truncated", b"true")])
         self.parked += 1
 
+    def start_queue_afresh(self) -> bool:
+        """Between two steps, with every task sent acknowledged: make the GPU queue's topic if it
+        is missing (a dispatcher that died between deleting and creating it), then start its
+        log afresh if it is due and the GPU group has read it all. True when it did."""
+        r = self.rollover
+        if r is None:
+            return False
+        try:
+            if r.missing:
+                r.ensure_topic()
+            if not r.due(self.ends):
+                return False
+            if self.queue is not None and any(end > self.ends.get(p, 0) for p, end in self.queue.ends().items()):
+                r.postpone("another dispatcher's tasks are in it")  # it would send every unfinished job again
+                return False
+            if not r.read_by_all(self.ends):
+                return False
+            r.start_afresh()
+        except (KafkaError, OSError) as e:  # the broker away: tried again later
+            r.postpone(f"the broker did not answer ({type(e).__name__})")
+            return False
+        self.ends = {}
+        self.placements = Placements(self.placements_bytes)  # offsets in the old log
+        self._queue_id = None  # the new id is this dispatcher's doing, not a lost queue
+        return True
+
     def step(self, timeout_ms: int = 100) -> int:
+        self.start_queue_afresh()
         polled = self.consumer.poll(timeout_ms=timeout_ms)
         sent: list[tuple[str, Any]] = []
         for records in polled.values():
@@ -421,6 +482,8 @@ class Dispatcher(ConsumerLoop):
         if self.losses is not None:
             self.losses.close()
         self.producer.close()
+        if self.rollover is not None:
+            self.rollover.close()
         if self.queue is not None and hasattr(self.queue, "close"):
             self.queue.close()
         if self.conn is not None:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-log = logging.getLogger("palette.relay")
+log = logging.getLogger("palette.rollover")  # in the relay and the dispatcher
 POLL_S = 0.02  # between two looks at the groups' offsets while the relay waits for them
 
 

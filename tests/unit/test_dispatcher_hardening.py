@@ -18,7 +18,8 @@ from eventsourcing.persistence import OperationalError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.dispatcher import DLQ_TOPIC, Dispatcher, Placement, Placements
+from adapters.dispatcher import DLQ_TOPIC, GPU_GROUP, Dispatcher, Placement, Placements
+from adapters.rollover import LogRollover
 from domain.contracts.topics import GPU_TASKS as GPU_TOPIC
 from domain.job import Job
 from tests.unit.broker_fakes import FakeConsumer, Record
@@ -105,6 +106,11 @@ class FakeQueue:
 
     def log_id(self) -> str:
         return self.log
+
+    others: dict[int, int] = field(default_factory=dict)  # end offsets past this dispatcher's own tasks
+
+    def ends(self) -> dict[int, int]:
+        return dict(self.others)
 
 
 def queued_job(items: int = 2, preset: str = "interior") -> Job:
@@ -203,6 +209,77 @@ def test_a_recreated_gpu_queue_gets_the_tasks_again_once_per_restart_however_it_
     assert resent[1:] == ["unfinished after a broker loss"]
     d.after_loss()  # a lost tail that kept the topic (s3 storage): sent again all the same
     assert resent[2:] == ["unfinished after a broker loss"]
+
+
+class LogAdmin:
+    """The GPU group's committed offsets on the queue, as the rollover asks for them."""
+
+    def __init__(self, committed: dict[int, int]) -> None:
+        self.offsets = committed
+        self.recreated = 0
+        self.ensured = 0
+
+    def committed(self, groups: Iterable[str], topic: str) -> dict[str, dict[int, int]]:
+        assert topic == GPU_TOPIC
+        return {g: dict(self.offsets) for g in groups}
+
+    def recreate(self, topic: str, partitions: int) -> None:
+        self.recreated += 1
+
+    def ensure(self, topic: str, partitions: int) -> None:
+        self.ensured += 1
+
+
+def test_the_gpu_queue_starts_afresh_once_the_gpu_group_read_every_task_and_is_no_lost_queue():
+    jobs = [queued_job(2) for _ in range(3)]
+    queue, admin = FakeQueue(), LogAdmin({})
+    d, producer, _ = dispatcher(*[[envelope(job.id)] for job in jobs], jobs=jobs, queue=queue)
+    d.rollover = LogRollover(admin, GPU_TOPIC, 1, (GPU_GROUP,), every_batches=3, min_messages=6, wait_s=0.0,
+                             clock=lambda: 0.0, sleep=lambda s: None)
+    d.queue_check_s = 0.0
+    d.step()
+    assert admin.ensured == 1  # made if missing, before the first task
+    d.step()
+    d.step()  # the third job's 2 tasks: 3 batches, 6 tasks on the one partition
+    assert d.ends == {0: 6} and d.rollover.batches == {0: 3}
+    admin.offsets = {0: 5}  # the GPU group is one task behind: not yet
+    d.step()
+    assert admin.recreated == 0 and d.placements.get(str(jobs[0].id)) is not None
+    admin.offsets = {0: 6}  # every task read
+    d.rollover._next_try = 0.0
+    d.step()
+    assert admin.recreated == 1 and d.ends == {} and len(d.placements) == 0
+    queue.log = "the second log"  # the new topic's id: this dispatcher's doing
+    d.step()
+    d.step()
+    assert len(producer.tasks()) == 6  # nothing sent again for it
+    assert d.sweep() == 6  # the jobs fall back to the time rule: no placement points into the old log
+
+
+def test_the_gpu_queue_is_not_started_afresh_while_another_dispatchers_tasks_are_in_it():
+    jobs = [queued_job(2) for _ in range(3)]
+    queue, admin = FakeQueue(others={0: 7}), LogAdmin({0: 6})
+    d, _, _ = dispatcher(*[[envelope(job.id)] for job in jobs], jobs=jobs, queue=queue)
+    d.rollover = LogRollover(admin, GPU_TOPIC, 1, (GPU_GROUP,), every_batches=3, min_messages=6, wait_s=0.0,
+                             clock=lambda: 0.0, sleep=lambda s: None)
+    for _ in range(4):
+        d.step()
+    assert d.ends == {0: 6} and admin.recreated == 0 and d.rollover.postponed == 1
+    queue.others = {0: 6}  # the broker's end is this dispatcher's own
+    d.rollover._next_try = 0.0
+    d.step()
+    assert admin.recreated == 1
+
+
+def test_the_gpu_queue_is_not_started_afresh_before_every_partition_holds_enough():
+    jobs = [queued_job(2) for _ in range(3)]
+    admin = LogAdmin({0: 6})
+    d, _, _ = dispatcher(*[[envelope(job.id)] for job in jobs], jobs=jobs, queue=FakeQueue())
+    d.rollover = LogRollover(admin, GPU_TOPIC, 2, (GPU_GROUP,), every_batches=3, wait_s=0.0,
+                             clock=lambda: 0.0, sleep=lambda s: None)
+    for _ in range(5):
+        d.step()
+    assert admin.recreated == 0  # partition 1 never got a task (FakeProducer: all to 0)
 
 
 def test_without_a_known_placement_the_sweep_falls_back_to_the_time_rule():
