@@ -264,7 +264,7 @@ def build_dispatcher(settings: Settings) -> Any:
     from adapters.rollover import KafkaLogAdmin, LogRollover
 
     rollover = None
-    if settings.broker_log_batches:
+    if settings.broker_log_batches and settings.broker_storage == "memory":  # see adapters.dispatcher
         rollover = LogRollover(KafkaLogAdmin(bootstrap), topics.GPU_TASKS, settings.kafka_partitions,
                                (topics.GPU_GROUP,), settings.broker_log_batches)
     return Dispatcher(kafka_io.consumer(settings, GROUP, topics.EVENTS, fetch_max_wait_ms=100),

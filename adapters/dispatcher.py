@@ -26,14 +26,15 @@ every queued or running job go out again.
 
 The GPU queue's log is started afresh as ``palette.events``' is (``adapters.rollover``: the
 embedded broker's fetches cost more with every batch a partition holds), by the dispatcher, its
-producer: between two steps, once a partition took ``PALETTE_BROKER_LOG_BATCHES`` batches, every
-partition holds as many tasks, and the GPU group has committed exactly up to the ends the broker
-acknowledged to this dispatcher. Its placements, which point into the old log, are forgotten, and
-the new topic id is not taken for a lost queue. A second dispatcher's tasks not yet consumed would
-go with the old log, so a queue whose log the broker says is longer than this dispatcher knows
-it is not started afresh; where the broker answers low, that dispatcher sees the queue's id
-change within a second and sends the unfinished items of every job again, as after a broker
-restart.
+producer, on memory storage: between two steps, once a partition took
+``PALETTE_BROKER_LOG_BATCHES`` batches, every partition holds as many tasks, and the GPU group
+(which holds the queue even with no member and no offsets: it has no sweep) has committed
+exactly up to the ends the broker acknowledged to this dispatcher. Only the one dispatcher
+running does it (``ALONE_LOCK``: another's tasks would go with the old log), and not while the
+broker says the log is longer than this dispatcher knows it (tasks of one gone since). Its
+placements, which point into the old log, are forgotten, and the new topic id is taken as its
+own doing, not as a lost queue. On s3 storage a lost tail keeps the topic and its id, and a
+group's commit from before it could pass for progress, so the queue is not started afresh there.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ DLQ_TOPIC = topics.DISPATCHER_DLQ
 TRANSIENT: tuple[type[BaseException], ...] = (PersistenceError, ConnectionPoolClosedError, psycopg.Error,
                                               KafkaError, OSError)
 PLACEMENTS_BYTES = 16 * 1024 * 1024
+# Every dispatcher holds it shared while it lives; the GPU queue is started afresh only by one
+# that can take it exclusively too, so by the only dispatcher running (no other's tasks in flight).
+ALONE_LOCK = "palette-dispatcher:alone"
 QUEUE_CHECK_S = 1.0  # how often the GPU queue's topic id is asked (one metadata request)
 
 
@@ -229,6 +233,12 @@ class Dispatcher(ConsumerLoop):
         self._resent_for: Any = None  # the topic id the unfinished tasks were last sent again into
         self.rollover = rollover  # starts the GPU queue's log afresh (see the module's docstring)
         self.ends: dict[int, int] = {}  # the queue's next offset by partition, as acknowledged to this one
+        if rollover is not None:
+            # The GPU group has no sweep of its own: with no member and no offsets it still holds
+            # the queue (the relay's readers, which sweep the event log, do not).
+            rollover.seen.update(rollover.groups)
+            if self.conn is not None:
+                self.conn.execute("SELECT pg_advisory_lock_shared(hashtext(%s))", [ALONE_LOCK])
 
     # -- the stale sweep ------------------------------------------------------------------------
     def _stale_jobs_in_read_model(self, stale_s: float, limit: int) -> Sequence[Any]:
@@ -431,22 +441,48 @@ class Dispatcher(ConsumerLoop):
                 r.ensure_topic()
             if not r.due(self.ends):
                 return False
+        except (KafkaError, OSError) as e:  # the broker away: tried again later
+            r.postpone(f"the broker did not answer ({type(e).__name__})")
+            return False
+        if not self._alone():
+            r.postpone("another dispatcher is running")
+            return False
+        try:
             if self.queue is not None and any(end > self.ends.get(p, 0) for p, end in self.queue.ends().items()):
-                r.postpone("another dispatcher's tasks are in it")  # it would send every unfinished job again
+                r.postpone("tasks this dispatcher did not send are in it")  # a dispatcher gone since
                 return False
             if not r.read_by_all(self.ends):
                 return False
             r.start_afresh()
-        except (KafkaError, OSError) as e:  # the broker away: tried again later
+        except (KafkaError, OSError) as e:
             r.postpone(f"the broker did not answer ({type(e).__name__})")
             return False
+        finally:
+            self._alone(release=True)
         self.ends = {}
         self.placements = Placements(self.placements_bytes)  # offsets in the old log
-        self._queue_id = None  # the new id is this dispatcher's doing, not a lost queue
+        try:  # the new id is this dispatcher's doing, not a lost queue; a loss after it is one
+            self._queue_id = self.queue.log_id() if self.queue is not None else None
+        except TRANSIENT:
+            self._queue_id = None
         return True
+
+    def _alone(self, release: bool = False) -> bool:
+        """Take (or give back) ``ALONE_LOCK`` exclusively: True when no other dispatcher holds it
+        (without a database, as in tests on fakes, this one is taken to be alone)."""
+        if self.conn is None:
+            return True
+        if release:
+            self.conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [ALONE_LOCK])
+            return True
+        row = self.conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [ALONE_LOCK]).fetchone()
+        return bool(row and row[0])
 
     def step(self, timeout_ms: int = 100) -> int:
         self.start_queue_afresh()
+        if self.rollover is not None and self.rollover.missing:  # the broker away mid fresh start
+            time.sleep(timeout_ms / 1000)
+            return 0  # no task is sent into a topic the broker would make with its own defaults
         polled = self.consumer.poll(timeout_ms=timeout_ms)
         sent: list[tuple[str, Any]] = []
         for records in polled.values():

@@ -1,6 +1,7 @@
 """The dispatcher starts the GPU queue's log afresh (adapters.dispatcher, adapters.rollover) on
 the real broker, several times, while a member of the GPU group reads it, sometimes keeping up
-and sometimes behind: every task sent reaches the group."""
+and sometimes behind, and never while a second dispatcher runs: every task sent reaches the
+group."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import json
 import uuid
 from typing import Any
 
+import psycopg
+
 from adapters import kafka_io
-from adapters.dispatcher import Dispatcher, KafkaTaskQueue
+from adapters.dispatcher import ALONE_LOCK, Dispatcher, KafkaTaskQueue
 from adapters.rollover import KafkaLogAdmin, LogRollover
 from adapters.settings import Settings
 from infra.kafka_admin import ensure_topics
@@ -38,8 +41,10 @@ def test_the_dispatcher_starts_the_gpu_queue_afresh_and_the_gpu_group_misses_no_
     rollover = LogRollover(KafkaLogAdmin(bootstrap), topic, 2, (group,), every_batches=4, min_messages=8,
                            retry_s=0.01, max_retry_s=0.02)
     queue = KafkaTaskQueue.connect(bootstrap, topic, group)  # its end offsets: no other dispatcher's tasks
-    dispatcher = Dispatcher(NoEvents(), kafka_io.producer(settings), NoStore(), queue=queue, rollover=rollover,
-                            topic=topic)
+    dispatcher = Dispatcher(NoEvents(), kafka_io.producer(settings), NoStore(), settings.effective_database_url,
+                            queue=queue, rollover=rollover, topic=topic)
+    other = psycopg.connect(settings.effective_database_url, autocommit=True)  # a second dispatcher, alive
+    other.execute("SELECT pg_advisory_lock_shared(hashtext(%s))", [ALONE_LOCK])
     member = kafka_io.consumer(settings, group, topic, max_poll_records=16, fetch_max_wait_ms=200)
     sent: set[str] = set()
     seen: set[str] = set()
@@ -60,6 +65,9 @@ def test_the_dispatcher_starts_the_gpu_queue_afresh_and_the_gpu_group_misses_no_
             if round % 3:  # two rounds in three the group keeps up; in the third it is behind
                 wait_until(read, what="the group to read every task so far")
             dispatcher.start_queue_afresh()
+            if round == 40:  # never while another dispatcher runs (its tasks would go with the old log)
+                assert rollover.rollovers == 0 and rollover.postponed > 0, rollover.batches
+                other.close()
             if rollover.rollovers >= 3:
                 break
         wait_until(read, what="the group to read every task")
@@ -67,6 +75,7 @@ def test_the_dispatcher_starts_the_gpu_queue_afresh_and_the_gpu_group_misses_no_
         assert rollover.postponed >= 1  # the rounds it was behind
         assert sent == seen  # nothing skipped (and nothing the dispatcher did not send)
     finally:
+        other.close()
         member.close()
         dispatcher.producer.close()
         rollover.close()

@@ -212,59 +212,94 @@ def test_a_recreated_gpu_queue_gets_the_tasks_again_once_per_restart_however_it_
 
 
 class LogAdmin:
-    """The GPU group's committed offsets on the queue, as the rollover asks for them."""
+    """The GPU group's committed offsets on the queue, as the rollover asks for them (None: the
+    group has neither members nor offsets); a recreate gives the queue a new topic id."""
 
-    def __init__(self, committed: dict[int, int]) -> None:
+    def __init__(self, committed: dict[int, int] | None, queue: FakeQueue | None = None) -> None:
         self.offsets = committed
+        self.queue = queue
         self.recreated = 0
         self.ensured = 0
 
     def committed(self, groups: Iterable[str], topic: str) -> dict[str, dict[int, int]]:
         assert topic == GPU_TOPIC
-        return {g: dict(self.offsets) for g in groups}
+        return {} if self.offsets is None else {g: dict(self.offsets) for g in groups}
 
     def recreate(self, topic: str, partitions: int) -> None:
         self.recreated += 1
+        if self.queue is not None:
+            self.queue.log = f"log {self.recreated + 1}"
 
     def ensure(self, topic: str, partitions: int) -> None:
         self.ensured += 1
 
 
+def rolling(d: Dispatcher, admin: LogAdmin, partitions: int = 1, min_messages: int = 6) -> LogRollover:
+    r = LogRollover(admin, GPU_TOPIC, partitions, (GPU_GROUP,), every_batches=3, min_messages=min_messages,
+                    wait_s=0.0, clock=lambda: 0.0, sleep=lambda s: None)
+    d.rollover = r
+    r.seen.update(r.groups)  # as the dispatcher's constructor does
+    return r
+
+
 def test_the_gpu_queue_starts_afresh_once_the_gpu_group_read_every_task_and_is_no_lost_queue():
     jobs = [queued_job(2) for _ in range(3)]
-    queue, admin = FakeQueue(), LogAdmin({})
+    queue = FakeQueue()
+    admin = LogAdmin({}, queue)
     d, producer, _ = dispatcher(*[[envelope(job.id)] for job in jobs], jobs=jobs, queue=queue)
-    d.rollover = LogRollover(admin, GPU_TOPIC, 1, (GPU_GROUP,), every_batches=3, min_messages=6, wait_s=0.0,
-                             clock=lambda: 0.0, sleep=lambda s: None)
+    lost: list[str] = []
+    d.queue_lost = lambda why, page=500: lost.append(why) or 0  # type: ignore[method-assign,assignment]
+    r = rolling(d, admin)
     d.queue_check_s = 0.0
     d.step()
     assert admin.ensured == 1  # made if missing, before the first task
     d.step()
     d.step()  # the third job's 2 tasks: 3 batches, 6 tasks on the one partition
-    assert d.ends == {0: 6} and d.rollover.batches == {0: 3}
+    assert d.ends == {0: 6} and r.batches == {0: 3}
     admin.offsets = {0: 5}  # the GPU group is one task behind: not yet
     d.step()
     assert admin.recreated == 0 and d.placements.get(str(jobs[0].id)) is not None
     admin.offsets = {0: 6}  # every task read
-    d.rollover._next_try = 0.0
+    r._next_try = 0.0
     d.step()
     assert admin.recreated == 1 and d.ends == {} and len(d.placements) == 0
-    queue.log = "the second log"  # the new topic's id: this dispatcher's doing
     d.step()
+    assert lost == []  # the new topic id is this dispatcher's own
+    queue.log = "a broker restarted"
     d.step()
-    assert len(producer.tasks()) == 6  # nothing sent again for it
-    assert d.sweep() == 6  # the jobs fall back to the time rule: no placement points into the old log
+    assert lost == ["unfinished after the GPU queue was lost"]  # a loss after it still is one
+    assert d.sweep() == 6  # stalled jobs fall back to the time rule: no placement into the old log
+    assert len(producer.tasks()) == 12
+
+
+def test_the_gpu_queue_is_held_by_its_group_even_with_no_member_and_no_offsets():
+    jobs = [queued_job(2) for _ in range(3)]
+    admin = LogAdmin(None)  # every worker down, the broker forgot the group's offsets
+    d, _, _ = dispatcher(*[[envelope(job.id)] for job in jobs], jobs=jobs, queue=FakeQueue())
+    rolling(d, admin)
+    for _ in range(4):
+        d.step()
+    assert d.ends == {0: 6} and admin.recreated == 0 and d.rollover is not None and d.rollover.postponed == 1
+
+
+def test_a_lost_queue_forgets_the_ends_and_batches_it_knew():
+    jobs = [queued_job(2)]
+    d, _, _ = dispatcher([envelope(jobs[0].id)], jobs=jobs, queue=FakeQueue())
+    r = rolling(d, LogAdmin({}))
+    d.step()
+    assert d.ends == {0: 2} and r.batches == {0: 1}
+    d.queue_lost("lost")
+    assert d.ends == {} and r.batches == {}
 
 
 def test_the_gpu_queue_is_not_started_afresh_while_another_dispatchers_tasks_are_in_it():
     jobs = [queued_job(2) for _ in range(3)]
     queue, admin = FakeQueue(others={0: 7}), LogAdmin({0: 6})
     d, _, _ = dispatcher(*[[envelope(job.id)] for job in jobs], jobs=jobs, queue=queue)
-    d.rollover = LogRollover(admin, GPU_TOPIC, 1, (GPU_GROUP,), every_batches=3, min_messages=6, wait_s=0.0,
-                             clock=lambda: 0.0, sleep=lambda s: None)
+    rolling(d, admin)
     for _ in range(4):
         d.step()
-    assert d.ends == {0: 6} and admin.recreated == 0 and d.rollover.postponed == 1
+    assert d.ends == {0: 6} and admin.recreated == 0 and d.rollover is not None and d.rollover.postponed == 1
     queue.others = {0: 6}  # the broker's end is this dispatcher's own
     d.rollover._next_try = 0.0
     d.step()
@@ -275,8 +310,7 @@ def test_the_gpu_queue_is_not_started_afresh_before_every_partition_holds_enough
     jobs = [queued_job(2) for _ in range(3)]
     admin = LogAdmin({0: 6})
     d, _, _ = dispatcher(*[[envelope(job.id)] for job in jobs], jobs=jobs, queue=FakeQueue())
-    d.rollover = LogRollover(admin, GPU_TOPIC, 2, (GPU_GROUP,), every_batches=3, wait_s=0.0,
-                             clock=lambda: 0.0, sleep=lambda s: None)
+    rolling(d, admin, partitions=2, min_messages=3)
     for _ in range(5):
         d.step()
     assert admin.recreated == 0  # partition 1 never got a task (FakeProducer: all to 0)
