@@ -44,7 +44,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from uuid import UUID
@@ -53,6 +53,7 @@ import psycopg
 from eventsourcing.persistence import ConnectionPoolClosedError, PersistenceError
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
+from adapters import kafka_io
 from adapters.relay import LossSignal
 from adapters.rollover import LogRollover
 from domain.contracts import topics
@@ -192,11 +193,7 @@ class KafkaTaskQueue:
         return None
 
     def ends(self) -> dict[int, int]:
-        from kafka import TopicPartition
-
-        partitions = self.probe.partitions_for_topic(self.topic) or set()
-        offsets = self.probe.end_offsets([TopicPartition(self.topic, p) for p in partitions])
-        return {tp.partition: int(offset) for tp, offset in offsets.items()}
+        return kafka_io.end_offsets(self.probe, self.topic)
 
     def close(self) -> None:
         self.probe.close()
@@ -236,7 +233,7 @@ class Dispatcher(ConsumerLoop):
         if rollover is not None:
             # The GPU group has no sweep of its own: with no member and no offsets it still holds
             # the queue (the relay's readers, which sweep the event log, do not).
-            rollover.seen.update(rollover.groups)
+            rollover.hold(rollover.groups)
             if self.conn is not None:
                 self.conn.execute("SELECT pg_advisory_lock_shared(hashtext(%s))", [ALONE_LOCK])
 
@@ -441,24 +438,19 @@ class Dispatcher(ConsumerLoop):
                 r.ensure_topic()
             if not r.due(self.ends):
                 return False
+            with self._alone() as alone:
+                if not alone:
+                    r.postpone("another dispatcher is running")
+                    return False
+                if self.queue is not None and any(end > self.ends.get(p, 0) for p, end in self.queue.ends().items()):
+                    r.postpone("tasks this dispatcher did not send are in it")  # a dispatcher gone since
+                    return False
+                if not r.read_by_all(self.ends):
+                    return False
+                r.start_afresh()
         except (KafkaError, OSError) as e:  # the broker away: tried again later
             r.postpone(f"the broker did not answer ({type(e).__name__})")
             return False
-        if not self._alone():
-            r.postpone("another dispatcher is running")
-            return False
-        try:
-            if self.queue is not None and any(end > self.ends.get(p, 0) for p, end in self.queue.ends().items()):
-                r.postpone("tasks this dispatcher did not send are in it")  # a dispatcher gone since
-                return False
-            if not r.read_by_all(self.ends):
-                return False
-            r.start_afresh()
-        except (KafkaError, OSError) as e:
-            r.postpone(f"the broker did not answer ({type(e).__name__})")
-            return False
-        finally:
-            self._alone(release=True)
         self.ends = {}
         self.placements = Placements(self.placements_bytes)  # offsets in the old log
         try:  # the new id is this dispatcher's doing, not a lost queue; a loss after it is one
@@ -467,16 +459,21 @@ class Dispatcher(ConsumerLoop):
             self._queue_id = None
         return True
 
-    def _alone(self, release: bool = False) -> bool:
-        """Take (or give back) ``ALONE_LOCK`` exclusively: True when no other dispatcher holds it
+    @contextlib.contextmanager
+    def _alone(self) -> Iterator[bool]:
+        """``ALONE_LOCK`` taken exclusively for the block: True when no other dispatcher holds it
         (without a database, as in tests on fakes, this one is taken to be alone)."""
         if self.conn is None:
-            return True
-        if release:
-            self.conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [ALONE_LOCK])
-            return True
+            yield True
+            return
         row = self.conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [ALONE_LOCK]).fetchone()
-        return bool(row and row[0])
+        if not (row and row[0]):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self.conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [ALONE_LOCK])
 
     def step(self, timeout_ms: int = 100) -> int:
         self.start_queue_afresh()

@@ -273,6 +273,17 @@ def consumer(settings: Settings, group_id: str, *topics: str, max_poll_records: 
     )
 
 
+def end_offsets(consumer: Any, topic: str) -> dict[int, int]:
+    """The next offset of each partition of ``topic``, asked of the broker by a consumer outside
+    any group; empty when the topic does not exist."""
+    from kafka import TopicPartition
+
+    consumer.topics()  # fresh metadata: a restarted broker may have forgotten the topic
+    partitions = consumer.partitions_for_topic(topic) or set()
+    ends = consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+    return {tp.partition: int(offset) for tp, offset in ends.items()}
+
+
 class TopicEnds:
     """The end offsets of one topic's partitions, asked of the broker (no consumer group)."""
 
@@ -285,12 +296,7 @@ class TopicEnds:
 
     def end_offsets(self) -> dict[int, int]:
         """The next offset of each partition; empty when the topic does not exist."""
-        from kafka import TopicPartition
-
-        self.consumer.topics()  # fresh metadata: a restarted broker may have forgotten the topic
-        partitions = self.consumer.partitions_for_topic(self.topic) or set()
-        ends = self.consumer.end_offsets([TopicPartition(self.topic, p) for p in partitions])
-        return {tp.partition: int(offset) for tp, offset in ends.items()}
+        return end_offsets(self.consumer, self.topic)
 
     def close(self) -> None:
         self.consumer.close()

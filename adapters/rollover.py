@@ -134,6 +134,11 @@ class LogRollover:
         self.seen: set[str] = set()
         self.missing = True  # not known to exist: unchecked since this relay started, or deleted and not created again
 
+    def hold(self, groups: Iterable[str]) -> None:
+        """These groups hold the log even with no member and no offsets (a reader with no sweep
+        of its own to find what a fresh start took from it)."""
+        self.seen.update(groups)
+
     def ensure_topic(self) -> None:
         """At the relay's start, and before its next batch while ``missing``: a relay that died
         (or a broker that failed) between deleting the topic and creating it again would

@@ -23,6 +23,7 @@ from adapters.rollover import LogRollover
 from domain.contracts.topics import GPU_TASKS as GPU_TOPIC
 from domain.job import Job
 from tests.unit.broker_fakes import FakeConsumer, Record
+from tests.unit.test_rollover import Clock
 
 AT = datetime(2025, 1, 1, tzinfo=UTC)
 EDITS = {"wall": {"action": "recolor", "value": "#2255cc"}}
@@ -127,11 +128,13 @@ def envelope(job_id: UUID, event: str = "JobQueued", version: int = 3) -> Record
 
 
 def dispatcher(*polls: list[Record], jobs: Iterable[Job] = (), queue: FakeQueue | None = None,
-               failure: Exception | None = None) -> tuple[Dispatcher, FakeProducer, FakeConsumer]:
+               failure: Exception | None = None,
+               rollover: LogRollover | None = None) -> tuple[Dispatcher, FakeProducer, FakeConsumer]:
     consumer, producer = FakeConsumer(*polls), FakeProducer()
     jobs = list(jobs)
     d = Dispatcher(consumer, producer, FakeApp(FakeRepository(*jobs, failure=failure)), stale_s=60.0,
-                   clock=lambda: 0.0, queue=queue, stale_jobs=lambda stale_s, limit: [j.id for j in jobs])
+                   clock=lambda: 0.0, queue=queue, stale_jobs=lambda stale_s, limit: [j.id for j in jobs],
+                   rollover=rollover)
     return d, producer, consumer
 
 
@@ -234,22 +237,19 @@ class LogAdmin:
         self.ensured += 1
 
 
-def rolling(d: Dispatcher, admin: LogAdmin, partitions: int = 1, min_messages: int = 6) -> LogRollover:
-    r = LogRollover(admin, GPU_TOPIC, partitions, (GPU_GROUP,), every_batches=3, min_messages=min_messages,
-                    wait_s=0.0, clock=lambda: 0.0, sleep=lambda s: None)
-    d.rollover = r
-    r.seen.update(r.groups)  # as the dispatcher's constructor does
-    return r
+def rolling(admin: LogAdmin, clock: Clock, partitions: int = 1, min_messages: int = 6) -> LogRollover:
+    return LogRollover(admin, GPU_TOPIC, partitions, (GPU_GROUP,), every_batches=3, min_messages=min_messages,
+                       wait_s=0.0, clock=clock, sleep=clock.sleep)
 
 
 def test_the_gpu_queue_starts_afresh_once_the_gpu_group_read_every_task_and_is_no_lost_queue():
     jobs = [queued_job(2) for _ in range(3)]
-    queue = FakeQueue()
+    queue, clock = FakeQueue(), Clock()
     admin = LogAdmin({}, queue)
-    d, producer, _ = dispatcher(*[[envelope(job.id)] for job in jobs], jobs=jobs, queue=queue)
+    r = rolling(admin, clock)
+    d, producer, _ = dispatcher(*[[envelope(job.id)] for job in jobs], jobs=jobs, queue=queue, rollover=r)
     lost: list[str] = []
     d.queue_lost = lambda why, page=500: lost.append(why) or 0  # type: ignore[method-assign,assignment]
-    r = rolling(d, admin)
     d.queue_check_s = 0.0
     d.step()
     assert admin.ensured == 1  # made if missing, before the first task
@@ -260,7 +260,7 @@ def test_the_gpu_queue_starts_afresh_once_the_gpu_group_read_every_task_and_is_n
     d.step()
     assert admin.recreated == 0 and d.placements.get(str(jobs[0].id)) is not None
     admin.offsets = {0: 6}  # every task read
-    r._next_try = 0.0
+    clock.sleep(60)  # past the postponement
     d.step()
     assert admin.recreated == 1 and d.ends == {} and len(d.placements) == 0
     d.step()
@@ -275,8 +275,8 @@ def test_the_gpu_queue_starts_afresh_once_the_gpu_group_read_every_task_and_is_n
 def test_the_gpu_queue_is_held_by_its_group_even_with_no_member_and_no_offsets():
     jobs = [queued_job(2) for _ in range(3)]
     admin = LogAdmin(None)  # every worker down, the broker forgot the group's offsets
-    d, _, _ = dispatcher(*[[envelope(job.id)] for job in jobs], jobs=jobs, queue=FakeQueue())
-    rolling(d, admin)
+    d, _, _ = dispatcher(*[[envelope(job.id)] for job in jobs], jobs=jobs, queue=FakeQueue(),
+                         rollover=rolling(admin, Clock()))
     for _ in range(4):
         d.step()
     assert d.ends == {0: 6} and admin.recreated == 0 and d.rollover is not None and d.rollover.postponed == 1
@@ -284,8 +284,8 @@ def test_the_gpu_queue_is_held_by_its_group_even_with_no_member_and_no_offsets()
 
 def test_a_lost_queue_forgets_the_ends_and_batches_it_knew():
     jobs = [queued_job(2)]
-    d, _, _ = dispatcher([envelope(jobs[0].id)], jobs=jobs, queue=FakeQueue())
-    r = rolling(d, LogAdmin({}))
+    r = rolling(LogAdmin({}), Clock())
+    d, _, _ = dispatcher([envelope(jobs[0].id)], jobs=jobs, queue=FakeQueue(), rollover=r)
     d.step()
     assert d.ends == {0: 2} and r.batches == {0: 1}
     d.queue_lost("lost")
@@ -294,14 +294,14 @@ def test_a_lost_queue_forgets_the_ends_and_batches_it_knew():
 
 def test_the_gpu_queue_is_not_started_afresh_while_another_dispatchers_tasks_are_in_it():
     jobs = [queued_job(2) for _ in range(3)]
-    queue, admin = FakeQueue(others={0: 7}), LogAdmin({0: 6})
-    d, _, _ = dispatcher(*[[envelope(job.id)] for job in jobs], jobs=jobs, queue=queue)
-    rolling(d, admin)
+    queue, admin, clock = FakeQueue(others={0: 7}), LogAdmin({0: 6}), Clock()
+    d, _, _ = dispatcher(*[[envelope(job.id)] for job in jobs], jobs=jobs, queue=queue,
+                         rollover=rolling(admin, clock))
     for _ in range(4):
         d.step()
     assert d.ends == {0: 6} and admin.recreated == 0 and d.rollover is not None and d.rollover.postponed == 1
     queue.others = {0: 6}  # the broker's end is this dispatcher's own
-    d.rollover._next_try = 0.0
+    clock.sleep(60)  # past the postponement
     d.step()
     assert admin.recreated == 1
 
@@ -309,8 +309,8 @@ def test_the_gpu_queue_is_not_started_afresh_while_another_dispatchers_tasks_are
 def test_the_gpu_queue_is_not_started_afresh_before_every_partition_holds_enough():
     jobs = [queued_job(2) for _ in range(3)]
     admin = LogAdmin({0: 6})
-    d, _, _ = dispatcher(*[[envelope(job.id)] for job in jobs], jobs=jobs, queue=FakeQueue())
-    rolling(d, admin, partitions=2, min_messages=3)
+    d, _, _ = dispatcher(*[[envelope(job.id)] for job in jobs], jobs=jobs, queue=FakeQueue(),
+                         rollover=rolling(admin, Clock(), partitions=2, min_messages=3))
     for _ in range(5):
         d.step()
     assert admin.recreated == 0  # partition 1 never got a task (FakeProducer: all to 0)
