@@ -158,7 +158,7 @@ class KafkaTaskQueue:
 
         admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
         probe = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                              auto_offset_reset="latest", fetch_max_wait_ms=100)
+                              auto_offset_reset="latest", fetch_max_wait_ms=100, request_timeout_ms=10000)
         return cls(admin, probe, topic, group)
 
     def committed(self, partitions: Iterable[int]) -> dict[int, int]:
