@@ -54,6 +54,14 @@ def _replayer(container: Container) -> Replayer:
         return Replayer(container.app, all_erased(conn))
 
 
+def _aware(**moments: datetime | None) -> None:
+    """422 for a time without its UTC offset: the log's times carry theirs, and a naive one
+    cannot be compared with them."""
+    naive = [name for name, moment in moments.items() if moment is not None and moment.tzinfo is None]
+    if naive:
+        raise ApiError("VALIDATION_FAILED", f"{' and '.join(naive)} must carry their UTC offset")
+
+
 def _stream(lines: Iterator[bytes]) -> StreamingResponse:
     return StreamingResponse(lines, media_type="application/x-ndjson")
 
@@ -64,6 +72,7 @@ async def replay_all(_: Analyst, container: ContainerDep,
                      since: datetime | None = None, until: datetime | None = None,
                      type: Annotated[list[str] | None, Query()] = None) -> StreamingResponse:
     """The global log in commit order as envelope JSON lines."""
+    _aware(since=since, until=until)
     replayer = await run_in_threadpool(_replayer, container)
     try:
         if since is None and until is None:
@@ -88,6 +97,7 @@ async def stream_state(stream_id: UUID, _: Analyst, container: ContainerDep,
     """An aggregate's state folded up to a version or a time (exactly one of them)."""
     if (version is None) == (as_of is None):
         raise ApiError("VALIDATION_FAILED", "give exactly one of version and as_of")
+    _aware(as_of=as_of)
 
     def fold() -> dict[str, Any]:
         try:
@@ -107,6 +117,7 @@ async def audit_ledger(user_id: UUID, _: Auditor, container: ContainerDep,
                        from_time: Annotated[datetime | None, Query(alias="from")] = None,
                        to_time: Annotated[datetime | None, Query(alias="to")] = None) -> JSONResponse:
     """A user's ledger with running balance."""
+    _aware(**{"from": from_time, "to": to_time})
     def read() -> list[dict[str, Any]]:
         with container.read_pool.connection() as conn:
             return audit.ledger(conn, user_id, from_time, to_time)
@@ -116,6 +127,7 @@ async def audit_ledger(user_id: UUID, _: Auditor, container: ContainerDep,
 @router.get("/audit/balance", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=STAFF_ERRORS)
 async def audit_balance(user_id: UUID, as_of: datetime, _: Auditor, container: ContainerDep) -> JSONResponse:
     """A user's balance as of a time, with the ledger positions it used."""
+    _aware(as_of=as_of)
     def read() -> dict[str, Any]:
         with container.read_pool.connection() as conn:
             return audit.balance_as_of(conn, user_id, as_of)
@@ -154,8 +166,7 @@ async def audit_report(_: Auditor, container: ContainerDep,
     """A period's credits by plan at one log position: opening, granted, reserved, spent, refunded,
     closing and outstanding, with the identity opening + granted - spent = closing + reserved
     checked (``ok``). The period is [from, to); see ``projections.audit`` for the definitions."""
-    if from_time.tzinfo is None or to_time.tzinfo is None:
-        raise ApiError("VALIDATION_FAILED", "from and to must carry their UTC offset")
+    _aware(**{"from": from_time, "to": to_time})
 
     def run() -> audit.PeriodReport:
         with container.read_pool.connection() as conn:

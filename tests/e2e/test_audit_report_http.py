@@ -32,3 +32,17 @@ def test_auditors_get_the_period_report_and_others_do_not(client, http, settings
     assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_FAILED"
     naive = {"from": "2026-01-01T00:00:00", "to": "2026-02-01T00:00:00"}
     assert http.get("/audit/report", params=naive, headers=auditor).status_code == 422
+
+
+def test_a_time_without_its_offset_is_a_422_on_every_staff_route(client, http, settings):
+    auditor = staff_headers(settings, "auditor")
+    user_id = client.data("GET", "/me", 200)["user_id"]
+    naive, aware = "2020-01-01T00:00:00", "2020-01-01T00:00:00+00:00"
+    for path, params in [("/streams", {"since": naive}), ("/streams", {"until": naive}),
+                         (f"/streams/{user_id}/state", {"as_of": naive}),
+                         ("/audit/ledger", {"user_id": user_id, "from": naive}),
+                         ("/audit/balance", {"user_id": user_id, "as_of": naive})]:
+        r = http.get(path, params=params, headers=auditor)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_FAILED", (path, params, r.text)
+        with_offset = {k: (aware if v == naive else v) for k, v in params.items()}
+        assert http.get(path, params=with_offset, headers=auditor).status_code in (200, 404), (path, with_offset)
