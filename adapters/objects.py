@@ -9,6 +9,19 @@ from typing import Any
 PAGE = 1000  # S3's most keys per DeleteObjects request
 
 
+def delete_keys(s3: Any, bucket: str, keys: list[str]) -> None:
+    """Delete these objects, a thousand a request (one already gone is no error)."""
+    for start in range(0, len(keys), PAGE):
+        _delete_page(s3, bucket, [{"Key": k} for k in keys[start:start + PAGE]], "the objects asked")
+
+
+def _delete_page(s3: Any, bucket: str, keys: list[dict[str, str]], where: str) -> None:
+    answer = s3.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+    failed = answer.get("Errors", [])
+    if failed:
+        raise OSError(f"{len(failed)} object(s) under {where} not deleted: {failed[0].get('Code')}")
+
+
 def delete_prefixes(s3: Any, bucket: str, prefixes: Iterable[str]) -> int:
     """Delete every object under ``prefixes``; returns how many went. Deleting what is already
     gone is no error, so a deletion cut short is finished by running it again."""
@@ -20,10 +33,7 @@ def delete_prefixes(s3: Any, bucket: str, prefixes: Iterable[str]) -> int:
                                       **({"ContinuationToken": token} if token else {}))
             keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
             if keys:
-                answer = s3.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
-                failed = answer.get("Errors", [])
-                if failed:
-                    raise OSError(f"{len(failed)} object(s) under {prefix} not deleted: {failed[0].get('Code')}")
+                _delete_page(s3, bucket, keys, prefix)
                 deleted += len(keys)
             if not page.get("IsTruncated"):
                 break

@@ -144,7 +144,11 @@ class S3Listing:
 
     async def keys(self, prefix: str) -> set[str]:
         """Every key under ``prefix``, following the continuation tokens of truncated pages."""
-        found: set[str] = set()
+        return set(await self.sizes(prefix))
+
+    async def sizes(self, prefix: str) -> dict[str, int]:
+        """The size in bytes of every key under ``prefix`` (``keys``, with the sizes)."""
+        found: dict[str, int] = {}
         token: str | None = None
         while True:
             body = await self._get(self.target(prefix, token, datetime.now(UTC)))
@@ -163,6 +167,13 @@ class S3Listing:
             return []
         present = await self.keys(os.path.commonprefix(list(keys)))  # noqa: RUF071 - key prefixes, not paths
         return [k for k in keys if k not in present]
+
+    async def sizes_of(self, keys: Sequence[str]) -> dict[str, int]:
+        """The size of each key of ``keys`` in the store: one listing of their common prefix."""
+        if not keys:
+            return {}
+        present = await self.sizes(os.path.commonprefix(list(keys)))  # noqa: RUF071 - key prefixes, not paths
+        return {k: present[k] for k in keys if k in present}
 
     async def close(self) -> None:
         """Close the running loop's idle connections (a later call opens new ones)."""
@@ -357,8 +368,9 @@ class S3Listing:
             raise ListingFailed(f"S3 answered over {self.max_answer_bytes} bytes to a LIST; refused")
 
 
-def _page(body: bytes) -> tuple[list[str], str | None]:
-    """The keys of a ListBucketResult and its continuation token (None: the last page)."""
+def _page(body: bytes) -> tuple[list[tuple[str, int]], str | None]:
+    """The keys of a ListBucketResult with their sizes, and its continuation token (None: the
+    last page)."""
     try:
         # The answer comes from our own store and is capped in size; expat (>= 2.4) bounds entity
         # expansion and never fetches external entities.
@@ -369,15 +381,21 @@ def _page(body: bytes) -> tuple[list[str], str | None]:
         raise ListingFailed("S3 answered a LIST with something other than a ListBucketResult")
     # Plain (Clark-notation) tags: ElementTree looks them up among the children in C, where a
     # path goes through ElementPath in Python.
-    keys = [c.findtext(S3 + "Key", "") for c in root.findall(S3 + "Contents")]
+    contents = root.findall(S3 + "Contents")
+    keys = [c.findtext(S3 + "Key", "") for c in contents]
     if root.findtext(S3 + "EncodingType") == "url":
         keys = [unquote_plus(k) for k in keys]
+    try:
+        sizes = [int(c.findtext(S3 + "Size") or 0) for c in contents]
+    except ValueError:
+        raise ListingFailed("S3 answered a LIST with a size that is not a number") from None
+    pairs = list(zip(keys, sizes, strict=True))
     if root.findtext(S3 + "IsTruncated") != "true":
-        return keys, None
+        return pairs, None
     token = root.findtext(S3 + "NextContinuationToken")
     if not token:
         raise ListingFailed("S3 answered a truncated LIST without a continuation token")
-    return keys, token
+    return pairs, token
 
 
 def _error_code(body: bytes) -> str | None:

@@ -103,6 +103,7 @@ class Settings(BaseSettings):
     pg_fsync: bool = True
     idempotency_ttl_s: float = Field(24 * 3600.0, gt=0)  # an Idempotency-Key is forgotten this long after its claim
     sse_streams_per_user: int = Field(4, ge=1)  # concurrent GET /jobs/{id}/events per user (per API process)
+    sse_streams: int = Field(256, ge=1)  # concurrent GET /jobs/{id}/events in all (per API process)
     # HMAC key of stored device hashes (a device hash is a credential). Changing it gives every
     # device a new user on its next registration.
     device_key_secret: str = ""

@@ -21,12 +21,16 @@ class IdGenerator(Protocol):
 
 
 class ObjectStore(Protocol):
-    def missing(self, keys: Sequence[str]) -> list[str]:
-        """The keys among ``keys`` that do not exist in the store."""
+    def sizes(self, keys: Sequence[str]) -> dict[str, int]:
+        """The size in bytes of each key among ``keys`` that exists in the store."""
         ...
 
-    async def missing_async(self, keys: Sequence[str]) -> list[str]:
-        """missing from an event loop."""
+    async def sizes_async(self, keys: Sequence[str]) -> dict[str, int]:
+        """sizes from an event loop."""
+        ...
+
+    def delete(self, keys: Sequence[str]) -> None:
+        """Delete these objects (one absent already is no error)."""
         ...
 
 

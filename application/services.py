@@ -23,7 +23,7 @@ from application.device_keys import DeviceKeyer, HmacDeviceKeyer
 from application.personal import KeyDestroyed, Keyring, MemoryKeyring, Sealer
 from application.ports import Clock, IdGenerator, ObjectStore, StreamVersions
 from application.unit_of_work import Command, CommandExecutor, Committed, UnitOfWork, touches
-from domain.contracts.keys import input_key
+from domain.contracts.keys import MAX_INPUT_BYTES, input_key
 from domain.errors import InvalidState, NotFound, ValidationFailed
 from domain.job import MAX_ITEMS, Job, RecordedResult
 from domain.plans import DEFAULT_PLANS, Plan
@@ -52,6 +52,16 @@ class UserErased(InvalidState):
     def __init__(self, user_id: UUID) -> None:
         super().__init__("this device's user was erased a moment ago: register again")
         self.user_id = user_id
+
+
+class InputsTooLarge(ValidationFailed):
+    code = "INPUT_TOO_LARGE"
+
+    def __init__(self, items: list[int]) -> None:
+        shown = ", ".join(str(i) for i in items[:20]) + (" ..." if len(items) > 20 else "")
+        super().__init__(f"{len(items)} input(s) over {MAX_INPUT_BYTES >> 20} MB, deleted: upload them again "
+                         f"smaller (idx {shown})")
+        self.too_large = items
 
 
 class InputsMissing(ValidationFailed):
@@ -84,6 +94,15 @@ class RerunSource:
 
     item_count: int
     concepts: tuple[str, ...]
+
+
+def _under(key: str, prefix: str) -> bool:
+    """Whether ``key`` names an object under ``prefix``: no empty, ``.`` or ``..`` segment after
+    it (a URL made of ``outputs/<u>/<job>/../../inputs/...`` would reach another prefix), and no
+    control character."""
+    rest = key.removeprefix(prefix)
+    return (rest != key and all(segment not in ("", ".", "..") for segment in rest.split("/"))
+            and all(ch >= " " and ch != "\x7f" for ch in rest))
 
 
 class PaletteService:
@@ -300,7 +319,10 @@ class PaletteService:
             user.reserve(new_id, item_count, self._plan(user.plan), at)
             uow.add(Job.create(new_id, user_id, preset, item_count, at))
 
-        return self._create_owned_command(user_id, Job, job_id, create)
+        def same(job: Job) -> bool:
+            return job.preset == preset and job.item_count == item_count
+
+        return self._create_owned_command(user_id, Job, job_id, create, same=same)
 
     async def rerun_source_async(self, user_id: UUID, source_id: UUID) -> RerunSource:
         """What a new job takes from the caller's finished job ``source_id`` (NotFound: none,
@@ -343,7 +365,9 @@ class PaletteService:
             status, item_count = await self.executor.read_async(job_id, functools.partial(self._upload_state, user_id))
             if status == "created":
                 keys = _input_keys(user_id, job_id, item_count)
-                _require(keys, await self.store.missing_async(keys))
+                too_large = _uploaded(keys, await self.store.sizes_async(keys))
+                if too_large:
+                    await anyio.to_thread.run_sync(self._refuse_too_large, keys, too_large)
         return await self.run(self.confirm_upload_command(user_id, job_id))
 
     @staticmethod
@@ -359,7 +383,17 @@ class PaletteService:
         if status != "created" or self.store is None:
             return
         keys = _input_keys(user_id, job_id, item_count)
-        _require(keys, self.store.missing(keys))
+        too_large = _uploaded(keys, self.store.sizes(keys))
+        if too_large:
+            self._refuse_too_large(keys, too_large)
+
+    def _refuse_too_large(self, keys: list[str], too_large: list[str]) -> None:
+        """InputsTooLarge, the inputs over MAX_INPUT_BYTES deleted first (the same upload link
+        takes a smaller photo while it lives)."""
+        assert self.store is not None
+        self.store.delete(too_large)
+        gone = set(too_large)
+        raise InputsTooLarge([i for i, k in enumerate(keys) if k in gone])
 
     def confirm_upload_command(self, user_id: UUID, job_id: UUID) -> Command[str]:
         at = self.clock.now()
@@ -426,7 +460,7 @@ class PaletteService:
             if job is None:
                 raise NotFound("job not found")
             for key, kind in ((output_key, "outputs"), (preview_key, "previews")):
-                if key and not key.startswith(f"{kind}/{job.user_id}/{job_id}/"):
+                if key and not _under(key, f"{kind}/{job.user_id}/{job_id}/"):
                     raise ValidationFailed(f"{kind} key must lie under {kind}/<user>/<job>/")
             result = job.record_result(idx, status, output_key, preview_key, error, idempotency_key, at)
             if result.finished is not None:
@@ -593,16 +627,20 @@ class PaletteService:
 
     def _create_owned_command(self, user_id: UUID, cls: type[Any], chosen_id: UUID | None,
                               create: Callable[[UnitOfWork, User, UUID, datetime], None],
-                              also: Sequence[UUID] = ()) -> Command[UUID]:
+                              also: Sequence[UUID] = (),
+                              same: Callable[[Any], bool] | None = None) -> Command[UUID]:
         """The command creating an aggregate the user owns, with what it takes from the User (and
         from the aggregates ``also`` names). A caller-chosen id makes the retry of a creation that
-        did commit a no-op."""
+        did commit a no-op; one that asked for another creation (``same`` says it did not ask
+        for what was created) is refused, as a key reused with another request is."""
         new_id = chosen_id or self.ids.new_id()
         at = self.clock.now()
 
         @touches(user_id, *also, *((new_id,) if chosen_id is not None else ()))
         def command(uow: UnitOfWork) -> UUID:
             if chosen_id is not None and self._created_before(uow, cls, new_id, user_id):
+                if same is not None and not same(uow.get(cls, new_id)):
+                    raise ValidationFailed("Idempotency-Key reused with a different request")
                 return new_id
             create(uow, self._user(uow, user_id), new_id, at)
             return new_id
@@ -645,8 +683,10 @@ def _input_keys(user_id: UUID, job_id: UUID, item_count: int) -> list[str]:
     return [input_key(user_id, job_id, i) for i in range(item_count)]
 
 
-def _require(keys: list[str], missing: list[str]) -> None:
-    """InputsMissing naming the items whose input is among ``missing``."""
+def _uploaded(keys: list[str], sizes: Mapping[str, int]) -> list[str]:
+    """The inputs over MAX_INPUT_BYTES, once every one of ``keys`` is in the store (``sizes``:
+    those that are), else InputsMissing naming the items not uploaded."""
+    missing = [i for i, k in enumerate(keys) if k not in sizes]
     if missing:
-        gone = set(missing)
-        raise InputsMissing([i for i, k in enumerate(keys) if k in gone])
+        raise InputsMissing(missing)
+    return [k for k in keys if sizes[k] > MAX_INPUT_BYTES]

@@ -47,6 +47,7 @@ import torch
 from domain.contracts import topics, trace
 from domain.contracts.callback import callback_body, signed_headers
 from domain.contracts.gpu_task import Task
+from domain.contracts.keys import MAX_INPUT_BYTES
 from domain.contracts.loop import ConsumerLoop
 from domain.text import escaped
 from gpu_consumer import ops
@@ -213,9 +214,9 @@ class ImagePipeline:
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
             raise
-        if obj.get("ContentLength", 0) > 20 * 1024 * 1024:
+        if obj.get("ContentLength", 0) > MAX_INPUT_BYTES:
             obj["Body"].close()
-            raise BadInput("input is larger than 20 MB")
+            raise BadInput(f"input is larger than {MAX_INPUT_BYTES >> 20} MB")
         data: bytes = obj["Body"].read()
         return data
 

@@ -60,11 +60,14 @@ class Uploads:
     def __init__(self) -> None:
         self.keys: set[str] = set()
 
-    def missing(self, keys: Any) -> list[str]:
-        return [k for k in keys if k not in self.keys]
+    def sizes(self, keys: Any) -> dict[str, int]:
+        return {k: 1 for k in keys if k in self.keys}
 
-    async def missing_async(self, keys: Any) -> list[str]:
-        return self.missing(keys)
+    async def sizes_async(self, keys: Any) -> dict[str, int]:
+        return self.sizes(keys)
+
+    def delete(self, keys: Any) -> None:
+        self.keys.difference_update(keys)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,8 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
 
     @app.exception_handler(DomainError)
     async def _domain(_: Request, e: DomainError) -> JSONResponse:
-        details = {"missing": e.missing} if hasattr(e, "missing") else None
+        details = ({"missing": e.missing} if hasattr(e, "missing")
+                   else {"too_large": e.too_large} if hasattr(e, "too_large") else None)
         return fail(e.code, e.message, details=details)
 
     @app.exception_handler(ApiError)

@@ -21,6 +21,7 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 STATUS_BY_CODE = {
     "VALIDATION_FAILED": 422,
     "INPUTS_MISSING": 409,
+    "INPUT_TOO_LARGE": 422,
     "NOT_FOUND": 404,
     "INVALID_STATE": 409,
     "INSUFFICIENT_CREDITS": 402,

@@ -9,6 +9,9 @@ the endpoints without a token, their own idempotency: registration per device ha
 callbacks per result key). Answers that invite a retry (409, 429, 5xx) or refuse the request
 before it ran (401, 422) are not stored. A key
 is forgotten ``ttl_s`` after its claim; each claim deletes at most ``SWEEP_BATCH`` expired keys.
+A principal holds at most ``MAX_KEYS_PER_OWNER`` keys at a time: a new key past that is a 429
+(a retry of a key it holds is answered as always). The header given twice is a 422: the
+middleware and the route would otherwise each read another one.
 
 Claims and answers are written on the event loop's own connections (adapters.loop_pg: no worker
 thread), in autocommit, without waiting for the WAL flush (``unflushed``): a fsync per write
@@ -37,7 +40,9 @@ DEFAULT_TTL_S = 24 * 3600.0
 SWEEP_BATCH = 16  # expired keys deleted per claim (which adds at most one): the sweep outpaces growth
 KEY_NAMESPACE = uuid.UUID("6f1c3a52-8d0e-4b8e-9a57-6c1f0e0b7d21")
 CLAIM_ATTEMPTS = 3  # a key released or swept between a claim's statements is claimed again
+MAX_KEYS_PER_OWNER = 10_000  # held at once (a day's worth at the default TTL): what a client can grow
 UNFLUSHED_CONNECTIONS = 8  # a loop's: under 128 paced sessions 4 made claims queue
+FULL = ("", None, None, None)  # _claim's answer when the owner holds its most keys
 
 
 def id_for_key(user_id: uuid.UUID, kind: str, key: str | None) -> uuid.UUID | None:
@@ -90,23 +95,29 @@ class IdempotencyKeys:
     """Pure ASGI middleware; requests without the header, or without a valid token, pass straight through."""
 
     def __init__(self, app: ASGIApp, connections: LoopConnections, tokens: TokenVerifier, fail: Any,
-                 ttl_s: float = DEFAULT_TTL_S, erased: Container[UUID] = frozenset()) -> None:
+                 ttl_s: float = DEFAULT_TTL_S, erased: Container[UUID] = frozenset(),
+                 max_keys: int = MAX_KEYS_PER_OWNER) -> None:
         self.app = app
         self.connections = connections
         self.tokens = tokens
         self.fail = fail
         self.ttl_s = ttl_s
+        self.max_keys = max_keys
         self.erased = erased  # users whose kept answers are never replayed (the route answers 401)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
+        raw_headers = scope.get("headers") or []
+        headers = dict(raw_headers)
         raw_key = headers.get(b"idempotency-key")
         owner = self._owner(headers) if raw_key is not None else None
         if raw_key is None or owner is None:
             await self.app(scope, receive, send)
+            return
+        if sum(name == b"idempotency-key" for name, _ in raw_headers) > 1:
+            await self.fail("VALIDATION_FAILED", "Idempotency-Key must be given once")(scope, receive, send)
             return
         if not _valid_key(raw_key):
             refusal = self.fail("VALIDATION_FAILED", f"Idempotency-Key must be 1..{MAX_KEY} printable ASCII characters")
@@ -126,7 +137,11 @@ class IdempotencyKeys:
         request_hash = hashlib.sha256(scope["path"].encode() + b"\n" + body).hexdigest()
         claimed, stored = await self._claim(owner, key, request_hash)
         if not claimed:
-            if stored is not None and stored[0] != request_hash:
+            if stored is FULL:
+                await self.fail("RATE_LIMITED", f"at most {self.max_keys} Idempotency-Keys are kept at once; "
+                                "send this request without one, or later", status=429,
+                                headers={"Retry-After": "3600"})(scope, receive, send)
+            elif stored is not None and stored[0] != request_hash:
                 await self.fail("VALIDATION_FAILED", "Idempotency-Key reused with a different request",
                                 status=422)(scope, receive, send)
             elif stored is None or stored[1] is None:
@@ -190,8 +205,10 @@ class IdempotencyKeys:
         async with self.connections.connection() as conn:
             for _ in range(CLAIM_ATTEMPTS):
                 # The sweep rides along in the claim's statement: one round trip for a new key.
-                inserted = await (await conn.execute(CLAIM, {
-                    "ttl": self.ttl_s, "limit": SWEEP_BATCH, "s": owner, "k": key, "h": request_hash})).fetchone()
+                claim = await (await conn.execute(CLAIM, {
+                    "ttl": self.ttl_s, "limit": SWEEP_BATCH, "s": owner, "k": key, "h": request_hash,
+                    "cap": self.max_keys})).fetchone()
+                inserted, full = claim if claim is not None else (False, False)
                 if inserted:
                     return True, None
                 # An expired key is a new key; a stale claim of the same request is taken over.
@@ -208,6 +225,8 @@ class IdempotencyKeys:
                     "WHERE scope = %s AND key = %s", [owner, key])).fetchone()
                 if row is not None:
                     return False, (row[0], row[1], row[2], row[3])
+                if full:
+                    return False, FULL
                 # Gone since the insert found it (released by its request, or swept by another
                 # claim): claim it again, never answer a retry of the same request with a 422.
         return False, None  # still vanishing each time: the caller answers "in flight" (409)
@@ -234,5 +253,11 @@ class IdempotencyKeys:
 SWEEP = ("DELETE FROM palette_api.idempotency WHERE (scope, key) IN (SELECT scope, key FROM palette_api.idempotency "
          "WHERE created_at < now() - %(ttl)s * interval '1 second' AND (scope, key) <> (%(s)s, %(k)s) "
          "ORDER BY created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)")
-CLAIM = ("WITH swept AS (" + SWEEP + ") INSERT INTO palette_api.idempotency (scope, key, request_hash) "
-         "VALUES (%(s)s, %(k)s, %(h)s) ON CONFLICT DO NOTHING RETURNING 1")
+# The owner's live keys, counted up to the cap; the key is inserted only below it. Returns
+# (inserted, full).
+CLAIM = ("WITH swept AS (" + SWEEP + "), held AS (SELECT count(*) AS n "  # noqa: S608 - made of constants
+         "FROM (SELECT 1 FROM palette_api.idempotency "
+         "WHERE scope = %(s)s AND created_at >= now() - %(ttl)s * interval '1 second' LIMIT %(cap)s) live), "
+         "claimed AS (INSERT INTO palette_api.idempotency (scope, key, request_hash) "
+         "SELECT %(s)s, %(k)s, %(h)s FROM held WHERE held.n < %(cap)s ON CONFLICT DO NOTHING RETURNING 1) "
+         "SELECT EXISTS (SELECT 1 FROM claimed), (SELECT n FROM held) >= %(cap)s")

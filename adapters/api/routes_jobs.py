@@ -11,7 +11,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -53,6 +53,7 @@ from application.services import PaletteService, RerunSource
 from application.unit_of_work import Committed
 from domain.contracts.callback import CALLBACK_WINDOW_S, verify_callback
 from domain.contracts.keys import (
+    MAX_INPUT_BYTES,
     URL_TTL_S,
     input_key,
     inputs_prefix,
@@ -244,10 +245,13 @@ async def create_job(body: JobCreate, user_id: CurrentUser, service: ServiceDep,
     ), status=201)
 
 
-@router.post("/jobs/{job_id}/confirm-upload", response_model=Envelope[JobStatePublic], responses=OWN)
+@router.post("/jobs/{job_id}/confirm-upload", response_model=Envelope[JobStatePublic], responses={
+    **OWN, 422: {"model": _E, "description": "VALIDATION_FAILED / INPUT_TOO_LARGE"}})
 async def confirm_upload(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
                          container: ContainerDep) -> JSONResponse:
-    """created -> uploaded once every input exists in S3 (else 409 INPUTS_MISSING naming them)."""
+    """created -> uploaded once every input exists in S3 (else 409 INPUTS_MISSING naming them),
+    none over 20 MB (else 422 INPUT_TOO_LARGE naming them; they are deleted, and the same upload
+    links take smaller ones while they live)."""
     committed = await service.confirm_upload_async(user_id, job_id)
     _remember(container, user_id, job_id, committed)
     return ok(JobStatePublic(job_id=job_id, status=committed.value))
@@ -286,6 +290,11 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
     if absent:  # canceled before its upload: nothing to run again
         shown = ", ".join(str(i) for i in absent[:20]) + (" ..." if len(absent) > 20 else "")
         raise InvalidState(f"cannot rerun this job: {len(absent)} of its photos are not there (idx {shown})")
+    # An upload link lives on after confirm-upload: a photo may have been replaced by a larger one.
+    too_large = [i for i in range(source.item_count) if present[input_key(user_id, job_id, i)] > MAX_INPUT_BYTES]
+    if too_large:
+        raise InvalidState(f"cannot rerun this job: {len(too_large)} of its photos are over "
+                           f"{MAX_INPUT_BYTES >> 20} MB (idx {', '.join(str(i) for i in too_large[:20])})")
     committed = await service.run(service.rerun_job_command(
         user_id, job_id, id_for_key(user_id, f"rerun:{job_id}", idempotency_key)))
     new_id = committed.value
@@ -306,16 +315,17 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
     ), status=201)
 
 
-def _source_objects(c: Container, user_id: UUID, job_id: UUID) -> set[str]:
-    """The keys of a job's inputs and used masks (one LIST per prefix, paged)."""
+def _source_objects(c: Container, user_id: UUID, job_id: UUID) -> dict[str, int]:
+    """The keys of a job's inputs and used masks, with their sizes (one LIST per prefix, paged)."""
     pages = c.s3.get_paginator("list_objects_v2")
-    return {obj["Key"] for prefix in (inputs_prefix(user_id, job_id), used_masks_prefix(user_id, job_id))
+    return {obj["Key"]: int(obj["Size"])
+            for prefix in (inputs_prefix(user_id, job_id), used_masks_prefix(user_id, job_id))
             for page in pages.paginate(Bucket=c.settings.s3_bucket, Prefix=prefix)
             for obj in page.get("Contents", [])}
 
 
 def _rerun_copies(user_id: UUID, source_id: UUID, job_id: UUID, source: RerunSource,
-                  present: set[str]) -> list[tuple[str, str]]:
+                  present: Mapping[str, int]) -> list[tuple[str, str]]:
     """(from, to) for the inputs, and for each used mask there is, to the new job's client masks."""
     copies = [(input_key(user_id, source_id, i), input_key(user_id, job_id, i)) for i in range(source.item_count)]
     for i in range(source.item_count):
@@ -443,21 +453,25 @@ SSE_RETRY_AFTER_S = 5.0
 
 
 class StreamSlots:
-    """Open event streams per user in this process, at most ``per_user`` each (a stream polls the
-    event store every SSE_POLL_S; unbounded, one client could make the process do nothing else)."""
+    """Open event streams in this process: at most ``per_user`` a user and ``total`` in all (a
+    stream polls the event store every SSE_POLL_S; unbounded, one client, or many anonymous ones,
+    could make the process do nothing else)."""
 
-    def __init__(self, per_user: int) -> None:
+    def __init__(self, per_user: int, total: int | None = None) -> None:
         self.per_user = per_user
+        self.total = total
         self._open: dict[UUID, int] = {}  # only users with a stream open: bounded by the streams
+        self._count = 0
         self._lock = threading.Lock()
 
     def take(self, user_id: UUID) -> Callable[[], None]:
         """A slot for ``user_id`` (RateLimited when all are taken); call the result to give it back."""
         with self._lock:
             taken = self._open.get(user_id, 0)
-            if taken >= self.per_user:
+            if taken >= self.per_user or (self.total is not None and self._count >= self.total):
                 raise RateLimited(SSE_RETRY_AFTER_S)
             self._open[user_id] = taken + 1
+            self._count += 1
         given_back = False
 
         def give_back() -> None:
@@ -466,6 +480,7 @@ class StreamSlots:
                 if given_back:
                     return
                 given_back = True
+                self._count -= 1
                 left = self._open.pop(user_id) - 1
                 if left:
                     self._open[user_id] = left
@@ -482,7 +497,8 @@ def _stream_slots(request: Request, container: Container) -> StreamSlots:
     state = request.app.state
     slots: StreamSlots | None = getattr(state, "stream_slots", None)
     if slots is None:  # no await since the check: no other request can interleave
-        slots = state.stream_slots = StreamSlots(container.settings.sse_streams_per_user)
+        slots = state.stream_slots = StreamSlots(container.settings.sse_streams_per_user,
+                                                       container.settings.sse_streams)
     return slots
 
 
@@ -508,9 +524,12 @@ class _SlotStream(StreamingResponse):
 async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, container: ContainerDep,
                      request: Request, last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
     """Live progress, resumable with Last-Event-ID (the last stream version seen). A user holds at
-    most PALETTE_SSE_STREAMS_PER_USER streams at once (per API process); one more is a 429.
+    most PALETTE_SSE_STREAMS_PER_USER streams at once, and the process PALETTE_SSE_STREAMS in all
+(per API process); one more is a 429.
     Between polls a stream holds no database connection and no thread."""
-    await service.get_job_async(user_id, job_id)  # 404 for another user's job
+    # 404 for another user's job. A finished job gets no JobFinished/JobCanceled again: the events
+    # after Last-Event-ID are sent and the stream ends, whatever that id.
+    finished = (await service.get_job_async(user_id, job_id)).status.terminal
     try:
         after = max(0, int(last_event_id)) if last_event_id else 0
     except ValueError:
@@ -531,6 +550,8 @@ async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, co
                 yield f"id: {version}\nevent: {name}\ndata: {json.dumps(data)}\n\n".encode()
                 if name in ("JobFinished", "JobCanceled"):
                     return
+            if finished:
+                return
             await asyncio.sleep(SSE_POLL_S)
 
     return _SlotStream(stream(), give_back, media_type="text/event-stream",

@@ -5,6 +5,9 @@ from __future__ import annotations
 from uuid import UUID
 
 URL_TTL_S = 900  # a presigned link to any of these objects lives at most 15 minutes
+# The largest photo taken: confirm-upload refuses (and deletes) a larger input, a rerun refuses
+# to copy one, and the GPU worker refuses to read one. A presigned PUT cannot bound what is sent.
+MAX_INPUT_BYTES = 20 * 1024 * 1024
 
 
 def inputs_prefix(user_id: UUID, job_id: UUID) -> str:

@@ -123,6 +123,19 @@ def test_a_user_holds_at_most_four_event_streams_and_a_closed_stream_frees_its_s
             time.sleep(0.05)
 
 
+def test_a_stream_of_a_finished_job_ends_after_its_events_whatever_the_last_event_id(
+    client: Client, api_url: str
+) -> None:
+    job_id = client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})["job_id"]
+    client.data("POST", f"/jobs/{job_id}/cancel")
+    with httpx.Client(base_url=api_url, timeout=10) as http:  # before: held open for SSE_MAX_S
+        for last in ("0", "1", "999999"):
+            with event_stream(http, job_id, {**client.headers, "Last-Event-ID": last}) as r:
+                body = r.read().decode()
+            assert r.status_code == 200
+            assert ("event: JobCanceled" in body) == (last != "999999"), (last, body)
+
+
 def test_idle_event_streams_hold_no_event_store_connection(client: Client, settings: Settings) -> None:
     """Eight idle streams on an event store pool of at most six connections: commands still run."""
     from adapters.bootstrap import build

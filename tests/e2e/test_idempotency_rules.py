@@ -155,3 +155,21 @@ def test_claiming_a_key_sweeps_expired_ones_a_bounded_batch_at_a_time(
 
 def _rule(name: str) -> dict[str, object]:
     return {"name": name, "preset_id": "interior", "concepts": {"wall": {"action": "tone", "value": "warm"}}}
+
+
+def test_a_creation_under_a_forgotten_key_with_another_body_is_refused(client: Client, db: psycopg.Connection) -> None:
+    key = f"k-{uuid.uuid4()}"
+    first = client.data("POST", "/jobs", 201, json=JOB, headers={"Idempotency-Key": key})
+    db.execute("DELETE FROM palette_api.idempotency WHERE key = %s", [key])  # expired: only the job id remembers
+    other = client.call("POST", "/jobs", json={**JOB, "item_count": 5}, headers={"Idempotency-Key": key})
+    assert other.status_code == 422 and other.json()["error"]["code"] == "VALIDATION_FAILED", other.text
+    again = client.data("POST", "/jobs", 201, json=JOB, headers={"Idempotency-Key": key})
+    assert again["job_id"] == first["job_id"] and len(again["upload"]) == JOB["item_count"]
+    assert client.data("GET", "/me", 200)["reserved"] == JOB["item_count"]  # reserved once
+
+
+def test_the_key_given_twice_is_refused(client: Client) -> None:
+    twice = [*client.headers.items(), ("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
+    r = client.http.post("/jobs", json=JOB, headers=twice)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_FAILED", r.text
+    assert client.data("GET", "/me", 200)["reserved"] == 0

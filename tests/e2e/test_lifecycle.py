@@ -101,6 +101,26 @@ def test_confirm_names_the_missing_inputs(client):
     assert r.json()["error"]["details"] == {"missing": [0, 1]}
 
 
+def test_confirm_refuses_and_deletes_inputs_over_the_size_limit_and_a_smaller_one_is_taken(client, settings):
+    from domain.contracts.keys import MAX_INPUT_BYTES
+    from infra.s3 import s3_client
+
+    s3 = s3_client(settings)
+    created = client.data("POST", "/jobs", 201, json={"preset": "seller", "item_count": 3})
+    sizes = [1000, MAX_INPUT_BYTES + 1, MAX_INPUT_BYTES]
+    for slot, size in zip(created["upload"], sizes, strict=True):
+        r = httpx.put(slot["url"], content=b"j" * size, headers={"Content-Type": slot["content_type"]}, timeout=60)
+        assert r.status_code == 200, r.text
+    r = client.call("POST", f"/jobs/{created['job_id']}/confirm-upload")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "INPUT_TOO_LARGE", r.text
+    assert r.json()["error"]["details"] == {"too_large": [1]}
+    listed = s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix=created["upload"][0]["key"].rsplit("/", 1)[0] + "/")
+    assert sorted(o["Key"] for o in listed.get("Contents", [])) == [created["upload"][i]["key"] for i in (0, 2)]
+    assert httpx.put(created["upload"][1]["url"], content=jpeg(),
+                     headers={"Content-Type": created["upload"][1]["content_type"]}).status_code == 200
+    assert client.data("POST", f"/jobs/{created['job_id']}/confirm-upload")["status"] == "uploaded"
+
+
 def test_cancel_refunds_unprocessed_items(client, http, settings):
     job_id = create_uploaded_job(client, 4)
     client.data("POST", f"/jobs/{job_id}/execute", json={"concepts": EDITS})

@@ -273,7 +273,10 @@ def test_presigned_urls_expire_within_15_minutes_and_stay_in_the_callers_prefix(
         assert key == slot["key"] and key.startswith(f"inputs/{uploader.user_id}/{job_id}/")
     # A result pointing outside the job's own prefix is refused; a proper one gets a 15-min GET.
     for bad in (f"outputs/{other.user_id}/{queued}/0.jpg", f"outputs/{client.user_id}/{uuid.uuid4()}/0.jpg",
-                f"inputs/{client.user_id}/{queued}/0.jpg"):
+                f"inputs/{client.user_id}/{queued}/0.jpg",
+                f"outputs/{client.user_id}/{queued}/../../../inputs/{other.user_id}/{queued}/0.jpg",
+                f"outputs/{client.user_id}/{queued}/./0.jpg", f"outputs/{client.user_id}/{queued}/",
+                f"outputs/{client.user_id}/{queued}/0\n.jpg"):
         body = json.dumps({"idx": 0, "status": "done", "output_key": bad, "preview_key": "",
                            "idempotency_key": f"{queued}:0"}).encode()
         r = http.post(f"/jobs/{queued}/callback", content=body, headers=signed(settings.callback_secret, queued, body))

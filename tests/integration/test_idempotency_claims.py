@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import psycopg
@@ -85,3 +85,54 @@ def test_a_key_released_while_its_retry_claims_it_is_claimed_again_not_refused_a
 
     assert asyncio.run(retry()) == 201  # before: 422, "reused with a different request"
     assert ran == [True]
+
+
+def _post(keys: IdempotencyKeys, path: str, *idempotency_keys: str) -> Coroutine[Any, Any, int]:
+    """The status ``keys`` answers a POST to ``path`` carrying these Idempotency-Key headers."""
+    async def run() -> int:
+        sent: list[Any] = []
+
+        async def receive() -> Any:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        headers = [(b"authorization", b"Bearer t"), *((b"idempotency-key", k.encode()) for k in idempotency_keys)]
+        await keys({"type": "http", "method": "POST", "path": path, "headers": headers}, receive, send)
+        return int(next(m["status"] for m in sent if m["type"] == "http.response.start"))
+
+    return run()
+
+
+def test_an_owner_holds_at_most_its_cap_of_keys_and_the_header_given_twice_is_refused(settings: Settings) -> None:
+    url = settings.effective_database_url
+    with psycopg.connect(url, autocommit=True) as conn:
+        ensure_schema(conn)
+    user_id, other_id = uuid.uuid4(), uuid.uuid4()
+    ran: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        ran.append(scope["path"])
+        await send({"type": "http.response.start", "status": 404, "headers": []})  # stored, as any 404
+        await send({"type": "http.response.body", "body": b"none"})
+
+    async def scenario() -> list[int]:
+        connections = unflushed(url)
+        mine = IdempotencyKeys(app, connections, Tokens(user_id), fail, max_keys=3)
+        theirs = IdempotencyKeys(app, connections, Tokens(other_id), fail, max_keys=3)
+        try:
+            statuses = [await _post(mine, f"/jobs/{i}/cancel", f"k{i}") for i in range(4)]
+            statuses.append(await _post(mine, "/jobs/0/cancel", "k0"))  # a key it holds: replayed
+            statuses.append(await _post(theirs, "/jobs/9/cancel", "k9"))  # another owner's cap is its own
+            statuses.append(await _post(mine, "/jobs/5/cancel", "a", "b"))
+            return statuses
+        finally:
+            await connections.close()
+
+    assert asyncio.run(scenario()) == [404, 404, 404, 429, 404, 404, 422]
+    assert ran == ["/jobs/0/cancel", "/jobs/1/cancel", "/jobs/2/cancel", "/jobs/9/cancel"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        held = conn.execute("SELECT count(*) FROM palette_api.idempotency WHERE scope = %s",
+                            [f"user:{user_id}"]).fetchone()
+    assert held == (3,)

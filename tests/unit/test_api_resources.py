@@ -114,6 +114,19 @@ def test_stream_slots_cap_each_user_and_come_back_once() -> None:
     assert slots.open_streams(alice) == 1
 
 
+def test_stream_slots_cap_the_process_too() -> None:
+    slots = StreamSlots(per_user=2, total=3)
+    users = [uuid4() for _ in range(4)]
+    give_backs = [slots.take(u) for u in users[:3]]
+    with pytest.raises(RateLimited):
+        slots.take(users[3])  # a user with none open, the process full
+    give_backs[1]()
+    give_backs[1]()  # twice is once
+    slots.take(users[3])
+    with pytest.raises(RateLimited):
+        slots.take(users[0])
+
+
 # -- callback auth ------------------------------------------------------------------------------
 SECRET = "s" * 48
 
