@@ -91,11 +91,22 @@ class WebhookSender:
         except Exception as e:  # noqa: BLE001 - the next hour tries again
             log.warning("finished deliveries not pruned (%s: %s)", type(e).__name__, str(e)[:200])
 
+    def _attempt(self, due: store.Due) -> targets.Outcome:
+        """One attempt's outcome; anything it raises is a failed attempt, recorded and retried as
+        one (a URL nothing can send to fails its way to the end of the schedule, never stays
+        pending untried)."""
+        started = time.monotonic()
+        try:
+            return targets.post(self.http, due.url, due.body,
+                                signed_headers(due.keys, due.message_id, int(self.clock()), due.body),
+                                self.production)
+        except Exception as e:  # noqa: BLE001 - recorded as the attempt's failure
+            log.warning("delivery %s: the attempt raised %s", due.id, type(e).__name__)
+            return targets.Outcome(None, targets.failure(e), "", int((time.monotonic() - started) * 1000))
+
     def _deliver(self, due: store.Due) -> None:
         try:
-            outcome = targets.post(self.http, due.url, due.body,
-                                   signed_headers(due.keys, due.message_id, int(self.clock()), due.body),
-                                   self.production)
+            outcome = self._attempt(due)
             retry_in = None if outcome.ok else retry_delay(self.schedule, due.tries + 1, self.draw)
             with self.pool.connection() as conn:
                 store.finish(conn, due.id, outcome, retry_in, self.disable_after, self.disable_after_s, due.lease)

@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from adapters.webhooks.targets import Outcome
+from adapters.webhooks.targets import Outcome, normalised
 
 DDL = (
     "CREATE SCHEMA IF NOT EXISTS palette_webhooks",
@@ -69,7 +69,9 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
 # -- endpoints (the API) ------------------------------------------------------------------------
 def create_endpoint(conn: psycopg.Connection[Any], user_id: UUID, url: str, events: Sequence[str],
                     secret: str, limit: int) -> dict[str, Any]:
-    """A new endpoint; raises EndpointsFull when the user has ``limit`` already."""
+    """A new endpoint, its URL's host stored in ASCII (``targets.normalised``); raises
+    EndpointsFull when the user has ``limit`` already."""
+    url = normalised(url)
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext('palette-webhooks:' || %s::text))", [user_id])
         count = cur.execute("SELECT count(*) AS n FROM palette_webhooks.endpoints WHERE user_id = %s",

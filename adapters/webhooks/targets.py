@@ -1,11 +1,16 @@
 """Where a webhook may go, and one POST to it.
 
-In production a target must be ``https`` and every address its host resolves to public: not
-loopback, private, link-local (the cloud metadata address 169.254.169.254 among them), shared,
-reserved or multicast; checked at registration and again before each attempt (DNS changes), and
-the attempt connects to the very address checked (no second lookup to rebind). Development
-allows anything, so tests listen on 127.0.0.1. An attempt takes at most 10 s in all, follows no
-redirect (a 3xx is a failure) and reads at most 4 KiB of the answer.
+A target's host is kept in its ASCII form: an international name becomes its IDNA A-labels
+(``bücher.de`` -> ``xn--bcher-kva.de``, lower-case), which go in the Host header and the TLS name;
+a host with no such form (an empty label, a label over 63 characters, a name over 253, a character
+no host may hold) is refused. In production a target must be ``https`` and every address its host
+is or resolves to public: not loopback, private, link-local (the cloud metadata address
+169.254.169.254 among them), site-local, shared, reserved or multicast, IPv4 inside IPv6 judged as
+the IPv4 address it reaches; checked at registration and again before each attempt (DNS
+changes), and the attempt connects to the very address checked (no second lookup to rebind).
+Development allows any address, so tests listen on 127.0.0.1. An attempt takes at most 10 s in
+all, follows no redirect (a 3xx is a failure) and reads at most 4 KiB of the answer; whatever it
+raises is its failure, recorded and retried like any other.
 
 httpx's timeouts bound each socket operation, so a receiver answering a byte every few seconds
 would hold a sender for as long as it liked; the sender's sockets cut every operation to what is
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -54,22 +60,95 @@ def resolve(host: str, port: int) -> list[str]:
 NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
+def _embedded(address: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, bool] | None:
+    """The IPv4 address inside ``address`` (mapped, 6to4, Teredo, NAT64, IPv4-compatible) and
+    whether it is IPv4-compatible (``::a.b.c.d``, deprecated); None: no IPv4 inside."""
+    inside = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
+    if inside is None and address in NAT64:
+        inside = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if inside is not None:
+        return inside, False
+    if int(address) >> 32 == 0 and int(address) > 1:  # ::a.b.c.d, but not :: or ::1
+        return ipaddress.IPv4Address(int(address)), True
+    return None
+
+
 def refusal(address: Address) -> str | None:
     """Why production refuses to send to ``address`` (None: a public address)."""
     if isinstance(address, ipaddress.IPv6Address):
-        # IPv4 inside IPv6 (mapped, 6to4, Teredo, NAT64) reaches that IPv4 address: judged as it
-        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
-        if embedded is None and address in NAT64:
-            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        # IPv4 inside IPv6 reaches that IPv4 address: judged as it. IPv4-compatible addresses
+        # are deprecated (RFC 4291) and reserved: refused even around a public IPv4 address.
+        embedded = _embedded(address)
         if embedded is not None:
-            address = embedded
+            inside, compatible = embedded
+            return refusal(inside) or ("reserved" if compatible else None)
+        if address.is_site_local:
+            return "site-local"
     if address in METADATA:
         return "metadata"
     for reason, hit in (("loopback", address.is_loopback), ("link-local", address.is_link_local),
-                        ("private", address.is_private), ("multicast", address.is_multicast)):
+                        ("private", address.is_private), ("multicast", address.is_multicast),
+                        ("reserved", address.is_reserved)):
         if hit:
             return reason
     return None if address.is_global else "non-public"
+
+
+MAX_LABEL = 63
+MAX_NAME = 253
+_ASCII_LABEL = re.compile(r"[a-z0-9_-]+")  # letters, digits, hyphens; underscores as DNS allows
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _idna(host: str) -> str:
+    """``host`` in IDNA A-labels: the ``idna`` package (IDNA 2008 after UTS #46's mapping, as
+    browsers do: a fullwidth letter is its ASCII one), else the standard library's codec (IDNA 2003)."""
+    try:
+        import idna
+    except ImportError:  # httpx depends on idna: only a stripped install lacks it
+        return host.encode("idna").decode("ascii")
+    return idna.encode(host, uts46=True).decode("ascii")
+
+
+def ascii_host(host: str) -> str:
+    """The ASCII, lower-case form of a host name or address (``bücher.de`` ->
+    ``xn--bcher-kva.de``); raises TargetRefused for a host with none."""
+    if ":" in host:  # an IPv6 literal (urlsplit took it from between brackets), kept as written
+        try:
+            if "%" in host:  # a zone names one of this machine's interfaces: no webhook target
+                raise ValueError("a zone")
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise TargetRefused(f"{host!r} is not an IPv6 address without a zone") from None
+        return host.lower()
+    name = host
+    if not name.isascii():
+        try:
+            name = _idna(name)
+        except (UnicodeError, ValueError) as e:  # idna.IDNAError is a UnicodeError
+            raise TargetRefused(f"the host {host!r} has no IDNA form ({str(e)[:100]})") from None
+    name = name.lower()
+    labels = name.removesuffix(".").split(".")
+    if len(name.removesuffix(".")) > MAX_NAME:
+        raise TargetRefused(f"the host is longer than {MAX_NAME} characters")
+    for label in labels:
+        if not label:
+            raise TargetRefused(f"the host {host!r} has an empty label")
+        if len(label) > MAX_LABEL:
+            raise TargetRefused(f"the host {host!r} has a label longer than {MAX_LABEL} characters")
+        if _ASCII_LABEL.fullmatch(label) is None:
+            raise TargetRefused(f"the host {host!r} holds a character no host name may")
+        if label.startswith("xn--"):
+            try:
+                _idna(label)
+            except (UnicodeError, ValueError):
+                raise TargetRefused(f"the host {host!r} has an invalid IDNA label") from None
+    if labels[-1].isdigit():  # no top-level name is numeric: an IPv4 address, written in full
+        try:
+            ipaddress.IPv4Address(name.removesuffix("."))
+        except ValueError:
+            raise TargetRefused(f"{host!r} is not an IPv4 address") from None
+    return name
 
 
 @dataclass(frozen=True)
@@ -82,9 +161,12 @@ class Target:
 
 
 def check(url: str, production: bool, resolver: Resolver = resolve) -> Target:
-    """The target of ``url``; raises TargetRefused with the reason."""
+    """The target of ``url``, its host in ASCII (``Target.url`` is ``url`` with that host); raises
+    TargetRefused with the reason."""
     if len(url) > MAX_URL_LENGTH:
         raise TargetRefused(f"the URL is longer than {MAX_URL_LENGTH} characters")
+    if _CONTROLS.search(url):
+        raise TargetRefused("the URL must not hold control characters")
     try:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -95,16 +177,30 @@ def check(url: str, production: bool, resolver: Resolver = resolve) -> Target:
         raise TargetRefused(f"the URL must be {' or '.join(allowed)} with a host")
     if parts.username or parts.password:
         raise TargetRefused("the URL must not carry credentials")
+    host = ascii_host(parts.hostname)
+    name = f"[{host}]" if ":" in host else host
+    netloc = name if parts.port is None else f"{name}:{parts.port}"
+    if netloc != parts.netloc:
+        url = urlunsplit(parts._replace(netloc=netloc))
     if not production:
-        return Target(url, parts.hostname, None)
-    addresses = resolver(parts.hostname, port)
+        return Target(url, host, None)
+    try:  # an address literal is judged as written; a name, by every address it resolves to
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None
+    addresses = [host] if literal is not None else resolver(host, port)
     if not addresses:
-        raise TargetRefused(f"{parts.hostname} does not resolve")
+        raise TargetRefused(f"{host} does not resolve")
     for text in addresses:
-        reason = refusal(ipaddress.ip_address(text.split("%")[0]))
+        reason = refusal(literal if literal is not None else ipaddress.ip_address(text.split("%")[0]))
         if reason is not None:
-            raise TargetRefused(f"{parts.hostname} resolves to a {reason} address")
-    return Target(url, parts.hostname, addresses[0])
+            raise TargetRefused(f"{host} {'is' if literal is not None else 'resolves to'} a {reason} address")
+    return Target(url, host, addresses[0])
+
+
+def normalised(url: str) -> str:
+    """``url`` with its host in ASCII, as ``check`` makes it: what is stored, and sent to."""
+    return check(url, production=False).url
 
 
 def capped(chunks: Iterable[bytes], limit: int = MAX_RESPONSE_BYTES) -> bytes:
@@ -201,14 +297,15 @@ def _pinned(target: Target) -> tuple[str, dict[str, str], dict[str, Any]]:
     parts = urlsplit(target.url)
     literal = f"[{target.address}]" if ":" in target.address else target.address
     netloc = literal if parts.port is None else f"{literal}:{parts.port}"
-    host = parts.netloc.rpartition("@")[2]
+    name = f"[{target.host}]" if ":" in target.host else target.host  # ASCII (check)
+    host = name if parts.port is None else f"{name}:{parts.port}"
     return urlunsplit(parts._replace(netloc=netloc)), {"host": host}, {"sni_hostname": target.host}
 
 
 def post(client: httpx.Client, url: str, body: bytes, headers: dict[str, str], production: bool,
          resolver: Resolver = resolve) -> Outcome:
     """One attempt, over within TIMEOUT_S of its start (with the client of ``client()``); never
-    raises for what the target does (refused, unreachable, slow, dripping, rude)."""
+    raises (refused, unreachable, slow, dripping, rude, a URL httpx will not send to: a failure)."""
     started = time.monotonic()
 
     def done(status: int | None, error: str, answer: bytes = b"") -> Outcome:
@@ -217,19 +314,23 @@ def post(client: httpx.Client, url: str, body: bytes, headers: dict[str, str], p
 
     try:
         target = check(url, production, resolver)
-    except TargetRefused as e:
-        return done(None, f"refused: {e}")
-    address, extra_headers, extensions = _pinned(target)
-    try:
+        address, extra_headers, extensions = _pinned(target)
         with ending_by(started + TIMEOUT_S), client.stream(
                 "POST", address, content=body, headers={**headers, **extra_headers},
                 extensions=extensions) as response:
             answer = capped(response.iter_raw(MAX_RESPONSE_BYTES))
             return done(response.status_code, "", answer)
+    except TargetRefused as e:
+        return done(None, f"refused: {e}")
     except httpx.TimeoutException:
         return done(None, "timeout")
-    except httpx.HTTPError as e:
-        return done(None, f"{type(e).__name__}: {str(e)[:200]}")
+    except Exception as e:  # noqa: BLE001 - whatever one attempt raises is that attempt's failure
+        return done(None, failure(e))
+
+
+def failure(error: Exception) -> str:
+    """An attempt's error as recorded: its type and the head of its message."""
+    return f"{type(error).__name__}: {str(error)[:200]}"
 
 
 class _Transport(httpx.HTTPTransport):

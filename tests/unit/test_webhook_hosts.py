@@ -1,0 +1,231 @@
+"""Webhook hosts without I/O: a host is kept in its IDNA ASCII form (an international name is
+accepted, then sent with an ASCII Host header and TLS name) or refused at registration; no URL
+makes an attempt raise (a failed attempt instead, recorded like any); and production refuses
+reserved, site-local and IPv4-compatible addresses, written as literals or resolved to."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from typing import Any
+from uuid import uuid4
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from adapters.webhooks import store, targets
+from adapters.webhooks.sender import WebhookSender
+
+BODY = b'{"type":"job.queued"}'
+LONG_LABEL = "a" * 64
+
+
+class Resolving:
+    """A resolver answering ``addresses`` for any name, keeping the names it was asked."""
+
+    def __init__(self, *addresses: str) -> None:
+        self.addresses = list(addresses)
+        self.asked: list[str] = []
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        self.asked.append(host)
+        return list(self.addresses)
+
+
+def no_dns(host: str, port: int) -> list[str]:
+    raise AssertionError(f"{host} is an address literal: nothing to resolve")
+
+
+class Recording:
+    """An httpx transport standing in for the receiver: keeps the requests, answers ``status``
+    or raises ``error``."""
+
+    def __init__(self, status: int = 204, error: BaseException | None = None) -> None:
+        self.status = status
+        self.error = error
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.error is not None:
+            raise self.error
+        return httpx.Response(self.status, stream=httpx.ByteStream(b""))  # as on the wire: read by the client
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(transport=httpx.MockTransport(self), follow_redirects=False)
+
+
+# -- the ASCII form of a host ----------------------------------------------------------------------
+@pytest.mark.parametrize(("host", "ascii"), [
+    ("bücher.de", "xn--bcher-kva.de"), ("BÜCHER.de", "xn--bcher-kva.de"),
+    ("ｅxample.com", "example.com"),  # noqa: RUF001 - a fullwidth e, mapped as browsers map it
+    ("例え。テスト", "xn--r8jz45g.xn--zckzah"), ("xn--bcher-kva.de", "xn--bcher-kva.de"),
+    ("Hooks.Example", "hooks.example"), ("my_host.example", "my_host.example"), ("example.com.", "example.com."),
+    ("127.0.0.1", "127.0.0.1"), ("2001:db8::1", "2001:db8::1"), ("a" * 63 + ".com", "a" * 63 + ".com"),
+])
+def test_a_host_is_kept_in_its_ascii_form(host, ascii):
+    assert targets.ascii_host(host) == ascii
+
+
+@pytest.mark.parametrize(("host", "why"), [
+    (LONG_LABEL + ".example", "label longer than 63"), ("bü" + LONG_LABEL + ".de", "no IDNA form"),
+    (".".join(["abcdefghi"] * 26), "longer than 253"), ("a..b", "empty label"), ("bü..de", "no IDNA form"),
+    ("exa mple.com", "character"), ("exa%6dple.com", "character"), ("xn--zz.com", "invalid IDNA label"),
+    ("bü cher.de", "no IDNA form"), ("2001:db8::zz", "not an IPv6 address"), ("fe80::1%eth0", "without a zone"),
+    ("::a%\u0301x", "without a zone"), ("1.2.3.999", "not an IPv4"),
+    ("127.1", "not an IPv4"), ("0x7f.1", "not an IPv4"), ("01.02.03.04", "not an IPv4"),
+])
+def test_a_host_with_no_ascii_form_is_refused(host, why):
+    with pytest.raises(targets.TargetRefused, match=why):
+        targets.ascii_host(host)
+
+
+def test_without_the_idna_package_the_standard_librarys_codec_encodes(monkeypatch):
+    monkeypatch.setitem(sys.modules, "idna", None)  # `import idna` raises ImportError
+    assert targets.ascii_host("Bücher.de") == "xn--bcher-kva.de"
+    assert targets.ascii_host("ｅxample.com") == "example.com"  # noqa: RUF001 - a fullwidth e
+    with pytest.raises(targets.TargetRefused, match="no IDNA form"):
+        targets.ascii_host("bü" + LONG_LABEL + ".de")
+
+
+@pytest.mark.parametrize(("production", "url", "ascii"), [
+    (False, "http://bücher.de:8080/hook?a=ü#x", "http://xn--bcher-kva.de:8080/hook?a=ü#x"),
+    (False, "http://ｅxample.com/hook", "http://example.com/hook"),  # noqa: RUF001 - a fullwidth e
+    (True, "https://BÜCHER.de/", "https://xn--bcher-kva.de/"),
+    (False, "http://127.0.0.1:9/in", "http://127.0.0.1:9/in"), (False, "http://[::1]:9/in", "http://[::1]:9/in"),
+])
+def test_the_checked_url_carries_the_ascii_host_and_nothing_else_changes(production, url, ascii):
+    target = targets.check(url, production, Resolving("93.184.216.34"))
+    assert target.url == ascii and targets.normalised(url) == ascii
+
+
+@pytest.mark.parametrize(("production", "url"), [
+    (False, f"http://{LONG_LABEL}.example/hook"), (True, f"https://{LONG_LABEL}.example/hook"),
+    (False, f"http://bü{LONG_LABEL}.de/hook"), (False, "http://a..b/hook"), (False, "http://exa\tmple.com/hook"),
+    (False, "http://example.com/a\nb"),
+])
+def test_registration_refuses_a_url_whose_host_cannot_be_sent_to(production, url):
+    with pytest.raises(targets.TargetRefused):
+        targets.check(url, production, Resolving("93.184.216.34"))
+
+
+@given(st.text(min_size=1, max_size=80))
+def test_a_url_check_accepts_is_one_httpx_sends_to_with_an_ascii_host(host):
+    """Whatever the host, the URL is refused or httpx takes the checked URL as it is."""
+    try:
+        target = targets.check(f"http://{host}/hook", False, no_dns)
+    except targets.TargetRefused:
+        return
+    assert target.host.isascii() and target.host == target.host.lower()
+    sent = httpx.Request("POST", target.url)  # raises InvalidURL where httpx would not send
+    assert sent.url.raw_host.decode("ascii") == target.host
+
+
+def test_an_international_name_is_sent_to_the_checked_address_with_ascii_host_and_tls_name():
+    receiver = Recording(204)
+    resolver = Resolving("93.184.216.34")
+    outcome = targets.post(receiver.client(), "https://bücher.de:8443/in", BODY, {}, production=True,
+                           resolver=resolver)
+    assert outcome.ok, outcome
+    sent = receiver.requests[0]
+    assert resolver.asked == ["xn--bcher-kva.de"]
+    assert (sent.url.host, sent.url.port) == ("93.184.216.34", 8443)
+    assert sent.headers["host"] == "xn--bcher-kva.de:8443"
+    assert sent.extensions["sni_hostname"] == "xn--bcher-kva.de"
+
+
+def test_in_development_an_international_name_is_sent_to_in_ascii():
+    receiver = Recording(204)
+    outcome = targets.post(receiver.client(), "http://ｅxample.com/in", BODY, {},  # noqa: RUF001
+                           production=False)
+    assert outcome.ok, outcome
+    assert receiver.requests[0].url.host == "example.com"
+    assert receiver.requests[0].headers["host"] == "example.com"
+
+
+# -- an attempt never raises --------------------------------------------------------------------------
+@pytest.mark.parametrize("url", [f"http://{LONG_LABEL}.example/hook", "http://a..b/hook", "http://exa\tmple.com/"])
+def test_a_stored_url_nothing_can_send_to_is_a_refused_attempt_not_an_exception(url):
+    receiver = Recording(204)
+    outcome = targets.post(receiver.client(), url, BODY, {}, production=False)
+    assert not outcome.ok and outcome.status_code is None and outcome.error.startswith("refused:")
+    assert receiver.requests == []
+
+
+@pytest.mark.parametrize("error", [UnicodeEncodeError("ascii", "ü", 0, 1, "not ASCII"), ValueError("odd"),
+                                   RuntimeError("unexpected"), httpx.InvalidURL("bad")])
+def test_whatever_sending_raises_is_a_failed_attempt(error):
+    outcome = targets.post(Recording(error=error).client(), "http://127.0.0.1:9/in", BODY, {}, production=False)
+    assert not outcome.ok and outcome.status_code is None
+    assert outcome.error.startswith(type(error).__name__) and len(outcome.error) <= 250
+
+
+class Finishing:
+    """A pool whose connection is only handed to ``store.finish`` (patched to keep its arguments)."""
+
+    def connection(self) -> Any:
+        from contextlib import nullcontext
+        return nullcontext(None)
+
+    def close(self) -> None:
+        return
+
+
+def test_the_sender_records_an_attempt_that_raised_as_a_failure_on_the_retry_schedule(monkeypatch):
+    finished: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(store, "finish", lambda *args: finished.append(args))
+
+    def raising_post(*args: Any, **kwargs: Any) -> targets.Outcome:
+        raise UnicodeEncodeError("ascii", "bücher.de", 1, 2, "ordinal not in range(128)")
+
+    monkeypatch.setattr(targets, "post", raising_post)
+    sender = WebhookSender(Finishing(), Recording().client(), (5.0, 60.0), production=False,  # type: ignore[arg-type]
+                           disable_after=3, disable_after_s=0.0, draw=lambda: 0.5)
+    due = store.Due(uuid4(), "msg_x_1", BODY, 1, "http://bücher.de/hook", ("whsec_dGVzdA==",))
+    sender._deliver(due)
+    assert len(finished) == 1
+    _, delivery_id, outcome, retry_in, disable_after, disable_after_s, lease = finished[0]
+    assert delivery_id == due.id and lease is None
+    assert not outcome.ok and outcome.status_code is None and outcome.error.startswith("UnicodeEncodeError: ")
+    assert retry_in == pytest.approx(60.0)  # the second try failed: the schedule's second step
+    assert (disable_after, disable_after_s) == (3, 0.0)
+
+
+# -- addresses production refuses ------------------------------------------------------------------
+@pytest.mark.parametrize(("address", "reason"), [
+    ("::127.0.0.1", "loopback"), ("::10.0.0.1", "private"), ("::169.254.169.254", "metadata"),
+    ("::8.8.8.8", "reserved"),  # IPv4-compatible: deprecated, refused even around a public address
+    ("fec0::1", "site-local"), ("feff::1", "site-local"), ("240.0.0.1", "private"), ("100::1", "private"),
+    ("4000::1", "reserved"), ("::ffff:10.0.0.1", "private"), ("2002:7f00:1::1", "loopback"),
+    ("64:ff9b::7f00:1", "loopback"), ("224.0.0.1", "multicast"), ("ff02::1", "multicast"),
+    ("::", "private"), ("::1", "loopback"),
+])
+def test_production_refuses_reserved_site_local_and_ipv4_compatible_addresses(address, reason):
+    assert targets.refusal(ipaddress.ip_address(address)) == reason
+
+
+@pytest.mark.parametrize("address", ["::ffff:8.8.8.8", "2002:808:808::1", "64:ff9b::808:808", "2606:4700::6810:85e5"])
+def test_public_ipv4_inside_ipv6_and_public_ipv6_are_allowed(address):
+    assert targets.refusal(ipaddress.ip_address(address)) is None
+
+
+@pytest.mark.parametrize(("host", "reason"), [
+    ("[::127.0.0.1]", "loopback"), ("[fec0::1]", "site-local"), ("[::8.8.8.8]", "reserved"),
+    ("[4000::1]", "reserved"), ("[::ffff:169.254.169.254]", "metadata"),
+])
+def test_a_literal_host_is_judged_as_written_without_resolving(host, reason):
+    with pytest.raises(targets.TargetRefused, match=f"is a {reason} address"):
+        targets.check(f"https://{host}/in", True, no_dns)
+
+
+@pytest.mark.parametrize(("address", "reason"), [("::127.0.0.1", "loopback"), ("fec0::1", "site-local"),
+                                                 ("4000::1", "reserved")])
+def test_a_name_resolving_to_such_an_address_is_refused_alike(address, reason):
+    with pytest.raises(targets.TargetRefused, match=f"hooks.example resolves to a {reason} address"):
+        targets.check("https://hooks.example/in", True, Resolving("93.184.216.34", address))
+
+
+def test_a_public_literal_host_is_connected_to_as_written():
+    assert targets.check("https://[2606:4700::6810:85e5]/in", True, no_dns).address == "2606:4700::6810:85e5"
