@@ -47,7 +47,24 @@ def event_store_env(settings: Settings, pool_size: int = 8, schema: str = "") ->
     }
     if schema:
         env["POSTGRES_SCHEMA"] = schema
+    if _events_table_exists(settings, schema or "public"):
+        # eventsourcing makes its types with CREATE TYPE and takes the error when they exist:
+        # PostgreSQL logs an ERROR for it each time a process opens the store.
+        env["CREATE_TABLE"] = "n"
     return env
+
+
+def _events_table_exists(settings: Settings, schema: str) -> bool:
+    """Whether the event store's tables were made (eventsourcing makes them in one transaction,
+    its functions with them)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(settings.effective_database_url, connect_timeout=10) as conn:
+            row = conn.execute("SELECT to_regclass(%s)", [f"{schema}.{PaletteApplication.name}_events"]).fetchone()
+    except psycopg.Error:
+        return False  # eventsourcing's own connection says what is wrong
+    return row is not None and row[0] is not None
 
 
 def open_event_store(settings: Settings, pool_size: int = 8) -> PaletteApplication:
