@@ -190,7 +190,10 @@ class Job(Stream):
         ):
             return
         if self.status != JobStatus.UPLOADED:
-            raise InvalidState(f"cannot execute a {self.status} job (confirm the upload first)")
+            advice = {JobStatus.CREATED: " (confirm the upload first)"}.get(self.status, "")
+            if self.status.terminal:
+                advice = " (POST /jobs/{id}/rerun runs its photos again)"
+            raise InvalidState(f"cannot execute a {self.status} job{advice}")
         self.trigger_event(
             self.JobQueued, concepts=concepts, protect=protect, rule_id=rule_id, timestamp=at,
         )

@@ -760,8 +760,8 @@ class RegionSegmenter:
             missing += [c for c in unknown if c not in optional]
         if missing:
             raise NothingFits(f"no region of the image fits {', '.join(sorted(missing))}: the built-in segmenter "
-                              "finds ceiling, wall, floor, sofa, bed, lamp and rug; upload a mask "
-                              "(masks/{user}/{job}/{idx}_{concept}.png) for anything else")
+                              "finds ceiling, wall, floor, sofa, bed, lamp and rug; for anything else, rerun the job "
+                              "(POST /jobs/{id}/rerun) and upload a mask to the slot it gives")
         return out, instances
 
 
@@ -860,7 +860,7 @@ class TorchScriptSegmenter:
                                          align_corners=False).clamp(0, 1)
         if missing:
             raise NothingFits(f"the segmentation model finds no {', '.join(sorted(missing))} in the image; "
-                              "upload a mask (masks/{user}/{job}/{idx}_{concept}.png) for it")
+                              "rerun the job (POST /jobs/{id}/rerun) and upload a mask for it to the slot it gives")
         return out, instances
 
 
