@@ -33,7 +33,6 @@ LATENCY_CONNECTIONS = 128  # for the paced run: enough that a slow answer rarely
 # Sessions written for a timed run, per second of it, before a rate is known (the run ends early,
 # and its rate holds, if they run out); later runs get 1.5x what the last one used.
 FIRST_SESSIONS_PER_S = 700
-UVICORN_OPTIONS = ("--log-level", "warning", "--no-access-log", "--timeout-keep-alive", "75")
 
 # A session: POST /auth/anon and POST /jobs (stage 1), then confirm-upload, execute, the
 # worker's callback, GET /jobs/{id} and GET /me (stage 2). Commands are the POSTs.
@@ -172,11 +171,13 @@ def hello_app() -> Any:
 
 @contextmanager
 def hello_server() -> Iterator[str]:
-    """hello_app under uvicorn with the API's settings (httptools and uvloop as installed, no
-    access log, the same keep-alive), in a process of its own; its URL."""
+    """hello_app under uvicorn with the API's settings (``SERVER_OPTIONS``: its bounded httptools
+    protocol, uvloop as installed, no access log, the same keep-alive), in a process of its own;
+    its URL."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "tests.bench.api:hello_app",
-                             "--host", "127.0.0.1", "--port", str(port), *UVICORN_OPTIONS],
+    serve = ("import uvicorn; from adapters.api.http_limits import SERVER_OPTIONS; "
+             f"uvicorn.run('tests.bench.api:hello_app', factory=True, host='127.0.0.1', port={port}, **SERVER_OPTIONS)")
+    proc = subprocess.Popen([sys.executable, "-c", serve],
                             cwd=Path(__file__).parents[2], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30

@@ -301,3 +301,16 @@ def test_measure_the_status_of_a_finished_200_item_job(
     timings.sort()
     p50, p99 = timings[len(timings) // 2], timings[int(len(timings) * 0.99) - 1]
     print(f"\nGET /jobs/{{id}} ({ITEMS} done items, {len(timings)} requests): p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+
+
+def test_the_api_answers_a_request_head_over_64_kb_with_a_431(api_url: str) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(api_url)
+    pad = b"".join(b"x-pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(300))  # 300 KB: several reads
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as conn:
+        conn.sendall(b"GET /livez HTTP/1.1\r\nhost: x\r\n" + pad + b"\r\n")
+        answer = conn.recv(100)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer
+    assert httpx.get(f"{api_url}/livez").status_code == 200

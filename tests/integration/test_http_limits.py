@@ -1,0 +1,84 @@
+"""The API's HTTP server bounds each request's head (adapters.api.http_limits): a head over
+64 KB is a 431 and the connection closes, one that has not arrived within its time is cut off,
+and neither a body nor the next request on a kept-alive connection counts towards it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from adapters.api import http_limits
+from tests.bench.harness import free_port
+
+
+async def echo_app(scope: Any, receive: Any, send: Any) -> None:
+    assert scope["type"] == "http"
+    size = 0
+    while True:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = str(size).encode()
+    headers = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+def server() -> Iterator[int]:
+    port = free_port()
+    config = uvicorn.Config(echo_app, host="127.0.0.1", port=port, lifespan="off", **http_limits.SERVER_OPTIONS)
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:  # its own flag, set once it listens
+        if not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        threading.Event().wait(0.01)
+    yield port
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def exchange(port: int, *parts: bytes) -> bytes:
+    """Everything the server sends back until it closes or stays silent for 5 s."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        for part in parts:
+            conn.sendall(part)
+        got = b""
+        try:
+            while chunk := conn.recv(65536):
+                got += chunk
+        except TimeoutError:
+            pass
+        return got
+
+
+def test_a_head_over_the_limit_is_a_431_and_the_connection_closes(server: int) -> None:
+    pad = b"".join(b"x-pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(80))  # ~80 KB, never finished
+    answer = exchange(server, b"GET / HTTP/1.1\r\nhost: x\r\n", pad)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    whole = exchange(server, b"GET / HTTP/1.1\r\nhost: x\r\n" + pad + b"connection: close\r\n\r\n")
+    assert whole.startswith(b"HTTP/1.1 431 ")
+
+
+def test_a_body_and_the_next_request_do_not_count_towards_the_head(server: int) -> None:
+    body = b"b" * 60_000
+    request = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    headers = b"".join(b"x-pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(40))  # 40 KB: within
+    last = b"GET / HTTP/1.1\r\nhost: x\r\n" + headers + b"connection: close\r\n\r\n"
+    answer = exchange(server, request, request, last)
+    assert answer.count(b"HTTP/1.1 200 ") == 3 and b"431" not in answer, answer[:300]
+
+
+def test_a_head_that_does_not_arrive_in_time_is_cut_off(server: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_limits, "HEAD_TIMEOUT_S", 0.3)
+    with socket.create_connection(("127.0.0.1", server), timeout=5) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n")  # and nothing more
+        assert conn.recv(100) == b""  # closed by the server (a recv timing out would raise)
