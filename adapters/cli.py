@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import itertools
 import logging
+import os
 import signal
 import sys
 import time
@@ -48,14 +52,16 @@ def _cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     t0 = time.monotonic()
+    # signed ledger checkpoints on a schedule, when one is set (adapters/checkpoints.py)
+    checkpointer = ("checkpointer",) if settings.audit_checkpoint_interval_s > 0 else ()
+    # retention and unfinished erasures (adapters/retention.py), with the API
+    sweeper = ("sweeper",) if "api" in args.apps else ()
+    apps = tuple(args.apps) + checkpointer + sweeper
     try:
+        _check_ports(stack, settings, apps, infra=not args.external)
         if not args.external:
             stack.start_infra()
-        # signed ledger checkpoints on a schedule, when one is set (adapters/checkpoints.py)
-        checkpointer = ("checkpointer",) if settings.audit_checkpoint_interval_s > 0 else ()
-        # retention and unfinished erasures (adapters/retention.py), with the API
-        sweeper = ("sweeper",) if "api" in args.apps else ()
-        stack.start_apps(tuple(args.apps) + checkpointer + sweeper)
+        stack.start_apps(apps)
         url = f"http://{settings.api_host}:{settings.api_port}"
         print(f"[palette] up in {time.monotonic() - t0:.1f}s: API on {url} "
               f"(data and logs in {settings.data_dir}); Ctrl-C stops everything", flush=True)
@@ -69,6 +75,36 @@ def _cmd_up(args: argparse.Namespace) -> int:
     stack.stop()
     print("[palette] stopped", flush=True)
     return 0
+
+
+def _check_ports(stack: Any, settings: Settings, apps: tuple[str, ...], infra: bool) -> None:
+    """Every port `palette up` will bind (the infrastructure's, the API's, each process's metrics
+    port) must be free before anything starts: a readiness probe answered by a server already
+    on one of them would pass for ours (StackError, in one line, when one is taken)."""
+    from adapters.observability import OFFSETS, port_of
+    from infra.stack import check_ports
+
+    ports: dict[str, tuple[str, int]] = stack.ports_to_bind(apps, infra=infra)
+    for name in apps:
+        port = port_of(settings, name)
+        if port is not None:
+            ports[f"PALETTE_METRICS_PORT (+{OFFSETS[name]}, the {name} metrics port)"] = (settings.metrics_host, port)
+    check_ports(ports)
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at ``path``, as the OS would say it (None: it can). Checked
+    before the work whose result goes there."""
+    if path.is_dir():
+        return os.strerror(errno.EISDIR)
+    if path.exists():
+        return None if os.access(path, os.W_OK) else os.strerror(errno.EACCES)
+    parent = path.parent
+    if not parent.exists():
+        return os.strerror(errno.ENOENT)
+    if not parent.is_dir():
+        return os.strerror(errno.ENOTDIR)
+    return None if os.access(parent, os.W_OK | os.X_OK) else os.strerror(errno.EACCES)
 
 
 def _serve_loop(worker: object, ready_file: str | None, observed: tuple[str, Settings] | None = None) -> None:
@@ -108,13 +144,13 @@ def _serve_api(settings: Any, naive: bool) -> None:
 
     from adapters import bootstrap, observability
     from adapters.api.app import API_POOL_SIZE, create_asgi
+    from adapters.api.http_limits import SERVER_OPTIONS
     from adapters.runtime import serving_gc
 
-    # Keep-alive longer than clients and proxies keep idle connections (uvicorn's 5 s default
-    # races clients that reuse a connection just as the server closes it).
+    # Each request's head bounded in size and time, a long keep-alive (adapters.api.http_limits).
     # log_config None: uvicorn's own records go to the process's JSON lines (adapters.logs).
-    options: dict[str, Any] = {"host": settings.api_host, "port": settings.api_port, "log_level": "warning",
-                               "access_log": False, "timeout_keep_alive": 75, "log_config": None}
+    options: dict[str, Any] = {"host": settings.api_host, "port": settings.api_port, "log_config": None,
+                               **SERVER_OPTIONS}
     if settings.api_workers > 1:
         from adapters.logs import dict_config
 
@@ -283,6 +319,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
     from projections.replay import Replayer, as_csv, as_jsonl
 
+    if getattr(args, "out", None) is not None and args.format != "parquet":
+        print(f"palette replay all: --out is for --format parquet; {args.format} goes to stdout "
+              f"(redirect it: > FILE)", file=sys.stderr)
+        return 2
+    if args.action == "state" and args.version is not None and args.version < 1:
+        print(f"palette replay state: --version must be 1 or more, not {args.version}", file=sys.stderr)
+        return 2
     settings = load_settings()
     app = _event_store(settings)
     replayer = Replayer(app, _erased_users(settings))
@@ -299,10 +342,19 @@ def _cmd_replay(args: argparse.Namespace) -> int:
                     print(f"palette replay state: no stream {args.id}", file=sys.stderr)
                     return 2
                 raise
+            if args.version is not None and state["version"] < args.version:
+                print(f"palette replay state: stream {args.id} has only {state['version']} version(s)",
+                      file=sys.stderr)
+                return 2
             print(json.dumps(state, indent=2))
             return 0
         if args.action == "stream":
             envelopes = replayer.stream(args.id)
+            first = next(envelopes, None)
+            if first is None:
+                print(f"palette replay stream: no stream {args.id}", file=sys.stderr)
+                return 2
+            envelopes = itertools.chain([first], envelopes)
         elif args.format == "parquet":
             return _replay_parquet(args, app, replayer)
         else:
@@ -325,8 +377,6 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             for chunk in as_jsonl(envelopes):
                 out.buffer.write(chunk)
         out.flush()
-    except BrokenPipeError:
-        return 0  # e.g. piped into head
     finally:
         app.close()  # type: ignore[attr-defined]
     return 0
@@ -365,6 +415,9 @@ def _replay_parquet(args: argparse.Namespace, app: Any, replayer: Any) -> int:
     except ExportError as e:
         print(f"palette replay all: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"palette replay all: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     seconds = time.monotonic() - t0
     print(f"wrote {stats.events:,} events in {seconds:.1f}s ({stats.events / max(seconds, 1e-9):,.0f}/s) to "
           f"{args.out}: {len(stats.partitions)} partitions (type, day), {stats.files} files, "
@@ -396,6 +449,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 stats = export_table(conn, args.name, args.out, all_erased(conn))
         except ExportError as e:
             print(f"palette export: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"palette export: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
             return 2
     print(f"exported {args.name}: {stats.events:,} rows to {args.out / args.name} ({stats.bytes / 1e6:.2f} MB)",
           file=sys.stderr)
@@ -469,6 +525,9 @@ def _audit_report(args: argparse.Namespace, conn: Any, settings: Any) -> int:
 
     app = _event_store(settings)
     try:
+        if (refused := _refused_position(args.at, app)) is not None:
+            print(f"palette audit report: {refused}", file=sys.stderr)
+            return 2
         report = audit.period_report(conn, app.recorder, app.mapper.transcoder, args.since, args.until,  # type: ignore[attr-defined]
                                      at=args.at)
     except ValueError as e:
@@ -484,6 +543,9 @@ def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int
     from adapters import checkpoints
     from adapters.system import SystemClock
 
+    if args.out is not None and (why := _unwritable(args.out)) is not None:
+        print(f"palette audit checkpoint: cannot write {args.out}: {why}", file=sys.stderr)
+        return 2
     try:
         key = checkpoints.private_key(settings)
         store = checkpoints.CheckpointStore.of(settings, use_s3=not args.no_s3)
@@ -501,7 +563,12 @@ def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int
     if args.out is not None:
         import json
 
-        args.out.write_text(json.dumps(doc, separators=(",", ":")))
+        try:
+            args.out.write_text(json.dumps(doc, separators=(",", ":")))
+        except OSError as e:
+            kept = f" (the checkpoint is kept at {', '.join(where)})" if where else ""
+            print(f"palette audit checkpoint: cannot write {args.out}: {e.strerror or e}{kept}", file=sys.stderr)
+            return 2
         where.append(str(args.out))
     payload = doc["payload"]
     print(f"checkpoint of {len(payload['heads']):,} chain heads at log position {payload['log_position']:,}"
@@ -583,6 +650,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         elif args.action == "reconcile":
             app = _event_store(settings)
             try:
+                if (refused := _refused_position(args.at, app)) is not None:
+                    print(f"palette audit reconcile: {refused}", file=sys.stderr)
+                    return 2
                 t0 = time.monotonic()
                 report = audit.reconcile(
                     conn, app.recorder, app.mapper.transcoder,  # type: ignore[attr-defined]
@@ -601,6 +671,16 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                   f"in {time.monotonic() - t0:.1f}s: {verdict}")
             return 0 if report.ok else 1
     return 0
+
+
+def _refused_position(at: int | None, app: Any) -> str | None:
+    """Why ``--at`` names no position of the log (None: it does, or it is not given)."""
+    if at is None:
+        return None
+    if at < 0:
+        return f"--at must be a log position (0 or more), not {at}"
+    head = int(app.recorder.max_notification_id() or 0)
+    return f"--at {at:,} is past the log's head (position {head:,})" if at > head else None
 
 
 def _audit_keygen(args: argparse.Namespace) -> int:
@@ -676,6 +756,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
     from pathlib import Path
 
+    for option, path in (("--json", args.json_path), ("--plot", args.plot_path)):
+        if path is not None and (why := _unwritable(Path(path))) is not None:
+            print(f"palette bench: cannot write {path} ({option}): {why}", file=sys.stderr)
+            return 2
     # A console script's sys.path starts with its own directory, not the working directory
     # (`python -m` would put it first): from a checkout's root, tests/ becomes importable.
     root = Path.cwd()
@@ -819,7 +903,7 @@ def parser() -> argparse.ArgumentParser:
                            description="Starts its own embedded stack on free ports and measures every performance "
                            "goal next to a naive baseline. The harness is tests/bench: run it from the root of a "
                            "source checkout.")
-    bench.add_argument("--quick", action="store_true", help="the short profile (under 3 minutes)")
+    bench.add_argument("--quick", action="store_true", help="the short profile (about 10 minutes on a 2-core machine)")
     bench.add_argument("--quality", action="store_true",
                        help="edit quality against ground truth instead (generated scenes, both mask sources)")
     bench.add_argument("--json", dest="json_path", help="write the results as JSON here")
@@ -852,10 +936,27 @@ def _is_unreachable(e: BaseException) -> bool:
     return isinstance(e, (psycopg.OperationalError, OperationalError))
 
 
+SIGPIPE_EXIT = 128 + signal.SIGPIPE  # 141: what a shell shows for a tool stopped by a closed pipe
+
+
+def _stdout_gone() -> int:
+    """stdout's reader went away (`| head`): stop quietly, as Unix tools do. What is still
+    buffered goes to /dev/null (Python's recipe), so the interpreter's last flush cannot fail."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return SIGPIPE_EXIT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a reader gone away shows here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _stdout_gone()
     except (SettingsError, StackError) as e:
         print(f"palette {args.command}: {e}", file=sys.stderr)
         return 2
@@ -864,6 +965,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"palette {args.command}: cannot reach PostgreSQL ({type(e).__name__}); "
                   "is the stack up (`make run`) and PALETTE_DATABASE_URL right?", file=sys.stderr)
             return 3
+        if isinstance(e, OSError) and e.filename is not None:  # a file we read or write
+            print(f"palette {args.command}: {e.filename}: {e.strerror or e}", file=sys.stderr)
+            return 2
         raise
     except KeyboardInterrupt:
         return 130

@@ -171,7 +171,10 @@ class LossWatch:
             self.state.forget_acked(self.name)
         self.acked.clear()
         self.losses += 1
-        log.error("the broker lost acknowledged messages: publishing again from position %d", start)
+        # Expected on every restart of a broker on memory storage (it comes back empty): nothing is
+        # lost for good, the event store is the source of truth, so a warning, not an error.
+        log.warning("the broker lost acknowledged messages (a broker on memory storage forgets its log when "
+                    "it restarts): publishing again from position %d", start)
         return start - 1
 
 

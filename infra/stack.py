@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import os
@@ -12,14 +13,14 @@ import signal
 import stat
 import sysconfig
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
 
 from infra.config import StackSettings
 from infra.kafka_admin import broker_answers, ensure_topics
 from infra.s3 import s3_client
-from infra.supervisor import ServiceSpec, StackError, Supervisor, port_free
+from infra.supervisor import ServiceSpec, StackError, Supervisor, bind_error
 
 # Where PostgreSQL's files go when root's data directory is out of the postgres user's reach (a
 # clone under /root, mode 0700): one directory per data directory, named by its path's hash.
@@ -100,6 +101,27 @@ def embedded_ports(settings: StackSettings) -> dict[str, int]:
     return ports
 
 
+WILDCARDS = ("", "0.0.0.0", "::")  # noqa: S104 - compared with, never bound
+
+
+def check_ports(ports: Mapping[str, tuple[str, int]]) -> None:
+    """Refuse, in one line, a port the stack would bind that is taken (by anyone, ours included:
+    a probe must never take another server for one of ours) or that two settings share.
+    ``ports``: (host, port) by the setting that moves it."""
+    seen: dict[tuple[str, int], str] = {}
+    for setting, (host, port) in ports.items():
+        for (other_host, other_port), other in seen.items():
+            if port == other_port and (host == other_host or host in WILDCARDS or other_host in WILDCARDS):
+                raise StackError(f"port {port} is set twice: {other} and {setting}")
+        seen[(host, port)] = setting
+        error = bind_error(port, host)
+        if error is None:
+            continue
+        if error.errno == errno.EADDRINUSE:
+            raise StackError(f"port {port} is already in use (move it with {setting})")
+        raise StackError(f"port {port} on {host} cannot be bound: {error.strerror or error} (set by {setting})")
+
+
 S = TypeVar("S", bound=StackSettings)
 
 
@@ -131,9 +153,7 @@ class EmbeddedStack(Generic[S]):
             probe.unlink()
         except OSError as e:
             raise StackError(f"data directory {self.data_dir} is not writable: {e.strerror}") from None
-        for setting, port in embedded_ports(self.settings).items():
-            if not port_free(port):
-                raise StackError(f"port {port} is already in use (move it with {setting})")
+        check_ports(self.ports_to_bind(()))
         try:
             self.supervisor.start(self._postgres_spec())
             self._ensure_database()
@@ -147,8 +167,19 @@ class EmbeddedStack(Generic[S]):
 
     def start_apps(self, names: tuple[str, ...] = ("api", "relay", "projector", "dispatcher", "gpu",
                                                     "webhooks")) -> None:
+        check_ports(self.ports_to_bind(names, infra=False))
         self.prepare_schemas()
         self.supervisor.start_together([self._app_spec(name) for name in names])
+
+    def ports_to_bind(self, apps: Sequence[str], infra: bool = True) -> dict[str, tuple[str, int]]:
+        """(host, port) by setting: the embedded infrastructure's (``infra``) and the API's, when
+        ``apps`` holds it (the processes' metrics ports are the composition root's to add)."""
+        ports: dict[str, tuple[str, int]] = {}
+        if infra:
+            ports.update((setting, ("127.0.0.1", port)) for setting, port in embedded_ports(self.settings).items())
+        if "api" in apps:
+            ports["PALETTE_API_PORT"] = (self.settings.api_host, self.settings.api_port)
+        return ports
 
     def prepare_schemas(self) -> None:
         """Create the database's tables once, before processes race to do it."""
@@ -345,6 +376,7 @@ class EmbeddedStack(Generic[S]):
         self.supervisor.stop(name)
 
     def start_app(self, name: str) -> None:
+        check_ports(self.ports_to_bind((name,), infra=False))
         self.supervisor.start(self._app_spec(name))
 
     def kill(self, name: str) -> None:

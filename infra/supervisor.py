@@ -176,7 +176,9 @@ class Supervisor:
                         run.start()
                         continue
                     raise StackError(f"{spec.name} exited during start-up: {run.tail() or 'no output'}")
-                if spec.ready():
+                # Ready means this child answers: a probe that passes while the child has died
+                # was answered by someone else (a process already on its port), not by ours.
+                if spec.ready() and run.alive():
                     waiting.remove(run)
                     self.startup_s[spec.name] = time.monotonic() - t0
                     pid = run.proc.pid if run.proc else "?"
@@ -246,13 +248,19 @@ class Supervisor:
                 self.echo.flush()
 
 
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
+def bind_error(port: int, host: str = "127.0.0.1") -> OSError | None:
+    """Why ``host:port`` cannot be bound now (None: it can), as the OS says it."""
     import socket
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError:
-            return False
-    return True
+        except OSError as e:
+            return e
+    return None
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    return bind_error(port, host) is None

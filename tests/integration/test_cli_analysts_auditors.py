@@ -1,0 +1,141 @@
+"""The analysts' and auditors' commands against the session's stack: what cannot be answered is
+said in one line with exit 2 (never a traceback, never a silent 0), an output path that cannot
+be written is named with the OS's reason, and a reader that went away (`| head`) stops the
+command quietly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters import checkpoints, cli
+from tests.unit.test_cli_outputs_and_pipes import into_closed_pipe
+
+
+@pytest.fixture
+def env(settings: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    values = settings.as_env()
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    yield {"PATH": "/usr/bin:/bin", **values}
+
+
+@pytest.fixture(scope="module")
+def user(service: Any) -> uuid.UUID:
+    """A user stream of two events (registered, sign-up credits)."""
+    user_id: uuid.UUID = service.register(f"cli-{uuid.uuid4()}").value[0]
+    return user_id
+
+
+def one_line(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return captured.out
+
+
+def head(settings: Any) -> int:
+    app: Any = cli._event_store(settings)
+    try:
+        return int(app.recorder.max_notification_id() or 0)
+    finally:
+        app.close()
+
+
+def test_replay_stream_of_an_unknown_stream_says_so(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    unknown = uuid.uuid4()
+    assert cli.main(["replay", "stream", str(unknown)]) == 2
+    assert one_line(capsys, f"palette replay stream: no stream {unknown}") == ""
+
+
+def test_replay_stream_of_a_known_stream_prints_its_events(env: dict[str, str], user: uuid.UUID,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["replay", "stream", str(user)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) >= 2 and all(str(user) in line for line in lines)
+
+
+def test_replay_state_past_the_last_version_says_how_many_there_are(env: dict[str, str], user: uuid.UUID,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["replay", "state", str(user), "--version", "999"]) == 2
+    assert one_line(capsys, f"stream {user} has only ", "version") == ""
+    assert cli.main(["replay", "state", str(user), "--version", "0"]) == 2
+    one_line(capsys, "--version must be 1 or more")
+    assert cli.main(["replay", "state", str(user), "--version", "1"]) == 0
+    assert '"version": 1' in capsys.readouterr().out
+
+
+def test_replay_all_refuses_out_without_parquet(env: dict[str, str], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    for fmt in ("jsonl", "csv"):
+        assert cli.main(["replay", "all", "--format", fmt, "--out", str(tmp_path / "x")]) == 2
+        assert one_line(capsys, "--out is for --format parquet") == ""
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("command", [["audit", "reconcile"],
+                                     ["audit", "report", "--from", "2000-01-01", "--to", "2100-01-01"]])
+def test_audit_at_a_position_the_log_does_not_have_is_refused(command: list[str], env: dict[str, str],
+                                                              settings: Any, user: uuid.UUID,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    past = head(settings) + 1_000_000
+    assert cli.main([*command, "--at", str(past)]) == 2
+    assert one_line(capsys, f"palette {' '.join(command[:2])}: --at {past:,} is past the log's head") == ""
+    assert cli.main([*command, "--at", "-1"]) == 2
+    assert one_line(capsys, "--at must be a log position") == ""
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "a-directory"])
+def test_checkpoint_out_that_cannot_be_written_is_one_line(where: str, env: dict[str, str], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    key_file = tmp_path / "key.pem"
+    checkpoints.keygen(key_file)
+    monkeypatch.setenv("PALETTE_AUDIT_SIGNING_KEY_FILE", str(key_file))
+    out = tmp_path / "none" / "x.json" if where == "missing-dir" else tmp_path
+    assert cli.main(["audit", "checkpoint", "--no-s3", "--out", str(out)]) == 2
+    one_line(capsys, f"palette audit checkpoint: cannot write {out}: ",
+             "No such file or directory" if where == "missing-dir" else "Is a directory")
+
+
+@pytest.mark.parametrize("command", [["replay", "all", "--format", "parquet"], ["export", "users"]])
+def test_a_dataset_out_under_a_file_is_one_line(command: list[str], env: dict[str, str], user: uuid.UUID,
+                                                tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main([*command, "--out", str(blocker / "sub")]) == 2
+    one_line(capsys, "cannot write", str(blocker), "Not a directory")
+
+
+@pytest.mark.parametrize("command", [["audit", "export", "--format", "csv"],
+                                     ["replay", "all", "--format", "jsonl"],
+                                     ["replay", "all", "--format", "csv"],
+                                     ["projections", "status"]])
+def test_a_reader_gone_away_stops_the_command_quietly(command: list[str], env: dict[str, str],
+                                                      user: uuid.UUID) -> None:
+    result = into_closed_pipe(command, env)
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
+    assert "BrokenPipe" not in result.stderr
+    assert result.returncode == cli.SIGPIPE_EXIT
+
+
+def test_replay_stream_into_a_closed_pipe_stops_quietly(env: dict[str, str], user: uuid.UUID) -> None:
+    result = into_closed_pipe(["replay", "stream", str(user)], env)
+    assert result.stderr == "" and result.returncode == cli.SIGPIPE_EXIT
+
+
+def test_the_one_line_is_what_a_shell_user_sees(env: dict[str, str]) -> None:
+    """The same through the entry point, as a person runs it (stderr, exit status)."""
+    unknown = uuid.uuid4()
+    result = subprocess.run([sys.executable, "-m", "adapters.cli", "replay", "stream", str(unknown)],
+                            capture_output=True, text=True, timeout=120, env=env, check=False,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"palette replay stream: no stream {unknown}\n")

@@ -1,0 +1,132 @@
+"""A taken port is never a start: `palette up` checks every port it will bind (infrastructure, API,
+metrics) before it starts anything, and a readiness probe only counts while our process lives."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.observability import OFFSETS
+from infra.stack import check_ports
+from infra.supervisor import ServiceSpec, StackError, Supervisor
+from tests.conftest import _free_metrics_port, _free_port_block
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class _Healthy(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"success": true}')
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def foreign_server() -> Iterator[int]:
+    """Another program's server on a loopback port, answering every GET (/health included) 200."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Healthy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def palette_up(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`palette up ARGS`; one that does not end on its own (it took the port for its own) is a
+    failure, stopped as Ctrl-C would."""
+    proc = subprocess.Popen([sys.executable, "-m", "adapters.cli", "up", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin", **env}, cwd=ROOT)
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"palette up did not refuse the taken port; it printed: {out[-2000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_check_ports_names_the_taken_port_and_its_setting() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StackError, match=f"^port {port} is already in use \\(move it with PALETTE_API_PORT\\)$"):
+            check_ports({"PALETTE_S3_PORT": ("127.0.0.1", 0), "PALETTE_API_PORT": ("127.0.0.1", port)})
+
+
+def test_check_ports_refuses_one_port_for_two_settings() -> None:
+    with pytest.raises(StackError, match="port 1234 is set twice: PALETTE_PG_PORT and PALETTE_API_PORT"):
+        check_ports({"PALETTE_PG_PORT": ("127.0.0.1", 1234), "PALETTE_API_PORT": ("0.0.0.0", 1234)})  # noqa: S104
+
+
+def test_a_probe_that_passes_after_the_child_died_is_not_its_readiness(tmp_path: Path) -> None:
+    """The probe was answered by someone else: the service is reported as exited, not ready."""
+    supervisor = Supervisor(tmp_path)
+
+    def answered_by_another() -> bool:
+        run = supervisor._running["svc"]
+        assert run.proc is not None
+        run.proc.wait(30)  # our child has exited by the time the probe passes
+        return True
+
+    spec = ServiceSpec("svc", [sys.executable, "-c", "print('address already in use'); raise SystemExit(3)"],
+                       ready=answered_by_another, ready_timeout_s=30)
+    try:
+        with pytest.raises(StackError, match="svc exited during start-up"):
+            supervisor.start(spec)
+    finally:
+        supervisor.stop_all()
+
+
+def test_up_refuses_an_api_port_another_server_answers_on_before_starting_anything(foreign_server: int,
+                                                                                   tmp_path: Path) -> None:
+    ports = _free_port_block(random.Random(os.getpid() + 21))
+    data_dir = tmp_path / "data"
+    env = {"PALETTE_DATA_DIR": str(data_dir), "PALETTE_PG_PORT": str(ports["pg_port"]),
+           "PALETTE_KAFKA_PORT": str(ports["kafka_port"]), "PALETTE_S3_PORT": str(ports["s3_port"]),
+           "PALETTE_API_PORT": str(foreign_server), "PALETTE_METRICS_PORT": "0"}
+    result = palette_up([], env)
+    assert result.returncode != 0
+    assert result.stderr == f"palette up: port {foreign_server} is already in use (move it with PALETTE_API_PORT)\n"
+    assert "Traceback" not in result.stdout
+    assert not (data_dir / "pg").exists()  # nothing was started
+
+
+def test_up_external_refuses_an_api_port_another_server_answers_on(settings: Any, foreign_server: int) -> None:
+    env = {**settings.as_env(), "PALETTE_API_PORT": str(foreign_server), "PALETTE_METRICS_PORT": "0"}
+    result = palette_up(["--external", "--apps", "api"], env)
+    assert result.returncode != 0
+    assert result.stderr == f"palette up: port {foreign_server} is already in use (move it with PALETTE_API_PORT)\n"
+    assert "ready" not in result.stdout
+
+
+def test_up_refuses_a_taken_metrics_port(settings: Any) -> None:
+    base = _free_metrics_port(random.Random(os.getpid() + 22))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", base + OFFSETS["relay"]))
+        taken.listen()
+        env = {**settings.as_env(), "PALETTE_METRICS_PORT": str(base)}
+        result = palette_up(["--external", "--apps", "relay"], env)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"palette up: port {base + OFFSETS['relay']} is already in use "
+                                    "(move it with PALETTE_METRICS_PORT")
+    assert "relay" in result.stderr

@@ -1,0 +1,101 @@
+"""The command line without a stack: a reader that went away stops it quietly; an output path it
+cannot write is refused in one line before the work; the relay's restart of a memory broker's
+log is a warning (what `palette up` shows on every clean restart)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters import cli
+from adapters.relay import LossWatch
+from tests.unit.test_broker_loss import FakeBroker, FakeState
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def into_closed_pipe(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ``palette ARGS`` with stdout a pipe whose reader is gone before the first write (what
+    `| head` leaves once it has read enough): every write fails with EPIPE, deterministically."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, "-m", "adapters.cli", *args], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120, env=env, cwd=ROOT, check=False)
+    finally:
+        os.close(write_end)
+
+
+def test_a_closed_stdout_stops_the_cli_quietly(tmp_path: Path) -> None:
+    result = into_closed_pipe(["env"], {"PATH": "/usr/bin:/bin", "PALETTE_DATA_DIR": str(tmp_path)})
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
+    assert result.stderr == ""
+    assert result.returncode == cli.SIGPIPE_EXIT == 141
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+@pytest.mark.parametrize("where", ["missing-dir", "a-directory"])
+def test_bench_refuses_an_output_it_cannot_write_before_running(option: str, where: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import tests.bench
+
+    ran: list[Any] = []
+    monkeypatch.setattr(tests.bench, "main", lambda *a: ran.append(a) or 0)
+    monkeypatch.chdir(ROOT)
+    path = tmp_path / "none" / "out.json" if where == "missing-dir" else tmp_path
+    assert cli.main(["bench", option, str(path)]) == 2
+    assert ran == []  # refused before minutes of measuring
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err
+    assert ("No such file or directory" if where == "missing-dir" else "Is a directory") in err
+
+
+def test_keygen_into_a_missing_directory_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PALETTE_DATA_DIR", str(tmp_path))
+    out = tmp_path / "none" / "key.pem"
+    assert cli.main(["audit", "keygen", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(out) in err and "No such file or directory" in err
+
+
+def test_an_os_error_on_a_named_file_is_one_line_not_a_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The last resort for any path the CLI touches (here the ready file of `palette serve`)."""
+    def touches(args: Any) -> int:
+        Path(tmp_path / "none" / "ready").touch()
+        return 0
+
+    monkeypatch.setenv("PALETTE_DATA_DIR", str(tmp_path))
+    args = cli.parser().parse_args(["env"])
+    monkeypatch.setattr(cli, "parser", lambda: _Fixed(args, touches))
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "none" / "ready") in err and "No such file" in err
+
+
+class _Fixed:
+    def __init__(self, args: Any, func: Any) -> None:
+        args.func = func
+        self.args = args
+
+    def parse_args(self, argv: Any) -> Any:
+        return self.args
+
+
+def test_a_memory_brokers_lost_log_is_a_warning_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    """Every clean restart on memory storage (the default) comes back with an empty log: the
+    relay publishes again from the event store; nothing is lost, so no ERROR line."""
+    watch = LossWatch(FakeBroker({0: 0}), lambda: 41, FakeState({0: 5}), "relay")  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="palette.relay"):
+        assert watch.recover() == 40
+    records = [r for r in caplog.records if "lost acknowledged messages" in r.getMessage()]
+    assert [r.levelno for r in records] == [logging.WARNING]
+    assert "publishing again from position 41" in records[0].getMessage()
