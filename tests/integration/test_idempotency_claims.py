@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -23,6 +23,21 @@ class Tokens:
 
     def verify(self, token: str) -> tuple[uuid.UUID, str]:
         return self.user_id, "client"
+
+
+async def _post(keys: IdempotencyKeys, path: str, *idempotency_keys: str) -> int:
+    """The status ``keys`` answers a POST of ``{}`` to ``path`` with these Idempotency-Key headers."""
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    headers = [(b"authorization", b"Bearer t"), *((b"idempotency-key", k.encode()) for k in idempotency_keys)]
+    await keys({"type": "http", "method": "POST", "path": path, "headers": headers}, receive, send)
+    return int(next(m["status"] for m in sent if m["type"] == "http.response.start"))
 
 
 def test_a_key_released_while_its_retry_claims_it_is_claimed_again_not_refused_as_another_request(
@@ -66,43 +81,15 @@ def test_a_key_released_while_its_retry_claims_it_is_claimed_again_not_refused_a
     connections.connection = releasing_after_the_first_statement  # type: ignore[method-assign]
 
     async def retry() -> int:
-        sent: list[Any] = []
-
-        async def receive() -> Any:
-            return {"type": "http.request", "body": b"{}", "more_body": False}
-
-        async def send(message: Any) -> None:
-            sent.append(message)
-
-        scope = {"type": "http", "method": "POST", "path": "/rules",
-                 "headers": [(b"authorization", b"Bearer t"), (b"idempotency-key", key.encode())]}
         try:
-            await keys(scope, receive, send)
+            return await _post(keys, "/rules", key)
         finally:
             connections.connection = plain  # type: ignore[method-assign]
             await connections.close()
-        return int(next(m["status"] for m in sent if m["type"] == "http.response.start"))
 
     assert asyncio.run(retry()) == 201  # before: 422, "reused with a different request"
     assert ran == [True]
 
-
-def _post(keys: IdempotencyKeys, path: str, *idempotency_keys: str) -> Coroutine[Any, Any, int]:
-    """The status ``keys`` answers a POST to ``path`` carrying these Idempotency-Key headers."""
-    async def run() -> int:
-        sent: list[Any] = []
-
-        async def receive() -> Any:
-            return {"type": "http.request", "body": b"{}", "more_body": False}
-
-        async def send(message: Any) -> None:
-            sent.append(message)
-
-        headers = [(b"authorization", b"Bearer t"), *((b"idempotency-key", k.encode()) for k in idempotency_keys)]
-        await keys({"type": "http", "method": "POST", "path": path, "headers": headers}, receive, send)
-        return int(next(m["status"] for m in sent if m["type"] == "http.response.start"))
-
-    return run()
 
 
 def test_an_owner_holds_at_most_its_cap_of_keys_and_the_header_given_twice_is_refused(settings: Settings) -> None:
