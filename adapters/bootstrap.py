@@ -61,7 +61,8 @@ def _events_table_exists(settings: Settings, schema: str) -> bool:
 
     try:
         with psycopg.connect(settings.effective_database_url, connect_timeout=10) as conn:
-            row = conn.execute("SELECT to_regclass(%s)", [f"{schema}.{PaletteApplication.name}_events"]).fetchone()
+            row = conn.execute("SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))",
+                               [schema, f"{PaletteApplication.name}_events"]).fetchone()
     except psycopg.Error:
         return False  # eventsourcing's own connection says what is wrong
     return row is not None and row[0] is not None

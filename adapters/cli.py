@@ -939,6 +939,19 @@ def _is_unreachable(e: BaseException) -> bool:
 SIGPIPE_EXIT = 128 + signal.SIGPIPE  # 141: what a shell shows for a tool stopped by a closed pipe
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout's reader went away (a pipe whose reading end is closed polls as an error)."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError, AttributeError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+
+
 def _stdout_gone() -> int:
     """stdout's reader went away (`| head`): stop quietly, as Unix tools do. What is still
     buffered goes to /dev/null (Python's recipe), so the interpreter's last flush cannot fail."""
@@ -956,6 +969,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader gone away shows here, not at the interpreter's exit
         return code
     except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # a socket's peer went away, not stdout's reader
         return _stdout_gone()
     except (SettingsError, StackError) as e:
         print(f"palette {args.command}: {e}", file=sys.stderr)

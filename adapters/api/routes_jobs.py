@@ -21,7 +21,7 @@ from uuid import UUID
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
@@ -520,22 +520,25 @@ class _SlotStream(StreamingResponse):
 @router.get("/jobs/{job_id}/events", tags=["jobs"], responses={
     200: {"content": {"text/event-stream": {}}, "description": "the job's events as server-sent "
           "events (`id` = stream version, `event` = type, `data` = JSON); ends when the job is terminal"},
+    204: {"description": "the job is finished and has no event after Last-Event-ID (an EventSource stops)"},
     **OWN, 429: {"model": _E, "description": "RATE_LIMITED: the user's streams are all open (with Retry-After)"}})
 async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, container: ContainerDep,
-                     request: Request, last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
+                     request: Request, last_event_id: Annotated[str | None, Header()] = None) -> Response:
     """Live progress, resumable with Last-Event-ID (the last stream version seen). A user holds at
     most PALETTE_SSE_STREAMS_PER_USER streams at once, and the process PALETTE_SSE_STREAMS in all
-(per API process); one more is a 429.
-    Between polls a stream holds no database connection and no thread."""
-    # 404 for another user's job. A finished job gets no JobFinished/JobCanceled again: the events
-    # after Last-Event-ID are sent and the stream ends, whatever that id.
+    (per API process); one more is a 429. Between polls a stream holds no database connection
+    and no thread. A finished job's stream ends after the events past Last-Event-ID; with none,
+    the answer is a 204, which tells a browser's EventSource not to reconnect."""
+    # 404 for another user's job. A finished job gets no JobFinished/JobCanceled again.
     finished = (await service.get_job_async(user_id, job_id)).status.terminal
     try:
         after = max(0, int(last_event_id)) if last_event_id else 0
     except ValueError:
         raise ValidationFailed("Last-Event-ID must be a stream version (an integer)") from None
-    give_back = _stream_slots(request, container).take(user_id)
     app = service.app
+    if finished and not await run_in_threadpool(_events_after, app, job_id, after):
+        return Response(status_code=204)
+    give_back = _stream_slots(request, container).take(user_id)
 
     async def stream() -> AsyncIterator[bytes]:
         version = after

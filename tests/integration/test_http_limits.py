@@ -77,8 +77,33 @@ def test_a_body_and_the_next_request_do_not_count_towards_the_head(server: int) 
     assert answer.count(b"HTTP/1.1 200 ") == 3 and b"431" not in answer, answer[:300]
 
 
-def test_a_head_that_does_not_arrive_in_time_is_cut_off(server: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(http_limits, "HEAD_TIMEOUT_S", 0.3)
+def test_trailers_count_as_the_head_does(server: int) -> None:
+    pad = b"".join(b"x-t-%d: %s\r\n" % (i, b"a" * 1000) for i in range(80))  # ~80 KB of trailer fields
+    answer = exchange(server, b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n", pad)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    endless = exchange(server, b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n0\r\nx-t: ",
+                       b"a" * 200_000)  # one field that never ends: the parser has not seen it yet
+    assert endless.startswith(b"HTTP/1.1 431 ")
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET / HTTP/1.1\r\nhost: x\r\n",
+                                  b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc"],
+                         ids=["nothing", "a head cut short", "a body cut short"])
+def test_a_request_that_does_not_arrive_whole_in_time_is_cut_off(
+    server: int, monkeypatch: pytest.MonkeyPatch, sent: bytes
+) -> None:
+    monkeypatch.setattr(http_limits, "REQUEST_TIMEOUT_S", 0.3)
     with socket.create_connection(("127.0.0.1", server), timeout=5) as conn:
-        conn.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n")  # and nothing more
+        conn.sendall(sent)  # and nothing more
         assert conn.recv(100) == b""  # closed by the server (a recv timing out would raise)
+
+
+def test_a_kept_alive_connection_gets_its_time_again_for_each_request(
+    server: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http_limits, "REQUEST_TIMEOUT_S", 0.5)
+    with socket.create_connection(("127.0.0.1", server), timeout=5) as conn:
+        for _ in range(3):  # 3 x ~0.3 s: past one deadline in all, within each request's own
+            conn.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert conn.recv(1000).startswith(b"HTTP/1.1 200 ")
+            threading.Event().wait(0.3)  # idle between requests, as a client is (keep-alive's turn)

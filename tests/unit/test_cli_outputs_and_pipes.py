@@ -99,3 +99,22 @@ def test_a_memory_brokers_lost_log_is_a_warning_not_an_error(caplog: pytest.LogC
     records = [r for r in caplog.records if "lost acknowledged messages" in r.getMessage()]
     assert [r.levelno for r in records] == [logging.WARNING]
     assert "publishing again from position 41" in records[0].getMessage()
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_not_taken_for_a_closed_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    def writes_to_a_gone_peer(args: Any) -> int:
+        mine, theirs = socket.socketpair()
+        theirs.close()
+        with mine:
+            mine.sendall(b"x" * 100_000)  # BrokenPipeError: the peer is gone
+        return 0
+
+    monkeypatch.setenv("PALETTE_DATA_DIR", str(tmp_path))
+    args = cli.parser().parse_args(["env"])
+    monkeypatch.setattr(cli, "parser", lambda: _Fixed(args, writes_to_a_gone_peer))
+    with pytest.raises(BrokenPipeError):  # before: exit 141, nothing said
+        cli.main([])
