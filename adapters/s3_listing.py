@@ -163,9 +163,7 @@ class S3Listing:
     async def missing(self, keys: Sequence[str]) -> list[str]:
         """The keys of ``keys`` not in the store, in their order: one listing of their common
         prefix (a 200-item job: one request), not a HEAD per key."""
-        if not keys:
-            return []
-        present = await self.keys(os.path.commonprefix(list(keys)))  # noqa: RUF071 - key prefixes, not paths
+        present = await self.sizes_of(keys)
         return [k for k in keys if k not in present]
 
     async def sizes_of(self, keys: Sequence[str]) -> dict[str, int]:

@@ -54,13 +54,17 @@ class UserErased(InvalidState):
         self.user_id = user_id
 
 
+def item_list(items: Sequence[int]) -> str:
+    """Item indexes as a message names them: the first 20."""
+    return ", ".join(str(i) for i in items[:20]) + (" ..." if len(items) > 20 else "")
+
+
 class InputsTooLarge(ValidationFailed):
     code = "INPUT_TOO_LARGE"
 
     def __init__(self, items: list[int]) -> None:
-        shown = ", ".join(str(i) for i in items[:20]) + (" ..." if len(items) > 20 else "")
         super().__init__(f"{len(items)} input(s) over {MAX_INPUT_BYTES >> 20} MB, deleted: upload them again "
-                         f"smaller (idx {shown})")
+                         f"smaller (idx {item_list(items)})")
         self.too_large = items
 
 
@@ -68,8 +72,7 @@ class InputsMissing(ValidationFailed):
     code = "INPUTS_MISSING"
 
     def __init__(self, missing: list[int]) -> None:
-        shown = ", ".join(str(i) for i in missing[:20]) + (" ..." if len(missing) > 20 else "")
-        super().__init__(f"{len(missing)} input(s) not uploaded yet: idx {shown}")
+        super().__init__(f"{len(missing)} input(s) not uploaded yet: idx {item_list(missing)}")
         self.missing = missing
 
 

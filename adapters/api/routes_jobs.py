@@ -49,7 +49,7 @@ from adapters.api.schemas import (
 from adapters.bootstrap import Container
 from adapters.loop_pg import LoopConnections
 from adapters.s3_listing import signing_scope
-from application.services import PaletteService, RerunSource
+from application.services import PaletteService, RerunSource, item_list
 from application.unit_of_work import Committed
 from domain.contracts.callback import CALLBACK_WINDOW_S, verify_callback
 from domain.contracts.keys import (
@@ -288,13 +288,13 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
     present = await run_in_threadpool(_source_objects, container, user_id, job_id)
     absent = [i for i in range(source.item_count) if input_key(user_id, job_id, i) not in present]
     if absent:  # canceled before its upload: nothing to run again
-        shown = ", ".join(str(i) for i in absent[:20]) + (" ..." if len(absent) > 20 else "")
-        raise InvalidState(f"cannot rerun this job: {len(absent)} of its photos are not there (idx {shown})")
+        raise InvalidState(f"cannot rerun this job: {len(absent)} of its photos are not there "
+                           f"(idx {item_list(absent)})")
     # An upload link lives on after confirm-upload: a photo may have been replaced by a larger one.
     too_large = [i for i in range(source.item_count) if present[input_key(user_id, job_id, i)] > MAX_INPUT_BYTES]
     if too_large:
         raise InvalidState(f"cannot rerun this job: {len(too_large)} of its photos are over "
-                           f"{MAX_INPUT_BYTES >> 20} MB (idx {', '.join(str(i) for i in too_large[:20])})")
+                           f"{MAX_INPUT_BYTES >> 20} MB (idx {item_list(too_large)})")
     committed = await service.run(service.rerun_job_command(
         user_id, job_id, id_for_key(user_id, f"rerun:{job_id}", idempotency_key)))
     new_id = committed.value
@@ -536,7 +536,9 @@ async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, co
     except ValueError:
         raise ValidationFailed("Last-Event-ID must be a stream version (an integer)") from None
     app = service.app
-    if finished and not await run_in_threadpool(_events_after, app, job_id, after):
+    # A finished job's events are read once, here: all it will ever have.
+    last: list[Any] | None = await run_in_threadpool(_events_after, app, job_id, after) if finished else None
+    if last == []:
         return Response(status_code=204)
     give_back = _stream_slots(request, container).take(user_id)
 
@@ -544,7 +546,8 @@ async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, co
         version = after
         deadline = time.monotonic() + SSE_MAX_S
         while time.monotonic() < deadline and not await request.is_disconnected():
-            events: list[Any] = await run_in_threadpool(_events_after, app, job_id, version)
+            events: list[Any] = last if last is not None else await run_in_threadpool(
+                _events_after, app, job_id, version)
             for event in events:
                 version = event.originator_version
                 data = {k: _jsonable(v) for k, v in vars(event).items()

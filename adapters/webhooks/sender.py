@@ -91,22 +91,13 @@ class WebhookSender:
         except Exception as e:  # noqa: BLE001 - the next hour tries again
             log.warning("finished deliveries not pruned (%s: %s)", type(e).__name__, str(e)[:200])
 
-    def _attempt(self, due: store.Due) -> targets.Outcome:
-        """One attempt's outcome; anything sending to the URL raises is a failed attempt,
-        recorded and retried as one (a URL nothing can send to fails its way to the end of the
-        schedule, never stays pending untried). Signing is ours: a fault there is not the
-        endpoint's, and leaves the delivery to its lease."""
-        headers = signed_headers(due.keys, due.message_id, int(self.clock()), due.body)
-        started = time.monotonic()
-        try:
-            return targets.post(self.http, due.url, due.body, headers, self.production)
-        except Exception as e:  # noqa: BLE001 - recorded as the attempt's failure
-            log.warning("delivery %s: the attempt raised %s", due.id, type(e).__name__)
-            return targets.Outcome(None, targets.failure(e), "", int((time.monotonic() - started) * 1000))
-
     def _deliver(self, due: store.Due) -> None:
         try:
-            outcome = self._attempt(due)
+            # post never raises: whatever sending to the URL raises is the attempt's failure,
+            # recorded and retried as one. Signing is ours: a fault there goes to the lease.
+            outcome = targets.post(self.http, due.url, due.body,
+                                   signed_headers(due.keys, due.message_id, int(self.clock()), due.body),
+                                   self.production)
             retry_in = None if outcome.ok else retry_delay(self.schedule, due.tries + 1, self.draw)
             with self.pool.connection() as conn:
                 store.finish(conn, due.id, outcome, retry_in, self.disable_after, self.disable_after_s, due.lease)

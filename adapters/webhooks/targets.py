@@ -178,24 +178,29 @@ def check(url: str, production: bool, resolver: Resolver = resolve) -> Target:
     if parts.username or parts.password:
         raise TargetRefused("the URL must not carry credentials")
     host = ascii_host(parts.hostname)
-    name = f"[{host}]" if ":" in host else host
-    netloc = name if parts.port is None else f"{name}:{parts.port}"
+    netloc = _netloc(host, parts.port)
     if netloc != parts.netloc:
         url = urlunsplit(parts._replace(netloc=netloc))
     if not production:
         return Target(url, host, None)
     try:  # an address literal is judged as written; a name, by every address it resolves to
-        literal = ipaddress.ip_address(host)
+        ipaddress.ip_address(host)
+        addresses, verb = [host], "is"
     except ValueError:
-        literal = None
-    addresses = [host] if literal is not None else resolver(host, port)
+        addresses, verb = resolver(host, port), "resolves to"
     if not addresses:
         raise TargetRefused(f"{host} does not resolve")
     for text in addresses:
-        reason = refusal(literal if literal is not None else ipaddress.ip_address(text.split("%")[0]))
+        reason = refusal(ipaddress.ip_address(text.split("%")[0]))
         if reason is not None:
-            raise TargetRefused(f"{host} {'is' if literal is not None else 'resolves to'} a {reason} address")
+            raise TargetRefused(f"{host} {verb} a {reason} address")
     return Target(url, host, addresses[0])
+
+
+def _netloc(host: str, port: int | None) -> str:
+    """A URL's host and port: an IPv6 address between brackets."""
+    name = f"[{host}]" if ":" in host else host
+    return name if port is None else f"{name}:{port}"
 
 
 def normalised(url: str) -> str:
@@ -295,11 +300,8 @@ def _pinned(target: Target) -> tuple[str, dict[str, str], dict[str, Any]]:
     if target.address is None:
         return target.url, {}, {}
     parts = urlsplit(target.url)
-    literal = f"[{target.address}]" if ":" in target.address else target.address
-    netloc = literal if parts.port is None else f"{literal}:{parts.port}"
-    name = f"[{target.host}]" if ":" in target.host else target.host  # ASCII (check)
-    host = name if parts.port is None else f"{name}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc)), {"host": host}, {"sni_hostname": target.host}
+    return (urlunsplit(parts._replace(netloc=_netloc(target.address, parts.port))),
+            {"host": _netloc(target.host, parts.port)}, {"sni_hostname": target.host})  # host: ASCII (check)
 
 
 def post(client: httpx.Client, url: str, body: bytes, headers: dict[str, str], production: bool,

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from adapters.webhooks import store, targets
 from adapters.webhooks.sender import WebhookSender
+from tests.unit.test_webhooks import Target
 
 BODY = b'{"type":"job.queued"}'
 LONG_LABEL = "a" * 64
@@ -36,25 +37,6 @@ class Resolving:
 
 def no_dns(host: str, port: int) -> list[str]:
     raise AssertionError(f"{host} is an address literal: nothing to resolve")
-
-
-class Recording:
-    """An httpx transport standing in for the receiver: keeps the requests, answers ``status``
-    or raises ``error``."""
-
-    def __init__(self, status: int = 204, error: BaseException | None = None) -> None:
-        self.status = status
-        self.error = error
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        if self.error is not None:
-            raise self.error
-        return httpx.Response(self.status, stream=httpx.ByteStream(b""))  # as on the wire: read by the client
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(transport=httpx.MockTransport(self), follow_redirects=False)
 
 
 # -- the ASCII form of a host ----------------------------------------------------------------------
@@ -124,7 +106,7 @@ def test_a_url_check_accepts_is_one_httpx_sends_to_with_an_ascii_host(host):
 
 
 def test_an_international_name_is_sent_to_the_checked_address_with_ascii_host_and_tls_name():
-    receiver = Recording(204)
+    receiver = Target(204)
     resolver = Resolving("93.184.216.34")
     outcome = targets.post(receiver.client(), "https://bücher.de:8443/in", BODY, {}, production=True,
                            resolver=resolver)
@@ -137,7 +119,7 @@ def test_an_international_name_is_sent_to_the_checked_address_with_ascii_host_an
 
 
 def test_in_development_an_international_name_is_sent_to_in_ascii():
-    receiver = Recording(204)
+    receiver = Target(204)
     outcome = targets.post(receiver.client(), "http://ｅxample.com/in", BODY, {},  # noqa: RUF001
                            production=False)
     assert outcome.ok, outcome
@@ -148,7 +130,7 @@ def test_in_development_an_international_name_is_sent_to_in_ascii():
 # -- an attempt never raises --------------------------------------------------------------------------
 @pytest.mark.parametrize("url", [f"http://{LONG_LABEL}.example/hook", "http://a..b/hook", "http://exa\tmple.com/"])
 def test_a_stored_url_nothing_can_send_to_is_a_refused_attempt_not_an_exception(url):
-    receiver = Recording(204)
+    receiver = Target(204)
     outcome = targets.post(receiver.client(), url, BODY, {}, production=False)
     assert not outcome.ok and outcome.status_code is None and outcome.error.startswith("refused:")
     assert receiver.requests == []
@@ -157,7 +139,7 @@ def test_a_stored_url_nothing_can_send_to_is_a_refused_attempt_not_an_exception(
 @pytest.mark.parametrize("error", [UnicodeEncodeError("ascii", "ü", 0, 1, "not ASCII"), ValueError("odd"),
                                    RuntimeError("unexpected"), httpx.InvalidURL("bad")])
 def test_whatever_sending_raises_is_a_failed_attempt(error):
-    outcome = targets.post(Recording(error=error).client(), "http://127.0.0.1:9/in", BODY, {}, production=False)
+    outcome = targets.post(Target(error=error).client(), "http://127.0.0.1:9/in", BODY, {}, production=False)
     assert not outcome.ok and outcome.status_code is None
     assert outcome.error.startswith(type(error).__name__) and len(outcome.error) <= 250
 
@@ -177,11 +159,8 @@ def test_the_sender_records_an_attempt_that_raised_as_a_failure_on_the_retry_sch
     finished: list[tuple[Any, ...]] = []
     monkeypatch.setattr(store, "finish", lambda *args: finished.append(args))
 
-    def raising_post(*args: Any, **kwargs: Any) -> targets.Outcome:
-        raise UnicodeEncodeError("ascii", "bücher.de", 1, 2, "ordinal not in range(128)")
-
-    monkeypatch.setattr(targets, "post", raising_post)
-    sender = WebhookSender(Finishing(), Recording().client(), (5.0, 60.0), production=False,  # type: ignore[arg-type]
+    raising = Target(error=UnicodeEncodeError("ascii", "bücher.de", 1, 2, "ordinal not in range(128)"))
+    sender = WebhookSender(Finishing(), raising.client(), (5.0, 60.0), production=False,  # type: ignore[arg-type]
                            disable_after=3, disable_after_s=0.0, draw=lambda: 0.5)
     due = store.Due(uuid4(), "msg_x_1", BODY, 1, "http://bücher.de/hook", ("whsec_dGVzdA==",))
     sender._deliver(due)
