@@ -125,7 +125,8 @@ def test_jitter_spreads_retries_that_failed_together():
     ("127.0.0.1", "loopback"), ("::1", "loopback"), ("10.1.2.3", "private"), ("172.16.0.9", "private"),
     ("192.168.1.1", "private"), ("169.254.169.254", "metadata"), ("fd00:ec2::254", "metadata"),
     ("169.254.10.10", "link-local"), ("fe80::1", "link-local"), ("::ffff:127.0.0.1", "loopback"),
-    ("fc00::5", "private"), ("100.64.0.1", "non-public"), ("0.0.0.0", "private")  # noqa: S104 - an address refused, not bound, ("224.0.0.1", "multicast"),
+    ("fc00::5", "private"), ("100.64.0.1", "non-public"), ("224.0.0.1", "multicast"),
+    ("0.0.0.0", "private"),  # noqa: S104 - an address refused, not bound
 ])
 def test_production_refuses_non_public_addresses(address, reason):
     assert targets.refusal(ipaddress.ip_address(address)) == reason
