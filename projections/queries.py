@@ -27,11 +27,17 @@ def encode_cursor(created_at: datetime, job_id: UUID) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    """The position ``cursor`` stands for, if it is one ``encode_cursor`` writes: anything else
+    (a time without its offset, which no row's time compares with, a UUID or time spelled
+    another way) raises ``BadCursor``."""
     try:
         created, job = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(created), UUID(job)
+        position = datetime.fromisoformat(created), UUID(job)
     except (ValueError, TypeError) as e:
         raise BadCursor("invalid cursor") from e
+    if position[0].tzinfo is None or encode_cursor(*position) != cursor:
+        raise BadCursor("invalid cursor")
+    return position
 
 
 POLL_FIRST_S = 0.005

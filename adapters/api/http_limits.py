@@ -123,6 +123,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
 # The API's uvicorn settings (the benchmark's bare app runs under them too). Keep-alive longer
 # than clients and proxies keep idle connections: uvicorn's 5 s default races clients that reuse a
-# connection just as the server closes it.
+# connection just as the server closes it. No proxy headers: uvicorn would otherwise put a
+# loopback peer's X-Forwarded-For in place of the peer, so every client of an API bound on
+# 127.0.0.1 chose the address its limits count against; PALETTE_TRUSTED_PROXIES says how far the
+# header is believed (adapters.api.rate_limit.client_address), and nothing else reads it.
 SERVER_OPTIONS: dict[str, Any] = {"log_level": "warning", "access_log": False, "timeout_keep_alive": 75,
-                                  "http": BoundedHttpToolsProtocol}
+                                  "http": BoundedHttpToolsProtocol, "proxy_headers": False}

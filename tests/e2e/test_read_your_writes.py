@@ -3,6 +3,8 @@ is listed from the write side, and the answer says how many such jobs there were
 
 from __future__ import annotations
 
+import base64
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import uuid4
@@ -19,6 +21,10 @@ def test_a_new_job_is_listed_at_once_with_the_projector_stopped(apps: Any, clien
         body = client.call("GET", "/jobs").json()
         assert [j["job_id"] for j in body["data"]["items"]] == [older["job_id"]]
         assert body["meta"]["projection_behind"] == 1
+        # A cursor's time without its offset compares with no row's: refused, not a 500 in the merge.
+        naive = base64.urlsafe_b64encode(json.dumps(["2030-01-01T00:00:00", str(uuid4())]).encode()).decode()
+        refused = client.call("GET", "/jobs", params={"cursor": naive})
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "VALIDATION_FAILED"
         client.data("POST", f"/jobs/{older['job_id']}/cancel")  # a free plan runs one job at a time
         created = client.data("POST", "/jobs", 201, json={"preset": "seller", "item_count": 3})
         body = client.call("GET", "/jobs").json()

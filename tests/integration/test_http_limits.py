@@ -1,6 +1,7 @@
 """The API's HTTP server bounds each request's head (adapters.api.http_limits): a head over
 64 KB is a 431 and the connection closes, one that has not arrived within its time is cut off,
-and neither a body nor the next request on a kept-alive connection counts towards it."""
+and neither a body nor the next request on a kept-alive connection counts towards it. The peer
+is the TCP peer, whatever forwarding headers say."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ async def echo_app(scope: Any, receive: Any, send: Any) -> None:
         size += len(message.get("body", b""))
         if not message.get("more_body"):
             break
-    body = str(size).encode()
+    # /peer: the client address the app sees; anything else: the body's size.
+    body = scope["client"][0].encode() if scope["path"] == "/peer" else str(size).encode()
     headers = [(b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -107,3 +109,12 @@ def test_a_kept_alive_connection_gets_its_time_again_for_each_request(
             conn.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
             assert conn.recv(1000).startswith(b"HTTP/1.1 200 ")
             threading.Event().wait(0.3)  # idle between requests, as a client is (keep-alive's turn)
+
+
+def test_the_app_sees_the_tcp_peer_whatever_a_loopback_client_forwards(server: int) -> None:
+    # uvicorn's default puts a loopback peer's X-Forwarded-For in its place: every client of an API
+    # on 127.0.0.1 would choose the address its registration limit counts against.
+    for header in (b"x-forwarded-for: 203.0.113.9", b"x-forwarded-for: 203.0.113.9, 198.51.100.1",
+                   b"forwarded: for=203.0.113.9", b"x-real-ip: 203.0.113.9"):
+        answer = exchange(server, b"GET /peer HTTP/1.1\r\nhost: x\r\n" + header + b"\r\nconnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\n127.0.0.1"), answer
