@@ -214,16 +214,23 @@ def recorded(conn: psycopg.Connection[Any], keys: Sequence[tuple[UUID, str]]) ->
 
 
 def record(conn: psycopg.Connection[Any], deliveries: Sequence[NewDelivery]) -> int:
-    """Insert the deliveries (due now) in one transaction; those already there are left alone."""
+    """Insert the deliveries (due now) in one transaction; those already there are left alone, and
+    so are those of endpoints deleted since their subscribers were read (the endpoints still there
+    are locked against deletion until the inserts commit: a delete then takes them with it).
+    Returns how many were for endpoints still there."""
     if not deliveries:
         return 0
     with conn.transaction(), conn.cursor() as cur:
+        live = {row[0] for row in cur.execute(
+            "SELECT id FROM palette_webhooks.endpoints WHERE id = ANY(%s) FOR KEY SHARE",
+            [list({d.endpoint_id for d in deliveries})])}
+        kept = [d for d in deliveries if d.endpoint_id in live]
         cur.executemany(
             "INSERT INTO palette_webhooks.deliveries (id, endpoint_id, message_id, job_id, version, event_type, "
             "body, next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, now()) "
             "ON CONFLICT (endpoint_id, message_id) DO NOTHING",
-            [(uuid4(), d.endpoint_id, d.message_id, d.job_id, d.version, d.event_type, d.body) for d in deliveries])
-    return len(deliveries)
+            [(uuid4(), d.endpoint_id, d.message_id, d.job_id, d.version, d.event_type, d.body) for d in kept])
+    return len(kept)
 
 
 # -- sending (the sender) -----------------------------------------------------------------------------

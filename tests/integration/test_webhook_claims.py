@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 
 import psycopg
+import pytest
 
 from adapters.webhooks import store
 from adapters.webhooks.targets import Outcome
@@ -33,3 +34,33 @@ def test_a_stale_attempt_cannot_overwrite_the_outcome_of_the_claim_that_took_ove
             assert row == ("succeeded", 1)  # the late timeout changed nothing
         finally:
             conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
+
+
+def test_deliveries_of_an_endpoint_deleted_since_its_subscribers_were_read_are_skipped(settings):
+    # The consumer reads the subscribers, folds the job, then records: an endpoint deleted in
+    # between (DELETE /webhooks/{id}, an erasure) raised a foreign-key violation that stopped it.
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn, \
+            psycopg.connect(settings.effective_database_url, autocommit=True) as other:
+        store.ensure_schema(conn)
+        user, job = uuid.uuid4(), uuid.uuid4()
+        gone, kept = (store.create_endpoint(conn, user, f"http://127.0.0.1:9/{n}", ["job.queued"], "whsec_test",
+                                            10)["id"] for n in ("gone", "kept"))
+        try:
+            assert store.delete_endpoint(other, user, gone)
+            new = [store.NewDelivery(e, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}") for e in (gone, kept)]
+            assert store.record(conn, new) == 1
+            rows = conn.execute("SELECT endpoint_id FROM palette_webhooks.deliveries WHERE job_id = %s",
+                                [job]).fetchall()
+            assert rows == [(kept,)]
+            # An endpoint recorded for cannot be deleted until the deliveries commit; then it takes them.
+            with conn.transaction():
+                assert store.record(conn, [store.NewDelivery(kept, f"msg_{job.hex}_2", job, 2, "job.queued",
+                                                             b"{}")]) == 1
+                other.execute("SET lock_timeout = '200ms'")
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    store.delete_endpoint(other, user, kept)
+            assert store.delete_endpoint(other, user, kept)
+            assert conn.execute("SELECT count(*) FROM palette_webhooks.deliveries WHERE job_id = %s",
+                                [job]).fetchone() == (0,)
+        finally:
+            conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[gone, kept]])
