@@ -6,6 +6,11 @@ lease runs out, and it goes out again under the same ``webhook-id`` (at least on
 deliveries of the same job to the same endpoint wait while an earlier one is pending, so a
 receiver sees a job's events in order. The consumer wakes the sender after recording; without a
 wake it looks for due retries every ``poll_s``.
+
+No user's endpoints take the threads from everyone else's: at most ``PER_USER_IN_FLIGHT`` of one
+user's deliveries are in flight at once, and an endpoint whose attempt failed is held (none of its
+deliveries tried) for the retry schedule's delay after as many failures in a row: an endpoint that
+hangs costs one attempt per step of the schedule, not one per delivery queued for it.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from uuid import UUID
 
 import httpx
 from psycopg_pool import ConnectionPool
@@ -29,6 +36,7 @@ log = logging.getLogger("palette.webhooks")
 PRUNE_EVERY_S = 3600.0
 PRUNE_PAGE = 5000
 LEASE_S = 3 * targets.TIMEOUT_S  # well past an attempt's deadline (targets.post)
+PER_USER_IN_FLIGHT = 2
 
 
 class WebhookSender:
@@ -52,6 +60,7 @@ class WebhookSender:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._busy: Counter[UUID | None] = Counter()  # attempts in flight, by user
 
     def wake(self) -> None:
         self._wake.set()
@@ -68,14 +77,17 @@ class WebhookSender:
                 for due in claimed:
                     with self._lock:
                         self._in_flight += 1
+                        self._busy[due.user_id] += 1
                     posts.submit(self._deliver, due)
                 if not claimed or len(claimed) < free:
                     self._wake.wait(self.poll_s)
 
     def _claim(self, limit: int) -> list[store.Due]:
         try:
+            with self._lock:
+                busy = {user: n for user, n in self._busy.items() if user is not None and n > 0}
             with self.pool.connection() as conn:
-                return store.claim(conn, limit, self.lease_s)
+                return store.claim(conn, limit, self.lease_s, PER_USER_IN_FLIGHT, busy)
         except Exception as e:  # noqa: BLE001 - the database is away: the next poll tries again
             log.warning("due deliveries not claimed (%s: %s)", type(e).__name__, str(e)[:200])
             return []
@@ -100,14 +112,23 @@ class WebhookSender:
                                    self.production)
             retry_in = None if outcome.ok else retry_delay(self.schedule, due.tries + 1, self.draw)
             with self.pool.connection() as conn:
-                store.finish(conn, due.id, outcome, retry_in, self.disable_after, self.disable_after_s, due.lease)
+                store.finish(conn, due.id, outcome, retry_in, self.disable_after, self.disable_after_s, due.lease,
+                             self._hold_s)
         except Exception as e:  # noqa: BLE001 - the lease brings the delivery back
             log.warning("delivery %s not recorded (%s: %s); due again after its lease",
                         due.id, type(e).__name__, str(e)[:200])
         finally:
             with self._lock:
                 self._in_flight -= 1
+                self._busy[due.user_id] -= 1
+                if self._busy[due.user_id] <= 0:
+                    del self._busy[due.user_id]
             self._wake.set()
+
+    def _hold_s(self, failures: int) -> float:
+        """How long an endpoint is held after ``failures`` failed attempts in a row: the retry
+        schedule's step for that many (its last step past its end)."""
+        return retry_delay(self.schedule, min(failures, len(self.schedule)), self.draw) or 0.0
 
     def close(self) -> None:
         self.http.close()

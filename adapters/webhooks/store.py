@@ -9,7 +9,7 @@ moves its time a lease ahead, so a sender that dies mid-POST leaves it due again
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -48,6 +48,8 @@ DDL = (
     "duration_ms integer NOT NULL, PRIMARY KEY (delivery_id, n))",
     "CREATE TABLE IF NOT EXISTS palette_webhooks.positions (name text PRIMARY KEY, position bigint NOT NULL, "
     "updated_at timestamptz NOT NULL DEFAULT now())",
+    # Until when a failing endpoint gets no attempt (a column added after the first release).
+    "ALTER TABLE palette_webhooks.endpoints ADD COLUMN IF NOT EXISTS held_until timestamptz",
 )
 POSITIONS = ("palette_webhooks", "positions")
 ROTATION_GRACE_S = 24 * 3600  # the secret a rotation replaced still signs this long
@@ -129,7 +131,7 @@ def enable_endpoint(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: U
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(sql.SQL(
             "UPDATE palette_webhooks.endpoints SET enabled = true, disabled_at = NULL, failures = 0, "
-            "failing_since = NULL WHERE id = %s AND user_id = %s RETURNING {}").format(_ENDPOINT),
+            "failing_since = NULL, held_until = NULL WHERE id = %s AND user_id = %s RETURNING {}").format(_ENDPOINT),
             [endpoint_id, user_id]).fetchone()
         if row is not None:
             cur.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() "
@@ -167,12 +169,15 @@ def list_deliveries(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: U
 
 def redeliver(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID,
               delivery_id: UUID) -> dict[str, Any] | None:
-    """The delivery pending again, due now, with a fresh retry schedule (same message id)."""
-    with conn.cursor(row_factory=dict_row) as cur:
+    """The delivery pending again, due now, with a fresh retry schedule (same message id); the
+    endpoint is tried now even if failures held it (its owner says it works again)."""
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(sql.SQL(
             "UPDATE palette_webhooks.deliveries d SET status = 'pending', tries = 0, next_attempt_at = now() "
             "FROM palette_webhooks.endpoints e WHERE d.id = %s AND d.endpoint_id = %s AND e.id = d.endpoint_id "
             "AND e.user_id = %s RETURNING {}").format(_DELIVERY), [delivery_id, endpoint_id, user_id]).fetchall()
+        if rows:
+            cur.execute("UPDATE palette_webhooks.endpoints SET held_until = NULL WHERE id = %s", [endpoint_id])
         return _with_attempts(cur, rows)[0] if rows else None
 
 
@@ -243,30 +248,46 @@ class Due:
     url: str
     keys: tuple[str, ...]  # the secrets that sign it: the current one, and a rotated one in its grace
     lease: datetime | None = None  # when the claim ends: only this claim's attempt may record its outcome
+    user_id: UUID | None = None  # the endpoint's owner (whose attempts in flight are counted)
 
 
-def claim(conn: psycopg.Connection[Any], limit: int, lease_s: float) -> list[Due]:
-    """Up to ``limit`` due deliveries (oldest due first), leased for ``lease_s``."""
+def claim(conn: psycopg.Connection[Any], limit: int, lease_s: float, per_user: int | None = None,
+          busy: Mapping[UUID, int] | None = None) -> list[Due]:
+    """Up to ``limit`` due deliveries (oldest due first), leased for ``lease_s``; none to an
+    endpoint that failures hold. With ``per_user``, at most that many of one user's deliveries
+    are in flight, counting ``busy`` (the caller's attempts in flight, by user): one user's
+    endpoints that hang cannot take every sender thread from everyone else's."""
+    busy = busy or {}
     rows = conn.execute(
-        "WITH due AS (SELECT d.id FROM palette_webhooks.deliveries d "
-        "JOIN palette_webhooks.endpoints e ON e.id = d.endpoint_id "
+        "WITH ready AS (SELECT d.id, d.next_attempt_at, row_number() OVER (PARTITION BY e.user_id "
+        "ORDER BY d.next_attempt_at) + coalesce(b.n, 0) AS place "
+        "FROM palette_webhooks.deliveries d JOIN palette_webhooks.endpoints e ON e.id = d.endpoint_id "
+        "LEFT JOIN unnest(%(users)s::uuid[], %(counts)s::int[]) AS b(user_id, n) ON b.user_id = e.user_id "
         "WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND e.enabled "
+        "AND (e.held_until IS NULL OR e.held_until <= now()) "
         "AND NOT EXISTS (SELECT 1 FROM palette_webhooks.deliveries p WHERE p.endpoint_id = d.endpoint_id "
-        "AND p.job_id = d.job_id AND p.status = 'pending' AND p.version < d.version) "
-        "ORDER BY d.next_attempt_at LIMIT %s FOR UPDATE OF d SKIP LOCKED) "
-        "UPDATE palette_webhooks.deliveries d SET next_attempt_at = now() + %s * interval '1 second' "
+        "AND p.job_id = d.job_id AND p.status = 'pending' AND p.version < d.version)), "
+        "due AS (SELECT d.id FROM palette_webhooks.deliveries d JOIN ready r ON r.id = d.id "
+        "WHERE %(per_user)s::int IS NULL OR r.place <= %(per_user)s "
+        "ORDER BY r.next_attempt_at LIMIT %(limit)s FOR UPDATE OF d SKIP LOCKED) "
+        "UPDATE palette_webhooks.deliveries d SET next_attempt_at = now() + %(lease)s * interval '1 second' "
         "FROM due, palette_webhooks.endpoints e WHERE d.id = due.id AND e.id = d.endpoint_id "
         "RETURNING d.id, d.message_id, d.body, d.tries, e.url, e.secret, "
-        "CASE WHEN e.previous_until > now() THEN e.previous_secret END, d.next_attempt_at",
-        [limit, lease_s]).fetchall()
-    return [Due(r[0], r[1], bytes(r[2]), r[3], r[4], tuple(k for k in (r[5], r[6]) if k), r[7]) for r in rows]
+        "CASE WHEN e.previous_until > now() THEN e.previous_secret END, d.next_attempt_at, e.user_id",
+        {"users": list(busy), "counts": list(busy.values()), "per_user": per_user, "limit": limit,
+         "lease": lease_s}).fetchall()
+    return [Due(r[0], r[1], bytes(r[2]), r[3], r[4], tuple(k for k in (r[5], r[6]) if k), r[7], r[8])
+            for r in rows]
 
 
 def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, retry_in_s: float | None,
-           disable_after: int, disable_after_s: float, lease: datetime | None = None) -> None:
+           disable_after: int, disable_after_s: float, lease: datetime | None = None,
+           hold_s: Callable[[int], float] | None = None) -> None:
     """Record an attempt. A failure schedules the next try (``retry_in_s``; None: the delivery
     has failed) and lengthens the endpoint's run of failures, which disables it once it is
-    ``disable_after`` attempts long and has lasted ``disable_after_s``; a success ends the run.
+    ``disable_after`` attempts long and has lasted ``disable_after_s``; with ``hold_s`` it also
+    holds the endpoint for ``hold_s(failures in the run)`` seconds, in which none of its
+    deliveries is tried (its attempts in flight finish). A success ends the run and the hold.
     With ``lease`` (the claim's end), an attempt whose claim was taken over since (it outlived its
     lease, or the delivery was redelivered) records nothing: a later attempt's outcome stands."""
     status = "succeeded" if outcome.ok else ("pending" if retry_in_s is not None else "failed")
@@ -286,18 +307,21 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
                      [delivery_id, row[0], outcome.status_code, outcome.error, outcome.body.replace("\x00", ""),
                       outcome.duration_ms])
         if outcome.ok:
-            conn.execute("UPDATE palette_webhooks.endpoints SET failures = 0, failing_since = NULL "
-                         "WHERE id = %s AND failures > 0", [row[1]])
+            conn.execute("UPDATE palette_webhooks.endpoints SET failures = 0, failing_since = NULL, "
+                         "held_until = NULL WHERE id = %s AND (failures > 0 OR held_until IS NOT NULL)", [row[1]])
             return
-        conn.execute(
+        failures = conn.execute(
             "UPDATE palette_webhooks.endpoints SET failures = failures + 1, "
             "failing_since = coalesce(failing_since, now()), "
             "enabled = enabled AND NOT (failures + 1 >= %(n)s "
             "  AND now() - coalesce(failing_since, now()) >= %(s)s * interval '1 second'), "
             "disabled_at = CASE WHEN enabled AND failures + 1 >= %(n)s "
             "  AND now() - coalesce(failing_since, now()) >= %(s)s * interval '1 second' THEN now() "
-            "  ELSE disabled_at END WHERE id = %(id)s",
-            {"n": disable_after, "s": disable_after_s, "id": row[1]})
+            "  ELSE disabled_at END WHERE id = %(id)s RETURNING failures",
+            {"n": disable_after, "s": disable_after_s, "id": row[1]}).fetchone()
+        if hold_s is not None and failures is not None:
+            conn.execute("UPDATE palette_webhooks.endpoints SET held_until = now() + %s * interval '1 second' "
+                         "WHERE id = %s", [hold_s(failures[0]), row[1]])
 
 
 def prune(conn: psycopg.Connection[Any], keep_s: float, limit: int) -> int:

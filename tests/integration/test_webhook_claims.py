@@ -4,6 +4,7 @@ the attempt that took the delivery over."""
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import psycopg
 import pytest
@@ -64,3 +65,32 @@ def test_deliveries_of_an_endpoint_deleted_since_its_subscribers_were_read_are_s
                                 [job]).fetchone() == (0,)
         finally:
             conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[gone, kept]])
+
+
+def test_a_claim_counts_the_users_attempts_in_flight_and_skips_a_held_endpoint(settings):
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        store.ensure_schema(conn)
+        user = uuid.uuid4()
+        endpoint = store.create_endpoint(conn, user, "http://127.0.0.1:9/held", ["job.queued"], "whsec_test", 10)["id"]
+        jobs = [uuid.uuid4() for _ in range(3)]
+        store.record(conn, [store.NewDelivery(endpoint, f"msg_{j.hex}_1", j, 1, "job.queued", b"{}") for j in jobs])
+
+        def mine(**kw: Any) -> list[store.Due]:
+            return [d for d in store.claim(conn, 100, 0.0, **kw) if d.user_id == user]
+
+        try:
+            assert len(mine(per_user=2, busy={user: 1})) == 1  # one more than the one in flight
+            assert mine(per_user=2, busy={user: 2}) == []
+            first = mine(per_user=2)[0]
+            store.finish(conn, first.id, Outcome(None, "timeout", "", 10_000), 5.0, 20, 0, first.lease,
+                         hold_s=lambda failures: 3600.0 * failures)
+            assert mine() == []  # held: none of its deliveries is tried, due or not
+            store.redeliver(conn, user, endpoint, first.id)  # its owner says it works again
+            again = mine()
+            assert len(again) == 3
+            store.finish(conn, again[0].id, Outcome(200, "", "", 5), None, 20, 0, again[0].lease)
+            row = conn.execute("SELECT failures, held_until FROM palette_webhooks.endpoints WHERE id = %s",
+                               [endpoint]).fetchone()
+            assert row == (0, None)
+        finally:
+            conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
