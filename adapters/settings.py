@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     callback_url: str = ""
     callback_require_signature: bool = False  # refuse the shared X-Callback-Secret (replayable) header
-    rate_jobs_per_s: float = Field(5.0, gt=0)  # job creations per user
+    rate_jobs_per_s: float = Field(5.0, gt=0)  # job creations per user; rule writes as many again
     rate_jobs_burst: int = Field(20, ge=1)
     rate_callbacks_per_s: float = Field(200.0, gt=0)  # results per job
     rate_callbacks_burst: int = Field(400, ge=1)

@@ -71,6 +71,8 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     app.state.verified_tokens = VerifiedTokens(app.state.tokens)
     app.state.erased_users = ErasedUsers(container.read_pool, s.jwt_ttl_s)
     app.state.job_limits = TokenBuckets(s.rate_jobs_per_s, s.rate_jobs_burst)
+    # Each rule write is an event on the rule's stream: a budget of its own, as large.
+    app.state.rule_limits = TokenBuckets(s.rate_jobs_per_s, s.rate_jobs_burst)
     app.state.callback_limits = TokenBuckets(s.rate_callbacks_per_s, s.rate_callbacks_burst)
     app.state.unflushed = unflushed(s.effective_database_url)  # idempotency keys, callback signatures
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
@@ -25,6 +25,7 @@ COMMON: dict[int | str, dict[str, Any]] = {
           422: {"model": _E, "description": "VALIDATION_FAILED"}}
 OWN: dict[int | str, dict[str, Any]] = {
     **COMMON, 404: {"model": _E, "description": "NOT_FOUND (also another user's rule)"}}
+LIMITED: dict[int | str, dict[str, Any]] = {429: {"model": _E, "description": "RATE_LIMITED (with Retry-After)"}}
 
 
 def _public(service: PaletteService, rule: Rule) -> RulePublic:
@@ -37,10 +38,13 @@ def _edits(body: RuleCreate | RuleUpdate) -> dict[str, dict[str, object]]:
 
 
 @router.post("/rules", response_model=Envelope[RulePublic], status_code=201,
-             responses={**COMMON, 403: {"model": _E, "description": "RULE_SLOTS_FULL"}})
+             responses={**COMMON, **LIMITED, 403: {"model": _E, "description": "RULE_SLOTS_FULL"}})
 async def create_rule(body: RuleCreate, user_id: CurrentUser, service: ServiceDep, container: ContainerDep,
+                      request: Request,
                       idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
-    """Save a rule; takes one of the plan's rule slots (once per Idempotency-Key)."""
+    """Save a rule; takes one of the plan's rule slots (once per Idempotency-Key). Rule writes
+    are limited per user as job creations are."""
+    request.app.state.rule_limits.take(user_id)
     await service.keys_ready(user_id)  # the name is sealed under the caller's key
     committed = await service.run(service.create_rule_command(
         user_id, body.name, body.preset_id, _edits(body), body.protect, id_for_key(user_id, "rule", idempotency_key),
@@ -64,19 +68,22 @@ async def list_rules(user_id: CurrentUser, container: ContainerDep, service: Ser
     return ok(RuleList(items=[RulePublic.model_validate(r) for r in rows]))
 
 
-@router.put("/rules/{rule_id}", response_model=Envelope[RulePublic], responses=OWN)
+@router.put("/rules/{rule_id}", response_model=Envelope[RulePublic], responses={**OWN, **LIMITED})
 async def update_rule(rule_id: UUID, body: RuleUpdate, user_id: CurrentUser,
-                      service: ServiceDep, container: ContainerDep) -> JSONResponse:
+                      service: ServiceDep, container: ContainerDep, request: Request) -> JSONResponse:
+    """Change the rule (an event on its stream when anything changed); limited per user."""
+    request.app.state.rule_limits.take(user_id)
     committed = await run_in_threadpool(
         service.update_rule, user_id, rule_id, body.name, _edits(body), body.protect)
     container.last_writes.record(user_id, "rules", rule_id, committed.versions.get(rule_id))
     return ok(_public(service, await run_in_threadpool(service.get_rule, user_id, rule_id)))
 
 
-@router.delete("/rules/{rule_id}", response_model=Envelope[dict[str, bool]], responses=OWN)
+@router.delete("/rules/{rule_id}", response_model=Envelope[dict[str, bool]], responses={**OWN, **LIMITED})
 async def delete_rule(rule_id: UUID, user_id: CurrentUser, service: ServiceDep,
-                      container: ContainerDep) -> JSONResponse:
-    """Delete the rule and free its slot."""
+                      container: ContainerDep, request: Request) -> JSONResponse:
+    """Delete the rule and free its slot; limited per user."""
+    request.app.state.rule_limits.take(user_id)
     committed = await service.run(service.delete_rule_command(user_id, rule_id))
     container.last_writes.record(user_id, "rules", rule_id, committed.versions.get(rule_id))
     return ok({"deleted": True})

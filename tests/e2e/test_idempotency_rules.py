@@ -173,3 +173,29 @@ def test_the_key_given_twice_is_refused(client: Client) -> None:
     r = client.http.post("/jobs", json=JOB, headers=twice)
     assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_FAILED", r.text
     assert client.data("GET", "/me", 200)["reserved"] == 0
+
+
+def test_rule_writes_are_limited_per_user_in_a_budget_of_their_own(client: Client, settings: Settings) -> None:
+    # Each rule write is an event on the rule's stream, loaded whole when not cached: unlimited,
+    # one client appended 150 a second to one rule.
+    from fastapi.testclient import TestClient
+
+    from adapters.api.app import create_asgi
+    from adapters.bootstrap import build
+
+    container = build(settings.model_copy(update={"rate_jobs_burst": 3, "rate_jobs_per_s": 0.01}), pool_size=2)
+    try:
+        with TestClient(create_asgi(container), headers=client.headers) as api:
+            rule_id = api.post("/rules", json=_rule("limited")).json()["data"]["id"]
+            edits = {k: v for k, v in _rule("").items() if k != "preset_id"}
+            assert [api.put(f"/rules/{rule_id}", json={**edits, "name": f"limited {n}"}).status_code
+                    for n in range(2)] == [200] * 2
+            for limited in (api.put(f"/rules/{rule_id}", json={**edits, "name": "one more"}),
+                            api.delete(f"/rules/{rule_id}")):
+                assert limited.status_code == 429 and limited.json()["error"]["code"] == "RATE_LIMITED"
+                assert int(limited.headers["Retry-After"]) >= 1
+            job = api.post("/jobs", json=JOB)  # job creations have their own budget
+            assert job.status_code == 201, job.text
+            assert api.post(f"/jobs/{job.json()['data']['job_id']}/cancel").status_code == 200
+    finally:
+        container.close()
