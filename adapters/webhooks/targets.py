@@ -167,11 +167,15 @@ def check(url: str, production: bool, resolver: Resolver = resolve) -> Target:
         raise TargetRefused(f"the URL is longer than {MAX_URL_LENGTH} characters")
     if _CONTROLS.search(url):
         raise TargetRefused("the URL must not hold control characters")
+    if " " in url:
+        raise TargetRefused("the URL must not hold spaces (percent-encode them: %20)")
     try:
         parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
     except ValueError as e:
         raise TargetRefused(f"not a URL ({e})") from None
+    if port == 0:
+        raise TargetRefused("the URL's port must be 1..65535")
     allowed = ("https",) if production else ("http", "https")
     if parts.scheme not in allowed or not parts.hostname:
         raise TargetRefused(f"the URL must be {' or '.join(allowed)} with a host")
