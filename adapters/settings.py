@@ -92,6 +92,7 @@ class Settings(BaseSettings):
     callback_require_signature: bool = False  # refuse the shared X-Callback-Secret (replayable) header
     rate_jobs_per_s: float = Field(5.0, gt=0)  # job creations per user; rule writes as many again
     rate_jobs_burst: int = Field(20, ge=1)
+    rate_jobs_per_day: int = Field(1000, ge=1)  # job creations per user and day; rule writes as many again
     rate_callbacks_per_s: float = Field(200.0, gt=0)  # results per job
     rate_callbacks_burst: int = Field(400, ge=1)
     projector_sweep_s: float = Field(30.0, gt=0)  # how often the projector trues up against the log

@@ -20,7 +20,7 @@ from adapters.api.deps import VerifiedTokens
 from adapters.api.envelope import CODE_BY_STATUS, STATUS_BY_CODE, ApiError, fail, request_id_var
 from adapters.api.idempotency import unflushed
 from adapters.api.links import add_links
-from adapters.api.rate_limit import RateLimited, TokenBuckets
+from adapters.api.rate_limit import Budget, RateLimited, TokenBuckets
 from adapters.bootstrap import Container
 from adapters.erasure import ErasedUsers
 from adapters.tokens import TokenIssuer
@@ -70,9 +70,9 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     app.state.tokens = TokenIssuer(s.jwt_secret, s.jwt_issuer, s.jwt_audience, s.jwt_ttl_s)
     app.state.verified_tokens = VerifiedTokens(app.state.tokens)
     app.state.erased_users = ErasedUsers(container.read_pool, s.jwt_ttl_s)
-    app.state.job_limits = TokenBuckets(s.rate_jobs_per_s, s.rate_jobs_burst)
+    app.state.job_limits = Budget(s.rate_jobs_per_s, s.rate_jobs_burst, s.rate_jobs_per_day)
     # Each rule write is an event on the rule's stream: a budget of its own, as large.
-    app.state.rule_limits = TokenBuckets(s.rate_jobs_per_s, s.rate_jobs_burst)
+    app.state.rule_limits = Budget(s.rate_jobs_per_s, s.rate_jobs_burst, s.rate_jobs_per_day)
     app.state.callback_limits = TokenBuckets(s.rate_callbacks_per_s, s.rate_callbacks_burst)
     app.state.unflushed = unflushed(s.effective_database_url)  # idempotency keys, callback signatures
 

@@ -1,5 +1,5 @@
-"""Per-key token buckets (one API process): job creation per user, callbacks per job,
-registrations per client address."""
+"""Per-key token buckets (one API process): job creation and rule writes per user, callbacks per
+job, registrations per client address."""
 
 from __future__ import annotations
 
@@ -46,6 +46,25 @@ class TokenBuckets:
             self._buckets.move_to_end(key)
             while len(self._buckets) > self.max_keys:
                 self._buckets.popitem(last=False)
+
+
+DAY_S = 86_400.0
+
+
+class Budget:
+    """A rate with a burst and a total per day, per key: each action spends from both. The rate
+    paces a client; the day's total bounds what one can add for good (events, read-model rows)
+    however patiently it keeps to the rate."""
+
+    def __init__(self, rate_per_s: float, burst: int, per_day: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.pace = TokenBuckets(rate_per_s, burst, clock=clock)
+        self.day = TokenBuckets(per_day / DAY_S, per_day, clock=clock)
+
+    def take(self, key: object) -> None:
+        """Spend from both or raise RateLimited (the pace first: a refused burst costs no day)."""
+        self.pace.take(key)
+        self.day.take(key)
 
 
 def client_address(peer: str | None, forwarded_for: list[str], trusted_proxies: int) -> str:

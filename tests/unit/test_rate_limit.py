@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.api.rate_limit import RateLimited, TokenBuckets
+from adapters.api.rate_limit import DAY_S, Budget, RateLimited, TokenBuckets
 
 
 class FakeClock:
@@ -45,3 +45,37 @@ def test_never_more_than_burst_plus_rate_times_elapsed(gaps):
         except RateLimited as e:
             assert e.retry_after_s > 0
     assert granted <= 4 + 5 * clock.t + 1e-9
+
+
+def test_a_budget_keeps_to_its_pace_and_to_its_total_in_any_day():
+    clock = FakeClock()
+    budget = Budget(rate_per_s=5, burst=20, per_day=30, clock=clock)
+    for _ in range(20):
+        budget.take("u")
+    with pytest.raises(RateLimited) as paced:
+        budget.take("u")
+    assert paced.value.retry_after_s == pytest.approx(0.2)  # the pace's next token
+    clock.t = 4.0  # the pace is full again; the day has 10 left
+    for _ in range(10):
+        budget.take("u")
+    with pytest.raises(RateLimited) as spent:
+        budget.take("u")
+    assert spent.value.retry_after_s == pytest.approx(DAY_S / 30 - 4.0)  # a day token, less the 4 s since
+    budget.take("other")  # per key
+
+
+@settings(max_examples=50, deadline=None)
+@given(gaps=st.lists(st.floats(0, 3600), min_size=1, max_size=80))
+def test_a_budget_never_grants_more_than_its_day_allows(gaps):
+    clock = FakeClock()
+    budget = Budget(rate_per_s=5, burst=20, per_day=30, clock=clock)
+    granted = 0
+    for gap in gaps:
+        clock.t += gap
+        try:
+            budget.take("k")
+            granted += 1
+        except RateLimited as e:
+            assert e.retry_after_s > 0
+    assert granted <= 30 + 30 * clock.t / DAY_S + 1e-9
+    assert granted <= 20 + 5 * clock.t + 1e-9
