@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from gpu_consumer import ops
 from tests.bench import quality
@@ -91,7 +92,14 @@ def test_a_perfect_removal_scores_zero_delta_e_and_no_removal_scores_no_coverage
 
 def test_a_generated_scene_is_deterministic_and_its_masks_partition_it() -> None:
     scene, again = generate(5, (120, 160), rug=True), generate(5, (120, 160), rug=True)
-    assert (scene.image == again.image).all() and set(scene.removed) == {"sofa", "lamp", "rug"}
+    # Seen to fail once in a loaded full unit run, never since (929 pairs under 3 busy cores): say
+    # what differed, should it again.
+    differs = [name for name, a, b in [("image", scene.image, again.image),
+                                       *((f"mask {k}", scene.masks[k], again.masks[k]) for k in scene.masks),
+                                       *((f"without {k}", scene.removed[k], again.removed[k]) for k in scene.removed)]
+               if not np.array_equal(a, b)]
+    assert not differs, (differs, int((scene.image != again.image).sum()), torch.get_num_threads())
+    assert set(scene.removed) == {"sofa", "lamp", "rug"}
     stacked = sum(m.astype(int) for m in scene.masks.values())
     assert (stacked == 1).all()  # every pixel belongs to exactly one concept
     assert scene.masks["sofa"].any() and scene.masks["lamp"].any() and scene.masks["rug"].any()

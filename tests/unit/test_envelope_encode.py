@@ -6,13 +6,22 @@ code did before orjson)."""
 from __future__ import annotations
 
 import json
+from datetime import UTC
 from typing import Any, NamedTuple
 from uuid import UUID
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from domain.contracts.envelope import _plain_hook, notification_message
+from domain.contracts.envelope import (
+    EnvelopeInvalid,
+    EventEnvelope,
+    _plain_hook,
+    decode,
+    encode,
+    notification_message,
+)
 from domain.contracts.trace import TRACE_KEY
 
 TOPIC = "domain.job:Job.ItemCompleted"
@@ -73,3 +82,33 @@ def test_a_plain_state_takes_orjson() -> None:
     message, _ = notification_message(Stored(7, STREAM, 2, TOPIC, ("{" + '"u":"caf\\u00e9",' + STAMP + "}").encode()),
                                       transcoder=None)
     assert '"u":"café"'.encode() in message  # orjson writes UTF-8; json would have escaped it
+
+
+# -- what consumers accept ------------------------------------------------------------------------
+GOOD = {"id": 7, "stream_id": "00000000-0000-0000-0000-000000000001", "stream_type": "Job", "version": 2,
+        "type": "JobQueued", "timestamp": "2026-01-01T00:00:00+00:00", "data": {"protect": []}}
+
+
+@given(st.integers(1, 2**62), st.uuids(), st.sampled_from(["User", "Job", "Rule"]), st.integers(1, 10**6),
+       st.datetimes(timezones=st.just(UTC)), st.dictionaries(st.text(max_size=5), st.integers(), max_size=3))
+def test_an_envelope_reads_back_as_it_was_written(position, stream_id, stream_type, version, at, data) -> None:
+    envelope = EventEnvelope(position, stream_id, stream_type, version, "Something", at, data)
+    assert decode(encode(envelope)) == envelope
+
+
+@pytest.mark.parametrize("change", [
+    {"timestamp": "2026-01-01T00:00:00"},  # no offset: no consumer can order it against the others
+    {"id": True}, {"id": 7.0}, {"id": "7"}, {"version": "2"}, {"version": True},  # bool is no int here
+    {"stream_id": "not-a-uuid"}, {"stream_id": 1}, {"data": []}, {"type": None}, {"stream_type": 3},
+])
+def test_a_field_of_the_wrong_kind_is_refused(change: dict[str, Any]) -> None:
+    with pytest.raises(EnvelopeInvalid):
+        decode(json.dumps({**GOOD, **change}).encode())
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"[1, 2]", b"null", json.dumps({**GOOD, "id": None}).encode(),
+                                 json.dumps({k: v for k, v in GOOD.items() if k != "version"}).encode()])
+def test_what_is_not_an_envelope_is_refused(raw: bytes) -> None:
+    with pytest.raises(EnvelopeInvalid):
+        decode(raw)
+

@@ -86,8 +86,8 @@ class Billing(RuleBasedStateMachine):
         idx = data.draw(st.integers(0, job.item_count - 1))
         key = f"{job_id}:{idx}"
         result = self.svc.record_item_result(job_id, idx, status, key, error="e").value
-        if key in self.outcomes and result.outcome != "ignored_canceled":
-            assert (result.idx, result.item_status) == self.outcomes[key]
+        if key in self.outcomes:  # a repeated key answers as first recorded, canceled since or not
+            assert (result.outcome, result.idx, result.item_status) == ("duplicate", *self.outcomes[key])
         elif result.outcome == "recorded":
             self.outcomes[key] = (result.idx, result.item_status)
 

@@ -179,3 +179,64 @@ def test_an_event_decided_with_an_earlier_time_than_the_streams_last_is_stamped_
     job.record_result(0, "failed", "", "", "x", "k0", later.replace(hour=13))
     assert [(type(e).__name__, e.timestamp.hour) for e in job.collect_events()] == [
         ("JobCreated", 0), ("UploadConfirmed", 12), ("JobQueued", 12), ("JobStarted", 13), ("ItemCompleted", 13)]
+
+
+@pytest.mark.parametrize("count", [1, 200])
+def test_item_count_takes_its_bounds(count):
+    assert Job.create(uuid4(), uuid4(), "interior", count, AT).item_count == count
+
+
+def test_each_item_keeps_only_the_fields_of_its_status():
+    job = job_in("queued", items=2)
+    job.record_result(0, "done", "out/0.jpg", "prev/0.jpg", "ignored", "k0", AT)
+    job.record_result(1, "failed", "out/1.jpg", "prev/1.jpg", "x" * 600, "k1", AT)
+    done, failed = job.items[0], job.items[1]
+    assert (done.status, done.output_key, done.preview_key, done.error) == ("done", "out/0.jpg", "prev/0.jpg", "")
+    assert (failed.status, failed.output_key, failed.preview_key, failed.error) == ("failed", "", "", "x" * 500)
+
+
+@pytest.mark.parametrize("other", [
+    {"protect": ["sofa"]}, {"rule_id": uuid4()}, {"concepts": {"lamp": {"action": "remove", "value": ""}}},
+])
+def test_executing_a_queued_job_again_with_other_edits_is_refused(other):
+    rule_id = uuid4()
+    job = Job.create(uuid4(), uuid4(), "interior", 1, AT)
+    job.confirm_upload(AT)
+    job.execute(EDITS, [], rule_id, AT)
+    assert job.rule_id == rule_id and job.concepts == EDITS
+    job.collect_events()
+    again = {"concepts": EDITS, "protect": [], "rule_id": rule_id, **other}
+    with pytest.raises(InvalidState):  # not "already queued" with the first edits kept silently
+        job.execute(again["concepts"], again["protect"], again["rule_id"], AT)
+    assert new_events(job) == []
+
+
+@pytest.mark.parametrize(("idx", "status", "key"), [(-1, "done", "k"), (1, "weird", "k"), (1, "done", "")])
+def test_a_result_with_a_bad_index_status_or_key_is_refused(idx, status, key):
+    job = job_in("running")
+    with pytest.raises(ValidationFailed):
+        job.record_result(idx, status, "", "", "", key, AT)
+    assert new_events(job) == []
+
+
+def test_a_canceled_job_answers_a_repeated_key_as_a_duplicate_and_another_as_ignored():
+    job = job_in("running")  # item 0 recorded under k0
+    job.cancel("user", AT)
+    job.collect_events()
+    assert job.record_result(0, "done", "o", "p", "", "k0", AT).outcome == ResultOutcome.DUPLICATE
+    assert job.record_result(0, "failed", "", "", "", "other", AT).outcome == ResultOutcome.IGNORED_CANCELED
+    assert new_events(job) == []
+
+
+def test_a_cancel_reason_is_kept_to_200_characters():
+    job = job_in("queued")
+    job.cancel("r" * 300, AT)
+    [event] = job.collect_events()
+    assert isinstance(event, Job.JobCanceled) and event.reason == "r" * 200
+
+
+def test_a_canceled_jobs_objects_expire_too():
+    job = job_in("running")
+    job.cancel("user", AT)
+    job.collect_events()
+    assert job.expire(30, AT) is True and new_events(job) == ["ObjectsExpired"]

@@ -60,3 +60,46 @@ def test_rule_update_with_same_content_records_nothing_and_delete_is_once():
 def test_rule_name_is_bounded():
     with pytest.raises(ValidationFailed):
         Rule.create(uuid4(), uuid4(), " ", "interior", {}, [], AT)
+
+
+def test_a_rule_update_of_any_one_field_is_recorded_and_applied():
+    edits = {"wall": {"action": "remove", "value": ""}}
+    other = {"floor": {"action": "texture", "value": "wood"}}
+    rule = Rule.create(uuid4(), uuid4(), "mine", "interior", edits, [], AT)
+    rule.collect_events()
+    rule.update("mine", edits, ["sofa"], AT)
+    rule.update("renamed", edits, ["sofa"], AT)
+    rule.update("renamed", other, ["sofa"], AT)
+    assert [type(e).__name__ for e in rule.collect_events()] == ["RuleUpdated"] * 3
+    assert (rule.name, rule.concepts, rule.protect) == ("renamed", other, ["sofa"])
+
+
+def test_a_rule_name_takes_80_characters_on_create_and_update_and_no_more():
+    rule = Rule.create(uuid4(), uuid4(), "x" * 80, "interior", {}, [], AT)
+    rule.update("y" * 80, {}, [], AT)
+    with pytest.raises(ValidationFailed):
+        rule.update("z" * 81, {}, [], AT)
+    with pytest.raises(ValidationFailed):
+        Rule.create(uuid4(), uuid4(), "x" * 81, "interior", {}, [], AT)
+    assert rule.name == "y" * 80
+
+
+@pytest.mark.parametrize(("action", "value"), [
+    *(("tone", t) for t in ("warm", "cool", "bright", "dark", "vivid", "muted")),
+    *(("texture", t) for t in ("wood", "marble", "concrete", "linen", "brick", "terrazzo")),
+    ("recolor", "#0aF9c3"),
+])
+def test_every_documented_edit_value_is_accepted(action, value):
+    edits, _ = normalise_edits("interior", {"wall": {"action": action, "value": value}}, [])
+    assert edits == {"wall": {"action": action, "value": value.lower() if action == "recolor" else value}}
+
+
+@pytest.mark.parametrize("value", ["#abc", "#aabbccd", "aabbcc", "#gggggg", "#aabbcc\n"])
+def test_a_recolor_takes_six_hex_digits_only(value):
+    with pytest.raises(ValidationFailed):
+        normalise_edits("interior", {"wall": {"action": "recolor", "value": value}}, [])
+
+
+def test_a_removal_keeps_no_value():
+    edits, _ = normalise_edits("interior", {"lamp": {"action": "remove", "value": "x"}}, [])
+    assert edits == {"lamp": {"action": "remove", "value": ""}}

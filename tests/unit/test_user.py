@@ -170,3 +170,46 @@ def test_each_generation_of_a_device_is_another_user_and_the_key_is_stored_as_se
     user = User.register(KEY, FREE, AT, generation=2, seal=lambda uid, v: seen.append((uid, v)) or "sealed:x")
     assert user.id == user_id_for_device_key(KEY, 2) and seen == [(user.id, KEY)]
     assert user.collect_events()[0].device_key == "sealed:x"
+
+
+def test_a_reservation_may_take_the_whole_balance():
+    user = registered()
+    user.reserve(uuid4(), 50, FREE, AT)
+    assert (user.balance, user.reserved) == (0, 50)
+
+
+def test_the_concurrency_limit_is_answered_before_the_balance():
+    user = registered()
+    user.reserve(uuid4(), 50, FREE, AT)
+    with pytest.raises(ConcurrencyLimit):  # over both: the client is told about the job it must finish
+        user.reserve(uuid4(), 1, FREE, AT)
+
+
+def test_a_reservation_of_nothing_and_a_negative_spend_are_refused():
+    user, job = registered(), uuid4()
+    with pytest.raises(ValidationFailed):
+        user.reserve(uuid4(), 0, FREE, AT)
+    user.reserve(job, 3, FREE, AT)
+    with pytest.raises(ValidationFailed):  # would refund more than was reserved
+        user.settle(job, -1, AT)
+    assert (user.balance, user.reserved, user.spent) == (47, 3, 0)
+
+
+def test_taking_a_rule_slot_already_held_records_nothing_even_with_every_slot_taken():
+    user, first = registered(), uuid4()
+    user.take_rule_slot(first, FREE, AT)
+    user.take_rule_slot(uuid4(), FREE, AT)
+    user.collect_events()
+    user.take_rule_slot(first, FREE, AT)
+    assert new_events(user) == []
+
+
+def test_user_ids_are_the_stored_ones():
+    # The ids every stream was stored under: a change of namespace or form re-keys every user.
+    assert str(user_id_for_device_key(KEY)) == "df72349f-79de-573f-ab6a-ccb3954334c5"
+    assert str(user_id_for_device_key(KEY, 1)) == "c12d1473-c20c-5b71-b71f-a6717c91c76f"
+
+
+def test_the_default_plans_are_architectures_table():
+    assert [(p.name, p.initial_credits, p.max_concurrency, p.max_rule_slots) for p in DEFAULT_PLANS.values()] == [
+        ("free", 50, 1, 2), ("pro", 1000, 4, 20)]
