@@ -241,8 +241,22 @@ async def create_job(body: JobCreate, user_id: CurrentUser, service: ServiceDep,
                          url=urls.url(k)) for i in range(body.item_count)]
     return ok(JobCreatedPublic(
         job_id=job_id, upload=upload, expires_in=URL_TTL_S,
-        confirm_url=str(request.url_for("confirm_upload", job_id=str(job_id))),
+        confirm_url=_confirm_url(request, container, job_id),
     ), status=201)
+
+
+def _confirm_url(request: Request, container: Container, job_id: UUID) -> str:
+    """The job's confirm-upload URL as the client reached this API: behind
+    PALETTE_TRUSTED_PROXIES proxies, in the scheme X-Forwarded-Proto gives that many places from
+    the right (a TLS proxy's https), as X-Forwarded-For is read; else as this server was reached."""
+    url = request.url_for("confirm_upload", job_id=str(job_id))
+    hops = container.settings.trusted_proxies
+    if hops > 0:
+        entries = [e.strip().lower() for h in request.headers.getlist("x-forwarded-proto") for e in h.split(",")]
+        entries = [e for e in entries if e]
+        if len(entries) >= hops and entries[-hops] in ("http", "https"):
+            url = url.replace(scheme=entries[-hops])
+    return str(url)
 
 
 @router.post("/jobs/{job_id}/confirm-upload", response_model=Envelope[JobStatePublic], responses={
@@ -311,7 +325,7 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
     masks = slots() if source.item_count * len(source.concepts) <= INLINE_URLS else await run_in_threadpool(slots)
     return ok(JobRerunPublic(
         job_id=new_id, source_job_id=job_id, inputs_copied=source.item_count, masks=masks, expires_in=URL_TTL_S,
-        confirm_url=str(request.url_for("confirm_upload", job_id=str(new_id))),
+        confirm_url=_confirm_url(request, container, new_id),
     ), status=201)
 
 

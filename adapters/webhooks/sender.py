@@ -8,9 +8,10 @@ receiver sees a job's events in order. The consumer wakes the sender after recor
 wake it looks for due retries every ``poll_s``.
 
 No user's endpoints take the threads from everyone else's: at most ``PER_USER_IN_FLIGHT`` of one
-user's deliveries are in flight at once, and an endpoint whose attempt failed is held (none of its
-deliveries tried) for the retry schedule's delay after as many failures in a row: an endpoint that
-hangs costs one attempt per step of the schedule, not one per delivery queued for it.
+user's deliveries are in flight at once in this process, and an endpoint whose attempt failed is
+held (none of its deliveries tried) for the retry schedule's delay after as many failures in a
+row, at most ``HOLD_MAX_S``: an endpoint that hangs costs one attempt per step, not one per
+delivery queued for it, and one that recovers is tried again within half an hour.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ PRUNE_EVERY_S = 3600.0
 PRUNE_PAGE = 5000
 LEASE_S = 3 * targets.TIMEOUT_S  # well past an attempt's deadline (targets.post)
 PER_USER_IN_FLIGHT = 2
+HOLD_MAX_S = 1800.0
 
 
 class WebhookSender:
@@ -127,8 +129,8 @@ class WebhookSender:
 
     def _hold_s(self, failures: int) -> float:
         """How long an endpoint is held after ``failures`` failed attempts in a row: the retry
-        schedule's step for that many (its last step past its end)."""
-        return retry_delay(self.schedule, min(failures, len(self.schedule)), self.draw) or 0.0
+        schedule's step for that many (its last step past its end), at most HOLD_MAX_S."""
+        return min(HOLD_MAX_S, retry_delay(self.schedule, min(failures, len(self.schedule)), self.draw) or 0.0)
 
     def close(self) -> None:
         self.http.close()

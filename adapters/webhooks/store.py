@@ -48,12 +48,16 @@ DDL = (
     "duration_ms integer NOT NULL, PRIMARY KEY (delivery_id, n))",
     "CREATE TABLE IF NOT EXISTS palette_webhooks.positions (name text PRIMARY KEY, position bigint NOT NULL, "
     "updated_at timestamptz NOT NULL DEFAULT now())",
-    # Until when a failing endpoint gets no attempt (a column added after the first release).
-    "ALTER TABLE palette_webhooks.endpoints ADD COLUMN IF NOT EXISTS held_until timestamptz",
+    # Until when a failing endpoint gets no attempt (a column added after the first release; looked
+    # for first: ALTER TABLE locks the table even when it changes nothing).
+    "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = "
+    "'palette_webhooks' AND table_name = 'endpoints' AND column_name = 'held_until') THEN "
+    "ALTER TABLE palette_webhooks.endpoints ADD COLUMN held_until timestamptz; END IF; END $$",
 )
 POSITIONS = ("palette_webhooks", "positions")
 ROTATION_GRACE_S = 24 * 3600  # the secret a rotation replaced still signs this long
-SHOWN_ATTEMPTS = 20  # attempts listed per delivery, the latest first
+SHOWN_ATTEMPTS = 20
+CLAIM_WINDOW = 1000  # the longest-due deliveries a claim looks at  # attempts listed per delivery, the latest first
 _ENDPOINT = sql.SQL("id, url, events, enabled, disabled_at, created_at")
 
 
@@ -127,15 +131,18 @@ def rotate_secret(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUI
 
 
 def enable_endpoint(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID) -> dict[str, Any] | None:
-    """Enable the endpoint again: its failure run forgotten, its pending deliveries due now."""
+    """Enable a disabled endpoint again: its failure run forgotten, its pending deliveries due
+    now. An enabled one is left as it is (an enable is no way around a hold); None: no such
+    endpoint."""
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(sql.SQL(
             "UPDATE palette_webhooks.endpoints SET enabled = true, disabled_at = NULL, failures = 0, "
-            "failing_since = NULL, held_until = NULL WHERE id = %s AND user_id = %s RETURNING {}").format(_ENDPOINT),
-            [endpoint_id, user_id]).fetchone()
-        if row is not None:
-            cur.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() "
-                        "WHERE endpoint_id = %s AND status = 'pending'", [endpoint_id])
+            "failing_since = NULL, held_until = NULL WHERE id = %s AND user_id = %s AND NOT enabled "
+            "RETURNING {}").format(_ENDPOINT), [endpoint_id, user_id]).fetchone()
+        if row is None:
+            return get_endpoint(conn, user_id, endpoint_id)
+        cur.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() "
+                    "WHERE endpoint_id = %s AND status = 'pending'", [endpoint_id])
     return row
 
 
@@ -177,8 +184,15 @@ def redeliver(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID,
             "FROM palette_webhooks.endpoints e WHERE d.id = %s AND d.endpoint_id = %s AND e.id = d.endpoint_id "
             "AND e.user_id = %s RETURNING {}").format(_DELIVERY), [delivery_id, endpoint_id, user_id]).fetchall()
         if rows:
+            cur.execute(_RELEASE, [endpoint_id])
             cur.execute("UPDATE palette_webhooks.endpoints SET held_until = NULL WHERE id = %s", [endpoint_id])
         return _with_attempts(cur, rows)[0] if rows else None
+
+
+# A held endpoint's due deliveries wait until its hold ends (``next_attempt_at`` = ``held_until``):
+# the claim's index scan does not walk past them. Ending the hold early makes them due again.
+_RELEASE = ("UPDATE palette_webhooks.deliveries d SET next_attempt_at = now() FROM palette_webhooks.endpoints e "
+            "WHERE e.id = %s AND d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at = e.held_until")
 
 
 # -- recording (the consumer) ---------------------------------------------------------------------
@@ -219,22 +233,23 @@ def recorded(conn: psycopg.Connection[Any], keys: Sequence[tuple[UUID, str]]) ->
 
 
 def record(conn: psycopg.Connection[Any], deliveries: Sequence[NewDelivery]) -> int:
-    """Insert the deliveries (due now) in one transaction; those already there are left alone, and
-    so are those of endpoints deleted since their subscribers were read (the endpoints still there
-    are locked against deletion until the inserts commit: a delete then takes them with it).
-    Returns how many were for endpoints still there."""
+    """Insert the deliveries in one transaction, due now (or when their endpoint's hold ends);
+    those already there are left alone, and so are those of endpoints deleted since their
+    subscribers were read (the endpoints still there are locked against deletion until the inserts
+    commit: a delete then takes them with it). Returns how many were for endpoints still there."""
     if not deliveries:
         return 0
     with conn.transaction(), conn.cursor() as cur:
-        live = {row[0] for row in cur.execute(
-            "SELECT id FROM palette_webhooks.endpoints WHERE id = ANY(%s) FOR KEY SHARE",
-            [list({d.endpoint_id for d in deliveries})])}
+        live = dict(cur.execute(
+            "SELECT id, held_until FROM palette_webhooks.endpoints WHERE id = ANY(%s) FOR KEY SHARE",
+            [list({d.endpoint_id for d in deliveries})]).fetchall())
         kept = [d for d in deliveries if d.endpoint_id in live]
         cur.executemany(
             "INSERT INTO palette_webhooks.deliveries (id, endpoint_id, message_id, job_id, version, event_type, "
-            "body, next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, now()) "
+            "body, next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, greatest(now(), %s::timestamptz)) "
             "ON CONFLICT (endpoint_id, message_id) DO NOTHING",
-            [(uuid4(), d.endpoint_id, d.message_id, d.job_id, d.version, d.event_type, d.body) for d in kept])
+            [(uuid4(), d.endpoint_id, d.message_id, d.job_id, d.version, d.event_type, d.body, live[d.endpoint_id])
+             for d in kept])
     return len(kept)
 
 
@@ -256,26 +271,33 @@ def claim(conn: psycopg.Connection[Any], limit: int, lease_s: float, per_user: i
     """Up to ``limit`` due deliveries (oldest due first), leased for ``lease_s``; none to an
     endpoint that failures hold. With ``per_user``, at most that many of one user's deliveries
     are in flight, counting ``busy`` (the caller's attempts in flight, by user): one user's
-    endpoints that hang cannot take every sender thread from everyone else's."""
+    endpoints that hang cannot take every sender thread from everyone else's (and each user's
+    first delivery comes before anyone's second). It looks at the
+    ``CLAIM_WINDOW`` deliveries due longest (a claim's cost does not grow with the backlog), and
+    checks again on each row it locks that it is still due (another sender's claim may have
+    leased it since this one's snapshot)."""
     busy = busy or {}
     rows = conn.execute(
-        "WITH ready AS (SELECT d.id, d.next_attempt_at, row_number() OVER (PARTITION BY e.user_id "
-        "ORDER BY d.next_attempt_at) + coalesce(b.n, 0) AS place "
-        "FROM palette_webhooks.deliveries d JOIN palette_webhooks.endpoints e ON e.id = d.endpoint_id "
+        "WITH candidates AS (SELECT d.id, d.endpoint_id, d.job_id, d.version, d.next_attempt_at "
+        "FROM palette_webhooks.deliveries d WHERE d.status = 'pending' AND d.next_attempt_at <= now() "
+        "ORDER BY d.next_attempt_at LIMIT %(window)s), "
+        "ready AS (SELECT c.id, c.next_attempt_at, row_number() OVER (PARTITION BY e.user_id "
+        "ORDER BY c.next_attempt_at) + coalesce(b.n, 0) AS place "
+        "FROM candidates c JOIN palette_webhooks.endpoints e ON e.id = c.endpoint_id "
         "LEFT JOIN unnest(%(users)s::uuid[], %(counts)s::int[]) AS b(user_id, n) ON b.user_id = e.user_id "
-        "WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND e.enabled "
-        "AND (e.held_until IS NULL OR e.held_until <= now()) "
-        "AND NOT EXISTS (SELECT 1 FROM palette_webhooks.deliveries p WHERE p.endpoint_id = d.endpoint_id "
-        "AND p.job_id = d.job_id AND p.status = 'pending' AND p.version < d.version)), "
+        "WHERE e.enabled AND (e.held_until IS NULL OR e.held_until <= now()) "
+        "AND NOT EXISTS (SELECT 1 FROM palette_webhooks.deliveries p WHERE p.endpoint_id = c.endpoint_id "
+        "AND p.job_id = c.job_id AND p.status = 'pending' AND p.version < c.version)), "
         "due AS (SELECT d.id FROM palette_webhooks.deliveries d JOIN ready r ON r.id = d.id "
-        "WHERE %(per_user)s::int IS NULL OR r.place <= %(per_user)s "
-        "ORDER BY r.next_attempt_at LIMIT %(limit)s FOR UPDATE OF d SKIP LOCKED) "
+        "WHERE d.status = 'pending' AND d.next_attempt_at <= now() "
+        "AND (%(per_user)s::int IS NULL OR r.place <= %(per_user)s) "
+        "ORDER BY r.place, r.next_attempt_at LIMIT %(limit)s FOR UPDATE OF d SKIP LOCKED) "
         "UPDATE palette_webhooks.deliveries d SET next_attempt_at = now() + %(lease)s * interval '1 second' "
         "FROM due, palette_webhooks.endpoints e WHERE d.id = due.id AND e.id = d.endpoint_id "
         "RETURNING d.id, d.message_id, d.body, d.tries, e.url, e.secret, "
         "CASE WHEN e.previous_until > now() THEN e.previous_secret END, d.next_attempt_at, e.user_id",
         {"users": list(busy), "counts": list(busy.values()), "per_user": per_user, "limit": limit,
-         "lease": lease_s}).fetchall()
+         "lease": lease_s, "window": max(limit, CLAIM_WINDOW)}).fetchall()
     return [Due(r[0], r[1], bytes(r[2]), r[3], r[4], tuple(k for k in (r[5], r[6]) if k), r[7], r[8])
             for r in rows]
 
@@ -287,7 +309,8 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
     has failed) and lengthens the endpoint's run of failures, which disables it once it is
     ``disable_after`` attempts long and has lasted ``disable_after_s``; with ``hold_s`` it also
     holds the endpoint for ``hold_s(failures in the run)`` seconds, in which none of its
-    deliveries is tried (its attempts in flight finish). A success ends the run and the hold.
+    deliveries is tried (its attempts in flight finish; those due wait for the hold's end). A
+    success ends the run and the hold.
     With ``lease`` (the claim's end), an attempt whose claim was taken over since (it outlived its
     lease, or the delivery was redelivered) records nothing: a later attempt's outcome stands."""
     status = "succeeded" if outcome.ok else ("pending" if retry_in_s is not None else "failed")
@@ -307,6 +330,7 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
                      [delivery_id, row[0], outcome.status_code, outcome.error, outcome.body.replace("\x00", ""),
                       outcome.duration_ms])
         if outcome.ok:
+            conn.execute(_RELEASE, [row[1]])
             conn.execute("UPDATE palette_webhooks.endpoints SET failures = 0, failing_since = NULL, "
                          "held_until = NULL WHERE id = %s AND (failures > 0 OR held_until IS NOT NULL)", [row[1]])
             return
@@ -320,8 +344,13 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
             "  ELSE disabled_at END WHERE id = %(id)s RETURNING failures",
             {"n": disable_after, "s": disable_after_s, "id": row[1]}).fetchone()
         if hold_s is not None and failures is not None:
-            conn.execute("UPDATE palette_webhooks.endpoints SET held_until = now() + %s * interval '1 second' "
-                         "WHERE id = %s", [hold_s(failures[0]), row[1]])
+            held = conn.execute("UPDATE palette_webhooks.endpoints SET held_until = now() + %s * interval '1 second' "
+                                "WHERE id = %s RETURNING held_until", [hold_s(failures[0]), row[1]]).fetchone()
+            # Its due deliveries (not those leased: their attempts are in flight) and this one
+            # wait for the hold's end.
+            conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = %s WHERE endpoint_id = %s "
+                         "AND status = 'pending' AND (next_attempt_at <= now() OR id = %s) AND next_attempt_at < %s",
+                         [held[0] if held else None, row[1], delivery_id, held[0] if held else None])
 
 
 def prune(conn: psycopg.Connection[Any], keep_s: float, limit: int) -> int:

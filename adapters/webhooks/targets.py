@@ -167,8 +167,6 @@ def check(url: str, production: bool, resolver: Resolver = resolve) -> Target:
         raise TargetRefused(f"the URL is longer than {MAX_URL_LENGTH} characters")
     if _CONTROLS.search(url):
         raise TargetRefused("the URL must not hold control characters")
-    if " " in url:
-        raise TargetRefused("the URL must not hold spaces (percent-encode them: %20)")
     try:
         parts = urlsplit(url)
         port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)

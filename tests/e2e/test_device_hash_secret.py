@@ -172,6 +172,21 @@ def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget(limited
     assert anon("203.0.113.2") == 201
 
 
+@pytest.mark.parametrize(("hops", "proto", "scheme"), [
+    (1, "https", "https"), (0, "https", "http"),  # untrusted: as this server was reached
+    (1, "gopher", "http"), (2, "https", "http"),  # not a scheme; fewer entries than proxies
+    (2, "http, https", "http"),  # the entry two proxies back, as X-Forwarded-For is read
+])
+def test_confirm_url_takes_the_scheme_a_trusted_proxy_forwards(limited_api, hops, proto, scheme):
+    api = limited_api(trusted_proxies=hops)
+    token = api.post("/auth/anon", json={"device_hash": f"device-{uuid.uuid4().hex}"},
+                     headers={"X-Forwarded-For": "203.0.113.9, 203.0.113.8"}).json()["data"]["token"]
+    job = api.post("/jobs", json={"preset": "interior", "item_count": 1},
+                   headers={"Authorization": f"Bearer {token}", "X-Forwarded-Proto": proto})
+    assert job.status_code == 201, job.text
+    assert job.json()["data"]["confirm_url"].startswith(f"{scheme}://testserver/jobs/")
+
+
 def test_the_users_migration_clears_raw_device_hashes_and_keeps_device_keys(settings):
     from projections.schema import drop_raw_device_hashes, ensure_schema
 

@@ -76,7 +76,13 @@ def test_a_claim_counts_the_users_attempts_in_flight_and_skips_a_held_endpoint(s
         store.record(conn, [store.NewDelivery(endpoint, f"msg_{j.hex}_1", j, 1, "job.queued", b"{}") for j in jobs])
 
         def mine(**kw: Any) -> list[store.Due]:
-            return [d for d in store.claim(conn, 100, 0.0, **kw) if d.user_id == user]
+            return [d for d in store.claim(conn, 10_000, 0.0, **kw) if d.user_id == user]
+
+        def waiting() -> set[Any]:  # when the endpoint's pending deliveries are next due, and its hold
+            return {r[0] for r in conn.execute(
+                "SELECT d.next_attempt_at = e.held_until FROM palette_webhooks.deliveries d JOIN "
+                "palette_webhooks.endpoints e ON e.id = d.endpoint_id WHERE e.id = %s AND d.status = 'pending'",
+                [endpoint]).fetchall()}
 
         try:
             assert len(mine(per_user=2, busy={user: 1})) == 1  # one more than the one in flight
@@ -85,9 +91,15 @@ def test_a_claim_counts_the_users_attempts_in_flight_and_skips_a_held_endpoint(s
             store.finish(conn, first.id, Outcome(None, "timeout", "", 10_000), 5.0, 20, 0, first.lease,
                          hold_s=lambda failures: 3600.0 * failures)
             assert mine() == []  # held: none of its deliveries is tried, due or not
+            assert waiting() == {True}  # they wait for the hold's end, out of the claims' way
+            late = uuid.uuid4()  # recorded while held: it waits too
+            store.record(conn, [store.NewDelivery(endpoint, f"msg_{late.hex}_1", late, 1, "job.queued", b"{}")])
+            assert waiting() == {True}
+            assert store.enable_endpoint(conn, user, endpoint) is not None  # enabled already: no way round
+            assert mine() == []
             store.redeliver(conn, user, endpoint, first.id)  # its owner says it works again
             again = mine()
-            assert len(again) == 3
+            assert len(again) == 4
             store.finish(conn, again[0].id, Outcome(200, "", "", 5), None, 20, 0, again[0].lease)
             row = conn.execute("SELECT failures, held_until FROM palette_webhooks.endpoints WHERE id = %s",
                                [endpoint]).fetchone()

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from adapters.webhooks import store, targets
-from adapters.webhooks.sender import WebhookSender
+from adapters.webhooks.sender import HOLD_MAX_S, WebhookSender
 from tests.unit.test_webhooks import Target
 
 BODY = b'{"type":"job.queued"}'
@@ -169,6 +169,9 @@ def test_the_sender_records_an_attempt_that_raised_as_a_failure_on_the_retry_sch
     assert delivery_id == due.id and lease is None
     # The endpoint is held for the schedule's step after its run of failures, its last past the end.
     assert [hold_s(n) for n in (1, 2, 3)] == pytest.approx([5.0, 60.0, 60.0])
+    patient = WebhookSender(Finishing(), raising.client(), (5.0, 7200.0), production=False,  # type: ignore[arg-type]
+                            disable_after=3, disable_after_s=0.0, draw=lambda: 0.5)
+    assert patient._hold_s(2) == HOLD_MAX_S  # a recovered endpoint waits at most that long
     assert not outcome.ok and outcome.status_code is None and outcome.error.startswith("UnicodeEncodeError: ")
     assert retry_in == pytest.approx(60.0)  # the second try failed: the schedule's second step
     assert (disable_after, disable_after_s) == (3, 0.0)

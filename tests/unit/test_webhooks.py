@@ -150,7 +150,7 @@ def test_a_name_with_one_private_address_among_public_ones_is_refused():
     ("http://hooks.example/in", "must be https"), ("ftp://hooks.example/", "must be https"),
     ("https:///nohost", "with a host"), ("https://user:pw@hooks.example/", "credentials"),
     ("https://hooks.example/" + "a" * 2048, "longer than 2048"), ("https://[::1/", "not a URL"),
-    ("https://hooks.example:0/in", "port must be"), ("https://hooks.example/a b", "spaces"),
+    ("https://hooks.example:0/in", "port must be"),
 ])
 def test_production_refuses_urls_that_are_not_https_to_a_host(url, why):
     with pytest.raises(targets.TargetRefused, match=why):
