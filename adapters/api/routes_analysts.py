@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -18,6 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 
 from adapters.api.deps import ContainerDep, bearer, verified
 from adapters.api.envelope import ApiError, ok
+from adapters.api.rate_limit import RateLimited
 from adapters.api.schemas import Envelope
 from adapters.bootstrap import Container
 from projections import audit
@@ -28,6 +29,24 @@ _E = Envelope[None]
 STAFF_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},
                 404: {"model": _E, "description": "NOT_FOUND (also for client tokens)"},
                 422: {"model": _E, "description": "VALIDATION_FAILED"}}
+SCAN_ERRORS: dict[int | str, dict[str, Any]] = {
+    **STAFF_ERRORS, 429: {"model": _E, "description": "RATE_LIMITED: another whole-log audit is running"}}
+SCAN_RETRY_S = 5.0  # what an audit refused while another runs is told to wait
+T = TypeVar("T")
+
+
+async def _one_scan(request: Request, work: Callable[[], T]) -> T:
+    """``work``, a whole-log audit (reconcile, verify, a period report), on a thread, one at a
+    time in this API process: each holds a thread and a read-pool connection for its whole scan,
+    and goes on after its client is gone, so one started while another runs is a 429."""
+    state = request.app.state
+    if getattr(state, "audit_scanning", False):
+        raise RateLimited(SCAN_RETRY_S)
+    state.audit_scanning = True  # no await since the check: no other request interleaves
+    try:
+        return await run_in_threadpool(work)
+    finally:
+        state.audit_scanning = False
 
 
 def staff(*roles: str) -> Callable[..., Any]:
@@ -134,32 +153,32 @@ async def audit_balance(user_id: UUID, as_of: datetime, _: Auditor, container: C
     return ok(await run_in_threadpool(read))
 
 
-@router.get("/audit/reconcile", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=STAFF_ERRORS)
-async def audit_reconcile(_: Auditor, container: ContainerDep) -> JSONResponse:
+@router.get("/audit/reconcile", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=SCAN_ERRORS)
+async def audit_reconcile(_: Auditor, container: ContainerDep, request: Request) -> JSONResponse:
     """Does billing_events equal the fold of the event log? (differences listed)."""
     def run() -> audit.Reconciliation:
         with container.read_pool.connection() as conn:
             # a short wait for the projector: the request holds a pool connection meanwhile
             return audit.reconcile(conn, container.app.recorder, container.app.mapper.transcoder, wait_s=5.0)
-    report = await run_in_threadpool(run)
+    report = await _one_scan(request, run)
     return ok({"ok": report.ok, "position": report.position, "events": report.events,
                "ledger_rows": report.ledger_rows,
                "users": report.users, "differences": report.differences,
                "balance_mismatches": [dataclasses.asdict(m) for m in report.balance_mismatches]})
 
 
-@router.get("/audit/verify", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=STAFF_ERRORS)
-async def audit_verify(_: Auditor, container: ContainerDep) -> JSONResponse:
+@router.get("/audit/verify", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=SCAN_ERRORS)
+async def audit_verify(_: Auditor, container: ContainerDep, request: Request) -> JSONResponse:
     """Recompute the per-user hash chains of the ledger."""
     def run() -> tuple[int, list[audit.ChainBreak]]:
         with container.read_pool.connection() as conn:
             return audit.verify(conn)
-    checked, breaks = await run_in_threadpool(run)
+    checked, breaks = await _one_scan(request, run)
     return ok({"ok": not breaks, "checked": checked, "breaks": [b.__dict__ for b in breaks]})
 
 
-@router.get("/audit/report", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=STAFF_ERRORS)
-async def audit_report(_: Auditor, container: ContainerDep,
+@router.get("/audit/report", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=SCAN_ERRORS)
+async def audit_report(_: Auditor, container: ContainerDep, request: Request,
                        from_time: Annotated[datetime, Query(alias="from")],
                        to_time: Annotated[datetime, Query(alias="to")],
                        at: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None) -> JSONResponse:
@@ -176,4 +195,4 @@ async def audit_report(_: Auditor, container: ContainerDep,
                                            from_time, to_time, at=at, wait_s=5.0)
             except ValueError as e:
                 raise ApiError("VALIDATION_FAILED", str(e)) from None
-    return ok((await run_in_threadpool(run)).as_dict())
+    return ok((await _one_scan(request, run)).as_dict())

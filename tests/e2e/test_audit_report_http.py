@@ -46,3 +46,29 @@ def test_a_time_without_its_offset_is_a_422_on_every_staff_route(client, http, s
         assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_FAILED", (path, params, r.text)
         with_offset = {k: (aware if v == naive else v) for k, v in params.items()}
         assert http.get(path, params=with_offset, headers=auditor).status_code in (200, 404), (path, with_offset)
+
+
+def test_one_whole_log_audit_runs_at_a_time_and_another_is_told_to_wait(settings):
+    # Each holds a thread and a read-pool connection for a scan of the whole log, and goes on
+    # after its client is gone: 20 at once held the pool a client's reads need.
+    from fastapi.testclient import TestClient
+
+    from adapters.api.app import create_app
+    from adapters.bootstrap import build
+
+    container = build(settings, pool_size=2)
+    try:
+        app = create_app(container)
+        auditor = staff_headers(settings, "auditor")
+        period = {"from": "2020-01-01T00:00:00+00:00", "to": "2020-01-02T00:00:00+00:00"}
+        with TestClient(app) as api:
+            app.state.audit_scanning = True  # one is running
+            for path, params in (("/audit/reconcile", {}), ("/audit/verify", {}), ("/audit/report", period)):
+                r = api.get(path, params=params, headers=auditor)
+                assert r.status_code == 429 and r.json()["error"]["code"] == "RATE_LIMITED", (path, r.text)
+                assert int(r.headers["Retry-After"]) >= 1
+            app.state.audit_scanning = False  # it ended
+            verified = api.get("/audit/verify", headers=auditor)
+            assert verified.status_code == 200 and app.state.audit_scanning is False  # and this one ended too
+    finally:
+        container.close()
