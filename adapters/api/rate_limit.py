@@ -67,16 +67,23 @@ class Budget:
         self.day.take(key)
 
 
+def forwarded(values: list[str], hops: int) -> str | None:
+    """The entry of a forwarding header (X-Forwarded-For, X-Forwarded-Proto: all its lines, comma
+    separated) that ``hops`` trusted proxies back wrote: that many places from the right; the
+    entries left of it are whatever the client chose to send. None: no proxy trusted, or fewer
+    entries than proxies."""
+    if hops <= 0:
+        return None
+    entries = [e.strip() for value in values for e in value.split(",") if e.strip()]
+    return entries[-hops] if len(entries) >= hops else None
+
+
 def client_address(peer: str | None, forwarded_for: list[str], trusted_proxies: int) -> str:
     """The address a per-client limit counts against. The TCP peer, unless ``trusted_proxies``
     reverse proxies stand in front: then the entry that many places from the right of
     X-Forwarded-For (the entries left of it are whatever the client chose to send). An IPv6
     client counts by its /64, which one subscriber usually holds whole."""
-    address = peer or "unknown"
-    if trusted_proxies > 0:
-        entries = [e.strip() for header in forwarded_for for e in header.split(",") if e.strip()]
-        if len(entries) >= trusted_proxies:
-            address = entries[-trusted_proxies]
+    address = forwarded(forwarded_for, trusted_proxies) or peer or "unknown"
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

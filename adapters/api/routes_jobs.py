@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
 from adapters.api.envelope import ApiError, ok
 from adapters.api.idempotency import id_for_key
-from adapters.api.rate_limit import RateLimited
+from adapters.api.rate_limit import RateLimited, forwarded
 from adapters.api.schemas import (
     CallbackCreate,
     CallbackPublic,
@@ -250,13 +250,8 @@ def _confirm_url(request: Request, container: Container, job_id: UUID) -> str:
     PALETTE_TRUSTED_PROXIES proxies, in the scheme X-Forwarded-Proto gives that many places from
     the right (a TLS proxy's https), as X-Forwarded-For is read; else as this server was reached."""
     url = request.url_for("confirm_upload", job_id=str(job_id))
-    hops = container.settings.trusted_proxies
-    if hops > 0:
-        entries = [e.strip().lower() for h in request.headers.getlist("x-forwarded-proto") for e in h.split(",")]
-        entries = [e for e in entries if e]
-        if len(entries) >= hops and entries[-hops] in ("http", "https"):
-            url = url.replace(scheme=entries[-hops])
-    return str(url)
+    scheme = (forwarded(request.headers.getlist("x-forwarded-proto"), container.settings.trusted_proxies) or "").lower()
+    return str(url.replace(scheme=scheme) if scheme in ("http", "https") else url)
 
 
 @router.post("/jobs/{job_id}/confirm-upload", response_model=Envelope[JobStatePublic], responses={

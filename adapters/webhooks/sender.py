@@ -87,7 +87,7 @@ class WebhookSender:
     def _claim(self, limit: int) -> list[store.Due]:
         try:
             with self._lock:
-                busy = {user: n for user, n in self._busy.items() if user is not None and n > 0}
+                busy = {user: n for user, n in self._busy.items() if user is not None}  # none at 0: deleted
             with self.pool.connection() as conn:
                 return store.claim(conn, limit, self.lease_s, PER_USER_IN_FLIGHT, busy)
         except Exception as e:  # noqa: BLE001 - the database is away: the next poll tries again

@@ -56,8 +56,8 @@ DDL = (
 )
 POSITIONS = ("palette_webhooks", "positions")
 ROTATION_GRACE_S = 24 * 3600  # the secret a rotation replaced still signs this long
-SHOWN_ATTEMPTS = 20
-CLAIM_WINDOW = 1000  # the longest-due deliveries a claim looks at  # attempts listed per delivery, the latest first
+SHOWN_ATTEMPTS = 20  # attempts listed per delivery, the latest first
+CLAIM_WINDOW = 1000  # the longest-due deliveries a claim looks at
 _ENDPOINT = sql.SQL("id, url, events, enabled, disabled_at, created_at")
 
 
@@ -344,13 +344,14 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
             "  ELSE disabled_at END WHERE id = %(id)s RETURNING failures",
             {"n": disable_after, "s": disable_after_s, "id": row[1]}).fetchone()
         if hold_s is not None and failures is not None:
-            held = conn.execute("UPDATE palette_webhooks.endpoints SET held_until = now() + %s * interval '1 second' "
-                                "WHERE id = %s RETURNING held_until", [hold_s(failures[0]), row[1]]).fetchone()
-            # Its due deliveries (not those leased: their attempts are in flight) and this one
-            # wait for the hold's end.
-            conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = %s WHERE endpoint_id = %s "
-                         "AND status = 'pending' AND (next_attempt_at <= now() OR id = %s) AND next_attempt_at < %s",
-                         [held[0] if held else None, row[1], delivery_id, held[0] if held else None])
+            # The hold, and its due deliveries (not those leased: their attempts are in flight)
+            # and this one waiting for its end, in one statement.
+            conn.execute(
+                "WITH held AS (UPDATE palette_webhooks.endpoints SET held_until = now() + %s * interval '1 second' "
+                "WHERE id = %s RETURNING id, held_until) UPDATE palette_webhooks.deliveries d "
+                "SET next_attempt_at = held.held_until FROM held WHERE d.endpoint_id = held.id "
+                "AND d.status = 'pending' AND (d.next_attempt_at <= now() OR d.id = %s) "
+                "AND d.next_attempt_at < held.held_until", [hold_s(failures[0]), row[1], delivery_id])
 
 
 def prune(conn: psycopg.Connection[Any], keep_s: float, limit: int) -> int:
