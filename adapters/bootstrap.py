@@ -47,25 +47,28 @@ def event_store_env(settings: Settings, pool_size: int = 8, schema: str = "") ->
     }
     if schema:
         env["POSTGRES_SCHEMA"] = schema
-    if _events_table_exists(settings, schema or "public"):
+    if _store_tables_exist(settings, schema or "public"):
         # eventsourcing makes its types with CREATE TYPE and takes the error when they exist:
         # PostgreSQL logs an ERROR for it each time a process opens the store.
         env["CREATE_TABLE"] = "n"
     return env
 
 
-def _events_table_exists(settings: Settings, schema: str) -> bool:
-    """Whether the event store's tables were made (eventsourcing makes them in one transaction,
-    its functions with them)."""
+def _store_tables_exist(settings: Settings, schema: str) -> bool:
+    """Whether the event store's tables were made: the events' and the snapshots' (eventsourcing
+    makes each in one transaction, its functions with it; a store from before snapshots has only
+    the first)."""
     import psycopg
 
     try:
         with psycopg.connect(settings.effective_database_url, connect_timeout=10) as conn:
-            row = conn.execute("SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))",
-                               [schema, f"{PaletteApplication.name}_events"]).fetchone()
+            row = conn.execute("SELECT to_regclass(format('%%I.%%I', %(s)s::text, %(e)s::text)) IS NOT NULL "
+                               "AND to_regclass(format('%%I.%%I', %(s)s::text, %(n)s::text)) IS NOT NULL",
+                               {"s": schema, "e": f"{PaletteApplication.name}_events",
+                                "n": f"{PaletteApplication.name}_snapshots"}).fetchone()
     except psycopg.Error:
         return False  # eventsourcing's own connection says what is wrong
-    return row is not None and row[0] is not None
+    return row is not None and bool(row[0])
 
 
 def open_event_store(settings: Settings, pool_size: int = 8) -> PaletteApplication:

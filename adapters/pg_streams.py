@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from uuid import UUID
 
@@ -18,25 +18,46 @@ from eventsourcing.postgres import PostgresAggregateRecorder, PostgresApplicatio
 from psycopg import sql
 
 from adapters.per_loop import of_running_loop
+from application.executors import snapshot_recorder
 from application.ports import VersionUnknown
 
 log = logging.getLogger(__name__)
 
 
 class PgStreamLoader:
-    """New events of any number of streams in ONE query (the group committer's prefetch)."""
+    """New events of any number of streams in ONE query (the group committer's prefetch), from
+    each stream's newest snapshot where it has one (``snapshots``: their recorder, if any)."""
 
-    def __init__(self, recorder: PostgresAggregateRecorder) -> None:
+    def __init__(self, recorder: PostgresAggregateRecorder,
+                 snapshots: PostgresAggregateRecorder | None = None) -> None:
         self._datastore = recorder.datastore
+        events = sql.Identifier(recorder.datastore.schema, recorder.events_table_name)
         # LATERAL: one index range scan per stream, whatever the planner guesses for unnest()
         # (a hash join would scan the whole events table as it grows). Names are identifiers,
         # values are parameters.
         self._query = sql.SQL(
             "SELECT e.originator_id, e.originator_version, e.topic, e.state "
             "FROM unnest(%b::uuid[], %b::int[]) AS v(id, ver) CROSS JOIN LATERAL ("
-            " SELECT originator_id, originator_version, topic, state FROM {}.{}"
+            " SELECT originator_id, originator_version, topic, state FROM {}"
             " WHERE originator_id = v.id AND originator_version > v.ver ORDER BY originator_version) e"
-        ).format(sql.Identifier(recorder.datastore.schema), sql.Identifier(recorder.events_table_name))
+        ).format(events)
+        # The same from snapshots: each stream's newest snapshot past the version given, if any
+        # (``s``, read twice, so computed once), then its events past that; both kinds of row in
+        # one answer, told apart by the first column. A stream without snapshots costs one probe
+        # of the snapshots' primary key.
+        self._since_snapshots = None if snapshots is None else sql.SQL(
+            "WITH v AS (SELECT * FROM unnest(%b::uuid[], %b::int[]) AS v(id, ver)), "
+            "s AS (SELECT v.id, s.originator_version, s.topic, s.state FROM v CROSS JOIN LATERAL ("
+            " SELECT originator_version, topic, state FROM {snapshots}"
+            " WHERE originator_id = v.id AND originator_version > v.ver ORDER BY originator_version DESC LIMIT 1) s) "
+            "SELECT true AS snapshot, id AS originator_id, originator_version, topic, state FROM s "
+            "UNION ALL "
+            "SELECT false, e.originator_id, e.originator_version, e.topic, e.state "
+            "FROM v LEFT JOIN s ON s.id = v.id CROSS JOIN LATERAL ("
+            " SELECT originator_id, originator_version, topic, state FROM {events}"
+            " WHERE originator_id = v.id AND originator_version > coalesce(s.originator_version, v.ver)"
+            " ORDER BY originator_version) e"
+        ).format(snapshots=sql.Identifier(snapshots.datastore.schema, snapshots.events_table_name), events=events)
 
     def newer_than(self, versions: Mapping[UUID, int]) -> list[StoredEvent]:
         if not versions:
@@ -44,8 +65,19 @@ class PgStreamLoader:
         with self._datastore.get_connection() as conn, conn.cursor() as cur:
             cur.execute(self._query, [list(versions), list(versions.values())], prepare=True)
             rows = cur.fetchall()
-        return [StoredEvent(r["originator_id"], r["originator_version"], r["topic"], bytes(r["state"]))
-                for r in rows]
+        return _stored(rows)
+
+    def since_snapshots(self, versions: Mapping[UUID, int]) -> tuple[list[StoredEvent], list[StoredEvent]]:
+        if self._since_snapshots is None or not versions:
+            return [], self.newer_than(versions)
+        with self._datastore.get_connection() as conn, conn.cursor() as cur:
+            cur.execute(self._since_snapshots, [list(versions), list(versions.values())], prepare=True)
+            rows = cur.fetchall()
+        return _stored(r for r in rows if r["snapshot"]), _stored(r for r in rows if not r["snapshot"])
+
+
+def _stored(rows: Iterable[Any]) -> list[StoredEvent]:
+    return [StoredEvent(r["originator_id"], r["originator_version"], r["topic"], bytes(r["state"])) for r in rows]
 
 
 class PgStreamVersions:
@@ -166,7 +198,10 @@ def pg_stream_loader(app: Application[UUID]) -> PgStreamLoader | None:
     """The one-query loader where ``app`` stores its events in PostgreSQL; None elsewhere (the
     executors then use the generic, one query per stream RecorderStreamLoader)."""
     recorder = app.recorder
-    return PgStreamLoader(recorder) if isinstance(recorder, PostgresAggregateRecorder) else None
+    if not isinstance(recorder, PostgresAggregateRecorder):
+        return None
+    snapshots = snapshot_recorder(app)
+    return PgStreamLoader(recorder, snapshots if isinstance(snapshots, PostgresAggregateRecorder) else None)
 
 
 # An arbitrary constant: the advisory lock processes starting together take to (re)create the

@@ -21,7 +21,7 @@ from uuid import UUID
 
 import anyio.to_thread
 from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.domain import Aggregate
+from eventsourcing.domain import Aggregate, Snapshot
 from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError, Recorder, StoredEvent
 
 from application.ports import StreamLoader
@@ -42,11 +42,25 @@ class RecorderStreamLoader:
     """The StreamLoader port on any eventsourcing recorder, one query per stream (the in-memory
     store of the unit tests; PostgreSQL has adapters.pg_streams.PgStreamLoader, one query in all)."""
 
-    def __init__(self, recorder: Recorder) -> None:
+    def __init__(self, recorder: Recorder, snapshots: Recorder | None = None) -> None:
         self.recorder: Any = recorder
+        self.snapshots: Any = snapshots
 
     def newer_than(self, versions: Mapping[UUID, int]) -> list[StoredEvent]:
         return [e for i, v in versions.items() for e in self.recorder.select_events(i, gt=v or None)]
+
+    def since_snapshots(self, versions: Mapping[UUID, int]) -> tuple[list[StoredEvent], list[StoredEvent]]:
+        if self.snapshots is None:
+            return [], self.newer_than(versions)
+        snapshots = [s for i, v in versions.items()
+                     for s in self.snapshots.select_events(i, gt=v or None, desc=True, limit=1)]
+        past = {s.originator_id: s.originator_version for s in snapshots}
+        return snapshots, self.newer_than({i: past.get(i, v) for i, v in versions.items()})
+
+
+def snapshot_recorder(app: Application[UUID]) -> Recorder | None:
+    """Where ``app`` keeps its snapshots (None: it keeps none)."""
+    return app.snapshots.recorder if app.snapshots is not None else None
 
 
 class WriterCache:
@@ -64,12 +78,34 @@ class WriterCache:
     def load(self, ids: set[UUID] | list[UUID]) -> dict[UUID, Aggregate | None]:
         if not ids:
             return {}
-        versions = {i: (self._cache[i].version if i in self._cache else 0) for i in ids}
         out: dict[UUID, Aggregate | None] = {i: self._cache.get(i) for i in ids}
-        for stored in self.loader.newer_than(versions):
+        versions = {i: (agg.version if agg is not None else 0) for i, agg in out.items()}
+        snapshots, events = self.loader.since_snapshots(versions)
+        unreadable: set[UUID] = set()
+        for stored in snapshots:  # each newer than what the cache holds, if anything
+            restored = self._restore(stored)
+            if restored is not None:
+                out[restored.id] = restored
+            else:
+                unreadable.add(UUID(str(stored.originator_id)))
+        if unreadable:  # those streams' events from where the cache was
+            events = [e for e in events if e.originator_id not in unreadable]
+            events += self.loader.newer_than({i: versions[i] for i in unreadable})
+        for stored in events:
             event: Any = self.app.mapper.to_domain_event(stored)
             out[event.originator_id] = event.mutate(out[event.originator_id])
         return out
+
+    def _restore(self, stored: StoredEvent) -> Aggregate | None:
+        """The aggregate a snapshot holds; None (its events are read instead) when it cannot be
+        read: a snapshot is a shortcut, never the only copy of anything."""
+        try:
+            aggregate: Aggregate = self.app.mapper.to_domain_event(stored).mutate(None)  # type: ignore[attr-defined]
+        except Exception as e:  # noqa: BLE001 - a class changed without its upcast, bytes damaged
+            log.warning("the snapshot of %s at version %d cannot be read (%s: %s): reading its events",
+                        stored.originator_id, stored.originator_version, type(e).__name__, e)
+            return None
+        return aggregate
 
     def fetch_one(self, aggregate_id: UUID) -> Aggregate | None:
         return self.load([aggregate_id])[aggregate_id]
@@ -261,19 +297,26 @@ class GroupCommitter:
     """
 
     def __init__(self, app: Application[UUID], loader: StreamLoader | None = None,
-                 max_batch: int = 500, max_attempts: int = 10) -> None:
+                 max_batch: int = 500, max_attempts: int = 10,
+                 snapshot_every: Mapping[type[Aggregate], int] | None = None) -> None:
         self.app = app
         self.max_batch = max_batch
         self.max_attempts = max_attempts
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.cache = WriterCache(app, loader or RecorderStreamLoader(app.recorder))
+        self.cache = WriterCache(app, loader or RecorderStreamLoader(app.recorder, snapshot_recorder(app)))
         self._outbox = _Outbox()
         self.batches = 0
         self.commands = 0
         self.conflicts = 0  # batches decided again after another process wrote one of their streams
         self.observe_batch: Callable[[int], None] | None = None  # each saved batch's size (metrics)
+        # Streams that get a snapshot, and every how many events (the app's ``snapshot_every`` by
+        # default; none where the app keeps no snapshots).
+        if snapshot_every is None:
+            snapshot_every = getattr(app, "snapshot_every", {})
+        self.snapshot_every: Mapping[type[Aggregate], int] = snapshot_every if app.snapshots is not None else {}
+        self.snapshots_taken = 0
 
     def start(self) -> GroupCommitter:
         with self._lock:
@@ -426,6 +469,7 @@ class GroupCommitter:
                 batch = [p for p in batch if p is not bug]
                 continue
             changed = uow.changed()
+            due = self._snapshots_due(changed)
             try:
                 recordings = _save(self.app, changed)
             except IntegrityError:
@@ -462,4 +506,29 @@ class GroupCommitter:
                     p.future.set_result(Committed(value, position, versions))
                 else:
                     p.future.set_exception(value)
+            if due:
+                self._outbox.flush()  # the callers need not wait for the snapshots
+                self._take_snapshots(due)
             return
+
+    def _snapshots_due(self, changed: list[Aggregate]) -> list[Aggregate]:
+        """The changed aggregates whose new events reach a multiple of their snapshot interval."""
+        due = []
+        for agg in changed:
+            every = self.snapshot_every.get(type(agg))
+            if every and agg.version // every > (agg.version - len(agg.pending_events)) // every:
+                due.append(agg)
+        return due
+
+    def _take_snapshots(self, saved: list[Aggregate]) -> None:
+        """Snapshots of aggregates as just saved (held by the writer, so as committed). A failure
+        costs only the shortcut: loads read further back meanwhile."""
+        assert self.app.snapshots is not None
+        try:
+            self.app.snapshots.put([Snapshot.take(agg) for agg in saved])
+        except IntegrityError:
+            pass  # another process took them at these versions
+        except Exception as e:  # noqa: BLE001 - never the batch's concern: it is saved
+            log.warning("no snapshot of %d stream(s) this time (%s: %s)", len(saved), type(e).__name__, e)
+        else:
+            self.snapshots_taken += len(saved)

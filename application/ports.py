@@ -40,6 +40,12 @@ class StreamLoader(Protocol):
         whole stream), each stream's in version order; a stream with none contributes nothing."""
         ...
 
+    def since_snapshots(self, versions: Mapping[UUID, int]) -> tuple[list[StoredEvent], list[StoredEvent]]:
+        """``newer_than``, from snapshots where they help: the newest snapshot of each stream in
+        ``versions`` past the version given for it (none where the store keeps no snapshots), and
+        the stream's events past that snapshot (past the version given where it has none)."""
+        ...
+
 
 class VersionUnknown(Exception):
     """The store could not say a stream's version (it is down, or the query failed)."""

@@ -1,6 +1,8 @@
 """The Rule aggregate: a user's saved edit recipe.
 
 Storage contract: event classes are stored as ``domain.rule:Rule.<Name>``; never rename them.
+The aggregate's attributes are stored in its snapshots: a change to them takes
+``Rule.class_version`` and its ``upcast_vN_vM`` (``tests/unit/test_snapshots.py`` pins them).
 A rule's ``name`` is the client's text and so personal: the application stores it sealed.
 """
 

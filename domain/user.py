@@ -1,7 +1,10 @@
 """The User aggregate: plan, credits, reservations per job and rule slots.
 
 Storage contract: the event classes below are the stored format (topic ``domain.user:User.<Name>``).
-Never rename or move them; evolve with ``class_version`` and ``upcast_vN_vM``.
+Never rename or move them; evolve with ``class_version`` and ``upcast_vN_vM``. The aggregate's own
+attributes are stored too, in its snapshots (``application.services.PaletteApplication``): a
+change to them takes ``User.class_version`` and its ``upcast_vN_vM`` (``tests/unit/test_snapshots.py``
+pins them).
 
 Invariant: ``granted == balance + reserved + spent`` after every event; ``balance >= 0``.
 

@@ -22,8 +22,11 @@ from adapters.relay import PgPositions
 from adapters.settings import Settings
 from application.executors import GroupCommitter
 from application.services import PaletteApplication, PaletteService
+from domain.rule import Rule
+from domain.user import User
 from projections import store as pg_store
 from projections.models import READ_MODELS
+from tests import figures
 from tests.simulation import TABLES, Crash, CrashableStore, Ids, PaletteSimulation, StepClock, Uploads
 
 
@@ -58,7 +61,8 @@ class OnPostgres(PaletteSimulation):
         self.pg = psycopg.connect(self.url, autocommit=True)
         app = PaletteApplication(env=event_store_env(self.base.model_copy(update={"database_url": self.url}),
                                                      pool_size=2))
-        self.committer = GroupCommitter(app, pg_stream_loader(app)).start()
+        # Snapshots every few events, so that the reloads after injected crashes start from them.
+        self.committer = GroupCommitter(app, pg_stream_loader(app), snapshot_every={User: 3, Rule: 3}).start()
         return PaletteService(app, self.committer, StepClock(), Ids(), store=uploads)
 
     def make_store(self) -> Any:
@@ -112,6 +116,7 @@ class OnPostgres(PaletteSimulation):
             super().teardown()
         finally:
             self.committer.stop()
+            figures.add("simulation[postgresql]: snapshots taken", self.committer.snapshots_taken)
             self.svc.app.close()
             self.store.inner.close()
             self.relay_positions.close()

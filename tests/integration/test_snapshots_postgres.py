@@ -1,0 +1,132 @@
+"""Snapshots on real PostgreSQL: a store made before them gets their table, the group committer
+writes them there, and a cold load reads each stream's newest one (one query for any number of
+streams) and only the events after it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import psycopg
+import pytest
+from eventsourcing.domain import Snapshot
+from psycopg import sql
+
+from adapters.bootstrap import event_store_env
+from adapters.pg_streams import PgStreamLoader, pg_stream_loader
+from adapters.settings import Settings
+from adapters.system import RandomIds, SystemClock
+from application.executors import GroupCommitter
+from application.services import PaletteApplication, PaletteService
+from application.unit_of_work import Committed, UnitOfWork, touches
+from domain.user import User
+
+SCHEMA = "snapshots_pg"
+
+
+@pytest.fixture
+def schema(settings: Settings) -> Iterator[str]:
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+        conn.execute(f"CREATE SCHEMA {SCHEMA}")
+    yield SCHEMA
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+
+
+def _grant(user_id: uuid.UUID) -> Any:
+    @touches(user_id)
+    def command(uow: UnitOfWork) -> None:
+        user = uow.get(User, user_id)
+        assert user is not None
+        user.grant(1, "promo", SystemClock().now())
+
+    return command
+
+
+def _grow(committer: GroupCommitter, user_id: uuid.UUID, events: int, together: int = 40) -> None:
+    """``events`` grants, queued ``together`` at a time (a queue's worth is saved in one batch,
+    which takes one snapshot however many multiples it passes)."""
+    for start in range(0, events, together):
+        futures: list[Future[Committed[Any]]] = [committer.submit(_grant(user_id))
+                                                 for _ in range(min(together, events - start))]
+        for f in futures:
+            f.result()
+    committer.read(user_id)  # queued behind the last batch: its snapshot (taken after it answers) is written
+
+
+def _folded(app: PaletteApplication, stream_id: uuid.UUID) -> Any:
+    aggregate = None
+    for stored in app.recorder.select_events(stream_id):
+        aggregate = app.mapper.to_domain_event(stored).mutate(aggregate)
+    return aggregate
+
+
+def _state(aggregate: Any) -> dict[str, Any]:
+    return {k: v for k, v in vars(aggregate).items() if k != "_pending_events"}
+
+
+def test_a_store_from_before_snapshots_gets_their_table_and_cold_loads_read_from_them(
+        settings: Settings, schema: str) -> None:
+    old = PaletteApplication(env=event_store_env(settings, schema=schema))
+    old.close()
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(schema, "palette_snapshots")))  # made before them
+    env = event_store_env(settings, schema=schema)
+    assert env.get("CREATE_TABLE") != "n"  # the missing table is made, not taken as there
+    app = PaletteApplication(env=env)
+    committer = GroupCommitter(app, pg_stream_loader(app)).start()
+    svc = PaletteService(app, committer, SystemClock(), RandomIds())
+    try:
+        users = [svc.register(f"snap-{uuid.uuid4()}").value[0] for _ in range(3)]
+        _grow(committer, users[0], 250)  # from version 2: past 100 and 200
+        _grow(committer, users[1], 120)
+        assert committer.snapshots_taken >= 3
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            rows = conn.execute(sql.SQL("SELECT originator_id, max(originator_version) FROM {} GROUP BY originator_id")
+                                .format(sql.Identifier(schema, "palette_snapshots"))).fetchall()
+        newest = {u: v for u, v in rows}
+        assert set(newest) == set(users[:2])  # the third never reached 100 events
+        assert newest[users[0]] >= 200 and newest[users[1]] >= 100
+        assert event_store_env(settings, schema=schema).get("CREATE_TABLE") == "n"
+
+        loader = pg_stream_loader(app)
+        assert isinstance(loader, PgStreamLoader)
+        snapshots, events = loader.since_snapshots(dict.fromkeys(users, 0))  # one query for all three
+        assert {(s.originator_id, s.originator_version) for s in snapshots} == set(newest.items())
+        past = {u: newest.get(u, 0) for u in users}  # each stream's events past its snapshot, in order
+        for u in users:
+            assert [e.originator_version for e in events if e.originator_id == u] == [
+                e.originator_version for e in app.recorder.select_events(u, gt=past[u] or None)]
+        # past a version given beyond the newest snapshot: no snapshot, the events past the version
+        assert loader.since_snapshots({users[0]: newest[users[0]] + 1}) == (
+            [], loader.newer_than({users[0]: newest[users[0]] + 1}))
+        cold = GroupCommitter(app, loader).start()
+        try:
+            for user_id in users:
+                assert _state(cold.read(user_id)) == _state(_folded(app, user_id))
+        finally:
+            cold.stop()
+    finally:
+        committer.stop()
+        app.close()
+
+
+def test_a_snapshot_another_process_took_first_is_no_failure(settings: Settings, schema: str) -> None:
+    app = PaletteApplication(env=event_store_env(settings, schema=schema))
+    committer = GroupCommitter(app, pg_stream_loader(app)).start()
+    svc = PaletteService(app, committer, SystemClock(), RandomIds())
+    try:
+        user_id = svc.register(f"snap-{uuid.uuid4()}").value[0]
+        user = committer.read(user_id)
+        assert isinstance(user, User) and app.snapshots is not None
+        app.snapshots.put([Snapshot.take(user)])  # "another process"
+        taken = committer.snapshots_taken
+        committer._take_snapshots([user])  # the same version again: refused by the key, passed over
+        assert committer.snapshots_taken == taken
+        assert len(list(app.snapshots.get(user_id))) == 1
+    finally:
+        committer.stop()
+        app.close()

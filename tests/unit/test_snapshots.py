@@ -1,0 +1,231 @@
+"""Snapshots of the streams that grow without end (users', rules'): the group committer takes one
+each time a save reaches a multiple of the interval, and a load from the newest one is the stream
+folded whole. The oracle folds every stored event from the first, without the snapshot store."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from concurrent.futures import Future
+from typing import Any
+from uuid import UUID
+
+import pytest
+from eventsourcing.domain import Aggregate, Snapshot
+from eventsourcing.persistence import StoredEvent
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from application.executors import GroupCommitter, RecorderStreamLoader, snapshot_recorder
+from application.services import SNAPSHOT_EVERY, PaletteApplication, PaletteService, SetAsList
+from application.unit_of_work import Committed, UnitOfWork, touches
+from domain.errors import DomainError
+from domain.job import Job
+from domain.rule import Rule
+from domain.user import User
+from tests.simulation import Ids, StepClock
+
+EDITS = {"wall": {"action": "recolor", "value": "#aabbcc"}}
+
+
+def _app() -> PaletteApplication:
+    return PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+
+
+def folded(app: PaletteApplication, stream_id: UUID, upto: int | None = None) -> Any:
+    """The stream folded from its first stored event (up to version ``upto``)."""
+    aggregate = None
+    for stored in app.recorder.select_events(stream_id, lte=upto):
+        aggregate = app.mapper.to_domain_event(stored).mutate(aggregate)
+    return aggregate
+
+
+def state(aggregate: Any) -> dict[str, Any]:
+    return {k: v for k, v in vars(aggregate).items() if k != "_pending_events"}
+
+
+class CountingLoader(RecorderStreamLoader):
+    """The generic loader, counting the events and snapshots it hands out."""
+
+    def __init__(self, app: PaletteApplication) -> None:
+        super().__init__(app.recorder, snapshot_recorder(app))
+        self.events = self.snapshots_read = self.fallback_events = 0
+        self._inside = False
+
+    def since_snapshots(self, versions: Mapping[UUID, int]) -> tuple[list[StoredEvent], list[StoredEvent]]:
+        self._inside = True
+        try:
+            snapshots, events = super().since_snapshots(versions)
+        finally:
+            self._inside = False
+        self.snapshots_read += len(snapshots)
+        self.events += len(events)
+        return snapshots, events
+
+    def newer_than(self, versions: Mapping[UUID, int]) -> list[StoredEvent]:
+        events = super().newer_than(versions)
+        if not self._inside:  # asked for on its own: the events behind an unreadable snapshot
+            self.fallback_events += len(events)
+        return events
+
+
+def _grant(user_id: UUID) -> Any:
+    @touches(user_id)
+    def command(uow: UnitOfWork) -> None:
+        user = uow.get(User, user_id)
+        assert user is not None
+        user.grant(1, "burst", StepClock().now())
+
+    return command
+
+
+@given(every=st.integers(1, 6),
+       ops=st.lists(st.tuples(st.sampled_from(["grant", "plan", "rule", "edit", "drop", "burst"]),
+                              st.integers(0, 5)), min_size=1, max_size=30))
+@settings(max_examples=60, deadline=None)
+def test_a_stream_loaded_from_its_newest_snapshot_is_the_stream_folded_whole(every: int,
+                                                                            ops: list[tuple[str, int]]) -> None:
+    app = _app()
+    committer = GroupCommitter(app, snapshot_every={User: every, Rule: every})
+    svc = PaletteService(app, committer, StepClock(), Ids())
+    users = [svc.register(f"device-{i}").value[0] for i in range(2)]
+    rules: list[tuple[UUID, UUID]] = []
+    created: list[UUID] = []
+    for op, n in ops:
+        user = users[n % 2]
+        try:
+            if op == "grant":
+                svc.grant_credits(user, n + 1, "promo")
+            elif op == "plan":
+                svc.change_plan(user, ("free", "pro")[n % 2])
+            elif op == "rule":
+                rules.append((user, svc.create_rule(user, f"rule {n}", "interior", EDITS).value))
+                created.append(rules[-1][1])
+            elif op == "edit" and rules:
+                owner, rule_id = rules[n % len(rules)]
+                svc.update_rule(owner, rule_id, f"edit {n}", EDITS)
+            elif op == "drop" and rules:
+                owner, rule_id = rules.pop(n % len(rules))
+                svc.delete_rule(owner, rule_id)
+            elif op == "burst":  # queued together: saved in one batch, across several multiples
+                futures: list[Future[Committed[Any]]] = [committer.submit(_grant(user)) for _ in range(2 * n + 2)]
+                for f in futures:
+                    f.result()
+        except DomainError:
+            pass  # a full rule slot, a plan already held: nothing recorded
+    committer.stop()
+    assert app.snapshots is not None
+    for stream_id in users + created:
+        whole = folded(app, stream_id)
+        snaps = list(app.snapshots.get(stream_id))
+        versions = [s.originator_version for s in snaps]
+        assert versions == sorted(set(versions))
+        for snap in snaps:  # each is the stream as it was at its version
+            assert state(snap.mutate(None)) == state(folded(app, stream_id, upto=snap.originator_version))
+        newest = versions[-1] if versions else 0
+        # none missed: the newest was taken at or after the last multiple the stream reached
+        assert newest >= whole.version // every * every
+        loader = CountingLoader(app)
+        cold = GroupCommitter(app, loader).start()
+        try:
+            assert state(cold.read(stream_id)) == state(whole)
+        finally:
+            cold.stop()
+        assert loader.events == whole.version - newest  # only what came after the snapshot
+        assert loader.snapshots_read == (1 if snaps else 0)
+
+
+def test_a_snapshot_is_taken_only_when_a_save_reaches_a_multiple_and_jobs_get_none() -> None:
+    app = _app()
+    committer = GroupCommitter(app, snapshot_every={User: 4})
+    svc = PaletteService(app, committer, StepClock(), Ids())
+    user_id, _ = svc.register("device").value  # Registered and its free credits: version 2
+    assert app.snapshots is not None
+    for expected in ([], [], [4], [4], [4], [4], [4, 8]):
+        committer.read(user_id)  # queued behind the last save: its snapshot, taken after it answered, is in
+        assert [s.originator_version for s in app.snapshots.get(user_id)] == expected, folded(app, user_id).version
+        svc.grant_credits(user_id, 1, "promo")
+    job_id = svc.create_job(user_id, "interior", 3).value
+    assert list(app.snapshots.get(job_id)) == []
+    assert committer.snapshots_taken == 2
+    committer.stop()
+
+
+def test_the_application_snapshots_users_and_rules_only_by_default() -> None:
+    app = _app()
+    committer = GroupCommitter(app)
+    assert dict(committer.snapshot_every) == {User: SNAPSHOT_EVERY, Rule: SNAPSHOT_EVERY}
+    assert Job not in committer.snapshot_every
+    committer.stop()
+    # The repository (the dispatcher's job loads, replays as of a version, the naive path) folds
+    # the stored events: no snapshot query before each load.
+    assert app.snapshots is not None and app.repository.snapshot_store is None
+
+
+def test_an_unreadable_snapshot_is_passed_over_and_the_stream_read_whole(caplog: pytest.LogCaptureFixture) -> None:
+    app = _app()
+    committer = GroupCommitter(app, snapshot_every={User: 2})
+    svc = PaletteService(app, committer, StepClock(), Ids())
+    user_id, _ = svc.register("device").value
+    for _ in range(3):
+        svc.grant_credits(user_id, 1, "promo")
+    committer.stop()
+    assert app.snapshots is not None
+    (newest,) = app.snapshots.recorder.select_events(user_id, desc=True, limit=1)
+    damaged = StoredEvent(newest.originator_id, newest.originator_version + 1, newest.topic, b"{not json")
+    app.snapshots.recorder.insert_events([damaged])
+    loader = CountingLoader(app)
+    cold = GroupCommitter(app, loader).start()
+    with caplog.at_level(logging.WARNING, logger="application.executors"):
+        loaded = cold.read(user_id)
+    cold.stop()
+    assert state(loaded) == state(folded(app, user_id))
+    assert loader.snapshots_read == 1 and loader.events == 0  # nothing past the damaged one
+    assert loader.fallback_events == folded(app, user_id).version  # so the whole stream
+    assert "cannot be read" in caplog.text
+
+
+def test_a_cached_stream_another_process_took_past_a_snapshot_is_brought_up_to_date_from_it() -> None:
+    app = _app()
+    loader = CountingLoader(app)
+    here = GroupCommitter(app, loader, snapshot_every={User: 4}).start()
+    elsewhere = GroupCommitter(app, snapshot_every={User: 4})
+    svc_elsewhere = PaletteService(app, elsewhere, StepClock(), Ids())
+    user_id, _ = svc_elsewhere.register("device").value
+    assert here.read(user_id) is not None  # cached here at version 2
+    loader.events = loader.snapshots_read = 0
+    for _ in range(9):  # 11 now, its newest snapshot at 8
+        svc_elsewhere.grant_credits(user_id, 1, "promo")
+    elsewhere.stop()
+    assert state(here.read(user_id)) == state(folded(app, user_id))
+    here.stop()
+    assert (loader.snapshots_read, loader.events) == (1, 3)
+
+
+def _plain(aggregate: Aggregate) -> dict[str, Any]:
+    return dict(Snapshot.take(aggregate).state)
+
+
+def test_what_a_snapshot_holds_is_pinned_to_the_class_version() -> None:
+    """A snapshot is the aggregate's attributes. Changing them is a change of the stored format:
+    bump the class's ``class_version``, give it ``upcast_vN_vM`` for older snapshots, then pin
+    the new attributes here."""
+    app = _app()
+    svc = PaletteService(app, GroupCommitter(app), StepClock(), Ids())
+    user_id, _ = svc.register("device").value
+    rule_id = svc.create_rule(user_id, "walls", "interior", EDITS).value
+    user, rule = svc.executor.read(user_id), svc.executor.read(rule_id)
+    assert isinstance(user, User) and isinstance(rule, Rule)
+    assert getattr(User, "class_version", 1) == 1
+    assert set(_plain(user)) == {"_created_on", "_modified_on", "plan", "balance", "granted", "spent",
+                                 "reservations", "rule_ids", "erased"}
+    assert getattr(Rule, "class_version", 1) == 1
+    assert set(_plain(rule)) == {"_created_on", "_modified_on", "user_id", "name", "preset_id", "concepts",
+                                 "protect", "deleted"}
+
+
+@given(st.sets(st.uuids(), max_size=20))
+def test_a_set_goes_through_the_store_as_it_was(members: set[UUID]) -> None:
+    transcoder = _app().mapper.transcoder
+    assert transcoder.decode(transcoder.encode({"ids": members})) == {"ids": members}
+    assert SetAsList().encode(members) == sorted(members, key=str)
