@@ -73,11 +73,12 @@ def _store_tables_exist(settings: Settings, schema: str) -> bool:
 
 def open_event_store(settings: Settings, pool_size: int = 8) -> PaletteApplication:
     """The event store application. Processes that start together each create the tables if
-    missing; concurrent DDL on PostgreSQL's catalog can fail with "tuple concurrently updated",
-    which a short retry settles (the other process has created them by then)."""
+    missing; concurrent DDL on PostgreSQL's catalog can fail with "tuple concurrently updated"
+    or a duplicate key in ``pg_type``, which a short retry settles (the other process has created
+    them by then)."""
     import time
 
-    from eventsourcing.persistence import InternalError
+    from eventsourcing.persistence import IntegrityError, InternalError
 
     for attempt in range(5):
         try:
@@ -88,7 +89,7 @@ def open_event_store(settings: Settings, pool_size: int = 8) -> PaletteApplicati
                 app.close()
                 raise
             return app
-        except InternalError:
+        except (InternalError, IntegrityError):
             if attempt == 4:
                 raise
             time.sleep(0.2 * (attempt + 1))

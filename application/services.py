@@ -18,12 +18,13 @@ from uuid import UUID
 import anyio.to_thread
 from eventsourcing.application import Application, Repository
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import JSONTranscoder, Transcoding
+from eventsourcing.persistence import JSONTranscoder
 
 from application.current_views import CurrentViews
 from application.device_keys import DeviceKeyer, HmacDeviceKeyer
 from application.personal import KeyDestroyed, Keyring, MemoryKeyring, Sealer
 from application.ports import Clock, IdGenerator, ObjectStore, StreamVersions
+from application.snapshots import SNAPSHOT_EVERY, SetAsList, StreamSnapshot
 from application.unit_of_work import Command, CommandExecutor, Committed, UnitOfWork, touches
 from domain.contracts.keys import MAX_INPUT_BYTES, input_key
 from domain.errors import InvalidState, NotFound, ValidationFailed
@@ -40,32 +41,12 @@ RULE_NAME_FIELD = "rule.name"
 T = TypeVar("T")
 
 
-class SetAsList(Transcoding):
-    """A set (a user's rule ids) in a snapshot: its members as a list, in a stable order."""
-
-    type = set
-    name = "set"
-
-    def encode(self, obj: set[Any]) -> list[Any]:
-        return sorted(obj, key=str)
-
-    def decode(self, data: list[Any]) -> set[Any]:
-        return set(data)
-
-
-# A stream that grows for as long as its owner uses it (a user's: two events a job; a rule's: one
-# an edit) gets a snapshot every this many events, so that loading it (a restart, an eviction
-# from the writer's cache) reads at most this many events past its snapshot, whatever its age.
-# A job's stream is bounded by its items and gets none.
-SNAPSHOT_EVERY = 100
-
-
 class PaletteApplication(Application[UUID]):
     """The event store: User, Job and Rule streams in one PostgreSQL events table, and snapshots
     of the streams that grow without end in a table of their own (``palette_snapshots``).
 
-    A snapshot is the aggregate's attributes (eventsourcing's ``Snapshot``): a change to what an
-    aggregate in ``snapshot_every`` holds comes with a new ``class_version`` and its
+    A snapshot is the aggregate's attributes (``application.snapshots.StreamSnapshot``): a change
+    to what an aggregate in ``snapshot_every`` holds comes with a new ``class_version`` and its
     ``upcast_vN_vM`` on the aggregate class, as an event's does. A snapshot is only ever a
     shortcut: one that cannot be read is passed over and the whole stream read instead. Only the
     group committer's loads start from one; the repository (the dispatcher's loads of jobs, which
@@ -75,6 +56,7 @@ class PaletteApplication(Application[UUID]):
     # (application.executors.WriterCache), which reads go through too (PaletteService._read).
     name = "palette"
     is_snapshotting_enabled = True
+    snapshot_class = StreamSnapshot
     # Taken by the group committer after the save that reaches each multiple (not by
     # eventsourcing's ``snapshotting_intervals``, which reads the aggregate back from the store).
     snapshot_every: ClassVar[dict[type[Aggregate], int]] = {User: SNAPSHOT_EVERY, Rule: SNAPSHOT_EVERY}

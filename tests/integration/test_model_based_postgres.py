@@ -116,6 +116,8 @@ class OnPostgres(PaletteSimulation):
             super().teardown()
         finally:
             self.committer.stop()
+            row = self.pg.execute("SELECT count(*) FROM palette_snapshots").fetchone()
+            assert row is not None and row[0] == self.committer.snapshots_taken  # every one taken was stored
             figures.add("simulation[postgresql]: snapshots taken", self.committer.snapshots_taken)
             self.svc.app.close()
             self.store.inner.close()

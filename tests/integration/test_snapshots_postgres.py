@@ -4,6 +4,7 @@ streams) and only the events after it."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -11,7 +12,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from eventsourcing.domain import Snapshot
 from psycopg import sql
 
 from adapters.bootstrap import event_store_env
@@ -21,9 +21,12 @@ from adapters.system import RandomIds, SystemClock
 from application.executors import GroupCommitter
 from application.services import PaletteApplication, PaletteService
 from application.unit_of_work import Committed, UnitOfWork, touches
+from domain.contracts.keys import input_key
 from domain.user import User
+from tests.simulation import Uploads
 
 SCHEMA = "snapshots_pg"
+EDITS = {"wall": {"action": "tone", "value": "warm"}}
 
 
 @pytest.fixture
@@ -114,19 +117,58 @@ def test_a_store_from_before_snapshots_gets_their_table_and_cold_loads_read_from
         app.close()
 
 
-def test_a_snapshot_another_process_took_first_is_no_failure(settings: Settings, schema: str) -> None:
+def test_a_user_holding_reservations_is_snapshotted_and_loaded_as_it_was(settings: Settings, schema: str) -> None:
     app = PaletteApplication(env=event_store_env(settings, schema=schema))
-    committer = GroupCommitter(app, pg_stream_loader(app)).start()
+    committer = GroupCommitter(app, pg_stream_loader(app), snapshot_every={User: 5}).start()
+    uploads = Uploads()
+    svc = PaletteService(app, committer, SystemClock(), RandomIds(), store=uploads)
+    try:
+        user_id = svc.register(f"snap-{uuid.uuid4()}", plan="pro").value[0]
+        jobs = []
+        for _ in range(4):  # each a CreditsReserved: versions 3-6, past 5 with 2 or 3 reservations held
+            job_id = svc.create_job(user_id, "interior", 1).value
+            uploads.keys.add(input_key(user_id, job_id, 0))
+            svc.confirm_upload(user_id, job_id)
+            svc.execute_job(user_id, job_id, EDITS)
+            jobs.append(job_id)
+        committer.read(user_id)  # queued behind the last save: its snapshot is written
+        assert app.snapshots is not None and committer.snapshots_taken == 1
+        (snapshot,) = app.snapshots.get(user_id)
+        assert snapshot.originator_version == 5
+        cold = GroupCommitter(app, pg_stream_loader(app)).start()
+        try:
+            user = cold.read(user_id)
+            assert isinstance(user, User) and set(user.reservations) == set(jobs)
+            assert _state(user) == _state(_folded(app, user_id))
+        finally:
+            cold.stop()
+    finally:
+        committer.stop()
+        app.close()
+
+
+def test_a_snapshots_table_gone_at_run_time_costs_only_the_shortcut(settings: Settings, schema: str,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    app = PaletteApplication(env=event_store_env(settings, schema=schema))
+    committer = GroupCommitter(app, pg_stream_loader(app), snapshot_every={User: 2}).start()
     svc = PaletteService(app, committer, SystemClock(), RandomIds())
     try:
-        user_id = svc.register(f"snap-{uuid.uuid4()}").value[0]
-        user = committer.read(user_id)
-        assert isinstance(user, User) and app.snapshots is not None
-        app.snapshots.put([Snapshot.take(user)])  # "another process"
-        taken = committer.snapshots_taken
-        committer._take_snapshots([user])  # the same version again: refused by the key, passed over
-        assert committer.snapshots_taken == taken
-        assert len(list(app.snapshots.get(user_id))) == 1
+        user_id = svc.register(f"snap-{uuid.uuid4()}").value[0]  # version 2: a snapshot
+        committer.read(user_id)  # queued behind the save: its snapshot is written
+        assert committer.snapshots_taken == 1
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(schema, "palette_snapshots")))
+        cold = GroupCommitter(app, pg_stream_loader(app), snapshot_every={User: 2}).start()
+        cold_svc = PaletteService(app, cold, SystemClock(), RandomIds())
+        try:
+            with caplog.at_level(logging.WARNING, logger="application.executors"):
+                assert cold_svc.grant_credits(user_id, 5, "promo").value == 55  # loaded from its events
+                assert cold_svc.grant_credits(user_id, 5, "promo").value == 60  # version 4: a snapshot
+                cold.read(user_id)  # queued behind the save: its snapshot was tried, and failed
+            assert "loading from snapshots failed" in caplog.text and "no snapshot of" in caplog.text
+            assert _state(cold.read(user_id)) == _state(_folded(app, user_id))
+        finally:
+            cold.stop()
     finally:
         committer.stop()
         app.close()

@@ -17,13 +17,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from application.executors import GroupCommitter, RecorderStreamLoader, snapshot_recorder
-from application.services import SNAPSHOT_EVERY, PaletteApplication, PaletteService, SetAsList
+from application.services import PaletteApplication, PaletteService
+from application.snapshots import SNAPSHOT_EVERY, SetAsList, StreamSnapshot
 from application.unit_of_work import Committed, UnitOfWork, touches
+from domain.contracts.keys import input_key
 from domain.errors import DomainError
 from domain.job import Job
 from domain.rule import Rule
 from domain.user import User
-from tests.simulation import Ids, StepClock
+from tests.simulation import Ids, StepClock, Uploads
 
 EDITS = {"wall": {"action": "recolor", "value": "#aabbcc"}}
 
@@ -79,18 +81,29 @@ def _grant(user_id: UUID) -> Any:
     return command
 
 
+def _running_job(svc: PaletteService, uploads: Uploads, user_id: UUID) -> UUID:
+    """A one-item job executed: its credits reserved on the user."""
+    job_id = svc.create_job(user_id, "interior", 1).value
+    uploads.keys.add(input_key(user_id, job_id, 0))
+    svc.confirm_upload(user_id, job_id)
+    svc.execute_job(user_id, job_id, EDITS)
+    return job_id
+
+
 @given(every=st.integers(1, 6),
-       ops=st.lists(st.tuples(st.sampled_from(["grant", "plan", "rule", "edit", "drop", "burst"]),
+       ops=st.lists(st.tuples(st.sampled_from(["grant", "plan", "rule", "edit", "drop", "burst", "job", "cancel"]),
                               st.integers(0, 5)), min_size=1, max_size=30))
 @settings(max_examples=60, deadline=None)
 def test_a_stream_loaded_from_its_newest_snapshot_is_the_stream_folded_whole(every: int,
                                                                             ops: list[tuple[str, int]]) -> None:
     app = _app()
     committer = GroupCommitter(app, snapshot_every={User: every, Rule: every})
-    svc = PaletteService(app, committer, StepClock(), Ids())
+    uploads = Uploads()
+    svc = PaletteService(app, committer, StepClock(), Ids(), store=uploads)
     users = [svc.register(f"device-{i}").value[0] for i in range(2)]
     rules: list[tuple[UUID, UUID]] = []
     created: list[UUID] = []
+    running: list[tuple[UUID, UUID]] = []  # jobs holding their owner's credits
     for op, n in ops:
         user = users[n % 2]
         try:
@@ -107,6 +120,10 @@ def test_a_stream_loaded_from_its_newest_snapshot_is_the_stream_folded_whole(eve
             elif op == "drop" and rules:
                 owner, rule_id = rules.pop(n % len(rules))
                 svc.delete_rule(owner, rule_id)
+            elif op == "job":
+                running.append((user, _running_job(svc, uploads, user)))
+            elif op == "cancel" and running:
+                svc.cancel_job(*running.pop(n % len(running)))  # settled: the reservation refunded
             elif op == "burst":  # queued together: saved in one batch, across several multiples
                 futures: list[Future[Committed[Any]]] = [committer.submit(_grant(user)) for _ in range(2 * n + 2)]
                 for f in futures:
@@ -115,6 +132,7 @@ def test_a_stream_loaded_from_its_newest_snapshot_is_the_stream_folded_whole(eve
             pass  # a full rule slot, a plan already held: nothing recorded
     committer.stop()
     assert app.snapshots is not None
+    stored = 0
     for stream_id in users + created:
         whole = folded(app, stream_id)
         snaps = list(app.snapshots.get(stream_id))
@@ -133,6 +151,8 @@ def test_a_stream_loaded_from_its_newest_snapshot_is_the_stream_folded_whole(eve
             cold.stop()
         assert loader.events == whole.version - newest  # only what came after the snapshot
         assert loader.snapshots_read == (1 if snaps else 0)
+        stored += len(snaps)
+    assert committer.snapshots_taken == stored  # none failed
 
 
 def test_a_snapshot_is_taken_only_when_a_save_reaches_a_multiple_and_jobs_get_none() -> None:
@@ -202,14 +222,14 @@ def test_a_cached_stream_another_process_took_past_a_snapshot_is_brought_up_to_d
     assert (loader.snapshots_read, loader.events) == (1, 3)
 
 
-def _plain(aggregate: Aggregate) -> dict[str, Any]:
-    return dict(Snapshot.take(aggregate).state)
+def _kinds(aggregate: Aggregate) -> dict[str, str]:
+    return {name: type(value).__name__ for name, value in Snapshot.take(aggregate).state.items()}
 
 
 def test_what_a_snapshot_holds_is_pinned_to_the_class_version() -> None:
-    """A snapshot is the aggregate's attributes. Changing them is a change of the stored format:
-    bump the class's ``class_version``, give it ``upcast_vN_vM`` for older snapshots, then pin
-    the new attributes here."""
+    """A snapshot is the aggregate's attributes. Changing them (a name, or the kind of a value) is
+    a change of the stored format: bump the class's ``class_version``, give it ``upcast_vN_vM``
+    for older snapshots, then pin the new attributes here."""
     app = _app()
     svc = PaletteService(app, GroupCommitter(app), StepClock(), Ids())
     user_id, _ = svc.register("device").value
@@ -217,11 +237,28 @@ def test_what_a_snapshot_holds_is_pinned_to_the_class_version() -> None:
     user, rule = svc.executor.read(user_id), svc.executor.read(rule_id)
     assert isinstance(user, User) and isinstance(rule, Rule)
     assert getattr(User, "class_version", 1) == 1
-    assert set(_plain(user)) == {"_created_on", "_modified_on", "plan", "balance", "granted", "spent",
-                                 "reservations", "rule_ids", "erased"}
+    assert _kinds(user) == {"_created_on": "datetime", "_modified_on": "datetime", "plan": "str", "balance": "int",
+                            "granted": "int", "spent": "int", "reservations": "dict", "rule_ids": "set",
+                            "erased": "bool"}
     assert getattr(Rule, "class_version", 1) == 1
-    assert set(_plain(rule)) == {"_created_on", "_modified_on", "user_id", "name", "preset_id", "concepts",
-                                 "protect", "deleted"}
+    assert _kinds(rule) == {"_created_on": "datetime", "_modified_on": "datetime", "user_id": "UUID", "name": "str",
+                            "preset_id": "str", "concepts": "dict", "protect": "list", "deleted": "bool"}
+
+
+def test_a_users_reservations_keyed_by_job_go_through_the_store_as_they_were() -> None:
+    """JSON's keys are strings only: a dictionary keyed by job ids goes as a list of pairs."""
+    app = _app()
+    uploads = Uploads()
+    svc = PaletteService(app, GroupCommitter(app), StepClock(), Ids(), store=uploads)
+    user_id, _ = svc.register("device").value
+    svc.change_plan(user_id, "pro")
+    jobs = [_running_job(svc, uploads, user_id) for _ in range(3)]
+    user = svc.executor.read(user_id)
+    assert isinstance(user, User) and set(user.reservations) == set(jobs)
+    stored = app.mapper.to_stored_event(StreamSnapshot.take(user))
+    restored = app.mapper.to_domain_event(stored).mutate(None)
+    assert state(restored) == state(user)
+    assert all(isinstance(k, UUID) for k in restored.reservations)
 
 
 @given(st.sets(st.uuids(), max_size=20))

@@ -1,0 +1,65 @@
+"""What a snapshot of a stream holds, and how often one is taken.
+
+A snapshot is eventsourcing's ``Snapshot`` (the aggregate's attributes, with its class's
+``class_version``), in a form JSON can hold: a set's members go as a list (``SetAsList``) and a
+dictionary keyed by anything but strings (a user's reservations, by job id) as a list of pairs,
+since JSON's keys are strings only. Its stored topic is this module's ``StreamSnapshot``: moving
+or renaming the class makes the snapshots already stored unreadable (each is then passed over and
+its stream folded whole, until the next one is taken).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eventsourcing.domain import Snapshot
+from eventsourcing.persistence import Transcoding
+
+# A stream that grows for as long as its owner uses it (a user's: two events a job; a rule's: one
+# an edit) gets a snapshot every this many events, so that loading it (a restart, an eviction
+# from the writer's cache) reads fewer than this many events past its snapshot, plus what one
+# save adds, whatever its age. A job's stream is bounded by its items and gets none.
+SNAPSHOT_EVERY = 100
+
+PAIRS = "_pairs_"  # {PAIRS: [[key, value], ...]}: a dictionary whose keys are not all strings
+
+
+class SetAsList(Transcoding):
+    """A set (a user's rule ids): its members as a list, in a stable order."""
+
+    type = set
+    name = "set"
+
+    def encode(self, obj: set[Any]) -> list[Any]:
+        return sorted(obj, key=str)
+
+    def decode(self, data: list[Any]) -> set[Any]:
+        return set(data)
+
+
+def _storable(value: Any) -> Any:
+    if isinstance(value, dict) and not all(isinstance(k, str) for k in value):
+        return {PAIRS: [[k, v] for k, v in value.items()]}
+    return value
+
+
+def _restored(value: Any) -> Any:
+    if isinstance(value, dict) and value.keys() == {PAIRS}:
+        return {k: v for k, v in value[PAIRS]}
+    return value
+
+
+class StreamSnapshot(Snapshot):
+    """A snapshot whose attributes JSON can hold (see the module's docstring)."""
+
+    @classmethod
+    def take(cls, aggregate: Any) -> Any:
+        snapshot = super().take(aggregate)
+        for name, value in snapshot.state.items():
+            snapshot.state[name] = _storable(value)
+        return snapshot
+
+    def mutate(self, _: None) -> Any:
+        restored = {name: _restored(value) for name, value in self.state.items()}
+        return Snapshot(originator_id=self.originator_id, originator_version=self.originator_version,
+                        timestamp=self.timestamp, topic=self.topic, state=restored).mutate(None)
