@@ -37,23 +37,29 @@ def _select() -> sql.Composed:
 
 
 def ledger(conn: psycopg.Connection[Any], user_id: UUID, since: datetime | None = None,
-           until: datetime | None = None) -> list[dict[str, Any]]:
-    """The user's entries in order, each with the running balance (opening balance included)."""
-    opening = 0
+           until: datetime | None = None, after_seq: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+    """The user's entries in order, each with the running balance (opening balance included): of
+    the period [``since``, ``until``], those after entry ``after_seq`` (at most ``limit``: a page;
+    its running balance counts the period's entries before it)."""
+    window: list[sql.Composable] = []
+    window_params: list[Any] = []
     if since is not None:
-        row = conn.execute(sql.SQL("SELECT coalesce(sum(balance_delta), 0) FROM {} WHERE user_id = %s "
-                                   "AND occurred_at < %s").format(LEDGER), [user_id, since]).fetchone()
-        opening = int(row[0]) if row else 0
-    where: sql.Composable = sql.SQL("user_id = %s")
-    params: list[Any] = [user_id]
-    if since is not None:
-        where += sql.SQL(" AND occurred_at >= %s")
-        params.append(since)
+        window.append(sql.SQL("occurred_at >= %s"))
+        window_params.append(since)
     if until is not None:
-        where += sql.SQL(" AND occurred_at <= %s")
-        params.append(until)
-    rows = _rows(conn, _select() + sql.SQL(" WHERE ") + where + sql.SQL(" ORDER BY seq"), params)
-    balance = opening
+        window.append(sql.SQL("occurred_at <= %s"))
+        window_params.append(until)
+    in_window = sql.SQL(" AND ").join(window) if window else sql.SQL("true")
+    # Before the page: every entry before the period, and the period's up to ``after_seq``.
+    row = conn.execute(sql.SQL(
+        "SELECT coalesce(sum(balance_delta) FILTER (WHERE occurred_at < %s), 0) "
+        "+ coalesce(sum(balance_delta) FILTER (WHERE {} AND seq <= %s), 0) FROM {} WHERE user_id = %s"
+    ).format(in_window, LEDGER), [since, *window_params, after_seq, user_id]).fetchone()
+    balance = int(row[0]) if row else 0
+    page = sql.SQL(" LIMIT %s") if limit is not None else sql.SQL("")
+    rows = _rows(conn, _select() + sql.SQL(" WHERE user_id = %s AND seq > %s AND ") + in_window
+                 + sql.SQL(" ORDER BY seq") + page,
+                 [user_id, after_seq, *window_params, *([limit] if limit is not None else [])])
     for r in rows:
         balance += r["balance_delta"]
         r["balance"] = balance

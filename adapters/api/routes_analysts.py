@@ -131,16 +131,28 @@ async def stream_state(stream_id: UUID, _: Analyst, container: ContainerDep,
     return ok(await run_in_threadpool(fold))
 
 
+LEDGER_PAGE = 1000  # entries a page of /audit/ledger holds unless asked for fewer or more
+LEDGER_PAGE_MAX = 10_000
+
+
 @router.get("/audit/ledger", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=STAFF_ERRORS)
 async def audit_ledger(user_id: UUID, _: Auditor, container: ContainerDep,
                        from_time: Annotated[datetime | None, Query(alias="from")] = None,
-                       to_time: Annotated[datetime | None, Query(alias="to")] = None) -> JSONResponse:
-    """A user's ledger with running balance."""
+                       to_time: Annotated[datetime | None, Query(alias="to")] = None,
+                       limit: Annotated[int, Query(ge=1, le=LEDGER_PAGE_MAX)] = LEDGER_PAGE,
+                       cursor: Annotated[str | None, Query(max_length=10, pattern=r"^[0-9]+$")] = None) -> JSONResponse:
+    """A user's ledger with running balance, a page at a time (``limit`` entries; pass
+    ``next_cursor`` back as ``cursor`` for the next page, null after the last)."""
     _aware(**{"from": from_time, "to": to_time})
+    after = int(cursor) if cursor is not None else 0
+
     def read() -> list[dict[str, Any]]:
         with container.read_pool.connection() as conn:
-            return audit.ledger(conn, user_id, from_time, to_time)
-    return ok({"user_id": user_id, "entries": await run_in_threadpool(read)})
+            return audit.ledger(conn, user_id, from_time, to_time, after_seq=after, limit=limit + 1)
+    entries = await run_in_threadpool(read)
+    more = len(entries) > limit
+    entries = entries[:limit]
+    return ok({"user_id": user_id, "entries": entries, "next_cursor": str(entries[-1]["seq"]) if more else None})
 
 
 @router.get("/audit/balance", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=STAFF_ERRORS)

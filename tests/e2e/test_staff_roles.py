@@ -33,6 +33,18 @@ def test_analysts_replay_and_auditors_read_the_ledger(client, http, settings):
 
     entries = wait_until(ledger, timeout_s=30, what="the ledger rows")
     assert entries[0]["type"] == "grant" and entries[0]["balance"] == 50
+    pages, cursor = [], None  # a page at a time: the same entries, the same running balances
+    while True:
+        page = http.get("/audit/ledger", params={"user_id": client.user_id, "limit": 1,
+                                                  **({"cursor": cursor} if cursor else {})}, headers=auditor)
+        pages += page.json()["data"]["entries"]
+        cursor = page.json()["data"]["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == entries and len(pages) == 2
+    for bad in ({"cursor": "x1"}, {"cursor": "9" * 11}, {"limit": 0}, {"limit": 10_001}):
+        r = http.get("/audit/ledger", params={"user_id": client.user_id, **bad}, headers=auditor)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_FAILED", bad
     future = (datetime.now(UTC) + timedelta(days=1)).isoformat()
     balance = http.get("/audit/balance", params={"user_id": client.user_id, "as_of": future}, headers=auditor)
     assert balance.json()["data"]["granted"] == 50
