@@ -11,7 +11,9 @@ No user's endpoints take the threads from everyone else's: at most ``PER_USER_IN
 user's deliveries are in flight at once in this process, and an endpoint whose attempt failed is
 held (none of its deliveries tried) for the retry schedule's delay after as many failures in a
 row, at most ``HOLD_MAX_S``: an endpoint that hangs costs one attempt per step, not one per
-delivery queued for it, and one that recovers is tried again within half an hour.
+delivery queued for it, and one that recovers is tried again within half an hour. Nor do several
+users' endpoints together: attempts to suspect endpoints (never succeeded, or failing now) take at
+most the threads but ``PROVEN_RESERVE``, so endpoints that answer always have those.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ PRUNE_EVERY_S = 3600.0
 PRUNE_PAGE = 5000
 LEASE_S = 3 * targets.TIMEOUT_S  # well past an attempt's deadline (targets.post)
 PER_USER_IN_FLIGHT = 2
+
+
+def proven_reserve(workers: int) -> int:
+    """The sender threads that only endpoints which answered, and are not failing, may take: a
+    quarter, at least one (none of a single thread)."""
+    return max(1, workers // 4) if workers > 1 else 0
 HOLD_MAX_S = 1800.0
 
 
@@ -63,6 +71,7 @@ class WebhookSender:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._busy: Counter[UUID | None] = Counter()  # attempts in flight, by user
+        self._suspects = 0  # attempts in flight to suspect endpoints
 
     def wake(self) -> None:
         self._wake.set()
@@ -80,6 +89,7 @@ class WebhookSender:
                     with self._lock:
                         self._in_flight += 1
                         self._busy[due.user_id] += 1
+                        self._suspects += due.suspect
                     posts.submit(self._deliver, due)
                 if not claimed or len(claimed) < free:
                     self._wake.wait(self.poll_s)
@@ -88,8 +98,10 @@ class WebhookSender:
         try:
             with self._lock:
                 busy = {user: n for user, n in self._busy.items() if user is not None}  # none at 0: deleted
+                suspects = self._suspects
             with self.pool.connection() as conn:
-                return store.claim(conn, limit, self.lease_s, PER_USER_IN_FLIGHT, busy)
+                return store.claim(conn, limit, self.lease_s, PER_USER_IN_FLIGHT, busy,
+                                   suspects=self.workers - proven_reserve(self.workers), suspects_busy=suspects)
         except Exception as e:  # noqa: BLE001 - the database is away: the next poll tries again
             log.warning("due deliveries not claimed (%s: %s)", type(e).__name__, str(e)[:200])
             return []
@@ -122,6 +134,7 @@ class WebhookSender:
         finally:
             with self._lock:
                 self._in_flight -= 1
+                self._suspects -= due.suspect
                 self._busy[due.user_id] -= 1
                 if self._busy[due.user_id] <= 0:
                     del self._busy[due.user_id]

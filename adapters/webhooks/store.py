@@ -53,6 +53,13 @@ DDL = (
     "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = "
     "'palette_webhooks' AND table_name = 'endpoints' AND column_name = 'held_until') THEN "
     "ALTER TABLE palette_webhooks.endpoints ADD COLUMN held_until timestamptz; END IF; END $$",
+    # Whether the endpoint ever answered an attempt with success (added after held_until: those
+    # with a delivery that succeeded are taken for proven).
+    "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = "
+    "'palette_webhooks' AND table_name = 'endpoints' AND column_name = 'proven') THEN "
+    "ALTER TABLE palette_webhooks.endpoints ADD COLUMN proven boolean NOT NULL DEFAULT false; "
+    "UPDATE palette_webhooks.endpoints e SET proven = true WHERE EXISTS (SELECT 1 FROM "
+    "palette_webhooks.deliveries d WHERE d.endpoint_id = e.id AND d.status = 'succeeded'); END IF; END $$",
 )
 POSITIONS = ("palette_webhooks", "positions")
 ROTATION_GRACE_S = 24 * 3600  # the secret a rotation replaced still signs this long
@@ -264,41 +271,50 @@ class Due:
     keys: tuple[str, ...]  # the secrets that sign it: the current one, and a rotated one in its grace
     lease: datetime | None = None  # when the claim ends: only this claim's attempt may record its outcome
     user_id: UUID | None = None  # the endpoint's owner (whose attempts in flight are counted)
+    suspect: bool = False  # to an endpoint that never succeeded, or whose last attempt failed
 
 
 def claim(conn: psycopg.Connection[Any], limit: int, lease_s: float, per_user: int | None = None,
-          busy: Mapping[UUID, int] | None = None) -> list[Due]:
+          busy: Mapping[UUID, int] | None = None, suspects: int | None = None,
+          suspects_busy: int = 0) -> list[Due]:
     """Up to ``limit`` due deliveries (oldest due first), leased for ``lease_s``; none to an
     endpoint that failures hold. With ``per_user``, at most that many of one user's deliveries
     are in flight, counting ``busy`` (the caller's attempts in flight, by user): one user's
     endpoints that hang cannot take every sender thread from everyone else's (and each user's
-    first delivery comes before anyone's second). It looks at the
-    ``CLAIM_WINDOW`` deliveries due longest (a claim's cost does not grow with the backlog), and
-    checks again on each row it locks that it is still due (another sender's claim may have
-    leased it since this one's snapshot)."""
+    first delivery comes before anyone's second). With ``suspects``, at most that many attempts
+    are in flight to suspect endpoints (that never succeeded, or whose last attempt failed),
+    counting ``suspects_busy``: the endpoints that answer keep the other threads, however many
+    users' endpoints hang. It looks at the ``CLAIM_WINDOW`` deliveries due longest (a claim's
+    cost does not grow with the backlog), and checks again on each row it locks that it is still
+    due (another sender's claim may have leased it since this one's snapshot)."""
     busy = busy or {}
     rows = conn.execute(
         "WITH candidates AS (SELECT d.id, d.endpoint_id, d.job_id, d.version, d.next_attempt_at "
         "FROM palette_webhooks.deliveries d WHERE d.status = 'pending' AND d.next_attempt_at <= now() "
         "ORDER BY d.next_attempt_at LIMIT %(window)s), "
-        "ready AS (SELECT c.id, c.next_attempt_at, row_number() OVER (PARTITION BY e.user_id "
-        "ORDER BY c.next_attempt_at) + coalesce(b.n, 0) AS place "
+        "ready AS (SELECT c.id, c.next_attempt_at, NOT e.proven OR e.failures > 0 AS suspect, "
+        "row_number() OVER (PARTITION BY e.user_id ORDER BY c.next_attempt_at) + coalesce(b.n, 0) AS place "
         "FROM candidates c JOIN palette_webhooks.endpoints e ON e.id = c.endpoint_id "
         "LEFT JOIN unnest(%(users)s::uuid[], %(counts)s::int[]) AS b(user_id, n) ON b.user_id = e.user_id "
         "WHERE e.enabled AND (e.held_until IS NULL OR e.held_until <= now()) "
         "AND NOT EXISTS (SELECT 1 FROM palette_webhooks.deliveries p WHERE p.endpoint_id = c.endpoint_id "
         "AND p.job_id = c.job_id AND p.status = 'pending' AND p.version < c.version)), "
-        "due AS (SELECT d.id FROM palette_webhooks.deliveries d JOIN ready r ON r.id = d.id "
+        "allowed AS (SELECT r.*, CASE WHEN r.suspect THEN row_number() OVER (PARTITION BY r.suspect "
+        "ORDER BY r.place, r.next_attempt_at) + %(suspects_busy)s END AS suspect_place FROM ready r "
+        "WHERE %(per_user)s::int IS NULL OR r.place <= %(per_user)s), "
+        "due AS (SELECT d.id FROM palette_webhooks.deliveries d JOIN allowed a ON a.id = d.id "
         "WHERE d.status = 'pending' AND d.next_attempt_at <= now() "
-        "AND (%(per_user)s::int IS NULL OR r.place <= %(per_user)s) "
-        "ORDER BY r.place, r.next_attempt_at LIMIT %(limit)s FOR UPDATE OF d SKIP LOCKED) "
+        "AND (%(suspects)s::int IS NULL OR a.suspect_place IS NULL OR a.suspect_place <= %(suspects)s) "
+        "ORDER BY a.place, a.next_attempt_at LIMIT %(limit)s FOR UPDATE OF d SKIP LOCKED) "
         "UPDATE palette_webhooks.deliveries d SET next_attempt_at = now() + %(lease)s * interval '1 second' "
         "FROM due, palette_webhooks.endpoints e WHERE d.id = due.id AND e.id = d.endpoint_id "
         "RETURNING d.id, d.message_id, d.body, d.tries, e.url, e.secret, "
-        "CASE WHEN e.previous_until > now() THEN e.previous_secret END, d.next_attempt_at, e.user_id",
+        "CASE WHEN e.previous_until > now() THEN e.previous_secret END, d.next_attempt_at, e.user_id, "
+        "NOT e.proven OR e.failures > 0",
         {"users": list(busy), "counts": list(busy.values()), "per_user": per_user, "limit": limit,
-         "lease": lease_s, "window": max(limit, CLAIM_WINDOW)}).fetchall()
-    return [Due(r[0], r[1], bytes(r[2]), r[3], r[4], tuple(k for k in (r[5], r[6]) if k), r[7], r[8])
+         "lease": lease_s, "window": max(limit, CLAIM_WINDOW), "suspects": suspects,
+         "suspects_busy": suspects_busy}).fetchall()
+    return [Due(r[0], r[1], bytes(r[2]), r[3], r[4], tuple(k for k in (r[5], r[6]) if k), r[7], r[8], r[9])
             for r in rows]
 
 
@@ -310,7 +326,7 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
     ``disable_after`` attempts long and has lasted ``disable_after_s``; with ``hold_s`` it also
     holds the endpoint for ``hold_s(failures in the run)`` seconds, in which none of its
     deliveries is tried (its attempts in flight finish; those due wait for the hold's end). A
-    success ends the run and the hold.
+    success ends the run and the hold, and proves the endpoint (``claim``'s suspects).
     With ``lease`` (the claim's end), an attempt whose claim was taken over since (it outlived its
     lease, or the delivery was redelivered) records nothing: a later attempt's outcome stands."""
     status = "succeeded" if outcome.ok else ("pending" if retry_in_s is not None else "failed")
@@ -332,7 +348,8 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
         if outcome.ok:
             conn.execute(_RELEASE, [row[1]])
             conn.execute("UPDATE palette_webhooks.endpoints SET failures = 0, failing_since = NULL, "
-                         "held_until = NULL WHERE id = %s AND (failures > 0 OR held_until IS NOT NULL)", [row[1]])
+                         "held_until = NULL, proven = true WHERE id = %s "
+                         "AND (failures > 0 OR held_until IS NOT NULL OR NOT proven)", [row[1]])
             return
         failures = conn.execute(
             "UPDATE palette_webhooks.endpoints SET failures = failures + 1, "

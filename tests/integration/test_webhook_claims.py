@@ -106,3 +106,59 @@ def test_a_claim_counts_the_users_attempts_in_flight_and_skips_a_held_endpoint(s
             assert row == (0, None)
         finally:
             conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
+
+
+def test_suspect_endpoints_get_only_their_share_and_a_success_proves_one(settings):
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        store.ensure_schema(conn)
+        user = uuid.uuid4()
+        proven, fresh = (store.create_endpoint(conn, user, f"http://127.0.0.1:9/{n}", ["job.queued"], "whsec_test",
+                                               10)["id"] for n in ("proven", "fresh"))
+
+        def deliver(endpoint: uuid.UUID) -> uuid.UUID:
+            job = uuid.uuid4()
+            store.record(conn, [store.NewDelivery(endpoint, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}")])
+            row = conn.execute("SELECT id FROM palette_webhooks.deliveries WHERE job_id = %s", [job]).fetchone()
+            return row[0]
+
+        def claimed(ids: set[uuid.UUID], **share: Any) -> dict[uuid.UUID, bool]:
+            return {d.id: d.suspect for d in store.claim(conn, 100, 30.0, **share) if d.id in ids}
+
+        try:
+            first = deliver(proven)
+            assert claimed({first}) == {first: True}  # never answered yet
+            store.finish(conn, first, Outcome(200, "", "", 5), None, 20, 0)
+            a, b = deliver(proven), deliver(fresh)
+            # the suspects' share taken by attempts in flight: only the proven endpoint's goes
+            assert claimed({a, b}, suspects=2, suspects_busy=2) == {a: False}
+            assert claimed({b}, suspects=10_000) == {b: True}
+            store.finish(conn, a, Outcome(500, "", "", 5), 0.0, 20, 0)  # failing now: suspect again
+            assert claimed({a}, suspects=2, suspects_busy=2) == {}
+            row = conn.execute("SELECT proven, failures FROM palette_webhooks.endpoints WHERE id = %s",
+                               [proven]).fetchone()
+            assert row == (True, 1)
+        finally:
+            conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[proven, fresh]])
+
+
+def test_endpoints_from_before_the_proven_column_that_succeeded_are_taken_for_proven(settings):
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        store.ensure_schema(conn)
+        user = uuid.uuid4()
+        answered, silent = (store.create_endpoint(conn, user, f"http://127.0.0.1:9/{n}", ["job.queued"],
+                                                  "whsec_test", 10)["id"] for n in ("answered", "silent"))
+        job = uuid.uuid4()
+        store.record(conn, [store.NewDelivery(e, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}")
+                            for e in (answered, silent)])
+        conn.execute("UPDATE palette_webhooks.deliveries SET status = 'succeeded' WHERE endpoint_id = %s",
+                     [answered])
+        try:
+            with conn.transaction(force_rollback=True):  # the column as a store from before lacks it
+                conn.execute("ALTER TABLE palette_webhooks.endpoints DROP COLUMN proven")
+                for statement in store.DDL:
+                    conn.execute(statement)
+                rows = dict(conn.execute("SELECT id, proven FROM palette_webhooks.endpoints WHERE id = ANY(%s)",
+                                         [[answered, silent]]).fetchall())
+                assert rows == {answered: True, silent: False}
+        finally:
+            conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[answered, silent]])
