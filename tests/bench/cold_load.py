@@ -29,12 +29,13 @@ from tests.bench.harness import running_stack, say
 QUEUED_TOGETHER = 90  # grants queued at once while growing the stream (about one batch each)
 
 
-def _grant(user_id: uuid.UUID) -> Any:
+def grant(user_id: uuid.UUID) -> Any:
+    """A command granting the user one credit (one event on its stream), for the group committer."""
     @touches(user_id)
     def command(uow: UnitOfWork) -> None:
         user = uow.get(User, user_id)
         assert user is not None
-        user.grant(1, "bench", SystemClock().now())
+        user.grant(1, "one more event", SystemClock().now())
 
     return command
 
@@ -45,7 +46,7 @@ def grown_user(app: PaletteApplication, events: int) -> tuple[uuid.UUID, int]:
     try:
         user_id = PaletteService(app, writer, SystemClock(), RandomIds()).register(f"cold-{uuid.uuid4()}").value[0]
         while (version := _version(writer, user_id)) < events:
-            for f in [writer.submit(_grant(user_id)) for _ in range(min(QUEUED_TOGETHER, events - version))]:
+            for f in [writer.submit(grant(user_id)) for _ in range(min(QUEUED_TOGETHER, events - version))]:
                 f.result()
         _version(writer, user_id)  # queued behind the last save: its snapshot is written
         return user_id, writer.snapshots_taken

@@ -20,10 +20,12 @@ from adapters.settings import Settings
 from adapters.system import RandomIds, SystemClock
 from application.executors import GroupCommitter
 from application.services import PaletteApplication, PaletteService
-from application.unit_of_work import Committed, UnitOfWork, touches
+from application.unit_of_work import Committed
 from domain.contracts.keys import input_key
 from domain.user import User
+from tests.bench.cold_load import grant
 from tests.simulation import Uploads
+from tests.unit.test_snapshots import cold_read, folded, state
 
 SCHEMA = "snapshots_pg"
 EDITS = {"wall": {"action": "tone", "value": "warm"}}
@@ -39,36 +41,15 @@ def schema(settings: Settings) -> Iterator[str]:
         conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
 
 
-def _grant(user_id: uuid.UUID) -> Any:
-    @touches(user_id)
-    def command(uow: UnitOfWork) -> None:
-        user = uow.get(User, user_id)
-        assert user is not None
-        user.grant(1, "promo", SystemClock().now())
-
-    return command
-
-
 def _grow(committer: GroupCommitter, user_id: uuid.UUID, events: int, together: int = 40) -> None:
     """``events`` grants, queued ``together`` at a time (a queue's worth is saved in one batch,
     which takes one snapshot however many multiples it passes)."""
     for start in range(0, events, together):
-        futures: list[Future[Committed[Any]]] = [committer.submit(_grant(user_id))
+        futures: list[Future[Committed[Any]]] = [committer.submit(grant(user_id))
                                                  for _ in range(min(together, events - start))]
         for f in futures:
             f.result()
     committer.read(user_id)  # queued behind the last batch: its snapshot (taken after it answers) is written
-
-
-def _folded(app: PaletteApplication, stream_id: uuid.UUID) -> Any:
-    aggregate = None
-    for stored in app.recorder.select_events(stream_id):
-        aggregate = app.mapper.to_domain_event(stored).mutate(aggregate)
-    return aggregate
-
-
-def _state(aggregate: Any) -> dict[str, Any]:
-    return {k: v for k, v in vars(aggregate).items() if k != "_pending_events"}
 
 
 def test_a_store_from_before_snapshots_gets_their_table_and_cold_loads_read_from_them(
@@ -106,12 +87,8 @@ def test_a_store_from_before_snapshots_gets_their_table_and_cold_loads_read_from
         # past a version given beyond the newest snapshot: no snapshot, the events past the version
         assert loader.since_snapshots({users[0]: newest[users[0]] + 1}) == (
             [], loader.newer_than({users[0]: newest[users[0]] + 1}))
-        cold = GroupCommitter(app, loader).start()
-        try:
-            for user_id in users:
-                assert _state(cold.read(user_id)) == _state(_folded(app, user_id))
-        finally:
-            cold.stop()
+        for user_id in users:
+            assert state(cold_read(app, loader, user_id)) == state(folded(app, user_id))
     finally:
         committer.stop()
         app.close()
@@ -135,13 +112,9 @@ def test_a_user_holding_reservations_is_snapshotted_and_loaded_as_it_was(setting
         assert app.snapshots is not None and committer.snapshots_taken == 1
         (snapshot,) = app.snapshots.get(user_id)
         assert snapshot.originator_version == 5
-        cold = GroupCommitter(app, pg_stream_loader(app)).start()
-        try:
-            user = cold.read(user_id)
-            assert isinstance(user, User) and set(user.reservations) == set(jobs)
-            assert _state(user) == _state(_folded(app, user_id))
-        finally:
-            cold.stop()
+        user = cold_read(app, pg_stream_loader(app), user_id)
+        assert isinstance(user, User) and set(user.reservations) == set(jobs)
+        assert state(user) == state(folded(app, user_id))
     finally:
         committer.stop()
         app.close()
@@ -166,7 +139,7 @@ def test_a_snapshots_table_gone_at_run_time_costs_only_the_shortcut(settings: Se
                 assert cold_svc.grant_credits(user_id, 5, "promo").value == 60  # version 4: a snapshot
                 cold.read(user_id)  # queued behind the save: its snapshot was tried, and failed
             assert "loading from snapshots failed" in caplog.text and "no snapshot of" in caplog.text
-            assert _state(cold.read(user_id)) == _state(_folded(app, user_id))
+            assert state(cold.read(user_id)) == state(folded(app, user_id))
         finally:
             cold.stop()
     finally:

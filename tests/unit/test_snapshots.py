@@ -19,12 +19,13 @@ from hypothesis import strategies as st
 from application.executors import GroupCommitter, RecorderStreamLoader, snapshot_recorder
 from application.services import PaletteApplication, PaletteService
 from application.snapshots import SNAPSHOT_EVERY, SetAsList, StreamSnapshot
-from application.unit_of_work import Committed, UnitOfWork, touches
+from application.unit_of_work import Committed
 from domain.contracts.keys import input_key
 from domain.errors import DomainError
 from domain.job import Job
 from domain.rule import Rule
 from domain.user import User
+from tests.bench.cold_load import grant
 from tests.simulation import Ids, StepClock, Uploads
 
 EDITS = {"wall": {"action": "recolor", "value": "#aabbcc"}}
@@ -44,6 +45,15 @@ def folded(app: PaletteApplication, stream_id: UUID, upto: int | None = None) ->
 
 def state(aggregate: Any) -> dict[str, Any]:
     return {k: v for k, v in vars(aggregate).items() if k != "_pending_events"}
+
+
+def cold_read(app: PaletteApplication, loader: Any, stream_id: UUID) -> Any:
+    """The stream as a group committer that never saw it loads it (through ``loader``)."""
+    cold = GroupCommitter(app, loader).start()
+    try:
+        return cold.read(stream_id)
+    finally:
+        cold.stop()
 
 
 class CountingLoader(RecorderStreamLoader):
@@ -69,16 +79,6 @@ class CountingLoader(RecorderStreamLoader):
         if not self._inside:  # asked for on its own: the events behind an unreadable snapshot
             self.fallback_events += len(events)
         return events
-
-
-def _grant(user_id: UUID) -> Any:
-    @touches(user_id)
-    def command(uow: UnitOfWork) -> None:
-        user = uow.get(User, user_id)
-        assert user is not None
-        user.grant(1, "burst", StepClock().now())
-
-    return command
 
 
 def _running_job(svc: PaletteService, uploads: Uploads, user_id: UUID) -> UUID:
@@ -125,7 +125,7 @@ def test_a_stream_loaded_from_its_newest_snapshot_is_the_stream_folded_whole(eve
             elif op == "cancel" and running:
                 svc.cancel_job(*running.pop(n % len(running)))  # settled: the reservation refunded
             elif op == "burst":  # queued together: saved in one batch, across several multiples
-                futures: list[Future[Committed[Any]]] = [committer.submit(_grant(user)) for _ in range(2 * n + 2)]
+                futures: list[Future[Committed[Any]]] = [committer.submit(grant(user)) for _ in range(2 * n + 2)]
                 for f in futures:
                     f.result()
         except DomainError:
@@ -144,11 +144,7 @@ def test_a_stream_loaded_from_its_newest_snapshot_is_the_stream_folded_whole(eve
         # none missed: the newest was taken at or after the last multiple the stream reached
         assert newest >= whole.version // every * every
         loader = CountingLoader(app)
-        cold = GroupCommitter(app, loader).start()
-        try:
-            assert state(cold.read(stream_id)) == state(whole)
-        finally:
-            cold.stop()
+        assert state(cold_read(app, loader, stream_id)) == state(whole)
         assert loader.events == whole.version - newest  # only what came after the snapshot
         assert loader.snapshots_read == (1 if snaps else 0)
         stored += len(snaps)
