@@ -38,19 +38,31 @@ class SetAsList(Transcoding):
 
 
 def _storable(value: Any) -> Any:
-    if isinstance(value, dict) and not all(isinstance(k, str) for k in value):
-        return {PAIRS: [[k, v] for k, v in value.items()]}
+    """``value`` with every dictionary (at any depth) JSON cannot key as it is in pair form; one
+    that could be taken for that form (its one key is ``PAIRS``) goes in it too."""
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value) and value.keys() != {PAIRS}:
+            return {k: _storable(v) for k, v in value.items()}
+        return {PAIRS: [[k, _storable(v)] for k, v in value.items()]}
+    if isinstance(value, list):
+        return [_storable(v) for v in value]
     return value
 
 
 def _restored(value: Any) -> Any:
-    if isinstance(value, dict) and value.keys() == {PAIRS}:
-        return {k: v for k, v in value[PAIRS]}
+    if isinstance(value, dict):
+        if value.keys() == {PAIRS}:
+            return {k: _restored(v) for k, v in value[PAIRS]}
+        return {k: _restored(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_restored(v) for v in value]
     return value
 
 
 class StreamSnapshot(Snapshot):
-    """A snapshot whose attributes JSON can hold (see the module's docstring)."""
+    """A snapshot whose attributes JSON can hold (see the module's docstring). Keys must be
+    strings or values the transcoder turns back into themselves (UUIDs, numbers): a tuple key,
+    say, would come back a list."""
 
     @classmethod
     def take(cls, aggregate: Any) -> Any:

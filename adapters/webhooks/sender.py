@@ -13,7 +13,7 @@ held (none of its deliveries tried) for the retry schedule's delay after as many
 row, at most ``HOLD_MAX_S``: an endpoint that hangs costs one attempt per step, not one per
 delivery queued for it, and one that recovers is tried again within half an hour. Nor do several
 users' endpoints together: attempts to suspect endpoints (never succeeded, or failing now) take at
-most the threads but ``PROVEN_RESERVE``, so endpoints that answer always have those.
+most the threads but ``proven_reserve``'s, so endpoints that answer always have those.
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ DDL = (
 POSITIONS = ("palette_webhooks", "positions")
 ROTATION_GRACE_S = 24 * 3600  # the secret a rotation replaced still signs this long
 SHOWN_ATTEMPTS = 20  # attempts listed per delivery, the latest first
-CLAIM_WINDOW = 1000  # the longest-due deliveries a claim looks at
+CLAIM_WINDOW = 1000  # the longest-due deliveries a claim looks at, of those it could take
+CLAIM_SCAN = 10 * CLAIM_WINDOW  # the longest-due deliveries it reads to find them
 _ENDPOINT = sql.SQL("id, url, events, enabled, disabled_at, created_at")
 
 
@@ -284,20 +285,30 @@ def claim(conn: psycopg.Connection[Any], limit: int, lease_s: float, per_user: i
     first delivery comes before anyone's second). With ``suspects``, at most that many attempts
     are in flight to suspect endpoints (that never succeeded, or whose last attempt failed),
     counting ``suspects_busy``: the endpoints that answer keep the other threads, however many
-    users' endpoints hang. It looks at the ``CLAIM_WINDOW`` deliveries due longest (a claim's
-    cost does not grow with the backlog), and checks again on each row it locks that it is still
-    due (another sender's claim may have leased it since this one's snapshot)."""
+    users' endpoints hang.
+
+    It looks at the ``CLAIM_WINDOW`` deliveries due longest of those it could take: not those of
+    a user at ``per_user``, nor a suspect's when the suspects' share is taken, nor a disabled or
+    held endpoint's, so that a backlog it may not take does not hide one it may; and to find them
+    it reads at most the ``CLAIM_SCAN`` due longest (a claim's cost does not grow with the
+    backlog). It checks again on each row it locks that it is still due (another sender's claim
+    may have leased it since this one's snapshot)."""
     busy = busy or {}
+    full = [user for user, n in busy.items() if per_user is not None and n >= per_user]
     rows = conn.execute(
-        "WITH candidates AS (SELECT d.id, d.endpoint_id, d.job_id, d.version, d.next_attempt_at "
-        "FROM palette_webhooks.deliveries d WHERE d.status = 'pending' AND d.next_attempt_at <= now() "
-        "ORDER BY d.next_attempt_at LIMIT %(window)s), "
-        "ready AS (SELECT c.id, c.next_attempt_at, NOT e.proven OR e.failures > 0 AS suspect, "
-        "row_number() OVER (PARTITION BY e.user_id ORDER BY c.next_attempt_at) + coalesce(b.n, 0) AS place "
-        "FROM candidates c JOIN palette_webhooks.endpoints e ON e.id = c.endpoint_id "
-        "LEFT JOIN unnest(%(users)s::uuid[], %(counts)s::int[]) AS b(user_id, n) ON b.user_id = e.user_id "
-        "WHERE e.enabled AND (e.held_until IS NULL OR e.held_until <= now()) "
-        "AND NOT EXISTS (SELECT 1 FROM palette_webhooks.deliveries p WHERE p.endpoint_id = c.endpoint_id "
+        "WITH candidates AS (SELECT s.id, s.endpoint_id, s.job_id, s.version, s.next_attempt_at, e.user_id, "
+        "NOT e.proven OR e.failures > 0 AS suspect FROM (SELECT d.id, d.endpoint_id, d.job_id, d.version, "
+        "d.next_attempt_at FROM palette_webhooks.deliveries d WHERE d.status = 'pending' "
+        "AND d.next_attempt_at <= now() ORDER BY d.next_attempt_at LIMIT %(scan)s) s "
+        "JOIN palette_webhooks.endpoints e ON e.id = s.endpoint_id "
+        "WHERE e.enabled AND (e.held_until IS NULL OR e.held_until <= now()) AND e.user_id <> ALL(%(full)s::uuid[]) "
+        "AND (%(suspects_open)s OR (e.proven AND e.failures = 0)) "
+        "ORDER BY s.next_attempt_at LIMIT %(window)s), "
+        "ready AS (SELECT c.id, c.next_attempt_at, c.suspect, "
+        "row_number() OVER (PARTITION BY c.user_id ORDER BY c.next_attempt_at) + coalesce(b.n, 0) AS place "
+        "FROM candidates c "
+        "LEFT JOIN unnest(%(users)s::uuid[], %(counts)s::int[]) AS b(user_id, n) ON b.user_id = c.user_id "
+        "WHERE NOT EXISTS (SELECT 1 FROM palette_webhooks.deliveries p WHERE p.endpoint_id = c.endpoint_id "
         "AND p.job_id = c.job_id AND p.status = 'pending' AND p.version < c.version)), "
         "allowed AS (SELECT r.*, CASE WHEN r.suspect THEN row_number() OVER (PARTITION BY r.suspect "
         "ORDER BY r.place, r.next_attempt_at) + %(suspects_busy)s END AS suspect_place FROM ready r "
@@ -312,8 +323,9 @@ def claim(conn: psycopg.Connection[Any], limit: int, lease_s: float, per_user: i
         "CASE WHEN e.previous_until > now() THEN e.previous_secret END, d.next_attempt_at, e.user_id, "
         "NOT e.proven OR e.failures > 0",
         {"users": list(busy), "counts": list(busy.values()), "per_user": per_user, "limit": limit,
-         "lease": lease_s, "window": max(limit, CLAIM_WINDOW), "suspects": suspects,
-         "suspects_busy": suspects_busy}).fetchall()
+         "lease": lease_s, "window": max(limit, CLAIM_WINDOW), "scan": max(limit, CLAIM_SCAN), "full": full,
+         "suspects": suspects, "suspects_busy": suspects_busy,
+         "suspects_open": suspects is None or suspects_busy < suspects}).fetchall()
     return [Due(r[0], r[1], bytes(r[2]), r[3], r[4], tuple(k for k in (r[5], r[6]) if k), r[7], r[8], r[9])
             for r in rows]
 

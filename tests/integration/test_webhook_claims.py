@@ -162,3 +162,28 @@ def test_endpoints_from_before_the_proven_column_that_succeeded_are_taken_for_pr
                 assert rows == {answered: True, silent: False}
         finally:
             conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[answered, silent]])
+
+
+def test_a_backlog_a_claim_may_not_take_does_not_hide_a_delivery_it_may(settings, monkeypatch):
+    # Suspects' deliveries beyond their share, and a user's beyond their cap, used to fill the
+    # claim's window: a proven endpoint's delivery due after them was not seen, threads free.
+    monkeypatch.setattr(store, "CLAIM_WINDOW", 5)
+    monkeypatch.setattr(store, "CLAIM_SCAN", 200)
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        store.ensure_schema(conn)
+        attacker, busy_user, victim = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        made = [store.create_endpoint(conn, user, f"http://127.0.0.1:9/{n}", ["job.queued"], "whsec_test", 10)["id"]
+                for n, user in enumerate([attacker] * 3 + [busy_user, victim])]
+        conn.execute("UPDATE palette_webhooks.endpoints SET proven = true WHERE id = ANY(%s)", [made[3:]])
+        for n, endpoint in enumerate(made):
+            jobs = [uuid.uuid4() for _ in range(1 if endpoint == made[-1] else 10)]
+            store.record(conn, [store.NewDelivery(endpoint, f"msg_{j.hex}_1", j, 1, "job.queued", b"{}")
+                                for j in jobs])
+            # the victim's due for an hour, the 40 others for longer
+            conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() - %s * interval '1 hour' "
+                         "WHERE endpoint_id = %s", [1 if endpoint == made[-1] else 2 + n, endpoint])
+        try:
+            got = store.claim(conn, 2, 30.0, per_user=2, busy={busy_user: 2}, suspects=1, suspects_busy=1)
+            assert [d.user_id for d in got if d.user_id in (attacker, busy_user, victim)] == [victim]
+        finally:
+            conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [made])

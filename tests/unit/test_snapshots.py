@@ -23,6 +23,7 @@ from application.unit_of_work import Committed
 from domain.contracts.keys import input_key
 from domain.errors import DomainError
 from domain.job import Job
+from domain.plans import DEFAULT_PLANS
 from domain.rule import Rule
 from domain.user import User
 from tests.bench.cold_load import grant
@@ -262,3 +263,18 @@ def test_a_set_goes_through_the_store_as_it_was(members: set[UUID]) -> None:
     transcoder = _app().mapper.transcoder
     assert transcoder.decode(transcoder.encode({"ids": members})) == {"ids": members}
     assert SetAsList().encode(members) == sorted(members, key=str)
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5) | st.uuids(),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=5) | st.uuids() | st.integers() | st.just("_pairs_"),
+                                      inner, max_size=3),
+                    max_leaves=12))
+def test_any_attribute_of_plain_values_and_dictionaries_goes_through_a_snapshot_as_it_was(value: Any) -> None:
+    """Dictionaries keyed by UUIDs or numbers at any depth, and one whose only key is the pair
+    form's own marker, come back as they were."""
+    app = _app()
+    user = User.register("hmac-sha256:00", DEFAULT_PLANS["free"], StepClock().now())
+    user.anything = value
+    stored = app.mapper.to_stored_event(StreamSnapshot.take(user))
+    assert app.mapper.to_domain_event(stored).mutate(None).anything == value
