@@ -44,12 +44,16 @@ class PgStreamLoader:
         # The same from snapshots: each stream's newest snapshot past the version given, if any
         # (``s``, read twice, so computed once), then its events past that; both kinds of row in
         # one answer, told apart by the first column. A stream without snapshots costs one probe
-        # of the snapshots' primary key.
+        # of the snapshots' primary key. A snapshot counts only where the stream has an event of
+        # its version: one past the stream's end (a store restored behind its snapshots) is not
+        # the stream's state.
         self._since_snapshots = None if snapshots is None else sql.SQL(
             "WITH v AS (SELECT * FROM unnest(%b::uuid[], %b::int[]) AS v(id, ver)), "
             "s AS (SELECT v.id, s.originator_version, s.topic, s.state FROM v CROSS JOIN LATERAL ("
-            " SELECT originator_version, topic, state FROM {snapshots}"
-            " WHERE originator_id = v.id AND originator_version > v.ver ORDER BY originator_version DESC LIMIT 1) s) "
+            " SELECT originator_version, topic, state FROM {snapshots} n"
+            " WHERE originator_id = v.id AND originator_version > v.ver AND EXISTS (SELECT 1 FROM {events} x"
+            "  WHERE x.originator_id = v.id AND x.originator_version = n.originator_version)"
+            " ORDER BY originator_version DESC LIMIT 1) s) "
             "SELECT true AS snapshot, id AS originator_id, originator_version, topic, state FROM s "
             "UNION ALL "
             "SELECT false, e.originator_id, e.originator_version, e.topic, e.state "

@@ -52,8 +52,13 @@ class RecorderStreamLoader:
     def since_snapshots(self, versions: Mapping[UUID, int]) -> tuple[list[StoredEvent], list[StoredEvent]]:
         if self.snapshots is None:
             return [], self.newer_than(versions)
-        snapshots = [s for i, v in versions.items()
-                     for s in self.snapshots.select_events(i, gt=v or None, desc=True, limit=1)]
+        snapshots = []
+        for i, v in versions.items():  # the newest one the stream has an event of its version for
+            for snapshot in self.snapshots.select_events(i, gt=v or None, desc=True):
+                if self.recorder.select_events(i, gt=snapshot.originator_version - 1,
+                                               lte=snapshot.originator_version):
+                    snapshots.append(snapshot)
+                    break
         past = {s.originator_id: s.originator_version for s in snapshots}
         return snapshots, self.newer_than({i: past.get(i, v) for i, v in versions.items()})
 

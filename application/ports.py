@@ -42,8 +42,9 @@ class StreamLoader(Protocol):
 
     def since_snapshots(self, versions: Mapping[UUID, int]) -> tuple[list[StoredEvent], list[StoredEvent]]:
         """``newer_than``, from snapshots where they help: the newest snapshot of each stream in
-        ``versions`` past the version given for it (none where the store keeps no snapshots), and
-        the stream's events past that snapshot (past the version given where it has none)."""
+        ``versions`` past the version given for it and at most its last event's (none where the
+        store keeps no snapshots), and the stream's events past that snapshot (past the version
+        given where it has none)."""
         ...
 
 

@@ -89,6 +89,15 @@ def test_a_store_from_before_snapshots_gets_their_table_and_cold_loads_read_from
             [], loader.newer_than({users[0]: newest[users[0]] + 1}))
         for user_id in users:
             assert state(cold_read(app, loader, user_id)) == state(folded(app, user_id))
+        # Restored behind its snapshots: the first user's events past 150 gone, its snapshot at
+        # 200 or more kept. The load is the 150 events there are, from the snapshot at 100 or so.
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DELETE FROM {} WHERE originator_id = %s AND originator_version > 150")
+                         .format(sql.Identifier(schema, "palette_events")), [users[0]])
+        snapshots, _ = loader.since_snapshots({users[0]: 0})
+        assert len(snapshots) == 1 and 100 <= snapshots[0].originator_version <= 150
+        restored = cold_read(app, loader, users[0])
+        assert restored.version == 150 and state(restored) == state(folded(app, users[0]))
     finally:
         committer.stop()
         app.close()

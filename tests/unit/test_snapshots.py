@@ -278,3 +278,21 @@ def test_any_attribute_of_plain_values_and_dictionaries_goes_through_a_snapshot_
     user.anything = value
     stored = app.mapper.to_stored_event(StreamSnapshot.take(user))
     assert app.mapper.to_domain_event(stored).mutate(None).anything == value
+
+
+def test_a_snapshot_past_the_streams_last_event_is_passed_over() -> None:
+    """A store restored behind its snapshots: the stream's events end before its newest snapshot."""
+    app = _app()
+    committer = GroupCommitter(app, snapshot_every={User: 2})
+    svc = PaletteService(app, committer, StepClock(), Ids())
+    user_id, _ = svc.register("device").value
+    for _ in range(3):
+        svc.grant_credits(user_id, 1, "promo")
+    committer.stop()
+    assert app.snapshots is not None
+    (newest,) = app.snapshots.recorder.select_events(user_id, desc=True, limit=1)
+    ahead = StoredEvent(newest.originator_id, 50, newest.topic, newest.state)  # no event 50
+    app.snapshots.recorder.insert_events([ahead])
+    loader = CountingLoader(app)
+    assert state(cold_read(app, loader, user_id)) == state(folded(app, user_id))
+    assert (loader.snapshots_read, loader.events) == (1, folded(app, user_id).version - newest.originator_version)
