@@ -302,7 +302,9 @@ class GroupCommitter:
     alone; a command that raises anything else is dropped from the batch, which is then redone;
     a batch whose prefetch or save fails for a reason other than the database runs again one
     command per transaction, so only the command at fault fails. Reads join the next batch and
-    get a copy of the aggregate as last committed, before that batch's commands run.
+    get a copy of the aggregate as last committed, before that batch's commands run. A saved
+    aggregate whose stream reached a multiple of its ``snapshot_every`` is snapshotted once the
+    batch's callers have their answers; loads start from a stream's newest snapshot.
     """
 
     def __init__(self, app: Application[UUID], loader: StreamLoader | None = None,
