@@ -327,6 +327,7 @@ class GroupCommitter:
         if snapshot_every is None:
             snapshot_every = getattr(app, "snapshot_every", {})
         self.snapshot_every: Mapping[type[Aggregate], int] = snapshot_every if app.snapshots is not None else {}
+        self._snapshot_class: Any = getattr(app, "snapshot_class", None) or Snapshot
         self.snapshots_taken = 0
 
     def start(self) -> GroupCommitter:
@@ -535,10 +536,9 @@ class GroupCommitter:
         """Snapshots of aggregates as just saved (held by the writer, so as committed), each on its
         own. A failure costs only the shortcut: that stream's loads read further back meanwhile."""
         assert self.app.snapshots is not None
-        take = getattr(self.app, "snapshot_class", None) or Snapshot
         for agg in saved:
             try:
-                self.app.snapshots.put([take.take(agg)])
+                self.app.snapshots.put([self._snapshot_class.take(agg)])
             except Exception as e:  # noqa: BLE001 - never the batch's concern: it is saved
                 log.warning("no snapshot of %s at version %d (%s: %s)", agg.id, agg.version, type(e).__name__, e)
             else:

@@ -40,13 +40,13 @@ PRUNE_EVERY_S = 3600.0
 PRUNE_PAGE = 5000
 LEASE_S = 3 * targets.TIMEOUT_S  # well past an attempt's deadline (targets.post)
 PER_USER_IN_FLIGHT = 2
+HOLD_MAX_S = 1800.0
 
 
 def proven_reserve(workers: int) -> int:
     """The sender threads that only endpoints which answered, and are not failing, may take: a
     quarter, at least one (none of a single thread)."""
     return max(1, workers // 4) if workers > 1 else 0
-HOLD_MAX_S = 1800.0
 
 
 class WebhookSender:

@@ -3,9 +3,12 @@ embedded stack, one user grown to ``--events`` events through the group committe
 its snapshots as it goes), then ``--repeats`` loads by a group committer that has never seen it:
 from the newest snapshot (what the API does), and folding the whole stream (the same loader
 without the snapshot table: what it did before). Each load is timed from the read being queued
-to its answer, on a writer thread already started.
+to its answer, on a writer thread already started. With ``--throughput-rounds N``, then what the
+snapshot query costs on the hot path: ``core_commands_per_s``'s mixed sessions (96 threads, 10 s)
+through a group committer loading with snapshots and through one loading without, alternated N
+times (medians).
 
-    .venv/bin/python -m tests.bench.cold_load --events 20050 --repeats 15"""
+    .venv/bin/python -m tests.bench.cold_load --events 20050 --repeats 15 --throughput-rounds 4"""
 
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from application.ports import StreamLoader
 from application.services import PaletteApplication, PaletteService
 from application.unit_of_work import UnitOfWork, touches
 from domain.user import User
-from tests.bench.harness import running_stack, say
+from tests.bench.core import core_commands_per_s
+from tests.bench.harness import PLANS, running_stack, say
 
 QUEUED_TOGETHER = 90  # grants queued at once while growing the stream (about one batch each)
 
@@ -76,10 +80,27 @@ def cold_load_ms(app: PaletteApplication, loader: Callable[[], StreamLoader | No
     return times
 
 
+def throughput(app: PaletteApplication, kinds: dict[str, Callable[[], StreamLoader | None]],
+               rounds: int) -> dict[str, float]:
+    """Median commands per second of the mixed sessions through a group committer on each loader."""
+    rates: dict[str, list[float]] = {name: [] for name in kinds}
+    for _ in range(rounds):
+        for name, loader in kinds.items():
+            writer = GroupCommitter(app, loader()).start()
+            try:
+                service = PaletteService(app, writer, SystemClock(), RandomIds(), plans=PLANS)
+                rates[name].append(core_commands_per_s(service, 10.0, 96))
+            finally:
+                writer.stop()
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=20_050, help="the user stream's length (default 20050)")
     parser.add_argument("--repeats", type=int, default=15, help="cold loads of each kind (default 15)")
+    parser.add_argument("--throughput-rounds", type=int, default=0,
+                        help="alternated rounds of mixed sessions with and without snapshots (default 0)")
     args = parser.parse_args()
     with running_stack() as stack:
         app = open_event_store(stack.settings)
@@ -94,6 +115,10 @@ def main() -> None:
                 times = cold_load_ms(app, loader, user_id, args.repeats)
                 say(f"cold load, {name}: median {statistics.median(times):.2f} ms "
                     f"(min {min(times):.2f}, max {max(times):.2f}; {args.repeats} loads)")
+            if args.throughput_rounds:
+                rates = throughput(app, kinds, args.throughput_rounds)
+                say("mixed sessions, commands/s (medians of "
+                    f"{args.throughput_rounds}): " + ", ".join(f"{name}: {r:,.0f}" for name, r in rates.items()))
         finally:
             app.close()
 

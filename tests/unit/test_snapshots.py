@@ -179,7 +179,9 @@ def test_the_application_snapshots_users_and_rules_only_by_default() -> None:
     assert app.snapshots is not None and app.repository.snapshot_store is None
 
 
-def test_an_unreadable_snapshot_is_passed_over_and_the_stream_read_whole(caplog: pytest.LogCaptureFixture) -> None:
+def _user_at_version_5_snapshotted_at_4() -> tuple[PaletteApplication, UUID, StoredEvent]:
+    """A user registered (2 events) and granted credits 3 times, a snapshot every 2 events: the
+    store, the user and the newest stored snapshot."""
     app = _app()
     committer = GroupCommitter(app, snapshot_every={User: 2})
     svc = PaletteService(app, committer, StepClock(), Ids())
@@ -189,13 +191,18 @@ def test_an_unreadable_snapshot_is_passed_over_and_the_stream_read_whole(caplog:
     committer.stop()
     assert app.snapshots is not None
     (newest,) = app.snapshots.recorder.select_events(user_id, desc=True, limit=1)
+    assert (folded(app, user_id).version, newest.originator_version) == (5, 4)
+    return app, user_id, newest
+
+
+def test_an_unreadable_snapshot_is_passed_over_and_the_stream_read_whole(caplog: pytest.LogCaptureFixture) -> None:
+    app, user_id, newest = _user_at_version_5_snapshotted_at_4()
+    assert app.snapshots is not None
     damaged = StoredEvent(newest.originator_id, newest.originator_version + 1, newest.topic, b"{not json")
     app.snapshots.recorder.insert_events([damaged])
     loader = CountingLoader(app)
-    cold = GroupCommitter(app, loader).start()
     with caplog.at_level(logging.WARNING, logger="application.executors"):
-        loaded = cold.read(user_id)
-    cold.stop()
+        loaded = cold_read(app, loader, user_id)
     assert state(loaded) == state(folded(app, user_id))
     assert loader.snapshots_read == 1 and loader.events == 0  # nothing past the damaged one
     assert loader.fallback_events == folded(app, user_id).version  # so the whole stream
@@ -282,15 +289,8 @@ def test_any_attribute_of_plain_values_and_dictionaries_goes_through_a_snapshot_
 
 def test_a_snapshot_past_the_streams_last_event_is_passed_over() -> None:
     """A store restored behind its snapshots: the stream's events end before its newest snapshot."""
-    app = _app()
-    committer = GroupCommitter(app, snapshot_every={User: 2})
-    svc = PaletteService(app, committer, StepClock(), Ids())
-    user_id, _ = svc.register("device").value
-    for _ in range(3):
-        svc.grant_credits(user_id, 1, "promo")
-    committer.stop()
+    app, user_id, newest = _user_at_version_5_snapshotted_at_4()
     assert app.snapshots is not None
-    (newest,) = app.snapshots.recorder.select_events(user_id, desc=True, limit=1)
     ahead = StoredEvent(newest.originator_id, 50, newest.topic, newest.state)  # no event 50
     app.snapshots.recorder.insert_events([ahead])
     loader = CountingLoader(app)
