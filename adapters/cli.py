@@ -143,12 +143,14 @@ def _serve_api(settings: Any, naive: bool) -> None:
     from prometheus_client import CollectorRegistry
 
     from adapters import bootstrap, observability
-    from adapters.api.app import API_POOL_SIZE, create_asgi
+    from adapters.api.app import API_POOL_SIZE, bound_connections, create_asgi
     from adapters.api.http_limits import SERVER_OPTIONS
     from adapters.runtime import serving_gc
 
-    # Each request's head bounded in size and time, a long keep-alive (adapters.api.http_limits).
-    # log_config None: uvicorn's own records go to the process's JSON lines (adapters.logs).
+    # Each request's head bounded in size and time, the connections in number, a long keep-alive
+    # (adapters.api.http_limits). log_config None: uvicorn's own records go to the process's JSON
+    # lines (adapters.logs).
+    bound_connections(settings)  # each worker process too (worker_asgi)
     options: dict[str, Any] = {"host": settings.api_host, "port": settings.api_port, "log_config": None,
                                **SERVER_OPTIONS}
     if settings.api_workers > 1:

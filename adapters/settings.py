@@ -105,6 +105,7 @@ class Settings(BaseSettings):
     idempotency_ttl_s: float = Field(24 * 3600.0, gt=0)  # an Idempotency-Key is forgotten this long after its claim
     sse_streams_per_user: int = Field(4, ge=1)  # concurrent GET /jobs/{id}/events per user (per API process)
     sse_streams: int = Field(256, ge=1)  # concurrent GET /jobs/{id}/events in all (per API process)
+    sse_streams_per_address: int = Field(16, ge=1)  # ... per client address (per API process)
     # HMAC key of stored device hashes (a device hash is a credential). Changing it gives every
     # device a new user on its next registration.
     device_key_secret: str = ""
@@ -116,6 +117,12 @@ class Settings(BaseSettings):
     # Reverse proxies in front of the API that append to X-Forwarded-For (that many entries from
     # the right are trusted); 0: the header is ignored and the TCP peer is the client.
     trusted_proxies: int = Field(0, ge=0, le=16)
+    # Open client connections per API process (0: what its descriptors allow, less 1,024 kept for
+    # its own use), and per client address (ignored behind trusted proxies, whose address every
+    # client has). At the limit the connection idle longest is closed for a new one; with none
+    # idle the new one gets a 503 (adapters.api.http_limits).
+    api_max_connections: int = Field(0, ge=0)
+    api_max_connections_per_peer: int = Field(256, ge=1)
     # Webhooks: the delays between tries of a failed delivery (``5s,5m,2h,1d``; jittered +-20 %),
     # and an endpoint disabled once its failures in a row number PALETTE_WEBHOOK_DISABLE_AFTER and
     # have lasted PALETTE_WEBHOOK_DISABLE_AFTER_S (its owner enables it again).

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
+from adapters.api import http_limits
 from adapters.api.deps import VerifiedTokens
 from adapters.api.envelope import CODE_BY_STATUS, STATUS_BY_CODE, ApiError, fail, request_id_var
 from adapters.api.idempotency import unflushed
@@ -23,6 +24,7 @@ from adapters.api.links import add_links
 from adapters.api.rate_limit import Budget, RateLimited, TokenBuckets
 from adapters.bootstrap import Container
 from adapters.erasure import ErasedUsers
+from adapters.settings import Settings
 from adapters.tokens import TokenIssuer
 from domain.errors import DomainError
 
@@ -98,7 +100,9 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
         return fail("VALIDATION_FAILED", f"{where or 'request'}: {first.get('msg', 'invalid')}")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if isinstance(e.__cause__, ApiError):  # FastAPI's body parsing turns any error into a 400:
+            return await _api(request, e.__cause__)  # a body over the cap read chunk by chunk
         if e.status_code == 400:  # a body that is not JSON: bad input like any other, one status
             return fail("VALIDATION_FAILED", f"request: {e.detail}")
         code = CODE_BY_STATUS.get(e.status_code, "VALIDATION_FAILED" if e.status_code < 500 else "INTERNAL")
@@ -142,6 +146,13 @@ def create_asgi(container: Container, owns_container: bool = False,
     return RequestEdge(keys, registry, trusted=trusted_networks(container.settings.trace_trusted_peers))
 
 
+def bound_connections(settings: Settings) -> None:
+    """This process's limits on client connections (adapters.api.http_limits), from settings:
+    none per address behind trusted proxies, which every client comes through."""
+    http_limits.limit_connections(settings.api_max_connections,
+                                  0 if settings.trusted_proxies else settings.api_max_connections_per_peer)
+
+
 def worker_asgi(naive: bool) -> ASGIApp:
     """What one of several API processes serves (PALETTE_API_WORKERS > 1): a container of its
     own, from the environment's settings, closed when that process stops; its own tracer (uvicorn
@@ -153,6 +164,7 @@ def worker_asgi(naive: bool) -> ASGIApp:
     from adapters.settings import load_settings
 
     settings = load_settings()
+    bound_connections(settings)
     tracing.configure("api", settings.trace_exporter)
     log.info("API worker process %d serving", os.getpid())
     asgi = create_asgi(bootstrap.build(settings, naive=naive, pool_size=API_POOL_SIZE), owns_container=True)

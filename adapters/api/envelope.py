@@ -32,6 +32,7 @@ STATUS_BY_CODE = {
     "AUTH_INVALID": 401,
     "PAYLOAD_TOO_LARGE": 413,
     "RATE_LIMITED": 429,
+    "TOO_MANY_CONNECTIONS": 503,  # written by adapters.api.http_limits, before any request
     "METHOD_NOT_ALLOWED": 405,
     "INTERNAL": 500,
 }

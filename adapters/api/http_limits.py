@@ -9,14 +9,31 @@ armed only after a response). Here:
   most ``MAX_HEAD_BYTES``, else the answer is a 431 and the connection is closed (the body's size
   is the app's to bound: ``adapters.api.edge``);
 - a request must arrive whole within ``REQUEST_TIMEOUT_S`` of the connection's opening, or of
-  its first byte on a kept-alive connection, else the connection is closed."""
+  its first byte on a kept-alive connection, else the connection is closed;
+- the connections a server holds are bounded (``ConnectionBounds``): in all, below the process's
+  file descriptors, and per client address. Open connections are what one client could otherwise
+  take every descriptor with, kept-alive ones cost it nothing, and at the limit ``accept`` fails
+  for everyone else. At the limit in all, the connection idle longest (kept alive after its
+  answer, or silent since it opened) is closed for the new one; with none idle, or a client at its
+  own limit, the new connection gets a 503 ``TOO_MANY_CONNECTIONS`` and is closed."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import resource
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from adapters.api.rate_limit import client_address
+
+log = logging.getLogger("palette.api.connections")
 
 MAX_HEAD_BYTES = 64 * 1024  # a browser sends 1-8 KB of headers; nginx's default limit is 4 x 8 KB
 REQUEST_TIMEOUT_S = 10.0  # a head and a body of at most 64 KB each
@@ -25,12 +42,72 @@ TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: tex
              b"content-length: 31\r\nconnection: close\r\n\r\nrequest headers are over 64 KB")
 
 
+FD_RESERVE = 1024  # descriptors kept for the pools, files and the broker (at most half the limit)
+PER_PEER = 256  # connections one client address holds at once (an office behind one NAT included)
+REFUSED_LINGER_S = 0.5  # a refused connection reads what its client sends this long, then closes
+LINGERING_MAX = 256  # refused connections doing so at once; past it, closed at once
+WARN_EVERY_S = 10.0  # the refusals and evictions at the limits are logged at most this often
+
+
+def fd_limit(raise_to_hard: bool = True) -> int:
+    """The process's limit on open descriptors, its soft limit raised to the hard one first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if raise_to_hard and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def connections_for(fds: int) -> int:
+    """How many client connections a process with ``fds`` descriptors may hold."""
+    return max(16, fds - min(FD_RESERVE, fds // 2))
+
+
+@dataclass
+class ConnectionBounds:
+    """What one server's connections share: the limits, the count per client address and the
+    idle connections, the one idle longest first. ``per_peer`` 0: no limit per address (behind
+    trusted proxies every client comes from theirs)."""
+
+    total: int
+    per_peer: int = PER_PEER
+    peers: Counter[str] = field(default_factory=Counter)
+    idle: dict[BoundedHttpToolsProtocol, None] = field(default_factory=dict)
+    refused: int = 0
+    evicted: int = 0
+    lingering: int = 0  # refused connections still reading what their client sent
+    _warned: float = 0.0
+
+    def note(self, what: str) -> None:
+        now = time.monotonic()
+        if now - self._warned >= WARN_EVERY_S:
+            self._warned = now
+            log.warning("connection limits (%d in all, %d per address): %s; so far %d refused, %d idle closed",
+                        self.total, self.per_peer, what, self.refused, self.evicted)
+
+
+def _refusal() -> bytes:
+    body = orjson.dumps({"success": False, "data": None,
+                         "error": {"code": "TOO_MANY_CONNECTIONS",
+                                   "message": "too many connections are open: retry in a moment"},
+                         "meta": {"request_id": "-", "timestamp": datetime.now(UTC).isoformat()}})
+    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+
 class HeadTooLarge(Exception):
     """Raised from a parser callback: the request's head passed MAX_HEAD_BYTES."""
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` with each request bounded (module docstring)."""
+    """``HttpToolsProtocol`` with each request and the connections bounded (module docstring).
+    The limits are the class's (``limit_connections``)."""
+
+    max_connections: int | None = None  # None: connections_for(fd_limit()) when first needed
+    max_per_peer: int = PER_PEER
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -40,7 +117,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._too_large = False
         self._refused = False
         self._deadline: asyncio.TimerHandle | None = None
-        self._start_clock()  # a connection that sends nothing is closed too
+        self._peer: str | None = None  # the address it counts against, once admitted
+        self._lingers = False  # refused, and reading what its client sends before closing
+        if self._admitted():
+            self._start_clock()  # a connection that sends nothing is closed too
 
     def on_message_begin(self) -> None:
         if self._deadline is None:  # the next request on a kept-alive connection (or pipelined)
@@ -48,6 +128,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
 
     def data_received(self, data: bytes) -> None:
+        self._bounds.idle.pop(self, None)
         if self._refused:
             return  # read and dropped until the connection closes (see _refuse)
         self._received += len(data)
@@ -81,9 +162,75 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         super().send_400_response(msg)
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.timeout_keep_alive_task is not None:  # kept alive, waiting for the next request
+            self._bounds.idle[self] = None
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_clock()
+        bounds = self._bounds
+        bounds.idle.pop(self, None)
+        if self._lingers:
+            bounds.lingering -= 1
+            self._lingers = False
+        if self._peer is not None:
+            bounds.peers[self._peer] -= 1
+            if bounds.peers[self._peer] <= 0:
+                del bounds.peers[self._peer]
+            self._peer = None
         super().connection_lost(exc)
+
+    @property
+    def _bounds(self) -> ConnectionBounds:
+        """The server's (one per uvicorn server, made by its first connection)."""
+        bounds: ConnectionBounds | None = getattr(self.server_state, "palette_bounds", None)
+        if bounds is None:
+            total = self.max_connections if self.max_connections is not None else connections_for(fd_limit(False))
+            bounds = ConnectionBounds(total, self.max_per_peer)
+            self.server_state.palette_bounds = bounds  # type: ignore[attr-defined]
+        return bounds
+
+    def _admitted(self) -> bool:
+        """Count the new connection in, closing the one idle longest if the server is full; False
+        (the connection refused and closing) when none is idle or its address is at its limit."""
+        bounds = self._bounds
+        peer = client_address(self.client[0] if self.client else None, [], 0)
+        if bounds.per_peer and bounds.peers[peer] >= bounds.per_peer:
+            return self._turn_away(f"{peer} holds {bounds.peers[peer]}")
+        while len(self.connections) > bounds.total and bounds.idle:  # ours counted in already
+            oldest = next(iter(bounds.idle))
+            del bounds.idle[oldest]
+            bounds.evicted += 1
+            oldest.transport.close()
+            self.connections.discard(oldest)  # its connection_lost comes on a later turn of the loop
+        if len(self.connections) > bounds.total:
+            return self._turn_away("every connection is busy")
+        if len(self.connections) == bounds.total:
+            bounds.note("full")
+        self._peer = peer
+        bounds.peers[peer] += 1
+        bounds.idle[self] = None  # silent since it opened
+        return True
+
+    def _turn_away(self, why: str) -> bool:
+        """The 503, then (as ``_refuse`` does, but shorter and only for so many at once) a
+        lingering close: the client's request, sent before it reads, would otherwise turn the
+        close into a reset. Not counted among the server's connections: it holds no request."""
+        bounds = self._bounds
+        bounds.refused += 1
+        bounds.note(f"refused a connection ({why})")
+        self._refused = True
+        self.connections.discard(self)
+        self.transport.write(_refusal())
+        if bounds.lingering < LINGERING_MAX and self.transport.can_write_eof():
+            bounds.lingering += 1
+            self._lingers = True
+            self.transport.write_eof()
+            self._deadline = self.loop.call_later(REFUSED_LINGER_S, self._too_slow)
+        else:
+            self.transport.close()
+        return False
 
     def _count(self, size: int) -> None:
         self._parsed += size
@@ -119,6 +266,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+def limit_connections(max_connections: int, max_per_peer: int) -> None:
+    """Set this process's connection limits (0 in all: what its descriptors allow, its soft limit
+    raised to the hard one first; 0 per peer: none). Class attributes, as uvicorn builds a
+    worker process's protocol from its name."""
+    fds = fd_limit()
+    BoundedHttpToolsProtocol.max_connections = max_connections or connections_for(fds)
+    BoundedHttpToolsProtocol.max_per_peer = max_per_peer
 
 
 # The API's uvicorn settings (the benchmark's bare app runs under them too). Keep-alive longer

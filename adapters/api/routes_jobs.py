@@ -11,6 +11,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
 from uuid import UUID
 
+from botocore.exceptions import ClientError
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -28,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
 from adapters.api.envelope import ApiError, ok
 from adapters.api.idempotency import id_for_key
-from adapters.api.rate_limit import RateLimited, forwarded
+from adapters.api.rate_limit import RateLimited, client_address, forwarded
 from adapters.api.schemas import (
     CallbackCreate,
     CallbackPublic,
@@ -309,7 +311,11 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
     new_id = committed.value
     _remember(container, user_id, new_id, committed)
     if (await service.get_job_async(user_id, new_id)).status == JobStatus.CREATED:  # never over a confirmed one
-        await run_in_threadpool(_copy_objects, container, _rerun_copies(user_id, job_id, new_id, source, present))
+        try:
+            await run_in_threadpool(_copy_objects, container, _rerun_copies(user_id, job_id, new_id, source, present))
+        except SourceGone:  # the source deleted meanwhile (DELETE /jobs): the new job cannot run
+            await service.run(service.cancel_job_command(user_id, new_id, "its source job was deleted"))
+            raise InvalidState("cannot rerun this job: it was deleted meanwhile, with its photos") from None
 
     def slots() -> list[MaskSlot]:
         urls = PutUrls(container, datetime.now(UTC))
@@ -344,13 +350,23 @@ def _rerun_copies(user_id: UUID, source_id: UUID, job_id: UUID, source: RerunSou
     return copies
 
 
+class SourceGone(Exception):
+    """An object a rerun copies is not there any more."""
+
+
 def _copy_objects(c: Container, copies: list[tuple[str, str]]) -> None:
     """Server-side copies, ``COPY_THREADS`` at a time. A copy again overwrites with the same bytes,
-    so a rerun retried with its Idempotency-Key finishes what a failed one began."""
+    so a rerun retried with its Idempotency-Key finishes what a failed one began (a failure of
+    the store's); SourceGone when a source object is missing."""
     bucket = c.settings.s3_bucket
 
     def copy(pair: tuple[str, str]) -> None:
-        c.s3.copy_object(Bucket=bucket, Key=pair[1], CopySource={"Bucket": bucket, "Key": pair[0]})
+        try:
+            c.s3.copy_object(Bucket=bucket, Key=pair[1], CopySource={"Bucket": bucket, "Key": pair[0]})
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                raise SourceGone(pair[0]) from e
+            raise
 
     with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="s3-copy") as pool:
         list(pool.map(copy, copies))
@@ -462,24 +478,29 @@ SSE_RETRY_AFTER_S = 5.0
 
 
 class StreamSlots:
-    """Open event streams in this process: at most ``per_user`` a user and ``total`` in all (a
-    stream polls the event store every SSE_POLL_S; unbounded, one client, or many anonymous ones,
-    could make the process do nothing else)."""
+    """Open event streams in this process: at most ``per_user`` a user, ``per_address`` a client
+    address and ``total`` in all (a stream polls the event store every SSE_POLL_S; unbounded, one
+    client, or many anonymous ones, could make the process do nothing else; bounded in all only,
+    one client registering users enough would take every stream for everyone else)."""
 
-    def __init__(self, per_user: int, total: int | None = None) -> None:
+    def __init__(self, per_user: int, total: int | None = None, per_address: int | None = None) -> None:
         self.per_user = per_user
+        self.per_address = per_address
         self.total = total
-        self._open: dict[UUID, int] = {}  # only users with a stream open: bounded by the streams
+        self._open: Counter[UUID | str] = Counter()  # only users and addresses with a stream open
         self._count = 0
         self._lock = threading.Lock()
 
-    def take(self, user_id: UUID) -> Callable[[], None]:
-        """A slot for ``user_id`` (RateLimited when all are taken); call the result to give it back."""
+    def take(self, user_id: UUID, address: str = "") -> Callable[[], None]:
+        """A slot for ``user_id`` from ``address`` (RateLimited when all are taken); call the result
+        to give it back."""
         with self._lock:
-            taken = self._open.get(user_id, 0)
-            if taken >= self.per_user or (self.total is not None and self._count >= self.total):
+            if (self._open[user_id] >= self.per_user
+                    or (self.per_address is not None and self._open[address] >= self.per_address)
+                    or (self.total is not None and self._count >= self.total)):
                 raise RateLimited(SSE_RETRY_AFTER_S)
-            self._open[user_id] = taken + 1
+            self._open[user_id] += 1
+            self._open[address] += 1
             self._count += 1
         given_back = False
 
@@ -490,15 +511,17 @@ class StreamSlots:
                     return
                 given_back = True
                 self._count -= 1
-                left = self._open.pop(user_id) - 1
-                if left:
-                    self._open[user_id] = left
+                for key in (user_id, address):
+                    self._open[key] -= 1
+                    if self._open[key] <= 0:
+                        del self._open[key]
 
         return give_back
 
-    def open_streams(self, user_id: UUID) -> int:
+    def open_streams(self, key: UUID | str) -> int:
+        """A user's (or an address's) open streams."""
         with self._lock:
-            return self._open.get(user_id, 0)
+            return self._open.get(key, 0)
 
 
 def _stream_slots(request: Request, container: Container) -> StreamSlots:
@@ -506,8 +529,8 @@ def _stream_slots(request: Request, container: Container) -> StreamSlots:
     state = request.app.state
     slots: StreamSlots | None = getattr(state, "stream_slots", None)
     if slots is None:  # no await since the check: no other request can interleave
-        slots = state.stream_slots = StreamSlots(container.settings.sse_streams_per_user,
-                                                       container.settings.sse_streams)
+        s = container.settings
+        slots = state.stream_slots = StreamSlots(s.sse_streams_per_user, s.sse_streams, s.sse_streams_per_address)
     return slots
 
 
@@ -533,15 +556,19 @@ class _SlotStream(StreamingResponse):
     **OWN, 429: {"model": _E, "description": "RATE_LIMITED: the user's streams are all open (with Retry-After)"}})
 async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, container: ContainerDep,
                      request: Request, last_event_id: Annotated[str | None, Header()] = None) -> Response:
-    """Live progress, resumable with Last-Event-ID (the last stream version seen). A user holds at
-    most PALETTE_SSE_STREAMS_PER_USER streams at once, and the process PALETTE_SSE_STREAMS in all
-    (per API process); one more is a 429. Between polls a stream holds no database connection
+    """Live progress, resumable with Last-Event-ID (the last stream version seen; one past the
+    job's events counts as its last). A user holds at most PALETTE_SSE_STREAMS_PER_USER streams at
+    once, a client address PALETTE_SSE_STREAMS_PER_ADDRESS, and the process PALETTE_SSE_STREAMS in
+    all (per API process); one more is a 429. Between polls a stream holds no database connection
     and no thread. A finished job's stream ends after the events past Last-Event-ID; with none,
     the answer is a 204, which tells a browser's EventSource not to reconnect."""
     # 404 for another user's job. A finished job gets no JobFinished/JobCanceled again.
-    finished = (await service.get_job_async(user_id, job_id)).status.terminal
+    job = await service.get_job_async(user_id, job_id)
+    finished = job.status.terminal
     try:
-        after = max(0, int(last_event_id)) if last_event_id else 0
+        # Not past the job's last event: a stream told to wait for version 10**20 would never see
+        # its job finish, and would hold its slot until SSE_MAX_S.
+        after = min(max(0, int(last_event_id)), job.version) if last_event_id else 0
     except ValueError:
         raise ValidationFailed("Last-Event-ID must be a stream version (an integer)") from None
     app = service.app
@@ -549,7 +576,9 @@ async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, co
     last: list[Any] | None = await run_in_threadpool(_events_after, app, job_id, after) if finished else None
     if last == []:
         return Response(status_code=204)
-    give_back = _stream_slots(request, container).take(user_id)
+    peer = request.client.host if request.client else None
+    give_back = _stream_slots(request, container).take(user_id, client_address(
+        peer, request.headers.getlist("x-forwarded-for"), container.settings.trusted_proxies))
 
     async def stream() -> AsyncIterator[bytes]:
         version = after

@@ -138,6 +138,18 @@ def test_a_stream_of_a_finished_job_ends_after_its_events_whatever_the_last_even
             assert r.status_code == 204 and r.read() == b""
 
 
+def test_a_stream_told_of_a_version_past_its_job_still_ends_when_the_job_does(
+    client: Client, api_url: str
+) -> None:
+    job_id = client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})["job_id"]
+    with httpx.Client(base_url=api_url, timeout=10) as http, \
+            event_stream(http, job_id, {**client.headers, "Last-Event-ID": str(10**18)}) as r:
+        assert r.status_code == 200
+        client.data("POST", f"/jobs/{job_id}/cancel")
+        body = r.read().decode()  # before: nothing until SSE_MAX_S (a read timeout here)
+    assert "event: JobCanceled" in body and "event: JobCreated" not in body, body
+
+
 def test_idle_event_streams_hold_no_event_store_connection(client: Client, settings: Settings) -> None:
     """Eight idle streams on an event store pool of at most six connections: commands still run."""
     from adapters.bootstrap import build

@@ -162,3 +162,37 @@ def test_masks_come_back_and_a_corrected_mask_runs_again_without_uploading(clien
     assert {c: v["source"] for c, v in sources.items()} == {"wall": "client", "sofa": "client"}
     assert not image(again["mask_urls"]["wall"])[:, : W // 2 - 2].any()
     assert client.data("GET", "/me")["credits"] == 48  # one credit per run
+
+
+def test_a_rerun_whose_source_is_deleted_meanwhile_is_a_409_and_leaves_nothing_reserved(settings, monkeypatch):
+    """DELETE /jobs/{id} lands between the rerun's listing of the source's photos and its copies
+    (made deterministic by deleting right after the listing): the new job cannot run, so it is
+    canceled and refunded, never left holding the credits and the plan's job slot."""
+    from adapters.api import routes_jobs
+    from adapters.bootstrap import build
+    from adapters.objects import delete_prefixes
+    from domain.contracts.keys import job_prefixes
+
+    from .test_bounded_resources import served
+
+    listing = routes_jobs._source_objects
+
+    def listed_then_deleted(c, user_id, job_id):
+        present = listing(c, user_id, job_id)
+        delete_prefixes(c.s3, c.settings.s3_bucket, job_prefixes(user_id, job_id))  # what a DELETE does first
+        return present
+
+    container = build(settings, pool_size=2)
+    try:
+        with served(container) as url, httpx.Client(base_url=url, timeout=30) as http:
+            client = Client(http)
+            job_id = _done_by_hand(client, http, settings.callback_secret, 2)
+            monkeypatch.setattr(routes_jobs, "_source_objects", listed_then_deleted)
+            r = client.call("POST", f"/jobs/{job_id}/rerun", headers={"Idempotency-Key": f"rerun-{uuid.uuid4()}"})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "INVALID_STATE", r.text
+            me = client.data("GET", "/me")
+            assert (me["credits"], me["reserved"], me["active_jobs"]) == (50, 0, 0)  # 2 reserved, 2 refunded
+            monkeypatch.setattr(routes_jobs, "_source_objects", listing)
+            client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})  # the slot is free
+    finally:
+        container.close()

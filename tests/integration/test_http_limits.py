@@ -1,10 +1,12 @@
 """The API's HTTP server bounds each request's head (adapters.api.http_limits): a head over
 64 KB is a 431 and the connection closes, one that has not arrived within its time is cut off,
 and neither a body nor the next request on a kept-alive connection counts towards it. The peer
-is the TCP peer, whatever forwarding headers say."""
+is the TCP peer, whatever forwarding headers say. The connections it holds are bounded, per
+client address and in all, where the one idle longest makes room for a new one."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Iterator
@@ -34,8 +36,15 @@ async def echo_app(scope: Any, receive: Any, send: Any) -> None:
 
 @pytest.fixture
 def server() -> Iterator[int]:
+    with serving(http_limits.BoundedHttpToolsProtocol) as port:
+        yield port
+
+
+@contextlib.contextmanager
+def serving(protocol: type[http_limits.BoundedHttpToolsProtocol]) -> Iterator[int]:
     port = free_port()
-    config = uvicorn.Config(echo_app, host="127.0.0.1", port=port, lifespan="off", **http_limits.SERVER_OPTIONS)
+    config = uvicorn.Config(echo_app, host="127.0.0.1", port=port, lifespan="off",
+                            **{**http_limits.SERVER_OPTIONS, "http": protocol})
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -118,3 +127,67 @@ def test_the_app_sees_the_tcp_peer_whatever_a_loopback_client_forwards(server: i
                    b"forwarded: for=203.0.113.9", b"x-real-ip: 203.0.113.9"):
         answer = exchange(server, b"GET /peer HTTP/1.1\r\nhost: x\r\n" + header + b"\r\nconnection: close\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\n127.0.0.1"), answer
+
+
+# -- connections ------------------------------------------------------------------------------
+def limited(total: int, per_peer: int) -> type[http_limits.BoundedHttpToolsProtocol]:
+    return type("Limited", (http_limits.BoundedHttpToolsProtocol,), {"max_connections": total, "max_per_peer": per_peer})
+
+
+def kept_alive(port: int) -> socket.socket:
+    """A connection that had an answer and is kept alive."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+    conn.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert conn.recv(1000).startswith(b"HTTP/1.1 200 ")
+    return conn
+
+
+def answered(conn: socket.socket) -> bytes:
+    """What the server answers a request on ``conn`` (b"" if it closed the connection)."""
+    try:
+        conn.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        return conn.recv(1000)
+    except ConnectionError:
+        return b""
+
+
+def refused(answer: bytes) -> bool:
+    return answer.startswith(b"HTTP/1.1 503 ") and b'"TOO_MANY_CONNECTIONS"' in answer
+
+
+def test_one_address_holds_at_most_its_share_of_connections() -> None:
+    with serving(limited(total=100, per_peer=3)) as port, contextlib.ExitStack() as held:
+        conns = [held.enter_context(kept_alive(port)) for _ in range(3)]
+        assert refused(exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"))
+        conns[0].close()  # one given back: room for the next
+        for _ in range(50):  # the server learns of the close on its next turn
+            if (got := exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")).startswith(b"HTTP/1.1 200 "):
+                break
+        assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+        assert all(answered(c).startswith(b"HTTP/1.1 200 ") for c in conns[1:])  # the others untouched
+
+
+def test_at_the_limit_the_connection_idle_longest_makes_room() -> None:
+    with serving(limited(total=3, per_peer=0)) as port, contextlib.ExitStack() as held:
+        conns = [held.enter_context(kept_alive(port)) for _ in range(3)]
+        answered(conns[0])  # the first is now the one idle the shortest; the second the longest
+        newcomer = held.enter_context(kept_alive(port))
+        assert answered(conns[1]) == b""  # closed for the newcomer
+        assert all(answered(c).startswith(b"HTTP/1.1 200 ") for c in (conns[0], conns[2], newcomer))
+
+
+def test_at_the_limit_with_none_idle_a_new_connection_is_refused() -> None:
+    with serving(limited(total=3, per_peer=0)) as port, contextlib.ExitStack() as held:
+        busy = [held.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5)) for _ in range(3)]
+        for conn in busy:
+            conn.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n")  # a request under way
+        assert refused(exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"))
+        for conn in busy:  # each finished whole, none closed for the refused one
+            conn.sendall(b"\r\n")
+            assert conn.recv(1000).startswith(b"HTTP/1.1 200 ")
+
+
+def test_the_connection_limit_follows_the_descriptors() -> None:
+    assert http_limits.connections_for(20_000) == 20_000 - http_limits.FD_RESERVE
+    assert http_limits.connections_for(1024) == 512  # at most half kept back
+    assert http_limits.connections_for(10) == 16

@@ -127,6 +127,24 @@ def test_stream_slots_cap_the_process_too() -> None:
         slots.take(users[0])
 
 
+def test_stream_slots_cap_each_client_address_whatever_its_users() -> None:
+    slots = StreamSlots(per_user=2, total=10, per_address=3)
+    users = [uuid4() for _ in range(3)]
+    give_backs = [slots.take(users[0], "198.51.100.7"), slots.take(users[0], "198.51.100.7"),
+                  slots.take(users[1], "198.51.100.7")]
+    with pytest.raises(RateLimited):
+        slots.take(users[2], "198.51.100.7")  # a fresh user from a full address
+    slots.take(users[2], "203.0.113.9")  # another address: room
+    assert slots.open_streams("198.51.100.7") == 3
+    give_backs[2]()
+    slots.take(users[2], "198.51.100.7")
+    with pytest.raises(RateLimited):
+        slots.take(users[0], "203.0.113.9")  # a refused user at its own cap keeps it, wherever it is
+    for give_back in give_backs[:2]:
+        give_back()
+    assert slots.open_streams(users[0]) == 0 and slots.open_streams("198.51.100.7") == 1
+
+
 # -- callback auth ------------------------------------------------------------------------------
 SECRET = "s" * 48
 
