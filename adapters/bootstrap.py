@@ -352,7 +352,7 @@ def build_gpu_worker(settings: Settings) -> Any:
 
     from adapters import kafka_io
     from gpu_consumer.segment import built_in
-    from gpu_consumer.worker import GROUP, CallbackClient, GpuWorker, ImagePipeline, pick_device
+    from gpu_consumer.worker import GROUP, CallbackClient, GpuWorker, ImagePipeline, StartedItems, pick_device
 
     database_url = settings.effective_database_url
 
@@ -374,4 +374,5 @@ def build_gpu_worker(settings: Settings) -> Any:
     return GpuWorker(kafka_io.consumer(settings, GROUP, topics.GPU_TASKS, max_poll_records=16,
                                      fetch_max_wait_ms=200),
                      kafka_io.producer(settings), pipeline, callbacks, canceled_lookup=canceled,
-                     compute_threads=compute_threads_for(device), remember_bytes=settings.worker_remember_bytes)
+                     compute_threads=compute_threads_for(device), remember_bytes=settings.worker_remember_bytes,
+                     started=StartedItems(settings.data_dir / "gpu-started"))

@@ -13,6 +13,25 @@ from PIL import Image, UnidentifiedImageError
 
 MAX_BYTES = 20 * 1024 * 1024
 MAX_SIDE = 4096
+MIN_SIDE = 8  # thinner has nothing to edit, and the segmenters' blurs need the room
+# A progressive JPEG has a handful of scans (about 10); libjpeg-turbo reads any number, each over
+# every block of the image while holding the GIL: 3,000 repeats of a 33-byte scan froze a worker
+# (its heartbeats too) for 36 s. A scan starts with an SOS marker, which entropy-coded data cannot
+# hold (an 0xFF there is followed by 0x00), so counting them bounds the scans (an EXIF thumbnail's
+# count too).
+MAX_JPEG_SCANS = 100
+JPEG_SOS = b"\xff\xda"
+# EXIF orientation (tag 0x0112) -> how the stored pixels become the upright photo (numpy, [H, W, C]).
+ORIENTATION_TAG = 0x0112
+UPRIGHT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
 PREVIEW_SIDE = 320
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 Image.MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE  # PIL refuses decompression bombs beyond this
@@ -28,27 +47,46 @@ def check_size(data: bytes) -> None:
 
 
 def decode(data: bytes) -> torch.Tensor:
-    """``[H, W, 3]`` uint8. JPEG through kornia-rs (libjpeg-turbo), anything else through PIL."""
+    """``[H, W, 3]`` uint8, upright as its EXIF orientation says (the edit, its masks and the
+    output are the photo as a viewer shows it). JPEG through kornia-rs (libjpeg-turbo), CMYK ones
+    and anything else through PIL; 16-bit greys scaled to 8 bits, not clipped."""
     check_size(data)
     try:
         with Image.open(io.BytesIO(data)) as probe:  # reads the header only
             width, height = probe.size
-            fmt = probe.format
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+            fmt, mode = probe.format, probe.mode
+            orientation = probe.getexif().get(ORIENTATION_TAG, 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadInput(f"not a readable image ({type(e).__name__})") from None
     if width > MAX_SIDE or height > MAX_SIDE:
         raise BadInput(f"image is {width}x{height}; the limit is {MAX_SIDE}x{MAX_SIDE}")
+    if min(width, height) < MIN_SIDE:
+        raise BadInput(f"image is {width}x{height}; each side must be at least {MIN_SIDE} pixels")
+    if fmt == "JPEG" and (scans := data.count(JPEG_SOS)) > MAX_JPEG_SCANS:
+        raise BadInput(f"JPEG of {scans} scans; at most {MAX_JPEG_SCANS} are read")
     try:
-        if fmt == "JPEG":
+        if fmt == "JPEG" and mode in ("RGB", "L"):
             import kornia_rs
 
             array = kornia_rs.io.decode_image_jpegturbo(data, "rgb")
         else:
             with Image.open(io.BytesIO(data)) as img:
-                array = np.asarray(img.convert("RGB"))
+                array = _rgb(img)
     except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's fault
         raise BadInput(f"corrupt image data ({type(e).__name__})") from None
+    if orientation in UPRIGHT:
+        array = UPRIGHT[orientation](array)
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _rgb(img: Image.Image) -> np.ndarray:
+    """8-bit RGB. PIL's own conversion clips the 32-bit integers a 16-bit grey opens as (every
+    pixel above 255 white): those are scaled down instead."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        wide = np.asarray(img).astype(np.int64)
+        grey = (np.clip(wide, 0, 65535) // 257).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.array(img.convert("RGB"))  # a copy of PIL's read-only buffer: a tensor may write
 
 
 def decode_mask(data: bytes, size: tuple[int, int]) -> torch.Tensor:

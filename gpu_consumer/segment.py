@@ -522,6 +522,9 @@ def _box(x: torch.Tensor, radius: int = 2) -> torch.Tensor:
     return F.avg_pool2d(x, 2 * radius + 1, 1, radius, count_include_pad=False)
 
 
+CLOSEST_CHUNK = 1 << 18  # image pixels _closest compares at once (~80 MB of float32 distances)
+
+
 def _closest(pixels: torch.Tensor, lab: torch.Tensor, side: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor,
              radius: int = 2) -> torch.Tensor:
     """For image pixels (Lab ``[3, K]``, in work pixels ``wy, wx``), the CIE76 distance to the
@@ -537,8 +540,15 @@ def _closest(pixels: torch.Tensor, lab: torch.Tensor, side: torch.Tensor, wy: to
     valid = ((ny >= 0) & (ny < sh) & (nx >= 0) & (nx < sw)).reshape(len(blocks), -1)
     ny, nx = ny.clamp(0, sh - 1).reshape(len(blocks), -1), nx.clamp(0, sw - 1).reshape(len(blocks), -1)
     valid &= side[ny, nx]
-    d = (pixels.T[:, None, :] - lab[:, ny, nx].permute(1, 2, 0)[which]).square().sum(-1)  # [K, neighbours]
-    return d.masked_fill(~valid[which], float("inf")).amin(dim=1).sqrt()
+    colours = lab[:, ny, nx].permute(1, 2, 0)  # [blocks, neighbours, 3]
+    out = torch.empty(pixels.shape[1], dtype=pixels.dtype, device=pixels.device)
+    # In chunks: at once, a photo of many edges (a wall of small holes) made [K, 25, 3] tensors of
+    # gigabytes (K = 11 M pixels at 4096 x 4096: 8.6 GB before it was stopped).
+    for at in range(0, pixels.shape[1], CLOSEST_CHUNK):
+        part = which[at:at + CLOSEST_CHUNK]
+        d = (pixels[:, at:at + CLOSEST_CHUNK].T[:, None, :] - colours[part]).square().sum(-1)  # [k, neighbours]
+        out[at:at + CLOSEST_CHUNK] = d.masked_fill_(~valid[part], float("inf")).amin(dim=1).sqrt()
+    return out
 
 
 def _blocks(work: torch.Tensor, full: int, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -727,17 +737,23 @@ class RegionSegmenter:
         sy, sx = h / layout.h, w / layout.w
         out: dict[str, torch.Tensor] = {}
         instances: list[Instance] = []
-        unknown, missing = [], []
-        placed: dict[tuple[int, ...], torch.Tensor] = {}
+        unknown, missing, fitting = [], [], {}
         for concept in concepts:
             found = layout.find(concept)
             if found is None:
                 unknown.append(concept)
-                continue
-            if not found.regions or found.confidence < self.min_confidence:
-                if concept not in optional:
-                    missing.append(concept)
-                continue
+            elif found.regions and found.confidence >= self.min_confidence:
+                fitting[concept] = found
+            elif concept not in optional:
+                missing.append(concept)
+        if self.fallback is None:
+            missing += [c for c in unknown if c not in optional]
+        if missing:  # refused before any work at full resolution
+            raise NothingFits(f"no region of the image fits {', '.join(sorted(missing))}: the built-in segmenter "
+                              "finds ceiling, wall, floor, sofa, bed, lamp and rug; for anything else, rerun the job "
+                              "(POST /jobs/{id}/rerun) and upload a mask to the slot it gives")
+        placed: dict[tuple[int, ...], torch.Tensor] = {}
+        for concept, found in fitting.items():
             small = torch.isin(regions.labels, torch.tensor(found.regions, device=image.device))
             out[concept] = placed[tuple(sorted(found.regions))] = snap(image, regions.lab, small)
             for i in found.regions:
@@ -756,12 +772,6 @@ class RegionSegmenter:
             guessed = self.fallback.masks(image, unknown, optional)
             out.update(guessed)
             instances += _prior_instances(guessed)
-        elif unknown:
-            missing += [c for c in unknown if c not in optional]
-        if missing:
-            raise NothingFits(f"no region of the image fits {', '.join(sorted(missing))}: the built-in segmenter "
-                              "finds ceiling, wall, floor, sofa, bed, lamp and rug; for anything else, rerun the job "
-                              "(POST /jobs/{id}/rerun) and upload a mask to the slot it gives")
         return out, instances
 
 

@@ -26,10 +26,16 @@ away (up to ``UNAVAILABLE_MAX_S``), and those it had acknowledged are skipped th
 Duplicates (at-least-once delivery, the dispatcher's sweep) are dropped within a poll and across
 polls: the keys of the results the API acknowledged are remembered, least recently seen out
 first, within a byte budget.
+
+An item whose editing kills the process (its memory, say) would otherwise come back to every
+worker after it for ever, with the items behind it: each item begun is noted on disk
+(``StartedItems``) until it is reported, and one that ``CRASH_LIMIT`` processes died editing is
+reported ``failed`` and parked instead of edited again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -39,6 +45,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -61,6 +68,50 @@ DLQ_TOPIC = topics.GPU_DLQ
 MAX_ATTEMPTS = 3
 UNAVAILABLE_MAX_S = 5.0  # the longest pause while the API does not acknowledge results
 REMEMBER_BYTES = 8 * 1024 * 1024
+
+
+CRASH_LIMIT = 2  # processes that may die editing an item before it is failed instead
+STARTED_KEPT_S = 7 * 24 * 3600.0  # a note of an item begun that never came back is removed after this
+
+
+class StartedItems:
+    """The items begun and not yet reported, one small file each in ``directory`` (the name a
+    hash of the idempotency key, the content how many processes began it): it outlives a process
+    killed mid-edit, so the next one to get the item knows. A process counts once per item
+    however often it begins it again (a poll read again after the API was away)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._mine: set[str] = set()
+        self._lock = threading.Lock()
+        cutoff = time.time() - STARTED_KEPT_S  # items never seen again (their job canceled meanwhile)
+        for path in directory.glob("*.started"):
+            if path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.started"
+
+    def begin(self, key: str) -> int:
+        """Note that this process begins ``key``; how many processes began it before."""
+        path = self._path(key)
+        try:
+            earlier = int(path.read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            earlier = 0
+        with self._lock:
+            if key in self._mine:
+                return earlier - 1
+            self._mine.add(key)
+        path.write_text(str(earlier + 1))
+        return earlier
+
+    def end(self, key: str) -> None:
+        """``key`` is reported (or will never be edited here): forget it."""
+        with self._lock:
+            self._mine.discard(key)
+        self._path(key).unlink(missing_ok=True)
 
 
 class CallbackUnavailable(RuntimeError):
@@ -292,7 +343,7 @@ class GpuWorker(ConsumerLoop):
                  canceled_lookup: Callable[[Sequence[str]], set[str]] | None = None,
                  io_threads: int = 8, max_records: int = 16, backoff_s: float = 0.2,
                  compute_threads: int = 1, remember_bytes: int = REMEMBER_BYTES,
-                 unavailable_pause_s: float = 0.5) -> None:
+                 unavailable_pause_s: float = 0.5, started: StartedItems | None = None) -> None:
         self.consumer = consumer
         self.producer = producer
         self.pipeline = pipeline
@@ -308,7 +359,8 @@ class GpuWorker(ConsumerLoop):
         self._pause_s = 0.0
         self.canceled = RecentKeys(remember_bytes)
         self.finished = RecentKeys(remember_bytes)  # idempotency keys whose result the API acknowledged
-        self.stats = {"done": 0, "failed": 0, "dlq": 0, "skipped": 0, "retried": 0}
+        self.started = started  # None: a process that dies editing an item gets it again, unbounded
+        self.stats = {"done": 0, "failed": 0, "dlq": 0, "skipped": 0, "retried": 0, "crashed": 0}
         self.observe_item: Callable[[Task, float], None] | None = None  # seconds editing each item (metrics)
 
     # -- one item, all stages, with retries (the slow path after a first failure) ---------
@@ -324,6 +376,8 @@ class GpuWorker(ConsumerLoop):
         if outcome == "ignored_canceled":
             self.canceled.add(task.job_id)
         self.finished.add(task.idempotency_key)
+        if self.started is not None:
+            self.started.end(task.idempotency_key)
         self.stats["done" if status == "done" else "failed"] += 1
 
     def _park(self, key: bytes | None, value: bytes, reason: str) -> None:
@@ -335,6 +389,15 @@ class GpuWorker(ConsumerLoop):
         """Bad input the ops refused: parked and reported at once (retrying cannot help)."""
         reason = f"bad input: {type(error).__name__}: {error}"
         log.warning("task %s parked on the DLQ: %s", task.idempotency_key, reason[:300])
+        self._park(task.job_id.encode(), json.dumps({**task.raw, "error": reason}).encode(), reason)
+        self._report(task, "failed", error=reason)
+
+    def _abandon(self, task: Task, deaths: int) -> None:
+        """An item ``deaths`` processes died editing: parked and failed, never edited again."""
+        reason = (f"the worker stopped {deaths} times while editing this item (its memory or time, "
+                  "likely): not tried again")
+        log.error("task %s parked on the DLQ: %s", task.idempotency_key, reason)
+        self.stats["crashed"] += 1
         self._park(task.job_id.encode(), json.dumps({**task.raw, "error": reason}).encode(), reason)
         self._report(task, "failed", error=reason)
 
@@ -378,17 +441,23 @@ class GpuWorker(ConsumerLoop):
         if self.canceled_lookup is not None and tasks:
             for job_id in self.canceled_lookup(sorted({t.job_id for t in tasks})):
                 self.canceled.add(job_id)
-        live, seen = [], set()
+        live, seen, abandoned = [], set(), []
         for t in tasks:
             key = t.idempotency_key
             if t.job_id in self.canceled or key in seen or key in self.finished:  # canceled, or a duplicate
                 self.stats["skipped"] += 1
+                if self.started is not None and key not in seen:
+                    self.started.end(key)
+                continue
+            seen.add(t.idempotency_key)
+            deaths = self.started.begin(key) if self.started is not None else 0
+            if deaths >= CRASH_LIMIT:
+                abandoned.append(self.pool.submit(self._abandon, t, deaths))
             else:
-                seen.add(t.idempotency_key)
                 live.append(t)
         fetched = [(t, self.pool.submit(self.pipeline.fetch, t)) for t in live]
         computed = [self.compute_pool.submit(self._compute, task, future) for task, future in fetched]
-        pending = [c.result() for c in computed]
+        pending = abandoned + [c.result() for c in computed]
         unacknowledged = []
         for f in pending:  # every item's upload and callback ends before the step does
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from typing import Any
 
 import kornia
 import numpy as np
@@ -132,6 +133,50 @@ def test_decode_refuses_corrupt_and_oversized_inputs():
         decode(buf.getvalue())
     with pytest.raises(BadInput, match="20 MB"):
         decode(b"\xff" * (20 * 1024 * 1024 + 1))
+
+
+def _saved(img: Image.Image, fmt: str, **options: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decode_turns_a_photo_upright_as_its_exif_orientation_says(orientation: int):
+    from PIL import ImageOps
+
+    y, x = np.mgrid[0:16, 0:24]  # smooth (JPEG keeps it), and no two corners alike
+    stored = Image.fromarray(np.stack([x * 10, y * 15, (x + 2 * y) * 4], axis=2).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(_saved(stored, "PNG", exif=exif)))))
+    assert np.array_equal(decode(_saved(stored, "PNG", exif=exif)).numpy(), upright)  # PIL's path: exact
+    jpeg = decode(_saved(stored, "JPEG", exif=exif, quality=100)).numpy()  # kornia-rs's path
+    assert jpeg.shape == upright.shape and np.abs(jpeg.astype(int) - upright).mean() < 4
+
+
+def test_decode_scales_a_16_bit_grey_and_converts_cmyk():
+    grey = np.random.default_rng(1).integers(0, 256, (10, 14), dtype=np.uint8)
+    wide = Image.fromarray(grey.astype(np.uint16) * 257)  # the same greys over 16 bits
+    assert wide.mode.startswith("I;16")
+    decoded = decode(_saved(wide, "PNG")).numpy()
+    assert all(np.array_equal(decoded[..., c], grey) for c in range(3))  # before: all white
+    rgb = np.random.default_rng(2).integers(40, 216, (16, 16, 3), dtype=np.uint8)
+    cmyk = decode(_saved(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=100)).numpy()  # before: refused
+    assert np.abs(cmyk.astype(int) - rgb).mean() < 8
+
+
+def test_decode_refuses_a_jpeg_of_endless_scans_and_an_image_too_thin():
+    progressive = _saved(Image.new("L", (64, 64), 128), "JPEG", progressive=True)
+    assert decode(progressive).shape == (64, 64, 3)
+    assert progressive.endswith(b"\xff\xd9")
+    last_scan = progressive[progressive.rfind(b"\xff\xda"):-2]
+    bomb = progressive[:-2] + last_scan * 200 + b"\xff\xd9"  # each repeat read over the whole image
+    with pytest.raises(BadInput, match="scans"):
+        decode(bomb)
+    with pytest.raises(BadInput, match="at least 8"):
+        decode(_saved(Image.new("RGB", (4096, 7)), "PNG"))
+    assert decode(_saved(Image.new("RGB", (8, 8)), "PNG")).shape == (8, 8, 3)
 
 
 def test_preview_longest_side_is_320():

@@ -10,6 +10,7 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -361,3 +362,62 @@ def test_the_texture_cache_keeps_the_most_recent_textures_that_fit(sizes, budget
         assert cache.nbytes == sum(cache.size_of(t) for t in cache._entries.values())
         fits = cache.size_of(tex) <= budget
         assert (cache.get(("wood", h, w, "cpu")) is tex) == fits  # an entry over the budget is not kept
+
+
+# -- an item that kills the process editing it ---------------------------------------------------
+def _die_editing(directory: str, t: dict[str, Any]) -> None:
+    """A worker process that dies (as the kernel's OOM killer ends one) editing ``t``."""
+    import os
+
+    from gpu_consumer.worker import StartedItems
+
+    def killed(*_: Any) -> Any:
+        os._exit(137)
+
+    w, *_ = worker([record(t)])
+    w.started = StartedItems(Path(directory))
+    w.pipeline.edit = killed  # type: ignore[method-assign]
+    w.step()
+
+
+def test_an_item_two_processes_died_editing_is_failed_and_parked_not_edited_again(tmp_path: Path):
+    import multiprocessing
+
+    from gpu_consumer.worker import CRASH_LIMIT, StartedItems
+
+    t = task()
+    spawn = multiprocessing.get_context("spawn")
+
+    def next_worker() -> tuple[GpuWorker, FakeS3, FakeProducer, FakeCallbacks, FakeConsumer]:
+        w, s3, producer, callbacks, consumer = worker([record(t)])
+        w.started = StartedItems(tmp_path)  # what a new process finds on the disk
+        return w, s3, producer, callbacks, consumer
+
+    for death in range(1, CRASH_LIMIT + 1):
+        child = spawn.Process(target=_die_editing, args=(str(tmp_path), t))
+        child.start()
+        child.join(120)
+        assert child.exitcode == 137
+        if death < CRASH_LIMIT:  # once is no pattern: the next process edits it (here, too, it dies)
+            assert [p.read_text() for p in tmp_path.iterdir()] == [str(death)]
+    w, s3, producer, callbacks, consumer = next_worker()
+    step_once(w)
+    [(key, status, error)] = callbacks.reports
+    assert (key, status) == (t["idempotency_key"], "failed") and f"stopped {CRASH_LIMIT} times" in error
+    assert t["output_key"] not in s3.objects and w.stats["crashed"] == 1 and len(producer.parked()) == 1
+    assert consumer.commits == 1 and list(tmp_path.iterdir()) == []  # reported: the note is gone
+
+
+def test_an_item_one_process_died_editing_is_edited_and_a_poll_read_again_counts_no_death(tmp_path: Path):
+    from gpu_consumer.worker import StartedItems
+
+    t = task()
+    StartedItems(tmp_path).begin(t["idempotency_key"])  # a process that died editing it, once
+    w, s3, _, callbacks, _ = worker([record(t)], [record(t)])
+    w.started = StartedItems(tmp_path)
+    callbacks.unavailable = True
+    w.step()  # begun, edited, its result not acknowledged: read again, not a second death
+    callbacks.unavailable = False
+    step_once(w)
+    assert callbacks.reports == [(t["idempotency_key"], "done", "")] and t["output_key"] in s3.objects
+    assert w.stats["crashed"] == 0 and list(tmp_path.iterdir()) == []
