@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -28,6 +29,8 @@ from domain.user import User
 log = logging.getLogger("palette.erasure")
 REGISTERED_TOPIC = "domain.user:User.Registered"
 REFRESH_S = 1.0  # how soon another API process refuses an erased user's tokens
+LATE_S = 300.0  # each refresh reads again the tombstones this much older than the newest it has
+PRUNE_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -108,9 +111,11 @@ def forget_user_data(conn: Any, user_id: UUID) -> int:
 
 class ErasedUsers:
     """The users erased within a token's lifetime, for refusing their tokens: this process's own
-    erasures at once, other processes' within ``refresh_s`` (each refresh reads the window's
-    tombstones anew, so one committed late is not missed). Older erasures are dropped: every
-    token issued before them has expired."""
+    erasures at once, other processes' within ``refresh_s``. A refresh reads only the tombstones
+    requested since the newest it knows, less ``LATE_S`` (so one whose transaction committed
+    late is not missed), not the whole window: one client erasing users at its registration limit
+    makes the window hundreds of thousands of users. Older erasures are dropped: every token issued
+    before them has expired."""
 
     def __init__(self, pool: Any, token_ttl_s: float, refresh_s: float = REFRESH_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -118,7 +123,9 @@ class ErasedUsers:
         self.within_s = token_ttl_s + 60.0  # the issuer's leeway and clock skew, generously
         self.refresh_s = refresh_s
         self.clock = clock
-        self._stored: frozenset[UUID] = frozenset()
+        self._stored: dict[UUID, datetime] = {}  # when each was requested
+        self._read_after: datetime | None = None
+        self._next_prune = clock()
         self._local: dict[UUID, float] = {}  # this process's erasures, until a refresh shows them
         self._lock = threading.Lock()
 
@@ -130,12 +137,23 @@ class ErasedUsers:
             self._local[user_id] = self.clock()
 
     def refresh(self) -> None:
-        """Read the window's tombstones (I/O: call on a thread)."""
+        """Read the tombstones requested since the last refresh (I/O: call on a thread)."""
         with self.pool.connection() as conn:
-            self._stored = frozenset(keyring.erased_within(conn, self.within_s))
+            found = keyring.erased_since(conn, self.within_s, self._read_after)
+        stored = self._stored
+        stored.update(found)  # one thread refreshes; readers only test membership
+        if found:
+            newest = max(at for _, at in found)
+            if self._read_after is None or newest - timedelta(seconds=LATE_S) > self._read_after:
+                self._read_after = newest - timedelta(seconds=LATE_S)
+        if self.clock() >= self._next_prune:  # the expired ones, now and then (a pass over them all)
+            self._next_prune = self.clock() + PRUNE_EVERY_S
+            expired = datetime.now(UTC) - timedelta(seconds=self.within_s)
+            for user_id in [u for u, at in stored.items() if at < expired]:
+                del stored[user_id]
         horizon = self.clock() - self.within_s
         with self._lock:
-            self._local = {u: at for u, at in self._local.items() if at >= horizon and u not in self._stored}
+            self._local = {u: at for u, at in self._local.items() if at >= horizon and u not in stored}
 
     async def run(self) -> None:
         """Refresh every ``refresh_s`` until canceled; a failed refresh is retried next time."""

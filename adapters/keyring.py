@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -133,12 +134,14 @@ def pending_erasures(conn: psycopg.Connection[Any], limit: int = 100) -> list[UU
     return [r[0] for r in rows]
 
 
-def erased_within(conn: psycopg.Connection[Any], within_s: float, limit: int = 100_000) -> list[UUID]:
+def erased_since(conn: psycopg.Connection[Any], within_s: float,
+                 after: datetime | None = None) -> list[tuple[UUID, datetime]]:
     """Users erased no longer ago than ``within_s`` (a token's lifetime: an older erasure's
-    tokens have all expired)."""
-    rows = conn.execute("SELECT user_id FROM palette_erasures WHERE requested_at > now() - %s * interval '1 second' "
-                        "ORDER BY requested_at DESC LIMIT %s", [within_s, limit]).fetchall()
-    return [r[0] for r in rows]
+    tokens have all expired), and after ``after`` if given, with when."""
+    rows = conn.execute("SELECT user_id, requested_at FROM palette_erasures "
+                        "WHERE requested_at > now() - %s * interval '1 second' "
+                        "AND (%s::timestamptz IS NULL OR requested_at > %s)", [within_s, after, after]).fetchall()
+    return [(r[0], r[1]) for r in rows]
 
 
 def vacuum_keys(conn: psycopg.Connection[Any]) -> None:

@@ -7,6 +7,8 @@ Redeliveries are limited per user (each makes the sender POST again, wherever th
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -98,15 +100,40 @@ def _found(row: Any) -> Any:
     return row
 
 
-@router.post("/webhooks", response_model=Envelope[WebhookSecretPublic], status_code=201,
-             responses={**COMMON, 409: {"model": _E, "description": "CONFLICT (as many endpoints as allowed)"}})
-async def create_webhook(body: WebhookCreate, user_id: CurrentUser, container: ContainerDep) -> JSONResponse:
-    """Register an endpoint for these event types; the answer holds its signing secret, once."""
-    settings = container.settings
+URL_CHECK_THREADS = 8
+URL_CHECK_TIMEOUT_S = 5.0
+
+
+async def checked_url(url: str, production: bool, checks: ThreadPoolExecutor,
+                      timeout_s: float = URL_CHECK_TIMEOUT_S, resolver: targets.Resolver = targets.resolve) -> None:
+    """targets.check on threads of its own, within ``timeout_s``: in production it resolves the
+    host, and a name whose DNS never answers would hold a thread for the resolver's whole timeout
+    (tens of seconds); on the request threads every route shares, a few hundred such requests
+    would stall them all. A check still queued when its time is up is dropped from the queue."""
     try:
-        await run_in_threadpool(targets.check, body.url, settings.env == "production")
+        await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+            checks, targets.check, url, production, resolver), timeout_s)
     except targets.TargetRefused as e:
         raise ValidationFailed(f"url: {e}") from None
+    except TimeoutError:
+        raise ValidationFailed(f"url: its host did not resolve within {timeout_s:g} s") from None
+
+
+def _url_checks(request: Request) -> ThreadPoolExecutor:
+    """The app's threads for URL checks, made on first use."""
+    checks: ThreadPoolExecutor | None = getattr(request.app.state, "url_checks", None)
+    if checks is None:  # no await since the check: no other request can interleave
+        checks = request.app.state.url_checks = ThreadPoolExecutor(URL_CHECK_THREADS, thread_name_prefix="url-check")
+    return checks
+
+
+@router.post("/webhooks", response_model=Envelope[WebhookSecretPublic], status_code=201,
+             responses={**COMMON, 409: {"model": _E, "description": "CONFLICT (as many endpoints as allowed)"}})
+async def create_webhook(body: WebhookCreate, user_id: CurrentUser, container: ContainerDep,
+                         request: Request) -> JSONResponse:
+    """Register an endpoint for these event types; the answer holds its signing secret, once."""
+    settings = container.settings
+    await checked_url(body.url, settings.env == "production", _url_checks(request))
     secret = new_secret()
     try:
         row = await _run(container, store.create_endpoint, user_id, body.url, list(dict.fromkeys(body.events)),

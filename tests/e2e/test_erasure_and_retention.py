@@ -193,6 +193,48 @@ def test_another_api_process_learns_of_an_erasure_from_the_tombstones(settings):
         assert user_id not in past
 
 
+def test_a_refresh_of_erased_users_reads_only_the_recent_tombstones_and_misses_none(settings, monkeypatch):
+    """The window of a token's lifetime can hold hundreds of thousands of erasures: after the
+    first, a refresh reads only those requested since the newest it has (less LATE_S, for a
+    transaction that committed late), and still knows every erasure in the window."""
+    from psycopg_pool import ConnectionPool
+
+    from adapters import keyring
+    from adapters.erasure import LATE_S, ErasedUsers
+    from adapters.keyring import ensure_schema as ensure_keyring
+
+    reads: list[int] = []
+    erased_since = keyring.erased_since
+
+    def counted(*args):
+        found = erased_since(*args)
+        reads.append(len(found))
+        return found
+
+    monkeypatch.setattr(keyring, "erased_since", counted)
+    hour_ago, now_ = [uuid.uuid4() for _ in range(30)], uuid.uuid4()
+    with ConnectionPool(settings.effective_database_url, min_size=1, max_size=1, kwargs={"autocommit": True}) as pool, \
+            psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        ensure_keyring(conn)
+
+        def tombstones(users, ago_s):
+            conn.cursor().executemany(
+                "INSERT INTO palette_erasures (user_id, requested_at) VALUES (%s, now() - %s * interval '1 second')",
+                [(u, ago_s) for u in users])
+
+        tombstones(hour_ago, 3600)
+        tombstones([now_], 0)
+        users = ErasedUsers(pool, token_ttl_s=7200)
+        users.refresh()
+        assert all(u in users for u in [*hour_ago, now_]) and reads[-1] >= 31
+        users.refresh()
+        assert reads[1] <= reads[0] - len(hour_ago)  # not the hour-old ones again (other tests' recent ones, maybe)
+        late = uuid.uuid4()
+        tombstones([late], LATE_S / 2)  # requested before the newest known, committed only now
+        users.refresh()
+        assert late in users and all(u in users for u in hour_ago)
+
+
 def test_an_operator_erases_from_the_command_line_with_one_line_answers(client, settings, monkeypatch, capsys):
     from adapters import cli
 

@@ -213,3 +213,36 @@ def test_a_name_resolving_to_such_an_address_is_refused_alike(address, reason):
 
 def test_a_public_literal_host_is_connected_to_as_written():
     assert targets.check("https://[2606:4700::6810:85e5]/in", True, no_dns).address == "2606:4700::6810:85e5"
+
+
+def test_a_host_whose_dns_never_answers_is_refused_in_time_on_threads_of_its_own() -> None:
+    """Each check waits on a resolver that never answers (until released after): 12 of them on
+    2 threads each end at their deadline with a 422's error, the queued ones too."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from adapters.api.routes_webhooks import checked_url
+    from domain.errors import ValidationFailed
+
+    released = threading.Event()
+
+    def silent(host: str, port: int) -> list[str]:
+        released.wait(30)
+        return ["93.184.216.34"]
+
+    async def twelve() -> list[BaseException | None]:
+        return await asyncio.gather(*(checked_url("https://slow.example/hook", True, checks, 0.3, silent)
+                                      for _ in range(12)), return_exceptions=True)
+
+    checks = ThreadPoolExecutor(2)
+    try:
+        outcomes = asyncio.run(twelve())
+    finally:
+        released.set()
+        checks.shutdown(wait=True)
+    assert all(isinstance(o, ValidationFailed) and "did not resolve within 0.3 s" in str(o) for o in outcomes), outcomes
+    with ThreadPoolExecutor(1) as one:  # a host that resolves in time passes; one resolving to loopback does not
+        assert asyncio.run(checked_url("https://fine.example/hook", True, one, 5, Resolving("93.184.216.34"))) is None
+        with pytest.raises(ValidationFailed, match="url: "):
+            asyncio.run(checked_url("https://inside.example/hook", True, one, 5, Resolving("127.0.0.1")))
