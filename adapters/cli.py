@@ -23,8 +23,22 @@ from infra.supervisor import StackError
 APP_PROCESSES = ("api", "relay", "projector", "dispatcher", "gpu", "webhooks")
 
 
+def _settings() -> Settings:
+    """load_settings for a command that uses a running stack. Run where no stack ran (outside the
+    checkout, the data directory being the relative ``.palette`` unless PALETTE_DATA_DIR says
+    otherwise), a command gets development secrets made afresh, which nothing running knows: it
+    says so, rather than fail later for a reason that seems unrelated (a token refused, a
+    database password wrong)."""
+    def fresh(path: Path) -> None:
+        if "PALETTE_DATA_DIR" not in os.environ:
+            print(f"palette: no development secrets were in {path.parent}: made new ones, which no running stack "
+                  "uses (run palette from the checkout that ran `make run`, or set PALETTE_DATA_DIR)", file=sys.stderr)
+
+    return load_settings(fresh)
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = _settings()
     values = settings.as_env()
     if args.key:
         key = args.key if args.key.startswith("PALETTE_") else f"PALETTE_{args.key.upper()}"
@@ -93,18 +107,20 @@ def _check_ports(stack: Any, settings: Settings, apps: tuple[str, ...], infra: b
 
 
 def _unwritable(path: Path) -> str | None:
-    """Why a file cannot be written at ``path``, as the OS would say it (None: it can). Checked
-    before the work whose result goes there."""
+    """Why a file cannot be written at ``path``, as the OS says it (None: it can), found by
+    opening it for writing (permission bits say nothing for root, a read-only mount or /proc);
+    a file this made is removed again. Checked before the work whose result goes there."""
     if path.is_dir():
         return os.strerror(errno.EISDIR)
-    if path.exists():
-        return None if os.access(path, os.W_OK) else os.strerror(errno.EACCES)
-    parent = path.parent
-    if not parent.exists():
-        return os.strerror(errno.ENOENT)
-    if not parent.is_dir():
-        return os.strerror(errno.ENOTDIR)
-    return None if os.access(parent, os.W_OK | os.X_OK) else os.strerror(errno.EACCES)
+    existed = path.exists()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # nothing written, nothing cut
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(fd)
+    if not existed:
+        path.unlink(missing_ok=True)
+    return None
 
 
 def _serve_loop(worker: object, ready_file: str | None, observed: tuple[str, Settings] | None = None) -> None:
@@ -226,7 +242,7 @@ def _cmd_projections(args: argparse.Namespace) -> int:
     from projections import rebuild as rebuilding
     from projections import schema, store
 
-    settings = load_settings()
+    settings = _settings()
     app = _event_store(settings)
     url = settings.effective_database_url
     try:
@@ -328,7 +344,10 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     if args.action == "state" and args.version is not None and args.version < 1:
         print(f"palette replay state: --version must be 1 or more, not {args.version}", file=sys.stderr)
         return 2
-    settings = load_settings()
+    if args.action == "all" and (why := _bad_window(args.from_position, args.since, args.until)):
+        print(f"palette replay all: {why}", file=sys.stderr)
+        return 2
+    settings = _settings()
     app = _event_store(settings)
     replayer = Replayer(app, _erased_users(settings))
     out = sys.stdout
@@ -382,6 +401,15 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     finally:
         app.close()  # type: ignore[attr-defined]
     return 0
+
+
+def _bad_window(from_position: int, since: datetime | None, until: datetime | None) -> str | None:
+    """Why ``replay all``'s window holds nothing by construction (None: it may hold events)."""
+    if from_position < 1:
+        return f"--from must be a notification id (1 or more), not {from_position}"
+    if since is not None and until is not None and until < since:
+        return "the period's end (--until) must be after its start (--since)"
+    return None
 
 
 def _with_progress(envelopes: Iterator[Any], every: int = 100_000) -> Iterator[Any]:
@@ -442,7 +470,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from adapters.keyring import all_erased
     from projections.parquet import ExportError, export_table
 
-    settings = load_settings()
+    settings = _settings()
     with psycopg.connect(settings.effective_database_url) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
@@ -473,7 +501,7 @@ def _row_limit(value: str) -> int:
 def _cmd_query(args: argparse.Namespace) -> int:
     from adapters.query import QueryError, render, run
 
-    settings = load_settings()
+    settings = _settings()
     try:
         result = run(args.sql, args.data, None if args.no_db else settings.effective_database_url, args.limit)
     except QueryError as e:
@@ -618,7 +646,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     from projections import audit, schema
 
-    settings = load_settings()
+    settings = _settings()
     if args.action == "keygen":
         return _audit_keygen(args)
     with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
@@ -703,7 +731,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
     from adapters.system import SystemClock
     from adapters.tokens import TokenIssuer
 
-    settings = load_settings()
+    settings = _settings()
     issuer = TokenIssuer(settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience, settings.jwt_ttl_s)
     subject = args.subject or uuid4()
     print(issuer.issue(subject, SystemClock().now(), role=args.role, ttl_s=args.ttl))
@@ -714,7 +742,7 @@ def _cmd_admin(args: argparse.Namespace) -> int:
     """Operators: erase a user (what DELETE /me does), or run one sweeper pass now."""
     from adapters import bootstrap
 
-    settings = load_settings()
+    settings = _settings()
     if args.action == "sweep":
         from adapters.retention import Sweeper
 
@@ -738,7 +766,8 @@ def _cmd_admin(args: argparse.Namespace) -> int:
     finally:
         container.close()
     print(f"erased {args.user_id}: {'recorded now' if done.recorded else 'already erased, finished again'}; "
-          f"{done.objects} object(s) and {done.webhooks} webhook endpoint(s) deleted, key destroyed")
+          f"{done.objects} object(s) and {done.webhooks} webhook endpoint(s) deleted, "
+          f"{'key destroyed' if done.recorded else 'its key gone'}")
     return 0
 
 
@@ -827,8 +856,8 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("id", type=_uuid)
     ra = rsub.add_parser("all", help="the global log in commit order")
     ra.add_argument("--from", dest="from_position", type=int, default=1, help="first notification id")
-    ra.add_argument("--since", type=_when, help="first event time (ISO-8601)")
-    ra.add_argument("--until", type=_when, help="last event time (ISO-8601)")
+    ra.add_argument("--since", type=_when, metavar="TIME", help="first event time (ISO-8601; no offset: UTC)")
+    ra.add_argument("--until", type=_when, metavar="TIME", help="last event time (ISO-8601; no offset: UTC)")
     ra.add_argument("--type", action="append", help="only these event types (repeatable)")
     rs.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     ra.add_argument("--format", choices=("jsonl", "csv", "parquet"), default="jsonl",
@@ -846,8 +875,8 @@ def parser() -> argparse.ArgumentParser:
     asub = aud.add_subparsers(dest="action", required=True)
     al = asub.add_parser("ledger", help="a user's ledger with running balance")
     al.add_argument("--user", type=_uuid, required=True)
-    al.add_argument("--from", dest="since", type=_when)
-    al.add_argument("--to", dest="until", type=_when)
+    al.add_argument("--from", dest="since", type=_when, metavar="TIME", help="period start (ISO-8601; no offset: UTC)")
+    al.add_argument("--to", dest="until", type=_when, metavar="TIME", help="period end (ISO-8601; no offset: UTC)")
     ab = asub.add_parser("balance", help="a user's balance as of a time, with the positions used")
     ab.add_argument("--user", type=_uuid, required=True)
     ab.add_argument("--as-of", type=_when, required=True)
@@ -938,6 +967,13 @@ def _is_unreachable(e: BaseException) -> bool:
     return isinstance(e, (psycopg.OperationalError, OperationalError))
 
 
+def _reason(e: BaseException) -> str:
+    """The driver's last line (``password authentication failed for user ...``: it names no
+    secret), or the error's class."""
+    lines = str(e).strip().splitlines()
+    return lines[-1].strip()[:200] if lines else type(e).__name__
+
+
 SIGPIPE_EXIT = 128 + signal.SIGPIPE  # 141: what a shell shows for a tool stopped by a closed pipe
 
 
@@ -979,7 +1015,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as e:
         if _is_unreachable(e):
-            print(f"palette {args.command}: cannot reach PostgreSQL ({type(e).__name__}); "
+            print(f"palette {args.command}: cannot reach PostgreSQL ({_reason(e)}); "
                   "is the stack up (`make run`) and PALETTE_DATABASE_URL right?", file=sys.stderr)
             return 3
         if isinstance(e, OSError) and e.filename is not None:  # a file we read or write

@@ -282,8 +282,9 @@ def _dev_secrets(data_dir: Path) -> dict[str, str]:
     return generated
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Read the environment, fill development secrets from the data directory, validate."""
+def load_settings(on_new_secrets: Callable[[Path], None] | None = None, /, **overrides: object) -> Settings:
+    """Read the environment, fill development secrets from the data directory, validate
+    (``on_new_secrets``: told when the data directory had none, and they were made)."""
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValueError as e:  # pydantic's ValidationError is a ValueError
@@ -291,12 +292,15 @@ def load_settings(**overrides: object) -> Settings:
     settings.data_dir = settings.data_dir.expanduser().resolve()
     if settings.env == "development":
         try:
+            had = (settings.data_dir / "secrets.json").exists()
             dev = _dev_secrets(settings.data_dir)
         except OSError as e:
             raise SettingsError(f"data directory {settings.data_dir} is not writable: {e.strerror}") from None
-        for name, value in dev.items():
-            if not getattr(settings, name):
-                setattr(settings, name, value)
+        taken = [name for name in dev if not getattr(settings, name)]
+        for name in taken:
+            setattr(settings, name, dev[name])
+        if taken and not had and on_new_secrets is not None:
+            on_new_secrets(settings.data_dir / "secrets.json")
     settings.check_secrets()
     return settings
 

@@ -342,9 +342,15 @@ def verify(conn: psycopg.Connection[Any]) -> tuple[int, list[ChainBreak]]:
         if user is None or state["broken"]:
             return
         head = heads.get(user)
-        if head is None or (head[0], head[1]) != (state["expected_seq"] - 1, state["prev"]):
-            breaks.append(ChainBreak(user, state["expected_seq"], None,
-                                     "the chain ends before its recorded head (the last row was deleted)"))
+        last = state["expected_seq"] - 1
+        if head is None:
+            breaks.append(ChainBreak(user, last + 1, None, "the chain has no recorded head"))
+        elif head[0] > last:  # named by the first seq missing
+            breaks.append(ChainBreak(user, last + 1, None, f"the chain ends at seq {last}, before its recorded head "
+                                                           f"(seq {head[0]}): its last rows were deleted"))
+        elif (head[0], head[1]) != (last, state["prev"]):
+            breaks.append(ChainBreak(user, last, None, f"the chain's end (seq {last}) does not hash to its recorded "
+                                                       f"head (seq {head[0]}): the chain was rewritten, or rows added"))
 
     with conn.transaction(), conn.cursor(name="verify_ledger") as cur:
         cur.itersize = 10_000

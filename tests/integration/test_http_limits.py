@@ -131,7 +131,8 @@ def test_the_app_sees_the_tcp_peer_whatever_a_loopback_client_forwards(server: i
 
 # -- connections ------------------------------------------------------------------------------
 def limited(total: int, per_peer: int) -> type[http_limits.BoundedHttpToolsProtocol]:
-    return type("Limited", (http_limits.BoundedHttpToolsProtocol,), {"max_connections": total, "max_per_peer": per_peer})
+    limits = {"max_connections": total, "max_per_peer": per_peer}
+    return type("Limited", (http_limits.BoundedHttpToolsProtocol,), limits)
 
 
 def kept_alive(port: int) -> socket.socket:
@@ -161,7 +162,8 @@ def test_one_address_holds_at_most_its_share_of_connections() -> None:
         assert refused(exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"))
         conns[0].close()  # one given back: room for the next
         for _ in range(50):  # the server learns of the close on its next turn
-            if (got := exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")).startswith(b"HTTP/1.1 200 "):
+            got = exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            if got.startswith(b"HTTP/1.1 200 "):
                 break
         assert got.startswith(b"HTTP/1.1 200 "), got[:200]
         assert all(answered(c).startswith(b"HTTP/1.1 200 ") for c in conns[1:])  # the others untouched

@@ -4,6 +4,7 @@ log is a warning (what `palette up` shows on every clean restart)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import subprocess
@@ -118,3 +119,40 @@ def test_a_broken_pipe_that_is_not_stdout_is_not_taken_for_a_closed_reader(
     monkeypatch.setattr(cli, "parser", lambda: _Fixed(args, writes_to_a_gone_peer))
     with pytest.raises(BrokenPipeError):  # before: exit 141, nothing said
         cli.main([])
+
+
+def test_an_output_path_is_tried_for_writing_not_judged_by_its_permission_bits(tmp_path: Path) -> None:
+    """As root every permission bit passes; /proc takes no new file whoever asks."""
+    from adapters.cli import _unwritable
+
+    assert _unwritable(Path("/proc/palette-out.json")) is not None
+    assert _unwritable(tmp_path) == os.strerror(errno.EISDIR)
+    fresh = tmp_path / "out.json"
+    assert _unwritable(fresh) is None and not fresh.exists()  # tried, then removed
+    kept = tmp_path / "kept.json"
+    kept.write_text("before")
+    assert _unwritable(kept) is None and kept.read_text() == "before"
+
+
+def test_a_command_run_where_no_stack_ran_says_its_secrets_are_new(tmp_path: Path) -> None:
+    """Outside the checkout the data directory is a fresh ./.palette: the secrets made there are
+    none a running stack knows, so a token minted with them would be refused without a word."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+
+    def token() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "adapters.cli", "token", "--role", "analyst"], capture_output=True,
+                              text=True, timeout=120, env=env, cwd=tmp_path, check=False)
+
+    first, second = token(), token()
+    assert first.returncode == second.returncode == 0 and first.stdout.count(".") == 2  # a JWT either way
+    assert "made new ones, which no running stack uses" in first.stderr and str(tmp_path / ".palette") in first.stderr
+    assert second.stderr == ""  # the same directory's secrets from then on
+
+
+@pytest.mark.parametrize(("argv", "why"), [
+    (["--from", "0"], "--from must be a notification id"),
+    (["--since", "2030-01-01", "--until", "2020-01-01"], "the period's end (--until) must be after its start"),
+])
+def test_a_replay_window_that_holds_nothing_by_construction_is_refused(argv: list[str], why: str, capsys: Any) -> None:
+    assert cli.main(["replay", "all", *argv]) == 2  # before any setting is read or store opened
+    assert why in capsys.readouterr().err
