@@ -304,23 +304,13 @@ def test_a_mask_across_a_flat_surface_keeps_its_edge():
     assert torch.equal(refine.refine(img, half, radius=6), half)
 
 
-@settings(max_examples=20, deadline=None)
-@given(y0=st.integers(0, 70), x0=st.integers(0, 120), h=st.integers(4, 50), w=st.integers(4, 60),
-       soft=st.booleans(), radius=st.integers(1, 12))
-def test_a_grow_only_refinement_never_drops_a_pixel_of_the_mask(y0, x0, h, w, soft, radius):
-    img, _ = with_object(shaded_scene(128, 192), 40, 90, 60, 140)
-    mask = torch.zeros(1, 1, 128, 192)
-    mask[..., y0:y0 + h, x0:x0 + w] = 1
-    if soft:
-        mask = torch.nn.functional.avg_pool2d(mask, 5, 1, 2)
-    refined = refine.refine(img, mask, radius, grow_only=True)
-    assert bool((refined >= mask).all())
-
-
-def test_a_clients_exact_mask_stays_as_it_is():
-    img, truth = with_object(shaded_scene(128, 192), 40, 90, 60, 140)
-    refined = refine.refine_masks(img, {"sofa": truth}, client={"sofa"})["sofa"]
-    assert torch.equal(refined > 0.5, truth > 0.5)
+def test_a_clients_mask_stays_as_it_is_and_a_segmenters_follows_the_photo():
+    img, truth = with_object(shaded_scene(320, 480), 100, 220, 150, 350)
+    blob = torch.nn.functional.avg_pool2d(torch.nn.functional.max_pool2d(truth, 9, 1, 4), 5, 1, 2)  # 4 px too big, soft
+    refined = refine.refine_masks(img, {"sofa": blob, "guess": blob}, client={"sofa"})
+    assert torch.equal(refined["sofa"], blob)  # bit for bit, soft values included
+    off = (refined["guess"] > 0.5) != (truth > 0.5)
+    assert int(off.sum()) < int(((blob > 0.5) != (truth > 0.5)).sum()) * 2 / 3, int(off.sum())  # moved to the edge
 
 
 def pipeline_task(concepts: dict[str, dict[str, str]], protect: list[str]) -> Task:
