@@ -284,6 +284,10 @@ class ImagePipeline:
             blob = self._get(key) if key else None
             if blob is not None:
                 masks[concept] = decode_mask(blob, (image.shape[0], image.shape[1]))
+        empty = sorted(c for c in task.concepts if c in masks and not bool((masks[c] > 0.5).any()))
+        if empty:  # an edit of nothing, billed: say why instead (the item fails, refunded)
+            raise BadInput(f"the mask of {', '.join(empty)} is empty: white is the concept, black is not "
+                           "(transparency is not read)")
         return image, masks
 
     def compute(self, image_u8: torch.Tensor, client_masks: dict[str, torch.Tensor], task: Task) -> torch.Tensor:

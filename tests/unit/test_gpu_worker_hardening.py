@@ -421,3 +421,19 @@ def test_an_item_one_process_died_editing_is_edited_and_a_poll_read_again_counts
     step_once(w)
     assert callbacks.reports == [(t["idempotency_key"], "done", "")] and t["output_key"] in s3.objects
     assert w.stats["crashed"] == 0 and list(tmp_path.iterdir()) == []
+
+
+def _mask_png(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (48, 32), value).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("wall", "sofa", "outcome"), [(0, 255, "failed"), (255, 0, "done")])
+def test_an_edit_whose_client_mask_is_empty_fails_but_an_empty_protect_mask_is_no_matter(wall, sofa, outcome):
+    t = {**task(), "protect": ["sofa"], "mask_keys": {"wall": "m/wall.png", "sofa": "m/sofa.png"}}
+    w, s3, _, callbacks, _ = worker([record(t)])
+    s3.objects.update({"m/wall.png": _mask_png(wall), "m/sofa.png": _mask_png(sofa)})
+    step_once(w)
+    [(_, status, error)] = callbacks.reports
+    assert status == outcome and (("mask of wall is empty" in error) == (outcome == "failed")), error
