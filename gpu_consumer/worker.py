@@ -1,7 +1,8 @@
 """The GPU worker loop: consumer group ``palette-gpu`` on ``palette.gpu-jobs``.
 
-Per poll: fetch and decode inputs concurrently (threads), edit on the device (items of one job
-with one image size batched together on CUDA; mask bounding boxes on CPU), then encode, upload
+Per poll: fetch and decode inputs concurrently (threads), edit on the device (an item at a time
+per compute thread: one per core on the CPU, one on CUDA; each user's items taking turns with the
+others'; an item whose job was canceled meanwhile is dropped before its edit), then encode, upload
 and report each item through the signed callback while the next item computes. The Kafka
 offset is committed only after every callback of the poll was acknowledged.
 
@@ -70,6 +71,7 @@ UNAVAILABLE_MAX_S = 5.0  # the longest pause while the API does not acknowledge 
 REMEMBER_BYTES = 8 * 1024 * 1024
 
 
+RECHECK_CANCELED_S = 2.0
 CRASH_LIMIT = 2  # processes that may die editing an item before it is failed instead
 STARTED_KEPT_S = 7 * 24 * 3600.0  # a note of an item begun that never came back is removed after this
 
@@ -342,6 +344,16 @@ class ImagePipeline:
                            ContentType="image/jpeg")
 
 
+def fair_order(tasks: list[Task]) -> list[Task]:
+    """``tasks`` taking each user's in turn (each user's in their order): one user's many heavy
+    items in a poll do not all go before another user's one."""
+    by_user: dict[str, list[Task]] = {}
+    for t in tasks:
+        by_user.setdefault(t.user_id or t.job_id, []).append(t)
+    queues = list(by_user.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
 class GpuWorker(ConsumerLoop):
     def __init__(self, consumer: Any, producer: Any, pipeline: ImagePipeline, callbacks: CallbackClient,
                  canceled_lookup: Callable[[Sequence[str]], set[str]] | None = None,
@@ -366,6 +378,12 @@ class GpuWorker(ConsumerLoop):
         self.started = started  # None: a process that dies editing an item gets it again, unbounded
         self.stats = {"done": 0, "failed": 0, "dlq": 0, "skipped": 0, "retried": 0, "crashed": 0}
         self.observe_item: Callable[[Task, float], None] | None = None  # seconds editing each item (metrics)
+        # A job canceled while its items wait in this poll: looked up again before an item is
+        # edited, at most every ``recheck_canceled_s`` (a poll of heavy items lasts minutes).
+        self.recheck_canceled_s = RECHECK_CANCELED_S
+        self._poll_jobs: list[str] = []
+        self._checked_at = 0.0
+        self._check_lock = threading.Lock()
 
     # -- one item, all stages, with retries (the slow path after a first failure) ---------
     def _finish(self, task: Task, edited: Edited) -> None:
@@ -459,6 +477,9 @@ class GpuWorker(ConsumerLoop):
                 abandoned.append(self.pool.submit(self._abandon, t, deaths))
             else:
                 live.append(t)
+        live = fair_order(live)
+        self._poll_jobs = sorted({t.job_id for t in live})
+        self._checked_at = time.monotonic()
         fetched = [(t, self.pool.submit(self.pipeline.fetch, t)) for t in live]
         computed = [self.compute_pool.submit(self._compute, task, future) for task, future in fetched]
         pending = abandoned + [c.result() for c in computed]
@@ -475,6 +496,8 @@ class GpuWorker(ConsumerLoop):
         """Edit one fetched item, then hand its upload and callback to the I/O threads."""
         try:
             image, masks = fetched.result()
+            if not self._still_wanted(task):
+                return self.pool.submit(self._drop, task)
             started = time.perf_counter()
             out = self.pipeline.edit(image, masks, task)
             if self.observe_item is not None:
@@ -486,6 +509,23 @@ class GpuWorker(ConsumerLoop):
         except Exception as e:  # noqa: BLE001 - retried off the fast path
             return self.pool.submit(self._retry, task, e)
         return self.pool.submit(self._finish_or_retry, task, out)
+
+    def _still_wanted(self, task: Task) -> bool:
+        """Whether ``task``'s job is still to be edited: not canceled since the poll began (the
+        read model asked again when the last asking is ``recheck_canceled_s`` old)."""
+        if self.canceled_lookup is not None:
+            with self._check_lock:
+                if time.monotonic() - self._checked_at >= self.recheck_canceled_s:
+                    self._checked_at = time.monotonic()
+                    for job_id in self.canceled_lookup(self._poll_jobs):
+                        self.canceled.add(job_id)
+        return task.job_id not in self.canceled
+
+    def _drop(self, task: Task) -> None:
+        """An item of a job canceled meanwhile: not edited (its credit came back at the cancel)."""
+        self.stats["skipped"] += 1
+        if self.started is not None:
+            self.started.end(task.idempotency_key)
 
     def _finish_or_retry(self, task: Task, out: Edited) -> None:
         try:

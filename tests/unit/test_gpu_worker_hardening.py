@@ -437,3 +437,36 @@ def test_an_edit_whose_client_mask_is_empty_fails_but_an_empty_protect_mask_is_n
     step_once(w)
     [(_, status, error)] = callbacks.reports
     assert status == outcome and (("mask of wall is empty" in error) == (outcome == "failed")), error
+
+
+def test_an_item_whose_job_is_canceled_while_it_waits_in_the_poll_is_not_edited():
+    first, waiting = task(), task()
+    asked: list[list[str]] = []
+
+    def canceled(job_ids):  # the poll's start sees nothing canceled; by the next asking, the second job is
+        asked.append(list(job_ids))
+        return set() if len(asked) == 1 else {waiting["job_id"]}
+
+    w, s3, _, callbacks, _ = worker([record(first), record(waiting, 1)])
+    w.canceled_lookup = canceled
+    w.recheck_canceled_s = 0.0  # ask before every item
+    step_once(w)
+    assert [(key, status) for key, status, _ in callbacks.reports] == [(first["idempotency_key"], "done")]
+    assert waiting["output_key"] not in s3.objects and w.stats["skipped"] == 1 and len(asked) >= 2
+
+
+@given(st.lists(st.integers(0, 4), max_size=30))
+def test_each_users_items_take_turns_in_a_poll(owners: list[int]):
+    from gpu_consumer.worker import fair_order
+
+    users = [str(uuid.UUID(int=o + 1)) for o in owners]
+    tasks = [Task.parse(json.dumps({**task(idx=i), "user_id": u}).encode()) for i, u in enumerate(users)]
+    ordered = fair_order(tasks)
+    assert sorted(t.idx for t in ordered) == list(range(len(tasks)))  # the same tasks, none lost or doubled
+    for u in set(users):  # each user's in their own order
+        assert [t.idx for t in ordered if t.user_id == u] == [t.idx for t in tasks if t.user_id == u]
+    total = {u: users.count(u) for u in users}
+    seen = dict.fromkeys(users, 0)
+    for t in ordered:  # no user gets a second turn while another still waiting has had fewer
+        assert all(seen[t.user_id] <= seen[v] for v in seen if seen[v] < total[v] and v != t.user_id)
+        seen[t.user_id] += 1
