@@ -179,6 +179,26 @@ def test_decode_refuses_a_jpeg_of_endless_scans_and_an_image_too_thin():
     assert decode(_saved(Image.new("RGB", (8, 8)), "PNG")).shape == (8, 8, 3)
 
 
+def test_decode_refuses_a_png_flooded_with_chunks_and_reads_one_of_many_data_chunks():
+    import struct
+    import zlib
+
+    from gpu_consumer.codec import MAX_PNG_CHUNKS, PNG_SIGNATURE
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    w = h = 16
+    pixels = zlib.compress((b"\0" + bytes(range(3 * w))) * h)
+    head = PNG_SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    tail = chunk(b"IEND", b"")
+    split = b"".join(chunk(b"IDAT", pixels[i:i + 8]) for i in range(0, len(pixels), 8))  # tiny, many: legal
+    assert decode(head + split + tail)[0, :, :].flatten().tolist() == list(range(3 * w))
+    flood = head + chunk(b"abCd", b"") * (MAX_PNG_CHUNKS + 10) + chunk(b"IDAT", pixels) + tail
+    with pytest.raises(BadInput, match="chunks"):
+        decode(flood)
+
+
 def test_preview_longest_side_is_320():
     preview = encode_preview(torch.zeros(500, 800, 3, dtype=torch.uint8))
     assert Image.open(io.BytesIO(preview)).size == (320, 200)
