@@ -8,6 +8,7 @@ import errno
 import itertools
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -109,17 +110,20 @@ def _check_ports(stack: Any, settings: Settings, apps: tuple[str, ...], infra: b
 def _unwritable(path: Path) -> str | None:
     """Why a file cannot be written at ``path``, as the OS says it (None: it can), found by
     opening it for writing (permission bits say nothing for root, a read-only mount or /proc);
-    a file this made is removed again. Checked before the work whose result goes there."""
-    if path.is_dir():
+    a file this made is removed again. Through a symbolic link, its target is what is tried. A
+    FIFO without a reader is refused, not waited on. Checked before the work whose result goes
+    there."""
+    target = path.resolve()
+    if target.is_dir():
         return os.strerror(errno.EISDIR)
-    existed = path.exists()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # nothing written, nothing cut
+    existed = target.exists()
+    try:  # nothing written, nothing cut
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o600)
     except OSError as e:
         return e.strerror or str(e)
     os.close(fd)
     if not existed:
-        path.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
     return None
 
 
@@ -968,10 +972,13 @@ def _is_unreachable(e: BaseException) -> bool:
 
 
 def _reason(e: BaseException) -> str:
-    """The driver's last line (``password authentication failed for user ...``: it names no
-    secret), or the error's class."""
+    """The driver's last line (``password authentication failed for user ...``), a password
+    in it masked (libpq quotes a connection string it cannot parse), or the error's class."""
     lines = str(e).strip().splitlines()
-    return lines[-1].strip()[:200] if lines else type(e).__name__
+    if not lines:
+        return type(e).__name__
+    line = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", lines[-1].strip())
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", line, flags=re.IGNORECASE)[:200]
 
 
 SIGPIPE_EXIT = 128 + signal.SIGPIPE  # 141: what a shell shows for a tool stopped by a closed pipe

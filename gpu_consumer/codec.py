@@ -16,24 +16,24 @@ MAX_SIDE = 4096
 MIN_SIDE = 8  # thinner has nothing to edit, and the segmenters' blurs need the room
 # A progressive JPEG has a handful of scans (about 10); libjpeg-turbo reads any number, each over
 # every block of the image while holding the GIL: 3,000 repeats of a 33-byte scan froze a worker
-# (its heartbeats too) for 36 s. A scan starts with an SOS marker, which entropy-coded data cannot
-# hold (an 0xFF there is followed by 0x00), so counting them bounds the scans (an EXIF thumbnail's
-# count too).
+# (its heartbeats too) for 36 s. The scans of the first image are counted by walking its
+# segments (``_jpeg_scans``): what follows its end (a phone's motion-photo video, an MPO's other
+# images) and what its APP segments hold (an EXIF thumbnail) are not read, so not counted.
 MAX_JPEG_SCANS = 100
-JPEG_SOS = b"\xff\xda"
 # PIL reads a PNG chunk by chunk, about 2.6 us each: 1.75 M empty chunks before a 64x64 image's
 # data (20 MB) took 4.5 s to open. An encoder writes a few chunks around data chunks of 8 KB or
 # more; 65,536 chunks allow 20 MB of data in 320-byte ones.
 MAX_PNG_CHUNKS = 65_536
-# EXIF orientation (tag 0x0112) -> how the stored pixels become the upright photo (numpy, [H, W, C]).
+# EXIF orientation (tag 0x0112) -> how the stored pixels become the upright photo (numpy, [H, W, ...]).
 ORIENTATION_TAG = 0x0112
+QUARTER_TURNS = (5, 6, 7, 8)  # the orientations that swap width and height
 UPRIGHT = {
     2: lambda a: a[:, ::-1],
     3: lambda a: a[::-1, ::-1],
     4: lambda a: a[::-1],
-    5: lambda a: a.transpose(1, 0, 2),
+    5: lambda a: np.swapaxes(a, 0, 1),
     6: lambda a: np.rot90(a, -1),
-    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+    7: lambda a: np.swapaxes(np.rot90(a, 2), 0, 1),
     8: lambda a: np.rot90(a, 1),
 }
 PREVIEW_SIDE = 320
@@ -51,9 +51,15 @@ def check_size(data: bytes) -> None:
 
 
 def decode(data: bytes) -> torch.Tensor:
+    """``[H, W, 3]`` uint8, upright as its EXIF orientation says (decode_upright)."""
+    return decode_upright(data)[0]
+
+
+def decode_upright(data: bytes) -> tuple[torch.Tensor, int]:
     """``[H, W, 3]`` uint8, upright as its EXIF orientation says (the edit, its masks and the
-    output are the photo as a viewer shows it). JPEG through kornia-rs (libjpeg-turbo), CMYK ones
-    and anything else through PIL; 16-bit greys scaled to 8 bits, not clipped."""
+    output are the photo as a viewer shows it), and that orientation (1-8). JPEG through kornia-rs
+    (libjpeg-turbo), CMYK ones and anything else through PIL; 16-bit greys scaled to 8 bits, not
+    clipped."""
     check_size(data)
     if data.startswith(PNG_SIGNATURE) and (chunks := _png_chunks(data)) > MAX_PNG_CHUNKS:
         raise BadInput(f"PNG of more than {chunks - 1:,} chunks; at most {MAX_PNG_CHUNKS:,} are read")
@@ -61,15 +67,15 @@ def decode(data: bytes) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as probe:  # reads the header only
             width, height = probe.size
             fmt, mode = probe.format, probe.mode
-            orientation = probe.getexif().get(ORIENTATION_TAG, 1)
+            orientation = _orientation(probe)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadInput(f"not a readable image ({type(e).__name__})") from None
     if width > MAX_SIDE or height > MAX_SIDE:
         raise BadInput(f"image is {width}x{height}; the limit is {MAX_SIDE}x{MAX_SIDE}")
     if min(width, height) < MIN_SIDE:
         raise BadInput(f"image is {width}x{height}; each side must be at least {MIN_SIDE} pixels")
-    if fmt == "JPEG" and (scans := data.count(JPEG_SOS)) > MAX_JPEG_SCANS:
-        raise BadInput(f"JPEG of {scans} scans; at most {MAX_JPEG_SCANS} are read")
+    if fmt in ("JPEG", "MPO") and _jpeg_scans(data) > MAX_JPEG_SCANS:
+        raise BadInput(f"JPEG of more than {MAX_JPEG_SCANS} scans; at most {MAX_JPEG_SCANS} are read")
     try:
         if fmt == "JPEG" and mode in ("RGB", "L"):
             import kornia_rs
@@ -82,7 +88,51 @@ def decode(data: bytes) -> torch.Tensor:
         raise BadInput(f"corrupt image data ({type(e).__name__})") from None
     if orientation in UPRIGHT:
         array = UPRIGHT[orientation](array)
-    return torch.from_numpy(np.ascontiguousarray(array))
+    return torch.from_numpy(np.ascontiguousarray(array)), orientation
+
+
+def _orientation(probe: Image.Image) -> int:
+    """The EXIF orientation in the header PIL has read (1 when none or unreadable). Not
+    ``getexif()``: on a PNG it decodes the whole image, looking for EXIF after the pixels."""
+    raw = probe.info.get("exif")
+    if not raw:
+        return 1
+    try:
+        exif = Image.Exif()
+        exif.load(raw)
+        value = exif.get(ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - damaged EXIF: the photo as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _jpeg_scans(data: bytes) -> int:
+    """The scans (SOS segments) of the JPEG's first image, up to its end (EOI), or to one past
+    MAX_JPEG_SCANS. A marker segment is skipped by its length; a scan's entropy-coded data runs
+    to the next 0xFF that is neither stuffed (0xFF00) nor a restart marker (0xFFD0-D7)."""
+    at, scans, end = 2, 0, len(data)
+    while at + 4 <= end and scans <= MAX_JPEG_SCANS:
+        if data[at] != 0xFF:
+            break  # not a marker where one must be: the decoder will say what is wrong
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill bytes before a marker
+            at += 1
+            continue
+        if marker == 0xD9:  # EOI: the first image ends
+            break
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # no length
+            at += 2
+            continue
+        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        if marker != 0xDA:
+            continue
+        scans += 1
+        while (at := data.find(b"\xff", at)) != -1 and at + 1 < end and (
+                data[at + 1] == 0 or 0xD0 <= data[at + 1] <= 0xD7):
+            at += 2
+        if at == -1:
+            break
+    return scans
 
 
 def _png_chunks(data: bytes) -> int:
@@ -106,14 +156,18 @@ def _rgb(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"))  # a copy of PIL's read-only buffer: a tensor may write
 
 
-def decode_mask(data: bytes, size: tuple[int, int]) -> torch.Tensor:
-    """A client mask PNG as ``[1, 1, H, W]`` float in [0, 1], resized to the image if needed."""
+def decode_mask(data: bytes, size: tuple[int, int], orientation: int = 1) -> torch.Tensor:
+    """A client mask PNG as ``[1, 1, H, W]`` float in [0, 1], resized to the image if needed. A
+    mask of the size the photo had before ``orientation`` turned it a quarter (drawn on the stored
+    pixels, or written by the worker before photos were turned upright) is turned as the photo was."""
     check_size(data)
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width > MAX_SIDE or img.height > MAX_SIDE:  # before a pixel is decoded
                 raise BadInput(f"mask is {img.width}x{img.height}; the limit is {MAX_SIDE}x{MAX_SIDE}")
             gray = img.convert("L")
+            if orientation in QUARTER_TURNS and size[0] != size[1] and gray.size == (size[0], size[1]):
+                gray = Image.fromarray(np.ascontiguousarray(UPRIGHT[orientation](np.asarray(gray))))
             if gray.size != (size[1], size[0]):
                 gray = gray.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.asarray(gray, dtype=np.float32) / 255.0

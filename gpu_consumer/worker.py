@@ -59,7 +59,7 @@ from domain.contracts.keys import MAX_INPUT_BYTES
 from domain.contracts.loop import ConsumerLoop
 from domain.text import escaped
 from gpu_consumer import ops
-from gpu_consumer.codec import BadInput, check_size, decode, decode_mask, encode_png, encode_preview
+from gpu_consumer.codec import BadInput, check_size, decode_mask, decode_upright, encode_png, encode_preview
 from gpu_consumer.refine import refine_masks
 from gpu_consumer.segment import Instance, Segmenter, built_in
 
@@ -77,43 +77,66 @@ STARTED_KEPT_S = 7 * 24 * 3600.0  # a note of an item begun that never came back
 
 
 class StartedItems:
-    """The items begun and not yet reported, one small file each in ``directory`` (the name a
-    hash of the idempotency key, the content how many processes began it): it outlives a process
-    killed mid-edit, so the next one to get the item knows. A process counts once per item
-    however often it begins it again (a poll read again after the API was away)."""
+    """The items being edited, one small file each in ``directory`` (the name a hash of the
+    idempotency key, the content how many processes have begun editing it): it outlives a process
+    killed mid-edit, so the next one to get the item knows. A note is taken as an edit begins and
+    removed as it ends, so it names only what was on the device when a process died. A process
+    told to stop takes its own notes back (a SIGKILL after the stop's grace is not the item's
+    doing). Notes are a safeguard: one that cannot be written is logged and the item edited."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self._mine: set[str] = set()
+        self._mine: dict[str, int] = {}  # the edits under way here, with the count before this one
+        self._stopping = False
         self._lock = threading.Lock()
-        cutoff = time.time() - STARTED_KEPT_S  # items never seen again (their job canceled meanwhile)
-        for path in directory.glob("*.started"):
-            if path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            cutoff = time.time() - STARTED_KEPT_S  # items never seen again (their job canceled meanwhile)
+            for path in directory.glob("*.started"):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("notes of items begun cannot be kept in %s (%s): a crashing item is not counted", directory, e)
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.started"
 
-    def begin(self, key: str) -> int:
-        """Note that this process begins ``key``; how many processes began it before."""
-        path = self._path(key)
+    def deaths(self, key: str) -> int:
+        """How many processes died editing ``key`` (its note, when no edit of it is under way here)."""
         try:
-            earlier = int(path.read_text() or 0)
-        except (FileNotFoundError, ValueError):
-            earlier = 0
+            return int(self._path(key).read_text() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def begin(self, key: str) -> None:
         with self._lock:
-            if key in self._mine:
-                return earlier - 1
-            self._mine.add(key)
-        path.write_text(str(earlier + 1))
-        return earlier
+            if self._stopping or key in self._mine:
+                return
+            earlier = self._mine[key] = self.deaths(key)
+        self._write(key, earlier + 1)
 
     def end(self, key: str) -> None:
-        """``key`` is reported (or will never be edited here): forget it."""
+        """The edit of ``key`` ended (done, refused, or failed by an exception): forget it."""
         with self._lock:
-            self._mine.discard(key)
-        self._path(key).unlink(missing_ok=True)
+            self._mine.pop(key, None)
+        self._write(key, 0)
+
+    def stop(self) -> None:
+        """This process was told to stop: its edits under way are not the items' doing."""
+        with self._lock:
+            self._stopping = True
+            mine, self._mine = self._mine, {}
+        for key, earlier in mine.items():
+            self._write(key, earlier)
+
+    def _write(self, key: str, count: int) -> None:
+        try:
+            if count:
+                self._path(key).write_text(str(count))
+            else:
+                self._path(key).unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("the note of item %s cannot be kept (%s)", key, e)
 
 
 class CallbackUnavailable(RuntimeError):
@@ -279,13 +302,13 @@ class ImagePipeline:
         if data is None:
             raise BadInput("input image is missing")
         check_size(data)
-        image = decode(data)
+        image, orientation = decode_upright(data)
         masks = {}
         for concept in [*task.concepts, *task.protect]:
             key = task.mask_keys.get(concept)
             blob = self._get(key) if key else None
             if blob is not None:
-                masks[concept] = decode_mask(blob, (image.shape[0], image.shape[1]))
+                masks[concept] = decode_mask(blob, (image.shape[0], image.shape[1]), orientation)
         empty = sorted(c for c in task.concepts if c in masks and not bool((masks[c] > 0.5).any()))
         if empty:  # an edit of nothing, billed: say why instead (the item fails, refunded)
             raise BadInput(f"the mask of {', '.join(empty)} is empty: white is the concept, black is not "
@@ -440,7 +463,7 @@ class GpuWorker(ConsumerLoop):
             time.sleep(self.backoff_s * 2 ** (attempt - 2))
             try:
                 image, masks = self.pipeline.fetch(task)
-                self._finish(task, self.pipeline.edit(image, masks, task))
+                self._finish(task, self._edit(image, masks, task))
                 return
             except BadInput as e:
                 self._report(task, "failed", error=str(e))
@@ -463,7 +486,7 @@ class GpuWorker(ConsumerLoop):
         if self.canceled_lookup is not None and tasks:
             for job_id in self.canceled_lookup(sorted({t.job_id for t in tasks})):
                 self.canceled.add(job_id)
-        live, seen, abandoned = [], set(), []
+        live, suspects, seen, abandoned = [], [], set(), []
         for t in tasks:
             key = t.idempotency_key
             if t.job_id in self.canceled or key in seen or key in self.finished:  # canceled, or a duplicate
@@ -472,17 +495,22 @@ class GpuWorker(ConsumerLoop):
                     self.started.end(key)
                 continue
             seen.add(t.idempotency_key)
-            deaths = self.started.begin(key) if self.started is not None else 0
+            deaths = self.started.deaths(key) if self.started is not None else 0
             if deaths >= CRASH_LIMIT:
                 abandoned.append(self.pool.submit(self._abandon, t, deaths))
+            elif deaths:  # a process died editing it, maybe by it: alone, after the others
+                suspects.append(t)
             else:
                 live.append(t)
         live = fair_order(live)
-        self._poll_jobs = sorted({t.job_id for t in live})
+        self._poll_jobs = sorted({t.job_id for t in [*live, *suspects]})
         self._checked_at = time.monotonic()
         fetched = [(t, self.pool.submit(self.pipeline.fetch, t)) for t in live]
         computed = [self.compute_pool.submit(self._compute, task, future) for task, future in fetched]
         pending = abandoned + [c.result() for c in computed]
+        for t in suspects:  # should it kill this process too, no other item was on the device
+            fetch = self.pool.submit(self.pipeline.fetch, t)
+            pending.append(self.compute_pool.submit(self._compute, t, fetch).result())
         unacknowledged = []
         for f in pending:  # every item's upload and callback ends before the step does
             try:
@@ -499,7 +527,7 @@ class GpuWorker(ConsumerLoop):
             if not self._still_wanted(task):
                 return self.pool.submit(self._drop, task)
             started = time.perf_counter()
-            out = self.pipeline.edit(image, masks, task)
+            out = self._edit(image, masks, task)
             if self.observe_item is not None:
                 self.observe_item(task, time.perf_counter() - started)
         except BadInput as e:
@@ -509,6 +537,26 @@ class GpuWorker(ConsumerLoop):
         except Exception as e:  # noqa: BLE001 - retried off the fast path
             return self.pool.submit(self._retry, task, e)
         return self.pool.submit(self._finish_or_retry, task, out)
+
+    def _edit(self, image: torch.Tensor, masks: dict[str, torch.Tensor], task: Task) -> Edited:
+        """The pipeline's edit, noted on disk while it runs (StartedItems)."""
+        if self.started is None:
+            return self.pipeline.edit(image, masks, task)
+        self.started.begin(task.idempotency_key)
+        try:
+            return self.pipeline.edit(image, masks, task)
+        finally:
+            self.started.end(task.idempotency_key)
+
+    def run(self, stop: threading.Event) -> None:
+        started = self.started
+        if started is not None:  # told to stop: the edits under way are not the items' doing
+            def on_stop() -> None:
+                stop.wait()
+                started.stop()
+
+            threading.Thread(target=on_stop, name="gpu-stop", daemon=True).start()
+        super().run(stop)
 
     def _still_wanted(self, task: Task) -> bool:
         """Whether ``task``'s job is still to be edited: not canceled since the poll began (the

@@ -167,6 +167,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self.timeout_keep_alive_task is not None:  # kept alive, waiting for the next request
             self._bounds.idle[self] = None
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """An Upgrade request is served as plain HTTP (``ws`` is off: the API has no WebSocket,
+        and an upgraded connection would leave this protocol, its count never given back); not
+        two warnings in the log per such request."""
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_clock()
         bounds = self._bounds
@@ -202,7 +207,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             oldest = next(iter(bounds.idle))
             del bounds.idle[oldest]
             bounds.evicted += 1
-            oldest.transport.close()
+            oldest.transport.abort()  # at once: close() would wait for a client that reads nothing
             self.connections.discard(oldest)  # its connection_lost comes on a later turn of the loop
         if len(self.connections) > bounds.total:
             return self._turn_away("every connection is busy")
@@ -282,6 +287,7 @@ def limit_connections(max_connections: int, max_per_peer: int) -> None:
 # connection just as the server closes it. No proxy headers: uvicorn would otherwise put a
 # loopback peer's X-Forwarded-For in place of the peer, so every client of an API bound on
 # 127.0.0.1 chose the address its limits count against; PALETTE_TRUSTED_PROXIES says how far the
-# header is believed (adapters.api.rate_limit.client_address), and nothing else reads it.
+# header is believed (adapters.api.rate_limit.client_address), and nothing else reads it. No
+# WebSocket: the API serves none, and an upgraded connection leaves the bounded protocol.
 SERVER_OPTIONS: dict[str, Any] = {"log_level": "warning", "access_log": False, "timeout_keep_alive": 75,
-                                  "http": BoundedHttpToolsProtocol, "proxy_headers": False}
+                                  "http": BoundedHttpToolsProtocol, "ws": "none", "proxy_headers": False}

@@ -313,9 +313,9 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
     if (await service.get_job_async(user_id, new_id)).status == JobStatus.CREATED:  # never over a confirmed one
         try:
             await run_in_threadpool(_copy_objects, container, _rerun_copies(user_id, job_id, new_id, source, present))
-        except SourceGone:  # the source deleted meanwhile (DELETE /jobs): the new job cannot run
-            await service.run(service.cancel_job_command(user_id, new_id, "its source job was deleted"))
-            raise InvalidState("cannot rerun this job: it was deleted meanwhile, with its photos") from None
+        except SourceGone:  # the source deleted meanwhile (DELETE /jobs, or its retention): the new job cannot run
+            await service.run(service.cancel_job_command(user_id, new_id, "its source job's photos are gone"))
+            raise InvalidState("cannot rerun this job: its photos were deleted meanwhile") from None
 
     def slots() -> list[MaskSlot]:
         urls = PutUrls(container, datetime.now(UTC))

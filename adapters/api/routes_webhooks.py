@@ -8,6 +8,8 @@ Redeliveries are limited per user (each makes the sender POST again, wherever th
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -20,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from adapters.api.deps import ContainerDep, CurrentUser
 from adapters.api.envelope import ok
-from adapters.api.rate_limit import TokenBuckets
+from adapters.api.rate_limit import RateLimited, TokenBuckets
 from adapters.api.schemas import Envelope, Strict, Text
 from adapters.bootstrap import Container
 from adapters.webhooks import store, targets
@@ -100,30 +102,54 @@ def _found(row: Any) -> Any:
     return row
 
 
-URL_CHECK_THREADS = 8
+URL_CHECK_THREADS = 16
 URL_CHECK_TIMEOUT_S = 5.0
+URL_CHECKS_PER_USER = 2
 
 
-async def checked_url(url: str, production: bool, checks: ThreadPoolExecutor,
-                      timeout_s: float = URL_CHECK_TIMEOUT_S, resolver: targets.Resolver = targets.resolve) -> None:
-    """targets.check on threads of its own, within ``timeout_s``: in production it resolves the
-    host, and a name whose DNS never answers would hold a thread for the resolver's whole timeout
-    (tens of seconds); on the request threads every route shares, a few hundred such requests
-    would stall them all. A check still queued when its time is up is dropped from the queue."""
-    try:
-        await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
-            checks, targets.check, url, production, resolver), timeout_s)
-    except targets.TargetRefused as e:
-        raise ValidationFailed(f"url: {e}") from None
-    except TimeoutError:
-        raise ValidationFailed(f"url: its host did not resolve within {timeout_s:g} s") from None
+class UrlChecks:
+    """targets.check on threads of their own, each within ``timeout_s``: in production it
+    resolves the host, and a name whose DNS never answers holds a thread for the resolver's whole
+    timeout (tens of seconds); on the request threads every route shares, a few hundred such
+    requests would stall them all. A check still queued when its time is up is dropped. A user
+    holds at most ``per_user`` threads until they are free again (a 429 beyond), so one user's
+    silent names cannot take the threads every other user's registration needs."""
+
+    def __init__(self, threads: int = URL_CHECK_THREADS, per_user: int = URL_CHECKS_PER_USER,
+                 timeout_s: float = URL_CHECK_TIMEOUT_S, resolver: targets.Resolver = targets.resolve) -> None:
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="url-check")
+        self.per_user = per_user
+        self.timeout_s = timeout_s
+        self.resolver = resolver
+        self._held: Counter[UUID] = Counter()
+        self._lock = threading.Lock()
+
+    async def check(self, user_id: UUID, url: str, production: bool) -> None:
+        with self._lock:
+            if self._held[user_id] >= self.per_user:
+                raise RateLimited(self.timeout_s)
+            self._held[user_id] += 1
+        future = self.pool.submit(targets.check, url, production, self.resolver)
+        future.add_done_callback(lambda _: self._release(user_id))  # when the thread is free, not before
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
+        except targets.TargetRefused as e:
+            raise ValidationFailed(f"url: {e}") from None
+        except TimeoutError:
+            raise ValidationFailed(f"url: its host did not resolve within {self.timeout_s:g} s") from None
+
+    def _release(self, user_id: UUID) -> None:
+        with self._lock:
+            self._held[user_id] -= 1
+            if self._held[user_id] <= 0:
+                del self._held[user_id]
 
 
-def _url_checks(request: Request) -> ThreadPoolExecutor:
-    """The app's threads for URL checks, made on first use."""
-    checks: ThreadPoolExecutor | None = getattr(request.app.state, "url_checks", None)
+def _url_checks(request: Request) -> UrlChecks:
+    """The app's URL checks, made on first use."""
+    checks: UrlChecks | None = getattr(request.app.state, "url_checks", None)
     if checks is None:  # no await since the check: no other request can interleave
-        checks = request.app.state.url_checks = ThreadPoolExecutor(URL_CHECK_THREADS, thread_name_prefix="url-check")
+        checks = request.app.state.url_checks = UrlChecks()
     return checks
 
 
@@ -133,7 +159,7 @@ async def create_webhook(body: WebhookCreate, user_id: CurrentUser, container: C
                          request: Request) -> JSONResponse:
     """Register an endpoint for these event types; the answer holds its signing secret, once."""
     settings = container.settings
-    await checked_url(body.url, settings.env == "production", _url_checks(request))
+    await _url_checks(request).check(user_id, body.url, settings.env == "production")
     secret = new_secret()
     try:
         row = await _run(container, store.create_endpoint, user_id, body.url, list(dict.fromkeys(body.events)),

@@ -7,8 +7,10 @@ client address and in all, where the one idle longest makes room for a new one."
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +19,8 @@ import uvicorn
 
 from adapters.api import http_limits
 from tests.bench.harness import free_port
+
+BIG = 8 << 20  # /big answers this many bytes
 
 
 async def echo_app(scope: Any, receive: Any, send: Any) -> None:
@@ -27,8 +31,9 @@ async def echo_app(scope: Any, receive: Any, send: Any) -> None:
         size += len(message.get("body", b""))
         if not message.get("more_body"):
             break
-    # /peer: the client address the app sees; anything else: the body's size.
-    body = scope["client"][0].encode() if scope["path"] == "/peer" else str(size).encode()
+    # /peer: the client address the app sees; /big: BIG bytes; anything else: the body's size.
+    body = (scope["client"][0].encode() if scope["path"] == "/peer" else b"x" * BIG if scope["path"] == "/big"
+            else str(size).encode())
     headers = [(b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -36,12 +41,12 @@ async def echo_app(scope: Any, receive: Any, send: Any) -> None:
 
 @pytest.fixture
 def server() -> Iterator[int]:
-    with serving(http_limits.BoundedHttpToolsProtocol) as port:
+    with serving(http_limits.BoundedHttpToolsProtocol) as (port, _):
         yield port
 
 
 @contextlib.contextmanager
-def serving(protocol: type[http_limits.BoundedHttpToolsProtocol]) -> Iterator[int]:
+def serving(protocol: type[http_limits.BoundedHttpToolsProtocol]) -> Iterator[tuple[int, uvicorn.Server]]:
     port = free_port()
     config = uvicorn.Config(echo_app, host="127.0.0.1", port=port, lifespan="off",
                             **{**http_limits.SERVER_OPTIONS, "http": protocol})
@@ -52,7 +57,7 @@ def serving(protocol: type[http_limits.BoundedHttpToolsProtocol]) -> Iterator[in
         if not thread.is_alive():
             raise RuntimeError("the server did not start")
         threading.Event().wait(0.01)
-    yield port
+    yield port, srv
     srv.should_exit = True
     thread.join(timeout=10)
 
@@ -157,7 +162,7 @@ def refused(answer: bytes) -> bool:
 
 
 def test_one_address_holds_at_most_its_share_of_connections() -> None:
-    with serving(limited(total=100, per_peer=3)) as port, contextlib.ExitStack() as held:
+    with serving(limited(total=100, per_peer=3)) as (port, _), contextlib.ExitStack() as held:
         conns = [held.enter_context(kept_alive(port)) for _ in range(3)]
         assert refused(exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"))
         conns[0].close()  # one given back: room for the next
@@ -170,7 +175,7 @@ def test_one_address_holds_at_most_its_share_of_connections() -> None:
 
 
 def test_at_the_limit_the_connection_idle_longest_makes_room() -> None:
-    with serving(limited(total=3, per_peer=0)) as port, contextlib.ExitStack() as held:
+    with serving(limited(total=3, per_peer=0)) as (port, _), contextlib.ExitStack() as held:
         conns = [held.enter_context(kept_alive(port)) for _ in range(3)]
         answered(conns[0])  # the first is now the one idle the shortest; the second the longest
         newcomer = held.enter_context(kept_alive(port))
@@ -179,10 +184,14 @@ def test_at_the_limit_the_connection_idle_longest_makes_room() -> None:
 
 
 def test_at_the_limit_with_none_idle_a_new_connection_is_refused() -> None:
-    with serving(limited(total=3, per_peer=0)) as port, contextlib.ExitStack() as held:
+    with serving(limited(total=3, per_peer=0)) as (port, srv), contextlib.ExitStack() as held:
         busy = [held.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5)) for _ in range(3)]
         for conn in busy:
             conn.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n")  # a request under way
+        deadline = time.monotonic() + 10
+        while len(srv.server_state.connections) < 3 or srv.server_state.palette_bounds.idle:  # the server has read them
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         assert refused(exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"))
         for conn in busy:  # each finished whole, none closed for the refused one
             conn.sendall(b"\r\n")
@@ -193,3 +202,51 @@ def test_the_connection_limit_follows_the_descriptors() -> None:
     assert http_limits.connections_for(20_000) == 20_000 - http_limits.FD_RESERVE
     assert http_limits.connections_for(1024) == 512  # at most half kept back
     assert http_limits.connections_for(10) == 16
+
+
+def accepted_sockets(port: int) -> int:
+    """The descriptors this process holds on connections the server on ``port`` accepted."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] != "0A":  # not the listener
+                    inodes.add(fields[9])
+    held = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}")[len("socket:["):-1] in inodes:
+                held += 1
+    return held
+
+
+def test_a_connection_closed_for_a_newer_one_gives_its_descriptor_back_even_with_its_answer_unread() -> None:
+    """An idle connection whose client reads nothing holds its answer in the server's buffer:
+    closed gracefully, its socket (a descriptor) would stay open until the client reads it."""
+    with serving(limited(total=2, per_peer=0)) as (port, _), contextlib.ExitStack() as held:
+        unread = held.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
+        unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        unread.sendall(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")  # answered whole, into buffers; never read
+        for _ in range(2):  # the second one closes the /big one, idle the longest
+            assert answered(held.enter_context(kept_alive(port))).startswith(b"HTTP/1.1 200 ")
+        deadline = time.monotonic() + 10
+        while accepted_sockets(port) > 2:  # before: 3 until the client read 4 MB, i.e. for ever
+            assert time.monotonic() < deadline, accepted_sockets(port)
+            time.sleep(0.05)
+
+
+def test_an_upgrade_request_is_plain_http_and_gives_its_connection_back() -> None:
+    upgrade = (b"GET / HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+               b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n")
+    with serving(limited(total=100, per_peer=2)) as (port, _):
+        with contextlib.ExitStack() as held:  # the address's two connections, each upgrade-asking
+            for _ in range(2):
+                conn = held.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
+                conn.sendall(upgrade)
+                assert conn.recv(1000).startswith(b"HTTP/1.1 200 ")  # served as HTTP, not switched
+        for _ in range(100):  # given back once the server sees them closed (before: never)
+            got = exchange(port, upgrade.replace(b"connection: Upgrade", b"connection: close"))
+            if got.startswith(b"HTTP/1.1 200 "):
+                break
+        assert got.startswith(b"HTTP/1.1 200 "), got[:100]

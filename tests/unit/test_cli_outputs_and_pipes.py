@@ -132,6 +132,23 @@ def test_an_output_path_is_tried_for_writing_not_judged_by_its_permission_bits(t
     kept = tmp_path / "kept.json"
     kept.write_text("before")
     assert _unwritable(kept) is None and kept.read_text() == "before"
+    link = tmp_path / "link.json"  # dangling: what a write would make is its target, tried and removed
+    link.symlink_to(tmp_path / "target.json")
+    assert _unwritable(link) is None and link.is_symlink() and not (tmp_path / "target.json").exists()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert _unwritable(fifo) is not None  # no reader: refused at once, not waited on
+
+
+def test_a_database_error_line_never_shows_a_password() -> None:
+    from adapters.cli import _reason
+
+    for message in ('missing "=" after "postgresql://palette:s3cr3t@127.0.0.1:5433/db" in connection info string',
+                    "invalid connection option host=x password=s3cr3t user=y",
+                    "invalid connection option host=x password='s3cr3t and more' user=y"):
+        assert "s3cr3t" not in _reason(Exception(message)) and "***" in _reason(Exception(message))
+    denied = 'connection failed: FATAL:  password authentication failed for user "palette"'
+    assert _reason(Exception(denied)) == denied  # the reason itself, whole
 
 
 def test_a_command_run_where_no_stack_ran_says_its_secrets_are_new(tmp_path: Path) -> None:

@@ -155,6 +155,55 @@ def test_decode_turns_a_photo_upright_as_its_exif_orientation_says(orientation: 
     assert jpeg.shape == upright.shape and np.abs(jpeg.astype(int) - upright).mean() < 4
 
 
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_a_mask_on_the_stored_pixels_of_a_turned_photo_is_turned_as_the_photo_is(orientation: int):
+    from gpu_consumer.codec import decode_mask, decode_upright
+
+    rng = np.random.default_rng(orientation)
+    stored = rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    drawn = (rng.random((12, 20)) > 0.5).astype(np.uint8) * 255  # on the stored pixels, 20 wide
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    photo, found = decode_upright(_saved(Image.fromarray(stored), "PNG", exif=exif))
+    assert found == orientation and photo.shape[:2] == (20, 12)
+    turned = decode_mask(_saved(Image.fromarray(drawn), "PNG"), (20, 12), orientation)[0, 0].numpy()
+    # The oracle: the photo's own pixels, turned by decode, carry the mask as a fourth channel.
+    with_mask = np.concatenate([stored, drawn[..., None]], axis=2)
+    expected = np.asarray(exif_transposed(with_mask, orientation))[..., 3] / 255.0
+    assert np.array_equal(turned, expected)
+    upright = (rng.random((20, 12)) > 0.5).astype(np.uint8) * 255  # drawn on the upright photo: as it is
+    assert np.array_equal(decode_mask(_saved(Image.fromarray(upright), "PNG"), (20, 12), orientation)[0, 0].numpy(),
+                          upright / 255.0)
+
+
+def exif_transposed(pixels: np.ndarray, orientation: int) -> Image.Image:
+    """PIL's own exif_transpose of ``pixels`` (RGBA) saved with ``orientation``."""
+    from PIL import ImageOps
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return ImageOps.exif_transpose(Image.open(io.BytesIO(_saved(Image.fromarray(pixels), "PNG", exif=exif))))
+
+
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_a_png_is_decoded_once_not_by_its_probe_too(monkeypatch: pytest.MonkeyPatch, orientation: int | None):
+    from PIL import PngImagePlugin
+
+    decoded: set[int] = set()  # the PNG files whose pixel data was read
+    real = PngImagePlugin.PngImageFile.load_read
+
+    def counted(self: Any, read_bytes: int) -> bytes:
+        decoded.add(id(self))
+        return real(self, read_bytes)
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load_read", counted)
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    decode(_saved(Image.new("RGB", (24, 16)), "PNG", exif=exif))
+    assert len(decoded) == 1  # before: getexif() on the probe of a PNG without EXIF read the pixels too
+
+
 def test_decode_scales_a_16_bit_grey_and_converts_cmyk():
     grey = np.random.default_rng(1).integers(0, 256, (10, 14), dtype=np.uint8)
     wide = Image.fromarray(grey.astype(np.uint16) * 257)  # the same greys over 16 bits
@@ -174,6 +223,15 @@ def test_decode_refuses_a_jpeg_of_endless_scans_and_an_image_too_thin():
     bomb = progressive[:-2] + last_scan * 200 + b"\xff\xd9"  # each repeat read over the whole image
     with pytest.raises(BadInput, match="scans"):
         decode(bomb)
+    mpo = io.BytesIO()  # the same bomb as the first image of an MPO (which PIL does not call JPEG)
+    Image.new("L", (64, 64), 128).save(mpo, "MPO", save_all=True, append_images=[Image.new("L", (8, 8))],
+                                      progressive=True)
+    first_end = mpo.getvalue().find(b"\xff\xd9")
+    first = mpo.getvalue()[:first_end]
+    with pytest.raises(BadInput, match="scans"):
+        decode(first + first[first.rfind(b"\xff\xda"):] * 200 + mpo.getvalue()[first_end:])
+    motion = progressive + b"\xff\xda" * 500  # what a phone appends after the photo (a video) is not read
+    assert decode(motion).shape == (64, 64, 3)
     with pytest.raises(BadInput, match="at least 8"):
         decode(_saved(Image.new("RGB", (4096, 7)), "PNG"))
     assert decode(_saved(Image.new("RGB", (8, 8)), "PNG")).shape == (8, 8, 3)

@@ -365,62 +365,82 @@ def test_the_texture_cache_keeps_the_most_recent_textures_that_fit(sizes, budget
 
 
 # -- an item that kills the process editing it ---------------------------------------------------
-def _die_editing(directory: str, t: dict[str, Any]) -> None:
-    """A worker process that dies (as the kernel's OOM killer ends one) editing ``t``."""
+def _die_editing(directory: str, tasks: list[dict[str, Any]], poison: str) -> None:
+    """A worker process with two compute threads that dies (as the kernel's OOM killer ends one)
+    editing ``poison``, with the other item's edit under way at that moment when it has one."""
     import os
+    import threading
 
     from gpu_consumer.worker import StartedItems
 
-    def killed(*_: Any) -> Any:
-        os._exit(137)
+    other_editing = threading.Event()
+    w, *_ = worker([record(t, i) for i, t in enumerate(tasks)])
+    real_edit = w.pipeline.edit
 
-    w, *_ = worker([record(t)])
+    def edit(image: Any, masks: Any, t: Task) -> Any:
+        if t.idempotency_key == poison:
+            other_editing.wait(5)  # the other item on the device too, when it is not edited alone
+            os._exit(137)
+        other_editing.set()
+        threading.Event().wait(1)  # mid-edit should the process die now
+        return real_edit(image, masks, t)
+
+    w.compute_pool = ThreadPoolExecutor(2)
     w.started = StartedItems(Path(directory))
-    w.pipeline.edit = killed  # type: ignore[method-assign]
+    w.pipeline.edit = edit  # type: ignore[method-assign]
     w.step()
 
 
-def test_an_item_two_processes_died_editing_is_failed_and_parked_not_edited_again(tmp_path: Path):
+def test_an_item_that_kills_its_process_is_failed_alone_and_never_the_item_beside_it(tmp_path: Path):
     import multiprocessing
 
     from gpu_consumer.worker import CRASH_LIMIT, StartedItems
 
-    t = task()
+    innocent, poison = task(), task()
     spawn = multiprocessing.get_context("spawn")
-
-    def next_worker() -> tuple[GpuWorker, FakeS3, FakeProducer, FakeCallbacks, FakeConsumer]:
-        w, s3, producer, callbacks, consumer = worker([record(t)])
-        w.started = StartedItems(tmp_path)  # what a new process finds on the disk
-        return w, s3, producer, callbacks, consumer
-
-    for death in range(1, CRASH_LIMIT + 1):
-        child = spawn.Process(target=_die_editing, args=(str(tmp_path), t))
+    deaths = []
+    for _ in range(CRASH_LIMIT):
+        child = spawn.Process(target=_die_editing, args=(str(tmp_path), [innocent, poison], poison["idempotency_key"]))
         child.start()
         child.join(120)
         assert child.exitcode == 137
-        if death < CRASH_LIMIT:  # once is no pattern: the next process edits it (here, too, it dies)
-            assert [p.read_text() for p in tmp_path.iterdir()] == [str(death)]
-    w, s3, producer, callbacks, consumer = next_worker()
+        notes = StartedItems(tmp_path)
+        deaths.append((notes.deaths(innocent["idempotency_key"]), notes.deaths(poison["idempotency_key"])))
+    # The first death finds both on the device; after it each is edited alone, the innocent one to
+    # its end (its note gone), the poison to the second death.
+    assert deaths == [(1, 1), (0, 2)]
+    w, s3, producer, callbacks, consumer = worker([record(innocent), record(poison, 1)])
+    w.started = notes
     step_once(w)
-    [(key, status, error)] = callbacks.reports
-    assert (key, status) == (t["idempotency_key"], "failed") and f"stopped {CRASH_LIMIT} times" in error
-    assert t["output_key"] not in s3.objects and w.stats["crashed"] == 1 and len(producer.parked()) == 1
-    assert consumer.commits == 1 and list(tmp_path.iterdir()) == []  # reported: the note is gone
+    assert sorted((k, status) for k, status, _ in callbacks.reports) == sorted(
+        [(innocent["idempotency_key"], "done"), (poison["idempotency_key"], "failed")])
+    assert f"stopped {CRASH_LIMIT} times" in dict((k, e) for k, _, e in callbacks.reports)[poison["idempotency_key"]]
+    assert poison["output_key"] not in s3.objects and innocent["output_key"] in s3.objects
+    assert w.stats["crashed"] == 1 and len(producer.parked()) == 1 and consumer.commits == 1
+    assert list(tmp_path.iterdir()) == []  # both reported: no note left
 
 
-def test_an_item_one_process_died_editing_is_edited_and_a_poll_read_again_counts_no_death(tmp_path: Path):
+def test_a_poll_read_again_or_a_stop_counts_no_death_and_a_note_that_cannot_be_kept_stops_nothing(tmp_path: Path):
     from gpu_consumer.worker import StartedItems
 
     t = task()
-    StartedItems(tmp_path).begin(t["idempotency_key"])  # a process that died editing it, once
-    w, s3, _, callbacks, _ = worker([record(t)], [record(t)])
+    w, _, _, callbacks, _ = worker([record(t)], [record(t)])
     w.started = StartedItems(tmp_path)
     callbacks.unavailable = True
-    w.step()  # begun, edited, its result not acknowledged: read again, not a second death
+    w.step()  # edited, its result not acknowledged: read again, edited again, never a death
     callbacks.unavailable = False
     step_once(w)
-    assert callbacks.reports == [(t["idempotency_key"], "done", "")] and t["output_key"] in s3.objects
-    assert w.stats["crashed"] == 0 and list(tmp_path.iterdir()) == []
+    assert callbacks.reports == [(t["idempotency_key"], "done", "")] and list(tmp_path.iterdir()) == []
+    stopping = StartedItems(tmp_path)
+    stopping.begin("k")
+    assert stopping.deaths("k") == 1  # what a process killed now would leave
+    stopping.stop()  # told to stop: a SIGKILL after the grace is not the item's doing
+    stopping.begin("k2")
+    assert list(tmp_path.iterdir()) == []
+    w, _, _, callbacks, _ = worker([record(t)])
+    w.started = StartedItems(Path("/proc/no-notes-here"))  # cannot be written: logged, edited anyway
+    step_once(w)
+    assert callbacks.reports == [(t["idempotency_key"], "done", "")]
 
 
 def _mask_png(value: int) -> bytes:

@@ -215,34 +215,51 @@ def test_a_public_literal_host_is_connected_to_as_written():
     assert targets.check("https://[2606:4700::6810:85e5]/in", True, no_dns).address == "2606:4700::6810:85e5"
 
 
-def test_a_host_whose_dns_never_answers_is_refused_in_time_on_threads_of_its_own() -> None:
-    """Each check waits on a resolver that never answers (until released after): 12 of them on
-    2 threads each end at their deadline with a 422's error, the queued ones too."""
+def test_a_host_whose_dns_never_answers_is_refused_in_time_and_holds_at_most_two_threads_a_user() -> None:
+    """Names that never resolve (until released, after): each check ends at its deadline with a
+    422's error, the queued ones too; a user whose two checks still hold their threads gets a 429
+    for a third, and another user's check goes through on the threads left."""
     import asyncio
     import threading
-    from concurrent.futures import ThreadPoolExecutor
 
-    from adapters.api.routes_webhooks import checked_url
+    from adapters.api.rate_limit import RateLimited
+    from adapters.api.routes_webhooks import UrlChecks
     from domain.errors import ValidationFailed
 
     released = threading.Event()
 
-    def silent(host: str, port: int) -> list[str]:
-        released.wait(30)
-        return ["93.184.216.34"]
+    def resolver(host: str, port: int) -> list[str]:
+        if host.startswith("silent"):
+            released.wait(30)
+        return ["127.0.0.1"] if host.startswith("inside") else ["93.184.216.34"]
 
-    async def twelve() -> list[BaseException | None]:
-        return await asyncio.gather(*(checked_url("https://slow.example/hook", True, checks, 0.3, silent)
-                                      for _ in range(12)), return_exceptions=True)
+    checks = UrlChecks(threads=4, per_user=2, timeout_s=0.3, resolver=resolver)
+    crowd, attacker, other = [uuid4() for _ in range(6)], uuid4(), uuid4()
 
-    checks = ThreadPoolExecutor(2)
+    async def crowd_checks() -> list[BaseException | None]:  # 6 on 4 threads: 2 queued, dropped at the deadline
+        return await asyncio.gather(*(checks.check(u, "https://silent.example/hook", True) for u in crowd),
+                                    return_exceptions=True)
+
     try:
-        outcomes = asyncio.run(twelve())
+        queued = asyncio.run(crowd_checks())
+        released.set()  # the four threads free again
+        assert all(isinstance(o, ValidationFailed) and "did not resolve within 0.3 s" in str(o) for o in queued), queued
+        released.clear()
+
+        async def one_user() -> list[BaseException | None]:
+            held = await asyncio.gather(*(checks.check(attacker, "https://silent.example/x", True) for _ in range(2)),
+                                        return_exceptions=True)  # timed out, their threads still stuck
+            third = await asyncio.gather(checks.check(attacker, "https://silent.example/y", True),
+                                         return_exceptions=True)
+            fine = await asyncio.gather(checks.check(other, "https://fine.example/hook", True), return_exceptions=True)
+            inside = await asyncio.gather(checks.check(other, "https://inside.example/hook", True),
+                                          return_exceptions=True)
+            return [*held, *third, *fine, *inside]
+
+        outcomes = asyncio.run(one_user())
+        assert [type(o).__name__ for o in outcomes] == ["ValidationFailed", "ValidationFailed", "RateLimited",
+                                                        "NoneType", "ValidationFailed"], outcomes
+        assert isinstance(outcomes[2], RateLimited)
     finally:
         released.set()
-        checks.shutdown(wait=True)
-    assert all(isinstance(o, ValidationFailed) and "did not resolve within 0.3 s" in str(o) for o in outcomes), outcomes
-    with ThreadPoolExecutor(1) as one:  # a host that resolves in time passes; one resolving to loopback does not
-        assert asyncio.run(checked_url("https://fine.example/hook", True, one, 5, Resolving("93.184.216.34"))) is None
-        with pytest.raises(ValidationFailed, match="url: "):
-            asyncio.run(checked_url("https://inside.example/hook", True, one, 5, Resolving("127.0.0.1")))
+        checks.pool.shutdown(wait=True)
