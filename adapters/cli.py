@@ -973,11 +973,13 @@ def _is_unreachable(e: BaseException) -> bool:
 
 def _reason(e: BaseException) -> str:
     """The driver's last line (``password authentication failed for user ...``), a password
-    in it masked (libpq quotes a connection string it cannot parse), or the error's class."""
+    in it masked (libpq quotes a connection string it cannot parse, or the host name an unescaped
+    ``@`` in a password made), or the error's class."""
     lines = str(e).strip().splitlines()
     if not lines:
         return type(e).__name__
     line = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", lines[-1].strip())
+    line = re.sub(r'"[^"]*@[^"]*"', '"***"', line)  # a host name holding part of a URL's password
     return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", line, flags=re.IGNORECASE)[:200]
 
 
