@@ -100,9 +100,7 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
         return fail("VALIDATION_FAILED", f"{where or 'request'}: {first.get('msg', 'invalid')}")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        if isinstance(e.__cause__, ApiError):  # FastAPI's body parsing turns any error into a 400:
-            return await _api(request, e.__cause__)  # a body over the cap read chunk by chunk
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
         if e.status_code == 400:  # a body that is not JSON: bad input like any other, one status
             return fail("VALIDATION_FAILED", f"request: {e.detail}")
         code = CODE_BY_STATUS.get(e.status_code, "VALIDATION_FAILED" if e.status_code < 500 else "INTERNAL")

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters import tracing
-from adapters.api.envelope import ApiError, RequestIds, fail, request_id_var
+from adapters.api.envelope import BodyTooLarge, RequestIds, fail, request_id_var
 from adapters.logs import bound
 from domain.contracts import trace as contract
 
@@ -99,7 +99,7 @@ class RequestEdge:
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > self.max_bytes:
-                        raise ApiError("PAYLOAD_TOO_LARGE", f"body over {self.max_bytes} bytes")
+                        raise BodyTooLarge(self.max_bytes)
                 return message
 
             parent, link = (sent, "") if sent and trusted_peer(scope.get("client"), self.trusted) else ("", sent)

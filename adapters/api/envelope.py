@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from domain.text import escaped
 
@@ -103,3 +104,12 @@ class ApiError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class BodyTooLarge(ApiError, StarletteHTTPException):
+    """The body cap, met while a body is read chunk by chunk (``adapters.api.edge``). An
+    HTTPException too: FastAPI turns any other error raised while it parses a body into a 400."""
+
+    def __init__(self, limit: int) -> None:
+        ApiError.__init__(self, "PAYLOAD_TOO_LARGE", f"body over {limit} bytes")
+        StarletteHTTPException.__init__(self, STATUS_BY_CODE["PAYLOAD_TOO_LARGE"], self.message)

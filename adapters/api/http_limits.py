@@ -25,12 +25,12 @@ import resource
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from adapters.api.envelope import meta
 from adapters.api.rate_limit import client_address
 
 log = logging.getLogger("palette.api.connections")
@@ -93,7 +93,7 @@ def _refusal() -> bytes:
     body = orjson.dumps({"success": False, "data": None,
                          "error": {"code": "TOO_MANY_CONNECTIONS",
                                    "message": "too many connections are open: retry in a moment"},
-                         "meta": {"request_id": "-", "timestamp": datetime.now(UTC).isoformat()}})
+                         "meta": meta()})
     return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
 
