@@ -4,6 +4,7 @@ the attempt that took the delivery over."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -13,39 +14,47 @@ from adapters.webhooks import store
 from adapters.webhooks.targets import Outcome
 
 
-def test_a_stale_attempt_cannot_overwrite_the_outcome_of_the_claim_that_took_over(settings):
-    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
-        store.ensure_schema(conn)
-        user, job = uuid.uuid4(), uuid.uuid4()
-        endpoint = store.create_endpoint(conn, user, "http://127.0.0.1:9/hook", ["job.queued"], "whsec_test", 10)["id"]
-        try:
-            assert store.record(conn, [store.NewDelivery(endpoint, f"msg_{job.hex}_1", job, 1, "job.queued",
-                                                         b"{}")]) == 1
-            mine = [d for d in store.claim(conn, 100, 30.0) if d.message_id == f"msg_{job.hex}_1"]
-            assert len(mine) == 1 and mine[0].lease is not None
-            # the first attempt hangs past its lease; the delivery is claimed again and succeeds
-            conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() - interval '1 second' "
-                         "WHERE id = %s", [mine[0].id])
-            again = [d for d in store.claim(conn, 100, 30.0) if d.id == mine[0].id]
-            assert len(again) == 1 and again[0].lease != mine[0].lease
-            store.finish(conn, again[0].id, Outcome(200, "", "", 5), None, 20, 0, again[0].lease)
-            store.finish(conn, mine[0].id, Outcome(None, "timeout", "", 99_000), 5.0, 20, 0, mine[0].lease)
-            row = conn.execute("SELECT status, attempts FROM palette_webhooks.deliveries WHERE id = %s",
-                               [mine[0].id]).fetchone()
-            assert row == ("succeeded", 1)  # the late timeout changed nothing
-        finally:
-            conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
+@pytest.fixture
+def conn(settings: Any) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as connection:
+        store.ensure_schema(connection)
+        yield connection
 
 
-def test_deliveries_of_an_endpoint_deleted_since_its_subscribers_were_read_are_skipped(settings):
+def endpoints(conn: psycopg.Connection[Any], user: uuid.UUID, *names: str) -> list[uuid.UUID]:
+    """``user``'s endpoints for job.queued, one per name, at a loopback port nothing answers on."""
+    return [store.create_endpoint(conn, user, f"http://127.0.0.1:9/{n}", ["job.queued"], "whsec_test", 10)["id"]
+            for n in names]
+
+
+def test_a_stale_attempt_cannot_overwrite_the_outcome_of_the_claim_that_took_over(conn):
+    user, job = uuid.uuid4(), uuid.uuid4()
+    [endpoint] = endpoints(conn, user, "hook")
+    try:
+        assert store.record(conn, [store.NewDelivery(endpoint, f"msg_{job.hex}_1", job, 1, "job.queued",
+                                                     b"{}")]) == 1
+        mine = [d for d in store.claim(conn, 100, 30.0) if d.message_id == f"msg_{job.hex}_1"]
+        assert len(mine) == 1 and mine[0].lease is not None
+        # the first attempt hangs past its lease; the delivery is claimed again and succeeds
+        conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() - interval '1 second' "
+                     "WHERE id = %s", [mine[0].id])
+        again = [d for d in store.claim(conn, 100, 30.0) if d.id == mine[0].id]
+        assert len(again) == 1 and again[0].lease != mine[0].lease
+        store.finish(conn, again[0].id, Outcome(200, "", "", 5), None, 20, 0, again[0].lease)
+        store.finish(conn, mine[0].id, Outcome(None, "timeout", "", 99_000), 5.0, 20, 0, mine[0].lease)
+        row = conn.execute("SELECT status, attempts FROM palette_webhooks.deliveries WHERE id = %s",
+                           [mine[0].id]).fetchone()
+        assert row == ("succeeded", 1)  # the late timeout changed nothing
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
+
+
+def test_deliveries_of_an_endpoint_deleted_since_its_subscribers_were_read_are_skipped(conn, settings):
     # The consumer reads the subscribers, folds the job, then records: an endpoint deleted in
     # between (DELETE /webhooks/{id}, an erasure) raised a foreign-key violation that stopped it.
-    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn, \
-            psycopg.connect(settings.effective_database_url, autocommit=True) as other:
-        store.ensure_schema(conn)
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as other:
         user, job = uuid.uuid4(), uuid.uuid4()
-        gone, kept = (store.create_endpoint(conn, user, f"http://127.0.0.1:9/{n}", ["job.queued"], "whsec_test",
-                                            10)["id"] for n in ("gone", "kept"))
+        gone, kept = endpoints(conn, user, "gone", "kept")
         try:
             assert store.delete_endpoint(other, user, gone)
             new = [store.NewDelivery(e, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}") for e in (gone, kept)]
@@ -67,123 +76,112 @@ def test_deliveries_of_an_endpoint_deleted_since_its_subscribers_were_read_are_s
             conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[gone, kept]])
 
 
-def test_a_claim_counts_the_users_attempts_in_flight_and_skips_a_held_endpoint(settings):
-    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
-        store.ensure_schema(conn)
-        user = uuid.uuid4()
-        endpoint = store.create_endpoint(conn, user, "http://127.0.0.1:9/held", ["job.queued"], "whsec_test", 10)["id"]
-        jobs = [uuid.uuid4() for _ in range(3)]
-        store.record(conn, [store.NewDelivery(endpoint, f"msg_{j.hex}_1", j, 1, "job.queued", b"{}") for j in jobs])
+def test_a_claim_counts_the_users_attempts_in_flight_and_skips_a_held_endpoint(conn):
+    user = uuid.uuid4()
+    [endpoint] = endpoints(conn, user, "held")
+    jobs = [uuid.uuid4() for _ in range(3)]
+    store.record(conn, [store.NewDelivery(endpoint, f"msg_{j.hex}_1", j, 1, "job.queued", b"{}") for j in jobs])
 
-        def mine(**kw: Any) -> list[store.Due]:
-            return [d for d in store.claim(conn, 10_000, 0.0, **kw) if d.user_id == user]
+    def mine(**kw: Any) -> list[store.Due]:
+        return [d for d in store.claim(conn, 10_000, 0.0, **kw) if d.user_id == user]
 
-        def waiting() -> set[Any]:  # when the endpoint's pending deliveries are next due, and its hold
-            return {r[0] for r in conn.execute(
-                "SELECT d.next_attempt_at = e.held_until FROM palette_webhooks.deliveries d JOIN "
-                "palette_webhooks.endpoints e ON e.id = d.endpoint_id WHERE e.id = %s AND d.status = 'pending'",
-                [endpoint]).fetchall()}
+    def waiting() -> set[Any]:  # when the endpoint's pending deliveries are next due, and its hold
+        return {r[0] for r in conn.execute(
+            "SELECT d.next_attempt_at = e.held_until FROM palette_webhooks.deliveries d JOIN "
+            "palette_webhooks.endpoints e ON e.id = d.endpoint_id WHERE e.id = %s AND d.status = 'pending'",
+            [endpoint]).fetchall()}
 
-        try:
-            assert len(mine(per_user=2, busy={user: 1})) == 1  # one more than the one in flight
-            assert mine(per_user=2, busy={user: 2}) == []
-            first = mine(per_user=2)[0]
-            store.finish(conn, first.id, Outcome(None, "timeout", "", 10_000), 5.0, 20, 0, first.lease,
-                         hold_s=lambda failures: 3600.0 * failures)
-            assert mine() == []  # held: none of its deliveries is tried, due or not
-            assert waiting() == {True}  # they wait for the hold's end, out of the claims' way
-            late = uuid.uuid4()  # recorded while held: it waits too
-            store.record(conn, [store.NewDelivery(endpoint, f"msg_{late.hex}_1", late, 1, "job.queued", b"{}")])
-            assert waiting() == {True}
-            assert store.enable_endpoint(conn, user, endpoint) is not None  # enabled already: no way round
-            assert mine() == []
-            store.redeliver(conn, user, endpoint, first.id)  # its owner says it works again
-            again = mine()
-            assert len(again) == 4
-            store.finish(conn, again[0].id, Outcome(200, "", "", 5), None, 20, 0, again[0].lease)
-            row = conn.execute("SELECT failures, held_until FROM palette_webhooks.endpoints WHERE id = %s",
-                               [endpoint]).fetchone()
-            assert row == (0, None)
-        finally:
-            conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
+    try:
+        assert len(mine(per_user=2, busy={user: 1})) == 1  # one more than the one in flight
+        assert mine(per_user=2, busy={user: 2}) == []
+        first = mine(per_user=2)[0]
+        store.finish(conn, first.id, Outcome(None, "timeout", "", 10_000), 5.0, 20, 0, first.lease,
+                     hold_s=lambda failures: 3600.0 * failures)
+        assert mine() == []  # held: none of its deliveries is tried, due or not
+        assert waiting() == {True}  # they wait for the hold's end, out of the claims' way
+        late = uuid.uuid4()  # recorded while held: it waits too
+        store.record(conn, [store.NewDelivery(endpoint, f"msg_{late.hex}_1", late, 1, "job.queued", b"{}")])
+        assert waiting() == {True}
+        assert store.enable_endpoint(conn, user, endpoint) is not None  # enabled already: no way round
+        assert mine() == []
+        store.redeliver(conn, user, endpoint, first.id)  # its owner says it works again
+        again = mine()
+        assert len(again) == 4
+        store.finish(conn, again[0].id, Outcome(200, "", "", 5), None, 20, 0, again[0].lease)
+        row = conn.execute("SELECT failures, held_until FROM palette_webhooks.endpoints WHERE id = %s",
+                           [endpoint]).fetchone()
+        assert row == (0, None)
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
 
 
-def test_suspect_endpoints_get_only_their_share_and_a_success_proves_one(settings):
-    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
-        store.ensure_schema(conn)
-        user = uuid.uuid4()
-        proven, fresh = (store.create_endpoint(conn, user, f"http://127.0.0.1:9/{n}", ["job.queued"], "whsec_test",
-                                               10)["id"] for n in ("proven", "fresh"))
+def test_suspect_endpoints_get_only_their_share_and_a_success_proves_one(conn):
+    user = uuid.uuid4()
+    proven, fresh = endpoints(conn, user, "proven", "fresh")
 
-        def deliver(endpoint: uuid.UUID) -> uuid.UUID:
-            job = uuid.uuid4()
-            store.record(conn, [store.NewDelivery(endpoint, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}")])
-            row = conn.execute("SELECT id FROM palette_webhooks.deliveries WHERE job_id = %s", [job]).fetchone()
-            return row[0]
-
-        def claimed(ids: set[uuid.UUID], **share: Any) -> dict[uuid.UUID, bool]:
-            return {d.id: d.suspect for d in store.claim(conn, 100, 30.0, **share) if d.id in ids}
-
-        try:
-            first = deliver(proven)
-            assert claimed({first}) == {first: True}  # never answered yet
-            store.finish(conn, first, Outcome(200, "", "", 5), None, 20, 0)
-            a, b = deliver(proven), deliver(fresh)
-            # the suspects' share taken by attempts in flight: only the proven endpoint's goes
-            assert claimed({a, b}, suspects=2, suspects_busy=2) == {a: False}
-            assert claimed({b}, suspects=10_000) == {b: True}
-            store.finish(conn, a, Outcome(500, "", "", 5), 0.0, 20, 0)  # failing now: suspect again
-            assert claimed({a}, suspects=2, suspects_busy=2) == {}
-            row = conn.execute("SELECT proven, failures FROM palette_webhooks.endpoints WHERE id = %s",
-                               [proven]).fetchone()
-            assert row == (True, 1)
-        finally:
-            conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[proven, fresh]])
-
-
-def test_endpoints_from_before_the_proven_column_that_succeeded_are_taken_for_proven(settings):
-    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
-        store.ensure_schema(conn)
-        user = uuid.uuid4()
-        answered, silent = (store.create_endpoint(conn, user, f"http://127.0.0.1:9/{n}", ["job.queued"],
-                                                  "whsec_test", 10)["id"] for n in ("answered", "silent"))
+    def deliver(endpoint: uuid.UUID) -> uuid.UUID:
         job = uuid.uuid4()
-        store.record(conn, [store.NewDelivery(e, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}")
-                            for e in (answered, silent)])
-        conn.execute("UPDATE palette_webhooks.deliveries SET status = 'succeeded' WHERE endpoint_id = %s",
-                     [answered])
-        try:
-            with conn.transaction(force_rollback=True):  # the column as a store from before lacks it
-                conn.execute("ALTER TABLE palette_webhooks.endpoints DROP COLUMN proven")
-                for statement in store.DDL:
-                    conn.execute(statement)
-                rows = dict(conn.execute("SELECT id, proven FROM palette_webhooks.endpoints WHERE id = ANY(%s)",
-                                         [[answered, silent]]).fetchall())
-                assert rows == {answered: True, silent: False}
-        finally:
-            conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[answered, silent]])
+        store.record(conn, [store.NewDelivery(endpoint, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}")])
+        row = conn.execute("SELECT id FROM palette_webhooks.deliveries WHERE job_id = %s", [job]).fetchone()
+        return row[0]
+
+    def claimed(ids: set[uuid.UUID], **share: Any) -> dict[uuid.UUID, bool]:
+        return {d.id: d.suspect for d in store.claim(conn, 100, 30.0, **share) if d.id in ids}
+
+    try:
+        first = deliver(proven)
+        assert claimed({first}) == {first: True}  # never answered yet
+        store.finish(conn, first, Outcome(200, "", "", 5), None, 20, 0)
+        a, b = deliver(proven), deliver(fresh)
+        # the suspects' share taken by attempts in flight: only the proven endpoint's goes
+        assert claimed({a, b}, suspects=2, suspects_busy=2) == {a: False}
+        assert claimed({b}, suspects=10_000) == {b: True}
+        store.finish(conn, a, Outcome(500, "", "", 5), 0.0, 20, 0)  # failing now: suspect again
+        assert claimed({a}, suspects=2, suspects_busy=2) == {}
+        row = conn.execute("SELECT proven, failures FROM palette_webhooks.endpoints WHERE id = %s",
+                           [proven]).fetchone()
+        assert row == (True, 1)
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[proven, fresh]])
 
 
-def test_a_backlog_a_claim_may_not_take_does_not_hide_a_delivery_it_may(settings, monkeypatch):
+def test_endpoints_from_before_the_proven_column_that_succeeded_are_taken_for_proven(conn):
+    user = uuid.uuid4()
+    answered, silent = endpoints(conn, user, "answered", "silent")
+    job = uuid.uuid4()
+    store.record(conn, [store.NewDelivery(e, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}")
+                        for e in (answered, silent)])
+    conn.execute("UPDATE palette_webhooks.deliveries SET status = 'succeeded' WHERE endpoint_id = %s",
+                 [answered])
+    try:
+        with conn.transaction(force_rollback=True):  # the column as a store from before lacks it
+            conn.execute("ALTER TABLE palette_webhooks.endpoints DROP COLUMN proven")
+            for statement in store.DDL:
+                conn.execute(statement)
+            rows = dict(conn.execute("SELECT id, proven FROM palette_webhooks.endpoints WHERE id = ANY(%s)",
+                                     [[answered, silent]]).fetchall())
+            assert rows == {answered: True, silent: False}
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[answered, silent]])
+
+
+def test_a_backlog_a_claim_may_not_take_does_not_hide_a_delivery_it_may(conn, monkeypatch):
     # Suspects' deliveries beyond their share, and a user's beyond their cap, used to fill the
     # claim's window: a proven endpoint's delivery due after them was not seen, threads free.
     monkeypatch.setattr(store, "CLAIM_WINDOW", 5)
     monkeypatch.setattr(store, "CLAIM_SCAN", 200)
-    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
-        store.ensure_schema(conn)
-        attacker, busy_user, victim = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-        made = [store.create_endpoint(conn, user, f"http://127.0.0.1:9/{n}", ["job.queued"], "whsec_test", 10)["id"]
-                for n, user in enumerate([attacker] * 3 + [busy_user, victim])]
-        conn.execute("UPDATE palette_webhooks.endpoints SET proven = true WHERE id = ANY(%s)", [made[3:]])
-        for n, endpoint in enumerate(made):
-            jobs = [uuid.uuid4() for _ in range(1 if endpoint == made[-1] else 10)]
-            store.record(conn, [store.NewDelivery(endpoint, f"msg_{j.hex}_1", j, 1, "job.queued", b"{}")
-                                for j in jobs])
-            # the victim's due for an hour, the 40 others for longer
-            conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() - %s * interval '1 hour' "
-                         "WHERE endpoint_id = %s", [1 if endpoint == made[-1] else 2 + n, endpoint])
-        try:
-            got = store.claim(conn, 2, 30.0, per_user=2, busy={busy_user: 2}, suspects=1, suspects_busy=1)
-            assert [d.user_id for d in got if d.user_id in (attacker, busy_user, victim)] == [victim]
-        finally:
-            conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [made])
+    attacker, busy_user, victim = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    made = [endpoints(conn, user, str(n))[0] for n, user in enumerate([attacker] * 3 + [busy_user, victim])]
+    conn.execute("UPDATE palette_webhooks.endpoints SET proven = true WHERE id = ANY(%s)", [made[3:]])
+    for n, endpoint in enumerate(made):
+        jobs = [uuid.uuid4() for _ in range(1 if endpoint == made[-1] else 10)]
+        store.record(conn, [store.NewDelivery(endpoint, f"msg_{j.hex}_1", j, 1, "job.queued", b"{}")
+                            for j in jobs])
+        # the victim's due for an hour, the 40 others for longer
+        conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() - %s * interval '1 hour' "
+                     "WHERE endpoint_id = %s", [1 if endpoint == made[-1] else 2 + n, endpoint])
+    try:
+        got = store.claim(conn, 2, 30.0, per_user=2, busy={busy_user: 2}, suspects=1, suspects_busy=1)
+        assert [d.user_id for d in got if d.user_id in (attacker, busy_user, victim)] == [victim]
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [made])
