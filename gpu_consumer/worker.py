@@ -29,9 +29,9 @@ polls: the keys of the results the API acknowledged are remembered, least recent
 first, within a byte budget.
 
 An item whose editing kills the process (its memory, say) would otherwise come back to every
-worker after it for ever, with the items behind it: each item begun is noted on disk
-(``StartedItems``) until it is reported, and one that ``CRASH_LIMIT`` processes died editing is
-reported ``failed`` and parked instead of edited again.
+worker after it for ever, with the items behind it: each edit is noted on disk while it runs
+(``StartedItems``); an item one process died editing is edited alone, after the poll's others,
+and one that ``CRASH_LIMIT`` processes died editing is reported ``failed`` and parked instead.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 
 class RateLimited(Exception):
@@ -93,3 +94,9 @@ def client_address(peer: str | None, forwarded_for: list[str], trusted_proxies: 
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
+
+
+def request_address(request: Any, trusted_proxies: int) -> str:
+    """client_address of an HTTP request (a Starlette ``Request``)."""
+    peer = request.client.host if request.client else None
+    return client_address(peer, request.headers.getlist("x-forwarded-for"), trusted_proxies)

@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
 from adapters.api.envelope import ApiError, ok
 from adapters.api.idempotency import id_for_key
-from adapters.api.rate_limit import RateLimited, client_address, forwarded
+from adapters.api.rate_limit import RateLimited, forwarded, request_address
 from adapters.api.schemas import (
     CallbackCreate,
     CallbackPublic,
@@ -576,9 +576,8 @@ async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, co
     last: list[Any] | None = await run_in_threadpool(_events_after, app, job_id, after) if finished else None
     if last == []:
         return Response(status_code=204)
-    peer = request.client.host if request.client else None
-    give_back = _stream_slots(request, container).take(user_id, client_address(
-        peer, request.headers.getlist("x-forwarded-for"), container.settings.trusted_proxies))
+    address = request_address(request, container.settings.trusted_proxies)
+    give_back = _stream_slots(request, container).take(user_id, address)
 
     async def stream() -> AsyncIterator[bytes]:
         version = after

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
 from adapters.api.envelope import ApiError, fail, ok
-from adapters.api.rate_limit import TokenBuckets, client_address
+from adapters.api.rate_limit import TokenBuckets, request_address
 from adapters.api.schemas import (
     AnonCreate,
     Envelope,
@@ -157,8 +157,7 @@ async def auth_anon(body: AnonCreate, service: ServiceDep, container: ContainerD
     limits: TokenBuckets | None = getattr(request.app.state, "register_limits", None)
     if limits is None:  # one per app, made on first use (no await in between: no race)
         limits = request.app.state.register_limits = TokenBuckets(s.rate_register_per_s, s.rate_register_burst)
-    peer = request.client.host if request.client else None
-    limits.take(client_address(peer, request.headers.getlist("x-forwarded-for"), s.trusted_proxies))
+    limits.take(request_address(request, s.trusted_proxies))
     committed = await service.register_async(body.device_hash)
     user_id, created = committed.value
     token = request.app.state.tokens.issue(user_id, SystemClock().now())
