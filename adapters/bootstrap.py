@@ -71,7 +71,7 @@ def _store_tables_exist(settings: Settings, schema: str) -> bool:
     return row is not None and bool(row[0])
 
 
-def open_event_store(settings: Settings, pool_size: int = 8) -> PaletteApplication:
+def open_event_store(settings: Settings, pool_size: int = 8, schema: str = "") -> PaletteApplication:
     """The event store application. Processes that start together each create the tables if
     missing; concurrent DDL on PostgreSQL's catalog can fail with "tuple concurrently updated"
     or a duplicate key in ``pg_type``, which a short retry settles (the other process has created
@@ -82,8 +82,13 @@ def open_event_store(settings: Settings, pool_size: int = 8) -> PaletteApplicati
 
     for attempt in range(5):
         try:
-            app = PaletteApplication(env=event_store_env(settings, pool_size=pool_size))
+            env = event_store_env(settings, pool_size=pool_size, schema=schema)
+            missing = env.get("CREATE_TABLE") != "n"
+            env["CREATE_TABLE"] = "n"  # made below, each type once
+            app = PaletteApplication(env=env)
             try:
+                if missing:
+                    _create_store_tables(app)
                 insert_in_one_round_trip(app)
             except BaseException:
                 app.close()
@@ -94,6 +99,26 @@ def open_event_store(settings: Settings, pool_size: int = 8) -> PaletteApplicati
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _create_store_tables(app: PaletteApplication) -> None:
+    """Make the event store's tables, the events' then the snapshots'. eventsourcing gives both
+    recorders one composite type and runs its CREATE TYPE with each, taking "already exists" for
+    the second, which PostgreSQL logs as an ERROR (a newcomer's first ``make run`` showed one):
+    here a recorder's CREATE TYPE runs only while the type is missing."""
+    from eventsourcing.postgres import PostgresAggregateRecorder
+
+    for recorder in (app.recorder, app.snapshots.recorder if app.snapshots else None):
+        if not isinstance(recorder, PostgresAggregateRecorder):
+            continue
+        datastore = recorder.datastore
+        with datastore.get_connection() as conn:
+            row = conn.execute("SELECT to_regtype(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL AS made",
+                               [datastore.schema, recorder.stored_event_type_name]).fetchone()
+        if row is not None and row["made"]:
+            recorder.sql_create_statements = [
+                s for s in recorder.sql_create_statements if "CREATE TYPE" not in s.as_string()]
+        recorder.create_table()
 
 
 class S3ObjectStore:
@@ -198,7 +223,7 @@ def prepare_schemas(settings: Settings) -> None:
     from adapters.relay import DDL as RELAY_DDL
     from adapters.webhooks.store import ensure_schema as ensure_webhooks_schema
 
-    PaletteApplication(env=event_store_env(settings, pool_size=1)).close()
+    open_event_store(settings, pool_size=1).close()
     with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
         ensure_schema(conn)
         ensure_api_schema(conn)

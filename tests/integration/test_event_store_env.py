@@ -1,13 +1,18 @@
 """A process opening the event store asks eventsourcing to create its tables only when they are
-not there (eventsourcing's CREATE TYPE then fails, and PostgreSQL logs an ERROR for it)."""
+not there (eventsourcing's CREATE TYPE then fails, and PostgreSQL logs an ERROR for it), and then
+each type once."""
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import psycopg
+import pytest
 
-from adapters.bootstrap import event_store_env
+from adapters.bootstrap import event_store_env, open_event_store
 from adapters.settings import Settings
 from application.services import PaletteApplication
 
@@ -20,6 +25,47 @@ def test_tables_are_created_once_in_a_schema_whose_name_needs_quoting(settings: 
         assert "CREATE_TABLE" not in event_store_env(settings, schema=schema)  # empty: created
         PaletteApplication(env=event_store_env(settings, pool_size=1, schema=schema)).close()
         assert event_store_env(settings, schema=schema)["CREATE_TABLE"] == "n"
+    finally:
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def _log_after(settings: Settings, opened: Callable[[], None]) -> str:
+    """What PostgreSQL logged while ``opened`` ran: its log from the end it had, up to a marker
+    raised after it (the marker's arrival, not a wait, says the log holds everything before)."""
+    log = Path(settings.data_dir) / "logs" / "postgres.log"
+    start = log.stat().st_size
+    opened()
+    marker = f"marker-{uuid.uuid4().hex}"
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        conn.execute(f"DO $$ BEGIN RAISE WARNING '{marker}'; END $$")
+    for _ in range(500):
+        with log.open("rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+        if marker in text:
+            return text
+        time.sleep(0.01)
+    raise AssertionError("the marker never reached PostgreSQL's log")
+
+
+@pytest.mark.parametrize("type_made_before", [False, True])
+def test_a_fresh_store_is_made_without_an_error_in_postgresql_log(settings: Settings, type_made_before: bool) -> None:
+    """eventsourcing gives the events and the snapshots one composite type and creates it with
+    each; the second's "already exists" was an ERROR in a newcomer's first `make run` log. With
+    the type made before (a store from before snapshots), neither recorder may create it."""
+    schema = f"fresh{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+        if type_made_before:
+            conn.execute(f'CREATE TYPE "{schema}".stored_event_uuid AS '
+                         "(originator_id uuid, originator_version bigint, topic text, state bytea)")
+    try:
+        logged = _log_after(settings, lambda: open_event_store(settings, pool_size=1, schema=schema).close())
+        assert "ERROR" not in logged, logged
+        assert event_store_env(settings, schema=schema)["CREATE_TABLE"] == "n"  # both tables made
+        app = open_event_store(settings, pool_size=1, schema=schema)  # and opened again as made
+        app.close()
     finally:
         with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
