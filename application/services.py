@@ -28,7 +28,7 @@ from application.snapshots import SNAPSHOT_EVERY, SetAsList, StreamSnapshot
 from application.unit_of_work import Command, CommandExecutor, Committed, UnitOfWork, touches
 from domain.contracts.keys import MAX_INPUT_BYTES, input_key
 from domain.errors import InvalidState, NotFound, ValidationFailed
-from domain.job import MAX_ITEMS, Job, RecordedResult
+from domain.job import MAX_ITEMS, Job, JobStatus, RecordedResult
 from domain.plans import DEFAULT_PLANS, Plan
 from domain.presets import get_preset, normalise_edits
 from domain.rule import Rule
@@ -237,13 +237,17 @@ class PaletteService:
 
         @touches(user_id, legacy_id)
         def command(uow: UnitOfWork) -> tuple[UUID, bool]:
+            new_limits = limits
             for existing in (user_id, legacy_id):
                 user = uow.get(User, existing)
-                if user is not None and not user.erased:
+                if user is None:
+                    continue
+                if not user.erased:
                     return existing, False
-                if user is not None and existing == user_id:
+                if existing == user_id:
                     raise UserErased(user_id)
-            uow.add(User.register(device_key, limits, at, generation, seal))
+                new_limits = replace(limits, initial_credits=0)  # the device's user was erased
+            uow.add(User.register(device_key, new_limits, at, generation, seal))
             return user_id, True
 
         return command
@@ -281,6 +285,9 @@ class PaletteService:
             user = uow.get(User, user_id)
             if user is None:
                 raise NotFound("user not found")
+            if not user.erased and set(user.reservations) - set(job_ids):
+                # before anything is recorded, so erase_user reads the reservations again
+                raise InvalidState("a job started since the reservations were read")
             for job_id in job_ids:
                 job = uow.get(Job, job_id)
                 if job is None or job.user_id != user_id:
@@ -659,16 +666,19 @@ class PaletteService:
                               same: Callable[[Any], bool] | None = None) -> Command[UUID]:
         """The command creating an aggregate the user owns, with what it takes from the User (and
         from the aggregates ``also`` names). A caller-chosen id makes the retry of a creation that
-        did commit a no-op; one that asked for another creation (``same`` says it did not ask
-        for what was created) is refused, as a key reused with another request is."""
+        did commit a no-op while what it made is as it left it (``_as_created``); one that asked for
+        another creation (``same`` says it did not ask for what was created) is refused, as a key
+        reused with another request is."""
         new_id = chosen_id or self.ids.new_id()
         at = self.clock.now()
 
         @touches(user_id, *also, *((new_id,) if chosen_id is not None else ()))
         def command(uow: UnitOfWork) -> UUID:
-            if chosen_id is not None and self._created_before(uow, cls, new_id, user_id):
-                if same is not None and not same(uow.get(cls, new_id)):
+            created = self._created_before(uow, cls, new_id, user_id) if chosen_id is not None else None
+            if created is not None:
+                if same is not None and not same(created):
                     raise ValidationFailed("Idempotency-Key reused with a different request")
+                self._as_created(created)
                 return new_id
             create(uow, self._user(uow, user_id), new_id, at)
             return new_id
@@ -676,14 +686,25 @@ class PaletteService:
         return command
 
     @staticmethod
-    def _created_before(uow: UnitOfWork, cls: type[Any], aggregate_id: UUID, user_id: UUID) -> bool:
-        """Whether a creation under this id already happened (for this user; another's is a 404)."""
+    def _created_before(uow: UnitOfWork, cls: type[Any], aggregate_id: UUID, user_id: UUID) -> Any:
+        """What a creation under this id made before, if one did (for this user; another's is a
+        404)."""
         existing = uow.get(cls, aggregate_id)
-        if existing is None:
-            return False
-        if existing.user_id != user_id:
+        if existing is not None and existing.user_id != user_id:
             raise NotFound(f"{cls.__name__.lower()} not found")
-        return True
+        return existing
+
+    @staticmethod
+    def _as_created(created: Job | Rule) -> None:
+        """A creation retried after its key's answer was forgotten hands the aggregate back only
+        while it is as the creation left it: not deleted, and a job still waiting for its photos
+        (the answer hands out upload links). Else InvalidState: a new key creates another."""
+        what = type(created).__name__.lower()
+        if created.deleted:
+            raise InvalidState(f"the {what} this Idempotency-Key created is deleted: use a new key to create another")
+        if isinstance(created, Job) and created.status != JobStatus.CREATED:
+            raise InvalidState(f"the job this Idempotency-Key created is {created.status}: "
+                               "use a new key to create another")
 
     @staticmethod
     def _user(uow: UnitOfWork, user_id: UUID) -> User:

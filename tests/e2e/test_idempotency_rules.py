@@ -124,6 +124,23 @@ def test_a_key_expires_after_its_ttl(client: Client, db: psycopg.Connection, set
     assert "idempotent-replayed" not in fresh.headers
 
 
+def test_a_job_deleted_since_its_key_expired_is_not_handed_back_with_upload_links(
+    client: Client, db: psycopg.Connection, settings: Settings
+) -> None:
+    key = f"k-{uuid.uuid4()}"
+    first = client.call("POST", "/jobs", json=JOB, headers={"Idempotency-Key": key})
+    assert first.status_code == 201, first.text
+    job_id = first.json()["data"]["job_id"]
+    assert client.call("POST", f"/jobs/{job_id}/cancel").status_code == 200
+    assert client.call("DELETE", f"/jobs/{job_id}").status_code == 200
+    db.execute("UPDATE palette_api.idempotency SET created_at = now() - %s * interval '1 second' WHERE key = %s",
+               [settings.idempotency_ttl_s + 60, key])
+    again = client.call("POST", "/jobs", json=JOB, headers={"Idempotency-Key": key})
+    assert again.status_code == 409, again.text  # before: 201, the deleted job's id and upload links
+    assert again.json()["error"]["code"] == "INVALID_STATE" and "upload" not in again.text
+    assert client.call("GET", f"/jobs/{job_id}").status_code == 404
+
+
 def test_claiming_a_key_sweeps_expired_ones_a_bounded_batch_at_a_time(
     client: Client, db: psycopg.Connection, settings: Settings
 ) -> None:

@@ -146,6 +146,17 @@ def test_a_device_registered_before_device_keys_keeps_its_user():
     assert len(app.recorder.select_notifications(start=1, limit=100)) == 2  # nothing new recorded
 
 
+def test_a_device_whose_legacy_user_was_erased_gets_a_user_without_sign_up_credits():
+    """As for any erased user: erasing is no way to mint credits, old users included."""
+    app = in_memory()
+    legacy_id = store_v1_user(app, RAW)
+    palette = service(app)
+    assert palette.erase_user(legacy_id)
+    user_id, created = palette.register(RAW).value
+    assert created and user_id != legacy_id
+    assert palette.get_user(user_id).credits == 0
+
+
 def test_without_a_configured_keyer_a_service_still_keys_device_hashes():
     app = in_memory()
     svc = PaletteService(app, DirectExecutor(app), StepClock(), Ids())

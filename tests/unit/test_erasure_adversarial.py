@@ -10,7 +10,7 @@ import pytest
 from application.executors import DirectExecutor
 from application.personal import MemoryKeyring
 from application.services import PaletteApplication, PaletteService
-from domain.errors import DomainError, NotFound
+from domain.errors import DomainError, InvalidState, NotFound
 from domain.plans import DEFAULT_PLANS
 from domain.rule import Rule
 from domain.user import User
@@ -87,3 +87,23 @@ def test_the_rules_of_an_erased_user_read_erased_in_the_process_that_erased_it()
     rule: Rule = service.app.repository.get(rule_id)
     assert service.rule_name(rule.name) == "erased"
 
+
+
+def test_a_job_started_after_the_erasure_read_the_reservations_leaves_everything_as_it_was():
+    """DELETE /me reads the reservations, then another API process starts a job (a plan with more
+    than one at a time): the command refuses before recording anything, so the erasure reads
+    again (a refusal after events were recorded is a bug of ours, and a 500)."""
+    here, there = processes()
+    user_id, _ = here.register(DEVICE).value
+    here.change_plan(user_id, "pro")
+    first = here.create_job(user_id, "interior", 1).value
+    command = here.erase_user_command(user_id, [first])
+    second = there.create_job(user_id, "interior", 1).value
+    with pytest.raises(InvalidState):
+        here.executor.execute(command)
+    user: User = here.app.repository.get(user_id)
+    assert set(user.reservations) == {first, second} and not user.erased
+    assert here.app.repository.get(first).status == "created"
+    assert here.erase_user(user_id)  # read again: both canceled and refunded
+    user = here.app.repository.get(user_id)
+    assert user.erased and not user.reservations
