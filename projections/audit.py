@@ -485,7 +485,11 @@ def period_report(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any,
     the projector has folded that far (waiting up to ``wait_s``)."""
     if until <= since:
         raise ValueError("the period's end (to) must be after its start (from)")
-    upto = at if at is not None else int(recorder.max_notification_id() or 0)
+    head = int(recorder.max_notification_id() or 0)
+    if at is not None and not 0 <= at <= head:
+        # figures "at" a position not yet written would change as it is
+        raise ValueError(f"at {at:,} is not a position of the log (0 to its head, {head:,})")
+    upto = at if at is not None else head
     wait_folded(conn, recorder.events_table_name, upto, wait_s)
     plans = plans_at(recorder, transcoder, upto, until)
     with _snapshot(conn):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import itertools
 import json
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.domain import Aggregate
 from psycopg import sql
 
@@ -71,6 +73,14 @@ class Replayer:
             yield self._shown(from_notification(_Row(r["notification_id"], r["originator_id"],
                                                      r["originator_version"], r["topic"], bytes(r["state"])),
                                                 self.transcoder))
+
+    def existing_stream(self, stream_id: UUID) -> Iterator[EventEnvelope]:
+        """``stream``, its events read now: LookupError when the log holds no such stream."""
+        envelopes = self.stream(stream_id)
+        first = next(envelopes, None)
+        if first is None:
+            raise LookupError(f"no stream {stream_id}")
+        return itertools.chain([first], envelopes)
 
     def _timestamp_at(self, position: int) -> datetime | None:
         page = self.recorder.select_notifications(start=position, limit=1)
@@ -147,13 +157,19 @@ class Replayer:
             position = page[-1].id + 1
 
     def state(self, stream_id: UUID, version: int | None = None, as_of: datetime | None = None) -> dict[str, Any]:
-        """An aggregate's state folded from its events up to a version or a time."""
+        """An aggregate's state folded from its events up to a version or a time (LookupError: no
+        such stream, none of its events by then, or fewer versions than asked for)."""
         if as_of is not None:
             versions = [e.version for e in self.stream(stream_id) if e.timestamp <= as_of]
             if not versions:
                 raise LookupError(f"stream {stream_id} has no events at or before {as_of.isoformat()}")
             version = versions[-1]
-        aggregate = self.app.repository.get(stream_id, version=version)
+        try:
+            aggregate = self.app.repository.get(stream_id, version=version)
+        except AggregateNotFoundError:
+            raise LookupError(f"no stream {stream_id}") from None
+        if version is not None and aggregate.version < version:
+            raise LookupError(f"stream {stream_id} has only {aggregate.version} version(s)")
         return {"stream_id": str(stream_id), "stream_type": type(aggregate).__name__,
                 "version": aggregate.version, "state": redact(_plain_state(aggregate), self.erased)}
 

@@ -20,7 +20,9 @@ from adapters.api.deps import ContainerDep, bearer, verified
 from adapters.api.envelope import ApiError, ok
 from adapters.api.rate_limit import RateLimited
 from adapters.api.schemas import Envelope
+from adapters.api.streams import SlotStream, StreamSlots
 from adapters.bootstrap import Container
+from domain.contracts.envelope import EventEnvelope
 from projections import audit
 from projections.replay import Replayer, as_jsonl
 
@@ -31,7 +33,10 @@ STAFF_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": _E, "description
                 422: {"model": _E, "description": "VALIDATION_FAILED"}}
 SCAN_ERRORS: dict[int | str, dict[str, Any]] = {
     **STAFF_ERRORS, 429: {"model": _E, "description": "RATE_LIMITED: another whole-log audit is running"}}
+STAFF_STREAM_ERRORS: dict[int | str, dict[str, Any]] = {
+    **STAFF_ERRORS, 429: {"model": _E, "description": "RATE_LIMITED: the process's replays are all open"}}
 SCAN_RETRY_S = 5.0  # what an audit refused while another runs is told to wait
+STAFF_STREAMS = 8  # replays open at once in one API process
 T = TypeVar("T")
 
 
@@ -81,31 +86,46 @@ def _aware(**moments: datetime | None) -> None:
         raise ApiError("VALIDATION_FAILED", f"{' and '.join(naive)} must carry their UTC offset")
 
 
-def _stream(lines: Iterator[bytes]) -> StreamingResponse:
-    return StreamingResponse(lines, media_type="application/x-ndjson")
+def _stream(request: Request, role: str, lines: Iterator[bytes]) -> StreamingResponse:
+    """``lines`` as NDJSON in one of this process's staff stream slots, given back however the
+    stream ends (each holds a page of the log while its client reads)."""
+    state = request.app.state
+    slots: StreamSlots | None = getattr(state, "staff_stream_slots", None)
+    if slots is None:  # no await since the check: no other request can interleave
+        slots = state.staff_stream_slots = StreamSlots(per_user=STAFF_STREAMS, total=STAFF_STREAMS)
+    return SlotStream(lines, slots.take(role), media_type="application/x-ndjson")
 
 
-@router.get("/streams", tags=["analysts"], responses={**NDJSON, **STAFF_ERRORS})
-async def replay_all(_: Analyst, container: ContainerDep,
+@router.get("/streams", tags=["analysts"], responses={**NDJSON, **STAFF_STREAM_ERRORS})
+async def replay_all(role: Analyst, container: ContainerDep, request: Request,
                      from_position: Annotated[int, Query(alias="from", ge=1)] = 1,
                      since: datetime | None = None, until: datetime | None = None,
                      type: Annotated[list[str] | None, Query()] = None) -> StreamingResponse:
-    """The global log in commit order as envelope JSON lines."""
+    """The global log in commit order as envelope JSON lines. At most STAFF_STREAMS replays at
+    once in an API process, one more is a 429."""
     _aware(since=since, until=until)
     replayer = await run_in_threadpool(_replayer, container)
     try:
         if since is None and until is None:
-            return _stream(replayer.all_jsonl(from_position, type))
-        envelopes = replayer.all(start=from_position, since=since, until=until, types=type)
+            lines = replayer.all_jsonl(from_position, type)
+        else:  # its first position found by a binary search over the log: on a thread
+            lines = as_jsonl(await run_in_threadpool(replayer.all, from_position, since, until, type))
     except ValueError as e:
         raise ApiError("VALIDATION_FAILED", str(e)) from None
-    return _stream(as_jsonl(envelopes))
+    return _stream(request, role, lines)
 
 
-@router.get("/streams/{stream_id}/events", tags=["analysts"], responses={**NDJSON, **STAFF_ERRORS})
-async def replay_stream(stream_id: UUID, _: Analyst, container: ContainerDep) -> StreamingResponse:
-    """One stream's events in version order as envelope JSON lines."""
-    return _stream(as_jsonl((await run_in_threadpool(_replayer, container)).stream(stream_id)))
+@router.get("/streams/{stream_id}/events", tags=["analysts"], responses={**NDJSON, **STAFF_STREAM_ERRORS})
+async def replay_stream(stream_id: UUID, role: Analyst, container: ContainerDep,
+                        request: Request) -> StreamingResponse:
+    """One stream's events in version order as envelope JSON lines (404: no such stream)."""
+    def read() -> Iterator[EventEnvelope]:
+        try:
+            return _replayer(container).existing_stream(stream_id)
+        except LookupError as e:
+            raise ApiError("NOT_FOUND", str(e.args[0])) from None
+
+    return _stream(request, role, as_jsonl(await run_in_threadpool(read)))
 
 
 @router.get("/streams/{stream_id}/state", tags=["analysts"], response_model=Envelope[dict[str, Any]],
@@ -121,12 +141,8 @@ async def stream_state(stream_id: UUID, _: Analyst, container: ContainerDep,
     def fold() -> dict[str, Any]:
         try:
             return _replayer(container).state(stream_id, version=version, as_of=as_of)
-        except LookupError as e:
+        except LookupError as e:  # no such stream, or not that far
             raise ApiError("NOT_FOUND", str(e.args[0])) from None
-        except Exception as e:
-            if type(e).__name__ == "AggregateNotFoundError":
-                raise ApiError("NOT_FOUND", "no such stream") from None
-            raise
 
     return ok(await run_in_threadpool(fold))
 

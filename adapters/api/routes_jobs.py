@@ -9,10 +9,8 @@ import hmac
 import json
 import logging
 import secrets
-import threading
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -23,14 +21,13 @@ from botocore.exceptions import ClientError
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
-from starlette.types import Receive, Scope, Send
 
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
 from adapters.api.envelope import ApiError, ok
 from adapters.api.idempotency import id_for_key
-from adapters.api.rate_limit import RateLimited, forwarded, request_address
+from adapters.api.rate_limit import forwarded, request_address
 from adapters.api.schemas import (
     CallbackCreate,
     CallbackPublic,
@@ -48,6 +45,7 @@ from adapters.api.schemas import (
     Progress,
     UploadSlot,
 )
+from adapters.api.streams import SlotStream, StreamSlots
 from adapters.bootstrap import Container
 from adapters.loop_pg import LoopConnections
 from adapters.s3_listing import signing_scope
@@ -474,56 +472,6 @@ async def _first_use(connections: LoopConnections, signature: str) -> bool:
 
 SSE_POLL_S = 0.2
 SSE_MAX_S = 600.0  # a client reconnects with Last-Event-ID after this
-SSE_RETRY_AFTER_S = 5.0
-
-
-class StreamSlots:
-    """Open event streams in this process: at most ``per_user`` a user, ``per_address`` a client
-    address and ``total`` in all (a stream polls the event store every SSE_POLL_S; unbounded, one
-    client, or many anonymous ones, could make the process do nothing else; bounded in all only,
-    one client registering users enough would take every stream for everyone else)."""
-
-    def __init__(self, per_user: int, total: int | None = None, per_address: int | None = None) -> None:
-        self.per_user = per_user
-        self.per_address = per_address
-        self.total = total
-        self._open: Counter[UUID | str] = Counter()  # only users and addresses with a stream open
-        self._count = 0
-        self._lock = threading.Lock()
-
-    def take(self, user_id: UUID, address: str = "") -> Callable[[], None]:
-        """A slot for ``user_id`` from ``address`` (RateLimited when all are taken); call the result
-        to give it back."""
-        with self._lock:
-            if (self._open[user_id] >= self.per_user
-                    or (self.per_address is not None and self._open[address] >= self.per_address)
-                    or (self.total is not None and self._count >= self.total)):
-                raise RateLimited(SSE_RETRY_AFTER_S)
-            self._open[user_id] += 1
-            self._open[address] += 1
-            self._count += 1
-        given_back = False
-
-        def give_back() -> None:
-            nonlocal given_back
-            with self._lock:
-                if given_back:
-                    return
-                given_back = True
-                self._count -= 1
-                for key in (user_id, address):
-                    self._open[key] -= 1
-                    if self._open[key] <= 0:
-                        del self._open[key]
-
-        return give_back
-
-    def open_streams(self, key: UUID | str) -> int:
-        """A user's (or an address's) open streams."""
-        with self._lock:
-            return self._open.get(key, 0)
-
-
 def _stream_slots(request: Request, container: Container) -> StreamSlots:
     """The app's stream slots, made on first use."""
     state = request.app.state
@@ -532,21 +480,6 @@ def _stream_slots(request: Request, container: Container) -> StreamSlots:
         s = container.settings
         slots = state.stream_slots = StreamSlots(s.sse_streams_per_user, s.sse_streams, s.sse_streams_per_address)
     return slots
-
-
-class _SlotStream(StreamingResponse):
-    """A streaming response that gives its stream slot back however it ends (job done, client
-    gone, server stopping, an error)."""
-
-    def __init__(self, content: AsyncIterator[bytes], give_back: Callable[[], None], **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self._give_back = give_back
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._give_back()
 
 
 @router.get("/jobs/{job_id}/events", tags=["jobs"], responses={
@@ -597,7 +530,7 @@ async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, co
                 return
             await asyncio.sleep(SSE_POLL_S)
 
-    return _SlotStream(stream(), give_back, media_type="text/event-stream",
+    return SlotStream(stream(), give_back, media_type="text/event-stream",
                        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 

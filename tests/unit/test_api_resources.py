@@ -16,8 +16,9 @@ import botocore.auth
 import pytest
 
 from adapters.api.rate_limit import RateLimited
-from adapters.api.routes_jobs import GetUrls, StreamSlots
+from adapters.api.routes_jobs import GetUrls
 from adapters.api.routes_users import CachedCheck
+from adapters.api.streams import StreamSlots
 from adapters.settings import Settings
 from domain.contracts.callback import sign_callback, verify_callback
 from infra.s3 import s3_client
