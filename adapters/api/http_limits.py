@@ -10,6 +10,9 @@ armed only after a response). Here:
   is the app's to bound: ``adapters.api.edge``);
 - a request must arrive whole within ``REQUEST_TIMEOUT_S`` of the connection's opening, or of
   its first byte on a kept-alive connection, else the connection is closed;
+- an answer's client must keep reading: one that has accepted nothing for ``WRITE_STALL_S``
+  while the answer waits (the transport's buffer full) is disconnected, and the stream behind the
+  answer (a replay, a job's events) ends with it, its buffers given back;
 - the connections a server holds are bounded (``ConnectionBounds``): in all, below the process's
   file descriptors, and per client address. Open connections are what one client could otherwise
   take every descriptor with, kept-alive ones cost it nothing, and at the limit ``accept`` fails
@@ -20,8 +23,11 @@ armed only after a response). Here:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import resource
+import struct
+import termios
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,6 +44,7 @@ log = logging.getLogger("palette.api.connections")
 MAX_HEAD_BYTES = 64 * 1024  # a browser sends 1-8 KB of headers; nginx's default limit is 4 x 8 KB
 REQUEST_TIMEOUT_S = 10.0  # a head and a body of at most 64 KB each
 LINGER_S = 2.0  # after a 431, what the client still sends is read and dropped this long
+WRITE_STALL_S = 60.0  # an answer's client that reads nothing of it this long is disconnected
 TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
              b"content-length: 31\r\nconnection: close\r\n\r\nrequest headers are over 64 KB")
 
@@ -119,6 +126,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._peer: str | None = None  # the address it counts against, once admitted
         self._lingers = False  # refused, and reading what its client sends before closing
+        self._stall: asyncio.TimerHandle | None = None  # armed while the client reads nothing
         if self._admitted():
             self._start_clock()  # a connection that sends nothing is closed too
 
@@ -172,7 +180,36 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         and an upgraded connection would leave this protocol, its count never given back); not
         two warnings in the log per such request."""
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall is None:
+            self._watch_stall(None)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _watch_stall(self, before: int | None) -> None:
+        """While the answer waits on its client (nothing more is written meanwhile): every
+        WRITE_STALL_S, the client must have taken some of what is buffered, else the connection is
+        aborted (a close would wait for the buffer to drain); the app's send then returns and the
+        answer's stream is stopped. Progress, not the pause, is timed: a large answer written at
+        once stays paused until nearly all of it is read, and the client takes from the kernel's
+        buffer (megabytes) before this one moves, so both are counted."""
+        left = self.transport.get_write_buffer_size() + _kernel_unsent(self.transport)
+        if before is not None and left >= before:
+            self._stall = None
+            self._bounds.note("disconnected a client that read nothing of its answer")
+            self.transport.abort()
+            return
+        self._stall = self.loop.call_later(WRITE_STALL_S, self._watch_stall, left)
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         self._stop_clock()
         bounds = self._bounds
         bounds.idle.pop(self, None)
@@ -271,6 +308,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+def _kernel_unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes of the connection's socket its client has not acknowledged (0 where the system does
+    not say)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 def limit_connections(max_connections: int, max_per_peer: int) -> None:
