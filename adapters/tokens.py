@@ -9,6 +9,7 @@ import jwt
 
 ALGORITHM = "HS256"  # pinned: the header's alg is never trusted
 LEEWAY_S = 10
+STAFF_TTL_MAX_S = 30 * 86400  # the longest an analyst's or auditor's token lives (`palette token`)
 
 
 class TokenInvalid(Exception):
@@ -38,6 +39,11 @@ class TokenIssuer:
                 issuer=self.issuer, leeway=LEEWAY_S,
                 options={"require": ["sub", "exp", "iat", "iss", "aud"]},
             )
-            return UUID(str(claims["sub"])), str(claims.get("role", "client"))
-        except (jwt.PyJWTError, ValueError) as e:
+            role = str(claims.get("role", "client"))
+            # No longer than this server mints: a token cannot be revoked but by rotating the secret,
+            # and erased users' tokens are refused for as long as a client token lives.
+            if int(claims["exp"]) - int(claims["iat"]) > (self.ttl_s if role == "client" else STAFF_TTL_MAX_S):
+                raise TokenInvalid("lifetime")
+            return UUID(str(claims["sub"])), role
+        except (jwt.PyJWTError, ValueError, TypeError) as e:
             raise TokenInvalid(type(e).__name__) from None

@@ -66,6 +66,24 @@ def test_bad_claims_are_refused(mutate):
         issuer().verify(token)
 
 
+@pytest.mark.parametrize(("role", "lifetime", "accepted"), [
+    ("client", 3600, True), ("client", 3601, False),
+    ("analyst", 30 * 86400, True), ("auditor", 30 * 86400 + 1, False), ("auditor", 100 * 365 * 86400, False),
+])
+def test_a_token_living_longer_than_this_server_mints_is_refused(role, lifetime, accepted):
+    """Signed with the secret all the same (an old configuration, a hand-made token): a token
+    cannot be revoked but by rotating the secret, and erased users' tokens are refused for as
+    long as a client's token lives."""
+    claims = {"sub": str(uuid4()), "iat": int(NOW.timestamp()), "exp": int(NOW.timestamp()) + lifetime,
+              "iss": "palette", "aud": "palette-app", "role": role}
+    token = jwt.encode(claims, SECRET, algorithm="HS256")
+    if accepted:
+        assert issuer().verify(token)[1] == role
+    else:
+        with pytest.raises(TokenInvalid):
+            issuer().verify(token)
+
+
 def test_alg_none_and_wrong_key_and_tampering_are_refused():
     good = issuer().issue(uuid4(), NOW)
     header, payload, sig = good.split(".")
