@@ -3,7 +3,7 @@ leaves finishable: the tombstone (tokens refused, the device registers anew), th
 event (unfinished jobs canceled and refunded, no command accepted after), the data key destroyed
 (every sealed field unreadable), webhooks, kept idempotent answers and objects deleted, the
 tombstone marked complete. Each step is idempotent; the sweeper finishes an erasure a crash cut
-short."""
+short once it is ``PALETTE_ERASURE_GRACE_S`` old (``adapters.retention``)."""
 
 from __future__ import annotations
 

@@ -127,13 +127,6 @@ def complete_erasure(conn: psycopg.Connection[Any], user_id: UUID) -> None:
                  [user_id])
 
 
-def pending_erasures(conn: psycopg.Connection[Any], limit: int = 100) -> list[UUID]:
-    """Erasures requested but not finished (cut short by a crash), oldest first."""
-    rows = conn.execute("SELECT user_id FROM palette_erasures WHERE completed_at IS NULL "
-                        "ORDER BY requested_at LIMIT %s", [limit]).fetchall()
-    return [r[0] for r in rows]
-
-
 def erased_since(conn: psycopg.Connection[Any], within_s: float,
                  after: datetime | None = None) -> list[tuple[UUID, datetime]]:
     """Users erased no longer ago than ``within_s`` (a token's lifetime: an older erasure's

@@ -18,12 +18,23 @@ Each pass (every ``PALETTE_SWEEP_INTERVAL_S``):
    deleted once more when ``LATE_UPLOADS_S`` have passed, and an erased user's webhook endpoints
    and kept idempotent answers too (a request in flight during the erasure may write them after
    it); cursors in ``palette_sweeps``, every settled one in the pass, a page at a time.
+
+Between passes, every ``PALETTE_ERASURE_SWEEP_S``, the served sweeper finishes erasures (step 2)
+alone: a client whose ``DELETE /me`` died with its API process cannot retry (the tombstone refuses
+its token), so waiting an hour for the next pass would leave its photos that long. It takes only
+tombstones older than ``PALETTE_ERASURE_GRACE_S`` (by PostgreSQL's clock, which wrote them),
+longer than an erasure takes, so it stays off one an API request is still performing; should the
+two meet anyway (an erasure slower than the grace, two sweepers, ``palette admin sweep``), every
+step of an erasure is idempotent — ``Erased`` is recorded once (the loser of the write conflict
+decides again and finds it recorded), the deletions find nothing left, ``completed_at`` is set once
+— so the cost is work done twice.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -84,6 +95,17 @@ def _save(conn: psycopg.Connection[Any], name: str, cursor: Cursor) -> None:
                  [name, cursor.at, cursor.id, cursor.position])
 
 
+def unfinished_erasures(conn: psycopg.Connection[Any], grace_s: float, after: tuple[datetime, UUID],
+                        limit: int = PAGE) -> list[tuple[UUID, datetime]]:
+    """(user, requested_at) of erasures not completed, requested more than ``grace_s`` ago, after the
+    cursor."""
+    rows = conn.execute(
+        "SELECT user_id, requested_at FROM palette_erasures WHERE completed_at IS NULL "
+        "AND requested_at < now() - %s * interval '1 second' AND (requested_at, user_id) > (%s, %s) "
+        "ORDER BY requested_at, user_id LIMIT %s", [grace_s, after[0], after[1], limit]).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
 def expired_jobs(conn: psycopg.Connection[Any], cutoff: datetime, after: tuple[datetime, UUID],
                  limit: int = PAGE) -> list[tuple[UUID, UUID, datetime]]:
     """(job, user, finished_at) of terminal jobs finished after the cursor and before ``cutoff``."""
@@ -115,28 +137,41 @@ class Sweeper:
             for statement in DDL:
                 conn.execute(statement)
 
-    def step(self, now: datetime | None = None) -> SweepReport:
-        """One pass (``now``: the clock, for tests that look days ahead)."""
+    def step(self, now: datetime | None = None, erasure_grace_s: float = 0.0) -> SweepReport:
+        """One pass (``now``: the clock, for tests that look days ahead; ``erasure_grace_s``: how old
+        an unfinished erasure must be to be finished, 0 for every one, as ``palette admin sweep``)."""
         c = self.container
         now = now or c.service.clock.now()
         report = SweepReport()
         cutoff = now - timedelta(days=self.settings.retention_days)
         self._retention(cutoff, report)
         self._abandoned(cutoff, report)
-        with c.read_pool.connection() as conn:
-            pending = keyring.pending_erasures(conn)
-        for user_id in pending:
-            try:
-                erase(c.service, c.read_pool, c.s3, c.settings.s3_bucket, user_id, must_exist=False)
-            except Exception:  # one that keeps failing must not stop the others, nor the pass
-                log.warning("could not finish the erasure of %s; retrying next pass", user_id, exc_info=True)
-                continue
-            report.erasures_finished += 1
+        report.erasures_finished += self.finish_erasures(erasure_grace_s)
         report.objects_deleted += self._late_uploads(now - timedelta(seconds=LATE_UPLOADS_S))
         if report.jobs_expired or report.erasures_finished or report.objects_deleted:
             log.info("sweep: %d job(s) expired, %d erasure(s) finished, %d object(s) deleted",
                      report.jobs_expired, report.erasures_finished, report.objects_deleted)
         return report
+
+    def finish_erasures(self, grace_s: float) -> int:
+        """Finish the erasures requested more than ``grace_s`` ago and not completed (a crash cut
+        them short); how many were. One that fails is logged and tried again next time, the others
+        go on (a cursor: failing ones first in line cannot hide the rest)."""
+        c = self.container
+        finished, after = 0, (EPOCH, NO_ID)
+        while True:
+            with c.read_pool.connection() as conn:
+                pending = unfinished_erasures(conn, grace_s, after, PAGE)
+            for user_id, requested_at in pending:
+                after = (requested_at, user_id)
+                try:
+                    erase(c.service, c.read_pool, c.s3, c.settings.s3_bucket, user_id, must_exist=False)
+                except Exception:  # one that keeps failing must not stop the others, nor the pass
+                    log.warning("could not finish the erasure of %s; retrying", user_id, exc_info=True)
+                    continue
+                finished += 1
+            if len(pending) < PAGE:
+                return finished
 
     def _retention(self, cutoff: datetime, report: SweepReport) -> None:
         c = self.container
@@ -252,12 +287,24 @@ class Sweeper:
         """Ready at once: the container was built when this was constructed."""
 
     def run(self, stop: threading.Event) -> None:
+        """A pass at once and every ``sweep_interval_s``; in between, every ``erasure_sweep_s``,
+        the erasures a crash cut short (both past ``erasure_grace_s``)."""
+        s = self.settings
+        next_pass = time.monotonic()
         while not stop.is_set():
-            try:
-                self.step()
-            except (psycopg.Error, OSError):
-                log.warning("sweep failed; retrying next pass", exc_info=True)
-            stop.wait(self.settings.sweep_interval_s)
+            if time.monotonic() >= next_pass:
+                try:
+                    self.step(erasure_grace_s=s.erasure_grace_s)
+                except (psycopg.Error, OSError):
+                    log.warning("sweep failed; retrying next pass", exc_info=True)
+                next_pass = time.monotonic() + s.sweep_interval_s
+            else:
+                try:
+                    if finished := self.finish_erasures(s.erasure_grace_s):
+                        log.info("sweep: %d erasure(s) finished", finished)
+                except (psycopg.Error, OSError):
+                    log.warning("finishing erasures failed; retrying in %.0f s", s.erasure_sweep_s, exc_info=True)
+            stop.wait(max(0.0, min(s.erasure_sweep_s, next_pass - time.monotonic())))
 
     def close(self) -> None:
         self.container.close()

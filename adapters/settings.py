@@ -145,9 +145,13 @@ class Settings(BaseSettings):
     audit_checkpoint_dir: str = ""
     # Data lifecycle (adapters/retention.py, `palette serve sweeper`): the objects of jobs finished
     # more than PALETTE_RETENTION_DAYS ago are deleted (the job stays listed, its links stop
-    # working); a pass every PALETTE_SWEEP_INTERVAL_S, which also finishes erasures a crash cut short.
+    # working); a pass every PALETTE_SWEEP_INTERVAL_S. Between passes, every PALETTE_ERASURE_SWEEP_S,
+    # it finishes the erasures a crash cut short once PALETTE_ERASURE_GRACE_S old: longer than an
+    # erasure takes, so it leaves alone one an API request is still performing.
     retention_days: int = Field(30, ge=1, le=3650)
     sweep_interval_s: float = Field(3600.0, gt=0)
+    erasure_sweep_s: float = Field(30.0, gt=0)
+    erasure_grace_s: float = Field(120.0, ge=0)
 
     @field_validator("s3_bucket", "broker_bucket")
     @classmethod

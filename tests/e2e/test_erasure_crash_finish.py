@@ -1,0 +1,202 @@
+"""An erasure cut short by a crash of its API process while the sweeper runs, as served: the
+client got no answer and cannot retry (the tombstone refuses its token), so the sweeper must
+finish it within its short erasure interval, not at its hourly pass — yet leave alone an erasure
+still young enough to be in the hands of a live request."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from adapters import bootstrap
+from adapters.bootstrap import open_event_store
+from adapters.erasure import erase
+from adapters.retention import Sweeper
+from adapters.settings import Settings
+from domain.user import User
+from tests.integration.test_stack import wait_until
+
+from .conftest import Client
+from .test_data_lifecycle import _objects
+from .test_lifecycle import create_uploaded_job
+
+
+class Crash(Exception):
+    """The API process dies here (injected)."""
+
+
+class _DeadS3:
+    """The S3 client of a process killed before it deleted the objects."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise Crash(f"killed before S3 {name}")
+
+
+def _crash_mid_erasure(settings: Settings, user_id: uuid.UUID, at: str) -> None:
+    """Erase as DELETE /me does, the process dying ``at`` a step: after the tombstone and before
+    ``Erased`` ("recording Erased"), or after the key was destroyed and before the objects
+    ("deleting objects")."""
+    container = bootstrap.build(settings, pool_size=2)
+    try:
+        service: Any = container.service
+        if at == "recording Erased":
+            def killed(_: uuid.UUID) -> bool:
+                raise Crash(at)
+            service.erase_user = killed  # this container only: the sweeper's is untouched
+        s3 = _DeadS3() if at == "deleting objects" else container.s3
+        with pytest.raises(Crash):
+            erase(service, container.read_pool, s3, settings.s3_bucket, user_id)
+    finally:
+        container.close()
+
+
+def _db(settings: Settings) -> psycopg.Connection[Any]:
+    return psycopg.connect(settings.effective_database_url, autocommit=True)
+
+
+def _completed(settings: Settings, user_id: uuid.UUID) -> bool:
+    with _db(settings) as conn:
+        row = conn.execute("SELECT completed_at FROM palette_erasures WHERE user_id = %s", [user_id]).fetchone()
+    return row is not None and row[0] is not None
+
+
+def _erased_in_store(settings: Settings, user_id: uuid.UUID) -> bool:
+    app = open_event_store(settings)
+    try:
+        user = app.repository.get(user_id)
+        return isinstance(user, User) and user.erased
+    finally:
+        app.close()
+
+
+class Served:
+    """A sweeper running its loop on a thread as ``palette serve sweeper`` does, counting its
+    passes and its erasure passes (the counts only observe; they change nothing)."""
+
+    def __init__(self, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sweeper = Sweeper(settings)
+        self.passes = self.erasure_passes = 0
+        step, finish = self.sweeper.step, self.sweeper.finish_erasures
+
+        def counted_step(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self.passes += 1
+
+        def counted_finish(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return finish(*args, **kwargs)
+            finally:
+                self.erasure_passes += 1
+
+        monkeypatch.setattr(self.sweeper, "step", counted_step)
+        monkeypatch.setattr(self.sweeper, "finish_erasures", counted_finish)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.sweeper.run, args=(self.stop,), daemon=True)
+
+    def __enter__(self) -> Served:
+        self.thread.start()
+        # its pass at start is behind it: what follows is what a sweeper already running sees
+        wait_until(lambda: self.passes >= 1, timeout_s=60, what="the sweeper's first pass")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+        self.sweeper.close()
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def served(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    def start(**overrides: Any) -> Served:
+        # the hourly pass as deployed; erasures looked for often and taken over soon, for the test
+        return Served(settings.model_copy(update={"sweep_interval_s": 3600.0, **overrides}), monkeypatch)
+    yield start
+
+
+@pytest.mark.parametrize("crash", ["recording Erased", "deleting objects"])
+def test_an_erasure_its_api_process_died_in_is_finished_by_the_running_sweeper_well_before_its_hourly_pass(
+        http, settings, served, crash):
+    client = Client(http)
+    create_uploaded_job(client, 2)
+    client.data("POST", "/webhooks", 201, json={"url": "http://127.0.0.1:9/h", "events": ["job.finished"]})
+    user_id = uuid.UUID(client.user_id)
+    with served(erasure_sweep_s=0.2, erasure_grace_s=1.0):
+        _crash_mid_erasure(settings, user_id, crash)
+        assert len(_objects(settings, client.user_id)) == 2 and not _completed(settings, user_id)
+        wait_until(lambda: client.call("GET", "/me").status_code == 401, timeout_s=10,
+                   what="the API to refuse the token (the client cannot retry)")
+
+        wait_until(lambda: _completed(settings, user_id), timeout_s=30,
+                   what="the running sweeper to finish the erasure")
+    assert _objects(settings, client.user_id) == set()
+    assert _erased_in_store(settings, user_id)
+    with _db(settings) as conn:
+        assert conn.execute("SELECT count(*) FROM palette_user_keys WHERE user_id = %s", [user_id]).fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM palette_webhooks.endpoints WHERE user_id = %s",
+                            [user_id]).fetchone() == (0,)
+
+
+def test_the_running_sweeper_leaves_an_erasure_younger_than_the_grace_to_the_request_performing_it(
+        http, settings, served):
+    """Two erasures cut short: one older than the grace (its tombstone written earlier), one
+    younger. The sweeper finishes the first and, passes later, has not touched the second."""
+    old, young = Client(http), Client(http)
+    for client in (old, young):
+        create_uploaded_job(client, 1)
+    with served(erasure_sweep_s=0.1, erasure_grace_s=600.0) as sweeper:
+        _crash_mid_erasure(settings, uuid.UUID(old.user_id), "deleting objects")
+        with _db(settings) as conn:  # requested before the grace: no request can still be at it
+            conn.execute("UPDATE palette_erasures SET requested_at = requested_at - interval '601 seconds' "
+                         "WHERE user_id = %s", [old.user_id])
+        _crash_mid_erasure(settings, uuid.UUID(young.user_id), "recording Erased")
+        seen = sweeper.erasure_passes
+
+        wait_until(lambda: _completed(settings, uuid.UUID(old.user_id)), timeout_s=30,
+                   what="the sweeper to finish the erasure older than the grace")
+        wait_until(lambda: sweeper.erasure_passes >= seen + 3, timeout_s=30,
+                   what="more erasure passes after both tombstones were written")
+        assert not _completed(settings, uuid.UUID(young.user_id))
+        assert len(_objects(settings, young.user_id)) == 1
+        assert not _erased_in_store(settings, uuid.UUID(young.user_id))  # Erased is the live request's to record
+    assert _objects(settings, old.user_id) == set()
+
+
+def test_two_sweepers_finishing_one_erasure_at_once_record_erased_once_and_both_complete(http, settings, caplog):
+    """No claim between sweepers (or a sweeper and ``palette admin sweep``): finishing is
+    idempotent, so both may take the same erasure and neither fails nor records it twice."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = Client(http)
+    create_uploaded_job(client, 2)
+    user_id = uuid.UUID(client.user_id)
+    _crash_mid_erasure(settings, user_id, "recording Erased")
+    sweepers = [Sweeper(settings) for _ in range(2)]
+    try:
+        ready = threading.Barrier(2)
+
+        def finish(sweeper: Sweeper) -> int:
+            ready.wait()
+            return sweeper.finish_erasures(0.0)
+
+        with ThreadPoolExecutor(2) as threads:
+            finished = list(threads.map(finish, sweepers))
+    finally:
+        for sweeper in sweepers:
+            sweeper.close()
+    assert all(n >= 1 for n in finished)
+    assert not [r for r in caplog.records if str(user_id) in r.getMessage() and "could not finish" in r.getMessage()]
+    assert _completed(settings, user_id) and _objects(settings, client.user_id) == set()
+    app = open_event_store(settings)
+    try:
+        topics = [e.topic for e in app.recorder.select_events(user_id)]
+    finally:
+        app.close()
+    assert sum(t.endswith(".Erased") for t in topics) == 1
