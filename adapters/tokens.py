@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta
 from uuid import UUID
 
@@ -31,6 +32,13 @@ class TokenIssuer:
         }
         return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
 
+    def lifetime_s(self, role: str) -> int:
+        """How long after its issue a token of ``role`` is accepted, whatever its ``exp`` says: no
+        longer than this server mints them. A token cannot be revoked but by rotating the secret,
+        and erased users' tokens are refused for as long as a client's lives; a lower
+        PALETTE_JWT_TTL_S shortens the tokens already out, it does not refuse them at once."""
+        return self.ttl_s if role == "client" else STAFF_TTL_MAX_S
+
     def verify(self, token: str) -> tuple[UUID, str]:
         """The token's user id and role; raises TokenInvalid."""
         try:
@@ -40,9 +48,7 @@ class TokenIssuer:
                 options={"require": ["sub", "exp", "iat", "iss", "aud"]},
             )
             role = str(claims.get("role", "client"))
-            # No longer than this server mints: a token cannot be revoked but by rotating the secret,
-            # and erased users' tokens are refused for as long as a client token lives.
-            if int(claims["exp"]) - int(claims["iat"]) > (self.ttl_s if role == "client" else STAFF_TTL_MAX_S):
+            if time.time() > int(claims["iat"]) + self.lifetime_s(role) + LEEWAY_S:
                 raise TokenInvalid("lifetime")
             return UUID(str(claims["sub"])), role
         except (jwt.PyJWTError, ValueError, TypeError) as e:

@@ -24,12 +24,13 @@ bearer = HTTPBearer(auto_error=False)
 VERIFIED_TOKENS = 50_000  # tokens remembered once verified (~300 bytes each)
 
 
-def _expiry(token: str) -> float | None:
-    """The ``exp`` claim of a token whose signature was verified; None if it cannot be read."""
+def _expiry(token: str, tokens: TokenIssuer) -> float | None:
+    """When a token whose signature was verified stops being accepted: its ``exp``, or its issue
+    plus the longest the issuer accepts (``TokenIssuer.lifetime_s``); None if it cannot be read."""
     try:
         payload = token.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        return float(claims["exp"])
+        return min(float(claims["exp"]), float(claims["iat"]) + tokens.lifetime_s(str(claims.get("role", "client"))))
     except (IndexError, ValueError, KeyError, TypeError, binascii.Error):
         return None
 
@@ -53,7 +54,7 @@ class VerifiedTokens:
             return seen[0], seen[1]
         self._seen.pop(token, None)
         subject, role = self.tokens.verify(token)
-        expiry = _expiry(token)
+        expiry = _expiry(token, self.tokens)
         if expiry is not None:
             self._seen[token] = (subject, role, expiry)
             if len(self._seen) > self.size:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import jwt
 import pytest
 
 from adapters.settings import SettingsError, load_settings
-from adapters.tokens import TokenInvalid, TokenIssuer
+from adapters.tokens import LEEWAY_S, TokenInvalid, TokenIssuer
 from domain.contracts.callback import sign_callback, verify_callback
 
 SECRET = "s" * 48
@@ -66,15 +66,16 @@ def test_bad_claims_are_refused(mutate):
         issuer().verify(token)
 
 
-@pytest.mark.parametrize(("role", "lifetime", "accepted"), [
-    ("client", 3600, True), ("client", 3601, False),
-    ("analyst", 30 * 86400, True), ("auditor", 30 * 86400 + 1, False), ("auditor", 100 * 365 * 86400, False),
+@pytest.mark.parametrize(("role", "age", "accepted"), [
+    ("client", 3600, True), ("client", 3600 + LEEWAY_S + 2, False),
+    ("analyst", 30 * 86400, True), ("auditor", 30 * 86400 + LEEWAY_S + 2, False),
 ])
-def test_a_token_living_longer_than_this_server_mints_is_refused(role, lifetime, accepted):
-    """Signed with the secret all the same (an old configuration, a hand-made token): a token
-    cannot be revoked but by rotating the secret, and erased users' tokens are refused for as
-    long as a client's token lives."""
-    claims = {"sub": str(uuid4()), "iat": int(NOW.timestamp()), "exp": int(NOW.timestamp()) + lifetime,
+def test_a_token_older_than_this_server_mints_them_is_refused_whatever_its_exp(role, age, accepted):
+    """Signed with the secret all the same (an old configuration, a hand-made 100-year token): a
+    token cannot be revoked but by rotating the secret, and erased users' tokens are refused for as
+    long as a client's lives. Counted from its issue, so a lower TTL shortens the tokens out."""
+    now = int(time.time())
+    claims = {"sub": str(uuid4()), "iat": now - age, "exp": now + 100 * 365 * 86400,
               "iss": "palette", "aud": "palette-app", "role": role}
     token = jwt.encode(claims, SECRET, algorithm="HS256")
     if accepted:
@@ -82,6 +83,32 @@ def test_a_token_living_longer_than_this_server_mints_is_refused(role, lifetime,
     else:
         with pytest.raises(TokenInvalid):
             issuer().verify(token)
+
+
+def test_a_remembered_token_is_verified_again_once_older_than_this_server_mints_them():
+    """Remembered until its exp, a 100-year token would pass unchecked for a century."""
+    from adapters.api.deps import VerifiedTokens
+
+    class Counting(TokenIssuer):
+        calls = 0
+
+        def verify(self, token: str) -> tuple[UUID, str]:
+            self.calls += 1
+            return super().verify(token)
+
+    counting = Counting(SECRET, "palette", "palette-app", 3600)
+    now = [time.time()]
+    remembered = VerifiedTokens(counting, clock=lambda: now[0])
+    iat = int(now[0]) - 100
+    token = jwt.encode({"sub": str(uuid4()), "iat": iat, "exp": iat + 100 * 365 * 86400, "iss": "palette",
+                        "aud": "palette-app"}, SECRET, algorithm="HS256")
+    remembered.verify(token)
+    now[0] = iat + 3600 + LEEWAY_S - 1
+    remembered.verify(token)
+    assert counting.calls == 1  # remembered within the hour it may live
+    now[0] = iat + 3600 + LEEWAY_S + 1
+    remembered.verify(token)  # (the issuer reads the real clock: still young there)
+    assert counting.calls == 2  # past it: verified anew
 
 
 def test_alg_none_and_wrong_key_and_tampering_are_refused():
