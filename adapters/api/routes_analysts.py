@@ -6,7 +6,7 @@ Tokens with role ``analyst`` or ``auditor`` are minted by ``palette token``. A c
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
@@ -22,7 +22,6 @@ from adapters.api.rate_limit import RateLimited
 from adapters.api.schemas import Envelope
 from adapters.api.streams import SlotStream, StreamSlots
 from adapters.bootstrap import Container
-from domain.contracts.envelope import EventEnvelope
 from projections import audit
 from projections.replay import Replayer, as_jsonl
 
@@ -86,46 +85,55 @@ def _aware(**moments: datetime | None) -> None:
         raise ApiError("VALIDATION_FAILED", f"{' and '.join(naive)} must carry their UTC offset")
 
 
-def _stream(request: Request, role: str, lines: Iterator[bytes]) -> StreamingResponse:
-    """``lines`` as NDJSON in one of this process's staff stream slots, given back however the
-    stream ends (each holds a page of the log while its client reads)."""
+async def _replay(request: Request, lines: Callable[[], Awaitable[Iterator[bytes]]]) -> StreamingResponse:
+    """The NDJSON answer of ``lines`` in one of this process's replay slots, taken before any of
+    its work (reading the tombstones, finding its first position, a stream's events) and given
+    back however the replay ends; each holds a page of the log while its client reads."""
     state = request.app.state
     slots: StreamSlots | None = getattr(state, "staff_stream_slots", None)
     if slots is None:  # no await since the check: no other request can interleave
         slots = state.staff_stream_slots = StreamSlots(per_user=STAFF_STREAMS, total=STAFF_STREAMS)
-    return SlotStream(lines, slots.take(role), media_type="application/x-ndjson")
+    give_back = slots.take("staff")
+    try:
+        return SlotStream(await lines(), give_back, media_type="application/x-ndjson")
+    except BaseException:
+        give_back()
+        raise
 
 
 @router.get("/streams", tags=["analysts"], responses={**NDJSON, **STAFF_STREAM_ERRORS})
-async def replay_all(role: Analyst, container: ContainerDep, request: Request,
+async def replay_all(_: Analyst, container: ContainerDep, request: Request,
                      from_position: Annotated[int, Query(alias="from", ge=1)] = 1,
                      since: datetime | None = None, until: datetime | None = None,
                      type: Annotated[list[str] | None, Query()] = None) -> StreamingResponse:
     """The global log in commit order as envelope JSON lines. At most STAFF_STREAMS replays at
     once in an API process, one more is a 429."""
     _aware(since=since, until=until)
-    replayer = await run_in_threadpool(_replayer, container)
-    try:
-        if since is None and until is None:
-            lines = replayer.all_jsonl(from_position, type)
-        else:  # its first position found by a binary search over the log: on a thread
-            lines = as_jsonl(await run_in_threadpool(replayer.all, from_position, since, until, type))
-    except ValueError as e:
-        raise ApiError("VALIDATION_FAILED", str(e)) from None
-    return _stream(request, role, lines)
+
+    async def lines() -> Iterator[bytes]:
+        replayer = await run_in_threadpool(_replayer, container)
+        try:
+            if since is None and until is None:
+                return replayer.all_jsonl(from_position, type)
+            # its first position found by a binary search over the log: on a thread
+            return as_jsonl(await run_in_threadpool(replayer.all, from_position, since, until, type))
+        except ValueError as e:
+            raise ApiError("VALIDATION_FAILED", str(e)) from None
+
+    return await _replay(request, lines)
 
 
 @router.get("/streams/{stream_id}/events", tags=["analysts"], responses={**NDJSON, **STAFF_STREAM_ERRORS})
-async def replay_stream(stream_id: UUID, role: Analyst, container: ContainerDep,
+async def replay_stream(stream_id: UUID, _: Analyst, container: ContainerDep,
                         request: Request) -> StreamingResponse:
     """One stream's events in version order as envelope JSON lines (404: no such stream)."""
-    def read() -> Iterator[EventEnvelope]:
+    def read() -> Iterator[bytes]:
         try:
-            return _replayer(container).existing_stream(stream_id)
+            return as_jsonl(_replayer(container).existing_stream(stream_id))
         except LookupError as e:
             raise ApiError("NOT_FOUND", str(e.args[0])) from None
 
-    return _stream(request, role, as_jsonl(await run_in_threadpool(read)))
+    return await _replay(request, lambda: run_in_threadpool(read))
 
 
 @router.get("/streams/{stream_id}/state", tags=["analysts"], response_model=Envelope[dict[str, Any]],

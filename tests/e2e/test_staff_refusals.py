@@ -49,14 +49,16 @@ def test_replays_past_the_processs_slots_are_told_to_wait_and_a_finished_one_giv
         analyst = staff_headers(settings, "analyst")
         with TestClient(app) as api:
             slots = app.state.staff_stream_slots = StreamSlots(per_user=STAFF_STREAMS, total=STAFF_STREAMS)
-            held = [slots.take("analyst") for _ in range(STAFF_STREAMS)]  # clients still reading
-            for path in ("/streams", f"/streams/{client.user_id}/events"):
+            held = [slots.take("staff") for _ in range(STAFF_STREAMS)]  # clients still reading
+            # an unknown stream too: the slot is taken before any of the replay's work
+            for path in ("/streams", f"/streams/{client.user_id}/events", f"/streams/{uuid4()}/events"):
                 r = api.get(path, headers=analyst)
                 assert r.status_code == 429 and r.json()["error"]["code"] == "RATE_LIMITED", (path, r.text)
                 assert int(r.headers["Retry-After"]) >= 1
             held.pop()()  # one ends
             r = api.get("/streams", headers=analyst)
             assert r.status_code == 200 and r.text.count("\n") >= 1
-            assert slots.open_streams("analyst") == STAFF_STREAMS - 1  # the finished one's slot is back
+            assert api.get(f"/streams/{uuid4()}/events", headers=analyst).status_code == 404
+            assert slots.open_streams("staff") == STAFF_STREAMS - 1  # the finished one's and the 404's back
     finally:
         container.close()
