@@ -73,12 +73,12 @@ def _store_tables_exist(settings: Settings, schema: str) -> bool:
 
 def open_event_store(settings: Settings, pool_size: int = 8, schema: str = "") -> PaletteApplication:
     """The event store application. Processes that start together each create the tables if
-    missing; concurrent DDL on PostgreSQL's catalog can fail with "tuple concurrently updated"
-    or a duplicate key in ``pg_type``, which a short retry settles (the other process has created
-    them by then)."""
+    missing; concurrent DDL on PostgreSQL's catalog can fail with "tuple concurrently updated",
+    a duplicate key in ``pg_type`` or a table or index that "already exists", which a short retry
+    settles (the other process has created them by then)."""
     import time
 
-    from eventsourcing.persistence import IntegrityError, InternalError
+    from eventsourcing.persistence import IntegrityError, InternalError, ProgrammingError
 
     for attempt in range(5):
         try:
@@ -94,7 +94,7 @@ def open_event_store(settings: Settings, pool_size: int = 8, schema: str = "") -
                 app.close()
                 raise
             return app
-        except (InternalError, IntegrityError):
+        except (InternalError, IntegrityError, ProgrammingError):
             if attempt == 4:
                 raise
             time.sleep(0.2 * (attempt + 1))

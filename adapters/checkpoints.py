@@ -242,11 +242,10 @@ class Checkpointer:
         """Sign and keep a checkpoint, unless the log has not moved since the last one."""
         import psycopg
 
-        from adapters.bootstrap import event_store_env
+        from adapters.bootstrap import open_event_store
         from adapters.system import SystemClock
-        from application.services import PaletteApplication
 
-        app = PaletteApplication(env=event_store_env(self.settings, pool_size=1))
+        app = open_event_store(self.settings, pool_size=1)
         try:
             with psycopg.connect(self.settings.effective_database_url, autocommit=True) as conn:
                 doc = take(conn, app.recorder, self.key, SystemClock().now())
