@@ -308,7 +308,8 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
         user_id, job_id, id_for_key(user_id, f"rerun:{job_id}", idempotency_key)))
     new_id = committed.value
     _remember(container, user_id, new_id, committed)
-    if (await service.get_job_async(user_id, new_id)).status == JobStatus.CREATED:  # never over a confirmed one
+    # The command handed back only a job waiting for its photos; one confirmed since is not copied over.
+    if (await service.get_job_async(user_id, new_id)).status == JobStatus.CREATED:
         try:
             await run_in_threadpool(_copy_objects, container, _rerun_copies(user_id, job_id, new_id, source, present))
         except SourceGone:  # the source deleted meanwhile (DELETE /jobs, or its retention): the new job cannot run
