@@ -507,7 +507,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
     settings = _settings()
     try:
-        result = run(args.sql, args.data, None if args.no_db else settings.effective_database_url, args.limit)
+        result = run(args.sql, args.data, None if args.no_db else settings.effective_database_url, args.limit,
+                     args.timeout)
     except QueryError as e:
         print(f"palette query: {e}", file=sys.stderr)
         return 2
@@ -931,6 +932,8 @@ def parser() -> argparse.ArgumentParser:
     qry.add_argument("--format", choices=("table", "csv", "json"), default="table")
     qry.add_argument("--limit", type=_row_limit, default=1000, help="at most this many rows (default 1000)")
     qry.add_argument("--no-db", action="store_true", help="never connect to PostgreSQL")
+    qry.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="interrupt the query after this long (default 300; 0: no limit)")
     qry.set_defaults(func=_cmd_query)
 
     bench = sub.add_parser("bench", help="measure every performance goal against a naive baseline "

@@ -8,15 +8,22 @@ export is loaded from PostgreSQL through psycopg in one read-only, repeatable-re
 (DuckDB's postgres extension would be downloaded at runtime; this path needs nothing).
 
 Only one SELECT runs, in an in-memory database whose file access is then confined to DIR and
-locked: no statement of it writes anywhere, and a refused or failing query is one line.
+locked: no statement of it writes anywhere, and a refused or failing query is one line. The
+SELECT runs on a worker thread while the main thread waits for it with a deadline: past its
+timeout, or at Ctrl-C (which reaches the waiting main thread as KeyboardInterrupt, and so the
+CLI's quiet exit 130), DuckDB's ``interrupt()`` stops it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import math
 import re
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +32,15 @@ from typing import Any
 import duckdb
 import psycopg
 
-from projections.parquet import read_table, redacted
+from projections.parquet import is_staging, read_table, redacted
 
 READ_MODELS = ("users", "rules", "jobs_log", "job_items_log", "billing_events", "billing_heads")
 DEFAULT_LIMIT = 1000
+DEFAULT_TIMEOUT_S = 300.0
+WAKE_S = 0.1  # the waiting main thread wakes this often, so a Ctrl-C sent to another thread still counts
+# What DuckDB's Python binding raises (a RuntimeError) when it finds a SIGINT pending on the main
+# thread: the KeyboardInterrupt itself is spent by then. (It misses some: hence the worker thread.)
+DUCKDB_CTRL_C = "Query interrupted"
 
 
 class QueryError(ValueError):
@@ -51,24 +63,28 @@ def _ident(name: str) -> str:
 
 
 def _views(con: duckdb.DuckDBPyConnection, data: Path) -> set[str]:
-    """Views over the Parquet files under ``data``; the names made."""
+    """Views over the Parquet files under ``data``; the names made. Only ``type=<Event>/`` and
+    ``<model>/`` folders count (an export's hidden staging folder never does); a folder DuckDB
+    cannot read as Parquet (empty, or holding a file that is not Parquet) is refused in one line."""
     made: set[str] = set()
+
+    def view(name: str, select: str) -> None:
+        try:
+            con.execute(f"CREATE VIEW {_ident(name)} AS {select}")
+        except duckdb.Error as e:
+            raise QueryError(f"--data {data}: view {name}: {_first_line(e)}") from None
+        made.add(name)
+
     types_ = sorted(p.name.split("=", 1)[1] for p in data.glob("type=*") if p.is_dir())
     for name in types_:
         files = _quoted(data / f"type={name}" / "*" / "*.parquet")
-        con.execute(f"CREATE VIEW {_ident(name)} AS SELECT * FROM read_parquet({files}, "  # noqa: S608 - quoted
-                    "hive_partitioning = true)")
-        made.add(name)
+        view(name, f"SELECT * FROM read_parquet({files}, hive_partitioning = true)")  # noqa: S608 - quoted
     if types_:
         files = _quoted(data / "type=*" / "*" / "*.parquet")
-        con.execute(f"CREATE VIEW events AS SELECT * FROM read_parquet({files}, hive_partitioning = true, "  # noqa: S608
-                    "union_by_name = true)")
-        made.add("events")
+        view("events", f"SELECT * FROM read_parquet({files}, hive_partitioning = true, union_by_name = true)")  # noqa: S608
     for model in READ_MODELS:
         if (data / model).is_dir():
-            files = _quoted(data / model / "*.parquet")
-            con.execute(f"CREATE VIEW {model} AS SELECT * FROM read_parquet({files})")  # noqa: S608 - a fixed name
-            made.add(model)
+            view(model, f"SELECT * FROM read_parquet({_quoted(data / model / '*.parquet')})")  # noqa: S608
     return made
 
 
@@ -110,10 +126,63 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def run(query: str, data: Path | None, database_url: str | None, limit: int = DEFAULT_LIMIT) -> Result:
-    """One SELECT over the views of ``data`` and the read models it names, at most ``limit`` rows."""
+def _select(con: duckdb.DuckDBPyConnection, query: str, limit: int,
+            timeout: float) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The query's columns and first ``limit + 1`` rows. It runs on a worker thread: DuckDB's own
+    check for Ctrl-C, on the main thread, misses some, while a main thread waiting in Python gets
+    every one as KeyboardInterrupt; that, or the deadline passing, interrupts the query."""
+    done: dict[str, Any] = {}
+    # An Event, not Thread.join: a join that Ctrl-C interrupts marks the thread stopped while it
+    # still runs (CPython gh-90882), and the connection would be closed under it.
+    finished = threading.Event()
+
+    def work() -> None:
+        try:
+            cur = con.execute(query)
+            done["result"] = ([d[0] for d in cur.description or []], cur.fetchmany(limit + 1))
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            done["error"] = e
+        finally:
+            finished.set()
+
+    def stop() -> None:
+        con.interrupt()
+        while True:
+            with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: already stopping
+                finished.wait()
+                return
+
+    deadline = time.monotonic() + timeout if timeout else math.inf
+    timed_out = False
+    threading.Thread(target=work, name="palette-query", daemon=True).start()
+    try:
+        while not finished.wait(WAKE_S):
+            if time.monotonic() >= deadline:
+                timed_out = True
+                stop()
+    except KeyboardInterrupt:
+        stop()
+        raise
+    if "result" in done:
+        result: tuple[list[str], list[tuple[Any, ...]]] = done["result"]
+        return result
+    if timed_out:
+        raise QueryError(f"the query ran past its timeout of {timeout:g} s (--timeout SECONDS; 0: none)")
+    if isinstance(done["error"], duckdb.Error):
+        raise QueryError(_first_line(done["error"]))
+    raise done["error"]
+
+
+def run(query: str, data: Path | None, database_url: str | None, limit: int = DEFAULT_LIMIT,
+        timeout: float = DEFAULT_TIMEOUT_S) -> Result:
+    """One SELECT over the views of ``data`` and the read models it names, at most ``limit`` rows,
+    interrupted once it has run ``timeout`` seconds (0: never)."""
+    if not (math.isfinite(timeout) and timeout >= 0):
+        raise QueryError(f"--timeout must be a number of seconds, 0 or more (0: none), not {timeout}")
     if data is not None and not data.is_dir():
         raise QueryError(f"--data {data}: no such directory")
+    if data is not None and is_staging(data):
+        raise QueryError(f"--data {data}: an export that never finished (interrupted or crashed); remove it")
     con = duckdb.connect(":memory:")
     try:
         _one_select(con, query)
@@ -125,12 +194,11 @@ def run(query: str, data: Path | None, database_url: str | None, limit: int = DE
         con.execute(f"SET allowed_directories = [{_quoted(data) if data is not None else ''}]")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
-        try:
-            cur = con.execute(query)
-            columns = [d[0] for d in cur.description or []]
-            rows = cur.fetchmany(limit + 1)
-        except duckdb.Error as e:
-            raise QueryError(_first_line(e)) from None
+        columns, rows = _select(con, query, limit, timeout)
+    except RuntimeError as e:
+        if str(e) == DUCKDB_CTRL_C:  # a Ctrl-C while the views were made
+            raise KeyboardInterrupt from None
+        raise
     finally:
         con.close()
     return Result(columns, rows[:limit], len(rows) > limit)

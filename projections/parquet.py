@@ -10,11 +10,19 @@ text, ``dict`` fields JSON text, ``list`` fields lists.
 Written streaming with bounded memory: a page of the log at a time is parsed (plain-JSON states
 by Arrow's JSON reader; the rest, and events that need upcasting, through the envelope codec),
 buffered per partition and flushed as row groups; at most ``MAX_OPEN`` files are open at once.
+
+An export is written into a hidden staging folder (``.<name>.partial-<random>`` beside its place,
+or ``.partial-<random>`` inside an existing --out) and moved into place once complete; one that
+fails or is interrupted removes it. A reader therefore sees a whole export or none, and a staging
+folder a crash left behind is no dataset.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import shutil
 import types
 import typing
 from collections import OrderedDict
@@ -26,7 +34,7 @@ from decimal import Decimal
 from functools import cache
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -51,6 +59,7 @@ GROUP_ROWS = 128 * 1024  # rows per row group (a partition's buffer is flushed a
 BUFFERED_ROWS = 256 * 1024  # all partitions' buffers together; the largest is flushed beyond it
 MAX_OPEN = 32  # open files; the least recently written is closed (a later batch opens a new part)
 TIME_SLACK_S = 5.0  # timestamps come from the command: commit order may differ by this much
+STAGING = ".partial-"  # in the name of an export still being written (or cut short by a crash)
 
 
 class ExportError(ValueError):
@@ -339,6 +348,12 @@ class PartitionedWriter:
         self.partitions[key].writer = None
         self.open.pop(key, None)
 
+    def abandon(self) -> None:
+        """Close the open files without flushing what is buffered: the export is being discarded."""
+        for key in list(self.open):
+            with contextlib.suppress(Exception):
+                self._close(key)
+
     def close(self) -> DatasetStats:
         for key in list(self.partitions):
             self._flush(key)
@@ -357,33 +372,86 @@ def check_out_dir(out: Path, name: str) -> None:
         raise ExportError(f"{out} already holds {taken[0]}: remove it or choose another --out")
 
 
+def is_staging(path: Path) -> bool:
+    """Whether ``path`` is an export's staging folder: unfinished, never data."""
+    return path.name.startswith(".") and STAGING in path.name
+
+
+@contextlib.contextmanager
+def _staged(final: Path) -> Iterator[Path]:
+    """A hidden folder to write an export into: put in ``final``'s place once the block completes,
+    removed if it does not (an interrupt included). It lies beside a ``final`` that does not exist
+    yet (one rename publishes it) and inside one that does, whose entries then move in: an existing
+    folder is never replaced (it may be someone's working directory)."""
+    token = uuid4().hex[:12]
+    staging = final / f"{STAGING}{token}" if final.is_dir() else final.parent / f".{final.name}{STAGING}{token}"
+    try:
+        staging.mkdir(parents=True)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(final)) from None  # the path asked for, not ours
+    try:
+        yield staging
+        _publish(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """``staging`` renamed to ``final`` (atomic), or, where ``final`` is a folder already, its
+    entries moved into it one rename each, moved back if that is cut short, so that no part of the
+    export is left there."""
+    if staging.parent != final:
+        try:
+            staging.rename(final)
+            return
+        except OSError as e:  # ``final`` made meanwhile, and not empty
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
+                raise
+    moved: list[str] = []
+    try:
+        for entry in sorted(staging.iterdir()):
+            entry.rename(final / entry.name)
+            moved.append(entry.name)
+    except BaseException:
+        for name in moved:
+            (final / name).rename(staging / name)
+        raise
+    staging.rmdir()
+
+
 def export_log(recorder: Any, transcoder: Any, out: Path, start: int = 1, since: datetime | None = None,
                until: datetime | None = None, types_: list[str] | None = None,
                progress: Callable[[int], None] | None = None,
                erased: Container[UUID] = frozenset()) -> DatasetStats:
     """The log from position ``start`` (events of ``types_`` only, timestamps within
     [since, until]) as the partitioned dataset under ``out``; sealed fields of ``erased`` users
-    read "erased"."""
+    read "erased". Staged, and moved into ``out`` once complete (``_staged``)."""
     topics = topics_for(types_)
     check_out_dir(out, "type=*")
-    out.mkdir(parents=True, exist_ok=True)
-    writer = PartitionedWriter(out)
     stop_after = until.timestamp() + TIME_SLACK_S if until else None
     table = sql.Identifier(*(p for p in (recorder.datastore.schema, recorder.events_table_name) if p))
-    with recorder.datastore.get_connection() as conn:
-        for tables in LogPages(conn, table, topics, transcoder, start):
-            last = False
-            for name, t in tables:
-                if stop_after is not None and pc.max(t.column("timestamp")).value / 1e6 > stop_after:
-                    last = True  # the log has moved past ``until`` (with slack): this is the last page
-                t = redacted(_between(t, since, until), erased)
-                if t.num_rows:
-                    writer.add(name, t)
-            if progress:
-                progress(writer.stats.events)
-            if last:
-                break
-    return writer.close()
+    with _staged(out) as staging:
+        writer = PartitionedWriter(staging)
+        try:
+            with recorder.datastore.get_connection() as conn:
+                for tables in LogPages(conn, table, topics, transcoder, start):
+                    last = False
+                    for name, t in tables:
+                        if stop_after is not None and pc.max(t.column("timestamp")).value / 1e6 > stop_after:
+                            last = True  # the log has moved past ``until`` (with slack): this is the last page
+                        t = redacted(_between(t, since, until), erased)
+                        if t.num_rows:
+                            writer.add(name, t)
+                    if progress:
+                        progress(writer.stats.events)
+                    if last:
+                        break
+        except BaseException:
+            writer.abandon()
+            raise
+        stats = writer.close()
+    return stats
 
 
 def _between(table: pa.Table, since: datetime | None, until: datetime | None) -> pa.Table:
@@ -448,22 +516,22 @@ def read_table(conn: Any, name: str, batch: int = 50_000) -> Iterator[pa.Table]:
 
 def export_table(conn: Any, name: str, out: Path, erased: Container[UUID] = frozenset()) -> DatasetStats:
     """One read model as ``out/<name>/part-00000.parquet`` (one row group per batch); sealed
-    fields of ``erased`` users read "erased"."""
+    fields of ``erased`` users read "erased". Staged beside, and renamed into place once complete."""
     check_out_dir(out, name)
-    folder = out / name
-    folder.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     stats = DatasetStats(files=1)
-    path = folder / "part-00000.parquet"
-    writer: pq.ParquetWriter | None = None
-    try:
-        for batch in read_table(conn, name):
-            t = redacted(batch, erased)
-            writer = writer or pq.ParquetWriter(path, t.schema, compression="zstd")
-            if t.num_rows or not stats.events:
-                writer.write_table(t)
-            stats.events += t.num_rows
-    finally:
-        if writer is not None:
-            writer.close()
-    stats.bytes = path.stat().st_size
+    with _staged(out / name) as folder:
+        path = folder / "part-00000.parquet"
+        writer: pq.ParquetWriter | None = None
+        try:
+            for batch in read_table(conn, name):
+                t = redacted(batch, erased)
+                writer = writer or pq.ParquetWriter(path, t.schema, compression="zstd")
+                if t.num_rows or not stats.events:
+                    writer.write_table(t)
+                stats.events += t.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        stats.bytes = path.stat().st_size
     return stats
