@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import itertools
 import logging
 import os
 import re
@@ -19,6 +18,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from adapters.settings import Settings, SettingsError, load_settings
+from adapters.tokens import STAFF_TTL_MAX_S
 from infra.supervisor import StackError
 
 APP_PROCESSES = ("api", "relay", "projector", "dispatcher", "gpu", "webhooks")
@@ -234,10 +234,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _event_store(settings: object) -> object:
-    from adapters.bootstrap import event_store_env
-    from application.services import PaletteApplication
+    from adapters.bootstrap import open_event_store
 
-    return PaletteApplication(env=event_store_env(settings, pool_size=2))  # type: ignore[arg-type]
+    return open_event_store(settings, pool_size=2)  # type: ignore[arg-type]
 
 
 def _cmd_projections(args: argparse.Namespace) -> int:
@@ -357,29 +356,19 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     out = sys.stdout
     try:
         if args.action == "state":
-            try:
+            try:  # no such stream, none of its events by then, or not that many versions
                 state = replayer.state(args.id, version=args.version, as_of=args.as_of)
             except LookupError as e:
                 print(f"palette replay state: {e.args[0]}", file=sys.stderr)
                 return 2
-            except Exception as e:
-                if type(e).__name__ == "AggregateNotFoundError":
-                    print(f"palette replay state: no stream {args.id}", file=sys.stderr)
-                    return 2
-                raise
-            if args.version is not None and state["version"] < args.version:
-                print(f"palette replay state: stream {args.id} has only {state['version']} version(s)",
-                      file=sys.stderr)
-                return 2
             print(json.dumps(state, indent=2))
             return 0
         if args.action == "stream":
-            envelopes = replayer.stream(args.id)
-            first = next(envelopes, None)
-            if first is None:
-                print(f"palette replay stream: no stream {args.id}", file=sys.stderr)
+            try:
+                envelopes = replayer.existing_stream(args.id)
+            except LookupError as e:
+                print(f"palette replay stream: {e.args[0]}", file=sys.stderr)
                 return 2
-            envelopes = itertools.chain([first], envelopes)
         elif args.format == "parquet":
             return _replay_parquet(args, app, replayer)
         else:
@@ -782,8 +771,8 @@ def _duration(value: str) -> int:
         seconds = int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value)
     except (ValueError, IndexError):
         raise argparse.ArgumentTypeError(f"not a duration like 30m, 1h, 7d: {value!r}") from None
-    if not 60 <= seconds <= 30 * 86400:
-        raise argparse.ArgumentTypeError("ttl must be between 1m and 30d")
+    if not 60 <= seconds <= STAFF_TTL_MAX_S:
+        raise argparse.ArgumentTypeError(f"ttl must be between 1m and {STAFF_TTL_MAX_S // 86400}d")
     return seconds
 
 
