@@ -71,11 +71,13 @@ def _store_tables_exist(settings: Settings, schema: str) -> bool:
     return row is not None and bool(row[0])
 
 
-def open_event_store(settings: Settings, pool_size: int = 8, schema: str = "") -> PaletteApplication:
+def open_event_store(settings: Settings, pool_size: int = 8, schema: str = "",
+                     saves: bool = True) -> PaletteApplication:
     """The event store application. Processes that start together each create the tables if
     missing; concurrent DDL on PostgreSQL's catalog can fail with "tuple concurrently updated",
     a duplicate key in ``pg_type`` or a table or index that "already exists", which a short retry
-    settles (the other process has created them by then)."""
+    settles (the other process has created them by then). ``saves``: False for a reader (the
+    CLI's commands, the checkpointer), which then runs no DDL on a store already made."""
     import time
 
     from eventsourcing.persistence import IntegrityError, InternalError, ProgrammingError
@@ -89,7 +91,8 @@ def open_event_store(settings: Settings, pool_size: int = 8, schema: str = "") -
             try:
                 if missing:
                     _create_store_tables(app)
-                insert_in_one_round_trip(app)
+                if saves:
+                    insert_in_one_round_trip(app)
             except BaseException:
                 app.close()
                 raise

@@ -245,7 +245,7 @@ class Checkpointer:
         from adapters.bootstrap import open_event_store
         from adapters.system import SystemClock
 
-        app = open_event_store(self.settings, pool_size=1)
+        app = open_event_store(self.settings, pool_size=1, saves=False)
         try:
             with psycopg.connect(self.settings.effective_database_url, autocommit=True) as conn:
                 doc = take(conn, app.recorder, self.key, SystemClock().now())

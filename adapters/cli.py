@@ -236,7 +236,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _event_store(settings: object) -> object:
     from adapters.bootstrap import open_event_store
 
-    return open_event_store(settings, pool_size=2)  # type: ignore[arg-type]
+    return open_event_store(settings, pool_size=2, saves=False)  # type: ignore[arg-type]
 
 
 def _cmd_projections(args: argparse.Namespace) -> int:

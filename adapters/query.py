@@ -146,22 +146,25 @@ def _select(con: duckdb.DuckDBPyConnection, query: str, limit: int,
             finished.set()
 
     def stop() -> None:
-        con.interrupt()
+        # Again at each wake: DuckDB drops an interrupt that comes before its query has started.
         while True:
             with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: already stopping
-                finished.wait()
-                return
+                con.interrupt()
+                if finished.wait(WAKE_S):
+                    return
 
     deadline = time.monotonic() + timeout if timeout else math.inf
     timed_out = False
-    threading.Thread(target=work, name="palette-query", daemon=True).start()
+    worker = threading.Thread(target=work, name="palette-query", daemon=True)
     try:
+        worker.start()
         while not finished.wait(WAKE_S):
             if time.monotonic() >= deadline:
                 timed_out = True
                 stop()
     except KeyboardInterrupt:
-        stop()
+        if worker.ident is not None:  # started: stopped before the connection is closed under it
+            stop()
         raise
     if "result" in done:
         result: tuple[list[str], list[tuple[Any, ...]]] = done["result"]

@@ -13,8 +13,9 @@ buffered per partition and flushed as row groups; at most ``MAX_OPEN`` files are
 
 An export is written into a hidden staging folder (``.<name>.partial-<random>`` beside its place,
 or ``.partial-<random>`` inside an existing --out) and moved into place once complete; one that
-fails or is interrupted removes it. A reader therefore sees a whole export or none, and a staging
-folder a crash left behind is no dataset.
+fails or is interrupted removes it. An export into a new --out appears whole in one rename; into
+an existing one, its folders move in one rename each (moved back if that is cut short), so a
+reader at that moment may see some of them. A staging folder a crash left behind is no dataset.
 """
 
 from __future__ import annotations
@@ -381,8 +382,9 @@ def is_staging(path: Path) -> bool:
 def _staged(final: Path) -> Iterator[Path]:
     """A hidden folder to write an export into: put in ``final``'s place once the block completes,
     removed if it does not (an interrupt included). It lies beside a ``final`` that does not exist
-    yet (one rename publishes it) and inside one that does, whose entries then move in: an existing
-    folder is never replaced (it may be someone's working directory)."""
+    yet (one rename publishes it) and inside one that does, whose entries then move in: a folder
+    there when the export starts is never replaced (it may be someone's working directory; one made
+    empty while the export runs is, by the rename)."""
     token = uuid4().hex[:12]
     staging = final / f"{STAGING}{token}" if final.is_dir() else final.parent / f".{final.name}{STAGING}{token}"
     try:

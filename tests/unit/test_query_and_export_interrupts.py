@@ -129,6 +129,33 @@ def test_a_query_past_its_timeout_is_interrupted_in_one_line(palette_env: None,
         run("SELECT 1", None, None, timeout=-1)
 
 
+def test_an_interrupt_duckdb_drops_is_sent_again_until_the_query_stops() -> None:
+    """DuckDB drops an interrupt that comes before its query has started: sent once, the timeout
+    (or a Ctrl-C) in that window left the query running, and nothing asked again."""
+    from adapters.query import _select
+
+    class DropsTheFirst:
+        def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+            self.con, self.interrupts = con, 0
+
+        def execute(self, query: str) -> Any:
+            return self.con.execute(query)
+
+        def interrupt(self) -> None:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                self.con.interrupt()
+
+    con = duckdb.connect(":memory:")
+    try:
+        dropping = DropsTheFirst(con)
+        with _rescued([con], after_s=20), pytest.raises(QueryError, match="timeout"):
+            _select(dropping, ENDLESS, 10, timeout=0.2)  # type: ignore[arg-type]
+        assert dropping.interrupts >= 2
+    finally:
+        con.close()
+
+
 # -- --data folders DuckDB cannot read ---------------------------------------------------------
 
 def _write(path: Path, content: bytes) -> None:
