@@ -8,7 +8,7 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, TypeVar
 from uuid import UUID
 
 from fastapi import Depends, Request
@@ -60,6 +60,21 @@ class VerifiedTokens:
             if len(self._seen) > self.size:
                 self._seen.popitem(last=False)
         return subject, role
+
+
+T = TypeVar("T")
+
+
+def made_once(request: Request, name: str, make: Callable[[], T]) -> T:
+    """The app's ``name`` (in ``app.state``), made by ``make`` on first use: a rate limit, slots,
+    threads, a route needs only once it is asked for. Nothing awaits between the look and the set,
+    so no other request interleaves."""
+    state = request.app.state
+    found: T | None = getattr(state, name, None)
+    if found is None:
+        found = make()
+        setattr(state, name, found)
+    return found
 
 
 # Dependencies are `async def`: they never block, and FastAPI would run plain `def` ones in a

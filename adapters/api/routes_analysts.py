@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
-from adapters.api.deps import ContainerDep, bearer, verified
+from adapters.api.deps import ContainerDep, bearer, made_once, verified
 from adapters.api.envelope import ApiError, ok
 from adapters.api.rate_limit import RateLimited
 from adapters.api.schemas import Envelope
@@ -89,11 +89,7 @@ async def _replay(request: Request, lines: Callable[[], Awaitable[Iterator[bytes
     """The NDJSON answer of ``lines`` in one of this process's replay slots, taken before any of
     its work (reading the tombstones, finding its first position, a stream's events) and given
     back however the replay ends; each holds a page of the log while its client reads."""
-    state = request.app.state
-    slots: StreamSlots | None = getattr(state, "staff_stream_slots", None)
-    if slots is None:  # no await since the check: no other request can interleave
-        slots = state.staff_stream_slots = StreamSlots(per_user=STAFF_STREAMS, total=STAFF_STREAMS)
-    give_back = slots.take("staff")
+    give_back = made_once(request, "staff_stream_slots", lambda: StreamSlots(per_user=STAFF_STREAMS)).take("staff")
     try:
         return SlotStream(await lines(), give_back, media_type="application/x-ndjson")
     except BaseException:

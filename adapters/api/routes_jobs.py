@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
+from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep, made_once
 from adapters.api.envelope import ApiError, ok
 from adapters.api.idempotency import id_for_key
 from adapters.api.rate_limit import forwarded, request_address
@@ -473,16 +473,6 @@ async def _first_use(connections: LoopConnections, signature: str) -> bool:
 
 SSE_POLL_S = 0.2
 SSE_MAX_S = 600.0  # a client reconnects with Last-Event-ID after this
-def _stream_slots(request: Request, container: Container) -> StreamSlots:
-    """The app's stream slots, made on first use."""
-    state = request.app.state
-    slots: StreamSlots | None = getattr(state, "stream_slots", None)
-    if slots is None:  # no await since the check: no other request can interleave
-        s = container.settings
-        slots = state.stream_slots = StreamSlots(s.sse_streams_per_user, s.sse_streams, s.sse_streams_per_address)
-    return slots
-
-
 @router.get("/jobs/{job_id}/events", tags=["jobs"], responses={
     200: {"content": {"text/event-stream": {}}, "description": "the job's events as server-sent "
           "events (`id` = stream version, `event` = type, `data` = JSON); ends when the job is terminal"},
@@ -511,7 +501,10 @@ async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, co
     if last == []:
         return Response(status_code=204)
     address = request_address(request, container.settings.trusted_proxies)
-    give_back = _stream_slots(request, container).take(user_id, address)
+    s = container.settings
+    slots = made_once(request, "stream_slots",
+                      lambda: StreamSlots(s.sse_streams_per_user, s.sse_streams, s.sse_streams_per_address))
+    give_back = slots.take(user_id, address)
 
     async def stream() -> AsyncIterator[bytes]:
         version = after

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
+from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep, made_once
 from adapters.api.envelope import ApiError, fail, ok
 from adapters.api.rate_limit import TokenBuckets, request_address
 from adapters.api.schemas import (
@@ -107,13 +107,10 @@ class CachedCheck:
 
 
 def _health_checks(request: Request, container: Container) -> dict[str, CachedCheck]:
-    """The app's cached dependency checks, made on first use."""
-    checks: dict[str, CachedCheck] | None = getattr(request.app.state, "health_checks", None)
-    if checks is None:  # no await since the check: no other request can interleave
-        checks = request.app.state.health_checks = {
-            name: CachedCheck(functools.partial(f, container))
-            for name, f in (("postgres", _check_postgres), ("broker", _check_broker), ("s3", _check_s3))}
-    return checks
+    """The app's cached dependency checks."""
+    return made_once(request, "health_checks", lambda: {
+        name: CachedCheck(functools.partial(f, container))
+        for name, f in (("postgres", _check_postgres), ("broker", _check_broker), ("s3", _check_s3))})
 
 
 @router.get("/health", response_model=Envelope[HealthPublic], tags=["health"])
@@ -154,9 +151,7 @@ async def auth_anon(body: AnonCreate, service: ServiceDep, container: ContainerD
     """Register this device once (idempotent) and issue a client token. Limited per client
     address, repeats included (each issues a token; new ones grant free credits)."""
     s = container.settings
-    limits: TokenBuckets | None = getattr(request.app.state, "register_limits", None)
-    if limits is None:  # one per app, made on first use (no await in between: no race)
-        limits = request.app.state.register_limits = TokenBuckets(s.rate_register_per_s, s.rate_register_burst)
+    limits = made_once(request, "register_limits", lambda: TokenBuckets(s.rate_register_per_s, s.rate_register_burst))
     limits.take(request_address(request, s.trusted_proxies))
     committed = await service.register_async(body.device_hash)
     user_id, created = committed.value

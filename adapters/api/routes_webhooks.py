@@ -20,7 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from adapters.api.deps import ContainerDep, CurrentUser
+from adapters.api.deps import ContainerDep, CurrentUser, made_once
 from adapters.api.envelope import ok
 from adapters.api.rate_limit import RateLimited, TokenBuckets
 from adapters.api.schemas import Envelope, Strict, Text
@@ -145,21 +145,13 @@ class UrlChecks:
                 del self._held[user_id]
 
 
-def _url_checks(request: Request) -> UrlChecks:
-    """The app's URL checks, made on first use."""
-    checks: UrlChecks | None = getattr(request.app.state, "url_checks", None)
-    if checks is None:  # no await since the check: no other request can interleave
-        checks = request.app.state.url_checks = UrlChecks()
-    return checks
-
-
 @router.post("/webhooks", response_model=Envelope[WebhookSecretPublic], status_code=201,
              responses={**COMMON, 409: {"model": _E, "description": "CONFLICT (as many endpoints as allowed)"}})
 async def create_webhook(body: WebhookCreate, user_id: CurrentUser, container: ContainerDep,
                          request: Request) -> JSONResponse:
     """Register an endpoint for these event types; the answer holds its signing secret, once."""
     settings = container.settings
-    await _url_checks(request).check(user_id, body.url, settings.env == "production")
+    await made_once(request, "url_checks", UrlChecks).check(user_id, body.url, settings.env == "production")
     secret = new_secret()
     try:
         row = await _run(container, store.create_endpoint, user_id, body.url, list(dict.fromkeys(body.events)),
@@ -211,21 +203,16 @@ async def list_deliveries(endpoint_id: UUID, user_id: CurrentUser, container: Co
     return ok(DeliveryList(items=[DeliveryPublic(**r) for r in rows]))
 
 
-def _redeliver_limits(request: Request, container: Container) -> TokenBuckets:
-    limits: TokenBuckets | None = getattr(request.app.state, "redeliver_limits", None)
-    if limits is None:  # one per app, made on first use (no await in between: no race)
-        s = container.settings
-        limits = request.app.state.redeliver_limits = TokenBuckets(s.rate_redeliver_per_s, s.rate_redeliver_burst)
-    return limits
-
-
 @router.post("/webhooks/{endpoint_id}/deliveries/{delivery_id}/redeliver", response_model=Envelope[DeliveryPublic],
              status_code=202, responses={**OWN, 429: {"model": _E, "description": "RATE_LIMITED (with Retry-After)"}})
 async def redeliver(endpoint_id: UUID, delivery_id: UUID, user_id: CurrentUser, container: ContainerDep,
                     request: Request) -> JSONResponse:
     """Send the delivery again (a new attempt, the same ``webhook-id``), with a fresh retry schedule.
     Limited per user (``PALETTE_RATE_REDELIVER_PER_S``/``_BURST``), tries at unknown deliveries included."""
-    _redeliver_limits(request, container).take(user_id)
+    s = container.settings
+    limits = made_once(request, "redeliver_limits",
+                       lambda: TokenBuckets(s.rate_redeliver_per_s, s.rate_redeliver_burst))
+    limits.take(user_id)
     row = await _run(container, store.redeliver, user_id, endpoint_id, delivery_id)
     if row is None:
         raise NotFound("no such delivery")
