@@ -33,9 +33,11 @@ STAFF_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": _E, "description
 SCAN_ERRORS: dict[int | str, dict[str, Any]] = {
     **STAFF_ERRORS, 429: {"model": _E, "description": "RATE_LIMITED: another whole-log audit is running"}}
 STAFF_STREAM_ERRORS: dict[int | str, dict[str, Any]] = {
-    **STAFF_ERRORS, 429: {"model": _E, "description": "RATE_LIMITED: the process's replays are all open"}}
+    **STAFF_ERRORS,
+    429: {"model": _E, "description": "RATE_LIMITED: the process's replays, or the caller's share of them, are open"}}
 SCAN_RETRY_S = 5.0  # what an audit refused while another runs is told to wait
 STAFF_STREAMS = 8  # replays open at once in one API process
+STAFF_STREAMS_PER_SUBJECT = 4  # of them, one staff token's subject's: one analyst's script cannot take them all
 T = TypeVar("T")
 
 
@@ -54,16 +56,17 @@ async def _one_scan(request: Request, work: Callable[[], T]) -> T:
 
 
 def staff(*roles: str) -> Callable[..., Any]:
-    async def check(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
-        _, role = verified(request, creds)
+    """The staff token's subject, when its role is one of ``roles`` (else 404, as for a client)."""
+    async def check(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> UUID:
+        subject, role = verified(request, creds)
         if role not in roles:
             raise ApiError("NOT_FOUND", "not found")
-        return str(role)
+        return subject
     return check
 
 
-Analyst = Annotated[str, Depends(staff("analyst", "auditor"))]
-Auditor = Annotated[str, Depends(staff("auditor"))]
+Analyst = Annotated[UUID, Depends(staff("analyst", "auditor"))]
+Auditor = Annotated[UUID, Depends(staff("auditor"))]
 NDJSON: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/x-ndjson": {}}, "description": "event envelopes, one JSON per line"}}
 
@@ -85,11 +88,15 @@ def _aware(**moments: datetime | None) -> None:
         raise ApiError("VALIDATION_FAILED", f"{' and '.join(naive)} must carry their UTC offset")
 
 
-async def _replay(request: Request, lines: Callable[[], Awaitable[Iterator[bytes]]]) -> StreamingResponse:
-    """The NDJSON answer of ``lines`` in one of this process's replay slots, taken before any of
-    its work (reading the tombstones, finding its first position, a stream's events) and given
-    back however the replay ends; each holds a page of the log while its client reads."""
-    give_back = made_once(request, "staff_stream_slots", lambda: StreamSlots(per_user=STAFF_STREAMS)).take("staff")
+async def _replay(request: Request, subject: UUID,
+                  lines: Callable[[], Awaitable[Iterator[bytes]]]) -> StreamingResponse:
+    """The NDJSON answer of ``lines`` in one of this process's replay slots (at most
+    STAFF_STREAMS_PER_SUBJECT of them ``subject``'s), taken before any of its work (reading the
+    tombstones, finding its first position, a stream's events) and given back however the replay
+    ends; each holds a page of the log while its client reads."""
+    slots = made_once(request, "staff_stream_slots",
+                      lambda: StreamSlots(per_user=STAFF_STREAMS_PER_SUBJECT, total=STAFF_STREAMS))
+    give_back = slots.take(subject)
     try:
         return SlotStream(await lines(), give_back, media_type="application/x-ndjson")
     except BaseException:
@@ -98,12 +105,13 @@ async def _replay(request: Request, lines: Callable[[], Awaitable[Iterator[bytes
 
 
 @router.get("/streams", tags=["analysts"], responses={**NDJSON, **STAFF_STREAM_ERRORS})
-async def replay_all(_: Analyst, container: ContainerDep, request: Request,
+async def replay_all(subject: Analyst, container: ContainerDep, request: Request,
                      from_position: Annotated[int, Query(alias="from", ge=1)] = 1,
                      since: datetime | None = None, until: datetime | None = None,
                      type: Annotated[list[str] | None, Query()] = None) -> StreamingResponse:
     """The global log in commit order as envelope JSON lines. At most STAFF_STREAMS replays at
-    once in an API process, one more is a 429."""
+    once in an API process, STAFF_STREAMS_PER_SUBJECT of them one staff token subject's; one
+    more is a 429."""
     _aware(since=since, until=until)
 
     async def lines() -> Iterator[bytes]:
@@ -116,11 +124,11 @@ async def replay_all(_: Analyst, container: ContainerDep, request: Request,
         except ValueError as e:
             raise ApiError("VALIDATION_FAILED", str(e)) from None
 
-    return await _replay(request, lines)
+    return await _replay(request, subject, lines)
 
 
 @router.get("/streams/{stream_id}/events", tags=["analysts"], responses={**NDJSON, **STAFF_STREAM_ERRORS})
-async def replay_stream(stream_id: UUID, _: Analyst, container: ContainerDep,
+async def replay_stream(stream_id: UUID, subject: Analyst, container: ContainerDep,
                         request: Request) -> StreamingResponse:
     """One stream's events in version order as envelope JSON lines (404: no such stream)."""
     def read() -> Iterator[bytes]:
@@ -129,7 +137,7 @@ async def replay_stream(stream_id: UUID, _: Analyst, container: ContainerDep,
         except LookupError as e:
             raise ApiError("NOT_FOUND", str(e.args[0])) from None
 
-    return await _replay(request, lambda: run_in_threadpool(read))
+    return await _replay(request, subject, lambda: run_in_threadpool(read))
 
 
 @router.get("/streams/{stream_id}/state", tags=["analysts"], response_model=Envelope[dict[str, Any]],

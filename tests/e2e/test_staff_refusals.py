@@ -49,7 +49,7 @@ def test_replays_past_the_processs_slots_are_told_to_wait_and_a_finished_one_giv
         analyst = staff_headers(settings, "analyst")
         with TestClient(app) as api:
             slots = app.state.staff_stream_slots = StreamSlots(per_user=STAFF_STREAMS, total=STAFF_STREAMS)
-            held = [slots.take("staff") for _ in range(STAFF_STREAMS)]  # clients still reading
+            held = [slots.take("someone") for _ in range(STAFF_STREAMS)]  # clients still reading
             # an unknown stream too: the slot is taken before any of the replay's work
             for path in ("/streams", f"/streams/{client.user_id}/events", f"/streams/{uuid4()}/events"):
                 r = api.get(path, headers=analyst)
@@ -59,6 +59,40 @@ def test_replays_past_the_processs_slots_are_told_to_wait_and_a_finished_one_giv
             r = api.get("/streams", headers=analyst)
             assert r.status_code == 200 and r.text.count("\n") >= 1
             assert api.get(f"/streams/{uuid4()}/events", headers=analyst).status_code == 404
-            assert slots.open_streams("staff") == STAFF_STREAMS - 1  # the finished one's and the 404's back
+            assert slots.open_streams("someone") == STAFF_STREAMS - 1  # the finished one's and the 404's back
+    finally:
+        container.close()
+
+
+def test_one_staff_subject_holds_at_most_its_share_of_the_replay_slots(client, settings):
+    """The app's own slots, as it makes them: one analyst's replays still being read take
+    STAFF_STREAMS_PER_SUBJECT of them, and another analyst still replays, until all are taken."""
+    from fastapi.testclient import TestClient
+
+    from adapters.api.app import create_app
+    from adapters.api.routes_analysts import STAFF_STREAMS, STAFF_STREAMS_PER_SUBJECT
+    from adapters.bootstrap import build
+    from adapters.tokens import TokenIssuer
+
+    assert 0 < STAFF_STREAMS_PER_SUBJECT < STAFF_STREAMS
+    issuer = TokenIssuer(settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience, 3600)
+    subjects = [uuid4() for _ in range(3)]
+    headers = [{"Authorization": f"Bearer {issuer.issue(s, datetime.now(UTC), role='analyst')}"} for s in subjects]
+    container = build(settings, pool_size=2)
+    try:
+        app = create_app(container)
+        with TestClient(app) as api:
+            assert api.get("/streams", headers=headers[0]).status_code == 200  # the app makes its slots
+            slots = app.state.staff_stream_slots
+            held = [slots.take(subjects[0]) for _ in range(STAFF_STREAMS_PER_SUBJECT)]  # still being read
+            r = api.get("/streams", headers=headers[0])
+            assert r.status_code == 429 and r.json()["error"]["code"] == "RATE_LIMITED", r.text
+            assert api.get(f"/streams/{client.user_id}/events", headers=headers[1]).status_code == 200
+            held += [slots.take(subjects[1]) for _ in range(STAFF_STREAMS - STAFF_STREAMS_PER_SUBJECT)]
+            assert api.get("/streams", headers=headers[2]).status_code == 429  # all taken, by two
+            held.pop(0)()  # one of the first subject's ends
+            assert api.get("/streams", headers=headers[0]).status_code == 200
+            for give_back in held:
+                give_back()
     finally:
         container.close()
