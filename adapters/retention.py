@@ -11,7 +11,9 @@ Each pass (every ``PALETTE_SWEEP_INTERVAL_S``):
    canceled (refunded), its objects deleted and ``ObjectsExpired`` recorded (a ``(created_at,
    id)`` cursor).
 2. **Erasures** — those a crash cut short (tombstone without ``completed_at``) are finished; one
-   that fails is logged and left for the next pass, the others go on.
+   that fails is logged (its traceback the first time, a line after) and tried again after a
+   wait that doubles with each failure, from ``PALETTE_ERASURE_SWEEP_S`` up to
+   ``ERASURE_RETRY_MAX_S``; the others go on.
 3. **Late uploads** — a GPU worker busy with an item when its job was canceled and deleted, or its
    user erased, may still upload the output afterwards, and so may a client through an upload link
    handed out before (links live ``URL_TTL_S``): the objects of jobs deleted and users erased are
@@ -58,6 +60,7 @@ PAGE = 500  # jobs per query
 # Upload links handed out before a deletion or an erasure work until they expire, and a worker
 # busy with an item uploads its output once done (far sooner).
 LATE_UPLOADS_S = URL_TTL_S + 300.0
+ERASURE_RETRY_MAX_S = 3600.0  # the longest wait before an erasure that keeps failing is tried again
 DDL = ("CREATE TABLE IF NOT EXISTS palette_sweeps (name text PRIMARY KEY, at timestamptz NOT NULL, "
        "id uuid NOT NULL, position bigint NOT NULL DEFAULT 0)",)
 JOB_DELETED = "domain.job:Job.JobDeleted"
@@ -133,6 +136,10 @@ class Sweeper:
 
         self.settings = settings
         self.container = bootstrap.build(settings, pool_size=2)
+        self.clock = time.monotonic
+        # Erasures that failed, by user: failures so far and when to try again (this process's
+        # clock); only users still waiting for theirs are kept.
+        self._failing: dict[UUID, tuple[int, float]] = {}
         with self.container.read_pool.connection() as conn:
             for statement in DDL:
                 conn.execute(statement)
@@ -155,23 +162,40 @@ class Sweeper:
 
     def finish_erasures(self, grace_s: float) -> int:
         """Finish the erasures requested more than ``grace_s`` ago and not completed (a crash cut
-        them short); how many were. One that fails is logged and tried again next time, the others
-        go on (a cursor: failing ones first in line cannot hide the rest)."""
+        them short); how many were. One that fails is logged and tried again once its wait is
+        over, the others go on (a cursor: failing ones first in line cannot hide the rest)."""
         c = self.container
-        finished, after = 0, (EPOCH, NO_ID)
+        finished, after, waiting = 0, (EPOCH, NO_ID), set()
         while True:
             with c.read_pool.connection() as conn:
                 pending = unfinished_erasures(conn, grace_s, after, PAGE)
             for user_id, requested_at in pending:
                 after = (requested_at, user_id)
+                failures, retry_at = self._failing.get(user_id, (0, 0.0))
+                if self.clock() < retry_at:
+                    waiting.add(user_id)
+                    continue
                 try:
                     erase(c.service, c.read_pool, c.s3, c.settings.s3_bucket, user_id, must_exist=False)
-                except Exception:  # one that keeps failing must not stop the others, nor the pass
-                    log.warning("could not finish the erasure of %s; retrying", user_id, exc_info=True)
+                except Exception:  # noqa: BLE001 - logged by _failed; one failing must not stop the others
+                    self._failed(user_id, failures + 1)
+                    waiting.add(user_id)
                     continue
+                self._failing.pop(user_id, None)
                 finished += 1
             if len(pending) < PAGE:
+                # users finished by someone else (an API request, `palette admin sweep`) are forgotten
+                self._failing = {u: f for u, f in self._failing.items() if u in waiting}
                 return finished
+
+    def _failed(self, user_id: UUID, failures: int) -> None:
+        wait_s = min(ERASURE_RETRY_MAX_S, self.settings.erasure_sweep_s * 2 ** min(failures - 1, 32))
+        self._failing[user_id] = (failures, self.clock() + wait_s)
+        if failures == 1:
+            log.warning("could not finish the erasure of %s; retrying in %.0f s", user_id, wait_s, exc_info=True)
+        else:
+            log.warning("could not finish the erasure of %s (%d tries); retrying in %.0f s", user_id, failures,
+                        wait_s)
 
     def _retention(self, cutoff: datetime, report: SweepReport) -> None:
         c = self.container

@@ -200,3 +200,51 @@ def test_two_sweepers_finishing_one_erasure_at_once_record_erased_once_and_both_
     finally:
         app.close()
     assert sum(t.endswith(".Erased") for t in topics) == 1
+
+
+def test_an_erasure_that_keeps_failing_waits_longer_each_time_and_holds_back_no_other(
+        http, settings, monkeypatch, caplog):
+    """Its S3 deletions fail (a bucket policy, say): the other erasure is finished, this one is
+    tried again only once its wait is over, a wait that doubles, its traceback logged once; once
+    S3 lets it, it is finished and forgotten."""
+    import adapters.retention
+
+    broken, fine = Client(http), Client(http)
+    for client in (broken, fine):
+        create_uploaded_job(client, 1)
+        _crash_mid_erasure(settings, uuid.UUID(client.user_id), "deleting objects")
+    broken_id = uuid.UUID(broken.user_id)
+    tries: list[uuid.UUID] = []
+    s3_refuses = True
+
+    def erase_through(service: Any, pool: Any, s3: Any, bucket: str, user_id: uuid.UUID, **kw: Any) -> Any:
+        if user_id == broken_id:
+            tries.append(user_id)
+            if s3_refuses:
+                raise OSError("S3 refused the deletion")
+        return erase(service, pool, s3, bucket, user_id, **kw)
+
+    monkeypatch.setattr(adapters.retention, "erase", erase_through)
+    sweeper = Sweeper(settings.model_copy(update={"erasure_sweep_s": 30.0}))
+    now = [1000.0]
+    sweeper.clock = lambda: now[0]
+    try:
+        assert sweeper.finish_erasures(0.0) >= 1
+        assert _completed(settings, uuid.UUID(fine.user_id)) and not _completed(settings, broken_id)
+        assert len(tries) == 1
+        for elapsed, expected_tries in ((29.0, 1), (1.0, 2), (59.0, 2), (1.0, 3), (119.0, 3)):
+            now[0] += elapsed
+            sweeper.finish_erasures(0.0)
+            assert len(tries) == expected_tries, (elapsed, tries)
+        logged = [r for r in caplog.records
+                  if str(broken_id) in r.getMessage() and "could not finish" in r.getMessage()]
+        assert len(logged) == 3 and [r.exc_info is not None for r in logged] == [True, False, False]
+        assert "retrying in 120 s" in logged[-1].getMessage()
+
+        s3_refuses = False
+        now[0] += 1.0
+        assert sweeper.finish_erasures(0.0) >= 1 and len(tries) == 4
+        assert _completed(settings, broken_id) and _objects(settings, broken.user_id) == set()
+        assert broken_id not in sweeper._failing
+    finally:
+        sweeper.close()
