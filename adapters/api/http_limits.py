@@ -85,6 +85,7 @@ class ConnectionBounds:
     idle: dict[BoundedHttpToolsProtocol, None] = field(default_factory=dict)
     refused: int = 0
     evicted: int = 0
+    stalled: int = 0  # answers whose client read nothing for WRITE_STALL_S (disconnected)
     lingering: int = 0  # refused connections still reading what their client sent
     _warned: float = 0.0
 
@@ -92,8 +93,9 @@ class ConnectionBounds:
         now = time.monotonic()
         if now - self._warned >= WARN_EVERY_S:
             self._warned = now
-            log.warning("connection limits (%d in all, %d per address): %s; so far %d refused, %d idle closed",
-                        self.total, self.per_peer, what, self.refused, self.evicted)
+            log.warning("connection limits (%d in all, %d per address): %s; so far %d refused, %d idle closed, "
+                        "%d stalled answers cut", self.total, self.per_peer, what, self.refused, self.evicted,
+                        self.stalled)
 
 
 def _refusal() -> bytes:
@@ -201,6 +203,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         left = self.transport.get_write_buffer_size() + _kernel_unsent(self.transport)
         if before is not None and left >= before:
             self._stall = None
+            self._bounds.stalled += 1
             self._bounds.note("disconnected a client that read nothing of its answer")
             self.transport.abort()
             return

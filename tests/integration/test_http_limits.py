@@ -237,27 +237,31 @@ def test_a_connection_closed_for_a_newer_one_gives_its_descriptor_back_even_with
 
 
 def test_a_client_that_reads_nothing_of_its_answer_is_disconnected_and_one_reading_slowly_is_not(
-    server: int, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A stalled reader held its answer's buffers (and a replay's page of the log behind them) for
-    as long as it kept the connection open."""
+    as long as it kept the connection open. The cut is counted in the limits' warning."""
     monkeypatch.setattr(http_limits, "WRITE_STALL_S", 0.5)
-    with socket.create_connection(("127.0.0.1", server), timeout=5) as slow:
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        slow.sendall(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
-        got = 0
-        while got < BIG:  # a pause of a fifth of the stall after each read: never 0.5 s without one
-            chunk = slow.recv(1 << 18)
-            assert chunk, f"disconnected after {got} bytes"
-            got += len(chunk)
-            threading.Event().wait(0.1 if got < BIG // 8 else 0)
-    with socket.create_connection(("127.0.0.1", server), timeout=5) as stalled:
-        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stalled.sendall(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")  # and never reads
-        deadline = time.monotonic() + 10
-        while accepted_sockets(server) > 0:  # before: held until the client read 8 MB, i.e. for ever
-            assert time.monotonic() < deadline, "the stalled connection was never dropped"
-            time.sleep(0.05)
+    with serving(http_limits.BoundedHttpToolsProtocol) as (server, srv):
+        with socket.create_connection(("127.0.0.1", server), timeout=5) as slow:
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            slow.sendall(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+            got = 0
+            while got < BIG:  # a pause of a fifth of the stall after each read: never 0.5 s without one
+                chunk = slow.recv(1 << 18)
+                assert chunk, f"disconnected after {got} bytes"
+                got += len(chunk)
+                threading.Event().wait(0.1 if got < BIG // 8 else 0)
+        assert srv.server_state.palette_bounds.stalled == 0
+        with socket.create_connection(("127.0.0.1", server), timeout=5) as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.sendall(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")  # and never reads
+            deadline = time.monotonic() + 10
+            while accepted_sockets(server) > 0:  # before: held until the client read 8 MB, i.e. for ever
+                assert time.monotonic() < deadline, "the stalled connection was never dropped"
+                time.sleep(0.05)
+        assert srv.server_state.palette_bounds.stalled == 1
+    assert any("1 stalled answers cut" in r.getMessage() for r in caplog.records)
 
 
 def test_an_upgrade_request_is_plain_http_and_gives_its_connection_back() -> None:
