@@ -146,7 +146,9 @@ class UrlChecks:
 
 
 @router.post("/webhooks", response_model=Envelope[WebhookSecretPublic], status_code=201,
-             responses={**COMMON, 409: {"model": _E, "description": "CONFLICT (as many endpoints as allowed)"}})
+             responses={**COMMON, 409: {"model": _E, "description": "INVALID_STATE (as many endpoints as allowed)"},
+                        429: {"model": _E, "description": "RATE_LIMITED: the user's URL checks are all running "
+                                                          "(Retry-After)"}})
 async def create_webhook(body: WebhookCreate, user_id: CurrentUser, container: ContainerDep,
                          request: Request) -> JSONResponse:
     """Register an endpoint for these event types; the answer holds its signing secret, once."""
