@@ -489,7 +489,8 @@ class PaletteService:
     ) -> Command[RecordedResult]:
         at = self.clock.now()
 
-        @touches(job_id, related=lambda job: [job.user_id])
+        # the id is the worker's word: what it holds may be no job (a user, a rule), a 404 below
+        @touches(job_id, related=lambda job: [job.user_id] if isinstance(job, Job) else [])
         def command(uow: UnitOfWork) -> RecordedResult:
             job = uow.get(Job, job_id)
             if job is None:

@@ -79,7 +79,8 @@ def touches(
     *aggregate_ids: UUID, related: Callable[[Any], Iterable[UUID]] | None = None
 ) -> Callable[[Callable[[UnitOfWork], T]], Callable[[UnitOfWork], T]]:
     """Declare the aggregates a command will load, so a batch fetches them all in one query;
-    ``related`` names more ids from a loaded aggregate (a job's owner), fetched in a second one."""
+    ``related`` names more ids from a loaded aggregate (a job's owner), fetched in a second one;
+    it is given whatever the id holds, which a client or worker chose, so it checks the kind."""
     def mark(command: Callable[[UnitOfWork], T]) -> Callable[[UnitOfWork], T]:
         command.aggregate_ids = aggregate_ids  # type: ignore[attr-defined]
         command.related_ids = related  # type: ignore[attr-defined]

@@ -191,3 +191,20 @@ def test_the_events_a_command_records_carry_the_trace_of_the_request_that_sent_i
         assert svc.get_user(user_id).granted == 55  # the stamped events fold as before
         if group_commit:
             svc.executor.stop()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("group_commit", [False, True])
+def test_a_result_for_an_id_that_holds_a_user_or_a_rule_is_not_found_and_spoils_no_batch(group_commit: bool) -> None:
+    """The callback's job id is whatever its sender wrote: a user's or a rule's id is a 404 like
+    any other, not a bug (the group committer looked for the job's owner on a user: a 500)."""
+    svc = _service(group_commit)
+    user_id, _ = svc.register("owner").value
+    rule_id = svc.create_rule(user_id, "r", "interior", {"wall": {"action": "recolor", "value": "#336699"}}).value
+    try:
+        for wrong in (user_id, rule_id):
+            with pytest.raises(NotFound):
+                svc.record_item_result(wrong, 0, "done", "key-1")
+        assert svc.get_user(user_id).credits == 50
+    finally:
+        if group_commit:
+            svc.executor.stop()  # type: ignore[attr-defined]
