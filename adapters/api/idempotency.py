@@ -80,6 +80,17 @@ def storable(status: int) -> bool:
     return status < 500 and status not in (401, 409, 422, 429)
 
 
+def canonical_path(path: str) -> str:
+    """``path`` with each id in the form the routes read it in: they take an id in any spelling
+    (upper case, no hyphens, braces, ``urn:uuid:``) as the same one, so a retry must match too."""
+    def one(segment: str) -> str:
+        try:
+            return str(uuid.UUID(segment))
+        except ValueError:
+            return segment
+    return "/".join(one(segment) for segment in path.split("/"))
+
+
 def _valid_key(key: bytes) -> bool:
     # Printable ASCII only: what the database stores as text without surprises (no NUL).
     return 0 < len(key) <= MAX_KEY and all(0x20 <= b < 0x7F for b in key)
@@ -134,7 +145,7 @@ class IdempotencyKeys:
         except ApiError as e:  # the body cap tripped while buffering
             await self.fail(e.code, e.message)(scope, receive, send)
             return
-        request_hash = hashlib.sha256(scope["path"].encode() + b"\n" + body).hexdigest()
+        request_hash = hashlib.sha256(canonical_path(scope["path"]).encode() + b"\n" + body).hexdigest()
         claimed, stored = await self._claim(owner, key, request_hash)
         if not claimed:
             if stored is FULL:

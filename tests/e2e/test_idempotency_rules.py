@@ -216,3 +216,18 @@ def test_rule_writes_are_limited_per_user_in_a_budget_of_their_own(client: Clien
             assert api.post(f"/jobs/{job.json()['data']['job_id']}/cancel").status_code == 200
     finally:
         container.close()
+
+
+def test_a_retry_spelling_the_job_id_another_way_is_the_same_request(client: Client) -> None:
+    """The routes read an id in any spelling as the same one; a retry that spells it otherwise
+    (upper case, no hyphens) is the same request, replayed, not a key reused for another."""
+    job_id = client.data("POST", "/jobs", 201, json=JOB)["job_id"]
+    key = f"k-{uuid.uuid4()}"
+    first = client.call("POST", f"/jobs/{job_id}/cancel", headers={"Idempotency-Key": key})
+    assert first.status_code == 200, first.text
+    for spelling in (job_id.upper(), job_id.replace("-", "")):
+        again = client.call("POST", f"/jobs/{spelling}/cancel", headers={"Idempotency-Key": key})
+        assert again.status_code == 200 and again.headers.get("idempotent-replayed") == "true", again.text
+        assert again.json()["data"] == first.json()["data"]
+    other = client.call("POST", f"/jobs/{uuid.uuid4()}/cancel", headers={"Idempotency-Key": key})
+    assert other.status_code == 422, other.text  # another job is another request
