@@ -25,6 +25,11 @@ class RateLimited(Exception):
 
 
 class TokenBuckets:
+    """A token bucket per key, in memory, at most ``max_keys`` of them: past that, the key that
+    asked least recently is forgotten (a new bucket, full, if it asks again). Every attempt counts
+    as asking, a refused one too, so a client that keeps trying stays remembered; one that stops
+    is forgotten only once ``max_keys`` other keys have asked after it."""
+
     def __init__(self, rate_per_s: float, burst: int, max_keys: int = 100_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate_per_s
@@ -40,13 +45,13 @@ class TokenBuckets:
         with self._lock:
             tokens, last = self._buckets.get(key, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-            if tokens < 1.0:
-                self._buckets[key] = (tokens, now)
-                raise RateLimited((1.0 - tokens) / self.rate)
-            self._buckets[key] = (tokens - 1.0, now)
+            refused = tokens < 1.0
+            self._buckets[key] = (tokens if refused else tokens - 1.0, now)
             self._buckets.move_to_end(key)
             while len(self._buckets) > self.max_keys:
                 self._buckets.popitem(last=False)
+            if refused:
+                raise RateLimited((1.0 - tokens) / self.rate)
 
 
 DAY_S = 86_400.0

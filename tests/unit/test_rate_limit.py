@@ -75,3 +75,23 @@ def test_a_budget_never_grants_more_than_its_day_allows(gaps):
     count = granted(Budget(rate_per_s=5, burst=20, per_day=30, clock=clock), clock, gaps)
     assert count <= 30 + 30 * clock.t / DAY_S + 1e-9  # a day's worth at once, then the day's rate
     assert count <= 20 + 5 * clock.t + 1e-9
+
+
+def test_a_key_that_keeps_asking_while_refused_is_not_forgotten_for_other_keys():
+    """Past ``max_keys`` the key that asked least recently is forgotten (it would start afresh):
+    one spent and still trying is asking, so newcomers push out the quiet keys, not it."""
+    clock = FakeClock()
+    buckets = TokenBuckets(rate_per_s=1 / DAY_S, burst=2, max_keys=3, clock=clock)
+    for _ in range(2):
+        buckets.take("spent")
+    for key in ("b", "c"):
+        buckets.take(key)
+    with pytest.raises(RateLimited):
+        buckets.take("spent")  # still trying
+    buckets.take("d")  # one key too many: "b" asked least recently
+    with pytest.raises(RateLimited):
+        buckets.take("spent")
+    buckets.take("b")  # forgotten, so afresh: the price of a bound on memory
+    for key in ("e", "f", "g"):  # once it stops asking, it goes like any other
+        buckets.take(key)
+    buckets.take("spent")
