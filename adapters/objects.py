@@ -25,13 +25,19 @@ def _delete_page(s3: Any, bucket: str, keys: list[dict[str, str]], where: str) -
 def delete_prefixes(s3: Any, bucket: str, prefixes: Iterable[str]) -> int:
     """Delete every object under ``prefixes``; returns how many went. Deleting what is already
     gone is no error, so a deletion cut short is finished by running it again."""
+    return delete_larger(s3, bucket, prefixes, -1)
+
+
+def delete_larger(s3: Any, bucket: str, prefixes: Iterable[str], limit: int) -> int:
+    """Delete the objects under ``prefixes`` larger than ``limit`` bytes (-1: all); returns how
+    many went."""
     deleted = 0
     for prefix in prefixes:
         token: str | None = None
         while True:
             page = s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=PAGE,
                                       **({"ContinuationToken": token} if token else {}))
-            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", []) if obj.get("Size", 0) > limit]
             if keys:
                 _delete_page(s3, bucket, keys, prefix)
                 deleted += len(keys)

@@ -9,7 +9,9 @@ Each pass (every ``PALETTE_SWEEP_INTERVAL_S``):
    last one, and a crash between the deletion and the event only repeats a harmless deletion.
    A job never executed nor canceled never finishes: once it was *created* that long ago it is
    canceled (refunded), its objects deleted and ``ObjectsExpired`` recorded (a ``(created_at,
-   id)`` cursor).
+   id)`` cursor). A job that finished having spent nothing (canceled or failed with no item
+   done: every credit refunded) keeps its objects ``PALETTE_UNPAID_RETENTION_DAYS`` only, so a
+   client canceling, or rerunning and canceling, holds no storage for a month for free.
 2. **Erasures** — those a crash cut short (tombstone without ``completed_at``) are finished; one
    that fails is logged (its traceback the first time, a line after) and tried again after a
    wait that doubles with each failure, from ``PALETTE_ERASURE_SWEEP_S`` up to
@@ -20,6 +22,12 @@ Each pass (every ``PALETTE_SWEEP_INTERVAL_S``):
    deleted once more when ``LATE_UPLOADS_S`` have passed, and an erased user's webhook endpoints
    and kept idempotent answers too (a request in flight during the erasure may write them after
    it); cursors in ``palette_sweeps``, every settled one in the pass, a page at a time.
+4. **Oversized uploads** — an upload link cannot bound what is sent through it (a presigned PUT
+   signs no size), and confirm-upload refuses only what is there when it runs: once a job's links
+   have expired (``LATE_UPLOADS_S`` after its creation), every object under its inputs and masks
+   larger than ``MAX_INPUT_BYTES`` is deleted (what the GPU worker would refuse anyway), so what
+   a link admits beyond it lasts at most that long plus one pass. A ``JobCreated`` position
+   cursor; jobs older than the retention period are skipped (their objects expire anyway).
 
 Between passes, every ``PALETTE_ERASURE_SWEEP_S``, the served sweeper finishes erasures (step 2)
 alone: a client whose ``DELETE /me`` died with its API process cannot retry (the tombstone refuses
@@ -37,6 +45,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -48,10 +57,17 @@ from psycopg import sql
 
 from adapters import keyring
 from adapters.erasure import erase, forget_user_data
-from adapters.objects import delete_prefixes
+from adapters.objects import delete_larger, delete_prefixes
 from adapters.settings import Settings
-from domain.contracts.envelope import from_notification
-from domain.contracts.keys import URL_TTL_S, job_prefixes, user_prefixes
+from domain.contracts.envelope import EventEnvelope, from_notification
+from domain.contracts.keys import (
+    MAX_INPUT_BYTES,
+    URL_TTL_S,
+    inputs_prefix,
+    job_prefixes,
+    masks_prefix,
+    user_prefixes,
+)
 from domain.errors import DomainError
 from domain.job import Job
 
@@ -64,6 +80,7 @@ ERASURE_RETRY_MAX_S = 3600.0  # the longest wait before an erasure that keeps fa
 DDL = ("CREATE TABLE IF NOT EXISTS palette_sweeps (name text PRIMARY KEY, at timestamptz NOT NULL, "
        "id uuid NOT NULL, position bigint NOT NULL DEFAULT 0)",)
 JOB_DELETED = "domain.job:Job.JobDeleted"
+JOB_CREATED = "domain.job:Job.JobCreated"
 TERMINAL = ("done", "failed", "canceled")
 UNSTARTED = ("created", "uploaded")  # never finish unless executed or canceled
 
@@ -119,6 +136,17 @@ def expired_jobs(conn: psycopg.Connection[Any], cutoff: datetime, after: tuple[d
     return [(r[0], r[1], r[2]) for r in rows]
 
 
+def unpaid_jobs(conn: psycopg.Connection[Any], cutoff: datetime, after: tuple[datetime, UUID],
+                limit: int = PAGE) -> list[tuple[UUID, UUID, datetime]]:
+    """(job, user, finished_at) of terminal jobs with no item done (every credit refunded),
+    finished after the cursor and before ``cutoff``."""
+    rows = conn.execute(
+        "SELECT id, user_id, finished_at FROM palette_read.jobs_log WHERE finished_at IS NOT NULL "
+        "AND (finished_at, id) > (%s, %s) AND finished_at < %s AND status = ANY(%s) AND done_items = 0 "
+        "ORDER BY finished_at, id LIMIT %s", [after[0], after[1], cutoff, list(TERMINAL), limit]).fetchall()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
 def abandoned_jobs(conn: psycopg.Connection[Any], cutoff: datetime, after: tuple[datetime, UUID],
                    limit: int = PAGE) -> list[tuple[UUID, UUID, datetime]]:
     """(job, user, created_at) of jobs created after the cursor and before ``cutoff``, never
@@ -151,10 +179,14 @@ class Sweeper:
         now = now or c.service.clock.now()
         report = SweepReport()
         cutoff = now - timedelta(days=self.settings.retention_days)
-        self._retention(cutoff, report)
+        self._retention("retention", expired_jobs, cutoff, self.settings.retention_days, report)
+        self._retention("unpaid", unpaid_jobs, now - timedelta(days=self.settings.unpaid_retention_days),
+                        self.settings.unpaid_retention_days, report)
         self._abandoned(cutoff, report)
         report.erasures_finished += self.finish_erasures(erasure_grace_s)
-        report.objects_deleted += self._late_uploads(now - timedelta(seconds=LATE_UPLOADS_S))
+        settled = now - timedelta(seconds=LATE_UPLOADS_S)
+        report.objects_deleted += self._late_uploads(settled)
+        report.objects_deleted += self._oversized_uploads(settled, cutoff)
         if report.jobs_expired or report.erasures_finished or report.objects_deleted:
             log.info("sweep: %d job(s) expired, %d erasure(s) finished, %d object(s) deleted",
                      report.jobs_expired, report.erasures_finished, report.objects_deleted)
@@ -197,22 +229,25 @@ class Sweeper:
             log.warning("could not finish the erasure of %s (%d tries); retrying in %.0f s", user_id, failures,
                         wait_s)
 
-    def _retention(self, cutoff: datetime, report: SweepReport) -> None:
+    def _retention(self, name: str, finished: Callable[..., list[tuple[UUID, UUID, datetime]]],
+                   cutoff: datetime, days: int, report: SweepReport) -> None:
+        """Delete the objects of the jobs ``finished`` lists before ``cutoff`` and record
+        ``ObjectsExpired`` (after ``days``) on each; a cursor ``name``."""
         c = self.container
         with c.read_pool.connection() as conn:
-            after = _cursor(conn, "retention")
-        while jobs := self._expired(cutoff, (after.at, after.id)):
+            after = _cursor(conn, name)
+        while True:
+            with c.read_pool.connection() as conn:
+                jobs = finished(conn, cutoff, (after.at, after.id), PAGE)
+            if not jobs:
+                return
             for job_id, user_id, finished_at in jobs:
                 report.objects_deleted += delete_prefixes(c.s3, c.settings.s3_bucket, job_prefixes(user_id, job_id))
-                if c.service.executor.execute(c.service.expire_job_command(job_id, self.settings.retention_days)).value:
+                if c.service.executor.execute(c.service.expire_job_command(job_id, days)).value:
                     report.jobs_expired += 1
                 after = Cursor(finished_at, job_id)
             with c.read_pool.connection() as conn:
-                _save(conn, "retention", after)
-
-    def _expired(self, cutoff: datetime, after: tuple[datetime, UUID]) -> list[tuple[UUID, UUID, datetime]]:
-        with self.container.read_pool.connection() as conn:
-            return expired_jobs(conn, cutoff, after, PAGE)
+                _save(conn, name, after)
 
     def _abandoned(self, cutoff: datetime, report: SweepReport) -> None:
         """Cancel (refunding) the jobs created before ``cutoff`` and never executed nor canceled,
@@ -273,39 +308,65 @@ class Sweeper:
 
     def _late_deletions(self, settled: datetime) -> int:
         c = self.container
-        deleted = 0
+
+        def again(job_id: UUID, _: EventEnvelope) -> int:
+            job = c.service.executor.read(job_id)
+            return delete_prefixes(c.s3, c.settings.s3_bucket, job_prefixes(job.user_id, job_id)) \
+                if isinstance(job, Job) else 0
+
+        return self._each_settled("late-deletions", JOB_DELETED, settled, again)
+
+    def _oversized_uploads(self, settled: datetime, oldest: datetime) -> int:
+        """Delete what jobs created before ``settled`` (their links expired) hold under their
+        inputs and masks beyond MAX_INPUT_BYTES an object; jobs created before ``oldest`` are
+        skipped (their objects expire anyway)."""
+        c = self.container
+
+        def oversized(job_id: UUID, created: EventEnvelope) -> int:
+            if created.timestamp < oldest:
+                return 0
+            user_id = UUID(str(created.data["user_id"]))
+            return delete_larger(c.s3, c.settings.s3_bucket,
+                                 (inputs_prefix(user_id, job_id), masks_prefix(user_id, job_id)), MAX_INPUT_BYTES)
+
+        return self._each_settled("oversized-uploads", JOB_CREATED, settled, oversized)
+
+    def _each_settled(self, name: str, topic: str, settled: datetime,
+                      act: Callable[[UUID, EventEnvelope], int]) -> int:
+        """``act`` on each event of ``topic`` recorded before ``settled`` and after the position
+        cursor ``name`` (saved a page at a time), in log order; the sum of what it returns."""
+        c = self.container
+        done = 0
         recorder: Any = c.app.recorder  # eventsourcing's PostgreSQL recorder
         table = sql.Identifier(*(p for p in (recorder.datastore.schema, recorder.events_table_name) if p))
         with c.read_pool.connection() as conn:
-            after = _cursor(conn, "late-deletions")
-        # The log's head now: a scan that reaches it without a JobDeleted still too new moves the
+            after = _cursor(conn, name)
+        # The log's head now: a scan that reaches it without an event still too new moves the
         # cursor there, so the next pass reads only what came since (the recorder commits in
         # notification order: nothing lower can appear later).
         head = recorder.max_notification_id() or 0
         while True:
             with c.read_pool.connection() as conn:
-                dropped = conn.execute(sql.SQL("SELECT notification_id, originator_id, state FROM {} "
-                                               "WHERE topic = %s AND notification_id > %s AND notification_id <= %s "
-                                               "ORDER BY notification_id LIMIT %s").format(table),
-                                       [JOB_DELETED, after.position, head, PAGE]).fetchall()
+                rows = conn.execute(sql.SQL("SELECT notification_id, originator_id, state FROM {} "
+                                            "WHERE topic = %s AND notification_id > %s AND notification_id <= %s "
+                                            "ORDER BY notification_id LIMIT %s").format(table),
+                                    [topic, after.position, head, PAGE]).fetchall()
             newer = False
-            for position, job_id, state in dropped:
-                at = from_notification(Notification(originator_id=job_id, originator_version=0, topic=JOB_DELETED,
-                                                    state=bytes(state), id=position),
-                                       c.app.mapper.transcoder).timestamp
-                if at >= settled:
+            for position, stream_id, state in rows:
+                event = from_notification(Notification(originator_id=stream_id, originator_version=0, topic=topic,
+                                                       state=bytes(state), id=position),
+                                          c.app.mapper.transcoder)
+                if event.timestamp >= settled:
                     newer = True  # the rest are newer still: next pass
                     break
-                job = c.service.executor.read(job_id)
-                if isinstance(job, Job):
-                    deleted += delete_prefixes(c.s3, c.settings.s3_bucket, job_prefixes(job.user_id, job_id))
+                done += act(stream_id, event)
                 after = Cursor(position=position)
-            if not newer and len(dropped) < PAGE:
+            if not newer and len(rows) < PAGE:
                 after = Cursor(position=max(after.position, head))  # none left before the head
             with c.read_pool.connection() as conn:
-                _save(conn, "late-deletions", after)
-            if newer or len(dropped) < PAGE:
-                return deleted
+                _save(conn, name, after)
+            if newer or len(rows) < PAGE:
+                return done
 
     def warm_up(self, stop: threading.Event) -> None:
         """Ready at once: the container was built when this was constructed."""

@@ -149,6 +149,9 @@ class Settings(BaseSettings):
     # it finishes the erasures a crash cut short once PALETTE_ERASURE_GRACE_S old: longer than an
     # erasure takes, so it leaves alone one an API request is still performing.
     retention_days: int = Field(30, ge=1, le=3650)
+    # A job that finished having spent nothing (canceled or failed, no item done) keeps its
+    # objects this long instead: a rerun of it works meanwhile.
+    unpaid_retention_days: int = Field(1, ge=1, le=3650)
     sweep_interval_s: float = Field(3600.0, gt=0)
     erasure_sweep_s: float = Field(30.0, gt=0)
     erasure_grace_s: float = Field(120.0, ge=0)

@@ -6,7 +6,8 @@ from uuid import UUID
 
 URL_TTL_S = 900  # a presigned link to any of these objects lives at most 15 minutes
 # The largest photo taken: confirm-upload refuses (and deletes) a larger input, a rerun refuses
-# to copy one, and the GPU worker refuses to read one. A presigned PUT cannot bound what is sent.
+# to copy one, and the GPU worker refuses to read one. A presigned PUT cannot bound what is sent:
+# the sweeper deletes a larger input or mask once the job's links have expired.
 MAX_INPUT_BYTES = 20 * 1024 * 1024
 
 
@@ -22,15 +23,20 @@ def output_key(user_id: UUID, job_id: UUID, idx: int) -> str:
     return f"outputs/{user_id}/{job_id}/{idx}_result.png"
 
 
+def masks_prefix(user_id: UUID, job_id: UUID) -> str:
+    """A job's masks: the client's (``mask_key``, written through upload links) and the used ones."""
+    return f"masks/{user_id}/{job_id}/"
+
+
 def mask_key(user_id: UUID, job_id: UUID, idx: int, concept: str) -> str:
-    return f"masks/{user_id}/{job_id}/{idx}_{concept}.png"
+    return f"{masks_prefix(user_id, job_id)}{idx}_{concept}.png"
 
 
 def used_masks_prefix(user_id: UUID, job_id: UUID) -> str:
     """Where the GPU worker writes the masks it used. Apart from the client's ``mask_key`` on
     purpose: the worker never reads what it wrote, so a retried or redelivered task sees the same
     inputs as the first attempt and computes the same."""
-    return f"masks/{user_id}/{job_id}/used/"
+    return f"{masks_prefix(user_id, job_id)}used/"
 
 
 def used_mask_key(user_id: UUID, job_id: UUID, idx: int, concept: str) -> str:

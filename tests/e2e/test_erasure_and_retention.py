@@ -106,11 +106,13 @@ def test_erasing_a_user_shreds_personal_fields_deletes_objects_and_keeps_the_led
 def test_the_sweeper_deletes_the_objects_of_jobs_past_retention_and_nothing_newer(client, http, settings, items):
     old = create_uploaded_job(client, items)
     client.data("POST", f"/jobs/{old}/execute", json={"concepts": EDITS})
-    for idx in range(items):
-        callback(http, settings.callback_secret, old, {"idx": idx, "status": "failed", "error": "x",
+    for idx in range(items):  # one item paid for: the job keeps its objects the whole retention period
+        callback(http, settings.callback_secret, old, {"idx": idx, "status": "done" if idx == 0 else "failed",
+                                                       "error": "" if idx == 0 else "x",
                                                        "idempotency_key": f"{old}:{idx}"})
     newer = create_uploaded_job(client, 1)
-    client.data("POST", f"/jobs/{newer}/cancel")
+    client.data("POST", f"/jobs/{newer}/execute", json={"concepts": EDITS})
+    callback(http, settings.callback_secret, newer, {"idx": 0, "status": "done", "idempotency_key": f"{newer}:0"})
     with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
         def finished_at(job_id: str):  # type: ignore[no-untyped-def]
             row = conn.execute("SELECT finished_at FROM palette_read.jobs_log WHERE id = %s", [job_id]).fetchone()
@@ -131,7 +133,7 @@ def test_the_sweeper_deletes_the_objects_of_jobs_past_retention_and_nothing_newe
     finally:
         sweeper.close()
     listed = client.data("GET", f"/jobs/{old}")  # the job stays; its objects are gone
-    assert listed["status"] == "failed"
+    assert listed["status"] == "done"
     app = open_event_store(settings)
     try:
         types = [e.type for e in Replayer(app).stream(uuid.UUID(old))]
@@ -283,3 +285,74 @@ def test_erasing_a_user_registered_before_device_keys_drops_the_raw_device_hash_
         assert events[0].data["device_key"] == REDACTED_DEVICE_KEY and events[0].data["plan"] == "free"
     finally:
         container.close()
+
+
+def test_a_job_that_spent_nothing_keeps_its_objects_a_day_and_a_paid_one_the_retention_period(
+        client, other, http, settings):
+    """Canceling refunds everything, so the objects of a job canceled (or failed whole) are not
+    kept a month for free: after PALETTE_UNPAID_RETENTION_DAYS they are deleted and the job
+    cannot be rerun; a job with an item done, finished as late, keeps its objects."""
+    from adapters.retention import LATE_UPLOADS_S
+
+    canceled = create_uploaded_job(client, 2)
+    client.data("POST", f"/jobs/{canceled}/cancel")
+    failed = create_uploaded_job(other, 1)
+    other.data("POST", f"/jobs/{failed}/execute", json={"concepts": EDITS})
+    callback(http, settings.callback_secret, failed, {"idx": 0, "status": "failed", "error": "x",
+                                                      "idempotency_key": f"{failed}:0"})
+    paid = create_uploaded_job(client, 1)
+    client.data("POST", f"/jobs/{paid}/execute", json={"concepts": EDITS})
+    callback(http, settings.callback_secret, paid, {"idx": 0, "status": "done", "idempotency_key": f"{paid}:0"})
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        def finished_at(job_id: str):  # type: ignore[no-untyped-def]
+            row = conn.execute("SELECT finished_at FROM palette_read.jobs_log WHERE id = %s", [job_id]).fetchone()
+            return row[0] if row else None
+        wait_until(lambda: all(finished_at(j) is not None for j in (canceled, failed, paid)),
+                   what="the three jobs to be folded as finished")
+        last = max(finished_at(j) for j in (canceled, failed, paid))
+    days = settings.unpaid_retention_days
+    assert days < settings.retention_days
+    sweeper = Sweeper(settings)
+    try:
+        sweeper.step(now=last + timedelta(days=days) - timedelta(seconds=LATE_UPLOADS_S))  # a day not yet over
+        held = _objects(settings, client.user_id) | _objects(settings, other.user_id)
+        assert all(any(j in k for k in held) for j in (canceled, failed, paid))
+        assert client.call("POST", f"/jobs/{canceled}/rerun").status_code == 201  # meanwhile, a rerun works
+        report = sweeper.step(now=last + timedelta(days=days, seconds=1))
+    finally:
+        sweeper.close()
+    assert report.jobs_expired >= 2
+    held = _objects(settings, client.user_id) | _objects(settings, other.user_id)
+    assert not any(canceled in k or failed in k for k in held) and any(paid in k for k in held)
+    r = client.call("POST", f"/jobs/{canceled}/rerun")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "INVALID_STATE", r.text
+
+
+def test_what_an_upload_link_admitted_beyond_the_largest_photo_is_deleted_once_the_links_expired(client, settings):
+    """A presigned PUT bounds no size: an input or a mask larger than MAX_INPUT_BYTES, sent while
+    the job's links live, is deleted once they have expired; what is within the bound stays."""
+    from datetime import UTC, datetime
+
+    from adapters.retention import LATE_UPLOADS_S
+    from domain.contracts.keys import MAX_INPUT_BYTES, input_key, mask_key
+
+    job_id = create_uploaded_job(client, 2)
+    user, job = uuid.UUID(client.user_id), uuid.UUID(job_id)
+    s3 = s3_client(settings)
+    big = b"\0" * (MAX_INPUT_BYTES + 1)
+    oversized = [input_key(user, job, 1), mask_key(user, job, 0, "wall")]
+    for key in oversized:  # what a client sent through the job's links, after its confirm-upload
+        s3.put_object(Bucket=settings.s3_bucket, Key=key, Body=big)
+    small_mask = mask_key(user, job, 0, "floor")
+    s3.put_object(Bucket=settings.s3_bucket, Key=small_mask, Body=b"\x89PNG small")
+    sweeper = Sweeper(settings)
+    try:
+        sweeper.step(now=datetime.now(UTC))  # the links may still be in use
+        assert set(oversized) <= _objects(settings, client.user_id)
+        report = sweeper.step(now=datetime.now(UTC) + timedelta(seconds=LATE_UPLOADS_S + 60))
+    finally:
+        sweeper.close()
+    assert report.objects_deleted >= 2
+    left = _objects(settings, client.user_id)
+    assert not set(oversized) & left
+    assert {input_key(user, job, 0), small_mask} <= left
