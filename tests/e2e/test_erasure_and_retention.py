@@ -102,6 +102,25 @@ def test_erasing_a_user_shreds_personal_fields_deletes_objects_and_keeps_the_led
     assert client.call("DELETE", "/me").status_code == 401  # once is all a token gets
 
 
+def _one_done(client: Client, http: httpx.Client, settings) -> str:  # type: ignore[no-untyped-def]
+    """A job of one photo, executed and done (its credit spent)."""
+    job_id = create_uploaded_job(client, 1)
+    client.data("POST", f"/jobs/{job_id}/execute", json={"concepts": EDITS})
+    callback(http, settings.callback_secret, job_id, {"idx": 0, "status": "done", "idempotency_key": f"{job_id}:0"})
+    return job_id
+
+
+def _finished_at(settings, *job_ids: str) -> list:  # type: ignore[no-untyped-def]
+    """Each job's finished_at in jobs_log, once the projector has folded every one as finished."""
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        def read() -> list:  # type: ignore[type-arg]
+            rows = dict(conn.execute("SELECT id::text, finished_at FROM palette_read.jobs_log WHERE id = ANY(%s)",
+                                     [list(job_ids)]).fetchall())
+            return [rows.get(j) for j in job_ids]
+        wait_until(lambda: None not in read(), what="the jobs to be folded as finished")
+        return read()
+
+
 @pytest.mark.parametrize("items", [2])
 def test_the_sweeper_deletes_the_objects_of_jobs_past_retention_and_nothing_newer(client, http, settings, items):
     old = create_uploaded_job(client, items)
@@ -110,17 +129,10 @@ def test_the_sweeper_deletes_the_objects_of_jobs_past_retention_and_nothing_newe
         callback(http, settings.callback_secret, old, {"idx": idx, "status": "done" if idx == 0 else "failed",
                                                        "error": "" if idx == 0 else "x",
                                                        "idempotency_key": f"{old}:{idx}"})
-    newer = create_uploaded_job(client, 1)
-    client.data("POST", f"/jobs/{newer}/execute", json={"concepts": EDITS})
-    callback(http, settings.callback_secret, newer, {"idx": 0, "status": "done", "idempotency_key": f"{newer}:0"})
-    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
-        def finished_at(job_id: str):  # type: ignore[no-untyped-def]
-            row = conn.execute("SELECT finished_at FROM palette_read.jobs_log WHERE id = %s", [job_id]).fetchone()
-            return row[0] if row else None
-        wait_until(lambda: finished_at(old) is not None and finished_at(newer) is not None,
-                   what="both jobs to be folded as finished")
-        cutoff = finished_at(old) + timedelta(microseconds=1)
-        assert finished_at(newer) >= cutoff
+    newer = _one_done(client, http, settings)
+    old_at, newer_at = _finished_at(settings, old, newer)
+    cutoff = old_at + timedelta(microseconds=1)
+    assert newer_at >= cutoff
     inputs = [k for k in _objects(settings, client.user_id) if old in k]
     assert len(inputs) == items
     sweeper = Sweeper(settings)
@@ -300,16 +312,8 @@ def test_a_job_that_spent_nothing_keeps_its_objects_a_day_and_a_paid_one_the_ret
     other.data("POST", f"/jobs/{failed}/execute", json={"concepts": EDITS})
     callback(http, settings.callback_secret, failed, {"idx": 0, "status": "failed", "error": "x",
                                                       "idempotency_key": f"{failed}:0"})
-    paid = create_uploaded_job(client, 1)
-    client.data("POST", f"/jobs/{paid}/execute", json={"concepts": EDITS})
-    callback(http, settings.callback_secret, paid, {"idx": 0, "status": "done", "idempotency_key": f"{paid}:0"})
-    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
-        def finished_at(job_id: str):  # type: ignore[no-untyped-def]
-            row = conn.execute("SELECT finished_at FROM palette_read.jobs_log WHERE id = %s", [job_id]).fetchone()
-            return row[0] if row else None
-        wait_until(lambda: all(finished_at(j) is not None for j in (canceled, failed, paid)),
-                   what="the three jobs to be folded as finished")
-        last = max(finished_at(j) for j in (canceled, failed, paid))
+    paid = _one_done(client, http, settings)
+    last = max(_finished_at(settings, canceled, failed, paid))
     days = settings.unpaid_retention_days
     assert days < settings.retention_days
     sweeper = Sweeper(settings)
