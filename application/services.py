@@ -11,7 +11,7 @@ import functools
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID
 
@@ -26,7 +26,7 @@ from application.personal import KeyDestroyed, Keyring, MemoryKeyring, Sealer
 from application.ports import Clock, IdGenerator, ObjectStore, StreamVersions
 from application.snapshots import SNAPSHOT_EVERY, SetAsList, StreamSnapshot
 from application.unit_of_work import Command, CommandExecutor, Committed, UnitOfWork, touches
-from domain.contracts.keys import MAX_INPUT_BYTES, input_key
+from domain.contracts.keys import MAX_INPUT_BYTES, REISSUE_S, input_key
 from domain.errors import InvalidState, NotFound, ValidationFailed
 from domain.job import MAX_ITEMS, Job, JobStatus, RecordedResult
 from domain.plans import DEFAULT_PLANS, Plan
@@ -679,7 +679,7 @@ class PaletteService:
             if created is not None:
                 if same is not None and not same(created):
                     raise ValidationFailed("Idempotency-Key reused with a different request")
-                self._as_created(created)
+                self._as_created(created, at)
                 return new_id
             create(uow, self._user(uow, user_id), new_id, at)
             return new_id
@@ -696,16 +696,22 @@ class PaletteService:
         return existing
 
     @staticmethod
-    def _as_created(created: Job | Rule) -> None:
+    def _as_created(created: Job | Rule, at: datetime) -> None:
         """A creation retried after its key's answer was forgotten hands the aggregate back only
         while it is as the creation left it: not deleted, and a job still waiting for its photos
-        (the answer hands out upload links). Else InvalidState: a new key creates another."""
+        and created at most REISSUE_S ago (the answer hands out upload links again, and every link
+        of a job must have expired URL_TTL_S + REISSUE_S after its creation, when the sweeper
+        deletes what they admitted beyond the largest photo). Else InvalidState: a new key creates
+        another."""
         what = type(created).__name__.lower()
         if created.deleted:
             raise InvalidState(f"the {what} this Idempotency-Key created is deleted: use a new key to create another")
         if isinstance(created, Job) and created.status != JobStatus.CREATED:
             raise InvalidState(f"the job this Idempotency-Key created is {created.status}: "
                                "use a new key to create another")
+        if isinstance(created, Job) and at - created.created_on > timedelta(seconds=REISSUE_S):
+            raise InvalidState(f"the job this Idempotency-Key created is over {REISSUE_S // 60} minutes old and its "
+                               "upload links no longer work: cancel it, and use a new key to create another")
 
     @staticmethod
     def _user(uow: UnitOfWork, user_id: UUID) -> User:

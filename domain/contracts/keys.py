@@ -5,6 +5,11 @@ from __future__ import annotations
 from uuid import UUID
 
 URL_TTL_S = 900  # a presigned link to any of these objects lives at most 15 minutes
+# A job's creation retried once its Idempotency-Key is forgotten hands its upload links out again
+# only this soon after the creation, so every upload link of a job has expired LINKS_EXPIRED_S
+# after its creation.
+REISSUE_S = 300
+LINKS_EXPIRED_S = URL_TTL_S + REISSUE_S
 # The largest photo taken: confirm-upload refuses (and deletes) a larger input, a rerun refuses
 # to copy one, and the GPU worker refuses to read one. A presigned PUT cannot bound what is sent:
 # the sweeper deletes a larger input or mask once the job's links have expired.

@@ -5,12 +5,14 @@ answer hands out upload links. Real application code over an in-memory event sto
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from uuid import UUID, uuid4
 
 import pytest
 
 from application.executors import DirectExecutor
 from application.services import PaletteApplication, PaletteService
+from domain.contracts.keys import LINKS_EXPIRED_S, REISSUE_S, URL_TTL_S
 from domain.errors import InvalidState, NotFound
 from tests.simulation import Ids, StepClock
 
@@ -59,3 +61,23 @@ def test_a_retried_creation_of_a_deleted_rule_is_refused_and_another_users_is_no
     other = service.register("another-device").value[0]
     with pytest.raises(NotFound):
         service.create_rule(other, "Kitchen", "interior", EDITS, rule_id=rule_id)
+
+
+@pytest.mark.parametrize("later_s", [REISSUE_S - 1, REISSUE_S + 1])
+def test_a_retried_creation_hands_a_job_back_only_while_links_it_hands_out_expire_in_time(later_s: int) -> None:
+    """The answer hands out upload links again, which a presigned PUT cannot bound in size: they
+    must expire within LINKS_EXPIRED_S of the job's creation, when the sweeper looks at what they
+    admitted. A retry later than REISSUE_S is refused and changes nothing."""
+    service, user_id = palette()
+    job_id = uuid4()
+    service.create_job(user_id, "interior", 3, job_id)
+    service.clock.t += timedelta(seconds=later_s)  # type: ignore[attr-defined]
+    if later_s <= REISSUE_S:
+        assert service.create_job(user_id, "interior", 3, job_id).value == job_id
+        return
+    before = service.app.recorder.max_notification_id()
+    with pytest.raises(InvalidState, match="upload links no longer work"):
+        service.create_job(user_id, "interior", 3, job_id)
+    assert service.app.recorder.max_notification_id() == before
+    assert service.get_user(user_id).reserved == 3  # the job still holds them: canceling it gives them back
+    assert LINKS_EXPIRED_S == URL_TTL_S + REISSUE_S
