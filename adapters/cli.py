@@ -745,7 +745,8 @@ def _cmd_admin(args: argparse.Namespace) -> int:
             r = sweeper.step()
         finally:
             sweeper.close()
-        print(f"swept: {r.jobs_expired} job(s) past {settings.retention_days} days expired, "
+        print(f"swept: {r.jobs_expired} job(s) expired (past {settings.retention_days} days, or "
+              f"{settings.unpaid_retention_days} having spent nothing), "
               f"{r.erasures_finished} erasure(s) finished, {r.objects_deleted} object(s) deleted")
         return 0
     from adapters.erasure import erase
@@ -950,8 +951,9 @@ def parser() -> argparse.ArgumentParser:
                             "fields' key destroyed, objects and webhooks deleted, tokens refused; the ledger "
                             "keeps its amounts (idempotent: finishes an erasure cut short)")
     er.add_argument("user_id", type=_uuid)
-    adm_sub.add_parser("sweep", help="one sweeper pass now: expire jobs past PALETTE_RETENTION_DAYS, finish "
-                       "erasures cut short")
+    adm_sub.add_parser("sweep", help="one sweeper pass now: expire jobs past PALETTE_RETENTION_DAYS (or "
+                       "PALETTE_UNPAID_RETENTION_DAYS having spent nothing), finish erasures cut short, delete "
+                       "late and oversized uploads")
     adm.set_defaults(func=_cmd_admin)
     return p
 

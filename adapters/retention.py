@@ -24,7 +24,8 @@ Each pass (every ``PALETTE_SWEEP_INTERVAL_S``):
    it); cursors in ``palette_sweeps``, every settled one in the pass, a page at a time.
 4. **Oversized uploads** — an upload link cannot bound what is sent through it (a presigned PUT
    signs no size), and confirm-upload refuses only what is there when it runs: once a job's links
-   have expired (``LATE_UPLOADS_S`` after its creation), every object under its inputs and masks
+   have expired (``LINKS_EXPIRED_S`` after its creation: a retried creation hands them out again
+   only within ``REISSUE_S`` of it), every object under its inputs and masks
    larger than ``MAX_INPUT_BYTES`` is deleted (what the GPU worker would refuse anyway), so what
    a link admits beyond it lasts at most that long plus one pass. A ``JobCreated`` position
    cursor; jobs older than the retention period are skipped (their objects expire anyway).
@@ -52,6 +53,7 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
+from botocore.exceptions import BotoCoreError, ClientError
 from eventsourcing.persistence import Notification
 from psycopg import sql
 
@@ -61,6 +63,7 @@ from adapters.objects import delete_larger, delete_prefixes
 from adapters.settings import Settings
 from domain.contracts.envelope import EventEnvelope, from_notification
 from domain.contracts.keys import (
+    LINKS_EXPIRED_S,
     MAX_INPUT_BYTES,
     URL_TTL_S,
     inputs_prefix,
@@ -82,6 +85,10 @@ DDL = ("CREATE TABLE IF NOT EXISTS palette_sweeps (name text PRIMARY KEY, at tim
 JOB_DELETED = "domain.job:Job.JobDeleted"
 JOB_CREATED = "domain.job:Job.JobCreated"
 TERMINAL = ("done", "failed", "canceled")
+UNPAID = ("failed", "canceled")  # with no item done, such a job spent no credit
+# How late the projector may fold a job's finish into jobs_log: a cursor that found nothing stays
+# this far behind its cutoff.
+PROJECTION_SLACK = timedelta(hours=1)
 UNSTARTED = ("created", "uploaded")  # never finish unless executed or canceled
 
 
@@ -138,13 +145,19 @@ def expired_jobs(conn: psycopg.Connection[Any], cutoff: datetime, after: tuple[d
 
 def unpaid_jobs(conn: psycopg.Connection[Any], cutoff: datetime, after: tuple[datetime, UUID],
                 limit: int = PAGE) -> list[tuple[UUID, UUID, datetime]]:
-    """(job, user, finished_at) of terminal jobs with no item done (every credit refunded),
-    finished after the cursor and before ``cutoff``."""
+    """(job, user, finished_at) of jobs failed or canceled with no item done (every credit
+    refunded), finished after the cursor and before ``cutoff``."""
     rows = conn.execute(
         "SELECT id, user_id, finished_at FROM palette_read.jobs_log WHERE finished_at IS NOT NULL "
         "AND (finished_at, id) > (%s, %s) AND finished_at < %s AND status = ANY(%s) AND done_items = 0 "
-        "ORDER BY finished_at, id LIMIT %s", [after[0], after[1], cutoff, list(TERMINAL), limit]).fetchall()
+        "ORDER BY finished_at, id LIMIT %s", [after[0], after[1], cutoff, list(UNPAID), limit]).fetchall()
     return [(r[0], r[1], r[2]) for r in rows]
+
+
+def latest_finish(conn: psycopg.Connection[Any], before: datetime) -> datetime | None:
+    """The last time a job finished before ``before``, as jobs_log has it."""
+    row = conn.execute("SELECT max(finished_at) FROM palette_read.jobs_log WHERE finished_at < %s", [before]).fetchone()
+    return row[0] if row else None
 
 
 def abandoned_jobs(conn: psycopg.Connection[Any], cutoff: datetime, after: tuple[datetime, UUID],
@@ -179,14 +192,12 @@ class Sweeper:
         now = now or c.service.clock.now()
         report = SweepReport()
         cutoff = now - timedelta(days=self.settings.retention_days)
-        self._retention("retention", expired_jobs, cutoff, self.settings.retention_days, report)
-        self._retention("unpaid", unpaid_jobs, now - timedelta(days=self.settings.unpaid_retention_days),
-                        self.settings.unpaid_retention_days, report)
+        self._retention(cutoff, report)
         self._abandoned(cutoff, report)
+        self._unpaid(now - timedelta(days=self.settings.unpaid_retention_days), report)
         report.erasures_finished += self.finish_erasures(erasure_grace_s)
-        settled = now - timedelta(seconds=LATE_UPLOADS_S)
-        report.objects_deleted += self._late_uploads(settled)
-        report.objects_deleted += self._oversized_uploads(settled, cutoff)
+        report.objects_deleted += self._late_uploads(now - timedelta(seconds=LATE_UPLOADS_S))
+        report.objects_deleted += self._oversized_uploads(now - timedelta(seconds=LINKS_EXPIRED_S), cutoff)
         if report.jobs_expired or report.erasures_finished or report.objects_deleted:
             log.info("sweep: %d job(s) expired, %d erasure(s) finished, %d object(s) deleted",
                      report.jobs_expired, report.erasures_finished, report.objects_deleted)
@@ -197,7 +208,7 @@ class Sweeper:
         them short); how many were. One that fails is logged and tried again once its wait is
         over, the others go on (a cursor: failing ones first in line cannot hide the rest)."""
         c = self.container
-        finished, after, waiting = 0, (EPOCH, NO_ID), set()
+        finished, after, waiting, recovered = 0, (EPOCH, NO_ID), set(), False
         while True:
             with c.read_pool.connection() as conn:
                 pending = unfinished_erasures(conn, grace_s, after, PAGE)
@@ -213,11 +224,15 @@ class Sweeper:
                     self._failed(user_id, failures + 1)
                     waiting.add(user_id)
                     continue
-                self._failing.pop(user_id, None)
+                recovered |= self._failing.pop(user_id, None) is not None
                 finished += 1
             if len(pending) < PAGE:
-                # users finished by someone else (an API request, `palette admin sweep`) are forgotten
-                self._failing = {u: f for u, f in self._failing.items() if u in waiting}
+                # Users finished by someone else (an API request, `palette admin sweep`) are
+                # forgotten. An erasure that had failed and now finished says the cause may be
+                # gone (they all failed while S3 was away, say): the others wait no longer, their
+                # failures still counted.
+                self._failing = {u: (n, 0.0 if recovered else retry_at)
+                                 for u, (n, retry_at) in self._failing.items() if u in waiting}
                 return finished
 
     def _failed(self, user_id: UUID, failures: int) -> None:
@@ -229,25 +244,57 @@ class Sweeper:
             log.warning("could not finish the erasure of %s (%d tries); retrying in %.0f s", user_id, failures,
                         wait_s)
 
-    def _retention(self, name: str, finished: Callable[..., list[tuple[UUID, UUID, datetime]]],
-                   cutoff: datetime, days: int, report: SweepReport) -> None:
-        """Delete the objects of the jobs ``finished`` lists before ``cutoff`` and record
-        ``ObjectsExpired`` (after ``days``) on each; a cursor ``name``."""
+    def _retention(self, cutoff: datetime, report: SweepReport) -> None:
         c = self.container
         with c.read_pool.connection() as conn:
-            after = _cursor(conn, name)
+            after = _cursor(conn, "retention")
         while True:
             with c.read_pool.connection() as conn:
-                jobs = finished(conn, cutoff, (after.at, after.id), PAGE)
+                jobs = expired_jobs(conn, cutoff, (after.at, after.id), PAGE)
             if not jobs:
                 return
             for job_id, user_id, finished_at in jobs:
                 report.objects_deleted += delete_prefixes(c.s3, c.settings.s3_bucket, job_prefixes(user_id, job_id))
-                if c.service.executor.execute(c.service.expire_job_command(job_id, days)).value:
+                if c.service.executor.execute(c.service.expire_job_command(job_id, self.settings.retention_days)).value:
                     report.jobs_expired += 1
                 after = Cursor(finished_at, job_id)
             with c.read_pool.connection() as conn:
-                _save(conn, name, after)
+                _save(conn, "retention", after)
+
+    def _unpaid(self, cutoff: datetime, report: SweepReport) -> None:
+        """Expire the objects of the jobs that finished before ``cutoff`` having spent nothing, as
+        the job itself says (the read model only points at them). One whose objects cannot be
+        deleted is logged and left to the retention pass, so it holds back no other."""
+        c, days = self.container, self.settings.unpaid_retention_days
+        with c.read_pool.connection() as conn:
+            after = _cursor(conn, "unpaid")
+        while True:
+            with c.read_pool.connection() as conn:
+                jobs = unpaid_jobs(conn, cutoff, (after.at, after.id), PAGE)
+                latest = latest_finish(conn, cutoff) if len(jobs) < PAGE else None
+            for job_id, user_id, finished_at in jobs:
+                after = Cursor(finished_at, job_id)
+                job = c.service.executor.read(job_id)
+                if not (isinstance(job, Job) and job.status in UNPAID and job.done_items == 0):
+                    continue
+                try:
+                    report.objects_deleted += delete_prefixes(c.s3, c.settings.s3_bucket,
+                                                              job_prefixes(user_id, job_id))
+                except (OSError, BotoCoreError, ClientError):
+                    log.warning("could not delete the objects of unpaid job %s; the retention pass will",
+                                job_id, exc_info=True)
+                    continue
+                if c.service.executor.execute(c.service.expire_job_command(job_id, days)).value:
+                    report.jobs_expired += 1
+            if latest is not None:
+                # None left before the cutoff: the cursor moves up to the last finish before it,
+                # less what the projector may still fold (else each pass read again everything
+                # that finished since the last unpaid one).
+                after = max(after, Cursor(latest - PROJECTION_SLACK), key=lambda k: (k.at, k.id))
+            with c.read_pool.connection() as conn:
+                _save(conn, "unpaid", after)
+            if len(jobs) < PAGE:
+                return
 
     def _abandoned(self, cutoff: datetime, report: SweepReport) -> None:
         """Cancel (refunding) the jobs created before ``cutoff`` and never executed nor canceled,

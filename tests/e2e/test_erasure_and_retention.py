@@ -313,23 +313,38 @@ def test_a_job_that_spent_nothing_keeps_its_objects_a_day_and_a_paid_one_the_ret
     callback(http, settings.callback_secret, failed, {"idx": 0, "status": "failed", "error": "x",
                                                       "idempotency_key": f"{failed}:0"})
     paid = _one_done(client, http, settings)
-    last = max(_finished_at(settings, canceled, failed, paid))
+    partly = create_uploaded_job(other, 2)  # one item done, then canceled: one credit spent
+    other.data("POST", f"/jobs/{partly}/execute", json={"concepts": EDITS})
+    callback(http, settings.callback_secret, partly, {"idx": 0, "status": "done", "idempotency_key": f"{partly}:0"})
+    other.data("POST", f"/jobs/{partly}/cancel")
+    last = max(_finished_at(settings, canceled, failed, paid, partly))
     days = settings.unpaid_retention_days
     assert days < settings.retention_days
     sweeper = Sweeper(settings)
     try:
         sweeper.step(now=last + timedelta(days=days) - timedelta(seconds=LATE_UPLOADS_S))  # a day not yet over
         held = _objects(settings, client.user_id) | _objects(settings, other.user_id)
-        assert all(any(j in k for k in held) for j in (canceled, failed, paid))
+        assert all(any(j in k for k in held) for j in (canceled, failed, paid, partly))
         assert client.call("POST", f"/jobs/{canceled}/rerun").status_code == 201  # meanwhile, a rerun works
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:  # a read model astray
+            conn.execute("UPDATE palette_read.jobs_log SET status = 'canceled', done_items = 0 WHERE id = %s", [paid])
         report = sweeper.step(now=last + timedelta(days=days, seconds=1))
     finally:
         sweeper.close()
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:  # as the log says again
+            conn.execute("UPDATE palette_read.jobs_log SET status = 'done', done_items = 1 WHERE id = %s", [paid])
     assert report.jobs_expired >= 2
     held = _objects(settings, client.user_id) | _objects(settings, other.user_id)
-    assert not any(canceled in k or failed in k for k in held) and any(paid in k for k in held)
+    assert not any(canceled in k or failed in k for k in held)
+    assert any(paid in k for k in held) and any(partly in k for k in held)
     r = client.call("POST", f"/jobs/{canceled}/rerun")
     assert r.status_code == 409 and r.json()["error"]["code"] == "INVALID_STATE", r.text
+    app = open_event_store(settings)
+    try:
+        expired = [e for e in Replayer(app).stream(uuid.UUID(canceled)) if e.type == "ObjectsExpired"]
+    finally:
+        app.close()
+    assert [e.data["retention_days"] for e in expired] == [days]
 
 
 def test_what_an_upload_link_admitted_beyond_the_largest_photo_is_deleted_once_the_links_expired(client, settings):
@@ -338,7 +353,7 @@ def test_what_an_upload_link_admitted_beyond_the_largest_photo_is_deleted_once_t
     from datetime import UTC, datetime
 
     from adapters.retention import LATE_UPLOADS_S
-    from domain.contracts.keys import MAX_INPUT_BYTES, input_key, mask_key
+    from domain.contracts.keys import MAX_INPUT_BYTES, input_key, mask_key, used_mask_key
 
     job_id = create_uploaded_job(client, 2)
     user, job = uuid.UUID(client.user_id), uuid.UUID(job_id)
@@ -349,6 +364,9 @@ def test_what_an_upload_link_admitted_beyond_the_largest_photo_is_deleted_once_t
         s3.put_object(Bucket=settings.s3_bucket, Key=key, Body=big)
     small_mask = mask_key(user, job, 0, "floor")
     s3.put_object(Bucket=settings.s3_bucket, Key=small_mask, Body=b"\x89PNG small")
+    at_the_bound = [input_key(user, job, 0), used_mask_key(user, job, 0, "wall")]  # the worker's own, too
+    for key in at_the_bound:
+        s3.put_object(Bucket=settings.s3_bucket, Key=key, Body=big[:MAX_INPUT_BYTES])
     sweeper = Sweeper(settings)
     try:
         sweeper.step(now=datetime.now(UTC))  # the links may still be in use
@@ -359,4 +377,4 @@ def test_what_an_upload_link_admitted_beyond_the_largest_photo_is_deleted_once_t
     assert report.objects_deleted >= 2
     left = _objects(settings, client.user_id)
     assert not set(oversized) & left
-    assert {input_key(user, job, 0), small_mask} <= left
+    assert {small_mask, *at_the_bound} <= left

@@ -248,3 +248,43 @@ def test_an_erasure_that_keeps_failing_waits_longer_each_time_and_holds_back_no_
         assert broken_id not in sweeper._failing
     finally:
         sweeper.close()
+
+
+def test_once_an_erasure_that_had_failed_finishes_the_others_waiting_are_tried_at_once(
+        http, settings, monkeypatch):
+    """S3 away: every erasure fails and waits longer each time. The first that finishes again
+    says it is back, so the others are tried at the next pass, not at the end of their wait."""
+    import adapters.retention
+
+    first, second = Client(http), Client(http)
+    for client in (first, second):
+        create_uploaded_job(client, 1)
+        _crash_mid_erasure(settings, uuid.UUID(client.user_id), "deleting objects")
+    ids = {uuid.UUID(first.user_id), uuid.UUID(second.user_id)}
+    tries: list[uuid.UUID] = []
+    refused = set(ids)
+
+    def erase_through(service: Any, pool: Any, s3: Any, bucket: str, user_id: uuid.UUID, **kw: Any) -> Any:
+        if user_id in ids:
+            tries.append(user_id)
+            if user_id in refused:
+                raise OSError("S3 is away")
+        return erase(service, pool, s3, bucket, user_id, **kw)
+
+    monkeypatch.setattr(adapters.retention, "erase", erase_through)
+    sweeper = Sweeper(settings.model_copy(update={"erasure_sweep_s": 30.0}))
+    now = [1000.0]
+    sweeper.clock = lambda: now[0]
+    try:
+        sweeper.finish_erasures(0.0)  # both fail: 30 s to wait
+        assert sorted(tries) == sorted(ids)
+        refused.discard(uuid.UUID(first.user_id))  # S3 back, the second still refused this time
+        now[0] += 30.0
+        sweeper.finish_erasures(0.0)  # the first finishes; the second fails again (60 s to wait)
+        assert _completed(settings, uuid.UUID(first.user_id)) and len(tries) == 4
+        refused.clear()
+        now[0] += 1.0
+        sweeper.finish_erasures(0.0)  # before: not tried again for 60 s
+        assert len(tries) == 5 and _completed(settings, uuid.UUID(second.user_id))
+    finally:
+        sweeper.close()
