@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Container
 from typing import Any, Protocol
@@ -80,15 +81,19 @@ def storable(status: int) -> bool:
     return status < 500 and status not in (401, 409, 422, 429)
 
 
+_HEX = "[0-9a-fA-F]"
+_HYPHENATED = f"{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}"
+# The spellings of an id the routes' UUID parameters take (pydantic's): any case, with or without
+# its hyphens, in braces, or after "urn:uuid:".
+_ID_SPELLINGS = re.compile(f"{_HYPHENATED}|{_HEX}{{32}}|\\{{{_HYPHENATED}\\}}|urn:uuid:{_HYPHENATED}")
+
+
 def canonical_path(path: str) -> str:
-    """``path`` with each id in the form the routes read it in: they take an id in any spelling
-    (upper case, no hyphens, braces, ``urn:uuid:``) as the same one, so a retry must match too."""
-    def one(segment: str) -> str:
-        try:
-            return str(uuid.UUID(segment))
-        except ValueError:
-            return segment
-    return "/".join(one(segment) for segment in path.split("/"))
+    """``path`` with each id in the one form the routes read it as: they take an id in any of its
+    spellings as the same one, so a retry that spells it otherwise must be the same request; a
+    segment the routes would refuse is left as it is."""
+    return "/".join(str(uuid.UUID(segment)) if _ID_SPELLINGS.fullmatch(segment) else segment
+                    for segment in path.split("/"))
 
 
 def _valid_key(key: bytes) -> bool:

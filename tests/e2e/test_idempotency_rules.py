@@ -220,14 +220,16 @@ def test_rule_writes_are_limited_per_user_in_a_budget_of_their_own(client: Clien
 
 def test_a_retry_spelling_the_job_id_another_way_is_the_same_request(client: Client) -> None:
     """The routes read an id in any spelling as the same one; a retry that spells it otherwise
-    (upper case, no hyphens) is the same request, replayed, not a key reused for another."""
+    (upper case, no hyphens, braces, a urn) is the same request, replayed, not a key reused for
+    another; a spelling the routes refuse is not the same request."""
     job_id = client.data("POST", "/jobs", 201, json=JOB)["job_id"]
     key = f"k-{uuid.uuid4()}"
     first = client.call("POST", f"/jobs/{job_id}/cancel", headers={"Idempotency-Key": key})
     assert first.status_code == 200, first.text
-    for spelling in (job_id.upper(), job_id.replace("-", "")):
+    for spelling in (job_id.upper(), job_id.replace("-", ""), f"{{{job_id}}}", f"urn:uuid:{job_id}"):
         again = client.call("POST", f"/jobs/{spelling}/cancel", headers={"Idempotency-Key": key})
         assert again.status_code == 200 and again.headers.get("idempotent-replayed") == "true", again.text
         assert again.json()["data"] == first.json()["data"]
-    other = client.call("POST", f"/jobs/{uuid.uuid4()}/cancel", headers={"Idempotency-Key": key})
-    assert other.status_code == 422, other.text  # another job is another request
+    for other_path in (f"/jobs/{uuid.uuid4()}/cancel", f"/jobs/uuid:{job_id}/cancel"):
+        other = client.call("POST", other_path, headers={"Idempotency-Key": key})
+        assert other.status_code == 422, other.text  # another job, or no job, is another request
