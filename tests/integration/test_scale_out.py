@@ -102,13 +102,13 @@ def test_two_instances_on_external_services_keep_every_invariant(external):
             data_dir = Path(tempfile.mkdtemp(prefix=f"palette-instance{n}-"))
             env = {**shared, "PALETTE_DATA_DIR": str(data_dir), "PALETTE_API_PORT": str(_free_port(rng)),
                    "PALETTE_METRICS_PORT": "0"}
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "adapters.cli", "up", "--external", "--apps", *APPS], env=env,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            with (data_dir / "up.log").open("wb") as out:  # kept for the message should it not answer
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "adapters.cli", "up", "--external", "--apps", *APPS], env=env,
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             settings = infra.model_copy(update={"data_dir": data_dir, "api_port": int(env["PALETTE_API_PORT"])})
             instances.append((proc, settings, data_dir))
-            url = f"http://127.0.0.1:{settings.api_port}/health"
-            wait_until(lambda u=url: _healthy(u), timeout_s=180, what=f"instance {n} to answer")
+            _wait_healthy(f"http://127.0.0.1:{settings.api_port}/health", proc, data_dir, n)
         report = Report(minutes=LOAD_S / 60)
         load = AlternatingLoad([f"http://127.0.0.1:{s.api_port}" for _, s, _ in instances], report, seed=5)
         threads = [threading.Thread(target=load.run, daemon=True) for _ in range(CLIENTS)]
@@ -139,4 +139,19 @@ def _healthy(url: str) -> bool:
         return httpx.get(url, timeout=5).json()["data"]["status"] == "ok"
     except (httpx.HTTPError, ValueError, KeyError):
         return False
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], data_dir: Path, n: int) -> None:
+    """Wait for the instance's /health to say ok; if it does not within 180 s, fail with what it
+    answered last, whether ``palette up`` still runs, and the end of its output."""
+    try:
+        wait_until(lambda: _healthy(url), timeout_s=180, what=f"instance {n} to answer")
+    except AssertionError as e:
+        try:
+            last = httpx.get(url, timeout=5).text
+        except httpx.HTTPError as error:
+            last = repr(error)
+        tail = (data_dir / "up.log").read_text(errors="replace")[-4000:]
+        raise AssertionError(f"{e}; /health: {last[:500]}; palette up exit code: {proc.poll()}; "
+                             f"its output ends:\n{tail}") from None
 
