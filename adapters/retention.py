@@ -254,9 +254,7 @@ class Sweeper:
             if not jobs:
                 return
             for job_id, user_id, finished_at in jobs:
-                report.objects_deleted += delete_prefixes(c.s3, c.settings.s3_bucket, job_prefixes(user_id, job_id))
-                if c.service.executor.execute(c.service.expire_job_command(job_id, self.settings.retention_days)).value:
-                    report.jobs_expired += 1
+                self._expire(user_id, job_id, self.settings.retention_days, report)
                 after = Cursor(finished_at, job_id)
             with c.read_pool.connection() as conn:
                 _save(conn, "retention", after)
@@ -278,14 +276,10 @@ class Sweeper:
                 if not (isinstance(job, Job) and job.status in UNPAID and job.done_items == 0):
                     continue
                 try:
-                    report.objects_deleted += delete_prefixes(c.s3, c.settings.s3_bucket,
-                                                              job_prefixes(user_id, job_id))
+                    self._expire(user_id, job_id, days, report)
                 except (OSError, BotoCoreError, ClientError):
                     log.warning("could not delete the objects of unpaid job %s; the retention pass will",
                                 job_id, exc_info=True)
-                    continue
-                if c.service.executor.execute(c.service.expire_job_command(job_id, days)).value:
-                    report.jobs_expired += 1
             if latest is not None:
                 # None left before the cutoff: the cursor moves up to the last finish before it,
                 # less what the projector may still fold (else each pass read again everything
@@ -295,6 +289,13 @@ class Sweeper:
                 _save(conn, "unpaid", after)
             if len(jobs) < PAGE:
                 return
+
+    def _expire(self, user_id: UUID, job_id: UUID, days: int, report: SweepReport) -> None:
+        """Delete a job's objects, then record ``ObjectsExpired`` (after ``days``) on it."""
+        c = self.container
+        report.objects_deleted += delete_prefixes(c.s3, c.settings.s3_bucket, job_prefixes(user_id, job_id))
+        if c.service.executor.execute(c.service.expire_job_command(job_id, days)).value:
+            report.jobs_expired += 1
 
     def _abandoned(self, cutoff: datetime, report: SweepReport) -> None:
         """Cancel (refunding) the jobs created before ``cutoff`` and never executed nor canceled,
@@ -317,10 +318,7 @@ class Sweeper:
                 except DomainError as e:  # its user erased meanwhile: the erasure deletes it
                     log.info("job %s not canceled for retention: %s", job_id, e)
                 else:
-                    report.objects_deleted += delete_prefixes(c.s3, c.settings.s3_bucket,
-                                                              job_prefixes(user_id, job_id))
-                    if c.service.executor.execute(c.service.expire_job_command(job_id, days)).value:
-                        report.jobs_expired += 1
+                    self._expire(user_id, job_id, days, report)
                 after = Cursor(created_at, job_id)
             with c.read_pool.connection() as conn:
                 _save(conn, "abandoned", after)

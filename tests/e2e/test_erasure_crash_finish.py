@@ -202,32 +202,47 @@ def test_two_sweepers_finishing_one_erasure_at_once_record_erased_once_and_both_
     assert sum(t.endswith(".Erased") for t in topics) == 1
 
 
+def _erasures_tried(monkeypatch: pytest.MonkeyPatch, watched: set[uuid.UUID],
+                    refused: set[uuid.UUID]) -> list[uuid.UUID]:
+    """The sweeper's erasures, each of ``watched`` users noted as tried and failing while the
+    user is in ``refused`` (S3 refusing the deletions); the list of tries."""
+    import adapters.retention
+
+    tries: list[uuid.UUID] = []
+
+    def erase_through(service: Any, pool: Any, s3: Any, bucket: str, user_id: uuid.UUID, **kw: Any) -> Any:
+        if user_id in watched:
+            tries.append(user_id)
+            if user_id in refused:
+                raise OSError("S3 refused the deletion")
+        return erase(service, pool, s3, bucket, user_id, **kw)
+
+    monkeypatch.setattr(adapters.retention, "erase", erase_through)
+    return tries
+
+
+def _sweeper_on_a_clock(settings: Settings) -> tuple[Sweeper, list[float]]:
+    """A sweeper whose clock reads the list's one item (waits from 30 s)."""
+    sweeper = Sweeper(settings.model_copy(update={"erasure_sweep_s": 30.0}))
+    now = [1000.0]
+    sweeper.clock = lambda: now[0]
+    return sweeper, now
+
+
 def test_an_erasure_that_keeps_failing_waits_longer_each_time_and_holds_back_no_other(
         http, settings, monkeypatch, caplog):
     """Its S3 deletions fail (a bucket policy, say): the other erasure is finished, this one is
     tried again only once its wait is over, a wait that doubles, its traceback logged once; once
     S3 lets it, it is finished and forgotten."""
-    import adapters.retention
 
     broken, fine = Client(http), Client(http)
     for client in (broken, fine):
         create_uploaded_job(client, 1)
         _crash_mid_erasure(settings, uuid.UUID(client.user_id), "deleting objects")
     broken_id = uuid.UUID(broken.user_id)
-    tries: list[uuid.UUID] = []
-    s3_refuses = True
-
-    def erase_through(service: Any, pool: Any, s3: Any, bucket: str, user_id: uuid.UUID, **kw: Any) -> Any:
-        if user_id == broken_id:
-            tries.append(user_id)
-            if s3_refuses:
-                raise OSError("S3 refused the deletion")
-        return erase(service, pool, s3, bucket, user_id, **kw)
-
-    monkeypatch.setattr(adapters.retention, "erase", erase_through)
-    sweeper = Sweeper(settings.model_copy(update={"erasure_sweep_s": 30.0}))
-    now = [1000.0]
-    sweeper.clock = lambda: now[0]
+    refused = {broken_id}
+    tries = _erasures_tried(monkeypatch, {broken_id}, refused)
+    sweeper, now = _sweeper_on_a_clock(settings)
     try:
         assert sweeper.finish_erasures(0.0) >= 1
         assert _completed(settings, uuid.UUID(fine.user_id)) and not _completed(settings, broken_id)
@@ -241,7 +256,7 @@ def test_an_erasure_that_keeps_failing_waits_longer_each_time_and_holds_back_no_
         assert len(logged) == 3 and [r.exc_info is not None for r in logged] == [True, False, False]
         assert "retrying in 120 s" in logged[-1].getMessage()
 
-        s3_refuses = False
+        refused.clear()
         now[0] += 1.0
         assert sweeper.finish_erasures(0.0) >= 1 and len(tries) == 4
         assert _completed(settings, broken_id) and _objects(settings, broken.user_id) == set()
@@ -254,27 +269,15 @@ def test_once_an_erasure_that_had_failed_finishes_the_others_waiting_are_tried_a
         http, settings, monkeypatch):
     """S3 away: every erasure fails and waits longer each time. The first that finishes again
     says it is back, so the others are tried at the next pass, not at the end of their wait."""
-    import adapters.retention
 
     first, second = Client(http), Client(http)
     for client in (first, second):
         create_uploaded_job(client, 1)
         _crash_mid_erasure(settings, uuid.UUID(client.user_id), "deleting objects")
     ids = {uuid.UUID(first.user_id), uuid.UUID(second.user_id)}
-    tries: list[uuid.UUID] = []
     refused = set(ids)
-
-    def erase_through(service: Any, pool: Any, s3: Any, bucket: str, user_id: uuid.UUID, **kw: Any) -> Any:
-        if user_id in ids:
-            tries.append(user_id)
-            if user_id in refused:
-                raise OSError("S3 is away")
-        return erase(service, pool, s3, bucket, user_id, **kw)
-
-    monkeypatch.setattr(adapters.retention, "erase", erase_through)
-    sweeper = Sweeper(settings.model_copy(update={"erasure_sweep_s": 30.0}))
-    now = [1000.0]
-    sweeper.clock = lambda: now[0]
+    tries = _erasures_tried(monkeypatch, ids, refused)
+    sweeper, now = _sweeper_on_a_clock(settings)
     try:
         sweeper.finish_erasures(0.0)  # both fail: 30 s to wait
         assert sorted(tries) == sorted(ids)
