@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from adapters import checkpoints, cli
+from adapters.cli.connect import event_store
 from tests.unit.test_cli_outputs_and_pipes import into_closed_pipe
 
 
@@ -43,7 +44,7 @@ def one_line(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
 
 
 def head(settings: Any) -> int:
-    app: Any = cli._event_store(settings)
+    app = event_store(settings)
     try:
         return int(app.recorder.max_notification_id() or 0)
     finally:

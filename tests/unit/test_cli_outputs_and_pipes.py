@@ -123,21 +123,21 @@ def test_a_broken_pipe_that_is_not_stdout_is_not_taken_for_a_closed_reader(
 
 def test_an_output_path_is_tried_for_writing_not_judged_by_its_permission_bits(tmp_path: Path) -> None:
     """As root every permission bit passes; /proc takes no new file whoever asks."""
-    from adapters.cli import _unwritable
+    from adapters.cli.outputs import unwritable
 
-    assert _unwritable(Path("/proc/palette-out.json")) is not None
-    assert _unwritable(tmp_path) == os.strerror(errno.EISDIR)
+    assert unwritable(Path("/proc/palette-out.json")) is not None
+    assert unwritable(tmp_path) == os.strerror(errno.EISDIR)
     fresh = tmp_path / "out.json"
-    assert _unwritable(fresh) is None and not fresh.exists()  # tried, then removed
+    assert unwritable(fresh) is None and not fresh.exists()  # tried, then removed
     kept = tmp_path / "kept.json"
     kept.write_text("before")
-    assert _unwritable(kept) is None and kept.read_text() == "before"
+    assert unwritable(kept) is None and kept.read_text() == "before"
     link = tmp_path / "link.json"  # dangling: what a write would make is its target, tried and removed
     link.symlink_to(tmp_path / "target.json")
-    assert _unwritable(link) is None and link.is_symlink() and not (tmp_path / "target.json").exists()
+    assert unwritable(link) is None and link.is_symlink() and not (tmp_path / "target.json").exists()
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    assert _unwritable(fifo) is not None  # no reader: refused at once, not waited on
+    assert unwritable(fifo) is not None  # no reader: refused at once, not waited on
 
 
 def test_a_database_error_line_never_shows_a_password() -> None:

@@ -1,0 +1,74 @@
+"""The `palette` command line. Each module adds the commands of one audience: stack (env, up,
+serve), read_models (projections), analysts (replay, export, query), auditors (audit), operators
+(token, admin) and bench; this one parses and runs them, and turns the failures a user can fix
+into one line and an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+
+from adapters.cli import analysts, auditors, bench, operators, read_models, stack
+from adapters.cli.outputs import SIGPIPE_EXIT, stdout_closed, stdout_gone
+from adapters.settings import SettingsError
+from infra.supervisor import StackError
+
+COMMANDS = (stack, read_models, analysts, auditors, bench, operators)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="palette", description="Palette: event-sourced photo-editing backend.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for commands in COMMANDS:
+        commands.add_commands(sub)
+    return p
+
+
+def _is_unreachable(e: BaseException) -> bool:
+    import psycopg
+    from eventsourcing.persistence import OperationalError
+
+    return isinstance(e, (psycopg.OperationalError, OperationalError))
+
+
+def _reason(e: BaseException) -> str:
+    """The driver's last line (``password authentication failed for user ...``), a password
+    in it masked (libpq quotes a connection string it cannot parse, or the host name an unescaped
+    ``@`` in a password made), or the error's class."""
+    lines = str(e).strip().splitlines()
+    if not lines:
+        return type(e).__name__
+    line = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", lines[-1].strip())
+    line = re.sub(r'"[^"]*@[^"]*"', '"***"', line)  # a host name holding part of a URL's password
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", line, flags=re.IGNORECASE)[:200]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code = int(args.func(args))
+        sys.stdout.flush()  # a reader gone away shows here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        if not stdout_closed():
+            raise  # a socket's peer went away, not stdout's reader
+        return stdout_gone()
+    except (SettingsError, StackError) as e:
+        print(f"palette {args.command}: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if _is_unreachable(e):
+            print(f"palette {args.command}: cannot reach PostgreSQL ({_reason(e)}); "
+                  "is the stack up (`make run`) and PALETTE_DATABASE_URL right?", file=sys.stderr)
+            return 3
+        if isinstance(e, OSError) and e.filename is not None:  # a file we read or write
+            print(f"palette {args.command}: {e.filename}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["SIGPIPE_EXIT", "main", "parser"]

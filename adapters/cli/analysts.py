@@ -1,0 +1,203 @@
+"""The analysts' commands: `palette replay` (streams, the log, state as of a point), `palette
+export` (a read model as Parquet) and `palette query` (one SELECT in DuckDB)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapters.cli.arguments import row_limit, time_value, uuid_value
+from adapters.cli.connect import erased_users, event_store, running_settings
+from adapters.cli.outputs import with_progress
+
+if TYPE_CHECKING:
+    from adapters.cli.arguments import Subcommands
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    import json
+
+    from projections.replay import Replayer, as_csv, as_jsonl
+
+    if getattr(args, "out", None) is not None and args.format != "parquet":
+        print(f"palette replay all: --out is for --format parquet; {args.format} goes to stdout "
+              f"(redirect it: > FILE)", file=sys.stderr)
+        return 2
+    if args.action == "state" and args.version is not None and args.version < 1:
+        print(f"palette replay state: --version must be 1 or more, not {args.version}", file=sys.stderr)
+        return 2
+    if args.action == "all" and (why := _bad_window(args.from_position, args.since, args.until)):
+        print(f"palette replay all: {why}", file=sys.stderr)
+        return 2
+    settings = running_settings()
+    app = event_store(settings)
+    replayer = Replayer(app, erased_users(settings))
+    out = sys.stdout
+    try:
+        if args.action == "state":
+            try:  # no such stream, none of its events by then, or not that many versions
+                state = replayer.state(args.id, version=args.version, as_of=args.as_of)
+            except LookupError as e:
+                print(f"palette replay state: {e.args[0]}", file=sys.stderr)
+                return 2
+            print(json.dumps(state, indent=2))
+            return 0
+        if args.action == "stream":
+            try:
+                envelopes = replayer.existing_stream(args.id)
+            except LookupError as e:
+                print(f"palette replay stream: {e.args[0]}", file=sys.stderr)
+                return 2
+        elif args.format == "parquet":
+            return _replay_parquet(args, app, replayer)
+        else:
+            try:
+                if args.format == "jsonl" and args.since is None and args.until is None:
+                    for line in with_progress(replayer.all_jsonl(args.from_position, args.type or None)):
+                        out.buffer.write(line)
+                    out.flush()
+                    return 0
+                envelopes = replayer.all(start=args.from_position, since=args.since, until=args.until,
+                                         types=args.type or None)
+                envelopes = with_progress(envelopes)
+            except ValueError as e:
+                print(f"palette replay all: {e}", file=sys.stderr)
+                return 2
+        if args.format == "csv":
+            for line in as_csv(envelopes):
+                out.write(line)
+        else:
+            for chunk in as_jsonl(envelopes):
+                out.buffer.write(chunk)
+        out.flush()
+    finally:
+        app.close()
+    return 0
+
+
+def _bad_window(from_position: int, since: datetime | None, until: datetime | None) -> str | None:
+    """Why ``replay all``'s window holds nothing by construction (None: it may hold events)."""
+    if from_position < 1:
+        return f"--from must be a notification id (1 or more), not {from_position}"
+    if since is not None and until is not None and until < since:
+        return "the period's end (--until) must be after its start (--since)"
+    return None
+
+
+def _replay_parquet(args: argparse.Namespace, app: Any, replayer: Any) -> int:
+    from projections.parquet import ExportError, export_log
+
+    if args.out is None:
+        print("palette replay all: --format parquet writes a dataset: give --out DIR", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    shown = [0]
+
+    def progress(n: int) -> None:
+        if n - shown[0] >= 100_000:
+            shown[0] = n
+            print(f"  {n:,} events ({n / max(time.monotonic() - t0, 1e-9):,.0f}/s)", file=sys.stderr, flush=True)
+
+    try:
+        start = max(args.from_position, replayer.position_at(args.since) if args.since else 1)
+        stats = export_log(app.recorder, app.mapper.transcoder, args.out, start, args.since, args.until,
+                           args.type or None, progress, replayer.erased)
+    except ExportError as e:
+        print(f"palette replay all: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"palette replay all: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    seconds = time.monotonic() - t0
+    print(f"wrote {stats.events:,} events in {seconds:.1f}s ({stats.events / max(seconds, 1e-9):,.0f}/s) to "
+          f"{args.out}: {len(stats.partitions)} partitions (type, day), {stats.files} files, "
+          f"{stats.bytes / 1e6:.1f} MB", file=sys.stderr)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from adapters.keyring import all_erased
+    from projections.parquet import ExportError, export_table
+
+    settings = running_settings()
+    with psycopg.connect(settings.effective_database_url) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        try:
+            with conn.transaction():
+                stats = export_table(conn, args.name, args.out, all_erased(conn))
+        except ExportError as e:
+            print(f"palette export: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"palette export: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+            return 2
+    print(f"exported {args.name}: {stats.events:,} rows to {args.out / args.name} ({stats.bytes / 1e6:.2f} MB)",
+          file=sys.stderr)
+    return 0
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from adapters.query import QueryError, render, run
+
+    settings = running_settings()
+    try:
+        result = run(args.sql, args.data, None if args.no_db else settings.effective_database_url, args.limit,
+                     args.timeout)
+    except QueryError as e:
+        print(f"palette query: {e}", file=sys.stderr)
+        return 2
+    print(render(result, args.format))
+    if result.truncated:
+        print(f"palette query: showing the first {args.limit:,} rows (--limit N for more)", file=sys.stderr)
+    return 0
+
+
+def add_commands(sub: Subcommands) -> None:
+    replay = sub.add_parser("replay", help="analysts: replay streams or the log; state as of a point")
+    rsub = replay.add_subparsers(dest="action", required=True)
+    rs = rsub.add_parser("stream", help="one stream's events in version order")
+    rs.add_argument("id", type=uuid_value)
+    ra = rsub.add_parser("all", help="the global log in commit order")
+    ra.add_argument("--from", dest="from_position", type=int, default=1, help="first notification id")
+    ra.add_argument("--since", type=time_value, metavar="TIME", help="first event time (ISO-8601; no offset: UTC)")
+    ra.add_argument("--until", type=time_value, metavar="TIME", help="last event time (ISO-8601; no offset: UTC)")
+    ra.add_argument("--type", action="append", help="only these event types (repeatable)")
+    rs.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    ra.add_argument("--format", choices=("jsonl", "csv", "parquet"), default="jsonl",
+                    help="parquet: a dataset under --out partitioned by event type and day "
+                    "(type=<Event>/day=<date>/), each event's data as typed columns")
+    ra.add_argument("--out", type=Path, help="the Parquet dataset's directory (--format parquet; must not hold one)")
+    rst = rsub.add_parser("state", help="an aggregate's state folded up to a version or a time")
+    rst.add_argument("id", type=uuid_value)
+    point = rst.add_mutually_exclusive_group(required=True)
+    point.add_argument("--version", type=int)
+    point.add_argument("--as-of", type=time_value)
+    replay.set_defaults(func=_cmd_replay)
+
+    exp = sub.add_parser("export", help="analysts: a read model as Parquet (one read-only snapshot)")
+    exp.add_argument("name", choices=("jobs_log", "job_items_log", "billing_events", "users", "rules"))
+    exp.add_argument("--format", choices=("parquet",), default="parquet")
+    exp.add_argument("--out", type=Path, required=True, help="writes OUT/<name>/part-00000.parquet")
+    exp.set_defaults(func=_cmd_export)
+
+    qry = sub.add_parser("query", help="analysts: one SQL SELECT (DuckDB) over Parquet exports and the read models",
+                         description="Views: one per event type (JobCreated, ...) and `events` over the dataset of "
+                         "`palette replay all --format parquet --out DIR`, and each read model exported under DIR "
+                         "by `palette export`. A read model the SQL names without an export is loaded from "
+                         "PostgreSQL via psycopg in one read-only transaction (DuckDB's postgres extension would "
+                         "need a download at runtime). Only a single SELECT runs; file access is confined to DIR.")
+    qry.add_argument("sql", help='e.g. "SELECT preset, count(*) FROM JobCreated GROUP BY 1"')
+    qry.add_argument("--data", type=Path, help="the directory of the Parquet exports")
+    qry.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    qry.add_argument("--limit", type=row_limit, default=1000, help="at most this many rows (default 1000)")
+    qry.add_argument("--no-db", action="store_true", help="never connect to PostgreSQL")
+    qry.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="interrupt the query after this long (default 300; 0: no limit)")
+    qry.set_defaults(func=_cmd_query)

@@ -1,0 +1,51 @@
+"""The values of the command line's arguments, parsed with a one-line refusal (argparse's exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+from adapters.tokens import STAFF_TTL_MAX_S
+
+if TYPE_CHECKING:
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]  # what each command module adds to
+
+
+def time_value(value: str) -> datetime:
+    """An ISO-8601 time; naive times are UTC."""
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {value!r}") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def uuid_value(value: str) -> UUID:
+    try:
+        return UUID(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a stream/user id (UUID): {value!r}") from None
+
+
+def row_limit(value: str) -> int:
+    try:
+        limit = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of rows: {value!r}") from None
+    if not 1 <= limit <= 10_000_000:
+        raise argparse.ArgumentTypeError("--limit must be between 1 and 10,000,000")
+    return limit
+
+
+def ttl(value: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        seconds = int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"not a duration like 30m, 1h, 7d: {value!r}") from None
+    if not 60 <= seconds <= STAFF_TTL_MAX_S:
+        raise argparse.ArgumentTypeError(f"ttl must be between 1m and {STAFF_TTL_MAX_S // 86400}d")
+    return seconds
+

@@ -1,0 +1,273 @@
+"""`palette audit`: the auditors' queries over the billing_events projection, its reconciliation
+with the log, the hash chains and their signed checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapters.cli.arguments import time_value, uuid_value
+from adapters.cli.connect import event_store, running_settings
+from adapters.cli.outputs import unwritable
+
+if TYPE_CHECKING:
+    from adapters.cli.arguments import Subcommands
+
+
+def _report_text(report: Any, fmt: str) -> str:
+    """An audit period report as a table, CSV or JSON."""
+    import csv
+    import io
+    import json
+
+    from projections.audit import FIGURES
+
+    if fmt == "json":
+        return json.dumps(report.as_dict(), indent=2)
+    rows = [p.as_dict() for p in [*report.plans, report.total]]
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["plan", *FIGURES, "balanced"])
+        writer.writerows([[r["plan"], *(r[f] for f in FIGURES), r["balanced"]] for r in rows])
+        return buf.getvalue().rstrip("\n")
+    t = report.total
+    where = (f"reconciled to the log at position {report.position:,}: every user event up to it folded, "
+             "none after it counted" if not report.unfolded else
+             f"INCOMPLETE: {report.unfolded:,} user event(s) at or before position {report.position:,} not folded "
+             "into billing_events (see `palette projections status` / `dlq list`)")
+    widths = {f: 2 + max(len(f), *(len(f"{r[f]:,}") for r in rows)) for f in FIGURES}
+    plan_w = 2 + max(len("plan"), *(len(r["plan"]) for r in rows))
+    lines = [f"period {report.since.isoformat()} (inclusive) to {report.until.isoformat()} (exclusive)", where, "",
+             "plan".ljust(plan_w) + "".join(f.rjust(widths[f]) for f in FIGURES)]
+    lines += [r["plan"].ljust(plan_w) + "".join(f"{r[f]:,}".rjust(widths[f]) for f in FIGURES) for r in rows]
+    verdict = "holds" if report.ok else "DOES NOT HOLD"
+    lines += ["", f"opening + granted - spent = closing + reserved: {t.opening:,} + {t.granted:,} - {t.spent:,} = "
+              f"{t.opening + t.granted - t.spent:,}; {t.closing:,} + {t.reserved:,} = {t.closing + t.reserved:,}: "
+              f"{verdict}" + ("" if all(p.balanced for p in report.plans) else " (for some plan)"),
+              "opening/closing: spendable balance; reserved: net credits moved into reservations in the period "
+              "(placed - spent - refunded = held_closing - held_opening); outstanding: owed to users at the end "
+              "(closing + held_closing)"]
+    return "\n".join(lines)
+
+
+def _audit_report(args: argparse.Namespace, conn: Any, settings: Any) -> int:
+    from projections import audit
+
+    app = event_store(settings)
+    try:
+        if (refused := _refused_position(args.at, app)) is not None:
+            print(f"palette audit report: {refused}", file=sys.stderr)
+            return 2
+        report = audit.period_report(conn, app.recorder, app.mapper.transcoder, args.since, args.until,
+                                     at=args.at)
+    except ValueError as e:
+        print(f"palette audit report: {e}", file=sys.stderr)
+        return 2
+    finally:
+        app.close()
+    print(_report_text(report, args.format))
+    return 0 if report.ok else 1
+
+
+def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int:
+    from adapters import checkpoints
+    from adapters.system import SystemClock
+
+    if args.out is not None and (why := unwritable(args.out)) is not None:
+        print(f"palette audit checkpoint: cannot write {args.out}: {why}", file=sys.stderr)
+        return 2
+    try:
+        key = checkpoints.private_key(settings)
+        store = checkpoints.CheckpointStore.of(settings, use_s3=not args.no_s3)
+        if args.out is None and store.directory is None and args.no_s3:
+            raise checkpoints.CheckpointError("--no-s3 needs --out FILE or PALETTE_AUDIT_CHECKPOINT_DIR")
+        app = event_store(settings)
+        try:
+            doc = checkpoints.take(conn, app.recorder, key, SystemClock().now())
+        finally:
+            app.close()
+        where = store.put(doc) if (store.s3 is not None or store.directory is not None) else []
+    except checkpoints.CheckpointError as e:
+        print(f"palette audit checkpoint: {e}", file=sys.stderr)
+        return 2
+    if args.out is not None:
+        import json
+
+        try:
+            args.out.write_text(json.dumps(doc, separators=(",", ":")))
+        except OSError as e:
+            kept = f" (the checkpoint is kept at {', '.join(where)})" if where else ""
+            print(f"palette audit checkpoint: cannot write {args.out}: {e.strerror or e}{kept}", file=sys.stderr)
+            return 2
+        where.append(str(args.out))
+    payload = doc["payload"]
+    print(f"checkpoint of {len(payload['heads']):,} chain heads at log position {payload['log_position']:,}"
+          + ("" if payload["complete"] else " (INCOMPLETE: the ledger had not folded every event up to it)")
+          + f" signed and kept at {', '.join(where)}")
+    print(f"public key (Ed25519, hex): {doc['public_key']}")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace, conn: Any, settings: Any) -> int:
+    from adapters import checkpoints
+    from projections import audit
+
+    anchored = ""
+    head_breaks: list[Any] = []
+    if args.checkpoint:
+        try:
+            key = checkpoints.trusted_key(settings, args.public_key)
+            if args.checkpoint == "latest":
+                where, doc = checkpoints.CheckpointStore.of(settings).latest()
+            else:
+                where, doc = args.checkpoint, checkpoints.read_file(Path(args.checkpoint))
+            payload = checkpoints.verified_payload(doc, key)
+        except checkpoints.CheckpointError as e:
+            print(f"palette audit verify: {e}", file=sys.stderr)
+            return 2
+        head_breaks = audit.verify_heads(conn, payload["heads"])
+        anchored = (f"; {len(payload['heads']):,} chain heads of the checkpoint at log position "
+                    f"{payload['log_position']:,} ({where}, signature valid): "
+                    + ("all match" if not head_breaks else f"{len(head_breaks)} do not match"))
+    checked, breaks = audit.verify(conn)
+    for b in [*breaks, *head_breaks]:
+        where_ = f"position {b.position}" if b.position is not None else "its end"
+        print(f"BROKEN user {b.user_id} at seq {b.seq} ({where_}): {b.reason}")
+    bad = len(breaks) + len(head_breaks)
+    print(f"verified {checked:,} ledger rows: {'OK' if not bad else f'{bad} broken chain(s)'}{anchored}")
+    return 0 if not bad else 1
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    import csv
+    import json
+
+    import psycopg
+
+    from projections import audit, schema
+
+    settings = running_settings()
+    if args.action == "keygen":
+        return _audit_keygen(args)
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        schema.ensure_schema(conn)
+        if args.action == "report":
+            return _audit_report(args, conn, settings)
+        if args.action == "checkpoint":
+            return _audit_checkpoint(args, conn, settings)
+        if args.action == "ledger":
+            rows = audit.ledger(conn, args.user, args.since, args.until)
+            print(f"{'seq':>5} {'occurred_at':<33}{'type':<8}{'amount':>8}{'delta':>8}{'balance':>9}  ref")
+            for r in rows:
+                print(f"{r['seq']:>5} {r['occurred_at'].isoformat():<33}{r['type']:<8}{r['amount']:>8}"
+                      f"{r['balance_delta']:>8}{r['balance']:>9}  {r['ref']}")
+            if not rows:
+                print("no ledger entries for this user in that range")
+        elif args.action == "balance":
+            print(json.dumps(audit.balance_as_of(conn, args.user, args.as_of), indent=2))
+        elif args.action == "export":
+            exported = audit.export(conn)
+            if args.format == "csv":
+                writer = csv.writer(sys.stdout)
+                writer.writerow(audit.LEDGER_COLUMNS)
+                for r in exported:
+                    writer.writerow([r[c] for c in audit.LEDGER_COLUMNS])
+            else:
+                for r in exported:
+                    sys.stdout.write(json.dumps(r, default=str) + "\n")
+        elif args.action == "verify":
+            return _audit_verify(args, conn, settings)
+        elif args.action == "reconcile":
+            app = event_store(settings)
+            try:
+                if (refused := _refused_position(args.at, app)) is not None:
+                    print(f"palette audit reconcile: {refused}", file=sys.stderr)
+                    return 2
+                t0 = time.monotonic()
+                report = audit.reconcile(
+                    conn, app.recorder, app.mapper.transcoder,
+                    progress=lambda n: print(f"... {n:,} user events folded", file=sys.stderr, flush=True),
+                    at=args.at)
+                log_size = app.recorder.max_notification_id() or 0
+            finally:
+                app.close()
+            for d in report.differences:
+                print(f"DIFF {d}")
+            verdict = "OK" if report.ok else (f"{len(report.differences)} difference(s), of which "
+                                              f"{len(report.balance_mismatches)} ledger/aggregate balance mismatch(es)")
+            print(f"reconciled {report.events:,} user events (of {log_size:,} in the log; folded up to "
+                  f"position {report.position:,} at least), "
+                  f"{report.ledger_rows:,} ledger rows, {report.users:,} users "
+                  f"in {time.monotonic() - t0:.1f}s: {verdict}")
+            return 0 if report.ok else 1
+    return 0
+
+
+def _refused_position(at: int | None, app: Any) -> str | None:
+    """Why ``--at`` names no position of the log (None: it does, or it is not given)."""
+    if at is None:
+        return None
+    if at < 0:
+        return f"--at must be a log position (0 or more), not {at}"
+    head = int(app.recorder.max_notification_id() or 0)
+    return f"--at {at:,} is past the log's head (position {head:,})" if at > head else None
+
+
+def _audit_keygen(args: argparse.Namespace) -> int:
+    from adapters import checkpoints
+
+    try:
+        public = checkpoints.keygen(args.out)
+    except checkpoints.CheckpointError as e:
+        print(f"palette audit keygen: {e}", file=sys.stderr)
+        return 2
+    print(f"signing key written to {args.out} (mode 0600): keep it off the database host's backups, and set "
+          f"PALETTE_AUDIT_SIGNING_KEY_FILE={args.out} where checkpoints are taken")
+    print(f"public key (Ed25519, hex), for auditors (PALETTE_AUDIT_PUBLIC_KEY): {checkpoints.public_hex(public)}")
+    return 0
+
+
+def add_commands(sub: Subcommands) -> None:
+    aud = sub.add_parser("audit", help="auditors: queries over the billing_events projection")
+    asub = aud.add_subparsers(dest="action", required=True)
+    al = asub.add_parser("ledger", help="a user's ledger with running balance")
+    al.add_argument("--user", type=uuid_value, required=True)
+    al.add_argument("--from", dest="since", type=time_value, metavar="TIME",
+                    help="period start (ISO-8601; no offset: UTC)")
+    al.add_argument("--to", dest="until", type=time_value, metavar="TIME", help="period end (ISO-8601; no offset: UTC)")
+    ab = asub.add_parser("balance", help="a user's balance as of a time, with the positions used")
+    ab.add_argument("--user", type=uuid_value, required=True)
+    ab.add_argument("--as-of", type=time_value, required=True)
+    rec = asub.add_parser("reconcile", help="prove the projection equals the fold of the event log (exit 1 if not); "
+                          "safe on a live system: one snapshot of the projection, the log folded to match it")
+    rec.add_argument("--at", type=int, metavar="POSITION", default=None,
+                     help="every event up to this log position must be folded (default: the log's head at start)")
+    ae = asub.add_parser("export", help="every ledger row, paged by position")
+    ae.add_argument("--format", choices=("csv", "jsonl"), default="jsonl")
+    av = asub.add_parser("verify", help="recompute the per-user hash chains (exit 1 at a break); with --checkpoint, "
+                         "also check every chain head a signed checkpoint holds (catches a consistent rewrite)")
+    av.add_argument("--checkpoint", metavar="FILE|latest",
+                    help="a checkpoint file, or `latest` from the object store / PALETTE_AUDIT_CHECKPOINT_DIR")
+    av.add_argument("--public-key", metavar="HEX|PEM_FILE",
+                    help="the public key to trust (default: PALETTE_AUDIT_PUBLIC_KEY, else the signing key's)")
+    ar = asub.add_parser("report", help="a period's opening, granted, reserved, spent, refunded, closing and "
+                         "outstanding credits by plan, at one log position (exit 1 if the identity fails)",
+                         description="Figures for [--from, --to): opening/closing = spendable balance; reserved = "
+                         "net credits moved into reservations in the period (placed - spent - refunded); "
+                         "outstanding = owed to users at --to (closing + still held). Checks opening + granted - "
+                         "spent = closing + reserved.")
+    ar.add_argument("--from", dest="since", type=time_value, required=True, help="period start (inclusive), ISO-8601")
+    ar.add_argument("--to", dest="until", type=time_value, required=True, help="period end (exclusive), ISO-8601")
+    ar.add_argument("--at", type=int, metavar="POSITION", help="count the log up to here (default: its head)")
+    ar.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    ack = asub.add_parser("checkpoint", help="sign the ledger's chain heads and log position (Ed25519) and keep "
+                          "the checkpoint in the object store (audit/checkpoints/) and/or a file")
+    ack.add_argument("--out", type=Path, help="also write the checkpoint to this file")
+    ack.add_argument("--no-s3", action="store_true", help="do not use the object store")
+    akg = asub.add_parser("keygen", help="make an Ed25519 signing key file for checkpoints; prints the public key")
+    akg.add_argument("--out", type=Path, required=True, help="the key file to create (never overwritten)")
+    aud.set_defaults(func=_cmd_audit)

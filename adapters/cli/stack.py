@@ -1,0 +1,231 @@
+"""Start and serve: `palette env`, `palette up` (the embedded stack and every process) and
+`palette serve` (one application process, what `palette up` runs)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from adapters.cli.connect import running_settings
+from adapters.settings import Settings, load_settings
+from infra.supervisor import StackError
+
+if TYPE_CHECKING:
+    from adapters.cli.arguments import Subcommands
+
+APP_PROCESSES = ("api", "relay", "projector", "dispatcher", "gpu", "webhooks")
+
+
+class Served(Protocol):
+    """A process `palette serve` runs (domain.contracts.loop for the consumers)."""
+
+    def warm_up(self, stop: threading.Event) -> None:
+        """Be ready: a consumer holds its partitions."""
+
+    def run(self, stop: threading.Event) -> None:
+        """Loop until ``stop``, finishing the step in flight."""
+
+    def close(self) -> None: ...
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    settings = running_settings()
+    values = settings.as_env()
+    if args.key:
+        key = args.key if args.key.startswith("PALETTE_") else f"PALETTE_{args.key.upper()}"
+        if key not in values:
+            print(f"palette env: unknown setting {args.key}", file=sys.stderr)
+            return 2
+        print(values[key])
+        return 0
+    for key in sorted(values):
+        print(f"{key}={values[key]}")
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from adapters.bootstrap import embedded_stack
+
+    settings = load_settings()
+    stack = embedded_stack(settings, echo=sys.stdout)
+    stopping = False
+
+    def _stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    t0 = time.monotonic()
+    # signed ledger checkpoints on a schedule, when one is set (adapters/checkpoints.py)
+    checkpointer = ("checkpointer",) if settings.audit_checkpoint_interval_s > 0 else ()
+    # retention and unfinished erasures (adapters/retention.py), with the API
+    sweeper = ("sweeper",) if "api" in args.apps else ()
+    apps = tuple(args.apps) + checkpointer + sweeper
+    try:
+        _check_ports(stack, settings, apps, infra=not args.external)
+        if not args.external:
+            stack.start_infra()
+        stack.start_apps(apps)
+        url = f"http://{settings.api_host}:{settings.api_port}"
+        print(f"[palette] up in {time.monotonic() - t0:.1f}s: API on {url} "
+              f"(data and logs in {settings.data_dir}); Ctrl-C stops everything", flush=True)
+        while not stopping:
+            stack.supervisor.check()
+            time.sleep(0.5)
+    except StackError as e:
+        stack.stop()
+        print(f"palette up: {e}", file=sys.stderr)
+        return 1
+    stack.stop()
+    print("[palette] stopped", flush=True)
+    return 0
+
+
+def _check_ports(stack: Any, settings: Settings, apps: tuple[str, ...], infra: bool) -> None:
+    """Every port `palette up` will bind (the infrastructure's, the API's, each process's metrics
+    port) must be free before anything starts: a readiness probe answered by a server already
+    on one of them would pass for ours (StackError, in one line, when one is taken)."""
+    from adapters.observability import OFFSETS, port_of
+    from infra.stack import check_ports
+
+    ports: dict[str, tuple[str, int]] = stack.ports_to_bind(apps, infra=infra)
+    for name in apps:
+        port = port_of(settings, name)
+        if port is not None:
+            ports[f"PALETTE_METRICS_PORT (+{OFFSETS[name]}, the {name} metrics port)"] = (settings.metrics_host, port)
+    check_ports(ports)
+
+
+def _serve_loop(worker: Served, ready_file: str | None, observed: tuple[str, Settings] | None = None) -> None:
+    """Run a worker's loop until SIGTERM/SIGINT, finishing the step in flight. The ready file
+    appears once the worker has done its first step (a consumer: once it holds partitions).
+    ``observed`` (the process's name and settings) opens its metrics and probes port."""
+    from pathlib import Path
+
+    from adapters.runtime import serving_gc
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if observed is not None:
+        from adapters import observability
+
+        observability.start(observed[0], worker, observed[1])
+    try:
+        started = time.monotonic()
+        worker.warm_up(stop)
+        if not stop.is_set():  # one line per start: how long joining took (a group's rebalance)
+            logging.getLogger("palette.serve").info("ready after %.1f s", time.monotonic() - started)
+        if ready_file:
+            Path(ready_file).touch()
+        serving_gc()
+        worker.run(stop)
+    finally:
+        worker.close()
+
+
+def _serve_api(settings: Any, naive: bool) -> None:
+    """uvicorn on the API port: this process, or PALETTE_API_WORKERS processes sharing the port,
+    each with its own container (uvicorn starts them from a factory, as it must for workers)."""
+    import uvicorn
+    from prometheus_client import CollectorRegistry
+
+    from adapters import bootstrap, observability
+    from adapters.api.app import API_POOL_SIZE, bound_connections, create_asgi
+    from adapters.api.http_limits import SERVER_OPTIONS
+    from adapters.runtime import serving_gc
+
+    # Each request's head bounded in size and time, the connections in number, a long keep-alive
+    # (adapters.api.http_limits). log_config None: uvicorn's own records go to the process's JSON
+    # lines (adapters.logs).
+    bound_connections(settings)  # each worker process too (worker_asgi)
+    options: dict[str, Any] = {"host": settings.api_host, "port": settings.api_port, "log_config": None,
+                               **SERVER_OPTIONS}
+    if settings.api_workers > 1:
+        from adapters.logs import dict_config
+
+        factory = "naive_worker_asgi" if naive else "group_worker_asgi"
+        # Each worker logs JSON lines (uvicorn configures its logging) and counts into files that
+        # this process adds up on the API's metrics port.
+        options["log_config"] = dict_config("api")
+        shared = observability.multiprocess_registry(settings.data_dir / "api-metrics")
+        observability.start("api", None, settings, shared)
+        uvicorn.run(f"adapters.api.app:{factory}", factory=True, workers=settings.api_workers, **options)
+        return
+    container = bootstrap.build(settings, naive=naive, pool_size=API_POOL_SIZE)
+    registry = CollectorRegistry()  # the API's metrics port
+    try:
+        asgi = create_asgi(container, registry=registry)
+        observability.start("api", None, settings, registry)
+        serving_gc()
+        uvicorn.run(asgi, **options)
+    finally:
+        container.close()
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from adapters import bootstrap, tracing
+    from adapters.logs import configure as configure_logs
+
+    if args.naive and args.process != "api":
+        print("palette serve: --naive applies to the api only", file=sys.stderr)
+        return 2
+    settings = load_settings()
+    configure_logs(args.process)
+    tracing.configure(args.process, settings.trace_exporter)
+    if args.process == "api":
+        _serve_api(settings, args.naive)
+    elif args.process == "relay":
+        _serve_loop(bootstrap.build_relay(settings), args.ready_file, (args.process, settings))
+    elif args.process == "projector":
+        _serve_loop(bootstrap.build_projector(settings), args.ready_file, (args.process, settings))
+    elif args.process == "dispatcher":
+        _serve_loop(bootstrap.build_dispatcher(settings), args.ready_file, (args.process, settings))
+    elif args.process == "gpu":
+        _serve_loop(bootstrap.build_gpu_worker(settings), args.ready_file, (args.process, settings))
+    elif args.process == "webhooks":
+        _serve_loop(bootstrap.build_webhooks(settings), args.ready_file, (args.process, settings))
+    elif args.process == "checkpointer":
+        from adapters.checkpoints import Checkpointer, CheckpointError
+
+        try:
+            checkpointer = Checkpointer(settings)
+        except CheckpointError as e:
+            print(f"palette serve checkpointer: {e}", file=sys.stderr)
+            return 2
+        _serve_loop(checkpointer, args.ready_file, (args.process, settings))
+    elif args.process == "sweeper":
+        from adapters.retention import Sweeper
+
+        _serve_loop(Sweeper(settings), args.ready_file)
+    return 0
+
+
+def add_commands(sub: Subcommands) -> None:
+    env = sub.add_parser("env", help="print the effective settings as KEY=value lines (secrets included)")
+    env.add_argument("key", nargs="?", help="print only this setting's value, e.g. PALETTE_DATABASE_URL")
+    env.set_defaults(func=_cmd_env)
+
+    up = sub.add_parser("up", help="start the embedded stack and the application processes")
+    up.add_argument("--external", action="store_true",
+                    help="start only the application processes, against PostgreSQL/Kafka/S3 from settings")
+    up.add_argument("--apps", nargs="*", default=list(APP_PROCESSES), choices=APP_PROCESSES,
+                    help="application processes to run (default: all)")
+    up.set_defaults(func=_cmd_up)
+
+    serve = sub.add_parser("serve", help="run one application process (what `palette up` runs)")
+    serve.add_argument("process", choices=(*APP_PROCESSES, "checkpointer", "sweeper"),
+                       help="checkpointer: signed ledger checkpoints every PALETTE_AUDIT_CHECKPOINT_INTERVAL_S; "
+                            "sweeper: deletes the objects of jobs finished PALETTE_RETENTION_DAYS ago and "
+                            "finishes erasures a crash cut short (`palette up` starts it with the api)")
+    serve.add_argument("--ready-file", help="touch this file once the process is ready (used by `palette up`)")
+    serve.add_argument("--naive", action="store_true",
+                       help="api only: serve commands with one load-decide-save each and no cache "
+                            "(the benchmark's baseline, started by `palette bench`)")
+    serve.set_defaults(func=_cmd_serve)
