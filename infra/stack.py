@@ -251,7 +251,7 @@ class EmbeddedStack(Generic[S]):
         argv = [
             find_pg_bin("postgres"), "-D", str(pgdir), "-p", str(s.pg_port),
             "-c", "listen_addresses=127.0.0.1",
-            "-c", f"unix_socket_directories={rundir}",
+            "-c", "unix_socket_directories=",  # TCP only: a socket's path in a deep checkout is too long
             "-c", "max_connections=200",
             "-c", f"fsync={'on' if s.pg_fsync else 'off'}",
             "-c", "shared_buffers=128MB",

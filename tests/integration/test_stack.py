@@ -154,6 +154,25 @@ def test_seaweedfs_starts_where_the_default_socket_paths_are_taken(tmp_path):
             shutil.rmtree(path, ignore_errors=True)
 
 
+def test_a_checkout_deep_in_the_file_system_starts_its_stack():
+    """A Unix socket's path holds at most 107 bytes: PostgreSQL's socket in a data directory
+    ~100 characters deep ended its start ("could not create any Unix-domain sockets"). It now
+    listens on loopback TCP only (which is all anything uses), and SeaweedFS's sockets go to the
+    temporary directory. (Reachable by the postgres user, so that root's PostgreSQL uses it too.)"""
+    top = Path(tempfile.mkdtemp(prefix="palette-deep-"))
+    top.chmod(0o755)
+    data_dir = top / ("d" * max(1, 100 - len(str(top)))) / ".palette"
+    settings = load_settings(env="development", data_dir=data_dir, pg_fsync=False,
+                             **_free_port_block(random.Random(os.getpid() + 3)))
+    stack = embedded_stack(settings)
+    try:
+        stack.start_infra()
+        assert not (data_dir / "pg-elsewhere").exists()  # PostgreSQL's files are in the deep directory
+    finally:
+        stack.stop()
+        shutil.rmtree(top, ignore_errors=True)
+
+
 def test_cli_reports_an_unwritable_data_dir_without_a_traceback(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
