@@ -106,17 +106,22 @@ def _replay_parquet(args: argparse.Namespace, app: Any, replayer: Any) -> int:
         start = max(args.from_position, replayer.position_at(args.since) if args.since else 1)
         stats = export_log(app.recorder, app.mapper.transcoder, args.out, start, args.since, args.until,
                            args.type or None, progress, replayer.erased)
-    except ExportError as e:
-        print(f"palette replay all: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"palette replay all: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    except (ExportError, OSError) as e:
+        return _not_exported("palette replay all", args.out, e)
     seconds = time.monotonic() - t0
     print(f"wrote {stats.events:,} events in {seconds:.1f}s ({stats.events / max(seconds, 1e-9):,.0f}/s) to "
           f"{args.out}: {len(stats.partitions)} partitions (type, day), {stats.files} files, "
           f"{stats.bytes / 1e6:.1f} MB", file=sys.stderr)
     return 0
+
+
+def _not_exported(command: str, out: Path, e: Exception) -> int:
+    """An export refused (projections.parquet.ExportError) or a file it could not write: one line, exit 2."""
+    if isinstance(e, OSError):
+        print(f"{command}: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
+    else:
+        print(f"{command}: {e}", file=sys.stderr)
+    return 2
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -132,12 +137,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         try:
             with conn.transaction():
                 stats = export_table(conn, args.name, args.out, all_erased(conn))
-        except ExportError as e:
-            print(f"palette export: {e}", file=sys.stderr)
-            return 2
-        except OSError as e:
-            print(f"palette export: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-            return 2
+        except (ExportError, OSError) as e:
+            return _not_exported("palette export", args.out, e)
     print(f"exported {args.name}: {stats.events:,} rows to {args.out / args.name} ({stats.bytes / 1e6:.2f} MB)",
           file=sys.stderr)
     return 0

@@ -116,6 +116,16 @@ def test_a_dataset_out_under_a_file_is_one_line(command: list[str], env: dict[st
     one_line(capsys, "cannot write", str(blocker), "Not a directory")
 
 
+@pytest.mark.parametrize("command", [["replay", "all", "--format", "parquet"], ["export", "users"]])
+def test_a_dataset_out_that_already_holds_one_is_one_line(command: list[str], env: dict[str, str], user: uuid.UUID,
+                                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    (out / "users").mkdir(parents=True)  # what `palette export users` wrote before
+    (out / "type=UserRegistered").mkdir()  # and `palette replay all --format parquet`
+    assert cli.main([*command, "--out", str(out)]) == 2  # its parts would mix with the new ones
+    one_line(capsys, f"palette {' '.join(command[:2]) if command[0] == 'replay' else 'export'}: ", "already holds")
+
+
 @pytest.mark.parametrize("command", [["audit", "export", "--format", "csv"],
                                      ["replay", "all", "--format", "jsonl"],
                                      ["replay", "all", "--format", "csv"],
