@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,6 +39,11 @@ UPRIGHT = {
 }
 PREVIEW_SIDE = 320
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The formats a phone or a browser uploads, read by decoders that do not hold up the worker: PIL
+# knows dozens more (JPEG 2000 decodes holding the GIL, TIFF wraps JPEG streams this module does
+# not walk), none of which a photo here needs. Masks take the same.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # PIL's JPEG plugin opens MPO files too
+ACCEPTED_NAMES = "JPEG, PNG, WebP, GIF or BMP"
 Image.MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE  # PIL refuses decompression bombs beyond this
 
 
@@ -55,40 +61,62 @@ def decode(data: bytes) -> torch.Tensor:
     return decode_upright(data)[0]
 
 
-def decode_upright(data: bytes) -> tuple[torch.Tensor, int]:
-    """``[H, W, 3]`` uint8, upright as its EXIF orientation says (the edit, its masks and the
-    output are the photo as a viewer shows it), and that orientation (1-8). JPEG through kornia-rs
-    (libjpeg-turbo), CMYK ones and anything else through PIL; 16-bit greys scaled to 8 bits, not
-    clipped."""
+@dataclass(frozen=True)
+class Header:
+    """What an upload's header says, read before any pixel is decoded."""
+
+    width: int
+    height: int
+    format: str
+    mode: str
+    orientation: int  # EXIF, 1-8
+
+
+def read_header(data: bytes, what: str = "image") -> Header:
+    """The header of an upload (``what``: "image" or "mask"), refused (BadInput) when decoding it
+    could hold the worker up: over 20 MB, a format not accepted, over 4096 pixels on a side, a PNG
+    of more than 65,536 chunks or a JPEG of more than 100 scans."""
     check_size(data)
     if data.startswith(PNG_SIGNATURE) and (chunks := _png_chunks(data)) > MAX_PNG_CHUNKS:
         raise BadInput(f"PNG of more than {chunks - 1:,} chunks; at most {MAX_PNG_CHUNKS:,} are read")
     try:
-        with Image.open(io.BytesIO(data)) as probe:  # reads the header only
-            width, height = probe.size
-            fmt, mode = probe.format, probe.mode
-            orientation = _orientation(probe)
+        with _open(data) as probe:  # reads the header only
+            header = Header(probe.width, probe.height, str(probe.format), probe.mode, _orientation(probe))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadInput(f"not a readable image ({type(e).__name__})") from None
-    if width > MAX_SIDE or height > MAX_SIDE:
-        raise BadInput(f"image is {width}x{height}; the limit is {MAX_SIDE}x{MAX_SIDE}")
-    if min(width, height) < MIN_SIDE:
-        raise BadInput(f"image is {width}x{height}; each side must be at least {MIN_SIDE} pixels")
-    if fmt in ("JPEG", "MPO") and _jpeg_scans(data) > MAX_JPEG_SCANS:
+        raise BadInput(f"{what} is not a readable image ({ACCEPTED_NAMES}; {type(e).__name__})") from None
+    if header.width > MAX_SIDE or header.height > MAX_SIDE:
+        raise BadInput(f"{what} is {header.width}x{header.height}; the limit is {MAX_SIDE}x{MAX_SIDE}")
+    if header.format in ("JPEG", "MPO") and _jpeg_scans(data) > MAX_JPEG_SCANS:
         raise BadInput(f"JPEG of more than {MAX_JPEG_SCANS} scans; at most {MAX_JPEG_SCANS} are read")
+    return header
+
+
+def decode_upright(data: bytes) -> tuple[torch.Tensor, int]:
+    """``[H, W, 3]`` uint8, upright as its EXIF orientation says (the edit, its masks and the
+    output are the photo as a viewer shows it), and that orientation (1-8). JPEG through kornia-rs
+    (libjpeg-turbo), CMYK ones and the other formats through PIL; 16-bit greys scaled to 8 bits,
+    not clipped."""
+    header = read_header(data)
+    if min(header.width, header.height) < MIN_SIDE:
+        raise BadInput(f"image is {header.width}x{header.height}; each side must be at least {MIN_SIDE} pixels")
     try:
-        if fmt == "JPEG" and mode in ("RGB", "L"):
+        if header.format == "JPEG" and header.mode in ("RGB", "L"):
             import kornia_rs
 
             array = kornia_rs.io.decode_image_jpegturbo(data, "rgb")
         else:
-            with Image.open(io.BytesIO(data)) as img:
+            with _open(data) as img:
                 array = _rgb(img)
     except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's fault
         raise BadInput(f"corrupt image data ({type(e).__name__})") from None
-    if orientation in UPRIGHT:
-        array = UPRIGHT[orientation](array)
-    return torch.from_numpy(np.ascontiguousarray(array)), orientation
+    if header.orientation in UPRIGHT:
+        array = UPRIGHT[header.orientation](array)
+    return torch.from_numpy(np.ascontiguousarray(array)), header.orientation
+
+
+def _open(data: bytes) -> Image.Image:
+    """PIL's image of ``data``, tried only as an accepted format (its header read, no pixel)."""
+    return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
 
 
 def _orientation(probe: Image.Image) -> int:
@@ -108,15 +136,22 @@ def _orientation(probe: Image.Image) -> int:
 
 def _jpeg_scans(data: bytes) -> int:
     """The scans (SOS segments) of the JPEG's first image, up to its end (EOI), or to one past
-    MAX_JPEG_SCANS. A marker segment is skipped by its length; a scan's entropy-coded data runs
-    to the next 0xFF that is neither stuffed (0xFF00) nor a restart marker (0xFFD0-D7)."""
+    MAX_JPEG_SCANS, found as libjpeg finds them: a marker segment is skipped by its length; a
+    scan's entropy-coded data runs to the next 0xFF that is neither stuffed (0xFF00) nor a restart
+    marker (0xFFD0-D7); bytes where a marker should be are skipped to the next one (libjpeg warns
+    of "extraneous bytes" and reads on, so a byte there must not hide the scans after it)."""
     at, scans, end = 2, 0, len(data)
     while at + 4 <= end and scans <= MAX_JPEG_SCANS:
-        if data[at] != 0xFF:
-            break  # not a marker where one must be: the decoder will say what is wrong
+        if data[at] != 0xFF:  # not a marker where one must be: libjpeg skips to the next 0xFF, warning
+            if (at := data.find(b"\xff", at)) == -1:
+                break
+            continue
         marker = data[at + 1]
         if marker == 0xFF:  # fill bytes before a marker
             at += 1
+            continue
+        if marker == 0x00:  # a stuffed zero where a marker must be: skipped as well
+            at += 2
             continue
         if marker == 0xD9:  # EOI: the first image ends
             break
@@ -157,21 +192,20 @@ def _rgb(img: Image.Image) -> np.ndarray:
 
 
 def decode_mask(data: bytes, size: tuple[int, int], orientation: int = 1) -> torch.Tensor:
-    """A client mask PNG as ``[1, 1, H, W]`` float in [0, 1], resized to the image if needed. A
-    mask of the size the photo had before ``orientation`` turned it a quarter (drawn on the stored
-    pixels, or written by the worker before photos were turned upright) is turned as the photo was."""
-    check_size(data)
+    """A client mask as ``[1, 1, H, W]`` float in [0, 1], resized to the image if needed; refused
+    as a photo is (read_header). A mask of the size the photo had before ``orientation`` turned it
+    a quarter (drawn on the stored pixels, or written by the worker before photos were turned
+    upright) is turned as the photo was."""
+    read_header(data, "mask")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width > MAX_SIDE or img.height > MAX_SIDE:  # before a pixel is decoded
-                raise BadInput(f"mask is {img.width}x{img.height}; the limit is {MAX_SIDE}x{MAX_SIDE}")
+        with _open(data) as img:
             gray = img.convert("L")
             if orientation in QUARTER_TURNS and size[0] != size[1] and gray.size == (size[0], size[1]):
                 gray = Image.fromarray(np.ascontiguousarray(UPRIGHT[orientation](np.asarray(gray))))
             if gray.size != (size[1], size[0]):
                 gray = gray.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.asarray(gray, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's fault
         raise BadInput(f"mask is not a readable image ({type(e).__name__})") from None
     return torch.from_numpy(array).view(1, 1, *array.shape)
 

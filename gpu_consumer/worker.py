@@ -28,10 +28,10 @@ Duplicates (at-least-once delivery, the dispatcher's sweep) are dropped within a
 polls: the keys of the results the API acknowledged are remembered, least recently seen out
 first, within a byte budget.
 
-An item whose editing kills the process (its memory, say) would otherwise come back to every
-worker after it for ever, with the items behind it: each edit is noted on disk while it runs
-(``StartedItems``); an item one process died editing is edited alone, after the poll's others,
-and one that ``CRASH_LIMIT`` processes died editing is reported ``failed`` and parked instead.
+An item whose decoding or editing kills the process (its memory, say) would otherwise come back to
+every worker after it for ever, with the items behind it: each decode and edit is noted on disk
+while it runs (``StartedItems``); an item one process died on is edited alone, after the poll's
+others, and one that ``CRASH_LIMIT`` processes died on is reported ``failed`` and parked instead.
 """
 
 from __future__ import annotations
@@ -77,10 +77,11 @@ STARTED_KEPT_S = 7 * 24 * 3600.0  # a note of an item begun that never came back
 
 
 class StartedItems:
-    """The items being edited, one small file each in ``directory`` (the name a hash of the
-    idempotency key, the content how many processes have begun editing it): it outlives a process
-    killed mid-edit, so the next one to get the item knows. A note is taken as an edit begins and
-    removed as it ends, so it names only what was on the device when a process died. A process
+    """The items being decoded or edited, one small file each in ``directory`` (the name a hash of
+    the idempotency key, the content how many processes have begun them): it outlives a process
+    killed mid-edit, so the next one to get the item knows. A note is taken as a decode or an edit
+    begins and put back as it ends, so it names only what was being decoded or on the device when
+    a process died. A process
     told to stop takes its own notes back (a SIGKILL after the stop's grace is not the item's
     doing). Notes are a safeguard: one that cannot be written is logged and the item edited."""
 
@@ -114,6 +115,15 @@ class StartedItems:
                 return
             earlier = self._mine[key] = self.deaths(key)
         self._write(key, earlier + 1)
+
+    def pause(self, key: str) -> None:
+        """A step of ``key`` that could kill the process (its decode) ended, the item not: a death
+        from now until its next step is not its doing (the count goes back to what it was)."""
+        with self._lock:
+            if key not in self._mine:
+                return
+            earlier = self._mine.pop(key)
+        self._write(key, earlier)
 
     def end(self, key: str) -> None:
         """The edit of ``key`` ended (done, refused, or failed by an exception): forget it."""
@@ -462,7 +472,7 @@ class GpuWorker(ConsumerLoop):
             self.stats["retried"] += 1
             time.sleep(self.backoff_s * 2 ** (attempt - 2))
             try:
-                image, masks = self.pipeline.fetch(task)
+                image, masks = self._fetch(task)
                 self._finish(task, self._edit(image, masks, task))
                 return
             except BadInput as e:
@@ -505,11 +515,11 @@ class GpuWorker(ConsumerLoop):
         live = fair_order(live)
         self._poll_jobs = sorted({t.job_id for t in [*live, *suspects]})
         self._checked_at = time.monotonic()
-        fetched = [(t, self.pool.submit(self.pipeline.fetch, t)) for t in live]
+        fetched = [(t, self.pool.submit(self._fetch, t)) for t in live]
         computed = [self.compute_pool.submit(self._compute, task, future) for task, future in fetched]
         pending = abandoned + [c.result() for c in computed]
         for t in suspects:  # should it kill this process too, no other item was on the device
-            fetch = self.pool.submit(self.pipeline.fetch, t)
+            fetch = self.pool.submit(self._fetch, t)
             pending.append(self.compute_pool.submit(self._compute, t, fetch).result())
         unacknowledged = []
         for f in pending:  # every item's upload and callback ends before the step does
@@ -537,6 +547,17 @@ class GpuWorker(ConsumerLoop):
         except Exception as e:  # noqa: BLE001 - retried off the fast path
             return self.pool.submit(self._retry, task, e)
         return self.pool.submit(self._finish_or_retry, task, out)
+
+    def _fetch(self, task: Task) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The pipeline's fetch, its decodes noted on disk while they run, as an edit is (a photo
+        or a mask whose decode kills the process must not come back for ever)."""
+        if self.started is None:
+            return self.pipeline.fetch(task)
+        self.started.begin(task.idempotency_key)
+        try:
+            return self.pipeline.fetch(task)
+        finally:
+            self.started.pause(task.idempotency_key)
 
     def _edit(self, image: torch.Tensor, masks: dict[str, torch.Tensor], task: Task) -> Edited:
         """The pipeline's edit, noted on disk while it runs (StartedItems)."""

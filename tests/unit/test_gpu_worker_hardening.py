@@ -365,9 +365,10 @@ def test_the_texture_cache_keeps_the_most_recent_textures_that_fit(sizes, budget
 
 
 # -- an item that kills the process editing it ---------------------------------------------------
-def _die_editing(directory: str, tasks: list[dict[str, Any]], poison: str) -> None:
+def _die_editing(directory: str, tasks: list[dict[str, Any]], poison: str, stage: str) -> None:
     """A worker process with two compute threads that dies (as the kernel's OOM killer ends one)
-    editing ``poison``, with the other item's edit under way at that moment when it has one."""
+    editing or decoding (``stage``) ``poison``, with the other item's edit under way at that moment
+    when it has one."""
     import os
     import threading
 
@@ -375,7 +376,7 @@ def _die_editing(directory: str, tasks: list[dict[str, Any]], poison: str) -> No
 
     other_editing = threading.Event()
     w, *_ = worker([record(t, i) for i, t in enumerate(tasks)])
-    real_edit = w.pipeline.edit
+    real_edit, real_fetch = w.pipeline.edit, w.pipeline.fetch
 
     def edit(image: Any, masks: Any, t: Task) -> Any:
         if t.idempotency_key == poison:
@@ -385,13 +386,22 @@ def _die_editing(directory: str, tasks: list[dict[str, Any]], poison: str) -> No
         threading.Event().wait(1)  # mid-edit should the process die now
         return real_edit(image, masks, t)
 
+    def fetch(t: Task) -> Any:
+        if t.idempotency_key == poison:
+            other_editing.wait(5)
+            os._exit(137)  # a photo or a mask whose decode takes the process's memory
+        return real_fetch(t)
+
     w.compute_pool = ThreadPoolExecutor(2)
     w.started = StartedItems(Path(directory))
     w.pipeline.edit = edit  # type: ignore[method-assign]
+    if stage == "decode":
+        w.pipeline.fetch = fetch  # type: ignore[method-assign]
     w.step()
 
 
-def test_an_item_that_kills_its_process_is_failed_alone_and_never_the_item_beside_it(tmp_path: Path):
+@pytest.mark.parametrize("stage", ["edit", "decode"])
+def test_an_item_that_kills_its_process_is_failed_alone_and_never_the_item_beside_it(tmp_path: Path, stage: str):
     import multiprocessing
 
     from gpu_consumer.worker import CRASH_LIMIT, StartedItems
@@ -400,7 +410,8 @@ def test_an_item_that_kills_its_process_is_failed_alone_and_never_the_item_besid
     spawn = multiprocessing.get_context("spawn")
     deaths = []
     for _ in range(CRASH_LIMIT):
-        child = spawn.Process(target=_die_editing, args=(str(tmp_path), [innocent, poison], poison["idempotency_key"]))
+        child = spawn.Process(target=_die_editing,
+                              args=(str(tmp_path), [innocent, poison], poison["idempotency_key"], stage))
         child.start()
         child.join(120)
         assert child.exitcode == 137
@@ -441,6 +452,26 @@ def test_a_poll_read_again_or_a_stop_counts_no_death_and_a_note_that_cannot_be_k
     w.started = StartedItems(Path("/proc/no-notes-here"))  # cannot be written: logged, edited anyway
     step_once(w)
     assert callbacks.reports == [(t["idempotency_key"], "done", "")]
+
+
+def test_a_death_between_an_items_decode_and_its_edit_is_not_counted_against_it(tmp_path: Path):
+    """Decoded items wait for a compute thread: the process dying then (another item's edit) is
+    not theirs, and a note of an earlier death stays as it was."""
+    from gpu_consumer.worker import StartedItems
+
+    notes = StartedItems(tmp_path)
+    notes.begin("waiting")
+    assert notes.deaths("waiting") == 1  # killed while decoding it: counted
+    notes.pause("waiting")
+    assert notes.deaths("waiting") == 0
+    suspect = StartedItems(tmp_path)
+    suspect.begin("once-died")
+    suspect = StartedItems(tmp_path)  # that process died: the next one knows
+    suspect.begin("once-died")
+    suspect.pause("once-died")
+    assert suspect.deaths("once-died") == 1  # back to the one death it had, not cleared, not two
+    suspect.end("once-died")
+    assert suspect.deaths("once-died") == 0
 
 
 def _mask_png(value: int) -> bytes:

@@ -1,0 +1,121 @@
+"""What the worker refuses to decode before it holds anything up (gpu_consumer.codec.read_header):
+scans a byte out of place would hide, masks read as photos are, formats not accepted."""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from gpu_consumer.codec import (
+    MAX_JPEG_SCANS,
+    MAX_PNG_CHUNKS,
+    PNG_SIGNATURE,
+    BadInput,
+    _jpeg_scans,
+    decode,
+    decode_mask,
+)
+
+# Where a clean encoder's file has a marker: 0xFF then neither a stuffed zero, a restart marker
+# nor fill (in entropy-coded data 0xFF is always followed by one of those; the tables of these
+# small files hold no 0xFF).
+MARKER = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
+
+
+def _progressive(mode: str) -> bytes:
+    colour = {"L": 128, "CMYK": (10, 200, 30, 0)}[mode]
+    buf = io.BytesIO()
+    Image.new(mode, (16, 16), colour).save(buf, "JPEG", progressive=True)
+    return buf.getvalue()
+
+
+def _segments(clean: bytes) -> list[bytes]:
+    """A clean JPEG cut at its markers: SOI, then each segment with what follows it."""
+    starts = [m.start() for m in MARKER.finditer(clean)]
+    return [clean[a:b] for a, b in zip(starts, [*starts[1:], len(clean)], strict=True)]
+
+
+junk = st.one_of(st.binary(min_size=1, max_size=6).map(lambda b: b.replace(b"\xff", b"\x01")),
+                 st.just(b"\xff\x00"), st.just(b"\xff\xff"))
+
+
+@settings(max_examples=80, deadline=None)
+@given(mode=st.sampled_from(["L", "CMYK"]), repeats=st.integers(0, MAX_JPEG_SCANS + 20),
+       junk_before=st.lists(st.one_of(st.none(), junk), min_size=64, max_size=64))
+def test_every_scan_libjpeg_reads_is_counted_whatever_sits_before_a_marker(mode, repeats, junk_before):
+    """libjpeg skips bytes where a marker should be (a warning, nothing more) and reads the scans
+    after them; the count stopped there, so one byte before the first scan let a CMYK JPEG of
+    15,000 scans through (the worker held for 113 s)."""
+    segments = _segments(_progressive(mode))
+    assert segments[0] == b"\xff\xd8" and segments[-1] == b"\xff\xd9"
+    last_scan = next(s for s in reversed(segments) if s.startswith(b"\xff\xda"))
+    body = [*segments[1:-1], *[last_scan] * repeats, segments[-1]]
+    junk_before[0] = None  # right after SOI: PIL would not know the file for a JPEG (refused: safe)
+    data = segments[0] + b"".join((junk_before[i % 64] or b"") + s for i, s in enumerate(body))
+    scans = sum(s.startswith(b"\xff\xda") for s in body)
+    assert _jpeg_scans(data) == min(scans, MAX_JPEG_SCANS + 1)
+    if mode == "CMYK" and scans <= MAX_JPEG_SCANS:  # PIL's path: the decoder reads on past the junk
+        assert decode(data).shape == (16, 16, 3)
+
+
+def test_a_cmyk_jpeg_with_a_byte_before_its_thousands_of_scans_is_refused_before_decoding():
+    segments = _segments(_progressive("CMYK"))
+    first_scan = next(i for i, s in enumerate(segments) if s.startswith(b"\xff\xda"))
+    last_scan = next(s for s in reversed(segments) if s.startswith(b"\xff\xda"))
+    data = (b"".join(segments[:first_scan]) + b"\x00" + b"".join(segments[first_scan:-1])
+            + last_scan * 5000 + segments[-1])
+    with pytest.raises(BadInput, match="scans"):
+        decode(data)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_a_mask_is_refused_as_a_photo_is():
+    """Masks (a rerun's, or a client's) were decoded with no scan or chunk limit: a 0.56 MB
+    progressive mask held the worker 123 s."""
+    clean = _progressive("L")
+    last_scan = clean[clean.rfind(b"\xff\xda"):-2]
+    with pytest.raises(BadInput, match="scans"):
+        decode_mask(clean[:-2] + last_scan * (MAX_JPEG_SCANS + 1) + b"\xff\xd9", (16, 16))
+    head = PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
+    pixels = _png_chunk(b"IDAT", zlib.compress(b"\0" + b"\xff" * 8) * 1)
+    flood = head + _png_chunk(b"abCd", b"") * (MAX_PNG_CHUNKS + 1) + pixels + _png_chunk(b"IEND", b"")
+    with pytest.raises(BadInput, match="chunks"):
+        decode_mask(flood, (8, 8))
+    assert decode_mask(clean, (16, 16)).shape == (1, 1, 16, 16)  # a JPEG mask is read
+
+
+def test_a_mask_the_decoder_chokes_on_fails_as_unreadable_not_as_a_bug():
+    """An iCCP profile decompressing past PIL's limit raised ValueError, which the worker took for a
+    bug: the item parked on the dead-letter topic with PIL's message."""
+    head = PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
+    bomb = _png_chunk(b"iCCP", b"icc\0\0" + zlib.compress(b"\0" * (64 * 1024 * 1024), 9))
+    rows = _png_chunk(b"IDAT", zlib.compress((b"\0" + b"\xff" * 8) * 8))
+    with pytest.raises(BadInput, match="mask is not a readable image"):
+        decode_mask(head + bomb + rows + _png_chunk(b"IEND", b""), (8, 8))
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "JPEG2000", "TGA", "PCX", "ICO"])
+def test_formats_not_accepted_are_refused_by_name_before_decoding(fmt: str):
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (90, 120, 150)).save(buf, fmt)
+    for read in (decode, lambda data: decode_mask(data, (32, 32))):
+        with pytest.raises(BadInput, match="JPEG, PNG, WebP, GIF or BMP"):
+            read(buf.getvalue())
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP"])
+def test_accepted_formats_decode(fmt: str):
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (90, 120, 150)).save(buf, fmt)
+    assert decode(buf.getvalue()).shape == (24, 32, 3)
+    assert decode_mask(buf.getvalue(), (24, 32)).shape == (1, 1, 24, 32)
