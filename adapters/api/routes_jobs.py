@@ -4,6 +4,7 @@ job made from a finished one (its photos and masks copied in S3, nothing uploade
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -473,6 +474,9 @@ async def _first_use(connections: LoopConnections, signature: str) -> bool:
 
 SSE_POLL_S = 0.2
 SSE_MAX_S = 600.0  # a client reconnects with Last-Event-ID after this
+# A stored event as a client sees it: its declared fields (not the trace stamped into its state),
+# less the stream's bookkeeping (the SSE id is the version) and the GPU worker's result key.
+NOT_SHOWN = frozenset(("originator_id", "originator_version", "originator_topic", "idempotency_key"))
 @router.get("/jobs/{job_id}/events", tags=["jobs"], responses={
     200: {"content": {"text/event-stream": {}}, "description": "the job's events as server-sent "
           "events (`id` = stream version, `event` = type, `data` = JSON); ends when the job is terminal"},
@@ -514,8 +518,8 @@ async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, co
                 _events_after, app, job_id, version)
             for event in events:
                 version = event.originator_version
-                data = {k: _jsonable(v) for k, v in vars(event).items()
-                        if k not in ("originator_id", "originator_version", "originator_topic")}
+                data = {f.name: _jsonable(getattr(event, f.name)) for f in dataclasses.fields(event)
+                        if f.name not in NOT_SHOWN}
                 name = type(event).__name__
                 yield f"id: {version}\nevent: {name}\ndata: {json.dumps(data)}\n\n".encode()
                 if name in ("JobFinished", "JobCanceled"):

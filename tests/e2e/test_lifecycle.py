@@ -6,6 +6,7 @@ import io
 import json
 import time
 import uuid
+from typing import Any
 
 import httpx
 import psycopg
@@ -269,9 +270,11 @@ def test_a_creation_retried_after_the_api_died_is_made_once(client, settings):
 
 def test_job_events_stream_as_sse_and_resume_from_last_event_id(client, http, settings):
     job_id = create_uploaded_job(client, 1)
-    client.data("POST", f"/jobs/{job_id}/execute", json={"concepts": EDITS})
+    traced = {"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"}  # stamped into JobQueued's stored state
+    client.data("POST", f"/jobs/{job_id}/execute", json={"concepts": EDITS}, headers=traced)
     callback(http, settings.callback_secret, job_id,
              {"idx": 0, "status": "failed", "error": "x", "idempotency_key": f"{job_id}:0"})
+    shown: dict[str, dict[str, Any]] = {}
 
     def events(last: str | None = None) -> list[tuple[str, str]]:
         headers = {"Last-Event-ID": last} if last else {}
@@ -282,12 +285,20 @@ def test_job_events_stream_as_sse_and_resume_from_last_event_id(client, http, se
         for block in text.strip().split("\n\n"):
             fields = dict(line.split(": ", 1) for line in block.splitlines())
             out.append((fields["id"], fields["event"]))
+            shown[fields["event"]] = json.loads(fields["data"])
         return out
 
     everything = events()
     assert [name for _, name in everything] == ["JobCreated", "UploadConfirmed", "JobQueued", "JobStarted",
                                                  "ItemCompleted", "JobFinished"]
     assert events(everything[2][0]) == everything[3:]
+    # The events' own fields, not what storage keeps beside them: no trace, no worker's result key.
+    queued = shown["JobQueued"]
+    assert {c: e["action"] for c, e in queued["concepts"].items()} == {c: e["action"] for c, e in EDITS.items()}
+    assert {k: shown["ItemCompleted"][k] for k in ("idx", "status", "error")} == {"idx": 0, "status": "failed",
+                                                                                   "error": "x"}
+    assert all(not ({"_trace", "idempotency_key", "originator_id", "originator_topic"} & set(data))
+               for data in shown.values()), shown
 
 
 def test_100_concurrent_creations_from_one_user_never_overdraw_and_429s_say_when(client):
