@@ -72,8 +72,8 @@ class Header:
     orientation: int  # EXIF, 1-8
 
 
-def read_header(data: bytes, what: str = "image") -> Header:
-    """The header of an upload (``what``: "image" or "mask"), refused (BadInput) when decoding it
+def read_header(data: bytes, what: str = "photo") -> Header:
+    """The header of an upload (``what``: "photo" or "mask"), refused (BadInput) when decoding it
     could hold the worker up: over 20 MB, a format not accepted, over 4096 pixels on a side, a PNG
     of more than 65,536 chunks or a JPEG of more than 100 scans."""
     check_size(data)
@@ -83,9 +83,9 @@ def read_header(data: bytes, what: str = "image") -> Header:
         with _open(data) as probe:  # reads the header only
             header = Header(probe.width, probe.height, str(probe.format), probe.mode, _orientation(probe))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadInput(f"{what} is not a readable image ({ACCEPTED_NAMES}; {type(e).__name__})") from None
+        raise BadInput(f"the {what} is not a readable image ({ACCEPTED_NAMES}; {type(e).__name__})") from None
     if header.width > MAX_SIDE or header.height > MAX_SIDE:
-        raise BadInput(f"{what} is {header.width}x{header.height}; the limit is {MAX_SIDE}x{MAX_SIDE}")
+        raise BadInput(f"the {what} is {header.width}x{header.height}; the limit is {MAX_SIDE}x{MAX_SIDE}")
     if header.format in ("JPEG", "MPO") and _jpeg_scans(data) > MAX_JPEG_SCANS:
         raise BadInput(f"JPEG of more than {MAX_JPEG_SCANS} scans; at most {MAX_JPEG_SCANS} are read")
     return header
@@ -98,7 +98,7 @@ def decode_upright(data: bytes) -> tuple[torch.Tensor, int]:
     not clipped."""
     header = read_header(data)
     if min(header.width, header.height) < MIN_SIDE:
-        raise BadInput(f"image is {header.width}x{header.height}; each side must be at least {MIN_SIDE} pixels")
+        raise BadInput(f"the photo is {header.width}x{header.height}; each side must be at least {MIN_SIDE} pixels")
     try:
         if header.format == "JPEG" and header.mode in ("RGB", "L"):
             import kornia_rs
@@ -206,7 +206,7 @@ def decode_mask(data: bytes, size: tuple[int, int], orientation: int = 1) -> tor
                 gray = gray.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.asarray(gray, dtype=np.float32) / 255.0
     except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's fault
-        raise BadInput(f"mask is not a readable image ({type(e).__name__})") from None
+        raise BadInput(f"the mask is not a readable image ({type(e).__name__})") from None
     return torch.from_numpy(array).view(1, 1, *array.shape)
 
 

@@ -100,7 +100,7 @@ def test_a_mask_the_decoder_chokes_on_fails_as_unreadable_not_as_a_bug():
     head = PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
     bomb = _png_chunk(b"iCCP", b"icc\0\0" + zlib.compress(b"\0" * (64 * 1024 * 1024), 9))
     rows = _png_chunk(b"IDAT", zlib.compress((b"\0" + b"\xff" * 8) * 8))
-    with pytest.raises(BadInput, match="mask is not a readable image"):
+    with pytest.raises(BadInput, match="the mask is not a readable image"):
         decode_mask(head + bomb + rows + _png_chunk(b"IEND", b""), (8, 8))
 
 
