@@ -160,14 +160,9 @@ class S3Listing:
                 raise ListingFailed("S3 answered the same continuation token twice")
             token = after
 
-    async def missing(self, keys: Sequence[str]) -> list[str]:
-        """The keys of ``keys`` not in the store, in their order: one listing of their common
-        prefix (a 200-item job: one request), not a HEAD per key."""
-        present = await self.sizes_of(keys)
-        return [k for k in keys if k not in present]
-
     async def sizes_of(self, keys: Sequence[str]) -> dict[str, int]:
-        """The size of each key of ``keys`` in the store: one listing of their common prefix."""
+        """The size of each key of ``keys`` in the store (an absent one: not in the answer): one
+        listing of their common prefix (a 200-item job: one request), not a HEAD per key."""
         if not keys:
             return {}
         present = await self.sizes(os.path.commonprefix(list(keys)))  # noqa: RUF071 - key prefixes, not paths

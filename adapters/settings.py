@@ -20,12 +20,14 @@ from adapters.webhooks.retries import parse_schedule
 # Secrets shorter than this are refused outside development (HS256 wants >= 256 bits).
 MIN_SECRET_BYTES = 32
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "placeholder", "dev", "development"}
-# Secret names, printed by `palette env` but never logged.
 # Registrations per second and burst per client address in development (see rate_register_per_s).
 DEV_REGISTER_RATE = (1000.0, 100_000)
 # Whose traceparent is continued in development unless set (see trace_trusted_peers).
 DEV_TRACE_TRUSTED_PEERS = "127.0.0.0/8,::1/128"
+# Secret names, printed by `palette env` but never logged.
 SECRET_FIELDS = ("jwt_secret", "callback_secret", "s3_secret_key", "pg_password", "device_key_secret")
+# The ones this process signs or keys with: refused outside development when short or a placeholder.
+SIGNING_SECRETS = ("jwt_secret", "callback_secret", "device_key_secret")
 
 
 class SettingsError(ValueError):
@@ -236,7 +238,7 @@ class Settings(BaseSettings):
         """Refuse placeholder or short secrets outside development."""
         if self.env == "development":
             return
-        for name in ("jwt_secret", "callback_secret", "device_key_secret"):
+        for name in SIGNING_SECRETS:
             value = getattr(self, name)
             if value.lower() in PLACEHOLDER_SECRETS or len(value.encode()) < MIN_SECRET_BYTES:
                 raise SettingsError(

@@ -363,9 +363,9 @@ class PaletteService:
         """What a new job takes from the caller's finished job ``source_id`` (NotFound: none,
         another user's or deleted; InvalidState: not finished, or its objects expired)."""
         def view(job: Any) -> RerunSource:
-            self._upload_state(user_id, job)
-            self._check_rerunnable(job)
-            return RerunSource(job.item_count, (*job.concepts, *job.protect))
+            source = self._owned(user_id, job)
+            self._check_rerunnable(source)
+            return RerunSource(source.item_count, (*source.concepts, *source.protect))
 
         return await self.executor.read_async(source_id, view)
 
@@ -400,17 +400,23 @@ class PaletteService:
             status, item_count = await self.executor.read_async(job_id, functools.partial(self._upload_state, user_id))
             if status == "created":
                 keys = _input_keys(user_id, job_id, item_count)
-                too_large = _uploaded(keys, await self.store.sizes_async(keys))
+                too_large = _too_large_inputs(keys, await self.store.sizes_async(keys))
                 if too_large:
                     await anyio.to_thread.run_sync(self._refuse_too_large, keys, too_large)
         return await self.run(self.confirm_upload_command(user_id, job_id))
 
     @staticmethod
-    def _upload_state(user_id: UUID, job: Any) -> tuple[str, int]:
-        """The job's status and item count (NotFound: no such job, or another user's)."""
+    def _owned(user_id: UUID, job: Any) -> Job:
+        """``job`` when it is the caller's (NotFound: no job, another user's, or deleted)."""
         if not isinstance(job, Job) or job.user_id != user_id or job.deleted:
             raise NotFound("job not found")
-        return job.status.value, job.item_count
+        return job
+
+    @classmethod
+    def _upload_state(cls, user_id: UUID, job: Any) -> tuple[str, int]:
+        """The caller's job's status and item count (NotFound as _owned)."""
+        owned = cls._owned(user_id, job)
+        return owned.status.value, owned.item_count
 
     def _check_inputs(self, user_id: UUID, job_id: UUID, state: tuple[str, int]) -> None:
         """InputsMissing unless every input of a created job is in the store."""
@@ -418,7 +424,7 @@ class PaletteService:
         if status != "created" or self.store is None:
             return
         keys = _input_keys(user_id, job_id, item_count)
-        too_large = _uploaded(keys, self.store.sizes(keys))
+        too_large = _too_large_inputs(keys, self.store.sizes(keys))
         if too_large:
             self._refuse_too_large(keys, too_large)
 
@@ -563,16 +569,12 @@ class PaletteService:
         return command
 
     def get_job(self, user_id: UUID, job_id: UUID) -> Job:
-        job: Job = self._read(Job, job_id, "job")
-        if job.user_id != user_id or job.deleted:
-            raise NotFound("job not found")
-        return job
+        return self._owned(user_id, self._read(Job, job_id, "job"))
 
     async def get_job_async(self, user_id: UUID, job_id: UUID) -> Job:
         """get_job from an event loop (a private copy, taken only of the caller's own job)."""
         def own_copy(job: Any) -> Job:
-            self._upload_state(user_id, job)  # NotFound for none, or another user's
-            copied: Job = copy.deepcopy(job)
+            copied: Job = copy.deepcopy(self._owned(user_id, job))
             return copied
 
         return await self.executor.read_async(job_id, own_copy)
@@ -720,12 +722,9 @@ class PaletteService:
             raise NotFound("user not found")
         return user
 
-    @staticmethod
-    def _own_job(uow: UnitOfWork, user_id: UUID, job_id: UUID) -> Job:
-        job = uow.get(Job, job_id)
-        if job is None or job.user_id != user_id or job.deleted:
-            raise NotFound("job not found")
-        return job
+    @classmethod
+    def _own_job(cls, uow: UnitOfWork, user_id: UUID, job_id: UUID) -> Job:
+        return cls._owned(user_id, uow.get(Job, job_id))
 
     @staticmethod
     def _own_rule(uow: UnitOfWork, user_id: UUID, rule_id: UUID) -> Rule:
@@ -739,7 +738,7 @@ def _input_keys(user_id: UUID, job_id: UUID, item_count: int) -> list[str]:
     return [input_key(user_id, job_id, i) for i in range(item_count)]
 
 
-def _uploaded(keys: list[str], sizes: Mapping[str, int]) -> list[str]:
+def _too_large_inputs(keys: list[str], sizes: Mapping[str, int]) -> list[str]:
     """The inputs over MAX_INPUT_BYTES, once every one of ``keys`` is in the store (``sizes``:
     those that are), else InputsMissing naming the items not uploaded."""
     missing = [i for i, k in enumerate(keys) if k not in sizes]

@@ -8,7 +8,10 @@ from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from application.services import MAX_DEVICE_HASH
 from domain.contracts.edits import Action
+from domain.job import MAX_ITEMS
+from domain.rule import MAX_RULE_NAME
 from domain.text import storable_text
 
 T = TypeVar("T")
@@ -17,7 +20,7 @@ T = TypeVar("T")
 # lone surrogates, no controls but tab and newlines, no non-characters): refused here with a
 # 422, never found by the projector.
 Text = Annotated[str, AfterValidator(storable_text)]
-Name = Field(min_length=1, max_length=80)
+Name = Field(min_length=1, max_length=MAX_RULE_NAME)
 ConceptName = Annotated[Text, Field(min_length=1, max_length=64)]
 
 
@@ -50,7 +53,7 @@ class HealthPublic(BaseModel):
 
 
 class AnonCreate(Strict):
-    device_hash: str = Field(min_length=8, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$")
+    device_hash: str = Field(min_length=8, max_length=MAX_DEVICE_HASH, pattern=r"^[A-Za-z0-9._:-]+$")
 
 
 class TokenPublic(BaseModel):
@@ -123,7 +126,7 @@ class RuleList(BaseModel):
 # -- jobs --------------------------------------------------------------------------------
 class JobCreate(Strict):
     preset: Text = Field(min_length=1, max_length=32)
-    item_count: int = Field(ge=1, le=200)
+    item_count: int = Field(ge=1, le=MAX_ITEMS)
 
 
 class UploadSlot(BaseModel):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from domain.job import Job
 
@@ -18,7 +18,6 @@ EventType = Literal["job.queued", "item.completed", "job.finished", "job.cancele
 # Event class in the log -> webhook event type.
 EVENT_TYPES: dict[str, EventType] = {"JobQueued": "job.queued", "ItemCompleted": "item.completed",
                                      "JobFinished": "job.finished", "JobCanceled": "job.canceled"}
-PUBLIC_TYPES: tuple[str, ...] = get_args(EventType)
 
 
 def job_view(job: Job) -> dict[str, Any]:

@@ -361,12 +361,12 @@ def test_a_store_that_repeats_its_continuation_token_fails_instead_of_looping(se
     assert [r.query.get("continuation-token") for r in server.requests] == [None, "again"]
 
 
-def test_missing_lists_the_common_prefix_once_and_names_the_absent_keys_in_order(serve: Serve, run: Run) -> None:
+def test_sizes_of_lists_the_common_prefix_once_and_leaves_the_absent_keys_out(serve: Serve, run: Run) -> None:
     server = serve(lambda r: answer(page(["in/u/j/1.jpg", "in/u/j/3.jpg", "in/u/j/30.jpg"])))
     wanted = [f"in/u/j/{i}.jpg" for i in range(5)]
-    assert run(listing_of(server).missing(wanted)) == ["in/u/j/0.jpg", "in/u/j/2.jpg", "in/u/j/4.jpg"]
+    assert set(run(listing_of(server).sizes_of(wanted))) == {"in/u/j/1.jpg", "in/u/j/3.jpg"}
     assert [r.query["prefix"] for r in server.requests] == ["in/u/j/"]
-    assert run(listing_of(server).missing([])) == [] and len(server.requests) == 1
+    assert run(listing_of(server).sizes_of([])) == {} and len(server.requests) == 1
 
 
 # -- the signature ------------------------------------------------------------------------------
