@@ -41,14 +41,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
-from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import Notification
 from psycopg import sql
 from psycopg.rows import tuple_row
 
 from domain.contracts.envelope import from_notification
 from domain.contracts.personal import SEALED_PREFIX, redact
-from domain.contracts.streams import STREAMS
+from domain.contracts.streams import event_classes
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 ENVELOPE = pa.schema([("position", pa.int64()), ("stream_id", pa.string()), ("version", pa.int32()),
@@ -131,13 +130,7 @@ def _schema_of(topic: str, name: str, cls: type[Any]) -> EventSchema:
 @cache
 def event_schemas() -> dict[str, EventSchema]:
     """Stored topic -> its event class's columns, for every event class of every stream."""
-    out: dict[str, EventSchema] = {}
-    for cls in STREAMS.values():
-        for name, attr in vars(cls).items():
-            if isinstance(attr, type) and issubclass(attr, Aggregate.Event) and name not in ("Created", "Event"):
-                topic = f"{cls.__module__}:{cls.__qualname__}.{name}"
-                out[topic] = _schema_of(topic, name, attr)
-    return out
+    return {topic: _schema_of(topic, name, cls) for topic, name, cls in event_classes()}
 
 
 def topics_for(types_: list[str] | None) -> list[str]:

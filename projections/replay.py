@@ -15,12 +15,11 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError
-from eventsourcing.domain import Aggregate
 from psycopg import sql
 
 from domain.contracts.envelope import EventEnvelope, encode, encode_notification, from_notification
 from domain.contracts.personal import SEALED_PREFIX, redact
-from domain.contracts.streams import STREAMS
+from domain.contracts.streams import event_classes
 from projections.rebuild import PAGE
 
 CSV_COLUMNS = ("id", "stream_id", "stream_type", "version", "type", "timestamp", "data")
@@ -31,10 +30,8 @@ TIME_SLACK_S = 5.0  # timestamps come from the command, commit order may differ 
 def event_topics() -> dict[str, list[str]]:
     """Event type name -> stored topics (``domain.job:Job.ItemCompleted``)."""
     out: dict[str, list[str]] = {}
-    for cls in STREAMS.values():
-        for name, attr in vars(cls).items():
-            if isinstance(attr, type) and issubclass(attr, Aggregate.Event) and name not in ("Created", "Event"):
-                out.setdefault(name, []).append(f"{cls.__module__}:{cls.__qualname__}.{name}")
+    for topic, name, _ in event_classes():
+        out.setdefault(name, []).append(topic)
     return out
 
 

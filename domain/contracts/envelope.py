@@ -18,7 +18,7 @@ from uuid import UUID
 import orjson
 
 from domain.contracts import trace as tracing
-from domain.contracts.streams import STREAMS
+from domain.contracts.streams import event_classes
 
 
 class EnvelopeInvalid(ValueError):
@@ -107,9 +107,7 @@ def _plain_json(raw: bytes) -> tuple[Any, bool]:
 @cache
 def versioned_events() -> dict[str, type[Any]]:
     """Stored topic -> event class, for the classes past their first version."""
-    return {f"{cls.__module__}:{cls.__qualname__}.{name}": attr
-            for cls in STREAMS.values() for name, attr in vars(cls).items()
-            if isinstance(attr, type) and getattr(attr, "class_version", 1) > 1}
+    return {topic: cls for topic, _, cls in event_classes() if getattr(cls, "class_version", 1) > 1}
 
 
 def upcast_state(topic: str, state: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from eventsourcing.domain import Aggregate
 from eventsourcing.utils import get_topic
 
@@ -19,7 +21,18 @@ def topic_prefix(stream_type: str) -> str:
     return f"{cls.__module__}:{cls.__qualname__}."
 
 
+def event_classes(stream_type: str | None = None) -> Iterator[tuple[str, str, type[Aggregate.Event]]]:
+    """(stored topic, name, class) of every event class of one stream type (None: of every one);
+    not eventsourcing's ``Event`` and ``Created``, the bases it makes for each aggregate, which
+    are never stored."""
+    for kind, cls in STREAMS.items():
+        if stream_type is not None and kind != stream_type:
+            continue
+        for name, attr in vars(cls).items():
+            if isinstance(attr, type) and issubclass(attr, Aggregate.Event) and name not in ("Created", "Event"):
+                yield get_topic(attr), name, attr
+
+
 def stream_topics(stream_type: str) -> tuple[str, ...]:
     """Every stored event topic of one aggregate type (each read model folds one type's streams)."""
-    cls = STREAMS[stream_type]
-    return tuple(get_topic(v) for v in vars(cls).values() if isinstance(v, type) and issubclass(v, Aggregate.Event))
+    return tuple(topic for topic, _, _ in event_classes(stream_type))

@@ -81,3 +81,15 @@ def test_an_event_at_its_current_version_is_left_as_it_is(topic: str) -> None:
 
     state = {"class_version": versioned_events()[topic].class_version, "anything": 1}
     assert upcast_state(topic, dict(state)) == state
+
+
+def test_the_stored_topics_are_the_event_classes_and_never_the_bases_eventsourcing_makes() -> None:
+    from domain.contracts.streams import STREAMS, stream_topics
+    from projections.parquet import event_schemas
+    from projections.replay import event_topics
+
+    every = {t for kind in STREAMS for t in stream_topics(kind)}
+    assert not {t for t in every if t.rsplit(".", 1)[1] in ("Event", "Created")}  # never stored
+    assert "domain.job:Job.JobCreated" in every and "domain.user:User.Registered" in every
+    assert every == {t for topics in event_topics().values() for t in topics} == set(event_schemas())
+    assert set(versioned_events()) <= every
