@@ -379,8 +379,10 @@ def build_gpu_worker(settings: Settings) -> Any:
     import psycopg
 
     from adapters import kafka_io
+    from gpu_consumer.callbacks import CallbackClient
+    from gpu_consumer.pipeline import ImagePipeline, pick_device
     from gpu_consumer.segment import built_in
-    from gpu_consumer.worker import GROUP, CallbackClient, GpuWorker, ImagePipeline, StartedItems, pick_device
+    from gpu_consumer.worker import GROUP, GpuWorker, StartedItems
 
     database_url = settings.effective_database_url
 

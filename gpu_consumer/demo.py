@@ -25,8 +25,8 @@ from PIL import Image
 
 from domain.contracts.gpu_task import Task
 from gpu_consumer import fill, ops
+from gpu_consumer.pipeline import ImagePipeline
 from gpu_consumer.segment import PriorClusterSegmenter
-from gpu_consumer.worker import ImagePipeline
 
 ACTIONS = {
     "recolor": ("wall", {"action": "recolor", "value": "#5b7f95"}),

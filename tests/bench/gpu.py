@@ -84,7 +84,8 @@ def _gpu_phase(settings_json: str, items: int, naive: bool) -> dict[str, Any]:
     from adapters.dispatcher import tasks_for
     from domain.contracts.gpu_task import Task
     from domain.contracts.keys import input_key
-    from gpu_consumer.worker import CallbackClient, pick_device
+    from gpu_consumer.callbacks import CallbackClient
+    from gpu_consumer.pipeline import pick_device
     from infra.s3 import s3_client
 
     torch.set_num_threads(2)

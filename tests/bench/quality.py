@@ -41,8 +41,8 @@ from domain.contracts.edits import TEXTURES
 from domain.contracts.gpu_task import Task, tasks_for
 from gpu_consumer import ops
 from gpu_consumer.codec import BadInput
+from gpu_consumer.pipeline import ImagePipeline
 from gpu_consumer.segment import RegionSegmenter, Segmenter
-from gpu_consumer.worker import ImagePipeline
 from tests.bench.scenes import OBJECTS, Scene, generate
 
 GOALS = {"protect": 0, "coverage": 0.97, "halo": 0.02, "leak": 0.01, "delta_e": 5.0,

@@ -19,8 +19,8 @@ from domain.contracts.gpu_task import Task
 from gpu_consumer import fill, ops, refine
 from gpu_consumer.codec import BadInput, decode, encode_png, encode_preview
 from gpu_consumer.demo import synthetic_room
+from gpu_consumer.pipeline import ImagePipeline
 from gpu_consumer.segment import PriorClusterSegmenter
-from gpu_consumer.worker import ImagePipeline
 
 H = W = 64
 

@@ -16,7 +16,8 @@ from PIL import Image
 
 from domain.contracts.gpu_task import MalformedTask, Task, tasks_for
 from domain.contracts.keys import mask_key
-from gpu_consumer.worker import GpuWorker, ImagePipeline
+from gpu_consumer.pipeline import ImagePipeline
+from gpu_consumer.worker import GpuWorker
 from tests.unit.broker_fakes import FakeConsumer, Record
 from tests.unit.test_gpu_worker_hardening import BUCKET, FakeCallbacks, FakeProducer, FakeS3
 

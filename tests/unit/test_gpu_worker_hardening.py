@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from gpu_consumer import ops
-from gpu_consumer.worker import CallbackUnavailable, GpuWorker, ImagePipeline, RecentKeys, Task
+from gpu_consumer.callbacks import CallbackUnavailable
+from gpu_consumer.pipeline import ImagePipeline
+from gpu_consumer.worker import GpuWorker, RecentKeys, Task
 from tests.unit.broker_fakes import FakeConsumer, Record
 
 DLQ = "palette.gpu-jobs.dlq"
