@@ -223,7 +223,7 @@ def prepare_schemas(settings: Settings) -> None:
     import psycopg
 
     from adapters.api.idempotency import ensure_schema as ensure_api_schema
-    from adapters.relay import DDL as RELAY_DDL
+    from adapters.positions import DDL as RELAY_DDL
     from adapters.webhooks.store import ensure_schema as ensure_webhooks_schema
 
     open_event_store(settings, pool_size=1).close()
@@ -250,7 +250,8 @@ def build_relay(settings: Settings, name: str = "", topic: str = "",
     import psycopg
 
     from adapters import kafka_io
-    from adapters.relay import RELAY_NAME, LossWatch, PgWakeup, Relay, RelayState, install_wakeup
+    from adapters.positions import RELAY_NAME
+    from adapters.relay import LossWatch, PgWakeup, Relay, RelayState, install_wakeup
     from adapters.rollover import KafkaLogAdmin, LogRollover
     from infra.kafka_admin import ensure_topics
     from projections.models import READ_MODELS
@@ -285,8 +286,8 @@ def build_relay(settings: Settings, name: str = "", topic: str = "",
 def build_projector(settings: Settings) -> Any:
     from adapters import kafka_io
     from adapters.catchup_processes import CatchUpProcesses
+    from adapters.positions import RELAY_NAME, LossSignal, PgPositions
     from adapters.projector import GROUP, PgReadStore, Projector
-    from adapters.relay import RELAY_NAME, LossSignal, PgPositions
     from projections.catchup import CatchUp, fold_models, groups
     from projections.log import LogReader
 
@@ -317,7 +318,7 @@ def build_dispatcher(settings: Settings) -> Any:
     from adapters.dispatcher import GROUP, Dispatcher, KafkaTaskQueue
     bootstrap = settings.effective_kafka_bootstrap
     app = open_event_store(settings, pool_size=2)
-    from adapters.relay import LossSignal
+    from adapters.positions import LossSignal
     from adapters.rollover import KafkaLogAdmin, LogRollover
 
     rollover = None
@@ -335,7 +336,7 @@ def build_webhooks(settings: Settings) -> Any:
     import psycopg
 
     from adapters import kafka_io
-    from adapters.relay import RELAY_NAME, LossSignal, PgPositions
+    from adapters.positions import RELAY_NAME, LossSignal, PgPositions
     from adapters.webhooks import store, targets
     from adapters.webhooks.consumer import GROUP, DeliveryRecorder, WebhookConsumer
     from adapters.webhooks.retries import parse_schedule

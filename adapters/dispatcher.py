@@ -54,7 +54,7 @@ from eventsourcing.persistence import ConnectionPoolClosedError, PersistenceErro
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from adapters import kafka_io
-from adapters.relay import LossSignal
+from adapters.positions import LossSignal
 from adapters.rollover import LogRollover
 from domain.contracts import topics
 from domain.contracts import trace as tracing

@@ -30,7 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from adapters.relay import RELAY_NAME
+from adapters.positions import RELAY_NAME
 from adapters.settings import Settings
 from domain.contracts import topics
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 import psycopg
 from psycopg import sql
 
-from adapters.relay import LossSignal, PgPositions
+from adapters.positions import LossSignal, PgPositions
 from domain.contracts import topics
 from domain.contracts.envelope import EventEnvelope, decode
 from domain.contracts.loop import ConsumerLoop

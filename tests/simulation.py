@@ -19,8 +19,9 @@ from uuid import UUID, uuid4
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from adapters.positions import RELAY_NAME
 from adapters.projector import SWEEP, Projector
-from adapters.relay import RELAY_NAME, Relay
+from adapters.relay import Relay
 from application.services import PaletteService
 from domain.contracts.envelope import EventEnvelope
 from domain.contracts.keys import input_key

@@ -25,7 +25,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from adapters.relay import LossSignal, PgPositions
+from adapters.positions import LossSignal, PgPositions
 from adapters.webhooks import store
 from adapters.webhooks.events import EVENT_TYPES, payload
 from adapters.webhooks.sender import WebhookSender

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from adapters.relay import RELAY_NAME
+from adapters.positions import RELAY_NAME
 from tests.bench.audit import EVENTS_PER_COMMAND
 from tests.bench.core import make_backlog
 from tests.bench.harness import Profile, Results, Stack, percentile, say, service_on

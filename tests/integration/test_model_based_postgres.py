@@ -17,8 +17,8 @@ from psycopg import sql
 
 from adapters.bootstrap import event_store_env
 from adapters.pg_streams import pg_stream_loader
+from adapters.positions import PgPositions
 from adapters.projector import PgReadStore
-from adapters.relay import PgPositions
 from adapters.settings import Settings
 from application.executors import GroupCommitter
 from application.services import PaletteApplication, PaletteService

@@ -15,8 +15,9 @@ import pytest
 
 from adapters import kafka_io
 from adapters.bootstrap import open_event_store
+from adapters.positions import LossSignal
 from adapters.projector import SWEEP, PgReadStore, Projector
-from adapters.relay import LossSignal, RelayState
+from adapters.relay import RelayState
 from adapters.settings import Settings
 from application.services import PaletteService
 from domain.contracts import topics

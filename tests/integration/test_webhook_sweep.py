@@ -8,7 +8,7 @@ from typing import Any, cast
 import psycopg
 from psycopg import sql
 
-from adapters.relay import PgPositions
+from adapters.positions import PgPositions
 from adapters.settings import Settings
 from adapters.webhooks.consumer import SWEEP, WebhookConsumer
 
