@@ -158,7 +158,7 @@ def worker_asgi(naive: bool) -> ASGIApp:
     import os
 
     from adapters import bootstrap, tracing
-    from adapters.runtime import serving_gc
+    from adapters.collector import serving_gc
     from adapters.settings import load_settings
 
     settings = load_settings()

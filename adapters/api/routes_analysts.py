@@ -18,9 +18,9 @@ from fastapi.security import HTTPAuthorizationCredentials
 
 from adapters.api.deps import ContainerDep, bearer, made_once, verified
 from adapters.api.envelope import ApiError, ok
+from adapters.api.held_responses import SlotStream, StreamSlots
 from adapters.api.rate_limit import RateLimited
 from adapters.api.schemas import Envelope
-from adapters.api.streams import SlotStream, StreamSlots
 from adapters.bootstrap import Container
 from projections import audit
 from projections.replay import Replayer, as_jsonl

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep, made_once
 from adapters.api.envelope import ApiError, ok
+from adapters.api.held_responses import SlotStream, StreamSlots
 from adapters.api.idempotency import id_for_key
 from adapters.api.rate_limit import forwarded, request_address
 from adapters.api.schemas import (
@@ -46,7 +47,6 @@ from adapters.api.schemas import (
     Progress,
     UploadSlot,
 )
-from adapters.api.streams import SlotStream, StreamSlots
 from adapters.bootstrap import Container
 from adapters.loop_pg import LoopConnections
 from adapters.s3_listing import signing_scope

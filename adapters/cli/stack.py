@@ -108,7 +108,7 @@ def _serve_loop(worker: Served, ready_file: str | None, observed: tuple[str, Set
     ``observed`` (the process's name and settings) opens its metrics and probes port."""
     from pathlib import Path
 
-    from adapters.runtime import serving_gc
+    from adapters.collector import serving_gc
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -139,7 +139,7 @@ def _serve_api(settings: Any, naive: bool) -> None:
     from adapters import bootstrap, observability
     from adapters.api.app import API_POOL_SIZE, bound_connections, create_asgi
     from adapters.api.http_limits import SERVER_OPTIONS
-    from adapters.runtime import serving_gc
+    from adapters.collector import serving_gc
 
     # Each request's head bounded in size and time, the connections in number, a long keep-alive
     # (adapters.api.http_limits). log_config None: uvicorn's own records go to the process's JSON

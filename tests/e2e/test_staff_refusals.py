@@ -39,8 +39,8 @@ def test_replays_past_the_processs_slots_are_told_to_wait_and_a_finished_one_giv
     from fastapi.testclient import TestClient
 
     from adapters.api.app import create_app
+    from adapters.api.held_responses import StreamSlots
     from adapters.api.routes_analysts import STAFF_STREAMS
-    from adapters.api.streams import StreamSlots
     from adapters.bootstrap import build
 
     container = build(settings, pool_size=2)

@@ -15,10 +15,10 @@ from uuid import uuid4
 import botocore.auth
 import pytest
 
+from adapters.api.held_responses import StreamSlots
 from adapters.api.rate_limit import RateLimited
 from adapters.api.routes_jobs import GetUrls
 from adapters.api.routes_users import CachedCheck
-from adapters.api.streams import StreamSlots
 from adapters.settings import Settings
 from domain.contracts.callback import sign_callback, verify_callback
 from infra.s3 import s3_client

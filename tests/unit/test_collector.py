@@ -1,4 +1,4 @@
-"""A served process's collector (adapters.runtime.serving_gc), checked in a fresh interpreter:
+"""A served process's collector (adapters.collector.serving_gc), checked in a fresh interpreter:
 the suite's own process keeps CPython's defaults."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import json
 import subprocess
 import sys
 
-from adapters.runtime import GC_THRESHOLDS
+from adapters.collector import GC_THRESHOLDS
 
 PROBE = """
 import gc, json
-from adapters.runtime import serving_gc
+from adapters.collector import serving_gc
 before = gc.get_threshold()
 kept = [[i] for i in range(1000)]  # made at start-up: frozen with the rest
 serving_gc()
