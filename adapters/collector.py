@@ -1,4 +1,4 @@
-"""The interpreter's settings for a long-running server process (`palette serve <process>`).
+"""The garbage collector's settings for a long-running server process (`palette serve <process>`).
 
 CPython collects its youngest generation every 700 container allocations, and each collection
 promotes what is alive then. A server holds many requests' objects at once (or a batch's), so
