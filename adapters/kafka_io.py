@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaException
-from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka import KafkaConsumer
+from kafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    KafkaError,
+    KafkaTimeoutError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+)
 
 from adapters.settings import Settings
 
@@ -146,124 +154,128 @@ class LogProducer:
         self.flush(timeout)
 
 
-def consumer(settings: Settings, group_id: str, *topics: str, max_poll_records: int = 1000,
-             fetch_max_wait_ms: int = 20) -> Any:
-    """Manual offset commits (after the database commit). The fetch wait bounds latency: new data
-    does not wake a waiting fetch on the embedded broker, so latency-bound consumers keep it short."""
-    from kafka import KafkaConsumer
-    from kafka.errors import (
-        CommitFailedError,
-        IllegalGenerationError,
-        KafkaError,
-        RebalanceInProgressError,
-        UnknownMemberIdError,
-    )
+# What a commit may meet while a group or its broker comes back: the records come again.
+PASSING = (CommitFailedError, RebalanceInProgressError, UnknownMemberIdError, IllegalGenerationError)
 
-    # What a commit may meet while a group or its broker comes back: the records come again.
-    passing = (CommitFailedError, RebalanceInProgressError, UnknownMemberIdError, IllegalGenerationError)
 
-    class GroupConsumer(KafkaConsumer):  # type: ignore[misc]
-        """A member of ``group_id`` that reads a topic the broker recreated from its start.
+if TYPE_CHECKING:
+    from kafka import KafkaConsumer as _Consumer  # what the mixin's super() calls reach
+else:
+    _Consumer = object
 
-        A broker that restarted empty (memory storage) recreates its topics under new ids, but a
-        member that lives through the restart keeps its offsets in the old log: kafka-python keeps
-        a partition's position across a rebalance, and the embedded broker answers a fetch past
-        the end of a log with nothing rather than OFFSET_OUT_OF_RANGE. So the member would wait,
-        silently, until the new log grows past where it was, and skip everything before. Each
-        poll and commit compares the topic ids in the client's metadata with those last seen."""
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._topic_ids: dict[str, Any] = {}
-            self._renewed: dict[str, Any] = {}  # topic -> the metadata update asked for after a rewind
-            self.rewound: set[Any] = set()  # the partitions the last poll moved to the start
+class RewindsNewLogs(_Consumer):  # type: ignore[misc]
+    """A consumer group's member that reads a topic the broker recreated from its start.
 
-        def poll(self, *args: Any, **kwargs: Any) -> Any:
-            self.rewound = set()
-            records = super().poll(*args, **kwargs)
-            self.rewind_recreated()
-            self.rewind_truncated()
-            return records
+    A broker that restarted empty (memory storage) recreates its topics under new ids, but a
+    member that lives through the restart keeps its offsets in the old log: kafka-python keeps
+    a partition's position across a rebalance, and the embedded broker answers a fetch past
+    the end of a log with nothing rather than OFFSET_OUT_OF_RANGE. So the member would wait,
+    silently, until the new log grows past where it was, and skip everything before. Each
+    poll and commit compares the topic ids in the client's metadata with those last seen."""
 
-        def seek(self, partition: Any, offset: int) -> None:
-            """As kafka-python's, and the partition's last known log end is dropped: it came with
-            records before the new position (``rewind_truncated`` would take it for a log that
-            ends before it)."""
-            super().seek(partition, offset)
-            state = self._subscription.assignment.get(partition)
-            if state is not None:
-                state.highwater = None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._topic_ids: dict[str, Any] = {}
+        self._renewed: dict[str, Any] = {}  # topic -> the metadata update asked for after a rewind
+        self.rewound: set[Any] = set()  # the partitions the last poll moved to the start
 
-        def rewind_truncated(self) -> bool:
-            """Move to the start of every assigned partition of a topic one of whose logs now
-            ends before this member's position (the broker's last fetch answer says so): the
-            relay started the topic's log afresh (``adapters.rollover``), or the broker lost it.
-            Each of its partitions is new then, not only that one: another may have grown past
-            this member's position in it already, and would be read from there on, its start
-            skipped, once the topic's new id (taken as it is after this) no longer tells.
-            Returns whether it moved any."""
-            assigned = self._subscription.assignment
-            truncated = set()
-            for tp, state in assigned.items():
-                position = state.position if state.has_valid_position else None
-                if position is not None and state.highwater is not None and position.offset > state.highwater:
-                    truncated.add(tp.topic)
-            if not truncated:
-                return False
-            moved = [tp for tp in assigned if tp.topic in truncated]
+    def poll(self, *args: Any, **kwargs: Any) -> Any:
+        self.rewound = set()
+        records = super().poll(*args, **kwargs)
+        self.rewind_recreated()
+        self.rewind_truncated()
+        return records
+
+    def seek(self, partition: Any, offset: int) -> None:
+        """As kafka-python's, and the partition's last known log end is dropped: it came with
+        records before the new position (``rewind_truncated`` would take it for a log that
+        ends before it)."""
+        super().seek(partition, offset)
+        state = self._subscription.assignment.get(partition)
+        if state is not None:
+            state.highwater = None
+
+    def rewind_truncated(self) -> bool:
+        """Move to the start of every assigned partition of a topic one of whose logs now
+        ends before this member's position (the broker's last fetch answer says so): the
+        relay started the topic's log afresh (``adapters.rollover``), or the broker lost it.
+        Each of its partitions is new then, not only that one: another may have grown past
+        this member's position in it already, and would be read from there on, its start
+        skipped, once the topic's new id (taken as it is after this) no longer tells.
+        Returns whether it moved any."""
+        assigned = self._subscription.assignment
+        truncated = set()
+        for tp, state in assigned.items():
+            position = state.position if state.has_valid_position else None
+            if position is not None and state.highwater is not None and position.offset > state.highwater:
+                truncated.add(tp.topic)
+        if not truncated:
+            return False
+        moved = [tp for tp in assigned if tp.topic in truncated]
+        self.seek_to_beginning(*moved)
+        self.rewound.update(moved)
+        for topic in truncated:
+            self._topic_ids.pop(topic, None)
+            self._renewed[topic] = self._client.cluster.request_update()
+        log.info("a log ended before this member's position: reading %d partition(s) of %s from the start",
+                 len(moved), ", ".join(sorted(truncated)))
+        return True
+
+    def rewind_recreated(self) -> bool:
+        """Move to the start of each assigned partition of a topic whose id changed since it
+        was last seen; returns whether it moved any. What this member held came from the old
+        log, so nothing is lost, and every consumer here takes what comes again as
+        duplicates. (A partition not assigned now has no position to keep: when assigned, it
+        starts from the group's offset in the new broker, or from the start.)"""
+        cluster = self._client.cluster
+        recreated: set[str] = set()
+        for topic in self.subscription() or ():
+            renewal = self._renewed.get(topic)
+            if renewal is not None:  # rewound already: the id is taken once the metadata is new
+                if not renewal.is_done:
+                    continue
+                del self._renewed[topic]
+            now = cluster.topic_id(topic)
+            if now is not None and self._topic_ids.setdefault(topic, now) != now:
+                self._topic_ids[topic] = now
+                recreated.add(topic)
+        if not recreated:
+            return False
+        moved = [tp for tp in self.assignment() if tp.topic in recreated]
+        if moved:
             self.seek_to_beginning(*moved)
             self.rewound.update(moved)
-            for topic in truncated:
-                self._topic_ids.pop(topic, None)
-                self._renewed[topic] = self._client.cluster.request_update()
-            log.info("a log ended before this member's position: reading %d partition(s) of %s from the start",
-                     len(moved), ", ".join(sorted(truncated)))
-            return True
+        for topic in recreated:
+            log.warning("the broker recreated %s: reading %d partition(s) of it again from the start",
+                        topic, sum(tp.topic == topic for tp in moved))
+        return bool(moved)
 
-        def rewind_recreated(self) -> bool:
-            """Move to the start of each assigned partition of a topic whose id changed since it
-            was last seen; returns whether it moved any. What this member held came from the old
-            log, so nothing is lost, and every consumer here takes what comes again as
-            duplicates. (A partition not assigned now has no position to keep: when assigned, it
-            starts from the group's offset in the new broker, or from the start.)"""
-            cluster = self._client.cluster
-            recreated: set[str] = set()
-            for topic in self.subscription() or ():
-                renewal = self._renewed.get(topic)
-                if renewal is not None:  # rewound already: the id is taken once the metadata is new
-                    if not renewal.is_done:
-                        continue
-                    del self._renewed[topic]
-                now = cluster.topic_id(topic)
-                if now is not None and self._topic_ids.setdefault(topic, now) != now:
-                    self._topic_ids[topic] = now
-                    recreated.add(topic)
-            if not recreated:
-                return False
-            moved = [tp for tp in self.assignment() if tp.topic in recreated]
-            if moved:
-                self.seek_to_beginning(*moved)
-                self.rewound.update(moved)
-            for topic in recreated:
-                log.warning("the broker recreated %s: reading %d partition(s) of it again from the start",
-                            topic, sum(tp.topic == topic for tp in moved))
-            return bool(moved)
+    def commit(self, *args: Any, **kwargs: Any) -> None:
+        """A group that no longer knows this member (a broker that restarted, a rebalance)
+        or a broker not back yet refuses the commit (anything else raises): the records come
+        again and every consumer here takes them as duplicates, so the process goes on and
+        rejoins on its next poll instead of exiting. Nothing is committed when the topic was
+        just found recreated: the offsets at hand point into the old log."""
+        if self.rewind_recreated():
+            return
+        try:
+            super().commit(*args, **kwargs)
+        except KafkaError as e:
+            if not (isinstance(e, PASSING) or e.retriable):  # a broker away, no coordinator yet
+                raise
+            log.warning("offsets not committed (%s); they come again", e)
 
-        def commit(self, *args: Any, **kwargs: Any) -> None:
-            """A group that no longer knows this member (a broker that restarted, a rebalance)
-            or a broker not back yet refuses the commit (anything else raises): the records come
-            again and every consumer here takes them as duplicates, so the process goes on and
-            rejoins on its next poll instead of exiting. Nothing is committed when the topic was
-            just found recreated: the offsets at hand point into the old log."""
-            if self.rewind_recreated():
-                return
-            try:
-                super().commit(*args, **kwargs)
-            except KafkaError as e:
-                if not (isinstance(e, passing) or e.retriable):  # a broker away, no coordinator yet
-                    raise
-                log.warning("offsets not committed (%s); they come again", e)
 
+class GroupConsumer(RewindsNewLogs, KafkaConsumer):  # type: ignore[misc]
+    """kafka-python's consumer, reading a topic the broker recreated or started afresh from its
+    start (RewindsNewLogs)."""
+
+
+def consumer(settings: Settings, group_id: str, *topics: str, max_poll_records: int = 1000,
+             fetch_max_wait_ms: int = 20) -> GroupConsumer:
+    """Manual offset commits (after the database commit). The fetch wait bounds latency: new data
+    does not wake a waiting fetch on the embedded broker, so latency-bound consumers keep it short."""
     return GroupConsumer(
         *topics, bootstrap_servers=settings.effective_kafka_bootstrap, group_id=group_id,
         enable_auto_commit=False, auto_offset_reset="earliest",

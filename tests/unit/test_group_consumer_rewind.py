@@ -8,13 +8,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-import kafka
 import pytest
 from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from adapters import kafka_io
-from adapters.settings import Settings
 
 
 class Partition:
@@ -85,10 +83,13 @@ class StandIn:
                                if p.position is not None})
 
 
+class Member(kafka_io.RewindsNewLogs, StandIn):
+    """GroupConsumer's decisions on the stand-in instead of kafka-python's consumer."""
+
+
 @pytest.fixture
-def member(monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setattr(kafka, "KafkaConsumer", StandIn)
-    consumer = kafka_io.consumer(Settings(), "g", "events", "other")
+def member() -> Any:
+    consumer = Member("events", "other")
     consumer.poll()  # the topic ids as they are now
     return consumer
 
