@@ -254,6 +254,7 @@ def build_relay(settings: Settings, name: str = "", topic: str = "",
     from adapters.relay import LossWatch, PgWakeup, Relay, RelayState, install_wakeup
     from adapters.rollover import KafkaLogAdmin, LogRollover
     from infra.kafka_admin import ensure_topics
+    from projections.log import events_table
     from projections.models import READ_MODELS
     from projections.store import oldest_needed
 
@@ -269,7 +270,7 @@ def build_relay(settings: Settings, name: str = "", topic: str = "",
         ensure_topics(settings.effective_kafka_bootstrap, topics.ALL, settings.kafka_partitions)
         head = (recorder.max_notification_id() or 0) + 1
         with psycopg.connect(url, autocommit=True) as conn:
-            oldest = [oldest_needed(conn, m, recorder.events_table_name) for m in READ_MODELS.values()]
+            oldest = [oldest_needed(conn, m, events_table(recorder)) for m in READ_MODELS.values()]
         return min([head, *(o for o in oldest if o is not None)])
 
     state = RelayState.connect(url)

@@ -25,6 +25,7 @@ from application.services import PaletteService
 from domain.contracts.keys import user_prefixes
 from domain.errors import NotFound
 from domain.user import User
+from projections.log import events_table
 
 log = logging.getLogger("palette.erasure")
 REGISTERED_TOPIC = "domain.user:User.Registered"
@@ -76,8 +77,7 @@ def redact_legacy_registration(conn: Any, app: Any, user_id: UUID) -> bool:
     if getattr(mapper, "compressor", None) is not None or getattr(mapper, "cipher", None) is not None:
         log.warning("stored states are compressed or enciphered: the v1 registration of %s is left as it is", user_id)
         return False
-    recorder = app.recorder
-    table = sql.Identifier(*(p for p in (recorder.datastore.schema, recorder.events_table_name) if p))
+    table = events_table(app.recorder)
     row = conn.execute(sql.SQL("SELECT state FROM {} WHERE originator_id = %s AND originator_version = 1 "
                                "AND topic = %s").format(table), [user_id, REGISTERED_TOPIC]).fetchone()
     if row is None:

@@ -99,6 +99,7 @@ class ReadSideCollector:
                                     value=value)
 
     def _measure(self, psycopg: Any) -> tuple[list[tuple[str, int, float, int]], dict[str, float]]:
+        from projections.log import events_table
         from projections.models import READ_MODELS
         from projections.store import unapplied
 
@@ -108,7 +109,7 @@ class ReadSideCollector:
             parked = dict(conn.execute("SELECT model, count(*) FROM palette_read.dead_letters "
                                        "WHERE status IN ('parked', 'held') GROUP BY model").fetchall())
             for name, model in READ_MODELS.items():
-                count, oldest = unapplied(conn, model, self.log.recorder.events_table_name)
+                count, oldest = unapplied(conn, model, events_table(self.log.recorder))
                 first = self.log.read(oldest - 1, oldest, 1) if oldest is not None else []
                 seconds = max(0.0, (now - first[0].timestamp).total_seconds()) if first else 0.0
                 rows.append((name, count, seconds, int(parked.get(name, 0))))

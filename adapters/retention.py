@@ -73,6 +73,7 @@ from domain.contracts.keys import (
 )
 from domain.errors import DomainError
 from domain.job import Job
+from projections.log import events_table
 
 log = logging.getLogger("palette.sweeper")
 PAGE = 500  # jobs per query
@@ -383,7 +384,7 @@ class Sweeper:
         c = self.container
         done = 0
         recorder: Any = c.app.recorder  # eventsourcing's PostgreSQL recorder
-        table = sql.Identifier(*(p for p in (recorder.datastore.schema, recorder.events_table_name) if p))
+        table = events_table(recorder)
         with c.read_pool.connection() as conn:
             after = _cursor(conn, name)
         # The log's head now: a scan that reaches it without an event still too new moves the

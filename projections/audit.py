@@ -18,6 +18,7 @@ import psycopg
 from psycopg import sql
 
 from domain.contracts.streams import stream_topics, topic_prefix
+from projections.log import events_table
 from projections.models.base import Rows
 from projections.models.billing_events import BILLING, GENESIS, LEDGER_COLUMNS, ledger_hash
 from projections.models.users import USERS
@@ -127,7 +128,7 @@ def _key(row: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(str(row[c]) if isinstance(row[c], UUID) else row[c] for c in LEDGER_COLUMNS)
 
 
-def _unfolded(conn: psycopg.Connection[Any], events_table: str, upto: int) -> int:
+def _unfolded(conn: psycopg.Connection[Any], events: sql.Identifier, upto: int) -> int:
     """User events at or before position ``upto`` that users or billing_events has not folded,
     leaving out the streams a dead letter holds back (they will not move by waiting)."""
     behind = 0
@@ -137,18 +138,18 @@ def _unfolded(conn: psycopg.Connection[Any], events_table: str, upto: int) -> in
             "WHERE e.topic LIKE %s AND e.notification_id <= %s AND e.originator_version > coalesce(t.version, 0) "
             "AND NOT EXISTS (SELECT 1 FROM palette_read.dead_letters d WHERE d.model = %s "
             "AND d.stream_id = e.originator_id AND d.status IN ('parked', 'held'))"
-        ).format(sql.Identifier(events_table), sql.Identifier("palette_read", f"{model.name}_tracking")),
+        ).format(events, sql.Identifier("palette_read", f"{model.name}_tracking")),
             [topic_prefix("User") + "%", upto, model.name]).fetchone()
         behind = max(behind, int(row[0]) if row else 0)
     return behind
 
 
-def wait_folded(conn: psycopg.Connection[Any], events_table: str, upto: int, wait_s: float) -> int:
+def wait_folded(conn: psycopg.Connection[Any], events: sql.Identifier, upto: int, wait_s: float) -> int:
     """Wait (up to ``wait_s``) for users and billing_events to fold every User event up to
     position ``upto``; the number still unfolded (0: all folded, or held by a dead letter)."""
     deadline = time.monotonic() + wait_s
     pause = 0.05
-    while (behind := _unfolded(conn, events_table, upto)) and time.monotonic() < deadline:
+    while (behind := _unfolded(conn, events, upto)) and time.monotonic() < deadline:
         time.sleep(pause)  # the projector is on its way
         pause = min(1.0, pause * 2)
     return behind
@@ -193,10 +194,10 @@ def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, lim
     Events up to ``at`` not folded after ``wait_s`` (or held by a dead letter) are differences.
     One streaming pass over the User streams: memory holds rows, not the log."""
     report = Reconciliation()
-    events_table = recorder.events_table_name
+    events = events_table(recorder)
     upto = at if at is not None else (recorder.max_notification_id() or 0)
     report.position = upto
-    wait_folded(conn, events_table, upto, wait_s)
+    wait_folded(conn, events, upto, wait_s)
     with _snapshot(conn):
         held = _held(conn)
         tracked_users, tracked_billing = _tracked(conn, USERS), _tracked(conn, BILLING)
@@ -468,12 +469,12 @@ def plans_at(recorder: Any, transcoder: Any, upto: int, until: datetime) -> dict
     return plans
 
 
-def _unfolded_ledger(conn: psycopg.Connection[Any], events_table: str, upto: int) -> int:
+def _unfolded_ledger(conn: psycopg.Connection[Any], events: sql.Identifier, upto: int) -> int:
     """User events at or before ``upto`` that billing_events has not folded (dead letters included)."""
     row = conn.execute(sql.SQL(
         "SELECT count(*) FROM {} e LEFT JOIN {} t ON t.stream_id = e.originator_id "
         "WHERE e.topic LIKE %s AND e.notification_id <= %s AND e.originator_version > coalesce(t.version, 0)"
-    ).format(sql.Identifier(events_table), sql.Identifier("palette_read", f"{BILLING.name}_tracking")),
+    ).format(events, sql.Identifier("palette_read", f"{BILLING.name}_tracking")),
         [topic_prefix("User") + "%", upto]).fetchone()
     return int(row[0]) if row else 0
 
@@ -490,10 +491,10 @@ def period_report(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any,
         # figures "at" a position not yet written would change as it is
         raise ValueError(f"at {at:,} is not a position of the log (0 to its head, {head:,})")
     upto = at if at is not None else head
-    wait_folded(conn, recorder.events_table_name, upto, wait_s)
+    wait_folded(conn, events_table(recorder), upto, wait_s)
     plans = plans_at(recorder, transcoder, upto, until)
     with _snapshot(conn):
-        unfolded = _unfolded_ledger(conn, recorder.events_table_name, upto)
+        unfolded = _unfolded_ledger(conn, events_table(recorder), upto)
         rows = conn.execute(sql.SQL(
             "SELECT user_id, "
             "coalesce(sum(balance_delta) FILTER (WHERE occurred_at < %(from)s), 0), "
@@ -529,9 +530,9 @@ def chain_heads(conn: psycopg.Connection[Any], recorder: Any, wait_s: float = 30
     position) and the log position up to which the ledger has folded every user event, read in
     one snapshot. The caller signs it with a key the database does not hold."""
     upto = int(recorder.max_notification_id() or 0)
-    wait_folded(conn, recorder.events_table_name, upto, wait_s)
+    wait_folded(conn, events_table(recorder), upto, wait_s)
     with _snapshot(conn):
-        unfolded = _unfolded_ledger(conn, recorder.events_table_name, upto)
+        unfolded = _unfolded_ledger(conn, events_table(recorder), upto)
         heads = conn.execute(sql.SQL(
             "SELECT h.user_id::text, h.seq, h.last_hash, e.position FROM palette_read.billing_heads h "
             "JOIN {} e ON e.user_id = h.user_id AND e.seq = h.seq ORDER BY h.user_id").format(LEDGER)).fetchall()

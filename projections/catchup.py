@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from projections.log import LogReader
+from projections.log import LogReader, events_table
 from projections.models import READ_MODELS
 from projections.models.base import ReadModel
 from projections.schema import table
@@ -86,8 +86,8 @@ class CatchUp:
     def start(self) -> int | None:
         """The position after which one of this catch-up's models still needs an event, None
         when none does."""
-        events_table = self.log.recorder.events_table_name
-        needed = [p for p in (oldest_needed(self.conn, m, events_table) for m in self.chosen) if p is not None]
+        events = events_table(self.log.recorder)
+        needed = [p for p in (oldest_needed(self.conn, m, events) for m in self.chosen) if p is not None]
         return min(needed) - 1 if needed else None
 
     def run(self) -> tuple[int, BatchResult] | None:

@@ -17,6 +17,11 @@ from domain.contracts.streams import topic_prefix
 SCAN_PAGE = 5000
 
 
+def events_table(recorder: Any) -> sql.Identifier:
+    """The event store's table on PostgreSQL, in its schema (a store may have one of its own)."""
+    return sql.Identifier(recorder.datastore.schema, recorder.events_table_name)
+
+
 class LogReader:
     def __init__(self, recorder: Any, transcoder: Any, owner: Any = None) -> None:
         self.recorder = recorder
@@ -62,11 +67,7 @@ class LogReader:
     @property
     def events_table(self) -> sql.Identifier | None:
         """The events table on PostgreSQL (None for the in-memory recorder)."""
-        name = getattr(self.recorder, "events_table_name", None)
-        if name is None:
-            return None
-        schema = getattr(self.recorder.datastore, "schema", "") or ""
-        return sql.Identifier(schema, name) if schema else sql.Identifier(name)
+        return events_table(self.recorder) if hasattr(self.recorder, "events_table_name") else None
 
     def head(self) -> int:
         return int(self.recorder.max_notification_id() or 0)

@@ -48,6 +48,7 @@ from psycopg.rows import tuple_row
 from domain.contracts.envelope import from_notification
 from domain.contracts.personal import SEALED_PREFIX, redact
 from domain.contracts.streams import event_classes
+from projections.log import events_table
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 ENVELOPE = pa.schema([("position", pa.int64()), ("stream_id", pa.string()), ("version", pa.int32()),
@@ -425,7 +426,7 @@ def export_log(recorder: Any, transcoder: Any, out: Path, start: int = 1, since:
     topics = topics_for(types_)
     check_out_dir(out, "type=*")
     stop_after = until.timestamp() + TIME_SLACK_S if until else None
-    table = sql.Identifier(*(p for p in (recorder.datastore.schema, recorder.events_table_name) if p))
+    table = events_table(recorder)
     with _staged(out) as staging:
         writer = PartitionedWriter(staging)
         try:

@@ -20,6 +20,7 @@ from psycopg import sql
 from domain.contracts.envelope import EventEnvelope, encode, encode_notification, from_notification
 from domain.contracts.personal import SEALED_PREFIX, redact
 from domain.contracts.streams import event_classes
+from projections.log import events_table
 from projections.rebuild import PAGE
 
 CSV_COLUMNS = ("id", "stream_id", "stream_type", "version", "type", "timestamp", "data")
@@ -60,9 +61,8 @@ class Replayer:
 
     def stream(self, stream_id: UUID) -> Iterator[EventEnvelope]:
         """One stream's events in version order."""
-        query = sql.SQL("SELECT notification_id, originator_id, originator_version, topic, state FROM {}.{} "
-                        "WHERE originator_id = %s ORDER BY originator_version").format(
-            sql.Identifier(self.recorder.datastore.schema), sql.Identifier(self.recorder.events_table_name))
+        query = sql.SQL("SELECT notification_id, originator_id, originator_version, topic, state FROM {} "
+                        "WHERE originator_id = %s ORDER BY originator_version").format(events_table(self.recorder))
         with self.recorder.datastore.get_connection() as conn, conn.cursor() as cur:
             cur.execute(query, [stream_id])
             rows = cur.fetchall()

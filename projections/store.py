@@ -234,25 +234,25 @@ def _park(conn: psycopg.Connection[Any], model: ReadModel, env: EventEnvelope, e
         [model.name, env.stream_id, env.version, env.id, encode(env), storable(error), status])
 
 
-def unapplied(conn: psycopg.Connection[Any], model: ReadModel, events_table: str) -> tuple[int, int | None]:
+def unapplied(conn: psycopg.Connection[Any], model: ReadModel, events: sql.Identifier) -> tuple[int, int | None]:
     """Exact lag: how many stored events the model has not folded yet, and the oldest one's position."""
     row = conn.execute(sql.SQL(
         "SELECT count(*), min(e.notification_id) FROM {} e LEFT JOIN {} t ON t.stream_id = e.originator_id "
         "WHERE e.topic LIKE %s AND e.originator_version > coalesce(t.version, 0)"
-    ).format(sql.Identifier(events_table), table(tracking_table(model))),
+    ).format(events, table(tracking_table(model))),
         [topic_prefix(model.stream_type) + "%"]).fetchone()
     assert row is not None
     return int(row[0]), row[1]
 
 
-def oldest_needed(conn: psycopg.Connection[Any], model: ReadModel, events_table: str) -> int | None:
+def oldest_needed(conn: psycopg.Connection[Any], model: ReadModel, events: sql.Identifier) -> int | None:
     """The position of the oldest stored event the model still has to fold from a delivery: not
     folded yet, and not held behind a dead letter (a retry reads those from the table itself)."""
     row = conn.execute(sql.SQL(
         "SELECT min(e.notification_id) FROM {} e LEFT JOIN {} t ON t.stream_id = e.originator_id "
         "WHERE e.topic LIKE %s AND e.originator_version > coalesce(t.version, 0) AND NOT EXISTS ("
         "SELECT 1 FROM {} d WHERE d.model = %s AND d.stream_id = e.originator_id AND d.status IN ('parked', 'held'))"
-    ).format(sql.Identifier(events_table), table(tracking_table(model)), table("dead_letters")),
+    ).format(events, table(tracking_table(model)), table("dead_letters")),
         [topic_prefix(model.stream_type) + "%", model.name]).fetchone()
     return None if row is None or row[0] is None else int(row[0])
 

@@ -37,6 +37,7 @@ from adapters.bootstrap import embedded_stack, event_store_env
 from adapters.settings import load_settings
 from application.services import PaletteApplication
 from infra.stack import EmbeddedStack, find_pg_bin
+from projections.log import events_table
 from projections.models import READ_MODELS
 from projections.rebuild import iter_envelopes
 from projections.store import unapplied
@@ -285,7 +286,7 @@ def verify(stack: EmbeddedStack, load: Workload, report: Report, say: Any) -> No
         if not _wait("jobs", all_terminal, 300):
             say("[chaos] some executed jobs did not finish")
         with psycopg.connect(url, autocommit=True) as conn:
-            table = app.recorder.events_table_name
+            table = events_table(app.recorder)
 
             def drained() -> bool:
                 relay = conn.execute("SELECT position FROM palette_relay.positions").fetchone()

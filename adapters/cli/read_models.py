@@ -67,6 +67,7 @@ def _projection_status(app: PaletteApplication, url: str) -> str:
 
     from domain.contracts.envelope import from_notification
     from projections import schema, store
+    from projections.log import events_table
     from projections.models import READ_MODELS
 
     head = app.recorder.max_notification_id() or 0
@@ -83,7 +84,7 @@ def _projection_status(app: PaletteApplication, url: str) -> str:
     now = datetime.now(UTC)
     with psycopg.connect(url, autocommit=True) as conn:
         for name, model in READ_MODELS.items():
-            lag, oldest = store.unapplied(conn, model, app.recorder.events_table_name)  # type: ignore[attr-defined]  # PostgreSQL's recorder
+            lag, oldest = store.unapplied(conn, model, events_table(app.recorder))
             lag_s = 0.0
             if oldest is not None:
                 nxt = app.recorder.select_notifications(start=oldest, limit=1)

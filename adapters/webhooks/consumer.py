@@ -34,7 +34,7 @@ from domain.contracts import topics
 from domain.contracts.envelope import EventEnvelope, decode
 from domain.contracts.loop import ConsumerLoop
 from domain.job import Job
-from projections.log import LogReader
+from projections.log import LogReader, events_table
 
 log = logging.getLogger("palette.webhooks")
 GROUP = topics.WEBHOOKS_GROUP
@@ -108,9 +108,7 @@ class DeliveryRecorder:
         purpose: a redelivered or swept record must not bring them back)."""
         if not job_ids:
             return set()
-        recorder = self.log.recorder
-        table = sql.Identifier(getattr(getattr(recorder, "datastore", None), "schema", None) or "public",
-                               recorder.events_table_name)
+        table = events_table(self.log.recorder)
         rows = self.conn.execute(sql.SQL("SELECT DISTINCT originator_id FROM {} WHERE originator_id = ANY(%s) "
                                          "AND topic = %s").format(table),
                                  [list(job_ids), f"{Job.__module__}:{Job.JobDeleted.__qualname__}"]).fetchall()

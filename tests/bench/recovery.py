@@ -33,7 +33,7 @@ CATCHUP_LIMIT_S = 300.0  # for the projector to fold it
 
 def _head(conn: psycopg.Connection[Any]) -> int:
     row = conn.execute(sql.SQL("SELECT coalesce(max(notification_id), 0) FROM {}").format(
-        sql.Identifier(EVENTS_TABLE))).fetchone()
+        EVENTS_TABLE)).fetchone()
     return int(row[0]) if row else 0
 
 

@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from adapters import kafka_io
 from adapters.bootstrap import build_relay
@@ -30,7 +31,7 @@ from tests.bench.harness import Profile, Results, Stack, percentile, say, servic
 
 LAG_EVENTS_PER_S = 500  # job creations at half that rate: each commits 2 events
 FAST_LAG_EVENTS_PER_S = 2000  # the same measurement at a higher offered load
-EVENTS_TABLE = "palette_events"  # the main event store's table (schema public)
+EVENTS_TABLE = sql.Identifier("public", "palette_events")  # the main event store's table
 ACK_SAMPLES = 50
 
 

@@ -19,6 +19,7 @@ from adapters.retention import Sweeper
 from domain.contracts.personal import ERASED
 from infra.s3 import s3_client
 from projections import audit
+from projections.log import events_table
 from projections.models import READ_MODELS
 from projections.replay import Replayer
 from projections.store import unapplied
@@ -90,7 +91,7 @@ def test_erasing_a_user_shreds_personal_fields_deletes_objects_and_keeps_the_led
             # the ledger keeps its amounts: the running job's reservation came back, nothing else moved
             state = Replayer(app, erased_users).state(uuid.UUID(user_id))["state"]
             assert (state["balance"], state["reservations"], state["erased"]) == (credits_before + 2, {}, True)
-            wait_until(lambda: all(unapplied(conn, m, app.recorder.events_table_name)[0] == 0
+            wait_until(lambda: all(unapplied(conn, m, events_table(app.recorder))[0] == 0
                                    for m in READ_MODELS.values()), timeout_s=60, what="projections to drain")
             _, breaks = audit.verify(conn)
             assert breaks == []

@@ -15,6 +15,7 @@ import psycopg
 from adapters.settings import Settings
 from application.services import PaletteService
 from domain.job import JobStatus
+from projections.log import events_table
 from projections.models import READ_MODELS
 from projections.rebuild import iter_envelopes
 from projections.store import unapplied
@@ -58,7 +59,7 @@ def test_a_broker_restarted_empty_loses_nothing(gpu_apps: Any, service: PaletteS
             raise AssertionError(f"{e}; {[(u, j, service.get_job(u, j).status) for u, j in jobs]}; {logs}") from None
         assert losses(conn) > before  # the relay saw the loss (rather than a lucky timing)
 
-        table = service.app.recorder.events_table_name  # type: ignore[attr-defined]
+        table = events_table(service.app.recorder)
         wait_until(lambda: all(unapplied(conn, m, table)[0] == 0 for m in READ_MODELS.values()),
                    timeout_s=60, what="the read models to fold the whole log")
         log = list(iter_envelopes(service.app.recorder, service.app.mapper.transcoder, 1, None))

@@ -23,6 +23,7 @@ from application.executors import GroupCommitter
 from application.services import PaletteApplication, PaletteService
 from domain.contracts.envelope import EventEnvelope
 from domain.errors import DomainError
+from projections.log import events_table
 from projections.models import READ_MODELS
 from projections.models.billing_events import LEDGER_COLUMNS
 from projections.rebuild import fold_log, iter_envelopes, rebuild
@@ -96,7 +97,7 @@ def folded_contents(app: Any, name: str) -> tuple[set[tuple[Any, ...]], set[tupl
 
 
 def drained(svc: PaletteService, conn: psycopg.Connection[Any]) -> bool:
-    table = svc.app.recorder.events_table_name
+    table = events_table(svc.app.recorder)
     return all(unapplied(conn, m, table)[0] == 0 for m in READ_MODELS.values())
 
 
