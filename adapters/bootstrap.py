@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import anyio.to_thread
@@ -26,6 +26,9 @@ from domain.contracts import topics
 from infra.s3 import s3_client
 from infra.stack import EmbeddedStack
 from projections.schema import ensure_schema
+
+if TYPE_CHECKING:
+    from adapters.retention import Sweeper
 
 
 def event_store_env(settings: Settings, pool_size: int = 8, schema: str = "") -> dict[str, str]:
@@ -240,6 +243,13 @@ def embedded_stack(settings: Settings, echo: IO[str] | None = None) -> EmbeddedS
     """The embedded stack, handed its topics, the schema step and the command of each process."""
     return EmbeddedStack(settings, topics=topics.ALL, prepare=lambda: prepare_schemas(settings),
                          app_argv=[sys.executable, "-m", "adapters.cli", "serve"], echo=echo)
+
+
+def build_sweeper(settings: Settings) -> Sweeper:
+    """`palette serve sweeper` and `palette admin sweep`: the sweeper on a container of its own."""
+    from adapters.retention import Sweeper
+
+    return Sweeper(settings, build(settings, pool_size=2))
 
 
 def build_relay(settings: Settings, name: str = "", topic: str = "",

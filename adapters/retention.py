@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import psycopg
@@ -74,6 +74,9 @@ from domain.contracts.keys import (
 from domain.errors import DomainError
 from domain.job import Job
 from projections.log import events_table
+
+if TYPE_CHECKING:
+    from adapters.bootstrap import Container
 
 log = logging.getLogger("palette.sweeper")
 PAGE = 500  # jobs per query
@@ -173,11 +176,12 @@ def abandoned_jobs(conn: psycopg.Connection[Any], cutoff: datetime, after: tuple
 
 
 class Sweeper:
-    def __init__(self, settings: Settings) -> None:
-        from adapters import bootstrap
+    """`palette serve sweeper` (built by ``bootstrap.build_sweeper``): a pass every
+    PALETTE_ERASURE_SWEEP_S over the container's stores; it closes the container."""
 
+    def __init__(self, settings: Settings, container: Container) -> None:
         self.settings = settings
-        self.container = bootstrap.build(settings, pool_size=2)
+        self.container = container
         self.clock = time.monotonic
         # Erasures that failed, by user: failures so far and when to try again (this process's
         # clock); only users still waiting for theirs are kept.

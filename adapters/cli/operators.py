@@ -32,9 +32,7 @@ def _cmd_admin(args: argparse.Namespace) -> int:
 
     settings = running_settings()
     if args.action == "sweep":
-        from adapters.retention import Sweeper
-
-        sweeper = Sweeper(settings)
+        sweeper = bootstrap.build_sweeper(settings)
         try:
             r = sweeper.step()
         finally:

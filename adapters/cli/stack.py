@@ -201,9 +201,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             return 2
         _serve_loop(checkpointer, args.ready_file, (args.process, settings))
     elif args.process == "sweeper":
-        from adapters.retention import Sweeper
-
-        _serve_loop(Sweeper(settings), args.ready_file)
+        _serve_loop(bootstrap.build_sweeper(settings), args.ready_file)
     return 0
 
 

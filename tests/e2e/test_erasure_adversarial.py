@@ -13,8 +13,9 @@ import psycopg
 import pytest
 
 from adapters import retention
+from adapters.bootstrap import build_sweeper
 from adapters.keyring import request_erasure
-from adapters.retention import LATE_UPLOADS_S, Sweeper
+from adapters.retention import LATE_UPLOADS_S
 from adapters.webhooks import store as webhooks
 from domain.contracts.keys import URL_TTL_S, output_key
 from domain.contracts.personal import ERASED
@@ -39,7 +40,7 @@ def _ahead(seconds: float) -> datetime:
 
 def _sweep(settings, now: datetime | None = None) -> None:  # type: ignore[no-untyped-def]
     """One sweeper pass (at ``now``), with a sweeper of its own."""
-    sweeper = Sweeper(settings)
+    sweeper = build_sweeper(settings)
     try:
         sweeper.step(now=now)
     finally:
@@ -76,7 +77,7 @@ def test_a_photo_put_through_a_link_issued_before_the_erasure_is_swept_once_the_
     created = client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})
     link = created["upload"][0]
     client.data("DELETE", "/me")
-    sweeper = Sweeper(settings)
+    sweeper = build_sweeper(settings)
     try:
         sweeper.step(now=_ahead(URL_TTL_S - 60))  # the link still works
         late = httpx.put(link["url"], content=jpeg(), headers={"Content-Type": link["content_type"]})
@@ -401,7 +402,7 @@ def test_an_erasure_cut_short_at_any_step_refuses_the_token_and_is_finished_by_t
                what="the API to refuse the token from the tombstone")
     assert not _completed(settings, client.user_id)
 
-    sweeper = Sweeper(settings)
+    sweeper = build_sweeper(settings)
     try:
         assert sweeper.step().erasures_finished >= 1
     finally:

@@ -13,9 +13,8 @@ import pytest
 from psycopg import sql
 
 from adapters import query
-from adapters.bootstrap import open_event_store
+from adapters.bootstrap import build_sweeper, open_event_store
 from adapters.keyring import all_erased
-from adapters.retention import Sweeper
 from domain.contracts.personal import ERASED
 from infra.s3 import s3_client
 from projections import audit
@@ -136,7 +135,7 @@ def test_the_sweeper_deletes_the_objects_of_jobs_past_retention_and_nothing_newe
     assert newer_at >= cutoff
     inputs = [k for k in _objects(settings, client.user_id) if old in k]
     assert len(inputs) == items
-    sweeper = Sweeper(settings)
+    sweeper = build_sweeper(settings)
     try:
         report = sweeper.step(now=cutoff + timedelta(days=settings.retention_days))
         assert report.jobs_expired >= 1 and report.objects_deleted >= items
@@ -173,7 +172,7 @@ def test_an_upload_landing_after_a_job_was_deleted_or_its_user_erased_is_swept(c
         s3.put_object(Bucket=settings.s3_bucket, Key=key, Body=b"late")
     assert all(any(k == key for k in _objects(settings, user)) for key, user in zip(late, (client.user_id,
                                                                                           other.user_id), strict=True))
-    sweeper = Sweeper(settings)
+    sweeper = build_sweeper(settings)
     try:
         sweeper.step(now=datetime.now(UTC))  # too soon: a late upload may still come
         assert _objects(settings, client.user_id) | _objects(settings, other.user_id) >= set(late)
@@ -321,7 +320,7 @@ def test_a_job_that_spent_nothing_keeps_its_objects_a_day_and_a_paid_one_the_ret
     last = max(_finished_at(settings, canceled, failed, paid, partly))
     days = settings.unpaid_retention_days
     assert days < settings.retention_days
-    sweeper = Sweeper(settings)
+    sweeper = build_sweeper(settings)
     try:
         sweeper.step(now=last + timedelta(days=days) - timedelta(seconds=LATE_UPLOADS_S))  # a day not yet over
         held = _objects(settings, client.user_id) | _objects(settings, other.user_id)
@@ -368,7 +367,7 @@ def test_what_an_upload_link_admitted_beyond_the_largest_photo_is_deleted_once_t
     at_the_bound = [input_key(user, job, 0), used_mask_key(user, job, 0, "wall")]  # the worker's own, too
     for key in at_the_bound:
         s3.put_object(Bucket=settings.s3_bucket, Key=key, Body=big[:MAX_INPUT_BYTES])
-    sweeper = Sweeper(settings)
+    sweeper = build_sweeper(settings)
     try:
         sweeper.step(now=datetime.now(UTC))  # the links may still be in use
         assert set(oversized) <= _objects(settings, client.user_id)

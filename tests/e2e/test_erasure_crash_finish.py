@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from adapters import bootstrap
-from adapters.bootstrap import open_event_store
+from adapters.bootstrap import build_sweeper, open_event_store
 from adapters.erasure import erase
 from adapters.retention import Sweeper
 from adapters.settings import Settings
@@ -79,7 +79,7 @@ class Served:
     passes and its erasure passes (the counts only observe; they change nothing)."""
 
     def __init__(self, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.sweeper = Sweeper(settings)
+        self.sweeper = build_sweeper(settings)
         self.passes = self.erasure_passes = 0
         step, finish = self.sweeper.step, self.sweeper.finish_erasures
 
@@ -178,7 +178,7 @@ def test_two_sweepers_finishing_one_erasure_at_once_record_erased_once_and_both_
     create_uploaded_job(client, 2)
     user_id = uuid.UUID(client.user_id)
     _crash_mid_erasure(settings, user_id, "recording Erased")
-    sweepers = [Sweeper(settings) for _ in range(2)]
+    sweepers = [build_sweeper(settings) for _ in range(2)]
     try:
         ready = threading.Barrier(2)
 
@@ -223,7 +223,7 @@ def _erasures_tried(monkeypatch: pytest.MonkeyPatch, watched: set[uuid.UUID],
 
 def _sweeper_on_a_clock(settings: Settings) -> tuple[Sweeper, list[float]]:
     """A sweeper whose clock reads the list's one item (waits from 30 s)."""
-    sweeper = Sweeper(settings.model_copy(update={"erasure_sweep_s": 30.0}))
+    sweeper = build_sweeper(settings.model_copy(update={"erasure_sweep_s": 30.0}))
     now = [1000.0]
     sweeper.clock = lambda: now[0]
     return sweeper, now
