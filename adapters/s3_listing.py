@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import os.path
 import random
 import re
@@ -22,22 +20,13 @@ from datetime import UTC, datetime
 from urllib.parse import quote, unquote_plus, urlsplit
 
 from adapters.per_loop import of_running_loop
+from adapters.s3_signing import signature, signed_host, signing_scope
 from adapters.settings import Settings
 
 S3 = "{http://s3.amazonaws.com/doc/2006-03-01/}"  # the namespace of S3's answers, in Clark notation
 HEAD_LIMIT = 64 * 1024  # the longest status line and headers read (the stream reader's limit)
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,12}")
 RETRY_PAUSE_S = (0.05, 0.25)  # before the one retry of a LIST the store refused (5xx) or never answered
-
-
-def signing_scope(access_key: str, secret_key: str, region: str, day: str) -> tuple[str, str, bytes]:
-    """SigV4 for S3 on the UTC date ``day`` (``YYYYMMDD``): the credential scope, the URI-encoded
-    credential of a presigned query, and the signing key (what every signature of that day uses)."""
-    scope = f"{day}/{region}/s3/aws4_request"
-    key = ("AWS4" + secret_key).encode()
-    for part in (day, region, "s3", "aws4_request"):
-        key = hmac.digest(key, part.encode(), "sha256")
-    return scope, quote(f"{access_key}/{scope}", safe="-_.~"), key
 
 
 class ListingFailed(Exception):
@@ -109,9 +98,7 @@ class S3Listing:
         if not 1 <= max_keys <= 1000:
             raise ValueError("max_keys must be within 1..1000 (S3 answers at most 1000 a page)")
         default_port = 443 if parts.scheme == "https" else 80
-        host = parts.netloc.rpartition("@")[2]
-        if parts.port is not None and parts.port == default_port:  # botocore signs the host without it
-            host = host.removesuffix(f":{parts.port}")
+        host = signed_host(parts)
         self.bucket = bucket
         self.max_keys = max_keys
         self.timeout_s = timeout_s
@@ -193,9 +180,7 @@ class S3Listing:
             f"&encoding-type=url&list-type=2&max-keys={self.max_keys}&prefix={quote(prefix, safe='-_.~')}"
         )
         canonical = f"GET\n{self._path}\n{query}\nhost:{self._host}\n\nhost\nUNSIGNED-PAYLOAD"
-        to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
-        signature = hmac.digest(key, to_sign.encode(), "sha256").hex()
-        return f"{self._path}?{query}&X-Amz-Signature={signature}"
+        return f"{self._path}?{query}&X-Amz-Signature={signature(key, stamp, scope, canonical)}"
 
     def _day(self, day: str) -> tuple[str, str, bytes]:
         """The credential scope of the UTC date ``day``, its URI-encoded credential and its signing

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import hmac
 import json
 import logging
 import secrets
@@ -15,7 +13,6 @@ from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Annotated, Any
-from urllib.parse import quote, urlsplit
 from uuid import UUID
 
 from botocore.exceptions import ClientError
@@ -49,7 +46,7 @@ from adapters.api.schemas import (
 )
 from adapters.bootstrap import Container
 from adapters.loop_pg import LoopConnections
-from adapters.s3_listing import signing_scope
+from adapters.s3_signing import GetUrls, PutUrls
 from application.services import PaletteService, RerunSource, item_list
 from application.unit_of_work import Committed
 from domain.contracts.callback import CALLBACK_WINDOW_S, verify_callback
@@ -87,55 +84,13 @@ def _remember(c: Container, user_id: UUID, job_id: UUID, committed: Committed[An
     c.last_writes.record(user_id, "jobs_log", job_id, committed.versions.get(job_id))
 
 
-class GetUrls:
-    """Presigned S3 GET URLs, the very ones boto3's ``generate_presigned_url("get_object")`` makes
-    (SigV4 query auth, path-style, host signed, unsigned payload). boto3 spends ~0.5 ms a URL
-    (200 ms on a 200-item job); here the signing key is derived once per instance (one response)
-    and a URL costs one SHA-256 and one HMAC (~8 us)."""
-
-    METHOD = "GET"
-
-    def __init__(self, c: Container, now: datetime, expires_s: int = URL_TTL_S, content_type: str = "") -> None:
-        s = c.settings
-        parts = urlsplit(s.effective_s3_endpoint)
-        default_port = {"http": 80, "https": 443}.get(parts.scheme)
-        host = parts.netloc.rpartition("@")[2]
-        if parts.port is not None and parts.port == default_port:  # botocore signs the host without it
-            host = host.removesuffix(f":{parts.port}")
-        self._origin = f"{parts.scheme}://{parts.netloc}"
-        self._prefix = f"{parts.path.rstrip('/')}/{s.s3_bucket}/"
-        stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
-        scope, credential, self._key = signing_scope(s.s3_access_key, s.s3_secret_key, s.s3_region, stamp[:8])
-        signed = "content-type;host" if content_type else "host"
-        self._query = (f"X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={credential}"
-                       f"&X-Amz-Date={stamp}&X-Amz-Expires={expires_s}"
-                       f"&X-Amz-SignedHeaders={quote(signed, safe='-_.~')}")
-        headers = (f"content-type:{content_type}\n" if content_type else "") + f"host:{host}\n"
-        self._tail = f"\n{headers}\n{signed}\nUNSIGNED-PAYLOAD"
-        self._to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n"
-
-    def url(self, key: str) -> str:
-        path = quote(self._prefix + key, safe="/~")
-        canonical = f"{self.METHOD}\n{path}\n{self._query}{self._tail}"
-        digest = hashlib.sha256(canonical.encode()).hexdigest()
-        signature = hmac.digest(self._key, (self._to_sign + digest).encode(), "sha256").hex()
-        return f"{self._origin}{path}?{self._query}&X-Amz-Signature={signature}"
-
-
-class PutUrls(GetUrls):
-    """Presigned S3 PUT URLs of the same make: with ``content_type``, as boto3 makes them with a
-    ``ContentType`` (an upload must send that Content-Type), else any Content-Type is taken."""
-
-    METHOD = "PUT"
-
-
 def _mask_concepts(job: Job) -> list[str]:
     """The concepts a done item has a used mask of: edited, then protected."""
     return [*job.concepts, *job.protect]
 
 
 def _job_public(c: Container, job: Job) -> JobPublic:
-    urls = GetUrls(c, datetime.now(UTC))
+    urls = GetUrls(c.settings, datetime.now(UTC))
     concepts = _mask_concepts(job)
     items = []
     for idx in range(job.item_count):
@@ -237,7 +192,7 @@ async def create_job(body: JobCreate, user_id: CurrentUser, service: ServiceDep,
     job_id = committed.value
     _remember(container, user_id, job_id, committed)
 
-    urls = PutUrls(container, datetime.now(UTC), content_type=INPUT_CONTENT_TYPE)
+    urls = PutUrls(container.settings, datetime.now(UTC), content_type=INPUT_CONTENT_TYPE)
     upload = [UploadSlot(idx=i, key=(k := input_key(user_id, job_id, i)), content_type=INPUT_CONTENT_TYPE,
                          url=urls.url(k)) for i in range(body.item_count)]
     return ok(JobCreatedPublic(
@@ -318,7 +273,7 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
             raise InvalidState("cannot rerun this job: its photos were deleted meanwhile") from None
 
     def slots() -> list[MaskSlot]:
-        urls = PutUrls(container, datetime.now(UTC))
+        urls = PutUrls(container.settings, datetime.now(UTC))
         return [MaskSlot(idx=i, concept=c, key=(k := mask_key(user_id, new_id, i, c)), url=urls.url(k),
                          copied=used_mask_key(user_id, job_id, i, c) in present)
                 for i in range(source.item_count) for c in source.concepts]

@@ -7,7 +7,6 @@ import asyncio
 import threading
 import time
 from datetime import UTC, datetime
-from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 from uuid import uuid4
@@ -17,8 +16,8 @@ import pytest
 
 from adapters.api.held_responses import StreamSlots
 from adapters.api.rate_limit import RateLimited
-from adapters.api.routes_jobs import GetUrls
 from adapters.api.routes_users import CachedCheck
+from adapters.s3_signing import GetUrls
 from adapters.settings import Settings
 from domain.contracts.callback import sign_callback, verify_callback
 from infra.s3 import s3_client
@@ -35,7 +34,7 @@ def test_presigned_get_urls_are_the_very_ones_boto3_makes(endpoint: str, key: st
     with mock.patch.object(botocore.auth, "get_current_datetime", return_value=now.replace(tzinfo=None)):
         expected = s3_client(settings).generate_presigned_url(
             "get_object", Params={"Bucket": "palette-images", "Key": key}, ExpiresIn=900)
-    assert GetUrls(SimpleNamespace(settings=settings), now).url(key) == expected  # type: ignore[arg-type]
+    assert GetUrls(settings, now).url(key) == expected
 
 
 # -- /health's checks ---------------------------------------------------------------------------

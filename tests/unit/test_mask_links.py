@@ -12,7 +12,8 @@ from unittest import mock
 import botocore.auth
 import pytest
 
-from adapters.api.routes_jobs import PutUrls, _job_public, _rerun_copies
+from adapters.api.routes_jobs import _job_public, _rerun_copies
+from adapters.s3_signing import PutUrls
 from adapters.settings import Settings
 from application.services import RerunSource
 from domain.contracts.keys import input_key, mask_key, used_mask_key
@@ -33,7 +34,7 @@ def test_presigned_put_urls_are_the_very_ones_boto3_makes(key: str) -> None:
     with mock.patch.object(botocore.auth, "get_current_datetime", return_value=NOW.replace(tzinfo=None)):
         expected = s3_client(s).generate_presigned_url(
             "put_object", Params={"Bucket": "palette-images", "Key": key}, ExpiresIn=900)
-    assert PutUrls(SimpleNamespace(settings=s), NOW).url(key) == expected  # type: ignore[arg-type]
+    assert PutUrls(s, NOW).url(key) == expected
 
 
 @pytest.mark.parametrize("key", ["inputs/u/j/0.jpg", "inputs/a b/c~d+e%f/199.jpg"])
@@ -43,7 +44,7 @@ def test_presigned_upload_urls_sign_the_content_type_as_boto3_does(key: str) -> 
     with mock.patch.object(botocore.auth, "get_current_datetime", return_value=NOW.replace(tzinfo=None)):
         expected = s3_client(s).generate_presigned_url(
             "put_object", Params={"Bucket": "palette-images", "Key": key, "ContentType": "image/jpeg"}, ExpiresIn=900)
-    made = PutUrls(SimpleNamespace(settings=s), NOW, content_type="image/jpeg")  # type: ignore[arg-type]
+    made = PutUrls(s, NOW, content_type="image/jpeg")
     assert made.url(key) == expected and "content-type%3Bhost" in expected
 
 
