@@ -4,6 +4,7 @@ written here (one filter, one zlib call), previews through PIL."""
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -21,6 +22,14 @@ MIN_SIDE = 8  # thinner has nothing to edit, and the segmenters' blurs need the 
 # segments (``_jpeg_scans``): what follows its end (a phone's motion-photo video, an MPO's other
 # images) and what its APP segments hold (an EXIF thumbnail) are not read, so not counted.
 MAX_JPEG_SCANS = 100
+# Bytes where a JPEG marker should be (junk, 0xFF fill, stuffed zeros): an encoder writes none or a
+# few; 20 MB of them held PIL's header reader 7 s.
+MAX_JPEG_SKIPPED = 64 * 1024
+# The markers libjpeg reads at the top level (jdmarker.c read_markers): TEM, SOFn, DHT, JPG, DAC,
+# RSTn, SOI, EOI, SOS, DQT, DNL, DRI, APPn, COM. Any other is refused.
+JPEG_MARKERS = frozenset([0x01, *range(0xC0, 0xDE), *range(0xE0, 0xF0), 0xFE])
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xff]")  # past junk, fill and stuffed zeros, as libjpeg's next_marker
+_SCAN_END = re.compile(rb"\xff(?![\x00\xd0-\xd7])")  # entropy-coded data ends at the next marker
 # PIL reads a PNG chunk by chunk, about 2.6 us each: 1.75 M empty chunks before a 64x64 image's
 # data (20 MB) took 4.5 s to open. An encoder writes a few chunks around data chunks of 8 KB or
 # more; 65,536 chunks allow 20 MB of data in 320-byte ones.
@@ -75,10 +84,12 @@ class Header:
 def read_header(data: bytes, what: str = "photo") -> Header:
     """The header of an upload (``what``: "photo" or "mask"), refused (BadInput) when decoding it
     could hold the worker up: over 20 MB, a format not accepted, over 4096 pixels on a side, a PNG
-    of more than 65,536 chunks or a JPEG of more than 100 scans."""
+    of more than 65,536 chunks, a JPEG of more than 100 scans or one _jpeg_scans refuses."""
     check_size(data)
     if data.startswith(PNG_SIGNATURE) and (chunks := _png_chunks(data)) > MAX_PNG_CHUNKS:
         raise BadInput(f"PNG of more than {chunks - 1:,} chunks; at most {MAX_PNG_CHUNKS:,} are read")
+    if data.startswith(b"\xff\xd8") and _jpeg_scans(data) > MAX_JPEG_SCANS:  # before PIL reads a byte
+        raise BadInput(f"JPEG of more than {MAX_JPEG_SCANS} scans; at most {MAX_JPEG_SCANS} are read")
     try:
         with _open(data) as probe:  # reads the header only
             header = Header(probe.width, probe.height, str(probe.format), probe.mode, _orientation(probe))
@@ -86,8 +97,6 @@ def read_header(data: bytes, what: str = "photo") -> Header:
         raise BadInput(f"the {what} is not a readable image ({ACCEPTED_NAMES}; {type(e).__name__})") from None
     if header.width > MAX_SIDE or header.height > MAX_SIDE:
         raise BadInput(f"the {what} is {header.width}x{header.height}; the limit is {MAX_SIDE}x{MAX_SIDE}")
-    if header.format in ("JPEG", "MPO") and _jpeg_scans(data) > MAX_JPEG_SCANS:
-        raise BadInput(f"JPEG of more than {MAX_JPEG_SCANS} scans; at most {MAX_JPEG_SCANS} are read")
     return header
 
 
@@ -136,23 +145,25 @@ def _orientation(probe: Image.Image) -> int:
 
 def _jpeg_scans(data: bytes) -> int:
     """The scans (SOS segments) of the JPEG's first image, up to its end (EOI), or to one past
-    MAX_JPEG_SCANS, found as libjpeg finds them: a marker segment is skipped by its length; a
-    scan's entropy-coded data runs to the next 0xFF that is neither stuffed (0xFF00) nor a restart
-    marker (0xFFD0-D7); bytes where a marker should be are skipped to the next one (libjpeg warns
-    of "extraneous bytes" and reads on, so a byte there must not hide the scans after it)."""
-    at, scans, end = 2, 0, len(data)
-    while at + 4 <= end and scans <= MAX_JPEG_SCANS:
-        if data[at] != 0xFF:  # not a marker where one must be: libjpeg skips to the next 0xFF, warning
-            if (at := data.find(b"\xff", at)) == -1:
-                break
-            continue
+    MAX_JPEG_SCANS, walked as libjpeg reads them (jdmarker.c): a marker segment is skipped by its
+    length; a scan's entropy-coded data runs to the next 0xFF that is neither stuffed (0xFF00) nor
+    a restart marker (0xFFD0-D7); where a marker should be, libjpeg skips bytes to the next 0xFF,
+    fill and stuffed zeros, warning, and reads on, so those must not hide the scans after them.
+    Refused (BadInput): more than MAX_JPEG_SKIPPED such bytes (PIL walks them one by one in
+    Python), and a marker libjpeg does not know, which it refuses at the top level but scans past,
+    its length unread, at a restart point: whatever that length would cover is read as scans."""
+    at, scans, skipped = 2, 0, 0
+    while scans <= MAX_JPEG_SCANS:
+        found = _NEXT_MARKER.search(data, at)
+        if found is None:
+            break
+        skipped += found.start() - at
+        if skipped > MAX_JPEG_SKIPPED:
+            raise BadInput(f"JPEG with more than {MAX_JPEG_SKIPPED // 1024} KB of bytes between its markers")
+        at = found.start()
         marker = data[at + 1]
-        if marker == 0xFF:  # fill bytes before a marker
-            at += 1
-            continue
-        if marker == 0x00:  # a stuffed zero where a marker must be: skipped as well
-            at += 2
-            continue
+        if marker not in JPEG_MARKERS:
+            raise BadInput(f"JPEG with a marker no decoder here reads (0xFF{marker:02X})")
         if marker == 0xD9:  # EOI: the first image ends
             break
         if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # no length
@@ -162,11 +173,9 @@ def _jpeg_scans(data: bytes) -> int:
         if marker != 0xDA:
             continue
         scans += 1
-        while (at := data.find(b"\xff", at)) != -1 and at + 1 < end and (
-                data[at + 1] == 0 or 0xD0 <= data[at + 1] <= 0xD7):
-            at += 2
-        if at == -1:
+        if (found := _SCAN_END.search(data, at)) is None:
             break
+        at = found.start()
     return scans
 
 

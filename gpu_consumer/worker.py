@@ -367,14 +367,19 @@ class GpuWorker(ConsumerLoop):
             self.started.pause(task.idempotency_key)
 
     def _edit(self, image: torch.Tensor, masks: dict[str, torch.Tensor], task: Task) -> Edited:
-        """The pipeline's edit, noted on disk while it runs (StartedItems)."""
+        """The pipeline's edit, noted on disk while it runs (StartedItems). An edit that raises
+        keeps the deaths noted before it: an item that fails once, then kills the process on its
+        retry, still reaches CRASH_LIMIT."""
         if self.started is None:
             return self.pipeline.edit(image, masks, task)
         self.started.begin(task.idempotency_key)
         try:
-            return self.pipeline.edit(image, masks, task)
-        finally:
-            self.started.end(task.idempotency_key)
+            edited = self.pipeline.edit(image, masks, task)
+        except BaseException:
+            self.started.pause(task.idempotency_key)
+            raise
+        self.started.end(task.idempotency_key)
+        return edited
 
     def run(self, stop: threading.Event) -> None:
         started = self.started

@@ -380,9 +380,15 @@ def _die_editing(directory: str, tasks: list[dict[str, Any]], poison: str, stage
     w, *_ = worker([record(t, i) for i, t in enumerate(tasks)])
     real_edit, real_fetch = w.pipeline.edit, w.pipeline.fetch
 
+    poison_edits = []
+
     def edit(image: Any, masks: Any, t: Task) -> Any:
         if t.idempotency_key == poison:
-            other_editing.wait(5)  # the other item on the device too, when it is not edited alone
+            poison_edits.append(t)
+            if len(poison_edits) == 1:
+                other_editing.wait(5)  # the other item on the device too, when it is not edited alone
+            if stage == "fails-then-edit" and len(poison_edits) == 1:
+                raise RuntimeError("CUDA out of memory")  # retried off the fast path, where it kills
             os._exit(137)
         other_editing.set()
         threading.Event().wait(1)  # mid-edit should the process die now
@@ -395,6 +401,7 @@ def _die_editing(directory: str, tasks: list[dict[str, Any]], poison: str, stage
         return real_fetch(t)
 
     w.compute_pool = ThreadPoolExecutor(2)
+    w.backoff_s = 0.01
     w.started = StartedItems(Path(directory))
     w.pipeline.edit = edit  # type: ignore[method-assign]
     if stage == "decode":
@@ -402,7 +409,7 @@ def _die_editing(directory: str, tasks: list[dict[str, Any]], poison: str, stage
     w.step()
 
 
-@pytest.mark.parametrize("stage", ["edit", "decode"])
+@pytest.mark.parametrize("stage", ["edit", "decode", "fails-then-edit"])
 def test_an_item_that_kills_its_process_is_failed_alone_and_never_the_item_beside_it(tmp_path: Path, stage: str):
     import multiprocessing
 
@@ -454,6 +461,56 @@ def test_a_poll_read_again_or_a_stop_counts_no_death_and_a_note_that_cannot_be_k
     w.started = StartedItems(Path("/proc/no-notes-here"))  # cannot be written: logged, edited anyway
     step_once(w)
     assert callbacks.reports == [(t["idempotency_key"], "done", "")]
+
+
+def _die_with_one_waiting(directory: str, tasks: list[dict[str, Any]], poison: str, waiting: str) -> None:
+    """One compute thread: the poison's edit kills the process once ``waiting`` is decoded (its
+    note put back) and waits for the thread."""
+    import os
+    import threading
+    import time
+
+    from gpu_consumer.worker import StartedItems
+
+    w, *_ = worker([record(t, i) for i, t in enumerate(tasks)])
+    real_fetch = w.pipeline.fetch
+    decoded = threading.Event()
+    notes = StartedItems(Path(directory))
+
+    def fetch(t: Task) -> Any:
+        out = real_fetch(t)
+        if t.idempotency_key == waiting:
+            decoded.set()
+        return out
+
+    def edit(image: Any, masks: Any, t: Task) -> Any:
+        decoded.wait(10)
+        deadline = time.monotonic() + 10
+        while notes.deaths(waiting) and time.monotonic() < deadline:  # its decode's note put back
+            threading.Event().wait(0.01)
+        os._exit(137)
+
+    w.compute_pool = ThreadPoolExecutor(1)
+    w.started = StartedItems(Path(directory))
+    w.pipeline.fetch = fetch  # type: ignore[method-assign]
+    w.pipeline.edit = edit  # type: ignore[method-assign]
+    w.step()
+
+
+def test_an_item_decoded_and_waiting_when_another_kills_the_process_is_not_counted(tmp_path: Path):
+    import multiprocessing
+
+    from gpu_consumer.worker import StartedItems
+
+    poison, waiting = task(), task()
+    child = multiprocessing.get_context("spawn").Process(
+        target=_die_with_one_waiting,
+        args=(str(tmp_path), [poison, waiting], poison["idempotency_key"], waiting["idempotency_key"]))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 137
+    notes = StartedItems(tmp_path)
+    assert (notes.deaths(poison["idempotency_key"]), notes.deaths(waiting["idempotency_key"])) == (1, 0)
 
 
 def test_a_death_between_an_items_decode_and_its_edit_is_not_counted_against_it(tmp_path: Path):

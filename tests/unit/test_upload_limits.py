@@ -119,3 +119,45 @@ def test_accepted_formats_decode(fmt: str):
     Image.new("RGB", (32, 24), (90, 120, 150)).save(buf, fmt)
     assert decode(buf.getvalue()).shape == (24, 32, 3)
     assert decode_mask(buf.getvalue(), (24, 32)).shape == (1, 1, 24, 32)
+
+
+def _hidden_behind_a_reserved_marker(mode: str, side: int) -> tuple[bytes, int]:
+    """A progressive JPEG with restart markers whose last scan is repeated inside a reserved
+    marker's segment (0xFF02), placed where a restart marker is due: libjpeg, resynchronising
+    there, scans past the marker without reading its length and decodes every scan inside; a walk
+    that skips the segment by its length saw none of them. Returns the file and the scans hidden."""
+    colour = {"CMYK": (90, 120, 30, 10), "L": 90}[mode]
+    buf = io.BytesIO()
+    Image.new(mode, (side, side), colour).save(buf, "JPEG", progressive=True, restart_marker_blocks=1)
+    clean = buf.getvalue()
+    last = clean.rfind(b"\xff\xda")
+    scan = clean[last:-2]
+    first_restart = re.search(rb"\xff[\xd0-\xd7]", scan)
+    assert first_restart is not None
+    hidden = scan * (MAX_JPEG_SCANS + 1) + scan[:first_restart.start()]
+    segment = b"\xff\x02" + (len(hidden) + 4).to_bytes(2, "big") + b"\x00\x00" + hidden
+    return clean[:last] + scan[:first_restart.start()] + segment + b"\xff\xd9", MAX_JPEG_SCANS + 1
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_scans_hidden_in_a_reserved_markers_segment_at_a_restart_point_are_refused(mode: str):
+    data, hidden = _hidden_behind_a_reserved_marker(mode, 64)
+    assert hidden > MAX_JPEG_SCANS
+    with pytest.raises(BadInput, match="0xFF02"):
+        decode(data)
+    with pytest.raises(BadInput, match="0xFF02"):
+        decode_mask(data, (64, 64))
+
+
+def test_a_jpeg_padded_between_its_markers_past_the_bound_is_refused_before_pil_reads_it(monkeypatch):
+    from gpu_consumer import codec
+
+    clean = _progressive("L")
+    first_scan = clean.index(b"\xff\xda")
+    opened: list[bytes] = []
+    monkeypatch.setattr(codec, "_open", lambda data: opened.append(data))  # PIL walks fill byte by byte
+    with pytest.raises(BadInput, match="between its markers"):
+        decode(clean[:first_scan] + b"\xff" * (codec.MAX_JPEG_SKIPPED + 1) + clean[first_scan:])
+    assert opened == []
+    monkeypatch.undo()
+    assert decode(clean[:first_scan] + b"\xff" * 1000 + clean[first_scan:]).shape == (16, 16, 3)  # fill is legal
