@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -249,20 +249,27 @@ class Sweeper:
             log.warning("could not finish the erasure of %s (%d tries); retrying in %.0f s", user_id, failures,
                         wait_s)
 
-    def _retention(self, cutoff: datetime, report: SweepReport) -> None:
+    def _walk(self, name: str, page: Callable[[Any, tuple[datetime, UUID]], list[tuple[UUID, UUID, datetime]]]
+              ) -> Iterator[tuple[UUID, UUID]]:
+        """(job, user) of the rows ``page`` returns after the pass ``name``'s cursor, page by page;
+        a row is done once the next is asked for, and the cursor is saved after each page."""
         c = self.container
         with c.read_pool.connection() as conn:
-            after = _cursor(conn, "retention")
+            after = _cursor(conn, name)
         while True:
             with c.read_pool.connection() as conn:
-                jobs = expired_jobs(conn, cutoff, (after.at, after.id), PAGE)
-            if not jobs:
+                rows = page(conn, (after.at, after.id))
+            if not rows:
                 return
-            for job_id, user_id, finished_at in jobs:
-                self._expire(user_id, job_id, self.settings.retention_days, report)
-                after = Cursor(finished_at, job_id)
+            for job_id, user_id, at in rows:
+                yield job_id, user_id
+                after = Cursor(at, job_id)
             with c.read_pool.connection() as conn:
-                _save(conn, "retention", after)
+                _save(conn, name, after)
+
+    def _retention(self, cutoff: datetime, report: SweepReport) -> None:
+        for job_id, user_id in self._walk("retention", lambda conn, key: expired_jobs(conn, cutoff, key, PAGE)):
+            self._expire(user_id, job_id, self.settings.retention_days, report)
 
     def _unpaid(self, cutoff: datetime, report: SweepReport) -> None:
         """Expire the objects of the jobs that finished before ``cutoff`` having spent nothing, as
@@ -306,27 +313,16 @@ class Sweeper:
         """Cancel (refunding) the jobs created before ``cutoff`` and never executed nor canceled,
         delete their objects and record ``ObjectsExpired``."""
         c, days = self.container, self.settings.retention_days
-        with c.read_pool.connection() as conn:
-            after = _cursor(conn, "abandoned")
-        while True:
-            with c.read_pool.connection() as conn:
-                jobs = abandoned_jobs(conn, cutoff, (after.at, after.id), PAGE)
-            if not jobs:
-                return
-            for job_id, user_id, created_at in jobs:
-                job = c.service.executor.read(job_id)
-                if not isinstance(job, Job) or job.status not in UNSTARTED:
-                    after = Cursor(created_at, job_id)  # executed or canceled since the read model's row
-                    continue
-                try:
-                    c.service.executor.execute(c.service.cancel_job_command(user_id, job_id, "retention"))
-                except DomainError as e:  # its user erased meanwhile: the erasure deletes it
-                    log.info("job %s not canceled for retention: %s", job_id, e)
-                else:
-                    self._expire(user_id, job_id, days, report)
-                after = Cursor(created_at, job_id)
-            with c.read_pool.connection() as conn:
-                _save(conn, "abandoned", after)
+        for job_id, user_id in self._walk("abandoned", lambda conn, key: abandoned_jobs(conn, cutoff, key, PAGE)):
+            job = c.service.executor.read(job_id)
+            if not isinstance(job, Job) or job.status not in UNSTARTED:
+                continue  # executed or canceled since the read model's row
+            try:
+                c.service.executor.execute(c.service.cancel_job_command(user_id, job_id, "retention"))
+            except DomainError as e:  # its user erased meanwhile: the erasure deletes it
+                log.info("job %s not canceled for retention: %s", job_id, e)
+            else:
+                self._expire(user_id, job_id, days, report)
 
     def _late_uploads(self, settled: datetime) -> int:
         """Delete once more the objects of users erased and jobs deleted before ``settled`` (and
