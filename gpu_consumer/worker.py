@@ -110,8 +110,9 @@ class StartedItems:
         self._write(key, earlier + 1)
 
     def pause(self, key: str) -> None:
-        """A step of ``key`` that could kill the process (its decode) ended, the item not: a death
-        from now until its next step is not its doing (the count goes back to what it was)."""
+        """A step of ``key`` that could kill the process (its decode, or an edit that raised) ended
+        and the item goes on: a death from now until its next step is not its doing (the count
+        goes back to what it was; ``end`` forgets it once the item is edited or reported)."""
         with self._lock:
             if key not in self._mine:
                 return

@@ -432,6 +432,8 @@ SSE_MAX_S = 600.0  # a client reconnects with Last-Event-ID after this
 # A stored event as a client sees it: its declared fields (not the trace stamped into its state),
 # less the stream's bookkeeping (the SSE id is the version) and the GPU worker's result key.
 NOT_SHOWN = frozenset(("originator_id", "originator_version", "originator_topic", "idempotency_key"))
+
+
 @router.get("/jobs/{job_id}/events", tags=["jobs"], responses={
     200: {"content": {"text/event-stream": {}}, "description": "the job's events as server-sent "
           "events (`id` = stream version, `event` = type, `data` = JSON); ends when the job is terminal"},
