@@ -27,10 +27,25 @@ hypothesis_settings.register_profile("palette", suppress_health_check=[HealthChe
 hypothesis_settings.load_profile("palette")
 
 
+# A port a test binds seconds after choosing it must sit below the kernel's ephemeral range: a
+# client's connection made meanwhile (to PostgreSQL, the broker) can otherwise take it, and the
+# server's bind fails with "address already in use" (seen once in CI, on a port from 40000-49000).
+EPHEMERAL_LOW = 32768  # Linux's default ip_local_port_range starts here
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return EPHEMERAL_LOW
+
+
 def _free_port_block(rng: random.Random) -> dict[str, int]:
-    """Ports for one stack where every derived port (SeaweedFS neighbours, gRPC +10000) is free."""
+    """Ports for one stack where every derived port (SeaweedFS neighbours, gRPC +10000) is free,
+    all below the ephemeral range."""
+    top = max(21010, min(29000, _ephemeral_low() - 10010))  # the highest derived port is base + 10009
     for _ in range(500):
-        base = rng.randrange(21000, 29000, 10)
+        base = rng.randrange(21000, top, 10)
         candidate = {"pg_port": base, "kafka_port": base + 1, "api_port": base + 2, "s3_port": base + 3}
         probe = Settings(data_dir=Path("/nonexistent"), **candidate)  # type: ignore[arg-type]
         if all(port_free(p) for p in [*embedded_ports(probe).values(), candidate["api_port"]]):
@@ -41,10 +56,20 @@ def _free_port_block(rng: random.Random) -> dict[str, int]:
 def _free_metrics_port(rng: random.Random) -> int:
     """A base for the worker processes' metrics ports (base + 1..6) where all of them are free."""
     for _ in range(500):
-        base = rng.randrange(30000, 39000, 10)
+        base = rng.randrange(15000, 20000, 10)
         if all(port_free(base + offset) for offset in range(1, 7)):
             return base
     raise RuntimeError("no free metrics port block found")
+
+
+def free_port(rng: random.Random | None = None) -> int:
+    """One loopback port free now, for a server a test starts (10000-14999, below the ephemeral
+    range, apart from the blocks above)."""
+    rng = rng or random.Random()
+    for _ in range(500):
+        if port_free(port := rng.randrange(10000, 15000)):
+            return port
+    raise RuntimeError("no free port found")
 
 
 RECORDS: list[str] = []  # every log record of the test process, formatted (scanned for secrets)

@@ -25,7 +25,8 @@ from typing import Any
 
 from domain.contracts.callback import callback_body, sign_callback, signed_headers
 from domain.contracts.keys import callback_key, input_key
-from tests.bench.harness import HTTP_CLIENTS, Profile, Results, Stack, free_port, percentile, rss_mb, say
+from tests.bench.harness import HTTP_CLIENTS, Profile, Results, Stack, percentile, rss_mb, say
+from tests.conftest import free_port
 
 WRK_SCRIPTS = Path(__file__).parent / "wrk"
 WRK_CONNECTIONS = 32  # one wrk thread, 32 connections (the load of the measurements)

@@ -13,7 +13,8 @@ import subprocess
 import time
 
 from infra.stack import _tansu_binary
-from tests.bench.harness import cpu_s, free_port
+from tests.bench.harness import cpu_s
+from tests.conftest import free_port
 
 
 def main() -> None:

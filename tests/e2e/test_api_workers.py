@@ -5,7 +5,6 @@ reloads and decides again), and reads stay strongly consistent."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import httpx
 import pytest
 
 from infra.stack import EmbeddedStack
+from tests.conftest import free_port
 
 from .conftest import Client
 from .test_lifecycle import callback, create_uploaded_job
@@ -25,17 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]
 ITEMS = 40  # results posted at once into one job (the free plan's credits allow 50)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def workers_url(apps: EmbeddedStack) -> Iterator[str]:
     """`palette serve api` with PALETTE_API_WORKERS=2 on a port of its own."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **apps.settings.as_env(), "PALETTE_API_WORKERS": "2", "PALETTE_API_PORT": str(port)}
     proc = subprocess.Popen([sys.executable, "-m", "adapters.cli", "serve", "api"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

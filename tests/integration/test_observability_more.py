@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import uuid
@@ -19,16 +18,11 @@ from adapters.bootstrap import open_event_store
 from adapters.settings import Settings
 from domain.contracts import trace as contract
 from projections.rebuild import iter_envelopes
+from tests.conftest import free_port
 from tests.integration.test_stack import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 REQUESTS = 40
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _worker_pids(log: Path) -> set[int]:
@@ -41,7 +35,7 @@ def _worker_pids(log: Path) -> set[int]:
 
 
 def test_two_api_workers_add_up_on_one_metrics_port_and_each_logs_json_lines(stack, tmp_path):
-    api_port, metrics_port = _free_port(), _free_port()
+    api_port, metrics_port = free_port(), free_port()
     data_dir = tmp_path / "data"
     env = {**os.environ, **stack.settings.as_env(), "PALETTE_API_PORT": str(api_port),
            "PALETTE_METRICS_PORT": str(metrics_port), "PALETTE_API_WORKERS": "2", "PALETTE_DATA_DIR": str(data_dir)}

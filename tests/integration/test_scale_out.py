@@ -28,9 +28,8 @@ import pytest
 from adapters.bootstrap import embedded_stack
 from adapters.settings import Settings, load_settings
 from infra.stack import EmbeddedStack
-from infra.supervisor import port_free
 from tests.chaos import APPS, Report, Workload, verify
-from tests.conftest import _free_port_block
+from tests.conftest import _free_port_block, free_port
 
 from .test_stack import wait_until
 
@@ -69,12 +68,6 @@ class AlternatingLoad(Workload):
                 c.close()
 
 
-def _free_port(rng: random.Random) -> int:
-    while not port_free(port := rng.randrange(40000, 49000)):
-        pass
-    return port
-
-
 @pytest.fixture
 def external() -> Iterator[tuple[Settings, EmbeddedStack]]:
     """The infrastructure alone, as if it were someone else's."""
@@ -100,7 +93,7 @@ def test_two_instances_on_external_services_keep_every_invariant(external):
     try:
         for n in range(INSTANCES):
             data_dir = Path(tempfile.mkdtemp(prefix=f"palette-instance{n}-"))
-            env = {**shared, "PALETTE_DATA_DIR": str(data_dir), "PALETTE_API_PORT": str(_free_port(rng)),
+            env = {**shared, "PALETTE_DATA_DIR": str(data_dir), "PALETTE_API_PORT": str(free_port(rng)),
                    "PALETTE_METRICS_PORT": "0"}
             with (data_dir / "up.log").open("wb") as out:  # kept for the message should it not answer
                 proc = subprocess.Popen(
