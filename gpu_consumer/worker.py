@@ -19,7 +19,9 @@ What fails, and how: a task that cannot be parsed, or whose edits the ops refuse
 ``palette.gpu-jobs.dlq`` at once and its item (when the task names a job and an index) reported
 ``failed`` with the reason. An unreadable upload (``BadInput``) fails its item. Anything else (an
 S3 hiccup) is retried with backoff up to 3 attempts, then parked and reported ``failed``, so the
-job still terminates and refunds. Nothing a task holds stops the loop. An unacknowledged callback
+job still terminates and refunds. What reaches the client is the reason for bad input; for a task
+that does not parse or a fault of ours, only the exception's type: its text (an S3 error names
+endpoints and buckets) goes to the DLQ and the log, for the operators. Nothing a task holds stops the loop. An unacknowledged callback
 (``CallbackUnavailable``: the API restarting or refusing) ends the step without committing: the
 poll's tasks come again from their first offsets after a pause that doubles while the API stays
 away (up to ``UNAVAILABLE_MAX_S``), and those it had acknowledged are skipped then.
@@ -60,6 +62,7 @@ log = logging.getLogger("palette.gpu")
 GROUP = topics.GPU_GROUP
 DLQ_TOPIC = topics.GPU_DLQ
 MAX_ATTEMPTS = 3
+FOR_OPERATORS = "; the details are kept for the operators"  # what a client sees of a fault of ours
 UNAVAILABLE_MAX_S = 5.0  # the longest pause while the API does not acknowledge results
 REMEMBER_BYTES = 8 * 1024 * 1024
 
@@ -272,7 +275,7 @@ class GpuWorker(ConsumerLoop):
         value = json.dumps({**data, "error": reason}).encode() if data is not None else (record.value or b"")
         self._park(record.key, value, reason)
         if task is not None:
-            self._report(task, "failed", error=reason)
+            self._report(task, "failed", error=f"malformed task ({type(error).__name__}){FOR_OPERATORS}")
 
     def _retry(self, task: Task, first_error: BaseException) -> None:
         error: BaseException = first_error
@@ -294,9 +297,11 @@ class GpuWorker(ConsumerLoop):
             except Exception as e:  # noqa: BLE001 - counted as a failed attempt
                 error = e
         reason = f"processing failed after {MAX_ATTEMPTS} attempts: {type(error).__name__}: {error}"
+        log.error("task %s parked on the DLQ: %s", task.idempotency_key, reason[:300])
         dlq = {**task.raw, "attempt": MAX_ATTEMPTS, "error": reason}
         self._park(task.job_id.encode(), json.dumps(dlq).encode(), reason)
-        self._report(task, "failed", error=reason)
+        self._report(task, "failed",
+                     error=f"processing failed after {MAX_ATTEMPTS} attempts ({type(error).__name__}){FOR_OPERATORS}")
 
     # -- a poll's worth of items --------------------------------------------------------------
     def process(self, tasks: list[Task]) -> None:
