@@ -34,6 +34,9 @@ _SCAN_END = re.compile(rb"\xff(?![\x00\xd0-\xd7])")  # entropy-coded data ends a
 # data (20 MB) took 4.5 s to open. An encoder writes a few chunks around data chunks of 8 KB or
 # more; 65,536 chunks allow 20 MB of data in 320-byte ones.
 MAX_PNG_CHUNKS = 65_536
+# PIL walks a GIF's blocks before its first image one at a time in Python (a 20 MB GIF of 4.2
+# million one-byte comments held the worker 3.4 s a read); a GIF's few extensions take a handful.
+MAX_GIF_BLOCKS = 65_536
 # EXIF orientation (tag 0x0112) -> how the stored pixels become the upright photo (numpy, [H, W, ...]).
 ORIENTATION_TAG = 0x0112
 QUARTER_TURNS = (5, 6, 7, 8)  # the orientations that swap width and height
@@ -84,12 +87,16 @@ class Header:
 def read_header(data: bytes, what: str = "photo") -> Header:
     """The header of an upload (``what``: "photo" or "mask"), refused (BadInput) when decoding it
     could hold the worker up: over 20 MB, a format not accepted, over 4096 pixels on a side, a PNG
-    of more than 65,536 chunks, a JPEG of more than 100 scans or one _jpeg_scans refuses."""
+    of more than 65,536 chunks, a GIF of more than 65,536 blocks before its first image, a JPEG of
+    more than 100 scans or one _jpeg_scans refuses."""
     check_size(data)
     if data.startswith(PNG_SIGNATURE) and (chunks := _png_chunks(data)) > MAX_PNG_CHUNKS:
         raise BadInput(f"PNG of more than {chunks - 1:,} chunks; at most {MAX_PNG_CHUNKS:,} are read")
     if data.startswith(b"\xff\xd8") and _jpeg_scans(data) > MAX_JPEG_SCANS:  # before PIL reads a byte
         raise BadInput(f"JPEG of more than {MAX_JPEG_SCANS} scans; at most {MAX_JPEG_SCANS} are read")
+    if data.startswith((b"GIF87a", b"GIF89a")) and _gif_blocks(data) > MAX_GIF_BLOCKS:
+        raise BadInput(f"GIF of more than {MAX_GIF_BLOCKS:,} blocks before its image; "
+                       f"at most {MAX_GIF_BLOCKS:,} are read")
     try:
         with _open(data) as probe:  # reads the header only
             header = Header(probe.width, probe.height, str(probe.format), probe.mode, _orientation(probe))
@@ -187,6 +194,41 @@ def _png_chunks(data: bytes) -> int:
         if data[at + 4:at + 8] == b"IEND":
             break
         at += 12 + int.from_bytes(data[at:at + 4], "big")
+    return count
+
+
+def _gif_blocks(data: bytes) -> int:
+    """The reads PIL (``GifImageFile._seek``) makes before a GIF's first image, walked as it walks
+    them, quirks included, until past MAX_GIF_BLOCKS: a byte a turn between blocks (a stray
+    one is skipped), then for an extension its label and each sub-block up to an empty one. For an extension
+    other than a comment it reads one sub-block before that loop, even an empty one (which its
+    loop then does not take for the end), and a second one after a NETSCAPE2.0 block."""
+    at, count, end = 13, 0, len(data)  # past the signature and the logical screen descriptor
+    if end >= at and data[10] & 0x80:
+        at += 3 << ((data[10] & 7) + 1)  # the global colour table
+
+    def sub_block() -> int:  # PIL's GifImageFile.data: a length byte, then that many bytes
+        nonlocal at, count
+        size = data[at] if at < end else 0
+        at, count = at + 1 + size, count + 1
+        return size
+
+    while at < end and count <= MAX_GIF_BLOCKS:
+        byte, at, count = data[at], at + 1, count + 1
+        if byte in (0x2C, 0x3B):  # an image, the end
+            break
+        if byte != 0x21:  # a stray byte
+            continue
+        label, at, count = data[at] if at < end else None, at + 1, count + 1
+        size = sub_block()
+        if label == 0xFE:  # a comment: its sub-blocks up to an empty one
+            while size and count <= MAX_GIF_BLOCKS:
+                size = sub_block()
+            continue
+        if label == 0xFF and size and data[at - size:at].startswith(b"NETSCAPE2.0"):
+            sub_block()
+        while sub_block() and count <= MAX_GIF_BLOCKS:
+            pass
     return count
 
 

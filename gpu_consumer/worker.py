@@ -21,10 +21,11 @@ What fails, and how: a task that cannot be parsed, or whose edits the ops refuse
 S3 hiccup) is retried with backoff up to 3 attempts, then parked and reported ``failed``, so the
 job still terminates and refunds. What reaches the client is the reason for bad input; for a task
 that does not parse or a fault of ours, only the exception's type: its text (an S3 error names
-endpoints and buckets) goes to the DLQ and the log, for the operators. Nothing a task holds stops the loop. An unacknowledged callback
-(``CallbackUnavailable``: the API restarting or refusing) ends the step without committing: the
-poll's tasks come again from their first offsets after a pause that doubles while the API stays
-away (up to ``UNAVAILABLE_MAX_S``), and those it had acknowledged are skipped then.
+endpoints and buckets) goes to the DLQ and the log, for the operators. Nothing a task holds stops
+the loop. An unacknowledged callback (``CallbackUnavailable``: the API restarting or refusing)
+ends the step without committing: the poll's tasks come again from their first offsets after a
+pause that doubles while the API stays away (up to ``UNAVAILABLE_MAX_S``), and those it had
+acknowledged are skipped then.
 
 Duplicates (at-least-once delivery, the dispatcher's sweep) are dropped within a poll and across
 polls: the keys of the results the API acknowledged are remembered, least recently seen out

@@ -3,13 +3,16 @@ scans a byte out of place would hide, masks read as photos are, formats not acce
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import struct
+import warnings
 import zlib
+from unittest import mock
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -18,6 +21,7 @@ from gpu_consumer.codec import (
     MAX_PNG_CHUNKS,
     PNG_SIGNATURE,
     BadInput,
+    _gif_blocks,
     _jpeg_scans,
     decode,
     decode_mask,
@@ -161,3 +165,103 @@ def test_a_jpeg_padded_between_its_markers_past_the_bound_is_refused_before_pil_
     assert opened == []
     monkeypatch.undo()
     assert decode(clean[:first_scan] + b"\xff" * 1000 + clean[first_scan:]).shape == (16, 16, 3)  # fill is legal
+
+
+# -- GIF: PIL reads what comes before the first image a block (or a stray byte) at a time -------
+GIF_BOUND = 40  # MAX_GIF_BLOCKS made small, so that a file past it stays small
+
+
+def _gif() -> tuple[bytes, int]:
+    """A 16x16 GIF, and where its first image descriptor starts (0x2C, left and top 0, 16, 16)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 40, 90)).save(buf, "GIF")
+    clean = buf.getvalue()
+    return clean, clean.index(b"\x2c\x00\x00\x00\x00\x10\x00\x10\x00")
+
+
+extension = st.tuples(st.sampled_from([0x01, 0xF9, 0xFE, 0xFF]),
+                      st.lists(st.binary(min_size=4, max_size=12), min_size=1, max_size=6))
+stray = st.integers(0, 255).filter(lambda b: b not in (0x21, 0x2C, 0x3B))
+
+
+@settings(max_examples=120, deadline=None)
+@given(pieces=st.lists(st.one_of(extension, stray), max_size=30))
+def test_what_comes_before_a_gifs_image_is_counted_and_bounded(pieces):
+    from gpu_consumer import codec
+
+    clean, at = _gif()
+    inserted, expected = b"", 0  # the oracle: a read per stray byte; per extension its introducer,
+    for piece in pieces:  # its label, each sub-block and the empty one that ends them
+        if isinstance(piece, int):
+            inserted, expected = inserted + bytes([piece]), expected + 1
+        else:
+            label, blocks = piece
+            inserted += b"\x21" + bytes([label]) + b"".join(bytes([len(b)]) + b for b in blocks) + b"\x00"
+            expected += 3 + len(blocks)
+    data = clean[:at] + inserted + clean[at:]
+    with mock.patch.object(codec, "MAX_GIF_BLOCKS", GIF_BOUND):
+        counted = _gif_blocks(data)  # the walk stops once past the bound
+        assert counted == expected + 1 if expected + 1 <= GIF_BOUND else counted > GIF_BOUND  # + the image's 0x2C
+        if expected + 1 > GIF_BOUND:
+            with pytest.raises(BadInput, match="GIF of more than"):
+                decode(data)
+        else:  # what PIL skips changes no pixel
+            assert (decode(data) == decode(clean)).all()
+
+
+class _Reads(io.BytesIO):
+    """A file that counts what PIL's GIF reader reads a step at a time: read(1) outside its
+    data() (a byte between blocks, an extension's label), and each data() (a sub-block)."""
+
+    steps = 0
+    in_data = False
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size == 1 and not self.in_data:
+            self.steps += 1
+        return super().read(size)
+
+
+@settings(max_examples=300, deadline=None)
+@given(inserted=st.lists(st.one_of(st.sampled_from([0x21, 0x00, 0x01, 0x02, 0x05, 0xF9, 0xFE, 0xFF, 0x2C, 0x3B]),
+                                   st.integers(0, 255)), max_size=60).map(bytes),
+       netscape=st.booleans())
+@example(inserted=b"\x21\x01\x00", netscape=False)  # PIL takes the image's 0x2C for a sub-block's length
+@example(inserted=b"", netscape=True)
+def test_pil_reads_no_more_before_a_gifs_image_than_the_walk_counted(inserted, netscape):
+    """Against PIL itself, on any bytes (its quirks: an empty first sub-block not taken for the
+    end, a second read after NETSCAPE2.0): when the walk lets a GIF through, PIL's reader took at
+    most one step more than it counted (the image's code size, or the end of the file)."""
+    from PIL import GifImagePlugin
+
+    clean, at = _gif()
+    data = clean[:at] + (b"\x21\xff\x0bNETSCAPE2.0" if netscape else b"") + inserted + clean[at:]
+    counted = _gif_blocks(data)
+    reads = _Reads(data)
+    plain = GifImagePlugin.GifImageFile.data
+
+    def data_counted(self: GifImagePlugin.GifImageFile) -> bytes | None:
+        reads.steps += 1
+        reads.in_data = True
+        try:
+            return plain(self)
+        finally:
+            reads.in_data = False
+
+    with mock.patch.object(GifImagePlugin.GifImageFile, "data", data_counted), \
+            contextlib.suppress(Exception), warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        Image.open(reads, formats=["GIF"]).close()
+    assert reads.steps <= counted + 1
+
+
+def test_a_gif_of_a_million_comments_before_its_image_is_refused_before_pil_reads_it(monkeypatch):
+    from gpu_consumer import codec
+
+    clean, at = _gif()
+    opened: list[bytes] = []
+    monkeypatch.setattr(codec, "_open", lambda data: opened.append(data))  # PIL took 3.4 s a read at 20 MB
+    for filler in (b"\x21\xfe\x01a\x00" * 1_000_000, b"\x00" * 5_000_000):
+        with pytest.raises(BadInput, match="GIF of more than 65,536 blocks"):
+            decode(clean[:at] + filler + clean[at:])
+    assert opened == []
