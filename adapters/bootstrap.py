@@ -394,7 +394,7 @@ def build_gpu_worker(settings: Settings) -> Any:
     from gpu_consumer.callbacks import CallbackClient
     from gpu_consumer.pipeline import ImagePipeline, pick_device
     from gpu_consumer.segment import built_in
-    from gpu_consumer.worker import GROUP, GpuWorker, StartedItems
+    from gpu_consumer.worker import GROUP, WINDOW, GpuWorker, StartedItems
 
     database_url = settings.effective_database_url
 
@@ -413,8 +413,9 @@ def build_gpu_worker(settings: Settings) -> Any:
     pipeline = ImagePipeline(s3_client(settings, max_pool=16), settings.s3_bucket, device, segmenter,
                              texture_cache_bytes=settings.texture_cache_bytes)
     callbacks = CallbackClient(settings.api_url, settings.callback_secret)
-    return GpuWorker(kafka_io.consumer(settings, GROUP, topics.GPU_TASKS, max_poll_records=16,
+    return GpuWorker(kafka_io.consumer(settings, GROUP, topics.GPU_TASKS, max_poll_records=WINDOW,
                                      fetch_max_wait_ms=200),
                      kafka_io.producer(settings), pipeline, callbacks, canceled_lookup=canceled,
                      compute_threads=compute_threads_for(device), remember_bytes=settings.worker_remember_bytes,
-                     started=StartedItems(settings.data_dir / "gpu-started"))
+                     started=StartedItems(settings.data_dir / "gpu-started"), max_records=WINDOW,
+                     step_s=settings.gpu_step_s)

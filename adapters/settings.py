@@ -251,6 +251,10 @@ class Settings(BaseSettings):
     # Idempotency keys of acknowledged results (duplicate tasks are dropped across polls), and
     # canceled job ids: each set within this budget, least recently seen out first.
     worker_remember_bytes: int = Field(8 * 1024 * 1024, ge=0)
+    # A step of the GPU worker begins no item once it has run this long (the rest wait for the
+    # next step, where users served least recently go first): one user's heavy job holds
+    # another's items for about this and one item.
+    gpu_step_s: float = Field(2.0, gt=0, le=600)
 
 
 def trusted_networks(spec: str) -> tuple[IPv4Network | IPv6Network, ...]:

@@ -1,10 +1,15 @@
 """The GPU worker loop: consumer group ``palette-gpu`` on ``palette.gpu-jobs``.
 
-Per poll: fetch and decode inputs concurrently (threads), edit on the device (an item at a time
-per compute thread: one per core on the CPU, one on CUDA; each user's items taking turns with the
-others'; an item whose job was canceled meanwhile is dropped before its edit), then encode, upload
-and report each item through the signed callback while the next item computes. The Kafka
-offset is committed only after every callback of the poll was acknowledged.
+Per step: poll a window of tasks; edit them on the device (an item at a time per compute thread:
+one per core on the CPU, one on CUDA), each user's items taking turns with the others', the users
+served least recently first; fetch and decode each item a few turns before its own (threads); drop
+an item whose job was canceled meanwhile before its edit; encode, upload and report each item
+through the signed callback while the next item computes. With a step budget (``step_s``), once
+a step has run that long the items not yet begun are left for a later step: one user's poll of
+heavy items holds another's for about the budget and an item, not for the whole poll. The Kafka
+offset is committed only after every callback of the step was acknowledged, and only up to the
+first task left for later (each partition is moved back there; what was done past it comes again
+and is dropped as a duplicate).
 
 Masks back to the client: with each output the worker stores the masks the edit used (refined,
 protect included; a protected concept not in the photo as an empty mask) under the task's
@@ -60,6 +65,7 @@ from gpu_consumer.codec import BadInput
 from gpu_consumer.pipeline import Edited, ImagePipeline
 
 log = logging.getLogger("palette.gpu")
+Fetched = tuple[torch.Tensor, dict[str, torch.Tensor]]  # an item's photo and client masks, decoded
 GROUP = topics.GPU_GROUP
 DLQ_TOPIC = topics.GPU_DLQ
 MAX_ATTEMPTS = 3
@@ -69,6 +75,8 @@ REMEMBER_BYTES = 8 * 1024 * 1024
 
 
 RECHECK_CANCELED_S = 2.0
+WINDOW = 64  # tasks a step chooses from (each a small JSON record): other users' come into view
+PREFETCH = 2  # items fetched and decoded ahead of those on the device (beyond one per compute thread)
 CRASH_LIMIT = 2  # processes that may die editing an item before it is failed instead
 STARTED_KEPT_S = 7 * 24 * 3600.0  # a note of an item begun that never came back is removed after this
 
@@ -189,14 +197,52 @@ class RecentKeys:
         return len(self._keys)
 
 
-def fair_order(tasks: list[Task]) -> list[Task]:
-    """``tasks`` taking each user's in turn (each user's in their order): one user's many heavy
-    items in a poll do not all go before another user's one."""
+def owner(task: Task) -> str:
+    return task.user_id or task.job_id
+
+
+def fair_order(tasks: list[Task], served: dict[str, int] | None = None) -> list[Task]:
+    """``tasks`` taking each user's in turn (each user's in their order), the users served least
+    recently first (``served``: the step in which each last had an item begun; none yet: first):
+    one user's many heavy items do not all go before another user's one, in a poll or across."""
     by_user: dict[str, list[Task]] = {}
     for t in tasks:
-        by_user.setdefault(t.user_id or t.job_id, []).append(t)
-    queues = list(by_user.values())
+        by_user.setdefault(owner(t), []).append(t)
+    last = served or {}
+    queues = sorted(by_user.values(), key=lambda q: last.get(owner(q[0]), -1))  # stable: ties in poll order
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
+class Prefetch:
+    """The fetches of a step's items, each begun ``ahead`` turns before its own: an item left for a
+    later step was mostly never fetched, and few decoded images wait at once."""
+
+    def __init__(self, pool: ThreadPoolExecutor, fetch: Callable[[Task], Fetched], tasks: list[Task],
+                 ahead: int) -> None:
+        self.pool, self.fetch, self.tasks, self.ahead = pool, fetch, tasks, ahead
+        self._futures: dict[int, Future[Fetched]] = {}
+        self._lock = threading.Lock()
+        for i in range(min(ahead, len(tasks))):
+            self.get(i)
+
+    def get(self, i: int) -> Future[Fetched]:
+        """Item ``i``'s fetch (begun now if it was not)."""
+        with self._lock:
+            if i not in self._futures:
+                self._futures[i] = self.pool.submit(self.fetch, self.tasks[i])
+            return self._futures[i]
+
+    def turn(self, i: int) -> Future[Fetched]:
+        """Item ``i``'s turn on the device: its fetch, and the fetch ``ahead`` turns on begun."""
+        if i + self.ahead < len(self.tasks):
+            self.get(i + self.ahead)
+        return self.get(i)
+
+    def cancel(self) -> None:
+        """Drop the fetches not begun (of items left for a later step)."""
+        with self._lock:
+            for future in self._futures.values():
+                future.cancel()
 
 
 class GpuWorker(ConsumerLoop):
@@ -204,7 +250,8 @@ class GpuWorker(ConsumerLoop):
                  canceled_lookup: Callable[[Sequence[str]], set[str]] | None = None,
                  io_threads: int = 8, max_records: int = 16, backoff_s: float = 0.2,
                  compute_threads: int = 1, remember_bytes: int = REMEMBER_BYTES,
-                 unavailable_pause_s: float = 0.5, started: StartedItems | None = None) -> None:
+                 unavailable_pause_s: float = 0.5, started: StartedItems | None = None,
+                 step_s: float | None = None) -> None:
         self.consumer = consumer
         self.producer = producer
         self.pipeline = pipeline
@@ -214,7 +261,11 @@ class GpuWorker(ConsumerLoop):
         # On the CPU, items compute side by side (torch releases the GIL in its kernels) with one
         # intra-op thread each; on CUDA one thread feeds the device.
         self.compute_pool = ThreadPoolExecutor(compute_threads, thread_name_prefix="gpu-compute")
-        self.max_records = max_records
+        self.compute_threads = compute_threads
+        self.max_records = max_records  # the window a step chooses its items from
+        self.step_s = step_s  # None: a step edits its whole poll
+        self._steps = 0
+        self._served: dict[str, int] = {}  # the step each user in the window last had an item begun in
         self.backoff_s = backoff_s
         self.unavailable_pause_s = unavailable_pause_s  # the first pause; it doubles while it lasts
         self._pause_s = 0.0
@@ -305,8 +356,9 @@ class GpuWorker(ConsumerLoop):
                      error=f"processing failed after {MAX_ATTEMPTS} attempts ({type(error).__name__}){FOR_OPERATORS}")
 
     # -- a poll's worth of items --------------------------------------------------------------
-    def process(self, tasks: list[Task]) -> None:
-        """Process tasks; returns once every result is acknowledged (raises CallbackUnavailable)."""
+    def process(self, tasks: list[Task]) -> list[Task]:
+        """Process tasks; returns once every result is acknowledged (raises CallbackUnavailable),
+        with the tasks left for a later step (past ``step_s``, those not begun on the device)."""
         if self.canceled_lookup is not None and tasks:
             for job_id in self.canceled_lookup(sorted({t.job_id for t in tasks})):
                 self.canceled.add(job_id)
@@ -326,13 +378,22 @@ class GpuWorker(ConsumerLoop):
                 suspects.append(t)
             else:
                 live.append(t)
-        live = fair_order(live)
+        self._steps += 1
+        self._served = {owner(t): self._served[owner(t)] for t in tasks if owner(t) in self._served}
+        live = fair_order(live, self._served)
         self._poll_jobs = sorted({t.job_id for t in [*live, *suspects]})
         self._checked_at = time.monotonic()
-        fetched = [(t, self.pool.submit(self._fetch, t)) for t in live]
-        computed = [self.compute_pool.submit(self._compute, task, future) for task, future in fetched]
-        pending = abandoned + [c.result() for c in computed]
+        deadline = None if self.step_s is None else time.monotonic() + self.step_s
+        fetches = Prefetch(self.pool, self._fetch, live, self.compute_threads + PREFETCH)
+        computed = [self.compute_pool.submit(self._in_turn, i, task, fetches, deadline) for i, task in enumerate(live)]
+        results = [c.result() for c in computed]
+        fetches.cancel()
+        left = [task for task, result in zip(live, results, strict=True) if result is None]
+        pending = abandoned + [result for result in results if result is not None]
         for t in suspects:  # should it kill this process too, no other item was on the device
+            if deadline is not None and pending and time.monotonic() > deadline:  # spent: a later step's
+                left.append(t)
+                continue
             fetch = self.pool.submit(self._fetch, t)
             pending.append(self.compute_pool.submit(self._compute, t, fetch).result())
         unacknowledged = []
@@ -343,8 +404,17 @@ class GpuWorker(ConsumerLoop):
                 unacknowledged.append(e)
         if unacknowledged:
             raise unacknowledged[0]  # the offset stays uncommitted
+        return left
 
-    def _compute(self, task: Task, fetched: Future[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> Future[None]:
+    def _in_turn(self, i: int, task: Task, fetches: Prefetch, deadline: float | None) -> Future[None] | None:
+        """The ``i``-th item's turn on a compute thread; None when the step's budget is spent (each
+        compute thread begins one item at least): the item is left for a later step."""
+        if deadline is not None and i >= self.compute_threads and time.monotonic() > deadline:
+            return None
+        self._served[owner(task)] = self._steps
+        return self._compute(task, fetches.turn(i))
+
+    def _compute(self, task: Task, fetched: Future[Fetched]) -> Future[None]:
         """Edit one fetched item, then hand its upload and callback to the I/O threads."""
         try:
             image, masks = fetched.result()
@@ -362,7 +432,7 @@ class GpuWorker(ConsumerLoop):
             return self.pool.submit(self._retry, task, e)
         return self.pool.submit(self._finish_or_retry, task, out)
 
-    def _fetch(self, task: Task) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _fetch(self, task: Task) -> Fetched:
         """The pipeline's fetch, its decodes noted on disk while they run, as an edit is (a photo
         or a mask whose decode kills the process must not come back for ever)."""
         if self.started is None:
@@ -427,23 +497,42 @@ class GpuWorker(ConsumerLoop):
 
     def step(self, timeout_ms: int = 200) -> int:
         polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.max_records)
-        tasks = []
+        tasks, where = [], {}
         try:
-            for records in polled.values():
+            for tp, records in polled.items():
                 for record in records:
                     try:
-                        tasks.append(Task.parse(record.value))
+                        task = Task.parse(record.value)
                     except Exception as e:  # noqa: BLE001 - whatever a task holds, it is parked, never a crash
                         self._reject_record(record, e)
-            self.process(tasks)
+                        continue
+                    tasks.append(task)
+                    where[id(task)] = (tp, record.offset)
+            left = self.process(tasks)
         except CallbackUnavailable as e:
             self._again(polled, e)
             return 0
         if polled:
             self._pause_s = 0.0  # results acknowledged again (an empty poll says nothing of the API)
+            self._come_again([where[id(t)] for t in left])
             self.producer.flush()
             self.consumer.commit()
-        return len(tasks)
+        return len(tasks) - len(left)
+
+    def _come_again(self, left: list[tuple[Any, int]]) -> None:
+        """Move each partition back to its first task left for a later step: the commit after it
+        goes no further, and the tasks from there come again (those done already are dropped by
+        their keys)."""
+        first: dict[Any, int] = {}
+        for tp, offset in left:
+            first[tp] = min(offset, first.get(tp, offset))
+        rewound: set[Any] = getattr(self.consumer, "rewound", set())  # a recreated topic: left at its start
+        for tp, offset in first.items():
+            if tp not in rewound:
+                try:
+                    self.consumer.seek(tp, offset)
+                except Exception:  # noqa: BLE001 - no longer assigned: the group hands it on from its offset
+                    log.debug("%s is no longer assigned", tp)
 
     def _again(self, polled: dict[Any, list[Any]], error: CallbackUnavailable) -> None:
         """The API did not acknowledge a result: read the poll's records again from their first

@@ -40,3 +40,32 @@ class FakeConsumer:
 
     def close(self) -> None:
         pass
+
+
+class FakeLog:
+    """One partition's log as a group member sees it: a poll returns up to ``max_records`` from its
+    position on, ``seek`` moves the position, and ``commit`` records it as the group's offset."""
+
+    def __init__(self, topic: str = "palette.gpu-jobs") -> None:
+        self.tp = (topic, 0)
+        self.records: list[Record] = []
+        self.position = 0
+        self.commits: list[int] = []
+
+    def append(self, value: bytes, key: bytes | None = None) -> None:
+        self.records.append(Record(value, key, len(self.records), 0, self.tp[0]))
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[Record]]:
+        got = self.records[self.position:][:max_records]
+        self.position += len(got)
+        return {self.tp: got} if got else {}
+
+    def seek(self, tp: Any, offset: int) -> None:
+        assert tp == self.tp
+        self.position = offset
+
+    def commit(self) -> None:
+        self.commits.append(self.position)
+
+    def close(self) -> None:
+        pass

@@ -23,7 +23,7 @@ from gpu_consumer import ops
 from gpu_consumer.callbacks import CallbackUnavailable
 from gpu_consumer.pipeline import ImagePipeline
 from gpu_consumer.worker import GpuWorker, RecentKeys, Task
-from tests.unit.broker_fakes import FakeConsumer, Record
+from tests.unit.broker_fakes import FakeConsumer, FakeLog, Record
 
 DLQ = "palette.gpu-jobs.dlq"
 BUCKET = "images"
@@ -585,3 +585,92 @@ def test_each_users_items_take_turns_in_a_poll(owners: list[int]):
     for t in ordered:  # no user gets a second turn while another still waiting has had fewer
         assert all(seen[t.user_id] <= seen[v] for v in seen if seen[v] < total[v] and v != t.user_id)
         seen[t.user_id] += 1
+
+
+# -- steps with a budget: a heavy poll does not hold another user's item for all of it ---------
+def log_worker(log: FakeLog, compute_threads: int = 1, window: int = 16,
+               ) -> tuple[GpuWorker, FakeS3, FakeCallbacks]:
+    """A worker on ``log`` whose steps' budget is spent at once: each step begins one item per
+    compute thread, and leaves the rest for the next."""
+    s3, callbacks = FakeS3(), FakeCallbacks()
+    w = GpuWorker(log, FakeProducer(), ImagePipeline(s3, BUCKET, torch.device("cpu")), callbacks, io_threads=2,
+                  max_records=window, compute_threads=compute_threads, backoff_s=0.0, unavailable_pause_s=0.0,
+                  step_s=0.0)
+    return w, s3, callbacks
+
+
+def append(log: FakeLog, s3: FakeS3, user: int, idx: int) -> str:
+    t = {**task(idx=idx, job_id=str(uuid.UUID(int=user + 1))), "user_id": str(uuid.UUID(int=user + 1))}
+    s3.objects[t["input_key"]] = photo()
+    log.append(json.dumps(t).encode(), t["job_id"].encode())
+    return str(t["idempotency_key"])
+
+
+def test_a_later_users_item_goes_before_the_rest_of_a_heavy_poll():
+    log = FakeLog()
+    w, s3, callbacks = log_worker(log)
+    heavy = [append(log, s3, 0, i) for i in range(5)]
+    try:
+        assert w.step() == 1  # the first of the heavy user's items; the rest wait
+        assert log.commits == [1]  # no further than the first item left
+        light = append(log, s3, 1, 0)  # another user's item, behind the heavy user's four
+        assert w.step() == 1
+        assert [k for k, _, _ in callbacks.reports] == [heavy[0], light]  # served least recently: first
+        assert log.commits == [1, 1]  # the heavy user's next item is still to do
+        while w.step():
+            pass
+    finally:
+        w.close()
+    assert [k for k, _, _ in callbacks.reports] == [heavy[0], light, *heavy[1:]]
+    assert log.commits[-1] == 6 and w.stats["skipped"] >= 1  # the light item came again, dropped
+
+
+@settings(max_examples=25, deadline=None)
+@given(arrivals=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4)), min_size=1, max_size=10),
+       compute_threads=st.integers(1, 2), window=st.integers(1, 6))
+def test_steps_with_a_spent_budget_edit_every_item_once_and_never_commit_past_one_not_done(
+        arrivals: list[tuple[int, int]], compute_threads: int, window: int):
+    """Tasks arrive over the steps (user, step); every one is reported once (each user's in their
+    order, with one compute thread: two finish side by side in either order), and the group's
+    offset never passes a task whose result was not reported."""
+    log = FakeLog()
+    w, s3, callbacks = log_worker(log, compute_threads, window)
+    count: dict[int, int] = {}
+    keys: dict[int, list[str]] = {}
+    try:
+        for step in range(200):
+            for user, at in arrivals:
+                if at == step:
+                    keys.setdefault(user, []).append(append(log, s3, user, count.setdefault(user, 0)))
+                    count[user] += 1
+            w.step()
+            reported = {k for k, _, _ in callbacks.reports}
+            offsets = [i for i, r in enumerate(log.records)
+                       if json.loads(r.value or b"")["idempotency_key"] not in reported]
+            assert not log.commits or log.commits[-1] <= min(offsets, default=len(log.records))
+            if step > 4 and not offsets:
+                break
+    finally:
+        w.close()
+    done = [k for k, status, _ in callbacks.reports if status == "done"]
+    assert sorted(done) == sorted(k for ks in keys.values() for k in ks)  # each once, none lost
+    for ks in keys.values() if compute_threads == 1 else ():
+        assert [k for k in done if k in ks] == ks
+    assert log.commits[-1] == len(log.records)
+
+
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=30), st.dictionaries(st.integers(0, 4), st.integers(0, 9)))
+def test_the_users_served_least_recently_take_the_first_turns(owners: list[int], served: dict[int, int]):
+    from gpu_consumer.worker import fair_order
+
+    users = [str(uuid.UUID(int=o + 1)) for o in owners]
+    last = {str(uuid.UUID(int=o + 1)): step for o, step in served.items()}
+    tasks = [Task.parse(json.dumps({**task(idx=i), "user_id": u}).encode()) for i, u in enumerate(users)]
+    ordered = fair_order(tasks, last)
+    first = {}
+    for position, t in enumerate(ordered):
+        first.setdefault(t.user_id, position)
+    for u in first:  # a user never served, or served before another, has its first turn before that one's
+        for v in first:
+            if last.get(u, -1) < last.get(v, -1):
+                assert first[u] < first[v]
