@@ -22,7 +22,7 @@ from tests.bench.api import start_api
 from tests.bench.harness import EDITS, Profile, Results, Stack, say, service_on
 
 WARM_ITEMS = 2  # the first items pay one-off costs (allocator, texture cache): untimed, in both paths
-BATCH = 16  # tasks per GpuWorker.process call (the worker's max_poll_records)
+BATCH = 64  # tasks per poll (the worker's window, gpu_consumer.worker.WINDOW)
 
 
 def _room_jpeg(seed: int) -> bytes:
@@ -71,8 +71,12 @@ def _naive_run(settings: Settings, s3: Any, callbacks: Any) -> Callable[[list[An
 
 
 def _in_batches(worker: Any, tasks: list[Any]) -> None:
+    """As the worker's steps take them: a window at a time, each step's leftovers (past its
+    budget, PALETTE_GPU_STEP_S) in the next."""
     for start in range(0, len(tasks), BATCH):
-        worker.process(tasks[start:start + BATCH])
+        left = tasks[start:start + BATCH]
+        while left:
+            left = worker.process(left)
 
 
 def _gpu_phase(settings_json: str, items: int, naive: bool) -> dict[str, Any]:
