@@ -115,8 +115,9 @@ MEASURES: dict[str, str] = {
                                   "(projections.store.apply_batch per event), reading untimed",
     "replay_events_per_s": "Replayer.all_jsonl over the whole log, the lines written to memory "
                            "(what `palette replay all` prints)",
-    "gpu_items_per_s": f"items per second of GpuWorker.process (bootstrap.build_gpu_worker), batches of {BATCH}, "
-                       "1 MP JPEGs: S3 get, masks, edits, PNG and preview put, signed callback to the API; "
+    "gpu_items_per_s": f"items per second of GpuWorker.process (bootstrap.build_gpu_worker), windows of {BATCH} "
+                       "tasks, each step's leftovers in the next, 1 MP JPEGs: S3 get, masks, edits, PNG and "
+                       "preview put, signed callback to the API; "
                        f"{WARM_ITEMS} warm-up items untimed",
     "naive_gpu_items_per_s": "one item at a time on the CPU: S3 get, PIL decode, masks, each op on the full "
                              "image, PIL PNG (level 6) and preview put, CallbackClient callback",
