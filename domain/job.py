@@ -192,7 +192,7 @@ class Job(Stream):
         if self.status != JobStatus.UPLOADED:
             advice = {JobStatus.CREATED: " (confirm the upload first)"}.get(self.status, "")
             if self.status.terminal:
-                advice = " (POST /jobs/{id}/rerun runs its photos again)"
+                advice = " (a rerun edits its photos again, as a new job)"
             raise InvalidState(f"cannot execute a {self.status} job{advice}")
         self.trigger_event(
             self.JobQueued, concepts=concepts, protect=protect, rule_id=rule_id, timestamp=at,
