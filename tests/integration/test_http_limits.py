@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 
 from adapters.api import http_limits
-from tests.bench.harness import free_port
+from tests.conftest import free_port
 
 BIG = 8 << 20  # /big answers this many bytes
 

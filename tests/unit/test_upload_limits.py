@@ -228,6 +228,7 @@ class _Reads(io.BytesIO):
        netscape=st.booleans())
 @example(inserted=b"\x21\x01\x00", netscape=False)  # PIL takes the image's 0x2C for a sub-block's length
 @example(inserted=b"", netscape=True)
+@example(inserted=b"\x00\x2c" + b"x" * 44 + b"\x01a" * 20 + b"\x00", netscape=True)  # read after NETSCAPE2.0
 def test_pil_reads_no_more_before_a_gifs_image_than_the_walk_counted(inserted, netscape):
     """Against PIL itself, on any bytes (its quirks: an empty first sub-block not taken for the
     end, a second read after NETSCAPE2.0): when the walk lets a GIF through, PIL's reader took at
