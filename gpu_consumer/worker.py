@@ -51,7 +51,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -214,35 +214,44 @@ def fair_order(tasks: list[Task], served: dict[str, int] | None = None) -> list[
 
 
 class Prefetch:
-    """The fetches of a step's items, each begun ``ahead`` turns before its own: an item left for a
-    later step was mostly never fetched, and few decoded images wait at once."""
+    """The fetches of a step's items, each begun ``ahead`` turns before its own: few decoded images
+    wait at once, and those of the items a step leaves are kept for the next (``kept``, by key)."""
 
     def __init__(self, pool: ThreadPoolExecutor, fetch: Callable[[Task], Fetched], tasks: list[Task],
-                 ahead: int) -> None:
+                 ahead: int, kept: dict[str, Future[Fetched]] | None = None) -> None:
         self.pool, self.fetch, self.tasks, self.ahead = pool, fetch, tasks, ahead
-        self._futures: dict[int, Future[Fetched]] = {}
+        self._kept = dict(kept or {})
+        self._futures: dict[int, Future[Fetched]] = {}  # begun, not yet taken by its item's turn
+        self._taken: set[int] = set()
         self._lock = threading.Lock()
-        for i in range(min(ahead, len(tasks))):
-            self.get(i)
-
-    def get(self, i: int) -> Future[Fetched]:
-        """Item ``i``'s fetch (begun now if it was not)."""
         with self._lock:
-            if i not in self._futures:
-                self._futures[i] = self.pool.submit(self.fetch, self.tasks[i])
-            return self._futures[i]
+            for i in range(min(ahead, len(tasks))):
+                self._begin(i)
+
+    def _begin(self, i: int) -> None:
+        if i not in self._futures and i not in self._taken:
+            kept = self._kept.pop(self.tasks[i].idempotency_key, None)
+            self._futures[i] = kept or self.pool.submit(self.fetch, self.tasks[i])
 
     def turn(self, i: int) -> Future[Fetched]:
-        """Item ``i``'s turn on the device: its fetch, and the fetch ``ahead`` turns on begun."""
-        if i + self.ahead < len(self.tasks):
-            self.get(i + self.ahead)
-        return self.get(i)
-
-    def cancel(self) -> None:
-        """Drop the fetches not begun (of items left for a later step)."""
+        """Item ``i``'s turn on the device: its fetch (no longer held here), and the fetch
+        ``ahead`` turns on begun."""
         with self._lock:
-            for future in self._futures.values():
-                future.cancel()
+            if i + self.ahead < len(self.tasks):
+                self._begin(i + self.ahead)
+            self._begin(i)
+            self._taken.add(i)
+            return self._futures.pop(i)
+
+    def left(self) -> dict[str, Future[Fetched]]:
+        """The step is over: the fetches of the items it left, by key. One not begun is dropped;
+        one under way is waited for, so that its note (StartedItems) is back before the next step
+        reads it; one that failed is fetched again at its item's turn."""
+        with self._lock:
+            futures, self._futures = self._futures, {}
+        begun = {i: f for i, f in futures.items() if not f.cancel()}
+        wait(begun.values())
+        return {self.tasks[i].idempotency_key: f for i, f in begun.items() if f.exception() is None}
 
 
 class GpuWorker(ConsumerLoop):
@@ -266,6 +275,8 @@ class GpuWorker(ConsumerLoop):
         self.step_s = step_s  # None: a step edits its whole poll
         self._steps = 0
         self._served: dict[str, int] = {}  # the step each user in the window last had an item begun in
+        self._kept: dict[str, Future[Fetched]] = {}  # fetches of the items the last step left, by key
+        self.parked = RecentKeys(remember_bytes)  # malformed records parked already (they come again)
         self.backoff_s = backoff_s
         self.unavailable_pause_s = unavailable_pause_s  # the first pause; it doubles while it lasts
         self._pause_s = 0.0
@@ -384,16 +395,15 @@ class GpuWorker(ConsumerLoop):
         self._poll_jobs = sorted({t.job_id for t in [*live, *suspects]})
         self._checked_at = time.monotonic()
         deadline = None if self.step_s is None else time.monotonic() + self.step_s
-        fetches = Prefetch(self.pool, self._fetch, live, self.compute_threads + PREFETCH)
+        fetches = Prefetch(self.pool, self._fetch, live, self.compute_threads + PREFETCH, self._kept)
         computed = [self.compute_pool.submit(self._in_turn, i, task, fetches, deadline) for i, task in enumerate(live)]
         results = [c.result() for c in computed]
-        fetches.cancel()
+        self._kept = fetches.left()
         left = [task for task, result in zip(live, results, strict=True) if result is None]
         pending = abandoned + [result for result in results if result is not None]
-        for t in suspects:  # should it kill this process too, no other item was on the device
-            if deadline is not None and pending and time.monotonic() > deadline:  # spent: a later step's
-                left.append(t)
-                continue
+        # Alone, so that no other item is on the device should it kill this process too; never left
+        # for a later step, budget spent or not (it would hold its partition's commit for ever).
+        for t in suspects:
             fetch = self.pool.submit(self._fetch, t)
             pending.append(self.compute_pool.submit(self._compute, t, fetch).result())
         unacknowledged = []
@@ -504,7 +514,10 @@ class GpuWorker(ConsumerLoop):
                     try:
                         task = Task.parse(record.value)
                     except Exception as e:  # noqa: BLE001 - whatever a task holds, it is parked, never a crash
-                        self._reject_record(record, e)
+                        seen = f"{tp}@{record.offset}:{hashlib.sha256(record.value or b'').hexdigest()[:32]}"
+                        if seen not in self.parked:  # read again behind a task left for later: parked once
+                            self._reject_record(record, e)
+                            self.parked.add(seen)
                         continue
                     tasks.append(task)
                     where[id(task)] = (tp, record.offset)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from PIL import Image
 from gpu_consumer import ops
 from gpu_consumer.callbacks import CallbackUnavailable
 from gpu_consumer.pipeline import ImagePipeline
-from gpu_consumer.worker import GpuWorker, RecentKeys, Task
+from gpu_consumer.worker import GpuWorker, RecentKeys, StartedItems, Task
 from tests.unit.broker_fakes import FakeConsumer, FakeLog, Record
 
 DLQ = "palette.gpu-jobs.dlq"
@@ -588,14 +589,14 @@ def test_each_users_items_take_turns_in_a_poll(owners: list[int]):
 
 
 # -- steps with a budget: a heavy poll does not hold another user's item for all of it ---------
-def log_worker(log: FakeLog, compute_threads: int = 1, window: int = 16,
-               ) -> tuple[GpuWorker, FakeS3, FakeCallbacks]:
+def log_worker(log: FakeLog, compute_threads: int = 1, window: int = 16, pipeline: type[ImagePipeline] = ImagePipeline,
+               started: StartedItems | None = None) -> tuple[GpuWorker, FakeS3, FakeCallbacks]:
     """A worker on ``log`` whose steps' budget is spent at once: each step begins one item per
     compute thread, and leaves the rest for the next."""
     s3, callbacks = FakeS3(), FakeCallbacks()
-    w = GpuWorker(log, FakeProducer(), ImagePipeline(s3, BUCKET, torch.device("cpu")), callbacks, io_threads=2,
+    w = GpuWorker(log, FakeProducer(), pipeline(s3, BUCKET, torch.device("cpu")), callbacks, io_threads=2,
                   max_records=window, compute_threads=compute_threads, backoff_s=0.0, unavailable_pause_s=0.0,
-                  step_s=0.0)
+                  step_s=0.0, started=started)
     return w, s3, callbacks
 
 
@@ -674,3 +675,62 @@ def test_the_users_served_least_recently_take_the_first_turns(owners: list[int],
         for v in first:
             if last.get(u, -1) < last.get(v, -1):
                 assert first[u] < first[v]
+
+
+
+class SlowFetches(ImagePipeline):
+    """Fetches that take a while (a large photo's GET and decode), counted by key."""
+
+    fetched: Counter[str] = Counter()
+
+    def fetch(self, task: Task) -> Any:
+        SlowFetches.fetched[task.idempotency_key] += 1
+        time.sleep(0.1)  # the work of a slow fetch, not a wait for anything
+        return super().fetch(task)
+
+
+def test_a_step_waits_for_the_fetches_of_what_it_left_and_hands_them_to_the_next(tmp_path: Path):
+    """An item left while its fetch still ran was taken, at the next step, for one a process died
+    on (its note still on disk); and each step fetched again what the last had fetched."""
+    log, started = FakeLog(), StartedItems(tmp_path)
+    w, s3, callbacks = log_worker(log, pipeline=SlowFetches, started=started)
+    SlowFetches.fetched.clear()
+    keys = [append(log, s3, 0, i) for i in range(6)]
+    try:
+        while w.step():
+            assert all(started.deaths(k) == 0 for k in keys)  # nothing counted against an item left
+    finally:
+        w.close()
+    assert [k for k, _, _ in callbacks.reports] == keys and w.stats["crashed"] == 0
+    assert SlowFetches.fetched == dict.fromkeys(keys, 1)  # each fetched once
+
+
+def test_an_item_a_process_died_on_is_edited_in_its_step_whatever_the_budget(tmp_path: Path):
+    """Left for later, it would hold its partition's commit while other items keep the budget."""
+    log, started = FakeLog(), StartedItems(tmp_path)
+    w, s3, callbacks = log_worker(log, started=started)
+    suspect = append(log, s3, 0, 0)
+    others = [append(log, s3, 1, i) for i in range(3)]
+    started._write(suspect, 1)  # one process died while it was on the device
+    try:
+        w.step()
+    finally:
+        w.close()
+    assert [k for k, _, _ in callbacks.reports] == [others[0], suspect]  # alone, after the step's others
+    assert log.commits == [2]
+
+
+def test_a_malformed_task_read_again_behind_an_item_left_for_later_is_parked_once():
+    log = FakeLog()
+    w, s3, callbacks = log_worker(log)
+    for i in range(3):
+        append(log, s3, 0, i)
+    bad = {**task(idx=0), "concepts": ["wall"]}  # names an item; does not parse
+    log.append(json.dumps(bad).encode(), bad["job_id"].encode())
+    try:
+        while w.step():
+            pass
+    finally:
+        w.close()
+    assert len(w.producer.parked()) == 1  # type: ignore[attr-defined]
+    assert [status for k, status, _ in callbacks.reports if k == bad["idempotency_key"]] == ["failed"]
