@@ -203,10 +203,10 @@ def _png_chunks(data: bytes) -> int:
 
 def _gif_blocks(data: bytes) -> int:
     """The reads PIL (``GifImageFile._seek``) makes before a GIF's first image, walked as it walks
-    them, quirks included, until past MAX_GIF_BLOCKS: a byte a turn between blocks (a stray
-    one is skipped), then for an extension its label and each sub-block up to an empty one. For an extension
-    other than a comment it reads one sub-block before that loop, even an empty one (which its
-    loop then does not take for the end), and a second one after a NETSCAPE2.0 block."""
+    them, quirks included, until past MAX_GIF_BLOCKS: a byte a turn between blocks (a stray one
+    is skipped), then for an extension its label and each sub-block up to an empty one. For an
+    extension other than a comment it reads one sub-block before that loop, even an empty one
+    (which its loop then does not take for the end), and a second one after a NETSCAPE2.0 block."""
     at, count, end = 13, 0, len(data)  # past the signature and the logical screen descriptor
     if end >= at and data[10] & 0x80:
         at += 3 << ((data[10] & 7) + 1)  # the global colour table

@@ -41,7 +41,9 @@ def test_another_users_job_goes_before_the_rest_of_a_heavy_job(apps, service: Pa
                        max_records=WINDOW, step_s=0.0)  # each step begins one item, the rest wait
     edited: list[tuple[str, int]] = []
     worker.observe_item = lambda task, seconds: edited.append((task.job_id, task.idx))
-    committed = lambda: member.committed(TopicPartition(topic, 0))  # noqa: E731
+
+    def committed() -> int | None:
+        return member.committed(TopicPartition(topic, 0))
 
     def step_until(done: int) -> bool:
         worker.step()
