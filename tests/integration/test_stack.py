@@ -141,16 +141,18 @@ def test_seaweedfs_starts_where_the_default_socket_paths_are_taken(tmp_path):
                              **_free_port_block(random.Random(os.getpid() + 2)))
     blocked = [Path(f"/tmp/seaweedfs-s3-{settings.s3_port}.sock"),
                Path(f"/tmp/seaweedfs-filer-{weed_ports(settings.s3_port)['filer']}.sock")]
+    made = [path for path in blocked if not path.exists() and not path.is_symlink()]  # else: taken already
     stack = embedded_stack(settings)
     try:
-        for path in blocked:
+        for path in made:
             path.mkdir()
             (path / "left-behind").write_text("")
         stack.supervisor.start(stack._weed_spec())  # ready once S3 lists buckets
         assert sorted(p.name for p in (tmp_path / "data" / "s3").glob("*.sock")) == ["filer.sock", "s3.sock"]
+        assert all(path.is_dir() for path in made)  # what blocked the defaults is still there
     finally:
         stack.stop()
-        for path in blocked:
+        for path in made:  # only what this test made: a path left by someone else is theirs
             shutil.rmtree(path, ignore_errors=True)
 
 
