@@ -98,6 +98,14 @@ def local_socket(directory: Path, name: str, port: int) -> Path:
     return Path(tempfile.gettempdir()) / f"palette-{os.getuid()}-seaweedfs-{name}-{port}.sock"
 
 
+def weed_grpc_sockets(s3_port: int) -> tuple[Path, ...]:
+    """The Unix sockets `weed mini` makes for its S3 and admin gRPC servers, at paths no flag
+    moves, and leaves behind: removed when the stack stops it (each run left two in /tmp)."""
+    grpc = {"s3": s3_port + 10000, "admin": weed_ports(s3_port)["admin"] + 10000}
+    return tuple(Path(f"/tmp/seaweedfs-{name}-grpc-{port}.sock")  # noqa: S108 - SeaweedFS's fixed path
+                 for name, port in grpc.items())
+
+
 def weed_ports(s3_port: int) -> dict[str, int]:
     return {name: s3_port + off for name, off in WEED_PORT_OFFSETS.items()}
 
@@ -321,7 +329,8 @@ class EmbeddedStack(Generic[S]):
             f"-filer.localSocket={local_socket(weed_dir, 'filer', ports['filer'])}",
         ]
         env = {"AWS_ACCESS_KEY_ID": s.s3_access_key, "AWS_SECRET_ACCESS_KEY": s.s3_secret_key}
-        return ServiceSpec("s3", argv, ready=self._s3_ready, env=env, cwd=weed_dir, restart=True)
+        return ServiceSpec("s3", argv, ready=self._s3_ready, env=env, cwd=weed_dir, restart=True,
+                           leaves=weed_grpc_sockets(s.s3_port))
 
     def _s3(self) -> Any:
         return s3_client(self.settings, timeout_s=2)

@@ -7,6 +7,7 @@ import ctypes
 import json
 import os
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -38,6 +39,17 @@ class ServiceSpec:
     stop_signal: int = signal.SIGTERM
     ready_timeout_s: float = 60.0
     restart: bool = False  # application processes are restarted with backoff
+    leaves: tuple[Path, ...] = ()  # Unix sockets it leaves where it cannot be told not to
+
+
+def remove_left_sockets(paths: tuple[Path, ...]) -> None:
+    """Remove what a stopped service left: only a socket, and only one this user owns (a path
+    another user's process left, or anything else found there, is not ours)."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            st = path.lstat()
+            if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid():
+                path.unlink()
 
 
 IDS = ("request_id", "job_id", "user_id", "trace_id")
@@ -111,17 +123,18 @@ class _Running:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        if not self.alive():
+        if self.proc is None:
             return
-        assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(self.spec.stop_signal)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
+        if self.alive():
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
+                self.proc.send_signal(self.spec.stop_signal)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        remove_left_sockets(self.spec.leaves)
 
     def tail(self, lines: int = 3) -> str:
         try:

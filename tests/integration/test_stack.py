@@ -156,6 +156,25 @@ def test_seaweedfs_starts_where_the_default_socket_paths_are_taken(tmp_path):
             shutil.rmtree(path, ignore_errors=True)
 
 
+def test_the_grpc_sockets_seaweedfs_leaves_in_tmp_are_removed_when_it_stops(tmp_path):
+    """`weed mini` binds its S3 and admin gRPC servers on /tmp/seaweedfs-<name>-grpc-<port>.sock,
+    which no flag moves, and leaves them: every run of a stack left two files in /tmp."""
+    from infra.stack import weed_grpc_sockets
+
+    settings = load_settings(env="development", data_dir=tmp_path / "data",
+                             **_free_port_block(random.Random(os.getpid() + 4)))
+    sockets = weed_grpc_sockets(settings.s3_port)
+    if any(path.exists() and not path.is_socket() for path in sockets):
+        pytest.skip("another process holds one of these paths")
+    stack = embedded_stack(settings)
+    try:
+        stack.supervisor.start(stack._weed_spec())
+        wait_until(lambda: all(path.is_socket() for path in sockets), 30, "SeaweedFS's gRPC sockets")
+    finally:
+        stack.stop()
+    assert not any(path.exists() for path in sockets)
+
+
 def test_a_checkout_deep_in_the_file_system_starts_its_stack():
     """A Unix socket's path holds at most 107 bytes: PostgreSQL's socket in a data directory
     ~100 characters deep ended its start ("could not create any Unix-domain sockets"). It now
