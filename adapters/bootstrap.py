@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-import anyio.to_thread
 from psycopg_pool import ConnectionPool
 
 from adapters.api.consistency import LastWrites
 from adapters.keyring import PgKeyring
 from adapters.keyring import ensure_schema as ensure_keyring_schema
 from adapters.loop_pg import LoopConnections
+from adapters.objects import S3ObjectStore
 from adapters.pg_streams import insert_in_one_round_trip, pg_stream_loader, pg_stream_versions
 from adapters.s3_listing import S3Listing
 from adapters.settings import Settings
@@ -125,38 +125,6 @@ def _create_store_tables(app: PaletteApplication) -> None:
             recorder.sql_create_statements = [
                 s for s in recorder.sql_create_statements if "CREATE TYPE" not in s.as_string()]
         recorder.create_table()
-
-
-class S3ObjectStore:
-    """The application's ObjectStore port on S3: boto3 on a thread, or ``listing`` on an event
-    loop (a LIST there costs a seventh of boto3's CPU, and no thread)."""
-
-    def __init__(self, client: Any, bucket: str, listing: S3Listing | None = None) -> None:
-        self.client = client
-        self.bucket = bucket
-        self.listing = listing
-
-    def sizes(self, keys: Sequence[str]) -> dict[str, int]:
-        """One LIST per common prefix instead of a HEAD per key (a 200-item job: 1 call, not 200)."""
-        import os.path
-
-        if not keys:
-            return {}
-        prefix = os.path.commonprefix(list(keys))  # noqa: RUF071 - key prefixes, not paths
-        wanted, found = set(keys), {}
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            found.update({obj["Key"]: int(obj["Size"]) for obj in page.get("Contents", []) if obj["Key"] in wanted})
-        return found
-
-    async def sizes_async(self, keys: Sequence[str]) -> dict[str, int]:
-        if self.listing is None:
-            return await anyio.to_thread.run_sync(self.sizes, keys)
-        return await self.listing.sizes_of(keys)
-
-    def delete(self, keys: Sequence[str]) -> None:
-        from adapters.objects import delete_keys
-
-        delete_keys(self.client, self.bucket, list(keys))
 
 
 @dataclass

@@ -1,10 +1,16 @@
-"""Removing stored objects by prefix (a deleted or expired job, an erased user): listed page by
-page and deleted a thousand keys per request, so a prefix of any size costs bounded memory."""
+"""The application's ObjectStore port on S3, and removing stored objects by prefix (a deleted or
+expired job, an erased user): listed page by page and deleted a thousand keys per request, so a
+prefix of any size costs bounded memory."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os.path
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+import anyio.to_thread
+
+from adapters.s3_listing import S3Listing
 
 PAGE = 1000  # S3's most keys per DeleteObjects request
 
@@ -45,3 +51,31 @@ def delete_larger(s3: Any, bucket: str, prefixes: Iterable[str], limit: int) -> 
                 break
             token = page.get("NextContinuationToken")
     return deleted
+
+
+class S3ObjectStore:
+    """The application's ObjectStore port on S3: boto3 on a thread, or ``listing`` on an event
+    loop (a LIST there costs a seventh of boto3's CPU, and no thread)."""
+
+    def __init__(self, client: Any, bucket: str, listing: S3Listing | None = None) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.listing = listing
+
+    def sizes(self, keys: Sequence[str]) -> dict[str, int]:
+        """One LIST per common prefix instead of a HEAD per key (a 200-item job: 1 call, not 200)."""
+        if not keys:
+            return {}
+        prefix = os.path.commonprefix(list(keys))  # noqa: RUF071 - key prefixes, not paths
+        wanted, found = set(keys), {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            found.update({obj["Key"]: int(obj["Size"]) for obj in page.get("Contents", []) if obj["Key"] in wanted})
+        return found
+
+    async def sizes_async(self, keys: Sequence[str]) -> dict[str, int]:
+        if self.listing is None:
+            return await anyio.to_thread.run_sync(self.sizes, keys)
+        return await self.listing.sizes_of(keys)
+
+    def delete(self, keys: Sequence[str]) -> None:
+        delete_keys(self.client, self.bucket, list(keys))
