@@ -1,14 +1,17 @@
 """Palette's use cases: each loads aggregates, decides, and saves every change in one transaction.
 
 A use case that changes something is built as a command (``*_command``: the input checked, the
-decision as a closure over the unit of work) that either entry runs: the method of the same name
-from a thread, ``run`` from an event loop (the API), which holds no thread while it waits."""
+decision as a closure over the unit of work) that either entry runs: ``run`` from an event loop
+(the API), which holds no thread while it waits, or the method of the same name from a thread (the
+CLI, the tests), which does nothing but run it. Three use cases do more than run one command:
+``register`` (an erased device's next user) and ``confirm_upload`` (the inputs' sizes looked up
+first), with a method for each entry, and ``erase_user`` (the reservations read first), from a
+thread."""
 
 from __future__ import annotations
 
 import copy
 import functools
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -21,8 +24,8 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import JSONTranscoder
 
 from application.current_views import CurrentViews
-from application.device_keys import DeviceKeyer, HmacDeviceKeyer
-from application.personal import KeyDestroyed, Keyring, MemoryKeyring, Sealer
+from application.device_keys import DeviceKeyer
+from application.personal import KeyDestroyed, Keyring, Sealer
 from application.ports import Clock, IdGenerator, ObjectStore, StreamVersions
 from application.snapshots import SNAPSHOT_EVERY, SetAsList, StreamSnapshot
 from application.unit_of_work import Command, CommandExecutor, Committed, UnitOfWork, touches
@@ -137,17 +140,16 @@ class PaletteService:
     """Commands return :class:`Committed` (value + event-store position) for read-your-writes."""
 
     def __init__(
-        self, app: Application[UUID], executor: CommandExecutor, clock: Clock, ids: IdGenerator,
+        self, app: Application[UUID], executor: CommandExecutor, clock: Clock, ids: IdGenerator, *,
+        device_keys: DeviceKeyer, keyring: Keyring,
         store: ObjectStore | None = None, plans: Mapping[str, Plan] = DEFAULT_PLANS,
-        device_keys: DeviceKeyer | None = None, keyring: Keyring | None = None,
         versions: StreamVersions | None = None,
     ) -> None:
         self.app = app
-        # Without a configured keyer (tests, tools), a secret for this service's life: devices
-        # still get one user each, and nothing unkeyed is ever stored.
-        self.device_keys = device_keys or HmacDeviceKeyer(secrets.token_bytes(32))
+        # Both keys are required: a default would seal under keys that die with the process.
+        self.device_keys = device_keys
         # Personal fields are sealed under per-user keys (erasure destroys the key).
-        self.sealer = Sealer(keyring or MemoryKeyring())
+        self.sealer = Sealer(keyring)
         self.executor = executor
         self.clock = clock
         self.ids = ids
@@ -253,6 +255,9 @@ class PaletteService:
         return command
 
     def grant_credits(self, user_id: UUID, amount: int, reason: str) -> Committed[int]:
+        return self.executor.execute(self.grant_credits_command(user_id, amount, reason))
+
+    def grant_credits_command(self, user_id: UUID, amount: int, reason: str) -> Command[int]:
         at = self.clock.now()
 
         @touches(user_id)
@@ -261,7 +266,7 @@ class PaletteService:
             user.grant(amount, reason, at)
             return user.balance
 
-        return self.executor.execute(command)
+        return command
 
     def erase_user(self, user_id: UUID) -> bool:
         """Cancel the user's unfinished jobs (refunded) and record the erasure, atomically; True
@@ -300,6 +305,9 @@ class PaletteService:
         return command
 
     def change_plan(self, user_id: UUID, plan: str) -> Committed[str]:
+        return self.executor.execute(self.change_plan_command(user_id, plan))
+
+    def change_plan_command(self, user_id: UUID, plan: str) -> Command[str]:
         limits = self._plan(plan)
         at = self.clock.now()
 
@@ -309,7 +317,7 @@ class PaletteService:
             user.change_plan(limits, at)
             return user.plan
 
-        return self.executor.execute(command)
+        return command
 
     def get_user(self, user_id: UUID) -> UserView:
         return self._user_view(self.executor.read(user_id))
@@ -606,8 +614,12 @@ class PaletteService:
         self, user_id: UUID, rule_id: UUID, name: str, concepts: Mapping[str, Mapping[str, Any]],
         protect: Sequence[str] = (),
     ) -> Committed[None]:
-        current = self.get_rule(user_id, rule_id)
-        edits, protected = normalise_edits(current.preset_id, concepts, protect)
+        return self.executor.execute(self.update_rule_command(user_id, rule_id, name, concepts, protect))
+
+    def update_rule_command(
+        self, user_id: UUID, rule_id: UUID, name: str, concepts: Mapping[str, Mapping[str, Any]],
+        protect: Sequence[str] = (),
+    ) -> Command[None]:
         check_rule_name(name)
         sealed = self.sealer.seal(user_id, RULE_NAME_FIELD, name)
         at = self.clock.now()
@@ -615,9 +627,11 @@ class PaletteService:
         @touches(rule_id, user_id)
         def command(uow: UnitOfWork) -> None:
             self._user(uow, user_id)  # NotFound once erased, whatever this process still caches
-            self._own_rule(uow, user_id, rule_id).update(sealed, edits, protected, at)
+            rule = self._own_rule(uow, user_id, rule_id)
+            edits, protected = normalise_edits(rule.preset_id, concepts, protect)  # the rule's preset's concepts
+            rule.update(sealed, edits, protected, at)
 
-        return self.executor.execute(command)
+        return command
 
     def delete_rule(self, user_id: UUID, rule_id: UUID) -> Committed[None]:
         """Delete the rule and free its slot, atomically."""

@@ -73,8 +73,8 @@ async def update_rule(rule_id: UUID, body: RuleUpdate, user_id: CurrentUser,
                       service: ServiceDep, container: ContainerDep, request: Request) -> JSONResponse:
     """Change the rule (an event on its stream when anything changed); limited per user."""
     request.app.state.rule_limits.take(user_id)
-    committed = await run_in_threadpool(
-        service.update_rule, user_id, rule_id, body.name, _edits(body), body.protect)
+    await service.keys_ready(user_id)  # the name is sealed under the caller's key
+    committed = await service.run(service.update_rule_command(user_id, rule_id, body.name, _edits(body), body.protect))
     container.last_writes.record(user_id, "rules", rule_id, committed.versions.get(rule_id))
     return ok(_public(service, await run_in_threadpool(service.get_rule, user_id, rule_id)))
 

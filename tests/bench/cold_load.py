@@ -29,6 +29,7 @@ from application.unit_of_work import UnitOfWork, touches
 from domain.user import User
 from tests.bench.core import core_commands_per_s
 from tests.bench.harness import PLANS, running_stack, say
+from tests.keys import process_keys
 
 QUEUED_TOGETHER = 90  # grants queued at once while growing the stream (about one batch each)
 
@@ -48,7 +49,8 @@ def grown_user(app: PaletteApplication, events: int) -> tuple[uuid.UUID, int]:
     """A new user with ``events`` events (at least its registration's); the snapshots taken."""
     writer = GroupCommitter(app, pg_stream_loader(app)).start()
     try:
-        user_id = PaletteService(app, writer, SystemClock(), RandomIds()).register(f"cold-{uuid.uuid4()}").value[0]
+        service = PaletteService(app, writer, SystemClock(), RandomIds(), **process_keys())
+        user_id = service.register(f"cold-{uuid.uuid4()}").value[0]
         while (version := _version(writer, user_id)) < events:
             for f in [writer.submit(grant(user_id)) for _ in range(min(QUEUED_TOGETHER, events - version))]:
                 f.result()
@@ -88,7 +90,7 @@ def throughput(app: PaletteApplication, kinds: dict[str, Callable[[], StreamLoad
         for name, loader in kinds.items():
             writer = GroupCommitter(app, loader()).start()
             try:
-                service = PaletteService(app, writer, SystemClock(), RandomIds(), plans=PLANS)
+                service = PaletteService(app, writer, SystemClock(), RandomIds(), plans=PLANS, **process_keys())
                 rates[name].append(core_commands_per_s(service, 10.0, 96))
             finally:
                 writer.stop()

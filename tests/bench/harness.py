@@ -26,6 +26,7 @@ from application.services import PaletteApplication, PaletteService
 from domain.plans import DEFAULT_PLANS, Plan
 from infra.stack import EmbeddedStack
 from tests.conftest import _free_port_block
+from tests.keys import process_keys
 
 Results = dict[str, Any]
 Stack = EmbeddedStack[Settings]
@@ -99,7 +100,7 @@ def service_on(settings: Settings, schema: str, naive: bool) -> tuple[PaletteSer
     app = PaletteApplication(env=event_store_env(settings, pool_size=8, schema=schema))
     runs = executor(app, "direct" if naive else "group")
     committer = runs if isinstance(runs, GroupCommitter) else None
-    svc = PaletteService(app, runs, SystemClock(), RandomIds(), plans=PLANS)
+    svc = PaletteService(app, runs, SystemClock(), RandomIds(), plans=PLANS, **process_keys())
 
     def close() -> None:
         if committer is not None:

@@ -14,12 +14,13 @@ from adapters.settings import Settings
 from adapters.system import RandomIds, SystemClock
 from application.executors import DirectExecutor
 from application.services import PaletteApplication, PaletteService
+from tests.keys import process_keys
 
 
 @pytest.fixture(scope="module")
 def service(settings: Settings) -> Iterator[PaletteService]:
     app = PaletteApplication(env=event_store_env(settings))
-    yield PaletteService(app, DirectExecutor(app), SystemClock(), RandomIds())
+    yield PaletteService(app, DirectExecutor(app), SystemClock(), RandomIds(), **process_keys())
     app.close()
 
 

@@ -21,6 +21,7 @@ from domain.errors import ConcurrencyLimit, DomainError, InsufficientCredits, In
 from domain.job import JobStatus, ResultOutcome
 from domain.plans import DEFAULT_PLANS, Plan
 from domain.user import User
+from tests.keys import process_keys
 
 EDITS = {"wall": {"action": "tone", "value": "warm"}}
 PLANS = {**DEFAULT_PLANS, "wide": Plan("wide", initial_credits=100, max_concurrency=50, max_rule_slots=2)}
@@ -37,8 +38,8 @@ def two_processes(settings: Settings) -> Iterator[tuple[PaletteService, PaletteS
     app_b = PaletteApplication(env=event_store_env(settings, schema="core_races"))
     committer = GroupCommitter(app_a, pg_stream_loader(app_a)).start()
     assert isinstance(committer.cache.loader, PgStreamLoader)  # one query per batch, not the fallback
-    a = PaletteService(app_a, committer, SystemClock(), RandomIds(), plans=PLANS)
-    b = PaletteService(app_b, DirectExecutor(app_b), SystemClock(), RandomIds(), plans=PLANS)
+    a = PaletteService(app_a, committer, SystemClock(), RandomIds(), plans=PLANS, **process_keys())
+    b = PaletteService(app_b, DirectExecutor(app_b), SystemClock(), RandomIds(), plans=PLANS, **process_keys())
     yield a, b
     committer.stop()
     app_a.close()

@@ -19,6 +19,7 @@ from adapters.system import RandomIds, SystemClock
 from application.executors import GroupCommitter
 from application.ports import VersionUnknown
 from application.services import PaletteApplication, PaletteService
+from tests.keys import process_keys
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def grouped(settings: Settings) -> Iterator[PaletteService]:
     app = PaletteApplication(env=event_store_env(settings))
     committer = GroupCommitter(app, pg_stream_loader(app)).start()
     yield PaletteService(app, committer, SystemClock(), RandomIds(),
-                         versions=pg_stream_versions(app, settings.effective_database_url))
+                         versions=pg_stream_versions(app, settings.effective_database_url), **process_keys())
     committer.stop()
     app.close()
 

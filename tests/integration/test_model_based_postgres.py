@@ -27,6 +27,7 @@ from domain.user import User
 from projections import store as pg_store
 from projections.models import READ_MODELS
 from tests import figures
+from tests.keys import process_keys
 from tests.simulation import TABLES, Crash, CrashableStore, Ids, PaletteSimulation, StepClock, Uploads
 
 
@@ -63,7 +64,7 @@ class OnPostgres(PaletteSimulation):
                                                      pool_size=2))
         # Snapshots every few events, so that the reloads after injected crashes start from them.
         self.committer = GroupCommitter(app, pg_stream_loader(app), snapshot_every={User: 3, Rule: 3}).start()
-        return PaletteService(app, self.committer, StepClock(), Ids(), store=uploads)
+        return PaletteService(app, self.committer, StepClock(), Ids(), store=uploads, **process_keys())
 
     def make_store(self) -> Any:
         self.relay_positions = PgPositions.connect(self.url)

@@ -28,6 +28,7 @@ from application.services import PaletteApplication, PaletteService
 from infra.stack import EmbeddedStack
 from projections.store import dead_letters, resolve_dead_letter
 from tests.conftest import _free_port_block
+from tests.keys import process_keys
 
 from .test_stack import wait_until
 
@@ -55,7 +56,7 @@ def own_stack() -> Iterator[EmbeddedStack]:
 def service(own_stack: EmbeddedStack) -> Iterator[PaletteService]:
     app = PaletteApplication(env=event_store_env(own_stack.settings))
     committer = GroupCommitter(app, pg_stream_loader(app)).start()
-    yield PaletteService(app, committer, SystemClock(), RandomIds())
+    yield PaletteService(app, committer, SystemClock(), RandomIds(), **process_keys())
     committer.stop()
     app.close()
 
@@ -149,7 +150,7 @@ def test_a_stack_starts_again_on_data_holding_a_poison_event(own_stack, service,
     app = PaletteApplication(env=event_store_env(own_stack.settings))  # the old pool's server is gone
     committer = GroupCommitter(app, pg_stream_loader(app)).start()
     try:
-        again = PaletteService(app, committer, SystemClock(), RandomIds())
+        again = PaletteService(app, committer, SystemClock(), RandomIds(), **process_keys())
         with psycopg.connect(own_stack.settings.effective_database_url, autocommit=True) as fresh:
             job_id = _new_job(again)
             wait_until(lambda: _in_jobs_log(fresh, job_id), timeout_s=60, what="a job after the stack's restart")

@@ -30,6 +30,7 @@ from projections.rebuild import fold_log, iter_envelopes, rebuild
 from projections.store import apply_batch, dead_letters, resolve_dead_letter, unapplied
 from tests.chaos import read_model_problems
 from tests.integration.test_dispatcher_hardening import running_job
+from tests.keys import process_keys
 
 from .test_stack import wait_until
 
@@ -40,7 +41,7 @@ EDITS = {"floor": {"action": "texture", "value": "wood"}}
 def service(settings: Settings) -> Iterator[PaletteService]:
     app = PaletteApplication(env=event_store_env(settings))
     committer = GroupCommitter(app, pg_stream_loader(app)).start()
-    yield PaletteService(app, committer, SystemClock(), RandomIds())
+    yield PaletteService(app, committer, SystemClock(), RandomIds(), **process_keys())
     committer.stop()
     app.close()
 

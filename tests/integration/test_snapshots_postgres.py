@@ -24,6 +24,7 @@ from application.unit_of_work import Committed
 from domain.contracts.keys import input_key
 from domain.user import User
 from tests.bench.cold_load import grant
+from tests.keys import process_keys
 from tests.simulation import Uploads
 from tests.unit.test_snapshots import cold_read, folded, state
 
@@ -62,7 +63,7 @@ def test_a_store_from_before_snapshots_gets_their_table_and_cold_loads_read_from
     assert env.get("CREATE_TABLE") != "n"  # the missing table is made, not taken as there
     app = PaletteApplication(env=env)
     committer = GroupCommitter(app, pg_stream_loader(app)).start()
-    svc = PaletteService(app, committer, SystemClock(), RandomIds())
+    svc = PaletteService(app, committer, SystemClock(), RandomIds(), **process_keys())
     try:
         users = [svc.register(f"snap-{uuid.uuid4()}").value[0] for _ in range(3)]
         _grow(committer, users[0], 250)  # from version 2: past 100 and 200
@@ -107,7 +108,7 @@ def test_a_user_holding_reservations_is_snapshotted_and_loaded_as_it_was(setting
     app = PaletteApplication(env=event_store_env(settings, schema=schema))
     committer = GroupCommitter(app, pg_stream_loader(app), snapshot_every={User: 5}).start()
     uploads = Uploads()
-    svc = PaletteService(app, committer, SystemClock(), RandomIds(), store=uploads)
+    svc = PaletteService(app, committer, SystemClock(), RandomIds(), store=uploads, **process_keys())
     try:
         user_id = svc.register(f"snap-{uuid.uuid4()}", plan="pro").value[0]
         jobs = []
@@ -133,7 +134,7 @@ def test_a_snapshots_table_gone_at_run_time_costs_only_the_shortcut(settings: Se
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     app = PaletteApplication(env=event_store_env(settings, schema=schema))
     committer = GroupCommitter(app, pg_stream_loader(app), snapshot_every={User: 2}).start()
-    svc = PaletteService(app, committer, SystemClock(), RandomIds())
+    svc = PaletteService(app, committer, SystemClock(), RandomIds(), **process_keys())
     try:
         user_id = svc.register(f"snap-{uuid.uuid4()}").value[0]  # version 2: a snapshot
         committer.read(user_id)  # queued behind the save: its snapshot is written
@@ -141,7 +142,7 @@ def test_a_snapshots_table_gone_at_run_time_costs_only_the_shortcut(settings: Se
         with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(schema, "palette_snapshots")))
         cold = GroupCommitter(app, pg_stream_loader(app), snapshot_every={User: 2}).start()
-        cold_svc = PaletteService(app, cold, SystemClock(), RandomIds())
+        cold_svc = PaletteService(app, cold, SystemClock(), RandomIds(), **process_keys())
         try:
             with caplog.at_level(logging.WARNING, logger="application.executors"):
                 assert cold_svc.grant_credits(user_id, 5, "promo").value == 55  # loaded from its events

@@ -14,6 +14,7 @@ from application.executors import DirectExecutor
 from application.services import PaletteApplication, PaletteService
 from domain.contracts.keys import LINKS_EXPIRED_S, REISSUE_S, URL_TTL_S
 from domain.errors import InvalidState, NotFound
+from tests.keys import process_keys
 from tests.simulation import Ids, StepClock
 
 EDITS = {"wall": {"action": "recolor", "value": "#3366aa"}}
@@ -21,7 +22,7 @@ EDITS = {"wall": {"action": "recolor", "value": "#3366aa"}}
 
 def palette() -> tuple[PaletteService, UUID]:
     app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
-    service = PaletteService(app, DirectExecutor(app), StepClock(), Ids())
+    service = PaletteService(app, DirectExecutor(app), StepClock(), Ids(), **process_keys())
     return service, service.register("retrying-device").value[0]
 
 

@@ -24,6 +24,7 @@ from domain.user import (
     user_id_for_device_key,
 )
 from projections.models.users import USERS
+from tests.keys import process_keys
 from tests.simulation import Ids, StepClock
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
@@ -36,7 +37,8 @@ def in_memory() -> PaletteApplication:
 
 
 def service(app: PaletteApplication, secret: str = SECRET) -> PaletteService:
-    return PaletteService(app, DirectExecutor(app), StepClock(), Ids(), device_keys=HmacDeviceKeyer(secret))
+    return PaletteService(app, DirectExecutor(app), StepClock(), Ids(),
+                          **process_keys(device_keys=HmacDeviceKeyer(secret)))
 
 
 def store_v1_user(app: PaletteApplication, device_hash: str, at: datetime = AT) -> UUID:
@@ -159,7 +161,7 @@ def test_a_device_whose_legacy_user_was_erased_gets_a_user_without_sign_up_credi
 
 def test_without_a_configured_keyer_a_service_still_keys_device_hashes():
     app = in_memory()
-    svc = PaletteService(app, DirectExecutor(app), StepClock(), Ids())
+    svc = PaletteService(app, DirectExecutor(app), StepClock(), Ids(), **process_keys())
     user_id, _ = svc.register("device-abcdef").value
     assert svc.register("device-abcdef").value == (user_id, False)
     assert b"device-abcdef" not in all_stored_bytes(app)

@@ -14,6 +14,7 @@ from domain.errors import DomainError, InvalidState, NotFound
 from domain.plans import DEFAULT_PLANS
 from domain.rule import Rule
 from domain.user import User
+from tests.keys import process_keys
 from tests.simulation import Ids, StepClock
 
 DEVICE = "device-under-attack"
@@ -24,7 +25,7 @@ def processes(n: int = 2) -> list[PaletteService]:
     """``n`` services over one event store and one keyring: n API processes, each with its cache."""
     app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
     keyring, clock, ids = MemoryKeyring(), StepClock(), Ids()
-    return [PaletteService(app, DirectExecutor(app), clock, ids, keyring=keyring) for _ in range(n)]
+    return [PaletteService(app, DirectExecutor(app), clock, ids, **process_keys(keyring=keyring)) for _ in range(n)]
 
 
 def erase(service: PaletteService, user_id: object) -> None:

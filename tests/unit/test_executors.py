@@ -16,6 +16,7 @@ from application.services import PaletteApplication, PaletteService
 from application.unit_of_work import touches
 from domain.errors import NotFound
 from domain.user import User
+from tests.keys import process_keys
 from tests.simulation import Ids, StepClock
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _service(group_commit: bool) -> PaletteService:
     app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
-    return PaletteService(app, GroupCommitter(app) if group_commit else DirectExecutor(app), StepClock(), Ids())
+    runs = GroupCommitter(app) if group_commit else DirectExecutor(app)
+    return PaletteService(app, runs, StepClock(), Ids(), **process_keys())
 
 
 def test_the_event_store_keeps_no_aggregate_cache_of_its_own() -> None:

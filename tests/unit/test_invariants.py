@@ -18,6 +18,7 @@ from application.services import PaletteApplication, PaletteService
 from domain.errors import DomainError
 from domain.job import Job
 from domain.user import User
+from tests.keys import process_keys
 from tests.simulation import Ids, StepClock
 
 EDITS = {"wall": {"action": "recolor", "value": "#336699"}}
@@ -36,7 +37,7 @@ def outcomes_of(futures: list[Any]) -> list[Any]:
 def make_service(group_commit: bool = False) -> PaletteService:
     app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
     executor = GroupCommitter(app) if group_commit else DirectExecutor(app)
-    return PaletteService(app, executor, StepClock(), Ids())
+    return PaletteService(app, executor, StepClock(), Ids(), **process_keys())
 
 
 class Billing(RuleBasedStateMachine):

@@ -7,12 +7,13 @@ from application.executors import DirectExecutor
 from application.services import PaletteApplication, PaletteService
 from domain.presets import PRESETS
 from projections.log import LogReader
+from tests.keys import process_keys
 from tests.simulation import Ids, StepClock
 
 
 def test_a_read_for_some_stream_types_is_the_whole_log_filtered() -> None:
     app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
-    svc = PaletteService(app, DirectExecutor(app), StepClock(), Ids())
+    svc = PaletteService(app, DirectExecutor(app), StepClock(), Ids(), **process_keys())
     preset = next(iter(PRESETS))
     for n in range(6):
         user_id, _ = svc.register(f"device-{n}").value

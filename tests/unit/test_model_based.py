@@ -8,6 +8,7 @@ from hypothesis import settings
 
 from application.executors import DirectExecutor
 from application.services import PaletteApplication, PaletteService
+from tests.keys import process_keys
 from tests.simulation import Ids, PaletteSimulation, StepClock, Uploads
 
 LONG = os.environ.get("PALETTE_LONG") == "1"
@@ -18,7 +19,7 @@ class InMemory(PaletteSimulation):
 
     def make_service(self, uploads: Uploads) -> PaletteService:
         app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
-        return PaletteService(app, DirectExecutor(app), StepClock(), Ids(), store=uploads)
+        return PaletteService(app, DirectExecutor(app), StepClock(), Ids(), store=uploads, **process_keys())
 
 
 TestInMemory = InMemory.TestCase

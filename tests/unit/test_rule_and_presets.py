@@ -103,3 +103,33 @@ def test_a_recolor_takes_six_hex_digits_only(value):
 def test_a_removal_keeps_no_value():
     edits, _ = normalise_edits("interior", {"lamp": {"action": "remove", "value": "x"}}, [])
     assert edits == {"lamp": {"action": "remove", "value": ""}}
+
+
+@pytest.mark.parametrize("group_commit", [False, True])
+def test_an_update_is_checked_against_the_rules_own_preset_and_a_refusal_records_nothing(group_commit):
+    """update_rule_command validates the edits inside the command, against the stored rule's preset
+    (a seller rule takes seller concepts, not interior ones); another user's rule is not found."""
+    from application.executors import DirectExecutor, GroupCommitter
+    from application.services import PaletteApplication, PaletteService
+    from tests.keys import process_keys
+    from tests.simulation import Ids, StepClock
+
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    runs = GroupCommitter(app) if group_commit else DirectExecutor(app)
+    svc = PaletteService(app, runs, StepClock(), Ids(), **process_keys())
+    owner, _ = svc.register("owner").value
+    other, _ = svc.register("other").value
+    rule_id = svc.create_rule(owner, "shop", "seller", {"background": {"action": "remove"}}).value
+    version = svc.get_rule(owner, rule_id).version
+
+    with pytest.raises(ValidationFailed, match="not in preset 'seller'"):
+        svc.update_rule(owner, rule_id, "shop", {"wall": {"action": "remove"}})
+    with pytest.raises(NotFound):
+        svc.update_rule(other, rule_id, "mine now", {"background": {"action": "remove"}})
+    assert svc.get_rule(owner, rule_id).version == version
+
+    svc.update_rule(owner, rule_id, "shop", {"label": {"action": "remove"}}, ["product"])
+    rule = svc.get_rule(owner, rule_id)
+    assert (rule.concepts, rule.protect) == ({"label": {"action": "remove", "value": ""}}, ["product"])
+    if group_commit:
+        runs.stop()  # type: ignore[union-attr]

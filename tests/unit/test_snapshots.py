@@ -27,6 +27,7 @@ from domain.plans import DEFAULT_PLANS
 from domain.rule import Rule
 from domain.user import User
 from tests.bench.cold_load import grant
+from tests.keys import process_keys
 from tests.simulation import Ids, StepClock, Uploads
 
 EDITS = {"wall": {"action": "recolor", "value": "#aabbcc"}}
@@ -100,7 +101,7 @@ def test_a_stream_loaded_from_its_newest_snapshot_is_the_stream_folded_whole(eve
     app = _app()
     committer = GroupCommitter(app, snapshot_every={User: every, Rule: every})
     uploads = Uploads()
-    svc = PaletteService(app, committer, StepClock(), Ids(), store=uploads)
+    svc = PaletteService(app, committer, StepClock(), Ids(), store=uploads, **process_keys())
     users = [svc.register(f"device-{i}").value[0] for i in range(2)]
     rules: list[tuple[UUID, UUID]] = []
     created: list[UUID] = []
@@ -155,7 +156,7 @@ def test_a_stream_loaded_from_its_newest_snapshot_is_the_stream_folded_whole(eve
 def test_a_snapshot_is_taken_only_when_a_save_reaches_a_multiple_and_jobs_get_none() -> None:
     app = _app()
     committer = GroupCommitter(app, snapshot_every={User: 4})
-    svc = PaletteService(app, committer, StepClock(), Ids())
+    svc = PaletteService(app, committer, StepClock(), Ids(), **process_keys())
     user_id, _ = svc.register("device").value  # Registered and its free credits: version 2
     assert app.snapshots is not None
     for expected in ([], [], [4], [4], [4], [4], [4, 8]):
@@ -184,7 +185,7 @@ def _user_at_version_5_snapshotted_at_4() -> tuple[PaletteApplication, UUID, Sto
     store, the user and the newest stored snapshot."""
     app = _app()
     committer = GroupCommitter(app, snapshot_every={User: 2})
-    svc = PaletteService(app, committer, StepClock(), Ids())
+    svc = PaletteService(app, committer, StepClock(), Ids(), **process_keys())
     user_id, _ = svc.register("device").value
     for _ in range(3):
         svc.grant_credits(user_id, 1, "promo")
@@ -214,7 +215,7 @@ def test_a_cached_stream_another_process_took_past_a_snapshot_is_brought_up_to_d
     loader = CountingLoader(app)
     here = GroupCommitter(app, loader, snapshot_every={User: 4}).start()
     elsewhere = GroupCommitter(app, snapshot_every={User: 4})
-    svc_elsewhere = PaletteService(app, elsewhere, StepClock(), Ids())
+    svc_elsewhere = PaletteService(app, elsewhere, StepClock(), Ids(), **process_keys())
     user_id, _ = svc_elsewhere.register("device").value
     assert here.read(user_id) is not None  # cached here at version 2
     loader.events = loader.snapshots_read = 0
@@ -235,7 +236,7 @@ def test_what_a_snapshot_holds_is_pinned_to_the_class_version() -> None:
     a change of the stored format: bump the class's ``class_version``, give it ``upcast_vN_vM``
     for older snapshots, then pin the new attributes here."""
     app = _app()
-    svc = PaletteService(app, GroupCommitter(app), StepClock(), Ids())
+    svc = PaletteService(app, GroupCommitter(app), StepClock(), Ids(), **process_keys())
     user_id, _ = svc.register("device").value
     rule_id = svc.create_rule(user_id, "walls", "interior", EDITS).value
     user, rule = svc.executor.read(user_id), svc.executor.read(rule_id)
@@ -253,7 +254,7 @@ def test_a_users_reservations_keyed_by_job_go_through_the_store_as_they_were() -
     """JSON's keys are strings only: a dictionary keyed by job ids goes as a list of pairs."""
     app = _app()
     uploads = Uploads()
-    svc = PaletteService(app, GroupCommitter(app), StepClock(), Ids(), store=uploads)
+    svc = PaletteService(app, GroupCommitter(app), StepClock(), Ids(), store=uploads, **process_keys())
     user_id, _ = svc.register("device").value
     svc.change_plan(user_id, "pro")
     jobs = [_running_job(svc, uploads, user_id) for _ in range(3)]
