@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import shutil
 import socket
@@ -25,7 +26,7 @@ from typing import Any
 
 from domain.contracts.callback import callback_body, sign_callback, signed_headers
 from domain.contracts.keys import callback_key, input_key
-from tests.bench.harness import HTTP_CLIENTS, Profile, Results, Stack, percentile, rss_mb, say
+from tests.bench.harness import HTTP_CLIENTS, Profile, Results, Stack, percentile, rss_mb, say, services_cpu_s
 from tests.conftest import free_port
 
 WRK_SCRIPTS = Path(__file__).parent / "wrk"
@@ -41,6 +42,7 @@ STAGE_REQUESTS = (2, 5)
 SESSION_COMMANDS = 5
 LATENCY_CLIENTS = 256  # the most requests in flight during the open-loop latency run
 LATENCY_LOAD = 0.7  # of the peak request rate
+CORES = len(os.sched_getaffinity(0))  # what the CPU ceilings divide: the cores this machine lends us
 
 
 class _Calls:
@@ -263,16 +265,41 @@ class SessionFiles:
 
 
 def wrk_sessions(url: str, sessions: SessionFiles, seconds: float, count: int, rate: float | None = None,
-                 connections: int = WRK_CONNECTIONS) -> dict[str, Any]:
-    """One run of the mixed workload (session.lua); its figures, with commands_per_s and requests_per_s."""
+                 connections: int = WRK_CONNECTIONS, stack: Stack | None = None) -> dict[str, Any]:
+    """One run of the mixed workload (session.lua); its figures, with commands_per_s and requests_per_s
+    (and, given the stack, ``cpu_ms``: its processes' CPU per request, by service)."""
     script_args = (str(sessions.write(count)),) + ((f"{rate:.1f}",) if rate is not None else ())
+    before = services_cpu_s(stack) if stack is not None else {}
     out = wrk(url, seconds, script="session.lua", script_args=script_args, connections=connections)
     figures: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     if figures["errors"]:
         raise RuntimeError(f"the sessions saw {figures['errors']} errors:\n{out}")
     figures["commands_per_s"] = figures["commands"] / figures["duration_s"]
     figures["requests_per_s"] = figures["requests"] / figures["duration_s"]
+    if stack is not None:
+        figures["cpu_ms"] = cpu_ms_each(before, services_cpu_s(stack), figures["requests"])
     return figures
+
+
+def wrk_requests(out: str) -> int:
+    """How many requests wrk's report says it sent."""
+    return int(next(line.split()[0] for line in out.splitlines() if " requests in " in line))
+
+
+def cpu_ms_each(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    """Milliseconds of CPU each service used per request between two readings."""
+    return {name: (after[name] - before[name]) * 1000 / requests for name in after if name in before}
+
+
+def cpu_figures(results: Results, prefix: str, runs: list[dict[str, float]]) -> float:
+    """``<prefix>_cpu_ms`` (the stack's CPU per request, median of the runs) and its split by
+    service; returns the ceiling it sets: requests per second with every core on the stack."""
+    by_service = {name: round(statistics.median(run[name] for run in runs), 3)
+                  for name in runs[0] if all(name in run for run in runs)}
+    total = statistics.median(sum(run.values()) for run in runs)
+    results[f"{prefix}_cpu_ms"] = round(total, 3)
+    results[f"{prefix}_cpu_by_process"] = by_service
+    return CORES * 1000 / total
 
 
 def _token(url: str) -> str:
@@ -317,17 +344,29 @@ def bench_http_wrk(stack: Stack, prof: Profile, results: Results) -> None:
                     auth = f"Authorization: Bearer {_token(url)}"
                     for key, path in (("presets_per_s", "/presets"), ("me_per_s", "/me")):
                         results[key] = _median_rate([wrk(url + path, seconds, "-H", auth) for _ in rounds])
-                    results["register_per_s"] = _median_rate(
-                        [wrk(url, seconds, script="register.lua", script_args=(f"bench{i}",)) for i in rounds])
+                    registers, used = [], []
+                    for i in rounds:
+                        before = services_cpu_s(stack)
+                        registers.append(wrk(url, seconds, script="register.lua", script_args=(f"bench{i}",)))
+                        used.append(cpu_ms_each(before, services_cpu_s(stack), wrk_requests(registers[-1])))
+                    results["register_per_s"] = _median_rate(registers)
+                    results["register_cpu_ceiling_per_s"] = round(cpu_figures(results, "register", used), 1)
                     say(f"HTTP GET /presets {results['presets_per_s']:,.0f}/s, GET /me {results['me_per_s']:,.0f}/s, "
-                        f"POST /auth/anon {results['register_per_s']:,.0f}/s (wrk, {WRK_CONNECTIONS} connections)")
+                        f"POST /auth/anon {results['register_per_s']:,.0f}/s (wrk, {WRK_CONNECTIONS} connections); "
+                        f"a registration takes {results['register_cpu_ms']} ms of the stack's CPU: at most "
+                        f"{results['register_cpu_ceiling_per_s']:,.0f}/s on {CORES} cores")
                 count = round(FIRST_SESSIONS_PER_S * seconds)
                 runs = []
                 for _ in rounds:
-                    runs.append(wrk_sessions(url, sessions, seconds, count))
+                    runs.append(wrk_sessions(url, sessions, seconds, count, stack=None if naive else stack))
                     count = round(1.5 * runs[-1]["sessions"] * seconds / runs[-1]["duration_s"]) + WRK_CONNECTIONS
                 results[f"{prefix}requests_per_s"] = round(statistics.median(r["requests_per_s"] for r in runs), 1)
                 results[f"{prefix}commands_per_s"] = round(statistics.median(r["commands_per_s"] for r in runs), 1)
+                if not naive:
+                    ceiling = cpu_figures(results, "requests", [r["cpu_ms"] for r in runs])
+                    results["commands_cpu_ceiling_per_s"] = round(ceiling * SESSION_COMMANDS / sum(STAGE_REQUESTS), 1)
+                    say(f"a session request takes {results['requests_cpu_ms']} ms of the stack's CPU: at most "
+                        f"{results['commands_cpu_ceiling_per_s']:,.0f} commands/s on {CORES} cores")
                 say(f"HTTP sessions, {'naive (--naive)' if naive else 'group commit'}: "
                     f"{results[f'{prefix}requests_per_s']:,.0f} requests/s, "
                     f"{results[f'{prefix}commands_per_s']:,.0f} commands/s (wrk, median of {len(runs)})")

@@ -129,6 +129,42 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process, the children it has reaped and its live descendants (PostgreSQL's
+    backends, uvicorn's workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        parents[int(entry.name)] = int(fields[1])
+        own = int(fields[11]) + int(fields[12])
+        reaped = int(fields[13]) + int(fields[14]) if int(entry.name) == pid else 0
+        used[int(entry.name)] = (own + reaped) / tick
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, of in parents.items() if of == parent and child not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(used.get(p, 0.0) for p in tree)
+
+
+def services_cpu_s(stack: Stack) -> dict[str, float]:
+    """CPU seconds so far of each process the stack runs (with its descendants), by service."""
+    used = {}
+    for name in stack.supervisor.names():
+        pid = stack.supervisor.pid(name)
+        if pid is not None:
+            used[name] = tree_cpu_s(pid)
+    return used
+
+
 def machine() -> dict[str, Any]:
     import torch
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.bench.api import LATENCY_CLIENTS, LATENCY_CONNECTIONS, LATENCY_LOAD, WRK_CONNECTIONS
+from tests.bench.api import CORES, LATENCY_CLIENTS, LATENCY_CONNECTIONS, LATENCY_LOAD, WRK_CONNECTIONS
 from tests.bench.core import HOT_CLIENTS, HOT_JOB_ITEMS
 from tests.bench.gpu import BATCH, WARM_ITEMS
 from tests.bench.harness import CORE_CLIENTS, FULL, HTTP_CLIENTS, QUICK, Results
@@ -19,6 +19,7 @@ LAG = (f"job creations (2 events each) offered at {LAG_EVENTS_PER_S} events/s, t
 FAST = f"_{FAST_LAG_EVENTS_PER_S}"
 
 WRK = f"wrk, 1 thread, {WRK_CONNECTIONS} connections"
+STACK_PROCESSES = "what runs then: PostgreSQL with its backends, the broker, S3 and the API"
 SESSIONS = ("sessions of 7 requests, each sent once the one before it is answered: POST /auth/anon, POST /jobs "
             "(Idempotency-Key), confirm-upload, execute, GET /jobs/{id}, GET /me, the signed GPU callback "
             "(tests/bench/wrk/session.lua; tokens, inputs and signatures made beforehand, untimed)")
@@ -34,9 +35,21 @@ MEASURES: dict[str, str] = {
     "presets_per_s": f"GET /presets with a client token ({WRK})",
     "me_per_s": f"GET /me with a client token, strongly consistent ({WRK})",
     "register_per_s": f"POST /auth/anon, each a new device (tests/bench/wrk/register.lua; {WRK})",
+    "register_cpu_ms": f"CPU time (user + system, from /proc) of the stack's processes ({STACK_PROCESSES}; wrk "
+                       "excluded) per POST /auth/anon while register_per_s was measured, median of the runs",
+    "register_cpu_by_process": "the same by process, ms per registration (postgres: the server and its backends)",
+    "register_cpu_ceiling_per_s": f"{CORES} cores / register_cpu_ms: registrations per second if every core ran "
+                                  "only the stack's processes and nothing waited (register_per_s's ceiling here)",
     "requests_per_s": f"HTTP API requests per second, {SESSIONS} ({WRK}); without wrk: {HTTP_CLIENTS} concurrent "
                       "users in 2 Python client processes, per second of API time, S3 uploads untimed",
     "commands_per_s": "the commands (the 5 POSTs of a session) among those requests, per second",
+    "requests_cpu_ms": f"CPU time of the stack's processes ({STACK_PROCESSES}; wrk excluded) per session "
+                       "request while requests_per_s was measured, median of the runs (writing the sessions' "
+                       "inputs to S3 beforehand is outside it)",
+    "requests_cpu_by_process": "the same by process, ms per request",
+    "commands_cpu_ceiling_per_s": f"{CORES} cores / requests_cpu_ms x 5/7 (the commands among a session's "
+                                  "requests): commands per second if every core ran only the stack's processes "
+                                  "and nothing waited (commands_per_s's ceiling here)",
     "naive_requests_per_s": f"requests_per_s against `palette serve api --naive` ({NAIVE_API})",
     "naive_commands_per_s": f"commands_per_s against `palette serve api --naive` ({NAIVE_API})",
     "api_p50_ms": f"latency of the session requests paced at {LATENCY_LOAD:.0%} of requests_per_s: wrk with "
