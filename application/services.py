@@ -620,7 +620,6 @@ class PaletteService:
         self, user_id: UUID, rule_id: UUID, name: str, concepts: Mapping[str, Mapping[str, Any]],
         protect: Sequence[str] = (),
     ) -> Command[None]:
-        check_rule_name(name)
         sealed = self.sealer.seal(user_id, RULE_NAME_FIELD, name)
         at = self.clock.now()
 
@@ -628,6 +627,7 @@ class PaletteService:
         def command(uow: UnitOfWork) -> None:
             self._user(uow, user_id)  # NotFound once erased, whatever this process still caches
             rule = self._own_rule(uow, user_id, rule_id)
+            check_rule_name(name)  # after the rule is found: another user's rule is a 404 whatever the input
             edits, protected = normalise_edits(rule.preset_id, concepts, protect)  # the rule's preset's concepts
             rule.update(sealed, edits, protected, at)
 

@@ -318,6 +318,7 @@ class EmbeddedStack(Generic[S]):
         ports = weed_ports(s.s3_port)
         weed_dir = self.data_dir / "s3"
         weed_dir.mkdir(exist_ok=True)
+        sockets = (local_socket(weed_dir, "s3", s.s3_port), local_socket(weed_dir, "filer", ports["filer"]))
         argv = [
             _weed_binary(), "mini", f"-dir={weed_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-webdav=false", "-admin.ui=false",
@@ -325,12 +326,11 @@ class EmbeddedStack(Generic[S]):
             f"-filer.port={ports['filer']}", f"-s3.port={s.s3_port}",
             f"-s3.port.iceberg={ports['iceberg']}", f"-s3.port.lance={ports['lance']}",
             f"-admin.port={ports['admin']}", "-master.volumeSizeLimitMB=64",
-            f"-s3.localSocket={local_socket(weed_dir, 's3', s.s3_port)}",
-            f"-filer.localSocket={local_socket(weed_dir, 'filer', ports['filer'])}",
+            f"-s3.localSocket={sockets[0]}", f"-filer.localSocket={sockets[1]}",
         ]
         env = {"AWS_ACCESS_KEY_ID": s.s3_access_key, "AWS_SECRET_ACCESS_KEY": s.s3_secret_key}
         return ServiceSpec("s3", argv, ready=self._s3_ready, env=env, cwd=weed_dir, restart=True,
-                           leaves=weed_grpc_sockets(s.s3_port))
+                           leaves=(*sockets, *weed_grpc_sockets(s.s3_port)))
 
     def _s3(self) -> Any:
         return s3_client(self.settings, timeout_s=2)

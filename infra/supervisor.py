@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import threading
@@ -39,17 +41,29 @@ class ServiceSpec:
     stop_signal: int = signal.SIGTERM
     ready_timeout_s: float = 60.0
     restart: bool = False  # application processes are restarted with backoff
-    leaves: tuple[Path, ...] = ()  # Unix sockets it leaves where it cannot be told not to
+    leaves: tuple[Path, ...] = ()  # Unix sockets it leaves behind: removed once it has stopped
 
 
 def remove_left_sockets(paths: tuple[Path, ...]) -> None:
-    """Remove what a stopped service left: only a socket, and only one this user owns (a path
-    another user's process left, or anything else found there, is not ours)."""
+    """Remove what a stopped service left: only a socket this user owns that nobody listens on (a
+    path another user's process left, a server that took the path since, anything else, is kept)."""
     for path in paths:
         with contextlib.suppress(OSError):
             st = path.lstat()
-            if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid():
+            if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid() and not _listened_on(path):
                 path.unlink()
+
+
+def _listened_on(path: Path) -> bool:
+    """Whether a process accepts connections on the socket at ``path`` (another stack's server
+    that took the path after ours died): only a refused connection means nobody does."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError as e:
+            return e.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+    return True
 
 
 IDS = ("request_id", "job_id", "user_id", "trace_id")

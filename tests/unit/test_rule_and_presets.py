@@ -124,8 +124,10 @@ def test_an_update_is_checked_against_the_rules_own_preset_and_a_refusal_records
 
     with pytest.raises(ValidationFailed, match="not in preset 'seller'"):
         svc.update_rule(owner, rule_id, "shop", {"wall": {"action": "remove"}})
-    with pytest.raises(NotFound):
-        svc.update_rule(other, rule_id, "mine now", {"background": {"action": "remove"}})
+    for name, edits in (("mine now", {"background": {"action": "remove"}}), ("mine now", {"wall": {"action": "x"}}),
+                        ("", {"background": {"action": "remove"}})):
+        with pytest.raises(NotFound):  # whatever the input: a 422 would tell the rule exists, and its preset
+            svc.update_rule(other, rule_id, name, edits)
     assert svc.get_rule(owner, rule_id).version == version
 
     svc.update_rule(owner, rule_id, "shop", {"label": {"action": "remove"}}, ["product"])

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
 from infra.stack import SOCKET_PATH_MAX, local_socket
-from infra.supervisor import remove_left_sockets
+from infra.supervisor import ServiceSpec, Supervisor, remove_left_sockets
 
 
 def test_a_socket_goes_in_the_stacks_own_directory() -> None:
@@ -35,7 +36,43 @@ def test_only_a_socket_of_this_users_is_removed_as_left_behind(tmp_path: Path) -
         server.bind(str(theirs))
     if os.getuid() == 0:
         os.chown(theirs, 65534, 65534)  # another user's (nobody's)
-    remove_left_sockets((ours, directory, plain, theirs, tmp_path / "missing.sock"))
+    link = tmp_path / "link.sock"  # a link to a socket of ours: neither it nor what it names goes
+    target = tmp_path / "target.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(target))
+    link.symlink_to(target)
+    remove_left_sockets((ours, directory, plain, theirs, link, tmp_path / "missing.sock"))
     assert not ours.exists()
     assert directory.is_dir() and plain.read_text() == "kept"
     assert theirs.exists() == (os.getuid() == 0)
+    assert link.is_symlink() and target.is_socket()
+
+
+def test_a_socket_a_server_listens_on_is_kept(tmp_path: Path) -> None:
+    """Another stack's server that took the path after ours died is not ours to cut off."""
+    path = tmp_path / "taken.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()
+        remove_left_sockets((path,))
+        assert path.is_socket()
+    remove_left_sockets((path,))  # closed: nobody listens any more
+    assert not path.exists()
+
+
+def test_the_supervisor_removes_what_a_service_left_after_it_died(tmp_path: Path) -> None:
+    """A service that died (not stopped by us) leaves its sockets too: they go when it is stopped."""
+    left = tmp_path / "left.sock"
+    ready = tmp_path / "ready"
+    code = (f"import socket, pathlib\ns = socket.socket(socket.AF_UNIX)\ns.bind({str(left)!r})\ns.listen()\n"
+            f"pathlib.Path({str(ready)!r}).write_text('')\ns.accept()\n")  # exits on a connection, the file left
+    supervisor = Supervisor(tmp_path)
+    supervisor.start(ServiceSpec("dies", [sys.executable, "-c", code], ready=ready.exists, leaves=(left,)))
+    run = supervisor._running["dies"]
+    assert run.proc is not None
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(left))
+    run.proc.wait(30)
+    assert left.is_socket()
+    supervisor.stop_all()
+    assert not left.exists()
