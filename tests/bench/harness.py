@@ -123,46 +123,65 @@ def rss_mb(pid: int | None) -> float | None:
     return None
 
 
+def _stat(proc: Path) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command's name (which may hold spaces)."""
+    return (proc / "stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_s(pid: int) -> float:
     """CPU seconds (user + system) a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat(Path(f"/proc/{pid}"))
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@dataclass
+class ProcessTable:
+    """One reading of /proc: each process's children, and its CPU seconds with those of the
+    children it has reaped."""
+
+    children: dict[int, list[int]]
+    used: dict[int, float]
+
+    @classmethod
+    def read(cls) -> ProcessTable:
+        tick = os.sysconf("SC_CLK_TCK")
+        children: dict[int, list[int]] = {}
+        used: dict[int, float] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = _stat(entry)
+            except OSError:
+                continue  # gone meanwhile
+            pid = int(entry.name)
+            children.setdefault(int(fields[1]), []).append(pid)
+            used[pid] = sum(int(f) for f in fields[11:15]) / tick  # utime, stime, cutime, cstime
+        return cls(children, used)
+
+    def tree_cpu_s(self, pid: int) -> float:
+        """CPU seconds of a process, the children it has reaped and its live descendants (whose
+        reaped children are theirs)."""
+        total, frontier = 0.0, [pid]
+        while frontier:
+            p = frontier.pop()
+            total += self.used.get(p, 0.0)
+            frontier.extend(self.children.get(p, ()))
+        return total
+
+
 def tree_cpu_s(pid: int) -> float:
-    """CPU seconds of a process, the children it has reaped and its live descendants (PostgreSQL's
-    backends, uvicorn's workers)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    used: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        parents[int(entry.name)] = int(fields[1])
-        own = int(fields[11]) + int(fields[12])
-        reaped = int(fields[13]) + int(fields[14]) if int(entry.name) == pid else 0
-        used[int(entry.name)] = (own + reaped) / tick
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [child for child, of in parents.items() if of == parent and child not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    return sum(used.get(p, 0.0) for p in tree)
+    """CPU seconds of a process and its descendants, reaped or alive (PostgreSQL's backends,
+    uvicorn's workers)."""
+    return ProcessTable.read().tree_cpu_s(pid)
 
 
 def services_cpu_s(stack: Stack) -> dict[str, float]:
-    """CPU seconds so far of each process the stack runs (with its descendants), by service."""
-    used = {}
-    for name in stack.supervisor.names():
-        pid = stack.supervisor.pid(name)
-        if pid is not None:
-            used[name] = tree_cpu_s(pid)
-    return used
+    """CPU seconds so far of each process the stack runs (with its descendants), by service: one
+    reading of /proc for all of them."""
+    table = ProcessTable.read()
+    pids = {name: stack.supervisor.pid(name) for name in stack.supervisor.names()}
+    return {name: table.tree_cpu_s(pid) for name, pid in pids.items() if pid is not None}
 
 
 def machine() -> dict[str, Any]:
