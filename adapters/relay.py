@@ -29,8 +29,9 @@ from psycopg import sql
 
 from adapters.positions import DDL, RELAY_NAME, PgPositions, Positions
 from domain.contracts import trace as tracing
-from domain.contracts.envelope import EventEnvelope, from_notification, notification_message
+from domain.contracts.envelope import EventEnvelope
 from domain.contracts.topics import EVENTS as EVENTS_TOPIC
+from projections.stored_events import from_notification, notification_message
 
 if TYPE_CHECKING:
     from adapters.rollover import LogRollover

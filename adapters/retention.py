@@ -61,7 +61,7 @@ from adapters import keyring
 from adapters.erasure import erase, forget_user_data
 from adapters.objects import delete_larger, delete_prefixes
 from adapters.settings import Settings
-from domain.contracts.envelope import EventEnvelope, from_notification
+from domain.contracts.envelope import EventEnvelope
 from domain.contracts.keys import (
     LINKS_EXPIRED_S,
     MAX_INPUT_BYTES,
@@ -74,6 +74,7 @@ from domain.contracts.keys import (
 from domain.errors import DomainError
 from domain.job import Job
 from projections.log import events_table
+from projections.stored_events import from_notification
 
 if TYPE_CHECKING:
     from adapters.bootstrap import Container

@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 from uuid import UUID
@@ -32,6 +33,9 @@ from domain.errors import DomainError
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# The traceparent of the request (or task) being served: the API sets it, and the executors stamp
+# it on the events a command records (a command queued to the group committer carries it along).
+CURRENT_TRACE: ContextVar[str] = ContextVar("palette_traceparent", default="")
 
 # The database, not a command, failed: the batch's outcome is unknown (the commit may have landed),
 # so it is not run again here; every caller gets the error.
@@ -192,7 +196,7 @@ class DirectExecutor:
         for attempt in range(self.max_attempts):
             uow = UnitOfWork(self._fetch)
             try:
-                value = _run_one(uow, command, tracing.CURRENT.get())
+                value = _run_one(uow, command, CURRENT_TRACE.get())
             except _CommandBug as e:
                 raise RuntimeError(str(e)) from e
             changed = uow.changed()
@@ -275,7 +279,7 @@ class _Pending:
     command: Command[Any]
     future: _Outcome
     read: bool = False  # records nothing: served before the batch changes anything
-    trace: str = field(default_factory=tracing.CURRENT.get)  # the submitting request's, for its events
+    trace: str = field(default_factory=CURRENT_TRACE.get)  # the submitting request's, for its events
 
 
 class _Viewing(Generic[T]):

@@ -11,8 +11,9 @@ from uuid import UUID
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from domain.contracts.envelope import EventEnvelope, from_notification, from_stored
+from domain.contracts.envelope import EventEnvelope
 from domain.contracts.streams import topic_prefix
+from projections.stored_events import from_notification, from_stored
 
 SCAN_PAGE = 5000
 

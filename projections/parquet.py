@@ -45,10 +45,10 @@ from eventsourcing.persistence import Notification
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from domain.contracts.envelope import from_notification
 from domain.contracts.personal import SEALED_PREFIX, redact
 from domain.contracts.streams import event_classes
 from projections.log import events_table
+from projections.stored_events import from_notification
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 ENVELOPE = pa.schema([("position", pa.int64()), ("stream_id", pa.string()), ("version", pa.int32()),

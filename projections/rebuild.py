@@ -13,13 +13,14 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from domain.contracts.envelope import EventEnvelope, from_notification
+from domain.contracts.envelope import EventEnvelope
 from domain.contracts.streams import stream_topics
 from projections.batch import relevant
 from projections.models import READ_MODELS
 from projections.models.base import ReadModel, Row, Rows
 from projections.schema import create_model_tables, ensure_schema, lock_id, table, tracking_table
 from projections.store import apply_batch, copy_rows
+from projections.stored_events import from_notification
 
 SHADOW = "__shadow"
 REBUILD_LOCK = zlib.crc32(b"palette-read:rebuild")

@@ -17,11 +17,12 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError
 from psycopg import sql
 
-from domain.contracts.envelope import EventEnvelope, encode, encode_notification, from_notification
+from domain.contracts.envelope import EventEnvelope, encode
 from domain.contracts.personal import SEALED_PREFIX, redact
 from domain.contracts.streams import event_classes
 from projections.log import events_table
 from projections.rebuild import PAGE
+from projections.stored_events import encode_notification, from_notification
 
 CSV_COLUMNS = ("id", "stream_id", "stream_type", "version", "type", "timestamp", "data")
 SEALED_MARK = SEALED_PREFIX.encode()  # in a stored state's bytes: the event has a personal field

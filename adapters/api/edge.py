@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from adapters import tracing
 from adapters.api.envelope import BodyTooLarge, RequestIds, fail, request_id_var
 from adapters.logs import bound
-from domain.contracts import trace as contract
+from application.executors import CURRENT_TRACE
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
@@ -105,11 +105,11 @@ class RequestEdge:
             parent, link = (sent, "") if sent and trusted_peer(scope.get("client"), self.trusted) else ("", sent)
             with tracing.span(f"HTTP {scope.get('method', '')}", parent, link=link) as traceparent, \
                     bound(request_id=request_id_var.get()):
-                trace = contract.CURRENT.set(traceparent)
+                trace = CURRENT_TRACE.set(traceparent)
                 try:
                     await self.app(scope, limited, timed)
                 finally:
-                    contract.CURRENT.reset(trace)
+                    CURRENT_TRACE.reset(trace)
         finally:
             if len(status) == 1:
                 self._observe(scope, status[0], time.perf_counter() - t0)

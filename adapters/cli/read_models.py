@@ -65,10 +65,10 @@ def _projection_status(app: PaletteApplication, url: str) -> str:
 
     import psycopg
 
-    from domain.contracts.envelope import from_notification
     from projections import schema, store
     from projections.log import events_table
     from projections.models import READ_MODELS
+    from projections.stored_events import from_notification
 
     head = app.recorder.max_notification_id() or 0
     with psycopg.connect(url, autocommit=True) as conn:

@@ -9,15 +9,11 @@ Anything else a client or a message holds is dropped, never an error: a trace is
 from __future__ import annotations
 
 import re
-from contextvars import ContextVar
 
 TRACE_KEY = "_trace"  # in a stored event's state; never part of the event's data downstream
 HEADER = "traceparent"
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 _ZEROS = "0" * 32
-# The traceparent of the request (or task) being served: the API sets it, and the executors stamp
-# it on the events a command records (a command queued to the group committer carries it along).
-CURRENT: ContextVar[str] = ContextVar("palette_traceparent", default="")
 
 
 def valid(value: object) -> str:

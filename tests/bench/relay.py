@@ -25,8 +25,9 @@ from adapters import kafka_io
 from adapters.bootstrap import build_relay
 from adapters.settings import Settings
 from application.services import PaletteService
-from domain.contracts.envelope import EventEnvelope, encode_notification
+from domain.contracts.envelope import EventEnvelope
 from infra.kafka_admin import ensure_topics
+from projections.stored_events import encode_notification
 from tests.bench.harness import Profile, Results, Stack, percentile, say, service_on
 
 LAG_EVENTS_PER_S = 500  # job creations at half that rate: each commits 2 events

@@ -21,10 +21,10 @@ from adapters.relay import RelayState
 from adapters.settings import Settings
 from application.services import PaletteService
 from domain.contracts import topics
-from domain.contracts.envelope import from_notification
 from infra.stack import EmbeddedStack
 from projections.catchup import CatchUp
 from projections.log import LogReader
+from projections.stored_events import from_notification
 
 from .test_projector_catchup import start_projector_again
 from .test_stack import wait_until

@@ -12,7 +12,7 @@ from uuid import UUID, uuid4
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.contracts.envelope import UNREADABLE, from_notification
+from projections.stored_events import UNREADABLE, from_notification
 from tests.unit.test_read_side_faults import Stored
 
 TOPIC = "tests.catchup:Thing.Happened"  # no event class: nothing to upcast

@@ -15,7 +15,6 @@ from adapters.settings import DEV_REGISTER_RATE, SettingsError, load_settings
 from application.device_keys import HmacDeviceKeyer
 from application.executors import DirectExecutor
 from application.services import PaletteApplication, PaletteService
-from domain.contracts.envelope import from_notification
 from domain.user import (
     DEVICE_KEY_SCHEME,
     REDACTED_DEVICE_KEY,
@@ -24,6 +23,7 @@ from domain.user import (
     user_id_for_device_key,
 )
 from projections.models.users import USERS
+from projections.stored_events import from_notification
 from tests.keys import process_keys
 from tests.simulation import Ids, StepClock
 

@@ -14,15 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from domain.contracts.envelope import (
-    EnvelopeInvalid,
-    EventEnvelope,
-    _plain_hook,
-    decode,
-    encode,
-    notification_message,
-)
+from domain.contracts.envelope import EnvelopeInvalid, EventEnvelope, decode, encode
 from domain.contracts.trace import TRACE_KEY
+from projections.stored_events import _plain_hook, notification_message
 
 TOPIC = "domain.job:Job.ItemCompleted"
 STREAM = UUID("6f1c2b7e-1a2b-4c3d-8e9f-001122334455")

@@ -174,17 +174,17 @@ def test_the_naive_executor_runs_coroutines_commands_too() -> None:
 def test_the_events_a_command_records_carry_the_trace_of_the_request_that_sent_it() -> None:
     """Group commit runs the command on its writer thread: the trace goes along with the command,
     onto its own events only (a batch mixes requests), and out in the relay's envelope."""
-    from domain.contracts import trace
-    from domain.contracts.envelope import from_notification
+    from application.executors import CURRENT_TRACE
+    from projections.stored_events import from_notification
 
     traced = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     for group_commit in (False, True):
         svc = _service(group_commit)
-        token = trace.CURRENT.set(traced)
+        token = CURRENT_TRACE.set(traced)
         try:
             user_id, _ = svc.register(f"traced-{group_commit}").value
         finally:
-            trace.CURRENT.reset(token)
+            CURRENT_TRACE.reset(token)
         svc.grant_credits(user_id, 5, "untraced")
         log = svc.app.recorder.select_notifications(start=1, limit=100)
         traces = {from_notification(n, svc.app.mapper.transcoder).type: from_notification(

@@ -11,10 +11,11 @@ import psycopg
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 from psycopg import errors
 
-from domain.contracts.envelope import UNREADABLE, decode, encode_notification, from_notification
+from domain.contracts.envelope import decode
 from projections.batch import fold, plan
 from projections.models import READ_MODELS
 from projections.store import describe, is_transient, storable
+from projections.stored_events import UNREADABLE, encode_notification, from_notification
 
 
 @dataclass

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from adapters import tracing
 from adapters.api.edge import RequestEdge, trusted_peer
 from adapters.settings import DEV_TRACE_TRUSTED_PEERS, Settings, SettingsError, load_settings, trusted_networks
+from application.executors import CURRENT_TRACE
 from domain.contracts import trace as contract
 
 SENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -38,7 +39,7 @@ def serve_one(context_of: RequestEdge, peer: tuple[str, int] | None, headers: li
     seen: list[str] = []
 
     async def handler(scope: Any, receive: Any, send: Any) -> None:
-        seen.append(contract.CURRENT.get())
+        seen.append(CURRENT_TRACE.get())
 
     context_of.app = handler
     scope = {"type": "http", "method": "POST", "path": "/jobs", "headers": headers, "client": peer}

@@ -11,9 +11,9 @@ import pytest
 from eventsourcing.persistence import StoredEvent
 
 from application.services import PaletteApplication
-from domain.contracts.envelope import from_notification, versioned_events
 from domain.job import Job, JobStatus
 from domain.user import REDACTED_DEVICE_KEY, User
+from projections.stored_events import from_notification, versioned_events
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -77,7 +77,7 @@ def test_user_registered_v1_reads_back_with_the_raw_hash_redacted() -> None:
 
 @pytest.mark.parametrize("topic", sorted(versioned_events()))
 def test_an_event_at_its_current_version_is_left_as_it_is(topic: str) -> None:
-    from domain.contracts.envelope import upcast_state
+    from projections.stored_events import upcast_state
 
     state = {"class_version": versioned_events()[topic].class_version, "anything": 1}
     assert upcast_state(topic, dict(state)) == state
