@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
+import queue
 import statistics
 import threading
 import time
@@ -28,6 +30,7 @@ from application.services import PaletteService
 from domain.contracts.envelope import EventEnvelope
 from infra.kafka_admin import ensure_topics
 from projections.stored_events import encode_notification
+from tests.bench import rows_probe
 from tests.bench.harness import Profile, Results, Stack, percentile, say, service_on
 
 LAG_EVENTS_PER_S = 500  # job creations at half that rate: each commits 2 events
@@ -168,50 +171,55 @@ def steady_creates(svc: PaletteService, seconds: float, on_commit: Callable[[str
 
 class JobRows:
     """When each job created (``commit``, called as create_job returns) has its jobs_log tracking
-    row, polled every 10 ms from a thread of its own until ``close``."""
+    row, polled every 10 ms by a process of its own (``rows_probe``) until ``close``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, table: tuple[str, str] = rows_probe.TRACKING) -> None:
         self.commits: dict[str, float] = {}
         self.seen: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._stopped_at = float("inf")
-        self._poller = threading.Thread(target=self._poll, args=(settings.effective_database_url,), daemon=True)
+        spawn = multiprocessing.get_context("spawn")  # this process runs threads: no fork
+        self._jobs: Any = spawn.Queue()
+        self._found: Any = spawn.Queue()
+        self._ended = False
+        self._poller = spawn.Process(target=rows_probe.poll_rows, daemon=True,
+                                     args=(settings.effective_database_url, self._jobs, self._found, table))
         self._poller.start()
+        if self._found.get(timeout=60) != "ready":
+            raise RuntimeError("the read-model probe did not start")
 
     def commit(self, job: str) -> None:
         self.commits[job] = time.time()
+        self._jobs.put(job)
 
-    def _poll(self, url: str) -> None:
-        # Only the oldest and the newest unseen jobs are asked for (rows arrive about in order):
-        # the probe's own load stays small however far the projector falls behind.
-        with psycopg.connect(url, autocommit=True) as conn:
-            while not self._stop.is_set() or len(self.seen) < len(self.commits):
-                unseen = [k for k in list(self.commits) if k not in self.seen]
-                pending = unseen if len(unseen) <= 400 else unseen[:200] + unseen[-200:]
-                if pending:
-                    rows = conn.execute("SELECT stream_id::text FROM palette_read.jobs_log_tracking "
-                                        "WHERE stream_id = ANY(%s::uuid[])", [pending]).fetchall()
-                    now = time.time()
-                    for (job,) in rows:
-                        self.seen.setdefault(job, now)
-                if self._stop.is_set() and time.time() > self._stopped_at + 30:
-                    return
-                time.sleep(0.01)
+    def _collect(self, wait: bool = False) -> None:
+        """What the probe found so far (``wait``: until it ends)."""
+        while not self._ended:
+            try:
+                batch = self._found.get(timeout=rows_probe.WAIT_AFTER_S + 30) if wait else self._found.get_nowait()
+            except queue.Empty:
+                if wait:
+                    raise RuntimeError("the read-model probe stopped answering") from None
+                return
+            if batch is None:
+                self._ended = True
+            else:
+                self.seen.update(batch)
 
     def lags_ms(self) -> list[float]:
         """The lag of every job seen so far."""
+        self._collect()
         return [(self.seen[k] - t) * 1000 for k, t in list(self.commits.items()) if k in self.seen]
 
     def timeline(self) -> list[tuple[float, float]]:
         """(commit time, lag in ms) of every job so far, in commit order; inf: not seen yet."""
+        self._collect()
         return sorted((t, (self.seen[k] - t) * 1000 if k in self.seen else math.inf)
                       for k, t in list(self.commits.items()))
 
     def close(self) -> None:
         """Once no more jobs are created: until every row is seen, or 30 s more."""
-        self._stopped_at = time.time()
-        self._stop.set()
-        self._poller.join(timeout=40)
+        self._jobs.put(None)
+        self._collect(wait=True)
+        self._poller.join(timeout=10)
 
 
 def projection_lags(settings: Settings, svc: PaletteService, seconds: float,

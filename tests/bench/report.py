@@ -78,7 +78,7 @@ MEASURES: dict[str, str] = {
                     f"arrive, before its position is saved), p99, on a second relay in the bench process; {LAG}",
     "relay_ack_events_per_s": "the events per second committed while relay_p99_ms was measured",
     "projection_lag_p50_ms": f"create_job returned (committed) -> its jobs_log tracking row seen (polled every "
-                             f"10 ms); {LAG}",
+                             f"10 ms by a process of its own, off the load generator's interpreter); {LAG}",
     "projection_lag_p99_ms": "p99 of the same lags",
     "projection_lag_events_per_s": "the events per second committed while the projection lags were measured",
     f"projection_lag_p50_ms{FAST}": f"projection_lag_p50_ms with the job creations offered at {FAST_LAG_EVENTS_PER_S} "
@@ -103,7 +103,8 @@ MEASURES: dict[str, str] = {
                                  f"{WINDOW_S:.0f} s window (over commit times, "
                                  f"one starting every {WINDOW_STEP_S * 1000:.0f} ms from the kill) of >= "
                                  f"{WINDOW_MIN_JOBS} creations whose p99 lag (create_job returned -> jobs_log tracking "
-                                 f"row seen, polled every 10 ms; a row never seen counts as over) is under "
+                                 f"row seen, polled every 10 ms by a process of its own; a row never seen counts as "
+                                 f"over) is under "
                                  f"{RECOVERED_MS:.0f} ms; {RESTART_LIMIT_S:.0f} (and broker_restart_recovered false) "
                                  f"when no window is within {RESTART_LIMIT_S:.0f} s",
     "broker_restart_recovered": f"whether commit -> jobs_log came back under {RECOVERED_MS:.0f} ms (p99) within "
