@@ -97,7 +97,9 @@ def refusal(address: Address) -> str | None:
 MAX_LABEL = 63
 MAX_NAME = 253
 _ASCII_LABEL = re.compile(r"[a-z0-9_-]+")  # letters, digits, hyphens; underscores as DNS allows
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+# Controls (C0, DEL, C1) and spaces of any kind: urlsplit strips some at either end, so the URL
+# stored and listed would not be the one checked and sent; inside, they are sent percent-encoded.
+_UNSENDABLE = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
 
 
 def _idna(host: str) -> str:
@@ -165,8 +167,8 @@ def check(url: str, production: bool, resolver: Resolver = resolve) -> Target:
     TargetRefused with the reason."""
     if len(url) > MAX_URL_LENGTH:
         raise TargetRefused(f"the URL is longer than {MAX_URL_LENGTH} characters")
-    if _CONTROLS.search(url):
-        raise TargetRefused("the URL must not hold control characters")
+    if _UNSENDABLE.search(url):
+        raise TargetRefused("the URL must not hold spaces or control characters (percent-encode them)")
     try:
         parts = urlsplit(url)
         port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)

@@ -84,6 +84,19 @@ def test_a_head_over_the_limit_is_a_431_and_the_connection_closes(server: int) -
     assert whole.startswith(b"HTTP/1.1 431 ")
 
 
+@pytest.mark.parametrize("request_bytes", [
+    b"GET / HTTP/1.1\r\nhost: x\r\nidempotency-key: a\x7fb\r\n\r\n",  # a DEL in a value
+    b"GET / HTTP/1.1\r\nhost: x\r\nx-a: b\r\n folded\r\n\r\n",  # obs-fold
+    b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+])
+def test_a_request_http_does_not_allow_is_the_servers_plain_400_and_the_connection_closes(
+        server: int, request_bytes: bytes) -> None:
+    """README: the server's own plain-text answers before a request reaches the API."""
+    answer = exchange(server, request_bytes + b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"text/plain" in answer, answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 1  # the request after it is never read
+
+
 def test_a_body_and_the_next_request_do_not_count_towards_the_head(server: int) -> None:
     body = b"b" * 60_000
     request = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 from uuid import uuid4
 
 import httpx
@@ -87,10 +88,27 @@ def test_the_checked_url_carries_the_ascii_host_and_nothing_else_changes(product
     (False, f"http://{LONG_LABEL}.example/hook"), (True, f"https://{LONG_LABEL}.example/hook"),
     (False, f"http://bü{LONG_LABEL}.de/hook"), (False, "http://a..b/hook"), (False, "http://exa\tmple.com/hook"),
     (False, "http://example.com/a\nb"),
+    # Spaces and controls anywhere: urlsplit strips them at the ends, so the URL stored would not
+    # be the one checked (a development sender then refused every delivery to it).
+    (False, " http://example.com/hook"), (True, " https://example.com/hook"), (False, "http://example.com/hook "),
+    (False, "http://example.com/a b"), (True, "https://example.com/a\xa0b"), (False, "http://example.com/\x85"),
+    (False, "\u3000http://example.com/hook"),
 ])
 def test_registration_refuses_a_url_whose_host_cannot_be_sent_to(production, url):
     with pytest.raises(targets.TargetRefused):
         targets.check(url, production, Resolving("93.184.216.34"))
+
+
+@given(st.text(max_size=12), st.text(max_size=12))
+def test_a_url_check_accepts_is_sent_as_it_reads(before, after):
+    """Whatever surrounds a URL, one the check accepts parses back to itself: what is stored and
+    listed is what is checked and sent."""
+    try:
+        target = targets.check(f"{before}http://example.com/{after}", False, no_dns)
+    except targets.TargetRefused:
+        return
+    assert urlunsplit(urlsplit(target.url)) == target.url
+    assert str(httpx.URL(target.url)).startswith("http://example.com/")
 
 
 @given(st.text(min_size=1, max_size=80))
