@@ -183,7 +183,7 @@ def run(query: str, data: Path | None, database_url: str | None, limit: int = DE
     if not (math.isfinite(timeout) and timeout >= 0):
         raise QueryError(f"--timeout must be a number of seconds, 0 or more (0: none), not {timeout}")
     if data is not None and not data.is_dir():
-        raise QueryError(f"--data {data}: no such directory")
+        raise QueryError(f"--data {data}: {'not a directory' if data.exists() else 'no such directory'}")
     if data is not None and is_staging(data):
         raise QueryError(f"--data {data}: an export that never finished (interrupted or crashed); remove it")
     con = duckdb.connect(":memory:")

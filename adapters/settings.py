@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from adapters.webhooks.retries import DEFAULT_SCHEDULE as DEFAULT_RETRY_SCHEDULE
 from adapters.webhooks.retries import parse_schedule
 
+# The embedded SeaweedFS binds ports up to the S3 port + 6 and each + 10000 (infra.stack.embedded_ports).
+S3_PORT_MAX = 65535 - 10006
 # Secrets shorter than this are refused outside development (HS256 wants >= 256 bits).
 MIN_SECRET_BYTES = 32
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "placeholder", "dev", "development"}
@@ -54,7 +56,7 @@ class Settings(BaseSettings):
     kafka_port: int = Field(9092, ge=1, le=65535)
     kafka_bootstrap: str = ""
     kafka_partitions: int = Field(4, ge=1, le=256)
-    s3_port: int = Field(8333, ge=1, le=55535)
+    s3_port: int = Field(8333, ge=1, le=S3_PORT_MAX)
     s3_endpoint: str = ""
     s3_bucket: str = "palette-images"
     s3_access_key: str = ""

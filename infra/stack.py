@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import glob
 import hashlib
 import os
@@ -30,6 +31,7 @@ PG_ELSEWHERE = "pg-elsewhere"  # the data directory's note of where its PostgreS
 
 # SeaweedFS needs a handful of ports; they sit just above the S3 port (gRPC ports are +10000).
 WEED_PORT_OFFSETS = {"master": 1, "volume": 2, "filer": 3, "iceberg": 4, "lance": 5, "admin": 6}
+GRPC_SERVERS = ("master", "volume", "filer", "admin")  # each also on its port + 10000, and the S3's
 SOCKET_PATH_MAX = 100  # a Unix socket's path holds at most 107 bytes on Linux
 
 
@@ -98,10 +100,37 @@ def local_socket(directory: Path, name: str, port: int) -> Path:
     return Path(tempfile.gettempdir()) / f"palette-{os.getuid()}-seaweedfs-{name}-{port}.sock"
 
 
+UP_LOCK = "palette-up.lock"  # in the data directory: held by the one `palette up` running on it
+
+
+def hold_data_dir(data_dir: Path) -> IO[str]:
+    """Take the data directory for this process (released when it exits, however it ends); a
+    second `palette up` on it is refused, naming the one running (StackError)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        held = open(data_dir / UP_LOCK, "a+")  # noqa: SIM115 - held for the process's life
+    except OSError as e:
+        raise StackError(f"data directory {data_dir} is not writable: {e.strerror}") from None
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held.seek(0)
+        pid = held.read().strip() or "?"
+        held.close()
+        raise StackError(f"another palette up (pid {pid}) runs on the data directory {data_dir}") from None
+    held.seek(0)
+    held.truncate()
+    held.write(f"{os.getpid()}\n")
+    held.flush()
+    return held
+
+
 def weed_grpc_sockets(s3_port: int) -> tuple[Path, ...]:
-    """The Unix sockets `weed mini` makes for its S3 and admin gRPC servers, at paths no flag
-    moves, and leaves behind: removed when the stack stops it (each run left two in /tmp)."""
-    grpc = {"s3": s3_port + 10000, "admin": weed_ports(s3_port)["admin"] + 10000}
+    """The Unix sockets `weed mini` makes for its gRPC servers, at paths no flag moves; it removes
+    those of the master, volume and filer when it stops, not the S3's and admin's, and none when
+    killed: each is removed after it stops, and before it starts (one killed with its supervisor)."""
+    grpc = {name: port + 10000 for name, port in weed_ports(s3_port).items() if name in GRPC_SERVERS}
+    grpc["s3"] = s3_port + 10000
     return tuple(Path(f"/tmp/seaweedfs-{name}-grpc-{port}.sock")  # noqa: S108 - SeaweedFS's fixed path
                  for name, port in grpc.items())
 
@@ -116,7 +145,7 @@ def embedded_ports(settings: StackSettings) -> dict[str, int]:
              "PALETTE_S3_PORT": settings.s3_port}
     for name, port in weed_ports(settings.s3_port).items():
         ports[f"PALETTE_S3_PORT (+{WEED_PORT_OFFSETS[name]}, SeaweedFS {name})"] = port
-    for name in ("master", "volume", "filer", "admin"):
+    for name in GRPC_SERVERS:
         ports[f"PALETTE_S3_PORT (SeaweedFS {name} gRPC)"] = weed_ports(settings.s3_port)[name] + 10000
     ports["PALETTE_S3_PORT (S3 gRPC)"] = settings.s3_port + 10000
     return ports
@@ -320,7 +349,8 @@ class EmbeddedStack(Generic[S]):
         weed_dir.mkdir(exist_ok=True)
         sockets = (local_socket(weed_dir, "s3", s.s3_port), local_socket(weed_dir, "filer", ports["filer"]))
         argv = [
-            _weed_binary(), "mini", f"-dir={weed_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            # -logtostderr: its log goes to the service's log, not to files in /tmp (glog's default)
+            _weed_binary(), "-logtostderr", "mini", f"-dir={weed_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-webdav=false", "-admin.ui=false",
             f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
             f"-filer.port={ports['filer']}", f"-s3.port={s.s3_port}",

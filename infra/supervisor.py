@@ -24,6 +24,9 @@ PR_SET_PDEATHSIG = 1
 START_ATTEMPTS = 3  # starts of a restartable service before `palette up` gives up on it
 
 
+TAIL_LINE_CHARS = 300  # of a process's log line quoted in a StackError
+
+
 class StackError(RuntimeError):
     """A service could not be started; the message is one line for the operator."""
 
@@ -107,6 +110,7 @@ class _Running:
         self.started_at = 0.0
 
     def start(self) -> None:
+        remove_left_sockets(self.spec.leaves)  # what a run that died with its supervisor left
         env = {**os.environ, **self.spec.env}
         self.proc = subprocess.Popen(  # noqa: S603 - argv built from our own specs
             self.spec.argv,
@@ -151,11 +155,19 @@ class _Running:
         remove_left_sockets(self.spec.leaves)
 
     def tail(self, lines: int = 3) -> str:
+        """The log's last lines for a one-line report: a traceback's frames left out (its last
+        line says what was raised), each line cut to ``TAIL_LINE_CHARS``."""
         try:
             text = self.log_path.read_text(errors="replace").strip().splitlines()
         except OSError:
             return ""
-        return " | ".join(text[-lines:])
+        said = [line.strip() for line in text
+                if line.strip() and not line[:1].isspace() and not line.startswith("Traceback (most recent")]
+        return " | ".join(_cut(line) for line in said[-lines:])
+
+
+def _cut(line: str) -> str:
+    return line if len(line) <= TAIL_LINE_CHARS else line[:TAIL_LINE_CHARS] + "…"
 
 
 class Supervisor:

@@ -118,6 +118,9 @@ def _audit_verify(args: argparse.Namespace, conn: Any, settings: Any) -> int:
 
     anchored = ""
     head_breaks: list[Any] = []
+    if args.public_key and not args.checkpoint:  # a key checks a checkpoint's signature, nothing else
+        print("palette audit verify: --public-key needs --checkpoint", file=sys.stderr)
+        return 2
     if args.checkpoint:
         try:
             key = checkpoints.trusted_key(settings, args.public_key)
@@ -253,7 +256,8 @@ def add_commands(sub: Subcommands) -> None:
     av.add_argument("--checkpoint", metavar="FILE|latest",
                     help="a checkpoint file, or `latest` from the object store / PALETTE_AUDIT_CHECKPOINT_DIR")
     av.add_argument("--public-key", metavar="HEX|PEM_FILE",
-                    help="the public key to trust (default: PALETTE_AUDIT_PUBLIC_KEY, else the signing key's)")
+                    help="with --checkpoint: the public key to trust (default: PALETTE_AUDIT_PUBLIC_KEY, else "
+                         "the signing key's)")
     ar = asub.add_parser("report", help="a period's opening, granted, reserved, spent, refunded, closing and "
                          "outstanding credits by plan, at one log position (exit 1 if the identity fails)",
                          description="Figures for [--from, --to): opening/closing = spendable balance; reserved = "

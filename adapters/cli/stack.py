@@ -48,16 +48,29 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Interrupted(BaseException):
+    """A signal came while `palette up` was starting: what started is stopped. A BaseException,
+    as KeyboardInterrupt is, so that no probe's ``except Exception`` takes it for its failure."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from adapters.bootstrap import embedded_stack
+    from infra.stack import hold_data_dir
 
     settings = load_settings()
     stack = embedded_stack(settings, echo=sys.stdout)
-    stopping = False
+    stopping = starting = False
 
     def _stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, starting
         stopping = True
+        if starting:  # a start-up waits up to a minute a process: unwind it now, once
+            starting = False
+            raise _Interrupted(signum)
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
@@ -68,10 +81,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
     sweeper = ("sweeper",) if "api" in args.apps else ()
     apps = tuple(args.apps) + checkpointer + sweeper
     try:
+        starting = True
+        held = hold_data_dir(settings.data_dir)  # noqa: F841 - released when this process exits
         _check_ports(stack, settings, apps, infra=not args.external)
         if not args.external:
             stack.start_infra()
         stack.start_apps(apps)
+        starting = False
         url = f"http://{settings.api_host}:{settings.api_port}"
         print(f"[palette] up in {time.monotonic() - t0:.1f}s: API on {url} "
               f"(data and logs in {settings.data_dir}); Ctrl-C stops everything", flush=True)
@@ -79,9 +95,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
             stack.supervisor.check()
             time.sleep(0.5)
     except StackError as e:
+        starting = False
         stack.stop()
         print(f"palette up: {e}", file=sys.stderr)
         return 1
+    except _Interrupted as e:
+        stack.stop()
+        print(f"[palette] stopped while starting ({signal.Signals(e.signum).name})", flush=True)
+        return 128 + e.signum
     stack.stop()
     print("[palette] stopped", flush=True)
     return 0

@@ -243,9 +243,11 @@ def test_cli_checkpoint_to_the_object_store_and_verify_latest(busy, service, set
     assert "all match" in capsys.readouterr().out
     assert cli.main(["audit", "verify", "--checkpoint", str(tmp_path / "cp.json"), "--public-key", "00" * 32]) == 2
     assert cli.main(["audit", "verify", "--checkpoint", str(tmp_path / "missing.json")]) == 2
+    assert cli.main(["audit", "verify", "--public-key", public]) == 2  # a key with nothing to check it on
     assert cli.main(["audit", "report", "--from", "2030-01-02", "--to", "2030-01-01"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("palette audit") for line in err), err
+    assert "--public-key needs --checkpoint" in err[2]
+    assert len(err) == 4 and all(line.startswith("palette audit") for line in err), err
     assert cli.main(["audit", "report", "--from", "2000-01-01", "--to", "2100-01-01", "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and report["complete"] and report["total"]["opening"] == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 import shutil
@@ -156,9 +157,10 @@ def test_seaweedfs_starts_where_the_default_socket_paths_are_taken(tmp_path):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def test_the_grpc_sockets_seaweedfs_leaves_in_tmp_are_removed_when_it_stops(tmp_path):
-    """`weed mini` binds its S3 and admin gRPC servers on /tmp/seaweedfs-<name>-grpc-<port>.sock,
-    which no flag moves, and leaves them: every run of a stack left two files in /tmp."""
+def test_seaweedfs_leaves_nothing_in_tmp(tmp_path):
+    """`weed mini` binds its gRPC servers on /tmp/seaweedfs-<name>-grpc-<port>.sock, which no flag
+    moves, and leaves the S3's and admin's: every run of a stack left two files in /tmp (five when
+    killed). Its log went to files in /tmp too (glog's default), four more each run."""
     from infra.stack import weed_grpc_sockets
 
     settings = load_settings(env="development", data_dir=tmp_path / "data",
@@ -169,10 +171,12 @@ def test_the_grpc_sockets_seaweedfs_leaves_in_tmp_are_removed_when_it_stops(tmp_
     stack = embedded_stack(settings)
     try:
         stack.supervisor.start(stack._weed_spec())
+        pid = stack.supervisor.pid("s3")
         wait_until(lambda: all(path.is_socket() for path in sockets), 30, "SeaweedFS's gRPC sockets")
     finally:
         stack.stop()
-    assert not any(path.exists() for path in sockets)
+    assert len(sockets) == 5 and not any(path.exists() for path in sockets)
+    assert glob.glob(f"{tempfile.gettempdir()}/weed.*.{pid}") == []  # glog's files are named by pid
 
 
 def test_a_checkout_deep_in_the_file_system_starts_its_stack():

@@ -130,3 +130,52 @@ def test_up_refuses_a_taken_metrics_port(settings: Any) -> None:
     assert result.stderr.startswith(f"palette up: port {base + OFFSETS['relay']} is already in use "
                                     "(move it with PALETTE_METRICS_PORT")
     assert "relay" in result.stderr
+
+
+def _env_for(tmp_path: Path, seed: int) -> dict[str, str]:
+    ports = _free_port_block(random.Random(os.getpid() + seed))
+    return {"PALETTE_DATA_DIR": str(tmp_path / "data"), "PALETTE_PG_PORT": str(ports["pg_port"]),
+            "PALETTE_KAFKA_PORT": str(ports["kafka_port"]), "PALETTE_S3_PORT": str(ports["s3_port"]),
+            "PALETTE_API_PORT": str(ports["api_port"]), "PALETTE_METRICS_PORT": "0"}
+
+
+def test_a_second_up_on_one_data_directory_is_refused_naming_the_first(tmp_path: Path) -> None:
+    from infra.stack import hold_data_dir
+
+    env = _env_for(tmp_path, 23)
+    held = hold_data_dir(tmp_path / "data")  # as the first `palette up` holds it
+    try:
+        result = palette_up([], env)
+    finally:
+        held.close()
+    assert result.returncode == 1
+    assert result.stderr == (f"palette up: another palette up (pid {os.getpid()}) runs on the data directory "
+                             f"{tmp_path / 'data'}\n")
+    assert not (tmp_path / "data" / "pg").exists()  # nothing was started
+
+
+def test_ctrl_c_while_starting_stops_what_started_at_once(tmp_path: Path) -> None:
+    """A start-up waits up to a minute for each process: a Ctrl-C during it ends it there, rather
+    than once every process is up (or, with a process that never gets ready, minutes later)."""
+    proc = subprocess.Popen([sys.executable, "-m", "adapters.cli", "up"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={"PATH": "/usr/bin:/bin", **_env_for(tmp_path, 24)})
+    assert proc.stdout is not None
+    said = []
+    try:
+        for line in proc.stdout:  # until PostgreSQL is ready: SeaweedFS, the broker and the apps follow
+            said.append(line)
+            if line.startswith("[palette] postgres ready"):
+                break
+        pid = int(said[-1].rsplit("(pid ", 1)[1].rstrip(")\n"))
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    said.append(out)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "stopped while starting (SIGINT)" in out and " up in " not in "".join(said)
+    with pytest.raises(ProcessLookupError):  # what had started was stopped
+        os.kill(pid, 0)

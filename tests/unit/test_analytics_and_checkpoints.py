@@ -61,7 +61,7 @@ def test_query_refuses_anything_but_one_select_in_one_line(query, why):
     assert "\n" not in str(e.value)
 
 
-def test_query_bounds_its_output_and_renders_table_csv_and_json():
+def test_query_bounds_its_output_and_renders_table_csv_and_json(tmp_path):
     result = run("SELECT range AS n, 'x' || range AS label FROM range(10)", None, None, limit=4)
     assert result.truncated and result.rows == [(0, "x0"), (1, "x1"), (2, "x2"), (3, "x3")]
     table = render(result, "table").splitlines()
@@ -71,6 +71,9 @@ def test_query_bounds_its_output_and_renders_table_csv_and_json():
     assert render(Result(["a"], [], False), "table").splitlines()[-1] == "(0 rows)"
     with pytest.raises(QueryError, match="no such directory"):
         run("SELECT 1", Path("/nonexistent/palette"), None)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(QueryError, match="file: not a directory"):
+        run("SELECT 1", tmp_path / "file", None)
 
 
 def _payload(heads: list[list[object]]) -> dict[str, object]:

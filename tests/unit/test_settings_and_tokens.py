@@ -9,7 +9,7 @@ from uuid import UUID, uuid4
 import jwt
 import pytest
 
-from adapters.settings import SettingsError, load_settings
+from adapters.settings import S3_PORT_MAX, SettingsError, load_settings
 from adapters.tokens import LEEWAY_S, TokenInvalid, TokenIssuer
 from domain.contracts.callback import sign_callback, verify_callback
 
@@ -34,6 +34,15 @@ def test_invalid_setting_is_one_line_naming_it(tmp_path):
     with pytest.raises(SettingsError, match="PALETTE_API_PORT") as e:
         load_settings(data_dir=tmp_path, api_port=70000)
     assert "\n" not in str(e.value)
+
+
+def test_every_s3_port_allowed_leaves_seaweedfs_ports_that_exist(tmp_path):
+    from infra.stack import embedded_ports
+
+    highest = load_settings(env="development", data_dir=tmp_path, s3_port=S3_PORT_MAX)
+    assert max(embedded_ports(highest).values()) == 65535
+    with pytest.raises(SettingsError, match="PALETTE_S3_PORT"):
+        load_settings(env="development", data_dir=tmp_path, s3_port=S3_PORT_MAX + 1)
 
 
 def test_env_prints_derived_urls(tmp_path):

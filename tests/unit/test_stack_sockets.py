@@ -76,3 +76,33 @@ def test_the_supervisor_removes_what_a_service_left_after_it_died(tmp_path: Path
     assert left.is_socket()
     supervisor.stop_all()
     assert not left.exists()
+
+
+def test_what_a_run_killed_with_its_supervisor_left_is_removed_before_the_next_starts(tmp_path: Path) -> None:
+    """`kill -9` of `palette up` leaves its services' sockets (nobody ran their removal): the next
+    start of the service removes them first, so they do not pile up in /tmp."""
+    left = tmp_path / "left.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(left))  # closed without removing the file, as a killed service leaves it
+    seen = tmp_path / "seen"
+    code = (f"import os, pathlib, time\npathlib.Path({str(seen)!r}).write_text(str(os.path.exists({str(left)!r})))\n"
+            "time.sleep(60)\n")
+    supervisor = Supervisor(tmp_path)
+    supervisor.start(ServiceSpec("svc", [sys.executable, "-c", code], ready=seen.exists, restart=False,
+                                 leaves=(left,)))
+    supervisor.stop_all()
+    assert seen.read_text() == "False"  # gone before the service started
+
+
+def test_a_start_up_failure_quotes_what_was_raised_not_the_frames(tmp_path: Path) -> None:
+    code = "def deep():\n    raise TimeoutError('the broker did not answer ' + 'x' * 1000)\ndeep()\n"
+    supervisor = Supervisor(tmp_path)
+    try:
+        supervisor.start(ServiceSpec("svc", [sys.executable, "-c", code], ready=lambda: False, restart=False))
+    except Exception as e:  # noqa: BLE001 - the message is the subject
+        message = str(e)
+    else:
+        raise AssertionError("the start did not fail")
+    assert message.startswith("svc exited during start-up: TimeoutError: the broker did not answer xxx")
+    assert "File " not in message and "Traceback" not in message and "deep()" not in message
+    assert len(message) < 400 and message.endswith("…")
