@@ -7,6 +7,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -25,6 +26,7 @@ START_ATTEMPTS = 3  # starts of a restartable service before `palette up` gives 
 
 
 TAIL_LINE_CHARS = 300  # of a process's log line quoted in a StackError
+_DECORATION = re.compile(r"[\s|+^~-]*(\d+\s*-+[\s|+-]*)?")  # a traceback's rules and marks ("+---- 1 ----")
 
 
 class StackError(RuntimeError):
@@ -155,19 +157,52 @@ class _Running:
         remove_left_sockets(self.spec.leaves)
 
     def tail(self, lines: int = 3) -> str:
-        """The log's last lines for a one-line report: a traceback's frames left out (its last
-        line says what was raised), each line cut to ``TAIL_LINE_CHARS``."""
+        """The log's last lines for a one-line report, each cut to ``TAIL_LINE_CHARS``: a
+        traceback's frames left out (what was raised stays), a JSON record as its message and the
+        last line of its exception."""
         try:
             text = self.log_path.read_text(errors="replace").strip().splitlines()
         except OSError:
             return ""
-        said = [line.strip() for line in text
-                if line.strip() and not line[:1].isspace() and not line.startswith("Traceback (most recent")]
-        return " | ".join(_cut(line) for line in said[-lines:])
+        said = [line for line in _without_frames(text) if line]
+        return " | ".join(_cut(_readable_record(line)) for line in said[-lines:])
+
+
+def _without_frames(lines: list[str]) -> list[str]:
+    """``lines`` less the frames of a Python traceback (an exception group's too: its lines come
+    after "| "), each frame's source line and caret marks included; the rest stripped."""
+    kept, in_frame = [], False
+    for line in lines:
+        bare = line.strip().lstrip("|+- ").strip() if line.lstrip().startswith(("|", "+")) else line.strip()
+        if bare.startswith('File "'):
+            in_frame = True
+            continue
+        if in_frame and line.startswith("    ") and not line.lstrip().startswith("|"):
+            continue  # the frame's source line, or its ^^^ marks
+        in_frame = False
+        if bare.endswith("Traceback (most recent call last):") or _DECORATION.fullmatch(bare):
+            continue
+        kept.append(bare)
+    return kept
 
 
 def _cut(line: str) -> str:
     return line if len(line) <= TAIL_LINE_CHARS else line[:TAIL_LINE_CHARS] + "…"
+
+
+def _readable_record(line: str) -> str:
+    """A JSON log record (adapters.logs) as its message, then its exception's last line."""
+    if not line.startswith("{"):
+        return line
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(record, dict) or not isinstance(record.get("msg"), str):
+        return line
+    exc = record.get("exc")
+    last = next((x.strip() for x in reversed(exc.splitlines()) if x.strip()), "") if isinstance(exc, str) else ""
+    return f"{record['msg']}: {last}" if last else record["msg"]
 
 
 class Supervisor:
@@ -285,6 +320,45 @@ class Supervisor:
             with contextlib.suppress(ValueError, OSError):
                 self.echo.write(f"[palette] {msg}\n")
                 self.echo.flush()
+
+
+def stop_strays(timeout_s: float = 10.0) -> list[int]:
+    """Stop every child process of this one still running (SIGTERM, then SIGKILL after
+    ``timeout_s``) and return their pids: one launched just as a signal unwound a start-up, before
+    its supervisor had recorded it."""
+    me = str(os.getpid())
+    strays = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == me and fields[0] != "Z":  # state, then the parent's pid
+            strays.append(int(entry.name))
+    for pid in strays:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for pid in strays:
+        while time.monotonic() < deadline and _running(pid):
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    return strays
+
+
+def _running(pid: int) -> bool:
+    """Whether the child ``pid`` has not ended (reaping it if it has)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return done == 0
 
 
 def bind_error(port: int, host: str = "127.0.0.1") -> OSError | None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from adapters.cli.connect import running_settings
 from adapters.settings import Settings, load_settings
-from infra.supervisor import StackError
+from infra.supervisor import StackError, stop_strays
 
 if TYPE_CHECKING:
     from adapters.cli.arguments import Subcommands
@@ -101,6 +101,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
         return 1
     except _Interrupted as e:
         stack.stop()
+        stop_strays()  # one launched as the signal came, before the supervisor recorded it
+        if isinstance(e.__context__, StackError):  # the signal came while a failed start was stopping
+            print(f"palette up: {e.__context__}", file=sys.stderr)
+            return 1
         print(f"[palette] stopped while starting ({signal.Signals(e.signum).name})", flush=True)
         return 128 + e.signum
     stack.stop()

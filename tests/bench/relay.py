@@ -192,13 +192,18 @@ class JobRows:
 
     def _collect(self, wait: bool = False) -> None:
         """What the probe found so far (``wait``: until it ends)."""
+        deadline = time.monotonic() + rows_probe.WAIT_AFTER_S + 30
         while not self._ended:
             try:
-                batch = self._found.get(timeout=rows_probe.WAIT_AFTER_S + 30) if wait else self._found.get_nowait()
+                batch = self._found.get(timeout=1) if wait else self._found.get_nowait()
             except queue.Empty:
-                if wait:
+                if not wait:
+                    return
+                if not self._poller.is_alive() and self._found.empty():
+                    raise RuntimeError(f"the read-model probe exited ({self._poller.exitcode})") from None
+                if time.monotonic() > deadline:
                     raise RuntimeError("the read-model probe stopped answering") from None
-                return
+                continue
             if batch is None:
                 self._ended = True
             else:

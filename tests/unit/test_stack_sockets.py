@@ -106,3 +106,30 @@ def test_a_start_up_failure_quotes_what_was_raised_not_the_frames(tmp_path: Path
     assert message.startswith("svc exited during start-up: TimeoutError: the broker did not answer xxx")
     assert "File " not in message and "Traceback" not in message and "deep()" not in message
     assert len(message) < 400 and message.endswith("…")
+
+
+def test_a_start_up_failure_quotes_a_json_records_exception_and_an_exception_groups_members(tmp_path: Path) -> None:
+    """A `palette serve` process logs JSON records with the traceback in "exc"; an exception group
+    indents every line of its traceback: the message keeps what was raised in both."""
+    import json
+    import traceback
+
+    try:
+        raise ExceptionGroup("unhandled errors in a TaskGroup", [ConnectionRefusedError(111, "the broker refused")])
+    except ExceptionGroup as group:
+        grouped = "".join(traceback.format_exception(group))
+    try:
+        raise RuntimeError("PALETTE_JWT_SECRET is the placeholder: set a real secret")
+    except RuntimeError as error:
+        record = json.dumps({"level": "error", "msg": "Exception in 'lifespan' protocol", "path": "x" * 400,
+                             "exc": "".join(traceback.format_exception(error))})
+    lifespan = "Exception in 'lifespan' protocol: RuntimeError: PALETTE_JWT_SECRET is the placeholder"
+    for log, wanted in ((record, lifespan), (grouped, "ConnectionRefusedError: [Errno 111] the broker refused")):
+        (tmp_path / "svc.log").write_text("starting\n" + log + "\n")
+        code = "import sys; sys.exit(3)"
+        supervisor = Supervisor(tmp_path)
+        try:
+            supervisor.start(ServiceSpec("svc", [sys.executable, "-c", code], ready=lambda: False, restart=False))
+        except Exception as e:  # noqa: BLE001 - the message is the subject
+            message = str(e)
+        assert wanted in message and "File " not in message and "Traceback" not in message, message

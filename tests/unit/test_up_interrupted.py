@@ -1,0 +1,77 @@
+"""`palette up` stopped by a signal while it starts (adapters/cli/stack.py): what it launched is
+stopped, even a process launched as the signal came, and a start that was already failing says
+why. Each case runs `_cmd_up` in a process of its own (it installs signal handlers), with a stand-in
+stack of throwaway processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SETUP = """
+import argparse, json, os, signal, subprocess, sys, threading
+sys.path.insert(0, {root!r})
+os.environ["PALETTE_DATA_DIR"] = {data!r}
+import adapters.bootstrap as bootstrap
+import adapters.cli.stack as cli
+import infra.supervisor as supervisor
+from infra.supervisor import ServiceSpec, StackError, Supervisor
+cli._check_ports = lambda *a, **k: None
+
+class Stack:
+    def __init__(self):
+        self.supervisor = Supervisor(__import__("pathlib").Path({data!r}) / "logs")
+    def start_apps(self, apps): pass
+    def stop(self): self.supervisor.stop_all()
+"""
+
+
+def run_up(tmp_path: Path, body: str) -> dict[str, object]:
+    code = SETUP.format(root=str(ROOT), data=str(tmp_path / "data")) + body + """
+bootstrap.embedded_stack = lambda settings, echo=None: Stack()
+rc = cli._cmd_up(argparse.Namespace(apps=["relay"], external=False))
+print(json.dumps({"rc": rc, "pid": launched.get("pid")}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in result.stderr, result.stderr
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "stdout": result.stdout, "stderr": result.stderr}
+
+
+def test_a_process_launched_as_the_signal_came_is_stopped_too(tmp_path: Path) -> None:
+    """The signal lands right after the fork, before the supervisor has recorded the process."""
+    outcome = run_up(tmp_path, """
+launched = {}
+class Popen(subprocess.Popen):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        launched["pid"] = self.pid
+        os.kill(os.getpid(), signal.SIGINT)
+supervisor.subprocess.Popen = Popen
+Stack.start_infra = lambda self: self.supervisor.start(ServiceSpec("svc", ["sleep", "300"], ready=lambda: False))
+""")
+    assert outcome["rc"] == 130 and "stopped while starting (SIGINT)" in str(outcome["stdout"])
+    pid = outcome["pid"]
+    assert isinstance(pid, int)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+
+
+def test_a_signal_while_a_failed_start_stops_still_says_why_it_failed(tmp_path: Path) -> None:
+    outcome = run_up(tmp_path, """
+launched = {}
+def start_infra(self):
+    try:
+        self.supervisor.start(ServiceSpec("slow", ["bash", "-c", "trap 'sleep 2; exit 0' INT; sleep 100 & wait; wait"],
+                                          ready=lambda: True, stop_signal=signal.SIGINT))
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C while it stops
+        raise StackError("cannot create the database palette: disk full")
+    except BaseException:
+        self.supervisor.stop_all()
+        raise
+Stack.start_infra = start_infra
+""")
+    assert outcome["rc"] == 1
+    assert outcome["stderr"] == "palette up: cannot create the database palette: disk full\n"
