@@ -74,17 +74,23 @@ def _listened_on(path: Path) -> bool:
 IDS = ("request_id", "job_id", "user_id", "trace_id")
 
 
+def _record(line: str) -> dict[str, object] | None:
+    """A JSON log record (what `palette serve` writes: adapters.logs), or None for any other line."""
+    if not line.startswith("{"):
+        return None
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) and isinstance(entry.get("msg"), str) else None
+
+
 def readable(line: bytes) -> str:
     """A process's log line for the terminal: a JSON record (what `palette serve` writes) as
     ``LEVEL logger: msg ids``, its traceback indented below; any other line as it came."""
     text = line.decode(errors="replace")
-    if not text.startswith("{"):
-        return text
-    try:
-        entry = json.loads(text)
-    except ValueError:
-        return text
-    if not isinstance(entry, dict) or "msg" not in entry:
+    entry = _record(text)
+    if entry is None:
         return text
     ids = " ".join(f"{k}={entry[k]}" for k in IDS if entry.get(k))
     level = str(entry.get("level", "")).upper()
@@ -192,17 +198,12 @@ def _cut(line: str) -> str:
 
 def _readable_record(line: str) -> str:
     """A JSON log record (adapters.logs) as its message, then its exception's last line."""
-    if not line.startswith("{"):
-        return line
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return line
-    if not isinstance(record, dict) or not isinstance(record.get("msg"), str):
+    record = _record(line)
+    if record is None:
         return line
     exc = record.get("exc")
     last = next((x.strip() for x in reversed(exc.splitlines()) if x.strip()), "") if isinstance(exc, str) else ""
-    return f"{record['msg']}: {last}" if last else record["msg"]
+    return f"{record['msg']}: {last}" if last else str(record["msg"])
 
 
 class Supervisor:

@@ -94,15 +94,19 @@ def test_what_a_run_killed_with_its_supervisor_left_is_removed_before_the_next_s
     assert seen.read_text() == "False"  # gone before the service started
 
 
-def test_a_start_up_failure_quotes_what_was_raised_not_the_frames(tmp_path: Path) -> None:
-    code = "def deep():\n    raise TimeoutError('the broker did not answer ' + 'x' * 1000)\ndeep()\n"
-    supervisor = Supervisor(tmp_path)
+def start_up_failure(log_dir: Path, code: str) -> str:
+    """The StackError message of a service running ``code`` that exits before it is ready."""
+    supervisor = Supervisor(log_dir)
     try:
         supervisor.start(ServiceSpec("svc", [sys.executable, "-c", code], ready=lambda: False, restart=False))
     except Exception as e:  # noqa: BLE001 - the message is the subject
-        message = str(e)
-    else:
-        raise AssertionError("the start did not fail")
+        return str(e)
+    raise AssertionError("the start did not fail")
+
+
+def test_a_start_up_failure_quotes_what_was_raised_not_the_frames(tmp_path: Path) -> None:
+    code = "def deep():\n    raise TimeoutError('the broker did not answer ' + 'x' * 1000)\ndeep()\n"
+    message = start_up_failure(tmp_path, code)
     assert message.startswith("svc exited during start-up: TimeoutError: the broker did not answer xxx")
     assert "File " not in message and "Traceback" not in message and "deep()" not in message
     assert len(message) < 400 and message.endswith("…")
@@ -126,10 +130,5 @@ def test_a_start_up_failure_quotes_a_json_records_exception_and_an_exception_gro
     lifespan = "Exception in 'lifespan' protocol: RuntimeError: PALETTE_JWT_SECRET is the placeholder"
     for log, wanted in ((record, lifespan), (grouped, "ConnectionRefusedError: [Errno 111] the broker refused")):
         (tmp_path / "svc.log").write_text("starting\n" + log + "\n")
-        code = "import sys; sys.exit(3)"
-        supervisor = Supervisor(tmp_path)
-        try:
-            supervisor.start(ServiceSpec("svc", [sys.executable, "-c", code], ready=lambda: False, restart=False))
-        except Exception as e:  # noqa: BLE001 - the message is the subject
-            message = str(e)
+        message = start_up_failure(tmp_path, "import sys; sys.exit(3)")
         assert wanted in message and "File " not in message and "Traceback" not in message, message
