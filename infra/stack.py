@@ -129,10 +129,14 @@ def weed_grpc_sockets(s3_port: int) -> tuple[Path, ...]:
     """The Unix sockets `weed mini` makes for its gRPC servers, at paths no flag moves; it removes
     those of the master, volume and filer when it stops, not the S3's and admin's, and none when
     killed: each is removed after it stops, and before it starts (one killed with its supervisor)."""
-    grpc = {name: port + 10000 for name, port in weed_ports(s3_port).items() if name in GRPC_SERVERS}
-    grpc["s3"] = s3_port + 10000
     return tuple(Path(f"/tmp/seaweedfs-{name}-grpc-{port}.sock")  # noqa: S108 - SeaweedFS's fixed path
-                 for name, port in grpc.items())
+                 for name, port in weed_grpc_ports(s3_port).items())
+
+
+def weed_grpc_ports(s3_port: int) -> dict[str, int]:
+    """The gRPC port of each SeaweedFS server that has one, S3's included: its port + 10000."""
+    ports = weed_ports(s3_port)
+    return {**{name: ports[name] + 10000 for name in GRPC_SERVERS}, "s3": s3_port + 10000}
 
 
 def weed_ports(s3_port: int) -> dict[str, int]:
@@ -145,9 +149,8 @@ def embedded_ports(settings: StackSettings) -> dict[str, int]:
              "PALETTE_S3_PORT": settings.s3_port}
     for name, port in weed_ports(settings.s3_port).items():
         ports[f"PALETTE_S3_PORT (+{WEED_PORT_OFFSETS[name]}, SeaweedFS {name})"] = port
-    for name in GRPC_SERVERS:
-        ports[f"PALETTE_S3_PORT (SeaweedFS {name} gRPC)"] = weed_ports(settings.s3_port)[name] + 10000
-    ports["PALETTE_S3_PORT (S3 gRPC)"] = settings.s3_port + 10000
+    for name, port in weed_grpc_ports(settings.s3_port).items():
+        ports[f"PALETTE_S3_PORT ({'S3' if name == 's3' else 'SeaweedFS ' + name} gRPC)"] = port
     return ports
 
 

@@ -179,7 +179,9 @@ def _without_frames(lines: list[str]) -> list[str]:
     after "| "), each frame's source line and caret marks included; the rest stripped."""
     kept, in_frame = [], False
     for line in lines:
-        bare = line.strip().lstrip("|+- ").strip() if line.lstrip().startswith(("|", "+")) else line.strip()
+        bare = line.strip()
+        if bare.startswith(("|", "+")):  # inside an exception group
+            bare = bare.lstrip("|+- ")
         if bare.startswith('File "'):
             in_frame = True
             continue
@@ -345,11 +347,10 @@ def stop_strays(timeout_s: float = 10.0) -> list[int]:
     for pid in strays:
         while time.monotonic() < deadline and _running(pid):
             time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError):
-            if _running(pid):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
     return strays
 
 
