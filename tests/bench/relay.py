@@ -2,7 +2,8 @@
 producer, then on live traffic (~500 events/s, then ~2,000) commit -> read-model row through the
 real relay and projector processes, and event -> broker ack on a second relay in this process.
 
-Every relay here is ``adapters.bootstrap.build_relay``'s, run by its own loop (``Relay.run``);
+Every relay here is ``adapters.bootstrap.build_relay``'s, run by its own loop (``Relay.run``; the
+backlog's in a process of its own, ``relay_rates``);
 only its name (its saved position) and its topic are the bench's, and it has no watch for a
 broker that lost messages (that watch keeps the live relay's offsets), so the live one is untouched."""
 
@@ -29,8 +30,7 @@ from adapters.settings import Settings
 from application.services import PaletteService
 from domain.contracts.envelope import EventEnvelope
 from infra.kafka_admin import ensure_topics
-from projections.stored_events import encode_notification
-from tests.bench import rows_probe
+from tests.bench import relay_rates, rows_probe
 from tests.bench.harness import Profile, Results, Stack, percentile, say, service_on
 
 LAG_EVENTS_PER_S = 500  # job creations at half that rate: each commits 2 events
@@ -60,31 +60,18 @@ def bare_producer_rate(producer: Any, topic: str, values: list[tuple[bytes, byte
 
 
 def bench_relay(settings: Settings, prof: Profile, results: Results) -> None:
+    """Each rate in a process of its own, as a served relay's (``relay_rates``)."""
     rates, raw_rates, old_rates = [], [], []
     for rep in range(prof.repeats):
         topic = f"bench.relay.{rep}"
         ensure_topics(settings.effective_kafka_bootstrap, [topic, f"{topic}.raw"], settings.kafka_partitions)
-        relay = named_relay(settings, topic, f"bench-{uuid.uuid4().hex[:6]}")
-        head = relay.recorder.max_notification_id() or 0
-        stop = threading.Event()
-        loop = threading.Thread(target=relay.run, args=(stop,), daemon=True)
-        t0 = time.perf_counter()
-        loop.start()
-        while relay.acked < head and loop.is_alive():  # acked: sent, acknowledged and its position saved
-            time.sleep(0.001)
-        elapsed = time.perf_counter() - t0
-        stop.set()
-        loop.join(timeout=30)
-        if relay.acked < head:
-            raise RuntimeError(f"the relay stopped at {relay.acked} of {head} events")
-        rates.append(head / elapsed)
+        head, rate = relay_rates.in_own_process(relay_rates.relay_rate, settings, topic)
+        rates.append(rate)
         # The client's ceiling: a bare producer sending the same envelopes, already encoded.
-        values = [(str(n.originator_id).encode(), encode_notification(n, relay.transcoder))
-                  for n in relay.recorder.select_notifications(start=1, limit=head)]
-        relay.close()
-        raw_rates.append(bare_producer_rate(kafka_io.LogProducer(settings), f"{topic}.raw", values))
+        raw_rates.append(relay_rates.in_own_process(relay_rates.producer_rate, settings, f"{topic}.raw", "librdkafka"))
         # The client the relay had before (kafka-python), for the same envelopes: the old ceiling.
-        old_rates.append(bare_producer_rate(kafka_io.producer(settings, linger_ms=5), f"{topic}.raw", values))
+        old_rates.append(relay_rates.in_own_process(relay_rates.producer_rate, settings, f"{topic}.raw",
+                                                    "kafka-python"))
     # One message at a time, each waiting for its ack: the broker's own produce latency.
     producer = kafka_io.LogProducer(settings, linger_ms=0)
     acks = []

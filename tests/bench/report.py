@@ -67,9 +67,11 @@ MEASURES: dict[str, str] = {
     "naive_hot_stream_results_per_s": "the same with the direct executor, each 409 conflict retried",
     "relay_backlog_events": "events in the log the relay figures publish",
     "relay_events_per_s": "events per second of the relay (bootstrap.build_relay, Relay.run) from position 0 "
-                          "until the last event is acknowledged and its position saved, to a fresh topic",
+                          "until the last event is acknowledged and its position saved, to a fresh topic; in a "
+                          "process of its own with a served process's collector settings (tests/bench/relay_rates.py)",
     "raw_producer_events_per_s": "a bare producer of the relay's client (kafka_io.LogProducer: librdkafka, linger "
-                                 "5 ms) sending the same envelopes, encoded beforehand, to a fresh topic",
+                                 "5 ms) sending the same envelopes, encoded beforehand, to a fresh topic; in a process "
+                                 "of its own, as the relay",
     "raw_kafka_python_events_per_s": "the same with the relay's former client (kafka-python, linger 5 ms; "
                                      "kafka_io.producer, which the dispatcher and the GPU worker keep)",
     "raw_produce_ack_p50_ms": f"one message sent by the relay's client (linger 0) and its ack awaited, "

@@ -1,0 +1,37 @@
+"""The relay's backlog figure (tests/bench/relay_rates.py), measured in a process of its own on the
+session's stack: the relay it times publishes the whole log, and its position ends at the head."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+
+from adapters.bootstrap import open_event_store
+from adapters.positions import DDL
+from adapters.settings import Settings
+from application.services import PaletteService
+from infra.kafka_admin import ensure_topics
+from tests.bench import relay_rates
+
+
+def test_the_timed_relay_publishes_the_whole_log_and_records_its_position(
+        settings: Settings, service: PaletteService) -> None:
+    user = service.register(f"rates-{uuid.uuid4().hex}").value[0]
+    service.create_job(user, "interior", 2)
+    app = open_event_store(settings, pool_size=1)
+    try:
+        head = app.recorder.max_notification_id()
+    finally:
+        app.close()
+    topic = f"test.relay-rates.{uuid.uuid4().hex[:8]}"
+    ensure_topics(settings.effective_kafka_bootstrap, [topic], settings.kafka_partitions)
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        for statement in DDL:  # the relay's tables, as any relay makes them
+            conn.execute(statement)
+        before = {name for (name,) in conn.execute("SELECT name FROM palette_relay.positions").fetchall()}
+        published, rate = relay_rates.in_own_process(relay_rates.relay_rate, settings, topic)
+        after = dict(conn.execute("SELECT name, position FROM palette_relay.positions").fetchall())
+    assert published >= head and rate > 0
+    [name] = set(after) - before  # the timed relay's own position, saved once the broker acknowledged
+    assert name.startswith("bench-") and after[name] == published
