@@ -29,9 +29,10 @@ from psycopg import sql
 
 from adapters.positions import DDL, RELAY_NAME, PgPositions, Positions
 from domain.contracts import trace as tracing
-from domain.contracts.envelope import EventEnvelope
+from domain.contracts.envelope import EventEnvelope, decode
 from domain.contracts.topics import EVENTS as EVENTS_TOPIC
-from projections.stored_events import from_notification, notification_message
+from projections.log import LogReader, StoredRow
+from projections.stored_events import split_topic, stored_message
 
 if TYPE_CHECKING:
     from adapters.rollover import LogRollover
@@ -43,9 +44,10 @@ NOTIFY_CHANNEL = "palette_events"
 LOGGED_EVENTS = (".JobQueued", ".JobFinished", ".JobCanceled")
 
 
-def _log_published(envelope: EventEnvelope) -> None:
-    log.info("published %s of job %s (event %d)", envelope.type, envelope.stream_id, envelope.id,
-             extra={"job_id": str(envelope.stream_id), "trace_id": tracing.trace_id(envelope.trace) or None})
+def _log_published(row: StoredRow, trace: str) -> None:
+    position, stream_id, _, topic, _ = row
+    log.info("published %s of job %s (event %d)", split_topic(topic)[1], stream_id, position,
+             extra={"job_id": stream_id, "trace_id": tracing.trace_id(trace) or None})
 
 
 def install_wakeup(conn: psycopg.Connection[Any], schema: str, events_table: str) -> None:
@@ -227,6 +229,7 @@ class Relay:
         self.app = app  # owns the recorder's connection pool
         self.recorder = app.recorder
         self.transcoder = app.mapper.transcoder
+        self.pages: Callable[[int, int], list[StoredRow]] = LogReader(self.recorder, self.transcoder).rows
         self.producer = producer
         self.positions = positions
         self.name = name
@@ -234,7 +237,7 @@ class Relay:
         self.batch_size = batch_size
         self.published = 0
         self.acked = 0
-        self._in_flight: tuple[int, list[Any], Any] | None = None
+        self._in_flight: tuple[int, list[Any], list[StoredRow], list[tuple[bytes, str]]] | None = None
         self.on_acked = on_acked  # measurement hook (commit-to-ack latency in the benchmark)
         self.wakeup = wakeup
         self.loss = loss
@@ -253,21 +256,23 @@ class Relay:
         Pipelined: the batch in flight is acknowledged while the next one is read and encoded, and
         the next one is sent before the acknowledged one's position is saved; the saved position
         only ever covers acknowledged events (``acked``)."""
-        notifications = self.recorder.select_notifications(start=position + 1, limit=self.batch_size)
-        if not notifications:
+        rows = self.pages(position + 1, self.batch_size)
+        if not rows:
             self.drain()
             return position
-        messages = [notification_message(n, self.transcoder) for n in notifications]
+        transcoder = self.transcoder
+        messages = [stored_message(*row, transcoder) for row in rows]
         acked = self._acknowledged()  # the previous batch (sent, or leaving now)
         if self._lost:
             return position  # publishing again from what a consumer still needs, not from here
-        futures = [self.producer.send(self.topic, key=str(n.originator_id).encode(), value=value,
-                                      headers=[(tracing.HEADER, trace.encode())] if trace else None)
-                   for n, (value, trace) in zip(notifications, messages, strict=True)]
-        self._in_flight = (int(notifications[-1].id), futures, notifications)
+        send, topic = self.producer.send, self.topic
+        futures = [send(topic, key=row[1].encode(), value=value,
+                        headers=[(tracing.HEADER, trace.encode())] if trace else None)
+                   for row, (value, trace) in zip(rows, messages, strict=True)]
+        self._in_flight = (rows[-1][0], futures, rows, messages)
         if acked is not None:
             self._record(*acked)
-        return int(notifications[-1].id)
+        return rows[-1][0]
 
     def drain(self) -> None:
         """Wait for the batch in flight to be acknowledged, then record its position."""
@@ -275,12 +280,12 @@ class Relay:
         if acked is not None:
             self._record(*acked)
 
-    def _acknowledged(self) -> tuple[int, list[Any]] | None:
+    def _acknowledged(self) -> tuple[int, list[StoredRow], list[tuple[bytes, str]]] | None:
         """The batch in flight, sent now and acknowledged (raises when the broker did not, and
         the position stays put); None when none was in flight or the broker lost messages."""
         if self._in_flight is None:
             return None
-        last, futures, notifications = self._in_flight
+        last, futures, rows, messages = self._in_flight
         self.producer.flush()  # only this batch: the next one is sent after it
         metas = [f.get(timeout=30) for f in futures]
         self._in_flight = None
@@ -289,25 +294,25 @@ class Relay:
         if self.loss is not None and self.loss.on_acks([(m.partition, m.offset) for m in metas]):
             self._lost = True
             return None
-        return last, notifications
+        return last, rows, messages
 
-    def _record(self, last: int, notifications: list[Any]) -> None:
+    def _record(self, last: int, rows: list[StoredRow], messages: list[tuple[bytes, str]]) -> None:
         """An acknowledged batch: its log lines and hooks (as of its acknowledgement), then its
         position (with its offsets)."""
-        for n in notifications:  # a suffix test per event; a few decodes per job
-            if n.topic.endswith(LOGGED_EVENTS):
-                _log_published(from_notification(n, self.transcoder))
+        for row, (_, trace) in zip(rows, messages, strict=True):  # a suffix test per event
+            if row[3].endswith(LOGGED_EVENTS):
+                _log_published(row, trace)
         if self.on_acked is not None:
-            self.on_acked([from_notification(n, self.transcoder) for n in notifications])
+            self.on_acked([decode(value) for value, _ in messages])
         if self.observe_ack is not None:  # one decode per batch: its oldest event, the longest wait
-            oldest = from_notification(notifications[0], self.transcoder).timestamp
+            oldest = decode(messages[0][0]).timestamp
             self.observe_ack((datetime.now(UTC) - oldest).total_seconds())
         if self.loss is not None:
             self.loss.save(last)
         else:
             self.positions.save(self.name, last)
         self.acked = last
-        self.published += len(notifications)
+        self.published += len(rows)
 
     def _recover_or_wait(self, stop: threading.Event, position: int) -> int:
         """``_recover``; a broker that does not answer yet is waited for (the loss is still known

@@ -1,6 +1,7 @@
-"""Reading the event log for projectors: pages in commit order (the sweep) and the versions of
-given streams (filling a hole a lost broker message left). Works on eventsourcing's PostgreSQL
-recorder (one SQL query for all streams) and its in-memory recorder (a scan, for tests)."""
+"""Reading the event log for projectors and the relay: pages in commit order (the sweep; the
+relay's, as plain rows) and the versions of given streams (filling a hole a lost broker message
+left). Works on eventsourcing's PostgreSQL recorder (one SQL query for all streams) and its
+in-memory recorder (a scan, for tests)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
+import psycopg
+from eventsourcing.utils import retry
 from psycopg import sql
 from psycopg.rows import tuple_row
 
@@ -16,6 +19,8 @@ from domain.contracts.streams import topic_prefix
 from projections.stored_events import from_notification, from_stored
 
 SCAN_PAGE = 5000
+# A stored event as the relay publishes it: (position, stream id as its text, version, topic, state).
+StoredRow = tuple[int, str, int, str, bytes]
 
 
 def events_table(recorder: Any) -> sql.Identifier:
@@ -64,6 +69,21 @@ class LogReader:
         streams: dict[UUID, UUID] = {}
         return [from_stored(position, streams.setdefault(stream_id, stream_id), version, topic, state, self.transcoder)
                 for position, stream_id, version, topic, state in rows]
+
+    @retry((psycopg.InterfaceError, psycopg.OperationalError), max_attempts=10, wait=0.2)  # as the recorder's reads
+    def rows(self, start: int, limit: int) -> list[StoredRow]:
+        """Up to ``limit`` stored events from position ``start`` on, in commit order, as the relay
+        publishes them. eventsourcing's ``select_notifications`` makes a ``Notification`` and a
+        ``UUID`` of each row (from a dictionary), most of the relay's time over a backlog; on
+        PostgreSQL these are binary tuples, the stream id as its text (the message's key)."""
+        if self.events_table is None:
+            return [(n.id, str(n.originator_id), n.originator_version, n.topic, n.state)
+                    for n in self.recorder.select_notifications(start=start, limit=limit)]
+        query = sql.SQL("SELECT notification_id, originator_id::text, originator_version, topic, state FROM {} "
+                        "WHERE notification_id >= %s ORDER BY notification_id LIMIT %s").format(self.events_table)
+        with self.recorder.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row, binary=True) as cur:
+            rows: list[StoredRow] = cur.execute(query, [start, limit], prepare=True).fetchall()
+        return rows
 
     @property
     def events_table(self) -> sql.Identifier | None:

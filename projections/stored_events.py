@@ -46,8 +46,13 @@ def _plain_hook(obj: dict[str, Any]) -> Any:
         return obj
     data = obj["_data_"]
     if kind == "uuid_hex":
-        return f"{data[:8]}-{data[8:12]}-{data[12:16]}-{data[16:20]}-{data[20:]}"
+        return _uuid_text(data)
     return data
+
+
+def _uuid_text(data: str) -> str:
+    """A UUID's 32 hex digits in its dashed form."""
+    return f"{data[:8]}-{data[8:12]}-{data[12:16]}-{data[16:20]}-{data[20:]}"
 
 
 class _FloatSeen(Exception):
@@ -56,10 +61,18 @@ class _FloatSeen(Exception):
 
 def _plain_tree(value: Any) -> Any:
     """``value`` (parsed by orjson) with ``_plain_hook`` applied to every object, innermost first,
-    as ``json.loads(..., object_hook=_plain_hook)`` gives it; containers are changed in place."""
+    as ``json.loads(..., object_hook=_plain_hook)`` gives it; containers are changed in place.
+    A typed value of two text fields (a UUID, a time: most of what an event holds) is made plain
+    where it is met, without a call of its own: nothing inside it could change."""
     if type(value) is dict:
         for key, item in value.items():
-            if type(item) is dict or type(item) is list:
+            if type(item) is dict:
+                kind, data = item.get("_type_"), item.get("_data_")
+                if type(kind) is str and type(data) is str and len(item) == 2:
+                    value[key] = _uuid_text(data) if kind == "uuid_hex" else data
+                else:
+                    value[key] = _plain_tree(item)
+            elif type(item) is list:
                 value[key] = _plain_tree(item)
             elif type(item) is float:
                 raise _FloatSeen
@@ -152,13 +165,21 @@ def from_stored(position: int, stream_id: UUID, version: int, topic: str, state:
 
 
 def notification_message(notification: Any, transcoder: Any) -> tuple[bytes, str]:
-    """The envelope's JSON straight from a stored notification, and its trace (the relay's path)."""
-    state, moment, trace, by_orjson = _readable_state(notification.topic, notification.state, transcoder)
-    stream_type, event_type = split_topic(notification.topic)
-    state.pop("originator_topic", None)
+    """The envelope's JSON straight from a stored notification, and its trace (replay's path)."""
+    return stored_message(notification.id, str(notification.originator_id), notification.originator_version,
+                          notification.topic, notification.state, transcoder)
+
+
+def stored_message(position: int, stream_id: str, version: int, topic: str, state: bytes,
+                   transcoder: Any) -> tuple[bytes, str]:
+    """The envelope's JSON and its trace from a stored event's columns, its stream id as text
+    (the relay's path: a page read as plain rows, no ``Notification`` or ``UUID`` per event)."""
+    data, moment, trace, by_orjson = _readable_state(topic, state, transcoder)
+    stream_type, event_type = split_topic(topic)
+    data.pop("originator_topic", None)
     envelope = {
-        "id": notification.id, "stream_id": str(notification.originator_id), "stream_type": stream_type,
-        "version": notification.originator_version, "type": event_type, "timestamp": moment.isoformat(), "data": state,
+        "id": position, "stream_id": stream_id, "stream_type": stream_type, "version": version,
+        "type": event_type, "timestamp": moment.isoformat(), "data": data,
     }
     if trace:
         envelope["trace"] = trace

@@ -154,7 +154,8 @@ def test_an_event_waiting_as_a_dead_letter_is_not_work_for_the_sweep(
 
 def test_a_page_read_in_one_query_is_what_the_recorder_gives(service: PaletteService, reader: LogReader) -> None:
     """The log's pages for the sweep and the catch-up (one SQL query of plain rows) hold the same
-    envelopes, in the same order, as the recorder's own notifications made into envelopes."""
+    envelopes, in the same order, as the recorder's own notifications made into envelopes; the
+    relay's pages hold the same rows as those notifications."""
     user = service.register(f"page-{uuid.uuid4().hex}").value[0]
     service.create_job(user, "interior", 2)
     head = reader.head()
@@ -165,6 +166,12 @@ def test_a_page_read_in_one_query_is_what_the_recorder_gives(service: PaletteSer
     assert page == expected and len(page) >= 2  # (a rolled-back commit leaves a gap in the positions)
     assert reader.read(after, head, 7) == expected[:7]
     assert reader.read(head, head, 10) == [] and reader.read(head, head - 5, 10) == []
+    # The relay's pages: the same events as plain rows, the stream id as its text.
+    notifications = reader.recorder.select_notifications(start=after + 1, limit=1000)
+    rows = reader.rows(after + 1, 1000)
+    assert rows == [(n.id, str(n.originator_id), n.originator_version, n.topic, n.state) for n in notifications]
+    assert [type(v) for v in rows[-1]] == [int, str, int, str, bytes]
+    assert reader.rows(after + 1, 3) == rows[:3] and reader.rows(head + 1, 10) == []
 
 
 def test_after_catching_up_from_the_log_the_consumer_skips_what_the_relay_had_published_up_to_there(

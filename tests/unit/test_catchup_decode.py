@@ -44,7 +44,12 @@ typed = st.one_of(
     st.builds(lambda s: {"_type_": "decimal_str", "_data_": s}, st.text(max_size=10)),
 )
 values = st.recursive(scalars | typed, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)), max_leaves=20)
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    # Typed values holding more than one text, or beside other fields: made plain inside out.
+    st.builds(lambda kind, data: {"_type_": kind, "_data_": data}, st.sampled_from(["set", 7]), inner),
+    st.builds(lambda kind, data, extra: {"_type_": kind, "_data_": data, "also": extra},
+              st.sampled_from(["datetime_iso", 7]), st.text(max_size=4), inner),
+    st.builds(lambda data: {"_data_": data}, inner)), max_leaves=20)
 payloads = st.dictionaries(st.text(alphabet="abcdefghij", min_size=1, max_size=6).map(lambda k: "k" + k), values,
                            max_size=6)
 

@@ -4,6 +4,7 @@ and a saved position never covers an event the broker has not acknowledged."""
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from adapters.relay import LossWatch, Relay
+from projections.stored_events import from_notification
 from tests.unit.test_broker_loss import FakeBroker, FakeState
 from tests.unit.test_read_side_faults import Stored
 
@@ -139,3 +141,27 @@ def test_every_event_is_published_once_whatever_the_batch_boundaries(events: int
     while (after := r.step(position)) != position:  # an empty read drains the last batch
         position = after
     assert broker.acked == list(range(1, events + 1)) and positions.saved == events
+
+
+def test_a_jobs_milestone_is_logged_once_acknowledged_with_its_trace(caplog: pytest.LogCaptureFixture) -> None:
+    """The relay's lines for a job's milestones come from the rows and messages it sent (no second
+    decode): the job, the event's position and its trace id, after the broker acknowledged it;
+    the measurement hook gets the envelopes as stored."""
+    trace_id = uuid.uuid4().hex
+    traceparent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
+    app = App(3)
+    job = app.recorder.log[0].originator_id
+    app.recorder.log[1] = Stored(2, job, 2, "domain.job:Job.JobQueued", json.dumps(
+        {"timestamp": "2026-01-01T00:00:01+00:00", "protect": [], "_trace": traceparent}).encode())
+    seen: list[Any] = []
+    broker = Broker()
+    r = Relay(app, broker, Positions(broker), batch_size=3, on_acked=seen.extend)
+    with caplog.at_level(logging.INFO, logger="palette.relay"):
+        position = r.step(0)
+        assert not [rec for rec in caplog.records if rec.getMessage().startswith("published")]  # not acked yet
+        r.step(position)
+    lines = [rec for rec in caplog.records if rec.getMessage().startswith("published")]
+    assert [rec.getMessage() for rec in lines] == [f"published JobQueued of job {job} (event 2)"]
+    assert (lines[0].job_id, lines[0].trace_id) == (str(job), trace_id)  # type: ignore[attr-defined]
+    assert seen == [from_notification(n, None) for n in app.recorder.log]
+    assert seen[1].trace == traceparent and "_trace" not in seen[1].data
