@@ -141,6 +141,8 @@ def _readable_state(topic: str, raw: bytes, transcoder: Any) -> tuple[dict[str, 
         state, by_orjson = _state(topic, raw, transcoder)
         timestamp = state.pop("timestamp")
         moment = timestamp if isinstance(timestamp, datetime) else datetime.fromisoformat(timestamp)
+        if moment.tzinfo is None:  # eventsourcing stamps every event with its offset; no envelope goes without
+            raise ValueError("the timestamp carries no UTC offset")
         return state, moment, tracing.valid(state.pop(tracing.TRACE_KEY, "")), by_orjson
     except Exception as exc:  # noqa: BLE001 - any stored bytes at all
         why = f"{type(exc).__name__}: {exc}"[:500].encode("ascii", "backslashreplace").decode()

@@ -33,7 +33,8 @@ class NoTranscoder:
 
 
 def test_an_undecodable_stored_event_becomes_an_envelope_every_fold_parks() -> None:
-    for state in (b"{not json", b"\x00\x01", b'{"no_timestamp": 1}', b'{"timestamp": "yesterday"}'):
+    for state in (b"{not json", b"\x00\x01", b'{"no_timestamp": 1}', b'{"timestamp": "yesterday"}',
+                  b'{"timestamp": "2026-01-01T00:00:00"}'):  # no offset: no consumer could take its envelope
         n = Stored(7, uuid.uuid4(), 1, "domain.job:Job.JobCreated", state)
         env = from_notification(n, NoTranscoder())
         assert UNREADABLE in env.data and env.type == "JobCreated"
