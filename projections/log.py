@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
-import psycopg
+from eventsourcing.persistence import InterfaceError, OperationalError
 from eventsourcing.utils import retry
 from psycopg import sql
 from psycopg.rows import tuple_row
@@ -70,7 +70,8 @@ class LogReader:
         return [from_stored(position, streams.setdefault(stream_id, stream_id), version, topic, state, self.transcoder)
                 for position, stream_id, version, topic, state in rows]
 
-    @retry((psycopg.InterfaceError, psycopg.OperationalError), max_attempts=10, wait=0.2)  # as the recorder's reads
+    # As the recorder's reads: its pool raises eventsourcing's errors (a dropped connection), not psycopg's.
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def rows(self, start: int, limit: int) -> list[StoredRow]:
         """Up to ``limit`` stored events from position ``start`` on, in commit order, as the relay
         publishes them. eventsourcing's ``select_notifications`` makes a ``Notification`` and a

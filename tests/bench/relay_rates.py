@@ -102,6 +102,10 @@ def in_own_process(target: Callable[..., None], *args: Any) -> Any:
                 return out.get(timeout=1)
             except queue.Empty:
                 if not process.is_alive():
+                    try:  # its result may have come as it ended
+                        return out.get(timeout=1)
+                    except queue.Empty:
+                        pass
                     raise RuntimeError(f"{target.__name__} ended without a result (exit {process.exitcode})") from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{target.__name__} gave no result in {RESULT_WAIT_S} s") from None

@@ -174,6 +174,23 @@ def test_a_page_read_in_one_query_is_what_the_recorder_gives(service: PaletteSer
     assert reader.rows(after + 1, 3) == rows[:3] and reader.rows(head + 1, 10) == []
 
 
+def test_the_relays_page_read_survives_a_dropped_connection(settings: Settings, service: PaletteService) -> None:
+    """A pooled connection the server ended (a restart, an idle timeout) is retried, as the
+    recorder's own reads are, rather than stopping the relay."""
+    service.register(f"dropped-{uuid.uuid4().hex}")
+    app = open_event_store(settings, pool_size=1)
+    try:
+        reader = LogReader.of(app)
+        expected = reader.rows(1, 5)
+        with app.recorder.datastore.get_connection() as pooled:
+            backend = pooled.info.backend_pid
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            assert conn.execute("SELECT pg_terminate_backend(%s)", [backend]).fetchone() == (True,)
+        assert reader.rows(1, 5) == expected and len(expected) >= 2
+    finally:
+        app.close()
+
+
 def test_after_catching_up_from_the_log_the_consumer_skips_what_the_relay_had_published_up_to_there(
         apps: EmbeddedStack, settings: Settings, service: PaletteService, store: PgReadStore,
         reader: LogReader) -> None:

@@ -4,6 +4,7 @@ only a failure of the database itself counts as transient."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 
@@ -34,7 +35,10 @@ class NoTranscoder:
 
 def test_an_undecodable_stored_event_becomes_an_envelope_every_fold_parks() -> None:
     for state in (b"{not json", b"\x00\x01", b'{"no_timestamp": 1}', b'{"timestamp": "yesterday"}',
-                  b'{"timestamp": "2026-01-01T00:00:00"}'):  # no offset: no consumer could take its envelope
+                  b'{"timestamp": "2026-01-01T00:00:00"}',  # no offset: no consumer could take its envelope
+                  # A typed value beside a field holding a malformed one: the field is read too.
+                  b'{"timestamp": "2026-01-01T00:00:00+00:00", "k": {"_type_": "x", "_data_": "y", '
+                  b'"e": {"_type_": "uuid_hex", "_data_": 1}}}'):
         n = Stored(7, uuid.uuid4(), 1, "domain.job:Job.JobCreated", state)
         env = from_notification(n, NoTranscoder())
         assert UNREADABLE in env.data and env.type == "JobCreated"
@@ -61,3 +65,15 @@ def test_an_error_message_quoting_the_bad_value_can_be_stored() -> None:
     assert "\x00" not in text
     text.encode("utf-8")  # no lone surrogate left
     assert storable("x" * 5000).__len__() == 2000
+
+
+def test_a_state_nested_deeper_than_orjson_writes_is_published_as_read() -> None:
+    """orjson reads 1,024 levels but writes 255: such a state leaves as ``json`` writes it (before,
+    the relay stopped on it, again at every restart)."""
+    deep: object = 7
+    for _ in range(300):
+        deep = [deep]
+    n = Stored(7, uuid.uuid4(), 1, "domain.job:Job.JobCreated",
+               json.dumps({"timestamp": "2026-01-01T00:00:00+00:00", "k": {"deep": deep}}).encode())
+    env = from_notification(n, NoTranscoder())
+    assert env.data == {"k": {"deep": deep}} and decode(encode_notification(n, NoTranscoder())) == env
