@@ -181,16 +181,13 @@ class JobRows:
         """What the probe found so far (``wait``: until it ends)."""
         deadline = time.monotonic() + rows_probe.WAIT_AFTER_S + 30
         while not self._ended:
-            try:
-                batch = self._found.get(timeout=1) if wait else self._found.get_nowait()
-            except queue.Empty:
-                if not wait:
+            if wait:
+                batch = relay_rates.from_child(self._poller, self._found, deadline, "the read-model probe")
+            else:
+                try:
+                    batch = self._found.get_nowait()
+                except queue.Empty:
                     return
-                if not self._poller.is_alive() and self._found.empty():
-                    raise RuntimeError(f"the read-model probe exited ({self._poller.exitcode})") from None
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the read-model probe stopped answering") from None
-                continue
             if batch is None:
                 self._ended = True
             else:

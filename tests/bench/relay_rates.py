@@ -22,22 +22,18 @@ RESULT_WAIT_S = 600  # a run's result, at most: a backlog of a few hundred thous
 
 
 class FirstIdle:
-    """The relay's wakeup while it measures: the first time the relay waits for new events with
-    the whole backlog acknowledged, the time is taken and the relay stopped (no thread polls it)."""
+    """The relay's wakeup while it measures: the relay waits for new events only once it has
+    published and recorded all there were, so the first wait takes the time and stops it (no
+    thread polls it)."""
 
-    def __init__(self, relay: Any, head: int, stop: Any) -> None:
-        self.relay = relay
-        self.head = head
+    def __init__(self, stop: Any) -> None:
         self.stop = stop
         self.done_at: float | None = None
 
     def wait(self, timeout_s: float) -> bool:
-        if self.relay.acked >= self.head:
-            self.done_at = time.perf_counter()
-            self.stop.set()
-            return False
-        time.sleep(min(timeout_s, 0.001))  # not reached over a backlog, only if the log ran dry early
-        return True
+        self.done_at = time.perf_counter()
+        self.stop.set()
+        return False
 
 
 def relay_rate(settings: Settings, topic: str, out: Any) -> None:
@@ -52,7 +48,7 @@ def relay_rate(settings: Settings, topic: str, out: Any) -> None:
     try:
         head = relay.recorder.max_notification_id() or 0
         stop = threading.Event()
-        idle = FirstIdle(relay, head, stop)
+        idle = FirstIdle(stop)
         if relay.wakeup is not None:
             relay.wakeup.close()
         relay.wakeup = idle
@@ -96,21 +92,25 @@ def in_own_process(target: Callable[..., None], *args: Any) -> Any:
     process = spawn.Process(target=target, args=(*args, out), daemon=True)
     process.start()
     try:
-        deadline = time.monotonic() + RESULT_WAIT_S
-        while True:
-            try:
-                return out.get(timeout=1)
-            except queue.Empty:
-                if not process.is_alive():
-                    try:  # its result may have come as it ended
-                        return out.get(timeout=1)
-                    except queue.Empty:
-                        pass
-                    raise RuntimeError(f"{target.__name__} ended without a result (exit {process.exitcode})") from None
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{target.__name__} gave no result in {RESULT_WAIT_S} s") from None
+        return from_child(process, out, time.monotonic() + RESULT_WAIT_S, target.__name__)
     finally:
         process.join(timeout=30)
         if process.is_alive():
             process.kill()
             process.join()
+
+
+def from_child(process: Any, out: Any, deadline: float, what: str) -> Any:
+    """The next item the spawned ``process`` puts on ``out``; raises once it has ended without
+    one, or at ``deadline`` (``time.monotonic``)."""
+    while True:
+        try:
+            return out.get(timeout=1)
+        except queue.Empty:
+            if not process.is_alive():
+                try:  # put just as it ended
+                    return out.get(timeout=1)
+                except queue.Empty:
+                    raise RuntimeError(f"{what} exited ({process.exitcode})") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} stopped answering") from None
