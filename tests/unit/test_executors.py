@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from uuid import UUID
 
@@ -20,6 +22,13 @@ from tests.keys import process_keys
 from tests.simulation import Ids, StepClock
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    """Spin until ``condition`` holds (another thread makes it so), failing after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
 
 
 def _service(group_commit: bool) -> PaletteService:
@@ -62,8 +71,7 @@ def test_a_read_queued_with_a_write_sees_the_state_before_that_batch_and_never_a
     seen: list[int] = []
     reader = threading.Thread(target=lambda: seen.append(committer.read(user_id).granted))  # type: ignore[union-attr]
     reader.start()
-    while committer._queue.qsize() == 0:  # the read is queued before the write
-        pass
+    _until(lambda: committer._queue.qsize() == 1)  # the read is queued before the write
 
     def grant(uow):  # type: ignore[no-untyped-def]
         uow.get(User, user_id).grant(7, "x", StepClock().now())
@@ -110,7 +118,10 @@ def test_coroutines_waiting_on_the_group_committer_hold_no_thread_and_all_get_th
     gate, all_queued = threading.Event(), threading.Event()
     threads_while_waiting: list[int] = []
 
+    holding = threading.Event()
+
     def hold(uow):  # type: ignore[no-untyped-def]
+        holding.set()
         gate.wait(10)  # the writer is busy: every coroutine below queues behind this
 
     def grant(amount: int):  # type: ignore[no-untyped-def]
@@ -124,9 +135,14 @@ def test_coroutines_waiting_on_the_group_committer_hold_no_thread_and_all_get_th
 
     async def main() -> tuple[list[int], int]:
         blocked = committer.submit(hold)
+        # The writer holds before anything else is queued: had it woken late, it would have taken
+        # hold and the grants queued so far as one batch, and the queue would never fill.
+        assert holding.wait(10)
         grants = [asyncio.ensure_future(committer.execute_async(grant(i))) for i in range(1, waiting + 1)]
         read = asyncio.ensure_future(svc.get_user_async(user_id))
+        deadline = time.monotonic() + 10
         while committer._queue.qsize() < waiting + 1:
+            assert time.monotonic() < deadline, committer._queue.qsize()
             await asyncio.sleep(0)  # let every task reach the queue
         all_queued.set()
         gate.set()
@@ -134,7 +150,10 @@ def test_coroutines_waiting_on_the_group_committer_hold_no_thread_and_all_get_th
         return [c.value for c in await asyncio.gather(*grants)], (await read).credits
 
     threads_before = threading.active_count()
-    granted, credits_read = asyncio.run(main())
+    try:
+        granted, credits_read = asyncio.run(main())
+    finally:
+        gate.set()
     assert granted == list(range(1, waiting + 1))
     assert credits_read == 50  # the read queued with the grants sees the state before their batch
     assert svc.get_user(user_id).credits == 50 + sum(range(1, waiting + 1))
