@@ -336,22 +336,31 @@ class GroupCommitter:
 
     def start(self) -> GroupCommitter:
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="group-commit", daemon=True)
-                self._thread.start()
+            self._start()
         return self
 
+    def _start(self) -> None:
+        # Each writer reads a queue of its own: a stopping writer's marker, and the commands queued
+        # before it, are never taken by the writer started after it (both would wait forever).
+        if self._thread is None:
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._loop, args=(self._queue,), name="group-commit",
+                                            daemon=True)
+            self._thread.start()
+
     def stop(self) -> None:
+        """Serve what was queued, then end the writer; a command queued later starts another."""
         with self._lock:
             thread, self._thread = self._thread, None
+            if thread is not None:
+                self._queue.put(None)
         if thread is not None:
-            self._queue.put(None)
             thread.join()
 
     def _enqueue(self, pending: _Pending) -> None:
-        if self._thread is None:
-            self.start()
-        self._queue.put(pending)
+        with self._lock:  # never behind a stopping writer's marker
+            self._start()
+            self._queue.put(pending)
 
     def submit(self, command: Command[T]) -> Future[Committed[T]]:
         future: Future[Committed[T]] = Future()
@@ -383,19 +392,19 @@ class GroupCommitter:
         committed: Committed[T] = await outcome.future
         return committed.value
 
-    def _loop(self) -> None:
+    def _loop(self, commands: queue.SimpleQueue[_Pending | None]) -> None:
         while True:
-            first = self._queue.get()
+            first = commands.get()
             if first is None:
                 return
             batch = [first]
             while len(batch) < self.max_batch:
                 try:
-                    nxt = self._queue.get_nowait()
+                    nxt = commands.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
-                    self._queue.put(None)  # stop after this batch
+                    commands.put(None)  # stop after this batch
                     break
                 batch.append(nxt)
             try:

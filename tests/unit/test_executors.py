@@ -229,3 +229,38 @@ def test_a_result_for_an_id_that_holds_a_user_or_a_rule_is_not_found_and_spoils_
     finally:
         if group_commit:
             svc.executor.stop()  # type: ignore[attr-defined]
+
+
+def test_stopping_while_commands_arrive_leaves_no_caller_and_no_stop_waiting_forever() -> None:
+    """A command that comes as the writer stops is served, by it or by the writer it starts; and
+    stop returns: a stopping writer's marker is never taken by the writer that follows it."""
+    svc = _service(group_commit=True)
+    committer = svc.executor
+    assert isinstance(committer, GroupCommitter)
+    user_id, _ = svc.register("stopping").value
+    ended = threading.Event()
+    answers: list[list[int]] = [[], [], []]
+
+    def read(uow):  # type: ignore[no-untyped-def]
+        return uow.get(User, user_id).granted
+
+    def arrive(answered: list[int]) -> None:  # a caller at a time, as a request waits for its answer
+        while not ended.is_set():
+            answered.append(committer.submit(read).result(timeout=10).value)
+
+    callers = [threading.Thread(target=arrive, args=(a,), daemon=True) for a in answers]
+    for caller in callers:
+        caller.start()
+    try:
+        for _ in range(300):
+            stopping = threading.Thread(target=committer.stop, daemon=True)
+            stopping.start()
+            stopping.join(10)
+            assert not stopping.is_alive(), "stop waits on a writer that will never end"
+    finally:
+        ended.set()
+        for caller in callers:
+            caller.join(15)
+    assert not any(caller.is_alive() for caller in callers), "a caller was never answered"
+    assert all(a and set(a) == {50} for a in answers)
+    committer.stop()
