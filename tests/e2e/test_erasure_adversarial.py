@@ -348,7 +348,7 @@ def test_a_users_first_key_made_by_many_processes_at_once_is_one_key_for_all(set
             ensure_keyring(conn)
         keyring = PgKeyring(pool, settings.device_key_secret)
         for _ in range(100):
-            user_id, ready = uuid.uuid4(), Barrier(8)
+            user_id, ready = uuid.uuid4(), Barrier(8, timeout=30)
 
             def make(user_id: uuid.UUID = user_id, ready: Barrier = ready) -> bytes:
                 ready.wait()

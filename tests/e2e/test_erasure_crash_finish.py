@@ -180,7 +180,7 @@ def test_two_sweepers_finishing_one_erasure_at_once_record_erased_once_and_both_
     _crash_mid_erasure(settings, user_id, "recording Erased")
     sweepers = [build_sweeper(settings) for _ in range(2)]
     try:
-        ready = threading.Barrier(2)
+        ready = threading.Barrier(2, timeout=30)
 
         def finish(sweeper: Sweeper) -> int:
             ready.wait()

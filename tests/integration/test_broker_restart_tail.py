@@ -61,7 +61,8 @@ def test_after_a_loss_the_projector_tails_the_event_log_until_the_broker_deliver
         later = new_job(service)
         later_head = reader.head()
         while position < later_head:
-            position = relay.step(position)
+            before, position = position, relay.step(position)
+            assert position > before, "the relay stopped short of the log's head"
         relay.drain()
 
         def delivered_again() -> bool:

@@ -66,7 +66,7 @@ def test_1000_races_of_cancel_against_the_last_result_settle_each_job_once(two_p
     winners: Counter[str] = Counter()
     with ThreadPoolExecutor(2) as pool:
         for user_id, job_id in zip(owners, jobs, strict=True):
-            barrier = threading.Barrier(2)
+            barrier = threading.Barrier(2, timeout=30)
 
             def cancel(u=user_id, j=job_id, bar=barrier):  # type: ignore[no-untyped-def]
                 bar.wait()

@@ -53,8 +53,9 @@ def serving(protocol: type[http_limits.BoundedHttpToolsProtocol]) -> Iterator[tu
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 30
     while not srv.started:  # its own flag, set once it listens
-        if not thread.is_alive():
+        if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the server did not start")
         threading.Event().wait(0.01)
     yield port, srv

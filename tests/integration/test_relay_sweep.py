@@ -72,9 +72,11 @@ def sweep(store: PgReadStore, reader: LogReader, start: int, upto: int) -> Proje
     store.save_position(SWEEP, start)
     projector = Projector(Silent(), store, reader, published=lambda: upto, sweep_every_s=0.0)
     projector.sweep_bound = upto
-    while store.position(SWEEP) < upto:
+    for _ in range(upto - start + 1):  # each sweep moves the position on, at least by one
+        if store.position(SWEEP) >= upto:
+            return projector
         projector.sweep()
-    return projector
+    raise AssertionError(f"the sweep stopped at {store.position(SWEEP)} of {upto}")
 
 
 def new_job(service: PaletteService) -> uuid.UUID:

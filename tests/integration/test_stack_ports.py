@@ -157,23 +157,29 @@ def test_a_second_up_on_one_data_directory_is_refused_naming_the_first(tmp_path:
 def test_ctrl_c_while_starting_stops_what_started_at_once(tmp_path: Path) -> None:
     """A start-up waits up to a minute for each process: a Ctrl-C during it ends it there, rather
     than once every process is up (or, with a process that never gets ready, minutes later)."""
+    errors = (tmp_path / "stderr").open("w+")  # a file, not a pipe no one reads while waiting below
     proc = subprocess.Popen([sys.executable, "-m", "adapters.cli", "up"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            stderr=errors, text=True, cwd=ROOT,
                             env={"PATH": "/usr/bin:/bin", **_env_for(tmp_path, 24)})
     assert proc.stdout is not None
     said = []
     try:
-        for line in proc.stdout:  # until PostgreSQL is ready: SeaweedFS, the broker and the apps follow
+        # Until PostgreSQL is ready (SeaweedFS, the broker and the apps follow); palette up gives
+        # up on a process that is not ready within its start-up timeout, ending this read.
+        for line in proc.stdout:
             said.append(line)
             if line.startswith("[palette] postgres ready"):
                 break
         pid = int(said[-1].rsplit("(pid ", 1)[1].rstrip(")\n"))
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(30)
+        errors.seek(0)
+        err = errors.read()
+        errors.close()
     said.append(out)
     assert proc.returncode == 128 + signal.SIGINT, err
     assert "stopped while starting (SIGINT)" in out and " up in " not in "".join(said)
