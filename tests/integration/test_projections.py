@@ -133,18 +133,20 @@ def test_crashes_and_broker_restart_lose_nothing_and_duplicate_nothing(apps, ser
     loader = threading.Thread(target=load, daemon=True)
     loader.start()
     chaos = random.Random(11)
-    for kill in range(6):
-        apps.kill(chaos.choice(["relay", "projector"]))
-        if kill == 2:
-            apps.kill("broker")
-            apps.supervisor.restart("broker")
-        deadline = time.monotonic() + chaos.uniform(0.3, 1.0)
-        while time.monotonic() < deadline:
-            apps.supervisor.check()
-            time.sleep(0.05)
-    stop.set()
-    loader.join()
-    assert not errors, errors
+    try:
+        for kill in range(6):
+            apps.kill(chaos.choice(["relay", "projector"]))
+            if kill == 2:
+                apps.kill("broker")
+                apps.supervisor.restart("broker")
+            deadline = time.monotonic() + chaos.uniform(0.3, 1.0)
+            while time.monotonic() < deadline:
+                apps.supervisor.check()
+                time.sleep(0.05)
+    finally:  # the load stops with the test, not with the session
+        stop.set()
+        loader.join(60)
+    assert not loader.is_alive() and not errors, errors
 
     def settle() -> bool:
         apps.supervisor.check()
