@@ -319,6 +319,7 @@ class GroupCommitter:
         self.max_attempts = max_attempts
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._stopping: threading.Thread | None = None  # the writer stop() ended last
         self._lock = threading.Lock()
         self.cache = WriterCache(app, loader or RecorderStreamLoader(app.recorder, snapshot_recorder(app)))
         self._outbox = _Outbox()
@@ -341,11 +342,12 @@ class GroupCommitter:
 
     def _start(self) -> None:
         # Each writer reads a queue of its own: a stopping writer's marker, and the commands queued
-        # before it, are never taken by the writer started after it (both would wait forever).
+        # before it, are never taken by the writer started after it (both would wait forever). It
+        # begins once the stopping one has ended: one writer at a time owns the cache and outbox.
         if self._thread is None:
             self._queue = queue.SimpleQueue()
-            self._thread = threading.Thread(target=self._loop, args=(self._queue,), name="group-commit",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._loop, args=(self._queue, self._stopping),
+                                            name="group-commit", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
@@ -353,6 +355,7 @@ class GroupCommitter:
         with self._lock:
             thread, self._thread = self._thread, None
             if thread is not None:
+                self._stopping = thread
                 self._queue.put(None)
         if thread is not None:
             thread.join()
@@ -392,7 +395,9 @@ class GroupCommitter:
         committed: Committed[T] = await outcome.future
         return committed.value
 
-    def _loop(self, commands: queue.SimpleQueue[_Pending | None]) -> None:
+    def _loop(self, commands: queue.SimpleQueue[_Pending | None], previous: threading.Thread | None) -> None:
+        if previous is not None:
+            previous.join()
         while True:
             first = commands.get()
             if first is None:

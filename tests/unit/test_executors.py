@@ -232,21 +232,34 @@ def test_a_result_for_an_id_that_holds_a_user_or_a_rule_is_not_found_and_spoils_
 
 
 def test_stopping_while_commands_arrive_leaves_no_caller_and_no_stop_waiting_forever() -> None:
-    """A command that comes as the writer stops is served, by it or by the writer it starts; and
-    stop returns: a stopping writer's marker is never taken by the writer that follows it."""
+    """A command that comes as the writer stops is served, by it or by the writer it starts once
+    the stopping one has ended (never two at once: they share the cache); and stop returns: a
+    stopping writer's marker is never taken by the writer that follows it."""
     svc = _service(group_commit=True)
     committer = svc.executor
     assert isinstance(committer, GroupCommitter)
     user_id, _ = svc.register("stopping").value
-    ended = threading.Event()
+    ended, guard = threading.Event(), threading.Lock()
     answers: list[list[int]] = [[], [], []]
+    running, overlaps, failures = [0], [], []
 
     def read(uow):  # type: ignore[no-untyped-def]
-        return uow.get(User, user_id).granted
+        with guard:
+            running[0] += 1
+            if running[0] > 1:
+                overlaps.append(threading.current_thread().name)
+        granted = uow.get(User, user_id).granted
+        threading.Event().wait(0.0002)  # a command that takes a while: a second writer would run beside it
+        with guard:
+            running[0] -= 1
+        return granted
 
     def arrive(answered: list[int]) -> None:  # a caller at a time, as a request waits for its answer
-        while not ended.is_set():
-            answered.append(committer.submit(read).result(timeout=10).value)
+        try:
+            while not ended.is_set():
+                answered.append(committer.submit(read).result(timeout=10).value)
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            failures.append(e)
 
     callers = [threading.Thread(target=arrive, args=(a,), daemon=True) for a in answers]
     for caller in callers:
@@ -261,6 +274,7 @@ def test_stopping_while_commands_arrive_leaves_no_caller_and_no_stop_waiting_for
         ended.set()
         for caller in callers:
             caller.join(15)
-    assert not any(caller.is_alive() for caller in callers), "a caller was never answered"
+    assert not failures and not any(caller.is_alive() for caller in callers), failures
     assert all(a and set(a) == {50} for a in answers)
+    assert overlaps == []
     committer.stop()
