@@ -181,6 +181,8 @@ def check(url: str, production: bool, resolver: Resolver = resolve) -> Target:
         raise TargetRefused(f"the URL must be {' or '.join(allowed)} with a host")
     if parts.username or parts.password:
         raise TargetRefused("the URL must not carry credentials")
+    if {".", ".."} & set(parts.path.split("/")):  # the client drops them: it would post elsewhere than listed
+        raise TargetRefused("the URL's path must not hold . or .. segments (write it resolved)")
     host = ascii_host(parts.hostname)
     netloc = _netloc(host, parts.port)
     if netloc != parts.netloc:

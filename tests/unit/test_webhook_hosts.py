@@ -78,6 +78,7 @@ def test_without_the_idna_package_the_standard_librarys_codec_encodes(monkeypatc
     (False, "http://ｅxample.com/hook", "http://example.com/hook"),  # noqa: RUF001 - a fullwidth e
     (True, "https://BÜCHER.de/", "https://xn--bcher-kva.de/"),
     (False, "http://127.0.0.1:9/in", "http://127.0.0.1:9/in"), (False, "http://[::1]:9/in", "http://[::1]:9/in"),
+    (False, "http://example.com/v1.0/..in/%2e?x=/../#/./", "http://example.com/v1.0/..in/%2e?x=/../#/./"),
 ])
 def test_the_checked_url_carries_the_ascii_host_and_nothing_else_changes(production, url, ascii):
     target = targets.check(url, production, Resolving("93.184.216.34"))
@@ -93,6 +94,9 @@ def test_the_checked_url_carries_the_ascii_host_and_nothing_else_changes(product
     (False, " http://example.com/hook"), (True, " https://example.com/hook"), (False, "http://example.com/hook "),
     (False, "http://example.com/a b"), (True, "https://example.com/a\xa0b"), (False, "http://example.com/\x85"),
     (False, "\u3000http://example.com/hook"),
+    # Dot segments: httpx resolves them, so /a/../hook would be posted to /hook, not to what is listed.
+    (False, "http://example.com/."), (False, "http://example.com/a/../hook"), (True, "https://example.com/./hook"),
+    (False, "http://example.com/hook/.."),
 ])
 def test_registration_refuses_a_url_whose_host_cannot_be_sent_to(production, url):
     with pytest.raises(targets.TargetRefused):
