@@ -351,12 +351,14 @@ class GroupCommitter:
             self._thread.start()
 
     def stop(self) -> None:
-        """Serve what was queued, then end the writer; a command queued later starts another."""
+        """Serve what was queued, then end the writer; a command queued later starts another. A
+        second stop meanwhile returns when the first does, once the writer has ended."""
         with self._lock:
             thread, self._thread = self._thread, None
             if thread is not None:
                 self._stopping = thread
                 self._queue.put(None)
+            thread = self._stopping
         if thread is not None:
             thread.join()
 

@@ -278,3 +278,34 @@ def test_stopping_while_commands_arrive_leaves_no_caller_and_no_stop_waiting_for
     assert all(a and set(a) == {50} for a in answers)
     assert overlaps == []
     committer.stop()
+
+
+def test_a_second_stop_returns_once_the_writer_has_ended() -> None:
+    """Closing twice at once (two shutdown paths): the second close must not go on to release what
+    the writer still uses while it serves the batch the first stop let it finish."""
+    svc = _service(group_commit=True)
+    committer = svc.executor
+    assert isinstance(committer, GroupCommitter)
+    held, release = threading.Event(), threading.Event()
+
+    def hold(uow):  # type: ignore[no-untyped-def]
+        held.set()
+        release.wait(30)
+
+    served = committer.submit(hold)
+    assert held.wait(10)
+    writer = committer._thread
+    assert writer is not None
+    first = threading.Thread(target=committer.stop, daemon=True)
+    first.start()
+    _until(lambda: committer._thread is None)  # the first stop has taken the writer
+    alive_when_returned: list[bool] = []
+    second = threading.Thread(target=lambda: (committer.stop(), alive_when_returned.append(writer.is_alive())),
+                              daemon=True)
+    second.start()
+    second.join(1)  # on the code before, it returned here at once, the writer still holding
+    release.set()
+    first.join(10)
+    second.join(10)
+    served.result(timeout=10)
+    assert alive_when_returned == [False]
