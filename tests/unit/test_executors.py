@@ -8,7 +8,9 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pytest
@@ -29,6 +31,20 @@ def _until(condition: Callable[[], bool], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "the condition never held"
+
+
+def _hold_writer(committer: GroupCommitter, timeout: float = 10) -> tuple[threading.Event, Future[Any]]:
+    """Keep the writer busy in a command until the event returned is set (or ``timeout`` passes);
+    returns once it holds, with that command's future. Whatever is queued meanwhile waits."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold(uow):  # type: ignore[no-untyped-def]
+        held.set()
+        release.wait(timeout)
+
+    served = committer.submit(hold)
+    assert held.wait(10)
+    return release, served
 
 
 def _service(group_commit: bool) -> PaletteService:
@@ -60,14 +76,7 @@ def test_a_read_queued_with_a_write_sees_the_state_before_that_batch_and_never_a
     committer = svc.executor
     assert isinstance(committer, GroupCommitter)
     user_id, _ = svc.register("batch").value
-    release, started = threading.Event(), threading.Event()
-
-    def blocker(uow):  # type: ignore[no-untyped-def]
-        started.set()
-        release.wait(10)
-
-    first = committer.submit(blocker)
-    assert started.wait(10)
+    release, first = _hold_writer(committer)
     seen: list[int] = []
     reader = threading.Thread(target=lambda: seen.append(committer.read(user_id).granted))  # type: ignore[union-attr]
     reader.start()
@@ -115,14 +124,8 @@ def test_coroutines_waiting_on_the_group_committer_hold_no_thread_and_all_get_th
     assert isinstance(committer, GroupCommitter)
     user_id, _ = svc.register("async").value
     waiting = 300
-    gate, all_queued = threading.Event(), threading.Event()
+    all_queued = threading.Event()
     threads_while_waiting: list[int] = []
-
-    holding = threading.Event()
-
-    def hold(uow):  # type: ignore[no-untyped-def]
-        holding.set()
-        gate.wait(10)  # the writer is busy: every coroutine below queues behind this
 
     def grant(amount: int):  # type: ignore[no-untyped-def]
         @touches(user_id)
@@ -133,11 +136,12 @@ def test_coroutines_waiting_on_the_group_committer_hold_no_thread_and_all_get_th
             return amount
         return command
 
+    # The writer holds before anything else is queued (every coroutine below queues behind it): had
+    # it woken late, it would have taken the grants queued so far as one batch with its first
+    # command, and the queue would never fill.
+    gate, blocked = _hold_writer(committer)
+
     async def main() -> tuple[list[int], int]:
-        blocked = committer.submit(hold)
-        # The writer holds before anything else is queued: had it woken late, it would have taken
-        # hold and the grants queued so far as one batch, and the queue would never fill.
-        assert holding.wait(10)
         grants = [asyncio.ensure_future(committer.execute_async(grant(i))) for i in range(1, waiting + 1)]
         read = asyncio.ensure_future(svc.get_user_async(user_id))
         deadline = time.monotonic() + 10
@@ -286,14 +290,7 @@ def test_a_second_stop_returns_once_the_writer_has_ended() -> None:
     svc = _service(group_commit=True)
     committer = svc.executor
     assert isinstance(committer, GroupCommitter)
-    held, release = threading.Event(), threading.Event()
-
-    def hold(uow):  # type: ignore[no-untyped-def]
-        held.set()
-        release.wait(30)
-
-    served = committer.submit(hold)
-    assert held.wait(10)
+    release, served = _hold_writer(committer, timeout=30)
     writer = committer._thread
     assert writer is not None
     first = threading.Thread(target=committer.stop, daemon=True)
