@@ -317,7 +317,7 @@ class GroupCommitter:
         self.app = app
         self.max_batch = max_batch
         self.max_attempts = max_attempts
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()  # each writer makes its own
         self._thread: threading.Thread | None = None
         self._stopping: threading.Thread | None = None  # the writer stop() ended last
         self._lock = threading.Lock()
@@ -364,7 +364,8 @@ class GroupCommitter:
 
     def _enqueue(self, pending: _Pending) -> None:
         with self._lock:  # never behind a stopping writer's marker
-            self._start()
+            if self._thread is None:
+                self._start()
             self._queue.put(pending)
 
     def submit(self, command: Command[T]) -> Future[Committed[T]]:

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -20,16 +19,7 @@ from adapters.bootstrap import embedded_stack
 from adapters.settings import load_settings
 from infra.supervisor import StackError
 from tests.conftest import _free_port_block
-
-
-def wait_until(predicate, timeout_s: float = 60.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.waiting import wait_until
 
 
 def test_a_broker_on_memory_storage_restarts_with_an_empty_log(stack):

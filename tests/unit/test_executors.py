@@ -7,7 +7,6 @@ import ast
 import asyncio
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -22,15 +21,9 @@ from domain.errors import NotFound
 from domain.user import User
 from tests.keys import process_keys
 from tests.simulation import Ids, StepClock
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _until(condition: Callable[[], bool], timeout: float = 10) -> None:
-    """Spin until ``condition`` holds (another thread makes it so), failing after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
 
 
 def _hold_writer(committer: GroupCommitter, timeout: float = 10) -> tuple[threading.Event, Future[Any]]:
@@ -80,7 +73,7 @@ def test_a_read_queued_with_a_write_sees_the_state_before_that_batch_and_never_a
     seen: list[int] = []
     reader = threading.Thread(target=lambda: seen.append(committer.read(user_id).granted))  # type: ignore[union-attr]
     reader.start()
-    _until(lambda: committer._queue.qsize() == 1)  # the read is queued before the write
+    wait_until(lambda: committer._queue.qsize() == 1, 10, "the read queued")  # before the write
 
     def grant(uow):  # type: ignore[no-untyped-def]
         uow.get(User, user_id).grant(7, "x", StepClock().now())
@@ -295,7 +288,7 @@ def test_a_second_stop_returns_once_the_writer_has_ended() -> None:
     assert writer is not None
     first = threading.Thread(target=committer.stop, daemon=True)
     first.start()
-    _until(lambda: committer._thread is None)  # the first stop has taken the writer
+    wait_until(lambda: committer._thread is None, 10, "the first stop")  # it has taken the writer
     alive_when_returned: list[bool] = []
     second = threading.Thread(target=lambda: (committer.stop(), alive_when_returned.append(writer.is_alive())),
                               daemon=True)
