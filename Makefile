@@ -32,10 +32,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# The long reliability runs (not part of `make test`, which runs their short slices).
+# The long reliability runs (not part of `make test`, which runs their short slices). The
+# model-based runs take about ten minutes by design: no stack dump after 5 (faulthandler_timeout).
 chaos: install
 	$(BIN)/python -m tests.chaos --minutes $(or $(MINUTES),10)
-	PALETTE_LONG=1 $(BIN)/pytest -q tests/unit/test_model_based.py tests/integration/test_model_based_postgres.py
+	PALETTE_LONG=1 $(BIN)/pytest -q -o faulthandler_timeout=0 tests/unit/test_model_based.py \
+		tests/integration/test_model_based_postgres.py
 
 bench: install
 	$(BIN)/palette bench --json docs/bench.json --plot docs/bench.png
