@@ -250,6 +250,14 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]
             future.set_result(result)
 
 
+def _queued_future() -> Future[Any]:
+    """A future for a queued command's outcome, already running: ``cancel`` refuses (as for a
+    task a thread pool has begun), so the writer can always settle it."""
+    future: Future[Any] = Future()
+    future.set_running_or_notify_cancel()
+    return future
+
+
 class _LoopOutcome:
     """A command's outcome for a coroutine: an asyncio future of the caller's loop, settled
     through the writer's outbox."""
@@ -369,7 +377,9 @@ class GroupCommitter:
             self._queue.put(pending)
 
     def submit(self, command: Command[T]) -> Future[Committed[T]]:
-        future: Future[Committed[T]] = Future()
+        """The command queued; its outcome comes on the future. Once queued it runs: the future
+        cannot be canceled (its command may be saved in a batch with others)."""
+        future = _queued_future()
         self._enqueue(_Pending(command, future))
         return future
 
@@ -385,7 +395,7 @@ class GroupCommitter:
 
     def read(self, aggregate_id: UUID) -> Aggregate | None:
         """A private copy of the aggregate as last committed (None: no such aggregate)."""
-        future: Future[Committed[Aggregate | None]] = Future()
+        future: Future[Committed[Aggregate | None]] = _queued_future()
         self._enqueue(_Pending(_Viewing(aggregate_id, copy.deepcopy), future, read=True))
         return future.result().value
 

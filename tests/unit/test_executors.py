@@ -299,3 +299,26 @@ def test_a_second_stop_returns_once_the_writer_has_ended() -> None:
     second.join(10)
     served.result(timeout=10)
     assert alive_when_returned == [False]
+
+
+def test_a_queued_command_cannot_be_canceled_so_its_batch_answers_every_caller_and_the_writer_lives_on() -> None:
+    """A caller that cancels the future ``submit`` gave it must not take the batch down: the
+    command may already be saved with the others, whose callers get their outcome."""
+    svc = _service(group_commit=True)
+    committer = svc.executor
+    assert isinstance(committer, GroupCommitter)
+    user_id, _ = svc.register("cancel").value
+    release, first = _hold_writer(committer)
+
+    def grant(uow):  # type: ignore[no-untyped-def]
+        uow.get(User, user_id).grant(1, "x", StepClock().now())
+
+    before, canceled, after = (committer.submit(grant) for _ in range(3))
+    assert not canceled.cancel()  # queued, so as good as running: it will run
+    release.set()
+    first.result(10)
+    for future in (before, canceled, after):
+        assert future.result(10).position is not None  # each saved, and told so
+    assert svc.get_user(user_id).granted == 50 + 3
+    assert committer.read(user_id) is not None  # the writer still serves
+    committer.stop()
