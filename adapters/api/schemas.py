@@ -126,7 +126,7 @@ class RuleList(BaseModel):
 # -- jobs --------------------------------------------------------------------------------
 class JobCreate(Strict):
     preset: Text = Field(min_length=1, max_length=32)
-    item_count: int = Field(ge=1, le=MAX_ITEMS)
+    item_count: int = Field(strict=True, ge=1, le=MAX_ITEMS)  # 3, not "3", true or 3.0
 
 
 class UploadSlot(BaseModel):
@@ -225,7 +225,7 @@ class JobList(BaseModel):
 
 
 class CallbackCreate(Strict):
-    idx: int = Field(ge=0, le=199)
+    idx: int = Field(strict=True, ge=0, le=199)
     status: Literal["done", "failed"]
     output_key: Text | None = Field(default=None, max_length=300)
     preview_key: Text | None = Field(default=None, max_length=300)

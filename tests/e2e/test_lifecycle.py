@@ -173,6 +173,9 @@ def test_bad_input_is_a_4xx_with_a_stable_code(client, http):
     cases = [
         (client.call("POST", "/jobs", json={"preset": "interior", "item_count": 201}), 422, "VALIDATION_FAILED"),
         (client.call("POST", "/jobs", json={"preset": "garage", "item_count": 1}), 422, "VALIDATION_FAILED"),
+        # A count of another JSON type is refused, not read as a number (it was: "3" made 3 items).
+        *((client.call("POST", "/jobs", json={"preset": "interior", "item_count": count}), 422, "VALIDATION_FAILED")
+          for count in ("3", True, 3.0)),
         (client.call("POST", "/jobs", content=b"{not json", headers={"content-type": "application/json"}),
          422, "VALIDATION_FAILED"),
         (client.call("GET", "/jobs/not-a-uuid"), 422, "VALIDATION_FAILED"),

@@ -1,5 +1,5 @@
 """The API's bounded helpers without I/O: presigned GET URLs equal boto3's, /health's cached
-checks, event stream slots per user, and callback auth modes."""
+checks, event stream slots per user, callback auth modes, and counts in request bodies."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from uuid import uuid4
 
 import botocore.auth
 import pytest
+from pydantic import ValidationError
 
 from adapters.api.held_responses import StreamSlots
 from adapters.api.rate_limit import RateLimited
 from adapters.api.routes_users import CachedCheck
+from adapters.api.schemas import CallbackCreate, JobCreate
 from adapters.s3_signing import GetUrls
 from adapters.settings import Settings
 from domain.contracts.callback import sign_callback, verify_callback
@@ -161,3 +163,16 @@ def test_a_signature_offered_is_the_whole_proof(allow_shared_secret: bool) -> No
                 {"signature": "sha256=" + "0" * 64, "timestamp": str(now)}, {"signature": "é", "timestamp": str(now)}):
         assert not verify_callback(SECRET, now, job, body, shared_secret=SECRET, **bad, **kw), bad
     assert verify_callback(SECRET, now, job, body, shared_secret=SECRET, **kw) is allow_shared_secret
+
+
+# -- counts in request bodies -------------------------------------------------------------------
+@pytest.mark.parametrize("count", ['"3"', "true", "3.0", '"0x3"', "[3]"])
+def test_a_count_of_another_json_type_is_refused_not_read_as_a_number(count: str) -> None:
+    """An item count or index is a JSON integer: pydantic's lax mode read "3" and 3.0 as 3 and
+    true as 1 (a job of 3 items made from a string)."""
+    with pytest.raises(ValidationError):
+        JobCreate.model_validate_json(f'{{"preset": "interior", "item_count": {count}}}')
+    with pytest.raises(ValidationError):
+        CallbackCreate.model_validate_json(f'{{"idx": {count}, "status": "done", "idempotency_key": "k"}}')
+    assert JobCreate.model_validate_json('{"preset": "interior", "item_count": 3}').item_count == 3
+    assert CallbackCreate.model_validate_json('{"idx": 3, "status": "done", "idempotency_key": "k"}').idx == 3
