@@ -43,4 +43,4 @@ bench: install
 	$(BIN)/palette bench --json docs/bench.json --plot docs/bench.png
 
 clean:
-	rm -rf $(VENV) .palette .pytest_cache .hypothesis photo.jpg job.json rerun.json analytics
+	rm -rf $(VENV) palette.egg-info .palette .pytest_cache .hypothesis photo.jpg job.json rerun.json analytics

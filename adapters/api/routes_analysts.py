@@ -85,7 +85,7 @@ def _aware(**moments: datetime | None) -> None:
     cannot be compared with them."""
     naive = [name for name, moment in moments.items() if moment is not None and moment.tzinfo is None]
     if naive:
-        raise ApiError("VALIDATION_FAILED", f"{' and '.join(naive)} must carry their UTC offset")
+        raise ApiError("VALIDATION_FAILED", f"{' and '.join(naive)} must carry a UTC offset")
 
 
 async def _replay(request: Request, subject: UUID,
