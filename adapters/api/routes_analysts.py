@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import BeforeValidator
 
 from adapters.api.deps import ContainerDep, bearer, made_once, verified
 from adapters.api.envelope import ApiError, ok
@@ -80,6 +81,21 @@ def _replayer(container: Container) -> Replayer:
         return Replayer(container.app, all_erased(conn))
 
 
+def _iso_time(value: object) -> object:
+    """A time in a query is ISO 8601 text, read as ``datetime.fromisoformat`` reads it (as the
+    CLI's ``--as-of`` does): pydantic alone also took a bare number for Unix seconds, so
+    ``as_of=20260101`` was 1970-08-23, with an offset, where ``2026-01-01`` is refused as naive."""
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("not an ISO 8601 time (e.g. 2026-01-01T00:00:00+00:00)") from None
+    return value
+
+
+Moment = Annotated[datetime, BeforeValidator(_iso_time)]
+
+
 def _aware(**moments: datetime | None) -> None:
     """422 for a time without its UTC offset: the log's times carry theirs, and a naive one
     cannot be compared with them."""
@@ -107,7 +123,7 @@ async def _replay(request: Request, subject: UUID,
 @router.get("/streams", tags=["analysts"], responses={**NDJSON, **STAFF_STREAM_ERRORS})
 async def replay_all(subject: Analyst, container: ContainerDep, request: Request,
                      from_position: Annotated[int, Query(alias="from", ge=1)] = 1,
-                     since: datetime | None = None, until: datetime | None = None,
+                     since: Moment | None = None, until: Moment | None = None,
                      type: Annotated[list[str] | None, Query()] = None) -> StreamingResponse:
     """The global log in commit order as envelope JSON lines. At most STAFF_STREAMS replays at
     once in an API process, STAFF_STREAMS_PER_SUBJECT of them one staff token subject's; one
@@ -144,7 +160,7 @@ async def replay_stream(stream_id: UUID, subject: Analyst, container: ContainerD
             responses=STAFF_ERRORS)
 async def stream_state(stream_id: UUID, _: Analyst, container: ContainerDep,
                        version: Annotated[int | None, Query(ge=1)] = None,
-                       as_of: datetime | None = None) -> JSONResponse:
+                       as_of: Moment | None = None) -> JSONResponse:
     """An aggregate's state folded up to a version or a time (exactly one of them)."""
     if (version is None) == (as_of is None):
         raise ApiError("VALIDATION_FAILED", "give exactly one of version and as_of")
@@ -165,8 +181,8 @@ LEDGER_PAGE_MAX = 10_000
 
 @router.get("/audit/ledger", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=STAFF_ERRORS)
 async def audit_ledger(user_id: UUID, _: Auditor, container: ContainerDep,
-                       from_time: Annotated[datetime | None, Query(alias="from")] = None,
-                       to_time: Annotated[datetime | None, Query(alias="to")] = None,
+                       from_time: Annotated[Moment | None, Query(alias="from")] = None,
+                       to_time: Annotated[Moment | None, Query(alias="to")] = None,
                        limit: Annotated[int, Query(ge=1, le=LEDGER_PAGE_MAX)] = LEDGER_PAGE,
                        cursor: Annotated[str | None, Query(max_length=10, pattern=r"^[0-9]+$")] = None) -> JSONResponse:
     """A user's ledger with running balance, a page at a time (``limit`` entries; pass
@@ -184,7 +200,7 @@ async def audit_ledger(user_id: UUID, _: Auditor, container: ContainerDep,
 
 
 @router.get("/audit/balance", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=STAFF_ERRORS)
-async def audit_balance(user_id: UUID, as_of: datetime, _: Auditor, container: ContainerDep) -> JSONResponse:
+async def audit_balance(user_id: UUID, as_of: Moment, _: Auditor, container: ContainerDep) -> JSONResponse:
     """A user's balance as of a time, with the ledger positions it used."""
     _aware(as_of=as_of)
     def read() -> dict[str, Any]:
@@ -219,8 +235,8 @@ async def audit_verify(_: Auditor, container: ContainerDep, request: Request) ->
 
 @router.get("/audit/report", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=SCAN_ERRORS)
 async def audit_report(_: Auditor, container: ContainerDep, request: Request,
-                       from_time: Annotated[datetime, Query(alias="from")],
-                       to_time: Annotated[datetime, Query(alias="to")],
+                       from_time: Annotated[Moment, Query(alias="from")],
+                       to_time: Annotated[Moment, Query(alias="to")],
                        at: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None) -> JSONResponse:
     """A period's credits by plan at one log position: opening, granted, reserved, spent, refunded,
     closing and outstanding, with the identity opening + granted - spent = closing + reserved
