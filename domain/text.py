@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
+from datetime import datetime
 
 ALLOWED_CONTROLS = frozenset("\t\n\r")
 
@@ -39,3 +40,11 @@ def escaped(text: str) -> str:
     if refused_character(text) is None:
         return text
     return "".join(ch if refused_character(ch) is None else ascii(ch)[1:-1] for ch in text)
+
+
+def iso_time(value: str) -> datetime:
+    """An ISO 8601 time, as ``datetime.fromisoformat`` reads it, from printable ASCII only (it
+    read past a trailing NUL); ValueError otherwise. Naive times stay naive: each caller decides."""
+    if not (value.isascii() and value.isprintable()):
+        raise ValueError("not an ISO 8601 time: it holds a character no time holds")
+    return datetime.fromisoformat(value)

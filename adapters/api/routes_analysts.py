@@ -23,6 +23,7 @@ from adapters.api.held_responses import SlotStream, StreamSlots
 from adapters.api.rate_limit import RateLimited
 from adapters.api.schemas import Envelope
 from adapters.bootstrap import Container
+from domain.text import iso_time
 from projections import audit
 from projections.replay import Replayer, as_jsonl
 
@@ -82,12 +83,12 @@ def _replayer(container: Container) -> Replayer:
 
 
 def _iso_time(value: object) -> object:
-    """A time in a query is ISO 8601 text, read as ``datetime.fromisoformat`` reads it (as the
-    CLI's ``--as-of`` does): pydantic alone also took a bare number for Unix seconds, so
-    ``as_of=20260101`` was 1970-08-23, with an offset, where ``2026-01-01`` is refused as naive."""
+    """A time in a query is ISO 8601 text, read as the CLI's ``--as-of`` is (``iso_time``):
+    pydantic alone also took a bare number for Unix seconds, so ``as_of=20260101`` was
+    1970-08-23, with an offset, where ``2026-01-01`` is refused as naive."""
     if isinstance(value, str):
         try:
-            return datetime.fromisoformat(value)
+            return iso_time(value)
         except ValueError:
             raise ValueError("not an ISO 8601 time (e.g. 2026-01-01T00:00:00+00:00)") from None
     return value

@@ -38,8 +38,9 @@ def test_a_time_without_its_offset_or_not_iso_is_a_422_on_every_staff_route(clie
     auditor = staff_headers(settings, "auditor")
     user_id = client.data("GET", "/me", 200)["user_id"]
     naive, aware = "2020-01-01T00:00:00", "2020-01-01T00:00:00+00:00"
-    # A bare number is not a time here (pydantic read one as Unix seconds: 20260101 was 1970-08-23).
-    for time in (naive, "20260101", "0", "1700000000.5"):
+    # A bare number is not a time here (pydantic read one as Unix seconds: 20260101 was 1970-08-23),
+    # nor one with a NUL after it (datetime.fromisoformat reads up to the NUL).
+    for time in (naive, "20260101", "0", "1700000000.5", aware + "\x00"):
         for path, params in [("/streams", {"since": time}), ("/streams", {"until": time}),
                              (f"/streams/{user_id}/state", {"as_of": time}),
                              ("/audit/ledger", {"user_id": user_id, "from": time}),

@@ -19,6 +19,7 @@ import uvicorn
 
 from adapters.api import http_limits
 from tests.conftest import free_port
+from tests.waiting import wait_until
 
 BIG = 8 << 20  # /big answers this many bytes
 
@@ -202,10 +203,8 @@ def test_at_the_limit_with_none_idle_a_new_connection_is_refused() -> None:
         busy = [held.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5)) for _ in range(3)]
         for conn in busy:
             conn.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n")  # a request under way
-        deadline = time.monotonic() + 10
-        while len(srv.server_state.connections) < 3 or srv.server_state.palette_bounds.idle:  # the server has read them
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: len(srv.server_state.connections) >= 3 and not srv.server_state.palette_bounds.idle,
+                   10, "the server to read the three requests")
         assert refused(exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"))
         for conn in busy:  # each finished whole, none closed for the refused one
             conn.sendall(b"\r\n")
@@ -244,10 +243,8 @@ def test_a_connection_closed_for_a_newer_one_gives_its_descriptor_back_even_with
         unread.sendall(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")  # answered whole, into buffers; never read
         for _ in range(2):  # the second one closes the /big one, idle the longest
             assert answered(held.enter_context(kept_alive(port))).startswith(b"HTTP/1.1 200 ")
-        deadline = time.monotonic() + 10
-        while accepted_sockets(port) > 2:  # before: 3 until the client read 4 MB, i.e. for ever
-            assert time.monotonic() < deadline, accepted_sockets(port)
-            time.sleep(0.05)
+        # before: 3 until the client read 4 MB, i.e. for ever
+        wait_until(lambda: accepted_sockets(port) <= 2, 10, "the closed connection's descriptor given back")
 
 
 def test_a_client_that_reads_nothing_of_its_answer_is_disconnected_and_one_reading_slowly_is_not(
@@ -270,12 +267,10 @@ def test_a_client_that_reads_nothing_of_its_answer_is_disconnected_and_one_readi
         with socket.create_connection(("127.0.0.1", server), timeout=5) as stalled:
             stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             stalled.sendall(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")  # and never reads
-            deadline = time.monotonic() + 10
             # Cut, and its descriptor given back (before: held until the client read 8 MB, i.e. for
             # ever). The count first: a connection the server has yet to accept holds no descriptor.
-            while srv.server_state.palette_bounds.stalled == 0 or accepted_sockets(server) > 0:
-                assert time.monotonic() < deadline, "the stalled connection was never dropped"
-                time.sleep(0.05)
+            wait_until(lambda: srv.server_state.palette_bounds.stalled != 0 and accepted_sockets(server) == 0,
+                       10, "the stalled connection dropped")
         assert srv.server_state.palette_bounds.stalled == 1
     assert any("1 stalled answers cut" in r.getMessage() for r in caplog.records)
 
