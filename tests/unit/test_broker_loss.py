@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from adapters.relay import LossWatch
 
 
@@ -104,3 +107,25 @@ def test_the_probe_asks_the_broker_at_most_once_per_interval() -> None:
 
     w = watch(FakeState({0: 5}), Counting({}))
     assert [w.probe(), w.probe(), w.probe()] == [False, False, False] and len(asked) == 1
+
+
+def test_an_acknowledgement_equal_to_the_last_one_is_a_restarted_log_too() -> None:
+    """One offset holds one record: the broker handing out an offset it had acknowledged before
+    has lost the record that offset held."""
+    w = watch(FakeState({0: 5}), FakeBroker({}))
+    assert w.on_acks([(0, 5)])
+
+
+@given(st.lists(st.integers(0, 3), max_size=40), st.integers(1, 5))
+def test_the_acknowledged_ends_are_how_many_records_each_partition_took(partitions: list[int], batch: int) -> None:
+    """Offsets count records from 0 on each partition, so a group that read everything the relay
+    published has committed exactly this many (the oracle: a count of the records sent)."""
+    w = watch(FakeState(), FakeBroker({}))
+    next_offset: dict[int, int] = {}
+    acks = []
+    for p in partitions:
+        acks.append((p, next_offset.get(p, 0)))
+        next_offset[p] = next_offset.get(p, 0) + 1
+    for i in range(0, len(acks), batch):
+        assert not w.on_acks(acks[i:i + batch])
+    assert w.ends() == {p: partitions.count(p) for p in set(partitions)}

@@ -14,10 +14,11 @@ from uuid import UUID
 
 import pytest
 
-from application.executors import DirectExecutor, GroupCommitter, RecorderStreamLoader
+from application.executors import DirectExecutor, GroupCommitter, RecorderStreamLoader, WriterCache
 from application.services import PaletteApplication, PaletteService
-from application.unit_of_work import touches
+from application.unit_of_work import ConflictError, touches
 from domain.errors import NotFound
+from domain.plans import DEFAULT_PLANS
 from domain.user import User
 from tests.keys import process_keys
 from tests.simulation import Ids, StepClock
@@ -322,3 +323,122 @@ def test_a_queued_command_cannot_be_canceled_so_its_batch_answers_every_caller_a
     assert svc.get_user(user_id).granted == 50 + 3
     assert committer.read(user_id) is not None  # the writer still serves
     committer.stop()
+
+
+def _racing_grant(user_id: UUID, elsewhere: PaletteService, races: int, tries: list[int]):  # type: ignore[no-untyped-def]
+    """A grant of 10 that, the first ``races`` times it is decided, lets another process save a
+    grant of 1 on the same user first (so this save conflicts); ``tries`` gets each try's version."""
+
+    @touches(user_id)
+    def command(uow):  # type: ignore[no-untyped-def]
+        user = uow.get(User, user_id)
+        tries.append(user.version)
+        if len(tries) <= races:
+            elsewhere.grant_credits(user_id, 1, "elsewhere")
+        user.grant(10, "here", StepClock().now())
+        return len(tries)
+
+    return command
+
+
+def _folded(app: PaletteApplication, stream_id: UUID) -> Any:
+    aggregate = None
+    for stored in app.recorder.select_events(stream_id):
+        aggregate = app.mapper.to_domain_event(stored).mutate(aggregate)
+    return aggregate
+
+
+@pytest.mark.parametrize("group_commit", [False, True])
+def test_a_command_that_loses_a_race_with_another_process_is_decided_again_on_the_stored_state(
+        group_commit: bool) -> None:
+    """The other process's grant lands between this command's load and its save. The loser
+    reloads and decides again; what it answers afterwards (and what a cold load from the
+    snapshot taken at that version gives) is the store's own fold, never what the lost try
+    decided (a snapshot every 3 events: the lost try reached one)."""
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    runs = GroupCommitter(app, snapshot_every={User: 3}) if group_commit else DirectExecutor(app)
+    svc = PaletteService(app, runs, StepClock(), Ids(), **process_keys())
+    elsewhere = PaletteService(app, DirectExecutor(app), StepClock(), Ids(), **process_keys())
+    user_id, _ = svc.register("racing").value  # version 2
+    svc.get_user(user_id)  # cached here at version 2
+    tries: list[int] = []
+    assert svc.executor.execute(_racing_grant(user_id, elsewhere, 1, tries)).value == 2
+    assert tries == [2, 3]  # decided again on the other process's event
+    whole = _folded(app, user_id)
+    assert whole.granted == 50 + 1 + 10
+    assert svc.get_user(user_id).granted == whole.granted
+    if group_commit:
+        svc.executor.stop()  # type: ignore[attr-defined]
+        cold = GroupCommitter(app).start()  # loads from the newest snapshot
+        assert vars(cold.read(user_id)) == {**vars(whole), "_pending_events": []}
+        cold.stop()
+
+
+def test_a_batch_is_decided_again_up_to_max_attempts_times_and_then_refused() -> None:
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    committer = GroupCommitter(app, max_attempts=3)
+    svc = PaletteService(app, committer, StepClock(), Ids(), **process_keys())
+    elsewhere = PaletteService(app, DirectExecutor(app), StepClock(), Ids(), **process_keys())
+    user_id, _ = svc.register("contended").value
+    tries: list[int] = []
+    assert committer.execute(_racing_grant(user_id, elsewhere, 2, tries)).value == 3  # the third try wins
+    tries.clear()
+    with pytest.raises(ConflictError):
+        committer.execute(_racing_grant(user_id, elsewhere, 3, tries))
+    assert len(tries) == 3 and committer.conflicts == 2 + 3
+    assert svc.get_user(user_id).granted == _folded(app, user_id).granted == 50 + 10 + 5 * 1
+    committer.stop()
+
+
+def test_a_batch_holds_at_most_max_batch_commands() -> None:
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    committer = GroupCommitter(app, max_batch=3)
+    svc = PaletteService(app, committer, StepClock(), Ids(), **process_keys())
+    user_id, _ = svc.register("batched").value
+    sizes: list[int] = []
+    committer.observe_batch = sizes.append
+    release, held = _hold_writer(committer)
+
+    def grant(uow):  # type: ignore[no-untyped-def]
+        uow.get(User, user_id).grant(1, "x", StepClock().now())
+
+    futures = [committer.submit(grant) for _ in range(7)]  # queued behind the held command
+    release.set()
+    held.result(10)
+    for f in futures:
+        f.result(10)
+    assert sizes == [1, 3, 3, 1]
+    committer.stop()
+
+
+@pytest.mark.parametrize("group_commit", [False, True])
+def test_a_commands_position_is_where_its_last_event_landed(group_commit: bool) -> None:
+    """A reader waiting on a projection for this position must see every event the command
+    recorded (a registration records two)."""
+    svc = _service(group_commit)
+    committed = svc.register("positioned")
+    assert committed.position == svc.app.recorder.max_notification_id() == 2
+    if group_commit:
+        svc.executor.stop()  # type: ignore[attr-defined]
+
+
+def test_the_writer_cache_holds_at_most_its_bound_dropping_the_least_recently_saved() -> None:
+    """What the cache holds shows in what it asks the loader for: a cached stream from its
+    version, a dropped one from the start (0)."""
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    a, b, c = (User.register(f"hmac-sha256:{n}", DEFAULT_PLANS["free"], StepClock().now()) for n in range(3))
+    app.save(a, b, c)
+    asked: list[dict[UUID, int]] = []
+
+    class Asked(RecorderStreamLoader):
+        def since_snapshots(self, versions):  # type: ignore[no-untyped-def]
+            asked.append(dict(versions))
+            return super().since_snapshots(versions)
+
+    cache = WriterCache(app, Asked(app.recorder), maxsize=2)
+    cache.keep([a, b])
+    cache.keep([a])  # b is now the least recently saved
+    cache.keep([c])
+    loaded = cache.load([a.id, b.id, c.id])
+    assert asked == [{a.id: a.version, b.id: 0, c.id: c.version}]
+    assert all(loaded[x.id].version == x.version for x in (a, b, c))
