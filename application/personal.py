@@ -108,6 +108,7 @@ class Sealer:
         self.keyring = keyring
         self.cached = cached
         self._keys: OrderedDict[UUID, bytes] = OrderedDict()
+        self._drops = 0  # keys dropped so far (evict, forget): a lookup that met one caches nothing
         self._lock = threading.Lock()
 
     def _key(self, user_id: UUID, create: bool) -> bytes | None:
@@ -116,13 +117,18 @@ class Sealer:
             if key is not None:
                 self._keys.move_to_end(user_id)
                 return key
+            drops = self._drops
         key = self.keyring.key_for(user_id) if create else self.keyring.key(user_id)
         if key is not None:
-            self._keep(user_id, key)
+            self._keep(user_id, key, drops)
         return key
 
-    def _keep(self, user_id: UUID, key: bytes) -> None:
+    def _keep(self, user_id: UUID, key: bytes, drops: int) -> None:
+        """Cache a key the keyring gave, unless a key was dropped since the lookup began
+        (``drops``, read before it): it may be this one, destroyed while the lookup ran."""
         with self._lock:
+            if self._drops != drops:
+                return
             self._keys[user_id] = key
             while len(self._keys) > self.cached:
                 self._keys.popitem(last=False)
@@ -138,7 +144,8 @@ class Sealer:
     async def prepare_async(self, user_id: UUID) -> None:
         """prepare from an event loop."""
         if user_id not in self._keys:
-            self._keep(user_id, await self.keyring.key_for_async(user_id))
+            drops = self._drops
+            self._keep(user_id, await self.keyring.key_for_async(user_id), drops)
 
     def seal(self, user_id: UUID, field: str, value: str) -> str:
         key = self._key(user_id, create=True)
@@ -169,12 +176,15 @@ class Sealer:
             raise ValueError(f"a sealed {field} that does not open with its user's key") from None
 
     def evict(self, user_id: UUID) -> None:
-        """Drop the user's key from this cache only (another process destroyed it)."""
+        """Drop the user's key from this cache only (another process destroyed it); a lookup
+        running meanwhile, which may have read it before, does not cache it again."""
         with self._lock:
             self._keys.pop(user_id, None)
+            self._drops += 1
 
     def forget(self, user_id: UUID) -> None:
-        """Destroy the user's key (here and in the keyring)."""
-        with self._lock:
-            self._keys.pop(user_id, None)
+        """Destroy the user's key (here and in the keyring). Dropped here again once destroyed:
+        a lookup that read it before the destroy and cached it since is undone."""
+        self.evict(user_id)
         self.keyring.destroy(user_id)
+        self.evict(user_id)

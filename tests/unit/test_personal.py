@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import threading
 import uuid
 
 import pytest
@@ -75,3 +76,67 @@ def test_redact_replaces_only_erased_users_sealed_values_anywhere_in_the_data():
     assert data["x"] == a  # a copy: the input is untouched
     untouched = {"y": [b]}
     assert redact(untouched, {ALICE}) is untouched
+
+
+def _nonce(sealed: str) -> bytes:
+    """The nonce a sealed value carries (its first 12 bytes: nonce | ciphertext)."""
+    body = sealed.rsplit(":", 1)[1]
+    return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))[:12]
+
+
+@given(st.text(max_size=50), st.lists(st.sampled_from(["rule.name", "device_key", "f", "g"]), min_size=2,
+                                      max_size=2, unique=True))
+def test_one_key_never_seals_two_fields_under_one_nonce(value, fields):
+    """AES-GCM under one key and one nonce twice (the same text in two fields, so two associated
+    data) gives away its authentication key: the synthetic nonce must depend on the field too."""
+    sealer = Sealer(MemoryKeyring())
+    first, second = (sealer.seal(ALICE, field, value) for field in fields)
+    assert _nonce(first) != _nonce(second)
+
+
+def test_the_key_cache_holds_at_most_its_bound_least_recently_used_dropped():
+    sealer = Sealer(MemoryKeyring(), cached=2)
+    carol = uuid.uuid4()
+    sealer.seal(ALICE, "f", "a")
+    sealer.seal(BOB, "f", "b")
+    sealer.seal(ALICE, "f", "a again")  # Alice's key used last
+    sealer.seal(carol, "f", "c")
+    assert [sealer.has_key(u) for u in (ALICE, BOB, carol)] == [True, False, True]
+
+
+class _PausingKeyring(MemoryKeyring):
+    """Reads a key, then waits to hand it over (a PostgreSQL round trip), for a test to act in."""
+
+    def __init__(self):
+        super().__init__()
+        self.read, self.go_on = threading.Event(), threading.Event()
+
+    def key(self, user_id):
+        key = super().key(user_id)
+        self.read.set()
+        assert self.go_on.wait(10)
+        return key
+
+
+@pytest.mark.parametrize("erased_by", ["this process", "another process"])
+def test_a_key_read_while_its_user_is_erased_is_not_kept(erased_by):
+    """A request reading Alice's rule has her key in hand when her erasure destroys it: it may
+    answer with what it read, but the key stays out of the cache, so what follows sees her erased."""
+    keyring = _PausingKeyring()
+    sealed = Sealer(keyring).seal(ALICE, "rule.name", "Kitchen, 12 Rue des Lilas")  # sealed elsewhere
+    here = Sealer(keyring)  # this process, her key not cached yet
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(here.open("rule.name", sealed)))
+    reader.start()
+    assert keyring.read.wait(10)  # the reader holds her key
+    if erased_by == "this process":
+        here.forget(ALICE)
+    else:
+        Sealer(keyring).forget(ALICE)
+        here.evict(ALICE)  # as the erasure's notice makes each process do
+    keyring.go_on.set()
+    reader.join(10)
+    assert answers == ["Kitchen, 12 Rue des Lilas"] and not here.has_key(ALICE)
+    assert here.open("rule.name", sealed) == ERASED
+    with pytest.raises(KeyDestroyed):
+        here.seal(ALICE, "rule.name", "new")
