@@ -230,6 +230,32 @@ def test_a_lost_event_is_recorded_with_the_next_one_of_its_job(client, http, set
         webhooks.start()
 
 
+def test_an_endpoint_gets_only_the_event_types_it_chose_and_none_from_before_it_was_registered(
+        client, http, settings, webhooks):
+    """The recorder alone, as above: a job queued before the endpoint existed gets none of its
+    job.queued, and job.finished, not chosen, is never recorded."""
+    webhooks.stop()
+    try:
+        early = queued_job(client, 1)
+        endpoint = register(client, "http://127.0.0.1:9/chosen", ["job.queued", "item.completed"])
+        body = {"idx": 0, "status": "failed", "error": "x", "idempotency_key": f"{early}:0"}
+        assert callback(http, settings.callback_secret, early, body).status_code == 200  # its only item: finished
+        late = queued_job(client, 1)
+        app = open_event_store(settings, pool_size=1)
+        reader = LogReader.of(app)
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            events = reader.stream_events({uuid.UUID(early): (0, 100), uuid.UUID(late): (0, 100)})
+            assert "JobFinished" in {e.type for e in events}
+            DeliveryRecorder(conn, reader, app.repository.event_store).record(events)
+            rows = conn.execute("SELECT job_id::text, event_type FROM palette_webhooks.deliveries "
+                                "WHERE endpoint_id = %s", [endpoint["id"]]).fetchall()
+        reader.close()
+        assert sorted(rows) == sorted([(early, "item.completed"), (late, "job.queued")])
+        client.data("DELETE", f"/webhooks/{endpoint['id']}")
+    finally:
+        webhooks.start()
+
+
 def test_finished_deliveries_are_forgotten_after_the_keep_time(client, receiver, settings, webhooks):
     endpoint = register(client, receiver.url("/kept"), ["job.queued"])
     queued_job(client)

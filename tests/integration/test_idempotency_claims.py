@@ -123,3 +123,32 @@ def test_an_owner_holds_at_most_its_cap_of_keys_and_the_header_given_twice_is_re
         held = conn.execute("SELECT count(*) FROM palette_api.idempotency WHERE scope = %s",
                             [f"user:{user_id}"]).fetchone()
     assert held == (3,)
+
+
+def test_a_stale_claim_is_taken_over_only_by_a_retry_of_the_same_request(settings: Settings) -> None:
+    """A claim older than STALE_S belongs to a process that died before answering: its retry runs
+    again; another request under the key is still a 422, not a run in the dead one's place."""
+    url = settings.effective_database_url
+    user_id, key = uuid.uuid4(), f"k-{uuid.uuid4().hex}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        ensure_schema(conn)
+        conn.execute("INSERT INTO palette_api.idempotency (scope, key, request_hash, created_at) "
+                     "VALUES (%s, %s, %s, now() - interval '1 minute')",
+                     [f"user:{user_id}", key, hashlib.sha256(b"/rules\n{}").hexdigest()])
+    ran: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        ran.append(scope["path"])
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"made"})
+
+    async def scenario() -> list[int]:
+        connections = unflushed(url)
+        keys = IdempotencyKeys(app, connections, Tokens(user_id), fail)
+        try:
+            return [await _post(keys, "/jobs", key), await _post(keys, "/rules", key)]
+        finally:
+            await connections.close()
+
+    assert asyncio.run(scenario()) == [422, 201]
+    assert ran == ["/rules"]

@@ -1,5 +1,6 @@
 """Webhook deliveries on real PostgreSQL: an attempt that outlived its lease records nothing over
-the attempt that took the delivery over."""
+the attempt that took the delivery over; held and disabled endpoints get no attempt; a rotated
+secret signs only through its grace; no user reaches another's endpoints by their ids."""
 
 from __future__ import annotations
 
@@ -111,6 +112,78 @@ def test_a_claim_counts_the_users_attempts_in_flight_and_skips_a_held_endpoint(c
         row = conn.execute("SELECT failures, held_until FROM palette_webhooks.endpoints WHERE id = %s",
                            [endpoint]).fetchone()
         assert row == (0, None)
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
+
+
+def test_an_attempt_lost_while_its_endpoint_is_held_waits_for_the_holds_end(conn):
+    """A sender killed mid-POST leaves its delivery due once the lease runs out: if the endpoint
+    was held meanwhile (another attempt failed), the delivery still waits for the hold's end."""
+    user = uuid.uuid4()
+    [endpoint] = endpoints(conn, user, "lost")
+    jobs = [uuid.uuid4() for _ in range(2)]
+    store.record(conn, [store.NewDelivery(endpoint, f"msg_{j.hex}_1", j, 1, "job.queued", b"{}") for j in jobs])
+    try:
+        failed, lost = [d for d in store.claim(conn, 10_000, 30.0) if d.user_id == user]
+        store.finish(conn, failed.id, Outcome(None, "timeout", "", 10_000), 5.0, 20, 0, failed.lease,
+                     hold_s=lambda failures: 3600.0)
+        conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() - interval '1 second' "
+                     "WHERE id = %s", [lost.id])  # its lease ran out: no attempt recorded it
+        assert [d for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == []
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
+
+
+def test_a_disabled_endpoints_due_deliveries_are_not_claimed(conn):
+    user, job = uuid.uuid4(), uuid.uuid4()
+    [endpoint] = endpoints(conn, user, "disabled")
+    store.record(conn, [store.NewDelivery(endpoint, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}")])
+    try:
+        conn.execute("UPDATE palette_webhooks.endpoints SET enabled = false, disabled_at = now() WHERE id = %s",
+                     [endpoint])
+        assert [d for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == []
+        store.enable_endpoint(conn, user, endpoint)
+        assert [d.message_id for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == [f"msg_{job.hex}_1"]
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
+
+
+def test_a_rotated_secret_signs_alongside_the_new_one_only_until_its_grace_ends(conn):
+    user, job = uuid.uuid4(), uuid.uuid4()
+    [endpoint] = endpoints(conn, user, "rotated")
+    store.record(conn, [store.NewDelivery(endpoint, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}")])
+
+    def keys() -> list[tuple[str, ...]]:
+        conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() WHERE job_id = %s", [job])
+        return [d.keys for d in store.claim(conn, 10_000, 30.0) if d.user_id == user]
+
+    try:
+        assert store.rotate_secret(conn, user, endpoint, "whsec_new") is not None
+        assert keys() == [("whsec_new", "whsec_test")]
+        conn.execute("UPDATE palette_webhooks.endpoints SET previous_until = now() - interval '1 second' "
+                     "WHERE id = %s", [endpoint])  # a day later
+        assert keys() == [("whsec_new",)]
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
+
+
+def test_another_users_endpoint_and_deliveries_are_out_of_reach_whatever_ids_they_know(conn):
+    owner, stranger, job = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    [endpoint] = endpoints(conn, owner, "owned")
+    store.record(conn, [store.NewDelivery(endpoint, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}")])
+    [delivery] = conn.execute("UPDATE palette_webhooks.deliveries SET status = 'failed', next_attempt_at = NULL "
+                              "WHERE job_id = %s RETURNING id", [job]).fetchone()
+    try:
+        assert store.redeliver(conn, stranger, endpoint, delivery) is None
+        assert store.rotate_secret(conn, stranger, endpoint, "whsec_stranger") is None
+        assert store.list_deliveries(conn, stranger, endpoint, 10) is None
+        assert store.enable_endpoint(conn, stranger, endpoint) is None
+        assert not store.delete_endpoint(conn, stranger, endpoint)
+        row = conn.execute("SELECT d.status, e.secret FROM palette_webhooks.deliveries d JOIN "
+                           "palette_webhooks.endpoints e ON e.id = d.endpoint_id WHERE d.id = %s",
+                           [delivery]).fetchone()
+        assert row == ("failed", "whsec_test")
+        assert store.redeliver(conn, owner, endpoint, delivery)["status"] == "pending"  # (the ids are right)
     finally:
         conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
 

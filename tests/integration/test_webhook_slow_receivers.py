@@ -115,6 +115,23 @@ def test_a_dripping_answer_is_a_timeout_at_the_attempts_deadline(short_deadline,
     assert outcome.duration_ms >= DEADLINE_S * 1000  # it gave the receiver its whole deadline
 
 
+def test_a_silent_receiver_is_cut_at_the_attempts_deadline_not_at_its_sockets_timeout(monkeypatch):
+    """Each socket operation waits no longer than what is left of the attempt: with the sockets'
+    own timeouts at the full 10 s and the deadline at 1 s, a receiver that never answers is a
+    timeout after 1 s."""
+    server = DripServer(b"", b"")  # reads the request, answers nothing
+    sockets_s = targets.TIMEOUT_S
+    try:
+        with targets.client(production=False) as http:  # its socket timeouts: targets.TIMEOUT_S, 10 s
+            monkeypatch.setattr(targets, "TIMEOUT_S", DEADLINE_S)
+            outcome = targets.post(http, server.url, BODY, {"webhook-id": "msg_silent_1"}, production=False)
+        assert (outcome.ok, outcome.error) == (False, "timeout")
+        # Cut at the deadline, far from the sockets' own wait (the slack is for a loaded machine).
+        assert DEADLINE_S * 1000 <= outcome.duration_ms < sockets_s * 1000 * 0.8
+    finally:
+        server.close()
+
+
 def test_a_kept_connection_serves_the_next_attempt_within_a_deadline_of_its_own(short_deadline):
     server = DripServer(b"HTTP/1.1 204 No Content\r\n\r\n", b"")
     try:
@@ -127,6 +144,36 @@ def test_a_kept_connection_serves_the_next_attempt_within_a_deadline_of_its_own(
         assert server.connections == 1  # the second attempt reused the first one's connection
     finally:
         server.close()
+
+
+def test_the_production_client_keeps_no_connection_for_the_next_attempt():
+    """A connection made (its certificate checked) for one name must not carry a request for
+    another name at the same address: in production each attempt connects anew."""
+    server = DripServer(b"HTTP/1.1 204 No Content\r\n\r\n", b"")
+    try:
+        with targets.client(production=True) as http:
+            for n in (1, 2):
+                assert http.post(server.url, content=BODY, headers={"webhook-id": f"msg_fresh_{n}"}).status_code == 204
+        assert server.wait_for(2) == ["msg_fresh_1", "msg_fresh_2"]
+        assert server.connections == 2
+    finally:
+        server.close()
+
+
+def test_the_senders_client_does_not_follow_a_redirect():
+    """A 3xx is the attempt's failure: following it would post to an address no check saw (the
+    cloud metadata address, say)."""
+    elsewhere = DripServer(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n", b"")
+    redirecting = DripServer(f"HTTP/1.1 307 Temporary Redirect\r\nlocation: {elsewhere.url}\r\n"
+                             "content-length: 0\r\n\r\n".encode(), b"")
+    try:
+        with targets.client(production=False) as http:
+            outcome = targets.post(http, redirecting.url, BODY, {"webhook-id": "msg_moved_1"}, production=False)
+        assert (outcome.ok, outcome.status_code) == (False, 307)
+        assert redirecting.wait_for(1) == ["msg_moved_1"] and elsewhere.ids == []
+    finally:
+        redirecting.close()
+        elsewhere.close()
 
 
 def test_the_sender_retries_a_dripping_receiver_as_a_timeout(settings, short_deadline):

@@ -1,16 +1,21 @@
 """An Idempotency-Key's request hash reads the path's ids as the routes do: every spelling of an
 id a route's UUID parameter takes (pydantic is the oracle) is the same id, and a segment the
-routes refuse stays as it is (so it cannot be taken for the request it resembles)."""
+routes refuse stays as it is (so it cannot be taken for the request it resembles). Which answers
+are kept for a key: none that invites a retry or refused the request before it ran."""
 
 from __future__ import annotations
 
-from uuid import UUID
+import asyncio
+from datetime import UTC, datetime
+from uuid import UUID, uuid4
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
-from adapters.api.idempotency import canonical_path
+from adapters.api.idempotency import IdempotencyKeys, canonical_path, storable
+from adapters.tokens import TokenIssuer
 
 ROUTE_ID = TypeAdapter(UUID)
 
@@ -53,3 +58,42 @@ def test_segments_that_are_not_ids_and_the_path_shape_are_kept() -> None:
     assert canonical_path("/jobs") == "/jobs"
     assert canonical_path("/rules/") == "/rules/"
     assert canonical_path("//x//y") == "//x//y"
+
+
+@pytest.mark.parametrize(("status", "kept"), [
+    (200, True), (201, True), (204, True), (400, True), (403, True), (404, True), (499, True),
+    (401, False), (409, False), (422, False), (429, False), (500, False), (502, False), (503, False),
+])
+def test_only_answers_that_neither_invite_a_retry_nor_refused_before_running_are_kept(status, kept):
+    assert storable(status) is kept
+
+
+class NoDatabase:
+    """Connections a request that must neither claim nor read a key never asks for."""
+
+    def connection(self) -> None:
+        raise AssertionError("the key table was used")
+
+
+def test_an_erased_users_token_neither_claims_nor_reads_a_key() -> None:
+    """Its kept answers (a rule's name, upload links) are never replayed: the route answers 401."""
+    issuer, erased, live = TokenIssuer("s" * 48, "palette", "palette-app", 3600), uuid4(), uuid4()
+    reached: list[str] = []
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        reached.append(scope["path"])
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    def request(user: UUID) -> None:
+        token = issuer.issue(user, datetime.now(UTC)).encode()
+        scope = {"type": "http", "method": "POST", "path": "/rules",
+                 "headers": [(b"idempotency-key", b"k1"), (b"authorization", b"Bearer " + token)]}
+        asyncio.run(IdempotencyKeys(app, NoDatabase(), issuer, fail=None,  # type: ignore[arg-type]
+                                    erased={erased})(scope, receive, None))  # type: ignore[arg-type]
+
+    request(erased)
+    assert reached == ["/rules"]  # straight through to the route
+    with pytest.raises(AssertionError, match="key table"):
+        request(live)  # the same request from a live user claims its key

@@ -51,6 +51,31 @@ def test_never_more_than_burst_plus_rate_times_elapsed(gaps):
     assert granted(TokenBuckets(rate_per_s=5, burst=4, clock=clock), clock, gaps) <= 4 + 5 * clock.t + 1e-9
 
 
+@settings(max_examples=200, deadline=None)
+@given(gaps=st.lists(st.just(0.0) | st.floats(0, 0.3) | st.floats(0, 3), min_size=1, max_size=60))
+def test_in_any_window_never_more_than_burst_plus_rate_times_its_length(gaps):
+    """The token bucket's bound holds from any moment, not only from the first: an idle key
+    saves up at most ``burst``, and a refused take saves nothing."""
+    clock = FakeClock()
+    buckets = TokenBuckets(rate_per_s=5, burst=4, clock=clock)
+    grants = []
+    for gap in gaps:
+        clock.t += gap
+        try:
+            buckets.take("k")
+            grants.append(clock.t)
+        except RateLimited:
+            pass
+    for i, start in enumerate(grants):
+        for j in range(i, len(grants)):
+            assert j - i + 1 <= 4 + 5 * (grants[j] - start) + 1e-9, (start, grants[j])
+
+
+@pytest.mark.parametrize(("wait_s", "header"), [(0.01, "1"), (1.0, "1"), (1.5, "2"), (2.0, "2"), (59.2, "60")])
+def test_retry_after_is_the_wait_rounded_up_to_whole_seconds_and_at_least_one(wait_s, header):
+    assert RateLimited(wait_s).retry_after_header == header
+
+
 def test_a_budget_keeps_to_its_pace_and_to_its_total_in_any_day():
     clock = FakeClock()
     budget = Budget(rate_per_s=5, burst=20, per_day=30, clock=clock)

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from uuid import UUID, uuid4
 
 import jwt
 import pytest
+from starlette.requests import Request
 
+from adapters.api.deps import VerifiedTokens, current_user
+from adapters.api.envelope import ApiError
 from adapters.settings import S3_PORT_MAX, SettingsError, load_settings
 from adapters.tokens import LEEWAY_S, TokenInvalid, TokenIssuer
 from domain.contracts.callback import sign_callback, verify_callback
 
 SECRET = "s" * 48
 NOW = datetime.now(UTC)
+
+
+def fresh_claims(user: UUID | None = None) -> dict[str, object]:
+    """A client token's valid claims as of now (NOW, taken at import, is past their 60 s exp by
+    the time a long run gets to a test)."""
+    now = int(time.time())
+    return {"sub": str(user or uuid4()), "iat": now, "exp": now + 60, "iss": "palette", "aud": "palette-app"}
 
 
 def test_development_secrets_are_generated_once_into_the_data_dir(tmp_path):
@@ -60,16 +72,41 @@ def test_token_round_trip():
     assert issuer().verify(issuer().issue(user, NOW)) == (user, "client")
 
 
+def test_a_token_without_a_role_is_a_clients():
+    user = uuid4()
+    claims = fresh_claims(user)
+    assert issuer().verify(jwt.encode(claims, SECRET, algorithm="HS256")) == (user, "client")
+
+
+@pytest.mark.parametrize(("scheme", "accepted"), [("Bearer", True), ("bearer", True), ("Basic", False),
+                                                  ("Token", False)])
+def test_a_client_token_is_read_only_under_the_bearer_scheme(scheme, accepted):
+    user = uuid4()
+    app = SimpleNamespace(state=SimpleNamespace(verified_tokens=VerifiedTokens(issuer()), erased_users=set()))
+    header = f"{scheme} {issuer().issue(user, NOW)}".encode()
+    request = Request({"type": "http", "headers": [(b"authorization", header)], "app": app})
+    if accepted:
+        assert asyncio.run(current_user(request)) == user
+    else:
+        with pytest.raises(ApiError) as refused:
+            asyncio.run(current_user(request))
+        assert refused.value.code == "AUTH_REQUIRED"
+
+
 @pytest.mark.parametrize("mutate", [
     lambda c: {**c, "exp": int((NOW - timedelta(hours=1)).timestamp())},
     lambda c: {**c, "aud": "someone-else"},
     lambda c: {**c, "iss": "evil"},
     lambda c: {k: v for k, v in c.items() if k != "exp"},
+    lambda c: {k: v for k, v in c.items() if k != "iat"},
+    lambda c: {k: v for k, v in c.items() if k != "sub"},
+    lambda c: {k: v for k, v in c.items() if k != "iss"},
+    lambda c: {k: v for k, v in c.items() if k != "aud"},
     lambda c: {**c, "nbf": int((NOW + timedelta(hours=1)).timestamp())},
 ])
 def test_bad_claims_are_refused(mutate):
-    claims = {"sub": str(uuid4()), "iat": int(NOW.timestamp()), "exp": int(NOW.timestamp()) + 60,
-              "iss": "palette", "aud": "palette-app"}
+    claims = fresh_claims()
+    assert issuer().verify(jwt.encode(claims, SECRET, algorithm="HS256"))[1] == "client"  # as made: valid
     token = jwt.encode(mutate(claims), SECRET, algorithm="HS256")
     with pytest.raises(TokenInvalid):
         issuer().verify(token)
@@ -96,7 +133,6 @@ def test_a_token_older_than_this_server_mints_them_is_refused_whatever_its_exp(r
 
 def test_a_remembered_token_is_verified_again_once_older_than_this_server_mints_them():
     """Remembered until its exp, a 100-year token would pass unchecked for a century."""
-    from adapters.api.deps import VerifiedTokens
 
     class Counting(TokenIssuer):
         calls = 0
@@ -118,6 +154,32 @@ def test_a_remembered_token_is_verified_again_once_older_than_this_server_mints_
     now[0] = iat + 3600 + LEEWAY_S + 1
     remembered.verify(token)  # (the issuer reads the real clock: still young there)
     assert counting.calls == 2  # past it: verified anew
+
+
+@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")  # our 48-byte key under HS512
+@pytest.mark.parametrize("algorithm", ["HS384", "HS512"])
+def test_a_token_signed_with_our_secret_under_another_algorithm_is_refused(algorithm):
+    """HS256 is pinned: the header's alg is never what decides how a token is checked."""
+    claims = fresh_claims()
+    assert issuer().verify(jwt.encode(claims, SECRET, algorithm="HS256"))[1] == "client"  # under HS256: valid
+    with pytest.raises(TokenInvalid):
+        issuer().verify(jwt.encode(claims, SECRET, algorithm=algorithm))
+
+
+def test_remembered_tokens_are_bounded_and_the_oldest_is_forgotten_first():
+    checked: list[str] = []
+
+    class Recording(TokenIssuer):
+        def verify(self, token: str) -> tuple[UUID, str]:
+            checked.append(token)
+            return super().verify(token)
+
+    recording = Recording(SECRET, "palette", "palette-app", 3600)
+    remembered = VerifiedTokens(recording, size=2)
+    first, second, third = (recording.issue(uuid4(), NOW) for _ in range(3))
+    for token in (first, second, third, third, second, first):
+        remembered.verify(token)
+    assert checked == [first, second, third, first]  # two remembered; the first pushed out by the third
 
 
 def test_alg_none_and_wrong_key_and_tampering_are_refused():

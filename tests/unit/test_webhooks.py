@@ -22,6 +22,7 @@ from adapters.settings import SettingsError, load_settings
 from adapters.webhooks import targets
 from adapters.webhooks.events import payload
 from adapters.webhooks.retries import DEFAULT_SCHEDULE, parse_schedule, retry_delay
+from adapters.webhooks.sender import proven_reserve
 from adapters.webhooks.signing import message_id, new_secret, signed_headers
 from domain.job import Job
 
@@ -80,6 +81,9 @@ def test_an_item_payload_carries_the_job_at_that_version_and_the_item():
     assert body["data"]["item"] == {"idx": 1, "status": "failed", "error": "decode failed"}
     assert body["data"]["status"] == "running"
     assert body["data"]["progress"] == {"done": 0, "failed": 1, "total": 2}
+    job.record_result(0, "done", "out/0", "preview/0", "", "k0", at)
+    assert json.loads(payload("item.completed", at, job, 0))["data"]["item"] == {"idx": 0, "status": "done",
+                                                                             "error": None}
 
 
 # -- retries ---------------------------------------------------------------------------------------
@@ -91,6 +95,10 @@ def test_a_schedule_reads_units():
 def test_a_bad_schedule_is_refused(text):
     with pytest.raises(ValueError):
         parse_schedule(text)
+
+
+def test_a_schedule_may_hold_thirty_retries_and_no_more():
+    assert len(parse_schedule(",".join(["1s"] * 30))) == 30
 
 
 def test_the_default_schedule_retries_for_about_three_days():
@@ -149,6 +157,7 @@ def test_a_name_with_one_private_address_among_public_ones_is_refused():
 @pytest.mark.parametrize(("url", "why"), [
     ("http://hooks.example/in", "must be https"), ("ftp://hooks.example/", "must be https"),
     ("https:///nohost", "with a host"), ("https://user:pw@hooks.example/", "credentials"),
+    ("https://:pw@hooks.example/", "credentials"),
     ("https://hooks.example/" + "a" * 2048, "longer than 2048"), ("https://[::1/", "not a URL"),
     ("https://hooks.example:0/in", "port must be"),
 ])
@@ -223,6 +232,18 @@ def test_a_redirect_is_a_failure_and_not_followed():
     target = Target(302, headers={"location": "http://169.254.169.254/"})
     outcome = targets.post(target.client(), "http://127.0.0.1:9/in", BODY, {}, production=False)
     assert (outcome.ok, outcome.status_code, len(target.requests)) == (False, 302, 1)
+
+
+@pytest.mark.parametrize(("status", "delivered"), [(199, False), (200, True), (299, True), (300, False),
+                                                  (304, False)])
+def test_only_a_2xx_answer_is_a_delivery(status, delivered):
+    outcome = targets.post(Target(status).client(), "http://127.0.0.1:9/in", BODY, {}, production=False)
+    assert (outcome.ok, outcome.status_code) == (delivered, status)
+
+
+@pytest.mark.parametrize(("workers", "reserved"), [(1, 0), (2, 1), (3, 1), (4, 1), (7, 1), (8, 2), (16, 4)])
+def test_a_quarter_of_the_senders_threads_and_at_least_one_are_kept_for_proven_endpoints(workers, reserved):
+    assert proven_reserve(workers) == reserved
 
 
 @pytest.mark.parametrize(("error", "said"), [(httpx.ReadTimeout("slow"), "timeout"),
