@@ -10,8 +10,9 @@ callbacks per result key). Answers that invite a retry (409, 429, 5xx) or refuse
 before it ran (401, 422) are not stored. A key
 is forgotten ``ttl_s`` after its claim; each claim deletes at most ``SWEEP_BATCH`` expired keys.
 A principal holds at most ``MAX_KEYS_PER_OWNER`` keys at a time: a new key past that is a 429
-(a retry of a key it holds is answered as always). The header given twice is a 422: the
-middleware and the route would otherwise each read another one.
+(a retry of a key it holds is answered as always). The key, or the bearer token, given twice
+with a key is a 422: the middleware and the route would otherwise each read another one (the
+route's user, another principal's key).
 
 Claims and answers are written on the event loop's own connections (adapters.loop_pg: no worker
 thread), in autocommit, without waiting for the WAL flush (``unflushed``): a fsync per write
@@ -44,6 +45,8 @@ CLAIM_ATTEMPTS = 3  # a key released or swept between a claim's statements is cl
 MAX_KEYS_PER_OWNER = 10_000  # held at once (a day's worth at the default TTL): what a client can grow
 UNFLUSHED_CONNECTIONS = 8  # a loop's: under 128 paced sessions 4 made claims queue
 FULL = ("", None, None, None)  # _claim's answer when the owner holds its most keys
+# Headers a keyed request carries once at most: the middleware reads the last, the route the first.
+ONCE = ((b"idempotency-key", "Idempotency-Key"), (b"authorization", "Authorization"))
 
 
 def id_for_key(user_id: uuid.UUID, kind: str, key: str | None) -> uuid.UUID | None:
@@ -132,9 +135,10 @@ class IdempotencyKeys:
         if raw_key is None or owner is None:
             await self.app(scope, receive, send)
             return
-        if sum(name == b"idempotency-key" for name, _ in raw_headers) > 1:
-            await self.fail("VALIDATION_FAILED", "Idempotency-Key must be given once")(scope, receive, send)
-            return
+        for once, spelled in ONCE:
+            if sum(name == once for name, _ in raw_headers) > 1:
+                await self.fail("VALIDATION_FAILED", f"{spelled} must be given once")(scope, receive, send)
+                return
         if not _valid_key(raw_key):
             refusal = self.fail("VALIDATION_FAILED", f"Idempotency-Key must be 1..{MAX_KEY} printable ASCII characters")
             await refusal(scope, receive, send)
