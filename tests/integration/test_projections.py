@@ -27,7 +27,7 @@ from projections.log import events_table
 from projections.models import READ_MODELS
 from projections.models.billing_events import LEDGER_COLUMNS
 from projections.rebuild import fold_log, iter_envelopes, rebuild
-from projections.store import apply_batch, dead_letters, resolve_dead_letter, unapplied
+from projections.store import apply_batch, apply_isolating, dead_letters, resolve_dead_letter, unapplied
 from tests.chaos import read_model_problems
 from tests.integration.test_dispatcher_hardening import running_job
 from tests.keys import process_keys
@@ -222,6 +222,54 @@ def test_a_poison_event_holds_back_only_its_own_stream(apps, conn):
         conn.execute(sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(
             sql.Identifier("palette_read", tbl), sql.Identifier(column)), [[poisoned, healthy]])
     conn.execute("DELETE FROM palette_read.dead_letters WHERE stream_id = ANY(%s)", [[poisoned, healthy]])
+
+
+def test_an_event_postgres_cannot_store_is_parked_and_its_streams_later_events_held_behind_it(apps, conn):
+    """A batch that fails to write is applied again event by event in log order: the event that
+    cannot be stored is the one parked, its stream's later events wait behind it."""
+    job = uuid.uuid4()
+    base = 10**12 + random.randrange(10**9)
+    created = {"user_id": str(uuid.uuid4()), "preset": "inte\x00rior", "item_count": 1}  # text with a NUL
+    events = [_env(job, 1, "JobCreated", created, base), _env(job, 2, "UploadConfirmed", {}, base + 1),
+              _env(job, 3, "JobCanceled", {"reason": "x"}, base + 2)]
+
+    def fill(gaps: dict[uuid.UUID, tuple[int, int]]) -> list[EventEnvelope]:
+        return [e for e in events if e.stream_id in gaps and gaps[e.stream_id][0] < e.version <= gaps[e.stream_id][1]]
+
+    try:
+        apply_isolating(conn, events, fill)
+        letters = [(d["version"], d["status"]) for d in dead_letters(conn)
+                   if d["stream_id"] == job and d["model"] == "jobs_log"]
+        assert letters == [(1, "parked"), (2, "held"), (3, "held")]
+    finally:
+        for tbl in ("jobs_log", "jobs_log_tracking", "job_items_log", "job_items_log_tracking"):
+            column = "job_id" if tbl == "job_items_log" else ("stream_id" if tbl.endswith("tracking") else "id")
+            conn.execute(sql.SQL("DELETE FROM {} WHERE {} = %s").format(
+                sql.Identifier("palette_read", tbl), sql.Identifier(column)), [job])
+        conn.execute("DELETE FROM palette_read.dead_letters WHERE stream_id = %s", [job])
+
+
+def test_a_batch_of_older_positions_never_moves_the_models_positions_back(apps, conn):
+    """Partitions deliver out of commit order: a batch whose events are all older than one
+    already applied leaves every model's position where the newer one put it."""
+    saved = dict(conn.execute("SELECT model, position FROM palette_read.positions").fetchall())
+    top = max(saved.values(), default=0)
+    newer, older = uuid.uuid4(), uuid.uuid4()
+
+    def created(rule: uuid.UUID, position: int) -> EventEnvelope:
+        return EventEnvelope(id=position, stream_id=rule, stream_type="Rule", version=1, type="RuleCreated",
+                             timestamp=datetime.now(UTC), data={"user_id": str(uuid.uuid4()), "name": "r",
+                                                                "preset_id": "interior", "concepts": {}, "protect": []})
+
+    apply_batch(conn, [created(newer, top + 1000)])
+    assert apply_batch(conn, [created(older, top + 10)]).applied == 1
+    positions = dict(conn.execute("SELECT model, position FROM palette_read.positions").fetchall())
+    assert all(positions[name] >= top + 1000 for name in READ_MODELS), positions
+    for tbl, column in (("rules", "id"), ("rules_tracking", "stream_id")):
+        conn.execute(sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(
+            sql.Identifier("palette_read", tbl), sql.Identifier(column)), [[newer, older]])
+    for model, position in saved.items():  # the session's positions as they were
+        conn.execute("UPDATE palette_read.positions SET position = %s WHERE model = %s", [position, model])
 
 
 def test_the_projector_built_for_a_process_can_sweep(apps, service, conn, settings):

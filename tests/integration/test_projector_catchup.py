@@ -25,14 +25,14 @@ from psycopg import sql
 from adapters.bootstrap import build_projector
 from adapters.settings import Settings
 from application.services import PaletteService
-from domain.contracts.envelope import EventEnvelope
+from domain.contracts.envelope import EventEnvelope, encode
 from infra.supervisor import StackError
 from projections.catchup import CatchUp
-from projections.log import LogReader
+from projections.log import LogReader, events_table
 from projections.models import READ_MODELS
 from projections.models.billing_events import BILLING
 from projections.rebuild import fold_log, iter_envelopes
-from projections.store import BULK_ROWS, BatchResult, dead_letters
+from projections.store import BULK_ROWS, BatchResult, dead_letters, oldest_needed
 
 from .test_projections import assert_models_equal_fold, drained, service, workload  # noqa: F401 - shared fixtures
 from .test_stack import wait_until
@@ -155,6 +155,51 @@ def test_a_projector_far_behind_catches_up_from_the_log_through_a_crash_then_goe
         assert ledger_in(conn) == (expected_rows, expected_rows, expected_amount)
     finally:
         second.close()
+
+
+def test_a_catch_up_folds_the_oldest_event_needed_even_when_it_ends_its_stream(
+        stopped_projector: Any, service: PaletteService, conn: psycopg.Connection[Any],  # noqa: F811
+        settings: Settings) -> None:
+    """The catch-up starts right before the oldest event any of its models still needs (here a
+    rule's, older than a user's): one that is the last of its stream has no later event whose
+    hole would have it read from the log."""
+    wait_until(lambda: drained(service, conn), timeout_s=60, what="the read models to fold the log so far")
+    projector = projector_for(settings)
+    edits = {"floor": {"action": "texture", "value": "wood"}}
+
+    def catch_up() -> None:
+        projector.catchup.catch_up_to(int(service.app.recorder.max_notification_id() or 0), BatchResult())
+
+    try:
+        user_id = service.register(f"catchup-{uuid.uuid4()}").value[0]
+        rule_id = service.create_rule(user_id, "r", "interior", edits).value
+        catch_up()
+        assert drained(service, conn)
+        service.update_rule(user_id, rule_id, "s", edits)  # the rule's last event, before another user's
+        service.register(f"catchup-{uuid.uuid4()}")
+        catch_up()
+        assert drained(service, conn)
+    finally:
+        projector.close()
+
+
+def test_an_event_parked_for_one_model_is_not_where_its_catch_up_starts_but_is_for_the_others(
+        stopped_projector: Any, service: PaletteService, conn: psycopg.Connection[Any]) -> None:  # noqa: F811
+    """A retry reads a parked event from the dead letters: the log is read from the oldest event
+    a model needs and has not parked (a catch-up's start, a republish after a broker loss)."""
+    wait_until(lambda: drained(service, conn), timeout_s=60, what="the read models to fold the log so far")
+    user_id = service.register(f"parked-{uuid.uuid4()}").value[0]
+    app, events = service.app, events_table(service.app.recorder)
+    first = next(e for e in iter_envelopes(app.recorder, app.mapper.transcoder, 1, None) if e.stream_id == user_id)
+    users, billing = READ_MODELS["users"], READ_MODELS["billing_events"]
+    assert oldest_needed(conn, users, events) == oldest_needed(conn, billing, events) == first.id
+    conn.execute("INSERT INTO palette_read.dead_letters (model, stream_id, version, position, envelope, error, status) "
+                 "VALUES ('users', %s, 1, %s, %s, 'test', 'parked')", [user_id, first.id, encode(first)])
+    try:
+        assert oldest_needed(conn, users, events) is None
+        assert oldest_needed(conn, billing, events) == first.id
+    finally:
+        conn.execute("DELETE FROM palette_read.dead_letters WHERE stream_id = %s", [user_id])
 
 
 class PagedLog:

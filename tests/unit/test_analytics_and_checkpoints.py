@@ -1,5 +1,6 @@
 """The pure parts of the analysts' and auditors' tools: Parquet schemas from the event classes,
-`palette query`'s refusals and rendering, and checkpoint signatures and keys (no I/O beyond
+`palette query`'s refusals and rendering, checkpoint signatures and keys, and the ledger's hash
+chain (no I/O beyond
 temporary files; the real-stack behaviour is in tests/integration)."""
 
 from __future__ import annotations
@@ -7,6 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import typing
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,7 +22,10 @@ from hypothesis import strategies as st
 from adapters import checkpoints
 from adapters.query import QueryError, Result, render, run
 from adapters.settings import Settings
+from domain.contracts.envelope import EventEnvelope
 from domain.contracts.streams import STREAMS
+from projections.memory import MemoryReadStore
+from projections.models.billing_events import GENESIS, ledger_hash
 from projections.parquet import ENVELOPE, TIMESTAMP, event_schemas, topics_for
 
 
@@ -133,3 +139,28 @@ def test_keys_come_from_hex_base64_or_a_pem_file_and_bad_ones_are_named(tmp_path
         checkpoints.trusted_key(Settings(), None)
     with pytest.raises(checkpoints.CheckpointError):
         checkpoints.public_key("not a key")
+
+
+LEDGER_CHANGES = {"user_id": uuid.uuid4(), "seq": 99, "type": "adjust", "amount": 7, "balance_delta": -7,
+                  "ref": "other", "occurred_at": datetime(2027, 1, 1, tzinfo=UTC), "position": 10**6,
+                  "prev_hash": "f" * 64}
+
+
+@pytest.mark.parametrize("field", sorted(LEDGER_CHANGES))
+def test_the_ledger_is_chained_and_a_change_to_any_field_of_a_row_breaks_its_hash(field):
+    user, job, at = uuid.uuid4(), str(uuid.uuid4()), datetime(2026, 11, 1, tzinfo=UTC)
+    steps = [("Registered", {"plan": "free"}), ("CreditsGranted", {"amount": 10, "reason": "trial"}),
+             ("CreditsReserved", {"amount": 4, "job_id": job}),
+             ("CreditsSettled", {"spent": 3, "refunded": 1, "job_id": job})]
+    store = MemoryReadStore()
+    store.apply([EventEnvelope(id=100 + n, stream_id=user, stream_type="User", version=n + 1, type=kind,
+                               timestamp=at, data=data) for n, (kind, data) in enumerate(steps)])
+    rows = sorted(store.table("billing_events").values(), key=lambda r: r["seq"])
+    assert [(r["seq"], r["type"], r["amount"], r["balance_delta"], r["ref"]) for r in rows] == [
+        (1, "grant", 10, 10, "trial"), (2, "reserve", 4, -4, job), (3, "spend", 3, 0, job), (4, "refund", 1, 1, job)]
+    assert [r["prev_hash"] for r in rows] == [GENESIS] + [r["hash"] for r in rows[:-1]]
+    for row in rows:
+        assert ledger_hash(row["prev_hash"], {**row, "occurred_at": at.astimezone(timezone(timedelta(hours=2)))}) \
+            == row["hash"]  # the same instant, written in another zone
+        tampered = {**row, field: LEDGER_CHANGES[field]}
+        assert ledger_hash(tampered["prev_hash"], tampered) != row["hash"], field

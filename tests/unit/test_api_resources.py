@@ -1,5 +1,6 @@
 """The API's bounded helpers without I/O: presigned GET URLs equal boto3's, /health's cached
-checks, event stream slots per user, callback auth modes, and counts in request bodies."""
+checks, event stream slots per user, callback auth modes, counts in request bodies, and the
+recent writes a read waits for."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import botocore.auth
 import pytest
 from pydantic import ValidationError
 
+from adapters.api.consistency import STREAMS_PER_USER, LastWrites
 from adapters.api.held_responses import StreamSlots
 from adapters.api.rate_limit import RateLimited
 from adapters.api.routes_users import CachedCheck
@@ -176,3 +178,25 @@ def test_a_count_of_another_json_type_is_refused_not_read_as_a_number(count: str
         CallbackCreate.model_validate_json(f'{{"idx": {count}, "status": "done", "idempotency_key": "k"}}')
     assert JobCreate.model_validate_json('{"preset": "interior", "item_count": 3}').item_count == 3
     assert CallbackCreate.model_validate_json('{"idx": 3, "status": "done", "idempotency_key": "k"}').idx == 3
+
+
+# -- read-your-writes: the recent writes a read waits for ------------------------------------------
+def test_a_users_recent_writes_keep_each_streams_highest_version_and_only_the_newest_streams() -> None:
+    writes, user, first = LastWrites(), uuid4(), uuid4()
+    writes.record(user, "jobs_log", first, 5)
+    writes.record(user, "jobs_log", first, 3)  # an older write's answer, arriving late
+    writes.record(user, "jobs_log", first, None)  # a command that wrote nothing
+    assert writes.recent(user, "jobs_log") == {first: 5} and writes.recent(user, "rules") == {}
+    newer = [uuid4() for _ in range(STREAMS_PER_USER)]
+    for stream in newer:
+        writes.record(user, "jobs_log", stream, 1)
+    assert writes.recent(user, "jobs_log") == dict.fromkeys(newer, 1)
+
+
+def test_the_user_forgotten_first_is_the_one_who_wrote_least_recently() -> None:
+    writes = LastWrites(max_users=2)
+    early, idle, late = uuid4(), uuid4(), uuid4()
+    for user in (early, idle, early, late):
+        writes.record(user, "rules", user, 1)
+    assert (writes.recent(early, "rules"), writes.recent(idle, "rules"), writes.recent(late, "rules")) == (
+        {early: 1}, {}, {late: 1})

@@ -1,11 +1,14 @@
 """The read models split for catch-ups side by side: every model in exactly one group, no stream
-type in two groups (each process reads only its streams' events), never more groups than asked."""
+type in two groups (each process reads only its streams' events), never more groups than asked;
+and how far behind the read side counts as (its least advanced model)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from projections.catchup import groups
+from projections.catchup import CatchUp, groups
 from projections.models import READ_MODELS
 
 
@@ -22,3 +25,24 @@ def test_every_model_is_in_one_group_and_no_stream_type_in_two(n: int) -> None:
     assert len(parts) == min(n, len(stream_types))
     assert all(parts)
 
+
+
+class Positions:
+    """A connection answering the positions query with ``rows``."""
+
+    def __init__(self, rows: dict[str, int]) -> None:
+        self.rows = rows
+
+    def execute(self, query: Any) -> Positions:
+        return self
+
+    def fetchall(self) -> list[tuple[str, int]]:
+        return list(self.rows.items())
+
+
+def test_the_read_side_is_as_far_behind_as_its_least_advanced_model() -> None:
+    ahead = dict.fromkeys(READ_MODELS, 900)
+    lagging = CatchUp(Positions({**ahead, "rules": 300}), log=None, threshold=1)  # type: ignore[arg-type]
+    assert lagging.behind(1000) == 700
+    missing = CatchUp(Positions({k: v for k, v in ahead.items() if k != "users"}), log=None, threshold=1)  # type: ignore[arg-type]
+    assert missing.behind(1000) == 1000  # a model with no position has folded nothing

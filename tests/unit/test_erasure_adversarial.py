@@ -10,10 +10,13 @@ import pytest
 from application.executors import DirectExecutor
 from application.personal import MemoryKeyring
 from application.services import PaletteApplication, PaletteService
+from domain.contracts.personal import ERASED
 from domain.errors import DomainError, InvalidState, NotFound
 from domain.plans import DEFAULT_PLANS
 from domain.rule import Rule
 from domain.user import User
+from projections.memory import MemoryReadStore
+from projections.rebuild import iter_envelopes
 from tests.keys import process_keys
 from tests.simulation import Ids, StepClock
 
@@ -108,3 +111,14 @@ def test_a_job_started_after_the_erasure_read_the_reservations_leaves_everything
     assert here.erase_user(user_id)  # read again: both canceled and refunded
     user = here.app.repository.get(user_id)
     assert user.erased and not user.reservations
+
+
+def test_the_users_read_model_shows_an_erased_users_device_key_as_erased_and_keeps_the_credits():
+    service = processes(1)[0]
+    user_id = service.register(DEVICE).value[0]
+    credits = service.get_user(user_id).credits
+    erase(service, user_id)
+    store, app = MemoryReadStore(), service.app
+    store.apply(list(iter_envelopes(app.recorder, app.mapper.transcoder, 1, None)))
+    row = store.table("users")[(user_id,)]
+    assert (row["device_hash"], row["credits"]) == (ERASED, credits)

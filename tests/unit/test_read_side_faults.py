@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
 
 import psycopg
 from eventsourcing.persistence import OperationalError as StoreOperationalError
+from hypothesis import given
+from hypothesis import strategies as st
 from psycopg import errors
 
-from domain.contracts.envelope import decode
-from projections.batch import fold, plan
+from domain.contracts.envelope import EventEnvelope, decode
+from projections.batch import Plan, fold, merge_gaps, plan
 from projections.models import READ_MODELS
-from projections.store import describe, is_transient, storable
+from projections.store import BatchResult, add_result, describe, is_transient, storable
 from projections.stored_events import UNREADABLE, encode_notification, from_notification
+
+AT = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 @dataclass
@@ -77,3 +82,43 @@ def test_a_state_nested_deeper_than_orjson_writes_is_published_as_read() -> None
                json.dumps({"timestamp": "2026-01-01T00:00:00+00:00", "k": {"deep": deep}}).encode())
     env = from_notification(n, NoTranscoder())
     assert env.data == {"k": {"deep": deep}} and decode(encode_notification(n, NoTranscoder())) == env
+
+
+# -- what a delivery holds: copies, stale redeliveries, holes -------------------------------------
+def _rule_event(stream: uuid.UUID, version: int) -> EventEnvelope:
+    return EventEnvelope(id=1000 + version, stream_id=stream, stream_type="Rule", version=version,
+                         type="RuleUpdated", timestamp=AT, data={})
+
+
+@given(st.integers(0, 5), st.lists(st.integers(1, 12), max_size=20))
+def test_a_batch_folds_only_the_unbroken_run_after_what_was_folded_and_names_the_hole(
+        tracked: int, delivered: list[int]) -> None:
+    """Whatever order, copies and stale versions a delivery holds, what is planned is the
+    versions right after ``tracked`` up to the first missing one, each once and in order; every
+    other copy counts as skipped, and a hole names the range to read from the log."""
+    stream = uuid.uuid4()
+    p = plan(READ_MODELS["rules"], [_rule_event(stream, v) for v in delivered], {stream: tracked}, set())
+    new = {v for v in delivered if v > tracked}
+    run = []
+    while tracked + len(run) + 1 in new:
+        run.append(tracked + len(run) + 1)
+    assert [e.version for e in p.todo] == run
+    assert p.skipped == len(delivered) - len(new)
+    assert p.gaps == ({stream: (tracked, max(new))} if len(run) < len(new) else {})
+
+
+def test_the_range_read_for_a_hole_covers_what_every_model_misses_of_the_stream() -> None:
+    a, b = uuid.uuid4(), uuid.uuid4()
+    plans = [Plan(gaps={a: (2, 5)}), Plan(gaps={a: (0, 3), b: (1, 2)}), Plan(gaps={a: (1, 4)})]
+    assert merge_gaps(plans) == {a: (0, 5), b: (1, 2)}
+
+
+def test_results_added_up_count_every_field_and_keep_the_highest_position() -> None:
+    total = BatchResult(applied=1, skipped=2, parked=3, max_position=50, filled=4, per_model={"users": 1, "rules": 2})
+    add_result(total, BatchResult(applied=10, skipped=20, parked=30, max_position=40, filled=40,
+                                  per_model={"users": 5, "jobs_log": 7}))
+    assert total == BatchResult(applied=11, skipped=22, parked=33, max_position=50, filled=44,
+                                per_model={"users": 6, "rules": 2, "jobs_log": 7})
+    # a field added to BatchResult is added here, and to add_result
+    assert {f.name for f in fields(BatchResult)} == {"applied", "skipped", "parked", "max_position", "filled",
+                                                      "per_model"}

@@ -1,15 +1,19 @@
-"""Rule aggregate and edit validation against presets."""
+"""Rule aggregate and edit validation against presets; the rules read model's fold."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from typing import Any
 from uuid import uuid4
 
 import pytest
 
+from domain.contracts.envelope import EventEnvelope
 from domain.errors import NotFound, ValidationFailed
 from domain.presets import PRESETS, normalise_edits
 from domain.rule import Rule
+from projections.memory import MemoryReadStore
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -135,3 +139,27 @@ def test_an_update_is_checked_against_the_rules_own_preset_and_a_refusal_records
     assert (rule.concepts, rule.protect) == ({"label": {"action": "remove", "value": ""}}, ["product"])
     if group_commit:
         runs.stop()  # type: ignore[union-attr]
+
+
+# -- the rules read model ------------------------------------------------------------------------
+def test_the_rules_row_shows_the_latest_edit_and_a_deleted_rule_stays_flagged() -> None:
+    rule, user = uuid4(), uuid4()
+    created, edited, gone = (datetime(2026, 11, d, tzinfo=UTC) for d in (1, 2, 3))
+
+    def event(version: int, kind: str, at: datetime, data: dict[str, Any]) -> EventEnvelope:
+        return EventEnvelope(id=version, stream_id=rule, stream_type="Rule", version=version, type=kind,
+                             timestamp=at, data=data)
+
+    store = MemoryReadStore()
+    store.apply([event(1, "RuleCreated", created, {"user_id": str(user), "name": "a", "preset_id": "interior",
+                                                   "concepts": {"wall": {"color": "red"}}, "protect": ["door"]}),
+                 event(2, "RuleUpdated", edited, {"name": "b", "concepts": {"floor": {"material": "oak"}},
+                                                  "protect": ["window"]})])
+    row = store.table("rules")[(rule,)]
+    assert (row["name"], row["preset_id"], row["deleted"]) == ("b", "interior", False)
+    assert json.loads(row["concepts_json"]) == {"floor": {"material": "oak"}}
+    assert json.loads(row["protect_json"]) == ["window"]
+    assert (row["created_at"], row["updated_at"]) == (created, edited)
+    store.apply([event(3, "RuleDeleted", gone, {})])
+    row = store.table("rules")[(rule,)]
+    assert (row["name"], row["deleted"], row["updated_at"]) == ("b", True, gone)
