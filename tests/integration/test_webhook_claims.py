@@ -4,6 +4,7 @@ secret signs only through its grace; no user reaches another's endpoints by thei
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +27,19 @@ def endpoints(conn: psycopg.Connection[Any], user: uuid.UUID, *names: str) -> li
     """``user``'s endpoints for job.queued, one per name, at a loopback port nothing answers on."""
     return [store.create_endpoint(conn, user, f"http://127.0.0.1:9/{n}", ["job.queued"], "whsec_test", 10)["id"]
             for n in names]
+
+
+@contextlib.contextmanager
+def one_delivery(conn: psycopg.Connection[Any], user: uuid.UUID, name: str) -> Iterator[tuple[uuid.UUID, uuid.UUID]]:
+    """An endpoint of ``user``'s and one due delivery to it (a new job's job.queued): (endpoint, job);
+    the endpoint, and with it the delivery, removed after."""
+    job = uuid.uuid4()
+    [endpoint] = endpoints(conn, user, name)
+    store.record(conn, [store.NewDelivery(endpoint, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}")])
+    try:
+        yield endpoint, job
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
 
 
 def test_a_stale_attempt_cannot_overwrite_the_outcome_of_the_claim_that_took_over(conn):
@@ -135,45 +149,35 @@ def test_an_attempt_lost_while_its_endpoint_is_held_waits_for_the_holds_end(conn
 
 
 def test_a_disabled_endpoints_due_deliveries_are_not_claimed(conn):
-    user, job = uuid.uuid4(), uuid.uuid4()
-    [endpoint] = endpoints(conn, user, "disabled")
-    store.record(conn, [store.NewDelivery(endpoint, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}")])
-    try:
+    user = uuid.uuid4()
+    with one_delivery(conn, user, "disabled") as (endpoint, job):
         conn.execute("UPDATE palette_webhooks.endpoints SET enabled = false, disabled_at = now() WHERE id = %s",
                      [endpoint])
         assert [d for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == []
         store.enable_endpoint(conn, user, endpoint)
         assert [d.message_id for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == [f"msg_{job.hex}_1"]
-    finally:
-        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
 
 
 def test_a_rotated_secret_signs_alongside_the_new_one_only_until_its_grace_ends(conn):
-    user, job = uuid.uuid4(), uuid.uuid4()
-    [endpoint] = endpoints(conn, user, "rotated")
-    store.record(conn, [store.NewDelivery(endpoint, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}")])
+    user = uuid.uuid4()
+    with one_delivery(conn, user, "rotated") as (endpoint, job):
 
-    def keys() -> list[tuple[str, ...]]:
-        conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() WHERE job_id = %s", [job])
-        return [d.keys for d in store.claim(conn, 10_000, 30.0) if d.user_id == user]
+        def keys() -> list[tuple[str, ...]]:
+            conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() WHERE job_id = %s", [job])
+            return [d.keys for d in store.claim(conn, 10_000, 30.0) if d.user_id == user]
 
-    try:
         assert store.rotate_secret(conn, user, endpoint, "whsec_new") is not None
         assert keys() == [("whsec_new", "whsec_test")]
         conn.execute("UPDATE palette_webhooks.endpoints SET previous_until = now() - interval '1 second' "
                      "WHERE id = %s", [endpoint])  # a day later
         assert keys() == [("whsec_new",)]
-    finally:
-        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
 
 
 def test_another_users_endpoint_and_deliveries_are_out_of_reach_whatever_ids_they_know(conn):
-    owner, stranger, job = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    [endpoint] = endpoints(conn, owner, "owned")
-    store.record(conn, [store.NewDelivery(endpoint, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}")])
-    [delivery] = conn.execute("UPDATE palette_webhooks.deliveries SET status = 'failed', next_attempt_at = NULL "
-                              "WHERE job_id = %s RETURNING id", [job]).fetchone()
-    try:
+    owner, stranger = uuid.uuid4(), uuid.uuid4()
+    with one_delivery(conn, owner, "owned") as (endpoint, job):
+        [delivery] = conn.execute("UPDATE palette_webhooks.deliveries SET status = 'failed', next_attempt_at = NULL "
+                                  "WHERE job_id = %s RETURNING id", [job]).fetchone()
         assert store.redeliver(conn, stranger, endpoint, delivery) is None
         assert store.rotate_secret(conn, stranger, endpoint, "whsec_stranger") is None
         assert store.list_deliveries(conn, stranger, endpoint, 10) is None
@@ -184,8 +188,6 @@ def test_another_users_endpoint_and_deliveries_are_out_of_reach_whatever_ids_the
                            [delivery]).fetchone()
         assert row == ("failed", "whsec_test")
         assert store.redeliver(conn, owner, endpoint, delivery)["status"] == "pending"  # (the ids are right)
-    finally:
-        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
 
 
 def test_suspect_endpoints_get_only_their_share_and_a_success_proves_one(conn):
