@@ -17,8 +17,9 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import OperationalError
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kafka import TopicPartition
 
-from adapters.dispatcher import DLQ_TOPIC, GPU_GROUP, Dispatcher, Placement, Placements
+from adapters.dispatcher import DLQ_TOPIC, GPU_GROUP, Dispatcher, KafkaTaskQueue, Placement, Placements
 from adapters.rollover import LogRollover
 from domain.contracts.topics import GPU_TASKS as GPU_TOPIC
 from domain.job import Job
@@ -328,9 +329,10 @@ def test_a_stalled_job_that_cannot_be_built_never_stops_the_sweep():
     assert d.sweep() == 1
 
 
-def test_a_finished_job_is_forgotten():
+@pytest.mark.parametrize("end", ["JobFinished", "JobCanceled"])
+def test_a_finished_or_canceled_job_is_forgotten(end):
     job = queued_job(1)
-    d, _, _ = dispatcher([envelope(job.id)], [envelope(job.id, "JobFinished", 5)], jobs=[job], queue=FakeQueue())
+    d, _, _ = dispatcher([envelope(job.id)], [envelope(job.id, end, 5)], jobs=[job], queue=FakeQueue())
     d.step()
     assert d.placements.get(str(job.id)) is not None
     d.step()
@@ -346,3 +348,105 @@ def test_placements_stay_within_their_byte_budget(ids, budget):
         assert len(placements) * Placements.ENTRY_BYTES <= budget
         if budget >= Placements.ENTRY_BYTES:
             assert placements.get(f"job-{n}") == Placement(0, n)
+
+
+def test_placements_keep_the_one_looked_up_last_and_drop_the_least_recently_used():
+    placements = Placements(2 * Placements.ENTRY_BYTES)
+    placements.put("a", Placement(0, 1))
+    placements.put("b", Placement(0, 2))
+    assert placements.get("a") == Placement(0, 1)
+    placements.put("c", Placement(0, 3))
+    assert placements.get("b") is None and placements.get("a") == Placement(0, 1)
+
+
+def ended(job: Job, how: str) -> Job:
+    if how == "canceled":
+        job.cancel("by its user", AT)
+    else:
+        job.record_result(0, "done", "o", "p", "", f"{job.id}:0", AT)
+    assert job.status.terminal
+    return job
+
+
+@pytest.mark.parametrize("how", ["canceled", "finished"])
+def test_the_sweep_sends_nothing_for_a_job_that_ended_since_the_read_model_saw_it(how):
+    job = ended(queued_job(1), how)
+    d, producer, _ = dispatcher(jobs=[job], queue=FakeQueue())  # the read model still says queued
+    assert d.sweep() == 0 and producer.tasks() == []
+
+
+@pytest.mark.parametrize("how", ["canceled", "finished"])
+def test_a_job_queued_delivered_again_after_the_job_ended_sends_nothing(how):
+    job = ended(queued_job(1), how)
+    d, producer, consumer = dispatcher([envelope(job.id)], jobs=[job], queue=FakeQueue())
+    assert d.step() == 0 and producer.tasks() == [] and consumer.commits == 1
+
+
+def test_a_task_at_the_gpu_groups_committed_offset_is_still_waiting():
+    """The group's committed offset is the next one it reads: the task there is not consumed."""
+    job = queued_job(3)
+    queue = FakeQueue(consumed={0: 2})
+    d, _, _ = dispatcher([envelope(job.id)], jobs=[job], queue=queue)
+    d.step()
+    assert d.placements.get(str(job.id)) == Placement(0, 2)
+    assert d.sweep() == 0
+    queue.consumed[0] = 3
+    assert d.sweep() == 3
+
+
+def test_the_sweep_asks_the_broker_about_one_offset_per_partition_however_many_jobs_wait():
+    """Each ask may fetch for ``probe_timeout_s``: the highest offset held answers for those below."""
+    jobs = [queued_job(1) for _ in range(4)]
+
+    asked: list[int] = []
+
+    class Counting(FakeQueue):
+        def reaches(self, partition: int, offset: int) -> bool:
+            asked.append(offset)
+            return super().reaches(partition, offset)
+
+    queue = Counting()
+    d, _, _ = dispatcher(*[[envelope(job.id)] for job in jobs], jobs=jobs, queue=queue)
+    for _ in jobs:
+        d.step()
+    assert d.sweep() == 0 and asked == [3]
+
+
+def test_after_a_lost_queue_the_sweep_no_longer_counts_on_tasks_in_the_old_log():
+    job = queued_job(2)
+    d, _, _ = dispatcher([envelope(job.id)], jobs=[job], queue=FakeQueue())
+    d.step()
+    assert d.sweep() == 0  # waiting in the queue
+    d.queue_lost("lost")
+    assert d.sweep() == 2  # the time rule: its placement pointed into the lost log
+
+
+class Probe:
+    """A consumer outside any group: the end offset it is told, and a fetch that finds ``held``."""
+
+    def __init__(self, end: int, held: list[int]) -> None:
+        self.end, self.held, self.at = end, held, 0
+
+    def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self.end for tp in tps}
+
+    def assign(self, tps: list[TopicPartition]) -> None:
+        pass
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.at = offset
+
+    def poll(self, timeout_ms: int = 0, max_records: int = 1) -> dict[TopicPartition, list[Record]]:
+        return {TopicPartition(GPU_TOPIC, 0): [Record(b"", None, o) for o in self.held if o >= self.at][:max_records]}
+
+
+@pytest.mark.parametrize(("end", "held", "offset", "reached"), [
+    (5, [0, 1, 2, 3, 4], 4, True),  # below the end
+    (5, [0, 1, 2, 3, 4], 5, False),  # the end is the next offset: nothing there yet
+    (3, [0, 1, 2, 3, 4], 4, True),  # a stale, low end: the fetch finds it
+    (3, [0, 1, 2], 4, False),
+])
+def test_the_queue_reaches_an_offset_only_when_its_log_holds_it(end, held, offset, reached):
+    # a fetch that finds the offset answers at once; one that cannot fetches until the timeout
+    queue = KafkaTaskQueue(admin=None, probe=Probe(end, held), probe_timeout_s=30.0 if reached else 0.05)
+    assert queue.reaches(0, offset) is reached

@@ -400,19 +400,28 @@ def pipeline_task(concepts: dict[str, dict[str, str]], protect: list[str]) -> Ta
 
 @settings(max_examples=15, deadline=None)
 @given(y0=st.integers(0, 100), x0=st.integers(0, 150), h=st.integers(1, 60), w=st.integers(1, 80),
+       ry=st.integers(0, 100), rx=st.integers(0, 150),
        action=st.sampled_from([("recolor", "#aa3300"), ("texture", "brick"), ("remove", ""), ("tone", "dark")]))
-def test_a_protect_mask_as_given_is_bit_identical_after_refinement_and_edits(y0, x0, h, w, action):
+def test_protect_masks_as_given_are_bit_identical_after_refinement_and_edits(y0, x0, h, w, ry, rx, action):
     img, _ = with_object(shaded_scene(128, 192), 40, 90, 60, 140)
     image_u8 = (img[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
-    protect = torch.zeros(1, 1, 128, 192)
-    protect[..., y0:y0 + h, x0:x0 + w] = 1
+    sofa, rug = torch.zeros(1, 1, 128, 192), torch.zeros(1, 1, 128, 192)
+    sofa[..., y0:y0 + h, x0:x0 + w] = 1
+    rug[..., ry:ry + 24, rx:rx + 40] = 1  # a second protected concept: each one's pixels are kept
     pipeline = ImagePipeline(s3=None, bucket="", device=torch.device("cpu"))
     task = pipeline_task({"wall": {"action": action[0], "value": action[1]},
-                          "floor": {"action": "recolor", "value": "#224466"}}, ["sofa"])
-    out = pipeline.compute(image_u8, {"sofa": protect}, task)
-    kept = protect[0, 0] > 0.5
+                          "floor": {"action": "recolor", "value": "#224466"}}, ["sofa", "rug"])
+    out = pipeline.compute(image_u8, {"sofa": sofa, "rug": rug}, task)
+    kept = (sofa[0, 0] > 0.5) | (rug[0, 0] > 0.5)
     assert torch.equal(out[kept], image_u8[kept])
 
+
+
+def test_protection_begins_above_one_half_as_documented():
+    img, wall = room(), box_mask(10, 46, 0, W)
+    edits = {"wall": {"action": "recolor", "value": "#2255cc"}}
+    half = torch.full((1, 1, H, W), 0.5)
+    assert torch.equal(ops.apply_edits(img, {"wall": wall}, edits, half), ops.apply_edits(img, {"wall": wall}, edits))
 
 # -- remove with structure ----------------------------------------------------------------------
 def delta_e(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

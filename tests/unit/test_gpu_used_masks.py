@@ -12,11 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from domain.contracts.gpu_task import MalformedTask, Task, tasks_for
 from domain.contracts.keys import mask_key
-from gpu_consumer.pipeline import ImagePipeline
+from gpu_consumer.pipeline import ImagePipeline, used_masks
 from gpu_consumer.worker import GpuWorker
 from tests.unit.broker_fakes import FakeConsumer, Record
 from tests.unit.test_gpu_worker_hardening import BUCKET, FakeCallbacks, FakeProducer, FakeS3
@@ -183,3 +185,12 @@ def test_used_masks_lie_apart_from_the_client_masks():
     assert t["instances_key"] == f"masks/{user_id}/{job_id}/used/0_instances.json"
     assert set(t["mask_keys"].values()).isdisjoint(t["used_mask_keys"].values())
     assert t["mask_keys"]["wall"] == mask_key(user_id, job_id, 0, "wall")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.just(0.0), st.floats(0, 1, width=32)), min_size=1, max_size=64))
+def test_a_used_mask_is_above_zero_wherever_the_edit_could_touch_and_within_one_step_of_it(values):
+    mask = torch.tensor(values, dtype=torch.float32).reshape(1, 1, 1, -1)
+    stored = used_masks({"wall": mask}, ["wall"], (1, len(values)))["wall"][0].tolist()
+    for value, byte in zip(values, stored, strict=True):
+        assert (byte > 0) == (value > 0) and abs(byte - 255 * value) <= 1

@@ -9,21 +9,25 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from domain.contracts.callback import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_callback
+from domain.contracts.keys import MAX_INPUT_BYTES
 from gpu_consumer import ops
-from gpu_consumer.callbacks import CallbackUnavailable
+from gpu_consumer.callbacks import CallbackClient, CallbackUnavailable
+from gpu_consumer.codec import BadInput
 from gpu_consumer.pipeline import ImagePipeline
-from gpu_consumer.worker import GpuWorker, RecentKeys, StartedItems, Task
+from gpu_consumer.worker import GpuWorker, Prefetch, RecentKeys, StartedItems, Task
 from tests.unit.broker_fakes import FakeConsumer, FakeLog, Record
 
 DLQ = "palette.gpu-jobs.dlq"
@@ -151,6 +155,7 @@ def test_an_edit_the_ops_refuse_fails_its_item_at_once_and_parks_the_task(edit, 
     key, status, error = callbacks.reports[0]
     assert (key, status) == (t["idempotency_key"], "failed") and reason in error
     assert w.stats["retried"] == 0 and w.stats["dlq"] == 1
+    assert w.stats["failed"] == 1 and w.stats["done"] == 0
     [(value, headers)] = producer.parked()
     assert json.loads(value)["idempotency_key"] == t["idempotency_key"] and reason in headers["error"].decode()
     assert t["output_key"] not in s3.objects and consumer.commits == 1
@@ -734,3 +739,162 @@ def test_a_malformed_task_read_again_behind_an_item_left_for_later_is_parked_onc
         w.close()
     assert len(w.producer.parked()) == 1  # type: ignore[attr-defined]
     assert [status for k, status, _ in callbacks.reports if k == bad["idempotency_key"]] == ["failed"]
+
+
+# -- found in a mutation review --------------------------------------------------------------------
+def test_a_task_twice_in_one_poll_is_edited_and_reported_once():
+    t = task()
+    w, _, _, callbacks, consumer = worker([record(t, 1), record(t, 2)])
+    step_once(w)
+    assert callbacks.reports == [(t["idempotency_key"], "done", "")]
+    assert w.stats["skipped"] == 1 and w.stats["done"] == 1 and consumer.commits == 1
+
+
+def test_once_the_api_answers_that_a_job_was_canceled_its_later_items_are_not_edited():
+    job_id = str(uuid.uuid4())
+    first, later = task(idx=0, job_id=job_id), task(idx=1, job_id=job_id)
+    w, s3, _, callbacks, _ = worker([record(first)], [record(later, 1)])
+    recorded = callbacks.report
+
+    def canceled(t: Task, status: str, *args: Any) -> str:
+        recorded(t, status, *args)
+        return "ignored_canceled"
+
+    callbacks.report = canceled  # type: ignore[method-assign]
+    try:
+        w.step()
+        w.step()
+    finally:
+        w.close()
+    assert [k for k, _, _ in callbacks.reports] == [first["idempotency_key"]]
+    assert later["output_key"] not in s3.objects and w.stats["skipped"] == 1
+
+
+def test_a_done_item_is_reported_with_its_output_and_preview_both_stored_before():
+    t = task()
+    w, s3, _, callbacks, _ = worker([record(t)])
+    named: list[tuple[str, str, bool]] = []
+
+    def report(t: Task, status: str, output_key: str = "", preview_key: str = "", error: str = "") -> str:
+        named.append((output_key, preview_key, {output_key, preview_key} <= set(s3.objects)))
+        return "recorded"
+
+    callbacks.report = report  # type: ignore[method-assign]
+    step_once(w)
+    assert named == [(t["output_key"], t["preview_key"], True)]
+    assert Image.open(io.BytesIO(s3.objects[t["output_key"]])).format == "PNG"
+    assert Image.open(io.BytesIO(s3.objects[t["preview_key"]])).format == "JPEG"
+
+
+def test_a_result_the_api_does_not_acknowledge_during_a_retry_comes_again_uncommitted():
+    t = task()
+    w, _, _, callbacks, consumer = worker([record(t)], s3=FakeS3(failing_puts=1))  # the first try's upload fails
+    acknowledged, away = callbacks.report, [True]
+
+    def away_once(t: Task, status: str, *args: Any) -> str:
+        if away:
+            away.pop()
+            raise CallbackUnavailable("callback answered 503")
+        return acknowledged(t, status, *args)
+
+    callbacks.report = away_once  # type: ignore[method-assign]
+    try:
+        assert w.step() == 0 and consumer.commits == 0  # not an attempt that failed: the API was away
+        assert w.step() == 1
+    finally:
+        w.close()
+    assert callbacks.reports == [(t["idempotency_key"], "done", "")] and consumer.commits == 1
+
+
+def test_an_input_the_store_says_is_too_large_is_refused_without_reading_it():
+    class Huge(FakeS3):
+        def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:  # boto3's names
+            body = io.BytesIO(b"")
+            body.read = lambda *_: pytest.fail("the body was read")  # type: ignore[method-assign]
+            return {"Body": body, "ContentLength": MAX_INPUT_BYTES + 1}
+
+    pipeline = ImagePipeline(Huge(), BUCKET, torch.device("cpu"))
+    with pytest.raises(BadInput, match="larger than 20 MB"):
+        pipeline.fetch(Task.parse(json.dumps(task()).encode()))
+
+
+class Begun:
+    """A pool that runs nothing: it records the fetches begun."""
+
+    def __init__(self) -> None:
+        self.begun: list[Task] = []
+
+    def submit(self, fetch: Any, t: Task) -> Future[Any]:
+        self.begun.append(t)
+        return Future()
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(0, 10), ahead=st.integers(1, 4))
+def test_each_items_fetch_begins_ahead_turns_before_its_own(n: int, ahead: int):
+    tasks = [Task.parse(json.dumps(task(idx=i)).encode()) for i in range(n)]
+    pool = Begun()
+    fetches = Prefetch(pool, lambda t: t, tasks, ahead)  # type: ignore[arg-type]
+    assert pool.begun == tasks[:ahead]
+    for i in range(n):
+        fetches.turn(i)
+        assert pool.begun == tasks[:i + 1 + ahead]
+
+
+SECRET = "callback-secret"
+
+
+def answering(answer: int | Exception, body: Any = None) -> tuple[CallbackClient, list[httpx.Request]]:
+    """A CallbackClient whose API answers every request with ``answer`` (a status, or an error)."""
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if isinstance(answer, Exception):
+            raise answer
+        return httpx.Response(answer, json=body)
+
+    client = CallbackClient("http://api.test", SECRET)
+    client.http.close()
+    client.http = httpx.Client(base_url="http://api.test", transport=httpx.MockTransport(handle))
+    return client, seen
+
+
+def test_a_callback_is_signed_over_the_very_bytes_it_sends_for_its_job_and_item():
+    t = Task.parse(json.dumps(task(idx=3)).encode())
+    client, seen = answering(200, {"data": {"outcome": "recorded"}})
+    assert client.report(t, "done", "out.png", "out.jpg") == "recorded"
+    [request] = seen
+    assert request.url.path == f"/jobs/{t.job_id}/callback"
+    assert json.loads(request.content) == {"idx": 3, "status": "done", "idempotency_key": t.idempotency_key,
+                                           "output_key": "out.png", "preview_key": "out.jpg"}
+    h = request.headers
+    assert verify_callback(SECRET, int(time.time()), t.job_id, request.content, timestamp=h[TIMESTAMP_HEADER],
+                           signature=h[SIGNATURE_HEADER], nonce=h[NONCE_HEADER], allow_shared_secret=False)
+
+
+def test_a_failed_items_error_reaches_the_api_escaped_and_at_most_2000_characters():
+    t = Task.parse(json.dumps(task()).encode())
+    client, seen = answering(200, {"data": {"outcome": "recorded"}})
+    client.report(t, "failed", error="\x00bad" * 1000)
+    error = json.loads(seen[0].content)["error"]
+    assert len(error) == 2000 and error.startswith("\\x00bad") and "\x00" not in error
+
+
+@pytest.mark.parametrize(("answer", "body", "outcome"), [
+    (200, {"data": {"outcome": "recorded"}}, "recorded"),
+    (200, {"data": {"outcome": "ignored_canceled"}}, "ignored_canceled"),
+    (404, {"error": "no such job"}, "refused"),
+    (409, {"error": "the job takes no results"}, "refused"),
+    (401, {}, None), (429, {}, None), (500, {}, None), (503, {}, None),
+    (200, {"data": {}}, None),  # acknowledged without an outcome: not taken as recorded
+    (httpx.ConnectError("connection refused"), None, None),
+])
+def test_the_apis_answer_says_whether_a_result_was_taken_refused_or_must_come_again(answer, body, outcome):
+    t = Task.parse(json.dumps(task()).encode())
+    client, _ = answering(answer, body)
+    if outcome is None:
+        with pytest.raises(CallbackUnavailable):
+            client.report(t, "done", "o", "p")
+    else:
+        assert client.report(t, "done", "o", "p") == outcome

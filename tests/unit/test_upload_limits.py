@@ -291,3 +291,15 @@ def test_a_bmp_compressed_as_rle_is_refused_before_pil_decodes_it(monkeypatch):
     monkeypatch.undo()
     with Image.open(io.BytesIO(small)) as img:  # what was refused is a readable image
         assert img.convert("L").getpixel((3, 3)) == 7
+
+
+@pytest.mark.parametrize(("width", "height", "accepted"), [(4096, 8, True), (8, 4096, True), (4097, 8, False),
+                                                           (8, 4097, False)])
+def test_a_photo_of_up_to_4096_pixels_a_side_is_read_and_one_a_pixel_longer_is_refused(width, height, accepted):
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buf, "PNG")
+    if accepted:
+        assert decode(buf.getvalue()).shape == (height, width, 3)
+    else:
+        with pytest.raises(BadInput, match="the limit is 4096x4096"):
+            decode(buf.getvalue())
