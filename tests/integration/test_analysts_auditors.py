@@ -8,7 +8,9 @@ The expected states are folded here the plain way (``_expected``): not by the do
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -16,8 +18,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adapters.bootstrap import event_store_env
+from adapters.pg_streams import pg_stream_loader
+from adapters.system import RandomIds
+from application.executors import GroupCommitter
+from application.services import PaletteApplication, PaletteService
 from projections import audit
+from projections.models.billing_events import ledger_hash
 from projections.replay import Replayer
+from tests.keys import process_keys
 
 from .test_projections import drained, service, workload  # noqa: F401 - shared module fixture
 from .test_stack import wait_until
@@ -154,6 +163,11 @@ def test_replay_all_filters_by_type_and_time(history):
     later = list(history.all(since=middle))
     assert later and all(e.timestamp >= middle for e in later)
     assert {e.id for e in later} == {e.id for e in everything if e.timestamp >= middle}
+    earlier = list(history.all(until=middle))  # the bound is inclusive: the event at ``middle`` is in
+    assert {e.id for e in earlier} == {e.id for e in everything if e.timestamp <= middle}
+    start = everything[len(everything) // 2].id  # a start position and a time together: both hold
+    both = list(history.all(start=start, since=everything[0].timestamp))
+    assert [e.id for e in both] == [e.id for e in everything if e.id >= start]
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
@@ -238,11 +252,14 @@ def test_the_ledger_balance_as_of_a_time_is_the_users_events_until_then(history,
     want = _expected(before)
     entries = sum(1 for e in before if e.type in ("CreditsGranted", "CreditsReserved")) + sum(
         bool(e.data["spent"]) + bool(e.data["refunded"]) for e in before if e.type == "CreditsSettled")
+    positions = [e.id for e in before if e.type in ("CreditsGranted", "CreditsReserved") or (
+        e.type == "CreditsSettled" and (e.data["spent"] or e.data["refunded"]))]
     with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
         wait_until(lambda: drained(service, conn), timeout_s=60, what="projections to drain")
         got = audit.balance_as_of(conn, user_id, as_of)
     assert (got["balance"], got["granted"], got["reserved"], got["spent"], got["entries"]) == (
         want["balance"], want["granted"], sum(want["reservations"].values()), want["spent"], entries)
+    assert got["positions"] == {"first": min(positions, default=None), "last": max(positions, default=None)}
 
 
 def test_reconcile_on_a_live_system_reports_no_false_differences(apps, history, service, settings):  # noqa: F811
@@ -281,3 +298,86 @@ def test_reconcile_on_a_live_system_reports_no_false_differences(apps, history, 
             print("projector log:", (settings.data_dir / "logs" / "projector.log").read_text()[-3000:])
         assert report.ok, report.differences
     assert reports[-1].position > reports[0].position  # the log did move underneath
+
+
+def _drained(service, settings) -> None:  # noqa: F811
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as probe:
+        wait_until(lambda: drained(service, probe), timeout_s=60, what="projections to drain")
+
+
+def _longest_chain(tx: psycopg.Connection[Any]) -> tuple[Any, int]:
+    row = tx.execute("SELECT user_id, max(seq) FROM palette_read.billing_events GROUP BY user_id "
+                     "ORDER BY max(seq) DESC, user_id LIMIT 1").fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+@pytest.mark.parametrize("mode", ["append", "rewrite"])
+def test_a_chain_end_that_is_not_its_recorded_head_breaks_verify_however_well_it_hashes(
+        history, service, settings, tx, mode):  # noqa: F811
+    """A row appended after the head, or the last row rewritten (its hash recomputed), each
+    hashing perfectly onto the chain before it: only the recorded head can tell."""
+    _drained(service, settings)
+    user_id, last = _longest_chain(tx)
+    seq = last + 1 if mode == "append" else last
+    prev, at, position = tx.execute("SELECT hash, occurred_at, position FROM palette_read.billing_events "
+                                    "WHERE user_id = %s AND seq = %s", [user_id, seq - 1]).fetchone() or (None,) * 3
+    row = {"user_id": user_id, "seq": seq, "type": "grant", "amount": 500, "balance_delta": 500, "ref": "forged",
+           "occurred_at": at, "position": position}
+    tx.execute("DELETE FROM palette_read.billing_events WHERE user_id = %s AND seq = %s", [user_id, seq])
+    tx.execute("INSERT INTO palette_read.billing_events (id, user_id, seq, type, amount, balance_delta, ref, "
+               "occurred_at, position, prev_hash, hash) VALUES ('forged', %s, %s, 'grant', 500, 500, 'forged', "
+               "%s, %s, %s, %s)", [user_id, seq, at, position, prev, ledger_hash(prev, row)])
+    _, breaks = audit.verify(tx)
+    assert [(b.user_id, b.seq) for b in breaks] == [(str(user_id), seq)]
+    assert "does not hash to its recorded head" in breaks[0].reason
+
+
+def test_a_chain_deleted_whole_breaks_verify_at_its_first_row(history, service, settings, tx):  # noqa: F811
+    _drained(service, settings)
+    user_id, _ = _longest_chain(tx)
+    tx.execute("DELETE FROM palette_read.billing_events WHERE user_id = %s", [user_id])
+    _, breaks = audit.verify(tx)
+    assert [(b.user_id, b.seq, b.reason) for b in breaks] == [(str(user_id), 1, "every row of this chain is missing")]
+
+
+def test_reconcile_names_a_stream_the_ledger_has_not_folded_though_users_has(history, service, settings,  # noqa: F811
+                                                                            tx):
+    """The users model folded the stream's last event and billing_events did not: that is an
+    unfolded stream (each model is checked, not either one)."""
+    _drained(service, settings)
+    user_id, _ = _longest_chain(tx)
+    tx.execute("UPDATE palette_read.billing_events_tracking SET version = version - 1 WHERE stream_id = %s",
+               [user_id])
+    report = audit.reconcile(tx, service.app.recorder, service.app.mapper.transcoder, wait_s=0)
+    assert any(d.startswith(f"user {user_id}: 1 event(s) at or before position") for d in report.differences), \
+        report.differences
+
+
+class _SetClock:
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def now(self) -> datetime:
+        return self.at
+
+
+def test_replay_until_reads_past_an_event_stamped_after_one_committed_later(apps, settings):
+    """Timestamps come from the command, so the log's commit order may run up to TIME_SLACK_S
+    behind them: an event stamped past ``until`` does not end the replay while one committed after
+    it, stamped before ``until``, may follow."""
+    clock = _SetClock(datetime.now(UTC) + timedelta(seconds=3))
+    app = PaletteApplication(env=event_store_env(settings))
+    committer = GroupCommitter(app, pg_stream_loader(app)).start()
+    try:
+        svc = PaletteService(app, committer, clock, RandomIds(), **process_keys())
+        later = svc.register(f"stamped-later-{uuid.uuid4()}").value[0]  # committed first
+        clock.at -= timedelta(seconds=3)
+        earlier = svc.register(f"stamped-earlier-{uuid.uuid4()}").value[0]  # committed after it
+        replayer = Replayer(app)
+        start = min(e.id for e in replayer.stream(later))
+        streams = {e.stream_id for e in replayer.all(start=start, until=clock.at + timedelta(seconds=1))}
+    finally:
+        committer.stop()
+        app.close()
+    assert earlier in streams and later not in streams

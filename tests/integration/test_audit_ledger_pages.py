@@ -31,12 +31,16 @@ def conn(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
         yield c
 
 
+# Times from a dozen minutes, so that entries often fall exactly on a period's bounds (from 0 to
+# 100 minutes, hardly any example put one there: an exclusive `to` or an opening that counted the
+# entries at `from` passed).
+MINUTES = st.integers(0, 12)
 rows_strategy = st.lists(st.tuples(st.sampled_from(sorted(KINDS)), st.integers(1, 500),
-                                   st.integers(0, 100)),  # kind, amount, minutes after T0 (any order)
+                                   MINUTES),  # kind, amount, minutes after T0 (any order)
                          max_size=40)
 
 
-@given(rows=rows_strategy, since=st.none() | st.integers(0, 100), until=st.none() | st.integers(0, 100),
+@given(rows=rows_strategy, since=st.none() | MINUTES, until=st.none() | MINUTES,
        limit=st.integers(1, 7))
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_the_pages_of_a_period_are_its_entries_with_their_running_balance(
@@ -74,5 +78,30 @@ def test_the_pages_of_a_period_are_its_entries_with_their_running_balance(
         assert got == expected
         whole = audit.ledger(conn, user_id, start, end)
         assert [(e["seq"], e["type"], e["amount"], e["balance"]) for e in whole] == expected
+    finally:
+        conn.rollback()
+
+
+def _insert(conn: psycopg.Connection[Any], user_id: uuid.UUID, rows: list[tuple[int, str, int, int]]) -> None:
+    """Ledger rows (seq, type, amount, position) for one user, inside the caller's transaction."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO palette_read.billing_events (id, user_id, seq, type, amount, balance_delta, ref, "
+            "occurred_at, position, prev_hash, hash) VALUES (%s, %s, %s, %s, %s, %s, '', %s, %s, '', '')",
+            [(f"{user_id}-{seq}", user_id, seq, kind, amount, KINDS[kind] * amount, T0, position)
+             for seq, kind, amount, position in rows])
+
+
+@pytest.mark.parametrize("page", [1, 2, 3])
+def test_an_export_read_page_by_page_holds_every_row_once_even_rows_sharing_a_position(
+        conn: psycopg.Connection[Any], page: int) -> None:
+    """One settlement writes its spend and its refund at the same log position: a page may end
+    between them, and the next must still start with the second."""
+    try:
+        _insert(conn, uuid.uuid4(), [(1, "grant", 9, 10**12), (2, "reserve", 5, 10**12 + 1),
+                                     (3, "spend", 3, 10**12 + 2), (4, "refund", 2, 10**12 + 2)])
+        _insert(conn, uuid.uuid4(), [(1, "grant", 4, 10**12 + 2)])
+        everything = conn.execute("SELECT id FROM palette_read.billing_events ORDER BY position, id").fetchall()
+        assert [r["id"] for r in audit.export(conn, page=page)] == [r[0] for r in everything]
     finally:
         conn.rollback()

@@ -6,6 +6,7 @@ temporary files; the real-stack behaviour is in tests/integration)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import typing
 import uuid
@@ -24,6 +25,7 @@ from adapters.query import QueryError, Result, render, run
 from adapters.settings import Settings
 from domain.contracts.envelope import EventEnvelope
 from domain.contracts.streams import STREAMS
+from projections import audit
 from projections.memory import MemoryReadStore
 from projections.models.billing_events import GENESIS, ledger_hash
 from projections.parquet import ENVELOPE, TIMESTAMP, event_schemas, topics_for
@@ -127,7 +129,7 @@ def test_keys_come_from_hex_base64_or_a_pem_file_and_bad_ones_are_named(tmp_path
     assert checkpoints.public_hex(from_file) == checkpoints.public_hex(made)
     with pytest.raises(checkpoints.CheckpointError, match="not overwritten"):
         checkpoints.keygen(pem)
-    for bad in ("abc", "00" * 31, "!" * 44):
+    for bad in ("abc", "00" * 31, "!" * 44, base64.b64encode(bytes(31)).decode()):  # the last: base64 of 31 bytes
         with pytest.raises(checkpoints.CheckpointError, match="PALETTE_AUDIT_SIGNING_KEY"):
             checkpoints.private_key(Settings(audit_signing_key=bad))
     with pytest.raises(checkpoints.CheckpointError, match="no signing key"):
@@ -164,3 +166,30 @@ def test_the_ledger_is_chained_and_a_change_to_any_field_of_a_row_breaks_its_has
             == row["hash"]  # the same instant, written in another zone
         tampered = {**row, field: LEDGER_CHANGES[field]}
         assert ledger_hash(tampered["prev_hash"], tampered) != row["hash"], field
+
+
+def test_a_period_balances_only_when_both_the_spendable_and_the_held_credits_roll_forward():
+    # by hand: opening 10 spendable, 4 held; granted 5; 6 placed; of those held, 3 spent and 2 refunded
+    # (spendable 10 + 5 - 6 + 2 = 11; held 4 + 6 - 3 - 2 = 5)
+    sound = audit.PeriodFigures("pro", users=1, opening=10, granted=5, placed=6, spent=3, refunded=2, closing=11,
+                                held_opening=4, held_closing=5)
+    assert sound.reserved == 1 and sound.outstanding == 16 and sound.balanced
+    # the spendable side still rolls forward, but held credits moved with no reservation or settlement
+    assert not dataclasses.replace(sound, held_closing=6).balanced
+    assert not dataclasses.replace(sound, closing=12).balanced
+
+
+def test_a_validly_signed_document_of_another_algorithm_or_kind_is_no_checkpoint():
+    key = Ed25519PrivateKey.generate()
+    for doc in ({**checkpoints.sign(_payload([]), key), "algorithm": "RSA"},
+                checkpoints.sign({**_payload([]), "kind": "palette.something.else/1"}, key)):
+        with pytest.raises(checkpoints.CheckpointError, match="not a checkpoint"):
+            checkpoints.verified_payload(doc, key.public_key())
+
+
+def test_the_latest_checkpoint_is_the_one_at_the_furthest_log_position(tmp_path):
+    store = checkpoints.CheckpointStore(None, "", tmp_path)
+    key = Ed25519PrivateKey.generate()
+    for position in (9, 10, 100_000):  # names sort by position whatever its number of digits
+        store.put(checkpoints.sign({**_payload([]), "log_position": position}, key))
+    assert store.latest()[1]["payload"]["log_position"] == 100_000
