@@ -108,7 +108,9 @@ class Sealer:
         self.keyring = keyring
         self.cached = cached
         self._keys: OrderedDict[UUID, bytes] = OrderedDict()
-        self._drops = 0  # keys dropped so far (evict, forget): a lookup that met one caches nothing
+        # Users with a keyring lookup in flight: [lookups, drops meanwhile]. A lookup whose user's
+        # key was dropped (evict, forget) while it ran caches nothing: it may hold the destroyed key.
+        self._lookups: dict[UUID, list[int]] = {}
         self._lock = threading.Lock()
 
     def _key(self, user_id: UUID, create: bool) -> bytes | None:
@@ -117,17 +119,27 @@ class Sealer:
             if key is not None:
                 self._keys.move_to_end(user_id)
                 return key
-            drops = self._drops
-        key = self.keyring.key_for(user_id) if create else self.keyring.key(user_id)
-        if key is not None:
-            self._keep(user_id, key, drops)
+            drops = self._begin(user_id)
+        try:
+            key = self.keyring.key_for(user_id) if create else self.keyring.key(user_id)
+        finally:
+            self._end(user_id, drops, key)
         return key
 
-    def _keep(self, user_id: UUID, key: bytes, drops: int) -> None:
-        """Cache a key the keyring gave, unless a key was dropped since the lookup began
-        (``drops``, read before it): it may be this one, destroyed while the lookup ran."""
+    def _begin(self, user_id: UUID) -> int:
+        """A lookup of the user's key starts (under the lock); the drops of it so far."""
+        lookups = self._lookups.setdefault(user_id, [0, 0])
+        lookups[0] += 1
+        return lookups[1]
+
+    def _end(self, user_id: UUID, drops: int, key: bytes | None) -> None:
+        """A lookup ended with ``key``: cached unless the user's key was dropped meanwhile."""
         with self._lock:
-            if self._drops != drops:
+            lookups = self._lookups[user_id]
+            lookups[0] -= 1
+            if lookups[0] == 0:
+                del self._lookups[user_id]
+            if key is None or lookups[1] != drops:
                 return
             self._keys[user_id] = key
             while len(self._keys) > self.cached:
@@ -143,9 +155,15 @@ class Sealer:
 
     async def prepare_async(self, user_id: UUID) -> None:
         """prepare from an event loop."""
-        if user_id not in self._keys:
-            drops = self._drops
-            self._keep(user_id, await self.keyring.key_for_async(user_id), drops)
+        if user_id in self._keys:
+            return
+        with self._lock:
+            drops = self._begin(user_id)
+        key = None
+        try:
+            key = await self.keyring.key_for_async(user_id)
+        finally:
+            self._end(user_id, drops, key)
 
     def seal(self, user_id: UUID, field: str, value: str) -> str:
         key = self._key(user_id, create=True)
@@ -180,7 +198,8 @@ class Sealer:
         running meanwhile, which may have read it before, does not cache it again."""
         with self._lock:
             self._keys.pop(user_id, None)
-            self._drops += 1
+            if user_id in self._lookups:
+                self._lookups[user_id][1] += 1
 
     def forget(self, user_id: UUID) -> None:
         """Destroy the user's key (here and in the keyring). Dropped here again once destroyed:

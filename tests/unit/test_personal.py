@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import threading
 import uuid
@@ -133,10 +134,65 @@ def test_a_key_read_while_its_user_is_erased_is_not_kept(erased_by):
         here.forget(ALICE)
     else:
         Sealer(keyring).forget(ALICE)
-        here.evict(ALICE)  # as the erasure's notice makes each process do
+        here.evict(ALICE)  # as register does on meeting UserErased
     keyring.go_on.set()
     reader.join(10)
     assert answers == ["Kitchen, 12 Rue des Lilas"] and not here.has_key(ALICE)
     assert here.open("rule.name", sealed) == ERASED
     with pytest.raises(KeyDestroyed):
         here.seal(ALICE, "rule.name", "new")
+
+
+class _DestroyingLate(MemoryKeyring):
+    """Runs ``during`` in its destroy before the key is gone (a request's lookup at that moment)."""
+
+    def __init__(self):
+        super().__init__()
+        self.during = lambda: None
+
+    def destroy(self, user_id):
+        self.during()
+        super().destroy(user_id)
+
+
+def test_a_key_read_between_an_erasures_first_drop_and_the_destroy_is_not_kept():
+    keyring = _DestroyingLate()
+    sealer = Sealer(keyring)
+    keyring.during = lambda: sealer.prepare(ALICE)  # reads her live key, caches it, before the destroy
+    sealer.forget(ALICE)
+    assert not sealer.has_key(ALICE)
+    with pytest.raises(KeyDestroyed):
+        sealer.seal(ALICE, "rule.name", "x")
+
+
+def test_a_key_made_on_the_event_loop_while_its_user_is_erased_is_not_kept():
+    keyring = MemoryKeyring()
+    sealer = Sealer(keyring)
+
+    async def erased_meanwhile(user_id):
+        key = keyring.key_for(user_id)
+        await asyncio.sleep(0)  # the round trip is out: another task erases the user
+        sealer.forget(user_id)
+        return key
+
+    keyring.key_for_async = erased_meanwhile
+    asyncio.run(sealer.prepare_async(ALICE))
+    assert not sealer.has_key(ALICE)
+
+
+def test_another_users_erasure_during_a_lookup_leaves_the_lookup_cached():
+    """Sealing for a user whose key was prepared needs no I/O (it runs on the event loop): an
+    erasure of someone else meanwhile must not cost that."""
+    keyring = _PausingKeyring()
+    sealer = Sealer(keyring)
+    keyring.go_on.set()
+    sealer.prepare(BOB)  # cached before: her lookup below goes to the keyring's key()
+    keyring.go_on.clear()
+    sealed = Sealer(keyring).seal(ALICE, "rule.name", "Kitchen")
+    reader = threading.Thread(target=sealer.open, args=("rule.name", sealed))
+    reader.start()
+    assert keyring.read.wait(10)
+    sealer.forget(BOB)
+    keyring.go_on.set()
+    reader.join(10)
+    assert sealer.has_key(ALICE) and not sealer.has_key(BOB)
