@@ -10,9 +10,9 @@ callbacks per result key). Answers that invite a retry (409, 429, 5xx) or refuse
 before it ran (401, 422) are not stored. A key
 is forgotten ``ttl_s`` after its claim; each claim deletes at most ``SWEEP_BATCH`` expired keys.
 A principal holds at most ``MAX_KEYS_PER_OWNER`` keys at a time: a new key past that is a 429
-(a retry of a key it holds is answered as always). The key, or the bearer token, given twice
-with a key is a 422: the middleware and the route would otherwise each read another one (the
-route's user, another principal's key).
+(a retry of a key it holds is answered as always). A keyed request that gives the key, or its
+bearer token, twice is a 422: which one is meant would be a guess (the routes read the first of
+a repeated header, and so does this middleware, which ignores the key without a valid first token).
 
 Claims and answers are written on the event loop's own connections (adapters.loop_pg: no worker
 thread), in autocommit, without waiting for the WAL flush (``unflushed``): a fsync per write
@@ -45,7 +45,7 @@ CLAIM_ATTEMPTS = 3  # a key released or swept between a claim's statements is cl
 MAX_KEYS_PER_OWNER = 10_000  # held at once (a day's worth at the default TTL): what a client can grow
 UNFLUSHED_CONNECTIONS = 8  # a loop's: under 128 paced sessions 4 made claims queue
 FULL = ("", None, None, None)  # _claim's answer when the owner holds its most keys
-# Headers a keyed request carries once at most: the middleware reads the last, the route the first.
+# Headers a keyed request carries once at most (the module's docstring).
 ONCE = ((b"idempotency-key", "Idempotency-Key"), (b"authorization", "Authorization"))
 
 
@@ -129,7 +129,9 @@ class IdempotencyKeys:
             await self.app(scope, receive, send)
             return
         raw_headers = scope.get("headers") or []
-        headers = dict(raw_headers)
+        headers: dict[bytes, bytes] = {}
+        for name, value in raw_headers:  # the first of a repeated header, as the routes read it
+            headers.setdefault(name, value)
         raw_key = headers.get(b"idempotency-key")
         owner = self._owner(headers) if raw_key is not None else None
         if raw_key is None or owner is None:

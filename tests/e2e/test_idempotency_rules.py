@@ -193,16 +193,22 @@ def test_the_key_given_twice_is_refused(client: Client) -> None:
 
 
 def test_a_keyed_request_with_two_tokens_is_refused(client: Client, other: Client, db: psycopg.Connection) -> None:
-    """The route acts as the first token's user, the middleware would have kept the answer under
-    the last one's keys (where that user's retry would get it)."""
-    key = f"k-{uuid.uuid4()}"
-    both = [("Authorization", client.headers["Authorization"]), ("Authorization", other.headers["Authorization"]),
-            ("Idempotency-Key", key)]
-    r = client.http.post("/jobs", json=JOB, headers=both)
-    assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_FAILED", r.text
-    assert "Authorization" in r.json()["error"]["message"]
-    assert stored(db, key) == []
+    """Which token is meant would be a guess: the route acts as the first token's user, and the
+    middleware read the last (the answer kept under another user's keys, or no claim at all
+    behind a forged one)."""
+    for second in (other.headers["Authorization"], "Bearer forged", "Basic dXNlcjpwYXNz"):
+        key = f"k-{uuid.uuid4()}"
+        both = [("Authorization", client.headers["Authorization"]), ("Authorization", second),
+                ("Idempotency-Key", key)]
+        r = client.http.post("/jobs", json=JOB, headers=both)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_FAILED", (second, r.text)
+        assert "Authorization" in r.json()["error"]["message"]
+        assert stored(db, key) == []
     assert client.data("GET", "/me", 200)["reserved"] == other.data("GET", "/me", 200)["reserved"] == 0
+    forged_first = [("Authorization", "Bearer forged"), ("Authorization", client.headers["Authorization"]),
+                    ("Idempotency-Key", f"k-{uuid.uuid4()}")]
+    r = client.http.post("/jobs", json=JOB, headers=forged_first)
+    assert r.status_code == 401, r.text  # the route reads the first: no valid token, the key ignored
 
 
 def test_rule_writes_are_limited_per_user_in_a_budget_of_their_own(client: Client, settings: Settings) -> None:
