@@ -110,16 +110,21 @@ def forget_user_data(conn: Any, user_id: UUID) -> int:
 
 
 class ErasedUsers:
-    """The users erased within a token's lifetime, for refusing their tokens: this process's own
-    erasures at once, other processes' within ``refresh_s``. A refresh reads only the tombstones
-    requested since the newest it knows, less ``LATE_S`` (so one whose transaction committed
-    late is not missed), not the whole window: one client erasing users at its registration limit
-    makes the window hundreds of thousands of users. Older erasures are dropped: every token issued
-    before them has expired."""
+    """The users erased within a token's lifetime, for refusing their tokens (and dropping their
+    keys from this process's memory): this process's own erasures at once, other processes'
+    within ``refresh_s``. A refresh reads only the tombstones requested since the newest it
+    knows, less ``LATE_S`` (so one whose transaction committed late is not missed), not the whole
+    window: one client erasing users at its registration limit makes the window hundreds of
+    thousands of users. Older erasures are dropped: every token issued before them has expired."""
 
     def __init__(self, pool: Any, token_ttl_s: float, refresh_s: float = REFRESH_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_erased: Callable[[UUID], None] | None = None) -> None:
         self.pool = pool
+        # Called with each user a refresh reads (this process's sealer drops their key). A tombstone
+        # is read again for LATE_S after the newest: a key read again between an erasure's tombstone
+        # and its destroy (a moment later, in another process) is dropped again.
+        self.on_erased = on_erased
         self.within_s = token_ttl_s + 60.0  # the issuer's leeway and clock skew, generously
         self.refresh_s = refresh_s
         self.clock = clock
@@ -142,6 +147,9 @@ class ErasedUsers:
             found = keyring.erased_since(conn, self.within_s, self._read_after)
         stored = self._stored
         stored.update(found)  # one thread refreshes; readers only test membership
+        if self.on_erased is not None:
+            for user_id, _ in found:
+                self.on_erased(user_id)
         if found:
             newest = max(at for _, at in found)
             if self._read_after is None or newest - timedelta(seconds=LATE_S) > self._read_after:

@@ -189,19 +189,25 @@ def test_another_api_process_learns_of_an_erasure_from_the_tombstones(settings):
     from adapters.erasure import ErasedUsers
     from adapters.keyring import ensure_schema as ensure_keyring
     from adapters.keyring import request_erasure
+    from application.personal import MemoryKeyring, Sealer
 
     user_id = uuid.uuid4()
     with ConnectionPool(settings.effective_database_url, min_size=1, max_size=1,
                         kwargs={"autocommit": True}) as pool:
         with pool.connection() as conn:
             ensure_keyring(conn)
-        elsewhere = ErasedUsers(pool, token_ttl_s=3600)
+        sealer = Sealer(MemoryKeyring())  # the other process's, holding the user's key
+        sealer.prepare(user_id)
+        elsewhere = ErasedUsers(pool, token_ttl_s=3600, on_erased=sealer.evict)
         elsewhere.refresh()
-        assert user_id not in elsewhere
+        assert user_id not in elsewhere and sealer.has_key(user_id)
         with pool.connection() as conn:
             request_erasure(conn, user_id)
         elsewhere.refresh()
-        assert user_id in elsewhere
+        assert user_id in elsewhere and not sealer.has_key(user_id)  # its key out of memory too
+        sealer.prepare(user_id)  # read again before the erasure destroyed it
+        elsewhere.refresh()
+        assert not sealer.has_key(user_id)  # dropped again: the tombstone is read for LATE_S more
         past = ErasedUsers(pool, token_ttl_s=-3600)  # tokens live less than the erasure is old: forgotten
         past.refresh()
         assert user_id not in past
