@@ -130,15 +130,19 @@ class IdempotencyKeys:
             return
         raw_headers = scope.get("headers") or []
         headers: dict[bytes, bytes] = {}
+        repeated: set[bytes] = set()
         for name, value in raw_headers:  # the first of a repeated header, as the routes read it
-            headers.setdefault(name, value)
+            if name in headers:
+                repeated.add(name)
+            else:
+                headers[name] = value
         raw_key = headers.get(b"idempotency-key")
         owner = self._owner(headers) if raw_key is not None else None
         if raw_key is None or owner is None:
             await self.app(scope, receive, send)
             return
         for once, spelled in ONCE:
-            if sum(name == once for name, _ in raw_headers) > 1:
+            if once in repeated:
                 await self.fail("VALIDATION_FAILED", f"{spelled} must be given once")(scope, receive, send)
                 return
         if not _valid_key(raw_key):
