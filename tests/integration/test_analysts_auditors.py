@@ -28,7 +28,7 @@ from projections.models.billing_events import ledger_hash
 from projections.replay import Replayer
 from tests.keys import process_keys
 
-from .test_projections import drained, service, workload  # noqa: F401 - shared module fixture
+from .test_projections import drained, service, wait_drained, workload  # noqa: F401 - shared module fixture
 from .test_stack import wait_until
 
 
@@ -300,11 +300,6 @@ def test_reconcile_on_a_live_system_reports_no_false_differences(apps, history, 
     assert reports[-1].position > reports[0].position  # the log did move underneath
 
 
-def _drained(service, settings) -> None:  # noqa: F811
-    with psycopg.connect(settings.effective_database_url, autocommit=True) as probe:
-        wait_until(lambda: drained(service, probe), timeout_s=60, what="projections to drain")
-
-
 def _longest_chain(tx: psycopg.Connection[Any]) -> tuple[Any, int]:
     row = tx.execute("SELECT user_id, max(seq) FROM palette_read.billing_events GROUP BY user_id "
                      "ORDER BY max(seq) DESC, user_id LIMIT 1").fetchone()
@@ -317,7 +312,7 @@ def test_a_chain_end_that_is_not_its_recorded_head_breaks_verify_however_well_it
         history, service, settings, tx, mode):  # noqa: F811
     """A row appended after the head, or the last row rewritten (its hash recomputed), each
     hashing perfectly onto the chain before it: only the recorded head can tell."""
-    _drained(service, settings)
+    wait_drained(service, settings)
     user_id, last = _longest_chain(tx)
     seq = last + 1 if mode == "append" else last
     prev, at, position = tx.execute("SELECT hash, occurred_at, position FROM palette_read.billing_events "
@@ -334,7 +329,7 @@ def test_a_chain_end_that_is_not_its_recorded_head_breaks_verify_however_well_it
 
 
 def test_a_chain_deleted_whole_breaks_verify_at_its_first_row(history, service, settings, tx):  # noqa: F811
-    _drained(service, settings)
+    wait_drained(service, settings)
     user_id, _ = _longest_chain(tx)
     tx.execute("DELETE FROM palette_read.billing_events WHERE user_id = %s", [user_id])
     _, breaks = audit.verify(tx)
@@ -345,7 +340,7 @@ def test_reconcile_names_a_stream_the_ledger_has_not_folded_though_users_has(his
                                                                             tx):
     """The users model folded the stream's last event and billing_events did not: that is an
     unfolded stream (each model is checked, not either one)."""
-    _drained(service, settings)
+    wait_drained(service, settings)
     user_id, _ = _longest_chain(tx)
     tx.execute("UPDATE palette_read.billing_events_tracking SET version = version - 1 WHERE stream_id = %s",
                [user_id])

@@ -29,8 +29,7 @@ from projections import audit
 from projections.models.billing_events import ledger_hash
 from projections.replay import Replayer
 
-from .test_projections import drained, service, workload  # noqa: F401 - shared module fixture
-from .test_stack import wait_until
+from .test_projections import service, wait_drained, workload  # noqa: F401 - shared module fixture
 
 FIELDS = ("users", "opening", "granted", "placed", "spent", "refunded", "closing", "held_opening", "held_closing")
 
@@ -39,11 +38,6 @@ FIELDS = ("users", "opening", "granted", "placed", "spent", "refunded", "closing
 def busy(apps, service) -> Replayer:  # noqa: F811
     workload(service, 4, random.Random(5))
     return Replayer(service.app)
-
-
-def _drain(service, settings) -> None:  # noqa: F811
-    with psycopg.connect(settings.effective_database_url, autocommit=True) as probe:
-        wait_until(lambda: drained(service, probe), timeout_s=60, what="projections to drain")
 
 
 def _oracle(replayer: Replayer, upto: int, since: Any, until: Any) -> dict[str, dict[str, int]]:
@@ -105,7 +99,7 @@ def _check(report: audit.PeriodReport, replayer: Replayer) -> None:
 
 
 def test_a_period_report_equals_the_fold_of_the_raw_log(busy, service, settings):  # noqa: F811
-    _drain(service, settings)
+    wait_drained(service, settings)
     events = [e for e in busy.all() if e.stream_type == "User"]
     since, until = events[len(events) // 3].timestamp, events[2 * len(events) // 3].timestamp
     with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
@@ -163,7 +157,7 @@ OPS = st.lists(st.tuples(st.sampled_from(["grant", "done", "fail", "cancel", "op
 def test_the_period_identity_holds_on_generated_workloads(busy, service, settings, workloads, data):  # noqa: F811
     for ops in workloads:
         _run(service, ops)
-    _drain(service, settings)
+    wait_drained(service, settings)
     stamps = sorted({e.timestamp for e in busy.all() if e.stream_type == "User"})
     # two of them, drawn as fractions of the log: sampled_from(stamps) drew from a list that grows with
     # every example's workload, which hypothesis refuses as a flaky strategy (FlakyStrategyDefinition)
@@ -185,7 +179,7 @@ def tx(settings) -> Iterator[psycopg.Connection[Any]]:
 
 
 def _checkpoint(service, settings, key: Ed25519PrivateKey) -> dict[str, Any]:  # noqa: F811
-    _drain(service, settings)
+    wait_drained(service, settings)
     with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
         return checkpoints.take(conn, service.app.recorder, key, SystemClock().now())
 
@@ -247,7 +241,7 @@ def test_cli_checkpoint_to_the_object_store_and_verify_latest(busy, service, set
     assert cli.main(["audit", "keygen", "--out", str(key_file)]) == 2  # never overwritten
     assert key_file.stat().st_mode & 0o777 == 0o600
     monkeypatch.setenv("PALETTE_AUDIT_SIGNING_KEY_FILE", str(key_file))
-    _drain(service, settings)
+    wait_drained(service, settings)
     assert cli.main(["audit", "checkpoint", "--out", str(tmp_path / "cp.json")]) == 0
     out = capsys.readouterr()
     assert "s3://" in out.out and "public key" in out.out
@@ -276,12 +270,12 @@ def test_the_scheduled_checkpointer_signs_whenever_the_log_has_moved(busy, servi
     with pytest.raises(checkpoints.CheckpointError, match="off"):
         checkpoints.Checkpointer(settings.model_copy(update={"audit_signing_key_file": str(key_file)}))
     worker = checkpoints.Checkpointer(configured)
-    _drain(service, settings)
+    wait_drained(service, settings)
     s3, kept = worker.step()
     assert s3.startswith(f"s3://{settings.s3_bucket}/audit/checkpoints/") and kept.startswith(str(tmp_path / "kept"))
     assert worker.step() == []  # nothing new in the log: nothing new to sign
     workload(service, 1, random.Random(3))
-    _drain(service, settings)
+    wait_drained(service, settings)
     assert worker.step()
     _, doc = checkpoints.CheckpointStore(None, "", tmp_path / "kept").latest()
     payload = checkpoints.verified_payload(doc, public)
@@ -300,7 +294,7 @@ def test_a_deleted_head_row_is_named_against_a_signed_checkpoint(busy, service, 
 
 def test_a_checkpoint_taken_before_the_ledger_folded_the_log_says_it_is_incomplete(busy, service, settings,  # noqa: F811
                                                                                   tx):
-    _drain(service, settings)
+    wait_drained(service, settings)
     tx.execute("UPDATE palette_read.billing_events_tracking SET version = version - 1 WHERE stream_id = "
                "(SELECT stream_id FROM palette_read.billing_events_tracking ORDER BY stream_id LIMIT 1)")
     doc = checkpoints.take(tx, service.app.recorder, Ed25519PrivateKey.generate(), SystemClock().now(), wait_s=0)

@@ -102,6 +102,12 @@ def drained(svc: PaletteService, conn: psycopg.Connection[Any]) -> bool:
     return all(unapplied(conn, m, table)[0] == 0 for m in READ_MODELS.values())
 
 
+def wait_drained(svc: PaletteService, settings: Settings) -> None:
+    """Until every read model has folded ``svc``'s whole log (on a connection of its own)."""
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as probe:
+        wait_until(lambda: drained(svc, probe), timeout_s=60, what="projections to drain")
+
+
 def assert_models_equal_fold(app: Any, conn: psycopg.Connection[Any]) -> None:
     """Every read-model table equals the fold of ``app``'s whole event log."""
     for name, model in READ_MODELS.items():
