@@ -1,13 +1,16 @@
 """Fixtures several integration modules share: the service on the session stack's event store
-(one load-decide-save per command) and an autocommit connection to its database."""
+(one load-decide-save per command), an autocommit connection to its database, and a schema of
+the test's own for an event store out of reach of the session's relay and workers."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from adapters.bootstrap import event_store_env
 from adapters.settings import Settings
@@ -28,3 +31,14 @@ def service(settings: Settings) -> Iterator[PaletteService]:
 def conn(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(settings.effective_database_url, autocommit=True) as c:
         yield c
+
+
+@pytest.fixture
+def schema(settings: Settings) -> Iterator[str]:
+    """An empty schema, dropped with all it holds after the test."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as c:
+        c.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    yield name
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as c:
+        c.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))

@@ -17,11 +17,12 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg import sql
 
 from adapters.bootstrap import event_store_env
 from adapters.pg_streams import pg_stream_loader
-from adapters.system import RandomIds
-from application.executors import GroupCommitter
+from adapters.system import RandomIds, SystemClock
+from application.executors import DirectExecutor, GroupCommitter
 from application.services import PaletteApplication, PaletteService
 from projections import audit
 from projections.models.billing_events import ledger_hash
@@ -376,3 +377,35 @@ def test_replay_until_reads_past_an_event_stamped_after_one_committed_later(apps
         committer.stop()
         app.close()
     assert earlier in streams and later not in streams
+
+
+def test_reconcile_reports_a_job_settled_twice_or_without_a_reservation(apps, settings, schema, tx):
+    """The domain cannot settle a job twice, nor one it has not reserved, so the log is forged, in
+    a schema of its own (out of reach of the session's relay and of every other test)."""
+    app = PaletteApplication(env=event_store_env(settings, pool_size=1, schema=schema))
+    try:
+        svc = PaletteService(app, DirectExecutor(app), SystemClock(), RandomIds(), **process_keys())
+        user_id = svc.register(f"settled-twice-{uuid.uuid4()}").value[0]
+        job_id = svc.create_job(user_id, "interior", 1).value
+        svc.confirm_upload(user_id, job_id)
+        svc.execute_job(user_id, job_id, {"wall": {"action": "tone", "value": "warm"}}, [])
+        assert svc.cancel_job(user_id, job_id).value
+
+        def settled() -> list[str]:
+            report = audit.reconcile(tx, app.recorder, app.mapper.transcoder, wait_s=0)
+            return [d for d in report.differences if d.startswith(f"job {job_id} ")]
+
+        assert settled() == []  # reserved once, settled once
+        tx.execute(sql.SQL("INSERT INTO {} (originator_id, originator_version, topic, state) "
+                           "SELECT originator_id, (SELECT max(originator_version) + 1 FROM {} "
+                           "WHERE originator_id = %s), topic, state FROM {} "
+                           "WHERE originator_id = %s AND topic LIKE %s").format(
+            *[sql.Identifier(schema, "palette_events")] * 3), [user_id, user_id, "%.CreditsSettled"])
+        tx.commit()
+        assert settled() == [f"job {job_id} settled 2 times"]
+        tx.execute(sql.SQL("DELETE FROM {} WHERE originator_id = %s AND topic LIKE %s").format(
+            sql.Identifier(schema, "palette_events")), [user_id, "%.CreditsReserved"])
+        tx.commit()
+        assert settled() == [f"job {job_id} settled 2 times", f"job {job_id} settled without a reservation"]
+    finally:
+        app.close()

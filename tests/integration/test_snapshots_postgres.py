@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -28,18 +27,7 @@ from tests.keys import process_keys
 from tests.simulation import Uploads
 from tests.unit.test_snapshots import cold_read, folded, state
 
-SCHEMA = "snapshots_pg"
 EDITS = {"wall": {"action": "tone", "value": "warm"}}
-
-
-@pytest.fixture
-def schema(settings: Settings) -> Iterator[str]:
-    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
-        conn.execute(f"CREATE SCHEMA {SCHEMA}")
-    yield SCHEMA
-    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
 
 
 def _grow(committer: GroupCommitter, user_id: uuid.UUID, events: int, together: int = 40) -> None:
