@@ -274,7 +274,7 @@ def trusted_networks(spec: str) -> tuple[IPv4Network | IPv6Network, ...]:
 def _dev_secrets(data_dir: Path) -> dict[str, str]:
     """Development secrets, generated once into the data directory (mode 0600)."""
     path = data_dir / "secrets.json"
-    stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    stored = _stored_secrets(path) if path.exists() else {}
     makers: dict[str, Callable[[], str]] = {
         "jwt_secret": lambda: secrets.token_urlsafe(48),
         "callback_secret": lambda: secrets.token_urlsafe(48),
@@ -295,6 +295,18 @@ def _dev_secrets(data_dir: Path) -> dict[str, str]:
         json.dump(generated, f)
     tmp.replace(path)
     return generated
+
+
+def _stored_secrets(path: Path) -> dict[str, str]:
+    """The secrets file's values; SettingsError naming it when it is not a JSON object of strings
+    (a hand edit: the file is written whole or not at all)."""
+    try:
+        stored = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: the position, never the text
+        raise SettingsError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(stored, dict) or not all(isinstance(v, str) for v in stored.values()):
+        raise SettingsError(f"{path} must be a JSON object of secret names to strings")
+    return stored
 
 
 def load_settings(on_new_secrets: Callable[[Path], None] | None = None, /, **overrides: object) -> Settings:

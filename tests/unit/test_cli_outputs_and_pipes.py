@@ -174,3 +174,12 @@ def test_a_command_run_where_no_stack_ran_says_its_secrets_are_new(tmp_path: Pat
 def test_a_replay_window_that_holds_nothing_by_construction_is_refused(argv: list[str], why: str, capsys: Any) -> None:
     assert cli.main(["replay", "all", *argv]) == 2  # before any setting is read or store opened
     assert why in capsys.readouterr().err
+
+
+def test_a_broken_development_secrets_file_is_one_line_not_a_traceback(tmp_path: Path, capsys: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "secrets.json").write_text('{"jwt_secret": "abc",')
+    monkeypatch.setenv("PALETTE_DATA_DIR", str(tmp_path))
+    assert cli.main(["env"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"palette env: {tmp_path / 'secrets.json'} is not valid JSON") and err.count("\n") == 1

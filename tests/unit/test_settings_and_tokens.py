@@ -57,6 +57,16 @@ def test_every_s3_port_allowed_leaves_seaweedfs_ports_that_exist(tmp_path):
         load_settings(env="development", data_dir=tmp_path, s3_port=S3_PORT_MAX + 1)
 
 
+@pytest.mark.parametrize("content", ['{"jwt_secret": "abc",', "[]", '{"jwt_secret": 5}', ""])
+def test_a_development_secrets_file_that_is_not_a_json_object_of_strings_is_one_line_naming_it(tmp_path, content):
+    """A hand-edited secrets file: a SettingsError (what the command line shows in one line), not
+    a traceback from the JSON parser or a secret that is not a string."""
+    (tmp_path / "secrets.json").write_text(content)
+    with pytest.raises(SettingsError, match=r"secrets\.json") as e:
+        load_settings(data_dir=tmp_path)
+    assert "\n" not in str(e.value)
+
+
 def test_env_prints_derived_urls(tmp_path):
     s = load_settings(data_dir=tmp_path, pg_port=6000)
     env = s.as_env()
