@@ -1,0 +1,134 @@
+"""The supervisor's restarts (infra.supervisor): a crashed service comes back after a delay that
+doubles per crash up to 30 s and starts again from 0.5 s after a minute of healthy running; one
+not marked restartable stays down; a start-up is retried START_ATTEMPTS times in all, and waits
+ready_timeout_s, no longer; a service that ignores SIGTERM is killed; services stop in reverse order.
+
+The supervisor's clock is a stand-in moved by hand (its sleeps move it too), so that no test waits
+out a backoff; the services are real child processes."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import infra.supervisor as supervisor_module
+from infra.supervisor import START_ATTEMPTS, ServiceSpec, StackError, Supervisor
+from tests.waiting import wait_until
+
+
+class Clock:
+    """What the supervisor reads of the ``time`` module: monotonic() and sleep(), which moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(supervisor_module, "time", fake)
+    return fake
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path) -> Iterator[Supervisor]:
+    sup = Supervisor(tmp_path / "logs", echo=io.StringIO())
+    try:
+        yield sup
+    finally:
+        sup.stop_all()
+
+
+def said(sup: Supervisor) -> list[str]:
+    assert isinstance(sup.echo, io.StringIO)
+    return sup.echo.getvalue().splitlines()
+
+
+def crashing_after(go: Path) -> list[str]:
+    """A service that waits (alive, so its start-up passes) until ``go`` exists, then exits 3: its
+    first run crashes when the test says, every restart at once."""
+    return ["/bin/sh", "-c", f"while [ ! -e {go} ]; do sleep 0.02; done; exit 3"]
+
+
+def test_a_crashed_service_is_restarted_after_a_delay_that_doubles_to_30_s_and_starts_over_after_a_healthy_minute(
+        clock: Clock, supervisor: Supervisor, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    supervisor.start(ServiceSpec("svc", crashing_after(go), ready=lambda: True, restart=True))
+    go.touch()
+
+    def crashes_and_comes_back_after(delay: float) -> None:
+        clock.now += 1.0  # it ran a second, less than the healthy minute, before it crashed
+        wait_until(lambda: supervisor.pid("svc") is None, 30, "the service to exit")
+        assert supervisor.check() == []  # the crash is seen, the restart scheduled
+        assert said(supervisor)[-1] == f"[palette] svc exited with 3; restarting in {delay:.1f}s"
+        clock.now += delay - 0.05
+        assert supervisor.check() == []  # not before its delay
+        clock.now += 0.05
+        assert supervisor.check() == ["svc"]
+
+    for delay in (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0):
+        crashes_and_comes_back_after(delay)
+    clock.now += 61  # the last restart ran a minute before crashing: the backoff starts over
+    crashes_and_comes_back_after(0.5)
+    crashes_and_comes_back_after(1.0)
+
+
+def test_a_service_not_marked_restartable_stays_down(clock: Clock, supervisor: Supervisor, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    supervisor.start(ServiceSpec("once", crashing_after(go), ready=lambda: True, restart=False))
+    go.touch()
+    wait_until(lambda: supervisor.pid("once") is None, 30, "the service to exit")
+    for _ in range(3):
+        assert supervisor.check() == []
+        clock.now += 120
+    assert supervisor.pid("once") is None
+
+
+def test_a_service_that_keeps_crashing_while_starting_is_started_start_attempts_times_then_reported(
+        supervisor: Supervisor, tmp_path: Path) -> None:
+    starts = tmp_path / "starts"
+    starts.mkdir()
+    argv = ["/bin/sh", "-c", f"mktemp -p {starts} start.XXXXXX >/dev/null; echo cannot start; exit 3"]
+    with pytest.raises(StackError, match="svc exited during start-up: cannot start"):
+        supervisor.start(ServiceSpec("svc", argv, ready=lambda: False, restart=True))
+    assert len(list(starts.iterdir())) == START_ATTEMPTS == 3
+
+
+def test_a_start_up_waits_its_ready_timeout_and_no_longer(clock: Clock, supervisor: Supervisor) -> None:
+    began = clock.now
+    spec = ServiceSpec("slow", [sys.executable, "-c", "import time; time.sleep(60)"], ready=lambda: False,
+                       ready_timeout_s=5)
+    with pytest.raises(StackError, match="slow not ready after 5s"):
+        supervisor.start(spec)
+    assert 5 <= clock.now - began <= 5.5
+
+
+def test_a_service_that_ignores_sigterm_is_killed_when_its_stop_times_out(supervisor: Supervisor,
+                                                                          tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    code = (f"import pathlib, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            f"pathlib.Path({str(ready)!r}).touch()\ntime.sleep(60)\n")
+    supervisor.start(ServiceSpec("stubborn", [sys.executable, "-c", code], ready=ready.exists))
+    run = supervisor._running["stubborn"]
+    assert run.proc is not None
+    run.stop(timeout_s=0.5)
+    assert run.proc.returncode == -9  # SIGKILL, after SIGTERM was ignored
+
+
+def test_services_stop_in_the_reverse_order_of_their_start(supervisor: Supervisor, tmp_path: Path) -> None:
+    for name in ("postgres", "broker", "api"):
+        supervisor.start(ServiceSpec(name, [sys.executable, "-c", "import time; time.sleep(60)"], ready=lambda: True))
+    supervisor.stop_all()
+    stopping = [m.group(1) for line in said(supervisor) if (m := re.fullmatch(r"\[palette\] stopping (\w+)", line))]
+    assert stopping == ["api", "broker", "postgres"]
