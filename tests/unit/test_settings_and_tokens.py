@@ -14,7 +14,7 @@ from starlette.requests import Request
 
 from adapters.api.deps import VerifiedTokens, current_user
 from adapters.api.envelope import ApiError
-from adapters.settings import S3_PORT_MAX, SettingsError, load_settings
+from adapters.settings import S3_PORT_MAX, Settings, SettingsError, load_settings
 from adapters.tokens import LEEWAY_S, TokenInvalid, TokenIssuer
 from domain.contracts.callback import sign_callback, verify_callback
 
@@ -65,6 +65,56 @@ def test_a_development_secrets_file_that_is_not_a_json_object_of_strings_is_one_
     with pytest.raises(SettingsError, match=r"secrets\.json") as e:
         load_settings(data_dir=tmp_path)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("secret", "accepted"), [
+    ("k" * 32, True),  # 256 bits, what HS256 wants
+    ("k" * 31, False),
+    ("\u00e9" * 16, True),  # 16 characters, 32 bytes: counted in bytes
+    ("\u00e9" * 15 + "k", False),
+])
+def test_production_wants_signing_secrets_of_at_least_32_bytes(tmp_path, secret, accepted):
+    def load() -> Settings:
+        return load_settings(env="production", data_dir=tmp_path, jwt_secret=secret, callback_secret=SECRET,
+                             device_key_secret=SECRET)
+
+    if accepted:
+        assert load().jwt_secret == secret
+    else:
+        with pytest.raises(SettingsError, match="PALETTE_JWT_SECRET"):
+            load()
+
+
+@pytest.mark.parametrize("setting", ["s3_bucket", "broker_bucket"])
+def test_a_bucket_name_shorter_than_s3_allows_is_refused_in_one_line(tmp_path, setting):
+    with pytest.raises(SettingsError, match=f"PALETTE_{setting.upper()}") as e:
+        load_settings(data_dir=tmp_path, **{setting: "ab"})
+    assert "\n" not in str(e.value)
+    assert getattr(load_settings(data_dir=tmp_path, **{setting: "abc"}), setting) == "abc"
+
+
+def test_a_metrics_port_that_would_put_a_processs_port_past_65535_is_refused(tmp_path):
+    from adapters.observability import OFFSETS
+
+    with pytest.raises(SettingsError, match="PALETTE_METRICS_PORT"):
+        load_settings(data_dir=tmp_path, metrics_port=65535 - max(OFFSETS.values()) + 1)
+
+
+def test_a_password_with_url_characters_reaches_the_database_url_intact(tmp_path):
+    from urllib.parse import unquote, urlsplit
+
+    password = "p@ss:w/rd?#% \u00e9"
+    url = urlsplit(load_settings(data_dir=tmp_path, pg_password=password, pg_port=6000).effective_database_url)
+    assert (url.hostname, url.port, url.username, url.path) == ("127.0.0.1", 6000, "palette", "/palette")
+    assert unquote(url.password or "") == password
+
+
+def test_a_secret_set_in_developments_environment_is_kept_over_the_data_dirs(tmp_path):
+    made = load_settings(data_dir=tmp_path)
+    mine = "m" * 48
+    chosen = load_settings(data_dir=tmp_path, jwt_secret=mine)
+    assert chosen.jwt_secret == mine
+    assert chosen.callback_secret == made.callback_secret  # the others still from the data directory
 
 
 def test_env_prints_derived_urls(tmp_path):
