@@ -150,3 +150,58 @@ def test_the_one_line_is_what_a_shell_user_sees(env: dict[str, str]) -> None:
                             capture_output=True, text=True, timeout=120, env=env, check=False,
                             cwd=Path(__file__).resolve().parents[2])
     assert (result.returncode, result.stdout, result.stderr) == (2, "", f"palette replay stream: no stream {unknown}\n")
+
+
+def test_projections_rebuild_of_an_unknown_read_model_says_so(env: dict[str, str],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["projections", "rebuild", "no_such_model"]) == 2
+    assert one_line(capsys, "palette projections rebuild: unknown read model 'no_such_model'") == ""
+
+
+@pytest.mark.parametrize("verb", ["retry", "skip"])
+def test_projections_dlq_of_a_letter_that_is_not_parked_says_so(verb: str, env: dict[str, str],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["projections", "dlq", verb, "2147483000"]) == 2
+    assert one_line(capsys, "palette projections dlq: no parked event with id 2147483000") == ""
+
+
+def test_projections_status_shows_the_head_and_every_read_model(env: dict[str, str], user: uuid.UUID,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from projections.models import READ_MODELS
+
+    assert cli.main(["projections", "status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("event store head: ") and int(lines[0].rsplit(" ", 1)[1]) >= 2
+    assert [line.split()[0] for line in lines[3:-1]] == list(READ_MODELS)
+    assert lines[-1].startswith("dead letters (parked or held): ")
+
+
+def test_admin_erase_of_a_user_who_never_was_says_so(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    nobody = uuid.uuid4()
+    assert cli.main(["admin", "erase", str(nobody)]) == 1
+    assert one_line(capsys, "palette admin erase: ") == ""
+
+
+def test_a_readers_command_opens_the_store_with_a_role_that_may_only_read(settings: Any, user: uuid.UUID) -> None:
+    """Analysts' and auditors' commands read: run with a role granted SELECT alone, opening the
+    event store must make nothing (no table, no function)."""
+    import psycopg
+
+    role, password = f"reader_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        conn.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+        conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    try:
+        reader = settings.model_copy(update={"database_url": settings.effective_database_url.replace(
+            f"palette:{settings.pg_password}@", f"{role}:{password}@")})
+        assert f"//{role}:" in reader.database_url
+        app = event_store(reader)
+        try:
+            assert app.recorder.max_notification_id() >= 2
+        finally:
+            app.close()
+    finally:
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")

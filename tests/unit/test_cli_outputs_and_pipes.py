@@ -183,3 +183,100 @@ def test_a_broken_development_secrets_file_is_one_line_not_a_traceback(tmp_path:
     assert cli.main(["env"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"palette env: {tmp_path / 'secrets.json'} is not valid JSON") and err.count("\n") == 1
+
+
+def test_env_prints_a_setting_named_either_way_and_refuses_an_unknown_one(tmp_path: Path, capsys: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PALETTE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("PALETTE_API_PORT", "8123")
+    for name in ("api_port", "PALETTE_API_PORT"):
+        assert cli.main(["env", name]) == 0
+        assert capsys.readouterr().out == "8123\n"
+    assert cli.main(["env", "no_such_setting"]) == 2
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "palette env: unknown setting no_such_setting\n")
+
+
+def test_serve_naive_for_a_process_other_than_the_api_is_refused(capsys: Any) -> None:
+    assert cli.main(["serve", "relay", "--naive"]) == 2  # before any setting is read
+    assert capsys.readouterr().err == "palette serve: --naive applies to the api only\n"
+
+
+def test_a_served_process_says_it_is_ready_after_its_warm_up_not_before(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`palette up` waits on the ready file: it must appear once the worker has warmed up (a
+    consumer holds its partitions), and before its loop runs."""
+    import signal
+    import threading
+
+    import adapters.collector
+    from adapters.cli.stack import _serve_loop
+
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # this test process's handlers stay
+    monkeypatch.setattr(adapters.collector, "serving_gc", lambda: None)
+    ready = tmp_path / "worker.ready"
+    seen: list[tuple[str, bool]] = []
+
+    class Worker:
+        def warm_up(self, stop: threading.Event) -> None:
+            seen.append(("warm_up", ready.exists()))
+
+        def run(self, stop: threading.Event) -> None:
+            seen.append(("run", ready.exists()))
+
+        def close(self) -> None:
+            seen.append(("close", ready.exists()))
+
+    _serve_loop(Worker(), str(ready))
+    assert seen == [("warm_up", False), ("run", True), ("close", True)]
+
+
+def test_a_staff_token_carries_the_role_and_lifetime_asked_for(tmp_path: Path, capsys: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import jwt
+
+    from adapters.settings import load_settings
+
+    monkeypatch.setenv("PALETTE_DATA_DIR", str(tmp_path))
+    secret = load_settings().jwt_secret
+    assert cli.main(["token", "--role", "auditor", "--ttl", "2h"]) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip(), secret, algorithms=["HS256"], audience="palette-app")
+    assert claims["role"] == "auditor" and claims["exp"] - claims["iat"] == 2 * 3600
+
+
+@pytest.mark.parametrize(("value", "seconds"),
+                         [("60", 60), ("1m", 60), ("90m", 5400), ("2h", 7200), ("30d", 30 * 86400)])
+def test_a_token_lifetime_reads_seconds_or_a_unit(value: str, seconds: int) -> None:
+    from adapters.cli.arguments import ttl
+
+    assert ttl(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["59", "59s", "0m", "31d", "720h1", "", "h", "-1h"])
+def test_a_token_lifetime_under_a_minute_or_over_30_days_or_unreadable_is_refused(value: str) -> None:
+    import argparse
+
+    from adapters.cli.arguments import ttl
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        ttl(value)
+
+
+def test_a_row_limit_is_between_one_and_ten_million() -> None:
+    import argparse
+
+    from adapters.cli.arguments import row_limit
+
+    assert (row_limit("1"), row_limit("10000000")) == (1, 10_000_000)
+    for refused in ("0", "-1", "10000001", "ten"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            row_limit(refused)
+
+
+def test_a_time_without_a_zone_is_utc_and_one_with_a_zone_keeps_it() -> None:
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from adapters.cli.arguments import time_value
+
+    assert time_value("2024-03-01T12:00") == datetime(2024, 3, 1, 12, tzinfo=UTC)
+    assert time_value("2024-03-01T12:00+02:00") == datetime(2024, 3, 1, 12, tzinfo=timezone(timedelta(hours=2)))

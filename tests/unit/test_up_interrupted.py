@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 SETUP = """
@@ -78,3 +80,21 @@ Stack.start_infra = start_infra
 """)
     assert outcome["rc"] == 1
     assert outcome["stderr"] == "palette up: cannot create the database palette: disk full\n"
+
+
+@pytest.mark.parametrize(("interval", "apps"), [("0", ["relay"]), ("60", ["relay", "checkpointer"])])
+def test_up_starts_the_checkpointer_only_when_checkpoints_are_scheduled(tmp_path: Path, interval: str,
+                                                                        apps: list[str]) -> None:
+    """Without PALETTE_AUDIT_CHECKPOINT_INTERVAL_S there may be no signing key either: a
+    checkpointer started anyway would exit at once and fail the whole start-up."""
+    outcome = run_up(tmp_path, f"""
+launched = {{}}
+os.environ["PALETTE_AUDIT_CHECKPOINT_INTERVAL_S"] = {interval!r}
+Stack.start_infra = lambda self: None
+def start_apps(self, apps):
+    print(json.dumps({{"apps": list(apps)}}))
+    raise StackError("enough")
+Stack.start_apps = start_apps
+""")
+    assert outcome["rc"] == 1
+    assert json.loads(str(outcome["stdout"]).splitlines()[0]) == {"apps": apps}
