@@ -154,6 +154,80 @@ def test_a_second_up_on_one_data_directory_is_refused_naming_the_first(tmp_path:
     assert not (tmp_path / "data" / "pg").exists()  # nothing was started
 
 
+def test_a_data_directory_held_again_names_only_its_new_holder(tmp_path: Path) -> None:
+    """The lock file is the pid a refused second `palette up` quotes: a later holder replaces the
+    one that held it before, rather than add its pid below (a message of two pids, over two lines)."""
+    from infra.stack import UP_LOCK, hold_data_dir
+
+    (tmp_path / UP_LOCK).write_text("4194304\n")  # a holder long gone
+    held = hold_data_dir(tmp_path)
+    held.close()
+    held = hold_data_dir(tmp_path)
+    try:
+        assert (tmp_path / UP_LOCK).read_text() == f"{os.getpid()}\n"
+    finally:
+        held.close()
+
+
+def test_a_ready_file_left_by_an_earlier_run_is_not_a_new_process_readiness(tmp_path: Path) -> None:
+    """A process's ready file from before (a killed `palette up`, a crash) must not pass its
+    readiness before the new process has warmed up."""
+    from adapters.bootstrap import embedded_stack
+    from adapters.settings import load_settings
+
+    stack = embedded_stack(load_settings(data_dir=tmp_path))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "relay.ready").touch()
+    spec = stack._app_spec("relay")
+    assert not spec.ready()
+    assert spec.argv[-2:] == ["--ready-file", str(tmp_path / "run" / "relay.ready")]
+
+
+@pytest.mark.parametrize(("status", "ready"), [(200, True), (204, False), (503, False)])
+def test_the_apis_readiness_is_a_200_from_its_health_not_any_answer(tmp_path: Path, status: int,
+                                                                     ready: bool) -> None:
+    """/health answers 503 while a dependency is down: that API is not ready."""
+    from adapters.bootstrap import embedded_stack
+    from adapters.settings import load_settings
+
+    class Health(_Healthy):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        stack = embedded_stack(load_settings(data_dir=tmp_path, api_port=server.server_address[1]))
+        assert stack._api_ready() is ready
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_infrastructure_that_fails_to_start_stops_what_had_started(tmp_path: Path) -> None:
+    """PostgreSQL up, SeaweedFS failing: `palette up` reports the failure with nothing left running
+    (here stand-ins for both, on the stack's real ports check and supervisor)."""
+    from adapters.bootstrap import embedded_stack
+    from adapters.settings import load_settings
+
+    ports = {k.removeprefix("PALETTE_").lower(): int(v) for k, v in _env_for(tmp_path, 25).items()
+             if k.endswith("_PORT") and k != "PALETTE_METRICS_PORT"}
+    stack = embedded_stack(load_settings(data_dir=tmp_path / "data", **ports))
+    up = tmp_path / "pg-up"
+    stand_in = f"import os, pathlib, time; pathlib.Path({str(up)!r}).write_text(str(os.getpid())); time.sleep(60)"
+    stack._postgres_spec = lambda: ServiceSpec(  # type: ignore[method-assign]
+        "postgres", [sys.executable, "-c", stand_in], ready=up.exists)
+    stack._ensure_database = lambda: None  # type: ignore[method-assign]
+    stack._weed_spec = lambda: ServiceSpec(  # type: ignore[method-assign]
+        "s3", [sys.executable, "-c", "raise SystemExit('address already in use')"], ready=lambda: False)
+    with pytest.raises(StackError, match="s3 exited during start-up: address already in use"):
+        stack.start_infra()
+    assert stack.supervisor.names() == []
+    with pytest.raises(ProcessLookupError):  # the stand-in PostgreSQL was stopped
+        os.kill(int(up.read_text()), 0)
+
+
 def test_ctrl_c_while_starting_stops_what_started_at_once(tmp_path: Path) -> None:
     """A start-up waits up to a minute for each process: a Ctrl-C during it ends it there, rather
     than once every process is up (or, with a process that never gets ready, minutes later)."""

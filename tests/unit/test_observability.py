@@ -94,11 +94,12 @@ def test_group_commit_counters_move_with_each_saved_batch():
     committer.observe_batch(3)
     committer.conflicts = 3
     committer.observe_batch(1)
+    committer.observe_batch(2)  # no conflict since: none counted again
     got = _samples(registry)
-    assert got[("palette_group_commit_total", (("kind", "commands"),))] == 4
-    assert got[("palette_group_commit_total", (("kind", "batches"),))] == 2
+    assert got[("palette_group_commit_total", (("kind", "commands"),))] == 6
+    assert got[("palette_group_commit_total", (("kind", "batches"),))] == 3
     assert got[("palette_group_commit_total", (("kind", "conflicts"),))] == 2
-    assert got[("palette_group_commit_batch_size_count", ())] == 2
+    assert got[("palette_group_commit_batch_size_count", ())] == 3
 
 
 def test_every_metric_the_dashboard_queries_is_one_the_processes_define():
@@ -114,3 +115,80 @@ def test_every_metric_the_dashboard_queries_is_one_the_processes_define():
     source = "".join(p.read_text() for p in (root / "adapters").rglob("*.py"))
     defined = set(re.findall(r"\"(palette_[a-z_]+)\"", source))
     assert len(queried) >= 10 and queried <= defined, queried - defined
+
+
+def _port_nobody_listens_on() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_every_dependency_check_fails_where_nobody_answers(tmp_path):
+    """/readyz must not say ready for a dependency that is down: each check, asked of a port
+    nobody listens on, fails (rather than take its error for an answer)."""
+    from adapters.observability import dependency_checks
+    from adapters.settings import load_settings
+
+    port = _port_nobody_listens_on()
+    settings = load_settings(data_dir=tmp_path, database_url=f"postgresql://palette:x@127.0.0.1:{port}/palette",
+                             kafka_bootstrap=f"127.0.0.1:{port}", s3_endpoint=f"http://127.0.0.1:{port}")
+    checks = dependency_checks(settings, ("postgres", "broker", "s3"))
+    assert {name: check() for name, check in checks.items()} == {"postgres": False, "broker": False, "s3": False}
+
+
+def test_the_gpu_workers_readiness_names_the_broker_and_the_object_store_it_works_from(tmp_path):
+    """The GPU worker takes its tasks from the broker and reads and writes images in S3: it is not
+    ready while either is down (it uses no database)."""
+    import random
+
+    from adapters.observability import start
+    from adapters.settings import load_settings
+    from tests.conftest import _free_metrics_port
+
+    port = _port_nobody_listens_on()
+    settings = load_settings(data_dir=tmp_path, metrics_port=_free_metrics_port(random.Random()),
+                             database_url=f"postgresql://palette:x@127.0.0.1:{port}/palette",
+                             kafka_bootstrap=f"127.0.0.1:{port}", s3_endpoint=f"http://127.0.0.1:{port}")
+    server = start("gpu", None, settings)
+    assert server is not None
+    try:
+        status, body = _get(server.server_address[1], "/readyz")
+        assert (status, json.loads(body)) == (503, {"status": "not ready", "failing": ["broker", "s3"]})
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_metrics_port_of_zero_opens_no_port_for_any_process(tmp_path):
+    from adapters.observability import OFFSETS, port_of, start
+    from adapters.settings import load_settings
+
+    settings = load_settings(data_dir=tmp_path, metrics_port=0)
+    assert all(port_of(settings, process) is None for process in OFFSETS)
+    assert start("checkpointer", None, settings) is None
+    on = load_settings(data_dir=tmp_path, metrics_port=9400)
+    assert {process: port_of(on, process) for process in OFFSETS} == {
+        "api": 9400, "relay": 9401, "projector": 9402, "dispatcher": 9403, "gpu": 9404, "webhooks": 9405,
+        "checkpointer": 9406}
+
+
+def test_the_read_side_is_measured_at_most_once_per_ttl_however_many_scrape(tmp_path):
+    """The lag counts scan the log: a flood of scrapes costs one measure per ttl_s."""
+    from adapters.observability import ReadSideCollector
+
+    clock = [0.0]
+    measured = []
+
+    class Counted(ReadSideCollector):
+        def _measure(self, psycopg: Any) -> Any:
+            measured.append(clock[0])
+            return [("users", 3, 1.5, 0)], {"event_store_head": 9.0, "relay": 9.0}
+
+    registry = CollectorRegistry()
+    registry.register(Counted("postgresql://unused", None, ttl_s=10.0, clock=lambda: clock[0]))
+    for now in (0.0, 1.0, 9.9, 10.0, 15.0):
+        clock[0] = now
+        assert _samples(registry)[("palette_read_model_lag_events", (("model", "users"),))] == 3
+    assert measured == [0.0, 10.0]
