@@ -69,3 +69,32 @@ def test_a_fresh_store_is_made_without_an_error_in_postgresql_log(settings: Sett
     finally:
         with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def test_a_password_with_url_characters_reaches_eventsourcing_as_it_is(tmp_path: Path) -> None:
+    from adapters.settings import load_settings
+
+    password = "p@ss w/rd%:?"
+    env = event_store_env(load_settings(data_dir=tmp_path, pg_password=password, pg_port=1))
+    assert (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_PORT"]) == ("palette", password, "1")
+
+
+def test_opening_the_store_retries_a_catalog_conflict_of_processes_starting_together(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrent DDL on PostgreSQL's catalog fails ("tuple concurrently updated"): the other
+    process has made the tables by then, and a retry opens the store."""
+    from eventsourcing.persistence import InternalError
+
+    import adapters.bootstrap as bootstrap
+
+    real, calls = bootstrap.event_store_env, []
+
+    def conflicting(*args: object, **kwargs: object) -> dict[str, str]:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise InternalError("tuple concurrently updated")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bootstrap, "event_store_env", conflicting)
+    open_event_store(settings, pool_size=1).close()
+    assert len(calls) == 3

@@ -205,6 +205,21 @@ def test_the_apis_readiness_is_a_200_from_its_health_not_any_answer(tmp_path: Pa
         server.server_close()
 
 
+def test_starting_the_apis_on_a_taken_port_is_refused_before_the_database_is_prepared(tmp_path: Path) -> None:
+    from adapters.settings import load_settings
+    from infra.stack import EmbeddedStack
+
+    prepared: list[int] = []
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = load_settings(data_dir=tmp_path, api_port=taken.getsockname()[1])
+        stack = EmbeddedStack(settings, topics=(), prepare=lambda: prepared.append(1), app_argv=["false"])
+        with pytest.raises(StackError, match=f"port {settings.api_port} is already in use"):
+            stack.start_apps(("api",))
+    assert prepared == [] and stack.supervisor.names() == []
+
+
 def test_infrastructure_that_fails_to_start_stops_what_had_started(tmp_path: Path) -> None:
     """PostgreSQL up, SeaweedFS failing: `palette up` reports the failure with nothing left running
     (here stand-ins for both, on the stack's real ports check and supervisor)."""

@@ -192,3 +192,40 @@ def test_the_read_side_is_measured_at_most_once_per_ttl_however_many_scrape(tmp_
         clock[0] = now
         assert _samples(registry)[("palette_read_model_lag_events", (("model", "users"),))] == 3
     assert measured == [0.0, 10.0]
+
+
+def test_a_groups_lag_counts_what_it_never_committed_from_the_start_of_the_partition():
+    """A group that committed nothing on a partition (new, or reset) is behind by all of it, not by
+    nothing; a committed offset counts from there (fakes of the admin client and the probe)."""
+    from types import SimpleNamespace
+
+    from kafka import TopicPartition
+
+    from adapters.observability import ConsumerLagCollector
+
+    class Probe:
+        def topics(self) -> set[str]:
+            return set()
+
+        def partitions_for_topic(self, topic: str) -> set[int]:
+            return {0, 1}
+
+        def end_offsets(self, wanted: list[TopicPartition]) -> dict[TopicPartition, int]:
+            return {tp: 10 for tp in wanted}
+
+        def close(self) -> None: ...
+
+    class Admin:
+        def list_group_offsets(self, asked: dict[str, list[TopicPartition]]) -> dict[str, dict[TopicPartition, Any]]:
+            (group, wanted), = asked.items()
+            return {group: {wanted[0]: SimpleNamespace(offset=4)}}  # partition 0 at 4, partition 1 never
+
+        def close(self) -> None: ...
+
+    collector = ConsumerLagCollector("127.0.0.1:1")
+    collector._clients = (Admin(), Probe())
+    registry = CollectorRegistry()
+    registry.register(collector)
+    lags = {labels: value for (name, labels), value in _samples(registry).items()
+            if name == "palette_consumer_group_lag"}
+    assert len(lags) == len(ConsumerLagCollector.GROUPS) and set(lags.values()) == {(10 - 4) + 10}
