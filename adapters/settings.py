@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlsplit
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -165,6 +167,21 @@ class Settings(BaseSettings):
     def _bucket_name(cls, v: str) -> str:
         if len(v) < 3:
             raise ValueError("bucket names need at least 3 characters")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, v: str) -> str:
+        """A URL libpq can read, refused here rather than by each process that connects, and
+        refused without its text (it holds the password)."""
+        if v:
+            if urlsplit(v).scheme not in ("postgresql", "postgres"):
+                raise ValueError("must be a postgresql:// URL")
+            try:
+                conninfo_to_dict(v)
+            except psycopg.ProgrammingError:
+                raise ValueError("libpq cannot read this URL (percent-encode spaces and other "
+                                 "special characters in the user name and password)") from None
         return v
 
     @field_validator("trace_trusted_peers")

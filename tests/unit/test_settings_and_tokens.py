@@ -109,6 +109,23 @@ def test_a_password_with_url_characters_reaches_the_database_url_intact(tmp_path
     assert unquote(url.password or "") == password
 
 
+@pytest.mark.parametrize(("url", "accepted"), [
+    ("postgresql://u:se%20cret@db.example:5432/palette", True),
+    ("postgres://u:secret@db.example/palette?sslmode=require", True),
+    ("postgresql://u:se cret@db.example:5432/palette", False),  # an unencoded space
+    ("postgresql://u:secret@db.example:5432/palette?nosuchoption=1", False),
+    ("mysql://u:secret@db.example/palette", False),
+    ("u:secret@db.example/palette", False),
+])
+def test_a_database_url_libpq_cannot_read_is_refused_in_one_line_without_its_text(tmp_path, url, accepted):
+    if accepted:
+        assert load_settings(data_dir=tmp_path, database_url=url).effective_database_url == url
+        return
+    with pytest.raises(SettingsError, match="PALETTE_DATABASE_URL") as e:
+        load_settings(data_dir=tmp_path, database_url=url)
+    assert "\n" not in str(e.value) and "secret" not in str(e.value)
+
+
 def test_a_secret_set_in_developments_environment_is_kept_over_the_data_dirs(tmp_path):
     made = load_settings(data_dir=tmp_path)
     mine = "m" * 48
