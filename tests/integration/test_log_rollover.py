@@ -12,7 +12,8 @@ from typing import Any
 
 import psycopg
 from confluent_kafka import Producer
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
 
 from adapters import kafka_io
 from adapters.bootstrap import build_relay
@@ -64,6 +65,28 @@ def test_a_member_reads_a_log_started_afresh_from_its_start(settings: Settings) 
         committed = admin.committed([group], topic)[group]
         assert sum(committed.values()) == 20
         assert committed == {p: member.position(TopicPartition(topic, p)) for p in committed}
+    finally:
+        member.close()
+        admin.close()
+
+
+def test_a_stopped_group_holds_the_log_with_its_offsets_even_at_the_start_and_one_never_started_does_not(
+        settings: Settings) -> None:
+    """A group with no member is known by its committed offsets alone: one committed at offset 0
+    (it read nothing yet) is behind the log, not a group the relay may leave out."""
+    topic = f"rollover-{uuid.uuid4().hex[:8]}"
+    stopped, never = f"rollover-{uuid.uuid4().hex[:8]}", f"rollover-{uuid.uuid4().hex[:8]}"
+    ensure_topics(settings.effective_kafka_bootstrap, [topic], 2)
+    admin = KafkaLogAdmin(settings.effective_kafka_bootstrap)
+    member = KafkaConsumer(bootstrap_servers=settings.effective_kafka_bootstrap, group_id=stopped,
+                           enable_auto_commit=False)
+    try:
+        member.assign([TopicPartition(topic, 0), TopicPartition(topic, 1)])  # no join: offsets only
+        member.commit({TopicPartition(topic, 0): OffsetAndMetadata(0, "", -1),
+                       TopicPartition(topic, 1): OffsetAndMetadata(3, "", -1)})
+        assert admin.committed([stopped, never], topic) == {stopped: {0: 0, 1: 3}}
+        rollover = LogRollover(admin, topic, 2, [stopped, never], every_batches=1, wait_s=0.0)
+        assert not rollover.read_by_all({0: 5, 1: 3})  # partition 0 not read: the log is not started afresh
     finally:
         member.close()
         admin.close()
