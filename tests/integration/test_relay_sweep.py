@@ -9,9 +9,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from adapters import kafka_io
 from adapters.bootstrap import open_event_store
@@ -96,6 +98,51 @@ def test_the_relay_saves_its_position_with_the_acknowledged_offsets(settings: Se
     finally:
         state.forget_acked(name)
         state.conn.execute("DELETE FROM palette_relay.positions WHERE name = %s", [name])
+        state.close()
+
+
+@pytest.fixture
+def losses_db(settings: Settings) -> Iterator[str]:
+    """A database of its own: the losses recorded there reach no other consumer of the session's stack."""
+    name = f"losses_{uuid.uuid4().hex[:12]}"
+    base = settings.effective_database_url
+    with psycopg.connect(base, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield urlunsplit(urlsplit(base)._replace(path=f"/{name}"))
+    with psycopg.connect(base, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_a_consumer_handles_each_loss_once_from_the_oldest_start_and_a_new_one_none_before_it(
+        losses_db: str) -> None:
+    state = RelayState.connect(losses_db)
+    signals: list[LossSignal] = []
+
+    def signal(name: str) -> LossSignal:
+        signals.append(LossSignal(losses_db, name, every_s=0.0))
+        return signals[-1]
+
+    try:
+        with state.conn.transaction():
+            state.record_loss("relay", 40)  # before the consumer was first seen: not its business
+        projector = signal("projector")
+        assert not projector.new_loss()
+        with state.conn.transaction():
+            state.record_loss("relay", 90)
+        with state.conn.transaction():
+            state.record_loss("relay", 70)  # a second loss before the first was handled
+        assert projector.new_loss() and projector.republish_from == 70  # the oldest start of the two
+        assert signal("projector").new_loss()  # a restart before ``handled``: it is done again
+        projector.handled()
+        assert not projector.new_loss() and not projector.new_loss()  # each loss once
+        assert not signal("projector").new_loss()  # nor again after a restart
+        assert not signal("dispatcher").new_loss()  # a consumer seen now starts from here
+        with state.conn.transaction():
+            state.record_loss("relay", 120)
+        assert projector.new_loss() and projector.republish_from == 120
+    finally:
+        for s in signals:
+            s.close()
         state.close()
 
 
