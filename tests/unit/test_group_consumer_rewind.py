@@ -10,6 +10,13 @@ from typing import Any
 
 import pytest
 from kafka import TopicPartition
+from kafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    NodeNotReadyError,
+    RebalanceInProgressError,
+    TopicAuthorizationFailedError,
+)
 from kafka.structs import OffsetAndMetadata
 
 from adapters import kafka_io
@@ -153,3 +160,43 @@ def test_positions_within_their_logs_are_left_alone(member: Any) -> None:
     assert member.rewound == set()
     member.commit()
     assert member.committed == {TopicPartition("events", 0): 5, TopicPartition("events", 1): 3}
+
+
+def test_a_seek_past_the_last_known_log_end_is_not_taken_for_a_log_that_ended(member: Any) -> None:
+    """The projector moves a partition past what a catch-up folded, ahead of the log end its last
+    fetch saw: the next poll keeps that position instead of reading the whole log again."""
+    tp = TopicPartition("events", 0)
+    member._subscription.assignment[tp] = Partition(5, 10)
+    member.seek(tp, 20)
+    member.poll()
+    assert member._subscription.assignment[tp].position.offset == 20 and not member.rewound
+
+
+class Refusing(StandIn):
+    """A consumer whose commits the group refuses with ``error``."""
+
+    error: Exception = KafkaError()
+
+    def commit(self, *_: Any, **__: Any) -> None:
+        raise self.error
+
+
+class RefusedMember(kafka_io.RewindsNewLogs, Refusing):
+    pass
+
+
+@pytest.mark.parametrize("error", [RebalanceInProgressError(), NodeNotReadyError(), KafkaTimeoutError()])
+def test_a_commit_a_rebalance_or_a_broker_not_back_refuses_passes_and_the_records_come_again(
+        error: Exception) -> None:
+    member = RefusedMember("events")
+    member.error = error
+    member.poll()
+    member.commit()
+
+
+def test_a_commit_refused_for_any_other_reason_raises() -> None:
+    member = RefusedMember("events")
+    member.error = TopicAuthorizationFailedError()
+    member.poll()
+    with pytest.raises(TopicAuthorizationFailedError):
+        member.commit()
