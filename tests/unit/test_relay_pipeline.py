@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from kafka.errors import KafkaError, KafkaTimeoutError
 
+from adapters.kafka_io import Delivery
 from adapters.relay import LossWatch, Relay
 from projections.stored_events import from_notification
 from tests.unit.test_broker_loss import FakeBroker, FakeState
@@ -75,8 +78,11 @@ class Future:
     def __init__(self, broker: Broker, event: int) -> None:
         self.event = event
         self.meta: Meta | None = None
+        self.error: KafkaError | None = None
 
     def get(self, timeout: float | None = None) -> Meta:
+        if self.error is not None:
+            raise self.error
         assert self.meta is not None, f"event {self.event} was waited for before it was flushed"
         return self.meta
 
@@ -165,3 +171,124 @@ def test_a_jobs_milestone_is_logged_once_acknowledged_with_its_trace(caplog: pyt
     assert (lines[0].job_id, lines[0].trace_id) == (str(job), trace_id)  # type: ignore[attr-defined]
     assert seen == [from_notification(n, None) for n in app.recorder.log]
     assert seen[1].trace == traceparent and "_trace" not in seen[1].data
+
+
+class FlakyBroker(Broker):
+    """Fails the ``failing`` flushes (counted from 1): what they were to acknowledge raises and is
+    not acknowledged. Sets ``stop`` once ``last`` is sent, or after ``most`` sends in all (a relay
+    that never gets there)."""
+
+    def __init__(self, stop: threading.Event, last: int, failing: tuple[int, ...] = (), most: int = 100) -> None:
+        super().__init__()
+        self.stop, self.last, self.failing, self.most = stop, last, failing, most
+        self.flushes = self.sends = 0
+
+    def send(self, topic: str, key: bytes, value: bytes, headers: Any = None) -> Future:
+        future = super().send(topic, key, value, headers)
+        self.sends += 1
+        if future.event == self.last or self.sends >= self.most:
+            self.stop.set()
+        return future
+
+    def flush(self) -> None:
+        self.flushes += 1
+        if self.flushes in self.failing:
+            self.timeline.append(("flush", 0))
+            for future in self.pending:
+                future.error = KafkaTimeoutError("no acknowledgement")
+            self.pending = []
+        else:
+            super().flush()
+
+
+def test_a_batch_the_broker_did_not_acknowledge_is_published_again_from_the_saved_position() -> None:
+    stop = threading.Event()
+    broker = FlakyBroker(stop, last=7, failing=(2,))  # batch 2's acknowledgement fails (events 3, 4)
+    positions = Positions(broker)  # asserts that a saved position only covers acknowledged events
+    relay = Relay(App(7), broker, positions, batch_size=2)
+    relay.run(stop, idle_s=0.0, max_idle_s=0.0)
+    assert positions.saved == 7 and set(broker.acked) == set(range(1, 8))
+    assert broker.acked == sorted(broker.acked)  # in order: the failed batch first, again
+
+
+def test_on_stop_what_was_sent_is_acknowledged_and_its_position_saved() -> None:
+    stop = threading.Event()
+    broker = FlakyBroker(stop, last=5)  # stop as the last batch leaves
+    positions = Positions(broker)
+    Relay(App(5), broker, positions, batch_size=2).run(stop, idle_s=0.0, max_idle_s=0.0)
+    assert positions.saved == 5 and broker.acked == [1, 2, 3, 4, 5]
+
+
+class Rollover:
+    """``LogRollover`` as the relay drives it, always due and read by every group: each fresh start
+    records what was still unacknowledged and what the loss watch still held, then stops the relay."""
+
+    missing = False
+
+    def __init__(self, broker: Broker, loss: LossWatch, stop: threading.Event) -> None:
+        self.broker, self.loss, self.stop = broker, loss, stop
+        self.starts: list[tuple[list[int], dict[int, int]]] = []
+
+    def count(self, partitions: Any) -> None:
+        pass
+
+    def due(self, ends: dict[int, int]) -> bool:
+        return True
+
+    def read_by_all(self, ends: dict[int, int]) -> bool:
+        return True
+
+    def start_afresh(self) -> None:
+        self.starts.append(([f.event for f in self.broker.pending], dict(self.loss.acked)))
+        self.stop.set()
+
+    def postpone(self, why: str) -> None:
+        pass
+
+
+def test_the_log_starts_afresh_only_with_nothing_in_flight_and_its_old_offsets_forgotten() -> None:
+    """A batch still in flight would land in the log about to be deleted, read by no one; offsets
+    of the old log kept would make the new log's first acknowledgements look like a loss."""
+    stop = threading.Event()
+    broker = FlakyBroker(stop, last=0)
+    state = FakeState()
+    loss = LossWatch(FakeBroker({0: 6}), lambda: 1, state, "relay")  # type: ignore[arg-type]
+    rollover = Rollover(broker, loss, stop)
+    relay = Relay(App(6), broker, Positions(broker), batch_size=2, loss=loss, rollover=rollover)  # type: ignore[arg-type]
+    relay.run(stop, idle_s=0.0, max_idle_s=0.0)
+    assert rollover.starts == [([], {})]
+    assert broker.acked == [1, 2, 3, 4, 5, 6] and state.saved[-1][0] == 6 and state.acked == {}
+
+
+class Refused:
+    """librdkafka's error in a delivery report."""
+
+    def name(self) -> str:
+        return "MSG_SIZE_TOO_LARGE"
+
+    def str(self) -> str:
+        return "Broker: Message size too large"
+
+
+class Delivered:
+    def partition(self) -> int:
+        return 3
+
+    def offset(self) -> int:
+        return 41
+
+
+class Flushing:
+    def flush(self, timeout: float | None = None) -> None:
+        pass
+
+
+def test_a_delivery_the_broker_refused_raises_why_and_one_it_acknowledged_answers_where() -> None:
+    refused, delivered, pending = (Delivery(Flushing()) for _ in range(3))  # type: ignore[arg-type]
+    refused.settle(Refused(), None)
+    delivered.settle(None, Delivered())
+    with pytest.raises(KafkaError, match="MSG_SIZE_TOO_LARGE"):
+        refused.get(timeout=1)
+    assert (delivered.get(timeout=1).partition, delivered.offset) == (3, 41)
+    with pytest.raises(KafkaTimeoutError):
+        pending.get(timeout=0.01)  # not acknowledged: never taken for delivered
