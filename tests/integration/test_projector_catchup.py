@@ -183,6 +183,35 @@ def test_a_catch_up_folds_the_oldest_event_needed_even_when_it_ends_its_stream(
         projector.close()
 
 
+def test_a_catch_up_the_log_outgrew_by_less_than_the_threshold_answers_the_head_it_folded_to(
+        stopped_projector: Any, service: PaletteService, conn: psycopg.Connection[Any],  # noqa: F811
+        settings: Settings) -> None:
+    """Events written during a catch-up, fewer than the threshold, come through the broker: the
+    position it answers (the projector drops the broker's copies up to there) is the head it
+    folded to, not the log's head after it, or those events would be dropped unfolded."""
+    wait_until(lambda: drained(service, conn), timeout_s=60, what="the read models to fold the log so far")
+    conn.execute("UPDATE palette_read.positions SET position = LEAST(position, %s)",
+                 [int(service.app.recorder.max_notification_id() or 0)])
+    workload(service, 8, random.Random(23))  # the backlog, written while no projector runs
+    projector = projector_for(settings)
+    meanwhile: list[int] = []
+
+    def write_meanwhile(position: int) -> None:
+        if not meanwhile:  # after the first page: a user registers
+            service.register(f"meanwhile-{uuid.uuid4()}")
+            meanwhile.append(int(service.app.recorder.max_notification_id() or 0))
+
+    projector.catchup.after_page = write_meanwhile
+    try:
+        done = projector.catchup.run()
+        assert done is not None and meanwhile
+        position, result = done
+        assert result.applied > 0 and position < meanwhile[0]
+        assert not drained(service, conn)  # the new user waits for the broker
+    finally:
+        projector.close()
+
+
 def test_an_event_parked_for_one_model_is_not_where_its_catch_up_starts_but_is_for_the_others(
         stopped_projector: Any, service: PaletteService, conn: psycopg.Connection[Any]) -> None:  # noqa: F811
     """A retry reads a parked event from the dead letters: the log is read from the oldest event
