@@ -175,11 +175,14 @@ def test_a_sweep_folds_what_the_broker_never_delivered_and_then_finds_nothing_to
 
 def test_an_event_waiting_as_a_dead_letter_is_not_work_for_the_sweep(
         service: PaletteService, conn: psycopg.Connection[Any], store: PgReadStore, reader: LogReader) -> None:
-    job = new_job(service)
+    user = service.register(f"sweep-{uuid.uuid4()}", plan="pro").value[0]
+    job = uuid.UUID(str(service.create_job(user, "interior", 1).value))
+    assert service.cancel_job(user, job).value  # a second event: after a parked one it waits as held
     head = reader.head()
     table = reader.events_table
     assert table is not None
     positions = job_positions(conn, job)
+    assert len(positions) >= 2
     sweep(store, reader, positions[0] - 1, head)  # every read model folded the job
     assert store.first_unfolded(table, positions[0] - 1, head) is None
     for _ in range(5):  # the stack's projector may fold the job again meanwhile: try once more
