@@ -292,3 +292,15 @@ def test_a_delivery_the_broker_refused_raises_why_and_one_it_acknowledged_answer
     assert (delivered.get(timeout=1).partition, delivered.offset) == (3, 41)
     with pytest.raises(KafkaTimeoutError):
         pending.get(timeout=0.01)  # not acknowledged: never taken for delivered
+
+
+def test_a_standby_relay_publishes_nothing_until_it_leads() -> None:
+    stop = threading.Event()
+    broker = FlakyBroker(stop, last=3)
+
+    def lead(name: str) -> bool:  # another relay leads at the first ask, not at the second
+        broker.timeline.append(("lead", 0))
+        return broker.timeline.count(("lead", 0)) == 2
+
+    Relay(App(3), broker, Positions(broker), batch_size=2, lead=lead).run(stop, idle_s=0.0, max_idle_s=0.0)
+    assert broker.timeline[:3] == [("lead", 0), ("lead", 0), ("send", 1)] and broker.acked == [1, 2, 3]
