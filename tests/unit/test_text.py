@@ -1,0 +1,73 @@
+"""What text Palette accepts (domain.text), against an oracle written from the rule's own words:
+C0/C1 controls but tab and newlines, lone surrogates, and Unicode's 66 non-characters."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from domain.text import escaped, iso_time, refused_character, storable_text
+
+# The 66 non-characters, listed as Unicode lists them: U+FDD0..U+FDEF, and the last two code
+# points of each of the 17 planes.
+NON_CHARACTERS = frozenset(range(0xFDD0, 0xFDF0)) | frozenset(
+    plane * 0x10000 + last for plane in range(17) for last in (0xFFFE, 0xFFFF)
+)
+
+
+def refused_by_the_rule(code: int) -> bool:
+    control = code < 0x20 or 0x7F <= code <= 0x9F
+    return ((control and chr(code) not in "\t\n\r") or 0xD800 <= code <= 0xDFFF
+            or code in NON_CHARACTERS)
+
+
+def test_the_oracle_lists_the_66_non_characters():
+    assert len(NON_CHARACTERS) == 66
+
+
+@pytest.mark.parametrize("code", sorted(NON_CHARACTERS | {0x00, 0x1F, 0x7F, 0x9F, 0xD800, 0xDFFF}))
+def test_every_non_character_control_and_surrogate_is_refused_by_its_code(code):
+    assert refused_character(f"ok{chr(code)}ok") == f"U+{code:04X}"
+
+
+@pytest.mark.parametrize("text", ["\t", "\n", "\r", "a\tb\r\nc", "\ufdcf\ufdf0\ufffd\U0001fffd", "\u2028 \u00a0"])
+def test_tab_newlines_and_the_neighbours_of_non_characters_are_accepted(text):
+    assert refused_character(text) is None
+    assert storable_text(text) == text
+    assert escaped(text) == text
+
+
+@given(st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=30))
+def test_the_first_refused_character_is_the_one_the_rule_names(text):
+    first = next((ch for ch in text if refused_by_the_rule(ord(ch))), None)
+    assert refused_character(text) == (None if first is None else f"U+{ord(first):04X}")
+
+
+@given(st.text(max_size=30))
+def test_an_escaped_text_is_storable_and_keeps_what_was_allowed(text):
+    out = escaped(text)
+    assert refused_character(out) is None
+    out.encode("utf-8")
+    for ch in text:
+        if not refused_by_the_rule(ord(ch)):
+            assert ch in out
+
+
+def test_a_refused_character_is_escaped_as_python_writes_it_without_quotes():
+    assert escaped("a\x00b\ud800\U0010ffff") == "a\\x00b\\ud800\\U0010ffff"
+
+
+def test_storable_text_names_the_refused_character():
+    with pytest.raises(ValueError, match=r"U\+0000"):
+        storable_text("a\x00")
+
+
+@pytest.mark.parametrize("value", ["2026-01-01é00:00:00", "2026-01-01T00:00:00\x00", "2026-01-01\u200900:00"])
+def test_a_time_with_a_character_outside_printable_ascii_is_refused_though_python_reads_it(value):
+    with pytest.raises(ValueError):
+        iso_time(value)
+
+
+def test_a_time_in_printable_ascii_is_read():
+    assert iso_time("2026-01-01T00:00:00+00:00").isoformat() == "2026-01-01T00:00:00+00:00"
