@@ -17,7 +17,7 @@ import pytest
 from application.executors import DirectExecutor, GroupCommitter, RecorderStreamLoader, WriterCache
 from application.services import PaletteApplication, PaletteService
 from application.unit_of_work import ConflictError, touches
-from domain.errors import NotFound
+from domain.errors import NotFound, ValidationFailed
 from domain.plans import DEFAULT_PLANS
 from domain.user import User
 from tests.keys import process_keys
@@ -442,3 +442,28 @@ def test_the_writer_cache_holds_at_most_its_bound_dropping_the_least_recently_sa
     loaded = cache.load([a.id, b.id, c.id])
     assert asked == [{a.id: a.version, b.id: 0, c.id: c.version}]
     assert all(loaded[x.id].version == x.version for x in (a, b, c))
+
+
+@pytest.mark.parametrize("group_commit", [False, True])
+def test_a_command_that_refuses_after_recording_saves_nothing_and_fails_as_a_bug(group_commit: bool) -> None:
+    """A refusal promises that nothing was recorded: one raised after the command recorded events
+    is a bug in that command, answered as one, and its events are never saved (alone or in a batch)."""
+    svc = _service(group_commit)
+    user_id, _ = svc.register("half-done").value
+
+    @touches(user_id)
+    def grants_then_refuses(uow):  # type: ignore[no-untyped-def]
+        uow.get(User, user_id).grant(7, "half", svc.clock.now())
+        raise ValidationFailed("refused after recording")
+
+    try:
+        before = svc.app.recorder.max_notification_id()
+        with pytest.raises(Exception) as raised:
+            svc.executor.execute(grants_then_refuses)
+        assert not isinstance(raised.value, ValidationFailed)
+        assert "refused after recording events" in str(raised.value)
+        assert svc.app.recorder.max_notification_id() == before
+        assert svc.get_user(user_id).granted == 50
+    finally:
+        if group_commit:
+            svc.executor.stop()  # type: ignore[attr-defined]
