@@ -71,10 +71,17 @@ def test_a_device_key_is_an_hmac_under_the_secret_and_never_the_hash():
     assert SECRET not in repr(keyer)
 
 
-@pytest.mark.parametrize("secret", ["", "short"])
+@pytest.mark.parametrize("secret", ["", "short", "x" * 15, b"x" * 15])
 def test_a_missing_or_short_secret_is_refused_rather_than_keying_with_it(secret):
     with pytest.raises(ValueError):
         HmacDeviceKeyer(secret)
+
+
+def test_a_secret_of_16_bytes_keys_as_rfc_4231_says_hmac_sha256_does():
+    assert HmacDeviceKeyer("x" * 16).key(RAW).startswith(DEVICE_KEY_SCHEME)
+    # RFC 4231, test case 1: the key is the secret, the data the device hash
+    assert HmacDeviceKeyer(b"\x0b" * 20).key("Hi There") == (
+        DEVICE_KEY_SCHEME + "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7")
 
 
 # -- v1 events are upcast on read --------------------------------------------------------------
