@@ -5,6 +5,8 @@ own key cache), and an erasure is what ``adapters.erasure.erase`` does to the ap
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from application.executors import DirectExecutor
@@ -58,6 +60,15 @@ def test_a_device_erased_by_another_process_registers_anew_here():
     erase(there, user_id)  # DELETE /me served by another API worker, or palette admin erase
     again, created = here.register(DEVICE).value
     assert created and again != user_id
+
+
+def test_a_device_erased_by_another_process_registers_anew_here_from_an_event_loop_too():
+    here, there = processes()
+    user_id, _ = asyncio.run(here.register_async(DEVICE)).value  # the key now in this process's cache
+    erase(there, user_id)
+    again, created = asyncio.run(here.register_async(DEVICE)).value
+    assert created and again != user_id
+    assert here.get_user(again).granted == 0  # erasing is no way to mint sign-up credits
 
 
 def test_no_rule_of_an_erased_user_changes_after_the_erasure():

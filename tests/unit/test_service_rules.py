@@ -3,6 +3,7 @@ and placed, and what a user sees adds up. Real application code over an in-memor
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -315,3 +316,38 @@ def test_erasing_a_user_who_starts_a_job_after_the_reservations_were_read_reads_
     user: Any = executor.read(user_id)
     assert (user.erased, user.reserved, user.spent, user.balance) == (True, 0, 0, user.granted)
     assert service.get_job(user_id, started[0]).status == JobStatus.CANCELED
+
+
+def test_a_confirmed_upload_confirmed_again_from_an_event_loop_is_answered_without_looking_at_the_store():
+    store = SizedUploads()
+    service, user_id = palette(store)
+    job_id = service.create_job(user_id, "interior", 1).value
+    store.sizes_by_key[input_key(user_id, job_id, 0)] = 10
+    assert asyncio.run(service.confirm_upload_async(user_id, job_id)).value == "uploaded"
+    store.sizes_by_key.clear()  # the photo is the service's now: no check of the store again
+    assert asyncio.run(service.confirm_upload_async(user_id, job_id)).value == "uploaded"
+    assert store.deleted == []
+
+
+def test_another_users_job_cannot_be_canceled_looked_up_for_deletion_or_rerun():
+    service, user_id = palette()
+    job_id = running_job(service, user_id, items=2)
+    other = service.register("another-device").value[0]
+    with pytest.raises(NotFound):
+        service.cancel_job(other, job_id)
+    with pytest.raises(NotFound):
+        asyncio.run(service.deleted_async(other, job_id))
+    with pytest.raises(NotFound):
+        asyncio.run(service.rerun_source_async(other, job_id))
+    assert service.get_job(user_id, job_id).status == JobStatus.QUEUED
+    assert service.get_user(user_id).reserved == 2
+
+
+def test_an_unfinished_job_is_no_source_for_a_rerun_until_it_finishes():
+    service, user_id = palette()
+    job_id = running_job(service, user_id, items=1)
+    with pytest.raises(InvalidState, match="wait for it to finish"):
+        asyncio.run(service.rerun_source_async(user_id, job_id))
+    service.record_item_result(job_id, 0, "done", "k0", output_key(user_id, job_id, 0))
+    source = asyncio.run(service.rerun_source_async(user_id, job_id))
+    assert (source.item_count, source.concepts) == (1, ("wall",))
