@@ -351,3 +351,23 @@ def test_an_unfinished_job_is_no_source_for_a_rerun_until_it_finishes():
     service.record_item_result(job_id, 0, "done", "k0", output_key(user_id, job_id, 0))
     source = asyncio.run(service.rerun_source_async(user_id, job_id))
     assert (source.item_count, source.concepts) == (1, ("wall",))
+
+
+def test_a_refusal_carries_its_message_and_a_long_list_of_items_is_cut_to_the_first_20():
+    store = SizedUploads()
+    service, user_id = palette(store)
+    job_id = service.create_job(user_id, "interior", 25).value
+    with pytest.raises(InputsMissing) as refused:
+        service.confirm_upload(user_id, job_id)
+    assert refused.value.message == str(refused.value) == (
+        "25 input(s) not uploaded yet: idx " + ", ".join(str(i) for i in range(20)) + " ...")
+
+
+def test_a_finished_jobs_objects_expire_once_and_executing_it_again_points_to_a_rerun():
+    service, user_id = palette()
+    job_id = running_job(service, user_id, items=1)
+    service.record_item_result(job_id, 0, "failed", "k0", error="bad photo")
+    with pytest.raises(InvalidState, match="a rerun edits its photos again"):
+        service.execute_job(user_id, job_id, EDITS)
+    assert service.executor.execute(service.expire_job_command(job_id, 30)).value is True
+    assert service.executor.execute(service.expire_job_command(job_id, 30)).value is False
