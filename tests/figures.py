@@ -18,7 +18,9 @@ def summary() -> list[str]:
     lines = []
     for name, f in sorted(FIGURES.items()):
         crashes = ", ".join(f"{k} {v}" for k, v in sorted(f.crashes.items()))
+        ended = ", ".join(f"{k} {v}" for k, v in sorted(f.ended.items()))
         lines.append(f"simulation[{name}]: {f.sequences} sequences, {f.steps} steps ({f.commands} commands); "
+                     f"jobs ended {sum(f.ended.values())} ({ended}); "
                      f"crashes injected: {sum(f.crashes.values())} ({crashes}); "
                      f"broker lost {f.dropped} and repeated {f.duplicated} messages; "
                      f"projector filled {f.filled} from the log, swept {f.swept}")

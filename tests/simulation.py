@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import zlib
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -327,6 +328,7 @@ class Figures:
     duplicated: int = 0
     filled: int = 0
     swept: int = 0
+    ended: Counter[str] = field(default_factory=Counter)  # jobs by the status they ended in
 
 
 FIGURES: dict[str, Figures] = {}
@@ -388,6 +390,13 @@ class PaletteSimulation(RuleBasedStateMachine):
         except DomainError as e:
             return e
 
+    def _job(self, data: st.DataObject, moves_on: Callable[[UUID], bool]) -> UUID:
+        """A job: three times in four one the step moves on (when there is one), else any (the
+        refusals). Drawn from every job, the lifecycle's later steps were rarely reached."""
+        fitting = [j for j in self.job_ids if moves_on(j)]
+        pool = fitting if fitting and data.draw(st.integers(0, 3), label="moves on") else self.job_ids
+        return data.draw(st.sampled_from(pool), label="job")
+
     @rule(plan=st.sampled_from(["free", "pro"]))
     def register(self, plan: str) -> None:
         device = f"{self.prefix}-{next(self.devices)}"
@@ -426,18 +435,45 @@ class PaletteSimulation(RuleBasedStateMachine):
         self.uploaded[got] = set()
 
     @precondition(lambda self: self.job_ids)
-    @rule(data=st.data())
-    def upload(self, data: st.DataObject) -> None:
-        job_id = data.draw(st.sampled_from(self.job_ids))
+    @rule(data=st.data(), every_item=st.booleans())
+    def upload(self, data: st.DataObject, every_item: bool) -> None:
+        """One photo of a job, or all of them."""
+        job_id = self._job(data, lambda j: self.ref.jobs[j].status == "created")
         job = self.ref.jobs[job_id]
-        idx = data.draw(st.sampled_from(range(job.items)))
-        self.uploads.keys.add(input_key(job.owner, job_id, idx))
-        self.uploaded[job_id].add(idx)
+        self._upload(job_id, range(job.items) if every_item else [data.draw(st.sampled_from(range(job.items)))])
+
+    def _upload(self, job_id: UUID, items: Iterable[int]) -> None:
+        for idx in items:
+            self.uploads.keys.add(input_key(self.ref.jobs[job_id].owner, job_id, idx))
+            self.uploaded[job_id].add(idx)
+
+    @precondition(lambda self: self.job_ids)
+    @rule(data=st.data(), statuses=st.lists(st.sampled_from(["done", "done", "failed"]), min_size=1, max_size=5))
+    def client_and_worker_move_a_job_on(self, data: st.DataObject, statuses: list[str]) -> None:
+        """The next steps of a job's lifecycle (upload every photo, confirm, execute, an item's
+        result; a step for each status drawn): with each step left to its own rule, among a dozen
+        others, a job of a sequence rarely reached its results before a cancel or the sequence's end."""
+        job_id = self._job(data, lambda j: self.ref.jobs[j].status not in ("done", "failed", "canceled"))
+        job = self.ref.jobs[job_id]
+        for status in statuses:
+            if job.status == "created" and len(self.uploaded[job_id]) < job.items:
+                self._upload(job_id, range(job.items))
+            elif job.status == "created":
+                self._confirm(job_id)
+            elif job.status == "uploaded":
+                self._execute(job_id)
+            else:
+                idx = min((i for i in range(job.items) if i not in job.results), default=0)
+                self._result(job_id, idx, status, f"{job_id}:{idx}")
 
     @precondition(lambda self: self.job_ids)
     @rule(data=st.data())
     def confirm(self, data: st.DataObject) -> None:
-        job_id = data.draw(st.sampled_from(self.job_ids))
+        job_id = self._job(data, lambda j: self.ref.jobs[j].status == "created"
+                          and len(self.uploaded[j]) == self.ref.jobs[j].items)
+        self._confirm(job_id)
+
+    def _confirm(self, job_id: UUID) -> None:
         expected = self.ref.confirm(job_id, self.uploaded[job_id])
         got = self._call(self.svc.confirm_upload, self.ref.jobs[job_id].owner, job_id)
         self._same(got, expected)
@@ -445,7 +481,10 @@ class PaletteSimulation(RuleBasedStateMachine):
     @precondition(lambda self: self.job_ids)
     @rule(data=st.data())
     def execute(self, data: st.DataObject) -> None:
-        job_id = data.draw(st.sampled_from(self.job_ids))
+        job_id = self._job(data, lambda j: self.ref.jobs[j].status == "uploaded")
+        self._execute(job_id)
+
+    def _execute(self, job_id: UUID) -> None:
         expected = self.ref.execute(job_id)
         got = self._call(self.svc.execute_job, self.ref.jobs[job_id].owner, job_id, EDITS, [])
         self._same(got, expected)
@@ -455,9 +494,11 @@ class PaletteSimulation(RuleBasedStateMachine):
     def item_result(self, data: st.DataObject, status: str, retry_key: bool) -> None:
         """A GPU result: the usual key, or another key for an item (a second worker's result);
         drawn again later, the same call is a duplicate, a reordered or a late result."""
-        job_id = data.draw(st.sampled_from(self.job_ids))
+        job_id = self._job(data, lambda j: self.ref.jobs[j].status in ("queued", "running"))
         idx = data.draw(st.integers(0, self.ref.jobs[job_id].items - 1))
-        key = f"{job_id}:{idx}" + (":again" if retry_key else "")
+        self._result(job_id, idx, status, f"{job_id}:{idx}" + (":again" if retry_key else ""))
+
+    def _result(self, job_id: UUID, idx: int, status: str, key: str) -> None:
         expected = self.ref.result(job_id, idx, status, key)
         got = self._call(self.svc.record_item_result, job_id, idx, status, key, "", "", "e")
         if isinstance(expected, str):
@@ -619,6 +660,7 @@ class PaletteSimulation(RuleBasedStateMachine):
                 assert ref_job.status == self.terminal[job_id]
             elif ref_job.status in ("done", "failed", "canceled"):
                 self.terminal[job_id] = ref_job.status
+                self.figures.ended[ref_job.status] += 1
             assert ref_job.settlements == (1 if ref_job.status in ("done", "failed", "canceled") else 0)
 
     @invariant()
