@@ -175,6 +175,27 @@ def test_photos_of_a_job_never_executed_nor_canceled_are_deleted_after_the_reten
     assert client.data("GET", "/me")["credits"] == credits + 2
 
 
+def test_a_running_job_whose_row_still_says_uploaded_keeps_its_photos_past_the_retention_period(client, settings):
+    """jobs_log lags the log (its projector behind): a job executed since, its row still
+    'uploaded', is read again from its own events before the sweeper cancels it, so a live job
+    is neither canceled nor stripped of its photos."""
+    job_id = create_uploaded_job(client, 1)
+    client.data("POST", f"/jobs/{job_id}/execute", json={"concepts": EDITS})
+    with _db(settings) as conn:
+        def folded() -> str | None:
+            row = conn.execute("SELECT status FROM palette_read.jobs_log WHERE id = %s", [job_id]).fetchone()
+            return row[0] if row and row[0] not in ("created", "uploaded") else None
+        wait_until(folded, what="the execution folded into jobs_log")
+        status = folded()
+        conn.execute("UPDATE palette_read.jobs_log SET status = 'uploaded' WHERE id = %s", [job_id])
+        try:
+            _sweep(settings, now=_ahead(settings.retention_days * 86400 + 3600))
+        finally:
+            conn.execute("UPDATE palette_read.jobs_log SET status = %s WHERE id = %s", [status, job_id])
+    assert client.data("GET", f"/jobs/{job_id}")["status"] not in ("canceled", "uploaded")
+    assert any(job_id in k for k in _objects(settings, client.user_id))
+
+
 def test_the_analysts_api_shows_an_erased_users_fields_as_erased(http, settings):
     client = Client(http)
     rule = client.data("POST", "/rules", 201, json={"name": RULE_NAME, "preset_id": "interior", "concepts": EDITS})

@@ -211,6 +211,26 @@ def test_another_api_process_learns_of_an_erasure_from_the_tombstones(settings):
         past = ErasedUsers(pool, token_ttl_s=-3600)  # tokens live less than the erasure is old: forgotten
         past.refresh()
         assert user_id not in past
+        lapsed = ErasedUsers(pool, token_ttl_s=0)  # a token that lapsed just now passes within the verifier's leeway
+        lapsed.refresh()
+        assert user_id in lapsed
+
+
+def test_an_erasure_made_here_is_refused_before_any_refresh_reads_its_tombstone(settings, monkeypatch):
+    """DELETE /me adds the user at once; a refresh whose read missed the tombstone (its
+    transaction not yet visible) must not drop it."""
+    from psycopg_pool import ConnectionPool
+
+    from adapters import keyring
+    from adapters.erasure import ErasedUsers
+
+    monkeypatch.setattr(keyring, "erased_since", lambda *_: [])  # the tombstone, not yet visible
+    user_id = uuid.uuid4()
+    with ConnectionPool(settings.effective_database_url, min_size=1, max_size=1, kwargs={"autocommit": True}) as pool:
+        here = ErasedUsers(pool, token_ttl_s=3600)
+        here.add(user_id)
+        here.refresh()
+        assert user_id in here
 
 
 def test_a_refresh_of_erased_users_reads_only_the_recent_tombstones_and_misses_none(settings, monkeypatch):
@@ -253,6 +273,44 @@ def test_a_refresh_of_erased_users_reads_only_the_recent_tombstones_and_misses_n
         tombstones([late], LATE_S / 2)  # requested before the newest known, committed only now
         users.refresh()
         assert late in users and all(u in users for u in hour_ago)
+
+
+def test_each_refresh_reads_from_the_newest_erasure_it_knows_as_that_newest_moves_up(settings, monkeypatch):
+    """Not from the first refresh's newest for ever: once a newer tombstone is read, the next
+    refresh reads only from it (less LATE_S). Over this test's own users alone (the others'
+    tombstones come and go)."""
+    from psycopg_pool import ConnectionPool
+
+    from adapters import keyring
+    from adapters.erasure import ErasedUsers
+    from adapters.keyring import ensure_schema as ensure_keyring
+
+    older, newer = uuid.uuid4(), uuid.uuid4()
+    read: list[set[uuid.UUID]] = []
+    erased_since = keyring.erased_since
+
+    def mine(*args):  # type: ignore[no-untyped-def]
+        found = [(u, at) for u, at in erased_since(*args) if u in (older, newer)]
+        read.append({u for u, _ in found})
+        return found
+
+    monkeypatch.setattr(keyring, "erased_since", mine)
+    with ConnectionPool(settings.effective_database_url, min_size=1, max_size=1, kwargs={"autocommit": True}) as pool, \
+            psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        ensure_keyring(conn)
+
+        def tombstone(user_id: uuid.UUID, ago_s: float) -> None:
+            conn.execute("INSERT INTO palette_erasures (user_id, requested_at) "
+                         "VALUES (%s, now() - %s * interval '1 second')", [user_id, ago_s])
+
+        tombstone(older, 3000)
+        users = ErasedUsers(pool, token_ttl_s=7200)
+        users.refresh()
+        tombstone(newer, 1000)  # LATE_S is 300: well after the older one
+        users.refresh()
+        users.refresh()
+        assert read == [{older}, {older, newer}, {newer}]
+        assert older in users and newer in users
 
 
 def test_an_operator_erases_from_the_command_line_with_one_line_answers(client, settings, monkeypatch, capsys):
@@ -334,11 +392,13 @@ def test_a_job_that_spent_nothing_keeps_its_objects_a_day_and_a_paid_one_the_ret
         assert client.call("POST", f"/jobs/{canceled}/rerun").status_code == 201  # meanwhile, a rerun works
         with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:  # a read model astray
             conn.execute("UPDATE palette_read.jobs_log SET status = 'canceled', done_items = 0 WHERE id = %s", [paid])
+            conn.execute("UPDATE palette_read.jobs_log SET done_items = 0 WHERE id = %s", [partly])
         report = sweeper.step(now=last + timedelta(days=days, seconds=1))
     finally:
         sweeper.close()
         with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:  # as the log says again
             conn.execute("UPDATE palette_read.jobs_log SET status = 'done', done_items = 1 WHERE id = %s", [paid])
+            conn.execute("UPDATE palette_read.jobs_log SET done_items = 1 WHERE id = %s", [partly])
     assert report.jobs_expired >= 2
     held = _objects(settings, client.user_id) | _objects(settings, other.user_id)
     assert not any(canceled in k or failed in k for k in held)
@@ -384,3 +444,91 @@ def test_what_an_upload_link_admitted_beyond_the_largest_photo_is_deleted_once_t
     left = _objects(settings, client.user_id)
     assert not set(oversized) & left
     assert {small_mask, *at_the_bound} <= left
+
+
+def test_a_paid_job_keeps_its_objects_the_whole_retention_period_however_it_finished(client, other, http, settings):
+    """Done, or canceled once an item was done (a credit spent): its objects stay until the
+    retention period is over — still there at its very end — then go, ObjectsExpired saying after
+    how many days, and the pass's cursor stands past them (the next pass does not read them again)."""
+    done = _one_done(client, http, settings)
+    canceled = create_uploaded_job(other, 2)
+    other.data("POST", f"/jobs/{canceled}/execute", json={"concepts": EDITS})
+    callback(http, settings.callback_secret, canceled, {"idx": 0, "status": "done",
+                                                        "idempotency_key": f"{canceled}:0"})
+    other.data("POST", f"/jobs/{canceled}/cancel")
+    finished = dict(zip((done, canceled), _finished_at(settings, done, canceled), strict=True))
+    first, last = sorted(finished, key=lambda j: finished[j])
+    period = timedelta(days=settings.retention_days)
+    sweeper = build_sweeper(settings)
+    try:
+        sweeper.step(now=finished[last] + period)  # the last finished exactly the retention period ago
+        held = _objects(settings, client.user_id) | _objects(settings, other.user_id)
+        assert not any(first in k for k in held) and any(last in k for k in held)
+        sweeper.step(now=finished[last] + period + timedelta(microseconds=1))
+    finally:
+        sweeper.close()
+    held = _objects(settings, client.user_id) | _objects(settings, other.user_id)
+    assert not any(done in k or canceled in k for k in held)
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        cursor = conn.execute("SELECT at FROM palette_sweeps WHERE name = 'retention'").fetchone()
+    assert cursor is not None and cursor[0] >= finished[last]
+    app = open_event_store(settings)
+    try:
+        for job_id in (done, canceled):
+            expired = [e for e in Replayer(app).stream(uuid.UUID(job_id)) if e.type == "ObjectsExpired"]
+            assert [e.data["retention_days"] for e in expired] == [settings.retention_days], job_id
+    finally:
+        app.close()
+
+
+def test_an_unpaid_job_whose_objects_cannot_be_deleted_holds_back_no_other_nor_the_rest_of_the_pass(
+        client, other, settings, monkeypatch):
+    """S3 refuses to delete one canceled job's objects: it is logged and left to the retention
+    pass; the other unpaid job's objects go all the same and the pass goes on."""
+    from adapters import retention
+
+    stuck, fine = create_uploaded_job(client, 1), create_uploaded_job(other, 1)
+    client.data("POST", f"/jobs/{stuck}/cancel")
+    other.data("POST", f"/jobs/{fine}/cancel")
+    last = max(_finished_at(settings, stuck, fine))
+    real_delete = retention.delete_prefixes
+
+    def delete_prefixes(s3, bucket, prefixes):  # type: ignore[no-untyped-def]
+        prefixes = list(prefixes)
+        if any(stuck in p for p in prefixes):
+            raise OSError("1 object(s) not deleted: AccessDenied (injected)")
+        return real_delete(s3, bucket, prefixes)
+
+    monkeypatch.setattr(retention, "delete_prefixes", delete_prefixes)
+    sweeper = build_sweeper(settings)
+    try:
+        report = sweeper.step(now=last + timedelta(days=settings.unpaid_retention_days, seconds=1))
+    finally:
+        sweeper.close()
+    assert report.jobs_expired >= 1
+    assert not any(fine in k for k in _objects(settings, other.user_id))
+    assert any(stuck in k for k in _objects(settings, client.user_id))  # the retention pass's, later
+
+
+def test_an_unpaid_job_whose_finish_is_folded_after_a_pass_is_expired_by_the_next(client, other, http, settings):
+    """jobs_log may get a job's finish late (its projector behind). A pass that finds no unpaid job
+    left moves its cursor up to the last finish less PROJECTION_SLACK, not to it: a job folded
+    since, having finished within that slack, is expired by the next pass."""
+    unpaid = create_uploaded_job(client, 1)
+    client.data("POST", f"/jobs/{unpaid}/cancel")
+    paid = _one_done(other, http, settings)
+    unpaid_at, paid_at = _finished_at(settings, unpaid, paid)
+    now = paid_at + timedelta(days=settings.unpaid_retention_days, seconds=1)
+    sweeper = build_sweeper(settings)
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        conn.execute("UPDATE palette_read.jobs_log SET finished_at = NULL WHERE id = %s", [unpaid])  # not folded yet
+        try:
+            sweeper.step(now=now)
+            assert any(unpaid in k for k in _objects(settings, client.user_id))
+        finally:
+            conn.execute("UPDATE palette_read.jobs_log SET finished_at = %s WHERE id = %s", [unpaid_at, unpaid])
+    try:
+        sweeper.step(now=now)
+    finally:
+        sweeper.close()
+    assert not any(unpaid in k for k in _objects(settings, client.user_id))

@@ -151,18 +151,19 @@ def test_the_running_sweeper_leaves_an_erasure_younger_than_the_grace_to_the_req
     old, young = Client(http), Client(http)
     for client in (old, young):
         create_uploaded_job(client, 1)
-    with served(erasure_sweep_s=0.1, erasure_grace_s=600.0) as sweeper:
+    # passes every half second too: neither the erasure loop nor a whole pass takes the young one
+    with served(erasure_sweep_s=0.1, erasure_grace_s=600.0, sweep_interval_s=0.5) as sweeper:
         _crash_mid_erasure(settings, uuid.UUID(old.user_id), "deleting objects")
         with _db(settings) as conn:  # requested before the grace: no request can still be at it
             conn.execute("UPDATE palette_erasures SET requested_at = requested_at - interval '601 seconds' "
                          "WHERE user_id = %s", [old.user_id])
         _crash_mid_erasure(settings, uuid.UUID(young.user_id), "recording Erased")
-        seen = sweeper.erasure_passes
+        seen, seen_passes = sweeper.erasure_passes, sweeper.passes
 
         wait_until(lambda: _completed(settings, uuid.UUID(old.user_id)), timeout_s=30,
                    what="the sweeper to finish the erasure older than the grace")
-        wait_until(lambda: sweeper.erasure_passes >= seen + 3, timeout_s=30,
-                   what="more erasure passes after both tombstones were written")
+        wait_until(lambda: sweeper.erasure_passes >= seen + 3 and sweeper.passes >= seen_passes + 2, timeout_s=30,
+                   what="more erasure passes and whole passes after both tombstones were written")
         assert not _completed(settings, uuid.UUID(young.user_id))
         assert len(_objects(settings, young.user_id)) == 1
         assert not _erased_in_store(settings, uuid.UUID(young.user_id))  # Erased is the live request's to record
@@ -291,3 +292,81 @@ def test_once_an_erasure_that_had_failed_finishes_the_others_waiting_are_tried_a
         assert len(tries) == 5 and _completed(settings, uuid.UUID(second.user_id))
     finally:
         sweeper.close()
+
+
+def test_one_erasure_pass_finishes_every_erasure_cut_short_not_one_page_of_them(http, settings, monkeypatch):
+    """Shown with pages of one, one of them failing each time: the pass goes on past it to the
+    others, and ends (it does not read the failing one again and again)."""
+    import adapters.retention
+
+    broken, *fine = [Client(http) for _ in range(3)]
+    for client in (broken, *fine):
+        create_uploaded_job(client, 1)
+        _crash_mid_erasure(settings, uuid.UUID(client.user_id), "deleting objects")
+    broken_id = uuid.UUID(broken.user_id)
+    _erasures_tried(monkeypatch, {broken_id}, {broken_id})
+    monkeypatch.setattr(adapters.retention, "PAGE", 1)
+    pages = adapters.retention.unfinished_erasures
+    asked: list[int] = []
+
+    def bounded(*args: Any) -> Any:
+        asked.append(1)
+        assert len(asked) <= 100, "the pass reads the same erasures again and again"
+        return pages(*args)
+
+    monkeypatch.setattr(adapters.retention, "unfinished_erasures", bounded)
+    sweeper = build_sweeper(settings)
+    try:
+        assert sweeper.finish_erasures(0.0) >= len(fine)
+        sweeper.finish_erasures(0.0)  # the failing one waits now: the pass ends all the same
+    finally:
+        sweeper.close()
+    assert all(_completed(settings, uuid.UUID(client.user_id)) for client in fine)
+    assert not _completed(settings, broken_id)
+    monkeypatch.undo()
+    finisher = build_sweeper(settings)
+    try:
+        finisher.finish_erasures(0.0)  # S3 lets it now: nothing of it is left for the tests after
+    finally:
+        finisher.close()
+    assert _completed(settings, broken_id)
+
+
+def test_an_erasure_that_failed_here_and_was_finished_elsewhere_is_forgotten(http, settings, monkeypatch):
+    """The sweeper keeps a wait only for the users still waiting: one whose erasure an operator
+    (``palette admin erase``) finished meanwhile is dropped at the next pass, not kept for ever."""
+    client = Client(http)
+    create_uploaded_job(client, 1)
+    user_id = uuid.UUID(client.user_id)
+    _crash_mid_erasure(settings, user_id, "deleting objects")
+    tries = _erasures_tried(monkeypatch, {user_id}, {user_id})
+    sweeper, _ = _sweeper_on_a_clock(settings)
+    try:
+        sweeper.finish_erasures(0.0)
+        assert len(tries) == 1 and user_id in sweeper._failing
+        container = bootstrap.build(settings, pool_size=2)
+        try:  # the operator's erasure, S3 letting it
+            erase(container.service, container.read_pool, container.s3, settings.s3_bucket, user_id)
+        finally:
+            container.close()
+        assert _completed(settings, user_id)
+        sweeper.finish_erasures(0.0)
+        assert user_id not in sweeper._failing and len(tries) == 1
+    finally:
+        sweeper.close()
+
+
+def test_a_tombstone_with_no_user_behind_it_is_completed_by_the_sweeper(settings):
+    """An erasure requested for an id the event store has no user for (nothing to record): the
+    sweeper still completes it, rather than failing on it for ever."""
+    from adapters.keyring import request_erasure
+
+    user_id = uuid.uuid4()
+    with _db(settings) as conn:
+        request_erasure(conn, user_id)
+    sweeper = build_sweeper(settings)
+    try:
+        assert sweeper.finish_erasures(0.0) >= 1
+    finally:
+        sweeper.close()
+    assert _completed(settings, user_id)

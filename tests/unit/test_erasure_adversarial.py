@@ -133,3 +133,25 @@ def test_the_users_read_model_shows_an_erased_users_device_key_as_erased_and_kee
     store.apply(list(iter_envelopes(app.recorder, app.mapper.transcoder, 1, None)))
     row = store.table("users")[(user_id,)]
     assert (row["device_hash"], row["credits"]) == (ERASED, credits)
+
+
+class _Untouchable:
+    """A connection the code must not use."""
+
+    def execute(self, *_: object, **__: object) -> None:
+        raise AssertionError("read or rewrote the event store")
+
+
+def test_an_erasure_leaves_a_legacy_registration_as_it_is_when_stored_states_are_enciphered_or_compressed():
+    """The rewrite of a v1 ``Registered`` reads the stored bytes as plain JSON: over enciphered or
+    compressed states it would write garbage, so it touches nothing."""
+    import uuid
+
+    from eventsourcing.cryptography import AESCipher
+
+    from adapters.erasure import redact_legacy_registration
+
+    for extra in ({"CIPHER_TOPIC": "eventsourcing.cryptography:AESCipher", "CIPHER_KEY": AESCipher.create_key(16)},
+                  {"COMPRESSOR_TOPIC": "eventsourcing.compressor:ZlibCompressor"}):
+        app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo", **extra})
+        assert redact_legacy_registration(_Untouchable(), app, uuid.uuid4()) is False
