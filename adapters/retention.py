@@ -318,9 +318,10 @@ class Sweeper:
             job = c.service.executor.read(job_id)
             if not isinstance(job, Job) or job.status not in UNSTARTED:
                 continue  # executed or canceled since the read model's row
-            try:
-                c.service.executor.execute(c.service.cancel_job_command(user_id, job_id, "retention"))
-            except DomainError as e:  # its user erased meanwhile: the erasure deletes it
+            try:  # only if still unstarted when the command runs: it may be executed since the read
+                c.service.executor.execute(c.service.cancel_job_command(user_id, job_id, "retention",
+                                                                        unless_started=True))
+            except DomainError as e:  # executed since, or its user erased meanwhile (the erasure deletes it)
                 log.info("job %s not canceled for retention: %s", job_id, e)
             else:
                 self._expire(user_id, job_id, days, report)

@@ -196,6 +196,34 @@ def test_a_running_job_whose_row_still_says_uploaded_keeps_its_photos_past_the_r
     assert any(job_id in k for k in _objects(settings, client.user_id))
 
 
+def test_a_job_executed_while_the_sweeper_decides_to_cancel_it_for_retention_keeps_running_and_its_photos(
+        client, settings, monkeypatch):
+    """The sweeper reads a job uploaded a retention period ago and never executed, then cancels
+    it; the client executes it in between. The cancel must find it started and leave it: a live
+    job is not canceled, nor its photos deleted under the GPU worker."""
+    job_id = create_uploaded_job(client, 1)
+    with _db(settings) as conn:
+        wait_until(lambda: conn.execute("SELECT status FROM palette_read.jobs_log WHERE id = %s",
+                                        [job_id]).fetchone() == ("uploaded",), what="the job folded as uploaded")
+    sweeper = build_sweeper(settings)
+    executor = sweeper.container.service.executor
+    read, executed = executor.read, []
+
+    def read_then_executed(aggregate_id):  # type: ignore[no-untyped-def]
+        aggregate = read(aggregate_id)
+        if str(aggregate_id) == job_id and not executed:  # what the sweeper decides on, stale at once
+            executed.append(client.data("POST", f"/jobs/{job_id}/execute", json={"concepts": EDITS}))
+        return aggregate
+
+    monkeypatch.setattr(executor, "read", read_then_executed)
+    try:
+        sweeper.step(now=_ahead(settings.retention_days * 86400 + 3600))
+    finally:
+        sweeper.close()
+    assert executed and client.data("GET", f"/jobs/{job_id}")["status"] in ("queued", "running")
+    assert any(job_id in k for k in _objects(settings, client.user_id))
+
+
 def test_the_analysts_api_shows_an_erased_users_fields_as_erased(http, settings):
     client = Client(http)
     rule = client.data("POST", "/rules", 201, json={"name": RULE_NAME, "preset_id": "interior", "concepts": EDITS})
