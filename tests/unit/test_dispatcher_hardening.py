@@ -450,3 +450,24 @@ def test_the_queue_reaches_an_offset_only_when_its_log_holds_it(end, held, offse
     # a fetch that finds the offset answers at once; one that cannot fetches until the timeout
     queue = KafkaTaskQueue(admin=None, probe=Probe(end, held), probe_timeout_s=30.0 if reached else 0.05)
     assert queue.reaches(0, offset) is reached
+
+
+def test_the_stale_sweep_looks_every_minute_however_long_a_job_may_take_to_be_stale():
+    """The default staleness is ten minutes: the sweep still looks every minute (half the
+    staleness only when that is shorter), so a stalled job waits at most a minute past it."""
+    now, looked = [0.0], []
+
+    def stale_jobs(stale_s: float, limit: int) -> list[UUID]:
+        looked.append(now[0])
+        return []
+
+    for stale_s, every in ((600.0, 60.0), (20.0, 10.0)):
+        now[0], looked = 0.0, []
+        d = Dispatcher(FakeConsumer(), FakeProducer(), FakeApp(FakeRepository()), stale_s=stale_s,
+                       clock=lambda: now[0], stale_jobs=stale_jobs)
+        for tick in range(4):
+            now[0] = tick * every - 0.5  # just before each due look: none
+            d.step(timeout_ms=0)
+            now[0] = tick * every
+            d.step(timeout_ms=0)
+        assert looked == [every, 2 * every, 3 * every], stale_s
