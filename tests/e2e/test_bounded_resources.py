@@ -213,6 +213,33 @@ def test_read_your_writes_waits_hold_no_pool_connection(settings: Settings) -> N
         container.close()
 
 
+def test_every_rule_write_is_one_the_callers_next_list_waits_for(settings: Settings) -> None:
+    """GET /rules waits for the caller's recent rule writes: a rename or a deletion it did not
+    remember would be listed as it was before, the projector not having folded it yet."""
+    from adapters.bootstrap import build
+
+    container = build(settings, pool_size=2)
+    try:
+        with served(container) as url, httpx.Client(base_url=url, timeout=30) as http:
+            user = Client(http)
+            body = {"name": "r", "preset_id": "interior", "concepts": EDITS}
+            rule = user.data("POST", "/rules", 201, json=body)["id"]
+
+            def remembered() -> int | None:
+                return container.last_writes.recent(UUID(user.user_id), "rules").get(UUID(rule))
+
+            created = remembered()
+            user.data("PUT", f"/rules/{rule}", json={"name": "renamed", "concepts": EDITS})
+            renamed = remembered()
+            user.data("DELETE", f"/rules/{rule}")
+            deleted = remembered()
+            assert created is not None and renamed is not None and deleted is not None
+            assert created < renamed < deleted
+            assert user.data("GET", "/rules")["items"] == []
+    finally:
+        container.close()
+
+
 # -- /health -----------------------------------------------------------------------------------
 def _sessions(settings: Settings) -> int:
     with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:

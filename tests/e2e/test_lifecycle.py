@@ -179,6 +179,9 @@ def test_bad_input_is_a_4xx_with_a_stable_code(client, http):
         (client.call("POST", "/jobs", content=b"{not json", headers={"content-type": "application/json"}),
          422, "VALIDATION_FAILED"),
         (client.call("GET", "/jobs/not-a-uuid"), 422, "VALIDATION_FAILED"),
+        # A page is at most 100 jobs, however many a client asks for.
+        *((client.call("GET", "/jobs", params={"limit": limit}), 422, "VALIDATION_FAILED")
+          for limit in (0, 101, 10**30, "x")),
         (client.call("GET", f"/jobs/{uuid.uuid4()}"), 404, "NOT_FOUND"),
         (client.call("GET", "/presets/garage"), 404, "NOT_FOUND"),
         (http.get("/me"), 401, "AUTH_REQUIRED"),

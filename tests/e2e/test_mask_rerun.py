@@ -110,6 +110,26 @@ def test_a_rerun_is_refused_for_a_job_that_is_not_the_callers_or_not_finished(cl
     _refused(client, done, 404, "NOT_FOUND")  # deleted: as if it never was
 
 
+def test_reruns_spend_the_budget_job_creations_do_and_429s_say_when(client, http, settings):
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = _done_by_hand(client, http, settings.callback_secret, 1)
+    with ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(lambda _: client.call("POST", f"/jobs/{done}/rerun"), range(100)))
+    codes = [r.status_code for r in responses]
+    assert codes.count(201) == 1 and set(codes) <= {201, 409, 429} and 429 in codes, codes
+    assert all(int(r.headers["Retry-After"]) >= 1 for r in responses if r.status_code == 429)
+
+
+def test_a_rerun_is_refused_when_a_photo_was_replaced_by_one_over_20_mb(client, http, settings):
+    """An upload link lives on after confirm-upload: the photo in the store may be a larger one now."""
+    done = _done_by_hand(client, http, settings.callback_secret, 2)
+    s3_client(settings).put_object(Bucket=settings.s3_bucket, Key=input_key(uuid.UUID(client.user_id),
+                                   uuid.UUID(done), 1), Body=b"\0" * ((20 << 20) + 1))
+    _refused(client, done, 409, "INVALID_STATE")
+    assert "over 20 MB (idx 1)" in client.call("POST", f"/jobs/{done}/rerun").json()["error"]["message"]
+
+
 # Last in the module: the worker it starts would otherwise race the callbacks standing in for it above.
 def test_masks_come_back_and_a_corrected_mask_runs_again_without_uploading(client, gpu_apps, settings):
     photo = room()

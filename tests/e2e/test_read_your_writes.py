@@ -46,6 +46,29 @@ def test_a_new_job_is_listed_at_once_with_the_projector_stopped(apps: Any, clien
     assert again == listed  # the write side said what the model says
 
 
+def test_a_job_deleted_with_the_projector_stopped_leaves_the_list_at_once(apps: Any, client: Any) -> None:
+    job = client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})["job_id"]
+    client.data("POST", f"/jobs/{job}/cancel")
+
+    def listed() -> list[str]:
+        body = client.data("GET", "/jobs")
+        return [j["job_id"] for j in body["items"]]
+
+    wait_until(lambda: job in listed() and client.call("GET", "/jobs").json()["meta"]["projection_behind"] == 0,
+               timeout_s=60, what="the projector to fold the canceled job")
+    apps.stop_app("projector")
+    try:
+        client.data("DELETE", f"/jobs/{job}")
+        body = client.call("GET", "/jobs").json()  # the model still holds the job's row
+        assert body["success"] is True and body["data"]["items"] == [], body
+        assert body["meta"]["projection_behind"] == 1
+    finally:
+        apps.start_app("projector")
+    wait_until(lambda: client.call("GET", "/jobs").json()["meta"]["projection_behind"] == 0,
+               timeout_s=60, what="the projector to fold the deletion")
+    assert listed() == []
+
+
 def _row(minutes: int) -> dict[str, Any]:
     return {"id": uuid4(), "created_at": datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=minutes)}
 

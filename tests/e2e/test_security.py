@@ -107,6 +107,21 @@ def test_forged_tokens_are_all_refused(client: Client, http: httpx.Client, setti
     figures.add("forged tokens tried (0 accepted)", tried)
 
 
+@pytest.mark.parametrize("role", ["analyst", "auditor"])
+def test_a_staff_token_naming_a_clients_id_never_acts_as_that_client(
+        client: Client, http: httpx.Client, settings: Settings, role: str) -> None:
+    from datetime import UTC, datetime
+
+    from adapters.tokens import TokenIssuer
+
+    issuer = TokenIssuer(settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience, 3600)
+    staff = {"Authorization": f"Bearer {issuer.issue(uuid.UUID(client.user_id), datetime.now(UTC), role=role)}"}
+    for method, path in (("GET", "/me"), ("GET", "/jobs"), ("GET", "/rules"), ("POST", "/jobs")):
+        r = http.request(method, path, headers=staff, json={"preset": "interior", "item_count": 1})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "AUTH_INVALID", (role, path, r.text)
+    assert client.data("GET", "/me")["active_jobs"] == 0
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(data=st.data())
 def test_mutated_tokens_are_refused(api_url: str, settings: Settings, data: st.DataObject) -> None:
@@ -269,6 +284,9 @@ def test_presigned_urls_expire_within_15_minutes_and_stay_in_the_callers_prefix(
     for slot in created["upload"]:
         url = urlsplit(slot["url"])
         assert int(parse_qs(url.query)["X-Amz-Expires"][0]) <= 900
+        # The type is signed: a PUT of anything but a JPEG's content type is refused by the store.
+        assert slot["content_type"] == "image/jpeg"
+        assert "content-type" in parse_qs(url.query)["X-Amz-SignedHeaders"][0].split(";")
         key = url.path.split("/", 2)[2]
         assert key == slot["key"] and key.startswith(f"inputs/{uploader.user_id}/{job_id}/")
     # A result pointing outside the job's own prefix is refused; a proper one gets a 15-min GET.

@@ -24,8 +24,12 @@ from tests.waiting import wait_until
 BIG = 8 << 20  # /big answers this many bytes
 
 
+SERVED: list[str] = []  # the paths of the requests echo_app was given, in order
+
+
 async def echo_app(scope: Any, receive: Any, send: Any) -> None:
     assert scope["type"] == "http"
+    SERVED.append(scope["path"])
     size = 0
     while True:
         message = await receive()
@@ -108,6 +112,28 @@ def test_a_body_and_the_next_request_do_not_count_towards_the_head(server: int) 
     assert answer.count(b"HTTP/1.1 200 ") == 3 and b"431" not in answer, answer[:300]
 
 
+def test_a_body_over_the_head_limit_is_not_counted_while_it_is_still_arriving(server: int) -> None:
+    """The body's bytes are the app's to bound: a request whose first 100 KB of body has come and
+    whose rest has not is no 431."""
+    body = b"b" * 200_000
+    with socket.create_connection(("127.0.0.1", server), timeout=5) as conn:
+        conn.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body) + body[:100_000])
+        conn.settimeout(1.0)
+        with pytest.raises(TimeoutError):  # no answer to half a request: the server waits for the rest
+            conn.recv(100)
+        conn.settimeout(5)
+        conn.sendall(body[100_000:])
+        assert conn.recv(100).startswith(b"HTTP/1.1 200 ")
+
+
+def test_each_request_on_a_kept_alive_connection_has_a_head_limit_of_its_own(server: int) -> None:
+    headers = b"".join(b"x-pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(40))  # 40 KB: within
+    request = b"GET / HTTP/1.1\r\nhost: x\r\n" + headers + b"\r\n"
+    last = b"GET / HTTP/1.1\r\nhost: x\r\n" + headers + b"connection: close\r\n\r\n"
+    answer = exchange(server, request, request, last)  # 120 KB of heads in all
+    assert answer.count(b"HTTP/1.1 200 ") == 3 and b"431" not in answer, answer[:300]
+
+
 def test_trailers_count_as_the_head_does(server: int) -> None:
     pad = b"".join(b"x-t-%d: %s\r\n" % (i, b"a" * 1000) for i in range(80))  # ~80 KB of trailer fields
     answer = exchange(server, b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n", pad)
@@ -126,6 +152,17 @@ def test_a_request_that_does_not_arrive_whole_in_time_is_cut_off(
     monkeypatch.setattr(http_limits, "REQUEST_TIMEOUT_S", 0.3)
     with socket.create_connection(("127.0.0.1", server), timeout=5) as conn:
         conn.sendall(sent)  # and nothing more
+        assert conn.recv(100) == b""  # closed by the server (a recv timing out would raise)
+
+
+def test_a_request_cut_short_on_a_kept_alive_connection_is_cut_off_too(
+    server: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http_limits, "REQUEST_TIMEOUT_S", 0.3)
+    with socket.create_connection(("127.0.0.1", server), timeout=5) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert conn.recv(1000).startswith(b"HTTP/1.1 200 ")
+        conn.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n")  # and nothing more
         assert conn.recv(100) == b""  # closed by the server (a recv timing out would raise)
 
 
@@ -198,6 +235,15 @@ def test_at_the_limit_the_connection_idle_longest_makes_room() -> None:
         assert all(answered(c).startswith(b"HTTP/1.1 200 ") for c in (conns[0], conns[2], newcomer))
 
 
+def test_at_the_limit_a_connection_silent_since_it_opened_makes_room_as_an_idle_one_does() -> None:
+    with serving(limited(total=2, per_peer=0)) as (port, srv), contextlib.ExitStack() as held:
+        silent = [held.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5)) for _ in range(2)]
+        wait_until(lambda: len(srv.server_state.connections) >= 2, 10, "the server to accept the two")
+        newcomer = held.enter_context(kept_alive(port))  # served, not a 503
+        assert answered(silent[0]) == b""  # the one silent the longest, closed for the newcomer
+        assert answered(newcomer).startswith(b"HTTP/1.1 200 ")
+
+
 def test_at_the_limit_with_none_idle_a_new_connection_is_refused() -> None:
     with serving(limited(total=3, per_peer=0)) as (port, srv), contextlib.ExitStack() as held:
         busy = [held.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5)) for _ in range(3)]
@@ -209,6 +255,41 @@ def test_at_the_limit_with_none_idle_a_new_connection_is_refused() -> None:
         for conn in busy:  # each finished whole, none closed for the refused one
             conn.sendall(b"\r\n")
             assert conn.recv(1000).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_refused_connection_takes_no_place_from_the_next_while_it_lingers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_limits, "REFUSED_LINGER_S", 5.0)
+    with serving(limited(total=3, per_peer=0)) as (port, srv), contextlib.ExitStack() as held:
+        busy = [held.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5)) for _ in range(3)]
+        for conn in busy:
+            conn.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n")  # a request under way
+        wait_until(lambda: len(srv.server_state.connections) >= 3 and not srv.server_state.palette_bounds.idle,
+                   10, "the server to read the three requests")
+        turned_away = held.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
+        assert refused(turned_away.recv(1000))  # and its client keeps it open: the server lingers on it
+        busy[0].sendall(b"\r\n")
+        assert busy[0].recv(1000).startswith(b"HTTP/1.1 200 ")
+        wait_until(lambda: bool(srv.server_state.palette_bounds.idle), 10, "the answered connection idle")
+        newcomer = held.enter_context(kept_alive(port))  # room made by the idle one alone
+        assert answered(busy[0]) == b"" and answered(newcomer).startswith(b"HTTP/1.1 200 ")
+
+
+def test_the_request_a_refused_connection_sends_never_reaches_the_app() -> None:
+    with serving(limited(total=100, per_peer=1)) as (port, _), kept_alive(port):
+        answer = exchange(port, b"GET /refused HTTP/1.1\r\nhost: x\r\n\r\n")  # read until the server closes
+    assert refused(answer) and answer.count(b"HTTP/1.1 ") == 1
+    assert "/refused" not in SERVED
+
+
+def test_refused_connections_that_lingered_and_closed_leave_room_for_more_to_linger() -> None:
+    """At most LINGERING_MAX refused connections linger at once, counted out as they close: a
+    count only ever growing would, after so many refusals in the process's life, close every
+    refused connection at once (its 503 lost to a reset when its client had sent a request)."""
+    with serving(limited(total=100, per_peer=1)) as (port, srv), kept_alive(port):
+        for _ in range(3):
+            assert refused(exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"))
+        wait_until(lambda: srv.server_state.palette_bounds.lingering == 0, 10, "the refused connections counted out")
+        assert srv.server_state.palette_bounds.refused == 3
 
 
 def test_the_connection_limit_follows_the_descriptors() -> None:
@@ -273,6 +354,25 @@ def test_a_client_that_reads_nothing_of_its_answer_is_disconnected_and_one_readi
                        10, "the stalled connection dropped")
         assert srv.server_state.palette_bounds.stalled == 1
     assert any("1 stalled answers cut" in r.getMessage() for r in caplog.records)
+
+
+def test_a_client_that_read_its_large_answer_whole_stays_connected_however_long_it_then_idles(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stall watch ends when the client catches up; it does not go on timing a kept-alive
+    connection that has nothing left to read."""
+    monkeypatch.setattr(http_limits, "WRITE_STALL_S", 0.3)
+    with serving(http_limits.BoundedHttpToolsProtocol) as (server, srv), \
+            socket.create_connection(("127.0.0.1", server), timeout=5) as conn:
+        conn.sendall(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+        got = b""
+        while b"\r\n\r\n" not in got or len(got) < got.index(b"\r\n\r\n") + 4 + BIG:
+            chunk = conn.recv(1 << 20)
+            assert chunk, f"disconnected after {len(got)} bytes"
+            got += chunk
+        threading.Event().wait(1.0)  # idle past three stall periods, as a kept-alive client may be
+        assert answered(conn).startswith(b"HTTP/1.1 200 ")
+        assert srv.server_state.palette_bounds.stalled == 0
 
 
 def test_an_upgrade_request_is_plain_http_and_gives_its_connection_back() -> None:

@@ -5,9 +5,11 @@ recent writes a read waits for."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 from uuid import uuid4
@@ -17,10 +19,11 @@ import pytest
 from pydantic import ValidationError
 
 from adapters.api.consistency import STREAMS_PER_USER, LastWrites
-from adapters.api.held_responses import StreamSlots
+from adapters.api.envelope import STATUS_BY_CODE, fail
+from adapters.api.held_responses import SlotStream, StreamSlots
 from adapters.api.rate_limit import RateLimited
-from adapters.api.routes_users import CachedCheck
-from adapters.api.schemas import CallbackCreate, JobCreate
+from adapters.api.routes_users import CachedCheck, health, readyz
+from adapters.api.schemas import AnonCreate, CallbackCreate, JobCreate, JobExecute, RuleCreate, RuleUpdate
 from adapters.s3_signing import GetUrls
 from adapters.settings import Settings
 from domain.contracts.callback import sign_callback, verify_callback
@@ -101,6 +104,78 @@ def test_a_check_that_raises_reads_as_failing() -> None:
     assert asyncio.run(CachedCheck(boom)()) is False
 
 
+def test_a_failing_dependency_reads_as_failing_for_as_long_as_its_answer_is_cached() -> None:
+    answers = iter([False, True])
+    clock = Clock()
+    check = CachedCheck(lambda: next(answers), ttl_s=1.0, timeout_s=5.0, clock=clock)
+    assert asyncio.run(check()) is False
+    clock.now = 0.9
+    assert asyncio.run(check()) is False  # the cached answer, whatever it is
+    clock.now = 1.1
+    assert asyncio.run(check()) is True
+
+
+def test_a_hung_dependency_is_answered_at_once_as_failing_until_its_cached_answer_ages() -> None:
+    """Callers after the first timed-out one are told "failing" from the cache, not held the
+    timeout again each (a flood of /health during an outage would each wait HEALTH_TIMEOUT_S)."""
+    release = threading.Event()
+    clock = Clock()
+    check = CachedCheck(lambda: release.wait(10), ttl_s=1.0, timeout_s=0.05, clock=clock)
+
+    async def scenario() -> tuple[bool, bool]:
+        first = await check()
+        check.timeout_s = 30.0  # a caller held on the running check would now wait past the deadline below
+        clock.now = 0.5
+        try:
+            async with asyncio.timeout(2.0):
+                second = await check()
+        finally:
+            release.set()
+        return first, second
+
+    assert asyncio.run(scenario()) == (False, False)
+
+
+def _with_checks(**good: bool) -> Any:
+    """A request whose app holds these dependency checks (what /health and /readyz make once)."""
+    def check(answer: bool) -> Any:
+        async def call() -> bool:
+            return answer
+        return call
+    state = SimpleNamespace(health_checks={name: check(answer) for name, answer in good.items()})
+    return SimpleNamespace(app=SimpleNamespace(state=state))
+
+
+def test_health_and_readiness_name_a_failing_dependency_whichever_it_is() -> None:
+    for failing in ("postgres", "broker", "s3"):
+        request = _with_checks(**{name: name != failing for name in ("postgres", "broker", "s3")})
+        shown = json.loads(asyncio.run(health(None, request)).body)["data"]
+        assert shown == {"status": "degraded", "dependencies": {
+            name: "failing" if name == failing else "ok" for name in ("postgres", "broker", "s3")}}
+        ready = asyncio.run(readyz(None, request))
+        assert ready.status_code == 503 and json.loads(ready.body) == {"status": "not ready", "failing": [failing]}
+    request = _with_checks(postgres=True, broker=True, s3=True)
+    assert json.loads(asyncio.run(health(None, request)).body)["data"]["status"] == "ok"
+    assert asyncio.run(readyz(None, request)).status_code == 200
+
+
+def test_me_of_a_user_erased_before_this_process_refused_the_token_is_an_invalid_token() -> None:
+    """Another API process erased the user a moment ago: the token is refused here once the
+    tombstones are read again; meanwhile /me must not answer 404 as if the route were gone."""
+    from adapters.api.envelope import ApiError
+    from adapters.api.routes_users import me
+    from domain.errors import NotFound
+
+    async def get_user_async(user_id: Any) -> Any:
+        raise NotFound("user not found")
+
+    service = SimpleNamespace(get_user_async=get_user_async)
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(container=SimpleNamespace(service=service))))
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(me(uuid4(), request))
+    assert refused.value.code == "AUTH_INVALID" and STATUS_BY_CODE[refused.value.code] == 401
+
+
 # -- event stream slots -------------------------------------------------------------------------
 def test_stream_slots_cap_each_user_and_come_back_once() -> None:
     slots = StreamSlots(per_user=2)
@@ -149,6 +224,40 @@ def test_stream_slots_cap_each_client_address_whatever_its_users() -> None:
     assert slots.open_streams(users[0]) == 0 and slots.open_streams("198.51.100.7") == 1
 
 
+def test_slots_given_back_leave_no_trace_of_their_users_or_addresses() -> None:
+    """The counts are kept for users and addresses with a stream open only: a process serving
+    a million users in turn holds no entry for each."""
+    slots = StreamSlots(per_user=2, total=10, per_address=3)
+    for i in range(1000):
+        slots.take(uuid4(), f"198.51.100.{i % 250}")()
+    assert slots._open == {}
+
+
+def test_a_stream_that_fails_midway_gives_its_slot_back() -> None:
+    """A replay or an event stream whose read fails (the event store gone): the slot comes back
+    all the same, else its user would be refused streams for the life of the process."""
+    slots, user = StreamSlots(per_user=1), uuid4()
+
+    async def events() -> Any:
+        yield b"id: 1\n\n"
+        raise RuntimeError("the event store went away")
+
+    async def scenario() -> None:
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()  # the client never goes
+            return {}
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        await SlotStream(events(), slots.take(user))({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
+
+    with pytest.raises(Exception, match="went away"):
+        asyncio.run(scenario())
+    assert slots.open_streams(user) == 0
+    slots.take(user)
+
+
 # -- callback auth ------------------------------------------------------------------------------
 SECRET = "s" * 48
 
@@ -180,6 +289,89 @@ def test_a_count_of_another_json_type_is_refused_not_read_as_a_number(count: str
     assert CallbackCreate.model_validate_json('{"idx": 3, "status": "done", "idempotency_key": "k"}').idx == 3
 
 
+# -- bounds on what a client sends -----------------------------------------------------------------
+def _concepts(n: int, name_len: int = 4, value_len: int = 4) -> dict[str, dict[str, str]]:
+    return {f"{i:0{name_len}d}": {"action": "tone", "value": "v" * value_len} for i in range(n)}
+
+
+def _names(n: int, length: int = 4) -> list[str]:
+    return [f"{i:0{length}d}" for i in range(n)]
+
+
+RULE = {"name": "r", "preset_id": "interior", "concepts": _concepts(1)}
+CALLBACK = {"idx": 0, "status": "done", "idempotency_key": "k"}
+# Each body at its documented bound (accepted), then one past it (refused): the README's limits.
+BOUNDED: list[tuple[type, dict[str, Any], dict[str, Any]]] = [
+    (RuleCreate, {**RULE, "concepts": _concepts(32)}, {**RULE, "concepts": _concepts(33)}),
+    (RuleCreate, {**RULE, "protect": _names(32)}, {**RULE, "protect": _names(33)}),
+    (RuleCreate, {**RULE, "name": "n" * 80}, {**RULE, "name": "n" * 81}),
+    (RuleCreate, {**RULE, "preset_id": "p" * 32}, {**RULE, "preset_id": "p" * 33}),
+    (RuleCreate, {**RULE, "concepts": _concepts(1, name_len=64)}, {**RULE, "concepts": _concepts(1, name_len=65)}),
+    (RuleCreate, {**RULE, "concepts": _concepts(1, value_len=32)}, {**RULE, "concepts": _concepts(1, value_len=33)}),
+    (RuleUpdate, {"name": "r", "concepts": _concepts(32)}, {"name": "r", "concepts": _concepts(33)}),
+    (JobExecute, {"concepts": _concepts(32)}, {"concepts": _concepts(33)}),
+    (JobExecute, {"protect": _names(32)}, {"protect": _names(33)}),
+    (JobExecute, {"protect": _names(1, 64)}, {"protect": _names(1, 65)}),
+    (JobCreate, {"preset": "p" * 32, "item_count": 200}, {"preset": "p" * 33, "item_count": 1}),
+    (JobCreate, {"preset": "interior", "item_count": 200}, {"preset": "interior", "item_count": 201}),
+    (CallbackCreate, {**CALLBACK, "idx": 199}, {**CALLBACK, "idx": 200}),
+    (CallbackCreate, {**CALLBACK, "idempotency_key": "k" * 120}, {**CALLBACK, "idempotency_key": "k" * 121}),
+    (CallbackCreate, {**CALLBACK, "error": "e" * 2000}, {**CALLBACK, "error": "e" * 2001}),
+    (CallbackCreate, {**CALLBACK, "output_key": "o" * 300}, {**CALLBACK, "output_key": "o" * 301}),
+    (AnonCreate, {"device_hash": "d" * 200}, {"device_hash": "d" * 201}),
+    (AnonCreate, {"device_hash": "device-0:a.b_c"}, {"device_hash": "device 0/../a"}),
+]
+
+
+@pytest.mark.parametrize(("model", "at_bound", "past_bound"), BOUNDED,
+                         ids=[f"{m.__name__}-{i}" for i, (m, _, _) in enumerate(BOUNDED)])
+def test_every_count_and_length_a_client_sends_is_bounded(model: type, at_bound: dict[str, Any],
+                                                          past_bound: dict[str, Any]) -> None:
+    model.model_validate(at_bound)
+    with pytest.raises(ValidationError):
+        model.model_validate(past_bound)
+
+
+@pytest.mark.parametrize(("model", "body"), [(RuleCreate, RULE), (JobCreate, {"preset": "interior", "item_count": 1}),
+                                             (JobExecute, {}), (CallbackCreate, CALLBACK),
+                                             (AnonCreate, {"device_hash": "device-01"})])
+def test_a_field_no_request_has_is_refused_not_ignored(model: type, body: dict[str, Any]) -> None:
+    model.model_validate(body)
+    with pytest.raises(ValidationError, match="extra"):
+        model.model_validate({**body, "user_id": "someone else's"})
+
+
+@pytest.mark.parametrize("text", ["a\x00b", "\ud800", "a\x1bb", "\ufffe"])
+def test_text_postgresql_cannot_store_is_refused_in_concept_names_and_values(text: str) -> None:
+    with pytest.raises(ValidationError):
+        JobExecute.model_validate({"concepts": {text: {"action": "remove"}}})
+    with pytest.raises(ValidationError):
+        JobExecute.model_validate({"concepts": {"wall": {"action": "tone", "value": text}}})
+    with pytest.raises(ValidationError):
+        JobExecute.model_validate({"protect": [text]})
+
+
+# -- error codes ----------------------------------------------------------------------------------
+def test_every_error_the_domain_raises_has_its_own_status_and_an_unknown_code_is_a_client_error() -> None:
+    import application.services
+    import domain.errors
+
+    def subclasses(cls: type) -> list[type]:
+        return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
+
+    assert application.services  # its errors (InputsMissing, InputsTooLarge...) are subclasses too
+    codes = {e.code for e in subclasses(domain.errors.DomainError)} - {"DOMAIN_ERROR"}
+    assert codes and codes <= set(STATUS_BY_CODE), codes - set(STATUS_BY_CODE)
+    refused = fail("A_CODE_NO_TABLE_HAS", "x")
+    assert refused.status_code == 400 and json.loads(refused.body)["error"]["code"] == "A_CODE_NO_TABLE_HAS"
+
+
+def test_an_error_message_goes_out_readable_and_short_whatever_input_it_quotes() -> None:
+    refused = fail("VALIDATION_FAILED", "name: " + "\ud800\x00\x1b" + "x" * 10_000)
+    message = json.loads(refused.body)["error"]["message"]
+    assert message.startswith("name: ") and message.isprintable() and len(message) <= 600
+
+
 # -- read-your-writes: the recent writes a read waits for ------------------------------------------
 def test_a_users_recent_writes_keep_each_streams_highest_version_and_only_the_newest_streams() -> None:
     writes, user, first = LastWrites(), uuid4(), uuid4()
@@ -191,6 +383,18 @@ def test_a_users_recent_writes_keep_each_streams_highest_version_and_only_the_ne
     for stream in newer:
         writes.record(user, "jobs_log", stream, 1)
     assert writes.recent(user, "jobs_log") == dict.fromkeys(newer, 1)
+
+
+def test_a_stream_written_again_is_among_the_newest_and_outlives_those_written_since_before() -> None:
+    writes, user, again = LastWrites(), uuid4(), uuid4()
+    writes.record(user, "jobs_log", again, 1)
+    others = [uuid4() for _ in range(STREAMS_PER_USER)]
+    for stream in others[:-1]:
+        writes.record(user, "jobs_log", stream, 1)
+    writes.record(user, "jobs_log", again, 2)  # its newest write: the one a read must wait for
+    writes.record(user, "jobs_log", others[-1], 1)
+    recent = writes.recent(user, "jobs_log")
+    assert recent[again] == 2 and others[0] not in recent and len(recent) == STREAMS_PER_USER
 
 
 def test_the_user_forgotten_first_is_the_one_who_wrote_least_recently() -> None:

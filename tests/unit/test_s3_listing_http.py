@@ -191,6 +191,12 @@ def test_a_content_length_answer_is_read_whole_and_its_connection_serves_the_nex
     assert request.query["X-Amz-SignedHeaders"] == "host" and len(request.query["X-Amz-Signature"]) == 64
 
 
+def test_an_informational_answer_before_the_answer_is_passed_over(serve: Serve, run: Run) -> None:
+    server = serve(lambda r: b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n" + answer(page(KEYS)))
+    assert run(twice(listing_of(server))) == [set(KEYS), set(KEYS)]
+    assert server.connections == 1
+
+
 def test_connection_close_is_honoured(serve: Serve, run: Run) -> None:
     server = serve(lambda r: answer(page(KEYS), "200 OK", "Connection: close"))  # and keeps it open
     assert run(twice(listing_of(server))) == [set(KEYS), set(KEYS)]
@@ -224,6 +230,22 @@ def test_a_stale_connection_is_retried_once_only(serve: Serve, run: Run) -> None
     with pytest.raises(ListingFailed):
         run(twice(listing_of(server)))
     assert server.connections == 2 and [r.conn for r in server.requests] == [0, 0, 1]
+
+
+def test_a_kept_connection_cut_in_the_middle_of_its_answer_fails_and_is_not_taken_for_stale(
+        serve: Serve, run: Run) -> None:
+    """A stale connection answers nothing; one that began an answer did read the request."""
+    server = serve(lambda r: Last(b"HTTP/1.1 200 OK\r\nContent-Le") if (r.conn, len(server.requests)) == (0, 2)
+                   else answer(page(KEYS)))
+    with pytest.raises(ListingFailed, match="IncompleteReadError"):
+        run(twice(listing_of(server)))
+    assert server.connections == 1 and [r.conn for r in server.requests] == [0, 0]
+
+
+def test_an_answer_without_a_body_is_not_waited_on_past_its_head(serve: Serve, run: Run) -> None:
+    server = serve(lambda r: b"HTTP/1.1 204 No Content\r\n\r\n")  # and the connection stays open
+    with pytest.raises(ListingFailed, match="answered 204"):
+        run(listing_of(server, timeout_s=5).keys("in/"))
 
 
 def test_a_new_connection_closed_unanswered_fails(serve: Serve, run: Run) -> None:
@@ -280,6 +302,13 @@ def test_an_oversized_answer_is_refused(serve: Serve, run: Run, framing: str) ->
     assert run(listing_of(server, max_answer_bytes=2 * len(big)).keys("in/")) == {f"in/{i:06}" for i in range(2000)}
 
 
+def test_trailer_fields_without_end_are_refused_as_an_oversized_answer(serve: Serve, run: Run) -> None:
+    endless = b"".join(b"X-Trailer-%d: %s\r\n" % (i, b"t" * 40) for i in range(2000))  # ~110 KB, each line short
+    server = serve(lambda r: chunked(page(KEYS), trailer=endless))
+    with pytest.raises(ListingFailed, match="over 65536 bytes"):
+        run(listing_of(server, max_answer_bytes=64 * 1024).keys("in/"))
+
+
 def test_an_s3_error_names_its_status_and_code_and_never_the_credentials(serve: Serve, run: Run) -> None:
     body = b"<?xml version='1.0'?><Error><Code>AccessDenied</Code><Message>Access Denied.</Message></Error>"
     server = serve(lambda r: answer(body, "403 Forbidden"))
@@ -298,13 +327,15 @@ def test_an_error_without_an_s3_body_names_its_status(serve: Serve, run: Run) ->
     assert (failed.value.status, failed.value.code) == (502, None)
 
 
-def test_a_store_refusing_once_with_a_5xx_is_asked_again_and_twice_fails(serve: Serve, run: Run) -> None:
-    slow_down = b"<Error><Code>SlowDown</Code></Error>"
-    once = serve(lambda r: answer(slow_down, "503 Slow Down") if len(once.requests) == 1 else answer(page(KEYS)))
+@pytest.mark.parametrize(("status", "code"), [("503 Slow Down", "SlowDown"), ("500 Internal Error", "InternalError")])
+def test_a_store_refusing_once_with_a_5xx_is_asked_again_and_twice_fails(
+        serve: Serve, run: Run, status: str, code: str) -> None:
+    refusal = f"<Error><Code>{code}</Code></Error>".encode()
+    once = serve(lambda r: answer(refusal, status) if len(once.requests) == 1 else answer(page(KEYS)))
     assert run(listing_of(once).keys("in/")) == set(KEYS)
     assert len(once.requests) == 2
-    always = serve(lambda r: answer(slow_down, "503 Slow Down"))
-    with pytest.raises(ListingFailed, match="503 SlowDown"):
+    always = serve(lambda r: answer(refusal, status))
+    with pytest.raises(ListingFailed, match=f"{status[:3]} {code}"):
         run(listing_of(always).keys("in/"))
     assert len(always.requests) == 2
 
@@ -334,9 +365,23 @@ def test_at_most_max_connections_requests_are_in_flight_on_a_loop(serve: Serve, 
     assert server.connections == 2 and len(server.requests) == 6
 
 
-def test_an_answer_that_is_not_http_fails(serve: Serve, run: Run) -> None:
-    server = serve(lambda r: b"SSH-2.0-OpenSSH\r\n\r\n")
+@pytest.mark.parametrize("status_line", [b"SSH-2.0-OpenSSH", b"ICY 200 OK", b"HTTP/2.0 200 OK"])
+def test_an_answer_that_is_not_http_fails(serve: Serve, run: Run, status_line: bytes) -> None:
+    body = page(KEYS)
+    server = serve(lambda r: status_line + b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     with pytest.raises(ListingFailed, match="HTTP"):
+        run(listing_of(server).keys("in/"))
+
+
+def test_a_200_that_is_not_a_listing_fails_instead_of_reading_as_no_keys(serve: Serve, run: Run) -> None:
+    server = serve(lambda r: answer(b"<?xml version='1.0'?><Error><Code>InternalError</Code></Error>"))
+    with pytest.raises(ListingFailed, match="other than a ListBucketResult"):
+        run(listing_of(server).keys("in/"))
+
+
+def test_a_chunk_not_followed_by_its_crlf_fails(serve: Serve, run: Run) -> None:
+    server = serve(lambda r: Last(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n<a>XY0\r\n\r\n"))
+    with pytest.raises(ListingFailed, match="without its CRLF"):
         run(listing_of(server).keys("in/"))
 
 
@@ -354,11 +399,29 @@ def test_a_truncated_listing_goes_on_with_its_continuation_token(serve: Serve, r
     assert server.connections == 1
 
 
+def test_a_truncated_page_without_its_continuation_token_fails_instead_of_passing_for_the_last(
+        serve: Serve, run: Run) -> None:
+    """Read as the last page, it would leave out every key after it: an upload that is there
+    would be missing."""
+    tokenless = page(KEYS, token="t").replace(b"<NextContinuationToken>t</NextContinuationToken>", b"")
+    server = serve(lambda r: answer(tokenless))
+    with pytest.raises(ListingFailed, match="without a continuation token"):
+        run(listing_of(server).keys("in/"))
+
+
 def test_a_store_that_repeats_its_continuation_token_fails_instead_of_looping(serve: Serve, run: Run) -> None:
     server = serve(lambda r: answer(page(KEYS, token="again")))
     with pytest.raises(ListingFailed, match="same continuation token"):
         run(listing_of(server).keys("in/"))
     assert [r.query.get("continuation-token") for r in server.requests] == [None, "again"]
+
+
+@pytest.mark.parametrize("max_keys", [0, -1, 1001, 10**6])
+def test_a_page_size_s3_does_not_serve_is_refused_when_the_listing_is_made(max_keys: int) -> None:
+    with pytest.raises(ValueError, match="max_keys"):
+        S3Listing("http://127.0.0.1:8333", "us-east-1", "AKID", SECRET, "b", max_keys=max_keys)
+    for bound in (1, 1000):
+        assert S3Listing("http://127.0.0.1:8333", "us-east-1", "AKID", SECRET, "b", max_keys=bound).max_keys == bound
 
 
 def test_sizes_of_lists_the_common_prefix_once_and_leaves_the_absent_keys_out(serve: Serve, run: Run) -> None:
