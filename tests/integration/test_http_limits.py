@@ -6,6 +6,7 @@ client address and in all, where the one idle longest makes room for a new one."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -25,11 +26,14 @@ BIG = 8 << 20  # /big answers this many bytes
 
 
 SERVED: list[str] = []  # the paths of the requests echo_app was given, in order
+RELEASE = threading.Event()  # what /hold waits for
 
 
 async def echo_app(scope: Any, receive: Any, send: Any) -> None:
     assert scope["type"] == "http"
     SERVED.append(scope["path"])
+    while scope["path"] == "/hold" and not RELEASE.is_set():  # answered once the test lets it
+        await asyncio.sleep(0.01)
     size = 0
     while True:
         message = await receive()
@@ -132,6 +136,29 @@ def test_each_request_on_a_kept_alive_connection_has_a_head_limit_of_its_own(ser
     last = b"GET / HTTP/1.1\r\nhost: x\r\n" + headers + b"connection: close\r\n\r\n"
     answer = exchange(server, request, request, last)  # 120 KB of heads in all
     assert answer.count(b"HTTP/1.1 200 ") == 3 and b"431" not in answer, answer[:300]
+
+
+def test_a_connection_pipelining_more_requests_than_the_bound_is_closed_before_they_pile_up(server: int) -> None:
+    """uvicorn queues every request a read holds behind the one in flight: 270 KB of pipelined
+    GETs were ~10,000 requests waiting in one connection's memory (~23 MB), for as long as the
+    first took; 256 such connections a client address. Past MAX_PIPELINED waiting, the
+    connection is closed and what it queued is dropped unread by the app."""
+    RELEASE.clear()
+    try:
+        with socket.create_connection(("127.0.0.1", server), timeout=5) as conn:
+            conn.sendall(b"GET /hold HTTP/1.1\r\nhost: x\r\n\r\n")
+            wait_until(lambda: "/hold" in SERVED, 10, "the first request in the app")
+            conn.sendall(b"GET /piped HTTP/1.1\r\nhost: x\r\n\r\n" * 5000)
+            got = b""
+            with contextlib.suppress(ConnectionError):
+                while chunk := conn.recv(65536):  # closed by the server (a recv timing out would raise)
+                    got += chunk
+    finally:
+        RELEASE.set()
+    assert got == b"" and SERVED.count("/piped") == 0
+    few = b"GET /piped HTTP/1.1\r\nhost: x\r\n\r\n" * http_limits.MAX_PIPELINED
+    answer = exchange(server, few + b"GET /piped HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    assert answer.count(b"HTTP/1.1 200 ") == http_limits.MAX_PIPELINED + 1  # within the bound: all served
 
 
 def test_trailers_count_as_the_head_does(server: int) -> None:
