@@ -319,11 +319,12 @@ class Sweeper:
             if not isinstance(job, Job) or job.status not in UNSTARTED:
                 continue  # executed or canceled since the read model's row
             try:  # only if still unstarted when the command runs: it may be executed since the read
-                c.service.executor.execute(c.service.cancel_job_command(user_id, job_id, "retention",
-                                                                        unless_started=True))
+                canceled = c.service.executor.execute(c.service.cancel_job_command(
+                    user_id, job_id, "retention", unless_started=True)).value
             except DomainError as e:  # executed since, or its user erased meanwhile (the erasure deletes it)
                 log.info("job %s not canceled for retention: %s", job_id, e)
-            else:
+                continue
+            if canceled:  # else canceled since the read, by its user: a paid one keeps its objects
                 self._expire(user_id, job_id, days, report)
 
     def _late_uploads(self, settled: datetime) -> int:

@@ -527,15 +527,13 @@ class PaletteService:
     def cancel_job_command(self, user_id: UUID, job_id: UUID, reason: str = "user",
                            unless_started: bool = False) -> Command[bool]:
         """Cancel the caller's job (refunding what it did not spend); ``unless_started``: only a job
-        never executed (InvalidState once it was, as the job decides when the command runs)."""
+        never executed (``Job.cancel_unstarted``, decided as the command runs)."""
         at = self.clock.now()
 
         @touches(job_id, user_id)
         def command(uow: UnitOfWork) -> bool:
             job = self._own_job(uow, user_id, job_id)
-            if unless_started and job.status not in (JobStatus.CREATED, JobStatus.UPLOADED, JobStatus.CANCELED):
-                raise InvalidState(f"the job is {job.status} now: not canceled")
-            canceled = job.cancel(reason, at)
+            canceled = job.cancel_unstarted(reason, at) if unless_started else job.cancel(reason, at)
             if canceled:
                 self._user(uow, user_id).settle(job_id, job.done_items, at)
             return canceled

@@ -243,6 +243,14 @@ class Job(Stream):
         self.trigger_event(self.JobCanceled, reason=reason[:200], timestamp=at)
         return True
 
+    def cancel_unstarted(self, reason: str, at: datetime) -> bool:
+        """Cancel a job never executed (the retention sweep's cancel); True when this call
+        canceled it, False when it already was canceled; InvalidState when it is queued, running
+        or finished."""
+        if self.status not in (JobStatus.CREATED, JobStatus.UPLOADED, JobStatus.CANCELED):
+            raise InvalidState(f"the job is {self.status} now: not canceled")
+        return self.cancel(reason, at)
+
     def delete(self, at: datetime) -> bool:
         """Delete a terminal job; True when this call deleted it (False: it already was)."""
         if self.deleted:

@@ -24,7 +24,7 @@ from tests.integration.test_stack import wait_until
 
 from .conftest import Client
 from .test_data_lifecycle import _objects
-from .test_lifecycle import EDITS, create_uploaded_job, jpeg
+from .test_lifecycle import EDITS, callback, create_uploaded_job, jpeg
 from .test_staff_roles import staff_headers
 
 RULE_NAME = "Grandma's living room, 12 Rue des Lilas"
@@ -196,32 +196,42 @@ def test_a_running_job_whose_row_still_says_uploaded_keeps_its_photos_past_the_r
     assert any(job_id in k for k in _objects(settings, client.user_id))
 
 
-def test_a_job_executed_while_the_sweeper_decides_to_cancel_it_for_retention_keeps_running_and_its_photos(
-        client, settings, monkeypatch):
+@pytest.mark.parametrize("meanwhile", ["executed", "executed, an item done, canceled"])
+def test_a_job_started_while_the_sweeper_decides_to_cancel_it_for_retention_keeps_its_photos(
+        client, http, settings, monkeypatch, meanwhile):
     """The sweeper reads a job uploaded a retention period ago and never executed, then cancels
-    it; the client executes it in between. The cancel must find it started and leave it: a live
-    job is not canceled, nor its photos deleted under the GPU worker."""
-    job_id = create_uploaded_job(client, 1)
+    it; the client executes it in between (and may have an item done and cancel it: a paid job).
+    The sweep's cancel must find it started and leave it: a live job is not canceled, nor are a
+    live or paid job's photos deleted (nor its ObjectsExpired recorded before its time)."""
+    job_id = create_uploaded_job(client, 2)
     with _db(settings) as conn:
         wait_until(lambda: conn.execute("SELECT status FROM palette_read.jobs_log WHERE id = %s",
                                         [job_id]).fetchone() == ("uploaded",), what="the job folded as uploaded")
     sweeper = build_sweeper(settings)
     executor = sweeper.container.service.executor
-    read, executed = executor.read, []
+    read, started = executor.read, []
 
-    def read_then_executed(aggregate_id):  # type: ignore[no-untyped-def]
+    def read_then_started(aggregate_id):  # type: ignore[no-untyped-def]
         aggregate = read(aggregate_id)
-        if str(aggregate_id) == job_id and not executed:  # what the sweeper decides on, stale at once
-            executed.append(client.data("POST", f"/jobs/{job_id}/execute", json={"concepts": EDITS}))
+        if str(aggregate_id) == job_id and not started:  # what the sweeper decides on, stale at once
+            started.append(client.data("POST", f"/jobs/{job_id}/execute", json={"concepts": EDITS}))
+            if meanwhile != "executed":
+                assert callback(http, settings.callback_secret, job_id, {
+                    "idx": 0, "status": "done", "idempotency_key": f"{job_id}:0"}).status_code == 200
+                client.data("POST", f"/jobs/{job_id}/cancel")
         return aggregate
 
-    monkeypatch.setattr(executor, "read", read_then_executed)
+    monkeypatch.setattr(executor, "read", read_then_started)
     try:
         sweeper.step(now=_ahead(settings.retention_days * 86400 + 3600))
     finally:
         sweeper.close()
-    assert executed and client.data("GET", f"/jobs/{job_id}")["status"] in ("queued", "running")
+    job = client.data("GET", f"/jobs/{job_id}")
+    assert started and job["status"] == ("queued" if meanwhile == "executed" else "canceled"), job
     assert any(job_id in k for k in _objects(settings, client.user_id))
+    with _db(settings) as conn:
+        assert conn.execute("SELECT count(*) FROM palette_events WHERE originator_id = %s AND topic LIKE %s",
+                            [job_id, "%.ObjectsExpired"]).fetchone() == (0,)
 
 
 def test_the_analysts_api_shows_an_erased_users_fields_as_erased(http, settings):

@@ -132,6 +132,37 @@ def test_finished_job_cannot_be_canceled(terminal):
     assert job.status == JobStatus(terminal)
 
 
+def _job_that_is(status: str) -> Job:
+    if status in ("done", "failed"):
+        job = job_in("queued", items=1)
+        job.record_result(0, status, "o", "p", "e", "k", AT)
+    elif status.startswith("canceled"):
+        job = job_in(status.split(" ", 1)[1])
+        job.cancel("user", AT)
+    else:
+        job = job_in(status)
+    job.collect_events()
+    return job
+
+
+@pytest.mark.parametrize(("status", "outcome"), [
+    ("created", True), ("uploaded", True), ("canceled created", False), ("canceled uploaded", False),
+    ("canceled running", False), ("queued", InvalidState), ("running", InvalidState), ("done", InvalidState),
+    ("failed", InvalidState)])
+def test_the_retention_sweeps_cancel_cancels_only_a_job_never_executed(status, outcome):
+    """Its True is the sweeper's leave to delete the job's objects: never for a job executed,
+    however it ended (one canceled by its user after an item was done is paid for)."""
+    job = _job_that_is(status)
+    before = job.status
+    if outcome is InvalidState:
+        with pytest.raises(InvalidState):
+            job.cancel_unstarted("retention", AT)
+        assert job.status == before and new_events(job) == []
+    else:
+        assert job.cancel_unstarted("retention", AT) is outcome
+        assert job.status == JobStatus.CANCELED and new_events(job) == (["JobCanceled"] if outcome else [])
+
+
 @pytest.mark.parametrize("count", [0, 201])
 def test_item_count_is_bounded(count):
     with pytest.raises(ValidationFailed):
