@@ -174,14 +174,19 @@ class Settings(BaseSettings):
     def _database_url(cls, v: str) -> str:
         """A URL libpq can read, refused here rather than by each process that connects, and
         refused without its text (it holds the password)."""
-        if v:
-            if urlsplit(v).scheme not in ("postgresql", "postgres"):
-                raise ValueError("must be a postgresql:// URL")
-            try:
-                conninfo_to_dict(v)
-            except psycopg.ProgrammingError:
-                raise ValueError("libpq cannot read this URL (percent-encode spaces and other "
-                                 "special characters in the user name and password)") from None
+        if not v:
+            return v
+        url = urlsplit(v)
+        if url.scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// URL")
+        try:
+            conninfo_to_dict(v)
+            url.port  # noqa: B018 - the event store reads it (a password's "/" cuts the netloc short)
+        except (psycopg.ProgrammingError, ValueError):
+            raise ValueError("cannot read this URL (percent-encode spaces, '/', '?', '#', '@' and "
+                             "other special characters in the user name and password)") from None
+        if "," in url.netloc:
+            raise ValueError("names several hosts: the event store connects to one")
         return v
 
     @field_validator("trace_trusted_peers")
@@ -291,7 +296,6 @@ def trusted_networks(spec: str) -> tuple[IPv4Network | IPv6Network, ...]:
 def _dev_secrets(data_dir: Path) -> dict[str, str]:
     """Development secrets, generated once into the data directory (mode 0600)."""
     path = data_dir / "secrets.json"
-    stored = _stored_secrets(path) if path.exists() else {}
     makers: dict[str, Callable[[], str]] = {
         "jwt_secret": lambda: secrets.token_urlsafe(48),
         "callback_secret": lambda: secrets.token_urlsafe(48),
@@ -300,6 +304,7 @@ def _dev_secrets(data_dir: Path) -> dict[str, str]:
         "pg_password": lambda: secrets.token_urlsafe(24),
         "device_key_secret": lambda: secrets.token_urlsafe(48),
     }
+    stored = _stored_secrets(path, set(makers)) if path.exists() else {}
     missing = {name: make() for name, make in makers.items() if name not in stored}
     if not missing:
         return stored
@@ -314,15 +319,19 @@ def _dev_secrets(data_dir: Path) -> dict[str, str]:
     return generated
 
 
-def _stored_secrets(path: Path) -> dict[str, str]:
-    """The secrets file's values; SettingsError naming it when it is not a JSON object of strings
-    (a hand edit: the file is written whole or not at all)."""
+def _stored_secrets(path: Path, names: set[str]) -> dict[str, str]:
+    """The secrets file's values; SettingsError naming it when it is not a JSON object of
+    ``names`` to non-empty strings (a hand edit: the file is written whole or not at all). Only
+    secrets: any other setting would be taken from it unvalidated."""
     try:
         stored = json.loads(path.read_text())
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: the position, never the text
         raise SettingsError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(stored, dict) or not all(isinstance(v, str) for v in stored.values()):
-        raise SettingsError(f"{path} must be a JSON object of secret names to strings")
+    if not isinstance(stored, dict) or not all(isinstance(v, str) and v for v in stored.values()):
+        raise SettingsError(f"{path} must be a JSON object of secret names to non-empty strings")
+    if unknown := sorted(set(stored) - names):
+        raise SettingsError(f"{path} holds {', '.join(map(repr, unknown))}, which are no secrets it keeps "
+                            f"(it keeps {', '.join(sorted(names))})")
     return stored
 
 
