@@ -12,7 +12,11 @@ armed only after a response). Here:
   its first byte on a kept-alive connection, else the connection is closed;
 - at most ``MAX_PIPELINED`` requests wait behind the one being answered (uvicorn queues every
   request one read holds: 270 KB of pipelined GETs were ~10,000 waiting, ~23 MB); one more and
-  the connection is dropped, what it queued unanswered;
+  the connection is dropped, what it queued unanswered; so is one whose pipelined request is
+  refused (head too large, bad request) while an answer is under way, which a 431 or a 400
+  would break into;
+- a lost connection is told to the answer under way, not only to the last request parsed
+  (uvicorn's), so a stream with requests pipelined behind it ends with its client;
 - an answer's client must keep reading: one that has accepted nothing for ``WRITE_STALL_S``
   while the answer waits (the transport's buffer full) is disconnected, and the stream behind the
   answer (a replay, a job's events) ends with it, its buffers given back;
@@ -138,6 +142,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._peer: str | None = None  # the address it counts against, once admitted
         self._lingers = False  # refused, and reading what its client sends before closing
         self._stall: asyncio.TimerHandle | None = None  # armed while the client reads nothing
+        self._answering: Any = None  # the request cycle the app answers now (self.cycle: the last parsed)
         if self._admitted():
             self._start_clock()  # a connection that sends nothing is closed too
 
@@ -182,15 +187,32 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._received = self._body = self._parsed = 0
 
     def send_400_response(self, msg: str) -> None:
+        if self._too_many or self._answering_another():  # no 400 written into another answer
+            self._drop()
+            return
         if self._too_large:  # HeadTooLarge stopped the parser: uvicorn took it for a bad request
             self._refuse()
             return
-        if self._too_many:  # no 400 in the middle of the answers under way: the connection goes
-            self._stop_clock()
-            self.pipeline.clear()
-            self.transport.abort()
-            return
         super().send_400_response(msg)
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._answering = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def _answer_under_way(self) -> bool:
+        return self._answering is not None and not self._answering.response_complete
+
+    def _answering_another(self) -> bool:
+        """An answer under way to a request received whole: what is refused now is a request
+        pipelined behind it."""
+        return self._answer_under_way() and not self._answering.more_body
+
+    def _drop(self) -> None:
+        """Abort the connection, what it queued unanswered: a refusal written now would land in
+        the middle of an answer under way."""
+        self._stop_clock()
+        self.pipeline.clear()
+        self.transport.abort()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -230,6 +252,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._stall = self.loop.call_later(WRITE_STALL_S, self._watch_stall, left)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._answer_under_way():  # uvicorn tells self.cycle, the last parsed: with requests
+            self._answering.disconnected = True  # pipelined behind it, the answer under way (a
+            self._answering.message_event.set()  # stream) would never learn its client left
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None
@@ -310,6 +335,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         LINGER_S."""
         self._stop_clock()
         if self._refused or self.transport.is_closing():
+            return
+        if self._answering_another():  # a pipelined request's head: no 431 inside that answer
+            self._drop()
             return
         self._refused = True
         self.transport.write(TOO_LARGE)

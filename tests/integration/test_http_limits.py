@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -29,9 +30,28 @@ SERVED: list[str] = []  # the paths of the requests echo_app was given, in order
 RELEASE = threading.Event()  # what /hold waits for
 
 
+STREAM_ENDS: list[str] = []  # how each /stream ended: "disconnect" or "ran out"
+
+
+async def stream(receive: Any, send: Any) -> None:
+    """A chunk every 50 ms for up to 30 s, until told its client left (as the job events do)."""
+    await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    for _ in range(600):
+        await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": True})
+        with contextlib.suppress(TimeoutError):
+            if (await asyncio.wait_for(receive(), 0.05))["type"] == "http.disconnect":
+                STREAM_ENDS.append("disconnect")
+                return
+    STREAM_ENDS.append("ran out")
+    await send({"type": "http.response.body", "body": b""})
+
+
 async def echo_app(scope: Any, receive: Any, send: Any) -> None:
     assert scope["type"] == "http"
     SERVED.append(scope["path"])
+    if scope["path"] == "/stream":
+        return await stream(receive, send)
     while scope["path"] == "/hold" and not RELEASE.is_set():  # answered once the test lets it
         await asyncio.sleep(0.01)
     size = 0
@@ -159,6 +179,45 @@ def test_a_connection_pipelining_more_requests_than_the_bound_is_closed_before_t
     few = b"GET /piped HTTP/1.1\r\nhost: x\r\n\r\n" * http_limits.MAX_PIPELINED
     answer = exchange(server, few + b"GET /piped HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
     assert answer.count(b"HTTP/1.1 200 ") == http_limits.MAX_PIPELINED + 1  # within the bound: all served
+
+
+def _streaming(port: int) -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+    conn.sendall(b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n")
+    got = b""
+    while b"data: x" not in got:
+        got += conn.recv(65536)
+    return conn
+
+
+def test_a_stream_with_a_request_pipelined_behind_it_ends_when_its_client_leaves(server: int) -> None:
+    """uvicorn tells a lost connection to the last request it parsed: the stream under way kept
+    sending into a closed connection (and a job's events stream polling the store) till its end."""
+    STREAM_ENDS.clear()
+    conn = _streaming(server)
+    conn.sendall(b"GET /piped HTTP/1.1\r\nhost: x\r\n\r\n")
+    wait_until(lambda: SERVED.count("/stream") == 1, 10, "the stream in the app")
+    conn.close()
+    wait_until(lambda: STREAM_ENDS == ["disconnect"], 10, "the stream told its client left")
+
+
+def test_a_pipelined_request_refused_during_a_stream_drops_the_connection_without_a_word_inside_the_stream(
+        server: int, caplog: pytest.LogCaptureFixture) -> None:
+    """A 431 (or a 400) for a request pipelined behind a stream was written into the stream's
+    chunks, and the stream's next write raised after the 431's EOF (a traceback in the log)."""
+    for refused in (b"GET /piped HTTP/1.1\r\nhost: x\r\nx-pad: " + b"a" * (http_limits.MAX_HEAD_BYTES + 1024),
+                    b"NOT HTTP AT ALL\r\n\r\n"):
+        STREAM_ENDS.clear()
+        conn = _streaming(server)
+        with conn:
+            conn.sendall(refused)
+            got = b""
+            with contextlib.suppress(ConnectionError):
+                while chunk := conn.recv(65536):  # till the server drops it
+                    got += chunk
+        assert b"HTTP/1.1 4" not in got
+        wait_until(lambda: STREAM_ENDS == ["disconnect"], 10, "the stream told its client left")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_trailers_count_as_the_head_does(server: int) -> None:
