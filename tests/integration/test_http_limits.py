@@ -330,13 +330,19 @@ def test_at_the_limit_a_connection_silent_since_it_opened_makes_room_as_an_idle_
         assert answered(newcomer).startswith(b"HTTP/1.1 200 ")
 
 
+def busy_connections(port: int, srv: uvicorn.Server, held: contextlib.ExitStack, n: int) -> list[socket.socket]:
+    """``n`` connections, each with a request under way (its head not finished), read by the server."""
+    busy = [held.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5)) for _ in range(n)]
+    for conn in busy:
+        conn.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n")
+    wait_until(lambda: len(srv.server_state.connections) >= n and not srv.server_state.palette_bounds.idle,
+               10, f"the server to read the {n} requests")
+    return busy
+
+
 def test_at_the_limit_with_none_idle_a_new_connection_is_refused() -> None:
     with serving(limited(total=3, per_peer=0)) as (port, srv), contextlib.ExitStack() as held:
-        busy = [held.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5)) for _ in range(3)]
-        for conn in busy:
-            conn.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n")  # a request under way
-        wait_until(lambda: len(srv.server_state.connections) >= 3 and not srv.server_state.palette_bounds.idle,
-                   10, "the server to read the three requests")
+        busy = busy_connections(port, srv, held, 3)
         assert refused(exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"))
         for conn in busy:  # each finished whole, none closed for the refused one
             conn.sendall(b"\r\n")
@@ -346,11 +352,7 @@ def test_at_the_limit_with_none_idle_a_new_connection_is_refused() -> None:
 def test_a_refused_connection_takes_no_place_from_the_next_while_it_lingers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(http_limits, "REFUSED_LINGER_S", 5.0)
     with serving(limited(total=3, per_peer=0)) as (port, srv), contextlib.ExitStack() as held:
-        busy = [held.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5)) for _ in range(3)]
-        for conn in busy:
-            conn.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n")  # a request under way
-        wait_until(lambda: len(srv.server_state.connections) >= 3 and not srv.server_state.palette_bounds.idle,
-                   10, "the server to read the three requests")
+        busy = busy_connections(port, srv, held, 3)
         turned_away = held.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
         assert refused(turned_away.recv(1000))  # and its client keeps it open: the server lingers on it
         busy[0].sendall(b"\r\n")
