@@ -176,7 +176,11 @@ class Settings(BaseSettings):
         refused without its text (it holds the password)."""
         if not v:
             return v
-        url = urlsplit(v)
+        try:
+            url = urlsplit(v)  # its ValueError may quote the netloc (NFKC), password included
+        except ValueError:
+            raise ValueError("cannot read this URL (percent-encode special characters in the user "
+                             "name and password)") from None
         if url.scheme not in ("postgresql", "postgres"):
             raise ValueError("must be a postgresql:// URL")
         try:
@@ -185,7 +189,7 @@ class Settings(BaseSettings):
         except (psycopg.ProgrammingError, ValueError):
             raise ValueError("cannot read this URL (percent-encode spaces, '/', '?', '#', '@' and "
                              "other special characters in the user name and password)") from None
-        if "," in url.netloc:
+        if "," in url.netloc.rpartition("@")[2]:  # the hosts, not a password's ","
             raise ValueError("names several hosts: the event store connects to one")
         return v
 
@@ -329,8 +333,8 @@ def _stored_secrets(path: Path, names: set[str]) -> dict[str, str]:
         raise SettingsError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(stored, dict) or not all(isinstance(v, str) and v for v in stored.values()):
         raise SettingsError(f"{path} must be a JSON object of secret names to non-empty strings")
-    if unknown := sorted(set(stored) - names):
-        raise SettingsError(f"{path} holds {', '.join(map(repr, unknown))}, which are no secrets it keeps "
+    if unknown := set(stored) - names:  # counted, not named: a value pasted for a name is a secret
+        raise SettingsError(f"{path} holds {len(unknown)} name(s) that are no secrets it keeps "
                             f"(it keeps {', '.join(sorted(names))})")
     return stored
 

@@ -58,7 +58,8 @@ def test_every_s3_port_allowed_leaves_seaweedfs_ports_that_exist(tmp_path):
 
 
 @pytest.mark.parametrize("content", ['{"jwt_secret": "abc",', "[]", '{"jwt_secret": 5}', "", '{"jwt_secret": ""}',
-                                     '{"note": "x"}', '{"database_url": "postgresql://u:my secret@db/x"}'])
+                                     '{"note": "x"}', '{"database_url": "postgresql://u:my secret@db/x"}',
+                                     '{"jwt_secret": "k", "my secret": "k"}'])
 def test_a_development_secrets_file_that_is_not_a_json_object_of_strings_is_one_line_naming_it(tmp_path, content):
     """A hand-edited secrets file: a SettingsError (what the command line shows in one line), not
     a traceback from the JSON parser, a secret that is not a string or is empty, or another
@@ -66,7 +67,7 @@ def test_a_development_secrets_file_that_is_not_a_json_object_of_strings_is_one_
     (tmp_path / "secrets.json").write_text(content)
     with pytest.raises(SettingsError, match=r"secrets\.json") as e:
         load_settings(data_dir=tmp_path)
-    assert "\n" not in str(e.value) and "secret@" not in str(e.value)
+    assert "\n" not in str(e.value) and "secret@" not in str(e.value) and "my secret" not in str(e.value)
 
 
 @pytest.mark.parametrize(("secret", "accepted"), [
@@ -119,6 +120,8 @@ def test_a_password_with_url_characters_reaches_the_database_url_intact(tmp_path
     ("postgresql://u:secret@db.example:54x/palette", False),
     ("postgresql://u:secret@h1.example:5432,h2.example:5433/palette", False),
     ("postgresql://u:secret@[::1]:5432/palette", True),
+    ("postgresql://u:se,cret@db.example/palette", True),  # a password's ",": one host
+    ("postgresql://u:se\uff0fcret@db.example/palette", False),  # urlsplit's refusal quotes the netloc
     ("postgresql://u:secret@db.example:5432/palette?nosuchoption=1", False),
     ("mysql://u:secret@db.example/palette", False),
     ("u:secret@db.example/palette", False),
