@@ -324,8 +324,13 @@ class Sweeper:
             except DomainError as e:  # executed since, or its user erased meanwhile (the erasure deletes it)
                 log.info("job %s not canceled for retention: %s", job_id, e)
                 continue
-            if canceled:  # else canceled since the read, by its user: a paid one keeps its objects
+            if not canceled:  # canceled since the read, by its user: a paid one keeps its objects
+                continue
+            try:
                 self._expire(user_id, job_id, days, report)
+            except (OSError, BotoCoreError, ClientError):  # the pass goes on to the other jobs
+                log.warning("could not delete the objects of abandoned job %s; the unpaid pass will",
+                            job_id, exc_info=True)
 
     def _late_uploads(self, settled: datetime) -> int:
         """Delete once more the objects of users erased and jobs deleted before ``settled`` (and

@@ -234,6 +234,29 @@ def test_a_job_started_while_the_sweeper_decides_to_cancel_it_for_retention_keep
                             [job_id, "%.ObjectsExpired"]).fetchone() == (0,)
 
 
+def test_an_abandoned_job_whose_objects_cannot_be_deleted_now_does_not_end_the_sweep(client, other, settings,
+                                                                                    monkeypatch):
+    """S3 failing for one abandoned job's objects ended the whole pass (the other abandoned jobs,
+    the unpaid pass, erasures, late uploads) till the next; it is logged and the pass goes on."""
+    failing, fine = create_uploaded_job(client, 1), create_uploaded_job(other, 1)  # a job at once each
+    with _db(settings) as conn:
+        wait_until(lambda: conn.execute("SELECT count(*) FROM palette_read.jobs_log WHERE id = ANY(%s) AND "
+                                        "status = 'uploaded'", [[failing, fine]]).fetchone() == (2,),
+                   what="both jobs folded as uploaded")
+    delete = retention.delete_prefixes
+
+    def delete_failing_for_one(s3, bucket, prefixes):  # type: ignore[no-untyped-def]
+        if any(failing in p for p in prefixes):
+            raise OSError("the store is unreachable")
+        return delete(s3, bucket, prefixes)
+
+    monkeypatch.setattr(retention, "delete_prefixes", delete_failing_for_one)
+    _sweep(settings, now=_ahead(settings.retention_days * 86400 + 3600))
+    assert client.data("GET", f"/jobs/{failing}")["status"] == other.data("GET", f"/jobs/{fine}")["status"] == \
+        "canceled"
+    assert any(failing in k for k in _objects(settings, client.user_id)) and not _objects(settings, other.user_id)
+
+
 def test_the_analysts_api_shows_an_erased_users_fields_as_erased(http, settings):
     client = Client(http)
     rule = client.data("POST", "/rules", 201, json={"name": RULE_NAME, "preset_id": "interior", "concepts": EDITS})
