@@ -176,19 +176,19 @@ class Settings(BaseSettings):
         refused without its text (it holds the password)."""
         if not v:
             return v
+        unreadable = ("cannot read this URL (percent-encode spaces, '/', '?', '#', '@' and other special "
+                      "characters in the user name and password)")
         try:
             url = urlsplit(v)  # its ValueError may quote the netloc (NFKC), password included
         except ValueError:
-            raise ValueError("cannot read this URL (percent-encode special characters in the user "
-                             "name and password)") from None
+            raise ValueError(unreadable) from None
         if url.scheme not in ("postgresql", "postgres"):
             raise ValueError("must be a postgresql:// URL")
         try:
             conninfo_to_dict(v)
             url.port  # noqa: B018 - the event store reads it (a password's "/" cuts the netloc short)
         except (psycopg.ProgrammingError, ValueError):
-            raise ValueError("cannot read this URL (percent-encode spaces, '/', '?', '#', '@' and "
-                             "other special characters in the user name and password)") from None
+            raise ValueError(unreadable) from None
         if "," in url.netloc.rpartition("@")[2]:  # the hosts, not a password's ","
             raise ValueError("names several hosts: the event store connects to one")
         return v

@@ -136,7 +136,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._body = 0  # of them, the body's
         self._parsed = 0  # of its head, what the parser read (target, header and trailer fields)
         self._too_large = False
-        self._too_many = False
         self._refused = False
         self._deadline: asyncio.TimerHandle | None = None
         self._peer: str | None = None  # the address it counts against, once admitted
@@ -173,8 +172,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
-        if len(self.pipeline) > MAX_PIPELINED:
-            self._too_many = True
+        if len(self.pipeline) > MAX_PIPELINED:  # behind an answer under way: send_400_response drops it
             raise TooManyPipelined  # the parser stops; uvicorn answers with send_400_response
 
     def on_body(self, body: bytes) -> None:
@@ -187,7 +185,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._received = self._body = self._parsed = 0
 
     def send_400_response(self, msg: str) -> None:
-        if self._too_many or self._answering_another():  # no 400 written into another answer
+        if self._answering_another():  # no 400 written into another answer (nor past MAX_PIPELINED)
             self._drop()
             return
         if self._too_large:  # HeadTooLarge stopped the parser: uvicorn took it for a bad request
