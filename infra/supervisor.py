@@ -246,11 +246,19 @@ class Supervisor:
                     # An application process that crashes while starting (a dependency not yet
                     # answering, a fault it recovers from) gets the restarts it would get later;
                     # one that keeps crashing is reported with its last lines.
+                    # It is started again after the delay a crash later would wait (0.5 s, then
+                    # 1 s): a dependency still coming up gets that time to answer.
                     if spec.restart and run.restarts < START_ATTEMPTS - 1:
-                        run.restarts += 1
-                        self._say(f"{spec.name} exited during start-up; starting it again "
-                                  f"({run.restarts + 1}/{START_ATTEMPTS})")
-                        run.start()
+                        now = time.monotonic()
+                        if run.next_restart_at == 0.0:
+                            delay = 0.5 * 2**run.restarts
+                            run.next_restart_at = now + delay
+                            self._say(f"{spec.name} exited during start-up; starting it again in {delay:.1f}s "
+                                      f"({run.restarts + 2}/{START_ATTEMPTS})")
+                        elif now >= run.next_restart_at:
+                            run.restarts += 1
+                            run.next_restart_at = 0.0
+                            run.start()
                         continue
                     raise StackError(f"{spec.name} exited during start-up: {run.tail() or 'no output'}")
                 # Ready means this child answers: a probe that passes while the child has died

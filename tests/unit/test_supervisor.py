@@ -1,6 +1,6 @@
 """The supervisor's restarts (infra.supervisor): a crashed service comes back after a delay that
 doubles per crash up to 30 s and starts again from 0.5 s after a minute of healthy running; one
-not marked restartable stays down; a start-up is retried START_ATTEMPTS times in all, and waits
+not marked restartable stays down; a start-up is retried START_ATTEMPTS times in all, after 0.5 s then 1 s, and waits
 ready_timeout_s, no longer; a service that ignores SIGTERM is killed; services stop in reverse order.
 
 The supervisor's clock is a stand-in moved by hand (its sleeps move it too), so that no test waits
@@ -9,6 +9,7 @@ out a backoff; the services are real child processes."""
 from __future__ import annotations
 
 import io
+import itertools
 import re
 import sys
 from collections.abc import Iterator
@@ -96,13 +97,38 @@ def test_a_service_not_marked_restartable_stays_down(clock: Clock, supervisor: S
 
 
 def test_a_service_that_keeps_crashing_while_starting_is_started_start_attempts_times_then_reported(
-        supervisor: Supervisor, tmp_path: Path) -> None:
+        clock: Clock, supervisor: Supervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     starts = tmp_path / "starts"
     starts.mkdir()
+    started_at: list[float] = []
+    runs: list[supervisor_module._Running] = []
+    start = supervisor_module._Running.start
+
+    def noted_start(run: supervisor_module._Running) -> None:
+        started_at.append(clock.now)
+        runs.append(run)
+        start(run)
+
+    def not_ready() -> bool:  # asked while the child lives: it waits for its exit, so that the
+        assert runs[-1].proc is not None  # stand-in clock does not race past it
+        runs[-1].proc.wait(30)
+        return False
+
+    monkeypatch.setattr(supervisor_module._Running, "start", noted_start)
     argv = ["/bin/sh", "-c", f"mktemp -p {starts} start.XXXXXX >/dev/null; echo cannot start; exit 3"]
     with pytest.raises(StackError, match="svc exited during start-up: cannot start"):
-        supervisor.start(ServiceSpec("svc", argv, ready=lambda: False, restart=True))
+        supervisor.start(ServiceSpec("svc", argv, ready=not_ready, restart=True))
     assert len(list(starts.iterdir())) == START_ATTEMPTS == 3
+    # Each start after a crash waits the delay a later crash would (0.5 s, then 1 s), no longer
+    # than one of the start-up's 0.1 s polls past it; the crash is seen by a poll too.
+    gaps = [b - a for a, b in itertools.pairwise(started_at)]
+    assert len(gaps) == 2
+    assert 0.5 <= gaps[0] <= 0.5 + 0.1 + 0.1 + 1e-9
+    assert 1.0 <= gaps[1] <= 1.0 + 0.1 + 0.1 + 1e-9
+    assert [line for line in said(supervisor) if "during start-up" in line] == [
+        "[palette] svc exited during start-up; starting it again in 0.5s (2/3)",
+        "[palette] svc exited during start-up; starting it again in 1.0s (3/3)",
+    ]
 
 
 def test_a_start_up_waits_its_ready_timeout_and_no_longer(clock: Clock, supervisor: Supervisor) -> None:
