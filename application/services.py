@@ -611,7 +611,11 @@ class PaletteService:
             user.take_rule_slot(new_id, self._plan(user.plan), at)
             uow.add(rule)
 
-        return self._create_owned_command(user_id, Rule, rule_id, create)
+        def same(rule: Rule) -> bool:  # a rule changed since is refused by _as_created, whatever was asked
+            return rule.version > 1 or (rule.preset_id, rule.concepts, rule.protect, self.rule_name(rule.name)) == (
+                preset_id, edits, protected, name)
+
+        return self._create_owned_command(user_id, Rule, rule_id, create, same=same)
 
     def update_rule(
         self, user_id: UUID, rule_id: UUID, name: str, concepts: Mapping[str, Mapping[str, Any]],
@@ -717,14 +721,17 @@ class PaletteService:
     @staticmethod
     def _as_created(created: Job | Rule, at: datetime) -> None:
         """A creation retried after its key's answer was forgotten hands the aggregate back only
-        while it is as the creation left it: not deleted, and a job still waiting for its photos
-        and created at most REISSUE_S ago (the answer hands out upload links again, and every link
-        of a job must have expired URL_TTL_S + REISSUE_S after its creation, when the sweeper
-        deletes what they admitted beyond the largest photo). Else InvalidState: a new key creates
-        another."""
+        while it is as the creation left it: not deleted, a rule not changed since, and a job still
+        waiting for its photos and created at most REISSUE_S ago (the answer hands out upload links
+        again, and every link of a job must have expired URL_TTL_S + REISSUE_S after its creation,
+        when the sweeper deletes what they admitted beyond the largest photo). Else InvalidState: a
+        new key creates another."""
         what = type(created).__name__.lower()
         if created.deleted:
             raise InvalidState(f"the {what} this Idempotency-Key created is deleted: use a new key to create another")
+        if isinstance(created, Rule) and created.version > 1:
+            raise InvalidState("the rule this Idempotency-Key created was changed since: "
+                               "use a new key to create another")
         if isinstance(created, Job) and created.status != JobStatus.CREATED:
             raise InvalidState(f"the job this Idempotency-Key created is {created.status}: "
                                "use a new key to create another")

@@ -119,9 +119,10 @@ def test_a_key_expires_after_its_ttl(client: Client, db: psycopg.Connection, set
     # leave the key it claims to be taken over (deleting it in the same statement made a 422).
     db.execute("UPDATE palette_api.idempotency SET created_at = now() - %s * interval '1 second' "
                "- interval '50 years' WHERE key = %s", [settings.idempotency_ttl_s + 60, key])
-    fresh = client.call("POST", "/rules", json=_rule("second"), headers={"Idempotency-Key": key})
+    fresh = client.call("POST", "/rules", json=_rule("first"), headers={"Idempotency-Key": key})
     assert fresh.status_code == 201, fresh.text  # today: 422, "reused with a different request"
-    assert "idempotent-replayed" not in fresh.headers
+    assert "idempotent-replayed" not in fresh.headers  # run again: the creation's id finds the rule
+    assert fresh.json()["data"]["id"] == first.json()["data"]["id"]
 
 
 def test_a_job_deleted_since_its_key_expired_is_not_handed_back_with_upload_links(
@@ -183,6 +184,31 @@ def test_a_creation_under_a_forgotten_key_with_another_body_is_refused(client: C
     again = client.data("POST", "/jobs", 201, json=JOB, headers={"Idempotency-Key": key})
     assert again["job_id"] == first["job_id"] and len(again["upload"]) == JOB["item_count"]
     assert client.data("GET", "/me", 200)["reserved"] == JOB["item_count"]  # reserved once
+
+
+def test_a_rule_created_under_a_forgotten_key_is_handed_back_only_to_the_same_request_while_unchanged(
+        client: Client, db: psycopg.Connection) -> None:
+    key = f"k-{uuid.uuid4()}"
+    first = client.data("POST", "/rules", 201, json=_rule("first"), headers={"Idempotency-Key": key})
+
+    def forgotten(body: dict[str, object]) -> httpx.Response:
+        db.execute("DELETE FROM palette_api.idempotency WHERE key = %s", [key])  # expired: only the rule id remembers
+        return client.call("POST", "/rules", json=body, headers={"Idempotency-Key": key})
+
+    others = [_rule("second"), {**_rule("first"), "concepts": {"wall": {"action": "tone", "value": "cool"}}},
+              {**_rule("first"), "protect": ["floor"]}]
+    for other in others:  # before: 201 and the first rule, as if this had been asked
+        r = forgotten(other)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_FAILED", (other, r.text)
+    again = forgotten(_rule("first"))
+    assert again.status_code == 201 and again.json()["data"] == first, again.text
+    assert client.data("GET", "/me", 200)["rule_slots"]["used"] == 1  # one slot taken, by the first
+    changed = {**_rule("first"), "name": "renamed"}
+    client.data("PUT", f"/rules/{first['id']}", 200, json={k: v for k, v in changed.items() if k != "preset_id"})
+    for body in (_rule("first"), changed):  # the creation's answer would not be what it made
+        r = forgotten(body)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "INVALID_STATE", (body, r.text)
+        assert "changed since" in r.json()["error"]["message"]
 
 
 def test_the_key_given_twice_is_refused(client: Client) -> None:
