@@ -21,7 +21,7 @@ from adapters.api.deps import ContainerDep, bearer, made_once, verified
 from adapters.api.envelope import ApiError, ok
 from adapters.api.held_responses import SlotStream, StreamSlots
 from adapters.api.rate_limit import RateLimited
-from adapters.api.schemas import Envelope
+from adapters.api.schemas import Envelope, QueryInt
 from adapters.bootstrap import Container
 from domain.text import iso_time
 from projections import audit
@@ -123,7 +123,7 @@ async def _replay(request: Request, subject: UUID,
 
 @router.get("/streams", tags=["analysts"], responses={**NDJSON, **STAFF_STREAM_ERRORS})
 async def replay_all(subject: Analyst, container: ContainerDep, request: Request,
-                     from_position: Annotated[int, Query(alias="from", ge=1)] = 1,
+                     from_position: Annotated[QueryInt, Query(alias="from", ge=1)] = 1,
                      since: Moment | None = None, until: Moment | None = None,
                      type: Annotated[list[str] | None, Query()] = None) -> StreamingResponse:
     """The global log in commit order as envelope JSON lines. At most STAFF_STREAMS replays at
@@ -160,7 +160,7 @@ async def replay_stream(stream_id: UUID, subject: Analyst, container: ContainerD
 @router.get("/streams/{stream_id}/state", tags=["analysts"], response_model=Envelope[dict[str, Any]],
             responses=STAFF_ERRORS)
 async def stream_state(stream_id: UUID, _: Analyst, container: ContainerDep,
-                       version: Annotated[int | None, Query(ge=1)] = None,
+                       version: Annotated[QueryInt | None, Query(ge=1)] = None,
                        as_of: Moment | None = None) -> JSONResponse:
     """An aggregate's state folded up to a version or a time (exactly one of them)."""
     if (version is None) == (as_of is None):
@@ -184,7 +184,7 @@ LEDGER_PAGE_MAX = 10_000
 async def audit_ledger(user_id: UUID, _: Auditor, container: ContainerDep,
                        from_time: Annotated[Moment | None, Query(alias="from")] = None,
                        to_time: Annotated[Moment | None, Query(alias="to")] = None,
-                       limit: Annotated[int, Query(ge=1, le=LEDGER_PAGE_MAX)] = LEDGER_PAGE,
+                       limit: Annotated[QueryInt, Query(ge=1, le=LEDGER_PAGE_MAX)] = LEDGER_PAGE,
                        cursor: Annotated[str | None, Query(max_length=10, pattern=r"^[0-9]+$")] = None) -> JSONResponse:
     """A user's ledger with running balance, a page at a time (``limit`` entries; pass
     ``next_cursor`` back as ``cursor`` for the next page, null after the last)."""
@@ -238,7 +238,7 @@ async def audit_verify(_: Auditor, container: ContainerDep, request: Request) ->
 async def audit_report(_: Auditor, container: ContainerDep, request: Request,
                        from_time: Annotated[Moment, Query(alias="from")],
                        to_time: Annotated[Moment, Query(alias="to")],
-                       at: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None) -> JSONResponse:
+                       at: Annotated[QueryInt | None, Query(ge=0, le=2**63 - 1)] = None) -> JSONResponse:
     """A period's credits by plan at one log position: opening, granted, reserved, spent, refunded,
     closing and outstanding, with the identity opening + granted - spent = closing + reserved
     checked (``ok``). The period is [from, to); see ``projections.audit`` for the definitions."""

@@ -42,6 +42,7 @@ from adapters.api.schemas import (
     JobSummary,
     MaskSlot,
     Progress,
+    QueryInt,
     UploadSlot,
 )
 from adapters.bootstrap import Container
@@ -116,7 +117,7 @@ def _job_public(c: Container, job: Job) -> JobPublic:
 
 @router.get("/jobs", response_model=Envelope[JobList], responses=COMMON)
 async def list_jobs(user_id: CurrentUser, container: ContainerDep, service: ServiceDep,
-                    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                    limit: Annotated[QueryInt, Query(ge=1, le=100)] = 20,
                     cursor: Annotated[str | None, Query(max_length=200, pattern=CURSOR)] = None) -> JSONResponse:
     """The caller's jobs, newest first, from the jobs_log read model (keyset-paginated). It never
     waits for the projector: the caller's own recent writes the model has not folded yet are read

@@ -12,7 +12,7 @@ import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Query, Request
@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from adapters.api.deps import ContainerDep, CurrentUser, made_once
 from adapters.api.envelope import ok
 from adapters.api.rate_limit import RateLimited, TokenBuckets
-from adapters.api.schemas import Envelope, Strict, Text
+from adapters.api.schemas import Envelope, QueryInt, Strict, Text
 from adapters.bootstrap import Container
 from adapters.webhooks import store, targets
 from adapters.webhooks.events import EventType
@@ -199,7 +199,7 @@ async def enable_webhook(endpoint_id: UUID, user_id: CurrentUser, container: Con
 
 @router.get("/webhooks/{endpoint_id}/deliveries", response_model=Envelope[DeliveryList], responses=OWN)
 async def list_deliveries(endpoint_id: UUID, user_id: CurrentUser, container: ContainerDep,
-                          limit: int = Query(50, ge=1, le=200)) -> JSONResponse:
+                          limit: Annotated[QueryInt, Query(ge=1, le=200)] = 50) -> JSONResponse:
     """The endpoint's latest deliveries, newest first, each with its latest attempts."""
     rows = _found(await _run(container, store.list_deliveries, user_id, endpoint_id, limit))
     return ok(DeliveryList(items=[DeliveryPublic(**r) for r in rows]))

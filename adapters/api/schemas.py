@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated, Generic, Literal, TypeVar
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from application.services import MAX_DEVICE_HASH
 from domain.contracts.edits import Action
@@ -22,6 +22,18 @@ T = TypeVar("T")
 Text = Annotated[str, AfterValidator(storable_text)]
 Name = Field(min_length=1, max_length=MAX_RULE_NAME)
 ConceptName = Annotated[Text, Field(min_length=1, max_length=64)]
+
+
+
+def _decimal_digits(value: object) -> object:
+    """A number in a query string is its decimal digits: pydantic's lax int reads "5.0", "+5",
+    " 5 " and "5_0" as 5 and 50, a request nobody writes on purpose."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be a whole number in decimal digits")
+    return value
+
+
+QueryInt = Annotated[int, BeforeValidator(_decimal_digits)]  # with the route's own Query(ge=..., le=...)
 
 
 class Strict(BaseModel):
