@@ -11,6 +11,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import stat
 import sysconfig
 import tempfile
@@ -164,7 +165,7 @@ def check_ports(ports: Mapping[str, tuple[str, int]]) -> None:
     seen: dict[tuple[str, int], str] = {}
     for setting, (host, port) in ports.items():
         for (other_host, other_port), other in seen.items():
-            if port == other_port and (host == other_host or host in WILDCARDS or other_host in WILDCARDS):
+            if port == other_port and _same_interface(host, other_host):
                 raise StackError(f"port {port} is set twice: {other} and {setting}")
         seen[(host, port)] = setting
         error = bind_error(port, host)
@@ -173,6 +174,24 @@ def check_ports(ports: Mapping[str, tuple[str, int]]) -> None:
         if error.errno == errno.EADDRINUSE:
             raise StackError(f"port {port} is already in use (move it with {setting})")
         raise StackError(f"port {port} on {host} cannot be bound: {error.strerror or error} (set by {setting})")
+
+
+def _same_interface(host: str, other: str) -> bool:
+    """Whether a server bound to ``host`` and one bound to ``other`` on the same port would clash:
+    either is a wildcard, or they name an address in common ("localhost" and "127.0.0.1" do,
+    though they are spelled otherwise)."""
+    if host == other or host in WILDCARDS or other in WILDCARDS:
+        return True
+    return bool(_addresses(host) & _addresses(other))
+
+
+def _addresses(host: str) -> set[str]:
+    """The addresses a name resolves to (the name itself when it does not: its bind fails later,
+    with the resolver's words)."""
+    try:
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except (OSError, UnicodeError):
+        return {host}
 
 
 S = TypeVar("S", bound=StackSettings)

@@ -77,6 +77,17 @@ def test_check_ports_refuses_one_port_for_two_settings() -> None:
         check_ports({"PALETTE_PG_PORT": ("127.0.0.1", 1234), "PALETTE_API_PORT": ("0.0.0.0", 1234)})  # noqa: S104
 
 
+def test_check_ports_refuses_one_port_for_two_settings_that_spell_one_address_otherwise() -> None:
+    with pytest.raises(StackError, match="port 1234 is set twice: PALETTE_API_PORT and PALETTE_METRICS_PORT"):
+        check_ports({"PALETTE_API_PORT": ("localhost", 1234), "PALETTE_METRICS_PORT": ("127.0.0.1", 1234)})
+    with pytest.raises(StackError, match="port 1234 is set twice"):
+        check_ports({"PALETTE_API_PORT": ("127.0.0.1", 1234), "PALETTE_METRICS_PORT": ("127.000.000.001", 1234)})
+    with socket.socket() as taken:  # two addresses of the loopback are two interfaces: no clash
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+    check_ports({"PALETTE_API_PORT": ("127.0.0.1", port), "PALETTE_METRICS_PORT": ("127.0.0.2", port)})
+
+
 def test_a_probe_that_passes_after_the_child_died_is_not_its_readiness(tmp_path: Path) -> None:
     """The probe was answered by someone else: the service is reported as exited, not ready."""
     supervisor = Supervisor(tmp_path)
