@@ -23,6 +23,7 @@ from adapters.webhooks.retries import parse_schedule
 S3_PORT_MAX = 65535 - 10006
 # Secrets shorter than this are refused outside development (HS256 wants >= 256 bits).
 MIN_SECRET_BYTES = 32
+MIN_SECRET_CHARACTERS = 8  # different ones: what a generated secret of 32 bytes has, whatever its alphabet
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "placeholder", "dev", "development"}
 # Registrations per second and burst per client address in development (see rate_register_per_s).
 DEV_REGISTER_RATE = (1000.0, 100_000)
@@ -263,16 +264,25 @@ class Settings(BaseSettings):
         return out
 
     def check_secrets(self) -> None:
-        """Refuse placeholder or short secrets outside development."""
+        """Refuse, outside development, a signing secret that is a placeholder, short, or made of
+        a few characters repeated ("k" * 32 is 32 bytes and next to no secret), and one secret
+        given for two purposes: a token's key would then also sign GPU callbacks or device keys.
+        The messages name the settings, never a value."""
         if self.env == "development":
             return
+        named: dict[str, str] = {}
         for name in SIGNING_SECRETS:
             value = getattr(self, name)
-            if value.lower() in PLACEHOLDER_SECRETS or len(value.encode()) < MIN_SECRET_BYTES:
+            if (value.lower() in PLACEHOLDER_SECRETS or len(value.encode()) < MIN_SECRET_BYTES
+                    or len(set(value)) < MIN_SECRET_CHARACTERS):
                 raise SettingsError(
-                    f"PALETTE_{name.upper()} must be a real secret of at least "
-                    f"{MIN_SECRET_BYTES} bytes when PALETTE_ENV=production"
+                    f"PALETTE_{name.upper()} must be a real secret of at least {MIN_SECRET_BYTES} bytes "
+                    f"and {MIN_SECRET_CHARACTERS} different characters when PALETTE_ENV=production"
                 )
+            if value in named:
+                raise SettingsError(f"PALETTE_{name.upper()} must differ from PALETTE_{named[value].upper()}: "
+                                    "each signs something else")
+            named[value] = name
 
     # -- the GPU worker's memory, bounded by bytes ---------------------------------------------
     texture_cache_bytes: int = Field(256 * 1024 * 1024, ge=0)  # procedural textures, by region size

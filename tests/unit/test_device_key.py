@@ -213,8 +213,8 @@ def test_development_generates_the_device_key_secret_even_into_an_older_secrets_
 
 
 def test_production_refuses_a_placeholder_device_key_secret_and_limits_registration(tmp_path):
-    good = {"jwt_secret": "j" * 40, "callback_secret": "c" * 40}
+    good = {"jwt_secret": "jwt-secret-0f-f0rty-bytes-0123456", "callback_secret": "callback-secret-0f-f0rty-bytes-01"}
     with pytest.raises(SettingsError, match="PALETTE_DEVICE_KEY_SECRET"):
         load_settings(env="production", data_dir=tmp_path, device_key_secret="changeme", **good)
-    s = load_settings(env="production", data_dir=tmp_path, device_key_secret="d" * 40, **good)
+    s = load_settings(env="production", data_dir=tmp_path, device_key_secret="device-key-secret-0f-f0rty-bytes", **good)
     assert s.rate_register_burst < 100 and s.rate_register_per_s < 1 and s.trusted_proxies == 0

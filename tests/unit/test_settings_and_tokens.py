@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets as secrets_module
 import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -18,7 +19,8 @@ from adapters.settings import S3_PORT_MAX, Settings, SettingsError, load_setting
 from adapters.tokens import LEEWAY_S, TokenInvalid, TokenIssuer
 from domain.contracts.callback import sign_callback, verify_callback
 
-SECRET = "s" * 48
+SECRET = "s3cr3t-0f-f0rty-e1ght-bytes-f0r-the-callback-key"  # signs GPU callbacks
+OTHER_SECRET = "an0ther-0f-f0rty-e1ght-bytes-f0r-the-dev1ce-keys"
 NOW = datetime.now(UTC)
 
 
@@ -36,10 +38,23 @@ def test_development_secrets_are_generated_once_into_the_data_dir(tmp_path):
     assert (tmp_path / "secrets.json").stat().st_mode & 0o777 == 0o600
 
 
-@pytest.mark.parametrize("secret", ["changeme", "short-secret", ""])
-def test_production_refuses_placeholder_or_short_secrets(tmp_path, secret):
-    with pytest.raises(SettingsError, match="PALETTE_JWT_SECRET"):
-        load_settings(env="production", data_dir=tmp_path, jwt_secret=secret, callback_secret=SECRET)
+@pytest.mark.parametrize("secret", ["changeme", "short-secret", "", "k" * 64, "abcdefg" * 8])
+def test_production_refuses_placeholder_short_or_repetitive_secrets(tmp_path, secret):
+    with pytest.raises(SettingsError, match="PALETTE_JWT_SECRET") as e:
+        load_settings(env="production", data_dir=tmp_path, jwt_secret=secret, callback_secret=SECRET,
+                      device_key_secret=OTHER_SECRET)
+    assert secret not in str(e.value) or not secret
+
+
+@pytest.mark.parametrize(("first", "second"), [("jwt_secret", "callback_secret"), ("jwt_secret", "device_key_secret"),
+                                               ("callback_secret", "device_key_secret")])
+def test_production_refuses_one_secret_for_two_purposes(tmp_path, first, second):
+    secrets = {"jwt_secret": secrets_module.token_urlsafe(48), "callback_secret": SECRET,
+               "device_key_secret": OTHER_SECRET}
+    secrets[second] = secrets[first]
+    with pytest.raises(SettingsError, match=f"^PALETTE_{second.upper()} must differ from PALETTE_{first.upper()}") as e:
+        load_settings(env="production", data_dir=tmp_path, **secrets)
+    assert secrets[first] not in str(e.value)
 
 
 def test_invalid_setting_is_one_line_naming_it(tmp_path):
@@ -71,15 +86,17 @@ def test_a_development_secrets_file_that_is_not_a_json_object_of_strings_is_one_
 
 
 @pytest.mark.parametrize(("secret", "accepted"), [
-    ("k" * 32, True),  # 256 bits, what HS256 wants
-    ("k" * 31, False),
-    ("\u00e9" * 16, True),  # 16 characters, 32 bytes: counted in bytes
-    ("\u00e9" * 15 + "k", False),
+    ("0123456789abcdef" * 2, True),  # 256 bits, what HS256 wants
+    (("0123456789abcdef" * 2)[:31], False),
+    ("\u00e0\u00e1\u00e2\u00e3\u00e4\u00e5\u00e6\u00e7" * 2, True),  # 16 characters, 32 bytes: counted in bytes
+    ("\u00e0\u00e1\u00e2\u00e3\u00e4\u00e5\u00e6\u00e7" + "\u00e0\u00e1\u00e2\u00e3\u00e4\u00e5\u00e6k", False),
+    ("01234567" * 4, True),  # 8 different characters
+    ("0123456" * 5, False),  # 7
 ])
-def test_production_wants_signing_secrets_of_at_least_32_bytes(tmp_path, secret, accepted):
+def test_production_wants_signing_secrets_of_at_least_32_bytes_and_8_characters(tmp_path, secret, accepted):
     def load() -> Settings:
         return load_settings(env="production", data_dir=tmp_path, jwt_secret=secret, callback_secret=SECRET,
-                             device_key_secret=SECRET)
+                             device_key_secret=OTHER_SECRET)
 
     if accepted:
         assert load().jwt_secret == secret
