@@ -451,12 +451,11 @@ async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, co
     # 404 for another user's job. A finished job gets no JobFinished/JobCanceled again.
     job = await service.get_job_async(user_id, job_id)
     finished = job.status.terminal
-    try:
-        # Not past the job's last event: a stream told to wait for version 10**20 would never see
-        # its job finish, and would hold its slot until SSE_MAX_S.
-        after = min(max(0, int(last_event_id)), job.version) if last_event_id else 0
-    except ValueError:
-        raise ValidationFailed("Last-Event-ID must be a stream version (an integer)") from None
+    # The id this stream sent (its decimal digits), not past the job's last event: a stream told to
+    # wait for version 10**20 would never see its job finish, and would hold its slot until SSE_MAX_S.
+    if last_event_id and not (last_event_id.isascii() and last_event_id.isdigit() and len(last_event_id) <= 20):
+        raise ValidationFailed("Last-Event-ID must be a stream version (decimal digits)")
+    after = min(int(last_event_id), job.version) if last_event_id else 0
     app = service.app
     # A finished job's events are read once, here: all it will ever have.
     last: list[Any] | None = await run_in_threadpool(_events_after, app, job_id, after) if finished else None

@@ -1,5 +1,6 @@
-"""A number in a query string is its decimal digits: what pydantic's lax int also reads ("5.0",
-"+5", " 5", "5_0" as 50) is a 422 on every route that takes one, and the plain spelling is not."""
+"""A number in a query string, or in Last-Event-ID, is its decimal digits: what pydantic's lax int
+and Python's int() also read ("1.0", "+1", " 1", "0_1" as 1) is a 422 wherever one is taken, and the
+plain spelling is not."""
 
 from __future__ import annotations
 
@@ -35,3 +36,15 @@ def test_a_number_in_a_query_is_its_decimal_digits(client: Client, http: httpx.C
         for spelling in OTHER_SPELLINGS:  # before: 200 (or the 404) for the first five, read as 1
             r = http.get(path, params={**params, name: spelling}, headers=headers)
             assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_FAILED", (path, spelling, r.text)
+
+
+def test_last_event_id_is_its_decimal_digits(client: Client, api_url: str) -> None:
+    job_id = client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})["job_id"]
+    client.data("POST", f"/jobs/{job_id}/cancel")  # finished: each stream ends after its events
+    with httpx.Client(base_url=api_url, headers=client.headers, timeout=10) as http:
+        for last in ("1", "01", str(10**19)):
+            r = http.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": last})
+            assert r.status_code in (200, 204), (last, r.text)
+        for last in ("1.0", "+1", "-1", "0_1", "1e0", "9" * 21):  # before: "+1", "-1" and "0_1" read as 1, 0 and 1
+            r = http.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": last})
+            assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_FAILED", (last, r.text)
