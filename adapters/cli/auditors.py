@@ -171,7 +171,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             if not rows:
                 print("no ledger entries for this user in that range")
         elif args.action == "balance":
-            print(json.dumps(audit.balance_as_of(conn, args.user, args.as_of), indent=2))
+            try:
+                balance = audit.balance_as_of(conn, args.user, args.as_of)
+            except LookupError as e:  # no entry of this user at all
+                print(f"palette audit balance: {e.args[0]}", file=sys.stderr)
+                return 2
+            print(json.dumps(balance, indent=2))
         elif args.action == "export":
             exported = audit.export(conn)
             if args.format == "csv":

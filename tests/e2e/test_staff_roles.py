@@ -51,6 +51,13 @@ def test_analysts_replay_and_auditors_read_the_ledger(client, http, settings):
     future = (datetime.now(UTC) + timedelta(days=1)).isoformat()
     balance = http.get("/audit/balance", params={"user_id": client.user_id, "as_of": future}, headers=auditor)
     assert balance.json()["data"]["granted"] == 50
+    past = (datetime.now(UTC) - timedelta(days=1)).isoformat()  # before the user's first entry: zeros
+    before = http.get("/audit/balance", params={"user_id": client.user_id, "as_of": past}, headers=auditor)
+    assert before.status_code == 200 and before.json()["data"]["entries"] == before.json()["data"]["balance"] == 0
+    unknown = uuid4()  # before: 200 and zeros, as if a user had spent everything
+    nobody = http.get("/audit/balance", params={"user_id": unknown, "as_of": future}, headers=auditor)
+    assert nobody.status_code == 404 and nobody.json()["error"]["code"] == "NOT_FOUND", nobody.text
+    assert str(unknown) in nobody.json()["error"]["message"]
     assert http.get("/audit/verify", headers=auditor).json()["data"]["ok"] is True
 
 
