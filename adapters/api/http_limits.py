@@ -20,6 +20,9 @@ armed only after a response). Here:
 - an answer's client must keep reading: one that has accepted nothing for ``WRITE_STALL_S``
   while the answer waits (the transport's buffer full) is disconnected, and the stream behind the
   answer (a replay, a job's events) ends with it, its buffers given back;
+- a refused request is counted, not logged one line each (uvicorn's warning per request let a
+  client choose how much the server wrote to its log): the count is said at most every
+  ``WARN_EVERY_S``;
 - the connections a server holds are bounded (``ConnectionBounds``): in all, below the process's
   file descriptors, and per client address. Open connections are what one client could otherwise
   take every descriptor with, kept-alive ones cost it nothing, and at the limit ``accept`` fails
@@ -62,6 +65,7 @@ PER_PEER = 256  # connections one client address holds at once (an office behind
 REFUSED_LINGER_S = 0.5  # a refused connection reads what its client sends this long, then closes
 LINGERING_MAX = 256  # refused connections doing so at once; past it, closed at once
 WARN_EVERY_S = 10.0  # the refusals and evictions at the limits are logged at most this often
+INVALID_REQUEST = "Invalid HTTP request received."  # uvicorn's warning, once per request it refuses
 
 
 def fd_limit(raise_to_hard: bool = True) -> int:
@@ -95,6 +99,7 @@ class ConnectionBounds:
     evicted: int = 0
     stalled: int = 0  # answers whose client read nothing for WRITE_STALL_S (disconnected)
     lingering: int = 0  # refused connections still reading what their client sent
+    invalid: int = 0  # requests refused unread (not HTTP/1.1 as it allows, a head too large, too many pipelined)
     _warned: float = 0.0
 
     def note(self, what: str) -> None:
@@ -102,8 +107,30 @@ class ConnectionBounds:
         if now - self._warned >= WARN_EVERY_S:
             self._warned = now
             log.warning("connection limits (%d in all, %d per address): %s; so far %d refused, %d idle closed, "
-                        "%d stalled answers cut", self.total, self.per_peer, what, self.refused, self.evicted,
-                        self.stalled)
+                        "%d stalled answers cut, %d requests refused unread", self.total, self.per_peer, what,
+                        self.refused, self.evicted, self.stalled, self.invalid)
+
+
+class CountedRefusals(logging.LoggerAdapter[logging.Logger]):
+    """uvicorn's logger for one connection, less its warning of each request it refuses unread:
+    that was a line per request, each on a new connection, so a client sending nothing else chose
+    how much the server logged. Each is counted in the server's bounds instead, and the count is
+    said at most every WARN_EVERY_S (``ConnectionBounds.note``); every other line passes."""
+
+    def __init__(self, logger: logging.Logger, bounds: ConnectionBounds) -> None:
+        super().__init__(logger)
+        self.bounds = bounds
+
+    @property
+    def level(self) -> int:  # uvicorn reads it before its trace lines
+        return self.logger.level
+
+    def warning(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        if msg == INVALID_REQUEST and not args:
+            self.bounds.invalid += 1
+            self.bounds.note("refused a request unread")
+            return
+        self.logger.warning(msg, *args, **kwargs)
 
 
 def _refusal() -> bytes:
@@ -131,6 +158,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     max_per_peer: int = PER_PEER
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.logger = CountedRefusals(self.logger, self._bounds)  # type: ignore[assignment]
         super().connection_made(transport)
         self._received = 0  # bytes of the request being received
         self._body = 0  # of them, the body's

@@ -477,3 +477,31 @@ def test_an_upgrade_request_is_plain_http_and_gives_its_connection_back() -> Non
             if got.startswith(b"HTTP/1.1 200 "):
                 break
         assert got.startswith(b"HTTP/1.1 200 "), got[:100]
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET / HTTP/1.1\r\nhost: x\r\nx-a: b\x7f\r\n\r\n",  # a request HTTP does not allow: a 400
+    b"GET / HTTP/1.1\r\nhost: x\r\n" + b"x-pad: " + b"a" * (70 << 10) + b"\r\n\r\n",  # a head too large: a 431
+])
+def test_a_client_refused_again_and_again_writes_a_line_to_the_log_at_most_every_ten_seconds(
+        server: int, request_bytes: bytes) -> None:
+    """uvicorn warned once per refused request, each a new connection: a client chose how much the
+    server logged. Now the refusals are counted and said at most every WARN_EVERY_S."""
+    records = Records()
+    logging.getLogger("uvicorn.error").addHandler(records)
+    try:
+        for _ in range(50):
+            assert exchange(server, request_bytes).startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 431 "))
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(records)
+    assert len([r for r in records.records if r.levelno >= logging.WARNING]) <= 1, \
+        [r.getMessage() for r in records.records][:3]
