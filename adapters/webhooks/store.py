@@ -2,9 +2,10 @@
 
 ``endpoints`` (a user's URLs, their event types and signing secrets), ``deliveries`` (one per
 endpoint and event: the signed body, its state and its next try; kept a week once finished) and
-``attempts`` (one row per POST). A delivery is due when it is pending, its time has come, its endpoint is enabled and no
-earlier delivery of the same job to the same endpoint is pending (order per job). Claiming one
-moves its time a lease ahead, so a sender that dies mid-POST leaves it due again after the lease.
+``attempts`` (one row per POST, a delivery's latest ``SHOWN_ATTEMPTS`` kept). A delivery is due
+when it is pending, its time has come, its endpoint is enabled and no earlier delivery of the
+same job to the same endpoint is pending (order per job). Claiming one moves its time a lease
+ahead, so a sender that dies mid-POST leaves it due again after the lease.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ DDL = (
 )
 POSITIONS = ("palette_webhooks", "positions")
 ROTATION_GRACE_S = 24 * 3600  # the secret a rotation replaced still signs this long
-SHOWN_ATTEMPTS = 20  # attempts listed per delivery, the latest first
+SHOWN_ATTEMPTS = 20  # attempts listed per delivery, the latest first, and all that are kept
 CLAIM_WINDOW = 1000  # the longest-due deliveries a claim looks at, of those it could take
 CLAIM_SCAN = 10 * CLAIM_WINDOW  # the longest-due deliveries it reads to find them
 _ENDPOINT = sql.SQL("id, url, events, enabled, disabled_at, created_at")
@@ -357,6 +358,12 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
                      "duration_ms) VALUES (%s, %s, %s, %s, %s, %s)",
                      [delivery_id, row[0], outcome.status_code, outcome.error, outcome.body.replace("\x00", ""),
                       outcome.duration_ms])
+        if row[0] > SHOWN_ATTEMPTS:
+            # Only the attempts the list shows are kept: a delivery its owner keeps redelivering
+            # stays pending, so it is never pruned, and would grow an attempt (up to 4 KiB of
+            # answer) every redelivery for as long as the owner kept at it.
+            conn.execute("DELETE FROM palette_webhooks.attempts WHERE delivery_id = %s AND n <= %s",
+                         [delivery_id, row[0] - SHOWN_ATTEMPTS])
         if outcome.ok:
             conn.execute(_RELEASE, [row[1]])
             conn.execute("UPDATE palette_webhooks.endpoints SET failures = 0, failing_since = NULL, "

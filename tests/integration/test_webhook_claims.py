@@ -260,3 +260,23 @@ def test_a_backlog_a_claim_may_not_take_does_not_hide_a_delivery_it_may(conn, mo
         assert [d.user_id for d in got if d.user_id in (attacker, busy_user, victim)] == [victim]
     finally:
         conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [made])
+
+
+def test_a_delivery_redelivered_without_end_keeps_only_its_latest_attempts(conn):
+    """Each redelivery is an attempt, and a delivery kept pending so is never pruned: its owner,
+    at the redelivery rate, grew its attempts (each up to 4 KiB of answer) without end. Only the
+    SHOWN_ATTEMPTS latest are kept, the ones the deliveries list shows."""
+    user = uuid.uuid4()
+    with one_delivery(conn, user, "redelivered") as (endpoint, job):
+        [delivery] = [r[0] for r in conn.execute("SELECT id FROM palette_webhooks.deliveries WHERE job_id = %s",
+                                                 [job]).fetchall()]
+        rounds = store.SHOWN_ATTEMPTS + 15
+        for _ in range(rounds):
+            assert store.redeliver(conn, user, endpoint, delivery) is not None
+            [due] = [d for d in store.claim(conn, 1000, 30.0) if d.id == delivery]
+            store.finish(conn, delivery, Outcome(500, "HTTP 500", "x" * 4096, 3), 5.0, 1000, 10**6, due.lease)
+        kept = [r[0] for r in conn.execute("SELECT n FROM palette_webhooks.attempts WHERE delivery_id = %s "
+                                           "ORDER BY n", [delivery]).fetchall()]
+        assert kept == list(range(rounds - store.SHOWN_ATTEMPTS + 1, rounds + 1))
+        [listed] = store.list_deliveries(conn, user, endpoint, 10) or []
+        assert listed["attempt_count"] == rounds and [a["n"] for a in listed["attempts"]] == kept[::-1]
