@@ -27,6 +27,8 @@ MIN_SECRET_CHARACTERS = 8  # different ones: what a generated secret of 32 bytes
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "placeholder", "dev", "development"}
 # Registrations per second and burst per client address in development (see rate_register_per_s).
 DEV_REGISTER_RATE = (1000.0, 100_000)
+# Job creations (and as many rule writes) per client address and day in development.
+DEV_ADDRESS_JOBS_PER_DAY = 1_000_000_000
 # Whose traceparent is continued in development unless set (see trace_trusted_peers).
 DEV_TRACE_TRUSTED_PEERS = "127.0.0.0/8,::1/128"
 # Secret names, printed by `palette env` but never logged.
@@ -100,6 +102,10 @@ class Settings(BaseSettings):
     rate_jobs_per_s: float = Field(5.0, gt=0)  # job creations per user; rule writes as many again
     rate_jobs_burst: int = Field(20, ge=1)
     rate_jobs_per_day: int = Field(1000, ge=1)  # job creations per user and day; rule writes as many again
+    # ... and per client address and day, whatever its users (a user costs a registration, and
+    # users never expire: without it, one client added a day's worth per user it had made). In
+    # development, unless set, DEV_ADDRESS_JOBS_PER_DAY: test suites run every user from loopback.
+    rate_jobs_per_address_per_day: int = Field(20_000, ge=1)
     rate_callbacks_per_s: float = Field(200.0, gt=0)  # results per job
     rate_callbacks_burst: int = Field(400, ge=1)
     projector_sweep_s: float = Field(30.0, gt=0)  # how often the projector trues up against the log
@@ -220,6 +226,8 @@ class Settings(BaseSettings):
                 self.rate_register_per_s = rate
             if "rate_register_burst" not in self.model_fields_set:
                 self.rate_register_burst = burst
+            if "rate_jobs_per_address_per_day" not in self.model_fields_set:
+                self.rate_jobs_per_address_per_day = DEV_ADDRESS_JOBS_PER_DAY
         return self
 
     # -- derived values -------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Per-key token buckets (one API process): job creation and rule writes per user, callbacks per
-job, registrations per client address."""
+"""Per-key token buckets (one API process): job creation and rule writes per user and per client
+address, callbacks per job, registrations per client address."""
 
 from __future__ import annotations
 
@@ -60,17 +60,24 @@ DAY_S = 86_400.0
 class Budget:
     """A rate with a burst and a total per day, per key: each action spends from both. The rate
     paces a client; the day's total bounds what one can add for good (events, read-model rows)
-    however patiently it keeps to the rate."""
+    however patiently it keeps to the rate. With ``per_address_day``, the keys acting from one
+    client address also share a total per day: a user costs nothing to make (a registration),
+    so without it one client added a day's total for each user it had made."""
 
     def __init__(self, rate_per_s: float, burst: int, per_day: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, per_address_day: int | None = None) -> None:
         self.pace = TokenBuckets(rate_per_s, burst, clock=clock)
         self.day = TokenBuckets(per_day / DAY_S, per_day, clock=clock)
+        self.address_day = (TokenBuckets(per_address_day / DAY_S, per_address_day, clock=clock)
+                            if per_address_day is not None else None)
 
-    def take(self, key: object) -> None:
-        """Spend from both or raise RateLimited (the pace first: a refused burst costs no day)."""
+    def take(self, key: object, address: str | None = None) -> None:
+        """Spend from the key's pace and day, then from its address's day, or raise RateLimited
+        (in that order: what the key's own budget refuses costs its address nothing)."""
         self.pace.take(key)
         self.day.take(key)
+        if self.address_day is not None and address is not None:
+            self.address_day.take(address)
 
 
 def forwarded(values: list[str], hops: int) -> str | None:

@@ -187,7 +187,7 @@ async def create_job(body: JobCreate, user_id: CurrentUser, service: ServiceDep,
                      idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
     """Reserve one credit per item, create the job, and hand out presigned PUT URLs. With an
     Idempotency-Key the job is created once, however often the request is retried."""
-    request.app.state.job_limits.take(user_id)
+    request.app.state.job_limits.take(user_id, request_address(request, container.settings.trusted_proxies))
     committed = await service.run(service.create_job_command(user_id, body.preset, body.item_count,
                                                              id_for_key(user_id, "job", idempotency_key)))
     job_id = committed.value
@@ -250,7 +250,7 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
     the concept, black = not), then confirm-upload and execute as usual. Another user's job, or a
     deleted one, is 404; a job not finished, or whose photos are gone, 409 INVALID_STATE."""
     source = await service.rerun_source_async(user_id, job_id)
-    request.app.state.job_limits.take(user_id)
+    request.app.state.job_limits.take(user_id, request_address(request, container.settings.trusted_proxies))
     present = await run_in_threadpool(_source_objects, container, user_id, job_id)
     absent = [i for i in range(source.item_count) if input_key(user_id, job_id, i) not in present]
     if absent:  # canceled before its upload: nothing to run again

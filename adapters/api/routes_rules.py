@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
 from adapters.api.envelope import ok
 from adapters.api.idempotency import id_for_key
+from adapters.api.rate_limit import request_address
 from adapters.api.schemas import Envelope, RuleCreate, RuleList, RulePublic, RuleUpdate
 from application.services import PaletteService
 from domain.rule import Rule
@@ -43,8 +44,8 @@ async def create_rule(body: RuleCreate, user_id: CurrentUser, service: ServiceDe
                       request: Request,
                       idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
     """Save a rule; takes one of the plan's rule slots (once per Idempotency-Key). Rule writes
-    are limited per user as job creations are."""
-    request.app.state.rule_limits.take(user_id)
+    are limited per user and per client address as job creations are."""
+    request.app.state.rule_limits.take(user_id, request_address(request, container.settings.trusted_proxies))
     await service.keys_ready(user_id)  # the name is sealed under the caller's key
     committed = await service.run(service.create_rule_command(
         user_id, body.name, body.preset_id, _edits(body), body.protect, id_for_key(user_id, "rule", idempotency_key),
@@ -71,8 +72,8 @@ async def list_rules(user_id: CurrentUser, container: ContainerDep, service: Ser
 @router.put("/rules/{rule_id}", response_model=Envelope[RulePublic], responses={**OWN, **LIMITED})
 async def update_rule(rule_id: UUID, body: RuleUpdate, user_id: CurrentUser,
                       service: ServiceDep, container: ContainerDep, request: Request) -> JSONResponse:
-    """Change the rule (an event on its stream when anything changed); limited per user."""
-    request.app.state.rule_limits.take(user_id)
+    """Change the rule (an event on its stream when anything changed); limited per user and address."""
+    request.app.state.rule_limits.take(user_id, request_address(request, container.settings.trusted_proxies))
     await service.keys_ready(user_id)  # the name is sealed under the caller's key
     committed = await service.run(service.update_rule_command(user_id, rule_id, body.name, _edits(body), body.protect))
     container.last_writes.record(user_id, "rules", rule_id, committed.versions.get(rule_id))
@@ -82,8 +83,8 @@ async def update_rule(rule_id: UUID, body: RuleUpdate, user_id: CurrentUser,
 @router.delete("/rules/{rule_id}", response_model=Envelope[dict[str, bool]], responses={**OWN, **LIMITED})
 async def delete_rule(rule_id: UUID, user_id: CurrentUser, service: ServiceDep,
                       container: ContainerDep, request: Request) -> JSONResponse:
-    """Delete the rule and free its slot; limited per user."""
-    request.app.state.rule_limits.take(user_id)
+    """Delete the rule and free its slot; limited per user and address."""
+    request.app.state.rule_limits.take(user_id, request_address(request, container.settings.trusted_proxies))
     committed = await service.run(service.delete_rule_command(user_id, rule_id))
     container.last_writes.record(user_id, "rules", rule_id, committed.versions.get(rule_id))
     return ok({"deleted": True})

@@ -355,3 +355,33 @@ def test_the_api_answers_a_request_head_over_64_kb_with_a_431(api_url: str) -> N
         answer = conn.recv(100)
     assert answer.startswith(b"HTTP/1.1 431 "), answer
     assert httpx.get(f"{api_url}/livez").status_code == 200
+
+
+def test_the_users_of_one_address_share_its_day_of_job_creations_and_of_rule_writes(settings: Settings) -> None:
+    """A user costs one registration, and users never expire: with budgets per user only, one
+    client address added a day's worth of jobs and rule writes for each user it had made. Here its
+    users together get PALETTE_RATE_JOBS_PER_ADDRESS_PER_DAY of each (3), whoever asks."""
+    from fastapi.testclient import TestClient
+
+    from adapters.api.app import create_asgi
+    from adapters.bootstrap import build
+
+    tight = settings.model_copy(update={"rate_jobs_per_address_per_day": 3})
+    container = build(tight, pool_size=2)
+    try:
+        with TestClient(create_asgi(container)) as api:
+            def user() -> dict[str, str]:
+                r = api.post("/auth/anon", json={"device_hash": f"device-{uuid.uuid4().hex}"})
+                assert r.status_code == 201, r.text
+                return {"Authorization": f"Bearer {r.json()['data']['token']}"}
+
+            users = [user() for _ in range(4)]
+            jobs = [api.post("/jobs", headers=h, json={"preset": "interior", "item_count": 1}).status_code
+                    for h in users]
+            rules = [api.post("/rules", headers=h, json={"name": "warm", "preset_id": "interior",
+                                                         "concepts": EDITS}).status_code for h in users]
+            refused = api.post("/jobs", headers=users[3], json={"preset": "interior", "item_count": 1})
+    finally:
+        container.close()
+    assert jobs == [201, 201, 201, 429] and rules == [201, 201, 201, 429], (jobs, rules)
+    assert refused.headers["retry-after"] and refused.json()["error"]["code"] == "RATE_LIMITED"

@@ -120,3 +120,34 @@ def test_a_key_that_keeps_asking_while_refused_is_not_forgotten_for_other_keys()
     for key in ("e", "f", "g"):  # once it stops asking, it goes like any other
         buckets.take(key)
     buckets.take("spent")
+
+
+def test_the_users_of_one_address_share_its_day_however_many_they_are():
+    """Each user's day bounds what one user adds for good; users cost an address nothing to make
+    (a registration every 5 s, and they never expire), so without a day per address one client
+    added as much as it had users. With it, an address's users together get its day, and a user
+    refused by its own budget spends nothing of the address's."""
+    clock = FakeClock()
+    budget = Budget(rate_per_s=5, burst=20, per_day=1000, clock=clock, per_address_day=100)
+    given_out = 0
+    for user in range(500):
+        try:
+            budget.take(f"user-{user}", "198.51.100.7")
+            given_out += 1
+        except RateLimited:
+            pass
+    assert given_out == 100
+    budget.take("user-0", "203.0.113.9")  # another address has its own day
+    for _ in range(20):
+        budget.take("eager", "203.0.113.10")
+    for _ in range(30):
+        with pytest.raises(RateLimited):
+            budget.take("eager", "203.0.113.10")  # its burst is spent, not the address's day
+    for user in range(80):
+        budget.take(f"neighbour-{user}", "203.0.113.10")
+    with pytest.raises(RateLimited):
+        budget.take("neighbour-80", "203.0.113.10")
+    clock.t = DAY_S / 100  # one address token back
+    budget.take("user-600", "198.51.100.7")
+    with pytest.raises(RateLimited):
+        budget.take("user-601", "198.51.100.7")
