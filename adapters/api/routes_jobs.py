@@ -231,7 +231,8 @@ async def execute_job(job_id: UUID, body: JobExecute, user_id: CurrentUser,
     committed = await service.run(service.execute_job_command(user_id, job_id, concepts, body.protect,
                                                               body.rule_id))
     _remember(container, user_id, job_id, committed)
-    log.info("job %s queued", job_id, extra={"job_id": str(job_id), "user_id": str(user_id)})
+    if job_id in committed.versions:  # not a repeat, which changes nothing: a line per request otherwise
+        log.info("job %s queued", job_id, extra={"job_id": str(job_id), "user_id": str(user_id)})
     return ok(JobStatePublic(job_id=job_id, status=committed.value))
 
 
@@ -350,7 +351,8 @@ async def delete_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
         await run_in_threadpool(_forget_job_data, container, user_id, job_id)
     committed = await service.run(service.delete_job_command(user_id, job_id))
     _remember(container, user_id, job_id, committed)
-    log.info("job %s deleted", job_id, extra={"job_id": str(job_id), "user_id": str(user_id)})
+    if job_id in committed.versions:  # not a repeat, which changes nothing: a line per request otherwise
+        log.info("job %s deleted", job_id, extra={"job_id": str(job_id), "user_id": str(user_id)})
     return ok({"deleted": True})
 
 

@@ -385,3 +385,42 @@ def test_the_users_of_one_address_share_its_day_of_job_creations_and_of_rule_wri
         container.close()
     assert jobs == [201, 201, 201, 429] and rules == [201, 201, 201, 429], (jobs, rules)
     assert refused.headers["retry-after"] and refused.json()["error"]["code"] == "RATE_LIMITED"
+
+
+def test_a_command_repeated_without_end_is_logged_once_not_once_a_request(
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """Executing a queued job again with the same edits, and deleting a deleted job again, answer
+    as the first time and change nothing; each was logged as if it had queued or deleted the job,
+    a line per request, neither limited: a client chose how much the API logged."""
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    from adapters.api.app import create_asgi
+    from adapters.bootstrap import build
+    from adapters.webhooks import store
+
+    from .test_lifecycle import jpeg
+
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        store.ensure_schema(conn)  # a deletion forgets the job's deliveries (the webhooks process makes it)
+    container = build(settings, pool_size=2)
+    try:
+        with TestClient(create_asgi(container)) as api, caplog.at_level(logging.INFO, logger="palette.api"):
+            r = api.post("/auth/anon", json={"device_hash": f"device-{uuid.uuid4().hex}"})
+            auth = {"Authorization": f"Bearer {r.json()['data']['token']}"}
+            created = api.post("/jobs", headers=auth, json={"preset": "interior", "item_count": 1}).json()["data"]
+            job_id = created["job_id"]
+            [slot] = created["upload"]
+            assert httpx.put(slot["url"], content=jpeg(), headers={"Content-Type": slot["content_type"]}).is_success
+            assert api.post(f"/jobs/{job_id}/confirm-upload", headers=auth).status_code == 200
+            for _ in range(5):
+                r = api.post(f"/jobs/{job_id}/execute", headers=auth, json={"concepts": EDITS})
+                assert r.status_code == 200 and r.json()["data"]["status"] == "queued", r.text
+            assert api.post(f"/jobs/{job_id}/cancel", headers=auth).status_code == 200
+            for _ in range(5):
+                assert api.delete(f"/jobs/{job_id}", headers=auth).json()["data"] == {"deleted": True}
+    finally:
+        container.close()
+    said = [r.getMessage() for r in caplog.records if r.name == "palette.api" and job_id in r.getMessage()]
+    assert said == [f"job {job_id} queued", f"job {job_id} deleted"], said
