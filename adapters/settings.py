@@ -29,6 +29,8 @@ PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "placeholder", "dev", 
 DEV_REGISTER_RATE = (1000.0, 100_000)
 # Job creations (and as many rule writes) per client address and day in development.
 DEV_ADDRESS_JOBS_PER_DAY = 1_000_000_000
+# Idempotency-Keys per client address and key lifetime in development.
+DEV_ADDRESS_IDEMPOTENCY_KEYS = 1_000_000_000
 # Whose traceparent is continued in development unless set (see trace_trusted_peers).
 DEV_TRACE_TRUSTED_PEERS = "127.0.0.0/8,::1/128"
 # Secret names, printed by `palette env` but never logged.
@@ -116,6 +118,10 @@ class Settings(BaseSettings):
     dispatch_stale_s: float = Field(600.0, gt=0)  # a job without progress this long is dispatched again
     pg_fsync: bool = True
     idempotency_ttl_s: float = Field(24 * 3600.0, gt=0)  # an Idempotency-Key is forgotten this long after its claim
+    # Keyed requests per client address and key lifetime, whatever their users (each user holds
+    # at most 10,000 keys, and users cost a registration). In development, unless set,
+    # DEV_ADDRESS_IDEMPOTENCY_KEYS: test suites run every user from loopback.
+    idempotency_keys_per_address: int = Field(100_000, ge=1)
     sse_streams_per_user: int = Field(4, ge=1)  # concurrent GET /jobs/{id}/events per user (per API process)
     sse_streams: int = Field(256, ge=1)  # concurrent GET /jobs/{id}/events in all (per API process)
     sse_streams_per_address: int = Field(16, ge=1)  # ... per client address (per API process)
@@ -228,6 +234,8 @@ class Settings(BaseSettings):
                 self.rate_register_burst = burst
             if "rate_jobs_per_address_per_day" not in self.model_fields_set:
                 self.rate_jobs_per_address_per_day = DEV_ADDRESS_JOBS_PER_DAY
+            if "idempotency_keys_per_address" not in self.model_fields_set:
+                self.idempotency_keys_per_address = DEV_ADDRESS_IDEMPOTENCY_KEYS
         return self
 
     # -- derived values -------------------------------------------------------------

@@ -138,8 +138,10 @@ def create_asgi(container: Container, owns_container: bool = False,
     app = create_app(container, owns_container)
     with container.read_pool.connection() as conn:
         ensure_schema(conn)
-    keys = IdempotencyKeys(app, app.state.unflushed, app.state.verified_tokens, fail,
-                           ttl_s=container.settings.idempotency_ttl_s, erased=app.state.erased_users)
+    s = container.settings
+    keys = IdempotencyKeys(app, app.state.unflushed, app.state.verified_tokens, fail, ttl_s=s.idempotency_ttl_s,
+                           erased=app.state.erased_users, per_address=s.idempotency_keys_per_address,
+                           trusted_proxies=s.trusted_proxies)
     registry = registry or CollectorRegistry()
     if container.committer is not None:
         command_metrics(container.committer, registry)

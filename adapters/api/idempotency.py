@@ -10,7 +10,10 @@ callbacks per result key). Answers that invite a retry (409, 429, 5xx) or refuse
 before it ran (401, 422) are not stored. A key
 is forgotten ``ttl_s`` after its claim; each claim deletes at most ``SWEEP_BATCH`` expired keys.
 A principal holds at most ``MAX_KEYS_PER_OWNER`` keys at a time: a new key past that is a 429
-(a retry of a key it holds is answered as always). A keyed request that gives the key, or its
+(a retry of a key it holds is answered as always). A principal costs one registration, so the
+keyed requests of one client address are bounded too, whatever their principals: at most
+``per_address`` a key's lifetime (a bucket that holds that many and refills over ``ttl_s``; a
+retry of a held key counts), then a 429. A keyed request that gives the key, or its
 bearer token, twice is a 422: which one is meant would be a guess (the routes read the first of
 a repeated header, and so does this middleware, which ignores the key without a valid first token).
 
@@ -33,6 +36,7 @@ from uuid import UUID
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.api.envelope import ApiError
+from adapters.api.rate_limit import RateLimited, TokenBuckets, client_address
 from adapters.loop_pg import LoopConnections
 from adapters.tokens import TokenInvalid
 
@@ -115,13 +119,16 @@ class IdempotencyKeys:
 
     def __init__(self, app: ASGIApp, connections: LoopConnections, tokens: TokenVerifier, fail: Any,
                  ttl_s: float = DEFAULT_TTL_S, erased: Container[UUID] = frozenset(),
-                 max_keys: int = MAX_KEYS_PER_OWNER) -> None:
+                 max_keys: int = MAX_KEYS_PER_OWNER, per_address: int | None = None,
+                 trusted_proxies: int = 0) -> None:
         self.app = app
         self.connections = connections
         self.tokens = tokens
         self.fail = fail
         self.ttl_s = ttl_s
         self.max_keys = max_keys
+        self.per_address = (TokenBuckets(per_address / ttl_s, per_address) if per_address is not None else None)
+        self.trusted_proxies = trusted_proxies
         self.erased = erased  # users whose kept answers are never replayed (the route answers 401)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -150,6 +157,16 @@ class IdempotencyKeys:
             await refusal(scope, receive, send)
             return
         key = raw_key.decode("ascii")
+        if self.per_address is not None:
+            forwarded_for = [v.decode("latin-1") for n, v in raw_headers if n == b"x-forwarded-for"]
+            peer = scope["client"][0] if scope.get("client") else None
+            try:
+                self.per_address.take(client_address(peer, forwarded_for, self.trusted_proxies))
+            except RateLimited as e:
+                await self.fail("RATE_LIMITED", "too many Idempotency-Keys from this address; send this request "
+                                "without one, or later", status=429,
+                                headers={"Retry-After": e.retry_after_header})(scope, receive, send)
+                return
         body = b""
         try:
             while True:

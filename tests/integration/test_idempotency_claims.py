@@ -25,8 +25,17 @@ class Tokens:
         return self.user_id, "client"
 
 
-async def _post(keys: IdempotencyKeys, path: str, *idempotency_keys: str) -> int:
-    """The status ``keys`` answers a POST of ``{}`` to ``path`` with these Idempotency-Key headers."""
+class UserTokens:
+    """Each token is its user's id."""
+
+    def verify(self, token: str) -> tuple[uuid.UUID, str]:
+        return uuid.UUID(token), "client"
+
+
+async def _post(keys: IdempotencyKeys, path: str, *idempotency_keys: str, client: str = "127.0.0.1",
+                bearer: str = "t") -> int:
+    """The status ``keys`` answers a POST of ``{}`` to ``path`` with these Idempotency-Key headers,
+    from ``client`` with this ``bearer`` token."""
     sent: list[Any] = []
 
     async def receive() -> Any:
@@ -35,8 +44,10 @@ async def _post(keys: IdempotencyKeys, path: str, *idempotency_keys: str) -> int
     async def send(message: Any) -> None:
         sent.append(message)
 
-    headers = [(b"authorization", b"Bearer t"), *((b"idempotency-key", k.encode()) for k in idempotency_keys)]
-    await keys({"type": "http", "method": "POST", "path": path, "headers": headers}, receive, send)
+    headers = [(b"authorization", b"Bearer " + bearer.encode()),
+               *((b"idempotency-key", k.encode()) for k in idempotency_keys)]
+    await keys({"type": "http", "method": "POST", "path": path, "headers": headers, "client": (client, 40000)},
+               receive, send)
     return int(next(m["status"] for m in sent if m["type"] == "http.response.start"))
 
 
@@ -152,3 +163,30 @@ def test_a_stale_claim_is_taken_over_only_by_a_retry_of_the_same_request(setting
 
     assert asyncio.run(scenario()) == [422, 201]
     assert ran == ["/rules"]
+
+
+def test_the_owners_of_one_address_share_its_keys_however_many_owners_it_makes(settings: Settings) -> None:
+    """Each owner holds at most its cap of keys, but owners cost an address one registration each:
+    one client held the cap (10,000 kept answers) for every user it had made. The keys claimed
+    from one address within the keys' lifetime are bounded too, whichever owners claim them."""
+    url = settings.effective_database_url
+    with psycopg.connect(url, autocommit=True) as conn:
+        ensure_schema(conn)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 404, "headers": []})  # stored, as any 404
+        await send({"type": "http.response.body", "body": b"none"})
+
+    async def scenario() -> list[int]:
+        connections = unflushed(url)
+        keys = IdempotencyKeys(app, connections, UserTokens(), fail, max_keys=100, per_address=3)
+        owners = [str(uuid.uuid4()) for _ in range(4)]
+        try:
+            statuses = [await _post(keys, f"/jobs/{i}/cancel", f"k{i}", client="198.51.100.7", bearer=owner)
+                        for i, owner in enumerate(owners)]
+            statuses.append(await _post(keys, "/jobs/3/cancel", "k3", client="198.51.100.8", bearer=owners[3]))
+            return statuses
+        finally:
+            await connections.close()
+
+    assert asyncio.run(scenario()) == [404, 404, 404, 429, 404]  # the last from another address

@@ -11,7 +11,13 @@ from uuid import UUID
 import pytest
 
 from adapters.api.rate_limit import RateLimited, TokenBuckets, client_address
-from adapters.settings import DEV_ADDRESS_JOBS_PER_DAY, DEV_REGISTER_RATE, SettingsError, load_settings
+from adapters.settings import (
+    DEV_ADDRESS_IDEMPOTENCY_KEYS,
+    DEV_ADDRESS_JOBS_PER_DAY,
+    DEV_REGISTER_RATE,
+    SettingsError,
+    load_settings,
+)
 from application.device_keys import HmacDeviceKeyer
 from application.executors import DirectExecutor
 from application.services import PaletteApplication, PaletteService
@@ -211,6 +217,7 @@ def test_development_generates_the_device_key_secret_even_into_an_older_secrets_
     assert load_settings(env="development", data_dir=tmp_path).device_key_secret == s.device_key_secret
     assert (s.rate_register_per_s, s.rate_register_burst) == DEV_REGISTER_RATE
     assert s.rate_jobs_per_address_per_day == DEV_ADDRESS_JOBS_PER_DAY  # suites run every user from loopback
+    assert s.idempotency_keys_per_address == DEV_ADDRESS_IDEMPOTENCY_KEYS
 
 
 def test_production_refuses_a_placeholder_device_key_secret_and_limits_registration(tmp_path):
@@ -219,4 +226,4 @@ def test_production_refuses_a_placeholder_device_key_secret_and_limits_registrat
         load_settings(env="production", data_dir=tmp_path, device_key_secret="changeme", **good)
     s = load_settings(env="production", data_dir=tmp_path, device_key_secret="device-key-secret-0f-f0rty-bytes", **good)
     assert s.rate_register_burst < 100 and s.rate_register_per_s < 1 and s.trusted_proxies == 0
-    assert s.rate_jobs_per_address_per_day == 20_000
+    assert s.rate_jobs_per_address_per_day == 20_000 and s.idempotency_keys_per_address == 100_000
