@@ -180,6 +180,11 @@ def run(query: str, data: Path | None, database_url: str | None, limit: int = DE
         timeout: float = DEFAULT_TIMEOUT_S) -> Result:
     """One SELECT over the views of ``data`` and the read models it names, at most ``limit`` rows,
     interrupted once it has run ``timeout`` seconds (0: never)."""
+    if not query.isascii():
+        try:  # argv's bytes that are no UTF-8 come as lone surrogates, which DuckDB's binding refuses
+            query.encode()
+        except UnicodeEncodeError as e:
+            raise QueryError(f"the SQL is not UTF-8 text (at character {e.start + 1})") from None
     if not (math.isfinite(timeout) and timeout >= 0):
         raise QueryError(f"--timeout must be a number of seconds, 0 or more (0: none), not {timeout}")
     if data is not None and not data.is_dir():

@@ -62,6 +62,7 @@ def test_unknown_event_types_are_refused_with_the_known_ones():
     ("INSERT INTO t VALUES (1)", "only SELECT"), ("ATTACH 'x.db'", "only SELECT"), ("PRAGMA version", "only SELECT"),
     ("SELECT 1; DROP TABLE t", "one statement"), ("", "one statement"), ("SELECT FROM WHERE", "Parser Error"),
     ("SELECT * FROM read_parquet('/etc/*.parquet')", "Permission"), ("INSTALL httpfs", "only SELECT"),
+    (b"SELECT '\xff'".decode(errors="surrogateescape"), r"not UTF-8 text \(at character 9\)"),
 ])
 def test_query_refuses_anything_but_one_select_in_one_line(query, why):
     with pytest.raises(QueryError, match=why) as e:
