@@ -40,6 +40,17 @@ def row_limit(value: str) -> int:
     return limit
 
 
+def event_count(value: str) -> int:
+    """A number of events to write, 1 or more (0 or less would write none, or read as "not given")."""
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of events: {value!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {count}")
+    return count
+
+
 def ttl(value: str) -> int:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:

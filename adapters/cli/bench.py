@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from adapters.cli.arguments import event_count
 from adapters.cli.outputs import unwritable
 
 if TYPE_CHECKING:
@@ -48,10 +49,12 @@ def add_commands(sub: Subcommands) -> None:
                            "goal next to a naive baseline. The harness is tests/bench: run it from the root of a "
                            "source checkout.")
     bench.add_argument("--quick", action="store_true", help="the short profile (about 10 minutes on a 2-core machine)")
-    bench.add_argument("--quality", action="store_true",
-                       help="edit quality against ground truth instead (generated scenes, both mask sources)")
+    instead = bench.add_mutually_exclusive_group()
+    instead.add_argument("--quality", action="store_true",
+                         help="edit quality against ground truth instead (generated scenes, both mask sources)")
     bench.add_argument("--json", dest="json_path", help="write the results as JSON here")
     bench.add_argument("--plot", dest="plot_path", help="write a PNG chart of measured/goal here")
-    bench.add_argument("--audit-events", type=int, metavar="N",
-                       help="instead: write a log of about N events, then time `audit reconcile` and replay over it")
+    instead.add_argument("--audit-events", type=event_count, metavar="N",
+                         help="instead: write a log of about N events (1 or more), then time `audit reconcile` and "
+                              "replay over it")
     bench.set_defaults(func=_cmd_bench)

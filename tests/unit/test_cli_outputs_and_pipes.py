@@ -58,6 +58,24 @@ def test_bench_refuses_an_output_it_cannot_write_before_running(option: str, whe
     assert ("No such file or directory" if where == "missing-dir" else "Is a directory") in err
 
 
+@pytest.mark.parametrize("argv", [["--audit-events", "0"], ["--audit-events", "-5"],
+                                  ["--quality", "--audit-events", "10"]])
+def test_bench_refuses_an_audit_log_of_no_events_or_beside_the_quality_run(argv: list[str],
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """0 ran the whole benchmark instead, -5 started a stack to write none, and --quality took
+    the place of --audit-events without a word."""
+    import tests.bench
+
+    ran: list[Any] = []
+    monkeypatch.setattr(tests.bench, "main", lambda *a: ran.append(a) or 0)
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", *argv])
+    assert exit_.value.code == 2 and ran == []
+    assert "--audit-events" in capsys.readouterr().err
+
+
 def test_keygen_into_a_missing_directory_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("PALETTE_DATA_DIR", str(tmp_path))
