@@ -9,6 +9,7 @@ import argparse
 import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from adapters.cli import analysts, auditors, bench, operators, read_models, stack
 from adapters.cli.outputs import SIGPIPE_EXIT, stdout_closed, stdout_gone
@@ -18,8 +19,16 @@ from infra.supervisor import StackError
 COMMANDS = (stack, read_models, analysts, auditors, bench, operators)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's refusal in one line, as every other refusal of the command line (its usage,
+    several lines of it, is what --help prints); its subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="palette", description="Palette: event-sourced photo-editing backend.")
+    p = _Parser(prog="palette", description="Palette: event-sourced photo-editing backend.")
     sub = p.add_subparsers(dest="command", required=True)
     for commands in COMMANDS:
         commands.add_commands(sub)

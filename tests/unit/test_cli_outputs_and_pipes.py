@@ -76,6 +76,22 @@ def test_bench_refuses_an_audit_log_of_no_events_or_beside_the_quality_run(argv:
     assert "--audit-events" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "line"), [
+    ([], "palette: the following arguments are required: command (see palette --help)"),
+    (["token", "--role", "admin"], "palette token: argument --role: invalid choice: 'admin' (choose from 'analyst', "
+                                   "'auditor') (see palette token --help)"),
+    (["projections", "dlq", "retry", "x"], "palette projections dlq retry: argument id: invalid int value: 'x' "
+                                           "(see palette projections dlq retry --help)"),
+    (["env", "a", "b"], "palette: unrecognized arguments: b (see palette --help)"),
+])
+def test_arguments_argparse_refuses_are_one_line_without_the_usage(argv: list[str], line: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == line + "\n"
+
+
 def test_keygen_into_a_missing_directory_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("PALETTE_DATA_DIR", str(tmp_path))
