@@ -178,8 +178,9 @@ def add_commands(sub: Subcommands) -> None:
     rst = rsub.add_parser("state", help="an aggregate's state folded up to a version or a time")
     rst.add_argument("id", type=uuid_value)
     point = rst.add_mutually_exclusive_group(required=True)
-    point.add_argument("--version", type=int)
-    point.add_argument("--as-of", type=time_value)
+    point.add_argument("--version", type=int, help="fold the stream's events up to this version (1 or more)")
+    point.add_argument("--as-of", type=time_value, metavar="TIME",
+                       help="fold its events stamped at or before this time (ISO-8601; no offset: UTC)")
     replay.set_defaults(func=_cmd_replay)
 
     exp = sub.add_parser("export", help="analysts: a read model as Parquet (one read-only snapshot)")

@@ -249,7 +249,7 @@ def add_commands(sub: Subcommands) -> None:
     al.add_argument("--to", dest="until", type=time_value, metavar="TIME", help="period end (ISO-8601; no offset: UTC)")
     ab = asub.add_parser("balance", help="a user's balance as of a time, with the positions used")
     ab.add_argument("--user", type=uuid_value, required=True)
-    ab.add_argument("--as-of", type=time_value, required=True)
+    ab.add_argument("--as-of", type=time_value, required=True, metavar="TIME", help="ISO-8601; no offset: UTC")
     rec = asub.add_parser("reconcile", help="prove the projection equals the fold of the event log (exit 1 if not); "
                           "safe on a live system: one snapshot of the projection, the log folded to match it")
     rec.add_argument("--at", type=int, metavar="POSITION", default=None,
@@ -269,12 +269,15 @@ def add_commands(sub: Subcommands) -> None:
                          "net credits moved into reservations in the period (placed - spent - refunded); "
                          "outstanding = owed to users at --to (closing + still held). Checks opening + granted - "
                          "spent = closing + reserved.")
-    ar.add_argument("--from", dest="since", type=time_value, required=True, help="period start (inclusive), ISO-8601")
-    ar.add_argument("--to", dest="until", type=time_value, required=True, help="period end (exclusive), ISO-8601")
+    ar.add_argument("--from", dest="since", type=time_value, required=True, metavar="TIME",
+                    help="period start (inclusive), ISO-8601; no offset: UTC")
+    ar.add_argument("--to", dest="until", type=time_value, required=True, metavar="TIME",
+                    help="period end (exclusive), ISO-8601; no offset: UTC")
     ar.add_argument("--at", type=int, metavar="POSITION", help="count the log up to here (default: its head)")
     ar.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    ack = asub.add_parser("checkpoint", help="sign the ledger's chain heads and log position (Ed25519) and keep "
-                          "the checkpoint in the object store (audit/checkpoints/) and/or a file")
+    ack = asub.add_parser("checkpoint", help="sign the ledger's chain heads and log position (Ed25519, the key of "
+                          "PALETTE_AUDIT_SIGNING_KEY or PALETTE_AUDIT_SIGNING_KEY_FILE) and keep the checkpoint in "
+                          "the object store (audit/checkpoints/), PALETTE_AUDIT_CHECKPOINT_DIR and/or a file")
     ack.add_argument("--out", type=Path, help="also write the checkpoint to this file")
     ack.add_argument("--no-s3", action="store_true", help="do not use the object store")
     akg = asub.add_parser("keygen", help="make an Ed25519 signing key file for checkpoints; prints the public key")

@@ -61,7 +61,8 @@ def _cmd_admin(args: argparse.Namespace) -> int:
 def add_commands(sub: Subcommands) -> None:
     tok = sub.add_parser("token", help="mint an analyst or auditor token from the server secret")
     tok.add_argument("--role", choices=("analyst", "auditor"), required=True)
-    tok.add_argument("--ttl", type=ttl, default=3600, help="lifetime, e.g. 30m, 1h (default 1h)")
+    tok.add_argument("--ttl", type=ttl, default=3600,
+                     help="lifetime from 1m to 30d: seconds, or a number with s, m, h or d, e.g. 30m (default 1h)")
     tok.add_argument("--subject", type=uuid_value, help="who the token names (default: a fresh id)")
     tok.set_defaults(func=_cmd_token)
     adm = sub.add_parser("admin", help="operators: erase a user; run the sweeper once")

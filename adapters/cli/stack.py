@@ -232,14 +232,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Subcommands) -> None:
     env = sub.add_parser("env", help="print the effective settings as KEY=value lines (secrets included)")
-    env.add_argument("key", nargs="?", help="print only this setting's value, e.g. PALETTE_DATABASE_URL")
+    env.add_argument("key", nargs="?",
+                     help="print only this setting's value, e.g. PALETTE_DATABASE_URL (or database_url)")
     env.set_defaults(func=_cmd_env)
 
     up = sub.add_parser("up", help="start the embedded stack and the application processes")
     up.add_argument("--external", action="store_true",
                     help="start only the application processes, against PostgreSQL/Kafka/S3 from settings")
     up.add_argument("--apps", nargs="*", default=list(APP_PROCESSES), choices=APP_PROCESSES,
-                    help="application processes to run (default: all)")
+                    help="application processes to run (default: all); the sweeper comes with the api, and "
+                         "the checkpointer too once PALETTE_AUDIT_CHECKPOINT_INTERVAL_S > 0")
     up.set_defaults(func=_cmd_up)
 
     serve = sub.add_parser("serve", help="run one application process (what `palette up` runs)")
@@ -247,7 +249,8 @@ def add_commands(sub: Subcommands) -> None:
                        help="checkpointer: signed ledger checkpoints every PALETTE_AUDIT_CHECKPOINT_INTERVAL_S; "
                             "sweeper: deletes the objects of jobs finished PALETTE_RETENTION_DAYS ago and "
                             "finishes erasures a crash cut short (`palette up` starts it with the api)")
-    serve.add_argument("--ready-file", help="touch this file once the process is ready (used by `palette up`)")
+    serve.add_argument("--ready-file", help="touch this file once the process is ready (used by `palette up`); "
+                       "not the api's, whose readiness is GET /health")
     serve.add_argument("--naive", action="store_true",
                        help="api only: serve commands with one load-decide-save each and no cache "
                             "(the benchmark's baseline, started by `palette bench`)")
