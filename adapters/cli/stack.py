@@ -36,10 +36,10 @@ class Served(Protocol):
 def _cmd_env(args: argparse.Namespace) -> int:
     settings = running_settings()
     values = settings.as_env()
-    if args.key:
+    if args.key is not None:  # an empty name too ("$UNSET"): not every setting, secrets included, for one
         key = args.key if args.key.startswith("PALETTE_") else f"PALETTE_{args.key.upper()}"
         if key not in values:
-            print(f"palette env: unknown setting {args.key}", file=sys.stderr)
+            print(f"palette env: unknown setting {args.key or '(an empty name)'}", file=sys.stderr)
             return 2
         print(values[key])
         return 0

@@ -229,6 +229,9 @@ def test_env_prints_a_setting_named_either_way_and_refuses_an_unknown_one(tmp_pa
     assert cli.main(["env", "no_such_setting"]) == 2
     captured = capsys.readouterr()
     assert (captured.out, captured.err) == ("", "palette env: unknown setting no_such_setting\n")
+    assert cli.main(["env", ""]) == 2  # "$UNSET": no value, rather than every setting, secrets included
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "palette env: unknown setting (an empty name)\n")
 
 
 def test_serve_naive_for_a_process_other_than_the_api_is_refused(capsys: Any) -> None:
