@@ -42,6 +42,13 @@ def _is_unreachable(e: BaseException) -> bool:
     return isinstance(e, (psycopg.OperationalError, OperationalError))
 
 
+def _broker_unreachable(e: BaseException) -> bool:
+    """No broker answered in time (kafka-python's bootstrap, an acknowledgement waited on)."""
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+
+    return isinstance(e, (KafkaTimeoutError, KafkaConnectionError))
+
+
 def _reason(e: BaseException) -> str:
     """The driver's last line (``password authentication failed for user ...``), a password
     in it masked (libpq quotes a connection string it cannot parse, or the host name an unescaped
@@ -71,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _is_unreachable(e):
             print(f"palette {args.command}: cannot reach PostgreSQL ({_reason(e)}); "
                   "is the stack up (`make run`) and PALETTE_DATABASE_URL right?", file=sys.stderr)
+            return 3
+        if _broker_unreachable(e):  # `palette serve gpu`, which needs no database, meets it first
+            print(f"palette {args.command}: cannot reach the broker ({_reason(e)}); "
+                  "is the stack up (`make run`) and PALETTE_KAFKA_BOOTSTRAP right?", file=sys.stderr)
             return 3
         if isinstance(e, OSError) and e.filename is not None:  # a file we read or write
             print(f"palette {args.command}: {e.filename}: {e.strerror or e}", file=sys.stderr)

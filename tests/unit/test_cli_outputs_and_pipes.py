@@ -155,6 +155,25 @@ def test_a_broken_pipe_that_is_not_stdout_is_not_taken_for_a_closed_reader(
         cli.main([])
 
 
+@pytest.mark.parametrize("error", ["KafkaTimeoutError", "KafkaConnectionError"])
+def test_a_broker_that_does_not_answer_is_one_line_and_exit_3_not_a_traceback(
+        error: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`palette serve gpu` needs no database: an unreachable broker was the first thing it met
+    (kafka-python's KafkaTimeoutError: Unable to bootstrap), and its traceback what it said."""
+    import kafka.errors
+
+    def meets_no_broker(args: Any) -> int:
+        raise getattr(kafka.errors, error)("Unable to bootstrap from 127.0.0.1:9092")
+
+    monkeypatch.setenv("PALETTE_DATA_DIR", str(tmp_path))
+    args = cli.parser().parse_args(["serve", "gpu"])
+    monkeypatch.setattr(cli, "parser", lambda: _Fixed(args, meets_no_broker))
+    assert cli.main([]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("palette serve: cannot reach the broker (")
+    assert "Unable to bootstrap from 127.0.0.1:9092" in err and "PALETTE_KAFKA_BOOTSTRAP right?" in err
+
+
 def test_an_output_path_is_tried_for_writing_not_judged_by_its_permission_bits(tmp_path: Path) -> None:
     """As root every permission bit passes; /proc takes no new file whoever asks."""
     from adapters.cli.outputs import unwritable
