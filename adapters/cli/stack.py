@@ -88,8 +88,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
             stack.start_infra()
         stack.start_apps(apps)
         starting = False
-        url = f"http://{settings.api_host}:{settings.api_port}"
-        print(f"[palette] up in {time.monotonic() - t0:.1f}s: API on {url} "
+        serving = (f"API on http://{settings.api_host}:{settings.api_port}" if "api" in apps
+                   else f"{', '.join(apps) or 'no application process'}, no API")
+        print(f"[palette] up in {time.monotonic() - t0:.1f}s: {serving} "
               f"(data and logs in {settings.data_dir}); Ctrl-C stops everything", flush=True)
         while not stopping:
             stack.supervisor.check()

@@ -98,3 +98,15 @@ Stack.start_apps = start_apps
 """)
     assert outcome["rc"] == 1
     assert json.loads(str(outcome["stdout"]).splitlines()[0]) == {"apps": apps}
+
+
+def test_up_without_the_api_does_not_say_the_api_is_on_its_port(tmp_path: Path) -> None:
+    """`palette up --apps relay` started no API, and said "API on http://127.0.0.1:8000"."""
+    outcome = run_up(tmp_path, """
+launched = {}
+Stack.start_infra = lambda self: None
+Supervisor.check = lambda self: os.kill(os.getpid(), signal.SIGTERM)  # up, then told to stop
+""")
+    assert outcome["rc"] == 0
+    said = [line for line in str(outcome["stdout"]).splitlines() if " up in " in line]
+    assert len(said) == 1 and ": relay, no API (data and logs in " in said[0] and "API on" not in said[0]
