@@ -175,6 +175,15 @@ class Settings(BaseSettings):
     erasure_sweep_s: float = Field(30.0, gt=0)
     erasure_grace_s: float = Field(120.0, ge=0)
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir(cls, v: object) -> object:
+        """An empty PALETTE_DATA_DIR ("$UNSET") would be the working directory: the development
+        secrets written where a `git add .` takes them, and `palette up`'s database beside them."""
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("is empty: unset it for .palette, or name a directory")
+        return v
+
     @field_validator("s3_bucket", "broker_bucket")
     @classmethod
     def _bucket_name(cls, v: str) -> str:

@@ -63,6 +63,16 @@ def test_invalid_setting_is_one_line_naming_it(tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_data_dir_is_refused_not_taken_for_the_working_directory(tmp_path, monkeypatch, value):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PALETTE_DATA_DIR", value)
+    with pytest.raises(SettingsError, match=r"invalid setting PALETTE_DATA_DIR: .*is empty") as e:
+        load_settings()
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # no secrets.json in whatever directory it ran in
+
+
 def test_every_s3_port_allowed_leaves_seaweedfs_ports_that_exist(tmp_path):
     from infra.stack import embedded_ports
 
