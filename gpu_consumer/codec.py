@@ -236,14 +236,27 @@ def _gif_blocks(data: bytes) -> int:
     return count
 
 
+WIDE_GREYS = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # the modes a 16-bit grey opens as
+
+
+def _grey16(img: Image.Image) -> np.ndarray:
+    """A 16-bit grey as 8 bits, scaled (PIL's own conversion clips: every sample above 255 of
+    65,535 white)."""
+    wide = np.asarray(img)  # uint16, or int32 for "I": no wider copy is needed to scale it
+    grey: np.ndarray = (np.clip(wide, 0, 65535) // 257).astype(np.uint8)
+    return grey
+
+
 def _rgb(img: Image.Image) -> np.ndarray:
-    """8-bit RGB. PIL's own conversion clips the 32-bit integers a 16-bit grey opens as (every
-    pixel above 255 white): those are scaled down instead."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        wide = np.asarray(img).astype(np.int64)
-        grey = (np.clip(wide, 0, 65535) // 257).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
+    """8-bit RGB, a 16-bit grey scaled down (_grey16)."""
+    if img.mode in WIDE_GREYS:
+        return np.repeat(_grey16(img)[..., None], 3, axis=2)
     return np.array(img.convert("RGB"))  # a copy of PIL's read-only buffer: a tensor may write
+
+
+def _grey(img: Image.Image) -> Image.Image:
+    """8-bit grey, a 16-bit grey scaled down (_grey16) as a photo's is."""
+    return Image.fromarray(_grey16(img)) if img.mode in WIDE_GREYS else img.convert("L")
 
 
 def decode_mask(data: bytes, size: tuple[int, int], orientation: int = 1) -> torch.Tensor:
@@ -254,7 +267,7 @@ def decode_mask(data: bytes, size: tuple[int, int], orientation: int = 1) -> tor
     read_header(data, "mask")
     try:
         with _open(data) as img:
-            gray = img.convert("L")
+            gray = _grey(img)
             if orientation in QUARTER_TURNS and size[0] != size[1] and gray.size == (size[0], size[1]):
                 gray = Image.fromarray(np.ascontiguousarray(UPRIGHT[orientation](np.asarray(gray))))
             if gray.size != (size[1], size[0]):

@@ -1,0 +1,56 @@
+"""What the worker reads from an upload it accepts (gpu_consumer.codec): the pixels a viewer
+shows, for a photo and for a mask alike."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from typing import Any
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from gpu_consumer.codec import PNG_SIGNATURE, decode, decode_mask
+
+
+def _saved(img: Image.Image, fmt: str, **options: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _grey16_png(values: np.ndarray) -> bytes:
+    """A 16-bit grey PNG of ``values`` (uint16, [H, W]), written by hand: exactly these samples."""
+    h, w = values.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in values)
+    return (PNG_SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0))
+            + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b""))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), low=st.booleans())
+def test_a_16_bit_grey_mask_is_scaled_to_8_bits_as_a_photo_is_not_clipped(seed: int, low: bool):
+    """A 16-bit grey mask was read with PIL's conversion, which clips: every sample above 255 of
+    65,535 (0.4 %) read as white, so a near-black background was all concept and the edit took
+    the whole photo. Its greys are now what the same file decoded as a photo shows."""
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 1024 if low else 65536, (12, 16)).astype(np.uint16)
+    data = _grey16_png(values)
+    mask = decode_mask(data, (12, 16))[0, 0].numpy()
+    assert np.array_equal(mask, (values // 257).astype(np.float32) / 255.0)
+    assert np.array_equal(mask * 255.0, decode(data)[..., 0].numpy().astype(np.float32))
+
+
+def test_a_near_black_16_bit_mask_is_no_concept_and_a_white_one_all_of_it():
+    background = np.full((16, 16), 300, dtype=np.uint16)  # 0.5 % grey: black to any eye
+    background[4:8, 4:8] = 65535
+    mask = decode_mask(_grey16_png(background), (16, 16))[0, 0].numpy()
+    assert mask[4:8, 4:8].min() == 1.0
+    assert int((mask > 0.5).sum()) == 16  # before: 256, the whole photo
