@@ -114,21 +114,27 @@ def read_header(data: bytes, what: str = "photo") -> Header:
 def decode_upright(data: bytes) -> tuple[torch.Tensor, int]:
     """``[H, W, 3]`` uint8, upright as its EXIF orientation says (the edit, its masks and the
     output are the photo as a viewer shows it), and that orientation (1-8). JPEG through kornia-rs
-    (libjpeg-turbo), CMYK ones and the other formats through PIL; 16-bit greys scaled to 8 bits,
-    not clipped."""
+    (libjpeg-turbo), CMYK ones, those kornia-rs refuses and the other formats through PIL; 16-bit
+    greys scaled to 8 bits, not clipped."""
     header = read_header(data)
     if min(header.width, header.height) < MIN_SIDE:
         raise BadInput(f"the photo is {header.width}x{header.height}; each side must be at least {MIN_SIDE} pixels")
-    try:
-        if header.format == "JPEG" and header.mode in ("RGB", "L"):
-            import kornia_rs
+    array = None
+    if header.format == "JPEG" and header.mode in ("RGB", "L"):
+        import kornia_rs
 
+        try:
             array = kornia_rs.io.decode_image_jpegturbo(data, "rgb")
-        else:
+        except Exception:  # noqa: BLE001 - PIL has the last word (below)
+            # turbojpeg stops at what libjpeg only warns about (a stray byte between segments, a
+            # progression out of order), which PIL and every viewer read on past.
+            array = None
+    if array is None:
+        try:
             with _open(data) as img:
                 array = _rgb(img)
-    except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's fault
-        raise BadInput(f"corrupt image data ({type(e).__name__})") from None
+        except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's fault
+            raise BadInput(f"corrupt image data ({type(e).__name__})") from None
     if header.orientation in UPRIGHT:
         array = UPRIGHT[header.orientation](array)
     return torch.from_numpy(np.ascontiguousarray(array)), header.orientation

@@ -9,11 +9,12 @@ import zlib
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from gpu_consumer.codec import PNG_SIGNATURE, decode, decode_mask
+from gpu_consumer.codec import PNG_SIGNATURE, BadInput, decode, decode_mask
 
 
 def _saved(img: Image.Image, fmt: str, **options: Any) -> bytes:
@@ -54,3 +55,32 @@ def test_a_near_black_16_bit_mask_is_no_concept_and_a_white_one_all_of_it():
     mask = decode_mask(_grey16_png(background), (16, 16))[0, 0].numpy()
     assert mask[4:8, 4:8].min() == 1.0
     assert int((mask > 0.5).sum()) == 16  # before: 256, the whole photo
+
+
+def _stray_bytes_before_the_scan(mode: str, progressive: bool) -> tuple[bytes, bytes]:
+    """A JPEG, and the same file with two bytes between its tables and its first scan: libjpeg
+    warns ("extraneous bytes before marker") and reads on; so do PIL and every viewer."""
+    y, x = np.mgrid[0:24, 0:40]
+    pixels = np.stack([x * 6, y * 10, (x + y) * 3], axis=2).astype(np.uint8)
+    clean = _saved(Image.fromarray(pixels).convert(mode), "JPEG", quality=95, progressive=progressive)
+    first_scan = clean.index(b"\xff\xda")
+    return clean, clean[:first_scan] + b"\x00\x17" + clean[first_scan:]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_jpeg_with_stray_bytes_between_its_markers_is_read_as_its_clean_self(mode: str, progressive: bool):
+    """kornia-rs refuses what libjpeg only warns about: an RGB or grey JPEG with a stray byte
+    between its segments failed as "corrupt image data", though the scan count walks past such
+    bytes on purpose, the README accepts up to 64 KB of them, and a CMYK one (read through PIL)
+    decoded."""
+    clean, stray = _stray_bytes_before_the_scan(mode, progressive)
+    assert np.array_equal(decode(stray).numpy(), decode(clean).numpy())
+    assert np.array_equal(decode_mask(stray, (24, 40)).numpy(), decode_mask(clean, (24, 40)).numpy())
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_a_truncated_jpeg_is_still_refused_by_every_decoder(cut: float):
+    clean, _ = _stray_bytes_before_the_scan("RGB", False)
+    with pytest.raises(BadInput, match=r"not a readable image|corrupt image data"):
+        decode(clean[:int(len(clean) * cut)])
