@@ -267,14 +267,17 @@ def _grey(img: Image.Image) -> Image.Image:
 
 def decode_mask(data: bytes, size: tuple[int, int], orientation: int = 1) -> torch.Tensor:
     """A client mask as ``[1, 1, H, W]`` float in [0, 1], resized to the image if needed; refused
-    as a photo is (read_header). A mask of the size the photo had before ``orientation`` turned it
-    a quarter (drawn on the stored pixels, or written by the worker before photos were turned
-    upright) is turned as the photo was."""
-    read_header(data, "mask")
+    as a photo is (read_header). Read as a viewer shows it, upright as its own EXIF orientation
+    says, as a photo is. A mask without one, of the size the photo had before ``orientation``
+    turned it a quarter (drawn on the stored pixels, or written by the worker before photos were
+    turned upright), is turned as the photo was."""
+    own = read_header(data, "mask").orientation
     try:
         with _open(data) as img:
             gray = _grey(img)
-            if orientation in QUARTER_TURNS and size[0] != size[1] and gray.size == (size[0], size[1]):
+            if own in UPRIGHT:  # an editor that kept the photo's metadata kept its orientation too
+                gray = Image.fromarray(np.ascontiguousarray(UPRIGHT[own](np.asarray(gray))))
+            elif orientation in QUARTER_TURNS and size[0] != size[1] and gray.size == (size[0], size[1]):
                 gray = Image.fromarray(np.ascontiguousarray(UPRIGHT[orientation](np.asarray(gray))))
             if gray.size != (size[1], size[0]):
                 gray = gray.resize((size[1], size[0]), Image.Resampling.BILINEAR)

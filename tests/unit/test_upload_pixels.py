@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageOps
 
-from gpu_consumer.codec import PNG_SIGNATURE, BadInput, decode, decode_mask
+from gpu_consumer.codec import PNG_SIGNATURE, BadInput, decode, decode_mask, decode_upright
 
 
 def _saved(img: Image.Image, fmt: str, **options: Any) -> bytes:
@@ -84,3 +84,34 @@ def test_a_truncated_jpeg_is_still_refused_by_every_decoder(cut: float):
     clean, _ = _stray_bytes_before_the_scan("RGB", False)
     with pytest.raises(BadInput, match=r"not a readable image|corrupt image data"):
         decode(clean[:int(len(clean) * cut)])
+
+
+def _with_orientation(pixels: np.ndarray, orientation: int) -> bytes:
+    """A PNG of ``pixels`` as stored, its EXIF saying ``orientation``."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _saved(Image.fromarray(pixels), "PNG", exif=exif)
+
+
+def _as_seen(data: bytes) -> np.ndarray:
+    """What a viewer shows of ``data``: PIL's exif_transpose."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(ImageOps.exif_transpose(img))
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_a_mask_with_an_exif_orientation_of_its_own_is_read_as_a_viewer_shows_it(orientation: int):
+    """A mask was read as stored, its own EXIF orientation ignored: one painted over a copy of the
+    photo in an editor that keeps the photo's metadata (and so its orientation) missed the photo
+    the user sees. With orientations 2, 3 and 4 (an upside-down phone) it lined up with the mirror
+    image of the photo, and a protect mask protected the wrong pixels."""
+    rng = np.random.default_rng(orientation)
+    stored = rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    drawn = np.where(rng.random((12, 20)) > 0.5, 255, 0).astype(np.uint8)  # on the stored pixels
+    photo_data, mask_data = _with_orientation(stored, orientation), _with_orientation(drawn, orientation)
+    photo, found = decode_upright(photo_data)
+    assert np.array_equal(photo.numpy(), _as_seen(photo_data))  # the photo as seen
+    mask = decode_mask(mask_data, (photo.shape[0], photo.shape[1]), found)[0, 0].numpy()
+    assert np.array_equal(mask * 255, _as_seen(mask_data))  # and the mask as seen, over it
+    seen = _as_seen(mask_data)  # and over a photo without EXIF, drawn as the user sees it
+    assert np.array_equal(decode_mask(mask_data, (seen.shape[0], seen.shape[1]))[0, 0].numpy() * 255, seen)
