@@ -115,3 +115,83 @@ def test_a_mask_with_an_exif_orientation_of_its_own_is_read_as_a_viewer_shows_it
     assert np.array_equal(mask * 255, _as_seen(mask_data))  # and the mask as seen, over it
     seen = _as_seen(mask_data)  # and over a photo without EXIF, drawn as the user sees it
     assert np.array_equal(decode_mask(mask_data, (seen.shape[0], seen.shape[1]))[0, 0].numpy() * 255, seen)
+
+
+def _srgb_icc() -> bytes:
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def _swapped_icc() -> bytes:
+    """sRGB's profile with its red and blue colorants swapped: a wide-gamut profile (Display P3,
+    Adobe RGB) in miniature, whose effect no rounding hides (a stored red is shown blue)."""
+    icc = bytearray(_srgb_icc())
+    count = int.from_bytes(icc[128:132], "big")
+    entries = {bytes(icc[132 + 12 * i:136 + 12 * i]): 136 + 12 * i for i in range(count)}
+    red, blue = entries[b"rXYZ"], entries[b"bXYZ"]
+    icc[red:red + 8], icc[blue:blue + 8] = icc[blue:blue + 8], icc[red:red + 8]
+    return bytes(icc)
+
+
+def _as_managed(data: bytes) -> np.ndarray:
+    """What a colour-managed viewer shows of ``data``: its pixels through its profile into sRGB."""
+    from PIL import ImageCms
+
+    with Image.open(io.BytesIO(data)) as img:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
+        return np.asarray(ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB"))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_a_photo_with_a_colour_profile_is_read_in_srgb_as_a_viewer_shows_it(fmt: str):
+    """The profile was dropped: a Display P3 or Adobe RGB photo's stored values were taken for
+    sRGB and its output PNG, which has no profile, showed every pixel (protected ones too) in
+    other colours than the upload, and a recolour's target in another colour than asked."""
+    y, x = np.mgrid[0:16, 0:24]
+    stored = np.stack([x * 10, y * 15, (x + 2 * y) * 4], axis=2).astype(np.uint8)
+    options: dict[str, Any] = {"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}
+    options |= {"lossless": True} if fmt == "WEBP" else {}
+    tagged = _saved(Image.fromarray(stored), fmt, icc_profile=_swapped_icc(), **options)
+    shown = _as_managed(tagged)
+    assert np.abs(shown.astype(int) - stored[..., ::-1]).max() <= 2  # the oracle: red and blue trade places
+    assert np.array_equal(decode(tagged).numpy(), shown)
+    plain = _saved(Image.fromarray(stored), fmt, **options)
+    srgb = _saved(Image.fromarray(stored), fmt, icc_profile=_srgb_icc(), **options)
+    assert np.array_equal(decode(srgb).numpy(), decode(plain).numpy())  # sRGB: the stored values, untouched
+
+
+def test_a_profile_that_cannot_be_read_or_does_not_fit_the_photo_leaves_its_values_as_stored():
+    """As a viewer does: a damaged profile, or a grey one on a colour photo, is ignored."""
+    stored = np.random.default_rng(3).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    plain = decode(_saved(Image.fromarray(stored), "PNG")).numpy()
+    damaged = _swapped_icc()[:200]
+    from PIL import ImageCms
+
+    grey = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    for icc in (damaged, grey, b"\0" * 4000):
+        assert np.array_equal(decode(_saved(Image.fromarray(stored), "PNG", icc_profile=icc)).numpy(), plain)
+
+
+def _linear_grey_icc() -> bytes:
+    """A grey profile of gamma 1 (its greys stored linear), written by hand: a v2 header, then
+    its tags (kTRC, wtpt, desc)."""
+    d50 = b"".join(struct.pack(">i", round(v * 65536)) for v in (0.9642, 1.0, 0.8249))
+    tags = [(b"kTRC", b"curv\0\0\0\0" + struct.pack(">IH", 1, 256) + b"\0\0"), (b"wtpt", b"XYZ \0\0\0\0" + d50),
+            (b"desc", b"desc\0\0\0\0" + struct.pack(">I", 5) + b"grey\0" + b"\0" * 79)]
+    at, table, body = 128 + 4 + 12 * len(tags), b"", b""
+    for sig, data in tags:
+        table += sig + struct.pack(">II", at + len(body), len(data))
+        body += data + b"\0" * (-len(data) % 4)
+    header = (struct.pack(">I", at + len(body)) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntrGRAYXYZ " + b"\0" * 12
+              + b"acsp" + b"\0" * 28 + d50 + b"\0" * 48)
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_grey_photo_with_a_grey_profile_is_read_through_it(fmt: str):
+    greys = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))
+    tagged = _saved(greys, fmt, icc_profile=_linear_grey_icc(), **({"quality": 100} if fmt == "JPEG" else {}))
+    shown = _as_managed(tagged)
+    assert shown[8, 0].tolist() == [188, 188, 188]  # the oracle: a linear 128 is sRGB's 188
+    assert np.array_equal(decode(tagged).numpy(), shown)
