@@ -64,9 +64,9 @@ class BadInput(ValueError):
     """The upload cannot be processed; the item fails with this message (no retry)."""
 
 
-def check_size(data: bytes) -> None:
+def check_size(data: bytes, what: str = "photo") -> None:
     if len(data) > MAX_BYTES:
-        raise BadInput(f"input is {len(data) / 1e6:.1f} MB; the limit is {MAX_BYTES // (1024 * 1024)} MB")
+        raise BadInput(f"the {what} is {len(data) / 1e6:.1f} MB; the limit is {MAX_BYTES // (1024 * 1024)} MB")
 
 
 def decode(data: bytes) -> torch.Tensor:
@@ -91,7 +91,7 @@ def read_header(data: bytes, what: str = "photo") -> Header:
     could hold the worker up: over 20 MB, a format not accepted, over 4096 pixels on a side, a PNG
     of more than 65,536 chunks, a GIF of more than 65,536 blocks before its first image, a JPEG of
     more than 100 scans or one _jpeg_scans refuses, or one PIL would decode in Python (a BMP's RLE)."""
-    check_size(data)
+    check_size(data, what)
     if data.startswith(PNG_SIGNATURE) and (chunks := _png_chunks(data)) > MAX_PNG_CHUNKS:
         raise BadInput(f"PNG of more than {chunks - 1:,} chunks; at most {MAX_PNG_CHUNKS:,} are read")
     if data.startswith(b"\xff\xd8") and _jpeg_scans(data) > MAX_JPEG_SCANS:  # before PIL reads a byte
@@ -325,13 +325,13 @@ def _grey(img: Image.Image) -> Image.Image:
     return Image.fromarray(_grey16(img)) if img.mode in WIDE_GREYS else img.convert("L")
 
 
-def decode_mask(data: bytes, size: tuple[int, int], orientation: int = 1) -> torch.Tensor:
+def decode_mask(data: bytes, size: tuple[int, int], orientation: int = 1, what: str = "mask") -> torch.Tensor:
     """A client mask as ``[1, 1, H, W]`` float in [0, 1], resized to the image if needed; refused
-    as a photo is (read_header). Read as a viewer shows it, upright as its own EXIF orientation
-    says, as a photo is. A mask without one, of the size the photo had before ``orientation``
-    turned it a quarter (drawn on the stored pixels, or written by the worker before photos were
-    turned upright), is turned as the photo was."""
-    own = read_header(data, "mask").orientation
+    as a photo is (read_header), its reasons naming it ``what`` ("mask of wall"). Read as a viewer
+    shows it, upright as its own EXIF orientation says, as a photo is. A mask without one, of the
+    size the photo had before ``orientation`` turned it a quarter (drawn on the stored pixels, or
+    written by the worker before photos were turned upright), is turned as the photo was."""
+    own = read_header(data, what).orientation
     try:
         with _open(data) as img:
             gray = _grey(img)
@@ -343,7 +343,7 @@ def decode_mask(data: bytes, size: tuple[int, int], orientation: int = 1) -> tor
                 gray = gray.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.asarray(gray, dtype=np.float32) / 255.0
     except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's fault
-        raise BadInput(f"the mask is not a readable image ({type(e).__name__})") from None
+        raise BadInput(f"the {what} is not a readable image ({type(e).__name__})") from None
     return torch.from_numpy(array).view(1, 1, *array.shape)
 
 

@@ -80,7 +80,9 @@ class ImagePipeline:
         self.segmenter = segmenter or built_in()
         self.texture_cache = ops.TextureCache(texture_cache_bytes)
 
-    def _get(self, key: str) -> bytes | None:
+    def _get(self, key: str, what: str) -> bytes | None:
+        """The object at ``key`` (None when there is none), refused unread when the store says it
+        is over the input limit (``what`` names it in the reason: "photo", "mask of wall")."""
         try:
             obj = self.s3.get_object(Bucket=self.bucket, Key=key)
         except self.s3.exceptions.NoSuchKey:
@@ -91,13 +93,13 @@ class ImagePipeline:
             raise
         if obj.get("ContentLength", 0) > MAX_INPUT_BYTES:
             obj["Body"].close()
-            raise BadInput(f"input is larger than {MAX_INPUT_BYTES >> 20} MB")
+            raise BadInput(f"the {what} is larger than {MAX_INPUT_BYTES >> 20} MB")
         data: bytes = obj["Body"].read()
         return data
 
     def fetch(self, task: Task) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The decoded input and the client masks that exist (I/O; runs on a thread)."""
-        data = self._get(task.input_key)
+        data = self._get(task.input_key, "photo")
         if data is None:
             raise BadInput("input image is missing")
         check_size(data)
@@ -105,9 +107,10 @@ class ImagePipeline:
         masks = {}
         for concept in [*task.concepts, *task.protect]:
             key = task.mask_keys.get(concept)
-            blob = self._get(key) if key else None
-            if blob is not None:
-                masks[concept] = decode_mask(blob, (image.shape[0], image.shape[1]), orientation)
+            blob = self._get(key, f"mask of {concept}") if key else None
+            if blob is not None:  # a reason names the mask: an item may have one a concept
+                masks[concept] = decode_mask(blob, (image.shape[0], image.shape[1]), orientation,
+                                             f"mask of {concept}")
         empty = sorted(c for c in task.concepts if c in masks and not bool((masks[c] > 0.5).any()))
         if empty:  # an edit of nothing, billed: say why instead (the item fails, refunded)
             raise BadInput(f"the mask of {', '.join(empty)} is empty: white is the concept, black is not "

@@ -560,6 +560,23 @@ def test_an_edit_whose_client_mask_is_empty_fails_but_an_empty_protect_mask_is_n
     assert status == outcome and (("mask of wall is empty" in error) == (outcome == "failed")), error
 
 
+@pytest.mark.parametrize(("upload", "reason"), [
+    (b"not an image", "the mask of sofa is not a readable image"),
+    (b"\xff\xd8" + b"\0" * MAX_INPUT_BYTES, "the mask of sofa is larger than 20 MB"),
+    (_mask_png(255)[:60], "the mask of sofa is not a readable image"),
+])
+def test_a_mask_that_cannot_be_read_fails_its_item_naming_its_concept(upload: bytes, reason: str):
+    """Each of an item's masks (up to one a concept of its preset) failed it as "the mask is not a
+    readable image" or "input is larger than 20 MB", the photo's words: the client could not tell
+    which upload to send again."""
+    t = {**task(), "protect": ["sofa"], "mask_keys": {"wall": "m/wall.png", "sofa": "m/sofa.png"}}
+    w, s3, _, callbacks, _ = worker([record(t)])
+    s3.objects.update({"m/wall.png": _mask_png(255), "m/sofa.png": upload})
+    step_once(w)
+    [(_, status, error)] = callbacks.reports
+    assert status == "failed" and error.startswith(reason), error
+
+
 def test_an_item_whose_job_is_canceled_while_it_waits_in_the_poll_is_not_edited():
     first, waiting = task(), task()
     asked: list[list[str]] = []
