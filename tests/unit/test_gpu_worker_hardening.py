@@ -835,6 +835,38 @@ def test_an_input_the_store_says_is_too_large_is_refused_without_reading_it():
         pipeline.fetch(Task.parse(json.dumps(task()).encode()))
 
 
+def test_an_input_the_store_does_not_size_is_read_no_further_than_a_byte_past_the_limit():
+    """The size check trusted the store's ContentLength: an answer without one (a chunked GET from
+    an S3-compatible store) was read to its end, however large what a presigned PUT let through."""
+    asked: list[int | None] = []
+
+    class Endless(io.RawIOBase):
+        def read(self, size: int | None = -1) -> bytes:
+            asked.append(size)
+            if size is None or size < 0:
+                pytest.fail("the body was read to its end")
+            return b"\xff" * size
+
+    class Unsized(FakeS3):
+        def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:  # boto3's names
+            return {"Body": Endless()}
+
+    pipeline = ImagePipeline(Unsized(), BUCKET, torch.device("cpu"))
+    with pytest.raises(BadInput, match="the photo is larger than 20 MB"):
+        pipeline.fetch(Task.parse(json.dumps(task()).encode()))
+    assert asked == [MAX_INPUT_BYTES + 1]
+
+    class Trickle(FakeS3):  # short reads (each less than asked) still come to the whole photo
+        def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:  # boto3's names
+            whole = io.BytesIO(photo())
+            body = io.BytesIO()
+            body.read = lambda size=-1: whole.read(min(size, 100))  # type: ignore[method-assign]
+            return {"Body": body}
+
+    image, _ = ImagePipeline(Trickle(), BUCKET, torch.device("cpu")).fetch(Task.parse(json.dumps(task()).encode()))
+    assert image.shape == (32, 48, 3)
+
+
 class Begun:
     """A pool that runs nothing: it records the fetches begun."""
 
