@@ -259,10 +259,21 @@ def _grey16(img: Image.Image) -> np.ndarray:
     return grey
 
 
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
 def _rgb(img: Image.Image) -> np.ndarray:
-    """8-bit RGB, a 16-bit grey scaled down (_grey16)."""
+    """8-bit RGB, a 16-bit grey scaled down (_grey16), and what is transparent on white, as a
+    viewer shows it on a page: the output has no alpha, and the colours stored under clear
+    pixels (black, an editor's keying green) are no part of the photo."""
     if img.mode in WIDE_GREYS:
         return np.repeat(_grey16(img)[..., None], 3, axis=2)
+    if img.mode in ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        clearest, _ = rgba.getchannel("A").getextrema()
+        if clearest != 255:  # some pixel is not opaque
+            rgba = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+        return np.array(rgba.convert("RGB"))
     return np.array(img.convert("RGB"))  # a copy of PIL's read-only buffer: a tensor may write
 
 
@@ -312,11 +323,16 @@ def _to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
 
 
 def _managed(img: Image.Image, to_srgb: ImageCms.ImageCmsTransform) -> np.ndarray:
-    """8-bit RGB in sRGB: ``img`` through its profile (_to_srgb)."""
-    if to_srgb.input_mode == "L":
+    """8-bit RGB in sRGB: ``img`` through its profile (_to_srgb), what is transparent on white
+    first (_rgb)."""
+    if to_srgb.input_mode == "CMYK":
+        base = img
+    elif img.mode in WIDE_GREYS:
         base = _grey(img)
     else:
-        base = img if img.mode == to_srgb.input_mode else img.convert(to_srgb.input_mode)
+        base = Image.fromarray(_rgb(img))
+        if to_srgb.input_mode == "L":
+            base = base.convert("L")  # a grey in RGB is the same grey in L
     return np.array(to_srgb.apply(base))
 
 

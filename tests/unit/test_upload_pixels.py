@@ -195,3 +195,50 @@ def test_a_grey_photo_with_a_grey_profile_is_read_through_it(fmt: str):
     shown = _as_managed(tagged)
     assert shown[8, 0].tolist() == [188, 188, 188]  # the oracle: a linear 128 is sRGB's 188
     assert np.array_equal(decode(tagged).numpy(), shown)
+
+
+def _on_white(data: bytes) -> np.ndarray:
+    """What a viewer shows of ``data`` on a white page: its pixels composited over white."""
+    with Image.open(io.BytesIO(data)) as img:
+        rgba = img.convert("RGBA")
+        return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB"))
+
+
+def _cut_out() -> np.ndarray:
+    """A product cut out of its background (RGBA): the colours under its clear pixels are what
+    the editor left there, a keying green here, which no viewer shows."""
+    pixels = np.zeros((16, 24, 4), dtype=np.uint8)
+    pixels[...] = (0, 255, 0, 0)  # clear, keyed green underneath
+    pixels[4:12, 6:18] = (180, 60, 40, 255)  # the product, opaque
+    pixels[4:12, 5] = (180, 60, 40, 128)  # its soft edge
+    return pixels
+
+
+def _paletted(transparent: int) -> Image.Image:
+    indices = np.ones((16, 24), dtype=np.uint8)
+    indices[:, :8] = transparent
+    img = Image.fromarray(indices, "P")
+    img.putpalette([0, 255, 0, 180, 60, 40] + [0] * 762)
+    return img
+
+
+@pytest.mark.parametrize("what", ["RGBA PNG", "RGBA WebP", "grey and alpha PNG", "palette PNG", "GIF"])
+def test_a_photos_transparent_pixels_are_read_on_white_not_as_the_colours_under_them(what: str):
+    """Transparency was dropped: a cut-out's clear background was edited, and came out, as the
+    colours stored under it (black, or an editor's keying green) that the user never saw."""
+    upload = {
+        "RGBA PNG": lambda: _saved(Image.fromarray(_cut_out()), "PNG"),
+        "RGBA WebP": lambda: _saved(Image.fromarray(_cut_out()), "WEBP", lossless=True, exact=True),
+        "grey and alpha PNG": lambda: _saved(Image.fromarray(_cut_out()).convert("LA"), "PNG"),
+        "palette PNG": lambda: _saved(_paletted(0), "PNG", transparency=0),  # index 0 clear
+        "GIF": lambda: _saved(_paletted(0), "GIF", transparency=0),
+    }[what]()
+    seen = _on_white(upload)
+    assert seen[0, 0].tolist() == [255, 255, 255]  # the oracle: clear is the page
+    assert np.array_equal(decode(upload).numpy(), seen), what
+
+
+def test_an_opaque_photo_with_an_alpha_channel_is_read_as_stored():
+    stored = np.random.default_rng(5).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    opaque = np.dstack([stored, np.full((16, 24), 255, dtype=np.uint8)])
+    assert np.array_equal(decode(_saved(Image.fromarray(opaque), "PNG")).numpy(), stored)
