@@ -26,6 +26,10 @@ MAX_JPEG_SCANS = 100
 # Bytes where a JPEG marker should be (junk, 0xFF fill, stuffed zeros): an encoder writes none or a
 # few; 20 MB of them held PIL's header reader 7 s.
 MAX_JPEG_SKIPPED = 64 * 1024
+# PIL reads the segments before a JPEG's first scan one at a time in Python (about 2 us each): 5
+# million empty APP1 segments (20 MB) held a worker 9.8 s and 630 MB a read. A camera writes a few
+# dozen, extended XMP (a depth map) a few hundred of 64 KB.
+MAX_JPEG_SEGMENTS = 65_536
 # The markers libjpeg reads at the top level (jdmarker.c read_markers): TEM, SOFn, DHT, JPG, DAC,
 # RSTn, SOI, EOI, SOS, DQT, DNL, DRI, APPn, COM. Any other is refused.
 JPEG_MARKERS = frozenset([0x01, *range(0xC0, 0xDE), *range(0xE0, 0xF0), 0xFE])
@@ -185,13 +189,18 @@ def _jpeg_scans(data: bytes) -> int:
     a restart marker (0xFFD0-D7); where a marker should be, libjpeg skips bytes to the next 0xFF,
     fill and stuffed zeros, warning, and reads on, so those must not hide the scans after them.
     Refused (BadInput): more than MAX_JPEG_SKIPPED such bytes (PIL walks them one by one in
-    Python), and a marker libjpeg does not know, which it refuses at the top level but scans past,
-    its length unread, at a restart point: whatever that length would cover is read as scans."""
-    at, scans, skipped = 2, 0, 0
+    Python), more than MAX_JPEG_SEGMENTS markers (PIL reads those before the first scan one by
+    one, in Python), and a marker libjpeg does not know, which it refuses at the top level but
+    scans past, its length unread, at a restart point: whatever that length would cover is read as
+    scans."""
+    at, scans, skipped, segments = 2, 0, 0, 0
     while scans <= MAX_JPEG_SCANS:
         found = _NEXT_MARKER.search(data, at)
         if found is None:
             break
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise BadInput(f"JPEG of more than {MAX_JPEG_SEGMENTS:,} segments; at most {MAX_JPEG_SEGMENTS:,} are read")
         skipped += found.start() - at
         if skipped > MAX_JPEG_SKIPPED:
             raise BadInput(f"JPEG with more than {MAX_JPEG_SKIPPED // 1024} KB of bytes between its markers")
