@@ -363,7 +363,13 @@ def _grey(img: Image.Image) -> Image.Image:
 
 
 def decode_mask(data: bytes, size: tuple[int, int], orientation: int = 1, what: str = "mask") -> torch.Tensor:
-    """A client mask as ``[1, 1, H, W]`` float in [0, 1], resized to the image if needed; refused
+    """A client mask as ``[1, 1, H, W]`` float in [0, 1] (read_mask, over 255)."""
+    return read_mask(data, size, orientation, what).to(torch.float32).div_(255.0)
+
+
+def read_mask(data: bytes, size: tuple[int, int], orientation: int = 1, what: str = "mask") -> torch.Tensor:
+    """A client mask as ``[1, 1, H, W]`` uint8 (a byte a pixel while it waits for its edit: a 1x1
+    PNG stretched to a 4096x4096 photo is 16 MB, not 64), resized to the image if needed; refused
     as a photo is (read_header), its reasons naming it ``what`` ("mask of wall"). Read as a viewer
     shows it, upright as its own EXIF orientation says, as a photo is. A mask without one, of the
     size the photo had before ``orientation`` turned it a quarter (drawn on the stored pixels, or
@@ -378,7 +384,7 @@ def decode_mask(data: bytes, size: tuple[int, int], orientation: int = 1, what: 
                 gray = Image.fromarray(np.ascontiguousarray(UPRIGHT[orientation](np.asarray(gray))))
             if gray.size != (size[1], size[0]):
                 gray = gray.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            array = np.asarray(gray, dtype=np.float32) / 255.0
+            array = np.array(gray, dtype=np.uint8)  # a copy of PIL's read-only buffer: a tensor may write
     except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's fault
         raise BadInput(f"the {what} is not a readable image ({type(e).__name__})") from None
     return torch.from_numpy(array).view(1, 1, *array.shape)

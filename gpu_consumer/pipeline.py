@@ -13,7 +13,7 @@ import torch
 from domain.contracts.gpu_task import Task
 from domain.contracts.keys import MAX_INPUT_BYTES
 from gpu_consumer import ops
-from gpu_consumer.codec import BadInput, check_size, decode_mask, decode_upright, encode_png, encode_preview
+from gpu_consumer.codec import BadInput, check_size, decode_upright, encode_png, encode_preview, read_mask
 from gpu_consumer.refine import refine_masks
 from gpu_consumer.segment import Instance, Segmenter, built_in
 
@@ -69,6 +69,11 @@ def used_masks(masks: dict[str, torch.Tensor], concepts: Sequence[str],
     return {c: out[c] for c in concepts}
 
 
+def _fraction(mask: torch.Tensor) -> torch.Tensor:
+    """A mask as float in [0, 1]: a uint8 one over 255 (as codec.decode_mask reads it)."""
+    return mask.to(torch.float32).div_(255.0) if mask.dtype == torch.uint8 else mask
+
+
 class ImagePipeline:
     """Fetch -> decode -> masks -> edits -> encode -> upload, for one item or a same-size group."""
 
@@ -107,7 +112,8 @@ class ImagePipeline:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def fetch(self, task: Task) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The decoded input and the client masks that exist (I/O; runs on a thread)."""
+        """The decoded input and the client masks that exist, uint8 (read_mask: they wait for
+        the edit a byte a pixel) (I/O; runs on a thread)."""
         data = self._get(task.input_key, "photo")
         if data is None:
             raise BadInput("input image is missing")
@@ -118,9 +124,9 @@ class ImagePipeline:
             key = task.mask_keys.get(concept)
             blob = self._get(key, f"mask of {concept}") if key else None
             if blob is not None:  # a reason names the mask: an item may have one a concept
-                masks[concept] = decode_mask(blob, (image.shape[0], image.shape[1]), orientation,
-                                             f"mask of {concept}")
-        empty = sorted(c for c in task.concepts if c in masks and not bool((masks[c] > 0.5).any()))
+                masks[concept] = read_mask(blob, (image.shape[0], image.shape[1]), orientation,
+                                           f"mask of {concept}")
+        empty = sorted(c for c in task.concepts if c in masks and not bool((masks[c] > 127).any()))  # > 0.5
         if empty:  # an edit of nothing, billed: say why instead (the item fails, refunded)
             raise BadInput(f"the mask of {', '.join(empty)} is empty: white is the concept, black is not "
                            "(transparency is not read)")
@@ -132,7 +138,8 @@ class ImagePipeline:
 
     def edit(self, image_u8: torch.Tensor, client_masks: dict[str, torch.Tensor], task: Task) -> Edited:
         """Edit one image on the device; the output and the masks it used (those the task has a
-        ``used_mask_keys`` entry for) on the CPU. Every mask, the client's or the segmenter's, is
+        ``used_mask_keys`` entry for) on the CPU. Client masks come as float in [0, 1] or as uint8
+        (fetch's), made float on the device. Every mask, the client's or the segmenter's, is
         first refined against the photo (:mod:`gpu_consumer.refine`)."""
         for edit in task.concepts.values():  # a bad edit fails the item before the segmenter runs
             ops.check_edit(edit.get("action"), edit.get("value", ""))
@@ -140,7 +147,7 @@ class ImagePipeline:
         image = ops.to_float(original)
         wanted = [*task.concepts, *task.protect]
         missing = [c for c in wanted if c not in client_masks]
-        masks = {c: m.to(self.device) for c, m in client_masks.items()}
+        masks = {c: _fraction(m.to(self.device)) for c, m in client_masks.items()}
         found: list[Instance] = []
         if missing:
             segmented, found = self.segmenter.segment(image, missing,

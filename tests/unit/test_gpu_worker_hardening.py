@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -575,6 +576,29 @@ def test_a_mask_that_cannot_be_read_fails_its_item_naming_its_concept(upload: by
     step_once(w)
     [(_, status, error)] = callbacks.reports
     assert status == "failed" and error.startswith(reason), error
+
+
+def test_an_item_waiting_for_its_turn_holds_its_client_masks_at_a_byte_a_pixel_and_edits_the_same():
+    """A client mask was held as float32 from its decode to its edit: an item of a 4096x4096 photo
+    with a 1x1 PNG for each of its preset's 12 concepts held 770 MB of masks (from 800 bytes of
+    uploads) while it waited its turn, and a few items wait at once, ahead of the device."""
+    from gpu_consumer.codec import decode_mask
+
+    def ramp(flip: bool) -> bytes:  # soft masks: every level counts
+        levels = np.tile(np.linspace(0, 255, 48).round().astype(np.uint8), (32, 1))
+        buf = io.BytesIO()
+        Image.fromarray(levels[:, ::-1] if flip else levels).save(buf, "PNG")
+        return buf.getvalue()
+
+    t = Task.parse(json.dumps({**task({"wall": {"action": "recolor", "value": "#2255cc"}}), "protect": ["sofa"],
+                               "mask_keys": {"wall": "m/wall.png", "sofa": "m/sofa.png"}}).encode())
+    s3 = FakeS3()
+    s3.objects.update({t.input_key: photo(), "m/wall.png": ramp(False), "m/sofa.png": ramp(True)})
+    pipeline = ImagePipeline(s3, BUCKET, torch.device("cpu"))
+    image, masks = pipeline.fetch(t)
+    assert {c: (m.dtype, m.nbytes) for c, m in masks.items()} == dict.fromkeys(["wall", "sofa"], (torch.uint8, 32 * 48))
+    as_decoded = {c: decode_mask(s3.objects[f"m/{c}.png"], (32, 48)) for c in masks}  # float, as before
+    assert torch.equal(pipeline.edit(image, masks, t).image, pipeline.edit(image, as_decoded, t).image)
 
 
 def test_an_item_whose_job_is_canceled_while_it_waits_in_the_poll_is_not_edited():
