@@ -205,7 +205,7 @@ class DirectExecutor:
             except IntegrityError:
                 _backoff(attempt)
                 continue
-            return Committed(value, _position(recordings), {a.id: a.version for a in changed})
+            return Committed(value, _position(recordings), {a.id: a.version for a in changed}, bool(changed))
         raise ConflictError("too much contention on this object; try again")
 
 
@@ -497,10 +497,13 @@ class GroupCommitter:
                 return
             uow = UnitOfWork(self.cache.fetch_one, prefetched)
             outcomes: list[tuple[_Pending, bool, Any]] = []
+            recorded: set[int] = set()  # the outcomes whose command recorded events
             bug: _Pending | None = None
             for p in batch:
                 try:
                     outcomes.append((p, True, _run_one(uow, p.command, p.trace)))
+                    if uow.command_recorded():
+                        recorded.add(len(outcomes) - 1)
                 except DomainError as e:
                     outcomes.append((p, False, e))
                 except Exception as e:  # noqa: BLE001 - isolate the broken command, redo the rest
@@ -544,9 +547,9 @@ class GroupCommitter:
             self.commands += len(batch)
             if self.observe_batch is not None:
                 self.observe_batch(len(batch))
-            for p, ok, value in outcomes:
+            for i, (p, ok, value) in enumerate(outcomes):
                 if ok:
-                    p.future.set_result(Committed(value, position, versions))
+                    p.future.set_result(Committed(value, position, versions, i in recorded))
                 else:
                     p.future.set_exception(value)
             if due:

@@ -93,12 +93,15 @@ Command = Callable[[UnitOfWork], T]
 
 @dataclass(frozen=True)
 class Committed(Generic[T]):
-    """A command's result, the event-store position its save reached (None: nothing new), and
-    the stream versions it saved (for readers that wait on a projection)."""
+    """A command's result, the event-store position its save reached (None: nothing new), the
+    stream versions it saved (for readers that wait on a projection), and whether this command
+    itself recorded an event (the save and its versions are its batch's, which other commands
+    share)."""
 
     value: T
     position: int | None
     versions: Mapping[UUID, int] = field(default_factory=dict)
+    recorded: bool = False
 
 
 class CommandExecutor(Protocol):

@@ -11,11 +11,12 @@ before it ran (401, 422) are not stored. A key
 is forgotten ``ttl_s`` after its claim; each claim deletes at most ``SWEEP_BATCH`` expired keys.
 A principal holds at most ``MAX_KEYS_PER_OWNER`` keys at a time: a new key past that is a 429
 (a retry of a key it holds is answered as always). A principal costs one registration, so the
-keyed requests of one client address are bounded too, whatever their principals: at most
-``per_address`` a key's lifetime (a bucket that holds that many and refills over ``ttl_s``; a
-retry of a held key counts), then a 429. A keyed request that gives the key, or its
-bearer token, twice is a 422: which one is meant would be a guess (the routes read the first of
-a repeated header, and so does this middleware, which ignores the key without a valid first token).
+keys one client address claims are bounded too, whatever their principals: at most
+``per_address`` a key's lifetime (a bucket that holds that many and refills over ``ttl_s``), then
+a 429; only a key claimed anew spends one (a retry of a held key is answered as always). A keyed
+request that gives the key, or its bearer token, twice is a 422: which one is meant would be a
+guess (the routes read the first of a repeated header, and so does this middleware, which ignores
+the key without a valid first token).
 
 Claims and answers are written on the event loop's own connections (adapters.loop_pg: no worker
 thread), in autocommit, without waiting for the WAL flush (``unflushed``): a fsync per write
@@ -157,16 +158,6 @@ class IdempotencyKeys:
             await refusal(scope, receive, send)
             return
         key = raw_key.decode("ascii")
-        if self.per_address is not None:
-            forwarded_for = [v.decode("latin-1") for n, v in raw_headers if n == b"x-forwarded-for"]
-            peer = scope["client"][0] if scope.get("client") else None
-            try:
-                self.per_address.take(client_address(peer, forwarded_for, self.trusted_proxies))
-            except RateLimited as e:
-                await self.fail("RATE_LIMITED", "too many Idempotency-Keys from this address; send this request "
-                                "without one, or later", status=429,
-                                headers={"Retry-After": e.retry_after_header})(scope, receive, send)
-                return
         body = b""
         try:
             while True:
@@ -179,6 +170,14 @@ class IdempotencyKeys:
             return
         request_hash = hashlib.sha256(canonical_path(scope["path"]).encode() + b"\n" + body).hexdigest()
         claimed, stored = await self._claim(owner, key, request_hash)
+        if claimed and (refused := self._address_refuses(scope, raw_headers)) is not None:
+            # Only a key claimed anew spends from its address: a replay, a 409 or a 422 adds no
+            # row, and charging them let one client's replays of one key refuse its neighbours'.
+            await self._release(owner, key)
+            await self.fail("RATE_LIMITED", "too many Idempotency-Keys from this address; send this request "
+                            "without one, or later", status=429,
+                            headers={"Retry-After": refused.retry_after_header})(scope, receive, send)
+            return
         if not claimed:
             if stored is FULL:
                 await self.fail("RATE_LIMITED", f"at most {self.max_keys} Idempotency-Keys are kept at once; "
@@ -229,6 +228,18 @@ class IdempotencyKeys:
         finally:
             if not captured["settled"]:
                 await self._release(owner, key)  # a crash: a retry may run it again
+
+    def _address_refuses(self, scope: Scope, raw_headers: list[tuple[bytes, bytes]]) -> RateLimited | None:
+        """Spend one of the client address's keys; the refusal when it holds none."""
+        if self.per_address is None:
+            return None
+        forwarded_for = [v.decode("latin-1") for n, v in raw_headers if n == b"x-forwarded-for"]
+        peer = scope["client"][0] if scope.get("client") else None
+        try:
+            self.per_address.take(client_address(peer, forwarded_for, self.trusted_proxies))
+        except RateLimited as e:
+            return e
+        return None
 
     def _owner(self, headers: dict[bytes, bytes]) -> str | None:
         """The authenticated principal the keys belong to; None without a valid bearer token."""

@@ -3,12 +3,14 @@ address, callbacks per job, registrations per client address."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -41,17 +43,32 @@ class TokenBuckets:
 
     def take(self, key: object) -> None:
         """Spend one token for ``key`` or raise RateLimited."""
+        if (wait := self._ask(key, spend=True)) > 0:
+            raise RateLimited(wait)
+
+    def wait_s(self, key: object) -> float:
+        """How long until ``key`` holds a token (0: it holds one now); spends nothing, but counts
+        as asking."""
+        return self._ask(key, spend=False)
+
+    def give_back(self, key: object) -> None:
+        """Return the token a request spent and had no use for (up to the burst)."""
+        with self._lock:
+            if key in self._buckets:
+                tokens, last = self._buckets[key]
+                self._buckets[key] = (min(float(self.burst), tokens + 1.0), last)
+
+    def _ask(self, key: object, spend: bool) -> float:
         now = self.clock()
         with self._lock:
             tokens, last = self._buckets.get(key, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - last) * self.rate)
             refused = tokens < 1.0
-            self._buckets[key] = (tokens if refused else tokens - 1.0, now)
+            self._buckets[key] = (tokens - 1.0 if spend and not refused else tokens, now)
             self._buckets.move_to_end(key)
             while len(self._buckets) > self.max_keys:
                 self._buckets.popitem(last=False)
-            if refused:
-                raise RateLimited((1.0 - tokens) / self.rate)
+            return (1.0 - tokens) / self.rate if refused else 0.0
 
 
 DAY_S = 86_400.0
@@ -70,14 +87,42 @@ class Budget:
         self.day = TokenBuckets(per_day / DAY_S, per_day, clock=clock)
         self.address_day = (TokenBuckets(per_address_day / DAY_S, per_address_day, clock=clock)
                             if per_address_day is not None else None)
+        self._lock = threading.Lock()  # one request's three buckets are asked and spent together
 
     def take(self, key: object, address: str | None = None) -> None:
-        """Spend from the key's pace and day, then from its address's day, or raise RateLimited
-        (in that order: what the key's own budget refuses costs its address nothing)."""
-        self.pace.take(key)
-        self.day.take(key)
+        """Spend one token from each of the key's pace and day and its address's day, or from none
+        and raise RateLimited for the longest wait: a request one of them refuses costs the others
+        nothing (a user refused for its address's sake kept paying its own day)."""
+        asked = [(self.pace, key), (self.day, key)]
         if self.address_day is not None and address is not None:
-            self.address_day.take(address)
+            asked.append((self.address_day, address))
+        with self._lock:
+            wait = max(buckets.wait_s(k) for buckets, k in asked)
+            if wait > 0:
+                raise RateLimited(wait)
+            for buckets, k in asked:
+                buckets.take(k)
+
+    @contextlib.contextmanager
+    def spending(self, key: object, address: str | None = None) -> Iterator[Spending]:
+        """``take`` for one command, whose address's token comes back unless the command recorded
+        something (``spending.recorded``): the address's day bounds what its clients add, and
+        charging refused or repeated commands let one client's throw-away users hold it at zero
+        for everyone behind the same address."""
+        self.take(key, address)
+        spending = Spending()
+        try:
+            yield spending
+        finally:
+            if not spending.recorded and self.address_day is not None and address is not None:
+                self.address_day.give_back(address)
+
+
+@dataclass
+class Spending:
+    """What a command under ``Budget.spending`` did: set ``recorded`` once it saved an event."""
+
+    recorded: bool = False
 
 
 def forwarded(values: list[str], hops: int) -> str | None:

@@ -187,9 +187,11 @@ async def create_job(body: JobCreate, user_id: CurrentUser, service: ServiceDep,
                      idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
     """Reserve one credit per item, create the job, and hand out presigned PUT URLs. With an
     Idempotency-Key the job is created once, however often the request is retried."""
-    request.app.state.job_limits.take(user_id, request_address(request, container.settings.trusted_proxies))
-    committed = await service.run(service.create_job_command(user_id, body.preset, body.item_count,
-                                                             id_for_key(user_id, "job", idempotency_key)))
+    address = request_address(request, container.settings.trusted_proxies)
+    with request.app.state.job_limits.spending(user_id, address) as spending:
+        committed = await service.run(service.create_job_command(user_id, body.preset, body.item_count,
+                                                                 id_for_key(user_id, "job", idempotency_key)))
+        spending.recorded = committed.recorded
     job_id = committed.value
     _remember(container, user_id, job_id, committed)
 
@@ -231,7 +233,7 @@ async def execute_job(job_id: UUID, body: JobExecute, user_id: CurrentUser,
     committed = await service.run(service.execute_job_command(user_id, job_id, concepts, body.protect,
                                                               body.rule_id))
     _remember(container, user_id, job_id, committed)
-    if job_id in committed.versions:  # not a repeat, which changes nothing: a line per request otherwise
+    if committed.recorded:  # not a repeat, which changes nothing: a line per request otherwise
         log.info("job %s queued", job_id, extra={"job_id": str(job_id), "user_id": str(user_id)})
     return ok(JobStatePublic(job_id=job_id, status=committed.value))
 
@@ -251,19 +253,22 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
     the concept, black = not), then confirm-upload and execute as usual. Another user's job, or a
     deleted one, is 404; a job not finished, or whose photos are gone, 409 INVALID_STATE."""
     source = await service.rerun_source_async(user_id, job_id)
-    request.app.state.job_limits.take(user_id, request_address(request, container.settings.trusted_proxies))
-    present = await run_in_threadpool(_source_objects, container, user_id, job_id)
-    absent = [i for i in range(source.item_count) if input_key(user_id, job_id, i) not in present]
-    if absent:  # canceled before its upload: nothing to run again
-        raise InvalidState(f"cannot rerun this job: {len(absent)} of its photos are not there "
-                           f"(idx {item_list(absent)})")
-    # An upload link lives on after confirm-upload: a photo may have been replaced by a larger one.
-    too_large = [i for i in range(source.item_count) if present[input_key(user_id, job_id, i)] > MAX_INPUT_BYTES]
-    if too_large:
-        raise InvalidState(f"cannot rerun this job: {len(too_large)} of its photos are over "
-                           f"{MAX_INPUT_BYTES >> 20} MB (idx {item_list(too_large)})")
-    committed = await service.run(service.rerun_job_command(
-        user_id, job_id, id_for_key(user_id, f"rerun:{job_id}", idempotency_key)))
+    address = request_address(request, container.settings.trusted_proxies)
+    with request.app.state.job_limits.spending(user_id, address) as spending:
+        present = await run_in_threadpool(_source_objects, container, user_id, job_id)
+        absent = [i for i in range(source.item_count) if input_key(user_id, job_id, i) not in present]
+        if absent:  # canceled before its upload: nothing to run again
+            raise InvalidState(f"cannot rerun this job: {len(absent)} of its photos are not there "
+                               f"(idx {item_list(absent)})")
+        # An upload link lives on after confirm-upload: a photo may have been replaced by a larger one.
+        too_large = [i for i in range(source.item_count)
+                     if present[input_key(user_id, job_id, i)] > MAX_INPUT_BYTES]
+        if too_large:
+            raise InvalidState(f"cannot rerun this job: {len(too_large)} of its photos are over "
+                               f"{MAX_INPUT_BYTES >> 20} MB (idx {item_list(too_large)})")
+        committed = await service.run(service.rerun_job_command(
+            user_id, job_id, id_for_key(user_id, f"rerun:{job_id}", idempotency_key)))
+        spending.recorded = committed.recorded
     new_id = committed.value
     _remember(container, user_id, new_id, committed)
     # The command handed back only a job waiting for its photos; one confirmed since is not copied over.
@@ -351,7 +356,7 @@ async def delete_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
         await run_in_threadpool(_forget_job_data, container, user_id, job_id)
     committed = await service.run(service.delete_job_command(user_id, job_id))
     _remember(container, user_id, job_id, committed)
-    if job_id in committed.versions:  # not a repeat, which changes nothing: a line per request otherwise
+    if committed.recorded:  # not a repeat, which changes nothing: a line per request otherwise
         log.info("job %s deleted", job_id, extra={"job_id": str(job_id), "user_id": str(user_id)})
     return ok({"deleted": True})
 

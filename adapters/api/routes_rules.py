@@ -34,6 +34,11 @@ def _public(service: PaletteService, rule: Rule) -> RulePublic:
                       concepts=rule.concepts, protect=rule.protect)
 
 
+def _address(request: Request, container: Any) -> str:
+    """The client's address, which shares a day of rule writes with every user behind it."""
+    return request_address(request, container.settings.trusted_proxies)
+
+
 def _edits(body: RuleCreate | RuleUpdate) -> dict[str, dict[str, object]]:
     return {k: v.model_dump() for k, v in body.concepts.items()}
 
@@ -45,11 +50,12 @@ async def create_rule(body: RuleCreate, user_id: CurrentUser, service: ServiceDe
                       idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
     """Save a rule; takes one of the plan's rule slots (once per Idempotency-Key). Rule writes
     are limited per user and per client address as job creations are."""
-    request.app.state.rule_limits.take(user_id, request_address(request, container.settings.trusted_proxies))
-    await service.keys_ready(user_id)  # the name is sealed under the caller's key
-    committed = await service.run(service.create_rule_command(
-        user_id, body.name, body.preset_id, _edits(body), body.protect, id_for_key(user_id, "rule", idempotency_key),
-    ))
+    with request.app.state.rule_limits.spending(user_id, _address(request, container)) as spending:
+        await service.keys_ready(user_id)  # the name is sealed under the caller's key
+        committed = await service.run(service.create_rule_command(
+            user_id, body.name, body.preset_id, _edits(body), body.protect,
+            id_for_key(user_id, "rule", idempotency_key)))
+        spending.recorded = committed.recorded
     container.last_writes.record(user_id, "rules", committed.value, committed.versions.get(committed.value))
     rule = await run_in_threadpool(service.get_rule, user_id, committed.value)
     return ok(_public(service, rule), status=201)
@@ -73,9 +79,11 @@ async def list_rules(user_id: CurrentUser, container: ContainerDep, service: Ser
 async def update_rule(rule_id: UUID, body: RuleUpdate, user_id: CurrentUser,
                       service: ServiceDep, container: ContainerDep, request: Request) -> JSONResponse:
     """Change the rule (an event on its stream when anything changed); limited per user and address."""
-    request.app.state.rule_limits.take(user_id, request_address(request, container.settings.trusted_proxies))
-    await service.keys_ready(user_id)  # the name is sealed under the caller's key
-    committed = await service.run(service.update_rule_command(user_id, rule_id, body.name, _edits(body), body.protect))
+    with request.app.state.rule_limits.spending(user_id, _address(request, container)) as spending:
+        await service.keys_ready(user_id)  # the name is sealed under the caller's key
+        committed = await service.run(service.update_rule_command(user_id, rule_id, body.name, _edits(body),
+                                                                  body.protect))
+        spending.recorded = committed.recorded
     container.last_writes.record(user_id, "rules", rule_id, committed.versions.get(rule_id))
     return ok(_public(service, await run_in_threadpool(service.get_rule, user_id, rule_id)))
 
@@ -84,7 +92,8 @@ async def update_rule(rule_id: UUID, body: RuleUpdate, user_id: CurrentUser,
 async def delete_rule(rule_id: UUID, user_id: CurrentUser, service: ServiceDep,
                       container: ContainerDep, request: Request) -> JSONResponse:
     """Delete the rule and free its slot; limited per user and address."""
-    request.app.state.rule_limits.take(user_id, request_address(request, container.settings.trusted_proxies))
-    committed = await service.run(service.delete_rule_command(user_id, rule_id))
+    with request.app.state.rule_limits.spending(user_id, _address(request, container)) as spending:
+        committed = await service.run(service.delete_rule_command(user_id, rule_id))
+        spending.recorded = committed.recorded
     container.last_writes.record(user_id, "rules", rule_id, committed.versions.get(rule_id))
     return ok({"deleted": True})

@@ -181,12 +181,17 @@ def test_the_owners_of_one_address_share_its_keys_however_many_owners_it_makes(s
         connections = unflushed(url)
         keys = IdempotencyKeys(app, connections, UserTokens(), fail, max_keys=100, per_address=3)
         owners = [str(uuid.uuid4()) for _ in range(4)]
+
+        async def post(i: int, client: str = "198.51.100.7") -> int:
+            return await _post(keys, f"/jobs/{i}/cancel", f"k{i}", client=client, bearer=owners[i])
+
         try:
-            statuses = [await _post(keys, f"/jobs/{i}/cancel", f"k{i}", client="198.51.100.7", bearer=owner)
-                        for i, owner in enumerate(owners)]
-            statuses.append(await _post(keys, "/jobs/3/cancel", "k3", client="198.51.100.8", bearer=owners[3]))
+            statuses = [await post(0) for _ in range(10)]  # one key claimed, then replayed: it spends one
+            statuses += [await post(1), await post(2), await post(3)]
+            statuses += [await post(0), await post(3, client="198.51.100.8")]  # a held key; another address
             return statuses
         finally:
             await connections.close()
 
-    assert asyncio.run(scenario()) == [404, 404, 404, 429, 404]  # the last from another address
+    # Before: the replays spent the address's keys, and the first owner's ninth replay was a 429.
+    assert asyncio.run(scenario()) == [404] * 10 + [404, 404, 429] + [404, 404]

@@ -467,3 +467,32 @@ def test_a_command_that_refuses_after_recording_saves_nothing_and_fails_as_a_bug
     finally:
         if group_commit:
             svc.executor.stop()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+def test_committed_says_whether_its_own_command_recorded_events_not_its_batch(group_commit: bool) -> None:
+    """The routes log a job's deletion and spend an address's day only for a command that
+    recorded something: a repeat batched with the deletion that did was told the batch's saved
+    versions, and logged a deletion that never happened."""
+    svc = _service(group_commit=group_commit)
+    if group_commit:
+        svc.executor.start()
+    try:
+        user_id, _ = svc.register("dev").value
+        job_id = svc.create_job(user_id, "interior", 1).value
+        svc.cancel_job(user_id, job_id)
+        if group_commit:
+            release, _ = _hold_writer(svc.executor)
+            first = svc.executor.submit(svc.delete_job_command(user_id, job_id))
+            again = svc.executor.submit(svc.delete_job_command(user_id, job_id))  # in the same batch
+            release.set()
+            done, repeat = first.result(10), again.result(10)
+            assert job_id in repeat.versions  # the batch's: why the routes cannot read it
+        else:
+            done = svc.executor.execute(svc.delete_job_command(user_id, job_id))
+            repeat = svc.executor.execute(svc.delete_job_command(user_id, job_id))
+        assert (done.value, done.recorded) == (True, True)
+        assert (repeat.value, repeat.recorded) == (False, False)
+    finally:
+        if group_commit:
+            svc.executor.stop()

@@ -151,3 +151,53 @@ def test_the_users_of_one_address_share_its_day_however_many_they_are():
     budget.take("user-600", "198.51.100.7")
     with pytest.raises(RateLimited):
         budget.take("user-601", "198.51.100.7")
+
+
+def test_a_request_one_budget_refuses_spends_from_none_of_them():
+    """A user refused for its address's sake kept paying its own pace and day: retrying as
+    Retry-After said, it spent its whole day on refusals and stayed refused from anywhere."""
+    clock = FakeClock()
+    budget = Budget(rate_per_s=5, burst=20, per_day=50, clock=clock, per_address_day=1)
+    budget.take("neighbour", "198.51.100.7")  # the address's one token
+    for _ in range(200):
+        with pytest.raises(RateLimited) as e:
+            budget.take("victim", "198.51.100.7")
+        assert e.value.retry_after_s > DAY_S - 300  # the longest wait: the address's day
+        clock.t += 1.0
+    for i in range(20):  # its pace's burst, and 20 of its day's 50, all still there (an address each)
+        budget.take("victim", f"203.0.113.{i}")
+    with pytest.raises(RateLimited) as e:
+        budget.take("victim", "203.0.113.99")
+    assert e.value.retry_after_s == pytest.approx(0.2)  # its pace, not a day gone
+    for i in range(30):
+        clock.t += 0.25  # within its pace
+        budget.take("victim", f"192.0.2.{i}")  # the rest of its day
+    with pytest.raises(RateLimited) as e:
+        budget.take("victim", "192.0.2.99")
+    assert e.value.retry_after_s > 1000  # its day is spent: 50 taken, none by the refusals
+
+
+def test_a_command_that_records_nothing_gives_its_address_its_token_back():
+    """The address's day bounds what its clients add for good: refused and repeated commands
+    add nothing, and charging them let one client's throw-away users hold it at zero."""
+    clock = FakeClock()
+    budget = Budget(rate_per_s=1000, burst=1000, per_day=10_000, clock=clock, per_address_day=3)
+    for _ in range(50):
+        with pytest.raises(LookupError), budget.spending("attacker", "198.51.100.7"):
+            raise LookupError("no such rule")  # the command refused: nothing recorded
+        with budget.spending("attacker", "198.51.100.7"):
+            pass  # a repeat: answered, nothing recorded
+    for _ in range(3):
+        with budget.spending("neighbour", "198.51.100.7") as spending:
+            spending.recorded = True
+    with pytest.raises(RateLimited), budget.spending("neighbour", "198.51.100.7"):
+        pass
+    buckets = TokenBuckets(rate_per_s=1, burst=2, clock=clock)
+    buckets.give_back("unknown")  # never asked: nothing to give back, and nothing kept
+    buckets.take("k")
+    buckets.give_back("k")
+    buckets.give_back("k")  # not past the burst
+    buckets.take("k")
+    buckets.take("k")
+    with pytest.raises(RateLimited):
+        buckets.take("k")
