@@ -84,7 +84,7 @@ def balance_as_of(conn: psycopg.Connection[Any], user_id: UUID, as_of: datetime)
                                     [user_id]).fetchone() is None:
         # Every user is granted credits at sign-up: a user the ledger never saw is an id mistyped
         # (or one registered a moment ago, not yet projected), not a balance of zero.
-        raise LookupError(f"no ledger entries for user {user_id}")
+        raise LookupError(f"no ledger entries for user {user_id} (no such user, or none projected yet)")
     return {"user_id": str(user_id), "as_of": as_of.isoformat(), "balance": int(balance),
             "granted": int(granted), "reserved": int(reserved_total - spent - refunded), "spent": int(spent),
             "entries": int(entries), "positions": {"first": first, "last": last}}

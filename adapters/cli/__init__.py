@@ -6,6 +6,7 @@ into one line and an exit status."""
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from collections.abc import Sequence
@@ -75,6 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"palette {args.command}: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        if logging.getLogger().handlers and (_is_unreachable(e) or _broker_unreachable(e)):
+            # A service's log (`palette serve` configures one) keeps where it met the error: a
+            # timeout hours into its run is not the start-up's unreachable stack. The one line
+            # below is what a command without a log says.
+            logging.getLogger("palette.serve").error("stopped on %s", type(e).__name__, exc_info=e)
         if _is_unreachable(e):
             print(f"palette {args.command}: cannot reach PostgreSQL ({_reason(e)}); "
                   "is the stack up (`make run`) and PALETTE_DATABASE_URL right?", file=sys.stderr)

@@ -18,6 +18,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
     from pathlib import Path
 
+    # Each would be ignored without a word: the chart is the whole benchmark's, and N sizes the
+    # audit run as --quick sizes the others.
+    if args.plot_path is not None and (args.quality or args.audit_events is not None):
+        print("palette bench: --plot charts the whole benchmark; --quality and --audit-events draw none",
+              file=sys.stderr)
+        return 2
+    if args.quick and args.audit_events is not None:
+        print("palette bench: --quick shortens the whole benchmark or --quality; --audit-events N is sized by N",
+              file=sys.stderr)
+        return 2
     for option, path in (("--json", args.json_path), ("--plot", args.plot_path)):
         if path is not None and (why := unwritable(Path(path))) is not None:
             print(f"palette bench: cannot write {path} ({option}): {why}", file=sys.stderr)

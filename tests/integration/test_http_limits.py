@@ -493,15 +493,23 @@ class Records(logging.Handler):
     b"GET / HTTP/1.1\r\nhost: x\r\n" + b"x-pad: " + b"a" * (70 << 10) + b"\r\n\r\n",  # a head too large: a 431
 ])
 def test_a_client_refused_again_and_again_writes_a_line_to_the_log_at_most_every_ten_seconds(
-        server: int, request_bytes: bytes) -> None:
+        request_bytes: bytes) -> None:
     """uvicorn warned once per refused request, each a new connection: a client chose how much the
     server logged. Now the refusals are counted and said at most every WARN_EVERY_S."""
-    records = Records()
-    logging.getLogger("uvicorn.error").addHandler(records)
+    uvicorn_lines, our_lines = Records(), Records()
+    logging.getLogger("uvicorn.error").addHandler(uvicorn_lines)
+    logging.getLogger(http_limits.log.name).addHandler(our_lines)
+    began = time.monotonic()
     try:
-        for _ in range(50):
-            assert exchange(server, request_bytes).startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 431 "))
+        with serving(http_limits.BoundedHttpToolsProtocol) as (port, srv):
+            for _ in range(50):
+                assert exchange(port, request_bytes).startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 431 "))
+            wait_until(lambda: srv.server_state.palette_bounds.invalid == 50, 10, "the 50 refusals counted")
     finally:
-        logging.getLogger("uvicorn.error").removeHandler(records)
-    assert len([r for r in records.records if r.levelno >= logging.WARNING]) <= 1, \
-        [r.getMessage() for r in records.records][:3]
+        logging.getLogger("uvicorn.error").removeHandler(uvicorn_lines)
+        logging.getLogger(http_limits.log.name).removeHandler(our_lines)
+    assert not [r for r in uvicorn_lines.records if r.levelno >= logging.WARNING], \
+        [r.getMessage() for r in uvicorn_lines.records][:3]
+    said = [r.getMessage() for r in our_lines.records if "requests refused unread" in r.getMessage()]
+    assert 1 <= len(said) <= 1 + (time.monotonic() - began) / http_limits.WARN_EVERY_S, said[:3]
+    assert said[0].endswith(", 1 requests refused unread")  # the first, said at once

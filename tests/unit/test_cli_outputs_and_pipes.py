@@ -5,6 +5,7 @@ log is a warning (what `palette up` shows on every clean restart)."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import subprocess
@@ -74,6 +75,22 @@ def test_bench_refuses_an_audit_log_of_no_events_or_beside_the_quality_run(argv:
         cli.main(["bench", *argv])
     assert exit_.value.code == 2 and ran == []
     assert "--audit-events" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--quality", "--plot", "p.png"], ["--audit-events", "10", "--plot", "p.png"],
+                                  ["--audit-events", "10", "--quick"]])
+def test_bench_refuses_an_option_its_mode_would_ignore(argv: list[str], monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The chart was never drawn beside --quality or --audit-events, and --quick was ignored beside
+    --audit-events, without a word."""
+    import tests.bench
+
+    ran: list[Any] = []
+    monkeypatch.setattr(tests.bench, "main", lambda *a: ran.append(a) or 0)
+    monkeypatch.chdir(ROOT)
+    assert cli.main(["bench", *argv]) == 2 and ran == []
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("palette bench: --")
 
 
 @pytest.mark.parametrize(("argv", "line"), [
@@ -336,3 +353,30 @@ def test_a_time_without_a_zone_is_utc_and_one_with_a_zone_keeps_it() -> None:
 
     assert time_value("2024-03-01T12:00") == datetime(2024, 3, 1, 12, tzinfo=UTC)
     assert time_value("2024-03-01T12:00+02:00") == datetime(2024, 3, 1, 12, tzinfo=timezone(timedelta(hours=2)))
+
+
+def test_a_service_that_meets_an_unanswering_broker_keeps_where_in_its_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A KafkaTimeoutError hours into a service's run (an acknowledgement waited on) is not the
+    start-up's unreachable stack: the one line alone lost where it was met."""
+    import kafka.errors
+
+    from adapters import logs
+
+    def times_out_deep_inside(args: Any) -> int:
+        raise kafka.errors.KafkaTimeoutError("Failed to update metadata after 60.0 secs.")
+
+    monkeypatch.setenv("PALETTE_DATA_DIR", str(tmp_path))
+    args = cli.parser().parse_args(["serve", "gpu"])
+    monkeypatch.setattr(cli, "parser", lambda: _Fixed(args, times_out_deep_inside))
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    logs.configure("gpu")
+    try:
+        assert cli.main([]) == 3
+    finally:
+        root.handlers[:], root.level = handlers, level
+    err = capsys.readouterr().err.splitlines()
+    record = json.loads(err[0])
+    assert record["msg"] == "stopped on KafkaTimeoutError" and "times_out_deep_inside" in record["exc"]
+    assert err[1].startswith("palette serve: cannot reach the broker (") and len(err) == 2
