@@ -3,7 +3,6 @@ written here (one filter, one zlib call), previews through PIL."""
 
 from __future__ import annotations
 
-import functools
 import io
 import re
 import struct
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 MAX_BYTES = 20 * 1024 * 1024
 MAX_SIDE = 4096
@@ -88,7 +87,6 @@ class Header:
     format: str
     mode: str
     orientation: int  # EXIF, 1-8
-    icc: bytes = b""  # the colour profile, empty when none
 
 
 def read_header(data: bytes, what: str = "photo") -> Header:
@@ -106,9 +104,7 @@ def read_header(data: bytes, what: str = "photo") -> Header:
                        f"at most {MAX_GIF_BLOCKS:,} are read")
     try:
         with _open(data) as probe:  # reads the header only
-            icc = probe.info.get("icc_profile")
-            header = Header(probe.width, probe.height, str(probe.format), probe.mode, _orientation(probe),
-                            icc if isinstance(icc, bytes) else b"")
+            header = Header(probe.width, probe.height, str(probe.format), probe.mode, _orientation(probe))
             in_python = sorted({tile[0] for tile in probe.tile if tile[0] in Image.DECODERS})
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadInput(f"the {what} is not a readable image ({ACCEPTED_NAMES}; {type(e).__name__})") from None
@@ -121,17 +117,15 @@ def read_header(data: bytes, what: str = "photo") -> Header:
 
 
 def decode_upright(data: bytes) -> tuple[torch.Tensor, int]:
-    """``[H, W, 3]`` uint8, upright as its EXIF orientation says and in sRGB as its colour profile
-    says (the edit, its masks and the output are the photo as a viewer shows it), and that
-    orientation (1-8). JPEG through kornia-rs (libjpeg-turbo); CMYK ones, those kornia-rs refuses,
-    those whose profile is not sRGB and the other formats through PIL; 16-bit greys scaled to 8
-    bits, not clipped."""
+    """``[H, W, 3]`` uint8, upright as its EXIF orientation says (the edit, its masks and the
+    output are the photo as a viewer shows it), and that orientation (1-8). JPEG through kornia-rs
+    (libjpeg-turbo), CMYK ones, those kornia-rs refuses and the other formats through PIL; 16-bit
+    greys scaled to 8 bits, not clipped."""
     header = read_header(data)
     if min(header.width, header.height) < MIN_SIDE:
         raise BadInput(f"the photo is {header.width}x{header.height}; each side must be at least {MIN_SIDE} pixels")
-    to_srgb = _to_srgb(header.icc, header.mode)
     array = None
-    if header.format == "JPEG" and header.mode in ("RGB", "L") and to_srgb is None:
+    if header.format == "JPEG" and header.mode in ("RGB", "L"):
         import kornia_rs
 
         try:
@@ -143,7 +137,7 @@ def decode_upright(data: bytes) -> tuple[torch.Tensor, int]:
     if array is None:
         try:
             with _open(data) as img:
-                array = _rgb(img) if to_srgb is None else _managed(img, to_srgb)
+                array = _rgb(img)
         except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's fault
             raise BadInput(f"corrupt image data ({type(e).__name__})") from None
     if header.orientation in UPRIGHT:
@@ -296,65 +290,6 @@ def _rgb(img: Image.Image) -> np.ndarray:
             rgba = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
         return np.array(rgba.convert("RGB"))
     return np.array(img.convert("RGB"))  # a copy of PIL's read-only buffer: a tensor may write
-
-
-@functools.cache
-def _srgb() -> ImageCms.ImageCmsProfile:
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-
-
-@functools.cache
-def _probe(mode: str) -> tuple[Image.Image, np.ndarray]:
-    """The colours a profile of ``mode`` ("RGB" or "L") is tried on, and what they are in RGB: 64
-    levels a channel, or every grey. A profile that turns none of them is sRGB in all but name."""
-    if mode == "RGB":
-        levels = np.linspace(0, 255, 64).round().astype(np.uint8)
-        r, g, b = np.meshgrid(levels, levels, levels, indexing="ij")
-        colours = np.stack([r, g, b], axis=-1).reshape(-1, 64, 3)
-        return Image.fromarray(colours), colours
-    greys = np.arange(256, dtype=np.uint8)[None, :]
-    return Image.fromarray(greys), np.repeat(greys[..., None], 3, axis=2)
-
-
-def _to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
-    """The transform of a photo's colours from its profile into sRGB, or None where the stored
-    values are kept: no profile, one that cannot be read or does not fit the photo's mode (a
-    viewer ignores those too), or one that changes none of the colours _probe tries (sRGB under
-    another name, as cameras write it). A CMYK photo's profile is always used (PIL's own
-    conversion is no viewer's)."""
-    if not icc:
-        return None
-    try:
-        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        space = source.profile.xcolor_space.strip()
-        grey = mode in ("L", "LA", "1", *WIDE_GREYS)
-        fits = {"RGB": not grey and mode != "CMYK", "GRAY": grey, "CMYK": mode == "CMYK"}
-        if not fits.get(space, False):
-            return None
-        in_mode = {"RGB": "RGB", "GRAY": "L", "CMYK": "CMYK"}[space]
-        transform = ImageCms.buildTransform(source, _srgb(), in_mode, "RGB")
-        if in_mode == "CMYK":
-            return transform
-        probe, as_rgb = _probe(in_mode)
-        if np.array_equal(np.asarray(transform.apply(probe)), as_rgb):
-            return None
-    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
-        return None
-    return transform
-
-
-def _managed(img: Image.Image, to_srgb: ImageCms.ImageCmsTransform) -> np.ndarray:
-    """8-bit RGB in sRGB: ``img`` through its profile (_to_srgb), what is transparent on white
-    first (_rgb)."""
-    if to_srgb.input_mode == "CMYK":
-        base = img
-    elif img.mode in WIDE_GREYS:
-        base = _grey(img)
-    else:
-        base = Image.fromarray(_rgb(img))
-        if to_srgb.input_mode == "L":
-            base = base.convert("L")  # a grey in RGB is the same grey in L
-    return np.array(to_srgb.apply(base))
 
 
 def _grey(img: Image.Image) -> Image.Image:

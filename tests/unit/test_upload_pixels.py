@@ -134,67 +134,17 @@ def _swapped_icc() -> bytes:
     return bytes(icc)
 
 
-def _as_managed(data: bytes) -> np.ndarray:
-    """What a colour-managed viewer shows of ``data``: its pixels through its profile into sRGB."""
-    from PIL import ImageCms
-
-    with Image.open(io.BytesIO(data)) as img:
-        source = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
-        return np.asarray(ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB"))
-
-
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
-def test_a_photo_with_a_colour_profile_is_read_in_srgb_as_a_viewer_shows_it(fmt: str):
-    """The profile was dropped: a Display P3 or Adobe RGB photo's stored values were taken for
-    sRGB and its output PNG, which has no profile, showed every pixel (protected ones too) in
-    other colours than the upload, and a recolour's target in another colour than asked."""
-    y, x = np.mgrid[0:16, 0:24]
-    stored = np.stack([x * 10, y * 15, (x + 2 * y) * 4], axis=2).astype(np.uint8)
+def test_a_photos_colour_profile_is_not_applied(fmt: str):
+    """Its stored values are edited as they are: building a colour transform from a crafted
+    profile took minutes (an 82 KB PNG, 114 s), and a wide-gamut one made a decode 11 times
+    slower, so no profile is read."""
+    stored = np.random.default_rng(5).integers(0, 256, (16, 24, 3), dtype=np.uint8)
     options: dict[str, Any] = {"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}
     options |= {"lossless": True} if fmt == "WEBP" else {}
-    tagged = _saved(Image.fromarray(stored), fmt, icc_profile=_swapped_icc(), **options)
-    shown = _as_managed(tagged)
-    assert np.abs(shown.astype(int) - stored[..., ::-1]).max() <= 2  # the oracle: red and blue trade places
-    assert np.array_equal(decode(tagged).numpy(), shown)
-    plain = _saved(Image.fromarray(stored), fmt, **options)
-    srgb = _saved(Image.fromarray(stored), fmt, icc_profile=_srgb_icc(), **options)
-    assert np.array_equal(decode(srgb).numpy(), decode(plain).numpy())  # sRGB: the stored values, untouched
-
-
-def test_a_profile_that_cannot_be_read_or_does_not_fit_the_photo_leaves_its_values_as_stored():
-    """As a viewer does: a damaged profile, or a grey one on a colour photo, is ignored."""
-    stored = np.random.default_rng(3).integers(0, 256, (12, 16, 3), dtype=np.uint8)
-    plain = decode(_saved(Image.fromarray(stored), "PNG")).numpy()
-    damaged = _swapped_icc()[:200]
-    from PIL import ImageCms
-
-    grey = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
-    for icc in (damaged, grey, b"\0" * 4000):
-        assert np.array_equal(decode(_saved(Image.fromarray(stored), "PNG", icc_profile=icc)).numpy(), plain)
-
-
-def _linear_grey_icc() -> bytes:
-    """A grey profile of gamma 1 (its greys stored linear), written by hand: a v2 header, then
-    its tags (kTRC, wtpt, desc)."""
-    d50 = b"".join(struct.pack(">i", round(v * 65536)) for v in (0.9642, 1.0, 0.8249))
-    tags = [(b"kTRC", b"curv\0\0\0\0" + struct.pack(">IH", 1, 256) + b"\0\0"), (b"wtpt", b"XYZ \0\0\0\0" + d50),
-            (b"desc", b"desc\0\0\0\0" + struct.pack(">I", 5) + b"grey\0" + b"\0" * 79)]
-    at, table, body = 128 + 4 + 12 * len(tags), b"", b""
-    for sig, data in tags:
-        table += sig + struct.pack(">II", at + len(body), len(data))
-        body += data + b"\0" * (-len(data) % 4)
-    header = (struct.pack(">I", at + len(body)) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntrGRAYXYZ " + b"\0" * 12
-              + b"acsp" + b"\0" * 28 + d50 + b"\0" * 48)
-    return header + struct.pack(">I", len(tags)) + table + body
-
-
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
-def test_a_grey_photo_with_a_grey_profile_is_read_through_it(fmt: str):
-    greys = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))
-    tagged = _saved(greys, fmt, icc_profile=_linear_grey_icc(), **({"quality": 100} if fmt == "JPEG" else {}))
-    shown = _as_managed(tagged)
-    assert shown[8, 0].tolist() == [188, 188, 188]  # the oracle: a linear 128 is sRGB's 188
-    assert np.array_equal(decode(tagged).numpy(), shown)
+    plain = decode(_saved(Image.fromarray(stored), fmt, **options)).numpy()
+    tagged = decode(_saved(Image.fromarray(stored), fmt, icc_profile=_swapped_icc(), **options)).numpy()
+    assert np.array_equal(tagged, plain)
 
 
 def _on_white(data: bytes) -> np.ndarray:
