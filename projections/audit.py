@@ -67,9 +67,18 @@ def ledger(conn: psycopg.Connection[Any], user_id: UUID, since: datetime | None 
     return rows
 
 
+def known_balance_as_of(conn: psycopg.Connection[Any], user_id: UUID, as_of: datetime) -> dict[str, Any]:
+    """``balance_as_of``, or LookupError for a user the ledger holds no entry of: every user is
+    granted credits at sign-up, so that is an id mistyped (or a user registered a moment ago, not
+    yet projected), not a balance of zero."""
+    held = conn.execute(sql.SQL("SELECT 1 FROM {} WHERE user_id = %s LIMIT 1").format(LEDGER), [user_id]).fetchone()
+    if held is None:
+        raise LookupError(f"no ledger entries for user {user_id} (no such user, or none projected yet)")
+    return balance_as_of(conn, user_id, as_of)
+
+
 def balance_as_of(conn: psycopg.Connection[Any], user_id: UUID, as_of: datetime) -> dict[str, Any]:
-    """A user's balance as of ``as_of`` (zero before its first entry); LookupError for a user
-    the ledger holds no entry of."""
+    """A user's balance as of ``as_of`` (zero before its first entry)."""
     row = conn.execute(sql.SQL(
         "SELECT coalesce(sum(balance_delta), 0), "
         "coalesce(sum(amount) FILTER (WHERE type = 'grant'), 0), "
@@ -80,11 +89,6 @@ def balance_as_of(conn: psycopg.Connection[Any], user_id: UUID, as_of: datetime)
     ).format(LEDGER), [user_id, as_of]).fetchone()
     assert row is not None
     balance, granted, reserved_total, spent, refunded, entries, first, last = row
-    if not entries and conn.execute(sql.SQL("SELECT 1 FROM {} WHERE user_id = %s LIMIT 1").format(LEDGER),
-                                    [user_id]).fetchone() is None:
-        # Every user is granted credits at sign-up: a user the ledger never saw is an id mistyped
-        # (or one registered a moment ago, not yet projected), not a balance of zero.
-        raise LookupError(f"no ledger entries for user {user_id} (no such user, or none projected yet)")
     return {"user_id": str(user_id), "as_of": as_of.isoformat(), "balance": int(balance),
             "granted": int(granted), "reserved": int(reserved_total - spent - refunded), "spent": int(spent),
             "entries": int(entries), "positions": {"first": first, "last": last}}

@@ -172,7 +172,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                 print("no ledger entries for this user in that range")
         elif args.action == "balance":
             try:
-                balance = audit.balance_as_of(conn, args.user, args.as_of)
+                balance = audit.known_balance_as_of(conn, args.user, args.as_of)
             except LookupError as e:  # no entry of this user at all
                 print(f"palette audit balance: {e.args[0]}", file=sys.stderr)
                 return 2
