@@ -25,6 +25,7 @@ from projections.models.users import USERS
 from projections.rebuild import iter_envelopes
 
 LEDGER = sql.Identifier("palette_read", "billing_events")
+USERS_TABLE = sql.Identifier("palette_read", USERS.keyed_table)
 __all__ = ["LEDGER_COLUMNS", "BalanceMismatch", "ChainBreak", "PeriodFigures", "PeriodReport", "Reconciliation",
            "balance_as_of", "chain_heads", "export", "ledger", "period_report", "reconcile", "verify", "verify_heads"]
 
@@ -68,12 +69,14 @@ def ledger(conn: psycopg.Connection[Any], user_id: UUID, since: datetime | None 
 
 
 def known_balance_as_of(conn: psycopg.Connection[Any], user_id: UUID, as_of: datetime) -> dict[str, Any]:
-    """``balance_as_of``, or LookupError for a user the ledger holds no entry of: every user is
-    granted credits at sign-up, so that is an id mistyped (or a user registered a moment ago, not
-    yet projected), not a balance of zero."""
-    held = conn.execute(sql.SQL("SELECT 1 FROM {} WHERE user_id = %s LIMIT 1").format(LEDGER), [user_id]).fetchone()
-    if held is None:
-        raise LookupError(f"no ledger entries for user {user_id} (no such user, or none projected yet)")
+    """``balance_as_of``, or LookupError for a user neither the users model nor the ledger holds:
+    an id mistyped (or a user registered a moment ago, not yet projected), not a balance of zero.
+    A user may hold no ledger entry: an erased device's next user starts without credits."""
+    held = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE id = %s) OR EXISTS "
+                                "(SELECT 1 FROM {} WHERE user_id = %s)").format(USERS_TABLE, LEDGER),
+                        [user_id, user_id]).fetchone()
+    if not (held and held[0]):
+        raise LookupError(f"no user {user_id} in the users model or the ledger (no such user, or none projected yet)")
     return balance_as_of(conn, user_id, as_of)
 
 

@@ -208,7 +208,7 @@ async def audit_balance(user_id: UUID, as_of: Moment, _: Auditor, container: Con
         with container.read_pool.connection() as conn:
             try:
                 return audit.known_balance_as_of(conn, user_id, as_of)
-            except LookupError as e:  # no entry of this user at all
+            except LookupError as e:  # no such user (or not projected yet)
                 raise ApiError("NOT_FOUND", str(e.args[0])) from None
     return ok(await run_in_threadpool(read))
 

@@ -173,7 +173,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         elif args.action == "balance":
             try:
                 balance = audit.known_balance_as_of(conn, args.user, args.as_of)
-            except LookupError as e:  # no entry of this user at all
+            except LookupError as e:  # no such user (or not projected yet)
                 print(f"palette audit balance: {e.args[0]}", file=sys.stderr)
                 return 2
             print(json.dumps(balance, indent=2))

@@ -27,6 +27,7 @@ from tests.integration.test_stack import wait_until
 from .conftest import Client
 from .test_data_lifecycle import _objects
 from .test_lifecycle import EDITS, callback, create_uploaded_job
+from .test_staff_roles import staff_headers
 
 RULE_NAME = "Grandma's living room, 12 Rue des Lilas"
 
@@ -97,6 +98,15 @@ def test_erasing_a_user_shreds_personal_fields_deletes_objects_and_keeps_the_led
             with conn.transaction():
                 report = audit.reconcile(conn, app.recorder, app.mapper.transcoder)
             assert report.ok, report.differences
+            # The device's next user holds no ledger entry (no sign-up credits), and is a user all
+            # the same: its balance is zeros, not the 404 of an id no one has.
+            successor = again.json()["data"]["user_id"]
+            assert conn.execute("SELECT count(*) FROM palette_read.billing_events WHERE user_id = %s",
+                                [successor]).fetchone() == (0,)
+            balance = http.get("/audit/balance", params={"user_id": successor, "as_of": "2100-01-01T00:00:00Z"},
+                               headers=staff_headers(settings, "auditor"))
+            assert balance.status_code == 200, balance.text
+            assert (balance.json()["data"]["balance"], balance.json()["data"]["entries"]) == (0, 0)
     finally:
         app.close()
     assert client.call("DELETE", "/me").status_code == 401  # once is all a token gets
