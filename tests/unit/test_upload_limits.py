@@ -196,6 +196,8 @@ def test_what_comes_before_a_gifs_image_is_counted_and_bounded(pieces):
             inserted, expected = inserted + bytes([piece]), expected + 1
         else:
             label, blocks = piece
+            if label == 0xF9:  # a graphic control block's transparency flag clear: a transparent
+                blocks = [bytes([blocks[0][0] & 0xFE]) + blocks[0][1:], *blocks[1:]]  # index is shown white
             inserted += b"\x21" + bytes([label]) + b"".join(bytes([len(b)]) + b for b in blocks) + b"\x00"
             expected += 3 + len(blocks)
     data = clean[:at] + inserted + clean[at:]
