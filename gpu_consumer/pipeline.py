@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -24,6 +24,14 @@ def pick_device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
+class Fetched(NamedTuple):
+    """An item's photo and client masks, decoded, and the photo's colour profile, if it carries one."""
+
+    image: torch.Tensor
+    masks: dict[str, torch.Tensor]
+    profile: bytes | None = None
+
+
 @dataclass(frozen=True)
 class Edited:
     """One edited item on the CPU, as it is stored: the output ``[H, W, 3]``, each mask the edit
@@ -34,6 +42,7 @@ class Edited:
     masks: dict[str, torch.Tensor]
     client: frozenset[str]
     found: list[Instance]
+    profile: bytes | None = None  # the photo's ICC profile, which the output and preview carry
 
     def instances_json(self, task: Task) -> bytes:
         """The instances document (deterministic bytes: a retry writes the same)."""
@@ -111,14 +120,14 @@ class ImagePipeline:
             raise BadInput(f"the {what} is larger than {MAX_INPUT_BYTES >> 20} MB")
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def fetch(self, task: Task) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The decoded input and the client masks that exist, uint8 (read_mask: they wait for
-        the edit a byte a pixel) (I/O; runs on a thread)."""
+    def fetch(self, task: Task) -> Fetched:
+        """The decoded input, the client masks that exist, uint8 (read_mask: they wait for the
+        edit a byte a pixel), and the photo's colour profile (I/O; runs on a thread)."""
         data = self._get(task.input_key, "photo")
         if data is None:
             raise BadInput("input image is missing")
         check_size(data)
-        image, orientation = decode_upright(data)
+        image, orientation, profile = decode_upright(data)
         masks = {}
         for concept in [*task.concepts, *task.protect]:
             key = task.mask_keys.get(concept)
@@ -130,17 +139,19 @@ class ImagePipeline:
         if empty:  # an edit of nothing, billed: say why instead (the item fails, refunded)
             raise BadInput(f"the mask of {', '.join(empty)} is empty: white is the concept, black is not "
                            "(transparency is not read)")
-        return image, masks
+        return Fetched(image, masks, profile)
 
     def compute(self, image_u8: torch.Tensor, client_masks: dict[str, torch.Tensor], task: Task) -> torch.Tensor:
         """Edit one image on the device; returns uint8 ``[H, W, 3]`` on the CPU."""
         return self.edit(image_u8, client_masks, task).image
 
-    def edit(self, image_u8: torch.Tensor, client_masks: dict[str, torch.Tensor], task: Task) -> Edited:
+    def edit(self, image_u8: torch.Tensor, client_masks: dict[str, torch.Tensor], task: Task,
+             profile: bytes | None = None) -> Edited:
         """Edit one image on the device; the output and the masks it used (those the task has a
-        ``used_mask_keys`` entry for) on the CPU. Client masks come as float in [0, 1] or as uint8
-        (fetch's), made float on the device. Every mask, the client's or the segmenter's, is
-        first refined against the photo (:mod:`gpu_consumer.refine`)."""
+        ``used_mask_keys`` entry for) on the CPU, with the photo's ``profile`` to store them with.
+        Client masks come as float in [0, 1] or as uint8 (fetch's), made float on the device.
+        Every mask, the client's or the segmenter's, is first refined against the photo
+        (:mod:`gpu_consumer.refine`)."""
         for edit in task.concepts.values():  # a bad edit fails the item before the segmenter runs
             ops.check_edit(edit.get("action"), edit.get("value", ""))
         original = image_u8.to(self.device, non_blocking=True)
@@ -168,7 +179,7 @@ class ImagePipeline:
             changed = changed * (protect <= 0.5)
         out_u8 = ops.to_u8(out, original, changed).cpu()
         kept = used_masks(masks, [c for c in wanted if c in task.used_mask_keys], (out_u8.shape[0], out_u8.shape[1]))
-        return Edited(out_u8, kept, frozenset(client_masks), found)
+        return Edited(out_u8, kept, frozenset(client_masks), found, profile)
 
     def store(self, task: Task, edited: Edited) -> None:
         """The masks used and their instances, then the output and its preview (all before the
@@ -179,7 +190,7 @@ class ImagePipeline:
         if task.instances_key:
             self.s3.put_object(Bucket=self.bucket, Key=task.instances_key, Body=edited.instances_json(task),
                                ContentType="application/json")
-        self.s3.put_object(Bucket=self.bucket, Key=task.output_key, Body=encode_png(edited.image),
-                           ContentType="image/png")
-        self.s3.put_object(Bucket=self.bucket, Key=task.preview_key, Body=encode_preview(edited.image),
-                           ContentType="image/jpeg")
+        self.s3.put_object(Bucket=self.bucket, Key=task.output_key,
+                           Body=encode_png(edited.image, profile=edited.profile), ContentType="image/png")
+        self.s3.put_object(Bucket=self.bucket, Key=task.preview_key,
+                           Body=encode_preview(edited.image, profile=edited.profile), ContentType="image/jpeg")

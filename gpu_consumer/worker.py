@@ -55,17 +55,14 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from domain.contracts import topics, trace
 from domain.contracts.gpu_task import Task
 from domain.contracts.loop import ConsumerLoop
 from gpu_consumer.callbacks import CallbackClient, CallbackUnavailable
 from gpu_consumer.codec import BadInput
-from gpu_consumer.pipeline import Edited, ImagePipeline
+from gpu_consumer.pipeline import Edited, Fetched, ImagePipeline
 
 log = logging.getLogger("palette.gpu")
-Fetched = tuple[torch.Tensor, dict[str, torch.Tensor]]  # an item's photo and client masks, decoded
 GROUP = topics.GPU_GROUP
 DLQ_TOPIC = topics.GPU_DLQ
 MAX_ATTEMPTS = 3
@@ -346,8 +343,7 @@ class GpuWorker(ConsumerLoop):
             self.stats["retried"] += 1
             time.sleep(self.backoff_s * 2 ** (attempt - 2))
             try:
-                image, masks = self._fetch(task)
-                self._finish(task, self._edit(image, masks, task))
+                self._finish(task, self._edit(self._fetch(task), task))
                 return
             except BadInput as e:
                 self._report(task, "failed", error=str(e))
@@ -427,11 +423,11 @@ class GpuWorker(ConsumerLoop):
     def _compute(self, task: Task, fetched: Future[Fetched]) -> Future[None]:
         """Edit one fetched item, then hand its upload and callback to the I/O threads."""
         try:
-            image, masks = fetched.result()
+            item = fetched.result()
             if not self._still_wanted(task):
                 return self.pool.submit(self._drop, task)
             started = time.perf_counter()
-            out = self._edit(image, masks, task)
+            out = self._edit(item, task)
             if self.observe_item is not None:
                 self.observe_item(task, time.perf_counter() - started)
         except BadInput as e:
@@ -453,15 +449,15 @@ class GpuWorker(ConsumerLoop):
         finally:
             self.started.pause(task.idempotency_key)
 
-    def _edit(self, image: torch.Tensor, masks: dict[str, torch.Tensor], task: Task) -> Edited:
+    def _edit(self, item: Fetched, task: Task) -> Edited:
         """The pipeline's edit, noted on disk while it runs (StartedItems). An edit that raises
         keeps the deaths noted before it: an item that fails once, then kills the process on its
         retry, still reaches CRASH_LIMIT."""
         if self.started is None:
-            return self.pipeline.edit(image, masks, task)
+            return self.pipeline.edit(item.image, item.masks, task, item.profile)
         self.started.begin(task.idempotency_key)
         try:
-            edited = self.pipeline.edit(image, masks, task)
+            edited = self.pipeline.edit(item.image, item.masks, task, item.profile)
         except BaseException:
             self.started.pause(task.idempotency_key)
             raise

@@ -164,7 +164,7 @@ def test_a_mask_on_the_stored_pixels_of_a_turned_photo_is_turned_as_the_photo_is
     drawn = (rng.random((12, 20)) > 0.5).astype(np.uint8) * 255  # on the stored pixels, 20 wide
     exif = Image.Exif()
     exif[0x0112] = orientation
-    photo, found = decode_upright(_saved(Image.fromarray(stored), "PNG", exif=exif))
+    photo, found, _ = decode_upright(_saved(Image.fromarray(stored), "PNG", exif=exif))
     assert found == orientation and photo.shape[:2] == (20, 12)
     turned = decode_mask(_saved(Image.fromarray(drawn), "PNG"), (20, 12), orientation)[0, 0].numpy()
     # The oracle: the photo's own pixels, turned by decode, carry the mask as a fourth channel.

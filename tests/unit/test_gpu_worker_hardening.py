@@ -177,6 +177,27 @@ def test_a_transient_fault_is_still_retried_then_succeeds():
     assert w.stats["retried"] == 1 and producer.parked() == []
 
 
+@pytest.mark.parametrize("failing_puts", [0, 1])
+def test_the_output_and_preview_carry_the_photos_colour_profile(failing_puts: int):
+    """A Display P3 photo (every iPhone's) edited and stored without its profile showed washed
+    out beside the original; its output and preview now carry it, on the first try and on a
+    retry, which fetches the photo again."""
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()  # any RGB display profile
+    t = task()
+    w, s3, _, callbacks, _ = worker([record(t)], s3=FakeS3(failing_puts=failing_puts))
+    with Image.open(io.BytesIO(photo())) as room:
+        buf = io.BytesIO()
+        room.save(buf, "JPEG", quality=95, icc_profile=profile)
+    s3.objects[t["input_key"]] = buf.getvalue()
+    step_once(w)
+    assert callbacks.reports == [(t["idempotency_key"], "done", "")] and w.stats["retried"] == failing_puts
+    for key in (t["output_key"], t["preview_key"]):
+        with Image.open(io.BytesIO(s3.objects[key])) as stored:
+            assert stored.info.get("icc_profile") == profile, key
+
+
 def test_a_persistent_fault_is_parked_after_three_attempts():
     t = task()
     w, _, producer, callbacks, _ = worker([record(t)], s3=FakeS3(failing_puts=1000))
@@ -394,7 +415,7 @@ def _die_editing(directory: str, tasks: list[dict[str, Any]], poison: str, stage
 
     poison_edits = []
 
-    def edit(image: Any, masks: Any, t: Task) -> Any:
+    def edit(image: Any, masks: Any, t: Task, profile: Any = None) -> Any:
         if t.idempotency_key == poison:
             poison_edits.append(t)
             if len(poison_edits) == 1:
@@ -404,7 +425,7 @@ def _die_editing(directory: str, tasks: list[dict[str, Any]], poison: str, stage
             os._exit(137)
         other_editing.set()
         threading.Event().wait(1)  # mid-edit should the process die now
-        return real_edit(image, masks, t)
+        return real_edit(image, masks, t, profile)
 
     def fetch(t: Task) -> Any:
         if t.idempotency_key == poison:
@@ -495,7 +516,7 @@ def _die_with_one_waiting(directory: str, tasks: list[dict[str, Any]], poison: s
             decoded.set()
         return out
 
-    def edit(image: Any, masks: Any, t: Task) -> Any:
+    def edit(image: Any, masks: Any, t: Task, profile: Any = None) -> Any:
         decoded.wait(10)
         deadline = time.monotonic() + 10
         while notes.deaths(waiting) and time.monotonic() < deadline:  # its decode's note put back
@@ -595,7 +616,7 @@ def test_an_item_waiting_for_its_turn_holds_its_client_masks_at_a_byte_a_pixel_a
     s3 = FakeS3()
     s3.objects.update({t.input_key: photo(), "m/wall.png": ramp(False), "m/sofa.png": ramp(True)})
     pipeline = ImagePipeline(s3, BUCKET, torch.device("cpu"))
-    image, masks = pipeline.fetch(t)
+    image, masks, _ = pipeline.fetch(t)
     assert {c: (m.dtype, m.nbytes) for c, m in masks.items()} == dict.fromkeys(["wall", "sofa"], (torch.uint8, 32 * 48))
     as_decoded = {c: decode_mask(s3.objects[f"m/{c}.png"], (32, 48)) for c in masks}  # float, as before
     assert torch.equal(pipeline.edit(image, masks, t).image, pipeline.edit(image, as_decoded, t).image)
@@ -887,7 +908,7 @@ def test_an_input_the_store_does_not_size_is_read_no_further_than_a_byte_past_th
             body.read = lambda size=-1: whole.read(min(size, 100))  # type: ignore[method-assign]
             return {"Body": body}
 
-    image, _ = ImagePipeline(Trickle(), BUCKET, torch.device("cpu")).fetch(Task.parse(json.dumps(task()).encode()))
+    image = ImagePipeline(Trickle(), BUCKET, torch.device("cpu")).fetch(Task.parse(json.dumps(task()).encode())).image
     assert image.shape == (32, 48, 3)
 
 

@@ -10,11 +10,21 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from gpu_consumer.codec import PNG_SIGNATURE, BadInput, decode, decode_mask, decode_upright
+from gpu_consumer.codec import (
+    MAX_PROFILE_BYTES,
+    PNG_SIGNATURE,
+    BadInput,
+    decode,
+    decode_mask,
+    decode_upright,
+    encode_png,
+    encode_preview,
+)
 
 
 def _saved(img: Image.Image, fmt: str, **options: Any) -> bytes:
@@ -109,7 +119,7 @@ def test_a_mask_with_an_exif_orientation_of_its_own_is_read_as_a_viewer_shows_it
     stored = rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)
     drawn = np.where(rng.random((12, 20)) > 0.5, 255, 0).astype(np.uint8)  # on the stored pixels
     photo_data, mask_data = _with_orientation(stored, orientation), _with_orientation(drawn, orientation)
-    photo, found = decode_upright(photo_data)
+    photo, found, _ = decode_upright(photo_data)
     assert np.array_equal(photo.numpy(), _as_seen(photo_data))  # the photo as seen
     mask = decode_mask(mask_data, (photo.shape[0], photo.shape[1]), found)[0, 0].numpy()
     assert np.array_equal(mask * 255, _as_seen(mask_data))  # and the mask as seen, over it
@@ -135,16 +145,57 @@ def _swapped_icc() -> bytes:
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
-def test_a_photos_colour_profile_is_not_applied(fmt: str):
+def test_a_photos_colour_profile_is_carried_and_not_applied(fmt: str):
     """Its stored values are edited as they are: building a colour transform from a crafted
     profile took minutes (an 82 KB PNG, 114 s), and a wide-gamut one made a decode 11 times
-    slower, so no profile is read."""
+    slower, so no profile is applied. The profile comes along, as its bytes, for the output."""
     stored = np.random.default_rng(5).integers(0, 256, (16, 24, 3), dtype=np.uint8)
     options: dict[str, Any] = {"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}
     options |= {"lossless": True} if fmt == "WEBP" else {}
-    plain = decode(_saved(Image.fromarray(stored), fmt, **options)).numpy()
-    tagged = decode(_saved(Image.fromarray(stored), fmt, icc_profile=_swapped_icc(), **options)).numpy()
-    assert np.array_equal(tagged, plain)
+    plain = decode_upright(_saved(Image.fromarray(stored), fmt, **options))
+    tagged = decode_upright(_saved(Image.fromarray(stored), fmt, icc_profile=_swapped_icc(), **options))
+    assert np.array_equal(tagged.pixels.numpy(), plain.pixels.numpy())
+    assert (plain.profile, tagged.profile) == (None, _swapped_icc())
+
+
+def _edited_header(icc: bytes, at: int, value: bytes) -> bytes:
+    return icc[:at] + value + icc[at + len(value):]
+
+
+@pytest.mark.parametrize("why", ["grey", "cmyk", "abstract", "truncated", "not a profile", "too large"])
+def test_a_profile_that_does_not_describe_an_rgb_output_is_not_carried(why: str):
+    """The output is RGB: a grey or CMYK profile (a grey or CMYK JPEG's), an abstract one, a cut
+    one or one over MAX_PROFILE_BYTES (copied into every output and preview) is dropped, and the
+    output shows as sRGB, as a photo without one does."""
+    icc = _srgb_icc()
+    bad = {
+        "grey": _edited_header(icc, 16, b"GRAY"),
+        "cmyk": _edited_header(icc, 16, b"CMYK"),
+        "abstract": _edited_header(icc, 12, b"abst"),
+        "truncated": icc[:-4],
+        "not a profile": _edited_header(icc, 36, b"xxxx"),
+        "too large": (MAX_PROFILE_BYTES + 1).to_bytes(4, "big") + icc[4:] + b"\0" * (MAX_PROFILE_BYTES + 1 - len(icc)),
+    }[why]
+    stored = np.random.default_rng(6).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    photo = decode_upright(_saved(Image.fromarray(stored), "PNG", icc_profile=bad))
+    assert photo.profile is None and np.array_equal(photo.pixels.numpy(), stored)
+    largest = MAX_PROFILE_BYTES.to_bytes(4, "big") + icc[4:] + b"\0" * (MAX_PROFILE_BYTES - len(icc))
+    assert decode_upright(_saved(Image.fromarray(stored), "PNG", icc_profile=largest)).profile == largest
+
+
+def test_the_output_png_and_preview_carry_the_profile_their_pixels_are_in():
+    """What a viewer reads back: the same pixels, and the photo's profile (iCCP in the PNG, APP2
+    in the JPEG preview); none for a photo without one, nor for a grey mask."""
+    image = np.random.default_rng(7).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    icc = _swapped_icc()
+    for profile in (icc, None):
+        with Image.open(io.BytesIO(encode_png(torch.from_numpy(image), profile=profile))) as png:
+            assert png.info.get("icc_profile") == profile and np.array_equal(np.asarray(png), image)
+        with Image.open(io.BytesIO(encode_preview(torch.from_numpy(image), profile=profile))) as preview:
+            assert preview.info.get("icc_profile") == profile and preview.size == (60, 40)
+    grey = torch.from_numpy(image[..., 0].copy())
+    with Image.open(io.BytesIO(encode_png(grey, profile=icc))) as mask:
+        assert "icc_profile" not in mask.info and np.array_equal(np.asarray(mask), image[..., 0])
 
 
 def _on_white(data: bytes) -> np.ndarray:
@@ -224,7 +275,7 @@ def test_an_orientation_of_millions_of_values_is_not_decoded():
     data = _png_with_exif(_exif(">", 5, values, count))
     tracemalloc.start()
     try:
-        photo, orientation = decode_upright(data)
+        photo, orientation, _ = decode_upright(data)
         decode_mask(data, (16, 16))
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -236,11 +287,11 @@ def test_an_orientation_of_millions_of_values_is_not_decoded():
 @pytest.mark.parametrize("order", ["<", ">"])
 def test_an_orientation_is_one_short_in_either_byte_order_and_anything_else_is_none(order: str):
     def read(kind: int, values: bytes, count: int) -> int:
-        return decode_upright(_png_with_exif(_exif(order, kind, values, count)))[1]
+        return decode_upright(_png_with_exif(_exif(order, kind, values, count))).orientation
 
     assert read(3, struct.pack(order + "H", 6), 1) == 6
     assert read(3, struct.pack(order + "H", 9), 1) == 1  # no such orientation
     assert read(4, struct.pack(order + "I", 6), 1) == 1  # a LONG: browsers ignore it, so does the worker
     assert read(3, struct.pack(order + "HH", 6, 6), 2) == 1
     damaged = _exif(order, 3, struct.pack(order + "H", 6), 1)[:12]  # the IFD cut off
-    assert decode_upright(_png_with_exif(damaged))[1] == 1
+    assert decode_upright(_png_with_exif(damaged)).orientation == 1
