@@ -300,10 +300,9 @@ def _gif_blocks(data: bytes) -> int:
 WIDE_GREYS = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # the modes a 16-bit grey opens as
 
 
-def _grey16(img: Image.Image) -> np.ndarray:
-    """A 16-bit grey as 8 bits, scaled (PIL's own conversion clips: every sample above 255 of
-    65,535 white)."""
-    wide = np.asarray(img)  # uint16, or int32 for "I": no wider copy is needed to scale it
+def _grey16(wide: np.ndarray) -> np.ndarray:
+    """A 16-bit grey (``np.asarray`` of the image: uint16, or int32 for "I") as 8 bits, scaled
+    (PIL's own conversion clips: every sample above 255 of 65,535 white)."""
     grey: np.ndarray = (np.clip(wide, 0, 65535) // 257).astype(np.uint8)
     return grey
 
@@ -314,9 +313,15 @@ ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 def _rgb(img: Image.Image) -> np.ndarray:
     """8-bit RGB, a 16-bit grey scaled down (_grey16), and what is transparent on white, as a
     viewer shows it on a page: the output has no alpha, and the colours stored under clear
-    pixels (black, an editor's keying green) are no part of the photo."""
+    pixels (black, an editor's keying green) are no part of the photo. A 16-bit RGB PNG's tRNS
+    colour is not read (PIL gives its pixels at 8 bits, which the 16-bit colour cannot be
+    matched against exactly)."""
     if img.mode in WIDE_GREYS:
-        return np.repeat(_grey16(img)[..., None], 3, axis=2)
+        wide = np.asarray(img)
+        grey = _grey16(wide)
+        if isinstance(clear := img.info.get("transparency"), int):  # tRNS: the one 16-bit grey not shown
+            grey[wide == clear] = 255
+        return np.repeat(grey[..., None], 3, axis=2)
     if img.mode in ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         clearest, _ = rgba.getchannel("A").getextrema()
@@ -328,7 +333,7 @@ def _rgb(img: Image.Image) -> np.ndarray:
 
 def _grey(img: Image.Image) -> Image.Image:
     """8-bit grey, a 16-bit grey scaled down (_grey16) as a photo's is."""
-    return Image.fromarray(_grey16(img)) if img.mode in WIDE_GREYS else img.convert("L")
+    return Image.fromarray(_grey16(np.asarray(img))) if img.mode in WIDE_GREYS else img.convert("L")
 
 
 def decode_mask(data: bytes, size: tuple[int, int], orientation: int = 1, what: str = "mask") -> torch.Tensor:

@@ -37,11 +37,13 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def _grey16_png(values: np.ndarray) -> bytes:
-    """A 16-bit grey PNG of ``values`` (uint16, [H, W]), written by hand: exactly these samples."""
+def _grey16_png(values: np.ndarray, clear: int | None = None) -> bytes:
+    """A 16-bit grey PNG of ``values`` (uint16, [H, W]), written by hand: exactly these samples,
+    and the grey ``clear`` transparent (a tRNS chunk), if given."""
     h, w = values.shape
     rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in values)
-    return (PNG_SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0))
+    trns = _chunk(b"tRNS", struct.pack(">H", clear)) if clear is not None else b""
+    return (PNG_SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0)) + trns
             + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b""))
 
 
@@ -57,6 +59,21 @@ def test_a_16_bit_grey_mask_is_scaled_to_8_bits_as_a_photo_is_not_clipped(seed: 
     mask = decode_mask(data, (12, 16))[0, 0].numpy()
     assert np.array_equal(mask, (values // 257).astype(np.float32) / 255.0)
     assert np.array_equal(mask * 255.0, decode(data)[..., 0].numpy().astype(np.float32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_a_16_bit_grey_photos_transparent_grey_is_read_on_white(seed: int):
+    """A 16-bit grey PNG's tRNS names one 16-bit grey as transparent: a viewer shows white there
+    (it was read as its stored grey). Only that exact grey: one a step away is shown as it is,
+    though both are the same grey at 8 bits."""
+    rng = np.random.default_rng(seed)
+    clear = int(rng.integers(1, 65535))
+    values = rng.choice(np.array([clear, clear - 1, clear + 1, 0, 65535], dtype=np.uint16), (10, 14))
+    seen = decode(_grey16_png(values, clear))[..., 0].numpy()
+    want = np.where(values == clear, 255, values // 257)
+    assert np.array_equal(seen, want)
+    assert np.array_equal(decode(_grey16_png(values))[..., 0].numpy(), values // 257)  # without tRNS, as stored
 
 
 def test_a_near_black_16_bit_mask_is_no_concept_and_a_white_one_all_of_it():
