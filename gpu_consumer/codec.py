@@ -115,8 +115,12 @@ def read_header(data: bytes, what: str = "photo") -> Header:
     of more than 65,536 chunks, a GIF of more than 65,536 blocks before its first image, a JPEG of
     more than 100 scans or one _jpeg_scans refuses, or one PIL would decode in Python (a BMP's RLE)."""
     check_size(data, what)
-    if data.startswith(PNG_SIGNATURE) and (chunks := _png_chunks(data)) > MAX_PNG_CHUNKS:
-        raise BadInput(f"PNG of more than {chunks - 1:,} chunks; at most {MAX_PNG_CHUNKS:,} are read")
+    if data.startswith(PNG_SIGNATURE):
+        chunks, profiles = _png_chunks(data)
+        if chunks > MAX_PNG_CHUNKS:
+            raise BadInput(f"PNG of more than {chunks - 1:,} chunks; at most {MAX_PNG_CHUNKS:,} are read")
+        if profiles > 1:  # PIL inflates each, up to 1 MB, as it opens the file: 20 MB of them held it 96 s
+            raise BadInput(f"PNG of {profiles:,} colour profiles (iCCP chunks); a PNG has at most one")
     if data.startswith(b"\xff\xd8") and _jpeg_scans(data) > MAX_JPEG_SCANS:  # before PIL reads a byte
         raise BadInput(f"JPEG of more than {MAX_JPEG_SCANS} scans; at most {MAX_JPEG_SCANS} are read")
     if data.startswith((b"GIF87a", b"GIF89a")) and _gif_blocks(data) > MAX_GIF_BLOCKS:
@@ -251,15 +255,19 @@ def _jpeg_scans(data: bytes) -> int:
     return scans
 
 
-def _png_chunks(data: bytes) -> int:
-    """The chunks of a PNG counted up to its end (IEND), or to one past MAX_PNG_CHUNKS."""
-    at, count = len(PNG_SIGNATURE), 0
+def _png_chunks(data: bytes) -> tuple[int, int]:
+    """The chunks of a PNG counted up to its end (IEND), or to one past MAX_PNG_CHUNKS, and the
+    iCCP chunks among those before its first IDAT (those PIL reads as it opens the file)."""
+    at, count, profiles, pixels = len(PNG_SIGNATURE), 0, 0, False
     while at + 8 <= len(data) and count <= MAX_PNG_CHUNKS:
         count += 1
-        if data[at + 4:at + 8] == b"IEND":
+        kind = data[at + 4:at + 8]
+        if kind == b"IEND":
             break
+        pixels = pixels or kind == b"IDAT"
+        profiles += kind == b"iCCP" and not pixels
         at += 12 + int.from_bytes(data[at:at + 4], "big")
-    return count
+    return count, profiles
 
 
 def _gif_blocks(data: bytes) -> int:
