@@ -64,6 +64,7 @@ PREVIEW_SIDE = 320
 # carried (the output then shows as sRGB, as a photo without one does) rather than copied into
 # every output and preview.
 MAX_PROFILE_BYTES = 128 * 1024
+RGB_MODES = ("RGB", "RGBA", "RGBX", "P", "PA")  # PIL modes whose values an RGB profile describes
 PROFILE_CLASSES = (b"scnr", b"mntr", b"spac")  # input, display, colour space: what a PNG may carry
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The formats a phone or a browser uploads, read by decoders that do not hold up the worker: PIL
@@ -128,8 +129,10 @@ def read_header(data: bytes, what: str = "photo") -> Header:
                        f"at most {MAX_GIF_BLOCKS:,} are read")
     try:
         with _open(data) as probe:  # reads the header only
-            header = Header(probe.width, probe.height, str(probe.format), probe.mode, _orientation(probe),
-                            _profile(probe.info.get("icc_profile")))
+            # An RGB profile describes the output only when the photo's values are RGB ones: a
+            # grey or CMYK photo's (a file claiming otherwise) are made RGB without it.
+            profile = _profile(probe.info.get("icc_profile")) if probe.mode in RGB_MODES else None
+            header = Header(probe.width, probe.height, str(probe.format), probe.mode, _orientation(probe), profile)
             in_python = sorted({tile[0] for tile in probe.tile if tile[0] in Image.DECODERS})
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadInput(f"the {what} is not a readable image ({ACCEPTED_NAMES}; {type(e).__name__})") from None

@@ -312,3 +312,14 @@ def test_an_orientation_is_one_short_in_either_byte_order_and_anything_else_is_n
     assert read(3, struct.pack(order + "HH", 6, 6), 2) == 1
     damaged = _exif(order, 3, struct.pack(order + "H", 6), 1)[:12]  # the IFD cut off
     assert decode_upright(_png_with_exif(damaged)).orientation == 1
+
+
+@pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("I;16", "PNG")])
+def test_an_rgb_profile_on_a_photo_whose_values_are_not_rgb_is_not_carried(mode: str, fmt: str):
+    """A grey or CMYK photo tagged with an RGB profile (libpng refuses one on a grey PNG: "RGB
+    color space not permitted on grayscale PNG"; a CMYK JPEG's values are not the RGB ones PIL
+    makes of them) is shown by a viewer without it: its RGB output must not carry it either."""
+    img = Image.fromarray(np.random.default_rng(8).integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    img = img.convert("I;16") if mode == "I;16" else img.convert(mode)
+    assert decode_upright(_saved(img, fmt, icc_profile=_srgb_icc())).profile is None
+    assert decode_upright(_saved(img.convert("RGB"), fmt, icc_profile=_srgb_icc())).profile == _srgb_icc()
