@@ -64,6 +64,10 @@ PREVIEW_SIDE = 320
 # carried (the output then shows as sRGB, as a photo without one does) rather than copied into
 # every output and preview.
 MAX_PROFILE_BYTES = 128 * 1024
+# A preview is a few KB: it carries a profile of at most this much (a camera's or a phone's is a
+# few hundred bytes to 4 KB, colord's v4 ones 12 to 24 KB), and shows as sRGB otherwise (a 60 KB
+# one made a 5 KB preview 66 KB).
+MAX_PREVIEW_PROFILE_BYTES = 32 * 1024
 RGB_MODES = ("RGB", "RGBA", "RGBX", "P", "PA")  # PIL modes whose values an RGB profile describes
 PROFILE_CLASSES = (b"scnr", b"mntr", b"spac")  # input, display, colour space: what a PNG may carry
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -208,13 +212,33 @@ def _orientation(probe: Image.Image) -> int:
 
 def _profile(raw: object) -> bytes | None:
     """The ICC profile PIL found in a header (a JPEG's APP2 segments joined, a PNG's iCCP
-    inflated, a WebP's ICCP chunk), if its output may carry it: whole (its header's length is its
-    length), an RGB one of a class a PNG may carry (PROFILE_CLASSES), at most MAX_PROFILE_BYTES.
-    Only its 128-byte header is read: a viewer reads the rest, on the owner's own photo."""
-    if not isinstance(raw, bytes) or not 128 <= len(raw) <= MAX_PROFILE_BYTES:
+    inflated, a WebP's ICCP chunk), if its output may carry it: whole and well formed as libpng
+    checks it (_well_formed), an RGB one of a class a PNG may carry (PROFILE_CLASSES), at most
+    MAX_PROFILE_BYTES. Only its header and tag table are read, never a tag: a viewer reads the
+    rest, on the owner's own photo."""
+    if not isinstance(raw, bytes) or not 132 <= len(raw) <= MAX_PROFILE_BYTES:
         return None
-    whole = int.from_bytes(raw[:4], "big") == len(raw) and raw[36:40] == b"acsp"
-    return raw if whole and raw[16:20] == b"RGB " and raw[12:16] in PROFILE_CLASSES else None
+    return raw if raw[16:20] == b"RGB " and raw[12:16] in PROFILE_CLASSES and _well_formed(raw) else None
+
+
+def _well_formed(icc: bytes) -> bool:
+    """What libpng checks of an iCCP profile before it uses it (png.c png_icc_check_header and
+    png_icc_check_tag_table), so that no output carries one its readers drop: the length its
+    header gives, a multiple of 4; the signature; a major version of at most 4; a known
+    rendering intent; an XYZ or Lab connection space; a tag table inside the profile and each
+    tag's data too."""
+    length, count = int.from_bytes(icc[:4], "big"), int.from_bytes(icc[128:132], "big")
+    if length != len(icc) or length % 4 or icc[36:40] != b"acsp" or icc[8] > 4:
+        return False
+    if int.from_bytes(icc[64:68], "big") > 3 or icc[20:24] not in (b"XYZ ", b"Lab "):
+        return False
+    if 132 + 12 * count > length:
+        return False
+    for at in range(132, 132 + 12 * count, 12):
+        offset, size = int.from_bytes(icc[at + 4:at + 8], "big"), int.from_bytes(icc[at + 8:at + 12], "big")
+        if offset + size > length:
+            return False
+    return True
 
 
 def _jpeg_scans(data: bytes) -> int:
@@ -411,9 +435,11 @@ def encode_png(image_u8: torch.Tensor, level: int = 1, profile: bytes | None = N
 
 def encode_preview(image_u8: torch.Tensor, side: int = PREVIEW_SIDE, quality: int = 82,
                    profile: bytes | None = None) -> bytes:
-    """A JPEG thumbnail whose longest side is ``side``, carrying the ICC ``profile`` if given."""
+    """A JPEG thumbnail whose longest side is ``side``, carrying the ICC ``profile`` if given and
+    at most MAX_PREVIEW_PROFILE_BYTES."""
     img = Image.fromarray(image_u8.cpu().numpy())
     img.thumbnail((side, side), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality, **({"icc_profile": profile} if profile else {}))
+    small = profile if profile and len(profile) <= MAX_PREVIEW_PROFILE_BYTES else None
+    img.save(buf, "JPEG", quality=quality, **({"icc_profile": small} if small else {}))
     return buf.getvalue()

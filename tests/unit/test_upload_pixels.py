@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
 from gpu_consumer.codec import (
+    MAX_PREVIEW_PROFILE_BYTES,
     MAX_PROFILE_BYTES,
     PNG_SIGNATURE,
     BadInput,
@@ -179,24 +181,43 @@ def _edited_header(icc: bytes, at: int, value: bytes) -> bytes:
     return icc[:at] + value + icc[at + len(value):]
 
 
-@pytest.mark.parametrize("why", ["grey", "cmyk", "abstract", "truncated", "not a profile", "too large"])
+def _padded(icc: bytes, size: int) -> bytes:
+    """``icc`` made ``size`` bytes long by zeros after its tags, its header saying so."""
+    return size.to_bytes(4, "big") + icc[4:] + b"\0" * (size - len(icc))
+
+
+def _first_tag_at(icc: bytes, offset: int) -> bytes:
+    return icc[:136] + offset.to_bytes(4, "big") + icc[140:]
+
+
+REFUSED_PROFILES: dict[str, Callable[[bytes], bytes]] = {
+    "grey": lambda icc: _edited_header(icc, 16, b"GRAY"),
+    "cmyk": lambda icc: _edited_header(icc, 16, b"CMYK"),
+    "abstract": lambda icc: _edited_header(icc, 12, b"abst"),
+    "truncated": lambda icc: icc[:-4],
+    "not a profile": lambda icc: _edited_header(icc, 36, b"xxxx"),
+    "too large": lambda icc: _padded(icc, MAX_PROFILE_BYTES + 4),
+    # what libpng refuses (and so every reader of the output that uses it): png_icc_check_*
+    "length not a multiple of 4": lambda icc: _padded(icc, len(icc) + 2),
+    "header only": lambda icc: _padded(icc[:128], 128),
+    "tag table past the end": lambda icc: _edited_header(icc, 128, (0x7FFFFFFF).to_bytes(4, "big")),
+    "a tag past the end": lambda icc: _first_tag_at(icc, len(icc)),
+    "unknown connection space": lambda icc: _edited_header(icc, 20, b"ZZZZ"),
+    "unknown rendering intent": lambda icc: _edited_header(icc, 64, (0xFFFF).to_bytes(4, "big")),
+    "version 5": lambda icc: _edited_header(icc, 8, b"\x05"),
+}
+
+
+@pytest.mark.parametrize("why", sorted(REFUSED_PROFILES))
 def test_a_profile_that_does_not_describe_an_rgb_output_is_not_carried(why: str):
     """The output is RGB: a grey or CMYK profile (a grey or CMYK JPEG's), an abstract one, a cut
-    one or one over MAX_PROFILE_BYTES (copied into every output and preview) is dropped, and the
-    output shows as sRGB, as a photo without one does."""
+    one, one over MAX_PROFILE_BYTES (copied into every output) or one libpng would drop is not
+    carried, and the output shows as sRGB, as a photo without one does."""
     icc = _srgb_icc()
-    bad = {
-        "grey": _edited_header(icc, 16, b"GRAY"),
-        "cmyk": _edited_header(icc, 16, b"CMYK"),
-        "abstract": _edited_header(icc, 12, b"abst"),
-        "truncated": icc[:-4],
-        "not a profile": _edited_header(icc, 36, b"xxxx"),
-        "too large": (MAX_PROFILE_BYTES + 1).to_bytes(4, "big") + icc[4:] + b"\0" * (MAX_PROFILE_BYTES + 1 - len(icc)),
-    }[why]
     stored = np.random.default_rng(6).integers(0, 256, (16, 24, 3), dtype=np.uint8)
-    photo = decode_upright(_saved(Image.fromarray(stored), "PNG", icc_profile=bad))
+    photo = decode_upright(_saved(Image.fromarray(stored), "PNG", icc_profile=REFUSED_PROFILES[why](icc)))
     assert photo.profile is None and np.array_equal(photo.pixels.numpy(), stored)
-    largest = MAX_PROFILE_BYTES.to_bytes(4, "big") + icc[4:] + b"\0" * (MAX_PROFILE_BYTES - len(icc))
+    largest = _padded(icc, MAX_PROFILE_BYTES)
     assert decode_upright(_saved(Image.fromarray(stored), "PNG", icc_profile=largest)).profile == largest
 
 
@@ -210,6 +231,11 @@ def test_the_output_png_and_preview_carry_the_profile_their_pixels_are_in():
             assert png.info.get("icc_profile") == profile and np.array_equal(np.asarray(png), image)
         with Image.open(io.BytesIO(encode_preview(torch.from_numpy(image), profile=profile))) as preview:
             assert preview.info.get("icc_profile") == profile and preview.size == (60, 40)
+    large = _padded(_srgb_icc(), MAX_PREVIEW_PROFILE_BYTES + 4)  # carried by the output, not the preview
+    with Image.open(io.BytesIO(encode_png(torch.from_numpy(image), profile=large))) as png:
+        assert png.info.get("icc_profile") == large
+    with Image.open(io.BytesIO(encode_preview(torch.from_numpy(image), profile=large))) as preview:
+        assert "icc_profile" not in preview.info
     grey = torch.from_numpy(image[..., 0].copy())
     with Image.open(io.BytesIO(encode_png(grey, profile=icc))) as mask:
         assert "icc_profile" not in mask.info and np.array_equal(np.asarray(mask), image[..., 0])
