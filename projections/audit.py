@@ -69,14 +69,17 @@ def ledger(conn: psycopg.Connection[Any], user_id: UUID, since: datetime | None 
 
 
 def known_balance_as_of(conn: psycopg.Connection[Any], user_id: UUID, as_of: datetime) -> dict[str, Any]:
-    """``balance_as_of``, or LookupError for a user neither the users model nor the ledger holds:
-    an id mistyped (or a user registered a moment ago, not yet projected), not a balance of zero.
-    A user may hold no ledger entry: an erased device's next user starts without credits."""
-    held = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE id = %s) OR EXISTS "
-                                "(SELECT 1 FROM {} WHERE user_id = %s)").format(USERS_TABLE, LEDGER),
-                        [user_id, user_id]).fetchone()
-    if not (held and held[0]):
-        raise LookupError(f"no user {user_id} in the users model or the ledger (no such user, or none projected yet)")
+    """``balance_as_of``, or LookupError for a user the ledger cannot answer for: one neither the
+    users model nor the ledger holds (an id mistyped, or a user registered a moment ago, not yet
+    projected), or one the users model has seen credits of while the ledger holds no entry (the
+    ledger behind it). A user may hold no entry and have none: an erased device's next user
+    starts without credits."""
+    row = conn.execute(sql.SQL("SELECT (SELECT granted FROM {} WHERE id = %s), "
+                               "EXISTS (SELECT 1 FROM {} WHERE user_id = %s)").format(USERS_TABLE, LEDGER),
+                       [user_id, user_id]).fetchone()
+    granted, held = row if row else (None, False)
+    if not held and (granted is None or granted > 0):
+        raise LookupError(f"no ledger entries for user {user_id} (no such user, or not projected yet)")
     return balance_as_of(conn, user_id, as_of)
 
 

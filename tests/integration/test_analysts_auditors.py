@@ -263,6 +263,24 @@ def test_the_ledger_balance_as_of_a_time_is_the_users_events_until_then(history,
     assert got["positions"] == {"first": min(positions, default=None), "last": max(positions, default=None)}
 
 
+def test_a_balance_is_refused_only_where_the_ledger_cannot_answer_for_the_user(tx):
+    """known_balance_as_of against the users model and the ledger as they stand: a user neither
+    holds, or one whose credits the users model has seen while the ledger holds no entry of it (the
+    ledger behind), is a LookupError; a user that never had credits (an erased device's next
+    user) is zeros."""
+    at = datetime.now(UTC)
+    nobody, fresh, behind = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for user_id, granted in ((fresh, 0), (behind, 50)):
+        tx.execute("INSERT INTO palette_read.users (id, plan, credits, reserved, spent, granted, device_hash, "
+                   "created_at, updated_at) VALUES (%s, 'free', %s, 0, 0, %s, NULL, %s, %s)",
+                   [user_id, granted, granted, at, at])
+    for user_id in (nobody, behind):
+        with pytest.raises(LookupError, match=str(user_id)):
+            audit.known_balance_as_of(tx, user_id, at)
+    got = audit.known_balance_as_of(tx, fresh, at)
+    assert (got["balance"], got["granted"], got["entries"]) == (0, 0, 0)
+
+
 def test_reconcile_on_a_live_system_reports_no_false_differences(apps, history, service, settings):  # noqa: F811
     """Commands keep landing (and the projector keeps folding) while reconcile reads: one snapshot
     of the projection, the log folded to the versions it tracked, so nothing differs."""

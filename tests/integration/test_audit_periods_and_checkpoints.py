@@ -262,8 +262,8 @@ def test_cli_checkpoint_to_the_object_store_and_verify_latest(busy, service, set
     unknown = uuid.uuid4()  # before: exit 0 and zeros, as if the user had spent everything
     assert cli.main(["audit", "balance", "--user", str(unknown), "--as-of", "2100-01-01"]) == 2
     said = capsys.readouterr()
-    assert said.out == "" and said.err == f"palette audit balance: no user {unknown} in the users model or the " \
-        "ledger (no such user, or none projected yet)\n"
+    assert said.out == "" and said.err == f"palette audit balance: no ledger entries for user {unknown} " \
+        "(no such user, or not projected yet)\n"
 
 
 def test_the_scheduled_checkpointer_signs_whenever_the_log_has_moved(busy, service, settings, tmp_path):  # noqa: F811
