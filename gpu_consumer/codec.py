@@ -151,9 +151,8 @@ def read_header(data: bytes, what: str = "photo") -> Header:
 def decode_upright(data: bytes) -> Photo:
     """``[H, W, 3]`` uint8, upright as its EXIF orientation says (the edit, its masks and the
     output are the photo as a viewer shows it), that orientation (1-8) and the profile its output
-    carries. JPEG through kornia-rs
-    (libjpeg-turbo), CMYK ones, those kornia-rs refuses and the other formats through PIL; 16-bit
-    greys scaled to 8 bits, not clipped."""
+    carries. JPEG through kornia-rs (libjpeg-turbo), CMYK ones, those kornia-rs refuses and the
+    other formats through PIL; 16-bit greys scaled to 8 bits, not clipped."""
     header = read_header(data)
     if min(header.width, header.height) < MIN_SIDE:
         raise BadInput(f"the photo is {header.width}x{header.height}; each side must be at least {MIN_SIDE} pixels")
@@ -175,7 +174,6 @@ def decode_upright(data: bytes) -> Photo:
             raise BadInput(f"corrupt image data ({type(e).__name__})") from None
     if header.orientation in UPRIGHT:
         array = UPRIGHT[header.orientation](array)
-    # A grey or CMYK profile does not describe the RGB pixels decoded here (_profile refuses it).
     return Photo(torch.from_numpy(np.ascontiguousarray(array)), header.orientation, header.profile)
 
 
