@@ -23,8 +23,11 @@ def test_a_sealed_value_opens_to_itself_and_shows_nothing_of_it(value):
     sealed = sealer.seal(ALICE, "rule.name", value)
     assert sealed.startswith(f"{SEALED_PREFIX}{ALICE}:") and sealed_owner(sealed) == ALICE
     assert sealer.open("rule.name", sealed) == value
-    if len(value) >= 4:
-        assert value not in sealed.removeprefix(f"{SEALED_PREFIX}{ALICE}:")
+    if len(value) >= 4:  # a leak shows under any key; random text holds a given 4 characters by chance
+        # (about 1 in 64**4 a place: "AL88" was found in one), under two independent keys about never
+        again = Sealer(MemoryKeyring()).seal(ALICE, "rule.name", value)
+        assert value not in sealed.removeprefix(f"{SEALED_PREFIX}{ALICE}:") \
+            or value not in again.removeprefix(f"{SEALED_PREFIX}{ALICE}:")
 
 
 def test_sealing_is_deterministic_per_user_and_field_only():
