@@ -163,8 +163,8 @@ class Target:
 
 
 def check(url: str, production: bool, resolver: Resolver = resolve) -> Target:
-    """The target of ``url``, its host in ASCII (``Target.url`` is ``url`` with that host); raises
-    TargetRefused with the reason."""
+    """The target of ``url``, its host in ASCII (``Target.url`` is ``url`` with that host, as
+    urlunsplit writes it: an empty query or fragment dropped); raises TargetRefused with the reason."""
     if len(url) > MAX_URL_LENGTH:
         raise TargetRefused(f"the URL is longer than {MAX_URL_LENGTH} characters")
     if _UNSENDABLE.search(url):
@@ -184,9 +184,9 @@ def check(url: str, production: bool, resolver: Resolver = resolve) -> Target:
     if {".", ".."} & set(parts.path.split("/")):  # the client drops them: it would post elsewhere than listed
         raise TargetRefused("the URL's path must not hold . or .. segments (write it resolved)")
     host = ascii_host(parts.hostname)
-    netloc = _netloc(host, parts.port)
-    if netloc != parts.netloc:
-        url = urlunsplit(parts._replace(netloc=netloc))
+    # Always rebuilt as urlunsplit writes it (an empty query or fragment dropped): a production
+    # attempt connects to this URL rebuilt so (_pinned), and "/hook?" was stored but "/hook" sent.
+    url = urlunsplit(parts._replace(netloc=_netloc(host, parts.port)))
     if not production:
         return Target(url, host, None)
     try:  # an address literal is judged as written; a name, by every address it resolves to
