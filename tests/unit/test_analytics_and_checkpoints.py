@@ -99,8 +99,10 @@ def test_a_signed_checkpoint_verifies_and_any_change_to_it_does_not(heads, chang
     doc = json.loads(json.dumps(checkpoints.sign(_payload(heads), key)))  # as stored and read back
     assert checkpoints.verified_payload(doc, key.public_key())["heads"] == heads
     tampered = json.loads(json.dumps(doc))
-    if heads:
-        tampered["payload"]["heads"][0][change] = "f" * 64 if change == 2 else 123456789
+    if heads:  # a change that always changes it: a drawn number may be the one written (123456789 was)
+        head = tampered["payload"]["heads"][0]
+        value = head[change]
+        head[change] = value + 1 if isinstance(value, int) else ("1" if value[0] == "0" else "0") + value[1:]
     else:
         tampered["payload"]["log_position"] = 8
     with pytest.raises(checkpoints.CheckpointError, match="does not verify"):
