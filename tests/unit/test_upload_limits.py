@@ -25,6 +25,7 @@ from gpu_consumer.codec import (
     _jpeg_scans,
     decode,
     decode_mask,
+    read_header,
 )
 
 # Where a clean encoder's file has a marker: 0xFF then neither a stuffed zero, a restart marker
@@ -345,3 +346,70 @@ def test_a_png_of_many_colour_profiles_is_refused_before_pil_inflates_them():
             read(head + profile * 2 + rows + end)
         read(head + profile + rows + end)
         read(head + rows + profile * 2 + end)
+
+
+# -- found by mutation testing: bounds whose tests could not fail --------------------------------
+SOI, EOI = b"\xff\xd8", b"\xff\xd9"
+
+
+def test_bytes_between_markers_count_together_however_they_are_spread():
+    """The bound is on the file's junk as a whole: 70 gaps of 1,000 bytes are 70,000, past it,
+    though none alone is (a count that restarted at each marker let 20 MB through in pieces)."""
+    from gpu_consumer import codec
+
+    def spread(gaps: int) -> bytes:
+        return SOI + (b"\0" * 1000 + b"\xff\xfe\x00\x02") * gaps + EOI  # junk, then an empty COM
+
+    assert 1000 * 60 <= codec.MAX_JPEG_SKIPPED < 1000 * 70
+    assert codec._jpeg_scans(spread(60)) == 0
+    with pytest.raises(BadInput, match="between its markers"):
+        read_header(spread(70))
+
+
+@pytest.mark.parametrize("marker", [0x01, *range(0xD0, 0xD8)])
+def test_a_marker_without_a_length_hides_no_scan_behind_what_follows_it(marker: int):
+    """TEM and RSTn have no length (libjpeg reads on at the next byte): a walk that took the next
+    two bytes for one skipped the 0xFFDA... after it, and the scans it covered went uncounted."""
+    from gpu_consumer import codec
+
+    scans = (b"\xff\xda\x00\x02" + b"\x11") * (codec.MAX_JPEG_SCANS + 1)  # each: SOS, 1 byte of data
+    assert codec._jpeg_scans(SOI + bytes([0xFF, marker]) + scans + EOI) == codec.MAX_JPEG_SCANS + 1
+    with pytest.raises(BadInput, match="scans"):
+        read_header(SOI + bytes([0xFF, marker]) + scans + EOI)
+
+
+@pytest.mark.parametrize("marker", [0x02, 0xBF, 0xDE, 0xDF, 0xF0, 0xFD])
+def test_a_marker_libjpeg_does_not_read_at_the_top_level_is_refused(marker: int):
+    """DHP (0xDE) and EXP (0xDF), hierarchical JPEG, are no marker libjpeg reads (jdmarker.c
+    read_markers: JERR_UNKNOWN_MARKER), nor are the reserved ones: their length would cover scans."""
+    with pytest.raises(BadInput, match=f"0xFF{marker:02X}"):
+        read_header(SOI + bytes([0xFF, marker]) + b"\x00\x04\x00\x00" + EOI)
+
+
+def test_restart_markers_inside_a_scan_are_its_data_not_bytes_between_markers():
+    """A camera's JPEG with restart intervals (DRI) has a RSTn every few blocks: the data after
+    each is the scan's, not junk where a marker should be, so a large one is not refused."""
+    from gpu_consumer import codec
+
+    data = b"".join(b"\x11" * 1000 + bytes([0xFF, 0xD0 + i % 8]) for i in range(100))  # 100 KB
+    assert codec._jpeg_scans(SOI + b"\xff\xda\x00\x02" + data + EOI) == 1
+
+
+def test_at_most_max_jpeg_segments_markers_are_walked():
+    from gpu_consumer import codec
+
+    com = b"\xff\xfe\x00\x02"
+    assert codec._jpeg_scans(SOI + com * (codec.MAX_JPEG_SEGMENTS - 1) + EOI) == 0  # EOI is one more
+    with pytest.raises(BadInput, match="segments"):
+        codec._jpeg_scans(SOI + com * codec.MAX_JPEG_SEGMENTS + EOI)
+
+
+def test_what_follows_a_pngs_end_is_not_counted_as_its_chunks():
+    """Chunks are counted up to IEND, as PIL reads them: zeros after it (a padded file, an appended
+    one) are 12-byte "chunks" of nothing to a walk that went on, and refused a readable PNG."""
+    from gpu_consumer import codec
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (20, 40, 60)).save(buf, "PNG")
+    header = read_header(buf.getvalue() + b"\0" * (12 * (codec.MAX_PNG_CHUNKS + 1)))
+    assert (header.width, header.height, header.format) == (16, 16, "PNG")
