@@ -205,6 +205,12 @@ REFUSED_PROFILES: dict[str, Callable[[bytes], bytes]] = {
     "unknown connection space": lambda icc: _edited_header(icc, 20, b"ZZZZ"),
     "unknown rendering intent": lambda icc: _edited_header(icc, 64, (0xFFFF).to_bytes(4, "big")),
     "version 5": lambda icc: _edited_header(icc, 8, b"\x05"),
+    # found by mutation testing: each bound's first value past it
+    "longer than its header says": lambda icc: icc + b"\0\0\0\0",
+    "rendering intent 4": lambda icc: _edited_header(icc, 64, (4).to_bytes(4, "big")),
+    "a tag a byte past the end": lambda icc: _first_tag_at(icc, len(icc) - int.from_bytes(icc[140:144], "big") + 1),
+    "tag table cut in its last entry": lambda icc: (140).to_bytes(4, "big") + icc[4:128] + (1).to_bytes(4, "big")
+    + b"\0" * 8,
 }
 
 
@@ -349,3 +355,50 @@ def test_an_rgb_profile_on_a_photo_whose_values_are_not_rgb_is_not_carried(mode:
     img = img.convert("I;16") if mode == "I;16" else img.convert(mode)
     assert decode_upright(_saved(img, fmt, icc_profile=_srgb_icc())).profile is None
     assert decode_upright(_saved(img.convert("RGB"), fmt, icc_profile=_srgb_icc())).profile == _srgb_icc()
+
+
+def test_a_profile_at_each_bound_of_libpngs_checks_is_carried():
+    """The other side of the bounds above: a tag ending at the profile's last byte, and a table
+    of one empty tag that the profile holds exactly."""
+    icc = _srgb_icc()
+    stored = np.random.default_rng(6).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    last_tag = _first_tag_at(icc, len(icc) - int.from_bytes(icc[140:144], "big"))
+    one_empty_tag = (144).to_bytes(4, "big") + icc[4:128] + (1).to_bytes(4, "big") + b"\0" * 12
+    for profile in (last_tag, one_empty_tag):
+        assert decode_upright(_saved(Image.fromarray(stored), "PNG", icc_profile=profile)).profile == profile
+
+
+def test_a_preview_carries_a_profile_of_up_to_its_bound():
+    from gpu_consumer.codec import MAX_PREVIEW_PROFILE_BYTES, encode_preview
+
+    image = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    for size, carried in ((MAX_PREVIEW_PROFILE_BYTES, True), (MAX_PREVIEW_PROFILE_BYTES + 4, False)):
+        profile = _padded(_srgb_icc(), size)
+        with Image.open(io.BytesIO(encode_preview(image, profile=profile))) as preview:
+            assert (preview.info.get("icc_profile") == profile) is carried, size
+
+
+def test_a_photo_translucent_everywhere_is_read_on_white():
+    """No pixel is clear, none opaque: each is shown blended with the page, not as stored."""
+    pixels = np.random.default_rng(8).integers(0, 256, (16, 24, 4), dtype=np.uint8)
+    pixels[..., 3] = np.random.default_rng(9).integers(1, 255, (16, 24), dtype=np.uint8)
+    upload = _saved(Image.fromarray(pixels), "PNG")
+    assert np.array_equal(decode(upload).numpy(), _on_white(upload))
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_an_orientation_entry_is_read_up_to_the_exifs_last_byte_and_no_further(order: str):
+    """The bounds of the walk over a damaged or odd EXIF: an entry ending at the last byte (no
+    next-IFD offset after it) is read; a TIFF header cut anywhere is no orientation, never an
+    error; a magic other than 42, a value of 0, or the first entry not the orientation's one is 1;
+    a PNG's eXIf written with a JPEG's prefix (Exif and two zeros) is read too."""
+    def read(exif: bytes) -> int:
+        return decode_upright(_png_with_exif(exif)).orientation
+
+    six = _exif(order, 3, struct.pack(order + "H", 6), 1)
+    assert read(six[:-4]) == 6
+    for cut in range(0, 12):
+        assert read(six[:cut]) == 1, cut
+    assert read(six[:2] + struct.pack(order + "H", 43) + six[4:]) == 1
+    assert read(_exif(order, 3, struct.pack(order + "H", 0), 1)) == 1
+    assert read(b"Exif\0\0" + six) == 6  # PIL puts a prefix of its own before a PNG's: two
