@@ -201,3 +201,17 @@ def test_a_command_that_records_nothing_gives_its_address_its_token_back():
     buckets.take("k")
     with pytest.raises(RateLimited):
         buckets.take("k")
+
+
+def test_the_entry_the_trusted_proxy_wrote_is_the_address_even_when_it_is_the_only_one():
+    """One proxy in front, a client that sends no X-Forwarded-For of its own: the header holds one
+    entry, the proxy's, and that is the client (read as absent, every client counted as the
+    proxy's own address and shared one day). An entry that is no address is cut to 64 characters,
+    whatever its length (a key held in memory)."""
+    from adapters.api.rate_limit import client_address, forwarded
+
+    assert forwarded(["203.0.113.7"], 1) == "203.0.113.7"
+    assert forwarded(["198.51.100.1, 203.0.113.7"], 2) == "198.51.100.1"
+    assert forwarded(["203.0.113.7"], 2) is None
+    assert client_address("10.0.0.2", ["203.0.113.7"], 1) == "203.0.113.7"
+    assert client_address("10.0.0.2", ["x" * 10_000], 1) == "x" * 64
