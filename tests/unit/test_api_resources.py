@@ -16,6 +16,8 @@ from uuid import uuid4
 
 import botocore.auth
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from adapters.api.consistency import STREAMS_PER_USER, LastWrites
@@ -404,3 +406,23 @@ def test_the_user_forgotten_first_is_the_one_who_wrote_least_recently() -> None:
         writes.record(user, "rules", user, 1)
     assert (writes.recent(early, "rules"), writes.recent(idle, "rules"), writes.recent(late, "rules")) == (
         {early: 1}, {}, {late: 1})
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=8) | st.from_regex(r"\A[ +\-]?[0-9][0-9_.e]*[ ]?\Z"))
+def test_a_query_number_is_read_only_from_its_ascii_decimal_digits(text: str) -> None:
+    """QueryInt against a regular expression: pydantic's lax int reads "5.0", "+5", " 5 " and
+    "5_0" as 5 and 50, and Python's str.isdigit takes "\u0661" and "\u00b2" for digits."""
+    import re
+
+    from pydantic import TypeAdapter
+
+    from adapters.api.schemas import QueryInt
+
+    plain = re.fullmatch(r"[0-9]+", text) is not None
+    try:
+        got = TypeAdapter(QueryInt).validate_python(text)
+    except ValidationError:
+        assert not plain, text
+    else:
+        assert plain and got == sum(10 ** i * (ord(c) - 48) for i, c in enumerate(reversed(text))), text
