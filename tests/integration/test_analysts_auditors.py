@@ -263,7 +263,7 @@ def test_the_ledger_balance_as_of_a_time_is_the_users_events_until_then(history,
     assert got["positions"] == {"first": min(positions, default=None), "last": max(positions, default=None)}
 
 
-def test_a_balance_is_refused_only_where_the_ledger_cannot_answer_for_the_user(tx):
+def test_a_balance_is_refused_only_where_the_ledger_cannot_answer_for_the_user(history, tx):  # its read model made
     """known_balance_as_of against the users model and the ledger as they stand: a user neither
     holds, or one whose credits the users model has seen while the ledger holds no entry of it (the
     ledger behind), is a LookupError; a user that never had credits (an erased device's next
@@ -279,6 +279,18 @@ def test_a_balance_is_refused_only_where_the_ledger_cannot_answer_for_the_user(t
             audit.known_balance_as_of(tx, user_id, at)
     got = audit.known_balance_as_of(tx, fresh, at)
     assert (got["balance"], got["granted"], got["entries"]) == (0, 0, 0)
+    # The user every balance asked for is: credits seen by the users model, and a ledger entry of
+    # them (a check that looked at the users model alone refused it; found by mutation testing).
+    # So is a user the ledger holds whom the users model has not projected yet.
+    granted, unprojected = uuid.uuid4(), uuid.uuid4()
+    tx.execute("INSERT INTO palette_read.users (id, plan, credits, reserved, spent, granted, device_hash, "
+               "created_at, updated_at) VALUES (%s, 'free', 50, 0, 0, 50, NULL, %s, %s)", [granted, at, at])
+    for user_id in (granted, unprojected):
+        tx.execute("INSERT INTO palette_read.billing_events (id, user_id, seq, type, amount, balance_delta, ref, "
+                   "occurred_at, position, prev_hash, hash) VALUES (%s, %s, 1, 'grant', 50, 50, 'signup', %s, "
+                   "%s, '', '')", [f"test-{user_id}", user_id, at, 2**62])
+        got = audit.known_balance_as_of(tx, user_id, at)
+        assert (got["balance"], got["granted"], got["entries"]) == (50, 50, 1), user_id
 
 
 def test_reconcile_on_a_live_system_reports_no_false_differences(apps, history, service, settings):  # noqa: F811
