@@ -74,7 +74,9 @@ def test_the_pages_of_a_period_are_its_entries_with_their_running_balance(
             got += [(e["seq"], e["type"], e["amount"], e["balance"]) for e in page[:limit]]
             if len(page) <= limit:
                 break
+            assert page[limit - 1]["seq"] > after, "a page that does not move past its cursor"  # else no end
             after = page[limit - 1]["seq"]
+            assert len(got) <= len(expected), "more entries paged than the period holds"
         assert got == expected
         whole = audit.ledger(conn, user_id, start, end)
         assert [(e["seq"], e["type"], e["amount"], e["balance"]) for e in whole] == expected

@@ -496,3 +496,29 @@ def test_committed_says_whether_its_own_command_recorded_events_not_its_batch(gr
     finally:
         if group_commit:
             svc.executor.stop()
+
+
+def test_what_a_command_recorded_counts_from_its_first_read_of_each_aggregate():
+    """A command that reads an aggregate again after recording on it still recorded: the second
+    read must not take the aggregate's pending events as its new starting point (the address's
+    budget token would come back for a command that saved an event, and ``stamp`` would leave
+    that event without the request's trace)."""
+    from datetime import UTC, datetime
+
+    from application.unit_of_work import UnitOfWork
+
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    user = User.register("hmac-sha256:" + "a" * 64, DEFAULT_PLANS["free"], at)
+    user.collect_events()  # as loaded: nothing pending
+    uow = UnitOfWork(lambda _id: user)
+    uow.begin_command()
+    first = uow.get(User, user.id)
+    assert first is not None and not uow.command_recorded()
+    first.grant(5, "support", at)
+    assert uow.get(User, user.id) is first  # read again after recording
+    assert uow.command_recorded()
+    uow.stamp("trace_id", "t-1")
+    assert [getattr(e, "trace_id", None) for e in user.pending_events] == ["t-1"]
+    uow.begin_command()  # the next command starts from what the last one left
+    uow.get(User, user.id)
+    assert not uow.command_recorded()
