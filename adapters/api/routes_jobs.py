@@ -442,6 +442,18 @@ SSE_MAX_S = 600.0  # a client reconnects with Last-Event-ID after this
 NOT_SHOWN = frozenset(("originator_id", "originator_version", "originator_topic", "idempotency_key"))
 
 
+def events_after_id(last_event_id: str | None, version: int) -> int:
+    """The stream version a resumed stream starts after: the Last-Event-ID it sent (at most 20
+    ASCII decimal digits, else ValidationFailed), not past the job's last event (``version``): a
+    stream told to wait for version 10**20 would never see its job finish, and would hold its slot
+    until SSE_MAX_S. None or empty: from the start."""
+    if not last_event_id:
+        return 0
+    if not (last_event_id.isascii() and last_event_id.isdigit() and len(last_event_id) <= 20):
+        raise ValidationFailed("Last-Event-ID must be a stream version (decimal digits)")
+    return min(int(last_event_id), version)
+
+
 @router.get("/jobs/{job_id}/events", tags=["jobs"], responses={
     200: {"content": {"text/event-stream": {}}, "description": "the job's events as server-sent "
           "events (`id` = stream version, `event` = type, `data` = JSON); ends when the job is terminal"},
@@ -458,11 +470,7 @@ async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, co
     # 404 for another user's job. A finished job gets no JobFinished/JobCanceled again.
     job = await service.get_job_async(user_id, job_id)
     finished = job.status.terminal
-    # The id this stream sent (its decimal digits), not past the job's last event: a stream told to
-    # wait for version 10**20 would never see its job finish, and would hold its slot until SSE_MAX_S.
-    if last_event_id and not (last_event_id.isascii() and last_event_id.isdigit() and len(last_event_id) <= 20):
-        raise ValidationFailed("Last-Event-ID must be a stream version (decimal digits)")
-    after = min(int(last_event_id), job.version) if last_event_id else 0
+    after = events_after_id(last_event_id, job.version)
     app = service.app
     # A finished job's events are read once, here: all it will ever have.
     last: list[Any] | None = await run_in_threadpool(_events_after, app, job_id, after) if finished else None

@@ -16,7 +16,7 @@ from uuid import uuid4
 
 import botocore.auth
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -426,3 +426,33 @@ def test_a_query_number_is_read_only_from_its_ascii_decimal_digits(text: str) ->
         assert not plain, text
     else:
         assert plain and got == sum(10 ** i * (ord(c) - 48) for i, c in enumerate(reversed(text))), text
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.none() | st.text(max_size=24) | st.from_regex(r"\A[ +\-]?[0-9][0-9_.e]{0,22}[ ]?\Z"),
+       version=st.integers(0, 10**6))
+@example(text="1" * 20, version=5).via("the longest id")
+@example(text="1" * 21, version=5).via("one digit too many")
+@example(text="\u0663", version=5).via("a digit str.isdigit takes that is not ASCII")
+@example(text="7", version=3).via("past the job's last event")
+@example(text="", version=3).via("empty: the start")
+def test_a_last_event_id_is_read_only_from_its_ascii_decimal_digits(text: str | None, version: int) -> None:
+    """events_after_id against a regular expression (only e2e tests read it before): at most 20
+    ASCII digits, else a 422; a resumed stream never waits past the job's last event; no id (or an
+    empty one) is the start."""
+    import re
+
+    from adapters.api.routes_jobs import events_after_id
+    from domain.errors import ValidationFailed
+
+    plain = text is not None and re.fullmatch(r"[0-9]{1,20}", text) is not None
+    try:
+        got = events_after_id(text, version)
+    except ValidationFailed:
+        assert text and not plain, text
+    else:
+        if not text:
+            assert got == 0
+        else:
+            assert plain, text
+            assert got == min(sum(10 ** i * (ord(c) - 48) for i, c in enumerate(reversed(text))), version), text
