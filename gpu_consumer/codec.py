@@ -134,8 +134,10 @@ def read_header(data: bytes, what: str = "photo") -> Header:
     try:
         with _open(data) as probe:  # reads the header only
             # An RGB profile describes the output only when the photo's values are RGB ones: a
-            # grey or CMYK photo's (a file claiming otherwise) are made RGB without it.
-            profile = _profile(probe.info.get("icc_profile")) if probe.mode in RGB_MODES else None
+            # grey or CMYK photo's (a file claiming otherwise) are made RGB without it. A mask's
+            # is never carried, so not read.
+            rgb_photo = what == "photo" and probe.mode in RGB_MODES
+            profile = _profile(probe.info.get("icc_profile")) if rgb_photo else None
             header = Header(probe.width, probe.height, str(probe.format), probe.mode, _orientation(probe), profile)
             in_python = sorted({tile[0] for tile in probe.tile if tile[0] in Image.DECODERS})
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

@@ -18,6 +18,7 @@ import psycopg
 from psycopg import sql
 
 from domain.contracts.streams import stream_topics, topic_prefix
+from projections import schema
 from projections.log import events_table
 from projections.models.base import Rows
 from projections.models.billing_events import BILLING, GENESIS, LEDGER_COLUMNS, ledger_hash
@@ -25,9 +26,9 @@ from projections.models.users import USERS
 from projections.rebuild import iter_envelopes
 
 LEDGER = sql.Identifier("palette_read", "billing_events")
-USERS_TABLE = sql.Identifier("palette_read", USERS.keyed_table)
 __all__ = ["LEDGER_COLUMNS", "BalanceMismatch", "ChainBreak", "PeriodFigures", "PeriodReport", "Reconciliation",
-           "balance_as_of", "chain_heads", "export", "ledger", "period_report", "reconcile", "verify", "verify_heads"]
+           "balance_as_of", "chain_heads", "export", "known_balance_as_of", "ledger", "period_report", "reconcile",
+           "verify", "verify_heads"]
 
 
 def _rows(conn: psycopg.Connection[Any], query: sql.Composed, params: list[Any]) -> list[dict[str, Any]]:
@@ -74,8 +75,8 @@ def known_balance_as_of(conn: psycopg.Connection[Any], user_id: UUID, as_of: dat
     projected), or one the users model has seen credits of while the ledger holds no entry (the
     ledger behind it). A user may hold no entry and have none: an erased device's next user
     starts without credits."""
-    row = conn.execute(sql.SQL("SELECT (SELECT granted FROM {} WHERE id = %s), "
-                               "EXISTS (SELECT 1 FROM {} WHERE user_id = %s)").format(USERS_TABLE, LEDGER),
+    row = conn.execute(sql.SQL("SELECT (SELECT granted FROM {} WHERE id = %s), EXISTS (SELECT 1 FROM {} WHERE "
+                               "user_id = %s)").format(schema.table(USERS.keyed_table), LEDGER),
                        [user_id, user_id]).fetchone()
     granted, held = row if row else (None, False)
     if not held and (granted is None or granted > 0):

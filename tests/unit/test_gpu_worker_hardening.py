@@ -182,9 +182,9 @@ def test_the_output_and_preview_carry_the_photos_colour_profile(failing_puts: in
     """A Display P3 photo (every iPhone's) edited and stored without its profile showed washed
     out beside the original; its output and preview now carry it, on the first try and on a
     retry, which fetches the photo again."""
-    from PIL import ImageCms
+    from tests.unit.test_upload_pixels import _srgb_icc
 
-    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()  # any RGB display profile
+    profile = _srgb_icc()  # any RGB display profile
     t = task()
     w, s3, _, callbacks, _ = worker([record(t)], s3=FakeS3(failing_puts=failing_puts))
     with Image.open(io.BytesIO(photo())) as room:
