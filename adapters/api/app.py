@@ -61,6 +61,10 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
         # RequestEdge owns each request's span: FastAPI's own would be a second span per
         # request (a fifth of a cheap request's time) continuing any client's traceparent.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        # "/jobs/" is an unknown path (404, in the envelope), not Starlette's 307 to "/jobs": that
+        # answer had no envelope, took its Location from the client's Host header, and under an
+        # Idempotency-Key was kept as the key's answer, so the redirected request was a 422.
+        redirect_slashes=False,
         title="Palette API",
         version="0.1.0",
         description="Command/query API of Palette. Every response is an envelope "

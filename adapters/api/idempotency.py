@@ -85,8 +85,9 @@ def ensure_schema(conn: Any) -> None:
 
 def storable(status: int) -> bool:
     """Whether an answer is kept for the key: not one that invites a retry (409, 429, 5xx), nor
-    one refused before the endpoint ran (401 token, 422 parameters), as Stripe does."""
-    return status < 500 and status not in (401, 409, 422, 429)
+    one refused before the endpoint ran (401 token, 422 parameters), as Stripe does, nor a
+    redirect (3xx: the request was not handled here; a retry that follows it must not be refused)."""
+    return 200 <= status < 300 or (400 <= status < 500 and status not in (401, 409, 422, 429))
 
 
 _HEX = "[0-9a-fA-F]"
