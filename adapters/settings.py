@@ -108,6 +108,12 @@ class Settings(BaseSettings):
     # users never expire: without it, one client added a day's worth per user it had made). In
     # development, unless set, DEV_ADDRESS_JOBS_PER_DAY: test suites run every user from loopback.
     rate_jobs_per_address_per_day: int = Field(20_000, ge=1)
+    # Bytes a user's reruns may have S3 copy per day (their photos and masks, server-side): a
+    # rerun that is canceled, or fails, spends nothing, and its copy is kept a day
+    # (unpaid_retention_days), so without it rerun-and-cancel of one 1 GB upload stored 1,000 GB a
+    # day (the job budget's 1,000 creations) at no cost. At least one largest rerun (200 photos of
+    # 20 MB, their masks) a day.
+    rerun_copy_bytes_per_day: int = Field(16 * 2**30, ge=5 * 2**30)
     rate_callbacks_per_s: float = Field(200.0, gt=0)  # results per job
     rate_callbacks_burst: int = Field(400, ge=1)
     projector_sweep_s: float = Field(30.0, gt=0)  # how often the projector trues up against the log

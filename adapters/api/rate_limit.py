@@ -41,9 +41,9 @@ class TokenBuckets:
         self._buckets: OrderedDict[object, tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def take(self, key: object) -> None:
-        """Spend one token for ``key`` or raise RateLimited."""
-        if (wait := self._ask(key, spend=True)) > 0:
+    def take(self, key: object, amount: float = 1.0) -> None:
+        """Spend ``amount`` tokens (one by default) for ``key`` or raise RateLimited."""
+        if (wait := self._ask(key, spend=True, amount=amount)) > 0:
             raise RateLimited(wait)
 
     def wait_s(self, key: object) -> float:
@@ -51,24 +51,24 @@ class TokenBuckets:
         as asking."""
         return self._ask(key, spend=False)
 
-    def give_back(self, key: object) -> None:
-        """Return the token a request spent and had no use for (up to the burst)."""
+    def give_back(self, key: object, amount: float = 1.0) -> None:
+        """Return the tokens a request spent and had no use for (up to the burst)."""
         with self._lock:
             if key in self._buckets:
                 tokens, last = self._buckets[key]
-                self._buckets[key] = (min(float(self.burst), tokens + 1.0), last)
+                self._buckets[key] = (min(float(self.burst), tokens + amount), last)
 
-    def _ask(self, key: object, spend: bool) -> float:
+    def _ask(self, key: object, spend: bool, amount: float = 1.0) -> float:
         now = self.clock()
         with self._lock:
             tokens, last = self._buckets.get(key, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-            refused = tokens < 1.0
-            self._buckets[key] = (tokens - 1.0 if spend and not refused else tokens, now)
+            refused = tokens < amount
+            self._buckets[key] = (tokens - amount if spend and not refused else tokens, now)
             self._buckets.move_to_end(key)
             while len(self._buckets) > self.max_keys:
                 self._buckets.popitem(last=False)
-            return (1.0 - tokens) / self.rate if refused else 0.0
+            return (amount - tokens) / self.rate if refused else 0.0
 
 
 DAY_S = 86_400.0

@@ -26,7 +26,7 @@ from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep, made_once
 from adapters.api.envelope import ApiError, ok
 from adapters.api.held_responses import SlotStream, StreamSlots
 from adapters.api.idempotency import id_for_key
-from adapters.api.rate_limit import forwarded, request_address
+from adapters.api.rate_limit import DAY_S, TokenBuckets, forwarded, request_address
 from adapters.api.schemas import (
     CallbackCreate,
     CallbackPublic,
@@ -266,8 +266,19 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
         if too_large:
             raise InvalidState(f"cannot rerun this job: {len(too_large)} of its photos are over "
                                f"{MAX_INPUT_BYTES >> 20} MB (idx {item_list(too_large)})")
-        committed = await service.run(service.rerun_job_command(
-            user_id, job_id, id_for_key(user_id, f"rerun:{job_id}", idempotency_key)))
+        # What it copies counts against the user's day (a canceled copy is kept a day for free).
+        copied = float(sum(present.values()))
+        per_day = container.settings.rerun_copy_bytes_per_day
+        copy_bytes = made_once(request, "rerun_copy_bytes", lambda: TokenBuckets(per_day / DAY_S, per_day))
+        copy_bytes.take(user_id, copied)
+        try:
+            committed = await service.run(service.rerun_job_command(
+                user_id, job_id, id_for_key(user_id, f"rerun:{job_id}", idempotency_key)))
+        except BaseException:
+            copy_bytes.give_back(user_id, copied)
+            raise
+        if not committed.recorded:  # a retry handed back the job made before: copied again, not anew
+            copy_bytes.give_back(user_id, copied)
         spending.recorded = committed.recorded
     new_id = committed.value
     _remember(container, user_id, new_id, committed)

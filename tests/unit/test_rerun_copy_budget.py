@@ -1,0 +1,92 @@
+"""A rerun copies its source's photos and masks in S3 at the server's cost, and a rerun canceled
+(or failed) spends no credit while its copy is kept a day: rerun-and-cancel of one upload stored
+that upload again per round, bounded only by the job budget's 1,000 creations a day (a 1 GB
+upload: 1 TB a day, for nothing). The bytes a user's reruns copy are bounded per day
+(PALETTE_RERUN_COPY_BYTES_PER_DAY): past them a rerun is a 429 with Retry-After, before anything
+is recorded or copied; a rerun refused for another reason spends none of them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from types import SimpleNamespace
+from uuid import UUID, uuid4
+
+from fastapi.testclient import TestClient
+
+from adapters.api.app import create_app
+from adapters.settings import Settings
+from application.services import RerunSource
+from application.unit_of_work import Committed
+from domain.contracts.keys import input_key
+from domain.errors import InvalidState
+from domain.job import JobStatus
+
+GB = 2**30
+PHOTOS, PHOTO_BYTES = 50, 20 * 2**20  # a free user's largest job of 20 MB photos: 1 GiB a rerun
+
+
+class FakeS3:
+    def __init__(self, user_id: UUID, source: UUID) -> None:
+        self.listing = [{"Key": input_key(user_id, source, i), "Size": PHOTO_BYTES} for i in range(PHOTOS)]
+        self.copies = 0
+
+    def get_paginator(self, _name: str) -> SimpleNamespace:
+        return SimpleNamespace(paginate=lambda **kw: [{"Contents": [o for o in self.listing
+                                                                   if o["Key"].startswith(kw["Prefix"])]}])
+
+    def copy_object(self, **_kw: object) -> None:
+        self.copies += 1
+
+
+class FakeService:
+    """A source job of PHOTOS photos; each rerun makes a new job waiting for its photos."""
+
+    def __init__(self) -> None:
+        self.refuse: Exception | None = None
+        self.sealer = SimpleNamespace(evict=lambda _u: None)
+        self.user_views = None
+
+    async def rerun_source_async(self, _user: UUID, _job: UUID) -> RerunSource:
+        return RerunSource(item_count=PHOTOS, concepts=())
+
+    def rerun_job_command(self, *_a: object) -> None:
+        return None
+
+    async def run(self, _command: object) -> Committed[UUID]:
+        if self.refuse is not None:
+            raise self.refuse
+        new = uuid4()
+        return Committed(value=new, position=1, versions={new: 1}, recorded=True)
+
+    async def get_job_async(self, _user: UUID, _job: UUID) -> SimpleNamespace:
+        return SimpleNamespace(status=JobStatus.CREATED)
+
+
+def _client(per_day: int) -> tuple[TestClient, FakeS3, FakeService, dict[str, str], UUID]:
+    settings = Settings(jwt_secret="s" * 48, callback_secret="c" * 48, device_key_secret="d" * 48,
+                        rerun_copy_bytes_per_day=per_day)
+    user, source = uuid4(), uuid4()
+    s3, service = FakeS3(user, source), FakeService()
+    container = SimpleNamespace(settings=settings, read_pool=None, service=service, s3=s3,
+                                last_writes=SimpleNamespace(record=lambda *a: None))
+    app = create_app(container)  # type: ignore[arg-type]
+    token = app.state.tokens.issue(user, datetime.now(UTC))
+    return TestClient(app, raise_server_exceptions=False), s3, service, {"Authorization": f"Bearer {token}"}, source
+
+
+def test_reruns_past_the_days_copy_bytes_are_refused_before_anything_is_copied() -> None:
+    api, s3, _service, auth, source = _client(per_day=5 * GB)
+    answers = [api.post(f"/jobs/{source}/rerun", headers=auth) for _ in range(6)]
+    assert [a.status_code for a in answers] == [201] * 5 + [429], [a.text[:120] for a in answers]
+    assert answers[-1].json()["error"]["code"] == "RATE_LIMITED"
+    assert int(answers[-1].headers["Retry-After"]) > 3600  # a day's bytes come back over the day
+    assert s3.copies == 5 * PHOTOS
+
+
+def test_a_rerun_refused_for_another_reason_spends_no_copy_bytes() -> None:
+    api, s3, service, auth, source = _client(per_day=5 * GB)
+    service.refuse = InvalidState("the user holds an unfinished job")
+    assert all(api.post(f"/jobs/{source}/rerun", headers=auth).status_code == 409 for _ in range(8))
+    service.refuse = None
+    assert [api.post(f"/jobs/{source}/rerun", headers=auth).status_code for _ in range(5)] == [201] * 5
+    assert s3.copies == 5 * PHOTOS
