@@ -171,15 +171,15 @@ class CheckpointStore:
         body = json.dumps(doc, separators=(",", ":")).encode()
         name = self.name(doc["payload"])
         where = []
-        if self.s3 is not None:
-            self.s3.put_object(Bucket=self.bucket, Key=PREFIX + name, Body=body, ContentType="application/json")
-            where.append(f"s3://{self.bucket}/{PREFIX}{name}")
-        if self.directory is not None:
+        if self.directory is not None:  # first: an object store that does not answer loses no copy here
             self.directory.mkdir(parents=True, exist_ok=True)
             tmp = self.directory / f".{name}.tmp"
             tmp.write_bytes(body)
             tmp.replace(self.directory / name)
             where.append(str(self.directory / name))
+        if self.s3 is not None:
+            self.s3.put_object(Bucket=self.bucket, Key=PREFIX + name, Body=body, ContentType="application/json")
+            where.append(f"s3://{self.bucket}/{PREFIX}{name}")
         if not where:
             raise CheckpointError("nowhere to keep checkpoints: no object store and no PALETTE_AUDIT_CHECKPOINT_DIR")
         return where

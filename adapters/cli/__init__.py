@@ -6,8 +6,10 @@ into one line and an exit status."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -50,6 +52,27 @@ def _broker_unreachable(e: BaseException) -> bool:
     return isinstance(e, (KafkaTimeoutError, KafkaConnectionError))
 
 
+def _store_unreachable(e: BaseException) -> bool:
+    """The object store did not answer (no server at PALETTE_S3_ENDPOINT, a timeout), or its
+    endpoint is no URL botocore can use."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    return isinstance(e, (BotoConnectionError, HTTPClientError)) or (
+        isinstance(e, ValueError) and str(e).startswith("Invalid endpoint:"))
+
+
+# Writing the output failed for a reason its reader cannot fix by reading on (a full disk, a
+# quota, a file too big, an I/O error): not a closed pipe, and no file of ours to name.
+OUTPUT_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    """SIGTERM (a `timeout`, a service manager's stop) unwinds a command as Ctrl-C does: an export's
+    staging folder is removed, a connection closed, on the way out (exit 143)."""
+    raise SystemExit(128 + signum)
+
+
 def _reason(e: BaseException) -> str:
     """The driver's last line (``password authentication failed for user ...``), a password
     in it masked (libpq quotes a connection string it cannot parse, or the host name an unescaped
@@ -64,6 +87,11 @@ def _reason(e: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if sys.stdout is None:  # started with stdout closed (`>&-`): nowhere to write what it prints
+        print(f"palette {args.command}: stdout is closed; redirect it (> FILE or > /dev/null)", file=sys.stderr)
+        return 2
+    if args.command not in ("up", "serve"):  # those two install their own handlers
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         code = int(args.func(args))
         sys.stdout.flush()  # a reader gone away shows here, not at the interpreter's exit
@@ -89,8 +117,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"palette {args.command}: cannot reach the broker ({_reason(e)}); "
                   "is the stack up (`make run`) and PALETTE_KAFKA_BOOTSTRAP right?", file=sys.stderr)
             return 3
+        if _store_unreachable(e):
+            print(f"palette {args.command}: cannot reach the object store ({_reason(e)}); "
+                  "is the stack up (`make run`) and PALETTE_S3_ENDPOINT right?", file=sys.stderr)
+            return 3
         if isinstance(e, OSError) and e.filename is not None:  # a file we read or write
             print(f"palette {args.command}: {e.filename}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        if isinstance(e, OSError) and e.errno in OUTPUT_ERRORS:  # stdout: > a file on a full disk, /dev/full
+            print(f"palette {args.command}: cannot write the output: {e.strerror or e}", file=sys.stderr)
+            stdout_gone()  # what is still buffered cannot be written either: not at the interpreter's exit
             return 2
         raise
     except KeyboardInterrupt:

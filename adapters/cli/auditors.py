@@ -75,6 +75,7 @@ def _audit_report(args: argparse.Namespace, conn: Any, settings: Any) -> int:
 
 def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int:
     from adapters import checkpoints
+    from adapters.cli import _reason, _store_unreachable  # imported here: adapters.cli imports this module
     from adapters.system import SystemClock
 
     if args.out is not None and (why := unwritable(args.out)) is not None:
@@ -90,7 +91,13 @@ def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int
             doc = checkpoints.take(conn, app.recorder, key, SystemClock().now())
         finally:
             app.close()
-        where = store.put(doc) if (store.s3 is not None or store.directory is not None) else []
+        try:
+            where = store.put(doc) if (store.s3 is not None or store.directory is not None) else []
+            unkept: Exception | None = None
+        except Exception as e:  # the object store did not answer: the file asked for is still written
+            if not _store_unreachable(e):
+                raise
+            where, unkept = ([str(store.directory / store.name(doc["payload"]))] if store.directory else []), e
     except checkpoints.CheckpointError as e:
         print(f"palette audit checkpoint: {e}", file=sys.stderr)
         return 2
@@ -104,6 +111,10 @@ def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int
             print(f"palette audit checkpoint: cannot write {args.out}: {e.strerror or e}{kept}", file=sys.stderr)
             return 2
         where.append(str(args.out))
+    if unkept is not None:
+        kept = f"; the checkpoint is kept at {', '.join(where)} only" if where else "; the checkpoint is kept nowhere"
+        print(f"palette audit checkpoint: cannot reach the object store ({_reason(unkept)}){kept}", file=sys.stderr)
+        return 3
     payload = doc["payload"]
     print(f"checkpoint of {len(payload['heads']):,} chain heads at log position {payload['log_position']:,}"
           + ("" if payload["complete"] else " (INCOMPLETE: the ledger had not folded every event up to it)")

@@ -1,0 +1,95 @@
+"""The command line where its output or its surroundings fail: stdout on a full disk or closed,
+an object store that does not answer, a SIGTERM in the middle of an export. Each is one line and
+a non-zero exit, never a traceback, and leaves nothing half-written."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import EndpointConnectionError
+
+from adapters import checkpoints, cli
+from adapters.cli import operators
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _palette(shell_redirect: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`palette env` (no stack needed) with stdout redirected by the shell as given."""
+    env = {"PATH": "/usr/bin:/bin", "PALETTE_DATA_DIR": str(tmp_path)}
+    return subprocess.run(["/bin/sh", "-c", f'exec "$0" -m adapters.cli env {shell_redirect}', sys.executable],
+                          stderr=subprocess.PIPE, text=True, timeout=120, env=env, cwd=ROOT, check=False)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_stdout_on_a_full_disk_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    result = _palette("> /dev/full", tmp_path)
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "palette env: cannot write the output: No space left on device"
+    assert result.returncode == 2
+
+
+def test_a_closed_stdout_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    result = _palette(">&-", tmp_path)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "stdout is closed" in result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2
+
+
+def test_an_object_store_that_does_not_answer_is_one_line_and_exit_3(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: Any) -> None:
+    def unreachable(_args: Any) -> int:
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/palette-images")
+
+    monkeypatch.setattr(operators, "_cmd_token", unreachable)
+    assert cli.main(["token", "--role", "analyst"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot reach the object store" in err and "PALETTE_S3_ENDPOINT" in err
+
+
+def test_a_checkpoint_is_kept_in_its_directory_when_the_object_store_does_not_answer(tmp_path: Path) -> None:
+    class DownS3:
+        def put_object(self, **_: Any) -> None:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/palette-images")
+
+    store = checkpoints.CheckpointStore(DownS3(), "palette-images", tmp_path)
+    doc = {"payload": {"log_position": 7, "taken_at": "2026-12-05T09:00:00+00:00", "heads": []}}
+    with pytest.raises(EndpointConnectionError):
+        store.put(doc)
+    assert [p.name for p in tmp_path.iterdir()] == [store.name(doc["payload"])]
+
+
+def test_sigterm_during_an_export_removes_its_staging_folder_and_exits_143(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapters.cli import analysts
+    from projections import parquet
+
+    final = tmp_path / "dataset"
+    seen: list[Path] = []
+
+    def export(_args: Any) -> int:
+        with parquet._staged(final) as staging:
+            (staging / "part-00000.parquet").write_bytes(b"half")
+            seen.append(staging)
+            os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` or a service manager sends
+            raise AssertionError("SIGTERM did not stop the export")
+        return 0
+
+    monkeypatch.setattr(analysts, "_cmd_export", export)
+    def untouched(*_: Any) -> None:  # what the runner would do (die) if the command set no handler
+        raise RuntimeError("SIGTERM met the handler the command found, not one of its own")
+
+    before = signal.signal(signal.SIGTERM, untouched)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(["export", "users", "--out", str(final)])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert seen and not seen[0].exists() and list(tmp_path.iterdir()) == []
