@@ -89,6 +89,10 @@ def public_key(text: str) -> Ed25519PublicKey:
         return Ed25519PublicKey.from_public_bytes(_raw_key(text, "the public key"))
     except ValueError as e:
         if isinstance(e, CheckpointError):
+            if "/" in text or text.endswith(".pem"):  # meant as a PEM file: say what is wrong with the path
+                why = "is not a file" if path.exists() else "no such file"
+                raise CheckpointError(f"{path}: {why} (a public key is 64 hex digits, base64 of 32 bytes, "
+                                      "or a PEM file)") from None
             raise
         raise CheckpointError("the public key is not a valid Ed25519 key") from None
 

@@ -164,6 +164,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     from projections import audit, schema
 
+    if args.action == "ledger" and args.since is not None and args.until is not None and args.until < args.since:
+        print("palette audit ledger: the period's end (--to) must be after its start (--from)", file=sys.stderr)
+        return 2  # as `replay all` and `audit report` refuse theirs: an empty answer would pass for "no entries"
     settings = running_settings()
     if args.action == "keygen":
         return _audit_keygen(args)

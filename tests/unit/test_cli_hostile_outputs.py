@@ -93,3 +93,17 @@ def test_sigterm_during_an_export_removes_its_staging_folder_and_exits_143(tmp_p
         signal.signal(signal.SIGTERM, before)
     assert stopped.value.code == 128 + signal.SIGTERM
     assert seen and not seen[0].exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_ledger_window_that_ends_before_it_starts_is_refused_not_answered_empty(capsys: Any) -> None:
+    user = "05f17ccf-2dba-5ec1-9be4-5001154dec58"
+    assert cli.main(["audit", "ledger", "--user", user, "--from", "2030-01-01", "--to", "2020-01-01"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--to" in err and "--from" in err
+
+
+@pytest.mark.parametrize("given", ["/nonexistent/trusted.pem", "trusted.pem", "/"])
+def test_a_public_key_path_that_is_no_file_is_named_as_such(given: str) -> None:
+    with pytest.raises(checkpoints.CheckpointError) as refused:
+        checkpoints.public_key(given)
+    assert ("no such file" if given != "/" else "is not a file") in str(refused.value)
