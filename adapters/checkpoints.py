@@ -212,6 +212,8 @@ def _json(body: bytes, where: str) -> Any:
         return json.loads(body)
     except ValueError:
         raise CheckpointError(f"{where} is not JSON") from None
+    except RecursionError:  # nested deeper than the decoder goes: no checkpoint is
+        raise CheckpointError(f"{where} is not a checkpoint (JSON nested too deep)") from None
 
 
 def read_file(path: Path) -> Any:

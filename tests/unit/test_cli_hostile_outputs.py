@@ -107,3 +107,10 @@ def test_a_public_key_path_that_is_no_file_is_named_as_such(given: str) -> None:
     with pytest.raises(checkpoints.CheckpointError) as refused:
         checkpoints.public_key(given)
     assert ("no such file" if given != "/" else "is not a file") in str(refused.value)
+
+
+def test_a_checkpoint_file_nested_too_deep_is_refused_in_one_line(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"a":' * 100_000 + "1" + "}" * 100_000)
+    with pytest.raises(checkpoints.CheckpointError, match="not a checkpoint"):
+        checkpoints.read_file(deep)
