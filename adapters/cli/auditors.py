@@ -259,8 +259,9 @@ def add_commands(sub: Subcommands) -> None:
     al = asub.add_parser("ledger", help="a user's ledger with running balance")
     al.add_argument("--user", type=uuid_value, required=True)
     al.add_argument("--from", dest="since", type=time_value, metavar="TIME",
-                    help="period start (ISO-8601; no offset: UTC)")
-    al.add_argument("--to", dest="until", type=time_value, metavar="TIME", help="period end (ISO-8601; no offset: UTC)")
+                    help="period start, inclusive (ISO-8601; no offset: UTC)")
+    al.add_argument("--to", dest="until", type=time_value, metavar="TIME",
+                    help="period end, inclusive, unlike audit report's (ISO-8601; no offset: UTC)")
     ab = asub.add_parser("balance", help="a user's balance as of a time, with the positions used")
     ab.add_argument("--user", type=uuid_value, required=True)
     ab.add_argument("--as-of", type=time_value, required=True, metavar="TIME", help="ISO-8601; no offset: UTC")
