@@ -67,10 +67,18 @@ def _store_unreachable(e: BaseException) -> bool:
 OUTPUT_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a `timeout`, a service manager's stop) delivered as Ctrl-C is, so that it unwinds a
+    command the same way: an export's staging folder removed, a running DuckDB query interrupted
+    (adapters/query.py stops its worker on KeyboardInterrupt), a connection closed; exit 143."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _terminated(signum: int, _frame: object) -> None:
-    """SIGTERM (a `timeout`, a service manager's stop) unwinds a command as Ctrl-C does: an export's
-    staging folder is removed, a connection closed, on the way out (exit 143)."""
-    raise SystemExit(128 + signum)
+    raise Terminated(signum)
 
 
 def _reason(e: BaseException) -> str:
@@ -129,8 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stdout_gone()  # what is still buffered cannot be written either: not at the interpreter's exit
             return 2
         raise
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:
+        return 128 + e.signum if isinstance(e, Terminated) else 130
 
 
 __all__ = ["SIGPIPE_EXIT", "main", "parser"]
