@@ -220,10 +220,22 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every float that is not finite (in lists and structs too) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
 def render(result: Result, fmt: str) -> str:
     """The rows as an aligned table, CSV or a JSON array of objects."""
-    if fmt == "json":
-        return json.dumps([dict(zip(result.columns, r, strict=True)) for r in result.rows], default=str, indent=1)
+    if fmt == "json":  # strict JSON: NaN and ±Infinity (0.0/0.0 in DuckDB) have no JSON form, so null
+        return json.dumps([dict(zip(result.columns, map(_finite, r), strict=True)) for r in result.rows],
+                          default=str, indent=1, allow_nan=False)
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")

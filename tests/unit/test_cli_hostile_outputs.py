@@ -113,3 +113,16 @@ def test_a_checkpoint_file_nested_too_deep_is_refused_in_one_line(tmp_path: Path
     deep.write_text('{"a":' * 100_000 + "1" + "}" * 100_000)
     with pytest.raises(checkpoints.CheckpointError, match="not a checkpoint"):
         checkpoints.read_file(deep)
+
+
+def test_query_json_is_strict_json_even_for_nan_and_infinity() -> None:
+    import json
+
+    from adapters.query import Result, render
+
+    text = render(Result(["a", "b", "l"], [(float("nan"), float("-inf"), [1.5, float("inf")])], False), "json")
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(text, parse_constant=refuse) == [{"a": None, "b": None, "l": [1.5, None]}]
