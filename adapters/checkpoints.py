@@ -120,8 +120,13 @@ def keygen(out: Path) -> Ed25519PublicKey:
         raise CheckpointError(f"{out} exists: not overwritten") from None
     except OSError as e:
         raise CheckpointError(f"cannot write {out}: {e.strerror}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            os.fsync(f.fileno())  # a full disk shows here, not after the key was announced
+    except OSError as e:  # the file made above is removed: an empty key file would refuse every rerun
+        out.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
     return key.public_key()
 
 

@@ -338,10 +338,13 @@ class PartitionedWriter:
 
     def _close(self, key: tuple[str, str]) -> None:
         writer = self.partitions[key].writer
-        if writer is not None:
-            writer.close()
         self.partitions[key].writer = None
         self.open.pop(key, None)
+        if writer is not None:
+            try:
+                writer.close()
+            finally:  # a close that failed (a full disk) is not tried again by the writer's __del__
+                writer.is_open = False
 
     def abandon(self) -> None:
         """Close the open files without flushing what is buffered: the export is being discarded."""
@@ -443,10 +446,10 @@ def export_log(recorder: Any, transcoder: Any, out: Path, start: int = 1, since:
                         progress(writer.stats.events)
                     if last:
                         break
-        except BaseException:
+            stats = writer.close()
+        except BaseException:  # a close that failed too (a full disk): the other files are closed here
             writer.abandon()
             raise
-        stats = writer.close()
     return stats
 
 

@@ -104,9 +104,12 @@ def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int
     if args.out is not None:
         import json
 
-        try:
-            args.out.write_text(json.dumps(doc, separators=(",", ":")))
+        partial = args.out.with_name(f".{args.out.name}.partial")
+        try:  # whole or not at all: a cut file would be read as a checkpoint that is not JSON
+            partial.write_text(json.dumps(doc, separators=(",", ":")))
+            partial.replace(args.out)
         except OSError as e:
+            partial.unlink(missing_ok=True)
             kept = f" (the checkpoint is kept at {', '.join(where)})" if where else ""
             print(f"palette audit checkpoint: cannot write {args.out}: {e.strerror or e}{kept}", file=sys.stderr)
             return 2

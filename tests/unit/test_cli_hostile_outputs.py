@@ -126,3 +126,53 @@ def test_query_json_is_strict_json_even_for_nan_and_infinity() -> None:
         raise ValueError(f"{constant} is not JSON")
 
     assert json.loads(text, parse_constant=refuse) == [{"a": None, "b": None, "l": [1.5, None]}]
+
+
+def test_parquet_writers_whose_close_fails_on_a_full_disk_are_all_closed_and_not_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `palette replay all --format parquet` met on a full disk: the first close failed, the
+    other files stayed open, and each writer's __del__ failed again ("Exception ignored ...")."""
+    import errno
+    from datetime import UTC, datetime
+
+    import pyarrow as pa
+
+    from projections import parquet
+
+    made: list[Any] = []
+
+    class FullDiskWriter:
+        def __init__(self, *_: Any, **__: Any) -> None:
+            self.is_open = True
+            made.append(self)
+
+        def write_table(self, *_: Any, **__: Any) -> None:
+            pass
+
+        def close(self) -> None:
+            if self.is_open:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(parquet.pq, "ParquetWriter", FullDiskWriter)
+    writer = parquet.PartitionedWriter(tmp_path)
+    for name in ("JobCreated", "JobFinished"):
+        writer.add(name, pa.table({"timestamp": pa.array([datetime(2026, 12, 5, tzinfo=UTC)], parquet.TIMESTAMP)}))
+    with pytest.raises(OSError):
+        writer.close()
+    writer.abandon()
+    assert len(made) == 2 and not any(w.is_open for w in made)  # none left for __del__ to close again
+
+
+def test_a_signing_key_that_a_full_disk_cut_short_leaves_no_file(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty key file left behind would refuse every rerun ("exists: not overwritten")."""
+    import errno
+
+    def full(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.os, "fsync", full)
+    out = tmp_path / "signing.pem"
+    with pytest.raises(checkpoints.CheckpointError, match="No space left on device"):
+        checkpoints.keygen(out)
+    assert not out.exists()
