@@ -104,10 +104,11 @@ def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int
     if args.out is not None:
         import json
 
-        partial = args.out.with_name(f".{args.out.name}.partial")
+        target = args.out.resolve()  # through a symbolic link, its target (as `unwritable` tried)
+        partial = target.with_name(f".{target.name}.partial")
         try:  # whole or not at all: a cut file would be read as a checkpoint that is not JSON
             partial.write_text(json.dumps(doc, separators=(",", ":")))
-            partial.replace(args.out)
+            partial.replace(target)
         except OSError as e:
             partial.unlink(missing_ok=True)
             kept = f" (the checkpoint is kept at {', '.join(where)})" if where else ""
