@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import logging.config
+import re
 from collections.abc import Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -77,3 +78,15 @@ def dict_config(process: str, level: int = logging.INFO) -> dict[str, Any]:
 def configure(process: str, level: int = logging.INFO) -> None:
     """Route every logger of this process to stderr as JSON lines."""
     logging.config.dictConfig(dict_config(process, level))
+
+
+def driver_reason(e: BaseException) -> str:
+    """The driver's last line (``password authentication failed for user ...``), a password
+    in it masked (libpq quotes a connection string it cannot parse, or the host name an unescaped
+    ``@`` in a password made), or the error's class."""
+    lines = str(e).strip().splitlines()
+    if not lines:
+        return type(e).__name__
+    line = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", lines[-1].strip())
+    line = re.sub(r'"[^"]*@[^"]*"', '"***"', line)  # a host name holding part of a URL's password
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", line, flags=re.IGNORECASE)[:200]

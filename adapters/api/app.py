@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import psycopg
+from eventsourcing.persistence import OperationalError as StoreOperationalError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -24,6 +27,7 @@ from adapters.api.links import add_links
 from adapters.api.rate_limit import Budget, RateLimited, TokenBuckets
 from adapters.bootstrap import Container
 from adapters.erasure import ErasedUsers
+from adapters.logs import driver_reason
 from adapters.settings import Settings
 from adapters.tokens import TokenIssuer
 from domain.errors import DomainError
@@ -32,6 +36,29 @@ log = logging.getLogger("palette.api")
 
 THREADS = 256
 API_POOL_SIZE = 16  # event store and read-pool connections of one API process
+
+# The database did not answer (restarted, failing over, the pool's wait ran out, a statement
+# canceled): no bug of ours, and a retry may succeed. A command's commit may or may not have
+# landed, as with any answer lost: a client retrying with its Idempotency-Key is safe.
+DATABASE_AWAY = (psycopg.OperationalError, StoreOperationalError)
+AWAY_WARN_EVERY_S = 10.0
+
+
+class DatabaseAway:
+    """The requests answered 503 because the database did not answer: said in the log at most
+    every AWAY_WARN_EVERY_S (an outage would otherwise write a traceback per request)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._warned = -AWAY_WARN_EVERY_S
+
+    def note(self, error: BaseException) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._warned >= AWAY_WARN_EVERY_S:
+            self._warned = now
+            log.warning("the database did not answer (%s: %s); %d request(s) answered 503 so far",
+                        type(error).__name__, driver_reason(error), self.count)
 
 
 def create_app(container: Container, owns_container: bool = False) -> FastAPI:
@@ -111,6 +138,15 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
             return fail("VALIDATION_FAILED", f"request: {e.detail}")
         code = CODE_BY_STATUS.get(e.status_code, "VALIDATION_FAILED" if e.status_code < 500 else "INTERNAL")
         return fail(code, str(e.detail), status=e.status_code)
+
+    app.state.database_away = away = DatabaseAway()
+
+    async def _database_away(_: Request, e: Exception) -> JSONResponse:
+        away.note(e)
+        return fail("UNAVAILABLE", "the database did not answer; try again", headers={"Retry-After": "1"})
+
+    for database_error in DATABASE_AWAY:
+        app.add_exception_handler(database_error, _database_away)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:

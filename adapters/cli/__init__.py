@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import NoReturn
 
 from adapters.cli import analysts, auditors, bench, operators, read_models, stack
 from adapters.cli.outputs import SIGPIPE_EXIT, stdout_closed, stdout_gone
+from adapters.logs import driver_reason
 from adapters.settings import SettingsError
 from infra.supervisor import StackError
 
@@ -81,18 +81,6 @@ def _terminated(signum: int, _frame: object) -> None:
     raise Terminated(signum)
 
 
-def _reason(e: BaseException) -> str:
-    """The driver's last line (``password authentication failed for user ...``), a password
-    in it masked (libpq quotes a connection string it cannot parse, or the host name an unescaped
-    ``@`` in a password made), or the error's class."""
-    lines = str(e).strip().splitlines()
-    if not lines:
-        return type(e).__name__
-    line = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", lines[-1].strip())
-    line = re.sub(r'"[^"]*@[^"]*"', '"***"', line)  # a host name holding part of a URL's password
-    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", line, flags=re.IGNORECASE)[:200]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if sys.stdout is None:  # started with stdout closed (`>&-`): nowhere to write what it prints
@@ -118,15 +106,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             # below is what a command without a log says.
             logging.getLogger("palette.serve").error("stopped on %s", type(e).__name__, exc_info=e)
         if _is_unreachable(e):
-            print(f"palette {args.command}: cannot reach PostgreSQL ({_reason(e)}); "
+            print(f"palette {args.command}: cannot reach PostgreSQL ({driver_reason(e)}); "
                   "is the stack up (`make run`) and PALETTE_DATABASE_URL right?", file=sys.stderr)
             return 3
         if _broker_unreachable(e):  # `palette serve gpu`, which needs no database, meets it first
-            print(f"palette {args.command}: cannot reach the broker ({_reason(e)}); "
+            print(f"palette {args.command}: cannot reach the broker ({driver_reason(e)}); "
                   "is the stack up (`make run`) and PALETTE_KAFKA_BOOTSTRAP right?", file=sys.stderr)
             return 3
         if _store_unreachable(e):
-            print(f"palette {args.command}: cannot reach the object store ({_reason(e)}); "
+            print(f"palette {args.command}: cannot reach the object store ({driver_reason(e)}); "
                   "is the stack up (`make run`) and PALETTE_S3_ENDPOINT right?", file=sys.stderr)
             return 3
         if isinstance(e, OSError) and e.filename is not None:  # a file we read or write

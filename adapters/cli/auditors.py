@@ -75,7 +75,8 @@ def _audit_report(args: argparse.Namespace, conn: Any, settings: Any) -> int:
 
 def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int:
     from adapters import checkpoints
-    from adapters.cli import _reason, _store_unreachable  # imported here: adapters.cli imports this module
+    from adapters.cli import _store_unreachable  # imported here: adapters.cli imports this module
+    from adapters.logs import driver_reason
     from adapters.system import SystemClock
 
     if args.out is not None and (why := unwritable(args.out)) is not None:
@@ -117,7 +118,8 @@ def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int
         where.append(str(args.out))
     if unkept is not None:
         kept = f"; the checkpoint is kept at {', '.join(where)} only" if where else "; the checkpoint is kept nowhere"
-        print(f"palette audit checkpoint: cannot reach the object store ({_reason(unkept)}){kept}", file=sys.stderr)
+        print(f"palette audit checkpoint: cannot reach the object store ({driver_reason(unkept)}){kept}",
+              file=sys.stderr)
         return 3
     payload = doc["payload"]
     print(f"checkpoint of {len(payload['heads']):,} chain heads at log position {payload['log_position']:,}"

@@ -211,7 +211,7 @@ def test_an_output_path_is_tried_for_writing_not_judged_by_its_permission_bits(t
 
 
 def test_a_database_error_line_never_shows_a_password() -> None:
-    from adapters.cli import _reason
+    from adapters.logs import driver_reason as _reason
 
     for message in ('missing "=" after "postgresql://palette:s3cr3t@127.0.0.1:5433/db" in connection info string',
                     "invalid connection option host=x password=s3cr3t user=y",

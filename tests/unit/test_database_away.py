@@ -1,0 +1,68 @@
+"""A database that does not answer (restarted, failing over, a pool wait run out) is a 503
+``UNAVAILABLE`` with ``Retry-After``, worth a retry, not a 500 ``INTERNAL`` (which the README calls a
+bug); the log says so at most every AWAY_WARN_EVERY_S, with how many were answered so, and
+without a password the driver's message quoted. Any other error stays a 500."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+import psycopg
+import pytest
+from eventsourcing.persistence import OperationalError as StoreOperationalError
+from fastapi.testclient import TestClient
+
+from adapters.api.app import create_app
+from adapters.settings import Settings
+
+
+class FailingService:
+    """Every registration meets ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.sealer = SimpleNamespace(evict=lambda _u: None)
+        self.user_views = None
+
+    async def register_async(self, _device_hash: str) -> Any:
+        raise self.error
+
+
+def _client(error: BaseException) -> TestClient:
+    settings = Settings(jwt_secret="s" * 48, callback_secret="c" * 48, device_key_secret="d" * 48)
+    container = SimpleNamespace(settings=settings, read_pool=None, service=FailingService(error))
+    return TestClient(create_app(container), raise_server_exceptions=False)  # type: ignore[arg-type]
+
+
+def _register(api: TestClient) -> Any:
+    return api.post("/auth/anon", json={"device_hash": "device-away-0001"})
+
+
+@pytest.mark.parametrize("error", [
+    psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly"),
+    psycopg.errors.AdminShutdown("terminating connection due to administrator command"),
+    StoreOperationalError("connection failed: Connection refused"),
+])
+def test_a_database_that_does_not_answer_is_a_503_to_retry(error: BaseException) -> None:
+    answer = _register(_client(error))
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "UNAVAILABLE" and answer.json()["success"] is False
+    assert answer.headers["Retry-After"] == "1"
+
+
+def test_any_other_error_is_still_a_500() -> None:
+    answer = _register(_client(psycopg.ProgrammingError("syntax error at or near \"SELEC\"")))
+    assert answer.status_code == 500 and answer.json()["error"]["code"] == "INTERNAL"
+
+
+def test_an_outage_is_said_once_in_a_while_not_per_request(caplog: pytest.LogCaptureFixture) -> None:
+    api = _client(psycopg.OperationalError('connection to "postgresql://palette:s3cr3t@db/palette" failed'))
+    with caplog.at_level(logging.WARNING, logger="palette.api"):
+        answers = [_register(api).status_code for _ in range(5)]
+    assert answers == [503] * 5
+    said = [r.getMessage() for r in caplog.records if r.name == "palette.api"]
+    assert len(said) == 1 and "did not answer" in said[0], said
+    assert "s3cr3t" not in said[0] and "***" in said[0]
+    assert api.app.state.database_away.count == 5  # type: ignore[attr-defined]
