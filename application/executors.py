@@ -28,6 +28,7 @@ from eventsourcing.persistence import IntegrityError, InterfaceError, Operationa
 from application.ports import StreamLoader
 from application.unit_of_work import Command, Committed, ConflictError, UnitOfWork
 from domain.contracts import trace as tracing
+from domain.contracts.streams import COMMIT_LAG_MAX_S
 from domain.errors import DomainError
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,12 @@ CURRENT_TRACE: ContextVar[str] = ContextVar("palette_traceparent", default="")
 # The database, not a command, failed: the batch's outcome is unknown (the commit may have landed),
 # so it is not run again here; every caller gets the error.
 TRANSIENT: tuple[type[BaseException], ...] = (OperationalError, InterfaceError, ConnectionError)
+
+
+class WrittenTooLate(OperationalError):
+    """A command waited longer than COMMIT_LAG_MAX_S to be written (a backlog, a database that
+    was away): refused unrun, as a database that does not answer is, so its caller tries again
+    and its events are stamped anew. Readers of the log rely on the bound (TIME_SLACK_S)."""
 
 
 class RecorderStreamLoader:
@@ -288,6 +295,7 @@ class _Pending:
     future: _Outcome
     read: bool = False  # records nothing: served before the batch changes anything
     trace: str = field(default_factory=CURRENT_TRACE.get)  # the submitting request's, for its events
+    queued_at: float = 0.0  # the committer's clock (monotonic) when it was queued
 
 
 class _Viewing(Generic[T]):
@@ -321,10 +329,13 @@ class GroupCommitter:
 
     def __init__(self, app: Application[UUID], loader: StreamLoader | None = None,
                  max_batch: int = 500, max_attempts: int = 10,
-                 snapshot_every: Mapping[type[Aggregate], int] | None = None) -> None:
+                 snapshot_every: Mapping[type[Aggregate], int] | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.app = app
         self.max_batch = max_batch
         self.max_attempts = max_attempts
+        self.monotonic = monotonic  # how long a command waits to be written (COMMIT_LAG_MAX_S)
+        self.written_too_late = 0  # commands refused so
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()  # each writer makes its own
         self._thread: threading.Thread | None = None
         self._stopping: threading.Thread | None = None  # the writer stop() ended last
@@ -371,6 +382,7 @@ class GroupCommitter:
             thread.join()
 
     def _enqueue(self, pending: _Pending) -> None:
+        pending.queued_at = self.monotonic()
         with self._lock:  # never behind a stopping writer's marker
             if self._thread is None:
                 self._start()
@@ -481,9 +493,26 @@ class GroupCommitter:
                 if not p.future.done():
                     p.future.set_exception(e)
 
+    def _in_time(self, batch: list[_Pending]) -> list[_Pending]:
+        """The batch less the commands queued longer than COMMIT_LAG_MAX_S ago, each refused
+        (WrittenTooLate); reads stamp nothing and always run."""
+        now = self.monotonic()
+        in_time = [p for p in batch if p.read or now - p.queued_at <= COMMIT_LAG_MAX_S]
+        if len(in_time) == len(batch):
+            return batch
+        self.written_too_late += len(batch) - len(in_time)
+        for p in batch:
+            if not p.read and now - p.queued_at > COMMIT_LAG_MAX_S:
+                p.future.set_exception(WrittenTooLate(f"waited {now - p.queued_at:.1f} s to be written "
+                                                      f"(at most {COMMIT_LAG_MAX_S:g} s); try again"))
+        return in_time
+
     def _run(self, batch: list[_Pending]) -> None:
         attempt = 0
         while batch:
+            batch = self._in_time(batch)  # each attempt: a conflict's retries take time too
+            if not batch:
+                return
             try:
                 prefetched = self._prefetch(batch)
             except TRANSIENT:

@@ -46,7 +46,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from domain.contracts.personal import SEALED_PREFIX, redact
-from domain.contracts.streams import event_classes
+from domain.contracts.streams import TIME_SLACK_S, event_classes
 from projections.log import events_table
 from projections.stored_events import from_notification
 
@@ -59,7 +59,6 @@ PAGE = 20_000  # events read per query
 GROUP_ROWS = 128 * 1024  # rows per row group (a partition's buffer is flushed at this size)
 BUFFERED_ROWS = 256 * 1024  # all partitions' buffers together; the largest is flushed beyond it
 MAX_OPEN = 32  # open files; the least recently written is closed (a later batch opens a new part)
-TIME_SLACK_S = 5.0  # timestamps come from the command: commit order may differ by this much
 STAGING = ".partial-"  # in the name of an export still being written (or cut short by a crash)
 
 

@@ -19,14 +19,13 @@ from psycopg import sql
 
 from domain.contracts.envelope import EventEnvelope, encode
 from domain.contracts.personal import SEALED_PREFIX, redact
-from domain.contracts.streams import event_classes
+from domain.contracts.streams import TIME_SLACK_S, event_classes
 from projections.log import events_table
 from projections.rebuild import PAGE
 from projections.stored_events import encode_notification, from_notification
 
 CSV_COLUMNS = ("id", "stream_id", "stream_type", "version", "type", "timestamp", "data")
 SEALED_MARK = SEALED_PREFIX.encode()  # in a stored state's bytes: the event has a personal field
-TIME_SLACK_S = 5.0  # timestamps come from the command, commit order may differ by this much
 
 
 def event_topics() -> dict[str, list[str]]:

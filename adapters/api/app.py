@@ -38,7 +38,8 @@ THREADS = 256
 API_POOL_SIZE = 16  # event store and read-pool connections of one API process
 
 # The database did not answer (restarted, failing over, the pool's wait ran out, a statement
-# canceled): no bug of ours, and a retry may succeed. A command's commit may or may not have
+# canceled), or a command waited too long to be written (executors.WrittenTooLate): no bug of
+# ours, and a retry may succeed. A command's commit may or may not have
 # landed, as with any answer lost: a client retrying with its Idempotency-Key is safe.
 DATABASE_AWAY = (psycopg.OperationalError, StoreOperationalError)
 AWAY_WARN_EVERY_S = 10.0
@@ -143,7 +144,7 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
 
     async def _database_away(_: Request, e: Exception) -> JSONResponse:
         away.note(e)
-        return fail("UNAVAILABLE", "the database did not answer; try again", headers={"Retry-After": "1"})
+        return fail("UNAVAILABLE", "the database did not answer in time; try again", headers={"Retry-After": "1"})
 
     for database_error in DATABASE_AWAY:
         app.add_exception_handler(database_error, _database_away)

@@ -14,6 +14,14 @@ from domain.user import User
 
 STREAMS: dict[str, type[Aggregate]] = {"User": User, "Job": Job, "Rule": Rule}
 
+# An event is stamped when its command is decided, so the log's commit order may run behind its
+# timestamps. The group committer refuses a command that waited longer than COMMIT_LAG_MAX_S to
+# be written (its caller tries again, stamped anew); readers that find a time in the log by
+# position (replay's windows, the Parquet export) look TIME_SLACK_S past it: the lag, and a
+# second for deciding and saving.
+COMMIT_LAG_MAX_S = 4.0
+TIME_SLACK_S = COMMIT_LAG_MAX_S + 1.0
+
 
 def topic_prefix(stream_type: str) -> str:
     """The stored topics of a stream type's events start with this (``domain.user:User.``)."""

@@ -522,3 +522,64 @@ def test_what_a_command_recorded_counts_from_its_first_read_of_each_aggregate():
     uow.begin_command()  # the next command starts from what the last one left
     uow.get(User, user.id)
     assert not uow.command_recorded()
+
+
+class _Monotonic:
+    """The committer's monotonic clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_command_that_waited_past_the_commit_lag_bound_is_refused_unrun_and_a_read_still_served() -> None:
+    """Readers of the log find a time by position and look only TIME_SLACK_S past it, so no event
+    may commit more than COMMIT_LAG_MAX_S after it was stamped: a command queued longer is refused
+    (as a database away is, so its caller retries, stamped anew) and records nothing."""
+    from application.executors import TRANSIENT, WrittenTooLate
+    from domain.contracts.streams import COMMIT_LAG_MAX_S, TIME_SLACK_S
+
+    assert COMMIT_LAG_MAX_S < TIME_SLACK_S
+    clock = _Monotonic()
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    committer = GroupCommitter(app, monotonic=clock)
+    svc = PaletteService(app, committer, StepClock(), Ids(), **process_keys())
+    user_id, _ = svc.register("waited").value
+    release, held = _hold_writer(committer)
+    late = committer.submit(svc.grant_credits_command(user_id, 7, "promo"))
+    copies: list[Any] = []
+    reader = threading.Thread(target=lambda: copies.append(committer.read(user_id)))
+    reader.start()
+    wait_until(lambda: committer._queue.qsize() == 2, what="the read to be queued behind the late command")
+    clock.now += COMMIT_LAG_MAX_S + 0.1
+    in_time = committer.submit(svc.grant_credits_command(user_id, 3, "promo"))  # queued now: in time
+    release.set()
+    held.result(10)
+    with pytest.raises(WrittenTooLate, match="try again"):
+        late.result(10)
+    assert isinstance(WrittenTooLate("x"), TRANSIENT)  # every caller that waits out a database away retries it
+    assert in_time.result(10).value == 50 + 3
+    reader.join(10)
+    assert [c.granted for c in copies] == [50]  # a read stamps nothing: served whatever it waited
+    assert committer.written_too_late == 1
+    assert svc.executor.read(user_id).granted == 50 + 3  # type: ignore[union-attr]  # the late grant recorded nothing
+    committer.stop()
+
+
+def test_a_command_queued_within_the_bound_runs() -> None:
+    from domain.contracts.streams import COMMIT_LAG_MAX_S
+
+    clock = _Monotonic()
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    committer = GroupCommitter(app, monotonic=clock)
+    svc = PaletteService(app, committer, StepClock(), Ids(), **process_keys())
+    user_id, _ = svc.register("prompt").value
+    release, held = _hold_writer(committer)
+    waiting = committer.submit(svc.grant_credits_command(user_id, 7, "promo"))
+    clock.now += COMMIT_LAG_MAX_S  # exactly the bound: still in time
+    release.set()
+    held.result(10)
+    assert waiting.result(10).value == 50 + 7 and committer.written_too_late == 0
+    committer.stop()

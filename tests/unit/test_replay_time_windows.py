@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from application.executors import DirectExecutor
 from application.services import PaletteApplication, PaletteService
-from projections.replay import TIME_SLACK_S, Replayer
+from domain.contracts.streams import TIME_SLACK_S
+from projections.replay import Replayer
 from tests.keys import process_keys
 from tests.simulation import Ids
 
