@@ -17,6 +17,7 @@ import base64
 import binascii
 import json
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +32,7 @@ from adapters.settings import Settings
 
 PREFIX = "audit/checkpoints/"
 KIND = "palette.audit.checkpoint/1"
+MAX_FILE_BYTES = 1 << 30  # a checkpoint read (file or object): about 7M chain heads
 
 
 class CheckpointError(ValueError):
@@ -206,10 +208,13 @@ class CheckpointStore:
             raise CheckpointError("no checkpoint has been taken yet (`palette audit checkpoint`)")
         name, source = max(found)
         if source == "s3":
-            body = self.s3.get_object(Bucket=self.bucket, Key=PREFIX + name)["Body"].read()  # type: ignore[union-attr]
+            body = self.s3.get_object(Bucket=self.bucket, Key=PREFIX + name)["Body"].read(  # type: ignore[union-attr]
+                MAX_FILE_BYTES + 1)
+            if len(body) > MAX_FILE_BYTES:
+                raise CheckpointError(f"{name} is over {MAX_FILE_BYTES >> 20} MB: not a checkpoint")
             return f"s3://{self.bucket}/{PREFIX}{name}", _json(body, name)
         assert self.directory is not None
-        return str(self.directory / name), _json((self.directory / name).read_bytes(), name)
+        return str(self.directory / name), read_file(self.directory / name)
 
 
 def _json(body: bytes, where: str) -> Any:
@@ -222,10 +227,18 @@ def _json(body: bytes, where: str) -> Any:
 
 
 def read_file(path: Path) -> Any:
+    """A checkpoint file: a regular file (a device or a pipe could be read forever) of at most
+    MAX_FILE_BYTES."""
     try:
-        return _json(path.read_bytes(), str(path))
+        with path.open("rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise CheckpointError(f"{path} is not a regular file")
+            body = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    if len(body) > MAX_FILE_BYTES:
+        raise CheckpointError(f"{path} is over {MAX_FILE_BYTES >> 20} MB: not a checkpoint")
+    return _json(body, str(path))
 
 
 def take(conn: Any, recorder: Any, key: Ed25519PrivateKey, now: datetime, wait_s: float = 30.0) -> dict[str, Any]:

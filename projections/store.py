@@ -15,7 +15,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from domain.contracts.envelope import EventEnvelope, decode, encode
+from domain.contracts.envelope import EnvelopeInvalid, EventEnvelope, decode, encode
 from domain.contracts.streams import topic_prefix
 from domain.text import escaped
 from projections import batch
@@ -378,12 +378,18 @@ def resolve_dead_letter(conn: psycopg.Connection[Any], letter_id: int, action: s
         if row is None:
             raise LookupError(f"no parked event with id {letter_id}")
         model_name, stream_id, version = row
-        model = READ_MODELS[model_name]
+        model = READ_MODELS.get(model_name)
+        if model is None:  # a read model dropped since (a KeyError would say only its name)
+            raise LookupError(f"parked event {letter_id} is of read model {model_name!r}, which no longer exists")
         letters = conn.execute(sql.SQL(
             "SELECT id, version, envelope FROM {} WHERE model = %s AND stream_id = %s "
             "AND status IN ('parked', 'held') ORDER BY version").format(table("dead_letters")),
             [model_name, stream_id]).fetchall()
-        envelopes = [decode(bytes(raw)) for _, _, raw in letters]
+        try:
+            envelopes = [decode(bytes(raw)) for _, _, raw in letters]
+        except EnvelopeInvalid as e:  # written by hand: the projector parks only envelopes it decoded
+            raise LookupError(f"an event parked or held on stream {stream_id} is no envelope ({e}); "
+                              "nothing changed") from None
         if action == "skip":
             conn.execute(sql.SQL(
                 "INSERT INTO {} (stream_id, version) VALUES (%s, %s) ON CONFLICT (stream_id) "

@@ -193,6 +193,27 @@ def _env(stream: uuid.UUID, version: int, kind: str, data: dict[str, Any], posit
                          timestamp=datetime.now(UTC), data=data)
 
 
+@pytest.mark.parametrize(("model", "envelope", "said"), [
+    ("a_model_dropped_since", b"{}", "no longer exists"),
+    ("jobs_log", b'{"not": "an envelope"}', "is no envelope"),
+])
+def test_a_dead_letter_no_fold_can_take_is_refused_in_one_line_and_nothing_changes(apps, conn, model, envelope, said):
+    """Letters written by hand (the projector parks only envelopes it decoded, of models it
+    has): retry and skip refuse them with a LookupError the CLI says in one line."""
+    stream = uuid.uuid4()
+    (letter,) = conn.execute(
+        "INSERT INTO palette_read.dead_letters (model, stream_id, version, position, envelope, error, status) "
+        "VALUES (%s, %s, 1, 1, %s, 'by hand', 'parked') RETURNING id", [model, stream, envelope]).fetchone()
+    try:
+        for action in ("retry", "skip"):
+            with pytest.raises(LookupError, match=said) as refused:
+                resolve_dead_letter(conn, letter, action)
+            assert not isinstance(refused.value, KeyError)  # a KeyError's text is its bare key
+        assert [(d["status"]) for d in dead_letters(conn) if d["stream_id"] == stream] == ["parked"]
+    finally:
+        conn.execute("DELETE FROM palette_read.dead_letters WHERE stream_id = %s", [stream])
+
+
 def test_a_poison_event_holds_back_only_its_own_stream(apps, conn):
     poisoned, healthy = uuid.uuid4(), uuid.uuid4()
     base = 10**12 + random.randrange(10**9)

@@ -115,6 +115,21 @@ def test_a_checkpoint_file_nested_too_deep_is_refused_in_one_line(tmp_path: Path
         checkpoints.read_file(deep)
 
 
+def test_a_checkpoint_that_is_no_regular_file_is_refused_at_once() -> None:
+    with pytest.raises(checkpoints.CheckpointError, match="not a regular file"):
+        checkpoints.read_file(Path("/dev/zero"))  # read whole, it never ends
+
+
+def test_a_checkpoint_file_over_the_bound_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checkpoints, "MAX_FILE_BYTES", 64)
+    big, small = tmp_path / "big.json", tmp_path / "small.json"
+    big.write_text('{"a": "' + "x" * 64 + '"}')
+    small.write_text('{"a": 1}')
+    with pytest.raises(checkpoints.CheckpointError, match="over"):
+        checkpoints.read_file(big)
+    assert checkpoints.read_file(small) == {"a": 1}
+
+
 def test_query_json_is_strict_json_even_for_nan_and_infinity() -> None:
     import json
 
