@@ -230,9 +230,12 @@ def read_file(path: Path) -> Any:
     """A checkpoint file: a regular file (a device or a pipe could be read forever) of at most
     MAX_FILE_BYTES."""
     try:
-        with path.open("rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        # O_NONBLOCK: a FIFO with no writer would block the open itself, before any check.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise CheckpointError(f"{path} is not a regular file")
+            os.set_blocking(fd, True)
             body = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror}") from None

@@ -120,6 +120,29 @@ def test_a_checkpoint_that_is_no_regular_file_is_refused_at_once() -> None:
         checkpoints.read_file(Path("/dev/zero"))  # read whole, it never ends
 
 
+def test_a_checkpoint_that_is_a_fifo_with_no_writer_is_refused_not_waited_on(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    fifo = tmp_path / "checkpoint.json"
+    os.mkfifo(fifo)
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            checkpoints.read_file(fifo)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            outcome.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # unblock the open so the thread ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("read_file blocked opening a FIFO with no writer")
+    assert isinstance(outcome[0], checkpoints.CheckpointError) and "not a regular file" in str(outcome[0])
+
+
 def test_a_checkpoint_file_over_the_bound_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(checkpoints, "MAX_FILE_BYTES", 64)
     big, small = tmp_path / "big.json", tmp_path / "small.json"
