@@ -105,13 +105,11 @@ def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int
     if args.out is not None:
         import json
 
-        target = args.out.resolve()  # through a symbolic link, its target (as `unwritable` tried)
-        partial = target.with_name(f".{target.name}.partial")
+        from adapters.cli.outputs import write_whole
+
         try:  # whole or not at all: a cut file would be read as a checkpoint that is not JSON
-            partial.write_text(json.dumps(doc, separators=(",", ":")))
-            partial.replace(target)
+            write_whole(args.out, json.dumps(doc, separators=(",", ":")))
         except OSError as e:
-            partial.unlink(missing_ok=True)
             kept = f" (the checkpoint is kept at {', '.join(where)})" if where else ""
             print(f"palette audit checkpoint: cannot write {args.out}: {e.strerror or e}{kept}", file=sys.stderr)
             return 2

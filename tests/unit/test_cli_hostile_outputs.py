@@ -214,3 +214,26 @@ def test_a_signing_key_that_a_full_disk_cut_short_leaves_no_file(tmp_path: Path,
     with pytest.raises(checkpoints.CheckpointError, match="No space left on device"):
         checkpoints.keygen(out)
     assert not out.exists()
+
+
+def test_a_whole_write_onto_a_fifo_writes_into_it_and_leaves_it_a_fifo(tmp_path: Path) -> None:
+    """audit checkpoint --out /dev/stdout, /dev/null or a named pipe: renaming a '.partial' file over
+    the target replaced the device or pipe with a regular file (/dev/null itself, when run as root)."""
+    import os
+    import stat
+    import threading
+
+    from adapters.cli.outputs import write_whole
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    write_whole(fifo, '{"payload":{}}')
+    reader.join(5)
+    assert got == ['{"payload":{}}'] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    regular = tmp_path / "out.json"
+    regular.write_text("old")
+    write_whole(regular, "new")
+    assert regular.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "pipe"]
