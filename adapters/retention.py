@@ -54,7 +54,7 @@ from uuid import UUID
 
 import psycopg
 from botocore.exceptions import BotoCoreError, ClientError
-from eventsourcing.persistence import Notification
+from eventsourcing.persistence import Notification, PersistenceError
 from psycopg import sql
 
 from adapters import keyring
@@ -434,14 +434,14 @@ class Sweeper:
             if time.monotonic() >= next_pass:
                 try:
                     self.step(erasure_grace_s=s.erasure_grace_s)
-                except (psycopg.Error, OSError):
+                except (psycopg.Error, PersistenceError, OSError):  # the event store's too (WrittenTooLate)
                     log.warning("sweep failed; retrying next pass", exc_info=True)
                 next_pass = time.monotonic() + s.sweep_interval_s
             else:
                 try:
                     if finished := self.finish_erasures(s.erasure_grace_s):
                         log.info("sweep: %d erasure(s) finished", finished)
-                except (psycopg.Error, OSError):
+                except (psycopg.Error, PersistenceError, OSError):  # the event store's too (WrittenTooLate)
                     log.warning("finishing erasures failed; retrying in %.0f s", s.erasure_sweep_s, exc_info=True)
             stop.wait(max(0.0, min(s.erasure_sweep_s, next_pass - time.monotonic())))
 
