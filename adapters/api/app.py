@@ -45,6 +45,23 @@ DATABASE_AWAY = (psycopg.OperationalError, StoreOperationalError)
 AWAY_WARN_EVERY_S = 10.0
 
 
+def database_away(e: BaseException) -> bool:
+    """Whether ``e`` says the database did not answer (worth a retry), by its SQLSTATE as the
+    projector tells (projections.store.TRANSIENT_SQLSTATE): psycopg's OperationalError also
+    covers program limits (54: an index row too large), routine and savepoint errors (2F, 38,
+    39, 3B), a bad password (28) and system errors (58), which a retry cannot mend. eventsourcing
+    wraps any psycopg OperationalError in its own: its cause is what tells."""
+    from projections.store import TRANSIENT_SQLSTATE
+
+    cause = e.__cause__ if isinstance(e, StoreOperationalError) and isinstance(e.__cause__, psycopg.Error) else e
+    if not isinstance(cause, psycopg.Error):
+        return isinstance(cause, StoreOperationalError)  # WrittenTooLate, a pool closed under it
+    state = cause.sqlstate
+    if state is None:  # no answer from the server: the connection itself (a pool wait run out too)
+        return isinstance(cause, psycopg.OperationalError)
+    return state.startswith(TRANSIENT_SQLSTATE) or state == "55P03"
+
+
 class DatabaseAway:
     """The requests answered 503 because the database did not answer: said in the log at most
     every AWAY_WARN_EVERY_S (an outage would otherwise write a traceback per request)."""
@@ -143,6 +160,9 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     app.state.database_away = away = DatabaseAway()
 
     async def _database_away(_: Request, e: Exception) -> JSONResponse:
+        if not database_away(e):  # a bug or a limit of ours under an OperationalError's class
+            log.exception("unhandled error (request %s)", request_id_var.get())
+            return fail("INTERNAL", "internal error", status=500)
         away.note(e)
         return fail("UNAVAILABLE", "the database did not answer in time; try again", headers={"Retry-After": "1"})
 

@@ -66,3 +66,27 @@ def test_an_outage_is_said_once_in_a_while_not_per_request(caplog: pytest.LogCap
     assert len(said) == 1 and "did not answer" in said[0], said
     assert "s3cr3t" not in said[0] and "***" in said[0]
     assert api.app.state.database_away.count == 5  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("error", [
+    psycopg.errors.ProgramLimitExceeded("index row size 3016 exceeds btree version 4 maximum 2704"),
+    psycopg.errors.StatementTooComplex("stack depth limit exceeded"),
+    psycopg.errors.SqlRoutineException("function result type must be specified"),
+    psycopg.errors.InvalidPassword('password authentication failed for user "palette"'),
+])
+def test_an_operational_error_a_retry_cannot_mend_is_a_500_with_its_traceback(
+        error: BaseException, caplog: pytest.LogCaptureFixture) -> None:
+    for raised in (error, _wrapped(error)):
+        with caplog.at_level(logging.ERROR, logger="palette.api"):
+            answer = _register(_client(raised))
+        assert answer.status_code == 500 and answer.json()["error"]["code"] == "INTERNAL", answer.text
+        assert any(r.exc_info for r in caplog.records if r.name == "palette.api")
+        caplog.clear()
+
+
+def _wrapped(error: BaseException) -> BaseException:
+    """As eventsourcing raises it: its OperationalError from the driver's."""
+    try:
+        raise StoreOperationalError(str(error)) from error
+    except StoreOperationalError as e:
+        return e
