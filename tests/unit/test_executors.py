@@ -583,3 +583,32 @@ def test_a_command_queued_within_the_bound_runs() -> None:
     held.result(10)
     assert waiting.result(10).value == 50 + 7 and committer.written_too_late == 0
     committer.stop()
+
+
+def test_a_command_decided_again_after_a_conflict_is_refused_once_past_the_bound() -> None:
+    """The bound is checked at each attempt: a conflict's reload and backoff take time too."""
+    from eventsourcing.persistence import IntegrityError
+
+    from application.executors import WrittenTooLate
+    from domain.contracts.streams import COMMIT_LAG_MAX_S
+
+    clock = _Monotonic()
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    committer = GroupCommitter(app, monotonic=clock)
+    svc = PaletteService(app, committer, StepClock(), Ids(), **process_keys())
+    user_id, _ = svc.register("conflicted").value
+    save, saves = app.save, []
+
+    def lost_to_another_process(*aggregates: Any, **kw: Any) -> Any:
+        saves.append(1)
+        if len(saves) == 1:  # another process wrote the stream first; nothing of ours stored
+            clock.now += COMMIT_LAG_MAX_S + 1
+            raise IntegrityError("duplicate key value violates unique constraint")
+        return save(*aggregates, **kw)
+
+    app.save = lost_to_another_process  # type: ignore[method-assign]
+    with pytest.raises(WrittenTooLate):
+        committer.submit(svc.grant_credits_command(user_id, 7, "promo")).result(10)
+    app.save = save  # type: ignore[method-assign]
+    assert svc.executor.read(user_id).granted == 50  # type: ignore[union-attr]
+    committer.stop()

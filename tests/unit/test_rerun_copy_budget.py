@@ -43,6 +43,7 @@ class FakeService:
 
     def __init__(self) -> None:
         self.refuse: Exception | None = None
+        self.made_before: UUID | None = None  # a retry under the same Idempotency-Key: the job made then
         self.sealer = SimpleNamespace(evict=lambda _u: None)
         self.user_views = None
 
@@ -55,6 +56,8 @@ class FakeService:
     async def run(self, _command: object) -> Committed[UUID]:
         if self.refuse is not None:
             raise self.refuse
+        if self.made_before is not None:
+            return Committed(value=self.made_before, position=None, versions={}, recorded=False)
         new = uuid4()
         return Committed(value=new, position=1, versions={new: 1}, recorded=True)
 
@@ -90,3 +93,15 @@ def test_a_rerun_refused_for_another_reason_spends_no_copy_bytes() -> None:
     service.refuse = None
     assert [api.post(f"/jobs/{source}/rerun", headers=auth).status_code for _ in range(5)] == [201] * 5
     assert s3.copies == 5 * PHOTOS
+
+
+def test_a_rerun_that_hands_back_the_job_made_before_spends_no_copy_bytes() -> None:
+    """A retry under the same Idempotency-Key copies the same objects onto the same keys again:
+    nothing more is stored, so it spends none of the day's bytes."""
+    api, s3, service, auth, source = _client(per_day=5 * GB)
+    service.made_before = uuid4()
+    assert [api.post(f"/jobs/{source}/rerun", headers=auth).status_code for _ in range(8)] == [201] * 8
+    service.made_before = None
+    answers = [api.post(f"/jobs/{source}/rerun", headers=auth).status_code for _ in range(6)]
+    assert answers == [201] * 5 + [429]
+    assert s3.copies == (8 + 5) * PHOTOS
