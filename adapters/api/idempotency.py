@@ -170,7 +170,16 @@ class IdempotencyKeys:
             await self.fail(e.code, e.message)(scope, receive, send)
             return
         request_hash = hashlib.sha256(canonical_path(scope["path"]).encode() + b"\n" + body).hexdigest()
-        claimed, stored = await self._claim(owner, key, request_hash)
+        try:
+            claimed, stored = await self._claim(owner, key, request_hash)
+        except Exception as e:
+            from adapters.api.app import database_away  # the app's one test of "the database did not answer"
+
+            if not database_away(e):
+                raise
+            await self.fail("UNAVAILABLE", "the database did not answer in time; try again",
+                            headers={"Retry-After": "1"})(scope, receive, send)
+            return
         if claimed and (refused := self._address_refuses(scope, raw_headers)) is not None:
             # Only a key claimed anew spends from its address: a replay, a 409 or a 422 adds no
             # row, and charging them let one client's replays of one key refuse its neighbours'.

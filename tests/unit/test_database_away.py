@@ -90,3 +90,30 @@ def _wrapped(error: BaseException) -> BaseException:
         raise StoreOperationalError(str(error)) from error
     except StoreOperationalError as e:
         return e
+
+
+def test_a_request_with_an_idempotency_key_meets_the_database_first_and_is_a_503_too() -> None:
+    """IdempotencyKeys claims the key before the app runs, outside its exception handlers: an
+    outage was a bare 500 (no envelope, a traceback) for exactly the requests that retry safely."""
+    import contextlib
+    from datetime import UTC, datetime
+    from uuid import uuid4
+
+    from adapters.api.envelope import fail
+    from adapters.api.idempotency import IdempotencyKeys
+
+    class Away:
+        @contextlib.asynccontextmanager
+        async def connection(self) -> Any:
+            raise psycopg.OperationalError("connection failed: Connection refused")
+            yield
+
+    settings = Settings(jwt_secret="s" * 48, callback_secret="c" * 48, device_key_secret="d" * 48)
+    app = create_app(SimpleNamespace(settings=settings, read_pool=None,  # type: ignore[arg-type]
+                                     service=FailingService(RuntimeError("not reached"))))
+    token = app.state.tokens.issue(uuid4(), datetime.now(UTC))
+    api = TestClient(IdempotencyKeys(app, Away(), app.state.verified_tokens, fail), raise_server_exceptions=False)
+    answer = api.post("/jobs", headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "k1"},
+                      json={"preset": "interior", "item_count": 1})
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "UNAVAILABLE", answer.text
+    assert answer.headers["Retry-After"] == "1"
