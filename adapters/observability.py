@@ -330,23 +330,26 @@ def collectors_for(process: str, worker: Any, settings: Settings, registry: Coll
 
 
 def command_metrics(committer: Any, registry: CollectorRegistry) -> None:
-    """The group committer's commands, batches and conflicts, and a histogram of batch sizes,
-    counted as each batch is saved (plain counters: several API processes add up in
-    multiprocess mode; a conflict is counted with the batch saved after it)."""
+    """The group committer's commands, batches, conflicts and commands refused as written too
+    late, and a histogram of batch sizes, counted as each batch is saved (plain counters: several
+    API processes add up in multiprocess mode; a conflict or a refusal is counted with the batch
+    saved after it)."""
     work = Counter("palette_group_commit", "the group committer's work", ["kind"], registry=registry)
     sizes = Histogram("palette_group_commit_batch_size", "commands saved per batch",
                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 500), registry=registry)
-    commands, batches, conflicts = (work.labels(kind) for kind in ("commands", "batches", "conflicts"))
-    counted = [committer.conflicts]
+    commands, batches, conflicts, too_late = (work.labels(kind) for kind in
+                                              ("commands", "batches", "conflicts", "written_too_late"))
+    counted = [committer.conflicts, committer.written_too_late]
 
     def observe(size: int) -> None:  # on the committer's thread, once per saved batch
         sizes.observe(size)
         commands.inc(size)
         batches.inc()
-        now = committer.conflicts
-        if now > counted[0]:
-            conflicts.inc(now - counted[0])
-            counted[0] = now
+        for n, (counter, now) in enumerate(((conflicts, committer.conflicts),
+                                            (too_late, committer.written_too_late))):
+            if now > counted[n]:
+                counter.inc(now - counted[n])
+                counted[n] = now
 
     committer.observe_batch = observe
 

@@ -44,9 +44,11 @@ TRANSIENT: tuple[type[BaseException], ...] = (OperationalError, InterfaceError, 
 
 
 class WrittenTooLate(OperationalError):
-    """A command waited longer than COMMIT_LAG_MAX_S to be written (a backlog, a database that
-    was away): refused unrun, as a database that does not answer is, so its caller tries again
-    and its events are stamped anew. Readers of the log rely on the bound (TIME_SLACK_S)."""
+    """A command was still unsaved COMMIT_LAG_MAX_S after it was queued (a backlog, a database
+    that was away, conflicts decided again): refused, as a database that does not answer is, so
+    its caller tries again and its events are stamped anew. Nothing of it is saved, unless an
+    earlier attempt's commit landed and its answer was lost (as with any database error). Readers
+    of the log rely on the bound (TIME_SLACK_S)."""
 
 
 class RecorderStreamLoader:
@@ -335,7 +337,7 @@ class GroupCommitter:
         self.max_batch = max_batch
         self.max_attempts = max_attempts
         self.monotonic = monotonic  # how long a command waits to be written (COMMIT_LAG_MAX_S)
-        self.written_too_late = 0  # commands refused so
+        self.written_too_late = 0  # commands refused as WrittenTooLate
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()  # each writer makes its own
         self._thread: threading.Thread | None = None
         self._stopping: threading.Thread | None = None  # the writer stop() ended last
@@ -542,6 +544,11 @@ class GroupCommitter:
             if bug is not None:
                 self.cache.evict(uow.ids())  # it may have changed what it touched
                 batch = [p for p in batch if p is not bug]
+                continue
+            in_time = self._in_time(batch)  # again: deciding took time too
+            if len(in_time) < len(batch):  # those past the bound are refused; the rest decided again
+                self.cache.evict(uow.ids())
+                batch = in_time
                 continue
             changed = uow.changed()
             due = self._snapshots_due(changed)

@@ -556,14 +556,15 @@ def test_a_command_that_waited_past_the_commit_lag_bound_is_refused_unrun_and_a_
     clock.now += COMMIT_LAG_MAX_S + 0.1
     in_time = committer.submit(svc.grant_credits_command(user_id, 3, "promo"))  # queued now: in time
     release.set()
-    held.result(10)
+    with pytest.raises(WrittenTooLate):  # the holding command too: the bound passed while it was decided
+        held.result(10)
     with pytest.raises(WrittenTooLate, match="try again"):
         late.result(10)
     assert isinstance(WrittenTooLate("x"), TRANSIENT)  # every caller that waits out a database away retries it
     assert in_time.result(10).value == 50 + 3
     reader.join(10)
     assert [c.granted for c in copies] == [50]  # a read stamps nothing: served whatever it waited
-    assert committer.written_too_late == 1
+    assert committer.written_too_late == 2
     assert svc.executor.read(user_id).granted == 50 + 3  # type: ignore[union-attr]  # the late grant recorded nothing
     committer.stop()
 
@@ -611,4 +612,39 @@ def test_a_command_decided_again_after_a_conflict_is_refused_once_past_the_bound
         committer.submit(svc.grant_credits_command(user_id, 7, "promo")).result(10)
     app.save = save  # type: ignore[method-assign]
     assert svc.executor.read(user_id).granted == 50  # type: ignore[union-attr]
+    committer.stop()
+
+
+def test_a_command_whose_deciding_outlasts_the_bound_is_refused_and_the_rest_of_its_batch_saved() -> None:
+    """The bound is checked again before the save: a decision that took the time leaves nothing
+    written, and the batch's other commands are decided again and saved."""
+    from application.executors import WrittenTooLate
+    from domain.contracts.streams import COMMIT_LAG_MAX_S
+
+    clock = _Monotonic()
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    committer = GroupCommitter(app, monotonic=clock)
+    svc = PaletteService(app, committer, StepClock(), Ids(), **process_keys())
+    user_id, _ = svc.register("slow-decider").value
+    head = app.recorder.max_notification_id()
+    release, held = _hold_writer(committer)
+    slow_grant = svc.grant_credits_command(user_id, 7, "promo")
+    decided: list[str] = []
+
+    @touches(user_id)
+    def slow(uow):  # type: ignore[no-untyped-def]
+        decided.append("slow")
+        slow_grant(uow)
+        clock.now += 1.5  # deciding took the time: past the bound for it, not for the one queued later
+
+    refused = committer.submit(slow)
+    clock.now += COMMIT_LAG_MAX_S - 1
+    kept = committer.submit(svc.grant_credits_command(user_id, 3, "promo"))
+    release.set()
+    held.result(10)
+    with pytest.raises(WrittenTooLate):
+        refused.result(10)
+    assert kept.result(10).value == 50 + 3  # decided again without the late one, and saved
+    assert decided == ["slow"]
+    assert app.recorder.max_notification_id() == head + 1  # one grant's event, not two
     committer.stop()

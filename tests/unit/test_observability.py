@@ -87,19 +87,24 @@ def test_group_commit_counters_move_with_each_saved_batch():
 
     class Committer:
         conflicts = 1  # before the metrics were attached: not counted
+        written_too_late = 4  # nor these
         observe_batch: Any = None
 
     committer, registry = Committer(), CollectorRegistry()
     command_metrics(committer, registry)
     committer.observe_batch(3)
     committer.conflicts = 3
+    committer.written_too_late = 5
     committer.observe_batch(1)
     committer.observe_batch(2)  # no conflict since: none counted again
+    committer.written_too_late = 9
+    committer.observe_batch(1)
     got = _samples(registry)
-    assert got[("palette_group_commit_total", (("kind", "commands"),))] == 6
-    assert got[("palette_group_commit_total", (("kind", "batches"),))] == 3
+    assert got[("palette_group_commit_total", (("kind", "commands"),))] == 7
+    assert got[("palette_group_commit_total", (("kind", "batches"),))] == 4
     assert got[("palette_group_commit_total", (("kind", "conflicts"),))] == 2
-    assert got[("palette_group_commit_batch_size_count", ())] == 3
+    assert got[("palette_group_commit_total", (("kind", "written_too_late"),))] == 5
+    assert got[("palette_group_commit_batch_size_count", ())] == 4
 
 
 def test_every_metric_the_dashboard_queries_is_one_the_processes_define():
