@@ -269,6 +269,9 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
         # What it copies counts against the user's day (a canceled copy is kept a day for free).
         copied = float(sum(present.values()))
         per_day = container.settings.rerun_copy_bytes_per_day
+        if copied > per_day:  # a 429 would name a wait that never comes
+            raise InvalidState(f"cannot rerun this job: its photos and masks are {copied / 2**30:.1f} GiB, more than "
+                               f"the {per_day / 2**30:.1f} GiB a user's reruns may copy in a day")
         copy_bytes = made_once(request, "rerun_copy_bytes", lambda: TokenBuckets(per_day / DAY_S, per_day))
         copy_bytes.take(user_id, copied)
         try:

@@ -105,3 +105,11 @@ def test_a_rerun_that_hands_back_the_job_made_before_spends_no_copy_bytes() -> N
     answers = [api.post(f"/jobs/{source}/rerun", headers=auth).status_code for _ in range(6)]
     assert answers == [201] * 5 + [429]
     assert s3.copies == (8 + 5) * PHOTOS
+
+
+def test_a_rerun_larger_than_a_whole_days_copy_bytes_is_refused_as_such_not_told_to_wait() -> None:
+    api, s3, _service, auth, source = _client(per_day=5 * GB)
+    s3.listing.append({"Key": s3.listing[0]["Key"].replace("/0.", "/extra."), "Size": 5 * GB})  # 6 GiB in all
+    answer = api.post(f"/jobs/{source}/rerun", headers=auth)
+    assert answer.status_code == 409 and answer.json()["error"]["code"] == "INVALID_STATE", answer.text
+    assert "GiB" in answer.json()["error"]["message"] and s3.copies == 0
