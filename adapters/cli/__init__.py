@@ -129,4 +129,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + e.signum if isinstance(e, Terminated) else 130
 
 
-__all__ = ["SIGPIPE_EXIT", "main", "parser"]
+__all__ = ["SIGPIPE_EXIT", "Terminated", "main", "parser"]

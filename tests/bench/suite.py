@@ -50,8 +50,10 @@ def run(quick: bool) -> Results:
 
 
 def main(quick: bool, json_path: str | None, plot_path: str | None, audit_events: int | None = None) -> int:
-    def interrupted(*_: object) -> None:
-        raise KeyboardInterrupt  # unwinds through the stack's context: everything is stopped
+    from adapters.cli import Terminated
+
+    def interrupted(signum: int, _frame: object) -> None:
+        raise Terminated(signum)  # Ctrl-C's unwinding through the stack's context (exit 143 from palette)
 
     signal.signal(signal.SIGTERM, interrupted)
     if audit_events:
