@@ -47,7 +47,12 @@ class LoopConnections:
             yield conn
         except BaseException:
             # A statement failed or was cancelled: the session's state is unknown, so it goes.
+            broken = conn.broken
             await here.drop(conn)
+            if broken:
+                # The server went away (a restart, a failover): the idle ones died with this one,
+                # and each would fail the next request that took it, long after the server is back.
+                await here.drop_idle()
             raise
         await here.give(conn)
 
@@ -102,6 +107,12 @@ class _Connections:
         self.slots.release()
         with contextlib.suppress(Exception):
             await conn.close()
+
+    async def drop_idle(self) -> None:
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     def finish(self) -> None:
         """Close the idle connections of a loop that has ended (it cannot await their close)."""

@@ -13,7 +13,7 @@ from uuid import UUID
 
 import psycopg
 from eventsourcing.application import Application
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresAggregateRecorder, PostgresApplicationRecorder
 from psycopg import sql
 
@@ -66,18 +66,31 @@ class PgStreamLoader:
     def newer_than(self, versions: Mapping[UUID, int]) -> list[StoredEvent]:
         if not versions:
             return []
-        with self._datastore.get_connection() as conn, conn.cursor() as cur:
-            cur.execute(self._query, [list(versions), list(versions.values())], prepare=True)
-            rows = cur.fetchall()
-        return _stored(rows)
+        return _stored(self._fetch(self._query, [list(versions), list(versions.values())]))
 
     def since_snapshots(self, versions: Mapping[UUID, int]) -> tuple[list[StoredEvent], list[StoredEvent]]:
         if self._since_snapshots is None or not versions:
             return [], self.newer_than(versions)
-        with self._datastore.get_connection() as conn, conn.cursor() as cur:
-            cur.execute(self._since_snapshots, [list(versions), list(versions.values())], prepare=True)
-            rows = cur.fetchall()
+        rows = self._fetch(self._since_snapshots, [list(versions), list(versions.values())])
         return _stored(r for r in rows if r["snapshot"]), _stored(r for r in rows if not r["snapshot"])
+
+    def _fetch(self, query: Any, params: list[Any]) -> list[Any]:
+        """The rows of a read. A connection the pool kept idle across a database restart is dead
+        and fails its first use (the pool has no pre-ping: ``adapters.bootstrap``), so after a
+        restart each of the pool's connections failed one group-commit batch (a 500 for each of
+        its commands) long after the database was back. On such a failure the pool's idle
+        connections are checked (the dead ones replaced) and the read runs once more."""
+        for attempt in (1, 2):
+            try:
+                with self._datastore.get_connection() as conn, conn.cursor() as cur:
+                    cur.execute(query, params, prepare=True)
+                    return cur.fetchall()
+            except (OperationalError, InterfaceError):
+                if attempt == 2:
+                    raise
+                log.warning("a pooled connection to PostgreSQL was dead: checking the pool, reading again")
+                self._datastore.pool.check()
+        raise AssertionError("unreachable")
 
 
 def _stored(rows: Iterable[Any]) -> list[StoredEvent]:

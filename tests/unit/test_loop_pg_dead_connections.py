@@ -1,0 +1,67 @@
+"""LoopConnections after PostgreSQL restarted: every idle connection died with the server. Seen
+live (``pg_ctl stop -m immediate`` under ``palette up``, the API left running): each of a loop's
+idle connections failed the next request that took it (a 500 ``INTERNAL`` each, from the keyring's
+``key_for_async`` on ``POST /auth/anon``), long after the server was back. A connection found
+broken drops the loop's idle ones with it, so only the request that found it fails."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import psycopg
+import pytest
+
+from adapters.loop_pg import LoopConnections, _Connections
+
+
+class _Conn:
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.dead = False  # its server went away
+        self.closed = False
+        self.info = SimpleNamespace(transaction_status=psycopg.pq.TransactionStatus.IDLE)
+
+    @property
+    def broken(self) -> bool:
+        return self.dead
+
+    async def execute(self, *_: Any) -> None:
+        if self.dead:
+            self.closed = True
+            raise psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly")
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_a_broken_connection_takes_the_loops_idle_ones_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[_Conn] = []
+
+    async def connect(self: _Connections) -> _Conn:
+        made.append(_Conn(len(made)))
+        return made[-1]
+
+    monkeypatch.setattr(_Connections, "_connect", connect)
+    pool = LoopConnections("postgresql://unused", size=4)
+
+    async def use() -> None:
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+            await asyncio.sleep(0)
+
+    async def scenario() -> list[str]:
+        await asyncio.gather(*(use() for _ in range(4)))  # four connections, idle now
+        for conn in made:
+            conn.dead = True  # the server restarted
+        outcomes = []
+        for _ in range(4):
+            try:
+                await use()
+                outcomes.append("ok")
+            except psycopg.OperationalError:
+                outcomes.append("500")
+        return outcomes
+
+    assert asyncio.run(scenario()) == ["500", "ok", "ok", "ok"]
