@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit
 
+from botocore.exceptions import ConnectionClosedError
+from botocore.exceptions import ConnectionError as S3ConnectionError
 from psycopg_pool import ConnectionPool
 
 from adapters.api.consistency import LastWrites
@@ -29,6 +31,10 @@ from projections.schema import ensure_schema
 
 if TYPE_CHECKING:
     from adapters.retention import Sweeper
+
+# The S3 client's errors that say the store could not be reached (connect refused or timed out, the
+# connection dropped): the GPU worker waits them out instead of failing the items in flight.
+S3_UNREACHABLE: tuple[type[BaseException], ...] = (S3ConnectionError, ConnectionClosedError)
 
 
 def event_store_env(settings: Settings, pool_size: int = 8, schema: str = "") -> dict[str, str]:
@@ -386,4 +392,4 @@ def build_gpu_worker(settings: Settings) -> Any:
                      kafka_io.producer(settings), pipeline, callbacks, canceled_lookup=canceled,
                      compute_threads=compute_threads_for(device), remember_bytes=settings.worker_remember_bytes,
                      started=StartedItems(settings.data_dir / "gpu-started"), max_records=WINDOW,
-                     step_s=settings.gpu_step_s)
+                     step_s=settings.gpu_step_s, unreachable=S3_UNREACHABLE)

@@ -78,6 +78,11 @@ CRASH_LIMIT = 2  # processes that may die editing an item before it is failed in
 STARTED_KEPT_S = 7 * 24 * 3600.0  # a note of an item begun that never came back is removed after this
 
 
+class StoreUnavailable(CallbackUnavailable):
+    """The object store could not be reached through an item's retries: the step ends without
+    committing and its poll comes again after a pause (as for an unacknowledged callback)."""
+
+
 class StartedItems:
     """The items being decoded or edited, one small file each in ``directory`` (the name a hash of
     the idempotency key, the content how many processes have begun them): it outlives a process
@@ -257,7 +262,7 @@ class GpuWorker(ConsumerLoop):
                  io_threads: int = 8, max_records: int = 16, backoff_s: float = 0.2,
                  compute_threads: int = 1, remember_bytes: int = REMEMBER_BYTES,
                  unavailable_pause_s: float = 0.5, started: StartedItems | None = None,
-                 step_s: float | None = None) -> None:
+                 step_s: float | None = None, unreachable: tuple[type[BaseException], ...] = ()) -> None:
         self.consumer = consumer
         self.producer = producer
         self.pipeline = pipeline
@@ -276,6 +281,10 @@ class GpuWorker(ConsumerLoop):
         self.parked = RecentKeys(remember_bytes)  # malformed records parked already (they come again)
         self.backoff_s = backoff_s
         self.unavailable_pause_s = unavailable_pause_s  # the first pause; it doubles while it lasts
+        # The object store's "cannot connect" errors (the adapters' S3 client's): a store restarting
+        # outlasts the retries, and is no fault of the item's, so its poll comes again as for an
+        # unacknowledged callback instead of failing every item in flight.
+        self.unreachable = unreachable
         self._pause_s = 0.0
         self.canceled = RecentKeys(remember_bytes)
         self.finished = RecentKeys(remember_bytes)  # idempotency keys whose result the API acknowledged
@@ -355,6 +364,8 @@ class GpuWorker(ConsumerLoop):
                 raise
             except Exception as e:  # noqa: BLE001 - counted as a failed attempt
                 error = e
+        if self.unreachable and isinstance(error, self.unreachable):
+            raise StoreUnavailable(f"object store unreachable ({type(error).__name__})") from None
         reason = f"processing failed after {MAX_ATTEMPTS} attempts: {type(error).__name__}: {error}"
         log.error("task %s parked on the DLQ: %s", task.idempotency_key, reason[:300])
         dlq = {**task.raw, "attempt": MAX_ATTEMPTS, "error": reason}

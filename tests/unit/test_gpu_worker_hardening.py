@@ -992,3 +992,34 @@ def test_the_apis_answer_says_whether_a_result_was_taken_refused_or_must_come_ag
             client.report(t, "done", "o", "p")
     else:
         assert client.report(t, "done", "o", "p") == outcome
+
+
+def test_an_object_store_that_cannot_be_reached_is_waited_out_not_charged_to_the_items():
+    """The store restarting (SeaweedFS killed under ``palette up``: back ~1.5 s later) outlasted
+    an item's three attempts (0.2 + 0.4 s apart), and every item in flight was reported failed
+    with ``EndpointConnectionError``, its job failed. A store that cannot be reached is no fault
+    of the item's: the poll comes again after a pause, as for an unacknowledged callback."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from adapters.bootstrap import S3_UNREACHABLE
+
+    class Unreachable(FakeS3):
+        down = True
+
+        def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
+            if self.down:
+                raise EndpointConnectionError(endpoint_url="http://127.0.0.1:8333/palette-images/" + Key)
+            return super().get_object(Bucket, Key)
+
+    t = task()
+    s3 = Unreachable()
+    w, _, producer, callbacks, consumer = worker([record(t, 7)], s3=s3)
+    w.unreachable = S3_UNREACHABLE
+    try:
+        assert w.step() == 0
+        assert callbacks.reports == [] and producer.parked() == [] and consumer.commits == 0
+        s3.down = False  # the store is back
+        assert w.step() == 1
+    finally:
+        w.close()
+    assert callbacks.reports == [(t["idempotency_key"], "done", "")] and consumer.commits == 1
