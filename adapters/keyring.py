@@ -86,10 +86,19 @@ class PgKeyring:
         if self.connections is None:
             return await anyio.to_thread.run_sync(self.key_for, user_id)
         candidate = self._candidate(user_id)
-        async with self.connections.connection() as conn:
-            row = await (await conn.execute(KEY_FOR, {"u": user_id, "w": candidate})).fetchone()
-            if row is None:
-                row = await (await conn.execute(KEY, [user_id])).fetchone()
+        for attempt in (1, 2):
+            try:
+                async with self.connections.connection() as conn:
+                    row = await (await conn.execute(KEY_FOR, {"u": user_id, "w": candidate})).fetchone()
+                    if row is None:
+                        row = await (await conn.execute(KEY, [user_id])).fetchone()
+                break
+            except psycopg.OperationalError:
+                # A connection that died with a database restart (the loop's idle ones go with it:
+                # adapters.loop_pg); the statements are idempotent, so once more on a fresh one (a
+                # database still down fails that one too).
+                if attempt == 2:
+                    raise
         return self._opened(user_id, row)
 
     def _candidate(self, user_id: UUID) -> bytes:

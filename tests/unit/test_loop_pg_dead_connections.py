@@ -27,10 +27,16 @@ class _Conn:
     def broken(self) -> bool:
         return self.dead
 
-    async def execute(self, *_: Any) -> None:
+    row: Any = None  # what a statement answers
+
+    async def execute(self, *_: Any) -> _Conn:
         if self.dead:
             self.closed = True
             raise psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly")
+        return self
+
+    async def fetchone(self) -> Any:
+        return self.row
 
     async def close(self) -> None:
         self.closed = True
@@ -65,3 +71,32 @@ def test_a_broken_connection_takes_the_loops_idle_ones_with_it(monkeypatch: pyte
         return outcomes
 
     assert asyncio.run(scenario()) == ["500", "ok", "ok", "ok"]
+
+
+def test_the_first_registration_after_a_restart_gets_its_key_on_a_fresh_connection(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keyring's statement (made-if-absent, then read: idempotent) runs once more when its
+    connection turns out dead, so the request that finds the restart does not fail either."""
+    import uuid
+
+    from adapters.keyring import PgKeyring
+
+    keyring = PgKeyring(None, "a-development-secret-of-some-length")
+    user_id = uuid.uuid4()
+    key = b"k" * 32
+    made: list[_Conn] = []
+
+    async def connect(self: _Connections) -> _Conn:
+        made.append(_Conn(len(made)))
+        made[-1].row = (keyring._wrap(user_id, key),)
+        return made[-1]
+
+    monkeypatch.setattr(_Connections, "_connect", connect)
+    keyring.connections = LoopConnections("postgresql://unused", size=2)
+
+    async def scenario() -> bytes:
+        await keyring.key_for_async(user_id)  # a connection, idle now
+        made[0].dead = True  # the server restarted
+        return await keyring.key_for_async(user_id)
+
+    assert asyncio.run(scenario()) == key
