@@ -15,13 +15,14 @@ from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from adapters.api.deps import ContainerDep, CurrentUser, made_once
 from adapters.api.envelope import ok
+from adapters.api.idempotency import id_for_key
 from adapters.api.rate_limit import RateLimited, TokenBuckets
 from adapters.api.schemas import Envelope, QueryInt, Strict, Text
 from adapters.bootstrap import Container
@@ -150,17 +151,22 @@ class UrlChecks:
                         429: {"model": _E, "description": "RATE_LIMITED: the user's URL checks are all running "
                                                           "(Retry-After)"}})
 async def create_webhook(body: WebhookCreate, user_id: CurrentUser, container: ContainerDep,
-                         request: Request) -> JSONResponse:
-    """Register an endpoint for these event types; the answer holds its signing secret, once."""
+                         request: Request,
+                         idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
+    """Register an endpoint for these event types; the answer holds its signing secret, once. With
+    an Idempotency-Key the endpoint is made once, however often the request is retried (its id
+    derives from the key, as a job's does: a crash after the insert lost the stored answer)."""
     settings = container.settings
     await made_once(request, "url_checks", UrlChecks).check(user_id, body.url, settings.env == "production")
-    secret = new_secret()
     try:
         row = await _run(container, store.create_endpoint, user_id, body.url, list(dict.fromkeys(body.events)),
-                         secret, settings.webhook_endpoints_per_user)
+                         new_secret(), settings.webhook_endpoints_per_user,
+                         id_for_key(user_id, "webhook", idempotency_key))
     except store.EndpointsFull as e:
         raise InvalidState(str(e)) from None
-    return ok(WebhookSecretPublic(**row, secret=secret), status=201)
+    except store.KeyReused as e:
+        raise ValidationFailed(str(e)) from None
+    return ok(WebhookSecretPublic(**row), status=201)
 
 
 @router.get("/webhooks", response_model=Envelope[WebhookList], responses=COMMON)

@@ -74,6 +74,10 @@ class EndpointsFull(Exception):
     """The user has as many endpoints as allowed."""
 
 
+class KeyReused(Exception):
+    """An Idempotency-Key's endpoint was made for another request."""
+
+
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('palette-webhooks-ddl'))")
@@ -83,19 +87,29 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
 
 # -- endpoints (the API) ------------------------------------------------------------------------
 def create_endpoint(conn: psycopg.Connection[Any], user_id: UUID, url: str, events: Sequence[str],
-                    secret: str, limit: int) -> dict[str, Any]:
-    """A new endpoint, its URL's host stored in ASCII (``targets.normalised``); raises
-    EndpointsFull when the user has ``limit`` already."""
+                    secret: str, limit: int, endpoint_id: UUID | None = None) -> dict[str, Any]:
+    """A new endpoint, its URL's host stored in ASCII (``targets.normalised``), with ``secret``
+    under ``"secret"``; raises EndpointsFull when the user has ``limit`` already. With an
+    ``endpoint_id`` (derived from an Idempotency-Key) that the user's endpoint of this URL and these
+    events has already, that one is answered, with its secret: the retry of a creation whose answer
+    a crash lost makes no second endpoint (KeyReused: one of another URL or events has it)."""
     url = normalised(url)
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext('palette-webhooks:' || %s::text))", [user_id])
+        if endpoint_id is not None:
+            made = cur.execute(sql.SQL("SELECT {}, user_id, secret FROM palette_webhooks.endpoints WHERE id = %s")
+                               .format(_ENDPOINT), [endpoint_id]).fetchone()
+            if made is not None:
+                if made.pop("user_id") != user_id or made["url"] != url or list(made["events"]) != list(events):
+                    raise KeyReused("Idempotency-Key reused with a different request")
+                return made
         count = cur.execute("SELECT count(*) AS n FROM palette_webhooks.endpoints WHERE user_id = %s",
                             [user_id]).fetchone()
         if count is not None and count["n"] >= limit:
             raise EndpointsFull(f"at most {limit} webhook endpoints per user")
         row = cur.execute(sql.SQL("INSERT INTO palette_webhooks.endpoints (id, user_id, url, events, secret) "
-                                  "VALUES (%s, %s, %s, %s, %s) RETURNING {}").format(_ENDPOINT),
-                          [uuid4(), user_id, url, list(events), secret]).fetchone()
+                                  "VALUES (%s, %s, %s, %s, %s) RETURNING {}, secret").format(_ENDPOINT),
+                          [endpoint_id or uuid4(), user_id, url, list(events), secret]).fetchone()
     assert row is not None
     return row
 
