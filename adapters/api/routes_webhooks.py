@@ -190,11 +190,13 @@ async def delete_webhook(endpoint_id: UUID, user_id: CurrentUser, container: Con
 
 @router.post("/webhooks/{endpoint_id}/rotate-secret", response_model=Envelope[WebhookSecretPublic],
              responses=OWN)
-async def rotate_secret(endpoint_id: UUID, user_id: CurrentUser, container: ContainerDep) -> JSONResponse:
-    """A new signing secret, shown once; for 24 h deliveries carry a signature by the old one too."""
-    secret = new_secret()
-    row = _found(await _run(container, store.rotate_secret, user_id, endpoint_id, secret))
-    return ok(WebhookSecretPublic(**row, secret=secret))
+async def rotate_secret(endpoint_id: UUID, user_id: CurrentUser, container: ContainerDep,
+                        idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
+    """A new signing secret, shown once; for 24 h deliveries carry a signature by the old one too.
+    With an Idempotency-Key it rotates once, however often the request is retried."""
+    rotated_by = str(id_for_key(user_id, "rotate", idempotency_key)) if idempotency_key else None
+    row = _found(await _run(container, store.rotate_secret, user_id, endpoint_id, new_secret(), rotated_by))
+    return ok(WebhookSecretPublic(**row))
 
 
 @router.post("/webhooks/{endpoint_id}/enable", response_model=Envelope[WebhookPublic], responses=OWN)

@@ -30,6 +30,8 @@ DDL = (
     "failures integer NOT NULL DEFAULT 0, failing_since timestamptz, "
     "created_at timestamptz NOT NULL DEFAULT now())",
     "CREATE INDEX IF NOT EXISTS endpoints_user ON palette_webhooks.endpoints (user_id)",
+    # The Idempotency-Key of the latest rotation (a hash of it): its retry rotates no further.
+    "ALTER TABLE palette_webhooks.endpoints ADD COLUMN IF NOT EXISTS rotated_by text",
     "CREATE TABLE IF NOT EXISTS palette_webhooks.deliveries (id uuid PRIMARY KEY, "
     "endpoint_id uuid NOT NULL REFERENCES palette_webhooks.endpoints ON DELETE CASCADE, "
     "message_id text NOT NULL, job_id uuid NOT NULL, version integer NOT NULL, event_type text NOT NULL, "
@@ -144,13 +146,22 @@ def forget_user(conn: psycopg.Connection[Any], user_id: UUID) -> int:
 
 
 def rotate_secret(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID,
-                  secret: str) -> dict[str, Any] | None:
-    """A new secret; the replaced one keeps signing (alongside) for ``ROTATION_GRACE_S``."""
+                  secret: str, rotated_by: str | None = None) -> dict[str, Any] | None:
+    """A new secret (under ``"secret"``); the replaced one keeps signing (alongside) for
+    ``ROTATION_GRACE_S``. ``rotated_by`` names the request (its Idempotency-Key): when the latest
+    rotation was made by it, the secret it made is answered and nothing rotates, so a retry after
+    a crash that lost the stored answer does not push the client's own secret out of its grace."""
     with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(sql.SQL(
-            "UPDATE palette_webhooks.endpoints SET previous_secret = secret, secret = %s, "
+        row = cur.execute(sql.SQL(
+            "UPDATE palette_webhooks.endpoints SET previous_secret = secret, secret = %s, rotated_by = %s, "
             "previous_until = now() + %s * interval '1 second' WHERE id = %s AND user_id = %s "
-            "RETURNING {}").format(_ENDPOINT), [secret, ROTATION_GRACE_S, endpoint_id, user_id]).fetchone()
+            "AND (%s::text IS NULL OR rotated_by IS DISTINCT FROM %s) RETURNING {}, secret").format(_ENDPOINT),
+            [secret, rotated_by, ROTATION_GRACE_S, endpoint_id, user_id, rotated_by, rotated_by]).fetchone()
+        if row is None and rotated_by is not None:  # made by this request already (or none such)
+            row = cur.execute(sql.SQL("SELECT {}, secret FROM palette_webhooks.endpoints WHERE id = %s "
+                                      "AND user_id = %s AND rotated_by = %s").format(_ENDPOINT),
+                              [endpoint_id, user_id, rotated_by]).fetchone()
+        return row
 
 
 def enable_endpoint(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID) -> dict[str, Any] | None:

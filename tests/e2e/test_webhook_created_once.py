@@ -46,3 +46,48 @@ def test_a_keyed_endpoint_creation_retried_after_its_answer_was_lost_makes_one_e
             assert retry.json()["data"]["secret"].startswith("whsec_")
     finally:
         container.close()
+
+
+def test_a_keyed_rotation_retried_after_its_answer_was_lost_rotates_once(settings, monkeypatch):
+    """The same crash during a keyed rotate-secret: the retry rotated again, so the secret the
+    client still verified with (its grace of 24 h promised) stopped signing at once, replaced by
+    one it never saw."""
+    import psycopg
+
+    from adapters.api.idempotency import IdempotencyKeys
+    from adapters.bootstrap import build
+    from adapters.webhooks import store as webhooks
+
+    from .conftest import Client
+    from .test_bounded_resources import served
+
+    store = IdempotencyKeys._store
+    lost: list[bool] = []
+
+    async def lost_once(self, *args, **kwargs):
+        if not lost:
+            lost.append(True)
+            raise RuntimeError("the process is killed here")
+        return await store(self, *args, **kwargs)
+
+    container = build(settings, pool_size=2)
+    with container.read_pool.connection() as conn:
+        webhooks.ensure_schema(conn)
+    try:
+        with served(container) as url:
+            client = Client(httpx.Client(base_url=url, timeout=30))
+            made = client.data("POST", "/webhooks", 201,
+                               json={"url": "http://127.0.0.1:9/hook", "events": ["job.finished"]})
+            monkeypatch.setattr(IdempotencyKeys, "_store", lost_once)
+            key = {"Idempotency-Key": f"rotate-{uuid.uuid4()}"}
+            path = f"/webhooks/{made['id']}/rotate-secret"
+            with contextlib.suppress(httpx.HTTPError):  # the answer never comes
+                client.call("POST", path, headers=key)
+            retry = httpx.post(f"{url}{path}", headers={**client.headers, **key}, timeout=30)
+            assert retry.status_code == 200, retry.text
+        with psycopg.connect(settings.effective_database_url) as conn:
+            signing = conn.execute("SELECT secret, previous_secret FROM palette_webhooks.endpoints WHERE id = %s",
+                                   [made["id"]]).fetchone()
+        assert signing == (retry.json()["data"]["secret"], made["secret"])
+    finally:
+        container.close()
