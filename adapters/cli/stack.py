@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from adapters.cli.connect import running_settings
@@ -128,6 +129,19 @@ def _check_ports(stack: Any, settings: Settings, apps: tuple[str, ...], infra: b
     check_ports(ports)
 
 
+def stop_on_signal(stop: threading.Event) -> Callable[[int, object], None]:
+    """A signal handler that sets ``stop`` from a thread of its own. Set from the handler itself,
+    it deadlocked: the handler runs in the main thread between two bytecodes, and when the main
+    thread held the event's (non-reentrant) lock there, inside a handler interrupted by the next
+    signal, say, the handler waited on itself for ever (seen: a webhooks process orphaned by a
+    SIGKILLed ``palette up``, three handlers deep in ``Event.set``, kept PostgreSQL in its smart
+    shutdown, and a new ``palette up`` found the port taken)."""
+    def handler(_signum: int, _frame: object) -> None:
+        threading.Thread(target=stop.set, name="stop-on-signal", daemon=True).start()
+
+    return handler
+
+
 def _serve_loop(worker: Served, ready_file: str | None, observed: tuple[str, Settings] | None = None) -> None:
     """Run a worker's loop until SIGTERM/SIGINT, finishing the step in flight. The ready file
     appears once the worker has done its first step (a consumer: once it holds partitions).
@@ -137,8 +151,8 @@ def _serve_loop(worker: Served, ready_file: str | None, observed: tuple[str, Set
     from adapters.collector import serving_gc
 
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, stop_on_signal(stop))
+    signal.signal(signal.SIGINT, stop_on_signal(stop))
     if observed is not None:
         from adapters import observability
 
