@@ -363,9 +363,9 @@ async def get_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
 @router.delete("/jobs/{job_id}", response_model=Envelope[dict[str, bool]], responses=OWN)
 async def delete_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
                      container: ContainerDep) -> JSONResponse:
-    """Delete a finished (done, failed or canceled) job: its inputs, outputs, masks and previews
-    first, then the job, which is 404 from then on and leaves GET /jobs. Deleting it again
-    answers the same; a job still in progress is 409 INVALID_STATE (cancel it first)."""
+    """Delete a finished (done, failed or canceled) job: the job first, which is 404 from then on
+    and leaves GET /jobs, then its inputs, outputs, masks and previews. Deleting it again answers
+    the same; a job still in progress is 409 INVALID_STATE (cancel it first)."""
     already = await service.deleted_async(user_id, job_id)  # NotFound, InvalidState: nothing is touched
     # Recorded before its objects go: a crash between the two leaves a deleted job (404 at once)
     # whose objects the sweeper's late pass deletes (adapters.retention._late_deletions), not a job
