@@ -364,7 +364,7 @@ class GpuWorker(ConsumerLoop):
                 raise
             except Exception as e:  # noqa: BLE001 - counted as a failed attempt
                 error = e
-        if self.unreachable and isinstance(error, self.unreachable):
+        if self.unreachable and isinstance(error, self.unreachable) and not self._store_answers():
             raise StoreUnavailable(f"object store unreachable ({type(error).__name__})") from None
         reason = f"processing failed after {MAX_ATTEMPTS} attempts: {type(error).__name__}: {error}"
         log.error("task %s parked on the DLQ: %s", task.idempotency_key, reason[:300])
@@ -372,6 +372,18 @@ class GpuWorker(ConsumerLoop):
         self._park(task.job_id.encode(), json.dumps(dlq).encode(), reason)
         self._report(task, "failed",
                      error=f"processing failed after {MAX_ATTEMPTS} attempts ({type(error).__name__}){FOR_OPERATORS}")
+
+    def _store_answers(self) -> bool:
+        """Whether the object store answers a request of no item's (its bucket's HEAD): when it
+        does, an item's "cannot connect" error is the item's own (its object or its upload), which
+        is failed as any other, not waited out for ever with every task behind it."""
+        try:
+            self.pipeline.s3.head_bucket(Bucket=self.pipeline.bucket)
+        except self.unreachable:
+            return False
+        except Exception:  # noqa: BLE001 - an answer (403, 404): the store is there
+            return True
+        return True
 
     # -- a poll's worth of items --------------------------------------------------------------
     def process(self, tasks: list[Task]) -> list[Task]:

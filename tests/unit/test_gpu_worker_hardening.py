@@ -88,6 +88,9 @@ class FakeS3:
         data = self.objects[Key]
         return {"Body": io.BytesIO(data), "ContentLength": len(data)}
 
+    def head_bucket(self, Bucket: str) -> dict[str, Any]:
+        return {}
+
     def put_object(self, Bucket: str, Key: str, Body: bytes, ContentType: str) -> None:
         if self.failing_puts:
             self.failing_puts -= 1
@@ -1010,6 +1013,11 @@ def test_an_object_store_that_cannot_be_reached_is_waited_out_not_charged_to_the
             if self.down:
                 raise EndpointConnectionError(endpoint_url="http://127.0.0.1:8333/palette-images/" + Key)
             return super().get_object(Bucket, Key)
+
+        def head_bucket(self, Bucket: str) -> dict[str, Any]:
+            if self.down:
+                raise EndpointConnectionError(endpoint_url="http://127.0.0.1:8333/palette-images")
+            return {}
 
     t = task()
     s3 = Unreachable()
