@@ -23,6 +23,7 @@ import psycopg
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from psycopg_pool import PoolTimeout
 
 from adapters.loop_pg import LoopConnections
 from application.personal import KEY_BYTES, NONCE_BYTES, KeyDestroyed
@@ -93,6 +94,8 @@ class PgKeyring:
                     if row is None:
                         row = await (await conn.execute(KEY, [user_id])).fetchone()
                 break
+            except PoolTimeout:  # every connection busy: none died, and a second wait doubles the first
+                raise
             except psycopg.OperationalError:
                 # A connection that died with a database restart (the loop's idle ones go with it:
                 # adapters.loop_pg); the statements are idempotent, so once more on a fresh one (a

@@ -16,6 +16,7 @@ from eventsourcing.application import Application
 from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresAggregateRecorder, PostgresApplicationRecorder
 from psycopg import sql
+from psycopg_pool import PoolTimeout
 
 from adapters.per_loop import of_running_loop
 from application.executors import snapshot_recorder
@@ -85,8 +86,8 @@ class PgStreamLoader:
                 with self._datastore.get_connection() as conn, conn.cursor() as cur:
                     cur.execute(query, params, prepare=True)
                     return cur.fetchall()
-            except (OperationalError, InterfaceError):
-                if attempt == 2:
+            except (OperationalError, InterfaceError) as e:
+                if attempt == 2 or isinstance(e.__cause__, PoolTimeout):  # no connection: no dead one either
                     raise
                 log.warning("a pooled connection to PostgreSQL was dead: checking the pool, reading again")
                 self._datastore.pool.check()

@@ -100,3 +100,39 @@ def test_the_first_registration_after_a_restart_gets_its_key_on_a_fresh_connecti
         return await keyring.key_for_async(user_id)
 
     assert asyncio.run(scenario()) == key
+
+
+def test_a_busy_pool_is_not_waited_for_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review (s27 rev2): PoolTimeout is an OperationalError; every connection busy is no dead
+    connection, and waiting ``timeout_s`` once more doubled the request's wait (20 s, not 10 s)."""
+    import time
+    import uuid
+
+    from psycopg_pool import PoolTimeout
+
+    from adapters.keyring import PgKeyring
+
+    async def connect(self: _Connections) -> _Conn:
+        return _Conn(0)
+
+    monkeypatch.setattr(_Connections, "_connect", connect)
+    keyring = PgKeyring(None, "a-development-secret-of-some-length")
+    keyring.connections = LoopConnections("postgresql://unused", size=1, timeout_s=0.3)
+
+    async def scenario() -> float:
+        hold = asyncio.Event()
+
+        async def holder() -> None:
+            async with keyring.connections.connection():  # type: ignore[union-attr]
+                await hold.wait()
+
+        task = asyncio.create_task(holder())
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(PoolTimeout):
+            await keyring.key_for_async(uuid.uuid4())
+        hold.set()
+        await task
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 0.55

@@ -86,3 +86,27 @@ def test_a_database_still_down_fails_the_read() -> None:
     datastore.pool.dead = 10**6
     with pytest.raises(OperationalError):
         loader.newer_than({uuid.uuid4(): 0})
+
+
+def test_no_connection_within_the_pools_timeout_is_not_waited_for_twice() -> None:
+    """Review (s27 rev2): eventsourcing turns psycopg_pool's PoolTimeout (no connection within
+    POSTGRES_CONNECT_TIMEOUT: the database down, or the pool busy) into an OperationalError; read
+    again, it waited as long once more (20 s, not 10 s, a group-commit batch in an outage)."""
+    from psycopg_pool import PoolTimeout
+
+    loader, datastore = _loader(dead=0, snapshots=False)
+    tries = []
+
+    @contextlib.contextmanager
+    def get_connection() -> Iterator[Any]:
+        tries.append(1)
+        try:
+            raise PoolTimeout("couldn't get a connection after 10.00 sec")
+        except PoolTimeout as e:
+            raise OperationalError(str(e)) from e
+        yield  # pragma: no cover
+
+    datastore.get_connection = get_connection  # type: ignore[method-assign]
+    with pytest.raises(OperationalError):
+        loader.newer_than({uuid.uuid4(): 0})
+    assert tries == [1] and datastore.pool.checks == 0
