@@ -23,7 +23,6 @@ import psycopg
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from psycopg_pool import PoolTimeout
 
 from adapters.loop_pg import LoopConnections
 from application.personal import KEY_BYTES, NONCE_BYTES, KeyDestroyed
@@ -88,19 +87,21 @@ class PgKeyring:
             return await anyio.to_thread.run_sync(self.key_for, user_id)
         candidate = self._candidate(user_id)
         for attempt in (1, 2):
+            held = None
             try:
                 async with self.connections.connection() as conn:
+                    held = conn
                     row = await (await conn.execute(KEY_FOR, {"u": user_id, "w": candidate})).fetchone()
                     if row is None:
                         row = await (await conn.execute(KEY, [user_id])).fetchone()
                 break
-            except PoolTimeout:  # every connection busy: none died, and a second wait doubles the first
-                raise
             except psycopg.OperationalError:
                 # A connection that died with a database restart (the loop's idle ones go with it:
-                # adapters.loop_pg); the statements are idempotent, so once more on a fresh one (a
-                # database still down fails that one too).
-                if attempt == 2:
+                # adapters.loop_pg); the statements are idempotent, so once more on a fresh one.
+                # None got (every one busy: PoolTimeout; or the connect failed: the database is
+                # down), or one that is not broken (a statement's own error): a second try would
+                # only wait as long again.
+                if attempt == 2 or held is None or not held.broken:
                     raise
         return self._opened(user_id, row)
 

@@ -136,3 +136,24 @@ def test_a_busy_pool_is_not_waited_for_twice(monkeypatch: pytest.MonkeyPatch) ->
         return time.monotonic() - started
 
     assert asyncio.run(scenario()) < 0.55
+
+
+def test_a_database_that_cannot_be_connected_to_is_not_waited_for_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review (s27 rev2): a connect that fails (the database down; blackholed: ``timeout_s``
+    each) is no dead pooled connection either: connecting once more doubled the wait."""
+    import uuid
+
+    from adapters.keyring import PgKeyring
+
+    connects: list[int] = []
+
+    async def connect(self: _Connections) -> _Conn:
+        connects.append(1)
+        raise psycopg.OperationalError("connection timeout expired")
+
+    monkeypatch.setattr(_Connections, "_connect", connect)
+    keyring = PgKeyring(None, "a-development-secret-of-some-length")
+    keyring.connections = LoopConnections("postgresql://unused", size=2)
+    with pytest.raises(psycopg.OperationalError):
+        asyncio.run(keyring.key_for_async(uuid.uuid4()))
+    assert connects == [1]
