@@ -30,8 +30,11 @@ DDL = (
     "failures integer NOT NULL DEFAULT 0, failing_since timestamptz, "
     "created_at timestamptz NOT NULL DEFAULT now())",
     "CREATE INDEX IF NOT EXISTS endpoints_user ON palette_webhooks.endpoints (user_id)",
-    # The Idempotency-Key of the latest rotation (a hash of it): its retry rotates no further.
-    "ALTER TABLE palette_webhooks.endpoints ADD COLUMN IF NOT EXISTS rotated_by text",
+    # The Idempotency-Key of the latest rotation (a hash of it): its retry rotates no further
+    # (looked for first: ALTER TABLE locks the table even when it changes nothing).
+    "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = "
+    "'palette_webhooks' AND table_name = 'endpoints' AND column_name = 'rotated_by') THEN "
+    "ALTER TABLE palette_webhooks.endpoints ADD COLUMN rotated_by text; END IF; END $$",
     "CREATE TABLE IF NOT EXISTS palette_webhooks.deliveries (id uuid PRIMARY KEY, "
     "endpoint_id uuid NOT NULL REFERENCES palette_webhooks.endpoints ON DELETE CASCADE, "
     "message_id text NOT NULL, job_id uuid NOT NULL, version integer NOT NULL, event_type text NOT NULL, "
