@@ -50,3 +50,40 @@ def test_one_item_whose_object_always_resets_does_not_stall_the_worker_for_ever(
     assert tasks[0]["idempotency_key"] in reported, "the poison item is never failed"
     assert tasks[2]["idempotency_key"] in reported, "the task behind the poll is never reached"
     assert log.commits, "nothing is ever committed"
+
+
+def test_a_poll_that_comes_again_after_an_outage_does_not_edit_or_report_its_finished_items_again() -> None:
+    from botocore.exceptions import EndpointConnectionError
+
+    a, b = task(), task()
+
+    class HalfDown(FakeS3):
+        down = True
+
+        def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
+            if self.down and Key == b["input_key"]:
+                raise EndpointConnectionError(endpoint_url="http://127.0.0.1:8333/" + Key)
+            return super().get_object(Bucket, Key)
+
+        def head_bucket(self, Bucket: str) -> dict[str, Any]:
+            if self.down:
+                raise EndpointConnectionError(endpoint_url="http://127.0.0.1:8333/")
+            return {}
+
+    s3 = HalfDown()
+    log = FakeLog()
+    for t in (a, b):
+        s3.objects[t["input_key"]] = photo()
+        log.append(json.dumps(t).encode(), t["job_id"].encode())
+    producer, callbacks = FakeProducer(), FakeCallbacks()
+    w = GpuWorker(log, producer, ImagePipeline(s3, BUCKET, torch.device("cpu")), callbacks, io_threads=2,
+                  backoff_s=0.0, unavailable_pause_s=0.0, unreachable=S3_UNREACHABLE)
+    try:
+        w.step()
+        assert [k for k, _, _ in callbacks.reports] == [a["idempotency_key"]] and log.commits == []
+        s3.down = False
+        w.step()
+    finally:
+        w.close()
+    assert sorted(k for k, _, _ in callbacks.reports) == sorted([a["idempotency_key"], b["idempotency_key"]])
+    assert w.stats["skipped"] == 1 and log.commits == [2] and producer.parked() == []
