@@ -58,7 +58,7 @@ from eventsourcing.persistence import Notification, PersistenceError
 from psycopg import sql
 
 from adapters import keyring
-from adapters.erasure import erase, forget_user_data
+from adapters.erasure import erase, forget_job_deliveries, forget_user_data
 from adapters.objects import delete_larger, delete_prefixes
 from adapters.settings import Settings
 from domain.contracts.envelope import EventEnvelope
@@ -365,8 +365,12 @@ class Sweeper:
 
         def again(job_id: UUID, _: EventEnvelope) -> int:
             job = c.service.executor.read(job_id)
-            return delete_prefixes(c.s3, c.settings.s3_bucket, job_prefixes(job.user_id, job_id)) \
-                if isinstance(job, Job) else 0
+            if not isinstance(job, Job):
+                return 0
+            deleted = delete_prefixes(c.s3, c.settings.s3_bucket, job_prefixes(job.user_id, job_id))
+            with c.read_pool.connection() as conn:  # deliveries too: an API dead mid-DELETE left them
+                forget_job_deliveries(conn, job_id)
+            return deleted
 
         return self._each_settled("late-deletions", JOB_DELETED, settled, again)
 

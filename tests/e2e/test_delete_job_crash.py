@@ -36,3 +36,48 @@ def test_a_delete_cut_short_after_the_objects_went_leaves_no_job_pointing_at_the
             assert httpx.get(f"{url}/jobs/{job_id}", headers=client.headers, timeout=30).status_code == 404
     finally:
         container.close()
+
+
+def test_a_delete_cut_short_after_its_record_is_finished_by_the_sweepers_late_pass(settings, monkeypatch):
+    """The window the order leaves: JobDeleted recorded, the process dead before the objects and
+    the webhook deliveries went. The job is 404 at once; the late pass deletes both."""
+    import uuid
+
+    from adapters.api import routes_jobs
+    from adapters.bootstrap import build
+    from adapters.retention import LATE_UPLOADS_S
+    from adapters.webhooks import store as webhooks
+
+    from .conftest import Client
+    from .test_bounded_resources import served
+    from .test_data_lifecycle import _objects
+    from .test_erasure_adversarial import _ahead, _db, _sweep
+
+    def killed(*_: object) -> None:
+        raise RuntimeError("the process is killed here")  # before anything of the job's data went
+
+    with _db(settings) as conn:
+        webhooks.ensure_schema(conn)  # made by the API's start (not this container's)
+    container = build(settings, pool_size=2)
+    try:
+        with served(container) as url, httpx.Client(base_url=url, timeout=30) as http:
+            client = Client(http)
+            job_id = _done_by_hand(client, http, settings.callback_secret, 2)
+            hook = client.data("POST", "/webhooks", 201,
+                               json={"url": "http://127.0.0.1:9/h", "events": ["job.finished"]})
+            with _db(settings) as conn:
+                conn.execute("INSERT INTO palette_webhooks.deliveries (id, endpoint_id, message_id, job_id, version, "
+                             "event_type, body) VALUES (%s, %s, %s, %s, 1, 'job.finished', '{}')",
+                             [uuid.uuid4(), hook["id"], f"msg_{uuid.uuid4().hex}", job_id])
+            kept = _objects(settings, client.user_id)
+            monkeypatch.setattr(routes_jobs, "_forget_job_data", killed)
+            assert client.call("DELETE", f"/jobs/{job_id}").status_code == 500
+            assert httpx.get(f"{url}/jobs/{job_id}", headers=client.headers, timeout=30).status_code == 404
+    finally:
+        container.close()
+    assert kept and _objects(settings, client.user_id) == kept  # nothing went with the request
+    _sweep(settings, now=_ahead(LATE_UPLOADS_S + 3600))
+    assert _objects(settings, client.user_id) == set()
+    with _db(settings) as conn:
+        assert conn.execute("SELECT count(*) FROM palette_webhooks.deliveries WHERE job_id = %s",
+                            [job_id]).fetchone() == (0,)
