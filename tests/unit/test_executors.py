@@ -534,6 +534,15 @@ class _Monotonic:
         return self.now
 
 
+def _timed(device: str) -> tuple[_Monotonic, PaletteService, GroupCommitter, UUID]:
+    """A service on a group committer whose monotonic clock the test moves, and a user of it."""
+    clock = _Monotonic()
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    committer = GroupCommitter(app, monotonic=clock)
+    svc = PaletteService(app, committer, StepClock(), Ids(), **process_keys())
+    return clock, svc, committer, svc.register(device).value[0]
+
+
 def test_a_command_that_waited_past_the_commit_lag_bound_is_refused_unrun_and_a_read_still_served() -> None:
     """Readers of the log find a time by position and look only TIME_SLACK_S past it, so no event
     may commit more than COMMIT_LAG_MAX_S after it was stamped: a command queued longer is refused
@@ -542,11 +551,7 @@ def test_a_command_that_waited_past_the_commit_lag_bound_is_refused_unrun_and_a_
     from domain.contracts.streams import COMMIT_LAG_MAX_S, TIME_SLACK_S
 
     assert COMMIT_LAG_MAX_S < TIME_SLACK_S
-    clock = _Monotonic()
-    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
-    committer = GroupCommitter(app, monotonic=clock)
-    svc = PaletteService(app, committer, StepClock(), Ids(), **process_keys())
-    user_id, _ = svc.register("waited").value
+    clock, svc, committer, user_id = _timed("waited")
     release, held = _hold_writer(committer)
     late = committer.submit(svc.grant_credits_command(user_id, 7, "promo"))
     copies: list[Any] = []
@@ -572,11 +577,7 @@ def test_a_command_that_waited_past_the_commit_lag_bound_is_refused_unrun_and_a_
 def test_a_command_queued_within_the_bound_runs() -> None:
     from domain.contracts.streams import COMMIT_LAG_MAX_S
 
-    clock = _Monotonic()
-    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
-    committer = GroupCommitter(app, monotonic=clock)
-    svc = PaletteService(app, committer, StepClock(), Ids(), **process_keys())
-    user_id, _ = svc.register("prompt").value
+    clock, svc, committer, user_id = _timed("prompt")
     release, held = _hold_writer(committer)
     waiting = committer.submit(svc.grant_credits_command(user_id, 7, "promo"))
     clock.now += COMMIT_LAG_MAX_S  # exactly the bound: still in time
@@ -593,12 +594,8 @@ def test_a_command_decided_again_after_a_conflict_is_refused_once_past_the_bound
     from application.executors import WrittenTooLate
     from domain.contracts.streams import COMMIT_LAG_MAX_S
 
-    clock = _Monotonic()
-    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
-    committer = GroupCommitter(app, monotonic=clock)
-    svc = PaletteService(app, committer, StepClock(), Ids(), **process_keys())
-    user_id, _ = svc.register("conflicted").value
-    save, saves = app.save, []
+    clock, svc, committer, user_id = _timed("conflicted")
+    save, saves = svc.app.save, []
 
     def lost_to_another_process(*aggregates: Any, **kw: Any) -> Any:
         saves.append(1)
@@ -607,10 +604,10 @@ def test_a_command_decided_again_after_a_conflict_is_refused_once_past_the_bound
             raise IntegrityError("duplicate key value violates unique constraint")
         return save(*aggregates, **kw)
 
-    app.save = lost_to_another_process  # type: ignore[method-assign]
+    svc.app.save = lost_to_another_process  # type: ignore[method-assign]
     with pytest.raises(WrittenTooLate):
         committer.submit(svc.grant_credits_command(user_id, 7, "promo")).result(10)
-    app.save = save  # type: ignore[method-assign]
+    svc.app.save = save  # type: ignore[method-assign]
     assert svc.executor.read(user_id).granted == 50  # type: ignore[union-attr]
     committer.stop()
 
@@ -621,12 +618,8 @@ def test_a_command_whose_deciding_outlasts_the_bound_is_refused_and_the_rest_of_
     from application.executors import WrittenTooLate
     from domain.contracts.streams import COMMIT_LAG_MAX_S
 
-    clock = _Monotonic()
-    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
-    committer = GroupCommitter(app, monotonic=clock)
-    svc = PaletteService(app, committer, StepClock(), Ids(), **process_keys())
-    user_id, _ = svc.register("slow-decider").value
-    head = app.recorder.max_notification_id()
+    clock, svc, committer, user_id = _timed("slow-decider")
+    head = svc.app.recorder.max_notification_id()
     release, held = _hold_writer(committer)
     slow_grant = svc.grant_credits_command(user_id, 7, "promo")
     decided: list[str] = []
@@ -646,5 +639,5 @@ def test_a_command_whose_deciding_outlasts_the_bound_is_refused_and_the_rest_of_
         refused.result(10)
     assert kept.result(10).value == 50 + 3  # decided again without the late one, and saved
     assert decided == ["slow"]
-    assert app.recorder.max_notification_id() == head + 1  # one grant's event, not two
+    assert svc.app.recorder.max_notification_id() == head + 1  # one grant's event, not two
     committer.stop()
