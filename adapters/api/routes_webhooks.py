@@ -166,6 +166,8 @@ async def create_webhook(body: WebhookCreate, user_id: CurrentUser, container: C
         raise InvalidState(str(e)) from None
     except store.KeyReused as e:
         raise ValidationFailed(str(e)) from None
+    except store.ChangedSince as e:
+        raise InvalidState(str(e)) from None
     return ok(WebhookSecretPublic(**row), status=201)
 
 

@@ -83,6 +83,11 @@ class KeyReused(Exception):
     """An Idempotency-Key's endpoint was made for another request."""
 
 
+class ChangedSince(Exception):
+    """An Idempotency-Key's endpoint has changed since it was made (its secret rotated): the
+    retry cannot be answered as the creation left it, and shows no secret it did not make."""
+
+
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('palette-webhooks-ddl'))")
@@ -102,11 +107,13 @@ def create_endpoint(conn: psycopg.Connection[Any], user_id: UUID, url: str, even
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext('palette-webhooks:' || %s::text))", [user_id])
         if endpoint_id is not None:
-            made = cur.execute(sql.SQL("SELECT {}, user_id, secret FROM palette_webhooks.endpoints WHERE id = %s")
-                               .format(_ENDPOINT), [endpoint_id]).fetchone()
+            made = cur.execute(sql.SQL("SELECT {}, user_id, secret, previous_until FROM palette_webhooks.endpoints "
+                                       "WHERE id = %s").format(_ENDPOINT), [endpoint_id]).fetchone()
             if made is not None:
                 if made.pop("user_id") != user_id or made["url"] != url or list(made["events"]) != list(events):
                     raise KeyReused("Idempotency-Key reused with a different request")
+                if made.pop("previous_until") is not None:  # rotated since: its secret is no longer the one made
+                    raise ChangedSince("this key's endpoint has had its secret rotated since; see GET /webhooks")
                 return made
         count = cur.execute("SELECT count(*) AS n FROM palette_webhooks.endpoints WHERE user_id = %s",
                             [user_id]).fetchone()
@@ -151,20 +158,22 @@ def forget_user(conn: psycopg.Connection[Any], user_id: UUID) -> int:
 def rotate_secret(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID,
                   secret: str, rotated_by: str | None = None) -> dict[str, Any] | None:
     """A new secret (under ``"secret"``); the replaced one keeps signing (alongside) for
-    ``ROTATION_GRACE_S``. ``rotated_by`` names the request (its Idempotency-Key): when the latest
-    rotation was made by it, the secret it made is answered and nothing rotates, so a retry after
-    a crash that lost the stored answer does not push the client's own secret out of its grace."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(sql.SQL(
+    ``ROTATION_GRACE_S``. ``rotated_by`` names the request (its Idempotency-Key): while the latest
+    rotation is the one it made, that secret is answered and nothing rotates, so a retry after a
+    crash that lost the stored answer does not push the client's own secret out of its grace. In
+    one transaction, the endpoint's row locked: a rotation meanwhile waits."""
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        current = cur.execute(sql.SQL("SELECT {}, secret, rotated_by FROM palette_webhooks.endpoints "
+                                       "WHERE id = %s AND user_id = %s FOR UPDATE").format(_ENDPOINT),
+                              [endpoint_id, user_id]).fetchone()
+        if current is None:
+            return None
+        if rotated_by is not None and current.pop("rotated_by") == rotated_by:
+            return current
+        return cur.execute(sql.SQL(
             "UPDATE palette_webhooks.endpoints SET previous_secret = secret, secret = %s, rotated_by = %s, "
-            "previous_until = now() + %s * interval '1 second' WHERE id = %s AND user_id = %s "
-            "AND (%s::text IS NULL OR rotated_by IS DISTINCT FROM %s) RETURNING {}, secret").format(_ENDPOINT),
-            [secret, rotated_by, ROTATION_GRACE_S, endpoint_id, user_id, rotated_by, rotated_by]).fetchone()
-        if row is None and rotated_by is not None:  # made by this request already (or none such)
-            row = cur.execute(sql.SQL("SELECT {}, secret FROM palette_webhooks.endpoints WHERE id = %s "
-                                      "AND user_id = %s AND rotated_by = %s").format(_ENDPOINT),
-                              [endpoint_id, user_id, rotated_by]).fetchone()
-        return row
+            "previous_until = now() + %s * interval '1 second' WHERE id = %s RETURNING {}, secret").format(_ENDPOINT),
+            [secret, rotated_by, ROTATION_GRACE_S, endpoint_id]).fetchone()
 
 
 def enable_endpoint(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID) -> dict[str, Any] | None:

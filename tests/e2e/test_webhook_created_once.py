@@ -91,3 +91,40 @@ def test_a_keyed_rotation_retried_after_its_answer_was_lost_rotates_once(setting
         assert signing == (retry.json()["data"]["secret"], made["secret"])
     finally:
         container.close()
+
+
+def test_a_keyed_creation_retried_after_a_rotation_shows_no_secret_it_did_not_make(settings, monkeypatch):
+    """Its answer lost, the creation's retry finds its endpoint; rotated since, the endpoint's
+    secret is not the one the creation made: a 409, not the current secret (shown once, to the
+    rotation's caller)."""
+    from adapters.api.idempotency import IdempotencyKeys
+    from adapters.bootstrap import build
+    from adapters.webhooks import store as webhooks
+
+    from .conftest import Client
+    from .test_bounded_resources import served
+
+    store = IdempotencyKeys._store
+
+    async def lost(self, *args, **kwargs):
+        raise RuntimeError("the process is killed here")  # every keyed answer lost
+
+    container = build(settings, pool_size=2)
+    with container.read_pool.connection() as conn:
+        webhooks.ensure_schema(conn)
+    try:
+        with served(container) as url:
+            client = Client(httpx.Client(base_url=url, timeout=30))
+            body = {"url": "http://127.0.0.1:9/hook", "events": ["job.finished"]}
+            key = {"Idempotency-Key": f"hook-{uuid.uuid4()}"}
+            monkeypatch.setattr(IdempotencyKeys, "_store", lost)
+            with contextlib.suppress(httpx.HTTPError):
+                client.call("POST", "/webhooks", json=body, headers=key)
+            monkeypatch.setattr(IdempotencyKeys, "_store", store)
+            (made,) = httpx.get(f"{url}/webhooks", headers=client.headers, timeout=30).json()["data"]["items"]
+            rotated = client.data("POST", f"/webhooks/{made['id']}/rotate-secret", 200)
+            retry = httpx.post(f"{url}/webhooks", json=body, headers={**client.headers, **key}, timeout=30)
+            assert retry.status_code == 409 and retry.json()["error"]["code"] == "INVALID_STATE", retry.text
+            assert rotated["secret"] not in retry.text
+    finally:
+        container.close()
