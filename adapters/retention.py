@@ -438,14 +438,14 @@ class Sweeper:
             if time.monotonic() >= next_pass:
                 try:
                     self.step(erasure_grace_s=s.erasure_grace_s)
-                except (psycopg.Error, PersistenceError, OSError):  # the event store's too (WrittenTooLate)
+                except (psycopg.Error, PersistenceError, OSError, BotoCoreError, ClientError):  # S3 too
                     log.warning("sweep failed; retrying next pass", exc_info=True)
                 next_pass = time.monotonic() + s.sweep_interval_s
             else:
                 try:
                     if finished := self.finish_erasures(s.erasure_grace_s):
                         log.info("sweep: %d erasure(s) finished", finished)
-                except (psycopg.Error, PersistenceError, OSError):  # the event store's too (WrittenTooLate)
+                except (psycopg.Error, PersistenceError, OSError, BotoCoreError, ClientError):  # S3 too
                     log.warning("finishing erasures failed; retrying in %.0f s", s.erasure_sweep_s, exc_info=True)
             stop.wait(max(0.0, min(s.erasure_sweep_s, next_pass - time.monotonic())))
 
