@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-import psycopg
-from eventsourcing.persistence import OperationalError as StoreOperationalError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -19,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
-from adapters.api import http_limits
+from adapters.api import http_limits, unavailable
 from adapters.api.deps import VerifiedTokens
 from adapters.api.envelope import CODE_BY_STATUS, STATUS_BY_CODE, ApiError, fail, request_id_var
 from adapters.api.idempotency import unflushed
@@ -27,7 +24,6 @@ from adapters.api.links import add_links
 from adapters.api.rate_limit import Budget, RateLimited, TokenBuckets
 from adapters.bootstrap import Container
 from adapters.erasure import ErasedUsers
-from adapters.logs import driver_reason
 from adapters.settings import Settings
 from adapters.tokens import TokenIssuer
 from domain.errors import DomainError
@@ -36,48 +32,6 @@ log = logging.getLogger("palette.api")
 
 THREADS = 256
 API_POOL_SIZE = 16  # event store and read-pool connections of one API process
-
-# The database did not answer (restarted, failing over, the pool's wait ran out, a statement
-# canceled), or a command waited too long to be written (executors.WrittenTooLate): no bug of
-# ours, and a retry may succeed. A command's commit may or may not have
-# landed, as with any answer lost: a client retrying with its Idempotency-Key is safe.
-DATABASE_AWAY = (psycopg.OperationalError, StoreOperationalError)
-AWAY_WARN_EVERY_S = 10.0
-
-
-def database_away(e: BaseException) -> bool:
-    """Whether ``e`` says the database did not answer (worth a retry), by its SQLSTATE as the
-    projector tells (projections.store.TRANSIENT_SQLSTATE): psycopg's OperationalError also
-    covers program limits (54: an index row too large), routine and savepoint errors (2F, 38,
-    39, 3B), a bad password (28) and system errors (58), which a retry cannot mend. eventsourcing
-    wraps any psycopg OperationalError in its own: its cause is what tells."""
-    from projections.store import TRANSIENT_SQLSTATE
-
-    cause = e.__cause__ if isinstance(e, StoreOperationalError) and isinstance(e.__cause__, psycopg.Error) else e
-    if not isinstance(cause, psycopg.Error):
-        return isinstance(cause, StoreOperationalError)  # WrittenTooLate, a pool closed under it
-    state = cause.sqlstate
-    if state is None:  # no answer from the server: the connection itself (a pool wait run out too)
-        return isinstance(cause, psycopg.OperationalError)
-    return state.startswith(TRANSIENT_SQLSTATE) or state == "55P03"
-
-
-class DatabaseAway:
-    """The requests answered 503 because the database did not answer: said in the log at most
-    every AWAY_WARN_EVERY_S (an outage would otherwise write a traceback per request)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._warned = -AWAY_WARN_EVERY_S
-
-    def note(self, error: BaseException) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if now - self._warned >= AWAY_WARN_EVERY_S:
-            self._warned = now
-            log.warning("the database did not answer (%s: %s); %d request(s) answered 503 so far",
-                        type(error).__name__, driver_reason(error), self.count)
-
 
 def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     """Build the API around an already-wired container (closed when the server stops if it
@@ -157,16 +111,16 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
         code = CODE_BY_STATUS.get(e.status_code, "VALIDATION_FAILED" if e.status_code < 500 else "INTERNAL")
         return fail(code, str(e.detail), status=e.status_code)
 
-    app.state.database_away = away = DatabaseAway()
+    app.state.database_away = away = unavailable.DatabaseAway()
 
     async def _database_away(_: Request, e: Exception) -> JSONResponse:
-        if not database_away(e):  # a bug or a limit of ours under an OperationalError's class
+        if not unavailable.database_away(e):  # a bug or a limit of ours under an OperationalError's class
             log.exception("unhandled error (request %s)", request_id_var.get())
             return fail("INTERNAL", "internal error", status=500)
         away.note(e)
-        return fail("UNAVAILABLE", "the database did not answer in time; try again", headers={"Retry-After": "1"})
+        return fail("UNAVAILABLE", unavailable.MESSAGE, headers=unavailable.HEADERS)
 
-    for database_error in DATABASE_AWAY:
+    for database_error in unavailable.DATABASE_ERRORS:
         app.add_exception_handler(database_error, _database_away)
 
     @app.exception_handler(Exception)

@@ -36,7 +36,7 @@ STATUS_BY_CODE = {
     "TOO_MANY_CONNECTIONS": 503,  # written by adapters.api.http_limits, before any request
     "METHOD_NOT_ALLOWED": 405,
     "INTERNAL": 500,
-    "UNAVAILABLE": 503,  # the database did not answer (adapters.api.app.DATABASE_AWAY): try again
+    "UNAVAILABLE": 503,  # the database did not answer (adapters.api.unavailable): try again
 }
 CODE_BY_STATUS = {401: "AUTH_REQUIRED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
 

@@ -36,6 +36,7 @@ from uuid import UUID
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adapters.api import unavailable
 from adapters.api.envelope import ApiError
 from adapters.api.rate_limit import RateLimited, TokenBuckets, client_address
 from adapters.loop_pg import LoopConnections
@@ -172,13 +173,10 @@ class IdempotencyKeys:
         request_hash = hashlib.sha256(canonical_path(scope["path"]).encode() + b"\n" + body).hexdigest()
         try:
             claimed, stored = await self._claim(owner, key, request_hash)
-        except Exception as e:
-            from adapters.api.app import database_away  # the app's one test of "the database did not answer"
-
-            if not database_away(e):
+        except unavailable.DATABASE_ERRORS as e:
+            if not unavailable.database_away(e):
                 raise
-            await self.fail("UNAVAILABLE", "the database did not answer in time; try again",
-                            headers={"Retry-After": "1"})(scope, receive, send)
+            await self.fail("UNAVAILABLE", unavailable.MESSAGE, headers=unavailable.HEADERS)(scope, receive, send)
             return
         if claimed and (refused := self._address_refuses(scope, raw_headers)) is not None:
             # Only a key claimed anew spends from its address: a replay, a 409 or a 422 adds no

@@ -1,6 +1,6 @@
 """A database that does not answer (restarted, failing over, a pool wait run out) is a 503
 ``UNAVAILABLE`` with ``Retry-After``, worth a retry, not a 500 ``INTERNAL`` (which the README calls a
-bug); the log says so at most every AWAY_WARN_EVERY_S, with how many were answered so, and
+bug); the log says so at most every WARN_EVERY_S (adapters.api.unavailable), with how many were answered so, and
 without a password the driver's message quoted. Any other error stays a 500."""
 
 from __future__ import annotations

@@ -1,0 +1,50 @@
+"""A database that does not answer (restarted, failing over, a pool's wait run out, a statement
+canceled), or a command that waited too long to be written (``executors.WrittenTooLate``): no bug
+of ours, and a retry may succeed, so the answer is a 503 ``UNAVAILABLE`` with ``Retry-After``,
+not a 500 ``INTERNAL``. A command's commit may or may not have landed, as with any answer lost: a
+client retrying with its Idempotency-Key is safe."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import psycopg
+from eventsourcing.persistence import OperationalError as StoreOperationalError
+
+from adapters.logs import driver_reason
+from projections.store import is_transient
+
+log = logging.getLogger("palette.api")
+
+# The classes that may say so; ``database_away`` tells which of their instances do.
+DATABASE_ERRORS = (psycopg.OperationalError, StoreOperationalError)
+MESSAGE = "the database did not answer in time; try again"
+HEADERS = {"Retry-After": "1"}
+WARN_EVERY_S = 10.0
+
+
+def database_away(e: BaseException) -> bool:
+    """Whether ``e`` says the database did not answer, by the projector's test (its SQLSTATE):
+    psycopg's OperationalError also covers program limits (54: an index row too large), routine
+    and savepoint errors (2F, 38, 39, 3B), a bad password (28) and system errors (58), which a
+    retry cannot mend. eventsourcing wraps psycopg's errors in its own: the cause is what tells."""
+    cause = e.__cause__ if isinstance(e, StoreOperationalError) and isinstance(e.__cause__, psycopg.Error) else e
+    return isinstance(cause, DATABASE_ERRORS) and is_transient(cause)
+
+
+class DatabaseAway:
+    """The requests answered 503 because the database did not answer: said in the log at most
+    every WARN_EVERY_S (an outage would otherwise write a traceback per request)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._warned = -WARN_EVERY_S
+
+    def note(self, error: BaseException) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._warned >= WARN_EVERY_S:
+            self._warned = now
+            log.warning("the database did not answer (%s: %s); %d request(s) answered 503 so far",
+                        type(error).__name__, driver_reason(error), self.count)
