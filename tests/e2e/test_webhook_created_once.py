@@ -7,17 +7,34 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 
 
-def test_a_keyed_endpoint_creation_retried_after_its_answer_was_lost_makes_one_endpoint(settings, monkeypatch):
-    from adapters.api.idempotency import IdempotencyKeys
+@contextlib.contextmanager
+def served_client(settings: Any) -> Iterator[tuple[str, Any]]:
+    """An API of its own (its Idempotency-Key store patchable), the webhooks schema made, and a
+    registered client of it."""
     from adapters.bootstrap import build
     from adapters.webhooks import store as webhooks
 
     from .conftest import Client
     from .test_bounded_resources import served
+
+    container = build(settings, pool_size=2)
+    with container.read_pool.connection() as conn:
+        webhooks.ensure_schema(conn)  # the webhooks process makes it
+    try:
+        with served(container) as url:
+            yield url, Client(httpx.Client(base_url=url, timeout=30))
+    finally:
+        container.close()
+
+
+def test_a_keyed_endpoint_creation_retried_after_its_answer_was_lost_makes_one_endpoint(settings, monkeypatch):
+    from adapters.api.idempotency import IdempotencyKeys
 
     store = IdempotencyKeys._store
     lost = []
@@ -29,23 +46,16 @@ def test_a_keyed_endpoint_creation_retried_after_its_answer_was_lost_makes_one_e
         return await store(self, *args, **kwargs)
 
     monkeypatch.setattr(IdempotencyKeys, "_store", lost_once)
-    container = build(settings, pool_size=2)
-    with container.read_pool.connection() as conn:
-        webhooks.ensure_schema(conn)  # the webhooks process makes it
-    try:
-        with served(container) as url:
-            client = Client(httpx.Client(base_url=url, timeout=30))
-            body = {"url": "http://127.0.0.1:9/hook", "events": ["job.finished"]}
-            key = {"Idempotency-Key": f"hook-{uuid.uuid4()}"}
-            with contextlib.suppress(httpx.HTTPError):  # the answer never comes
-                client.call("POST", "/webhooks", json=body, headers=key)
-            retry = httpx.post(f"{url}/webhooks", json=body, headers={**client.headers, **key}, timeout=30)
-            assert retry.status_code == 201, retry.text
-            listed = httpx.get(f"{url}/webhooks", headers=client.headers, timeout=30).json()["data"]["items"]
-            assert [e["id"] for e in listed] == [retry.json()["data"]["id"]]
-            assert retry.json()["data"]["secret"].startswith("whsec_")
-    finally:
-        container.close()
+    with served_client(settings) as (url, client):
+        body = {"url": "http://127.0.0.1:9/hook", "events": ["job.finished"]}
+        key = {"Idempotency-Key": f"hook-{uuid.uuid4()}"}
+        with contextlib.suppress(httpx.HTTPError):  # the answer never comes
+            client.call("POST", "/webhooks", json=body, headers=key)
+        retry = httpx.post(f"{url}/webhooks", json=body, headers={**client.headers, **key}, timeout=30)
+        assert retry.status_code == 201, retry.text
+        listed = httpx.get(f"{url}/webhooks", headers=client.headers, timeout=30).json()["data"]["items"]
+        assert [e["id"] for e in listed] == [retry.json()["data"]["id"]]
+        assert retry.json()["data"]["secret"].startswith("whsec_")
 
 
 def test_a_keyed_rotation_retried_after_its_answer_was_lost_rotates_once(settings, monkeypatch):
@@ -55,11 +65,6 @@ def test_a_keyed_rotation_retried_after_its_answer_was_lost_rotates_once(setting
     import psycopg
 
     from adapters.api.idempotency import IdempotencyKeys
-    from adapters.bootstrap import build
-    from adapters.webhooks import store as webhooks
-
-    from .conftest import Client
-    from .test_bounded_resources import served
 
     store = IdempotencyKeys._store
     lost: list[bool] = []
@@ -70,27 +75,20 @@ def test_a_keyed_rotation_retried_after_its_answer_was_lost_rotates_once(setting
             raise RuntimeError("the process is killed here")
         return await store(self, *args, **kwargs)
 
-    container = build(settings, pool_size=2)
-    with container.read_pool.connection() as conn:
-        webhooks.ensure_schema(conn)
-    try:
-        with served(container) as url:
-            client = Client(httpx.Client(base_url=url, timeout=30))
-            made = client.data("POST", "/webhooks", 201,
-                               json={"url": "http://127.0.0.1:9/hook", "events": ["job.finished"]})
-            monkeypatch.setattr(IdempotencyKeys, "_store", lost_once)
-            key = {"Idempotency-Key": f"rotate-{uuid.uuid4()}"}
-            path = f"/webhooks/{made['id']}/rotate-secret"
-            with contextlib.suppress(httpx.HTTPError):  # the answer never comes
-                client.call("POST", path, headers=key)
-            retry = httpx.post(f"{url}{path}", headers={**client.headers, **key}, timeout=30)
-            assert retry.status_code == 200, retry.text
-        with psycopg.connect(settings.effective_database_url) as conn:
-            signing = conn.execute("SELECT secret, previous_secret FROM palette_webhooks.endpoints WHERE id = %s",
-                                   [made["id"]]).fetchone()
-        assert signing == (retry.json()["data"]["secret"], made["secret"])
-    finally:
-        container.close()
+    with served_client(settings) as (url, client):
+        made = client.data("POST", "/webhooks", 201,
+                           json={"url": "http://127.0.0.1:9/hook", "events": ["job.finished"]})
+        monkeypatch.setattr(IdempotencyKeys, "_store", lost_once)
+        key = {"Idempotency-Key": f"rotate-{uuid.uuid4()}"}
+        path = f"/webhooks/{made['id']}/rotate-secret"
+        with contextlib.suppress(httpx.HTTPError):  # the answer never comes
+            client.call("POST", path, headers=key)
+        retry = httpx.post(f"{url}{path}", headers={**client.headers, **key}, timeout=30)
+        assert retry.status_code == 200, retry.text
+    with psycopg.connect(settings.effective_database_url) as conn:
+        signing = conn.execute("SELECT secret, previous_secret FROM palette_webhooks.endpoints WHERE id = %s",
+                               [made["id"]]).fetchone()
+    assert signing == (retry.json()["data"]["secret"], made["secret"])
 
 
 def test_a_keyed_creation_retried_after_a_rotation_shows_no_secret_it_did_not_make(settings, monkeypatch):
@@ -98,33 +96,21 @@ def test_a_keyed_creation_retried_after_a_rotation_shows_no_secret_it_did_not_ma
     secret is not the one the creation made: a 409, not the current secret (shown once, to the
     rotation's caller)."""
     from adapters.api.idempotency import IdempotencyKeys
-    from adapters.bootstrap import build
-    from adapters.webhooks import store as webhooks
-
-    from .conftest import Client
-    from .test_bounded_resources import served
 
     store = IdempotencyKeys._store
 
     async def lost(self, *args, **kwargs):
         raise RuntimeError("the process is killed here")  # every keyed answer lost
 
-    container = build(settings, pool_size=2)
-    with container.read_pool.connection() as conn:
-        webhooks.ensure_schema(conn)
-    try:
-        with served(container) as url:
-            client = Client(httpx.Client(base_url=url, timeout=30))
-            body = {"url": "http://127.0.0.1:9/hook", "events": ["job.finished"]}
-            key = {"Idempotency-Key": f"hook-{uuid.uuid4()}"}
-            monkeypatch.setattr(IdempotencyKeys, "_store", lost)
-            with contextlib.suppress(httpx.HTTPError):
-                client.call("POST", "/webhooks", json=body, headers=key)
-            monkeypatch.setattr(IdempotencyKeys, "_store", store)
-            (made,) = httpx.get(f"{url}/webhooks", headers=client.headers, timeout=30).json()["data"]["items"]
-            rotated = client.data("POST", f"/webhooks/{made['id']}/rotate-secret", 200)
-            retry = httpx.post(f"{url}/webhooks", json=body, headers={**client.headers, **key}, timeout=30)
-            assert retry.status_code == 409 and retry.json()["error"]["code"] == "INVALID_STATE", retry.text
-            assert rotated["secret"] not in retry.text
-    finally:
-        container.close()
+    with served_client(settings) as (url, client):
+        body = {"url": "http://127.0.0.1:9/hook", "events": ["job.finished"]}
+        key = {"Idempotency-Key": f"hook-{uuid.uuid4()}"}
+        monkeypatch.setattr(IdempotencyKeys, "_store", lost)
+        with contextlib.suppress(httpx.HTTPError):
+            client.call("POST", "/webhooks", json=body, headers=key)
+        monkeypatch.setattr(IdempotencyKeys, "_store", store)
+        (made,) = httpx.get(f"{url}/webhooks", headers=client.headers, timeout=30).json()["data"]["items"]
+        rotated = client.data("POST", f"/webhooks/{made['id']}/rotate-secret", 200)
+        retry = httpx.post(f"{url}/webhooks", json=body, headers={**client.headers, **key}, timeout=30)
+        assert retry.status_code == 409 and retry.json()["error"]["code"] == "INVALID_STATE", retry.text
+        assert rotated["secret"] not in retry.text
