@@ -1,5 +1,5 @@
 """DELETE /jobs/{id} cut short by a crash (the API SIGKILLed mid-request, seen live with
-/tmp/s27/crash_exp/exp_h_delete_job.py): the objects were deleted first and the job was not,
+a crash review's script): the objects were deleted first and the job was not,
 so it stayed listed as done, handing out six download links to nothing, its rerun refused, and
 no process ever finished deleting it. Recorded first, a crash after the record leaves a deleted
 job (404), whose objects the sweeper's late pass deletes."""

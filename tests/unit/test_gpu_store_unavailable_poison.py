@@ -1,8 +1,8 @@
-"""Review (s27 rev2): an item whose own object fails with an ``unreachable``-class error every time
-(botocore ConnectionClosedError: e.g. the store or a proxy in front of it resets the connection for
-that one key or for that one upload) must not stop the worker for ever. Before 83ec519 it was
-parked after MAX_ATTEMPTS; since, StoreUnavailable rewinds the whole poll, nothing is committed
-and every task behind it (other users' too) waits for ever."""
+"""An item whose own object fails with an ``unreachable``-class error every time (botocore
+ConnectionClosedError: the store, or a proxy in front of it, resets the connection for that one key
+or that one upload) must not stop the worker for ever: were it waited out as a store away, the poll
+would come again and again, nothing committed, every task behind it (other users' too) waiting. The
+store is away only while its bucket's HEAD fails too."""
 
 from __future__ import annotations
 

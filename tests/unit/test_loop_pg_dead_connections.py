@@ -103,9 +103,8 @@ def test_the_first_registration_after_a_restart_gets_its_key_on_a_fresh_connecti
 
 
 def test_a_busy_pool_is_not_waited_for_twice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Review (s27 rev2): PoolTimeout is an OperationalError; every connection busy is no dead
-    connection, and waiting ``timeout_s`` once more doubled the request's wait (20 s, not 10 s)."""
-    import time
+    """PoolTimeout is an OperationalError, but every connection busy is no dead connection:
+    waiting ``timeout_s`` once more doubled the request's wait (20 s, not 10 s)."""
     import uuid
 
     from psycopg_pool import PoolTimeout
@@ -117,30 +116,37 @@ def test_a_busy_pool_is_not_waited_for_twice(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(_Connections, "_connect", connect)
     keyring = PgKeyring(None, "a-development-secret-of-some-length")
-    keyring.connections = LoopConnections("postgresql://unused", size=1, timeout_s=0.3)
+    keyring.connections = LoopConnections("postgresql://unused", size=1, timeout_s=0.05)
+    waits: list[int] = []
+    take = _Connections.take
 
-    async def scenario() -> float:
-        hold = asyncio.Event()
+    async def counted_take(self: _Connections) -> Any:
+        waits.append(1)
+        return await take(self)
+
+    async def scenario() -> None:
+        held, hold = asyncio.Event(), asyncio.Event()
 
         async def holder() -> None:
             async with keyring.connections.connection():  # type: ignore[union-attr]
+                held.set()
                 await hold.wait()
 
         task = asyncio.create_task(holder())
-        await asyncio.sleep(0.05)
-        started = time.monotonic()
+        await held.wait()  # the pool's one connection is taken
+        monkeypatch.setattr(_Connections, "take", counted_take)
         with pytest.raises(PoolTimeout):
             await keyring.key_for_async(uuid.uuid4())
         hold.set()
         await task
-        return time.monotonic() - started
 
-    assert asyncio.run(scenario()) < 0.55
+    asyncio.run(scenario())
+    assert waits == [1]  # one wait for a connection, not a second after the first ran out
 
 
 def test_a_database_that_cannot_be_connected_to_is_not_waited_for_twice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Review (s27 rev2): a connect that fails (the database down; blackholed: ``timeout_s``
-    each) is no dead pooled connection either: connecting once more doubled the wait."""
+    """A connect that fails (the database down; blackholed: ``timeout_s`` each) is no dead pooled
+    connection either: connecting once more doubled the wait."""
     import uuid
 
     from adapters.keyring import PgKeyring

@@ -89,7 +89,7 @@ def test_a_database_still_down_fails_the_read() -> None:
 
 
 def test_no_connection_within_the_pools_timeout_is_not_waited_for_twice() -> None:
-    """Review (s27 rev2): eventsourcing turns psycopg_pool's PoolTimeout (no connection within
+    """eventsourcing turns psycopg_pool's PoolTimeout (no connection within
     POSTGRES_CONNECT_TIMEOUT: the database down, or the pool busy) into an OperationalError; read
     again, it waited as long once more (20 s, not 10 s, a group-commit batch in an outage)."""
     from psycopg_pool import PoolTimeout

@@ -1,4 +1,4 @@
-"""Review (s27 rev2): the webhooks schema runs at every start of the webhooks process and of
+"""The webhooks schema runs at every start of the webhooks process and of
 ``palette up``; ALTER TABLE takes ACCESS EXCLUSIVE on its table even when IF NOT EXISTS makes it
 change nothing, so each column added after the first release is looked for first (DO block)."""
 
