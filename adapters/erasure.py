@@ -99,11 +99,8 @@ def forget_user_data(conn: Any, user_id: UUID) -> int:
     after the erasure, for what a request in flight during it wrote afterwards."""
     from adapters.webhooks.store import forget_user
 
-    def exists(name: str) -> bool:  # a database no API ever ran on has neither
-        return bool(conn.execute("SELECT to_regclass(%s)", [name]).fetchone() != (None,))
-
-    endpoints = forget_user(conn, user_id) if exists("palette_webhooks.endpoints") else 0
-    if exists("palette_api.idempotency"):
+    endpoints = forget_user(conn, user_id) if _exists(conn, "palette_webhooks.endpoints") else 0
+    if _exists(conn, "palette_api.idempotency"):
         # the scope adapters.api.idempotency gives a client's keys
         conn.execute("DELETE FROM palette_api.idempotency WHERE scope = %s", [f"user:{user_id}"])
     return endpoints
@@ -115,9 +112,13 @@ def forget_job_deliveries(conn: Any, job_id: UUID) -> int:
     recording it and forgetting them left."""
     from adapters.webhooks.store import forget_job
 
-    if conn.execute("SELECT to_regclass('palette_webhooks.deliveries')").fetchone() == (None,):
-        return 0  # a database no API ever ran on
-    return forget_job(conn, job_id)
+    return forget_job(conn, job_id) if _exists(conn, "palette_webhooks.deliveries") else 0
+
+
+def _exists(conn: Any, table: str) -> bool:
+    """Whether ``table`` is there: a database no API ever ran on has neither the webhooks' tables
+    nor the kept answers'."""
+    return bool(conn.execute("SELECT to_regclass(%s)", [table]).fetchone() != (None,))
 
 
 class ErasedUsers:

@@ -499,14 +499,15 @@ class GroupCommitter:
         """The batch less the commands queued longer than COMMIT_LAG_MAX_S ago, each refused
         (WrittenTooLate); reads stamp nothing and always run."""
         now = self.monotonic()
-        in_time = [p for p in batch if p.read or now - p.queued_at <= COMMIT_LAG_MAX_S]
-        if len(in_time) == len(batch):
-            return batch
-        self.written_too_late += len(batch) - len(in_time)
+        in_time = []
         for p in batch:
-            if not p.read and now - p.queued_at > COMMIT_LAG_MAX_S:
-                p.future.set_exception(WrittenTooLate(f"waited {now - p.queued_at:.1f} s to be written "
-                                                      f"(at most {COMMIT_LAG_MAX_S:g} s); try again"))
+            waited = now - p.queued_at
+            if p.read or waited <= COMMIT_LAG_MAX_S:
+                in_time.append(p)
+                continue
+            self.written_too_late += 1
+            p.future.set_exception(WrittenTooLate(f"waited {waited:.1f} s to be written "
+                                                  f"(at most {COMMIT_LAG_MAX_S:g} s); try again"))
         return in_time
 
     def _run(self, batch: list[_Pending]) -> None:

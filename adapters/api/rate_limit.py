@@ -51,6 +51,18 @@ class TokenBuckets:
         as asking."""
         return self._ask(key, spend=False)
 
+    @contextlib.contextmanager
+    def spending(self, key: object, amount: float = 1.0) -> Iterator[Spending]:
+        """``take`` ``amount`` for one command, given back unless the command recorded something
+        (``spending.recorded``)."""
+        self.take(key, amount)
+        spending = Spending()
+        try:
+            yield spending
+        finally:
+            if not spending.recorded:
+                self.give_back(key, amount)
+
     def give_back(self, key: object, amount: float = 1.0) -> None:
         """Return the tokens a request spent and had no use for (up to the burst)."""
         with self._lock:

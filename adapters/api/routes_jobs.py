@@ -273,16 +273,11 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
             raise InvalidState(f"cannot rerun this job: its photos and masks are {copied / 2**30:.1f} GiB, more than "
                                f"the {per_day / 2**30:.1f} GiB a user's reruns may copy in a day")
         copy_bytes = made_once(request, "rerun_copy_bytes", lambda: TokenBuckets(per_day / DAY_S, per_day))
-        copy_bytes.take(user_id, copied)
-        try:
+        with copy_bytes.spending(user_id, copied) as copying:
             committed = await service.run(service.rerun_job_command(
                 user_id, job_id, id_for_key(user_id, f"rerun:{job_id}", idempotency_key)))
-        except BaseException:
-            copy_bytes.give_back(user_id, copied)
-            raise
-        if not committed.recorded:  # a retry handed back the job made before: copied again, not anew
-            copy_bytes.give_back(user_id, copied)
-        spending.recorded = committed.recorded
+            # A retry handed back the job made before: copied again, not anew (its bytes come back).
+            spending.recorded = copying.recorded = committed.recorded
     new_id = committed.value
     _remember(container, user_id, new_id, committed)
     # The command handed back only a job waiting for its photos; one confirmed since is not copied over.
