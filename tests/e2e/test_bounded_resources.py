@@ -56,6 +56,23 @@ def served(container: Container) -> Iterator[str]:
         sock.close()
 
 
+@contextlib.contextmanager
+def served_client(settings: Settings) -> Iterator[tuple[str, Client]]:
+    """An API of its own (its Idempotency-Key store patchable), the webhooks schema made, and a
+    registered client of it."""
+    from adapters.bootstrap import build
+    from adapters.webhooks import store as webhooks
+
+    container = build(settings, pool_size=2)
+    with container.read_pool.connection() as conn:
+        webhooks.ensure_schema(conn)  # the webhooks process makes it
+    try:
+        with served(container) as url, httpx.Client(base_url=url, timeout=30) as http:
+            yield url, Client(http)
+    finally:
+        container.close()
+
+
 class CountingPool:
     """A connection pool that counts checkouts and the connections held at this moment."""
 

@@ -7,30 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterator
-from typing import Any
 
 import httpx
 
-
-@contextlib.contextmanager
-def served_client(settings: Any) -> Iterator[tuple[str, Any]]:
-    """An API of its own (its Idempotency-Key store patchable), the webhooks schema made, and a
-    registered client of it."""
-    from adapters.bootstrap import build
-    from adapters.webhooks import store as webhooks
-
-    from .conftest import Client
-    from .test_bounded_resources import served
-
-    container = build(settings, pool_size=2)
-    with container.read_pool.connection() as conn:
-        webhooks.ensure_schema(conn)  # the webhooks process makes it
-    try:
-        with served(container) as url:
-            yield url, Client(httpx.Client(base_url=url, timeout=30))
-    finally:
-        container.close()
+from .test_bounded_resources import served_client
 
 
 def test_a_keyed_endpoint_creation_retried_after_its_answer_was_lost_makes_one_endpoint(settings, monkeypatch):
