@@ -172,9 +172,48 @@ def _position(recordings: list[Any]) -> int | None:
     return max(ids) if ids else None
 
 
-def _save(app: Application[UUID], changed: list[Aggregate]) -> list[Any]:
-    # Nothing changed (a read, a satisfied command): no transaction to open.
-    return app.save(*changed) if changed else []
+def _save(app: Application[UUID], loader: StreamLoader, changed: list[Aggregate]) -> list[Any]:
+    """Save ``changed``: the notification ids of its events (none when nothing changed: no
+    transaction opened, or when the save was stored but its answer was lost).
+
+    A save whose commit landed and whose answer was lost (the connection broke after the COMMIT)
+    is found stored (``_stored_as_decided``) and returns as saved. eventsourcing retries a save
+    that failed so, and the retry meets the save's own events as a conflict: deciding its
+    commands again would apply them twice (a grant granted twice) or refuse what did happen.
+    A conflict that cannot be told from that (the database went away meanwhile) raises the
+    database's error: the outcome is unknown, and the commands are not decided again."""
+    if not changed:
+        return []
+    events = [e for agg in changed for e in agg.pending_events]  # saving collects them
+    try:
+        return app.save(*changed)
+    except IntegrityError:
+        if not _stored_as_decided(app, loader, events):  # a database error here: unknown, raised
+            raise
+    except TRANSIENT:
+        try:
+            stored = _stored_as_decided(app, loader, events)
+        except TRANSIENT:
+            stored = False
+        if not stored:
+            raise
+    log.warning("a save of %d event(s) lost its answer but is stored: answered as saved", len(events))
+    return []
+
+
+def _stored_as_decided(app: Application[UUID], loader: StreamLoader, events: list[Any]) -> bool:
+    """Whether ``events``, whose save failed, are in the store all the same, byte for byte. One
+    transaction stored them, so all are there or none is."""
+    before: dict[UUID, int] = {}
+    for e in events:
+        before.setdefault(e.originator_id, e.originator_version - 1)
+    stored = {(s.originator_id, s.originator_version): s for s in loader.newer_than(before)}
+    for e in events:
+        mine = app.mapper.to_stored_event(e)
+        found = stored.get((mine.originator_id, mine.originator_version))
+        if found is None or found.topic != mine.topic or bytes(found.state) != bytes(mine.state):
+            return False
+    return True
 
 
 class DirectExecutor:
@@ -184,6 +223,7 @@ class DirectExecutor:
     def __init__(self, app: Application[UUID], max_attempts: int = 10) -> None:
         self.app = app
         self.max_attempts = max_attempts
+        self.loader = RecorderStreamLoader(app.recorder)  # what a save that failed left stored
 
     def _fetch(self, aggregate_id: UUID) -> Aggregate | None:
         try:
@@ -210,7 +250,7 @@ class DirectExecutor:
                 raise RuntimeError(str(e)) from e
             changed = uow.changed()
             try:
-                recordings = _save(self.app, changed)
+                recordings = _save(self.app, self.loader, changed)
             except IntegrityError:
                 _backoff(attempt)
                 continue
@@ -554,7 +594,7 @@ class GroupCommitter:
             changed = uow.changed()
             due = self._snapshots_due(changed)
             try:
-                recordings = _save(self.app, changed)
+                recordings = _save(self.app, self.cache.loader, changed)
             except IntegrityError:
                 self.cache.evict(uow.ids())
                 attempt += 1

@@ -13,6 +13,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from eventsourcing.persistence import OperationalError
 
 from application.executors import DirectExecutor, GroupCommitter, RecorderStreamLoader, WriterCache
 from application.services import PaletteApplication, PaletteService
@@ -641,3 +642,71 @@ def test_a_command_whose_deciding_outlasts_the_bound_is_refused_and_the_rest_of_
     assert decided == ["slow"]
     assert svc.app.recorder.max_notification_id() == head + 1  # one grant's event, not two
     committer.stop()
+
+
+class _AnswerLost:
+    """The store's insert_events, wrapped: the next save fails with the database's error after
+    storing (``stores``: a commit whose answer was lost) or before (a commit that never ran)."""
+
+    def __init__(self, app: PaletteApplication, *, stores: bool) -> None:
+        self.insert = app.recorder.insert_events
+        self.stores = stores
+        self.armed = False
+        app.recorder.insert_events = self  # type: ignore[method-assign]
+
+    def __call__(self, stored_events: Any, **kwargs: Any) -> Any:
+        if not self.armed:
+            return self.insert(stored_events, **kwargs)
+        self.armed = False
+        if self.stores:
+            self.insert(stored_events, **kwargs)
+        raise OperationalError("server closed the connection unexpectedly")
+
+
+def _losing(group_commit: bool, *, stores: bool) -> tuple[PaletteApplication, PaletteService, _AnswerLost, UUID]:
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    svc = PaletteService(app, GroupCommitter(app) if group_commit else DirectExecutor(app), StepClock(), Ids(),
+                         **process_keys())
+    user_id, _ = svc.register("losing").value
+    return app, svc, _AnswerLost(app, stores=stores), user_id
+
+
+@pytest.mark.parametrize("group_commit", [False, True])
+def test_a_save_stored_before_its_answer_was_lost_is_answered_as_saved_once(group_commit: bool) -> None:
+    app, svc, lost, user_id = _losing(group_commit, stores=True)
+    lost.armed = True
+    assert svc.grant_credits(user_id, 7, "support").value == 50 + 7
+    assert not lost.armed  # the answer was lost indeed
+    assert _folded(app, user_id).granted == svc.get_user(user_id).granted == 50 + 7
+    assert svc.grant_credits(user_id, 1, "next").value == 50 + 7 + 1  # and the cache is the store's
+
+
+@pytest.mark.parametrize("group_commit", [False, True])
+def test_a_save_that_failed_unstored_raises_the_databases_error_and_the_next_command_runs(group_commit: bool) -> None:
+    app, svc, lost, user_id = _losing(group_commit, stores=False)
+    lost.armed = True
+    with pytest.raises(OperationalError):
+        svc.grant_credits(user_id, 7, "support")
+    assert _folded(app, user_id).granted == svc.get_user(user_id).granted == 50
+    assert svc.grant_credits(user_id, 1, "next").value == 50 + 1
+
+
+@pytest.mark.parametrize("group_commit", [False, True])
+def test_a_lost_answer_that_cannot_be_checked_is_the_databases_error_never_decided_again(group_commit: bool) -> None:
+    """Stored, but the store cannot be read to tell: the outcome is unknown, so the caller gets
+    the database's error (try again) and the grant is not made twice."""
+    app, svc, lost, user_id = _losing(group_commit, stores=True)
+    loader = svc.executor.cache.loader if group_commit else svc.executor.loader  # type: ignore[attr-defined]
+    newer_than = loader.newer_than
+
+    def unreadable(versions: Any) -> Any:
+        if lost.armed:  # before the save: read as usual
+            return newer_than(versions)
+        loader.newer_than = newer_than  # the check after it fails, once
+        raise OperationalError("the database went away")
+
+    lost.armed = True
+    loader.newer_than = unreadable
+    with pytest.raises(OperationalError):
+        svc.grant_credits(user_id, 7, "support")
+    assert _folded(app, user_id).granted == svc.get_user(user_id).granted == 50 + 7
