@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
+from eventsourcing.persistence import OperationalError
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -536,6 +537,29 @@ class PaletteSimulation(RuleBasedStateMachine):
         finally:
             recorder.insert_events = real
         assert self._head() == head
+
+    @precondition(lambda self: self.user_ids)
+    @rule(data=st.data(), amount=st.integers(1, 20))
+    def commit_answer_lost(self, data: st.DataObject, amount: int) -> None:
+        """The save commits and the connection breaks before its answer: the client is answered
+        as saved, and the grant is made once (the reference grants it once)."""
+        user_id = data.draw(st.sampled_from(self.user_ids))
+        recorder: Any = self.svc.app.recorder
+        real = recorder.insert_events
+
+        def answer_lost(*args: Any, **kwargs: Any) -> Any:
+            recorder.insert_events = real
+            real(*args, **kwargs)
+            raise OperationalError("server closed the connection unexpectedly")
+
+        recorder.insert_events = answer_lost
+        try:
+            balance = self._call(self.svc.grant_credits, user_id, amount, "promo")
+        finally:
+            recorder.insert_events = real
+        self.ref.grant(user_id, amount)
+        assert balance == self.ref.users[user_id].balance
+        self.figures.crashes["answer lost after commit"] += 1
 
     def _same(self, got: Any, expected: str | None) -> None:
         if expected is None:
