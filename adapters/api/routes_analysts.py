@@ -22,12 +22,13 @@ from adapters.api.envelope import ApiError, ok
 from adapters.api.held_responses import SlotStream, StreamSlots
 from adapters.api.rate_limit import RateLimited
 from adapters.api.schemas import Envelope, QueryInt
+from adapters.api.strict_json import StrictJSONRoute
 from adapters.bootstrap import Container
 from domain.text import iso_time
 from projections import audit
 from projections.replay import Replayer, as_jsonl
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 _E = Envelope[None]
 STAFF_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},
                 404: {"model": _E, "description": "NOT_FOUND (also for client tokens)"},

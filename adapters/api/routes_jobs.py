@@ -45,6 +45,7 @@ from adapters.api.schemas import (
     QueryInt,
     UploadSlot,
 )
+from adapters.api.strict_json import StrictJSONRoute
 from adapters.bootstrap import Container
 from adapters.loop_pg import LoopConnections
 from adapters.s3_signing import GetUrls, PutUrls
@@ -68,7 +69,7 @@ from projections.queries import BadCursor, decode_cursor, encode_cursor, unfolde
 from projections.queries import list_jobs as list_jobs_query
 
 log = logging.getLogger("palette.api")
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], route_class=StrictJSONRoute)
 CURSOR = r"^[A-Za-z0-9_=-]+$"  # what encode_cursor issues (URL-safe base64)
 INLINE_ITEMS, INLINE_URLS = 16, 32  # a job answer of at most this many items and URLs is built on the event loop
 COPY_THREADS = 8  # object copies in flight for one new job made from a finished one

@@ -14,12 +14,13 @@ from adapters.api.envelope import ok
 from adapters.api.idempotency import id_for_key
 from adapters.api.rate_limit import request_address
 from adapters.api.schemas import Envelope, RuleCreate, RuleList, RulePublic, RuleUpdate
+from adapters.api.strict_json import StrictJSONRoute
 from application.services import PaletteService
 from domain.rule import Rule
 from projections.queries import list_rules as list_rules_query
 from projections.queries import wait_for_streams
 
-router = APIRouter(tags=["rules"])
+router = APIRouter(tags=["rules"], route_class=StrictJSONRoute)
 _E = Envelope[None]
 COMMON: dict[int | str, dict[str, Any]] = {
     401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},

@@ -25,6 +25,7 @@ from adapters.api.schemas import (
     PresetPublic,
     TokenPublic,
 )
+from adapters.api.strict_json import StrictJSONRoute
 from adapters.bootstrap import Container
 from adapters.erasure import erase
 from adapters.system import SystemClock
@@ -33,7 +34,7 @@ from domain.contracts.edits import ACTIONS, TEXTURES, TONES
 from domain.errors import NotFound
 from domain.presets import PRESETS
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 ERRORS = {code: {"model": Envelope[None], "description": text} for code, text in {
     401: "AUTH_REQUIRED / AUTH_INVALID", 404: "NOT_FOUND", 422: "VALIDATION_FAILED",
 }.items()}

@@ -25,13 +25,14 @@ from adapters.api.envelope import ok
 from adapters.api.idempotency import id_for_key
 from adapters.api.rate_limit import RateLimited, TokenBuckets
 from adapters.api.schemas import Envelope, QueryInt, Strict, Text
+from adapters.api.strict_json import StrictJSONRoute
 from adapters.bootstrap import Container
 from adapters.webhooks import store, targets
 from adapters.webhooks.events import EventType
 from adapters.webhooks.signing import new_secret
 from domain.errors import InvalidState, NotFound, ValidationFailed
 
-router = APIRouter(tags=["webhooks"])
+router = APIRouter(tags=["webhooks"], route_class=StrictJSONRoute)
 _E = Envelope[None]
 COMMON: dict[int | str, dict[str, Any]] = {401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},
                                            422: {"model": _E, "description": "VALIDATION_FAILED"}}

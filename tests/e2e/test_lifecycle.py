@@ -178,6 +178,11 @@ def test_bad_input_is_a_4xx_with_a_stable_code(client, http):
           for count in ("3", True, 3.0)),
         (client.call("POST", "/jobs", content=b"{not json", headers={"content-type": "application/json"}),
          422, "VALIDATION_FAILED"),
+        # Read two ways (Python's decoder took the last of a repeated name, and UTF-16): refused.
+        *((client.call("POST", "/jobs", content=raw, headers={"content-type": "application/json"}), 422,
+           "VALIDATION_FAILED")
+          for raw in (b'{"preset": "interior", "item_count": 201, "item_count": 1}',
+                      '{"preset": "interior", "item_count": 1}'.encode("utf-16"))),
         (client.call("GET", "/jobs/not-a-uuid"), 422, "VALIDATION_FAILED"),
         # A page is at most 100 jobs, however many a client asks for.
         *((client.call("GET", "/jobs", params={"limit": limit}), 422, "VALIDATION_FAILED")

@@ -1,0 +1,66 @@
+"""Request bodies read as strict JSON (RFC 8259), on every route that takes one: UTF-8 only, each
+object's names unique, no ``NaN`` or ``Infinity``. Python's decoder, as FastAPI calls it, takes
+the last of a repeated name, reads UTF-16 and UTF-32 bodies, and reads ``NaN``: a proxy, a
+gateway's filter or a log reader that reads the body another way (the first of a name, UTF-8)
+would see another request than the route runs. Each is a 422 ``VALIDATION_FAILED``, as any
+malformed body is (FastAPI answers a ``JSONDecodeError`` so)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi.routing import APIRoute
+from starlette.requests import Request
+from starlette.responses import Response
+
+
+def loads(body: bytes) -> Any:
+    """``body`` as strict JSON; JSONDecodeError naming what is wrong (no part of the body)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise json.JSONDecodeError("the body is not UTF-8", "", 0) from e
+    try:
+        return json.loads(text, object_pairs_hook=_unique, parse_constant=_no_constant)
+    except json.JSONDecodeError:
+        raise
+    except ValueError as e:  # a repeated name, NaN, an integer past the interpreter's digit limit
+        raise json.JSONDecodeError(str(e), "", 0) from None
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise ValueError(f"the name {name[:64]!r} is given twice in one object")
+            seen.add(name)
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+class StrictJSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = loads(await self.body())
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """An APIRoute whose body, where it takes one, is read by ``loads``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if self.body_field is None:  # no body to read: the request as it comes
+            return handler
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict
