@@ -114,6 +114,9 @@ def _health_checks(request: Request, container: Container) -> dict[str, CachedCh
         for name, f in (("postgres", _check_postgres), ("broker", _check_broker), ("s3", _check_s3))})
 
 
+# HEAD too, as load balancers and uptime probes ask (the server sends GET's status and headers,
+# no body); kept out of the schema, which documents the GETs.
+@router.head("/health", include_in_schema=False)
 @router.get("/health", response_model=Envelope[HealthPublic], tags=["health"])
 async def health(container: ContainerDep, request: Request) -> JSONResponse:
     """Liveness plus the status of PostgreSQL, the broker and S3 (each at most 1 s old). No auth."""
@@ -125,12 +128,14 @@ async def health(container: ContainerDep, request: Request) -> JSONResponse:
     return ok(HealthPublic(status="ok" if all(results) else "degraded", dependencies=deps))
 
 
+@router.head("/livez", include_in_schema=False)
 @router.get("/livez", tags=["health"])
 async def livez() -> JSONResponse:
     """The process answers (a liveness probe: nothing else is checked). No auth."""
     return JSONResponse({"status": "alive"})
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get("/readyz", tags=["health"], responses={503: {"description": "a dependency is failing (named)"}})
 async def readyz(container: ContainerDep, request: Request) -> JSONResponse:
     """200 when PostgreSQL, the broker and S3 answer (each checked at most once a second), else
