@@ -182,12 +182,16 @@ def serve(port: int, registry: CollectorRegistry, readiness: Readiness, host: st
             else:
                 self._send(404, b'{"status":"not found"}', "application/json")
 
+        def do_HEAD(self) -> None:  # a load balancer's or uptime probe's: GET's answer, no body
+            self.do_GET()
+
         def _send(self, status: int, body: bytes, content_type: str) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
         def log_message(self, *_: Any) -> None:  # scrapes are not worth a log line each
             return
