@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from adapters.settings import Settings
+from adapters.whole_files import sync_directory, write_whole
 
 PREFIX = "audit/checkpoints/"
 KIND = "palette.audit.checkpoint/1"
@@ -126,6 +127,7 @@ def keygen(out: Path) -> Ed25519PublicKey:
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
             os.fsync(f.fileno())  # a full disk shows here, not after the key was announced
+        sync_directory(out.resolve().parent)  # the file's name too: a crash loses neither
     except OSError as e:  # the file made above is removed: an empty key file would refuse every rerun
         out.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
@@ -184,9 +186,7 @@ class CheckpointStore:
         where = []
         if self.directory is not None:  # first: an object store that does not answer loses no copy here
             self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = self.directory / f".{name}.tmp"
-            tmp.write_bytes(body)
-            tmp.replace(self.directory / name)
+            write_whole(self.directory / name, body)
             where.append(str(self.directory / name))
         if self.s3 is not None:
             self.s3.put_object(Bucket=self.bucket, Key=PREFIX + name, Body=body, ContentType="application/json")

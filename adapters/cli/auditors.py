@@ -105,7 +105,7 @@ def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int
     if args.out is not None:
         import json
 
-        from adapters.cli.outputs import write_whole
+        from adapters.whole_files import write_whole
 
         try:  # whole or not at all: a cut file would be read as a checkpoint that is not JSON
             write_whole(args.out, json.dumps(doc, separators=(",", ":")))

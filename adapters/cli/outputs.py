@@ -34,25 +34,6 @@ def unwritable(path: Path) -> str | None:
     return None
 
 
-def write_whole(path: Path, text: str) -> None:
-    """``text`` into ``path`` whole or not at all: a regular file (or none yet), through a symbolic
-    link its target, is written beside and renamed into place. Anything else (/dev/stdout on a
-    terminal, /dev/null, a FIFO) is written in place: a rename would replace the device or pipe
-    with a regular file (/dev/null itself, for root), or fail where no file can be made beside it."""
-    target = path.resolve()
-    if target.exists() and not target.is_file():
-        with target.open("w") as f:
-            f.write(text)
-        return
-    partial = target.with_name(f".{target.name}.partial")
-    try:
-        partial.write_text(text)
-        partial.replace(target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-
-
 def with_progress(envelopes: Iterator[Any], every: int = 100_000) -> Iterator[Any]:
     t0 = time.monotonic()
     n = 0

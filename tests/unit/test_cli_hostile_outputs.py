@@ -223,7 +223,7 @@ def test_a_whole_write_onto_a_fifo_writes_into_it_and_leaves_it_a_fifo(tmp_path:
     import stat
     import threading
 
-    from adapters.cli.outputs import write_whole
+    from adapters.whole_files import write_whole
 
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)

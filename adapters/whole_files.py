@@ -1,0 +1,56 @@
+"""Files written whole or not at all, and durably: a crash or power cut after the write leaves
+the new file or the old one, never a cut or empty one (checkpoints, keys, a command's --out)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+# What fsync of a directory answers where the filesystem or platform does not do it (some network
+# and FUSE filesystems, Windows): the rename happened, there is nothing more to ask for.
+UNSYNCABLE = {errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP}
+# What opening a directory to sync it answers where it may be written but not read (mode -wx).
+UNOPENABLE = {errno.EACCES, errno.EPERM, errno.EISDIR}
+
+
+def sync_directory(path: Path) -> None:
+    """Make a file's creation or rename in ``path`` durable, where the OS allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        if e.errno in UNOPENABLE:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in UNSYNCABLE:
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_whole(path: Path, data: str | bytes) -> None:
+    """``data`` into ``path`` whole or not at all: a regular file (or none yet), through a symbolic
+    link its target, is written beside, synced, renamed into place, and its directory synced.
+    Anything else (/dev/stdout on a terminal, /dev/null, a FIFO) is written in place: a rename would
+    replace the device or pipe with a regular file (/dev/null itself, for root), or fail where no
+    file can be made beside it."""
+    body = data.encode() if isinstance(data, str) else data
+    target = path.resolve()
+    if target.exists() and not target.is_file():
+        with target.open("wb") as f:
+            f.write(body)
+        return
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        with partial.open("wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())  # before the rename: else a crash can leave the new name on no data
+        partial.replace(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    sync_directory(target.parent)  # the rename itself
