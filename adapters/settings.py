@@ -43,6 +43,14 @@ class SettingsError(ValueError):
     """A setting is missing or invalid; the message names it."""
 
 
+LINE_BREAK = "holds a line break (a setting is one line: `palette env` prints KEY=value lines)"
+
+
+def breaks_lines(value: str) -> bool:
+    """Whether ``value`` holds a line break: \\n, \\r, or any other str.splitlines ends a line at."""
+    return "".join(value.splitlines()) != value
+
+
 class Settings(BaseSettings):
     """Effective configuration. Empty connection settings mean "the embedded stack's"."""
 
@@ -180,6 +188,15 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(3600.0, gt=0)
     erasure_sweep_s: float = Field(30.0, gt=0)
     erasure_grace_s: float = Field(120.0, ge=0)
+
+    @field_validator("*")
+    @classmethod
+    def _no_line_break(cls, v: object) -> object:
+        """A setting is one line: `palette env` prints them as KEY=value lines, where a value's line
+        break would forge lines of its own (another setting, for whoever reads them)."""
+        if isinstance(v, str | Path) and breaks_lines(str(v)):
+            raise ValueError(LINE_BREAK)
+        return v
 
     @field_validator("data_dir", mode="before")
     @classmethod
@@ -377,6 +394,8 @@ def _stored_secrets(path: Path, names: set[str]) -> dict[str, str]:
     if unknown := set(stored) - names:  # counted, not named: a value pasted for a name is a secret
         raise SettingsError(f"{path} holds {len(unknown)} name(s) that are no secrets it keeps "
                             f"(it keeps {', '.join(sorted(names))})")
+    if broken := sorted(name for name, value in stored.items() if breaks_lines(value)):
+        raise SettingsError(f"{path}: {', '.join(broken)} {LINE_BREAK}")
     return stored
 
 

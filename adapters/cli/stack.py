@@ -246,7 +246,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Subcommands) -> None:
-    env = sub.add_parser("env", help="print the effective settings as KEY=value lines (secrets included)")
+    env = sub.add_parser("env", help="print the effective settings, one KEY=value line each (secrets included)")
     env.add_argument("key", nargs="?",
                      help="print only this setting's value, e.g. PALETTE_DATABASE_URL (or database_url)")
     env.set_defaults(func=_cmd_env)

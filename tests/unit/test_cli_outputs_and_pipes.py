@@ -380,3 +380,33 @@ def test_a_service_that_meets_an_unanswering_broker_keeps_where_in_its_log(
     record = json.loads(err[0])
     assert record["msg"] == "stopped on KafkaTimeoutError" and "times_out_deep_inside" in record["exc"]
     assert err[1].startswith("palette serve: cannot reach the broker (") and len(err) == 2
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("PALETTE_S3_BUCKET", "palette\nPALETTE_DATABASE_URL=postgresql://evil@elsewhere/x"),
+    ("PALETTE_JWT_SECRET", "evil-0f-f0rty-e1ght-bytes-f0r-the-t0ken-key\rPALETTE_ENV=production"),
+    ("PALETTE_CALLBACK_URL", "http://evil.example\u2028PALETTE_API_PORT=1"),  # a line break to str.splitlines
+    ("PALETTE_DATA_DIR", "{tmp}/evil\n"),
+])
+@pytest.mark.parametrize("argv", [["env"], ["env", "PALETTE_S3_BUCKET"], ["env", "s3_bucket"]])
+def test_a_setting_holding_a_line_break_is_refused_in_one_line_naming_it(
+        tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch, name: str, value: str, argv: list[str]) -> None:
+    """`palette env` prints KEY=value lines: a value with a line break would forge lines of its own
+    (another setting, for whoever reads them). Refused as every invalid setting is, value unsaid."""
+    monkeypatch.setenv("PALETTE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv(name, value.format(tmp=tmp_path))
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"palette env: invalid setting {name}: ")
+    assert captured.err.count("\n") == 1 and "evil" not in captured.err
+    assert list(tmp_path.iterdir()) == []  # refused before any data directory or secrets were made
+
+
+def test_a_development_secret_holding_a_line_break_is_refused_naming_it_not_its_value(
+        tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "secrets.json").write_text('{"jwt_secret": "evil\\nPALETTE_ENV=production"}')
+    monkeypatch.setenv("PALETTE_DATA_DIR", str(tmp_path))
+    assert cli.main(["env"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "evil" not in captured.err
+    assert captured.err.startswith(f"palette env: {tmp_path / 'secrets.json'}: jwt_secret holds a line break")
