@@ -127,6 +127,33 @@ def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int
     return 0
 
 
+def _latest_checkpoint(settings: Any) -> tuple[str, Any] | None:
+    """The newest checkpoint, in the object store or PALETTE_AUDIT_CHECKPOINT_DIR; the directory's
+    newest when the object store does not answer (said on stderr, in one line), None when the
+    directory holds none either (said too: the caller exits 3, as for any store not reached)."""
+    from adapters import checkpoints
+    from adapters.cli import _store_unreachable  # imported here: adapters.cli imports this module
+    from adapters.logs import driver_reason
+
+    try:
+        return checkpoints.CheckpointStore.of(settings).latest()
+    except Exception as e:  # an endpoint botocore cannot use is one it cannot reach, as everywhere
+        if not _store_unreachable(e):
+            raise
+        away = f"cannot reach the object store ({driver_reason(e)})"
+    local = checkpoints.CheckpointStore.of(settings, use_s3=False)
+    if (folder := local.directory) is None or not folder.is_dir() or not any(folder.glob("*.json")):
+        kept = "PALETTE_AUDIT_CHECKPOINT_DIR is not set" if folder is None else f"{folder} holds no checkpoint"
+        print(f"palette audit verify: {away}, and {kept} to fall back on", file=sys.stderr)
+        return None
+    try:  # the same bounded read as any checkpoint file (a regular file, at most MAX_FILE_BYTES)
+        where, doc = local.latest()
+    except checkpoints.CheckpointError as e:
+        raise checkpoints.CheckpointError(f"{away}; its newest local copy: {e}") from None
+    print(f"palette audit verify: {away}: verifying against the newest local copy, {where}", file=sys.stderr)
+    return where, doc
+
+
 def _audit_verify(args: argparse.Namespace, conn: Any, settings: Any) -> int:
     from adapters import checkpoints
     from projections import audit
@@ -140,7 +167,9 @@ def _audit_verify(args: argparse.Namespace, conn: Any, settings: Any) -> int:
         try:
             key = checkpoints.trusted_key(settings, args.public_key)
             if args.checkpoint == "latest":
-                where, doc = checkpoints.CheckpointStore.of(settings).latest()
+                if (latest := _latest_checkpoint(settings)) is None:
+                    return 3
+                where, doc = latest
             else:
                 where, doc = args.checkpoint, checkpoints.read_file(Path(args.checkpoint))
             payload = checkpoints.verified_payload(doc, key)
@@ -278,7 +307,8 @@ def add_commands(sub: Subcommands) -> None:
     av = asub.add_parser("verify", help="recompute the per-user hash chains (exit 1 at a break); with --checkpoint, "
                          "also check every chain head a signed checkpoint holds (catches a consistent rewrite)")
     av.add_argument("--checkpoint", metavar="FILE|latest",
-                    help="a checkpoint file, or `latest` from the object store / PALETTE_AUDIT_CHECKPOINT_DIR")
+                    help="a checkpoint file, or `latest` from the object store / PALETTE_AUDIT_CHECKPOINT_DIR "
+                         "(the directory's alone, said on stderr, when the object store does not answer)")
     av.add_argument("--public-key", metavar="HEX|PEM_FILE",
                     help="with --checkpoint: the public key to trust (default: PALETTE_AUDIT_PUBLIC_KEY, else "
                          "the signing key's)")

@@ -266,6 +266,39 @@ def test_cli_checkpoint_to_the_object_store_and_verify_latest(busy, service, set
         "(no such user, or not projected yet)\n"
 
 
+def test_cli_verify_latest_falls_back_to_the_checkpoint_directory_when_the_object_store_is_away(
+        busy, service, settings, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """`audit checkpoint` keeps a copy in PALETTE_AUDIT_CHECKPOINT_DIR so that a store that does not
+    answer loses none: `verify --checkpoint latest` then checks that copy (saying so), and exits 3
+    in one line only when there is none either."""
+    from tests.conftest import free_port
+
+    key_file, kept = tmp_path / "audit.pem", tmp_path / "kept"
+    public = checkpoints.public_hex(checkpoints.keygen(key_file))
+    for name, value in settings.as_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PALETTE_AUDIT_SIGNING_KEY_FILE", str(key_file))
+    monkeypatch.setenv("PALETTE_AUDIT_CHECKPOINT_DIR", str(kept))
+    wait_drained(service, settings)
+    assert cli.main(["audit", "checkpoint"]) == 0
+    [local] = kept.glob("*.json")
+    assert f"s3://{settings.s3_bucket}/audit/checkpoints/{local.name}" in capsys.readouterr().out
+    monkeypatch.setenv("PALETTE_S3_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    assert cli.main(["audit", "verify", "--checkpoint", "latest", "--public-key", public]) == 0
+    said = capsys.readouterr()
+    assert said.err.count("\n") == 1 and said.err.startswith("palette audit verify: cannot reach the object store (")
+    assert said.err.endswith(f": verifying against the newest local copy, {local}\n")
+    assert f"({local}, signature valid): all match" in said.out
+    local.unlink()
+    assert cli.main(["audit", "verify", "--checkpoint", "latest", "--public-key", public]) == 3
+    said = capsys.readouterr()
+    assert said.out == "" and said.err.count("\n") == 1
+    assert said.err.endswith(f"{kept} holds no checkpoint to fall back on\n")
+    monkeypatch.delenv("PALETTE_AUDIT_CHECKPOINT_DIR")
+    assert cli.main(["audit", "verify", "--checkpoint", "latest", "--public-key", public]) == 3
+    assert capsys.readouterr().err.endswith("PALETTE_AUDIT_CHECKPOINT_DIR is not set to fall back on\n")
+
+
 def test_the_scheduled_checkpointer_signs_whenever_the_log_has_moved(busy, service, settings, tmp_path):  # noqa: F811
     key_file = tmp_path / "audit.pem"
     public = checkpoints.keygen(key_file)

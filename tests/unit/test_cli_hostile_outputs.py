@@ -237,3 +237,56 @@ def test_a_whole_write_onto_a_fifo_writes_into_it_and_leaves_it_a_fifo(tmp_path:
     regular.write_text("old")
     write_whole(regular, "new")
     assert regular.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "pipe"]
+
+
+def _closed_store_settings(tmp_path: Path, checkpoint_dir: Path | None, endpoint: str = "") -> Any:
+    from adapters.settings import Settings
+    from tests.conftest import free_port
+
+    return Settings(jwt_secret="s" * 48, callback_secret="c" * 48, device_key_secret="d" * 48, data_dir=tmp_path,
+                    s3_endpoint=endpoint or f"http://127.0.0.1:{free_port()}",  # nothing listens there
+                    audit_checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else "")
+
+
+@pytest.mark.parametrize("endpoint", ["", "127.0.0.1:1"])  # a closed port; no URL botocore can use
+def test_verify_latest_falls_back_to_the_newest_local_copy_when_the_object_store_does_not_answer(
+        tmp_path: Path, capsys: Any, endpoint: str) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from adapters.cli.auditors import _latest_checkpoint
+
+    key = Ed25519PrivateKey.generate()
+    kept = checkpoints.CheckpointStore(None, "palette-images", tmp_path / "kept")
+    for position in (12, 5):  # the newest by log position, whichever was written last
+        kept.put(checkpoints.sign({"kind": checkpoints.KIND, "log_position": position,
+                                   "taken_at": "2026-12-05T09:00:00+00:00", "heads": []}, key))
+    latest = _latest_checkpoint(_closed_store_settings(tmp_path, tmp_path / "kept", endpoint))
+    assert latest is not None
+    where, doc = latest
+    assert checkpoints.verified_payload(doc, key.public_key())["log_position"] == 12
+    assert where == str(tmp_path / "kept" / "00000000000000000012-20261205T090000000000Z.json")
+    err = capsys.readouterr().err
+    assert err == (f"palette audit verify: cannot reach the object store ({err.split('(', 1)[1].split(')')[0]}): "
+                   f"verifying against the newest local copy, {where}\n")
+
+
+@pytest.mark.parametrize("kept", ["unset", "missing", "empty", "fifo"])
+def test_verify_latest_with_no_local_copy_to_fall_back_on_is_one_line(tmp_path: Path, capsys: Any, kept: str) -> None:
+    """None (the command exits 3, as for any object store not reached), said in one line; a FIFO
+    named like a checkpoint is refused as any checkpoint file that is not a regular one is."""
+    from adapters.cli.auditors import _latest_checkpoint
+
+    folder = None if kept == "unset" else tmp_path / "kept"
+    if kept in ("empty", "fifo"):
+        (tmp_path / "kept").mkdir()
+    if kept == "fifo":
+        os.mkfifo(tmp_path / "kept" / "00000000000000000012-20261205T090000000000Z.json")
+        with pytest.raises(checkpoints.CheckpointError, match=r"^cannot reach the object store .*; its newest "
+                                                              r"local copy: .* is not a regular file$"):
+            _latest_checkpoint(_closed_store_settings(tmp_path, folder))
+        return
+    assert _latest_checkpoint(_closed_store_settings(tmp_path, folder)) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("palette audit verify: cannot reach the object store (")
+    assert err.endswith("PALETTE_AUDIT_CHECKPOINT_DIR is not set to fall back on\n" if kept == "unset"
+                        else f"{tmp_path / 'kept'} holds no checkpoint to fall back on\n")
