@@ -202,8 +202,8 @@ def _save(app: Application[UUID], loader: StreamLoader, changed: list[Aggregate]
 
 
 def _stored_as_decided(app: Application[UUID], loader: StreamLoader, events: list[Any]) -> bool:
-    """Whether ``events``, whose save failed, are in the store all the same, byte for byte. One
-    transaction stored them, so all are there or none is."""
+    """Whether ``events``, whose save failed, are in the store all the same, byte for byte as the
+    transcoder wrote them. One transaction stored them, so all are there or none is."""
     before: dict[UUID, int] = {}
     for e in events:
         before.setdefault(e.originator_id, e.originator_version - 1)
@@ -211,9 +211,24 @@ def _stored_as_decided(app: Application[UUID], loader: StreamLoader, events: lis
     for e in events:
         mine = app.mapper.to_stored_event(e)
         found = stored.get((mine.originator_id, mine.originator_version))
-        if found is None or found.topic != mine.topic or bytes(found.state) != bytes(mine.state):
+        if found is None or found.topic != mine.topic or not _same_state(app, found.state, mine.state):
             return False
     return True
+
+
+def _same_state(app: Application[UUID], stored: bytes, mine: bytes) -> bool:
+    """Whether two stored states hold the same bytes as the transcoder wrote them: deciphered and
+    decompressed first, as a cipher's nonce is new each time it enciphers (the same event
+    enciphered twice differs). A state that cannot be deciphered (another key's) is not ours."""
+    mapper: Any = app.mapper
+    try:
+        if mapper.cipher is not None:
+            stored, mine = mapper.cipher.decrypt(bytes(stored)), mapper.cipher.decrypt(bytes(mine))
+        if mapper.compressor is not None:
+            stored, mine = mapper.compressor.decompress(stored), mapper.compressor.decompress(mine)
+    except Exception:  # noqa: BLE001 - an AEAD tag that does not verify, damaged bytes
+        return False
+    return bytes(stored) == bytes(mine)
 
 
 class DirectExecutor:
