@@ -101,6 +101,8 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc is a character offset, its reason in ctx
+            return fail("VALIDATION_FAILED", f"request: the body is not JSON: {first.get('ctx', {}).get('error', '')}")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return fail("VALIDATION_FAILED", f"{where or 'request'}: {first.get('msg', 'invalid')}")
 

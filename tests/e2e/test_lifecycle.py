@@ -202,6 +202,20 @@ def test_bad_input_is_a_4xx_with_a_stable_code(client, http):
         assert response.json()["error"]["code"] == code
 
 
+def test_a_body_that_is_not_strict_json_is_refused_naming_why_and_echoing_none_of_it(client):
+    """The envelope's message says what is wrong with the body (it said "0: JSON decode error",
+    the reason left in the error's context), bounded, and no part of the body comes back."""
+    secret = "s3cret" * 2000
+    for raw, why in ((b'{"preset": "interior", "item_count": 2, "item_count": 1}', "'item_count' is given twice"),
+                     ('{"preset": "interior", "item_count": 1}'.encode("utf-16"), "not UTF-8"),
+                     (b'{"preset": "interior", "item_count": NaN}', "NaN is not JSON"),
+                     (b'{"preset": "' + secret.encode() + b'", "item_count": 1', "Expecting")):
+        r = client.call("POST", "/jobs", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_FAILED", r.text
+        assert why in r.json()["error"]["message"], r.text
+        assert "s3cret" not in r.text and len(r.json()["error"]["message"]) < 200
+
+
 def test_execute_before_confirm_is_invalid_state(client):
     job = client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})["job_id"]
     r = client.call("POST", f"/jobs/{job}/execute", json={"concepts": EDITS})
