@@ -167,7 +167,7 @@ def executor(app: PaletteApplication, kind: Literal["group", "direct"] = "group"
     aggregate cache, new events of a batch's streams in one query on PostgreSQL) or "direct" (one
     load-decide-save per command, no cache)."""
     if kind == "direct":
-        return DirectExecutor(app)
+        return DirectExecutor(app, loader=pg_stream_loader(app))
     return GroupCommitter(app, pg_stream_loader(app)).start()
 
 

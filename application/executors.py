@@ -235,10 +235,14 @@ class DirectExecutor:
     """The naive path: one load-decide-save transaction per command, retried on conflict; no
     cache (every load replays the stream)."""
 
-    def __init__(self, app: Application[UUID], max_attempts: int = 10) -> None:
+    def __init__(self, app: Application[UUID], max_attempts: int = 10, loader: StreamLoader | None = None) -> None:
         self.app = app
         self.max_attempts = max_attempts
-        self.loader = RecorderStreamLoader(app.recorder)  # what a save that failed left stored
+        # What a save that failed left stored. The recorder's reads retry as its inserts do (ten
+        # tries, each up to the pool's timeout): on PostgreSQL the caller gives the one-query
+        # loader, which tries once, so a save that failed while the database is away is not
+        # followed by a check as long again.
+        self.loader = loader or RecorderStreamLoader(app.recorder)
 
     def _fetch(self, aggregate_id: UUID) -> Aggregate | None:
         try:
