@@ -23,12 +23,15 @@ class AnswerLosingProxy:
         self.upstream_port = upstream_port
         self.fragment = fragment
         self.armed = 0  # answers still to lose
-        self.lost = 0  # answers lost
+        self.lost = 0  # answers lost that said the statement completed (in autocommit: committed)
+        self.lost_failed = 0  # answers lost that were the statement's error: nothing committed
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._connections: list[_Connection] = []
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
 
     def lose_next(self, count: int = 1) -> None:
         """Lose the answers to the next ``count`` executions of the chosen statement."""
@@ -36,16 +39,33 @@ class AnswerLosingProxy:
             self.armed = count
 
     def close(self) -> None:
+        """Stop listening and close every connection. Closing the listening socket alone leaves
+        a thread blocked in accept() holding it, and the port taking connections: shut down, it
+        wakes the accept."""
         self._closed = True
+        with suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
+        self._acceptor.join(5)
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
 
     def _take(self) -> bool:
         with self._lock:
             if self.armed <= 0:
                 return False
             self.armed -= 1
-            self.lost += 1
             return True
+
+    def _lost(self, answer: bytes) -> None:
+        kinds = [kind for kind, _ in _split(answer, True)[0]]
+        with self._lock:
+            if b"C" in kinds and b"E" not in kinds:  # CommandComplete, no ErrorResponse
+                self.lost += 1
+            else:
+                self.lost_failed += 1
 
     def _accept(self) -> None:
         while not self._closed:
@@ -53,8 +73,15 @@ class AnswerLosingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(("127.0.0.1", self.upstream_port))
-            _Connection(self, client, server).start()
+            try:
+                server = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:  # the server is not there: the client sees its connection closed
+                client.close()
+                continue
+            connection = _Connection(self, client, server)
+            with self._lock:
+                self._connections.append(connection)
+            connection.start()
 
 
 class _Connection:
@@ -70,7 +97,7 @@ class _Connection:
         threading.Thread(target=self._upstream, daemon=True).start()
         threading.Thread(target=self._downstream, daemon=True).start()
 
-    def _close(self) -> None:
+    def close(self) -> None:
         for s in (self.client, self.server):
             with suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
@@ -88,7 +115,7 @@ class _Connection:
                 self.server.sendall(chunk)
         except OSError:
             pass
-        self._close()
+        self.close()
 
     def _chosen(self, kind: bytes, body: bytes) -> bool:
         """Whether this message runs the chosen statement: a simple Query with its text, or an
@@ -117,10 +144,11 @@ class _Connection:
                     continue
                 held += chunk
                 if READY in held:  # the server ran (and committed) it: the client never hears
+                    self.proxy._lost(held)
                     break
         except OSError:
             pass
-        self._close()
+        self.close()
 
 
 def _split(buffer: bytes, started: bool) -> tuple[list[tuple[bytes, bytes]], bytes, bool]:

@@ -63,7 +63,7 @@ def test_a_grant_whose_answer_was_lost_is_granted_once_and_answered(through_prox
     before, events_before = _stored(settings, schema, user_id)
     proxy.lose_next()
     balance = through_proxy.grant_credits(user_id, 7, "support").value
-    assert proxy.lost == 1  # the save's answer was lost indeed
+    assert proxy.lost == 1  # the save completed (committed) and its answer was lost indeed
     after, events_after = _stored(settings, schema, user_id)
     assert after.balance == before.balance + 7 == balance
     assert len(events_after) == len(events_before) + 1
