@@ -51,6 +51,12 @@ class WrittenTooLate(OperationalError):
     of the log rely on the bound (TIME_SLACK_S)."""
 
 
+class OutcomeUnknown(OperationalError):
+    """A save met a conflict that could not be told from its own lost answer (the store could not
+    be read to tell): its commit may have landed, so its commands are not decided again; the
+    caller tries again (a 503, as the database not answering is)."""
+
+
 class RecorderStreamLoader:
     """The StreamLoader port on any eventsourcing recorder, one query per stream (the in-memory
     store of the unit tests; PostgreSQL has adapters.pg_streams.PgStreamLoader, one query in all)."""
@@ -180,20 +186,26 @@ def _save(app: Application[UUID], loader: StreamLoader, changed: list[Aggregate]
     is found stored (``_stored_as_decided``) and returns as saved. eventsourcing retries a save
     that failed so, and the retry meets the save's own events as a conflict: deciding its
     commands again would apply them twice (a grant granted twice) or refuse what did happen.
-    A conflict that cannot be told from that (the database went away meanwhile) raises the
-    database's error: the outcome is unknown, and the commands are not decided again."""
+    A failure that cannot be told from that (the store cannot be read to tell, for whatever
+    reason) is a database error (``OutcomeUnknown``, or the save's own): the commit may have
+    landed, so the commands are not decided again; the caller tries again."""
     if not changed:
         return []
     events = [e for agg in changed for e in agg.pending_events]  # saving collects them
     try:
         return app.save(*changed)
     except IntegrityError:
-        if not _stored_as_decided(app, loader, events):  # a database error here: unknown, raised
+        try:
+            stored = _stored_as_decided(app, loader, events)
+        except Exception as e:
+            raise OutcomeUnknown(f"a conflict that may be this save's own lost answer could not be told "
+                                 f"({type(e).__name__}); try again") from e
+        if not stored:
             raise
     except TRANSIENT:
         try:
             stored = _stored_as_decided(app, loader, events)
-        except TRANSIENT:
+        except Exception:  # noqa: BLE001 - nor can this be told: the save's error stands
             stored = False
         if not stored:
             raise

@@ -11,11 +11,13 @@ from typing import Any
 
 import psycopg
 import pytest
+from eventsourcing.persistence import DatabaseError as StoreDatabaseError
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 from fastapi.testclient import TestClient
 
 from adapters.api.app import create_app
 from adapters.settings import Settings
+from application.executors import OutcomeUnknown
 
 
 class FailingService:
@@ -36,6 +38,14 @@ def _client(error: BaseException) -> TestClient:
     return TestClient(create_app(container), raise_server_exceptions=False)  # type: ignore[arg-type]
 
 
+def _outcome_unknown() -> BaseException:
+    try:
+        raise OutcomeUnknown("a conflict that may be this save's own lost answer could not be told") \
+            from StoreDatabaseError("a strange answer")
+    except OutcomeUnknown as e:
+        return e
+
+
 def _register(api: TestClient) -> Any:
     return api.post("/auth/anon", json={"device_hash": "device-away-0001"})
 
@@ -44,6 +54,9 @@ def _register(api: TestClient) -> Any:
     psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly"),
     psycopg.errors.AdminShutdown("terminating connection due to administrator command"),
     StoreOperationalError("connection failed: Connection refused"),
+    # A save's outcome that could not be told (its conflict may be its own lost answer), whatever
+    # the check met: the client tries again, with its Idempotency-Key.
+    _outcome_unknown(),
 ])
 def test_a_database_that_does_not_answer_is_a_503_to_retry(error: BaseException) -> None:
     answer = _register(_client(error))

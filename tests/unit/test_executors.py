@@ -13,7 +13,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from eventsourcing.persistence import OperationalError
+from eventsourcing.persistence import DatabaseError, OperationalError
 
 from application.executors import DirectExecutor, GroupCommitter, RecorderStreamLoader, WriterCache
 from application.services import PaletteApplication, PaletteService
@@ -663,12 +663,15 @@ class _AnswerLost:
         raise OperationalError("server closed the connection unexpectedly")
 
 
-def _losing(group_commit: bool, *, stores: bool) -> tuple[PaletteApplication, PaletteService, _AnswerLost, UUID]:
+def _losing(group_commit: bool, *, stores: bool, retried: bool = False,
+            ) -> tuple[PaletteApplication, PaletteService, _AnswerLost, UUID]:
+    """A service whose next save fails (``_AnswerLost``; ``retried``: tried again after storing,
+    as eventsourcing's retry does, meeting its own events)."""
     app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
     svc = PaletteService(app, GroupCommitter(app) if group_commit else DirectExecutor(app), StepClock(), Ids(),
                          **process_keys())
     user_id, _ = svc.register("losing").value
-    return app, svc, _AnswerLost(app, stores=stores), user_id
+    return app, svc, (_RetriedAfterCommit if retried else _AnswerLost)(app, stores=stores), user_id
 
 
 @pytest.mark.parametrize("group_commit", [False, True])
@@ -692,10 +695,15 @@ def test_a_save_that_failed_unstored_raises_the_databases_error_and_the_next_com
 
 
 @pytest.mark.parametrize("group_commit", [False, True])
-def test_a_lost_answer_that_cannot_be_checked_is_the_databases_error_never_decided_again(group_commit: bool) -> None:
-    """Stored, but the store cannot be read to tell: the outcome is unknown, so the caller gets
-    the database's error (try again) and the grant is not made twice."""
-    app, svc, lost, user_id = _losing(group_commit, stores=True)
+@pytest.mark.parametrize("retried", [False, True], ids=["answer lost", "retried: a conflict"])
+@pytest.mark.parametrize("check_error", [OperationalError("the database went away"), DatabaseError("strange")],
+                         ids=["database away", "another error"])
+def test_a_lost_answer_that_cannot_be_checked_is_a_database_error_never_decided_again(
+        group_commit: bool, retried: bool, check_error: Exception) -> None:
+    """Stored, but the store cannot be read to tell, for whatever reason: the outcome is unknown,
+    so the caller gets a database error (a 503: try again) and the grant is not made twice (a
+    conflict decided again, or a batch run again one command at a time, would make it twice)."""
+    app, svc, lost, user_id = _losing(group_commit, stores=True, retried=retried)
     loader = svc.executor.cache.loader if group_commit else svc.executor.loader  # type: ignore[attr-defined]
     newer_than = loader.newer_than
 
@@ -703,7 +711,7 @@ def test_a_lost_answer_that_cannot_be_checked_is_the_databases_error_never_decid
         if lost.armed:  # before the save: read as usual
             return newer_than(versions)
         loader.newer_than = newer_than  # the check after it fails, once
-        raise OperationalError("the database went away")
+        raise check_error
 
     lost.armed = True
     loader.newer_than = unreadable
