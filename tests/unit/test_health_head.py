@@ -3,7 +3,6 @@ probes send HEAD, and a 405 read as "down"."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from adapters.api import http_limits
 from adapters.api.app import create_app
 from adapters.settings import Settings
 from tests.conftest import free_port
+from tests.raw_http import raw_head
 
 
 @pytest.fixture
@@ -52,20 +52,10 @@ def served() -> Iterator[tuple[int, dict[str, bool]]]:
         thread.join(timeout=10)
 
 
-def _raw_head(port: int, path: str) -> bytes:
-    """Every byte the server sends for one HEAD (the connection closed after it)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-        conn.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        got = b""
-        while chunk := conn.recv(65536):
-            got += chunk
-    return got
-
-
 @pytest.mark.parametrize("path", ["/livez", "/readyz", "/health"])
 def test_head_on_a_health_route_has_gets_status_and_no_body(served: tuple[int, dict[str, bool]], path: str) -> None:
     port, _ = served
-    got = _raw_head(port, path)
+    got = raw_head(port, path)
     head, _, body = got.partition(b"\r\n\r\n")
     get = httpx.get(f"http://127.0.0.1:{port}{path}")
     assert head.split(b"\r\n")[0] == b"HTTP/1.1 200 OK" == f"HTTP/1.1 {get.status_code} OK".encode()

@@ -10,6 +10,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from adapters.observability import CountsCollector, Readiness, serve
+from tests.raw_http import raw_head
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -238,27 +239,17 @@ def test_a_groups_lag_counts_what_it_never_committed_from_the_start_of_the_parti
 
 def test_head_on_the_probes_has_gets_status_and_no_body():
     """Load balancers and uptime probes send HEAD: it was a 501 from the standard library's server."""
-    import socket
-
     failing = [False]
     readiness = Readiness({"broker": lambda: not failing[0]}, clock=lambda: float(failing[0]))
     server = serve(0, CollectorRegistry(), readiness)
     port = server.server_address[1]
 
-    def head(path: str) -> bytes:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-            conn.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-            got = b""
-            while chunk := conn.recv(65536):
-                got += chunk
-        return got
-
     try:
         for path, status in (("/livez", b"200"), ("/readyz", b"200"), ("/metrics", b"200"), ("/nope", b"404")):
-            got = head(path)
+            got = raw_head(port, path)
             assert got.split(b" ", 2)[1] == status, (path, got)
             assert got.endswith(b"\r\n\r\n") and b"content-length" in got.lower()  # the headers, no body
         failing[0] = True  # and a second later (the check's clock)
-        assert head("/readyz").split(b" ", 2)[1] == b"503"
+        assert raw_head(port, "/readyz").split(b" ", 2)[1] == b"503"
     finally:
         server.shutdown()
