@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Network, ip_network
@@ -18,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters.webhooks.retries import DEFAULT_SCHEDULE as DEFAULT_RETRY_SCHEDULE
 from adapters.webhooks.retries import parse_schedule
+from adapters.whole_files import write_whole
 
 # The embedded SeaweedFS binds ports up to the S3 port + 6 and each + 10000 (infra.stack.embedded_ports).
 S3_PORT_MAX = 65535 - 10006
@@ -373,11 +373,9 @@ def _dev_secrets(data_dir: Path) -> dict[str, str]:
     # A new data directory, or one from before a secret was added: the others are kept.
     data_dir.mkdir(parents=True, exist_ok=True)
     generated = {**stored, **missing}
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(generated, f)
-    tmp.replace(path)
+    # Durably: the database's password and the device keys' secret are in it, and a file a crash
+    # cut would leave the stack unable to reach its own database, each device a new user.
+    write_whole(path, json.dumps(generated), mode=0o600)
     return generated
 
 

@@ -31,12 +31,13 @@ def sync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def write_whole(path: Path, data: str | bytes) -> None:
+def write_whole(path: Path, data: str | bytes, mode: int = 0o666) -> None:
     """``data`` into ``path`` whole or not at all: a regular file (or none yet), through a symbolic
-    link its target, is written beside, synced, renamed into place, and its directory synced.
-    Anything else (/dev/stdout on a terminal, /dev/null, a FIFO) is written in place: a rename would
-    replace the device or pipe with a regular file (/dev/null itself, for root), or fail where no
-    file can be made beside it."""
+    link its target, is written beside, synced, renamed into place, and its directory synced; it
+    is made with ``mode`` (less the umask: 0o600 for a secret, never readable by others, even
+    while it is written). Anything else (/dev/stdout on a terminal, /dev/null, a FIFO) is written
+    in place: a rename would replace the device or pipe with a regular file (/dev/null itself, for
+    root), or fail where no file can be made beside it."""
     body = data.encode() if isinstance(data, str) else data
     target = path.resolve()
     if target.exists() and not target.is_file():
@@ -44,8 +45,9 @@ def write_whole(path: Path, data: str | bytes) -> None:
             f.write(body)
         return
     partial = target.with_name(f".{target.name}.partial")
+    partial.unlink(missing_ok=True)  # a crash's: made anew, so it takes ``mode``
     try:
-        with partial.open("wb") as f:
+        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
             f.write(body)
             f.flush()
             os.fsync(f.fileno())  # before the rename: else a crash can leave the new name on no data

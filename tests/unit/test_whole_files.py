@@ -104,3 +104,20 @@ def test_a_new_signing_key_is_synced_and_so_is_its_directory(tmp_path: Path, mon
     synced = _recording(monkeypatch, lambda _fd, st: st.st_ino if stat.S_ISDIR(st.st_mode) else "key")
     checkpoints.keygen(tmp_path / "signing.pem")
     assert synced == [("file", "key"), ("dir", tmp_path.stat().st_ino)]
+
+
+def test_development_secrets_are_synced_and_never_readable_by_others_even_while_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database's password and the device keys' secret: a file a crash cut would leave the
+    stack unable to reach its own database. A partial left by a crash, readable by all, is not
+    written through (it would keep its mode)."""
+    from adapters.settings import load_settings
+
+    (tmp_path / ".secrets.json.partial").write_text("left by a crash")
+    (tmp_path / ".secrets.json.partial").chmod(0o644)
+    synced = _recording(monkeypatch,
+                        lambda _fd, st: st.st_ino if stat.S_ISDIR(st.st_mode) else stat.S_IMODE(st.st_mode))
+    settings = load_settings(data_dir=tmp_path)
+    assert synced == [("file", 0o600), ("dir", tmp_path.stat().st_ino)]
+    assert json.loads((tmp_path / "secrets.json").read_text())["jwt_secret"] == settings.jwt_secret
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secrets.json"]
