@@ -87,17 +87,35 @@ def snapshot_recorder(app: Application[UUID]) -> Recorder | None:
     return app.snapshots.recorder if app.snapshots is not None else None
 
 
+AGGREGATE_BYTES = 1_500  # about what a user or a rule holds in memory (a job says: approx_bytes)
+
+
+def approx_bytes(agg: Aggregate) -> int:
+    """About what ``agg`` holds in memory: its own ``approx_bytes`` where its size varies (a job
+    with its results), else what a small aggregate holds."""
+    size: int = getattr(agg, "approx_bytes", AGGREGATE_BYTES)
+    return size
+
+
 class WriterCache:
     """The process's aggregates: as the writer last saved them, brought up to date with ONE
     loader call per batch (new events of every aggregate the batch declares). Owned by the
     writer thread alone, so no copies: a failed save or a broken command evicts what it touched;
-    readers get copies through the writer (GroupCommitter.read)."""
+    readers get copies through the writer (GroupCommitter.read).
 
-    def __init__(self, app: Application[UUID], loader: StreamLoader, maxsize: int = 20_000) -> None:
+    At most ``maxsize`` aggregates and about ``max_bytes`` (``approx_bytes``, weighed as each is
+    kept), the least recently saved out first: a job holding 200 results is ~0.14 MB, so 20,000
+    of them, all the count allowed, were ~2.8 GB in one API process."""
+
+    def __init__(self, app: Application[UUID], loader: StreamLoader, maxsize: int = 20_000,
+                 max_bytes: int = 64 << 20) -> None:
         self.app = app
         self.loader = loader
         self.maxsize = maxsize
+        self.max_bytes = max_bytes
         self._cache: OrderedDict[UUID, Aggregate] = OrderedDict()
+        self._bytes: dict[UUID, int] = {}  # each kept aggregate's weight when it was kept
+        self.held_bytes = 0
 
     def load(self, ids: set[UUID] | list[UUID]) -> dict[UUID, Aggregate | None]:
         if not ids:
@@ -140,14 +158,18 @@ class WriterCache:
 
     def keep(self, aggregates: list[Aggregate]) -> None:
         for agg in aggregates:
+            self.held_bytes += (size := approx_bytes(agg)) - self._bytes.get(agg.id, 0)
+            self._bytes[agg.id] = size
             self._cache[agg.id] = agg
             self._cache.move_to_end(agg.id)
-        while len(self._cache) > self.maxsize:
-            self._cache.popitem(last=False)
+        while len(self._cache) > self.maxsize or (self.held_bytes > self.max_bytes and len(self._cache) > 1):
+            oldest, _ = self._cache.popitem(last=False)
+            self.held_bytes -= self._bytes.pop(oldest)
 
     def evict(self, ids: list[UUID]) -> None:
         for i in ids:
-            self._cache.pop(i, None)
+            if self._cache.pop(i, None) is not None:
+                self.held_bytes -= self._bytes.pop(i)
 
 
 class _CommandBug(Exception):

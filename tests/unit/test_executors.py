@@ -10,15 +10,16 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 from eventsourcing.persistence import DatabaseError, OperationalError
 
-from application.executors import DirectExecutor, GroupCommitter, RecorderStreamLoader, WriterCache
+from application.executors import DirectExecutor, GroupCommitter, RecorderStreamLoader, WriterCache, approx_bytes
 from application.services import PaletteApplication, PaletteService
 from application.unit_of_work import ConflictError, touches
 from domain.errors import NotFound, ValidationFailed
+from domain.job import Job
 from domain.plans import DEFAULT_PLANS
 from domain.user import User
 from tests.keys import process_keys
@@ -443,6 +444,52 @@ def test_the_writer_cache_holds_at_most_its_bound_dropping_the_least_recently_sa
     loaded = cache.load([a.id, b.id, c.id])
     assert asked == [{a.id: a.version, b.id: 0, c.id: c.version}]
     assert all(loaded[x.id].version == x.version for x in (a, b, c))
+
+
+def _held_bytes(obj: Any) -> int:
+    """What a deep copy of ``obj`` allocates (tracemalloc): what the object holds."""
+    import copy
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        held = copy.deepcopy(obj)
+        gc.collect()
+        size: int = tracemalloc.get_traced_memory()[0] - before
+        del held
+        return size
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_writer_cache_weighs_jobs_by_their_results_and_drops_the_least_recently_saved_past_its_bytes() -> None:
+    """A job holding results weighs what it holds (a 200-result job is ~0.14 MB: 20,000 of them,
+    all the count allowed, were ~2.8 GB); past ``max_bytes`` the least recently saved go, and
+    what the cache says it holds is what it holds, through keeps, re-keeps and evictions."""
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    at = StepClock().now()
+    jobs = [Job.create(uuid4(), uuid4(), "interior", 200, at) for _ in range(4)]
+    big, small = jobs[:3], jobs[3]
+    for job in big:  # 150 results each
+        job.confirm_upload(at)
+        job.execute({"wall": {"action": "tone", "value": "warm"}}, [], None, at)
+        for i in range(150):
+            where = f"{job.user_id}/{job.id}/{i}"
+            job.record_result(i, "done", f"outputs/{where}.png", f"previews/{where}.jpg", "", f"{job.id}:{i}", at)
+    for job in (small, big[0]):  # the weight is what it holds, within a factor of 2 either way
+        assert 0.5 < approx_bytes(job) / _held_bytes(job) < 2, (approx_bytes(job), _held_bytes(job))
+    budget = 2 * approx_bytes(big[0]) + approx_bytes(small)
+    cache = WriterCache(app, RecorderStreamLoader(app.recorder), maxsize=100, max_bytes=budget)
+    cache.keep([small, big[0], big[1]])  # the budget, exactly
+    assert cache.held_bytes == budget
+    cache.keep([small])  # big[0] is now the least recently saved
+    cache.keep([big[2]])  # over the bytes by one big job: big[0] goes
+    assert list(cache._cache) == [big[1].id, small.id, big[2].id] and cache.held_bytes == budget
+    cache.evict([big[2].id, big[0].id])  # one held, one not
+    assert list(cache._cache) == [big[1].id, small.id] and cache.held_bytes == budget - approx_bytes(big[2])
 
 
 @pytest.mark.parametrize("group_commit", [False, True])
