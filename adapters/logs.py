@@ -21,6 +21,8 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+# Libraries whose INFO lines say what this process's own lines say already (or nothing to an operator).
+NOISY_LOGGERS = ("kafka", "urllib3", "botocore", "boto3", "s3transfer", "httpx", "httpcore")
 FIELDS = ("request_id", "user_id", "job_id", "trace_id")
 CONTEXT: dict[str, ContextVar[str | None]] = {name: ContextVar(f"palette_{name}", default=None) for name in FIELDS}
 
@@ -71,7 +73,9 @@ def dict_config(process: str, level: int = logging.INFO) -> dict[str, Any]:
         "formatters": {"json": {"()": JsonLines, "process": process}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
         "root": {"handlers": ["stderr"], "level": level},
-        "loggers": {noisy: {"level": "WARNING"} for noisy in ("kafka", "urllib3", "botocore", "boto3", "s3transfer")},
+        # httpx logs every request it makes at INFO (the GPU worker's callbacks, each already a
+        # line of the worker's own): half of gpu.log was those.
+        "loggers": {noisy: {"level": "WARNING"} for noisy in NOISY_LOGGERS},
     }
 
 
