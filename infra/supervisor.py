@@ -26,6 +26,7 @@ START_ATTEMPTS = 3  # starts of a restartable service before `palette up` gives 
 
 
 TAIL_LINE_CHARS = 300  # of a process's log line quoted in a StackError
+TAIL_BYTES = 64 * 1024  # of a process's log read for that quote: its end, never the whole file
 _DECORATION = re.compile(r"[\s|+^~-]*(\d+\s*-+[\s|+-]*)?")  # a traceback's rules and marks ("+---- 1 ----")
 
 
@@ -165,13 +166,23 @@ class _Running:
     def tail(self, lines: int = 3) -> str:
         """The log's last lines for a one-line report, each cut to ``TAIL_LINE_CHARS``: a
         traceback's frames left out (what was raised stays), a JSON record as its message and the
-        last line of its exception."""
-        try:
-            text = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
+        last line of its exception. Only the last ``TAIL_BYTES`` are read."""
+        text = _last_bytes(self.log_path, TAIL_BYTES).decode(errors="replace").strip().splitlines()
         said = [line for line in _without_frames(text) if line]
         return " | ".join(_cut(_readable_record(line)) for line in said[-lines:])
+
+
+def _last_bytes(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes from the end of ``path``, starting at a line's start; b"" where
+    there is no such file."""
+    try:
+        with open(path, "rb") as f:
+            start = max(0, f.seek(0, os.SEEK_END) - limit)
+            f.seek(start)
+            got = f.read(limit)
+    except OSError:
+        return b""
+    return got.partition(b"\n")[2] if start else got  # the first line, cut, is left out
 
 
 def _without_frames(lines: list[str]) -> list[str]:

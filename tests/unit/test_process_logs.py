@@ -1,4 +1,6 @@
-"""The processes' logs: httpx's line per request is not logged (adapters.logs)."""
+"""The processes' logs under the data directory's logs/ (infra.supervisor): a start-up failure
+quotes the log's end, read without reading the file; httpx's line per request is not logged
+(adapters.logs)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,37 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from infra.supervisor import TAIL_BYTES, ServiceSpec, StackError, Supervisor
+
+
+def _bytes_read() -> int:
+    """What this process has read through read(2) and the like so far (Linux's rchar)."""
+    return int(next(line for line in Path("/proc/self/io").read_text().splitlines()
+                    if line.startswith("rchar:")).split()[1])
+
+
+def test_a_start_up_failure_quotes_the_end_of_a_large_log_reading_only_that_end(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    big = 50 * 2**20
+    with open(logs / "svc.log", "wb") as f:
+        f.write(b"an early line that is no part of the report\n")
+        f.truncate(big)  # sparse: 50 MB that cost no disk
+        f.seek(big)
+        f.write(b"\nstarting\nRuntimeError: the disk is on fire\n")
+    supervisor = Supervisor(logs)
+    before = _bytes_read()
+    try:
+        with pytest.raises(StackError) as raised:
+            supervisor.start(ServiceSpec("svc", ["/bin/sh", "-c", "exit 3"], ready=lambda: False))
+    finally:
+        supervisor.stop_all()
+    read = _bytes_read() - before
+    assert read < 4 * TAIL_BYTES, f"read {read} bytes of a {big}-byte log for its last lines"
+    assert str(raised.value) == "svc exited during start-up: starting | RuntimeError: the disk is on fire"
 
 
 def test_httpx_and_httpcore_log_no_line_per_request() -> None:
