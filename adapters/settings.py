@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from adapters.webhooks.retries import DEFAULT_SCHEDULE as DEFAULT_RETRY_SCHEDULE
 from adapters.webhooks.retries import parse_schedule
 from adapters.whole_files import write_whole
+from infra.supervisor import LOG_KEEP, LOG_MAX_BYTES
 
 # The embedded SeaweedFS binds ports up to the S3 port + 6 and each + 10000 (infra.stack.embedded_ports).
 S3_PORT_MAX = 65535 - 10006
@@ -89,6 +90,10 @@ class Settings(BaseSettings):
     # projector +2, dispatcher +3, gpu +4, webhooks +5, checkpointer +6); 0 turns them off.
     metrics_port: int = Field(9400, ge=0, le=65000)
     metrics_host: str = "127.0.0.1"
+    # `palette up` rotates each process's log under the data directory's logs/ once it passes
+    # this many bytes, keeping this many rotated files (x.log.1 the newest; 0: none) beside it.
+    log_max_bytes: int = Field(LOG_MAX_BYTES, ge=4096)
+    log_keep: int = Field(LOG_KEEP, ge=0, le=100)
     # Where each process's spans go: off (ids still made, for the logs), console, or otlp
     # (OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT).
     trace_exporter: Literal["off", "console", "otlp"] = "off"

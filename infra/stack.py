@@ -212,7 +212,8 @@ class EmbeddedStack(Generic[S]):
         self.app_argv = list(app_argv)
         self.data_dir = settings.data_dir
         self.log_dir = self.data_dir / "logs"
-        self.supervisor = Supervisor(self.log_dir, echo)
+        self.supervisor = Supervisor(self.log_dir, echo, log_max_bytes=settings.log_max_bytes,
+                                     log_keep=settings.log_keep)
         self._run_as = "postgres" if os.geteuid() == 0 else None
 
     # -- lifecycle ------------------------------------------------------------------

@@ -14,7 +14,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -27,6 +27,8 @@ START_ATTEMPTS = 3  # starts of a restartable service before `palette up` gives 
 
 TAIL_LINE_CHARS = 300  # of a process's log line quoted in a StackError
 TAIL_BYTES = 64 * 1024  # of a process's log read for that quote: its end, never the whole file
+LOG_MAX_BYTES = 64 * 2**20  # a process's log is rotated past this (PALETTE_LOG_MAX_BYTES) ...
+LOG_KEEP = 3  # ... keeping this many rotated files, x.log.1 the newest (PALETTE_LOG_KEEP)
 _DECORATION = re.compile(r"[\s|+^~-]*(\d+\s*-+[\s|+-]*)?")  # a traceback's rules and marks ("+---- 1 ----")
 
 
@@ -101,6 +103,71 @@ def readable(line: bytes) -> str:
     return out
 
 
+class ProcessLog:
+    """One process's log file, rotated by size: a line that would take ``x.log`` past
+    ``max_bytes`` goes to a new one, the old renamed ``x.log.1`` (``x.log.1`` to ``x.log.2``, ...,
+    the one past ``keep`` dropped). Lines are written whole; every run of the process (a restart,
+    a pump still draining the run before) writes through the one object, under its lock."""
+
+    def __init__(self, path: Path, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_KEEP) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._file: IO[bytes] | None = None
+        self._size = 0
+        self._writers = 0
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the file open while one pump writes (closed once the last of them is done)."""
+        with self._lock:
+            if self._file is None:
+                self._open()
+            self._writers += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._writers -= 1
+                if self._writers == 0 and self._file is not None:
+                    self._file.close()
+                    self._file = None
+
+    def write(self, line: bytes) -> None:
+        """Append one line (at most ``max_bytes``: the pump reads no more at once), rotating first
+        when it would not fit."""
+        with self._lock:
+            if self._file is None:
+                self._open()
+            if self._size and self._size + len(line) > self.max_bytes:
+                self._rotate()
+            assert self._file is not None
+            self._file.write(line)
+            self._file.flush()
+            self._size += len(line)
+
+    def _open(self) -> None:
+        self._file = open(self.path, "ab")  # noqa: SIM115 - held across writes, closed by writing()
+        self._size = self._file.tell()
+
+    def _rotate(self) -> None:
+        assert self._file is not None
+        self._file.close()
+        # A rename that fails (the directory made read-only, say) leaves the lines going on to
+        # the file there is: the process's output is never held up by its log.
+        with contextlib.suppress(OSError):
+            for n in range(self.keep - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{n}")
+                if older.exists():
+                    older.replace(self.path.with_name(f"{self.path.name}.{n + 1}"))
+            if self.keep:
+                self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+            else:
+                self.path.unlink()
+        self._open()
+
+
 def _die_with_parent() -> None:
     # The kernel sends SIGTERM to the child if the supervisor dies, so nothing is orphaned.
     with contextlib.suppress(OSError):
@@ -109,9 +176,10 @@ def _die_with_parent() -> None:
 
 
 class _Running:
-    def __init__(self, spec: ServiceSpec, log_dir: Path, echo: IO[str] | None) -> None:
+    def __init__(self, spec: ServiceSpec, log: ProcessLog, echo: IO[str] | None) -> None:
         self.spec = spec
-        self.log_path = log_dir / f"{spec.name}.log"
+        self.log = log
+        self.log_path = log.path
         self.echo = echo
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
@@ -135,12 +203,13 @@ class _Running:
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
 
     def _pump(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdout is not None
+        out = proc.stdout
+        assert out is not None
         prefix = f"[{self.spec.name}] "
-        with open(self.log_path, "ab") as log:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
+        # A line longer than the log's cap comes in pieces of the cap: no file could hold it whole.
+        with self.log.writing():
+            for line in iter(lambda: out.readline(self.log.max_bytes), b""):
+                self.log.write(line)
                 if self.echo is not None:
                     with contextlib.suppress(ValueError, OSError):
                         self.echo.write(prefix + readable(line))
@@ -166,23 +235,32 @@ class _Running:
     def tail(self, lines: int = 3) -> str:
         """The log's last lines for a one-line report, each cut to ``TAIL_LINE_CHARS``: a
         traceback's frames left out (what was raised stays), a JSON record as its message and the
-        last line of its exception. Only the last ``TAIL_BYTES`` are read."""
+        last line of its exception. Only the last ``TAIL_BYTES`` are read, from ``x.log.1`` too
+        when ``x.log`` was just started."""
         text = _last_bytes(self.log_path, TAIL_BYTES).decode(errors="replace").strip().splitlines()
         said = [line for line in _without_frames(text) if line]
         return " | ".join(_cut(_readable_record(line)) for line in said[-lines:])
 
 
 def _last_bytes(path: Path, limit: int) -> bytes:
-    """At most ``limit`` bytes from the end of ``path``, starting at a line's start; b"" where
-    there is no such file."""
-    try:
-        with open(path, "rb") as f:
-            start = max(0, f.seek(0, os.SEEK_END) - limit)
-            f.seek(start)
-            got = f.read(limit)
-    except OSError:
-        return b""
-    return got.partition(b"\n")[2] if start else got  # the first line, cut, is left out
+    """At most ``limit`` bytes from the end of ``path`` and, if it holds fewer, of the file it was
+    rotated from (``path.1``), starting at a line's start; b"" where there is neither."""
+    got = b""
+    for source in (path, path.with_name(f"{path.name}.1")):
+        try:
+            with open(source, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                start = max(0, size - (limit - len(got)))
+                f.seek(start)
+                part = f.read(limit - len(got))
+        except OSError:
+            break
+        if start:
+            part = part.partition(b"\n")[2]  # the first line, cut, is left out
+        got = part + got
+        if start or len(got) >= limit:
+            break
+    return got
 
 
 def _without_frames(lines: list[str]) -> list[str]:
@@ -222,9 +300,13 @@ def _readable_record(line: str) -> str:
 class Supervisor:
     """Owns the processes of one stack. Not thread-safe: one owner drives it."""
 
-    def __init__(self, log_dir: Path, echo: IO[str] | None = None) -> None:
+    def __init__(self, log_dir: Path, echo: IO[str] | None = None, *,
+                 log_max_bytes: int = LOG_MAX_BYTES, log_keep: int = LOG_KEEP) -> None:
         self.log_dir = log_dir
         self.echo = echo
+        self.log_max_bytes = log_max_bytes
+        self.log_keep = log_keep
+        self._logs: dict[str, ProcessLog] = {}
         self._running: dict[str, _Running] = {}
         self._order: list[str] = []
         self.startup_s: dict[str, float] = {}
@@ -239,7 +321,11 @@ class Supervisor:
         t0 = time.monotonic()
         launched = []
         for spec in specs:
-            run = _Running(spec, self.log_dir, self.echo)
+            log = self._logs.get(spec.name)
+            if log is None:
+                log = self._logs[spec.name] = ProcessLog(self.log_dir / f"{spec.name}.log",
+                                                          self.log_max_bytes, self.log_keep)
+            run = _Running(spec, log, self.echo)
             try:
                 run.start()
             except FileNotFoundError:

@@ -251,7 +251,11 @@ def add_commands(sub: Subcommands) -> None:
                      help="print only this setting's value, e.g. PALETTE_DATABASE_URL (or database_url)")
     env.set_defaults(func=_cmd_env)
 
-    up = sub.add_parser("up", help="start the embedded stack and the application processes")
+    up = sub.add_parser("up", help="start the embedded stack and the application processes",
+                        description="Start the embedded stack and the application processes in the foreground. "
+                                    "Each process's output goes to <data dir>/logs/<process>.log, rotated once "
+                                    "past PALETTE_LOG_MAX_BYTES (64 MiB), keeping PALETTE_LOG_KEEP (3) older "
+                                    "files (<process>.log.1 the newest).")
     up.add_argument("--external", action="store_true",
                     help="start only the application processes, against PostgreSQL/Kafka/S3 from settings")
     up.add_argument("--apps", nargs="*", default=list(APP_PROCESSES), choices=APP_PROCESSES,

@@ -1,17 +1,96 @@
-"""The processes' logs under the data directory's logs/ (infra.supervisor): a start-up failure
-quotes the log's end, read without reading the file; httpx's line per request is not logged
-(adapters.logs)."""
+"""The processes' logs under the data directory's logs/ (infra.supervisor): rotated past their cap,
+keeping PALETTE_LOG_KEEP files, each line whole and none lost but what falls off the oldest; a
+start-up failure quotes the log's end, read without reading the file; httpx's line per request is
+not logged (adapters.logs)."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from infra.supervisor import TAIL_BYTES, ServiceSpec, StackError, Supervisor
+from infra.supervisor import TAIL_BYTES, ProcessLog, ServiceSpec, StackError, Supervisor
+from tests.waiting import wait_until
+
+LINE = re.compile(rb"line (\d{5}) x{36}\n")  # 48 bytes: a cap of 1000 holds 20, leaving 40 over
+
+
+def _printing(count: int) -> list[str]:
+    """A service that writes ``count`` numbered lines, then waits to be stopped."""
+    code = ("import sys, time\n"
+            f"for i in range({count}):\n"
+            "    sys.stdout.write(f'line {i:05d} ' + 'x' * 36 + '\\n')\n"
+            "sys.stdout.flush()\n"
+            "time.sleep(60)\n")
+    return [sys.executable, "-c", code]
+
+
+def _written(path: Path) -> bytes:
+    """What the log holds so far (the pump opens it in a thread of its own: maybe not yet)."""
+    return path.read_bytes() if path.exists() else b""
+
+
+def _numbers(path: Path) -> list[int]:
+    """The numbers of a log's lines, each checked whole."""
+    numbers = []
+    for line in path.read_bytes().splitlines(keepends=True):
+        whole = LINE.fullmatch(line)
+        assert whole, f"a line cut or mangled in {path.name}: {line!r}"
+        numbers.append(int(whole.group(1)))
+    return numbers
+
+
+def test_a_process_log_past_its_cap_is_rotated_keeping_the_newest_lines_whole_and_dropping_the_oldest(
+        tmp_path: Path) -> None:
+    cap, keep, count = 1000, 2, 84  # four caps' worth of lines through the pump, room for three
+    logs = tmp_path / "logs"
+    supervisor = Supervisor(logs, log_max_bytes=cap, log_keep=keep)
+    try:
+        supervisor.start(ServiceSpec("svc", _printing(count), ready=lambda: True))
+        last = f"line {count - 1:05d}".encode()
+        wait_until(lambda: last in _written(logs / "svc.log"), 30, "the last line in svc.log")
+    finally:
+        supervisor.stop_all()
+
+    assert sorted(p.name for p in logs.iterdir()) == ["svc.log", "svc.log.1", "svc.log.2"]
+    files = [logs / "svc.log.2", logs / "svc.log.1", logs / "svc.log"]  # oldest first
+    assert all(0 < f.stat().st_size <= cap for f in files)
+    assert sum(f.stat().st_size for f in files) <= cap * (keep + 1)
+    kept = [n for f in files for n in _numbers(f)]
+    # The newest lines, in order and none missing; the oldest fell off svc.log.2.
+    assert kept == list(range(count - len(kept), count))
+    assert kept[0] > 0 and _numbers(logs / "svc.log")[-1] == count - 1
+
+
+def test_a_log_left_past_the_cap_by_an_earlier_run_is_kept_whole_as_the_newest_rotated_file(tmp_path: Path) -> None:
+    path = tmp_path / "api.log"
+    earlier = b"".join(b"line %05d " % i + b"x" * 36 + b"\n" for i in range(100))  # 4,800 bytes
+    path.write_bytes(earlier)
+    (tmp_path / "api.log.1").write_bytes(b"older\n")
+    log = ProcessLog(path, max_bytes=1000, keep=1)
+    with log.writing():
+        log.write(b"line 00100 " + b"x" * 36 + b"\n")
+    assert (tmp_path / "api.log.1").read_bytes() == earlier  # the run before's, whole; "older" dropped
+    assert _numbers(path) == [100]
+    assert not (tmp_path / "api.log.2").exists()
+
+
+def test_a_line_longer_than_the_cap_is_written_in_pieces_of_the_cap_no_file_past_it(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    supervisor = Supervisor(logs, log_max_bytes=4096, log_keep=3)
+    code = "import sys, time; sys.stdout.write('y' * 10000 + '\\nend\\n'); sys.stdout.flush(); time.sleep(60)"
+    try:
+        supervisor.start(ServiceSpec("svc", [sys.executable, "-c", code], ready=lambda: True))
+        wait_until(lambda: _written(logs / "svc.log").endswith(b"end\n"), 30, "the last line in svc.log")
+    finally:
+        supervisor.stop_all()
+    assert sorted(p.name for p in logs.iterdir()) == ["svc.log", "svc.log.1", "svc.log.2"]
+    assert [(logs / name).read_bytes() for name in ("svc.log.2", "svc.log.1", "svc.log")] == [
+        b"y" * 4096, b"y" * 4096, b"y" * (10000 - 8192) + b"\nend\n"]
 
 
 def _bytes_read() -> int:
@@ -41,6 +120,19 @@ def test_a_start_up_failure_quotes_the_end_of_a_large_log_reading_only_that_end(
     assert str(raised.value) == "svc exited during start-up: starting | RuntimeError: the disk is on fire"
 
 
+def test_a_log_just_rotated_is_quoted_with_the_end_of_the_file_before_it(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "svc.log.1").write_bytes(b"x" * (3 * TAIL_BYTES) + b"\nreading the settings\n")
+    (logs / "svc.log").write_bytes(b"ValueError: bad setting\n")
+    supervisor = Supervisor(logs)
+    try:
+        with pytest.raises(StackError, match=r"start-up: reading the settings \| ValueError: bad setting$"):
+            supervisor.start(ServiceSpec("svc", ["/bin/sh", "-c", "exit 3"], ready=lambda: False))
+    finally:
+        supervisor.stop_all()
+
+
 def test_httpx_and_httpcore_log_no_line_per_request() -> None:
     """A process configured as `palette serve` configures it (the GPU worker posts a callback per
     item with httpx, and logs each itself): httpx's INFO line for each request is dropped."""
@@ -56,3 +148,26 @@ def test_httpx_and_httpcore_log_no_line_per_request() -> None:
                           cwd=Path(__file__).resolve().parents[2], check=True)
     assert [json.loads(line)["msg"] for line in done.stderr.splitlines()] == ["item done"]
     assert done.stdout.split() == ["30", "30"]  # WARNING
+
+
+def test_the_log_settings_reach_the_stacks_supervisor_and_a_cap_below_4_kib_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapters.bootstrap import embedded_stack
+    from adapters.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("PALETTE_LOG_MAX_BYTES", "1048576")
+    monkeypatch.setenv("PALETTE_LOG_KEEP", "0")
+    supervisor = embedded_stack(load_settings(data_dir=tmp_path)).supervisor
+    assert (supervisor.log_max_bytes, supervisor.log_keep) == (2**20, 0)
+    monkeypatch.setenv("PALETTE_LOG_MAX_BYTES", "100")
+    with pytest.raises(SettingsError, match=r"^invalid setting PALETTE_LOG_MAX_BYTES: "):
+        load_settings(data_dir=tmp_path)
+
+
+def test_with_no_file_kept_a_log_past_its_cap_starts_afresh(tmp_path: Path) -> None:
+    path = tmp_path / "gpu.log"
+    log = ProcessLog(path, max_bytes=100, keep=0)
+    with log.writing():
+        for i in range(5):
+            log.write(b"line %05d " % i + b"x" * 36 + b"\n")
+    assert _numbers(path) == [4] and [p.name for p in tmp_path.iterdir()] == ["gpu.log"]
