@@ -15,8 +15,8 @@ from tests.conftest import RECORDS
 def test_no_secret_value_appears_in_any_captured_log(apps: EmbeddedStack) -> None:
     values = {name: str(getattr(apps.settings, name)) for name in SECRET_FIELDS}
     assert all(len(v) >= 16 for v in values.values()), "secrets too short to search for meaningfully"
-    logs = sorted(Path(apps.log_dir).glob("*.log"))
-    assert {p.stem for p in logs} >= {"postgres", "s3", "broker", "api", "relay", "projector"}
+    logs = sorted(Path(apps.log_dir).glob("*.log*"))  # the rotated ones (x.log.1, ...) too
+    assert {p.name.split(".")[0] for p in logs} >= {"postgres", "s3", "broker", "api", "relay", "projector"}
     scanned = 0
     for path in logs:
         text = path.read_text(errors="replace")
