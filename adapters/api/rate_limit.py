@@ -26,11 +26,15 @@ class RateLimited(Exception):
         return str(max(1, math.ceil(self.retry_after_s)))
 
 
+DROP_PER_ASK = 16  # refilled buckets dropped per ask, at most: the lock is held for little
+
+
 class TokenBuckets:
     """A token bucket per key, in memory, at most ``max_keys`` of them: past that, the key that
     asked least recently is forgotten (a new bucket, full, if it asks again). Every attempt counts
     as asking, a refused one too, so a client that keeps trying stays remembered; one that stops
-    is forgotten only once ``max_keys`` other keys have asked after it."""
+    is forgotten only once ``max_keys`` other keys have asked after it. A bucket refilled to full
+    answers as a missing one would, so none is kept: an idle key costs nothing."""
 
     def __init__(self, rate_per_s: float, burst: int, max_keys: int = 100_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -68,19 +72,33 @@ class TokenBuckets:
         with self._lock:
             if key in self._buckets:
                 tokens, last = self._buckets[key]
-                self._buckets[key] = (min(float(self.burst), tokens + amount), last)
+                if tokens + amount >= self.burst:
+                    del self._buckets[key]
+                else:
+                    self._buckets[key] = (tokens + amount, last)
 
     def _ask(self, key: object, spend: bool, amount: float = 1.0) -> float:
         now = self.clock()
         with self._lock:
-            tokens, last = self._buckets.get(key, (float(self.burst), now))
+            tokens, last = self._buckets.pop(key, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - last) * self.rate)
             refused = tokens < amount
-            self._buckets[key] = (tokens - amount if spend and not refused else tokens, now)
-            self._buckets.move_to_end(key)
+            left = tokens - amount if spend and not refused else tokens
+            if left < self.burst:
+                self._buckets[key] = (left, now)  # the most recently used end
+            self._drop_refilled(now)
             while len(self._buckets) > self.max_keys:
                 self._buckets.popitem(last=False)
             return (amount - tokens) / self.rate if refused else 0.0
+
+    def _drop_refilled(self, now: float) -> None:
+        """Drop up to DROP_PER_ASK buckets refilled to full from the least recently used end (an
+        ask adds at most one, so idle keys go faster than new ones come)."""
+        for _ in range(DROP_PER_ASK):
+            oldest = next(iter(self._buckets.values()), None)
+            if oldest is None or oldest[0] + (now - oldest[1]) * self.rate < self.burst:
+                return
+            self._buckets.popitem(last=False)
 
 
 DAY_S = 86_400.0

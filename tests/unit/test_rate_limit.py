@@ -122,6 +122,25 @@ def test_a_key_that_keeps_asking_while_refused_is_not_forgotten_for_other_keys()
     buckets.take("spent")
 
 
+def test_a_bucket_refilled_to_full_is_dropped_as_a_missing_one_would_answer_the_same():
+    """An idle key costs nothing: once refilled, its bucket is a new one; dropped at the least
+    recently used end as keys ask, and a take or a give back that leaves one full keeps none."""
+    clock = FakeClock()
+    buckets = TokenBuckets(rate_per_s=1, burst=2, clock=clock)
+    for key in range(10):
+        buckets.take(key)
+    assert len(buckets._buckets) == 10
+    clock.t = 2.0  # burst / rate: every one of them has refilled
+    buckets.take("new")
+    assert list(buckets._buckets) == ["new"]
+    buckets.give_back("new")
+    assert buckets.wait_s("idle") == 0 and len(buckets._buckets) == 0
+    for _ in range(2):
+        buckets.take(3)  # dropped, so afresh: a full burst, as it would have had
+    with pytest.raises(RateLimited):
+        buckets.take(3)
+
+
 def test_the_users_of_one_address_share_its_day_however_many_they_are():
     """Each user's day bounds what one user adds for good; users cost an address nothing to make
     (a registration every 5 s, and they never expire), so without a day per address one client
