@@ -136,6 +136,7 @@ async def list_jobs(user_id: CurrentUser, container: ContainerDep, service: Serv
             return rows, next_cursor, behind
 
     rows, next_cursor, behind = await run_in_threadpool(read)
+    container.last_writes.folded(user_id, "jobs_log", {s: v for s, v in recent.items() if s not in behind})
     if behind:
         fresh, gone = await run_in_threadpool(_fresh_rows, service, user_id, list(behind))
         rows, next_cursor = _merged([r for r in rows if r["id"] not in gone], fresh, limit, next_cursor,

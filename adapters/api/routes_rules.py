@@ -71,7 +71,9 @@ async def list_rules(user_id: CurrentUser, container: ContainerDep, service: Ser
             rows = list_rules_query(conn, user_id)
         return [{**r, "name": service.rule_name(str(r["name"]))} for r in rows]  # opened with the caller's key
 
-    await wait_for_streams(container.read_pool, "rules", container.last_writes.recent(user_id, "rules"))
+    recent = container.last_writes.recent(user_id, "rules")
+    if await wait_for_streams(container.read_pool, "rules", recent):
+        container.last_writes.folded(user_id, "rules", recent)  # later reads see them folded too
     rows = await run_in_threadpool(read)
     return ok(RuleList(items=[RulePublic.model_validate(r) for r in rows]))
 

@@ -230,9 +230,10 @@ def test_read_your_writes_waits_hold_no_pool_connection(settings: Settings) -> N
         container.close()
 
 
-def test_every_rule_write_is_one_the_callers_next_list_waits_for(settings: Settings) -> None:
+def test_every_rule_write_is_one_the_callers_next_list_waits_for(apps: Any, settings: Settings) -> None:
     """GET /rules waits for the caller's recent rule writes: a rename or a deletion it did not
-    remember would be listed as it was before, the projector not having folded it yet."""
+    remember would be listed as it was before, the projector not having folded it yet. Once a
+    list has seen them folded (the projector running) they are forgotten."""
     from adapters.bootstrap import build
 
     container = build(settings, pool_size=2)
@@ -253,6 +254,7 @@ def test_every_rule_write_is_one_the_callers_next_list_waits_for(settings: Setti
             assert created is not None and renamed is not None and deleted is not None
             assert created < renamed < deleted
             assert user.data("GET", "/rules")["items"] == []
+            assert remembered() is None  # seen folded: later reads need not wait for it, nor memory hold it
     finally:
         container.close()
 

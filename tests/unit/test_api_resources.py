@@ -20,7 +20,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from adapters.api.consistency import STREAMS_PER_USER, LastWrites
+from adapters.api.consistency import STREAMS_PER_USER, WRITE_TTL_S, LastWrites
 from adapters.api.envelope import STATUS_BY_CODE, fail
 from adapters.api.held_responses import SlotStream, StreamSlots
 from adapters.api.rate_limit import RateLimited
@@ -406,6 +406,44 @@ def test_the_user_forgotten_first_is_the_one_who_wrote_least_recently() -> None:
         writes.record(user, "rules", user, 1)
     assert (writes.recent(early, "rules"), writes.recent(idle, "rules"), writes.recent(late, "rules")) == (
         {early: 1}, {}, {late: 1})
+
+
+class StoppedClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_write_is_remembered_for_its_time_to_live_and_a_writer_gone_quiet_is_forgotten() -> None:
+    clock = StoppedClock()
+    writes, quiet, busy, old, new = LastWrites(clock=clock), uuid4(), uuid4(), uuid4(), uuid4()
+    writes.record(quiet, "jobs_log", old, 3)
+    writes.record(busy, "rules", old, 1)
+    clock.t = WRITE_TTL_S / 2
+    writes.record(busy, "rules", new, 2)
+    clock.t = WRITE_TTL_S - 0.001
+    assert writes.recent(quiet, "jobs_log") == {old: 3}  # a projector a minute behind still waited for
+    clock.t = WRITE_TTL_S
+    assert writes.recent(busy, "rules") == {new: 2}  # the older write went, the newer stays
+    writes.record(busy, "jobs_log", new, 1)
+    assert list(writes._data) == [busy]  # the quiet writer's last write expired: nothing of it is held
+    clock.t = 2 * WRITE_TTL_S
+    writes.record(uuid4(), "rules", new, 1)
+    assert len(writes._data) == 1
+
+
+def test_a_write_a_read_saw_folded_is_forgotten_unless_written_again_since() -> None:
+    writes, user, folded, rewritten, behind = LastWrites(), uuid4(), uuid4(), uuid4(), uuid4()
+    for stream in (folded, rewritten, behind):
+        writes.record(user, "rules", stream, 2)
+    seen = writes.recent(user, "rules")
+    writes.record(user, "rules", rewritten, 3)  # while the read ran
+    writes.folded(user, "rules", {s: v for s, v in seen.items() if s != behind})
+    assert writes.recent(user, "rules") == {rewritten: 3, behind: 2}
+    writes.folded(user, "rules", {rewritten: 3, behind: 5})
+    assert writes.recent(user, "rules") == {} and user not in writes._data  # an idle user costs nothing
 
 
 @settings(max_examples=300, deadline=None)
