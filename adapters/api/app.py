@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
 from adapters.api import http_limits, unavailable
+from adapters.api.callback_signatures import CallbackSignatures
 from adapters.api.deps import VerifiedTokens
 from adapters.api.envelope import CODE_BY_STATUS, STATUS_BY_CODE, ApiError, fail, request_id_var
 from adapters.api.idempotency import unflushed
@@ -50,6 +51,7 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
             watching.cancel()
             if (views := container.service.user_views) is not None:
                 await views.versions.close()
+            await app.state.callback_signatures.close()
             await app.state.unflushed.close()
             await container.close_loop()
             if owns_container:
@@ -82,6 +84,7 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
                                    per_address_day=s.rate_jobs_per_address_per_day)
     app.state.callback_limits = TokenBuckets(s.rate_callbacks_per_s, s.rate_callbacks_burst)
     app.state.unflushed = unflushed(s.effective_database_url)  # idempotency keys, callback signatures
+    app.state.callback_signatures = CallbackSignatures(app.state.unflushed)
 
     @app.exception_handler(RateLimited)
     async def _rate(_: Request, e: RateLimited) -> JSONResponse:

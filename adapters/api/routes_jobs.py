@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -47,11 +46,10 @@ from adapters.api.schemas import (
 )
 from adapters.api.strict_json import StrictJSONRoute
 from adapters.bootstrap import Container
-from adapters.loop_pg import LoopConnections
 from adapters.s3_signing import GetUrls, PutUrls
 from application.services import PaletteService, RerunSource, item_list
 from application.unit_of_work import Committed
-from domain.contracts.callback import CALLBACK_WINDOW_S, verify_callback
+from domain.contracts.callback import verify_callback
 from domain.contracts.keys import (
     MAX_INPUT_BYTES,
     URL_TTL_S,
@@ -417,7 +415,8 @@ async def callback(
                            signature=x_palette_signature, nonce=x_palette_nonce,
                            allow_shared_secret=not container.settings.callback_require_signature):
         raise ApiError("AUTH_INVALID", "callback authentication failed")
-    if x_palette_signature is not None and not await _first_use(request.app.state.unflushed, x_palette_signature):
+    if x_palette_signature is not None and not await request.app.state.callback_signatures.first_use(
+            x_palette_signature):
         raise ApiError("AUTH_INVALID", "callback replayed")
     request.app.state.callback_limits.take(job_id)  # after auth: strangers cannot spend a job's budget
     try:
@@ -433,21 +432,6 @@ async def callback(
         log.info("job %s finished: %s", job_id, r.finished.value, extra={"job_id": str(job_id)})
     return ok(CallbackPublic(outcome=r.outcome.value, idx=r.idx, item_status=r.item_status,
                              job_status=r.finished.value if r.finished else None))
-
-
-async def _first_use(connections: LoopConnections, signature: str) -> bool:
-    """Record a verified signature; False when it was seen inside the window (a replay). Rows
-    older than two windows can never match a valid timestamp again and are dropped now and then.
-    Not flushed at commit: a signature a database crash forgets can be replayed once, and its
-    result is then a repeat the job already recorded (results carry their idempotency key)."""
-    async with connections.connection() as conn:
-        fresh = await (await conn.execute(
-            "INSERT INTO palette_api.callback_signatures (signature) VALUES (%s) ON CONFLICT DO NOTHING "
-            "RETURNING 1", [signature])).fetchone() is not None
-        if fresh and secrets.randbelow(500) == 0:
-            await conn.execute("DELETE FROM palette_api.callback_signatures "
-                               "WHERE seen_at < now() - %s * interval '1 second'", [2 * CALLBACK_WINDOW_S])
-    return fresh
 
 
 SSE_POLL_S = 0.2
