@@ -104,8 +104,9 @@ class WriterCache:
     readers get copies through the writer (GroupCommitter.read).
 
     At most ``maxsize`` aggregates and about ``max_bytes`` (``approx_bytes``, weighed as each is
-    kept), the least recently saved out first: a job holding 200 results is ~0.14 MB, so 20,000
-    of them, all the count allowed, were ~2.8 GB in one API process."""
+    kept, and again when loading brings it up to date in place), the least recently saved out
+    first: a job holding 200 results is ~0.14 MB, so 20,000 of them, all the count allowed, were
+    ~2.8 GB in one API process."""
 
     def __init__(self, app: Application[UUID], loader: StreamLoader, maxsize: int = 20_000,
                  max_bytes: int = 64 << 20) -> None:
@@ -114,7 +115,7 @@ class WriterCache:
         self.maxsize = maxsize
         self.max_bytes = max_bytes
         self._cache: OrderedDict[UUID, Aggregate] = OrderedDict()
-        self._bytes: dict[UUID, int] = {}  # each kept aggregate's weight when it was kept
+        self._bytes: dict[UUID, int] = {}  # each kept aggregate's weight when last weighed
         self.held_bytes = 0
 
     def load(self, ids: set[UUID] | list[UUID]) -> dict[UUID, Aggregate | None]:
@@ -137,9 +138,14 @@ class WriterCache:
         if unreadable:  # those streams' events from where the cache was
             events = [e for e in events if e.originator_id not in unreadable]
             events += self.loader.newer_than({i: versions[i] for i in unreadable})
+        grown: set[UUID] = set()
         for stored in events:
             event: Any = self.app.mapper.to_domain_event(stored)
             out[event.originator_id] = event.mutate(out[event.originator_id])
+            grown.add(event.originator_id)
+        for i in grown:  # a cached one brought up to date in place (another process wrote to it)
+            if (agg := out[i]) is not None and self._cache.get(i) is agg:
+                self._weigh(agg)
         return out
 
     def _restore(self, stored: StoredEvent) -> Aggregate | None:
@@ -158,13 +164,17 @@ class WriterCache:
 
     def keep(self, aggregates: list[Aggregate]) -> None:
         for agg in aggregates:
-            self.held_bytes += (size := approx_bytes(agg)) - self._bytes.get(agg.id, 0)
-            self._bytes[agg.id] = size
+            self._weigh(agg)
             self._cache[agg.id] = agg
             self._cache.move_to_end(agg.id)
         while len(self._cache) > self.maxsize or (self.held_bytes > self.max_bytes and len(self._cache) > 1):
             oldest, _ = self._cache.popitem(last=False)
             self.held_bytes -= self._bytes.pop(oldest)
+
+    def _weigh(self, agg: Aggregate) -> None:
+        """Count ``agg`` at what it holds now, in place of what it held when last weighed."""
+        self.held_bytes += (size := approx_bytes(agg)) - self._bytes.get(agg.id, 0)
+        self._bytes[agg.id] = size
 
     def evict(self, ids: list[UUID]) -> None:
         for i in ids:

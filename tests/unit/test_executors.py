@@ -799,3 +799,30 @@ def test_a_lost_answer_is_told_from_a_conflict_when_stored_states_are_enciphered
     assert svc.grant_credits(user_id, 7, "support").value == 50 + 7
     assert not lost.armed
     assert _folded(app, user_id).granted == svc.get_user(user_id).granted == 50 + 7
+
+
+def test_the_writer_cache_weighs_a_kept_job_again_when_loading_brings_it_up_to_date() -> None:
+    """Loading brings a cached job up to date in place (results another process recorded): what
+    the cache says it holds follows, or a process that only reads such jobs holds more than its
+    bytes and evicts nothing for it."""
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    at = StepClock().now()
+    job = Job.create(uuid4(), uuid4(), "interior", 200, at)
+    app.save(job)
+    cache = WriterCache(app, RecorderStreamLoader(app.recorder), maxsize=100)
+    kept = cache.fetch_one(job.id)
+    assert isinstance(kept, Job)
+    cache.keep([kept])
+    new = cache.held_bytes
+    elsewhere: Job = app.repository.get(job.id)  # another process, its own copy
+    elsewhere.confirm_upload(at)
+    elsewhere.execute({"wall": {"action": "tone", "value": "warm"}}, [], None, at)
+    for i in range(150):
+        where = f"{job.user_id}/{job.id}/{i}"
+        elsewhere.record_result(i, "done", f"outputs/{where}.png", f"previews/{where}.jpg", "", f"{job.id}:{i}", at)
+    app.save(elsewhere)
+    read = cache.fetch_one(job.id)  # a read: brought up to date, never kept again
+    assert read is kept and len(kept.items) == 150  # the cached object itself
+    assert cache.held_bytes == approx_bytes(kept) > new
+    cache.evict([job.id])
+    assert cache.held_bytes == 0
