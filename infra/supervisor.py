@@ -154,9 +154,7 @@ class ProcessLog:
     def _rotate(self) -> None:
         assert self._file is not None
         self._file.close()
-        # A rename that fails (the directory made read-only, say) leaves the lines going on to
-        # the file there is: the process's output is never held up by its log.
-        with contextlib.suppress(OSError):
+        try:
             for n in range(self.keep - 1, 0, -1):
                 older = self.path.with_name(f"{self.path.name}.{n}")
                 if older.exists():
@@ -165,6 +163,15 @@ class ProcessLog:
                 self.path.replace(self.path.with_name(f"{self.path.name}.1"))
             else:
                 self.path.unlink()
+        except OSError as e:
+            # A rename refused (the directory made read-only, say): the file starts over in place,
+            # its first line saying why. Going on into it held the disk the cap is for, and tried
+            # the rotation again at every line; the process's output is never held up either way.
+            self._file = open(self.path, "wb")  # noqa: SIM115 - held across writes, closed by writing()
+            note = f"{self.path.name} was not rotated ({type(e).__name__}: {e.strerror or e}): started over\n"
+            self._file.write(note.encode())
+            self._size = len(note.encode())
+            return
         self._open()
 
 

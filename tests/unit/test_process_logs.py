@@ -171,3 +171,27 @@ def test_with_no_file_kept_a_log_past_its_cap_starts_afresh(tmp_path: Path) -> N
         for i in range(5):
             log.write(b"line %05d " % i + b"x" * 36 + b"\n")
     assert _numbers(path) == [4] and [p.name for p in tmp_path.iterdir()] == ["gpu.log"]
+
+
+def test_a_log_that_cannot_be_rotated_starts_over_in_place_saying_why_never_past_its_cap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rename refused (a read-only directory, a name taken by a directory): the lines went on
+    into the file there was, past the cap for good, and every line tried the rotation again."""
+    path = tmp_path / "api.log"
+    tried: list[Path] = []
+
+    def refused(self: Path, target: Path) -> Path:
+        tried.append(self)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "replace", refused)
+    log = ProcessLog(path, max_bytes=1000, keep=2)
+    with log.writing():
+        for i in range(84):  # four caps' worth
+            log.write(b"line %05d " % i + b"x" * 36 + b"\n")
+    held = path.read_bytes().splitlines(keepends=True)
+    assert path.stat().st_size <= 1000 and len(tried) == 4  # a rotation a cap, not a line
+    assert held[0] == b"api.log was not rotated (PermissionError: Permission denied): started over\n"
+    newest = range(84 - (len(held) - 1), 84)  # after the note, the newest lines, whole and in order
+    assert b"".join(held[1:]) == b"".join(b"line %05d " % i + b"x" * 36 + b"\n" for i in newest)
+    assert [p.name for p in tmp_path.iterdir()] == ["api.log"]
