@@ -434,6 +434,23 @@ def test_a_write_is_remembered_for_its_time_to_live_and_a_writer_gone_quiet_is_f
     assert len(writes._data) == 1
 
 
+def test_a_writer_is_kept_while_its_newest_write_is_fresh_whichever_model_or_stream_took_it() -> None:
+    """A writer goes only once its newest write has expired: not with its oldest model's, nor with
+    the stream last written first (a stream written again is the newest however early it began)."""
+    clock = StoppedClock()
+    writes, user, rewritten, once, job = LastWrites(clock=clock), uuid4(), uuid4(), uuid4(), uuid4()
+    writes.record(user, "rules", rewritten, 1)
+    writes.record(user, "jobs_log", job, 1)
+    clock.t = 10.0
+    writes.record(user, "rules", once, 1)
+    clock.t = 20.0
+    writes.record(user, "rules", rewritten, 2)
+    clock.t = WRITE_TTL_S + 15  # the job's write and the rule written once expired; the rewrite not
+    writes.record(uuid4(), "rules", uuid4(), 1)  # another writer: the stale ones are swept
+    assert writes.recent(user, "rules") == {rewritten: 2}
+    assert writes.recent(user, "jobs_log") == {}
+
+
 def test_a_write_a_read_saw_folded_is_forgotten_unless_written_again_since() -> None:
     writes, user, folded, rewritten, behind = LastWrites(), uuid4(), uuid4(), uuid4(), uuid4()
     for stream in (folded, rewritten, behind):
