@@ -826,3 +826,34 @@ def test_the_writer_cache_weighs_a_kept_job_again_when_loading_brings_it_up_to_d
     assert cache.held_bytes == approx_bytes(kept) > new
     cache.evict([job.id])
     assert cache.held_bytes == 0
+
+
+
+def test_a_job_is_weighed_by_the_concepts_it_was_given_too() -> None:
+    """A request's concepts and protected names are kept with the job (up to 32 each, a name of
+    up to 64 characters): weighed as a job without them, one with them all was counted at a
+    twelfth of what it holds. Measured as what making it allocates and keeps, its strings
+    included (a deep copy shares those)."""
+    import gc
+    import tracemalloc
+
+    at = StepClock().now()
+
+    def given_all() -> Job:
+        job = Job.create(uuid4(), uuid4(), "interior", 200, at)
+        job.confirm_upload(at)
+        job.execute({f"{i:02d}".ljust(64, "c"): {"action": "tone", "value": f"{i:02d}".ljust(32, "v")}
+                     for i in range(32)}, [f"{i:02d}".ljust(64, "p") for i in range(32)], None, at)
+        return job
+
+    given_all()  # what a first job allocates once (classes' caches) is no part of one
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        job = given_all()
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert 0.5 < approx_bytes(job) / held < 2, (approx_bytes(job), held)
