@@ -9,10 +9,12 @@ from collections.abc import Callable
 from uuid import UUID
 
 STREAMS_PER_USER = 32  # a user's recent streams per model; older ones have long been folded
-# A write is remembered this long: the read model folds one in ~100 ms, GET /rules waits at most
-# 5 s for it (wait_for_streams) and GET /jobs reads it from the write side meanwhile, so a minute
-# covers a projector 12 of those waits behind (a restart's catch-up included) and no more.
-WRITE_TTL_S = 60.0
+# A write is remembered this long unless a read sees it folded first: the read model folds one in
+# ~100 ms, GET /rules waits at most 5 s for it (wait_for_streams) and GET /jobs reads it from the
+# write side meanwhile, so a caller's own new jobs stay listed through a projector restarted, or
+# away, for up to ten minutes; what it costs is the writes of the last ten minutes not read back.
+WRITE_TTL_S = 600.0
+EXPIRED_PER_RECORD = 64  # stale writers a record drops at most (it adds one): no long sweep under the lock
 
 Streams = OrderedDict[UUID, tuple[int, float]]  # stream id -> (version, written at), oldest first
 
@@ -23,7 +25,7 @@ class LastWrites:
     All of them are waited for: streams land on different partitions, so the last write being
     folded says nothing about an earlier one on another stream. A write is forgotten once a read
     has seen the model fold it (``folded``) or ``ttl_s`` after it was made, so what is held is the
-    writes of the last minute not yet read back, not every user's last 32 for good."""
+    writes of the last ten minutes not yet read back, not every user's last 32 for good."""
 
     def __init__(self, max_users: int = 100_000, ttl_s: float = WRITE_TTL_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -81,9 +83,12 @@ class LastWrites:
                 del self._data[user_id]
 
     def _expire_writers(self, now: float) -> None:
-        """Drop the least recent writers whose newest write is past ``ttl_s``: writers are kept in
-        the order of their last write, so each record sweeps what went stale before it."""
-        while self._data:
+        """Drop the least recent writers whose newest write is past ``ttl_s``, EXPIRED_PER_RECORD at
+        most: writers are kept in the order of their last write, so each record sweeps what went
+        stale before it, faster than records add writers."""
+        for _ in range(EXPIRED_PER_RECORD):
+            if not self._data:
+                return
             user_id, models = next(iter(self._data.items()))
             newest = max(next(reversed(streams.values()))[1] for streams in models.values())
             if now - newest < self.ttl_s:

@@ -20,7 +20,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from adapters.api.consistency import STREAMS_PER_USER, WRITE_TTL_S, LastWrites
+from adapters.api.consistency import EXPIRED_PER_RECORD, STREAMS_PER_USER, WRITE_TTL_S, LastWrites
 from adapters.api.envelope import STATUS_BY_CODE, fail
 from adapters.api.held_responses import SlotStream, StreamSlots
 from adapters.api.rate_limit import RateLimited
@@ -424,7 +424,7 @@ def test_a_write_is_remembered_for_its_time_to_live_and_a_writer_gone_quiet_is_f
     clock.t = WRITE_TTL_S / 2
     writes.record(busy, "rules", new, 2)
     clock.t = WRITE_TTL_S - 0.001
-    assert writes.recent(quiet, "jobs_log") == {old: 3}  # a projector a minute behind still waited for
+    assert writes.recent(quiet, "jobs_log") == {old: 3}  # a projector this far behind still waited for
     clock.t = WRITE_TTL_S
     assert writes.recent(busy, "rules") == {new: 2}  # the older write went, the newer stays
     writes.record(busy, "jobs_log", new, 1)
@@ -449,6 +449,22 @@ def test_a_writer_is_kept_while_its_newest_write_is_fresh_whichever_model_or_str
     writes.record(uuid4(), "rules", uuid4(), 1)  # another writer: the stale ones are swept
     assert writes.recent(user, "rules") == {rewritten: 2}
     assert writes.recent(user, "jobs_log") == {}
+
+
+def test_a_record_drops_a_bounded_number_of_stale_writers_and_records_drain_them_all() -> None:
+    """After a quiet spell every writer may be stale at once: one record must not sweep them all
+    under the lock (on the event loop), and records still drop them faster than they add."""
+    clock = StoppedClock()
+    writes = LastWrites(clock=clock)
+    for _ in range(3 * EXPIRED_PER_RECORD):
+        writes.record(uuid4(), "rules", uuid4(), 1)
+    clock.t = WRITE_TTL_S
+    fresh = [uuid4() for _ in range(3)]
+    writes.record(fresh[0], "rules", uuid4(), 1)
+    assert len(writes._data) == 3 * EXPIRED_PER_RECORD - EXPIRED_PER_RECORD + 1
+    for user in fresh[1:]:
+        writes.record(user, "rules", uuid4(), 1)
+    assert list(writes._data) == fresh
 
 
 def test_a_write_a_read_saw_folded_is_forgotten_unless_written_again_since() -> None:
