@@ -139,6 +139,14 @@ def test_a_bucket_refilled_to_full_is_dropped_as_a_missing_one_would_answer_the_
         buckets.take(3)  # dropped, so afresh: a full burst, as it would have had
     with pytest.raises(RateLimited):
         buckets.take(3)
+    # Each on its own, with an older bucket not refilled in front of it (the sweep stops there):
+    # a take that leaves a bucket full keeps none, and so does a give back that fills one.
+    assert list(buckets._buckets) == [3]
+    buckets.take("free", 0)
+    assert list(buckets._buckets) == [3]
+    buckets.take("spent")
+    buckets.give_back("spent")
+    assert list(buckets._buckets) == [3]
 
 
 def test_the_users_of_one_address_share_its_day_however_many_they_are():
