@@ -117,13 +117,12 @@ class ProcessLog:
         self._file: IO[bytes] | None = None
         self._size = 0
         self._writers = 0
+        self.dropped = 0  # lines that could not be written
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
         """Hold the file open while one pump writes (closed once the last of them is done)."""
         with self._lock:
-            if self._file is None:
-                self._open()
             self._writers += 1
         try:
             yield
@@ -131,21 +130,32 @@ class ProcessLog:
             with self._lock:
                 self._writers -= 1
                 if self._writers == 0 and self._file is not None:
-                    self._file.close()
+                    with contextlib.suppress(OSError):  # a flush that fails: the disk is full
+                        self._file.close()
                     self._file = None
 
     def write(self, line: bytes) -> None:
         """Append one line (at most ``max_bytes``: the pump reads no more at once), rotating first
-        when it would not fit."""
+        when it would not fit. Never raises: a line that cannot be written (a full disk, a log
+        that cannot be opened) is counted in ``dropped`` and lost, as the pump must go on reading
+        the process's output (a pump that stopped left the process blocked on a full pipe); the
+        file is opened again for the next line."""
         with self._lock:
-            if self._file is None:
-                self._open()
-            if self._size and self._size + len(line) > self.max_bytes:
-                self._rotate()
-            assert self._file is not None
-            self._file.write(line)
-            self._file.flush()
-            self._size += len(line)
+            try:
+                if self._file is None:
+                    self._open()
+                if self._size and self._size + len(line) > self.max_bytes:
+                    self._rotate()
+                assert self._file is not None
+                self._file.write(line)
+                self._file.flush()
+                self._size += len(line)
+            except OSError:
+                self.dropped += 1
+                if self._file is not None:
+                    with contextlib.suppress(OSError):
+                        self._file.close()
+                    self._file = None
 
     def _open(self) -> None:
         self._file = open(self.path, "ab")  # noqa: SIM115 - held across writes, closed by writing()

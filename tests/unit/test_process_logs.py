@@ -195,3 +195,35 @@ def test_a_log_that_cannot_be_rotated_starts_over_in_place_saying_why_never_past
     newest = range(84 - (len(held) - 1), 84)  # after the note, the newest lines, whole and in order
     assert b"".join(held[1:]) == b"".join(b"line %05d " % i + b"x" * 36 + b"\n" for i in newest)
     assert [p.name for p in tmp_path.iterdir()] == ["api.log"]
+
+
+def test_a_line_that_cannot_be_written_is_dropped_and_counted_and_the_log_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk: the pump must go on reading the process's output (a pump that raised left the
+    process blocked on a full pipe); the lines the disk refused are counted, the next are written."""
+    import builtins
+
+    path = tmp_path / "relay.log"
+    log = ProcessLog(path, max_bytes=1000, keep=1)
+    real_open = builtins.open
+    full = [True]
+
+    class Full:
+        def __init__(self, f: object) -> None:
+            self.f = f
+
+        def write(self, data: bytes) -> int:
+            if full[0]:
+                raise OSError(28, "No space left on device")
+            return self.f.write(data)  # type: ignore[attr-defined,no-any-return]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: Full(real_open(*a, **k)))
+    with log.writing():
+        for i in range(3):
+            log.write(b"line %05d " % i + b"x" * 36 + b"\n")
+        full[0] = False
+        log.write(b"line %05d " % 3 + b"x" * 36 + b"\n")
+    assert log.dropped == 3 and _numbers(path) == [3]
