@@ -408,28 +408,20 @@ def test_the_user_forgotten_first_is_the_one_who_wrote_least_recently() -> None:
         {early: 1}, {}, {late: 1})
 
 
-class StoppedClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def test_a_write_is_remembered_for_its_time_to_live_and_a_writer_gone_quiet_is_forgotten() -> None:
-    clock = StoppedClock()
+    clock = Clock()
     writes, quiet, busy, old, new = LastWrites(clock=clock), uuid4(), uuid4(), uuid4(), uuid4()
     writes.record(quiet, "jobs_log", old, 3)
     writes.record(busy, "rules", old, 1)
-    clock.t = WRITE_TTL_S / 2
+    clock.now = WRITE_TTL_S / 2
     writes.record(busy, "rules", new, 2)
-    clock.t = WRITE_TTL_S - 0.001
+    clock.now = WRITE_TTL_S - 0.001
     assert writes.recent(quiet, "jobs_log") == {old: 3}  # a projector this far behind still waited for
-    clock.t = WRITE_TTL_S
+    clock.now = WRITE_TTL_S
     assert writes.recent(busy, "rules") == {new: 2}  # the older write went, the newer stays
     writes.record(busy, "jobs_log", new, 1)
     assert list(writes._data) == [busy]  # the quiet writer's last write expired: nothing of it is held
-    clock.t = 2 * WRITE_TTL_S
+    clock.now = 2 * WRITE_TTL_S
     writes.record(uuid4(), "rules", new, 1)
     assert len(writes._data) == 1
 
@@ -437,15 +429,15 @@ def test_a_write_is_remembered_for_its_time_to_live_and_a_writer_gone_quiet_is_f
 def test_a_writer_is_kept_while_its_newest_write_is_fresh_whichever_model_or_stream_took_it() -> None:
     """A writer goes only once its newest write has expired: not with its oldest model's, nor with
     the stream last written first (a stream written again is the newest however early it began)."""
-    clock = StoppedClock()
+    clock = Clock()
     writes, user, rewritten, once, job = LastWrites(clock=clock), uuid4(), uuid4(), uuid4(), uuid4()
     writes.record(user, "rules", rewritten, 1)
     writes.record(user, "jobs_log", job, 1)
-    clock.t = 10.0
+    clock.now = 10.0
     writes.record(user, "rules", once, 1)
-    clock.t = 20.0
+    clock.now = 20.0
     writes.record(user, "rules", rewritten, 2)
-    clock.t = WRITE_TTL_S + 15  # the job's write and the rule written once expired; the rewrite not
+    clock.now = WRITE_TTL_S + 15  # the job's write and the rule written once expired; the rewrite not
     writes.record(uuid4(), "rules", uuid4(), 1)  # another writer: the stale ones are swept
     assert writes.recent(user, "rules") == {rewritten: 2}
     assert writes.recent(user, "jobs_log") == {}
@@ -454,11 +446,11 @@ def test_a_writer_is_kept_while_its_newest_write_is_fresh_whichever_model_or_str
 def test_a_record_drops_a_bounded_number_of_stale_writers_and_records_drain_them_all() -> None:
     """After a quiet spell every writer may be stale at once: one record must not sweep them all
     under the lock (on the event loop), and records still drop them faster than they add."""
-    clock = StoppedClock()
+    clock = Clock()
     writes = LastWrites(clock=clock)
     for _ in range(3 * EXPIRED_PER_RECORD):
         writes.record(uuid4(), "rules", uuid4(), 1)
-    clock.t = WRITE_TTL_S
+    clock.now = WRITE_TTL_S
     fresh = [uuid4() for _ in range(3)]
     writes.record(fresh[0], "rules", uuid4(), 1)
     assert len(writes._data) == 3 * EXPIRED_PER_RECORD - EXPIRED_PER_RECORD + 1
