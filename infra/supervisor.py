@@ -124,6 +124,9 @@ class ProcessLog:
         """Hold the file open while one pump writes (closed once the last of them is done)."""
         with self._lock:
             self._writers += 1
+            if self._file is None:  # made now: a process that has said nothing yet has its log too
+                with contextlib.suppress(OSError):  # else the first line meets it (and is dropped)
+                    self._open()
         try:
             yield
         finally:

@@ -227,3 +227,11 @@ def test_a_line_that_cannot_be_written_is_dropped_and_counted_and_the_log_goes_o
         full[0] = False
         log.write(b"line %05d " % 3 + b"x" * 36 + b"\n")
     assert log.dropped == 3 and _numbers(path) == [3]
+
+
+def test_a_process_that_has_said_nothing_yet_has_its_log_file(tmp_path: Path) -> None:
+    """Where the README sends a newcomer (logs/<process>.log): there from the start."""
+    path = tmp_path / "api.log"
+    log = ProcessLog(path)
+    with log.writing():
+        assert path.exists() and path.read_bytes() == b""
