@@ -16,7 +16,15 @@ from adapters.bootstrap import S3_UNREACHABLE
 from gpu_consumer.pipeline import ImagePipeline
 from gpu_consumer.worker import GpuWorker
 from tests.unit.broker_fakes import FakeLog
-from tests.unit.test_gpu_worker_hardening import BUCKET, FakeCallbacks, FakeProducer, FakeS3, photo, task
+from tests.unit.test_gpu_worker_hardening import (
+    BUCKET,
+    FakeCallbacks,
+    FakeProducer,
+    FakeS3,
+    StoreAway,
+    photo,
+    task,
+)
 
 
 class OneKeyResets(FakeS3):
@@ -53,24 +61,8 @@ def test_one_item_whose_object_always_resets_does_not_stall_the_worker_for_ever(
 
 
 def test_a_poll_that_comes_again_after_an_outage_does_not_edit_or_report_its_finished_items_again() -> None:
-    from botocore.exceptions import EndpointConnectionError
-
     a, b = task(), task()
-
-    class HalfDown(FakeS3):
-        down = True
-
-        def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
-            if self.down and Key == b["input_key"]:
-                raise EndpointConnectionError(endpoint_url="http://127.0.0.1:8333/" + Key)
-            return super().get_object(Bucket, Key)
-
-        def head_bucket(self, Bucket: str) -> dict[str, Any]:
-            if self.down:
-                raise EndpointConnectionError(endpoint_url="http://127.0.0.1:8333/")
-            return {}
-
-    s3 = HalfDown()
+    s3 = StoreAway(keys={b["input_key"]})
     log = FakeLog()
     for t in (a, b):
         s3.objects[t["input_key"]] = photo()

@@ -98,6 +98,30 @@ class FakeS3:
         self.objects[Key] = Body
 
 
+class StoreAway(FakeS3):
+    """The object store not answering while ``down`` (its bucket's HEAD neither): every object's
+    get, or only those of ``keys``."""
+
+    def __init__(self, keys: set[str] | None = None) -> None:
+        super().__init__()
+        self.down = True
+        self.keys = keys
+
+    def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
+        from botocore.exceptions import EndpointConnectionError
+
+        if self.down and (self.keys is None or Key in self.keys):
+            raise EndpointConnectionError(endpoint_url=f"http://127.0.0.1:8333/{Bucket}/{Key}")
+        return super().get_object(Bucket, Key)
+
+    def head_bucket(self, Bucket: str) -> dict[str, Any]:
+        from botocore.exceptions import EndpointConnectionError
+
+        if self.down:
+            raise EndpointConnectionError(endpoint_url=f"http://127.0.0.1:8333/{Bucket}")
+        return {}
+
+
 def photo() -> bytes:
     """A small room (the built-in segmenter refuses an image where nothing looks like a wall)."""
     from gpu_consumer.demo import synthetic_room
@@ -1002,25 +1026,11 @@ def test_an_object_store_that_cannot_be_reached_is_waited_out_not_charged_to_the
     an item's three attempts (0.2 + 0.4 s apart), and every item in flight was reported failed
     with ``EndpointConnectionError``, its job failed. A store that cannot be reached is no fault
     of the item's: the poll comes again after a pause, as for an unacknowledged callback."""
-    from botocore.exceptions import EndpointConnectionError
 
     from adapters.bootstrap import S3_UNREACHABLE
 
-    class Unreachable(FakeS3):
-        down = True
-
-        def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
-            if self.down:
-                raise EndpointConnectionError(endpoint_url="http://127.0.0.1:8333/palette-images/" + Key)
-            return super().get_object(Bucket, Key)
-
-        def head_bucket(self, Bucket: str) -> dict[str, Any]:
-            if self.down:
-                raise EndpointConnectionError(endpoint_url="http://127.0.0.1:8333/palette-images")
-            return {}
-
     t = task()
-    s3 = Unreachable()
+    s3 = StoreAway()
     w, _, producer, callbacks, consumer = worker([record(t, 7)], s3=s3)
     w.unreachable = S3_UNREACHABLE
     try:
