@@ -105,8 +105,8 @@ class WriterCache:
 
     At most ``maxsize`` aggregates and about ``max_bytes`` (``approx_bytes``, weighed as each is
     kept, and again when loading brings it up to date in place), the least recently saved out
-    first: a job holding 200 results is ~0.14 MB, so 20,000 of them, all the count allowed, were
-    ~2.8 GB in one API process."""
+    first: a job holding 200 results is ~0.14 MB, so 20,000 of them, all the count allowed, would
+    hold ~2.8 GB in one API process (reckoned from that size, not measured whole)."""
 
     def __init__(self, app: Application[UUID], loader: StreamLoader, maxsize: int = 20_000,
                  max_bytes: int = 64 << 20) -> None:
