@@ -37,6 +37,33 @@ EDITS = {"wall": {"action": "recolor", "value": "#336699"}}
 TOPIC = "palette.events"
 
 
+class AnswerLost:
+    """A recorder's ``insert_events``, wrapped: while ``armed``, the next save fails after storing
+    (``stores``: a commit whose answer was lost) or before (a commit that never ran), with the
+    database's error; or, ``retried``, it is stored and then sent again, as eventsourcing's retry of
+    a lost answer is, and meets its own events (IntegrityError). ``remove`` puts the insert back."""
+
+    def __init__(self, recorder: Any, *, stores: bool = True, retried: bool = False) -> None:
+        self.recorder = recorder
+        self.insert = recorder.insert_events
+        self.stores = stores
+        self.retried = retried
+        self.armed = False
+        recorder.insert_events = self
+
+    def __call__(self, stored_events: Any, **kwargs: Any) -> Any:
+        if not self.armed:
+            return self.insert(stored_events, **kwargs)
+        self.armed = False
+        if self.stores or self.retried:
+            self.insert(stored_events, **kwargs)
+        if self.retried:
+            return self.insert(stored_events, **kwargs)
+        raise OperationalError("server closed the connection unexpectedly")
+
+    def remove(self) -> None:
+        self.recorder.insert_events = self.insert
+
 class Crash(BaseException):
     """A process dies at this point (injected). BaseException: no handler in the code under test
     may swallow it, as none could swallow a SIGKILL."""
@@ -546,21 +573,12 @@ class PaletteSimulation(RuleBasedStateMachine):
         eventsourcing's retry of the insert does, it is sent again and meets its own events (an
         IntegrityError); else the database's error is what the save raises."""
         user_id = data.draw(st.sampled_from(self.user_ids))
-        recorder: Any = self.svc.app.recorder
-        real = recorder.insert_events
-
-        def answer_lost(*args: Any, **kwargs: Any) -> Any:
-            recorder.insert_events = real
-            real(*args, **kwargs)
-            if retried:
-                return real(*args, **kwargs)
-            raise OperationalError("server closed the connection unexpectedly")
-
-        recorder.insert_events = answer_lost
+        lost = AnswerLost(self.svc.app.recorder, retried=retried)
+        lost.armed = True
         try:
             balance = self._call(self.svc.grant_credits, user_id, amount, "promo")
         finally:
-            recorder.insert_events = real
+            lost.remove()
         self.ref.grant(user_id, amount)
         assert balance == self.ref.users[user_id].balance
         self.figures.crashes["answer lost after commit" + (", the retry a conflict" if retried else "")] += 1

@@ -23,7 +23,7 @@ from domain.job import Job
 from domain.plans import DEFAULT_PLANS
 from domain.user import User
 from tests.keys import process_keys
-from tests.simulation import Ids, StepClock
+from tests.simulation import AnswerLost, Ids, StepClock
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -467,7 +467,7 @@ def _held_bytes(obj: Any) -> int:
 
 def test_the_writer_cache_weighs_jobs_by_their_results_and_drops_the_least_recently_saved_past_its_bytes() -> None:
     """A job holding results weighs what it holds (a 200-result job is ~0.14 MB: 20,000 of them,
-    all the count allowed, were ~2.8 GB); past ``max_bytes`` the least recently saved go, and
+    all the count allowed, would hold ~2.8 GB); past ``max_bytes`` the least recently saved go, and
     what the cache says it holds is what it holds, through keeps, re-keeps and evictions."""
     app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
     at = StepClock().now()
@@ -691,34 +691,15 @@ def test_a_command_whose_deciding_outlasts_the_bound_is_refused_and_the_rest_of_
     committer.stop()
 
 
-class _AnswerLost:
-    """The store's insert_events, wrapped: the next save fails with the database's error after
-    storing (``stores``: a commit whose answer was lost) or before (a commit that never ran)."""
-
-    def __init__(self, app: PaletteApplication, *, stores: bool) -> None:
-        self.insert = app.recorder.insert_events
-        self.stores = stores
-        self.armed = False
-        app.recorder.insert_events = self  # type: ignore[method-assign]
-
-    def __call__(self, stored_events: Any, **kwargs: Any) -> Any:
-        if not self.armed:
-            return self.insert(stored_events, **kwargs)
-        self.armed = False
-        if self.stores:
-            self.insert(stored_events, **kwargs)
-        raise OperationalError("server closed the connection unexpectedly")
-
-
 def _losing(group_commit: bool, *, stores: bool, retried: bool = False,
-            ) -> tuple[PaletteApplication, PaletteService, _AnswerLost, UUID]:
-    """A service whose next save fails (``_AnswerLost``; ``retried``: tried again after storing,
+            ) -> tuple[PaletteApplication, PaletteService, AnswerLost, UUID]:
+    """A service whose next save fails (``AnswerLost``; ``retried``: tried again after storing,
     as eventsourcing's retry does, meeting its own events)."""
     app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
     svc = PaletteService(app, GroupCommitter(app) if group_commit else DirectExecutor(app), StepClock(), Ids(),
                          **process_keys())
     user_id, _ = svc.register("losing").value
-    return app, svc, (_RetriedAfterCommit if retried else _AnswerLost)(app, stores=stores), user_id
+    return app, svc, AnswerLost(app.recorder, stores=stores, retried=retried), user_id
 
 
 @pytest.mark.parametrize("group_commit", [False, True])
@@ -767,18 +748,6 @@ def test_a_lost_answer_that_cannot_be_checked_is_a_database_error_never_decided_
     assert _folded(app, user_id).granted == svc.get_user(user_id).granted == 50 + 7
 
 
-class _RetriedAfterCommit(_AnswerLost):
-    """As eventsourcing's ``@retry`` on a lost answer: the save is stored, then tried again, and the
-    retry meets its own events (IntegrityError)."""
-
-    def __call__(self, stored_events: Any, **kwargs: Any) -> Any:
-        if not self.armed:
-            return self.insert(stored_events, **kwargs)
-        self.armed = False
-        self.insert(stored_events, **kwargs)
-        return self.insert(stored_events, **kwargs)
-
-
 @pytest.mark.parametrize("group_commit", [False, True])
 @pytest.mark.parametrize("stored_states", ["enciphered", "compressed"])
 def test_a_lost_answer_is_told_from_a_conflict_when_stored_states_are_enciphered_or_compressed(
@@ -794,7 +763,7 @@ def test_a_lost_answer_is_told_from_a_conflict_when_stored_states_are_enciphered
     svc = PaletteService(app, GroupCommitter(app) if group_commit else DirectExecutor(app), StepClock(), Ids(),
                          **process_keys())
     user_id, _ = svc.register("enciphered").value
-    lost = _RetriedAfterCommit(app, stores=True)
+    lost = AnswerLost(app.recorder, retried=True)
     lost.armed = True
     assert svc.grant_credits(user_id, 7, "support").value == 50 + 7
     assert not lost.armed
