@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import json
 import os
 import re
@@ -185,7 +186,20 @@ class ProcessLog:
             self._file.write(note.encode())
             self._size = len(note.encode())
             return
+        self._drop_past_keep()
         self._open()
+
+    def _drop_past_keep(self) -> None:
+        """Delete ``x.log.N`` for every N past ``keep``: files a larger ``keep`` left (a lowered
+        ``PALETTE_LOG_KEEP``), which the shift never reaches. One it cannot delete stays until
+        the next rotation tries again."""
+        prefix = f"{self.path.name}."
+        with contextlib.suppress(OSError):
+            for older in self.path.parent.glob(f"{glob.escape(prefix)}*"):
+                n = older.name.removeprefix(prefix)
+                if n.isascii() and n.isdigit() and int(n) > self.keep:
+                    with contextlib.suppress(OSError):
+                        older.unlink()
 
 
 def _die_with_parent() -> None:

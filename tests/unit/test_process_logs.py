@@ -173,6 +173,23 @@ def test_with_no_file_kept_a_log_past_its_cap_starts_afresh(tmp_path: Path) -> N
     assert _numbers(path) == [4] and [p.name for p in tmp_path.iterdir()] == ["gpu.log"]
 
 
+def test_a_rotation_deletes_the_files_a_larger_keep_left_and_nothing_else_by_that_name(tmp_path: Path) -> None:
+    """PALETTE_LOG_KEEP lowered from 5 to 2: the shift moves .1 to .2 and drops what was .2,
+    but .3 to .5 were past its reach and stayed on disk for good."""
+    path = tmp_path / "relay.log"
+    for n in range(1, 6):
+        path.with_name(f"relay.log.{n}").write_bytes(b"old %d\n" % n)
+    others = ["relay.log.bak", "relay.log.1x", "relay.log.\u0663", "relay.logs.9", "api.log.9"]
+    for name in others:
+        (tmp_path / name).write_bytes(b"not ours\n")
+    log = ProcessLog(path, max_bytes=100, keep=2)
+    with log.writing():
+        for i in range(3):
+            log.write(b"line %05d " % i + b"x" * 36 + b"\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["relay.log", "relay.log.1", "relay.log.2", *others])
+    assert path.with_name("relay.log.2").read_bytes() == b"old 1\n" and _numbers(path) == [2]
+
+
 def test_a_log_that_cannot_be_rotated_starts_over_in_place_saying_why_never_past_its_cap(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rename refused (a read-only directory, a name taken by a directory): the lines went on
