@@ -40,10 +40,16 @@ class CallbackSignatures:
             fresh = await (await conn.execute(
                 "INSERT INTO palette_api.callback_signatures (signature) VALUES (%s) ON CONFLICT DO NOTHING "
                 "RETURNING 1", [signature])).fetchone() is not None
-        if fresh and (now := self.clock()) >= self._next_prune and (self.pruning is None or self.pruning.done()):
+        if fresh:
+            self._start_prune_if_due()
+        return fresh
+
+    def _start_prune_if_due(self) -> None:
+        """Start ``prune`` in a task of its own once ``every_s`` has passed since the last one
+        began, unless that one is still under way."""
+        if (now := self.clock()) >= self._next_prune and (self.pruning is None or self.pruning.done()):
             self._next_prune = now + self.every_s
             self.pruning = asyncio.get_running_loop().create_task(self.prune())
-        return fresh
 
     async def prune(self) -> int:
         """Delete the rows past KEEP_S, ``batch`` a statement until one deletes fewer; how many went.
