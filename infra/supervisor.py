@@ -213,7 +213,6 @@ class _Running:
     def __init__(self, spec: ServiceSpec, log: ProcessLog, echo: IO[str] | None) -> None:
         self.spec = spec
         self.log = log
-        self.log_path = log.path
         self.echo = echo
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
@@ -271,7 +270,7 @@ class _Running:
         traceback's frames left out (what was raised stays), a JSON record as its message and the
         last line of its exception. Only the last ``TAIL_BYTES`` are read, from ``x.log.1`` too
         when ``x.log`` was just started."""
-        text = _last_bytes(self.log_path, TAIL_BYTES).decode(errors="replace").strip().splitlines()
+        text = _last_bytes(self.log.path, TAIL_BYTES).decode(errors="replace").strip().splitlines()
         said = [line for line in _without_frames(text) if line]
         return " | ".join(_cut(_readable_record(line)) for line in said[-lines:])
 
