@@ -211,8 +211,8 @@ def _position(recordings: list[Any]) -> int | None:
 
 
 def _save(app: Application[UUID], loader: StreamLoader, changed: list[Aggregate]) -> list[Any]:
-    """Save ``changed``: the notification ids of its events (none when nothing changed: no
-    transaction opened, or when the save was stored but its answer was lost).
+    """Save ``changed``: the recordings of its events (none when nothing changed: no transaction
+    opened, or when the save was stored but its answer was lost).
 
     A save whose commit landed and whose answer was lost (the connection broke after the COMMIT)
     is found stored (``_stored_as_decided``) and returns as saved. eventsourcing retries a save
@@ -284,8 +284,9 @@ class DirectExecutor:
         self.max_attempts = max_attempts
         # What a save that failed left stored. The recorder's reads retry as its inserts do (ten
         # tries, each up to the pool's timeout): on PostgreSQL the caller gives the one-query
-        # loader, which tries once, so a save that failed while the database is away is not
-        # followed by a check as long again.
+        # loader, which reads again only after a dead pooled connection (never after the pool's
+        # wait ran out), so a save that failed while the database is away is not followed by a
+        # check as long again.
         self.loader = loader or RecorderStreamLoader(app.recorder)
 
     def _fetch(self, aggregate_id: UUID) -> Aggregate | None:
