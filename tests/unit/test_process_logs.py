@@ -19,6 +19,11 @@ from tests.waiting import wait_until
 LINE = re.compile(rb"line (\d{5}) x{36}\n")  # 48 bytes: a cap of 1000 holds 20, leaving 40 over
 
 
+def _line(number: int) -> bytes:
+    """The numbered line LINE reads (what ``_printing``'s service writes)."""
+    return b"line %05d " % number + b"x" * 36 + b"\n"
+
+
 def _printing(count: int) -> list[str]:
     """A service that writes ``count`` numbered lines, then waits to be stopped."""
     code = ("import sys, time\n"
@@ -68,12 +73,12 @@ def test_a_process_log_past_its_cap_is_rotated_keeping_the_newest_lines_whole_an
 
 def test_a_log_left_past_the_cap_by_an_earlier_run_is_kept_whole_as_the_newest_rotated_file(tmp_path: Path) -> None:
     path = tmp_path / "api.log"
-    earlier = b"".join(b"line %05d " % i + b"x" * 36 + b"\n" for i in range(100))  # 4,800 bytes
+    earlier = b"".join(_line(i) for i in range(100))  # 4,800 bytes
     path.write_bytes(earlier)
     (tmp_path / "api.log.1").write_bytes(b"older\n")
     log = ProcessLog(path, max_bytes=1000, keep=1)
     with log.writing():
-        log.write(b"line 00100 " + b"x" * 36 + b"\n")
+        log.write(_line(100))
     assert (tmp_path / "api.log.1").read_bytes() == earlier  # the run before's, whole; "older" dropped
     assert _numbers(path) == [100]
     assert not (tmp_path / "api.log.2").exists()
@@ -169,7 +174,7 @@ def test_with_no_file_kept_a_log_past_its_cap_starts_afresh(tmp_path: Path) -> N
     log = ProcessLog(path, max_bytes=100, keep=0)
     with log.writing():
         for i in range(5):
-            log.write(b"line %05d " % i + b"x" * 36 + b"\n")
+            log.write(_line(i))
     assert _numbers(path) == [4] and [p.name for p in tmp_path.iterdir()] == ["gpu.log"]
 
 
@@ -205,12 +210,12 @@ def test_a_log_that_cannot_be_rotated_starts_over_in_place_saying_why_never_past
     log = ProcessLog(path, max_bytes=1000, keep=2)
     with log.writing():
         for i in range(84):  # four caps' worth
-            log.write(b"line %05d " % i + b"x" * 36 + b"\n")
+            log.write(_line(i))
     held = path.read_bytes().splitlines(keepends=True)
     assert path.stat().st_size <= 1000 and len(tried) == 4  # a rotation a cap, not a line
     assert held[0] == b"api.log was not rotated (PermissionError: Permission denied): started over\n"
     newest = range(84 - (len(held) - 1), 84)  # after the note, the newest lines, whole and in order
-    assert b"".join(held[1:]) == b"".join(b"line %05d " % i + b"x" * 36 + b"\n" for i in newest)
+    assert b"".join(held[1:]) == b"".join(_line(i) for i in newest)
     assert [p.name for p in tmp_path.iterdir()] == ["api.log"]
 
 
@@ -240,9 +245,9 @@ def test_a_line_that_cannot_be_written_is_dropped_and_counted_and_the_log_goes_o
     monkeypatch.setattr(builtins, "open", lambda *a, **k: Full(real_open(*a, **k)))
     with log.writing():
         for i in range(3):
-            log.write(b"line %05d " % i + b"x" * 36 + b"\n")
+            log.write(_line(i))
         full[0] = False
-        log.write(b"line %05d " % 3 + b"x" * 36 + b"\n")
+        log.write(_line(3))
     assert log.dropped == 3 and _numbers(path) == [3]
 
 
