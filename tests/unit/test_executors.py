@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import gc
 import threading
 import time
+import tracemalloc
+from collections.abc import Callable
 from concurrent.futures import Future
+from copy import deepcopy
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
 import pytest
@@ -27,6 +32,7 @@ from tests.simulation import AnswerLost, Ids, StepClock
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 
 
 def _hold_writer(committer: GroupCommitter, timeout: float = 10) -> tuple[threading.Event, Future[Any]]:
@@ -446,23 +452,32 @@ def test_the_writer_cache_holds_at_most_its_bound_dropping_the_least_recently_sa
     assert all(loaded[x.id].version == x.version for x in (a, b, c))
 
 
-def _held_bytes(obj: Any) -> int:
-    """What a deep copy of ``obj`` allocates (tracemalloc): what the object holds."""
-    import copy
-    import gc
-    import tracemalloc
-
+def _allocated(make: Callable[[], T]) -> tuple[T, int]:
+    """What ``make`` returns, and the bytes it allocated that are still held (tracemalloc)."""
     gc.collect()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        held = copy.deepcopy(obj)
+        made = make()
         gc.collect()
-        size: int = tracemalloc.get_traced_memory()[0] - before
-        del held
-        return size
+        return made, tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
+
+
+def _held_bytes(obj: Any) -> int:
+    """What a deep copy of ``obj`` allocates: what the object holds."""
+    return _allocated(lambda: deepcopy(obj))[1]
+
+
+def _with_results(job: Job, count: int, at: datetime) -> Job:
+    """``job`` confirmed and executed, with ``count`` results recorded."""
+    job.confirm_upload(at)
+    job.execute({"wall": {"action": "tone", "value": "warm"}}, [], None, at)
+    for i in range(count):
+        where = f"{job.user_id}/{job.id}/{i}"
+        job.record_result(i, "done", f"outputs/{where}.png", f"previews/{where}.jpg", "", f"{job.id}:{i}", at)
+    return job
 
 
 def test_the_writer_cache_weighs_jobs_by_their_results_and_drops_the_least_recently_saved_past_its_bytes() -> None:
@@ -473,12 +488,8 @@ def test_the_writer_cache_weighs_jobs_by_their_results_and_drops_the_least_recen
     at = StepClock().now()
     jobs = [Job.create(uuid4(), uuid4(), "interior", 200, at) for _ in range(4)]
     big, small = jobs[:3], jobs[3]
-    for job in big:  # 150 results each
-        job.confirm_upload(at)
-        job.execute({"wall": {"action": "tone", "value": "warm"}}, [], None, at)
-        for i in range(150):
-            where = f"{job.user_id}/{job.id}/{i}"
-            job.record_result(i, "done", f"outputs/{where}.png", f"previews/{where}.jpg", "", f"{job.id}:{i}", at)
+    for job in big:
+        _with_results(job, 150, at)
     for job in (small, big[0]):  # the weight is what it holds, within a factor of 2 either way
         assert 0.5 < approx_bytes(job) / _held_bytes(job) < 2, (approx_bytes(job), _held_bytes(job))
     budget = 2 * approx_bytes(big[0]) + approx_bytes(small)
@@ -784,12 +795,7 @@ def test_the_writer_cache_weighs_a_kept_job_again_when_loading_brings_it_up_to_d
     cache.keep([kept])
     new = cache.held_bytes
     elsewhere: Job = app.repository.get(job.id)  # another process, its own copy
-    elsewhere.confirm_upload(at)
-    elsewhere.execute({"wall": {"action": "tone", "value": "warm"}}, [], None, at)
-    for i in range(150):
-        where = f"{job.user_id}/{job.id}/{i}"
-        elsewhere.record_result(i, "done", f"outputs/{where}.png", f"previews/{where}.jpg", "", f"{job.id}:{i}", at)
-    app.save(elsewhere)
+    app.save(_with_results(elsewhere, 150, at))
     read = cache.fetch_one(job.id)  # a read: brought up to date, never kept again
     assert read is kept and len(kept.items) == 150  # the cached object itself
     assert cache.held_bytes == approx_bytes(kept) > new
@@ -797,15 +803,11 @@ def test_the_writer_cache_weighs_a_kept_job_again_when_loading_brings_it_up_to_d
     assert cache.held_bytes == 0
 
 
-
 def test_a_job_is_weighed_by_the_concepts_it_was_given_too() -> None:
     """A request's concepts and protected names are kept with the job (up to 32 each, a name of
     up to 64 characters): weighed as a job without them, one with them all was counted at a
     twelfth of what it holds. Measured as what making it allocates and keeps, its strings
     included (a deep copy shares those)."""
-    import gc
-    import tracemalloc
-
     at = StepClock().now()
 
     def given_all() -> Job:
@@ -816,13 +818,5 @@ def test_a_job_is_weighed_by_the_concepts_it_was_given_too() -> None:
         return job
 
     given_all()  # what a first job allocates once (classes' caches) is no part of one
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        job = given_all()
-        gc.collect()
-        held = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    job, held = _allocated(given_all)
     assert 0.5 < approx_bytes(job) / held < 2, (approx_bytes(job), held)
