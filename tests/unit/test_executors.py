@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
 import pytest
+from eventsourcing.application import Application
 from eventsourcing.persistence import DatabaseError, OperationalError
 
 from application.executors import DirectExecutor, GroupCommitter, RecorderStreamLoader, WriterCache, approx_bytes
@@ -49,8 +50,9 @@ def _hold_writer(committer: GroupCommitter, timeout: float = 10) -> tuple[thread
     return release, served
 
 
-def _service(group_commit: bool) -> PaletteService:
-    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+def _service(group_commit: bool, **env: str) -> PaletteService:
+    """A service on the in-memory store (``env``: more of the store's settings)."""
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo", **env})
     runs = GroupCommitter(app) if group_commit else DirectExecutor(app)
     return PaletteService(app, runs, StepClock(), Ids(), **process_keys())
 
@@ -349,7 +351,7 @@ def _racing_grant(user_id: UUID, elsewhere: PaletteService, races: int, tries: l
     return command
 
 
-def _folded(app: PaletteApplication, stream_id: UUID) -> Any:
+def _folded(app: Application[UUID], stream_id: UUID) -> Any:
     aggregate = None
     for stored in app.recorder.select_events(stream_id):
         aggregate = app.mapper.to_domain_event(stored).mutate(aggregate)
@@ -703,14 +705,12 @@ def test_a_command_whose_deciding_outlasts_the_bound_is_refused_and_the_rest_of_
 
 
 def _losing(group_commit: bool, *, stores: bool, retried: bool = False,
-            ) -> tuple[PaletteApplication, PaletteService, AnswerLost, UUID]:
-    """A service whose next save fails (``AnswerLost``; ``retried``: tried again after storing,
-    as eventsourcing's retry does, meeting its own events)."""
-    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
-    svc = PaletteService(app, GroupCommitter(app) if group_commit else DirectExecutor(app), StepClock(), Ids(),
-                         **process_keys())
+            ) -> tuple[Application[UUID], PaletteService, AnswerLost, UUID]:
+    """A service whose next save, once ``AnswerLost`` is armed, fails (``retried``: tried again
+    after storing, as eventsourcing's retry does, meeting its own events)."""
+    svc = _service(group_commit)
     user_id, _ = svc.register("losing").value
-    return app, svc, AnswerLost(app.recorder, stores=stores, retried=retried), user_id
+    return svc.app, svc, AnswerLost(svc.app.recorder, stores=stores, retried=retried), user_id
 
 
 @pytest.mark.parametrize("group_commit", [False, True])
@@ -770,9 +770,8 @@ def test_a_lost_answer_is_told_from_a_conflict_when_stored_states_are_enciphered
 
     extra = ({"CIPHER_TOPIC": "eventsourcing.cryptography:AESCipher", "CIPHER_KEY": AESCipher.create_key(16)}
              if stored_states == "enciphered" else {"COMPRESSOR_TOPIC": "eventsourcing.compressor:ZlibCompressor"})
-    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo", **extra})
-    svc = PaletteService(app, GroupCommitter(app) if group_commit else DirectExecutor(app), StepClock(), Ids(),
-                         **process_keys())
+    svc = _service(group_commit, **extra)
+    app = svc.app
     user_id, _ = svc.register("enciphered").value
     lost = AnswerLost(app.recorder, retried=True)
     lost.armed = True
