@@ -53,7 +53,8 @@ def served() -> Iterator[tuple[int, dict[str, bool]]]:
 
 
 @pytest.mark.parametrize("path", ["/livez", "/readyz", "/health"])
-def test_head_on_a_health_route_has_gets_status_and_no_body(served: tuple[int, dict[str, bool]], path: str) -> None:
+def test_head_on_a_health_route_answers_as_get_does_without_a_body(
+        served: tuple[int, dict[str, bool]], path: str) -> None:
     port, _ = served
     got = raw_head(port, path)
     head, _, body = got.partition(b"\r\n\r\n")

@@ -237,7 +237,7 @@ def test_a_groups_lag_counts_what_it_never_committed_from_the_start_of_the_parti
     assert len(lags) == len(ConsumerLagCollector.GROUPS) and set(lags.values()) == {(10 - 4) + 10}
 
 
-def test_head_on_the_probes_has_gets_status_and_no_body():
+def test_head_on_the_probes_answers_as_get_does_without_a_body():
     """Load balancers and uptime probes send HEAD: it was a 501 from the standard library's server."""
     failing = [False]
     readiness = Readiness({"broker": lambda: not failing[0]}, clock=lambda: float(failing[0]))
