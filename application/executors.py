@@ -229,7 +229,7 @@ def _save(app: Application[UUID], loader: StreamLoader, changed: list[Aggregate]
     except IntegrityError:
         try:
             stored = _stored_as_decided(app, loader, events)
-        except Exception as e:
+        except Exception as e:  # any, as itself, would have the batch decided again (one by one)
             raise OutcomeUnknown(f"a conflict that may be this save's own lost answer could not be told "
                                  f"({type(e).__name__}); try again") from e
         if not stored:
