@@ -64,6 +64,7 @@ class AnswerLost:
     def remove(self) -> None:
         self.recorder.insert_events = self.insert
 
+
 class Crash(BaseException):
     """A process dies at this point (injected). BaseException: no handler in the code under test
     may swallow it, as none could swallow a SIGKILL."""
@@ -579,6 +580,7 @@ class PaletteSimulation(RuleBasedStateMachine):
             balance = self._call(self.svc.grant_credits, user_id, amount, "promo")
         finally:
             lost.remove()
+        assert not lost.armed  # the save met the lost answer indeed
         self.ref.grant(user_id, amount)
         assert balance == self.ref.users[user_id].balance
         self.figures.crashes["answer lost after commit" + (", the retry a conflict" if retried else "")] += 1
