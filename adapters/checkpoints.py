@@ -210,14 +210,16 @@ class CheckpointStore:
         if source == "s3":
             body = self.s3.get_object(Bucket=self.bucket, Key=PREFIX + name)["Body"].read(  # type: ignore[union-attr]
                 MAX_FILE_BYTES + 1)
-            if len(body) > MAX_FILE_BYTES:
-                raise CheckpointError(f"{name} is over {MAX_FILE_BYTES >> 20} MB: not a checkpoint")
-            return f"s3://{self.bucket}/{PREFIX}{name}", _json(body, name)
+            return f"s3://{self.bucket}/{PREFIX}{name}", _document(body, name)
         assert self.directory is not None
         return str(self.directory / name), read_file(self.directory / name)
 
 
-def _json(body: bytes, where: str) -> Any:
+def _document(body: bytes, where: str) -> Any:
+    """The JSON document ``body`` holds, read to one byte past MAX_FILE_BYTES: refused (naming
+    ``where``) when it is longer, not JSON, or nested deeper than the decoder goes."""
+    if len(body) > MAX_FILE_BYTES:
+        raise CheckpointError(f"{where} is over {MAX_FILE_BYTES >> 20} MB: not a checkpoint")
     try:
         return json.loads(body)
     except ValueError:
@@ -239,9 +241,7 @@ def read_file(path: Path) -> Any:
             body = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
-    if len(body) > MAX_FILE_BYTES:
-        raise CheckpointError(f"{path} is over {MAX_FILE_BYTES >> 20} MB: not a checkpoint")
-    return _json(body, str(path))
+    return _document(body, str(path))
 
 
 def take(conn: Any, recorder: Any, key: Ed25519PrivateKey, now: datetime, wait_s: float = 30.0) -> dict[str, Any]:
