@@ -190,7 +190,7 @@ def test_a_rotation_deletes_the_files_a_larger_keep_left_and_nothing_else_by_tha
     log = ProcessLog(path, max_bytes=100, keep=2)
     with log.writing():
         for i in range(3):
-            log.write(b"line %05d " % i + b"x" * 36 + b"\n")
+            log.write(_line(i))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["relay.log", "relay.log.1", "relay.log.2", *others])
     assert path.with_name("relay.log.2").read_bytes() == b"old 1\n" and _numbers(path) == [2]
 
