@@ -286,8 +286,8 @@ def _last_bytes(path: Path, limit: int) -> bytes:
                 start = max(0, size - (limit - len(got)))
                 f.seek(start)
                 part = f.read(limit - len(got))
-        except OSError:
-            break
+        except OSError:  # none now (its reopening after a rotation failed): the one before it
+            continue
         if start:
             part = part.partition(b"\n")[2]  # the first line, cut, is left out
         got = part + got

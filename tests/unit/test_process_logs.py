@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.supervisor import TAIL_BYTES, ProcessLog, ServiceSpec, StackError, Supervisor
+from infra.supervisor import TAIL_BYTES, ProcessLog, ServiceSpec, StackError, Supervisor, _last_bytes
 from tests.waiting import wait_until
 
 LINE = re.compile(rb"line (\d{5}) x{36}\n")  # 48 bytes: a cap of 1000 holds 20, leaving 40 over
@@ -136,6 +136,14 @@ def test_a_log_just_rotated_is_quoted_with_the_end_of_the_file_before_it(tmp_pat
             supervisor.start(ServiceSpec("svc", ["/bin/sh", "-c", "exit 3"], ready=lambda: False))
     finally:
         supervisor.stop_all()
+
+
+def test_a_log_missing_since_its_rotation_is_quoted_from_the_file_it_was_rotated_to(tmp_path: Path) -> None:
+    """x.log renamed x.log.1 and not made again (its reopening refused): the quote read x.log,
+    found nothing and stopped, though x.log.1 held the process's last lines."""
+    (tmp_path / "svc.log.1").write_bytes(b"reading the settings\nValueError: bad setting\n")
+    assert _last_bytes(tmp_path / "svc.log", TAIL_BYTES) == b"reading the settings\nValueError: bad setting\n"
+    assert _last_bytes(tmp_path / "gone.log", TAIL_BYTES) == b""
 
 
 def test_httpx_and_httpcore_log_no_line_per_request() -> None:
