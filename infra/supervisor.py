@@ -119,6 +119,7 @@ class ProcessLog:
         self._size = 0
         self._writers = 0
         self.dropped = 0  # lines that could not be written
+        self._unsaid = 0  # of them, those the log does not say yet were lost (said before the next line)
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
@@ -143,23 +144,31 @@ class ProcessLog:
         when it would not fit. Never raises: a line that cannot be written (a full disk, a log
         that cannot be opened) is counted in ``dropped`` and lost, as the pump must go on reading
         the process's output (a pump that stopped left the process blocked on a full pipe); the
-        file is opened again for the next line."""
+        file is opened again for the next line, and a line before it says how many were lost."""
         with self._lock:
             try:
                 if self._file is None:
                     self._open()
-                if self._size and self._size + len(line) > self.max_bytes:
-                    self._rotate()
-                assert self._file is not None
-                self._file.write(line)
-                self._file.flush()
-                self._size += len(line)
+                if self._unsaid:
+                    lines = "1 line" if self._unsaid == 1 else f"{self._unsaid} lines"
+                    self._put(f"{lines} of output were lost here: the disk refused them\n".encode())
+                    self._unsaid = 0
+                self._put(line)
             except OSError:
                 self.dropped += 1
+                self._unsaid += 1
                 if self._file is not None:
                     with contextlib.suppress(OSError):
                         self._file.close()
                     self._file = None
+
+    def _put(self, data: bytes) -> None:
+        if self._size and self._size + len(data) > self.max_bytes:
+            self._rotate()
+        assert self._file is not None
+        self._file.write(data)
+        self._file.flush()
+        self._size += len(data)
 
     def _open(self) -> None:
         self._file = open(self.path, "ab")  # noqa: SIM115 - held across writes, closed by writing()
