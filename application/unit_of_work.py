@@ -93,7 +93,8 @@ Command = Callable[[UnitOfWork], T]
 
 @dataclass(frozen=True)
 class Committed(Generic[T]):
-    """A command's result, the event-store position its save reached (None: nothing new), the
+    """A command's result, the event-store position its save reached (None: nothing new, or a
+    save whose answer was lost and which was found stored, whose position is not known), the
     stream versions it saved (for readers that wait on a projection), and whether this command
     itself recorded an event (the save and its versions are its batch's, which other commands
     share)."""
