@@ -30,6 +30,7 @@ from application.unit_of_work import Command, Committed, ConflictError, UnitOfWo
 from domain.contracts import trace as tracing
 from domain.contracts.streams import COMMIT_LAG_MAX_S
 from domain.errors import DomainError
+from domain.job import Job
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +88,16 @@ def snapshot_recorder(app: Application[UUID]) -> Recorder | None:
     return app.snapshots.recorder if app.snapshots is not None else None
 
 
-AGGREGATE_BYTES = 1_500  # about what a user or a rule holds in memory (a job says: approx_bytes)
+AGGREGATE_BYTES = 1_500  # about what a user, a rule or a new job holds in memory (tracemalloc)
 
 
 def approx_bytes(agg: Aggregate) -> int:
-    """About what ``agg`` holds in memory: its own ``approx_bytes`` where its size varies (a job
-    with its results), else what a small aggregate holds."""
-    size: int = getattr(agg, "approx_bytes", AGGREGATE_BYTES)
-    return size
+    """About what ``agg`` holds in memory. A job grows: ~0.4 KB more each concept it was given and
+    ~0.1 KB each protected name (names of up to 64 characters: 18 KB with 32 of each), ~0.7 KB
+    each result it keeps with its keys (tracemalloc: 0.1 MB with 150 results)."""
+    if isinstance(agg, Job):
+        return AGGREGATE_BYTES + 400 * len(agg.concepts) + 120 * len(agg.protect) + 700 * len(agg.items)
+    return AGGREGATE_BYTES
 
 
 class WriterCache:

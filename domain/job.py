@@ -164,13 +164,6 @@ class Job(Stream):
     def pending_items(self) -> int:
         return self.item_count - len(self.items)
 
-    @property
-    def approx_bytes(self) -> int:
-        """About what this job holds in memory: ~1.5 KB new, ~0.4 KB more each concept it was
-        given and ~0.1 KB each protected name (names of up to 64 characters: 18 KB with 32 of
-        each), ~0.7 KB each result it keeps with its keys (tracemalloc: 0.1 MB with 150 results)."""
-        return 1_500 + 400 * len(self.concepts) + 120 * len(self.protect) + 700 * len(self.items)
-
     # -- commands -----------------------------------------------------------------------
     @classmethod
     def create(cls, job_id: UUID, user_id: UUID, preset: str, item_count: int, at: datetime) -> Job:
