@@ -19,6 +19,10 @@ UNTYPED_REQUESTS = (80877103, 80877104)  # SSLRequest, GSSENCRequest: a start-up
 
 
 class AnswerLosingProxy:
+    """Listens on ``port``, passes every connection through to PostgreSQL on ``upstream_port``,
+    and loses the answers to the next executions of the statement holding ``fragment`` once
+    armed (``lose_next``); ``lost`` and ``lost_failed`` count what was lost."""
+
     def __init__(self, upstream_port: int, fragment: bytes) -> None:
         self.upstream_port = upstream_port
         self.fragment = fragment
@@ -52,14 +56,16 @@ class AnswerLosingProxy:
         for connection in connections:
             connection.close()
 
-    def _take(self) -> bool:
+    def take(self) -> bool:
+        """Whether the execution seen now is one to lose (one armed loss used up)."""
         with self._lock:
             if self.armed <= 0:
                 return False
             self.armed -= 1
             return True
 
-    def _lost(self, answer: bytes) -> None:
+    def count_lost(self, answer: bytes) -> None:
+        """Count a lost ``answer``: the statement's completion, or its error."""
         kinds = [kind for kind, _ in _split(answer, True)[0]]
         with self._lock:
             if b"C" in kinds and b"E" not in kinds:  # CommandComplete, no ErrorResponse
@@ -106,15 +112,13 @@ class _Connection:
     def _upstream(self) -> None:
         buffer = b""
         started = False
-        try:
+        with suppress(OSError):
             while chunk := self.client.recv(65536):
                 buffer += chunk
                 messages, buffer, started = _split(buffer, started)
-                if any(self._chosen(kind, body) for kind, body in messages) and self.proxy._take():
+                if any(self._chosen(kind, body) for kind, body in messages) and self.proxy.take():
                     self.losing.set()
                 self.server.sendall(chunk)
-        except OSError:
-            pass
         self.close()
 
     def _chosen(self, kind: bytes, body: bytes) -> bool:
@@ -137,17 +141,15 @@ class _Connection:
 
     def _downstream(self) -> None:
         held = b""
-        try:
+        with suppress(OSError):
             while chunk := self.server.recv(65536):
                 if not self.losing.is_set():
                     self.client.sendall(chunk)
                     continue
                 held += chunk
                 if READY in held:  # the server ran (and committed) it: the client never hears
-                    self.proxy._lost(held)
+                    self.proxy.count_lost(held)
                     break
-        except OSError:
-            pass
         self.close()
 
 
