@@ -348,7 +348,16 @@ def verify(conn: psycopg.Connection[Any]) -> tuple[int, list[ChainBreak]]:
 
     Without a secret in the hash, someone who rewrites a whole chain consistently is caught by
     ``reconcile`` (the event log is the authority) or by ``verify_heads`` against a signed
-    checkpoint, not here."""
+    checkpoint, not here.
+
+    Safe on a live system: the heads and the rows are read in ONE snapshot (``_snapshot``), so a
+    row the projector appends meanwhile, with its head, is in both or in neither (read apart, the
+    rows ran past the heads read before them: a chain "rewritten, or rows added")."""
+    with _snapshot(conn):
+        return _verify(conn)
+
+
+def _verify(conn: psycopg.Connection[Any]) -> tuple[int, list[ChainBreak]]:
     heads = {str(r[0]): (r[1], r[2]) for r in conn.execute(
         "SELECT user_id, seq, last_hash FROM palette_read.billing_heads").fetchall()}
     breaks: list[ChainBreak] = []
@@ -371,7 +380,7 @@ def verify(conn: psycopg.Connection[Any]) -> tuple[int, list[ChainBreak]]:
             breaks.append(ChainBreak(user, last, None, f"the chain's end (seq {last}) does not hash to its recorded "
                                                        f"head (seq {head[0]}): the chain was rewritten, or rows added"))
 
-    with conn.transaction(), conn.cursor(name="verify_ledger") as cur:
+    with conn.cursor(name="verify_ledger") as cur:  # inside the snapshot's (or the caller's) transaction
         cur.itersize = 10_000
         cur.execute(_select() + sql.SQL(" ORDER BY user_id, seq"))
         for rec in cur:

@@ -359,6 +359,67 @@ def test_a_chain_end_that_is_not_its_recorded_head_breaks_verify_however_well_it
     assert "does not hash to its recorded head" in breaks[0].reason
 
 
+class _AppendsAfterTheHeads:
+    """A connection that, once the chain heads are read on it, lets the projector's next append
+    land (on another connection, committed) before anything else is read."""
+
+    def __init__(self, conn: psycopg.Connection[Any], append: Any) -> None:
+        object.__setattr__(self, "_conn", conn)
+        object.__setattr__(self, "_append", append)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._conn, name, value)
+
+    def execute(self, query: Any, *args: Any, **kw: Any) -> Any:
+        cur = self._conn.execute(query, *args, **kw)
+        if "billing_heads" in str(query) and self._append is not None:
+            append, self.__dict__["_append"] = self._append, None
+            append()
+        return cur
+
+
+def test_verify_on_a_live_system_reports_no_break_when_a_row_is_appended_while_it_reads(
+        history, service, settings):  # noqa: F811
+    """The projector appends a ledger row and moves its chain's head while verify reads (between
+    the heads and the rows): read in one snapshot, the chain is whole, not "rewritten, or rows
+    added" (an auditor's false alarm, exit 1, seen on a live stack)."""
+    wait_drained(service, settings)
+    url = settings.effective_database_url
+    with psycopg.connect(url, autocommit=True) as other:
+        user_id, last = _longest_chain(other)
+        prev, at, position = other.execute("SELECT hash, occurred_at, position FROM palette_read.billing_events "
+                                           "WHERE user_id = %s AND seq = %s", [user_id, last]).fetchone() or (None,) * 3
+        head = other.execute("SELECT seq, last_hash FROM palette_read.billing_heads WHERE user_id = %s",
+                             [user_id]).fetchone()
+        row = {"user_id": user_id, "seq": last + 1, "type": "grant", "amount": 1, "balance_delta": 1,
+               "ref": "live", "occurred_at": at, "position": position}
+        digest = ledger_hash(prev, row)
+
+        def append() -> None:  # as the projector does: the row and its head in one transaction
+            with other.transaction():
+                other.execute("INSERT INTO palette_read.billing_events (id, user_id, seq, type, amount, "
+                              "balance_delta, ref, occurred_at, position, prev_hash, hash) VALUES ('live-append', "
+                              "%s, %s, 'grant', 1, 1, 'live', %s, %s, %s, %s)",
+                              [user_id, last + 1, at, position, prev, digest])
+                other.execute("UPDATE palette_read.billing_heads SET seq = %s, last_hash = %s WHERE user_id = %s",
+                              [last + 1, digest, user_id])
+
+        try:
+            with psycopg.connect(url, autocommit=True) as conn:
+                _, breaks = audit.verify(_AppendsAfterTheHeads(conn, append))  # type: ignore[arg-type]
+            assert breaks == []
+            with psycopg.connect(url, autocommit=True) as conn:  # and afterwards, with the row
+                assert audit.verify(conn)[1] == []
+        finally:
+            with other.transaction():
+                other.execute("DELETE FROM palette_read.billing_events WHERE id = 'live-append'")
+                other.execute("UPDATE palette_read.billing_heads SET seq = %s, last_hash = %s WHERE user_id = %s",
+                              [head[0], head[1], user_id])
+
+
 def test_a_chain_deleted_whole_breaks_verify_at_its_first_row(history, service, settings, tx):  # noqa: F811
     wait_drained(service, settings)
     user_id, _ = _longest_chain(tx)
