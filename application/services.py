@@ -558,11 +558,12 @@ class PaletteService:
         the job as it was for a retry."""
         at = self.clock.now()
 
-        @touches(job_id)
+        @touches(job_id, user_id)
         def command(uow: UnitOfWork) -> bool:
             job = uow.get(Job, job_id)
             if job is None or job.user_id != user_id:
                 raise NotFound("job not found")
+            self._user(uow, user_id)  # NotFound once erased: Erased takes no command after it
             return job.delete(at)
 
         return command
