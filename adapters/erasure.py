@@ -23,7 +23,7 @@ from adapters import keyring
 from adapters.objects import delete_prefixes
 from application.services import PaletteService
 from domain.contracts.keys import user_prefixes
-from domain.errors import NotFound
+from domain.errors import InvalidState, NotFound
 from domain.user import User
 from projections.log import events_table
 
@@ -32,6 +32,7 @@ REGISTERED_TOPIC = "domain.user:User.Registered"
 REFRESH_S = 1.0  # how soon another API process refuses an erased user's tokens
 LATE_S = 300.0  # each refresh reads again the tombstones this much older than the newest it has
 PRUNE_EVERY_S = 60.0
+KEEP_TRYING_S = 3 * REFRESH_S  # recording the erasure, while other processes may still start a job
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,7 @@ def erase(service: PaletteService, pool: Any, s3: Any, bucket: str, user_id: UUI
         raise NotFound("user not found")
     with pool.connection() as conn:
         keyring.request_erasure(conn, user_id)
-    try:
-        recorded = service.erase_user(user_id)
-    except NotFound:
-        recorded = False  # a tombstone without a user (finishing one): nothing to record
+    recorded = record_erasure(service, user_id)
     service.sealer.forget(user_id)
     with pool.connection() as conn:
         redact_legacy_registration(conn, service.app, user_id)
@@ -63,6 +61,24 @@ def erase(service: PaletteService, pool: Any, s3: Any, bucket: str, user_id: UUI
     log.info("user %s erased (%d webhook endpoints, %d objects)", user_id, webhooks, objects,
              extra={"user_id": str(user_id)})
     return Erasure(user_id, recorded, webhooks, objects)
+
+
+def record_erasure(service: PaletteService, user_id: UUID, clock: Callable[[], float] = time.monotonic,
+                   pause: Callable[[float], None] = time.sleep) -> bool:
+    """Record the ``Erased`` event (True: this call did; False: it already was, or there is no
+    user, a tombstone being finished). A job the user starts meanwhile through another API process
+    makes a try fail (InvalidState); tried again for ``KEEP_TRYING_S``, past the ``REFRESH_S`` in
+    which every process refuses the user's tokens, so a user starting jobs cannot outlast it."""
+    until = clock() + KEEP_TRYING_S
+    while True:
+        try:
+            return service.erase_user(user_id)
+        except NotFound:
+            return False
+        except InvalidState:
+            if clock() >= until:
+                raise
+            pause(0.05)
 
 
 def redact_legacy_registration(conn: Any, app: Any, user_id: UUID) -> bool:

@@ -9,6 +9,7 @@ import asyncio
 
 import pytest
 
+from adapters.erasure import KEEP_TRYING_S, record_erasure
 from application.executors import DirectExecutor
 from application.personal import MemoryKeyring
 from application.services import PaletteApplication, PaletteService
@@ -136,6 +137,63 @@ def test_a_job_started_after_the_erasure_read_the_reservations_leaves_everything
     assert here.erase_user(user_id)  # read again: both canceled and refunded
     user = here.app.repository.get(user_id)
     assert user.erased and not user.reservations
+
+
+def _starting_a_job_after_each_read(here: PaletteService, there: PaletteService, user_id: object,
+                                    times: int) -> list[object]:
+    """Another API process starts a job right after each of ``here``'s next ``times`` reads of the
+    user (it has not refused the erased user's token yet), canceling the one before so that the
+    plan's limit never stops it; the jobs started."""
+    read, started = here.executor.read, []
+
+    def read_then_start(stream_id: object) -> object:
+        got = read(stream_id)  # type: ignore[arg-type]
+        if stream_id == user_id and len(started) < times:
+            if started:
+                there.cancel_job(user_id, started[-1])  # type: ignore[arg-type]
+            started.append(there.create_job(user_id, "interior", 1).value)  # type: ignore[arg-type]
+        return got
+
+    here.executor.read = read_then_start  # type: ignore[method-assign]
+    return started
+
+
+def test_an_erasure_outlasts_a_user_starting_jobs_through_another_process_until_every_process_refuses_it():
+    """erase_user reads the reservations three times and gives up when a job started after each
+    read: DELETE /me answered 409 after its tombstone had killed the token, and the erasure waited
+    for the sweeper. It is tried again past the refresh in which every process refuses the user."""
+    here, there = processes()
+    user_id, _ = here.register(DEVICE).value
+    here.change_plan(user_id, "pro")  # four jobs at a time
+    started = _starting_a_job_after_each_read(here, there, user_id, times=3)
+    with pytest.raises(InvalidState):
+        here.erase_user(user_id)  # its three reads, each followed by a job started
+    started = _starting_a_job_after_each_read(here, there, user_id, times=3)
+    now, pauses = [0.0], []
+
+    def pause(s: float) -> None:
+        pauses.append(s)
+        now[0] += s
+
+    assert record_erasure(here, user_id, clock=lambda: now[0], pause=pause)  # type: ignore[arg-type]
+    assert len(started) == 3 and len(pauses) == 1
+    user: User = here.app.repository.get(user_id)
+    assert user.erased and not user.reservations
+    assert {here.app.repository.get(j).status for j in started} == {"canceled"}
+
+
+def test_an_erasure_that_cannot_be_recorded_in_its_time_says_so():
+    here, there = processes()
+    user_id, _ = here.register(DEVICE).value
+    _starting_a_job_after_each_read(here, there, user_id, times=1_000)
+    now = [0.0]
+
+    def pause(s: float) -> None:
+        now[0] += KEEP_TRYING_S  # every try outlasted
+
+    with pytest.raises(InvalidState):
+        record_erasure(here, user_id, clock=lambda: now[0], pause=pause)  # type: ignore[arg-type]
+    assert not here.app.repository.get(user_id).erased
 
 
 def test_the_users_read_model_shows_an_erased_users_device_key_as_erased_and_keeps_the_credits():
