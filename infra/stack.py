@@ -101,6 +101,24 @@ def local_socket(directory: Path, name: str, port: int) -> Path:
     return Path(tempfile.gettempdir()) / f"palette-{os.getuid()}-seaweedfs-{name}-{port}.sock"
 
 
+def remove_stale_pid_file(pgdir: Path) -> bool:
+    """Remove PostgreSQL's ``postmaster.pid`` when the live process it names is no postmaster of
+    ``pgdir`` (a postmaster's working directory is its data directory): one that never stopped
+    (power lost, a reboot, the stack SIGKILLed) left it, and its pid went to another process of
+    the same user, so PostgreSQL refused to start ("lock file ... already exists") until someone
+    deleted the file. A pid that is gone, or whose process cannot be read, is PostgreSQL's call."""
+    path = pgdir / "postmaster.pid"
+    try:
+        pid = int(path.read_text().split("\n", 1)[0])
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except (OSError, ValueError):
+        return False
+    if os.path.realpath(cwd) == os.path.realpath(pgdir):
+        return False
+    path.unlink(missing_ok=True)
+    return True
+
+
 UP_LOCK = "palette-up.lock"  # in the data directory: held by the one `palette up` running on it
 
 
@@ -307,6 +325,7 @@ class EmbeddedStack(Generic[S]):
         self._chown_pg(rundir)
         if not (pgdir / "PG_VERSION").exists():
             self._initdb(pgdir, rundir)
+        remove_stale_pid_file(pgdir)
         s = self.settings
         argv = [
             find_pg_bin("postgres"), "-D", str(pgdir), "-p", str(s.pg_port),
