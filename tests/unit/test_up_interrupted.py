@@ -110,3 +110,16 @@ Supervisor.check = lambda self: os.kill(os.getpid(), signal.SIGTERM)  # up, then
     assert outcome["rc"] == 0
     said = [line for line in str(outcome["stdout"]).splitlines() if " up in " in line]
     assert len(said) == 1 and ": relay, no API (data and logs in " in said[0] and "API on" not in said[0]
+
+
+def test_a_hangup_stops_the_stack_as_ctrl_c_does(tmp_path: Path) -> None:
+    """The terminal of `make run` closed (an ssh session dropped): SIGHUP killed `palette up` on the
+    spot, its processes left to the parent-death signal all at once, not stopped in reverse order,
+    and what they leave behind (SeaweedFS's gRPC sockets in /tmp) left there."""
+    outcome = run_up(tmp_path, """
+launched = {}
+Stack.start_infra = lambda self: None
+Supervisor.check = lambda self: os.kill(os.getpid(), signal.SIGHUP)  # up, then its terminal gone
+""")
+    assert outcome["rc"] == 0
+    assert str(outcome["stdout"]).splitlines()[-2] == "[palette] stopped"
