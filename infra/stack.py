@@ -341,10 +341,14 @@ class EmbeddedStack(Generic[S]):
     def _initdb(self, pgdir: Path, rundir: Path) -> None:
         import subprocess
 
-        if pgdir.exists():
-            shutil.rmtree(pgdir)  # a half-finished initdb from an interrupted first start
-        pgdir.mkdir(mode=0o700)
-        self._chown_pg(pgdir)
+        # The cluster is made beside its place and renamed there once complete: initdb writes
+        # PG_VERSION early, so one cut short (Ctrl-C in a first start) in place was taken for made.
+        partial = pgdir.with_name(f"{pgdir.name}.initdb")
+        for leftover in (pgdir, partial):  # a half-finished initdb from an interrupted first start
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        partial.mkdir(mode=0o700)
+        self._chown_pg(partial)
         pwfile = rundir / "pwfile"
         fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -352,7 +356,7 @@ class EmbeddedStack(Generic[S]):
         self._chown_pg(pwfile)
         try:
             result = subprocess.run(  # noqa: S603
-                [find_pg_bin("initdb"), "-D", str(pgdir), "-U", "palette", "--auth=scram-sha-256",
+                [find_pg_bin("initdb"), "-D", str(partial), "-U", "palette", "--auth=scram-sha-256",
                  f"--pwfile={pwfile}", "-E", "UTF8", "--no-locale"],
                 user=self._run_as, capture_output=True, text=True, check=False,
             )
@@ -361,6 +365,7 @@ class EmbeddedStack(Generic[S]):
         if result.returncode != 0:
             last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
             raise StackError(f"initdb failed: {last[0]}")
+        partial.rename(pgdir)
 
     def _pg_ready(self) -> bool:
         import psycopg

@@ -1,0 +1,45 @@
+"""A first `palette up` stopped while initdb runs (Ctrl-C a second into `make run`: initdb is
+killed by subprocess.run as the signal unwinds it) left a cluster with its PG_VERSION written and
+no `postgres` database: every later `palette up` took it for made, and failed after 60 s ("database
+"postgres" does not exist") until the data directory was deleted by hand. initdb now makes the
+cluster beside its place and it is renamed there only once complete."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+import infra.stack
+from infra.stack import EmbeddedStack
+from infra.supervisor import StackError
+
+# initdb's first steps (PG_VERSION is written early), then killed as `palette up` is interrupted
+KILLED = '#!/bin/sh\nwhile [ "$1" != "-D" ]; do shift; done\necho 15 > "$2/PG_VERSION"\nkill -9 $$\n'
+COMPLETE = '#!/bin/sh\nwhile [ "$1" != "-D" ]; do shift; done\necho 15 > "$2/PG_VERSION"\nmkdir "$2/base"\n'
+
+
+def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> Any:
+    initdb = tmp_path / "initdb"
+    initdb.write_text(script)
+    initdb.chmod(0o755)
+    monkeypatch.setattr(infra.stack, "find_pg_bin", lambda name: str(initdb))
+    settings = SimpleNamespace(data_dir=tmp_path / "data", pg_password="pw", log_max_bytes=2**20, log_keep=1)
+    s: Any = EmbeddedStack(settings, topics=(), prepare=lambda: None, app_argv=["false"])
+    s._run_as = None  # the stand-in initdb runs as this user
+    return s
+
+
+def test_an_initdb_cut_short_leaves_no_cluster_that_the_next_start_takes_for_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pgdir, rundir = tmp_path / "data" / "pg", tmp_path / "data" / "pg-run"
+    rundir.mkdir(parents=True)
+    with pytest.raises(StackError, match="initdb failed"):
+        stack(tmp_path, monkeypatch, KILLED)._initdb(pgdir, rundir)
+    assert not (pgdir / "PG_VERSION").exists()  # so the next start runs initdb again
+
+    stack(tmp_path, monkeypatch, COMPLETE)._initdb(pgdir, rundir)
+    assert (pgdir / "PG_VERSION").exists() and (pgdir / "base").is_dir()
+    assert sorted(p.name for p in pgdir.parent.iterdir()) == ["pg", "pg-run"]  # nothing half-made beside it
