@@ -75,7 +75,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGHUP, _stop)  # its terminal closed: stopped in order, not left to the parent-death signal
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup's stays ignored
+        signal.signal(signal.SIGHUP, _stop)  # its terminal closed: stopped in order, not by the parent-death signal
     t0 = time.monotonic()
     # signed ledger checkpoints on a schedule, when one is set (adapters/checkpoints.py)
     checkpointer = ("checkpointer",) if settings.audit_checkpoint_interval_s > 0 else ()

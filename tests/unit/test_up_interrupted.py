@@ -123,3 +123,22 @@ Supervisor.check = lambda self: os.kill(os.getpid(), signal.SIGHUP)  # up, then 
 """)
     assert outcome["rc"] == 0
     assert str(outcome["stdout"]).splitlines()[-2] == "[palette] stopped"
+
+
+def test_a_hangup_ignored_by_whoever_started_it_stays_ignored(tmp_path: Path) -> None:
+    """`nohup make run &`: the stack is to outlive the terminal, as it did before SIGHUP stopped it."""
+    outcome = run_up(tmp_path, """
+launched = {}
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup hands down
+Stack.start_infra = lambda self: None
+checks = []
+def check(self):
+    checks.append(1)
+    if len(checks) == 1:
+        os.kill(os.getpid(), signal.SIGHUP)
+    else:
+        print("still up", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+Supervisor.check = check
+""")
+    assert outcome["rc"] == 0 and "still up" in str(outcome["stdout"])
