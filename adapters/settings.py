@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from adapters.webhooks.retries import DEFAULT_SCHEDULE as DEFAULT_RETRY_SCHEDULE
 from adapters.webhooks.retries import parse_schedule
 from adapters.whole_files import write_whole
+from infra.config import unusable_data_dir
 from infra.supervisor import LOG_KEEP, LOG_MAX_BYTES
 
 # The embedded SeaweedFS binds ports up to the S3 port + 6 and each + 10000 (infra.stack.embedded_ports).
@@ -415,7 +416,7 @@ def load_settings(on_new_secrets: Callable[[Path], None] | None = None, /, **ove
             had = (settings.data_dir / "secrets.json").exists()
             dev = _dev_secrets(settings.data_dir)
         except OSError as e:
-            raise SettingsError(f"data directory {settings.data_dir} is not writable: {e.strerror}") from None
+            raise SettingsError(unusable_data_dir(settings.data_dir, e)) from None
         taken = [name for name in dev if not getattr(settings, name)]
         for name in taken:
             setattr(settings, name, dev[name])

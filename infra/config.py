@@ -53,3 +53,20 @@ class StackSettings(S3Settings, Protocol):
     def log_keep(self) -> int: ...
 
     def as_env(self) -> dict[str, str]: ...
+
+
+def unusable_data_dir(data_dir: Path, e: OSError) -> str:
+    """Why ``data_dir`` could not be made or written to (``e``), in one line: a file or another
+    non-directory in its place (or in a parent's) is named as such, not as "not writable"."""
+    taken = next((p for p in (data_dir, *data_dir.parents) if _not_a_directory(p)), None)
+    if taken is not None:
+        what = "the data directory" if taken == data_dir else f"its parent {taken}"
+        return f"data directory {data_dir} cannot be made: {what} is a file, not a directory"
+    return f"data directory {data_dir} is not writable: {e.strerror or e}"
+
+
+def _not_a_directory(path: Path) -> bool:
+    try:
+        return path.exists() and not path.is_dir()
+    except OSError:  # it cannot be looked at (a parent not searchable): not what this names
+        return False

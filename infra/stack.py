@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
 
-from infra.config import StackSettings
+from infra.config import StackSettings, unusable_data_dir
 from infra.kafka_admin import broker_answers, ensure_topics
 from infra.s3 import s3_client
 from infra.supervisor import ServiceSpec, StackError, Supervisor, bind_error
@@ -129,7 +129,7 @@ def hold_data_dir(data_dir: Path) -> IO[str]:
         data_dir.mkdir(parents=True, exist_ok=True)
         held = open(data_dir / UP_LOCK, "a+")  # noqa: SIM115 - held for the process's life
     except OSError as e:
-        raise StackError(f"data directory {data_dir} is not writable: {e.strerror}") from None
+        raise StackError(unusable_data_dir(data_dir, e)) from None
     try:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -243,7 +243,7 @@ class EmbeddedStack(Generic[S]):
             probe.write_text("")
             probe.unlink()
         except OSError as e:
-            raise StackError(f"data directory {self.data_dir} is not writable: {e.strerror}") from None
+            raise StackError(unusable_data_dir(self.data_dir, e)) from None
         check_ports(self.ports_to_bind(()))
         try:
             self.supervisor.start(self._postgres_spec())

@@ -188,7 +188,7 @@ def test_a_checkout_deep_in_the_file_system_starts_its_stack():
         shutil.rmtree(top, ignore_errors=True)
 
 
-def test_cli_reports_an_unwritable_data_dir_without_a_traceback(tmp_path):
+def test_cli_reports_a_data_dir_under_a_file_without_a_traceback(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     result = subprocess.run(
@@ -196,7 +196,7 @@ def test_cli_reports_an_unwritable_data_dir_without_a_traceback(tmp_path):
         env={"PATH": "/usr/bin:/bin", "PALETTE_DATA_DIR": str(blocker / "sub")},
     )
     assert result.returncode != 0
-    assert result.stderr.count("\n") == 1 and "not writable" in result.stderr
+    assert result.stderr.count("\n") == 1 and f"its parent {blocker} is a file, not a directory" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -6,6 +6,7 @@ import asyncio
 import secrets as secrets_module
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import SimpleNamespace
 from uuid import UUID, uuid4
 
@@ -61,6 +62,19 @@ def test_invalid_setting_is_one_line_naming_it(tmp_path):
     with pytest.raises(SettingsError, match="PALETTE_API_PORT") as e:
         load_settings(data_dir=tmp_path, api_port=70000)
     assert "\n" not in str(e.value)
+
+
+def test_a_data_dir_that_is_a_file_or_under_one_is_named_as_such_not_as_unwritable(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    with pytest.raises(SettingsError, match=r"^data directory .*/afile cannot be made: "
+                                            r"the data directory is a file, not a directory$"):
+        load_settings(data_dir=blocker)
+    with pytest.raises(SettingsError, match=rf"^data directory .*/afile/sub/dir cannot be made: "
+                                            rf"its parent {blocker} is a file, not a directory$"):
+        load_settings(data_dir=blocker / "sub" / "dir")
+    with pytest.raises(SettingsError, match=r"^data directory /proc/palette-data is not writable: "):
+        load_settings(data_dir=Path("/proc/palette-data"))
 
 
 @pytest.mark.parametrize("value", ["", " "])
