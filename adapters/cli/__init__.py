@@ -106,8 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             # below is what a command without a log says.
             logging.getLogger("palette.serve").error("stopped on %s", type(e).__name__, exc_info=e)
         if _is_unreachable(e):
-            print(f"palette {args.command}: cannot reach PostgreSQL ({driver_reason(e)}); "
-                  "is the stack up (`make run`) and PALETTE_DATABASE_URL right?", file=sys.stderr)
+            reason = driver_reason(e)
+            hint = ("is PALETTE_DATA_DIR the running stack's (its secrets.json holds the password) and "
+                    "PALETTE_DATABASE_URL right?" if "password authentication failed" in reason else
+                    "is the stack up (`make run`) and PALETTE_DATABASE_URL right?")
+            print(f"palette {args.command}: cannot reach PostgreSQL ({reason}); {hint}", file=sys.stderr)
             return 3
         if _broker_unreachable(e):  # `palette serve gpu`, which needs no database, meets it first
             print(f"palette {args.command}: cannot reach the broker ({driver_reason(e)}); "

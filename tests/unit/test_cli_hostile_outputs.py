@@ -42,6 +42,23 @@ def test_a_closed_stdout_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
 
 
+def test_a_password_postgresql_refuses_points_at_the_data_directory_not_at_a_stack_down(
+        monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    """A command run outside the checkout that ran `make run` reads another data directory's
+    secrets: the stack is up, and "is the stack up?" sent the reader the wrong way."""
+    import psycopg
+
+    def refused(_args: Any) -> int:
+        raise psycopg.OperationalError('connection failed: FATAL:  password authentication failed for user "palette"')
+
+    monkeypatch.setattr(operators, "_cmd_token", refused)
+    assert cli.main(["token", "--role", "analyst"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "password authentication failed" in err
+    assert "is PALETTE_DATA_DIR the running stack's (its secrets.json holds the password)" in err
+    assert "is the stack up" not in err
+
+
 def test_an_object_store_that_does_not_answer_is_one_line_and_exit_3(monkeypatch: pytest.MonkeyPatch,
                                                                     capsys: Any) -> None:
     def unreachable(_args: Any) -> int:
