@@ -106,14 +106,19 @@ def remove_stale_pid_file(pgdir: Path) -> bool:
     ``pgdir`` (a postmaster's working directory is its data directory): one that never stopped
     (power lost, a reboot, the stack SIGKILLed) left it, and its pid went to another process of
     the same user, so PostgreSQL refused to start ("lock file ... already exists") until someone
-    deleted the file. A pid that is gone, or whose process cannot be read, is PostgreSQL's call."""
+    deleted the file. A pid that is gone, or whose process cannot be read, is PostgreSQL's call.
+    The directories are compared as files (device and inode), not by their paths: a postmaster
+    started on the same directory through another path to it (a bind mount, another mount
+    namespace) is one of it, and deleting its file would make it shut itself down."""
     path = pgdir / "postmaster.pid"
     try:
         pid = int(path.read_text().split("\n", 1)[0])
-        cwd = os.readlink(f"/proc/{pid}/cwd")
+        if pid <= 0:
+            return False
+        cwd, own = os.stat(f"/proc/{pid}/cwd"), os.stat(pgdir)
     except (OSError, ValueError):
         return False
-    if os.path.realpath(cwd) == os.path.realpath(pgdir):
+    if (cwd.st_dev, cwd.st_ino) == (own.st_dev, own.st_ino):
         return False
     path.unlink(missing_ok=True)
     return True

@@ -6,10 +6,14 @@ this directory (a postmaster's working directory is its data directory), and kee
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from infra.stack import remove_stale_pid_file
 
@@ -57,3 +61,43 @@ def test_a_dead_pid_or_no_file_is_left_to_postgresql(tmp_path: Path) -> None:
     path = pid_file(pgdir, pid)  # gone: PostgreSQL itself takes the file for stale
     assert remove_stale_pid_file(pgdir) is False
     assert path.exists()
+
+
+BIND_MOUNTED = """
+import subprocess, sys
+from pathlib import Path
+from infra.stack import remove_stale_pid_file
+real, alias = Path(sys.argv[1]), Path(sys.argv[2])
+subprocess.run(["mount", "--bind", str(real), str(alias)], check=True)
+proc = subprocess.Popen(["sleep", "60"], cwd=alias / "pg")  # a postmaster started with -D alias/pg
+try:
+    (real / "pg" / "postmaster.pid").write_text(f"{proc.pid}\\n{alias / 'pg'}\\n")
+    print(remove_stale_pid_file(real / "pg"), (real / "pg" / "postmaster.pid").exists())
+finally:
+    proc.kill()
+"""
+
+
+def test_the_pid_file_of_a_postmaster_running_on_the_directory_through_another_path_is_kept(
+        tmp_path: Path) -> None:
+    """The same directory reached through a bind mount: its postmaster's working directory reads
+    as another path, yet it is this directory's (deleted, its file makes it shut down)."""
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no unprivileged mount namespace here (unshare -rm)")
+    real, alias = tmp_path / "real", tmp_path / "alias"
+    (real / "pg").mkdir(parents=True)
+    alias.mkdir()
+    out = subprocess.run([unshare, "-rm", "--propagation", "private", sys.executable, "-c", BIND_MOUNTED,
+                          str(real), str(alias)], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.split() == ["False", "True"]  # not removed, still there
+
+
+def test_a_pid_file_naming_no_possible_process_is_left_to_postgresql(tmp_path: Path) -> None:
+    pgdir = tmp_path / "pg"
+    for garbage in ("0", "-1", "99999999999999999999", "", "abc", "\xff\xfe"):
+        path = pid_file(pgdir, 0)
+        path.write_text(f"{garbage}\n{pgdir}\n")
+        assert remove_stale_pid_file(pgdir) is False, garbage
+        assert path.exists()
