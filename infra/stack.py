@@ -349,6 +349,8 @@ class EmbeddedStack(Generic[S]):
         # The cluster is made beside its place and renamed there once complete: initdb writes
         # PG_VERSION early, so one cut short (Ctrl-C in a first start) in place was taken for made.
         partial = pgdir.with_name(f"{pgdir.name}.initdb")
+        if partial.is_symlink() or (partial.exists() and not partial.is_dir()):
+            partial.unlink()  # a file or a link in its place (the link itself, never what it names)
         for leftover in (pgdir, partial):  # a half-finished initdb from an interrupted first start
             if leftover.exists():
                 shutil.rmtree(leftover)
@@ -371,6 +373,13 @@ class EmbeddedStack(Generic[S]):
             last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
             raise StackError(f"initdb failed: {last[0]}")
         partial.rename(pgdir)
+        # The rename made durable: lost to a power cut once the cluster holds data, pg.initdb
+        # would be taken for a cut-short initdb at the next start, and deleted with that data.
+        parent = os.open(pgdir.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(parent)
+        finally:
+            os.close(parent)
 
     def _pg_ready(self) -> bool:
         import psycopg

@@ -6,6 +6,7 @@ cluster beside its place and it is renamed there only once complete."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -43,3 +44,39 @@ def test_an_initdb_cut_short_leaves_no_cluster_that_the_next_start_takes_for_mad
     stack(tmp_path, monkeypatch, COMPLETE)._initdb(pgdir, rundir)
     assert (pgdir / "PG_VERSION").exists() and (pgdir / "base").is_dir()
     assert sorted(p.name for p in pgdir.parent.iterdir()) == ["pg", "pg-run"]  # nothing half-made beside it
+
+
+@pytest.mark.parametrize("left", ["a file", "a link to a directory", "a dangling link"])
+def test_a_non_directory_in_the_initdb_place_is_removed_never_what_a_link_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, left: str) -> None:
+    pgdir, rundir = tmp_path / "data" / "pg", tmp_path / "data" / "pg-run"
+    rundir.mkdir(parents=True)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "file").write_text("someone's")
+    partial = pgdir.with_name("pg.initdb")
+    if left == "a file":
+        partial.write_text("")
+    else:
+        partial.symlink_to(kept if left == "a link to a directory" else tmp_path / "nowhere")
+    stack(tmp_path, monkeypatch, COMPLETE)._initdb(pgdir, rundir)
+    assert (pgdir / "PG_VERSION").exists()
+    assert (kept / "file").read_text() == "someone's"
+
+
+def test_the_rename_to_its_place_is_made_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lost to a power cut, the complete cluster (with data by then) would be named pg.initdb and
+    deleted by the next start as a cut-short initdb: the directory holding it is synced."""
+    pgdir, rundir = tmp_path / "data" / "pg", tmp_path / "data" / "pg-run"
+    rundir.mkdir(parents=True)
+    synced: list[str] = []
+    real_fsync = infra.stack.os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    s = stack(tmp_path, monkeypatch, COMPLETE)
+    monkeypatch.setattr(infra.stack.os, "fsync", fsync)
+    s._initdb(pgdir, rundir)
+    assert str(pgdir.parent) in synced
