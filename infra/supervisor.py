@@ -206,7 +206,8 @@ class ProcessLog:
         with contextlib.suppress(OSError):
             for older in self.path.parent.glob(f"{glob.escape(prefix)}*"):
                 n = older.name.removeprefix(prefix)
-                if n.isascii() and n.isdigit() and int(n) > self.keep:
+                # the names the shift makes only: "x.log.007" or "x.log.03" is someone else's
+                if n.isascii() and n.isdigit() and n == str(int(n)) and int(n) > self.keep:
                     with contextlib.suppress(OSError):
                         older.unlink()
 

@@ -192,14 +192,19 @@ def test_a_rotation_deletes_the_files_a_larger_keep_left_and_nothing_else_by_tha
     path = tmp_path / "relay.log"
     for n in range(1, 6):
         path.with_name(f"relay.log.{n}").write_bytes(b"old %d\n" % n)
-    others = ["relay.log.bak", "relay.log.1x", "relay.log.\u0663", "relay.logs.9", "api.log.9"]
+    others = ["relay.log.bak", "relay.log.1x", "relay.log.\u0663", "relay.logs.9", "api.log.9", "relay.log.007",
+              "relay.log.-3", "relay.log.+4"]
     for name in others:
         (tmp_path / name).write_bytes(b"not ours\n")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"  # a link past keep: the link goes, never its target
+    outside.write_bytes(b"not in logs/\n")
+    path.with_name("relay.log.9").symlink_to(outside)
     log = ProcessLog(path, max_bytes=100, keep=2)
     with log.writing():
         for i in range(3):
             log.write(_line(i))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["relay.log", "relay.log.1", "relay.log.2", *others])
+    assert outside.read_bytes() == b"not in logs/\n"
     assert path.with_name("relay.log.2").read_bytes() == b"old 1\n" and _numbers(path) == [2]
 
 
