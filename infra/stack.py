@@ -112,7 +112,11 @@ def remove_stale_pid_file(pgdir: Path) -> bool:
     namespace) is one of it, and deleting its file would make it shut itself down."""
     path = pgdir / "postmaster.pid"
     try:
-        pid = int(path.read_text().split("\n", 1)[0])
+        text = path.read_text()
+        if not text.strip():  # a start cut short before it wrote its pid: none of ours is starting
+            path.unlink()  # (the caller holds the data directory), and PostgreSQL refuses an empty one
+            return True
+        pid = int(text.split("\n", 1)[0])
         if pid <= 0:
             return False
         cwd, own = os.stat(f"/proc/{pid}/cwd"), os.stat(pgdir)

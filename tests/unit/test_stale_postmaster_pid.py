@@ -101,3 +101,14 @@ def test_a_pid_file_naming_no_possible_process_is_left_to_postgresql(tmp_path: P
         path.write_text(f"{garbage}\n{pgdir}\n")
         assert remove_stale_pid_file(pgdir) is False, garbage
         assert path.exists()
+
+
+def test_an_empty_pid_file_a_start_cut_short_left_is_removed(tmp_path: Path) -> None:
+    """PostgreSQL refuses to start on an empty postmaster.pid ("either another server is starting,
+    or the lock file is the remnant of a previous server startup crash"); palette up holds the
+    data directory, so no server of its own is starting."""
+    pgdir = tmp_path / "pg"
+    pgdir.mkdir()
+    for empty in ("", "\n", "  \n"):
+        (pgdir / "postmaster.pid").write_text(empty)
+        assert remove_stale_pid_file(pgdir) is True and not (pgdir / "postmaster.pid").exists()
