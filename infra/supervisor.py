@@ -120,6 +120,7 @@ class ProcessLog:
         self._writers = 0
         self.dropped = 0  # lines that could not be written
         self._unsaid = 0  # of them, those the log does not say yet were lost (said before the next line)
+        self._why = ""
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
@@ -151,12 +152,13 @@ class ProcessLog:
                     self._open()
                 if self._unsaid:
                     lines = "1 line" if self._unsaid == 1 else f"{self._unsaid} lines"
-                    self._put(f"{lines} of output were lost here: the disk refused them\n".encode())
+                    self._put(f"{lines} of output could not be written here ({self._why})\n".encode())
                     self._unsaid = 0
                 self._put(line)
-            except OSError:
+            except OSError as e:
                 self.dropped += 1
                 self._unsaid += 1
+                self._why = f"{type(e).__name__}: {e.strerror or e}"  # the last refusal's
                 if self._file is not None:
                     with contextlib.suppress(OSError):
                         self._file.close()
