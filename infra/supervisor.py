@@ -298,8 +298,10 @@ def _last_bytes(path: Path, limit: int) -> bytes:
                 start = max(0, size - (limit - len(got)))
                 f.seek(start)
                 part = f.read(limit - len(got))
-        except OSError:  # none now (its reopening after a rotation failed): the one before it
+        except FileNotFoundError:  # none now (its reopening after a rotation failed): the one before it
             continue
+        except OSError:  # there but unreadable: what the file before it holds is older still
+            break
         if start:
             part = part.partition(b"\n")[2]  # the first line, cut, is left out
         got = part + got

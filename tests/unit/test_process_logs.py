@@ -144,6 +144,9 @@ def test_a_log_missing_since_its_rotation_is_quoted_from_the_file_it_was_rotated
     (tmp_path / "svc.log.1").write_bytes(b"reading the settings\nValueError: bad setting\n")
     assert _last_bytes(tmp_path / "svc.log", TAIL_BYTES) == b"reading the settings\nValueError: bad setting\n"
     assert _last_bytes(tmp_path / "gone.log", TAIL_BYTES) == b""
+    (tmp_path / "odd.log").mkdir()  # there, but no file to read: its older lines are not its end
+    (tmp_path / "odd.log.1").write_bytes(b"an older run\n")
+    assert _last_bytes(tmp_path / "odd.log", TAIL_BYTES) == b""
 
 
 def test_httpx_and_httpcore_log_no_line_per_request() -> None:
