@@ -24,7 +24,9 @@ What fails, and how: a task that cannot be parsed, or whose edits the ops refuse
 ``palette.gpu-jobs.dlq`` at once and its item (when the task names a job and an index) reported
 ``failed`` with the reason. An unreadable upload (``BadInput``) fails its item. Anything else (an
 S3 hiccup) is retried with backoff up to 3 attempts, then parked and reported ``failed``, so the
-job still terminates and refunds. What reaches the client is the reason for bad input; for a task
+job still terminates and refunds; but a store that cannot be reached, or refuses with a 5xx a write
+of no item's too (its disk full), is waited out as an unacknowledged callback is. What reaches the
+client is the reason for bad input; for a task
 that does not parse or a fault of ours, only the exception's type: its text (an S3 error names
 endpoints and buckets) goes to the DLQ and the log, for the operators. Nothing a task holds stops
 the loop. An unacknowledged callback (``CallbackUnavailable``: the API restarting or refusing)
@@ -44,6 +46,7 @@ others, and one that ``CRASH_LIMIT`` processes died on is reported ``failed`` an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -68,6 +71,18 @@ DLQ_TOPIC = topics.GPU_DLQ
 MAX_ATTEMPTS = 3
 FOR_OPERATORS = "; the details are kept for the operators"  # what a client sees of a fault of ours
 UNAVAILABLE_MAX_S = 5.0  # the longest pause while the API does not acknowledge results
+# Written (then deleted) when an item's upload was refused with a 5xx: a store that refuses this
+# too cannot write at all (its disk full, say), which no item is failed for.
+PROBE_KEY = "palette-probe/gpu-worker-write"
+
+
+def server_refused(error: BaseException) -> bool:
+    """Whether ``error`` is an S3 answer of status 5xx (``InternalError``, ``ServiceUnavailable``,
+    ``SlowDown``): the store's own trouble, as botocore's ClientError carries it."""
+    response = getattr(error, "response", None)
+    meta = response.get("ResponseMetadata") if isinstance(response, dict) else None
+    status = meta.get("HTTPStatusCode") if isinstance(meta, dict) else None
+    return isinstance(status, int) and status >= 500
 REMEMBER_BYTES = 8 * 1024 * 1024
 
 
@@ -366,6 +381,8 @@ class GpuWorker(ConsumerLoop):
                 error = e
         if self.unreachable and isinstance(error, self.unreachable) and not self._store_answers():
             raise StoreUnavailable(f"object store unreachable ({type(error).__name__})") from None
+        if server_refused(error) and not self._store_writes():
+            raise StoreUnavailable(f"object store refuses writes ({type(error).__name__}: {error})") from None
         reason = f"processing failed after {MAX_ATTEMPTS} attempts: {type(error).__name__}: {error}"
         log.error("task %s parked on the DLQ: %s", task.idempotency_key, reason[:300])
         dlq = {**task.raw, "attempt": MAX_ATTEMPTS, "error": reason}
@@ -383,6 +400,21 @@ class GpuWorker(ConsumerLoop):
             return False
         except Exception:  # noqa: BLE001 - an answer (403, 404): the store is there
             return True
+        return True
+
+    def _store_writes(self) -> bool:
+        """Whether the object store takes a write of no item's (PROBE_KEY, deleted again): an item
+        whose upload is refused with a 5xx while the store writes is failed as any other; while it
+        refuses this one too (a full disk under SeaweedFS answers every PUT 500 InternalError), the
+        poll comes again after a pause, and the items finish once it writes again instead of
+        failing, and refunding, every job in flight."""
+        s3, bucket = self.pipeline.s3, self.pipeline.bucket
+        try:
+            s3.put_object(Bucket=bucket, Key=PROBE_KEY, Body=b"palette", ContentType="application/octet-stream")
+        except Exception as e:  # noqa: BLE001 - any other refusal is an answer: the store is there
+            return not (server_refused(e) or (bool(self.unreachable) and isinstance(e, self.unreachable)))
+        with contextlib.suppress(Exception):  # a probe left behind is overwritten by the next
+            s3.delete_object(Bucket=bucket, Key=PROBE_KEY)
         return True
 
     # -- a poll's worth of items --------------------------------------------------------------
