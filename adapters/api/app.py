@@ -123,7 +123,7 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
             log.exception("unhandled error (request %s)", request_id_var.get())
             return fail("INTERNAL", "internal error", status=500)
         away.note(e)
-        return fail("UNAVAILABLE", unavailable.MESSAGE, headers=unavailable.HEADERS)
+        return fail("UNAVAILABLE", unavailable.message(e), headers=unavailable.HEADERS)
 
     for database_error in unavailable.DATABASE_ERRORS:
         app.add_exception_handler(database_error, _database_away)

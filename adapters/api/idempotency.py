@@ -176,7 +176,7 @@ class IdempotencyKeys:
         except unavailable.DATABASE_ERRORS as e:
             if not unavailable.database_away(e):
                 raise
-            await self.fail("UNAVAILABLE", unavailable.MESSAGE, headers=unavailable.HEADERS)(scope, receive, send)
+            await self.fail("UNAVAILABLE", unavailable.message(e), headers=unavailable.HEADERS)(scope, receive, send)
             return
         if claimed and (refused := self._address_refuses(scope, raw_headers)) is not None:
             # Only a key claimed anew spends from its address: a replay, a 409 or a 422 adds no

@@ -24,12 +24,38 @@ HEADERS = {"Retry-After": "1"}
 WARN_EVERY_S = 10.0
 
 
+OUT_OF_SPACE = "the database cannot write now (its disk is full); try again later"
+
+
+def _cause(e: BaseException) -> BaseException:
+    return e.__cause__ if isinstance(e, StoreOperationalError) and isinstance(e.__cause__, psycopg.Error) else e
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether PostgreSQL's ``could not extend file: No space left on device`` (SQLSTATE 53100) is
+    ``e`` or what it was raised from (eventsourcing's wrapper, a save whose outcome is unknown)."""
+    seen: set[int] = set()
+    at: BaseException | None = e
+    while at is not None and id(at) not in seen:
+        seen.add(id(at))
+        if getattr(at, "sqlstate", None) == "53100":
+            return True
+        at = at.__cause__ or at.__context__
+    return False
+
+
+def message(e: BaseException) -> str:
+    """What a 503 says of ``e``: a full disk is said so (PostgreSQL answered at once; a retry in a
+    second will not help), not as a database that did not answer in time."""
+    return OUT_OF_SPACE if disk_full(e) else MESSAGE
+
+
 def database_away(e: BaseException) -> bool:
     """Whether ``e`` says the database did not answer, by the projector's test (its SQLSTATE):
     psycopg's OperationalError also covers program limits (54: an index row too large), routine
     and savepoint errors (2F, 38, 39, 3B), a bad password (28) and system errors (58), which a
     retry cannot mend. eventsourcing wraps psycopg's errors in its own: the cause is what tells."""
-    cause = e.__cause__ if isinstance(e, StoreOperationalError) and isinstance(e.__cause__, psycopg.Error) else e
+    cause = _cause(e)
     return isinstance(cause, DATABASE_ERRORS) and is_transient(cause)
 
 

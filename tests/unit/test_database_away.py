@@ -15,6 +15,7 @@ from eventsourcing.persistence import DatabaseError as StoreDatabaseError
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 from fastapi.testclient import TestClient
 
+from adapters.api import unavailable
 from adapters.api.app import create_app
 from adapters.settings import Settings
 from application.executors import OutcomeUnknown
@@ -130,3 +131,25 @@ def test_a_request_with_an_idempotency_key_meets_the_database_first_and_is_a_503
                       json={"preset": "interior", "item_count": 1})
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "UNAVAILABLE", answer.text
     assert answer.headers["Retry-After"] == "1"
+
+
+def _disk_full() -> BaseException:
+    error = psycopg.errors.DiskFull('could not extend file "base/16384/16389": No space left on device\n'
+                                   "HINT:  Check free disk space.")
+    try:
+        raise OutcomeUnknown("a save whose outcome could not be told") from StoreOperationalError(str(error))
+    except OutcomeUnknown as e:
+        e.__cause__.__cause__ = error  # type: ignore[union-attr]
+        return e
+
+
+@pytest.mark.parametrize("error", [
+    psycopg.errors.DiskFull('could not extend file "base/16384/16389": No space left on device'),
+    _disk_full(),
+])
+def test_a_database_whose_disk_is_full_is_a_503_that_says_so(error: BaseException) -> None:
+    """PostgreSQL refusing a write on a full disk answered at once: the 503 says the disk is full,
+    not that the database did not answer in time (found filling the data directory's disk)."""
+    answer = _register(_client(error))
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"] == {"code": "UNAVAILABLE", "message": unavailable.OUT_OF_SPACE}
