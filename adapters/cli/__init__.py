@@ -45,6 +45,21 @@ def _is_unreachable(e: BaseException) -> bool:
     return isinstance(e, (psycopg.OperationalError, OperationalError))
 
 
+def _disk_full(e: BaseException) -> str | None:
+    """PostgreSQL's own words when ``e`` is its refusal of a write on a full disk (SQLSTATE 53100,
+    ``could not extend file ...: No space left on device``), else None: it answered, so "cannot
+    reach PostgreSQL ... is the stack up?" (and its HINT line as the reason) would mislead."""
+    from adapters.api.unavailable import disk_full
+
+    if not disk_full(e):
+        return None
+    at: BaseException | None = e
+    while at is not None and getattr(at, "sqlstate", None) != "53100":
+        at = at.__cause__ or at.__context__
+    diag = getattr(at, "diag", None)
+    return str(getattr(diag, "message_primary", None) or "No space left on device")
+
+
 def _broker_unreachable(e: BaseException) -> bool:
     """No broker answered in time (kafka-python's bootstrap, an acknowledgement waited on)."""
     from kafka.errors import KafkaConnectionError, KafkaTimeoutError
@@ -105,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # timeout hours into its run is not the start-up's unreachable stack. The one line
             # below is what a command without a log says.
             logging.getLogger("palette.serve").error("stopped on %s", type(e).__name__, exc_info=e)
+        if _is_unreachable(e) and (full := _disk_full(e)) is not None:
+            print(f"palette {args.command}: PostgreSQL cannot write: its disk is full ({full}); "
+                  "free space where its data is (PALETTE_DATA_DIR's pg/, or pg-elsewhere's)", file=sys.stderr)
+            return 3
         if _is_unreachable(e):
             reason = driver_reason(e)
             hint = ("is PALETTE_DATA_DIR the running stack's (its secrets.json holds the password) and "

@@ -59,6 +59,24 @@ def test_a_password_postgresql_refuses_points_at_the_data_directory_not_at_a_sta
     assert "is the stack up" not in err
 
 
+def test_a_database_whose_disk_is_full_says_so_not_that_the_stack_is_down(
+        monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    """PostgreSQL refusing a write on a full disk answered: `palette serve projector` said
+    "cannot reach PostgreSQL (HINT:  Check free disk space.); is the stack up" on each of its
+    restarts while the data directory's disk was full (found filling it under a live stack)."""
+    import psycopg
+
+    def full(_args: Any) -> int:
+        raise psycopg.errors.DiskFull('could not extend file "base/16384/16408": No space left on device\n'
+                                      "HINT:  Check free disk space.")
+
+    monkeypatch.setattr(operators, "_cmd_token", full)
+    assert cli.main(["token", "--role", "analyst"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "PostgreSQL cannot write: its disk is full" in err, err
+    assert "is the stack up" not in err and "cannot reach" not in err
+
+
 def test_an_object_store_that_does_not_answer_is_one_line_and_exit_3(monkeypatch: pytest.MonkeyPatch,
                                                                     capsys: Any) -> None:
     def unreachable(_args: Any) -> int:
