@@ -121,6 +121,7 @@ class ProcessLog:
         self.dropped = 0  # lines that could not be written
         self._unsaid = 0  # of them, those the log does not say yet were lost (said before the next line)
         self._why = ""
+        self._whole: int | None = None  # the length of whole lines before the write under way
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
@@ -147,6 +148,7 @@ class ProcessLog:
         the process's output (a pump that stopped left the process blocked on a full pipe); the
         file is opened again for the next line, and a line before it says how many were lost."""
         with self._lock:
+            self._whole = None
             try:
                 if self._file is None:
                     self._open()
@@ -163,11 +165,16 @@ class ProcessLog:
                     with contextlib.suppress(OSError):
                         self._file.close()
                     self._file = None
+                if (whole := self._whole) is not None:  # a disk that filled mid-line took a piece
+                    with contextlib.suppress(OSError):  # of it: cut off (shortening needs no space)
+                        if self.path.stat().st_size > whole:
+                            os.truncate(self.path, whole)
 
     def _put(self, data: bytes) -> None:
         if self._size and self._size + len(data) > self.max_bytes:
             self._rotate()
         assert self._file is not None
+        self._whole = self._size  # the file's length of whole lines, kept where a write fails
         self._file.write(data)
         self._file.flush()
         self._size += len(data)

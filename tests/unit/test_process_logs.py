@@ -277,3 +277,42 @@ def test_a_process_that_has_said_nothing_yet_has_its_log_file(tmp_path: Path) ->
     log = ProcessLog(path)
     with log.writing():
         assert path.exists() and path.read_bytes() == b""
+
+
+def test_a_line_the_full_disk_took_only_part_of_leaves_no_piece_of_it_in_the_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk that fills mid-line takes the line's first bytes and refuses the rest: the log must
+    hold whole lines only, not that piece run together with the next one (seen filling a live
+    stack's disk: '..."msg": "the database did not answer (OperationalError: PL/pgSQL function
+    palette2 lines of output were lost here', a JSON line no reader can parse)."""
+    import builtins
+
+    path = tmp_path / "api.log"
+    log = ProcessLog(path, max_bytes=10_000, keep=1)
+    real_open = builtins.open
+    full = [False]
+
+    class FillsMidLine:
+        def __init__(self, f: object) -> None:
+            self.f = f
+
+        def write(self, data: bytes) -> int:
+            if full[0]:
+                self.f.write(data[: len(data) // 2])  # type: ignore[attr-defined]
+                self.f.flush()  # type: ignore[attr-defined]
+                raise OSError(28, "No space left on device")
+            return self.f.write(data)  # type: ignore[attr-defined,no-any-return]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: FillsMidLine(real_open(*a, **k)))
+    with log.writing():
+        log.write(_line(0))
+        full[0] = True
+        log.write(_line(1))
+        full[0] = False
+        log.write(_line(2))
+    assert log.dropped == 1
+    said = b"1 line of output could not be written here (OSError: No space left on device)\n"
+    assert path.read_bytes() == _line(0) + said + _line(2)
