@@ -89,6 +89,9 @@ def driver_reason(e: BaseException) -> str:
     in it masked (libpq quotes a connection string it cannot parse, or the host name an unescaped
     ``@`` in a password made), or the error's class."""
     lines = str(e).strip().splitlines()
+    # PostgreSQL's HINT, DETAIL and CONTEXT lines follow its message: "HINT:  Check free disk
+    # space." alone hid "could not extend file ...: No space left on device".
+    lines = [x for x in lines if not x.lstrip().startswith(("HINT:", "DETAIL:", "CONTEXT:"))] or lines
     if not lines:
         return type(e).__name__
     line = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", lines[-1].strip())

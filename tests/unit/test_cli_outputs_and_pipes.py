@@ -220,6 +220,10 @@ def test_a_database_error_line_never_shows_a_password() -> None:
         assert "s3cr3t" not in _reason(Exception(message)) and "***" in _reason(Exception(message))
     denied = 'connection failed: FATAL:  password authentication failed for user "palette"'
     assert _reason(Exception(denied)) == denied  # the reason itself, whole
+    # PostgreSQL's HINT follows its message: the message is the reason (a full disk's, found in
+    # the disk-full review, was logged as "DiskFull: HINT:  Check free disk space.")
+    full = 'could not extend file "base/16384/16389": No space left on device\nHINT:  Check free disk space.'
+    assert _reason(Exception(full)) == 'could not extend file "base/16384/16389": No space left on device'
 
 
 def test_a_command_run_where_no_stack_ran_says_its_secrets_are_new(tmp_path: Path) -> None:
