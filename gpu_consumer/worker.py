@@ -74,6 +74,9 @@ UNAVAILABLE_MAX_S = 5.0  # the longest pause while the API does not acknowledge 
 # Written (then deleted) when an item's upload was refused with a 5xx: a store that refuses this
 # too cannot write at all (its disk full, say), which no item is failed for.
 PROBE_KEY = "palette-probe/gpu-worker-write"
+# As large as a small output, so that it takes an output's way into the store: a few bytes are
+# kept in SeaweedFS's filer entry, a write that succeeded on the full disk where outputs failed.
+PROBE_BYTES = 256 * 1024
 
 
 def server_refused(error: BaseException) -> bool:
@@ -410,7 +413,7 @@ class GpuWorker(ConsumerLoop):
         failing, and refunding, every job in flight."""
         s3, bucket = self.pipeline.s3, self.pipeline.bucket
         try:
-            s3.put_object(Bucket=bucket, Key=PROBE_KEY, Body=b"palette", ContentType="application/octet-stream")
+            s3.put_object(Bucket=bucket, Key=PROBE_KEY, Body=bytes(PROBE_BYTES), ContentType="application/octet-stream")
         except Exception as e:  # noqa: BLE001 - any other refusal is an answer: the store is there
             return not (server_refused(e) or (bool(self.unreachable) and isinstance(e, self.unreachable)))
         with contextlib.suppress(Exception):  # a probe left behind is overwritten by the next
