@@ -77,15 +77,6 @@ PROBE_KEY = "palette-probe/gpu-worker-write"
 # As large as a small output, so that it takes an output's way into the store: a few bytes are
 # kept in SeaweedFS's filer entry, a write that succeeded on the full disk where outputs failed.
 PROBE_BYTES = 256 * 1024
-
-
-def server_refused(error: BaseException) -> bool:
-    """Whether ``error`` is an S3 answer of status 5xx (``InternalError``, ``ServiceUnavailable``,
-    ``SlowDown``): the store's own trouble, as botocore's ClientError carries it."""
-    response = getattr(error, "response", None)
-    meta = response.get("ResponseMetadata") if isinstance(response, dict) else None
-    status = meta.get("HTTPStatusCode") if isinstance(meta, dict) else None
-    return isinstance(status, int) and status >= 500
 REMEMBER_BYTES = 8 * 1024 * 1024
 
 
@@ -96,9 +87,19 @@ CRASH_LIMIT = 2  # processes that may die editing an item before it is failed in
 STARTED_KEPT_S = 7 * 24 * 3600.0  # a note of an item begun that never came back is removed after this
 
 
+def server_refused(error: BaseException) -> bool:
+    """Whether ``error`` is an S3 answer of status 5xx (``InternalError``, ``ServiceUnavailable``,
+    ``SlowDown``): the store's own trouble, as botocore's ClientError carries it."""
+    response = getattr(error, "response", None)
+    meta = response.get("ResponseMetadata") if isinstance(response, dict) else None
+    status = meta.get("HTTPStatusCode") if isinstance(meta, dict) else None
+    return isinstance(status, int) and status >= 500
+
+
 class StoreUnavailable(CallbackUnavailable):
-    """The object store could not be reached through an item's retries: the step ends without
-    committing and its poll comes again after a pause (as for an unacknowledged callback)."""
+    """The object store could not be reached through an item's retries, or took no write at all
+    (its disk full): the step ends without committing and its poll comes again after a pause (as
+    for an unacknowledged callback)."""
 
 
 class StartedItems:
