@@ -128,6 +128,10 @@ def remove_stale_pid_file(pgdir: Path) -> bool:
     return True
 
 
+S3_HEALTH_KEY = "palette-probe/supervisor-write"  # what the s3 service's health check writes
+S3_HEALTH_BYTES = 64 * 1024  # past what SeaweedFS keeps in its filer's entry: a write to a volume too
+S3_HEALTH_FREE_BYTES = 256 * 1024 * 1024  # with less free, a refused write is the disk's, not SeaweedFS's
+
 UP_LOCK = "palette-up.lock"  # in the data directory: held by the one `palette up` running on it
 
 
@@ -425,7 +429,7 @@ class EmbeddedStack(Generic[S]):
         ]
         env = {"AWS_ACCESS_KEY_ID": s.s3_access_key, "AWS_SECRET_ACCESS_KEY": s.s3_secret_key}
         return ServiceSpec("s3", argv, ready=self._s3_ready, env=env, cwd=weed_dir, restart=True,
-                           leaves=(*sockets, *weed_grpc_sockets(s.s3_port)))
+                           leaves=(*sockets, *weed_grpc_sockets(s.s3_port)), healthy=self._s3_writes)
 
     def _s3(self) -> Any:
         return s3_client(self.settings, timeout_s=2)
@@ -436,6 +440,28 @@ class EmbeddedStack(Generic[S]):
             return True
         except Exception:  # noqa: BLE001 - any failure means "not yet"
             return False
+
+    def _s3_writes(self) -> bool:
+        """Whether SeaweedFS takes a write (a small object put in the images bucket and deleted
+        again), or cannot be blamed for refusing one: with under ``S3_HEALTH_FREE_BYTES`` free on
+        its disk, a restart would not help and would cut off the reads it still serves. After
+        its disk filled, SeaweedFS's filer can go on refusing every write once space is back, for
+        minutes, and ignores SIGTERM then (seen filling a live stack's disk): only a restart ends it."""
+        try:
+            fs = os.statvfs(self.data_dir / "s3")
+        except OSError:
+            return True
+        if fs.f_bavail * fs.f_frsize < S3_HEALTH_FREE_BYTES:
+            return True
+        client, bucket = self._s3(), self.settings.s3_bucket
+        try:
+            client.put_object(Bucket=bucket, Key=S3_HEALTH_KEY, Body=bytes(S3_HEALTH_BYTES))
+        except Exception as e:  # noqa: BLE001 - only the store's own trouble (a 5xx, no answer) counts
+            status = getattr(e, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return isinstance(status, int) and status < 500
+        with contextlib.suppress(Exception):
+            client.delete_object(Bucket=bucket, Key=S3_HEALTH_KEY)
+        return True
 
     def _ensure_buckets(self) -> None:
         client = self._s3()

@@ -27,6 +27,8 @@ START_ATTEMPTS = 3  # starts of a restartable service before `palette up` gives 
 
 
 TAIL_LINE_CHARS = 300  # of a process's log line quoted in a StackError
+HEALTH_EVERY_S = 15.0  # between two health checks of one service (the first this long after its start)
+HEALTH_FAILURES = 4  # checks failed in a row that restart a service: a minute of not doing its work
 TAIL_BYTES = 64 * 1024  # of a process's log read for that quote: its end, never the whole file
 LOG_MAX_BYTES = 64 * 2**20  # a process's log is rotated past this (PALETTE_LOG_MAX_BYTES) ...
 LOG_KEEP = 3  # ... keeping this many rotated files, x.log.1 the newest (PALETTE_LOG_KEEP)
@@ -51,6 +53,9 @@ class ServiceSpec:
     ready_timeout_s: float = 60.0
     restart: bool = False  # application processes are restarted with backoff
     leaves: tuple[Path, ...] = ()  # Unix sockets it leaves behind: removed once it has stopped
+    # Whether a running service still does its work (beyond its process being alive): failing
+    # HEALTH_FAILURES checks in a row, HEALTH_EVERY_S apart, it is stopped and started again.
+    healthy: Callable[[], bool] | None = None
 
 
 def remove_left_sockets(paths: tuple[Path, ...]) -> None:
@@ -237,6 +242,8 @@ class _Running:
         self.restarts = 0
         self.next_restart_at = 0.0
         self.started_at = 0.0
+        self.next_health_at = 0.0
+        self.failed_health = 0  # health checks failed in a row
 
     def start(self) -> None:
         remove_left_sockets(self.spec.leaves)  # what a run that died with its supervisor left
@@ -252,6 +259,7 @@ class _Running:
             preexec_fn=_die_with_parent,
         )
         self.started_at = time.monotonic()
+        self.next_health_at, self.failed_health = self.started_at + HEALTH_EVERY_S, 0
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
 
     def _pump(self, proc: subprocess.Popen[bytes]) -> None:
@@ -447,11 +455,18 @@ class Supervisor:
         self.start(run.spec)
 
     def check(self) -> list[str]:
-        """Restart crashed restartable services with exponential backoff; return the names restarted."""
+        """Restart crashed restartable services with exponential backoff, and those that failed
+        their health check HEALTH_FAILURES times in a row; return the names restarted."""
         restarted = []
         now = time.monotonic()
         for name in self._order:
             run = self._running[name]
+            if run.alive() and self._unhealthy(run, now):
+                self._say(f"{name} failed its health check {run.failed_health} times in a row; restarting")
+                run.stop()
+                run.start()
+                restarted.append(name)
+                continue
             if run.alive() or not run.spec.restart:
                 continue
             if run.next_restart_at == 0.0:
@@ -469,6 +484,19 @@ class Supervisor:
                 run.start()
                 restarted.append(name)
         return restarted
+
+    @staticmethod
+    def _unhealthy(run: _Running, now: float) -> bool:
+        """Check ``run``'s health when due; whether it has now failed HEALTH_FAILURES in a row."""
+        if run.spec.healthy is None or not run.spec.restart or now < run.next_health_at:
+            return False
+        run.next_health_at = now + HEALTH_EVERY_S
+        try:
+            ok = run.spec.healthy()
+        except Exception:  # noqa: BLE001 - a check that cannot be made is a failed one
+            ok = False
+        run.failed_health = 0 if ok else run.failed_health + 1
+        return run.failed_health >= HEALTH_FAILURES
 
     def stop_all(self) -> None:
         for name in reversed(self._order):

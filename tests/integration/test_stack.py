@@ -48,6 +48,14 @@ def test_a_broker_on_memory_storage_restarts_with_an_empty_log(stack):
     after.close()
 
 
+def test_the_s3_services_health_check_writes_to_the_running_seaweedfs_and_leaves_nothing(stack):
+    from infra.stack import S3_HEALTH_KEY
+
+    assert stack._s3_writes()
+    listed = stack._s3().list_objects_v2(Bucket=stack.settings.s3_bucket, Prefix=S3_HEALTH_KEY)
+    assert listed.get("KeyCount") == 0
+
+
 def test_a_consumer_living_through_a_broker_restart_reads_the_new_log_from_its_start(stack):
     """A member keeps its position across the restart (kafka-python keeps it over a rebalance)
     and the memory broker answers a fetch past its new, shorter log with nothing: without reading

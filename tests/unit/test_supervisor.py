@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import infra.supervisor as supervisor_module
-from infra.supervisor import START_ATTEMPTS, ServiceSpec, StackError, Supervisor
+from infra.supervisor import HEALTH_EVERY_S, HEALTH_FAILURES, START_ATTEMPTS, ServiceSpec, StackError, Supervisor
 from tests.waiting import wait_until
 
 
@@ -83,6 +83,42 @@ def test_a_crashed_service_is_restarted_after_a_delay_that_doubles_to_30_s_and_s
     clock.now += 61  # the last restart ran a minute before crashing: the backoff starts over
     crashes_and_comes_back_after(0.5)
     crashes_and_comes_back_after(1.0)
+
+
+def test_a_service_failing_its_health_check_four_times_in_a_row_is_restarted_and_a_pass_starts_the_count_over(
+        clock: Clock, supervisor: Supervisor) -> None:
+    """Alive but not doing its work (SeaweedFS refusing every write minutes after its disk had room
+    again): only a restart ended it, and the supervisor, which watched for exits, never made one."""
+    answers, asked = iter([False, False, True, False, False, False, False]), []
+
+    def healthy() -> bool:
+        asked.append(clock.now)
+        if len(asked) == 5:
+            raise OSError("the check itself failed")  # counts as a failure
+        return next(answers)
+
+    supervisor.start(ServiceSpec("s3", ["/bin/sh", "-c", "sleep 60"], ready=lambda: True, restart=True,
+                                 healthy=healthy))
+    first = supervisor.pid("s3")
+    assert supervisor.check() == [] and asked == []  # the first check HEALTH_EVERY_S after its start
+    for _ in range(6):
+        clock.now += HEALTH_EVERY_S
+        assert supervisor.check() == []
+        assert supervisor.check() == []  # one check each HEALTH_EVERY_S, however often check() runs
+    clock.now += HEALTH_EVERY_S
+    assert supervisor.check() == ["s3"]  # failed, failed, passed, then four failures in a row
+    assert len(asked) == 7 and supervisor.pid("s3") not in (None, first)
+    assert said(supervisor)[-1] == f"[palette] s3 failed its health check {HEALTH_FAILURES} times in a row; restarting"
+
+
+def test_a_service_not_restartable_is_not_health_checked(clock: Clock, supervisor: Supervisor) -> None:
+    asked: list[float] = []
+    supervisor.start(ServiceSpec("once", ["/bin/sh", "-c", "sleep 60"], ready=lambda: True,
+                                 healthy=lambda: bool(asked.append(clock.now))))
+    for _ in range(HEALTH_FAILURES + 1):
+        clock.now += HEALTH_EVERY_S
+        assert supervisor.check() == []
+    assert asked == []
 
 
 def test_a_service_not_marked_restartable_stays_down(clock: Clock, supervisor: Supervisor, tmp_path: Path) -> None:
