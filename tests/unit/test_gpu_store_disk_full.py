@@ -7,17 +7,10 @@ upload alone is refused with a 5xx, the store writing otherwise, is still failed
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
-import torch
 from botocore.exceptions import ClientError
 
-from adapters.bootstrap import S3_UNREACHABLE
-from gpu_consumer.pipeline import ImagePipeline
-from gpu_consumer.worker import PROBE_KEY, GpuWorker
-from tests.unit.broker_fakes import FakeLog
-from tests.unit.test_gpu_worker_hardening import BUCKET, FakeCallbacks, FakeProducer, FakeS3, photo, task
+from gpu_consumer.worker import PROBE_KEY
+from tests.unit.test_gpu_worker_hardening import FakeS3, task, worker_over_log
 
 
 def internal_error() -> ClientError:
@@ -42,21 +35,10 @@ class DiskFull(FakeS3):
         self.objects.pop(Key, None)
 
 
-def worker(s3: FakeS3, tasks: list[dict[str, Any]]) -> tuple[GpuWorker, FakeLog, FakeProducer, FakeCallbacks]:
-    log = FakeLog()
-    for t in tasks:
-        s3.objects[t["input_key"]] = photo()
-        log.append(json.dumps(t).encode(), t["job_id"].encode())
-    producer, callbacks = FakeProducer(), FakeCallbacks()
-    w = GpuWorker(log, producer, ImagePipeline(s3, BUCKET, torch.device("cpu")), callbacks, io_threads=2,
-                  backoff_s=0.0, unavailable_pause_s=0.0, unreachable=S3_UNREACHABLE)
-    return w, log, producer, callbacks
-
-
 def test_items_wait_out_a_store_that_refuses_every_write_and_finish_once_it_writes() -> None:
     a = task()
     s3 = DiskFull()
-    w, log, producer, callbacks = worker(s3, [a])
+    w, log, producer, callbacks = worker_over_log(s3, [a])
     try:
         w.step()
         assert callbacks.reports == [], "an item was reported while the store could not write"
@@ -73,7 +55,7 @@ def test_items_wait_out_a_store_that_refuses_every_write_and_finish_once_it_writ
 def test_an_item_whose_own_upload_alone_is_refused_with_a_5xx_is_still_failed() -> None:
     a = task()
     s3 = DiskFull(prefix=a["output_key"])
-    w, log, producer, callbacks = worker(s3, [a])
+    w, log, producer, callbacks = worker_over_log(s3, [a])
     try:
         w.step()
     finally:

@@ -6,25 +6,11 @@ store is away only while its bucket's HEAD fails too."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import torch
 from botocore.exceptions import ConnectionClosedError
 
-from adapters.bootstrap import S3_UNREACHABLE
-from gpu_consumer.pipeline import ImagePipeline
-from gpu_consumer.worker import GpuWorker
-from tests.unit.broker_fakes import FakeLog
-from tests.unit.test_gpu_worker_hardening import (
-    BUCKET,
-    FakeCallbacks,
-    FakeProducer,
-    FakeS3,
-    StoreAway,
-    photo,
-    task,
-)
+from tests.unit.test_gpu_worker_hardening import FakeS3, StoreAway, task, worker_over_log
 
 
 class OneKeyResets(FakeS3):
@@ -41,13 +27,7 @@ class OneKeyResets(FakeS3):
 def test_one_item_whose_object_always_resets_does_not_stall_the_worker_for_ever() -> None:
     tasks = [task() for _ in range(3)]
     s3 = OneKeyResets(tasks[0]["input_key"])
-    log = FakeLog()
-    for t in tasks:
-        s3.objects[t["input_key"]] = photo()
-        log.append(json.dumps(t).encode(), t["job_id"].encode())
-    producer, callbacks = FakeProducer(), FakeCallbacks()
-    w = GpuWorker(log, producer, ImagePipeline(s3, BUCKET, torch.device("cpu")), callbacks, io_threads=2,
-                  backoff_s=0.0, unavailable_pause_s=0.0, max_records=2, unreachable=S3_UNREACHABLE)
+    w, log, _, callbacks = worker_over_log(s3, tasks, max_records=2)
     try:
         for _ in range(12):
             w.step()
@@ -63,13 +43,7 @@ def test_one_item_whose_object_always_resets_does_not_stall_the_worker_for_ever(
 def test_a_poll_that_comes_again_after_an_outage_does_not_edit_or_report_its_finished_items_again() -> None:
     a, b = task(), task()
     s3 = StoreAway(keys={b["input_key"]})
-    log = FakeLog()
-    for t in (a, b):
-        s3.objects[t["input_key"]] = photo()
-        log.append(json.dumps(t).encode(), t["job_id"].encode())
-    producer, callbacks = FakeProducer(), FakeCallbacks()
-    w = GpuWorker(log, producer, ImagePipeline(s3, BUCKET, torch.device("cpu")), callbacks, io_threads=2,
-                  backoff_s=0.0, unavailable_pause_s=0.0, unreachable=S3_UNREACHABLE)
+    w, log, producer, callbacks = worker_over_log(s3, [a, b])
     try:
         w.step()
         assert [k for k, _, _ in callbacks.reports] == [a["idempotency_key"]] and log.commits == []

@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from adapters.bootstrap import S3_UNREACHABLE
 from domain.contracts.callback import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_callback
 from domain.contracts.keys import MAX_INPUT_BYTES
 from gpu_consumer import ops
@@ -163,6 +164,20 @@ def worker(*polls: list[Record], s3: FakeS3 | None = None, remember_bytes: int =
     w = GpuWorker(consumer, producer, pipeline, callbacks, io_threads=2, backoff_s=0.0,
                   remember_bytes=remember_bytes, unavailable_pause_s=0.0)
     return w, s3, producer, callbacks, consumer
+
+
+def worker_over_log(s3: FakeS3, tasks: list[dict[str, Any]], **options: Any,
+                    ) -> tuple[GpuWorker, FakeLog, FakeProducer, FakeCallbacks]:
+    """A worker reading ``tasks`` from a log of its own, each task's photo in ``s3`` (no pauses; S3
+    unreachable as the served worker takes it); ``options`` go to GpuWorker."""
+    log = FakeLog()
+    for t in tasks:
+        s3.objects[t["input_key"]] = photo()
+        log.append(json.dumps(t).encode(), t["job_id"].encode())
+    producer, callbacks = FakeProducer(), FakeCallbacks()
+    w = GpuWorker(log, producer, ImagePipeline(s3, BUCKET, torch.device("cpu")), callbacks, io_threads=2,
+                  backoff_s=0.0, unavailable_pause_s=0.0, unreachable=S3_UNREACHABLE, **options)
+    return w, log, producer, callbacks
 
 
 # -- bad input: failed at once, parked, never retried ------------------------------------------

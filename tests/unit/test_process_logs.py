@@ -5,11 +5,13 @@ not logged (adapters.logs)."""
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,6 +39,35 @@ def _printing(count: int) -> list[str]:
 def _written(path: Path) -> bytes:
     """What the log holds so far (the pump opens it in a thread of its own: maybe not yet)."""
     return path.read_bytes() if path.exists() else b""
+
+
+class Disk:
+    """The files ``open`` makes from now on, on a disk that refuses every write while ``full``
+    (taking the first half of each one first when ``takes_half``: a disk that fills mid-line)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, takes_half: bool = False) -> None:
+        self.full = False
+        self.takes_half = takes_half
+        real_open = builtins.open
+        monkeypatch.setattr(builtins, "open", lambda *a, **k: _OnDisk(self, real_open(*a, **k)))
+
+
+class _OnDisk:
+    def __init__(self, disk: Disk, f: Any) -> None:
+        self.disk = disk
+        self.f = f
+
+    def write(self, data: bytes) -> int:
+        if self.disk.full:
+            if self.disk.takes_half:
+                self.f.write(data[: len(data) // 2])
+                self.f.flush()
+            raise OSError(28, "No space left on device")
+        written: int = self.f.write(data)
+        return written
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.f, name)
 
 
 def _numbers(path: Path) -> list[int]:
@@ -240,30 +271,14 @@ def test_a_line_that_cannot_be_written_is_dropped_and_counted_and_the_log_goes_o
     """A full disk: the pump must go on reading the process's output (a pump that raised left the
     process blocked on a full pipe); the lines the disk refused are counted, the next are written,
     after a line saying how many were lost."""
-    import builtins
-
     path = tmp_path / "relay.log"
     log = ProcessLog(path, max_bytes=1000, keep=1)
-    real_open = builtins.open
-    full = [True]
-
-    class Full:
-        def __init__(self, f: object) -> None:
-            self.f = f
-
-        def write(self, data: bytes) -> int:
-            if full[0]:
-                raise OSError(28, "No space left on device")
-            return self.f.write(data)  # type: ignore[attr-defined,no-any-return]
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self.f, name)
-
-    monkeypatch.setattr(builtins, "open", lambda *a, **k: Full(real_open(*a, **k)))
+    disk = Disk(monkeypatch)
+    disk.full = True
     with log.writing():
         for i in range(3):
             log.write(_line(i))
-        full[0] = False
+        disk.full = False
         log.write(_line(3))
         log.write(_line(4))
     assert log.dropped == 3  # and the log says so where they were lost, once
@@ -285,33 +300,14 @@ def test_a_line_the_full_disk_took_only_part_of_leaves_no_piece_of_it_in_the_log
     hold whole lines only, not that piece run together with the next one (seen filling a live
     stack's disk: '..."msg": "the database did not answer (OperationalError: PL/pgSQL function
     palette2 lines of output were lost here', a JSON line no reader can parse)."""
-    import builtins
-
     path = tmp_path / "api.log"
     log = ProcessLog(path, max_bytes=10_000, keep=1)
-    real_open = builtins.open
-    full = [False]
-
-    class FillsMidLine:
-        def __init__(self, f: object) -> None:
-            self.f = f
-
-        def write(self, data: bytes) -> int:
-            if full[0]:
-                self.f.write(data[: len(data) // 2])  # type: ignore[attr-defined]
-                self.f.flush()  # type: ignore[attr-defined]
-                raise OSError(28, "No space left on device")
-            return self.f.write(data)  # type: ignore[attr-defined,no-any-return]
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self.f, name)
-
-    monkeypatch.setattr(builtins, "open", lambda *a, **k: FillsMidLine(real_open(*a, **k)))
+    disk = Disk(monkeypatch, takes_half=True)
     with log.writing():
         log.write(_line(0))
-        full[0] = True
+        disk.full = True
         log.write(_line(1))
-        full[0] = False
+        disk.full = False
         log.write(_line(2))
     assert log.dropped == 1
     said = b"1 line of output could not be written here (OSError: No space left on device)\n"
