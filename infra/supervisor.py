@@ -29,6 +29,9 @@ START_ATTEMPTS = 3  # starts of a restartable service before `palette up` gives 
 TAIL_LINE_CHARS = 300  # of a process's log line quoted in a StackError
 HEALTH_EVERY_S = 15.0  # between two health checks of one service (the first this long after its start)
 HEALTH_FAILURES = 4  # checks failed in a row that restart a service: a minute of not doing its work
+# SIGTERM to SIGKILL for a service restarted for its health: it is wedged (SeaweedFS ignored SIGTERM
+# then), and the wait holds up `palette up`'s one loop (other restarts, Ctrl-C).
+HEALTH_STOP_S = 5.0
 TAIL_BYTES = 64 * 1024  # of a process's log read for that quote: its end, never the whole file
 LOG_MAX_BYTES = 64 * 2**20  # a process's log is rotated past this (PALETTE_LOG_MAX_BYTES) ...
 LOG_KEEP = 3  # ... keeping this many rotated files, x.log.1 the newest (PALETTE_LOG_KEEP)
@@ -463,9 +466,13 @@ class Supervisor:
             run = self._running[name]
             if run.alive() and self._unhealthy(run, now):
                 self._say(f"{name} failed its health check {run.failed_health} times in a row; restarting")
-                run.stop()
-                run.start()
-                restarted.append(name)
+                try:
+                    run.stop(HEALTH_STOP_S)
+                except subprocess.TimeoutExpired:  # not gone even killed: its next check tries again
+                    self._say(f"{name} did not exit when killed; not started again yet")
+                    continue
+                if self._start_again(run):
+                    restarted.append(name)
                 continue
             if run.alive() or not run.spec.restart:
                 continue
@@ -481,9 +488,21 @@ class Supervisor:
             elif now >= run.next_restart_at:
                 run.restarts += 1
                 run.next_restart_at = 0.0
-                run.start()
-                restarted.append(name)
+                if self._start_again(run):
+                    restarted.append(name)
         return restarted
+
+    def _start_again(self, run: _Running) -> bool:
+        """Start ``run`` again; False, said, where it cannot be (its program gone, no descriptor
+        left): it is then down as after a crash, and tried again after the backoff, instead of the
+        error leaving check() and ending `palette up` with every service unstopped."""
+        try:
+            run.start()
+        except (OSError, subprocess.SubprocessError) as e:
+            run.started_at = time.monotonic()  # not a healthy minute: the backoff grows
+            self._say(f"{run.spec.name} could not be started: {type(e).__name__}: {getattr(e, 'strerror', None) or e}")
+            return False
+        return True
 
     @staticmethod
     def _unhealthy(run: _Running, now: float) -> bool:

@@ -111,6 +111,49 @@ def test_a_service_failing_its_health_check_four_times_in_a_row_is_restarted_and
     assert said(supervisor)[-1] == f"[palette] s3 failed its health check {HEALTH_FAILURES} times in a row; restarting"
 
 
+def test_a_health_restart_whose_start_fails_is_retried_with_backoff_not_raised_out_of_check(
+        clock: Clock, supervisor: Supervisor) -> None:
+    """`palette up` calls check() in its loop outside any handler but StackError's: a restart whose
+    start raised (the program gone, no file descriptor left) ended it with a traceback, nothing
+    stopped in order. The failure is said, and the start tried again as after a crash."""
+    spec = ServiceSpec("s3", ["/bin/sh", "-c", "sleep 60"], ready=lambda: True, restart=True,
+                       healthy=lambda: False)
+    supervisor.start(spec)
+    spec.argv = ["/nonexistent/weed"]
+    for _ in range(HEALTH_FAILURES - 1):
+        clock.now += HEALTH_EVERY_S
+        assert supervisor.check() == []
+    clock.now += HEALTH_EVERY_S
+    assert supervisor.check() == []  # stopped; its start refused, and said so
+    assert said(supervisor)[-1].startswith("[palette] s3 could not be started: FileNotFoundError")
+    assert supervisor.pid("s3") is None
+    spec.argv = ["/bin/sh", "-c", "sleep 60"]
+    assert supervisor.check() == []  # scheduled as a crash is
+    assert said(supervisor)[-1].endswith("restarting in 0.5s")
+    clock.now += 0.5
+    assert supervisor.check() == ["s3"]
+    assert supervisor.pid("s3") is not None
+
+
+def test_a_health_restart_does_not_wait_the_full_stop_timeout_on_a_service_ignoring_sigterm(
+        clock: Clock, supervisor: Supervisor) -> None:
+    """SeaweedFS wedged after a full disk ignored SIGTERM: the restart waited 20 s in check(), in
+    `palette up`'s one loop, with no other crash restarted and Ctrl-C unanswered meanwhile."""
+    import time as real_time
+
+    from infra.supervisor import HEALTH_STOP_S
+
+    supervisor.start(ServiceSpec("s3", ["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"],
+                                 ready=lambda: True, restart=True, healthy=lambda: False))
+    for _ in range(HEALTH_FAILURES - 1):
+        clock.now += HEALTH_EVERY_S
+        assert supervisor.check() == []
+    clock.now += HEALTH_EVERY_S
+    t0 = real_time.monotonic()
+    assert supervisor.check() == ["s3"]
+    assert real_time.monotonic() - t0 < HEALTH_STOP_S + 3
+
+
 def test_a_service_not_restartable_is_not_health_checked(clock: Clock, supervisor: Supervisor) -> None:
     asked: list[float] = []
     supervisor.start(ServiceSpec("once", ["/bin/sh", "-c", "sleep 60"], ready=lambda: True,
