@@ -7,8 +7,9 @@ from typing import Any
 from infra.config import S3Settings
 
 
-def s3_client(settings: S3Settings, timeout_s: float = 10, max_pool: int = 16) -> Any:
-    """A boto3 S3 client with path-style addressing and SigV4 (presigned URLs work on any endpoint)."""
+def s3_client(settings: S3Settings, timeout_s: float = 10, max_pool: int = 16, attempts: int = 3) -> Any:
+    """A boto3 S3 client with path-style addressing and SigV4 (presigned URLs work on any endpoint),
+    making ``attempts`` in all for a request (botocore's ``max_attempts`` counts the retries only)."""
     import boto3
     from botocore.config import Config
 
@@ -23,7 +24,7 @@ def s3_client(settings: S3Settings, timeout_s: float = 10, max_pool: int = 16) -
             s3={"addressing_style": "path"},
             connect_timeout=timeout_s,
             read_timeout=timeout_s,
-            retries={"max_attempts": 2, "mode": "standard"},
+            retries={"total_max_attempts": attempts, "mode": "standard"},
             max_pool_connections=max_pool,
         ),
     )

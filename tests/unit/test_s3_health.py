@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 import infra.stack as stack_module
 from adapters.bootstrap import embedded_stack
@@ -47,7 +47,7 @@ def _checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: Store, free
         return os.statvfs_result((fs.f_bsize, 4096, fs.f_blocks, free // 4096, free // 4096, *fs[5:]))
 
     monkeypatch.setattr(stack_module.os, "statvfs", statvfs)
-    monkeypatch.setattr(stack, "_s3", lambda: store)
+    monkeypatch.setattr(stack, "_s3_probe", lambda: store)
     return stack._s3_writes()
 
 
@@ -59,7 +59,8 @@ def test_a_store_that_takes_the_write_is_healthy_and_the_object_is_deleted(tmp_p
 
 
 @pytest.mark.parametrize("refusal", [_answer(500, "InternalError"), _answer(503, "ServiceUnavailable"),
-                                     EndpointConnectionError(endpoint_url="http://127.0.0.1:1/palette-images")])
+                                     EndpointConnectionError(endpoint_url="http://127.0.0.1:1/palette-images"),
+                                     ReadTimeoutError(endpoint_url="http://127.0.0.1:1/palette-images")])
 def test_a_store_that_refuses_with_a_5xx_or_does_not_answer_while_its_disk_has_room_is_unhealthy(
         refusal: Exception, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not _checked(tmp_path, monkeypatch, Store(refusal))
@@ -77,3 +78,14 @@ def test_a_store_refusing_writes_on_a_disk_with_little_room_left_is_not_blamed(t
     store = Store(_answer(500, "InternalError"))
     assert _checked(tmp_path, monkeypatch, store, free=S3_HEALTH_FREE_BYTES - 4096)
     assert not _checked(tmp_path, monkeypatch, store, free=S3_HEALTH_FREE_BYTES + 4096)
+
+
+def test_the_check_makes_one_attempt_on_one_client_kept_between_checks(tmp_path: Path) -> None:
+    """It runs in `palette up`'s one loop: against a store that takes the connection and never
+    answers, a new client each check with the default retries held that loop (other restarts,
+    Ctrl-C) 9 s of every 15."""
+    stack = embedded_stack(load_settings(data_dir=tmp_path))
+    client = stack._s3_probe()
+    assert stack._s3_probe() is client
+    assert client.meta.config.retries["total_max_attempts"] == 1
+    assert client.meta.config.read_timeout <= 2 and client.meta.config.connect_timeout <= 2
