@@ -131,6 +131,9 @@ def remove_stale_pid_file(pgdir: Path) -> bool:
 S3_HEALTH_KEY = "palette-probe/supervisor-write"  # what the s3 service's health check writes
 S3_HEALTH_BYTES = 64 * 1024  # past what SeaweedFS keeps in its filer's entry: a write to a volume too
 S3_HEALTH_FREE_BYTES = 256 * 1024 * 1024  # with less free, a refused write is the disk's, not SeaweedFS's
+# ... nor with less than this share of the disk free: SeaweedFS's volume server marks every volume
+# read-only under 1% free (weed mini keeps the volume server's minFreeSpace default), checked each minute
+S3_HEALTH_FREE_SHARE = 0.02
 
 UP_LOCK = "palette-up.lock"  # in the data directory: held by the one `palette up` running on it
 
@@ -453,14 +456,15 @@ class EmbeddedStack(Generic[S]):
     def _s3_writes(self) -> bool:
         """Whether SeaweedFS takes a write (a small object put in the images bucket and deleted
         again), or cannot be blamed for refusing one: with under ``S3_HEALTH_FREE_BYTES`` free on
-        its disk, a restart would not help and would cut off the reads it still serves. After
+        its disk, or under ``S3_HEALTH_FREE_SHARE`` of it (SeaweedFS's own floor is 1%), a restart
+        would not help and would cut off the reads it still serves. After
         its disk filled, SeaweedFS's filer can go on refusing every write once space is back, for
         minutes, and ignores SIGTERM then (seen filling a live stack's disk): only a restart ends it."""
         try:
             fs = os.statvfs(self.data_dir / "s3")
         except OSError:
             return True
-        if fs.f_bavail * fs.f_frsize < S3_HEALTH_FREE_BYTES:
+        if fs.f_bavail * fs.f_frsize < max(S3_HEALTH_FREE_BYTES, S3_HEALTH_FREE_SHARE * fs.f_blocks * fs.f_frsize):
             return True
         client, bucket = self._s3_probe(), self.settings.s3_bucket
         try:

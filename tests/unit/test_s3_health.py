@@ -37,14 +37,15 @@ def _answer(status: int, code: str) -> ClientError:
     return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
 
 
-def _checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: Store, free: int = 10 * 2**30) -> bool:
+def _checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: Store, free: int = 10 * 2**30,
+             size: int = 20 * 2**30) -> bool:
     stack = embedded_stack(load_settings(data_dir=tmp_path))
     (tmp_path / "s3").mkdir(exist_ok=True)
     real = os.statvfs
 
     def statvfs(path: Any) -> Any:
         fs = real(path)
-        return os.statvfs_result((fs.f_bsize, 4096, fs.f_blocks, free // 4096, free // 4096, *fs[5:]))
+        return os.statvfs_result((fs.f_bsize, 4096, size // 4096, free // 4096, free // 4096, *fs[5:]))
 
     monkeypatch.setattr(stack_module.os, "statvfs", statvfs)
     monkeypatch.setattr(stack, "_s3_probe", lambda: store)
@@ -76,8 +77,9 @@ def test_a_store_refusing_writes_on_a_disk_with_little_room_left_is_not_blamed(t
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A restart would not give the disk room, and would cut off the reads the store still serves."""
     store = Store(_answer(500, "InternalError"))
-    assert _checked(tmp_path, monkeypatch, store, free=S3_HEALTH_FREE_BYTES - 4096)
-    assert not _checked(tmp_path, monkeypatch, store, free=S3_HEALTH_FREE_BYTES + 4096)
+    small = 4 * 2**30  # 2% of it under S3_HEALTH_FREE_BYTES: the bytes decide
+    assert _checked(tmp_path, monkeypatch, store, free=S3_HEALTH_FREE_BYTES - 4096, size=small)
+    assert not _checked(tmp_path, monkeypatch, store, free=S3_HEALTH_FREE_BYTES + 4096, size=small)
 
 
 def test_the_check_makes_one_attempt_on_one_client_kept_between_checks(tmp_path: Path) -> None:
@@ -89,3 +91,13 @@ def test_the_check_makes_one_attempt_on_one_client_kept_between_checks(tmp_path:
     assert stack._s3_probe() is client
     assert client.meta.config.retries["total_max_attempts"] == 1
     assert client.meta.config.read_timeout <= 2 and client.meta.config.connect_timeout <= 2
+
+
+def test_a_store_refusing_writes_under_seaweedfs_own_free_space_floor_is_not_blamed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SeaweedFS's volume server marks every volume read-only with under 1% of its disk free (weed
+    mini's default minFreeSpace): on a disk of 500 GiB, 2 GiB free is far over S3_HEALTH_FREE_BYTES,
+    and a restart every minute would neither give it room nor let it write, only cut off its reads."""
+    store = Store(_answer(500, "InternalError"))
+    assert _checked(tmp_path, monkeypatch, store, free=2 * 2**30, size=500 * 2**30)
+    assert not _checked(tmp_path, monkeypatch, store, free=20 * 2**30, size=500 * 2**30)
