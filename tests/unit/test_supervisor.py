@@ -237,3 +237,25 @@ def test_services_stop_in_the_reverse_order_of_their_start(supervisor: Superviso
     supervisor.stop_all()
     stopping = [m.group(1) for line in said(supervisor) if (m := re.fullmatch(r"\[palette\] stopping (\w+)", line))]
     assert stopping == ["api", "broker", "postgres"]
+
+
+def test_a_health_restart_of_a_process_not_gone_even_killed_is_said_and_left_to_its_next_check(
+        clock: Clock, supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One stuck in the kernel (a disk that hangs) outlives SIGKILL's 5 s wait: the TimeoutExpired
+    left check(), and `palette up` with it. It is not started beside itself (its ports are held)."""
+    import subprocess
+
+    supervisor.start(ServiceSpec("s3", ["/bin/sh", "-c", "sleep 60"], ready=lambda: True, restart=True,
+                                 healthy=lambda: False))
+    first = supervisor.pid("s3")
+
+    def stuck(timeout_s: float = 20.0) -> None:
+        raise subprocess.TimeoutExpired("weed", 5)
+
+    monkeypatch.setattr(supervisor._running["s3"], "stop", stuck)
+    for _ in range(HEALTH_FAILURES):
+        clock.now += HEALTH_EVERY_S
+        assert supervisor.check() == []
+    assert said(supervisor)[-1] == "[palette] s3 did not exit when killed; not started again yet"
+    assert supervisor.pid("s3") == first
+    monkeypatch.undo()
