@@ -84,14 +84,20 @@ def configure(process: str, level: int = logging.INFO) -> None:
     logging.config.dictConfig(dict_config(process, level))
 
 
+_BLOCKS = ("DETAIL:", "HINT:", "QUERY:", "CONTEXT:")  # what PostgreSQL says after an error's message
+
+
 def driver_reason(e: BaseException) -> str:
     """The driver's last line (``password authentication failed for user ...``), a password
     in it masked (libpq quotes a connection string it cannot parse, or the host name an unescaped
     ``@`` in a password made), or the error's class."""
     lines = str(e).strip().splitlines()
-    # PostgreSQL's HINT, DETAIL and CONTEXT lines follow its message: "HINT:  Check free disk
-    # space." alone hid "could not extend file ...: No space left on device".
-    lines = [x for x in lines if not x.lstrip().startswith(("HINT:", "DETAIL:", "CONTEXT:"))] or lines
+    # PostgreSQL's DETAIL, HINT, QUERY and CONTEXT blocks follow its message, in that order, each
+    # maybe over several lines (a PL/pgSQL function's CONTEXT, a deadlock's DETAIL): the message
+    # is what comes before the first. "HINT:  Check free disk space." hid "could not extend file
+    # ...: No space left on device"; a QUERY line quotes its statement, literals included.
+    first = next((i for i, x in enumerate(lines) if x.lstrip().startswith(_BLOCKS)), len(lines))
+    lines = lines[:first] or lines
     if not lines:
         return type(e).__name__
     line = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", lines[-1].strip())

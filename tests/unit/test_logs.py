@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 
+import psycopg
+import pytest
+
 from adapters.logs import JsonLines, bound
 from infra.supervisor import readable
 
@@ -71,3 +74,26 @@ def test_the_dictionary_each_api_worker_applies_makes_json_lines_and_quiets_the_
     lines = [json.loads(line) for line in done.stderr.splitlines()]
     assert [(e["logger"], e["msg"], e["process"], e["level"]) for e in lines] == [
         ("uvicorn.error", "worker 2 up", "api", "warning"), ("palette.api", "shown", "api", "info")]
+
+
+@pytest.mark.parametrize(("said", "reason"), [
+    # the events' insert function (adapters.pg_streams): its LOCK TABLE waited out lock_timeout
+    ('canceling statement due to lock timeout\n'
+     'CONTEXT:  SQL statement "LOCK TABLE public.stored_events IN EXCLUSIVE MODE"\n'
+     'PL/pgSQL function palette_insert_events_uuid(stored_event_uuid[]) line 1 at SQL statement',
+     "canceling statement due to lock timeout"),
+    # a deadlock's DETAIL runs over two lines, naming the processes
+    ('deadlock detected\nDETAIL:  Process 1 waits for ShareLock on transaction 7; blocked by process 2.\n'
+     'Process 2 waits for ShareLock on transaction 8; blocked by process 1.\nHINT:  See server log for query details.',
+     "deadlock detected"),
+    # a QUERY line quotes the statement, literals and all
+    ("could not extend file \"base/1/2\": No space left on device\nHINT:  Check free disk space.\n"
+     "QUERY:  insert into t values ('a literal, a secret')\nCONTEXT:  PL/pgSQL function f() line 3 at PERFORM",
+     'could not extend file "base/1/2": No space left on device'),
+])
+def test_the_reason_is_the_message_not_a_line_of_the_blocks_that_follow_it(said: str, reason: str) -> None:
+    """PostgreSQL's DETAIL, HINT, QUERY and CONTEXT come after its message, in that order, and a
+    block may run over several lines: the reason is what comes before the first of them."""
+    from adapters.logs import driver_reason
+
+    assert driver_reason(psycopg.OperationalError(said)) == reason
