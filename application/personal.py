@@ -26,7 +26,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from domain.contracts.personal import ERASED, SEALED_PREFIX, sealed_owner
-from domain.errors import NotFound
+from domain.errors import UserNotFound
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -57,14 +57,13 @@ class Keyring(Protocol):
         ...
 
 
-class KeyDestroyed(NotFound):
-    """The user was erased: nothing can be sealed for them any more. A NotFound, as every command
-    on an erased user is: a request that passed its token check just before the erasure is
-    answered 404, not 500."""
+class KeyDestroyed(UserNotFound):
+    """The user was erased: nothing can be sealed for them any more. A UserNotFound, as every
+    command on an erased user meets: a request that passed its token check just before the
+    erasure is answered as a token no longer valid, not 500."""
 
     def __init__(self, user_id: str) -> None:
-        super().__init__("user not found")
-        self.user_id = user_id
+        super().__init__(user_id)
 
 
 class MemoryKeyring:

@@ -30,7 +30,7 @@ from application.ports import Clock, IdGenerator, ObjectStore, StreamVersions
 from application.snapshots import SNAPSHOT_EVERY, SetAsList, StreamSnapshot
 from application.unit_of_work import Command, CommandExecutor, Committed, UnitOfWork, touches
 from domain.contracts.keys import MAX_INPUT_BYTES, REISSUE_S, input_key
-from domain.errors import InvalidState, NotFound, ValidationFailed
+from domain.errors import InvalidState, NotFound, UserNotFound, ValidationFailed
 from domain.job import MAX_ITEMS, Job, JobStatus, RecordedResult
 from domain.plans import DEFAULT_PLANS, Plan
 from domain.presets import get_preset, normalise_edits
@@ -744,7 +744,7 @@ class PaletteService:
     def _user(uow: UnitOfWork, user_id: UUID) -> User:
         user = uow.get(User, user_id)
         if user is None or user.erased:
-            raise NotFound("user not found")
+            raise UserNotFound(user_id)
         return user
 
     @classmethod

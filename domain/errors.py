@@ -26,6 +26,15 @@ class NotFound(DomainError, code="NOT_FOUND"):
     """No such aggregate for this user: another user's object is not found either."""
 
 
+class UserNotFound(NotFound):
+    """The user a command acts for is not there: erased (no command is taken after it), or never
+    registered. The API answers its own caller's as a token no longer valid."""
+
+    def __init__(self, user_id: object) -> None:
+        super().__init__("user not found")
+        self.user_id = user_id
+
+
 class InvalidState(DomainError, code="INVALID_STATE"):
     """The aggregate's state does not take the command (a job executed before its upload)."""
 

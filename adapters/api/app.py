@@ -27,7 +27,7 @@ from adapters.bootstrap import Container
 from adapters.erasure import ErasedUsers
 from adapters.settings import Settings
 from adapters.tokens import TokenIssuer
-from domain.errors import DomainError
+from domain.errors import DomainError, UserNotFound
 
 log = logging.getLogger("palette.api")
 
@@ -91,7 +91,10 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
         return fail("RATE_LIMITED", str(e), headers={"Retry-After": e.retry_after_header})
 
     @app.exception_handler(DomainError)
-    async def _domain(_: Request, e: DomainError) -> JSONResponse:
+    async def _domain(request: Request, e: DomainError) -> JSONResponse:
+        if isinstance(e, UserNotFound) and str(e.user_id) == str(getattr(request.state, "client", None)):
+            # the caller erased a moment ago, before this process refused its tokens (within 1 s)
+            return fail("AUTH_INVALID", "the token is invalid or expired", headers={"WWW-Authenticate": "Bearer"})
         details = ({"missing": e.missing} if hasattr(e, "missing")
                    else {"too_large": e.too_large} if hasattr(e, "too_large") else None)
         return fail(e.code, e.message, details=details)

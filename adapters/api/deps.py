@@ -114,6 +114,7 @@ class ClientBearer(HTTPBearer):
             raise ApiError("AUTH_INVALID", "this token cannot act as a client")
         if user_id in request.app.state.erased_users:
             raise ApiError("AUTH_INVALID", "the token is invalid or expired")
+        request.state.client = user_id  # a command that finds this user gone answers 401 (app.py)
         return user_id
 
 

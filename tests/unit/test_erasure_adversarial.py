@@ -6,6 +6,8 @@ own key cache), and an erasure is what ``adapters.erasure.erase`` does to the ap
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -227,3 +229,34 @@ def test_an_erasure_leaves_a_legacy_registration_as_it_is_when_stored_states_are
                   {"COMPRESSOR_TOPIC": "eventsourcing.compressor:ZlibCompressor"}):
         app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo", **extra})
         assert redact_legacy_registration(_Untouchable(), app, uuid.uuid4()) is False
+
+
+def _api_of(service: PaletteService) -> Any:
+    """The HTTP API over ``service`` (an API process whose erased-token list has not been
+    refreshed yet), and a client token of a new user."""
+    from fastapi.testclient import TestClient
+
+    from adapters.api.app import create_app
+    from adapters.settings import Settings
+
+    settings = Settings(jwt_secret="s" * 48, callback_secret="c" * 48, device_key_secret="d" * 48)
+    app = create_app(SimpleNamespace(settings=settings, read_pool=None, service=service))  # type: ignore[arg-type]
+    return TestClient(app, raise_server_exceptions=False), app.state.tokens
+
+
+def test_a_command_of_a_user_erased_through_another_process_is_a_401_to_its_caller_not_a_404():
+    """In the second before this process refuses the erased user's tokens, POST /jobs and POST
+    /rules answered 404 "user not found": the caller's own account gone is a token no longer
+    valid, as GET /me already said."""
+    from datetime import UTC, datetime
+
+    here, there = processes()
+    user_id, _ = here.register(DEVICE).value
+    api, tokens = _api_of(here)
+    auth = {"Authorization": f"Bearer {tokens.issue(user_id, datetime.now(UTC))}"}
+    erase(there, user_id)  # DELETE /me served by another API worker
+    for path, body in (("/jobs", {"preset": "interior", "item_count": 1}),
+                       ("/rules", {"name": "Kitchen", "preset_id": "interior", "concepts": EDITS})):
+        answer = api.post(path, json=body, headers=auth)
+        assert answer.status_code == 401, (path, answer.text)
+        assert answer.json()["error"]["code"] == "AUTH_INVALID" and answer.headers["WWW-Authenticate"] == "Bearer"
