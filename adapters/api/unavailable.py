@@ -31,23 +31,23 @@ def _cause(e: BaseException) -> BaseException:
     return e.__cause__ if isinstance(e, StoreOperationalError) and isinstance(e.__cause__, psycopg.Error) else e
 
 
-def disk_full(e: BaseException) -> bool:
-    """Whether PostgreSQL's ``could not extend file: No space left on device`` (SQLSTATE 53100) is
-    ``e`` or what it was raised from (eventsourcing's wrapper, a save whose outcome is unknown)."""
+def disk_full(e: BaseException) -> BaseException | None:
+    """PostgreSQL's ``could not extend file: No space left on device`` (SQLSTATE 53100) when it is
+    ``e`` or what ``e`` was raised from (eventsourcing's wrapper, a save whose outcome is unknown)."""
     seen: set[int] = set()
     at: BaseException | None = e
     while at is not None and id(at) not in seen:
         seen.add(id(at))
         if getattr(at, "sqlstate", None) == "53100":
-            return True
+            return at
         at = at.__cause__ or at.__context__
-    return False
+    return None
 
 
 def message(e: BaseException) -> str:
     """What a 503 says of ``e``: a full disk is said so (PostgreSQL answered at once; a retry in a
     second will not help), not as a database that did not answer in time."""
-    return OUT_OF_SPACE if disk_full(e) else MESSAGE
+    return OUT_OF_SPACE if disk_full(e) is not None else MESSAGE
 
 
 def database_away(e: BaseException) -> bool:

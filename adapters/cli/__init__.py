@@ -51,12 +51,9 @@ def _disk_full(e: BaseException) -> str | None:
     reach PostgreSQL ... is the stack up?" (and its HINT line as the reason) would mislead."""
     from adapters.api.unavailable import disk_full
 
-    if not disk_full(e):
+    if (refusal := disk_full(e)) is None:
         return None
-    at: BaseException | None = e
-    while at is not None and getattr(at, "sqlstate", None) != "53100":
-        at = at.__cause__ or at.__context__
-    diag = getattr(at, "diag", None)
+    diag = getattr(refusal, "diag", None)
     return str(getattr(diag, "message_primary", None) or "No space left on device")
 
 
