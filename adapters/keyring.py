@@ -12,8 +12,10 @@ tokens of those erased within a token's lifetime are refused, and an erasure cut
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -25,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from adapters.loop_pg import LoopConnections
+from adapters.per_loop import of_running_loop
 from application.personal import KEY_BYTES, NONCE_BYTES, KeyDestroyed
 
 DDL = (
@@ -56,6 +59,17 @@ KEY_FOR = ("WITH made AS (INSERT INTO palette_user_keys (user_id, wrapped) SELEC
            "ON CONFLICT (user_id) DO NOTHING RETURNING wrapped) "
            "SELECT wrapped FROM made UNION ALL SELECT wrapped FROM palette_user_keys WHERE user_id = %(u)s")
 KEY = "SELECT wrapped FROM palette_user_keys WHERE user_id = %s"
+# KEY_FOR for many users in one round trip (``PgKeyring.key_for_async``): each user's stored key or
+# a new one stored, in user id order, so that two processes making overlapping keys at once take
+# their rows' locks in one order (none waits for the other in a cycle).
+KEYS_FOR = ("WITH asked (u, w) AS (SELECT * FROM unnest(%(u)s::uuid[], %(w)s::bytea[])), "
+            "made AS (INSERT INTO palette_user_keys (user_id, wrapped) SELECT u, w FROM asked "
+            "WHERE NOT EXISTS (SELECT 1 FROM palette_erasures e WHERE e.user_id = asked.u) ORDER BY u "
+            "ON CONFLICT (user_id) DO NOTHING RETURNING user_id, wrapped) "
+            "SELECT user_id, wrapped FROM made UNION ALL "
+            "SELECT user_id, wrapped FROM palette_user_keys WHERE user_id = ANY(%(u)s)")
+KEYS = "SELECT user_id, wrapped FROM palette_user_keys WHERE user_id = ANY(%s)"
+KEYS_AT_ONCE = 500  # the most users one statement makes keys for
 
 
 class PgKeyring:
@@ -66,6 +80,7 @@ class PgKeyring:
         self.pool = pool
         self.connections = connections
         self._kek = AESGCM(key_encryption_key(secret))
+        self._requests: dict[asyncio.AbstractEventLoop, _KeyRequests] = {}
 
     def _wrap(self, user_id: UUID, key: bytes) -> bytes:
         nonce = os.urandom(NONCE_BYTES)
@@ -83,17 +98,25 @@ class PgKeyring:
         return self._opened(user_id, row)
 
     async def key_for_async(self, user_id: UUID) -> bytes:
+        """key_for on the loop: the keys asked for while a statement runs are made together by the
+        next one (``_KeyRequests``), as the group committer saves commands."""
         if self.connections is None:
             return await anyio.to_thread.run_sync(self.key_for, user_id)
-        candidate = self._candidate(user_id)
+        requests = of_running_loop(self._requests, lambda: _KeyRequests(self._keys_for))
+        return await requests.key(user_id)
+
+    async def _keys_for(self, user_ids: list[UUID]) -> dict[UUID, bytes]:
+        """The keys of ``user_ids`` (sorted, distinct), made where missing; erased users' absent."""
+        assert self.connections is not None
+        asked = {"u": user_ids, "w": [self._candidate(u) for u in user_ids]}
         for attempt in (1, 2):
             held = None
             try:
                 async with self.connections.connection() as conn:
                     held = conn
-                    row = await (await conn.execute(KEY_FOR, {"u": user_id, "w": candidate})).fetchone()
-                    if row is None:
-                        row = await (await conn.execute(KEY, [user_id])).fetchone()
+                    rows = await (await conn.execute(KEYS_FOR, asked)).fetchall()
+                    if len(rows) < len(user_ids):  # made by another process after the snapshot, or erased
+                        rows = await (await conn.execute(KEYS, [user_ids])).fetchall()
                 break
             except psycopg.OperationalError:
                 # A connection that died with a database restart (the loop's idle ones go with it:
@@ -103,7 +126,7 @@ class PgKeyring:
                 # only wait as long again.
                 if attempt == 2 or held is None or not held.broken:
                     raise
-        return self._opened(user_id, row)
+        return {u: self._unwrap(u, bytes(wrapped)) for u, wrapped in rows}
 
     def _candidate(self, user_id: UUID) -> bytes:
         return self._wrap(user_id, AESGCM.generate_key(bit_length=KEY_BYTES * 8))
@@ -128,6 +151,56 @@ class PgKeyring:
         with self.pool.connection() as conn:
             rows = conn.execute("SELECT user_id FROM palette_erasures WHERE user_id = ANY(%s)", [ids]).fetchall()
         return {r[0] for r in rows}
+
+
+class _KeyRequests:
+    """The keys asked for on one event loop: one statement at a time makes those asked for since
+    the one before (at most ``KEYS_AT_ONCE``), on a task of its own, so a caller that goes away
+    (a client that disconnected) takes no other caller's statement with it."""
+
+    def __init__(self, make: Callable[[list[UUID]], Awaitable[dict[UUID, bytes]]]) -> None:
+        self.make = make
+        self.asked: dict[UUID, asyncio.Future[bytes]] = {}  # by user: not in a statement yet
+        self.making: asyncio.Task[None] | None = None
+
+    async def key(self, user_id: UUID) -> bytes:
+        future = self.asked.get(user_id)
+        if future is None:
+            future = self.asked[user_id] = asyncio.get_running_loop().create_future()
+            future.add_done_callback(_retrieved)  # its callers may all have gone: no "never retrieved" line
+        if self.making is None:
+            self.making = asyncio.create_task(self._make_all())
+        return await asyncio.shield(future)  # cancelling one caller cancels no other's key
+
+    async def _make_all(self) -> None:
+        try:
+            while self.asked:
+                batch = dict(itertools.islice(sorted(self.asked.items()), KEYS_AT_ONCE))
+                for user_id in batch:
+                    del self.asked[user_id]
+                try:
+                    keys = await self.make(list(batch))
+                except Exception as e:  # noqa: BLE001 - each caller gets it, as its own statement would
+                    for future in batch.values():
+                        future.set_exception(e)
+                    continue
+                except BaseException:  # the loop is shutting down
+                    for future in (*batch.values(), *self.asked.values()):
+                        future.cancel()
+                    raise
+                for user_id, future in batch.items():
+                    key = keys.get(user_id)
+                    if key is None:
+                        future.set_exception(KeyDestroyed(str(user_id)))
+                    else:
+                        future.set_result(key)
+        finally:
+            self.making = None
+
+
+def _retrieved(future: asyncio.Future[bytes]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def request_erasure(conn: psycopg.Connection[Any], user_id: UUID) -> None:

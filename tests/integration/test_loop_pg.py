@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -138,3 +140,103 @@ def test_keys_made_on_the_loop_are_the_keyrings_even_made_at_once_and_never_for_
         made = asyncio.run(scenario())
         assert all(len(keys) == 1 for keys in made)  # four makers at once agree on one key
         assert [keyring.key(u) for u in users] == [keys.pop() for keys in made]  # the stored one, read back
+
+
+@contextlib.contextmanager
+def _keyring(settings: Settings, size: int = 4) -> Iterator[tuple[Any, LoopConnections]]:
+    from psycopg_pool import ConnectionPool
+
+    from adapters.keyring import PgKeyring
+    from adapters.keyring import ensure_schema as ensure_keyring
+
+    with ConnectionPool(settings.effective_database_url, min_size=1, max_size=2,
+                        kwargs={"autocommit": True}) as pool:
+        with pool.connection() as conn:
+            ensure_keyring(conn)
+        connections = LoopConnections(settings.effective_database_url, size=size)
+        yield PgKeyring(pool, settings.device_key_secret, connections), connections
+
+
+def test_keys_asked_for_while_none_is_being_made_are_made_by_one_statement(settings: Settings) -> None:
+    """Registrations at once share a round trip; each still gets its own key (the one stored, read
+    back on the blocking path), an erased user among them KeyDestroyed and nobody else."""
+    import uuid
+
+    from application.personal import KeyDestroyed
+
+    with _keyring(settings) as (keyring, connections):
+        users = [uuid.uuid4() for _ in range(60)]
+        erased = uuid.uuid4()
+        keyring.destroy(erased)
+        statements: list[int] = []
+        make = keyring._keys_for
+
+        async def counted(user_ids: list[uuid.UUID]) -> dict[uuid.UUID, bytes]:
+            statements.append(len(user_ids))
+            return await make(user_ids)
+
+        keyring._keys_for = counted
+
+        async def scenario() -> list[Any]:
+            asks = [*users, erased, *users[:10]]  # some asked twice at once
+            got = await asyncio.gather(*(keyring.key_for_async(u) for u in asks), return_exceptions=True)
+            await connections.close()
+            return got
+
+        got = asyncio.run(scenario())
+        assert statements == [61]
+        assert isinstance(got[60], KeyDestroyed)
+        assert got[:60] == [keyring.key(u) for u in users] and got[61:] == got[:10]
+        assert len(set(got[:60])) == 60
+
+
+def test_a_caller_that_goes_away_takes_no_other_callers_key_with_it(settings: Settings) -> None:
+    import uuid
+
+    with _keyring(settings) as (keyring, connections):
+        users = [uuid.uuid4() for _ in range(3)]
+
+        async def scenario() -> list[Any]:
+            asks = [asyncio.ensure_future(keyring.key_for_async(u)) for u in users]
+            await asyncio.sleep(0)  # every ask is waiting on the statement
+            asks[0].cancel()
+            got = await asyncio.gather(*asks, return_exceptions=True)
+            await connections.close()
+            return got
+
+        got = asyncio.run(scenario())
+        assert isinstance(got[0], asyncio.CancelledError)
+        assert got[1:] == [keyring.key(u) for u in users[1:]]
+        assert keyring.key(users[0]) is not None  # made all the same, for the next ask
+
+
+def test_two_loops_making_the_same_keys_in_opposite_orders_agree(settings: Settings) -> None:
+    """Two API processes registering the same devices at once (retries): the statements take their
+    rows in user id order, so neither waits on the other in a cycle, and both get the stored keys."""
+    import threading
+    import uuid
+
+    users = [uuid.uuid4() for _ in range(200)]
+    results: dict[int, list[bytes]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+    with _keyring(settings) as (keyring, _):
+        def run(n: int) -> None:
+            async def asks() -> list[bytes]:
+                order = users if n == 0 else users[::-1]
+                return list(await asyncio.gather(*(keyring.key_for_async(u) for u in order)))
+
+            try:
+                start.wait()
+                got = asyncio.run(asks())
+                results[n] = got if n == 0 else got[::-1]
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(n,)) for n in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert results[0] == results[1] == [keyring.key(u) for u in users]

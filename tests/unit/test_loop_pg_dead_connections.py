@@ -27,7 +27,7 @@ class _Conn:
     def broken(self) -> bool:
         return self.dead
 
-    row: Any = None  # what a statement answers
+    rows: list[Any] = []  # what a statement answers
 
     async def execute(self, *_: Any) -> _Conn:
         if self.dead:
@@ -35,8 +35,8 @@ class _Conn:
             raise psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly")
         return self
 
-    async def fetchone(self) -> Any:
-        return self.row
+    async def fetchall(self) -> list[Any]:
+        return self.rows
 
     async def close(self) -> None:
         self.closed = True
@@ -88,7 +88,7 @@ def test_the_first_registration_after_a_restart_gets_its_key_on_a_fresh_connecti
 
     async def connect(self: _Connections) -> _Conn:
         made.append(_Conn(len(made)))
-        made[-1].row = (keyring._wrap(user_id, key),)
+        made[-1].rows = [(user_id, keyring._wrap(user_id, key))]
         return made[-1]
 
     monkeypatch.setattr(_Connections, "_connect", connect)
