@@ -211,7 +211,8 @@ async def enable_webhook(endpoint_id: UUID, user_id: CurrentUser, container: Con
 @router.get("/webhooks/{endpoint_id}/deliveries", response_model=Envelope[DeliveryList], responses=OWN)
 async def list_deliveries(endpoint_id: UUID, user_id: CurrentUser, container: ContainerDep,
                           limit: Annotated[QueryInt, Query(ge=1, le=200)] = 50) -> JSONResponse:
-    """The endpoint's latest deliveries, newest first, each with its latest attempts."""
+    """The endpoint's latest deliveries, newest first, each with its latest attempts; a page holds
+    at most 512 KiB of the attempts' answers (fewer deliveries than ``limit`` then)."""
     rows = _found(await _run(container, store.list_deliveries, user_id, endpoint_id, limit))
     return ok(DeliveryList(items=[DeliveryPublic(**r) for r in rows]))
 

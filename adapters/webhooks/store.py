@@ -70,6 +70,9 @@ DDL = (
 POSITIONS = ("palette_webhooks", "positions")
 ROTATION_GRACE_S = 24 * 3600  # the secret a rotation replaced still signs this long
 SHOWN_ATTEMPTS = 20  # attempts listed per delivery, the latest first, and all that are kept
+# The answers' heads one page of the deliveries list carries at most (UTF-8 bytes, as stored): a
+# page's deliveries times their attempts times 4 KiB was 16 MB (~50 MB of JSON) per request.
+LISTED_ANSWER_BYTES = 512 * 1024
 CLAIM_WINDOW = 1000  # the longest-due deliveries a claim looks at, of those it could take
 CLAIM_SCAN = 10 * CLAIM_WINDOW  # the longest-due deliveries it reads to find them
 _ENDPOINT = sql.SQL("id, url, events, enabled, disabled_at, created_at")
@@ -210,14 +213,27 @@ def _with_attempts(cur: psycopg.Cursor[dict[str, Any]], rows: list[dict[str, Any
 
 def list_deliveries(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID,
                     limit: int) -> list[dict[str, Any]] | None:
-    """The endpoint's latest deliveries with their latest attempts; None: no such endpoint."""
+    """The endpoint's latest deliveries (at most ``limit``) with their latest attempts, the page
+    ending before the delivery whose attempts' answers would take it past ``LISTED_ANSWER_BYTES``
+    (the newest is always listed); None: no such endpoint."""
     if get_endpoint(conn, user_id, endpoint_id) is None:
         return None
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(sql.SQL("SELECT {} FROM palette_webhooks.deliveries d WHERE d.endpoint_id = %s "
                                    "ORDER BY d.created_at DESC, d.version DESC LIMIT %s").format(_DELIVERY),
                            [endpoint_id, limit]).fetchall()
-        return _with_attempts(cur, rows)
+        sizes = {r["id"]: r["n"] for r in cur.execute(
+            "SELECT i.id, (SELECT coalesce(sum(octet_length(a.response)), 0) FROM (SELECT response FROM "
+            "palette_webhooks.attempts WHERE delivery_id = i.id ORDER BY n DESC LIMIT %s) a) AS n "
+            "FROM unnest(%s::uuid[]) AS i(id)", [SHOWN_ATTEMPTS, [r["id"] for r in rows]]).fetchall()}
+        page: list[dict[str, Any]] = []
+        answers = 0
+        for row in rows:
+            answers += sizes.get(row["id"], 0)
+            if page and answers > LISTED_ANSWER_BYTES:
+                break
+            page.append(row)
+        return _with_attempts(cur, page)
 
 
 def redeliver(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID,

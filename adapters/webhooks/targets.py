@@ -224,6 +224,13 @@ def capped(chunks: Iterable[bytes], limit: int = MAX_RESPONSE_BYTES) -> bytes:
     return bytes(out[:limit])
 
 
+def answer_head(answer: bytes) -> str:
+    """What is kept of an answer: its text, at most MAX_RESPONSE_BYTES in UTF-8 (a byte that is
+    not UTF-8 reads as U+FFFD, three bytes: 4 KiB of them decoded whole were 12 KiB kept)."""
+    text = answer[:MAX_RESPONSE_BYTES].decode("utf-8", "replace")
+    return text.encode()[:MAX_RESPONSE_BYTES].decode("utf-8", "ignore")
+
+
 # The monotonic time the attempt in this thread must end by (None: no attempt, no deadline).
 _deadline: ContextVar[float | None] = ContextVar("webhook_attempt_deadline", default=None)
 
@@ -317,8 +324,7 @@ def post(client: httpx.Client, url: str, body: bytes, headers: dict[str, str], p
     started = time.monotonic()
 
     def done(status: int | None, error: str, answer: bytes = b"") -> Outcome:
-        text = answer.decode("utf-8", "replace")
-        return Outcome(status, error, text, int((time.monotonic() - started) * 1000))
+        return Outcome(status, error, answer_head(answer), int((time.monotonic() - started) * 1000))
 
     try:
         target = check(url, production, resolver)

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from adapters.webhooks import store
-from adapters.webhooks.targets import Outcome
+from adapters.webhooks.targets import MAX_RESPONSE_BYTES, Outcome
 
 
 @pytest.fixture
@@ -280,3 +280,30 @@ def test_a_delivery_redelivered_without_end_keeps_only_its_latest_attempts(conn)
         assert kept == list(range(rounds - store.SHOWN_ATTEMPTS + 1, rounds + 1))
         [listed] = store.list_deliveries(conn, user, endpoint, 10) or []
         assert listed["attempt_count"] == rounds and [a["n"] for a in listed["attempts"]] == kept[::-1]
+
+
+def test_a_page_of_deliveries_carries_a_bounded_amount_of_answers_the_newest_first(conn):
+    user = uuid.uuid4()
+    [endpoint] = endpoints(conn, user, "chatty")
+    jobs = [uuid.uuid4() for _ in range(200)]
+    try:
+        store.record(conn, [store.NewDelivery(endpoint, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}")
+                            for job in jobs])
+        ids = [r[0] for r in conn.execute("SELECT id FROM palette_webhooks.deliveries WHERE endpoint_id = %s "
+                                          "ORDER BY created_at DESC, version DESC", [endpoint])]
+        # Each delivery with as many attempts as are kept, each answered with 4 KiB (the most kept):
+        # unbounded, the page was 200 x 20 x 4 KiB (16 MB, ~50 MB of JSON with escapes).
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO palette_webhooks.attempts (delivery_id, n, status_code, error, response, "
+                            "duration_ms) VALUES (%s, %s, 500, '', %s, 1)",
+                            [(d, n, "x" * MAX_RESPONSE_BYTES) for d in ids for n in range(1, store.SHOWN_ATTEMPTS + 1)])
+        page = store.list_deliveries(conn, user, endpoint, 200)
+        assert page is not None
+        answers = sum(len(a["response"].encode()) for d in page for a in d["attempts"])
+        assert answers <= store.LISTED_ANSWER_BYTES
+        assert [d["id"] for d in page] == ids[:len(page)]  # the newest, each with all its attempts
+        assert all(len(d["attempts"]) == store.SHOWN_ATTEMPTS for d in page)
+        # one delivery is always listed, however much its attempts hold
+        assert len(store.list_deliveries(conn, user, endpoint, 1) or []) == 1
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])

@@ -228,6 +228,24 @@ def test_an_attempt_reads_4_kib_of_an_endless_answer():
     assert answer.pulled == 5
 
 
+class Bytes(httpx.SyncByteStream):
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.data
+
+
+@pytest.mark.parametrize("answer", [b"\xff" * 5000, "\u00e9".encode() * 3000, b"ab" + "\u20ac".encode() * 2000])
+def test_what_is_kept_of_an_answer_is_at_most_4_kib_of_utf8(answer):
+    outcome = targets.post(Target(500, stream=Bytes(answer)).client(), "http://127.0.0.1:9/in", BODY, {},
+                           production=False)
+    kept = outcome.body.encode()
+    assert len(kept) <= targets.MAX_RESPONSE_BYTES
+    assert len(kept) > targets.MAX_RESPONSE_BYTES - 4  # only a split character is left out
+    assert answer.decode("utf-8", "replace").encode().startswith(kept)
+
+
 def test_a_redirect_is_a_failure_and_not_followed():
     target = Target(302, headers={"location": "http://169.254.169.254/"})
     outcome = targets.post(target.client(), "http://127.0.0.1:9/in", BODY, {}, production=False)
