@@ -7,7 +7,8 @@ no host may hold) is refused. In production a target must be ``https`` and every
 is or resolves to public: not loopback, private, link-local (the cloud metadata address
 169.254.169.254 among them), site-local, shared, reserved or multicast, IPv4 inside IPv6 judged as
 the IPv4 address it reaches; checked at registration and again before each attempt (DNS
-changes), and the attempt connects to the very address checked (no second lookup to rebind).
+changes; the lookup within the attempt's 10 s), and the attempt connects to the very address
+checked (no second lookup to rebind).
 Development allows any address, so tests listen on 127.0.0.1. An attempt takes at most 10 s in
 all, follows no redirect (a 3xx is a failure) and reads at most 4 KiB of the answer; whatever it
 raises is its failure, recorded and retried like any other.
@@ -23,8 +24,10 @@ import ipaddress
 import logging
 import re
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -327,7 +330,7 @@ def post(client: httpx.Client, url: str, body: bytes, headers: dict[str, str], p
         return Outcome(status, error, answer_head(answer), int((time.monotonic() - started) * 1000))
 
     try:
-        target = check(url, production, resolver)
+        target = check(url, production, _within(resolver, started + TIMEOUT_S))
         address, extra_headers, extensions = _pinned(target)
         with ending_by(started + TIMEOUT_S), client.stream(
                 "POST", address, content=body, headers={**headers, **extra_headers},
@@ -340,6 +343,30 @@ def post(client: httpx.Client, url: str, body: bytes, headers: dict[str, str], p
         return done(None, "timeout")
     except Exception as e:  # noqa: BLE001 - whatever one attempt raises is that attempt's failure
         return done(None, failure(e))
+
+
+def _within(resolver: Resolver, deadline: float) -> Resolver:
+    """``resolver`` on a thread of its own, given up at ``deadline`` (``time.monotonic``) as a
+    timeout: a name whose DNS answers late, or never, held the attempt for the resolver's whole
+    timeout (tens of seconds), past its 10 s and past its lease (the delivery then went out twice
+    at once). The thread abandoned ends with the lookup."""
+
+    def resolve_by(host: str, port: int) -> list[str]:
+        answer: Future[list[str]] = Future()
+
+        def lookup() -> None:
+            try:
+                answer.set_result(resolver(host, port))
+            except BaseException as e:  # noqa: BLE001 - handed to the attempt, which judges it
+                answer.set_exception(e)
+
+        threading.Thread(target=lookup, name="webhook-lookup", daemon=True).start()
+        try:
+            return answer.result(max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise httpx.ConnectTimeout(f"{host} did not resolve within the attempt's deadline") from None
+
+    return resolve_by
 
 
 def failure(error: Exception) -> str:

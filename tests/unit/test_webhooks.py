@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -244,6 +245,22 @@ def test_what_is_kept_of_an_answer_is_at_most_4_kib_of_utf8(answer):
     assert len(kept) <= targets.MAX_RESPONSE_BYTES
     assert len(kept) > targets.MAX_RESPONSE_BYTES - 4  # only a split character is left out
     assert answer.decode("utf-8", "replace").encode().startswith(kept)
+
+
+def test_a_lookup_that_does_not_answer_within_the_attempts_deadline_is_a_timeout(monkeypatch):
+    monkeypatch.setattr(targets, "TIMEOUT_S", 0.1)
+    answered = threading.Event()
+
+    def late(host: str, port: int) -> list[str]:  # a name server that answers well past the attempt's end
+        answered.wait(5)
+        return ["93.184.216.34"]
+
+    target = Target(200)
+    try:
+        outcome = targets.post(target.client(), "https://hooks.example/in", BODY, {}, production=True, resolver=late)
+    finally:
+        answered.set()
+    assert (outcome.ok, outcome.error, target.requests) == (False, "timeout", [])
 
 
 def test_a_redirect_is_a_failure_and_not_followed():
