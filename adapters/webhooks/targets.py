@@ -190,6 +190,8 @@ def check(url: str, production: bool, resolver: Resolver = resolve) -> Target:
     # Always rebuilt as urlunsplit writes it (an empty query or fragment dropped): a production
     # attempt connects to this URL rebuilt so (_pinned), and "/hook?" was stored but "/hook" sent.
     url = urlunsplit(parts._replace(netloc=_netloc(host, parts.port)))
+    if len(url) > MAX_URL_LENGTH:  # an international host grows in IDNA: the stored URL is checked again
+        raise TargetRefused(f"the URL is longer than {MAX_URL_LENGTH} characters with its host in ASCII")
     if not production:
         return Target(url, host, None)
     try:  # an address literal is judged as written; a name, by every address it resolves to

@@ -103,6 +103,17 @@ def test_registration_refuses_a_url_whose_host_cannot_be_sent_to(production, url
         targets.check(url, production, Resolving("93.184.216.34"))
 
 
+@pytest.mark.parametrize("production", [False, True])
+def test_a_url_whose_ascii_form_is_too_long_is_refused_at_registration(production):
+    """The length is that of the URL stored and sent: an international host grows in IDNA, and the
+    sender refuses every attempt to a URL over the limit (it checks the stored one again)."""
+    host = ".".join(["\u00fc" * 20] * 8)
+    url = f"https://{host}/" + "a" * (targets.MAX_URL_LENGTH - len(f"https://{host}/"))
+    assert len(url) == targets.MAX_URL_LENGTH
+    with pytest.raises(targets.TargetRefused, match="longer than"):
+        targets.check(url, production, Resolving("93.184.216.34"))
+
+
 @given(st.text(max_size=12), st.text(max_size=12))
 def test_a_url_check_accepts_is_sent_as_it_reads(before, after):
     """Whatever surrounds a URL, one the check accepts parses back to itself: what is stored and
