@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from adapters.api.deps import ContainerDep, CurrentUser, made_once
 from adapters.api.envelope import ok
 from adapters.api.idempotency import id_for_key
-from adapters.api.rate_limit import RateLimited, TokenBuckets
+from adapters.api.rate_limit import RateLimited, TokenBuckets, request_address
 from adapters.api.schemas import Envelope, QueryInt, Strict, Text
 from adapters.api.strict_json import StrictJSONRoute
 from adapters.bootstrap import Container
@@ -107,6 +107,7 @@ def _found(row: Any) -> Any:
 URL_CHECK_THREADS = 16
 URL_CHECK_TIMEOUT_S = 5.0
 URL_CHECKS_PER_USER = 2
+URL_CHECKS_PER_ADDRESS = 4
 
 
 class UrlChecks:
@@ -114,25 +115,30 @@ class UrlChecks:
     resolves the host, and a name whose DNS never answers holds a thread for the resolver's whole
     timeout (tens of seconds); on the request threads every route shares, a few hundred such
     requests would stall them all. A check still queued when its time is up is dropped. A user
-    holds at most ``per_user`` threads until they are free again (a 429 beyond), so one user's
-    silent names cannot take the threads every other user's registration needs."""
+    holds at most ``per_user`` threads until they are free again, and a client address at most
+    ``per_address`` whatever its users (a 429 beyond), so neither one user's silent names nor
+    those of the users one client registers can take the threads every other client's
+    registration needs."""
 
     def __init__(self, threads: int = URL_CHECK_THREADS, per_user: int = URL_CHECKS_PER_USER,
-                 timeout_s: float = URL_CHECK_TIMEOUT_S, resolver: targets.Resolver = targets.resolve) -> None:
+                 timeout_s: float = URL_CHECK_TIMEOUT_S, resolver: targets.Resolver = targets.resolve,
+                 per_address: int = URL_CHECKS_PER_ADDRESS) -> None:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="url-check")
         self.per_user = per_user
+        self.per_address = per_address
         self.timeout_s = timeout_s
         self.resolver = resolver
-        self._held: Counter[UUID] = Counter()
+        self._held: Counter[UUID | str] = Counter()
         self._lock = threading.Lock()
 
-    async def check(self, user_id: UUID, url: str, production: bool) -> None:
+    async def check(self, user_id: UUID, url: str, production: bool, address: str = "") -> None:
         with self._lock:
-            if self._held[user_id] >= self.per_user:
+            if self._held[user_id] >= self.per_user or self._held[address] >= self.per_address:
                 raise RateLimited(self.timeout_s)
             self._held[user_id] += 1
+            self._held[address] += 1
         future = self.pool.submit(targets.check, url, production, self.resolver)
-        future.add_done_callback(lambda _: self._release(user_id))  # when the thread is free, not before
+        future.add_done_callback(lambda _: self._release(user_id, address))  # when the thread is free, not before
         try:
             await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
         except targets.TargetRefused as e:
@@ -140,17 +146,18 @@ class UrlChecks:
         except TimeoutError:
             raise ValidationFailed(f"url: its host did not resolve within {self.timeout_s:g} s") from None
 
-    def _release(self, user_id: UUID) -> None:
+    def _release(self, user_id: UUID, address: str) -> None:
         with self._lock:
-            self._held[user_id] -= 1
-            if self._held[user_id] <= 0:
-                del self._held[user_id]
+            for key in (user_id, address):
+                self._held[key] -= 1
+                if self._held[key] <= 0:
+                    del self._held[key]
 
 
 @router.post("/webhooks", response_model=Envelope[WebhookSecretPublic], status_code=201,
              responses={**COMMON, 409: {"model": _E, "description": "INVALID_STATE (as many endpoints as allowed)"},
-                        429: {"model": _E, "description": "RATE_LIMITED: the user's URL checks are all running "
-                                                          "(Retry-After)"}})
+                        429: {"model": _E, "description": "RATE_LIMITED: the user's (or the client address's) "
+                                                          "URL checks are all running (Retry-After)"}})
 async def create_webhook(body: WebhookCreate, user_id: CurrentUser, container: ContainerDep,
                          request: Request,
                          idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
@@ -158,7 +165,8 @@ async def create_webhook(body: WebhookCreate, user_id: CurrentUser, container: C
     an Idempotency-Key the endpoint is made once, however often the request is retried (its id
     derives from the key, as a job's does: a crash after the insert lost the stored answer)."""
     settings = container.settings
-    await made_once(request, "url_checks", UrlChecks).check(user_id, body.url, settings.env == "production")
+    await made_once(request, "url_checks", UrlChecks).check(user_id, body.url, settings.env == "production",
+                                                            request_address(request, settings.trusted_proxies))
     try:
         row = await _run(container, store.create_endpoint, user_id, body.url, list(dict.fromkeys(body.events)),
                          new_secret(), settings.webhook_endpoints_per_user,

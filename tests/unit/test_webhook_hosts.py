@@ -286,8 +286,8 @@ def test_a_host_whose_dns_never_answers_is_refused_in_time_and_holds_at_most_two
     crowd, attacker, other = [uuid4() for _ in range(6)], uuid4(), uuid4()
 
     async def crowd_checks() -> list[BaseException | None]:  # 6 on 4 threads: 2 queued, dropped at the deadline
-        return await asyncio.gather(*(checks.check(u, "https://silent.example/hook", True) for u in crowd),
-                                    return_exceptions=True)
+        return await asyncio.gather(*(checks.check(u, "https://silent.example/hook", True, f"203.0.113.{i}")
+                                      for i, u in enumerate(crowd)), return_exceptions=True)
 
     try:
         queued = asyncio.run(crowd_checks())
@@ -309,6 +309,41 @@ def test_a_host_whose_dns_never_answers_is_refused_in_time_and_holds_at_most_two
         assert [type(o).__name__ for o in outcomes] == ["ValidationFailed", "ValidationFailed", "RateLimited",
                                                         "NoneType", "ValidationFailed"], outcomes
         assert isinstance(outcomes[2], RateLimited)
+    finally:
+        released.set()
+        checks.pool.shutdown(wait=True)
+
+
+def test_the_users_of_one_client_address_hold_at_most_four_url_check_threads() -> None:
+    """Many users from one address (registering them is cheap: 20 at once) whose names never
+    resolve took every thread, and every other client's registration failed its check (a 422 at
+    the deadline): an address holds at most ``per_address``, a 429 beyond, and another address's
+    check goes through on the threads left."""
+    import asyncio
+    import threading
+
+    from adapters.api.routes_webhooks import UrlChecks
+
+    released = threading.Event()
+
+    def resolver(host: str, port: int) -> list[str]:
+        if host.startswith("silent"):
+            released.wait(30)
+        return ["93.184.216.34"]
+
+    checks = UrlChecks(threads=8, per_user=2, per_address=4, timeout_s=0.3, resolver=resolver)
+
+    async def crowd_then_other() -> list[BaseException | None]:
+        crowd = await asyncio.gather(*(checks.check(uuid4(), "https://silent.example/hook", True, "203.0.113.7")
+                                       for _ in range(8)), return_exceptions=True)
+        other = await asyncio.gather(checks.check(uuid4(), "https://fine.example/hook", True, "198.51.100.9"),
+                                     return_exceptions=True)
+        return [*crowd, *other]
+
+    try:
+        outcomes = asyncio.run(crowd_then_other())
+        assert [type(o).__name__ for o in outcomes] == ["ValidationFailed"] * 4 + ["RateLimited"] * 4 + ["NoneType"], \
+            outcomes
     finally:
         released.set()
         checks.pool.shutdown(wait=True)
