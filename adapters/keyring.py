@@ -155,8 +155,8 @@ class PgKeyring:
 
 class _KeyRequests:
     """The keys asked for on one event loop: one statement at a time makes those asked for since
-    the one before (at most ``KEYS_AT_ONCE``), on a task of its own, so a caller that goes away
-    (a client that disconnected) takes no other caller's statement with it."""
+    the one before (at most ``KEYS_AT_ONCE``, the oldest first), on a task of its own, so a caller
+    that goes away (a client that disconnected) takes no other caller's statement with it."""
 
     def __init__(self, make: Callable[[list[UUID]], Awaitable[dict[UUID, bytes]]]) -> None:
         self.make = make
@@ -175,11 +175,13 @@ class _KeyRequests:
     async def _make_all(self) -> None:
         try:
             while self.asked:
-                batch = dict(itertools.islice(sorted(self.asked.items()), KEYS_AT_ONCE))
+                # The oldest asks (in the order they came): the smallest ids would leave a large one
+                # waiting as long as more than a statement's worth keep arriving.
+                batch = dict(itertools.islice(self.asked.items(), KEYS_AT_ONCE))
                 for user_id in batch:
                     del self.asked[user_id]
                 try:
-                    keys = await self.make(list(batch))
+                    keys = await self.make(sorted(batch))
                 except Exception as e:  # noqa: BLE001 - each caller gets it, as its own statement would
                     for future in batch.values():
                         future.set_exception(e)
