@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import Any
@@ -59,6 +60,12 @@ KEY_FOR = ("WITH made AS (INSERT INTO palette_user_keys (user_id, wrapped) SELEC
            "ON CONFLICT (user_id) DO NOTHING RETURNING wrapped) "
            "SELECT wrapped FROM made UNION ALL SELECT wrapped FROM palette_user_keys WHERE user_id = %(u)s")
 KEY = "SELECT wrapped FROM palette_user_keys WHERE user_id = %s"
+# A key made while an erasure deleted the stored one, undone. The statement waited for the
+# erasure's transaction (it holds the row), then, the row gone, inserted anew: its snapshot saw
+# neither the tombstone nor the delete. It answers that user twice (the new key, and the deleted
+# one its snapshot still sees); the next statement sees the tombstone.
+UNMAKE = ("DELETE FROM palette_user_keys k USING palette_erasures e "
+          "WHERE e.user_id = k.user_id AND k.user_id = ANY(%s)")
 # KEY_FOR for many users in one round trip (``PgKeyring.key_for_async``): each user's stored key or
 # a new one stored, in user id order, so that two processes making overlapping keys at once take
 # their rows' locks in one order (none waits for the other in a cycle).
@@ -92,9 +99,11 @@ class PgKeyring:
     def key_for(self, user_id: UUID) -> bytes:
         candidate = self._candidate(user_id)
         with self.pool.connection() as conn:
-            row = conn.execute(KEY_FOR, {"u": user_id, "w": candidate}).fetchone()
-            if row is None:  # made by another process after this statement's snapshot: the next one sees it
-                row = conn.execute(KEY, [user_id]).fetchone()
+            rows = conn.execute(KEY_FOR, {"u": user_id, "w": candidate}).fetchall()
+            if len(rows) > 1:  # made anew while an erasure deleted it
+                conn.execute(UNMAKE, [[user_id]])
+            # None: made by another process after this statement's snapshot: the next one sees it
+            row = rows[0] if len(rows) == 1 else conn.execute(KEY, [user_id]).fetchone()
         return self._opened(user_id, row)
 
     async def key_for_async(self, user_id: UUID) -> bytes:
@@ -115,7 +124,10 @@ class PgKeyring:
                 async with self.connections.connection() as conn:
                     held = conn
                     rows = await (await conn.execute(KEYS_FOR, asked)).fetchall()
-                    if len(rows) < len(user_ids):  # made by another process after the snapshot, or erased
+                    twice = [u for u, n in Counter(u for u, _ in rows).items() if n > 1]
+                    if twice:  # made anew while an erasure deleted them
+                        await conn.execute(UNMAKE, [twice])
+                    if twice or len(rows) < len(user_ids):  # made by another process after the snapshot, or erased
                         rows = await (await conn.execute(KEYS, [user_ids])).fetchall()
                 break
             except psycopg.OperationalError:

@@ -240,3 +240,49 @@ def test_two_loops_making_the_same_keys_in_opposite_orders_agree(settings: Setti
             t.join()
         assert errors == []
         assert results[0] == results[1] == [keyring.key(u) for u in users]
+
+
+@pytest.mark.parametrize("on_the_loop", [True, False])
+def test_a_key_asked_for_while_an_erasure_destroys_it_is_not_made_again(settings: Settings, on_the_loop: bool) -> None:
+    """A registration of a user whose erasure is destroying the key (its transaction holds the
+    deleted row): the statement waits for the erasure, and once it commits, inserts anew (its
+    snapshot saw neither the tombstone nor the delete). The key made so is undone: the caller gets
+    KeyDestroyed and the erased user has no key stored."""
+    import threading
+    import time
+    import uuid
+
+    from adapters.keyring import request_erasure
+    from application.personal import KeyDestroyed
+
+    with _keyring(settings) as (keyring, connections):
+        user = uuid.uuid4()
+        keyring.key_for(user)
+        got: list[Any] = []
+
+        def ask() -> None:
+            async def on_loop() -> bytes:
+                try:
+                    return await keyring.key_for_async(user)
+                finally:
+                    await connections.close()
+
+            try:
+                got.append(asyncio.run(on_loop()) if on_the_loop else keyring.key_for(user))
+            except KeyDestroyed as e:
+                got.append(e)
+
+        with psycopg.connect(settings.effective_database_url) as erasure, \
+                psycopg.connect(settings.effective_database_url, autocommit=True) as watch:
+            request_erasure(erasure, user)
+            erasure.execute("DELETE FROM palette_user_keys WHERE user_id = %s", [user])  # as destroy does
+            asking = threading.Thread(target=ask)
+            asking.start()
+            deadline = time.monotonic() + 10
+            while watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                "AND query LIKE %s", ["WITH %palette_user_keys%"]).fetchone() != (1,):
+                assert time.monotonic() < deadline, "the registration never waited on the erasure"
+            erasure.commit()
+            asking.join()
+        assert [type(g) for g in got] == [KeyDestroyed]
+        assert keyring.key(user) is None
