@@ -286,3 +286,39 @@ def test_a_key_asked_for_while_an_erasure_destroys_it_is_not_made_again(settings
             asking.join()
         assert [type(g) for g in got] == [KeyDestroyed]
         assert keyring.key(user) is None
+
+
+def test_a_key_another_process_makes_while_the_statement_waits_is_the_one_handed_out(settings: Settings) -> None:
+    """Another process's statement has made a user's key, not committed yet: the loop's statement
+    waits on it and then makes nothing for that user, and its snapshot, older than that commit,
+    does not see the key: it is read again, never taken for an erasure (KeyDestroyed)."""
+    import threading
+    import time
+    import uuid
+
+    with _keyring(settings) as (keyring, connections):
+        made_elsewhere, mine = sorted([uuid.uuid4(), uuid.uuid4()])
+        wrapped = keyring._candidate(made_elsewhere)
+        got: list[Any] = []
+
+        def ask() -> None:
+            async def on_loop() -> list[bytes]:
+                try:
+                    return list(await asyncio.gather(*(keyring.key_for_async(u) for u in (made_elsewhere, mine))))
+                finally:
+                    await connections.close()
+
+            got.extend(asyncio.run(on_loop()))
+
+        with psycopg.connect(settings.effective_database_url) as other, \
+                psycopg.connect(settings.effective_database_url, autocommit=True) as watch:
+            other.execute("INSERT INTO palette_user_keys (user_id, wrapped) VALUES (%s, %s)", [made_elsewhere, wrapped])
+            asking = threading.Thread(target=ask)
+            asking.start()
+            deadline = time.monotonic() + 10
+            while watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                "AND query LIKE %s", ["WITH %palette_user_keys%"]).fetchone() != (1,):
+                assert time.monotonic() < deadline, "the loop's statement never waited on the other one"
+            other.commit()
+            asking.join()
+        assert got == [keyring._unwrap(made_elsewhere, wrapped), keyring.key(mine)]
