@@ -111,11 +111,12 @@ class PgKeyring:
         next one (``_KeyRequests``), as the group committer saves commands."""
         if self.connections is None:
             return await anyio.to_thread.run_sync(self.key_for, user_id)
-        requests = of_running_loop(self._requests, lambda: _KeyRequests(self._keys_for))
+        requests = of_running_loop(self._requests, lambda: _KeyRequests(self._keys_for, self._unwrap))
         return await requests.key(user_id)
 
     async def _keys_for(self, user_ids: list[UUID]) -> dict[UUID, bytes]:
-        """The keys of ``user_ids`` (sorted, distinct), made where missing; erased users' absent."""
+        """The wrapped keys of ``user_ids`` (sorted, distinct), made where missing; erased users'
+        absent."""
         assert self.connections is not None
         asked = {"u": user_ids, "w": [self._candidate(u) for u in user_ids]}
         for attempt in (1, 2):
@@ -138,7 +139,7 @@ class PgKeyring:
                 # only wait as long again.
                 if attempt == 2 or held is None or not held.broken:
                     raise
-        return {u: self._unwrap(u, bytes(wrapped)) for u, wrapped in rows}
+        return {u: bytes(wrapped) for u, wrapped in rows}
 
     def _candidate(self, user_id: UUID) -> bytes:
         return self._wrap(user_id, AESGCM.generate_key(bit_length=KEY_BYTES * 8))
@@ -170,8 +171,10 @@ class _KeyRequests:
     the one before (at most ``KEYS_AT_ONCE``, the oldest first), on a task of its own, so a caller
     that goes away (a client that disconnected) takes no other caller's statement with it."""
 
-    def __init__(self, make: Callable[[list[UUID]], Awaitable[dict[UUID, bytes]]]) -> None:
-        self.make = make
+    def __init__(self, make: Callable[[list[UUID]], Awaitable[dict[UUID, bytes]]],
+                 unwrap: Callable[[UUID, bytes], bytes]) -> None:
+        self.make = make  # the users' wrapped keys
+        self.unwrap = unwrap  # a key that does not open (InvalidTag) fails its own callers only
         self.asked: dict[UUID, asyncio.Future[bytes]] = {}  # by user: not in a statement yet
         self.making: asyncio.Task[None] | None = None
 
@@ -203,11 +206,13 @@ class _KeyRequests:
                         future.cancel()
                     raise
                 for user_id, future in batch.items():
-                    key = keys.get(user_id)
-                    if key is None:
-                        future.set_exception(KeyDestroyed(str(user_id)))
-                    else:
-                        future.set_result(key)
+                    wrapped = keys.get(user_id)
+                    try:
+                        if wrapped is None:
+                            raise KeyDestroyed(str(user_id))
+                        future.set_result(self.unwrap(user_id, wrapped))
+                    except Exception as e:  # noqa: BLE001 - this user's callers get it
+                        future.set_exception(e)
         finally:
             self.making = None
 

@@ -322,3 +322,29 @@ def test_a_key_another_process_makes_while_the_statement_waits_is_the_one_handed
             other.commit()
             asking.join()
         assert got == [keyring._unwrap(made_elsewhere, wrapped), keyring.key(mine)]
+
+
+def test_a_stored_key_that_does_not_open_fails_its_own_registration_only(settings: Settings) -> None:
+    """A row wrapped under another key-encryption key (another secret, a damaged row) fails the
+    registrations of its user, not those of every user whose key the same statement made."""
+    import uuid
+
+    from cryptography.exceptions import InvalidTag
+
+    from adapters.keyring import PgKeyring
+
+    with _keyring(settings) as (keyring, connections):
+        foreign = uuid.uuid4()
+        PgKeyring(keyring.pool, "another-secret-of-some-length-entirely").key_for(foreign)
+        others = [uuid.uuid4() for _ in range(10)]
+
+        async def scenario() -> list[Any]:
+            try:
+                return list(await asyncio.gather(*(keyring.key_for_async(u) for u in (foreign, *others)),
+                                                 return_exceptions=True))
+            finally:
+                await connections.close()
+
+        got = asyncio.run(scenario())
+        assert isinstance(got[0], InvalidTag)
+        assert got[1:] == [keyring.key(u) for u in others]

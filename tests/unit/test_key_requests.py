@@ -29,7 +29,7 @@ def test_a_key_asked_for_first_is_made_first_however_many_smaller_ids_keep_arriv
             await asyncio.sleep(0)
             return {u: u.bytes for u in user_ids}
 
-        requests = _KeyRequests(make)
+        requests = _KeyRequests(make, lambda _, wrapped: wrapped)
         first = asyncio.ensure_future(requests.key(largest))
         ask_many()
         assert await first == largest.bytes
