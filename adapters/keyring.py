@@ -12,11 +12,9 @@ tokens of those erased within a token's lifetime are refused, and an erasure cut
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import os
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -27,8 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from adapters.loop_pg import LoopConnections
-from adapters.per_loop import of_running_loop
+from adapters.loop_pg import LoopConnections, Together
 from application.personal import KEY_BYTES, NONCE_BYTES, KeyDestroyed
 
 DDL = (
@@ -87,7 +84,7 @@ class PgKeyring:
         self.pool = pool
         self.connections = connections
         self._kek = AESGCM(key_encryption_key(secret))
-        self._requests: dict[asyncio.AbstractEventLoop, _KeyRequests] = {}
+        self._made_together = Together(self._keys_for, most=KEYS_AT_ONCE)
 
     def _wrap(self, user_id: UUID, key: bytes) -> bytes:
         nonce = os.urandom(NONCE_BYTES)
@@ -108,23 +105,24 @@ class PgKeyring:
 
     async def key_for_async(self, user_id: UUID) -> bytes:
         """key_for on the loop: the keys asked for while a statement runs are made together by the
-        next one (``_KeyRequests``), as the group committer saves commands."""
+        next one (``Together``; the oldest asks first)."""
         if self.connections is None:
             return await anyio.to_thread.run_sync(self.key_for, user_id)
-        requests = of_running_loop(self._requests, lambda: _KeyRequests(self._keys_for, self._unwrap))
-        return await requests.key(user_id)
+        return await self._made_together(user_id)
 
-    async def _keys_for(self, user_ids: list[UUID]) -> dict[UUID, bytes]:
-        """The wrapped keys of ``user_ids`` (sorted, distinct), made where missing; erased users'
-        absent."""
+    async def _keys_for(self, asked: list[UUID]) -> list[bytes | Exception]:
+        """The keys of ``asked``, made where missing, in one statement (users in id order, KEYS_FOR);
+        KeyDestroyed for an erased user, and a key that does not open (InvalidTag: wrapped under
+        another secret, a damaged row) fails its own user only."""
         assert self.connections is not None
-        asked = {"u": user_ids, "w": [self._candidate(u) for u in user_ids]}
+        user_ids = sorted(set(asked))
+        made = {"u": user_ids, "w": [self._candidate(u) for u in user_ids]}
         for attempt in (1, 2):
             held = None
             try:
                 async with self.connections.connection() as conn:
                     held = conn
-                    rows = await (await conn.execute(KEYS_FOR, asked)).fetchall()
+                    rows = await (await conn.execute(KEYS_FOR, made)).fetchall()
                     twice = [u for u, n in Counter(u for u, _ in rows).items() if n > 1]
                     if twice:  # made anew while an erasure deleted them
                         await conn.execute(UNMAKE, [twice])
@@ -139,7 +137,14 @@ class PgKeyring:
                 # only wait as long again.
                 if attempt == 2 or held is None or not held.broken:
                     raise
-        return {u: bytes(wrapped) for u, wrapped in rows}
+        wrapped = {u: bytes(w) for u, w in rows}
+        keys: dict[UUID, bytes | Exception] = {}
+        for user_id in user_ids:
+            try:
+                keys[user_id] = self._opened(user_id, (wrapped[user_id],) if user_id in wrapped else None)
+            except Exception as e:  # noqa: BLE001 - this user's callers get it
+                keys[user_id] = e
+        return [keys[u] for u in asked]
 
     def _candidate(self, user_id: UUID) -> bytes:
         return self._wrap(user_id, AESGCM.generate_key(bit_length=KEY_BYTES * 8))
@@ -164,62 +169,6 @@ class PgKeyring:
         with self.pool.connection() as conn:
             rows = conn.execute("SELECT user_id FROM palette_erasures WHERE user_id = ANY(%s)", [ids]).fetchall()
         return {r[0] for r in rows}
-
-
-class _KeyRequests:
-    """The keys asked for on one event loop: one statement at a time makes those asked for since
-    the one before (at most ``KEYS_AT_ONCE``, the oldest first), on a task of its own, so a caller
-    that goes away (a client that disconnected) takes no other caller's statement with it."""
-
-    def __init__(self, make: Callable[[list[UUID]], Awaitable[dict[UUID, bytes]]],
-                 unwrap: Callable[[UUID, bytes], bytes]) -> None:
-        self.make = make  # the users' wrapped keys
-        self.unwrap = unwrap  # a key that does not open (InvalidTag) fails its own callers only
-        self.asked: dict[UUID, asyncio.Future[bytes]] = {}  # by user: not in a statement yet
-        self.making: asyncio.Task[None] | None = None
-
-    async def key(self, user_id: UUID) -> bytes:
-        future = self.asked.get(user_id)
-        if future is None:
-            future = self.asked[user_id] = asyncio.get_running_loop().create_future()
-            future.add_done_callback(_retrieved)  # its callers may all have gone: no "never retrieved" line
-        if self.making is None:
-            self.making = asyncio.create_task(self._make_all())
-        return await asyncio.shield(future)  # cancelling one caller cancels no other's key
-
-    async def _make_all(self) -> None:
-        try:
-            while self.asked:
-                # The oldest asks (in the order they came): the smallest ids would leave a large one
-                # waiting as long as more than a statement's worth keep arriving.
-                batch = dict(itertools.islice(self.asked.items(), KEYS_AT_ONCE))
-                for user_id in batch:
-                    del self.asked[user_id]
-                try:
-                    keys = await self.make(sorted(batch))
-                except Exception as e:  # noqa: BLE001 - each caller gets it, as its own statement would
-                    for future in batch.values():
-                        future.set_exception(e)
-                    continue
-                except BaseException:  # the loop is shutting down
-                    for future in (*batch.values(), *self.asked.values()):
-                        future.cancel()
-                    raise
-                for user_id, future in batch.items():
-                    wrapped = keys.get(user_id)
-                    try:
-                        if wrapped is None:
-                            raise KeyDestroyed(str(user_id))
-                        future.set_result(self.unwrap(user_id, wrapped))
-                    except Exception as e:  # noqa: BLE001 - this user's callers get it
-                        future.set_exception(e)
-        finally:
-            self.making = None
-
-
-def _retrieved(future: asyncio.Future[bytes]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 def request_erasure(conn: psycopg.Connection[Any], user_id: UUID) -> None:

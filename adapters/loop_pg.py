@@ -6,20 +6,25 @@ connection (0.26-0.36 ms against 0.64-1.07 ms a statement, 2,000 statements 32 a
 holds no thread. The connections of a loop are made on first use, at most ``size`` of them; one
 whose statement failed is closed, not reused; ``close`` closes the running loop's idle ones (one in
 use then is closed when its block ends), and those of a loop that ended are closed when another
-loop first asks.
+loop first asks. ``Together`` runs the calls that arrive while one statement runs in the next
+one, as the group committer saves commands: new users' data keys (``adapters.keyring``) and GPU
+callback signatures (``adapters.api.callback_signatures``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg_pool import PoolTimeout
 
 from adapters.per_loop import of_running_loop
+
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 class LoopConnections:
@@ -125,3 +130,67 @@ class _Connections:
         for conn in idle:
             with contextlib.suppress(Exception):
                 await conn.close()
+
+
+class Together(Generic[A, R]):
+    """Calls made on an event loop, run together: one ``run`` (one statement) takes every call made
+    on that loop while the one before ran, the oldest first, at most ``most`` of them, and answers
+    each in the order of its arguments, as the group committer saves commands. Where each request
+    ran its own statement (a round trip and a commit each), one does for all those that came
+    meanwhile.
+
+    ``run`` goes on a task of its own: a caller that goes away (its client disconnected) takes no
+    other caller's answer with it. What ``run`` raises, each of its callers raises; an answer that
+    is an exception, only its own caller."""
+
+    def __init__(self, run: Callable[[list[A]], Awaitable[list[R | Exception]]], most: int = 500) -> None:
+        self.run = run
+        self.most = most
+        self._by_loop: dict[asyncio.AbstractEventLoop, _Calls[A, R]] = {}
+
+    async def __call__(self, arg: A) -> R:
+        return await of_running_loop(self._by_loop, lambda: _Calls(self)).call(arg)
+
+
+class _Calls(Generic[A, R]):
+    def __init__(self, owner: Together[A, R]) -> None:
+        self.owner = owner
+        self.waiting: list[tuple[A, asyncio.Future[R]]] = []  # not in a run yet
+        self.running: asyncio.Task[None] | None = None
+
+    async def call(self, arg: A) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieved)  # its caller may have gone: no "never retrieved" line
+        self.waiting.append((arg, future))
+        if self.running is None:
+            self.running = asyncio.create_task(self._run_all())
+        return await asyncio.shield(future)  # cancelling the caller leaves the call to its run
+
+    async def _run_all(self) -> None:
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting[:self.owner.most], self.waiting[self.owner.most:]
+                try:
+                    answers = await self.owner.run([arg for arg, _ in batch])
+                    if len(answers) != len(batch):
+                        raise RuntimeError(f"{len(answers)} answers to {len(batch)} calls")
+                except Exception as e:  # noqa: BLE001 - each caller gets it, as its own statement would
+                    for _, future in batch:
+                        future.set_exception(e)
+                    continue
+                except BaseException:  # the loop is shutting down
+                    for _, future in (*batch, *self.waiting):
+                        future.cancel()
+                    raise
+                for (_, future), answer in zip(batch, answers, strict=True):
+                    if isinstance(answer, Exception):
+                        future.set_exception(answer)
+                    else:
+                        future.set_result(answer)
+        finally:
+            self.running = None
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

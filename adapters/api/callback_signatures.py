@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Callable
 
-from adapters.loop_pg import LoopConnections
+from adapters.loop_pg import LoopConnections, Together
 from domain.contracts.callback import CALLBACK_WINDOW_S
 
 log = logging.getLogger("palette.api")
@@ -30,18 +30,32 @@ class CallbackSignatures:
         self.batch = batch
         self.clock = clock
         self.pruning: asyncio.Task[int] | None = None  # held, so the loop does not lose it
+        self._recorded_together = Together(self._record)
         self._next_prune = -math.inf  # the first fresh signature prunes what a process before left
 
     async def first_use(self, signature: str) -> bool:
         """Record a verified signature; False when it was seen inside the window (a replay). Not
         flushed at commit: a signature a database crash forgets can be replayed once, and its
-        result is then a repeat the job already recorded (results carry their idempotency key)."""
-        async with self.connections.connection() as conn:
-            fresh = await (await conn.execute(
-                "INSERT INTO palette_api.callback_signatures (signature) VALUES (%s) ON CONFLICT DO NOTHING "
-                "RETURNING 1", [signature])).fetchone() is not None
+        result is then a repeat the job already recorded (results carry their idempotency key).
+        The signatures of callbacks that arrive together go in with one statement (``Together``)."""
+        fresh = await self._recorded_together(signature)
         if fresh:
             self._start_prune_if_due()
+        return fresh
+
+    async def _record(self, signatures: list[str]) -> list[bool]:
+        """Whether each signature is new; of one repeated among them, only the first. In their
+        sorted order, so that two processes recording a replay at once never wait on each other in
+        a cycle."""
+        async with self.connections.connection() as conn:
+            new = {row[0] for row in await (await conn.execute(
+                "INSERT INTO palette_api.callback_signatures (signature) SELECT DISTINCT s "
+                "FROM unnest(%s::text[]) AS s ORDER BY s ON CONFLICT DO NOTHING RETURNING signature",
+                [signatures])).fetchall()}
+        fresh = []
+        for signature in signatures:
+            fresh.append(signature in new)
+            new.discard(signature)
         return fresh
 
     def _start_prune_if_due(self) -> None:

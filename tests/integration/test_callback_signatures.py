@@ -66,3 +66,40 @@ def test_rows_past_two_windows_go_with_the_first_fresh_signature_once_the_interv
             await signatures.connections.close()
 
     asyncio.run(scenario())
+
+
+def test_callbacks_at_once_are_recorded_by_one_statement_and_a_replay_among_them_is_refused(
+    settings: Settings,
+) -> None:
+    url = settings.effective_database_url
+    with psycopg.connect(url, autocommit=True) as conn:
+        ensure_schema(conn)
+    seen_before = f"test-{uuid.uuid4().hex}"
+    fresh = [f"test-{uuid.uuid4().hex}" for _ in range(40)]
+
+    async def scenario() -> tuple[list[bool], list[int]]:
+        signatures = CallbackSignatures(unflushed(url))
+        statements: list[int] = []
+        record = signatures._recorded_together.run
+
+        async def counted(batch: list[str]) -> list[bool]:
+            statements.append(len(batch))
+            return await record(batch)
+
+        signatures._recorded_together.run = counted
+        try:
+            assert await signatures.first_use(seen_before)
+            asked = [*fresh, seen_before, fresh[0], fresh[1]]  # a replay of an old one, two of new ones
+            got = await asyncio.gather(*(signatures.first_use(s) for s in asked))
+            return list(got), statements
+        finally:
+            await signatures.close()
+            await signatures.connections.close()
+
+    got, statements = asyncio.run(scenario())
+    assert statements == [1, 43]
+    assert got == [True] * 40 + [False, False, False]
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM palette_api.callback_signatures WHERE signature = ANY(%s)",
+                           [fresh]).fetchone()
+    assert row == (40,)

@@ -169,13 +169,13 @@ def test_keys_asked_for_while_none_is_being_made_are_made_by_one_statement(setti
         erased = uuid.uuid4()
         keyring.destroy(erased)
         statements: list[int] = []
-        make = keyring._keys_for
+        make = keyring._made_together.run
 
-        async def counted(user_ids: list[uuid.UUID]) -> dict[uuid.UUID, bytes]:
-            statements.append(len(user_ids))
+        async def counted(user_ids: list[uuid.UUID]) -> list[bytes | None]:
+            statements.append(len(set(user_ids)))
             return await make(user_ids)
 
-        keyring._keys_for = counted
+        keyring._made_together.run = counted
 
         async def scenario() -> list[Any]:
             asks = [*users, erased, *users[:10]]  # some asked twice at once
