@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import psycopg
@@ -143,7 +143,7 @@ class Together(Generic[A, R]):
     other caller's answer with it. What ``run`` raises, each of its callers raises; an answer that
     is an exception, only its own caller."""
 
-    def __init__(self, run: Callable[[list[A]], Awaitable[list[R | Exception]]], most: int = 500) -> None:
+    def __init__(self, run: Callable[[list[A]], Awaitable[Sequence[R | Exception]]], most: int = 500) -> None:
         self.run = run
         self.most = most
         self._by_loop: dict[asyncio.AbstractEventLoop, _Calls[A, R]] = {}
