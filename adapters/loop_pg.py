@@ -178,8 +178,11 @@ class _Calls(Generic[A, R]):
                     for _, future in batch:
                         future.set_exception(e)
                     continue
-                except BaseException:  # the loop is shutting down
-                    for _, future in (*batch, *self.waiting):
+                except BaseException:  # the loop is shutting down (or the run was cancelled)
+                    # The waiting calls go too: left in the list, cancelled, the next call's run
+                    # would fail on them (InvalidStateError) and leave its own caller waiting.
+                    left, self.waiting = self.waiting, []
+                    for _, future in (*batch, *left):
                         future.cancel()
                     raise
                 for (_, future), answer in zip(batch, answers, strict=True):

@@ -119,3 +119,22 @@ def test_most_bounds_a_run(most: int) -> None:
 
     assert asyncio.run(many()) == list(range(1200))
     assert max(seen) <= most and sum(seen) == 1200
+
+
+def test_a_run_cancelled_while_its_loop_goes_on_leaves_no_cancelled_call_to_fail_the_next_run() -> None:
+    async def scenario() -> tuple[list[object], int]:
+        run = Recorder()
+        together = Together(run)
+        first = asyncio.ensure_future(together(1))
+        await run.started.wait()
+        second = asyncio.ensure_future(together(2))  # waiting for the next run
+        await asyncio.sleep(0)
+        running = together._by_loop[asyncio.get_running_loop()].running
+        assert running is not None
+        running.cancel()
+        got = list(await asyncio.gather(first, second, return_exceptions=True))
+        run.release.set()
+        return got, await asyncio.wait_for(together(3), 1)  # not the cancelled 2's run, nor waiting forever
+
+    got, third = asyncio.run(scenario())
+    assert all(isinstance(g, asyncio.CancelledError) for g in got) and third == 30
