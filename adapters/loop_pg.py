@@ -143,9 +143,14 @@ class Together(Generic[A, R]):
     other caller's answer with it. What ``run`` raises, each of its callers raises; an answer that
     is an exception, only its own caller."""
 
-    def __init__(self, run: Callable[[list[A]], Awaitable[Sequence[R | Exception]]], most: int = 500) -> None:
+    def __init__(self, run: Callable[[list[A]], Awaitable[Sequence[R | Exception]]], most: int = 500,
+                 timeout_s: float = 10.0) -> None:
         self.run = run
         self.most = most
+        # A caller waits this long at most (then PoolTimeout, as for a connection that never frees
+        # up): a statement stalled on a lock, or on a database that stopped answering, holds every
+        # call of its loop behind it.
+        self.timeout_s = timeout_s
         self._by_loop: dict[asyncio.AbstractEventLoop, _Calls[A, R]] = {}
 
     async def __call__(self, arg: A) -> R:
@@ -164,7 +169,10 @@ class _Calls(Generic[A, R]):
         self.waiting.append((arg, future))
         if self.running is None:
             self.running = asyncio.create_task(self._run_all())
-        return await asyncio.shield(future)  # cancelling the caller leaves the call to its run
+        try:  # shielded: cancelling the caller, or its deadline, leaves the call to its run
+            return await asyncio.wait_for(asyncio.shield(future), self.owner.timeout_s)
+        except TimeoutError:
+            raise PoolTimeout(f"no answer within {self.owner.timeout_s:g} s") from None
 
     async def _run_all(self) -> None:
         try:

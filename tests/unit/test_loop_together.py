@@ -138,3 +138,22 @@ def test_a_run_cancelled_while_its_loop_goes_on_leaves_no_cancelled_call_to_fail
 
     got, third = asyncio.run(scenario())
     assert all(isinstance(g, asyncio.CancelledError) for g in got) and third == 30
+
+
+def test_a_caller_waits_for_a_stalled_run_at_most_its_timeout_and_the_calls_after_it_are_answered() -> None:
+    """A statement stalled on a lock, or on a database that stopped answering: its callers get
+    PoolTimeout (the API's 503) at their deadline, not an answer that never comes; the run, once
+    it ends, serves the calls made meanwhile."""
+    from psycopg_pool import PoolTimeout
+
+    async def scenario() -> tuple[list[object], list[int]]:
+        run = Recorder()
+        together = Together(run, timeout_s=0.05)
+        # (the outer bound only turns a caller that would wait forever into this test's failure)
+        stalled = await asyncio.wait_for(asyncio.gather(together(1), together(2), return_exceptions=True), 10)
+        run.release.set()
+        return list(stalled), [await together(3)]
+
+    stalled, after = asyncio.run(scenario())
+    assert all(isinstance(s, PoolTimeout) for s in stalled)
+    assert after == [30]
