@@ -12,6 +12,8 @@ from uuid import UUID, uuid4
 
 import jwt
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.requests import Request
 
 from adapters.api.deps import VerifiedTokens, current_user
@@ -336,3 +338,20 @@ def test_callback_signature_window_and_body():
     assert not verify_callback(SECRET, now, JOB, body)
     other_job = "00000000-0000-4000-8000-000000000002"
     assert not verify_callback(SECRET, now, other_job, body, timestamp=str(now), signature=sig)
+
+
+@given(user=st.uuids(), at=st.integers(min_value=0, max_value=2**33),
+       role=st.sampled_from(["client", "analyst", "auditor"]),
+       ttl=st.none() | st.integers(min_value=1, max_value=10**8),
+       secret=st.text(min_size=32, max_size=80), issuer=st.text(max_size=40), audience=st.text(max_size=40))
+def test_an_issued_token_is_byte_for_byte_what_pyjwt_writes_for_its_claims(user, at, role, ttl, secret, issuer,
+                                                                             audience):
+    """TokenIssuer signs without jwt.encode (its per-call key checks): PyJWT is the oracle, for the
+    bytes (encode) and for the claims read back under the pinned algorithm (decode)."""
+    now = datetime.fromtimestamp(at, UTC)
+    token = TokenIssuer(secret, issuer, audience, 3600).issue(user, now, role=role, ttl_s=ttl)
+    claims = {"sub": str(user), "iat": at, "nbf": at, "exp": at + (ttl or 3600), "iss": issuer, "aud": audience,
+              "role": role}
+    assert token == jwt.encode(claims, secret, algorithm="HS256")
+    assert jwt.decode(token, secret, algorithms=["HS256"], options={"verify_signature": True, "verify_exp": False,
+                      "verify_nbf": False, "verify_iat": False, "verify_aud": False, "verify_iss": False}) == claims
