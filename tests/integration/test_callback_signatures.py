@@ -7,6 +7,7 @@ import asyncio
 import uuid
 
 import psycopg
+import pytest
 
 from adapters.api.callback_signatures import KEEP_S, PRUNE_EVERY_S, CallbackSignatures
 from adapters.api.idempotency import ensure_schema, unflushed
@@ -21,12 +22,15 @@ class StoppedClock:
         return self.t
 
 
-def test_rows_past_two_windows_go_with_the_first_fresh_signature_once_the_interval_has_passed(
-    settings: Settings,
-) -> None:
-    url = settings.effective_database_url
-    with psycopg.connect(url, autocommit=True) as conn:
+@pytest.fixture
+def url(settings: Settings) -> str:
+    """The database's URL, with the API's tables made."""
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
         ensure_schema(conn)
+    return settings.effective_database_url
+
+
+def test_rows_past_two_windows_go_with_the_first_fresh_signature_once_the_interval_has_passed(url: str) -> None:
 
     def seen_ago(seconds: float, count: int = 1) -> list[str]:
         names = [f"test-{uuid.uuid4().hex}" for _ in range(count)]
@@ -68,12 +72,7 @@ def test_rows_past_two_windows_go_with_the_first_fresh_signature_once_the_interv
     asyncio.run(scenario())
 
 
-def test_callbacks_at_once_are_recorded_by_one_statement_and_a_replay_among_them_is_refused(
-    settings: Settings,
-) -> None:
-    url = settings.effective_database_url
-    with psycopg.connect(url, autocommit=True) as conn:
-        ensure_schema(conn)
+def test_callbacks_at_once_are_recorded_by_one_statement_and_a_replay_among_them_is_refused(url: str) -> None:
     seen_before = f"test-{uuid.uuid4().hex}"
     fresh = [f"test-{uuid.uuid4().hex}" for _ in range(40)]
 

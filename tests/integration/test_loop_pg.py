@@ -242,6 +242,16 @@ def test_two_loops_making_the_same_keys_in_opposite_orders_agree(settings: Setti
         assert results[0] == results[1] == [keyring.key(u) for u in users]
 
 
+def _wait_for_a_key_statement_to_wait(watch: psycopg.Connection[Any], failure: str) -> None:
+    """Until one keyring statement (KEY_FOR or KEYS_FOR) waits on a row lock (10 s at most)."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query LIKE %s", ["WITH %palette_user_keys%"]).fetchone() != (1,):
+        assert time.monotonic() < deadline, failure
+
+
 @pytest.mark.parametrize("on_the_loop", [True, False])
 def test_a_key_asked_for_while_an_erasure_destroys_it_is_not_made_again(settings: Settings, on_the_loop: bool) -> None:
     """A registration of a user whose erasure is destroying the key (its transaction holds the
@@ -249,7 +259,6 @@ def test_a_key_asked_for_while_an_erasure_destroys_it_is_not_made_again(settings
     snapshot saw neither the tombstone nor the delete). The key made so is undone: the caller gets
     KeyDestroyed and the erased user has no key stored."""
     import threading
-    import time
     import uuid
 
     from adapters.keyring import request_erasure
@@ -278,10 +287,7 @@ def test_a_key_asked_for_while_an_erasure_destroys_it_is_not_made_again(settings
             erasure.execute("DELETE FROM palette_user_keys WHERE user_id = %s", [user])  # as destroy does
             asking = threading.Thread(target=ask)
             asking.start()
-            deadline = time.monotonic() + 10
-            while watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                "AND query LIKE %s", ["WITH %palette_user_keys%"]).fetchone() != (1,):
-                assert time.monotonic() < deadline, "the registration never waited on the erasure"
+            _wait_for_a_key_statement_to_wait(watch, "the registration never waited on the erasure")
             erasure.commit()
             asking.join()
         assert [type(g) for g in got] == [KeyDestroyed]
@@ -293,7 +299,6 @@ def test_a_key_another_process_makes_while_the_statement_waits_is_the_one_handed
     waits on it and then makes nothing for that user, and its snapshot, older than that commit,
     does not see the key: it is read again, never taken for an erasure (KeyDestroyed)."""
     import threading
-    import time
     import uuid
 
     with _keyring(settings) as (keyring, connections):
@@ -315,10 +320,7 @@ def test_a_key_another_process_makes_while_the_statement_waits_is_the_one_handed
             other.execute("INSERT INTO palette_user_keys (user_id, wrapped) VALUES (%s, %s)", [made_elsewhere, wrapped])
             asking = threading.Thread(target=ask)
             asking.start()
-            deadline = time.monotonic() + 10
-            while watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                "AND query LIKE %s", ["WITH %palette_user_keys%"]).fetchone() != (1,):
-                assert time.monotonic() < deadline, "the loop's statement never waited on the other one"
+            _wait_for_a_key_statement_to_wait(watch, "the loop's statement never waited on the other one")
             other.commit()
             asking.join()
         assert got == [keyring._unwrap(made_elsewhere, wrapped), keyring.key(mine)]
