@@ -49,8 +49,8 @@ class TokenIssuer:
 
     def _signed(self, claims: dict[str, Any]) -> str:
         """The HS256 JWT of ``claims``, byte for byte what ``jwt.encode`` writes (a test compares
-        them), without its checks of the key's format on every call: they were most of a token's
-        cost, and the registration's dearest step after the commit."""
+        them), without its checks of the key's format on every call (PEM and SSH patterns tried on
+        the secret): ``jwt.encode`` was 15 % of the event loop's time under registrations."""
         signing_input = _HEADER + b"." + _b64(json.dumps(claims, separators=(",", ":")).encode())
         mac = self._mac.copy()
         mac.update(signing_input)
