@@ -137,11 +137,10 @@ class PgKeyring:
                 # only wait as long again.
                 if attempt == 2 or held is None or not held.broken:
                     raise
-        wrapped = {u: bytes(w) for u, w in rows}
-        keys: dict[UUID, bytes | Exception] = {}
-        for user_id in user_ids:
+        keys: dict[UUID, bytes | Exception] = {u: KeyDestroyed(str(u)) for u in user_ids}
+        for user_id, wrapped in rows:
             try:
-                keys[user_id] = self._opened(user_id, (wrapped[user_id],) if user_id in wrapped else None)
+                keys[user_id] = self._unwrap(user_id, bytes(wrapped))
             except Exception as e:  # noqa: BLE001 - this user's callers get it
                 keys[user_id] = e
         return [keys[u] for u in asked]

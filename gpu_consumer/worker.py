@@ -64,6 +64,7 @@ from domain.contracts.loop import ConsumerLoop
 from gpu_consumer.callbacks import CallbackClient, CallbackUnavailable
 from gpu_consumer.codec import BadInput
 from gpu_consumer.pipeline import Edited, Fetched, ImagePipeline
+from infra.s3 import answered_status
 
 log = logging.getLogger("palette.gpu")
 GROUP = topics.GPU_GROUP
@@ -90,10 +91,8 @@ STARTED_KEPT_S = 7 * 24 * 3600.0  # a note of an item begun that never came back
 def server_refused(error: BaseException) -> bool:
     """Whether ``error`` is an S3 answer of status 5xx (``InternalError``, ``ServiceUnavailable``,
     ``SlowDown``): the store's own trouble, as botocore's ClientError carries it."""
-    response = getattr(error, "response", None)
-    meta = response.get("ResponseMetadata") if isinstance(response, dict) else None
-    status = meta.get("HTTPStatusCode") if isinstance(meta, dict) else None
-    return isinstance(status, int) and status >= 500
+    status = answered_status(error)
+    return status is not None and status >= 500
 
 
 class StoreUnavailable(CallbackUnavailable):

@@ -28,3 +28,12 @@ def s3_client(settings: S3Settings, timeout_s: float = 10, max_pool: int = 16, a
             max_pool_connections=max_pool,
         ),
     )
+
+
+def answered_status(error: BaseException) -> int | None:
+    """The HTTP status of the S3 answer ``error`` carries (botocore's ClientError), None where no
+    answer came (a read timed out: botocore's response is None then) or ``error`` is no S3 error."""
+    response = getattr(error, "response", None)
+    meta = response.get("ResponseMetadata") if isinstance(response, dict) else None
+    status = meta.get("HTTPStatusCode") if isinstance(meta, dict) else None
+    return status if isinstance(status, int) else None

@@ -22,7 +22,7 @@ from typing import IO, Any, Generic, TypeVar
 
 from infra.config import StackSettings, unusable_data_dir
 from infra.kafka_admin import broker_answers, ensure_topics
-from infra.s3 import s3_client
+from infra.s3 import answered_status, s3_client
 from infra.supervisor import ServiceSpec, StackError, Supervisor, bind_error
 
 # Where PostgreSQL's files go when root's data directory is out of the postgres user's reach (a
@@ -470,11 +470,8 @@ class EmbeddedStack(Generic[S]):
         try:
             client.put_object(Bucket=bucket, Key=S3_HEALTH_KEY, Body=bytes(S3_HEALTH_BYTES))
         except Exception as e:  # noqa: BLE001 - only the store's own trouble (a 5xx, no answer) counts
-            # botocore's errors without an answer (a read timed out) carry response None
-            response = getattr(e, "response", None)
-            meta = response.get("ResponseMetadata") if isinstance(response, dict) else None
-            status = meta.get("HTTPStatusCode") if isinstance(meta, dict) else None
-            return isinstance(status, int) and status < 500
+            status = answered_status(e)
+            return status is not None and status < 500
         with contextlib.suppress(Exception):
             client.delete_object(Bucket=bucket, Key=S3_HEALTH_KEY)
         return True
