@@ -64,7 +64,6 @@ from domain.contracts.loop import ConsumerLoop
 from gpu_consumer.callbacks import CallbackClient, CallbackUnavailable
 from gpu_consumer.codec import BadInput
 from gpu_consumer.pipeline import Edited, Fetched, ImagePipeline
-from infra.s3 import answered_status
 
 log = logging.getLogger("palette.gpu")
 GROUP = topics.GPU_GROUP
@@ -91,8 +90,11 @@ STARTED_KEPT_S = 7 * 24 * 3600.0  # a note of an item begun that never came back
 def server_refused(error: BaseException) -> bool:
     """Whether ``error`` is an S3 answer of status 5xx (``InternalError``, ``ServiceUnavailable``,
     ``SlowDown``): the store's own trouble, as botocore's ClientError carries it."""
-    status = answered_status(error)
-    return status is not None and status >= 500
+    # As infra.s3.answered_status reads it, not imported: this package takes domain.contracts only.
+    response = getattr(error, "response", None)
+    meta = response.get("ResponseMetadata") if isinstance(response, dict) else None
+    status = meta.get("HTTPStatusCode") if isinstance(meta, dict) else None
+    return isinstance(status, int) and status >= 500
 
 
 class StoreUnavailable(CallbackUnavailable):
