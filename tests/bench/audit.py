@@ -1,22 +1,48 @@
 """`palette bench --audit-events N`: a log of about N events, then the auditors' tools over it,
-timed: rebuilding ``users`` and ``billing_events``, `audit reconcile` and `replay all`."""
+timed: rebuilding ``users`` and ``billing_events``, `audit reconcile` (in a process of its own,
+whose memory growth is its figure too) and `replay all`."""
 
 from __future__ import annotations
 
+import resource
 import time
+from typing import Any
 
 import psycopg
 
 from adapters.bootstrap import event_store_env
+from adapters.settings import Settings
 from application.services import PaletteApplication
+from tests.bench import relay_rates
 from tests.bench.core import make_backlog
 from tests.bench.harness import Results, running_stack, say
 
 EVENTS_PER_COMMAND = 2  # a mixed session: about 6 commands and 12 events
 
 
-def bench_audit_at_scale(events: int) -> Results:
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reconcile_in_child(settings: Settings, out: Any) -> None:
+    """`audit reconcile` as the command line runs it, in a fresh interpreter: its seconds, verdict,
+    and how much its peak memory grew over what the interpreter held before it (imports, pools)."""
     from projections import audit
+
+    app = PaletteApplication(env=event_store_env(settings, pool_size=2))
+    try:
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            before = peak_rss_mib()
+            t0 = time.monotonic()
+            report = audit.reconcile(conn, app.recorder, app.mapper.transcoder)
+            seconds = time.monotonic() - t0
+        out.put((seconds, report.ok, report.events, report.ledger_rows, peak_rss_mib() - before))
+    finally:
+        app.close()
+
+
+def bench_audit_at_scale(events: int) -> Results:
     from projections.rebuild import rebuild
     from projections.replay import Replayer
 
@@ -34,17 +60,16 @@ def bench_audit_at_scale(events: int) -> Results:
             for name in ("users", "billing_events"):
                 built = rebuild(settings.effective_database_url, app.recorder, app.mapper.transcoder, name)
                 results[f"rebuild_{name}_seconds"] = round(built.seconds, 1)
-            with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
-                t0 = time.monotonic()
-                report = audit.reconcile(conn, app.recorder, app.mapper.transcoder)
-                results["reconcile_seconds"] = round(time.monotonic() - t0, 1)
-                results["reconcile_ok"] = report.ok
+            seconds, ok, user_events, ledger_rows, grew = relay_rates.in_own_process(reconcile_in_child, settings)
+            results.update(reconcile_seconds=round(seconds, 1), reconcile_ok=ok, reconcile_user_events=user_events,
+                           reconcile_ledger_rows=ledger_rows, reconcile_memory_growth_mib=round(grew, 1))
             t0 = time.monotonic()
             n = sum(1 for _ in Replayer(app).all_jsonl())
             results["replay_at_scale_events_per_s"] = round(n / (time.monotonic() - t0), 1)
         finally:
             app.close()
-        say(f"reconcile over {results['audit_events']:,} events: {results['reconcile_seconds']}s "
-            f"({'OK' if report.ok else 'DIFFERENCES'}); replay all to JSON lines (counted, not kept) "
+        say(f"reconcile over {results['audit_events']:,} events ({user_events:,} user events, {ledger_rows:,} ledger "
+            f"rows): {results['reconcile_seconds']}s ({'OK' if ok else 'DIFFERENCES'}), its process's peak memory "
+            f"{grew:,.0f} MiB above where it started; replay all to JSON lines (counted, not kept) "
             f"{results['replay_at_scale_events_per_s']:,.0f} events/s")
     return results
