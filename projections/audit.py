@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -16,6 +16,7 @@ from uuid import UUID
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import tuple_row
 
 from domain.contracts.streams import stream_topics, topic_prefix
 from projections import schema
@@ -24,6 +25,7 @@ from projections.models.base import Rows
 from projections.models.billing_events import BILLING, GENESIS, LEDGER_COLUMNS, ledger_hash
 from projections.models.users import USERS
 from projections.rebuild import iter_envelopes
+from projections.stored_events import from_stored
 
 LEDGER = sql.Identifier("palette_read", "billing_events")
 __all__ = ["LEDGER_COLUMNS", "BalanceMismatch", "ChainBreak", "PeriodFigures", "PeriodReport", "Reconciliation",
@@ -143,7 +145,15 @@ class Reconciliation:
 
 
 def _key(row: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(str(row[c]) if isinstance(row[c], UUID) else row[c] for c in LEDGER_COLUMNS)
+    return _key_of(row[c] for c in LEDGER_COLUMNS)
+
+
+def _key_of(values: Iterable[Any]) -> tuple[Any, ...]:
+    """A ledger row's columns (in LEDGER_COLUMNS' order) as compared: ids as text."""
+    return tuple(str(v) if isinstance(v, UUID) else v for v in values)
+
+
+SEQ, DELTA, POSITION = (LEDGER_COLUMNS.index(c) for c in ("seq", "balance_delta", "position"))
 
 
 def _unfolded(conn: psycopg.Connection[Any], events: sql.Identifier, upto: int) -> int:
@@ -192,9 +202,164 @@ def _balance_effect(env: Any) -> int:
     return 0
 
 
-def _tracked(conn: psycopg.Connection[Any], model: Any) -> dict[UUID, int]:
-    return {r[0]: r[1] for r in conn.execute(
-        sql.SQL("SELECT stream_id, version FROM {}").format(sql.Identifier("palette_read", f"{model.name}_tracking")))}
+class Firsts:
+    """The first ``limit`` of any number of findings (by ``key``, else as they come) and how
+    many there were: a report stays bounded however much differs."""
+
+    def __init__(self, limit: int, key: Callable[[Any], Any] | None = None) -> None:
+        self.limit = limit
+        self.key = key
+        self.count = 0
+        self._kept: list[Any] = []
+
+    def add(self, item: Any) -> None:
+        self.count += 1
+        if self.key is None:
+            if len(self._kept) < self.limit:
+                self._kept.append(item)
+        else:
+            self._kept.append(item)
+            if len(self._kept) > 2 * self.limit:  # sorted now and then: memory stays ~2 x limit
+                self._trim()
+
+    def _trim(self) -> None:
+        self._kept.sort(key=self.key)
+        del self._kept[self.limit:]
+
+    def first(self) -> list[Any]:
+        if self.key is not None:
+            self._trim()
+        return list(self._kept)
+
+    @property
+    def more(self) -> int:
+        """How many were left out of ``first``."""
+        return self.count - len(self.first())
+
+
+class LedgerMerge:
+    """One user's ledger rows as the log folds them (``expect``, in seq order) against the
+    projection's (``actual``, in seq order): a row the log folds that the projection does not
+    hold exactly is missing, and a row the projection holds that the log does not fold is extra.
+    This is the set difference of the two, one row of each side in memory at a time (seq is
+    unique on both sides). ``total`` is Σ balance_delta of the projection's rows."""
+
+    def __init__(self, actual: Iterator[tuple[Any, ...]], missing: Callable[[tuple[Any, ...]], None],
+                 extra: Callable[[tuple[Any, ...]], None]) -> None:
+        self._actual = actual
+        self._missing = missing
+        self._extra = extra
+        self.total = 0
+        self.rows = 0  # the projection's
+        self._head = self._next()
+
+    def _next(self) -> tuple[Any, ...] | None:
+        row = next(self._actual, None)
+        if row is not None:
+            self.total += row[DELTA]
+            self.rows += 1
+        return row
+
+    def expect(self, key: tuple[Any, ...]) -> None:
+        while self._head is not None and self._head[SEQ] < key[SEQ]:
+            self._extra(self._head)
+            self._head = self._next()
+        if self._head is not None and self._head[SEQ] == key[SEQ]:
+            if self._head != key:
+                self._missing(key)
+                self._extra(self._head)
+            self._head = self._next()
+        else:
+            self._missing(key)
+
+    def finish(self) -> None:
+        """The projection's rows past the last the log folds are extra."""
+        while self._head is not None:
+            self._extra(self._head)
+            self._head = self._next()
+
+
+class _Sorted:
+    """Rows sorted by their first column (a user id), taken one user at a time."""
+
+    def __init__(self, rows: Iterator[tuple[Any, ...]]) -> None:
+        self._rows = rows
+        self.head = next(rows, None)
+
+    def user(self) -> UUID | None:
+        return self.head[0] if self.head is not None else None
+
+    def take(self, user: UUID) -> Iterator[tuple[Any, ...]]:
+        """The rows of ``user`` (the rows of users before it skipped), each consumed as yielded."""
+        while self.head is not None and self.head[0] < user:
+            self.head = next(self._rows, None)
+        while self.head is not None and self.head[0] == user:
+            row, self.head = self.head, next(self._rows, None)
+            yield row
+
+    def one(self, user: UUID) -> tuple[Any, ...] | None:
+        """The row of ``user``, if any (a table keyed by user)."""
+        return next(self.take(user), None)
+
+
+def _cursor(stack: contextlib.ExitStack, conn: psycopg.Connection[Any], name: str,
+            query: sql.Composed | sql.SQL, params: list[Any] | None = None) -> _Sorted:
+    """A server-side cursor over ``query`` (sorted by user), closed with ``stack``."""
+    cur = stack.enter_context(conn.cursor(name=f"reconcile_{name}", row_factory=tuple_row))
+    cur.itersize = 5_000
+    cur.execute(query, params)
+    return _Sorted(iter(cur))
+
+
+@dataclass
+class _Findings:
+    """What reconcile finds, each kind bounded to its first ``limit``."""
+
+    limit: int
+    failed: int = 0
+    unfolded: Firsts = field(init=False)
+    missing: Firsts = field(init=False)
+    extra: Firsts = field(init=False)
+    users: Firsts = field(init=False)
+    balances: dict[str, Firsts] = field(init=False)
+    jobs: Firsts = field(init=False)
+
+    def __post_init__(self) -> None:
+        by_position = lambda key: (key[POSITION], key[0])  # noqa: E731 - a sort key, named once
+        self.unfolded, self.users, self.jobs = Firsts(self.limit), Firsts(self.limit), Firsts(self.limit)
+        self.missing, self.extra = Firsts(self.limit, by_position), Firsts(self.limit, by_position)
+        self.balances = {"billing_events": Firsts(self.limit), "users": Firsts(self.limit)}
+
+    def write(self, report: Reconciliation, upto: int, held: set[UUID], wait_s: float) -> None:
+        out = report.differences
+        if self.failed:
+            out.append(f"{self.failed} user stream(s) cannot be folded")
+        for stream_id, n in self.unfolded.first():
+            why = "held by a dead letter" if stream_id in held else f"not folded after {wait_s:.0f} s"
+            out.append(f"user {stream_id}: {n} event(s) at or before position {upto} {why}")
+        if self.unfolded.more:
+            out.append(f"... and {self.unfolded.more} more user stream(s) not folded up to {upto}")
+        for kind, keys in (("missing from the projection", self.missing),
+                           ("in the projection but not in the log", self.extra)):
+            for key in keys.first():
+                out.append(f"{kind}: position {key[8]} {key[3]} {key[4]} user {key[1]} (id {key[0]})")
+            if keys.more:
+                out.append(f"... and {keys.more} more {kind}")
+        out.extend(self.users.first())
+        if self.users.more:
+            out.append(f"... and {self.users.more} more user(s) whose projected credits differ")
+        found = self.balances["billing_events"].first() + self.balances["users"].first()
+        report.balance_mismatches = found[:self.limit]
+        for m in report.balance_mismatches:
+            what = "Σ balance_delta" if m.table == "billing_events" else "credits"
+            out.append(f"user {m.user_id}: {m.table} {what} is {m.projected}, the User aggregate's "
+                       f"balance at version {m.version} is {m.aggregate}")
+        mismatched = sum(f.count for f in self.balances.values())
+        if mismatched > self.limit:
+            out.append(f"... and {mismatched - self.limit} more balance(s) not the User aggregate's")
+        out.extend(self.jobs.first())
+        if self.jobs.more:
+            out.append(f"... and {self.jobs.more} more settlement finding(s)")
 
 
 def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, limit: int = 20,
@@ -206,33 +371,60 @@ def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, lim
     would pass), each user's Σ balance_delta and credits are checked against the User aggregate's
     balance from its events (``balance_mismatches``).
 
-    Safe on a live system: the projection is read in ONE snapshot (rows and per-stream tracking,
-    which commit together), and each stream's events are folded exactly up to the version that
-    snapshot has tracked, so what the projector folds meanwhile is neither missing nor extra.
-    Events up to ``at`` not folded after ``wait_s`` (or held by a dead letter) are differences.
-    One streaming pass over the User streams: memory holds rows, not the log."""
+    Safe on a live system: the projection and the log are read in ONE snapshot (rows and
+    per-stream tracking commit together), and each stream's events are folded exactly up to the
+    version that snapshot has tracked, so what the projector folds meanwhile is neither missing
+    nor extra. Events up to ``at`` not folded after ``wait_s`` (or held by a dead letter) are
+    differences.
+
+    One pass, user by user: the User events (by stream and version), the ledger (by user and
+    seq), the users rows and both trackings, each a server-side cursor sorted by user id, are
+    merged, so memory holds one user's state and the first ``limit`` findings of each kind,
+    however long the log (each kind is reported as its first ``limit`` and a count of the rest)."""
     report = Reconciliation()
     events = events_table(recorder)
     upto = at if at is not None else (recorder.max_notification_id() or 0)
     report.position = upto
     wait_folded(conn, events, upto, wait_s)
-    with _snapshot(conn):
+    found = _Findings(limit)
+    with _snapshot(conn), contextlib.ExitStack() as cursors:
         held = _held(conn)
-        tracked_users, tracked_billing = _tracked(conn, USERS), _tracked(conn, BILLING)
-        actual_rows = {_key(r) for r in export(conn)}
-        live = {str(r[0]): (r[1], r[2], r[3]) for r in conn.execute(
-            "SELECT id, credits, reserved, spent FROM palette_read.users").fetchall()}
-    stop = recorder.max_notification_id() or 0  # every event the snapshot tracked is at or before it
-    users: Rows = {}
-    expected: set[tuple[Any, ...]] = set()
-    failed: set[UUID] = set()
-    unfolded: Counter[UUID] = Counter()
+        tracking = {model.name: _cursor(cursors, conn, f"{model.name}_tracking", sql.SQL(
+            "SELECT stream_id, version FROM {} ORDER BY stream_id").format(
+            sql.Identifier("palette_read", f"{model.name}_tracking"))) for model in (USERS, BILLING)}
+        ledger = _cursor(cursors, conn, "ledger", sql.SQL("SELECT user_id, {} FROM {} ORDER BY user_id, seq").format(
+            sql.SQL(", ").join(sql.Identifier(c) for c in LEDGER_COLUMNS), LEDGER))
+        live = _cursor(cursors, conn, "users", sql.SQL(
+            "SELECT id, credits, reserved, spent FROM palette_read.users ORDER BY id"))
+        log = _cursor(cursors, conn, "events", sql.SQL(
+            "SELECT originator_id, originator_version, notification_id, topic, state FROM {} "
+            "WHERE topic = ANY(%s) ORDER BY originator_id, originator_version").format(events),
+            [list(stream_topics("User"))])
+        while (user := min((u for u in (log.user(), ledger.user(), live.user()) if u is not None),
+                           default=None)) is not None:
+            _reconcile_user(user, report, found, upto, transcoder, progress, log, ledger, live,
+                            *(t.one(user) for t in tracking.values()))
+    found.write(report, upto, held, wait_s)
+    return report
+
+
+def _reconcile_user(user: UUID, report: Reconciliation, found: _Findings, upto: int, transcoder: Any,
+                    progress: Callable[[int], None] | None, log: _Sorted, ledger: _Sorted, live: _Sorted,
+                    users_tracked: tuple[Any, ...] | None, billing_tracked: tuple[Any, ...] | None) -> None:
+    """One user: its events folded up to the version each model tracked, its ledger rows merged
+    with the fold's, its credits and balances against the User aggregate's, its settlements."""
+    tracked_users = users_tracked[1] if users_tracked else 0
+    tracked_billing = billing_tracked[1] if billing_tracked else 0
+    merge = LedgerMerge((_key_of(row[1:]) for row in ledger.take(user)), found.missing.add, found.extra.add)
+    folded_users: Rows = {}
+    heads: Rows = {}
     reserved: Counter[str] = Counter()
     settled: Counter[str] = Counter()
-    heads: Rows = {}
-    # the aggregate's balance at the version each table tracked: {user: [balance, version]}
-    balances: dict[str, dict[str, list[int]]] = {"users": {}, "billing_events": {}}
-    for env in iter_envelopes(recorder, transcoder, 1, stop, topics=stream_topics("User")):
+    balances: dict[str, list[int] | None] = {"users": None, "billing_events": None}  # [balance, version]
+    failed = False
+    unfolded = 0
+    for stream_id, version, position, topic, state in log.take(user):
+        env = from_stored(position, stream_id, version, topic, bytes(state), transcoder)
         report.events += 1
         if progress and report.events % 100_000 == 0:
             progress(report.events)
@@ -240,81 +432,51 @@ def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, lim
             reserved[str(env.data["job_id"])] += 1
         elif env.type == "CreditsSettled":
             settled[str(env.data["job_id"])] += 1
-        in_users = env.version <= tracked_users.get(env.stream_id, 0)
-        in_billing = env.version <= tracked_billing.get(env.stream_id, 0)
-        if env.id <= upto and not (in_users and in_billing):
-            unfolded[env.stream_id] += 1
-        if env.stream_id in failed:
+        in_users, in_billing = version <= tracked_users, version <= tracked_billing
+        if position <= upto and not (in_users and in_billing):
+            unfolded += 1
+        if failed:
             continue
         try:
             for table, folded in (("users", in_users), ("billing_events", in_billing)):
                 if folded:
-                    balance = balances[table].setdefault(str(env.stream_id), [0, 0])
+                    balance = balances[table] = balances[table] or [0, 0]
                     balance[0] += _balance_effect(env)
-                    balance[1] = env.version
+                    balance[1] = version
             if in_users:
-                USERS.apply(users, env)
+                USERS.apply(folded_users, env)
             if in_billing:
-                expected.update(_key(r) for r in BILLING.apply(heads, env))
-        except Exception:  # noqa: BLE001 - reported below, as the live projector would park it
-            failed.add(env.stream_id)
+                for entry in BILLING.apply(heads, env):
+                    report.ledger_rows += 1
+                    merge.expect(_key(entry))
+        except Exception:  # noqa: BLE001 - reported, as the live projector would park it
+            failed = True
+    merge.finish()
+    if unfolded:
+        found.unfolded.add((user, unfolded))
     if failed:
-        report.differences.append(f"{len(failed)} user stream(s) cannot be folded")
-    for stream_id, n in sorted(unfolded.items(), key=lambda kv: str(kv[0]))[:limit]:
-        why = "held by a dead letter" if stream_id in held else f"not folded after {wait_s:.0f} s"
-        report.differences.append(f"user {stream_id}: {n} event(s) at or before position {upto} {why}")
-    if len(unfolded) > limit:
-        report.differences.append(f"... and {len(unfolded) - limit} more user stream(s) not folded up to {upto}")
-    report.ledger_rows = len(expected)
-    for kind, keys in (("missing from the projection", expected - actual_rows),
-                       ("in the projection but not in the log", actual_rows - expected)):
-        for key in sorted(keys, key=lambda r: (r[8], r[0]))[:limit]:
-            report.differences.append(f"{kind}: position {key[8]} {key[3]} {key[4]} user {key[1]} (id {key[0]})")
-        if len(keys) > limit:
-            report.differences.append(f"... and {len(keys) - limit} more {kind}")
-    report.users = sum(1 for row in users.values() if row is not None)
-    for (user_id,), row in users.items():
-        if row is None:
-            continue
-        want = (row["credits"], row["reserved"], row["spent"])
-        if live.get(str(user_id)) != want:
-            report.differences.append(f"user {user_id}: projection has (credits, reserved, spent) "
-                                      f"{live.get(str(user_id))}, the log folds to {want}")
-    _compare_balances(report, balances, actual_rows, live, {str(s) for s in failed}, limit)
+        found.failed += 1
+    row = live.one(user)
+    have = (row[1], row[2], row[3]) if row is not None else None
+    fold = folded_users.get((user,))
+    if fold is not None:
+        report.users += 1
+        want = (fold["credits"], fold["reserved"], fold["spent"])
+        if have != want:
+            found.users.add(f"user {user}: projection has (credits, reserved, spent) {have}, the log folds to {want}")
+    for table, projected, present in (("billing_events", merge.total, merge.rows > 0),
+                                      ("users", have[0] if have else 0, have is not None)):
+        aggregate = balances[table]
+        if failed or (aggregate is None and not present):
+            continue  # a stream that cannot be folded is reported above
+        should, at_version = aggregate or [0, 0]
+        if projected != should:
+            found.balances[table].add(BalanceMismatch(str(user), table, projected, should, at_version))
     for job_id, n in settled.items():
         if n > 1:
-            report.differences.append(f"job {job_id} settled {n} times")
+            found.jobs.add(f"job {job_id} settled {n} times")
         if job_id not in reserved:
-            report.differences.append(f"job {job_id} settled without a reservation")
-    return report
-
-
-def _compare_balances(report: Reconciliation, balances: dict[str, dict[str, list[int]]],
-                      ledger_rows: set[tuple[Any, ...]], live: dict[str, tuple[int, int, int]],
-                      failed: set[str], limit: int) -> None:
-    """Σ balance_delta per user (billing_events) and users.credits against the User aggregate's
-    balance at the version each had folded; a user with rows but no events has balance 0."""
-    ledger_sums: Counter[str] = Counter()
-    for row in ledger_rows:
-        ledger_sums[str(row[1])] += row[5]
-    projected = {"billing_events": dict(ledger_sums), "users": {u: v[0] for u, v in live.items()}}
-    found: list[BalanceMismatch] = []
-    for table in ("billing_events", "users"):
-        folded = balances[table]
-        for user_id in sorted(set(folded) | set(projected[table])):
-            if user_id in failed:
-                continue  # reported above: its stream cannot be folded
-            aggregate, version = folded.get(user_id, [0, 0])
-            have = projected[table].get(user_id, 0)
-            if have != aggregate:
-                found.append(BalanceMismatch(user_id, table, have, aggregate, version))
-    report.balance_mismatches = found[:limit]
-    for m in found[:limit]:
-        what = "Σ balance_delta" if m.table == "billing_events" else "credits"
-        report.differences.append(f"user {m.user_id}: {m.table} {what} is {m.projected}, the User aggregate's "
-                                  f"balance at version {m.version} is {m.aggregate}")
-    if len(found) > limit:
-        report.differences.append(f"... and {len(found) - limit} more balance(s) not the User aggregate's")
+            found.jobs.add(f"job {job_id} settled without a reservation")
 
 
 @contextlib.contextmanager

@@ -441,6 +441,44 @@ def test_reconcile_names_a_stream_the_ledger_has_not_folded_though_users_has(his
         report.differences
 
 
+def test_reconcile_reports_the_first_findings_of_each_kind_and_counts_the_rest(history, service, settings,  # noqa: F811
+                                                                               tx):
+    """Every ledger row edited: each kind of finding is reported as its first ``limit`` (by
+    position, then id) and a count of the rest, so the auditor's answer stays bounded."""
+    wait_drained(service, settings)
+    ids = [r[0] for r in tx.execute("UPDATE palette_read.billing_events SET ref = ref || '!' RETURNING id")]
+    first = [r[0] for r in tx.execute("SELECT id FROM palette_read.billing_events ORDER BY position, id LIMIT 3")]
+    report = audit.reconcile(tx, service.app.recorder, service.app.mapper.transcoder, limit=3, wait_s=0)
+    assert len(ids) > 3
+    for kind in ("missing from the projection", "in the projection but not in the log"):
+        lines = [d for d in report.differences if d.startswith(kind + ":")]
+        assert [line.rsplit("(id ", 1)[1].rstrip(")") for line in lines] == first
+        assert f"... and {len(ids) - 3} more {kind}" in report.differences, report.differences
+    assert report.balance_mismatches == []  # a reference changed, not an amount
+
+
+@pytest.mark.parametrize("stranger", ["00000000-0000-0000-0000-000000000000", "ffffffff-ffff-ffff-ffff-ffffffffffff",
+                                      "between"])
+def test_reconcile_finds_rows_of_a_user_the_log_does_not_know(history, service, settings, tx,  # noqa: F811
+                                                             stranger):
+    """A ledger row and a users row of a user without a single event, its id before every other
+    user's, after them or among them: the merge by user id reaches it wherever it sorts."""
+    wait_drained(service, settings)
+    user = str(uuid.uuid4()) if stranger == "between" else stranger
+    assert audit.reconcile(tx, service.app.recorder, service.app.mapper.transcoder, wait_s=0).ok
+    tx.execute("INSERT INTO palette_read.billing_events (id, user_id, seq, type, amount, balance_delta, ref, "
+               "occurred_at, position, prev_hash, hash) VALUES ('forged-1', %s, 1, 'grant', 9, 9, '', now(), 1, "
+               "%s, 'x')", [user, "0" * 64])
+    tx.execute("INSERT INTO palette_read.users (id, plan, credits, reserved, spent, granted) "
+               "VALUES (%s, 'free', 5, 0, 0, 5)", [user])
+    report = audit.reconcile(tx, service.app.recorder, service.app.mapper.transcoder, wait_s=0)
+    assert [(m.user_id, m.table, m.projected, m.aggregate, m.version) for m in report.balance_mismatches] == [
+        (user, "billing_events", 9, 0, 0), (user, "users", 5, 0, 0)]
+    assert report.differences[0] == (f"in the projection but not in the log: position 1 grant 9 user {user} "
+                                     "(id forged-1)")
+    assert len(report.differences) == 3, report.differences  # and the two balances
+
+
 class _SetClock:
     def __init__(self, at: datetime) -> None:
         self.at = at
