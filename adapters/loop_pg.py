@@ -148,8 +148,8 @@ class Together(Generic[A, R]):
         self.run = run
         self.most = most
         # A caller waits this long at most (then PoolTimeout, as for a connection that never frees
-        # up): a statement stalled on a lock, or on a database that stopped answering, holds every
-        # call of its loop behind it.
+        # up), and a run runs this long at most: a statement stalled on a lock, or on a database
+        # that stopped answering, would hold every call of its loop behind it.
         self.timeout_s = timeout_s
         self._by_loop: dict[asyncio.AbstractEventLoop, _Calls[A, R]] = {}
 
@@ -179,7 +179,11 @@ class _Calls(Generic[A, R]):
             while self.waiting:
                 batch, self.waiting = self.waiting[:self.owner.most], self.waiting[self.owner.most:]
                 try:
-                    answers = await self.owner.run([arg for arg, _ in batch])
+                    # A run that never ends (a database that stopped answering without closing the
+                    # socket) would hold every later call of this loop: it is given up at the
+                    # callers' deadline (its connection is dropped), and the next run goes.
+                    async with asyncio.timeout(self.owner.timeout_s):
+                        answers = await self.owner.run([arg for arg, _ in batch])
                     if len(answers) != len(batch):
                         raise RuntimeError(f"{len(answers)} answers to {len(batch)} calls")
                 except Exception as e:  # noqa: BLE001 - each caller gets it, as its own statement would

@@ -157,3 +157,30 @@ def test_a_caller_waits_for_a_stalled_run_at_most_its_timeout_and_the_calls_afte
     stalled, after = asyncio.run(scenario())
     assert all(isinstance(s, PoolTimeout) for s in stalled)
     assert after == [30]
+
+
+def test_a_run_that_never_ends_is_given_up_at_the_deadline_and_the_next_calls_get_a_run_of_their_own() -> None:
+    """A database that stopped answering without closing the socket: the stalled run is given up
+    (its callers get PoolTimeout, its statement is cancelled) and the calls after it are answered
+    by a run of their own, though the stalled statement never returns."""
+    from psycopg_pool import PoolTimeout
+
+    cancelled: list[list[int]] = []
+
+    async def run(args: list[int]) -> list[int]:
+        if 1 in args:
+            try:
+                await asyncio.Event().wait()  # never set
+            except asyncio.CancelledError:
+                cancelled.append(args)
+                raise
+        return [a * 10 for a in args]
+
+    async def scenario() -> tuple[list[object], int]:
+        together = Together(run, timeout_s=0.05)
+        stalled = await asyncio.wait_for(asyncio.gather(together(1), return_exceptions=True), 10)
+        return list(stalled), await asyncio.wait_for(together(2), 10)
+
+    stalled, after = asyncio.run(scenario())
+    assert [type(s) for s in stalled] == [PoolTimeout]
+    assert after == 20 and cancelled == [[1]]
