@@ -24,7 +24,6 @@ from projections.log import events_table
 from projections.models.base import Rows
 from projections.models.billing_events import BILLING, GENESIS, LEDGER_COLUMNS, ledger_hash
 from projections.models.users import USERS
-from projections.rebuild import iter_envelopes
 from projections.stored_events import from_stored
 
 LEDGER = sql.Identifier("palette_read", "billing_events")
@@ -289,23 +288,33 @@ class _Sorted:
     def user(self) -> UUID | None:
         return self.head[0] if self.head is not None else None
 
+    def pop(self) -> tuple[Any, ...]:
+        """The row at the head, consumed."""
+        assert self.head is not None
+        row, self.head = self.head, next(self._rows, None)
+        return row
+
     def take(self, user: UUID) -> Iterator[tuple[Any, ...]]:
         """The rows of ``user`` (the rows of users before it skipped), each consumed as yielded."""
         while self.head is not None and self.head[0] < user:
-            self.head = next(self._rows, None)
+            self.pop()
         while self.head is not None and self.head[0] == user:
-            row, self.head = self.head, next(self._rows, None)
-            yield row
+            yield self.pop()
 
     def one(self, user: UUID) -> tuple[Any, ...] | None:
         """The row of ``user``, if any (a table keyed by user)."""
         return next(self.take(user), None)
 
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        """Every row left, in order, each consumed as yielded."""
+        while self.head is not None:
+            yield self.pop()
+
 
 def _cursor(stack: contextlib.ExitStack, conn: psycopg.Connection[Any], name: str,
-            query: sql.Composed | sql.SQL, params: list[Any] | None = None) -> _Sorted:
+            query: sql.Composed | sql.SQL, params: list[Any] | dict[str, Any] | None = None) -> _Sorted:
     """A server-side cursor over ``query`` (sorted by user), closed with ``stack``."""
-    cur = stack.enter_context(conn.cursor(name=f"reconcile_{name}", row_factory=tuple_row))
+    cur = stack.enter_context(conn.cursor(name=f"audit_{name}", row_factory=tuple_row))
     cur.itersize = 5_000
     cur.execute(query, params)
     return _Sorted(iter(cur))
@@ -520,18 +529,24 @@ def verify(conn: psycopg.Connection[Any]) -> tuple[int, list[ChainBreak]]:
 
 
 def _verify(conn: psycopg.Connection[Any]) -> tuple[int, list[ChainBreak]]:
-    heads = {str(r[0]): (r[1], r[2]) for r in conn.execute(
-        "SELECT user_id, seq, last_hash FROM palette_read.billing_heads").fetchall()}
+    """The chains (the ledger by user and seq) and their recorded heads (by user), each read
+    through a server-side cursor and merged: memory holds one chain's end, however many users."""
     breaks: list[ChainBreak] = []
-    seen: set[str] = set()
     checked = 0
     state: dict[str, Any] = {"user": None}
 
+    def headless(before: UUID | None) -> None:
+        """Recorded heads of chains without a row, up to ``before`` (None: all that are left)."""
+        while heads.head is not None and (before is None or heads.head[0] < before):
+            breaks.append(ChainBreak(str(heads.pop()[0]), 1, None, "every row of this chain is missing"))
+
     def close_chain() -> None:
-        user = state["user"]
-        if user is None or state["broken"]:
+        if state["user"] is None:
             return
-        head = heads.get(user)
+        found = heads.one(state["user"])
+        if state["broken"]:
+            return
+        user, head = str(state["user"]), found[1:] if found is not None else None
         last = state["expected_seq"] - 1
         if head is None:
             breaks.append(ChainBreak(user, last + 1, None, "the chain has no recorded head"))
@@ -542,16 +557,18 @@ def _verify(conn: psycopg.Connection[Any]) -> tuple[int, list[ChainBreak]]:
             breaks.append(ChainBreak(user, last, None, f"the chain's end (seq {last}) does not hash to its recorded "
                                                        f"head (seq {head[0]}): the chain was rewritten, or rows added"))
 
-    with conn.cursor(name="verify_ledger") as cur:  # inside the snapshot's (or the caller's) transaction
+    with contextlib.ExitStack() as cursors:  # inside the snapshot's (or the caller's) transaction
+        heads = _cursor(cursors, conn, "verify_heads", sql.SQL(
+            "SELECT user_id, seq, last_hash FROM palette_read.billing_heads ORDER BY user_id"))
+        cur = cursors.enter_context(conn.cursor(name="audit_verify_ledger", row_factory=tuple_row))
         cur.itersize = 10_000
         cur.execute(_select() + sql.SQL(" ORDER BY user_id, seq"))
         for rec in cur:
             row = dict(zip(LEDGER_COLUMNS, rec, strict=True))
-            user = str(row["user_id"])
-            if user != state["user"]:
+            if row["user_id"] != state["user"]:
                 close_chain()
-                state.update(user=user, prev=GENESIS, expected_seq=1, broken=False)
-                seen.add(user)
+                headless(row["user_id"])
+                state.update(user=row["user_id"], prev=GENESIS, expected_seq=1, broken=False)
             checked += 1
             if state["broken"]:
                 continue
@@ -564,12 +581,11 @@ def _verify(conn: psycopg.Connection[Any]) -> tuple[int, list[ChainBreak]]:
             elif ledger_hash(row["prev_hash"], row) != row["hash"]:
                 reason = "hash does not match the row's contents (the row was edited)"
             if reason:
-                breaks.append(ChainBreak(user, at_seq, row["position"], reason))
+                breaks.append(ChainBreak(str(row["user_id"]), at_seq, row["position"], reason))
                 state["broken"] = True
             state["prev"], state["expected_seq"] = row["hash"], row["seq"] + 1
         close_chain()
-    for user in sorted(set(heads) - seen):
-        breaks.append(ChainBreak(user, 1, None, "every row of this chain is missing"))
+        headless(None)
     return checked, breaks
 
 
@@ -648,16 +664,6 @@ class PeriodReport:
                 "total": self.total.as_dict(), "plans": [p.as_dict() for p in self.plans]}
 
 
-def plans_at(recorder: Any, transcoder: Any, upto: int, until: datetime) -> dict[str, str]:
-    """Each user's plan at ``until`` (its last Registered/PlanChanged before then), from the log."""
-    topics = tuple(t for t in stream_topics("User") if t.endswith((".Registered", ".PlanChanged")))
-    plans: dict[str, str] = {}
-    for env in iter_envelopes(recorder, transcoder, 1, upto, topics=topics):
-        if env.timestamp < until and "plan" in env.data:
-            plans[str(env.stream_id)] = str(env.data["plan"])
-    return plans
-
-
 def _unfolded_ledger(conn: psycopg.Connection[Any], events: sql.Identifier, upto: int) -> int:
     """User events at or before ``upto`` that billing_events has not folded (dead letters included)."""
     row = conn.execute(sql.SQL(
@@ -672,7 +678,9 @@ def period_report(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any,
                   until: datetime, at: int | None = None, wait_s: float = 30.0) -> PeriodReport:
     """The period's figures per plan and in total, from billing_events restricted to the log up
     to position ``at`` (default: the log's head when this starts), read in one snapshot after
-    the projector has folded that far (waiting up to ``wait_s``)."""
+    the projector has folded that far (waiting up to ``wait_s``). Each user's plan is its last
+    Registered/PlanChanged before the period's end, from the log; the users' figures and those
+    events are read sorted by user and merged, so memory holds the plans' totals, not the users."""
     if until <= since:
         raise ValueError("the period's end (to) must be after its start (from)")
     head = int(recorder.max_notification_id() or 0)
@@ -680,11 +688,14 @@ def period_report(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any,
         # figures "at" a position not yet written would change as it is
         raise ValueError(f"at {at:,} is not a position of the log (0 to its head, {head:,})")
     upto = at if at is not None else head
-    wait_folded(conn, events_table(recorder), upto, wait_s)
-    plans = plans_at(recorder, transcoder, upto, until)
-    with _snapshot(conn):
-        unfolded = _unfolded_ledger(conn, events_table(recorder), upto)
-        rows = conn.execute(sql.SQL(
+    events = events_table(recorder)
+    wait_folded(conn, events, upto, wait_s)
+    by_plan: dict[str, PeriodFigures] = {}
+    total = PeriodFigures("TOTAL")
+    with _snapshot(conn), contextlib.ExitStack() as cursors:
+        unfolded = _unfolded_ledger(conn, events, upto)
+        # Each user's figures (sorted by user id) and the events that set its plan (likewise), merged.
+        figures = _cursor(cursors, conn, "period", sql.SQL(
             "SELECT user_id, "
             "coalesce(sum(balance_delta) FILTER (WHERE occurred_at < %(from)s), 0), "
             "coalesce(sum(balance_delta) FILTER (WHERE occurred_at < %(to)s), 0), "
@@ -700,16 +711,24 @@ def period_report(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any,
             "FILTER (WHERE occurred_at < %(from)s), 0), "
             "coalesce(sum(CASE type WHEN 'reserve' THEN amount WHEN 'grant' THEN 0 ELSE -amount END) "
             "FILTER (WHERE occurred_at < %(to)s), 0) "
-            "FROM {} WHERE position <= %(upto)s AND occurred_at < %(to)s GROUP BY user_id").format(LEDGER),
-            {"from": since, "to": until, "upto": upto}).fetchall()
-    by_plan: dict[str, PeriodFigures] = {}
-    total = PeriodFigures("TOTAL")
-    for user_id, opening, closing, granted, placed, spent, refunded, held_opening, held_closing in rows:
-        plan = plans.get(str(user_id), "unknown")
-        one = PeriodFigures(plan, 1, int(opening), int(granted), int(placed), int(spent), int(refunded),
-                            int(closing), int(held_opening), int(held_closing))
-        by_plan.setdefault(plan, PeriodFigures(plan)).add(one)
-        total.add(one)
+            "FROM {} WHERE position <= %(upto)s AND occurred_at < %(to)s GROUP BY user_id ORDER BY user_id"
+        ).format(LEDGER), {"from": since, "to": until, "upto": upto})
+        plan_events = _cursor(cursors, conn, "plans", sql.SQL(
+            "SELECT originator_id, originator_version, notification_id, topic, state FROM {} "
+            "WHERE topic = ANY(%(topics)s) AND notification_id <= %(upto)s "
+            "ORDER BY originator_id, originator_version").format(events),
+            {"topics": [t for t in stream_topics("User") if t.endswith((".Registered", ".PlanChanged"))],
+             "upto": upto})
+        for user_id, opening, closing, granted, placed, spent, refunded, held_opening, held_closing in figures:
+            plan = "unknown"  # its last Registered/PlanChanged before the period's end, from the log
+            for _, version, position, topic, state in plan_events.take(user_id):
+                env = from_stored(position, user_id, version, topic, bytes(state), transcoder)
+                if env.timestamp < until and "plan" in env.data:
+                    plan = str(env.data["plan"])
+            one = PeriodFigures(plan, 1, int(opening), int(granted), int(placed), int(spent), int(refunded),
+                                int(closing), int(held_opening), int(held_closing))
+            by_plan.setdefault(plan, PeriodFigures(plan)).add(one)
+            total.add(one)
     return PeriodReport(since, until, upto, unfolded, total, [by_plan[p] for p in sorted(by_plan)])
 
 

@@ -375,10 +375,45 @@ class _AppendsAfterTheHeads:
 
     def execute(self, query: Any, *args: Any, **kw: Any) -> Any:
         cur = self._conn.execute(query, *args, **kw)
+        self.read(query)
+        return cur
+
+    def cursor(self, *args: Any, **kw: Any) -> Any:
+        return _Reading(self._conn.cursor(*args, **kw), self)
+
+    def read(self, query: Any) -> None:
         if "billing_heads" in str(query) and self._append is not None:
             append, self.__dict__["_append"] = self._append, None
             append()
-        return cur
+
+
+class _Reading:
+    """A cursor of ``_AppendsAfterTheHeads``: its statements are watched as the connection's."""
+
+    def __init__(self, cur: Any, conn: _AppendsAfterTheHeads) -> None:
+        object.__setattr__(self, "_cur", cur)
+        object.__setattr__(self, "_conn", conn)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cur, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._cur, name, value)
+
+    def __enter__(self) -> _Reading:
+        self._cur.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cur.__exit__(*exc)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._cur)
+
+    def execute(self, query: Any, *args: Any, **kw: Any) -> Any:
+        self._cur.execute(query, *args, **kw)
+        self._conn.read(query)
+        return self
 
 
 def test_verify_on_a_live_system_reports_no_break_when_a_row_is_appended_while_it_reads(
