@@ -437,10 +437,11 @@ def _reconcile_user(user: UUID, report: Reconciliation, found: _Findings, upto: 
         report.events += 1
         if progress and report.events % 100_000 == 0:
             progress(report.events)
-        if env.type == "CreditsReserved":
-            reserved[str(env.data["job_id"])] += 1
-        elif env.type == "CreditsSettled":
-            settled[str(env.data["job_id"])] += 1
+        job_id = env.data.get("job_id")  # none in an unreadable event: its fold fails below
+        if env.type == "CreditsReserved" and job_id is not None:
+            reserved[str(job_id)] += 1
+        elif env.type == "CreditsSettled" and job_id is not None:
+            settled[str(job_id)] += 1
         in_users, in_billing = version <= tracked_users, version <= tracked_billing
         if position <= upto and not (in_users and in_billing):
             unfolded += 1

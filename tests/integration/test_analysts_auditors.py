@@ -573,3 +573,22 @@ def test_reconcile_reports_a_job_settled_twice_or_without_a_reservation(apps, se
         assert settled() == [f"job {job_id} settled 2 times", f"job {job_id} settled without a reservation"]
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("kind", ["CreditsReserved", "CreditsSettled"])
+def test_reconcile_reports_an_unreadable_settlement_as_a_stream_it_cannot_fold(history, service, settings, tx,  # noqa: F811
+                                                                              kind):
+    """An event whose stored state cannot be decoded (its data ``{"_unreadable": why}``) is a
+    stream no fold can take: reconcile reports it as one it cannot fold, and does not stop on the
+    job id such an event no longer has (a KeyError ended the whole audit)."""
+    wait_drained(service, settings)
+    events = sql.Identifier(service.app.recorder.datastore.schema, service.app.recorder.events_table_name)
+    stranger = uuid.uuid4()
+    tx.execute(sql.SQL("INSERT INTO {} (originator_id, originator_version, topic, state) SELECT %s, 1, topic, %s "
+                       "FROM {} WHERE topic LIKE %s LIMIT 1").format(events, events),
+               [stranger, b"\x00not json", f"%.{kind}"])
+    for model in ("users", "billing_events"):  # tracked as folded: the fold is the auditor's to redo
+        tx.execute(sql.SQL("INSERT INTO {} VALUES (%s, 1)").format(sql.Identifier("palette_read", f"{model}_tracking")),
+                   [stranger])
+    report = audit.reconcile(tx, service.app.recorder, service.app.mapper.transcoder, wait_s=0)
+    assert "1 user stream(s) cannot be folded" in report.differences, report.differences
