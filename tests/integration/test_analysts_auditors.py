@@ -499,7 +499,11 @@ def test_reconcile_finds_rows_of_a_user_the_log_does_not_know(history, service, 
     """A ledger row and a users row of a user without a single event, its id before every other
     user's, after them or among them: the merge by user id reaches it wherever it sorts."""
     wait_drained(service, settings)
-    user = str(uuid.uuid4()) if stranger == "between" else stranger
+    if stranger == "between":  # right after the first user: before every other (a random id may sort last)
+        ids = [r[0] for r in tx.execute("SELECT id FROM palette_read.users ORDER BY id LIMIT 2")]
+        stranger = str(uuid.UUID(int=ids[0].int + 1))
+        assert ids[0] < uuid.UUID(stranger) < ids[1]
+    user = stranger
     assert audit.reconcile(tx, service.app.recorder, service.app.mapper.transcoder, wait_s=0).ok
     tx.execute("INSERT INTO palette_read.billing_events (id, user_id, seq, type, amount, balance_delta, ref, "
                "occurred_at, position, prev_hash, hash) VALUES ('forged-1', %s, 1, 'grant', 9, 9, '', now(), 1, "
