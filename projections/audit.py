@@ -376,15 +376,16 @@ def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, lim
               wait_s: float = 30.0) -> Reconciliation:
     """Prove billing_events (and users' credits) equal the fold of the event log, that they have
     folded every event up to position ``at`` (default: the log's head when this starts), and that
-    every job's reservation is settled at most once. Apart from that fold (which a wrong fold
-    would pass), each user's Σ balance_delta and credits are checked against the User aggregate's
-    balance from its events (``balance_mismatches``).
+    every job's reservation is settled at most once in its user's stream (a job's credits are its
+    owner's: a settlement in another user's stream is one without a reservation there). Apart from
+    that fold (which a wrong fold would pass), each user's Σ balance_delta and credits are checked
+    against the User aggregate's balance from its events (``balance_mismatches``).
 
     Safe on a live system: the projection and the log are read in ONE snapshot (rows and
     per-stream tracking commit together), and each stream's events are folded exactly up to the
     version that snapshot has tracked, so what the projector folds meanwhile is neither missing
     nor extra. Events up to ``at`` not folded after ``wait_s`` (or held by a dead letter) are
-    differences.
+    differences. The snapshot is held for the whole pass (VACUUM keeps what it sees meanwhile).
 
     One pass, user by user: the User events (by stream and version), the ledger (by user and
     seq), the users rows and both trackings, each a server-side cursor sorted by user id, are
