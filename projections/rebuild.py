@@ -1,26 +1,31 @@
-"""Rebuild a read model from the event store without downtime: fold the log in memory into a
-shadow table (COPY), catch up under the model's lock, then swap the tables atomically."""
+"""Rebuild a read model from the event store without downtime: fold the log stream by stream
+into shadow tables (COPY, a batch at a time), catch up under the model's lock, then swap the
+tables atomically."""
 
 from __future__ import annotations
 
+import itertools
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 from uuid import UUID
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import tuple_row
 
 from domain.contracts.envelope import EventEnvelope
 from domain.contracts.streams import stream_topics
 from projections.batch import relevant
+from projections.log import events_table
 from projections.models import READ_MODELS
 from projections.models.base import ReadModel, Row, Rows
 from projections.schema import create_model_tables, ensure_schema, lock_id, table, tracking_table
 from projections.store import apply_batch, copy_rows
-from projections.stored_events import from_notification
+from projections.stored_events import from_notification, from_stored
 
 SHADOW = "__shadow"
 REBUILD_LOCK = zlib.crc32(b"palette-read:rebuild")
@@ -108,27 +113,13 @@ def rebuild(database_url: str, recorder: Any, transcoder: Any, name: str,
             create_model_tables(conn, model, SHADOW)
             upto = recorder.max_notification_id() or 0
             topics = stream_topics(model.stream_type)  # the model's streams only: the rest is skipped in SQL
-
-            def counted() -> Any:
-                for n, env in enumerate(iter_envelopes(recorder, transcoder, 1, upto, topics), 1):
-                    if progress and n % 50_000 == 0:
-                        progress(n)
-                    yield env
-
-            rows, appended, tracking, events, failed = fold_log(model, counted())
-            names = model.column_names
-            copy_rows(conn, table(model.keyed_table + SHADOW), names,
-                      ([r[c] for c in names] for r in rows.values() if r is not None))
-            if model.append:
-                columns = model.append.columns
-                copy_rows(conn, table(model.append.name + SHADOW), columns, ([r[c] for c in columns] for r in appended))
-            copy_rows(conn, table(tracking_table(model, SHADOW)), ("stream_id", "version"), tracking.items())
+            folded = _fold_into_shadow(conn, model, _streams(recorder, transcoder, upto, topics), progress)
             with conn.transaction():
                 # Exclusive: the live projector's batches (shared holders) pause for the swap.
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", [lock_id(model)])
                 tail: list[EventEnvelope] = list(iter_envelopes(recorder, transcoder, upto + 1, None, topics))
                 apply_batch(conn, tail, [model], suffix=SHADOW, park=False)
-                events += len(tail)
+                folded.events += len(tail)
                 for tbl in _tables(model):
                     conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(
                         table(tbl), sql.Identifier(tbl + "__old")))
@@ -137,6 +128,82 @@ def rebuild(database_url: str, recorder: Any, transcoder: Any, name: str,
                     conn.execute(sql.SQL("DROP TABLE {}").format(table(tbl + "__old")))
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", [REBUILD_LOCK])
-    return RebuildReport(name, events, time.perf_counter() - t0,
-                         sum(1 for r in rows.values() if r is not None), len(appended), len(failed),
-                         log_events=upto)
+    return RebuildReport(name, folded.events, time.perf_counter() - t0, folded.rows, folded.ledger_rows,
+                         folded.failed, log_events=upto)
+
+
+COPY_ROWS = 20_000  # rows folded (keyed and appended) before they are copied out
+
+
+@dataclass
+class _Folded:
+    events: int = 0
+    rows: int = 0
+    ledger_rows: int = 0
+    failed: int = 0
+
+
+def _streams(recorder: Any, transcoder: Any, upto: int,
+             topics: tuple[str, ...]) -> Iterator[tuple[UUID, Iterator[EventEnvelope]]]:
+    """Each stream of ``topics`` with its events up to position ``upto``, by stream id and version:
+    a server-side cursor over the primary key, so a stream's rows are complete when it ends."""
+    query = sql.SQL("SELECT originator_id, originator_version, notification_id, topic, state FROM {} "
+                    "WHERE topic = ANY(%s) AND notification_id <= %s "
+                    "ORDER BY originator_id, originator_version").format(events_table(recorder))
+    with (recorder.datastore.get_connection() as conn, conn.transaction(),
+          conn.cursor(name="rebuild_log", row_factory=tuple_row) as cur):
+        cur.itersize = PAGE
+        cur.execute(query, [list(topics), upto])
+        for stream_id, rows in itertools.groupby(cur, key=itemgetter(0)):
+            yield stream_id, (from_stored(position, stream_id, version, topic, bytes(state), transcoder)
+                              for _, version, position, topic, state in rows)
+
+
+def _fold_into_shadow(conn: psycopg.Connection[Any], model: ReadModel,
+                      streams: Iterator[tuple[UUID, Iterator[EventEnvelope]]],
+                      progress: Callable[[int], None] | None) -> _Folded:
+    """Fold each stream as the live projector would (``fold_log``'s rules: a stream whose event
+    cannot be folded keeps what it had and stops there) and copy the rows into the model's shadow
+    tables every ``COPY_ROWS``: memory holds one stream's rows and one batch, not the model."""
+    folded = _Folded()
+    keyed: list[Row] = []
+    appended: list[Row] = []
+    tracking: list[tuple[UUID, int]] = []
+
+    def copy_out() -> None:
+        names = model.column_names
+        copy_rows(conn, table(model.keyed_table + SHADOW), names, ([r[c] for c in names] for r in keyed))
+        if model.append:
+            columns = model.append.columns
+            copy_rows(conn, table(model.append.name + SHADOW), columns, ([r[c] for c in columns] for r in appended))
+        copy_rows(conn, table(tracking_table(model, SHADOW)), ("stream_id", "version"), tracking)
+        folded.rows += len(keyed)
+        folded.ledger_rows += len(appended)
+        keyed.clear()
+        appended.clear()
+        tracking.clear()
+
+    for stream_id, envelopes in streams:
+        rows: Rows = {}
+        version: int | None = None
+        failed = False
+        for env in envelopes:
+            folded.events += 1
+            if progress and folded.events % 50_000 == 0:
+                progress(folded.events)
+            if failed or not relevant(model, env):
+                continue
+            try:
+                appended.extend(model.apply(rows, env))
+            except Exception:  # noqa: BLE001 - the stream stays parked, as in the live projector
+                failed = True
+                folded.failed += 1
+                continue
+            version = env.version
+        keyed.extend(r for r in rows.values() if r is not None)
+        if version is not None:
+            tracking.append((stream_id, version))
+        if len(keyed) + len(appended) >= COPY_ROWS:
+            copy_out()
+    copy_out()
+    return folded

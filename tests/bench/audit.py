@@ -1,6 +1,6 @@
 """`palette bench --audit-events N`: a log of about N events, then the auditors' tools over it,
-timed: rebuilding ``users`` and ``billing_events``, `audit reconcile` (in a process of its own,
-whose memory growth is its figure too) and `replay all`."""
+timed: rebuilding ``users`` and ``billing_events`` and `audit reconcile` (each in a process of its
+own, whose peak memory growth is a figure too), and `replay all`."""
 
 from __future__ import annotations
 
@@ -58,8 +58,21 @@ def reconcile_in_child(settings: Settings, out: Any) -> None:
         app.close()
 
 
-def bench_audit_at_scale(events: int) -> Results:
+def rebuild_in_child(settings: Settings, name: str, out: Any) -> None:
+    """`palette projections rebuild NAME` in a fresh interpreter: its seconds, and how far its
+    peak resident memory rose above what the interpreter held before it."""
     from projections.rebuild import rebuild
+
+    app = PaletteApplication(env=event_store_env(settings, pool_size=2))
+    try:
+        before = reset_peak_rss()
+        built = rebuild(settings.effective_database_url, app.recorder, app.mapper.transcoder, name)
+        out.put((built.seconds, peak_rss_mib() - before))
+    finally:
+        app.close()
+
+
+def bench_audit_at_scale(events: int) -> Results:
     from projections.replay import Replayer
 
     results: Results = {"audit_events_target": events}
@@ -74,8 +87,9 @@ def bench_audit_at_scale(events: int) -> Results:
             say(f"{results['audit_events']:,} events written in {time.monotonic() - t0:.0f}s; building the "
                 "billing projection (a rebuild folds exactly what the live projector would)")
             for name in ("users", "billing_events"):
-                built = rebuild(settings.effective_database_url, app.recorder, app.mapper.transcoder, name)
-                results[f"rebuild_{name}_seconds"] = round(built.seconds, 1)
+                seconds, grew = relay_rates.in_own_process(rebuild_in_child, settings, name)
+                results[f"rebuild_{name}_seconds"] = round(seconds, 1)
+                results[f"rebuild_{name}_memory_growth_mib"] = round(grew, 1)
             seconds, ok, user_events, ledger_rows, grew = relay_rates.in_own_process(reconcile_in_child, settings)
             results.update(reconcile_seconds=round(seconds, 1), reconcile_ok=ok, reconcile_user_events=user_events,
                            reconcile_ledger_rows=ledger_rows, reconcile_memory_growth_mib=round(grew, 1))
