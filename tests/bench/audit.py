@@ -1,6 +1,7 @@
 """`palette bench --audit-events N`: a log of about N events, then the auditors' tools over it,
-timed: rebuilding ``users`` and ``billing_events`` and `audit reconcile` (each in a process of its
-own, whose peak memory growth is a figure too), and `replay all`."""
+timed: rebuilding ``users``, ``billing_events`` and ``jobs_log`` (the largest model) and `audit
+reconcile` (each in a process of its own, whose peak memory growth is a figure too), and
+`replay all`."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def bench_audit_at_scale(events: int) -> Results:
             results["audit_events"] = app.recorder.max_notification_id()
             say(f"{results['audit_events']:,} events written in {time.monotonic() - t0:.0f}s; building the "
                 "billing projection (a rebuild folds exactly what the live projector would)")
-            for name in ("users", "billing_events"):
+            for name in ("users", "billing_events", "jobs_log"):
                 seconds, grew = relay_rates.in_own_process(rebuild_in_child, settings, name)
                 results[f"rebuild_{name}_seconds"] = round(seconds, 1)
                 results[f"rebuild_{name}_memory_growth_mib"] = round(grew, 1)
