@@ -124,7 +124,7 @@ MEASURES: dict[str, str] = {
     "rebuild_log_events": "events in the log the rebuild and replay figures read",
     "rebuild_events": "events the jobs_log rebuild folds (the job streams' events of the log)",
     "rebuild_events_per_s": "`palette projections rebuild jobs_log`: events folded per second (rebuild_events / "
-                            "seconds; fold in memory, COPY, swap)",
+                            "seconds; fold stream by stream, COPY a batch at a time, swap)",
     "rebuild_log_events_per_s": "the same rebuild's log events covered per second (other streams' events are "
                                 "skipped in SQL)",
     "naive_rebuild_events_per_s": "the log's first job events applied to jobs_log in one transaction each "
