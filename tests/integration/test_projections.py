@@ -23,6 +23,7 @@ from application.executors import GroupCommitter
 from application.services import PaletteApplication, PaletteService
 from domain.contracts.envelope import EventEnvelope
 from domain.errors import DomainError
+from projections import rebuild as rebuilding
 from projections.log import events_table
 from projections.models import READ_MODELS
 from projections.models.billing_events import LEDGER_COLUMNS
@@ -176,14 +177,20 @@ def test_every_event_delivered_twice_changes_no_read_model(apps, service, conn):
     assert table_contents(conn, "billing_events", LEDGER_COLUMNS) == ledger_before
 
 
-def test_rebuild_equals_the_live_model(apps, service, conn, settings):
+@pytest.mark.parametrize("batch", [7, rebuilding.COPY_ROWS])
+def test_rebuild_equals_the_live_model(apps, service, conn, settings, monkeypatch, batch):
+    """Copied out every ``batch`` rows (7: many batches, a job's items split across them), the
+    rebuilt tables and trackings are the live ones."""
+    monkeypatch.setattr(rebuilding, "COPY_ROWS", batch)
     workload(service, 3, random.Random(5))
     wait_until(lambda: drained(service, conn), timeout_s=60, what="projections to drain")
     for name, model in READ_MODELS.items():
         live = table_contents(conn, model.keyed_table, model.column_names)
+        tracked = table_contents(conn, f"{name}_tracking", ("stream_id", "version"))
         report = rebuild(settings.effective_database_url, service.app.recorder, service.app.mapper.transcoder, name)
         assert report.events >= len(live)
         assert table_contents(conn, model.keyed_table, model.column_names) == live
+        assert table_contents(conn, f"{name}_tracking", ("stream_id", "version")) == tracked
     assert_models_equal_fold(service.app, conn)
     assert_models_agree_with_the_aggregates(service.app, conn)
 
