@@ -146,17 +146,34 @@ class _Folded:
 def _streams(recorder: Any, transcoder: Any, upto: int,
              topics: tuple[str, ...]) -> Iterator[tuple[UUID, Iterator[EventEnvelope]]]:
     """Each stream of ``topics`` with its events up to position ``upto``, by stream id and version:
-    a server-side cursor over the primary key, so a stream's rows are complete when it ends."""
-    query = sql.SQL("SELECT originator_id, originator_version, notification_id, topic, state FROM {} "
-                    "WHERE topic = ANY(%s) AND notification_id <= %s "
-                    "ORDER BY originator_id, originator_version").format(events_table(recorder))
-    with (recorder.datastore.get_connection() as conn, conn.transaction(),
-          conn.cursor(name="rebuild_log", row_factory=tuple_row) as cur):
-        cur.itersize = PAGE
-        cur.execute(query, [list(topics), upto])
-        for stream_id, rows in itertools.groupby(cur, key=itemgetter(0)):
-            yield stream_id, (from_stored(position, stream_id, version, topic, bytes(state), transcoder)
-                              for _, version, position, topic, state in rows)
+    pages of ``PAGE`` rows over the primary key, each from where the last ended, so a stream's rows
+    are complete when it ends. Each page is a statement of its own (autocommit): no transaction or
+    pooled connection is held while the fold copies out between pages (a server-side cursor held
+    both, for the whole rebuild, and the store's idle_in_transaction_session_timeout (5 s) ended
+    it when a copy took longer)."""
+    table = events_table(recorder)
+    columns = sql.SQL("SELECT originator_id, originator_version, notification_id, topic, state FROM {} "
+                      "WHERE topic = ANY(%(t)s) AND notification_id <= %(upto)s").format(table)
+    first = columns + sql.SQL(" ORDER BY originator_id, originator_version LIMIT %(n)s")
+    after = columns + sql.SQL(" AND (originator_id, originator_version) > (%(id)s, %(v)s) "
+                              "ORDER BY originator_id, originator_version LIMIT %(n)s")
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        params: dict[str, Any] = {"t": list(topics), "upto": upto}
+        query = first
+        while True:
+            params["n"] = PAGE
+            with recorder.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+                page = cur.execute(query, params).fetchall()
+            yield from page
+            if len(page) < PAGE:
+                return
+            params["id"], params["v"] = page[-1][0], page[-1][1]
+            query = after
+
+    for stream_id, group in itertools.groupby(rows(), key=itemgetter(0)):
+        yield stream_id, (from_stored(position, stream_id, version, topic, bytes(state), transcoder)
+                          for _, version, position, topic, state in group)
 
 
 def _fold_into_shadow(conn: psycopg.Connection[Any], model: ReadModel,

@@ -177,6 +177,31 @@ def test_every_event_delivered_twice_changes_no_read_model(apps, service, conn):
     assert table_contents(conn, "billing_events", LEDGER_COLUMNS) == ledger_before
 
 
+def test_rebuild_survives_a_pause_between_the_log_pages_longer_than_the_stores_idle_timeout(
+        apps, service, conn, settings, monkeypatch):
+    """The fold copies out between the log's pages: a copy that takes longer than the event store's
+    idle_in_transaction_session_timeout (eventsourcing's default: 5 s) must not kill the read of
+    the log (a server-side cursor inside a transaction on the store's pooled connection did)."""
+    workload(service, 2, random.Random(11))
+    wait_until(lambda: drained(service, conn), timeout_s=60, what="projections to drain")
+    model = READ_MODELS["jobs_log"]
+    live = table_contents(conn, model.keyed_table, model.column_names)
+    monkeypatch.setattr(rebuilding, "COPY_ROWS", 1)
+    monkeypatch.setattr(rebuilding, "PAGE", 2)
+    copy_rows, paused = rebuilding.copy_rows, []
+
+    def slow_copy(*args: Any) -> None:
+        if not paused:
+            paused.append(True)
+            time.sleep(6)
+        copy_rows(*args)
+
+    monkeypatch.setattr(rebuilding, "copy_rows", slow_copy)
+    rebuild(settings.effective_database_url, service.app.recorder, service.app.mapper.transcoder, "jobs_log")
+    assert paused
+    assert table_contents(conn, model.keyed_table, model.column_names) == live
+
+
 @pytest.mark.parametrize("batch", [7, rebuilding.COPY_ROWS])
 def test_rebuild_equals_the_live_model(apps, service, conn, settings, monkeypatch, batch):
     """Copied out every ``batch`` rows (7: many batches, a job's items split across them), the
