@@ -596,3 +596,23 @@ def test_reconcile_reports_an_unreadable_settlement_as_a_stream_it_cannot_fold(h
                    [stranger])
     report = audit.reconcile(tx, service.app.recorder, service.app.mapper.transcoder, wait_s=0)
     assert "1 user stream(s) cannot be folded" in report.differences, report.differences
+
+
+def test_verify_names_every_chain_deleted_whole_first_between_and_last_in_id_order_and_a_broken_one(
+        history, service, settings, tx):  # noqa: F811
+    """The heads are merged with the chains by user id: a head without rows before the first chain,
+    between two and after the last is each named once, and a broken chain's head is consumed with
+    it (not taken for a headless one)."""
+    wait_drained(service, settings)
+    users = [r[0] for r in tx.execute(
+        "SELECT DISTINCT user_id FROM palette_read.billing_events ORDER BY user_id").fetchall()]
+    assert len(users) >= 5
+    gone = [users[0], users[len(users) // 2], users[-1]]
+    broken = users[1]
+    tx.execute("DELETE FROM palette_read.billing_events WHERE user_id = ANY(%s)", [gone])
+    tx.execute("UPDATE palette_read.billing_events SET amount = amount + 1 WHERE user_id = %s AND seq = 1",
+               [broken])
+    _, breaks = audit.verify(tx)
+    assert sorted((b.user_id, b.seq, b.reason) for b in breaks) == sorted(
+        [(str(u), 1, "every row of this chain is missing") for u in gone]
+        + [(str(broken), 1, "hash does not match the row's contents (the row was edited)")])
