@@ -151,7 +151,7 @@ def _streams(recorder: Any, transcoder: Any, upto: int,
     The fold copies out between its fetches, so its transaction may stay idle for a while: it
     lifts the idle_in_transaction_session_timeout the event store's pool sets (eventsourcing's
     5 s ended a rebuild whose copy took longer). Read a page a statement instead (keyset on the
-    key, each page on its own), the same rebuild took twice as long at 1M events."""
+    key, each page on its own), rebuilding users at 1M events took 14.2-17.0 s against 6.7-7.0."""
     query = sql.SQL("SELECT originator_id, originator_version, notification_id, topic, state FROM {} "
                     "WHERE topic = ANY(%s) AND notification_id <= %s "
                     "ORDER BY originator_id, originator_version").format(events_table(recorder))
