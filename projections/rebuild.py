@@ -170,7 +170,10 @@ def _fold_into_shadow(conn: psycopg.Connection[Any], model: ReadModel,
                       progress: Callable[[int], None] | None) -> _Folded:
     """Fold each stream as the live projector would (``fold_log``'s rules: a stream whose event
     cannot be folded keeps what it had and stops there) and copy the rows into the model's shadow
-    tables every ``COPY_ROWS``: memory holds one stream's rows and one batch, not the model."""
+    tables every ``COPY_ROWS``: memory holds one stream's keyed rows (a job's 200 items at most)
+    and one batch, not the model. A stream's appended rows (a user's ledger) go out in batches as
+    it is folded too; what it appended before an event it cannot fold stays, as ``fold_log`` keeps
+    it, and its tracking goes out once the stream ends."""
     folded = _Folded()
     keyed: list[Row] = []
     appended: list[Row] = []
@@ -206,6 +209,8 @@ def _fold_into_shadow(conn: psycopg.Connection[Any], model: ReadModel,
                 folded.failed += 1
                 continue
             version = env.version
+            if len(appended) >= COPY_ROWS:  # a long stream's ledger rows go out as it goes
+                copy_out()
         keyed.extend(r for r in rows.values() if r is not None)
         if version is not None:
             tracking.append((stream_id, version))

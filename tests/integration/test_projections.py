@@ -202,10 +202,10 @@ def test_rebuild_survives_a_pause_between_the_log_pages_longer_than_the_stores_i
     assert table_contents(conn, model.keyed_table, model.column_names) == live
 
 
-@pytest.mark.parametrize("batch", [7, rebuilding.COPY_ROWS])
+@pytest.mark.parametrize("batch", [2, rebuilding.COPY_ROWS])
 def test_rebuild_equals_the_live_model(apps, service, conn, settings, monkeypatch, batch):
-    """Copied out every ``batch`` rows (7: many batches, a job's items split across them), the
-    rebuilt tables and trackings are the live ones."""
+    """Copied out every ``batch`` rows (2: many batches, a job's items and a user's ledger split
+    across them), the rebuilt tables, ledger and trackings are the live ones."""
     monkeypatch.setattr(rebuilding, "COPY_ROWS", batch)
     workload(service, 3, random.Random(5))
     wait_until(lambda: drained(service, conn), timeout_s=60, what="projections to drain")
