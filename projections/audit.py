@@ -20,11 +20,10 @@ from psycopg.rows import tuple_row
 
 from domain.contracts.streams import stream_topics, topic_prefix
 from projections import schema
-from projections.log import events_table
+from projections.log import enveloped, events_by_stream, events_table
 from projections.models.base import Rows
 from projections.models.billing_events import BILLING, GENESIS, LEDGER_COLUMNS, ledger_hash
 from projections.models.users import USERS
-from projections.stored_events import from_stored
 
 LEDGER = sql.Identifier("palette_read", "billing_events")
 __all__ = ["LEDGER_COLUMNS", "BalanceMismatch", "ChainBreak", "PeriodFigures", "PeriodReport", "Reconciliation",
@@ -406,10 +405,8 @@ def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, lim
             sql.SQL(", ").join(sql.Identifier(c) for c in LEDGER_COLUMNS), LEDGER))
         live = _cursor(cursors, conn, "users", sql.SQL(
             "SELECT id, credits, reserved, spent FROM palette_read.users ORDER BY id"))
-        log = _cursor(cursors, conn, "events", sql.SQL(
-            "SELECT originator_id, originator_version, notification_id, topic, state FROM {} "
-            "WHERE topic = ANY(%s) ORDER BY originator_id, originator_version").format(events),
-            [list(stream_topics("User"))])
+        log = _cursor(cursors, conn, "events", events_by_stream(events, upto=False),
+                      {"topics": list(stream_topics("User"))})
         while (user := min((u for u in (log.user(), ledger.user(), live.user()) if u is not None),
                            default=None)) is not None:
             _reconcile_user(user, report, found, upto, transcoder, progress, log, ledger, live,
@@ -433,8 +430,9 @@ def _reconcile_user(user: UUID, report: Reconciliation, found: _Findings, upto: 
     balances: dict[str, list[int] | None] = {"users": None, "billing_events": None}  # [balance, version]
     failed = False
     unfolded = 0
-    for stream_id, version, position, topic, state in log.take(user):
-        env = from_stored(position, stream_id, version, topic, bytes(state), transcoder)
+    for stored in log.take(user):
+        env = enveloped(stored, transcoder)
+        version, position = env.version, env.id
         report.events += 1
         if progress and report.events % 100_000 == 0:
             progress(report.events)
@@ -467,8 +465,8 @@ def _reconcile_user(user: UUID, report: Reconciliation, found: _Findings, upto: 
         found.unfolded.add((user, unfolded))
     if failed:
         found.failed += 1
-    row = live.one(user)
-    have = (row[1], row[2], row[3]) if row is not None else None
+    users_row = live.one(user)
+    have = (users_row[1], users_row[2], users_row[3]) if users_row is not None else None
     fold = folded_users.get((user,))
     if fold is not None:
         report.users += 1
@@ -715,16 +713,13 @@ def period_report(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any,
             "FILTER (WHERE occurred_at < %(to)s), 0) "
             "FROM {} WHERE position <= %(upto)s AND occurred_at < %(to)s GROUP BY user_id ORDER BY user_id"
         ).format(LEDGER), {"from": since, "to": until, "upto": upto})
-        plan_events = _cursor(cursors, conn, "plans", sql.SQL(
-            "SELECT originator_id, originator_version, notification_id, topic, state FROM {} "
-            "WHERE topic = ANY(%(topics)s) AND notification_id <= %(upto)s "
-            "ORDER BY originator_id, originator_version").format(events),
-            {"topics": [t for t in stream_topics("User") if t.endswith((".Registered", ".PlanChanged"))],
-             "upto": upto})
+        plan_events = _cursor(cursors, conn, "plans", events_by_stream(events), {
+            "topics": [t for t in stream_topics("User") if t.endswith((".Registered", ".PlanChanged"))],
+            "upto": upto})
         for user_id, opening, closing, granted, placed, spent, refunded, held_opening, held_closing in figures:
             plan = "unknown"  # its last Registered/PlanChanged before the period's end, from the log
-            for _, version, position, topic, state in plan_events.take(user_id):
-                env = from_stored(position, user_id, version, topic, bytes(state), transcoder)
+            for row in plan_events.take(user_id):
+                env = enveloped(row, transcoder)
                 if env.timestamp < until and "plan" in env.data:
                     plan = str(env.data["plan"])
             one = PeriodFigures(plan, 1, int(opening), int(granted), int(placed), int(spent), int(refunded),

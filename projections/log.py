@@ -28,6 +28,21 @@ def events_table(recorder: Any) -> sql.Identifier:
     return sql.Identifier(recorder.datastore.schema, recorder.events_table_name)
 
 
+def events_by_stream(table: sql.Identifier, upto: bool = True) -> sql.Composed:
+    """The stored events of the topics ``%(topics)s`` (at positions up to ``%(upto)s`` with
+    ``upto``) by stream id and version, the primary key's order: each stream's events together,
+    in the order a fold takes them, the stream id first (``enveloped`` reads a row)."""
+    return sql.SQL("SELECT originator_id, originator_version, notification_id, topic, state FROM {} "
+                   "WHERE topic = ANY(%(topics)s){} ORDER BY originator_id, originator_version").format(
+        table, sql.SQL(" AND notification_id <= %(upto)s") if upto else sql.SQL(""))
+
+
+def enveloped(row: Sequence[Any], transcoder: Any) -> EventEnvelope:
+    """The envelope of a row of ``events_by_stream``."""
+    stream_id, version, position, topic, state = row
+    return from_stored(position, stream_id, version, topic, bytes(state), transcoder)
+
+
 class LogReader:
     def __init__(self, recorder: Any, transcoder: Any, owner: Any = None) -> None:
         self.recorder = recorder
