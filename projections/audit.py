@@ -27,8 +27,8 @@ from projections.models.users import USERS
 
 LEDGER = sql.Identifier("palette_read", "billing_events")
 __all__ = ["LEDGER_COLUMNS", "BalanceMismatch", "ChainBreak", "PeriodFigures", "PeriodReport", "Reconciliation",
-           "balance_as_of", "chain_heads", "export", "known_balance_as_of", "ledger", "period_report", "reconcile",
-           "verify", "verify_heads"]
+           "Verification", "balance_as_of", "chain_heads", "export", "known_balance_as_of", "ledger", "period_report",
+           "reconcile", "verify", "verify_heads"]
 
 
 def _rows(conn: psycopg.Connection[Any], query: sql.Composed, params: list[Any]) -> list[dict[str, Any]]:
@@ -513,9 +513,22 @@ class ChainBreak:
     reason: str
 
 
-def verify(conn: psycopg.Connection[Any]) -> tuple[int, list[ChainBreak]]:
+@dataclass(frozen=True)
+class Verification:
+    checked: int  # ledger rows read
+    breaks: list[ChainBreak]  # the first ``limit`` broken chains, by user id
+    broken: int  # broken chains in all
+
+    @property
+    def ok(self) -> bool:
+        return not self.broken
+
+
+def verify(conn: psycopg.Connection[Any], limit: int = 20) -> Verification:
     """Recompute every user's hash chain; the first break per user names where a row was
-    edited, inserted or deleted. The chain heads (billing_heads) catch a deleted last row.
+    edited, inserted or deleted. The chain heads (billing_heads) catch a deleted last row. The
+    report names the first ``limit`` broken chains (by user id) and counts them all, so it stays
+    bounded however many chains were broken.
 
     Without a secret in the hash, someone who rewrites a whole chain consistently is caught by
     ``reconcile`` (the event log is the authority) or by ``verify_heads`` against a signed
@@ -525,20 +538,20 @@ def verify(conn: psycopg.Connection[Any]) -> tuple[int, list[ChainBreak]]:
     row the projector appends meanwhile, with its head, is in both or in neither (read apart, the
     rows ran past the heads read before them: a chain "rewritten, or rows added")."""
     with _snapshot(conn):
-        return _verify(conn)
+        return _verify(conn, limit)
 
 
-def _verify(conn: psycopg.Connection[Any]) -> tuple[int, list[ChainBreak]]:
+def _verify(conn: psycopg.Connection[Any], limit: int) -> Verification:
     """The chains (the ledger by user and seq) and their recorded heads (by user), each read
     through a server-side cursor and merged: memory holds one chain's end, however many users."""
-    breaks: list[ChainBreak] = []
+    breaks = Firsts(limit)  # found in user order: both cursors go by user id
     checked = 0
     state: dict[str, Any] = {"user": None}
 
     def headless(before: UUID | None) -> None:
         """Recorded heads of chains without a row, up to ``before`` (None: all that are left)."""
         while heads.head is not None and (before is None or heads.head[0] < before):
-            breaks.append(ChainBreak(str(heads.pop()[0]), 1, None, "every row of this chain is missing"))
+            breaks.add(ChainBreak(str(heads.pop()[0]), 1, None, "every row of this chain is missing"))
 
     def close_chain() -> None:
         if state["user"] is None:
@@ -549,12 +562,12 @@ def _verify(conn: psycopg.Connection[Any]) -> tuple[int, list[ChainBreak]]:
         user, head = str(state["user"]), found[1:] if found is not None else None
         last = state["expected_seq"] - 1
         if head is None:
-            breaks.append(ChainBreak(user, last + 1, None, "the chain has no recorded head"))
+            breaks.add(ChainBreak(user, last + 1, None, "the chain has no recorded head"))
         elif head[0] > last:  # named by the first seq missing
-            breaks.append(ChainBreak(user, last + 1, None, f"the chain ends at seq {last}, before its recorded head "
+            breaks.add(ChainBreak(user, last + 1, None, f"the chain ends at seq {last}, before its recorded head "
                                                            f"(seq {head[0]}): its last rows were deleted"))
         elif (head[0], head[1]) != (last, state["prev"]):
-            breaks.append(ChainBreak(user, last, None, f"the chain's end (seq {last}) does not hash to its recorded "
+            breaks.add(ChainBreak(user, last, None, f"the chain's end (seq {last}) does not hash to its recorded "
                                                        f"head (seq {head[0]}): the chain was rewritten, or rows added"))
 
     with contextlib.ExitStack() as cursors:  # inside the snapshot's (or the caller's) transaction
@@ -581,12 +594,12 @@ def _verify(conn: psycopg.Connection[Any]) -> tuple[int, list[ChainBreak]]:
             elif ledger_hash(row["prev_hash"], row) != row["hash"]:
                 reason = "hash does not match the row's contents (the row was edited)"
             if reason:
-                breaks.append(ChainBreak(str(row["user_id"]), at_seq, row["position"], reason))
+                breaks.add(ChainBreak(str(row["user_id"]), at_seq, row["position"], reason))
                 state["broken"] = True
             state["prev"], state["expected_seq"] = row["hash"], row["seq"] + 1
         close_chain()
         headless(None)
-    return checked, breaks
+    return Verification(checked, breaks.first(), breaks.count)
 
 
 # -- period report ----------------------------------------------------------------------------

@@ -230,12 +230,14 @@ async def audit_reconcile(_: Auditor, container: ContainerDep, request: Request)
 
 @router.get("/audit/verify", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=SCAN_ERRORS)
 async def audit_verify(_: Auditor, container: ContainerDep, request: Request) -> JSONResponse:
-    """Recompute the per-user hash chains of the ledger."""
-    def run() -> tuple[int, list[audit.ChainBreak]]:
+    """Recompute the per-user hash chains of the ledger: the first breaks (by user id) and how
+    many chains are broken in all (``broken``)."""
+    def run() -> audit.Verification:
         with container.read_pool.connection() as conn:
             return audit.verify(conn)
-    checked, breaks = await _one_scan(request, run)
-    return ok({"ok": not breaks, "checked": checked, "breaks": [b.__dict__ for b in breaks]})
+    report = await _one_scan(request, run)
+    return ok({"ok": report.ok, "checked": report.checked, "broken": report.broken,
+               "breaks": [dataclasses.asdict(b) for b in report.breaks]})
 
 
 @router.get("/audit/report", tags=["auditors"], response_model=Envelope[dict[str, Any]], responses=SCAN_ERRORS)

@@ -180,12 +180,14 @@ def _audit_verify(args: argparse.Namespace, conn: Any, settings: Any) -> int:
         anchored = (f"; {len(payload['heads']):,} chain heads of the checkpoint at log position "
                     f"{payload['log_position']:,} ({where}, signature valid): "
                     + ("all match" if not head_breaks else f"{len(head_breaks)} do not match"))
-    checked, breaks = audit.verify(conn)
-    for b in [*breaks, *head_breaks]:
+    report = audit.verify(conn)
+    for b in [*report.breaks, *head_breaks]:
         where_ = f"position {b.position}" if b.position is not None else "its end"
         print(f"BROKEN user {b.user_id} at seq {b.seq} ({where_}): {b.reason}")
-    bad = len(breaks) + len(head_breaks)
-    print(f"verified {checked:,} ledger rows: {'OK' if not bad else f'{bad} broken chain(s)'}{anchored}")
+    if report.broken > len(report.breaks):
+        print(f"... and {report.broken - len(report.breaks):,} more broken chain(s)")
+    bad = report.broken + len(head_breaks)
+    print(f"verified {report.checked:,} ledger rows: {'OK' if not bad else f'{bad:,} broken chain(s)'}{anchored}")
     return 0 if not bad else 1
 
 

@@ -77,5 +77,7 @@ def test_one_whole_log_audit_runs_at_a_time_and_another_is_told_to_wait(settings
             app.state.audit_scanning = False  # it ended
             verified = api.get("/audit/verify", headers=auditor)
             assert verified.status_code == 200 and app.state.audit_scanning is False  # and this one ended too
+            assert {k: verified.json()["data"][k] for k in ("ok", "broken", "breaks")} == {
+                "ok": True, "broken": 0, "breaks": []}
     finally:
         container.close()

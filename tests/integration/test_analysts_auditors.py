@@ -191,7 +191,7 @@ def test_tampering_with_any_ledger_row_breaks_verify_at_that_row(history, servic
             conn.execute("INSERT INTO palette_read.billing_events SELECT 'forged', user_id, %s, 'grant', 100, 100, "
                          "'x', occurred_at, position, prev_hash, hash FROM palette_read.billing_events WHERE id = %s",
                          [seq, target_id])
-        _, breaks = audit.verify(conn)
+        breaks = audit.verify(conn).breaks
         conn.rollback()
     assert [b.user_id for b in breaks] == [str(user_id)]
     assert breaks[0].seq == seq
@@ -354,7 +354,7 @@ def test_a_chain_end_that_is_not_its_recorded_head_breaks_verify_however_well_it
     tx.execute("INSERT INTO palette_read.billing_events (id, user_id, seq, type, amount, balance_delta, ref, "
                "occurred_at, position, prev_hash, hash) VALUES ('forged', %s, %s, 'grant', 500, 500, 'forged', "
                "%s, %s, %s, %s)", [user_id, seq, at, position, prev, ledger_hash(prev, row)])
-    _, breaks = audit.verify(tx)
+    breaks = audit.verify(tx).breaks
     assert [(b.user_id, b.seq) for b in breaks] == [(str(user_id), seq)]
     assert "does not hash to its recorded head" in breaks[0].reason
 
@@ -444,10 +444,10 @@ def test_verify_on_a_live_system_reports_no_break_when_a_row_is_appended_while_i
 
         try:
             with psycopg.connect(url, autocommit=True) as conn:
-                _, breaks = audit.verify(_AppendsAfterTheHeads(conn, append))  # type: ignore[arg-type]
+                breaks = audit.verify(_AppendsAfterTheHeads(conn, append)).breaks  # type: ignore[arg-type]
             assert breaks == []
             with psycopg.connect(url, autocommit=True) as conn:  # and afterwards, with the row
-                assert audit.verify(conn)[1] == []
+                assert audit.verify(conn).breaks == []
         finally:
             with other.transaction():
                 other.execute("DELETE FROM palette_read.billing_events WHERE id = 'live-append'")
@@ -459,7 +459,7 @@ def test_a_chain_deleted_whole_breaks_verify_at_its_first_row(history, service, 
     wait_drained(service, settings)
     user_id, _ = _longest_chain(tx)
     tx.execute("DELETE FROM palette_read.billing_events WHERE user_id = %s", [user_id])
-    _, breaks = audit.verify(tx)
+    breaks = audit.verify(tx).breaks
     assert [(b.user_id, b.seq, b.reason) for b in breaks] == [(str(user_id), 1, "every row of this chain is missing")]
 
 
@@ -612,7 +612,13 @@ def test_verify_names_every_chain_deleted_whole_first_between_and_last_in_id_ord
     tx.execute("DELETE FROM palette_read.billing_events WHERE user_id = ANY(%s)", [gone])
     tx.execute("UPDATE palette_read.billing_events SET amount = amount + 1 WHERE user_id = %s AND seq = 1",
                [broken])
-    _, breaks = audit.verify(tx)
-    assert sorted((b.user_id, b.seq, b.reason) for b in breaks) == sorted(
-        [(str(u), 1, "every row of this chain is missing") for u in gone]
-        + [(str(broken), 1, "hash does not match the row's contents (the row was edited)")])
+    report = audit.verify(tx)
+    expected = sorted([(str(u), 1, "every row of this chain is missing") for u in gone]
+                      + [(str(broken), 1, "hash does not match the row's contents (the row was edited)")])
+    assert sorted((b.user_id, b.seq, b.reason) for b in report.breaks) == expected
+    assert (report.broken, report.ok) == (4, False)
+    # bounded: the first two chains by user id (PostgreSQL's uuid order, as the SELECT above), all four counted
+    first = audit.verify(tx, limit=2)
+    order = {str(u): i for i, u in enumerate(users)}
+    assert [(b.user_id, b.seq, b.reason) for b in first.breaks] == sorted(expected, key=lambda b: order[b[0]])[:2]
+    assert (first.broken, first.ok, first.checked) == (4, False, report.checked)

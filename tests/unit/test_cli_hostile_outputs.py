@@ -325,3 +325,20 @@ def test_verify_latest_with_no_local_copy_to_fall_back_on_is_one_line(tmp_path: 
     assert err.count("\n") == 1 and err.startswith("palette audit verify: cannot reach the object store (")
     assert err.endswith("PALETTE_AUDIT_CHECKPOINT_DIR is not set to fall back on\n" if kept == "unset"
                         else f"{tmp_path / 'kept'} holds no checkpoint to fall back on\n")
+
+
+def test_verify_prints_the_first_breaks_it_was_given_and_counts_the_rest(monkeypatch: Any, capsys: Any) -> None:
+    """However many chains are broken, the output is the report's first breaks and one line for
+    the rest (the report is bounded: ``audit.verify``'s ``limit``)."""
+    import argparse
+
+    from adapters.cli.auditors import _audit_verify
+    from projections import audit
+
+    first = [audit.ChainBreak("u1", 3, 7, "edited"), audit.ChainBreak("u2", 1, None, "missing")]
+    monkeypatch.setattr(audit, "verify", lambda conn: audit.Verification(1234, first, 1205))
+    assert _audit_verify(argparse.Namespace(public_key=None, checkpoint=None), None, None) == 1
+    assert capsys.readouterr().out == ("BROKEN user u1 at seq 3 (position 7): edited\n"
+                                       "BROKEN user u2 at seq 1 (its end): missing\n"
+                                       "... and 1,203 more broken chain(s)\n"
+                                       "verified 1,234 ledger rows: 1,205 broken chain(s)\n")
