@@ -170,7 +170,8 @@ class Settings(BaseSettings):
     webhook_disable_after_s: float = Field(3 * 24 * 3600.0, ge=0)
     webhook_endpoints_per_user: int = Field(10, ge=1, le=100)
     webhook_senders: int = Field(8, ge=1, le=64)  # POSTs in flight at once
-    webhook_keep_days: float = Field(7.0, gt=0)  # finished deliveries (and their attempts) listed this long
+    # Finished deliveries are listed this long, and a disabled endpoint's pending ones kept this long.
+    webhook_keep_days: float = Field(7.0, gt=0)
     rate_redeliver_per_s: float = Field(0.5, gt=0)  # POST .../redeliver per user (a token every 2 s)
     rate_redeliver_burst: int = Field(20, ge=1)
     # Signed ledger checkpoints (adapters/checkpoints.py): the Ed25519 signing key, never stored in

@@ -107,15 +107,16 @@ class WebhookSender:
             return []
 
     def _prune(self) -> None:
-        """Forget one page of the deliveries finished more than ``keep_s`` ago; the next page at
-        once when this one was full, else in an hour."""
+        """Forget one page of what ``store.prune`` forgets (deliveries finished, or pending to an
+        endpoint disabled, more than ``keep_s`` ago; rotated secrets past their grace); the next
+        page at once when one was full, else in an hour."""
         self._next_prune = time.monotonic() + PRUNE_EVERY_S
         try:
             with self.pool.connection() as conn:
                 if store.prune(conn, self.keep_s, PRUNE_PAGE) == PRUNE_PAGE:
                     self._next_prune = 0.0
         except Exception as e:  # noqa: BLE001 - the next hour tries again
-            log.warning("finished deliveries not pruned (%s: %s)", type(e).__name__, str(e)[:200])
+            log.warning("webhook rows not pruned (%s: %s)", type(e).__name__, str(e)[:200])
 
     def _deliver(self, due: store.Due) -> None:
         try:

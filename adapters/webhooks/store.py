@@ -1,11 +1,12 @@
 """The webhook tables (schema ``palette_webhooks``) and every statement on them.
 
 ``endpoints`` (a user's URLs, their event types and signing secrets), ``deliveries`` (one per
-endpoint and event: the signed body, its state and its next try; kept a week once finished) and
-``attempts`` (one row per POST, a delivery's latest ``SHOWN_ATTEMPTS`` kept). A delivery is due
-when it is pending, its time has come, its endpoint is enabled and no earlier delivery of the
-same job to the same endpoint is pending (order per job). Claiming one moves its time a lease
-ahead, so a sender that dies mid-POST leaves it due again after the lease.
+endpoint and event: the signed body, its state and its next try; kept a week once finished, or
+once its endpoint was disabled) and ``attempts`` (one row per POST, a delivery's latest
+``SHOWN_ATTEMPTS`` kept). A delivery is due when it is pending, its time has come, its endpoint
+is enabled and no earlier delivery of the same job to the same endpoint is pending (order per
+job). Claiming one moves its time a lease ahead, so a sender that dies mid-POST leaves it due
+again after the lease.
 """
 
 from __future__ import annotations
@@ -161,10 +162,11 @@ def forget_user(conn: psycopg.Connection[Any], user_id: UUID) -> int:
 def rotate_secret(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID,
                   secret: str, rotated_by: str | None = None) -> dict[str, Any] | None:
     """A new secret (under ``"secret"``); the replaced one keeps signing (alongside) for
-    ``ROTATION_GRACE_S``. ``rotated_by`` names the request (its Idempotency-Key): while the latest
-    rotation is the one it made, that secret is answered and nothing rotates, so a retry after a
-    crash that lost the stored answer does not push the client's own secret out of its grace. In
-    one transaction, the endpoint's row locked: a rotation meanwhile waits."""
+    ``ROTATION_GRACE_S``, then ``prune`` erases it. ``rotated_by`` names the request (its
+    Idempotency-Key): while the latest rotation is the one it made, that secret is answered and
+    nothing rotates, so a retry after a crash that lost the stored answer does not push the
+    client's own secret out of its grace. In one transaction, the endpoint's row locked: a
+    rotation meanwhile waits."""
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         current = cur.execute(sql.SQL("SELECT {}, secret, rotated_by FROM palette_webhooks.endpoints "
                                        "WHERE id = %s AND user_id = %s FOR UPDATE").format(_ENDPOINT),
@@ -444,8 +446,24 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
 
 
 def prune(conn: psycopg.Connection[Any], keep_s: float, limit: int) -> int:
-    """Delete up to ``limit`` finished deliveries (and their attempts) older than ``keep_s``."""
-    return conn.execute(
+    """Forget what is no longer needed, up to ``limit`` rows of each kind: finished deliveries
+    (and their attempts) older than ``keep_s``; the pending deliveries of endpoints disabled more
+    than ``keep_s`` ago (nothing new is recorded for a disabled endpoint, and an enable within
+    ``keep_s`` sends what was pending, but an owner who never enables it again kept them, job
+    views, for good); and the secrets rotations replaced whose grace has ended (they sign
+    nothing more: a secret is not kept longer than it is used; ``previous_until`` stays, which
+    tells a creation's retry that the endpoint rotated since). Returns the most rows one kind
+    took: ``limit`` says more may be left."""
+    finished = conn.execute(
         "DELETE FROM palette_webhooks.deliveries WHERE id IN (SELECT id FROM palette_webhooks.deliveries "
         "WHERE status <> 'pending' AND created_at < now() - %s * interval '1 second' LIMIT %s)",
         [keep_s, limit]).rowcount
+    abandoned = conn.execute(
+        "DELETE FROM palette_webhooks.deliveries WHERE id IN (SELECT d.id FROM palette_webhooks.endpoints e "
+        "JOIN palette_webhooks.deliveries d ON d.endpoint_id = e.id AND d.status = 'pending' WHERE NOT e.enabled "
+        "AND e.disabled_at < now() - %s * interval '1 second' LIMIT %s)", [keep_s, limit]).rowcount
+    secrets = conn.execute(
+        "UPDATE palette_webhooks.endpoints SET previous_secret = NULL WHERE id IN (SELECT id FROM "
+        "palette_webhooks.endpoints WHERE previous_secret IS NOT NULL AND previous_until <= now() LIMIT %s)",
+        [limit]).rowcount
+    return max(finished, abandoned, secrets)

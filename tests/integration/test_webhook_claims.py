@@ -307,3 +307,59 @@ def test_a_page_of_deliveries_carries_a_bounded_amount_of_answers_the_newest_fir
         assert len(store.list_deliveries(conn, user, endpoint, 1) or []) == 1
     finally:
         conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
+
+
+def test_a_rotated_secret_is_erased_by_the_prune_once_its_grace_has_ended(conn):
+    # Past its grace the replaced secret signs nothing, yet it stayed in the row for good.
+    user = uuid.uuid4()
+    with one_delivery(conn, user, "erased") as (endpoint, _job):
+        [other] = endpoints(conn, user, "in-grace")
+        try:
+            assert store.rotate_secret(conn, user, endpoint, "whsec_new") is not None
+            assert store.rotate_secret(conn, user, other, "whsec_other") is not None
+            store.prune(conn, keep_s=3600, limit=1000)
+
+            def stored(e: uuid.UUID) -> tuple[Any, ...] | None:
+                return conn.execute("SELECT secret, previous_secret, previous_until IS NOT NULL "
+                                    "FROM palette_webhooks.endpoints WHERE id = %s", [e]).fetchone()
+
+            assert stored(endpoint) == ("whsec_new", "whsec_test", True)  # in its grace: kept
+            conn.execute("UPDATE palette_webhooks.endpoints SET previous_until = now() - interval '1 second' "
+                         "WHERE id = %s", [endpoint])  # a day later
+            store.prune(conn, keep_s=3600, limit=1000)
+            # previous_until stays: a creation retried with its Idempotency-Key is still told it rotated
+            assert stored(endpoint) == ("whsec_new", None, True)
+            assert stored(other) == ("whsec_other", "whsec_test", True)
+        finally:
+            conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [other])
+
+
+def test_a_disabled_endpoints_pending_deliveries_are_forgotten_a_keep_time_after_it_was_disabled(conn):
+    # Nothing is recorded for a disabled endpoint, but what was pending stayed until it was
+    # enabled or deleted: an owner who never came back kept those rows (job views) for good.
+    user = uuid.uuid4()
+    with one_delivery(conn, user, "disabled-long") as (endpoint, job):
+        recent_job = uuid.uuid4()
+        [recent] = endpoints(conn, user, "disabled-recently")
+        try:
+            store.record(conn, [store.NewDelivery(recent, f"msg_{recent_job.hex}_1", recent_job, 1, "job.queued",
+                                                  b"{}")])
+            conn.execute("UPDATE palette_webhooks.endpoints SET enabled = false, disabled_at = now() - "
+                         "interval '2 hours' WHERE id = %s", [endpoint])
+            conn.execute("UPDATE palette_webhooks.endpoints SET enabled = false, disabled_at = now() - "
+                         "interval '30 minutes' WHERE id = %s", [recent])
+
+            def pending(j: uuid.UUID) -> int:
+                row = conn.execute("SELECT count(*) FROM palette_webhooks.deliveries WHERE job_id = %s "
+                                   "AND status = 'pending'", [j]).fetchone()
+                assert row is not None
+                return int(row[0])
+
+            while store.prune(conn, keep_s=3600, limit=1):
+                pass
+            assert (pending(job), pending(recent_job)) == (0, 1)  # enabling it within the hour sends it
+            assert store.enable_endpoint(conn, user, recent) is not None
+            assert [d.message_id for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == \
+                [f"msg_{recent_job.hex}_1"]
+        finally:
+            conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [recent])
