@@ -29,6 +29,13 @@ Each pass (every ``PALETTE_SWEEP_INTERVAL_S``):
    larger than ``MAX_INPUT_BYTES`` is deleted (what the GPU worker would refuse anyway), so what
    a link admits beyond it lasts at most that long plus one pass. A ``JobCreated`` position
    cursor; jobs older than the retention period are skipped (their objects expire anyway).
+5. **Superseded snapshots** — a load reads only a stream's newest snapshot (the newest with an
+   event of its version: ``adapters.pg_streams``), so every older one of the stream is deleted,
+   ``SNAPSHOT_BATCH`` a statement (each its own transaction, after the last one's keys), until a
+   statement deletes fewer. A row is deleted only where the same statement sees a newer snapshot
+   of its stream with its event: the newest is never deleted, whatever is written meanwhile (a
+   snapshot not yet committed is not seen, and leaves the one before it in place), and a load
+   running meanwhile reads its own MVCC snapshot of the table.
 
 Between passes, every ``PALETTE_ERASURE_SWEEP_S``, the served sweeper finishes erasures (step 2)
 alone: a client whose ``DELETE /me`` died with its API process cannot retry (the tombstone refuses
@@ -55,12 +62,14 @@ from uuid import UUID
 import psycopg
 from botocore.exceptions import BotoCoreError, ClientError
 from eventsourcing.persistence import Notification, PersistenceError
+from eventsourcing.postgres import PostgresAggregateRecorder
 from psycopg import sql
 
 from adapters import keyring
 from adapters.erasure import erase, forget_job_deliveries, forget_user_data
 from adapters.objects import delete_larger, delete_prefixes
 from adapters.settings import Settings
+from application.executors import snapshot_recorder
 from domain.contracts.envelope import EventEnvelope
 from domain.contracts.keys import (
     LINKS_EXPIRED_S,
@@ -95,6 +104,20 @@ UNPAID = ("failed", "canceled")  # with no item done, such a job spent no credit
 # this far behind its cutoff.
 PROJECTION_SLACK = timedelta(hours=1)
 UNSTARTED = ("created", "uploaded")  # never finish unless executed or canceled
+SNAPSHOT_BATCH = 1000  # superseded snapshots deleted a statement
+# Snapshots of a stream with a newer one that has its event (a snapshot past the stream's end,
+# in a store restored behind its snapshots, is passed over by loads: it supersedes nothing),
+# after a (stream, version) key, in the primary key's order.
+PRUNE_SNAPSHOTS = sql.SQL(
+    "DELETE FROM {snapshots} d USING (SELECT o.originator_id, o.originator_version FROM {snapshots} o "
+    "WHERE (o.originator_id, o.originator_version) > (%s, %s) AND EXISTS (SELECT 1 FROM {snapshots} n "
+    " WHERE n.originator_id = o.originator_id AND n.originator_version > o.originator_version"
+    " AND (n.originator_id, n.originator_version) > (%s, %s)"  # so implied: bounds a merge's scan of n
+    " AND EXISTS (SELECT 1 FROM {events} e WHERE e.originator_id = n.originator_id"
+    "  AND e.originator_version = n.originator_version)) "
+    "ORDER BY o.originator_id, o.originator_version LIMIT %s) s "
+    "WHERE d.originator_id = s.originator_id AND d.originator_version = s.originator_version "
+    "RETURNING d.originator_id, d.originator_version")
 
 
 @dataclass
@@ -102,6 +125,7 @@ class SweepReport:
     jobs_expired: int = 0
     objects_deleted: int = 0
     erasures_finished: int = 0
+    snapshots_deleted: int = 0
 
 
 EPOCH, NO_ID = datetime(1970, 1, 1, tzinfo=UTC), UUID(int=0)
@@ -159,6 +183,17 @@ def unpaid_jobs(conn: psycopg.Connection[Any], cutoff: datetime, after: tuple[da
     return [(r[0], r[1], r[2]) for r in rows]
 
 
+def prune_snapshots(conn: psycopg.Connection[Any], snapshots: sql.Identifier, events: sql.Identifier,
+                    after: tuple[UUID, int] | None = None, limit: int = SNAPSHOT_BATCH) -> list[tuple[UUID, int]]:
+    """Delete at most ``limit`` snapshots (table ``snapshots``) each with a newer snapshot of its
+    stream that has its event (table ``events``), after the (stream, version) key ``after``, in
+    one statement; the (stream, version) of those deleted."""
+    start = after or (NO_ID, 0)
+    rows = conn.execute(PRUNE_SNAPSHOTS.format(snapshots=snapshots, events=events),
+                        [*start, *start, limit]).fetchall()
+    return sorted((r[0], r[1]) for r in rows)
+
+
 def latest_finish(conn: psycopg.Connection[Any], before: datetime) -> datetime | None:
     """The last time a job finished before ``before``, as jobs_log has it."""
     row = conn.execute("SELECT max(finished_at) FROM palette_read.jobs_log WHERE finished_at < %s", [before]).fetchone()
@@ -204,9 +239,11 @@ class Sweeper:
         report.erasures_finished += self.finish_erasures(erasure_grace_s)
         report.objects_deleted += self._late_uploads(now - timedelta(seconds=LATE_UPLOADS_S))
         report.objects_deleted += self._oversized_uploads(now - timedelta(seconds=LINKS_EXPIRED_S), cutoff)
-        if report.jobs_expired or report.erasures_finished or report.objects_deleted:
-            log.info("sweep: %d job(s) expired, %d erasure(s) finished, %d object(s) deleted",
-                     report.jobs_expired, report.erasures_finished, report.objects_deleted)
+        report.snapshots_deleted += self.superseded_snapshots()
+        if report.jobs_expired or report.erasures_finished or report.objects_deleted or report.snapshots_deleted:
+            log.info("sweep: %d job(s) expired, %d erasure(s) finished, %d object(s) deleted, "
+                     "%d superseded snapshot(s) deleted", report.jobs_expired, report.erasures_finished,
+                     report.objects_deleted, report.snapshots_deleted)
         return report
 
     def finish_erasures(self, grace_s: float) -> int:
@@ -425,6 +462,23 @@ class Sweeper:
                 _save(conn, name, after)
             if newer or len(rows) < PAGE:
                 return done
+
+    def superseded_snapshots(self) -> int:
+        """Delete every snapshot older than its stream's newest, ``SNAPSHOT_BATCH`` a statement
+        (``prune_snapshots``); how many were. None where the store keeps no snapshots in PostgreSQL."""
+        c = self.container
+        snapshots = snapshot_recorder(c.app)
+        if not isinstance(snapshots, PostgresAggregateRecorder):
+            return 0
+        table, events = events_table(snapshots), events_table(c.app.recorder)
+        deleted, after = 0, None
+        while True:
+            with c.read_pool.connection() as conn:
+                keys = prune_snapshots(conn, table, events, after, SNAPSHOT_BATCH)
+            deleted += len(keys)
+            if len(keys) < SNAPSHOT_BATCH:
+                return deleted
+            after = keys[-1]
 
     def warm_up(self, stop: threading.Event) -> None:
         """Ready at once: the container was built when this was constructed."""

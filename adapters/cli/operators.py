@@ -39,7 +39,8 @@ def _cmd_admin(args: argparse.Namespace) -> int:
             sweeper.close()
         print(f"swept: {r.jobs_expired} job(s) expired (past {settings.retention_days} days, or "
               f"{settings.unpaid_retention_days} having spent nothing), "
-              f"{r.erasures_finished} erasure(s) finished, {r.objects_deleted} object(s) deleted")
+              f"{r.erasures_finished} erasure(s) finished, {r.objects_deleted} object(s) deleted, "
+              f"{r.snapshots_deleted} superseded snapshot(s) deleted")
         return 0
     from adapters.erasure import erase
     from domain.errors import DomainError
@@ -73,5 +74,5 @@ def add_commands(sub: Subcommands) -> None:
     er.add_argument("user_id", type=uuid_value)
     adm_sub.add_parser("sweep", help="one sweeper pass now: expire jobs past PALETTE_RETENTION_DAYS (or "
                        "PALETTE_UNPAID_RETENTION_DAYS having spent nothing), finish erasures cut short, delete "
-                       "late and oversized uploads")
+                       "late and oversized uploads, delete snapshots older than their stream's newest")
     adm.set_defaults(func=_cmd_admin)
