@@ -31,6 +31,11 @@ DDL = (
     "failures integer NOT NULL DEFAULT 0, failing_since timestamptz, "
     "created_at timestamptz NOT NULL DEFAULT now())",
     "CREATE INDEX IF NOT EXISTS endpoints_user ON palette_webhooks.endpoints (user_id)",
+    # What the hourly prune looks for among every user's endpoints: the few disabled ones, and
+    # replaced secrets (partial indexes: an endpoint in neither state is in neither index).
+    "CREATE INDEX IF NOT EXISTS endpoints_disabled ON palette_webhooks.endpoints (disabled_at) WHERE NOT enabled",
+    "CREATE INDEX IF NOT EXISTS endpoints_replaced_secret ON palette_webhooks.endpoints (previous_until) "
+    "WHERE previous_secret IS NOT NULL",
     # The Idempotency-Key of the latest rotation (a hash of it): its retry rotates no further
     # (looked for first: ALTER TABLE locks the table even when it changes nothing).
     "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = "
