@@ -458,17 +458,24 @@ def prune(conn: psycopg.Connection[Any], keep_s: float, limit: int) -> int:
     views, for good); and the secrets rotations replaced whose grace has ended (they sign
     nothing more: a secret is not kept longer than it is used; ``previous_until`` stays, which
     tells a creation's retry that the endpoint rotated since). Returns the most rows one kind
-    took: ``limit`` says more may be left."""
+    took: ``limit`` says more may be left.
+
+    Each statement picks its rows in a subquery, read from the statement's snapshot; a row
+    changed meanwhile (a redelivery, a rotation) is deleted or updated only if its latest version
+    still qualifies, so each condition on the target row is repeated outside the subquery: a
+    rotation committed while the UPDATE waited on its row holds a secret in its grace, and
+    without the repeat the subquery's stale row erased it."""
     finished = conn.execute(
         "DELETE FROM palette_webhooks.deliveries WHERE id IN (SELECT id FROM palette_webhooks.deliveries "
-        "WHERE status <> 'pending' AND created_at < now() - %s * interval '1 second' LIMIT %s)",
-        [keep_s, limit]).rowcount
+        "WHERE status <> 'pending' AND created_at < now() - %s * interval '1 second' LIMIT %s) "
+        "AND status <> 'pending'", [keep_s, limit]).rowcount
     abandoned = conn.execute(
         "DELETE FROM palette_webhooks.deliveries WHERE id IN (SELECT d.id FROM palette_webhooks.endpoints e "
         "JOIN palette_webhooks.deliveries d ON d.endpoint_id = e.id AND d.status = 'pending' WHERE NOT e.enabled "
-        "AND e.disabled_at < now() - %s * interval '1 second' LIMIT %s)", [keep_s, limit]).rowcount
+        "AND e.disabled_at < now() - %s * interval '1 second' LIMIT %s) AND status = 'pending'",
+        [keep_s, limit]).rowcount
     secrets = conn.execute(
         "UPDATE palette_webhooks.endpoints SET previous_secret = NULL WHERE id IN (SELECT id FROM "
-        "palette_webhooks.endpoints WHERE previous_secret IS NOT NULL AND previous_until <= now() LIMIT %s)",
-        [limit]).rowcount
+        "palette_webhooks.endpoints WHERE previous_secret IS NOT NULL AND previous_until <= now() LIMIT %s) "
+        "AND previous_secret IS NOT NULL AND previous_until <= now()", [limit]).rowcount
     return max(finished, abandoned, secrets)
