@@ -74,5 +74,5 @@ def add_commands(sub: Subcommands) -> None:
     er.add_argument("user_id", type=uuid_value)
     adm_sub.add_parser("sweep", help="one sweeper pass now: expire jobs past PALETTE_RETENTION_DAYS (or "
                        "PALETTE_UNPAID_RETENTION_DAYS having spent nothing), finish erasures cut short, delete "
-                       "late and oversized uploads, delete snapshots older than their stream's newest")
+                       "late and oversized uploads, delete snapshots superseded by a newer one a load can use")
     adm.set_defaults(func=_cmd_admin)

@@ -269,8 +269,8 @@ def add_commands(sub: Subcommands) -> None:
     serve.add_argument("process", choices=(*APP_PROCESSES, "checkpointer", "sweeper"),
                        help="checkpointer: signed ledger checkpoints every PALETTE_AUDIT_CHECKPOINT_INTERVAL_S; "
                             "sweeper: deletes the objects of jobs finished PALETTE_RETENTION_DAYS ago and "
-                            "finishes erasures a crash cut short, and deletes snapshots older than their stream's "
-                            "newest (`palette up` starts it with the api)")
+                            "finishes erasures a crash cut short, and deletes snapshots superseded by a newer one a "
+                            "load can use (`palette up` starts it with the api)")
     serve.add_argument("--ready-file", help="touch this file once the process is ready (used by `palette up`); "
                        "not the api's, whose readiness is GET /health")
     serve.add_argument("--naive", action="store_true",
