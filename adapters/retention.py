@@ -114,7 +114,8 @@ PRUNE_SNAPSHOTS = sql.SQL(
     " WHERE n.originator_id = o.originator_id AND n.originator_version > o.originator_version"
     " AND (n.originator_id, n.originator_version) > (%s, %s)"  # so implied: bounds a merge's scan of n
     " AND EXISTS (SELECT 1 FROM {events} e WHERE e.originator_id = n.originator_id"
-    "  AND e.originator_version = n.originator_version)) "
+    "  AND e.originator_version = n.originator_version"
+    "  AND (e.originator_id, e.originator_version) > (%s, %s))) "  # and of e (a merge join re-read its start)
     "ORDER BY o.originator_id, o.originator_version LIMIT %s) s "
     "WHERE d.originator_id = s.originator_id AND d.originator_version = s.originator_version "
     "RETURNING d.originator_id, d.originator_version")
@@ -190,7 +191,7 @@ def prune_snapshots(conn: psycopg.Connection[Any], snapshots: sql.Identifier, ev
     one statement; the (stream, version) of those deleted."""
     start = after or (NO_ID, 0)
     rows = conn.execute(PRUNE_SNAPSHOTS.format(snapshots=snapshots, events=events),
-                        [*start, *start, limit]).fetchall()
+                        [*start, *start, *start, limit]).fetchall()
     return sorted((r[0], r[1]) for r in rows)
 
 
