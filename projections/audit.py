@@ -26,9 +26,10 @@ from projections.models.billing_events import BILLING, GENESIS, LEDGER_COLUMNS, 
 from projections.models.users import USERS
 
 LEDGER = sql.Identifier("palette_read", "billing_events")
-__all__ = ["LEDGER_COLUMNS", "BalanceMismatch", "ChainBreak", "PeriodFigures", "PeriodReport", "Reconciliation",
-           "Verification", "balance_as_of", "chain_heads", "export", "known_balance_as_of", "ledger", "period_report",
-           "reconcile", "verify", "verify_heads"]
+FIRST_FINDINGS = 20  # what a whole-log audit names of each kind of finding; the rest are counted
+__all__ = ["FIRST_FINDINGS", "LEDGER_COLUMNS", "BalanceMismatch", "ChainBreak", "PeriodFigures", "PeriodReport",
+           "Reconciliation", "Verification", "balance_as_of", "chain_heads", "export", "known_balance_as_of", "ledger",
+           "period_report", "reconcile", "verify", "verify_heads"]
 
 
 def _rows(conn: psycopg.Connection[Any], query: sql.Composed, params: list[Any]) -> list[dict[str, Any]]:
@@ -370,7 +371,7 @@ class _Findings:
             out.append(f"... and {self.jobs.more} more settlement finding(s)")
 
 
-def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, limit: int = 20,
+def reconcile(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any, limit: int = FIRST_FINDINGS,
               progress: Callable[[int], None] | None = None, at: int | None = None,
               wait_s: float = 30.0) -> Reconciliation:
     """Prove billing_events (and users' credits) equal the fold of the event log, that they have
@@ -524,7 +525,7 @@ class Verification:
         return not self.broken
 
 
-def verify(conn: psycopg.Connection[Any], limit: int = 20) -> Verification:
+def verify(conn: psycopg.Connection[Any], limit: int = FIRST_FINDINGS) -> Verification:
     """Recompute every user's hash chain; the first break per user names where a row was
     edited, inserted or deleted. The chain heads (billing_heads) catch a deleted last row. The
     report names the first ``limit`` broken chains (by user id) and counts them all, so it stays

@@ -181,11 +181,13 @@ def _audit_verify(args: argparse.Namespace, conn: Any, settings: Any) -> int:
                     f"{payload['log_position']:,} ({where}, signature valid): "
                     + ("all match" if not head_breaks else f"{len(head_breaks)} do not match"))
     report = audit.verify(conn)
-    for b in [*report.breaks, *head_breaks]:
+    for b in [*report.breaks, *head_breaks[:audit.FIRST_FINDINGS]]:  # each by user id
         where_ = f"position {b.position}" if b.position is not None else "its end"
         print(f"BROKEN user {b.user_id} at seq {b.seq} ({where_}): {b.reason}")
     if report.broken > len(report.breaks):
         print(f"... and {report.broken - len(report.breaks):,} more broken chain(s)")
+    if len(head_breaks) > audit.FIRST_FINDINGS:
+        print(f"... and {len(head_breaks) - audit.FIRST_FINDINGS:,} more checkpointed head(s) not matched")
     bad = report.broken + len(head_breaks)
     print(f"verified {report.checked:,} ledger rows: {'OK' if not bad else f'{bad:,} broken chain(s)'}{anchored}")
     return 0 if not bad else 1

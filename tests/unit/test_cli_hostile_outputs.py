@@ -342,3 +342,28 @@ def test_verify_prints_the_first_breaks_it_was_given_and_counts_the_rest(monkeyp
                                        "BROKEN user u2 at seq 1 (its end): missing\n"
                                        "... and 1,203 more broken chain(s)\n"
                                        "verified 1,234 ledger rows: 1,205 broken chain(s)\n")
+
+
+def test_verify_against_a_checkpoint_prints_its_first_unmatched_heads_and_counts_the_rest(
+        monkeypatch: Any, capsys: Any) -> None:
+    """A checkpoint's heads that do not match are printed as the chains' breaks are: the first
+    ``audit.FIRST_FINDINGS``, then one line for the rest (even with every chain whole)."""
+    import argparse
+
+    from adapters.cli.auditors import _audit_verify
+    from projections import audit
+
+    heads = [audit.ChainBreak(f"u{i:03}", 1, i, "rewritten") for i in range(audit.FIRST_FINDINGS + 5)]
+    monkeypatch.setattr(checkpoints, "trusted_key", lambda settings, key: None)
+    monkeypatch.setattr(checkpoints, "read_file", lambda path: {})
+    monkeypatch.setattr(checkpoints, "verified_payload", lambda doc, key: {"heads": heads, "log_position": 9})
+    monkeypatch.setattr(audit, "verify_heads", lambda conn, payload_heads: list(payload_heads))
+    monkeypatch.setattr(audit, "verify", lambda conn: audit.Verification(40, [], 0))
+    args = argparse.Namespace(public_key=None, checkpoint="cp.json")
+    assert _audit_verify(args, None, None) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:-2] == [f"BROKEN user u{i:03} at seq 1 (position {i}): rewritten"
+                          for i in range(audit.FIRST_FINDINGS)]
+    assert lines[-2:] == ["... and 5 more checkpointed head(s) not matched",
+                          f"verified 40 ledger rows: {audit.FIRST_FINDINGS + 5} broken chain(s); 25 chain heads of "
+                          f"the checkpoint at log position 9 (cp.json, signature valid): 25 do not match"]
