@@ -153,6 +153,7 @@ class Container:
             self.committer.stop()
         self.read_pool.close()
         self.app.close()
+        self.last_writes.close()
 
     async def close_loop(self) -> None:
         """Close the connections the running event loop holds (an async server's lifespan ends)."""

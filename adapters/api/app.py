@@ -23,6 +23,7 @@ from adapters.api.envelope import CODE_BY_STATUS, STATUS_BY_CODE, ApiError, fail
 from adapters.api.idempotency import unflushed
 from adapters.api.links import add_links
 from adapters.api.rate_limit import Budget, RateLimited, TokenBuckets
+from adapters.api.sibling_writes import SharedLastWrites, siblings_directory
 from adapters.bootstrap import Container
 from adapters.erasure import ErasedUsers
 from adapters.settings import Settings
@@ -192,7 +193,10 @@ def worker_asgi(naive: bool) -> ASGIApp:
     bound_connections(settings)
     tracing.configure("api", settings.trace_exporter)
     log.info("API worker process %d serving", os.getpid())
-    asgi = create_asgi(bootstrap.build(settings, naive=naive, pool_size=API_POOL_SIZE), owns_container=True)
+    container = bootstrap.build(settings, naive=naive, pool_size=API_POOL_SIZE)
+    if (siblings := siblings_directory()) is not None:  # a caller's writes read back in any worker
+        container.last_writes = SharedLastWrites(siblings)
+    asgi = create_asgi(container, owns_container=True)
     serving_gc()
     return asgi
 

@@ -75,6 +75,9 @@ class LastWrites:
                     del streams[stream]
             self._drop_if_empty(user_id, model)
 
+    def close(self) -> None:
+        """Nothing held outside this process (``SharedLastWrites`` holds a socket)."""
+
     def _drop_if_empty(self, user_id: UUID, model: str) -> None:
         models = self._data[user_id]
         if not models[model]:

@@ -88,3 +88,27 @@ def test_results_posted_at_once_through_both_processes_are_all_recorded(workers_
             me = http.get("/me").json()["data"]
         assert job["progress"] == {"done": 0, "failed": ITEMS, "total": ITEMS}
         assert (me["credits"], me["reserved"], me["active_jobs"]) == (50, 0, 0)
+
+
+def test_a_job_created_through_one_process_is_listed_at_once_by_the_other(apps: EmbeddedStack,
+                                                                        workers_url: str) -> None:
+    """Read-your-writes across the processes (adapters.api.sibling_writes): with the projector
+    stopped, the other process lists the new job only because it heard of the write."""
+    apps.stop_app("projector")
+    try:
+        with httpx.Client(base_url=workers_url, timeout=30) as http:
+            client = Client(http)
+            created = client.call("POST", "/jobs", json={"preset": "interior", "item_count": 1})
+        assert created.status_code == 201, created.text
+        maker, job = _process_prefix(created), created.json()["data"]["job_id"]
+        for _ in range(200):  # new connections until the other process answers
+            with httpx.Client(base_url=workers_url, timeout=30, headers=client.headers) as own:
+                listed = own.get("/jobs")
+            if _process_prefix(listed) != maker:
+                break
+        assert _process_prefix(listed) != maker
+        body = listed.json()
+        assert [j["job_id"] for j in body["data"]["items"]] == [job]
+        assert body["meta"]["projection_behind"] == 1
+    finally:
+        apps.start_app("projector")

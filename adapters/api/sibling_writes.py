@@ -1,0 +1,129 @@
+"""Read-your-writes across the API processes of one port (PALETTE_API_WORKERS > 1).
+
+Each process remembers its callers' recent writes (``LastWrites``), so that ``GET /jobs`` and
+``GET /rules`` list what the read model has not folded yet. A caller whose next request reaches
+another process of the port would not be seen there; so each write a process remembers is also
+sent, as one datagram, to every sibling's Unix socket in a directory the parent made for them
+(``SIBLINGS_ENV``), before the write's answer goes out.
+
+A datagram is in the receiving socket's queue when ``sendto`` returns, so when the caller's next
+request is read, the hint is already there: a read drains the queue first (without blocking),
+and a thread drains it meanwhile, so a quiet process's queue does not fill (both under one lock:
+a hint the thread took is recorded before a read goes on). A queue holds few datagrams
+(``net.unix.max_dgram_qlen``, 10 by default): a hint to a sibling whose thread is that far
+behind is not sent, counted in ``dropped`` and logged. A hint is only a
+hint: the write side is what a list reads for it (another user's stream is not found there), so
+a forged or stale one costs a read, nothing more. A sibling that is gone leaves its socket
+refusing: that file is removed by the next sender.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+from pathlib import Path
+from uuid import UUID
+
+from adapters.api.consistency import LastWrites
+
+log = logging.getLogger("palette.api")
+
+SIBLINGS_ENV = "PALETTE_API_SIBLINGS_DIR"  # set by `palette serve api` for its worker processes
+MODELS = ("jobs_log", "rules")  # the models whose lists read a caller's writes back
+HINT = struct.Struct(">16sB16sq")  # user id, model, stream id, version
+SUFFIX = ".sock"
+
+
+class SharedLastWrites(LastWrites):
+    """``LastWrites`` whose records also reach the sibling processes' (see the module's docstring)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        self.directory = directory
+        self.path = directory / f"{os.getpid()}{SUFFIX}"
+        self.dropped = 0  # hints a sibling's full queue refused
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # a process of this pid before, killed
+        self._socket.bind(str(self.path))
+        self._closed = False
+        self._draining = threading.Lock()
+        self._thread = threading.Thread(target=self._drain_forever, name="sibling-writes", daemon=True)
+        self._thread.start()
+
+    def record(self, user_id: UUID, model: str, stream_id: UUID, version: int | None) -> None:
+        super().record(user_id, model, stream_id, version)
+        if version is None or model not in MODELS:
+            return
+        hint = HINT.pack(user_id.bytes, MODELS.index(model), stream_id.bytes, version)
+        for sibling in self._siblings():
+            try:
+                self._socket.sendto(hint, socket.MSG_DONTWAIT, str(sibling))
+            except ConnectionRefusedError:  # its process is gone
+                with contextlib.suppress(FileNotFoundError):
+                    sibling.unlink()
+            except BlockingIOError:  # its queue is full (net.unix.max_dgram_qlen): its thread is behind
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 1000 == 0:
+                    log.warning("%d write hint(s) not sent: a sibling API process's queue was full", self.dropped)
+            except OSError as e:  # gone since listed, or anything else: a hint, not the write
+                log.debug("no write hint to %s (%s)", sibling.name, type(e).__name__)
+
+    def recent(self, user_id: UUID, model: str) -> dict[UUID, int]:
+        self.drain()
+        return super().recent(user_id, model)
+
+    def drain(self) -> int:
+        """Record the hints queued now, without waiting for more; how many there were. Under the
+        lock the thread drains with: a hint is either still queued, or recorded once this returns."""
+        with self._draining:
+            taken = 0
+            while True:
+                try:
+                    data = self._socket.recv(HINT.size + 1, socket.MSG_DONTWAIT)
+                except OSError:  # empty (BlockingIOError), or closed
+                    return taken
+                self._take(data)
+                taken += 1
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._socket.sendto(b"", socket.MSG_DONTWAIT, str(self.path))  # wakes the thread's recv
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self._socket.close()
+
+    def _siblings(self) -> list[Path]:
+        try:
+            return [p for p in self.directory.iterdir() if p.name.endswith(SUFFIX) and p != self.path]
+        except OSError:
+            return []
+
+    def _take(self, data: bytes) -> None:
+        if len(data) != HINT.size:
+            return
+        user, model, stream, version = HINT.unpack(data)
+        if model < len(MODELS):  # a sibling's own record: not sent on again
+            LastWrites.record(self, UUID(bytes=user), MODELS[model], UUID(bytes=stream), version)
+
+    def _drain_forever(self) -> None:
+        """Wait for a hint without taking it, then drain: one taken off the queue and not yet
+        recorded is never missed by a read (``drain``'s lock)."""
+        while not self._closed:
+            try:
+                select.select([self._socket], [], [])
+            except (OSError, ValueError):  # closed meanwhile
+                return
+            self.drain()  # close sends an empty one: not a hint
+
+
+def siblings_directory() -> Path | None:
+    """The directory of this worker's siblings, where ``palette serve api`` made one."""
+    value = os.environ.get(SIBLINGS_ENV)
+    return Path(value) if value else None

@@ -1,0 +1,128 @@
+"""Read-your-writes across the API processes of one port (adapters.api.sibling_writes), with
+real Unix datagram sockets: a write one process remembers is in every sibling's list at once."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from adapters.api.sibling_writes import HINT, SharedLastWrites
+
+
+@pytest.fixture
+def directory() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="palette-sw-"))  # short: a socket's path is at most 107 bytes
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _process(directory: Path, pid: int, monkeypatch: pytest.MonkeyPatch) -> SharedLastWrites:
+    monkeypatch.setattr("os.getpid", lambda: pid)
+    return SharedLastWrites(directory)
+
+
+def test_a_write_one_process_remembers_is_in_each_siblings_list_at_once(directory, monkeypatch) -> None:
+    a, b, c = (_process(directory, pid, monkeypatch) for pid in (101, 102, 103))
+    try:
+        user, job, rule = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        a.record(user, "jobs_log", job, 3)
+        b.record(user, "rules", rule, 1)
+        # no wait: the datagram is in the sibling's queue once sendto returns, and a read drains it
+        assert b.recent(user, "jobs_log") == c.recent(user, "jobs_log") == a.recent(user, "jobs_log") == {job: 3}
+        assert a.recent(user, "rules") == c.recent(user, "rules") == {rule: 1}
+        assert a.recent(uuid.uuid4(), "jobs_log") == {}  # another user's are not this user's
+        a.record(user, "jobs_log", job, 2)  # an older version never lowers what is held
+        assert b.recent(user, "jobs_log") == {job: 3}
+    finally:
+        for p in (a, b, c):
+            p.close()
+
+
+def test_a_hint_received_is_not_sent_on(directory, monkeypatch) -> None:
+    spy = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # a sibling that only listens
+    spy.bind(str(directory / "777.sock"))
+    a, b = _process(directory, 201, monkeypatch), _process(directory, 202, monkeypatch)
+    try:
+        user, job = uuid.uuid4(), uuid.uuid4()
+        a.record(user, "jobs_log", job, 1)
+        assert b.recent(user, "jobs_log") == {job: 1}  # recorded by b (an echo would be sent by now)
+        assert HINT.unpack(spy.recv(64, socket.MSG_DONTWAIT))[2] == job.bytes
+        with pytest.raises(BlockingIOError):
+            spy.recv(64, socket.MSG_DONTWAIT)
+    finally:
+        spy.close()
+        a.close()
+        b.close()
+
+
+def test_every_write_is_read_back_by_a_sibling_at_once_whatever_its_thread_is_doing(directory, monkeypatch) -> None:
+    """The sibling's thread may have taken the hint off the queue and not yet recorded it when
+    the read comes: the read waits for it (one lock), it does not answer without it."""
+    a, b = _process(directory, 251, monkeypatch), _process(directory, 252, monkeypatch)
+    try:
+        for _ in range(300):
+            user, job = uuid.uuid4(), uuid.uuid4()
+            a.record(user, "jobs_log", job, 1)
+            assert b.recent(user, "jobs_log") == {job: 1}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_nothing_is_sent_for_a_write_without_a_version_or_of_another_model(directory, monkeypatch) -> None:
+    a, b = _process(directory, 301, monkeypatch), _process(directory, 302, monkeypatch)
+    try:
+        user = uuid.uuid4()
+        a.record(user, "jobs_log", uuid.uuid4(), None)
+        a.record(user, "users", uuid.uuid4(), 4)
+        assert b.recent(user, "jobs_log") == b.recent(user, "users") == {}
+        assert a.recent(user, "users") != {}  # still remembered where it was made
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_gone_siblings_socket_is_removed_and_the_others_still_hear(directory, monkeypatch) -> None:
+    gone = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    gone.bind(str(directory / "999.sock"))
+    gone.close()  # killed: its file is left, refusing
+    a, b = _process(directory, 401, monkeypatch), _process(directory, 402, monkeypatch)
+    try:
+        user, job = uuid.uuid4(), uuid.uuid4()
+        a.record(user, "jobs_log", job, 1)
+        assert not (directory / "999.sock").exists()
+        assert b.recent(user, "jobs_log") == {job: 1}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_datagrams_that_are_not_hints_are_ignored(directory, monkeypatch) -> None:
+    a = _process(directory, 501, monkeypatch)
+    try:
+        user, job = uuid.uuid4(), uuid.uuid4()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as other:
+            unknown_model = HINT.pack(user.bytes, 7, job.bytes, 1)
+            too_long = HINT.pack(user.bytes, 0, job.bytes, 1) + b"!"
+            for junk in (b"x", b"", unknown_model, too_long):
+                other.sendto(junk, str(a.path))
+            other.sendto(HINT.pack(user.bytes, 0, job.bytes, 5), str(a.path))
+        assert a.recent(user, "jobs_log") == {job: 5}
+    finally:
+        a.close()
+
+
+def test_close_removes_the_socket_and_ends_the_thread(directory, monkeypatch) -> None:
+    a = _process(directory, 601, monkeypatch)
+    assert a.path.exists() and a._thread.is_alive()
+    a.close()
+    a._thread.join(timeout=10)
+    assert not a.path.exists() and not a._thread.is_alive()
