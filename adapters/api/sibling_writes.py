@@ -10,8 +10,11 @@ A datagram is in the receiving socket's queue when ``sendto`` returns, so when t
 request is read, the hint is already there: a read drains the queue first (without blocking),
 and a thread drains it meanwhile, so a quiet process's queue does not fill (both under one lock:
 a hint the thread took is recorded before a read goes on). A queue holds few datagrams
-(``net.unix.max_dgram_qlen``, 10 by default): a hint to a sibling whose thread is that far
-behind is not sent, counted in ``dropped`` and logged. A hint is only a
+(``net.unix.max_dgram_qlen``, 10 by default), and a busy process's thread waits for the GIL:
+a hint to a full queue waits for room, up to ``SEND_WAIT_S`` (the kernel's send timeout); one
+that still finds no room is not sent, counted in ``dropped`` and logged, and that sibling is
+sent to without waiting until a hint is taken again (a stopped process stalls one write, not
+each). A hint is only a
 hint: the write side is what a list reads for it (another user's stream is not found there), so
 a forged or stale one costs a read, nothing more. A sibling that is gone leaves its socket
 refusing: that file is removed by the next sender.
@@ -37,6 +40,7 @@ SIBLINGS_ENV = "PALETTE_API_SIBLINGS_DIR"  # set by `palette serve api` for its 
 MODELS = ("jobs_log", "rules")  # the models whose lists read a caller's writes back
 HINT = struct.Struct(">16sB16sq")  # user id, model, stream id, version
 SUFFIX = ".sock"
+SEND_WAIT_S = 0.5  # how long a hint waits for room in a sibling's full queue
 
 
 class SharedLastWrites(LastWrites):
@@ -48,6 +52,10 @@ class SharedLastWrites(LastWrites):
         self.path = directory / f"{os.getpid()}{SUFFIX}"
         self.dropped = 0  # hints a sibling's full queue refused
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        seconds = int(SEND_WAIT_S)  # a blocking sendto to a full queue waits this long for room
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                struct.pack("ll", seconds, int((SEND_WAIT_S - seconds) * 1e6)))
+        self._lagging: set[Path] = set()  # siblings a hint found full for SEND_WAIT_S: not waited for
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a process of this pid before, killed
         self._socket.bind(str(self.path))
@@ -63,15 +71,19 @@ class SharedLastWrites(LastWrites):
         hint = HINT.pack(user_id.bytes, MODELS.index(model), stream_id.bytes, version)
         for sibling in self._siblings():
             try:
-                self._socket.sendto(hint, socket.MSG_DONTWAIT, str(sibling))
+                self._socket.sendto(hint, socket.MSG_DONTWAIT if sibling in self._lagging else 0, str(sibling))
+                self._lagging.discard(sibling)
             except ConnectionRefusedError:  # its process is gone
+                self._lagging.discard(sibling)
                 with contextlib.suppress(FileNotFoundError):
                     sibling.unlink()
-            except BlockingIOError:  # its queue is full (net.unix.max_dgram_qlen): its thread is behind
+            except BlockingIOError:  # its queue stayed full (net.unix.max_dgram_qlen): its thread is behind
+                self._lagging.add(sibling)
                 self.dropped += 1
                 if self.dropped == 1 or self.dropped % 1000 == 0:
                     log.warning("%d write hint(s) not sent: a sibling API process's queue was full", self.dropped)
             except OSError as e:  # gone since listed, or anything else: a hint, not the write
+                self._lagging.discard(sibling)
                 log.debug("no write hint to %s (%s)", sibling.name, type(e).__name__)
 
     def recent(self, user_id: UUID, model: str) -> dict[UUID, int]:

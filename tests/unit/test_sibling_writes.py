@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import socket
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,3 +127,22 @@ def test_close_removes_the_socket_and_ends_the_thread(directory, monkeypatch) ->
     a.close()
     a._thread.join(timeout=10)
     assert not a.path.exists() and not a._thread.is_alive()
+
+
+def test_a_write_reaches_a_sibling_whose_thread_is_behind(directory, monkeypatch) -> None:
+    """A sibling's queue holds few datagrams (net.unix.max_dgram_qlen, 10 by default): a burst
+    of writes while its thread waits for the GIL must wait for room, not be dropped."""
+    a, b = _process(directory, 701, monkeypatch), _process(directory, 702, monkeypatch)
+    try:
+        user, jobs = uuid.uuid4(), [uuid.uuid4() for _ in range(30)]  # within STREAMS_PER_USER
+        b._draining.acquire()  # b's thread and reads stand still, as behind a busy event loop
+        releaser = threading.Timer(0.05, b._draining.release)
+        releaser.start()
+        for job in jobs:
+            a.record(user, "jobs_log", job, 1)
+        releaser.join()
+        assert a.dropped == 0
+        assert b.recent(user, "jobs_log") == dict.fromkeys(jobs, 1)
+    finally:
+        a.close()
+        b.close()
