@@ -146,3 +146,24 @@ def test_a_write_reaches_a_sibling_whose_thread_is_behind(directory, monkeypatch
     finally:
         a.close()
         b.close()
+
+
+def test_a_sibling_that_stays_full_is_waited_for_once_until_it_takes_a_hint(directory, monkeypatch) -> None:
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # a stopped process: nothing drains it
+    stuck.bind(str(directory / "888.sock"))
+    a = _process(directory, 801, monkeypatch)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler, pytest.raises(BlockingIOError):
+            while True:
+                filler.sendto(b"x", socket.MSG_DONTWAIT, str(directory / "888.sock"))
+        user = uuid.uuid4()
+        a.record(user, "jobs_log", uuid.uuid4(), 1)  # waits SEND_WAIT_S, then gives up
+        assert a.dropped == 1 and directory / "888.sock" in a._lagging
+        a.record(user, "jobs_log", uuid.uuid4(), 1)  # not waited for again
+        assert a.dropped == 2
+        stuck.recv(64)  # it takes one: room again
+        a.record(user, "jobs_log", uuid.uuid4(), 1)
+        assert a.dropped == 2 and not a._lagging
+    finally:
+        stuck.close()
+        a.close()
