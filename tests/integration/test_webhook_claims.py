@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from adapters.webhooks import store
 from adapters.webhooks.targets import MAX_RESPONSE_BYTES, Outcome
@@ -365,32 +366,42 @@ def test_a_disabled_endpoints_pending_deliveries_are_forgotten_a_keep_time_after
             conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [recent])
 
 
-def test_a_rotation_committed_while_the_prune_waits_on_its_row_keeps_its_replaced_secret(conn, settings):
-    # The prune picks the rows to erase from its statement's snapshot; a rotation that commits while
-    # it waits on the row gives the row a new previous_secret, in its grace: that one must stay.
+@contextlib.contextmanager
+def prune_waiting_on(conn: psycopg.Connection[Any], url: str, table: str,
+                     row_id: uuid.UUID) -> Iterator[psycopg.Connection[Any]]:
+    """``store.prune`` run on a thread of its own while the yielded connection holds the row
+    ``row_id`` of ``table`` FOR UPDATE, entered once the prune waits on it (pg_stat_activity: no
+    sleeps). What the block does commits with the row's lock; the prune then finishes."""
     import threading
 
     from tests.waiting import wait_until
 
+    with psycopg.connect(url, autocommit=True) as holder, psycopg.connect(url, autocommit=True) as pruner:
+        with holder.transaction():
+            holder.execute(sql.SQL("SELECT 1 FROM {} WHERE id = %s FOR UPDATE").format(
+                sql.Identifier("palette_webhooks", table)), [row_id])
+            pruning = threading.Thread(target=store.prune, args=(pruner, 3600, 1000))
+            pruning.start()
+            pid = pruner.info.backend_pid
+            wait_until(lambda: conn.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                                            [pid]).fetchone() == (True,),
+                       timeout_s=30, what=f"the prune to wait on the {table} row")
+            yield holder
+        pruning.join(timeout=30)
+        assert not pruning.is_alive()
+
+
+def test_a_rotation_committed_while_the_prune_waits_on_its_row_keeps_its_replaced_secret(conn, settings):
+    # The prune picks the rows to erase from its statement's snapshot; a rotation that commits while
+    # it waits on the row gives the row a new previous_secret, in its grace: that one must stay.
     user = uuid.uuid4()
     [endpoint] = endpoints(conn, user, "rotating")
     try:
         assert store.rotate_secret(conn, user, endpoint, "whsec_second") is not None
         conn.execute("UPDATE palette_webhooks.endpoints SET previous_until = now() - interval '1 second' "
                      "WHERE id = %s", [endpoint])  # the first rotation's grace has ended
-        with psycopg.connect(settings.effective_database_url, autocommit=True) as rotator, \
-                psycopg.connect(settings.effective_database_url, autocommit=True) as pruner:
-            with rotator.transaction():
-                rotator.execute("SELECT 1 FROM palette_webhooks.endpoints WHERE id = %s FOR UPDATE", [endpoint])
-                pruning = threading.Thread(target=store.prune, args=(pruner, 3600, 1000))
-                pruning.start()
-                pid = pruner.info.backend_pid
-                wait_until(lambda: conn.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity "
-                                                "WHERE pid = %s", [pid]).fetchone() == (True,),
-                           timeout_s=30, what="the prune to wait on the endpoint's row")
-                assert store.rotate_secret(rotator, user, endpoint, "whsec_third") is not None
-            pruning.join(timeout=30)
-            assert not pruning.is_alive()
+        with prune_waiting_on(conn, settings.effective_database_url, "endpoints", endpoint) as rotator:
+            assert store.rotate_secret(rotator, user, endpoint, "whsec_third") is not None
         row = conn.execute("SELECT secret, previous_secret, previous_until > now() FROM palette_webhooks.endpoints "
                            "WHERE id = %s", [endpoint]).fetchone()
         assert row == ("whsec_third", "whsec_second", True)  # the secret replaced just now signs through its grace
@@ -401,28 +412,13 @@ def test_a_rotation_committed_while_the_prune_waits_on_its_row_keeps_its_replace
 def test_a_redelivery_committed_while_the_prune_waits_on_its_row_is_kept(conn, settings):
     # A finished delivery at the end of its keep time, redelivered (pending again) while the prune's
     # DELETE waits on its row: the prune picked it as finished, but it is pending now.
-    import threading
-
-    from tests.waiting import wait_until
-
     user = uuid.uuid4()
     with one_delivery(conn, user, "redelivered") as (endpoint, _job):
         [due] = [d for d in store.claim(conn, 10_000, 30.0) if d.user_id == user]
         store.finish(conn, due.id, Outcome(200, "", "", 5), None, 20, 0, due.lease)
         conn.execute("UPDATE palette_webhooks.deliveries SET created_at = now() - interval '2 hours' WHERE id = %s",
                      [due.id])
-        with psycopg.connect(settings.effective_database_url, autocommit=True) as owner, \
-                psycopg.connect(settings.effective_database_url, autocommit=True) as pruner:
-            with owner.transaction():
-                owner.execute("SELECT 1 FROM palette_webhooks.deliveries WHERE id = %s FOR UPDATE", [due.id])
-                pruning = threading.Thread(target=store.prune, args=(pruner, 3600, 1000))
-                pruning.start()
-                pid = pruner.info.backend_pid
-                wait_until(lambda: conn.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity "
-                                                "WHERE pid = %s", [pid]).fetchone() == (True,),
-                           timeout_s=30, what="the prune to wait on the delivery's row")
-                assert store.redeliver(owner, user, endpoint, due.id) is not None
-            pruning.join(timeout=30)
-            assert not pruning.is_alive()
+        with prune_waiting_on(conn, settings.effective_database_url, "deliveries", due.id) as owner:
+            assert store.redeliver(owner, user, endpoint, due.id) is not None
         row = conn.execute("SELECT status FROM palette_webhooks.deliveries WHERE id = %s", [due.id]).fetchone()
         assert row == ("pending",)  # the redelivery answered 202 is sent
