@@ -195,7 +195,10 @@ def worker_asgi(naive: bool) -> ASGIApp:
     log.info("API worker process %d serving", os.getpid())
     container = bootstrap.build(settings, naive=naive, pool_size=API_POOL_SIZE)
     if (siblings := siblings_directory()) is not None:  # a caller's writes read back in any worker
-        container.last_writes = SharedLastWrites(siblings)
+        try:
+            container.last_writes = SharedLastWrites(siblings)
+        except OSError as e:  # a socket's path past 107 bytes (a long TMPDIR), say
+            log.warning("read-your-writes within this process only: no socket in %s (%s)", siblings, e)
     asgi = create_asgi(container, owns_container=True)
     serving_gc()
     return asgi

@@ -58,7 +58,11 @@ class SharedLastWrites(LastWrites):
         self._lagging: set[str] = set()  # siblings a hint found full for SEND_WAIT_S: not waited for
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a process of this pid before, killed
-        self._socket.bind(str(self.path))
+        try:
+            self._socket.bind(str(self.path))
+        except OSError:
+            self._socket.close()
+            raise
         self._siblings_seen: tuple[float, list[str]] = (-1.0, [])  # the directory's mtime, its sockets
         self._draining = threading.Lock()
         self._stop = threading.Event()

@@ -10,6 +10,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -167,3 +168,22 @@ def test_a_sibling_that_stays_full_is_waited_for_once_until_it_takes_a_hint(dire
     finally:
         stuck.close()
         a.close()
+
+
+def test_a_worker_whose_socket_cannot_be_made_keeps_its_own_writes(monkeypatch, caplog) -> None:
+    """A socket's path is at most 107 bytes: under a long TMPDIR the worker still serves, its
+    read-your-writes within itself (one warning), rather than failing to start."""
+    from adapters.api import app
+    from adapters.api.consistency import LastWrites
+    from adapters.api.sibling_writes import SIBLINGS_ENV
+
+    built = SimpleNamespace(last_writes=LastWrites())
+    monkeypatch.setenv(SIBLINGS_ENV, "/tmp/" + "d" * 120)
+    monkeypatch.setattr("adapters.bootstrap.build", lambda *args, **kwargs: built)
+    monkeypatch.setattr(app, "create_asgi", lambda container, owns_container: container)
+    monkeypatch.setattr("adapters.collector.serving_gc", lambda: None)
+    monkeypatch.setattr(app, "bound_connections", lambda settings: None)  # process-wide limits
+    monkeypatch.setattr("adapters.tracing.configure", lambda process, exporter: None)  # and tracer
+    assert app.worker_asgi(naive=False) is built
+    assert type(built.last_writes) is LastWrites
+    assert "read-your-writes within this process only" in caplog.text
