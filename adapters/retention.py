@@ -465,8 +465,9 @@ class Sweeper:
                 return done
 
     def superseded_snapshots(self) -> int:
-        """Delete every snapshot older than its stream's newest, ``SNAPSHOT_BATCH`` a statement
-        (``prune_snapshots``); how many were. None where the store keeps no snapshots in PostgreSQL."""
+        """Delete every snapshot superseded by a newer one a load can use, ``SNAPSHOT_BATCH`` a
+        statement (``prune_snapshots``); how many were (0 where the store keeps no snapshots in
+        PostgreSQL)."""
         c = self.container
         snapshots = snapshot_recorder(c.app)
         if not isinstance(snapshots, PostgresAggregateRecorder):

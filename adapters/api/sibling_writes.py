@@ -95,18 +95,16 @@ class SharedLastWrites(LastWrites):
         self.drain()
         return super().recent(user_id, model)
 
-    def drain(self) -> int:
-        """Record the hints queued now, without waiting for more; how many there were. Under the
-        lock the thread drains with: a hint is either still queued, or recorded once this returns."""
+    def drain(self) -> None:
+        """Record the hints queued now, without waiting for more. Under the lock the thread
+        drains with: a hint is either still queued, or recorded once this returns."""
         with self._draining:
-            taken = 0
             while True:
                 try:
                     data = self._socket.recv(HINT.size + 1, socket.MSG_DONTWAIT)
                 except OSError:  # empty (BlockingIOError), or closed
-                    return taken
+                    return
                 self._take(data)
-                taken += 1
 
     def close(self) -> None:
         self._stop.set()
@@ -132,7 +130,7 @@ class SharedLastWrites(LastWrites):
             return
         user, model, stream, version = HINT.unpack(data)
         if model < len(MODELS):  # a sibling's own record: not sent on again
-            LastWrites.record(self, UUID(bytes=user), MODELS[model], UUID(bytes=stream), version)
+            super().record(UUID(bytes=user), MODELS[model], UUID(bytes=stream), version)
 
     def _drain_forever(self) -> None:
         """Drain every ``DRAIN_EVERY_S``, not on each hint: a thread woken for each one took the
