@@ -25,8 +25,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
+import stat
 import struct
+import tempfile
 import threading
 from pathlib import Path
 from uuid import UUID
@@ -36,6 +39,7 @@ from adapters.api.consistency import LastWrites
 log = logging.getLogger("palette.api")
 
 SIBLINGS_ENV = "PALETTE_API_SIBLINGS_DIR"  # set by `palette serve api` for its worker processes
+DIRECTORY_PREFIX = "palette-api-"  # then the parent's pid and "-": the sockets' directory in TMPDIR
 MODELS = ("jobs_log", "rules")  # the models whose lists read a caller's writes back
 HINT = struct.Struct(">16sB16sq")  # user id, model, stream id, version
 SUFFIX = ".sock"
@@ -145,3 +149,35 @@ def siblings_directory() -> Path | None:
     """The directory of this worker's siblings, where ``palette serve api`` made one."""
     value = os.environ.get(SIBLINGS_ENV)
     return Path(value) if value else None
+
+
+def make_siblings_directory(parent: Path | None = None) -> Path:
+    """A fresh private directory (mkdtemp: 0700) for the workers' sockets, short enough for a
+    socket's path, named after this process; first the ones a parent killed before it could
+    remove them left (``stale_siblings_directories``) are removed."""
+    parent = Path(tempfile.gettempdir()) if parent is None else parent
+    for stale in stale_siblings_directories(parent):
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{DIRECTORY_PREFIX}{os.getpid()}-", dir=parent))
+
+
+def stale_siblings_directories(parent: Path) -> list[Path]:
+    """This user's sockets directories in ``parent`` whose ``palette serve api`` is no longer
+    running (SIGKILLed: its ``finally`` did not run). A directory whose pid is alive, maybe
+    another process's now, is left for its own parent to remove."""
+    stale = []
+    for entry in parent.glob(f"{DIRECTORY_PREFIX}*-*"):
+        pid = entry.name.removeprefix(DIRECTORY_PREFIX).partition("-")[0]
+        try:
+            info = entry.lstat()
+        except OSError:
+            continue
+        if not (pid.isdecimal() and stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            stale.append(entry)
+        except (PermissionError, OverflowError):  # alive as another user; or no such pid at all
+            continue
+    return stale

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -184,7 +183,7 @@ def _serve_api(settings: Any, naive: bool) -> None:
     from adapters import bootstrap, observability
     from adapters.api.app import API_POOL_SIZE, bound_connections, create_asgi
     from adapters.api.http_limits import SERVER_OPTIONS
-    from adapters.api.sibling_writes import SIBLINGS_ENV
+    from adapters.api.sibling_writes import SIBLINGS_ENV, make_siblings_directory
     from adapters.collector import serving_gc
 
     # Each request's head bounded in size and time, the connections in number, a long keep-alive
@@ -202,10 +201,9 @@ def _serve_api(settings: Any, naive: bool) -> None:
         options["log_config"] = dict_config("api")
         shared = observability.multiprocess_registry(settings.data_dir / "api-metrics")
         observability.start("api", None, settings, shared)
-        # The workers' sockets for read-your-writes across them (adapters.api.sibling_writes):
-        # a fresh private directory (mkdtemp: 0700), short enough for a socket's path.
-        siblings = tempfile.mkdtemp(prefix="palette-api-")
-        os.environ[SIBLINGS_ENV] = siblings  # the workers inherit it
+        # The workers' sockets for read-your-writes across them (adapters.api.sibling_writes).
+        siblings = make_siblings_directory()
+        os.environ[SIBLINGS_ENV] = str(siblings)  # the workers inherit it
         try:
             uvicorn.run(f"adapters.api.app:{factory}", factory=True, workers=settings.api_workers, **options)
         finally:

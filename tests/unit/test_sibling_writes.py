@@ -3,8 +3,12 @@ real Unix datagram sockets: a write one process remembers is in every sibling's 
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import uuid
@@ -14,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from adapters.api.sibling_writes import HINT, SharedLastWrites
+from adapters.api.sibling_writes import DIRECTORY_PREFIX, HINT, SharedLastWrites, make_siblings_directory
 
 
 @pytest.fixture
@@ -187,3 +191,26 @@ def test_a_worker_whose_socket_cannot_be_made_keeps_its_own_writes(monkeypatch, 
     assert app.worker_asgi(naive=False) is built
     assert type(built.last_writes) is LastWrites
     assert "read-your-writes within this process only" in caplog.text
+
+
+def test_a_new_parent_removes_the_socket_directories_of_killed_parents_and_only_those(directory) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is free now (reaped), as a SIGKILLed `palette serve api`'s is
+    killed = directory / f"{DIRECTORY_PREFIX}{dead.pid}-abc"
+    running = directory / f"{DIRECTORY_PREFIX}{os.getpid()}-def"  # a parent still serving
+    unnamed = directory / f"{DIRECTORY_PREFIX}xyz"  # not one of ours by name
+    elsewhere = directory / "elsewhere"
+    for path in (killed, running, unnamed, elsewhere):
+        path.mkdir()
+        (path / "7.sock").write_bytes(b"")
+    link = directory / f"{DIRECTORY_PREFIX}{dead.pid}-lnk"
+    link.symlink_to(elsewhere)  # never followed, never removed
+    made = make_siblings_directory(directory)
+    try:
+        assert not killed.exists()
+        assert sorted(p.name for p in directory.iterdir()) == sorted(
+            p.name for p in (running, unnamed, elsewhere, link, made))
+        assert (elsewhere / "7.sock").exists() and made.name.startswith(f"{DIRECTORY_PREFIX}{os.getpid()}-")
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700
+    finally:
+        shutil.rmtree(made)
