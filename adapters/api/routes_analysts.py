@@ -42,6 +42,9 @@ SCAN_RETRY_S = 5.0  # what an audit refused while another runs is told to wait
 STAFF_STREAMS = 8  # replays open at once in one API process
 STAFF_STREAMS_PER_SUBJECT = 4  # of them, one staff token's subject's: one analyst's script cannot take them all
 T = TypeVar("T")
+# A log position is a bigint: one past it went to PostgreSQL as a numeric, which no index on
+# notification_id serves (a replay from it read the whole log to find nothing).
+MAX_POSITION = 2**63 - 1
 
 
 async def _one_scan(request: Request, work: Callable[[], T]) -> T:
@@ -124,7 +127,7 @@ async def _replay(request: Request, subject: UUID,
 
 @router.get("/streams", tags=["analysts"], responses={**NDJSON, **STAFF_STREAM_ERRORS})
 async def replay_all(subject: Analyst, container: ContainerDep, request: Request,
-                     from_position: Annotated[QueryInt, Query(alias="from", ge=1)] = 1,
+                     from_position: Annotated[QueryInt, Query(alias="from", ge=1, le=MAX_POSITION)] = 1,
                      since: Moment | None = None, until: Moment | None = None,
                      type: Annotated[list[str] | None, Query()] = None) -> StreamingResponse:
     """The global log in commit order as envelope JSON lines. At most STAFF_STREAMS replays at
@@ -244,7 +247,7 @@ async def audit_verify(_: Auditor, container: ContainerDep, request: Request) ->
 async def audit_report(_: Auditor, container: ContainerDep, request: Request,
                        from_time: Annotated[Moment, Query(alias="from")],
                        to_time: Annotated[Moment, Query(alias="to")],
-                       at: Annotated[QueryInt | None, Query(ge=0, le=2**63 - 1)] = None) -> JSONResponse:
+                       at: Annotated[QueryInt | None, Query(ge=0, le=MAX_POSITION)] = None) -> JSONResponse:
     """A period's credits by plan at one log position: opening, granted, reserved, spent, refunded,
     closing and outstanding, with the identity opening + granted - spent = closing + reserved
     checked (``ok``). The period is [from, to); see ``projections.audit`` for the definitions."""
