@@ -164,6 +164,8 @@ class IdempotencyKeys:
         try:
             while True:
                 message = await receive()
+                if message["type"] == "http.disconnect":
+                    return  # gone before its body ended: what came is not its request, and nobody waits
                 body += message.get("body", b"")
                 if not message.get("more_body"):
                     break

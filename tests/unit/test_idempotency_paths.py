@@ -97,3 +97,25 @@ def test_an_erased_users_token_neither_claims_nor_reads_a_key() -> None:
     assert reached == ["/rules"]  # straight through to the route
     with pytest.raises(AssertionError, match="key table"):
         request(live)  # the same request from a live user claims its key
+
+
+def test_a_client_gone_before_its_body_ended_neither_claims_a_key_nor_runs_the_route() -> None:
+    """A prefix of the body that happens to be a whole request (here a whole JSON object, the rest
+    of the body was to be its padding) is not run and kept as the key's answer."""
+    issuer = TokenIssuer("s" * 48, "palette", "palette-app", 3600)
+    reached: list[bytes] = []
+    messages = iter([{"type": "http.request", "body": b'{"name": "a"}', "more_body": True},
+                     {"type": "http.disconnect"}])
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        reached.append(b"ran")
+
+    async def receive() -> dict:
+        return next(messages)
+
+    token = issuer.issue(uuid4(), datetime.now(UTC)).encode()
+    scope = {"type": "http", "method": "POST", "path": "/rules",
+             "headers": [(b"idempotency-key", b"k1"), (b"authorization", b"Bearer " + token)]}
+    asyncio.run(IdempotencyKeys(app, NoDatabase(), issuer, fail=None)(  # type: ignore[arg-type]
+        scope, receive, None))  # type: ignore[arg-type]
+    assert reached == []
