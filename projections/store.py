@@ -372,15 +372,24 @@ def resolve_dead_letter(conn: psycopg.Connection[Any], letter_id: int, action: s
     is parked again, with its new error."""
     if action not in ("retry", "skip"):
         raise ValueError("action must be retry or skip")
+    find = sql.SQL("SELECT model, stream_id, version FROM {} WHERE id = %s AND status = 'parked'").format(
+        table("dead_letters"))
     with conn.transaction():
-        row = conn.execute(sql.SQL("SELECT model, stream_id, version FROM {} WHERE id = %s AND status = 'parked'")
-                           .format(table("dead_letters")), [letter_id]).fetchone()
+        row = conn.execute(find, [letter_id]).fetchone()
+        if row is None:
+            raise LookupError(f"no parked event with id {letter_id}")
+        model = READ_MODELS.get(row[0])
+        if model is None:  # a read model dropped since (a KeyError would say only its name)
+            raise LookupError(f"parked event {letter_id} is of read model {row[0]!r}, which no longer exists")
+        # The model's lock, exclusive (the projector's batches hold it shared): a batch that read
+        # this stream's letters before and writes one it holds behind them after this transaction's
+        # DELETE would leave that one held behind nothing, for good. Taken, every batch of the
+        # model before is committed and none starts until this one is; the letter is read again.
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", [lock_id(model)])
+        row = conn.execute(find, [letter_id]).fetchone()
         if row is None:
             raise LookupError(f"no parked event with id {letter_id}")
         model_name, stream_id, version = row
-        model = READ_MODELS.get(model_name)
-        if model is None:  # a read model dropped since (a KeyError would say only its name)
-            raise LookupError(f"parked event {letter_id} is of read model {model_name!r}, which no longer exists")
         letters = conn.execute(sql.SQL(
             "SELECT id, version, envelope FROM {} WHERE model = %s AND stream_id = %s "
             "AND status IN ('parked', 'held') ORDER BY version").format(table("dead_letters")),

@@ -28,6 +28,7 @@ from projections.log import events_table
 from projections.models import READ_MODELS
 from projections.models.billing_events import LEDGER_COLUMNS
 from projections.rebuild import fold_log, iter_envelopes, rebuild
+from projections.schema import ensure_schema
 from projections.store import apply_batch, apply_isolating, dead_letters, resolve_dead_letter, unapplied
 from tests.chaos import read_model_problems
 from tests.integration.test_dispatcher_hardening import running_job
@@ -281,6 +282,65 @@ def test_a_poison_event_holds_back_only_its_own_stream(apps, conn):
         conn.execute(sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(
             sql.Identifier("palette_read", tbl), sql.Identifier(column)), [[poisoned, healthy]])
     conn.execute("DELETE FROM palette_read.dead_letters WHERE stream_id = ANY(%s)", [[poisoned, healthy]])
+
+
+def test_a_dead_letter_resolved_while_the_projector_holds_a_later_event_behind_it_leaves_none_orphaned(
+        conn, settings):
+    """The projector reads a stream's dead letters, then (round trips later) writes the letter of a
+    later event it holds behind them; a retry or skip committed in between deleted the stream's
+    letters as of its own statement. The held letter then had no parked one before it: its stream
+    was held for good (every later event held behind it, the sweep passing over it) and no
+    command could release it (only a parked letter is resolved). The projector is paused between
+    the two by an uncommitted letter of the same key, which its insert waits on (pg_stat_activity)."""
+    job = uuid.uuid4()
+    base = 10**12 + random.randrange(10**9)
+    poison = _env(job, 1, "JobCreated", {"user_id": str(uuid.uuid4()), "item_count": 1}, base)  # no preset
+    later = _env(job, 2, "UploadConfirmed", {}, base + 1)
+    url = settings.effective_database_url
+    errors: list[BaseException] = []
+
+    def on_thread(target: Any, *args: Any) -> threading.Thread:
+        def run() -> None:
+            try:
+                target(*args)
+            except BaseException as e:  # noqa: BLE001 - reported by the test
+                errors.append(e)
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    def waiting_on_a_lock(pid: int) -> bool:
+        row = conn.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
+        return row == (True,)
+
+    ensure_schema(conn)  # as the projector makes it (this test needs no process of the stack)
+    try:
+        apply_batch(conn, [poison])
+        head = next(d for d in dead_letters(conn) if d["stream_id"] == job and d["model"] == "jobs_log")
+        with psycopg.connect(url, autocommit=True) as pauser, psycopg.connect(url, autocommit=True) as projector, \
+                psycopg.connect(url, autocommit=True) as operator:
+            with pauser.transaction(force_rollback=True):
+                pauser.execute("INSERT INTO palette_read.dead_letters (model, stream_id, version, position, envelope, "
+                               "error, status) VALUES ('jobs_log', %s, 2, %s, '', 'pause', 'held')", [job, base + 1])
+                folding = on_thread(apply_batch, projector, [later])
+                wait_until(lambda: waiting_on_a_lock(projector.info.backend_pid), timeout_s=30,
+                           what="the projector to wait before writing its held letter")
+                resolving = on_thread(resolve_dead_letter, operator, head["id"], "skip")
+                wait_until(lambda: not resolving.is_alive() or waiting_on_a_lock(operator.info.backend_pid),
+                           timeout_s=30, what="the skip to finish or wait for the projector")
+            folding.join(timeout=30)
+            resolving.join(timeout=30)
+        assert not errors and not folding.is_alive() and not resolving.is_alive()
+        letters = [(d["version"], d["status"]) for d in dead_letters(conn)
+                   if d["stream_id"] == job and d["model"] == "jobs_log"]
+        # v2 has no row to update once v1 is skipped: parked, where the operator sees it.
+        assert letters == [(2, "parked")]
+    finally:
+        for tbl in ("jobs_log", "jobs_log_tracking", "job_items_log", "job_items_log_tracking"):
+            column = "job_id" if tbl == "job_items_log" else ("stream_id" if tbl.endswith("tracking") else "id")
+            conn.execute(sql.SQL("DELETE FROM {} WHERE {} = %s").format(
+                sql.Identifier("palette_read", tbl), sql.Identifier(column)), [job])
+        conn.execute("DELETE FROM palette_read.dead_letters WHERE stream_id = %s", [job])
 
 
 def test_an_event_postgres_cannot_store_is_parked_and_its_streams_later_events_held_behind_it(apps, conn):
