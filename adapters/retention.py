@@ -54,7 +54,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -103,6 +103,9 @@ UNPAID = ("failed", "canceled")  # with no item done, such a job spent no credit
 # How late the projector may fold a job's finish into jobs_log: a cursor that found nothing stays
 # this far behind its cutoff.
 PROJECTION_SLACK = timedelta(hours=1)
+# What a pass meets when PostgreSQL, the event store (its group committer's WrittenTooLate too) or
+# S3 fails: it is tried again by the next sweep.
+PASS_ERRORS = (psycopg.Error, PersistenceError, OSError, BotoCoreError, ClientError)
 UNSTARTED = ("created", "uploaded")  # never finish unless executed or canceled
 SNAPSHOT_BATCH = 1000  # superseded snapshots deleted a statement
 # Snapshots of a stream with a newer one that has its event (a snapshot past the stream's end,
@@ -127,6 +130,7 @@ class SweepReport:
     objects_deleted: int = 0
     erasures_finished: int = 0
     snapshots_deleted: int = 0
+    failed: list[str] = field(default_factory=list)  # the passes that failed, each with its error's type
 
 
 EPOCH, NO_ID = datetime(1970, 1, 1, tzinfo=UTC), UUID(int=0)
@@ -230,17 +234,39 @@ class Sweeper:
     def step(self, now: datetime | None = None, erasure_grace_s: float = 0.0) -> SweepReport:
         """One pass (``now``: the clock, for tests that look days ahead; ``erasure_grace_s``: how old
         an unfinished erasure must be to be finished, 0 for every one, as ``palette admin sweep``)."""
-        c = self.container
-        now = now or c.service.clock.now()
+        now = now or self.container.service.clock.now()
         report = SweepReport()
         cutoff = now - timedelta(days=self.settings.retention_days)
-        self._retention(cutoff, report)
-        self._abandoned(cutoff, report)
-        self._unpaid(now - timedelta(days=self.settings.unpaid_retention_days), report)
-        report.erasures_finished += self.finish_erasures(erasure_grace_s)
-        report.objects_deleted += self._late_uploads(now - timedelta(seconds=LATE_UPLOADS_S))
-        report.objects_deleted += self._oversized_uploads(now - timedelta(seconds=LINKS_EXPIRED_S), cutoff)
-        report.snapshots_deleted += self.superseded_snapshots()
+        unpaid_cutoff = now - timedelta(days=self.settings.unpaid_retention_days)
+
+        def erasures() -> None:
+            report.erasures_finished += self.finish_erasures(erasure_grace_s)
+
+        def uploads() -> None:
+            report.objects_deleted += self._late_uploads(now - timedelta(seconds=LATE_UPLOADS_S))
+
+        def oversized() -> None:
+            report.objects_deleted += self._oversized_uploads(now - timedelta(seconds=LINKS_EXPIRED_S), cutoff)
+
+        def snapshots() -> None:
+            report.snapshots_deleted += self.superseded_snapshots()
+
+        # Each pass on its own: one that fails (say a job whose objects S3 keeps refusing to
+        # delete, which holds the retention pass at it, its cursor unmoved) is logged and named
+        # in the report, and the others still run.
+        passes: tuple[tuple[str, Callable[[], None]], ...] = (
+            ("retention", lambda: self._retention(cutoff, report)),
+            ("abandoned", lambda: self._abandoned(cutoff, report)),
+            ("unpaid", lambda: self._unpaid(unpaid_cutoff, report)),
+            ("erasures", erasures), ("late uploads", uploads), ("oversized uploads", oversized),
+            ("snapshots", snapshots))
+        for name, work in passes:
+            try:
+                work()
+            except PASS_ERRORS as e:
+                report.failed.append(f"{name} ({type(e).__name__})")
+                log.warning("the %s pass failed; the next sweep goes on from where it stopped", name,
+                            exc_info=True)
         if report.jobs_expired or report.erasures_finished or report.objects_deleted or report.snapshots_deleted:
             log.info("sweep: %d job(s) expired, %d erasure(s) finished, %d object(s) deleted, "
                      "%d superseded snapshot(s) deleted", report.jobs_expired, report.erasures_finished,
@@ -493,15 +519,15 @@ class Sweeper:
         while not stop.is_set():
             if time.monotonic() >= next_pass:
                 try:
-                    self.step(erasure_grace_s=s.erasure_grace_s)
-                except (psycopg.Error, PersistenceError, OSError, BotoCoreError, ClientError):  # S3 too
+                    self.step(erasure_grace_s=s.erasure_grace_s)  # each failing pass logged there
+                except PASS_ERRORS:  # before any pass (the clock's read)
                     log.warning("sweep failed; retrying next pass", exc_info=True)
                 next_pass = time.monotonic() + s.sweep_interval_s
             else:
                 try:
                     if finished := self.finish_erasures(s.erasure_grace_s):
                         log.info("sweep: %d erasure(s) finished", finished)
-                except (psycopg.Error, PersistenceError, OSError, BotoCoreError, ClientError):  # S3 too
+                except PASS_ERRORS:
                     log.warning("finishing erasures failed; retrying in %.0f s", s.erasure_sweep_s, exc_info=True)
             stop.wait(max(0.0, min(s.erasure_sweep_s, next_pass - time.monotonic())))
 

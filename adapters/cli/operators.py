@@ -4,6 +4,7 @@ one sweeper pass)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import TYPE_CHECKING
 from uuid import uuid4
@@ -13,6 +14,19 @@ from adapters.cli.connect import running_settings
 
 if TYPE_CHECKING:
     from adapters.cli.arguments import Subcommands
+
+
+class OneLine(logging.Formatter):
+    """A log record as one line after ``prefix``: its message and its error's type, no traceback
+    (a command's output; a service's log keeps the traceback)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        error = record.exc_info[1] if record.exc_info else None
+        return self.prefix + record.getMessage() + (f" ({type(error).__name__})" if error is not None else "")
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
@@ -33,14 +47,24 @@ def _cmd_admin(args: argparse.Namespace) -> int:
     settings = running_settings()
     if args.action == "sweep":
         sweeper = bootstrap.build_sweeper(settings)
+        said = logging.StreamHandler(sys.stderr)  # what the pass logs (a pass that failed), a line each
+        said.setFormatter(OneLine("palette admin sweep: "))
+        said.setLevel(logging.WARNING)
+        sweeping = logging.getLogger("palette")
+        sweeping.addHandler(said)
         try:
             r = sweeper.step()
         finally:
+            sweeping.removeHandler(said)
             sweeper.close()
         print(f"swept: {r.jobs_expired} job(s) expired (past {settings.retention_days} days, or "
               f"{settings.unpaid_retention_days} having spent nothing), "
               f"{r.erasures_finished} erasure(s) finished, {r.objects_deleted} object(s) deleted, "
               f"{r.snapshots_deleted} superseded snapshot(s) deleted")
+        if r.failed:
+            print(f"palette admin sweep: {len(r.failed)} pass(es) failed, tried again by the next sweep: "
+                  f"{', '.join(r.failed)}", file=sys.stderr)
+            return 1
         return 0
     from adapters.erasure import erase
     from domain.errors import DomainError

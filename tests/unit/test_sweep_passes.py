@@ -1,0 +1,88 @@
+"""One sweep's passes each run on their own: a pass that fails (a job whose objects S3 keeps
+refusing to delete held the retention pass, and with it every pass after it, for as long as it
+failed) is named in the report and the others still run; `palette admin sweep` says so in a line
+per failure, no traceback, and exits 1."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import psycopg
+import pytest
+from botocore.exceptions import ClientError
+
+from adapters import bootstrap, cli
+from adapters.cli import operators
+from adapters.retention import Sweeper
+
+NOW = datetime(2026, 12, 6, tzinfo=UTC)
+
+
+def failing_sweeper(ran: list[str], retention_error: Exception) -> Sweeper:
+    """A sweeper whose retention pass fails with ``retention_error`` (after deleting an object of a
+    job) and whose snapshots pass meets PostgreSQL away; the others count what they did."""
+    sweeper = Sweeper.__new__(Sweeper)  # no container: the passes below are the sweep's only work
+    sweeper.settings = SimpleNamespace(retention_days=30, unpaid_retention_days=7)  # type: ignore[assignment]
+
+    def retention(cutoff: datetime, report: object) -> None:
+        ran.append("retention")
+        report.objects_deleted += 1  # type: ignore[attr-defined]
+        raise retention_error
+
+    def counting(name: str, count: int):  # type: ignore[no-untyped-def]
+        def run(*_args: object) -> int:
+            ran.append(name)
+            return count
+        return run
+
+    def snapshots() -> int:
+        ran.append("snapshots")
+        raise psycopg.OperationalError("connection refused")
+
+    sweeper._retention = retention  # type: ignore[method-assign]
+    sweeper._abandoned = counting("abandoned", 0)  # type: ignore[method-assign]
+    sweeper._unpaid = counting("unpaid", 0)  # type: ignore[method-assign]
+    sweeper.finish_erasures = counting("erasures", 2)  # type: ignore[method-assign]
+    sweeper._late_uploads = counting("late uploads", 3)  # type: ignore[method-assign]
+    sweeper._oversized_uploads = counting("oversized uploads", 4)  # type: ignore[method-assign]
+    sweeper.superseded_snapshots = snapshots  # type: ignore[method-assign]
+    return sweeper
+
+
+REFUSED = ClientError({"Error": {"Code": "AccessDenied", "Message": "denied"}}, "DeleteObjects")
+
+
+def test_a_failing_pass_is_named_and_every_other_pass_still_runs() -> None:
+    ran: list[str] = []
+    report = failing_sweeper(ran, REFUSED).step(now=NOW)
+    assert ran == ["retention", "abandoned", "unpaid", "erasures", "late uploads", "oversized uploads", "snapshots"]
+    assert report.failed == ["retention (ClientError)", "snapshots (OperationalError)"]
+    assert (report.erasures_finished, report.objects_deleted, report.snapshots_deleted) == (2, 1 + 3 + 4, 0)
+
+
+def test_an_error_no_pass_expects_is_not_taken_for_a_store_away() -> None:
+    """A bug is not logged and passed over as a failed pass: it stops the sweep, as before."""
+    ran: list[str] = []
+    with pytest.raises(ZeroDivisionError):
+        failing_sweeper(ran, ZeroDivisionError()).step(now=NOW)
+    assert ran == ["retention"]
+
+
+def test_palette_admin_sweep_says_which_passes_failed_in_a_line_each_and_exits_1(monkeypatch, capsys) -> None:
+    sweeper = failing_sweeper([], REFUSED)
+    sweeper.close = lambda: None  # type: ignore[method-assign]
+    monkeypatch.setattr(operators, "running_settings",
+                        lambda: SimpleNamespace(retention_days=30, unpaid_retention_days=7))
+    monkeypatch.setattr(bootstrap, "build_sweeper", lambda _settings: sweeper)
+    monkeypatch.setattr(sweeper, "step", lambda: Sweeper.step(sweeper, now=NOW))
+    assert cli.main(["admin", "sweep"]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("swept: 0 job(s) expired") and "2 erasure(s) finished, 8 object(s) deleted" in out
+    assert err.splitlines() == [
+        "palette admin sweep: the retention pass failed; the next sweep goes on from where it stopped "
+        "(ClientError)",
+        "palette admin sweep: the snapshots pass failed; the next sweep goes on from where it stopped "
+        "(OperationalError)",
+        "palette admin sweep: 2 pass(es) failed, tried again by the next sweep: retention (ClientError), "
+        "snapshots (OperationalError)"]
