@@ -412,7 +412,8 @@ class Dispatcher(ConsumerLoop):
                  extra={"job_id": str(env.stream_id), "trace_id": tracing.trace_id(env.trace)})
         return tasks
 
-    def _park(self, record: Any, error: BaseException) -> None:
+    def _park(self, record: Any, error: BaseException) -> Any:
+        """Send ``record`` to the DLQ with why; the send's future."""
         reason = f"{type(error).__name__}: {error}"
         log.error("record %s/%s/%s parked on %s: %s", record.topic, record.partition, record.offset, DLQ_TOPIC,
                   " ".join(reason.split())[:300])
@@ -420,11 +421,12 @@ class Dispatcher(ConsumerLoop):
                    ("partition", str(record.partition).encode()), ("offset", str(record.offset).encode())]
         value = record.value if record.value is not None else b""
         try:
-            self.producer.send(DLQ_TOPIC, key=record.key, value=value, headers=headers)
+            sent = self.producer.send(DLQ_TOPIC, key=record.key, value=value, headers=headers)
         except MessageSizeTooLargeError:  # larger than this producer sends: its head is enough to look into it
-            self.producer.send(DLQ_TOPIC, key=record.key, value=value[:64 * 1024],
-                               headers=[*headers, ("truncated", b"true")])
+            sent = self.producer.send(DLQ_TOPIC, key=record.key, value=value[:64 * 1024],
+                                      headers=[*headers, ("truncated", b"true")])
         self.parked += 1
+        return sent
 
     def start_queue_afresh(self) -> bool:
         """Between two steps, with every task sent acknowledged: make the GPU queue's topic if it
@@ -482,21 +484,24 @@ class Dispatcher(ConsumerLoop):
             return 0  # no task is sent into a topic the broker would make with its own defaults
         polled = self.consumer.poll(timeout_ms=timeout_ms)
         sent: list[tuple[str, Any]] = []
+        parked: list[Any] = []
         for records in polled.values():
             for record in records:
                 try:
                     tasks = self._tasks_of(record)
                     sent.extend((task["job_id"], self._send(task)) for task in tasks)
                 except MessageSizeTooLargeError as e:
-                    self._park(record, e)
+                    parked.append(self._park(record, e))
                 except TRANSIENT:
                     raise
                 except Exception as e:  # noqa: BLE001 - a record it cannot handle is parked, never a stop
-                    self._park(record, e)
+                    parked.append(self._park(record, e))
         self._flush(sent)
         self.dispatched += len(sent)
         if polled:
-            self.producer.flush()  # the parked records too, before their offsets are committed
+            self.producer.flush()  # the parked records too, acknowledged before their offsets are committed
+            for copy in parked:
+                copy.get(timeout=30)  # flush does not raise for a send the broker refused: this does
             self.consumer.commit()
         try:
             if self.losses is not None and self.losses.new_loss():

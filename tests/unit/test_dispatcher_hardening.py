@@ -18,6 +18,7 @@ from eventsourcing.persistence import OperationalError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka import TopicPartition
+from kafka.errors import KafkaTimeoutError
 
 from adapters.dispatcher import DLQ_TOPIC, GPU_GROUP, Dispatcher, KafkaTaskQueue, Placement, Placements
 from adapters.rollover import LogRollover
@@ -152,6 +153,24 @@ def test_the_dispatcher_parks_what_it_cannot_handle_and_dispatches_the_next_good
     assert parked[0][0] == b"\xff definitely not an envelope" and parked[0][1]["offset"] == b"1"
     assert b"AggregateNotFoundError" in parked[3][1]["error"] and b"no-such-preset" in parked[4][1]["error"]
     assert consumer.commits == 1
+
+
+@dataclass
+class Refused:
+    """A send the broker did not acknowledge: flush returns all the same (kafka-python's does),
+    its future raises."""
+
+    def get(self, timeout: float = 0) -> Meta:
+        raise KafkaTimeoutError("the DLQ copy was not acknowledged")
+
+
+def test_a_parked_records_copy_the_broker_did_not_take_commits_nothing():
+    """Else its offset was committed with its only copy lost: the DLQ's is what an operator reads."""
+    d, producer, consumer = dispatcher([Record(b"\xff not an envelope", b"k", 1)])
+    producer.send = lambda *args, **kwargs: Refused()  # type: ignore[method-assign]
+    with pytest.raises(KafkaTimeoutError):
+        d.step()
+    assert consumer.commits == 0
 
 
 def test_a_database_outage_raises_and_commits_nothing():
