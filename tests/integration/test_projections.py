@@ -226,6 +226,15 @@ def _env(stream: uuid.UUID, version: int, kind: str, data: dict[str, Any], posit
                          timestamp=datetime.now(UTC), data=data)
 
 
+def _forget_job(conn, job: uuid.UUID) -> None:
+    """Delete what the jobs models and the dead letters hold of ``job`` (a test's own stream)."""
+    for tbl in ("jobs_log", "jobs_log_tracking", "job_items_log", "job_items_log_tracking"):
+        column = "job_id" if tbl == "job_items_log" else ("stream_id" if tbl.endswith("tracking") else "id")
+        conn.execute(sql.SQL("DELETE FROM {} WHERE {} = %s").format(
+            sql.Identifier("palette_read", tbl), sql.Identifier(column)), [job])
+    conn.execute("DELETE FROM palette_read.dead_letters WHERE stream_id = %s", [job])
+
+
 @pytest.mark.parametrize(("model", "envelope", "said"), [
     ("a_model_dropped_since", b"{}", "no longer exists"),
     ("jobs_log", b'{"not": "an envelope"}', "is no envelope"),
@@ -336,11 +345,7 @@ def test_a_dead_letter_resolved_while_the_projector_holds_a_later_event_behind_i
         # v2 has no row to update once v1 is skipped: parked, where the operator sees it.
         assert letters == [(2, "parked")]
     finally:
-        for tbl in ("jobs_log", "jobs_log_tracking", "job_items_log", "job_items_log_tracking"):
-            column = "job_id" if tbl == "job_items_log" else ("stream_id" if tbl.endswith("tracking") else "id")
-            conn.execute(sql.SQL("DELETE FROM {} WHERE {} = %s").format(
-                sql.Identifier("palette_read", tbl), sql.Identifier(column)), [job])
-        conn.execute("DELETE FROM palette_read.dead_letters WHERE stream_id = %s", [job])
+        _forget_job(conn, job)
 
 
 def test_an_event_postgres_cannot_store_is_parked_and_its_streams_later_events_held_behind_it(apps, conn):
@@ -361,11 +366,7 @@ def test_an_event_postgres_cannot_store_is_parked_and_its_streams_later_events_h
                    if d["stream_id"] == job and d["model"] == "jobs_log"]
         assert letters == [(1, "parked"), (2, "held"), (3, "held")]
     finally:
-        for tbl in ("jobs_log", "jobs_log_tracking", "job_items_log", "job_items_log_tracking"):
-            column = "job_id" if tbl == "job_items_log" else ("stream_id" if tbl.endswith("tracking") else "id")
-            conn.execute(sql.SQL("DELETE FROM {} WHERE {} = %s").format(
-                sql.Identifier("palette_read", tbl), sql.Identifier(column)), [job])
-        conn.execute("DELETE FROM palette_read.dead_letters WHERE stream_id = %s", [job])
+        _forget_job(conn, job)
 
 
 def test_a_batch_of_older_positions_never_moves_the_models_positions_back(apps, conn):
