@@ -22,6 +22,13 @@ async def _pid(connections: LoopConnections) -> int:
         return int(row[0])
 
 
+async def _running(watcher: psycopg.AsyncConnection[Any], pid: int, statement: str) -> bool:
+    """Whether the server process ``pid`` is running ``statement`` now."""
+    row = await (await watcher.execute("SELECT state = 'active' AND query = %s FROM pg_stat_activity WHERE pid = %s",
+                                       [statement, pid])).fetchone()
+    return bool(row and row[0])
+
+
 def test_a_connection_is_kept_for_the_next_use_and_one_whose_statement_failed_is_not(settings: Settings) -> None:
     connections = LoopConnections(settings.effective_database_url, size=1)
 
@@ -61,6 +68,7 @@ def test_a_caller_cancelled_mid_statement_frees_its_slot_and_its_connection_goes
     connections = LoopConnections(settings.effective_database_url, size=1, timeout_s=5)
 
     async def scenario() -> None:
+        loop = asyncio.get_running_loop()
         before = await _pid(connections)
 
         async def sleeper() -> None:
@@ -68,7 +76,12 @@ def test_a_caller_cancelled_mid_statement_frees_its_slot_and_its_connection_goes
                 await conn.execute("SELECT pg_sleep(30)")
 
         task = asyncio.create_task(sleeper())
-        await asyncio.sleep(0.3)
+        # Cancelled once its statement runs on the server, not after a guessed pause.
+        async with await psycopg.AsyncConnection.connect(settings.effective_database_url, autocommit=True) as watcher:
+            deadline = loop.time() + 10
+            while not await _running(watcher, before, "SELECT pg_sleep(30)"):
+                assert loop.time() < deadline, "the statement never started"
+                await asyncio.sleep(0.01)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
