@@ -78,9 +78,10 @@ def test_a_job_created_whose_answer_was_lost_is_created_once(through_proxy, prox
     assert user.reservations == {job_id: 2}
 
 
-def test_the_direct_executor_on_postgresql_checks_a_failed_save_in_one_query_tried_once(settings, schema):
-    """The recorder's reads retry ten times, each up to the pool's timeout: with the database away,
-    the check after a save that failed so took as long again (101.8 s against 10 s measured)."""
+def test_the_direct_executor_on_postgresql_checks_a_failed_save_with_the_one_query_loader(settings, schema):
+    """The wiring only: the recorder's reads retry ten times, each up to the pool's timeout, so with
+    the database away the check after a save that failed so took as long again (101.8 s against
+    10 s measured once, by hand); the loader's one query is tried once."""
     app = _app(settings, schema, settings.pg_port)
     try:
         assert isinstance(executor(app, "direct").loader, PgStreamLoader)  # type: ignore[union-attr]
