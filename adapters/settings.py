@@ -56,7 +56,10 @@ def breaks_lines(value: str) -> bool:
 class Settings(BaseSettings):
     """Effective configuration. Empty connection settings mean "the embedded stack's"."""
 
-    model_config = SettingsConfigDict(env_prefix="PALETTE_", extra="ignore")
+    # No float setting is infinite (or NaN): each is a rate, a period or a span that threading's
+    # waits and PostgreSQL's intervals take, and both refuse an infinite one where it is used (an
+    # infinite PALETTE_AUDIT_CHECKPOINT_INTERVAL_S ended the checkpointer after its first checkpoint).
+    model_config = SettingsConfigDict(env_prefix="PALETTE_", extra="ignore", allow_inf_nan=False)
 
     env: Literal["development", "production"] = "development"
     data_dir: Path = Path(".palette")
@@ -171,7 +174,9 @@ class Settings(BaseSettings):
     webhook_endpoints_per_user: int = Field(10, ge=1, le=100)
     webhook_senders: int = Field(8, ge=1, le=64)  # POSTs in flight at once
     # Finished deliveries are listed this long, and a disabled endpoint's pending ones kept this long.
-    webhook_keep_days: float = Field(7.0, gt=0)
+    # At most ten years, as PALETTE_RETENTION_DAYS: the prune subtracts it from now() in
+    # PostgreSQL, whose intervals and timestamps hold no more than a few thousand years.
+    webhook_keep_days: float = Field(7.0, gt=0, le=3650)
     rate_redeliver_per_s: float = Field(0.5, gt=0)  # POST .../redeliver per user (a token every 2 s)
     rate_redeliver_burst: int = Field(20, ge=1)
     # Signed ledger checkpoints (adapters/checkpoints.py): the Ed25519 signing key, never stored in

@@ -139,6 +139,30 @@ def test_a_bucket_name_shorter_than_s3_allows_is_refused_in_one_line(tmp_path, s
     assert getattr(load_settings(data_dir=tmp_path, **{setting: "abc"}), setting) == "abc"
 
 
+@pytest.mark.parametrize(("name", "value"), [
+    ("PALETTE_WEBHOOK_KEEP_DAYS", "inf"),  # "keep them for ever": the prune's interval, out of PostgreSQL's range
+    ("PALETTE_WEBHOOK_KEEP_DAYS", "1e7"),  # now() minus that is before 4713 BC, out of a timestamp's range
+    ("PALETTE_WEBHOOK_KEEP_DAYS", "3651"),
+    ("PALETTE_AUDIT_CHECKPOINT_INTERVAL_S", "inf"),  # threading's wait overflows: the checkpointer died
+    ("PALETTE_SWEEP_INTERVAL_S", "Infinity"),  # with PALETTE_ERASURE_SWEEP_S=inf, the sweeper's wait overflowed
+    ("PALETTE_ERASURE_SWEEP_S", "inf"),
+])
+def test_a_time_setting_that_is_infinite_or_past_what_its_use_can_hold_is_refused_in_one_line(
+        tmp_path, monkeypatch, name, value):
+    """Accepted, each failed only where it was used: PALETTE_WEBHOOK_KEEP_DAYS=inf made every
+    hourly prune fail in PostgreSQL ("interval out of range"), so neither old deliveries nor the
+    secrets a rotation replaced were ever forgotten, with a warning an hour as the only sign."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=name) as e:
+        load_settings(data_dir=tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_webhook_keep_days_up_to_ten_years_is_accepted(tmp_path, monkeypatch):
+    monkeypatch.setenv("PALETTE_WEBHOOK_KEEP_DAYS", "3650")
+    assert load_settings(data_dir=tmp_path).webhook_keep_days == 3650
+
+
 def test_a_metrics_port_that_would_put_a_processs_port_past_65535_is_refused(tmp_path):
     from adapters.observability import OFFSETS
 
