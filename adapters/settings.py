@@ -53,6 +53,12 @@ def breaks_lines(value: str) -> bool:
     return "".join(value.splitlines()) != value
 
 
+# The longest span a setting that PostgreSQL takes as an interval may give (PALETTE_JWT_TTL_S,
+# _DISPATCH_STALE_S, _IDEMPOTENCY_TTL_S, _WEBHOOK_DISABLE_AFTER_S, _ERASURE_GRACE_S): now() less
+# a few thousand years is out of a timestamp's range, and the query using it failed every time.
+TEN_YEARS_S = 10 * 365 * 86400
+
+
 class Settings(BaseSettings):
     """Effective configuration. Empty connection settings mean "the embedded stack's"."""
 
@@ -113,7 +119,7 @@ class Settings(BaseSettings):
     jwt_secret: str = ""
     jwt_issuer: str = "palette"
     jwt_audience: str = "palette-app"
-    jwt_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    jwt_ttl_s: int = Field(7 * 24 * 3600, ge=60, le=TEN_YEARS_S)
     callback_secret: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     callback_url: str = ""
@@ -138,9 +144,10 @@ class Settings(BaseSettings):
     projector_catchup_events: int = Field(5000, ge=0)
     # Processes a catch-up folds in, side by side, each a group of read models (adapters.catchup_processes).
     projector_catchup_processes: int = Field(2, ge=1, le=3)
-    dispatch_stale_s: float = Field(600.0, gt=0)  # a job without progress this long is dispatched again
+    dispatch_stale_s: float = Field(600.0, gt=0, le=TEN_YEARS_S)  # a job without progress this long is dispatched again
     pg_fsync: bool = True
-    idempotency_ttl_s: float = Field(24 * 3600.0, gt=0)  # an Idempotency-Key is forgotten this long after its claim
+    # An Idempotency-Key is forgotten this long after its claim.
+    idempotency_ttl_s: float = Field(24 * 3600.0, gt=0, le=TEN_YEARS_S)
     # Keyed requests per client address and key lifetime, whatever their users (each user holds
     # at most 10,000 keys, and users cost a registration). In development, unless set,
     # DEV_ADDRESS_IDEMPOTENCY_KEYS: test suites run every user from loopback.
@@ -170,7 +177,7 @@ class Settings(BaseSettings):
     # have lasted PALETTE_WEBHOOK_DISABLE_AFTER_S (its owner enables it again).
     webhook_retry_schedule: str = DEFAULT_RETRY_SCHEDULE
     webhook_disable_after: int = Field(20, ge=1)
-    webhook_disable_after_s: float = Field(3 * 24 * 3600.0, ge=0)
+    webhook_disable_after_s: float = Field(3 * 24 * 3600.0, ge=0, le=TEN_YEARS_S)
     webhook_endpoints_per_user: int = Field(10, ge=1, le=100)
     webhook_senders: int = Field(8, ge=1, le=64)  # POSTs in flight at once
     # Finished deliveries are listed this long, and a disabled endpoint's pending ones kept this long.
@@ -199,7 +206,7 @@ class Settings(BaseSettings):
     unpaid_retention_days: int = Field(1, ge=1, le=3650)
     sweep_interval_s: float = Field(3600.0, gt=0)
     erasure_sweep_s: float = Field(30.0, gt=0)
-    erasure_grace_s: float = Field(120.0, ge=0)
+    erasure_grace_s: float = Field(120.0, ge=0, le=TEN_YEARS_S)
 
     @field_validator("*")
     @classmethod

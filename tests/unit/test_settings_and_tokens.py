@@ -158,6 +158,27 @@ def test_a_time_setting_that_is_infinite_or_past_what_its_use_can_hold_is_refuse
     assert "\n" not in str(e.value)
 
 
+TEN_YEARS_S = 10 * 365 * 86400
+
+
+@pytest.mark.parametrize("name", ["PALETTE_JWT_TTL_S", "PALETTE_DISPATCH_STALE_S", "PALETTE_IDEMPOTENCY_TTL_S",
+                                  "PALETTE_WEBHOOK_DISABLE_AFTER_S", "PALETTE_ERASURE_GRACE_S"])
+def test_a_span_postgresql_subtracts_from_now_is_at_most_ten_years(tmp_path, monkeypatch, name):
+    """Each is ``value * interval '1 second'`` in a query, subtracted from now() or compared with
+    a span: past about 6,700 years (2.1e11 s) now() less it is "timestamp out of range", past
+    9.2e12 s the interval itself is out of range. Such values were accepted, and then every keyed
+    request failed (PALETTE_IDEMPOTENCY_TTL_S), the stale jobs were never dispatched again, the
+    erasures a crash cut short were never finished, no API process learned of an erasure by
+    another (PALETTE_JWT_TTL_S: the erased user's tokens stayed good there), or no failed webhook
+    attempt was recorded (its lease ran out, and it was sent again)."""
+    monkeypatch.setenv(name, str(TEN_YEARS_S + 1))
+    with pytest.raises(SettingsError, match=name) as e:
+        load_settings(data_dir=tmp_path)
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv(name, str(TEN_YEARS_S))
+    assert getattr(load_settings(data_dir=tmp_path), name.removeprefix("PALETTE_").lower()) == TEN_YEARS_S
+
+
 def test_webhook_keep_days_up_to_ten_years_is_accepted(tmp_path, monkeypatch):
     monkeypatch.setenv("PALETTE_WEBHOOK_KEEP_DAYS", "3650")
     assert load_settings(data_dir=tmp_path).webhook_keep_days == 3650
