@@ -45,6 +45,15 @@ def tasks_for(user_id: uuid.UUID, job_id: uuid.UUID, item_count: int, concepts: 
     } for idx in range(item_count)]
 
 
+def _json(value: bytes) -> Any:
+    """``json.loads``, whose RecursionError (arrays or objects nested past the interpreter's
+    recursion limit: 100 KB of "[") is no ValueError, is a MalformedTask too."""
+    try:
+        return json.loads(value)
+    except RecursionError:
+        raise MalformedTask("JSON nested too deep") from None
+
+
 def _string(data: dict[str, Any], name: str) -> str:
     value = data.get(name)
     if not isinstance(value, str):
@@ -105,7 +114,7 @@ class Task:
     def parse(cls, value: bytes) -> Task:
         """A task as the dispatcher writes it; anything else raises ``MalformedTask`` (or the
         ``ValueError`` of undecodable JSON)."""
-        data = json.loads(value)
+        data = _json(value)
         if not isinstance(data, dict):
             raise MalformedTask("a task is a JSON object")
         concepts = data.get("concepts")
@@ -130,8 +139,8 @@ class Task:
         """What a malformed task still says: its JSON object, and a task to report its item
         ``failed`` by when it names a job and an index (reported under the canonical key)."""
         try:
-            data = json.loads(value) if value is not None else None
-        except (ValueError, TypeError):
+            data = _json(value) if value is not None else None
+        except (ValueError, TypeError):  # MalformedTask is a ValueError
             return None, None
         if not isinstance(data, dict):
             return None, None

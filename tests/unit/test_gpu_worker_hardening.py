@@ -155,7 +155,7 @@ def worker(*polls: list[Record], s3: FakeS3 | None = None, remember_bytes: int =
         for r in records:
             try:
                 t = json.loads(r.value or b"null")
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(t, dict) and isinstance(t.get("input_key"), str):
                 s3.objects[t["input_key"]] = photo()
@@ -261,6 +261,10 @@ def _malformed() -> list[tuple[bytes | None, bool]]:
         (json.dumps({**good, "job_id": "../../users/me"}).encode(), False),
         (json.dumps({**good, "idx": "1"}).encode(), False),
         (json.dumps({**good, "idx": True}).encode(), False),
+        # Nested past the parser's recursion limit: RecursionError, no ValueError, from the parse
+        # and from the look for an item to report; that one ended the step (and the process, on
+        # the same task each restart).
+        (b"[" * 100_000, False), (b'{"job_id": ' + b"[" * 100_000, False),
     ]
     for name, value in [("concepts", ["wall"]), ("concepts", {"wall": "recolor"}),
                         ("concepts", {"wall": {"action": 7}}), ("protect", "sofa"), ("mask_keys", None),
