@@ -512,9 +512,11 @@ def read_table(conn: Any, name: str, batch: int = 50_000) -> Iterator[pa.Table]:
     yield _cast_rows([], schema)  # an empty table still has its columns
 
 
-def export_table(conn: Any, name: str, out: Path, erased: Container[UUID] = frozenset()) -> DatasetStats:
+def export_table(conn: Any, name: str, out: Path, erased: Container[UUID] = frozenset(),
+                 progress: Callable[[int], None] | None = None) -> DatasetStats:
     """One read model as ``out/<name>/part-00000.parquet`` (one row group per batch); sealed
-    fields of ``erased`` users read "erased". Staged beside, and renamed into place once complete."""
+    fields of ``erased`` users read "erased". Staged beside, and renamed into place once complete.
+    ``progress`` is told the rows written after each batch."""
     check_out_dir(out, name)
     out.mkdir(parents=True, exist_ok=True)
     stats = DatasetStats(files=1)
@@ -528,6 +530,8 @@ def export_table(conn: Any, name: str, out: Path, erased: Container[UUID] = froz
                 if t.num_rows or not stats.events:
                     writer.write_table(t)
                 stats.events += t.num_rows
+                if progress is not None and t.num_rows:
+                    progress(stats.events)
         finally:
             if writer is not None:
                 writer.close()

@@ -15,6 +15,8 @@ from adapters.cli.connect import erased_users, event_store, running_settings
 from adapters.cli.outputs import with_progress
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from adapters.cli.arguments import Subcommands
 
 
@@ -95,17 +97,10 @@ def _replay_parquet(args: argparse.Namespace, app: Any, replayer: Any) -> int:
         print("palette replay all: --format parquet writes a dataset: give --out DIR", file=sys.stderr)
         return 2
     t0 = time.monotonic()
-    shown = [0]
-
-    def progress(n: int) -> None:
-        if n - shown[0] >= 100_000:
-            shown[0] = n
-            print(f"  {n:,} events ({n / max(time.monotonic() - t0, 1e-9):,.0f}/s)", file=sys.stderr, flush=True)
-
     try:
         start = max(args.from_position, replayer.position_at(args.since) if args.since else 1)
         stats = export_log(app.recorder, app.mapper.transcoder, args.out, start, args.since, args.until,
-                           args.type or None, progress, replayer.erased)
+                           args.type or None, _every_100_000("events"), replayer.erased)
     except (ExportError, OSError) as e:
         return _not_exported("palette replay all", args.out, e)
     seconds = time.monotonic() - t0
@@ -113,6 +108,19 @@ def _replay_parquet(args: argparse.Namespace, app: Any, replayer: Any) -> int:
           f"{args.out}: {len(stats.partitions)} partitions (type, day), {stats.files} files, "
           f"{stats.bytes / 1e6:.1f} MB", file=sys.stderr)
     return 0
+
+
+def _every_100_000(what: str) -> Callable[[int], None]:
+    """An export's progress: a line on stderr each time another 100,000 ``what`` are written."""
+    t0 = time.monotonic()
+    shown = [0]
+
+    def progress(n: int) -> None:
+        if n - shown[0] >= 100_000:
+            shown[0] = n
+            print(f"  {n:,} {what} ({n / max(time.monotonic() - t0, 1e-9):,.0f}/s)", file=sys.stderr, flush=True)
+
+    return progress
 
 
 def _not_exported(command: str, out: Path, e: Exception) -> int:
@@ -136,7 +144,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         conn.read_only = True
         try:
             with conn.transaction():
-                stats = export_table(conn, args.name, args.out, all_erased(conn))
+                stats = export_table(conn, args.name, args.out, all_erased(conn), _every_100_000("rows"))
         except (ExportError, OSError) as e:
             return _not_exported("palette export", args.out, e)
     print(f"exported {args.name}: {stats.events:,} rows to {args.out / args.name} ({stats.bytes / 1e6:.2f} MB)",

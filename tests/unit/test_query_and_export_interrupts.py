@@ -321,3 +321,38 @@ def test_an_export_into_the_working_directory_lands_in_it_not_in_a_replacement(
     export_log(_Recorder(), None, Path(".") if spelled == "relative" else here)  # --out . / --out "$PWD"
     assert os.listdir(".") == ["type=JobCreated"]  # "." is still the folder this process works in
     assert _entries(tmp_path) == {"here"}
+
+
+class _ReadOnlySnapshot:
+    """What `palette export` asks of its connection: a read-only transaction, then closed."""
+
+    isolation_level: Any = None
+    read_only = False
+
+    def __enter__(self) -> _ReadOnlySnapshot:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        """Nothing to close."""
+
+    def transaction(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
+
+
+def test_a_long_read_model_export_shows_its_progress_on_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: Any) -> None:
+    """`palette export job_items_log` of millions of rows ran for minutes without a word, where
+    `palette replay all --format parquet` says how far it is every 100,000 events."""
+    import psycopg
+
+    from adapters import keyring
+
+    batches = [pa.table({"id": [f"u{i}-{n}" for n in range(50_000)], "plan": ["free"] * 50_000}) for i in range(5)]
+    monkeypatch.setattr(parquet, "read_table", lambda conn, name: iter(batches))
+    monkeypatch.setattr(psycopg, "connect", lambda *_a, **_k: _ReadOnlySnapshot())
+    monkeypatch.setattr(keyring, "all_erased", lambda _conn: frozenset())
+    monkeypatch.setenv("PALETTE_DATA_DIR", str(tmp_path / "data"))
+    assert cli.main(["export", "users", "--out", str(tmp_path / "analytics")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" rows")[0].strip() for line in err if " rows (" in line] == ["100,000", "200,000"], err
+    assert err[-1].startswith("exported users: 250,000 rows")
