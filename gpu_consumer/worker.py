@@ -70,6 +70,13 @@ GROUP = topics.GPU_GROUP
 DLQ_TOPIC = topics.GPU_DLQ
 MAX_ATTEMPTS = 3
 FOR_OPERATORS = "; the details are kept for the operators"  # what a client sees of a fault of ours
+# A parked task's error, in its header and in its JSON, is cut to this many characters.
+PARKED_ERROR_CHARS = 2000
+# The largest parked message: kafka-python's send() itself refuses one past its max_request_size
+# (1 MiB, with the key and the error header), which ended the step. A task the worker writes
+# again larger than that (json.dumps writes each non-ASCII character as 6 bytes) is parked as a
+# stand-in: its error, its size and its first 4 KB.
+PARKED_MAX_BYTES = 1_000_000
 UNAVAILABLE_MAX_S = 5.0  # the longest pause while the API does not acknowledge results
 # Written (then deleted) when an item's upload was refused with a 5xx: a store that refuses this
 # too cannot write at all (its disk full, say), which no item is failed for.
@@ -336,7 +343,11 @@ class GpuWorker(ConsumerLoop):
         self.stats["done" if status == "done" else "failed"] += 1
 
     def _park(self, key: bytes | None, value: bytes, reason: str) -> None:
-        self.producer.send(DLQ_TOPIC, key=key, value=value, headers=[("error", reason.encode()[:2000])])
+        if len(value) > PARKED_MAX_BYTES:
+            value = json.dumps({"error": reason[:PARKED_ERROR_CHARS], "parked_bytes": len(value),
+                                "head": value[:4096].decode("utf-8", "replace")}).encode()
+        self.producer.send(DLQ_TOPIC, key=key, value=value,
+                           headers=[("error", reason.encode()[:PARKED_ERROR_CHARS])])
         self.producer.flush()
         self.stats["dlq"] += 1
 
@@ -344,7 +355,8 @@ class GpuWorker(ConsumerLoop):
         """Bad input the ops refused: parked and reported at once (retrying cannot help)."""
         reason = f"bad input: {type(error).__name__}: {error}"
         log.warning("task %s parked on the DLQ: %s", task.idempotency_key, reason[:300])
-        self._park(task.job_id.encode(), json.dumps({**task.raw, "error": reason}).encode(), reason)
+        parked = json.dumps({**task.raw, "error": reason[:PARKED_ERROR_CHARS]}).encode()
+        self._park(task.job_id.encode(), parked, reason)
         self._report(task, "failed", error=reason)
 
     def _abandon(self, task: Task, deaths: int) -> None:
@@ -361,7 +373,8 @@ class GpuWorker(ConsumerLoop):
         reason = f"malformed task: {type(error).__name__}: {error}"
         log.error("malformed task at offset %s parked on the DLQ: %s", record.offset, reason[:300])
         task, data = Task.identify(record.value)
-        value = json.dumps({**data, "error": reason}).encode() if data is not None else (record.value or b"")
+        value = (json.dumps({**data, "error": reason[:PARKED_ERROR_CHARS]}).encode() if data is not None
+                 else (record.value or b""))
         self._park(record.key, value, reason)
         if task is not None:
             self._report(task, "failed", error=f"malformed task ({type(error).__name__}){FOR_OPERATORS}")

@@ -204,6 +204,36 @@ def test_an_edit_the_ops_refuse_fails_its_item_at_once_and_parks_the_task(edit, 
     assert t["output_key"] not in s3.objects and consumer.commits == 1
 
 
+# kafka-python's max_request_size (the GPU worker's producer keeps it): a larger message is
+# refused by send() itself, MessageSizeTooLargeError, out of the step and so out of the process.
+MAX_REQUEST_SIZE = 1_048_576
+
+
+def _huge_malformed() -> Record:
+    """A task under the broker's 1 MB whose parser's error quotes 600 KB of it."""
+    t = task({"w" * 600_000: {"action": 7}})  # type: ignore[dict-item]
+    return Record(json.dumps(t).encode(), t["job_id"].encode(), 0)
+
+
+def _huge_refused() -> Record:
+    """A well-formed task the ops refuse, its value 200,000 non-ASCII characters: 400 KB as it
+    came, 1.2 MB as json.dumps writes it again (six bytes for each)."""
+    t = task({"wall": {"action": "texture", "value": "\u00e9" * 200_000}})
+    return Record(json.dumps(t, ensure_ascii=False).encode(), t["job_id"].encode(), 0)
+
+
+@pytest.mark.parametrize("make", [_huge_malformed, _huge_refused])
+def test_a_parked_task_fits_the_producers_largest_message_whatever_its_error_quotes(make):
+    bad, good = make(), task()
+    assert len(bad.value) < MAX_REQUEST_SIZE
+    w, _, producer, callbacks, consumer = worker([bad, record(good, 1)])
+    step_once(w)
+    [(value, headers)] = producer.parked()
+    assert len(value) + sum(len(v) for v in headers.values()) < MAX_REQUEST_SIZE - 4096
+    assert headers["error"] and (good["idempotency_key"], "done", "") in callbacks.reports
+    assert consumer.commits == 1
+
+
 def step_once(w: Any) -> None:
     try:
         w.step()
