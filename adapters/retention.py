@@ -54,7 +54,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -130,7 +130,6 @@ class SweepReport:
     objects_deleted: int = 0
     erasures_finished: int = 0
     snapshots_deleted: int = 0
-    failed: list[str] = field(default_factory=list)  # the passes that failed, each with its error's type
 
 
 EPOCH, NO_ID = datetime(1970, 1, 1, tzinfo=UTC), UUID(int=0)
@@ -252,8 +251,8 @@ class Sweeper:
             report.snapshots_deleted += self.superseded_snapshots()
 
         # Each pass on its own: one that fails (say a job whose objects S3 keeps refusing to
-        # delete, which holds the retention pass at it, its cursor unmoved) is logged and named
-        # in the report, and the others still run.
+        # delete, which holds the retention pass at it, its cursor unmoved) is logged, and the
+        # others still run.
         passes: tuple[tuple[str, Callable[[], None]], ...] = (
             ("retention", lambda: self._retention(cutoff, report)),
             ("abandoned", lambda: self._abandoned(cutoff, report)),
@@ -263,8 +262,7 @@ class Sweeper:
         for name, work in passes:
             try:
                 work()
-            except PASS_ERRORS as e:
-                report.failed.append(f"{name} ({type(e).__name__})")
+            except PASS_ERRORS:
                 log.warning("the %s pass failed; the next sweep goes on from where it stopped", name,
                             exc_info=True)
         if report.jobs_expired or report.erasures_finished or report.objects_deleted or report.snapshots_deleted:

@@ -16,19 +16,6 @@ if TYPE_CHECKING:
     from adapters.cli.arguments import Subcommands
 
 
-class OneLine(logging.Formatter):
-    """A log record as one line after ``prefix``: its message and its error's type, no traceback
-    (a command's output; a service's log keeps the traceback)."""
-
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-
-    def format(self, record: logging.LogRecord) -> str:
-        error = record.exc_info[1] if record.exc_info else None
-        return self.prefix + record.getMessage() + (f" ({type(error).__name__})" if error is not None else "")
-
-
 def _cmd_token(args: argparse.Namespace) -> int:
     from adapters.system import SystemClock
     from adapters.tokens import TokenIssuer
@@ -46,26 +33,22 @@ def _cmd_admin(args: argparse.Namespace) -> int:
 
     settings = running_settings()
     if args.action == "sweep":
-        sweeper = bootstrap.build_sweeper(settings)
-        said = logging.StreamHandler(sys.stderr)  # what the pass logs (a pass that failed), a line each
-        said.setFormatter(OneLine("palette admin sweep: "))
-        said.setLevel(logging.WARNING)
-        sweeping = logging.getLogger("palette")
-        sweeping.addHandler(said)
+        failures = _Failures()
+        sweeping = logging.getLogger("palette")  # the sweeper's, and the erasure's it finishes
+        sweeping.addHandler(failures)
         try:
-            r = sweeper.step()
+            sweeper = bootstrap.build_sweeper(settings)
+            try:
+                r = sweeper.step()
+            finally:
+                sweeper.close()
         finally:
-            sweeping.removeHandler(said)
-            sweeper.close()
+            sweeping.removeHandler(failures)
         print(f"swept: {r.jobs_expired} job(s) expired (past {settings.retention_days} days, or "
               f"{settings.unpaid_retention_days} having spent nothing), "
               f"{r.erasures_finished} erasure(s) finished, {r.objects_deleted} object(s) deleted, "
               f"{r.snapshots_deleted} superseded snapshot(s) deleted")
-        if r.failed:
-            print(f"palette admin sweep: {len(r.failed)} pass(es) failed, tried again by the next sweep: "
-                  f"{', '.join(r.failed)}", file=sys.stderr)
-            return 1
-        return 0
+        return _sweep_failed(failures.records) if failures.records else 0
     from adapters.erasure import erase
     from domain.errors import DomainError
 
@@ -81,6 +64,42 @@ def _cmd_admin(args: argparse.Namespace) -> int:
           f"{done.objects} object(s) and {done.webhooks} webhook endpoint(s) deleted, "
           f"{'key destroyed' if done.recorded else 'its key gone'}")
     return 0
+
+
+class _Failures(logging.Handler):
+    """The warnings of a sweeper pass: what it could not do and went on past (a part of the pass
+    that failed, an erasure it could not finish, a job's objects it could not delete), which a
+    service logs, traceback and "retrying in 30 s" included. `palette admin sweep` says them in
+    one line instead."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _sweep_failed(records: list[logging.LogRecord]) -> int:
+    """The first thing the pass could not do, why, and how many more, in one line: exit 3 where
+    a service did not answer (as any command that cannot reach it), else 1."""
+    from adapters.cli import _is_unreachable, _store_unreachable  # imported here: adapters.cli imports this module
+    from adapters.logs import driver_reason
+
+    first = records[0]
+    what = first.getMessage().split(";")[0]  # not the service's "retrying in ...": this command ends
+    more = f" (and {len(records) - 1} more thing(s))" if len(records) > 1 else ""
+    error = first.exc_info[1] if first.exc_info else None
+    if error is not None and _store_unreachable(error):
+        why, code = (f"cannot reach the object store ({driver_reason(error)}); is the stack up (`make run`) and "
+                     "PALETTE_S3_ENDPOINT right?"), 3
+    elif error is not None and _is_unreachable(error):
+        why, code = (f"cannot reach PostgreSQL ({driver_reason(error)}); is the stack up (`make run`) and "
+                     "PALETTE_DATABASE_URL right?"), 3
+    else:
+        why, code = (f"{type(error).__name__}: {driver_reason(error)}" if error is not None else ""), 1
+    print(f"palette admin sweep: {what}{more}, the rest of the pass done{f': {why}' if why else ''}", file=sys.stderr)
+    return code
 
 
 def add_commands(sub: Subcommands) -> None:

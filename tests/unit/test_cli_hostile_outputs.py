@@ -367,3 +367,42 @@ def test_verify_against_a_checkpoint_prints_its_first_unmatched_heads_and_counts
     assert lines[-2:] == ["... and 5 more checkpointed head(s) not matched",
                           f"verified 40 ledger rows: {audit.FIRST_FINDINGS + 5} broken chain(s); 25 chain heads of "
                           f"the checkpoint at log position 9 (cp.json, signature valid): 25 do not match"]
+
+
+class _SweeperMeetingADownStore:
+    """A sweeper whose pass meets an object store that does not answer where the sweeper takes it
+    in its stride (the erasures it finishes: each logged and tried again later), as the real one
+    does: the erasure it could not finish is logged with its traceback, and the pass goes on."""
+
+    def step(self) -> Any:
+        import logging
+
+        from adapters.retention import SweepReport
+
+        try:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/palette-images")
+        except EndpointConnectionError:
+            logging.getLogger("palette.sweeper").warning(
+                "could not finish the erasure of %s; retrying in %.0f s", "00000000-0000-0000-0000-0000000000e1",
+                30.0, exc_info=True)
+        return SweepReport()
+
+    def close(self) -> None:
+        """Nothing held."""
+
+
+def test_admin_sweep_that_could_not_do_part_of_its_pass_says_so_in_one_line_and_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    """`palette admin sweep` printed the sweeper's traceback ("retrying in 30 s", which no one
+    would: the command ends) and exited 0, "0 erasure(s) finished", to an operator running it to
+    finish an erasure while the object store was away."""
+    from adapters import bootstrap
+
+    monkeypatch.setenv("PALETTE_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(bootstrap, "build_sweeper", lambda _settings: _SweeperMeetingADownStore())
+    assert cli.main(["admin", "sweep"]) == 3
+    out, err = capsys.readouterr()
+    assert out.startswith("swept: 0 job(s) expired")
+    assert "Traceback" not in err and "retrying in" not in err and err.count("\n") == 1, err
+    assert err.startswith("palette admin sweep: could not finish the erasure of 00000000-0000-0000-0000-0000000000e1")
+    assert "cannot reach the object store" in err and "PALETTE_S3_ENDPOINT" in err
