@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
@@ -23,17 +22,16 @@ from projections.batch import relevant
 from projections.log import enveloped, events_by_stream, events_table
 from projections.models import READ_MODELS
 from projections.models.base import ReadModel, Row, Rows
-from projections.schema import create_model_tables, ensure_schema, lock_id, table, tracking_table
+from projections.schema import REBUILD_LOCK, create_model_tables, ensure_schema, lock_id, table, tracking_table
 from projections.store import apply_batch, copy_rows
 from projections.stored_events import from_notification
 
 SHADOW = "__shadow"
-REBUILD_LOCK = zlib.crc32(b"palette-read:rebuild")
 PAGE = 5000
 
 
 class RebuildBusy(RuntimeError):
-    """Another rebuild holds the lock: one rebuild at a time."""
+    """Another rebuild (or a `dlq skip`) holds the lock: one rebuild at a time."""
 
 
 @dataclass
@@ -85,6 +83,17 @@ def fold_log(model: ReadModel, envelopes: Any) -> tuple[Rows, list[Row], dict[UU
     return rows, appended, tracking, count, failed
 
 
+def skipped_events(conn: psycopg.Connection[Any], model: ReadModel) -> dict[UUID, set[int]]:
+    """The versions of each stream an operator skipped (`dlq skip`) in ``model``: a rebuild passes
+    over them as the live model did. No skip comes while a rebuild runs (``REBUILD_LOCK``)."""
+    skipped: dict[UUID, set[int]] = {}
+    for stream_id, version in conn.execute(sql.SQL(
+            "SELECT stream_id, version FROM {} WHERE model = %s AND status = 'skipped'").format(
+            table("dead_letters")), [model.name]).fetchall():
+        skipped.setdefault(stream_id, set()).add(version)
+    return skipped
+
+
 def _drop_shadow(conn: psycopg.Connection[Any], model: ReadModel) -> None:
     for name in _tables(model):
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table(name + SHADOW)))
@@ -107,13 +116,14 @@ def rebuild(database_url: str, recorder: Any, transcoder: Any, name: str,
         ensure_schema(conn)
         got = conn.execute("SELECT pg_try_advisory_lock(%s)", [REBUILD_LOCK]).fetchone()
         if not got or not got[0]:
-            raise RebuildBusy("another rebuild is running; one rebuild at a time")
+            raise RebuildBusy("another rebuild, or a dlq skip, is running; one rebuild at a time")
         try:
             _drop_shadow(conn, model)
             create_model_tables(conn, model, SHADOW)
             upto = recorder.max_notification_id() or 0
             topics = stream_topics(model.stream_type)  # the model's streams only: the rest is skipped in SQL
-            folded = _fold_into_shadow(conn, model, _streams(recorder, transcoder, upto, topics), progress)
+            folded = _fold_into_shadow(conn, model, _streams(recorder, transcoder, upto, topics), progress,
+                                       skipped_events(conn, model))
             with conn.transaction():
                 # Exclusive: the live projector's batches (shared holders) pause for the swap.
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", [lock_id(model)])
@@ -163,9 +173,11 @@ def _streams(recorder: Any, transcoder: Any, upto: int,
 
 def _fold_into_shadow(conn: psycopg.Connection[Any], model: ReadModel,
                       streams: Iterator[tuple[UUID, Iterator[EventEnvelope]]],
-                      progress: Callable[[int], None] | None) -> _Folded:
+                      progress: Callable[[int], None] | None,
+                      skipped: dict[UUID, set[int]] | None = None) -> _Folded:
     """Fold each stream as the live projector would (``fold_log``'s rules: a stream whose event
-    cannot be folded keeps what it had and stops there) and copy the rows into the model's shadow
+    cannot be folded keeps what it had and stops there; an event an operator skipped is passed
+    over, its stream's tracking past it, as `dlq skip` left the live model) and copy the rows into the model's shadow
     tables every ``COPY_ROWS``: memory holds one stream's keyed rows (a job's 200 items at most)
     and one batch, not the model. A stream's appended rows (a user's ledger) go out in batches as
     it is folded too; what it appended before an event it cannot fold stays, as ``fold_log`` keeps
@@ -188,15 +200,20 @@ def _fold_into_shadow(conn: psycopg.Connection[Any], model: ReadModel,
         appended.clear()
         tracking.clear()
 
+    no_skips: set[int] = set()
     for stream_id, envelopes in streams:
         rows: Rows = {}
         version: int | None = None
         failed = False
+        passed = (skipped or {}).get(stream_id, no_skips)
         for env in envelopes:
             folded.events += 1
             if progress and folded.events % 50_000 == 0:
                 progress(folded.events)
             if failed or not relevant(model, env):
+                continue
+            if env.version in passed:  # the operator's decision stands: not folded, tracked past
+                version = env.version
                 continue
             try:
                 appended.extend(model.apply(rows, env))

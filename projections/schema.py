@@ -27,6 +27,12 @@ def table(name: str) -> sql.Composable:
     return sql.Identifier(SCHEMA, name)
 
 
+# Held by a rebuild for its whole run (exclusive, one rebuild at a time) and by a `dlq skip`
+# (shared, ``projections.store.resolve_dead_letter``): a rebuild reads the skips once, so none
+# may come while it runs.
+REBUILD_LOCK = zlib.crc32(b"palette-read:rebuild")
+
+
 def lock_id(model: ReadModel) -> int:
     """Advisory lock key shared by the live projector (shared) and a rebuild (exclusive)."""
     return zlib.crc32(f"palette-read:{model.name}".encode())

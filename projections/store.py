@@ -21,7 +21,7 @@ from domain.text import escaped
 from projections import batch
 from projections.models import READ_MODELS
 from projections.models.base import Key, ReadModel, Row, Rows
-from projections.schema import ident, lock_id, table, tracking_table
+from projections.schema import REBUILD_LOCK, ident, lock_id, table, tracking_table
 
 log = logging.getLogger("palette.projections")
 # SQLSTATE classes where the database, not the event, failed: connection (08), transaction
@@ -366,15 +366,23 @@ def dead_letters(conn: psycopg.Connection[Any], status: Sequence[str] = ("parked
     return [dict(zip(keys, r, strict=True)) for r in rows]
 
 
+class RebuildRunning(RuntimeError):
+    """A skip refused while a rebuild runs: the rebuild read the skips when it began."""
+
+
 def resolve_dead_letter(conn: psycopg.Connection[Any], letter_id: int, action: str) -> BatchResult:
     """``retry`` re-applies the parked event and those held behind it; ``skip`` marks it skipped
-    (advancing the stream's tracking past it) and then applies the held ones. What fails again
-    is parked again, with its new error."""
+    (advancing the stream's tracking past it; a rebuild passes over it too) and then applies the
+    held ones. What fails again is parked again, with its new error."""
     if action not in ("retry", "skip"):
         raise ValueError("action must be retry or skip")
     find = sql.SQL("SELECT model, stream_id, version FROM {} WHERE id = %s AND status = 'parked'").format(
         table("dead_letters"))
     with conn.transaction():
+        if action == "skip":
+            got = conn.execute("SELECT pg_try_advisory_xact_lock_shared(%s)", [REBUILD_LOCK]).fetchone()
+            if not got or not got[0]:
+                raise RebuildRunning("a rebuild is running; skip once it has finished (nothing changed)")
         row = conn.execute(find, [letter_id]).fetchone()
         if row is None:
             raise LookupError(f"no parked event with id {letter_id}")

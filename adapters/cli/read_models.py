@@ -51,7 +51,7 @@ def _cmd_projections(args: argparse.Namespace) -> int:
                 else:
                     try:
                         result = store.resolve_dead_letter(conn, args.id, args.dlq_action)
-                    except LookupError as e:
+                    except (LookupError, store.RebuildRunning) as e:
                         print(f"palette projections dlq: {e.args[0]}", file=sys.stderr)
                         return 2
                     print(f"{args.dlq_action}: applied {result.applied}, parked again {result.parked}")

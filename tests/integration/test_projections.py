@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -29,7 +30,14 @@ from projections.models import READ_MODELS
 from projections.models.billing_events import LEDGER_COLUMNS
 from projections.rebuild import fold_log, iter_envelopes, rebuild
 from projections.schema import ensure_schema
-from projections.store import apply_batch, apply_isolating, dead_letters, resolve_dead_letter, unapplied
+from projections.store import (
+    RebuildRunning,
+    apply_batch,
+    apply_isolating,
+    dead_letters,
+    resolve_dead_letter,
+    unapplied,
+)
 from tests.chaos import read_model_problems
 from tests.integration.test_dispatcher_hardening import running_job
 from tests.keys import process_keys
@@ -428,3 +436,97 @@ def test_the_dispatcher_sends_a_stalled_job_again(apps, service, conn, settings)
         assert mine == [0, 2]
     finally:
         dispatcher.close()
+
+
+@pytest.fixture
+def own_log(settings: Settings) -> Iterator[tuple[str, PaletteApplication]]:
+    """A database of its own (event log and read models): its poison events and rebuilds reach
+    neither the session's log nor its read models."""
+    name = f"rebuild_{uuid.uuid4().hex[:12]}"
+    base = settings.effective_database_url
+    with psycopg.connect(base, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = urlunsplit(urlsplit(base)._replace(path=f"/{name}"))
+    app = PaletteApplication(env=event_store_env(settings.model_copy(update={"database_url": url}), pool_size=2))
+    try:
+        with psycopg.connect(url, autocommit=True) as c:
+            ensure_schema(c)
+        yield url, app
+    finally:
+        app.close()
+        with psycopg.connect(base, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _rule_event(app: PaletteApplication, rule: uuid.UUID, version: int, name: str | None) -> None:
+    """A rule's event straight into the log: created at version 1, renamed after; without a name
+    (``None``) a rename the ``rules`` fold cannot take (a KeyError)."""
+    from eventsourcing.persistence import StoredEvent
+
+    state: dict[str, Any] = {"timestamp": datetime.now(UTC), "concepts": EDITS, "protect": []}
+    if name is not None:
+        state["name"] = name
+    if version == 1:
+        state.update(originator_topic="domain.rule:Rule", user_id=uuid.uuid4(), preset_id="interior")
+    kind = "RuleCreated" if version == 1 else "RuleUpdated"
+    app.recorder.insert_events([StoredEvent(rule, version, f"domain.rule:Rule.{kind}",
+                                            app.mapper.transcoder.encode(state))])
+
+
+def _rule_letters(conn: psycopg.Connection[Any], rule: uuid.UUID) -> list[tuple[int, str]]:
+    return [(d["version"], d["status"]) for d in dead_letters(conn, ("parked", "held", "skipped"))
+            if d["stream_id"] == rule and d["model"] == "rules"]
+
+
+def _live_fold(conn: psycopg.Connection[Any], app: PaletteApplication) -> Any:
+    """The whole log through the live apply path, as the projector's sweep folds what it finds."""
+    envelopes = list(iter_envelopes(app.recorder, app.mapper.transcoder, 1, None))
+
+    def fill(gaps: dict[uuid.UUID, tuple[int, int]]) -> list[EventEnvelope]:
+        return [e for e in envelopes
+                if e.stream_id in gaps and gaps[e.stream_id][0] < e.version <= gaps[e.stream_id][1]]
+
+    assert envelopes
+    return apply_isolating(conn, envelopes, fill)
+
+
+RULE_COLUMNS = READ_MODELS["rules"].column_names
+
+
+def test_a_rebuild_keeps_an_operators_skip(own_log):
+    """``dlq skip`` of a parked event is the operator's decision: a rebuild passes over that event
+    as the live model did (its stream's later events folded), parks nothing anew, and the live
+    projector folding the log again after it finds nothing to fold or park. (Before, the rebuild
+    stopped the stream at that event again: the row went back to what it was before it, and the
+    live fold then held the later events behind a letter no longer parked, which no `dlq retry`
+    or `skip` could release.) A skip is refused while a rebuild runs, which read the skips when
+    it began."""
+    url, app = own_log
+    rule = uuid.uuid4()
+    _rule_event(app, rule, 1, "first")
+    _rule_event(app, rule, 2, None)  # the poison
+    _rule_event(app, rule, 3, "later")
+    with psycopg.connect(url, autocommit=True) as conn:
+        _live_fold(conn, app)
+        assert _rule_letters(conn, rule) == [(2, "parked"), (3, "held")]
+        parked = next(d for d in dead_letters(conn) if d["stream_id"] == rule and d["status"] == "parked")
+        with psycopg.connect(url, autocommit=True) as rebuilding_now:  # holds the lock as a rebuild does
+            rebuilding_now.execute("SELECT pg_advisory_lock(%s)", [rebuilding.REBUILD_LOCK])
+            with pytest.raises(RebuildRunning, match="a rebuild is running"):
+                resolve_dead_letter(conn, parked["id"], "skip")
+        assert _rule_letters(conn, rule) == [(2, "parked"), (3, "held")]  # the rebuild read no half skip
+        assert resolve_dead_letter(conn, parked["id"], "skip").applied == 1
+        live = table_contents(conn, "rules", RULE_COLUMNS)
+        tracked = table_contents(conn, "rules_tracking", ("stream_id", "version"))
+        assert conn.execute("SELECT name FROM palette_read.rules WHERE id = %s", [rule]).fetchone() == ("later",)
+
+        rebuild(url, app.recorder, app.mapper.transcoder, "rules")
+        assert table_contents(conn, "rules", RULE_COLUMNS) == live
+        assert table_contents(conn, "rules_tracking", ("stream_id", "version")) == tracked
+        assert _rule_letters(conn, rule) == [(2, "skipped")]
+
+        again = _live_fold(conn, app)
+        assert again.applied == 0 and again.parked == 0
+        assert _rule_letters(conn, rule) == [(2, "skipped")]
+        assert table_contents(conn, "rules", RULE_COLUMNS) == live
+
