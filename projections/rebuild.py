@@ -1,6 +1,6 @@
 """Rebuild a read model from the event store without downtime: fold the log stream by stream
-into shadow tables (COPY, a batch at a time), catch up under the model's lock, then swap the
-tables atomically."""
+into shadow tables (COPY, a batch at a time), catch up under the model's lock (through the live
+apply path: what cannot be folded is parked), then swap the tables atomically."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from projections.log import enveloped, events_by_stream, events_table
 from projections.models import READ_MODELS
 from projections.models.base import ReadModel, Row, Rows
 from projections.schema import REBUILD_LOCK, create_model_tables, ensure_schema, lock_id, table, tracking_table
-from projections.store import apply_batch, copy_rows
+from projections.store import apply_isolating, copy_rows
 from projections.stored_events import from_notification
 
 SHADOW = "__shadow"
@@ -128,7 +128,9 @@ def rebuild(database_url: str, recorder: Any, transcoder: Any, name: str,
                 # Exclusive: the live projector's batches (shared holders) pause for the swap.
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", [lock_id(model)])
                 tail: list[EventEnvelope] = list(iter_envelopes(recorder, transcoder, upto + 1, None, topics))
-                apply_batch(conn, tail, [model], suffix=SHADOW, park=False)
+                # What came during the fold, through the live apply path: an event that cannot be
+                # folded or stored is parked (its stream's later ones held), not the rebuild's end.
+                apply_isolating(conn, tail, models=[model], suffix=SHADOW)
                 folded.events += len(tail)
                 for tbl in _tables(model):
                     conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(

@@ -290,8 +290,8 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
 
     ``fill`` reads from the event log the versions a batch lacks (a message the broker lost);
     without it, events after a hole wait (uncounted) for a later delivery or the sweep. A rebuild
-    folds into its ``suffix``ed tables with ``park`` off: a failing event raises instead of being
-    parked, and the positions (the live projector's) are left alone. ``bulk`` (a catch-up page)
+    folds into its ``suffix``ed tables (the positions, the live projector's, are left alone);
+    with ``park`` off, a failing event raises instead of being parked. ``bulk`` (a catch-up page)
     writes large tables by COPY, which a pipeline cannot carry."""
     result = BatchResult()
     if not envelopes:
@@ -442,13 +442,13 @@ def add_result(total: BatchResult, part: BatchResult) -> None:
 
 def apply_isolating(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope],
                     fill: Fill | None = None, *, bulk: bool = False,
-                    models: Sequence[ReadModel] | None = None) -> BatchResult:
-    """``apply_batch`` (into ``models``, all by default); when it fails for any reason but the
-    connection, again model by model, and in a failing model event by event: an event whose fold
-    or write fails is parked with its error (its stream's later events are held behind it) and
-    every other stream goes on."""
+                    models: Sequence[ReadModel] | None = None, suffix: str = "") -> BatchResult:
+    """``apply_batch`` (into ``models``, all by default; into their ``suffix``ed tables, a
+    rebuild's, with ``suffix``); when it fails for any reason but the connection, again model by
+    model, and in a failing model event by event: an event whose fold or write fails is parked
+    with its error (its stream's later events are held behind it) and every other stream goes on."""
     try:
-        return apply_batch(conn, envelopes, models, fill=fill, bulk=bulk)
+        return apply_batch(conn, envelopes, models, fill=fill, bulk=bulk, suffix=suffix)
     except Exception as exc:
         if is_transient(exc):
             raise
@@ -459,7 +459,7 @@ def apply_isolating(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnve
         if not share:
             continue
         try:
-            add_result(total, apply_batch(conn, share, [model], fill, bulk=bulk))
+            add_result(total, apply_batch(conn, share, [model], fill, bulk=bulk, suffix=suffix))
             continue
         except Exception as exc:
             if is_transient(exc):
@@ -467,7 +467,7 @@ def apply_isolating(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnve
             # otherwise this model has the poison: found event by event below
         for env in share:
             try:
-                add_result(total, apply_batch(conn, [env], [model], fill))
+                add_result(total, apply_batch(conn, [env], [model], fill, suffix=suffix))
             except Exception as exc:
                 if is_transient(exc):
                     raise

@@ -458,17 +458,20 @@ def own_log(settings: Settings) -> Iterator[tuple[str, PaletteApplication]]:
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def _rule_event(app: PaletteApplication, rule: uuid.UUID, version: int, name: str | None) -> None:
-    """A rule's event straight into the log: created at version 1, renamed after; without a name
-    (``None``) a rename the ``rules`` fold cannot take (a KeyError)."""
+def _rule_event(app: PaletteApplication, rule: uuid.UUID, version: int, name: str | None,
+                deleted: bool = False) -> None:
+    """A rule's event straight into the log: created at version 1, renamed (or ``deleted``) after;
+    without a name (``None``) a rename the ``rules`` fold cannot take (a KeyError)."""
     from eventsourcing.persistence import StoredEvent
 
-    state: dict[str, Any] = {"timestamp": datetime.now(UTC), "concepts": EDITS, "protect": []}
+    state: dict[str, Any] = {"timestamp": datetime.now(UTC)}
+    if not deleted:
+        state.update(concepts=EDITS, protect=[])
     if name is not None:
         state["name"] = name
     if version == 1:
         state.update(originator_topic="domain.rule:Rule", user_id=uuid.uuid4(), preset_id="interior")
-    kind = "RuleCreated" if version == 1 else "RuleUpdated"
+    kind = "RuleCreated" if version == 1 else "RuleDeleted" if deleted else "RuleUpdated"
     app.recorder.insert_events([StoredEvent(rule, version, f"domain.rule:Rule.{kind}",
                                             app.mapper.transcoder.encode(state))])
 
@@ -530,3 +533,38 @@ def test_a_rebuild_keeps_an_operators_skip(own_log):
         assert _rule_letters(conn, rule) == [(2, "skipped")]
         assert table_contents(conn, "rules", RULE_COLUMNS) == live
 
+
+
+@pytest.mark.parametrize("poison", [None, "x\x00y"], ids=["the fold fails", "postgres refuses the name"])
+def test_a_bad_event_written_during_a_rebuild_is_parked_and_the_rebuild_completes(own_log, poison):
+    """The rebuild folds what the log held when it began, then, under the model's lock, what came
+    after: an event of that tail that cannot be folded is parked (its stream's later events held
+    behind it) like any other, and the rebuild swaps its tables in. (Before, the tail was applied
+    with parking off: that one event failed the whole rebuild.)"""
+    url, app = own_log
+    poisoned, healthy = uuid.uuid4(), uuid.uuid4()
+    _rule_event(app, poisoned, 1, "first")
+
+    class WrittenDuring:
+        """The event store's recorder, on which the poison and a healthy stream's event are
+        written right after the rebuild has read where the log ends."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(app.recorder, name)
+
+        def max_notification_id(self) -> int:
+            top = int(app.recorder.max_notification_id() or 0)
+            _rule_event(app, poisoned, 2, poison)
+            _rule_event(app, poisoned, 3, None, deleted=True)  # the poison's name would stay
+            _rule_event(app, healthy, 1, "healthy")
+            return top
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        _live_fold(conn, app)
+        report = rebuild(url, WrittenDuring(), app.mapper.transcoder, "rules")
+        assert report.events == 4
+        assert _rule_letters(conn, poisoned) == [(2, "parked"), (3, "held")]
+        names = dict(conn.execute("SELECT id, name FROM palette_read.rules").fetchall())
+        assert names == {poisoned: "first", healthy: "healthy"}
+        assert table_contents(conn, "rules_tracking", ("stream_id", "version")) == {
+            (str(poisoned), 1), (str(healthy), 1)}
