@@ -3,7 +3,8 @@ object's names unique, no ``NaN`` or ``Infinity``. Python's decoder, as FastAPI 
 the last of a repeated name, reads UTF-16 and UTF-32 bodies, and reads ``NaN``: a proxy, a
 gateway's filter or a log reader that reads the body another way (the first of a name, UTF-8)
 would see another request than the route runs. Each is a 422 ``VALIDATION_FAILED``, as any
-malformed body is (FastAPI answers a ``JSONDecodeError`` so)."""
+malformed body is (FastAPI answers a ``JSONDecodeError`` so), and so is a body nested past the
+decoder's recursion limit (FastAPI answered its RecursionError with a 400 of its own wording)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def loads(body: bytes) -> Any:
         raise
     except ValueError as e:  # a repeated name, NaN, an integer past the interpreter's digit limit
         raise json.JSONDecodeError(str(e), "", 0) from None
+    except RecursionError:  # arrays or objects nested past the decoder's recursion limit
+        raise json.JSONDecodeError("the body is nested too deeply", "", 0) from None
 
 
 def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

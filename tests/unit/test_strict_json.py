@@ -35,6 +35,8 @@ def test_every_plain_json_body_reads_as_pythons_decoder_reads_it(value: object) 
     (b'{"x": -Infinity}', "-Infinity is not JSON"),
     (b'{"x": ' + b"9" * 5000 + b"}", "digits"),
     (b"\xef\xbb\xbf{}", "BOM"),
+    (b"[" * 100_000, "nested"),  # past the decoder's recursion limit
+    (b'{"a": ' * 50_000 + b"1" + b"}" * 50_000, "nested"),
 ])
 def test_a_body_read_two_ways_or_not_at_all_is_refused_naming_why(body: bytes, why: str) -> None:
     """Python's decoder reads each of these but the last (a ValueError that FastAPI answered with
