@@ -72,6 +72,13 @@ DDL = (
     "ALTER TABLE palette_webhooks.endpoints ADD COLUMN proven boolean NOT NULL DEFAULT false; "
     "UPDATE palette_webhooks.endpoints e SET proven = true WHERE EXISTS (SELECT 1 FROM "
     "palette_webhooks.deliveries d WHERE d.endpoint_id = e.id AND d.status = 'succeeded'); END IF; END $$",
+    # When the endpoint was last enabled again (NULL: never disabled since made): it receives the
+    # events from then on only, as it got none of those while it was disabled. A job folded again
+    # (a restarted consumer, one gone from its cache) recorded those too, after the job's later
+    # events had gone out (added after proven).
+    "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = "
+    "'palette_webhooks' AND table_name = 'endpoints' AND column_name = 'enabled_since') THEN "
+    "ALTER TABLE palette_webhooks.endpoints ADD COLUMN enabled_since timestamptz; END IF; END $$",
 )
 POSITIONS = ("palette_webhooks", "positions")
 ROTATION_GRACE_S = 24 * 3600  # the secret a rotation replaced still signs this long
@@ -188,11 +195,13 @@ def rotate_secret(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUI
 
 def enable_endpoint(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID) -> dict[str, Any] | None:
     """Enable a disabled endpoint again: its failure run forgotten, its pending deliveries due
-    now. An enabled one is left as it is (an enable is no way around a hold); None: no such
-    endpoint."""
+    now, and the events from now on recorded for it (``enabled_since``: none from while it was
+    disabled, however often the consumer folds their job again). An enabled one is left as it is
+    (an enable is no way around a hold); None: no such endpoint."""
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(sql.SQL(
             "UPDATE palette_webhooks.endpoints SET enabled = true, disabled_at = NULL, failures = 0, "
+            "enabled_since = now(), "
             "failing_since = NULL, held_until = NULL WHERE id = %s AND user_id = %s AND NOT enabled "
             "RETURNING {}").format(_ENDPOINT), [endpoint_id, user_id]).fetchone()
         if row is None:
@@ -270,7 +279,7 @@ class Subscriber:
     endpoint_id: UUID
     user_id: UUID
     events: tuple[str, ...]
-    since: datetime
+    since: datetime  # the events from then on are its: made, or last enabled again
 
 
 @dataclass(frozen=True)
@@ -284,9 +293,11 @@ class NewDelivery:
 
 
 def subscribers(conn: psycopg.Connection[Any], user_ids: Sequence[UUID]) -> list[Subscriber]:
-    """The enabled endpoints of these users."""
-    rows = conn.execute("SELECT id, user_id, events, created_at FROM palette_webhooks.endpoints "
-                        "WHERE user_id = ANY(%s) AND enabled", [list(user_ids)]).fetchall()
+    """The enabled endpoints of these users, each with the time it receives events from (made,
+    or last enabled again)."""
+    rows = conn.execute("SELECT id, user_id, events, coalesce(enabled_since, created_at) "
+                        "FROM palette_webhooks.endpoints WHERE user_id = ANY(%s) AND enabled",
+                        [list(user_ids)]).fetchall()
     return [Subscriber(r[0], r[1], tuple(r[2]), r[3]) for r in rows]
 
 

@@ -256,6 +256,42 @@ def test_an_endpoint_gets_only_the_event_types_it_chose_and_none_from_before_it_
         webhooks.start()
 
 
+def test_an_endpoint_enabled_again_never_gets_the_events_from_while_it_was_disabled(client, http, settings, webhooks):
+    """The recorder alone (the process stopped), as above: a job queued while an endpoint was
+    disabled gets no job.queued there (its owner's other endpoint gets one), and its
+    item.completed after the enable does. A fresh recorder (a restarted process, or the job gone
+    from the recorder's cache) folding the job again recorded that job.queued as well, after the
+    item.completed had gone out: out of order, and an event from while the endpoint was disabled."""
+    webhooks.stop()
+    try:
+        endpoint = register(client, "http://127.0.0.1:9/paused", ALL)
+        other = register(client, "http://127.0.0.1:9/other", ["job.queued"])
+        app = open_event_store(settings, pool_size=1)
+        reader = LogReader.of(app)
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            conn.execute("UPDATE palette_webhooks.endpoints SET enabled = false, disabled_at = now() "
+                         "WHERE id = %s", [endpoint["id"]])  # as its failures disable it
+            job_id = queued_job(client, 2)
+            recorder = DeliveryRecorder(conn, reader, app.repository.event_store)
+            assert recorder.record(reader.stream_events({uuid.UUID(job_id): (0, 100)})) == 1  # the other's
+            assert client.data("POST", f"/webhooks/{endpoint['id']}/enable")["enabled"] is True
+            body = {"idx": 0, "status": "failed", "error": "x", "idempotency_key": f"{job_id}:0"}
+            assert callback(http, settings.callback_secret, job_id, body).status_code == 200
+            events = reader.stream_events({uuid.UUID(job_id): (0, 100)})
+            assert recorder.record(events) == 1
+            conn.execute("UPDATE palette_webhooks.deliveries SET status = 'succeeded', next_attempt_at = NULL "
+                         "WHERE endpoint_id = %s", [endpoint["id"]])  # it went out
+            DeliveryRecorder(conn, reader, app.repository.event_store).record(events)  # a fresh process
+            rows = conn.execute("SELECT event_type, status FROM palette_webhooks.deliveries WHERE endpoint_id = %s "
+                                "ORDER BY version", [endpoint["id"]]).fetchall()
+        reader.close()
+        assert rows == [("item.completed", "succeeded")]
+        client.data("DELETE", f"/webhooks/{endpoint['id']}")
+        client.data("DELETE", f"/webhooks/{other['id']}")
+    finally:
+        webhooks.start()
+
+
 def test_finished_deliveries_are_forgotten_after_the_keep_time(client, receiver, settings, webhooks):
     endpoint = register(client, receiver.url("/kept"), ["job.queued"])
     queued_job(client)
