@@ -5,8 +5,9 @@ endpoint and event: the signed body, its state and its next try; kept a week onc
 once its endpoint was disabled) and ``attempts`` (one row per POST, a delivery's latest
 ``SHOWN_ATTEMPTS`` kept). A delivery is due when it is pending, its time has come, its endpoint
 is enabled and no earlier delivery of the same job to the same endpoint is pending (order per
-job). Claiming one moves its time a lease ahead, so a sender that dies mid-POST leaves it due
-again after the lease.
+job). Claiming one moves its time a lease ahead (``leased_until``), so a sender that dies
+mid-POST leaves it due again after the lease, and a redelivery or an enable meanwhile leaves it
+to the attempt in flight.
 """
 
 from __future__ import annotations
@@ -79,7 +80,15 @@ DDL = (
     "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = "
     "'palette_webhooks' AND table_name = 'endpoints' AND column_name = 'enabled_since') THEN "
     "ALTER TABLE palette_webhooks.endpoints ADD COLUMN enabled_since timestamptz; END IF; END $$",
+    # The end of the delivery's latest claim: while its next try is that and still ahead, an
+    # attempt of it is in flight, which a redelivery or an enable leaves the only one (added
+    # after enabled_since).
+    "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = "
+    "'palette_webhooks' AND table_name = 'deliveries' AND column_name = 'leased_until') THEN "
+    "ALTER TABLE palette_webhooks.deliveries ADD COLUMN leased_until timestamptz; END IF; END $$",
 )
+# A delivery whose attempt is in flight (claimed, its lease not over, its outcome not recorded).
+_IN_FLIGHT = sql.SQL("(d.status = 'pending' AND d.next_attempt_at = d.leased_until AND d.leased_until > now())")
 POSITIONS = ("palette_webhooks", "positions")
 ROTATION_GRACE_S = 24 * 3600  # the secret a rotation replaced still signs this long
 SHOWN_ATTEMPTS = 20  # attempts listed per delivery, the latest first, and all that are kept
@@ -195,9 +204,10 @@ def rotate_secret(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUI
 
 def enable_endpoint(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID) -> dict[str, Any] | None:
     """Enable a disabled endpoint again: its failure run forgotten, its pending deliveries due
-    now, and the events from now on recorded for it (``enabled_since``: none from while it was
-    disabled, however often the consumer folds their job again). An enabled one is left as it is
-    (an enable is no way around a hold); None: no such endpoint."""
+    now (not those whose attempt is in flight: another sender would POST them at once too), and
+    the events from now on recorded for it (``enabled_since``: none from while it was disabled,
+    however often the consumer folds their job again). An enabled one is left as it is (an enable
+    is no way around a hold); None: no such endpoint."""
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(sql.SQL(
             "UPDATE palette_webhooks.endpoints SET enabled = true, disabled_at = NULL, failures = 0, "
@@ -206,8 +216,9 @@ def enable_endpoint(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: U
             "RETURNING {}").format(_ENDPOINT), [endpoint_id, user_id]).fetchone()
         if row is None:
             return get_endpoint(conn, user_id, endpoint_id)
-        cur.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() "
-                    "WHERE endpoint_id = %s AND status = 'pending'", [endpoint_id])
+        cur.execute(sql.SQL("UPDATE palette_webhooks.deliveries d SET next_attempt_at = now() "
+                            "WHERE endpoint_id = %s AND status = 'pending' AND NOT coalesce({}, false)")
+                    .format(_IN_FLIGHT), [endpoint_id])
     return row
 
 
@@ -255,12 +266,16 @@ def list_deliveries(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: U
 def redeliver(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID,
               delivery_id: UUID) -> dict[str, Any] | None:
     """The delivery pending again, due now, with a fresh retry schedule (same message id); the
-    endpoint is tried now even if failures held it (its owner says it works again)."""
+    endpoint is tried now even if failures held it (its owner says it works again). One whose
+    attempt is in flight keeps its claim (that attempt is the one asked for: made due now, another
+    sender took it while the first still held it, and POSTed it twice at once)."""
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(sql.SQL(
-            "UPDATE palette_webhooks.deliveries d SET status = 'pending', tries = 0, next_attempt_at = now() "
+            "UPDATE palette_webhooks.deliveries d SET status = 'pending', tries = 0, "
+            "next_attempt_at = CASE WHEN {in_flight} THEN d.next_attempt_at ELSE now() END "
             "FROM palette_webhooks.endpoints e WHERE d.id = %s AND d.endpoint_id = %s AND e.id = d.endpoint_id "
-            "AND e.user_id = %s RETURNING {}").format(_DELIVERY), [delivery_id, endpoint_id, user_id]).fetchall()
+            "AND e.user_id = %s RETURNING {fields}").format(in_flight=_IN_FLIGHT, fields=_DELIVERY),
+            [delivery_id, endpoint_id, user_id]).fetchall()
         if rows:
             cur.execute(_RELEASE, [endpoint_id])
             cur.execute("UPDATE palette_webhooks.endpoints SET held_until = NULL WHERE id = %s", [endpoint_id])
@@ -389,7 +404,8 @@ def claim(conn: psycopg.Connection[Any], limit: int, lease_s: float, per_user: i
         "WHERE d.status = 'pending' AND d.next_attempt_at <= now() "
         "AND (%(suspects)s::int IS NULL OR a.suspect_place IS NULL OR a.suspect_place <= %(suspects)s) "
         "ORDER BY a.place, a.next_attempt_at LIMIT %(limit)s FOR UPDATE OF d SKIP LOCKED) "
-        "UPDATE palette_webhooks.deliveries d SET next_attempt_at = now() + %(lease)s * interval '1 second' "
+        "UPDATE palette_webhooks.deliveries d SET next_attempt_at = now() + %(lease)s * interval '1 second', "
+        "leased_until = now() + %(lease)s * interval '1 second' "
         "FROM due, palette_webhooks.endpoints e WHERE d.id = due.id AND e.id = d.endpoint_id "
         "RETURNING d.id, d.message_id, d.body, d.tries, e.url, e.secret, "
         "CASE WHEN e.previous_until > now() THEN e.previous_secret END, d.next_attempt_at, e.user_id, "

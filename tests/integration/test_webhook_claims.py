@@ -422,3 +422,25 @@ def test_a_redelivery_committed_while_the_prune_waits_on_its_row_is_kept(conn, s
             assert store.redeliver(owner, user, endpoint, due.id) is not None
         row = conn.execute("SELECT status FROM palette_webhooks.deliveries WHERE id = %s", [due.id]).fetchone()
         assert row == ("pending",)  # the redelivery answered 202 is sent
+
+
+def test_a_redelivery_or_an_enable_leaves_an_attempt_in_flight_the_only_one(conn):
+    # A delivery claimed (its POST in flight) and redelivered meanwhile, or whose endpoint another
+    # attempt's failure disabled and its owner enabled again: both made it due at once, so a second
+    # sender claimed it while the first still held its lease (two POSTs of it at once, the first
+    # one's outcome thrown away). A delivery waiting for its retry is still due at once.
+    user = uuid.uuid4()
+    with one_delivery(conn, user, "in-flight") as (endpoint, job):
+        [due] = [d for d in store.claim(conn, 10_000, 30.0) if d.user_id == user]
+        assert store.redeliver(conn, user, endpoint, due.id) is not None
+        assert [d for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == []
+        conn.execute("UPDATE palette_webhooks.endpoints SET enabled = false, disabled_at = now() WHERE id = %s",
+                     [endpoint])
+        assert store.enable_endpoint(conn, user, endpoint) is not None
+        assert [d for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == []
+        store.finish(conn, due.id, Outcome(None, "timeout", "", 10_000), 300.0, 20, 0, due.lease)
+        row = conn.execute("SELECT attempts, next_attempt_at > now() FROM palette_webhooks.deliveries "
+                           "WHERE id = %s", [due.id]).fetchone()
+        assert row == (1, True)  # the attempt in flight was recorded; its retry waits
+        assert store.redeliver(conn, user, endpoint, due.id) is not None
+        assert [d.message_id for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == [f"msg_{job.hex}_1"]
