@@ -651,8 +651,9 @@ class PaletteService:
         @touches(rule_id, user_id)
         def command(uow: UnitOfWork) -> None:
             rule = self._own_rule(uow, user_id, rule_id)
+            user = self._user(uow, user_id)  # UserNotFound once erased: before anything is recorded
             rule.delete(at)
-            self._user(uow, user_id).free_rule_slot(rule_id, at)
+            user.free_rule_slot(rule_id, at)
 
         return command
 

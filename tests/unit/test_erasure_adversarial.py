@@ -16,7 +16,7 @@ from application.executors import DirectExecutor
 from application.personal import MemoryKeyring
 from application.services import PaletteApplication, PaletteService
 from domain.contracts.personal import ERASED
-from domain.errors import DomainError, InvalidState, NotFound
+from domain.errors import DomainError, InvalidState, NotFound, UserNotFound
 from domain.plans import DEFAULT_PLANS
 from domain.rule import Rule
 from domain.user import User
@@ -82,6 +82,20 @@ def test_no_rule_of_an_erased_user_changes_after_the_erasure():
     version = here.app.repository.get(rule_id).version
     with pytest.raises(NotFound):
         here.update_rule(user_id, rule_id, "Renamed after erasure", EDITS)  # type: ignore[arg-type]
+    assert here.app.repository.get(rule_id).version == version
+
+
+def test_no_rule_of_an_erased_user_is_deleted_after_the_erasure_and_the_caller_is_refused_not_crashed():
+    """DELETE /rules/{id} with the erased user's token, in the second before this process refuses it:
+    refused as the user not found (the API's 401), never a 500 for a command that recorded the
+    rule's deletion and then found its user gone."""
+    here, there = processes()
+    user_id, _ = here.register(DEVICE).value
+    rule_id = a_rule(here, user_id)
+    erase(there, user_id)
+    version = here.app.repository.get(rule_id).version
+    with pytest.raises(UserNotFound):
+        here.delete_rule(user_id, rule_id)  # type: ignore[arg-type]
     assert here.app.repository.get(rule_id).version == version
 
 
