@@ -22,6 +22,8 @@ import io
 import json
 import math
 import re
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -191,8 +193,12 @@ def run(query: str, data: Path | None, database_url: str | None, limit: int = DE
         raise QueryError(f"--data {data}: {'not a directory' if data.exists() else 'no such directory'}")
     if data is not None and is_staging(data):
         raise QueryError(f"--data {data}: an export that never finished (interrupted or crashed); remove it")
+    # DuckDB spills into ``.tmp`` in the working directory by default, and the lock-down below
+    # allows its spill folder: a folder of this query's own instead, removed after it.
+    spill = tempfile.mkdtemp(prefix="palette-query-")
     con = duckdb.connect(":memory:")
     try:
+        con.execute(f"SET temp_directory = {_quoted(Path(spill))}")
         _one_select(con, query)
         made = _views(con, data) if data is not None else set()
         missing = [m for m in _named(query, READ_MODELS) if m not in made]
@@ -209,6 +215,7 @@ def run(query: str, data: Path | None, database_url: str | None, limit: int = DE
         raise
     finally:
         con.close()
+        shutil.rmtree(spill, ignore_errors=True)
     return Result(columns, rows[:limit], len(rows) > limit)
 
 

@@ -85,6 +85,24 @@ def test_query_bounds_its_output_and_renders_table_csv_and_json(tmp_path):
         run("SELECT 1", tmp_path / "file", None)
 
 
+def test_query_reads_no_file_of_the_working_directory_s_dot_tmp(tmp_path, monkeypatch):
+    """DuckDB's default spill folder is ``.tmp`` in the working directory, and locking file access
+    to --data still allowed it: a SELECT read (and globbed) any file there, with or without --data."""
+    work, data = tmp_path / "work", tmp_path / "data"
+    (work / ".tmp").mkdir(parents=True)
+    data.mkdir()
+    (work / ".tmp" / "private.csv").write_text("secret\n42\n")
+    monkeypatch.chdir(work)
+    for folder in (data, None):
+        for sql_text in ("SELECT * FROM read_csv('.tmp/private.csv')",
+                         f"SELECT * FROM read_csv('{work}/.tmp/private.csv')",  # noqa: S608 - a test's path
+                         "SELECT * FROM glob('.tmp/*')"):
+            with pytest.raises(QueryError, match="Permission"):
+                run(sql_text, folder, None)
+    assert not any(p.name != "private.csv" for p in (work / ".tmp").iterdir())
+    assert run("SELECT count(*) FROM range(10)", data, None).rows == [(10,)]
+
+
 def _payload(heads: list[list[object]]) -> dict[str, object]:
     return {"kind": checkpoints.KIND, "taken_at": "2026-12-01T00:00:00+00:00", "log_position": 7, "complete": True,
             "heads": heads}
