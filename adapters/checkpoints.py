@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -64,6 +64,11 @@ def private_key(settings: Settings) -> Ed25519PrivateKey:
             raise CheckpointError(f"cannot read the signing key file {path}: {e.strerror}") from None
         try:
             key = serialization.load_pem_private_key(data, password=None)
+        except TypeError:  # cryptography's answer to a key under a passphrase, asked for none
+            raise CheckpointError(f"{path} is under a passphrase: the signing key file must hold the key "
+                                  "unencrypted (mode 0600, as `palette audit keygen` writes it)") from None
+        except UnsupportedAlgorithm:
+            raise CheckpointError(f"{path} holds no Ed25519 private key") from None
         except ValueError:
             key = Ed25519PrivateKey.from_private_bytes(_raw_key(data.decode(errors="replace"), str(path)))
         if not isinstance(key, Ed25519PrivateKey):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from eventsourcing.domain import Aggregate
 from hypothesis import given
@@ -162,6 +163,21 @@ def test_keys_come_from_hex_base64_or_a_pem_file_and_bad_ones_are_named(tmp_path
         checkpoints.trusted_key(Settings(), None)
     with pytest.raises(checkpoints.CheckpointError):
         checkpoints.public_key("not a key")
+
+
+def test_a_passphrase_protected_signing_key_file_is_refused_in_one_line(tmp_path):
+    """A PEM key under a passphrase (what `openssl genpkey -aes256` makes) raised cryptography's
+    TypeError through `palette audit checkpoint`, `serve checkpointer` and `audit verify
+    --checkpoint` (which falls back on the signing key): a traceback, not a line."""
+    key = Ed25519PrivateKey.generate()
+    locked = tmp_path / "locked.pem"
+    locked.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.BestAvailableEncryption(b"passphrase")))
+    with pytest.raises(checkpoints.CheckpointError, match=r"locked\.pem is under a passphrase") as e:
+        checkpoints.private_key(Settings(audit_signing_key_file=str(locked)))
+    assert "\n" not in str(e.value)
+    with pytest.raises(checkpoints.CheckpointError, match="no public key to trust"):
+        checkpoints.trusted_key(Settings(audit_signing_key_file=str(locked)), None)
 
 
 LEDGER_CHANGES = {"user_id": uuid.uuid4(), "seq": 99, "type": "adjust", "amount": 7, "balance_delta": -7,
