@@ -71,3 +71,18 @@ def test_a_time_with_a_character_outside_printable_ascii_is_refused_though_pytho
 
 def test_a_time_in_printable_ascii_is_read():
     assert iso_time("2026-01-01T00:00:00+00:00").isoformat() == "2026-01-01T00:00:00+00:00"
+
+
+@pytest.mark.parametrize("value", ["2026-01-01T00:00:00.1234567+00:00", "2026-01-01T00:00:00.123456789Z",
+                                   "2026-01-01T00:00:00,0000001+00:00"])
+def test_a_time_more_precise_than_a_microsecond_is_refused_not_cut(value):
+    """Python cuts a fraction past six digits: an event stamped 00:00:00.123456 lies before
+    `--since`/`from` 00:00:00.1234567 but was counted in (`>=` on the cut bound), and before
+    `--to` (the report's exclusive end) but was left out. The log's times are microseconds."""
+    with pytest.raises(ValueError, match="microsecond"):
+        iso_time(value)
+
+
+def test_a_fraction_s_zeros_past_the_microsecond_are_read():
+    assert iso_time("2026-01-01T00:00:00.123456000+00:00") == iso_time("2026-01-01T00:00:00.123456+00:00")
+    assert iso_time("2026-01-01T00:00:00,5+00:00").microsecond == 500_000
