@@ -60,16 +60,24 @@ class Replayer:
         return env if data is env.data else dataclasses.replace(env, data=data)
 
     def stream(self, stream_id: UUID) -> Iterator[EventEnvelope]:
-        """One stream's events in version order."""
+        """One stream's events in version order, read a page of versions per query (a User
+        stream grows with every job: memory holds a page, and no connection is held between
+        pages while a reader takes its time)."""
         query = sql.SQL("SELECT notification_id, originator_id, originator_version, topic, state FROM {} "
-                        "WHERE originator_id = %s ORDER BY originator_version").format(events_table(self.recorder))
-        with self.recorder.datastore.get_connection() as conn, conn.cursor() as cur:
-            cur.execute(query, [stream_id])
-            rows = cur.fetchall()
-        for r in rows:
-            yield self._shown(from_notification(_Row(r["notification_id"], r["originator_id"],
-                                                     r["originator_version"], r["topic"], bytes(r["state"])),
-                                                self.transcoder))
+                        "WHERE originator_id = %s AND originator_version > %s ORDER BY originator_version "
+                        "LIMIT %s").format(events_table(self.recorder))
+        after = 0
+        while True:
+            with self.recorder.datastore.get_connection() as conn, conn.cursor() as cur:
+                cur.execute(query, [stream_id, after, PAGE])
+                rows = cur.fetchall()
+            for r in rows:
+                yield self._shown(from_notification(_Row(r["notification_id"], r["originator_id"],
+                                                         r["originator_version"], r["topic"], bytes(r["state"])),
+                                                    self.transcoder))
+            if len(rows) < PAGE:
+                return
+            after = rows[-1]["originator_version"]
 
     def existing_stream(self, stream_id: UUID) -> Iterator[EventEnvelope]:
         """``stream``, its events read now: LookupError when the log holds no such stream."""

@@ -7,6 +7,7 @@ The expected states are folded here the plain way (``_expected``): not by the do
 
 from __future__ import annotations
 
+import contextlib
 import random
 import uuid
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from adapters.system import RandomIds, SystemClock
 from application.executors import DirectExecutor, GroupCommitter
 from application.services import PaletteApplication, PaletteService
 from projections import audit
+from projections.log import events_table
 from projections.models.billing_events import ledger_hash
 from projections.replay import Replayer
 from tests.keys import process_keys
@@ -622,3 +624,61 @@ def test_verify_names_every_chain_deleted_whole_first_between_and_last_in_id_ord
     order = {str(u): i for i, u in enumerate(users)}
     assert [(b.user_id, b.seq, b.reason) for b in first.breaks] == sorted(expected, key=lambda b: order[b[0]])[:2]
     assert (first.broken, first.ok, first.checked) == (4, False, report.checked)
+
+
+def test_a_stream_replay_reads_its_stream_a_page_at_a_time(history, service, settings, monkeypatch):  # noqa: F811
+    """A stream's replay (`palette replay stream`, `/streams/{id}/events`, and `state --as-of`,
+    which reads it) held all of the stream's rows at once, however long the stream: a User stream
+    grows with every job its user runs. It reads a page of versions per query; the events are
+    the stream's, in version order, as the table holds them (the oracle: one plain SELECT)."""
+    import projections.replay
+
+    monkeypatch.setattr(projections.replay, "PAGE", 2)
+    fetched: list[int] = []
+    datastore = history.recorder.datastore
+    plain = type(datastore).get_connection
+
+    class Counted:
+        def __init__(self, cur: Any) -> None:
+            self.cur = cur
+
+        def __enter__(self) -> Counted:
+            self.cur.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.cur.__exit__(*exc)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.cur, name)
+
+        def fetchall(self) -> list[Any]:
+            rows = self.cur.fetchall()
+            fetched.append(len(rows))
+            return list(rows)
+
+    class Conn:
+        def __init__(self, conn: Any) -> None:
+            self.conn = conn
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.conn, name)
+
+        def cursor(self, *args: Any, **kwargs: Any) -> Counted:
+            return Counted(self.conn.cursor(*args, **kwargs))
+
+    @contextlib.contextmanager
+    def counted(self: Any) -> Iterator[Any]:
+        with plain(self) as conn:
+            yield Conn(conn)
+
+    monkeypatch.setattr(type(datastore), "get_connection", counted)
+    with psycopg.connect(settings.effective_database_url) as conn:
+        longest, versions = conn.execute(sql.SQL(
+            "SELECT originator_id, count(*) FROM {} GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1").format(
+            events_table(history.recorder))).fetchone() or (None, 0)
+    assert versions >= 5
+    replayed = list(history.existing_stream(longest))
+    assert [e.version for e in replayed] == list(range(1, versions + 1))
+    assert [e.stream_id for e in replayed] == [longest] * versions
+    assert fetched and max(fetched) <= 2, fetched
