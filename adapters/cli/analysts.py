@@ -14,6 +14,8 @@ from adapters.cli.arguments import row_limit, time_value, uuid_value
 from adapters.cli.connect import erased_users, event_store, running_settings
 from adapters.cli.outputs import with_progress
 
+MAX_POSITION = 2**63 - 1  # a log position is a bigint (as GET /streams' ``from`` is bounded)
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -83,8 +85,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 def _bad_window(from_position: int, since: datetime | None, until: datetime | None) -> str | None:
     """Why ``replay all``'s window holds nothing by construction (None: it may hold events)."""
-    if from_position < 1:
-        return f"--from must be a notification id (1 or more), not {from_position}"
+    if not 1 <= from_position <= MAX_POSITION:  # past a bigint, no index serves the scan (it reads the whole log)
+        return f"--from must be a notification id (1 to {MAX_POSITION:,}), not {from_position}"
     if since is not None and until is not None and until < since:
         return "the period's end (--until) must be after its start (--since)"
     return None

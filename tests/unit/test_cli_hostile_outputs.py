@@ -406,3 +406,19 @@ def test_admin_sweep_that_could_not_do_part_of_its_pass_says_so_in_one_line_and_
     assert "Traceback" not in err and "retrying in" not in err and err.count("\n") == 1, err
     assert err.startswith("palette admin sweep: could not finish the erasure of 00000000-0000-0000-0000-0000000000e1")
     assert "cannot reach the object store" in err and "PALETTE_S3_ENDPOINT" in err
+
+
+@pytest.mark.parametrize("start", [2**63, 10**30])
+@pytest.mark.parametrize("fmt", [[], ["--format", "csv"], ["--format", "parquet", "--out", "analytics"]])
+def test_a_replay_from_past_any_log_position_is_refused_before_it_starts(start: int, fmt: list[str],
+                                                                         monkeypatch: Any, capsys: Any) -> None:
+    """`replay all --from` is a log position, a bigint, as GET /streams' `from` is: past it,
+    psycopg sent a numeric, no index served `notification_id >= $1`, and the replay (or the
+    Parquet export) walked the whole log to find nothing. Refused before any settings are read."""
+    def never() -> None:
+        raise AssertionError("the replay went on to the database")
+
+    monkeypatch.setattr("adapters.cli.analysts.running_settings", never)
+    assert cli.main(["replay", "all", "--from", str(start), *fmt]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--from" in err and f"{2**63 - 1:,}" in err, err
