@@ -28,13 +28,15 @@ def events_table(recorder: Any) -> sql.Identifier:
     return sql.Identifier(recorder.datastore.schema, recorder.events_table_name)
 
 
-def events_by_stream(table: sql.Identifier, upto: bool = True) -> sql.Composed:
+def events_by_stream(table: sql.Identifier, upto: bool = True, one: bool = False) -> sql.Composed:
     """The stored events of the topics ``%(topics)s`` (at positions up to ``%(upto)s`` with
-    ``upto``) by stream id and version, the primary key's order: each stream's events together,
-    in the order a fold takes them, the stream id first (``enveloped`` reads a row)."""
+    ``upto``; of the stream ``%(stream)s`` alone with ``one``) by stream id and version, the
+    primary key's order: each stream's events together, in the order a fold takes them, the
+    stream id first (``enveloped`` reads a row)."""
     return sql.SQL("SELECT originator_id, originator_version, notification_id, topic, state FROM {} "
-                   "WHERE topic = ANY(%(topics)s){} ORDER BY originator_id, originator_version").format(
-        table, sql.SQL(" AND notification_id <= %(upto)s") if upto else sql.SQL(""))
+                   "WHERE topic = ANY(%(topics)s){}{} ORDER BY originator_id, originator_version").format(
+        table, sql.SQL(" AND notification_id <= %(upto)s") if upto else sql.SQL(""),
+        sql.SQL(" AND originator_id = %(stream)s") if one else sql.SQL(""))
 
 
 def enveloped(row: Sequence[Any], transcoder: Any) -> EventEnvelope:

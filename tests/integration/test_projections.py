@@ -3,6 +3,7 @@ holds back only its own stream, and a rebuild equals the live model."""
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -472,8 +473,12 @@ def _rule_event(app: PaletteApplication, rule: uuid.UUID, version: int, name: st
     if version == 1:
         state.update(originator_topic="domain.rule:Rule", user_id=uuid.uuid4(), preset_id="interior")
     kind = "RuleCreated" if version == 1 else "RuleDeleted" if deleted else "RuleUpdated"
-    app.recorder.insert_events([StoredEvent(rule, version, f"domain.rule:Rule.{kind}",
-                                            app.mapper.transcoder.encode(state))])
+    if name is not None and not name.isascii():  # as its JSON escapes (a lone surrogate, which UTF-8 cannot hold)
+        encoded = app.mapper.transcoder.encode({**state, "name": "<name>"}).replace(
+            b'"<name>"', json.dumps(name).encode())
+    else:
+        encoded = app.mapper.transcoder.encode(state)
+    app.recorder.insert_events([StoredEvent(rule, version, f"domain.rule:Rule.{kind}", encoded)])
 
 
 def _rule_letters(conn: psycopg.Connection[Any], rule: uuid.UUID) -> list[tuple[int, str]]:
@@ -533,6 +538,80 @@ def test_a_rebuild_keeps_an_operators_skip(own_log):
         assert _rule_letters(conn, rule) == [(2, "skipped")]
         assert table_contents(conn, "rules", RULE_COLUMNS) == live
 
+
+
+def _user_event(app: PaletteApplication, user: uuid.UUID, version: int, amount: int | None = None) -> None:
+    """A user's event straight into the log: registered at version 1, granted ``amount`` after."""
+    from eventsourcing.persistence import StoredEvent
+
+    state: dict[str, Any] = {"timestamp": datetime.now(UTC)}
+    if version == 1:
+        state.update(originator_topic="domain.user:User", class_version=2, plan="free", device_key="none")
+    else:
+        state.update(amount=amount, reason="test")
+    kind = "Registered" if version == 1 else "CreditsGranted"
+    app.recorder.insert_events([StoredEvent(user, version, f"domain.user:User.{kind}",
+                                            app.mapper.transcoder.encode(state))])
+
+
+def _model_contents(conn: psycopg.Connection[Any], name: str) -> list[set[tuple[Any, ...]]]:
+    model = READ_MODELS[name]
+    tables = [table_contents(conn, model.keyed_table, model.column_names),
+              table_contents(conn, f"{name}_tracking", ("stream_id", "version"))]
+    if model.append:
+        tables.append(table_contents(conn, model.append.name, model.append.columns))
+    return tables
+
+
+@pytest.mark.parametrize("batch", [1, rebuilding.COPY_ROWS], ids=["a batch a row", "one batch"])
+@pytest.mark.parametrize("poison", ["x\x00y", "x\ud800y", 2**31],
+                         ids=["a NUL in text", "a lone surrogate", "an integer out of range"])
+def test_a_rebuild_stops_a_stream_at_an_event_postgres_cannot_store_as_the_live_model_does(
+        own_log, monkeypatch, poison, batch):
+    """An event of the log whose fold succeeds but whose row PostgreSQL refuses (a NUL in a
+    rule's name, a lone surrogate, a grant past an ``integer`` column) is parked by the live
+    projector, its stream's rows as before it. A rebuild does the same: the COPY of the batch
+    that holds it fails, so that batch is written again stream by stream and the failing stream
+    event by event; the stream stops at that event, the other streams are rebuilt, and the
+    rebuilt model equals the live one. (Before, the COPY's error ended the rebuild, so a model
+    with such an event in its log could never be rebuilt.)"""
+    monkeypatch.setattr(rebuilding, "COPY_ROWS", batch)
+    url, app = own_log
+    poisoned, healthy = uuid.uuid4(), uuid.uuid4()
+    if isinstance(poison, str):
+        models = ["rules"]
+        for stream in (poisoned, healthy):
+            _rule_event(app, stream, 1, "first")
+        _rule_event(app, poisoned, 2, poison)
+        _rule_event(app, poisoned, 3, None, deleted=True)  # held: the poison's name would stay
+        _rule_event(app, healthy, 2, "later")
+    else:
+        models = ["users", "billing_events"]  # an integer keyed column; an appended (ledger) one
+        for stream in (poisoned, healthy):
+            _user_event(app, stream, 1)
+            _user_event(app, stream, 2, 10)
+        _user_event(app, poisoned, 3, poison)
+        _user_event(app, poisoned, 4, 5)
+        _user_event(app, healthy, 3, 7)
+    with psycopg.connect(url, autocommit=True) as conn:
+        _live_fold(conn, app)
+        letters = sorted((d["model"], d["stream_id"], d["version"], d["status"]) for d in dead_letters(conn))
+        assert {(m, s) for m, s, _, _ in letters} == {(m, poisoned) for m in models}
+        at = 2 if models == ["rules"] else 3  # the poison's version
+        assert all(version == at if status == "parked" else version > at for _, _, version, status in letters)
+        for name in models:
+            live = _model_contents(conn, name)
+            report = rebuild(url, app.recorder, app.mapper.transcoder, name)
+            assert report.failed_streams == 1
+            assert _model_contents(conn, name) == live, name
+        assert sorted((d["model"], d["stream_id"], d["version"], d["status"])
+                      for d in dead_letters(conn)) == letters
+        if models == ["rules"]:
+            names = dict(conn.execute("SELECT id, name FROM palette_read.rules").fetchall())
+            assert names == {poisoned: "first", healthy: "later"}
+        else:
+            credits = dict(conn.execute("SELECT id, credits FROM palette_read.users").fetchall())
+            assert credits == {poisoned: 10, healthy: 17}
 
 
 @pytest.mark.parametrize("poison", [None, "x\x00y"], ids=["the fold fails", "postgres refuses the name"])
