@@ -128,7 +128,7 @@ class WebhookSender:
             retry_in = None if outcome.ok else retry_delay(self.schedule, due.tries + 1, self.draw)
             with self.pool.connection() as conn:
                 store.finish(conn, due.id, outcome, retry_in, self.disable_after, self.disable_after_s, due.lease,
-                             self._hold_s)
+                             self._hold_s, due.tries)
         except Exception as e:  # noqa: BLE001 - the lease brings the delivery back
             log.warning("delivery %s not recorded (%s: %s); due again after its lease",
                         due.id, type(e).__name__, str(e)[:200])

@@ -420,7 +420,7 @@ def claim(conn: psycopg.Connection[Any], limit: int, lease_s: float, per_user: i
 
 def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, retry_in_s: float | None,
            disable_after: int, disable_after_s: float, lease: datetime | None = None,
-           hold_s: Callable[[int], float] | None = None) -> None:
+           hold_s: Callable[[int], float] | None = None, tries: int | None = None) -> None:
     """Record an attempt. A failure schedules the next try (``retry_in_s``; None: the delivery
     has failed) and lengthens the endpoint's run of failures, which disables it once it is
     ``disable_after`` attempts long and has lasted ``disable_after_s``; with ``hold_s`` it also
@@ -428,17 +428,25 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
     deliveries is tried (its attempts in flight finish; those due wait for the hold's end). A
     success ends the run and the hold, and proves the endpoint (``claim``'s suspects).
     With ``lease`` (the claim's end), an attempt whose claim was taken over since (it outlived its
-    lease, or the delivery was redelivered) records nothing: a later attempt's outcome stands."""
+    lease, or the delivery was redelivered) records nothing: a later attempt's outcome stands.
+    With ``tries`` (the claim's), a failed attempt of a delivery redelivered while it was in
+    flight (its tries reset below the claim's) leaves it pending and due now with a fresh
+    schedule, as the redelivery said, whatever ``retry_in_s`` the claim's tries gave (a hold
+    this failure starts still holds it)."""
     status = "succeeded" if outcome.ok else ("pending" if retry_in_s is not None else "failed")
+    redone = sql.SQL("(NOT %(ok)s AND tries < %(tries)s::int)")  # the row's tries, as before this update
     with conn.transaction():
-        row = conn.execute(
-            "UPDATE palette_webhooks.deliveries SET attempts = attempts + 1, status = %s, "
-            "tries = CASE WHEN %s THEN 0 ELSE tries + 1 END, "
-            "next_attempt_at = CASE WHEN %s = 'pending' THEN now() + %s * interval '1 second' END, "
-            "last_status_code = %s, last_error = %s WHERE id = %s "
-            "AND (%s::timestamptz IS NULL OR next_attempt_at = %s::timestamptz) RETURNING attempts, endpoint_id",
-            [status, outcome.ok, status, retry_in_s or 0.0, outcome.status_code, outcome.error or None,
-             delivery_id, lease, lease]).fetchone()
+        row = conn.execute(sql.SQL(
+            "UPDATE palette_webhooks.deliveries SET attempts = attempts + 1, "
+            "status = CASE WHEN {redone} THEN 'pending' ELSE %(status)s END, "
+            "tries = CASE WHEN %(ok)s OR {redone} THEN 0 ELSE tries + 1 END, "
+            "next_attempt_at = CASE WHEN {redone} THEN now() "
+            "  WHEN %(status)s = 'pending' THEN now() + %(retry)s * interval '1 second' END, "
+            "last_status_code = %(code)s, last_error = %(error)s WHERE id = %(id)s "
+            "AND (%(lease)s::timestamptz IS NULL OR next_attempt_at = %(lease)s::timestamptz) "
+            "RETURNING attempts, endpoint_id").format(redone=redone),
+            {"status": status, "ok": outcome.ok, "retry": retry_in_s or 0.0, "code": outcome.status_code,
+             "error": outcome.error or None, "id": delivery_id, "lease": lease, "tries": tries}).fetchone()
         if row is None:  # the endpoint was deleted meanwhile, or another claim holds the delivery now
             return
         conn.execute("INSERT INTO palette_webhooks.attempts (delivery_id, n, status_code, error, response, "

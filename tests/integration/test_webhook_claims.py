@@ -444,3 +444,21 @@ def test_a_redelivery_or_an_enable_leaves_an_attempt_in_flight_the_only_one(conn
         assert row == (1, True)  # the attempt in flight was recorded; its retry waits
         assert store.redeliver(conn, user, endpoint, due.id) is not None
         assert [d.message_id for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == [f"msg_{job.hex}_1"]
+
+
+def test_a_redelivery_while_the_last_try_is_in_flight_is_sent_after_it_fails(conn):
+    # The owner redelivers (202) a delivery whose last scheduled try is in flight; that attempt
+    # then fails, and the sender, reading the tries of its claim, says the schedule is spent
+    # (retry_in None). The redelivery promised a fresh schedule, due now: the delivery stays
+    # pending and due, not 'failed' with the redelivery never sent.
+    user = uuid.uuid4()
+    with one_delivery(conn, user, "last-try") as (endpoint, job):
+        conn.execute("UPDATE palette_webhooks.deliveries SET tries = 3 WHERE endpoint_id = %s", [endpoint])
+        [due] = [d for d in store.claim(conn, 10_000, 30.0) if d.user_id == user]
+        assert due.tries == 3
+        assert store.redeliver(conn, user, endpoint, due.id) is not None
+        store.finish(conn, due.id, Outcome(None, "timeout", "", 10_000), None, 20, 0, due.lease, tries=due.tries)
+        row = conn.execute("SELECT status, attempts, tries FROM palette_webhooks.deliveries WHERE id = %s",
+                           [due.id]).fetchone()
+        assert row == ("pending", 1, 0)  # the attempt in flight recorded; the redelivery's to come
+        assert [d.message_id for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == [f"msg_{job.hex}_1"]
