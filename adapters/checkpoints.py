@@ -87,9 +87,15 @@ def public_key(text: str) -> Ed25519PublicKey:
     path = Path(text).expanduser()
     if len(text) < 256 and path.is_file():
         try:
-            loaded = serialization.load_pem_public_key(path.read_bytes())
+            data = path.read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"cannot read the public key file {path}: {e.strerror}") from None
+        try:
+            loaded = serialization.load_pem_public_key(data)
         except ValueError:
             raise CheckpointError(f"{path} holds no PEM public key") from None
+        except UnsupportedAlgorithm:  # a key of an algorithm cryptography does not know: no ValueError
+            raise CheckpointError(f"{path} holds no Ed25519 public key") from None
         if not isinstance(loaded, Ed25519PublicKey):
             raise CheckpointError(f"{path} holds no Ed25519 public key")
         return loaded

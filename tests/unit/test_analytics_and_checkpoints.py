@@ -230,3 +230,24 @@ def test_the_latest_checkpoint_is_the_one_at_the_furthest_log_position(tmp_path)
     for position in (9, 10, 100_000):  # names sort by position whatever its number of digits
         store.put(checkpoints.sign({**_payload([]), "log_position": position}, key))
     assert store.latest()[1]["payload"]["log_position"] == 100_000
+
+
+def test_a_public_key_pem_of_an_algorithm_cryptography_does_not_know_is_refused_in_one_line(tmp_path, monkeypatch):
+    """As the signing key file's: a PEM whose algorithm cryptography does not support (its
+    UnsupportedAlgorithm is no ValueError) went through `palette audit verify --public-key` as a
+    traceback, and so did a file it could not read."""
+    def tlv(tag: int, body: bytes) -> bytes:
+        return bytes([tag, len(body)]) + body
+    spki = tlv(0x30, tlv(0x30, tlv(0x06, bytes([0x2A, 0x03, 0x04]))) + tlv(0x03, b"\x00" + bytes(32)))  # OID 1.2.3.4
+    unknown = tmp_path / "unknown.pem"
+    unknown.write_bytes(b"-----BEGIN PUBLIC KEY-----\n" + base64.encodebytes(spki) + b"-----END PUBLIC KEY-----\n")
+    with pytest.raises(checkpoints.CheckpointError, match=r"unknown\.pem holds no Ed25519 public key"):
+        checkpoints.public_key(str(unknown))
+
+    def refused(self: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", refused)  # as a file of another user's, mode 0600
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"cannot read the public key file .*unknown\.pem: Permission denied"):
+        checkpoints.public_key(str(unknown))
