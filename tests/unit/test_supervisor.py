@@ -136,13 +136,16 @@ def test_a_health_restart_whose_start_fails_is_retried_with_backoff_not_raised_o
 
 
 def test_a_health_restart_gives_a_service_ignoring_sigterm_health_stop_s_not_the_full_stop_timeout(
-        clock: Clock, supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+        clock: Clock, supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """SeaweedFS wedged after a full disk ignored SIGTERM: the restart waited 20 s in check(), in
     `palette up`'s one loop, with no other crash restarted and Ctrl-C unanswered meanwhile."""
     from infra.supervisor import HEALTH_STOP_S
 
-    supervisor.start(ServiceSpec("s3", ["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"],
-                                 ready=lambda: True, restart=True, healthy=lambda: False))
+    trapped = tmp_path / "trapped"  # SIGTERM ignored from here on (one sent before ended the shell)
+    wedging = f"trap '' TERM; : > '{trapped}'; while :; do sleep 0.05; done"
+    supervisor.start(ServiceSpec("s3", ["/bin/sh", "-c", wedging], ready=lambda: True, restart=True,
+                                 healthy=lambda: False))
+    wait_until(trapped.exists, timeout_s=30, what="the service to ignore SIGTERM")
     run = supervisor._running["s3"]
     wedged, stop, waits = run.proc, run.stop, []
 
