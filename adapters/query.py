@@ -22,7 +22,6 @@ import io
 import json
 import math
 import re
-import shutil
 import tempfile
 import threading
 import time
@@ -195,27 +194,26 @@ def run(query: str, data: Path | None, database_url: str | None, limit: int = DE
         raise QueryError(f"--data {data}: an export that never finished (interrupted or crashed); remove it")
     # DuckDB spills into ``.tmp`` in the working directory by default, and the lock-down below
     # allows its spill folder: a folder of this query's own instead, removed after it.
-    spill = tempfile.mkdtemp(prefix="palette-query-")
-    con = duckdb.connect(":memory:")
-    try:
-        con.execute(f"SET temp_directory = {_quoted(Path(spill))}")
-        _one_select(con, query)
-        made = _views(con, data) if data is not None else set()
-        missing = [m for m in _named(query, READ_MODELS) if m not in made]
-        if missing and database_url:
-            _load_read_models(con, database_url, missing)
-        # From here on the query reads files under ``data`` only, and cannot lift that.
-        con.execute(f"SET allowed_directories = [{_quoted(data) if data is not None else ''}]")
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
-        columns, rows = _select(con, query, limit, timeout)
-    except RuntimeError as e:
-        if str(e) == DUCKDB_CTRL_C:  # a Ctrl-C while the views were made
-            raise KeyboardInterrupt from None
-        raise
-    finally:
-        con.close()
-        shutil.rmtree(spill, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="palette-query-", ignore_cleanup_errors=True) as spill:
+        con = duckdb.connect(":memory:")
+        try:
+            con.execute(f"SET temp_directory = {_quoted(Path(spill))}")
+            _one_select(con, query)
+            made = _views(con, data) if data is not None else set()
+            missing = [m for m in _named(query, READ_MODELS) if m not in made]
+            if missing and database_url:
+                _load_read_models(con, database_url, missing)
+            # From here on the query reads files under ``data`` only, and cannot lift that.
+            con.execute(f"SET allowed_directories = [{_quoted(data) if data is not None else ''}]")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            columns, rows = _select(con, query, limit, timeout)
+        except RuntimeError as e:
+            if str(e) == DUCKDB_CTRL_C:  # a Ctrl-C while the views were made
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            con.close()
     return Result(columns, rows[:limit], len(rows) > limit)
 
 

@@ -104,6 +104,25 @@ def test_query_reads_no_file_of_the_working_directory_s_dot_tmp(tmp_path, monkey
     assert run("SELECT count(*) FROM range(10)", data, None).rows == [(10,)]
 
 
+def test_a_query_leaves_no_spill_folder_behind_whether_it_ran_or_duckdb_did_not_start(tmp_path, monkeypatch):
+    import tempfile
+
+    import duckdb
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert run("SELECT 1", None, None).rows == [(1,)]
+    with pytest.raises(QueryError):
+        run("SELECT * FROM no_such_table", None, None)
+
+    def refused(*_args: object, **_kwargs: object) -> None:
+        raise duckdb.IOException("could not open the database")
+
+    monkeypatch.setattr(duckdb, "connect", refused)
+    with pytest.raises(duckdb.IOException):
+        run("SELECT 1", None, None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def _payload(heads: list[list[object]]) -> dict[str, object]:
     return {"kind": checkpoints.KIND, "taken_at": "2026-12-01T00:00:00+00:00", "log_position": 7, "complete": True,
             "heads": heads}
