@@ -1,6 +1,6 @@
 """Rebuild a read model from the event store without downtime: fold the log stream by stream
-into shadow tables (COPY, a batch at a time; a batch PostgreSQL refuses again stream by stream,
-and the stream it refuses event by event, stopped where the live model stopped it), catch up
+into shadow tables (COPY, a batch at a time; a batch PostgreSQL refuses again event by event,
+each stream stopped where the live model stopped it), catch up
 under the model's lock (through the live apply path: what cannot be folded is parked), then swap
 the tables atomically."""
 
@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import sys
 import time
-from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
@@ -198,24 +196,11 @@ def _stream(recorder: Any, transcoder: Any, upto: int, topics: tuple[str, ...],
         return [enveloped(row, transcoder) for row in cur.fetchall()]
 
 
-@dataclass(slots=True)
-class _Part:
-    """What one stream added to a batch, as ``_isolate`` reads it: the versions it read (``seen``;
-    all of them once it ended) and those the shadow tables held of it before (``after``: a long
-    stream's earlier batches)."""
-
-    stream_id: UUID
-    seen: int
-    after: int
-    failed: bool  # an event of it could not be folded (counted already)
-    ended: bool
-
-
 def _fold_into_shadow(conn: psycopg.Connection[Any], model: ReadModel,
                       streams: Iterator[tuple[UUID, Iterator[EventEnvelope]]],
                       progress: Callable[[int], None] | None,
-                      skipped: dict[UUID, set[int]] | None = None,
-                      reread: Callable[[UUID], list[EventEnvelope]] | None = None) -> _Folded:
+                      skipped: dict[UUID, set[int]],
+                      reread: Callable[[UUID], list[EventEnvelope]]) -> _Folded:
     """Fold each stream as the live projector would (``fold_log``'s rules: a stream whose event
     cannot be folded keeps what it had and stops there; an event an operator skipped is passed
     over, its stream's tracking past it, as `dlq skip` left the live model) and copy the rows into
@@ -225,96 +210,23 @@ def _fold_into_shadow(conn: psycopg.Connection[Any], model: ReadModel,
     tracking so far (upserted in its next batches).
 
     A batch PostgreSQL refuses (a value it cannot store: a NUL or a lone surrogate in text, an
-    integer past its column) is written again stream by stream, and a stream it refuses is read
-    again from the log (``reread``) and written event by event as the live projector's isolation
-    does (``_isolate``): it stops at the event whose rows cannot be stored, its rows and tracking
-    as before that event (the live projector parked it; the rebuild leaves its letter as it is)."""
+    integer past its column) is written again stream by stream, each read again from the log
+    (``reread``) and written event by event as the live projector's isolation does (``_isolate``):
+    a stream stops at the event whose rows cannot be stored, its rows and tracking as before that
+    event (the live projector parked it; the rebuild leaves its letter as it is)."""
     folded = _Folded()
-    keyed: list[Row] = []  # the rows of the streams new to the shadow tables (COPY)
-    appended: list[Row] = []
-    tracking: list[tuple[UUID, int]] = []  # of the streams new to the shadow tables (COPY)
-    # A long stream's rows and tracking so far, and the versions the shadow tables held of it
-    # before (written as upserts).
+    keyed: list[Row] = []  # the rows and tracking of the streams new to the shadow tables (COPY)
+    tracking: list[tuple[UUID, int]] = []
+    # A long stream's rows and tracking so far, and the versions stored of it before (upserts).
     again: dict[UUID, tuple[Rows, int | None, int]] = {}
-    # Each stream of the batch and where its keyed and appended rows end: a list and two arrays,
-    # not an object a stream (a batch holds thousands, which the collector would walk).
-    ids: list[UUID] = []
-    ends = array("q")
-    open_part: dict[UUID, int] = {}  # a stream not ended yet: the versions it read
-    failed_ids: set[UUID] = set()  # streams with an event they could not fold (counted already)
-    batch_rows = [0]  # keyed rows of the streams that ended
-    passed_over = skipped or {}
-
-    def store(rows: list[Row], added: list[Row], tracked: list[tuple[UUID, int]],
-              upserts: dict[UUID, tuple[Rows, int | None, int]]) -> None:
-        names = model.column_names
-        copy_rows(conn, table(model.keyed_table + SHADOW), names, ([r[c] for c in names] for r in rows))
-        for found, _, _ in upserts.values():  # a long stream's rows so far are there: an upsert (and its deletes)
-            write_rows(conn, model, model.keyed_table + SHADOW, found, list(found))
-        if model.append:
-            columns = model.append.columns
-            copy_rows(conn, table(model.append.name + SHADOW), columns, ([r[c] for c in columns] for r in added))
-        copy_rows(conn, table(tracking_table(model, SHADOW)), ("stream_id", "version"), tracked)
-        write_tracking(conn, model, SHADOW, {s: v for s, (_, v, _) in upserts.items() if v is not None})
+    appended: list[Row] = []
+    ids: list[UUID] = []  # the batch's streams
+    ended_rows = failures = 0  # the batch's keyed rows of streams that ended, and streams that failed to fold
 
     def live(rows: Rows) -> int:
         return sum(r is not None for r in rows.values())
 
-    def copy_out() -> dict[UUID, tuple[Rows, int | None]]:
-        """The batch into the shadow tables; the streams stopped at an event PostgreSQL refused,
-        with their rows and tracking as before it."""
-        stopped: dict[UUID, tuple[Rows, int | None]] = {}
-        try:
-            with conn.transaction():
-                store(keyed, appended, tracking, again)
-            folded.ledger_rows += len(appended)
-            folded.rows += batch_rows[0]
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            log.warning("%s: a rebuild's batch of %d stream(s) failed (%s); writing it stream by stream",
-                        model.name, len(ids), describe(exc))
-            tracked = dict(tracking)
-            k0 = a0 = 0
-            for n, sid in enumerate(ids):
-                k, a = ends[2 * n], ends[2 * n + 1]
-                mine, theirs = appended[a0:a], keyed[k0:k]
-                k0, a0 = k, a
-                upsert = {sid: again[sid]} if sid in again else {}
-                ended = sid not in open_part
-                try:
-                    with conn.transaction():
-                        store(theirs, mine, [(sid, tracked[sid])] if sid in tracked else [], upsert)
-                except Exception as refused:
-                    if is_transient(refused) or reread is None:
-                        raise
-                    part = _Part(sid, open_part.get(sid, sys.maxsize), upsert[sid][2] if upsert else 0,
-                                 sid in failed_ids, ended)
-                    rows, version, stop, ledger = _isolate(conn, model, part, reread(sid),
-                                                           passed_over.get(sid, set()))
-                    folded.ledger_rows += ledger
-                    if stop and not part.failed:
-                        folded.failed += 1
-                    if stop or ended:
-                        folded.rows += live(rows)
-                    if stop:
-                        stopped[sid] = rows, version
-                    continue
-                folded.ledger_rows += len(mine)
-                if ended:
-                    folded.rows += live(upsert[sid][0]) if upsert else len(theirs)
-        keyed.clear()
-        appended.clear()
-        tracking.clear()
-        again.clear()
-        ids.clear()
-        del ends[:]
-        open_part.clear()
-        failed_ids.clear()
-        batch_rows[0] = 0
-        return stopped
-
-    def add(stream_id: UUID, after: int, failed: bool, rows: Rows, version: int | None) -> None:
+    def add(stream_id: UUID, after: int, rows: Rows, version: int | None) -> None:
         """A stream's rows so far into the batch (those it appended are there)."""
         if after:
             again[stream_id] = rows, version, after
@@ -322,11 +234,48 @@ def _fold_into_shadow(conn: psycopg.Connection[Any], model: ReadModel,
             keyed.extend(r for r in rows.values() if r is not None)
             if version is not None:
                 tracking.append((stream_id, version))
-        if failed:
-            failed_ids.add(stream_id)
         ids.append(stream_id)
-        ends.append(len(keyed))
-        ends.append(len(appended))
+
+    def copy_out() -> bool:
+        """The batch into the shadow tables, or, if PostgreSQL refuses it, each of its streams
+        to its end through ``_isolate``: whether it refused."""
+        nonlocal ended_rows, failures
+        try:
+            with conn.transaction():
+                names = model.column_names
+                copy_rows(conn, table(model.keyed_table + SHADOW), names, ([r[c] for c in names] for r in keyed))
+                for rows, _, _ in again.values():  # a long stream's rows so far are there: an upsert (and its deletes)
+                    write_rows(conn, model, model.keyed_table + SHADOW, rows, list(rows))
+                if model.append:
+                    columns = model.append.columns
+                    copy_rows(conn, table(model.append.name + SHADOW), columns,
+                              ([r[c] for c in columns] for r in appended))
+                copy_rows(conn, table(tracking_table(model, SHADOW)), ("stream_id", "version"), tracking)
+                write_tracking(conn, model, SHADOW, {s: v for s, (_, v, _) in again.items() if v is not None})
+            folded.rows += ended_rows
+            folded.ledger_rows += len(appended)
+            folded.failed += failures
+            refused = False
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.warning("%s: a rebuild's batch of %d stream(s) failed (%s); writing them event by event",
+                        model.name, len(ids), describe(exc))
+            for stream_id in ids:
+                after = again[stream_id][2] if stream_id in again else 0
+                rows, ledger, stopped = _isolate(conn, model, stream_id, after, reread(stream_id),
+                                                 skipped.get(stream_id, set()))
+                folded.rows += live(rows)
+                folded.ledger_rows += ledger
+                folded.failed += stopped
+            refused = True
+        keyed.clear()
+        tracking.clear()
+        again.clear()
+        appended.clear()
+        ids.clear()
+        ended_rows = failures = 0
+        return refused
 
     no_skips: set[int] = set()
     for stream_id, envelopes in streams:
@@ -334,7 +283,7 @@ def _fold_into_shadow(conn: psycopg.Connection[Any], model: ReadModel,
         version: int | None = None
         after = 0
         failed = isolated = False
-        passed = passed_over.get(stream_id, no_skips)
+        passed = skipped.get(stream_id, no_skips)
         for env in envelopes:
             folded.events += 1
             if progress and folded.events % 50_000 == 0:
@@ -348,49 +297,41 @@ def _fold_into_shadow(conn: psycopg.Connection[Any], model: ReadModel,
                 appended.extend(model.apply(rows, env))
             except Exception:  # noqa: BLE001 - the stream stays parked, as in the live projector
                 failed = True
-                folded.failed += 1
+                failures += 1
                 continue
             version = env.version
             if len(appended) >= COPY_ROWS:  # a long stream's ledger rows go out as it goes
-                add(stream_id, after, failed, rows, version)
-                open_part[stream_id] = env.version
-                stopped = copy_out()
-                if stream_id in stopped:  # stored as before the refused event: the rest is not folded
-                    failed = isolated = True
-                    rows, version = stopped[stream_id]
+                add(stream_id, after, rows, version)
+                failed = isolated = copy_out()  # refused: _isolate wrote the stream to its end
                 after = env.version
         if isolated:
             continue
-        k = len(keyed)
-        add(stream_id, after, failed, rows, version)
-        batch_rows[0] += live(rows) if after else len(keyed) - k
+        add(stream_id, after, rows, version)
+        ended_rows += live(rows)
         if len(keyed) + len(appended) >= COPY_ROWS:
             copy_out()
     copy_out()
     return folded
 
 
-def _isolate(conn: psycopg.Connection[Any], model: ReadModel, part: _Part, events: list[EventEnvelope],
-             passed: set[int]) -> tuple[Rows, int | None, bool, int]:
-    """``part``'s stream written event by event, as the live projector's isolation writes it (each
-    event's changed rows and appended ones, then its tracking), from its events after
-    ``part.after`` to ``part.seen``: it stops at the first event that cannot be folded or whose
-    rows PostgreSQL refuses. Its rows and tracking as written, whether it stopped, and how many
-    rows it appended."""
+def _isolate(conn: psycopg.Connection[Any], model: ReadModel, stream_id: UUID, after: int,
+             events: list[EventEnvelope], passed: set[int]) -> tuple[Rows, int, bool]:
+    """A stream written event by event, as the live projector's isolation writes it (each event's
+    changed rows and appended ones, then its tracking), from its ``events`` after version ``after``
+    (stored in earlier batches): it stops at the first event that cannot be folded or whose rows
+    PostgreSQL refuses. Its rows, how many rows it appended, and whether it stopped."""
     rows: Rows = {}
     ledger = 0
-    version: int | None = part.after or None
-    stop = False
+    version: int | None = after or None
+    stopped = False
     with conn.transaction():
         for env in events:
-            if env.version > part.seen:
-                break
             if not relevant(model, env):
                 continue
             if env.version in passed:
                 version = env.version
                 continue
-            if env.version <= part.after:  # stored in an earlier batch: folded, not written again
+            if env.version <= after:  # stored in an earlier batch: folded, not written again
                 model.apply(rows, env)
                 continue
             try:
@@ -403,11 +344,11 @@ def _isolate(conn: psycopg.Connection[Any], model: ReadModel, part: _Part, event
                     raise
                 log.warning("%s: a rebuild stops stream %s at v%d (position %d), as the live model: %s",
                             model.name, env.stream_id, env.version, env.id, describe(exc))
-                stop = True
+                stopped = True
                 break
             rows.update(changed)
             ledger += len(appended)
             version = env.version
         if version is not None:
-            write_tracking(conn, model, SHADOW, {part.stream_id: version})
-    return rows, version, stop, ledger
+            write_tracking(conn, model, SHADOW, {stream_id: version})
+    return rows, ledger, stopped

@@ -614,6 +614,40 @@ def test_a_rebuild_stops_a_stream_at_an_event_postgres_cannot_store_as_the_live_
             assert credits == {poisoned: 10, healthy: 17}
 
 
+@pytest.mark.parametrize("batch", [2, 3])
+def test_a_refused_batch_with_a_long_stream_in_it_is_rebuilt_stream_by_stream_as_the_live_model(
+        own_log, monkeypatch, batch):
+    """A refused batch may hold a long stream's later part (its ledger's first rows went out
+    before), a stream not ended yet, one whose fold failed and healthy ones: each is written again
+    from the log, none twice nor lost, the poisoned one stops at the poison, and the rebuilt model
+    and the report's counts are the live model's. Streams in id order: ``healthy``, ``unfoldable``
+    (a grant of no amount: ``users`` cannot fold it, the ledger cannot store it), ``poisoned``, ``later``."""
+    monkeypatch.setattr(rebuilding, "COPY_ROWS", batch)
+    url, app = own_log
+    healthy, unfoldable, poisoned, later = (uuid.UUID(int=n) for n in range(1, 5))
+    for stream, grants in ((healthy, [10, 10, 10, 10]), (unfoldable, [None]), (poisoned, [10, 10, 10, 2**31, 5]),
+                           (later, [7] * 4)):
+        _user_event(app, stream, 1)
+        for version, amount in enumerate(grants, start=2):
+            _user_event(app, stream, version, amount)
+    with psycopg.connect(url, autocommit=True) as conn:
+        _live_fold(conn, app)
+        letters = sorted((d["model"], d["stream_id"], d["version"], d["status"]) for d in dead_letters(conn))
+        assert [(m, s, v) for m, s, v, status in letters if status == "parked"] == [
+            ("billing_events", unfoldable, 2), ("billing_events", poisoned, 5),
+            ("users", unfoldable, 2), ("users", poisoned, 5)]
+        for name in ("users", "billing_events"):
+            live = _model_contents(conn, name)
+            report = rebuild(url, app.recorder, app.mapper.transcoder, name)
+            assert _model_contents(conn, name) == live, name
+            assert (report.events, report.failed_streams, report.rows) == (18, 2, len(live[0])), name
+            assert report.ledger_rows == (len(live[2]) if name == "billing_events" else 0)
+        assert sorted((d["model"], d["stream_id"], d["version"], d["status"])
+                      for d in dead_letters(conn)) == letters
+        credits = dict(conn.execute("SELECT id, credits FROM palette_read.users").fetchall())
+        assert credits == {healthy: 40, unfoldable: 0, poisoned: 30, later: 28}
+
+
 @pytest.mark.parametrize("poison", [None, "x\x00y"], ids=["the fold fails", "postgres refuses the name"])
 def test_a_bad_event_written_during_a_rebuild_is_parked_and_the_rebuild_completes(own_log, poison):
     """The rebuild folds what the log held when it began, then, under the model's lock, what came
