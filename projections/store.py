@@ -212,7 +212,11 @@ def write_tracking(conn: psycopg.Connection[Any], model: ReadModel, suffix: str,
 
 
 def _tracking_query(model: ReadModel, suffix: str = "") -> sql.Composed:
-    return sql.SQL("SELECT stream_id, version FROM {} WHERE stream_id = ANY(%b) FOR UPDATE").format(
+    """The streams' tracking rows, locked in stream id order whatever the plan (the lock is taken
+    above the sort): a scan in the table's order took them in that order, an index scan in the
+    ids', and two batches of a model that took the two plans could each hold what the other
+    waited for."""
+    return sql.SQL("SELECT stream_id, version FROM {} WHERE stream_id = ANY(%b) ORDER BY stream_id FOR UPDATE").format(
         table(tracking_table(model, suffix)))
 
 
