@@ -342,6 +342,10 @@ class GpuWorker(ConsumerLoop):
             self.started.end(task.idempotency_key)
         self.stats["done" if status == "done" else "failed"] += 1
 
+    def _park_task(self, key: bytes | None, data: dict[str, Any], reason: str) -> None:
+        """Park a task's JSON object with its error (cut to PARKED_ERROR_CHARS) in it."""
+        self._park(key, json.dumps({**data, "error": reason[:PARKED_ERROR_CHARS]}).encode(), reason)
+
     def _park(self, key: bytes | None, value: bytes, reason: str) -> None:
         if len(value) > PARKED_MAX_BYTES:
             value = json.dumps({"error": reason[:PARKED_ERROR_CHARS], "parked_bytes": len(value),
@@ -355,8 +359,7 @@ class GpuWorker(ConsumerLoop):
         """Bad input the ops refused: parked and reported at once (retrying cannot help)."""
         reason = f"bad input: {type(error).__name__}: {error}"
         log.warning("task %s parked on the DLQ: %s", task.idempotency_key, reason[:300])
-        parked = json.dumps({**task.raw, "error": reason[:PARKED_ERROR_CHARS]}).encode()
-        self._park(task.job_id.encode(), parked, reason)
+        self._park_task(task.job_id.encode(), task.raw, reason)
         self._report(task, "failed", error=reason)
 
     def _abandon(self, task: Task, deaths: int) -> None:
@@ -365,7 +368,7 @@ class GpuWorker(ConsumerLoop):
                   "likely): not tried again")
         log.error("task %s parked on the DLQ: %s", task.idempotency_key, reason)
         self.stats["crashed"] += 1
-        self._park(task.job_id.encode(), json.dumps({**task.raw, "error": reason}).encode(), reason)
+        self._park_task(task.job_id.encode(), task.raw, reason)
         self._report(task, "failed", error=reason)
 
     def _reject_record(self, record: Any, error: BaseException) -> None:
@@ -373,9 +376,10 @@ class GpuWorker(ConsumerLoop):
         reason = f"malformed task: {type(error).__name__}: {error}"
         log.error("malformed task at offset %s parked on the DLQ: %s", record.offset, reason[:300])
         task, data = Task.identify(record.value)
-        value = (json.dumps({**data, "error": reason[:PARKED_ERROR_CHARS]}).encode() if data is not None
-                 else (record.value or b""))
-        self._park(record.key, value, reason)
+        if data is not None:
+            self._park_task(record.key, data, reason)
+        else:
+            self._park(record.key, record.value or b"", reason)
         if task is not None:
             self._report(task, "failed", error=f"malformed task ({type(error).__name__}){FOR_OPERATORS}")
 
@@ -403,8 +407,7 @@ class GpuWorker(ConsumerLoop):
             raise StoreUnavailable(f"object store refuses writes ({type(error).__name__}: {error})") from None
         reason = f"processing failed after {MAX_ATTEMPTS} attempts: {type(error).__name__}: {error}"
         log.error("task %s parked on the DLQ: %s", task.idempotency_key, reason[:300])
-        dlq = {**task.raw, "attempt": MAX_ATTEMPTS, "error": reason}
-        self._park(task.job_id.encode(), json.dumps(dlq).encode(), reason)
+        self._park_task(task.job_id.encode(), {**task.raw, "attempt": MAX_ATTEMPTS}, reason)
         self._report(task, "failed",
                      error=f"processing failed after {MAX_ATTEMPTS} attempts ({type(error).__name__}){FOR_OPERATORS}")
 

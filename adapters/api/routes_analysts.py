@@ -24,6 +24,7 @@ from adapters.api.rate_limit import RateLimited
 from adapters.api.schemas import Envelope, QueryInt
 from adapters.api.strict_json import StrictJSONRoute
 from adapters.bootstrap import Container
+from domain.contracts.envelope import MAX_POSITION
 from domain.text import iso_time
 from projections import audit
 from projections.replay import Replayer, as_jsonl
@@ -42,9 +43,6 @@ SCAN_RETRY_S = 5.0  # what an audit refused while another runs is told to wait
 STAFF_STREAMS = 8  # replays open at once in one API process
 STAFF_STREAMS_PER_SUBJECT = 4  # of them, one staff token's subject's: one analyst's script cannot take them all
 T = TypeVar("T")
-# A log position is a bigint: one past it went to PostgreSQL as a numeric, which no index on
-# notification_id serves (a replay from it read the whole log to find nothing).
-MAX_POSITION = 2**63 - 1
 
 
 async def _one_scan(request: Request, work: Callable[[], T]) -> T:

@@ -12,13 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from adapters.cli.arguments import row_limit, time_value, uuid_value
 from adapters.cli.connect import erased_users, event_store, running_settings
-from adapters.cli.outputs import with_progress
-
-MAX_POSITION = 2**63 - 1  # a log position is a bigint (as GET /streams' ``from`` is bounded)
+from adapters.cli.outputs import progress_lines, with_progress
+from domain.contracts.envelope import MAX_POSITION
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from adapters.cli.arguments import Subcommands
 
 
@@ -85,7 +82,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 def _bad_window(from_position: int, since: datetime | None, until: datetime | None) -> str | None:
     """Why ``replay all``'s window holds nothing by construction (None: it may hold events)."""
-    if not 1 <= from_position <= MAX_POSITION:  # past a bigint, no index serves the scan (it reads the whole log)
+    if not 1 <= from_position <= MAX_POSITION:
         return f"--from must be a notification id (1 to {MAX_POSITION:,}), not {from_position}"
     if since is not None and until is not None and until < since:
         return "the period's end (--until) must be after its start (--since)"
@@ -102,7 +99,7 @@ def _replay_parquet(args: argparse.Namespace, app: Any, replayer: Any) -> int:
     try:
         start = max(args.from_position, replayer.position_at(args.since) if args.since else 1)
         stats = export_log(app.recorder, app.mapper.transcoder, args.out, start, args.since, args.until,
-                           args.type or None, _every_100_000("events"), replayer.erased)
+                           args.type or None, progress_lines("events"), replayer.erased)
     except (ExportError, OSError) as e:
         return _not_exported("palette replay all", args.out, e)
     seconds = time.monotonic() - t0
@@ -110,19 +107,6 @@ def _replay_parquet(args: argparse.Namespace, app: Any, replayer: Any) -> int:
           f"{args.out}: {len(stats.partitions)} partitions (type, day), {stats.files} files, "
           f"{stats.bytes / 1e6:.1f} MB", file=sys.stderr)
     return 0
-
-
-def _every_100_000(what: str) -> Callable[[int], None]:
-    """An export's progress: a line on stderr each time another 100,000 ``what`` are written."""
-    t0 = time.monotonic()
-    shown = [0]
-
-    def progress(n: int) -> None:
-        if n - shown[0] >= 100_000:
-            shown[0] = n
-            print(f"  {n:,} {what} ({n / max(time.monotonic() - t0, 1e-9):,.0f}/s)", file=sys.stderr, flush=True)
-
-    return progress
 
 
 def _not_exported(command: str, out: Path, e: Exception) -> int:
@@ -146,7 +130,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         conn.read_only = True
         try:
             with conn.transaction():
-                stats = export_table(conn, args.name, args.out, all_erased(conn), _every_100_000("rows"))
+                stats = export_table(conn, args.name, args.out, all_erased(conn), progress_lines("rows"))
         except (ExportError, OSError) as e:
             return _not_exported("palette export", args.out, e)
     print(f"exported {args.name}: {stats.events:,} rows to {args.out / args.name} ({stats.bytes / 1e6:.2f} MB)",

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,27 @@ def unwritable(path: Path) -> str | None:
     return None
 
 
+def progress_lines(what: str, every: int = 100_000) -> Callable[[int], None]:
+    """A long command's progress: told how many ``what`` are done, it says so on stderr (with the
+    rate) each time another ``every`` are."""
+    t0 = time.monotonic()
+    shown = 0
+
+    def progress(n: int) -> None:
+        nonlocal shown
+        if n - shown >= every:
+            shown = n
+            print(f"  {n:,} {what} ({n / max(time.monotonic() - t0, 1e-9):,.0f}/s)", file=sys.stderr, flush=True)
+
+    return progress
+
+
 def with_progress(envelopes: Iterator[Any], every: int = 100_000) -> Iterator[Any]:
     t0 = time.monotonic()
+    progress = progress_lines("events", every)
     n = 0
     for n, env in enumerate(envelopes, 1):
-        if n % every == 0:
-            rate = n / max(time.monotonic() - t0, 1e-9)
-            print(f"  {n:,} events ({rate:,.0f}/s)", file=sys.stderr, flush=True)
+        progress(n)
         yield env
     if n >= every:
         print(f"  done: {n:,} events in {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)

@@ -15,6 +15,11 @@ from uuid import UUID
 
 from domain.contracts import trace as tracing
 
+# The largest log position (an envelope's ``id``, the store's bigint notification_id). One past it
+# reaches PostgreSQL as a numeric, which no index on notification_id serves: a replay from it read
+# the whole log to find nothing, so the API and the CLI refuse it.
+MAX_POSITION = 2**63 - 1
+
 
 class EnvelopeInvalid(ValueError):
     """Bytes that are not an envelope as the relay writes it."""
