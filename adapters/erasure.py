@@ -44,12 +44,16 @@ class Erasure:
 
 
 def erase(service: PaletteService, pool: Any, s3: Any, bucket: str, user_id: UUID,
-          must_exist: bool = True) -> Erasure:
-    """Erase ``user_id`` (NotFound for no such user when ``must_exist``)."""
+          must_exist: bool = True, tombstoned: Callable[[UUID], None] | None = None) -> Erasure:
+    """Erase ``user_id`` (NotFound for no such user when ``must_exist``); ``tombstoned`` is called
+    once the tombstone is stored (DELETE /me refuses the token from then on: an erasure that
+    failed before it recorded nothing, and may be asked again)."""
     if must_exist and not isinstance(service.executor.read(user_id), User):
         raise NotFound("user not found")
     with pool.connection() as conn:
         keyring.request_erasure(conn, user_id)
+    if tombstoned is not None:
+        tombstoned(user_id)
     recorded = record_erasure(service, user_id)
     service.sealer.forget(user_id)
     with pool.connection() as conn:

@@ -193,9 +193,11 @@ async def erase_me(user_id: CurrentUser, service: ServiceDep, container: Contain
     photo, output, mask and preview and every webhook endpoint is deleted, and this token is
     refused (401). The credit history stays, without personal data, for the ledger. The same
     device registering again gets a new user."""
-    request.app.state.erased_users.add(user_id)  # refused from now on, even mid-erasure
+    # Refused from the tombstone on, even mid-erasure; not before it: an erasure the database
+    # cut short before then recorded nothing, and its 503 invites the client to ask again.
     done = await run_in_threadpool(erase, service, container.read_pool, container.s3,
-                                   container.settings.s3_bucket, user_id)
+                                   container.settings.s3_bucket, user_id,
+                                   tombstoned=request.app.state.erased_users.add)
     return ok(ErasedPublic(erased=True, objects_deleted=done.objects, webhooks_deleted=done.webhooks))
 
 

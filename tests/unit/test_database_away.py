@@ -6,8 +6,10 @@ without a password the driver's message quoted. Any other error stays a 500."""
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
+from uuid import uuid4
 
 import psycopg
 import pytest
@@ -153,3 +155,27 @@ def test_a_database_whose_disk_is_full_is_a_503_that_says_so(error: BaseExceptio
     answer = _register(_client(error))
     assert answer.status_code == 503, answer.text
     assert answer.json()["error"] == {"code": "UNAVAILABLE", "message": unavailable.OUT_OF_SPACE}
+
+
+class AwayOnRead(FailingService):
+    """A service whose event store does not answer: an erasure fails before its tombstone."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.executor = SimpleNamespace(read=self._read)
+
+    def _read(self, _user_id: Any) -> Any:
+        raise self.error
+
+
+def test_an_erasure_the_database_cut_short_before_its_tombstone_may_be_asked_again() -> None:
+    """DELETE /me answered 503 (nothing recorded, not even the tombstone) refused that user's
+    tokens in this process for their whole lifetime: the retry the 503 invites was a 401, and the
+    user was neither erased nor able to ask again."""
+    error = psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly")
+    settings = Settings(jwt_secret="s" * 48, callback_secret="c" * 48, device_key_secret="d" * 48)
+    container = SimpleNamespace(settings=settings, read_pool=None, service=AwayOnRead(error), s3=None)
+    api = TestClient(create_app(container), raise_server_exceptions=False)  # type: ignore[arg-type]
+    token = api.app.state.tokens.issue(uuid4(), datetime.now(UTC))  # type: ignore[attr-defined]
+    answers = [api.delete("/me", headers={"Authorization": f"Bearer {token}"}) for _ in range(2)]
+    assert [a.status_code for a in answers] == [503, 503], [a.text for a in answers]
