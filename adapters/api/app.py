@@ -132,6 +132,18 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     for database_error in unavailable.DATABASE_ERRORS:
         app.add_exception_handler(database_error, _database_away)
 
+    store_away = unavailable.DatabaseAway("the object store")
+
+    async def _store_away(_: Request, e: Exception) -> JSONResponse:
+        if not unavailable.store_away(e):  # it refused us (credentials, bucket): ours to mend
+            log.exception("unhandled error (request %s)", request_id_var.get())
+            return fail("INTERNAL", "internal error", status=500)
+        store_away.note(e)
+        return fail("UNAVAILABLE", unavailable.STORE_MESSAGE, headers=unavailable.HEADERS)
+
+    for store_error in unavailable.OBJECT_STORE_ERRORS:
+        app.add_exception_handler(store_error, _store_away)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error (request %s)", request_id_var.get())

@@ -10,9 +10,11 @@ import logging
 import time
 
 import psycopg
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 
 from adapters.logs import driver_reason
+from adapters.s3_listing import ListingFailed
 from projections.store import is_transient
 
 log = logging.getLogger("palette.api")
@@ -20,6 +22,10 @@ log = logging.getLogger("palette.api")
 # The classes that may say so; ``database_away`` tells which of their instances do.
 DATABASE_ERRORS = (psycopg.OperationalError, StoreOperationalError)
 MESSAGE = "the database did not answer in time; try again"
+# The classes an object store's failure comes as; ``store_away`` tells which of them say it did
+# not answer (unreachable, timed out, a 5xx), not that it refused us (credentials, a bucket).
+OBJECT_STORE_ERRORS = (ListingFailed, BotoCoreError, ClientError)
+STORE_MESSAGE = "the object store did not answer in time; try again"
 HEADERS = {"Retry-After": "1"}
 WARN_EVERY_S = 10.0
 
@@ -59,11 +65,23 @@ def database_away(e: BaseException) -> bool:
     return isinstance(cause, DATABASE_ERRORS) and is_transient(cause)
 
 
-class DatabaseAway:
-    """The requests answered 503 because the database did not answer: said in the log at most
-    every WARN_EVERY_S (an outage would otherwise write a traceback per request)."""
+def store_away(e: BaseException) -> bool:
+    """Whether ``e`` says the object store did not answer: our LIST's own verdict, botocore's
+    connection errors (refused, reset, timed out), or an answer of 5xx."""
+    if isinstance(e, ListingFailed):
+        return e.retriable
+    if isinstance(e, ClientError):
+        return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) >= 500
+    return isinstance(e, (ConnectionError, HTTPClientError))
 
-    def __init__(self) -> None:
+
+class DatabaseAway:
+    """The requests answered 503 because the database (or, ``what``, the object store) did not
+    answer: said in the log at most every WARN_EVERY_S (an outage would otherwise write a
+    traceback per request)."""
+
+    def __init__(self, what: str = "the database") -> None:
+        self.what = what
         self.count = 0
         self._warned = -WARN_EVERY_S
 
@@ -72,5 +90,5 @@ class DatabaseAway:
         now = time.monotonic()
         if now - self._warned >= WARN_EVERY_S:
             self._warned = now
-            log.warning("the database did not answer (%s: %s); %d request(s) answered 503 so far",
-                        type(error).__name__, driver_reason(error), self.count)
+            log.warning("%s did not answer (%s: %s); %d request(s) answered 503 so far",
+                        self.what, type(error).__name__, driver_reason(error), self.count)

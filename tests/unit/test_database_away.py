@@ -13,12 +13,14 @@ from uuid import uuid4
 
 import psycopg
 import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
 from eventsourcing.persistence import DatabaseError as StoreDatabaseError
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 from fastapi.testclient import TestClient
 
 from adapters.api import unavailable
 from adapters.api.app import create_app
+from adapters.s3_listing import ListingFailed
 from adapters.settings import Settings
 from application.executors import OutcomeUnknown
 
@@ -179,3 +181,41 @@ def test_an_erasure_the_database_cut_short_before_its_tombstone_may_be_asked_aga
     token = api.app.state.tokens.issue(uuid4(), datetime.now(UTC))  # type: ignore[attr-defined]
     answers = [api.delete("/me", headers={"Authorization": f"Bearer {token}"}) for _ in range(2)]
     assert [a.status_code for a in answers] == [503, 503], [a.text for a in answers]
+
+
+class StoreAway(FailingService):
+    """A service whose object store fails every confirm-upload with ``error``."""
+
+    async def confirm_upload_async(self, _user_id: Any, _job_id: Any) -> Any:
+        raise self.error
+
+
+def _confirm(error: BaseException) -> Any:
+    settings = Settings(jwt_secret="s" * 48, callback_secret="c" * 48, device_key_secret="d" * 48)
+    container = SimpleNamespace(settings=settings, read_pool=None, service=StoreAway(error))
+    api = TestClient(create_app(container), raise_server_exceptions=False)  # type: ignore[arg-type]
+    token = api.app.state.tokens.issue(uuid4(), datetime.now(UTC))  # type: ignore[attr-defined]
+    return api.post(f"/jobs/{uuid4()}/confirm-upload", headers={"Authorization": f"Bearer {token}"})
+
+
+@pytest.mark.parametrize("error", [
+    ListingFailed("S3 LIST in bucket 'b' failed (ConnectionRefusedError: refused)", retriable=True),
+    ListingFailed("S3 LIST in bucket 'b' answered 503 SlowDown", 503, "SlowDown", retriable=True),
+    EndpointConnectionError(endpoint_url="http://127.0.0.1:8333/b"),
+    ClientError({"Error": {"Code": "ServiceUnavailable"}, "ResponseMetadata": {"HTTPStatusCode": 503}},
+                "DeleteObjects"),
+])
+def test_an_object_store_that_does_not_answer_is_a_503_to_retry_not_a_bug(error: BaseException) -> None:
+    """An S3 outage (unreachable, 5xx) was a 500 INTERNAL, which the README calls a bug, with a
+    traceback logged per request."""
+    answer = _confirm(error)
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "UNAVAILABLE" and answer.headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize("error", [
+    ListingFailed("S3 LIST in bucket 'b' answered 403 AccessDenied", 403, "AccessDenied"),
+    ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "ListObjectsV2"),
+])
+def test_an_object_store_that_refuses_us_is_still_a_500(error: BaseException) -> None:
+    assert _confirm(error).status_code == 500
