@@ -70,6 +70,7 @@ from adapters.erasure import erase, forget_job_deliveries, forget_user_data
 from adapters.objects import delete_larger, delete_prefixes
 from adapters.settings import Settings
 from application.executors import snapshot_recorder
+from application.unit_of_work import ConflictError
 from domain.contracts.envelope import EventEnvelope
 from domain.contracts.keys import (
     LINKS_EXPIRED_S,
@@ -104,8 +105,8 @@ UNPAID = ("failed", "canceled")  # with no item done, such a job spent no credit
 # this far behind its cutoff.
 PROJECTION_SLACK = timedelta(hours=1)
 # What a pass meets when PostgreSQL, the event store (its group committer's WrittenTooLate too) or
-# S3 fails: it is tried again by the next sweep.
-PASS_ERRORS = (psycopg.Error, PersistenceError, OSError, BotoCoreError, ClientError)
+# S3 fails, or a job's stream keeps conflicting past the retries: it is tried again by the next sweep.
+PASS_ERRORS = (psycopg.Error, PersistenceError, OSError, BotoCoreError, ClientError, ConflictError)
 UNSTARTED = ("created", "uploaded")  # never finish unless executed or canceled
 SNAPSHOT_BATCH = 1000  # superseded snapshots deleted a statement
 # Snapshots of a stream with a newer one that has its event (a snapshot past the stream's end,
@@ -383,6 +384,8 @@ class Sweeper:
             try:  # only if still unstarted when the command runs: it may be executed since the read
                 canceled = c.service.executor.execute(c.service.cancel_job_command(
                     user_id, job_id, "retention", unless_started=True)).value
+            except ConflictError:
+                raise  # not an answer: the pass stops here, its cursor before this job, till the next sweep
             except DomainError as e:  # executed since, or its user erased meanwhile (the erasure deletes it)
                 log.info("job %s not canceled for retention: %s", job_id, e)
                 continue

@@ -6,6 +6,7 @@ traceback, and exits 1."""
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
@@ -16,6 +17,9 @@ from botocore.exceptions import ClientError
 from adapters import bootstrap, cli
 from adapters.cli import operators
 from adapters.retention import Sweeper
+from application.unit_of_work import ConflictError
+from domain.errors import DomainError
+from domain.job import Job
 
 NOW = datetime(2026, 12, 6, tzinfo=UTC)
 
@@ -54,13 +58,17 @@ def failing_sweeper(ran: list[str], retention_error: Exception) -> Sweeper:
 REFUSED = ClientError({"Error": {"Code": "AccessDenied", "Message": "denied"}}, "DeleteObjects")
 
 
-def test_a_failing_pass_is_logged_and_every_other_pass_still_runs(caplog) -> None:
+@pytest.mark.parametrize("error", [REFUSED, ConflictError("job stream kept conflicting")],
+                         ids=["s3-refused", "conflict"])
+def test_a_failing_pass_is_logged_and_every_other_pass_still_runs(caplog, error: Exception) -> None:
+    """A job's stream that keeps conflicting past the retries (a command of its user each time)
+    fails the pass too, for the next sweep: it used to end the sweeper process."""
     ran: list[str] = []
     with caplog.at_level(logging.WARNING, logger="palette.sweeper"):
-        report = failing_sweeper(ran, REFUSED).step(now=NOW)
+        report = failing_sweeper(ran, error).step(now=NOW)
     assert ran == ["retention", "abandoned", "unpaid", "erasures", "late uploads", "oversized uploads", "snapshots"]
     assert [(r.getMessage().split(";")[0], type(r.exc_info[1]).__name__) for r in caplog.records] == [
-        ("the retention pass failed", "ClientError"), ("the snapshots pass failed", "OperationalError")]
+        ("the retention pass failed", type(error).__name__), ("the snapshots pass failed", "OperationalError")]
     assert (report.erasures_finished, report.objects_deleted, report.snapshots_deleted) == (2, 1 + 3 + 4, 0)
 
 
@@ -85,3 +93,34 @@ def test_palette_admin_sweep_says_what_failed_in_one_line_and_exits_1(monkeypatc
     assert err.splitlines() == [
         "palette admin sweep: the retention pass failed (and 1 more thing(s)), the rest of the pass done: "
         "ClientError: An error occurred (AccessDenied) when calling the DeleteObjects operation: denied"]
+
+
+def test_an_abandoned_job_whose_cancel_keeps_conflicting_stops_the_pass_before_it() -> None:
+    """A conflict is no answer about the job (unlike "executed since", which passes over it): the
+    abandoned pass stops there, its cursor not past the job, so the next sweep cancels it; it used
+    to go on to the next job, leaving this one uncanceled for good."""
+    jobs = [(uuid.uuid4(), uuid.uuid4()) for _ in range(3)]
+    walked: list[uuid.UUID] = []
+
+    def walk(_name: str, _page: object):  # type: ignore[no-untyped-def]
+        for job_id, user_id in jobs:
+            walked.append(job_id)
+            yield job_id, user_id
+
+    answers: dict[uuid.UUID, Exception] = {jobs[0][0]: DomainError("already executed"),
+                                           jobs[1][0]: ConflictError("job stream kept conflicting")}
+
+    def execute(command: uuid.UUID) -> object:
+        raise answers[command]
+
+    service = SimpleNamespace(
+        executor=SimpleNamespace(read=lambda job_id: Job.create(job_id, uuid.uuid4(), "interior", 1, NOW),
+                                 execute=execute),
+        cancel_job_command=lambda _user_id, job_id, _reason, unless_started: job_id)
+    sweeper = Sweeper.__new__(Sweeper)
+    sweeper.container = SimpleNamespace(service=service)  # type: ignore[assignment]
+    sweeper.settings = SimpleNamespace(retention_days=30)  # type: ignore[assignment]
+    sweeper._walk = walk  # type: ignore[method-assign]
+    with pytest.raises(ConflictError):
+        sweeper._abandoned(NOW, SimpleNamespace())  # type: ignore[arg-type]
+    assert walked == [jobs[0][0], jobs[1][0]]
