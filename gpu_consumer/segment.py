@@ -123,7 +123,9 @@ class PriorClusterSegmenter:
               optional: Collection[str] = ()) -> dict[str, torch.Tensor]:
         _, _, h, w = image.shape
         scale = WORK / max(h, w)
-        sh, sw = max(4, round(h * scale)), max(4, round(w * scale))
+        k = int(2 * round(2 * self.softness) + 1)  # the blur's kernel: its reflection padding of
+        least = max(4, k // 2 + 1)  # k // 2 raises on a side no longer than that (a 1:15 panorama)
+        sh, sw = max(least, round(h * scale)), max(least, round(w * scale))
         small = F.interpolate(image, size=(sh, sw), mode="area")
         lab = kornia.color.rgb_to_lab(small)[0]
         ys = torch.linspace(0, 1, sh, device=image.device).view(sh, 1).expand(sh, sw)
@@ -154,7 +156,6 @@ class PriorClusterSegmenter:
             if chosen.sum() == 0 and best is not None:
                 chosen = (labels == best).float() * p
             # Soften at the work resolution (cheap), then upsample: edges stay soft at full size.
-            k = int(2 * round(2 * self.softness) + 1)
             soft = kornia.filters.gaussian_blur2d(chosen.view(1, 1, sh, sw), (k, k), (self.softness, self.softness))
             soft = (soft * 1.6 - 0.3).clamp(0, 1)  # a solid core with a soft rim
             out[concept] = F.interpolate(soft, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)

@@ -124,6 +124,14 @@ def test_segmenter_finds_floor_at_the_bottom_and_ceiling_at_the_top():
     assert ceiling[:6].mean() > 0.6 and ceiling[30:].mean() < 0.05
 
 
+@pytest.mark.parametrize("size", [(8, 300), (300, 8)])
+def test_prior_segmenter_takes_a_long_thin_photo(size):
+    """A panorama of 1:15 or thinner is a few work pixels across: its masks blur there, not crash."""
+    image = torch.linspace(0, 1, size[0]).view(1, 1, -1, 1).expand(1, 3, *size).contiguous()
+    masks = PriorClusterSegmenter().masks(image, ["floor", "product"])
+    assert {m.shape for m in masks.values()} == {(1, 1, *size)}
+
+
 def test_decode_refuses_corrupt_and_oversized_inputs():
     with pytest.raises(BadInput, match="not a readable image"):
         decode(b"this is not a jpeg at all")
