@@ -133,9 +133,11 @@ class PriorClusterSegmenter:
         feats = torch.stack([lab[0] / 100, lab[1] / 128, lab[2] / 128, ys * 0.5, xs * 0.5], dim=-1).reshape(-1, 5)
         labels = kmeans(feats, self.clusters).reshape(sh, sw)
         out: dict[str, torch.Tensor] = {}
+        missing = []
         for concept in concepts:
             prior = PRIORS.get(concept)
             if prior is None:
+                missing += [] if concept in optional else [concept]
                 continue
             p = prior(ys, xs)
             chosen = torch.zeros(sh, sw, device=image.device)
@@ -158,7 +160,14 @@ class PriorClusterSegmenter:
             # Soften at the work resolution (cheap), then upsample: edges stay soft at full size.
             soft = kornia.filters.gaussian_blur2d(chosen.view(1, 1, sh, sw), (k, k), (self.softness, self.softness))
             soft = (soft * 1.6 - 0.3).clamp(0, 1)  # a solid core with a soft rim
-            out[concept] = F.interpolate(soft, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
+            mask = F.interpolate(soft, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
+            if bool((mask > 0.5).any()):
+                out[concept] = mask
+            elif concept not in optional:  # a prior a few pixels across (a label on an 8x8 photo) or none
+                missing.append(concept)
+        if missing:  # an edit of nothing would be billed as done
+            raise NothingFits(f"no part of the image fits {', '.join(sorted(missing))}; rerun the job "
+                              "(POST /jobs/{id}/rerun) and upload a mask to the slot it gives")
         return out
 
     def segment(self, image: torch.Tensor, concepts: Sequence[str],

@@ -20,7 +20,7 @@ from gpu_consumer import fill, ops, refine
 from gpu_consumer.codec import BadInput, decode, encode_png, encode_preview
 from gpu_consumer.demo import synthetic_room
 from gpu_consumer.pipeline import ImagePipeline
-from gpu_consumer.segment import PriorClusterSegmenter
+from gpu_consumer.segment import NothingFits, PriorClusterSegmenter
 
 H = W = 64
 
@@ -130,6 +130,14 @@ def test_prior_segmenter_takes_a_long_thin_photo(size):
     image = torch.linspace(0, 1, size[0]).view(1, 1, -1, 1).expand(1, 3, *size).contiguous()
     masks = PriorClusterSegmenter().masks(image, ["floor", "product"])
     assert {m.shape for m in masks.values()} == {(1, 1, *size)}
+
+
+def test_prior_segmenter_refuses_a_concept_its_mask_has_nothing_of():
+    """A label's prior is a few work pixels: on an 8x8 photo its mask is empty, an edit of nothing."""
+    image = torch.full((1, 3, 8, 8), 0.5)
+    with pytest.raises(NothingFits, match="label"):
+        PriorClusterSegmenter().masks(image, ["label", "product"])
+    assert set(PriorClusterSegmenter().masks(image, ["label", "product"], optional=["label"])) == {"product"}
 
 
 def test_decode_refuses_corrupt_and_oversized_inputs():
