@@ -4,8 +4,8 @@
 
 The input is a synthetic room (no photos ship with the project). Every edit goes through the
 worker's own path, ``ImagePipeline.compute``: wall and floor masks come from the built-in
-segmenter, the lamp's from a client mask (a loose ellipse around it), the sofa is protected, and
-every mask is refined against the photo first. Two comparisons show what the refinement and the
+segmenter, the lamp's from a client mask (a loose ellipse around it, used as given), the sofa is
+protected, and every segmenter mask is refined against the photo first. Two comparisons show what the refinement and the
 structured fill change, side by side at twice the size:
 
 * ``compare_refine.png``: the sofa's corner after ``recolor wall``, with the segmenter's mask as

@@ -150,7 +150,7 @@ class ImagePipeline:
         """Edit one image on the device; the output and the masks it used (those the task has a
         ``used_mask_keys`` entry for) on the CPU, with the photo's ``profile`` to store them with.
         Client masks come as float in [0, 1] or as uint8 (fetch's), made float on the device.
-        Every mask, the client's or the segmenter's, is first refined against the photo
+        A segmenter's masks are first refined against the photo; a client's are used as given
         (:mod:`gpu_consumer.refine`)."""
         for edit in task.concepts.values():  # a bad edit fails the item before the segmenter runs
             ops.check_edit(edit.get("action"), edit.get("value", ""))
