@@ -115,6 +115,11 @@ class LossWatch:
         self._suspected = False  # the previous probe saw an emptied partition
         self.losses = 0
 
+    def resume(self) -> None:
+        """The offsets as saved now: read again by a relay that takes over from another, which
+        may have started the log afresh or recorded a loss (forgetting them) while it stood by."""
+        self.acked = self.state.acked_offsets(self.name)
+
     def save(self, position: int) -> None:
         """The relay's position and the offsets acknowledged up to it."""
         self.state.save_acked(self.name, position, self.acked)
@@ -369,8 +374,10 @@ class Relay:
             return
         position = self.position()
         log.warning("relay starting after position %d", position)
-        if self.loss is not None and self.loss.probe(force=True):
-            position = self._recover_or_wait(stop, position)
+        if self.loss is not None:
+            self.loss.resume()  # as the relay that led before left them, if one did
+            if self.loss.probe(force=True):
+                position = self._recover_or_wait(stop, position)
         wait = idle_s
         while not stop.is_set():
             if self.rollover is not None and self.rollover.missing:

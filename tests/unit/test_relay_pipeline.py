@@ -304,3 +304,22 @@ def test_a_standby_relay_publishes_nothing_until_it_leads() -> None:
 
     Relay(App(3), broker, Positions(broker), batch_size=2, lead=lead).run(stop, idle_s=0.0, max_idle_s=0.0)
     assert broker.timeline[:3] == [("lead", 0), ("lead", 0), ("send", 1)] and broker.acked == [1, 2, 3]
+
+
+def test_a_standby_that_takes_over_compares_the_broker_with_the_offsets_the_leader_left() -> None:
+    """A standby reads the acknowledged offsets when it takes over, not when it started: the
+    leader may have started the log afresh (or recorded a loss) meanwhile, forgetting its old
+    offsets, and the new log's first acknowledgements are no loss."""
+    stop = threading.Event()
+    broker = FlakyBroker(stop, last=3)
+    state = FakeState({0: 100})  # the leader's offsets in the old log as the standby starts
+    loss = LossWatch(FakeBroker({0: 6}), lambda: 1, state, "relay")  # type: ignore[arg-type]
+
+    def lead(name: str) -> bool:  # the leader starts the log afresh, then goes
+        if state.acked:
+            state.forget_acked(name)
+            return False
+        return True
+
+    Relay(App(3), broker, Positions(broker), batch_size=2, loss=loss, lead=lead).run(stop, idle_s=0.0, max_idle_s=0.0)
+    assert state.losses == [] and broker.acked == [1, 2, 3] and state.saved[-1] == (3, {0: 2})
