@@ -211,6 +211,17 @@ def write_tracking(conn: psycopg.Connection[Any], model: ReadModel, suffix: str,
         ).format(table(tbl)), [list(advanced), list(advanced.values())])
 
 
+def _claim_query(model: ReadModel, suffix: str = "") -> sql.Composed:
+    """A tracking row (version 0: nothing folded) for each stream that has none, in stream id
+    order, so ``_tracking_query`` has a row to lock for every stream of the batch: a stream no
+    batch had tracked had none, and two batches of it (a sweep's or another projector's beside
+    the live one) each folded it from nothing, the later commit's fold, tracking included,
+    written over the other's even when it was the shorter. Taken, the row is waited for by
+    every other batch of the stream until this one commits."""
+    return sql.SQL("INSERT INTO {} (stream_id, version) SELECT s, 0 FROM unnest(%b::uuid[]) AS s ORDER BY s "
+                   "ON CONFLICT (stream_id) DO NOTHING").format(table(tracking_table(model, suffix)))
+
+
 def _tracking_query(model: ReadModel, suffix: str = "") -> sql.Composed:
     """The streams' tracking rows, locked in stream id order whatever the plan (the lock is taken
     above the sort): a scan in the table's order took them in that order, an index scan in the
@@ -310,8 +321,11 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
             locks = sorted(lock_id(m) for m in active)
             if locks:
                 conn.execute("SELECT pg_advisory_xact_lock_shared(k) FROM unnest(%s::bigint[]) AS k", [locks])
-            tracked_cur = {m.name: conn.execute(_tracking_query(m, suffix),
-                                                [list({e.stream_id for e in share[m.name]})]) for m in active}
+            tracked_cur = {}
+            for m in active:
+                ids = sorted({e.stream_id for e in share[m.name]})
+                conn.execute(_claim_query(m, suffix), [ids])
+                tracked_cur[m.name] = conn.execute(_tracking_query(m, suffix), [ids])
             blocked_cur = conn.execute(sql.SQL(
                 "SELECT model, stream_id FROM {} WHERE status IN ('parked', 'held') AND stream_id = ANY(%b)"
             ).format(table("dead_letters")), [list(streams)]) if park else None
