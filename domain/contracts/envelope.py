@@ -59,7 +59,7 @@ def decode(raw: bytes) -> EventEnvelope:
     """An envelope from its JSON; anything else raises ``EnvelopeInvalid`` (a ``ValueError``)."""
     try:
         data = json.loads(raw)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:  # RecursionError: nested past the decoder
         raise EnvelopeInvalid(f"not JSON ({type(e).__name__})") from None
     if not isinstance(data, dict):
         raise EnvelopeInvalid("an envelope is a JSON object")

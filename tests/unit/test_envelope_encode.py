@@ -101,7 +101,8 @@ def test_a_field_of_the_wrong_kind_is_refused(change: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("raw", [b"", b"not json", b"[1, 2]", b"null", json.dumps({**GOOD, "id": None}).encode(),
-                                 json.dumps({k: v for k, v in GOOD.items() if k != "version"}).encode()])
+                                 json.dumps({k: v for k, v in GOOD.items() if k != "version"}).encode(),
+                                 b"[" * 100_000])  # nested past the decoder: a poison message, not a crash
 def test_what_is_not_an_envelope_is_refused(raw: bytes) -> None:
     with pytest.raises(EnvelopeInvalid):
         decode(raw)
