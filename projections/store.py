@@ -262,11 +262,14 @@ def unapplied(conn: psycopg.Connection[Any], model: ReadModel, events: sql.Ident
 
 def oldest_needed(conn: psycopg.Connection[Any], model: ReadModel, events: sql.Identifier) -> int | None:
     """The position of the oldest stored event the model still has to fold from a delivery: not
-    folded yet, and not held behind a dead letter (a retry reads those from the table itself)."""
+    folded yet, and not waiting as a dead letter itself (a retry reads those from the table). An
+    event of a stream that has one, not delivered yet, is still needed: only a delivery holds it
+    behind the parked one, and a retry reads no other."""
     row = conn.execute(sql.SQL(
         "SELECT min(e.notification_id) FROM {} e LEFT JOIN {} t ON t.stream_id = e.originator_id "
         "WHERE e.topic LIKE %s AND e.originator_version > coalesce(t.version, 0) AND NOT EXISTS ("
-        "SELECT 1 FROM {} d WHERE d.model = %s AND d.stream_id = e.originator_id AND d.status IN ('parked', 'held'))"
+        "SELECT 1 FROM {} d WHERE d.model = %s AND d.stream_id = e.originator_id "
+        "AND d.version = e.originator_version AND d.status IN ('parked', 'held'))"
     ).format(events, table(tracking_table(model)), table("dead_letters")),
         [topic_prefix(model.stream_type) + "%", model.name]).fetchone()
     return None if row is None or row[0] is None else int(row[0])
