@@ -19,6 +19,7 @@ from domain.contracts import trace as tracing
 # reaches PostgreSQL as a numeric, which no index on notification_id serves: a replay from it read
 # the whole log to find nothing, so the API and the CLI refuse it.
 MAX_POSITION = 2**63 - 1
+MAX_VERSION = 2**31 - 1  # the largest stream version (the store's integer originator_version)
 
 
 class EnvelopeInvalid(ValueError):
@@ -70,7 +71,12 @@ def decode(raw: bytes) -> EventEnvelope:
         raise EnvelopeInvalid(str(e)) from None
     if timestamp.tzinfo is None:
         raise EnvelopeInvalid("timestamp must carry its offset")
-    return EventEnvelope(id=_field(data, "id", int), stream_id=stream_id,
-                         stream_type=_field(data, "stream_type", str), version=_field(data, "version", int),
+    position, version = _field(data, "id", int), _field(data, "version", int)
+    # As the event store keeps them (bigint, integer): past that no read model could track it, nor
+    # park it, and one such message would stop its consumer at every restart.
+    if not (0 < position <= MAX_POSITION and 0 < version <= MAX_VERSION):
+        raise EnvelopeInvalid("id or version out of range")
+    return EventEnvelope(id=position, stream_id=stream_id,
+                         stream_type=_field(data, "stream_type", str), version=version,
                          type=_field(data, "type", str), timestamp=timestamp, data=_field(data, "data", dict),
                          trace=tracing.valid(data.get("trace")))
