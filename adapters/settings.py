@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Network, ip_network
@@ -23,6 +24,9 @@ from infra.supervisor import LOG_KEEP, LOG_MAX_BYTES
 
 # The embedded SeaweedFS binds ports up to the S3 port + 6 and each + 10000 (infra.stack.embedded_ports).
 S3_PORT_MAX = 65535 - 10006
+# S3's bucket names (what SeaweedFS checks too): 3 to 63 characters, lowercase, no IPv4 address.
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+IPV4_LIKE = re.compile(r"\d+\.\d+\.\d+\.\d+")
 # Secrets shorter than this are refused outside development (HS256 wants >= 256 bits).
 MIN_SECRET_BYTES = 32
 MIN_SECRET_CHARACTERS = 8  # different ones: what a generated secret of 32 bytes has, whatever its alphabet
@@ -229,8 +233,13 @@ class Settings(BaseSettings):
     @field_validator("s3_bucket", "broker_bucket")
     @classmethod
     def _bucket_name(cls, v: str) -> str:
+        """S3's rules for a bucket's name, refused here: SeaweedFS and S3 refuse to create one
+        that breaks them, which `palette up` found only once PostgreSQL was up (a traceback)."""
         if len(v) < 3:
             raise ValueError("bucket names need at least 3 characters")
+        if not BUCKET_NAME.fullmatch(v) or ".." in v or IPV4_LIKE.fullmatch(v):
+            raise ValueError("is no S3 bucket name (3 to 63 lowercase letters, digits, '.' and '-', "
+                             "starting and ending with a letter or digit, no '..', not an IP address)")
         return v
 
     @field_validator("database_url")

@@ -139,6 +139,18 @@ def test_a_bucket_name_shorter_than_s3_allows_is_refused_in_one_line(tmp_path, s
     assert getattr(load_settings(data_dir=tmp_path, **{setting: "abc"}), setting) == "abc"
 
 
+@pytest.mark.parametrize("setting", ["s3_bucket", "broker_bucket"])
+@pytest.mark.parametrize("name", ["Palette_Images", "palette images", "-palette", "palette-", "a..b",
+                                  "192.168.0.1", "p" * 64])
+def test_a_bucket_name_s3_would_refuse_is_refused_in_one_line(tmp_path, setting, name):
+    # `palette up` created it in SeaweedFS only after PostgreSQL had started, and ended on
+    # botocore's InvalidBucketName traceback.
+    with pytest.raises(SettingsError, match=f"PALETTE_{setting.upper()}") as e:
+        load_settings(data_dir=tmp_path, **{setting: name})
+    assert "\n" not in str(e.value)
+    assert getattr(load_settings(data_dir=tmp_path, **{setting: "palette.images-2"}), setting) == "palette.images-2"
+
+
 @pytest.mark.parametrize(("name", "value"), [
     ("PALETTE_WEBHOOK_KEEP_DAYS", "inf"),  # "keep them for ever": the prune's interval, out of PostgreSQL's range
     ("PALETTE_WEBHOOK_KEEP_DAYS", "1e7"),  # now() minus that is before 4713 BC, out of a timestamp's range
