@@ -255,7 +255,8 @@ class EmbeddedStack(Generic[S]):
     def start_infra(self) -> None:
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            self.data_dir.chmod(0o755)  # PostgreSQL runs as another user and must traverse it
+            if self._run_as:  # PostgreSQL runs as another user and must traverse it; else its
+                self.data_dir.chmod(0o755)  # owner's mode stays (SeaweedFS's volumes are 0644)
             probe = self.data_dir / ".write-probe"
             probe.write_text("")
             probe.unlink()

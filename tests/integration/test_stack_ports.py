@@ -231,6 +231,29 @@ def test_starting_the_apis_on_a_taken_port_is_refused_before_the_database_is_pre
     assert prepared == [] and stack.supervisor.names() == []
 
 
+@pytest.mark.parametrize(("run_as", "mode"), [(None, 0o700), ("postgres", 0o755)])
+def test_a_data_dir_closed_to_others_is_opened_only_for_a_postgres_of_another_user(
+        tmp_path: Path, run_as: str | None, mode: int) -> None:
+    """Only root's PostgreSQL, run as the postgres user, must traverse the data directory. Every
+    start made it 0755 whoever ran it, so a directory its owner had closed (chmod 700) was open
+    again, and with it SeaweedFS's volumes (0644: every user's photos) and the logs."""
+    from adapters.settings import load_settings
+    from infra.stack import EmbeddedStack
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    data_dir.chmod(0o700)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = load_settings(data_dir=data_dir, pg_port=taken.getsockname()[1])
+        stack = EmbeddedStack(settings, topics=(), prepare=lambda: None, app_argv=["false"])
+        stack._run_as = run_as
+        with pytest.raises(StackError, match=f"port {settings.pg_port} is already in use"):
+            stack.start_infra()
+    assert data_dir.stat().st_mode & 0o777 == mode
+
+
 def test_infrastructure_that_fails_to_start_stops_what_had_started(tmp_path: Path) -> None:
     """PostgreSQL up, SeaweedFS failing: `palette up` reports the failure with nothing left running
     (here stand-ins for both, on the stack's real ports check and supervisor)."""
