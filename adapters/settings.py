@@ -27,6 +27,8 @@ S3_PORT_MAX = 65535 - 10006
 # S3's bucket names (what SeaweedFS checks too): 3 to 63 characters, lowercase, no IPv4 address.
 BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 IPV4_LIKE = re.compile(r"\d+\.\d+\.\d+\.\d+")
+# What botocore takes for a region (botocore.utils.validate_region_name): a host label, or empty.
+REGION_NAME = re.compile(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{,63}(?<!-)")
 # Secrets shorter than this are refused outside development (HS256 wants >= 256 bits).
 MIN_SECRET_BYTES = 32
 MIN_SECRET_CHARACTERS = 8  # different ones: what a generated secret of 32 bytes has, whatever its alphabet
@@ -240,6 +242,16 @@ class Settings(BaseSettings):
         if not BUCKET_NAME.fullmatch(v) or ".." in v or IPV4_LIKE.fullmatch(v):
             raise ValueError("is no S3 bucket name (3 to 63 lowercase letters, digits, '.' and '-', "
                              "starting and ending with a letter or digit, no '..', not an IP address)")
+        return v
+
+    @field_validator("s3_region")
+    @classmethod
+    def _s3_region(cls, v: str) -> str:
+        """What botocore takes for a region (a host label), refused here: every S3 client refused
+        one that is not (`palette up` waited out SeaweedFS's start and blamed it)."""
+        if not REGION_NAME.fullmatch(v):
+            raise ValueError("is no region name (at most 63 letters, digits and '-', not all digits, "
+                             "not starting or ending with '-')")
         return v
 
     @field_validator("database_url")

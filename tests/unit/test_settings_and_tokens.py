@@ -151,6 +151,21 @@ def test_a_bucket_name_s3_would_refuse_is_refused_in_one_line(tmp_path, setting,
     assert getattr(load_settings(data_dir=tmp_path, **{setting: "palette.images-2"}), setting) == "palette.images-2"
 
 
+@pytest.mark.parametrize("region", ["eu west", "eu-west-1\u00e9", "-eu", "eu-", "123", "e" * 64])
+def test_a_region_botocore_would_refuse_is_refused_in_one_line(tmp_path, region):
+    # Every S3 client refused it (InvalidRegionError): `palette up` waited 60 s for SeaweedFS and
+    # blamed it ("s3 not ready"), and each process that made a client ended on a traceback.
+    import boto3
+    from botocore.exceptions import InvalidRegionError
+
+    with pytest.raises(SettingsError, match="PALETTE_S3_REGION") as e:
+        load_settings(data_dir=tmp_path, s3_region=region)
+    assert "\n" not in str(e.value)
+    with pytest.raises(InvalidRegionError):
+        boto3.client("s3", region_name=region, endpoint_url="http://127.0.0.1:1")
+    assert load_settings(data_dir=tmp_path, s3_region="eu-west-1").s3_region == "eu-west-1"
+
+
 @pytest.mark.parametrize(("name", "value"), [
     ("PALETTE_WEBHOOK_KEEP_DAYS", "inf"),  # "keep them for ever": the prune's interval, out of PostgreSQL's range
     ("PALETTE_WEBHOOK_KEEP_DAYS", "1e7"),  # now() minus that is before 4713 BC, out of a timestamp's range
