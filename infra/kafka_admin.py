@@ -15,11 +15,12 @@ def broker_answers(bootstrap: str, timeout_ms: int = 2000) -> bool:
     import socket
 
     from kafka import KafkaAdminClient
+    from kafka.cluster import collect_hosts
 
-    first = bootstrap.split(",")[0]
-    host, _, port = first.rpartition(":")
     try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_ms / 1000).close()
+        # read as the clients read it: a protocol prefix, [IPv6]:port, a host without its port (9092)
+        host, port, _ = collect_hosts(bootstrap, randomize=False)[0]
+        socket.create_connection((host or "127.0.0.1", port), timeout=timeout_ms / 1000).close()
     except (OSError, ValueError):
         return False  # refused or unreachable: answer at once instead of the client's long retries
     from kafka.errors import KafkaError

@@ -371,3 +371,21 @@ def test_the_apis_readiness_names_postgresql_while_it_is_down_and_recovers(tmp_p
     finally:
         stack.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("form", ["PLAINTEXT://127.0.0.1:{port}", " 127.0.0.1:{port} ,127.0.0.1:1"])
+def test_the_broker_probe_reads_a_bootstrap_as_the_kafka_clients_do(settings, form):
+    """A bootstrap the clients take (a protocol prefix, spaces; a bracketed IPv6 address or a host
+    without its port too) was cut at its last ':' by the probe alone: /health named the broker
+    down for ever, and `palette up --external` ended on "api not ready"."""
+    from kafka import KafkaAdminClient
+
+    from infra.kafka_admin import broker_answers
+
+    bootstrap = form.format(port=settings.kafka_port)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    try:
+        assert admin.list_topics()  # the client takes it
+    finally:
+        admin.close()
+    assert broker_answers(bootstrap)
