@@ -334,7 +334,8 @@ class Settings(BaseSettings):
     @property
     def api_url(self) -> str:
         """Where the GPU worker sends its callbacks."""
-        return self.callback_url or f"http://{self.api_host}:{self.api_port}"
+        host = f"[{self.api_host}]" if ":" in self.api_host else self.api_host  # an IPv6 address
+        return self.callback_url or f"http://{host}:{self.api_port}"
 
     @property
     def effective_s3_endpoint(self) -> str:

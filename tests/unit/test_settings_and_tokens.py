@@ -151,6 +151,17 @@ def test_a_bucket_name_s3_would_refuse_is_refused_in_one_line(tmp_path, setting,
     assert getattr(load_settings(data_dir=tmp_path, **{setting: "palette.images-2"}), setting) == "palette.images-2"
 
 
+@pytest.mark.parametrize(("host", "url"), [("::1", "http://[::1]:8000"), ("::", "http://[::]:8000"),
+                                         ("127.0.0.1", "http://127.0.0.1:8000"), ("localhost", "http://localhost:8000")])
+def test_the_gpu_workers_callback_url_holds_an_ipv6_api_host_in_brackets(tmp_path, host, url):
+    # "http://::1:8000" is no URL (httpx: "Invalid port"): every callback of the GPU worker failed.
+    import httpx
+
+    settings = load_settings(data_dir=tmp_path, api_host=host, api_port=8000)
+    assert settings.api_url == url
+    assert httpx.URL(settings.api_url).port == 8000
+
+
 @pytest.mark.parametrize("region", ["eu west", "eu-west-1\u00e9", "-eu", "eu-", "123", "e" * 64])
 def test_a_region_botocore_would_refuse_is_refused_in_one_line(tmp_path, region):
     # Every S3 client refused it (InvalidRegionError): `palette up` waited 60 s for SeaweedFS and
