@@ -25,6 +25,7 @@ from infra.kafka_admin import broker_answers, ensure_topics
 from infra.s3 import answered_status, s3_client
 from infra.supervisor import ServiceSpec, StackError, Supervisor, bind_error
 
+PG_LIB = Path("/usr/lib/postgresql")  # Debian's PostgreSQL binaries, a directory per major version
 # Where PostgreSQL's files go when root's data directory is out of the postgres user's reach (a
 # clone under /root, mode 0700): one directory per data directory, named by its path's hash.
 PG_HOME = Path("/var/lib/palette")
@@ -36,13 +37,16 @@ GRPC_SERVERS = ("master", "volume", "filer", "admin")  # each also on its port +
 SOCKET_PATH_MAX = 100  # a Unix socket's path holds at most 107 bytes on Linux
 
 
-def find_pg_bin(name: str) -> str:
-    """A PostgreSQL server binary: on PATH, else in Debian's versioned directory."""
+def find_pg_bin(name: str, version: str | None = None) -> str:
+    """A PostgreSQL server binary: Debian's of ``version`` (a cluster's: a newer server, installed
+    beside it by an upgrade, refuses its files), else on PATH, else Debian's newest."""
+    if version and (own := PG_LIB / version / "bin" / name).exists():
+        return str(own)
     found = shutil.which(name)
     if found:
         return found
     candidates = sorted(
-        glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+        glob.glob(f"{glob.escape(str(PG_LIB))}/*/bin/{name}"),
         key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
     )
     if candidates:
@@ -345,8 +349,11 @@ class EmbeddedStack(Generic[S]):
             self._initdb(pgdir, rundir)
         remove_stale_pid_file(pgdir)
         s = self.settings
+        version = None
+        with contextlib.suppress(OSError):
+            version = (pgdir / "PG_VERSION").read_text().strip()
         argv = [
-            find_pg_bin("postgres"), "-D", str(pgdir), "-p", str(s.pg_port),
+            find_pg_bin("postgres", version), "-D", str(pgdir), "-p", str(s.pg_port),
             "-c", "listen_addresses=127.0.0.1",
             "-c", "unix_socket_directories=",  # TCP only: a socket's path in a deep checkout is too long
             "-c", "max_connections=200",

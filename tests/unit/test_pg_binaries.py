@@ -1,0 +1,43 @@
+"""Which PostgreSQL binaries the embedded stack runs (infra.stack.find_pg_bin): a data directory
+made by one major version needs that version's server, which a newer one installed beside it
+(Debian keeps both after an upgrade) refuses ("database files are incompatible with server")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+import infra.stack
+from infra.stack import EmbeddedStack, find_pg_bin
+
+
+@pytest.fixture
+def two_versions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    lib = tmp_path / "lib"
+    for version in ("15", "17"):
+        for name in ("postgres", "initdb"):
+            binary = lib / version / "bin" / name
+            binary.parent.mkdir(parents=True, exist_ok=True)
+            binary.write_text("#!/bin/sh\n")
+            binary.chmod(0o755)
+    monkeypatch.setattr(infra.stack, "PG_LIB", lib)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # none on PATH
+    return lib
+
+
+def test_a_fresh_cluster_gets_the_newest_version(two_versions: Path) -> None:
+    assert find_pg_bin("initdb") == str(two_versions / "17" / "bin" / "initdb")
+
+
+def test_a_cluster_of_an_older_version_is_served_by_that_versions_postgres(two_versions: Path, tmp_path: Path) -> None:
+    settings = SimpleNamespace(data_dir=tmp_path / "data", pg_port=5433, pg_fsync=False, log_max_bytes=2**20,
+                               log_keep=1)
+    stack: Any = EmbeddedStack(settings, topics=(), prepare=lambda: None, app_argv=["false"])
+    stack._run_as = None
+    pgdir = tmp_path / "data" / "pg"
+    pgdir.mkdir(parents=True)
+    (pgdir / "PG_VERSION").write_text("15\n")
+    assert stack._postgres_spec().argv[0] == str(two_versions / "15" / "bin" / "postgres")
