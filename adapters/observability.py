@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -166,6 +167,12 @@ class Readiness:
             return list(self._last[1])
 
 
+class _IPv6Server(ThreadingHTTPServer):
+    """The server on an IPv6 address (PALETTE_METRICS_HOST=::1): ThreadingHTTPServer binds IPv4 only."""
+
+    address_family = socket.AF_INET6
+
+
 def serve(port: int, registry: CollectorRegistry, readiness: Readiness, host: str = "127.0.0.1") -> ThreadingHTTPServer:
     """``/metrics``, ``/livez``, ``/readyz`` on ``host:port`` from a daemon thread."""
 
@@ -196,7 +203,7 @@ def serve(port: int, registry: CollectorRegistry, readiness: Readiness, host: st
         def log_message(self, *_: Any) -> None:  # scrapes are not worth a log line each
             return
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    server = (_IPv6Server if ":" in host else ThreadingHTTPServer)((host, port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

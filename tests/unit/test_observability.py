@@ -253,3 +253,15 @@ def test_head_on_the_probes_answers_as_get_does_without_a_body():
         assert raw_head(port, "/readyz").split(b" ", 2)[1] == b"503"
     finally:
         server.shutdown()
+
+
+def test_the_probes_port_opens_on_an_ipv6_metrics_host() -> None:
+    # PALETTE_METRICS_HOST=::1 passed the port check, and the server (IPv4 only) could not bind it:
+    # every process ran without its metrics and probes, said in one warning of its log.
+    server = serve(0, CollectorRegistry(), Readiness({}), "::1")
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{server.server_address[1]}/livez", timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
