@@ -481,7 +481,8 @@ class Supervisor:
                 healthy_for = now - run.started_at
                 if healthy_for > 60:
                     run.restarts = 0
-                delay = min(30.0, 0.5 * 2**run.restarts)
+                # 2**restarts capped: past 1,023 crashes (8.5 hours of them) it is too large for a float
+                delay = min(30.0, 0.5 * 2 ** min(run.restarts, 6))
                 run.next_restart_at = now + delay
                 code = run.proc.returncode if run.proc else None
                 self._say(f"{name} exited with {code}; restarting in {delay:.1f}s")

@@ -85,6 +85,21 @@ def test_a_crashed_service_is_restarted_after_a_delay_that_doubles_to_30_s_and_s
     crashes_and_comes_back_after(1.0)
 
 
+def test_a_service_crashing_for_hours_is_still_restarted_every_30_s(
+        clock: Clock, supervisor: Supervisor, tmp_path: Path) -> None:
+    """Its delay was 0.5 s * 2**crashes, capped after: past 1,023 crashes in a row (8.5 hours at
+    30 s) 2**crashes was too large for a float, and the OverflowError ended `palette up`."""
+    go = tmp_path / "go"
+    supervisor.start(ServiceSpec("svc", crashing_after(go), ready=lambda: True, restart=True))
+    go.touch()
+    supervisor._running["svc"].restarts = 1100  # crashes since its last healthy minute
+    wait_until(lambda: supervisor.pid("svc") is None, 30, "the service to exit")
+    assert supervisor.check() == []
+    assert said(supervisor)[-1] == "[palette] svc exited with 3; restarting in 30.0s"
+    clock.now += 30
+    assert supervisor.check() == ["svc"]
+
+
 def test_a_service_failing_its_health_check_four_times_in_a_row_is_restarted_and_a_pass_starts_the_count_over(
         clock: Clock, supervisor: Supervisor) -> None:
     """Alive but not doing its work (SeaweedFS refusing every write minutes after its disk had room
