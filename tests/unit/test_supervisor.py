@@ -264,6 +264,27 @@ def test_services_stop_in_the_reverse_order_of_their_start(supervisor: Superviso
     assert stopping == ["api", "broker", "postgres"]
 
 
+def test_a_service_not_gone_even_killed_does_not_keep_the_others_running_at_stop_all(
+        supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One stuck in the kernel outlives SIGKILL's wait: its TimeoutExpired left stop_all, the
+    services started before it were never stopped and `palette up` ended on a traceback."""
+    import subprocess
+
+    for name in ("postgres", "s3", "api"):
+        supervisor.start(ServiceSpec(name, [sys.executable, "-c", "import time; time.sleep(60)"], ready=lambda: True))
+    running = dict(supervisor._running)
+
+    def stuck(timeout_s: float = 20.0) -> None:
+        raise subprocess.TimeoutExpired("weed", 5)
+
+    monkeypatch.setattr(running["s3"], "stop", stuck)
+    supervisor.stop_all()
+    assert "[palette] s3 did not exit when killed; stopping the others" in said(supervisor)
+    assert not running["postgres"].alive() and not running["api"].alive()
+    monkeypatch.undo()
+    running["s3"].stop()
+
+
 def test_a_health_restart_of_a_process_not_gone_even_killed_is_said_and_left_to_its_next_check(
         clock: Clock, supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch) -> None:
     """One stuck in the kernel (a disk that hangs) outlives SIGKILL's 5 s wait: the TimeoutExpired
