@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import zlib
 from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -211,15 +212,17 @@ def write_tracking(conn: psycopg.Connection[Any], model: ReadModel, suffix: str,
         ).format(table(tbl)), [list(advanced), list(advanced.values())])
 
 
-def _claim_query(model: ReadModel, suffix: str = "") -> sql.Composed:
-    """A tracking row (version 0: nothing folded) for each stream that has none, in stream id
-    order, so ``_tracking_query`` has a row to lock for every stream of the batch: a stream no
-    batch had tracked had none, and two batches of it (a sweep's or another projector's beside
-    the live one) each folded it from nothing, the later commit's fold, tracking included,
-    written over the other's even when it was the shorter. Taken, the row is waited for by
-    every other batch of the stream until this one commits."""
-    return sql.SQL("INSERT INTO {} (stream_id, version) SELECT s, 0 FROM unnest(%b::uuid[]) AS s ORDER BY s "
-                   "ON CONFLICT (stream_id) DO NOTHING").format(table(tracking_table(model, suffix)))
+def _new_streams_lock(model: ReadModel, suffix: str = "") -> sql.Composed:
+    """Taken (until the batch commits) when a stream of the batch has no tracking row yet: that
+    stream has no row for ``_tracking_query`` to lock, so two batches of it (a sweep's or another
+    projector's beside the live one) each folded it from nothing, the later commit's fold,
+    tracking included, written over the other's even when it was the shorter. Behind it, the
+    other batch's tracking read (a statement after it, a snapshot after the first commit) finds
+    the row. One lock per model and no write: the live projector alone never waits for it."""
+    key = zlib.crc32(f"palette-read-new:{model.name}{suffix}".encode())
+    return sql.SQL("SELECT pg_advisory_xact_lock({}) WHERE EXISTS (SELECT FROM unnest(%b::uuid[]) AS s "
+                   "WHERE NOT EXISTS (SELECT FROM {} t WHERE t.stream_id = s))").format(
+        sql.Literal(key), table(tracking_table(model, suffix)))
 
 
 def _tracking_query(model: ReadModel, suffix: str = "") -> sql.Composed:
@@ -326,8 +329,8 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
                 conn.execute("SELECT pg_advisory_xact_lock_shared(k) FROM unnest(%s::bigint[]) AS k", [locks])
             tracked_cur = {}
             for m in active:
-                ids = sorted({e.stream_id for e in share[m.name]})
-                conn.execute(_claim_query(m, suffix), [ids])
+                ids = list({e.stream_id for e in share[m.name]})
+                conn.execute(_new_streams_lock(m, suffix), [ids])
                 tracked_cur[m.name] = conn.execute(_tracking_query(m, suffix), [ids])
             blocked_cur = conn.execute(sql.SQL(
                 "SELECT model, stream_id FROM {} WHERE status IN ('parked', 'held') AND stream_id = ANY(%b)"
