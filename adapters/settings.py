@@ -254,6 +254,24 @@ class Settings(BaseSettings):
                              "not starting or ending with '-')")
         return v
 
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_url(cls, v: str) -> str:
+        """A URL the GPU worker's HTTP client takes, refused here: one it does not (an IPv6 host
+        out of brackets) ended the worker at every start, and one without http(s) or a host
+        failed every callback, the GPU queue's tasks taken again for ever."""
+        if not v:
+            return v
+        import httpx
+
+        try:
+            url = httpx.URL(v)
+        except httpx.InvalidURL:
+            raise ValueError("is no URL (an IPv6 host goes in brackets: http://[::1]:8000)") from None
+        if url.scheme not in ("http", "https") or not url.host or not 0 < (url.port or 80) <= 65535:
+            raise ValueError("must be an http:// or https:// URL with a host (and a port of 1 to 65535)")
+        return v
+
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, v: str) -> str:

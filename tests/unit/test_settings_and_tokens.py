@@ -162,6 +162,18 @@ def test_the_gpu_workers_callback_url_holds_an_ipv6_api_host_in_brackets(tmp_pat
     assert httpx.URL(settings.api_url).port == 8000
 
 
+@pytest.mark.parametrize("url", ["http://::1:8000", "api.internal:8000", "http:///callbacks", "ftp://api",
+                                 "http://api:99999"])
+def test_a_callback_url_the_gpu_workers_client_cannot_use_is_refused_in_one_line(tmp_path, url):
+    # The IPv6 form ended the worker at every start (httpx: "Invalid port"); the others failed
+    # every callback, and the worker took the GPU queue's tasks again for ever.
+    with pytest.raises(SettingsError, match="PALETTE_CALLBACK_URL") as e:
+        load_settings(data_dir=tmp_path, callback_url=url)
+    assert "\n" not in str(e.value)
+    for usable in ("http://[::1]:8000", "https://api.example.com/palette", ""):
+        assert load_settings(data_dir=tmp_path, callback_url=usable).callback_url == usable
+
+
 @pytest.mark.parametrize("region", ["eu west", "eu-west-1\u00e9", "-eu", "eu-", "123", "e" * 64])
 def test_a_region_botocore_would_refuse_is_refused_in_one_line(tmp_path, region):
     # Every S3 client refused it (InvalidRegionError): `palette up` waited 60 s for SeaweedFS and
