@@ -40,7 +40,8 @@ SOCKET_PATH_MAX = 100  # a Unix socket's path holds at most 107 bytes on Linux
 def find_pg_bin(name: str, version: str | None = None) -> str:
     """A PostgreSQL server binary: Debian's of ``version`` (a cluster's: a newer server, installed
     beside it by an upgrade, refuses its files), else on PATH, else Debian's newest."""
-    if version and (own := PG_LIB / version / "bin" / name).exists():
+    # A major version's number only: the cluster's PG_VERSION is no path to follow
+    if version and version.isascii() and version.isdigit() and (own := PG_LIB / version / "bin" / name).exists():
         return str(own)
     found = shutil.which(name)
     if found:
@@ -350,7 +351,7 @@ class EmbeddedStack(Generic[S]):
         remove_stale_pid_file(pgdir)
         s = self.settings
         version = None
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):  # unreadable, or not text: the server says what is wrong
             version = (pgdir / "PG_VERSION").read_text().strip()
         argv = [
             find_pg_bin("postgres", version), "-D", str(pgdir), "-p", str(s.pg_port),

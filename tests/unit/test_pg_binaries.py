@@ -41,3 +41,19 @@ def test_a_cluster_of_an_older_version_is_served_by_that_versions_postgres(two_v
     pgdir.mkdir(parents=True)
     (pgdir / "PG_VERSION").write_text("15\n")
     assert stack._postgres_spec().argv[0] == str(two_versions / "15" / "bin" / "postgres")
+
+
+@pytest.mark.parametrize("made_by", [b"\xff\xfe15\n", b"../lib/15\n"], ids=["not text", "a path"])
+def test_a_pg_version_that_is_no_version_number_is_left_to_the_server(
+        two_versions: Path, tmp_path: Path, made_by: bytes) -> None:
+    """Bytes that are not text ended `palette up` on a UnicodeDecodeError traceback; a path was
+    followed out of Debian's directory. Either gets the binary a fresh cluster would, whose
+    server then says what is wrong with the cluster."""
+    settings = SimpleNamespace(data_dir=tmp_path / "data", pg_port=5433, pg_fsync=False, log_max_bytes=2**20,
+                               log_keep=1)
+    stack: Any = EmbeddedStack(settings, topics=(), prepare=lambda: None, app_argv=["false"])
+    stack._run_as = None
+    pgdir = tmp_path / "data" / "pg"
+    pgdir.mkdir(parents=True)
+    (pgdir / "PG_VERSION").write_bytes(made_by)
+    assert stack._postgres_spec().argv[0] == str(two_versions / "17" / "bin" / "postgres")
