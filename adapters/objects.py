@@ -13,6 +13,16 @@ import anyio.to_thread
 from adapters.s3_listing import S3Listing
 
 PAGE = 1000  # S3's most keys per DeleteObjects request
+# The codes of a key S3 failed to delete, as a 5xx would say it (it did not manage, not: it refuses us).
+FAILED_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown"})
+
+
+class NotDeleted(OSError):
+    """Objects a DeleteObjects answered with an error for; ``codes``: the codes S3 gave them."""
+
+    def __init__(self, message: str, codes: frozenset[str]) -> None:
+        super().__init__(message)
+        self.codes = codes
 
 
 def delete_keys(s3: Any, bucket: str, keys: list[str]) -> None:
@@ -25,7 +35,8 @@ def _delete_page(s3: Any, bucket: str, keys: list[dict[str, str]], where: str) -
     answer = s3.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
     failed = answer.get("Errors", [])
     if failed:
-        raise OSError(f"{len(failed)} object(s) under {where} not deleted: {failed[0].get('Code')}")
+        raise NotDeleted(f"{len(failed)} object(s) under {where} not deleted: {failed[0].get('Code')}",
+                         frozenset(str(e.get("Code")) for e in failed))
 
 
 def delete_prefixes(s3: Any, bucket: str, prefixes: Iterable[str]) -> int:

@@ -14,6 +14,7 @@ from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTT
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 
 from adapters.logs import driver_reason
+from adapters.objects import FAILED_CODES, NotDeleted
 from adapters.s3_listing import ListingFailed
 from projections.store import is_transient
 
@@ -24,7 +25,7 @@ DATABASE_ERRORS = (psycopg.OperationalError, StoreOperationalError)
 MESSAGE = "the database did not answer in time; try again"
 # The classes an object store's failure comes as; ``store_away`` tells which of them say it did
 # not answer (unreachable, timed out, a 5xx), not that it refused us (credentials, a bucket).
-OBJECT_STORE_ERRORS = (ListingFailed, BotoCoreError, ClientError)
+OBJECT_STORE_ERRORS = (ListingFailed, NotDeleted, BotoCoreError, ClientError)
 STORE_MESSAGE = "the object store did not answer in time; try again"
 HEADERS = {"Retry-After": "1"}
 WARN_EVERY_S = 10.0
@@ -67,9 +68,12 @@ def database_away(e: BaseException) -> bool:
 
 def store_away(e: BaseException) -> bool:
     """Whether ``e`` says the object store did not answer: our LIST's own verdict, botocore's
-    connection errors (refused, reset, timed out), or an answer of 5xx."""
+    connection errors (refused, reset, timed out), or an answer of 5xx (for a DeleteObjects, each
+    key's error as a 5xx would say it)."""
     if isinstance(e, ListingFailed):
         return e.retriable
+    if isinstance(e, NotDeleted):
+        return e.codes <= FAILED_CODES
     if isinstance(e, ClientError):
         return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) >= 500
     return isinstance(e, (ConnectionError, HTTPClientError))

@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 
 from adapters.api import unavailable
 from adapters.api.app import create_app
+from adapters.objects import delete_keys
 from adapters.s3_listing import ListingFailed
 from adapters.settings import Settings
 from application.executors import OutcomeUnknown
@@ -219,3 +220,18 @@ def test_an_object_store_that_does_not_answer_is_a_503_to_retry_not_a_bug(error:
 ])
 def test_an_object_store_that_refuses_us_is_still_a_500(error: BaseException) -> None:
     assert _confirm(error).status_code == 500
+
+
+def _not_deleted(code: str) -> OSError:
+    """What deleting a key raises when S3's DeleteObjects answers ``code`` for it."""
+    s3 = SimpleNamespace(delete_objects=lambda **_: {"Errors": [{"Key": "inputs/u/j/0.jpg", "Code": code}]})
+    with pytest.raises(OSError) as e:
+        delete_keys(s3, "b", ["inputs/u/j/0.jpg"])
+    return e.value
+
+
+@pytest.mark.parametrize(("code", "status"), [("InternalError", 503), ("SlowDown", 503), ("AccessDenied", 500)])
+def test_a_key_the_object_store_failed_to_delete_is_a_503_one_it_refused_a_500(code: str, status: int) -> None:
+    """S3 says a failure of its own per key inside a DeleteObjects' 200 (DELETE /jobs, DELETE /me):
+    an outage that still answers was a 500 INTERNAL, a bug, with a traceback per request."""
+    assert _confirm(_not_deleted(code)).status_code == status
