@@ -120,7 +120,7 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
         code = CODE_BY_STATUS.get(e.status_code, "VALIDATION_FAILED" if e.status_code < 500 else "INTERNAL")
         return fail(code, str(e.detail), status=e.status_code)
 
-    app.state.database_away = away = unavailable.DatabaseAway()
+    app.state.database_away = away = unavailable.Away()
 
     async def _database_away(_: Request, e: Exception) -> JSONResponse:
         if not unavailable.database_away(e):  # a bug or a limit of ours under an OperationalError's class
@@ -132,7 +132,7 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     for database_error in unavailable.DATABASE_ERRORS:
         app.add_exception_handler(database_error, _database_away)
 
-    store_away = unavailable.DatabaseAway("the object store")
+    store_away = unavailable.Away("the object store")
 
     async def _store_away(_: Request, e: Exception) -> JSONResponse:
         if not unavailable.store_away(e):  # it refused us (credentials, bucket): ours to mend

@@ -79,8 +79,8 @@ def store_away(e: BaseException) -> bool:
     return isinstance(e, (ConnectionError, HTTPClientError))
 
 
-class DatabaseAway:
-    """The requests answered 503 because the database (or, ``what``, the object store) did not
+class Away:
+    """The requests answered 503 because ``what`` (the database, the object store) did not
     answer: said in the log at most every WARN_EVERY_S (an outage would otherwise write a
     traceback per request)."""
 
