@@ -32,15 +32,20 @@ def test_a_fresh_cluster_gets_the_newest_version(two_versions: Path) -> None:
     assert find_pg_bin("initdb") == str(two_versions / "17" / "bin" / "initdb")
 
 
-def test_a_cluster_of_an_older_version_is_served_by_that_versions_postgres(two_versions: Path, tmp_path: Path) -> None:
+def postgres_of_cluster(tmp_path: Path, pg_version: bytes) -> str:
+    """The server binary the stack starts for a cluster whose PG_VERSION holds ``pg_version``."""
     settings = SimpleNamespace(data_dir=tmp_path / "data", pg_port=5433, pg_fsync=False, log_max_bytes=2**20,
                                log_keep=1)
     stack: Any = EmbeddedStack(settings, topics=(), prepare=lambda: None, app_argv=["false"])
     stack._run_as = None
     pgdir = tmp_path / "data" / "pg"
     pgdir.mkdir(parents=True)
-    (pgdir / "PG_VERSION").write_text("15\n")
-    assert stack._postgres_spec().argv[0] == str(two_versions / "15" / "bin" / "postgres")
+    (pgdir / "PG_VERSION").write_bytes(pg_version)
+    return str(stack._postgres_spec().argv[0])
+
+
+def test_a_cluster_of_an_older_version_is_served_by_that_versions_postgres(two_versions: Path, tmp_path: Path) -> None:
+    assert postgres_of_cluster(tmp_path, b"15\n") == str(two_versions / "15" / "bin" / "postgres")
 
 
 @pytest.mark.parametrize("made_by", [b"\xff\xfe15\n", b"../lib/15\n"], ids=["not text", "a path"])
@@ -49,11 +54,4 @@ def test_a_pg_version_that_is_no_version_number_is_left_to_the_server(
     """Bytes that are not text ended `palette up` on a UnicodeDecodeError traceback; a path was
     followed out of Debian's directory. Either gets the binary a fresh cluster would, whose
     server then says what is wrong with the cluster."""
-    settings = SimpleNamespace(data_dir=tmp_path / "data", pg_port=5433, pg_fsync=False, log_max_bytes=2**20,
-                               log_keep=1)
-    stack: Any = EmbeddedStack(settings, topics=(), prepare=lambda: None, app_argv=["false"])
-    stack._run_as = None
-    pgdir = tmp_path / "data" / "pg"
-    pgdir.mkdir(parents=True)
-    (pgdir / "PG_VERSION").write_bytes(made_by)
-    assert stack._postgres_spec().argv[0] == str(two_versions / "17" / "bin" / "postgres")
+    assert postgres_of_cluster(tmp_path, made_by) == str(two_versions / "17" / "bin" / "postgres")
