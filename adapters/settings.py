@@ -268,7 +268,7 @@ class Settings(BaseSettings):
             url = httpx.URL(v)
         except httpx.InvalidURL:
             raise ValueError("is no URL (an IPv6 host goes in brackets: http://[::1]:8000)") from None
-        if url.scheme not in ("http", "https") or not url.host or not 0 < (url.port or 80) <= 65535:
+        if url.scheme not in ("http", "https") or not url.host or (url.port is not None and not 0 < url.port <= 65535):
             raise ValueError("must be an http:// or https:// URL with a host (and a port of 1 to 65535)")
         return v
 

@@ -163,7 +163,7 @@ def test_the_gpu_workers_callback_url_holds_an_ipv6_api_host_in_brackets(tmp_pat
 
 
 @pytest.mark.parametrize("url", ["http://::1:8000", "api.internal:8000", "http:///callbacks", "ftp://api",
-                                 "http://api:99999"])
+                                 "http://api:99999", "http://api:0"])
 def test_a_callback_url_the_gpu_workers_client_cannot_use_is_refused_in_one_line(tmp_path, url):
     # The IPv6 form ended the worker at every start (httpx: "Invalid port"); the others failed
     # every callback, and the worker took the GPU queue's tasks again for ever.
