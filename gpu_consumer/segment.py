@@ -133,11 +133,12 @@ class PriorClusterSegmenter:
         feats = torch.stack([lab[0] / 100, lab[1] / 128, lab[2] / 128, ys * 0.5, xs * 0.5], dim=-1).reshape(-1, 5)
         labels = kmeans(feats, self.clusters).reshape(sh, sw)
         out: dict[str, torch.Tensor] = {}
-        missing = []
+        missing: list[str] = []
         for concept in concepts:
             prior = PRIORS.get(concept)
             if prior is None:
-                missing += [] if concept in optional else [concept]
+                if concept not in optional:
+                    missing.append(concept)
                 continue
             p = prior(ys, xs)
             chosen = torch.zeros(sh, sw, device=image.device)
@@ -853,7 +854,7 @@ class TorchScriptSegmenter:
         _, _, h, w = image.shape
         out: dict[str, torch.Tensor] = {}
         instances: list[Instance] = []
-        missing = []
+        missing: list[str] = []
         for concept in concepts:
             ids = [i for i in self.labels.get(concept, ()) if i < classes]
             p = probs[ids].sum(dim=0) if ids else torch.zeros(sh, sw, device=probs.device)

@@ -38,6 +38,12 @@ def lock_id(model: ReadModel) -> int:
     return zlib.crc32(f"palette-read:{model.name}".encode())
 
 
+def new_streams_lock_id(model: ReadModel, suffix: str = "") -> int:
+    """Advisory lock key a batch holds while a stream of it has no tracking row in ``suffix``'s
+    tables yet (``projections.store.apply_batch``)."""
+    return zlib.crc32(f"palette-read-new:{model.name}{suffix}".encode())
+
+
 def tracking_table(model: ReadModel, suffix: str = "") -> str:
     return f"{model.name}_tracking{suffix}"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import zlib
 from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -22,7 +21,7 @@ from domain.text import escaped
 from projections import batch
 from projections.models import READ_MODELS
 from projections.models.base import Key, ReadModel, Row, Rows
-from projections.schema import REBUILD_LOCK, ident, lock_id, table, tracking_table
+from projections.schema import REBUILD_LOCK, ident, lock_id, new_streams_lock_id, table, tracking_table
 
 log = logging.getLogger("palette.projections")
 # SQLSTATE classes where the database, not the event, failed: connection (08), transaction
@@ -219,10 +218,9 @@ def _new_streams_lock(model: ReadModel, suffix: str = "") -> sql.Composed:
     tracking included, written over the other's even when it was the shorter. Behind it, the
     other batch's tracking read (a statement after it, a snapshot after the first commit) finds
     the row. One lock per model and no write: the live projector alone never waits for it."""
-    key = zlib.crc32(f"palette-read-new:{model.name}{suffix}".encode())
     return sql.SQL("SELECT pg_advisory_xact_lock({}) WHERE EXISTS (SELECT FROM unnest(%b::uuid[]) AS s "
                    "WHERE NOT EXISTS (SELECT FROM {} t WHERE t.stream_id = s))").format(
-        sql.Literal(key), table(tracking_table(model, suffix)))
+        sql.Literal(new_streams_lock_id(model, suffix)), table(tracking_table(model, suffix)))
 
 
 def _tracking_query(model: ReadModel, suffix: str = "") -> sql.Composed:
