@@ -247,6 +247,7 @@ class _Running:
         self.started_at = 0.0
         self.next_health_at = 0.0
         self.failed_health = 0  # health checks failed in a row
+        self.probe_error = ""  # the last failure of its ready probe while starting, said at the timeout
 
     def start(self) -> None:
         remove_left_sockets(self.spec.leaves)  # what a run that died with its supervisor left
@@ -425,14 +426,14 @@ class Supervisor:
                     raise StackError(f"{spec.name} exited during start-up: {run.tail() or 'no output'}")
                 # Ready means this child answers: a probe that passes while the child has died
                 # was answered by someone else (a process already on its port), not by ours.
-                if spec.ready() and run.alive():
+                if self._probe(run) and run.alive():
                     waiting.remove(run)
                     self.startup_s[spec.name] = time.monotonic() - t0
                     pid = run.proc.pid if run.proc else "?"
                     self._say(f"{spec.name} ready in {self.startup_s[spec.name]:.1f}s (pid {pid})")
                 elif time.monotonic() > t0 + spec.ready_timeout_s:
-                    raise StackError(
-                        f"{spec.name} not ready after {spec.ready_timeout_s:.0f}s: {run.tail() or 'no output'}")
+                    why = f"its last probe: {run.probe_error}" if run.probe_error else run.tail() or "no output"
+                    raise StackError(f"{spec.name} not ready after {spec.ready_timeout_s:.0f}s: {why}")
             if waiting:
                 time.sleep(0.1)
 
@@ -504,6 +505,20 @@ class Supervisor:
             self._say(f"{run.spec.name} could not be started: {type(e).__name__}: {getattr(e, 'strerror', None) or e}")
             return False
         return True
+
+    @staticmethod
+    def _probe(run: _Running) -> bool:
+        """Whether ``run``'s service is ready. A probe that raises (the broker answering, then
+        failing the topic set-up it is asked for) is not ready yet: it is asked again until the
+        ready timeout, whose one-line StackError names its last error, instead of the error
+        leaving the start-up with a traceback and every started service unstopped."""
+        try:
+            ready = run.spec.ready()
+        except Exception as e:  # noqa: BLE001 - any failure of a probe is "not ready", said at the timeout
+            run.probe_error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            return False
+        run.probe_error = ""
+        return ready
 
     @staticmethod
     def _unhealthy(run: _Running, now: float) -> bool:

@@ -1,7 +1,7 @@
 """The supervisor's restarts (infra.supervisor): a crashed service comes back after a delay that
 doubles per crash up to 30 s and starts again from 0.5 s after a minute of healthy running; one
 not marked restartable stays down; a start-up is retried START_ATTEMPTS times in all, after 0.5 s then 1 s, and waits
-ready_timeout_s, no longer; a service that ignores SIGTERM is killed; services stop in reverse order.
+ready_timeout_s, no longer, asking again a probe that raises; a service that ignores SIGTERM is killed; services stop in reverse order.
 
 The supervisor's clock is a stand-in moved by hand (its sleeps move it too), so that no test waits
 out a backoff; the services are real child processes."""
@@ -242,6 +242,34 @@ def test_a_start_up_waits_its_ready_timeout_and_no_longer(clock: Clock, supervis
     with pytest.raises(StackError, match="slow not ready after 5s"):
         supervisor.start(spec)
     assert 5 <= clock.now - began <= 5.5
+
+
+def test_a_ready_probe_that_raises_is_not_ready_yet_and_is_asked_again(clock: Clock, supervisor: Supervisor) -> None:
+    """The broker's probe sets up its topics once it answers: a failure there (a topic-creation
+    race, a timeout) used to leave the start-up as a traceback, every service left unstopped."""
+    answers = iter([ConnectionError("refused"), TimeoutError("CreateTopics timed out"), True])
+
+    def probe() -> bool:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    supervisor.start(ServiceSpec("broker", [sys.executable, "-c", "import time; time.sleep(60)"], ready=probe))
+    assert supervisor.pid("broker") is not None
+    assert any(line.startswith("[palette] broker ready in") for line in said(supervisor))
+
+
+def test_a_ready_probe_that_keeps_raising_is_reported_in_one_line_at_the_timeout(
+        clock: Clock, supervisor: Supervisor) -> None:
+    def probe() -> bool:
+        raise TimeoutError("CreateTopics timed out\nsecond line")
+
+    spec = ServiceSpec("broker", [sys.executable, "-c", "import time; time.sleep(60)"], ready=probe,
+                       ready_timeout_s=5)
+    with pytest.raises(StackError) as caught:
+        supervisor.start(spec)
+    assert str(caught.value) == "broker not ready after 5s: its last probe: TimeoutError: CreateTopics timed out"
 
 
 def test_a_service_that_ignores_sigterm_is_killed_when_its_stop_times_out(supervisor: Supervisor,
