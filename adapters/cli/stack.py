@@ -113,6 +113,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
             return 1
         print(f"[palette] stopped while starting ({signal.Signals(e.signum).name})", flush=True)
         return 128 + e.signum
+    except Exception:  # a fault of ours: its traceback is wanted, after the services stop in order
+        starting = False
+        stack.stop()
+        raise
     stack.stop()
     print("[palette] stopped", flush=True)
     return 0

@@ -1,7 +1,8 @@
 """`palette up` stopped by a signal while it starts (adapters/cli/stack.py): what it launched is
 stopped, even a process launched as the signal came, and a start that was already failing says
-why. Each case runs `_cmd_up` in a process of its own (it installs signal handlers), with a stand-in
-stack of throwaway processes."""
+why; a fault of ours while starting stops what started too, then raises. Each case runs
+`_cmd_up` in a process of its own (it installs signal handlers), with a stand-in stack of
+throwaway processes."""
 
 from __future__ import annotations
 
@@ -142,3 +143,30 @@ def check(self):
 Supervisor.check = check
 """)
     assert outcome["rc"] == 0 and "still up" in str(outcome["stdout"])
+
+
+def test_a_fault_of_ours_while_starting_stops_what_started_before_its_traceback(tmp_path: Path) -> None:
+    """Only a StackError used to stop the started services in order; any other exception left
+    them to the parent-death signal, all at once."""
+    outcome = run_up(tmp_path, """
+launched = {}
+class Popen(subprocess.Popen):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        launched["pid"] = self.pid
+supervisor.subprocess.Popen = Popen
+Stack.start_infra = lambda self: self.supervisor.start(ServiceSpec("svc", ["sleep", "300"], ready=lambda: True))
+def start_apps(self, apps):
+    raise ValueError("a bug of ours")
+Stack.start_apps = start_apps
+up = cli._cmd_up
+def guarded(args):
+    try:
+        return up(args)
+    except ValueError as e:
+        print(f"raised: {e}")
+        return 99
+cli._cmd_up = guarded
+""")
+    assert outcome["rc"] == 99 and "raised: a bug of ours" in str(outcome["stdout"])
+    assert outcome["launched_alive"] is False
