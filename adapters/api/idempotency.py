@@ -133,6 +133,8 @@ class IdempotencyKeys:
         self.per_address = (TokenBuckets(per_address / ttl_s, per_address) if per_address is not None else None)
         self.trusted_proxies = trusted_proxies
         self.erased = erased  # users whose kept answers are never replayed (the route answers 401)
+        # Answers sent without their key kept (said in the log at most every WARN_EVERY_S).
+        self.unsettled = unavailable.Away("the database, keeping an Idempotency-Key's answer,")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -226,10 +228,7 @@ class IdempotencyKeys:
                 captured["body"] += message.get("body", b"")
                 if not message.get("more_body"):
                     status = captured.get("status", 500)
-                    if storable(status):
-                        await self._store(owner, key, status, captured["headers"], captured["body"])
-                    else:
-                        await self._release(owner, key)
+                    await self._settle(owner, key, status, captured["headers"], captured["body"])
                     captured["settled"] = True
             await send(message)
 
@@ -294,6 +293,24 @@ class IdempotencyKeys:
                 # Gone since the insert found it (released by its request, or swept by another
                 # claim): claim it again, never answer a retry of the same request with a 422.
         return False, None  # still vanishing each time: the caller answers "in flight" (409)
+
+    async def _settle(self, owner: str, key: str, status: int, headers: Any, body: bytes) -> None:
+        """Keep the answer for the key, or release it. The request has run: a database that fails
+        now (restarted, no connection free) must not cost its client the answer, so the key is
+        released instead (on a new connection: a retry runs again, as after a crash), or, that
+        failing too, left to go stale (STALE_S)."""
+        try:
+            if storable(status):
+                await self._store(owner, key, status, headers, body)
+            else:
+                await self._release(owner, key)
+            return
+        except unavailable.DATABASE_ERRORS as e:
+            self.unsettled.note(e)
+        try:
+            await self._release(owner, key)
+        except unavailable.DATABASE_ERRORS as e:
+            self.unsettled.note(e)
 
     async def _store(self, owner: str, key: str, status: int, headers: Any, body: bytes) -> None:
         async with self.connections.connection() as conn:

@@ -195,3 +195,46 @@ def test_the_owners_of_one_address_share_its_keys_however_many_owners_it_makes(s
 
     # Before: the replays spent the address's keys, and the first owner's ninth replay was a 429.
     assert asyncio.run(scenario()) == [404] * 10 + [404, 404, 429] + [404, 404]
+
+
+def test_an_answer_whose_key_cannot_be_stored_still_reaches_its_client(settings: Settings) -> None:
+    """The database restarts while a keyed command runs: its claim's connection is dead when the
+    answer is to be kept. The command did what it did, so its client gets the answer (the key is
+    released on a new connection: a retry runs it again, as after any crash); before, the
+    answer's body was never sent and the error escaped to the server (a traceback, a cut answer)."""
+    url = settings.effective_database_url
+    with psycopg.connect(url, autocommit=True) as conn:
+        ensure_schema(conn)
+    user_id, key = uuid.uuid4(), f"k-{uuid.uuid4().hex}"
+    connections = unflushed(url)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        # The claim's connection is idle now: the server ends it, as a restart would.
+        with psycopg.connect(url, autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                          "AND query LIKE %s", ["%palette_api.idempotency%"])
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"made"})
+
+    keys = IdempotencyKeys(app, connections, Tokens(user_id), fail)
+    sent: list[Any] = []
+
+    async def scenario() -> None:
+        async def receive() -> Any:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        try:
+            await keys({"type": "http", "method": "POST", "path": "/rules", "client": ("127.0.0.1", 40000),
+                        "headers": [(b"authorization", b"Bearer t"), (b"idempotency-key", key.encode())]},
+                       receive, send)
+        finally:
+            await connections.close()
+
+    asyncio.run(scenario())
+    assert [m.get("status") or m.get("body") for m in sent] == [201, b"made"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        held = conn.execute("SELECT count(*) FROM palette_api.idempotency WHERE key = %s", [key]).fetchone()
+    assert held == (0,)  # released: the retry runs again rather than waiting STALE_S on a claim in flight
