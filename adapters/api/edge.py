@@ -8,7 +8,9 @@ for the static ``GET /presets`` (median of 5 rounds of 3,000 requests each, 32 a
 Metrics count every request by route template, method and status, with a latency histogram
 (labels come from the route the router matched, never from the raw path: a client cannot grow
 the label sets, an unmatched path counts as ``unmatched``). The body cap refuses a body over
-``max_body_bytes`` with 413 before the app reads it, chunked bodies too."""
+``max_body_bytes`` with 413 before the app reads it, chunked bodies too; one that passes it
+after the answer has begun (a stream reads the request for its client's disconnect) is taken
+for the client going away, and the answer is ended."""
 
 from __future__ import annotations
 
@@ -72,11 +74,15 @@ class RequestEdge:
         t0 = time.perf_counter()
         status = [500]  # an exception that escapes every handler is what the server answers
 
+        ended = [False]  # the answer's last part sent
+
         async def timed(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 self._observe(scope, status[0], time.perf_counter() - t0)
                 status.append(0)  # observed
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                ended[0] = True
             await send(message)
 
         request_id = request_id_var.set(self.request_ids.next())
@@ -95,10 +101,18 @@ class RequestEdge:
 
             async def limited() -> Message:
                 nonlocal seen
+                if seen > self.max_bytes:  # past the cap after the answer began: gone, as below
+                    return {"type": "http.disconnect"}
                 message = await receive()
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > self.max_bytes:
+                        if len(status) > 1:
+                            # The answer has begun (a stream reading for its client's disconnect):
+                            # no 413 can be given, and an error raised now escaped as a traceback
+                            # per request. The app is told its client went away, and the answer
+                            # is ended below.
+                            return {"type": "http.disconnect"}
                         raise BodyTooLarge(self.max_bytes)
                 return message
 
@@ -108,6 +122,8 @@ class RequestEdge:
                 trace = CURRENT_TRACE.set(traceparent)
                 try:
                     await self.app(scope, limited, timed)
+                    if seen > self.max_bytes and len(status) > 1 and not ended[0]:
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
                 finally:
                     CURRENT_TRACE.reset(trace)
         finally:

@@ -1,0 +1,76 @@
+"""The body cap (adapters.api.edge) on a request whose answer is a stream: the stream reads the
+request for its client's disconnect, so a body past the cap, sent in chunks while the stream
+runs, is met after the answer has begun, where no 413 can be given any more."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import pytest
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from adapters.api import http_limits
+from adapters.api.app import create_app
+from adapters.api.consistency import LastWrites
+from adapters.api.edge import MAX_BODY_BYTES, RequestEdge
+from adapters.settings import Settings
+from adapters.system import RandomIds, SystemClock
+from application.executors import GroupCommitter
+from application.services import PaletteApplication, PaletteService
+from tests.conftest import free_port
+from tests.keys import process_keys
+
+
+def test_a_body_past_the_cap_sent_to_a_stream_ends_it_as_a_client_gone_not_with_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client's own job's event stream, asked with a chunked body of 80 KB: before, the cap
+    raised inside the running stream, which the app logged as an unhandled error and the server
+    as an exception in the application, two tracebacks a request, as often as a client liked."""
+    settings = Settings(jwt_secret="s" * 48, callback_secret="c" * 48, device_key_secret="d" * 48)
+    store = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    committer = GroupCommitter(store).start()
+    service = PaletteService(store, committer, SystemClock(), RandomIds(), **process_keys())
+    container = SimpleNamespace(settings=settings, read_pool=None, service=service, s3=None,
+                                committer=committer, last_writes=LastWrites())
+    user_id, _ = service.register("device-stream-body-1").value
+    job_id = service.create_job(user_id, "interior", 1).value
+    app = create_app(container)  # type: ignore[arg-type]
+    token = app.state.tokens.issue(user_id, datetime.now(UTC))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(RequestEdge(app, CollectorRegistry()), host="127.0.0.1", port=port,
+                                           lifespan="off", **http_limits.SERVER_OPTIONS))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        caplog.set_level(logging.WARNING)
+        chunk = b"x" * 8192
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(f"GET /jobs/{job_id}/events HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\n"
+                         "Transfer-Encoding: chunked\r\n\r\n".encode())
+            got = conn.recv(65536)
+            for _ in range(MAX_BODY_BYTES // len(chunk) + 2):
+                conn.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                time.sleep(0.02)
+            conn.sendall(b"0\r\n\r\n")
+            try:
+                while not got.endswith(b"0\r\n\r\n") and (more := conn.recv(65536)):
+                    got += more
+            except TimeoutError:
+                pass
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        committer.stop()
+    assert got.startswith(b"HTTP/1.1 200"), got[:200]
+    assert got.endswith(b"0\r\n\r\n"), got[-200:]  # the stream ended whole, as when its client leaves
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
