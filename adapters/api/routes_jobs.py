@@ -165,12 +165,16 @@ def _summary_row(job: Job) -> dict[str, Any]:
 
 def _merged(rows: list[dict[str, Any]], fresh: list[dict[str, Any]], limit: int, next_cursor: str | None,
             after: tuple[datetime, UUID] | None) -> tuple[list[dict[str, Any]], str | None]:
-    """The page with the write side's rows in place of the folded ones; jobs the model has not
-    seen at all join the page they sort into: any page for the first (``after`` None), a later
-    one when they come after its cursor (a page before cut them off)."""
+    """The page with the write side's rows in place of the folded ones; the other write-side rows
+    (jobs the model has not seen at all, or holds on another page) join the page they sort into:
+    after its cursor (a page before cut them off) and, while the model has more, not past the
+    model's last row of the page (``next_cursor``), which a later page starts after: one there
+    would be listed twice once a deleted job left room on this page."""
     by_id = {r["id"]: r for r in fresh}
     out = [by_id.pop(r["id"], r) for r in rows]
-    out.extend(r for r in by_id.values() if after is None or (r["created_at"], r["id"]) < after)
+    end = decode_cursor(next_cursor) if next_cursor is not None else None
+    out.extend(r for r in by_id.values() if (after is None or (r["created_at"], r["id"]) < after)
+               and (end is None or (r["created_at"], r["id"]) > end))
     out.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
     if len(out) > limit:
         out = out[:limit]

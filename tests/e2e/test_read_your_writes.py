@@ -76,13 +76,14 @@ def _row(minutes: int) -> dict[str, Any]:
 def test_the_write_sides_jobs_join_the_first_page_in_order_and_move_the_cursor() -> None:
     folded = [_row(5), _row(4), _row(3)]
     newer, replaced = _row(9), {**folded[1], "status": "canceled"}
-    rows, cursor = _merged(folded, [newer, replaced], limit=3, next_cursor="old", after=None)
+    old = encode_cursor(folded[2]["created_at"], folded[2]["id"])  # the model has more
+    rows, cursor = _merged(folded, [newer, replaced], limit=3, next_cursor=old, after=None)
     assert [r["id"] for r in rows] == [newer["id"], folded[0]["id"], folded[1]["id"]]
     assert rows[2]["status"] == "canceled"
     assert cursor == encode_cursor(folded[1]["created_at"], folded[1]["id"])  # the last row shown
     after = (folded[0]["created_at"] + timedelta(seconds=30), uuid4())  # a page before ended just above these
-    later, cursor_later = _merged(folded, [newer], limit=3, next_cursor="old", after=after)
-    assert later == folded and cursor_later == "old"  # a later page never gains the newest jobs
+    later, cursor_later = _merged(folded, [newer], limit=3, next_cursor=old, after=after)
+    assert later == folded and cursor_later == old  # a later page never gains the newest jobs
 
 
 def test_a_job_the_model_has_not_seen_joins_the_later_page_it_sorts_into() -> None:
