@@ -44,7 +44,7 @@ from adapters.api.schemas import (
     QueryInt,
     UploadSlot,
 )
-from adapters.api.strict_json import StrictJSONRoute
+from adapters.api.strict_json import StrictJSONRoute, loads
 from adapters.bootstrap import Container
 from adapters.s3_signing import GetUrls, PutUrls
 from application.services import PaletteService, RerunSource, item_list
@@ -423,8 +423,11 @@ async def callback(
             x_palette_signature):
         raise ApiError("AUTH_INVALID", "callback replayed")
     request.app.state.callback_limits.take(job_id)  # after auth: strangers cannot spend a job's budget
-    try:
-        body = CallbackCreate.model_validate_json(raw)
+    try:  # strict JSON, as every other body (pydantic's own reader takes the last of a repeated name)
+        body = CallbackCreate.model_validate(loads(raw))
+    except json.JSONDecodeError as e:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error",
+                                       "input": {}, "ctx": {"error": e.msg}}]) from None
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None
     committed = await service.run(service.record_item_result_command(

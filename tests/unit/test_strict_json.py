@@ -4,6 +4,7 @@ read another (a repeated name, UTF-16, NaN) is refused, and every plain body rea
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from fastapi import APIRouter, FastAPI
@@ -72,3 +73,41 @@ def test_a_route_with_a_body_reads_it_strictly_and_one_without_is_as_it_was() ->
                     headers={"content-type": "application/json"})
     assert r.status_code == 422 and "twice" in r.text
     assert client.get("/jobs").json() == {"ok": "yes"}
+
+
+class _NoCommands:
+    """A service that takes no command: a body refused as it is read never reaches one."""
+
+    user_views = None
+    sealer = SimpleNamespace(evict=lambda _user: None)
+    ran = 0
+
+    async def run(self, _command: object) -> None:
+        self.ran += 1
+        raise AssertionError("the callback's body was taken")
+
+    def record_item_result_command(self, *_args: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize("body", [
+    b'{"idx": 0, "status": "done", "idempotency_key": "k", "idx": 1}',
+    b'{"idx": 0, "status": "failed", "idempotency_key": "k", "error": "a", "error": "b"}',
+    '{"idx": 0, "status": "done", "idempotency_key": "k"}'.encode("utf-16"),
+])
+def test_the_gpu_callback_reads_its_body_strictly_too(body: bytes) -> None:
+    """The callback reads its raw body itself (it is authenticated first), so not through the
+    route's body field: it is strict JSON all the same (a repeated name is the last for pydantic)."""
+    from uuid import uuid4
+
+    from adapters.api.app import create_app
+    from adapters.settings import Settings
+
+    settings = Settings(jwt_secret="s" * 48, callback_secret="c" * 48, device_key_secret="d" * 48)
+    service = _NoCommands()
+    app = create_app(SimpleNamespace(settings=settings, read_pool=None, service=service, s3=None))  # type: ignore[arg-type]
+    r = TestClient(app, raise_server_exceptions=False).post(
+        f"/jobs/{uuid4()}/callback", content=body,
+        headers={"content-type": "application/json", "X-Callback-Secret": settings.callback_secret})
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "VALIDATION_FAILED"), r.text
+    assert "not JSON" in r.json()["error"]["message"] and service.ran == 0
