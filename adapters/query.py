@@ -236,10 +236,25 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _unique_names(columns: Sequence[str]) -> list[str]:
+    """The columns as JSON object names: a name repeated (``SELECT *`` over a join names ``status``
+    twice) gets ``_1``, ``_2``... as DuckDB's own result frames do, never a name already there."""
+    taken = set(columns)
+    out: list[str] = []
+    for name in columns:
+        unique, n = name, 0
+        while unique in out or (n and unique in taken):
+            n += 1
+            unique = f"{name}_{n}"
+        out.append(unique)
+    return out
+
+
 def render(result: Result, fmt: str) -> str:
-    """The rows as an aligned table, CSV or a JSON array of objects."""
+    """The rows as an aligned table, CSV or a JSON array of objects (names made unique)."""
     if fmt == "json":  # strict JSON: NaN and ±Infinity (0.0/0.0 in DuckDB) have no JSON form, so null
-        return json.dumps([dict(zip(result.columns, map(_finite, r), strict=True)) for r in result.rows],
+        names = _unique_names(result.columns)
+        return json.dumps([dict(zip(names, map(_finite, r), strict=True)) for r in result.rows],
                           default=str, indent=1, allow_nan=False)
     if fmt == "csv":
         buf = io.StringIO()

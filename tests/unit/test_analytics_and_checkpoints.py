@@ -86,6 +86,17 @@ def test_query_bounds_its_output_and_renders_table_csv_and_json(tmp_path):
         run("SELECT 1", tmp_path / "file", None)
 
 
+def test_query_json_keeps_every_column_of_a_join_whose_names_repeat():
+    """``SELECT *`` over jobs_log joined with job_items_log names ``status`` twice (and the join's
+    key columns too): a JSON object keeps one value per name, so the second took the first's place
+    and the job's status was gone from every row. A repeated name is told apart as DuckDB's own
+    result frames do (``status_1``), never onto a name the query already has."""
+    result = run("SELECT 'done' AS status, 'failed' AS status, 'x' AS status_1, 'y' AS status", None, None)
+    assert json.loads(render(result, "json")) == [
+        {"status": "done", "status_2": "failed", "status_1": "x", "status_3": "y"}]
+    assert render(result, "csv").splitlines()[0] == "status,status,status_1,status"  # as the query named them
+
+
 def test_query_reads_no_file_of_the_working_directory_s_dot_tmp(tmp_path, monkeypatch):
     """DuckDB's default spill folder is ``.tmp`` in the working directory, and locking file access
     to --data still allowed it: a SELECT read (and globbed) any file there, with or without --data."""
