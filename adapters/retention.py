@@ -4,7 +4,7 @@ Each pass (every ``PALETTE_SWEEP_INTERVAL_S``):
 
 1. **Retention** — the objects (inputs, outputs, masks, previews) of jobs that finished more than
    ``PALETTE_RETENTION_DAYS`` ago are deleted, then ``ObjectsExpired`` is recorded on the job (it
-   stays listed; its links stop working). Jobs are taken from ``jobs_log`` in ``(finished_at,
+   stays listed; GET /jobs/{id} gives no links). Jobs are taken from ``jobs_log`` in ``(finished_at,
    id)`` order after a cursor kept in ``palette_sweeps``, so a pass costs what finished since the
    last one, and a crash between the deletion and the event only repeats a harmless deletion.
    A job never executed nor canceled never finishes: once it was *created* that long ago it is

@@ -97,6 +97,8 @@ def _job_public(c: Container, job: Job) -> JobPublic:
         result = job.items.get(idx)
         if result is None:
             items.append(ItemPublic(idx=idx, status="pending"))
+        elif result.status == "done" and job.objects_deleted:  # past retention: links would point at nothing
+            items.append(ItemPublic(idx=idx, status="done"))
         elif result.status == "done":
             items.append(ItemPublic(
                 idx=idx, status="done",
@@ -111,6 +113,7 @@ def _job_public(c: Container, job: Job) -> JobPublic:
         job_id=job.id, status=job.status.value, preset=job.preset,
         progress=Progress(done=job.done_items, failed=job.failed_items, total=job.item_count),
         concepts=job.concepts, protect=job.protect, rule_id=job.rule_id, items=items,
+        objects_expired=job.objects_deleted,
     )
 
 
@@ -351,7 +354,9 @@ def _copy_objects(c: Container, copies: list[tuple[str, str]]) -> None:
 async def get_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
                   container: ContainerDep) -> JSONResponse:
     """Status, progress and items, with presigned download URLs for finished outputs, the masks
-    the worker used for each (``mask_urls`` by concept) and their instances (``instances_url``)."""
+    the worker used for each (``mask_urls`` by concept) and their instances (``instances_url``).
+    Once the retention sweep has deleted the job's objects, ``objects_expired`` is true and no
+    item has a link (each would point at nothing)."""
     job = await service.get_job_async(user_id, job_id)
     if job.item_count <= INLINE_ITEMS and job.done_items * (3 + len(_mask_concepts(job))) <= INLINE_URLS:
         return ok(_job_public(container, job))

@@ -192,6 +192,7 @@ class JobPublic(BaseModel):
     protect: list[str]
     rule_id: UUID | None
     items: list[ItemPublic]
+    objects_expired: bool = False  # its objects deleted past retention: its items have no links
 
 
 class MaskSlot(BaseModel):

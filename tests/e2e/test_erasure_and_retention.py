@@ -154,8 +154,10 @@ def test_the_sweeper_deletes_the_objects_of_jobs_past_retention_and_nothing_newe
         assert sweeper.step(now=cutoff + timedelta(days=settings.retention_days)).jobs_expired == 0  # once
     finally:
         sweeper.close()
-    listed = client.data("GET", f"/jobs/{old}")  # the job stays; its objects are gone
-    assert listed["status"] == "done"
+    listed = client.data("GET", f"/jobs/{old}")  # the job stays; its objects are gone, and so are its links
+    assert listed["status"] == "done" and listed["objects_expired"] is True
+    assert listed["items"][0]["status"] == "done" and listed["items"][0]["output_url"] is None
+    assert client.data("GET", f"/jobs/{newer}")["objects_expired"] is False
     app = open_event_store(settings)
     try:
         types = [e.type for e in Replayer(app).stream(uuid.UUID(old))]

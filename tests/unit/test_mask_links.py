@@ -77,3 +77,20 @@ def test_a_new_job_gets_every_input_and_the_used_masks_there_are_as_its_client_m
         (used_mask_key(user_id, source_id, 0, "wall"), mask_key(user_id, job_id, 0, "wall")),
         (used_mask_key(user_id, source_id, 0, "sofa"), mask_key(user_id, job_id, 0, "sofa")),
     ])
+
+
+def test_a_job_past_retention_links_nothing_its_objects_are_gone() -> None:
+    user_id, job_id = uuid.uuid4(), uuid.uuid4()
+    job = Job.create(job_id, user_id, "interior", 2, NOW)
+    job.confirm_upload(NOW)
+    job.execute({"wall": {"action": "recolor", "value": "#2255cc"}}, [], None, NOW)
+    job.record_result(0, "done", f"outputs/{user_id}/{job_id}/0_result.png", "", "", f"{job_id}:0", NOW)
+    job.record_result(1, "failed", "", "", "no wall", f"{job_id}:1", NOW)
+    before = _job_public(SimpleNamespace(settings=settings()), job)  # type: ignore[arg-type]
+    assert before.items[0].output_url is not None and before.objects_expired is False
+    assert job.expire(30, NOW) is True
+    after = _job_public(SimpleNamespace(settings=settings()), job).model_dump(mode="json")  # type: ignore[arg-type]
+    assert after["objects_expired"] is True and after["status"] == "done"
+    assert after["items"] == [
+        {"idx": 0, "status": "done", "output_url": None, "preview_url": None, "error": None},
+        {"idx": 1, "status": "failed", "output_url": None, "preview_url": None, "error": "no wall"}]
