@@ -376,10 +376,11 @@ def claim(conn: psycopg.Connection[Any], limit: int, lease_s: float, per_user: i
 
     It looks at the ``CLAIM_WINDOW`` deliveries due longest of those it could take: not those of
     a user at ``per_user``, nor a suspect's when the suspects' share is taken, nor a disabled or
-    held endpoint's, so that a backlog it may not take does not hide one it may; and to find them
-    it reads at most the ``CLAIM_SCAN`` due longest (a claim's cost does not grow with the
-    backlog). It checks again on each row it locks that it is still due (another sender's claim
-    may have leased it since this one's snapshot)."""
+    held endpoint's, nor one waiting on an earlier delivery of its job (order), so that a backlog
+    it may not take does not hide one it may; and to find them it reads at most the
+    ``CLAIM_SCAN`` due longest (a claim's cost does not grow with the backlog). It checks again
+    on each row it locks that it is still due (another sender's claim may have leased it since
+    this one's snapshot)."""
     busy = busy or {}
     full = [user for user, n in busy.items() if per_user is not None and n >= per_user]
     rows = conn.execute(
@@ -390,13 +391,13 @@ def claim(conn: psycopg.Connection[Any], limit: int, lease_s: float, per_user: i
         "JOIN palette_webhooks.endpoints e ON e.id = s.endpoint_id "
         "WHERE e.enabled AND (e.held_until IS NULL OR e.held_until <= now()) AND e.user_id <> ALL(%(full)s::uuid[]) "
         "AND (%(suspects_open)s OR (e.proven AND e.failures = 0)) "
+        "AND NOT EXISTS (SELECT 1 FROM palette_webhooks.deliveries p WHERE p.endpoint_id = s.endpoint_id "
+        "AND p.job_id = s.job_id AND p.status = 'pending' AND p.version < s.version) "
         "ORDER BY s.next_attempt_at LIMIT %(window)s), "
         "ready AS (SELECT c.id, c.next_attempt_at, c.suspect, "
         "row_number() OVER (PARTITION BY c.user_id ORDER BY c.next_attempt_at) + coalesce(b.n, 0) AS place "
         "FROM candidates c "
-        "LEFT JOIN unnest(%(users)s::uuid[], %(counts)s::int[]) AS b(user_id, n) ON b.user_id = c.user_id "
-        "WHERE NOT EXISTS (SELECT 1 FROM palette_webhooks.deliveries p WHERE p.endpoint_id = c.endpoint_id "
-        "AND p.job_id = c.job_id AND p.status = 'pending' AND p.version < c.version)), "
+        "LEFT JOIN unnest(%(users)s::uuid[], %(counts)s::int[]) AS b(user_id, n) ON b.user_id = c.user_id), "
         "allowed AS (SELECT r.*, CASE WHEN r.suspect THEN row_number() OVER (PARTITION BY r.suspect "
         "ORDER BY r.place, r.next_attempt_at) + %(suspects_busy)s END AS suspect_place FROM ready r "
         "WHERE %(per_user)s::int IS NULL OR r.place <= %(per_user)s), "

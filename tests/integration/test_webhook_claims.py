@@ -462,3 +462,29 @@ def test_a_redelivery_while_the_last_try_is_in_flight_is_sent_after_it_fails(con
                            [due.id]).fetchone()
         assert row == ("pending", 1, 0)  # the attempt in flight recorded; the redelivery's to come
         assert [d.message_id for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == [f"msg_{job.hex}_1"]
+
+
+def test_a_jobs_deliveries_waiting_on_its_earlier_one_do_not_hide_a_delivery_the_claim_may_take(conn, monkeypatch):
+    # A job's later deliveries wait while its first is pending (order per job): due since the
+    # endpoint's hold ended, they stay due for the hours of its retry delay, and they filled the
+    # claim's window before the order was checked: no thread took anyone's delivery due after them.
+    monkeypatch.setattr(store, "CLAIM_WINDOW", 5)
+    monkeypatch.setattr(store, "CLAIM_SCAN", 200)
+    failing, victim = uuid.uuid4(), uuid.uuid4()
+    [blocked] = endpoints(conn, failing, "order")
+    [answered] = endpoints(conn, victim, "answered")
+    job, other = uuid.uuid4(), uuid.uuid4()
+    store.record(conn, [store.NewDelivery(blocked, f"msg_{job.hex}_{v}", job, v, "job.queued", b"{}")
+                        for v in range(1, 11)])
+    store.record(conn, [store.NewDelivery(answered, f"msg_{other.hex}_1", other, 1, "job.queued", b"{}")])
+    # the job's first delivery waits for its next try, an hour ahead; its nine others are due
+    # since two hours (they wait on it), the victim's since one
+    conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() + CASE WHEN version = 1 "
+                 "THEN interval '1 hour' ELSE - interval '2 hours' END WHERE endpoint_id = %s", [blocked])
+    conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() - interval '1 hour' "
+                 "WHERE endpoint_id = %s", [answered])
+    try:
+        got = store.claim(conn, 8, 30.0, per_user=2)
+        assert [d.user_id for d in got if d.user_id in (failing, victim)] == [victim]
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[blocked, answered]])
