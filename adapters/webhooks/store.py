@@ -272,7 +272,7 @@ def redeliver(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID,
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(sql.SQL(
             "UPDATE palette_webhooks.deliveries d SET status = 'pending', tries = 0, "
-            "next_attempt_at = CASE WHEN {in_flight} THEN d.next_attempt_at ELSE now() END "
+            "next_attempt_at = CASE WHEN {in_flight} THEN d.next_attempt_at WHEN e.enabled THEN now() END "
             "FROM palette_webhooks.endpoints e WHERE d.id = %s AND d.endpoint_id = %s AND e.id = d.endpoint_id "
             "AND e.user_id = %s RETURNING {fields}").format(in_flight=_IN_FLIGHT, fields=_DELIVERY),
             [delivery_id, endpoint_id, user_id]).fetchall()
@@ -331,19 +331,22 @@ def record(conn: psycopg.Connection[Any], deliveries: Sequence[NewDelivery]) -> 
     """Insert the deliveries in one transaction, due now (or when their endpoint's hold ends);
     those already there are left alone, and so are those of endpoints deleted since their
     subscribers were read (the endpoints still there are locked against deletion until the inserts
-    commit: a delete then takes them with it). Returns how many were for endpoints still there."""
+    commit: a delete then takes them with it; one disabled since gets its deliveries not due, as
+    ``finish`` leaves a disabled endpoint's, until an enable). Returns how many were for endpoints
+    still there."""
     if not deliveries:
         return 0
     with conn.transaction(), conn.cursor() as cur:
-        live = dict(cur.execute(
-            "SELECT id, held_until FROM palette_webhooks.endpoints WHERE id = ANY(%s) FOR KEY SHARE",
-            [list({d.endpoint_id for d in deliveries})]).fetchall())
+        live = {r[0]: (r[1], r[2]) for r in cur.execute(
+            "SELECT id, enabled, held_until FROM palette_webhooks.endpoints WHERE id = ANY(%s) FOR KEY SHARE",
+            [list({d.endpoint_id for d in deliveries})]).fetchall()}
         kept = [d for d in deliveries if d.endpoint_id in live]
         cur.executemany(
             "INSERT INTO palette_webhooks.deliveries (id, endpoint_id, message_id, job_id, version, event_type, "
-            "body, next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, greatest(now(), %s::timestamptz)) "
+            "body, next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, "
+            "CASE WHEN %s THEN greatest(now(), %s::timestamptz) END) "
             "ON CONFLICT (endpoint_id, message_id) DO NOTHING",
-            [(uuid4(), d.endpoint_id, d.message_id, d.job_id, d.version, d.event_type, d.body, live[d.endpoint_id])
+            [(uuid4(), d.endpoint_id, d.message_id, d.job_id, d.version, d.event_type, d.body, *live[d.endpoint_id])
              for d in kept])
     return len(kept)
 
@@ -473,8 +476,17 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
             "  AND now() - coalesce(failing_since, now()) >= %(s)s * interval '1 second'), "
             "disabled_at = CASE WHEN enabled AND failures + 1 >= %(n)s "
             "  AND now() - coalesce(failing_since, now()) >= %(s)s * interval '1 second' THEN now() "
-            "  ELSE disabled_at END WHERE id = %(id)s RETURNING failures",
+            "  ELSE disabled_at END WHERE id = %(id)s RETURNING failures, enabled",
             {"n": disable_after, "s": disable_after_s, "id": row[1]}).fetchone()
+        if failures is not None and not failures[1]:
+            # Disabled (now, or while this attempt was in flight): its pending deliveries wait for
+            # an enable, not due (next_attempt_at NULL), out of the claims' way; left due, they
+            # were due longest of all for the week they are kept and, more of them than a claim
+            # reads (CLAIM_SCAN), hid every other endpoint's. Those in flight keep their claim.
+            conn.execute(sql.SQL("UPDATE palette_webhooks.deliveries d SET next_attempt_at = NULL "
+                                 "WHERE endpoint_id = %s AND status = 'pending' AND NOT coalesce({}, false)")
+                         .format(_IN_FLIGHT), [row[1]])
+            return
         if hold_s is not None and failures is not None:
             # The hold, and its due deliveries (not those leased: their attempts are in flight)
             # and this one waiting for its end, in one statement.

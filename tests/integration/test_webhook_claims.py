@@ -488,3 +488,38 @@ def test_a_jobs_deliveries_waiting_on_its_earlier_one_do_not_hide_a_delivery_the
         assert [d.user_id for d in got if d.user_id in (failing, victim)] == [victim]
     finally:
         conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[blocked, answered]])
+
+
+def test_a_disabled_endpoints_backlog_does_not_hide_a_delivery_the_claim_may_take(conn, monkeypatch):
+    # A disabled endpoint's pending deliveries stayed due (from its last hold's end) for the keep
+    # time, a week: more of them than the claim reads filled its scan, and no thread took anyone's
+    # delivery due after them. Once disabled they wait for an enable, out of the claims' way.
+    monkeypatch.setattr(store, "CLAIM_WINDOW", 5)
+    monkeypatch.setattr(store, "CLAIM_SCAN", 20)
+    failing, victim = uuid.uuid4(), uuid.uuid4()
+    [disabled] = endpoints(conn, failing, "disabled-backlog")
+    [answered] = endpoints(conn, victim, "answered")
+    jobs = [uuid.uuid4() for _ in range(30)]
+    try:
+        store.record(conn, [store.NewDelivery(disabled, f"msg_{jobs[0].hex}_1", jobs[0], 1, "job.queued", b"{}")])
+        [first] = [d for d in store.claim(conn, 10_000, 30.0) if d.user_id == failing]
+        store.record(conn, [store.NewDelivery(disabled, f"msg_{j.hex}_1", j, 1, "job.queued", b"{}")
+                            for j in jobs[1:]])
+        store.finish(conn, first.id, Outcome(500, "", "", 5), 5.0, 1, 0, first.lease, hold_s=lambda failures: 5.0)
+        assert conn.execute("SELECT enabled FROM palette_webhooks.endpoints WHERE id = %s",
+                            [disabled]).fetchone() == (False,)
+        other = uuid.uuid4()  # recorded just before the disable was seen, and a redelivery meanwhile
+        store.record(conn, [store.NewDelivery(disabled, f"msg_{other.hex}_1", other, 1, "job.queued", b"{}")])
+        assert store.redeliver(conn, failing, disabled, first.id) is not None
+        # two hours on: the hold long over; the victim's delivery due since one
+        conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = next_attempt_at - interval '2 hours' "
+                     "WHERE endpoint_id = %s", [disabled])
+        store.record(conn, [store.NewDelivery(answered, f"msg_{other.hex}_1", other, 1, "job.queued", b"{}")])
+        conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() - interval '1 hour' "
+                     "WHERE endpoint_id = %s", [answered])
+        got = store.claim(conn, 8, 30.0, per_user=2)
+        assert [d.user_id for d in got if d.user_id in (failing, victim)] == [victim]
+        assert store.enable_endpoint(conn, failing, disabled) is not None  # and an enable sends them all
+        assert len([d for d in store.claim(conn, 10_000, 30.0) if d.user_id == failing]) == 31
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[disabled, answered]])
