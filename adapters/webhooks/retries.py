@@ -1,6 +1,7 @@
 """When a failed delivery is tried again: a schedule of delays (``5s,5m,30m,2h,...``, the
-setting ``PALETTE_WEBHOOK_RETRY_SCHEDULE``), each drawn within +-20 % (jitter, so the deliveries
-that failed together do not come back together); past its end the delivery has failed."""
+setting ``PALETTE_WEBHOOK_RETRY_SCHEDULE``, each at most ten years), each drawn within +-20 %
+(jitter, so the deliveries that failed together do not come back together); past its end the
+delivery has failed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from collections.abc import Callable
 DEFAULT_SCHEDULE = "5s,5m,30m,2h,5h,10h,14h,20h,20h"
 JITTER = 0.2
 MAX_RETRIES = 30
+# The longest step: PostgreSQL adds it to now(), and one out of a timestamp's range (or infinite)
+# failed the statement recording the attempt, which then went out again after every lease.
+MAX_STEP_S = 10 * 365 * 86400.0
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _STEP = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
@@ -22,7 +26,10 @@ def parse_schedule(text: str) -> tuple[float, ...]:
         match = _STEP.fullmatch(part.strip())
         if match is None:
             raise ValueError(f"{part.strip()!r} is not a delay like 5s, 5m, 2h or 1d")
-        steps.append(float(match[1]) * _UNITS[match[2]])
+        step = float(match[1]) * _UNITS[match[2]]
+        if not step <= MAX_STEP_S:
+            raise ValueError(f"{part.strip()!r} is longer than ten years")
+        steps.append(step)
     if len(steps) > MAX_RETRIES:
         raise ValueError(f"at most {MAX_RETRIES} retries")
     return tuple(steps)

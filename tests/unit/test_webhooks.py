@@ -98,6 +98,16 @@ def test_a_bad_schedule_is_refused(text):
         parse_schedule(text)
 
 
+@pytest.mark.parametrize("text", ["3651d", "5s," + "9" * 20 + "d", "1" + "0" * 400 + "s"])
+def test_a_step_past_ten_years_is_refused(text):
+    # PostgreSQL adds a failed attempt's delay to now(): one out of a timestamp's range (or
+    # infinite, "1000...0s" read as a float) failed the statement recording the attempt, and the
+    # delivery went out again after every lease, every 30 s, for good.
+    with pytest.raises(ValueError, match="ten years"):
+        parse_schedule(text)
+    assert parse_schedule("3650d") == (3650 * 86400.0,)
+
+
 def test_a_schedule_may_hold_thirty_retries_and_no_more():
     assert len(parse_schedule(",".join(["1s"] * 30))) == 30
 
