@@ -115,10 +115,17 @@ class DeliveryRecorder:
         return {row[0] for row in rows}
 
     def _owners(self, job_ids: set[UUID]) -> dict[UUID, UUID]:
-        unknown = {j: (0, 1) for j in job_ids if j not in self.owners}
+        """The owners of these jobs, from the cache or the log. Answered from what was found, not
+        read back from the cache: the owners read into it pushed out the oldest it held, which
+        could be jobs of this very batch, and their events were skipped."""
+        found = {j: self.owners[j] for j in job_ids if j in self.owners}
+        for j in found:
+            self.owners.move_to_end(j)  # least recently used out first, as its name says
+        unknown = {j: (0, 1) for j in job_ids if j not in found}
         for created in self.log.stream_events(unknown):
-            self.owners.keep(created.stream_id, UUID(str(created.data["user_id"])))
-        return {j: self.owners[j] for j in job_ids if j in self.owners}
+            found[created.stream_id] = UUID(str(created.data["user_id"]))
+            self.owners.keep(created.stream_id, found[created.stream_id])
+        return found
 
     def _fold(self, job_id: UUID, head: int) -> tuple[Job | None, list[tuple[int, str, datetime, bytes]]]:
         """The job at ``head`` and its webhook events since its last fold (version, type, time,

@@ -230,6 +230,31 @@ def test_a_lost_event_is_recorded_with_the_next_one_of_its_job(client, http, set
         webhooks.start()
 
 
+def test_a_job_whose_owner_a_new_jobs_pushes_out_of_the_cache_still_gets_its_deliveries(
+        client, http, settings, webhooks):
+    """The recorder alone, as above, remembering one job's owner: a batch with a job it knew and
+    a job it did not read the new job's owner into its cache, which pushed the known one out, and
+    the known job's events were skipped (their offset committed: lost until the sweep)."""
+    webhooks.stop()
+    try:
+        endpoint = register(client, "http://127.0.0.1:9/cached", ALL)
+        known = queued_job(client, 1)
+        app = open_event_store(settings, pool_size=1)
+        reader = LogReader.of(app)
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            recorder = DeliveryRecorder(conn, reader, app.repository.event_store, remembered=1)
+            assert recorder.record(reader.stream_events({uuid.UUID(known): (0, 100)})) == 1  # its job.queued
+            body = {"idx": 0, "status": "failed", "error": "x", "idempotency_key": f"{known}:0"}
+            assert callback(http, settings.callback_secret, known, body).status_code == 200
+            new = queued_job(client, 1)
+            events = reader.stream_events({uuid.UUID(known): (0, 100), uuid.UUID(new): (0, 100)})
+            assert recorder.record(events) == 3  # the known job's item.completed and job.finished, the new one's queued
+        reader.close()
+        client.data("DELETE", f"/webhooks/{endpoint['id']}")
+    finally:
+        webhooks.start()
+
+
 def test_an_endpoint_gets_only_the_event_types_it_chose_and_none_from_before_it_was_registered(
         client, http, settings, webhooks):
     """The recorder alone, as above: a job queued before the endpoint existed gets none of its
