@@ -226,14 +226,22 @@ def _text(value: Any) -> str:
 
 
 def _finite(value: Any) -> Any:
-    """``value`` with every float that is not finite (in lists and structs too) as None."""
+    """``value`` with every float that is not finite (in lists and structs too) as None, and each
+    key of a struct or MAP that JSON cannot take as one (a date, a UUID, a decimal, an interval,
+    an infinite double: ``histogram`` keys a MAP by its values) as its text, as values are."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {_json_key(k): _finite(v) for k, v in value.items()}
     return value
+
+
+def _json_key(key: Any) -> Any:
+    if key is None or isinstance(key, (str, int)) or (isinstance(key, float) and math.isfinite(key)):
+        return key
+    return str(key)
 
 
 def _unique_names(columns: Sequence[str]) -> list[str]:

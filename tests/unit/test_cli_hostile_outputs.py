@@ -201,6 +201,24 @@ def test_query_json_is_strict_json_even_for_nan_and_infinity() -> None:
     assert json.loads(text, parse_constant=refuse) == [{"a": None, "b": None, "l": [1.5, None]}]
 
 
+def test_query_json_of_a_map_keyed_by_what_json_keys_cannot_be_is_text_not_a_traceback() -> None:
+    """`histogram(day)` over a dataset is a MAP keyed by dates; DuckDB gives it as a dict with
+    date keys (or UUIDs, decimals, intervals, an infinite double), which json.dumps refused with
+    a TypeError or ValueError: a traceback for `palette query --format json`."""
+    import json
+
+    from adapters.query import render, run
+
+    result = run("SELECT histogram(d) AS days, MAP {uuid '00000000-0000-0000-0000-000000000001': 1} AS ids, "
+                 "MAP {1.5: 'x'} AS decimals, MAP {INTERVAL 1 DAY: 2} AS intervals, "
+                 "MAP {'inf'::DOUBLE: 3, 2.5::DOUBLE: 4} AS doubles, MAP {7: 'n'} AS ints "
+                 "FROM (SELECT DATE '2026-11-22' AS d UNION ALL SELECT DATE '2026-11-22')", None, None)
+    assert json.loads(render(result, "json")) == [{
+        "days": {"2026-11-22": 2}, "ids": {"00000000-0000-0000-0000-000000000001": 1},
+        "decimals": {"1.5": "x"}, "intervals": {"1 day, 0:00:00": 2}, "doubles": {"inf": 3, "2.5": 4},
+        "ints": {"7": "n"}}]
+
+
 def test_parquet_writers_whose_close_fails_on_a_full_disk_are_all_closed_and_not_retried(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What `palette replay all --format parquet` met on a full disk: the first close failed, the
