@@ -217,11 +217,13 @@ def run(query: str, data: Path | None, database_url: str | None, limit: int = DE
     return Result(columns, rows[:limit], len(rows) > limit)
 
 
-def _text(value: Any) -> str:
+def _text(value: Any, whole: bool = False) -> str:
+    """A cell as text: a double to six significant digits in the table (to read), ``whole`` (CSV,
+    for another program) as its shortest form that reads back as the same double."""
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return repr(value) if whole else f"{value:.6g}"
     return str(value)
 
 
@@ -268,7 +270,7 @@ def render(result: Result, fmt: str) -> str:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(result.columns)
-        writer.writerows([[_text(v) for v in r] for r in result.rows])
+        writer.writerows([[_text(v, whole=True) for v in r] for r in result.rows])
         return buf.getvalue().rstrip("\n")
     cells = [[_text(v) for v in r] for r in result.rows]
     widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(result.columns)]

@@ -219,6 +219,34 @@ def test_query_json_of_a_map_keyed_by_what_json_keys_cannot_be_is_text_not_a_tra
         "ints": {"7": "n"}}]
 
 
+def test_query_json_keeps_every_column_of_a_join_whose_names_repeat() -> None:
+    """`SELECT * FROM a JOIN b ...` names a column of each side alike (stream_id, position, ...):
+    as JSON objects, the later one took the earlier one's key and its values were lost without a
+    word. Each repeated name is told apart as DuckDB's CREATE TABLE AS does (``x``, ``x_1``, ``x_2``...)."""
+    import json
+
+    from adapters.query import render, run
+
+    result = run("SELECT * FROM (SELECT 1 AS x, 2 AS y, 3 AS x_1) p JOIN (SELECT 1 AS x, 4 AS y) q ON p.x = q.x",
+                 None, None)
+    assert result.columns == ["x", "y", "x_1", "x", "y"]
+    assert json.loads(render(result, "json")) == [{"x": 1, "y": 2, "x_1": 3, "x_2": 1, "y_1": 4}]
+    assert render(result, "csv").splitlines()[0] == "x,y,x_1,x,y"  # CSV and the table keep them as they are
+
+
+def test_query_csv_writes_each_double_whole_as_json_does() -> None:
+    """CSV is the output another program reads: a double went through the table's display form
+    (six significant digits), so an event's epoch seconds 1795000123.25 read 1.795e+09."""
+    import csv
+    import json
+
+    from adapters.query import render, run
+
+    result = run("SELECT 1795000123.25::DOUBLE AS t, 0.1::DOUBLE + 0.2::DOUBLE AS s", None, None)
+    assert [float(v) for v in list(csv.reader(render(result, "csv").splitlines()))[1]] == [1795000123.25, 0.1 + 0.2]
+    assert json.loads(render(result, "json")) == [{"t": 1795000123.25, "s": 0.1 + 0.2}]
+
+
 def test_parquet_writers_whose_close_fails_on_a_full_disk_are_all_closed_and_not_retried(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What `palette replay all --format parquet` met on a full disk: the first close failed, the
