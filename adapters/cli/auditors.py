@@ -79,6 +79,10 @@ def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int
     from adapters.logs import driver_reason
     from adapters.system import SystemClock
 
+    if args.out is not None and args.out.resolve().is_file():  # a checkpoint kept, or the signing key
+        print(f"palette audit checkpoint: {args.out} exists: a checkpoint file is never overwritten "
+              "(name a new one)", file=sys.stderr)
+        return 2
     if args.out is not None and (why := unwritable(args.out)) is not None:
         print(f"palette audit checkpoint: cannot write {args.out}: {why}", file=sys.stderr)
         return 2
@@ -331,7 +335,7 @@ def add_commands(sub: Subcommands) -> None:
     ack = asub.add_parser("checkpoint", help="sign the ledger's chain heads and log position (Ed25519, the key of "
                           "PALETTE_AUDIT_SIGNING_KEY or PALETTE_AUDIT_SIGNING_KEY_FILE) and keep the checkpoint in "
                           "the object store (audit/checkpoints/), PALETTE_AUDIT_CHECKPOINT_DIR and/or a file")
-    ack.add_argument("--out", type=Path, help="also write the checkpoint to this file")
+    ack.add_argument("--out", type=Path, help="also write the checkpoint to this new file (never overwritten)")
     ack.add_argument("--no-s3", action="store_true", help="do not use the object store")
     akg = asub.add_parser("keygen", help="make an Ed25519 signing key file for checkpoints; prints the public key")
     akg.add_argument("--out", type=Path, required=True, help="the key file to create (never overwritten)")

@@ -94,17 +94,24 @@ def test_audit_at_a_position_the_log_does_not_have_is_refused(command: list[str]
     assert one_line(capsys, "--at must be a log position") == ""
 
 
-@pytest.mark.parametrize("where", ["missing-dir", "a-directory"])
+@pytest.mark.parametrize("where", ["missing-dir", "a-directory", "the-signing-key"])
 def test_checkpoint_out_that_cannot_be_written_is_one_line(where: str, env: dict[str, str], tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """An existing file is never overwritten, as keygen's is not: it may be a checkpoint kept, or
+    the signing key itself (which a checkpoint written over it used to replace)."""
     key_file = tmp_path / "key.pem"
     checkpoints.keygen(key_file)
+    key = key_file.read_bytes()
     monkeypatch.setenv("PALETTE_AUDIT_SIGNING_KEY_FILE", str(key_file))
-    out = tmp_path / "none" / "x.json" if where == "missing-dir" else tmp_path
+    out = {"missing-dir": tmp_path / "none" / "x.json", "a-directory": tmp_path, "the-signing-key": key_file}[where]
     assert cli.main(["audit", "checkpoint", "--no-s3", "--out", str(out)]) == 2
-    one_line(capsys, f"palette audit checkpoint: cannot write {out}: ",
-             "No such file or directory" if where == "missing-dir" else "Is a directory")
+    if where == "the-signing-key":
+        one_line(capsys, f"palette audit checkpoint: {out} exists: a checkpoint file is never overwritten")
+    else:
+        one_line(capsys, f"palette audit checkpoint: cannot write {out}: ",
+                 "No such file or directory" if where == "missing-dir" else "Is a directory")
+    assert key_file.read_bytes() == key
 
 
 @pytest.mark.parametrize("command", [["replay", "all", "--format", "parquet"], ["export", "users"]])
