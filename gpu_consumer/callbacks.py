@@ -17,6 +17,20 @@ from domain.text import escaped
 log = logging.getLogger("palette.gpu")
 
 
+# Refusals that record nothing and ask to try again (a save that met conflicts through all its
+# retries answers 409 CONFLICT): not the item's fault, so not a refusal that drops it.
+TRY_AGAIN = frozenset({"CONFLICT"})
+
+
+def _error_code(r: httpx.Response) -> str:
+    """The envelope's error code of an API answer ("" when it has none)."""
+    try:
+        error = r.json().get("error")
+    except (ValueError, AttributeError):
+        return ""
+    return str(error.get("code", "")) if isinstance(error, dict) else ""
+
+
 class CallbackUnavailable(RuntimeError):
     """The API did not acknowledge a result: the offset must not be committed."""
 
@@ -42,6 +56,8 @@ class CallbackClient:
             raise CallbackUnavailable(f"callback failed: {type(e).__name__}") from None
         if r.status_code >= 500 or r.status_code in (401, 429):
             raise CallbackUnavailable(f"callback answered {r.status_code}")
+        if r.status_code >= 400 and _error_code(r) in TRY_AGAIN:
+            raise CallbackUnavailable(f"callback answered {r.status_code} {_error_code(r)}")
         if r.status_code >= 400:
             # The job is gone or in a state that takes no results: nothing to retry.
             log.warning("callback for %s refused: %s", task.idempotency_key, r.text[:200])

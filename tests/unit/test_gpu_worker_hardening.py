@@ -1070,6 +1070,33 @@ def test_the_apis_answer_says_whether_a_result_was_taken_refused_or_must_come_ag
         assert client.report(t, "done", "o", "p") == outcome
 
 
+def test_a_result_the_api_could_not_record_for_contention_comes_again_and_is_never_dropped():
+    """The API answers 409 CONFLICT when a save met conflicts through all its retries (two API
+    processes recording results of one user's jobs, say): nothing was recorded, and the answer
+    asks to try again. It was taken as a refusal: the item dropped, its key remembered as
+    finished (the dispatcher's sweep sending the task again was skipped as a duplicate) and the
+    offset committed, so the job never finished and its reservation was never settled."""
+    from adapters.api.envelope import fail
+
+    conflict = fail("CONFLICT", "too much contention; try again")
+    answers = [httpx.Response(409, content=conflict.body, headers={"content-type": "application/json"}),
+               httpx.Response(200, json={"data": {"outcome": "recorded"}})]
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answers.pop(0) if len(answers) > 1 else answers[0]
+
+    t = task()
+    w, _, _, _, consumer = worker([record(t, 7)])
+    w.callbacks = CallbackClient("http://api.test", SECRET)
+    w.callbacks.http.close()
+    w.callbacks.http = httpx.Client(base_url="http://api.test", transport=httpx.MockTransport(handle))
+    assert w.step() == 0 and consumer.commits == 0  # not acknowledged: the poll comes again
+    assert t["idempotency_key"] not in w.finished
+    assert w.step() == 1 and consumer.commits == 1 and len(seen) == 2
+
+
 def test_an_object_store_that_cannot_be_reached_is_waited_out_not_charged_to_the_items():
     """The store restarting (SeaweedFS killed under ``palette up``: back ~1.5 s later) outlasted
     an item's three attempts (0.2 + 0.4 s apart), and every item in flight was reported failed
