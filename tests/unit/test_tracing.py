@@ -6,7 +6,7 @@ import dataclasses
 import uuid
 from datetime import UTC, datetime
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from adapters import tracing
@@ -29,11 +29,31 @@ def test_a_span_continues_the_parent_trace_and_its_logs_carry_the_id():
         assert contract.valid(fresh) and contract.trace_id(fresh) != GOOD[3:35]
 
 
-@given(st.text(max_size=80))
+def _is_traceparent(value: str) -> bool:
+    """W3C's version-00 traceparent read field by field (no regular expression): lowercase hex
+    of 32, 16 and 2 digits after "00", neither id all zeros."""
+    parts = value.split("-")
+    return ([len(p) for p in parts] == [2, 32, 16, 2] and parts[0] == "00"
+            and all(c in "0123456789abcdef" for c in "".join(parts))
+            and int(parts[1], 16) != 0 and int(parts[2], 16) != 0)
+
+
+def _hex(n: int) -> st.SearchStrategy[str]:
+    """``n`` hex digits, mostly right: the zero id, a wrong length, an uppercase digit or a dash."""
+    return (st.text("0123456789abcdef", min_size=n, max_size=n) | st.just("0" * n)
+            | st.text("0123456789abcdefA-", min_size=n - 1, max_size=n + 1))
+
+
+SHAPED = st.tuples(st.sampled_from(["00", "01", "0", "0A"]), _hex(32), _hex(16), _hex(2)).map("-".join)
+
+
+@given(SHAPED | st.text(max_size=80))
+@example(GOOD).via("a traceparent")
+@example(f"{GOOD[:36]}{'0' * 16}{GOOD[52:]}").via("the zero span id")
+@example(f"00-{'0' * 32}{GOOD[35:]}").via("the zero trace id")
 def test_anything_but_a_traceparent_is_dropped(value):
-    assert contract.valid(value) in ("", value)
-    if contract.valid(value):
-        assert contract.trace_id(value) == value[3:35]
+    assert contract.valid(value) == (value if _is_traceparent(value) else "")
+    assert contract.trace_id(value) == (value[3:35] if _is_traceparent(value) else "")
 
 
 def test_malformed_traceparents_are_dropped():
