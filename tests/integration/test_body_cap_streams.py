@@ -8,8 +8,8 @@ import logging
 import socket
 import threading
 import time
+import uuid
 from datetime import UTC, datetime
-from types import SimpleNamespace
 
 import pytest
 import uvicorn
@@ -17,31 +17,23 @@ from prometheus_client import CollectorRegistry
 
 from adapters.api import http_limits
 from adapters.api.app import create_app
-from adapters.api.consistency import LastWrites
 from adapters.api.edge import MAX_BODY_BYTES, RequestEdge
+from adapters.bootstrap import build
 from adapters.settings import Settings
-from adapters.system import RandomIds, SystemClock
-from application.executors import GroupCommitter
-from application.services import PaletteApplication, PaletteService
 from tests.conftest import free_port
-from tests.keys import process_keys
 
 
 def test_a_body_past_the_cap_sent_to_a_stream_ends_it_as_a_client_gone_not_with_a_traceback(
-    caplog: pytest.LogCaptureFixture,
+    settings: Settings, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A client's own job's event stream, asked with a chunked body of 80 KB: before, the cap
     raised inside the running stream, which the app logged as an unhandled error and the server
     as an exception in the application, two tracebacks a request, as often as a client liked."""
-    settings = Settings(jwt_secret="s" * 48, callback_secret="c" * 48, device_key_secret="d" * 48)
-    store = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
-    committer = GroupCommitter(store).start()
-    service = PaletteService(store, committer, SystemClock(), RandomIds(), **process_keys())
-    container = SimpleNamespace(settings=settings, read_pool=None, service=service, s3=None,
-                                committer=committer, last_writes=LastWrites())
-    user_id, _ = service.register("device-stream-body-1").value
+    container = build(settings, pool_size=2)  # the stack's PostgreSQL and S3
+    service = container.service
+    user_id, _ = service.register(f"device-stream-body-{uuid.uuid4().hex}").value
     job_id = service.create_job(user_id, "interior", 1).value
-    app = create_app(container)  # type: ignore[arg-type]
+    app = create_app(container)
     token = app.state.tokens.issue(user_id, datetime.now(UTC))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(RequestEdge(app, CollectorRegistry()), host="127.0.0.1", port=port,
@@ -70,7 +62,7 @@ def test_a_body_past_the_cap_sent_to_a_stream_ends_it_as_a_client_gone_not_with_
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-        committer.stop()
+        container.close()
     assert got.startswith(b"HTTP/1.1 200"), got[:200]
     assert got.endswith(b"0\r\n\r\n"), got[-200:]  # the stream ended whole, as when its client leaves
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
