@@ -244,3 +244,28 @@ def test_the_entry_the_trusted_proxy_wrote_is_the_address_even_when_it_is_the_on
     assert forwarded(["203.0.113.7"], 2) is None
     assert client_address("10.0.0.2", ["203.0.113.7"], 1) == "203.0.113.7"
     assert client_address("10.0.0.2", ["x" * 10_000], 1) == "x" * 64
+
+
+def test_a_key_s_spending_comes_back_only_when_its_command_recorded_nothing():
+    clock = FakeClock()
+    buckets = TokenBuckets(rate_per_s=1 / DAY_S, burst=2, clock=clock)
+    with buckets.spending("k"):  # recorded nothing: given back
+        pass
+    with buckets.spending("k") as spent:
+        spent.recorded = True
+    with buckets.spending("k") as spent:
+        spent.recorded = True
+    with pytest.raises(RateLimited), buckets.spending("k"):  # two recorded: the burst is spent
+        pass
+
+
+def test_an_ipv4_client_counts_as_itself_however_its_address_is_written_and_ipv6_by_its_64():
+    """A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d: counted by its /64, every IPv4
+    client on the Internet would share one limit."""
+    from adapters.api.rate_limit import client_address
+
+    assert client_address("::ffff:203.0.113.7", [], 0) == "203.0.113.7"
+    assert client_address("::ffff:203.0.113.7", [], 0) != client_address("::ffff:203.0.113.8", [], 0)
+    assert client_address("2001:db8:1:2:aaaa::1", [], 0) == client_address("2001:db8:1:2:bbbb::9", [], 0)
+    assert client_address("2001:db8:1:2:aaaa::1", [], 0) == "2001:db8:1:2::/64"
+    assert client_address("2001:db8:1:3::1", [], 0) != client_address("2001:db8:1:2::1", [], 0)
