@@ -43,6 +43,11 @@ def escaped(text: str) -> str:
     return "".join(ch if refused_character(ch) is None else ascii(ch)[1:-1] for ch in text)
 
 
+class TimeTooFine(ValueError):
+    """An ISO 8601 time finer than the log's microseconds: a time, refused for that alone (its
+    refusal says so, rather than that it is no time)."""
+
+
 def iso_time(value: str) -> datetime:
     """An ISO 8601 time, as ``datetime.fromisoformat`` reads it, from printable ASCII only (it
     read past a trailing NUL); ValueError otherwise. Naive times stay naive: each caller decides."""
@@ -52,5 +57,5 @@ def iso_time(value: str) -> datetime:
     # as at it (a `since` counting it in, an exclusive `to` leaving it out)
     fraction = re.search(r"[.,](\d{7,})", value)
     if fraction is not None and fraction.group(1)[6:].strip("0"):
-        raise ValueError("not an ISO 8601 time to the microsecond: the log's times go no finer")
+        raise TimeTooFine("finer than a microsecond: the log's times go no finer")
     return datetime.fromisoformat(value)

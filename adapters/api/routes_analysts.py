@@ -25,7 +25,7 @@ from adapters.api.schemas import Envelope, QueryInt
 from adapters.api.strict_json import StrictJSONRoute
 from adapters.bootstrap import Container
 from domain.contracts.envelope import MAX_POSITION
-from domain.text import iso_time
+from domain.text import TimeTooFine, iso_time
 from projections import audit
 from projections.replay import Replayer, as_jsonl
 
@@ -91,6 +91,8 @@ def _iso_time(value: object) -> object:
     if isinstance(value, str):
         try:
             return iso_time(value)
+        except TimeTooFine as e:
+            raise ValueError(f"an ISO 8601 time {e}") from None
         except ValueError:
             raise ValueError("not an ISO 8601 time (e.g. 2026-01-01T00:00:00+00:00)") from None
     return value

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 from adapters.tokens import STAFF_TTL_MAX_S
-from domain.text import iso_time
+from domain.text import TimeTooFine, iso_time
 
 if TYPE_CHECKING:
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]  # what each command module adds to
@@ -18,6 +18,8 @@ def time_value(value: str) -> datetime:
     """An ISO-8601 time; naive times are UTC."""
     try:
         t = iso_time(value)
+    except TimeTooFine as e:
+        raise argparse.ArgumentTypeError(f"{e}: {value!r}") from None
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {value!r}") from None
     return t if t.tzinfo else t.replace(tzinfo=UTC)

@@ -414,3 +414,17 @@ def test_a_development_secret_holding_a_line_break_is_refused_naming_it_not_its_
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and "evil" not in captured.err
     assert captured.err.startswith(f"palette env: {tmp_path / 'secrets.json'}: jwt_secret holds a line break")
+
+
+def test_a_time_finer_than_a_microsecond_is_refused_saying_so_not_as_no_time() -> None:
+    """`--as-of 2026-12-06T07:27:12.1234567Z` is ISO 8601: its refusal said "not an ISO-8601
+    time", which a reader takes for a typo, where the reason is the log's microseconds."""
+    import argparse
+
+    from adapters.cli.arguments import time_value
+
+    with pytest.raises(argparse.ArgumentTypeError, match="microsecond") as refused:
+        time_value("2026-12-06T07:27:12.1234567Z")
+    assert "2026-12-06T07:27:12.1234567Z" in str(refused.value)
+    with pytest.raises(argparse.ArgumentTypeError, match="not an ISO-8601 time"):
+        time_value("yesterday")

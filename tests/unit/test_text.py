@@ -86,3 +86,14 @@ def test_a_time_more_precise_than_a_microsecond_is_refused_not_cut(value):
 def test_a_fraction_s_zeros_past_the_microsecond_are_read():
     assert iso_time("2026-01-01T00:00:00.123456000+00:00") == iso_time("2026-01-01T00:00:00.123456+00:00")
     assert iso_time("2026-01-01T00:00:00,5+00:00").microsecond == 500_000
+
+
+def test_the_api_refuses_a_time_finer_than_a_microsecond_saying_so_not_as_no_time():
+    """`as_of=…12.1234567Z` is ISO 8601: the 422 said "not an ISO 8601 time (e.g. …)", which a
+    client takes for a typo, where the reason is the log's microseconds."""
+    from adapters.api.routes_analysts import _iso_time
+
+    with pytest.raises(ValueError, match="microsecond"):
+        _iso_time("2026-12-06T07:27:12.1234567Z")
+    with pytest.raises(ValueError, match=r"not an ISO 8601 time \(e\.g\."):
+        _iso_time("yesterday")
