@@ -214,11 +214,13 @@ class Settings(BaseSettings):
     erasure_sweep_s: float = Field(30.0, gt=0)
     erasure_grace_s: float = Field(120.0, ge=0, le=TEN_YEARS_S)
 
-    @field_validator("*")
+    @field_validator("*", mode="before")
     @classmethod
     def _no_line_break(cls, v: object) -> object:
         """A setting is one line: `palette env` prints them as KEY=value lines, where a value's line
-        break would forge lines of its own (another setting, for whoever reads them)."""
+        break would forge lines of its own (another setting, for whoever reads them). Checked on
+        the text as given, before it is read: a number's (PALETTE_SSE_STREAMS="4\\n") was read
+        past its line break and accepted."""
         if isinstance(v, str | Path) and breaks_lines(str(v)):
             raise ValueError(LINE_BREAK)
         return v

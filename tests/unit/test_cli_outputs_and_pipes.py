@@ -391,6 +391,8 @@ def test_a_service_that_meets_an_unanswering_broker_keeps_where_in_its_log(
     ("PALETTE_JWT_SECRET", "evil-0f-f0rty-e1ght-bytes-f0r-the-t0ken-key\rPALETTE_ENV=production"),
     ("PALETTE_CALLBACK_URL", "http://evil.example\u2028PALETTE_API_PORT=1"),  # a line break to str.splitlines
     ("PALETTE_DATA_DIR", "{tmp}/evil\n"),
+    ("PALETTE_SSE_STREAMS", "4\n"),  # a number: read as 4 past its line break, so accepted, once
+    ("PALETTE_SWEEP_INTERVAL_S", "30\r\n"),
 ])
 @pytest.mark.parametrize("argv", [["env"], ["env", "PALETTE_S3_BUCKET"], ["env", "s3_bucket"]])
 def test_a_setting_holding_a_line_break_is_refused_in_one_line_naming_it(
