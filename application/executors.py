@@ -427,7 +427,9 @@ class GroupCommitter:
 
     Commands for one aggregate apply in arrival order against the same in-memory object, so a
     hot stream sees no conflicts from this process; a conflict with another process reloads and
-    decides the whole batch again, bounded, with jitter. A refused command (DomainError) fails
+    decides the batch again, bounded, with jitter: the commands that touched a stream written
+    elsewhere meanwhile apart from the rest, which run first, so that a stream another process
+    keeps writing fails only the commands on it. A refused command (DomainError) fails
     alone; a command that raises anything else is dropped from the batch, which is then redone;
     a batch whose prefetch or save fails for a reason other than the database runs again one
     command per transaction, so only the command at fault fails. Reads join the next batch and
@@ -617,8 +619,7 @@ class GroupCommitter:
                                                   f"(at most {COMMIT_LAG_MAX_S:g} s); try again"))
         return in_time
 
-    def _run(self, batch: list[_Pending]) -> None:
-        attempt = 0
+    def _run(self, batch: list[_Pending], attempt: int = 0) -> None:
         while batch:
             batch = self._in_time(batch)  # each attempt: a conflict's retries take time too
             if not batch:
@@ -637,6 +638,7 @@ class GroupCommitter:
             uow = UnitOfWork(self.cache.fetch_one, prefetched)
             outcomes: list[tuple[_Pending, bool, Any]] = []
             recorded: set[int] = set()  # the outcomes whose command recorded events
+            touched: list[set[UUID]] = []  # by outcome: the aggregates its command read or added
             bug: _Pending | None = None
             for p in batch:
                 try:
@@ -649,6 +651,7 @@ class GroupCommitter:
                     p.future.set_exception(e)
                     bug = p
                     break
+                touched.append(uow.command_touched())
             if bug is not None:
                 self.cache.evict(uow.ids())  # it may have changed what it touched
                 batch = [p for p in batch if p is not bug]
@@ -660,12 +663,22 @@ class GroupCommitter:
                 continue
             changed = uow.changed()
             due = self._snapshots_due(changed)
+            based_on = {a.id: a.version - len(a.pending_events) for a in changed}  # the save collects them
             try:
                 recordings = _save(self.app, self.cache.loader, changed)
             except IntegrityError:
                 self.cache.evict(uow.ids())
                 attempt += 1
                 self.conflicts += 1
+                split = self._apart_from_contended(batch, touched, based_on)
+                if split is not None:
+                    # Each part decided again on its own: the commands on streams no other process
+                    # wrote are not refused with those that keep losing to one that writes on.
+                    clear, contended = split
+                    self._run(clear)
+                    self._outbox.flush()
+                    self._run(contended, attempt)
+                    return
                 if attempt >= self.max_attempts:
                     for p in batch:
                         p.future.set_exception(ConflictError("too much contention; try again"))
@@ -700,6 +713,20 @@ class GroupCommitter:
                 self._outbox.flush()  # the callers need not wait for the snapshots
                 self._take_snapshots(due)
             return
+
+    def _apart_from_contended(self, batch: list[_Pending], touched: list[set[UUID]],
+                              based_on: Mapping[UUID, int]) -> tuple[list[_Pending], list[_Pending]] | None:
+        """After a conflict: the batch's commands that touched none of the streams another
+        process wrote past what the batch decided on, and those that did; None when that cannot
+        be told (the store cannot be read) or all of them are of one kind."""
+        try:
+            written = {UUID(str(e.originator_id)) for e in self.cache.loader.newer_than(based_on)}
+        except Exception as e:  # noqa: BLE001 - the whole batch is decided again, as it was
+            log.warning("the streams of a conflict could not be read (%s: %s)", type(e).__name__, e)
+            return None
+        clear = [p for p, ids in zip(batch, touched, strict=True) if not ids & written]
+        contended = [p for p, ids in zip(batch, touched, strict=True) if ids & written]
+        return (clear, contended) if clear and contended else None
 
     def _snapshots_due(self, changed: list[Aggregate]) -> list[Aggregate]:
         """The changed aggregates whose new events reach a multiple of their snapshot interval."""

@@ -74,6 +74,10 @@ class UnitOfWork:
     def ids(self) -> list[UUID]:
         return list(self._loaded)
 
+    def command_touched(self) -> set[UUID]:
+        """The aggregates the current command read or added."""
+        return set(self._touched)
+
 
 def touches(
     *aggregate_ids: UUID, related: Callable[[Any], Iterable[UUID]] | None = None

@@ -400,6 +400,31 @@ def test_a_batch_is_decided_again_up_to_max_attempts_times_and_then_refused() ->
     committer.stop()
 
 
+def test_a_stream_another_process_keeps_writing_fails_only_the_commands_on_it_not_their_batch() -> None:
+    """Another API process saves to one user's stream before each save of a batch that holds a
+    command on it (a client hammering its own account through both processes): that command
+    loses every race, but the commands on other users' streams saved with it in the batch are
+    not refused with it (they were: CONFLICT for all, after max_attempts)."""
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    committer = GroupCommitter(app, max_attempts=3)
+    svc = PaletteService(app, committer, StepClock(), Ids(), **process_keys())
+    elsewhere = PaletteService(app, DirectExecutor(app), StepClock(), Ids(), **process_keys())
+    hot, _ = svc.register("hot").value
+    others = [svc.register(f"other-{i}").value[0] for i in range(5)]
+    release, served = _hold_writer(committer)
+    tries: list[int] = []
+    contended = committer.submit(_racing_grant(hot, elsewhere, 1_000, tries))
+    innocent = [committer.submit(svc.grant_credits_command(u, 7, "promo")) for u in others]
+    release.set()
+    served.result(10)
+    assert [f.result(10).value for f in innocent] == [50 + 7] * 5
+    with pytest.raises(ConflictError):
+        contended.result(10)
+    assert [svc.get_user(u).granted for u in others] == [_folded(app, u).granted for u in others] == [57] * 5
+    assert svc.get_user(hot).granted == _folded(app, hot).granted == 50 + len(tries)  # each lost try's grant elsewhere
+    committer.stop()
+
+
 def test_a_batch_holds_at_most_max_batch_commands() -> None:
     app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
     committer = GroupCommitter(app, max_batch=3)
