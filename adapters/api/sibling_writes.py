@@ -31,6 +31,7 @@ import stat
 import struct
 import tempfile
 import threading
+import time
 from pathlib import Path
 from uuid import UUID
 
@@ -45,6 +46,11 @@ HINT = struct.Struct(">16sB16sq")  # user id, model, stream id, version
 SUFFIX = ".sock"
 SEND_WAIT_S = 0.5  # how long a hint waits for room in a sibling's full queue
 DRAIN_EVERY_S = 0.02  # a queue of 10 then takes 500 hints a second from each sibling without a wait
+# A directory's mtime comes from the kernel's coarse clock (a tick of 1-4 ms before Linux 6.13's
+# fine-grained timestamps): a socket made in the tick of a listing leaves it as that listing saw
+# it. A listing begun this long after the mtime it saw is trusted while the mtime stays; one
+# begun sooner is taken again at the next write.
+LISTING_SETTLED_NS = 1_000_000_000
 
 
 class SharedLastWrites(LastWrites):
@@ -67,7 +73,8 @@ class SharedLastWrites(LastWrites):
         except OSError:
             self._socket.close()
             raise
-        self._siblings_seen: tuple[float, list[str]] = (-1.0, [])  # the directory's mtime, its sockets
+        # the directory's mtime (ns), when the listing began (ns), the sockets listed
+        self._siblings_seen: tuple[int, int, list[str]] = (-1, -1, [])
         self._draining = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drain_forever, name="sibling-writes", daemon=True)
@@ -118,16 +125,21 @@ class SharedLastWrites(LastWrites):
             self._socket.close()
 
     def _siblings(self) -> list[str]:
-        """The siblings' sockets, listed again only when the directory changed (its mtime)."""
+        """The siblings' sockets, listed again when the directory changed (its mtime), or while
+        the listing held might have missed a change that left the mtime as it was (begun within
+        ``LISTING_SETTLED_NS`` of it)."""
         try:
-            changed = os.stat(self.directory).st_mtime
-            if changed != self._siblings_seen[0]:
+            changed = os.stat(self.directory).st_mtime_ns
+            seen, listed_at, _ = self._siblings_seen
+            if changed != seen or listed_at - changed < LISTING_SETTLED_NS:
+                listed_at = time.time_ns()
                 own = self.path.name
-                self._siblings_seen = (changed, [os.path.join(self.directory, n) for n in os.listdir(self.directory)
-                                                 if n.endswith(SUFFIX) and n != own])
+                self._siblings_seen = (changed, listed_at, [os.path.join(self.directory, n)
+                                                            for n in os.listdir(self.directory)
+                                                            if n.endswith(SUFFIX) and n != own])
         except OSError:
             return []
-        return self._siblings_seen[1]
+        return self._siblings_seen[2]
 
     def _take(self, data: bytes) -> None:
         if len(data) != HINT.size:

@@ -111,6 +111,27 @@ def test_a_gone_siblings_socket_is_removed_and_the_others_still_hear(directory, 
         b.close()
 
 
+def test_a_sibling_started_within_the_directorys_timestamp_tick_of_a_listing_is_heard(directory, monkeypatch) -> None:
+    """A directory's mtime is the kernel's coarse clock (a tick of 1-4 ms before Linux 6.13): a
+    sibling whose socket is made in the tick a process listed the directory leaves the mtime as
+    that listing saw it (here, set back so). It was then never sent a hint, as long as nothing
+    else changed there; a listing is now trusted only once taken well after the mtime it saw."""
+    a = _process(directory, 261, monkeypatch)
+    try:
+        a.record(uuid.uuid4(), "jobs_log", uuid.uuid4(), 1)  # lists the directory: no sibling yet
+        listed = os.stat(directory)
+        b = _process(directory, 262, monkeypatch)  # made in the same tick
+        os.utime(directory, ns=(listed.st_atime_ns, listed.st_mtime_ns))
+        try:
+            user, job = uuid.uuid4(), uuid.uuid4()
+            a.record(user, "jobs_log", job, 4)
+            assert b.recent(user, "jobs_log") == {job: 4}
+        finally:
+            b.close()
+    finally:
+        a.close()
+
+
 def test_datagrams_that_are_not_hints_are_ignored(directory, monkeypatch) -> None:
     a = _process(directory, 501, monkeypatch)
     try:
