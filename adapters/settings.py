@@ -294,6 +294,10 @@ class Settings(BaseSettings):
             url.port  # noqa: B018 - the event store reads it (a password's "/" cuts the netloc short)
         except (psycopg.ProgrammingError, ValueError):
             raise ValueError(unreadable) from None
+        if "@" in url.netloc.rpartition("@")[0]:
+            # libpq ends the user name and password at the first "@", urlsplit (the event store)
+            # at the last: each connected somewhere else, and libpq's host held the password's end
+            raise ValueError(unreadable)
         if "," in url.netloc.rpartition("@")[2]:  # the hosts, not a password's ","
             raise ValueError("names several hosts: the event store connects to one")
         return v

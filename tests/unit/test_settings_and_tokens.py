@@ -259,6 +259,10 @@ def test_a_password_with_url_characters_reaches_the_database_url_intact(tmp_path
     ("postgresql://u:secret@h1.example:5432,h2.example:5433/palette", False),
     ("postgresql://u:secret@[::1]:5432/palette", True),
     ("postgresql://u:se,cret@db.example/palette", True),  # a password's ",": one host
+    # an unencoded "@": libpq's host is "cret@db.example" (every psycopg.connect failed, its error
+    # quoting that part of the password), urlsplit's, the event store's, db.example
+    ("postgresql://u:se@cret@db.example/palette", False),
+    ("postgresql://u@ser:secret@db.example/palette", False),
     ("postgresql://u:se\uff0fcret@db.example/palette", False),  # urlsplit's refusal quotes the netloc
     ("postgresql://u:secret@db.example:5432/palette?nosuchoption=1", False),
     ("mysql://u:secret@db.example/palette", False),
