@@ -371,13 +371,15 @@ class Dispatcher(ConsumerLoop):
                                   headers=[(tracing.HEADER, trace.encode())] if trace else None)
 
     def _flush(self, sent: list[tuple[str, Any]]) -> None:
-        """Wait for the broker's acknowledgements and remember where each job's tasks went."""
+        """Wait for the broker's acknowledgements, remember where each job's tasks went, and count
+        them (``dispatched``: the step's, the stale sweep's and a lost queue's alike)."""
         if not sent:
             return
         self.producer.flush()
         partitions = set()
         for job_id, future in sent:
             meta = future.get(timeout=30)
+            self.dispatched += 1
             partitions.add(meta.partition)
             self.ends[meta.partition] = max(self.ends.get(meta.partition, 0), meta.offset + 1)
             last = self.placements.get(job_id)
@@ -497,7 +499,6 @@ class Dispatcher(ConsumerLoop):
                 except Exception as e:  # noqa: BLE001 - a record it cannot handle is parked, never a stop
                     parked.append(self._park(record, e))
         self._flush(sent)
-        self.dispatched += len(sent)
         if polled:
             self.producer.flush()  # the parked records too, acknowledged before their offsets are committed
             for copy in parked:

@@ -265,3 +265,23 @@ def test_the_probes_port_opens_on_an_ipv6_metrics_host() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_dispatchers_count_of_tasks_sent_takes_in_those_the_stale_sweep_sends_again(tmp_path):
+    """palette_dispatcher_tasks{result="dispatched"} is every GPU task sent: a stalled job's tasks
+    sent again by the sweep were left out (a lost queue's resend of every task counted nothing)."""
+    from adapters.observability import collectors_for
+    from adapters.settings import Settings
+    from tests.unit.test_dispatcher_hardening import FakeQueue, dispatcher, envelope, queued_job
+
+    job = queued_job(3)
+    queue = FakeQueue(consumed={0: 0})
+    d, producer, _ = dispatcher([envelope(job.id)], jobs=[job], queue=queue)
+    registry = CollectorRegistry()
+    for collector in collectors_for("dispatcher", d, Settings(data_dir=tmp_path), registry):
+        registry.register(collector)
+    d.step()
+    queue.consumed[0] = 3  # the worker consumed every task, yet no item has a result
+    assert d.sweep() == 3
+    assert len(producer.tasks()) == 6
+    assert _samples(registry)[("palette_dispatcher_tasks_total", (("result", "dispatched"),))] == 6
