@@ -77,6 +77,7 @@ class ReadSideCollector:
 
     def collect(self) -> Iterator[Metric]:
         import psycopg
+        from eventsourcing.persistence import PersistenceError
 
         lag = GaugeMetricFamily("palette_read_model_lag_events", "events of the log a read model has not folded",
                                 labels=["model"])
@@ -87,7 +88,7 @@ class ReadSideCollector:
             if self._last is None or self.clock() - self._last[0] >= self.ttl_s:
                 self._last = (self.clock(), self._measure(psycopg))
             rows, positions = self._last[1]
-        except psycopg.Error as e:
+        except (psycopg.Error, PersistenceError) as e:  # the log's reads go through the event store's pool
             log.warning("read-side metrics unavailable: %s", type(e).__name__)
             return
         for model, events, seconds, parked in rows:

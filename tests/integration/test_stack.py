@@ -389,3 +389,41 @@ def test_the_broker_probe_reads_a_bootstrap_as_the_kafka_clients_do(settings, fo
     finally:
         admin.close()
     assert broker_answers(bootstrap)
+
+
+def test_a_scrape_meeting_a_dead_event_store_connection_loses_the_read_side_families_not_the_scrape(
+        settings, schema, conn):
+    """The read side's lag reads the oldest unfolded event through the projector's event store,
+    whose pool raises eventsourcing's errors, not psycopg's: a pooled connection PostgreSQL had
+    closed (a restart, an idle timeout) failed the whole scrape, every other family with it, and
+    printed a bare traceback into the projector's JSON log."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from adapters.bootstrap import event_store_env
+    from adapters.observability import CountsCollector, ReadSideCollector
+    from adapters.positions import PgPositions
+    from adapters.system import RandomIds, SystemClock
+    from application.executors import DirectExecutor
+    from application.services import PaletteApplication, PaletteService
+    from projections.log import LogReader
+    from projections.schema import ensure_schema
+    from tests.keys import process_keys
+
+    ensure_schema(conn)
+    PgPositions.connect(settings.effective_database_url).close()
+    app = PaletteApplication(env=event_store_env(settings, pool_size=1, schema=schema))  # no projector folds it
+    try:
+        PaletteService(app, DirectExecutor(app), SystemClock(), RandomIds(), **process_keys()).register(
+            f"scrape-{uuid.uuid4()}")  # an event no read model has folded
+        with app.recorder.datastore.get_connection() as pooled:
+            pid = pooled.info.backend_pid
+        conn.execute("SELECT pg_terminate_backend(%s)", [pid])
+        registry = CollectorRegistry()
+        registry.register(ReadSideCollector(settings.effective_database_url, LogReader.of(app)))
+        registry.register(CountsCollector("palette_projector_events", "events", "result", lambda: {"applied": 1}))
+        scraped = generate_latest(registry).decode()
+        assert 'palette_projector_events_total{result="applied"} 1.0' in scraped
+        scraped = generate_latest(registry).decode()  # the next scrape, measured afresh, has them again
+        assert 'palette_read_model_lag_events{model="users"}' in scraped
+    finally:
+        app.close()
