@@ -158,17 +158,22 @@ def steady_creates(svc: PaletteService, seconds: float, on_commit: Callable[[str
 
 class JobRows:
     """When each job created (``commit``, called as create_job returns) has its jobs_log tracking
-    row, polled every 10 ms by a process of its own (``rows_probe``) until ``close``."""
+    row, polled every 10 ms by a process of its own (``rows_probe``) until ``close``, and then
+    for ``wait_after_s`` at most."""
 
-    def __init__(self, settings: Settings, table: tuple[str, str] = rows_probe.TRACKING) -> None:
+    def __init__(self, settings: Settings, table: tuple[str, str] = rows_probe.TRACKING,
+                 wait_after_s: float = rows_probe.WAIT_AFTER_S) -> None:
         self.commits: dict[str, float] = {}
         self.seen: dict[str, float] = {}
         spawn = multiprocessing.get_context("spawn")  # this process runs threads: no fork
         self._jobs: Any = spawn.Queue()
         self._found: Any = spawn.Queue()
         self._ended = False
+        self._ended_at = math.inf  # when the probe gave up on the rows it never saw
+        self._wait_after_s = wait_after_s
         self._poller = spawn.Process(target=rows_probe.poll_rows, daemon=True,
-                                     args=(settings.effective_database_url, self._jobs, self._found, table))
+                                     args=(settings.effective_database_url, self._jobs, self._found, table,
+                                           wait_after_s))
         self._poller.start()
         if self._found.get(timeout=60) != "ready":
             raise RuntimeError("the read-model probe did not start")
@@ -179,7 +184,7 @@ class JobRows:
 
     def _collect(self, wait: bool = False) -> None:
         """What the probe found so far (``wait``: until it ends)."""
-        deadline = time.monotonic() + rows_probe.WAIT_AFTER_S + 30
+        deadline = time.monotonic() + self._wait_after_s + 30
         while not self._ended:
             if wait:
                 batch = relay_rates.from_child(self._poller, self._found, deadline, "the read-model probe")
@@ -189,14 +194,17 @@ class JobRows:
                 except queue.Empty:
                     return
             if batch is None:
-                self._ended = True
+                self._ended, self._ended_at = True, time.time()
             else:
                 self.seen.update(batch)
 
     def lags_ms(self) -> list[float]:
-        """The lag of every job seen so far."""
+        """The lag of every job seen so far; once the probe has ended, a job it never saw counts
+        as the time it was waited for (a lag of at least that): left out, the lags' tail would
+        lose the slowest rows of all."""
         self._collect()
-        return [(self.seen[k] - t) * 1000 for k, t in list(self.commits.items()) if k in self.seen]
+        return [(self.seen.get(k, self._ended_at) - t) * 1000
+                for k, t in list(self.commits.items()) if k in self.seen or self._ended]
 
     def timeline(self) -> list[tuple[float, float]]:
         """(commit time, lag in ms) of every job so far, in commit order; inf: not seen yet."""
@@ -212,24 +220,24 @@ class JobRows:
 
 
 def projection_lags(settings: Settings, svc: PaletteService, seconds: float,
-                    events_per_s: float = LAG_EVENTS_PER_S) -> tuple[list[float], int, float]:
+                    events_per_s: float = LAG_EVENTS_PER_S) -> tuple[list[float], int, int, float]:
     """Milliseconds from each job creation's return (committed) to its jobs_log tracking row,
-    polled every 10 ms, creations offered at ``events_per_s``; returns the lags seen, how many
-    jobs were created, and events/s."""
+    polled every 10 ms, creations offered at ``events_per_s``; returns the lags (a row never seen:
+    the time it was waited for), how many jobs were seen and created, and events/s."""
     rows = JobRows(settings)
     rate = steady_creates(svc, seconds, rows.commit, events_per_s)
     rows.close()
-    return rows.lags_ms(), len(rows.commits), rate
+    return rows.lags_ms(), len(rows.seen), len(rows.commits), rate
 
 
 def lag_figures(settings: Settings, svc: PaletteService, seconds: float, events_per_s: float, suffix: str,
                 results: Results) -> tuple[int, int]:
     """projection_lag_{p50_ms,p99_ms,events_per_s}``suffix``; returns the jobs seen and created."""
-    lags, created, rate = projection_lags(settings, svc, seconds, events_per_s)
+    lags, seen, created, rate = projection_lags(settings, svc, seconds, events_per_s)
     results[f"projection_lag_events_per_s{suffix}"] = round(rate, 1)
     results[f"projection_lag_p99_ms{suffix}"] = round(percentile(lags, 99), 1) if lags else None
     results[f"projection_lag_p50_ms{suffix}"] = round(percentile(lags, 50), 1) if lags else None
-    return len(lags), created
+    return seen, created
 
 
 def bench_lag(stack: Stack, prof: Profile, results: Results) -> None:

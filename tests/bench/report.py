@@ -11,6 +11,7 @@ from tests.bench.gpu import BATCH, WARM_ITEMS
 from tests.bench.harness import CORE_CLIENTS, FULL, HTTP_CLIENTS, QUICK, Results
 from tests.bench.recovery import RECOVERED_MS, RESTART_LIMIT_S, RESTART_WARM_S, WINDOW_MIN_JOBS, WINDOW_S, WINDOW_STEP_S
 from tests.bench.relay import ACK_SAMPLES, FAST_LAG_EVENTS_PER_S, LAG_EVENTS_PER_S
+from tests.bench.rows_probe import WAIT_AFTER_S
 
 NAIVE_PATH = "one load-decide-save per command, no cache"
 NAIVE_API = f"{NAIVE_PATH}, data keys and input listings (boto3) on a worker thread each"
@@ -80,7 +81,8 @@ MEASURES: dict[str, str] = {
                     f"arrive, before its position is saved), p99, on a second relay in the bench process; {LAG}",
     "relay_ack_events_per_s": "the events per second committed while relay_p99_ms was measured",
     "projection_lag_p50_ms": f"create_job returned (committed) -> its jobs_log tracking row seen (polled every "
-                             f"10 ms by a process of its own, off the load generator's interpreter); {LAG}",
+                             f"10 ms by a process of its own, off the load generator's interpreter; a row never "
+                             f"seen counts as the time it was waited for, {WAIT_AFTER_S:.0f} s or more); {LAG}",
     "projection_lag_p99_ms": "p99 of the same lags",
     "projection_lag_events_per_s": "the events per second committed while the projection lags were measured",
     f"projection_lag_p50_ms{FAST}": f"projection_lag_p50_ms with the job creations offered at {FAST_LAG_EVENTS_PER_S} "

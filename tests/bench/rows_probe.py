@@ -18,16 +18,17 @@ WAIT_AFTER_S = 30  # once no more jobs come, how long rows are waited for
 TRACKING = ("palette_read", "jobs_log_tracking")  # a job's row here: jobs_log has folded it
 
 
-def poll_rows(url: str, jobs: Queue[Any], found: Queue[Any], table: tuple[str, str] = TRACKING) -> None:
+def poll_rows(url: str, jobs: Queue[Any], found: Queue[Any], table: tuple[str, str] = TRACKING,
+              wait_after_s: float = WAIT_AFTER_S) -> None:
     """Job ids arrive on ``jobs`` (None: no more); ``found`` gets "ready" once connected, then
     lists of (job, time its row in ``table`` was first seen), and None at the end: when every
-    job was seen, or ``WAIT_AFTER_S`` after the last one."""
+    job was seen, or ``wait_after_s`` after the last one."""
     unseen: dict[str, None] = {}  # in commit order
     closed_at = None
     query = sql.SQL("SELECT stream_id::text FROM {} WHERE stream_id = ANY(%s::uuid[])").format(sql.Identifier(*table))
     with psycopg.connect(url, autocommit=True) as conn:
         found.put("ready")
-        while closed_at is None or (unseen and time.time() < closed_at + WAIT_AFTER_S):
+        while closed_at is None or (unseen and time.time() < closed_at + wait_after_s):
             while True:
                 try:
                     job = jobs.get_nowait()
