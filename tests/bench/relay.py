@@ -65,7 +65,7 @@ def bench_relay(settings: Settings, prof: Profile, results: Results) -> None:
     for rep in range(prof.repeats):
         topic = f"bench.relay.{rep}"
         ensure_topics(settings.effective_kafka_bootstrap, [topic, f"{topic}.raw"], settings.kafka_partitions)
-        head, rate = relay_rates.in_own_process(relay_rates.relay_rate, settings, topic)
+        events, rate = relay_rates.in_own_process(relay_rates.relay_rate, settings, topic)
         rates.append(rate)
         # The client's ceiling: a bare producer sending the same envelopes, already encoded.
         raw_rates.append(relay_rates.in_own_process(relay_rates.producer_rate, settings, f"{topic}.raw", "librdkafka"))
@@ -80,12 +80,12 @@ def bench_relay(settings: Settings, prof: Profile, results: Results) -> None:
         producer.send(f"bench.relay.{prof.repeats - 1}.raw", key=b"k", value=b"%d" % i).get(timeout=30)
         acks.append((time.perf_counter() - t1) * 1000)
     producer.close()
-    results["relay_backlog_events"] = head
+    results["relay_backlog_events"] = events
     results["raw_produce_ack_p50_ms"] = round(statistics.median(acks), 1)
     results["relay_events_per_s"] = round(statistics.median(rates), 1)
     results["raw_producer_events_per_s"] = round(statistics.median(raw_rates), 1)
     results["raw_kafka_python_events_per_s"] = round(statistics.median(old_rates), 1)
-    say(f"relay {results['relay_events_per_s']:,.0f} events/s over a backlog of {head:,} events; bare producer "
+    say(f"relay {results['relay_events_per_s']:,.0f} events/s over a backlog of {events:,} events; bare producer "
         f"{results['raw_producer_events_per_s']:,.0f} events/s (kafka-python's "
         f"{results['raw_kafka_python_events_per_s']:,.0f}); one message send->ack "
         f"{results['raw_produce_ack_p50_ms']} ms (p50 of {ACK_SAMPLES})")

@@ -38,7 +38,8 @@ class FirstIdle:
 
 def relay_rate(settings: Settings, topic: str, out: Any) -> None:
     """(events, events/s) of the composition root's relay publishing the whole log to ``topic``
-    under a fresh position, from its start to its last acknowledgement recorded."""
+    under a fresh position, from its start to its last acknowledgement recorded: the events it
+    published, not the head's position (a rolled-back insert leaves its position unused)."""
     import threading
 
     from adapters.collector import serving_gc
@@ -57,7 +58,7 @@ def relay_rate(settings: Settings, topic: str, out: Any) -> None:
         relay.run(stop)
         if idle.done_at is None or relay.acked < head:
             raise RuntimeError(f"the relay stopped at {relay.acked} of {head} events")
-        out.put((head, head / (idle.done_at - t0)))
+        out.put((relay.published, relay.published / (idle.done_at - t0)))
     finally:
         relay.close()
 
