@@ -140,8 +140,10 @@ MEASURES: dict[str, str] = {
     "naive_gpu_items_per_s": "one item at a time on the CPU: S3 get, PIL decode, masks, each op on the full "
                              "image, PIL PNG (level 6) and preview put, CallbackClient callback",
     "gpu_device": "the torch device of the pipeline run",
-    "peak_rss_mb": "peak resident memory (VmHWM) of the api, relay and projector processes, and of the child "
-                   "process that ran the GPU pipeline (gpu_worker, the largest over repeats)",
+    "peak_rss_mb": f"peak resident memory (VmHWM) of the api process over its HTTP stages, of the relay and "
+                   f"projector processes read at the end of the {LAG_EVENTS_PER_S} events/s lag stage (the "
+                   f"{FAST_LAG_EVENTS_PER_S} events/s, catch-up and broker-restart stages come after it), and of "
+                   "the child process that ran the GPU pipeline (gpu_worker, the largest over repeats)",
 }
 
 
