@@ -182,6 +182,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._bounds.idle.pop(self, None)
         if self._refused:
             return  # read and dropped until the connection closes (see _refuse)
+        if self._deadline is None and not self._answer_under_way():
+            # A kept-alive connection's first byte: the parser skips line breaks before a
+            # request line without beginning one, and uvicorn stops keep-alive's timer on any
+            # read, so "\r\n" now and then would hold the connection for ever.
+            self._start_clock()
         self._received += len(data)
         super().data_received(data)
         # Counted as received, before the parser split it: a read that ends the request is not

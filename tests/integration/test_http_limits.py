@@ -252,6 +252,24 @@ def test_a_request_cut_short_on_a_kept_alive_connection_is_cut_off_too(
         assert conn.recv(100) == b""  # closed by the server (a recv timing out would raise)
 
 
+def test_a_kept_alive_connection_sending_line_breaks_and_never_a_request_is_cut_off(
+    server: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parser skips line breaks before a request line, so no request began and no clock ran;
+    each read also stopped keep-alive's timer and took the connection off the idle ones: a client
+    sending "\\r\\n" now and then held its connection for ever, never closed for a newer one."""
+    monkeypatch.setattr(http_limits, "REQUEST_TIMEOUT_S", 0.3)
+    with socket.create_connection(("127.0.0.1", server), timeout=5) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert conn.recv(1000).startswith(b"HTTP/1.1 200 ")
+        with contextlib.suppress(OSError):  # closed meanwhile: what follows is refused
+            for _ in range(15):  # 1.5 s of line breaks, five request deadlines
+                conn.sendall(b"\r\n")
+                threading.Event().wait(0.1)
+        with contextlib.suppress(ConnectionResetError):  # closed, a line break sent after it reset
+            assert conn.recv(100) == b""  # closed by the server (before: a recv timing out raised)
+
+
 def test_a_kept_alive_connection_gets_its_time_again_for_each_request(
     server: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
