@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from adapters.api import unavailable
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep, made_once
 from adapters.api.envelope import ApiError, ok
 from adapters.api.held_responses import SlotStream, StreamSlots
@@ -497,8 +498,16 @@ async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, co
         version = after
         deadline = time.monotonic() + SSE_MAX_S
         while time.monotonic() < deadline and not await request.is_disconnected():
-            events: list[Any] = last if last is not None else await run_in_threadpool(
-                _events_after, app, job_id, version)
+            try:
+                events: list[Any] = last if last is not None else await run_in_threadpool(
+                    _events_after, app, job_id, version)
+            except unavailable.DATABASE_ERRORS as e:
+                if not unavailable.database_away(e):
+                    raise
+                # Its 200 sent, no 503 can be: the stream ends as at SSE_MAX_S, and its client
+                # resumes with Last-Event-ID (an error escaping here was a traceback per stream).
+                request.app.state.database_away.note(e)
+                return
             for event in events:
                 version = event.originator_version
                 data = {f.name: _jsonable(getattr(event, f.name)) for f in dataclasses.fields(event)

@@ -5,6 +5,7 @@ without a password the driver's message quoted. Any other error stays a 500."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -24,6 +25,7 @@ from adapters.objects import delete_keys
 from adapters.s3_listing import ListingFailed
 from adapters.settings import Settings
 from application.executors import OutcomeUnknown
+from domain.job import JobStatus
 
 
 class FailingService:
@@ -235,3 +237,48 @@ def test_a_key_the_object_store_failed_to_delete_is_a_503_one_it_refused_a_500(c
     """S3 says a failure of its own per key inside a DeleteObjects' 200 (DELETE /jobs, DELETE /me):
     an outage that still answers was a 500 INTERNAL, a bug, with a traceback per request."""
     assert _confirm(_not_deleted(code)).status_code == status
+
+
+@dataclasses.dataclass
+class JobStarted:
+    """A job's stored event as a stream shows it (its fields, less the stream's bookkeeping)."""
+
+    originator_version: int
+    timestamp: str
+
+
+class AwayMidStream(FailingService):
+    """A job running, whose events are read once, then the database goes (``error``)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.reads = 0
+        self.app = SimpleNamespace(events=SimpleNamespace(get=self._events))
+
+    async def get_job_async(self, _user_id: Any, _job_id: Any) -> Any:
+        return SimpleNamespace(status=JobStatus.RUNNING, version=1)
+
+    def _events(self, _job_id: Any, gt: int) -> list[Any]:
+        self.reads += 1
+        if self.reads > 1:
+            raise self.error
+        return [JobStarted(originator_version=2, timestamp="2026-01-01T00:00:00+00:00")]
+
+
+@pytest.mark.parametrize("error", [
+    psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly"),
+    _wrapped(psycopg.errors.AdminShutdown("terminating connection due to administrator command")),
+])
+def test_a_job_event_stream_the_database_leaves_midway_ends_as_at_its_cut_off_not_with_a_traceback(
+        error: BaseException) -> None:
+    """Its 200 already sent, the error escaped the stream: "Caught handled exception, but response
+    already started", a traceback in the log per open stream (256 a process) at each outage. The
+    stream now ends, as at SSE_MAX_S: its client resumes with Last-Event-ID."""
+    settings = Settings(jwt_secret="s" * 48, callback_secret="c" * 48, device_key_secret="d" * 48)
+    container = SimpleNamespace(settings=settings, read_pool=None, service=AwayMidStream(error))
+    api = TestClient(create_app(container))  # type: ignore[arg-type]
+    token = api.app.state.tokens.issue(uuid4(), datetime.now(UTC))  # type: ignore[attr-defined]
+    answer = api.get(f"/jobs/{uuid4()}/events", headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 200 and answer.text.startswith("id: 2\nevent: JobStarted\n"), answer.text
+    assert api.app.state.database_away.count == 1  # type: ignore[attr-defined]
+    assert api.app.state.stream_slots._open == {}  # type: ignore[attr-defined]  # its slot given back
