@@ -281,20 +281,31 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
             raise InvalidState(f"cannot rerun this job: its photos and masks are {copied / 2**30:.1f} GiB, more than "
                                f"the {per_day / 2**30:.1f} GiB a user's reruns may copy in a day")
         copy_bytes = made_once(request, "rerun_copy_bytes", lambda: TokenBuckets(per_day / DAY_S, per_day))
+        chosen_id = id_for_key(user_id, f"rerun:{job_id}", idempotency_key)
         with copy_bytes.spending(user_id, copied) as copying:
-            committed = await service.run(service.rerun_job_command(
-                user_id, job_id, id_for_key(user_id, f"rerun:{job_id}", idempotency_key)))
+            committed = await service.run(service.rerun_job_command(user_id, job_id, chosen_id))
             # A retry handed back the job made before: copied again, not anew (its bytes come back).
             spending.recorded = copying.recorded = committed.recorded
     new_id = committed.value
     _remember(container, user_id, new_id, committed)
+
+    async def cancel_new(reason: str) -> None:  # refunded, and the caller's next reads see it canceled
+        _remember(container, user_id, new_id, await service.run(service.cancel_job_command(user_id, new_id, reason)))
+
     # The command handed back only a job waiting for its photos; one confirmed since is not copied over.
     if (await service.get_job_async(user_id, new_id)).status == JobStatus.CREATED:
         try:
             await run_in_threadpool(_copy_objects, container, _rerun_copies(user_id, job_id, new_id, source, present))
         except SourceGone:  # the source deleted meanwhile (DELETE /jobs, or its retention): the new job cannot run
-            await service.run(service.cancel_job_command(user_id, new_id, "its source job's photos are gone"))
+            await cancel_new("its source job's photos are gone")
             raise InvalidState("cannot rerun this job: its photos were deleted meanwhile") from None
+        except Exception:
+            # Without an Idempotency-Key no retry finds this job to finish its copy (a retry makes
+            # another, and it has no upload links): it would hold its credits and job slot until
+            # the retention sweep.
+            if chosen_id is None:
+                await cancel_new("its photos could not be copied")
+            raise
 
     def slots() -> list[MaskSlot]:
         urls = PutUrls(container.settings, datetime.now(UTC))

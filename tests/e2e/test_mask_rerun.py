@@ -126,3 +126,40 @@ def test_a_rerun_whose_source_is_deleted_meanwhile_is_a_409_and_leaves_nothing_r
             client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})  # the slot is free
     finally:
         container.close()
+
+
+def test_a_rerun_without_a_key_whose_copy_the_store_fails_midway_leaves_nothing_reserved(settings, monkeypatch):
+    """The store fails the second of a rerun's copies (a 500): the answer is a 503, and without an
+    Idempotency-Key no retry can find the half-copied job to finish it (it has no upload links and
+    a retry makes another), so it is canceled and refunded, not left holding the credits and the
+    plan's one job slot (a retry would be a 409 CONCURRENCY_LIMIT) until the retention sweep."""
+    from botocore.exceptions import ClientError
+
+    from adapters.bootstrap import build
+
+    from .test_bounded_resources import served
+
+    container = build(settings, pool_size=2)
+    try:
+        with served(container) as url, httpx.Client(base_url=url, timeout=30) as http:
+            client = Client(http)
+            job_id = _done_by_hand(client, http, settings.callback_secret, 3)
+            copy, copies = container.s3.copy_object, []
+
+            def second_fails(**kwargs: object) -> object:
+                copies.append(kwargs)
+                if len(copies) == 2:
+                    raise ClientError({"Error": {"Code": "InternalError", "Message": "store failed"},
+                                       "ResponseMetadata": {"HTTPStatusCode": 500}}, "CopyObject")
+                return copy(**kwargs)
+
+            monkeypatch.setattr(container.s3, "copy_object", second_fails)
+            r = client.call("POST", f"/jobs/{job_id}/rerun")
+            assert r.status_code == 503 and r.json()["error"]["code"] == "UNAVAILABLE", r.text
+            me = client.data("GET", "/me")
+            assert (me["credits"], me["reserved"], me["active_jobs"]) == (50, 0, 0)  # 3 reserved, 3 refunded
+            assert [j["status"] for j in client.data("GET", "/jobs")["items"]] == ["canceled", "failed"]
+            monkeypatch.setattr(container.s3, "copy_object", copy)
+            assert client.data("POST", f"/jobs/{job_id}/rerun", 201)["inputs_copied"] == 3  # the slot is free
+    finally:
+        container.close()
