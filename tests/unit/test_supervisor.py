@@ -1,7 +1,8 @@
 """The supervisor's restarts (infra.supervisor): a crashed service comes back after a delay that
 doubles per crash up to 30 s and starts again from 0.5 s after a minute of healthy running; one
 not marked restartable stays down; a start-up is retried START_ATTEMPTS times in all, after 0.5 s then 1 s, and waits
-ready_timeout_s, no longer, asking again a probe that raises; a service that ignores SIGTERM is killed; services stop in reverse order.
+ready_timeout_s, no longer, asking again a probe that raises; a service that ignores SIGTERM is killed; services
+stop in reverse order.
 
 The supervisor's clock is a stand-in moved by hand (its sleeps move it too), so that no test waits
 out a backoff; the services are real child processes."""
