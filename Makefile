@@ -40,6 +40,7 @@ chaos: install
 		tests/integration/test_model_based_postgres.py
 
 bench: install
+	@bash infra/ensure-wrk.sh
 	$(BIN)/palette bench --json docs/bench.json --plot docs/bench.png
 
 clean:
