@@ -33,6 +33,19 @@ class Stack:
 """
 
 
+# What a case puts in place of the supervisor's Popen: each launch's pid kept, and with
+# SIGNAL_AT_LAUNCH, a Ctrl-C right after the fork.
+RECORD_LAUNCHES = """launched = {}
+class Popen(subprocess.Popen):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        launched["pid"] = self.pid
+        if SIGNAL_AT_LAUNCH:
+            os.kill(os.getpid(), signal.SIGINT)
+supervisor.subprocess.Popen = Popen
+"""
+
+
 def run_up(tmp_path: Path, body: str) -> dict[str, object]:
     code = SETUP.format(root=str(ROOT), data=str(tmp_path / "data")) + body + """
 bootstrap.embedded_stack = lambda settings, echo=None: Stack()
@@ -50,14 +63,7 @@ print(json.dumps({"rc": rc, "launched_alive": alive}))
 
 def test_a_process_launched_as_the_signal_came_is_stopped_too(tmp_path: Path) -> None:
     """The signal lands right after the fork, before the supervisor has recorded the process."""
-    outcome = run_up(tmp_path, """
-launched = {}
-class Popen(subprocess.Popen):
-    def __init__(self, *a, **k):
-        super().__init__(*a, **k)
-        launched["pid"] = self.pid
-        os.kill(os.getpid(), signal.SIGINT)
-supervisor.subprocess.Popen = Popen
+    outcome = run_up(tmp_path, "SIGNAL_AT_LAUNCH = True\n" + RECORD_LAUNCHES + """
 Stack.start_infra = lambda self: self.supervisor.start(ServiceSpec("svc", ["sleep", "300"], ready=lambda: False))
 """)
     assert outcome["rc"] == 130 and "stopped while starting (SIGINT)" in str(outcome["stdout"])
@@ -148,13 +154,7 @@ Supervisor.check = check
 def test_a_fault_of_ours_while_starting_stops_what_started_before_its_traceback(tmp_path: Path) -> None:
     """Only a StackError used to stop the started services in order; any other exception left
     them to the parent-death signal, all at once."""
-    outcome = run_up(tmp_path, """
-launched = {}
-class Popen(subprocess.Popen):
-    def __init__(self, *a, **k):
-        super().__init__(*a, **k)
-        launched["pid"] = self.pid
-supervisor.subprocess.Popen = Popen
+    outcome = run_up(tmp_path, "SIGNAL_AT_LAUNCH = False\n" + RECORD_LAUNCHES + """
 Stack.start_infra = lambda self: self.supervisor.start(ServiceSpec("svc", ["sleep", "300"], ready=lambda: True))
 def start_apps(self, apps):
     raise ValueError("a bug of ours")
