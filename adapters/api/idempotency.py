@@ -134,7 +134,8 @@ class IdempotencyKeys:
         self.trusted_proxies = trusted_proxies
         self.erased = erased  # users whose kept answers are never replayed (the route answers 401)
         # Answers sent without their key kept (said in the log at most every WARN_EVERY_S).
-        self.unsettled = unavailable.Away("the database, keeping an Idempotency-Key's answer,")
+        self.unsettled = unavailable.Away("the database, keeping an Idempotency-Key's answer,",
+                                          "answer(s) sent without their key kept")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":

@@ -84,8 +84,9 @@ class Away:
     answer: said in the log at most every WARN_EVERY_S (an outage would otherwise write a
     traceback per request)."""
 
-    def __init__(self, what: str = "the database") -> None:
+    def __init__(self, what: str = "the database", counted: str = "request(s) answered 503") -> None:
         self.what = what
+        self.counted = counted  # what ``count`` counts, as the log says it
         self.count = 0
         self._warned = -WARN_EVERY_S
 
@@ -94,5 +95,5 @@ class Away:
         now = time.monotonic()
         if now - self._warned >= WARN_EVERY_S:
             self._warned = now
-            log.warning("%s did not answer (%s: %s); %d request(s) answered 503 so far",
-                        self.what, type(error).__name__, driver_reason(error), self.count)
+            log.warning("%s did not answer (%s: %s); %d %s so far",
+                        self.what, type(error).__name__, driver_reason(error), self.count, self.counted)

@@ -282,3 +282,17 @@ def test_a_job_event_stream_the_database_leaves_midway_ends_as_at_its_cut_off_no
     assert answer.status_code == 200 and answer.text.startswith("id: 2\nevent: JobStarted\n"), answer.text
     assert api.app.state.database_away.count == 1  # type: ignore[attr-defined]
     assert api.app.state.stream_slots._open == {}  # type: ignore[attr-defined]  # its slot given back
+
+
+def test_answers_sent_without_their_key_kept_are_not_logged_as_503s(caplog: pytest.LogCaptureFixture) -> None:
+    """An Idempotency-Key's answer the database could not keep still reaches its client (its real
+    status): the log said "N request(s) answered 503 so far" of them, sending an operator to look
+    for 503s that were never answered."""
+    from adapters.api.envelope import fail
+    from adapters.api.idempotency import IdempotencyKeys
+
+    keys = IdempotencyKeys(None, None, None, fail)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger=unavailable.log.name):
+        keys.unsettled.note(psycopg.OperationalError("server closed the connection unexpectedly"))
+    assert "answered 503" not in caplog.text, caplog.text
+    assert "1 answer(s) sent without their key kept so far" in caplog.text, caplog.text
