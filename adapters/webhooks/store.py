@@ -207,8 +207,13 @@ def enable_endpoint(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: U
     now (not those whose attempt is in flight: another sender would POST them at once too), and
     the events from now on recorded for it (``enabled_since``: none from while it was disabled,
     however often the consumer folds their job again). An enabled one is left as it is (an enable
-    is no way around a hold); None: no such endpoint."""
+    is no way around a hold); None: no such endpoint. It first waits for the recordings under
+    way (``record`` locks the endpoint FOR KEY SHARE, which an UPDATE of it does not wait for):
+    one that read the endpoint disabled inserts its deliveries not due, and committed after this
+    update they were not made due by it, nor ever after."""
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute("SELECT 1 FROM palette_webhooks.endpoints WHERE id = %s AND user_id = %s FOR UPDATE",
+                    [endpoint_id, user_id])
         row = cur.execute(sql.SQL(
             "UPDATE palette_webhooks.endpoints SET enabled = true, disabled_at = NULL, failures = 0, "
             "enabled_since = now(), "

@@ -523,3 +523,28 @@ def test_a_disabled_endpoints_backlog_does_not_hide_a_delivery_the_claim_may_tak
         assert len([d for d in store.claim(conn, 10_000, 30.0) if d.user_id == failing]) == 31
     finally:
         conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[disabled, answered]])
+
+
+def test_deliveries_recorded_while_their_endpoint_is_enabled_again_are_due(conn, settings):
+    # The consumer's record read the endpoint disabled (its deliveries then go in not due, for an
+    # enable to make due) while its owner's enable committed before the inserts did: the enable's
+    # update did not see them, and they stayed pending with no next_attempt_at on an enabled
+    # endpoint, never claimed (nor pruned: the prune takes those of endpoints disabled long).
+    import threading
+
+    user, job = uuid.uuid4(), uuid.uuid4()
+    [endpoint] = endpoints(conn, user, "enabled-meanwhile")
+    try:
+        conn.execute("UPDATE palette_webhooks.endpoints SET enabled = false, disabled_at = now() WHERE id = %s",
+                     [endpoint])
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as owner:
+            with conn.transaction():  # record's reads and inserts, not yet committed
+                assert store.record(conn, [store.NewDelivery(endpoint, f"msg_{job.hex}_1", job, 1, "job.queued",
+                                                             b"{}")]) == 1
+                enabling = threading.Thread(target=store.enable_endpoint, args=(owner, user, endpoint))
+                enabling.start()
+                enabling.join(0.5)
+            enabling.join(10)
+        assert [d.message_id for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == [f"msg_{job.hex}_1"]
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
