@@ -460,6 +460,10 @@ async def callback(
 
 SSE_POLL_S = 0.2
 SSE_MAX_S = 600.0  # a client reconnects with Last-Event-ID after this
+# After this long with nothing sent, a stream sends a comment line (which EventSource ignores), so a
+# proxy's read timeout does not cut a quiet job's stream and its client sees the connection alive.
+HEARTBEAT_S = 15.0
+HEARTBEAT = b": keep-alive\n\n"
 # A stored event as a client sees it: its declared fields (not the trace stamped into its state),
 # less the stream's bookkeeping (the SSE id is the version) and the GPU worker's result key.
 NOT_SHOWN = frozenset(("originator_id", "originator_version", "originator_topic", "idempotency_key"))
@@ -507,7 +511,8 @@ async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, co
 
     async def stream() -> AsyncIterator[bytes]:
         version = after
-        deadline = time.monotonic() + SSE_MAX_S
+        sent = time.monotonic()  # the last time anything went out (the 200's headers, at first)
+        deadline = sent + SSE_MAX_S
         while time.monotonic() < deadline and not await request.is_disconnected():
             try:
                 events: list[Any] = last if last is not None else await run_in_threadpool(
@@ -529,6 +534,11 @@ async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, co
                     return
             if finished:
                 return
+            if events:  # once a poll, not once an event
+                sent = time.monotonic()
+            elif time.monotonic() - sent >= HEARTBEAT_S:
+                sent = time.monotonic()
+                yield HEARTBEAT  # not an event: no id, so Last-Event-ID is untouched
             await asyncio.sleep(SSE_POLL_S)
 
     return SlotStream(stream(), give_back, media_type="text/event-stream",
