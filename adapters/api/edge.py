@@ -10,10 +10,13 @@ Metrics count every request by route template, method and status, with a latency
 the label sets, an unmatched path counts as ``unmatched``). The body cap refuses a body over
 ``max_body_bytes`` with 413 before the app reads it, chunked bodies too; one that passes it
 after the answer has begun (a stream reads the request for its client's disconnect) is taken
-for the client going away, and the answer is ended."""
+for the client going away, and the answer is ended. An answer its app ``broke_off`` (a replay
+whose database went away midway: ended whole, its NDJSON would read as complete) is cut: its
+connection is dropped without its last chunk, and the client sees the transfer broken."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
@@ -29,6 +32,28 @@ from application.executors import CURRENT_TRACE
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 MAX_BODY_BYTES = 64 * 1024
+
+
+BROKEN = "palette.broken_off"  # the scope's key ``broke_off`` sets
+
+
+def broke_off(scope: Scope) -> None:
+    """Has the edge cut the answer under way instead of ending it: the connection is dropped
+    without the last part (no terminating chunk), and no traceback is logged, as one raised after
+    the answer's start would be."""
+    scope[BROKEN] = True
+
+
+def _drop(send: Send) -> bool:
+    """Drops the connection ``send`` writes to (uvicorn's cycle holds its transport); the server
+    then sees its client gone, and an answer left unended is no error of the app. False when
+    ``send`` is no such cycle's."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    abort = getattr(transport, "abort", None)
+    if abort is None:
+        return False
+    abort()
+    return True
 
 
 def trusted_peer(client: object, trusted: Sequence[IPv4Network | IPv6Network]) -> bool:
@@ -75,6 +100,7 @@ class RequestEdge:
         status = [500]  # an exception that escapes every handler is what the server answers
 
         ended = [False]  # the answer's last part sent
+        dropped = [False]  # the connection dropped, the answer broken off
 
         async def timed(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -82,6 +108,9 @@ class RequestEdge:
                 self._observe(scope, status[0], time.perf_counter() - t0)
                 status.append(0)  # observed
             elif message["type"] == "http.response.body" and not message.get("more_body"):
+                if scope.get(BROKEN):
+                    dropped[0] = _drop(send)
+                    return
                 ended[0] = True
             await send(message)
 
@@ -122,6 +151,8 @@ class RequestEdge:
                 trace = CURRENT_TRACE.set(traceparent)
                 try:
                     await self.app(scope, limited, timed)
+                    if dropped[0]:
+                        await asyncio.sleep(0)  # the server sees the connection lost (called soon)
                     if seen > self.max_bytes and len(status) > 1 and not ended[0]:
                         await send({"type": "http.response.body", "body": b"", "more_body": False})
                 finally:

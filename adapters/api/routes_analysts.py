@@ -6,7 +6,7 @@ Tokens with role ``analyst`` or ``auditor`` are minted by ``palette token``. A c
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
@@ -16,8 +16,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BeforeValidator
+from starlette.concurrency import iterate_in_threadpool
 
+from adapters.api import unavailable
 from adapters.api.deps import ContainerDep, bearer, made_once, verified
+from adapters.api.edge import broke_off
 from adapters.api.envelope import ApiError, ok
 from adapters.api.held_responses import SlotStream, StreamSlots
 from adapters.api.rate_limit import RateLimited
@@ -119,10 +122,25 @@ async def _replay(request: Request, subject: UUID,
                       lambda: StreamSlots(per_user=STAFF_STREAMS_PER_SUBJECT, total=STAFF_STREAMS))
     give_back = slots.take(subject)
     try:
-        return SlotStream(await lines(), give_back, media_type="application/x-ndjson")
+        return SlotStream(_cut_if_away(request, await lines()), give_back, media_type="application/x-ndjson")
     except BaseException:
         give_back()
         raise
+
+
+async def _cut_if_away(request: Request, lines: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """``lines``, read on a thread; the database going away midway (a restart, a failover) is
+    noted as an outage and the answer broken off (adapters.api.edge): its 200 sent, no 503 can be,
+    an error escaping was a traceback per replay, and an NDJSON ended whole would read as the
+    complete log."""
+    try:
+        async for line in iterate_in_threadpool(lines):
+            yield line
+    except unavailable.DATABASE_ERRORS as e:
+        if not unavailable.database_away(e):
+            raise
+        request.app.state.database_away.note(e)
+        broke_off(request.scope)
 
 
 @router.get("/streams", tags=["analysts"], responses={**NDJSON, **STAFF_STREAM_ERRORS})
