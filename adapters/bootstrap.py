@@ -344,7 +344,7 @@ def build_webhooks(settings: Settings) -> Any:
     log_reader = LogReader.of(app)
     return WebhookConsumer(kafka_io.consumer(settings, GROUP, topics.EVENTS),
                            DeliveryRecorder(conn, log_reader, app.repository.event_store), sender, log_reader,
-                           PgPositions(psycopg.connect(url, autocommit=True), store.POSITIONS),
+                           PgPositions(psycopg.connect(url, autocommit=True), store.POSITIONS, conninfo=url),
                            published=lambda: relay_positions.get(RELAY_NAME),
                            sweep_every_s=settings.projector_sweep_s, losses=LossSignal(url, GROUP))
 

@@ -4,12 +4,15 @@ relay records, which every consumer of the broker watches (``LossSignal``)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, Self
+from typing import Any, LiteralString, Protocol, Self
 
 import psycopg
 from psycopg import sql
+
+log = logging.getLogger(__name__)
 
 RELAY_NAME = "palette.events"  # the live relay's name: its position and acknowledged offsets
 DDL = (
@@ -24,18 +27,51 @@ DDL = (
 )
 
 
+class _OwnConnection:
+    """A connection of one's own to PostgreSQL that a database restart (or a pooler's or an idle
+    timeout's kill) does not end for good: a statement that finds it dead runs once more on a fresh
+    one (the statements here are idempotent: reads, upserts, an UPDATE to a value). A second
+    failure (the database still away), or an error of the statement's own, is raised as before.
+    Without ``conninfo`` the connection is someone else's, or holds what dies with it (the relay's
+    session lock: ``RelayState.lead``), and is never replaced."""
+
+    conn: psycopg.Connection[Any]
+    conninfo: str | None
+
+    def _execute(self, query: LiteralString | sql.Composed, params: Any = None) -> psycopg.Cursor[Any]:
+        for attempt in (1, 2):
+            if self.conninfo is not None and self.conn.closed:  # e.g. by a failure in a caller's statement
+                self._reconnect()
+            try:
+                return self.conn.execute(query, params)
+            except psycopg.OperationalError:
+                if attempt == 2 or self.conninfo is None or not self.conn.broken:
+                    raise
+                log.warning("a connection to PostgreSQL was dead (a restart?): connecting again")
+                self._reconnect()
+        raise AssertionError("unreachable")
+
+    def _reconnect(self) -> None:
+        assert self.conninfo is not None
+        self.conn.close()
+        self.conn = psycopg.connect(self.conninfo, autocommit=True)  # the database away: raised
+
+
 class Positions(Protocol):
     def get(self, name: str) -> int: ...
     def save(self, name: str, position: int) -> None: ...
 
 
-class PgPositions:
+class PgPositions(_OwnConnection):
     """Named positions in a PostgreSQL table keyed by ``key`` (with ``position`` and
-    ``updated_at``): the relay's (``palette_relay.positions``) and the read store's."""
+    ``updated_at``): the relay's (``palette_relay.positions``) and the read store's. With
+    ``conninfo`` (an autocommit connection of its own, to that database) a dead connection is
+    replaced (``_OwnConnection``)."""
 
     def __init__(self, conn: psycopg.Connection[Any], table: tuple[str, str] = ("palette_relay", "positions"),
-                 key: str = "name") -> None:
+                 key: str = "name", conninfo: str | None = None) -> None:
         self.conn = conn
+        self.conninfo = conninfo
         tbl, column = sql.Identifier(*table), sql.Identifier(key)
         self._select = sql.SQL("SELECT position FROM {} WHERE {} = %s").format(tbl, column)
         self._upsert = sql.SQL(
@@ -48,32 +84,34 @@ class PgPositions:
         conn = psycopg.connect(database_url, autocommit=True)
         for statement in DDL:
             conn.execute(statement)
-        return cls(conn)
+        return cls(conn, conninfo=database_url)
 
     def get(self, name: str) -> int:
         return self.find(name) or 0
 
     def find(self, name: str) -> int | None:
         """The saved position; None when none was ever saved."""
-        row = self.conn.execute(self._select, [name]).fetchone()
+        row = self._execute(self._select, [name]).fetchone()
         return int(row[0]) if row else None
 
     def save(self, name: str, position: int) -> None:
-        self.conn.execute(self._upsert, [name, position])
+        self._execute(self._upsert, [name, position])
 
     def close(self) -> None:
         self.conn.close()
 
 
-class LossSignal:
+class LossSignal(_OwnConnection):
     """What a consumer of the broker watches: the losses the relay recorded that this consumer
     (``name``) has not handled yet. Checked at most every ``every_s`` (one indexed query on a
     connection of its own); a loss counts as handled only once ``handled`` says so, so a consumer
     that crashes in its ``after_loss`` does it again after its restart. (What ``after_loss`` starts
-    — a sweep, tasks sent again — is not awaited: the consumer's own sweeps cover the rest.)"""
+    — a sweep, tasks sent again — is not awaited: the consumer's own sweeps cover the rest.) A
+    connection that died with a database restart is replaced (``_OwnConnection``)."""
 
     def __init__(self, database_url: str, name: str, every_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        self.conninfo: str | None = database_url
         self.conn = psycopg.connect(database_url, autocommit=True)
         for statement in DDL:
             self.conn.execute(statement)
@@ -99,7 +137,7 @@ class LossSignal:
         self._next = self.clock() + self.every_s
         if self._pending:  # not handled yet (it failed): once an interval, as a new one
             return True
-        row = self.conn.execute("SELECT max(id), min(republish_from) FROM palette_relay.broker_losses WHERE id > %s",
+        row = self._execute("SELECT max(id), min(republish_from) FROM palette_relay.broker_losses WHERE id > %s",
                                 [self.seen]).fetchone()
         if row is not None and row[0] is not None:
             self._pending, self.republish_from = int(row[0]), int(row[1])
@@ -109,7 +147,7 @@ class LossSignal:
         """The (live) relay's position and, by partition, the offset of the last of its messages
         the broker acknowledged up to there (saved in one statement: read here as one snapshot); an
         empty dict when it has none (a loss forgot them)."""
-        rows = self.conn.execute(
+        rows = self._execute(
             "SELECT p.position, a.partition, a.acked FROM palette_relay.positions p LEFT JOIN "
             "palette_relay.acked_offsets a ON a.name = p.name WHERE p.name = %s", [RELAY_NAME]).fetchall()
         if not rows:
@@ -119,7 +157,7 @@ class LossSignal:
     def handled(self) -> None:
         """The pending losses are dealt with (recorded, so a restart does not do it again)."""
         if self._pending:
-            self.conn.execute("UPDATE palette_relay.losses_handled SET loss_id = %s WHERE consumer = %s",
+            self._execute("UPDATE palette_relay.losses_handled SET loss_id = %s WHERE consumer = %s",
                               [self._pending, self.name])
             self.seen, self._pending = self._pending, 0
 

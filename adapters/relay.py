@@ -189,6 +189,7 @@ class RelayState(PgPositions):
     @classmethod
     def connect(cls, database_url: str) -> Self:
         state = super().connect(database_url)
+        state.conninfo = None  # never replaced: its session lock (``lead``) goes with it, and so must the relay
         state.conn.execute("SET synchronous_commit = off")
         return state
 

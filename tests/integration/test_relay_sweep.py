@@ -17,7 +17,7 @@ from psycopg import sql
 
 from adapters import kafka_io
 from adapters.bootstrap import open_event_store
-from adapters.positions import LossSignal
+from adapters.positions import LossSignal, PgPositions
 from adapters.projector import SWEEP, PgReadStore, Projector
 from adapters.relay import RelayState
 from adapters.settings import Settings
@@ -143,6 +143,49 @@ def test_a_consumer_handles_each_loss_once_from_the_oldest_start_and_a_new_one_n
     finally:
         for s in signals:
             s.close()
+        state.close()
+
+
+def killed(url: str, conn: psycopg.Connection[Any]) -> None:
+    """The server ends ``conn``'s session, as a database restart (or a pooler's kill) would."""
+    pid = conn.info.backend_pid
+    with psycopg.connect(url, autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+
+def test_the_loss_signal_and_the_positions_connect_again_after_their_connection_died(losses_db: str) -> None:
+    """Their connection ended (a database restart): the projector's, dispatcher's and webhooks'
+    poll loops raised OperationalError out of ``new_loss`` and the process exited. Each statement
+    now runs once more on a fresh connection. The relay's own is never replaced: its session lock
+    goes with it."""
+    state = RelayState.connect(losses_db)
+    signal = LossSignal(losses_db, "projector", every_s=0.0)
+    positions = PgPositions.connect(losses_db)
+    try:
+        state.save_acked("palette.events", 12, {0: 5})
+        with state.conn.transaction():
+            state.record_loss("relay", 90)
+        killed(losses_db, signal.conn)
+        assert signal.new_loss() and signal.republish_from == 90
+        killed(losses_db, signal.conn)
+        signal.handled()
+        assert not signal.new_loss()
+        again = LossSignal(losses_db, "projector")
+        assert not again.new_loss()  # the handled loss was recorded
+        again.close()
+        killed(losses_db, signal.conn)
+        assert signal.published_offsets() == (12, {0: 5})
+        killed(losses_db, positions.conn)
+        assert positions.get("palette.events") == 12
+        killed(losses_db, positions.conn)
+        positions.save("webhooks-sweep", 3)
+        assert positions.find("webhooks-sweep") == 3
+        killed(losses_db, state.conn)
+        with pytest.raises(psycopg.OperationalError):
+            state.get("palette.events")
+    finally:
+        signal.close()
+        positions.close()
         state.close()
 
 
