@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 import uuid
 from datetime import UTC, datetime
 
 import pytest
-import uvicorn
-from prometheus_client import CollectorRegistry
 
-from adapters.api import http_limits
 from adapters.api.app import create_app
-from adapters.api.edge import MAX_BODY_BYTES, RequestEdge
+from adapters.api.edge import MAX_BODY_BYTES
 from adapters.bootstrap import build
 from adapters.settings import Settings
-from tests.conftest import free_port
+from tests.served import served_api
 
 
 def test_a_body_past_the_cap_sent_to_a_stream_ends_it_as_a_client_gone_not_with_a_traceback(
@@ -35,33 +31,24 @@ def test_a_body_past_the_cap_sent_to_a_stream_ends_it_as_a_client_gone_not_with_
     job_id = service.create_job(user_id, "interior", 1).value
     app = create_app(container)
     token = app.state.tokens.issue(user_id, datetime.now(UTC))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(RequestEdge(app, CollectorRegistry()), host="127.0.0.1", port=port,
-                                           lifespan="off", **http_limits.SERVER_OPTIONS))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
-        caplog.set_level(logging.WARNING)
-        chunk = b"x" * 8192
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-            conn.sendall(f"GET /jobs/{job_id}/events HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\n"
-                         "Transfer-Encoding: chunked\r\n\r\n".encode())
-            got = conn.recv(65536)
-            for _ in range(MAX_BODY_BYTES // len(chunk) + 2):
-                conn.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-                time.sleep(0.02)
-            conn.sendall(b"0\r\n\r\n")
-            try:
-                while not got.endswith(b"0\r\n\r\n") and (more := conn.recv(65536)):
-                    got += more
-            except TimeoutError:
-                pass
+        with served_api(app) as port:
+            caplog.set_level(logging.WARNING)
+            chunk = b"x" * 8192
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.sendall(f"GET /jobs/{job_id}/events HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\n"
+                             "Transfer-Encoding: chunked\r\n\r\n".encode())
+                got = conn.recv(65536)
+                for _ in range(MAX_BODY_BYTES // len(chunk) + 2):
+                    conn.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                    time.sleep(0.02)
+                conn.sendall(b"0\r\n\r\n")
+                try:
+                    while not got.endswith(b"0\r\n\r\n") and (more := conn.recv(65536)):
+                        got += more
+                except TimeoutError:
+                    pass
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         container.close()
     assert got.startswith(b"HTTP/1.1 200"), got[:200]
     assert got.endswith(b"0\r\n\r\n"), got[-200:]  # the stream ended whole, as when its client leaves

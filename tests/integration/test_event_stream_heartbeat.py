@@ -4,22 +4,18 @@ themselves, and their ids, as before."""
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from datetime import UTC, datetime
 
 import httpx
 import pytest
-import uvicorn
-from prometheus_client import CollectorRegistry
 
-from adapters.api import http_limits, routes_jobs
+from adapters.api import routes_jobs
 from adapters.api.app import create_app
-from adapters.api.edge import RequestEdge
 from adapters.bootstrap import build
 from adapters.settings import Settings
-from tests.conftest import free_port
+from tests.served import served_api
 
 
 def test_a_quiet_jobs_stream_sends_a_keep_alive_comment_and_then_its_events_with_their_ids(
@@ -35,30 +31,21 @@ def test_a_quiet_jobs_stream_sends_a_keep_alive_comment_and_then_its_events_with
     job_id = service.create_job(user_id, "interior", 1).value  # JobCreated, version 1: then quiet
     app = create_app(container)
     token = app.state.tokens.issue(user_id, datetime.now(UTC))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(RequestEdge(app, CollectorRegistry()), host="127.0.0.1", port=port,
-                                           lifespan="off", **http_limits.SERVER_OPTIONS))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
-        headers = {"Authorization": f"Bearer {token}", "Last-Event-ID": "1"}  # JobCreated seen
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http, \
-                http.stream("GET", f"/jobs/{job_id}/events", headers=headers) as r:
-            assert r.status_code == 200
-            chunks = r.iter_text()
-            started = time.monotonic()
-            first = next(chunks)  # before: a ReadTimeout, nothing sent while the job waited
-            waited = time.monotonic() - started
-            assert first == ": keep-alive\n\n", first
-            assert waited >= 0.4, waited  # after HEARTBEAT_S of quiet, not at once
-            assert service.cancel_job(user_id, job_id).value
-            rest = "".join(chunks)  # the stream ends at the terminal event
+        with served_api(app) as port:
+            headers = {"Authorization": f"Bearer {token}", "Last-Event-ID": "1"}  # JobCreated seen
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http, \
+                    http.stream("GET", f"/jobs/{job_id}/events", headers=headers) as r:
+                assert r.status_code == 200
+                chunks = r.iter_text()
+                started = time.monotonic()
+                first = next(chunks)  # before: a ReadTimeout, nothing sent while the job waited
+                waited = time.monotonic() - started
+                assert first == ": keep-alive\n\n", first
+                assert waited >= 0.4, waited  # after HEARTBEAT_S of quiet, not at once
+                assert service.cancel_job(user_id, job_id).value
+                rest = "".join(chunks)  # the stream ends at the terminal event
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         container.close()
     blocks = [b for b in (first + rest).split("\n\n") if b]
     comments = [b for b in blocks if b.startswith(":")]

@@ -6,8 +6,6 @@ Ended whole, its NDJSON would read as complete: the transfer is broken off inste
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -16,16 +14,12 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-import uvicorn
-from prometheus_client import CollectorRegistry
 
-from adapters.api import http_limits
 from adapters.api.app import create_app
-from adapters.api.edge import RequestEdge
 from adapters.bootstrap import build
 from adapters.settings import Settings
 from projections.replay import Replayer
-from tests.conftest import free_port
+from tests.served import served_api
 
 
 def test_a_replay_the_database_leaves_midway_is_broken_off_not_a_traceback(
@@ -42,29 +36,20 @@ def test_a_replay_the_database_leaves_midway_is_broken_off_not_a_traceback(
     monkeypatch.setattr(Replayer, "stream", leaving)
     app = create_app(container)
     token = app.state.tokens.issue(uuid.uuid4(), datetime.now(UTC), role="analyst")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(RequestEdge(app, CollectorRegistry()), host="127.0.0.1", port=port,
-                                           lifespan="off", **http_limits.SERVER_OPTIONS))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     got = b""
     try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
-        caplog.set_level(logging.WARNING)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client, \
-                client.stream("GET", f"/streams/{user_id}/events",
-                              headers={"Authorization": f"Bearer {token}"}) as answer:
-            assert answer.status_code == 200
-            with pytest.raises(httpx.RemoteProtocolError):  # the last chunk never came
-                for chunk in answer.iter_raw():
-                    got += chunk
-        time.sleep(0.2)  # the server's side of the dropped connection done
+        with served_api(app) as port:
+            caplog.set_level(logging.WARNING)
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client, \
+                    client.stream("GET", f"/streams/{user_id}/events",
+                                  headers={"Authorization": f"Bearer {token}"}) as answer:
+                assert answer.status_code == 200
+                with pytest.raises(httpx.RemoteProtocolError):  # the last chunk never came
+                    for chunk in answer.iter_raw():
+                        got += chunk
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         container.close()
+    # served_api's end waited for the server's tasks (uvicorn's shutdown does): whatever it logs is in
     assert got.count(b"\n") == 1 and b'"type":"Registered"' in got, got  # the line read before it went
     assert app.state.database_away.count == 1
     assert app.state.staff_stream_slots._open == {}  # its slot given back
