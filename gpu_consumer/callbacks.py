@@ -56,9 +56,9 @@ class CallbackClient:
             raise CallbackUnavailable(f"callback failed: {type(e).__name__}") from None
         if r.status_code >= 500 or r.status_code in (401, 429):
             raise CallbackUnavailable(f"callback answered {r.status_code}")
-        if r.status_code >= 400 and _error_code(r) in TRY_AGAIN:
-            raise CallbackUnavailable(f"callback answered {r.status_code} {_error_code(r)}")
         if r.status_code >= 400:
+            if (code := _error_code(r)) in TRY_AGAIN:
+                raise CallbackUnavailable(f"callback answered {r.status_code} {code}")
             # The job is gone or in a state that takes no results: nothing to retry.
             log.warning("callback for %s refused: %s", task.idempotency_key, r.text[:200])
             return "refused"

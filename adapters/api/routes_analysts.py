@@ -137,9 +137,8 @@ async def _cut_if_away(request: Request, lines: Iterator[bytes]) -> AsyncIterato
         async for line in iterate_in_threadpool(lines):
             yield line
     except unavailable.DATABASE_ERRORS as e:
-        if not unavailable.database_away(e):
+        if not unavailable.noted_away(e, request.app.state.database_away):
             raise
-        request.app.state.database_away.note(e)
         broke_off(request.scope)
 
 

@@ -518,11 +518,10 @@ async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, co
                 events: list[Any] = last if last is not None else await run_in_threadpool(
                     _events_after, app, job_id, version)
             except unavailable.DATABASE_ERRORS as e:
-                if not unavailable.database_away(e):
+                if not unavailable.noted_away(e, request.app.state.database_away):
                     raise
                 # Its 200 sent, no 503 can be: the stream ends as at SSE_MAX_S, and its client
                 # resumes with Last-Event-ID (an error escaping here was a traceback per stream).
-                request.app.state.database_away.note(e)
                 return
             for event in events:
                 version = event.originator_version

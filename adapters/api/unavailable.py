@@ -66,6 +66,15 @@ def database_away(e: BaseException) -> bool:
     return isinstance(cause, DATABASE_ERRORS) and is_transient(cause)
 
 
+def noted_away(e: BaseException, away: Away) -> bool:
+    """``database_away(e)``, noted on ``away`` when so: what a stream whose 200 went out does with
+    the error (no 503 can be given; it ends, and the outage is said as the others are)."""
+    if not database_away(e):
+        return False
+    away.note(e)
+    return True
+
+
 def store_away(e: BaseException) -> bool:
     """Whether ``e`` says the object store did not answer: our LIST's own verdict, botocore's
     connection errors (refused, reset, timed out), or an answer of 5xx (for a DeleteObjects, each
