@@ -79,12 +79,12 @@ def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int
     from adapters.logs import driver_reason
     from adapters.system import SystemClock
 
+    if args.out is not None and (why := unwritable(args.out)) is not None:
+        print(f"palette audit checkpoint: cannot write {args.out}: {why}", file=sys.stderr)
+        return 2
     if args.out is not None and args.out.resolve().is_file():  # a checkpoint kept, or the signing key
         print(f"palette audit checkpoint: {args.out} exists: a checkpoint file is never overwritten "
               "(name a new one)", file=sys.stderr)
-        return 2
-    if args.out is not None and (why := unwritable(args.out)) is not None:
-        print(f"palette audit checkpoint: cannot write {args.out}: {why}", file=sys.stderr)
         return 2
     try:
         key = checkpoints.private_key(settings)

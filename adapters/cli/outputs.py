@@ -20,7 +20,10 @@ def unwritable(path: Path) -> str | None:
     a file this made is removed again. Through a symbolic link, its target is what is tried. A
     FIFO without a reader is refused, not waited on. Checked before the work whose result goes
     there."""
-    target = path.resolve()
+    try:
+        target = path.resolve()
+    except (OSError, ValueError) as e:  # a loop of links; a NUL, which no path holds
+        return getattr(e, "strerror", None) or str(e)
     if target.is_dir():
         return os.strerror(errno.EISDIR)
     existed = target.exists()

@@ -94,7 +94,7 @@ def test_audit_at_a_position_the_log_does_not_have_is_refused(command: list[str]
     assert one_line(capsys, "--at must be a log position") == ""
 
 
-@pytest.mark.parametrize("where", ["missing-dir", "a-directory", "the-signing-key"])
+@pytest.mark.parametrize("where", ["missing-dir", "a-directory", "the-signing-key", "a-nul-byte"])
 def test_checkpoint_out_that_cannot_be_written_is_one_line(where: str, env: dict[str, str], tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -104,13 +104,15 @@ def test_checkpoint_out_that_cannot_be_written_is_one_line(where: str, env: dict
     checkpoints.keygen(key_file)
     key = key_file.read_bytes()
     monkeypatch.setenv("PALETTE_AUDIT_SIGNING_KEY_FILE", str(key_file))
-    out = {"missing-dir": tmp_path / "none" / "x.json", "a-directory": tmp_path, "the-signing-key": key_file}[where]
+    out = {"missing-dir": tmp_path / "none" / "x.json", "a-directory": tmp_path, "the-signing-key": key_file,
+           "a-nul-byte": tmp_path / "x\x00.json"}[where]
     assert cli.main(["audit", "checkpoint", "--no-s3", "--out", str(out)]) == 2
     if where == "the-signing-key":
         one_line(capsys, f"palette audit checkpoint: {out} exists: a checkpoint file is never overwritten")
     else:
-        one_line(capsys, f"palette audit checkpoint: cannot write {out}: ",
-                 "No such file or directory" if where == "missing-dir" else "Is a directory")
+        one_line(capsys, f"palette audit checkpoint: cannot write {out}: ", {
+            "missing-dir": "No such file or directory", "a-directory": "Is a directory",
+            "a-nul-byte": "embedded null byte"}[where])
     assert key_file.read_bytes() == key
 
 
