@@ -41,7 +41,7 @@ def test_a_body_past_the_cap_sent_to_a_stream_ends_it_as_a_client_gone_not_with_
                 got = conn.recv(65536)
                 for _ in range(MAX_BODY_BYTES // len(chunk) + 2):
                     conn.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-                    time.sleep(0.02)
+                    time.sleep(0.02)  # a client sending slowly, the stream running meanwhile: not a wait for anything
                 conn.sendall(b"0\r\n\r\n")
                 try:
                     while not got.endswith(b"0\r\n\r\n") and (more := conn.recv(65536)):

@@ -265,7 +265,7 @@ def test_a_kept_alive_connection_sending_line_breaks_and_never_a_request_is_cut_
         with contextlib.suppress(OSError):  # closed meanwhile: what follows is refused
             for _ in range(15):  # 1.5 s of line breaks, five request deadlines
                 conn.sendall(b"\r\n")
-                threading.Event().wait(0.1)
+                threading.Event().wait(0.1)  # the slow client itself: not a wait for anything
         with contextlib.suppress(ConnectionResetError):  # closed, a line break sent after it reset
             assert conn.recv(100) == b""  # closed by the server (before: a recv timing out raised)
 
