@@ -41,7 +41,9 @@ DEV_ADDRESS_JOBS_PER_DAY = 1_000_000_000
 DEV_ADDRESS_IDEMPOTENCY_KEYS = 1_000_000_000
 # Whose traceparent is continued in development unless set (see trace_trusted_peers).
 DEV_TRACE_TRUSTED_PEERS = "127.0.0.0/8,::1/128"
-# Secret names, printed by `palette env` but never logged.
+# Secret names, printed by `palette env` but never logged (nor in the settings' repr: each is
+# declared with repr=False, as are PALETTE_DATABASE_URL, which may hold a password, and the
+# audit signing key).
 SECRET_FIELDS = ("jwt_secret", "callback_secret", "s3_secret_key", "pg_password", "device_key_secret")
 # The ones this process signs or keys with: refused outside development when short or a placeholder.
 SIGNING_SECRETS = ("jwt_secret", "callback_secret", "device_key_secret")
@@ -83,8 +85,8 @@ class Settings(BaseSettings):
     # lost batching (see the bench).
     api_workers: int = Field(1, ge=1, le=64)
     pg_port: int = Field(5433, ge=1, le=65535)
-    pg_password: str = ""
-    database_url: str = ""
+    pg_password: str = Field("", repr=False)
+    database_url: str = Field("", repr=False)
     kafka_port: int = Field(9092, ge=1, le=65535)
     kafka_bootstrap: str = ""
     kafka_partitions: int = Field(4, ge=1, le=256)
@@ -92,7 +94,7 @@ class Settings(BaseSettings):
     s3_endpoint: str = ""
     s3_bucket: str = "palette-images"
     s3_access_key: str = ""
-    s3_secret_key: str = ""
+    s3_secret_key: str = Field("", repr=False)
     s3_region: str = "us-east-1"
     broker_bucket: str = "palette-broker"
     # The embedded broker's log: "memory" (fast; a restart forgets it, and the relay re-publishes
@@ -122,11 +124,11 @@ class Settings(BaseSettings):
     # built-in region segmenter) and a JSON label map {concept: [class indices]} (none: ADE20K's).
     segmenter_model: str = ""
     segmenter_labels: str = ""
-    jwt_secret: str = ""
+    jwt_secret: str = Field("", repr=False)
     jwt_issuer: str = "palette"
     jwt_audience: str = "palette-app"
     jwt_ttl_s: int = Field(7 * 24 * 3600, ge=60, le=TEN_YEARS_S)
-    callback_secret: str = ""
+    callback_secret: str = Field("", repr=False)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     callback_url: str = ""
     callback_require_signature: bool = False  # refuse the shared X-Callback-Secret (replayable) header
@@ -163,7 +165,7 @@ class Settings(BaseSettings):
     sse_streams_per_address: int = Field(16, ge=1)  # ... per client address (per API process)
     # HMAC key of stored device hashes (a device hash is a credential). Changing it gives every
     # device a new user on its next registration.
-    device_key_secret: str = ""
+    device_key_secret: str = Field("", repr=False)
     # Registrations (POST /auth/anon, new or repeated: each issues a token) per client address.
     # These defaults are production's; in development, unless set, DEV_REGISTER_RATE applies, as
     # local tools and test suites register many users from one loopback address.
@@ -196,7 +198,7 @@ class Settings(BaseSettings):
     # the database (raw 32 bytes as hex or base64, or a PEM file); the public key auditors trust;
     # how often `palette serve checkpointer` signs one (0: never); a directory to keep them in as
     # well as the object store (bucket s3_bucket, prefix audit/checkpoints/).
-    audit_signing_key: str = ""
+    audit_signing_key: str = Field("", repr=False)
     audit_signing_key_file: str = ""
     audit_public_key: str = ""
     audit_checkpoint_interval_s: float = Field(0.0, ge=0)

@@ -49,6 +49,20 @@ def test_production_refuses_placeholder_short_or_repetitive_secrets(tmp_path, se
     assert secret not in str(e.value) or not secret
 
 
+def test_the_settings_repr_shows_no_secret():
+    # A settings object logged or shown in a traceback's locals must not carry a credential.
+    values = {name: f"{name}-value-{secrets_module.token_hex(8)}" for name in
+              ("jwt_secret", "callback_secret", "s3_secret_key", "pg_password", "device_key_secret",
+               "audit_signing_key")}
+    url = f"postgresql://palette:{secrets_module.token_hex(8)}@127.0.0.1:5433/palette"
+    settings = Settings(database_url=url, **values)
+    shown = repr(settings) + str(settings)
+    for name, value in [*values.items(), ("database_url", url)]:
+        assert getattr(settings, name) == value  # still there to use
+        assert value not in shown, name
+    assert "jwt_issuer='palette'" in shown  # the rest is still shown
+
+
 @pytest.mark.parametrize(("first", "second"), [("jwt_secret", "callback_secret"), ("jwt_secret", "device_key_secret"),
                                                ("callback_secret", "device_key_secret")])
 def test_production_refuses_one_secret_for_two_purposes(tmp_path, first, second):
