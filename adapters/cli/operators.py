@@ -49,7 +49,12 @@ def _cmd_admin(args: argparse.Namespace) -> int:
               f"{r.erasures_finished} erasure(s) finished, {r.objects_deleted} object(s) deleted, "
               f"{r.snapshots_deleted} superseded snapshot(s) deleted")
         return _sweep_failed(failures.records) if failures.records else 0
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from adapters.cli import _store_unreachable  # imported here: adapters.cli imports this module
     from adapters.erasure import erase
+    from adapters.logs import driver_reason
+    from adapters.objects import NotDeleted
     from domain.errors import DomainError
 
     container = bootstrap.build(settings, pool_size=2)
@@ -57,6 +62,15 @@ def _cmd_admin(args: argparse.Namespace) -> int:
         done = erase(container.service, container.read_pool, container.s3, settings.s3_bucket, args.user_id)
     except DomainError as e:
         print(f"palette admin erase: {e}", file=sys.stderr)
+        return 1
+    except (NotDeleted, BotoCoreError, ClientError) as e:
+        if _store_unreachable(e):
+            raise  # the one line of any command that cannot reach the object store (exit 3)
+        # The objects are the erasure's one step on S3, after the tombstone, the Erased event,
+        # the key and the webhooks: the rest is done, and running it again finishes it.
+        print(f"palette admin erase: {args.user_id} erased but its objects not deleted: the object store "
+              f"answered {type(e).__name__}: {driver_reason(e)}; run it again (or the sweeper finishes it)",
+              file=sys.stderr)
         return 1
     finally:
         container.close()

@@ -344,6 +344,27 @@ def test_an_operator_erases_from_the_command_line_with_one_line_answers(client, 
     assert bad.value.code == 2
 
 
+def test_an_operator_erasure_the_object_store_refuses_is_one_line_and_finished_by_running_it_again(
+        client, settings, monkeypatch, capsys):
+    """S3 answering an error (here: no such bucket) fails only the objects' step, the last but
+    one: the command says so in one line, exit 1, not a traceback, and running it again finishes."""
+    from adapters import cli
+
+    create_uploaded_job(client, 1)
+    for key, value in settings.as_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PALETTE_S3_BUCKET", f"no-such-bucket-{uuid.uuid4().hex[:8]}")
+    assert cli.main(["admin", "erase", client.user_id]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"palette admin erase: {client.user_id} erased but its objects not deleted: ")
+    assert "NoSuchBucket" in err and "\n" not in err and "run it again" in err
+    assert _objects(settings, client.user_id) != set()  # the given: still there
+    monkeypatch.setenv("PALETTE_S3_BUCKET", settings.s3_bucket)
+    assert cli.main(["admin", "erase", client.user_id]) == 0
+    assert "already erased" in capsys.readouterr().out
+    assert _objects(settings, client.user_id) == set()
+
+
 def test_erasing_a_user_registered_before_device_keys_drops_the_raw_device_hash_from_the_stored_event(settings):
     from datetime import UTC, datetime
 
