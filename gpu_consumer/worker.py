@@ -305,7 +305,8 @@ class GpuWorker(ConsumerLoop):
         self._steps = 0
         self._served: dict[str, int] = {}  # the step each user in the window last had an item begun in
         self._kept: dict[str, Future[Fetched]] = {}  # fetches of the items the last step left, by key
-        self.parked = RecentKeys(remember_bytes)  # malformed records parked already (they come again)
+        # what was parked already (it comes again): malformed records, and items ("item KEY")
+        self.parked = RecentKeys(remember_bytes)
         self.backoff_s = backoff_s
         self.unavailable_pause_s = unavailable_pause_s  # the first pause; it doubles while it lasts
         # The object store's "cannot connect" errors (the adapters' S3 client's): a store restarting
@@ -346,6 +347,15 @@ class GpuWorker(ConsumerLoop):
         """Park a task's JSON object with its error (cut to PARKED_ERROR_CHARS) in it."""
         self._park(key, json.dumps({**data, "error": reason[:PARKED_ERROR_CHARS]}).encode(), reason)
 
+    def _park_item(self, task: Task, data: dict[str, Any], reason: str) -> None:
+        """Park ``task`` once: its report, which the API may not acknowledge, comes again with its
+        poll after a pause (each pause while the API stays away), its parking not (it parked a copy
+        a pause)."""
+        mark = f"item {task.idempotency_key}"
+        if mark not in self.parked:
+            self._park_task(task.job_id.encode(), data, reason)
+            self.parked.add(mark)
+
     def _park(self, key: bytes | None, value: bytes, reason: str) -> None:
         if len(value) > PARKED_MAX_BYTES:
             value = json.dumps({"error": reason[:PARKED_ERROR_CHARS], "parked_bytes": len(value),
@@ -359,7 +369,7 @@ class GpuWorker(ConsumerLoop):
         """Bad input the ops refused: parked and reported at once (retrying cannot help)."""
         reason = f"bad input: {type(error).__name__}: {error}"
         log.warning("task %s parked on the DLQ: %s", task.idempotency_key, reason[:300])
-        self._park_task(task.job_id.encode(), task.raw, reason)
+        self._park_item(task, task.raw, reason)
         self._report(task, "failed", error=reason)
 
     def _abandon(self, task: Task, deaths: int) -> None:
@@ -368,19 +378,23 @@ class GpuWorker(ConsumerLoop):
                   "likely): not tried again")
         log.error("task %s parked on the DLQ: %s", task.idempotency_key, reason)
         self.stats["crashed"] += 1
-        self._park_task(task.job_id.encode(), task.raw, reason)
+        self._park_item(task, task.raw, reason)
         self._report(task, "failed", error=reason)
 
-    def _reject_record(self, record: Any, error: BaseException) -> None:
-        """A task that does not parse: parked as it came; its item reported when it names one."""
+    def _reject_record(self, record: Any, error: BaseException, seen: str) -> None:
+        """A task that does not parse: parked as it came, once (``seen`` names it in ``parked``: it
+        comes again behind a task left for later, or with a poll the API did not acknowledge); its
+        item reported when it names one, until the API acknowledges it."""
         reason = f"malformed task: {type(error).__name__}: {error}"
-        log.error("malformed task at offset %s parked on the DLQ: %s", record.offset, reason[:300])
         task, data = Task.identify(record.value)
-        if data is not None:
-            self._park_task(record.key, data, reason)
-        else:
-            self._park(record.key, record.value or b"", reason)
-        if task is not None:
+        if seen not in self.parked:
+            log.error("malformed task at offset %s parked on the DLQ: %s", record.offset, reason[:300])
+            if data is not None:
+                self._park_task(record.key, data, reason)
+            else:
+                self._park(record.key, record.value or b"", reason)
+            self.parked.add(seen)
+        if task is not None and task.idempotency_key not in self.finished:
             self._report(task, "failed", error=f"malformed task ({type(error).__name__}){FOR_OPERATORS}")
 
     def _retry(self, task: Task, first_error: BaseException) -> None:
@@ -407,7 +421,7 @@ class GpuWorker(ConsumerLoop):
             raise StoreUnavailable(f"object store refuses writes ({type(error).__name__}: {error})") from None
         reason = f"processing failed after {MAX_ATTEMPTS} attempts: {type(error).__name__}: {error}"
         log.error("task %s parked on the DLQ: %s", task.idempotency_key, reason[:300])
-        self._park_task(task.job_id.encode(), {**task.raw, "attempt": MAX_ATTEMPTS}, reason)
+        self._park_item(task, {**task.raw, "attempt": MAX_ATTEMPTS}, reason)
         self._report(task, "failed",
                      error=f"processing failed after {MAX_ATTEMPTS} attempts ({type(error).__name__}){FOR_OPERATORS}")
 
@@ -587,9 +601,7 @@ class GpuWorker(ConsumerLoop):
                         task = Task.parse(record.value)
                     except Exception as e:  # noqa: BLE001 - whatever a task holds, it is parked, never a crash
                         seen = f"{tp}@{record.offset}:{hashlib.sha256(record.value or b'').hexdigest()[:32]}"
-                        if seen not in self.parked:  # read again behind a task left for later: parked once
-                            self._reject_record(record, e)
-                            self.parked.add(seen)
+                        self._reject_record(record, e, seen)
                         continue
                     tasks.append(task)
                     where[id(task)] = (tp, record.offset)

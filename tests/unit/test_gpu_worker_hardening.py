@@ -365,6 +365,27 @@ def test_a_malformed_task_reported_while_the_api_is_away_comes_again_instead_of_
     assert [status for _, status, _ in callbacks.reports] == ["failed"] and consumer.commits == 1
 
 
+@pytest.mark.parametrize("value", [
+    json.dumps({**task(), "protect": "sofa"}).encode(),  # does not parse
+    json.dumps(task({"wall": {"action": "texture", "value": "velvet"}})).encode(),  # the ops refuse it
+])
+def test_a_bad_task_is_parked_once_however_long_the_api_is_away_and_reported_once_it_is_back(value):
+    """Each pause while the API does not acknowledge its failure, its poll comes again: its report
+    with it, not another copy on the DLQ (it parked one a pause, for as long as the API was away)."""
+    w, _, producer, callbacks, consumer = worker([Record(value, b"k", 3)])
+    callbacks.unavailable = True
+    try:
+        for _ in range(3):
+            assert w.step() == 0
+        callbacks.unavailable = False
+        w.step()
+        w.step()
+    finally:
+        w.close()
+    assert len(producer.parked()) == 1
+    assert [status for _, status, _ in callbacks.reports] == ["failed"] and consumer.commits == 1
+
+
 def test_every_callback_of_the_poll_ends_before_the_step_does():
     """One unacknowledged result must not leave the others running while the poll comes again
     (they would be sent twice, and pile up while the API stays away). The three callbacks run
