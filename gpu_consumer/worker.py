@@ -110,6 +110,12 @@ class StoreUnavailable(CallbackUnavailable):
     for an unacknowledged callback)."""
 
 
+class DlqUnavailable(CallbackUnavailable):
+    """The broker did not acknowledge a parked copy (the producer's flush returns all the same,
+    its send's future raises): the step ends without committing and its poll comes again after a
+    pause, its parking with it, rather than the offset committed with the DLQ's copy lost."""
+
+
 class StartedItems:
     """The items being decoded or edited, one small file each in ``directory`` (the name a hash of
     the idempotency key, the content how many processes have begun them): it outlives a process
@@ -360,9 +366,13 @@ class GpuWorker(ConsumerLoop):
         if len(value) > PARKED_MAX_BYTES:
             value = json.dumps({"error": reason[:PARKED_ERROR_CHARS], "parked_bytes": len(value),
                                 "head": value[:4096].decode("utf-8", "replace")}).encode()
-        self.producer.send(DLQ_TOPIC, key=key, value=value,
-                           headers=[("error", reason.encode()[:PARKED_ERROR_CHARS])])
+        sent = self.producer.send(DLQ_TOPIC, key=key, value=value,
+                                  headers=[("error", reason.encode()[:PARKED_ERROR_CHARS])])
         self.producer.flush()
+        try:
+            sent.get(timeout=30)  # flush does not raise for a send the broker refused: this does
+        except Exception as e:  # noqa: BLE001 - the broker's error (this package takes no kafka import)
+            raise DlqUnavailable(f"the DLQ did not take a parked task ({type(e).__name__})") from None
         self.stats["dlq"] += 1
 
     def _reject(self, task: Task, error: BaseException) -> None:

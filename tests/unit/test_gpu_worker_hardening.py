@@ -36,13 +36,32 @@ DLQ = "palette.gpu-jobs.dlq"
 BUCKET = "images"
 
 
+class Acknowledged:
+    """A send's future, as kafka-python's: ``get`` answers once the broker took the message."""
+
+    def get(self, timeout: float = 0) -> None:
+        return None
+
+
+class Refused:
+    """A send the broker did not acknowledge: flush returns all the same (kafka-python's does),
+    its future raises."""
+
+    def get(self, timeout: float = 0) -> None:
+        raise TimeoutError("the DLQ copy was not acknowledged")
+
+
 @dataclass
 class FakeProducer:
     sent: list[tuple[str, bytes | None, bytes, dict[str, bytes]]] = field(default_factory=list)
+    refusing: bool = False  # the broker takes no send (it is away)
 
     def send(self, topic: str, key: bytes | None = None, value: bytes = b"",
-             headers: list[tuple[str, bytes]] | None = None) -> None:
+             headers: list[tuple[str, bytes]] | None = None) -> Acknowledged | Refused:
+        if self.refusing:
+            return Refused()
         self.sent.append((topic, key, value, dict(headers or [])))
+        return Acknowledged()
 
     def parked(self) -> list[tuple[bytes, dict[str, bytes]]]:
         return [(value, headers) for topic, _, value, headers in self.sent if topic == DLQ]
@@ -384,6 +403,26 @@ def test_a_bad_task_is_parked_once_however_long_the_api_is_away_and_reported_onc
         w.close()
     assert len(producer.parked()) == 1
     assert [status for _, status, _ in callbacks.reports] == ["failed"] and consumer.commits == 1
+
+
+@pytest.mark.parametrize("value", [
+    json.dumps({**task(), "protect": "sofa"}).encode(),  # does not parse
+    json.dumps(task({"wall": {"action": "texture", "value": "velvet"}})).encode(),  # the ops refuse it
+])
+def test_a_bad_task_whose_parked_copy_the_broker_did_not_take_commits_nothing_and_is_parked_once_it_does(value):
+    """Else its item was reported, its offset committed, and the DLQ's copy, what an operator
+    reads, lost: the producer's flush does not raise for it."""
+    w, _, producer, callbacks, consumer = worker([Record(value, b"k", 3)])
+    producer.refusing = True
+    try:
+        assert w.step() == 0
+        assert consumer.commits == 0 and producer.parked() == [] and callbacks.reports == []
+        producer.refusing = False
+        w.step()
+    finally:
+        w.close()
+    assert len(producer.parked()) == 1 and consumer.commits == 1
+    assert [status for _, status, _ in callbacks.reports] == ["failed"]
 
 
 def test_every_callback_of_the_poll_ends_before_the_step_does():
