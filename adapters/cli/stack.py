@@ -84,7 +84,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     checkpointer = ("checkpointer",) if settings.audit_checkpoint_interval_s > 0 else ()
     # retention and unfinished erasures (adapters/retention.py), with the API
     sweeper = ("sweeper",) if "api" in args.apps else ()
-    apps = tuple(args.apps) + checkpointer + sweeper
+    # each once: the supervisor knows a process by its name (a second relay would be left unstopped)
+    apps = tuple(dict.fromkeys(args.apps)) + checkpointer + sweeper
     try:
         starting = True
         held = hold_data_dir(settings.data_dir)  # noqa: F841 - released when this process exits

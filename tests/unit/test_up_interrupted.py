@@ -46,10 +46,10 @@ supervisor.subprocess.Popen = Popen
 """
 
 
-def run_up(tmp_path: Path, body: str) -> dict[str, object]:
-    code = SETUP.format(root=str(ROOT), data=str(tmp_path / "data")) + body + """
+def run_up(tmp_path: Path, body: str, apps: tuple[str, ...] = ("relay",)) -> dict[str, object]:
+    code = SETUP.format(root=str(ROOT), data=str(tmp_path / "data")) + body + f"""
 bootstrap.embedded_stack = lambda settings, echo=None: Stack()
-rc = cli._cmd_up(argparse.Namespace(apps=["relay"], external=False))
+rc = cli._cmd_up(argparse.Namespace(apps={list(apps)!r}, external=False))""" + """
 pid = launched.get("pid")
 # Asked before this process exits: its exit would end a child left running anyway (parent-death signal).
 stat = f"/proc/{pid}/stat"
@@ -117,6 +117,26 @@ Supervisor.check = lambda self: os.kill(os.getpid(), signal.SIGTERM)  # up, then
     assert outcome["rc"] == 0
     said = [line for line in str(outcome["stdout"]).splitlines() if " up in " in line]
     assert len(said) == 1 and ": relay, no API (data and logs in " in said[0] and "API on" not in said[0]
+
+
+def test_an_app_named_twice_is_started_once_and_stopped(tmp_path: Path) -> None:
+    """`palette up --apps relay relay` started two relays under one name: the supervisor kept the
+    second, and the first was never stopped (left to the parent-death signal)."""
+    outcome = run_up(tmp_path, """
+launched = {}
+class Popen(subprocess.Popen):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        launched.setdefault("pid", self.pid)  # the first
+        print(json.dumps({"launched": self.pid}), flush=True)
+supervisor.subprocess.Popen = Popen
+Stack.start_infra = lambda self: None
+Stack.start_apps = lambda self, apps: self.supervisor.start_together(
+    [ServiceSpec(a, ["sleep", "300"], ready=lambda: True) for a in apps])
+Supervisor.check = lambda self: os.kill(os.getpid(), signal.SIGTERM)  # up, then told to stop
+""", apps=("relay", "relay"))
+    assert outcome["rc"] == 0 and outcome["launched_alive"] is False
+    assert str(outcome["stdout"]).count('"launched"') == 1
 
 
 def test_a_hangup_stops_the_stack_as_ctrl_c_does(tmp_path: Path) -> None:
