@@ -353,14 +353,17 @@ class GpuWorker(ConsumerLoop):
         """Park a task's JSON object with its error (cut to PARKED_ERROR_CHARS) in it."""
         self._park(key, json.dumps({**data, "error": reason[:PARKED_ERROR_CHARS]}).encode(), reason)
 
-    def _park_item(self, task: Task, data: dict[str, Any], reason: str) -> None:
-        """Park ``task`` once: its report, which the API may not acknowledge, comes again with its
-        poll after a pause (each pause while the API stays away), its parking not (it parked a copy
-        a pause)."""
+    def _park_item(self, task: Task, data: dict[str, Any], reason: str, level: int = logging.ERROR) -> bool:
+        """Park ``task`` once, and say so in the log at ``level``: its report, which the API may not
+        acknowledge, comes again with its poll after a pause (each pause while the API stays away),
+        its parking and its log line not. Whether it was parked now."""
         mark = f"item {task.idempotency_key}"
-        if mark not in self.parked:
-            self._park_task(task.job_id.encode(), data, reason)
-            self.parked.add(mark)
+        if mark in self.parked:
+            return False
+        log.log(level, "task %s parked on the DLQ: %s", task.idempotency_key, reason[:300])
+        self._park_task(task.job_id.encode(), data, reason)
+        self.parked.add(mark)
+        return True
 
     def _park(self, key: bytes | None, value: bytes, reason: str) -> None:
         if len(value) > PARKED_MAX_BYTES:
@@ -378,17 +381,15 @@ class GpuWorker(ConsumerLoop):
     def _reject(self, task: Task, error: BaseException) -> None:
         """Bad input the ops refused: parked and reported at once (retrying cannot help)."""
         reason = f"bad input: {type(error).__name__}: {error}"
-        log.warning("task %s parked on the DLQ: %s", task.idempotency_key, reason[:300])
-        self._park_item(task, task.raw, reason)
+        self._park_item(task, task.raw, reason, logging.WARNING)
         self._report(task, "failed", error=reason)
 
     def _abandon(self, task: Task, deaths: int) -> None:
         """An item ``deaths`` processes died editing: parked and failed, never edited again."""
         reason = (f"the worker stopped {deaths} times while editing this item (its memory or time, "
                   "likely): not tried again")
-        log.error("task %s parked on the DLQ: %s", task.idempotency_key, reason)
-        self.stats["crashed"] += 1
-        self._park_item(task, task.raw, reason)
+        if self._park_item(task, task.raw, reason):
+            self.stats["crashed"] += 1
         self._report(task, "failed", error=reason)
 
     def _reject_record(self, record: Any, error: BaseException, seen: str) -> None:
@@ -430,7 +431,6 @@ class GpuWorker(ConsumerLoop):
         if server_refused(error) and not self._store_writes():
             raise StoreUnavailable(f"object store refuses writes ({type(error).__name__}: {error})") from None
         reason = f"processing failed after {MAX_ATTEMPTS} attempts: {type(error).__name__}: {error}"
-        log.error("task %s parked on the DLQ: %s", task.idempotency_key, reason[:300])
         self._park_item(task, {**task.raw, "attempt": MAX_ATTEMPTS}, reason)
         self._report(task, "failed",
                      error=f"processing failed after {MAX_ATTEMPTS} attempts ({type(error).__name__}){FOR_OPERATORS}")

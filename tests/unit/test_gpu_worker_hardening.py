@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import threading
 import time
 import uuid
@@ -388,9 +389,11 @@ def test_a_malformed_task_reported_while_the_api_is_away_comes_again_instead_of_
     json.dumps({**task(), "protect": "sofa"}).encode(),  # does not parse
     json.dumps(task({"wall": {"action": "texture", "value": "velvet"}})).encode(),  # the ops refuse it
 ])
-def test_a_bad_task_is_parked_once_however_long_the_api_is_away_and_reported_once_it_is_back(value):
+def test_a_bad_task_is_parked_once_however_long_the_api_is_away_and_reported_once_it_is_back(value, caplog):
     """Each pause while the API does not acknowledge its failure, its poll comes again: its report
-    with it, not another copy on the DLQ (it parked one a pause, for as long as the API was away)."""
+    with it, not another copy on the DLQ (it parked one a pause, for as long as the API was away),
+    nor another log line saying it was parked."""
+    caplog.set_level(logging.WARNING, logger="palette.gpu")
     w, _, producer, callbacks, consumer = worker([Record(value, b"k", 3)])
     callbacks.unavailable = True
     try:
@@ -402,6 +405,7 @@ def test_a_bad_task_is_parked_once_however_long_the_api_is_away_and_reported_onc
     finally:
         w.close()
     assert len(producer.parked()) == 1
+    assert sum("parked on the DLQ" in r.getMessage() for r in caplog.records) == 1
     assert [status for _, status, _ in callbacks.reports] == ["failed"] and consumer.commits == 1
 
 
