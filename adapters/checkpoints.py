@@ -221,9 +221,24 @@ class CheckpointStore:
         if source == "s3":
             body = self.s3.get_object(Bucket=self.bucket, Key=PREFIX + name)["Body"].read(  # type: ignore[union-attr]
                 MAX_FILE_BYTES + 1)
-            return f"s3://{self.bucket}/{PREFIX}{name}", _document(body, name)
+            where = f"s3://{self.bucket}/{PREFIX}{name}"
+            return where, _named(name, _document(body, name), where)
         assert self.directory is not None
-        return str(self.directory / name), read_file(self.directory / name)
+        return str(self.directory / name), _named(name, read_file(self.directory / name), str(self.directory / name))
+
+
+def _named(name: str, doc: Any, where: str) -> Any:
+    """``doc``, kept under ``name``, if that is the name its payload gives it. The name is not
+    signed: an older checkpoint copied under a name that sorts last (a bucket with object lock
+    takes new objects) would pass for the latest and hide a rewrite after its heads."""
+    try:
+        own = CheckpointStore.name(doc["payload"])
+    except (TypeError, KeyError, ValueError, OverflowError):
+        return doc  # no checkpoint: verified_payload says so
+    if own != name:
+        raise CheckpointError(f"{where} holds the checkpoint named {own} (log position "
+                              f"{int(doc['payload']['log_position']):,}): renamed or copied, not the latest")
+    return doc
 
 
 def _document(body: bytes, where: str) -> Any:

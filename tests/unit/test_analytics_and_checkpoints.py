@@ -262,6 +262,21 @@ def test_the_latest_checkpoint_is_the_one_at_the_furthest_log_position(tmp_path)
     assert store.latest()[1]["payload"]["log_position"] == 100_000
 
 
+def test_an_older_checkpoint_copied_under_a_name_that_sorts_last_is_not_taken_for_the_latest(tmp_path):
+    """Names are not signed: a copy of an old checkpoint named past the newest (what a bucket with
+    object lock still takes) passed for the latest, and `verify --checkpoint latest` then checked
+    only the old heads, missing a rewrite of the rows after them."""
+    store = checkpoints.CheckpointStore(None, "", tmp_path)
+    key = Ed25519PrivateKey.generate()
+    [old] = store.put(checkpoints.sign({**_payload([]), "log_position": 9}, key))
+    store.put(checkpoints.sign({**_payload([]), "log_position": 10}, key))
+    planted = tmp_path / f"{99:020d}-20261201T000000000000Z.json"
+    planted.write_bytes(Path(old).read_bytes())
+    with pytest.raises(checkpoints.CheckpointError, match=r"renamed or copied, not the latest") as e:
+        store.latest()
+    assert str(planted) in str(e.value) and "log position 9)" in str(e.value)
+
+
 def test_a_public_key_pem_of_an_algorithm_cryptography_does_not_know_is_refused_in_one_line(tmp_path, monkeypatch):
     """As the signing key file's: a PEM whose algorithm cryptography does not support (its
     UnsupportedAlgorithm is no ValueError) went through `palette audit verify --public-key` as a
