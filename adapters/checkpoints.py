@@ -134,6 +134,8 @@ def keygen(out: Path) -> Ed25519PublicKey:
         raise CheckpointError(f"{out} exists: not overwritten") from None
     except OSError as e:
         raise CheckpointError(f"cannot write {out}: {e.strerror}") from None
+    except ValueError as e:  # a NUL, which no path holds
+        raise CheckpointError(f"cannot write {out!r}: {e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
@@ -267,6 +269,8 @@ def read_file(path: Path) -> Any:
             body = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:  # a NUL, which no path holds
+        raise CheckpointError(f"cannot read {str(path)!r}: {e}") from None
     return _document(body, str(path))
 
 

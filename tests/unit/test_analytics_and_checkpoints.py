@@ -195,6 +195,17 @@ def test_keys_come_from_hex_base64_or_a_pem_file_and_bad_ones_are_named(tmp_path
         checkpoints.public_key("not a key")
 
 
+def test_a_checkpoint_or_key_path_with_a_nul_is_refused_in_one_line(tmp_path):
+    """`palette audit keygen --out` and `audit verify --checkpoint` with a NUL in the path raised
+    os.open's ValueError as a traceback (`audit checkpoint --out` already said it in one line)."""
+    for call, said in ((lambda: checkpoints.keygen(tmp_path / "k\x00.pem"), "cannot write"),
+                       (lambda: checkpoints.read_file(tmp_path / "c\x00.json"), "cannot read")):
+        with pytest.raises(checkpoints.CheckpointError, match=f"{said} .*embedded null byte") as e:
+            call()
+        assert "\n" not in str(e.value) and "\x00" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_passphrase_protected_signing_key_file_is_refused_in_one_line(tmp_path):
     """A PEM key under a passphrase (what `openssl genpkey -aes256` makes) raised cryptography's
     TypeError through `palette audit checkpoint`, `serve checkpointer` and `audit verify
