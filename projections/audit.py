@@ -28,8 +28,8 @@ from projections.models.users import USERS
 LEDGER = sql.Identifier("palette_read", "billing_events")
 FIRST_FINDINGS = 20  # what a whole-log audit names of each kind of finding; the rest are counted
 __all__ = ["FIRST_FINDINGS", "LEDGER_COLUMNS", "BalanceMismatch", "ChainBreak", "PeriodFigures", "PeriodReport",
-           "Reconciliation", "Verification", "balance_as_of", "chain_heads", "export", "known_balance_as_of", "ledger",
-           "period_report", "reconcile", "verify", "verify_heads"]
+           "Reconciliation", "Verification", "balance_as_of", "chain_heads", "export", "known_balance_as_of",
+           "known_ledger", "ledger", "period_report", "reconcile", "verify", "verify_heads"]
 
 
 def _rows(conn: psycopg.Connection[Any], query: sql.Composed, params: list[Any]) -> list[dict[str, Any]]:
@@ -70,19 +70,34 @@ def ledger(conn: psycopg.Connection[Any], user_id: UUID, since: datetime | None 
     return rows
 
 
+def known_ledger(conn: psycopg.Connection[Any], user_id: UUID, since: datetime | None = None,
+                 until: datetime | None = None, after_seq: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+    """``ledger``, or LookupError for a user the ledger cannot answer for (``known_balance_as_of``):
+    an id mistyped read as a user without a single entry."""
+    rows = ledger(conn, user_id, since, until, after_seq, limit)
+    if not rows:
+        _answerable(conn, user_id)
+    return rows
+
+
 def known_balance_as_of(conn: psycopg.Connection[Any], user_id: UUID, as_of: datetime) -> dict[str, Any]:
     """``balance_as_of``, or LookupError for a user the ledger cannot answer for: one neither the
     users model nor the ledger holds (an id mistyped, or a user registered a moment ago, not yet
     projected), or one the users model has seen credits of while the ledger holds no entry (the
     ledger behind it). A user may hold no entry and have none: an erased device's next user
     starts without credits."""
+    _answerable(conn, user_id)
+    return balance_as_of(conn, user_id, as_of)
+
+
+def _answerable(conn: psycopg.Connection[Any], user_id: UUID) -> None:
+    """LookupError where the ledger cannot answer for ``user_id`` (``known_balance_as_of``)."""
     row = conn.execute(sql.SQL("SELECT (SELECT granted FROM {} WHERE id = %s), EXISTS (SELECT 1 FROM {} WHERE "
                                "user_id = %s)").format(schema.table(USERS.keyed_table), LEDGER),
                        [user_id, user_id]).fetchone()
     granted, held = row if row else (None, False)
     if not held and (granted is None or granted > 0):
         raise LookupError(f"no ledger entries for user {user_id} (no such user, or not projected yet)")
-    return balance_as_of(conn, user_id, as_of)
 
 
 def balance_as_of(conn: psycopg.Connection[Any], user_id: UUID, as_of: datetime) -> dict[str, Any]:

@@ -214,7 +214,10 @@ async def audit_ledger(user_id: UUID, _: Auditor, container: ContainerDep,
 
     def read() -> list[dict[str, Any]]:
         with container.read_pool.connection() as conn:
-            return audit.ledger(conn, user_id, from_time, to_time, after_seq=after, limit=limit + 1)
+            try:
+                return audit.known_ledger(conn, user_id, from_time, to_time, after_seq=after, limit=limit + 1)
+            except LookupError as e:  # no such user (or not projected yet), as /audit/balance says
+                raise ApiError("NOT_FOUND", str(e.args[0])) from None
     entries = await run_in_threadpool(read)
     more = len(entries) > limit
     entries = entries[:limit]

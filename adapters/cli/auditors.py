@@ -218,7 +218,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         if args.action == "checkpoint":
             return _audit_checkpoint(args, conn, settings)
         if args.action == "ledger":
-            rows = audit.ledger(conn, args.user, args.since, args.until)
+            try:
+                rows = audit.known_ledger(conn, args.user, args.since, args.until)
+            except LookupError as e:  # no such user (or not projected yet), as balance says
+                print(f"palette audit ledger: {e.args[0]}", file=sys.stderr)
+                return 2
             print(f"{'seq':>5} {'occurred_at':<33}{'type':<8}{'amount':>8}{'delta':>8}{'balance':>9}  ref")
             for r in rows:
                 print(f"{r['seq']:>5} {r['occurred_at'].isoformat():<33}{r['type']:<8}{r['amount']:>8}"

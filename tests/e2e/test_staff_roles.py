@@ -58,6 +58,8 @@ def test_analysts_replay_and_auditors_read_the_ledger(client, http, settings):
     nobody = http.get("/audit/balance", params={"user_id": unknown, "as_of": future}, headers=auditor)
     assert nobody.status_code == 404 and nobody.json()["error"]["code"] == "NOT_FOUND", nobody.text
     assert str(unknown) in nobody.json()["error"]["message"]
+    nowhere = http.get("/audit/ledger", params={"user_id": unknown}, headers=auditor)  # before: 200, no entries
+    assert nowhere.status_code == 404 and nowhere.json()["error"]["code"] == "NOT_FOUND", nowhere.text
     assert http.get("/audit/verify", headers=auditor).json()["data"]["ok"] is True
 
 

@@ -185,6 +185,14 @@ def test_projections_status_shows_the_head_and_every_read_model(env: dict[str, s
     assert lines[-1].startswith("dead letters (parked or held): ")
 
 
+def test_audit_ledger_of_a_user_the_ledger_does_not_know_says_so(env: dict[str, str],
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """As `audit balance` does: a mistyped id read as a user without a single entry (exit 0)."""
+    nobody = uuid.uuid4()
+    assert cli.main(["audit", "ledger", "--user", str(nobody)]) == 2
+    assert one_line(capsys, f"palette audit ledger: no ledger entries for user {nobody} (no such user") == ""
+
+
 def test_admin_erase_of_a_user_who_never_was_says_so(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     nobody = uuid.uuid4()
     assert cli.main(["admin", "erase", str(nobody)]) == 1
