@@ -49,6 +49,9 @@ def test_analysts_replay_and_auditors_read_the_ledger(client, http, settings):
         r = http.get("/audit/ledger", params={"user_id": client.user_id, **bad}, headers=auditor)
         assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_FAILED", bad
     future = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    backwards = http.get("/audit/ledger", params={"user_id": client.user_id, "from": future,  # before: 200, none
+                                                   "to": datetime.now(UTC).isoformat()}, headers=auditor)
+    assert backwards.status_code == 422 and backwards.json()["error"]["code"] == "VALIDATION_FAILED", backwards.text
     balance = http.get("/audit/balance", params={"user_id": client.user_id, "as_of": future}, headers=auditor)
     assert balance.json()["data"]["granted"] == 50
     past = (datetime.now(UTC) - timedelta(days=1)).isoformat()  # before the user's first entry: zeros
