@@ -26,12 +26,15 @@ def signing_scope(access_key: str, secret_key: str, region: str, day: str) -> tu
 
 
 def signed_host(parts: SplitResult) -> str:
-    """The Host header an endpoint is signed with: no credentials, and no port when it is the
-    scheme's default (botocore signs the host without it)."""
+    """The Host header an endpoint is signed with, as botocore signs it: the host in lower case (a
+    client sends it so: an endpoint written ``S3.Example.COM`` would sign what no request
+    carries), no credentials, and the port unless it is the scheme's default."""
     default_port = {"http": 80, "https": 443}.get(parts.scheme)
-    host = parts.netloc.rpartition("@")[2]
-    if parts.port is not None and parts.port == default_port:
-        host = host.removesuffix(f":{parts.port}")
+    host = parts.hostname or ""  # lower case, without brackets, credentials or port
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is not None and parts.port != default_port:
+        host = f"{host}:{parts.port}"
     return host
 
 
