@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -52,6 +52,7 @@ from application.services import PaletteService, RerunSource, item_list
 from application.unit_of_work import Committed
 from domain.contracts.callback import verify_callback
 from domain.contracts.keys import (
+    LINKS_EXPIRED_S,
     MAX_INPUT_BYTES,
     URL_TTL_S,
     input_key,
@@ -292,8 +293,9 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
     async def cancel_new(reason: str) -> None:  # refunded, and the caller's next reads see it canceled
         _remember(container, user_id, new_id, await service.run(service.cancel_job_command(user_id, new_id, reason)))
 
+    new_job = await service.get_job_async(user_id, new_id)
     # The command handed back only a job waiting for its photos; one confirmed since is not copied over.
-    if (await service.get_job_async(user_id, new_id)).status == JobStatus.CREATED:
+    if new_job.status == JobStatus.CREATED:
         try:
             await run_in_threadpool(_copy_objects, container, _rerun_copies(user_id, job_id, new_id, source, present))
         except SourceGone:  # the source deleted meanwhile (DELETE /jobs, or its retention): the new job cannot run
@@ -307,15 +309,22 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
                 await cancel_new("its photos could not be copied")
             raise
 
+    # Signed after the copy, which takes its time (and a retry may come REISSUE_S after the
+    # creation): a link lives URL_TTL_S at most, and never past LINKS_EXPIRED_S after the job's
+    # creation, when the sweeper deletes what the links admitted beyond the largest photo.
+    signed_at = datetime.now(UTC)
+    left = (new_job.created_on + timedelta(seconds=LINKS_EXPIRED_S) - signed_at) // timedelta(seconds=1)
+    expires_in = max(1, min(URL_TTL_S, left))
+
     def slots() -> list[MaskSlot]:
-        urls = PutUrls(container.settings, datetime.now(UTC))
+        urls = PutUrls(container.settings, signed_at, expires_s=expires_in)
         return [MaskSlot(idx=i, concept=c, key=(k := mask_key(user_id, new_id, i, c)), url=urls.url(k),
                          copied=used_mask_key(user_id, job_id, i, c) in present)
                 for i in range(source.item_count) for c in source.concepts]
 
     masks = slots() if source.item_count * len(source.concepts) <= INLINE_URLS else await run_in_threadpool(slots)
     return ok(JobRerunPublic(
-        job_id=new_id, source_job_id=job_id, inputs_copied=source.item_count, masks=masks, expires_in=URL_TTL_S,
+        job_id=new_id, source_job_id=job_id, inputs_copied=source.item_count, masks=masks, expires_in=expires_in,
         confirm_url=_confirm_url(request, container, new_id),
     ), status=201)
 

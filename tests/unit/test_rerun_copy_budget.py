@@ -3,12 +3,14 @@
 that upload again per round, bounded only by the job budget's 1,000 creations a day (a 1 GB
 upload: 1 TB a day, for nothing). The bytes a user's reruns copy are bounded per day
 (PALETTE_RERUN_COPY_BYTES_PER_DAY): past them a rerun is a 429 with Retry-After, before anything
-is recorded or copied; a rerun refused for another reason spends none of them."""
+is recorded or copied; a rerun refused for another reason spends none of them. Its mask links,
+signed once the copy is done, expire LINKS_EXPIRED_S after the new job's creation at the latest."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
+from urllib.parse import parse_qs, urlsplit
 from uuid import UUID, uuid4
 
 from fastapi.testclient import TestClient
@@ -17,7 +19,7 @@ from adapters.api.app import create_app
 from adapters.settings import Settings
 from application.services import RerunSource
 from application.unit_of_work import Committed
-from domain.contracts.keys import input_key
+from domain.contracts.keys import LINKS_EXPIRED_S, REISSUE_S, URL_TTL_S, input_key
 from domain.errors import InvalidState
 from domain.job import JobStatus
 
@@ -44,11 +46,13 @@ class FakeService:
     def __init__(self) -> None:
         self.refuse: Exception | None = None
         self.made_before: UUID | None = None  # a retry under the same Idempotency-Key: the job made then
+        self.concepts: tuple[str, ...] = ()
+        self.created_on: datetime | None = None  # the new job's creation (None: now)
         self.sealer = SimpleNamespace(evict=lambda _u: None)
         self.user_views = None
 
     async def rerun_source_async(self, _user: UUID, _job: UUID) -> RerunSource:
-        return RerunSource(item_count=PHOTOS, concepts=())
+        return RerunSource(item_count=PHOTOS, concepts=self.concepts)
 
     def rerun_job_command(self, *_a: object) -> None:
         return None
@@ -62,7 +66,7 @@ class FakeService:
         return Committed(value=new, position=1, versions={new: 1}, recorded=True)
 
     async def get_job_async(self, _user: UUID, _job: UUID) -> SimpleNamespace:
-        return SimpleNamespace(status=JobStatus.CREATED)
+        return SimpleNamespace(status=JobStatus.CREATED, created_on=self.created_on or datetime.now(UTC))
 
 
 def _client(per_day: int) -> tuple[TestClient, FakeS3, FakeService, dict[str, str], UUID]:
@@ -113,3 +117,26 @@ def test_a_rerun_larger_than_a_whole_days_copy_bytes_is_refused_as_such_not_told
     answer = api.post(f"/jobs/{source}/rerun", headers=auth)
     assert answer.status_code == 409 and answer.json()["error"]["code"] == "INVALID_STATE", answer.text
     assert "GiB" in answer.json()["error"]["message"] and s3.copies == 0
+
+
+def test_a_reruns_mask_links_expire_within_links_expired_s_of_the_new_jobs_creation() -> None:
+    """A retry under the same Idempotency-Key hands the job back up to REISSUE_S after its
+    creation, and the mask links are signed only once the copy is done (a big job's takes a
+    while): a link must still have expired LINKS_EXPIRED_S after the creation, when the sweeper
+    deletes what the links admitted beyond the largest photo (a presigned PUT bounds no size)."""
+    api, _s3, service, auth, source = _client(per_day=50 * GB)
+    service.concepts, service.made_before = ("wall",), uuid4()
+    for late_s in (0, REISSUE_S - 1, REISSUE_S + 60):  # the retry's answer, and the copy's time
+        service.created_on = created = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=late_s)
+        answer = api.post(f"/jobs/{source}/rerun", headers=auth)
+        assert answer.status_code == 201, answer.text
+        data = answer.json()["data"]
+        assert len(data["masks"]) == PHOTOS
+        for slot in data["masks"]:
+            query = parse_qs(urlsplit(slot["url"]).query)
+            signed = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+            expires_s = int(query["X-Amz-Expires"][0])
+            assert expires_s == data["expires_in"] <= URL_TTL_S
+            assert signed + timedelta(seconds=expires_s) <= created + timedelta(seconds=LINKS_EXPIRED_S), late_s
+        if late_s == 0:
+            assert data["expires_in"] == URL_TTL_S
