@@ -28,6 +28,7 @@ COMMON: dict[int | str, dict[str, Any]] = {
 OWN: dict[int | str, dict[str, Any]] = {
     **COMMON, 404: {"model": _E, "description": "NOT_FOUND (also another user's rule)"}}
 LIMITED: dict[int | str, dict[str, Any]] = {429: {"model": _E, "description": "RATE_LIMITED (with Retry-After)"}}
+CONTENDED: dict[int | str, dict[str, Any]] = {409: {"model": _E, "description": "CONFLICT (contention: try again)"}}
 
 
 def _public(service: PaletteService, rule: Rule) -> RulePublic:
@@ -45,7 +46,9 @@ def _edits(body: RuleCreate | RuleUpdate) -> dict[str, dict[str, object]]:
 
 
 @router.post("/rules", response_model=Envelope[RulePublic], status_code=201,
-             responses={**COMMON, **LIMITED, 403: {"model": _E, "description": "RULE_SLOTS_FULL"}})
+             responses={**COMMON, **LIMITED, 403: {"model": _E, "description": "RULE_SLOTS_FULL"},
+                        409: {"model": _E, "description": "INVALID_STATE (the rule this Idempotency-Key created "
+                              "was changed or deleted since) / CONFLICT"}})
 async def create_rule(body: RuleCreate, user_id: CurrentUser, service: ServiceDep, container: ContainerDep,
                       request: Request,
                       idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
@@ -78,7 +81,7 @@ async def list_rules(user_id: CurrentUser, container: ContainerDep, service: Ser
     return ok(RuleList(items=[RulePublic.model_validate(r) for r in rows]))
 
 
-@router.put("/rules/{rule_id}", response_model=Envelope[RulePublic], responses={**OWN, **LIMITED})
+@router.put("/rules/{rule_id}", response_model=Envelope[RulePublic], responses={**OWN, **LIMITED, **CONTENDED})
 async def update_rule(rule_id: UUID, body: RuleUpdate, user_id: CurrentUser,
                       service: ServiceDep, container: ContainerDep, request: Request) -> JSONResponse:
     """Change the rule (an event on its stream when anything changed); limited per user and address."""
@@ -91,7 +94,7 @@ async def update_rule(rule_id: UUID, body: RuleUpdate, user_id: CurrentUser,
     return ok(_public(service, await run_in_threadpool(service.get_rule, user_id, rule_id)))
 
 
-@router.delete("/rules/{rule_id}", response_model=Envelope[dict[str, bool]], responses={**OWN, **LIMITED})
+@router.delete("/rules/{rule_id}", response_model=Envelope[dict[str, bool]], responses={**OWN, **LIMITED, **CONTENDED})
 async def delete_rule(rule_id: UUID, user_id: CurrentUser, service: ServiceDep,
                       container: ContainerDep, request: Request) -> JSONResponse:
     """Delete the rule and free its slot; limited per user and address."""
