@@ -9,6 +9,7 @@ The state machine runs on either event store: in memory (bulk, ``tests/unit``) o
 from __future__ import annotations
 
 import itertools
+import json
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -29,11 +30,22 @@ from domain.contracts.envelope import EventEnvelope
 from domain.contracts.keys import input_key
 from domain.errors import DomainError
 from domain.plans import DEFAULT_PLANS
+from domain.presets import PRESETS
 from projections.log import LogReader
 from projections.models import READ_MODELS
 from projections.rebuild import fold_log, iter_envelopes
 
 EDITS = {"wall": {"action": "recolor", "value": "#336699"}}
+# Rule bodies as a client writes them, three in four of them taken (a colour in capitals, a
+# removal with a value among them); the rest a tone no preset takes, a concept of the other preset,
+# a concept both edited and protected, or a blank or too long name.
+RULE_NAMES = st.sampled_from(["kitchen", "Küche", "kitchen "])
+RULE_EDITS = st.sampled_from([("recolor", "#A0b1C2"), ("recolor", "#336699"), ("tone", "warm"), ("texture", "wood"),
+                              ("remove", "x")])
+RULE_CONCEPTS = {"interior": ["wall", "floor", "sofa"], "seller": ["background", "product", "label"]}
+HOSTILE_NAMES = st.sampled_from(["kitchen", " ", "x" * 81])
+HOSTILE_EDITS = st.sampled_from([("tone", "sepia"), ("recolor", "#336699")])
+HOSTILE_CONCEPTS = st.sampled_from(["wall", "background", "product"])
 TOPIC = "palette.events"
 
 
@@ -245,12 +257,24 @@ class RefJob:
     settlements: int = 0
 
 
+@dataclass
+class RefRule:
+    owner: UUID
+    name: str
+    preset: str
+    concepts: dict[str, dict[str, str]]
+    protect: list[str]
+    changed: bool = False  # edited or deleted since its creation
+    deleted: bool = False
+
+
 class Reference:
     """What Palette must do, written the plain way: no events, no framework."""
 
     def __init__(self) -> None:
         self.users: dict[UUID, RefUser] = {}
         self.jobs: dict[UUID, RefJob] = {}
+        self.rules: dict[UUID, RefRule] = {}
 
     def register(self, user_id: UUID, plan: str) -> None:
         if user_id not in self.users:
@@ -330,6 +354,63 @@ class Reference:
         self._settle(job_id)
         return None
 
+    @staticmethod
+    def rule_edits(preset: str, edits: dict[str, tuple[str, str]], protect: list[str],
+                   name: str) -> tuple[dict[str, dict[str, str]], list[str]] | None:
+        """The edits as stored, or None where they (or the name) are refused."""
+        concepts = PRESETS[preset].concepts
+        if not edits or not name.strip() or len(name) > 80:
+            return None
+        stored: dict[str, dict[str, str]] = {}
+        for concept, (action, value) in edits.items():
+            if concept not in concepts or value == "sepia":
+                return None
+            stored[concept] = {"action": action, "value": {"recolor": value.lower(), "remove": ""}.get(action, value)}
+        if any(c not in concepts or c in edits for c in protect):
+            return None
+        return stored, sorted(set(protect))
+
+    def live_rules(self, user_id: UUID) -> int:
+        return sum(1 for r in self.rules.values() if r.owner == user_id and not r.deleted)
+
+    def create_rule(self, user_id: UUID, rule_id: UUID | None, name: str, preset: str,
+                    edits: dict[str, tuple[str, str]], protect: list[str]) -> str | UUID | None:
+        """An error code; the id of the rule a retry hands back; None: a new rule."""
+        stored = self.rule_edits(preset, edits, protect, name)
+        if stored is None:
+            return "VALIDATION_FAILED"
+        if rule_id is not None:
+            r = self.rules[rule_id]
+            if r.owner != user_id:
+                return "NOT_FOUND"
+            if r.changed:
+                return "INVALID_STATE"
+            if (r.name, r.preset, r.concepts, r.protect) != (name, preset, *stored):
+                return "VALIDATION_FAILED"
+            return rule_id
+        if self.live_rules(user_id) >= DEFAULT_PLANS[self.users[user_id].plan].max_rule_slots:
+            return "RULE_SLOTS_FULL"
+        return None
+
+    def update_rule(self, user_id: UUID, rule_id: UUID, name: str, edits: dict[str, tuple[str, str]],
+                    protect: list[str]) -> str | None:
+        r = self.rules[rule_id]
+        if r.owner != user_id or r.deleted:
+            return "NOT_FOUND"
+        stored = self.rule_edits(r.preset, edits, protect, name)
+        if stored is None:
+            return "VALIDATION_FAILED"
+        if (name, *stored) != (r.name, r.concepts, r.protect):
+            r.name, r.concepts, r.protect, r.changed = name, stored[0], stored[1], True
+        return None
+
+    def delete_rule(self, user_id: UUID, rule_id: UUID) -> str | None:
+        r = self.rules[rule_id]
+        if r.owner != user_id or r.deleted:
+            return "NOT_FOUND"
+        r.deleted = r.changed = True
+        return None
+
     def _settle(self, job_id: UUID) -> None:
         j = self.jobs[job_id]
         u = self.users[j.owner]
@@ -386,6 +467,7 @@ class PaletteSimulation(RuleBasedStateMachine):
         self.prefix = uuid4().hex[:8]
         self.user_ids: list[UUID] = []
         self.job_ids: list[UUID] = []
+        self.rule_ids: list[UUID] = []
         self.uploaded: dict[UUID, set[int]] = {}
         self.terminal: dict[UUID, str] = {}
         self.figures = FIGURES.setdefault(self.figures_name, Figures())
@@ -545,6 +627,69 @@ class PaletteSimulation(RuleBasedStateMachine):
         self._same(got, expected)
 
     @precondition(lambda self: self.user_ids)
+    @rule(data=st.data(), preset=st.sampled_from(["interior", "seller"]), again=st.integers(0, 3))
+    def create_rule(self, data: st.DataObject, preset: str, again: int) -> None:
+        """A rule; now and then (``again``) under the id of one created before (by this user or
+        another), as the retry of a creation under an Idempotency-Key whose answer is forgotten is."""
+        user_id = data.draw(st.sampled_from(self.user_ids), label="user")
+        rule_id = data.draw(st.sampled_from(self.rule_ids), label="rule") if not again and self.rule_ids else None
+        if rule_id is not None and data.draw(st.booleans(), label="the same body"):
+            r = self.ref.rules[rule_id]
+            preset, name, protect = r.preset, r.name, list(r.protect)
+            edits = {c: (e["action"], e["value"]) for c, e in r.concepts.items()}
+        else:
+            name, edits, protect = self._rule_body(data, preset)
+        expected = self.ref.create_rule(user_id, rule_id, name, preset, edits, protect)
+        body = {c: {"action": a, "value": v} for c, (a, v) in edits.items()}
+        got = self._call(self.svc.create_rule, user_id, name, preset, body, protect, rule_id)
+        if isinstance(expected, str):
+            assert isinstance(got, DomainError) and got.code == expected, (got, expected)
+        elif expected is not None:
+            assert got == expected, (got, expected)
+        else:
+            assert isinstance(got, UUID), got
+            stored = self.ref.rule_edits(preset, edits, protect, name)
+            assert stored is not None
+            self.ref.rules[got] = RefRule(user_id, name, preset, *stored)
+            self.rule_ids.append(got)
+
+    @staticmethod
+    def _rule_body(data: st.DataObject, preset: str) -> tuple[str, dict[str, tuple[str, str]], list[str]]:
+        if data.draw(st.integers(0, 3), label="taken"):
+            edits = data.draw(st.dictionaries(st.sampled_from(RULE_CONCEPTS[preset]), RULE_EDITS, min_size=1,
+                                              max_size=2), label="edits")
+            rest = [c for c in RULE_CONCEPTS[preset] if c not in edits]
+            return data.draw(RULE_NAMES, label="name"), edits, data.draw(st.lists(st.sampled_from(rest), max_size=2)
+                                                                         if rest else st.just([]), label="protect")
+        return (data.draw(HOSTILE_NAMES, label="name"),
+                data.draw(st.dictionaries(HOSTILE_CONCEPTS, HOSTILE_EDITS, max_size=2), label="edits"),
+                data.draw(st.lists(HOSTILE_CONCEPTS, max_size=1), label="protect"))
+
+    def _rule_and_caller(self, data: st.DataObject) -> tuple[UUID, UUID]:
+        """A rule, and its owner three times in four, else any user."""
+        rule_id = data.draw(st.sampled_from(self.rule_ids), label="rule")
+        owner = self.ref.rules[rule_id].owner
+        if data.draw(st.integers(0, 3), label="owner"):
+            return rule_id, owner
+        return rule_id, data.draw(st.sampled_from(self.user_ids), label="caller")
+
+    @precondition(lambda self: self.rule_ids)
+    @rule(data=st.data())
+    def update_rule(self, data: st.DataObject) -> None:
+        rule_id, caller = self._rule_and_caller(data)
+        name, edits, protect = self._rule_body(data, self.ref.rules[rule_id].preset)
+        expected = self.ref.update_rule(caller, rule_id, name, edits, protect)
+        body = {c: {"action": a, "value": v} for c, (a, v) in edits.items()}
+        self._same(self._call(self.svc.update_rule, caller, rule_id, name, body, protect), expected)
+
+    @precondition(lambda self: self.rule_ids)
+    @rule(data=st.data())
+    def delete_rule(self, data: st.DataObject) -> None:
+        rule_id, caller = self._rule_and_caller(data)
+        expected = self.ref.delete_rule(caller, rule_id)
+        self._same(self._call(self.svc.delete_rule, caller, rule_id), expected)
+
+    @precondition(lambda self: self.user_ids)
     @rule(data=st.data(), amount=st.integers(1, 20))
     def crash_before_commit(self, data: st.DataObject, amount: int) -> None:
         """The writer dies inside the save: the client sees a failure and nothing is stored."""
@@ -700,6 +845,16 @@ class PaletteSimulation(RuleBasedStateMachine):
                 len(ref.reservations)), (view, ref)
             assert view.credits >= 0
             assert view.granted == view.credits + view.reserved + view.spent
+            assert view.rule_slots_used == self.ref.live_rules(user_id), (view, user_id)
+        for rule_id, ref_rule in self.ref.rules.items():
+            try:
+                got = self.svc.get_rule(ref_rule.owner, rule_id)
+            except DomainError as e:
+                assert ref_rule.deleted and e.code == "NOT_FOUND", (e, ref_rule)
+                continue
+            assert not ref_rule.deleted
+            assert (self.svc.rule_name(got.name), got.preset_id, got.concepts, got.protect) == (
+                ref_rule.name, ref_rule.preset, ref_rule.concepts, ref_rule.protect), (got, ref_rule)
         for job_id, ref_job in self.ref.jobs.items():
             job: Any = self.svc.app.repository.get(job_id)
             assert job.status.value == ref_job.status
@@ -732,7 +887,8 @@ class PaletteSimulation(RuleBasedStateMachine):
                                   seen: dict[str, dict[UUID, int]], latest: dict[UUID, int]) -> None:
         """Each stream a model has folded up to its latest event shows what the reference says:
         users' plan and credits, the ledger entry by entry (so Σ balance_delta is the balance),
-        jobs' status and counts, items' statuses, and each user's active jobs."""
+        jobs' status and counts, items' statuses, each user's active jobs, and rules (their name
+        opened, edits as stored, deleted or not)."""
         ref = self.ref
 
         def current(name: str) -> set[str]:
@@ -781,6 +937,16 @@ class PaletteSimulation(RuleBasedStateMachine):
         for user_id, u in ref.users.items():
             if all(str(job) in fresh_jobs for job, j in ref.jobs.items() if j.owner == user_id):
                 assert active[str(user_id)] == len(u.reservations), (user_id, active[str(user_id)], u)
+        rules = {str(r["id"]): r for r in actual["rules"].values()}
+        assert set(rules) <= {str(r) for r in ref.rules}, "a row for a rule never created"
+        fresh_rules = current("rules")
+        for rule_id, r in ref.rules.items():
+            if str(rule_id) in fresh_rules:
+                row = rules.get(str(rule_id))
+                assert row is not None, f"rule {rule_id} folded but has no row"
+                assert (str(row["user_id"]), self.svc.rule_name(row["name"]), row["preset_id"],
+                        json.loads(row["concepts_json"]), json.loads(row["protect_json"]), row["deleted"]) == (
+                    str(r.owner), r.name, r.preset, r.concepts, r.protect, r.deleted), (rule_id, row, r)
 
     def _rows_are_a_fold_of_the_log(self, actual: dict[str, dict[Any, dict[str, Any]]],
                                     seen: dict[str, dict[UUID, int]], log: list[EventEnvelope]) -> None:
@@ -805,6 +971,7 @@ class PaletteSimulation(RuleBasedStateMachine):
         # every stream is folded to its end now: the reference check covers every user and job
         assert {s for s, (kind, _) in latest.items() if kind == "User"} == set(self.ref.users)
         assert {s for s, (kind, _) in latest.items() if kind == "Job"} == set(self.ref.jobs)
+        assert {s for s, (kind, _) in latest.items() if kind == "Rule"} == set(self.ref.rules)
         self.read_models_agree_with_the_reference()
         self._forget_projector()
         self.figures.dropped += self.broker.dropped
