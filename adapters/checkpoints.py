@@ -208,8 +208,8 @@ class CheckpointStore:
             raise CheckpointError("nowhere to keep checkpoints: no object store and no PALETTE_AUDIT_CHECKPOINT_DIR")
         return where
 
-    def latest(self) -> tuple[str, Any]:
-        """The newest checkpoint (by log position) and where it came from."""
+    def _kept(self) -> list[tuple[str, str]]:
+        """Every checkpoint's name, with where it is kept ("s3" or "dir")."""
         found: list[tuple[str, str]] = []
         if self.s3 is not None:
             pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=PREFIX)
@@ -217,9 +217,10 @@ class CheckpointStore:
                       if o["Key"].endswith(".json")]
         if self.directory is not None and self.directory.is_dir():
             found += [(p.name, "dir") for p in self.directory.glob("*.json")]
-        if not found:
-            raise CheckpointError("no checkpoint has been taken yet (`palette audit checkpoint`)")
-        name, source = max(found)
+        return found
+
+    def _read(self, name: str, source: str) -> tuple[str, Any]:
+        """The checkpoint kept under ``name``, refused when its payload gives it another name."""
         if source == "s3":
             body = self.s3.get_object(Bucket=self.bucket, Key=PREFIX + name)["Body"].read(  # type: ignore[union-attr]
                 MAX_FILE_BYTES + 1)
@@ -227,6 +228,22 @@ class CheckpointStore:
             return where, _named(name, _document(body, name), where)
         assert self.directory is not None
         return str(self.directory / name), _named(name, read_file(self.directory / name), str(self.directory / name))
+
+    def latest(self) -> tuple[str, Any]:
+        """The newest checkpoint (by log position) and where it came from."""
+        found = self._kept()
+        if not found:
+            raise CheckpointError("no checkpoint has been taken yet (`palette audit checkpoint`)")
+        return self._read(*max(found))
+
+    def before(self, payload: dict[str, Any]) -> tuple[str, Any] | None:
+        """The checkpoint signed just before the one whose payload this is (None: none was), by
+        the name its own payload gives it (log position, then time taken); refused, as latest()
+        refuses one, when its payload gives it another name. Only that one is read: a chain of
+        hourly checkpoints over years is never walked."""
+        own = self.name(payload)
+        earlier = [kept for kept in self._kept() if kept[0] < own]
+        return self._read(*max(earlier)) if earlier else None
 
 
 def _named(name: str, doc: Any, where: str) -> Any:

@@ -28,8 +28,8 @@ from projections.models.users import USERS
 LEDGER = sql.Identifier("palette_read", "billing_events")
 FIRST_FINDINGS = 20  # what a whole-log audit names of each kind of finding; the rest are counted
 __all__ = ["FIRST_FINDINGS", "LEDGER_COLUMNS", "BalanceMismatch", "ChainBreak", "PeriodFigures", "PeriodReport",
-           "Reconciliation", "Verification", "balance_as_of", "chain_heads", "export", "known_balance_as_of",
-           "known_ledger", "ledger", "period_report", "reconcile", "verify", "verify_heads"]
+           "Reconciliation", "Verification", "balance_as_of", "chain_heads", "export", "heads_regressions",
+           "known_balance_as_of", "known_ledger", "ledger", "period_report", "reconcile", "verify", "verify_heads"]
 
 
 def _rows(conn: psycopg.Connection[Any], query: sql.Composed, params: list[Any]) -> list[dict[str, Any]]:
@@ -796,3 +796,19 @@ def verify_heads(conn: psycopg.Connection[Any], heads: list[list[Any]]) -> list[
     return [ChainBreak(user, seq, position, "no ledger row at the checkpointed head" if digest is None else
                        "the row at the checkpointed head hashes differently: the chain was rewritten "
                        "at or before it") for user, seq, position, digest in found]
+
+
+def heads_regressions(earlier: list[list[Any]], later: list[list[Any]]) -> list[ChainBreak]:
+    """Every head of an earlier checkpoint must be in a later one, at the same seq or past it (a
+    chain only grows): a user left out, or gone backwards, had rows or a heads row deleted in
+    between, which ``verify_heads`` against the later checkpoint alone cannot see. By user id."""
+    now = {str(h[0]): int(h[1]) for h in later}
+    found = []
+    for user, seq, _, position in sorted(earlier, key=lambda h: str(h[0])):
+        if (at := now.get(str(user))) is None:
+            found.append(ChainBreak(str(user), int(seq), int(position), f"at seq {seq} in the checkpoint before, "
+                                    "missing from this one: the user's rows or chain head were deleted"))
+        elif at < int(seq):
+            found.append(ChainBreak(str(user), at, None, f"at seq {seq} in the checkpoint before, seq {at} in this "
+                                    "one: the chain went backwards (its last rows were deleted)"))
+    return found

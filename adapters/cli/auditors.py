@@ -131,16 +131,18 @@ def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int
     return 0
 
 
-def _latest_checkpoint(settings: Any) -> tuple[str, Any] | None:
-    """The newest checkpoint, in the object store or PALETTE_AUDIT_CHECKPOINT_DIR; the directory's
-    newest when the object store does not answer (said on stderr, in one line), None when the
-    directory holds none either (said too: the caller exits 3, as for any store not reached)."""
+def _latest_checkpoint(settings: Any) -> tuple[str, Any, Any] | None:
+    """The newest checkpoint, in the object store or PALETTE_AUDIT_CHECKPOINT_DIR, and the store
+    it came from; the directory's newest when the object store does not answer (said on stderr,
+    in one line), None when the directory holds none either (said too: the caller exits 3, as for
+    any store not reached)."""
     from adapters import checkpoints
     from adapters.cli import _store_unreachable  # imported here: adapters.cli imports this module
     from adapters.logs import driver_reason
 
     try:
-        return checkpoints.CheckpointStore.of(settings).latest()
+        store = checkpoints.CheckpointStore.of(settings)
+        return (*store.latest(), store)
     except Exception as e:  # an endpoint botocore cannot use is one it cannot reach, as everywhere
         if not _store_unreachable(e):
             raise
@@ -155,7 +157,40 @@ def _latest_checkpoint(settings: Any) -> tuple[str, Any] | None:
     except checkpoints.CheckpointError as e:
         raise checkpoints.CheckpointError(f"{away}; its newest local copy: {e}") from None
     print(f"palette audit verify: {away}: verifying against the newest local copy, {where}", file=sys.stderr)
-    return where, doc
+    return where, doc, local
+
+
+def _earlier_checkpoint(settings: Any, store: Any, payload: dict[str, Any], key: Any) -> tuple[str, Any] | None:
+    """The checkpoint signed just before ``payload``'s (its where and verified payload; None: none
+    was), from ``store``, else from the object store and PALETTE_AUDIT_CHECKPOINT_DIR (the
+    directory's alone, said on stderr, when the object store does not answer). Raises
+    CheckpointError when it does not verify under ``key``: a store holding an object there that
+    is no checkpoint of this signer's is not passed over."""
+    from adapters import checkpoints
+    from adapters.cli import _store_unreachable  # imported here: adapters.cli imports this module
+    from adapters.logs import driver_reason
+
+    if store is None:
+        try:
+            store = checkpoints.CheckpointStore.of(settings)
+            found = store.before(payload)
+        except Exception as e:  # a CheckpointError too: only a store not reached falls back
+            if not _store_unreachable(e):
+                raise
+            store = checkpoints.CheckpointStore.of(settings, use_s3=False)
+            kept = ("; not compared with the checkpoint before it (PALETTE_AUDIT_CHECKPOINT_DIR is not set)"
+                    if store.directory is None else f"; comparing with the one before it in {store.directory}")
+            print(f"palette audit verify: cannot reach the object store ({driver_reason(e)}){kept}", file=sys.stderr)
+            found = store.before(payload) if store.directory is not None else None
+    else:
+        found = store.before(payload)
+    if found is None:
+        return None
+    where, doc = found
+    try:
+        return where, checkpoints.verified_payload(doc, key)
+    except checkpoints.CheckpointError as e:
+        raise checkpoints.CheckpointError(f"the checkpoint before it, {where}: {e}") from None
 
 
 def _audit_verify(args: argparse.Namespace, conn: Any, settings: Any) -> int:
@@ -164,19 +199,22 @@ def _audit_verify(args: argparse.Namespace, conn: Any, settings: Any) -> int:
 
     anchored = ""
     head_breaks: list[Any] = []
+    lost: list[str] = []  # what the checkpoint before it holds and this one does not
     if args.public_key and not args.checkpoint:  # a key checks a checkpoint's signature, nothing else
         print("palette audit verify: --public-key needs --checkpoint", file=sys.stderr)
         return 2
     if args.checkpoint:
         try:
             key = checkpoints.trusted_key(settings, args.public_key)
+            store = None
             if args.checkpoint == "latest":
                 if (latest := _latest_checkpoint(settings)) is None:
                     return 3
-                where, doc = latest
+                where, doc, store = latest
             else:
                 where, doc = args.checkpoint, checkpoints.read_file(Path(args.checkpoint))
             payload = checkpoints.verified_payload(doc, key)
+            earlier = _earlier_checkpoint(settings, store, payload, key)
         except checkpoints.CheckpointError as e:
             print(f"palette audit verify: {e}", file=sys.stderr)
             return 2
@@ -184,6 +222,18 @@ def _audit_verify(args: argparse.Namespace, conn: Any, settings: Any) -> int:
         anchored = (f"; {len(payload['heads']):,} chain heads of the checkpoint at log position "
                     f"{payload['log_position']:,} ({where}, signature valid): "
                     + ("all match" if not head_breaks else f"{len(head_breaks)} do not match"))
+        if earlier is None:
+            anchored += "; no checkpoint before it to compare with"
+        else:
+            before_where, before = earlier
+            lost = [f"BROKEN user {b.user_id} at seq {b.seq} (checkpoint before it, {before_where}): {b.reason}"
+                    for b in audit.heads_regressions(before["heads"], payload["heads"])]
+            if int(payload["log_position"]) < int(before["log_position"]):
+                lost.insert(0, f"BROKEN checkpoint: its log position {payload['log_position']:,} is before "
+                               f"{before['log_position']:,}, that of the checkpoint before it ({before_where})")
+            anchored += (f"; against the checkpoint before it ({before_where}, log position "
+                         f"{before['log_position']:,}): " + ("every head kept" if not lost else
+                                                            f"{len(lost):,} lost or gone backwards"))
     report = audit.verify(conn)
     for b in [*report.breaks, *head_breaks[:audit.FIRST_FINDINGS]]:  # each by user id
         where_ = f"position {b.position}" if b.position is not None else "its end"
@@ -192,7 +242,12 @@ def _audit_verify(args: argparse.Namespace, conn: Any, settings: Any) -> int:
         print(f"... and {report.broken - len(report.breaks):,} more broken chain(s)")
     if len(head_breaks) > audit.FIRST_FINDINGS:
         print(f"... and {len(head_breaks) - audit.FIRST_FINDINGS:,} more checkpointed head(s) not matched")
-    bad = report.broken + len(head_breaks)
+    for line in lost[:audit.FIRST_FINDINGS]:
+        print(line)
+    if len(lost) > audit.FIRST_FINDINGS:
+        print(f"... and {len(lost) - audit.FIRST_FINDINGS:,} more head(s) lost or gone backwards since the "
+              "checkpoint before it")
+    bad = report.broken + len(head_breaks) + len(lost)
     print(f"verified {report.checked:,} ledger rows: {'OK' if not bad else f'{bad:,} broken chain(s)'}{anchored}")
     return 0 if not bad else 1
 
@@ -317,7 +372,8 @@ def add_commands(sub: Subcommands) -> None:
     ae = asub.add_parser("export", help="every ledger row, paged by position")
     ae.add_argument("--format", choices=("csv", "jsonl"), default="jsonl")
     av = asub.add_parser("verify", help="recompute the per-user hash chains (exit 1 at a break); with --checkpoint, "
-                         "also check every chain head a signed checkpoint holds (catches a consistent rewrite)")
+                         "also check every chain head a signed checkpoint holds (catches a consistent rewrite), and "
+                         "that each head of the checkpoint signed just before it is still there, at its seq or past")
     av.add_argument("--checkpoint", metavar="FILE|latest",
                     help="a checkpoint file, or `latest` from the object store / PALETTE_AUDIT_CHECKPOINT_DIR "
                          "(the directory's alone, said on stderr, when the object store does not answer)")

@@ -361,13 +361,76 @@ def test_a_checkpoint_taken_before_the_ledger_folded_the_log_says_it_is_incomple
 
 
 def test_cli_verify_fails_when_a_signed_head_does_not_match_the_ledger(busy, service, settings, tmp_path,  # noqa: F811
-                                                                      monkeypatch, capsys):
+                                                                      own_store, capsys):
     key = Ed25519PrivateKey.generate()
     payload = _checkpoint(service, settings, key)["payload"]
     payload["heads"][0][2] = "f" * 64  # signed, but not what the ledger's row at that head hashes to
     (tmp_path / "cp.json").write_text(json.dumps(checkpoints.sign(payload, key)))
-    for name, value in settings.as_env().items():
-        monkeypatch.setenv(name, value)
     assert cli.main(["audit", "verify", "--checkpoint", str(tmp_path / "cp.json"),
                      "--public-key", checkpoints.public_hex(key.public_key())]) == 1
     assert f"BROKEN user {payload['heads'][0][0]} at seq {payload['heads'][0][1]}" in capsys.readouterr().out
+
+
+@pytest.fixture
+def own_store(settings, tmp_path, monkeypatch) -> checkpoints.CheckpointStore:
+    """The CLI's environment with a bucket and a checkpoint directory of this test's own: the
+    session's bucket holds other tests' checkpoints, signed by other keys."""
+    from infra.s3 import s3_client
+
+    bucket = f"ckpt-{uuid.uuid4().hex[:12]}"
+    client = s3_client(settings)
+    client.create_bucket(Bucket=bucket)
+    for name, value in settings.as_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PALETTE_S3_BUCKET", bucket)
+    monkeypatch.setenv("PALETTE_AUDIT_CHECKPOINT_DIR", str(tmp_path / "kept"))
+    return checkpoints.CheckpointStore(client, bucket, tmp_path / "kept")
+
+
+def test_cli_verify_fails_when_a_user_is_lost_since_the_checkpoint_before(busy, service, settings, tx,  # noqa: F811
+                                                                         own_store, capsys, monkeypatch):
+    """A user whose whole chain and heads row are deleted passes plain verify, and the checkpoint
+    signed after the deletion does not hold them: only the one signed before it can tell (verify
+    checked the latest alone, and passed)."""
+    key = Ed25519PrivateKey.generate()
+    public = checkpoints.public_hex(key.public_key())
+    own_store.put(_checkpoint(service, settings, key))
+    (victim,) = tx.execute("SELECT user_id FROM palette_read.billing_heads ORDER BY user_id LIMIT 1").fetchone() \
+        or (None,)
+    tx.execute("DELETE FROM palette_read.billing_events WHERE user_id = %s", [victim])
+    tx.execute("DELETE FROM palette_read.billing_heads WHERE user_id = %s", [victim])
+    assert audit.verify(tx).breaks == []  # a chain deleted whole, with its head, leaves no break
+    later = checkpoints.take(tx, service.app.recorder, key, SystemClock().now(), wait_s=0)
+    tx.rollback()  # the user is back; the later checkpoint was signed without them
+    assert str(victim) not in {h[0] for h in later["payload"]["heads"]}
+    [kept, _] = own_store.put(later)
+    for named in ("latest", kept):
+        assert cli.main(["audit", "verify", "--checkpoint", named, "--public-key", public]) == 1
+        out = capsys.readouterr().out
+        assert f"BROKEN user {victim} at seq " in out and "missing from this one" in out, out
+        assert out.count("BROKEN") == 1 and "1 lost or gone backwards" in out
+    with monkeypatch.context() as away:  # the object store does not answer: the directory's copy is compared
+        from tests.conftest import free_port
+
+        away.setenv("PALETTE_S3_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+        assert cli.main(["audit", "verify", "--checkpoint", kept, "--public-key", public]) == 1
+        said = capsys.readouterr()
+        assert said.err.count("\n") == 1 and said.err.startswith("palette audit verify: cannot reach the object store")
+        assert said.err.endswith(f"comparing with the one before it in {own_store.directory}\n")
+        assert f"BROKEN user {victim} at seq " in said.out
+    own_store.put(_checkpoint(service, settings, key))  # the user is in the next one again
+    assert cli.main(["audit", "verify", "--checkpoint", "latest", "--public-key", public]) == 0
+    assert "every head kept" in capsys.readouterr().out
+
+
+def test_cli_verify_refuses_a_checkpoint_before_it_that_does_not_verify(busy, service, settings,  # noqa: F811
+                                                                       own_store, capsys):
+    key = Ed25519PrivateKey.generate()
+    own_store.put(_checkpoint(service, settings, Ed25519PrivateKey.generate()))  # another signer's
+    own_store.put(_checkpoint(service, settings, key))
+    assert cli.main(["audit", "verify", "--checkpoint", "latest",
+                     "--public-key", checkpoints.public_hex(key.public_key())]) == 2
+    said = capsys.readouterr()
+    assert said.out == "" and said.err.count("\n") == 1
+    assert said.err.startswith("palette audit verify: the checkpoint before it, s3://")
+    assert "does not verify" in said.err

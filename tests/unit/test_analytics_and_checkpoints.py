@@ -288,6 +288,30 @@ def test_an_older_checkpoint_copied_under_a_name_that_sorts_last_is_not_taken_fo
     assert str(planted) in str(e.value) and "log position 9)" in str(e.value)
 
 
+def test_the_checkpoint_before_is_found_by_its_payload_and_a_renamed_copy_is_refused(tmp_path):
+    store = checkpoints.CheckpointStore(None, "", tmp_path)
+    key = Ed25519PrivateKey.generate()
+    for position in (9, 10, 100_000):
+        store.put(checkpoints.sign({**_payload([]), "log_position": position}, key))
+    latest = store.latest()[1]["payload"]
+    assert store.before(latest)[1]["payload"]["log_position"] == 10  # type: ignore[index]
+    assert store.before({**_payload([]), "log_position": 9}) is None
+    [old] = [p for p in tmp_path.glob("*.json") if p.name.startswith(f"{9:020d}")]
+    (tmp_path / f"{99:020d}-20261201T000000000000Z.json").write_bytes(old.read_bytes())
+    with pytest.raises(checkpoints.CheckpointError, match=r"renamed or copied"):
+        store.before(latest)
+
+
+def test_heads_lost_or_gone_backwards_since_the_checkpoint_before_are_breaks():
+    a, b, c, d = (str(uuid.UUID(int=n)) for n in range(1, 5))
+    earlier = [[c, 3, "h", 30], [a, 5, "h", 10], [b, 2, "h", 20]]
+    later = [[a, 7, "h", 40], [b, 1, "h", 20], [d, 1, "h", 50]]  # a grew, b went back, c is gone, d is new
+    found = audit.heads_regressions(earlier, later)
+    assert [(f.user_id, f.seq, f.position) for f in found] == [(b, 1, None), (c, 3, 30)]
+    assert "went backwards" in found[0].reason and "missing from this one" in found[1].reason
+    assert audit.heads_regressions(earlier, earlier) == []
+
+
 def test_a_public_key_pem_of_an_algorithm_cryptography_does_not_know_is_refused_in_one_line(tmp_path, monkeypatch):
     """As the signing key file's: a PEM whose algorithm cryptography does not support (its
     UnsupportedAlgorithm is no ValueError) went through `palette audit verify --public-key` as a

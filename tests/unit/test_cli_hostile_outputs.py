@@ -343,7 +343,7 @@ def test_verify_latest_falls_back_to_the_newest_local_copy_when_the_object_store
                                    "taken_at": "2026-12-05T09:00:00+00:00", "heads": []}, key))
     latest = _latest_checkpoint(_closed_store_settings(tmp_path, tmp_path / "kept", endpoint))
     assert latest is not None
-    where, doc = latest
+    where, doc, _ = latest
     assert checkpoints.verified_payload(doc, key.public_key())["log_position"] == 12
     assert where == str(tmp_path / "kept" / "00000000000000000012-20261205T090000000000Z.json")
     err = capsys.readouterr().err
@@ -396,6 +396,7 @@ def test_verify_against_a_checkpoint_prints_its_first_unmatched_heads_and_counts
     ``audit.FIRST_FINDINGS``, then one line for the rest (even with every chain whole)."""
     import argparse
 
+    from adapters.cli import auditors
     from adapters.cli.auditors import _audit_verify
     from projections import audit
 
@@ -405,6 +406,7 @@ def test_verify_against_a_checkpoint_prints_its_first_unmatched_heads_and_counts
     monkeypatch.setattr(checkpoints, "verified_payload", lambda doc, key: {"heads": heads, "log_position": 9})
     monkeypatch.setattr(audit, "verify_heads", lambda conn, payload_heads: list(payload_heads))
     monkeypatch.setattr(audit, "verify", lambda conn: audit.Verification(40, [], 0))
+    monkeypatch.setattr(auditors, "_earlier_checkpoint", lambda settings, store, payload, key: None)
     args = argparse.Namespace(public_key=None, checkpoint="cp.json")
     assert _audit_verify(args, None, None) == 1
     lines = capsys.readouterr().out.splitlines()
@@ -412,7 +414,8 @@ def test_verify_against_a_checkpoint_prints_its_first_unmatched_heads_and_counts
                           for i in range(audit.FIRST_FINDINGS)]
     assert lines[-2:] == ["... and 5 more checkpointed head(s) not matched",
                           f"verified 40 ledger rows: {audit.FIRST_FINDINGS + 5} broken chain(s); 25 chain heads of "
-                          f"the checkpoint at log position 9 (cp.json, signature valid): 25 do not match"]
+                          f"the checkpoint at log position 9 (cp.json, signature valid): 25 do not match; "
+                          "no checkpoint before it to compare with"]
 
 
 class _SweeperMeetingADownStore:
