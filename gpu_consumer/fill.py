@@ -101,10 +101,21 @@ def _along(image: torch.Tensor, stillness: torch.Tensor, known: torch.Tensor,
     return value, weight
 
 
+def _holes(hole: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """1 where a pixel is refilled: ``hole`` > 0.1 and a ``RIM``-pixel ring around it."""
+    return F.max_pool2d((hole > 0.1).to(dtype), 2 * RIM + 1, stride=1, padding=RIM)
+
+
+def has_surroundings(hole: torch.Tensor) -> bool:
+    """Whether some pixel is left to fill ``hole`` from: without one the fill has nothing to
+    continue and every pixel would come out black."""
+    return bool((_holes(hole, torch.float32) <= 0).any())
+
+
 def continue_structure(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
     """``image`` ``[1, 3, H, W]`` with the pixels where ``hole`` (``[1, 1, H, W]``, > 0.1) and a
-    ``RIM``-pixel ring around it are refilled from the rest."""
-    holes = F.max_pool2d((hole > 0.1).to(image.dtype), 2 * RIM + 1, stride=1, padding=RIM)
+    ``RIM``-pixel ring around it are refilled from the rest (see :func:`has_surroundings`)."""
+    holes = _holes(hole, image.dtype)
     known = 1.0 - holes
     # line ends averaged over their known neighbours along the line (less noise, edges across it kept)
     along_x = _known_along(image, known, (1, 3))

@@ -14,6 +14,7 @@ from domain.contracts.gpu_task import Task
 from domain.contracts.keys import MAX_INPUT_BYTES
 from gpu_consumer import ops
 from gpu_consumer.codec import BadInput, check_size, decode_upright, encode_png, encode_preview, read_mask
+from gpu_consumer.fill import has_surroundings
 from gpu_consumer.refine import refine_masks
 from gpu_consumer.segment import Instance, Segmenter, built_in
 
@@ -169,6 +170,11 @@ class ImagePipeline:
         if task.protect:
             protect = torch.stack([masks[c] for c in task.protect if c in masks]).amax(dim=0) if any(
                 c in masks for c in task.protect) else None
+        for concept, edit in task.concepts.items():  # a fill from nothing is a black photo, billed
+            if edit.get("action") == "remove" and concept in masks and not has_surroundings(
+                    masks[concept] if protect is None else masks[concept] * (protect <= 0.5)):
+                raise BadInput(f"the mask of {concept} covers the whole photo: remove fills it from what is "
+                               "around it, and nothing is")
         out = ops.apply_edits(image, masks, task.concepts, protect, self.texture_cache,
                               crop=self.device.type == "cpu")
         changed = torch.zeros_like(image[:, :1])

@@ -722,6 +722,22 @@ def test_an_edit_whose_client_mask_is_empty_fails_but_an_empty_protect_mask_is_n
     assert status == outcome and (("mask of wall is empty" in error) == (outcome == "failed")), error
 
 
+@pytest.mark.parametrize("sofa", [None, 0])
+def test_a_removal_whose_mask_leaves_nothing_around_it_fails_instead_of_a_black_photo(sofa: int | None) -> None:
+    """A remove fills its hole from the pixels around it: a client mask of the whole photo (an
+    empty protect mask protecting nothing) left none, and the item was reported done, billed,
+    its output black."""
+    keys = {"wall": "m/wall.png", **({"sofa": "m/sofa.png"} if sofa is not None else {})}
+    t = {**task({"wall": {"action": "remove", "value": ""}}), "protect": [] if sofa is None else ["sofa"],
+         "mask_keys": keys}
+    w, s3, _, callbacks, _ = worker([record(t)])
+    s3.objects.update({"m/wall.png": _mask_png(255), **({"m/sofa.png": _mask_png(sofa)} if sofa is not None else {})})
+    step_once(w)
+    [(_, status, error)] = callbacks.reports
+    assert status == "failed" and error.startswith("the mask of wall covers the whole photo"), (status, error)
+    assert t["output_key"] not in s3.objects
+
+
 @pytest.mark.parametrize(("upload", "reason"), [
     (b"not an image", "the mask of sofa is not a readable image"),
     (b"\xff\xd8" + b"\0" * MAX_INPUT_BYTES, "the mask of sofa is larger than 20 MB"),
