@@ -8,8 +8,11 @@ segmenter, the lamp's from a client mask (a loose ellipse around it, used as giv
 protected, and every segmenter mask is refined against the photo first. Two comparisons show what the refinement and the
 structured fill change, side by side at twice the size:
 
-* ``compare_refine.png``: the sofa's corner after ``recolor wall``, with the segmenter's mask as
-  it comes (left: a beige halo, blue on the protected sofa) and refined (right).
+* ``compare_refine.png``: the sofa's corner after ``recolor wall``, with the colour-cluster
+  segmenter's masks as they come (``PriorClusterSegmenter``, the default before the region
+  segmenter; left: a beige halo, blue on the protected sofa) and through the worker's own path
+  (right: the region segmenter, refined). On this room the region segmenter's masks show neither
+  even unrefined: the picture shows the segmenter's change more than the refinement's.
 * ``compare_remove.png``: a rug removed from the planks, by push-pull (left: a smooth smudge)
   and by the structured fill (right: the planks continue).
 """
