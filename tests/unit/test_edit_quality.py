@@ -140,3 +140,20 @@ def test_the_built_in_segmenter_meets_the_goals(measured: dict[str, Any]) -> Non
         # bottom edge too (segment.contact; 1.44 % in the full set's worst).
         assert s.get("halo_mean", 0) <= 0.02 and s.get("halo_max", 0) <= 0.02, s
         assert s.get("delta_e_median_max", 0) <= 5, s
+
+
+def test_the_fast_recolor_stays_within_40_db_of_the_per_pixel_formula_on_every_scene(measured: dict[str, Any]) -> None:
+    assert len(measured["fast_recolor_db"]) == len(SMALL)
+    assert min(measured["fast_recolor_db"]) >= quality.GOALS["fast_recolor_db"], measured["fast_recolor_db"]
+
+
+
+def test_the_fast_recolor_figure_falls_for_a_coarser_solve(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The figure can disagree with the code: the same formula per pixel scores no difference at
+    # all, and cells of 32 px, which spread the wall's change over 32 px, score lower than 4 px.
+    scene = generate(0, (240, 320))
+    at_4 = quality.fast_recolor_db(scene, "#5b7f95")
+    monkeypatch.setattr(ops, "CHROMA_STEP", 1)
+    assert quality.fast_recolor_db(scene, "#5b7f95") == float("inf")
+    monkeypatch.setattr(ops, "CHROMA_STEP", 32)
+    assert quality.fast_recolor_db(scene, "#5b7f95") < at_4 - 2
