@@ -158,8 +158,15 @@ class WebhookConsumer(ConsumerLoop):
         self.sweep_every_s = sweep_every_s
         self.losses = losses
         self.clock = clock
-        if positions.find(SWEEP) is None:  # a new group reads the topic from its start: the sweep starts here
-            positions.save(SWEEP, published())
+        if positions.find(SWEEP) is None:
+            # A new group reads the topic from its start, but the broker's log may begin past the
+            # event log's: the relay starts it afresh without waiting for a group that never
+            # started (adapters.rollover), and a broker that restarted empty holds only what was
+            # published again. With an endpoint registered already, the sweep starts at the log's
+            # start; with none, at the relay (read first: an endpoint registered after this look
+            # receives only events published after it).
+            relay = published()
+            positions.save(SWEEP, 0 if store.any_endpoint(recorder.conn) else relay)
         self.sweep_bound = published()
         self._next_sweep = clock() + sweep_every_s
         self.recorded = 0

@@ -151,6 +151,12 @@ def create_endpoint(conn: psycopg.Connection[Any], user_id: UUID, url: str, even
     return row
 
 
+def any_endpoint(conn: psycopg.Connection[Any]) -> bool:
+    """Whether any user has an endpoint (enabled or not)."""
+    row = conn.execute("SELECT EXISTS (SELECT 1 FROM palette_webhooks.endpoints)").fetchone()
+    return bool(row and row[0])
+
+
 def list_endpoints(conn: psycopg.Connection[Any], user_id: UUID) -> list[dict[str, Any]]:
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(sql.SQL("SELECT {} FROM palette_webhooks.endpoints WHERE user_id = %s "
