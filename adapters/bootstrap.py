@@ -201,7 +201,7 @@ def prepare_schemas(settings: Settings) -> None:
     import psycopg
 
     from adapters.api.idempotency import ensure_schema as ensure_api_schema
-    from adapters.positions import DDL as RELAY_DDL
+    from adapters.positions import ensure_schema as ensure_relay_schema
     from adapters.webhooks.store import ensure_schema as ensure_webhooks_schema
 
     open_event_store(settings, pool_size=1).close()
@@ -210,8 +210,7 @@ def prepare_schemas(settings: Settings) -> None:
         ensure_api_schema(conn)
         ensure_webhooks_schema(conn)
         ensure_keyring_schema(conn)
-        for statement in RELAY_DDL:  # before the relay, projector and dispatcher race to make them
-            conn.execute(statement)
+        ensure_relay_schema(conn)  # before the relay, projector and dispatcher start
 
 
 def embedded_stack(settings: Settings, echo: IO[str] | None = None) -> EmbeddedStack[Settings]:

@@ -27,6 +27,16 @@ DDL = (
 )
 
 
+def ensure_schema(conn: psycopg.Connection[Any]) -> None:
+    """``DDL``, once, under a lock: the relay, projector, dispatcher and webhook consumer each run
+    it as they start, and ``CREATE ... IF NOT EXISTS`` side by side on a fresh database fails
+    with a unique violation on PostgreSQL's catalog (the process exited at its start)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('palette-relay-ddl'))")
+        for statement in DDL:
+            conn.execute(statement)
+
+
 class _OwnConnection:
     """A connection of one's own to PostgreSQL that a database restart (or a pooler's or an idle
     timeout's kill) does not end for good: a statement that finds it dead runs once more on a fresh
@@ -82,8 +92,7 @@ class PgPositions(_OwnConnection):
     def connect(cls, database_url: str) -> Self:
         """The relay's positions, on a connection of their own (the schema created if missing)."""
         conn = psycopg.connect(database_url, autocommit=True)
-        for statement in DDL:
-            conn.execute(statement)
+        ensure_schema(conn)
         return cls(conn, conninfo=database_url)
 
     def get(self, name: str) -> int:
@@ -113,8 +122,7 @@ class LossSignal(_OwnConnection):
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.conninfo: str | None = database_url
         self.conn = psycopg.connect(database_url, autocommit=True)
-        for statement in DDL:
-            self.conn.execute(statement)
+        ensure_schema(self.conn)
         self.name = name
         self.every_s = every_s
         self.clock = clock

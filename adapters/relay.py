@@ -27,7 +27,7 @@ import psycopg
 from kafka.errors import KafkaError
 from psycopg import sql
 
-from adapters.positions import DDL, RELAY_NAME, PgPositions, Positions
+from adapters.positions import RELAY_NAME, PgPositions, Positions, ensure_schema
 from domain.contracts import trace as tracing
 from domain.contracts.envelope import EventEnvelope, decode
 from domain.contracts.topics import EVENTS as EVENTS_TOPIC
@@ -52,8 +52,7 @@ def _log_published(row: StoredRow, trace: str) -> None:
 
 def install_wakeup(conn: psycopg.Connection[Any], schema: str, events_table: str) -> None:
     """The statement trigger that notifies the relay of every commit that wrote events."""
-    for statement in DDL:
-        conn.execute(statement)
+    ensure_schema(conn)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('palette-relay-trigger'))")
         conn.execute("CREATE OR REPLACE FUNCTION palette_relay.notify_events() RETURNS trigger LANGUAGE plpgsql "

@@ -6,6 +6,7 @@ the consumer moves past what the broker holds of it instead of reading it again.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -151,6 +152,32 @@ def killed(url: str, conn: psycopg.Connection[Any]) -> None:
     pid = conn.info.backend_pid
     with psycopg.connect(url, autocommit=True) as other:
         other.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+
+def test_consumers_starting_together_on_a_fresh_database_each_make_the_relays_tables_or_find_them(
+        losses_db: str) -> None:
+    """The relay, projector, dispatcher and webhook consumer each make palette_relay's tables as
+    they start (``palette serve`` has no step before them that does): side by side on a fresh
+    database, CREATE ... IF NOT EXISTS failed with a unique violation on PostgreSQL's catalog and
+    the process exited."""
+    starters = [lambda: RelayState.connect(losses_db), lambda: PgPositions.connect(losses_db),
+                *[lambda n=n: LossSignal(losses_db, f"consumer-{n}") for n in range(4)]]
+    together = threading.Barrier(len(starters))
+    failed: list[str] = []
+
+    def start(make: Any) -> None:
+        together.wait()
+        try:
+            make().close()
+        except psycopg.Error as e:
+            failed.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=start, args=(make,)) for make in starters]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failed == []
 
 
 def test_the_loss_signal_and_the_positions_connect_again_after_their_connection_died(losses_db: str) -> None:
