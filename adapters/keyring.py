@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from adapters.ddl import run_locked
 from adapters.loop_pg import LoopConnections, Together
 from application.personal import KEY_BYTES, NONCE_BYTES, KeyDestroyed
 
@@ -40,8 +41,8 @@ DDL = (
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:
-    for statement in DDL:
-        conn.execute(statement)
+    """``DDL``, once: every API process runs it as it starts (``adapters.ddl``)."""
+    run_locked(conn, "palette-keyring-ddl", DDL)
 
 
 def key_encryption_key(secret: str) -> bytes:

@@ -12,6 +12,8 @@ from typing import Any, LiteralString, Protocol, Self
 import psycopg
 from psycopg import sql
 
+from adapters.ddl import run_locked
+
 log = logging.getLogger(__name__)
 
 RELAY_NAME = "palette.events"  # the live relay's name: its position and acknowledged offsets
@@ -31,10 +33,7 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
     """``DDL``, once, under a lock: the relay, projector, dispatcher and webhook consumer each run
     it as they start, and ``CREATE ... IF NOT EXISTS`` side by side on a fresh database fails
     with a unique violation on PostgreSQL's catalog (the process exited at its start)."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('palette-relay-ddl'))")
-        for statement in DDL:
-            conn.execute(statement)
+    run_locked(conn, "palette-relay-ddl", DDL)
 
 
 class _OwnConnection:

@@ -66,6 +66,7 @@ from eventsourcing.postgres import PostgresAggregateRecorder
 from psycopg import sql
 
 from adapters import keyring
+from adapters.ddl import run_locked
 from adapters.erasure import erase, forget_job_deliveries, forget_user_data
 from adapters.objects import delete_larger, delete_prefixes
 from adapters.settings import Settings
@@ -123,6 +124,11 @@ PRUNE_SNAPSHOTS = sql.SQL(
     "ORDER BY o.originator_id, o.originator_version LIMIT %s) s "
     "WHERE d.originator_id = s.originator_id AND d.originator_version = s.originator_version "
     "RETURNING d.originator_id, d.originator_version")
+
+
+def ensure_schema(conn: psycopg.Connection[Any]) -> None:
+    """``DDL``, once: every sweeper (and ``palette admin sweep``) runs it as it starts (``adapters.ddl``)."""
+    run_locked(conn, "palette-sweeps-ddl", DDL)
 
 
 @dataclass
@@ -228,8 +234,7 @@ class Sweeper:
         # clock); only users still waiting for theirs are kept.
         self._failing: dict[UUID, tuple[int, float]] = {}
         with self.container.read_pool.connection() as conn:
-            for statement in DDL:
-                conn.execute(statement)
+            ensure_schema(conn)
 
     def step(self, now: datetime | None = None, erasure_grace_s: float = 0.0) -> SweepReport:
         """One pass (``now``: the clock, for tests that look days ahead; ``erasure_grace_s``: how old

@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from adapters.api import unavailable
 from adapters.api.envelope import ApiError
 from adapters.api.rate_limit import RateLimited, TokenBuckets, client_address
+from adapters.ddl import run_locked
 from adapters.loop_pg import LoopConnections
 from adapters.tokens import TokenInvalid
 
@@ -80,8 +81,8 @@ def unflushed(conninfo: str) -> LoopConnections:
 
 
 def ensure_schema(conn: Any) -> None:
-    for statement in DDL:
-        conn.execute(statement)
+    """``DDL``, once: every API process runs it as it starts (``adapters.ddl``)."""
+    run_locked(conn, "palette-api-ddl", DDL)
 
 
 def storable(status: int) -> bool:

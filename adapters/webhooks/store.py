@@ -22,6 +22,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from adapters.ddl import run_locked
 from adapters.webhooks.targets import Outcome, normalised
 
 DDL = (
@@ -114,10 +115,7 @@ class ChangedSince(Exception):
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('palette-webhooks-ddl'))")
-        for statement in DDL:
-            conn.execute(statement)
+    run_locked(conn, "palette-webhooks-ddl", DDL)
 
 
 # -- endpoints (the API) ------------------------------------------------------------------------
