@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, TypeVar
@@ -30,7 +31,7 @@ from application.ports import Clock, IdGenerator, ObjectStore, StreamVersions
 from application.snapshots import SNAPSHOT_EVERY, SetAsList, StreamSnapshot
 from application.unit_of_work import Command, CommandExecutor, Committed, UnitOfWork, touches
 from domain.contracts.keys import MAX_INPUT_BYTES, REISSUE_S, input_key
-from domain.errors import InvalidState, NotFound, UserNotFound, ValidationFailed
+from domain.errors import InvalidState, NotFound, PreconditionFailed, UserNotFound, ValidationFailed
 from domain.job import MAX_ITEMS, Job, JobStatus, RecordedResult
 from domain.plans import DEFAULT_PLANS, Plan
 from domain.presets import get_preset, normalise_edits
@@ -620,14 +621,19 @@ class PaletteService:
 
     def update_rule(
         self, user_id: UUID, rule_id: UUID, name: str, concepts: Mapping[str, Mapping[str, Any]],
-        protect: Sequence[str] = (),
+        protect: Sequence[str] = (), expected_versions: AbstractSet[int] | None = None,
     ) -> Committed[None]:
-        return self.executor.execute(self.update_rule_command(user_id, rule_id, name, concepts, protect))
+        return self.executor.execute(self.update_rule_command(user_id, rule_id, name, concepts, protect,
+                                                              expected_versions))
 
     def update_rule_command(
         self, user_id: UUID, rule_id: UUID, name: str, concepts: Mapping[str, Mapping[str, Any]],
-        protect: Sequence[str] = (),
+        protect: Sequence[str] = (), expected_versions: AbstractSet[int] | None = None,
     ) -> Command[None]:
+        """``expected_versions`` (an If-Match; None: none) is checked against the rule as this
+        command loads it, each time it is decided (a retry after a conflict loads it again): a
+        rule at another version is PreconditionFailed, unless it already is what was asked (the
+        retry of an edit whose answer was lost; RFC 9110 13.1.1 allows a 2xx for it)."""
         sealed = self.sealer.seal(user_id, RULE_NAME_FIELD, name)
         at = self.clock.now()
 
@@ -637,21 +643,32 @@ class PaletteService:
             rule = self._own_rule(uow, user_id, rule_id)
             check_rule_name(name)  # after the rule is found: another user's rule is a 404 whatever the input
             edits, protected = normalise_edits(rule.preset_id, concepts, protect)  # the rule's preset's concepts
+            if expected_versions is not None and rule.version not in expected_versions:
+                if (rule.concepts, rule.protect, self.rule_name(rule.name)) == (edits, protected, name):
+                    return  # already as asked: nothing to write
+                raise PreconditionFailed(f"the rule is at version {rule.version}, not the If-Match's: "
+                                         "read it again")
             rule.update(sealed, edits, protected, at)
 
         return command
 
-    def delete_rule(self, user_id: UUID, rule_id: UUID) -> Committed[None]:
+    def delete_rule(self, user_id: UUID, rule_id: UUID,
+                    expected_versions: AbstractSet[int] | None = None) -> Committed[None]:
         """Delete the rule and free its slot, atomically."""
-        return self.executor.execute(self.delete_rule_command(user_id, rule_id))
+        return self.executor.execute(self.delete_rule_command(user_id, rule_id, expected_versions))
 
-    def delete_rule_command(self, user_id: UUID, rule_id: UUID) -> Command[None]:
+    def delete_rule_command(self, user_id: UUID, rule_id: UUID,
+                            expected_versions: AbstractSet[int] | None = None) -> Command[None]:
+        """``expected_versions`` as for ``update_rule_command`` (a rule deleted already is a 404)."""
         at = self.clock.now()
 
         @touches(rule_id, user_id)
         def command(uow: UnitOfWork) -> None:
             rule = self._own_rule(uow, user_id, rule_id)
             user = self._user(uow, user_id)  # UserNotFound once erased: before anything is recorded
+            if expected_versions is not None and rule.version not in expected_versions:
+                raise PreconditionFailed(f"the rule is at version {rule.version}, not the If-Match's: "
+                                         "read it again")
             rule.delete(at)
             user.free_rule_slot(rule_id, at)
 

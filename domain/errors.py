@@ -50,3 +50,8 @@ class ConcurrencyLimit(DomainError, code="CONCURRENCY_LIMIT"):
 
 class RuleSlotsFull(DomainError, code="RULE_SLOTS_FULL"):
     """Every rule slot of the plan is taken; deleting a rule frees one."""
+
+
+class PreconditionFailed(DomainError, code="PRECONDITION_FAILED"):
+    """The client's precondition (an ``If-Match`` version) does not hold for the aggregate as the
+    command loaded it: it changed since the client read it; nothing was recorded."""

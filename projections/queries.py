@@ -107,12 +107,17 @@ def list_jobs(
 
 
 def list_rules(conn: psycopg.Connection[Any], user_id: UUID) -> list[dict[str, Any]]:
+    """The user's rules, each with the version of its stream the model has folded (the tracking
+    row, written in the row's transaction): the rule's version as the row shows it, its ETag (0,
+    which no rule has, for a row without one, never seen: listed all the same)."""
     cols = ["id", "name", "preset_id", "concepts_json", "protect_json"]
-    query = sql.SQL("SELECT {} FROM {} WHERE user_id = %s AND NOT deleted ORDER BY created_at, id").format(
-        sql.SQL(", ").join(sql.Identifier(c) for c in cols), table("rules"))
+    query = sql.SQL("SELECT {}, coalesce(t.version, 0) FROM {} r LEFT JOIN {} t ON t.stream_id = r.id "
+                    "WHERE r.user_id = %s AND NOT r.deleted ORDER BY r.created_at, r.id").format(
+        sql.SQL(", ").join(sql.Identifier("r", c) for c in cols), table("rules"), table("rules_tracking"))
     out = []
     for r in conn.execute(query, [user_id]).fetchall():
-        row = dict(zip(cols, r, strict=True))
+        row = dict(zip([*cols, "version"], r, strict=True))
         out.append({"id": row["id"], "name": row["name"], "preset_id": row["preset_id"],
-                    "concepts": json.loads(row["concepts_json"]), "protect": json.loads(row["protect_json"])})
+                    "concepts": json.loads(row["concepts_json"]), "protect": json.loads(row["protect_json"]),
+                    "version": row["version"]})
     return out

@@ -29,6 +29,7 @@ STATUS_BY_CODE = {
     "CONCURRENCY_LIMIT": 409,
     "RULE_SLOTS_FULL": 403,
     "CONFLICT": 409,
+    "PRECONDITION_FAILED": 412,  # an If-Match version the object no longer has
     "AUTH_REQUIRED": 401,
     "AUTH_INVALID": 401,
     "PAYLOAD_TOO_LARGE": 413,

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from adapters.api.deps import ContainerDep, CurrentUser, ServiceDep
 from adapters.api.envelope import ok
 from adapters.api.idempotency import id_for_key
+from adapters.api.preconditions import etag, expected_versions
 from adapters.api.rate_limit import request_address
 from adapters.api.schemas import Envelope, RuleCreate, RuleList, RulePublic, RuleUpdate
 from adapters.api.strict_json import StrictJSONRoute
@@ -29,11 +30,29 @@ OWN: dict[int | str, dict[str, Any]] = {
     **COMMON, 404: {"model": _E, "description": "NOT_FOUND (also another user's rule)"}}
 LIMITED: dict[int | str, dict[str, Any]] = {429: {"model": _E, "description": "RATE_LIMITED (with Retry-After)"}}
 CONTENDED: dict[int | str, dict[str, Any]] = {409: {"model": _E, "description": "CONFLICT (contention: try again)"}}
+PRECONDITION: dict[int | str, dict[str, Any]] = {
+    412: {"model": _E, "description": "PRECONDITION_FAILED (If-Match names no version the rule is at: "
+          "it changed since it was read; nothing changed)"}}
+IfMatch = Annotated[str | None, Header(description='The rule\'s ETag as read ("3"; its version), or *: the write '
+                                       "applies only while the rule is at that version, else 412 (a list: any "
+                                       "of them; a weak tag never matches; not a list of entity tags: 422)")]
 
 
 def _public(service: PaletteService, rule: Rule) -> RulePublic:
     return RulePublic(id=rule.id, name=service.rule_name(rule.name), preset_id=rule.preset_id,
-                      concepts=rule.concepts, protect=rule.protect)
+                      concepts=rule.concepts, protect=rule.protect, version=rule.version)
+
+
+def _answer(service: PaletteService, rule: Rule, status: int = 200) -> JSONResponse:
+    """A single rule's answer: the rule, and its version as the ETag an If-Match names."""
+    response = ok(_public(service, rule), status=status)
+    response.headers["ETag"] = etag(rule.version)
+    return response
+
+
+def _if_match(request: Request, given: str | None) -> frozenset[int] | None:
+    """The versions the request's If-Match accepts (all its lines; None: any)."""
+    return expected_versions(request.headers.getlist("if-match")) if given is not None else None
 
 
 def _address(request: Request, container: Any) -> str:
@@ -62,7 +81,7 @@ async def create_rule(body: RuleCreate, user_id: CurrentUser, service: ServiceDe
         spending.recorded = committed.recorded
     container.last_writes.record(user_id, "rules", committed.value, committed.versions.get(committed.value))
     rule = await run_in_threadpool(service.get_rule, user_id, committed.value)
-    return ok(_public(service, rule), status=201)
+    return _answer(service, rule, status=201)
 
 
 @router.get("/rules", response_model=Envelope[RuleList], responses=COMMON)
@@ -81,25 +100,34 @@ async def list_rules(user_id: CurrentUser, container: ContainerDep, service: Ser
     return ok(RuleList(items=[RulePublic.model_validate(r) for r in rows]))
 
 
-@router.put("/rules/{rule_id}", response_model=Envelope[RulePublic], responses={**OWN, **LIMITED, **CONTENDED})
+@router.put("/rules/{rule_id}", response_model=Envelope[RulePublic],
+            responses={**OWN, **LIMITED, **CONTENDED, **PRECONDITION})
 async def update_rule(rule_id: UUID, body: RuleUpdate, user_id: CurrentUser,
-                      service: ServiceDep, container: ContainerDep, request: Request) -> JSONResponse:
-    """Change the rule (an event on its stream when anything changed); limited per user and address."""
+                      service: ServiceDep, container: ContainerDep, request: Request,
+                      if_match: IfMatch = None) -> JSONResponse:
+    """Change the rule (an event on its stream when anything changed); limited per user and address.
+    With If-Match, only while the rule is at a version it names (checked in the command, against
+    the rule it writes), else 412; a rule already as asked is answered as done (a retry whose
+    answer was lost)."""
+    versions = _if_match(request, if_match)
     with request.app.state.rule_limits.spending(user_id, _address(request, container)) as spending:
         await service.keys_ready(user_id)  # the name is sealed under the caller's key
         committed = await service.run(service.update_rule_command(user_id, rule_id, body.name, _edits(body),
-                                                                  body.protect))
+                                                                  body.protect, versions))
         spending.recorded = committed.recorded
     container.last_writes.record(user_id, "rules", rule_id, committed.versions.get(rule_id))
-    return ok(_public(service, await run_in_threadpool(service.get_rule, user_id, rule_id)))
+    return _answer(service, await run_in_threadpool(service.get_rule, user_id, rule_id))
 
 
-@router.delete("/rules/{rule_id}", response_model=Envelope[dict[str, bool]], responses={**OWN, **LIMITED, **CONTENDED})
+@router.delete("/rules/{rule_id}", response_model=Envelope[dict[str, bool]],
+               responses={**OWN, **LIMITED, **CONTENDED, **PRECONDITION})
 async def delete_rule(rule_id: UUID, user_id: CurrentUser, service: ServiceDep,
-                      container: ContainerDep, request: Request) -> JSONResponse:
-    """Delete the rule and free its slot; limited per user and address."""
+                      container: ContainerDep, request: Request, if_match: IfMatch = None) -> JSONResponse:
+    """Delete the rule and free its slot; limited per user and address. With If-Match, only while
+    the rule is at a version it names, else 412."""
+    versions = _if_match(request, if_match)
     with request.app.state.rule_limits.spending(user_id, _address(request, container)) as spending:
-        committed = await service.run(service.delete_rule_command(user_id, rule_id))
+        committed = await service.run(service.delete_rule_command(user_id, rule_id, versions))
         spending.recorded = committed.recorded
     container.last_writes.record(user_id, "rules", rule_id, committed.versions.get(rule_id))
     return ok({"deleted": True})

@@ -129,6 +129,7 @@ class RulePublic(BaseModel):
     preset_id: str
     concepts: dict[str, dict[str, str]]
     protect: list[str]
+    version: int  # the rule's stream version: its ETag, "<version>", for If-Match on PUT/DELETE
 
 
 class RuleList(BaseModel):
