@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -42,3 +43,15 @@ def schema(settings: Settings) -> Iterator[str]:
     yield name
     with psycopg.connect(settings.effective_database_url, autocommit=True) as c:
         c.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def fresh_db(settings: Settings) -> Iterator[str]:
+    """The URL of a database of its own, made empty for the test and dropped after it."""
+    name = f"fresh_{uuid.uuid4().hex[:12]}"
+    base = settings.effective_database_url
+    with psycopg.connect(base, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield urlunsplit(urlsplit(base)._replace(path=f"/{name}"))
+    with psycopg.connect(base, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))

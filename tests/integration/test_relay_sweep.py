@@ -10,11 +10,9 @@ import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from adapters import kafka_io
 from adapters.bootstrap import open_event_store
@@ -103,15 +101,9 @@ def test_the_relay_saves_its_position_with_the_acknowledged_offsets(settings: Se
 
 
 @pytest.fixture
-def losses_db(settings: Settings) -> Iterator[str]:
+def losses_db(fresh_db: str) -> str:
     """A database of its own: the losses recorded there reach no other consumer of the session's stack."""
-    name = f"losses_{uuid.uuid4().hex[:12]}"
-    base = settings.effective_database_url
-    with psycopg.connect(base, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield urlunsplit(urlsplit(base)._replace(path=f"/{name}"))
-    with psycopg.connect(base, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    return fresh_db
 
 
 def test_a_consumer_handles_each_loss_once_from_the_oldest_start_and_a_new_one_none_before_it(

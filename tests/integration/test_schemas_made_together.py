@@ -7,31 +7,15 @@ exited at its start."""
 from __future__ import annotations
 
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from adapters import keyring, positions, retention
 from adapters.api import idempotency
-from adapters.settings import Settings
 from adapters.webhooks import store as webhooks
-
-
-@pytest.fixture
-def fresh_db(settings: Settings) -> Iterator[str]:
-    name = f"ddl_{uuid.uuid4().hex[:12]}"
-    base = settings.effective_database_url
-    with psycopg.connect(base, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield urlunsplit(urlsplit(base)._replace(path=f"/{name}"))
-    with psycopg.connect(base, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-
 
 SCHEMAS: list[Callable[[psycopg.Connection[Any]], None]] = [
     idempotency.ensure_schema, keyring.ensure_schema, webhooks.ensure_schema, positions.ensure_schema,
