@@ -145,6 +145,7 @@ def _latest_checkpoint(settings: Any) -> tuple[str, Any, Any] | None:
         return (*store.latest(), store)
     except Exception as e:  # an endpoint botocore cannot use is one it cannot reach, as everywhere
         if not _store_unreachable(e):
+            _refused(e, settings)
             raise
         away = f"cannot reach the object store ({driver_reason(e)})"
     local = checkpoints.CheckpointStore.of(settings, use_s3=False)
@@ -158,6 +159,19 @@ def _latest_checkpoint(settings: Any) -> tuple[str, Any, Any] | None:
         raise checkpoints.CheckpointError(f"{away}; its newest local copy: {e}") from None
     print(f"palette audit verify: {away}: verifying against the newest local copy, {where}", file=sys.stderr)
     return where, doc, local
+
+
+def _refused(e: Exception, settings: Any) -> None:
+    """Raise, in one line, the object store's answer of an error (no such bucket, access denied)
+    to a look at the checkpoints (``e``, when it is one): it was a traceback."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from adapters import checkpoints
+    from adapters.logs import driver_reason
+
+    if isinstance(e, (ClientError, BotoCoreError)):
+        raise checkpoints.CheckpointError(f"the object store refused to list or read the checkpoints in bucket "
+                                          f"{settings.s3_bucket}: {driver_reason(e)}") from None
 
 
 def _earlier_checkpoint(settings: Any, store: Any, payload: dict[str, Any], key: Any) -> tuple[str, Any] | None:
@@ -176,6 +190,7 @@ def _earlier_checkpoint(settings: Any, store: Any, payload: dict[str, Any], key:
             found = store.before(payload)
         except Exception as e:  # a CheckpointError too: only a store not reached falls back
             if not _store_unreachable(e):
+                _refused(e, settings)
                 raise
             store = checkpoints.CheckpointStore.of(settings, use_s3=False)
             kept = ("; not compared with the checkpoint before it (PALETTE_AUDIT_CHECKPOINT_DIR is not set)"
@@ -183,7 +198,11 @@ def _earlier_checkpoint(settings: Any, store: Any, payload: dict[str, Any], key:
             print(f"palette audit verify: cannot reach the object store ({driver_reason(e)}){kept}", file=sys.stderr)
             found = store.before(payload) if store.directory is not None else None
     else:
-        found = store.before(payload)
+        try:
+            found = store.before(payload)
+        except Exception as e:
+            _refused(e, settings)
+            raise
     if found is None:
         return None
     where, doc = found

@@ -434,3 +434,19 @@ def test_cli_verify_refuses_a_checkpoint_before_it_that_does_not_verify(busy, se
     assert said.out == "" and said.err.count("\n") == 1
     assert said.err.startswith("palette audit verify: the checkpoint before it, s3://")
     assert "does not verify" in said.err
+
+
+def test_cli_verify_of_a_file_says_in_one_line_when_the_object_store_refuses_the_look_before_it(
+        busy, service, settings, tmp_path, own_store, capsys, monkeypatch):  # noqa: F811
+    """verify --checkpoint FILE reads the object store for the checkpoint before it: a store that
+    answers with an error (no such bucket, access denied) was a traceback, where a FILE alone
+    never touched the store before, and `latest` says such a store in one line too."""
+    key = Ed25519PrivateKey.generate()
+    public = checkpoints.public_hex(key.public_key())
+    (tmp_path / "cp.json").write_text(json.dumps(_checkpoint(service, settings, key)))
+    monkeypatch.setenv("PALETTE_S3_BUCKET", f"gone-{uuid.uuid4().hex[:12]}")  # answers NoSuchBucket
+    for named in (str(tmp_path / "cp.json"), "latest"):
+        assert cli.main(["audit", "verify", "--checkpoint", named, "--public-key", public]) == 2
+        said = capsys.readouterr()
+        assert said.out == "" and said.err.count("\n") == 1, said
+        assert said.err.startswith("palette audit verify: ") and "NoSuchBucket" in said.err, said.err
