@@ -256,7 +256,8 @@ def _named(name: str, doc: Any, where: str) -> Any:
         return doc  # no checkpoint: verified_payload says so
     if own != name:
         raise CheckpointError(f"{where} holds the checkpoint named {own} (log position "
-                              f"{int(doc['payload']['log_position']):,}): renamed or copied, not the latest")
+                              f"{int(doc['payload']['log_position']):,}): renamed or copied, not the "
+                              "checkpoint its name says")
     return doc
 
 

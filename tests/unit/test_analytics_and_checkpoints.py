@@ -283,7 +283,7 @@ def test_an_older_checkpoint_copied_under_a_name_that_sorts_last_is_not_taken_fo
     store.put(checkpoints.sign({**_payload([]), "log_position": 10}, key))
     planted = tmp_path / f"{99:020d}-20261201T000000000000Z.json"
     planted.write_bytes(Path(old).read_bytes())
-    with pytest.raises(checkpoints.CheckpointError, match=r"renamed or copied, not the latest") as e:
+    with pytest.raises(checkpoints.CheckpointError, match=r"renamed or copied, not the checkpoint its name says") as e:
         store.latest()
     assert str(planted) in str(e.value) and "log position 9)" in str(e.value)
 

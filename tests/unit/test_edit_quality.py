@@ -142,7 +142,7 @@ def test_the_built_in_segmenter_meets_the_goals(measured: dict[str, Any]) -> Non
         assert s.get("delta_e_median_max", 0) <= 5, s
 
 
-def test_the_fast_recolor_stays_within_40_db_of_the_per_pixel_formula_on_every_scene(measured: dict[str, Any]) -> None:
+def test_the_fast_recolor_is_40_db_or_more_from_the_per_pixel_formula_on_every_scene(measured: dict[str, Any]) -> None:
     assert len(measured["fast_recolor_db"]) == len(SMALL)
     assert min(measured["fast_recolor_db"]) >= quality.GOALS["fast_recolor_db"], measured["fast_recolor_db"]
 
