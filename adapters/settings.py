@@ -382,7 +382,14 @@ class Settings(BaseSettings):
         """Refuse, outside development, a signing secret that is a placeholder, short, or made of
         a few characters repeated ("k" * 32 is 32 bytes and next to no secret), and one secret
         given for two purposes: a token's key would then also sign GPU callbacks or device keys.
-        The messages name the settings, never a value."""
+        The messages name the settings, never a value. In development too, the device keys'
+        secret is refused under the length HmacDeviceKeyer takes (it would fail each process's
+        start with a traceback)."""
+        from application.device_keys import MIN_SECRET_BYTES as MIN_DEVICE_KEY_BYTES
+
+        if len(self.device_key_secret.encode()) < MIN_DEVICE_KEY_BYTES:
+            raise SettingsError(f"PALETTE_DEVICE_KEY_SECRET must be at least {MIN_DEVICE_KEY_BYTES} bytes "
+                                "(it keys the device hashes)")
         if self.env == "development":
             return
         named: dict[str, str] = {}

@@ -74,6 +74,29 @@ def test_production_refuses_one_secret_for_two_purposes(tmp_path, first, second)
     assert secrets[first] not in str(e.value)
 
 
+@pytest.mark.parametrize("where", ["environment", "data dir"])
+def test_a_device_key_secret_the_keyer_refuses_is_a_settings_error_in_development_too(tmp_path, where):
+    """HmacDeviceKeyer takes no secret under 16 bytes; development skips the production checks, so
+    such a secret (PALETTE_DEVICE_KEY_SECRET=dev, a hand-edited secrets.json) passed the settings
+    and every process that builds the container (palette serve, palette admin erase) ended in a
+    traceback. It is a one-line SettingsError naming the setting, not the value."""
+    import json
+
+    from application.device_keys import MIN_SECRET_BYTES, HmacDeviceKeyer
+
+    short = "d3v-s3cr3t"
+    if where == "data dir":
+        made = load_settings(data_dir=tmp_path)
+        (tmp_path / "secrets.json").write_text(json.dumps({
+            **{name: getattr(made, name) for name in json.loads((tmp_path / "secrets.json").read_text())},
+            "device_key_secret": short}))
+    with pytest.raises(SettingsError, match=r"^PALETTE_DEVICE_KEY_SECRET must be at least 16 bytes") as e:
+        load_settings(data_dir=tmp_path, **({"device_key_secret": short} if where == "environment" else {}))
+    assert "\n" not in str(e.value) and short not in str(e.value)
+    enough = "d" * MIN_SECRET_BYTES  # what the keyer takes, development takes
+    HmacDeviceKeyer(load_settings(data_dir=tmp_path, device_key_secret=enough).device_key_secret)
+
+
 def test_invalid_setting_is_one_line_naming_it(tmp_path):
     with pytest.raises(SettingsError, match="PALETTE_API_PORT") as e:
         load_settings(data_dir=tmp_path, api_port=70000)
