@@ -417,6 +417,13 @@ def limit_connections(max_connections: int, max_per_peer: int) -> None:
 # loopback peer's X-Forwarded-For in place of the peer, so every client of an API bound on
 # 127.0.0.1 chose the address its limits count against; PALETTE_TRUSTED_PROXIES says how far the
 # header is believed (adapters.api.rate_limit.client_address), and nothing else reads it. No
-# WebSocket: the API serves none, and an upgraded connection leaves the bounded protocol.
+# WebSocket: the API serves none, and an upgraded connection leaves the bounded protocol. On
+# SIGTERM the responses running get GRACEFUL_SHUTDOWN_S, then are ended (their tasks canceled)
+# and the app shuts down: uvicorn waited, unbounded, for every one to end, and a client's event
+# stream ends after 10 minutes (a worker's parent joins it without a bound too), so a stop outlived
+# the supervisor's 20 s and was SIGKILLed, the app's shutdown never run. A command waits at most
+# COMMIT_LAG_MAX_S (4 s) to be written, so one in flight is answered within it.
+GRACEFUL_SHUTDOWN_S = 5
 SERVER_OPTIONS: dict[str, Any] = {"log_level": "warning", "access_log": False, "timeout_keep_alive": 75,
-                                  "http": BoundedHttpToolsProtocol, "ws": "none", "proxy_headers": False}
+                                  "http": BoundedHttpToolsProtocol, "ws": "none", "proxy_headers": False,
+                                  "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S}

@@ -1,12 +1,16 @@
 """PALETTE_API_WORKERS=2: two API processes on one port, each with its own group committer and
 cache, against the session's stack. Commands on one stream from both lose nothing (a conflict
-reloads and decides again), and reads stay strongly consistent."""
+reloads and decides again), and reads stay strongly consistent; a client's open event stream does
+not keep `palette serve api` from stopping."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from adapters.api.http_limits import GRACEFUL_SHUTDOWN_S
 from infra.stack import EmbeddedStack
 from tests.conftest import free_port
 
@@ -25,24 +30,30 @@ ROOT = Path(__file__).resolve().parents[2]
 ITEMS = 40  # results posted at once into one job (the free plan's credits allow 50)
 
 
+def _serve_api(apps: EmbeddedStack, workers: int) -> tuple[subprocess.Popen[bytes], str]:
+    """`palette serve api` with PALETTE_API_WORKERS=``workers`` on a port of its own, answering."""
+    port = free_port()
+    env = {**os.environ, **apps.settings.as_env(), "PALETTE_API_WORKERS": str(workers), "PALETTE_API_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "-m", "adapters.cli", "serve", "api"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("the API workers did not start")
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def workers_url(apps: EmbeddedStack) -> Iterator[str]:
-    """`palette serve api` with PALETTE_API_WORKERS=2 on a port of its own."""
-    port = free_port()
-    env = {**os.environ, **apps.settings.as_env(), "PALETTE_API_WORKERS": "2", "PALETTE_API_PORT": str(port)}
-    proc = subprocess.Popen([sys.executable, "-m", "adapters.cli", "serve", "api"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = _serve_api(apps, 2)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "the API workers did not start"
-            time.sleep(0.2)
         yield url
     finally:
         proc.terminate()
@@ -112,3 +123,43 @@ def test_a_job_created_through_one_process_is_listed_at_once_by_the_other(apps: 
         assert body["meta"]["projection_behind"] == 1
     finally:
         apps.start_app("projector")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_open_event_stream_does_not_hold_up_a_stop(apps: EmbeddedStack, workers: int) -> None:
+    """SIGTERM with a client's event stream open on a job still waiting: uvicorn waited for every
+    response to end, and a stream ends after 10 minutes (the parent joins its workers without a
+    bound), so `palette serve api` outlived the supervisor's 20 s and was SIGKILLed, its queued
+    commands and shutdown lost. The server gives running responses GRACEFUL_SHUTDOWN_S, then ends them."""
+    proc, url = _serve_api(apps, workers)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            client = Client(http)
+            job = client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})["job_id"]
+        opened, ended = threading.Event(), threading.Event()
+
+        def listen() -> None:
+            with contextlib.suppress(httpx.HTTPError), \
+                    httpx.Client(base_url=url, timeout=120, headers=client.headers) as own, \
+                    own.stream("GET", f"/jobs/{job}/events") as stream:
+                assert stream.status_code == 200
+                opened.set()
+                for _ in stream.iter_lines():
+                    pass
+            ended.set()
+
+        threading.Thread(target=listen, daemon=True).start()
+        assert opened.wait(30)
+        stopping = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=GRACEFUL_SHUTDOWN_S + 10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still serving {GRACEFUL_SHUTDOWN_S + 10:g} s after SIGTERM") from None
+        assert code in (0, -signal.SIGTERM)  # one process: uvicorn, shut down, raises the signal again
+        assert ended.wait(5)  # the stream ended: its client reconnects with Last-Event-ID
+        assert time.monotonic() - stopping >= GRACEFUL_SHUTDOWN_S - 1  # the stream had its grace
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the workers too
+            proc.wait(timeout=30)
