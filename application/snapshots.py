@@ -5,7 +5,8 @@ A snapshot is eventsourcing's ``Snapshot`` (the aggregate's attributes, with its
 dictionary keyed by anything but strings (a user's reservations, by job id) as a list of pairs,
 since JSON's keys are strings only. Its stored topic is this module's ``StreamSnapshot``: moving
 or renaming the class makes the snapshots already stored unreadable (each is then passed over and
-its stream folded whole, until the next one is taken).
+its stream folded whole, until the next one is taken), and so does one taken at a later
+``class_version`` than this code's (by a release since rolled back).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from eventsourcing.domain import Snapshot
 from eventsourcing.persistence import Transcoding
+from eventsourcing.utils import resolve_topic
 
 # A stream that grows for as long as its owner uses it (a user's: two events a job; a rule's: one
 # an edit) gets a snapshot every this many events, so that loading it (a restart, an eviction
@@ -72,6 +74,12 @@ class StreamSnapshot(Snapshot):
         return snapshot
 
     def mutate(self, _: None) -> Any:
+        """The aggregate, at its class's version. One taken at a later version (by code since
+        rolled back) is refused: this code cannot downcast it, and its attributes are not this
+        class's (the stream's events are read instead)."""
+        written, known = self.state.get("class_version", 1), getattr(resolve_topic(self.topic), "class_version", 1)
+        if written > known:
+            raise ValueError(f"taken at class version {written}, past this code's {known}")
         restored = {name: _restored(value) for name, value in self.state.items()}
         return Snapshot(originator_id=self.originator_id, originator_version=self.originator_version,
                         timestamp=self.timestamp, topic=self.topic, state=restored).mutate(None)

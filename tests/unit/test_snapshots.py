@@ -297,3 +297,24 @@ def test_a_snapshot_past_the_streams_last_event_is_passed_over() -> None:
     loader = CountingLoader(app)
     assert state(cold_read(app, loader, user_id)) == state(folded(app, user_id))
     assert (loader.snapshots_read, loader.events) == (1, folded(app, user_id).version - newest.originator_version)
+
+
+def test_a_snapshot_from_a_later_class_version_is_passed_over_and_the_stream_read_whole(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Code rolled back after a release that gave User a class_version 2 (``balance`` renamed,
+    say) and took snapshots: this code has no downcast, so it cannot read them as its own."""
+    app, user_id, _ = _user_at_version_5_snapshotted_at_4()
+    assert app.snapshots is not None
+    user = folded(app, user_id)
+    later = StreamSnapshot.take(user)
+    later.state["credits"] = later.state.pop("balance")
+    later.state["class_version"] = 2
+    stored = app.mapper.to_stored_event(later)
+    assert stored.originator_version == 5  # the stream has its event: a load may start from it
+    app.snapshots.recorder.insert_events([stored])
+    loader = CountingLoader(app)
+    with caplog.at_level(logging.WARNING, logger="application.executors"):
+        loaded = cold_read(app, loader, user_id)
+    assert state(loaded) == state(user)
+    assert loader.fallback_events == user.version  # the whole stream
+    assert "class version 2" in caplog.text
