@@ -43,11 +43,12 @@ class PgStreamLoader:
             " WHERE originator_id = v.id AND originator_version > v.ver ORDER BY originator_version) e"
         ).format(events)
         # The same from snapshots: each stream's newest snapshot past the version given, if any
-        # (``s``, read twice, so computed once), then its events past that; both kinds of row in
-        # one answer, told apart by the first column. A stream without snapshots costs one probe
-        # of the snapshots' primary key. A snapshot counts only where the stream has an event of
-        # its version: one past the stream's end (a store restored behind its snapshots) is not
-        # the stream's state.
+        # (``s``, read twice, so computed once), then its events from its version on (that one
+        # too: the caller checks the snapshot agrees with it); both kinds of row in one answer,
+        # told apart by the first column. A stream without snapshots costs one probe of the
+        # snapshots' primary key. A snapshot counts only where the stream has an event of its
+        # version: one past the stream's end (a store restored behind its snapshots) is not the
+        # stream's state.
         self._since_snapshots = None if snapshots is None else sql.SQL(
             "WITH v AS (SELECT * FROM unnest(%b::uuid[], %b::int[]) AS v(id, ver)), "
             "s AS (SELECT v.id, s.originator_version, s.topic, s.state FROM v CROSS JOIN LATERAL ("
@@ -60,7 +61,7 @@ class PgStreamLoader:
             "SELECT false, e.originator_id, e.originator_version, e.topic, e.state "
             "FROM v LEFT JOIN s ON s.id = v.id CROSS JOIN LATERAL ("
             " SELECT originator_id, originator_version, topic, state FROM {events}"
-            " WHERE originator_id = v.id AND originator_version > coalesce(s.originator_version, v.ver)"
+            " WHERE originator_id = v.id AND originator_version > coalesce(s.originator_version - 1, v.ver)"
             " ORDER BY originator_version) e"
         ).format(snapshots=sql.Identifier(snapshots.datastore.schema, snapshots.events_table_name), events=events)
 

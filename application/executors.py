@@ -79,7 +79,7 @@ class RecorderStreamLoader:
                                                lte=snapshot.originator_version):
                     snapshots.append(snapshot)
                     break
-        past = {s.originator_id: s.originator_version for s in snapshots}
+        past = {s.originator_id: s.originator_version - 1 for s in snapshots}  # its event too
         return snapshots, self.newer_than({i: past.get(i, v) for i, v in versions.items()})
 
 
@@ -131,9 +131,14 @@ class WriterCache:
         except Exception as e:  # noqa: BLE001 - the snapshots' table gone, say: read the events alone
             log.warning("loading from snapshots failed (%s: %s): reading the events", type(e).__name__, e)
             snapshots, events = [], self.loader.newer_than(versions)
+        # Each snapshot's own event, which it must agree with (not applied: the snapshot holds it).
+        at = {(s.originator_id, s.originator_version) for s in snapshots}
+        backing = {(e.originator_id, e.originator_version): e for e in events
+                   if (e.originator_id, e.originator_version) in at}
+        events = [e for e in events if (e.originator_id, e.originator_version) not in backing]
         unreadable: set[UUID] = set()
         for stored in snapshots:  # each newer than what the cache holds, if anything
-            restored = self._restore(stored)
+            restored = self._restore(stored, backing.get((stored.originator_id, stored.originator_version)))
             if restored is not None:
                 out[restored.id] = restored
             else:
@@ -151,11 +156,20 @@ class WriterCache:
                 self._weigh(agg)
         return out
 
-    def _restore(self, stored: StoredEvent) -> Aggregate | None:
+    def _restore(self, stored: StoredEvent, its_event: StoredEvent | None) -> Aggregate | None:
         """The aggregate a snapshot holds; None (its events are read instead) when it cannot be
-        read: a snapshot is a shortcut, never the only copy of anything."""
+        read, or is not of the stream's history: the aggregate it holds was last changed at
+        another time than the stream's event of its version says (``its_event``; a store
+        restored behind its snapshots, then written again up to their versions). A snapshot is a
+        shortcut, never the only copy of anything."""
         try:
             aggregate: Aggregate = self.app.mapper.to_domain_event(stored).mutate(None)  # type: ignore[attr-defined]
+            if its_event is None:
+                raise LookupError("the stream has no event of its version")
+            changed_at = self.app.mapper.to_domain_event(its_event).timestamp  # type: ignore[attr-defined]
+            if aggregate.modified_on != changed_at:
+                raise ValueError(f"not of the stream's history: last changed at {aggregate.modified_on}, "
+                                 f"the stream's event of its version at {changed_at}")
         except Exception as e:  # noqa: BLE001 - a class changed without its upcast, bytes damaged
             log.warning("the snapshot of %s at version %d cannot be read (%s: %s): reading its events",
                         stored.originator_id, stored.originator_version, type(e).__name__, e)

@@ -43,8 +43,10 @@ class StreamLoader(Protocol):
     def since_snapshots(self, versions: Mapping[UUID, int]) -> tuple[list[StoredEvent], list[StoredEvent]]:
         """``newer_than``, from snapshots where they help: the newest snapshot of each stream in
         ``versions`` past the version given for it and at most its last event's (none where the
-        store keeps no snapshots), and the stream's events past that snapshot (past the version
-        given where it has none)."""
+        store keeps no snapshots), and the stream's events from that snapshot's version on (its
+        event too, which the snapshot must agree with: a store restored behind its snapshots and
+        written again has an event of that version from another history), past the version given
+        where it has none."""
         ...
 
 

@@ -69,7 +69,8 @@ def test_a_store_from_before_snapshots_gets_their_table_and_cold_loads_read_from
         assert isinstance(loader, PgStreamLoader)
         snapshots, events = loader.since_snapshots(dict.fromkeys(users, 0))  # one query for all three
         assert {(s.originator_id, s.originator_version) for s in snapshots} == set(newest.items())
-        past = {u: newest.get(u, 0) for u in users}  # each stream's events past its snapshot, in order
+        # each stream's events from its snapshot's (the snapshot is checked against it), in order
+        past = {u: newest[u] - 1 if u in newest else 0 for u in users}
         for u in users:
             assert [e.originator_version for e in events if e.originator_id == u] == [
                 e.originator_version for e in app.recorder.select_events(u, gt=past[u] or None)]
@@ -142,4 +143,40 @@ def test_a_snapshots_table_gone_at_run_time_costs_only_the_shortcut(settings: Se
             cold.stop()
     finally:
         committer.stop()
+        app.close()
+
+
+def test_a_snapshot_of_a_history_a_restore_undid_is_not_loaded_once_the_stream_is_written_up_to_it(
+        settings: Settings, schema: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Restored behind its snapshots (the events past 3 gone, the snapshots at 4 and 6 kept), the
+    user is written again up to 6: those snapshots are of the history the restore undid, and a
+    cold load folds the stream as it is now, not the credits it had then."""
+    app = PaletteApplication(env=event_store_env(settings, schema=schema))
+    committer = GroupCommitter(app, pg_stream_loader(app), snapshot_every={User: 2}).start()
+    svc = PaletteService(app, committer, SystemClock(), RandomIds(), **process_keys())
+    try:
+        user_id = svc.register(f"snap-{uuid.uuid4()}").value[0]
+        for _ in range(4):
+            svc.grant_credits(user_id, 1, "promo")  # versions 3-6: snapshots at 4 and 6
+        committer.read(user_id)  # queued behind the last save: its snapshot is written
+        committer.stop()
+        assert committer.snapshots_taken == 3
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DELETE FROM {} WHERE originator_id = %s AND originator_version > 3")
+                         .format(sql.Identifier(schema, "palette_events")), [user_id])
+        again = GroupCommitter(app, pg_stream_loader(app), snapshot_every={User: 2}).start()
+        try:
+            again_svc = PaletteService(app, again, SystemClock(), RandomIds(), **process_keys())
+            with caplog.at_level(logging.WARNING, logger="application.executors"):
+                for _ in range(3):
+                    again_svc.grant_credits(user_id, 7, "promo")  # versions 4-6 of another history
+                again.read(user_id)  # its snapshots at 4 and 6 were tried: the old ones hold the keys
+        finally:
+            again.stop()
+        whole = folded(app, user_id)
+        assert whole.version == 6 and whole.balance == 50 + 1 + 21
+        with caplog.at_level(logging.WARNING, logger="application.executors"):
+            assert state(cold_read(app, pg_stream_loader(app), user_id)) == state(whole)
+        assert "not of the stream's history" in caplog.text
+    finally:
         app.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from concurrent.futures import Future
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
@@ -147,7 +148,8 @@ def test_a_stream_loaded_from_its_newest_snapshot_is_the_stream_folded_whole(eve
         assert newest >= whole.version // every * every
         loader = CountingLoader(app)
         assert state(cold_read(app, loader, stream_id)) == state(whole)
-        assert loader.events == whole.version - newest  # only what came after the snapshot
+        # only what came after the snapshot, and its own event (which it is checked against)
+        assert loader.events == whole.version - newest + (1 if snaps else 0)
         assert loader.snapshots_read == (1 if snaps else 0)
         stored += len(snaps)
     assert committer.snapshots_taken == stored  # none failed
@@ -205,7 +207,7 @@ def test_an_unreadable_snapshot_is_passed_over_and_the_stream_read_whole(caplog:
     with caplog.at_level(logging.WARNING, logger="application.executors"):
         loaded = cold_read(app, loader, user_id)
     assert state(loaded) == state(folded(app, user_id))
-    assert loader.snapshots_read == 1 and loader.events == 0  # nothing past the damaged one
+    assert loader.snapshots_read == 1 and loader.events == 1  # nothing past the damaged one: its event
     assert loader.fallback_events == folded(app, user_id).version  # so the whole stream
     assert "cannot be read" in caplog.text
 
@@ -224,7 +226,7 @@ def test_a_cached_stream_another_process_took_past_a_snapshot_is_brought_up_to_d
     elsewhere.stop()
     assert state(here.read(user_id)) == state(folded(app, user_id))
     here.stop()
-    assert (loader.snapshots_read, loader.events) == (1, 3)
+    assert (loader.snapshots_read, loader.events) == (1, 4)  # the snapshot's own event and 3 past it
 
 
 def _kinds(aggregate: Aggregate) -> dict[str, str]:
@@ -296,7 +298,7 @@ def test_a_snapshot_past_the_streams_last_event_is_passed_over() -> None:
     app.snapshots.recorder.insert_events([ahead])
     loader = CountingLoader(app)
     assert state(cold_read(app, loader, user_id)) == state(folded(app, user_id))
-    assert (loader.snapshots_read, loader.events) == (1, folded(app, user_id).version - newest.originator_version)
+    assert (loader.snapshots_read, loader.events) == (1, folded(app, user_id).version - newest.originator_version + 1)
 
 
 def test_a_snapshot_from_a_later_class_version_is_passed_over_and_the_stream_read_whole(
@@ -318,3 +320,24 @@ def test_a_snapshot_from_a_later_class_version_is_passed_over_and_the_stream_rea
     assert state(loaded) == state(user)
     assert loader.fallback_events == user.version  # the whole stream
     assert "class version 2" in caplog.text
+
+
+def test_a_snapshot_of_a_history_a_restore_undid_is_passed_over_once_the_stream_regrows_to_its_version() -> None:
+    """A store restored behind its snapshots: the stream, back at version 2, is written again up
+    to the snapshot's version 4. The snapshot is of the history the restore undid (three grants of
+    1, not two of 7): a load must not start from it."""
+    lost_app, lost_user, lost_snapshot = _user_at_version_5_snapshotted_at_4()
+    app, clock = _app(), StepClock()
+    clock.t += timedelta(days=1)  # written again later than the history the restore undid
+    committer = GroupCommitter(app, snapshot_every={})
+    svc = PaletteService(app, committer, clock, Ids(), **process_keys())
+    user_id, _ = svc.register("device").value
+    assert app.snapshots is not None
+    app.snapshots.recorder.insert_events([StoredEvent(user_id, 4, lost_snapshot.topic, lost_snapshot.state)])
+    for _ in range(2):
+        svc.grant_credits(user_id, 7, "promo")
+    committer.stop()
+    whole = folded(app, user_id)
+    assert whole.version == 4 and whole.balance != folded(lost_app, lost_user).balance
+    loader = CountingLoader(app)
+    assert state(cold_read(app, loader, user_id)) == state(whole)
