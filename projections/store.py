@@ -441,8 +441,10 @@ def resolve_dead_letter(conn: psycopg.Connection[Any], letter_id: int, action: s
         conn.execute(sql.SQL("DELETE FROM {} WHERE model = %s AND stream_id = %s AND status IN ('parked', 'held')")
                      .format(table("dead_letters")), [model_name, stream_id])
         try:
-            # a nested transaction (a savepoint): a write that fails undoes only the retry
-            result = apply_batch(conn, envelopes, [model])
+            # Nested transactions (savepoints), as the live projector isolates a batch: a write
+            # that fails undoes only its part, and the event PostgreSQL refuses is the one parked
+            # (those before it folded, those after held), not the first of them with its error.
+            result = apply_isolating(conn, envelopes, models=[model])
         except Exception as exc:
             if is_transient(exc):
                 raise

@@ -3,6 +3,7 @@ holds back only its own stream, and a rebuild equals the live model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import threading
@@ -681,3 +682,44 @@ def test_a_bad_event_written_during_a_rebuild_is_parked_and_the_rebuild_complete
         assert names == {poisoned: "first", healthy: "healthy"}
         assert table_contents(conn, "rules_tracking", ("stream_id", "version")) == {
             (str(poisoned), 1), (str(healthy), 1)}
+
+
+@pytest.mark.parametrize("action", ["skip", "retry"])
+def test_a_resolved_dead_letter_parks_the_held_event_postgres_refuses_not_the_one_before_it(
+        own_log, monkeypatch, action):
+    """`dlq skip` and `dlq retry` fold the stream's held events again; when PostgreSQL refuses
+    the rows of one of them (a rule renamed to a name with a NUL), the events before it are
+    folded and that one is parked, as the live projector's isolation does. (Before, the held
+    events went in as one batch and, when its write failed, the first of them was parked with
+    the other's error: a healthy event blamed, the row left before it, and `dlq skip` of the
+    blamed one then lost a good event.) For ``retry``, v2 was parked by a fold since fixed."""
+    url, app = own_log
+    rule = uuid.uuid4()
+    _rule_event(app, rule, 1, "first")
+    _rule_event(app, rule, 2, None if action == "skip" else "later")  # skip: a poison for good
+    if action == "skip":
+        _rule_event(app, rule, 3, "later")
+    _rule_event(app, rule, 4 if action == "skip" else 3, "x\x00y")  # postgres refuses it
+    last = 4 if action == "skip" else 3
+    model = READ_MODELS["rules"]
+
+    def broken(rows: Any, env: EventEnvelope) -> Any:
+        if env.data.get("name") == "later":
+            raise RuntimeError("a fold bug, fixed before the retry")
+        return model.evolve(rows, env)
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        if action == "retry":
+            monkeypatch.setitem(READ_MODELS, "rules", dataclasses.replace(model, evolve=broken))
+        _live_fold(conn, app)
+        monkeypatch.setitem(READ_MODELS, "rules", model)  # the code fixed
+        held = [(v, "held") for v in range(3, last + 1)]
+        assert _rule_letters(conn, rule) == [(2, "parked"), *held]
+        parked = next(d for d in dead_letters(conn) if d["stream_id"] == rule and d["status"] == "parked")
+        resolve_dead_letter(conn, parked["id"], action)
+        letters = [d for d in dead_letters(conn, ("parked", "held")) if d["stream_id"] == rule]
+        assert [(d["version"], d["status"]) for d in letters] == [(last, "parked")]
+        assert "0x00" in letters[0]["error"] or "NUL" in letters[0]["error"]
+        assert conn.execute("SELECT name FROM palette_read.rules WHERE id = %s", [rule]).fetchone() == ("later",)
+        assert conn.execute("SELECT version FROM palette_read.rules_tracking WHERE stream_id = %s",
+                            [rule]).fetchone() == (last - 1,)
