@@ -392,10 +392,13 @@ class RebuildRunning(RuntimeError):
     """A skip refused while a rebuild runs: the rebuild read the skips when it began."""
 
 
-def resolve_dead_letter(conn: psycopg.Connection[Any], letter_id: int, action: str) -> BatchResult:
+def resolve_dead_letter(conn: psycopg.Connection[Any], letter_id: int, action: str,
+                        fill: Fill | None = None) -> BatchResult:
     """``retry`` re-applies the parked event and those held behind it; ``skip`` marks it skipped
     (advancing the stream's tracking past it; a rebuild passes over it too) and then applies the
-    held ones. What fails again is parked again, with its new error."""
+    held ones. What fails again is parked again, with its new error. A held stream takes its
+    events as they come, holes included (a version the broker lost): ``fill`` reads those from
+    the log, as the projector's does; without it the events after a hole leave the table unfolded."""
     if action not in ("retry", "skip"):
         raise ValueError("action must be retry or skip")
     find = sql.SQL("SELECT model, stream_id, version FROM {} WHERE id = %s AND status = 'parked'").format(
@@ -444,7 +447,7 @@ def resolve_dead_letter(conn: psycopg.Connection[Any], letter_id: int, action: s
             # Nested transactions (savepoints), as the live projector isolates a batch: a write
             # that fails undoes only its part, and the event PostgreSQL refuses is the one parked
             # (those before it folded, those after held), not the first of them with its error.
-            result = apply_isolating(conn, envelopes, models=[model])
+            result = apply_isolating(conn, envelopes, fill, models=[model])
         except Exception as exc:
             if is_transient(exc):
                 raise

@@ -18,6 +18,7 @@ def _cmd_projections(args: argparse.Namespace) -> int:
 
     from projections import rebuild as rebuilding
     from projections import schema, store
+    from projections.log import LogReader
 
     settings = running_settings()
     app = event_store(settings)
@@ -50,7 +51,8 @@ def _cmd_projections(args: argparse.Namespace) -> int:
                               f"\tposition {d['position']}\t{d['error']}")
                 else:
                     try:
-                        result = store.resolve_dead_letter(conn, args.id, args.dlq_action)
+                        result = store.resolve_dead_letter(conn, args.id, args.dlq_action,
+                                                           LogReader(app.recorder, app.mapper.transcoder).stream_events)
                     except (LookupError, store.RebuildRunning) as e:
                         print(f"palette projections dlq: {e.args[0]}", file=sys.stderr)
                         return 2

@@ -27,7 +27,7 @@ from application.services import PaletteApplication, PaletteService
 from domain.contracts.envelope import EventEnvelope
 from domain.errors import DomainError
 from projections import rebuild as rebuilding
-from projections.log import events_table
+from projections.log import LogReader, events_table
 from projections.models import READ_MODELS
 from projections.models.billing_events import LEDGER_COLUMNS
 from projections.rebuild import fold_log, iter_envelopes, rebuild
@@ -723,3 +723,43 @@ def test_a_resolved_dead_letter_parks_the_held_event_postgres_refuses_not_the_on
         assert conn.execute("SELECT name FROM palette_read.rules WHERE id = %s", [rule]).fetchone() == ("later",)
         assert conn.execute("SELECT version FROM palette_read.rules_tracking WHERE stream_id = %s",
                             [rule]).fetchone() == (last - 1,)
+
+
+@pytest.mark.parametrize("action", ["skip", "retry"])
+def test_a_resolved_dead_letter_folds_the_event_the_broker_lost_behind_it_from_the_log(own_log, monkeypatch, action):
+    """A stream held behind a parked event takes its later events as they come, holes and all (a
+    held event is not folded, so no hole is filled then): the broker lost v3, v4 came and was
+    held. `dlq retry` (of a fold since fixed) and `dlq skip` fold what is held again: they read
+    the missing version from the log as the projector does, so v3 and v4 are folded in order.
+    (Before, they folded no further than the hole and deleted v4's letter: v4 was neither folded
+    nor held, the sweep had passed it, and the rule stayed undeleted in the read model.)"""
+    url, app = own_log
+    rule = uuid.uuid4()
+    _rule_event(app, rule, 1, "first")
+    _rule_event(app, rule, 2, None if action == "skip" else "later")
+    _rule_event(app, rule, 3, "third")
+    _rule_event(app, rule, 4, "third", deleted=True)
+    model = READ_MODELS["rules"]
+
+    def broken(rows: Any, env: EventEnvelope) -> Any:
+        if env.data.get("name") == "later":
+            raise RuntimeError("a fold bug, fixed before the retry")
+        return model.evolve(rows, env)
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        envelopes = [e for e in iter_envelopes(app.recorder, app.mapper.transcoder, 1, None) if e.stream_id == rule]
+        reader = LogReader.of(app)
+        if action == "retry":
+            monkeypatch.setitem(READ_MODELS, "rules", dataclasses.replace(model, evolve=broken))
+        apply_isolating(conn, envelopes[:2], reader.stream_events, models=[READ_MODELS["rules"]])
+        apply_isolating(conn, envelopes[3:], reader.stream_events, models=[READ_MODELS["rules"]])  # v3 lost
+        monkeypatch.setitem(READ_MODELS, "rules", model)  # the code fixed
+        assert _rule_letters(conn, rule) == [(2, "parked"), (4, "held")]
+        parked = next(d for d in dead_letters(conn) if d["stream_id"] == rule and d["status"] == "parked")
+        result = resolve_dead_letter(conn, parked["id"], action, reader.stream_events)
+        assert result.applied == (2 if action == "skip" else 3)
+        assert [d for d in dead_letters(conn) if d["stream_id"] == rule] == []
+        assert conn.execute("SELECT name, deleted FROM palette_read.rules WHERE id = %s",
+                            [rule]).fetchone() == ("third", True)
+        assert conn.execute("SELECT version FROM palette_read.rules_tracking WHERE stream_id = %s",
+                            [rule]).fetchone() == (4,)
