@@ -763,3 +763,40 @@ def test_a_resolved_dead_letter_folds_the_event_the_broker_lost_behind_it_from_t
                             [rule]).fetchone() == ("third", True)
         assert conn.execute("SELECT version FROM palette_read.rules_tracking WHERE stream_id = %s",
                             [rule]).fetchone() == (4,)
+
+
+@pytest.mark.parametrize("cause", ["a fold since fixed", "a row postgres refused, renamed since"])
+def test_a_rebuild_that_folds_a_parked_event_leaves_no_letter_holding_its_stream(own_log, monkeypatch, cause):
+    """The live model parked v2 (its fold failed, or PostgreSQL refused the row it made) and held
+    v3 behind it; a rebuild folds the log afresh (the fold fixed; the refused name renamed by v3
+    before any row is written) and folds both. The stream's letters then name events the rebuilt
+    model has folded: the rebuild resolves them (as `dlq retry` would), so the stream's next
+    event is folded, not held. (Before, they stayed: every later event of the stream was held
+    behind a parked event already folded, until an operator retried it.)"""
+    url, app = own_log
+    rule = uuid.uuid4()
+    _rule_event(app, rule, 1, "first")
+    _rule_event(app, rule, 2, "later" if cause.startswith("a fold") else "x\x00y")
+    _rule_event(app, rule, 3, "third")
+    model = READ_MODELS["rules"]
+
+    def broken(rows: Any, env: EventEnvelope) -> Any:
+        if env.data.get("name") == "later":
+            raise RuntimeError("a fold bug, fixed before the rebuild")
+        return model.evolve(rows, env)
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        envelopes = list(iter_envelopes(app.recorder, app.mapper.transcoder, 1, None))
+        monkeypatch.setitem(READ_MODELS, "rules", dataclasses.replace(model, evolve=broken))
+        apply_isolating(conn, envelopes[:2], models=[READ_MODELS["rules"]])
+        apply_isolating(conn, envelopes[2:], models=[READ_MODELS["rules"]])
+        monkeypatch.setitem(READ_MODELS, "rules", model)  # the code fixed
+        assert _rule_letters(conn, rule) == [(2, "parked"), (3, "held")]
+
+        rebuild(url, app.recorder, app.mapper.transcoder, "rules")
+        assert conn.execute("SELECT name FROM palette_read.rules WHERE id = %s", [rule]).fetchone() == ("third",)
+        assert _rule_letters(conn, rule) == []
+        _rule_event(app, rule, 4, "fourth")
+        assert _live_fold(conn, app).applied == 1
+        assert _rule_letters(conn, rule) == []
+        assert conn.execute("SELECT name FROM palette_read.rules WHERE id = %s", [rule]).fetchone() == ("fourth",)
