@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from adapters import cli
+from adapters.cli import outputs
 from adapters.relay import LossWatch
 from tests.unit.test_broker_loss import FakeBroker, FakeState
 
@@ -430,3 +433,14 @@ def test_a_time_finer_than_a_microsecond_is_refused_saying_so_not_as_no_time() -
     assert "2026-12-06T07:27:12.1234567Z" in str(refused.value)
     with pytest.raises(argparse.ArgumentTypeError, match="not an ISO-8601 time"):
         time_value("yesterday")
+
+
+@given(st.text())
+def test_a_cell_is_one_field_of_one_line_and_says_what_it_holds(value: str) -> None:
+    # `palette projections dlq list` prints a dead letter's error (text a fold raised) in its last
+    # field: a line break or a tab in it broke the one-line-per-letter format.
+    shown = outputs.cell(value)
+    assert shown.splitlines() in ([shown], []) and "\t" not in shown
+    if value.isprintable():  # nothing to escape
+        assert shown == value
+    assert len(shown) >= len(value)  # escaped, never dropped
