@@ -39,6 +39,8 @@ DEV_REGISTER_RATE = (1000.0, 100_000)
 DEV_ADDRESS_JOBS_PER_DAY = 1_000_000_000
 # Idempotency-Keys per client address and key lifetime in development.
 DEV_ADDRESS_IDEMPOTENCY_KEYS = 1_000_000_000
+# Bytes the reruns of one client address's users may copy a day in development.
+DEV_ADDRESS_RERUN_COPY_BYTES = 2**60
 # Whose traceparent is continued in development unless set (see trace_trusted_peers).
 DEV_TRACE_TRUSTED_PEERS = "127.0.0.0/8,::1/128"
 # Secret names, printed by `palette env` but never logged (nor in the settings' repr: each is
@@ -145,6 +147,10 @@ class Settings(BaseSettings):
     # day (the job budget's 1,000 creations) at no cost. At least one largest rerun (200 photos of
     # 20 MB, their masks) a day.
     rerun_copy_bytes_per_day: int = Field(16 * 2**30, ge=5 * 2**30)
+    # ... and per client address and day, whatever its users (a user costs a registration: 25 of
+    # them rerunning and canceling one 20 MB upload apiece stored 400 GB a day). In development,
+    # unless set, DEV_ADDRESS_RERUN_COPY_BYTES: test suites run every user from loopback.
+    rerun_copy_bytes_per_address_per_day: int = Field(160 * 2**30, ge=5 * 2**30)
     rate_callbacks_per_s: float = Field(200.0, gt=0)  # results per job
     rate_callbacks_burst: int = Field(400, ge=1)
     projector_sweep_s: float = Field(30.0, gt=0)  # how often the projector trues up against the log
@@ -334,6 +340,8 @@ class Settings(BaseSettings):
                 self.rate_jobs_per_address_per_day = DEV_ADDRESS_JOBS_PER_DAY
             if "idempotency_keys_per_address" not in self.model_fields_set:
                 self.idempotency_keys_per_address = DEV_ADDRESS_IDEMPOTENCY_KEYS
+            if "rerun_copy_bytes_per_address_per_day" not in self.model_fields_set:
+                self.rerun_copy_bytes_per_address_per_day = DEV_ADDRESS_RERUN_COPY_BYTES
         return self
 
     # -- derived values -------------------------------------------------------------

@@ -275,18 +275,22 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
         if too_large:
             raise InvalidState(f"cannot rerun this job: {len(too_large)} of its photos are over "
                                f"{MAX_INPUT_BYTES >> 20} MB (idx {item_list(too_large)})")
-        # What it copies counts against the user's day (a canceled copy is kept a day for free).
+        # What it copies counts against the user's day and its address's (a canceled copy is kept
+        # a day for free, and a user costs a registration), from both or neither.
         copied = float(sum(present.values()))
         per_day = container.settings.rerun_copy_bytes_per_day
-        if copied > per_day:  # a 429 would name a wait that never comes
+        per_address = container.settings.rerun_copy_bytes_per_address_per_day
+        if copied > min(per_day, per_address):  # a 429 would name a wait that never comes
             raise InvalidState(f"cannot rerun this job: its photos and masks are {copied / 2**30:.1f} GiB, more than "
-                               f"the {per_day / 2**30:.1f} GiB a user's reruns may copy in a day")
+                               f"the {min(per_day, per_address) / 2**30:.1f} GiB a user's reruns may copy in a day")
         copy_bytes = made_once(request, "rerun_copy_bytes", lambda: TokenBuckets(per_day / DAY_S, per_day))
+        address_bytes = made_once(request, "rerun_copy_bytes_per_address",
+                                  lambda: TokenBuckets(per_address / DAY_S, per_address))
         chosen_id = id_for_key(user_id, f"rerun:{job_id}", idempotency_key)
-        with copy_bytes.spending(user_id, copied) as copying:
+        with copy_bytes.spending(user_id, copied) as copying, address_bytes.spending(address, copied) as shared:
             committed = await service.run(service.rerun_job_command(user_id, job_id, chosen_id))
             # A retry handed back the job made before: copied again, not anew (its bytes come back).
-            spending.recorded = copying.recorded = committed.recorded
+            spending.recorded = copying.recorded = shared.recorded = committed.recorded
     new_id = committed.value
     _remember(container, user_id, new_id, committed)
 

@@ -14,6 +14,7 @@ from adapters.api.rate_limit import RateLimited, TokenBuckets, client_address
 from adapters.settings import (
     DEV_ADDRESS_IDEMPOTENCY_KEYS,
     DEV_ADDRESS_JOBS_PER_DAY,
+    DEV_ADDRESS_RERUN_COPY_BYTES,
     DEV_REGISTER_RATE,
     SettingsError,
     load_settings,
@@ -218,6 +219,7 @@ def test_development_generates_the_device_key_secret_even_into_an_older_secrets_
     assert (s.rate_register_per_s, s.rate_register_burst) == DEV_REGISTER_RATE
     assert s.rate_jobs_per_address_per_day == DEV_ADDRESS_JOBS_PER_DAY  # suites run every user from loopback
     assert s.idempotency_keys_per_address == DEV_ADDRESS_IDEMPOTENCY_KEYS
+    assert s.rerun_copy_bytes_per_address_per_day == DEV_ADDRESS_RERUN_COPY_BYTES
 
 
 def test_production_refuses_a_placeholder_device_key_secret_and_limits_registration(tmp_path):
@@ -227,3 +229,4 @@ def test_production_refuses_a_placeholder_device_key_secret_and_limits_registrat
     s = load_settings(env="production", data_dir=tmp_path, device_key_secret="device-key-secret-0f-f0rty-bytes", **good)
     assert s.rate_register_burst < 100 and s.rate_register_per_s < 1 and s.trusted_proxies == 0
     assert s.rate_jobs_per_address_per_day == 20_000 and s.idempotency_keys_per_address == 100_000
+    assert s.rerun_copy_bytes_per_address_per_day == 160 * 2**30

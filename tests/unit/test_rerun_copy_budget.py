@@ -140,3 +140,31 @@ def test_a_reruns_mask_links_expire_within_links_expired_s_of_the_new_jobs_creat
             assert signed + timedelta(seconds=expires_s) <= created + timedelta(seconds=LINKS_EXPIRED_S), late_s
         if late_s == 0:
             assert data["expires_in"] == URL_TTL_S
+
+
+def test_the_users_of_one_address_share_its_days_copy_bytes() -> None:
+    """A user costs a registration (20 at once from one address), so a budget per user alone let
+    one client's throw-away users copy a day's bytes each: 25 users rerunning and canceling one
+    20 MB upload apiece stored 400 GB a day. The users of one client address share
+    PALETTE_RERUN_COPY_BYTES_PER_ADDRESS_PER_DAY; another address has its own."""
+    settings = Settings(jwt_secret="s" * 48, callback_secret="c" * 48, device_key_secret="d" * 48,
+                        rerun_copy_bytes_per_day=5 * GB, rerun_copy_bytes_per_address_per_day=7 * GB,
+                        trusted_proxies=1)
+    users, source = [uuid4() for _ in range(3)], uuid4()
+    s3, service = FakeS3(users[0], source), FakeService()
+    s3.listing = [{"Key": input_key(u, source, i), "Size": PHOTO_BYTES} for u in users for i in range(PHOTOS)]
+    container = SimpleNamespace(settings=settings, read_pool=None, service=service, s3=s3,
+                                last_writes=SimpleNamespace(record=lambda *a: None))
+    app = create_app(container)  # type: ignore[arg-type]
+    api = TestClient(app, raise_server_exceptions=False)
+
+    def rerun(user: UUID, address: str) -> int:
+        token = app.state.tokens.issue(user, datetime.now(UTC))
+        return api.post(f"/jobs/{source}/rerun", headers={"Authorization": f"Bearer {token}",
+                                                          "X-Forwarded-For": address}).status_code
+
+    assert [rerun(users[0], "203.0.113.7") for _ in range(5)] == [201] * 5
+    assert [rerun(users[1], "203.0.113.7") for _ in range(3)] == [201, 201, 429]  # the address's 7 GiB spent
+    assert s3.copies == 7 * PHOTOS
+    assert rerun(users[2], "198.51.100.9") == 201  # another address: its own day
+    assert s3.copies == 8 * PHOTOS
