@@ -13,7 +13,11 @@ A principal holds at most ``MAX_KEYS_PER_OWNER`` keys at a time: a new key past 
 (a retry of a key it holds is answered as always). A principal costs one registration, so the
 keys one client address claims are bounded too, whatever their principals: at most
 ``per_address`` a key's lifetime (a bucket that holds that many and refills over ``ttl_s``), then
-a 429; only a key claimed anew spends one (a retry of a held key is answered as always). A keyed
+a 429; only a key claimed anew spends one (a retry of a held key is answered as always). An answer
+kept costs its address one key more per ``ANSWER_BYTES_PER_KEY`` past the first, spent when it is
+kept: counted in keys alone, a keyed rerun kept 338 KB (600 mask links) and one client's users a
+job budget's worth of them (6.8 GB a day); an answer its address cannot pay for reaches its client
+unkept (its key released: a retry runs again, and a creation finds what it made). A keyed
 request that gives the key, or its bearer token, twice is a 422: which one is meant would be a
 guess (the routes read the first of a repeated header, and so does this middleware, which ignores
 the key without a valid first token).
@@ -50,6 +54,7 @@ SWEEP_BATCH = 16  # expired keys deleted per claim (which adds at most one): the
 KEY_NAMESPACE = uuid.UUID("6f1c3a52-8d0e-4b8e-9a57-6c1f0e0b7d21")
 CLAIM_ATTEMPTS = 3  # a key released or swept between a claim's statements is claimed again
 MAX_KEYS_PER_OWNER = 10_000  # held at once (a day's worth at the default TTL): what a client can grow
+ANSWER_BYTES_PER_KEY = 4096  # a kept answer costs its address a key per this many bytes (begun)
 UNFLUSHED_CONNECTIONS = 8  # a loop's: under 128 paced sessions 4 made claims queue
 FULL = ("", None, None, None)  # _claim's answer when the owner holds its most keys
 # Headers a keyed request carries once at most (the module's docstring).
@@ -184,7 +189,8 @@ class IdempotencyKeys:
                 raise
             await self.fail("UNAVAILABLE", unavailable.message(e), headers=unavailable.HEADERS)(scope, receive, send)
             return
-        if claimed and (refused := self._address_refuses(scope, raw_headers)) is not None:
+        address = self._address(scope, raw_headers)
+        if claimed and (refused := self._address_refuses(address)) is not None:
             # Only a key claimed anew spends from its address: a replay, a 409 or a 422 adds no
             # row, and charging them let one client's replays of one key refuse its neighbours'.
             await self._release(owner, key)
@@ -230,7 +236,7 @@ class IdempotencyKeys:
                 captured["body"] += message.get("body", b"")
                 if not message.get("more_body"):
                     status = captured.get("status", 500)
-                    await self._settle(owner, key, status, captured["headers"], captured["body"])
+                    await self._settle(owner, key, status, captured["headers"], captured["body"], address)
                     captured["settled"] = True
             await send(message)
 
@@ -240,14 +246,20 @@ class IdempotencyKeys:
             if not captured["settled"]:
                 await self._release(owner, key)  # a crash: a retry may run it again
 
-    def _address_refuses(self, scope: Scope, raw_headers: list[tuple[bytes, bytes]]) -> RateLimited | None:
-        """Spend one of the client address's keys; the refusal when it holds none."""
+    def _address(self, scope: Scope, raw_headers: list[tuple[bytes, bytes]]) -> str | None:
+        """The client address the keys are counted against (None: they are not)."""
         if self.per_address is None:
             return None
         forwarded_for = [v.decode("latin-1") for n, v in raw_headers if n == b"x-forwarded-for"]
         peer = scope["client"][0] if scope.get("client") else None
+        return client_address(peer, forwarded_for, self.trusted_proxies)
+
+    def _address_refuses(self, address: str | None, keys: int = 1) -> RateLimited | None:
+        """Spend ``keys`` of the client address's keys; the refusal when it holds fewer."""
+        if self.per_address is None or address is None or keys <= 0:
+            return None
         try:
-            self.per_address.take(client_address(peer, forwarded_for, self.trusted_proxies))
+            self.per_address.take(address, keys)
         except RateLimited as e:
             return e
         return None
@@ -296,13 +308,16 @@ class IdempotencyKeys:
                 # claim): claim it again, never answer a retry of the same request with a 422.
         return False, None  # still vanishing each time: the caller answers "in flight" (409)
 
-    async def _settle(self, owner: str, key: str, status: int, headers: Any, body: bytes) -> None:
-        """Keep the answer for the key, or release it. The request has run: a database that fails
+    async def _settle(self, owner: str, key: str, status: int, headers: Any, body: bytes,
+                      address: str | None = None) -> None:
+        """Keep the answer for the key, or release it: one the address cannot pay for in keys
+        (``ANSWER_BYTES_PER_KEY``) is released. The request has run: a database that fails
         now (restarted, no connection free) must not cost its client the answer, so the key is
         released instead (on a new connection: a retry runs again, as after a crash), or, that
         failing too, left to go stale (STALE_S)."""
         try:
-            if storable(status):
+            extra = -(-len(body) // ANSWER_BYTES_PER_KEY) - 1
+            if storable(status) and self._address_refuses(address, extra) is None:
                 await self._store(owner, key, status, headers, body)
             else:
                 await self._release(owner, key)

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 
 from adapters.api.envelope import fail
-from adapters.api.idempotency import IdempotencyKeys, ensure_schema, unflushed
+from adapters.api.idempotency import ANSWER_BYTES_PER_KEY, IdempotencyKeys, ensure_schema, unflushed
 from adapters.settings import Settings
 
 
@@ -195,6 +195,42 @@ def test_the_owners_of_one_address_share_its_keys_however_many_owners_it_makes(s
 
     # Before: the replays spent the address's keys, and the first owner's ninth replay was a 429.
     assert asyncio.run(scenario()) == [404] * 10 + [404, 404, 429] + [404, 404]
+
+
+def test_the_answers_an_address_keeps_are_bounded_in_bytes_not_only_in_keys(settings: Settings) -> None:
+    """A kept answer costs its address one key per ANSWER_BYTES_PER_KEY: counted in keys alone,
+    a keyed rerun of a 50-photo job kept 338 KB for a day (600 mask links), and one client's users
+    kept a job budget's worth of them (20,000 an address a day: 6.8 GB in PostgreSQL, for jobs
+    canceled at no cost). Past the address's bytes an answer still reaches its client, unkept (a
+    retry runs again, and a creation finds what it made: ids derive from the key), and the next
+    new key is a 429."""
+    url = settings.effective_database_url
+    with psycopg.connect(url, autocommit=True) as conn:
+        ensure_schema(conn)
+    big = b"u" * (16 * ANSWER_BYTES_PER_KEY)  # an answer of 16 keys' worth
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": big})
+
+    owners = [str(uuid.uuid4()) for _ in range(4)]
+
+    async def scenario() -> list[int]:
+        connections = unflushed(url)
+        keys = IdempotencyKeys(app, connections, UserTokens(), fail, max_keys=100, per_address=33)
+        try:
+            return [await _post(keys, "/jobs/1/rerun", f"k{i}", client="198.51.100.9", bearer=owner)
+                    for i, owner in enumerate(owners)]
+        finally:
+            await connections.close()
+
+    statuses = asyncio.run(scenario())
+    with psycopg.connect(url, autocommit=True) as conn:
+        kept = conn.execute("SELECT coalesce(sum(octet_length(body)), 0) FROM palette_api.idempotency "
+                            "WHERE scope = ANY(%s)", [[f"user:{o}" for o in owners]]).fetchone()
+    # Before: every answer kept (64 of the address's 33 keys' worth), and no refusal.
+    assert statuses == [201, 201, 201, 429] and kept is not None
+    assert kept[0] == 2 * len(big)  # the third reached its client unkept
 
 
 def test_an_answer_whose_key_cannot_be_stored_still_reaches_its_client(settings: Settings) -> None:
