@@ -94,3 +94,31 @@ def test_a_keyed_creation_retried_after_a_rotation_shows_no_secret_it_did_not_ma
         retry = httpx.post(f"{url}/webhooks", json=body, headers={**client.headers, **key}, timeout=30)
         assert retry.status_code == 409 and retry.json()["error"]["code"] == "INVALID_STATE", retry.text
         assert rotated["secret"] not in retry.text
+
+
+def test_a_keyed_creation_or_rotation_retried_while_its_answer_is_kept_is_answered_that_answer_again(settings):
+    """README: while the key's answer is kept (PALETTE_IDEMPOTENCY_TTL_S), a retry is answered it
+    again, whatever happened since, as every keyed POST: a creation retried after a rotation or a
+    deletion, a rotation retried after another rotation. The README said a 409, the endpoint made
+    again, and another rotation: only so once the answer is gone (the tests above)."""
+    with served_client(settings) as (url, client):
+        body = {"url": "http://127.0.0.1:9/hook", "events": ["job.finished"]}
+        key = {**client.headers, "Idempotency-Key": f"hook-{uuid.uuid4()}"}
+        made = httpx.post(f"{url}/webhooks", json=body, headers=key, timeout=30)
+        assert made.status_code == 201, made.text
+        path = f"{url}/webhooks/{made.json()['data']['id']}"
+        rotation = {**client.headers, "Idempotency-Key": f"rotate-{uuid.uuid4()}"}
+        rotated = httpx.post(f"{path}/rotate-secret", headers=rotation, timeout=30)
+        assert rotated.status_code == 200, rotated.text
+        assert client.data("POST", f"/webhooks/{made.json()['data']['id']}/rotate-secret", 200)  # another one
+
+        for retry in (httpx.post(f"{url}/webhooks", json=body, headers=key, timeout=30),
+                      httpx.post(f"{path}/rotate-secret", headers=rotation, timeout=30)):
+            assert retry.headers["idempotent-replayed"] == "true"
+        assert retry.json()["data"]["secret"] == rotated.json()["data"]["secret"]  # no third rotation
+
+        assert httpx.delete(path, headers=client.headers, timeout=30).status_code == 200
+        again = httpx.post(f"{url}/webhooks", json=body, headers=key, timeout=30)
+        assert (again.status_code, again.headers["idempotent-replayed"]) == (201, "true")
+        assert again.json()["data"]["secret"] == made.json()["data"]["secret"]
+        assert httpx.get(f"{url}/webhooks", headers=client.headers, timeout=30).json()["data"]["items"] == []
