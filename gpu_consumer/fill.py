@@ -34,7 +34,9 @@ ONE_SIDED = 0.25  # a line known on one side only extends that side, with less w
 def push_pull(image: torch.Tensor, known: torch.Tensor, levels: int = 8) -> torch.Tensor:
     """Holes (``known`` = 0) get the weighted mean of the known pixels around them at every
     scale: downsample colour and confidence together, then upsample coarse estimates into the
-    holes of finer levels. Smooth and seam-free."""
+    holes of finer levels. Smooth and seam-free. Coarser than ``levels`` while a cell of the
+    coarsest level knows no pixel (a hole that is all of the crop but a corner), down to one
+    cell: its estimate would be black, and the holes of every finer level under it."""
     colours, weights = [image * known], [known]
     for _ in range(levels):
         c, k = colours[-1], weights[-1]
@@ -42,7 +44,13 @@ def push_pull(image: torch.Tensor, known: torch.Tensor, levels: int = 8) -> torc
             break
         colours.append(F.avg_pool2d(c, 2, ceil_mode=True))
         weights.append(F.avg_pool2d(k, 2, ceil_mode=True))
-    estimate = colours[-1] / weights[-1].clamp_min(1e-6)
+    while max(weights[-1].shape[-2:]) > 1 and bool((weights[-1] <= 0).any()):
+        c, k = colours[-1], weights[-1]
+        cell = (min(2, c.shape[-2]), min(2, c.shape[-1]))
+        colours.append(F.avg_pool2d(c, cell, ceil_mode=True))
+        weights.append(F.avg_pool2d(k, cell, ceil_mode=True))
+    # a known pixel's share of one cell of a whole photo is as little as 1 / 4096^2
+    estimate = colours[-1] / weights[-1].clamp_min(1e-12)
     for c, k in zip(reversed(colours[:-1]), reversed(weights[:-1]), strict=True):
         up = F.interpolate(estimate, size=c.shape[-2:], mode="bilinear", align_corners=False)
         filled = c / k.clamp_min(1e-6)

@@ -462,6 +462,20 @@ def test_remove_is_deterministic():
     assert torch.equal(ops.apply_edit(img, mask, "remove", ""), ops.apply_edit(img, mask, "remove", ""))
 
 
+@pytest.mark.parametrize("size", [(256, 256), (1024, 768)])
+def test_a_removal_of_all_but_a_corner_fills_from_the_corner_not_black(size):
+    # Pixels with no known one on their row or column (push-pull's), far from the corner: the
+    # coarsest cells there knew nothing, and came out black (a client's mask, billed as done).
+    h, w = size
+    colour = torch.tensor([0.8, 0.6, 0.4]).view(1, 3, 1, 1)
+    img = colour.expand(1, 3, h, w).clone()
+    mask = torch.ones(1, 1, h, w)
+    mask[..., :12, :12] = 0
+    assert fill.has_surroundings(mask)
+    out = ops.apply_edit(img, mask, "remove", "")
+    assert float((out - colour).abs().max()) < 1e-3
+
+
 def test_a_huge_or_unreadable_client_mask_fails_the_item_without_decoding_it():
     import io
 
