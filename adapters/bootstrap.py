@@ -19,7 +19,7 @@ from adapters.loop_pg import LoopConnections
 from adapters.objects import S3ObjectStore
 from adapters.pg_streams import insert_in_one_round_trip, pg_stream_loader, pg_stream_versions
 from adapters.s3_listing import S3Listing
-from adapters.settings import Settings
+from adapters.settings import Settings, SettingsError
 from adapters.system import RandomIds, SystemClock
 from application.device_keys import HmacDeviceKeyer
 from application.executors import DirectExecutor, GroupCommitter
@@ -383,7 +383,10 @@ def build_gpu_worker(settings: Settings) -> Any:
             return set()
 
     device = pick_device(settings.device)
-    segmenter = built_in(settings.segmenter_model or None, settings.segmenter_labels or None)
+    try:
+        segmenter = built_in(settings.segmenter_model or None, settings.segmenter_labels or None)
+    except ValueError as e:  # a file that is not there or not one: the operator's setting, one line
+        raise SettingsError(f"PALETTE_SEGMENTER_MODEL/_LABELS: {e}") from None
     pipeline = ImagePipeline(s3_client(settings, max_pool=16), settings.s3_bucket, device, segmenter,
                              texture_cache_bytes=settings.texture_cache_bytes)
     callbacks = CallbackClient(settings.api_url, settings.callback_secret)

@@ -444,3 +444,22 @@ def test_a_cell_is_one_field_of_one_line_and_says_what_it_holds(value: str) -> N
     if value.isprintable():  # nothing to escape
         assert shown == value
     assert len(shown) >= len(value)  # escaped, never dropped
+
+
+@pytest.mark.parametrize(("model", "labels", "why"), [
+    ("missing.pt", "", "segmenter model '{tmp}/missing.pt' is not a TorchScript file"),
+    ("missing.pt", "labels.json", "segmenter labels '{tmp}/labels.json' are not readable JSON"),
+], ids=["a model not there", "labels not JSON"])
+def test_a_segmenter_setting_that_names_no_readable_file_is_one_line_not_a_traceback(
+        tmp_path: Path, model: str, labels: str, why: str) -> None:
+    """`palette serve gpu` read PALETTE_SEGMENTER_MODEL and _LABELS as it built the worker, and a
+    file that was not there, or not one, ended it in a traceback."""
+    (tmp_path / "labels.json").write_text("{")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "PALETTE_DATA_DIR": str(tmp_path / "data"),
+           "PALETTE_SEGMENTER_MODEL": str(tmp_path / model),
+           "PALETTE_SEGMENTER_LABELS": str(tmp_path / labels) if labels else ""}
+    served = subprocess.run([sys.executable, "-m", "adapters.cli", "serve", "gpu"], capture_output=True, text=True,
+                            timeout=120, env=env, cwd=tmp_path, check=False)
+    assert served.returncode == 2, served.stderr[-2000:]
+    assert served.stderr.startswith(f"palette serve: PALETTE_SEGMENTER_MODEL/_LABELS: {why.format(tmp=tmp_path)}")
+    assert served.stderr.count("\n") == 1  # one line, no traceback
