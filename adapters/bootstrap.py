@@ -361,6 +361,12 @@ def compute_threads_for(device: Any) -> int:
     return cores
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_gpu_worker(settings: Settings) -> Any:
     import psycopg
 
@@ -383,6 +389,9 @@ def build_gpu_worker(settings: Settings) -> Any:
             return set()
 
     device = pick_device(settings.device)
+    if device.type == "cuda" and not cuda_available():  # else every item would fail, three times each
+        raise SettingsError("PALETTE_DEVICE is cuda, but torch finds no CUDA device here; "
+                            "set it to auto or cpu to edit on the CPU")
     try:
         segmenter = built_in(settings.segmenter_model or None, settings.segmenter_labels or None)
     except ValueError as e:  # a file that is not there or not one: the operator's setting, one line

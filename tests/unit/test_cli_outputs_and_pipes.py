@@ -463,3 +463,20 @@ def test_a_segmenter_setting_that_names_no_readable_file_is_one_line_not_a_trace
     assert served.returncode == 2, served.stderr[-2000:]
     assert served.stderr.startswith(f"palette serve: PALETTE_SEGMENTER_MODEL/_LABELS: {why.format(tmp=tmp_path)}")
     assert served.stderr.count("\n") == 1  # one line, no traceback
+
+
+def test_serve_gpu_on_cuda_where_torch_finds_none_is_refused_in_one_line(tmp_path: Path) -> None:
+    """PALETTE_DEVICE=cuda where torch finds no CUDA device: the worker started, and every item
+    failed on its first transfer ("Torch not compiled with CUDA enabled"), three times, every job
+    failed and refunded while the worker looked healthy."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "PALETTE_DATA_DIR": str(tmp_path / "data"),
+           "PALETTE_DEVICE": "cuda", "PALETTE_KAFKA_BOOTSTRAP": "127.0.0.1:9"}  # no broker: refused before it
+    served = subprocess.run([sys.executable, "-m", "adapters.cli", "serve", "gpu"], capture_output=True, text=True,
+                            timeout=120, env=env, cwd=tmp_path, check=False)
+    assert served.returncode == 2, served.stderr[-2000:]
+    assert served.stderr == ("palette serve: PALETTE_DEVICE is cuda, but torch finds no CUDA device here; "
+                             "set it to auto or cpu to edit on the CPU\n")
