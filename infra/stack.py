@@ -99,11 +99,15 @@ def local_socket(directory: Path, name: str, port: int) -> Path:
     """Where a SeaweedFS server's Unix socket goes: in the stack's own directory, not the
     /tmp/seaweedfs-<name>-<port>.sock it defaults to, which another user's stack on the same port
     left there, undeletable, so that this one exited at start-up (and which every run left behind).
-    A directory too deep for a socket's path gets one in the temporary directory, named by user."""
+    A directory too deep for a socket's path gets one in the temporary directory, named by user
+    (in /tmp where TMPDIR is too deep as well). The limit is in bytes: a path of fewer characters
+    than it, in a script of three bytes a character, failed SeaweedFS's start ("bind: invalid argument")."""
     path = directory / f"{name}.sock"
-    if len(str(path)) <= SOCKET_PATH_MAX:
+    if len(os.fsencode(path)) <= SOCKET_PATH_MAX:
         return path
-    return Path(tempfile.gettempdir()) / f"palette-{os.getuid()}-seaweedfs-{name}-{port}.sock"
+    own = f"palette-{os.getuid()}-seaweedfs-{name}-{port}.sock"
+    path = Path(tempfile.gettempdir()) / own
+    return path if len(os.fsencode(path)) <= SOCKET_PATH_MAX else Path("/tmp") / own  # noqa: S108
 
 
 def remove_stale_pid_file(pgdir: Path) -> bool:

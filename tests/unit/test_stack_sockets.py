@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from infra.stack import SOCKET_PATH_MAX, local_socket
 from infra.supervisor import ServiceSpec, Supervisor, remove_left_sockets
 
@@ -23,6 +25,16 @@ def test_a_directory_too_deep_for_a_socket_gets_one_in_the_temporary_directory_n
     path = local_socket(deep, "filer", 9003)
     assert path == Path(tempfile.gettempdir()) / f"palette-{os.getuid()}-seaweedfs-filer-9003.sock"
     assert len(str(path)) <= SOCKET_PATH_MAX < len(str(deep / "filer.sock"))
+
+
+def test_a_directory_of_few_characters_but_too_many_bytes_gets_one_in_the_temporary_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limit is the kernel's, in bytes: 40 CJK characters are 120 (SeaweedFS's bind failed)."""
+    deep = Path("/srv") / ("数" * 40)
+    assert len(str(deep / "filer.sock")) <= SOCKET_PATH_MAX
+    assert len(os.fsencode(local_socket(deep, "filer", 9003))) <= SOCKET_PATH_MAX
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / ("t" * SOCKET_PATH_MAX)))  # TMPDIR too deep too
+    assert local_socket(deep, "filer", 9003) == Path(f"/tmp/palette-{os.getuid()}-seaweedfs-filer-9003.sock")
 
 
 def test_only_a_socket_of_this_users_is_removed_as_left_behind(tmp_path: Path) -> None:
