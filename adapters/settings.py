@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import secrets
 from collections.abc import Callable
@@ -438,22 +440,44 @@ def trusted_networks(spec: str) -> tuple[IPv4Network | IPv6Network, ...]:
 
 
 def _dev_secrets(data_dir: Path) -> dict[str, str]:
-    """Development secrets, generated once into the data directory (mode 0600)."""
+    """Development secrets, generated once into the data directory (mode 0600). Made under a lock
+    on the directory: processes started together on a fresh one (two `palette up`, `palette up`
+    and `palette env`) each wrote their own, and one went on with secrets (the database's
+    password its initdb set) that the file no longer held, or took the other's half-made file."""
+    if (data_dir / "secrets.json").exists():  # the common case: nothing to make, no lock
+        stored = _stored_secrets(data_dir / "secrets.json", set(SECRET_MAKERS))
+        if set(stored) == set(SECRET_MAKERS):
+            return stored
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        held = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except PermissionError:  # a directory that may be written, not read (mode -wx): made unlocked
+        return _made_secrets(data_dir)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released when closed
+        return _made_secrets(data_dir)
+    finally:
+        os.close(held)
+
+
+SECRET_MAKERS: dict[str, Callable[[], str]] = {
+    "jwt_secret": lambda: secrets.token_urlsafe(48),
+    "callback_secret": lambda: secrets.token_urlsafe(48),
+    "s3_access_key": lambda: "palette" + secrets.token_hex(6),
+    "s3_secret_key": lambda: secrets.token_urlsafe(32),
+    "pg_password": lambda: secrets.token_urlsafe(24),
+    "device_key_secret": lambda: secrets.token_urlsafe(48),
+}
+
+
+def _made_secrets(data_dir: Path) -> dict[str, str]:
     path = data_dir / "secrets.json"
-    makers: dict[str, Callable[[], str]] = {
-        "jwt_secret": lambda: secrets.token_urlsafe(48),
-        "callback_secret": lambda: secrets.token_urlsafe(48),
-        "s3_access_key": lambda: "palette" + secrets.token_hex(6),
-        "s3_secret_key": lambda: secrets.token_urlsafe(32),
-        "pg_password": lambda: secrets.token_urlsafe(24),
-        "device_key_secret": lambda: secrets.token_urlsafe(48),
-    }
+    makers = SECRET_MAKERS
     stored = _stored_secrets(path, set(makers)) if path.exists() else {}
     missing = {name: make() for name, make in makers.items() if name not in stored}
     if not missing:
         return stored
     # A new data directory, or one from before a secret was added: the others are kept.
-    data_dir.mkdir(parents=True, exist_ok=True)
     generated = {**stored, **missing}
     # Durably: the database's password and the device keys' secret are in it, and a file a crash
     # cut would leave the stack unable to reach its own database, each device a new user.

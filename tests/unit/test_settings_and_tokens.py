@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import secrets as secrets_module
 import time
 from datetime import UTC, datetime, timedelta
@@ -39,6 +41,40 @@ def test_development_secrets_are_generated_once_into_the_data_dir(tmp_path):
     second = load_settings(data_dir=tmp_path)
     assert len(first.jwt_secret) >= 32 and first.jwt_secret == second.jwt_secret
     assert (tmp_path / "secrets.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_processes_making_a_data_dirs_secrets_at_once_all_get_the_ones_written(tmp_path, monkeypatch):
+    """Two `palette up` (or `palette up` and `palette env`) on a fresh data directory: each made
+    its own secrets and wrote them, the last rename won, and the first went on (initdb included)
+    with a database password the file no longer held; or one's rename took the other's half-made
+    file. Here both writers meet before writing, as processes started together do."""
+    import threading
+
+    from adapters import settings as settings_module
+
+    meeting, write = threading.Barrier(2, timeout=1), settings_module.write_whole
+
+    def met_then_written(*args, **kwargs):
+        with contextlib.suppress(threading.BrokenBarrierError):  # the other waits for this one's secrets
+            meeting.wait()
+        write(*args, **kwargs)
+
+    monkeypatch.setattr(settings_module, "write_whole", met_then_written)
+    got: list[object] = []
+
+    def load() -> None:
+        try:
+            got.append(load_settings(data_dir=tmp_path).pg_password)
+        except Exception as e:  # noqa: BLE001 - what went wrong is the assertion's
+            got.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    stored = json.loads((tmp_path / "secrets.json").read_text())["pg_password"]
+    assert got == [stored, stored]
 
 
 @pytest.mark.parametrize("secret", ["changeme", "short-secret", "", "k" * 64, "abcdefg" * 8])
