@@ -272,6 +272,7 @@ class EmbeddedStack(Generic[S]):
         except OSError as e:
             raise StackError(unusable_data_dir(self.data_dir, e)) from None
         check_ports(self.ports_to_bind(()))
+        self._check_s3_client()
         try:
             self.supervisor.start(self._postgres_spec())
             self._ensure_database()
@@ -450,6 +451,18 @@ class EmbeddedStack(Generic[S]):
 
     def _s3(self) -> Any:
         return s3_client(self.settings, timeout_s=2)
+
+    def _check_s3_client(self) -> None:
+        """Refuse, in one line, an environment in which boto3 makes no client (AWS_PROFILE naming a
+        profile no config file holds, an AWS_CONFIG_FILE it cannot parse): the S3 readiness
+        probe took that for "not ready yet", and the start failed a minute later with SeaweedFS's
+        log lines as the reason (every application process would fail on it too)."""
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            self._s3()
+        except BotoCoreError as e:
+            raise StackError(f"no S3 client can be made: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
     def _s3_probe(self) -> Any:
         """The health check's client: one attempt of 2 s at most (the check runs in `palette up`'s

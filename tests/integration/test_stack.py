@@ -129,6 +129,24 @@ def test_a_taken_port_fails_in_one_line_and_leaves_nothing_running():
         assert stack.supervisor.names() == []
 
 
+def test_an_aws_profile_the_environment_names_and_no_file_holds_fails_in_one_line_before_anything_starts(
+        tmp_path, monkeypatch):
+    """An operator's shell exporting AWS_PROFILE (or HOME unset, so that no ~/.aws/config holds
+    it): every S3 client of boto3 raised ProfileNotFound, which the S3 readiness probe took for
+    "not yet", and `palette up` failed after a minute with SeaweedFS's last log lines as the reason."""
+    monkeypatch.setenv("AWS_PROFILE", "palette-no-such-profile")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    settings = load_settings(env="development", data_dir=tmp_path / "data",
+                             **_free_port_block(random.Random(os.getpid() + 5)))
+    stack = embedded_stack(settings)
+    try:
+        with pytest.raises(StackError, match=r"^no S3 client can be made: ProfileNotFound: .*palette-no-such-profile"):
+            stack.start_infra()
+        assert stack.supervisor.names() == []
+    finally:
+        stack.stop()
+
+
 def test_seaweedfs_starts_where_the_default_socket_paths_are_taken(tmp_path):
     """SeaweedFS's Unix sockets default to /tmp/seaweedfs-<name>-<port>.sock, which another user's
     stack on the same ports leaves behind and this user cannot remove: S3 then exited at start-up
