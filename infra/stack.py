@@ -408,14 +408,14 @@ class EmbeddedStack(Generic[S]):
             os.close(parent)
 
     def _pg_ready(self) -> bool:
+        """Whether PostgreSQL answers; its refusal is raised, for the supervisor to name at the
+        timeout: a connection libpq refuses for good (PGSSLMODE=require in the environment) was
+        "not yet" here, and the timeout quoted PostgreSQL's log, ready to accept connections."""
         import psycopg
 
-        try:
-            with psycopg.connect(self._admin_url(), connect_timeout=2) as conn:
-                conn.execute("select 1")
-            return True
-        except psycopg.Error:
-            return False
+        with psycopg.connect(self._admin_url(), connect_timeout=2) as conn:
+            conn.execute("select 1")
+        return True
 
     def _admin_url(self) -> str:
         return self.settings.effective_database_url.rsplit("/", 1)[0] + "/postgres"
