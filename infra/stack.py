@@ -342,13 +342,13 @@ class EmbeddedStack(Generic[S]):
             os.chown(path, entry.pw_uid, entry.pw_gid)
 
     def _postgres_spec(self) -> ServiceSpec:
-        pgdir, rundir = self._pg_paths()
-        if self._run_as:
+        if self._run_as:  # before the paths: whether that user may reach the data directory is asked
             try:
                 pwd.getpwnam(self._run_as)
             except KeyError:
-                raise StackError(
-                    "running as root needs the 'postgres' system user (Debian package postgresql)") from None
+                raise StackError(f"running as root needs the '{self._run_as}' system user "
+                                 "(Debian package postgresql)") from None
+        pgdir, rundir = self._pg_paths()
         rundir.mkdir(exist_ok=True)
         self._chown_pg(rundir)
         if not (pgdir / "PG_VERSION").exists():

@@ -55,3 +55,15 @@ def test_a_pg_version_that_is_no_version_number_is_left_to_the_server(
     followed out of Debian's directory. Either gets the binary a fresh cluster would, whose
     server then says what is wrong with the cluster."""
     assert postgres_of_cluster(tmp_path, made_by) == str(two_versions / "17" / "bin" / "postgres")
+
+
+def test_root_without_the_postgres_user_is_told_so_in_one_line(tmp_path: Path) -> None:
+    """A container without Debian's postgresql package's user: the question whether that user
+    may reach the data directory raised KeyError, and `palette up` ended in a traceback."""
+    from infra.supervisor import StackError
+
+    settings = SimpleNamespace(data_dir=tmp_path / "data", log_max_bytes=2**20, log_keep=1)
+    stack: Any = EmbeddedStack(settings, topics=(), prepare=lambda: None, app_argv=["false"])
+    stack._run_as = "palette-no-such-user"  # root's PostgreSQL user, missing
+    with pytest.raises(StackError, match=r"^running as root needs the 'palette-no-such-user' system user"):
+        stack._postgres_spec()
