@@ -162,10 +162,15 @@ def hold_data_dir(data_dir: Path) -> IO[str]:
         pid = held.read().strip() or "?"
         held.close()
         raise StackError(f"another palette up (pid {pid}) runs on the data directory {data_dir}") from None
-    held.seek(0)
-    held.truncate()
-    held.write(f"{os.getpid()}\n")
-    held.flush()
+    try:
+        held.seek(0)
+        held.truncate()
+        held.write(f"{os.getpid()}\n")
+        held.flush()
+    except OSError as e:  # a full disk: not the output's (the CLI's word for an OSError of no file)
+        with contextlib.suppress(OSError):  # closed even so: its flush fails again
+            held.close()
+        raise StackError(unusable_data_dir(data_dir, e)) from None
     return held
 
 

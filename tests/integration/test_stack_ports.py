@@ -180,6 +180,17 @@ def test_a_data_directory_held_again_names_only_its_new_holder(tmp_path: Path) -
         held.close()
 
 
+def test_a_data_directory_that_takes_no_byte_more_is_named_when_it_is_held(tmp_path: Path) -> None:
+    """A full disk: the lock file's pid could not be written, and `palette up` said "cannot write
+    the output" (its terminal was fine). Here a file size limit of 0 refuses the write."""
+    code = (f"import resource, sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom pathlib import Path\n"
+            "from infra.stack import hold_data_dir\nfrom infra.supervisor import StackError\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+            f"try:\n    hold_data_dir(Path({str(tmp_path)!r}))\nexcept StackError as e:\n    print(e)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout == f"data directory {tmp_path} is not writable: File too large\n", result.stderr
+
+
 def test_a_ready_file_left_by_an_earlier_run_is_not_a_new_process_readiness(tmp_path: Path) -> None:
     """A process's ready file from before (a killed `palette up`, a crash) must not pass its
     readiness before the new process has warmed up."""
