@@ -147,21 +147,24 @@ def test_an_aws_profile_the_environment_names_and_no_file_holds_fails_in_one_lin
         stack.stop()
 
 
-def test_postgresql_refusing_the_probes_connection_is_named_at_the_timeout(tmp_path, monkeypatch):
+def test_postgresql_refusing_the_probes_connection_is_named_at_the_timeout(monkeypatch):
     """PGSSLMODE=require in an operator's shell: libpq refused every connection to the embedded
     PostgreSQL (no SSL), the probe took that for "not yet", and the timeout quoted PostgreSQL's
     log ("database system is ready to accept connections") as the reason."""
     monkeypatch.setenv("PGSSLMODE", "require")
-    settings = load_settings(env="development", data_dir=tmp_path / "data", pg_fsync=False,
+    top = Path(tempfile.mkdtemp(prefix="palette-ssl-"))
+    top.chmod(0o755)  # root's PostgreSQL uses it: nothing made under /var/lib/palette to be left there
+    settings = load_settings(env="development", data_dir=top / "data", pg_fsync=False,
                              **_free_port_block(random.Random(os.getpid() + 6)))
     stack = embedded_stack(settings)
-    spec = stack._postgres_spec()
-    spec.ready_timeout_s = 8
     try:
+        spec = stack._postgres_spec()
+        spec.ready_timeout_s = 8
         with pytest.raises(StackError, match=r"^postgres not ready after 8s: its last probe: .*SSL"):
             stack.supervisor.start(spec)
     finally:
         stack.stop()
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def test_seaweedfs_starts_where_the_default_socket_paths_are_taken(tmp_path):
