@@ -30,6 +30,7 @@ PG_LIB = Path("/usr/lib/postgresql")  # Debian's PostgreSQL binaries, a director
 # clone under /root, mode 0700): one directory per data directory, named by its path's hash.
 PG_HOME = Path("/var/lib/palette")
 PG_ELSEWHERE = "pg-elsewhere"  # the data directory's note of where its PostgreSQL files are
+PG_OWNER = "data-dir"  # beside them under PG_HOME: the data directory they are of
 
 # SeaweedFS needs a handful of ports; they sit just above the S3 port (gRPC ports are +10000).
 WEED_PORT_OFFSETS = {"master": 1, "volume": 2, "filer": 3, "iceberg": 4, "lance": 5, "admin": 6}
@@ -336,6 +337,7 @@ class EmbeddedStack(Generic[S]):
             for directory in (PG_HOME, base):
                 directory.chmod(0o755)
             note.write_text(f"{base}\n")
+            (base / PG_OWNER).write_text(f"{self.data_dir.resolve()}\n")  # whose it is, for whoever finds it
         except OSError as e:
             raise StackError(f"{self.data_dir} is out of the {self._run_as} user's reach and {base} cannot be "
                              f"made: {e.strerror}") from None

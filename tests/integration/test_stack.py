@@ -278,6 +278,7 @@ def test_root_starts_from_a_data_dir_postgres_cannot_reach(tmp_path):
             stack.start_infra()
             elsewhere = Path((data_dir / "pg-elsewhere").read_text().strip())
             assert traversable_by(elsewhere, "postgres") and (elsewhere / "pg" / "PG_VERSION").exists()
+            assert (elsewhere / "data-dir").read_text() == f"{data_dir.resolve()}\n"  # whose files they are
             with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
                 tables = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename = 'left_behind'").fetchone()
                 assert tables == (0,)  # the database the removed data directory had is gone
