@@ -8,7 +8,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -93,21 +93,34 @@ def keep_log_records() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_database_left_behind() -> Iterator[None]:
+def no_database_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Root's PostgreSQL files for a data directory the postgres user cannot reach (a test's
     0700 tmp_path) go under PG_HOME, outside the data directory: those the session made for a
-    data directory in the temporary directory are removed at its end (39 MB a cluster was left
+    data directory in its own temporary directory are removed at its end (39 MB a cluster was left
     there by every run), unless one still runs."""
     before = set(PG_HOME.iterdir()) if PG_HOME.is_dir() else set()
     yield
-    temporary = Path(tempfile.gettempdir()).resolve()
-    for base in (set(PG_HOME.iterdir()) if PG_HOME.is_dir() else set()) - before:
+    for base in left_behind((set(PG_HOME.iterdir()) if PG_HOME.is_dir() else set()) - before,
+                            tmp_path_factory.getbasetemp()):
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def left_behind(bases: Iterable[Path], basetemp: Path) -> list[Path]:
+    """Those of ``bases`` (PostgreSQL files under PG_HOME) of a data directory in this session's
+    ``basetemp`` and not running. Only this session's: another session on the machine (a CI run
+    beside a developer's) makes its own under PG_HOME meanwhile, for data directories in the same
+    temporary directory, and one between its initdb and its start, or stopped to be started
+    again, runs no PostgreSQL: removing it failed that session's test."""
+    ours = basetemp.resolve()
+    found = []
+    for base in bases:
         try:
             owner = Path((base / PG_OWNER).read_text().strip())
         except OSError:
             continue  # not known to be a test's
-        if owner.is_relative_to(temporary) and not _postgres_runs(base / "pg"):
-            shutil.rmtree(base, ignore_errors=True)
+        if owner.is_relative_to(ours) and not _postgres_runs(base / "pg"):
+            found.append(base)
+    return found
 
 
 def _postgres_runs(pg: Path) -> bool:
