@@ -116,7 +116,17 @@ def _holes(hole: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def has_surroundings(hole: torch.Tensor) -> bool:
     """Whether some pixel is left to fill ``hole`` from: without one the fill has nothing to
-    continue and every pixel would come out black."""
+    continue and every pixel would come out black. A hole whose box, grown by ``RIM``, leaves
+    an edge row or column of the photo out has some (two reductions: the exact test, a full-size
+    max pool, cost 29 ms a 1 MP removal on two CPU cores, 7 % of an item)."""
+    inside = hole[0, 0] > 0.1
+    rows, cols = inside.any(dim=1).nonzero(), inside.any(dim=0).nonzero()
+    if rows.numel() == 0:
+        return True
+    height, width = inside.shape
+    if (int(rows[0]) > RIM or int(rows[-1]) < height - 1 - RIM
+            or int(cols[0]) > RIM or int(cols[-1]) < width - 1 - RIM):
+        return True
     return bool((_holes(hole, torch.float32) <= 0).any())
 
 

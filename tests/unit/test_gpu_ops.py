@@ -492,3 +492,22 @@ def test_a_huge_or_unreadable_client_mask_fails_the_item_without_decoding_it():
     small = io.BytesIO()
     Image.new("L", (4, 2), 255).save(small, "PNG")
     assert decode_mask(small.getvalue(), (2, 4)).shape == (1, 1, 2, 4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 24), st.integers(1, 24), st.data())
+def test_a_hole_has_surroundings_exactly_when_some_pixel_is_farther_than_the_rim_from_it(h, w, data):
+    # The oracle walks every pixel: is any more than RIM pixels (in x or y) from every hole pixel?
+    cells = data.draw(st.lists(st.booleans(), min_size=h * w, max_size=h * w))
+    hole = np.array(cells, dtype=bool).reshape(h, w)
+    if data.draw(st.booleans()):  # near-whole holes too: a box grown to the edges, with gaps
+        top, left_, bottom, right = (data.draw(st.integers(0, n)) for n in (fill.RIM + 1, fill.RIM + 1, h, w))
+        hole[:] = False
+        hole[top:max(top + 1, h - bottom // 4), left_:max(left_ + 1, w - right // 4)] = True
+        for y, x in data.draw(st.lists(st.tuples(st.integers(0, h - 1), st.integers(0, w - 1)), max_size=3)):
+            hole[y, x] = False
+    points = np.argwhere(hole)
+    left = points.size == 0 or any(
+        np.abs(points - (y, x)).max(axis=1).min() > fill.RIM for y in range(h) for x in range(w))
+    mask = torch.from_numpy(hole.astype(np.float32)).view(1, 1, h, w)
+    assert fill.has_surroundings(mask) == left
