@@ -684,6 +684,16 @@ def test_a_bad_event_written_during_a_rebuild_is_parked_and_the_rebuild_complete
             (str(poisoned), 1), (str(healthy), 1)}
 
 
+def _failing_on_later(model: Any) -> Any:
+    """``model`` with a fold bug: an event that names its rule "later" raises (fixed since)."""
+    def evolve(rows: Any, env: EventEnvelope) -> Any:
+        if env.data.get("name") == "later":
+            raise RuntimeError("a fold bug, fixed since")
+        return model.evolve(rows, env)
+
+    return dataclasses.replace(model, evolve=evolve)
+
+
 @pytest.mark.parametrize("action", ["skip", "retry"])
 def test_a_resolved_dead_letter_parks_the_held_event_postgres_refuses_not_the_one_before_it(
         own_log, monkeypatch, action):
@@ -702,15 +712,11 @@ def test_a_resolved_dead_letter_parks_the_held_event_postgres_refuses_not_the_on
     _rule_event(app, rule, 4 if action == "skip" else 3, "x\x00y")  # postgres refuses it
     last = 4 if action == "skip" else 3
     model = READ_MODELS["rules"]
-
-    def broken(rows: Any, env: EventEnvelope) -> Any:
-        if env.data.get("name") == "later":
-            raise RuntimeError("a fold bug, fixed before the retry")
-        return model.evolve(rows, env)
+    broken = _failing_on_later(model)
 
     with psycopg.connect(url, autocommit=True) as conn:
         if action == "retry":
-            monkeypatch.setitem(READ_MODELS, "rules", dataclasses.replace(model, evolve=broken))
+            monkeypatch.setitem(READ_MODELS, "rules", broken)
         _live_fold(conn, app)
         monkeypatch.setitem(READ_MODELS, "rules", model)  # the code fixed
         held = [(v, "held") for v in range(3, last + 1)]
@@ -740,17 +746,13 @@ def test_a_resolved_dead_letter_folds_the_event_the_broker_lost_behind_it_from_t
     _rule_event(app, rule, 3, "third")
     _rule_event(app, rule, 4, "third", deleted=True)
     model = READ_MODELS["rules"]
-
-    def broken(rows: Any, env: EventEnvelope) -> Any:
-        if env.data.get("name") == "later":
-            raise RuntimeError("a fold bug, fixed before the retry")
-        return model.evolve(rows, env)
+    broken = _failing_on_later(model)
 
     with psycopg.connect(url, autocommit=True) as conn:
         envelopes = [e for e in iter_envelopes(app.recorder, app.mapper.transcoder, 1, None) if e.stream_id == rule]
         reader = LogReader.of(app)
         if action == "retry":
-            monkeypatch.setitem(READ_MODELS, "rules", dataclasses.replace(model, evolve=broken))
+            monkeypatch.setitem(READ_MODELS, "rules", broken)
         apply_isolating(conn, envelopes[:2], reader.stream_events, models=[READ_MODELS["rules"]])
         apply_isolating(conn, envelopes[3:], reader.stream_events, models=[READ_MODELS["rules"]])  # v3 lost
         monkeypatch.setitem(READ_MODELS, "rules", model)  # the code fixed
@@ -779,15 +781,11 @@ def test_a_rebuild_that_folds_a_parked_event_leaves_no_letter_holding_its_stream
     _rule_event(app, rule, 2, "later" if cause.startswith("a fold") else "x\x00y")
     _rule_event(app, rule, 3, "third")
     model = READ_MODELS["rules"]
-
-    def broken(rows: Any, env: EventEnvelope) -> Any:
-        if env.data.get("name") == "later":
-            raise RuntimeError("a fold bug, fixed before the rebuild")
-        return model.evolve(rows, env)
+    broken = _failing_on_later(model)
 
     with psycopg.connect(url, autocommit=True) as conn:
         envelopes = list(iter_envelopes(app.recorder, app.mapper.transcoder, 1, None))
-        monkeypatch.setitem(READ_MODELS, "rules", dataclasses.replace(model, evolve=broken))
+        monkeypatch.setitem(READ_MODELS, "rules", broken)
         apply_isolating(conn, envelopes[:2], models=[READ_MODELS["rules"]])
         apply_isolating(conn, envelopes[2:], models=[READ_MODELS["rules"]])
         monkeypatch.setitem(READ_MODELS, "rules", model)  # the code fixed
