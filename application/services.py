@@ -137,6 +137,15 @@ def _under(key: str, prefix: str) -> bool:
             and all(ch >= " " and ch != "\x7f" for ch in rest))
 
 
+def _version_matches(rule: Rule, expected_versions: AbstractSet[int] | None) -> bool:
+    """Whether ``rule`` is at a version an If-Match names (None: no If-Match, any version)."""
+    return expected_versions is None or rule.version in expected_versions
+
+
+def _stale(rule: Rule) -> PreconditionFailed:
+    return PreconditionFailed(f"the rule is at version {rule.version}, not the If-Match's: read it again")
+
+
 class PaletteService:
     """Commands return :class:`Committed` (value + event-store position) for read-your-writes."""
 
@@ -655,11 +664,10 @@ class PaletteService:
             rule = self._own_rule(uow, user_id, rule_id)
             check_rule_name(name)  # after the rule is found: another user's rule is a 404 whatever the input
             edits, protected = normalise_edits(rule.preset_id, concepts, protect)  # the rule's preset's concepts
-            if expected_versions is not None and rule.version not in expected_versions:
+            if not _version_matches(rule, expected_versions):
                 if (rule.concepts, rule.protect, self.rule_name(rule.name)) == (edits, protected, name):
                     return  # already as asked: nothing to write
-                raise PreconditionFailed(f"the rule is at version {rule.version}, not the If-Match's: "
-                                         "read it again")
+                raise _stale(rule)
             rule.update(sealed, edits, protected, at)
 
         return command
@@ -678,9 +686,8 @@ class PaletteService:
         def command(uow: UnitOfWork) -> None:
             rule = self._own_rule(uow, user_id, rule_id)
             user = self._user(uow, user_id)  # UserNotFound once erased: before anything is recorded
-            if expected_versions is not None and rule.version not in expected_versions:
-                raise PreconditionFailed(f"the rule is at version {rule.version}, not the If-Match's: "
-                                         "read it again")
+            if not _version_matches(rule, expected_versions):
+                raise _stale(rule)
             rule.delete(at)
             user.free_rule_slot(rule_id, at)
 

@@ -38,15 +38,13 @@ def push_pull(image: torch.Tensor, known: torch.Tensor, levels: int = 8) -> torc
     coarsest level knows no pixel (a hole that is all of the crop but a corner), down to one
     cell: its estimate would be black, and the holes of every finer level under it."""
     colours, weights = [image * known], [known]
-    for _ in range(levels):
+    while True:
         c, k = colours[-1], weights[-1]
-        if min(c.shape[-2:]) <= 2:
+        height, width = c.shape[-2:]
+        wanted = len(colours) <= levels and min(height, width) > 2
+        if not (wanted or (max(height, width) > 1 and bool((k <= 0).any()))):
             break
-        colours.append(F.avg_pool2d(c, 2, ceil_mode=True))
-        weights.append(F.avg_pool2d(k, 2, ceil_mode=True))
-    while max(weights[-1].shape[-2:]) > 1 and bool((weights[-1] <= 0).any()):
-        c, k = colours[-1], weights[-1]
-        cell = (min(2, c.shape[-2]), min(2, c.shape[-1]))
+        cell = (min(2, height), min(2, width))
         colours.append(F.avg_pool2d(c, cell, ceil_mode=True))
         weights.append(F.avg_pool2d(k, cell, ceil_mode=True))
     # a known pixel's share of one cell of a whole photo is as little as 1 / 4096^2
