@@ -22,6 +22,7 @@ import pytest
 from adapters.api.http_limits import GRACEFUL_SHUTDOWN_S
 from infra.stack import EmbeddedStack
 from tests.conftest import free_port
+from tests.waiting import wait_until
 
 from .conftest import Client
 from .test_lifecycle import callback, create_uploaded_job
@@ -37,17 +38,20 @@ def _serve_api(apps: EmbeddedStack, workers: int) -> tuple[subprocess.Popen[byte
     proc = subprocess.Popen([sys.executable, "-m", "adapters.cli", "serve", "api"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
+
+    def answering() -> bool:
+        assert proc.poll() is None, "the API exited as it started"
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError("the API workers did not start")
-        time.sleep(0.2)
+            return False
+
+    try:
+        wait_until(answering, timeout_s=60, what="the API workers to answer")
+    except AssertionError:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc, url
 
 
 @pytest.fixture(scope="module")
