@@ -151,6 +151,9 @@ async def replay_all(subject: Analyst, container: ContainerDep, request: Request
     once in an API process, STAFF_STREAMS_PER_SUBJECT of them one staff token subject's; one
     more is a 429."""
     _aware(since=since, until=until)
+    if since is not None and until is not None and until < since:
+        # as `palette replay all` refuses its --since/--until: an empty answer would read as "no events then"
+        raise ApiError("VALIDATION_FAILED", "the period's end (until) must be after its start (since)")
 
     async def lines() -> Iterator[bytes]:
         replayer = await run_in_threadpool(_replayer, container)
