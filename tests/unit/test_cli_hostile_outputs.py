@@ -471,3 +471,21 @@ def test_a_replay_from_past_any_log_position_is_refused_before_it_starts(start: 
     assert cli.main(["replay", "all", "--from", str(start), *fmt]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--from" in err and f"{2**63 - 1:,}" in err, err
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_query_output_in_a_locale_that_cannot_spell_it_is_utf8_not_a_traceback(fmt: str, tmp_path: Path) -> None:
+    """A client's text (a concept name, an error) may hold any character; `palette query`
+    printed it in the locale's encoding, and in a latin-1 or ASCII one an emoji was a
+    UnicodeEncodeError traceback. It writes UTF-8, as `palette replay` writes its lines."""
+    import json
+
+    env = {"PATH": "/usr/bin:/bin", "PALETTE_DATA_DIR": str(tmp_path), "PYTHONIOENCODING": "latin-1"}
+    result = subprocess.run([sys.executable, "-m", "adapters.cli", "query", "SELECT 'wall 😀 café' AS name",
+                             "--no-db", "--format", fmt], capture_output=True, timeout=120, env=env, cwd=ROOT,
+                            check=False)
+    assert b"Traceback" not in result.stderr, result.stderr.decode(errors="replace")
+    assert result.returncode == 0, result.stdout
+    out = result.stdout.decode()
+    assert (json.loads(out)[0]["name"] if fmt == "json" else out.splitlines()[-2 if fmt == "table" else 1]
+            ).strip() == "wall 😀 café", out
