@@ -40,6 +40,8 @@ log = logging.getLogger("palette.metrics")
 OFFSETS = {"api": 0, "relay": 1, "projector": 2, "dispatcher": 3, "gpu": 4, "webhooks": 5, "checkpointer": 6}
 CHECK_TIMEOUT_S = 2.0
 CHECK_TTL_S = 1.0  # a flood of /readyz costs one check per dependency per second
+MAX_CONNECTIONS = 32  # on the metrics and probes port at once (scrapers, probes)
+REQUEST_TIMEOUT_S = 10.0  # to send a request to that port, and to read each part of its answer
 GPU_ITEM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -168,7 +170,36 @@ class Readiness:
             return list(self._last[1])
 
 
-class _IPv6Server(ThreadingHTTPServer):
+class _BoundedServer(ThreadingHTTPServer):
+    """At most ``MAX_CONNECTIONS`` connections served at once, a thread each; one past them is
+    closed unanswered. With ``Handler.timeout`` (``REQUEST_TIMEOUT_S``), a connection that sends
+    nothing was a thread and a descriptor held for good: enough of them took the process's file
+    descriptors, those of its database and broker connections too."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _IPv6Server(_BoundedServer):
     """The server on an IPv6 address (PALETTE_METRICS_HOST=::1): ThreadingHTTPServer binds IPv4 only."""
 
     address_family = socket.AF_INET6
@@ -178,6 +209,8 @@ def serve(port: int, registry: CollectorRegistry, readiness: Readiness, host: st
     """``/metrics``, ``/livez``, ``/readyz`` on ``host:port`` from a daemon thread."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT_S  # a request not sent, or an answer not read, within it: closed
+
         def do_GET(self) -> None:
             if self.path == "/metrics":
                 self._send(200, generate_latest(registry), "text/plain; version=0.0.4; charset=utf-8")
@@ -204,8 +237,7 @@ def serve(port: int, registry: CollectorRegistry, readiness: Readiness, host: st
         def log_message(self, *_: Any) -> None:  # scrapes are not worth a log line each
             return
 
-    server = (_IPv6Server if ":" in host else ThreadingHTTPServer)((host, port), Handler)
-    server.daemon_threads = True
+    server = (_IPv6Server if ":" in host else _BoundedServer)((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
 

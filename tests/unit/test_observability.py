@@ -285,3 +285,48 @@ def test_the_dispatchers_count_of_tasks_sent_takes_in_those_the_stale_sweep_send
     assert d.sweep() == 3
     assert len(producer.tasks()) == 6
     assert _samples(registry)[("palette_dispatcher_tasks_total", (("result", "dispatched"),))] == 6
+
+
+def test_connections_that_send_nothing_are_closed_and_bounded_on_the_probes_port(monkeypatch):
+    """A connection to the metrics port that sent nothing held a thread and a descriptor for good:
+    enough of them took every file descriptor of the process (its database and broker
+    connections' too). Each is closed after REQUEST_TIMEOUT_S, and one past MAX_CONNECTIONS at once."""
+    import socket
+    import time
+
+    from adapters import observability
+
+    monkeypatch.setattr(observability, "REQUEST_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(observability, "MAX_CONNECTIONS", 4)
+    server = serve(0, CollectorRegistry(), Readiness({}))
+    port = server.server_address[1]
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    try:
+        for s in idle:
+            s.sendall(b"GET /met")  # and no more
+        time.sleep(0.2)  # the four are being served
+        with socket.create_connection(("127.0.0.1", port)) as past:
+            past.sendall(b"GET /livez HTTP/1.0\r\n\r\n")
+            assert _closed(past)  # unanswered: every slot is taken
+        started = time.monotonic()
+        assert all(_closed(s) for s in idle)  # by the server, not by the test's 5 s
+        assert time.monotonic() - started < 3
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=5) as resp:
+            assert resp.status == 200  # their slots given back
+    finally:
+        for s in idle:
+            s.close()
+        server.shutdown()
+        server.server_close()
+
+
+def _closed(conn: Any) -> bool:
+    """Whether the server closed ``conn`` (an end of file, or a reset where it left what was sent
+    unread) without answering, within 5 s."""
+    conn.settimeout(5)
+    try:
+        return conn.recv(100) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
