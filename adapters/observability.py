@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -197,6 +198,14 @@ class _BoundedServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client gone mid-request (a reset, a timeout) says nothing: the standard library
+        printed its traceback to stderr, some 20 lines that were no JSON record, for each
+        connection a client chose to reset. Anything else is one record of the log."""
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        log.exception("a request to the metrics port failed")
 
 
 class _IPv6Server(_BoundedServer):

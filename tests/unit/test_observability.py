@@ -330,3 +330,26 @@ def _closed(conn: Any) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+def test_a_client_resetting_its_connection_to_the_probes_port_writes_nothing_to_the_log(capfd):
+    """Each reset was a traceback of some 20 raw lines on the process's stderr (its log), no JSON
+    record: a client chose how much, and what shape, the process logged."""
+    import socket
+    import struct
+    import time
+
+    server = serve(0, CollectorRegistry(), Readiness({}))
+    port = server.server_address[1]
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as conn:
+                conn.sendall(b"GET /met")
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+        time.sleep(0.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert capfd.readouterr().err == ""
