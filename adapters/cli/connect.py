@@ -29,8 +29,14 @@ def running_settings() -> Settings:
 
 
 def event_store(settings: Settings) -> PaletteApplication:
+    """The event store, opened after one connection of its own: the pool's refusal, whatever its
+    reason (a wrong password, no such database, nobody listening), is "couldn't get a connection
+    after 10.00 sec", said only after those 10 s; this one's error says why, at once."""
+    import psycopg
+
     from adapters.bootstrap import open_event_store
 
+    psycopg.connect(settings.effective_database_url, connect_timeout=10).close()
     return open_event_store(settings, pool_size=2, saves=False)
 
 

@@ -222,3 +222,28 @@ def test_a_readers_command_opens_the_store_with_a_role_that_may_only_read(settin
         with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
             conn.execute(f"DROP OWNED BY {role}")
             conn.execute(f"DROP ROLE {role}")
+
+
+
+@pytest.mark.parametrize(("setting", "said", "hint"), [
+    ("PALETTE_PG_PASSWORD", "password authentication failed", "is PALETTE_DATA_DIR the running stack's"),
+    ("PALETTE_DATABASE_URL", 'database "no_such_database" does not exist', "PALETTE_DATABASE_URL right?"),
+])
+def test_a_database_that_refuses_the_command_is_named_with_its_reason_at_once(
+        setting: str, said: str, hint: str, env: dict[str, str], settings: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The commands that open the event store said "couldn't get a connection after 10.00 sec;
+    is the stack up?" after 10 s, whatever PostgreSQL had answered (its pool's refusal): a wrong
+    password (another data directory's secrets) read as a stack that is down."""
+    import time
+
+    if setting == "PALETTE_PG_PASSWORD":
+        monkeypatch.delenv("PALETTE_DATABASE_URL")
+        monkeypatch.setenv("PALETTE_PG_PASSWORD", "not-the-stacks-password-0123456789")
+    else:
+        monkeypatch.setenv("PALETTE_DATABASE_URL",
+                           settings.effective_database_url.rsplit("/", 1)[0] + "/no_such_database")
+    started = time.monotonic()
+    assert cli.main(["projections", "status"]) == 3
+    assert time.monotonic() - started < 5
+    assert one_line(capsys, "palette projections: cannot reach PostgreSQL (", said, hint) == ""
