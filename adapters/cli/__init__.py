@@ -57,6 +57,22 @@ def _disk_full(e: BaseException) -> str | None:
     return str(getattr(diag, "message_primary", None) or "No space left on device")
 
 
+# PostgreSQL's refusals of what a command is not allowed: a read-only transaction (a standby, a
+# database or role made read-only) and a privilege the role lacks.
+REFUSALS = frozenset({"25006", "42501"})
+
+
+def _refusal(e: BaseException) -> BaseException | None:
+    """PostgreSQL's refusal of a statement as not allowed (REFUSALS), raised as it is or under
+    eventsourcing's error (its cause), else None."""
+    import psycopg
+
+    for error in (e, e.__cause__):
+        if isinstance(error, psycopg.Error) and error.sqlstate in REFUSALS:
+            return error
+    return None
+
+
 def _broker_unreachable(e: BaseException) -> bool:
     """No broker answered in time (kafka-python's bootstrap, an acknowledgement waited on)."""
     from kafka.errors import KafkaConnectionError, KafkaTimeoutError
@@ -127,6 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "PALETTE_DATABASE_URL right?" if "password authentication failed" in reason else
                     "is the stack up (`make run`) and PALETTE_DATABASE_URL right?")
             print(f"palette {args.command}: cannot reach PostgreSQL ({reason}); {hint}", file=sys.stderr)
+            return 3
+        if (refusal := _refusal(e)) is not None:
+            print(f"palette {args.command}: PostgreSQL refused ({driver_reason(refusal)}); is PALETTE_DATABASE_URL "
+                  "the primary's, as the stack's role?", file=sys.stderr)
             return 3
         if _broker_unreachable(e):  # `palette serve gpu`, which needs no database, meets it first
             print(f"palette {args.command}: cannot reach the broker ({driver_reason(e)}); "

@@ -247,3 +247,16 @@ def test_a_database_that_refuses_the_command_is_named_with_its_reason_at_once(
     assert cli.main(["projections", "status"]) == 3
     assert time.monotonic() - started < 5
     assert one_line(capsys, "palette projections: cannot reach PostgreSQL (", said, hint) == ""
+
+
+def test_a_read_only_database_is_said_in_one_line(env: dict[str, str], settings: Any,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`palette projections status` pointed at a read-only database (a standby, a role made
+    read-only) was a traceback: ReadOnlySqlTransaction from its schema check."""
+    url = settings.effective_database_url
+    read_only = url + ("&" if "?" in url else "?") + "options=-c%20default_transaction_read_only%3Don"
+    monkeypatch.setenv("PALETTE_DATABASE_URL", read_only)
+    assert cli.main(["projections", "status"]) == 3
+    assert one_line(capsys, "palette projections: PostgreSQL refused (cannot execute ",
+                    "in a read-only transaction); is PALETTE_DATABASE_URL the primary's") == ""
