@@ -348,15 +348,6 @@ class Settings(BaseSettings):
 
     # -- derived values -------------------------------------------------------------
     @property
-    def embedded_postgres(self) -> bool:
-        return not self.database_url or self._is_local_url(self.database_url, self.pg_port)
-
-    @staticmethod
-    def _is_local_url(url: str, port: int) -> bool:
-        parts = urlsplit(url)
-        return parts.hostname in ("127.0.0.1", "localhost") and parts.port == port
-
-    @property
     def effective_database_url(self) -> str:
         if self.database_url:
             return self.database_url
