@@ -76,7 +76,10 @@ def _store_tables_exist(settings: Settings, schema: str) -> bool:
                                {"s": schema, "e": f"{PaletteApplication.name}_events",
                                 "n": f"{PaletteApplication.name}_snapshots"}).fetchone()
     except psycopg.Error:
-        return False  # eventsourcing's own connection says what is wrong
+        # Not known: the store is opened as if new, and meets the same refusal in eventsourcing's
+        # pool, which says only that no connection came within its timeout (a command wanting
+        # PostgreSQL's reason connects first, as cli.connect.event_store does).
+        return False
     return row is not None and bool(row[0])
 
 
