@@ -397,7 +397,7 @@ async def delete_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
     the same; a job still in progress is 409 INVALID_STATE (cancel it first)."""
     already = await service.deleted_async(user_id, job_id)  # NotFound, InvalidState: nothing is touched
     # Recorded before its objects go: a crash between the two leaves a deleted job (404 at once)
-    # whose objects the sweeper's late pass deletes (adapters.retention._late_deletions), not a job
+    # whose objects the sweeper's late pass deletes (adapters.retention.Sweeper._late_deletions), not a job
     # listed as done whose links point at nothing, which no one would finish deleting.
     committed = await service.run(service.delete_job_command(user_id, job_id))
     _remember(container, user_id, job_id, committed)
