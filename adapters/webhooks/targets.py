@@ -20,6 +20,7 @@ left of the attempt's deadline (``_Deadlined``), and an attempt past it is a tim
 
 from __future__ import annotations
 
+import http.cookiejar
 import ipaddress
 import logging
 import re
@@ -392,9 +393,12 @@ def client(production: bool) -> httpx.Client:
     """The sender's HTTP client: 10 s timeouts, each attempt within 10 s in all (``post``), no
     redirects, no environment proxies. In production no connection is kept: the pool is keyed by
     the address connected to, and a connection made (and its certificate checked) for one name
-    must not carry a request for another name there. httpx's line per request is not logged: a
-    user's URL may carry a token."""
+    must not carry a request for another name there. No cookie is kept either: the client is
+    every user's, a receiver's Set-Cookie went on to every endpoint on its host (cookies ignore
+    the port), and one setting new ones on each answer grew the process without end. httpx's
+    line per request is not logged: a user's URL may carry a token."""
     logging.getLogger("httpx").setLevel(logging.WARNING)
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=0 if production else 32)
+    no_cookies = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
     return httpx.Client(timeout=httpx.Timeout(TIMEOUT_S), follow_redirects=False, trust_env=False,
-                        transport=_Transport(limits))
+                        cookies=no_cookies, transport=_Transport(limits))
