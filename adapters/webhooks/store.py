@@ -497,14 +497,19 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
                          .format(_IN_FLIGHT), [row[1]])
             return
         if hold_s is not None and failures is not None:
-            # The hold, and its due deliveries (not those leased: their attempts are in flight)
-            # and this one waiting for its end, in one statement.
-            conn.execute(
+            # The hold, and every pending delivery due before its end waiting for it (not those
+            # leased: their attempts are in flight), this one too, in one statement. Those waiting
+            # on an earlier hold as well: a second attempt in flight that failed after the first
+            # lengthened the hold, and the backlog the first had moved came due at the first
+            # hold's end, still held, in the claims' way (more of it than a claim reads hid every
+            # other endpoint's delivery due after it).
+            conn.execute(sql.SQL(
                 "WITH held AS (UPDATE palette_webhooks.endpoints SET held_until = now() + %s * interval '1 second' "
                 "WHERE id = %s RETURNING id, held_until) UPDATE palette_webhooks.deliveries d "
                 "SET next_attempt_at = held.held_until FROM held WHERE d.endpoint_id = held.id "
-                "AND d.status = 'pending' AND (d.next_attempt_at <= now() OR d.id = %s) "
-                "AND d.next_attempt_at < held.held_until", [hold_s(failures[0]), row[1], delivery_id])
+                "AND d.status = 'pending' AND (d.id = %s OR NOT coalesce({}, false)) "
+                "AND d.next_attempt_at < held.held_until").format(_IN_FLIGHT),
+                [hold_s(failures[0]), row[1], delivery_id])
 
 
 def prune(conn: psycopg.Connection[Any], keep_s: float, limit: int) -> int:

@@ -548,3 +548,37 @@ def test_deliveries_recorded_while_their_endpoint_is_enabled_again_are_due(conn,
         assert [d.message_id for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == [f"msg_{job.hex}_1"]
     finally:
         conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
+
+
+def test_a_longer_hold_from_a_second_failure_in_flight_keeps_the_whole_backlog_waiting(conn, monkeypatch):
+    # A user's two attempts in flight to a failing endpoint: the first failure held it and moved
+    # its backlog to that hold's end; the second lengthened the hold but moved only what was due,
+    # so the backlog came due at the first hold's end while the endpoint was still held, and,
+    # more of it than the claim reads, hid every other endpoint's delivery due after it.
+    monkeypatch.setattr(store, "CLAIM_WINDOW", 5)
+    monkeypatch.setattr(store, "CLAIM_SCAN", 20)
+    failing, victim = uuid.uuid4(), uuid.uuid4()
+    [held] = endpoints(conn, failing, "held-backlog")
+    [answered] = endpoints(conn, victim, "answered-after-backlog")
+    jobs = [uuid.uuid4() for _ in range(30)]
+    store.record(conn, [store.NewDelivery(held, f"msg_{j.hex}_1", j, 1, "job.queued", b"{}") for j in jobs])
+    try:
+        first, second = [d for d in store.claim(conn, 10_000, 30.0, per_user=2) if d.user_id == failing]
+        for attempt in (first, second):  # 60 s held after one failure in a row, 120 s after two
+            store.finish(conn, attempt.id, Outcome(None, "timeout", "", 10_000), 5.0, 20, 0, attempt.lease,
+                         hold_s=lambda failures: 60.0 * failures)
+        waiting = conn.execute(
+            "SELECT count(*) FILTER (WHERE d.next_attempt_at = e.held_until), count(*) FROM "
+            "palette_webhooks.deliveries d JOIN palette_webhooks.endpoints e ON e.id = d.endpoint_id "
+            "WHERE e.id = %s AND d.status = 'pending'", [held]).fetchone()
+        assert waiting == (30, 30)
+        # 90 s on: the first hold over, the second not; the victim's delivery due since just now
+        conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = next_attempt_at - interval '90 seconds' "
+                     "WHERE endpoint_id = %s", [held])
+        conn.execute("UPDATE palette_webhooks.endpoints SET held_until = held_until - interval '90 seconds' "
+                     "WHERE id = %s", [held])
+        store.record(conn, [store.NewDelivery(answered, f"msg_{jobs[0].hex}_1", jobs[0], 1, "job.queued", b"{}")])
+        got = store.claim(conn, 8, 30.0, per_user=2)
+        assert [d.user_id for d in got if d.user_id in (failing, victim)] == [victim]
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[held, answered]])
