@@ -31,6 +31,12 @@ MAX_JPEG_SKIPPED = 64 * 1024
 # million empty APP1 segments (20 MB) held a worker 9.8 s and 630 MB a read. A camera writes a few
 # dozen, extended XMP (a depth map) a few hundred of 64 KB.
 MAX_JPEG_SEGMENTS = 65_536
+# PIL joins the EXIF segments (APP1 "Exif") before a JPEG's first scan, each onto a copy of those
+# before it, then decodes the resolution tags of the whole (getexif, for its dpi): 65,000 empty
+# ones (20 MB) held a worker 56 s a read, 294 of 64 KB whose XResolution held 2.4 million
+# rationals 8.3 s and 500 MB. A camera writes one, an editor that copies it two; a viewer reads
+# the first.
+MAX_JPEG_EXIF_SEGMENTS = 4
 # The markers libjpeg reads at the top level (jdmarker.c read_markers): TEM, SOFn, DHT, JPG, DAC,
 # RSTn, SOI, EOI, SOS, DQT, DNL, DRI, APPn, COM. Any other is refused.
 JPEG_MARKERS = frozenset([0x01, *range(0xC0, 0xDE), *range(0xE0, 0xF0), 0xFE])
@@ -249,10 +255,11 @@ def _jpeg_scans(data: bytes) -> int:
     fill and stuffed zeros, warning, and reads on, so those must not hide the scans after them.
     Refused (BadInput): more than MAX_JPEG_SKIPPED such bytes (PIL walks them one by one in
     Python), more than MAX_JPEG_SEGMENTS markers (PIL reads those before the first scan one by
-    one, in Python), and a marker libjpeg does not know, which it refuses at the top level but
-    scans past, its length unread, at a restart point: whatever that length would cover is read as
-    scans."""
-    at, scans, skipped, segments = 2, 0, 0, 0
+    one, in Python), more than MAX_JPEG_EXIF_SEGMENTS EXIF segments before the first scan (PIL
+    joins them, a copy each, and decodes their resolution tags), and a marker libjpeg does not
+    know, which it refuses at the top level but scans past, its length unread, at a restart point:
+    whatever that length would cover is read as scans."""
+    at, scans, skipped, segments, exif_segments = 2, 0, 0, 0, 0
     while scans <= MAX_JPEG_SCANS:
         found = _NEXT_MARKER.search(data, at)
         if found is None:
@@ -272,7 +279,13 @@ def _jpeg_scans(data: bytes) -> int:
         if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # no length
             at += 2
             continue
-        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        if marker == 0xE1 and not scans and length >= 8 and data[at + 4:at + 10] == b"Exif\x00\x00":
+            exif_segments += 1
+            if exif_segments > MAX_JPEG_EXIF_SEGMENTS:
+                raise BadInput(f"JPEG of more than {MAX_JPEG_EXIF_SEGMENTS} EXIF segments; "
+                               f"at most {MAX_JPEG_EXIF_SEGMENTS} are read")
+        at += 2 + length
         if marker != 0xDA:
             continue
         scans += 1

@@ -332,6 +332,46 @@ def test_a_jpeg_of_millions_of_empty_segments_is_refused_before_pil_reads_it(mon
     assert decode(clean[:2] + segment * 1000 + clean[2:]).shape == (16, 16, 3)
 
 
+def _exif_segments(tiff: bytes, size: int) -> bytes:
+    """``tiff`` as a JPEG's EXIF, cut into APP1 segments of at most ``size`` bytes after their
+    "Exif" prefix, each with the prefix (as PIL reads one that goes on past a segment)."""
+    parts = [tiff[i:i + size] for i in range(0, len(tiff), size)] if tiff else [b""]
+    return b"".join(b"\xff\xe1" + struct.pack(">H", 8 + len(part)) + b"Exif\x00\x00" + part for part in parts)
+
+
+def _exif_flood(kind: str) -> bytes:
+    clean = _progressive("L")
+    if kind == "empty":  # 20,000 EXIF segments of nothing
+        return clean[:2] + _exif_segments(b"", 0) * 20_000 + clean[2:]
+    rationals = 2_400_000  # XResolution, whose whole value PIL decodes for the photo's dpi
+    tiff = (b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x011A, 5, rationals, 26)
+            + b"\0\0\0\0" + struct.pack("<II", 72, 1) * rationals)
+    return clean[:2] + _exif_segments(tiff, 65_000) + clean[2:]
+
+
+@pytest.mark.parametrize("kind", ["empty", "rationals"])
+def test_a_jpeg_of_many_exif_segments_is_refused_before_pil_joins_them(monkeypatch, kind: str):
+    """PIL joins a JPEG's EXIF segments before its first scan, each onto a copy of those before
+    it, then decodes the resolution tags of the whole: 65,000 empty ones (20 MB) held a worker 56 s
+    a read, 294 of 64 KB holding 2.4 million rationals 8.3 s and 500 MB, twice for a photo (its
+    header, then its decode). A camera writes one; a few are read, the orientation of the first."""
+    from gpu_consumer import codec
+
+    flood = _exif_flood(kind)
+    assert len(flood) < codec.MAX_BYTES
+    opened: list[bytes] = []
+    monkeypatch.setattr(codec, "_open", lambda data: opened.append(data))
+    for read in (decode, lambda data: decode_mask(data, (16, 16))):
+        with pytest.raises(BadInput, match="JPEG of more than 4 EXIF segments"):
+            read(flood)
+    assert opened == []
+    monkeypatch.undo()
+    clean = _progressive("L")
+    turned = b"MM\x00*" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, 6, 0) + b"\0\0\0\0"
+    four = clean[:2] + _exif_segments(turned, 65_000) * codec.MAX_JPEG_EXIF_SEGMENTS + clean[2:]
+    assert read_header(four).orientation == 6
+
+
 def test_a_png_of_many_colour_profiles_is_refused_before_pil_inflates_them():
     """PIL inflates every iCCP chunk before the first IDAT as it opens a PNG (up to 1 MB each, none
     counted against its text limit) and keeps the last: a 20 MB PNG of 19,896 such chunks, each
