@@ -358,7 +358,7 @@ def _grey16(wide: np.ndarray) -> np.ndarray:
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
-def _rgb(img: Image.Image) -> np.ndarray:
+def _rgb(img: ImageFile.ImageFile) -> np.ndarray:
     """8-bit RGB, a 16-bit grey scaled down (_grey16), and what is transparent on white, as a
     viewer shows it on a page: the output has no alpha, and the colours stored under clear
     pixels (black, an editor's keying green) are no part of the photo. A 16-bit RGB PNG's tRNS
@@ -370,7 +370,10 @@ def _rgb(img: Image.Image) -> np.ndarray:
         if isinstance(clear := img.info.get("transparency"), int):  # tRNS: the one 16-bit grey not shown
             grey[wide == clear] = 255
         return np.repeat(grey[..., None], 3, axis=2)
-    if img.mode in ALPHA_MODES or "transparency" in img.info:
+    # PIL compares a 16-bit RGB PNG's tRNS colour, each value cut to its low byte, with its 8-bit
+    # pixels: one of (0, 0, 255), a near black, turned every pure blue pixel white.
+    wide_rgb = img.mode == "RGB" and any(tile.args == "RGB;16B" for tile in img.tile)
+    if img.mode in ALPHA_MODES or ("transparency" in img.info and not wide_rgb):
         rgba = img.convert("RGBA")
         clearest, _ = rgba.getchannel("A").getextrema()
         if clearest != 255:  # some pixel is not opaque

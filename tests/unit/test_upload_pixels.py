@@ -78,6 +78,23 @@ def test_a_16_bit_grey_photos_transparent_grey_is_read_on_white(seed: int):
     assert np.array_equal(decode(_grey16_png(values))[..., 0].numpy(), values // 257)  # without tRNS, as stored
 
 
+@pytest.mark.parametrize("clear", [(0, 0, 255), (0, 0, 0), (0x12FF, 0, 0)])
+def test_a_16_bit_rgb_photos_transparent_colour_is_not_read_against_its_8_bit_pixels(clear):
+    """PIL gives a 16-bit RGB PNG's pixels at 8 bits and compares its tRNS colour, 16-bit values,
+    with them, each cut to its low byte: a tRNS of (0, 0, 255), a near black, turned every pure
+    blue pixel (0, 0, 65535) white, one of (0x12FF, 0, 0), a dark red, every pure red, and one of
+    black every near black. As the README says, the colour is not read."""
+    values = np.zeros((8, 12, 3), dtype=np.uint16)
+    values[:, :4, 2] = 65535  # pure blue
+    values[:, 4:8] = 200  # a near black: 0 at 8 bits
+    values[:, 8:, 0] = 65535  # pure red
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in values)
+    trns = _chunk(b"tRNS", struct.pack(">HHH", *clear))
+    data = (PNG_SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", 12, 8, 16, 2, 0, 0, 0)) + trns
+            + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b""))
+    assert np.array_equal(decode(data).numpy(), (values >> 8).astype(np.uint8))
+
+
 def test_a_near_black_16_bit_mask_is_no_concept_and_a_white_one_all_of_it():
     background = np.full((16, 16), 300, dtype=np.uint16)  # 0.5 % grey: black to any eye
     background[4:8, 4:8] = 65535
