@@ -372,6 +372,33 @@ def test_a_jpeg_of_many_exif_segments_is_refused_before_pil_joins_them(monkeypat
     assert read_header(four).orientation == 6
 
 
+@pytest.mark.parametrize("marker", [0xC0, 0xC2, 0xCF])
+def test_a_jpeg_of_many_frame_headers_is_refused_before_pil_reads_them(monkeypatch, marker: int):
+    """PIL keeps a tuple for every 3 bytes of each frame header (SOFn) before the first scan, not
+    for each component it names: 319 of 64 KB (20 MB) held a worker 2.1 s and 600 MB a read, twice
+    for a photo (kornia-rs refuses it, then PIL opens it again to fail). libjpeg refuses a second
+    one (JERR_SOF_DUPLICATE), so no decoder here reads such a file; one is read as ever."""
+    from gpu_consumer import codec
+
+    clean = _progressive("L")
+    first = clean.index(b"\xff\xc2")
+    body = clean[first + 4:first + 2 + int.from_bytes(clean[first + 2:first + 4], "big")]
+    padded = body + b"\x01\x11\x00" * ((65_533 - len(body)) // 3)
+    header = bytes([0xFF, marker]) + struct.pack(">H", 2 + len(padded)) + padded
+    flood = clean[:2] + header * 319 + clean[2:]
+    assert len(flood) < codec.MAX_BYTES
+    opened: list[bytes] = []
+    monkeypatch.setattr(codec, "_open", lambda data: opened.append(data))
+    for read in (decode, lambda data: decode_mask(data, (16, 16))):
+        with pytest.raises(BadInput, match="more than one frame header"):
+            read(flood)
+    assert opened == []
+    monkeypatch.undo()
+    assert decode(clean).shape == (16, 16, 3)
+    with pytest.raises(BadInput):  # what it was before: no decoder reads two frame headers
+        decode(clean[:2] + header + clean[2:])
+
+
 def test_a_png_of_many_colour_profiles_is_refused_before_pil_inflates_them():
     """PIL inflates every iCCP chunk before the first IDAT as it opens a PNG (up to 1 MB each, none
     counted against its text limit) and keeps the last: a 20 MB PNG of 19,896 such chunks, each
