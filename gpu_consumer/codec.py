@@ -41,6 +41,11 @@ MAX_JPEG_EXIF_SEGMENTS = 4
 # component it names), so 319 of 64 KB held a worker 2.1 s and 600 MB a read; libjpeg refuses a
 # second one (JERR_SOF_DUPLICATE), so no decoder here reads such a file.
 SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # less DHT, JPG and DAC
+# The segments before a JPEG's first scan whose content PIL walks in Python, a copy of the rest
+# at each step: its quantization tables (DQT) and Photoshop resources (APP13). 320 of 64 KB held a
+# worker 1.4 s (tables) and 1 s (resources) a read; an encoder writes one to four of the first, an
+# editor one or a few of the second.
+MAX_JPEG_PARSED_SEGMENTS = 64
 # The markers libjpeg reads at the top level (jdmarker.c read_markers): TEM, SOFn, DHT, JPG, DAC,
 # RSTn, SOI, EOI, SOS, DQT, DNL, DRI, APPn, COM. Any other is refused.
 JPEG_MARKERS = frozenset([0x01, *range(0xC0, 0xDE), *range(0xE0, 0xF0), 0xFE])
@@ -261,10 +266,12 @@ def _jpeg_scans(data: bytes) -> int:
     Python), more than MAX_JPEG_SEGMENTS markers (PIL reads those before the first scan one by
     one, in Python), more than MAX_JPEG_EXIF_SEGMENTS EXIF segments before the first scan (PIL
     joins them, a copy each, and decodes their resolution tags), a second frame header before it
-    (libjpeg refuses it; PIL keeps a tuple for every 3 bytes of each), and a marker libjpeg does
-    not know, which it refuses at the top level but scans past, its length unread, at a restart
-    point: whatever that length would cover is read as scans."""
-    at, scans, skipped, segments, exif_segments, frames = 2, 0, 0, 0, 0, 0
+    (libjpeg refuses it; PIL keeps a tuple for every 3 bytes of each), more than
+    MAX_JPEG_PARSED_SEGMENTS quantization table and Photoshop segments before it (PIL walks their
+    content in Python), and a marker libjpeg does not know, which it refuses at the top level but
+    scans past, its length unread, at a restart point: whatever that length would cover is read
+    as scans."""
+    at, scans, skipped, segments, exif_segments, frames, parsed = 2, 0, 0, 0, 0, 0, 0
     while scans <= MAX_JPEG_SCANS:
         found = _NEXT_MARKER.search(data, at)
         if found is None:
@@ -290,6 +297,12 @@ def _jpeg_scans(data: bytes) -> int:
             if exif_segments > MAX_JPEG_EXIF_SEGMENTS:
                 raise BadInput(f"JPEG of more than {MAX_JPEG_EXIF_SEGMENTS} EXIF segments; "
                                f"at most {MAX_JPEG_EXIF_SEGMENTS} are read")
+        photoshop = marker == 0xED and length >= 16 and data.startswith(b"Photoshop 3.0\x00", at + 4)
+        if not scans and (marker == 0xDB or photoshop):
+            parsed += 1
+            if parsed > MAX_JPEG_PARSED_SEGMENTS:
+                raise BadInput(f"JPEG of more than {MAX_JPEG_PARSED_SEGMENTS} quantization table or Photoshop "
+                               "segments before its image")
         if marker in SOF_MARKERS and not scans:
             frames += 1
             if frames > 1:

@@ -399,6 +399,33 @@ def test_a_jpeg_of_many_frame_headers_is_refused_before_pil_reads_them(monkeypat
         decode(clean[:2] + header + clean[2:])
 
 
+@pytest.mark.parametrize("kind", ["tables", "photoshop"])
+def test_a_jpeg_of_many_segments_pil_walks_in_python_is_refused_before_it_reads_them(monkeypatch, kind: str):
+    """PIL walks the quantization tables (DQT) and Photoshop resources (APP13) before a JPEG's
+    first scan in Python, copying the rest of the segment at each step: 320 of 64 KB (20 MB) held
+    a worker 1.4 s and 1 s a read, twice for a photo PIL decodes. An encoder writes one to four
+    DQT segments; up to 64 of the two are read."""
+    from gpu_consumer import codec
+
+    if kind == "tables":
+        segment = b"\xff\xdb" + struct.pack(">H", 2 + 65 * 1008) + (b"\x00" + b"\x01" * 64) * 1008
+    else:
+        resource = b"8BIM\x04\x04\x00\x00" + struct.pack(">I", 0)  # an empty IPTC block
+        body = b"Photoshop 3.0\x00" + resource * 5458
+        segment = b"\xff\xed" + struct.pack(">H", 2 + len(body)) + body
+    clean = _progressive("L")
+    flood = clean[:2] + segment * 320 + clean[2:]
+    assert len(flood) < codec.MAX_BYTES
+    opened: list[bytes] = []
+    monkeypatch.setattr(codec, "_open", lambda data: opened.append(data))
+    for read in (decode, lambda data: decode_mask(data, (16, 16))):
+        with pytest.raises(BadInput, match="more than 64 quantization table or Photoshop segments"):
+            read(flood)
+    assert opened == []
+    monkeypatch.undo()
+    assert decode(clean[:2] + segment * (codec.MAX_JPEG_PARSED_SEGMENTS - 4) + clean[2:]).shape == (16, 16, 3)
+
+
 def test_a_png_of_many_colour_profiles_is_refused_before_pil_inflates_them():
     """PIL inflates every iCCP chunk before the first IDAT as it opens a PNG (up to 1 MB each, none
     counted against its text limit) and keeps the last: a 20 MB PNG of 19,896 such chunks, each
