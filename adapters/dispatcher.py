@@ -224,6 +224,7 @@ class Dispatcher(ConsumerLoop):
         self.conn = psycopg.connect(database_url, autocommit=True) if database_url else None
         self.stale_jobs = stale_jobs or (self._stale_jobs_in_read_model if self.conn is not None else None)
         self._next_sweep = clock() + self.sweep_every_s
+        self._swept_to: tuple[Any, Any] | None = None  # (updated_at, id) the last sweep's page ended at
         self.queue_check_s = QUEUE_CHECK_S
         self._next_queue_check = clock()
         self._queue_id: Any = None  # the GPU queue's topic id when last checked
@@ -239,12 +240,23 @@ class Dispatcher(ConsumerLoop):
 
     # -- the stale sweep ------------------------------------------------------------------------
     def _stale_jobs_in_read_model(self, stale_s: float, limit: int) -> Sequence[Any]:
+        """A page of the stale jobs, stalest first, each pass on from where the last one stopped
+        (from the start again after the last page): rows that stay stale whatever the sweep does
+        (a finished job's row held behind a dead letter, jobs waiting behind a backlog) never
+        hide the jobs after them."""
         assert self.conn is not None
-        rows = self.conn.execute(
-            "SELECT id FROM palette_read.jobs_log WHERE status IN ('queued', 'running') "
-            "AND updated_at < now() - %s * interval '1 second' ORDER BY updated_at LIMIT %s",
-            [stale_s, limit]).fetchall()
-        return [job_id for (job_id,) in rows]
+        rows: list[Any] = []
+        while True:
+            at, job = self._swept_to or (None, None)
+            rows = self.conn.execute(
+                "SELECT id, updated_at FROM palette_read.jobs_log WHERE status IN ('queued', 'running') "
+                "AND updated_at < now() - %s * interval '1 second' "
+                "AND (%s::timestamptz IS NULL OR (updated_at, id) > (%s::timestamptz, %s::uuid)) "
+                "ORDER BY updated_at, id LIMIT %s", [stale_s, at, at, job, limit]).fetchall()
+            self._swept_to = (rows[-1][1], rows[-1][0]) if rows and len(rows) == limit else None
+            if rows or at is None:  # the last page was a full one, and nothing came after it: the start again
+                break
+        return [job_id for (job_id, _) in rows]
 
     def sweep(self, limit: int = 100) -> int:
         """Dispatch again the unfinished items of jobs that made no progress for ``stale_s`` and

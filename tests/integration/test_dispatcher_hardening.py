@@ -184,3 +184,44 @@ def test_a_gpu_queue_the_broker_recreated_gets_the_unfinished_tasks_again(apps, 
         with contextlib.suppress(Exception):
             cleanup.delete_topics([topic])
         cleanup.close()
+
+
+def finished_job_whose_row_stayed_running(service: PaletteService, conn: psycopg.Connection[Any]) -> uuid.UUID:
+    """A job done in the store whose jobs_log row still says running, its last change long ago:
+    the row of a job held behind a dead letter (the projector stopped folding it there)."""
+    user_id = service.register(f"held-{uuid.uuid4()}", plan="pro").value[0]
+    job_id: uuid.UUID = service.create_job(user_id, "interior", 1).value
+    service.confirm_upload(user_id, job_id)
+    service.execute_job(user_id, job_id, EDITS)
+    service.record_item_result(job_id, 0, "done", f"{job_id}:0")
+    wait_until(lambda: conn.execute("SELECT status FROM palette_read.jobs_log WHERE id = %s",
+                                    [job_id]).fetchone() == ("done",), timeout_s=30, what="the job's row")
+    conn.execute("UPDATE palette_read.jobs_log SET status = 'running', updated_at = now() - interval '100 years' "
+                 "WHERE id = %s", [job_id])
+    return job_id
+
+
+def test_jobs_the_sweep_cannot_send_again_do_not_hide_a_stalled_job_behind_them(apps, service, conn, settings):
+    """The sweep reads a page of the stalest jobs a pass. Rows that stay stale whatever it does
+    (finished jobs whose rows are held, here as many as a page) took every page, so a stalled job
+    after them was never sent again; each pass now reads on from where the last one stopped."""
+    limit = 2
+    held = [finished_job_whose_row_stayed_running(service, conn) for _ in range(limit)]
+    job_id = running_job(service, conn)
+    dispatcher = Dispatcher(OnePoll([]), kafka_io.producer(settings), PaletteApplication(env=event_store_env(settings)),
+                            settings.effective_database_url, stale_s=0.001)
+    sent: list[dict[str, Any]] = []
+    real = dispatcher._send
+    dispatcher._send = lambda task: (sent.append(task), real(task))[1]  # type: ignore[method-assign]
+    try:
+        (stale,) = conn.execute("SELECT count(*) FROM palette_read.jobs_log "
+                                "WHERE status IN ('queued', 'running')").fetchone() or (0,)
+        for _ in range(stale // limit + 2):  # enough passes to read every stale row once
+            dispatcher.sweep(limit=limit)
+            if any(t["job_id"] == str(job_id) for t in sent):
+                break
+        assert sorted(t["idx"] for t in sent if t["job_id"] == str(job_id)) == [0, 2]
+        assert not [t for t in sent if t["job_id"] in {str(h) for h in held}]
+    finally:
+        conn.execute("UPDATE palette_read.jobs_log SET status = 'done' WHERE id = ANY(%s)", [held])
+        dispatcher.close()
