@@ -722,6 +722,35 @@ def test_an_edit_whose_client_mask_is_empty_fails_but_an_empty_protect_mask_is_n
     assert status == outcome and (("mask of wall is empty" in error) == (outcome == "failed")), error
 
 
+def _half_mask_png(left: int, right: int) -> bytes:
+    image = Image.new("L", (48, 32), left)
+    image.paste(right, (24, 0, 48, 32))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("wall", "sofa", "outcome"), [
+    (_mask_png(255), _mask_png(255), "failed"),  # the whole wall protected
+    (_half_mask_png(0, 255), _mask_png(255), "failed"),  # half a wall, all of it under the sofa
+    (_half_mask_png(0, 255), _half_mask_png(0, 255), "failed"),  # the same half
+    (_mask_png(255), _half_mask_png(0, 255), "done"),  # half the wall left to recolor
+], ids=["all-protected", "inside-protected", "same-as-protected", "half-left"])
+def test_an_edit_whose_mask_lies_wholly_under_a_protected_one_fails_instead_of_an_unchanged_photo(
+        wall: bytes, sofa: bytes, outcome: str) -> None:
+    """Protection wins over an edit: an edit mask every pixel of which is protected changed
+    nothing, and the item was reported done, billed, its output the photo as it came."""
+    t = {**task(), "protect": ["sofa"], "mask_keys": {"wall": "m/wall.png", "sofa": "m/sofa.png"}}
+    w, s3, _, callbacks, _ = worker([record(t)])
+    s3.objects.update({"m/wall.png": wall, "m/sofa.png": sofa})
+    step_once(w)
+    [(_, status, error)] = callbacks.reports
+    assert status == outcome, (status, error)
+    if outcome == "failed":
+        assert error.startswith("the mask of wall lies wholly under what is protected (sofa)"), error
+        assert t["output_key"] not in s3.objects
+
+
 @pytest.mark.parametrize("sofa", [None, 0])
 def test_a_removal_whose_mask_leaves_nothing_around_it_fails_instead_of_a_black_photo(sofa: int | None) -> None:
     """A remove fills its hole from the pixels around it: a client mask of the whole photo (an
