@@ -18,8 +18,9 @@ armed only after a response). Here:
 - a lost connection is told to the answer under way, not only to the last request parsed
   (uvicorn's), so a stream with requests pipelined behind it ends with its client;
 - an answer's client must keep reading: one that has accepted nothing for ``WRITE_STALL_S``
-  while the answer waits (the transport's buffer full) is disconnected, and the stream behind the
-  answer (a replay, a job's events) ends with it, its buffers given back;
+  while the answer waits (the transport's buffer full, or the connection closing with some of it
+  unsent) is disconnected, and the stream behind the answer (a replay, a job's events) ends with
+  it, its buffers given back;
 - a refused request is counted, not logged one line each (uvicorn's warning per request let a
   client choose how much the server wrote to its log): the count is said at most every
   ``WARN_EVERY_S``;
@@ -249,6 +250,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if self.timeout_keep_alive_task is not None:  # kept alive, waiting for the next request
             self._bounds.idle[self] = None
+        self._watch_closing()
+
+    def timeout_keep_alive_handler(self) -> None:
+        super().timeout_keep_alive_handler()
+        self._watch_closing()
 
     def _unsupported_upgrade_warning(self) -> None:
         """An Upgrade request is served as plain HTTP (``ws`` is off: the API has no WebSocket,
@@ -265,6 +271,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None
+        self._watch_closing()
+
+    def _watch_closing(self) -> None:
+        """A closing connection with some of its answer unsent waits for its client as a paused
+        answer does, and is timed the same way: its close waits for the buffer to drain, and an
+        answer under the high-water mark (64 KB) never paused writing, so a client that read
+        nothing of it held the connection for ever. Nothing more is written to it, so what is
+        left only falls while its client reads."""
+        if self._stall is None and self.transport.is_closing() and self.transport.get_write_buffer_size():
+            self._watch_stall(None)
 
     def _watch_stall(self, before: int | None) -> None:
         """While the answer waits on its client (nothing more is written meanwhile): every
@@ -390,6 +406,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline = None
         if not self.transport.is_closing():
             self.transport.close()
+            self._watch_closing()
 
 
 def _kernel_unsent(transport: asyncio.BaseTransport) -> int:

@@ -24,6 +24,7 @@ from tests.conftest import free_port
 from tests.waiting import wait_until
 
 BIG = 8 << 20  # /big answers this many bytes
+MID = 48 << 10  # /mid answers this many: under the transport's high-water mark (64 KB), never paused
 
 
 SERVED: list[str] = []  # the paths of the requests echo_app was given, in order
@@ -60,9 +61,9 @@ async def echo_app(scope: Any, receive: Any, send: Any) -> None:
         size += len(message.get("body", b""))
         if not message.get("more_body"):
             break
-    # /peer: the client address the app sees; /big: BIG bytes; anything else: the body's size.
+    # /peer: the client address the app sees; /big: BIG bytes; /mid: MID; anything else: the body's size.
     body = (scope["client"][0].encode() if scope["path"] == "/peer" else b"x" * BIG if scope["path"] == "/big"
-            else str(size).encode())
+            else b"x" * MID if scope["path"] == "/mid" else str(size).encode())
     headers = [(b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -460,6 +461,38 @@ def test_a_client_that_reads_nothing_of_its_answer_is_disconnected_and_one_readi
                        10, "the stalled connection dropped")
         assert srv.server_state.palette_bounds.stalled == 1
     assert any("1 stalled answers cut" in r.getMessage() for r in caplog.records)
+
+
+class SmallSendBuffer(http_limits.BoundedHttpToolsProtocol):
+    """The server's kernel holding 4 KB of an answer, as a link's send buffer may hold less than
+    the answer (on loopback it grows to megabytes, and takes a /mid whole)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        super().connection_made(transport)
+
+
+@pytest.mark.parametrize("closed_by", ["connection: close", "keep-alive's timeout"])
+def test_a_client_that_reads_nothing_of_an_answer_under_the_high_water_mark_is_disconnected_once_it_is_closed(
+    monkeypatch: pytest.MonkeyPatch, closed_by: str
+) -> None:
+    """An answer written whole into the transport's buffer without passing its high-water mark
+    never paused writing, so the stall was never watched: the close that follows the answer (its
+    client's "connection: close", or keep-alive's timeout) waits for that buffer to drain, and a
+    client that read nothing held its connection (a descriptor, a count against its address's
+    limit, one no newer connection evicts) for ever."""
+    monkeypatch.setattr(http_limits, "WRITE_STALL_S", 0.5)
+    monkeypatch.setitem(http_limits.SERVER_OPTIONS, "timeout_keep_alive", 0.3)
+    header = b"connection: close\r\n" if closed_by == "connection: close" else b""
+    with serving(SmallSendBuffer) as (port, srv), socket.socket() as unread:
+        unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: its window
+        unread.connect(("127.0.0.1", port))
+        unread.sendall(b"GET /mid HTTP/1.1\r\nhost: x\r\n" + header + b"\r\n")  # and never reads
+        wait_until(lambda: accepted_sockets(port) == 1, 10, "the connection accepted")
+        # before: held (closing, its answer unsent) until the client read it, i.e. for ever
+        wait_until(lambda: srv.server_state.palette_bounds.stalled != 0 and accepted_sockets(port) == 0,
+                   10, "the stalled connection dropped")
+        assert srv.server_state.palette_bounds.stalled == 1
 
 
 def test_a_client_that_read_its_large_answer_whole_stays_connected_however_long_it_then_idles(
