@@ -77,9 +77,10 @@ INPUT_CONTENT_TYPE = "image/jpeg"
 _E = Envelope[None]
 COMMON: dict[int | str, dict[str, Any]] = {401: {"model": _E, "description": "AUTH_REQUIRED / AUTH_INVALID"},
           422: {"model": _E, "description": "VALIDATION_FAILED"}}
-OWN: dict[int | str, dict[str, Any]] = {**COMMON,
-       404: {"model": _E, "description": "NOT_FOUND (also another user's job)"},
-       409: {"model": _E, "description": "INVALID_STATE / INPUTS_MISSING / CONFLICT"}}
+SEEN: dict[int | str, dict[str, Any]] = {**COMMON,
+                                         404: {"model": _E, "description": "NOT_FOUND (also another user's job)"}}
+OWN: dict[int | str, dict[str, Any]] = {**SEEN,
+                                        409: {"model": _E, "description": "INVALID_STATE / INPUTS_MISSING / CONFLICT"}}
 
 
 def _remember(c: Container, user_id: UUID, job_id: UUID, committed: Committed[Any]) -> None:
@@ -375,7 +376,7 @@ def _copy_objects(c: Container, copies: list[tuple[str, str]]) -> None:
         list(pool.map(copy, copies))
 
 
-@router.get("/jobs/{job_id}", response_model=Envelope[JobPublic], responses=OWN)
+@router.get("/jobs/{job_id}", response_model=Envelope[JobPublic], responses=SEEN)
 async def get_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep,
                   container: ContainerDep) -> JSONResponse:
     """Status, progress and items, with presigned download URLs for finished outputs, the masks
@@ -498,7 +499,7 @@ def events_after_id(last_event_id: str | None, version: int) -> int:
     200: {"content": {"text/event-stream": {}}, "description": "the job's events as server-sent "
           "events (`id` = stream version, `event` = type, `data` = JSON); ends when the job is terminal"},
     204: {"description": "the job is finished and has no event after Last-Event-ID (an EventSource stops)"},
-    **OWN, 429: {"model": _E, "description": "RATE_LIMITED: the user's streams are all open (with Retry-After)"}})
+    **SEEN, 429: {"model": _E, "description": "RATE_LIMITED: the user's streams are all open (with Retry-After)"}})
 async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, container: ContainerDep,
                      request: Request, last_event_id: Annotated[str | None, Header()] = None) -> Response:
     """Live progress, resumable with Last-Event-ID (the last stream version seen; one past the
