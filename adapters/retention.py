@@ -66,6 +66,7 @@ from eventsourcing.postgres import PostgresAggregateRecorder
 from psycopg import sql
 
 from adapters import keyring
+from adapters.api.unavailable import store_away
 from adapters.ddl import run_locked
 from adapters.erasure import erase, forget_job_deliveries, forget_user_data
 from adapters.objects import delete_larger, delete_prefixes
@@ -343,7 +344,9 @@ class Sweeper:
     def _unpaid(self, cutoff: datetime, report: SweepReport) -> None:
         """Expire the objects of the jobs that finished before ``cutoff`` having spent nothing, as
         the job itself says (the read model only points at them). One whose objects cannot be
-        deleted is logged and left to the retention pass, so it holds back no other."""
+        deleted (S3 refused) is logged and left to the retention pass, so it holds back no other;
+        a store that does not answer (unreachable, a 5xx) stops the pass before the job, for the
+        next one (it would else pass over every job, leaving each its objects a month)."""
         c, days = self.container, self.settings.unpaid_retention_days
         with c.read_pool.connection() as conn:
             after = _cursor(conn, "unpaid")
@@ -358,7 +361,9 @@ class Sweeper:
                     continue
                 try:
                     self._expire(user_id, job_id, days, report)
-                except (OSError, BotoCoreError, ClientError):
+                except (OSError, BotoCoreError, ClientError) as e:
+                    if store_away(e):  # no answer about this job: the pass stops, its cursor before it
+                        raise
                     log.warning("could not delete the objects of unpaid job %s; the retention pass will",
                                 job_id, exc_info=True)
             if latest is not None:

@@ -565,3 +565,26 @@ def test_an_unpaid_job_whose_finish_is_folded_after_a_pass_is_expired_by_the_nex
     finally:
         sweeper.close()
     assert not any(unpaid in k for k in _objects(settings, client.user_id))
+
+
+def test_a_pass_that_cannot_reach_the_store_leaves_the_unpaid_jobs_to_the_next_pass(client, settings):
+    """The object store away for a pass (nobody at its endpoint): the unpaid pass stops at its first
+    job, its cursor before it, so the next pass deletes their objects a day after all. It used to
+    log each job and move its cursor past them all, leaving their objects the whole retention period."""
+    jobs = []
+    for _ in range(2):  # one at a time: the free plan runs one job at once
+        jobs.append(create_uploaded_job(client, 1))
+        client.data("POST", f"/jobs/{jobs[-1]}/cancel")
+    now = max(_finished_at(settings, *jobs)) + timedelta(days=settings.unpaid_retention_days, seconds=1)
+    away = build_sweeper(settings.model_copy(update={"s3_endpoint": "http://127.0.0.1:1"}))
+    try:
+        assert away.step(now=now).jobs_expired == 0
+    finally:
+        away.close()
+    assert all(any(j in k for k in _objects(settings, client.user_id)) for j in jobs)
+    sweeper = build_sweeper(settings)
+    try:
+        assert sweeper.step(now=now).jobs_expired >= 2
+    finally:
+        sweeper.close()
+    assert not any(j in k for k in _objects(settings, client.user_id) for j in jobs)
