@@ -28,15 +28,20 @@ def running_settings() -> Settings:
     return load_settings(fresh)
 
 
-def event_store(settings: Settings) -> PaletteApplication:
-    """The event store, opened after one connection of its own: the pool's refusal, whatever its
-    reason (a wrong password, no such database, nobody listening), is "couldn't get a connection
-    after 10.00 sec", said only after those 10 s; this one's error says why, at once."""
+def reach_database(settings: Settings) -> None:
+    """One connection, before a command opens its pools: a pool's refusal, whatever its reason (a
+    wrong password, no such database, nobody listening), is "couldn't get a connection after
+    10.00 sec", said only after those 10 s; this one's error says why, at once."""
     import psycopg
 
+    psycopg.connect(settings.effective_database_url, connect_timeout=10).close()
+
+
+def event_store(settings: Settings) -> PaletteApplication:
+    """The event store, opened after one connection of its own (``reach_database``)."""
     from adapters.bootstrap import open_event_store
 
-    psycopg.connect(settings.effective_database_url, connect_timeout=10).close()
+    reach_database(settings)
     return open_event_store(settings, pool_size=2, saves=False)
 
 

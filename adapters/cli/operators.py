@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from uuid import uuid4
 
 from adapters.cli.arguments import ttl, uuid_value
-from adapters.cli.connect import running_settings
+from adapters.cli.connect import reach_database, running_settings
 
 if TYPE_CHECKING:
     from adapters.cli.arguments import Subcommands
@@ -32,6 +32,7 @@ def _cmd_admin(args: argparse.Namespace) -> int:
     from adapters import bootstrap
 
     settings = running_settings()
+    reach_database(settings)  # PostgreSQL's reason at once, not the pools' "couldn't get a connection" 10 s on
     if args.action == "sweep":
         failures = _Failures()
         sweeping = logging.getLogger("palette")  # the sweeper's, and the erasure's it finishes

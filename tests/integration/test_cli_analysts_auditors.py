@@ -260,3 +260,20 @@ def test_a_read_only_database_is_said_in_one_line(env: dict[str, str], settings:
     assert cli.main(["projections", "status"]) == 3
     assert one_line(capsys, "palette projections: PostgreSQL refused (cannot execute ",
                     "in a read-only transaction); is PALETTE_DATABASE_URL the primary's") == ""
+
+
+@pytest.mark.parametrize("args", [["admin", "sweep"], ["admin", "erase", str(uuid.uuid4())]], ids=["sweep", "erase"])
+def test_an_operators_command_a_database_refuses_names_its_reason_at_once(
+        args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`palette admin` met PostgreSQL only through its pools: a wrong password (another data
+    directory's secrets) was "couldn't get a connection after 10.00 sec; is the stack up?", 10 s on."""
+    import time
+
+    monkeypatch.delenv("PALETTE_DATABASE_URL")
+    monkeypatch.setenv("PALETTE_PG_PASSWORD", "not-the-stacks-password-0123456789")
+    started = time.monotonic()
+    assert cli.main(args) == 3
+    assert time.monotonic() - started < 5
+    assert one_line(capsys, "palette admin: cannot reach PostgreSQL (", "password authentication failed",
+                    "is PALETTE_DATA_DIR the running stack's") == ""

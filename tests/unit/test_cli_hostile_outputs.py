@@ -449,6 +449,7 @@ def test_admin_sweep_that_could_not_do_part_of_its_pass_says_so_in_one_line_and_
 
     monkeypatch.setenv("PALETTE_DATA_DIR", str(tmp_path))
     monkeypatch.setattr(bootstrap, "build_sweeper", lambda _settings: _SweeperMeetingADownStore())
+    monkeypatch.setattr(operators, "reach_database", lambda _settings: None)  # no PostgreSQL here
     assert cli.main(["admin", "sweep"]) == 3
     out, err = capsys.readouterr()
     assert out.startswith("swept: 0 job(s) expired")

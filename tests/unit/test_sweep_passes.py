@@ -86,6 +86,7 @@ def test_palette_admin_sweep_says_what_failed_in_one_line_and_exits_1(monkeypatc
     monkeypatch.setattr(operators, "running_settings",
                         lambda: SimpleNamespace(retention_days=30, unpaid_retention_days=7))
     monkeypatch.setattr(bootstrap, "build_sweeper", lambda _settings: sweeper)
+    monkeypatch.setattr(operators, "reach_database", lambda _settings: None)  # no PostgreSQL here
     monkeypatch.setattr(sweeper, "step", lambda: Sweeper.step(sweeper, now=NOW))
     assert cli.main(["admin", "sweep"]) == 1
     out, err = capsys.readouterr()
