@@ -220,8 +220,10 @@ class Settings(BaseSettings):
     # A job that finished having spent nothing (canceled or failed, no item done) keeps its
     # objects this long instead: a rerun of it works meanwhile.
     unpaid_retention_days: int = Field(1, ge=1, le=3650)
-    sweep_interval_s: float = Field(3600.0, gt=0)
-    erasure_sweep_s: float = Field(30.0, gt=0)
+    # The served sweeper waits the lesser of the two at a time: past threading's TIMEOUT_MAX (9.2e9 s)
+    # that wait is an OverflowError, which ended the process at its start.
+    sweep_interval_s: float = Field(3600.0, gt=0, le=TEN_YEARS_S)
+    erasure_sweep_s: float = Field(30.0, gt=0, le=TEN_YEARS_S)
     erasure_grace_s: float = Field(120.0, ge=0, le=TEN_YEARS_S)
 
     @field_validator("*", mode="before")

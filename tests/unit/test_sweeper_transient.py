@@ -6,6 +6,7 @@ PostgreSQL; an S3 error in a late deletion ended it too."""
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -34,3 +35,36 @@ def test_a_pass_that_fails_transiently_is_tried_again_not_the_end_of_the_sweeper
                            step=step, finish_erasures=lambda _grace: 0)
     Sweeper.run(fake, stop)  # type: ignore[arg-type]
     assert len(passes) == 2
+
+
+def test_the_sweepers_waits_are_at_most_ten_years_and_the_longest_is_waited_out(tmp_path, monkeypatch) -> None:
+    """PALETTE_SWEEP_INTERVAL_S and PALETTE_ERASURE_SWEEP_S both past threading's TIMEOUT_MAX (9.2e9 s)
+    were accepted, and the served sweeper's first wait raised OverflowError, ending the process."""
+    from adapters.settings import TEN_YEARS_S, SettingsError, load_settings
+
+    for name in ("PALETTE_SWEEP_INTERVAL_S", "PALETTE_ERASURE_SWEEP_S"):
+        with monkeypatch.context() as env:
+            env.setenv(name, "1e10")
+            with pytest.raises(SettingsError, match=name) as e:
+                load_settings(data_dir=tmp_path)
+        assert "\n" not in str(e.value)
+    for name in ("PALETTE_SWEEP_INTERVAL_S", "PALETTE_ERASURE_SWEEP_S"):
+        monkeypatch.setenv(name, str(TEN_YEARS_S))
+    settings = load_settings(data_dir=tmp_path)
+    stop, passed, failed = threading.Event(), threading.Event(), []
+    fake = SimpleNamespace(settings=settings, step=lambda **_kw: passed.set(), finish_erasures=lambda _grace: 0)
+
+    def run() -> None:
+        try:
+            Sweeper.run(fake, stop)  # type: ignore[arg-type]
+        except Exception as error:  # noqa: BLE001 - what the test reports
+            failed.append(error)
+
+    waiting = threading.Thread(target=run)
+    waiting.start()
+    assert passed.wait(5)
+    time.sleep(0.1)  # into its wait, ten years long
+    assert waiting.is_alive() and not failed
+    stop.set()  # which ends at once
+    waiting.join(5)
+    assert not waiting.is_alive() and not failed
