@@ -209,7 +209,9 @@ def prune_snapshots(conn: psycopg.Connection[Any], snapshots: sql.Identifier, ev
 def latest_finish(conn: psycopg.Connection[Any], before: datetime) -> datetime | None:
     """The last time a job finished before ``before``, as jobs_log has it."""
     row = conn.execute("SELECT max(finished_at) FROM palette_read.jobs_log WHERE finished_at < %s", [before]).fetchone()
-    return row[0] if row else None
+    # In UTC: psycopg hands it back in the session's time zone, where taking an hour off is
+    # wall-clock arithmetic (no hour at all across a change of clocks).
+    return row[0].astimezone(UTC) if row and row[0] is not None else None
 
 
 def abandoned_jobs(conn: psycopg.Connection[Any], cutoff: datetime, after: tuple[datetime, UUID],

@@ -588,3 +588,36 @@ def test_a_pass_that_cannot_reach_the_store_leaves_the_unpaid_jobs_to_the_next_p
     finally:
         sweeper.close()
     assert not any(j in k for k in _objects(settings, client.user_id) for j in jobs)
+
+
+def test_the_unpaid_cursors_slack_is_an_hour_whatever_the_databases_time_zone(client, other, http, settings):
+    """A database whose sessions keep local time (a server's TimeZone, Europe/Paris here) hands
+    back finishes in that zone, and an hour taken from one in wall-clock time is no hour across a
+    change of clocks: the night clocks go forward, the cursor moved up to the last finish itself,
+    so a job folded since, having finished within the hour before, was never expired by the pass."""
+    from datetime import UTC, datetime
+
+    unpaid = create_uploaded_job(client, 1)
+    client.data("POST", f"/jobs/{unpaid}/cancel")
+    paid = _one_done(other, http, settings)
+    _finished_at(settings, unpaid, paid)
+    last = datetime(2027, 3, 28, 1, 30, tzinfo=UTC)  # 03:30 in Paris, clocks just gone forward (later than any cursor)
+    url = settings.effective_database_url
+    paris = settings.model_copy(update={
+        "database_url": f"{url}{'&' if '?' in url else '?'}options=-c%20TimeZone%3DEurope%2FParis"})
+    now = last + timedelta(days=settings.unpaid_retention_days, seconds=1)
+    sweeper = build_sweeper(paris)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE palette_read.jobs_log SET finished_at = %s WHERE id = %s", [last, paid])
+        conn.execute("UPDATE palette_read.jobs_log SET finished_at = NULL WHERE id = %s", [unpaid])  # not folded yet
+        try:
+            sweeper.step(now=now)
+            assert any(unpaid in k for k in _objects(settings, client.user_id))
+        finally:  # folded now: it finished 45 minutes before the last one
+            conn.execute("UPDATE palette_read.jobs_log SET finished_at = %s WHERE id = %s",
+                         [last - timedelta(minutes=45), unpaid])
+    try:
+        sweeper.step(now=now)
+    finally:
+        sweeper.close()
+    assert not any(unpaid in k for k in _objects(settings, client.user_id))
