@@ -182,8 +182,8 @@ class ErasedUsers:
         if self.on_erased is not None:
             for user_id, _ in found:
                 self.on_erased(user_id)
-        if found:
-            newest = max(at for _, at in found)
+        if found:  # in UTC: in the session's time zone, taking LATE_S off is wall-clock arithmetic
+            newest = max(at for _, at in found).astimezone(UTC)
             if self._read_after is None or newest - timedelta(seconds=LATE_S) > self._read_after:
                 self._read_after = newest - timedelta(seconds=LATE_S)
         if self.clock() >= self._next_prune:  # the expired ones, now and then (a pass over them all)

@@ -292,3 +292,35 @@ def test_registering_a_device_erased_many_times_looks_up_a_few_generations_not_a
     assert len(asked) <= 25, len(asked)  # before: 250 for 2,000
     again, created = service.register(DEVICE).value
     assert again == user_id and not created
+
+
+def test_a_refresh_reads_again_from_before_its_newest_tombstone_whatever_the_databases_time_zone():
+    """PostgreSQL hands ``requested_at`` back in the session's time zone, and taking LATE_S from
+    it there is wall-clock arithmetic: the night Paris's clocks go forward, five minutes before
+    03:02 is 02:57, an hour that does not exist there, read as 01:57 UTC, 55 minutes after the
+    tombstone (01:02 UTC). The next refresh then asked only for erasures after that, and every
+    other API process missed those committed meanwhile."""
+    from contextlib import contextmanager
+    from datetime import UTC, datetime, timedelta
+    from uuid import uuid4
+    from zoneinfo import ZoneInfo
+
+    from adapters.erasure import LATE_S, ErasedUsers
+
+    newest = datetime(2027, 3, 28, 3, 2, tzinfo=ZoneInfo("Europe/Paris"))  # clocks just gone forward
+    asked: list[Any] = []
+
+    class Conn:
+        def execute(self, _sql: str, params: list[Any]) -> Any:
+            asked.append(params[1])
+            return SimpleNamespace(fetchall=lambda: [(uuid4(), newest)])
+
+    @contextmanager
+    def connection() -> Any:
+        yield Conn()
+
+    users = ErasedUsers(SimpleNamespace(connection=connection), token_ttl_s=3600)
+    users.refresh()
+    users.refresh()
+    assert asked[0] is None
+    assert asked[1] == newest.astimezone(UTC) - timedelta(seconds=LATE_S), asked[1].astimezone(UTC)
