@@ -57,8 +57,9 @@ REQUEST_TIMEOUT_S = 10.0  # a head and a body of at most 64 KB each
 LINGER_S = 2.0  # after a 431, what the client still sends is read and dropped this long
 WRITE_STALL_S = 60.0  # an answer's client that reads nothing of it this long is disconnected
 MAX_PIPELINED = 64  # requests one connection has waiting behind the one being answered
+_TOO_LARGE_BODY = b"request headers are over 64 KB"
 TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
-             b"content-length: 31\r\nconnection: close\r\n\r\nrequest headers are over 64 KB")
+             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY))
 
 
 FD_RESERVE = 1024  # descriptors kept for the pools, files and the broker (at most half the limit)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 
@@ -113,6 +114,18 @@ def test_a_head_over_the_limit_is_a_431_and_the_connection_closes(server: int) -
     assert answer.startswith(b"HTTP/1.1 431 ")
     whole = exchange(server, b"GET / HTTP/1.1\r\nhost: x\r\n" + pad + b"connection: close\r\n\r\n")
     assert whole.startswith(b"HTTP/1.1 431 ")
+
+
+def test_a_431_is_as_long_as_it_says_and_a_client_library_reads_it(server: int) -> None:
+    """The 431 said ``content-length: 31`` of its 30-byte body, then closed: a client waiting
+    for the last byte read no answer at all (httpx: RemoteProtocolError, not the 431)."""
+    answer = exchange(server, b"GET / HTTP/1.1\r\nhost: x\r\nx-pad: " + b"a" * (70 << 10) + b"\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    (length,) = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                 if line.lower().startswith(b"content-length:")]
+    assert len(body) == length, (length, body)
+    r = httpx.get(f"http://127.0.0.1:{server}/", headers={"x-pad": "a" * (70 << 10)}, timeout=5)
+    assert r.status_code == 431 and r.text == "request headers are over 64 KB"
 
 
 @pytest.mark.parametrize("request_bytes", [
