@@ -276,16 +276,20 @@ class PaletteService:
 
         return command
 
-    def grant_credits(self, user_id: UUID, amount: int, reason: str) -> Committed[int]:
-        return self.executor.execute(self.grant_credits_command(user_id, amount, reason))
+    def grant_credits(self, user_id: UUID, amount: int, reason: str,
+                      grant_id: UUID | None = None) -> Committed[int]:
+        """The user's balance after the grant; a ``grant_id`` already recorded for this user
+        records nothing (``recorded`` False), so that a retry grants once."""
+        return self.executor.execute(self.grant_credits_command(user_id, amount, reason, grant_id))
 
-    def grant_credits_command(self, user_id: UUID, amount: int, reason: str) -> Command[int]:
+    def grant_credits_command(self, user_id: UUID, amount: int, reason: str,
+                              grant_id: UUID | None = None) -> Command[int]:
         at = self.clock.now()
 
         @touches(user_id)
         def command(uow: UnitOfWork) -> int:
             user = self._user(uow, user_id)
-            user.grant(amount, reason, at)
+            user.grant(amount, reason, at, grant_id)
             return user.balance
 
         return command

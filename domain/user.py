@@ -26,6 +26,7 @@ from eventsourcing.domain import Aggregate
 from domain.errors import ConcurrencyLimit, InsufficientCredits, InvalidState, RuleSlotsFull, ValidationFailed
 from domain.plans import Plan
 from domain.stream import Stream
+from domain.text import refused_character
 
 USER_NAMESPACE = uuid5(NAMESPACE_URL, "https://palette.invalid/users")
 # Keyed ids live apart from legacy ones: a device key presented as a device hash must not
@@ -35,6 +36,9 @@ DEVICE_KEY_NAMESPACE = uuid5(NAMESPACE_URL, "https://palette.invalid/users/devic
 DEVICE_KEY_SCHEME = "hmac-sha256:"
 # What a v1 Registered event (which stored the raw hash) holds once upcast: no key can equal it.
 REDACTED_DEVICE_KEY = "redacted:v1"
+# One grant's bounds: an operator's typo (a few zeros too many) is refused, not credited.
+MAX_GRANT = 1_000_000
+MAX_GRANT_REASON = 200
 
 
 def user_id_for_device_key(device_key: str, generation: int = 0) -> UUID:
@@ -51,6 +55,14 @@ def legacy_user_id_for_device(device_hash: str) -> UUID:
 
 
 class User(Stream):
+    # v2: ``grant_ids`` (the ids of the grants recorded with one); a v1 snapshot was taken before
+    # any grant had an id.
+    class_version = 2
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        state["grant_ids"] = set()
+
     class Registered(Aggregate.Created):
         """v2: the keyed device hash, sealed (``sealed:v1:...``) since users could be erased;
         earlier v2 events hold it in clear. v1 stored the raw ``device_hash``; it is dropped on read."""
@@ -66,12 +78,23 @@ class User(Stream):
             state["device_key"] = REDACTED_DEVICE_KEY
 
     class CreditsGranted(Aggregate.Event):
+        """v2: ``grant_id``, which makes an operator's grant idempotent (None: the sign-up grant,
+        and every grant recorded before v2)."""
+
+        class_version = 2
         amount: int
         reason: str
+        grant_id: UUID | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["grant_id"] = None
 
         def apply(self, user: User) -> None:
             user.balance += self.amount
             user.granted += self.amount
+            if self.grant_id is not None:
+                user.grant_ids.add(self.grant_id)
 
     class CreditsReserved(Aggregate.Event):
         job_id: UUID
@@ -124,6 +147,7 @@ class User(Stream):
         self.spent = 0
         self.reservations: dict[UUID, int] = {}
         self.rule_ids: set[UUID] = set()
+        self.grant_ids: set[UUID] = set()  # an operator's grants, each recorded once
         self.erased = False
 
     # -- queries ----------------------------------------------------------------------
@@ -152,10 +176,19 @@ class User(Stream):
             user.grant(plan.initial_credits, "signup", at)
         return user
 
-    def grant(self, amount: int, reason: str, at: datetime) -> None:
-        if amount <= 0:
-            raise ValidationFailed("a grant must be a positive number of credits")
-        self.trigger_event(self.CreditsGranted, amount=amount, reason=reason, timestamp=at)
+    def grant(self, amount: int, reason: str, at: datetime, grant_id: UUID | None = None) -> bool:
+        """Credit ``amount`` (1..MAX_GRANT) for ``reason``; a grant whose ``grant_id`` this user has
+        recorded records nothing (a retry). True when this call recorded it."""
+        if not 0 < amount <= MAX_GRANT:
+            raise ValidationFailed(f"a grant must be 1 to {MAX_GRANT:,} credits, not {amount}")
+        if not 0 < len(reason) <= MAX_GRANT_REASON:
+            raise ValidationFailed(f"a grant's reason must be 1 to {MAX_GRANT_REASON} characters, not {len(reason)}")
+        if (bad := refused_character(reason)) is not None:
+            raise ValidationFailed(f"a grant's reason contains a character that is not allowed ({bad})")
+        if grant_id is not None and grant_id in self.grant_ids:
+            return False
+        self.trigger_event(self.CreditsGranted, amount=amount, reason=reason, grant_id=grant_id, timestamp=at)
+        return True
 
     def reserve(self, job_id: UUID, amount: int, plan: Plan, at: datetime) -> None:
         if job_id in self.reservations:

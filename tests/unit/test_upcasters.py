@@ -48,7 +48,8 @@ def store(app: PaletteApplication, stream: UUID, events: list[tuple[str, dict[st
 
 
 def test_every_versioned_event_has_an_upcaster_per_step_and_a_case_here() -> None:
-    cases = {"domain.job:Job.JobQueued": 2, "domain.user:User.Registered": 2}  # the cases below
+    cases = {"domain.job:Job.JobQueued": 2, "domain.user:User.Registered": 2,
+             "domain.user:User.CreditsGranted": 2}  # the cases below
     found = {topic: cls.class_version for topic, cls in versioned_events().items()}
     assert found == cases
     for topic, cls in versioned_events().items():
@@ -75,6 +76,22 @@ def test_user_registered_v1_reads_back_with_the_raw_hash_redacted() -> None:
     assert isinstance(user, User) and user.plan == "pro"
     registered = from_notification(app.recorder.select_notifications(start=1, limit=1)[0], app.mapper.transcoder)
     assert registered.data == {"plan": "pro", "device_key": REDACTED_DEVICE_KEY, "class_version": 2}
+
+
+def test_credits_granted_v1_reads_back_with_no_grant_id_and_counts_in_the_balance() -> None:
+    """A grant stored before grants had ids (CreditsGranted v1: amount and reason only)."""
+    app, user_id = in_memory(), uuid4()
+    store(app, user_id, [
+        ("domain.user:User.Registered", {"originator_topic": "domain.user:User", "device_key": "hmac-sha256:0a",
+                                         "plan": "free", "class_version": 2}),
+        ("domain.user:User.CreditsGranted", {"amount": 50, "reason": "signup"}),
+        ("domain.user:User.CreditsGranted", {"amount": 7, "reason": "goodwill", "class_version": 1}),
+    ])
+    user = app.repository.get(user_id)
+    assert isinstance(user, User) and (user.balance, user.granted, user.grant_ids) == (57, 57, set())
+    granted = from_notification(app.recorder.select_notifications(start=3, limit=1)[0], app.mapper.transcoder)
+    assert granted.type == "CreditsGranted"
+    assert granted.data == {"amount": 7, "reason": "goodwill", "grant_id": None, "class_version": 2}
 
 
 @pytest.mark.parametrize("topic", sorted(versioned_events()))
@@ -107,6 +124,7 @@ V1_STATES: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         "rule_id": st.none() | st.uuids(), "output_template": TEXT}),
     "domain.user:User.Registered": st.fixed_dictionaries({
         "originator_topic": st.just("domain.user:User"), "device_hash": TEXT, "plan": TEXT}),
+    "domain.user:User.CreditsGranted": st.fixed_dictionaries({"amount": st.integers(1, 10**6), "reason": TEXT}),
 }
 
 
@@ -114,6 +132,8 @@ def at_v2(topic: str, v1: dict[str, Any]) -> dict[str, Any]:
     """The oracle: what each v1 state holds at v2, written out here, not through the upcasters."""
     if topic == "domain.job:Job.JobQueued":
         return {k: v for k, v in v1.items() if k != "output_template"}
+    if topic == "domain.user:User.CreditsGranted":
+        return {**v1, "grant_id": None}
     return {"originator_topic": v1["originator_topic"], "plan": v1["plan"], "device_key": REDACTED_DEVICE_KEY}
 
 

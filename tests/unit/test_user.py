@@ -6,10 +6,12 @@ from datetime import UTC, datetime
 from uuid import uuid4
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from domain.errors import ConcurrencyLimit, InsufficientCredits, RuleSlotsFull, ValidationFailed
 from domain.plans import DEFAULT_PLANS
-from domain.user import User, user_id_for_device_key
+from domain.user import MAX_GRANT, MAX_GRANT_REASON, User, user_id_for_device_key
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 FREE, PRO = DEFAULT_PLANS["free"], DEFAULT_PLANS["pro"]
@@ -213,3 +215,69 @@ def test_user_ids_are_the_stored_ones():
 def test_the_default_plans_are_architectures_table():
     assert [(p.name, p.initial_credits, p.max_concurrency, p.max_rule_slots) for p in DEFAULT_PLANS.values()] == [
         ("free", 50, 1, 2), ("pro", 1000, 4, 20)]
+
+
+def test_a_grant_records_its_id_and_credits_the_balance():
+    user, grant_id = registered(), uuid4()
+    assert user.grant(100, "goodwill", AT, grant_id) is True
+    [event] = user.collect_events()
+    assert isinstance(event, User.CreditsGranted)
+    assert (event.amount, event.reason, event.grant_id) == (100, "goodwill", grant_id)
+    assert (user.balance, user.granted, user.grant_ids) == (FREE.initial_credits + 100, FREE.initial_credits + 100,
+                                                            {grant_id})
+
+
+def test_a_grant_whose_id_was_recorded_records_nothing_even_with_another_amount():
+    user, grant_id = registered(), uuid4()
+    user.grant(100, "goodwill", AT, grant_id)
+    user.collect_events()
+    assert user.grant(100, "goodwill", AT, grant_id) is False
+    assert user.grant(5, "a retry typed again", AT, grant_id) is False
+    assert new_events(user) == [] and user.balance == FREE.initial_credits + 100
+
+
+def test_grants_without_an_id_are_each_recorded():
+    user = registered()
+    user.grant(3, "promo", AT)
+    user.grant(3, "promo", AT)
+    assert new_events(user) == ["CreditsGranted", "CreditsGranted"] and user.grant_ids == set()
+
+
+@pytest.mark.parametrize(("amount", "reason"), [
+    (0, "goodwill"), (-1, "goodwill"), (MAX_GRANT + 1, "goodwill"), (1, ""), (1, "x" * (MAX_GRANT_REASON + 1)),
+    (1, "nul \x00 inside"), (1, "escape \x1b[31m"), (1, "lone \ud800"),
+])
+def test_a_grant_out_of_bounds_is_refused_and_records_nothing(amount, reason):
+    user = registered()
+    with pytest.raises(ValidationFailed):
+        user.grant(amount, reason, AT, uuid4())
+    assert new_events(user) == [] and user.grant_ids == set()
+
+
+def test_a_grant_at_its_bounds_is_recorded():
+    user = registered()
+    assert user.grant(MAX_GRANT, "y" * MAX_GRANT_REASON, AT, uuid4()) and user.grant(1, "é\tok", AT, uuid4())
+    assert new_events(user) == ["CreditsGranted", "CreditsGranted"]
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 1000)), max_size=30))
+def test_any_sequence_of_grants_with_repeated_ids_credits_each_distinct_grant_once(grants):
+    """Given grants drawn from a few ids (each id's first amount is the one that counts), when
+    each is made, retries included, then the balance is the sign-up credits plus the distinct
+    grants, one CreditsGranted each, and the credit invariant holds."""
+    ids = [uuid4() for _ in range(6)]
+    user, first = registered(), {}
+    for n, amount in grants:
+        user.grant(amount, "goodwill", AT, ids[n])
+        first.setdefault(n, amount)
+        assert user.granted == user.balance + user.reserved + user.spent
+    assert user.balance == FREE.initial_credits + sum(first.values())
+    assert new_events(user) == ["CreditsGranted"] * len(first) and user.grant_ids == {ids[n] for n in first}
+
+
+def test_changing_to_the_plan_the_user_is_on_records_nothing():
+    user = registered(PRO)
+    user.change_plan(PRO, AT)
+    assert new_events(user) == []
+    user.change_plan(FREE, AT)
+    assert new_events(user) == ["PlanChanged"] and user.plan == "free"
