@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 from adapters.tokens import STAFF_TTL_MAX_S
-from domain.text import TimeTooFine, iso_time
+from domain.text import TimeTooFine, iso_time, refused_character
+from domain.user import MAX_GRANT, MAX_GRANT_REASON
 
 if TYPE_CHECKING:
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]  # what each command module adds to
@@ -63,3 +64,23 @@ def ttl(value: str) -> int:
         raise argparse.ArgumentTypeError(f"ttl must be between 1m and {STAFF_TTL_MAX_S // 86400}d")
     return seconds
 
+
+
+def grant_credits(value: str) -> int:
+    """A number of credits to grant: an integer from 1 to MAX_GRANT."""
+    try:
+        credits = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of credits: {value!r}") from None
+    if not 1 <= credits <= MAX_GRANT:
+        raise argparse.ArgumentTypeError(f"a grant is 1 to {MAX_GRANT:,} credits, not {credits}")
+    return credits
+
+
+def grant_reason(value: str) -> str:
+    """A grant's reason as the domain keeps it: 1 to MAX_GRANT_REASON characters of storable text."""
+    if not 0 < len(value) <= MAX_GRANT_REASON:
+        raise argparse.ArgumentTypeError(f"a reason is 1 to {MAX_GRANT_REASON} characters, not {len(value)}")
+    if (bad := refused_character(value)) is not None:
+        raise argparse.ArgumentTypeError(f"the reason contains a character that is not allowed ({bad})")
+    return value

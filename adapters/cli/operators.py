@@ -1,5 +1,5 @@
 """The operators' commands: `palette token` (a staff token) and `palette admin` (erase a user,
-one sweeper pass)."""
+grant a user credits, change a user's plan, one sweeper pass)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import sys
 from typing import TYPE_CHECKING
 from uuid import uuid4
 
-from adapters.cli.arguments import ttl, uuid_value
+from adapters.cli.arguments import grant_credits, grant_reason, ttl, uuid_value
 from adapters.cli.connect import reach_database, running_settings
+from domain.plans import DEFAULT_PLANS
 
 if TYPE_CHECKING:
     from adapters.cli.arguments import Subcommands
+    from application.services import PaletteService
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
@@ -28,11 +30,18 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 
 def _cmd_admin(args: argparse.Namespace) -> int:
-    """Operators: erase a user (what DELETE /me does), or run one sweeper pass now."""
+    """Operators: erase a user (what DELETE /me does), grant a user credits, change a user's plan,
+    or run one sweeper pass now."""
     from adapters import bootstrap
 
     settings = running_settings()
     reach_database(settings)  # PostgreSQL's reason at once, not the pools' "couldn't get a connection" 10 s on
+    if args.action in ("grant", "plan"):
+        container = bootstrap.build(settings, pool_size=2)
+        try:
+            return _grant(container.service, args) if args.action == "grant" else _plan(container.service, args)
+        finally:
+            container.close()
     if args.action == "sweep":
         failures = _Failures()
         sweeping = logging.getLogger("palette")  # the sweeper's, and the erasure's it finishes
@@ -81,6 +90,46 @@ def _cmd_admin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grant(service: PaletteService, args: argparse.Namespace) -> int:
+    """Record the grant once: its id is said before it is made, so that a run whose outcome is
+    unclear (a lost connection, an interrupt) can be run again with it and grant nothing more."""
+    from domain.errors import DomainError
+
+    grant_id = args.grant_id
+    if grant_id is None:
+        grant_id = uuid4()
+        print(f"grant {grant_id}: if this run's outcome is unclear, run it again with --grant-id {grant_id}",
+              flush=True)
+    try:
+        done = service.grant_credits(args.user_id, args.credits, args.reason, grant_id)
+    except DomainError as e:
+        print(f"palette admin grant: {args.user_id}: {e}; nothing granted", file=sys.stderr)
+        return 2
+    if done.recorded:
+        print(f"granted {args.credits} credits to {args.user_id} (grant {grant_id}): balance {done.value}")
+    else:
+        print(f"grant {grant_id} was already recorded for {args.user_id}: nothing granted now; balance {done.value}")
+    return 0
+
+
+def _plan(service: PaletteService, args: argparse.Namespace) -> int:
+    from domain.errors import DomainError
+
+    try:
+        done = service.change_plan(args.user_id, args.plan)
+    except DomainError as e:
+        print(f"palette admin plan: {args.user_id}: {e}; plan not changed", file=sys.stderr)
+        return 2
+    plan = DEFAULT_PLANS[done.value]
+    limits = (f"{plan.max_concurrency} job(s) at once, {plan.max_rule_slots} rule(s); "
+              "credits unchanged (a plan's sign-up credits are granted at sign-up only)")
+    if done.recorded:
+        print(f"{args.user_id} moved to plan {plan.name}: {limits}")
+    else:
+        print(f"{args.user_id} was already on plan {plan.name}: nothing changed; {limits}")
+    return 0
+
+
 class _Failures(logging.Handler):
     """The warnings of a sweeper pass: what it could not do and went on past (a part of the pass
     that failed, an erasure it could not finish, a job's objects it could not delete), which a
@@ -124,12 +173,27 @@ def add_commands(sub: Subcommands) -> None:
                      help="lifetime from 1m to 30d: seconds, or a number with s, m, h or d, e.g. 30m (default 1h)")
     tok.add_argument("--subject", type=uuid_value, help="who the token names (default: a fresh id)")
     tok.set_defaults(func=_cmd_token)
-    adm = sub.add_parser("admin", help="operators: erase a user; run the sweeper once")
+    adm = sub.add_parser("admin", help="operators: erase a user; grant credits; change a plan; run the sweeper once")
     adm_sub = adm.add_subparsers(dest="action", required=True)
     er = adm_sub.add_parser("erase", help="erase a user as DELETE /me does: jobs canceled and refunded, personal "
                             "fields' key destroyed, objects and webhooks deleted, tokens refused; the ledger "
                             "keeps its amounts (idempotent: finishes an erasure cut short)")
     er.add_argument("user_id", type=uuid_value)
+    gr = adm_sub.add_parser("grant", help="grant a user credits (goodwill, a refund by hand): one CreditsGranted, "
+                            "in the ledger with its reason; idempotent by its grant id (made and printed first "
+                            "when not given: run it again with --grant-id after an unclear outcome)")
+    gr.add_argument("user_id", type=uuid_value)
+    gr.add_argument("credits", type=grant_credits, help="a whole number from 1 to 1,000,000")
+    gr.add_argument("--reason", type=grant_reason, required=True,
+                    help="why, kept in the event log and the billing ledger: 1 to 200 characters of text the API "
+                    "stores (no NUL, no control characters but tab and line breaks)")
+    gr.add_argument("--grant-id", type=uuid_value,
+                    help="the grant's id (UUID); one already recorded for the user grants nothing "
+                    "(default: a fresh one, printed before the grant is made)")
+    pl = adm_sub.add_parser("plan", help="move a user to a plan (its limits on jobs at once and rules); the plan the "
+                            "user is on already records nothing; credits are not granted")
+    pl.add_argument("user_id", type=uuid_value)
+    pl.add_argument("plan", choices=sorted(DEFAULT_PLANS), help="one of %(choices)s")
     adm_sub.add_parser("sweep", help="one sweeper pass now: expire jobs past PALETTE_RETENTION_DAYS (or "
                        "PALETTE_UNPAID_RETENTION_DAYS having spent nothing), finish erasures cut short, delete "
                        "late and oversized uploads, delete snapshots superseded by a newer one a load can use")

@@ -1,0 +1,150 @@
+"""`palette admin grant` and `palette admin plan` against the session's PostgreSQL: what they
+record is what the user's state, the read models' folds and the auditors' independent count
+show; a retry records nothing; every refusal is one line (exit 2) and records nothing."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from adapters import cli
+from adapters.cli.connect import event_store
+from projections.audit import _balance_effect
+from projections.models import READ_MODELS
+from projections.replay import Replayer
+
+from .test_cli_analysts_auditors import env, one_line  # noqa: F401 - the shared fixture and check
+
+
+@pytest.fixture
+def user(service: Any) -> uuid.UUID:
+    """A fresh user on the free plan, with its sign-up credits (50)."""
+    user_id: uuid.UUID = service.register(f"operators-{uuid.uuid4()}").value[0]
+    return user_id
+
+
+@pytest.fixture
+def log(settings: Any) -> Iterator[Replayer]:
+    app = event_store(settings)
+    try:
+        yield Replayer(app)
+    finally:
+        app.close()
+
+
+def _events(log: Replayer, user_id: uuid.UUID) -> list[Any]:
+    return list(log.stream(user_id))
+
+
+def _folded(events: list[Any], model: str) -> tuple[dict[Any, Any], list[Any]]:
+    rows: dict[Any, Any] = {}
+    appended: list[Any] = []
+    for e in events:
+        changed, out = READ_MODELS[model].evolve(rows, e)
+        rows.update(changed)
+        appended += out
+    return rows, appended
+
+
+def test_a_grant_is_recorded_once_and_every_count_agrees(env: dict[str, str], user: uuid.UUID, service: Any,  # noqa: F811
+                                                        log: Replayer, capsys: pytest.CaptureFixture[str]) -> None:
+    grant_id = uuid.uuid4()
+    args = ["admin", "grant", str(user), "100", "--reason", "goodwill: a failed job", "--grant-id", str(grant_id)]
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out == f"granted 100 credits to {user} (grant {grant_id}): balance 150\n"
+    assert cli.main(args) == 0  # the retry after an unclear outcome
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == (
+        f"grant {grant_id} was already recorded for {user}: nothing granted now; balance 150\n", "")
+    assert service.get_user(user).credits == 150  # what GET /me shows
+    events = _events(log, user)
+    grants = [e for e in events if e.type == "CreditsGranted"]
+    assert [(g.data["amount"], g.data["reason"], g.data["grant_id"]) for g in grants] == [
+        (50, "signup", None), (100, "goodwill: a failed job", str(grant_id))]
+    independent = sum(_balance_effect(e) for e in events)  # the auditors' count, apart from the folds
+    users, _ = _folded(events, "users")
+    _, ledger = _folded(events, "billing_events")
+    assert independent == users[(user,)]["credits"] == sum(r["balance_delta"] for r in ledger) == 150
+    assert [(r["type"], r["amount"], r["ref"]) for r in ledger] == [
+        ("grant", 50, "signup"), ("grant", 100, "goodwill: a failed job")]
+
+
+def test_a_grant_without_an_id_says_the_one_it_made_before_recording_it(
+        env: dict[str, str], user: uuid.UUID, log: Replayer, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    assert cli.main(["admin", "grant", str(user), "7", "--reason", "support"]) == 0
+    first, done = capsys.readouterr().out.splitlines()
+    grant_id = first.split()[1].rstrip(":")
+    assert first.endswith(f"run it again with --grant-id {grant_id}")
+    assert done == f"granted 7 credits to {user} (grant {grant_id}): balance 57"
+    assert cli.main(["admin", "grant", str(user), "7", "--reason", "support", "--grant-id", grant_id]) == 0
+    assert "was already recorded" in capsys.readouterr().out
+    assert [e.data["grant_id"] for e in _events(log, user) if e.type == "CreditsGranted"] == [None, grant_id]
+
+
+def test_a_plan_change_is_recorded_once(env: dict[str, str], user: uuid.UUID, service: Any,  # noqa: F811
+                                       log: Replayer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["admin", "plan", str(user), "pro"]) == 0
+    assert capsys.readouterr().out.startswith(f"{user} moved to plan pro: 4 job(s) at once, 20 rule(s); ")
+    assert cli.main(["admin", "plan", str(user), "pro"]) == 0
+    assert capsys.readouterr().out.startswith(f"{user} was already on plan pro: nothing changed; 4 job(s) at once")
+    assert service.get_user(user).plan == "pro"
+    events = _events(log, user)
+    assert [e.data["plan"] for e in events if e.type == "PlanChanged"] == ["pro"]
+    users, _ = _folded(events, "users")
+    assert users[(user,)]["plan"] == "pro" and users[(user,)]["credits"] == 50  # no credits with the plan
+
+
+def _refused(args: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> None:
+    """Exit 2 and one line, whether argparse refused the arguments (SystemExit) or the command did."""
+    try:
+        code = cli.main(args)
+    except SystemExit as e:
+        code = e.code  # type: ignore[assignment]
+    assert code == 2
+    assert one_line(capsys, *needles) == ""
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["0", "--reason", "x"], "a grant is 1 to 1,000,000 credits, not 0"),
+    (["-5", "--reason", "x"], "a grant is 1 to 1,000,000 credits, not -5"),
+    (["1000001", "--reason", "x"], "a grant is 1 to 1,000,000 credits, not 1000001"),
+    (["1.5", "--reason", "x"], "not a whole number of credits: '1.5'"),
+    (["ten", "--reason", "x"], "not a whole number of credits: 'ten'"),
+    (["10"], "the following arguments are required: --reason"),
+    (["10", "--reason", ""], "a reason is 1 to 200 characters, not 0"),
+    (["10", "--reason", "r" * 201], "a reason is 1 to 200 characters, not 201"),
+    (["10", "--reason", "nul\x01here"], "not allowed (U+0001)"),
+    (["10", "--reason", "x", "--grant-id", "not-a-uuid"], "not a stream/user id (UUID): 'not-a-uuid'"),
+])
+def test_a_bad_grant_argument_is_one_line_and_records_nothing(
+        args: list[str], said: str, env: dict[str, str], user: uuid.UUID, log: Replayer,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    before = len(_events(log, user))
+    _refused(["admin", "grant", str(user), *args], capsys, "palette admin grant: ", said)
+    assert len(_events(log, user)) == before
+
+
+def test_a_bad_plan_or_user_id_is_one_line(env: dict[str, str], user: uuid.UUID,  # noqa: F811
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    _refused(["admin", "plan", str(user), "gold"], capsys, "palette admin plan: ", "invalid choice: 'gold'",
+             "'free', 'pro'")
+    _refused(["admin", "plan", "nobody", "pro"], capsys, "not a stream/user id (UUID): 'nobody'")
+    _refused(["admin", "grant", "nobody", "5", "--reason", "x"], capsys, "not a stream/user id (UUID): 'nobody'")
+
+
+@pytest.mark.parametrize("erased", [False, True], ids=["never-registered", "erased"])
+def test_a_user_who_is_not_there_is_one_line_and_nothing_is_recorded(
+        erased: bool, env: dict[str, str], user: uuid.UUID, service: Any, log: Replayer,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    target = user if erased else uuid.uuid4()
+    if erased:
+        assert service.erase_user(target) is True  # the Erased event `palette admin erase` records
+    before = len(_events(log, target))
+    grant_id = uuid.uuid4()
+    _refused(["admin", "grant", str(target), "5", "--reason", "x", "--grant-id", str(grant_id)], capsys,
+             f"palette admin grant: {target}: user not found; nothing granted")
+    _refused(["admin", "plan", str(target), "pro"], capsys, f"palette admin plan: {target}: user not found")
+    assert len(_events(log, target)) == before
