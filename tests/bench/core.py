@@ -3,8 +3,10 @@ the direct executor (one load-decide-save per command, no cache)."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import statistics
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -35,12 +37,26 @@ def mixed_session(svc: PaletteService, rng: random.Random) -> int:
 
 
 def make_backlog(settings: Settings, commands: int) -> None:
-    """About ``commands`` commands (mixed sessions, 32 threads) into the main event store."""
+    """About ``commands`` commands (mixed sessions, 32 threads) into the main event store. Each
+    thread takes the next session number as it goes (no queue of them all: ``--audit-events N``
+    sizes none), and a failure or an interrupt stops them after the sessions under way."""
     svc, close = service_on(settings, "public", naive=False)
+    sessions = max(1, commands // 6)
+    numbers = itertools.count()  # next() is atomic under the GIL
+    stop = threading.Event()
+
+    def sessions_of_a_thread() -> None:
+        while not stop.is_set() and (i := next(numbers)) < sessions:
+            mixed_session(svc, random.Random(i))
+
     try:
-        sessions = max(1, commands // 6)
         with ThreadPoolExecutor(32) as pool:
-            list(pool.map(lambda i: mixed_session(svc, random.Random(i)), range(sessions)))
+            threads = [pool.submit(sessions_of_a_thread) for _ in range(32)]
+            try:
+                for thread in threads:
+                    thread.result()
+            finally:
+                stop.set()
     finally:
         close()
 
