@@ -228,6 +228,8 @@ def table(results: Results) -> str:
 def _cell(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{name} {_cell(v)}" for name, v in value.items())
+    if isinstance(value, float) and abs(value) < 100:
+        return str(float(f"{value:.3g}"))  # 3 significant digits: 0.1909 is not 0.2 beside a goal of 0.25
     return "—" if value is None else (f"{value:,.1f}" if isinstance(value, float) else str(value))
 
 
