@@ -65,6 +65,6 @@ def add_commands(sub: Subcommands) -> None:
     bench.add_argument("--json", dest="json_path", help="write the results as JSON here")
     bench.add_argument("--plot", dest="plot_path", help="write a PNG chart of measured/goal here")
     instead.add_argument("--audit-events", type=event_count, metavar="N",
-                         help="instead: write a log of about N events (1 or more), then time `audit reconcile` and "
-                              "replay over it")
+                         help="instead: write a log of about N events (1 or more), then time rebuilding users, "
+                              "billing_events and jobs_log, `audit reconcile` and `replay all` over it")
     bench.set_defaults(func=_cmd_bench)

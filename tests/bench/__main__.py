@@ -1,4 +1,4 @@
-"""``python -m tests.bench [--quick] [--json FILE] [--plot FILE.png] | --audit-events N``: the
+"""``python -m tests.bench [--quick] [--json FILE] [--plot FILE.png] | --quality | --audit-events N``: the
 same as `palette bench` (its flags are defined once, by the CLI)."""
 
 from __future__ import annotations
