@@ -65,7 +65,6 @@ def ttl(value: str) -> int:
     return seconds
 
 
-
 def grant_credits(value: str) -> int:
     """A number of credits to grant: an integer from 1 to MAX_GRANT."""
     try:
