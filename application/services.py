@@ -37,7 +37,7 @@ from domain.plans import DEFAULT_PLANS, Plan
 from domain.presets import get_preset, normalise_edits
 from domain.rule import Rule
 from domain.rule import check_name as check_rule_name
-from domain.user import User, legacy_user_id_for_device, user_id_for_device_key
+from domain.user import User, check_grant, legacy_user_id_for_device, user_id_for_device_key
 
 MAX_DEVICE_HASH = 200
 DEVICE_KEY_FIELD = "device_key"  # the names personal fields are sealed under (bound to the ciphertext)
@@ -284,6 +284,7 @@ class PaletteService:
 
     def grant_credits_command(self, user_id: UUID, amount: int, reason: str,
                               grant_id: UUID | None = None) -> Command[int]:
+        check_grant(amount, reason)
         at = self.clock.now()
 
         @touches(user_id)

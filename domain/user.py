@@ -41,6 +41,17 @@ MAX_GRANT = 1_000_000
 MAX_GRANT_REASON = 200
 
 
+def check_grant(amount: int, reason: str) -> None:
+    """An operator's grant: 1..MAX_GRANT credits for a reason of 1..MAX_GRANT_REASON characters of
+    storable text. A plan's sign-up credits are not one (a plan may start with more)."""
+    if not 0 < amount <= MAX_GRANT:
+        raise ValidationFailed(f"a grant must be 1 to {MAX_GRANT:,} credits, not {amount}")
+    if not 0 < len(reason) <= MAX_GRANT_REASON:
+        raise ValidationFailed(f"a grant's reason must be 1 to {MAX_GRANT_REASON} characters, not {len(reason)}")
+    if (bad := refused_character(reason)) is not None:
+        raise ValidationFailed(f"a grant's reason contains a character that is not allowed ({bad})")
+
+
 def user_id_for_device_key(device_key: str, generation: int = 0) -> UUID:
     """One user per device: the stream id is derived from the keyed hash, so registration is
     idempotent and the id reveals nothing that could be brute-forced without the secret. Each
@@ -177,14 +188,11 @@ class User(Stream):
         return user
 
     def grant(self, amount: int, reason: str, at: datetime, grant_id: UUID | None = None) -> bool:
-        """Credit ``amount`` (1..MAX_GRANT) for ``reason``; a grant whose ``grant_id`` this user has
-        recorded records nothing (a retry). True when this call recorded it."""
-        if not 0 < amount <= MAX_GRANT:
-            raise ValidationFailed(f"a grant must be 1 to {MAX_GRANT:,} credits, not {amount}")
-        if not 0 < len(reason) <= MAX_GRANT_REASON:
-            raise ValidationFailed(f"a grant's reason must be 1 to {MAX_GRANT_REASON} characters, not {len(reason)}")
-        if (bad := refused_character(reason)) is not None:
-            raise ValidationFailed(f"a grant's reason contains a character that is not allowed ({bad})")
+        """Credit ``amount`` for ``reason`` (a plan's sign-up credits, or an operator's grant,
+        bounded by ``check_grant`` first); a grant whose ``grant_id`` this user has recorded
+        records nothing (a retry). True when this call recorded it."""
+        if amount <= 0:
+            raise ValidationFailed("a grant must be a positive number of credits")
         if grant_id is not None and grant_id in self.grant_ids:
             return False
         self.trigger_event(self.CreditsGranted, amount=amount, reason=reason, grant_id=grant_id, timestamp=at)

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from domain.errors import ConcurrencyLimit, InsufficientCredits, RuleSlotsFull, ValidationFailed
-from domain.plans import DEFAULT_PLANS
-from domain.user import MAX_GRANT, MAX_GRANT_REASON, User, user_id_for_device_key
+from domain.plans import DEFAULT_PLANS, Plan
+from domain.user import MAX_GRANT, MAX_GRANT_REASON, User, check_grant, user_id_for_device_key
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 FREE, PRO = DEFAULT_PLANS["free"], DEFAULT_PLANS["pro"]
@@ -247,17 +247,32 @@ def test_grants_without_an_id_are_each_recorded():
     (0, "goodwill"), (-1, "goodwill"), (MAX_GRANT + 1, "goodwill"), (1, ""), (1, "x" * (MAX_GRANT_REASON + 1)),
     (1, "nul \x00 inside"), (1, "escape \x1b[31m"), (1, "lone \ud800"),
 ])
-def test_a_grant_out_of_bounds_is_refused_and_records_nothing(amount, reason):
+def test_an_operators_grant_out_of_bounds_is_refused(amount, reason):
+    with pytest.raises(ValidationFailed):
+        check_grant(amount, reason)
+
+
+def test_an_operators_grant_at_its_bounds_is_recorded():
+    user = registered()
+    for amount, reason in [(MAX_GRANT, "y" * MAX_GRANT_REASON), (1, "é\tok")]:
+        check_grant(amount, reason)
+        assert user.grant(amount, reason, AT, uuid4())
+    assert new_events(user) == ["CreditsGranted", "CreditsGranted"]
+
+
+@pytest.mark.parametrize("amount", [0, -1])
+def test_a_grant_of_no_credits_is_refused_and_records_nothing(amount):
     user = registered()
     with pytest.raises(ValidationFailed):
-        user.grant(amount, reason, AT, uuid4())
+        user.grant(amount, "goodwill", AT, uuid4())
     assert new_events(user) == [] and user.grant_ids == set()
 
 
-def test_a_grant_at_its_bounds_is_recorded():
-    user = registered()
-    assert user.grant(MAX_GRANT, "y" * MAX_GRANT_REASON, AT, uuid4()) and user.grant(1, "é\tok", AT, uuid4())
-    assert new_events(user) == ["CreditsGranted", "CreditsGranted"]
+def test_a_plan_may_start_with_more_credits_than_an_operator_may_grant():
+    """The sign-up credits are the plan's, not an operator's grant: a plan of a billion (the
+    benchmark's) registered users until the operators' bound was put on every grant."""
+    rich = Plan("rich", 1_000_000_000, 1, 2)
+    assert registered(rich).balance == 1_000_000_000
 
 
 @given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 1000)), max_size=30))
