@@ -226,7 +226,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._too_large:  # HeadTooLarge stopped the parser: uvicorn took it for a bad request
             self._refuse()
             return
-        super().send_400_response(msg)
+        super().send_400_response(msg)  # then closes, a close timed as the others (_watch_closing)
+        self._watch_closing()
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         self._answering = cycle

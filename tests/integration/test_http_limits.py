@@ -508,6 +508,27 @@ def test_a_client_that_reads_nothing_of_an_answer_under_the_high_water_mark_is_d
         assert srv.server_state.palette_bounds.stalled == 1
 
 
+def test_a_client_that_reads_nothing_of_its_answer_then_sends_a_bad_request_is_disconnected(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 400 for a bad request closes the connection too, and that close waits for the buffer
+    to drain as the others do: a client that read nothing of an answer under the high-water mark
+    and then sent a malformed request held its connection (no longer an idle one a newer
+    connection evicts) for ever, as the close after keep-alive's timeout did."""
+    monkeypatch.setattr(http_limits, "WRITE_STALL_S", 0.5)
+    monkeypatch.setitem(http_limits.SERVER_OPTIONS, "timeout_keep_alive", 60)
+    with serving(SmallSendBuffer) as (port, srv), socket.socket() as unread:
+        unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: its window
+        unread.connect(("127.0.0.1", port))
+        unread.sendall(b"GET /mid HTTP/1.1\r\nhost: x\r\n\r\n")  # and never reads
+        wait_until(lambda: accepted_sockets(port) == 1, 10, "the connection accepted")
+        wait_until(lambda: SERVED[-1:] == ["/mid"], 10, "the answer written")
+        time.sleep(0.2)
+        unread.sendall(b"GET /\x01 HTTP/1.1\r\n\r\n")  # a 400, then the close
+        wait_until(lambda: srv.server_state.palette_bounds.stalled != 0 and accepted_sockets(port) == 0,
+                   10, "the stalled connection dropped")
+
+
 def test_a_client_that_read_its_large_answer_whole_stays_connected_however_long_it_then_idles(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
