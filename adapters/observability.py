@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -42,7 +42,7 @@ OFFSETS = {"api": 0, "relay": 1, "projector": 2, "dispatcher": 3, "gpu": 4, "web
 CHECK_TIMEOUT_S = 2.0
 CHECK_TTL_S = 1.0  # a flood of /readyz costs one check per dependency per second
 MAX_CONNECTIONS = 32  # on the metrics and probes port at once (scrapers, probes)
-REQUEST_TIMEOUT_S = 10.0  # to send a request to that port, and to read each part of its answer
+REQUEST_TIMEOUT_S = 10.0  # to send a whole request to that port, and to read each part of its answer
 GPU_ITEM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -173,23 +173,33 @@ class Readiness:
 
 class _BoundedServer(ThreadingHTTPServer):
     """At most ``MAX_CONNECTIONS`` connections served at once, a thread each; one past them is
-    closed unanswered. With ``Handler.timeout`` (``REQUEST_TIMEOUT_S``), a connection that sends
-    nothing was a thread and a descriptor held for good: enough of them took the process's file
-    descriptors, those of its database and broker connections too."""
+    closed unanswered. A connection's request must be in within ``REQUEST_TIMEOUT_S`` of its
+    acceptance, each write of its answer within as long (``Handler.timeout``): a connection that
+    sent nothing, or a byte now and then, was a thread and a descriptor held for good, enough of
+    them the process's file descriptors (its database and broker connections' too), and, with the
+    bound, every slot."""
 
     daemon_threads = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        # The connections whose request is not in yet, and by when it must be: the timeout bounds
+        # each read, so a client sending a byte now and then held its slot for good (and enough
+        # of them every slot, every probe after them closed unanswered). serve_forever's loop
+        # shuts the late ones down (service_actions, every half second).
+        self._heads: dict[Any, float] = {}
+        self._heads_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             self.shutdown_request(request)
             return
+        with self._heads_lock:
+            self._heads[request] = time.monotonic() + REQUEST_TIMEOUT_S
         try:
             super().process_request(request, client_address)
-        except BaseException:
+        except BaseException:  # socketserver closes it (shutdown_request)
             self._slots.release()
             raise
 
@@ -198,6 +208,23 @@ class _BoundedServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def head_received(self, request: Any) -> None:
+        with self._heads_lock:
+            self._heads.pop(request, None)
+
+    def shutdown_request(self, request: Any) -> None:
+        self.head_received(request)  # before its descriptor is closed (and may be another's)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        now = time.monotonic()
+        with self._heads_lock:  # held: a connection leaves _heads before it is closed
+            for request in [request for request, by in self._heads.items() if by <= now]:
+                del self._heads[request]
+                with contextlib.suppress(OSError):  # its thread's read ends; the handler then closes it
+                    request.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client gone mid-request (a reset, a timeout) says nothing: the standard library
@@ -219,6 +246,12 @@ def serve(port: int, registry: CollectorRegistry, readiness: Readiness, host: st
 
     class Handler(BaseHTTPRequestHandler):
         timeout = REQUEST_TIMEOUT_S  # a request not sent, or an answer not read, within it: closed
+
+        def parse_request(self) -> bool:
+            try:
+                return super().parse_request()
+            finally:  # its head is in: the answer's writes are bounded by the timeout alone
+                cast(_BoundedServer, self.server).head_received(self.request)
 
         def do_GET(self) -> None:
             if self.path == "/metrics":

@@ -353,3 +353,43 @@ def test_a_client_resetting_its_connection_to_the_probes_port_writes_nothing_to_
         server.shutdown()
         server.server_close()
     assert capfd.readouterr().err == ""
+
+
+def test_connections_trickling_their_request_are_closed_and_leave_the_probes_answered(monkeypatch):
+    """REQUEST_TIMEOUT_S bounded each read, not the request: MAX_CONNECTIONS clients sending a
+    byte of their request now and then (each read within the timeout) held every slot for good,
+    and every probe and scrape after them was closed unanswered (a /livez unanswered: the
+    process taken for dead), where before the bound they were answered."""
+    import contextlib
+    import socket
+    import threading
+    import time
+
+    from adapters import observability
+
+    monkeypatch.setattr(observability, "REQUEST_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(observability, "MAX_CONNECTIONS", 4)
+    server = serve(0, CollectorRegistry(), Readiness({}))
+    port = server.server_address[1]
+    trickling = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    stop = threading.Event()
+
+    def trickle() -> None:  # a byte a connection every 0.2 s, well within the timeout
+        while not stop.wait(0.2):
+            for s in trickling:
+                with contextlib.suppress(OSError):
+                    s.sendall(b"x")
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    try:
+        time.sleep(3)  # three request timeouts, the four still trickling
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        stop.set()
+        sender.join()
+        for s in trickling:
+            s.close()
+        server.shutdown()
+        server.server_close()
