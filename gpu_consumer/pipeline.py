@@ -170,12 +170,12 @@ class ImagePipeline:
         if task.protect:
             protect = torch.stack([masks[c] for c in task.protect if c in masks]).amax(dim=0) if any(
                 c in masks for c in task.protect) else None
-        if protect is not None:  # protection wins: an edit it wholly covers changes nothing, billed
+        if protect is not None:  # protection wins: edits it wholly covers change nothing, billed
             open_ = protect <= 0.5
             covered = sorted(c for c in task.concepts if c in masks and not bool(((masks[c] > 0.5) & open_).any()))
-            if covered:
+            if covered and len(covered) == sum(c in masks for c in task.concepts):  # another edit still shows
                 raise BadInput(f"the mask of {', '.join(covered)} lies wholly under what is protected "
-                               f"({', '.join(c for c in task.protect if c in masks)}): nothing of it would change")
+                               f"({', '.join(c for c in task.protect if c in masks)}): nothing would change")
         for concept, edit in task.concepts.items():  # a fill from nothing is a black photo, billed
             if edit.get("action") == "remove" and concept in masks and not has_surroundings(
                     masks[concept] if protect is None else masks[concept] * (protect <= 0.5)):

@@ -751,6 +751,19 @@ def test_an_edit_whose_mask_lies_wholly_under_a_protected_one_fails_instead_of_a
         assert t["output_key"] not in s3.objects
 
 
+def test_an_item_with_another_edit_left_to_show_is_edited_though_one_edit_lies_under_a_protected_mask() -> None:
+    """Only an item that would come out unchanged fails: the floor's recolor still shows."""
+    edits = {"wall": {"action": "recolor", "value": "#2255cc"}, "floor": {"action": "recolor", "value": "#884422"}}
+    t = {**task(edits),
+         "protect": ["sofa"], "mask_keys": {"wall": "m/wall.png", "floor": "m/floor.png", "sofa": "m/sofa.png"}}
+    w, s3, _, callbacks, _ = worker([record(t)])
+    s3.objects.update({"m/wall.png": _half_mask_png(0, 255), "m/floor.png": _half_mask_png(255, 0),
+                       "m/sofa.png": _half_mask_png(0, 255)})
+    step_once(w)
+    [(_, status, error)] = callbacks.reports
+    assert status == "done", (status, error)
+
+
 @pytest.mark.parametrize("sofa", [None, 0])
 def test_a_removal_whose_mask_leaves_nothing_around_it_fails_instead_of_a_black_photo(sofa: int | None) -> None:
     """A remove fills its hole from the pixels around it: a client mask of the whole photo (an
