@@ -12,9 +12,11 @@ import pytest
 
 from adapters import cli
 from adapters.cli.connect import event_store
+from projections import audit
 from projections.audit import _balance_effect
 from projections.models import READ_MODELS
 from projections.replay import Replayer
+from tests.waiting import wait_until
 
 from .test_cli_analysts_auditors import env, one_line  # noqa: F401 - the shared fixture and check
 
@@ -148,3 +150,23 @@ def test_a_user_who_is_not_there_is_one_line_and_nothing_is_recorded(
              f"palette admin grant: {target}: user not found; nothing granted")
     _refused(["admin", "plan", str(target), "pro"], capsys, f"palette admin plan: {target}: user not found")
     assert len(_events(log, target)) == before
+
+
+def test_a_reasons_line_breaks_print_in_its_ledger_row_not_as_rows_of_their_own(
+        apps: Any, env: dict[str, str], user: uuid.UUID, conn: Any, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    """A grant's reason may hold line breaks (text the API stores), and the ledger keeps it as the
+    entry's ref: `palette audit ledger` prints one line an entry, the reason's breaks escaped, so
+    no reason can print as a forged entry (a carriage return overwriting its own row's amount)."""
+    forged = "    3 2026-01-01T00:00:00+00:00        grant          1       1       51  goodwill"
+    reason = f"goodwill\r{forged}\nmore"
+    assert cli.main(["admin", "grant", str(user), "1000000", "--reason", reason]) == 0
+    capsys.readouterr()
+    wait_until(lambda: len(audit.ledger(conn, user)) == 2, timeout_s=60, what="the grant in the ledger")
+    assert cli.main(["audit", "ledger", "--user", str(user)]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 3, out  # the header and the two entries
+    header, signup, grant = out.splitlines()
+    assert header.split() == ["seq", "occurred_at", "type", "amount", "delta", "balance", "ref"]
+    assert signup.split()[2:] == ["grant", "50", "50", "50", "signup"]
+    assert grant.split()[2:6] == ["grant", "1000000", "1000000", "1000050"]
+    assert grant.endswith(f"  goodwill\\r{forged}\\nmore")
