@@ -39,6 +39,9 @@ REDACTED_DEVICE_KEY = "redacted:v1"
 # One grant's bounds: an operator's typo (a few zeros too many) is refused, not credited.
 MAX_GRANT = 1_000_000
 MAX_GRANT_REASON = 200
+# What a user may be granted in all, sign-up included: the read models keep the credit buckets as
+# 32-bit integers, and a fold past one would stop that user's row.
+MAX_GRANTED = 2**31 - 1
 
 
 def check_grant(amount: int, reason: str) -> None:
@@ -195,6 +198,9 @@ class User(Stream):
             raise ValidationFailed("a grant must be a positive number of credits")
         if grant_id is not None and grant_id in self.grant_ids:
             return False
+        if self.granted + amount > MAX_GRANTED:
+            raise ValidationFailed(f"a user is granted at most {MAX_GRANTED:,} credits in all; "
+                                   f"{self.granted:,} were granted already")
         self.trigger_event(self.CreditsGranted, amount=amount, reason=reason, grant_id=grant_id, timestamp=at)
         return True
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from domain.errors import ConcurrencyLimit, InsufficientCredits, RuleSlotsFull, ValidationFailed
 from domain.plans import DEFAULT_PLANS, Plan
-from domain.user import MAX_GRANT, MAX_GRANT_REASON, User, check_grant, user_id_for_device_key
+from domain.user import MAX_GRANT, MAX_GRANT_REASON, MAX_GRANTED, User, check_grant, user_id_for_device_key
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 FREE, PRO = DEFAULT_PLANS["free"], DEFAULT_PLANS["pro"]
@@ -296,3 +296,14 @@ def test_changing_to_the_plan_the_user_is_on_records_nothing():
     assert new_events(user) == []
     user.change_plan(FREE, AT)
     assert new_events(user) == ["PlanChanged"] and user.plan == "free"
+
+
+def test_a_grant_past_what_a_user_may_be_granted_in_all_is_refused_and_records_nothing():
+    """The read models keep the credit buckets as 32-bit integers: ~2,148 grants of a million to
+    one user would have stopped that user's row in the users model."""
+    user = registered(Plan("rich", MAX_GRANTED - 10, 1, 2))
+    assert user.grant(10, "the last ones", AT, uuid4())
+    user.collect_events()
+    with pytest.raises(ValidationFailed, match="at most"):
+        user.grant(1, "one more", AT, uuid4())
+    assert new_events(user) == [] and user.granted == MAX_GRANTED
