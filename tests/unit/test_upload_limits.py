@@ -370,6 +370,8 @@ def test_a_jpeg_of_many_exif_segments_is_refused_before_pil_joins_them(monkeypat
     turned = b"MM\x00*" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, 6, 0) + b"\0\0\0\0"
     four = clean[:2] + _exif_segments(turned, 65_000) * codec.MAX_JPEG_EXIF_SEGMENTS + clean[2:]
     assert read_header(four).orientation == 6
+    with pytest.raises(BadInput, match="JPEG of more than 4 EXIF segments"):  # one more is refused
+        read_header(clean[:2] + _exif_segments(turned, 65_000) * (codec.MAX_JPEG_EXIF_SEGMENTS + 1) + clean[2:])
 
 
 @pytest.mark.parametrize("marker", [0xC0, 0xC2, 0xCF])
