@@ -399,6 +399,10 @@ def test_a_jpeg_of_many_frame_headers_is_refused_before_pil_reads_them(monkeypat
     assert decode(clean).shape == (16, 16, 3)
     with pytest.raises(BadInput):  # what it was before: no decoder reads two frame headers
         decode(clean[:2] + header + clean[2:])
+    monkeypatch.setattr(codec, "_open", lambda data: opened.append(data))
+    with pytest.raises(BadInput, match="more than one frame header"):  # a second one is refused before PIL
+        decode(clean[:2] + header + clean[2:])
+    assert opened == []
 
 
 @pytest.mark.parametrize("kind", ["tables", "photoshop"])
