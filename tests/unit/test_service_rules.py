@@ -157,6 +157,20 @@ def test_a_job_of_a_count_not_a_whole_number_from_1_to_200_is_refused_and_reserv
     assert service.app.recorder.max_notification_id() == before
 
 
+@pytest.mark.parametrize(("amount", "reason"), [(1_000_001, "goodwill"), (10**9, "goodwill"), (1, ""),
+                                               (1, "x" * 201), (1, "nul \x00 inside")])
+def test_an_operators_grant_out_of_bounds_is_refused_by_the_service_and_records_nothing(amount: int, reason: str):
+    """The service checks an operator's grant (domain.user.check_grant), not only the CLI's
+    arguments: User.grant refuses only no credits, a plan's sign-up credits being no such grant."""
+    service, user_id = palette()
+    before = service.app.recorder.max_notification_id()
+    with pytest.raises(ValidationFailed, match="grant"):
+        service.grant_credits(user_id, amount, reason, uuid4())
+    assert service.app.recorder.max_notification_id() == before
+    at_the_bounds = service.grant_credits(user_id, 1_000_000, "x" * 200, uuid4())
+    assert at_the_bounds.value == DEFAULT_PLANS["free"].initial_credits + 1_000_000
+
+
 def test_an_idempotency_key_reused_for_a_job_of_another_size_or_preset_is_refused():
     service, user_id = palette()
     job_id = uuid4()
