@@ -262,6 +262,32 @@ def test_a_read_only_database_is_said_in_one_line(env: dict[str, str], settings:
                     "in a read-only transaction); is PALETTE_DATABASE_URL the primary's") == ""
 
 
+@pytest.mark.parametrize(("args", "said"), [(["projections", "status"], "palette projections"),
+                                           (["replay", "all"], "palette replay")], ids=["projections", "replay"])
+def test_a_role_without_the_stacks_privileges_is_said_in_one_line(
+        args: list[str], said: str, env: dict[str, str], settings: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """PostgreSQL's refusal of a privilege the role lacks (42501), which eventsourcing raises
+    under its own error, is one line as a read-only database's is, not a traceback."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    url, role = settings.effective_database_url, f"palette_nobody_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'nobody-0123456789'")
+    try:
+        parts = urlsplit(url)
+        monkeypatch.setenv("PALETTE_DATABASE_URL", urlunsplit(parts._replace(
+            netloc=f"{role}:nobody-0123456789@{parts.hostname}:{parts.port}")))
+        assert cli.main(args) == 3
+        assert one_line(capsys, f"{said}: PostgreSQL refused (permission denied for ",
+                        "is PALETTE_DATABASE_URL the primary's") == ""
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP ROLE {role}")
+
+
 @pytest.mark.parametrize("args", [["admin", "sweep"], ["admin", "erase", str(uuid.uuid4())]], ids=["sweep", "erase"])
 def test_an_operators_command_a_database_refuses_names_its_reason_at_once(
         args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
