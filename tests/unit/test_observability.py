@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from adapters.observability import CountsCollector, Readiness, serve
 from tests.raw_http import raw_head
+from tests.waiting import wait_until
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -296,7 +297,9 @@ def test_connections_that_send_nothing_are_closed_and_bounded_on_the_probes_port
 
     from adapters import observability
 
-    monkeypatch.setattr(observability, "REQUEST_TIMEOUT_S", 0.5)
+    # Long enough that the fifth connection is accepted before the four time out (one thread
+    # accepts them in the order they came, the four first: no wait is needed for that).
+    monkeypatch.setattr(observability, "REQUEST_TIMEOUT_S", 2.0)
     monkeypatch.setattr(observability, "MAX_CONNECTIONS", 4)
     server = serve(0, CollectorRegistry(), Readiness({}))
     port = server.server_address[1]
@@ -304,13 +307,12 @@ def test_connections_that_send_nothing_are_closed_and_bounded_on_the_probes_port
     try:
         for s in idle:
             s.sendall(b"GET /met")  # and no more
-        time.sleep(0.2)  # the four are being served
         with socket.create_connection(("127.0.0.1", port)) as past:
             past.sendall(b"GET /livez HTTP/1.0\r\n\r\n")
             assert _closed(past)  # unanswered: every slot is taken
         started = time.monotonic()
         assert all(_closed(s) for s in idle)  # by the server, not by the test's 5 s
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 4
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=5) as resp:
             assert resp.status == 200  # their slots given back
     finally:
@@ -337,7 +339,7 @@ def test_a_client_resetting_its_connection_to_the_probes_port_writes_nothing_to_
     record: a client chose how much, and what shape, the process logged."""
     import socket
     import struct
-    import time
+    import threading
 
     server = serve(0, CollectorRegistry(), Readiness({}))
     port = server.server_address[1]
@@ -346,9 +348,11 @@ def test_a_client_resetting_its_connection_to_the_probes_port_writes_nothing_to_
             with socket.create_connection(("127.0.0.1", port)) as conn:
                 conn.sendall(b"GET /met")
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
-        time.sleep(0.5)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=5) as resp:
             assert resp.status == 200
+        # every connection's thread done, its error handled (or printed), before stderr is read
+        wait_until(lambda: not any(t.name.endswith("(process_request_thread)") for t in threading.enumerate()),
+                   10, "the connections' threads to end")
     finally:
         server.shutdown()
         server.server_close()
@@ -363,7 +367,6 @@ def test_connections_trickling_their_request_are_closed_and_leave_the_probes_ans
     import contextlib
     import socket
     import threading
-    import time
 
     from adapters import observability
 
@@ -380,12 +383,19 @@ def test_connections_trickling_their_request_are_closed_and_leave_the_probes_ans
                 with contextlib.suppress(OSError):
                     s.sendall(b"x")
 
+    def answered() -> bool:  # closed unanswered while the four hold every slot
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=5) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
     sender = threading.Thread(target=trickle, daemon=True)
     sender.start()
     try:
-        time.sleep(3)  # three request timeouts, the four still trickling
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=5) as resp:
-            assert resp.status == 200
+        # before: never, the four trickling for good; now once their request time is up (1 to 1.5 s)
+        wait_until(answered, 10, "a /livez answered beside the trickling connections")
+        assert sender.is_alive()  # the four still trickling all along
     finally:
         stop.set()
         sender.join()
