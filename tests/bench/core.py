@@ -51,8 +51,8 @@ def make_backlog(settings: Settings, commands: int) -> None:
 
     try:
         with ThreadPoolExecutor(32) as pool:
-            threads = [pool.submit(sessions_of_a_thread) for _ in range(32)]
-            try:
+            try:  # the stop armed before the threads start: an interrupt meanwhile stops the first too
+                threads = [pool.submit(sessions_of_a_thread) for _ in range(32)]
                 for thread in threads:
                     thread.result()
             finally:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg import sql
 
 from adapters.settings import Settings
@@ -20,6 +21,7 @@ from application.services import PaletteService
 from domain.contracts.streams import topic_prefix
 from tests.bench.core import make_backlog
 from tests.bench.relay import EVENTS_TABLE
+from tests.waiting import wait_until
 
 CHILD = """
 import sys
@@ -30,6 +32,26 @@ from tests.bench.core import make_backlog
 settings = Settings.model_validate_json(sys.stdin.read())
 print("started", flush=True)
 make_backlog(settings, 10**12)
+"""
+# The interrupt while make_backlog still starts its threads (each submit starts one, the first
+# already running sessions): the child interrupts itself after the second.
+WHILE_STARTING = """
+import os
+import signal
+from tests.bench import core
+
+submit, submitted = core.ThreadPoolExecutor.submit, []
+
+
+def interrupting_submit(self, *args, **kwargs):
+    future = submit(self, *args, **kwargs)
+    submitted.append(future)
+    if len(submitted) == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+    return future
+
+
+core.ThreadPoolExecutor.submit = interrupting_submit
 """
 
 
@@ -47,16 +69,26 @@ def test_a_backlog_runs_each_session_once(settings: Settings, conn: psycopg.Conn
     assert _streams_begun(conn, "Job") - before == 45
 
 
-def test_an_interrupted_backlog_stops_after_the_sessions_under_way(settings: Settings) -> None:
-    child = subprocess.Popen([sys.executable, "-c", CHILD], cwd=Path(__file__).parents[2], text=True,
+@pytest.mark.parametrize("when", ["sessions under way", "threads starting"])
+def test_an_interrupted_backlog_stops_after_the_sessions_under_way(settings: Settings, conn: psycopg.Connection[Any],
+                                                                  service: PaletteService, when: str) -> None:
+    """``service``: the main event store's tables made, whose Job streams tell the sessions begun.
+    An interrupt while the threads were still being started (under load, seconds after the first
+    ran sessions) came before the stop was armed: every thread went on for good."""
+    before = _streams_begun(conn, "Job")
+    child = subprocess.Popen([sys.executable, "-c", (WHILE_STARTING if when == "threads starting" else "") + CHILD],
+                             cwd=Path(__file__).parents[2], text=True,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert child.stdin is not None and child.stdout is not None
         child.stdin.write(settings.model_dump_json())
         child.stdin.close()
         assert child.stdout.readline().strip() == "started"
-        time.sleep(3)  # sessions under way (and, before, a queue of sessions still being filled)
-        child.send_signal(signal.SIGINT)
+        if when == "sessions under way":
+            # (and, before, a queue of sessions still being filled): the interrupt is not to land
+            # while the child still opens its event store, where it stopped anyway
+            wait_until(lambda: _streams_begun(conn, "Job") > before, 60, "the backlog's sessions under way")
+            child.send_signal(signal.SIGINT)
         t0 = time.monotonic()
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=30)
