@@ -600,7 +600,7 @@ def test_the_unpaid_cursors_slack_is_an_hour_whatever_the_databases_time_zone(cl
     unpaid = create_uploaded_job(client, 1)
     client.data("POST", f"/jobs/{unpaid}/cancel")
     paid = _one_done(other, http, settings)
-    _finished_at(settings, unpaid, paid)
+    unpaid_at, paid_at = _finished_at(settings, unpaid, paid)
     last = datetime(2027, 3, 28, 1, 30, tzinfo=UTC)  # 03:30 in Paris, clocks just gone forward (later than any cursor)
     url = settings.effective_database_url
     paris = settings.model_copy(update={
@@ -608,16 +608,23 @@ def test_the_unpaid_cursors_slack_is_an_hour_whatever_the_databases_time_zone(cl
     now = last + timedelta(days=settings.unpaid_retention_days, seconds=1)
     sweeper = build_sweeper(paris)
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("UPDATE palette_read.jobs_log SET finished_at = %s WHERE id = %s", [last, paid])
-        conn.execute("UPDATE palette_read.jobs_log SET finished_at = NULL WHERE id = %s", [unpaid])  # not folded yet
+        cursor = conn.execute("SELECT at, id, position FROM palette_sweeps WHERE name = 'unpaid'").fetchone()
         try:
+            conn.execute("UPDATE palette_read.jobs_log SET finished_at = %s WHERE id = %s", [last, paid])
+            conn.execute("UPDATE palette_read.jobs_log SET finished_at = NULL WHERE id = %s", [unpaid])  # not folded
             sweeper.step(now=now)
             assert any(unpaid in k for k in _objects(settings, client.user_id))
-        finally:  # folded now: it finished 45 minutes before the last one
+            # folded now: it finished 45 minutes before the last one
             conn.execute("UPDATE palette_read.jobs_log SET finished_at = %s WHERE id = %s",
                          [last - timedelta(minutes=45), unpaid])
-    try:
-        sweeper.step(now=now)
-    finally:
-        sweeper.close()
+            sweeper.step(now=now)
+        finally:  # the folded rows and the cursor back, for the tests after this one (whole-log folds, passes)
+            sweeper.close()
+            conn.execute("UPDATE palette_read.jobs_log SET finished_at = %s WHERE id = %s", [paid_at, paid])
+            conn.execute("UPDATE palette_read.jobs_log SET finished_at = %s WHERE id = %s", [unpaid_at, unpaid])
+            if cursor is None:
+                conn.execute("DELETE FROM palette_sweeps WHERE name = 'unpaid'")
+            else:
+                conn.execute("UPDATE palette_sweeps SET at = %s, id = %s, position = %s WHERE name = 'unpaid'",
+                             list(cursor))
     assert not any(unpaid in k for k in _objects(settings, client.user_id))
