@@ -11,7 +11,6 @@ jobs_log, job_items_log) to say what the write side answered."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import uuid
@@ -32,9 +31,6 @@ from .conftest import Client
 from .test_api_workers import _serve_api
 from .test_lifecycle import EDITS, create_uploaded_job
 
-# In `make chaos` only (PALETTE_LONG=1): its thousands of events in the session's shared store made
-# the whole-log tests after it (crash and broker restart, rebuilds, catch-up) fail in the suite's run.
-pytestmark = pytest.mark.skipif(os.environ.get("PALETTE_LONG") != "1", reason="make chaos (PALETTE_LONG=1)")
 ROUNDS = 2  # each race run again: an interleaving one round misses, the next may meet
 START = 50  # the free plan's sign-up credits
 
