@@ -37,7 +37,7 @@ lint: install
 chaos: install
 	$(BIN)/python -m tests.chaos --minutes $(or $(MINUTES),10)
 	PALETTE_LONG=1 $(BIN)/pytest -q -o faulthandler_timeout=0 tests/unit/test_model_based.py \
-		tests/integration/test_model_based_postgres.py tests/integration/test_bench_backlog.py
+		tests/integration/test_model_based_postgres.py
 
 bench: install
 	@bash infra/ensure-wrk.sh
