@@ -34,7 +34,9 @@ STATUS_BY_CODE = {
     "AUTH_INVALID": 401,
     "PAYLOAD_TOO_LARGE": 413,
     "RATE_LIMITED": 429,
-    "TOO_MANY_CONNECTIONS": 503,  # written by adapters.api.http_limits, before any request
+    "TOO_MANY_CONNECTIONS": 503,  # these three written by adapters.api.http_limits, before any request
+    "HEADERS_TOO_LARGE": 431,
+    "BAD_HTTP_REQUEST": 400,
     "METHOD_NOT_ALLOWED": 405,
     "INTERNAL": 500,
     "UNAVAILABLE": 503,  # the database did not answer (adapters.api.unavailable): try again

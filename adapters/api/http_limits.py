@@ -57,11 +57,6 @@ REQUEST_TIMEOUT_S = 10.0  # a head and a body of at most 64 KB each
 LINGER_S = 2.0  # after a 431, what the client still sends is read and dropped this long
 WRITE_STALL_S = 60.0  # an answer's client that reads nothing of it this long is disconnected
 MAX_PIPELINED = 64  # requests one connection has waiting behind the one being answered
-_TOO_LARGE_BODY = b"request headers are over 64 KB"
-TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
-             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY))
-
-
 FD_RESERVE = 1024  # descriptors kept for the pools, files and the broker (at most half the limit)
 PER_PEER = 256  # connections one client address holds at once (an office behind one NAT included)
 REFUSED_LINGER_S = 0.5  # a refused connection reads what its client sends this long, then closes
@@ -135,13 +130,27 @@ class CountedRefusals(logging.LoggerAdapter[logging.Logger]):
         self.logger.warning(msg, *args, **kwargs)
 
 
-def _refusal() -> bytes:
-    body = orjson.dumps({"success": False, "data": None,
-                         "error": {"code": "TOO_MANY_CONNECTIONS",
-                                   "message": "too many connections are open: retry in a moment"},
+def _server_answer(status: bytes, code: str, message: str, headers: bytes = b"") -> bytes:
+    """An answer the server writes itself, before a request reaches the API (the connection
+    closes after it): the routes' envelope and a stable code all the same."""
+    body = orjson.dumps({"success": False, "data": None, "error": {"code": code, "message": message},
                          "meta": meta()})
-    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n" + headers
+            + b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+
+def _too_large() -> bytes:
+    return _server_answer(b"431 Request Header Fields Too Large", "HEADERS_TOO_LARGE",
+                         f"request headers are over {MAX_HEAD_BYTES >> 10} KB")
+
+
+def _bad_request() -> bytes:
+    return _server_answer(b"400 Bad Request", "BAD_HTTP_REQUEST", "not a valid HTTP request")
+
+
+def _refusal() -> bytes:
+    return _server_answer(b"503 Service Unavailable", "TOO_MANY_CONNECTIONS",
+                         "too many connections are open: retry in a moment", b"retry-after: 1\r\n")
 
 
 class HeadTooLarge(Exception):
@@ -226,7 +235,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._too_large:  # HeadTooLarge stopped the parser: uvicorn took it for a bad request
             self._refuse()
             return
-        super().send_400_response(msg)  # then closes, a close timed as the others (_watch_closing)
+        self.transport.write(_bad_request())  # uvicorn's own is plain text
+        self.transport.close()  # a close timed as the others
         self._watch_closing()
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
@@ -389,7 +399,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._drop()
             return
         self._refused = True
-        self.transport.write(TOO_LARGE)
+        self.transport.write(_too_large())
         if self.transport.can_write_eof():
             self.transport.write_eof()
             self._deadline = self.loop.call_later(LINGER_S, self._too_slow)
