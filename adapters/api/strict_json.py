@@ -4,7 +4,11 @@ the last of a repeated name, reads UTF-16 and UTF-32 bodies, and reads ``NaN``: 
 gateway's filter or a log reader that reads the body another way (the first of a name, UTF-8)
 would see another request than the route runs. Each is a 422 ``VALIDATION_FAILED``, as any
 malformed body is (FastAPI answers a ``JSONDecodeError`` so), and so is a body nested past the
-decoder's recursion limit (FastAPI answered its RecursionError with a 400 of its own wording)."""
+decoder's recursion limit (FastAPI answered its RecursionError with a 400 of its own wording).
+
+FastAPI reads the body before it solves a route's dependencies, so a malformed body was a 422
+before the client's token was checked: a route that takes a client's token checks it first, and a
+caller without a good one gets its 401 whatever its body."""
 
 from __future__ import annotations
 
@@ -12,9 +16,12 @@ import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
+
+from adapters.api.deps import current_user
 
 
 def loads(body: bytes) -> Any:
@@ -49,9 +56,15 @@ def _no_constant(name: str) -> Any:
 
 
 class StrictJSONRequest(Request):
+    malformed = False  # its body is no strict JSON (a 422, once the caller is known)
+
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = loads(await self.body())
+            try:
+                self._json = loads(await self.body())
+            except json.JSONDecodeError:
+                self.malformed = True
+                raise
         return self._json
 
 
@@ -63,7 +76,15 @@ class StrictJSONRoute(APIRoute):
         if self.body_field is None:  # no body to read: the request as it comes
             return handler
 
+        client = any(d.call is current_user for d in self.dependant.dependencies)
+
         async def strict(request: Request) -> Response:
-            return await handler(StrictJSONRequest(request.scope, request.receive))
+            read = StrictJSONRequest(request.scope, request.receive)
+            try:
+                return await handler(read)
+            except RequestValidationError:
+                if client and read.malformed:  # read before the token: its 401 first
+                    await current_user(read)
+                raise
 
         return strict
