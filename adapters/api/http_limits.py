@@ -229,7 +229,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._received = self._body = self._parsed = 0
 
     def send_400_response(self, msg: str) -> None:
-        if self._answering_another():  # no 400 written into another answer (nor past MAX_PIPELINED)
+        if self._answering_another():  # no 400 written into an answer begun (nor past MAX_PIPELINED)
             self._drop()
             return
         if self._too_large:  # HeadTooLarge stopped the parser: uvicorn took it for a bad request
@@ -247,9 +247,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         return self._answering is not None and not self._answering.response_complete
 
     def _answering_another(self) -> bool:
-        """An answer under way to a request received whole: what is refused now is a request
-        pipelined behind it."""
-        return self._answer_under_way() and not self._answering.more_body
+        """An answer under way that a refusal now would land inside: one to a request received
+        whole (what is refused is a request pipelined behind it), or one begun before its own
+        request's body ended (a stream answered while a bad chunk or trailers over the limit
+        arrive)."""
+        return self._answer_under_way() and (not self._answering.more_body or self._answering.response_started)
 
     def _drop(self) -> None:
         """Abort the connection, what it queued unanswered: a refusal written now would land in
@@ -395,7 +397,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._stop_clock()
         if self._refused or self.transport.is_closing():
             return
-        if self._answering_another():  # a pipelined request's head: no 431 inside that answer
+        if self._answering_another():  # a pipelined head, or trailers: no 431 inside that answer
             self._drop()
             return
         self._refused = True

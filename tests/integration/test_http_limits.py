@@ -240,6 +240,29 @@ def test_a_pipelined_request_refused_during_a_stream_drops_the_connection_withou
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+@pytest.mark.parametrize("refused", [b"zz\r\n",  # no chunk size: a 400
+                                     b"0\r\nx-pad: " + b"a" * (http_limits.MAX_HEAD_BYTES + 1024)],  # a 431
+                         ids=["a bad chunk", "trailers over the limit"])
+def test_a_request_refused_in_its_own_body_while_its_answer_streams_gets_no_word_inside_the_stream(
+        server: int, caplog: pytest.LogCaptureFixture, refused: bytes) -> None:
+    """A stream answered before its request's chunked body ended: a bad chunk or trailers over the
+    limit then wrote the 400 or 431 into the stream's chunks (the answer had begun), and after the
+    431's EOF the stream's next write raised."""
+    STREAM_ENDS.clear()
+    with socket.create_connection(("127.0.0.1", server), timeout=5) as conn:
+        conn.sendall(b"POST /stream HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        got = b""
+        while b"data: x" not in got:
+            got += conn.recv(65536)
+        conn.sendall(refused)
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            while chunk := conn.recv(65536):  # till the server drops it
+                got += chunk
+    assert b"HTTP/1.1 4" not in got, got[-300:]
+    wait_until(lambda: STREAM_ENDS == ["disconnect"], 10, "the stream told its client left")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 def test_trailers_count_as_the_head_does(server: int) -> None:
     pad = b"".join(b"x-t-%d: %s\r\n" % (i, b"a" * 1000) for i in range(80))  # ~80 KB of trailer fields
     answer = exchange(server, b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n", pad)
