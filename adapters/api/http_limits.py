@@ -42,12 +42,12 @@ import termios
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from adapters.api.envelope import meta
 from adapters.api.rate_limit import client_address
 
 log = logging.getLogger("palette.api.connections")
@@ -134,7 +134,8 @@ def _server_answer(status: bytes, code: str, message: str, headers: bytes = b"")
     """An answer the server writes itself, before a request reaches the API (the connection
     closes after it): the routes' envelope and a stable code all the same."""
     body = orjson.dumps({"success": False, "data": None, "error": {"code": code, "message": message},
-                         "meta": meta()})
+                         # no request reached the API: no request id, whatever context the loop resumed
+                         "meta": {"request_id": "-", "timestamp": datetime.now(UTC).isoformat()}})
     return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n" + headers
             + b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
 
