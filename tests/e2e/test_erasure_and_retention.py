@@ -4,6 +4,7 @@ the event store's bytes, the read models, the ledger's chain."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from datetime import timedelta
 
@@ -23,6 +24,7 @@ from projections.models import READ_MODELS
 from projections.replay import Replayer
 from projections.store import unapplied
 from tests.integration.test_stack import wait_until
+from tests.put_back import rows_put_back
 
 from .conftest import Client
 from .test_data_lifecycle import _objects
@@ -600,31 +602,22 @@ def test_the_unpaid_cursors_slack_is_an_hour_whatever_the_databases_time_zone(cl
     unpaid = create_uploaded_job(client, 1)
     client.data("POST", f"/jobs/{unpaid}/cancel")
     paid = _one_done(other, http, settings)
-    unpaid_at, paid_at = _finished_at(settings, unpaid, paid)
+    _finished_at(settings, unpaid, paid)
     last = datetime(2027, 3, 28, 1, 30, tzinfo=UTC)  # 03:30 in Paris, clocks just gone forward (later than any cursor)
     url = settings.effective_database_url
     paris = settings.model_copy(update={
         "database_url": f"{url}{'&' if '?' in url else '?'}options=-c%20TimeZone%3DEurope%2FParis"})
     now = last + timedelta(days=settings.unpaid_retention_days, seconds=1)
     sweeper = build_sweeper(paris)
-    with psycopg.connect(url, autocommit=True) as conn:
-        cursor = conn.execute("SELECT at, id, position FROM palette_sweeps WHERE name = 'unpaid'").fetchone()
-        try:
-            conn.execute("UPDATE palette_read.jobs_log SET finished_at = %s WHERE id = %s", [last, paid])
-            conn.execute("UPDATE palette_read.jobs_log SET finished_at = NULL WHERE id = %s", [unpaid])  # not folded
-            sweeper.step(now=now)
-            assert any(unpaid in k for k in _objects(settings, client.user_id))
-            # folded now: it finished 45 minutes before the last one
-            conn.execute("UPDATE palette_read.jobs_log SET finished_at = %s WHERE id = %s",
-                         [last - timedelta(minutes=45), unpaid])
-            sweeper.step(now=now)
-        finally:  # the folded rows and the cursor back, for the tests after this one (whole-log folds, passes)
-            sweeper.close()
-            conn.execute("UPDATE palette_read.jobs_log SET finished_at = %s WHERE id = %s", [paid_at, paid])
-            conn.execute("UPDATE palette_read.jobs_log SET finished_at = %s WHERE id = %s", [unpaid_at, unpaid])
-            if cursor is None:
-                conn.execute("DELETE FROM palette_sweeps WHERE name = 'unpaid'")
-            else:
-                conn.execute("UPDATE palette_sweeps SET at = %s, id = %s, position = %s WHERE name = 'unpaid'",
-                             list(cursor))
+    with (psycopg.connect(url, autocommit=True) as conn, contextlib.closing(sweeper),
+          rows_put_back(conn, sql.Identifier("palette_read", "jobs_log"), "id", [paid, unpaid], ["finished_at"]),
+          rows_put_back(conn, sql.Identifier("palette_sweeps"), "name", ["unpaid"], ["at", "id", "position"])):
+        conn.execute("UPDATE palette_read.jobs_log SET finished_at = %s WHERE id = %s", [last, paid])
+        conn.execute("UPDATE palette_read.jobs_log SET finished_at = NULL WHERE id = %s", [unpaid])  # not folded
+        sweeper.step(now=now)
+        assert any(unpaid in k for k in _objects(settings, client.user_id))
+        # folded now: it finished 45 minutes before the last one
+        conn.execute("UPDATE palette_read.jobs_log SET finished_at = %s WHERE id = %s",
+                     [last - timedelta(minutes=45), unpaid])
+        sweeper.step(now=now)
     assert not any(unpaid in k for k in _objects(settings, client.user_id))

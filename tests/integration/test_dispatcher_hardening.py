@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from datetime import datetime
 from typing import Any
 
 import psycopg
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
+from psycopg import sql
 
 from adapters import kafka_io
 from adapters.bootstrap import build_dispatcher, event_store_env
 from adapters.dispatcher import DLQ_TOPIC, Dispatcher, KafkaTaskQueue, tasks_for
 from application.services import PaletteApplication, PaletteService
 from domain.contracts import topics
+from tests.put_back import rows_put_back
 
 from .test_stack import wait_until
 
@@ -187,11 +188,8 @@ def test_a_gpu_queue_the_broker_recreated_gets_the_unfinished_tasks_again(apps, 
         cleanup.close()
 
 
-def finished_job_whose_row_stayed_running(service: PaletteService,
-                                          conn: psycopg.Connection[Any]) -> tuple[uuid.UUID, datetime]:
-    """A job done in the store whose jobs_log row still says running, its last change long ago:
-    the row of a job held behind a dead letter (the projector stopped folding it there). With the
-    row's folded ``updated_at``, to put back."""
+def finished_job(service: PaletteService, conn: psycopg.Connection[Any]) -> uuid.UUID:
+    """A job done in the store, its jobs_log row folded as done."""
     user_id = service.register(f"held-{uuid.uuid4()}", plan="pro").value[0]
     job_id: uuid.UUID = service.create_job(user_id, "interior", 1).value
     service.confirm_upload(user_id, job_id)
@@ -199,11 +197,7 @@ def finished_job_whose_row_stayed_running(service: PaletteService,
     service.record_item_result(job_id, 0, "done", f"{job_id}:0")
     wait_until(lambda: conn.execute("SELECT status FROM palette_read.jobs_log WHERE id = %s",
                                     [job_id]).fetchone() == ("done",), timeout_s=30, what="the job's row")
-    (updated_at,) = conn.execute("SELECT updated_at FROM palette_read.jobs_log WHERE id = %s",
-                                 [job_id]).fetchone() or (None,)
-    conn.execute("UPDATE palette_read.jobs_log SET status = 'running', updated_at = now() - interval '100 years' "
-                 "WHERE id = %s", [job_id])
-    return job_id, updated_at
+    return job_id
 
 
 def test_jobs_the_sweep_cannot_send_again_do_not_hide_a_stalled_job_behind_them(apps, service, conn, settings):
@@ -211,15 +205,19 @@ def test_jobs_the_sweep_cannot_send_again_do_not_hide_a_stalled_job_behind_them(
     (finished jobs whose rows are held, here as many as a page) took every page, so a stalled job
     after them was never sent again; each pass now reads on from where the last one stopped."""
     limit = 2
-    folded = dict(finished_job_whose_row_stayed_running(service, conn) for _ in range(limit))
-    held = list(folded)
+    held = [finished_job(service, conn) for _ in range(limit)]
     job_id = running_job(service, conn)
     dispatcher = Dispatcher(OnePoll([]), kafka_io.producer(settings), PaletteApplication(env=event_store_env(settings)),
                             settings.effective_database_url, stale_s=0.001)
     sent: list[dict[str, Any]] = []
     real = dispatcher._send
     dispatcher._send = lambda task: (sent.append(task), real(task))[1]  # type: ignore[method-assign]
-    try:
+    with contextlib.closing(dispatcher), rows_put_back(conn, sql.Identifier("palette_read", "jobs_log"), "id", held,
+                                                     ["status", "updated_at"]):
+        # rows still saying running, their last change long ago: as a job's held behind a dead
+        # letter (the projector stopped folding it there)
+        conn.execute("UPDATE palette_read.jobs_log SET status = 'running', updated_at = now() - interval '100 years' "
+                     "WHERE id = ANY(%s)", [held])
         (stale,) = conn.execute("SELECT count(*) FROM palette_read.jobs_log "
                                 "WHERE status IN ('queued', 'running')").fetchone() or (0,)
         for _ in range(stale // limit + 2):  # enough passes to read every stale row once
@@ -228,8 +226,3 @@ def test_jobs_the_sweep_cannot_send_again_do_not_hide_a_stalled_job_behind_them(
                 break
         assert sorted(t["idx"] for t in sent if t["job_id"] == str(job_id)) == [0, 2]
         assert not [t for t in sent if t["job_id"] in {str(h) for h in held}]
-    finally:  # the rows as folded, for the whole-log tests after this one
-        for held_id, updated_at in folded.items():
-            conn.execute("UPDATE palette_read.jobs_log SET status = 'done', updated_at = %s WHERE id = %s",
-                         [updated_at, held_id])
-        dispatcher.close()
