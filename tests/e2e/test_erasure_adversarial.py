@@ -4,6 +4,7 @@ S3's listing, the analysts' API), and the sweeper is driven with a clock set ahe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -13,14 +14,16 @@ import psycopg
 import pytest
 
 from adapters import retention
-from adapters.bootstrap import build_sweeper
+from adapters.bootstrap import build_sweeper, open_event_store
 from adapters.keyring import request_erasure
 from adapters.retention import LATE_UPLOADS_S
 from adapters.webhooks import store as webhooks
 from domain.contracts.keys import URL_TTL_S, output_key
 from domain.contracts.personal import ERASED
 from infra.s3 import s3_client
+from projections.models.jobs_log import JOBS_LOG
 from tests.integration.test_stack import wait_until
+from tests.put_back import rows_refolded
 
 from .conftest import Client
 from .test_data_lifecycle import _objects
@@ -186,12 +189,9 @@ def test_a_running_job_whose_row_still_says_uploaded_keeps_its_photos_past_the_r
             row = conn.execute("SELECT status FROM palette_read.jobs_log WHERE id = %s", [job_id]).fetchone()
             return row[0] if row and row[0] not in ("created", "uploaded") else None
         wait_until(folded, what="the execution folded into jobs_log")
-        status = folded()
-        conn.execute("UPDATE palette_read.jobs_log SET status = 'uploaded' WHERE id = %s", [job_id])
-        try:
+        with contextlib.closing(open_event_store(settings)) as app, rows_refolded(conn, app, JOBS_LOG, [job_id]):
+            conn.execute("UPDATE palette_read.jobs_log SET status = 'uploaded' WHERE id = %s", [job_id])
             _sweep(settings, now=_ahead(settings.retention_days * 86400 + 3600))
-        finally:
-            conn.execute("UPDATE palette_read.jobs_log SET status = %s WHERE id = %s", [status, job_id])
     assert client.data("GET", f"/jobs/{job_id}")["status"] not in ("canceled", "uploaded")
     assert any(job_id in k for k in _objects(settings, client.user_id))
 

@@ -21,10 +21,11 @@ from infra.s3 import s3_client
 from projections import audit
 from projections.log import events_table
 from projections.models import READ_MODELS
+from projections.models.jobs_log import JOBS_LOG
 from projections.replay import Replayer
 from projections.store import unapplied
 from tests.integration.test_stack import wait_until
-from tests.put_back import rows_put_back
+from tests.put_back import rows_put_back, rows_refolded
 
 from .conftest import Client
 from .test_data_lifecycle import _objects
@@ -420,20 +421,16 @@ def test_a_job_that_spent_nothing_keeps_its_objects_a_day_and_a_paid_one_the_ret
     days = settings.unpaid_retention_days
     assert days < settings.retention_days
     sweeper = build_sweeper(settings)
-    try:
+    with (contextlib.closing(sweeper), psycopg.connect(settings.effective_database_url, autocommit=True) as conn,
+          contextlib.closing(open_event_store(settings)) as app):
         sweeper.step(now=last + timedelta(days=days) - timedelta(seconds=LATE_UPLOADS_S))  # a day not yet over
         held = _objects(settings, client.user_id) | _objects(settings, other.user_id)
         assert all(any(j in k for k in held) for j in (canceled, failed, paid, partly))
         assert client.call("POST", f"/jobs/{canceled}/rerun").status_code == 201  # meanwhile, a rerun works
-        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:  # a read model astray
+        with rows_refolded(conn, app, JOBS_LOG, [paid, partly]):  # a read model astray
             conn.execute("UPDATE palette_read.jobs_log SET status = 'canceled', done_items = 0 WHERE id = %s", [paid])
             conn.execute("UPDATE palette_read.jobs_log SET done_items = 0 WHERE id = %s", [partly])
-        report = sweeper.step(now=last + timedelta(days=days, seconds=1))
-    finally:
-        sweeper.close()
-        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:  # as the log says again
-            conn.execute("UPDATE palette_read.jobs_log SET status = 'done', done_items = 1 WHERE id = %s", [paid])
-            conn.execute("UPDATE palette_read.jobs_log SET done_items = 1 WHERE id = %s", [partly])
+            report = sweeper.step(now=last + timedelta(days=days, seconds=1))
     assert report.jobs_expired >= 2
     held = _objects(settings, client.user_id) | _objects(settings, other.user_id)
     assert not any(canceled in k or failed in k for k in held)
@@ -555,17 +552,14 @@ def test_an_unpaid_job_whose_finish_is_folded_after_a_pass_is_expired_by_the_nex
     unpaid_at, paid_at = _finished_at(settings, unpaid, paid)
     now = paid_at + timedelta(days=settings.unpaid_retention_days, seconds=1)
     sweeper = build_sweeper(settings)
-    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
-        conn.execute("UPDATE palette_read.jobs_log SET finished_at = NULL WHERE id = %s", [unpaid])  # not folded yet
-        try:
+    with (contextlib.closing(sweeper), psycopg.connect(settings.effective_database_url, autocommit=True) as conn,
+          contextlib.closing(open_event_store(settings)) as app):
+        with rows_refolded(conn, app, JOBS_LOG, [unpaid]):
+            conn.execute("UPDATE palette_read.jobs_log SET finished_at = NULL WHERE id = %s", [unpaid])  # not folded
             sweeper.step(now=now)
             assert any(unpaid in k for k in _objects(settings, client.user_id))
-        finally:
-            conn.execute("UPDATE palette_read.jobs_log SET finished_at = %s WHERE id = %s", [unpaid_at, unpaid])
-    try:
+        assert _finished_at(settings, unpaid) == [unpaid_at]  # folded now
         sweeper.step(now=now)
-    finally:
-        sweeper.close()
     assert not any(unpaid in k for k in _objects(settings, client.user_id))
 
 
@@ -610,7 +604,7 @@ def test_the_unpaid_cursors_slack_is_an_hour_whatever_the_databases_time_zone(cl
     now = last + timedelta(days=settings.unpaid_retention_days, seconds=1)
     sweeper = build_sweeper(paris)
     with (psycopg.connect(url, autocommit=True) as conn, contextlib.closing(sweeper),
-          rows_put_back(conn, sql.Identifier("palette_read", "jobs_log"), "id", [paid, unpaid], ["finished_at"]),
+          contextlib.closing(open_event_store(settings)) as app, rows_refolded(conn, app, JOBS_LOG, [paid, unpaid]),
           rows_put_back(conn, sql.Identifier("palette_sweeps"), "name", ["unpaid"], ["at", "id", "position"])):
         conn.execute("UPDATE palette_read.jobs_log SET finished_at = %s WHERE id = %s", [last, paid])
         conn.execute("UPDATE palette_read.jobs_log SET finished_at = NULL WHERE id = %s", [unpaid])  # not folded

@@ -10,14 +10,14 @@ from typing import Any
 import psycopg
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
-from psycopg import sql
 
 from adapters import kafka_io
 from adapters.bootstrap import build_dispatcher, event_store_env
 from adapters.dispatcher import DLQ_TOPIC, Dispatcher, KafkaTaskQueue, tasks_for
 from application.services import PaletteApplication, PaletteService
 from domain.contracts import topics
-from tests.put_back import rows_put_back
+from projections.models.jobs_log import JOBS_LOG
+from tests.put_back import rows_refolded
 
 from .test_stack import wait_until
 
@@ -137,18 +137,15 @@ def test_after_a_broker_loss_a_job_held_behind_a_dead_letter_is_sent_again(apps,
     sent: list[dict[str, Any]] = []
     real = dispatcher._send
     dispatcher._send = lambda task: (sent.append(task), real(task))[1]  # type: ignore[method-assign]
-    row = conn.execute("SELECT status FROM palette_read.jobs_log WHERE id = %s", [job_id]).fetchone()
-    conn.execute("UPDATE palette_read.jobs_log SET status = 'uploaded' WHERE id = %s", [job_id])  # where it stopped
-    conn.execute("INSERT INTO palette_read.dead_letters (model, stream_id, version, position, envelope, error, "
-                 "status) VALUES ('jobs_log', %s, 3, 0, '\\x7b7d', 'test', 'parked')", [job_id])
-    try:
-        dispatcher.after_loss()
-        assert sorted(t["idx"] for t in sent if t["job_id"] == str(job_id)) == [0, 2]
-    finally:
-        conn.execute("DELETE FROM palette_read.dead_letters WHERE stream_id = %s AND error = 'test'", [job_id])
-        conn.execute("UPDATE palette_read.jobs_log SET status = %s WHERE id = %s", [row[0] if row else "running",
-                                                                                    job_id])
-        dispatcher.close()
+    with contextlib.closing(dispatcher), rows_refolded(conn, service.app, JOBS_LOG, [job_id]):
+        conn.execute("UPDATE palette_read.jobs_log SET status = 'uploaded' WHERE id = %s", [job_id])  # where it stopped
+        conn.execute("INSERT INTO palette_read.dead_letters (model, stream_id, version, position, envelope, error, "
+                     "status) VALUES ('jobs_log', %s, 3, 0, '\\x7b7d', 'test', 'parked')", [job_id])
+        try:
+            dispatcher.after_loss()
+            assert sorted(t["idx"] for t in sent if t["job_id"] == str(job_id)) == [0, 2]
+        finally:
+            conn.execute("DELETE FROM palette_read.dead_letters WHERE stream_id = %s AND error = 'test'", [job_id])
 
 
 def test_a_gpu_queue_the_broker_recreated_gets_the_unfinished_tasks_again(apps, service, conn, settings):
@@ -212,8 +209,7 @@ def test_jobs_the_sweep_cannot_send_again_do_not_hide_a_stalled_job_behind_them(
     sent: list[dict[str, Any]] = []
     real = dispatcher._send
     dispatcher._send = lambda task: (sent.append(task), real(task))[1]  # type: ignore[method-assign]
-    with contextlib.closing(dispatcher), rows_put_back(conn, sql.Identifier("palette_read", "jobs_log"), "id", held,
-                                                     ["status", "updated_at"]):
+    with contextlib.closing(dispatcher), rows_refolded(conn, service.app, JOBS_LOG, held):
         # rows still saying running, their last change long ago: as a job's held behind a dead
         # letter (the projector stopped folding it there)
         conn.execute("UPDATE palette_read.jobs_log SET status = 'running', updated_at = now() - interval '100 years' "
