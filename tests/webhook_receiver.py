@@ -28,11 +28,13 @@ class Received:
 
 class Receiver:
     """An HTTP server on 127.0.0.1 that keeps what it is sent; ``fail[path]`` answers 500 that
-    many times on that path before answering 200."""
+    many times on that path before answering 200; ``answer[path]`` (a status and headers) answers
+    every request to that path so."""
 
     def __init__(self) -> None:
         self.got: list[Received] = []
         self.fail: dict[str, int] = {}
+        self.answer: dict[str, tuple[int, dict[str, str]]] = {}
         self.hold: dict[str, threading.Event] = {}  # a path's answers wait for its event
         self.changed = threading.Condition()
         receiver = self
@@ -49,11 +51,14 @@ class Receiver:
                 held = receiver.hold.get(self.path)
                 if held is not None:
                     held.wait(WAIT_S)
+                status, headers = receiver.answer.get(self.path, (500 if failing else 200, {}))
                 try:
-                    self.send_response(500 if failing else 200)
+                    self.send_response(status)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
                     self.send_header("content-length", "2")
                     self.end_headers()
-                    self.wfile.write(b"no" if failing else b"ok")
+                    self.wfile.write(b"ok" if 200 <= status < 300 else b"no")
                 except OSError:  # the sender is gone (killed while it waited)
                     return
 

@@ -212,7 +212,7 @@ async def rotate_secret(endpoint_id: UUID, user_id: CurrentUser, container: Cont
 
 @router.post("/webhooks/{endpoint_id}/enable", response_model=Envelope[WebhookPublic], responses=OWN)
 async def enable_webhook(endpoint_id: UUID, user_id: CurrentUser, container: ContainerDep) -> JSONResponse:
-    """Enable an endpoint disabled after its failures; its pending deliveries go out now."""
+    """Enable an endpoint disabled after its failures (or a 410 answer); its pending deliveries go out now."""
     return ok(WebhookPublic(**_found(await _run(container, store.enable_endpoint, user_id, endpoint_id))))
 
 

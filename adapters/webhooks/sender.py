@@ -10,8 +10,10 @@ wake it looks for due retries every ``poll_s``.
 No user's endpoints take the threads from everyone else's: at most ``PER_USER_IN_FLIGHT`` of one
 user's deliveries are in flight at once in this process, and an endpoint whose attempt failed is
 held (none of its deliveries tried) for the retry schedule's delay after as many failures in a
-row, at most ``HOLD_MAX_S``: an endpoint that hangs costs one attempt per step, not one per
-delivery queued for it, and one that recovers is tried again within half an hour. Nor do several
+row, or for the wait a 429 or 503 answer asked for in its Retry-After when that is longer, at
+most ``HOLD_MAX_S``: an endpoint that hangs costs one attempt per step, not one per delivery
+queued for it, and one that recovers is tried again within half an hour. A 410 (Gone) disables
+the endpoint at once, as the failures of ``disable_after`` would. Nor do several
 users' endpoints together: attempts to suspect endpoints (never succeeded, or failing now) take at
 most the threads but ``proven_reserve``'s, so endpoints that answer always have those.
 """
@@ -41,6 +43,7 @@ PRUNE_PAGE = 5000
 LEASE_S = 3 * targets.TIMEOUT_S  # well past an attempt's deadline (targets.post)
 PER_USER_IN_FLIGHT = 2
 HOLD_MAX_S = 1800.0
+GONE = 410  # the receiver says the endpoint is gone for good: it is disabled at once
 
 
 def proven_reserve(workers: int) -> int:
@@ -128,7 +131,7 @@ class WebhookSender:
             retry_in = None if outcome.ok else retry_delay(self.schedule, due.tries + 1, self.draw)
             with self.pool.connection() as conn:
                 store.finish(conn, due.id, outcome, retry_in, self.disable_after, self.disable_after_s, due.lease,
-                             self._hold_s, due.tries)
+                             self._holding(outcome), due.tries, gone=outcome.status_code == GONE)
         except Exception as e:  # noqa: BLE001 - the lease brings the delivery back
             log.warning("delivery %s not recorded (%s: %s); due again after its lease",
                         due.id, type(e).__name__, str(e)[:200])
@@ -140,6 +143,15 @@ class WebhookSender:
                 if self._busy[due.user_id] <= 0:
                     del self._busy[due.user_id]
             self._wake.set()
+
+    def _holding(self, outcome: targets.Outcome) -> Callable[[int], float]:
+        """The endpoint's hold after a failed attempt: a wait its answer asked for (a 429 or 503's
+        Retry-After, at most HOLD_MAX_S) when longer than the schedule's."""
+        asked = outcome.retry_after_s
+        if asked is None:
+            return self._hold_s
+        wait = min(asked, HOLD_MAX_S)
+        return lambda failures: max(self._hold_s(failures), wait)
 
     def _hold_s(self, failures: int) -> float:
         """How long an endpoint is held after ``failures`` failed attempts in a row: the retry

@@ -20,6 +20,7 @@ left of the attempt's deadline (``_Deadlined``), and an attempt past it is a tim
 
 from __future__ import annotations
 
+import email.utils
 import http.cookiejar
 import ipaddress
 import logging
@@ -32,6 +33,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -41,6 +43,8 @@ import httpx
 MAX_URL_LENGTH = 2048
 TIMEOUT_S = 10.0
 MAX_RESPONSE_BYTES = 4096
+WAIT_CODES = (429, 503)  # the answers whose Retry-After is read (Too Many Requests, Service Unavailable)
+_SECONDS = re.compile(r"[0-9]{1,10}")
 METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254"),
             ipaddress.ip_address("100.100.100.200")}
 
@@ -302,12 +306,14 @@ class _Deadlined(httpcore.NetworkBackend):
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one attempt got: a status code (None: no answer) or an error, and the answer's head."""
+    """What one attempt got: a status code (None: no answer) or an error, the answer's head, and
+    the wait a 429 or 503 answer asked for (its Retry-After, in seconds; None: none asked)."""
 
     status_code: int | None
     error: str
     body: str
     duration_ms: int
+    retry_after_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -329,8 +335,8 @@ def post(client: httpx.Client, url: str, body: bytes, headers: dict[str, str], p
     raises (refused, unreachable, slow, dripping, rude, a URL httpx will not send to: a failure)."""
     started = time.monotonic()
 
-    def done(status: int | None, error: str, answer: bytes = b"") -> Outcome:
-        return Outcome(status, error, answer_head(answer), int((time.monotonic() - started) * 1000))
+    def done(status: int | None, error: str, answer: bytes = b"", wait: float | None = None) -> Outcome:
+        return Outcome(status, error, answer_head(answer), int((time.monotonic() - started) * 1000), wait)
 
     try:
         target = check(url, production, _within(resolver, started + TIMEOUT_S))
@@ -339,13 +345,30 @@ def post(client: httpx.Client, url: str, body: bytes, headers: dict[str, str], p
                 "POST", address, content=body, headers={**headers, **extra_headers},
                 extensions=extensions) as response:
             answer = capped(response.iter_raw(MAX_RESPONSE_BYTES))
-            return done(response.status_code, "", answer)
+            asked = response.headers.get("retry-after") if response.status_code in WAIT_CODES else None
+            return done(response.status_code, "", answer, retry_after_s(asked, time.time()))
     except TargetRefused as e:
         return done(None, f"refused: {e}")
     except httpx.TimeoutException:
         return done(None, "timeout")
     except Exception as e:  # noqa: BLE001 - whatever one attempt raises is that attempt's failure
         return done(None, failure(e))
+
+
+def retry_after_s(value: str | None, now: float) -> float | None:
+    """The seconds a Retry-After header asks to wait from ``now`` (Unix time): a number of seconds
+    or an HTTP date (RFC 9110); None when there is none, it cannot be read, or its date is past."""
+    if value is None:
+        return None
+    value = value.strip()
+    if _SECONDS.fullmatch(value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        wait = when.replace(tzinfo=when.tzinfo or UTC).timestamp() - now  # an HTTP date is GMT
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return wait if wait > 0 else None
 
 
 def _within(resolver: Resolver, deadline: float) -> Resolver:

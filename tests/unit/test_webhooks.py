@@ -117,6 +117,26 @@ def test_the_default_schedule_retries_for_about_three_days():
     assert 60 <= hours <= 80
 
 
+NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize(("value", "wait"), [
+    ("120", 120.0), (" 7 ", 7.0), ("0", 0.0),
+    ("Sun, 06 Dec 2026 12:02:00 GMT", 120.0),  # the IMF-fixdate of RFC 9110
+    ("Sunday, 06-Dec-26 12:02:00 GMT", 120.0),  # the obsolete RFC 850 form
+    ("Sun Dec  6 12:02:00 2026", 120.0),  # asctime, no zone: GMT
+])
+def test_a_retry_after_is_read_as_seconds_or_an_http_date(value, wait):
+    assert targets.retry_after_s(value, NOW) == wait
+
+
+@pytest.mark.parametrize("value", [None, "", "-5", "1.5", "²", "12345678901", "soon", "120, 30",
+                                   "Sun, 06 Dec 2026 11:59:00 GMT", "Mon, 01 Jan 0001 00:00:00 GMT",
+                                   "Sun, 06 Dec 2026 25:61:00 GMT"])
+def test_a_retry_after_absent_unreadable_or_past_asks_for_no_wait(value):
+    assert targets.retry_after_s(value, NOW) is None
+
+
 def test_a_bad_schedule_setting_names_the_setting(tmp_path):
     with pytest.raises(SettingsError, match="PALETTE_WEBHOOK_RETRY_SCHEDULE"):
         load_settings(data_dir=tmp_path, webhook_retry_schedule="soon")
