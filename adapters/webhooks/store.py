@@ -437,8 +437,9 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
     """Record an attempt. A failure schedules the next try (``retry_in_s``; None: the delivery
     has failed) and lengthens the endpoint's run of failures, which disables it once it is
     ``disable_after`` attempts long and has lasted ``disable_after_s``; with ``hold_s`` it also
-    holds the endpoint for ``hold_s(failures in the run)`` seconds, in which none of its
-    deliveries is tried (its attempts in flight finish; those due wait for the hold's end). A
+    holds the endpoint for ``hold_s(failures in the run)`` seconds (a longer hold it has
+    stands), in which none of its deliveries is tried (its attempts in flight finish; those due
+    wait for the hold's end). A
     success ends the run and the hold, and proves the endpoint (``claim``'s suspects).
     With ``lease`` (the claim's end), an attempt whose claim was taken over since (it outlived its
     lease, or the delivery was redelivered) records nothing: a later attempt's outcome stands.
@@ -503,9 +504,12 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
             # on an earlier hold as well: a second attempt in flight that failed after the first
             # lengthened the hold, and the backlog the first had moved came due at the first
             # hold's end, still held, in the claims' way (more of it than a claim reads hid every
-            # other endpoint's delivery due after it).
+            # other endpoint's delivery due after it). Never shortened: a failure in flight whose
+            # step is shorter (a 500 after a 429 that asked for 30 min) ended the asked-for wait,
+            # and left the backlog moved to its end waiting there, past a success's release.
             conn.execute(sql.SQL(
-                "WITH held AS (UPDATE palette_webhooks.endpoints SET held_until = now() + %s * interval '1 second' "
+                "WITH held AS (UPDATE palette_webhooks.endpoints "
+                "SET held_until = greatest(held_until, now() + %s * interval '1 second') "
                 "WHERE id = %s RETURNING id, held_until) UPDATE palette_webhooks.deliveries d "
                 "SET next_attempt_at = held.held_until FROM held WHERE d.endpoint_id = held.id "
                 "AND d.status = 'pending' AND (d.id = %s OR NOT coalesce({}, false)) "

@@ -5,6 +5,7 @@ disables the endpoint at once, its deliveries waiting for an enable."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -95,3 +96,28 @@ def test_a_gone_endpoint_is_disabled_at_once_and_its_deliveries_wait_for_an_enab
     attempt_once(conn, sender, delivery_id)  # due again, and delivered
     assert conn.execute("SELECT status FROM palette_webhooks.deliveries WHERE id = %s",
                         [delivery_id]).fetchone() == ("succeeded",)
+
+
+def test_a_shorter_failure_in_flight_after_a_retry_after_does_not_cut_the_asked_wait_short(
+        stored, sender, receiver):  # noqa: F811
+    # A user's two attempts in flight to one endpoint: the first answered 429 asking for 30 min
+    # and held the endpoint (and its backlog) that long; the second, answered 500 after it, set
+    # the hold to its own schedule step (0 s here, 5 min by default), so the endpoint was tried
+    # again at once, and the backlog the first had moved waited on past the hold's end, where a
+    # success no longer released it.
+    conn, endpoint = stored
+    endpoint_id, _ = endpoint(receiver.url("/two"))
+    jobs = [uuid.uuid4() for _ in range(2)]
+    store.record(conn, [store.NewDelivery(endpoint_id, f"msg_{j.hex}_1", j, 1, "job.queued", b"{}") for j in jobs])
+    first, second = [d for d in store.claim(conn, 100, 30.0, per_user=2) if d.url == receiver.url("/two")]
+    receiver.answer["/two"] = (429, {"Retry-After": "1800"})
+    sender._deliver(first)
+    receiver.answer["/two"] = (500, {})
+    sender._deliver(second)
+    assert HOLD_MAX_S - 30 < _held_for_s(conn, endpoint_id) <= HOLD_MAX_S
+    waiting = conn.execute(
+        "SELECT count(*) FILTER (WHERE d.next_attempt_at = e.held_until), count(*) FROM palette_webhooks.deliveries d "
+        "JOIN palette_webhooks.endpoints e ON e.id = d.endpoint_id WHERE e.id = %s AND d.status = 'pending'",
+        [endpoint_id]).fetchone()
+    assert waiting == (3, 3)  # the two that failed and the one behind them, all until the hold's end
+    assert not any(d.url == receiver.url("/two") for d in store.claim(conn, 100, 30.0))
