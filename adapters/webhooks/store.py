@@ -494,6 +494,10 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
             # an enable, not due (next_attempt_at NULL), out of the claims' way; left due, they
             # were due longest of all for the week they are kept and, more of them than a claim
             # reads (CLAIM_SCAN), hid every other endpoint's. Those in flight keep their claim.
+            # It first waits for the recordings under way (``record`` locks the endpoint FOR KEY
+            # SHARE, which the UPDATE above did not wait for): one that read the endpoint enabled
+            # inserts its deliveries due, and committed after this update they stayed due.
+            conn.execute("SELECT 1 FROM palette_webhooks.endpoints WHERE id = %s FOR UPDATE", [row[1]])
             conn.execute(sql.SQL("UPDATE palette_webhooks.deliveries d SET next_attempt_at = NULL "
                                  "WHERE endpoint_id = %s AND status = 'pending' AND NOT coalesce({}, false)")
                          .format(_IN_FLIGHT), [row[1]])

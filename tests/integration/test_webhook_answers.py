@@ -5,12 +5,14 @@ disables the endpoint at once, its deliveries waiting for an enable."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
+import psycopg
 import pytest
 
 from adapters.webhooks import store
@@ -121,3 +123,29 @@ def test_a_shorter_failure_in_flight_after_a_retry_after_does_not_cut_the_asked_
         [endpoint_id]).fetchone()
     assert waiting == (3, 3)  # the two that failed and the one behind them, all until the hold's end
     assert not any(d.url == receiver.url("/two") for d in store.claim(conn, 100, 30.0))
+
+
+def test_deliveries_recorded_while_a_410_disables_their_endpoint_wait_for_an_enable(
+        stored, sender, receiver, settings):  # noqa: F811
+    # The consumer's record read the endpoint enabled (its deliveries go in due) and had not
+    # committed when a 410 disabled it: the disable's update of the pending deliveries did not see
+    # them (record's FOR KEY SHARE does not hold back an UPDATE), and they stayed due on a
+    # disabled endpoint for the week it is kept, in the claims' scan, never claimed.
+    conn, endpoint = stored
+    endpoint_id, delivery_id = endpoint(receiver.url("/gone-meanwhile"))
+    receiver.answer["/gone-meanwhile"] = (410, {})
+    [mine] = [d for d in store.claim(conn, 100, 30.0) if d.id == delivery_id]
+    job = uuid.uuid4()
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as consumer:
+        with consumer.transaction():  # record's reads and inserts, not yet committed
+            store.record(consumer, [store.NewDelivery(endpoint_id, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}")])
+            attempt = threading.Thread(target=sender._deliver, args=(mine,))
+            attempt.start()
+            receiver.wait("/gone-meanwhile", 1)
+            attempt.join(1.0)
+        attempt.join(10)
+    assert conn.execute("SELECT enabled FROM palette_webhooks.endpoints WHERE id = %s", [endpoint_id]).fetchone() == (
+        False,)
+    rows = conn.execute("SELECT status, next_attempt_at FROM palette_webhooks.deliveries WHERE endpoint_id = %s",
+                        [endpoint_id]).fetchall()
+    assert rows == [("pending", None), ("pending", None)]
