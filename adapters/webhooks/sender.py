@@ -43,7 +43,6 @@ PRUNE_PAGE = 5000
 LEASE_S = 3 * targets.TIMEOUT_S  # well past an attempt's deadline (targets.post)
 PER_USER_IN_FLIGHT = 2
 HOLD_MAX_S = 1800.0
-GONE = 410  # the receiver says the endpoint is gone for good: it is disabled at once
 
 
 def proven_reserve(workers: int) -> int:
@@ -131,7 +130,7 @@ class WebhookSender:
             retry_in = None if outcome.ok else retry_delay(self.schedule, due.tries + 1, self.draw)
             with self.pool.connection() as conn:
                 store.finish(conn, due.id, outcome, retry_in, self.disable_after, self.disable_after_s, due.lease,
-                             self._holding(outcome), due.tries, gone=outcome.status_code == GONE)
+                             self._holding(outcome), due.tries)
         except Exception as e:  # noqa: BLE001 - the lease brings the delivery back
             log.warning("delivery %s not recorded (%s: %s); due again after its lease",
                         due.id, type(e).__name__, str(e)[:200])

@@ -433,7 +433,7 @@ def claim(conn: psycopg.Connection[Any], limit: int, lease_s: float, per_user: i
 
 def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, retry_in_s: float | None,
            disable_after: int, disable_after_s: float, lease: datetime | None = None,
-           hold_s: Callable[[int], float] | None = None, tries: int | None = None, gone: bool = False) -> None:
+           hold_s: Callable[[int], float] | None = None, tries: int | None = None) -> None:
     """Record an attempt. A failure schedules the next try (``retry_in_s``; None: the delivery
     has failed) and lengthens the endpoint's run of failures, which disables it once it is
     ``disable_after`` attempts long and has lasted ``disable_after_s``; with ``hold_s`` it also
@@ -446,7 +446,7 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
     With ``tries`` (the claim's), a failed attempt of a delivery redelivered while it was in
     flight (its tries reset below the claim's) leaves it pending and due now with a fresh
     schedule, as the redelivery said, whatever ``retry_in_s`` the claim's tries gave (a hold
-    this failure starts still holds it). A failure ``gone`` (the receiver answered 410) disables
+    this failure starts still holds it). An outcome ``gone`` (the receiver answered 410) disables
     the endpoint at once, however short its run of failures."""
     status = "succeeded" if outcome.ok else ("pending" if retry_in_s is not None else "failed")
     redone = sql.SQL("(NOT %(ok)s AND tries < %(tries)s::int)")  # the row's tries, as before this update
@@ -488,7 +488,7 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
             "disabled_at = CASE WHEN enabled AND (%(gone)s OR failures + 1 >= %(n)s "
             "  AND now() - coalesce(failing_since, now()) >= %(s)s * interval '1 second') THEN now() "
             "  ELSE disabled_at END WHERE id = %(id)s RETURNING failures, enabled",
-            {"n": disable_after, "s": disable_after_s, "id": row[1], "gone": gone}).fetchone()
+            {"n": disable_after, "s": disable_after_s, "id": row[1], "gone": outcome.gone}).fetchone()
         if failures is not None and not failures[1]:
             # Disabled (now, or while this attempt was in flight): its pending deliveries wait for
             # an enable, not due (next_attempt_at NULL), out of the claims' way; left due, they

@@ -44,6 +44,7 @@ MAX_URL_LENGTH = 2048
 TIMEOUT_S = 10.0
 MAX_RESPONSE_BYTES = 4096
 WAIT_CODES = (429, 503)  # the answers whose Retry-After is read (Too Many Requests, Service Unavailable)
+GONE = 410  # the receiver says the endpoint is gone for good: it is disabled at once
 _SECONDS = re.compile(r"[0-9]{1,10}")
 METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254"),
             ipaddress.ip_address("100.100.100.200")}
@@ -318,6 +319,10 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.status_code is not None and 200 <= self.status_code < 300
+
+    @property
+    def gone(self) -> bool:
+        return self.status_code == GONE
 
 
 def _pinned(target: Target) -> tuple[str, dict[str, str], dict[str, Any]]:

@@ -206,7 +206,7 @@ class Finishing:
 
 def test_the_sender_records_an_attempt_that_raised_as_a_failure_on_the_retry_schedule(monkeypatch):
     finished: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(store, "finish", lambda *args, gone: finished.append((*args, gone)))
+    monkeypatch.setattr(store, "finish", lambda *args: finished.append(args))
 
     raising = Target(error=UnicodeEncodeError("ascii", "bücher.de", 1, 2, "ordinal not in range(128)"))
     sender = WebhookSender(Finishing(), raising.client(), (5.0, 60.0), production=False,  # type: ignore[arg-type]
@@ -214,8 +214,8 @@ def test_the_sender_records_an_attempt_that_raised_as_a_failure_on_the_retry_sch
     due = store.Due(uuid4(), "msg_x_1", BODY, 1, "http://bücher.de/hook", ("whsec_dGVzdA==",))
     sender._deliver(due)
     assert len(finished) == 1
-    _, delivery_id, outcome, retry_in, disable_after, disable_after_s, lease, hold_s, tries, gone = finished[0]
-    assert delivery_id == due.id and lease is None and tries == due.tries and not gone
+    _, delivery_id, outcome, retry_in, disable_after, disable_after_s, lease, hold_s, tries = finished[0]
+    assert delivery_id == due.id and lease is None and tries == due.tries and not outcome.gone
     # The endpoint is held for the schedule's step after its run of failures, its last past the end.
     assert [hold_s(n) for n in (1, 2, 3)] == pytest.approx([5.0, 60.0, 60.0])
     patient = WebhookSender(Finishing(), raising.client(), (5.0, 7200.0), production=False,  # type: ignore[arg-type]
