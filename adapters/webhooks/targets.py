@@ -46,6 +46,7 @@ MAX_RESPONSE_BYTES = 4096
 WAIT_CODES = (429, 503)  # the answers whose Retry-After is read (Too Many Requests, Service Unavailable)
 GONE = 410  # the receiver says the endpoint is gone for good: it is disabled at once
 _SECONDS = re.compile(r"[0-9]{1,10}")
+MAX_RETRY_AFTER = 64  # characters: an HTTP date is 29; a longer value is no Retry-After
 METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254"),
             ipaddress.ip_address("100.100.100.200")}
 
@@ -362,10 +363,13 @@ def post(client: httpx.Client, url: str, body: bytes, headers: dict[str, str], p
 
 def retry_after_s(value: str | None, now: float) -> float | None:
     """The seconds a Retry-After header asks to wait from ``now`` (Unix time): a number of seconds
-    or an HTTP date (RFC 9110); None when there is none, it cannot be read, or its date is past."""
-    if value is None:
+    or an HTTP date (RFC 9110); None when there is none, it cannot be read (over 64 characters, a
+    control character in it), or its date is past."""
+    if value is None or len(value) > MAX_RETRY_AFTER:
         return None
     value = value.strip()
+    if not (value.isascii() and value.isprintable()):  # parsedate reads past NULs and control characters
+        return None
     if _SECONDS.fullmatch(value):
         return float(value)
     try:

@@ -130,7 +130,8 @@ def test_a_retry_after_is_read_as_seconds_or_an_http_date(value, wait):
     assert targets.retry_after_s(value, NOW) == wait
 
 
-@pytest.mark.parametrize("value", [None, "", "-5", "1.5", "²", "12345678901", "soon", "120, 30",
+@pytest.mark.parametrize("value", [None, "", "-5", "1.5", "²", "12345678901", "soon", "120, 30", "\x00", "12\x00",
+                                   "\x1b[31m", "\ud800", "1" * 65536, "Sun, 06 Dec 2026 12:02:00 GMT\x00" * 2048,
                                    "Sun, 06 Dec 2026 11:59:00 GMT", "Mon, 01 Jan 0001 00:00:00 GMT",
                                    "Sun, 06 Dec 2026 25:61:00 GMT"])
 def test_a_retry_after_absent_unreadable_or_past_asks_for_no_wait(value):
