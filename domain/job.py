@@ -184,10 +184,12 @@ class Job(Stream):
     def execute(
         self, concepts: dict[str, dict[str, str]], protect: list[str], rule_id: UUID | None, at: datetime,
     ) -> None:
-        """Queue the job for the GPU; ``concepts``/``protect`` are normalised by the caller."""
-        if self.status == JobStatus.QUEUED and (concepts, protect, rule_id) == (
-            self.concepts, self.protect, self.rule_id
-        ):
+        """Queue the job for the GPU; ``concepts``/``protect`` are normalised by the caller. The
+        same edits again, once the job was queued with them and while it is not canceled, record
+        nothing (the retry of an execute whose answer was lost, whether or not the worker has
+        begun or finished it since)."""
+        executed = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.DONE, JobStatus.FAILED)
+        if self.status in executed and (concepts, protect, rule_id) == (self.concepts, self.protect, self.rule_id):
             return
         if self.status != JobStatus.UPLOADED:
             advice = {JobStatus.CREATED: " (confirm the upload first)"}.get(self.status, "")

@@ -318,7 +318,7 @@ class Reference:
 
     def execute(self, job_id: UUID) -> str | None:
         j = self.jobs[job_id]
-        if j.status == "queued":
+        if j.status in ("queued", "running", "done", "failed"):  # queued with the same edits (EDITS)
             return None
         if j.status != "uploaded":
             return "INVALID_STATE"

@@ -222,6 +222,20 @@ def test_execute_before_confirm_is_invalid_state(client):
     assert r.status_code == 409 and r.json()["error"]["code"] == "INVALID_STATE"
 
 
+def test_execute_retried_after_the_first_result_answers_as_the_first_time(client, http, settings):
+    """An execute whose answer was lost, sent again once the worker has begun (or finished) the job."""
+    job = create_uploaded_job(client, 2)
+    assert client.data("POST", f"/jobs/{job}/execute", json={"concepts": EDITS})["status"] == "queued"
+    for idx, state in ((0, "running"), (1, "done")):
+        r = callback(http, settings.callback_secret, job,
+                     {"idx": idx, "status": "done", "idempotency_key": f"{job}:{idx}"})
+        assert r.status_code == 200, r.text
+        assert client.data("POST", f"/jobs/{job}/execute", json={"concepts": EDITS})["status"] == state
+    r = client.call("POST", f"/jobs/{job}/execute", json={"concepts": {"lamp": {"action": "remove"}}})
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "INVALID_STATE")  # other edits: refused
+    assert client.data("GET", "/me")["credits"] == 48
+
+
 def test_callback_without_valid_auth_is_refused(client, http, settings):
     job = client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})["job_id"]
     body = {"idx": 0, "status": "done", "idempotency_key": f"{job}:0"}

@@ -61,6 +61,32 @@ def test_execute_again_with_the_same_edits_records_nothing():
     assert new_events(job) == []
 
 
+@pytest.mark.parametrize("results", [["done"], ["done", "done", "failed"], ["failed", "failed", "failed"]],
+                         ids=["running", "done", "failed"])
+def test_execute_again_with_the_same_edits_after_results_records_nothing(results):
+    """A retried execute whose answer was lost, after the worker's first (or last) result."""
+    job = job_in("queued")
+    for idx, status in enumerate(results):
+        job.record_result(idx, status, "", "", "", f"k{idx}", AT)
+    job.collect_events()
+    job.execute(EDITS, [], None, AT)
+    assert new_events(job) == []
+
+
+@pytest.mark.parametrize("status", ["running", "canceled"])
+def test_execute_after_queueing_with_other_edits_or_once_canceled_is_refused(status):
+    job = job_in("queued" if status == "canceled" else status)
+    if status == "canceled":
+        job.cancel("user", AT)
+        job.collect_events()
+        edits = EDITS
+    else:
+        edits = {"lamp": {"action": "remove", "value": ""}}
+    with pytest.raises(InvalidState):
+        job.execute(edits, [], None, AT)
+    assert new_events(job) == []
+
+
 def test_first_result_starts_the_job():
     job = job_in("queued")
     result = job.record_result(0, "done", "o", "p", "", "k0", AT)
