@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from botocore.exceptions import ConnectionClosedError
+from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
 from botocore.exceptions import ConnectionError as S3ConnectionError
 from psycopg_pool import ConnectionPool
 
@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     from adapters.retention import Sweeper
 
 # The S3 client's errors that say the store could not be reached (connect refused or timed out, the
-# connection dropped): the GPU worker waits them out instead of failing the items in flight.
-S3_UNREACHABLE: tuple[type[BaseException], ...] = (S3ConnectionError, ConnectionClosedError)
+# connection dropped, no answer within the read timeout: a store that takes connections and
+# answers nothing): the GPU worker waits them out instead of failing the items in flight.
+S3_UNREACHABLE: tuple[type[BaseException], ...] = (S3ConnectionError, ConnectionClosedError, ReadTimeoutError)
 
 
 def event_store_env(settings: Settings, pool_size: int = 8, schema: str = "") -> dict[str, str]:

@@ -1239,3 +1239,44 @@ def test_an_object_store_that_cannot_be_reached_is_waited_out_not_charged_to_the
     finally:
         w.close()
     assert callbacks.reports == [(t["idempotency_key"], "done", "")] and consumer.commits == 1
+
+
+class StoreHung(StoreAway):
+    """The object store taking connections and answering nothing (its process stopped, a proxy
+    in front of it holding them) while ``down``: botocore's reads time out."""
+
+    def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
+        from botocore.exceptions import ReadTimeoutError
+
+        if self.down:
+            raise ReadTimeoutError(endpoint_url=f"http://127.0.0.1:8333/{Bucket}/{Key}")
+        return FakeS3.get_object(self, Bucket, Key)
+
+    def head_bucket(self, Bucket: str) -> dict[str, Any]:
+        from botocore.exceptions import ReadTimeoutError
+
+        if self.down:
+            raise ReadTimeoutError(endpoint_url=f"http://127.0.0.1:8333/{Bucket}")
+        return {}
+
+
+def test_an_object_store_that_does_not_answer_is_waited_out_not_charged_to_the_items():
+    """A store that takes the connection and never answers raises ReadTimeoutError, which the
+    worker took for an answer (its bucket's HEAD "answered"): every item in flight was failed
+    after its three attempts and its job refunded, where a store that cannot be reached is waited
+    out (the stack's own health check counts a read timeout as no answer too)."""
+
+    from adapters.bootstrap import S3_UNREACHABLE
+
+    t = task()
+    s3 = StoreHung()
+    w, _, producer, callbacks, consumer = worker([record(t, 7)], s3=s3)
+    w.unreachable = S3_UNREACHABLE
+    try:
+        assert w.step() == 0
+        assert callbacks.reports == [] and producer.parked() == [] and consumer.commits == 0
+        s3.down = False  # the store answers again
+        assert w.step() == 1
+    finally:
+        w.close()
+    assert callbacks.reports == [(t["idempotency_key"], "done", "")] and consumer.commits == 1
