@@ -60,6 +60,8 @@ GROUP_ROWS = 128 * 1024  # rows per row group (a partition's buffer is flushed a
 BUFFERED_ROWS = 256 * 1024  # all partitions' buffers together; the largest is flushed beyond it
 MAX_OPEN = 32  # open files; the least recently written is closed (a later batch opens a new part)
 STAGING = ".partial-"  # in the name of an export still being written (or cut short by a crash)
+# What Arrow (or the conversion before it) raises on a value a column cannot hold.
+CELL_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, TypeError, OverflowError)
 
 
 class ExportError(ValueError):
@@ -157,8 +159,17 @@ SPLICED = [pa.field("__p", pa.int64()), pa.field("__s", pa.string()), pa.field("
 
 def _parsed(spec: EventSchema, lines: bytes) -> tuple[pa.Table, list[int]]:
     """Plain-JSON states (one a line, the envelope's fields spliced in) parsed by Arrow's JSON
-    reader, and apart the positions of those stored at an older class version (not in the table:
-    the upcasters' turn)."""
+    reader, and apart the positions of those it cannot take (not in the table): stored at an
+    older class version (the upcasters' turn), without a timestamp, or, when Arrow refuses the
+    lines (a field of another type, a timestamp without its offset), all of them, for the
+    envelope codec to read as every replay does (an undecodable one as ``_unreadable``)."""
+    try:
+        return _arrow_parsed(spec, lines)
+    except CELL_ERRORS:
+        return spec.schema.empty_table(), [int(line[len(b'{"__p":'):line.index(b",")]) for line in lines.split(b"\n")]
+
+
+def _arrow_parsed(spec: EventSchema, lines: bytes) -> tuple[pa.Table, list[int]]:
     parsed = pj.read_json(pa.BufferReader(lines), read_options=pj.ReadOptions(block_size=max(1 << 20, len(lines) + 1)),
                           parse_options=pj.ParseOptions(explicit_schema=pa.schema([*SPLICED, *spec.raw]),
                                                         unexpected_field_behavior="ignore"))
@@ -179,10 +190,11 @@ def _parsed(spec: EventSchema, lines: bytes) -> tuple[pa.Table, list[int]]:
             col = pc.struct_field(col, "_data_").cast(TIMESTAMP)
         columns[f.name] = col
     table = pa.table(columns, schema=spec.schema)
+    stale = pc.is_null(table.column("timestamp"))
     if spec.class_version > 1:
-        stale = pc.less(parsed.column("class_version").fill_null(1), spec.class_version)
-        if pc.any(stale).as_py():
-            return table.filter(pc.invert(stale)), table.filter(stale).column("position").to_pylist()
+        stale = pc.or_(stale, pc.less(parsed.column("class_version").fill_null(1), spec.class_version))
+    if pc.any(stale).as_py():
+        return table.filter(pc.invert(stale)), table.filter(stale).column("position").to_pylist()
     return table, []
 
 
@@ -203,10 +215,29 @@ def _decoded(spec: EventSchema, rows: list[tuple[int, str, int, bytes]], transco
             for position, stream_id, version, state in rows]
     columns: dict[str, list[Any]] = {"position": [e.id for e in envs], "stream_id": [str(e.stream_id) for e in envs],
                                      "version": [e.version for e in envs], "timestamp": [e.timestamp for e in envs]}
+    arrays = {name: pa.array(values, spec.schema.field(name).type) for name, values in columns.items()}
     for f in spec.schema:
-        if f.name not in columns:
-            columns[f.name] = [_cell(e.data.get(f.name), f.type) for e in envs]
-    return pa.table(columns, schema=spec.schema)
+        if f.name not in arrays:
+            arrays[f.name] = _column([e.data.get(f.name) for e in envs], f.type)
+    return pa.table(arrays, schema=spec.schema)
+
+
+def _column(values: list[Any], kind: pa.DataType) -> pa.Array:
+    """Decoded values as a ``kind`` column; a value that cannot be one (a stored field of another
+    type than its class says, which the replay shows as stored) is null there, not the export's end."""
+    try:
+        return pa.array([_cell(v, kind) for v in values], kind)
+    except CELL_ERRORS:
+        return pa.array([_fitting(v, kind) for v in values], kind)
+
+
+def _fitting(value: Any, kind: pa.DataType) -> Any:
+    try:
+        cell = _cell(value, kind)
+        pa.array([cell], kind)
+    except CELL_ERRORS:
+        return None
+    return cell
 
 
 class LogPages:

@@ -18,9 +18,12 @@ import psycopg
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
+from psycopg import sql
 
 from adapters import cli
+from adapters.bootstrap import event_store_env
 from adapters.query import QueryError, run
+from application.services import PaletteApplication
 from domain.user import REDACTED_DEVICE_KEY
 from projections.parquet import TIMESTAMP, ExportError, export_log, export_table
 from projections.replay import Replayer
@@ -181,3 +184,46 @@ def test_cli_errors_are_one_line(log, settings, tmp_path, monkeypatch, capsys):
                      "json"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out) == [{"n": sum(1 for _ in log.all())}]
+
+
+NOW = {"_type_": "datetime_iso", "_data_": "2026-11-22T01:38:20.174777+00:00"}
+UNREADABLE_AT = datetime(1970, 1, 1, tzinfo=UTC)
+CREATED = {"timestamp": NOW, "user_id": {"_type_": "uuid_hex", "_data_": RULE.hex}, "preset": "seller", "item_count": 2}
+
+
+@pytest.mark.parametrize(("topic", "odd", "want"), [
+    ("JobCreated", {"preset": "interior", "item_count": 3}, {"preset": None}),  # no timestamp: unreadable
+    ("JobCreated", {"timestamp": "yesterday", "preset": "interior"}, {"preset": None}),
+    ("JobCreated", {"timestamp": {**NOW, "_data_": "2026-11-22T01:38:20"}, "preset": "interior"},
+     {"preset": None}),  # a time without its UTC offset: unreadable
+    ("JobCreated", {**CREATED, "item_count": "three"}, {"preset": "seller", "item_count": None}),
+    ("JobCreated", {**CREATED, "item_count": 2**70}, {"preset": "seller", "item_count": None}),
+    ("JobFinished", {"timestamp": NOW, "status": ["done"]}, {"status": '["done"]'}),
+])
+def test_an_event_arrow_cannot_read_is_exported_as_the_replay_reads_it(settings, schema, tmp_path, topic, odd,
+                                                                        want):
+    """A stored state on one line of JSON that the replay reads as unreadable (at the epoch) or
+    with a field of another type than its class says goes through the envelope codec, beside the
+    events Arrow reads, a field its column cannot hold as null: such an event ended the whole
+    export with Arrow's error (a traceback)."""
+    app = PaletteApplication(env=event_store_env(settings, schema=schema))
+    try:
+        table = sql.Identifier(schema, app.recorder.events_table_name)
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            for name, state in (("JobCreated", CREATED), (topic, odd), ("JobCreated", CREATED)):
+                conn.execute(sql.SQL("INSERT INTO {} (originator_id, originator_version, topic, state) "
+                                     "VALUES (%s, 1, %s, %s)").format(table),
+                             [uuid.uuid4(), f"domain.job:Job.{name}", json.dumps(state).encode()])
+        events = list(Replayer(app).all())
+        stats = export_log(app.recorder, app.mapper.transcoder, tmp_path / "log")
+        assert stats.events == len(events) == 3
+        for env in events:
+            row = _rows(tmp_path / "log", env.type)[env.id]
+            assert (row["stream_id"], row["version"], row["timestamp"]) == (str(env.stream_id), 1, env.timestamp)
+            if env.id == 2:
+                assert {k: row[k] for k in want} == want
+                assert (env.timestamp == UNREADABLE_AT) == ("_unreadable" in env.data)
+            else:
+                assert (row["user_id"], row["preset"], row["item_count"]) == (str(RULE), "seller", 2)
+    finally:
+        app.close()
