@@ -14,7 +14,9 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import PersistenceError
 from psycopg import sql
 
 from domain.contracts.envelope import EventEnvelope, encode
@@ -22,7 +24,7 @@ from domain.contracts.personal import SEALED_PREFIX, redact
 from domain.contracts.streams import TIME_SLACK_S, event_classes
 from projections.log import events_table
 from projections.rebuild import PAGE
-from projections.stored_events import encode_notification, from_notification
+from projections.stored_events import UNREADABLE, encode_notification, from_notification
 
 CSV_COLUMNS = ("id", "stream_id", "stream_type", "version", "type", "timestamp", "data")
 SEALED_MARK = SEALED_PREFIX.encode()  # in a stored state's bytes: the event has a personal field
@@ -163,7 +165,8 @@ class Replayer:
 
     def state(self, stream_id: UUID, version: int | None = None, as_of: datetime | None = None) -> dict[str, Any]:
         """An aggregate's state folded from its events up to a version or a time (LookupError: no
-        such stream, none of its events by then, or fewer versions than asked for)."""
+        such stream, none of its events by then, fewer versions than asked for, or one of them
+        unreadable)."""
         if as_of is not None:
             versions = [e.version for e in self.stream(stream_id) if e.timestamp <= as_of]
             if not versions:
@@ -173,10 +176,28 @@ class Replayer:
             aggregate = self.app.repository.get(stream_id, version=version)
         except AggregateNotFoundError:
             raise LookupError(f"no stream {stream_id}") from None
+        except (PersistenceError, psycopg.Error):
+            raise
+        except Exception:
+            bad = self._unreadable(stream_id, version)
+            if bad is None:
+                raise
+            raise LookupError(f"stream {stream_id} cannot be folded: its event at version {bad.version} ({bad.type}) "
+                              f"is unreadable ({bad.data[UNREADABLE]})") from None
         if version is not None and aggregate.version < version:
             raise LookupError(f"stream {stream_id} has only {aggregate.version} version(s)")
         return {"stream_id": str(stream_id), "stream_type": type(aggregate).__name__,
                 "version": aggregate.version, "state": redact(_plain_state(aggregate), self.erased)}
+
+
+    def _unreadable(self, stream_id: UUID, version: int | None) -> EventEnvelope | None:
+        """The first event up to ``version`` whose stored state could not be decoded (no fold takes it)."""
+        for env in self.stream(stream_id):
+            if version is not None and env.version > version:
+                return None
+            if UNREADABLE in env.data:
+                return env
+        return None
 
 
 def _plain_state(aggregate: Any) -> dict[str, Any]:

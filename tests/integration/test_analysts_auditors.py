@@ -682,3 +682,27 @@ def test_a_stream_replay_reads_its_stream_a_page_at_a_time(history, service, set
     assert [e.version for e in replayed] == list(range(1, versions + 1))
     assert [e.stream_id for e in replayed] == [longest] * versions
     assert fetched and max(fetched) <= 2, fetched
+
+
+@pytest.mark.parametrize("point", [{"version": 3}, {"version": 4}, {"as_of": datetime(2100, 1, 1, tzinfo=UTC)}])
+def test_a_state_folded_through_an_unreadable_event_is_refused_naming_it(settings, schema, point):
+    """An event whose stored state cannot be decoded (replays show it as ``_unreadable``) is one no
+    fold takes: the state through it is refused as one that cannot be had (the CLI's one line, the
+    route's 404), where the fold's AttributeError was a traceback and a 500; the state before it
+    still folds."""
+    app = PaletteApplication(env=event_store_env(settings, schema=schema))
+    try:
+        user_id = PaletteService(app, DirectExecutor(app), SystemClock(), RandomIds(),
+                                 **process_keys()).register(f"dev-{uuid.uuid4()}").value[0]
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            for version, state in ((3, b'{"plan": "pro"}'), (4, b'{"timestamp": "2026-01-01T00:00:00+00:00"}')):
+                conn.execute(sql.SQL("INSERT INTO {} (originator_id, originator_version, topic, state) "
+                                     "VALUES (%s, %s, 'domain.user:User.PlanChanged', %s)").format(
+                    events_table(app.recorder)), [user_id, version, state])
+        replayer = Replayer(app)
+        assert replayer.state(user_id, version=2)["version"] == 2
+        with pytest.raises(LookupError, match=r"cannot be folded: its event at version 3 \(PlanChanged\) is "
+                                              r"unreadable \(KeyError: 'timestamp'\)"):
+            replayer.state(user_id, **point)
+    finally:
+        app.close()
