@@ -161,8 +161,9 @@ def _parsed(spec: EventSchema, lines: bytes) -> tuple[pa.Table, list[int]]:
     """Plain-JSON states (one a line, the envelope's fields spliced in) parsed by Arrow's JSON
     reader, and apart the positions of those it cannot take (not in the table): stored at an
     older class version (the upcasters' turn), without a timestamp, or, when Arrow refuses the
-    lines (a field of another type, a timestamp without its offset), all of them, for the
-    envelope codec to read as every replay does (an undecodable one as ``_unreadable``)."""
+    lines (a field of another type, a timestamp without its offset, a line that is not one
+    object), all of them, for the envelope codec to read as every replay does (an undecodable
+    one as ``_unreadable``)."""
     try:
         return _arrow_parsed(spec, lines)
     except CELL_ERRORS:
@@ -173,6 +174,8 @@ def _arrow_parsed(spec: EventSchema, lines: bytes) -> tuple[pa.Table, list[int]]
     parsed = pj.read_json(pa.BufferReader(lines), read_options=pj.ReadOptions(block_size=max(1 << 20, len(lines) + 1)),
                           parse_options=pj.ParseOptions(explicit_schema=pa.schema([*SPLICED, *spec.raw]),
                                                         unexpected_field_behavior="ignore"))
+    if parsed.num_rows != lines.count(b"\n") + 1:  # a state of two objects on its line reads as two rows
+        raise ValueError("not one JSON object a line")
     columns: dict[str, Any] = {
         "position": parsed.column("__p"), "stream_id": parsed.column("__s"), "version": parsed.column("__v"),
         "timestamp": pc.struct_field(parsed.column("timestamp"), "_data_").cast(TIMESTAMP)}

@@ -199,13 +199,15 @@ CREATED = {"timestamp": NOW, "user_id": {"_type_": "uuid_hex", "_data_": RULE.he
     ("JobCreated", {**CREATED, "item_count": "three"}, {"preset": "seller", "item_count": None}),
     ("JobCreated", {**CREATED, "item_count": 2**70}, {"preset": "seller", "item_count": None}),
     ("JobFinished", {"timestamp": NOW, "status": ["done"]}, {"status": '["done"]'}),
+    ("JobCreated", [CREATED, {**CREATED, "preset": "interior"}], {"preset": None}),  # two objects on its line
 ])
 def test_an_event_arrow_cannot_read_is_exported_as_the_replay_reads_it(settings, schema, tmp_path, topic, odd,
                                                                         want):
     """A stored state on one line of JSON that the replay reads as unreadable (at the epoch) or
     with a field of another type than its class says goes through the envelope codec, beside the
     events Arrow reads, a field its column cannot hold as null: such an event ended the whole
-    export with Arrow's error (a traceback)."""
+    export with Arrow's error (a traceback), and two objects on one line were two rows, one of
+    them no event (no position, no stream)."""
     app = PaletteApplication(env=event_store_env(settings, schema=schema))
     try:
         table = sql.Identifier(schema, app.recorder.events_table_name)
@@ -213,7 +215,9 @@ def test_an_event_arrow_cannot_read_is_exported_as_the_replay_reads_it(settings,
             for name, state in (("JobCreated", CREATED), (topic, odd), ("JobCreated", CREATED)):
                 conn.execute(sql.SQL("INSERT INTO {} (originator_id, originator_version, topic, state) "
                                      "VALUES (%s, 1, %s, %s)").format(table),
-                             [uuid.uuid4(), f"domain.job:Job.{name}", json.dumps(state).encode()])
+                             [uuid.uuid4(), f"domain.job:Job.{name}",
+                              b"".join(json.dumps(one).encode() for one in (state if isinstance(state, list)
+                                                                              else [state]))])
         events = list(Replayer(app).all())
         stats = export_log(app.recorder, app.mapper.transcoder, tmp_path / "log")
         assert stats.events == len(events) == 3
