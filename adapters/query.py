@@ -33,7 +33,7 @@ from typing import Any
 import duckdb
 import psycopg
 
-from projections.parquet import is_staging, read_table, redacted
+from projections.parquet import ExportError, is_staging, read_table, redacted
 
 READ_MODELS = ("users", "rules", "jobs_log", "job_items_log", "billing_events", "billing_heads")
 DEFAULT_LIMIT = 1000
@@ -107,7 +107,11 @@ def _load_read_models(con: duckdb.DuckDBPyConnection, database_url: str, names: 
         with conn.transaction():
             erased = all_erased(conn)
             for name in names:
-                con.register(name, redacted(pa.concat_tables(list(read_table(conn, name))), erased))
+                try:
+                    tables = list(read_table(conn, name))
+                except ExportError as e:  # a database whose read models were never made
+                    raise QueryError(f"{e} (has the stack's projector run on this database?)") from None
+                con.register(name, redacted(pa.concat_tables(tables), erased))
 
 
 def _one_select(con: duckdb.DuckDBPyConnection, query: str) -> None:

@@ -231,3 +231,11 @@ def test_an_event_arrow_cannot_read_is_exported_as_the_replay_reads_it(settings,
                 assert (row["user_id"], row["preset"], row["item_count"]) == (str(RULE), "seller", 2)
     finally:
         app.close()
+
+
+def test_a_read_model_the_database_has_no_table_for_is_refused_in_one_line(fresh_db, tmp_path):
+    """A query naming a read model on a database whose read models were never made (the stack's
+    projector never ran there) is refused as a query (one line); it escaped as the export's
+    error, a traceback from `palette query`."""
+    with pytest.raises(QueryError, match=r"no read model table palette_read\.users"):
+        run("SELECT count(*) FROM users", None, fresh_db)
