@@ -27,6 +27,7 @@ from projections.rebuild import PAGE
 from projections.stored_events import UNREADABLE, encode_notification, from_notification
 
 CSV_COLUMNS = ("id", "stream_id", "stream_type", "version", "type", "timestamp", "data")
+PROBE = 10  # events the search for a time reads at a position (the first readable one counts)
 SEALED_MARK = SEALED_PREFIX.encode()  # in a stored state's bytes: the event has a personal field
 
 
@@ -90,11 +91,20 @@ class Replayer:
         return itertools.chain([first], envelopes)
 
     def _timestamp_at(self, position: int) -> datetime | None:
-        page = self.recorder.select_notifications(start=position, limit=1)
-        return from_notification(page[0], self.transcoder).timestamp if page else None
+        """The stamp of the first readable event at or after ``position`` (None: none there). An
+        event whose stored state cannot be decoded has none (the epoch stands in for it): taken
+        for the log's time there, it sent the search past the events before it."""
+        while page := self.recorder.select_notifications(start=position, limit=PROBE):
+            for n in page:
+                env = from_notification(n, self.transcoder)
+                if UNREADABLE not in env.data:
+                    return env.timestamp
+            position = page[-1].id + 1
+        return None
 
     def position_at(self, since: datetime) -> int:
-        """The first position whose event may be at or after ``since`` (binary search, with slack)."""
+        """The first position whose event may be at or after ``since`` (binary search, with slack,
+        over the readable events' stamps)."""
         head = self.recorder.max_notification_id() or 0
         lo, hi = 1, head + 1
         target = since.timestamp() - TIME_SLACK_S

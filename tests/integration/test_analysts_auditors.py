@@ -8,6 +8,7 @@ The expected states are folded here the plain way (``_expected``): not by the do
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import uuid
 from collections.abc import Iterator
@@ -704,5 +705,31 @@ def test_a_state_folded_through_an_unreadable_event_is_refused_naming_it(setting
         with pytest.raises(LookupError, match=r"cannot be folded: its event at version 3 \(PlanChanged\) is "
                                               r"unreadable \(KeyError: 'timestamp'\)"):
             replayer.state(user_id, **point)
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize("unreadable_at", [2, 3, 5, 8])
+def test_a_time_window_holds_its_events_whatever_unreadable_event_lies_among_them(settings, schema, unreadable_at):
+    """The search for a window's first position steps over an event whose stored state cannot be
+    decoded (the epoch stands in for its stamp): read as the log's time there, it sent the search
+    past the window's first events, which the replay then left out."""
+    app = PaletteApplication(env=event_store_env(settings, schema=schema))
+    try:
+        day = datetime(2026, 1, 1, tzinfo=UTC)
+        stamps = {n: day + timedelta(days=n) for n in range(1, 11) if n != unreadable_at}
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            for n in range(1, 11):
+                state = (b'{"timestamp": "not a time"}' if n not in stamps else json.dumps(
+                    {"timestamp": {"_type_": "datetime_iso", "_data_": stamps[n].isoformat()},
+                     "user_id": {"_type_": "uuid_hex", "_data_": uuid.uuid4().hex},
+                     "preset": "interior", "item_count": 1}).encode())
+                conn.execute(sql.SQL("INSERT INTO {} (originator_id, originator_version, topic, state) "
+                                     "VALUES (%s, 1, 'domain.job:Job.JobCreated', %s)").format(
+                    events_table(app.recorder)), [uuid.uuid4(), state])
+        replayer = Replayer(app)
+        for since in stamps.values():
+            want = sorted(n for n, at in stamps.items() if at >= since)
+            assert [e.id for e in replayer.all(since=since)] == want, since
     finally:
         app.close()
