@@ -382,6 +382,9 @@ def test_a_finished_jobs_objects_expire_once_and_executing_it_again_points_to_a_
     job_id = running_job(service, user_id, items=1)
     service.record_item_result(job_id, 0, "failed", "k0", error="bad photo")
     with pytest.raises(InvalidState, match="a rerun edits its photos again"):
-        service.execute_job(user_id, job_id, EDITS)
+        service.execute_job(user_id, job_id, {"wall": {"action": "recolor", "value": "#112233"}})
+    version = service.app.recorder.max_notification_id()
+    assert service.execute_job(user_id, job_id, EDITS).value == "failed"  # its own edits again: a lost answer's retry
+    assert service.app.recorder.max_notification_id() == version
     assert service.executor.execute(service.expire_job_command(job_id, 30)).value is True
     assert service.executor.execute(service.expire_job_command(job_id, 30)).value is False
