@@ -223,11 +223,15 @@ def run(query: str, data: Path | None, database_url: str | None, limit: int = DE
 
 def _text(value: Any, whole: bool = False) -> str:
     """A cell as text: a double to six significant digits in the table (to read), ``whole`` (CSV,
-    for another program) as its shortest form that reads back as the same double."""
+    for another program) as its shortest form that reads back as the same double. A list, struct
+    or MAP is its JSON, as ``--format json`` writes it (not Python's repr, ``['sky']``, which a
+    CSV reader cannot parse)."""
     if value is None:
         return ""
     if isinstance(value, float):
         return repr(value) if whole else f"{value:.6g}"
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(_finite(value), default=str, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return str(value)
 
 

@@ -247,6 +247,23 @@ def test_query_csv_writes_each_double_whole_as_json_does() -> None:
     assert json.loads(render(result, "json")) == [{"t": 1795000123.25, "s": 0.1 + 0.2}]
 
 
+def test_query_csv_and_table_write_lists_structs_and_maps_as_json() -> None:
+    """A list, struct or MAP cell (`list(concept)`, a struct of counts) came out as Python's repr,
+    ``['sky']``, ``{'a': 1}``, ``[datetime.date(2026, 1, 1)]``: no CSV reader can parse it back.
+    Each is now its JSON, as ``--format json`` writes it, in CSV and in the table alike."""
+    import csv
+    import json
+
+    from adapters.query import render, run
+
+    result = run("SELECT ['sky', 'é'] AS l, {'a': 1, 'b': [0.1::DOUBLE, 'inf'::DOUBLE]} AS s, "
+                 "MAP {'k': 2} AS m, [DATE '2026-01-01'] AS d", None, None)
+    row = list(csv.reader(render(result, "csv").splitlines()))[1]
+    assert [json.loads(v) for v in row] == [["sky", "é"], {"a": 1, "b": [0.1, None]}, {"k": 2}, ["2026-01-01"]]
+    assert row[:2] == ['["sky","é"]', '{"a":1,"b":[0.1,null]}']
+    assert render(result, "table").splitlines()[2].split() == [*row[:3], '["2026-01-01"]']
+
+
 def test_parquet_writers_whose_close_fails_on_a_full_disk_are_all_closed_and_not_retried(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What `palette replay all --format parquet` met on a full disk: the first close failed, the
