@@ -33,6 +33,7 @@ from typing import Any
 import duckdb
 import psycopg
 
+from adapters.cli.outputs import cell
 from projections.parquet import ExportError, is_staging, read_table, redacted
 
 READ_MODELS = ("users", "rules", "jobs_log", "job_items_log", "billing_events", "billing_heads")
@@ -280,13 +281,16 @@ def render(result: Result, fmt: str) -> str:
         writer.writerow(result.columns)
         writer.writerows([[_text(v, whole=True) for v in r] for r in result.rows])
         return buf.getvalue().rstrip("\n")
-    cells = [[_text(v) for v in r] for r in result.rows]
-    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(result.columns)]
+    # control characters escaped (as the audit ledger's cells): a line break (a grant's reason,
+    # a column named with one) broke its row across lines
+    names = [cell(c) for c in result.columns]
+    cells = [[cell(_text(v)) for v in r] for r in result.rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(names)]
     numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in result.rows) for i in range(len(widths))]
 
     def line(values: Sequence[str]) -> str:
         return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric, strict=True))
 
-    out = [line(result.columns), line(["-" * w for w in widths]), *(line(r) for r in cells)]
+    out = [line(names), line(["-" * w for w in widths]), *(line(r) for r in cells)]
     out.append(f"({len(result.rows)} row{'s' if len(result.rows) != 1 else ''})")
     return "\n".join(o.rstrip() for o in out)

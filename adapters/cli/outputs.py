@@ -20,7 +20,8 @@ _CONTROLS = ({c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)]} | {10: "
 
 
 def cell(value: object) -> str:
-    """``value`` as one cell of a line of tab-separated fields: its control characters escaped."""
+    """``value`` as one cell of a line (tab-separated fields, `palette query`'s table): its control
+    characters escaped."""
     return str(value).translate(_CONTROLS)
 
 

@@ -264,6 +264,24 @@ def test_query_csv_and_table_write_lists_structs_and_maps_as_json() -> None:
     assert render(result, "table").splitlines()[2].split() == [*row[:3], '["2026-01-01"]']
 
 
+def test_query_table_keeps_a_cell_with_a_line_break_on_its_row() -> None:
+    """A value (a grant's reason, a rule's note) or a column name holding a line break, a tab or
+    U+2028 broke `palette query`'s table across lines; its cells are escaped as the audit
+    ledger's are. CSV, which quotes such a value, keeps it as it is."""
+    import csv
+    import io
+
+    from adapters.query import render, run
+
+    result = run("SELECT 'x' || chr(10) || 'y' || chr(9) || 'z' AS \"reason\nnote\", "
+                 "'a' || chr(8232) || 'b' AS u, 7 AS n", None, None)
+    table = render(result, "table").splitlines()
+    assert len(table) == 4
+    assert table[0].split() == ["reason\\nnote", "u", "n"]
+    assert table[2].split() == ["x\\ny\\tz", "a\\u2028b", "7"]
+    assert list(csv.reader(io.StringIO(render(result, "csv"), newline="")))[1] == ["x\ny\tz", "a\u2028b", "7"]
+
+
 def test_parquet_writers_whose_close_fails_on_a_full_disk_are_all_closed_and_not_retried(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What `palette replay all --format parquet` met on a full disk: the first close failed, the
