@@ -175,7 +175,12 @@ class Job(Stream):
         )
 
     def confirm_upload(self, at: datetime) -> None:
-        if self.status == JobStatus.UPLOADED:
+        """created -> uploaded (the caller checked its inputs). A job confirmed already, and since
+        executed, queued or begun or finished by the worker, records nothing (the retry of a
+        confirm whose answer was lost, after the client or another device executed it); a canceled
+        job is refused."""
+        if self.status in (JobStatus.UPLOADED, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.DONE,
+                           JobStatus.FAILED):
             return
         if self.status != JobStatus.CREATED:
             raise InvalidState(f"cannot confirm the upload of a {self.status} job")

@@ -309,7 +309,7 @@ class Reference:
         j = self.jobs[job_id]
         if j.status == "created" and len(uploaded) < j.items:
             return "INPUTS_MISSING"
-        if j.status == "uploaded":
+        if j.status in ("uploaded", "queued", "running", "done", "failed"):  # confirmed already
             return None
         if j.status != "created":
             return "INVALID_STATE"

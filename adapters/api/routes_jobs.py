@@ -229,7 +229,8 @@ async def confirm_upload(job_id: UUID, user_id: CurrentUser, service: ServiceDep
                          container: ContainerDep) -> JSONResponse:
     """created -> uploaded once every input exists in S3 (else 409 INPUTS_MISSING naming them),
     none over 20 MB (else 422 INPUT_TOO_LARGE naming them; they are deleted, and the same upload
-    links take smaller ones while they live)."""
+    links take smaller ones while they live). Again, once confirmed (and since executed), the
+    job's status, nothing checked or recorded; a canceled job's is 409 INVALID_STATE."""
     committed = await service.confirm_upload_async(user_id, job_id)
     _remember(container, user_id, job_id, committed)
     return ok(JobStatePublic(job_id=job_id, status=committed.value))

@@ -236,6 +236,25 @@ def test_execute_retried_after_the_first_result_answers_as_the_first_time(client
     assert client.data("GET", "/me")["credits"] == 48
 
 
+def test_confirm_retried_after_the_job_was_executed_answers_its_status(client, http, settings):
+    """A confirm-upload whose answer was lost, sent again once the job was executed (by the client
+    or another device) and begun or finished; a canceled job's confirm stays refused."""
+    job = create_uploaded_job(client, 2)
+    assert client.data("POST", f"/jobs/{job}/execute", json={"concepts": EDITS})["status"] == "queued"
+    assert client.data("POST", f"/jobs/{job}/confirm-upload")["status"] == "queued"
+    for idx, state in ((0, "running"), (1, "done")):
+        r = callback(http, settings.callback_secret, job,
+                     {"idx": idx, "status": "done", "idempotency_key": f"{job}:{idx}"})
+        assert r.status_code == 200, r.text
+        assert client.data("POST", f"/jobs/{job}/confirm-upload")["status"] == state
+    assert client.data("GET", f"/jobs/{job}")["status"] == "done"
+    canceled = create_uploaded_job(client, 1)
+    client.data("POST", f"/jobs/{canceled}/cancel")
+    r = client.call("POST", f"/jobs/{canceled}/confirm-upload")
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "INVALID_STATE")
+    assert client.data("GET", "/me")["credits"] == 48
+
+
 def test_callback_without_valid_auth_is_refused(client, http, settings):
     job = client.data("POST", "/jobs", 201, json={"preset": "interior", "item_count": 1})["job_id"]
     body = {"idx": 0, "status": "done", "idempotency_key": f"{job}:0"}

@@ -43,6 +43,22 @@ def test_confirming_twice_records_nothing():
     assert new_events(job) == []
 
 
+@pytest.mark.parametrize("status", ["queued", "running", "done", "failed"])
+def test_confirming_a_job_executed_since_records_nothing(status):
+    """A retried confirm whose answer was lost, after the job was executed (and begun or finished)."""
+    job = _job_that_is(status)
+    job.confirm_upload(AT)
+    assert new_events(job) == [] and job.status == status
+
+
+@pytest.mark.parametrize("status", ["canceled created", "canceled uploaded", "canceled running"])
+def test_confirming_a_canceled_job_is_refused(status):
+    job = _job_that_is(status)
+    with pytest.raises(InvalidState):
+        job.confirm_upload(AT)
+    assert new_events(job) == []
+
+
 def test_execute_before_confirm_is_refused():
     with pytest.raises(InvalidState):
         job_in("created").execute(EDITS, [], None, AT)
