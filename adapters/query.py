@@ -33,7 +33,7 @@ from typing import Any
 import duckdb
 import psycopg
 
-from adapters.cli.outputs import cell
+from domain.text import one_line
 from projections.parquet import ExportError, is_staging, read_table, redacted
 
 READ_MODELS = ("users", "rules", "jobs_log", "job_items_log", "billing_events", "billing_heads")
@@ -283,8 +283,8 @@ def render(result: Result, fmt: str) -> str:
         return buf.getvalue().rstrip("\n")
     # control characters escaped (as the audit ledger's cells): a line break (a grant's reason,
     # a column named with one) broke its row across lines
-    names = [cell(c) for c in result.columns]
-    cells = [[cell(_text(v)) for v in r] for r in result.rows]
+    names = [one_line(c) for c in result.columns]
+    cells = [[one_line(_text(v)) for v in r] for r in result.rows]
     widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(names)]
     numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in result.rows) for i in range(len(widths))]
 

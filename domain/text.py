@@ -59,3 +59,15 @@ def iso_time(value: str) -> datetime:
     if fraction is not None and fraction.group(1)[6:].strip("0"):
         raise TimeTooFine("finer than a microsecond: the log's times go no finer")
     return datetime.fromisoformat(value)
+
+
+# Control characters (a line break, a tab, whatever str.splitlines ends a line at) as escapes,
+# so a value prints in its one cell.
+_CONTROLS = ({c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)]} | {10: "\\n", 13: "\\r", 9: "\\t"}
+             | {0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def one_line(value: object) -> str:
+    """``value`` as one cell of a line (tab-separated fields, `palette query`'s table): its control
+    characters escaped."""
+    return str(value).translate(_CONTROLS)

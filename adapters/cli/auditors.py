@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from adapters.cli.arguments import time_value, uuid_value
 from adapters.cli.connect import event_store, running_settings
-from adapters.cli.outputs import cell, unwritable
+from adapters.cli.outputs import unwritable
+from domain.text import one_line
 
 if TYPE_CHECKING:
     from adapters.cli.arguments import Subcommands
@@ -299,8 +300,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                 return 2
             print(f"{'seq':>5} {'occurred_at':<33}{'type':<8}{'amount':>8}{'delta':>8}{'balance':>9}  ref")
             for r in rows:
-                print(f"{r['seq']:>5} {r['occurred_at'].isoformat():<33}{r['type']:<8}{r['amount']:>8}"
-                      f"{r['balance_delta']:>8}{r['balance']:>9}  {cell(r['ref'])}")  # a grant's reason may break lines
+                print(f"{r['seq']:>5} {r['occurred_at'].isoformat():<33}{r['type']:<8}{r['amount']:>8}"  # a grant's
+                      f"{r['balance_delta']:>8}{r['balance']:>9}  {one_line(r['ref'])}")  # reason may break lines
             if not rows:
                 print("no ledger entries for this user in that range")
         elif args.action == "balance":

@@ -13,17 +13,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-# Control characters (a line break, a tab, whatever str.splitlines ends a line at) as escapes,
-# so a value prints in its one cell.
-_CONTROLS = ({c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)]} | {10: "\\n", 13: "\\r", 9: "\\t"}
-             | {0x2028: "\\u2028", 0x2029: "\\u2029"})
-
-
-def cell(value: object) -> str:
-    """``value`` as one cell of a line (tab-separated fields, `palette query`'s table): its control
-    characters escaped."""
-    return str(value).translate(_CONTROLS)
-
 
 def unwritable(path: Path) -> str | None:
     """Why a file cannot be written at ``path``, as the OS says it (None: it can), found by

@@ -7,7 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from adapters.cli.connect import event_store, running_settings
-from adapters.cli.outputs import cell
+from domain.text import one_line
 
 if TYPE_CHECKING:
     from adapters.cli.arguments import Subcommands
@@ -49,7 +49,7 @@ def _cmd_projections(args: argparse.Namespace) -> int:
                         print("no parked events")
                     for d in letters:
                         print(f"{d['id']}\t{d['status']}\t{d['model']}\t{d['stream_id']}@{d['version']}"
-                              f"\tposition {d['position']}\t{cell(d['error'])}")
+                              f"\tposition {d['position']}\t{one_line(d['error'])}")
                 else:
                     try:
                         result = store.resolve_dead_letter(conn, args.id, args.dlq_action,

@@ -18,8 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from adapters import cli
-from adapters.cli import outputs
 from adapters.relay import LossWatch
+from domain.text import one_line
 from tests.unit.test_broker_loss import FakeBroker, FakeState
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -439,7 +439,7 @@ def test_a_time_finer_than_a_microsecond_is_refused_saying_so_not_as_no_time() -
 def test_a_cell_is_one_field_of_one_line_and_says_what_it_holds(value: str) -> None:
     # `palette projections dlq list` prints a dead letter's error (text a fold raised) in its last
     # field: a line break or a tab in it broke the one-line-per-letter format.
-    shown = outputs.cell(value)
+    shown = one_line(value)
     assert shown.splitlines() in ([shown], []) and "\t" not in shown
     if value.isprintable():  # nothing to escape
         assert shown == value
