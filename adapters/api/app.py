@@ -20,7 +20,7 @@ from adapters.api import http_limits, unavailable
 from adapters.api.callback_signatures import CallbackSignatures
 from adapters.api.deps import VerifiedTokens
 from adapters.api.envelope import CODE_BY_STATUS, STATUS_BY_CODE, ApiError, fail, request_id_var
-from adapters.api.idempotency import unflushed
+from adapters.api.idempotency import document_keys, unflushed
 from adapters.api.links import add_links
 from adapters.api.rate_limit import Budget, RateLimited, TokenBuckets
 from adapters.api.sibling_writes import SharedLastWrites, siblings_directory
@@ -156,7 +156,7 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
-        return add_links(generate())  # add_links is idempotent on the cached schema
+        return document_keys(add_links(generate()))  # each idempotent on the cached schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app

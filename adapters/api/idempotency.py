@@ -61,6 +61,26 @@ FULL = ("", None, None, None)  # _claim's answer when the owner holds its most k
 ONCE = ((b"idempotency-key", "Idempotency-Key"), (b"authorization", "Authorization"))
 
 
+KEY_PARAMETER = {
+    "name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": MAX_KEY},
+    "description": "The same key and body get the same answer while the key is kept (a day by default); the same "
+                   "key with another body or path is a 422, a key still in flight a 409 (Stripe's rules)."}
+
+
+def document_keys(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` (the app's OpenAPI) with the header listed on every POST a bearer token signs,
+    as this middleware takes it there, where only the routes that read it themselves listed it;
+    idempotent on the cached schema."""
+    for operations in schema.get("paths", {}).values():
+        post = operations.get("post")
+        if post is None or not post.get("security"):
+            continue  # registration and GPU callbacks: their own idempotency (module docstring)
+        parameters = post.setdefault("parameters", [])
+        if not any(p.get("in") == "header" and p.get("name", "").lower() == "idempotency-key" for p in parameters):
+            parameters.append(dict(KEY_PARAMETER))
+    return schema
+
+
 def id_for_key(user_id: uuid.UUID, kind: str, key: str | None) -> uuid.UUID | None:
     """The id a creation under this Idempotency-Key gets: a retry after a crash that came after
     the commit finds the object, so it is created once (the key's stored answer may be lost)."""

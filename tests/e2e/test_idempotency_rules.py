@@ -284,3 +284,24 @@ def test_a_retry_spelling_the_job_id_another_way_is_the_same_request(client: Cli
     for other_path in (f"/jobs/{uuid.uuid4()}/cancel", f"/jobs/uuid:{job_id}/cancel"):
         other = client.call("POST", other_path, headers={"Idempotency-Key": key})
         assert other.status_code == 422, other.text  # another job, or no job, is another request
+
+
+def test_the_contract_lists_the_key_on_every_post_a_token_signs(client: Client) -> None:
+    """The middleware takes an Idempotency-Key on every POST made with a bearer token; the contract
+    listed it on the five routes that read it themselves, so a client generated from it had no
+    way to send it to the others (cancel, execute, confirm-upload, a webhook's rotation...)."""
+    paths = client.http.get("/openapi.json").json()["paths"]
+    signed = [(path, operation) for path, operations in paths.items() for method, operation in operations.items()
+              if method == "post" and operation.get("security")]
+    assert len(signed) > 5
+    for path, operation in signed:
+        keys = [p for p in operation.get("parameters", [])
+                if p["in"] == "header" and p["name"].lower() == "idempotency-key"]
+        assert len(keys) == 1 and not keys[0].get("required"), path
+        assert keys[0]["schema"].get("maxLength") == 255 or any(
+            s.get("maxLength") == 255 for s in keys[0]["schema"].get("anyOf", [])), (path, keys[0])
+    unsigned = [path for path, operations in paths.items() for method, operation in operations.items()
+                if method == "post" and not operation.get("security")]
+    assert "/auth/anon" in unsigned  # its own idempotency (the device hash): no key to list
+    for path in unsigned:
+        assert not any(p["name"].lower() == "idempotency-key" for p in paths[path]["post"].get("parameters", [])), path
