@@ -238,6 +238,14 @@ def test_a_rule_fills_in_only_what_the_request_leaves_out_and_only_its_owners_jo
     job_id = uploaded()
     service.execute_job(user_id, job_id, None, None, rule_id)
     assert service.get_job(user_id, job_id).protect == ["sofa"]
+    service.cancel_job(user_id, job_id)
+    job_id = uploaded()
+    sofa = {"sofa": {"action": "recolor", "value": "#333333"}}
+    with pytest.raises(ValidationFailed, match="'sofa' cannot be both edited and protected"):
+        service.execute_job(user_id, job_id, sofa, None, rule_id)  # the rule protects it
+    service.execute_job(user_id, job_id, sofa, [], rule_id)  # the body's protect, even empty, stands for the rule's
+    assert (service.get_job(user_id, job_id).protect, service.get_job(user_id, job_id).concepts["sofa"]) == (
+        [], sofa["sofa"])
 
 
 @pytest.mark.parametrize("results", [
