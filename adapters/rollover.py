@@ -18,7 +18,12 @@ The consumers see the new log at their next fetch: it ends before their position
 start. Each partition of the old log held at least ``min_messages``, so the new one, published to
 from offset 0, passes a member's old position only if that member fetched nothing for as long as
 that many messages take to arrive; the topic id it later sees changed makes it read the new log
-from the start then (duplicates, which every consumer takes)."""
+from the start then (duplicates, which every consumer takes).
+
+The broker makes a topic that a client's metadata request names, with its default partition
+count (4): a consumer polling between the delete and the create makes it first. The create is
+followed by a count of the topic's partitions, and an empty topic of the wrong count is deleted
+and made again (``KafkaLogAdmin``)."""
 
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from typing import Any, Protocol
 
 log = logging.getLogger("palette.rollover")  # in the relay and the dispatcher
 POLL_S = 0.02  # between two looks at the groups' offsets while the relay waits for them
+MAKE_TRIES = 5  # deletes and creates of a topic the broker made with its default partition count
 
 
 class LogAdmin(Protocol):
@@ -42,7 +48,8 @@ class LogAdmin(Protocol):
         """Delete ``topic`` and create it again, empty, with ``partitions`` partitions."""
 
     def ensure(self, topic: str, partitions: int) -> None:
-        """Create ``topic`` with ``partitions`` partitions if it does not exist."""
+        """Create ``topic`` with ``partitions`` partitions if it does not exist (or exists empty
+        with another count: one the broker made with its default)."""
 
 
 class KafkaLogAdmin:
@@ -81,13 +88,50 @@ class KafkaLogAdmin:
         return out
 
     def recreate(self, topic: str, partitions: int) -> None:
-        from kafka.errors import UnknownTopicOrPartitionError
-
-        with contextlib.suppress(UnknownTopicOrPartitionError):  # gone already (a broker that restarted)
-            self.admin.delete_topics([topic])
-        self.ensure(topic, partitions)
+        self._make(topic, partitions, delete=True)
 
     def ensure(self, topic: str, partitions: int) -> None:
+        self._make(topic, partitions, delete=False)
+
+    def _make(self, topic: str, partitions: int, delete: bool) -> None:
+        """Made, then its partitions counted: the embedded broker creates a topic a client's
+        metadata request names (a consumer polling it, ``allow_auto_create_topics`` or not) with
+        its own default count (4, not configurable), so between the delete and the create a
+        consumer may make it first, and the create answers TopicAlreadyExists. Such a topic holds
+        nothing yet (the relay, its producer, is here) and is deleted and made again; one that
+        holds records is left as it is (a warning), never emptied here."""
+        from kafka.errors import KafkaError, UnknownTopicOrPartitionError
+
+        for _ in range(MAKE_TRIES):
+            if delete:
+                with contextlib.suppress(UnknownTopicOrPartitionError):  # gone already (a broker that restarted)
+                    self.admin.delete_topics([topic])
+            self._create(topic, partitions)
+            have = self.partitions(topic)
+            if len(have) == partitions:
+                return
+            if any(self._ends(topic, have).values()):
+                log.warning("the topic %s has %d partitions, not %d, and holds records: left as it is",
+                            topic, len(have), partitions)
+                return
+            log.warning("the topic %s was made with %d partitions, not %d (the broker's default, on a "
+                        "client's metadata request): deleted and made again", topic, len(have), partitions)
+            delete = True
+        raise KafkaError(f"the topic {topic} kept being made with the broker's default partition count")
+
+    def partitions(self, topic: str) -> list[int]:
+        """The partitions ``topic`` has (none: it does not exist)."""
+        return sorted(int(p["partition_index"]) for t in self.admin.describe_topics([topic]) if t["name"] == topic
+                      for p in t["partitions"])
+
+    def _ends(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+        from kafka import TopicPartition
+        from kafka.admin import OffsetSpec
+
+        answer = self.admin.list_partition_offsets({TopicPartition(topic, p): OffsetSpec.LATEST for p in partitions})
+        return {tp.partition: int(info.offset) for tp, info in answer.items()}
+
+    def _create(self, topic: str, partitions: int) -> None:
         from kafka.admin import NewTopic
         from kafka.errors import KafkaError, TopicAlreadyExistsError
 

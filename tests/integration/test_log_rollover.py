@@ -125,6 +125,47 @@ def test_a_member_reads_every_partition_of_a_new_log_from_its_start_when_one_end
         admin.close()
 
 
+def test_a_topic_a_member_makes_between_the_delete_and_the_create_is_made_again_with_its_partitions(
+        settings: Settings) -> None:
+    """The broker makes a topic a consumer's metadata request names, with its own default
+    partition count (4): a member polling while the log is started afresh may make it between the
+    delete and the create, which then answers TopicAlreadyExists. It holds nothing yet, and is
+    made again with the count asked for (2 here; with 4 the relay's ``due`` never held again)."""
+    topic, group = f"rollover-{uuid.uuid4().hex[:8]}", f"rollover-{uuid.uuid4().hex[:8]}"
+    ensure_topics(settings.effective_kafka_bootstrap, [topic], 2)
+    admin = KafkaLogAdmin(settings.effective_kafka_bootstrap)
+    member = kafka_io.consumer(settings, group, topic)
+    delete = admin.admin.delete_topics
+    made_by_the_member: list[list[int]] = []
+
+    def partitions() -> list[int]:
+        return sorted(int(p["partition_index"]) for t in admin.admin.describe_topics([topic]) for p in t["partitions"])
+
+    def made() -> bool:
+        member.poll(timeout_ms=50)
+        return topic in admin.admin.list_topics()
+
+    def delete_then_the_member_polls(topics: list[str], **kwargs: Any) -> Any:
+        answer = delete(topics, **kwargs)
+        if not made_by_the_member:  # the first delete only: the member's poll makes it at once
+            wait_until(made, timeout_s=30, what="the topic made by the member's poll")
+            made_by_the_member.append(partitions())
+        return answer
+
+    admin.admin.delete_topics = delete_then_the_member_polls
+    try:
+        produce(settings, topic, range(20))
+        wait_until(lambda: bool(member.poll(timeout_ms=100)), what="the member reading")
+        admin.recreate(topic, 2)
+        assert made_by_the_member == [[0, 1, 2, 3]]  # the broker's default, not the topic's count
+        assert partitions() == [0, 1]
+        admin.ensure(topic, 2)
+        assert partitions() == [0, 1]
+    finally:
+        member.close()
+        admin.close()
+
+
 def projector_lines(settings: Settings, since: int) -> list[str]:
     """The projector's log lines since byte ``since``."""
     with (settings.data_dir / "logs" / "projector.log").open("rb") as f:
