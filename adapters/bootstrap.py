@@ -267,7 +267,8 @@ def build_relay(settings: Settings, name: str = "", topic: str = "",
     rollover = None
     if live and settings.broker_log_batches:
         rollover = LogRollover(KafkaLogAdmin(settings.effective_kafka_bootstrap), topics.EVENTS,
-                               settings.kafka_partitions, topics.EVENTS_GROUPS, settings.broker_log_batches)
+                               settings.kafka_partitions, topics.EVENTS_GROUPS, settings.broker_log_batches,
+                               readers=state)
     return Relay(app, kafka_io.LogProducer(settings), state, name=name or RELAY_NAME, topic=topic or topics.EVENTS,
                  on_acked=on_acked, wakeup=PgWakeup(url), loss=loss, lead=state.lead, rollover=rollover)
 

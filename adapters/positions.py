@@ -26,6 +26,9 @@ DDL = (
     "CREATE TABLE IF NOT EXISTS palette_relay.broker_losses (id bigserial PRIMARY KEY, name text NOT NULL, "
     "republish_from bigint NOT NULL, detected_at timestamptz NOT NULL DEFAULT now())",
     "CREATE TABLE IF NOT EXISTS palette_relay.losses_handled (consumer text PRIMARY KEY, loss_id bigint NOT NULL)",
+    # The consumer groups the relay saw reading a topic it starts afresh (adapters.rollover).
+    "CREATE TABLE IF NOT EXISTS palette_relay.log_readers (topic text NOT NULL, reader text NOT NULL, "
+    "seen_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (topic, reader))",
 )
 
 

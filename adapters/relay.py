@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
@@ -176,7 +176,8 @@ class LossWatch:
 
 
 class RelayState(PgPositions):
-    """The relay's position, the offsets the broker acknowledged, and the losses it saw.
+    """The relay's position, the offsets the broker acknowledged, the losses it saw, and the
+    consumer groups seen reading the log it starts afresh (``LogRollover``).
 
     Its saves do not wait for their WAL flush (``synchronous_commit`` off on its connection): one
     runs after every acknowledged batch, and waiting for the disk there held the next batch back.
@@ -214,6 +215,15 @@ class RelayState(PgPositions):
         (its next save fails and the process restarts, as a standby)."""
         row = self.conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [f"palette-relay:{name}"]).fetchone()
         return bool(row and row[0])
+
+    def log_readers(self, topic: str) -> set[str]:
+        """The consumer groups seen reading ``topic`` (``LogRollover``: each holds its fresh starts)."""
+        rows = self.conn.execute("SELECT reader FROM palette_relay.log_readers WHERE topic = %s", [topic]).fetchall()
+        return {str(reader) for (reader,) in rows}
+
+    def add_log_readers(self, topic: str, groups: Iterable[str]) -> None:
+        self.conn.execute("INSERT INTO palette_relay.log_readers (topic, reader) SELECT %s, unnest(%s::text[]) "
+                          "ON CONFLICT DO NOTHING", [topic, sorted(groups)])
 
     def forget_acked(self, name: str) -> None:
         self.conn.execute("DELETE FROM palette_relay.acked_offsets WHERE name = %s", [name])

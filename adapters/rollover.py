@@ -9,9 +9,13 @@ in it by committed offsets, so the relay, its only producer, deletes and creates
 at a moment when nothing in it is still needed: between two of its batches, once the longest
 partition has taken ``every_batches`` batches and each consumer group of the topic that has
 members or committed offsets has committed up to the end of what the relay published. A group
-that is behind, joining, or stopped with offsets postpones it. A group with neither (never
-started, or stopped before an earlier fresh start) does not: what it missed reaches it through
-its own sweep of the event store, as after a broker that restarted empty.
+that is behind, joining, or stopped with offsets postpones it, and so does one seen reading the
+topic before (the broker forgets a group's offsets with the topic), kept in the relay's
+PostgreSQL state (``palette_relay.log_readers``) across its restarts: the dispatcher, stopped
+across one fresh start, would otherwise lose to a second the ``JobQueued`` published between the
+two, and its jobs wait for its stale sweep. A group never seen reading does not hold it (never
+started: what it missed reaches it through its own sweep of the event store, as after a broker
+that restarted empty); a group retired for good is let go by deleting its row.
 
 The consumers see the new log at their next fetch: it ends before their position, and
 ``kafka_io``'s group consumer reads every partition of the topic it is assigned again from its
@@ -50,6 +54,14 @@ class LogAdmin(Protocol):
     def ensure(self, topic: str, partitions: int) -> None:
         """Create ``topic`` with ``partitions`` partitions if it does not exist (or exists empty
         with another count: one the broker made with its default)."""
+
+
+class LogReaders(Protocol):
+    """Where the groups seen reading a topic are kept (the relay's: ``RelayState``)."""
+
+    def log_readers(self, topic: str) -> set[str]: ...
+
+    def add_log_readers(self, topic: str, groups: Iterable[str]) -> None: ...
 
 
 class KafkaLogAdmin:
@@ -155,7 +167,7 @@ class LogRollover:
 
     def __init__(self, admin: LogAdmin, topic: str, partitions: int, groups: Iterable[str], every_batches: int,
                  min_messages: int | None = None, wait_s: float = 0.2, retry_s: float = 5.0,
-                 max_retry_s: float = 60.0,
+                 max_retry_s: float = 60.0, readers: LogReaders | None = None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], Any] = time.sleep) -> None:
         self.admin = admin
         self.topic = topic
@@ -174,7 +186,11 @@ class LogRollover:
         self.rollovers = 0
         self.postponed = 0
         # Groups seen reading the topic: one stopped across a fresh start has no offsets after it
-        # (the broker forgets them with the topic), and still holds the log until it is back.
+        # (the broker forgets them with the topic), and still holds the log until it is back. Kept
+        # in ``readers`` too where given (the relay's PostgreSQL state), and read from there at
+        # each try: a relay restarted, or one taking over, would otherwise let a second fresh
+        # start take from such a group what came between the two.
+        self.readers = readers
         self.seen: set[str] = set()
         self.missing = True  # not known to exist: unchecked since this relay started, or deleted and not created again
 
@@ -208,9 +224,14 @@ class LogRollover:
         ``wait_s`` about once a minute). An admin request that hangs is bounded by its own
         2 s timeout."""
         deadline = self.clock() + self.wait_s
+        if self.readers is not None:
+            self.seen.update(self.readers.log_readers(self.topic))
         while True:
             committed = self.admin.committed(self.groups, self.topic)
-            self.seen.update(committed)
+            if new := set(committed) - self.seen:
+                if self.readers is not None:
+                    self.readers.add_log_readers(self.topic, new)
+                self.seen.update(new)
             # Exactly the end: an offset past it is a member's commit from the log before (made
             # after the topic was recreated, before it fetched from the new one), not progress.
             behind = [g for g in sorted(self.seen)

@@ -5,6 +5,7 @@ from its sweep of the event log)."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import uuid
@@ -90,6 +91,42 @@ def test_a_stopped_group_holds_the_log_with_its_offsets_even_at_the_start_and_on
     finally:
         member.close()
         admin.close()
+
+
+def test_a_group_seen_reading_holds_the_log_across_a_restart_of_the_relay(settings: Settings) -> None:
+    """A group stopped once it had read the log (the dispatcher) has no offsets after a fresh
+    start: the relay that saw it waits for it, and so does one restarted, which reads the groups
+    seen from its PostgreSQL state (it kept them in memory only: a second fresh start took the
+    JobQueued published between the two from the dispatcher, its jobs left to its stale sweep).
+    The relays' rollovers are pointed at a topic of the test's own."""
+    topic, group = f"rollover-{uuid.uuid4().hex[:8]}", f"rollover-{uuid.uuid4().hex[:8]}"
+    ensure_topics(settings.effective_kafka_bootstrap, [topic], settings.kafka_partitions)
+    member = KafkaConsumer(bootstrap_servers=settings.effective_kafka_bootstrap, group_id=group,
+                           enable_auto_commit=False)
+    ends = {p: 3 for p in range(settings.kafka_partitions)}
+
+    def relay_on_the_topic() -> Any:
+        relay = build_relay(settings)
+        assert isinstance(relay.rollover, LogRollover)
+        relay.rollover.topic, relay.rollover.groups, relay.rollover.wait_s = topic, (group,), 0.0
+        return relay
+
+    relay = relay_on_the_topic()
+    try:
+        member.assign([TopicPartition(topic, p) for p in ends])  # no join: offsets only
+        member.commit({TopicPartition(topic, p): OffsetAndMetadata(end, "", -1) for p, end in ends.items()})
+        assert relay.rollover.read_by_all(ends)
+        relay.rollover.start_afresh()
+        assert relay.rollover.admin.committed([group], topic) == {}  # stopped: its offsets went with the log
+        relay.close()
+        relay = relay_on_the_topic()  # the relay restarted
+        assert not relay.rollover.read_by_all({p: 1 for p in ends})  # not until the group is back and through it
+    finally:
+        with (psycopg.connect(settings.effective_database_url, autocommit=True) as conn,
+              contextlib.suppress(psycopg.errors.UndefinedTable)):  # the table, where it is not there yet
+            conn.execute("DELETE FROM palette_relay.log_readers WHERE topic = %s", [topic])
+        relay.close()
+        member.close()
 
 
 def test_a_member_reads_every_partition_of_a_new_log_from_its_start_when_one_ends_before_it(
@@ -185,6 +222,7 @@ def test_the_relay_starts_the_log_afresh_under_load_and_the_read_side_misses_not
         # partition could pass the start of the new log: see adapters.rollover).
         assert isinstance(relay.rollover, LogRollover)
         relay.rollover.groups = (topics.PROJECTOR_GROUP,)
+        relay.rollover.readers = None  # nor the groups the session's relay saw reading before
         relay.rollover.min_messages = 40
         log_size = (settings.data_dir / "logs" / "projector.log").stat().st_size
         stop = threading.Event()

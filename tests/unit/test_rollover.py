@@ -99,6 +99,39 @@ def test_a_group_seen_before_holds_it_when_its_offsets_are_gone_with_the_last_lo
     assert r.read_by_all({0: 12, 1: 11})
 
 
+class Readers:
+    """The groups seen reading a topic, as the relay's PostgreSQL state keeps them."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, set[str]] = {}
+
+    def log_readers(self, topic: str) -> set[str]:
+        return set(self.kept.get(topic, set()))
+
+    def add_log_readers(self, topic: str, groups: Iterable[str]) -> None:
+        self.kept.setdefault(topic, set()).update(groups)
+
+
+def test_a_group_seen_before_holds_it_across_a_restart_of_the_relay() -> None:
+    """The dispatcher, stopped across one fresh start, has no offsets after it: a relay restarted
+    (or taking over) still waits for it, or a second fresh start would take the events between
+    the two from it (its JobQueued: the jobs would wait for its stale sweep)."""
+    clock, readers = Clock(), Readers()
+    admin = Admin({"projector": {0: 10, 1: 10}, "dispatcher": {0: 10, 1: 10}})
+    r = LogRollover(admin, "events", 2, ("projector", "dispatcher"), 3, wait_s=0.2, readers=readers,
+                    clock=clock, sleep=clock.sleep)
+    assert r.read_by_all({0: 10, 1: 10})
+    r.start_afresh()
+    del admin.offsets["dispatcher"]  # stopped, caught up: the broker forgot its offsets with the topic
+    admin.offsets["projector"] = {0: 12, 1: 11}
+    restarted = LogRollover(admin, "events", 2, ("projector", "dispatcher"), 3, wait_s=0.2, readers=readers,
+                            clock=clock, sleep=clock.sleep)
+    assert not restarted.read_by_all({0: 12, 1: 11})
+    assert readers.kept == {"events": {"projector", "dispatcher"}}
+    admin.offsets["dispatcher"] = {0: 12, 1: 11}  # back, and through the new log
+    assert restarted.read_by_all({0: 12, 1: 11})
+
+
 def test_an_offset_past_the_end_is_a_commit_from_the_log_before_and_holds_it() -> None:
     clock = Clock()
     admin = Admin({"projector": {0: 10, 1: 10}})
