@@ -286,6 +286,29 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL with a host (and a port of 1 to 65535)")
         return v
 
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _s3_endpoint(cls, v: str) -> str:
+        """A URL every S3 client here takes and can reach, refused here: one without a scheme
+        (``localhost:8333``) was botocore's "Invalid endpoint" in every process, which the command
+        line called "cannot reach the object store ... is the stack up", `palette up` included; one
+        of another scheme or a port out of range made a client that failed each request, and
+        `palette up` waited a minute on SeaweedFS for it."""
+        if not v:
+            return v
+        from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+
+        try:
+            parts = urlsplit(v)
+            port = parts.port
+        except ValueError:  # an IPv6 host out of brackets, a port out of range or not a number
+            parts, port = None, None
+        if (parts is None or parts.scheme not in ("http", "https") or port == 0
+                or not (is_valid_endpoint_url(v) or is_valid_ipv6_endpoint_url(v))):
+            raise ValueError("must be an http:// or https:// URL with a host (and a port of 1 to 65535), "
+                             "e.g. http://127.0.0.1:8333")
+        return v
+
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, v: str) -> str:

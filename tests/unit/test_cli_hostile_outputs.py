@@ -359,9 +359,11 @@ def _closed_store_settings(tmp_path: Path, checkpoint_dir: Path | None, endpoint
     from adapters.settings import Settings
     from tests.conftest import free_port
 
-    return Settings(jwt_secret="s" * 48, callback_secret="c" * 48, device_key_secret="d" * 48, data_dir=tmp_path,
-                    s3_endpoint=endpoint or f"http://127.0.0.1:{free_port()}",  # nothing listens there
-                    audit_checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else "")
+    settings = Settings(jwt_secret="s" * 48, callback_secret="c" * 48, device_key_secret="d" * 48,
+                        data_dir=tmp_path, s3_endpoint=f"http://127.0.0.1:{free_port()}",  # nothing listens there
+                        audit_checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else "")
+    # An endpoint the settings refuse (no scheme) reaches the client only past their validation.
+    return settings.model_copy(update={"s3_endpoint": endpoint}) if endpoint else settings
 
 
 @pytest.mark.parametrize("endpoint", ["", "127.0.0.1:1"])  # a closed port; no URL botocore can use

@@ -247,6 +247,20 @@ def test_a_callback_url_the_gpu_workers_client_cannot_use_is_refused_in_one_line
         assert load_settings(data_dir=tmp_path, callback_url=usable).callback_url == usable
 
 
+@pytest.mark.parametrize("url", ["localhost:8333", "127.0.0.1:8333", "ftp://s3.example.com", "http://::1:8333",
+                                 "http://s3:99999", "http://s3:0", "http://s3:port", "http:///bucket",
+                                 "s3.example.com"])
+def test_an_s3_endpoint_the_s3_clients_cannot_use_is_refused_in_one_line(tmp_path, url):
+    # Without a scheme it was botocore's "Invalid endpoint" in each process, which `palette up`
+    # reported as "cannot reach the object store ...; is the stack up (`make run`)"; another
+    # scheme or port made clients that failed every request (`palette up` waited 60 s on SeaweedFS).
+    with pytest.raises(SettingsError, match="PALETTE_S3_ENDPOINT") as e:
+        load_settings(data_dir=tmp_path, s3_endpoint=url)
+    assert "\n" not in str(e.value)
+    for usable in ("http://127.0.0.1:8333", "http://[::1]:8333", "https://s3.example.com/base", "http://localhost", ""):
+        assert load_settings(data_dir=tmp_path, s3_endpoint=usable).s3_endpoint == usable
+
+
 @pytest.mark.parametrize("region", ["eu west", "eu-west-1\u00e9", "-eu", "eu-", "123", "e" * 64])
 def test_a_region_botocore_would_refuse_is_refused_in_one_line(tmp_path, region):
     # Every S3 client refused it (InvalidRegionError): `palette up` waited 60 s for SeaweedFS and
