@@ -246,6 +246,17 @@ class Settings(BaseSettings):
             raise ValueError("is empty: unset it for .palette, or name a directory")
         return v
 
+    @field_validator("api_host", "metrics_host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        """An empty host ("$UNSET") is every interface to the servers that bind it (asyncio's,
+        http.server's), and no host to `palette up`'s readiness probe of the API: the API, and
+        the metrics ports, were served to the whole network instead of loopback, and `palette up`
+        waited a minute for an API that answered and blamed it ("api not ready after 60s")."""
+        if not v.strip():
+            raise ValueError("is empty: unset it for 127.0.0.1, or name an address (0.0.0.0 for every interface)")
+        return v
+
     @field_validator("s3_bucket", "broker_bucket")
     @classmethod
     def _bucket_name(cls, v: str) -> str:

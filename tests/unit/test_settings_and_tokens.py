@@ -247,6 +247,19 @@ def test_a_callback_url_the_gpu_workers_client_cannot_use_is_refused_in_one_line
         assert load_settings(data_dir=tmp_path, callback_url=usable).callback_url == usable
 
 
+@pytest.mark.parametrize("setting", ["api_host", "metrics_host"])
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_host_is_refused_not_taken_for_every_interface(tmp_path, monkeypatch, setting, value):
+    # PALETTE_API_HOST="" served the API on every interface, and `palette up`'s probe of
+    # http://:8000/health never passed: "api not ready after 60s" a minute on.
+    monkeypatch.setenv(f"PALETTE_{setting.upper()}", value)
+    with pytest.raises(SettingsError, match=f"PALETTE_{setting.upper()}: .*is empty") as e:
+        load_settings(data_dir=tmp_path)
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv(f"PALETTE_{setting.upper()}", "0.0.0.0")  # noqa: S104 - every interface, said
+    assert getattr(load_settings(data_dir=tmp_path), setting) == "0.0.0.0"  # noqa: S104
+
+
 @pytest.mark.parametrize("url", ["localhost:8333", "127.0.0.1:8333", "ftp://s3.example.com", "http://::1:8333",
                                  "http://s3:99999", "http://s3:0", "http://s3:port", "http:///bucket",
                                  "s3.example.com"])
