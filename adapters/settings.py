@@ -209,7 +209,9 @@ class Settings(BaseSettings):
     audit_signing_key: str = Field("", repr=False)
     audit_signing_key_file: str = ""
     audit_public_key: str = ""
-    audit_checkpoint_interval_s: float = Field(0.0, ge=0)
+    # At most ten years, as the sweeper's waits: the checkpointer waits it out between checkpoints,
+    # and past threading's TIMEOUT_MAX (9.2e9 s) that wait is an OverflowError after the first one.
+    audit_checkpoint_interval_s: float = Field(0.0, ge=0, le=TEN_YEARS_S)
     audit_checkpoint_dir: str = ""
     # Data lifecycle (adapters/retention.py, `palette serve sweeper`): the objects of jobs finished
     # more than PALETTE_RETENTION_DAYS ago are deleted (the job stays listed, its links stop

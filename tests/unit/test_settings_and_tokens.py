@@ -294,6 +294,8 @@ def test_a_region_botocore_would_refuse_is_refused_in_one_line(tmp_path, region)
     ("PALETTE_WEBHOOK_KEEP_DAYS", "1e7"),  # now() minus that is before 4713 BC, out of a timestamp's range
     ("PALETTE_WEBHOOK_KEEP_DAYS", "3651"),
     ("PALETTE_AUDIT_CHECKPOINT_INTERVAL_S", "inf"),  # threading's wait overflows: the checkpointer died
+    ("PALETTE_AUDIT_CHECKPOINT_INTERVAL_S", "1e10"),  # finite, and still past threading's TIMEOUT_MAX: the same
+    ("PALETTE_AUDIT_CHECKPOINT_INTERVAL_S", str(10 * 365 * 86400 + 1)),  # past ten years, as the sweeper's waits
     ("PALETTE_SWEEP_INTERVAL_S", "Infinity"),  # with PALETTE_ERASURE_SWEEP_S=inf, the sweeper's wait overflowed
     ("PALETTE_ERASURE_SWEEP_S", "inf"),
 ])
