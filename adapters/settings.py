@@ -299,6 +299,26 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL with a host (and a port of 1 to 65535)")
         return v
 
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _kafka_bootstrap(cls, v: str) -> str:
+        """Brokers as the Kafka clients read them (``host:port``, comma-separated, a host alone
+        on 9092), refused here: a port that is no number (``kafka:abc``) ended every process that
+        made a client with kafka-python's traceback, and `palette up` waited a minute on the
+        broker, blaming it ("broker not ready after 60s")."""
+        if not v:
+            return v
+        from kafka.cluster import collect_hosts
+
+        try:
+            brokers = collect_hosts(v, randomize=False)
+        except ValueError:
+            brokers = []
+        if not brokers or any(not host.strip() or not 0 < port <= 65535 for host, port, _ in brokers):
+            raise ValueError("must be host:port, comma-separated (an IPv6 host in brackets), "
+                             "each with a host and a port of 1 to 65535")
+        return v
+
     @field_validator("s3_endpoint")
     @classmethod
     def _s3_endpoint(cls, v: str) -> str:

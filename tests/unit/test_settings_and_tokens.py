@@ -260,6 +260,18 @@ def test_an_empty_host_is_refused_not_taken_for_every_interface(tmp_path, monkey
     assert getattr(load_settings(data_dir=tmp_path), setting) == "0.0.0.0"  # noqa: S104
 
 
+@pytest.mark.parametrize("bootstrap", ["kafka:abc", "kafka:9092/x", "kafka:99999", "kafka:0", ":9092",
+                                       "kafka:9092,,kafka2:9092", " , "])
+def test_a_kafka_bootstrap_the_clients_cannot_read_is_refused_in_one_line(tmp_path, bootstrap):
+    # "kafka:abc" ended `palette serve gpu` (and every process making a client) on kafka-python's
+    # traceback (ValueError: invalid literal for int()); `palette up` waited 60 s on the broker.
+    with pytest.raises(SettingsError, match="PALETTE_KAFKA_BOOTSTRAP") as e:
+        load_settings(data_dir=tmp_path, kafka_bootstrap=bootstrap)
+    assert "\n" not in str(e.value)
+    for usable in ("127.0.0.1:9092", "kafka", "k1:9092,k2:9093", "[::1]:9092", "PLAINTEXT://kafka:9092", ""):
+        assert load_settings(data_dir=tmp_path, kafka_bootstrap=usable).kafka_bootstrap == usable
+
+
 @pytest.mark.parametrize("url", ["localhost:8333", "127.0.0.1:8333", "ftp://s3.example.com", "http://::1:8333",
                                  "http://s3:99999", "http://s3:0", "http://s3:port", "http:///bucket",
                                  "s3.example.com"])
