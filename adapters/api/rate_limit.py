@@ -13,6 +13,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+MAX_RETRY_AFTER_S = 366 * 86_400  # a Retry-After past a year says "not soon" no better, and a rate set
+# as small as 1e-320 per second made the wait infinite
+
 
 class RateLimited(Exception):
     """Over the limit; retry after ``retry_after_s``."""
@@ -23,7 +26,7 @@ class RateLimited(Exception):
 
     @property
     def retry_after_header(self) -> str:
-        return str(max(1, math.ceil(self.retry_after_s)))
+        return str(max(1, math.ceil(min(self.retry_after_s, MAX_RETRY_AFTER_S))))
 
 
 DROP_PER_ASK = 16  # refilled buckets dropped per ask, at most: the lock is held for little

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.api.rate_limit import DAY_S, Budget, RateLimited, TokenBuckets
+from adapters.api.rate_limit import DAY_S, MAX_RETRY_AFTER_S, Budget, RateLimited, TokenBuckets
 
 
 class FakeClock:
@@ -269,3 +269,15 @@ def test_an_ipv4_client_counts_as_itself_however_its_address_is_written_and_ipv6
     assert client_address("2001:db8:1:2:aaaa::1", [], 0) == client_address("2001:db8:1:2:bbbb::9", [], 0)
     assert client_address("2001:db8:1:2:aaaa::1", [], 0) == "2001:db8:1:2::/64"
     assert client_address("2001:db8:1:3::1", [], 0) != client_address("2001:db8:1:2::1", [], 0)
+
+
+@pytest.mark.parametrize("rate", [1e-320, 1e-300, 5e-324])
+def test_a_rate_too_slow_for_its_wait_to_be_a_number_still_answers_a_retry_after(rate: float) -> None:
+    """A setting of ``PALETTE_RATE_*_PER_S`` that small made the wait infinite (or 300 digits long):
+    math.ceil raised OverflowError where the 429's header was made, a 500 in its place."""
+    buckets = TokenBuckets(rate, 1)
+    buckets.take("k")
+    with pytest.raises(RateLimited) as refused:
+        buckets.take("k")
+    header = refused.value.retry_after_header
+    assert header.isdigit() and 1 <= int(header) <= MAX_RETRY_AFTER_S
