@@ -209,9 +209,15 @@ def test_reconcile_is_clean_then_catches_a_row_changed_behind_its_back(history, 
                "(SELECT id FROM palette_read.users ORDER BY id LIMIT 1)")
     tx.execute("UPDATE palette_read.billing_events SET amount = 1 WHERE id = "
                "(SELECT id FROM palette_read.billing_events WHERE type = 'grant' ORDER BY position LIMIT 1)")
+    # another user's held and spent credits moved, its spendable credits left alone: only the
+    # users row against the log's fold can see it (no balance differs)
+    (moved,) = tx.execute("SELECT id FROM palette_read.users ORDER BY id OFFSET 1 LIMIT 1").fetchone() or (None,)
+    tx.execute("UPDATE palette_read.users SET reserved = reserved + 2, spent = spent + 5 WHERE id = %s", [moved])
     dirty = audit.reconcile(tx, service.app.recorder, service.app.mapper.transcoder)
     assert not dirty.ok
     assert any("projection has (credits" in d for d in dirty.differences)
+    assert any(d.startswith(f"user {moved}: projection has (credits, reserved, spent)") for d in dirty.differences), \
+        dirty.differences
     assert any(d.startswith("in the projection but not in the log") for d in dirty.differences)
     # the users' credits against the User aggregate; the grant's amount changed, not its balance_delta
     (changed,) = tx.execute("SELECT id FROM palette_read.users ORDER BY id LIMIT 1").fetchone() or (None,)
