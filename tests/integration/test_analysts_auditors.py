@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
+from psycopg.rows import dict_row
 
 from adapters.bootstrap import event_store_env
 from adapters.pg_streams import pg_stream_loader
@@ -175,15 +176,28 @@ def test_replay_all_filters_by_type_and_time(history):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-@given(data=st.data(), mode=st.sampled_from(["edit", "delete", "insert"]))
+@given(data=st.data(), mode=st.sampled_from(["edit", "rehash", "delete", "insert"]))
 def test_tampering_with_any_ledger_row_breaks_verify_at_that_row(history, service, settings, data, mode):  # noqa: F811
+    """``rehash``: the row edited and its own hash made anew (the hash function is no secret), so
+    only the next row's ``prev_hash``, or for the chain's last row its recorded head, can tell."""
     with psycopg.connect(settings.effective_database_url, autocommit=True) as probe:
         wait_until(lambda: drained(service, probe), timeout_s=60, what="projections to drain")
     with psycopg.connect(settings.effective_database_url) as conn:
         rows = conn.execute("SELECT id, user_id, seq FROM palette_read.billing_events ORDER BY position, id").fetchall()
         target_id, user_id, seq = data.draw(st.sampled_from(rows))
+        at_seq = seq
         if mode == "edit":
             conn.execute("UPDATE palette_read.billing_events SET amount = amount + 1 WHERE id = %s", [target_id])
+        elif mode == "rehash":
+            with conn.cursor(row_factory=dict_row) as cur:
+                row = cur.execute("SELECT * FROM palette_read.billing_events WHERE id = %s", [target_id]).fetchone()
+            assert row is not None
+            row["amount"] += 1
+            conn.execute("UPDATE palette_read.billing_events SET amount = %s, hash = %s WHERE id = %s",
+                         [row["amount"], ledger_hash(row["prev_hash"], row), target_id])
+            after = conn.execute("SELECT count(*) FROM palette_read.billing_events WHERE user_id = %s AND seq > %s",
+                                 [user_id, seq]).fetchone()
+            at_seq = seq + 1 if after and after[0] else seq  # the next row, or the head, disagrees
         elif mode == "delete":
             conn.execute("DELETE FROM palette_read.billing_events WHERE id = %s", [target_id])
         else:  # a forged row slipped in at this seq, the rest shifted up
@@ -197,7 +211,7 @@ def test_tampering_with_any_ledger_row_breaks_verify_at_that_row(history, servic
         breaks = audit.verify(conn).breaks
         conn.rollback()
     assert [b.user_id for b in breaks] == [str(user_id)]
-    assert breaks[0].seq == seq
+    assert breaks[0].seq == at_seq
 
 
 def test_reconcile_is_clean_then_catches_a_row_changed_behind_its_back(history, service, settings, tx):  # noqa: F811
