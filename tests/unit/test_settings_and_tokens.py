@@ -543,7 +543,11 @@ def test_callback_signature_window_and_body():
     body = b'{"idx":0}'
     sig = sign_callback(SECRET, now, JOB, body)
     assert verify_callback(SECRET, now, JOB, body, timestamp=str(now), signature=sig)
-    assert not verify_callback(SECRET, now + 301, JOB, body, timestamp=str(now), signature=sig)
+    # the window is 300 s either side of the receiver's clock, both ends in it
+    for skew in (300, -300):
+        assert verify_callback(SECRET, now + skew, JOB, body, timestamp=str(now), signature=sig), skew
+    for skew in (301, -301):
+        assert not verify_callback(SECRET, now + skew, JOB, body, timestamp=str(now), signature=sig), skew
     assert not verify_callback(SECRET, now, JOB, body + b" ", timestamp=str(now), signature=sig)
     assert not verify_callback("x" * 48, now, JOB, body, timestamp=str(now), signature=sig)
     assert verify_callback(SECRET, now, JOB, body, shared_secret=SECRET)
