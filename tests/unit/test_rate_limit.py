@@ -109,11 +109,12 @@ def test_a_key_that_keeps_asking_while_refused_is_not_forgotten_for_other_keys()
     buckets = TokenBuckets(rate_per_s=1 / DAY_S, burst=2, max_keys=3, clock=clock)
     for _ in range(2):
         buckets.take("spent")
-    for key in ("b", "c"):
+    for key in ("b", "b", "c"):  # "b" spent too: only a bucket forgotten would take it again
         buckets.take(key)
     with pytest.raises(RateLimited):
         buckets.take("spent")  # still trying
     buckets.take("d")  # one key too many: "b" asked least recently
+    assert len(buckets._buckets) == 3  # the bound itself, reached and kept
     with pytest.raises(RateLimited):
         buckets.take("spent")
     buckets.take("b")  # forgotten, so afresh: the price of a bound on memory
