@@ -132,6 +132,18 @@ def test_a_group_seen_before_holds_it_across_a_restart_of_the_relay() -> None:
     assert restarted.read_by_all({0: 12, 1: 11})
 
 
+def test_a_kept_group_this_relay_does_not_ask_about_does_not_hold_it() -> None:
+    """A row of a group the relay never asks the broker about (a group of an older version, a
+    test relay's own groups on the same database) could never be seen caught up: it held every
+    fresh start for good."""
+    clock, readers = Clock(), Readers()
+    readers.add_log_readers("events", ["palette-old-name"])
+    admin = Admin({"projector": {0: 10, 1: 10}, "dispatcher": {0: 10, 1: 10}})
+    r = LogRollover(admin, "events", 2, ("projector", "dispatcher"), 3, wait_s=0.2, readers=readers,
+                    clock=clock, sleep=clock.sleep)
+    assert r.read_by_all({0: 10, 1: 10})
+
+
 def test_an_offset_past_the_end_is_a_commit_from_the_log_before_and_holds_it() -> None:
     clock = Clock()
     admin = Admin({"projector": {0: 10, 1: 10}})
