@@ -242,6 +242,13 @@ class LogRollover:
                 self._backoff = self.retry_s
                 return True
             if self.clock() + POLL_S >= deadline:
+                if absent := [g for g in behind if g not in committed]:
+                    # No member and no offsets: held only for having been seen (stopped, or an app
+                    # this deployment does not start), which "behind" did not tell, nor how to end it.
+                    log.warning("the broker's log of %s waits for %s, seen reading it before and with no member "
+                                "and no offsets now: each holds it until it reads again%s", self.topic,
+                                ", ".join(absent), "" if self.readers is None else
+                                " (one retired for good: delete its row in palette_relay.log_readers)")
                 self.postpone(f"{', '.join(behind)} behind")
                 return False
             self.sleep(POLL_S)

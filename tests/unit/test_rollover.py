@@ -4,7 +4,10 @@ the topic has committed up to the end; a group behind postpones it, later each t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
+
+import pytest
 
 from adapters.rollover import LogRollover
 
@@ -142,6 +145,23 @@ def test_a_kept_group_this_relay_does_not_ask_about_does_not_hold_it() -> None:
     r = LogRollover(admin, "events", 2, ("projector", "dispatcher"), 3, wait_s=0.2, readers=readers,
                     clock=clock, sleep=clock.sleep)
     assert r.read_by_all({0: 10, 1: 10})
+
+
+def test_a_group_held_only_by_having_been_seen_is_named_with_how_to_let_it_go(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A group seen reading once and absent since (no member, no offsets: stopped for good, or an
+    app not started in this deployment) holds every fresh start: the relay says so as a warning,
+    naming the row that keeps it, where a stopped group read as merely "behind"."""
+    clock, readers = Clock(), Readers()
+    readers.add_log_readers("events", ["dispatcher"])
+    admin = Admin({"projector": {0: 10, 1: 10}})
+    r = LogRollover(admin, "events", 2, ("projector", "dispatcher"), 3, wait_s=0.2, readers=readers,
+                    clock=clock, sleep=clock.sleep)
+    with caplog.at_level(logging.INFO, logger="palette.rollover"):
+        assert not r.read_by_all({0: 10, 1: 10})
+    warned = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "dispatcher" in warned[0] and "projector" not in warned[0]
+    assert "palette_relay.log_readers" in warned[0]
 
 
 def test_an_offset_past_the_end_is_a_commit_from_the_log_before_and_holds_it() -> None:
