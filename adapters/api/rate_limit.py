@@ -21,6 +21,7 @@ class RateLimited(Exception):
     """Over the limit; retry after ``retry_after_s``."""
 
     def __init__(self, retry_after_s: float) -> None:
+        retry_after_s = min(retry_after_s, MAX_RETRY_AFTER_S)  # the message's wait is the header's
         super().__init__(f"rate limited; retry after {retry_after_s:.2f}s")
         self.retry_after_s = retry_after_s
 

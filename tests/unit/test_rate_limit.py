@@ -282,3 +282,15 @@ def test_a_rate_too_slow_for_its_wait_to_be_a_number_still_answers_a_retry_after
         buckets.take("k")
     header = refused.value.retry_after_header
     assert header.isdigit() and 1 <= int(header) <= MAX_RETRY_AFTER_S
+
+
+@pytest.mark.parametrize("rate", [1e-320, 1e-300])
+def test_a_rate_too_slow_for_its_wait_says_the_same_capped_wait_in_the_answer(rate: float) -> None:
+    """The 429's message (str of RateLimited) said the uncapped wait: 'retry after infs', or 300
+    digits, beside a Retry-After of a year."""
+    buckets = TokenBuckets(rate, 1)
+    buckets.take("k")
+    with pytest.raises(RateLimited) as refused:
+        buckets.take("k")
+    assert str(refused.value) == f"rate limited; retry after {MAX_RETRY_AFTER_S:.2f}s"
+    assert refused.value.retry_after_s == MAX_RETRY_AFTER_S
