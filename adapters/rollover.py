@@ -40,6 +40,7 @@ from typing import Any, Protocol
 log = logging.getLogger("palette.rollover")  # in the relay and the dispatcher
 POLL_S = 0.02  # between two looks at the groups' offsets while the relay waits for them
 MAKE_TRIES = 5  # deletes and creates of a topic the broker made with its default partition count
+SEEN_TRIES = 20  # looks at the metadata, 0.1 s apart, for a topic just made
 
 
 class LogAdmin(Protocol):
@@ -119,7 +120,7 @@ class KafkaLogAdmin:
                 with contextlib.suppress(UnknownTopicOrPartitionError):  # gone already (a broker that restarted)
                     self.admin.delete_topics([topic])
             self._create(topic, partitions)
-            have = self.partitions(topic)
+            have = self._made(topic)
             if len(have) == partitions:
                 return
             if any(self._ends(topic, have).values()):
@@ -130,6 +131,18 @@ class KafkaLogAdmin:
                         "client's metadata request): deleted and made again", topic, len(have), partitions)
             delete = True
         raise KafkaError(f"the topic {topic} kept being made with the broker's default partition count")
+
+    def _made(self, topic: str) -> list[int]:
+        """The partitions of a topic just made, once the metadata shows it: none is a topic the
+        broker answering has not learnt of yet (Apache Kafka's learn it after the controller has
+        answered the create), not one of another count, and deleting it would delete the one made."""
+        from kafka.errors import KafkaError
+
+        for _ in range(SEEN_TRIES):
+            if have := self.partitions(topic):
+                return have
+            time.sleep(0.1)
+        raise KafkaError(f"the topic {topic} was made and is not in the broker's metadata yet")
 
     def partitions(self, topic: str) -> list[int]:
         """The partitions ``topic`` has (none: it does not exist)."""

@@ -205,3 +205,45 @@ def test_a_group_behind_postpones_it_for_longer_each_time_in_a_row() -> None:
     while not r.due(ends):
         clock.now += 0.5
     assert clock.now - start <= 5.5  # a success started the wait over
+
+
+class TopicAdmin:
+    """kafka-python's admin client on a cluster whose metadata lags its CreateTopics (Apache
+    Kafka's brokers learn a new topic after the controller has answered): the topic is first
+    described with no partitions."""
+
+    def __init__(self, partitions: int, unseen: int) -> None:
+        self.partitions = partitions
+        self.unseen = unseen  # describes still answering no partitions
+        self.deleted = 0
+
+    def create_topics(self, new: list[object]) -> None:
+        from kafka.errors import TopicAlreadyExistsError
+        raise TopicAlreadyExistsError()
+
+    def describe_topics(self, topics: list[str]) -> list[dict[str, object]]:
+        if self.unseen:
+            self.unseen -= 1
+            return [{"name": topics[0], "error_code": 3, "partitions": []}]
+        return [{"name": topics[0], "error_code": 0,
+                 "partitions": [{"partition_index": p} for p in range(self.partitions)]}]
+
+    def list_partition_offsets(self, specs: dict[object, object]) -> dict[object, object]:
+        return {}
+
+    def delete_topics(self, topics: list[str]) -> None:
+        self.deleted += 1
+
+
+def test_a_topic_made_and_not_yet_in_the_metadata_is_not_taken_for_one_of_the_wrong_count(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A topic described with no partitions is one the broker answering has not learnt of yet,
+    not one made with another count: it was deleted (each try, up to a KafkaError), the topic the
+    create had just made among them."""
+    from adapters.rollover import KafkaLogAdmin
+
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    admin = KafkaLogAdmin.__new__(KafkaLogAdmin)
+    admin.admin = fake = TopicAdmin(2, unseen=2)
+    admin.ensure("events", 2)
+    assert fake.deleted == 0
