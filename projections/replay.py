@@ -90,27 +90,33 @@ class Replayer:
             raise LookupError(f"no stream {stream_id}")
         return itertools.chain([first], envelopes)
 
-    def _timestamp_at(self, position: int) -> datetime | None:
-        """The stamp of the first readable event at or after ``position`` (None: none there). An
+    def _timestamp_at(self, position: int, end: int) -> datetime | None:
+        """The stamp of the first readable event in [``position``, ``end``) (None: none there). An
         event whose stored state cannot be decoded has none (the epoch stands in for it): taken
-        for the log's time there, it sent the search past the events before it."""
-        while page := self.recorder.select_notifications(start=position, limit=PROBE):
+        for the log's time there, it sent the search past the events before it. Read no further
+        than ``end``, where the search knows the answer, in pages doubling from PROBE: a long
+        unreadable stretch (a key since lost) was read to its end at every probe, ten a query."""
+        limit = PROBE
+        while position < end and (page := self.recorder.select_notifications(
+                start=position, limit=min(limit, end - position), stop=end - 1)):
             for n in page:
                 env = from_notification(n, self.transcoder)
                 if UNREADABLE not in env.data:
                     return env.timestamp
             position = page[-1].id + 1
+            limit = min(2 * limit, PAGE)
         return None
 
     def position_at(self, since: datetime) -> int:
         """The first position whose event may be at or after ``since`` (binary search, with slack,
-        over the readable events' stamps)."""
+        over the readable events' stamps). A probe with no readable event before ``hi`` decides as
+        ``hi`` did: the first readable event after it is the one after ``hi``."""
         head = self.recorder.max_notification_id() or 0
         lo, hi = 1, head + 1
         target = since.timestamp() - TIME_SLACK_S
         while lo < hi:
             mid = (lo + hi) // 2
-            ts = self._timestamp_at(mid)
+            ts = self._timestamp_at(mid, hi)
             if ts is None or ts.timestamp() >= target:
                 hi = mid
             else:
