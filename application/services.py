@@ -32,7 +32,7 @@ from application.snapshots import SNAPSHOT_EVERY, SetAsList, StreamSnapshot
 from application.unit_of_work import Command, CommandExecutor, Committed, UnitOfWork, touches
 from domain.contracts.keys import MAX_INPUT_BYTES, REISSUE_S, input_key
 from domain.errors import InvalidState, NotFound, PreconditionFailed, UserNotFound, ValidationFailed
-from domain.job import MAX_ITEMS, Job, JobStatus, RecordedResult
+from domain.job import EXECUTED, MAX_ITEMS, Job, JobStatus, RecordedResult
 from domain.plans import DEFAULT_PLANS, Plan
 from domain.presets import get_preset, normalise_edits
 from domain.rule import Rule
@@ -502,7 +502,13 @@ class PaletteService:
             job = self._own_job(uow, user_id, job_id)
             merged: dict[str, Mapping[str, Any]] = {}
             merged_protect = list(protect or [])
-            if rule_id is not None:
+            if rule_id is not None and rule_id == job.rule_id and job.status in EXECUTED:
+                # a retry (its answer lost) read against the rule as the job was queued with it,
+                # whatever became of the rule since (edited or deleted on another device)
+                merged.update(job.concepts)
+                if protect is None:
+                    merged_protect = list(job.protect)
+            elif rule_id is not None:
                 rule = self._own_rule(uow, user_id, rule_id)
                 if rule.preset_id != job.preset:
                     raise ValidationFailed(f"rule is for preset {rule.preset_id!r}, job is {job.preset!r}")

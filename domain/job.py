@@ -39,6 +39,10 @@ class JobStatus(StrEnum):
         return self in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELED)
 
 
+# A job executed and not canceled: the same edits again are a retry, answered with its status.
+EXECUTED = frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.DONE, JobStatus.FAILED})
+
+
 class ResultOutcome(StrEnum):
     RECORDED = "recorded"  # this call recorded the item's result
     DUPLICATE = "duplicate"  # the key was seen before: the original outcome stands
@@ -193,8 +197,7 @@ class Job(Stream):
         same edits again, once the job was queued with them and while it is not canceled, record
         nothing (the retry of an execute whose answer was lost, whether or not the worker has
         begun or finished it since)."""
-        executed = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.DONE, JobStatus.FAILED)
-        if self.status in executed and (concepts, protect, rule_id) == (self.concepts, self.protect, self.rule_id):
+        if self.status in EXECUTED and (concepts, protect, rule_id) == (self.concepts, self.protect, self.rule_id):
             return
         if self.status != JobStatus.UPLOADED:
             advice = {JobStatus.CREATED: " (confirm the upload first)"}.get(self.status, "")

@@ -396,3 +396,41 @@ def test_a_finished_jobs_objects_expire_once_and_executing_it_again_points_to_a_
     assert service.app.recorder.max_notification_id() == version
     assert service.executor.execute(service.expire_job_command(job_id, 30)).value is True
     assert service.executor.execute(service.expire_job_command(job_id, 30)).value is False
+
+
+@pytest.mark.parametrize("since", ["edited", "deleted"])
+@pytest.mark.parametrize("body", [(None, None), ({"floor": {"action": "texture", "value": "wood"}}, ["lamp"])])
+def test_an_execute_retried_after_its_rule_changed_answers_the_jobs_status_and_other_edits_are_refused(
+        since: str, body: tuple[Any, Any]):
+    """A retry of an execute whose answer was lost is the same request, whatever became of its rule
+    since (edited, or deleted, on another device): it answers the job's status and records nothing,
+    read against the rule as the job was queued with it (it was a 409 'cannot execute a queued job',
+    or a 404 'rule not found', for an execute that had been taken). Other edits are still refused."""
+    service, user_id = palette()
+    rule_id = service.create_rule(user_id, "Kitchen", "interior", EDITS, ["sofa"]).value
+    concepts, protect = body
+    for status in ("queued", "done"):
+        job_id = service.create_job(user_id, "interior", 1).value
+        service.confirm_upload(user_id, job_id)
+        service.execute_job(user_id, job_id, concepts, protect, rule_id)
+        if status == "done":
+            service.record_item_result(job_id, 0, "done", f"k-{job_id}", output_key(user_id, job_id, 0))
+        queued = service.get_job(user_id, job_id)
+        if since == "edited":
+            service.update_rule(user_id, rule_id, "Kitchen", {"wall": {"action": "tone", "value": "warm"}}, ["lamp"])
+        else:
+            service.delete_rule(user_id, rule_id)
+        again = service.execute_job(user_id, job_id, concepts, protect, rule_id)
+        assert (again.value, again.recorded) == (status, False)
+        after = service.get_job(user_id, job_id)
+        assert (after.concepts, after.protect, after.version) == (queued.concepts, queued.protect, queued.version)
+        with pytest.raises(InvalidState):  # another request
+            service.execute_job(user_id, job_id, {"wall": {"action": "tone", "value": "cool"}}, protect, rule_id)
+        with pytest.raises(InvalidState):
+            service.execute_job(user_id, job_id, concepts, ["plant"], rule_id)
+        if status == "queued":
+            service.cancel_job(user_id, job_id)  # frees the plan's one running job
+        if since == "deleted":
+            rule_id = service.create_rule(user_id, "Kitchen", "interior", EDITS, ["sofa"]).value
+        else:
+            service.update_rule(user_id, rule_id, "Kitchen", EDITS, ["sofa"])
