@@ -270,7 +270,16 @@ def _unique_names(columns: Sequence[str]) -> list[str]:
 
 
 def render(result: Result, fmt: str) -> str:
-    """The rows as an aligned table, CSV or a JSON array of objects (names made unique)."""
+    """The rows as an aligned table, CSV or a JSON array of objects (names made unique);
+    QueryError when a value is nested too deep to write as JSON (a list cell is its JSON in
+    every format; Python's recursion gives out some 500 levels down)."""
+    try:
+        return _render(result, fmt)
+    except RecursionError:
+        raise QueryError("a value is nested too deep to write (hundreds of levels); select a part of it") from None
+
+
+def _render(result: Result, fmt: str) -> str:
     if fmt == "json":  # strict JSON: NaN and ±Infinity (0.0/0.0 in DuckDB) have no JSON form, so null
         names = _unique_names(result.columns)
         return json.dumps([dict(zip(names, map(_finite, r), strict=True)) for r in result.rows],

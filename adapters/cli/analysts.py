@@ -145,13 +145,14 @@ def _cmd_query(args: argparse.Namespace) -> int:
     try:
         result = run(args.sql, args.data, None if args.no_db else settings.effective_database_url, args.limit,
                      args.timeout)
+        text = render(result, args.format)
     except QueryError as e:
         print(f"palette query: {e}", file=sys.stderr)
         return 2
     # UTF-8 whatever the locale's encoding, as replay's lines are: print() in a latin-1 or ASCII
     # locale met a client's emoji (a concept name, say) as a UnicodeEncodeError, a traceback
     sys.stdout.flush()
-    sys.stdout.buffer.write(render(result, args.format).encode() + b"\n")
+    sys.stdout.buffer.write(text.encode() + b"\n")
     if result.truncated:
         print(f"palette query: showing the first {args.limit:,} rows (--limit N for more)", file=sys.stderr)
     return 0
