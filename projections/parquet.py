@@ -48,7 +48,7 @@ from psycopg.rows import tuple_row
 from domain.contracts.personal import SEALED_PREFIX, redact
 from domain.contracts.streams import TIME_SLACK_S, event_classes
 from projections.log import events_table
-from projections.stored_events import from_notification
+from projections.stored_events import UNREADABLE, from_notification
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 ENVELOPE = pa.schema([("position", pa.int64()), ("stream_id", pa.string()), ("version", pa.int32()),
@@ -211,8 +211,10 @@ def _cell(value: Any, kind: pa.DataType) -> Any:
     return value
 
 
-def _decoded(spec: EventSchema, rows: list[tuple[int, str, int, bytes]], transcoder: Any) -> pa.Table:
-    """Stored states through the envelope codec: any stored format, older versions upcast."""
+def _decoded(spec: EventSchema, rows: list[tuple[int, str, int, bytes]], transcoder: Any,
+             seen: DatasetStats | None = None) -> pa.Table:
+    """Stored states through the envelope codec: any stored format, older versions upcast. Into
+    ``seen``: the events unreadable (at the epoch, every field null) and the fields made null."""
     envs = [from_notification(Notification(originator_id=UUID(stream_id), originator_version=version,
                                            topic=spec.topic, state=state, id=position), transcoder)
             for position, stream_id, version, state in rows]
@@ -221,7 +223,12 @@ def _decoded(spec: EventSchema, rows: list[tuple[int, str, int, bytes]], transco
     arrays = {name: pa.array(values, spec.schema.field(name).type) for name, values in columns.items()}
     for f in spec.schema:
         if f.name not in arrays:
-            arrays[f.name] = _column([e.data.get(f.name) for e in envs], f.type)
+            values = [e.data.get(f.name) for e in envs]
+            arrays[f.name] = _column(values, f.type)
+            if seen is not None:
+                seen.nulled += arrays[f.name].null_count - values.count(None)
+    if seen is not None:
+        seen.unreadable += sum(UNREADABLE in e.data for e in envs)
     return pa.table(arrays, schema=spec.schema)
 
 
@@ -255,6 +262,7 @@ class LogPages:
         self.table = table
         self.topics = topics
         self.transcoder = transcoder
+        self.seen = DatasetStats()  # what the dataset cannot show: unreadable events, fields made null
         # a JSON object with at least one member (``{"``) on one line: the envelope's fields go first
         plain = sql.SQL("(substring(state from 1 for 2) = '\\x7b22'::bytea AND position('\\x0a'::bytea in state) = 0)")
         self.query = sql.SQL(
@@ -286,7 +294,7 @@ class LogPages:
                 table, positions = _parsed(spec, bytes(lines))
                 tables.setdefault(topic, []).append(table)
             if positions:
-                tables.setdefault(topic, []).append(_decoded(spec, self._rows(positions), self.transcoder))
+                tables.setdefault(topic, []).append(_decoded(spec, self._rows(positions), self.transcoder, self.seen))
         return [(schemas[t].name, parts[0] if len(parts) == 1 else pa.concat_tables(parts).sort_by("position"))
                 for t, parts in tables.items()]
 
@@ -320,6 +328,10 @@ class DatasetStats:
     files: int = 0
     bytes: int = 0
     partitions: set[tuple[str, str]] = field(default_factory=set)
+    # read from the log, which the dataset cannot show: events whose stored state cannot be decoded
+    # (at the epoch, every field null: outside any --since), and fields a column could not hold (null)
+    unreadable: int = 0
+    nulled: int = 0
 
 
 class PartitionedWriter:
@@ -467,7 +479,8 @@ def export_log(recorder: Any, transcoder: Any, out: Path, start: int = 1, since:
         writer = PartitionedWriter(staging)
         try:
             with recorder.datastore.get_connection() as conn:
-                for tables in LogPages(conn, table, topics, transcoder, start):
+                pages = LogPages(conn, table, topics, transcoder, start)
+                for tables in pages:
                     last = False
                     for name, t in tables:
                         if stop_after is not None and pc.max(t.column("timestamp")).value / 1e6 > stop_after:
@@ -480,6 +493,8 @@ def export_log(recorder: Any, transcoder: Any, out: Path, start: int = 1, since:
                     if last:
                         break
             stats = writer.close()
+            seen = getattr(pages, "seen", None) or DatasetStats()  # (a test's stand-in pages count nothing)
+            stats.unreadable, stats.nulled = seen.unreadable, seen.nulled
         except BaseException:  # a close that failed too (a full disk): the other files are closed here
             writer.abandon()
             raise

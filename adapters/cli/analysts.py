@@ -106,6 +106,10 @@ def _replay_parquet(args: argparse.Namespace, app: Any, replayer: Any) -> int:
     print(f"wrote {stats.events:,} events in {seconds:.1f}s ({stats.events / max(seconds, 1e-9):,.0f}/s) to "
           f"{args.out}: {len(stats.partitions)} partitions (type, day), {stats.files} files, "
           f"{stats.bytes / 1e6:.1f} MB", file=sys.stderr)
+    if stats.unreadable or stats.nulled:  # a null reads as a field never there: said, not left to be found
+        print(f"palette replay all: {stats.unreadable:,} event(s) read whose stored state cannot be decoded (at "
+              f"1970-01-01, every field null) and {stats.nulled:,} field(s) of another type than their column "
+              "(null there); `palette replay stream ID` shows them as stored", file=sys.stderr)
     return 0
 
 

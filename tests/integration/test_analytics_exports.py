@@ -221,6 +221,10 @@ def test_an_event_arrow_cannot_read_is_exported_as_the_replay_reads_it(settings,
         events = list(Replayer(app).all())
         stats = export_log(app.recorder, app.mapper.transcoder, tmp_path / "log")
         assert stats.events == len(events) == 3
+        # what the dataset cannot show is counted, for the command to say (a null reads as absent)
+        unreadable = "_unreadable" in events[1].data
+        nulled = 0 if unreadable else list(want.values()).count(None)
+        assert (stats.unreadable, stats.nulled) == (int(unreadable), nulled)
         for env in events:
             row = _rows(tmp_path / "log", env.type)[env.id]
             assert (row["stream_id"], row["version"], row["timestamp"]) == (str(env.stream_id), 1, env.timestamp)
