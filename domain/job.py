@@ -183,8 +183,7 @@ class Job(Stream):
         executed, queued or begun or finished by the worker, records nothing (the retry of a
         confirm whose answer was lost, after the client or another device executed it); a canceled
         job is refused."""
-        if self.status in (JobStatus.UPLOADED, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.DONE,
-                           JobStatus.FAILED):
+        if self.status == JobStatus.UPLOADED or self.status in EXECUTED:
             return
         if self.status != JobStatus.CREATED:
             raise InvalidState(f"cannot confirm the upload of a {self.status} job")

@@ -493,8 +493,7 @@ def export_log(recorder: Any, transcoder: Any, out: Path, start: int = 1, since:
                     if last:
                         break
             stats = writer.close()
-            seen = getattr(pages, "seen", None) or DatasetStats()  # (a test's stand-in pages count nothing)
-            stats.unreadable, stats.nulled = seen.unreadable, seen.nulled
+            stats.unreadable, stats.nulled = pages.seen.unreadable, pages.seen.nulled
         except BaseException:  # a close that failed too (a full disk): the other files are closed here
             writer.abandon()
             raise

@@ -205,7 +205,6 @@ class Replayer:
         return {"stream_id": str(stream_id), "stream_type": type(aggregate).__name__,
                 "version": aggregate.version, "state": redact(_plain_state(aggregate), self.erased)}
 
-
     def _unreadable(self, stream_id: UUID, version: int | None) -> EventEnvelope | None:
         """The first event up to ``version`` whose stored state could not be decoded (no fold takes it)."""
         for env in self.stream(stream_id):

@@ -27,7 +27,7 @@ class RateLimited(Exception):
 
     @property
     def retry_after_header(self) -> str:
-        return str(max(1, math.ceil(min(self.retry_after_s, MAX_RETRY_AFTER_S))))
+        return str(max(1, math.ceil(self.retry_after_s)))
 
 
 DROP_PER_ASK = 16  # refilled buckets dropped per ask, at most: the lock is held for little

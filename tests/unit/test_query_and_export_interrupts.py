@@ -208,12 +208,20 @@ class _Recorder:
 def _log(monkeypatch: pytest.MonkeyPatch, pages: list[list[tuple[str, pa.Table]]],
          then: BaseException | None = None, meanwhile: Any = None) -> None:
     """The log export reads ``pages`` (then raises ``then``; ``meanwhile`` runs after the last page)."""
-    def read(*_: Any) -> Iterator[list[tuple[str, pa.Table]]]:
-        yield from pages
-        if meanwhile is not None:
-            meanwhile()
-        if then is not None:
-            raise then
+    class Read:
+        seen = parquet.DatasetStats()  # nothing unreadable among these pages
+
+        def __init__(self, *_: Any) -> None:
+            pass
+
+        def __iter__(self) -> Iterator[list[tuple[str, pa.Table]]]:
+            yield from pages
+            if meanwhile is not None:
+                meanwhile()
+            if then is not None:
+                raise then
+
+    read = Read
 
     monkeypatch.setattr(parquet, "LogPages", read)
     monkeypatch.setattr(parquet, "GROUP_ROWS", 1)  # every page reaches the disk at once, as a big log's do
