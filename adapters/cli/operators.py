@@ -65,13 +65,16 @@ def _cmd_admin(args: argparse.Namespace) -> int:
     from adapters.erasure import erase
     from adapters.logs import driver_reason
     from adapters.objects import NotDeleted
-    from domain.errors import DomainError
+    from domain.errors import DomainError, NotFound
 
     container = bootstrap.build(settings, pool_size=2)
     try:
         done = erase(container.service, container.read_pool, container.s3, settings.s3_bucket, args.user_id)
+    except NotFound as e:  # a user never registered, refused as grant and plan refuse one
+        print(f"palette admin erase: {args.user_id}: {e}; nothing erased", file=sys.stderr)
+        return 2
     except DomainError as e:
-        print(f"palette admin erase: {e}", file=sys.stderr)
+        print(f"palette admin erase: {args.user_id}: {e}", file=sys.stderr)
         return 1
     except (NotDeleted, BotoCoreError, ClientError) as e:
         if _store_unreachable(e):

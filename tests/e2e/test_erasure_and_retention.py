@@ -333,8 +333,9 @@ def test_an_operator_erases_from_the_command_line_with_one_line_answers(client, 
 
     for key, value in settings.as_env().items():
         monkeypatch.setenv(key, value)
-    assert cli.main(["admin", "erase", str(uuid.uuid4())]) == 1  # no such user
-    assert capsys.readouterr().err.strip() == "palette admin erase: user not found"
+    nobody = uuid.uuid4()
+    assert cli.main(["admin", "erase", str(nobody)]) == 2  # no such user
+    assert capsys.readouterr().err.strip() == f"palette admin erase: {nobody}: user not found; nothing erased"
     assert cli.main(["admin", "erase", client.user_id]) == 0
     assert "recorded now" in capsys.readouterr().out
     assert cli.main(["admin", "erase", client.user_id]) == 0  # again: finished again, nothing new recorded

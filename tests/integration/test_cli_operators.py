@@ -1,4 +1,4 @@
-"""`palette admin grant` and `palette admin plan` against the session's PostgreSQL: what they
+"""`palette admin grant`, `plan` and `erase` against the session's PostgreSQL: what they
 record is what the user's state, the read models' folds and the auditors' independent count
 show; a retry records nothing; every refusal is one line (exit 2) and records nothing."""
 
@@ -150,6 +150,13 @@ def test_a_user_who_is_not_there_is_one_line_and_nothing_is_recorded(
              f"palette admin grant: {target}: user not found; nothing granted")
     _refused(["admin", "plan", str(target), "pro"], capsys, f"palette admin plan: {target}: user not found")
     assert len(_events(log, target)) == before
+
+
+def test_erasing_a_user_never_registered_is_one_line_exit_2_as_a_grant_or_plan_is(
+        env: dict[str, str], log: Replayer, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    nobody = uuid.uuid4()
+    _refused(["admin", "erase", str(nobody)], capsys, f"palette admin erase: {nobody}: user not found; nothing erased")
+    assert _events(log, nobody) == []
 
 
 def test_a_reasons_line_breaks_print_in_its_ledger_row_not_as_rows_of_their_own(
