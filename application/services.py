@@ -36,7 +36,7 @@ from domain.job import EXECUTED, MAX_ITEMS, Job, JobStatus, RecordedResult
 from domain.plans import DEFAULT_PLANS, Plan
 from domain.presets import get_preset, normalise_edits
 from domain.rule import Rule
-from domain.rule import check_name as check_rule_name
+from domain.rule import check_new_name as check_rule_name
 from domain.user import User, check_grant, legacy_user_id_for_device, user_id_for_device_key
 
 MAX_DEVICE_HASH = 200
@@ -673,7 +673,8 @@ class PaletteService:
         def command(uow: UnitOfWork) -> None:
             self._user(uow, user_id)  # NotFound once erased, whatever this process still caches
             rule = self._own_rule(uow, user_id, rule_id)
-            check_rule_name(name)  # after the rule is found: another user's rule is a 404 whatever the input
+            if name != self.rule_name(rule.name):  # a name kept is no rename, whenever it was stored
+                check_rule_name(name)  # after the rule is found: another user's rule is a 404 whatever the input
             edits, protected = normalise_edits(rule.preset_id, concepts, protect)  # the rule's preset's concepts
             if not _version_matches(rule, expected_versions):
                 if (rule.concepts, rule.protect, self.rule_name(rule.name)) == (edits, protected, name):

@@ -16,6 +16,7 @@ from eventsourcing.domain import Aggregate
 from domain.contracts.personal import sealed_owner
 from domain.errors import NotFound, ValidationFailed
 from domain.stream import Stream
+from domain.text import shows
 
 MAX_RULE_NAME = 80
 
@@ -85,6 +86,15 @@ def check_name(name: str) -> None:
     """A name as the client gives it (1..MAX_RULE_NAME characters)."""
     if not name.strip() or len(name) > MAX_RULE_NAME:
         raise ValidationFailed(f"rule name must be 1..{MAX_RULE_NAME} characters")
+
+
+def check_new_name(name: str) -> None:
+    """A name a client gives a rule now: ``check_name``, and one that shows. Names stored before
+    the second check (folded as they are, and kept by an edit) are not asked it."""
+    check_name(name)
+    if not shows(name):
+        raise ValidationFailed("rule name must show at least one character (not only spaces, "
+                               "invisible or combining ones)")
 
 
 def _check_stored_name(name: str) -> None:

@@ -27,6 +27,18 @@ def refused_character(value: str) -> str | None:
     return None
 
 
+# What prints nothing: spaces and separators (Z*), format characters and controls (Cf, Cc:
+# zero-width spaces, joiners, bidi controls, BOM), marks with no base (Mn, Me), and the Hangul
+# fillers, letters made to be blank.
+_BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cf", "Cc", "Mn", "Me"})
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0")
+
+
+def shows(value: str) -> bool:
+    """Whether ``value`` holds a character that prints something."""
+    return any(unicodedata.category(ch) not in _BLANK_CATEGORIES and ch not in _BLANK_LETTERS for ch in value)
+
+
 def storable_text(value: str) -> str:
     """``value`` unchanged, or ValueError naming the first refused character."""
     bad = refused_character(value)

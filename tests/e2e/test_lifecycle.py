@@ -184,6 +184,10 @@ def test_bad_input_is_a_4xx_with_a_stable_code(client, http):
           for raw in (b'{"preset": "interior", "item_count": 201, "item_count": 1}',
                       '{"preset": "interior", "item_count": 1}'.encode("utf-16"))),
         (client.call("GET", "/jobs/not-a-uuid"), 422, "VALIDATION_FAILED"),
+        # A rule name that shows nothing (a zero-width space, a BOM, a combining mark alone).
+        *((client.call("POST", "/rules", json={"name": name, "preset_id": "interior",
+                                               "concepts": {"lamp": {"action": "remove"}}}), 422, "VALIDATION_FAILED")
+          for name in ("\u200b", "\ufeff\u2060", "\u0301")),
         # A page is at most 100 jobs, however many a client asks for.
         *((client.call("GET", "/jobs", params={"limit": limit}), 422, "VALIDATION_FAILED")
           for limit in (0, 101, 10**30, "x")),

@@ -10,11 +10,22 @@ from uuid import UUID, uuid4
 import pytest
 
 from application.executors import DirectExecutor
-from application.services import InputsMissing, InputsTooLarge, PaletteApplication, PaletteService
+from application.services import (
+    RULE_NAME_FIELD,
+    InputsMissing,
+    InputsTooLarge,
+    PaletteApplication,
+    PaletteService,
+)
 from domain.contracts.keys import MAX_INPUT_BYTES, input_key, output_key, preview_key
 from domain.errors import InvalidState, NotFound, RuleSlotsFull, ValidationFailed
 from domain.job import JobStatus
 from domain.plans import DEFAULT_PLANS
+from domain.presets import normalise_edits
+from domain.rule import Rule
+from projections.models import READ_MODELS
+from projections.rebuild import fold_log
+from projections.replay import Replayer
 from tests.keys import process_keys
 from tests.simulation import Ids, StepClock
 
@@ -310,6 +321,39 @@ def test_a_rule_name_is_checked_in_clear_before_it_is_sealed_on_create_and_updat
         service.update_rule(user_id, rule_id, bad, EDITS)
     assert service.app.recorder.max_notification_id() == before
     assert service.rule_name(service.get_rule(user_id, rule_id).name) == "x" * 80
+
+
+INVISIBLE = ["\u200b", "\u2060\ufeff", "\u0301", "\u202e\u2066", "\u3000\u00a0", " \u200b ", "\u3164"]
+
+
+@pytest.mark.parametrize("blank", INVISIBLE)
+def test_a_rule_name_that_shows_nothing_is_refused_on_create_and_rename(blank: str):
+    service, user_id = palette()
+    rule_id = service.create_rule(user_id, "Warm walls", "interior", EDITS).value
+    before = service.app.recorder.max_notification_id()
+    with pytest.raises(ValidationFailed, match="rule name must"):
+        service.create_rule(user_id, blank, "interior", EDITS)
+    with pytest.raises(ValidationFailed, match="rule name must"):
+        service.update_rule(user_id, rule_id, blank, EDITS)
+    assert service.app.recorder.max_notification_id() == before
+    for shown in ("e\u0301", f"{blank}x", "\U0001f3e0"):  # a mark on a letter, or with one that shows
+        service.update_rule(user_id, rule_id, shown, EDITS)
+        assert service.rule_name(service.get_rule(user_id, rule_id).name) == shown
+
+
+@pytest.mark.parametrize("blank", INVISIBLE)
+def test_a_stored_rule_whose_name_shows_nothing_still_folds_and_keeps_its_name_through_an_edit(blank: str):
+    """Names stored before the check are folded as they are, and a PUT keeping one is no rename."""
+    service, user_id = palette()
+    rule_id = uuid4()
+    edits, protect = normalise_edits("interior", EDITS, ())
+    sealed = service.sealer.seal(user_id, RULE_NAME_FIELD, blank)
+    service.app.save(Rule.create(rule_id, user_id, sealed, "interior", edits, protect, service.clock.now()))
+    service.update_rule(user_id, rule_id, blank, {"wall": {"action": "tone", "value": "warm"}})
+    rule = service.app.repository.get(rule_id)
+    assert (service.rule_name(rule.name), rule.version, rule.concepts["wall"]["action"]) == (blank, 2, "tone")
+    rows, _, tracking, _, failed = fold_log(READ_MODELS["rules"], Replayer(service.app).all())
+    assert (failed, tracking[rule_id], service.rule_name(rows[(rule_id,)]["name"])) == (set(), 2, blank)
 
 
 class StartsAJobAfterTheFirstRead(DirectExecutor):
