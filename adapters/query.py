@@ -233,26 +233,36 @@ def _text(value: Any, whole: bool = False) -> str:
         return repr(value) if whole else f"{value:.6g}"
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(_finite(value), default=str, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if isinstance(value, bytes):
+        return _hex(value)
     return str(value)
 
 
+def _hex(value: bytes) -> str:
+    """A BLOB as psql writes a bytea (``\\x`` and its hex), not Python's ``b'...'``."""
+    return "\\x" + value.hex()
+
+
 def _finite(value: Any) -> Any:
-    """``value`` with every float that is not finite (in lists and structs too) as None, and each
-    key of a struct or MAP that JSON cannot take as one (a date, a UUID, a decimal, an interval,
-    an infinite double: ``histogram`` keys a MAP by its values) as its text, as values are."""
+    """``value`` with every float that is not finite (in lists and structs too) as None, each BLOB
+    as its hex (``_hex``), and each key of a struct or MAP that JSON cannot take as one (a date, a
+    UUID, a decimal, a BLOB, an interval, an infinite double: ``histogram`` keys a MAP by its
+    values) as its text, as values are."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     if isinstance(value, dict):
         return {_json_key(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return _hex(value)
     return value
 
 
 def _json_key(key: Any) -> Any:
     if key is None or isinstance(key, (str, int)) or (isinstance(key, float) and math.isfinite(key)):
         return key
-    return str(key)
+    return _hex(key) if isinstance(key, bytes) else str(key)
 
 
 def _unique_names(columns: Sequence[str]) -> list[str]:

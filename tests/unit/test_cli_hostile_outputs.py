@@ -264,6 +264,22 @@ def test_query_csv_and_table_write_lists_structs_and_maps_as_json() -> None:
     assert render(result, "table").splitlines()[2].split() == [*row[:3], '["2026-01-01"]']
 
 
+def test_query_writes_a_blob_as_psql_does_in_every_format() -> None:
+    """A BLOB (bytea) cell came out as Python's repr, ``b'\\x00ab'``, in the table and CSV (and
+    JSON): now ``\\x`` and its hex, as psql writes a bytea, in a list or a MAP too."""
+    import csv
+    import json
+
+    from adapters.query import render, run
+
+    result = run("SELECT '\\x00\\xFFab'::BLOB AS b, [''::BLOB, 'z'::BLOB] AS l, MAP {'\\x01'::BLOB: 'k'} AS m",
+                 None, None)
+    row = list(csv.reader(render(result, "csv").splitlines()))[1]
+    assert row == ["\\x00ff6162", '["\\\\x","\\\\x7a"]', '{"\\\\x01":"k"}']
+    assert render(result, "table").splitlines()[2].split() == row
+    assert json.loads(render(result, "json")) == [{"b": "\\x00ff6162", "l": ["\\x", "\\x7a"], "m": {"\\x01": "k"}}]
+
+
 def test_query_table_keeps_a_cell_with_a_line_break_on_its_row() -> None:
     """A value (a grant's reason, a rule's note) or a column name holding a line break, a tab or
     U+2028 broke `palette query`'s table across lines; its cells are escaped as the audit
