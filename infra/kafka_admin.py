@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 # kafka-python logs every refused connection at ERROR while the broker starts; readiness polls expect that.
 logging.getLogger("kafka").setLevel(logging.CRITICAL)
+log = logging.getLogger("palette.kafka")
 
 
 def broker_answers(bootstrap: str, timeout_ms: int = 2000) -> bool:
@@ -40,8 +41,12 @@ def broker_answers(bootstrap: str, timeout_ms: int = 2000) -> bool:
 
 
 def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int, attempts: int = 5) -> None:
-    """Create the topics that do not exist yet. A protocol error is retried: the embedded broker
-    has answered a CreateTopics with a truncated response, once in a few hundred starts."""
+    """Create the topics that do not exist yet, and name (a warning) each that exists with another
+    partition count, used as it is: one that holds records is never emptied here, and making one
+    afresh while the relay may publish to it could drop what it publishes (the relay's rollover
+    makes its topic again with ``partitions``, at its start when empty). A protocol error is
+    retried: the embedded broker has answered a CreateTopics with a truncated response, once in
+    a few hundred starts."""
     import time
 
     from kafka import KafkaAdminClient
@@ -57,6 +62,11 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int, attemp
             if missing:
                 with contextlib.suppress(TopicAlreadyExistsError):
                     admin.create_topics(missing)
+            if there := [t for t in wanted if t in have]:
+                for topic in admin.describe_topics(there):
+                    if topic["name"] in there and len(topic["partitions"]) != partitions:
+                        log.warning("the topic %s has %d partitions, not the %d PALETTE_KAFKA_PARTITIONS asks for: "
+                                    "used as it is", topic["name"], len(topic["partitions"]), partitions)
             return
         except KafkaProtocolError:
             if attempt == attempts - 1:

@@ -6,12 +6,14 @@ from its sweep of the event log)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import threading
 import uuid
 from typing import Any
 
 import psycopg
+import pytest
 from confluent_kafka import Producer
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
@@ -36,6 +38,29 @@ def produce(settings: Settings, topic: str, values: range, partition: int | None
         else:
             producer.produce(topic, partition=partition, value=str(v).encode())
     assert producer.flush(30) == 0
+
+
+def test_a_topic_of_another_partition_count_is_named_with_both_counts_and_used_as_it_is(
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """`palette up` (and the relay's republish) made the topics missing and took any there as they
+    were: one left by a run under another PALETTE_KAFKA_PARTITIONS (a broker on S3 storage keeps
+    it) was used without a word. It is still used, never emptied at start, and named once."""
+    topic, missing = f"partitions-{uuid.uuid4().hex[:8]}", f"partitions-{uuid.uuid4().hex[:8]}"
+    ensure_topics(settings.effective_kafka_bootstrap, [topic], 2)
+    produce(settings, topic, range(5))
+    with caplog.at_level(logging.WARNING, logger="palette.kafka"):
+        ensure_topics(settings.effective_kafka_bootstrap, [topic, missing], 3)
+    assert [r.getMessage() for r in caplog.records if r.name == "palette.kafka"] == [
+        f"the topic {topic} has 2 partitions, not the 3 PALETTE_KAFKA_PARTITIONS asks for: used as it is"]
+    admin = KafkaLogAdmin(settings.effective_kafka_bootstrap)
+    try:
+        assert (admin.partitions(topic), admin.partitions(missing)) == ([0, 1], [0, 1, 2])
+    finally:
+        admin.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="palette.kafka"):
+        ensure_topics(settings.effective_kafka_bootstrap, [topic], 2)
+    assert [r for r in caplog.records if r.name == "palette.kafka"] == []
 
 
 def test_a_member_reads_a_log_started_afresh_from_its_start(settings: Settings) -> None:
