@@ -426,7 +426,12 @@ class PaletteService:
     def confirm_upload(self, user_id: UUID, job_id: UUID) -> Committed[str]:
         """created -> uploaded, once every input object exists in the store. Returns the status."""
         if self.store is not None:
-            self._check_inputs(user_id, job_id, self._upload_state(user_id, self.executor.read(job_id)))
+            status, item_count = self._upload_state(user_id, self.executor.read(job_id))
+            if status == "created":
+                keys = _input_keys(user_id, job_id, item_count)
+                too_large = _too_large_inputs(keys, self.store.sizes(keys))
+                if too_large:
+                    self._refuse_too_large(keys, too_large)
         return self.executor.execute(self.confirm_upload_command(user_id, job_id))
 
     async def confirm_upload_async(self, user_id: UUID, job_id: UUID) -> Committed[str]:
@@ -452,16 +457,6 @@ class PaletteService:
         """The caller's job's status and item count (NotFound as _owned)."""
         owned = cls._owned(user_id, job)
         return owned.status.value, owned.item_count
-
-    def _check_inputs(self, user_id: UUID, job_id: UUID, state: tuple[str, int]) -> None:
-        """InputsMissing unless every input of a created job is in the store."""
-        status, item_count = state
-        if status != "created" or self.store is None:
-            return
-        keys = _input_keys(user_id, job_id, item_count)
-        too_large = _too_large_inputs(keys, self.store.sizes(keys))
-        if too_large:
-            self._refuse_too_large(keys, too_large)
 
     def _refuse_too_large(self, keys: list[str], too_large: list[str]) -> None:
         """InputsTooLarge, the inputs over MAX_INPUT_BYTES deleted first (the same upload link
