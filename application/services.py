@@ -57,7 +57,7 @@ class PaletteApplication(Application[UUID]):
     have none, a replay as of a version, the naive executor) folds the stored events."""
 
     # No eventsourcing aggregate cache: the process's one cache is the group committer's
-    # (application.executors.WriterCache), which reads go through too (PaletteService._read).
+    # (application.executors.WriterCache), which the service's reads go through too (executor.read).
     name = "palette"
     is_snapshotting_enabled = True
     snapshot_class = StreamSnapshot
@@ -398,7 +398,7 @@ class PaletteService:
         """What a new job takes from the caller's finished job ``source_id`` (NotFound: none,
         another user's or deleted; InvalidState: not finished, or its objects expired)."""
         def view(job: Any) -> RerunSource:
-            source = self._owned(user_id, job)
+            source = self._owned_job(user_id, job)
             self._check_rerunnable(source)
             return RerunSource(source.item_count, (*source.concepts, *source.protect))
 
@@ -446,7 +446,7 @@ class PaletteService:
         return await self.run(self.confirm_upload_command(user_id, job_id))
 
     @staticmethod
-    def _owned(user_id: UUID, job: Any) -> Job:
+    def _owned_job(user_id: UUID, job: Any) -> Job:
         """``job`` when it is the caller's (NotFound: no job, another user's, or deleted)."""
         if not isinstance(job, Job) or job.user_id != user_id or job.deleted:
             raise NotFound("job not found")
@@ -454,8 +454,8 @@ class PaletteService:
 
     @classmethod
     def _upload_state(cls, user_id: UUID, job: Any) -> tuple[str, int]:
-        """The caller's job's status and item count (NotFound as _owned)."""
-        owned = cls._owned(user_id, job)
+        """The caller's job's status and item count (NotFound as _owned_job)."""
+        owned = cls._owned_job(user_id, job)
         return owned.status.value, owned.item_count
 
     def _refuse_too_large(self, keys: list[str], too_large: list[str]) -> None:
@@ -609,12 +609,12 @@ class PaletteService:
         return command
 
     def get_job(self, user_id: UUID, job_id: UUID) -> Job:
-        return self._owned(user_id, self._read(Job, job_id, "job"))
+        return self._owned_job(user_id, self.executor.read(job_id))
 
     async def get_job_async(self, user_id: UUID, job_id: UUID) -> Job:
         """get_job from an event loop (a private copy, taken only of the caller's own job)."""
         def own_copy(job: Any) -> Job:
-            copied: Job = copy.deepcopy(self._owned(user_id, job))
+            copied: Job = copy.deepcopy(self._owned_job(user_id, job))
             return copied
 
         return await self.executor.read_async(job_id, own_copy)
@@ -711,10 +711,7 @@ class PaletteService:
             await anyio.to_thread.run_sync(self.sealer.prepare, user_id)
 
     def get_rule(self, user_id: UUID, rule_id: UUID) -> Rule:
-        rule: Rule = self._read(Rule, rule_id, "rule")
-        if rule.user_id != user_id or rule.deleted:
-            raise NotFound("rule not found")
-        return rule
+        return self._owned_rule(user_id, self.executor.read(rule_id))
 
     # -- helpers -------------------------------------------------------------------------
     def _plan(self, name: str) -> Plan:
@@ -722,12 +719,6 @@ class PaletteService:
             return self.plans[name]
         except KeyError:
             raise ValidationFailed(f"unknown plan {name!r}; choose one of {sorted(self.plans)}") from None
-
-    def _read(self, cls: type[Any], aggregate_id: UUID, what: str) -> Any:
-        agg: Any = self.executor.read(aggregate_id)
-        if agg is None or not isinstance(agg, cls):
-            raise NotFound(f"{what} not found")
-        return agg
 
     def _create_owned_command(self, user_id: UUID, cls: type[Any], chosen_id: UUID | None,
                               create: Callable[[UnitOfWork, User, UUID, datetime], None],
@@ -793,12 +784,16 @@ class PaletteService:
 
     @classmethod
     def _own_job(cls, uow: UnitOfWork, user_id: UUID, job_id: UUID) -> Job:
-        return cls._owned(user_id, uow.get(Job, job_id))
+        return cls._owned_job(user_id, uow.get(Job, job_id))
+
+    @classmethod
+    def _own_rule(cls, uow: UnitOfWork, user_id: UUID, rule_id: UUID) -> Rule:
+        return cls._owned_rule(user_id, uow.get(Rule, rule_id))
 
     @staticmethod
-    def _own_rule(uow: UnitOfWork, user_id: UUID, rule_id: UUID) -> Rule:
-        rule = uow.get(Rule, rule_id)
-        if rule is None or rule.user_id != user_id or rule.deleted:
+    def _owned_rule(user_id: UUID, rule: Any) -> Rule:
+        """``rule`` when it is the caller's (NotFound: no rule, another user's, or deleted)."""
+        if not isinstance(rule, Rule) or rule.user_id != user_id or rule.deleted:
             raise NotFound("rule not found")
         return rule
 
