@@ -366,7 +366,9 @@ class _Findings:
         for kind, keys in (("missing from the projection", self.missing),
                            ("in the projection but not in the log", self.extra)):
             for key in keys.first():
-                out.append(f"{kind}: position {key[8]} {key[3]} {key[4]} user {key[1]} (id {key[0]})")
+                row = dict(zip(LEDGER_COLUMNS, key, strict=True))
+                out.append(f"{kind}: position {row['position']} {row['type']} {row['amount']} "
+                           f"user {row['user_id']} (id {row['id']})")
             if keys.more:
                 out.append(f"... and {keys.more} more {kind}")
         out.extend(self.users.first())
