@@ -436,6 +436,36 @@ class _Viewing(Generic[T]):
         return self.view(uow.get(Aggregate, self.aggregate_ids[0]))
 
 
+@dataclass
+class _Decided:
+    """A batch's commands as decided in one unit of work, in order: each one's outcome (ok and its
+    value, or not and the refusal it raised), which recorded events, and what each read or added;
+    ``bug``: the command that raised anything else, where deciding stopped (its caller has it)."""
+
+    outcomes: list[tuple[_Pending, bool, Any]] = field(default_factory=list)
+    recorded: set[int] = field(default_factory=set)  # the outcomes whose command recorded events
+    touched: list[set[UUID]] = field(default_factory=list)  # by outcome: what its command read or added
+    bug: _Pending | None = None
+
+
+def _decide(uow: UnitOfWork, batch: list[_Pending]) -> _Decided:
+    """Run the batch's commands in ``uow``, one after another, until one is broken."""
+    decided = _Decided()
+    for p in batch:
+        try:
+            decided.outcomes.append((p, True, _run_one(uow, p.command, p.trace)))
+            if uow.command_recorded():
+                decided.recorded.add(len(decided.outcomes) - 1)
+        except DomainError as e:
+            decided.outcomes.append((p, False, e))
+        except Exception as e:  # noqa: BLE001 - isolate the broken command, redo the rest
+            p.future.set_exception(e)
+            decided.bug = p
+            break
+        decided.touched.append(uow.command_touched())
+    return decided
+
+
 class GroupCommitter:
     """Runs queued commands in batches on one writer thread, saving each batch in one transaction.
 
@@ -650,25 +680,10 @@ class GroupCommitter:
             if not batch:
                 return
             uow = UnitOfWork(self.cache.fetch_one, prefetched)
-            outcomes: list[tuple[_Pending, bool, Any]] = []
-            recorded: set[int] = set()  # the outcomes whose command recorded events
-            touched: list[set[UUID]] = []  # by outcome: the aggregates its command read or added
-            bug: _Pending | None = None
-            for p in batch:
-                try:
-                    outcomes.append((p, True, _run_one(uow, p.command, p.trace)))
-                    if uow.command_recorded():
-                        recorded.add(len(outcomes) - 1)
-                except DomainError as e:
-                    outcomes.append((p, False, e))
-                except Exception as e:  # noqa: BLE001 - isolate the broken command, redo the rest
-                    p.future.set_exception(e)
-                    bug = p
-                    break
-                touched.append(uow.command_touched())
-            if bug is not None:
+            decided = _decide(uow, batch)
+            if decided.bug is not None:
                 self.cache.evict(uow.ids())  # it may have changed what it touched
-                batch = [p for p in batch if p is not bug]
+                batch = [p for p in batch if p is not decided.bug]
                 continue
             in_time = self._in_time(batch)  # again: deciding took time too
             if len(in_time) < len(batch):  # those past the bound are refused; the rest decided again
@@ -684,7 +699,7 @@ class GroupCommitter:
                 self.cache.evict(uow.ids())
                 attempt += 1
                 self.conflicts += 1
-                split = self._apart_from_contended(batch, touched, based_on)
+                split = self._apart_from_contended(batch, decided.touched, based_on)
                 if split is not None:
                     # Each part decided again on its own: the commands on streams no other process
                     # wrote are not refused with those that keep losing to one that writes on.
@@ -712,21 +727,24 @@ class GroupCommitter:
                 self.cache.evict(uow.ids())
                 raise
             self.cache.keep(uow.aggregates())
-            position = _position(recordings)
-            versions = {a.id: a.version for a in changed}
-            self.batches += 1
-            self.commands += len(batch)
-            if self.observe_batch is not None:
-                self.observe_batch(len(batch))
-            for i, (p, ok, value) in enumerate(outcomes):
-                if ok:
-                    p.future.set_result(Committed(value, position, versions, i in recorded))
-                else:
-                    p.future.set_exception(value)
+            self._answer(decided, _position(recordings), {a.id: a.version for a in changed})
             if due:
                 self._outbox.flush()  # the callers need not wait for the snapshots
                 self._take_snapshots(due)
             return
+
+    def _answer(self, decided: _Decided, position: int | None, versions: Mapping[UUID, int]) -> None:
+        """Each caller of a saved batch its command's outcome: its value with the save's position
+        and versions, or the refusal it raised."""
+        self.batches += 1
+        self.commands += len(decided.outcomes)
+        if self.observe_batch is not None:
+            self.observe_batch(len(decided.outcomes))
+        for i, (p, ok, value) in enumerate(decided.outcomes):
+            if ok:
+                p.future.set_result(Committed(value, position, versions, i in decided.recorded))
+            else:
+                p.future.set_exception(value)
 
     def _apart_from_contended(self, batch: list[_Pending], touched: list[set[UUID]],
                               based_on: Mapping[UUID, int]) -> tuple[list[_Pending], list[_Pending]] | None:
