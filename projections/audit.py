@@ -559,12 +559,23 @@ def verify(conn: psycopg.Connection[Any], limit: int = FIRST_FINDINGS) -> Verifi
         return _verify(conn, limit)
 
 
+@dataclass
+class _ChainEnd:
+    """How far one user's chain has been checked: the hash its next row must name as prev_hash,
+    the seq that row must have, and whether it broke already (a chain names its first break)."""
+
+    user: UUID
+    prev: str = GENESIS
+    expected_seq: int = 1
+    broken: bool = False
+
+
 def _verify(conn: psycopg.Connection[Any], limit: int) -> Verification:
     """The chains (the ledger by user and seq) and their recorded heads (by user), each read
     through a server-side cursor and merged: memory holds one chain's end, however many users."""
     breaks = Firsts(limit)  # found in user order: both cursors go by user id
     checked = 0
-    state: dict[str, Any] = {"user": None}
+    chain: _ChainEnd | None = None
 
     def headless(before: UUID | None) -> None:
         """Recorded heads of chains without a row, up to ``before`` (None: all that are left)."""
@@ -572,19 +583,19 @@ def _verify(conn: psycopg.Connection[Any], limit: int) -> Verification:
             breaks.add(ChainBreak(str(heads.pop()[0]), 1, None, "every row of this chain is missing"))
 
     def close_chain() -> None:
-        if state["user"] is None:
+        if chain is None:
             return
-        found = heads.one(state["user"])
-        if state["broken"]:
+        found = heads.one(chain.user)  # taken even for a broken chain: else headless would name it
+        if chain.broken:
             return
-        user, head = str(state["user"]), found[1:] if found is not None else None
-        last = state["expected_seq"] - 1
+        user, head = str(chain.user), found[1:] if found is not None else None
+        last = chain.expected_seq - 1
         if head is None:
             breaks.add(ChainBreak(user, last + 1, None, "the chain has no recorded head"))
         elif head[0] > last:  # named by the first seq missing
             breaks.add(ChainBreak(user, last + 1, None, f"the chain ends at seq {last}, before its recorded head "
                                                            f"(seq {head[0]}): its last rows were deleted"))
-        elif (head[0], head[1]) != (last, state["prev"]):
+        elif (head[0], head[1]) != (last, chain.prev):
             breaks.add(ChainBreak(user, last, None, f"the chain's end (seq {last}) does not hash to its recorded "
                                                        f"head (seq {head[0]}): the chain was rewritten, or rows added"))
 
@@ -596,25 +607,25 @@ def _verify(conn: psycopg.Connection[Any], limit: int) -> Verification:
         cur.execute(_select() + sql.SQL(" ORDER BY user_id, seq"))
         for rec in cur:
             row = dict(zip(LEDGER_COLUMNS, rec, strict=True))
-            if row["user_id"] != state["user"]:
+            if chain is None or row["user_id"] != chain.user:
                 close_chain()
                 headless(row["user_id"])
-                state.update(user=row["user_id"], prev=GENESIS, expected_seq=1, broken=False)
+                chain = _ChainEnd(row["user_id"])
             checked += 1
-            if state["broken"]:
+            if chain.broken:
                 continue
             reason, at_seq = None, row["seq"]
-            if row["seq"] != state["expected_seq"]:
-                at_seq = state["expected_seq"]  # name the missing row, found just before this one
-                reason = f"sequence jumps from {state['expected_seq'] - 1} to {row['seq']} (a row was deleted)"
-            elif row["prev_hash"] != state["prev"]:
+            if row["seq"] != chain.expected_seq:
+                at_seq = chain.expected_seq  # name the missing row, found just before this one
+                reason = f"sequence jumps from {chain.expected_seq - 1} to {row['seq']} (a row was deleted)"
+            elif row["prev_hash"] != chain.prev:
                 reason = "prev_hash does not match the previous row (a row was inserted or replaced)"
             elif ledger_hash(row["prev_hash"], row) != row["hash"]:
                 reason = "hash does not match the row's contents (the row was edited)"
             if reason:
                 breaks.add(ChainBreak(str(row["user_id"]), at_seq, row["position"], reason))
-                state["broken"] = True
-            state["prev"], state["expected_seq"] = row["hash"], row["seq"] + 1
+                chain.broken = True
+            chain.prev, chain.expected_seq = row["hash"], row["seq"] + 1
         close_chain()
         headless(None)
     return Verification(checked, breaks.first(), breaks.count)
