@@ -213,7 +213,8 @@ async def rotate_secret(endpoint_id: UUID, user_id: CurrentUser, container: Cont
 @router.post("/webhooks/{endpoint_id}/enable", response_model=Envelope[WebhookPublic], responses=OWN)
 async def enable_webhook(endpoint_id: UUID, user_id: CurrentUser, container: ContainerDep) -> JSONResponse:
     """Enable an endpoint disabled after its failures (or a 410 answer); its pending deliveries go out now."""
-    return ok(WebhookPublic(**_found(await _run(container, store.enable_endpoint, user_id, endpoint_id))))
+    return ok(WebhookPublic(**_found(await _run(container, store.enable_endpoint, user_id, endpoint_id,
+                                                             container.settings.webhook_keep_days * 86400))))
 
 
 @router.get("/webhooks/{endpoint_id}/deliveries", response_model=Envelope[DeliveryList], responses=OWN)

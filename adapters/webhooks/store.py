@@ -206,18 +206,21 @@ def rotate_secret(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUI
             [secret, rotated_by, ROTATION_GRACE_S, endpoint_id]).fetchone()
 
 
-def enable_endpoint(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID) -> dict[str, Any] | None:
+def enable_endpoint(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID,
+                    keep_s: float) -> dict[str, Any] | None:
     """Enable a disabled endpoint again: its failure run forgotten, its pending deliveries due
-    now (not those whose attempt is in flight: another sender would POST them at once too), and
-    the events from now on recorded for it (``enabled_since``: none from while it was disabled,
+    now (not those whose attempt is in flight: another sender would POST them at once too), or
+    forgotten if it was disabled more than ``keep_s`` ago (as ``prune``'s hourly round would have),
+    and the events from now on recorded for it (``enabled_since``: none from while it was disabled,
     however often the consumer folds their job again). An enabled one is left as it is (an enable
     is no way around a hold); None: no such endpoint. It first waits for the recordings under
     way (``record`` locks the endpoint FOR KEY SHARE, which an UPDATE of it does not wait for):
     one that read the endpoint disabled inserts its deliveries not due, and committed after this
     update they were not made due by it, nor ever after."""
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-        cur.execute("SELECT 1 FROM palette_webhooks.endpoints WHERE id = %s AND user_id = %s FOR UPDATE",
-                    [endpoint_id, user_id])
+        locked = cur.execute("SELECT disabled_at < now() - %s * interval '1 second' AS forgotten "
+                             "FROM palette_webhooks.endpoints WHERE id = %s AND user_id = %s FOR UPDATE",
+                             [keep_s, endpoint_id, user_id]).fetchone()
         row = cur.execute(sql.SQL(
             "UPDATE palette_webhooks.endpoints SET enabled = true, disabled_at = NULL, failures = 0, "
             "enabled_since = now(), "
@@ -225,6 +228,9 @@ def enable_endpoint(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: U
             "RETURNING {}").format(_ENDPOINT), [endpoint_id, user_id]).fetchone()
         if row is None:
             return get_endpoint(conn, user_id, endpoint_id)
+        if locked is not None and locked["forgotten"]:
+            cur.execute("DELETE FROM palette_webhooks.deliveries WHERE endpoint_id = %s AND status = 'pending'",
+                        [endpoint_id])
         cur.execute(sql.SQL("UPDATE palette_webhooks.deliveries d SET next_attempt_at = now() "
                             "WHERE endpoint_id = %s AND status = 'pending' AND NOT coalesce({}, false)")
                     .format(_IN_FLIGHT), [endpoint_id])

@@ -93,7 +93,7 @@ def test_a_gone_endpoint_is_disabled_at_once_and_its_deliveries_wait_for_an_enab
                             "WHERE id = %s", [delivery_id]).fetchone()
     assert delivery == ("pending", 410, None) and not _due(conn, delivery_id)
     user_id = conn.execute("SELECT user_id FROM palette_webhooks.endpoints WHERE id = %s", [endpoint_id]).fetchone()
-    assert store.enable_endpoint(conn, user_id[0], endpoint_id) is not None
+    assert store.enable_endpoint(conn, user_id[0], endpoint_id, 7 * 86400.0) is not None
     receiver.answer["/gone"] = (200, {})
     attempt_once(conn, sender, delivery_id)  # due again, and delivered
     assert conn.execute("SELECT status FROM palette_webhooks.deliveries WHERE id = %s",

@@ -16,6 +16,8 @@ from psycopg import sql
 from adapters.webhooks import store
 from adapters.webhooks.targets import MAX_RESPONSE_BYTES, Outcome
 
+WEEK_S = 7 * 86400.0  # the keep time an enable is given (PALETTE_WEBHOOK_KEEP_DAYS by default)
+
 
 @pytest.fixture
 def conn(settings: Any) -> Iterator[psycopg.Connection[Any]]:
@@ -118,7 +120,7 @@ def test_a_claim_counts_the_users_attempts_in_flight_and_skips_a_held_endpoint(c
         late = uuid.uuid4()  # recorded while held: it waits too
         store.record(conn, [store.NewDelivery(endpoint, f"msg_{late.hex}_1", late, 1, "job.queued", b"{}")])
         assert waiting() == {True}
-        assert store.enable_endpoint(conn, user, endpoint) is not None  # enabled already: no way round
+        assert store.enable_endpoint(conn, user, endpoint, WEEK_S) is not None  # enabled already: no way round
         assert mine() == []
         store.redeliver(conn, user, endpoint, first.id)  # its owner says it works again
         again = mine()
@@ -155,7 +157,7 @@ def test_a_disabled_endpoints_due_deliveries_are_not_claimed(conn):
         conn.execute("UPDATE palette_webhooks.endpoints SET enabled = false, disabled_at = now() WHERE id = %s",
                      [endpoint])
         assert [d for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == []
-        store.enable_endpoint(conn, user, endpoint)
+        store.enable_endpoint(conn, user, endpoint, WEEK_S)
         assert [d.message_id for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == [f"msg_{job.hex}_1"]
 
 
@@ -182,7 +184,7 @@ def test_another_users_endpoint_and_deliveries_are_out_of_reach_whatever_ids_the
         assert store.redeliver(conn, stranger, endpoint, delivery) is None
         assert store.rotate_secret(conn, stranger, endpoint, "whsec_stranger") is None
         assert store.list_deliveries(conn, stranger, endpoint, 10) is None
-        assert store.enable_endpoint(conn, stranger, endpoint) is None
+        assert store.enable_endpoint(conn, stranger, endpoint, WEEK_S) is None
         assert not store.delete_endpoint(conn, stranger, endpoint)
         row = conn.execute("SELECT d.status, e.secret FROM palette_webhooks.deliveries d JOIN "
                            "palette_webhooks.endpoints e ON e.id = d.endpoint_id WHERE d.id = %s",
@@ -359,11 +361,24 @@ def test_a_disabled_endpoints_pending_deliveries_are_forgotten_a_keep_time_after
             while store.prune(conn, keep_s=3600, limit=1):
                 pass
             assert (pending(job), pending(recent_job)) == (0, 1)  # enabling it within the hour sends it
-            assert store.enable_endpoint(conn, user, recent) is not None
+            assert store.enable_endpoint(conn, user, recent, keep_s=3600) is not None
             assert [d.message_id for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == \
                 [f"msg_{recent_job.hex}_1"]
         finally:
             conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [recent])
+
+
+def test_an_enable_after_the_keep_time_forgets_what_was_pending_as_the_prune_would(conn):
+    # The prune runs hourly: an enable past the keep time but before the next prune made the
+    # week-old job views due and sent them, where the README says they are forgotten by then.
+    user = uuid.uuid4()
+    with one_delivery(conn, user, "disabled-past-keep") as (endpoint, job):
+        conn.execute("UPDATE palette_webhooks.endpoints SET enabled = false, disabled_at = now() - "
+                     "interval '2 hours' WHERE id = %s", [endpoint])
+        assert store.enable_endpoint(conn, user, endpoint, keep_s=3600) is not None
+        assert [d for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == []
+        assert conn.execute("SELECT count(*) FROM palette_webhooks.deliveries WHERE job_id = %s",
+                            [job]).fetchone() == (0,)
 
 
 @contextlib.contextmanager
@@ -436,7 +451,7 @@ def test_a_redelivery_or_an_enable_leaves_an_attempt_in_flight_the_only_one(conn
         assert [d for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == []
         conn.execute("UPDATE palette_webhooks.endpoints SET enabled = false, disabled_at = now() WHERE id = %s",
                      [endpoint])
-        assert store.enable_endpoint(conn, user, endpoint) is not None
+        assert store.enable_endpoint(conn, user, endpoint, WEEK_S) is not None
         assert [d for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == []
         store.finish(conn, due.id, Outcome(None, "timeout", "", 10_000), 300.0, 20, 0, due.lease)
         row = conn.execute("SELECT attempts, next_attempt_at > now() FROM palette_webhooks.deliveries "
@@ -519,7 +534,7 @@ def test_a_disabled_endpoints_backlog_does_not_hide_a_delivery_the_claim_may_tak
                      "WHERE endpoint_id = %s", [answered])
         got = store.claim(conn, 8, 30.0, per_user=2)
         assert [d.user_id for d in got if d.user_id in (failing, victim)] == [victim]
-        assert store.enable_endpoint(conn, failing, disabled) is not None  # and an enable sends them all
+        assert store.enable_endpoint(conn, failing, disabled, WEEK_S) is not None  # and an enable sends them all
         assert len([d for d in store.claim(conn, 10_000, 30.0) if d.user_id == failing]) == 31
     finally:
         conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[disabled, answered]])
@@ -541,7 +556,7 @@ def test_deliveries_recorded_while_their_endpoint_is_enabled_again_are_due(conn,
             with conn.transaction():  # record's reads and inserts, not yet committed
                 assert store.record(conn, [store.NewDelivery(endpoint, f"msg_{job.hex}_1", job, 1, "job.queued",
                                                              b"{}")]) == 1
-                enabling = threading.Thread(target=store.enable_endpoint, args=(owner, user, endpoint))
+                enabling = threading.Thread(target=store.enable_endpoint, args=(owner, user, endpoint, WEEK_S))
                 enabling.start()
                 enabling.join(0.5)
             enabling.join(10)
