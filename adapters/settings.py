@@ -188,7 +188,7 @@ class Settings(BaseSettings):
     # idle the new one gets a 503 (adapters.api.http_limits).
     api_max_connections: int = Field(0, ge=0)
     api_max_connections_per_peer: int = Field(256, ge=1)
-    # Webhooks: the delays between tries of a failed delivery (``5s,5m,2h,1d``; jittered +-20 %),
+    # Webhooks: the delays between tries of a failed delivery (written as ``5s,5m,2h,1d``; jittered +-20 %),
     # and an endpoint disabled once its failures in a row number PALETTE_WEBHOOK_DISABLE_AFTER and
     # have lasted PALETTE_WEBHOOK_DISABLE_AFTER_S (its owner enables it again).
     webhook_retry_schedule: str = DEFAULT_RETRY_SCHEDULE
