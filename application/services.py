@@ -649,23 +649,25 @@ class PaletteService:
     def update_rule(
         self, user_id: UUID, rule_id: UUID, name: str, concepts: Mapping[str, Mapping[str, Any]],
         protect: Sequence[str] = (), expected_versions: AbstractSet[int] | None = None,
-    ) -> Committed[None]:
+    ) -> Committed[Rule]:
         return self.executor.execute(self.update_rule_command(user_id, rule_id, name, concepts, protect,
                                                               expected_versions))
 
     def update_rule_command(
         self, user_id: UUID, rule_id: UUID, name: str, concepts: Mapping[str, Mapping[str, Any]],
         protect: Sequence[str] = (), expected_versions: AbstractSet[int] | None = None,
-    ) -> Command[None]:
+    ) -> Command[Rule]:
         """``expected_versions`` (an If-Match; None: none) is checked against the rule as this
         command loads it, each time it is decided (a retry after a conflict loads it again): a
         rule at another version is PreconditionFailed, unless it already is what was asked (the
-        retry of an edit whose answer was lost; RFC 9110 13.1.1 allows a 2xx for it)."""
+        retry of an edit whose answer was lost; RFC 9110 13.1.1 allows a 2xx for it). Returns a
+        copy of the rule as this command left it: read again afterwards, another device's write
+        landing in between would be answered instead (a deletion's 404 for a saved edit)."""
         sealed = self.sealer.seal(user_id, RULE_NAME_FIELD, name)
         at = self.clock.now()
 
         @touches(rule_id, user_id)
-        def command(uow: UnitOfWork) -> None:
+        def command(uow: UnitOfWork) -> Rule:
             self._user(uow, user_id)  # NotFound once erased, whatever this process still caches
             rule = self._own_rule(uow, user_id, rule_id)
             if name != self.rule_name(rule.name):  # a name kept is no rename, whenever it was stored
@@ -673,9 +675,10 @@ class PaletteService:
             edits, protected = normalise_edits(rule.preset_id, concepts, protect)  # the rule's preset's concepts
             if not _version_matches(rule, expected_versions):
                 if (rule.concepts, rule.protect, self.rule_name(rule.name)) == (edits, protected, name):
-                    return  # already as asked: nothing to write
+                    return copy.deepcopy(rule)  # already as asked: nothing to write
                 raise _stale(rule)
             rule.update(sealed, edits, protected, at)
+            return copy.deepcopy(rule)  # the writer's own object changes with the next batch
 
         return command
 

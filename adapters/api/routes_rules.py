@@ -116,7 +116,7 @@ async def update_rule(rule_id: UUID, body: RuleUpdate, user_id: CurrentUser,
                                                                   body.protect, versions))
         spending.recorded = committed.recorded
     container.last_writes.record(user_id, "rules", rule_id, committed.versions.get(rule_id))
-    return _answer(service, await run_in_threadpool(service.get_rule, user_id, rule_id))
+    return _answer(service, committed.value)  # as this write left it, whatever landed since
 
 
 @router.delete("/rules/{rule_id}", response_model=Envelope[dict[str, bool]],

@@ -1,0 +1,66 @@
+"""A rule write's answer is what that write did, even when another device's write to the rule lands
+through another API process between its commit and its answer: the answer is built from the rule
+as the command left it, not read again afterwards (a DELETE landing there made a saved edit a 404,
+and another PUT made its answer the other's edit, with the other's ETag)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import anyio.to_thread
+import httpx
+import pytest
+
+from adapters.api.app import create_app
+from adapters.bootstrap import build
+from adapters.settings import Settings
+from tests.served import served_api
+
+from .conftest import Client
+
+EDITS = {"wall": {"action": "tone", "value": "warm"}}
+THEIRS = {"name": "the other device's", "concepts": {"wall": {"action": "tone", "value": "cool"}}}
+
+
+@pytest.mark.parametrize("other_write", ["DELETE", "PUT"])
+def test_a_rule_edit_answers_what_it_did_when_another_write_lands_before_its_answer(
+        http: httpx.Client, api_url: str, settings: Settings, other_write: str) -> None:
+    client = Client(http)
+    rule_id = client.data("POST", "/rules", 201, json={"name": "mine", "preset_id": "interior",
+                                                       "concepts": EDITS})["id"]
+    container = build(settings, pool_size=2)  # this process's API, beside the stack's own
+    service = container.service
+    plain_run: Callable[..., Any] = service.run
+    others: list[httpx.Response] = []
+
+    def other_device() -> None:  # through the stack's API process: another group committer
+        with httpx.Client(base_url=api_url, timeout=30, headers=client.headers) as own:
+            others.append(own.request(other_write, f"/rules/{rule_id}",
+                                      **({"json": THEIRS} if other_write == "PUT" else {})))
+
+    async def run_then_the_other_write(command: Any) -> Any:
+        committed = await plain_run(command)
+        if not others:  # the edit is committed, its answer not yet built: the other write lands
+            await anyio.to_thread.run_sync(other_device)
+        return committed
+
+    service.run = run_then_the_other_write  # type: ignore[method-assign]
+    try:
+        app = create_app(container)
+        with served_api(app) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
+                                                   headers=client.headers) as mine:
+            edit = mine.put(f"/rules/{rule_id}", json={"name": "my edit", "concepts": EDITS},
+                            headers={"If-Match": '"1"'})
+        logged = [type(e).__name__ for e in service.app.events.get(uuid.UUID(rule_id))]
+    finally:
+        container.close()
+    (other,) = others
+    assert other.status_code == 200, other.text
+    # Serially: the edit first (it committed first), then the other write.
+    assert edit.status_code == 200, edit.text
+    rule = edit.json()["data"]
+    assert (rule["name"], rule["version"], edit.headers["etag"]) == ("my edit", 2, '"2"')
+    later = "RuleDeleted" if other_write == "DELETE" else "RuleUpdated"
+    assert logged == ["RuleCreated", "RuleUpdated", later]
