@@ -1,7 +1,9 @@
 """``Idempotency-Key`` on POSTs (Stripe's rules): the same key and body get the same response;
 the same key with another body or path is a 422; a key still in flight is a 409, until its
 claim is ``STALE_S`` old (its process died before answering): then a retry runs it again, and
-creations, whose ids derive from the key (``id_for_key``), find what the first run committed.
+creations, whose ids derive from the key (``id_for_key``), find what the first run committed. A
+request whose claim was taken over (it was slow, not dead) neither keeps its answer nor releases
+the key when it ends: the claim is its time, and only the latest claim settles the key.
 
 Keys belong to the authenticated principal: a request without a valid bearer token neither
 claims nor reads a key; the header is ignored and the app answers it as usual (a 401, or, for
@@ -35,6 +37,7 @@ import json
 import re
 import uuid
 from collections.abc import Container
+from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -210,15 +213,15 @@ class IdempotencyKeys:
             await self.fail("UNAVAILABLE", unavailable.message(e), headers=unavailable.HEADERS)(scope, receive, send)
             return
         address = self._address(scope, raw_headers)
-        if claimed and (refused := self._address_refuses(address)) is not None:
+        if claimed is not None and (refused := self._address_refuses(address)) is not None:
             # Only a key claimed anew spends from its address: a replay, a 409 or a 422 adds no
             # row, and charging them let one client's replays of one key refuse its neighbours'.
-            await self._release(owner, key)
+            await self._release(owner, key, claimed)
             await self.fail("RATE_LIMITED", "too many Idempotency-Keys from this address; send this request "
                             "without one, or later", status=429,
                             headers={"Retry-After": refused.retry_after_header})(scope, receive, send)
             return
-        if not claimed:
+        if claimed is None:
             if stored is FULL:
                 await self.fail("RATE_LIMITED", f"at most {self.max_keys} Idempotency-Keys are kept at once; "
                                 "send this request without one, or later", status=429,
@@ -256,7 +259,7 @@ class IdempotencyKeys:
                 captured["body"] += message.get("body", b"")
                 if not message.get("more_body"):
                     status = captured.get("status", 500)
-                    await self._settle(owner, key, status, captured["headers"], captured["body"], address)
+                    await self._settle(owner, key, claimed, status, captured["headers"], captured["body"], address)
                     captured["settled"] = True
             await send(message)
 
@@ -264,7 +267,7 @@ class IdempotencyKeys:
             await self.app(scope, replay_body, capture)
         finally:
             if not captured["settled"]:
-                await self._release(owner, key)  # a crash: a retry may run it again
+                await self._release(owner, key, claimed)  # a crash: a retry may run it again
 
     def _address(self, scope: Scope, raw_headers: list[tuple[bytes, bytes]]) -> str | None:
         """The client address the keys are counted against (None: they are not)."""
@@ -298,37 +301,40 @@ class IdempotencyKeys:
         return f"user:{user_id}" if role == "client" else f"{role}:{user_id}"
 
     async def _claim(self, owner: str, key: str,
-                     request_hash: str) -> tuple[bool, tuple[str, int | None, Any, Any] | None]:
+                     request_hash: str) -> tuple[datetime | None, tuple[str, int | None, Any, Any] | None]:
+        """The claim's time (None: not claimed; then the answer kept for the key, if any), which
+        tells this claim from a retry's that takes it over once it is stale: only the request
+        holding the claim keeps its answer or releases the key."""
         async with self.connections.connection() as conn:
             for _ in range(CLAIM_ATTEMPTS):
                 # The sweep rides along in the claim's statement: one round trip for a new key.
                 claim = await (await conn.execute(CLAIM, {
                     "ttl": self.ttl_s, "limit": SWEEP_BATCH, "s": owner, "k": key, "h": request_hash,
                     "cap": self.max_keys})).fetchone()
-                inserted, full = claim if claim is not None else (False, False)
-                if inserted:
-                    return True, None
+                claimed_at, full = claim if claim is not None else (None, False)
+                if claimed_at is not None:
+                    return claimed_at, None
                 # An expired key is a new key; a stale claim of the same request is taken over.
                 taken_over = await (await conn.execute(
                     "UPDATE palette_api.idempotency SET request_hash = %(h)s, status = NULL, headers = NULL, "
                     "body = NULL, created_at = now() WHERE scope = %(s)s AND key = %(k)s AND ("
                     "created_at < now() - %(ttl)s * interval '1 second' OR (request_hash = %(h)s AND status IS NULL "
-                    "AND created_at < now() - %(stale)s * interval '1 second')) RETURNING 1",
+                    "AND created_at < now() - %(stale)s * interval '1 second')) RETURNING created_at",
                     {"h": request_hash, "s": owner, "k": key, "ttl": self.ttl_s, "stale": STALE_S})).fetchone()
                 if taken_over:
-                    return True, None
+                    return taken_over[0], None
                 row = await (await conn.execute(
                     "SELECT request_hash, status, headers, body FROM palette_api.idempotency "
                     "WHERE scope = %s AND key = %s", [owner, key])).fetchone()
                 if row is not None:
-                    return False, (row[0], row[1], row[2], row[3])
+                    return None, (row[0], row[1], row[2], row[3])
                 if full:
-                    return False, FULL
+                    return None, FULL
                 # Gone since the insert found it (released by its request, or swept by another
                 # claim): claim it again, never answer a retry of the same request with a 422.
-        return False, None  # still vanishing each time: the caller answers "in flight" (409)
+        return None, None  # still vanishing each time: the caller answers "in flight" (409)
 
-    async def _settle(self, owner: str, key: str, status: int, headers: Any, body: bytes,
+    async def _settle(self, owner: str, key: str, claimed: datetime, status: int, headers: Any, body: bytes,
                       address: str | None = None) -> None:
         """Keep the answer for the key, or release it: one the address cannot pay for in keys
         (``ANSWER_BYTES_PER_KEY``) is released. The request has run: a database that fails
@@ -338,25 +344,27 @@ class IdempotencyKeys:
         try:
             extra = -(-len(body) // ANSWER_BYTES_PER_KEY) - 1
             if storable(status) and self._address_refuses(address, extra) is None:
-                await self._store(owner, key, status, headers, body)
+                await self._store(owner, key, claimed, status, headers, body)
             else:
-                await self._release(owner, key)
+                await self._release(owner, key, claimed)
             return
         except unavailable.DATABASE_ERRORS as e:
             self.unsettled.note(e)
         try:
-            await self._release(owner, key)
+            await self._release(owner, key, claimed)
         except unavailable.DATABASE_ERRORS as e:
             self.unsettled.note(e)
 
-    async def _store(self, owner: str, key: str, status: int, headers: Any, body: bytes) -> None:
+    async def _store(self, owner: str, key: str, claimed: datetime, status: int, headers: Any, body: bytes) -> None:
         async with self.connections.connection() as conn:
             await conn.execute("UPDATE palette_api.idempotency SET status = %s, headers = %s, body = %s "
-                               "WHERE scope = %s AND key = %s", [status, json.dumps(headers), body, owner, key])
+                               "WHERE scope = %s AND key = %s AND created_at = %s",
+                               [status, json.dumps(headers), body, owner, key, claimed])
 
-    async def _release(self, owner: str, key: str) -> None:
+    async def _release(self, owner: str, key: str, claimed: datetime) -> None:
         async with self.connections.connection() as conn:
-            await conn.execute("DELETE FROM palette_api.idempotency WHERE scope = %s AND key = %s", [owner, key])
+            await conn.execute("DELETE FROM palette_api.idempotency WHERE scope = %s AND key = %s AND created_at = %s",
+                               [owner, key, claimed])
 
     async def _replay(self, stored: tuple[str, int | None, Any, Any], send: Send) -> None:
         _, status, headers, body = stored
@@ -372,10 +380,10 @@ SWEEP = ("DELETE FROM palette_api.idempotency WHERE (scope, key) IN (SELECT scop
          "WHERE created_at < now() - %(ttl)s * interval '1 second' AND (scope, key) <> (%(s)s, %(k)s) "
          "ORDER BY created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)")
 # The owner's live keys, counted up to the cap; the key is inserted only below it. Returns
-# (inserted, full).
+# (the claim's time, None if not inserted; full).
 CLAIM = ("WITH swept AS (" + SWEEP + "), held AS (SELECT count(*) AS n "  # noqa: S608 - made of constants
          "FROM (SELECT 1 FROM palette_api.idempotency "
          "WHERE scope = %(s)s AND created_at >= now() - %(ttl)s * interval '1 second' LIMIT %(cap)s) live), "
          "claimed AS (INSERT INTO palette_api.idempotency (scope, key, request_hash) "
-         "SELECT %(s)s, %(k)s, %(h)s FROM held WHERE held.n < %(cap)s ON CONFLICT DO NOTHING RETURNING 1) "
-         "SELECT EXISTS (SELECT 1 FROM claimed), (SELECT n FROM held) >= %(cap)s")
+         "SELECT %(s)s, %(k)s, %(h)s FROM held WHERE held.n < %(cap)s ON CONFLICT DO NOTHING RETURNING created_at) "
+         "SELECT (SELECT created_at FROM claimed), (SELECT n FROM held) >= %(cap)s")

@@ -274,3 +274,41 @@ def test_an_answer_whose_key_cannot_be_stored_still_reaches_its_client(settings:
     with psycopg.connect(url, autocommit=True) as conn:
         held = conn.execute("SELECT count(*) FROM palette_api.idempotency WHERE key = %s", [key]).fetchone()
     assert held == (0,)  # released: the retry runs again rather than waiting STALE_S on a claim in flight
+
+
+def test_a_request_whose_stale_claim_was_taken_over_leaves_the_retrys_answer_alone(settings: Settings) -> None:
+    """A request still running past STALE_S has its claim taken over by its retry, which runs and
+    keeps its answer; the first one's own end (here a 409, released) must not delete the retry's
+    answer, nor overwrite it: a third try is then a replay, not a third run."""
+    url = settings.effective_database_url
+    user_id, key = uuid.uuid4(), f"k-{uuid.uuid4().hex}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        ensure_schema(conn)
+    ran: list[int] = []
+    statuses: list[int] = []
+    keys: list[IdempotencyKeys] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        ran.append(len(ran))
+        status = 201
+        if len(ran) == 1:  # the first run outlives its claim; its retry comes meanwhile and runs
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("UPDATE palette_api.idempotency SET created_at = now() - interval '1 minute' "
+                             "WHERE scope = %s AND key = %s", [f"user:{user_id}", key])
+            statuses.append(await _post(keys[0], "/jobs/x/execute", key))
+            status = 409
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"%d" % status})
+
+    async def scenario() -> None:
+        connections = unflushed(url)
+        keys.append(IdempotencyKeys(app, connections, Tokens(user_id), fail))
+        try:
+            statuses.insert(0, await _post(keys[0], "/jobs/x/execute", key))
+            statuses.append(await _post(keys[0], "/jobs/x/execute", key))
+        finally:
+            await connections.close()
+
+    asyncio.run(scenario())
+    assert statuses == [409, 201, 201]  # the first, its retry, and the retry's answer replayed
+    assert len(ran) == 2
