@@ -633,27 +633,26 @@ class GpuWorker(ConsumerLoop):
         first: dict[Any, int] = {}
         for tp, offset in left:
             first[tp] = min(offset, first.get(tp, offset))
+        self._seek_back(first)
+
+    def _again(self, polled: dict[Any, list[Any]], error: CallbackUnavailable) -> None:
+        """The API did not acknowledge a result: read the poll's records again from their first
+        offsets after a pause, rather than exit (a restart would join the group again)."""
+        self._seek_back({tp: records[0].offset for tp, records in polled.items() if records})
+        self._pause_s = min(UNAVAILABLE_MAX_S, max(self.unavailable_pause_s, 2 * self._pause_s))
+        log.warning("%s: the poll's tasks come again in %.1f s", error, self._pause_s)
+        time.sleep(self._pause_s)
+
+    def _seek_back(self, offsets: dict[Any, int]) -> None:
+        """Move each partition back to its offset in ``offsets``; one the poll moved to its start
+        stays there, and one no longer assigned is left to the group."""
         rewound: set[Any] = getattr(self.consumer, "rewound", set())  # a recreated topic: left at its start
-        for tp, offset in first.items():
+        for tp, offset in offsets.items():
             if tp not in rewound:
                 try:
                     self.consumer.seek(tp, offset)
                 except Exception:  # noqa: BLE001 - no longer assigned: the group hands it on from its offset
                     log.debug("%s is no longer assigned", tp)
-
-    def _again(self, polled: dict[Any, list[Any]], error: CallbackUnavailable) -> None:
-        """The API did not acknowledge a result: read the poll's records again from their first
-        offsets after a pause, rather than exit (a restart would join the group again)."""
-        rewound: set[Any] = getattr(self.consumer, "rewound", set())  # a recreated topic: left at its start
-        for tp, records in polled.items():
-            if records and tp not in rewound:
-                try:
-                    self.consumer.seek(tp, records[0].offset)
-                except Exception:  # noqa: BLE001 - no longer assigned: the group hands it on from its offset
-                    log.debug("%s is no longer assigned", tp)
-        self._pause_s = min(UNAVAILABLE_MAX_S, max(self.unavailable_pause_s, 2 * self._pause_s))
-        log.warning("%s: the poll's tasks come again in %.1f s", error, self._pause_s)
-        time.sleep(self._pause_s)
 
     def close(self) -> None:
         self.compute_pool.shutdown(wait=True)
