@@ -486,14 +486,15 @@ def finish(conn: psycopg.Connection[Any], delivery_id: UUID, outcome: Outcome, r
                          "held_until = NULL, proven = true WHERE id = %s "
                          "AND (failures > 0 OR held_until IS NOT NULL OR NOT proven)", [row[1]])
             return
-        failures = conn.execute(
+        # Whether this failure disables the endpoint (the row's failures and failing_since, as before this update).
+        disables = sql.SQL("(%(gone)s OR failures + 1 >= %(n)s "
+                           "  AND now() - coalesce(failing_since, now()) >= %(s)s * interval '1 second')")
+        failures = conn.execute(sql.SQL(
             "UPDATE palette_webhooks.endpoints SET failures = failures + 1, "
             "failing_since = coalesce(failing_since, now()), "
-            "enabled = enabled AND NOT (%(gone)s OR failures + 1 >= %(n)s "
-            "  AND now() - coalesce(failing_since, now()) >= %(s)s * interval '1 second'), "
-            "disabled_at = CASE WHEN enabled AND (%(gone)s OR failures + 1 >= %(n)s "
-            "  AND now() - coalesce(failing_since, now()) >= %(s)s * interval '1 second') THEN now() "
-            "  ELSE disabled_at END WHERE id = %(id)s RETURNING failures, enabled",
+            "enabled = enabled AND NOT {disables}, "
+            "disabled_at = CASE WHEN enabled AND {disables} THEN now() "
+            "  ELSE disabled_at END WHERE id = %(id)s RETURNING failures, enabled").format(disables=disables),
             {"n": disable_after, "s": disable_after_s, "id": row[1], "gone": outcome.gone}).fetchone()
         if failures is not None and not failures[1]:
             # Disabled (now, or while this attempt was in flight): its pending deliveries wait for
