@@ -90,6 +90,10 @@ DDL = (
 )
 # A delivery whose attempt is in flight (claimed, its lease not over, its outcome not recorded).
 _IN_FLIGHT = sql.SQL("(d.status = 'pending' AND d.next_attempt_at = d.leased_until AND d.leased_until > now())")
+# A held endpoint's due deliveries wait until its hold ends (``next_attempt_at`` = ``held_until``):
+# the claim's index scan does not walk past them. Ending the hold early makes them due again.
+_RELEASE = ("UPDATE palette_webhooks.deliveries d SET next_attempt_at = now() FROM palette_webhooks.endpoints e "
+            "WHERE e.id = %s AND d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at = e.held_until")
 POSITIONS = ("palette_webhooks", "positions")
 ROTATION_GRACE_S = 24 * 3600  # the secret a rotation replaced still signs this long
 SHOWN_ATTEMPTS = 20  # attempts listed per delivery, the latest first, and all that are kept
@@ -295,12 +299,6 @@ def redeliver(conn: psycopg.Connection[Any], user_id: UUID, endpoint_id: UUID,
             cur.execute(_RELEASE, [endpoint_id])
             cur.execute("UPDATE palette_webhooks.endpoints SET held_until = NULL WHERE id = %s", [endpoint_id])
         return _with_attempts(cur, rows)[0] if rows else None
-
-
-# A held endpoint's due deliveries wait until its hold ends (``next_attempt_at`` = ``held_until``):
-# the claim's index scan does not walk past them. Ending the hold early makes them due again.
-_RELEASE = ("UPDATE palette_webhooks.deliveries d SET next_attempt_at = now() FROM palette_webhooks.endpoints e "
-            "WHERE e.id = %s AND d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at = e.held_until")
 
 
 # -- recording (the consumer) ---------------------------------------------------------------------
