@@ -147,7 +147,7 @@ class KafkaTaskQueue:
     def __init__(self, admin: Any, probe: Any, topic: str = GPU_TOPIC, group: str = GPU_GROUP,
                  probe_timeout_s: float = 2.0) -> None:
         self.admin = admin
-        self.probe = probe  # a consumer outside any group, used by assign/seek only
+        self.probe = probe  # a consumer outside any group: assigned and moved by hand, never subscribed
         self.topic = topic
         self.group = group
         self.probe_timeout_s = probe_timeout_s
@@ -245,7 +245,6 @@ class Dispatcher(ConsumerLoop):
         (a finished job's row held behind a dead letter, jobs waiting behind a backlog) never
         hide the jobs after them."""
         assert self.conn is not None
-        rows: list[Any] = []
         while True:
             at, job = self._swept_to or (None, None)
             rows = self.conn.execute(
@@ -254,8 +253,9 @@ class Dispatcher(ConsumerLoop):
                 "AND (%s::timestamptz IS NULL OR (updated_at, id) > (%s::timestamptz, %s::uuid)) "
                 "ORDER BY updated_at, id LIMIT %s", [stale_s, at, at, job, limit]).fetchall()
             self._swept_to = (rows[-1][1], rows[-1][0]) if rows and len(rows) == limit else None
-            if rows or at is None:  # the last page was a full one, and nothing came after it: the start again
+            if rows or at is None:
                 break
+            # Nothing came after the last page, which was a full one: from the start again.
         return [job_id for (job_id, _) in rows]
 
     def sweep(self, limit: int = 100) -> int:
@@ -504,7 +504,7 @@ class Dispatcher(ConsumerLoop):
                 try:
                     tasks = self._tasks_of(record)
                     sent.extend((task["job_id"], self._send(task)) for task in tasks)
-                except MessageSizeTooLargeError as e:
+                except MessageSizeTooLargeError as e:  # a KafkaError, yet the record's fault, not the broker's
                     parked.append(self._park(record, e))
                 except TRANSIENT:
                     raise
