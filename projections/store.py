@@ -181,16 +181,17 @@ def _copy_fresh(conn: psycopg.Connection[Any], tbl: str, columns: Sequence[str],
 
 
 def insert_appended(conn: psycopg.Connection[Any], model: ReadModel, suffix: str, rows: Sequence[Row]) -> None:
+    """The rows the batch appends to the model's append-only table (a ledger); many by COPY."""
     if not rows or model.append is None:
         return
+    target = table(model.append.name + suffix)
     columns = model.append.columns
     records = list(map(_values(columns), rows))
     if len(records) >= BULK_ROWS and not conn.pgconn.pipeline_status:
-        tbl = model.append.name + suffix
-        copy_rows(conn, table(tbl), columns, records)
+        copy_rows(conn, target, columns, records)
         return
     stmt = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-        table(model.append.name + suffix), sql.SQL(", ").join(ident(c) for c in columns),
+        target, sql.SQL(", ").join(ident(c) for c in columns),
         sql.SQL(", ").join(sql.Placeholder() for _ in columns))
     with conn.cursor() as cur:
         cur.executemany(stmt, records)
