@@ -85,6 +85,11 @@ def tasks_for(job: Job) -> list[dict[str, Any]]:
                        PRESETS[job.preset].concepts)
 
 
+def unfinished_tasks(job: Job) -> list[dict[str, Any]]:
+    """The GPU tasks of a job's items that have no result yet."""
+    return [t for t in tasks_for(job) if t["idx"] not in job.items]
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where a job's last task was written (all its tasks share the key, so the partition)."""
@@ -335,7 +340,7 @@ class Dispatcher(ConsumerLoop):
                 job = self.repository.get(job_id)
                 if job.status.value not in ("queued", "running"):
                     continue  # the read model lags the store: it finished meanwhile
-                jobs.append((job, [t for t in tasks_for(job) if t["idx"] not in job.items]))
+                jobs.append((job, unfinished_tasks(job)))
             except TRANSIENT:
                 raise
             except Exception as e:  # noqa: BLE001 - one job that cannot be built never stops the sweep
@@ -418,7 +423,7 @@ class Dispatcher(ConsumerLoop):
         job = self.repository.get(env.stream_id)
         if job.status.value not in ("queued", "running"):
             return []
-        tasks = [t for t in tasks_for(job) if t["idx"] not in job.items]
+        tasks = unfinished_tasks(job)
         if env.trace:  # the request's trace goes on with the tasks, to the worker and its callbacks
             for task in tasks:
                 task[tracing.HEADER] = env.trace
