@@ -349,7 +349,8 @@ class Dispatcher(ConsumerLoop):
         try:
             waiting = self._waiting([job for job, _ in jobs])
         except TRANSIENT as e:
-            log.warning("stale sweep postponed: the broker did not answer (%s)", type(e).__name__)
+            log.warning("%d %s job(s) not dispatched again yet: the broker did not answer (%s)", len(jobs), why,
+                        type(e).__name__)
             return 0
         sent: list[tuple[str, Any]] = []
         for job, tasks in jobs:
