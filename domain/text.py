@@ -28,10 +28,10 @@ def refused_character(value: str) -> str | None:
 
 
 # What prints nothing: spaces and separators (Z*), format characters and controls (Cf, Cc:
-# zero-width spaces, joiners, bidi controls, BOM), marks with no base (Mn, Me), and the Hangul
-# fillers, letters made to be blank.
+# zero-width spaces, joiners, bidi controls, BOM), marks with no base (Mn, Me), the Hangul
+# fillers, letters made to be blank, and the Braille pattern with no dot (U+2800), a symbol.
 _BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cf", "Cc", "Mn", "Me"})
-_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0")
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 
 def shows(value: str) -> bool:

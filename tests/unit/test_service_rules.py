@@ -323,7 +323,10 @@ def test_a_rule_name_is_checked_in_clear_before_it_is_sealed_on_create_and_updat
     assert service.rule_name(service.get_rule(user_id, rule_id).name) == "x" * 80
 
 
-INVISIBLE = ["\u200b", "\u2060\ufeff", "\u0301", "\u202e\u2066", "\u3000\u00a0", " \u200b ", "\u3164"]
+# U+2800, the blank Braille pattern, is a symbol (So) that prints no dot: the other blank "name"
+# beside the Hangul fillers.
+INVISIBLE = ["\u200b", "\u2060\ufeff", "\u0301", "\u202e\u2066", "\u3000\u00a0", " \u200b ", "\u3164",
+             "\u2800", "\u2800\u200d\u2800"]
 
 
 @pytest.mark.parametrize("blank", INVISIBLE)
@@ -339,6 +342,17 @@ def test_a_rule_name_that_shows_nothing_is_refused_on_create_and_rename(blank: s
     for shown in ("e\u0301", f"{blank}x", "\U0001f3e0"):  # a mark on a letter, or with one that shows
         service.update_rule(user_id, rule_id, shown, EDITS)
         assert service.rule_name(service.get_rule(user_id, rule_id).name) == shown
+
+
+@pytest.mark.parametrize("name", ["\u0e1a\u0e49\u0e32\u0e19", "\u0915\u093f", "\u0628\u064e\u064a\u062a",
+                                  "\U0001f468\u200d\U0001f469\u200d\U0001f467", "\u2764\ufe0f", "#\ufe0f\u20e3",
+                                  "\ud55c\uae00", "\u1112\u1161\u11ab", "\u115f\u1161", "\u2800x"])
+def test_a_rule_name_in_any_script_that_shows_is_taken(name: str):
+    """Thai and Devanagari with their marks, Arabic with its vowels, emoji joined or with a
+    variation selector, Hangul whole or in jamo (a filler before a vowel): each shows."""
+    service, user_id = palette()
+    rule_id = service.create_rule(user_id, name, "interior", EDITS).value
+    assert service.rule_name(service.get_rule(user_id, rule_id).name) == name
 
 
 @pytest.mark.parametrize("blank", INVISIBLE)
