@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 # kafka-python logs every refused connection at ERROR while the broker starts; readiness polls expect that.
 logging.getLogger("kafka").setLevel(logging.CRITICAL)
@@ -40,6 +41,17 @@ def broker_answers(bootstrap: str, timeout_ms: int = 2000) -> bool:
             admin.close()
 
 
+def miscounted(described: Iterable[dict[str, Any]], names: Iterable[str],
+               partitions: int) -> list[tuple[str, int]]:
+    """Of a DescribeTopics answer, the topics among ``names`` with another partition count than
+    ``partitions``, and theirs. A topic described with an error (one being deleted or made again,
+    as the relay's rollover does) lists no partitions: that is no count, and is left out."""
+    wanted = set(names)
+    return [(t["name"], len(t["partitions"])) for t in described
+            if t["name"] in wanted and not t.get("error_code") and t["partitions"]
+            and len(t["partitions"]) != partitions]
+
+
 def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int, attempts: int = 5) -> None:
     """Create the topics that do not exist yet, and name (a warning) each that exists with another
     partition count, used as it is: one that holds records is never emptied here, and making one
@@ -63,10 +75,9 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int, attemp
                 with contextlib.suppress(TopicAlreadyExistsError):
                     admin.create_topics(missing)
             if there := [t for t in wanted if t in have]:
-                for topic in admin.describe_topics(there):
-                    if topic["name"] in there and len(topic["partitions"]) != partitions:
-                        log.warning("the topic %s has %d partitions, not the %d PALETTE_KAFKA_PARTITIONS asks for: "
-                                    "used as it is", topic["name"], len(topic["partitions"]), partitions)
+                for name, count in miscounted(admin.describe_topics(there), there, partitions):
+                    log.warning("the topic %s has %d partitions, not the %d PALETTE_KAFKA_PARTITIONS asks for: "
+                                "used as it is", name, count, partitions)
             return
         except KafkaProtocolError:
             if attempt == attempts - 1:
