@@ -227,7 +227,8 @@ def abandoned_jobs(conn: psycopg.Connection[Any], cutoff: datetime, after: tuple
 
 class Sweeper:
     """`palette serve sweeper` (built by ``bootstrap.build_sweeper``): a pass every
-    PALETTE_ERASURE_SWEEP_S over the container's stores; it closes the container."""
+    PALETTE_SWEEP_INTERVAL_S over the container's stores, and the unfinished erasures alone every
+    PALETTE_ERASURE_SWEEP_S in between; it closes the container."""
 
     def __init__(self, settings: Settings, container: Container) -> None:
         self.settings = settings
