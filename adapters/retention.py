@@ -21,7 +21,9 @@ Each pass (every ``PALETTE_SWEEP_INTERVAL_S``):
    handed out before (links live ``URL_TTL_S``): the objects of jobs deleted and users erased are
    deleted once more when ``LATE_UPLOADS_S`` have passed, and an erased user's webhook endpoints
    and kept idempotent answers too (a request in flight during the erasure may write them after
-   it); cursors in ``palette_sweeps``, every settled one in the pass, a page at a time.
+   it), and a deleted job's webhook deliveries (an API process that died between recording the
+   deletion and forgetting them left them); cursors in ``palette_sweeps``, every settled one in
+   the pass, a page at a time.
 4. **Oversized uploads** — an upload link cannot bound what is sent through it (a presigned PUT
    signs no size), and confirm-upload refuses only what is there when it runs: once a job's links
    have expired (``LINKS_EXPIRED_S`` after its creation: a retried creation hands them out again
@@ -412,7 +414,7 @@ class Sweeper:
 
     def _late_uploads(self, settled: datetime) -> int:
         """Delete once more the objects of users erased and jobs deleted before ``settled`` (and
-        what an erased user left in PostgreSQL)."""
+        what an erased user, or a deleted job's webhook deliveries, left in PostgreSQL)."""
         return self._late_erasures(settled) + self._late_deletions(settled)
 
     def _late_erasures(self, settled: datetime) -> int:
