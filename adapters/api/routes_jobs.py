@@ -509,12 +509,12 @@ async def job_events(job_id: UUID, user_id: CurrentUser, service: ServiceDep, co
     all (per API process); one more is a 429. Between polls a stream holds no database connection
     and no thread. A finished job's stream ends after the events past Last-Event-ID; with none,
     the answer is a 204, which tells a browser's EventSource not to reconnect."""
-    # 404 for another user's job. A finished job gets no JobFinished/JobCanceled again.
-    job = await service.get_job_async(user_id, job_id)
+    job = await service.get_job_async(user_id, job_id)  # 404 for another user's job
     finished = job.status.terminal
     after = events_after_id(last_event_id, job.version)
     app = service.app
-    # A finished job's events are read once, here: all it will ever have.
+    # A finished job's events are read once, here: all it will ever have. Its stream ends after
+    # them: when Last-Event-ID is past its JobFinished/JobCanceled, none is coming to end it.
     last: list[Any] | None = await run_in_threadpool(_events_after, app, job_id, after) if finished else None
     if last == []:
         return Response(status_code=204)
