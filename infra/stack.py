@@ -490,9 +490,9 @@ class EmbeddedStack(Generic[S]):
         """Whether SeaweedFS takes a write (a small object put in the images bucket and deleted
         again), or cannot be blamed for refusing one: with under ``S3_HEALTH_FREE_BYTES`` free on
         its disk, or under ``S3_HEALTH_FREE_SHARE`` of it (SeaweedFS's own floor is 1%), a restart
-        would not help and would cut off the reads it still serves. After
-        its disk filled, SeaweedFS's filer can go on refusing every write once space is back, for
-        minutes, and ignores SIGTERM then (seen filling a live stack's disk): only a restart ends it."""
+        would not help and would cut off the reads it still serves. After its disk filled,
+        SeaweedFS's filer can go on refusing every write once space is back, for minutes, and
+        ignores SIGTERM then (seen filling a live stack's disk): only a restart ends it."""
         try:
             fs = os.statvfs(self.data_dir / "s3")
         except OSError:
