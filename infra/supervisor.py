@@ -20,19 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-PR_SET_PDEATHSIG = 1
-
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 START_ATTEMPTS = 3  # starts of a restartable service before `palette up` gives up on it
-
-
 TAIL_LINE_CHARS = 300  # of a process's log line quoted in a StackError
+TAIL_BYTES = 64 * 1024  # of a process's log read for that quote: its end, never the whole file
 HEALTH_EVERY_S = 15.0  # between two health checks of one service (the first this long after its start)
 HEALTH_FAILURES = 4  # checks failed in a row that restart a service: a minute of not doing its work
 # SIGTERM to SIGKILL for a service restarted for its health: it is wedged (SeaweedFS ignored SIGTERM
 # then), and the wait holds up `palette up`'s one loop (other restarts, Ctrl-C).
 HEALTH_STOP_S = 5.0
-TAIL_BYTES = 64 * 1024  # of a process's log read for that quote: its end, never the whole file
 LOG_MAX_BYTES = 64 * 2**20  # a process's log is rotated past this (PALETTE_LOG_MAX_BYTES) ...
 LOG_KEEP = 3  # ... keeping this many rotated files, x.log.1 the newest (PALETTE_LOG_KEEP)
 _DECORATION = re.compile(r"[\s|+^~-]*(\d+\s*-+[\s|+-]*)?")  # a traceback's rules and marks ("+---- 1 ----")
