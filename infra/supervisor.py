@@ -587,8 +587,6 @@ def _running(pid: int) -> bool:
 
 def bind_error(port: int, host: str = "127.0.0.1") -> OSError | None:
     """Why ``host:port`` cannot be bound now (None: it can), as the OS says it."""
-    import socket
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
