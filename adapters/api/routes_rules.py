@@ -16,7 +16,9 @@ from adapters.api.preconditions import etag, expected_versions
 from adapters.api.rate_limit import request_address
 from adapters.api.schemas import Envelope, RuleCreate, RuleList, RulePublic, RuleUpdate
 from adapters.api.strict_json import StrictJSONRoute
+from adapters.bootstrap import Container
 from application.services import PaletteService
+from application.unit_of_work import Committed
 from domain.rule import Rule
 from projections.queries import list_rules as list_rules_query
 from projections.queries import wait_for_streams
@@ -55,9 +57,13 @@ def _if_match(request: Request, given: str | None) -> frozenset[int] | None:
     return expected_versions(request.headers.getlist("if-match")) if given is not None else None
 
 
-def _address(request: Request, container: Any) -> str:
+def _address(request: Request, container: Container) -> str:
     """The client's address, which shares a day of rule writes with every user behind it."""
     return request_address(request, container.settings.trusted_proxies)
+
+
+def _remember(c: Container, user_id: UUID, rule_id: UUID, committed: Committed[Any]) -> None:
+    c.last_writes.record(user_id, "rules", rule_id, committed.versions.get(rule_id))
 
 
 def _edits(body: RuleCreate | RuleUpdate) -> dict[str, dict[str, object]]:
@@ -79,7 +85,7 @@ async def create_rule(body: RuleCreate, user_id: CurrentUser, service: ServiceDe
             user_id, body.name, body.preset_id, _edits(body), body.protect,
             id_for_key(user_id, "rule", idempotency_key)))
         spending.recorded = committed.recorded
-    container.last_writes.record(user_id, "rules", committed.value, committed.versions.get(committed.value))
+    _remember(container, user_id, committed.value, committed)
     rule = await run_in_threadpool(service.get_rule, user_id, committed.value)
     return _answer(service, rule, status=201)
 
@@ -115,7 +121,7 @@ async def update_rule(rule_id: UUID, body: RuleUpdate, user_id: CurrentUser,
         committed = await service.run(service.update_rule_command(user_id, rule_id, body.name, _edits(body),
                                                                   body.protect, versions))
         spending.recorded = committed.recorded
-    container.last_writes.record(user_id, "rules", rule_id, committed.versions.get(rule_id))
+    _remember(container, user_id, rule_id, committed)
     return _answer(service, committed.value)  # as this write left it, whatever landed since
 
 
@@ -129,5 +135,5 @@ async def delete_rule(rule_id: UUID, user_id: CurrentUser, service: ServiceDep,
     with request.app.state.rule_limits.spending(user_id, _address(request, container)) as spending:
         committed = await service.run(service.delete_rule_command(user_id, rule_id, versions))
         spending.recorded = committed.recorded
-    container.last_writes.record(user_id, "rules", rule_id, committed.versions.get(rule_id))
+    _remember(container, user_id, rule_id, committed)
     return ok({"deleted": True})
