@@ -712,7 +712,10 @@ def _mask_png(value: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize(("wall", "sofa", "outcome"), [(0, 255, "failed"), (255, 0, "done")])
+@pytest.mark.parametrize(("wall", "sofa", "outcome"), [
+    (0, 255, "failed"), (255, 0, "done"),
+    (127, 0, "failed"), (128, 0, "done"),  # the concept is what is more than half white, as decode reads it
+])
 def test_an_edit_whose_client_mask_is_empty_fails_but_an_empty_protect_mask_is_no_matter(wall, sofa, outcome):
     t = {**task(), "protect": ["sofa"], "mask_keys": {"wall": "m/wall.png", "sofa": "m/sofa.png"}}
     w, s3, _, callbacks, _ = worker([record(t)])
