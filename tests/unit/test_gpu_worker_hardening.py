@@ -783,6 +783,19 @@ def test_a_removal_whose_mask_leaves_nothing_around_it_fails_instead_of_a_black_
     assert t["output_key"] not in s3.objects
 
 
+def test_a_removal_of_the_whole_photo_but_a_protected_half_fills_from_that_half() -> None:
+    """Protected pixels are kept, so they are what the hole is filled from: a remove mask of the
+    whole photo with half of it protected leaves that half around the hole, no fill from nothing."""
+    t = {**task({"wall": {"action": "remove", "value": ""}}), "protect": ["sofa"],
+         "mask_keys": {"wall": "m/wall.png", "sofa": "m/sofa.png"}}
+    w, s3, _, callbacks, _ = worker([record(t)])
+    s3.objects.update({"m/wall.png": _mask_png(255), "m/sofa.png": _half_mask_png(0, 255)})
+    step_once(w)
+    [(_, status, error)] = callbacks.reports
+    assert status == "done", (status, error)
+    assert t["output_key"] in s3.objects
+
+
 @pytest.mark.parametrize(("upload", "reason"), [
     (b"not an image", "the mask of sofa is not a readable image"),
     (b"\xff\xd8" + b"\0" * MAX_INPUT_BYTES, "the mask of sofa is larger than 20 MB"),
