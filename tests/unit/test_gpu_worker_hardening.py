@@ -1181,6 +1181,19 @@ def test_a_callback_is_signed_over_the_very_bytes_it_sends_for_its_job_and_item(
                            signature=h[SIGNATURE_HEADER], nonce=h[NONCE_HEADER], allow_shared_secret=False)
 
 
+def test_a_result_reported_again_in_the_same_second_is_signed_anew(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API takes a signature once (a replay is refused 401): a report sent again at once (the
+    poll after an unacknowledged callback, or a redelivered task) must not sign as the first did."""
+    monkeypatch.setattr(time, "time", lambda: 1_750_000_000.0)
+    t = Task.parse(json.dumps(task()).encode())
+    client, seen = answering(200, {"data": {"outcome": "recorded"}})
+    client.report(t, "done", "o", "p")
+    client.report(t, "done", "o", "p")
+    first, again = (r.headers for r in seen)
+    assert seen[0].content == seen[1].content and first[TIMESTAMP_HEADER] == again[TIMESTAMP_HEADER]
+    assert first[NONCE_HEADER] != again[NONCE_HEADER] and first[SIGNATURE_HEADER] != again[SIGNATURE_HEADER]
+
+
 def test_a_failed_items_error_reaches_the_api_escaped_and_at_most_2000_characters():
     t = Task.parse(json.dumps(task()).encode())
     client, seen = answering(200, {"data": {"outcome": "recorded"}})
