@@ -1194,6 +1194,14 @@ def test_a_result_reported_again_in_the_same_second_is_signed_anew(monkeypatch: 
     assert first[NONCE_HEADER] != again[NONCE_HEADER] and first[SIGNATURE_HEADER] != again[SIGNATURE_HEADER]
 
 
+def test_a_callback_carries_the_trace_of_the_request_that_queued_its_job() -> None:
+    parent = f"00-{'ab' * 16}-{'cd' * 8}-01"
+    t = Task.parse(json.dumps({**task(), "traceparent": parent}).encode())
+    client, seen = answering(200, {"data": {"outcome": "recorded"}})
+    client.report(t, "done", "o", "p")
+    assert seen[0].headers.get("traceparent") == parent
+
+
 def test_a_failed_items_error_reaches_the_api_escaped_and_at_most_2000_characters():
     t = Task.parse(json.dumps(task()).encode())
     client, seen = answering(200, {"data": {"outcome": "recorded"}})
