@@ -14,6 +14,7 @@ import pytest
 from psycopg import sql
 
 from adapters.webhooks import store
+from adapters.webhooks.retries import retry_delay
 from adapters.webhooks.targets import MAX_RESPONSE_BYTES, Outcome
 
 WEEK_S = 7 * 86400.0  # the keep time an enable is given (PALETTE_WEBHOOK_KEEP_DAYS by default)
@@ -477,6 +478,27 @@ def test_a_redelivery_while_the_last_try_is_in_flight_is_sent_after_it_fails(con
                            [due.id]).fetchone()
         assert row == ("pending", 1, 0)  # the attempt in flight recorded; the redelivery's to come
         assert [d.message_id for d in store.claim(conn, 10_000, 30.0) if d.user_id == user] == [f"msg_{job.hex}_1"]
+
+
+def test_each_failed_try_moves_the_delivery_one_step_along_its_schedule_and_past_its_end_it_has_failed(conn):
+    # The sender asks the schedule for the step after the claim's tries: a failure that did not
+    # count retried at the first step for ever, and the delivery never failed.
+    schedule, user = (5.0, 60.0), uuid.uuid4()
+    with one_delivery(conn, user, "failing") as (_, _job):
+        claimed = []
+        for _ in range(len(schedule) + 1):
+            [due] = [d for d in store.claim(conn, 10_000, 30.0) if d.user_id == user]
+            claimed.append(due.tries)
+            retry_in = retry_delay(schedule, due.tries + 1, lambda: 0.5)  # the step itself, no jitter
+            store.finish(conn, due.id, Outcome(500, "", "", 10), retry_in, 20, 0, due.lease, tries=due.tries)
+            status, wait = conn.execute("SELECT status, extract(epoch FROM next_attempt_at - now())::float "
+                                        "FROM palette_webhooks.deliveries WHERE id = %s", [due.id]).fetchone()
+            if retry_in is not None:
+                assert status == "pending" and retry_in - 5 < wait <= retry_in, (status, wait)
+                conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() WHERE id = %s",
+                             [due.id])  # its time has come
+        assert claimed == [0, 1, 2] and retry_in is None
+        assert (status, wait) == ("failed", None)
 
 
 def test_a_jobs_deliveries_waiting_on_its_earlier_one_do_not_hide_a_delivery_the_claim_may_take(conn, monkeypatch):
