@@ -148,6 +148,21 @@ def test_after_a_broker_loss_a_job_held_behind_a_dead_letter_is_sent_again(apps,
             conn.execute("DELETE FROM palette_read.dead_letters WHERE stream_id = %s AND error = 'test'", [job_id])
 
 
+def test_after_a_broker_loss_every_page_of_unfinished_jobs_is_sent_again(apps, service, conn, settings):
+    """The unfinished jobs are read a page at a time: those past the first page go out again
+    at once too, not only once the stale sweep finds them."""
+    jobs = [running_job(service, conn) for _ in range(3)]
+    dispatcher = Dispatcher(OnePoll([]), kafka_io.producer(settings), PaletteApplication(env=event_store_env(settings)),
+                            settings.effective_database_url, stale_s=3600)
+    sent: list[dict[str, Any]] = []
+    real = dispatcher._send
+    dispatcher._send = lambda task: (sent.append(task), real(task))[1]  # type: ignore[method-assign]
+    with contextlib.closing(dispatcher):
+        dispatcher.queue_lost("lost", page=1)
+    for job_id in jobs:
+        assert sorted(t["idx"] for t in sent if t["job_id"] == str(job_id)) == [0, 2], job_id
+
+
 def test_a_gpu_queue_the_broker_recreated_gets_the_unfinished_tasks_again(apps, service, conn, settings):
     """No loss the relay could see (the events are all there), yet the queue's tasks are gone: a
     broker restarted again after the relay had published everything again. The queue's new
