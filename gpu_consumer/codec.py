@@ -379,12 +379,17 @@ def _grey16(wide: np.ndarray) -> np.ndarray:
 
 
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# PIL gives a 2- or 4-bit grey PNG's pixels at 8 bits (its rawmode -> the step between its greys)
+# but keeps its tRNS grey as stored, in the file's bit depth: compared as they are, only a
+# transparent black was found.
+LOW_GREY_STEPS = {"L;2": 85, "L;4": 17}
 
 
 def _rgb(img: ImageFile.ImageFile) -> np.ndarray:
     """8-bit RGB, a 16-bit grey scaled down (_grey16), and what is transparent on white, as a
     viewer shows it on a page: the output has no alpha, and the colours stored under clear
-    pixels (black, an editor's keying green) are no part of the photo. A 16-bit RGB PNG's tRNS
+    pixels (black, an editor's keying green) are no part of the photo; a 2- or 4-bit grey PNG's
+    transparent grey scaled as its pixels are (LOW_GREY_STEPS). A 16-bit RGB PNG's tRNS
     colour is not read (PIL gives its pixels at 8 bits, which the 16-bit colour cannot be
     matched against exactly)."""
     if img.mode in WIDE_GREYS:
@@ -392,6 +397,11 @@ def _rgb(img: ImageFile.ImageFile) -> np.ndarray:
         grey = _grey16(wide)
         if isinstance(clear := img.info.get("transparency"), int):  # tRNS: the one 16-bit grey not shown
             grey[wide == clear] = 255
+        return np.repeat(grey[..., None], 3, axis=2)
+    step = next((LOW_GREY_STEPS[tile.args] for tile in img.tile if tile.args in LOW_GREY_STEPS), 0)
+    if step and isinstance(clear := img.info.get("transparency"), int):
+        grey = np.array(img)  # a copy of PIL's read-only buffer
+        grey[grey == clear * step] = 255  # the one grey not shown, at 8 bits
         return np.repeat(grey[..., None], 3, axis=2)
     # PIL compares a 16-bit RGB PNG's tRNS colour, each value cut to its low byte, with its 8-bit
     # pixels: one of (0, 0, 255), a near black, turned every pure blue pixel white.

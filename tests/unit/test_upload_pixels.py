@@ -78,6 +78,36 @@ def test_a_16_bit_grey_photos_transparent_grey_is_read_on_white(seed: int):
     assert np.array_equal(decode(_grey16_png(values))[..., 0].numpy(), values // 257)  # without tRNS, as stored
 
 
+def _low_grey_png(values: np.ndarray, depth: int, clear: int) -> bytes:
+    """A ``depth``-bit grey PNG (1, 2 or 4) of ``values`` ([H, W], each below 2**depth), packed by
+    hand, the grey ``clear`` transparent (tRNS, in the file's own bit depth)."""
+    per = 8 // depth
+    padded = np.zeros((values.shape[0], -(-values.shape[1] // per) * per), dtype=np.uint8)
+    padded[:, :values.shape[1]] = values
+    shifts = np.array([8 - depth * (i + 1) for i in range(per)], dtype=np.uint8)
+    packed = (padded.reshape(values.shape[0], -1, per) << shifts).sum(axis=2, dtype=np.uint8)
+    rows = b"".join(b"\0" + row.tobytes() for row in packed)
+    h, w = values.shape
+    return (PNG_SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, 0, 0, 0, 0))
+            + _chunk(b"tRNS", struct.pack(">H", clear)) + _chunk(b"IDAT", zlib.compress(rows))
+            + _chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_a_low_bit_grey_photos_transparent_grey_is_read_on_white(depth: int):
+    """A 2- or 4-bit grey PNG (what PNG optimisers make of a cut-out of few greys) names its
+    transparent grey in its own bit depth, and PIL gives its pixels at 8 bits: the two were
+    compared as they are, so only a transparent black was found, and a transparent mid grey came
+    out as that grey, not as the white page a viewer shows. Every grey of the depth is tried."""
+    top = (1 << depth) - 1
+    values = np.random.default_rng(depth).integers(0, top + 1, (10, 19)).astype(np.uint8)
+    values[0, :top + 1] = np.arange(top + 1)  # every grey present
+    for clear in range(top + 1):
+        seen = decode(_low_grey_png(values, depth, clear))[..., 0].numpy()
+        want = np.where(values == clear, 255, values.astype(np.int64) * 255 // top)
+        assert np.array_equal(seen, want), clear
+
+
 @pytest.mark.parametrize("clear", [(0, 0, 255), (0, 0, 0), (0x12FF, 0, 0)])
 def test_a_16_bit_rgb_photos_transparent_colour_is_not_read_against_its_8_bit_pixels(clear):
     """PIL gives a 16-bit RGB PNG's pixels at 8 bits and compares its tRNS colour, 16-bit values,
