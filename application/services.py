@@ -146,6 +146,11 @@ def _stale(rule: Rule) -> PreconditionFailed:
     return PreconditionFailed(f"the rule is at version {rule.version}, not the If-Match's: read it again")
 
 
+def _id_of(aggregate: Job | Rule) -> UUID:
+    """A creation command's answer to most callers: the id of what it made."""
+    return aggregate.id
+
+
 class PaletteService:
     """Commands return :class:`Committed` (value + event-store position) for read-your-writes."""
 
@@ -631,6 +636,22 @@ class PaletteService:
         self, user_id: UUID, name: str, preset_id: str, concepts: Mapping[str, Mapping[str, Any]],
         protect: Sequence[str] = (), rule_id: UUID | None = None,
     ) -> Command[UUID]:
+        return self._create_rule_command(user_id, name, preset_id, concepts, protect, rule_id, _id_of)
+
+    def create_rule_returning_command(
+        self, user_id: UUID, name: str, preset_id: str, concepts: Mapping[str, Mapping[str, Any]],
+        protect: Sequence[str] = (), rule_id: UUID | None = None,
+    ) -> Command[Rule]:
+        """create_rule_command returning a copy of the rule as the command left it (a keyed retry's:
+        as ``_as_created`` accepted it, version 1 unchanged): read again afterwards, another
+        device's write landing in between would be answered instead (a deletion's 404 for a saved
+        creation)."""
+        return self._create_rule_command(user_id, name, preset_id, concepts, protect, rule_id, copy.deepcopy)
+
+    def _create_rule_command(
+        self, user_id: UUID, name: str, preset_id: str, concepts: Mapping[str, Mapping[str, Any]],
+        protect: Sequence[str], rule_id: UUID | None, answer: Callable[[Rule], T],
+    ) -> Command[T]:
         edits, protected = normalise_edits(preset_id, concepts, protect)
         check_rule_name(name)
         sealed = self.sealer.seal(user_id, RULE_NAME_FIELD, name)
@@ -644,7 +665,7 @@ class PaletteService:
             return rule.version > 1 or (rule.preset_id, rule.concepts, rule.protect, self.rule_name(rule.name)) == (
                 preset_id, edits, protected, name)
 
-        return self._create_owned_command(user_id, Rule, rule_id, create, same=same)
+        return self._create_owned_answer_command(user_id, Rule, rule_id, create, answer, same=same)
 
     def update_rule(
         self, user_id: UUID, rule_id: UUID, name: str, concepts: Mapping[str, Mapping[str, Any]],
@@ -731,20 +752,27 @@ class PaletteService:
         from the aggregates ``also`` names). A caller-chosen id makes the retry of a creation that
         did commit a no-op while what it made is as it left it (``_as_created``); one that asked for
         another creation (``same`` says it did not ask for what was created) is refused, as a key
-        reused with another request is."""
+        reused with another request is. Returns the aggregate's id."""
+        return self._create_owned_answer_command(user_id, cls, chosen_id, create, _id_of, also, same)
+
+    def _create_owned_answer_command(self, user_id: UUID, cls: type[Any], chosen_id: UUID | None,
+                                     create: Callable[[UnitOfWork, User, UUID, datetime], None],
+                                     answer: Callable[[Any], T], also: Sequence[UUID] = (),
+                                     same: Callable[[Any], bool] | None = None) -> Command[T]:
+        """_create_owned_command returning ``answer`` of the aggregate as the command left it."""
         new_id = chosen_id or self.ids.new_id()
         at = self.clock.now()
 
         @touches(user_id, *also, *((new_id,) if chosen_id is not None else ()))
-        def command(uow: UnitOfWork) -> UUID:
+        def command(uow: UnitOfWork) -> T:
             created = self._created_before(uow, cls, new_id, user_id) if chosen_id is not None else None
             if created is not None:
                 if same is not None and not same(created):
                     raise ValidationFailed("Idempotency-Key reused with a different request")
                 self._as_created(created, at)
-                return new_id
+                return answer(created)
             create(uow, self._user(uow, user_id), new_id, at)
-            return new_id
+            return answer(uow.get(cls, new_id))  # what create added
 
         return command
 

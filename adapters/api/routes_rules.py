@@ -81,13 +81,12 @@ async def create_rule(body: RuleCreate, user_id: CurrentUser, service: ServiceDe
     are limited per user and per client address as job creations are."""
     with request.app.state.rule_limits.spending(user_id, _address(request, container)) as spending:
         await service.keys_ready(user_id)  # the name is sealed under the caller's key
-        committed = await service.run(service.create_rule_command(
+        committed = await service.run(service.create_rule_returning_command(
             user_id, body.name, body.preset_id, _edits(body), body.protect,
             id_for_key(user_id, "rule", idempotency_key)))
         spending.recorded = committed.recorded
-    _remember(container, user_id, committed.value, committed)
-    rule = await run_in_threadpool(service.get_rule, user_id, committed.value)
-    return _answer(service, rule, status=201)
+    _remember(container, user_id, committed.value.id, committed)
+    return _answer(service, committed.value, status=201)  # as this creation left it, whatever landed since
 
 
 @router.get("/rules", response_model=Envelope[RuleList], responses=COMMON)

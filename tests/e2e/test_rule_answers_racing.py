@@ -1,7 +1,7 @@
 """A rule write's answer is what that write did, even when another device's write to the rule lands
 through another API process between its commit and its answer: the answer is built from the rule
-as the command left it, not read again afterwards (a DELETE landing there made a saved edit a 404,
-and another PUT made its answer the other's edit, with the other's ETag)."""
+as the command left it, not read again afterwards (a DELETE landing there made a saved edit, or a
+saved creation, a 404, and another PUT made its answer the other's edit, with the other's ETag)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from adapters.api.app import create_app
+from adapters.api.idempotency import id_for_key
 from adapters.bootstrap import build
 from adapters.settings import Settings
 from tests.served import served_api
@@ -64,3 +65,42 @@ def test_a_rule_edit_answers_what_it_did_when_another_write_lands_before_its_ans
     assert (rule["name"], rule["version"], edit.headers["etag"]) == ("my edit", 2, '"2"')
     later = "RuleDeleted" if other_write == "DELETE" else "RuleUpdated"
     assert logged == ["RuleCreated", "RuleUpdated", later]
+
+
+def test_a_rule_creation_answers_what_it_made_when_another_device_deletes_it_before_its_answer(
+        http: httpx.Client, api_url: str, settings: Settings) -> None:
+    client = Client(http)
+    rule_id = id_for_key(uuid.UUID(client.user_id), "rule", "create-once")  # what the other device deletes
+    container = build(settings, pool_size=2)  # this process's API, beside the stack's own
+    service = container.service
+    plain_run: Callable[..., Any] = service.run
+    others: list[httpx.Response] = []
+
+    def other_device() -> None:  # through the stack's API process: another group committer
+        with httpx.Client(base_url=api_url, timeout=30, headers=client.headers) as own:
+            others.append(own.delete(f"/rules/{rule_id}"))
+
+    async def run_then_the_deletion(command: Any) -> Any:
+        committed = await plain_run(command)
+        if not others:  # the rule is created, its answer not yet built: the deletion lands
+            await anyio.to_thread.run_sync(other_device)
+        return committed
+
+    service.run = run_then_the_deletion  # type: ignore[method-assign]
+    try:
+        app = create_app(container)
+        with served_api(app) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
+                                                   headers=client.headers) as mine:
+            made = mine.post("/rules", json={"name": "mine", "preset_id": "interior", "concepts": EDITS},
+                             headers={"Idempotency-Key": "create-once"})
+        logged = [type(e).__name__ for e in service.app.events.get(rule_id)]
+    finally:
+        container.close()
+    (other,) = others
+    assert other.status_code == 200, other.text
+    # Serially: the creation first (it committed first), then the deletion.
+    assert made.status_code == 201, made.text
+    rule = made.json()["data"]
+    assert (rule["id"], rule["name"], rule["version"], made.headers["etag"]) == (str(rule_id), "mine", 1, '"1"')
+    assert rule["concepts"] == EDITS
+    assert logged == ["RuleCreated", "RuleDeleted"]
