@@ -16,7 +16,8 @@ from uuid import UUID
 
 import psycopg
 from eventsourcing.application import AggregateNotFoundError
-from eventsourcing.persistence import PersistenceError
+from eventsourcing.persistence import InterfaceError, OperationalError, PersistenceError
+from eventsourcing.utils import retry
 from psycopg import sql
 from psycopg.rows import tuple_row
 
@@ -138,17 +139,11 @@ class Replayer:
         text, as the relay reads them: a ``Notification`` and a ``UUID`` per event were most of the
         time here."""
         topics = self._topics(types)
-        query = sql.SQL("SELECT notification_id, originator_id::text, originator_version, topic, state FROM {} "
-                        "WHERE notification_id >= %s{} ORDER BY notification_id LIMIT %s").format(
-            events_table(self.recorder), sql.SQL(" AND topic = ANY(%s)") if topics else sql.SQL(""))
 
         def scan(position: int) -> Iterator[bytes]:
             transcoder = self.transcoder
             while True:
-                with self.recorder.datastore.get_connection() as conn, \
-                        conn.cursor(row_factory=tuple_row, binary=True) as cur:
-                    page: list[StoredRow] = cur.execute(
-                        query, [position, topics, PAGE] if topics else [position, PAGE], prepare=True).fetchall()
+                page: list[StoredRow] = self._rows(position, topics)
                 if not page:
                     return
                 for row in page:
@@ -162,6 +157,20 @@ class Replayer:
                 position = page[-1][0] + 1
 
         return scan(start)
+
+    # As the recorder's reads (the time-ranged path's): its pool raises eventsourcing's errors
+    # for a connection the server ended (a restart, an idle timeout), which a retry mends.
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def _rows(self, position: int, topics: list[str]) -> list[StoredRow]:
+        """A page of stored events from ``position`` on, of ``topics`` (all with none), as plain
+        rows, on a connection checked out for it alone."""
+        query = sql.SQL("SELECT notification_id, originator_id::text, originator_version, topic, state FROM {} "
+                        "WHERE notification_id >= %s{} ORDER BY notification_id LIMIT %s").format(
+            events_table(self.recorder), sql.SQL(" AND topic = ANY(%s)") if topics else sql.SQL(""))
+        with self.recorder.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row, binary=True) as cur:
+            page: list[StoredRow] = cur.execute(
+                query, [position, topics, PAGE] if topics else [position, PAGE], prepare=True).fetchall()
+        return page
 
     def _topics(self, types: list[str] | None) -> list[str]:
         if not types:

@@ -774,3 +774,22 @@ def test_replay_alls_lines_are_the_envelopes_replay_reads_with_types_and_erased_
     [created] = [e for e in map(json.loads, Replayer(service.app, erased={user_id}).all_jsonl(start, ["RuleCreated"]))
                  if e["stream_id"] == str(rule_id)]
     assert "my kitchen" not in json.dumps(created) and "erased" in json.dumps(created["data"])
+
+
+def test_replay_all_survives_a_pooled_connection_the_server_ended(settings, schema):
+    """`palette replay all` and GET /streams read the log a page per connection checkout: a pooled
+    connection the server ended (a restart, an idle timeout) is retried, as eventsourcing's own
+    reads (the time-ranged path's) are, rather than breaking off the replay at its first page."""
+    app = PaletteApplication(env=event_store_env(settings, pool_size=1, schema=schema))
+    try:
+        PaletteService(app, DirectExecutor(app), SystemClock(), RandomIds(),
+                       **process_keys()).register(f"dropped-{uuid.uuid4()}")
+        replayer = Replayer(app)
+        expected = list(replayer.all_jsonl())
+        with app.recorder.datastore.get_connection() as pooled:
+            backend = pooled.info.backend_pid
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            assert conn.execute("SELECT pg_terminate_backend(%s)", [backend]).fetchone() == (True,)
+        assert list(replayer.all_jsonl()) == expected and len(expected) >= 2
+    finally:
+        app.close()
