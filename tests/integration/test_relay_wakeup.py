@@ -17,16 +17,17 @@ def test_a_commit_that_wrote_events_wakes_the_relay_once_for_all_since_and_nothi
         install_wakeup(conn, "public", "stored_events")
         wakeup = PgWakeup(fresh_db)
         try:
-            conn.execute("INSERT INTO elsewhere VALUES (1)")
-            conn.execute("DELETE FROM stored_events")
-            assert wakeup.wait(0.3) is False  # no event written: the fallback poll's timeout
-            # Three commits before the relay looks. Its session is held in a transaction meanwhile,
-            # so that PostgreSQL hands it the three notifications together at the end (as it may
-            # under load), not one by one as the writer's commits are scheduled.
+            # The relay's session is held in a transaction while the writes are made: PostgreSQL
+            # hands it what they notified when it ends, before its answer, so each wait below
+            # needs no timeout to see what came (or that nothing did).
             with wakeup.conn.transaction():
-                for n in range(3):
+                conn.execute("INSERT INTO elsewhere VALUES (1)")
+                conn.execute("DELETE FROM stored_events")
+            assert wakeup.wait(0) is False  # no event written
+            with wakeup.conn.transaction():
+                for n in range(3):  # three commits before the relay looks
                     conn.execute("INSERT INTO stored_events (topic) VALUES (%s)", [f"t{n}"])
-            assert wakeup.wait(10.0) is True
-            assert wakeup.wait(0.3) is False  # one read covers them all: no wake left for each
+            assert wakeup.wait(0) is True
+            assert wakeup.wait(0) is False  # one read covers them all: no wake left for each
         finally:
             wakeup.close()
