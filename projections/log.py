@@ -89,18 +89,21 @@ class LogReader:
 
     # As the recorder's reads: its pool raises eventsourcing's errors (a dropped connection), not psycopg's.
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
-    def rows(self, start: int, limit: int) -> list[StoredRow]:
-        """Up to ``limit`` stored events from position ``start`` on, in commit order, as the relay
-        publishes them. eventsourcing's ``select_notifications`` makes a ``Notification`` and a
-        ``UUID`` of each row (from a dictionary), most of the relay's time over a backlog; on
-        PostgreSQL these are binary tuples, the stream id as its text (the message's key)."""
+    def rows(self, start: int, limit: int, topics: Sequence[str] = ()) -> list[StoredRow]:
+        """Up to ``limit`` stored events from position ``start`` on, in commit order (of ``topics``
+        alone with some), as the relay publishes them and `palette replay all` prints them.
+        eventsourcing's ``select_notifications`` makes a ``Notification`` and a ``UUID`` of each row
+        (from a dictionary), most of the relay's time over a backlog; on PostgreSQL these are
+        binary tuples, the stream id as its text (the message's key)."""
         if self.events_table is None:
             return [(n.id, str(n.originator_id), n.originator_version, n.topic, n.state)
-                    for n in self.recorder.select_notifications(start=start, limit=limit)]
+                    for n in self.recorder.select_notifications(start=start, limit=limit, topics=topics)]
         query = sql.SQL("SELECT notification_id, originator_id::text, originator_version, topic, state FROM {} "
-                        "WHERE notification_id >= %s ORDER BY notification_id LIMIT %s").format(self.events_table)
+                        "WHERE notification_id >= %s{} ORDER BY notification_id LIMIT %s").format(
+            self.events_table, sql.SQL(" AND topic = ANY(%s)") if topics else sql.SQL(""))
+        params = [start, list(topics), limit] if topics else [start, limit]
         with self.recorder.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row, binary=True) as cur:
-            rows: list[StoredRow] = cur.execute(query, [start, limit], prepare=True).fetchall()
+            rows: list[StoredRow] = cur.execute(query, params, prepare=True).fetchall()
         return rows
 
     @property

@@ -16,15 +16,13 @@ from uuid import UUID
 
 import psycopg
 from eventsourcing.application import AggregateNotFoundError
-from eventsourcing.persistence import InterfaceError, OperationalError, PersistenceError
-from eventsourcing.utils import retry
+from eventsourcing.persistence import PersistenceError
 from psycopg import sql
-from psycopg.rows import tuple_row
 
 from domain.contracts.envelope import EventEnvelope, encode
 from domain.contracts.personal import SEALED_PREFIX, redact
 from domain.contracts.streams import TIME_SLACK_S, event_classes
-from projections.log import StoredRow, events_table
+from projections.log import LogReader, StoredRow, events_table
 from projections.rebuild import PAGE
 from projections.stored_events import UNREADABLE, from_notification, from_stored, stored_message
 
@@ -58,6 +56,7 @@ class Replayer:
         self.app = app
         self.recorder = app.recorder
         self.transcoder = app.mapper.transcoder
+        self.log = LogReader(self.recorder, self.transcoder)  # the relay's read of the log: plain rows
         self.erased = erased
 
     def _shown(self, env: EventEnvelope) -> EventEnvelope:
@@ -143,7 +142,7 @@ class Replayer:
         def scan(position: int) -> Iterator[bytes]:
             transcoder = self.transcoder
             while True:
-                page: list[StoredRow] = self._rows(position, topics)
+                page: list[StoredRow] = self.log.rows(position, PAGE, topics)
                 if not page:
                     return
                 for row in page:
@@ -157,20 +156,6 @@ class Replayer:
                 position = page[-1][0] + 1
 
         return scan(start)
-
-    # As the recorder's reads (the time-ranged path's): its pool raises eventsourcing's errors
-    # for a connection the server ended (a restart, an idle timeout), which a retry mends.
-    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
-    def _rows(self, position: int, topics: list[str]) -> list[StoredRow]:
-        """A page of stored events from ``position`` on, of ``topics`` (all with none), as plain
-        rows, on a connection checked out for it alone."""
-        query = sql.SQL("SELECT notification_id, originator_id::text, originator_version, topic, state FROM {} "
-                        "WHERE notification_id >= %s{} ORDER BY notification_id LIMIT %s").format(
-            events_table(self.recorder), sql.SQL(" AND topic = ANY(%s)") if topics else sql.SQL(""))
-        with self.recorder.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row, binary=True) as cur:
-            page: list[StoredRow] = cur.execute(
-                query, [position, topics, PAGE] if topics else [position, PAGE], prepare=True).fetchall()
-        return page
 
     def _topics(self, types: list[str] | None) -> list[str]:
         if not types:
