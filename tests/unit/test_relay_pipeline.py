@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +27,8 @@ class Recorder:
         state = json.dumps({"timestamp": "2026-01-01T00:00:00+00:00"}).encode()
         self.log = [Stored(i, stream, i, "domain.job:Job.ItemCompleted", state) for i in range(1, count + 1)]
 
-    def select_notifications(self, start: int, limit: int) -> list[Stored]:
-        return [n for n in self.log if n.id >= start][:limit]
+    def select_notifications(self, start: int, limit: int, topics: Sequence[str] = ()) -> list[Stored]:
+        return [n for n in self.log if n.id >= start and (not topics or n.topic in topics)][:limit]
 
 
 class App:
