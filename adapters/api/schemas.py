@@ -161,6 +161,8 @@ class JobExecute(Strict):
     concepts: dict[ConceptName, ConceptEdit] = Field(default_factory=dict, max_length=32)
     protect: list[ConceptName] | None = Field(default=None, max_length=32)
     rule_id: UUID | None = None
+    # The original API's field (ARCHITECTURE §3), which nothing ever used: taken, never recorded.
+    output_template: Text | None = Field(default=None, max_length=200)
 
 
 class Progress(BaseModel):

@@ -226,6 +226,20 @@ def test_execute_before_confirm_is_invalid_state(client):
     assert r.status_code == 409 and r.json()["error"]["code"] == "INVALID_STATE"
 
 
+def test_execute_takes_the_original_apis_output_template_and_ignores_it(client):
+    """ARCHITECTURE §3 lists `output_template?` in execute's body (the original API's clients send
+    it): it is taken, as text of bounded length, and changes nothing the job records."""
+    job = create_uploaded_job(client, 1)
+    for bad in (7, "x" * 201, "a\x00b"):
+        r = client.call("POST", f"/jobs/{job}/execute", json={"concepts": EDITS, "output_template": bad})
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "VALIDATION_FAILED"), r.text
+    queued = client.data("POST", f"/jobs/{job}/execute", json={"concepts": EDITS, "output_template": "{name}_v1"})
+    assert queued["status"] == "queued"
+    again = client.data("POST", f"/jobs/{job}/execute", json={"concepts": EDITS, "output_template": "other"})
+    assert again["status"] == "queued"
+    assert "output_template" not in client.data("GET", f"/jobs/{job}")
+
+
 def test_execute_retried_after_the_first_result_answers_as_the_first_time(client, http, settings):
     """An execute whose answer was lost, sent again once the worker has begun (or finished) the job."""
     job = create_uploaded_job(client, 2)
