@@ -259,6 +259,15 @@ class Settings(BaseSettings):
             raise ValueError("is empty: unset it for 127.0.0.1, or name an address (0.0.0.0 for every interface)")
         return v
 
+    @field_validator("jwt_audience")
+    @classmethod
+    def _jwt_audience(cls, v: str) -> str:
+        """PyJWT takes an empty ``aud`` claim for a missing one: the API issued tokens and refused
+        each of them (401 on every authenticated request)."""
+        if not v:
+            raise ValueError("is empty: unset it for palette-app, or name the tokens' audience")
+        return v
+
     @field_validator("s3_bucket", "broker_bucket")
     @classmethod
     def _bucket_name(cls, v: str) -> str:

@@ -260,6 +260,20 @@ def test_an_empty_host_is_refused_not_taken_for_every_interface(tmp_path, monkey
     assert getattr(load_settings(data_dir=tmp_path), setting) == "0.0.0.0"  # noqa: S104
 
 
+def test_an_empty_jwt_audience_is_refused_not_a_server_that_refuses_every_token_it_issues(tmp_path, monkeypatch):
+    # PyJWT takes an empty "aud" claim for a missing one: with PALETTE_JWT_AUDIENCE="" the API
+    # started, issued tokens at registration, and answered 401 to every request carrying one.
+    monkeypatch.setenv("PALETTE_JWT_AUDIENCE", "")
+    with pytest.raises(SettingsError, match=r"PALETTE_JWT_AUDIENCE: .*is empty") as e:
+        load_settings(data_dir=tmp_path)
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv("PALETTE_JWT_AUDIENCE", "palette-mobile")
+    settings = load_settings(data_dir=tmp_path)
+    issuer = TokenIssuer(settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience, settings.jwt_ttl_s)
+    user = uuid4()
+    assert issuer.verify(issuer.issue(user, datetime.now(UTC))) == (user, "client")
+
+
 @pytest.mark.parametrize("bootstrap", ["kafka:abc", "kafka:9092/x", "kafka:99999", "kafka:0", ":9092",
                                        "kafka:9092,,kafka2:9092", " , "])
 def test_a_kafka_bootstrap_the_clients_cannot_read_is_refused_in_one_line(tmp_path, bootstrap):
