@@ -568,7 +568,10 @@ def load_settings(on_new_secrets: Callable[[Path], None] | None = None, /, **ove
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValueError as e:  # pydantic's ValidationError is a ValueError
         raise SettingsError(_one_line(e)) from None
-    settings.data_dir = settings.data_dir.expanduser().resolve()
+    try:
+        settings.data_dir = settings.data_dir.expanduser().resolve()
+    except (RuntimeError, OSError) as e:  # ~user of no such user, a symlink loop
+        raise SettingsError(f"invalid setting PALETTE_DATA_DIR: cannot be resolved ({e})") from None
     if settings.env == "development":
         try:
             had = (settings.data_dir / "secrets.json").exists()

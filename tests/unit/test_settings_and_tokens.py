@@ -162,6 +162,18 @@ def test_an_empty_data_dir_is_refused_not_taken_for_the_working_directory(tmp_pa
     assert list(tmp_path.iterdir()) == []  # no secrets.json in whatever directory it ran in
 
 
+@pytest.mark.parametrize("where", ["an unknown user's home", "a symlink loop"])
+def test_a_data_dir_that_cannot_be_resolved_is_refused_in_one_line(tmp_path, monkeypatch, where):
+    # Path.expanduser and Path.resolve raise RuntimeError for these: every command ended on a traceback.
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    value = "~palette-no-such-user/data" if where == "an unknown user's home" else str(tmp_path / "a" / "data")
+    monkeypatch.setenv("PALETTE_DATA_DIR", value)
+    with pytest.raises(SettingsError, match=r"^invalid setting PALETTE_DATA_DIR: ") as e:
+        load_settings()
+    assert "\n" not in str(e.value)
+
+
 def test_every_s3_port_allowed_leaves_seaweedfs_ports_that_exist(tmp_path):
     from infra.stack import embedded_ports
 
