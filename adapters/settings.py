@@ -22,7 +22,7 @@ from adapters.webhooks.retries import DEFAULT_SCHEDULE as DEFAULT_RETRY_SCHEDULE
 from adapters.webhooks.retries import parse_schedule
 from adapters.whole_files import write_whole
 from infra.config import unusable_data_dir
-from infra.supervisor import LOG_KEEP, LOG_MAX_BYTES
+from infra.supervisor import LOG_KEEP, LOG_MAX_BYTES, LOG_MAX_BYTES_MAX
 
 # The embedded SeaweedFS binds ports up to the S3 port + 6 and each + 10000 (infra.stack.embedded_ports).
 S3_PORT_MAX = 65535 - 10006
@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     # `palette up` rotates each process's log under the data directory's logs/ once it passes
     # this many bytes, keeping this many rotated files (x.log.1 the newest; 0: none) beside it.
-    log_max_bytes: int = Field(LOG_MAX_BYTES, ge=4096)
+    log_max_bytes: int = Field(LOG_MAX_BYTES, ge=4096, le=LOG_MAX_BYTES_MAX)
     log_keep: int = Field(LOG_KEEP, ge=0, le=100)
     # Where each process's spans go: off (ids still made, for the logs), console, or otlp
     # (OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT).

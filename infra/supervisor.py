@@ -32,6 +32,9 @@ HEALTH_FAILURES = 4  # checks failed in a row that restart a service: a minute o
 HEALTH_STOP_S = 5.0
 LOG_MAX_BYTES = 64 * 2**20  # a process's log is rotated past this (PALETTE_LOG_MAX_BYTES) ...
 LOG_KEEP = 3  # ... keeping this many rotated files, x.log.1 the newest (PALETTE_LOG_KEEP)
+# The largest cap: past 2**63 the pump's read of a process's output (readline) failed, so nothing
+# reached the log and the process blocked on its full pipe.
+LOG_MAX_BYTES_MAX = 2**40
 _DECORATION = re.compile(r"[\s|+^~-]*(\d+\s*-+[\s|+-]*)?")  # a traceback's rules and marks ("+---- 1 ----")
 
 

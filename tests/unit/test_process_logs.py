@@ -312,3 +312,23 @@ def test_a_line_the_full_disk_took_only_part_of_leaves_no_piece_of_it_in_the_log
     assert log.dropped == 1
     said = b"1 line of output could not be written here (OSError: No space left on device)\n"
     assert path.read_bytes() == _line(0) + said + _line(2)
+
+
+def test_the_largest_log_cap_the_settings_take_has_the_output_read_and_one_past_it_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cap past what a read of the pipe takes (10**20 bytes) ended the pump on an OverflowError:
+    nothing reached the log, and the process blocked on its full pipe for good."""
+    from adapters.bootstrap import embedded_stack
+    from adapters.settings import SettingsError, load_settings
+    from infra.supervisor import LOG_MAX_BYTES_MAX
+
+    monkeypatch.setenv("PALETTE_LOG_MAX_BYTES", str(LOG_MAX_BYTES_MAX))
+    supervisor = embedded_stack(load_settings(data_dir=tmp_path)).supervisor
+    try:
+        supervisor.start(ServiceSpec("svc", _printing(2000), ready=lambda: True))  # past a pipe's 64 KiB
+        wait_until(lambda: b"line 01999" in _written(tmp_path / "logs" / "svc.log"), 30, "the last line in svc.log")
+    finally:
+        supervisor.stop_all()
+    monkeypatch.setenv("PALETTE_LOG_MAX_BYTES", str(10**20))
+    with pytest.raises(SettingsError, match=r"^invalid setting PALETTE_LOG_MAX_BYTES: "):
+        load_settings(data_dir=tmp_path)
