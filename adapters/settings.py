@@ -31,6 +31,7 @@ BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 IPV4_LIKE = re.compile(r"\d+\.\d+\.\d+\.\d+")
 # What botocore takes for a region (botocore.utils.validate_region_name): a host label, or empty.
 REGION_NAME = re.compile(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{,63}(?<!-)")
+MAX_WHOLE_SETTING = 2**63 - 1  # PostgreSQL's bigint, and far inside a float's range
 # Secrets shorter than this are refused outside development (HS256 wants >= 256 bits).
 MIN_SECRET_BYTES = 32
 MIN_SECRET_CHARACTERS = 8  # different ones: what a generated secret of 32 bytes has, whatever its alphabet
@@ -237,6 +238,15 @@ class Settings(BaseSettings):
         past its line break and accepted."""
         if isinstance(v, str | Path) and breaks_lines(str(v)):
             raise ValueError(LINE_BREAK)
+        return v
+
+    @field_validator("*")
+    @classmethod
+    def _within_64_bits(cls, v: object) -> object:
+        """No whole number past a 64-bit integer: the rate limits take their bursts and days as
+        floats, and a burst of 400 digits made every job creation a 500 (OverflowError)."""
+        if isinstance(v, int) and not isinstance(v, bool) and v > MAX_WHOLE_SETTING:
+            raise ValueError(f"must be at most {MAX_WHOLE_SETTING}")
         return v
 
     @field_validator("data_dir", mode="before")

@@ -174,6 +174,32 @@ def test_a_data_dir_that_cannot_be_resolved_is_refused_in_one_line(tmp_path, mon
     assert "\n" not in str(e.value)
 
 
+INT_SETTINGS = [name for name, field in Settings.model_fields.items() if field.annotation is int]
+
+
+@pytest.mark.parametrize("name", INT_SETTINGS)
+def test_a_whole_number_setting_past_64_bits_is_refused_in_one_line(tmp_path, monkeypatch, name):
+    # 400 digits were taken: the rate limits turn their bursts and days into floats, and every
+    # job creation (PALETTE_RATE_JOBS_BURST) or registration was a 500 on an OverflowError.
+    monkeypatch.setenv(f"PALETTE_{name.upper()}", "9" * 400)
+    with pytest.raises(SettingsError, match=rf"^invalid setting PALETTE_{name.upper()}: ") as e:
+        load_settings(data_dir=tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_the_largest_whole_numbers_the_settings_take_make_rate_limits_that_work(tmp_path, monkeypatch):
+    from adapters.api.rate_limit import Budget
+    from adapters.settings import MAX_WHOLE_SETTING as largest
+
+    for name in ("rate_jobs_burst", "rate_jobs_per_day", "rate_jobs_per_address_per_day"):
+        monkeypatch.setenv(f"PALETTE_{name.upper()}", str(largest))
+    s = load_settings(data_dir=tmp_path)
+    budget = Budget(s.rate_jobs_per_s, s.rate_jobs_burst, s.rate_jobs_per_day,
+                    per_address_day=s.rate_jobs_per_address_per_day)
+    budget.take("user", "127.0.0.1")
+    assert budget.pace.wait_s("user") == 0
+
+
 def test_every_s3_port_allowed_leaves_seaweedfs_ports_that_exist(tmp_path):
     from infra.stack import embedded_ports
 
