@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 S3_UNREACHABLE: tuple[type[BaseException], ...] = (S3ConnectionError, ConnectionClosedError, ReadTimeoutError)
 
 
+EVENT_STORE_OVERFLOW = 4  # connections an event store may open past its pool under load
+
+
 def event_store_env(settings: Settings, pool_size: int = 8, schema: str = "") -> dict[str, str]:
     """eventsourcing's PostgreSQL settings from PALETTE_DATABASE_URL (``schema`` must exist)."""
     url = urlsplit(settings.effective_database_url)
@@ -49,7 +52,7 @@ def event_store_env(settings: Settings, pool_size: int = 8, schema: str = "") ->
         "POSTGRES_USER": unquote(url.username or "palette"),
         "POSTGRES_PASSWORD": unquote(url.password or ""),
         "POSTGRES_POOL_SIZE": str(pool_size),
-        "POSTGRES_MAX_OVERFLOW": "4",
+        "POSTGRES_MAX_OVERFLOW": str(EVENT_STORE_OVERFLOW),
         "POSTGRES_CONNECT_TIMEOUT": "10",
         # No pre-ping: it costs a round trip per checkout; eventsourcing retries a dropped connection.
         "POSTGRES_PRE_PING": "n",

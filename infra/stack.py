@@ -36,6 +36,11 @@ PG_OWNER = "data-dir"  # beside them under PG_HOME: the data directory they are 
 WEED_PORT_OFFSETS = {"master": 1, "volume": 2, "filer": 3, "iceberg": 4, "lance": 5, "admin": 6}
 GRPC_SERVERS = ("master", "volume", "filer", "admin")  # each also on its port + 10000, and the S3's
 SOCKET_PATH_MAX = 100  # a Unix socket's path holds at most 107 bytes on Linux
+# The embedded PostgreSQL's connections: an API worker's pools at their largest (the event store's
+# 16 + 4 overflow, the read pool's 16, its event loop's 8 and 8 for Idempotency-Key claims; a unit
+# test sums them from the code), and room for every other process, the `palette` commands and psql.
+PG_CONNECTIONS_PER_API_WORKER = 52
+PG_CONNECTIONS_BESIDE_API = 148
 
 
 def find_pg_bin(name: str, version: str | None = None) -> str:
@@ -243,6 +248,12 @@ def _addresses(host: str) -> set[str]:
         return {host}
 
 
+def pg_max_connections(api_workers: int) -> int:
+    """The embedded PostgreSQL's ``max_connections``: 200 for one API worker, as many more per worker
+    as one may hold (a fixed 200 was less than four workers' pools at their largest, 208)."""
+    return PG_CONNECTIONS_BESIDE_API + PG_CONNECTIONS_PER_API_WORKER * api_workers
+
+
 S = TypeVar("S", bound=StackSettings)
 
 
@@ -369,7 +380,7 @@ class EmbeddedStack(Generic[S]):
             find_pg_bin("postgres", version), "-D", str(pgdir), "-p", str(s.pg_port),
             "-c", "listen_addresses=127.0.0.1",
             "-c", "unix_socket_directories=",  # TCP only: a socket's path in a deep checkout is too long
-            "-c", "max_connections=200",
+            "-c", f"max_connections={pg_max_connections(s.api_workers)}",
             "-c", f"fsync={'on' if s.pg_fsync else 'off'}",
             "-c", "shared_buffers=128MB",
         ]

@@ -35,7 +35,7 @@ def test_a_fresh_cluster_gets_the_newest_version(two_versions: Path) -> None:
 def postgres_of_cluster(tmp_path: Path, pg_version: bytes) -> str:
     """The server binary the stack starts for a cluster whose PG_VERSION holds ``pg_version``."""
     settings = SimpleNamespace(data_dir=tmp_path / "data", pg_port=5433, pg_fsync=False, log_max_bytes=2**20,
-                               log_keep=1)
+                               log_keep=1, api_workers=1)
     stack: Any = EmbeddedStack(settings, topics=(), prepare=lambda: None, app_argv=["false"])
     stack._run_as = None
     pgdir = tmp_path / "data" / "pg"
