@@ -33,6 +33,13 @@ def uuid_value(value: str) -> UUID:
         raise argparse.ArgumentTypeError(f"not a stream/user id (UUID): {value!r}") from None
 
 
+def given_text(value: str) -> str:
+    """A value a check depends on, not empty: `--checkpoint "$CP"` with CP unset skipped the check."""
+    if not value:
+        raise argparse.ArgumentTypeError("empty (an unset variable?)")
+    return value
+
+
 def row_limit(value: str) -> int:
     try:
         limit = int(value)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapters.cli.arguments import time_value, uuid_value
+from adapters.cli.arguments import given_text, time_value, uuid_value
 from adapters.cli.connect import event_store, running_settings
 from adapters.cli.outputs import unwritable
 from domain.text import one_line
@@ -394,10 +394,10 @@ def add_commands(sub: Subcommands) -> None:
     av = asub.add_parser("verify", help="recompute the per-user hash chains (exit 1 at a break); with --checkpoint, "
                          "also check every chain head a signed checkpoint holds (catches a consistent rewrite), and "
                          "that each head of the checkpoint signed just before it is still there, at its seq or past")
-    av.add_argument("--checkpoint", metavar="FILE|latest",
+    av.add_argument("--checkpoint", type=given_text, metavar="FILE|latest",
                     help="a checkpoint file, or `latest` from the object store / PALETTE_AUDIT_CHECKPOINT_DIR "
                          "(the directory's alone, said on stderr, when the object store does not answer)")
-    av.add_argument("--public-key", metavar="HEX|PEM_FILE",
+    av.add_argument("--public-key", type=given_text, metavar="HEX|PEM_FILE",
                     help="with --checkpoint: the public key to trust (default: PALETTE_AUDIT_PUBLIC_KEY, else "
                          "the signing key's)")
     ar = asub.add_parser("report", help="a period's opening, granted, reserved, spent, refunded, closing and "

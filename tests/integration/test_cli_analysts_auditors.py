@@ -303,3 +303,15 @@ def test_an_operators_command_a_database_refuses_names_its_reason_at_once(
     assert time.monotonic() - started < 5
     assert one_line(capsys, "palette admin: cannot reach PostgreSQL (", "password authentication failed",
                     "is PALETTE_DATA_DIR the running stack's") == ""
+
+
+@pytest.mark.parametrize("given", [["--checkpoint", ""], ["--checkpoint", "latest", "--public-key", ""]],
+                         ids=["checkpoint", "public-key"])
+def test_an_empty_checkpoint_or_key_is_refused_not_passed_over(given: list[str], env: dict[str, str],
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`verify --checkpoint "$CP"` with CP unset ran the plain verify and said OK (exit 0): the
+    signed heads were never checked. An empty --public-key fell back to the configured key."""
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["audit", "verify", *given])
+    assert refused.value.code == 2
+    assert one_line(capsys, f"palette audit verify: argument {given[-2]}: empty (an unset variable?)") == ""
