@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapters.cli.arguments import row_limit, time_value, uuid_value
+from adapters.cli.arguments import path_value, row_limit, time_value, uuid_value
 from adapters.cli.connect import erased_users, event_store, running_settings
 from adapters.cli.outputs import progress_lines, with_progress
 from domain.contracts.envelope import MAX_POSITION
@@ -176,7 +176,8 @@ def add_commands(sub: Subcommands) -> None:
     ra.add_argument("--format", choices=("jsonl", "csv", "parquet"), default="jsonl",
                     help="parquet: a dataset under --out partitioned by event type and day "
                     "(type=<Event>/day=<date>/), each event's data as typed columns")
-    ra.add_argument("--out", type=Path, help="the Parquet dataset's directory (--format parquet; must not hold one)")
+    ra.add_argument("--out", type=path_value,
+                    help="the Parquet dataset's directory (--format parquet; must not hold one)")
     rst = rsub.add_parser("state", help="an aggregate's state folded up to a version or a time")
     rst.add_argument("id", type=uuid_value)
     point = rst.add_mutually_exclusive_group(required=True)
@@ -188,7 +189,7 @@ def add_commands(sub: Subcommands) -> None:
     exp = sub.add_parser("export", help="analysts: a read model as Parquet (one read-only snapshot)")
     exp.add_argument("name", choices=("jobs_log", "job_items_log", "billing_events", "users", "rules"))
     exp.add_argument("--format", choices=("parquet",), default="parquet")
-    exp.add_argument("--out", type=Path, required=True, help="writes OUT/<name>/part-00000.parquet")
+    exp.add_argument("--out", type=path_value, required=True, help="writes OUT/<name>/part-00000.parquet")
     exp.set_defaults(func=_cmd_export)
 
     qry = sub.add_parser("query", help="analysts: one SQL SELECT (DuckDB) over Parquet exports and the read models",
@@ -198,7 +199,7 @@ def add_commands(sub: Subcommands) -> None:
                          "PostgreSQL via psycopg in one read-only transaction (DuckDB's postgres extension would "
                          "need a download at runtime). Only a single SELECT runs; file access is confined to DIR.")
     qry.add_argument("sql", help='e.g. "SELECT preset, count(*) FROM JobCreated GROUP BY 1"')
-    qry.add_argument("--data", type=Path, help="the directory of the Parquet exports")
+    qry.add_argument("--data", type=path_value, help="the directory of the Parquet exports")
     qry.add_argument("--format", choices=("table", "csv", "json"), default="table")
     qry.add_argument("--limit", type=row_limit, default=1000, help="at most this many rows (default 1000)")
     qry.add_argument("--no-db", action="store_true", help="never connect to PostgreSQL")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 from uuid import UUID
 
@@ -38,6 +39,22 @@ def given_text(value: str) -> str:
     if not value:
         raise argparse.ArgumentTypeError("empty (an unset variable?)")
     return value
+
+
+def file_name(value: str) -> str:
+    """A file or folder to read or write, not empty (`--out "$DIR"` with DIR unset wrote into the
+    working directory) and UTF-8 text: argv's bytes that are not come as lone surrogates, which
+    Arrow, DuckDB and the lines naming the file refuse (a traceback)."""
+    given_text(value)
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not UTF-8 text: {value!r}") from None
+    return value
+
+
+def path_value(value: str) -> Path:
+    return Path(file_name(value))
 
 
 def row_limit(value: str) -> int:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapters.cli.arguments import given_text, time_value, uuid_value
+from adapters.cli.arguments import file_name, given_text, path_value, time_value, uuid_value
 from adapters.cli.connect import event_store, running_settings
 from adapters.cli.outputs import unwritable
 from domain.text import one_line
@@ -394,7 +394,7 @@ def add_commands(sub: Subcommands) -> None:
     av = asub.add_parser("verify", help="recompute the per-user hash chains (exit 1 at a break); with --checkpoint, "
                          "also check every chain head a signed checkpoint holds (catches a consistent rewrite), and "
                          "that each head of the checkpoint signed just before it is still there, at its seq or past")
-    av.add_argument("--checkpoint", type=given_text, metavar="FILE|latest",
+    av.add_argument("--checkpoint", type=file_name, metavar="FILE|latest",
                     help="a checkpoint file, or `latest` from the object store / PALETTE_AUDIT_CHECKPOINT_DIR "
                          "(the directory's alone, said on stderr, when the object store does not answer)")
     av.add_argument("--public-key", type=given_text, metavar="HEX|PEM_FILE",
@@ -415,8 +415,8 @@ def add_commands(sub: Subcommands) -> None:
     ack = asub.add_parser("checkpoint", help="sign the ledger's chain heads and log position (Ed25519, the key of "
                           "PALETTE_AUDIT_SIGNING_KEY or PALETTE_AUDIT_SIGNING_KEY_FILE) and keep the checkpoint in "
                           "the object store (audit/checkpoints/), PALETTE_AUDIT_CHECKPOINT_DIR and/or a file")
-    ack.add_argument("--out", type=Path, help="also write the checkpoint to this new file (never overwritten)")
+    ack.add_argument("--out", type=path_value, help="also write the checkpoint to this new file (never overwritten)")
     ack.add_argument("--no-s3", action="store_true", help="do not use the object store")
     akg = asub.add_parser("keygen", help="make an Ed25519 signing key file for checkpoints; prints the public key")
-    akg.add_argument("--out", type=Path, required=True, help="the key file to create (never overwritten)")
+    akg.add_argument("--out", type=path_value, required=True, help="the key file to create (never overwritten)")
     aud.set_defaults(func=_cmd_audit)

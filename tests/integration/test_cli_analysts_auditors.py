@@ -315,3 +315,26 @@ def test_an_empty_checkpoint_or_key_is_refused_not_passed_over(given: list[str],
         cli.main(["audit", "verify", *given])
     assert refused.value.code == 2
     assert one_line(capsys, f"palette audit verify: argument {given[-2]}: empty (an unset variable?)") == ""
+
+
+def refused_argument(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str) -> None:
+    with pytest.raises(SystemExit) as refused:
+        cli.main(argv)
+    assert refused.value.code == 2
+    assert one_line(capsys, *needles) == ""
+
+
+@pytest.mark.parametrize("command", [["replay", "all", "--format", "parquet", "--out"], ["export", "users", "--out"],
+                                     ["query", "SELECT 1", "--data"], ["audit", "keygen", "--out"],
+                                     ["audit", "checkpoint", "--no-s3", "--out"], ["audit", "verify", "--checkpoint"]])
+def test_a_path_that_is_empty_or_not_utf8_is_one_line(command: list[str], env: dict[str, str], user: uuid.UUID,
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`--out "$DIR"` with DIR unset wrote the Parquet dataset into the working directory; a name
+    whose bytes are not UTF-8 (a surrogate in argv) was a UnicodeEncodeError traceback, after
+    `audit keygen` had written its key."""
+    monkeypatch.chdir(tmp_path)
+    refused_argument(capsys, [*command, ""], f"argument {command[-1]}: empty (an unset variable?)")
+    odd = str(tmp_path / "caf\udce9")
+    refused_argument(capsys, [*command, odd], f"argument {command[-1]}: not UTF-8 text")
+    assert list(tmp_path.iterdir()) == []
