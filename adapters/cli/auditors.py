@@ -4,6 +4,7 @@ with the log, the hash chains and their signed checkpoints."""
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 from pathlib import Path
@@ -283,6 +284,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if args.action == "ledger" and args.since is not None and args.until is not None and args.until < args.since:
         print("palette audit ledger: the period's end (--to) must be after its start (--from)", file=sys.stderr)
         return 2  # as `replay all` and `audit report` refuse theirs: an empty answer would pass for "no entries"
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a grant's reason may hold what a latin-1 or ASCII locale cannot
+        sys.stdout.reconfigure(encoding="utf-8")  # spell: UTF-8, as `palette query` and `replay` write
     settings = running_settings()
     if args.action == "keygen":
         return _audit_keygen(args)

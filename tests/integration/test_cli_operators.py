@@ -177,3 +177,28 @@ def test_a_reasons_line_breaks_print_in_its_ledger_row_not_as_rows_of_their_own(
     assert signup.split()[2:] == ["grant", "50", "50", "50", "signup"]
     assert grant.split()[2:6] == ["grant", "1000000", "1000000", "1000050"]
     assert grant.endswith(f"  goodwill\\r{forged}\\nmore")
+
+
+@pytest.mark.parametrize("command", [["audit", "ledger", "--user"], ["audit", "export", "--format", "csv"]],
+                         ids=["ledger", "export-csv"])
+def test_a_reason_the_locale_cannot_spell_prints_as_utf8_not_a_traceback(
+        command: list[str], apps: Any, env: dict[str, str], user: uuid.UUID, conn: Any,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An operator's reason may hold any printable character; the ledger's lines were printed in
+    the locale's encoding, and in a latin-1 or ASCII one an emoji was a UnicodeEncodeError
+    traceback. They are UTF-8, as `palette query` and `replay` write theirs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    reason = f"goodwill ☕ {uuid.uuid4()}"
+    assert cli.main(["admin", "grant", str(user), "7", "--reason", reason]) == 0
+    capsys.readouterr()
+    wait_until(lambda: len(audit.ledger(conn, user)) == 2, timeout_s=60, what="the grant in the ledger")
+    argv = [*command, str(user)] if command[-1] == "--user" else command
+    result = subprocess.run([sys.executable, "-m", "adapters.cli", *argv], capture_output=True, timeout=120,
+                            env={**env, "PYTHONIOENCODING": "latin-1"}, cwd=Path(__file__).resolve().parents[2],
+                            check=False)
+    assert b"Traceback" not in result.stderr, result.stderr.decode(errors="replace")
+    assert result.returncode == 0
+    assert [line for line in result.stdout.decode().splitlines() if reason in line], result.stdout
