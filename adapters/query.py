@@ -279,6 +279,15 @@ def _unique_names(columns: Sequence[str]) -> list[str]:
     return out
 
 
+def _csv_line(values: Sequence[Any]) -> str:
+    """One CSV row without its line end. Written with "\\r\\n" as the terminator, so the writer
+    quotes a value holding either character (with "\\n" alone it left a lone CR bare, and a
+    reader ended the row there); the rows are joined by "\\n"."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\r\n").writerow(values)
+    return buf.getvalue()[:-2]
+
+
 def render(result: Result, fmt: str) -> str:
     """The rows as an aligned table, CSV or a JSON array of objects (names made unique);
     QueryError when a value is nested too deep to write as JSON (a list cell is its JSON in
@@ -295,11 +304,8 @@ def _render(result: Result, fmt: str) -> str:
         return json.dumps([dict(zip(names, map(_finite, r), strict=True)) for r in result.rows],
                           default=str, indent=1, allow_nan=False)
     if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(result.columns)
-        writer.writerows([[_text(v, whole=True) for v in r] for r in result.rows])
-        return buf.getvalue().rstrip("\n")
+        return "\n".join(_csv_line(row) for row in [result.columns, *([_text(v, whole=True) for v in r]
+                                                                      for r in result.rows)])
     # control characters escaped (as the audit ledger's cells): a line break (a grant's reason,
     # a column named with one) broke its row across lines
     names = [one_line(c) for c in result.columns]

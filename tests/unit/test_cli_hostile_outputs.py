@@ -543,3 +543,17 @@ def test_query_output_in_a_locale_that_cannot_spell_it_is_utf8_not_a_traceback(f
     out = result.stdout.decode()
     assert (json.loads(out)[0]["name"] if fmt == "json" else out.splitlines()[-2 if fmt == "table" else 1]
             ).strip() == "wall 😀 café", out
+
+
+def test_query_csv_quotes_a_value_or_name_holding_a_carriage_return_alone() -> None:
+    """A lone CR (a grant's reason may hold one) was written bare, the writer's line terminator
+    being "\\n" alone, and a CSV reader ended the row there: the value and everything after it
+    were lost or moved to rows of their own."""
+    import csv
+    import io
+
+    from adapters.query import render, run
+
+    result = run("SELECT 'a' || chr(13) || 'b' AS \"r\rn\", chr(13) || chr(13) AS rr, 7 AS n", None, None)
+    rows = list(csv.reader(io.StringIO(render(result, "csv"), newline="")))
+    assert rows == [["r\rn", "rr", "n"], ["a\rb", "\r\r", "7"]]
