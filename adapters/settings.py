@@ -11,7 +11,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -31,6 +31,8 @@ BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 IPV4_LIKE = re.compile(r"\d+\.\d+\.\d+\.\d+")
 # What botocore takes for a region (botocore.utils.validate_region_name): a host label, or empty.
 REGION_NAME = re.compile(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{,63}(?<!-)")
+# Where a database URL connects: the parts the event store reads (adapters.bootstrap.event_store_env).
+CONNECTION_TARGET = frozenset({"host", "hostaddr", "port", "dbname", "user", "password"})
 MAX_WHOLE_SETTING = 2**63 - 1  # PostgreSQL's bigint, and far inside a float's range
 # Secrets shorter than this are refused outside development (HS256 wants >= 256 bits).
 MIN_SECRET_BYTES = 32
@@ -387,6 +389,12 @@ class Settings(BaseSettings):
             raise ValueError(unreadable)
         if "," in url.netloc.rpartition("@")[2]:  # the hosts, not a password's ","
             raise ValueError("names several hosts: the event store connects to one")
+        if not url.hostname:  # libpq took its Unix socket, the event store 127.0.0.1
+            raise ValueError("names no host (postgresql://user:password@host:port/database)")
+        # libpq takes these query parameters over the URL's parts, which the event store reads
+        overridden = sorted(CONNECTION_TARGET.intersection(parse_qs(url.query, keep_blank_values=True)))
+        if overridden:
+            raise ValueError(f"sets {', '.join(overridden)} as a query parameter: write it in the URL itself")
         return v
 
     @field_validator("trace_trusted_peers")

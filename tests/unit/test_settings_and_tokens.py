@@ -433,6 +433,19 @@ def test_a_password_with_url_characters_reaches_the_database_url_intact(tmp_path
     ("postgresql://u:secret@db.example:5432/palette?nosuchoption=1", False),
     ("mysql://u:secret@db.example/palette", False),
     ("u:secret@db.example/palette", False),
+    # where libpq and the event store (which reads the URL's host, port, user, password and
+    # database) would connect to two servers: no host (libpq's Unix socket, the store's
+    # 127.0.0.1), or a query parameter libpq takes over the URL's part
+    ("postgresql:///palette", False),
+    ("postgresql://u:secret@/palette", False),
+    ("postgresql://u:secret@db.example/palette?host=other.example", False),
+    ("postgresql://u:secret@/palette?host=/var/run/postgresql", False),
+    ("postgresql://u:secret@db.example/palette?hostaddr=10.0.0.9", False),
+    ("postgresql://u:secret@db.example/palette?port=6543", False),
+    ("postgresql://u:secret@db.example/palette?dbname=other", False),
+    ("postgresql://u:secret@db.example/palette?user=other", False),
+    ("postgresql://u@db.example/palette?password=secret", False),
+    ("postgresql://u:secret@db.example/palette?application_name=x&connect_timeout=5", True),
 ])
 def test_a_database_url_libpq_cannot_read_is_refused_in_one_line_without_its_text(tmp_path, url, accepted):
     if accepted:
