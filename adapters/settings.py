@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from adapters.webhooks.retries import DEFAULT_SCHEDULE as DEFAULT_RETRY_SCHEDULE
 from adapters.webhooks.retries import parse_schedule
 from adapters.whole_files import write_whole
-from infra.config import unusable_data_dir
+from infra.config import PG_ELSEWHERE, unusable_data_dir
 from infra.supervisor import LOG_KEEP, LOG_MAX_BYTES, LOG_MAX_BYTES_MAX
 
 # The embedded SeaweedFS binds ports up to the S3 port + 6 and each + 10000 (infra.stack.embedded_ports).
@@ -593,6 +593,10 @@ def load_settings(on_new_secrets: Callable[[Path], None] | None = None, /, **ove
     if settings.env == "development":
         try:
             had = (settings.data_dir / "secrets.json").exists()
+            if not had and _made_stack(settings.data_dir) and any(not getattr(settings, n) for n in SECRET_MAKERS):
+                raise SettingsError(
+                    f"{settings.data_dir / 'secrets.json'} is missing, but its stack was made with it (PostgreSQL's "
+                    "password, the users' device keys): put it back, or start afresh in an empty PALETTE_DATA_DIR")
             dev = _dev_secrets(settings.data_dir)
         except OSError as e:
             raise SettingsError(unusable_data_dir(settings.data_dir, e)) from None
@@ -603,6 +607,11 @@ def load_settings(on_new_secrets: Callable[[Path], None] | None = None, /, **ove
             on_new_secrets(settings.data_dir / "secrets.json")
     settings.check_secrets()
     return settings
+
+
+def _made_stack(data_dir: Path) -> bool:
+    """Whether `palette up` made its PostgreSQL for ``data_dir`` (in it, or noted elsewhere)."""
+    return (data_dir / "pg" / "PG_VERSION").exists() or (data_dir / PG_ELSEWHERE).exists()
 
 
 def _one_line(e: ValueError) -> str:

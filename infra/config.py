@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+PG_ELSEWHERE = "pg-elsewhere"  # the data directory's note of where its PostgreSQL files are
+
 
 class S3Settings(Protocol):
     @property

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
 
-from infra.config import StackSettings, unusable_data_dir
+from infra.config import PG_ELSEWHERE, StackSettings, unusable_data_dir
 from infra.kafka_admin import broker_answers, ensure_topics
 from infra.s3 import answered_status, s3_client
 from infra.supervisor import ServiceSpec, StackError, Supervisor, bind_error
@@ -29,7 +29,6 @@ PG_LIB = Path("/usr/lib/postgresql")  # Debian's PostgreSQL binaries, a director
 # Where PostgreSQL's files go when root's data directory is out of the postgres user's reach (a
 # clone under /root, mode 0700): one directory per data directory, named by its path's hash.
 PG_HOME = Path("/var/lib/palette")
-PG_ELSEWHERE = "pg-elsewhere"  # the data directory's note of where its PostgreSQL files are
 PG_OWNER = "data-dir"  # beside them under PG_HOME: the data directory they are of
 
 # SeaweedFS needs a handful of ports; they sit just above the S3 port (gRPC ports are +10000).

@@ -637,3 +637,20 @@ def test_an_issued_token_is_byte_for_byte_what_pyjwt_writes_for_its_claims(user,
     assert token == jwt.encode(claims, secret, algorithm="HS256")
     assert jwt.decode(token, secret, algorithms=["HS256"], options={"verify_signature": True, "verify_exp": False,
                       "verify_nbf": False, "verify_iat": False, "verify_aud": False, "verify_iss": False}) == claims
+
+
+@pytest.mark.parametrize("made", ["pg/PG_VERSION", "pg-elsewhere"], ids=["cluster here", "cluster noted elsewhere"])
+def test_a_made_data_dir_whose_secrets_file_is_gone_is_refused_not_given_new_ones(tmp_path, made):
+    """secrets.json deleted from a data directory whose stack was made with it: new secrets were
+    made, and `palette up` waited a minute on PostgreSQL (its password the old one) to fail;
+    worse, the users' device keys, tokens and S3 keys changed. It is refused, nothing written."""
+    data = tmp_path / "data"
+    (data / made).parent.mkdir(parents=True, exist_ok=True)
+    (data / made).write_text("15\n")
+    with pytest.raises(SettingsError, match=r"secrets\.json is missing") as e:
+        load_settings(data_dir=data)
+    assert "\n" not in str(e.value)
+    assert not (data / "secrets.json").exists()
+    given = {name: "s" * 48 for name in ("jwt_secret", "callback_secret", "s3_secret_key", "pg_password",
+                                         "device_key_secret")}
+    assert load_settings(data_dir=data, s3_access_key="palette0000", **given).pg_password == "s" * 48
