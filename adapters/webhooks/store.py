@@ -54,6 +54,8 @@ DDL = (
     "CREATE INDEX IF NOT EXISTS deliveries_job ON palette_webhooks.deliveries (endpoint_id, job_id, version) "
     "WHERE status = 'pending'",
     "CREATE INDEX IF NOT EXISTS deliveries_recent ON palette_webhooks.deliveries (endpoint_id, created_at)",
+    # A deleted job's deliveries (forget_job): without it, each deletion read every user's deliveries.
+    "CREATE INDEX IF NOT EXISTS deliveries_of_job ON palette_webhooks.deliveries (job_id)",
     "CREATE INDEX IF NOT EXISTS deliveries_done ON palette_webhooks.deliveries (created_at) "
     "WHERE status <> 'pending'",
     "CREATE TABLE IF NOT EXISTS palette_webhooks.attempts (delivery_id uuid NOT NULL "

@@ -619,3 +619,24 @@ def test_a_longer_hold_from_a_second_failure_in_flight_keeps_the_whole_backlog_w
         assert [d.user_id for d in got if d.user_id in (failing, victim)] == [victim]
     finally:
         conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[held, answered]])
+
+
+def test_forgetting_a_deleted_jobs_deliveries_reads_only_that_jobs_rows(conn, settings):
+    # DELETE /jobs/{id} (and the sweeper's late pass) forgets the job's deliveries: a scan of every
+    # user's deliveries, kept for days, made each client's deletion cost what the whole table holds.
+    user, job = uuid.uuid4(), uuid.uuid4()
+    [endpoint] = endpoints(conn, user, "hook")
+    try:
+        conn.execute("INSERT INTO palette_webhooks.deliveries (id, endpoint_id, message_id, job_id, version, "
+                     "event_type, body, status) SELECT gen_random_uuid(), %s, 'msg_' || n, gen_random_uuid(), 1, "
+                     "'job.queued', '\\x7b7d', 'succeeded' FROM generate_series(1, 5000) AS n", [endpoint])
+        store.record(conn, [store.NewDelivery(endpoint, f"msg_{job.hex}_1", job, 1, "job.queued", b"{}")])
+        conn.execute("ANALYZE palette_webhooks.deliveries")
+        # A session of its own: a session's counts not yet reported (once a second) read as its transaction's.
+        with psycopg.connect(settings.effective_database_url) as alone:
+            assert store.forget_job(alone, job) == 1
+            scans = alone.execute("SELECT seq_scan FROM pg_stat_xact_user_tables "
+                                  "WHERE schemaname = 'palette_webhooks' AND relname = 'deliveries'").fetchone()
+        assert scans == (0,)
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
