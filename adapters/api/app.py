@@ -83,6 +83,9 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     # Each rule write is an event on the rule's stream: a budget of its own, as large.
     app.state.rule_limits = Budget(s.rate_jobs_per_s, s.rate_jobs_burst, s.rate_jobs_per_day,
                                    per_address_day=s.rate_jobs_per_address_per_day)
+    # Each endpoint creation checks a URL the client chose (its host resolved, in production).
+    app.state.webhook_limits = Budget(s.rate_jobs_per_s, s.rate_jobs_burst, s.rate_jobs_per_day,
+                                      per_address_day=s.rate_jobs_per_address_per_day)
     app.state.callback_limits = TokenBuckets(s.rate_callbacks_per_s, s.rate_callbacks_burst)
     app.state.unflushed = unflushed(s.effective_database_url)  # idempotency keys, callback signatures
     app.state.callback_signatures = CallbackSignatures(app.state.unflushed)

@@ -156,8 +156,9 @@ class UrlChecks:
 
 @router.post("/webhooks", response_model=Envelope[WebhookSecretPublic], status_code=201,
              responses={**COMMON, 409: {"model": _E, "description": "INVALID_STATE (as many endpoints as allowed)"},
-                        429: {"model": _E, "description": "RATE_LIMITED: the user's (or the client address's) "
-                                                          "URL checks are all running (Retry-After)"}})
+                        429: {"model": _E, "description": "RATE_LIMITED: the user's creations past their "
+                                                          "budget, or its (or the client address's) URL checks "
+                                                          "all running (Retry-After)"}})
 async def create_webhook(body: WebhookCreate, user_id: CurrentUser, container: ContainerDep,
                          request: Request,
                          idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
@@ -165,18 +166,21 @@ async def create_webhook(body: WebhookCreate, user_id: CurrentUser, container: C
     an Idempotency-Key the endpoint is made once, however often the request is retried (its id
     derives from the key, as a job's does: a crash after the insert lost the stored answer)."""
     settings = container.settings
-    await made_once(request, "url_checks", UrlChecks).check(user_id, body.url, settings.env == "production",
-                                                            request_address(request, settings.trusted_proxies))
-    try:
-        row = await _run(container, store.create_endpoint, user_id, body.url, list(dict.fromkeys(body.events)),
-                         new_secret(), settings.webhook_endpoints_per_user,
-                         id_for_key(user_id, "webhook", idempotency_key))
-    except store.EndpointsFull as e:
-        raise InvalidState(str(e)) from None
-    except store.KeyReused as e:
-        raise ValidationFailed(str(e)) from None
-    except store.ChangedSince as e:
-        raise InvalidState(str(e)) from None
+    address = request_address(request, settings.trusted_proxies)
+    with request.app.state.webhook_limits.spending(user_id, address) as spending:
+        await made_once(request, "url_checks", UrlChecks).check(user_id, body.url, settings.env == "production",
+                                                                address)
+        try:
+            row = await _run(container, store.create_endpoint, user_id, body.url, list(dict.fromkeys(body.events)),
+                             new_secret(), settings.webhook_endpoints_per_user,
+                             id_for_key(user_id, "webhook", idempotency_key))
+        except store.EndpointsFull as e:
+            raise InvalidState(str(e)) from None
+        except store.KeyReused as e:
+            raise ValidationFailed(str(e)) from None
+        except store.ChangedSince as e:
+            raise InvalidState(str(e)) from None
+        spending.recorded = True
     return ok(WebhookSecretPublic(**row), status=201)
 
 

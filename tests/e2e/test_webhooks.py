@@ -406,6 +406,30 @@ def test_redeliveries_are_limited_per_user_with_retry_after(settings, client, ot
         container.close()
 
 
+def test_endpoint_creations_are_limited_per_user_as_rule_writes_are(settings, client, other, receiver):
+    """Endpoints made and deleted in a loop kept no rows, but each creation checked a URL the
+    client chose (a DNS lookup of its host in production), as fast as the client asked: creations
+    now spend from a budget of their own, the size of the rule writes'; deleting spends nothing."""
+    container = build(settings.model_copy(update={"rate_jobs_burst": 3, "rate_jobs_per_s": 0.01}))
+    try:
+        with TestClient(create_app(container)) as api:
+            def create(who: Client) -> Any:
+                return api.post("/webhooks", json={"url": receiver.url("/paced"), "events": ALL}, headers=who.headers)
+
+            for _ in range(3):
+                made = create(client)
+                assert made.status_code == 201, made.text
+                assert api.delete(f"/webhooks/{made.json()['data']['id']}", headers=client.headers).status_code == 200
+            limited = create(client)
+            assert limited.status_code == 429 and limited.json()["error"]["code"] == "RATE_LIMITED", limited.text
+            assert int(limited.headers["Retry-After"]) >= 1
+            assert create(other).status_code == 201  # another user's budget
+            job = api.post("/jobs", json={"preset": "interior", "item_count": 1}, headers=client.headers)
+            assert job.status_code == 201, job.text  # job creations have their own
+    finally:
+        container.close()
+
+
 @pytest.fixture(scope="module")
 def production_api(settings: Settings) -> Iterator[TestClient]:
     """The same API with PALETTE_ENV=production, in this process (the stack's runs development)."""
