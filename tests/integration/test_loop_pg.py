@@ -107,6 +107,51 @@ def test_unflushed_connections_commit_without_waiting_for_the_flush(settings: Se
     assert asyncio.run(setting(flushed=True)) == "on"
 
 
+def test_a_connection_left_inside_a_transaction_is_not_handed_to_the_next_caller(settings: Settings) -> None:
+    connections = LoopConnections(settings.effective_database_url, size=1)
+
+    async def scenario() -> None:
+        async with connections.connection() as conn:
+            await conn.execute("BEGIN")
+            left = conn.info.backend_pid
+        async with connections.connection() as conn:
+            assert conn.info.backend_pid != left
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        await connections.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_connection_in_use_when_its_loops_connections_close_is_closed_when_its_block_ends(
+        settings: Settings) -> None:
+    connections = LoopConnections(settings.effective_database_url)
+
+    async def scenario() -> psycopg.AsyncConnection[Any]:
+        async with connections.connection() as conn:
+            await connections.close()
+        return conn
+
+    assert asyncio.run(scenario()).closed
+
+
+def test_a_failed_connect_gives_its_slot_back(settings: Settings) -> None:
+    """The database unreachable for a while (a restart): once it answers, the loop's requests get
+    connections again, not PoolTimeout for every slot a failed connect once took."""
+    connections = LoopConnections(settings.effective_database_url, size=1, timeout_s=1)
+    reachable = connections.conninfo
+    connections.conninfo = psycopg.conninfo.make_conninfo(reachable, dbname="palette_no_such_database")
+
+    async def scenario() -> None:
+        for _ in range(2):
+            with pytest.raises(psycopg.OperationalError):
+                await _pid(connections)
+        connections.conninfo = reachable
+        assert await _pid(connections) > 0
+        await connections.close()
+
+    asyncio.run(scenario())
+
+
 def test_each_event_loop_has_connections_of_its_own_and_an_ended_loops_are_closed(settings: Settings) -> None:
     import time
 
