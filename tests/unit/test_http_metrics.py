@@ -54,3 +54,15 @@ def test_a_content_length_of_thousands_of_digits_is_a_413_not_a_crash():
     scope = {"type": "http", "method": "POST", "path": "/jobs", "headers": [(b"content-length", b"9" * 5000)]}
     asyncio.run(RequestEdge(app, CollectorRegistry())(scope, None, send))  # type: ignore[arg-type]
     assert sent[0]["status"] == 413
+
+
+def test_a_body_of_exactly_the_cap_passes_and_one_byte_more_is_a_413_with_a_length_or_chunked():
+    async def echo(request):  # type: ignore[no-untyped-def]
+        return JSONResponse({"read": len(await request.body())})
+
+    app = RequestEdge(Starlette(routes=[Route("/rules", echo, methods=["POST"])]), CollectorRegistry(),
+                      max_body_bytes=100)
+    with TestClient(app) as client:
+        for size, status in ((100, 200), (101, 413)):
+            assert client.post("/rules", content=b"x" * size).status_code == status
+            assert client.post("/rules", content=iter([b"x" * 50, b"x" * (size - 50)])).status_code == status
