@@ -50,11 +50,31 @@ async def stream(receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
+async def listening(receive: Any, send: Any) -> None:
+    """A chunk every 50 ms for up to 30 s while it waits on ``receive``, with no timeout, for its
+    client to leave (as Starlette's StreamingResponse does)."""
+    await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def chunks() -> None:
+        for _ in range(600):
+            await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": True})
+            await asyncio.sleep(0.05)
+
+    sending = asyncio.create_task(chunks())
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    sending.cancel()
+    STREAM_ENDS.append("disconnect")
+
+
 async def echo_app(scope: Any, receive: Any, send: Any) -> None:
     assert scope["type"] == "http"
     SERVED.append(scope["path"])
     if scope["path"] == "/stream":
         return await stream(receive, send)
+    if scope["path"] == "/listen":
+        return await listening(receive, send)
     while scope["path"] == "/hold" and not RELEASE.is_set():  # answered once the test lets it
         await asyncio.sleep(0.01)
     size = 0
@@ -201,22 +221,25 @@ def test_a_connection_pipelining_more_requests_than_the_bound_is_closed_before_t
     assert answer.count(b"HTTP/1.1 200 ") == http_limits.MAX_PIPELINED + 1  # within the bound: all served
 
 
-def _streaming(port: int) -> socket.socket:
+def _streaming(port: int, path: str = "/stream") -> socket.socket:
     conn = socket.create_connection(("127.0.0.1", port), timeout=5)
-    conn.sendall(b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n")
+    conn.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
     got = b""
     while b"data: x" not in got:
         got += conn.recv(65536)
     return conn
 
 
-def test_a_stream_with_a_request_pipelined_behind_it_ends_when_its_client_leaves(server: int) -> None:
+@pytest.mark.parametrize("path", ["/stream", "/listen"])
+def test_a_stream_with_a_request_pipelined_behind_it_ends_when_its_client_leaves(server: int, path: str) -> None:
     """uvicorn tells a lost connection to the last request it parsed: the stream under way kept
-    sending into a closed connection (and a job's events stream polling the store) till its end."""
+    sending into a closed connection (and a job's events stream polling the store) till its end;
+    one waiting on ``receive`` alone waited for ever."""
     STREAM_ENDS.clear()
-    conn = _streaming(server)
+    SERVED.clear()
+    conn = _streaming(server, path)
     conn.sendall(b"GET /piped HTTP/1.1\r\nhost: x\r\n\r\n")
-    wait_until(lambda: SERVED.count("/stream") == 1, 10, "the stream in the app")
+    wait_until(lambda: SERVED.count(path) == 1, 10, "the stream in the app")
     conn.close()
     wait_until(lambda: STREAM_ENDS == ["disconnect"], 10, "the stream told its client left")
 
@@ -371,6 +394,15 @@ def test_one_address_holds_at_most_its_share_of_connections() -> None:
                 break
         assert got.startswith(b"HTTP/1.1 200 "), got[:200]
         assert all(answered(c).startswith(b"HTTP/1.1 200 ") for c in conns[1:])  # the others untouched
+
+
+def test_an_address_whose_connections_all_closed_is_counted_no_more() -> None:
+    """The count per address keeps no entry for one holding no connection: each address a client
+    connected from once (an IPv6 prefix holds billions) would otherwise stay for the server's life."""
+    with serving(limited(total=100, per_peer=3)) as (port, srv):
+        with kept_alive(port):
+            assert list(srv.server_state.palette_bounds.peers.values()) == [1]
+        wait_until(lambda: not srv.server_state.palette_bounds.peers, 10, "the address counted out")
 
 
 def test_at_the_limit_the_connection_idle_longest_makes_room() -> None:
