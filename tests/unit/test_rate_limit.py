@@ -205,6 +205,17 @@ def test_a_request_one_budget_refuses_spends_from_none_of_them():
     assert e.value.retry_after_s > 1000  # its day is spent: 50 taken, none by the refusals
 
 
+def test_a_request_refused_with_under_a_second_to_wait_spends_from_none_of_them_either():
+    clock = FakeClock()
+    budget = Budget(rate_per_s=1, burst=1, per_day=1, clock=clock, per_address_day=1)
+    budget.take("neighbour", "198.51.100.7")
+    clock.t = DAY_S - 0.5  # the address's next token half a second away
+    with pytest.raises(RateLimited) as e:
+        budget.take("victim", "198.51.100.7")
+    assert e.value.retry_after_s == pytest.approx(0.5)
+    budget.take("victim", "203.0.113.1")  # its one token of pace and of day, both still there
+
+
 def test_a_command_that_records_nothing_gives_its_address_its_token_back():
     """The address's day bounds what its clients add for good: refused and repeated commands
     add nothing, and charging them let one client's throw-away users hold it at zero."""
