@@ -113,6 +113,34 @@ def test_the_range_read_for_a_hole_covers_what_every_model_misses_of_the_stream(
     assert merge_gaps(plans) == {a: (0, 5), b: (1, 2)}
 
 
+class _RefusingOne:
+    """The rules model, whose fold refuses one event (a poison event)."""
+
+    def __init__(self, stream: uuid.UUID, version: int) -> None:
+        self.poison = (stream, version)
+        self.model = READ_MODELS["rules"]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.model, name)
+
+    def apply(self, rows: object, e: EventEnvelope) -> list[object]:
+        if (e.stream_id, e.version) == self.poison:
+            raise ValueError("poison")
+        return []
+
+
+def test_a_refused_event_is_parked_and_its_streams_later_events_and_a_parked_streams_are_held_unfolded() -> None:
+    poisoned, fine, parked_before = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    model = _RefusingOne(poisoned, 2)
+    delivered = [_rule_event(s, v) for s in (poisoned, fine, parked_before) for v in (1, 2, 3)]
+    p = plan(model, delivered, {}, {parked_before})  # type: ignore[arg-type]
+    assert [(e.stream_id, e.version) for e in p.held] == [(parked_before, v) for v in (1, 2, 3)]
+    out = fold(model, {}, p.todo, p.held, {parked_before})  # type: ignore[arg-type]
+    assert out.advanced == {poisoned: 1, fine: 3} and out.applied == 4
+    assert [(e.stream_id, e.version, status) for e, _, status in out.parks] == [
+        *((parked_before, v, "held") for v in (1, 2, 3)), (poisoned, 2, "parked"), (poisoned, 3, "held")]
+
+
 def test_results_added_up_count_every_field_and_keep_the_highest_position() -> None:
     total = BatchResult(applied=1, skipped=2, parked=3, max_position=50, filled=4, per_model={"users": 1, "rules": 2})
     add_result(total, BatchResult(applied=10, skipped=20, parked=30, max_position=40, filled=40,
