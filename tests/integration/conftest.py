@@ -1,6 +1,7 @@
 """Fixtures several integration modules share: the service on the session stack's event store
 (one load-decide-save per command), an autocommit connection to its database, and a schema of
-the test's own for an event store out of reach of the session's relay and workers."""
+the test's own for an event store out of reach of the session's relay and workers, and a database
+of the test's own with an application on it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from adapters.settings import Settings
 from adapters.system import RandomIds, SystemClock
 from application.executors import DirectExecutor
 from application.services import PaletteApplication, PaletteService
+from projections.schema import ensure_schema
 from tests.keys import process_keys
 
 
@@ -55,3 +57,16 @@ def fresh_db(settings: Settings) -> Iterator[str]:
     yield urlunsplit(urlsplit(base)._replace(path=f"/{name}"))
     with psycopg.connect(base, autocommit=True) as admin:
         admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def own_log(settings: Settings, fresh_db: str) -> Iterator[tuple[str, PaletteApplication]]:
+    """A database of its own (event log and read models) and an application on it: what the test
+    writes, folds or rebuilds there reaches neither the session's log nor its read models."""
+    app = PaletteApplication(env=event_store_env(settings.model_copy(update={"database_url": fresh_db}), pool_size=2))
+    try:
+        with psycopg.connect(fresh_db, autocommit=True) as c:
+            ensure_schema(c)
+        yield fresh_db, app
+    finally:
+        app.close()

@@ -11,25 +11,20 @@ import csv
 import io
 import json
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pyarrow.dataset as ds
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
 from adapters import query
-from adapters.bootstrap import event_store_env
-from adapters.settings import Settings
 from adapters.system import RandomIds, SystemClock
 from adapters.webhooks.events import payload
 from application.executors import DirectExecutor
-from application.services import PaletteApplication, PaletteService
+from application.services import PaletteService
 from domain.contracts.envelope import decode
 from domain.job import MAX_ERROR_LEN
 from domain.text import refused_character
@@ -40,7 +35,6 @@ from projections.catchup import CatchUp
 from projections.log import LogReader
 from projections.parquet import export_log
 from projections.replay import Replayer, as_csv, as_jsonl
-from projections.schema import ensure_schema
 from projections.stored_events import stored_message
 from tests.keys import process_keys
 
@@ -61,24 +55,6 @@ def _key_text(text: str) -> str:
     """``text`` as an object key's last segment allows (no control character, no empty segment)."""
     cleaned = "".join(ch for ch in text if ch >= " " and ch != "\x7f").replace("/", "_")
     return cleaned if cleaned.strip(".") else cleaned + "x"
-
-
-@pytest.fixture
-def own_app(settings: Settings) -> Iterator[tuple[str, PaletteApplication]]:
-    name = f"strings_{uuid.uuid4().hex[:12]}"
-    base = settings.effective_database_url
-    with psycopg.connect(base, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = urlunsplit(urlsplit(base)._replace(path=f"/{name}"))
-    app = PaletteApplication(env=event_store_env(settings.model_copy(update={"database_url": url}), pool_size=2))
-    try:
-        with psycopg.connect(url, autocommit=True) as c:
-            ensure_schema(c)
-        yield url, app
-    finally:
-        app.close()
-        with psycopg.connect(base, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def _forget(conn: psycopg.Connection[Any], user: uuid.UUID, job: uuid.UUID) -> None:
@@ -111,8 +87,8 @@ def _from_events(events: list[dict[str, Any]], user: str, job: str, start: int) 
     return reasons, [(k, err) for _, k, err in items]
 
 
-def test_hostile_text_reads_back_as_sent_on_every_path(settings, own_app, tmp_path, monkeypatch):
-    url, app = own_app
+def test_hostile_text_reads_back_as_sent_on_every_path(settings, own_log, tmp_path, monkeypatch):
+    url, app = own_log
     service = PaletteService(app, DirectExecutor(app), SystemClock(), RandomIds(), **process_keys())
     monkeypatch.setattr(store, "BULK_ROWS", 1)  # a catch-up's COPY for every table, however few rows
     monkeypatch.setattr(rebuilding, "COPY_ROWS", 2)  # a rebuild's batches split streams: upserts after COPY

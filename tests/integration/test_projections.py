@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -459,26 +458,6 @@ def test_the_dispatcher_sends_a_stalled_job_again(apps, service, conn, settings)
         assert mine == [0, 2]
     finally:
         dispatcher.close()
-
-
-@pytest.fixture
-def own_log(settings: Settings) -> Iterator[tuple[str, PaletteApplication]]:
-    """A database of its own (event log and read models): its poison events and rebuilds reach
-    neither the session's log nor its read models."""
-    name = f"rebuild_{uuid.uuid4().hex[:12]}"
-    base = settings.effective_database_url
-    with psycopg.connect(base, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = urlunsplit(urlsplit(base)._replace(path=f"/{name}"))
-    app = PaletteApplication(env=event_store_env(settings.model_copy(update={"database_url": url}), pool_size=2))
-    try:
-        with psycopg.connect(url, autocommit=True) as c:
-            ensure_schema(c)
-        yield url, app
-    finally:
-        app.close()
-        with psycopg.connect(base, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def _rule_event(app: PaletteApplication, rule: uuid.UUID, version: int, name: str | None,
