@@ -304,8 +304,8 @@ def _render(result: Result, fmt: str) -> str:
         return json.dumps([dict(zip(names, map(_finite, r), strict=True)) for r in result.rows],
                           default=str, indent=1, allow_nan=False)
     if fmt == "csv":
-        return "\n".join(_csv_line(row) for row in [result.columns, *([_text(v, whole=True) for v in r]
-                                                                      for r in result.rows)])
+        rows = [result.columns, *([_text(v, whole=True) for v in r] for r in result.rows)]
+        return "\n".join(map(_csv_line, rows))
     # control characters escaped (as the audit ledger's cells): a line break (a grant's reason,
     # a column named with one) broke its row across lines
     names = [one_line(c) for c in result.columns]
