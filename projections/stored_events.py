@@ -166,16 +166,11 @@ def from_stored(position: int, stream_id: UUID, version: int, topic: str, state:
                          type=event_type, timestamp=timestamp, data=data, trace=trace)
 
 
-def notification_message(notification: Any, transcoder: Any) -> tuple[bytes, str]:
-    """The envelope's JSON straight from a stored notification, and its trace (replay's path)."""
-    return stored_message(notification.id, str(notification.originator_id), notification.originator_version,
-                          notification.topic, notification.state, transcoder)
-
-
 def stored_message(position: int, stream_id: str, version: int, topic: str, state: bytes,
                    transcoder: Any) -> tuple[bytes, str]:
     """The envelope's JSON and its trace from a stored event's columns, its stream id as text
-    (the relay's path: a page read as plain rows, no ``Notification`` or ``UUID`` per event)."""
+    (the relay's and `palette replay all`'s path: a page read as plain rows, no ``Notification`` or
+    ``UUID`` per event)."""
     data, moment, trace, by_orjson = _readable_state(topic, state, transcoder)
     stream_type, event_type = split_topic(topic)
     data.pop("originator_topic", None)
@@ -198,8 +193,3 @@ def _message(envelope: dict[str, Any], by_orjson: bool) -> bytes:
         except orjson.JSONEncodeError:  # nested past orjson's 255 levels, which it reads up to 1,024
             pass
     return json.dumps(envelope, separators=(",", ":")).encode()
-
-
-def encode_notification(notification: Any, transcoder: Any) -> bytes:
-    """The envelope's JSON straight from a stored notification (replay's path)."""
-    return notification_message(notification, transcoder)[0]

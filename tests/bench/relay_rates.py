@@ -70,14 +70,16 @@ def producer_rate(settings: Settings, topic: str, client: str, out: Any) -> None
     from adapters import kafka_io
     from adapters.bootstrap import open_event_store
     from adapters.collector import serving_gc
-    from projections.stored_events import encode_notification
+    from projections.log import LogReader, StoredRow
+    from projections.stored_events import stored_message
     from tests.bench.relay import bare_producer_rate
 
     app = open_event_store(settings, pool_size=1)
     try:
         head = app.recorder.max_notification_id() or 0
-        values = [(str(n.originator_id).encode(), encode_notification(n, app.mapper.transcoder))
-                  for n in app.recorder.select_notifications(start=1, limit=head)]
+        transcoder = app.mapper.transcoder
+        rows: list[StoredRow] = LogReader(app.recorder, transcoder).rows(1, head)
+        values = [(row[1].encode(), stored_message(*row, transcoder)[0]) for row in rows]
     finally:
         app.close()
     producer = kafka_io.LogProducer(settings) if client == "librdkafka" else kafka_io.producer(settings, linger_ms=5)

@@ -1,4 +1,4 @@
-"""The relay's and replay's envelope JSON (``notification_message``) is orjson's where orjson
+"""The relay's and replay's envelope JSON (``stored_message``) is orjson's where orjson
 read the stored state, and ``json``'s elsewhere: whatever the stored bytes, consumers read what
 ``json.dumps`` of the same envelope gave them (the oracle: ``json`` reading and writing, as the
 code did before orjson)."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC
-from typing import Any, NamedTuple
+from typing import Any
 from uuid import UUID
 
 import pytest
@@ -16,19 +16,11 @@ from hypothesis import strategies as st
 
 from domain.contracts.envelope import EnvelopeInvalid, EventEnvelope, decode, encode
 from domain.contracts.trace import TRACE_KEY
-from projections.stored_events import notification_message
+from projections.stored_events import stored_message
 
 TOPIC = "domain.job:Job.ItemCompleted"
 STREAM = UUID("6f1c2b7e-1a2b-4c3d-8e9f-001122334455")
 STAMP = '"timestamp":"2026-12-02T00:00:00+00:00"'
-
-
-class Stored(NamedTuple):
-    id: int
-    originator_id: UUID
-    originator_version: int
-    topic: str
-    state: bytes
 
 
 def plain(obj: dict[str, Any]) -> Any:
@@ -53,7 +45,7 @@ def read(raw: bytes) -> str:
 
 
 def check(raw: bytes) -> None:
-    message, _ = notification_message(Stored(7, STREAM, 2, TOPIC, raw), transcoder=None)
+    message, _ = stored_message(7, str(STREAM), 2, TOPIC, raw, transcoder=None)
     assert read(message) == read(before(raw))
 
 
@@ -82,8 +74,8 @@ def test_spellings_json_reads_as_infinities_or_big_numbers_keep_their_values() -
 
 
 def test_a_plain_state_takes_orjson() -> None:
-    message, _ = notification_message(Stored(7, STREAM, 2, TOPIC, ("{" + '"u":"caf\\u00e9",' + STAMP + "}").encode()),
-                                      transcoder=None)
+    message, _ = stored_message(7, str(STREAM), 2, TOPIC, ("{" + '"u":"caf\\u00e9",' + STAMP + "}").encode(),
+                                transcoder=None)
     assert '"u":"café"'.encode() in message  # orjson writes UTF-8; json would have escaped it
 
 
