@@ -230,9 +230,12 @@ def test_execute_takes_the_original_apis_output_template_and_ignores_it(client):
     """ARCHITECTURE §3 lists `output_template?` in execute's body (the original API's clients send
     it): it is taken, as text of bounded length, and changes nothing the job records."""
     job = create_uploaded_job(client, 1)
-    for bad in (7, "x" * 201, "a\x00b"):
-        r = client.call("POST", f"/jobs/{job}/execute", json={"concepts": EDITS, "output_template": bad})
+    for bad in (7, "x" * 201, "x" * 60_000, "a\x00b", "a\x1fb", "\ud800"):
+        body = json.dumps({"concepts": EDITS, "output_template": bad})  # ASCII: a lone surrogate escaped
+        r = client.call("POST", f"/jobs/{job}/execute", content=body, headers={"content-type": "application/json"})
         assert (r.status_code, r.json()["error"]["code"]) == (422, "VALIDATION_FAILED"), r.text
+    r = client.call("POST", f"/jobs/{job}/execute", json={"concepts": EDITS, "output_template": "x" * 65536})
+    assert (r.status_code, r.json()["error"]["code"]) == (413, "PAYLOAD_TOO_LARGE"), r.text  # the body cap
     queued = client.data("POST", f"/jobs/{job}/execute", json={"concepts": EDITS, "output_template": "{name}_v1"})
     assert queued["status"] == "queued"
     again = client.data("POST", f"/jobs/{job}/execute", json={"concepts": EDITS, "output_template": "other"})
