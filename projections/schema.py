@@ -49,7 +49,8 @@ def tracking_table(model: ReadModel, suffix: str = "") -> str:
 
 
 def create_model_tables(conn: psycopg.Connection[Any], model: ReadModel, suffix: str = "") -> None:
-    """Create a model's keyed, tracking and append tables (with their indexes) where missing.
+    """Create a model's keyed, tracking and append tables where missing, and the indexes it
+    declares where a table lacks them (a table made by an older version gets those added since).
     Indexes are unnamed, so PostgreSQL picks unique names and rebuild swaps never collide."""
     cols = sql.SQL(", ").join(
         sql.SQL("{} {}").format(ident(c.name), sql.SQL(c.sql_type)) for c in model.columns
@@ -58,16 +59,33 @@ def create_model_tables(conn: psycopg.Connection[Any], model: ReadModel, suffix:
     keyed = model.keyed_table + suffix
     if not _exists(conn, keyed):
         conn.execute(sql.SQL("CREATE TABLE {} ({}, PRIMARY KEY ({}))").format(table(keyed), cols, pk))
-        for index in model.indexes:
-            conn.execute(sql.SQL("CREATE INDEX ON {} ({})").format(table(keyed), sql.SQL(index)))
+    _ensure_indexes(conn, keyed, model.indexes)
     conn.execute(sql.SQL(
         "CREATE TABLE IF NOT EXISTS {} (stream_id uuid PRIMARY KEY, version integer NOT NULL)"
     ).format(table(tracking_table(model, suffix))))
-    if model.append and not _exists(conn, model.append.name + suffix):
+    if model.append:
         append = model.append.name + suffix
-        conn.execute(sql.SQL("CREATE TABLE {} ({})").format(table(append), sql.SQL(model.append.ddl)))
-        for index in model.append.indexes:
-            conn.execute(sql.SQL("CREATE INDEX ON {} ({})").format(table(append), sql.SQL(index)))
+        if not _exists(conn, append):
+            conn.execute(sql.SQL("CREATE TABLE {} ({})").format(table(append), sql.SQL(model.append.ddl)))
+        _ensure_indexes(conn, append, model.append.indexes)
+
+
+def _ensure_indexes(conn: psycopg.Connection[Any], name: str, indexes: tuple[str, ...]) -> None:
+    """Each of ``indexes`` (``"a, b DESC"``, or partial: ``"a, b WHERE NOT c"``) made on table
+    ``name`` unless one on the same columns with the same predicate is there."""
+    for index in indexes:
+        columns, _, where = index.partition(" WHERE ")
+        names = [c.split()[0] for c in columns.split(",")]
+        # PostgreSQL prints a predicate in parentheses, as it does any boolean expression.
+        found = conn.execute(
+            "SELECT 1 FROM pg_index i WHERE i.indrelid = to_regclass(%s) "
+            "AND pg_get_expr(i.indpred, i.indrelid) IS NOT DISTINCT FROM %s "
+            "AND ARRAY(SELECT a.attname::text FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(n, o) "
+            "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n ORDER BY k.o) = %s::text[]",
+            [f"{SCHEMA}.{name}", f"({where})" if where else None, names]).fetchone()
+        if found is None:
+            create = sql.SQL("CREATE INDEX ON {} ({})").format(table(name), sql.SQL(columns))
+            conn.execute(sql.SQL("{} WHERE {}").format(create, sql.SQL(where)) if where else create)
 
 
 def _exists(conn: psycopg.Connection[Any], name: str) -> bool:

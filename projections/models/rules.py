@@ -1,4 +1,5 @@
-"""``rules``: one row per saved rule (deleted rules stay, flagged)."""
+"""``rules``: one row per saved rule (deleted rules stay, flagged; a user's live ones are read
+through an index that holds only them, however many a client has made and deleted)."""
 
 from __future__ import annotations
 
@@ -33,4 +34,5 @@ def evolve(rows: Mapping[Key, Row | None], env: EventEnvelope) -> Change:
     return {key: row}, []
 
 
-RULES = ReadModel("rules", "Rule", COLUMNS, ("id",), own_stream("Rule"), evolve, indexes=("user_id, created_at",))
+RULES = ReadModel("rules", "Rule", COLUMNS, ("id",), own_stream("Rule"), evolve,
+                  indexes=("user_id, created_at WHERE NOT deleted",))
