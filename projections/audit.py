@@ -542,7 +542,8 @@ class Verification:
         return not self.broken
 
 
-def verify(conn: psycopg.Connection[Any], limit: int = FIRST_FINDINGS) -> Verification:
+def verify(conn: psycopg.Connection[Any], limit: int = FIRST_FINDINGS,
+           progress: Callable[[int], None] | None = None) -> Verification:
     """Recompute every user's hash chain; the first break per user names where a row was
     edited, inserted or deleted. The chain heads (billing_heads) catch a deleted last row. The
     report names the first ``limit`` broken chains (by user id) and counts them all, so it stays
@@ -554,9 +555,10 @@ def verify(conn: psycopg.Connection[Any], limit: int = FIRST_FINDINGS) -> Verifi
 
     Safe on a live system: the heads and the rows are read in ONE snapshot (``_snapshot``), so a
     row the projector appends meanwhile, with its head, is in both or in neither (read apart, the
-    rows ran past the heads read before them: a chain "rewritten, or rows added")."""
+    rows ran past the heads read before them: a chain "rewritten, or rows added"). ``progress``
+    is told how many rows are checked, after each."""
     with _snapshot(conn):
-        return _verify(conn, limit)
+        return _verify(conn, limit, progress)
 
 
 @dataclass
@@ -570,7 +572,7 @@ class _ChainEnd:
     broken: bool = False
 
 
-def _verify(conn: psycopg.Connection[Any], limit: int) -> Verification:
+def _verify(conn: psycopg.Connection[Any], limit: int, progress: Callable[[int], None] | None) -> Verification:
     """The chains (the ledger by user and seq) and their recorded heads (by user), each read
     through a server-side cursor and merged: memory holds one chain's end, however many users."""
     breaks = Firsts(limit)  # found in user order: both cursors go by user id
@@ -612,6 +614,8 @@ def _verify(conn: psycopg.Connection[Any], limit: int) -> Verification:
                 headless(row["user_id"])
                 chain = _ChainEnd(row["user_id"])
             checked += 1
+            if progress is not None:
+                progress(checked)
             if chain.broken:
                 continue
             reason, at_seq = None, row["seq"]

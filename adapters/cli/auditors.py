@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapters.cli.arguments import file_name, given_text, path_value, time_value, uuid_value
 from adapters.cli.connect import event_store, running_settings
-from adapters.cli.outputs import unwritable
+from adapters.cli.outputs import progress_lines, unwritable, with_progress
 from domain.text import one_line
 
 if TYPE_CHECKING:
@@ -255,7 +255,7 @@ def _audit_verify(args: argparse.Namespace, conn: Any, settings: Any) -> int:
             anchored += (f"; against the checkpoint before it ({before_where}, log position "
                          f"{before['log_position']:,}): " + ("every head kept" if not lost else
                                                             f"{len(lost):,} lost or gone backwards"))
-    report = audit.verify(conn)
+    report = audit.verify(conn, progress=progress_lines("ledger rows checked"))
     for b in [*report.breaks, *head_breaks[:audit.FIRST_FINDINGS]]:  # each by user id
         where_ = f"position {b.position}" if b.position is not None else "its end"
         print(f"BROKEN user {b.user_id} at seq {b.seq} ({where_}): {b.reason}")
@@ -315,7 +315,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                 return 2
             print(json.dumps(balance, indent=2))
         elif args.action == "export":
-            exported = audit.export(conn)
+            exported = with_progress(audit.export(conn), what="ledger rows")
             if args.format == "csv":
                 writer = csv.writer(sys.stdout)
                 writer.writerow(audit.LEDGER_COLUMNS)

@@ -52,15 +52,16 @@ def progress_lines(what: str, every: int = 100_000) -> Callable[[int], None]:
     return progress
 
 
-def with_progress(envelopes: Iterator[Any], every: int = 100_000) -> Iterator[Any]:
+def with_progress(items: Iterator[Any], every: int = 100_000, what: str = "events") -> Iterator[Any]:
+    """``items`` as they come, with progress_lines' lines about them and, past ``every``, the total."""
     t0 = time.monotonic()
-    progress = progress_lines("events", every)
+    progress = progress_lines(what, every)
     n = 0
-    for n, env in enumerate(envelopes, 1):
+    for n, item in enumerate(items, 1):
         progress(n)
-        yield env
+        yield item
     if n >= every:
-        print(f"  done: {n:,} events in {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
+        print(f"  done: {n:,} {what} in {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
 SIGPIPE_EXIT = 128 + signal.SIGPIPE  # 141: what a shell shows for a tool stopped by a closed pipe

@@ -450,3 +450,31 @@ def test_cli_verify_of_a_file_says_in_one_line_when_the_object_store_refuses_the
         said = capsys.readouterr()
         assert said.out == "" and said.err.count("\n") == 1, said
         assert said.err.startswith("palette audit verify: ") and "NoSuchBucket" in said.err, said.err
+
+
+def test_cli_verify_and_export_tell_their_progress_on_stderr(busy, service, settings, monkeypatch, capsys):  # noqa: F811
+    # Both read the whole ledger, which grows with every job: they ran silent for as long as it took.
+    import functools
+
+    from adapters.cli import auditors, outputs
+
+    for name, value in settings.as_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(auditors, "progress_lines", functools.partial(outputs.progress_lines, every=7))
+    monkeypatch.setattr(auditors, "with_progress", functools.partial(outputs.with_progress, every=7))
+    wait_drained(service, settings)
+
+    def counts(err: str, what: str) -> list[int]:
+        return [int(line.split()[0].replace(",", "")) for line in err.splitlines()
+                if line.startswith("  ") and line.split("(")[0].strip().endswith(what)]
+
+    assert cli.main(["audit", "verify"]) == 0
+    out, err = capsys.readouterr()
+    checked = int(out.split("verified ", 1)[1].split()[0].replace(",", ""))
+    told = counts(err, "ledger rows checked")
+    assert checked >= 14 and told == list(range(7, checked + 1, 7))
+    assert cli.main(["audit", "export"]) == 0
+    out, err = capsys.readouterr()
+    rows = len(out.splitlines())
+    assert rows >= 14 and counts(err, "ledger rows") == list(range(7, rows + 1, 7))
+    assert f"done: {rows:,} ledger rows in " in err

@@ -435,7 +435,7 @@ def test_verify_prints_the_first_breaks_it_was_given_and_counts_the_rest(monkeyp
     from projections import audit
 
     first = [audit.ChainBreak("u1", 3, 7, "edited"), audit.ChainBreak("u2", 1, None, "missing")]
-    monkeypatch.setattr(audit, "verify", lambda conn: audit.Verification(1234, first, 1205))
+    monkeypatch.setattr(audit, "verify", lambda conn, progress: audit.Verification(1234, first, 1205))
     assert _audit_verify(argparse.Namespace(public_key=None, checkpoint=None), None, None) == 1
     assert capsys.readouterr().out == ("BROKEN user u1 at seq 3 (position 7): edited\n"
                                        "BROKEN user u2 at seq 1 (its end): missing\n"
@@ -458,7 +458,7 @@ def test_verify_against_a_checkpoint_prints_its_first_unmatched_heads_and_counts
     monkeypatch.setattr(checkpoints, "read_file", lambda path: {})
     monkeypatch.setattr(checkpoints, "verified_payload", lambda doc, key: {"heads": heads, "log_position": 9})
     monkeypatch.setattr(audit, "verify_heads", lambda conn, payload_heads: list(payload_heads))
-    monkeypatch.setattr(audit, "verify", lambda conn: audit.Verification(40, [], 0))
+    monkeypatch.setattr(audit, "verify", lambda conn, progress: audit.Verification(40, [], 0))
     monkeypatch.setattr(auditors, "_earlier_checkpoint", lambda settings, store, payload, key: None)
     args = argparse.Namespace(public_key=None, checkpoint="cp.json")
     assert _audit_verify(args, None, None) == 1
