@@ -16,6 +16,8 @@ or ``.partial-<random>`` inside an existing --out) and moved into place once com
 fails or is interrupted removes it. An export into a new --out appears whole in one rename; into
 an existing one, its folders move in one rename each (moved back if that is cut short), so a
 reader at that moment may see some of them. A staging folder a crash left behind is no dataset.
+Each part is synced as it is closed and each folder before the rename that publishes it, the
+folder it lands in after: a power cut after the rename leaves no empty or cut part under it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import shutil
 import types
 import typing
@@ -60,8 +63,28 @@ GROUP_ROWS = 128 * 1024  # rows per row group (a partition's buffer is flushed a
 BUFFERED_ROWS = 256 * 1024  # all partitions' buffers together; the largest is flushed beyond it
 MAX_OPEN = 32  # open files; the least recently written is closed (a later batch opens a new part)
 STAGING = ".partial-"  # in the name of an export still being written (or cut short by a crash)
+# What syncing a folder answers where the filesystem does not do it, or opening one that may be
+# written but not read (as adapters.whole_files, which this layer may not import).
+UNSYNCABLE = {errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES, errno.EPERM}
 # What Arrow (or the conversion before it) raises on a value a column cannot hold.
 CELL_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, TypeError, OverflowError)
+
+
+def _sync(path: Path) -> None:
+    """A closed file's bytes, or a folder's entries, made durable before a rename announces them."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        if e.errno in UNSYNCABLE:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in UNSYNCABLE:
+            raise
+    finally:
+        os.close(fd)
 
 
 class ExportError(ValueError):
@@ -317,6 +340,7 @@ class LogPages:
 @dataclass
 class _Partition:
     writer: pq.ParquetWriter | None = None
+    path: Path | None = None
     parts: int = 0
     buffered: list[pa.Table] = field(default_factory=list)
     rows: int = 0
@@ -370,8 +394,8 @@ class PartitionedWriter:
                 self._close(next(iter(self.open)))
             folder = self.out / f"type={key[0]}" / f"day={key[1]}"
             folder.mkdir(parents=True, exist_ok=True)
-            p.writer = pq.ParquetWriter(folder / f"part-{p.parts:05d}.parquet", p.buffered[0].schema,
-                                        compression=self.compression)
+            p.path = folder / f"part-{p.parts:05d}.parquet"
+            p.writer = pq.ParquetWriter(p.path, p.buffered[0].schema, compression=self.compression)
             p.parts += 1
             self.stats.files += 1
             self.stats.partitions.add(key)
@@ -381,27 +405,33 @@ class PartitionedWriter:
         self.buffered -= p.rows
         p.buffered, p.rows = [], 0
 
-    def _close(self, key: tuple[str, str]) -> None:
-        writer = self.partitions[key].writer
-        self.partitions[key].writer = None
+    def _close(self, key: tuple[str, str], sync: bool = True) -> None:
+        p = self.partitions[key]
+        writer, p.writer = p.writer, None
         self.open.pop(key, None)
         if writer is not None:
             try:
                 writer.close()
             finally:  # a close that failed (a full disk) is not tried again by the writer's __del__
                 writer.is_open = False
+            if sync and p.path is not None:
+                _sync(p.path)
 
     def abandon(self) -> None:
         """Close the open files without flushing what is buffered: the export is being discarded."""
         for key in list(self.open):
             with contextlib.suppress(Exception):
-                self._close(key)
+                self._close(key, sync=False)
 
     def close(self) -> DatasetStats:
         for key in list(self.partitions):
             self._flush(key)
         for key in list(self.open):
             self._close(key)
+        for name, day in self.stats.partitions:  # the parts' names, then the folders' (the staging folder: _staged)
+            _sync(self.out / f"type={name}" / f"day={day}")
+        for name in {name for name, _ in self.stats.partitions}:
+            _sync(self.out / f"type={name}")
         self.stats.bytes = sum(f.stat().st_size for f in self.out.rglob("*.parquet"))
         return self.stats
 
@@ -435,6 +465,7 @@ def _staged(final: Path) -> Iterator[Path]:
         raise OSError(e.errno, e.strerror, str(final)) from None  # the path asked for, not ours
     try:
         yield staging
+        _sync(staging)
         _publish(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -448,10 +479,12 @@ def _publish(staging: Path, final: Path) -> None:
     if staging.parent != final:
         try:
             staging.rename(final)
-            return
         except OSError as e:  # ``final`` made meanwhile, and not empty
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
                 raise
+        else:
+            _sync(final.parent)  # the rename itself
+            return
     moved: list[str] = []
     try:
         for entry in sorted(staging.iterdir()):
@@ -462,6 +495,7 @@ def _publish(staging: Path, final: Path) -> None:
             (final / name).rename(staging / name)
         raise
     staging.rmdir()
+    _sync(final)
 
 
 def export_log(recorder: Any, transcoder: Any, out: Path, start: int = 1, since: datetime | None = None,
@@ -583,5 +617,6 @@ def export_table(conn: Any, name: str, out: Path, erased: Container[UUID] = froz
         finally:
             if writer is not None:
                 writer.close()
+        _sync(path)
         stats.bytes = path.stat().st_size
     return stats

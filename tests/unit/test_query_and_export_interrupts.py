@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
 import time
@@ -329,6 +330,59 @@ def test_an_export_into_the_working_directory_lands_in_it_not_in_a_replacement(
     export_log(_Recorder(), None, Path(".") if spelled == "relative" else here)  # --out . / --out "$PWD"
     assert os.listdir(".") == ["type=JobCreated"]  # "." is still the folder this process works in
     assert _entries(tmp_path) == {"here"}
+
+
+def _syncs(monkeypatch: pytest.MonkeyPatch, published: Path) -> list[tuple[str, bool]]:
+    """os.fsync records the path each call synced and whether ``published`` existed then."""
+    synced: list[tuple[str, bool]] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), published.exists()))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def _as_published(synced: list[tuple[str, bool]], staging: str, final: Path) -> tuple[set[Path], set[Path]]:
+    """The paths synced before the export was published and after, staging folders named as published."""
+    def named(p: str) -> Path:
+        return Path(re.sub(staging, str(final), p))
+    return {named(p) for p, after in synced if not after}, {named(p) for p, after in synced if after}
+
+
+def _everything(folder: Path) -> set[Path]:
+    return {folder, *folder.rglob("*")}
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_log_export_is_synced_whole_before_it_is_published_and_its_publishing_after(
+        existing: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A power cut after the rename must not leave the published dataset with empty or cut parts,
+    nor lose the rename: every part and folder is synced before it, the folder it lands in after."""
+    out = tmp_path / "analytics"
+    if existing:
+        out.mkdir()
+    _log(monkeypatch, [[("JobCreated", _events("JobCreated", [1, 2])), ("JobQueued", _events("JobQueued", [3]))],
+                       [("JobCreated", _events("JobCreated", [4]))]])
+    synced = _syncs(monkeypatch, out / "type=JobCreated")
+    export_log(_Recorder(), None, out)
+    staging = re.escape(str(out)) + r"/\.partial-" if existing else re.escape(str(tmp_path)) + r"/\.analytics\.partial-"
+    before, after = _as_published(synced, staging + "[0-9a-f]+", out)
+    assert len(list(out.rglob("*.parquet"))) == 2
+    assert before == _everything(out)
+    assert after == {out if existing else tmp_path}
+
+
+def test_a_read_model_export_is_synced_whole_before_it_is_published_and_its_publishing_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "analytics"
+    monkeypatch.setattr(parquet, "read_table", lambda conn, name: iter([pa.table({"id": ["u1"]})]))
+    synced = _syncs(monkeypatch, out / "users")
+    export_table(None, "users", out)
+    before, after = _as_published(synced, re.escape(str(out)) + r"/\.users\.partial-[0-9a-f]+", out / "users")
+    assert before == _everything(out / "users") and after == {out}
 
 
 class _ReadOnlySnapshot:
