@@ -139,11 +139,14 @@ def keygen(out: Path) -> Ed25519PublicKey:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
+            f.flush()  # else the sync below finds the key still in this process's buffer
             os.fsync(f.fileno())  # a full disk shows here, not after the key was announced
         sync_directory(out.resolve().parent)  # the file's name too: a crash loses neither
-    except OSError as e:  # the file made above is removed: an empty key file would refuse every rerun
+    except BaseException as e:  # the file made above is removed: an empty key file would refuse every rerun
         out.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
+        raise
     return key.public_key()
 
 

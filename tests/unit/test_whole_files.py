@@ -106,6 +106,30 @@ def test_a_new_signing_key_is_synced_and_so_is_its_directory(tmp_path: Path, mon
     assert synced == [("file", "key"), ("dir", tmp_path.stat().st_ino)]
 
 
+def test_a_new_signing_key_is_on_the_disk_when_it_is_synced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sync of a file whose bytes are still in the process's buffer leaves the key to a power cut."""
+    out = tmp_path / "signing.pem"
+    synced = _recording(monkeypatch, lambda fd, st: None if stat.S_ISDIR(st.st_mode) else _content(fd))
+    checkpoints.keygen(out)
+    assert synced[0] == ("file", out.read_bytes()) and out.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+
+
+def test_a_signing_key_interrupted_while_written_leaves_no_file_that_refuses_the_rerun(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "signing.pem"
+
+    def interrupted(_fd: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.keygen(out)
+    assert not out.exists()
+    monkeypatch.undo()
+    checkpoints.keygen(out)
+    assert out.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+
+
 def test_development_secrets_are_synced_and_never_readable_by_others_even_while_written(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The database's password and the device keys' secret: a file a crash cut would leave the
