@@ -63,6 +63,18 @@ def find_pg_bin(name: str, version: str | None = None) -> str:
     )
 
 
+def _sync_directory(path: Path) -> None:
+    """Make the entries made or renamed in ``path`` durable, where the filesystem does it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
 def traversable_by(path: Path, user: str) -> bool:
     """Whether ``user`` may enter ``path`` and every directory above it (the execute bit that
     applies to it: owner, one of its groups, or other)."""
@@ -341,12 +353,16 @@ class EmbeddedStack(Generic[S]):
         base = PG_HOME / digest
         note = self.data_dir / PG_ELSEWHERE
         try:
-            if not note.exists() and base.exists():
+            noted = note.exists()
+            if not noted and base.exists():
                 shutil.rmtree(base)
             base.mkdir(parents=True, exist_ok=True)
             for directory in (PG_HOME, base):
                 directory.chmod(0o755)
             note.write_text(f"{base}\n")
+            if not noted:  # durably, before a database is made there: a note lost to a power cut takes it
+                for directory in (self.data_dir, self.data_dir.parent):
+                    _sync_directory(directory)
             (base / PG_OWNER).write_text(f"{self.data_dir.resolve()}\n")  # whose it is, for whoever finds it
         except OSError as e:
             raise StackError(f"{self.data_dir} is out of the {self._run_as} user's reach and {base} cannot be "
@@ -418,11 +434,7 @@ class EmbeddedStack(Generic[S]):
         partial.rename(pgdir)
         # The rename made durable: lost to a power cut once the cluster holds data, pg.initdb
         # would be taken for a cut-short initdb at the next start, and deleted with that data.
-        parent = os.open(pgdir.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(parent)
-        finally:
-            os.close(parent)
+        _sync_directory(pgdir.parent)
 
     def _pg_ready(self) -> bool:
         """Whether PostgreSQL answers; its refusal is raised, for the supervisor to name at the

@@ -80,3 +80,24 @@ def test_the_rename_to_its_place_is_made_durable(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(infra.stack.os, "fsync", fsync)
     s._initdb(pgdir, rundir)
     assert str(pgdir.parent) in synced
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL's files go elsewhere only for root")
+def test_the_note_of_a_cluster_kept_elsewhere_is_made_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start that finds no note beside a cluster kept under PG_HOME deletes that cluster (a data
+    directory made afresh): a note lost to a power cut would take the database with it."""
+    monkeypatch.setattr(infra.stack, "PG_HOME", tmp_path / "pg-home")
+    s = stack(tmp_path, monkeypatch, COMPLETE)
+    s._run_as = "postgres"
+    s.data_dir.mkdir(mode=0o700)
+    synced: list[str] = []
+    real_fsync = infra.stack.os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(infra.stack.os, "fsync", fsync)
+    base = s._pg_base()
+    assert base.parent == tmp_path / "pg-home" and (s.data_dir / "pg-elsewhere").exists()
+    assert {str(s.data_dir), str(s.data_dir.parent)} <= set(synced)
