@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from adapters.settings import Settings
-from adapters.whole_files import sync_directory, write_whole
+from adapters.whole_files import write_new, write_whole
 
 PREFIX = "audit/checkpoints/"
 KIND = "palette.audit.checkpoint/1"
@@ -124,29 +124,19 @@ def trusted_key(settings: Settings, given: str | None) -> Ed25519PublicKey:
 
 
 def keygen(out: Path) -> Ed25519PublicKey:
-    """A new signing key as a PEM file (mode 0600; an existing file is never overwritten)."""
+    """A new signing key as a PEM file (mode 0600), written whole (``write_new``): an existing
+    file is never overwritten."""
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     try:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_new(out, pem, 0o600)
     except FileExistsError:
         raise CheckpointError(f"{out} exists: not overwritten") from None
     except OSError as e:
-        raise CheckpointError(f"cannot write {out}: {e.strerror}") from None
+        raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
     except ValueError as e:  # a NUL, which no path holds
         raise CheckpointError(f"cannot write {out!r}: {e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-            f.flush()  # else the sync below finds the key still in this process's buffer
-            os.fsync(f.fileno())  # a full disk shows here, not after the key was announced
-        sync_directory(out.resolve().parent)  # the file's name too: a crash loses neither
-    except BaseException as e:  # the file made above is removed: an empty key file would refuse every rerun
-        out.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
-        raise
     return key.public_key()
 
 

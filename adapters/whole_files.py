@@ -1,17 +1,21 @@
 """Files written whole or not at all, and durably: a crash or power cut after the write leaves
-the new file or the old one, never a cut or empty one (checkpoints, keys, a command's --out)."""
+the new file or the old one (or none), never a cut or empty one (checkpoints, keys, a command's
+--out)."""
 
 from __future__ import annotations
 
 import errno
 import os
 from pathlib import Path
+from uuid import uuid4
 
 # What fsync of a directory answers where the filesystem or platform does not do it (some network
 # and FUSE filesystems, Windows): the rename happened, there is nothing more to ask for.
 UNSYNCABLE = {errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP}
 # What opening a directory to sync it answers where it may be written but not read (mode -wx).
 UNOPENABLE = {errno.EACCES, errno.EPERM, errno.EISDIR}
+# What link(2) answers on a filesystem without hard links (FAT, some FUSE and network ones).
+NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
 
 
 def sync_directory(path: Path) -> None:
@@ -56,3 +60,37 @@ def write_whole(path: Path, data: str | bytes, mode: int = 0o666) -> None:
         partial.unlink(missing_ok=True)
         raise
     sync_directory(target.parent)  # the rename itself
+
+
+def write_new(path: Path, data: bytes, mode: int = 0o666) -> None:
+    """``data`` into a new file ``path`` whole or not at all, never over anything there
+    (FileExistsError): written beside with ``mode`` (less the umask), synced, then linked to its
+    name, which fails where a name is, and its directory synced; so the name appears only on the
+    whole of it. Where the filesystem has no hard links, made under its name (exclusively) and
+    removed if the write does not complete: only a crash during it can leave it cut there."""
+    partial = path.with_name(f".{path.name}.{uuid4().hex[:12]}.partial")
+    try:
+        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # before the link: else a crash can leave the name on no data
+        try:
+            os.link(partial, path, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in NO_LINKS:
+                raise
+            _write_in_place(path, data, mode)
+    finally:
+        partial.unlink(missing_ok=True)
+    sync_directory(path.resolve().parent)  # the name itself
+
+
+def _write_in_place(path: Path, data: bytes, mode: int) -> None:
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
+        try:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise

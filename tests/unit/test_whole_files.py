@@ -124,10 +124,51 @@ def test_a_signing_key_interrupted_while_written_leaves_no_file_that_refuses_the
     monkeypatch.setattr(os, "fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
         checkpoints.keygen(out)
-    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
     checkpoints.keygen(out)
     assert out.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+
+
+def test_a_new_signing_keys_name_appears_only_on_the_whole_key_synced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Made under its name and then written, a key a crash or power cut cut short was an empty or
+    cut file there, which holds no key and refuses every rerun ("exists")."""
+    out = tmp_path / "signing.pem"
+    synced = _recording(monkeypatch, lambda fd, st: ("dir", out.exists()) if stat.S_ISDIR(st.st_mode)
+                        else (_content(fd), out.exists()))
+    checkpoints.keygen(out)
+    key = out.read_bytes()
+    assert synced == [("file", (key, False)), ("dir", ("dir", True))]
+    assert [p.name for p in tmp_path.iterdir()] == ["signing.pem"] and out.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.EOPNOTSUPP])
+def test_a_signing_key_on_a_filesystem_without_hard_links_is_written_under_its_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    def refused(*_args: object, **_kwargs: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "link", refused)
+    out = tmp_path / "signing.pem"
+    checkpoints.keygen(out)
+    assert out.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----") and out.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["signing.pem"]
+    with pytest.raises(checkpoints.CheckpointError, match="exists: not overwritten"):
+        checkpoints.keygen(out)
+
+
+@pytest.mark.parametrize("there", ["file", "dangling link"])
+def test_a_signing_key_is_never_written_over_what_is_there(tmp_path: Path, there: str) -> None:
+    out = tmp_path / "signing.pem"
+    if there == "file":
+        out.write_text("someone's key")
+    else:
+        out.symlink_to(tmp_path / "elsewhere.pem")
+    with pytest.raises(checkpoints.CheckpointError, match="exists: not overwritten"):
+        checkpoints.keygen(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["signing.pem"]
+    assert out.read_text() == "someone's key" if there == "file" else not out.exists()
 
 
 def test_development_secrets_are_synced_and_never_readable_by_others_even_while_written(
