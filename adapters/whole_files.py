@@ -9,30 +9,10 @@ import os
 from pathlib import Path
 from uuid import uuid4
 
-# What fsync of a directory answers where the filesystem or platform does not do it (some network
-# and FUSE filesystems, Windows): the rename happened, there is nothing more to ask for.
-UNSYNCABLE = {errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP}
-# What opening a directory to sync it answers where it may be written but not read (mode -wx).
-UNOPENABLE = {errno.EACCES, errno.EPERM, errno.EISDIR}
+from projections.files import sync
+
 # What link(2) answers on a filesystem without hard links (FAT, some FUSE and network ones).
 NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
-
-
-def sync_directory(path: Path) -> None:
-    """Make a file's creation or rename in ``path`` durable, where the OS allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as e:
-        if e.errno in UNOPENABLE:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in UNSYNCABLE:
-            raise
-    finally:
-        os.close(fd)
 
 
 def write_whole(path: Path, data: str | bytes, mode: int = 0o666) -> None:
@@ -59,7 +39,7 @@ def write_whole(path: Path, data: str | bytes, mode: int = 0o666) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    sync_directory(target.parent)  # the rename itself
+    sync(target.parent)  # the rename itself
 
 
 def write_new(path: Path, data: bytes, mode: int = 0o666) -> None:
@@ -82,7 +62,7 @@ def write_new(path: Path, data: bytes, mode: int = 0o666) -> None:
             _write_in_place(path, data, mode)
     finally:
         partial.unlink(missing_ok=True)
-    sync_directory(path.resolve().parent)  # the name itself
+    sync(path.resolve().parent)  # the name itself
 
 
 def _write_in_place(path: Path, data: bytes, mode: int) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
 import shutil
 import types
 import typing
@@ -50,6 +49,7 @@ from psycopg.rows import tuple_row
 
 from domain.contracts.personal import SEALED_PREFIX, redact
 from domain.contracts.streams import TIME_SLACK_S, event_classes
+from projections.files import sync
 from projections.log import events_table
 from projections.stored_events import UNREADABLE, from_notification
 
@@ -63,28 +63,8 @@ GROUP_ROWS = 128 * 1024  # rows per row group (a partition's buffer is flushed a
 BUFFERED_ROWS = 256 * 1024  # all partitions' buffers together; the largest is flushed beyond it
 MAX_OPEN = 32  # open files; the least recently written is closed (a later batch opens a new part)
 STAGING = ".partial-"  # in the name of an export still being written (or cut short by a crash)
-# What syncing a folder answers where the filesystem does not do it, or opening one that may be
-# written but not read (as adapters.whole_files, which this layer may not import).
-UNSYNCABLE = {errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES, errno.EPERM}
 # What Arrow (or the conversion before it) raises on a value a column cannot hold.
 CELL_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, TypeError, OverflowError)
-
-
-def _sync(path: Path) -> None:
-    """A closed file's bytes, or a folder's entries, made durable before a rename announces them."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        if e.errno in UNSYNCABLE:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in UNSYNCABLE:
-            raise
-    finally:
-        os.close(fd)
 
 
 class ExportError(ValueError):
@@ -405,7 +385,7 @@ class PartitionedWriter:
         self.buffered -= p.rows
         p.buffered, p.rows = [], 0
 
-    def _close(self, key: tuple[str, str], sync: bool = True) -> None:
+    def _close(self, key: tuple[str, str], durable: bool = True) -> None:
         p = self.partitions[key]
         writer, p.writer = p.writer, None
         self.open.pop(key, None)
@@ -414,14 +394,14 @@ class PartitionedWriter:
                 writer.close()
             finally:  # a close that failed (a full disk) is not tried again by the writer's __del__
                 writer.is_open = False
-            if sync and p.path is not None:
-                _sync(p.path)
+            if durable and p.path is not None:
+                sync(p.path)
 
     def abandon(self) -> None:
         """Close the open files without flushing what is buffered: the export is being discarded."""
         for key in list(self.open):
             with contextlib.suppress(Exception):
-                self._close(key, sync=False)
+                self._close(key, durable=False)
 
     def close(self) -> DatasetStats:
         for key in list(self.partitions):
@@ -429,9 +409,9 @@ class PartitionedWriter:
         for key in list(self.open):
             self._close(key)
         for name, day in self.stats.partitions:  # the parts' names, then the folders' (the staging folder: _staged)
-            _sync(self.out / f"type={name}" / f"day={day}")
+            sync(self.out / f"type={name}" / f"day={day}")
         for name in {name for name, _ in self.stats.partitions}:
-            _sync(self.out / f"type={name}")
+            sync(self.out / f"type={name}")
         self.stats.bytes = sum(f.stat().st_size for f in self.out.rglob("*.parquet"))
         return self.stats
 
@@ -465,7 +445,7 @@ def _staged(final: Path) -> Iterator[Path]:
         raise OSError(e.errno, e.strerror, str(final)) from None  # the path asked for, not ours
     try:
         yield staging
-        _sync(staging)
+        sync(staging)
         _publish(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -483,7 +463,7 @@ def _publish(staging: Path, final: Path) -> None:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
                 raise
         else:
-            _sync(final.parent)  # the rename itself
+            sync(final.parent)  # the rename itself
             return
     moved: list[str] = []
     try:
@@ -495,7 +475,7 @@ def _publish(staging: Path, final: Path) -> None:
             (final / name).rename(staging / name)
         raise
     staging.rmdir()
-    _sync(final)
+    sync(final)
 
 
 def export_log(recorder: Any, transcoder: Any, out: Path, start: int = 1, since: datetime | None = None,
@@ -617,6 +597,6 @@ def export_table(conn: Any, name: str, out: Path, erased: Container[UUID] = froz
         finally:
             if writer is not None:
                 writer.close()
-        _sync(path)
+        sync(path)
         stats.bytes = path.stat().st_size
     return stats
