@@ -43,6 +43,24 @@ def test_listing_a_users_rules_reads_only_their_live_ones_however_many_they_dele
     assert read <= 2
 
 
+def test_listing_a_users_rules_reads_the_versions_of_their_live_ones_only(fresh_db):
+    # Each rule ever made keeps its tracking row: a user's many deleted rules swell the planner's
+    # estimate of its listing, which then hashed the whole tracking table for its versions.
+    user = uuid.uuid4()
+    with psycopg.connect(fresh_db, autocommit=True) as c:
+        ensure_schema(c)
+        _insert_rules(c, user, 5000, deleted=True)
+        _insert_rules(c, user, 2, deleted=False)
+        _insert_rules(c, uuid.uuid4(), 3000, deleted=False)
+        c.execute("INSERT INTO palette_read.rules_tracking SELECT id, 1 FROM palette_read.rules")
+        c.execute("ANALYZE palette_read.rules; ANALYZE palette_read.rules_tracking")
+    with psycopg.connect(fresh_db) as alone:
+        listed = list_rules(alone, user)
+        read = _tuples_read(alone, "rules_tracking")
+    assert [(r["name"], r["version"]) for r in listed] == [("r1", 1), ("r2", 1)]
+    assert read <= 2
+
+
 def _indexes(conn: psycopg.Connection[object], relname: str) -> list[str]:
     return [r[0] for r in conn.execute("SELECT indexdef FROM pg_indexes WHERE schemaname = 'palette_read' "
                                        "AND tablename = %s ORDER BY indexname", [relname]).fetchall()]
