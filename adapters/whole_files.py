@@ -13,6 +13,9 @@ from projections.files import sync
 
 # What link(2) answers on a filesystem without hard links (FAT, some FUSE and network ones).
 NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
+# What write_new keeps of a name (in bytes) in its partial's, which adds 22 and must fit where the
+# name itself just does (255 bytes).
+PARTIAL_NAME_BYTES = 200
 
 
 def write_whole(path: Path, data: str | bytes, mode: int = 0o666) -> None:
@@ -48,7 +51,8 @@ def write_new(path: Path, data: bytes, mode: int = 0o666) -> None:
     name, which fails where a name is, and its directory synced; so the name appears only on the
     whole of it. Where the filesystem has no hard links, made under its name (exclusively) and
     removed if the write does not complete: only a crash during it can leave it cut there."""
-    partial = path.with_name(f".{path.name}.{uuid4().hex[:12]}.partial")
+    kept = os.fsdecode(os.fsencode(path.name)[:PARTIAL_NAME_BYTES])
+    partial = path.with_name(f".{kept}.{uuid4().hex[:12]}.partial")
     try:
         with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
             f.write(data)

@@ -171,6 +171,15 @@ def test_a_signing_key_is_never_written_over_what_is_there(tmp_path: Path, there
     assert out.read_text() == "someone's key" if there == "file" else not out.exists()
 
 
+@pytest.mark.parametrize("name", ["k" * 255, "é" * 127])
+def test_a_signing_key_under_a_name_of_the_longest_a_folder_takes_is_written(tmp_path: Path, name: str) -> None:
+    """The name the key is written beside first is longer than the key's: it must fit too."""
+    out = tmp_path / name
+    checkpoints.keygen(out)
+    assert out.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
 def test_development_secrets_are_synced_and_never_readable_by_others_even_while_written(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The database's password and the device keys' secret: a file a crash cut would leave the
