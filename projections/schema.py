@@ -72,7 +72,11 @@ def create_model_tables(conn: psycopg.Connection[Any], model: ReadModel, suffix:
 
 def _ensure_indexes(conn: psycopg.Connection[Any], name: str, indexes: tuple[str, ...]) -> None:
     """Each of ``indexes`` (``"a, b DESC"``, or partial: ``"a, b WHERE NOT c"``) made on table
-    ``name`` unless one on the same columns with the same predicate is there."""
+    ``name`` unless one on the same columns with the same predicate is there. Plain column names
+    only, and a predicate written as PostgreSQL prints it back (``pg_get_expr``, less its outer
+    parentheses): one it prints otherwise would be made again at every start. On a table that
+    lacks it, the index is built in the start's schema transaction: writes to that table wait
+    for the build, once."""
     for index in indexes:
         columns, _, where = index.partition(" WHERE ")
         names = [c.split()[0] for c in columns.split(",")]
