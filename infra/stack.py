@@ -199,6 +199,24 @@ def weed_grpc_sockets(s3_port: int) -> tuple[Path, ...]:
                  for name, port in weed_grpc_ports(s3_port).items())
 
 
+def refuse_foreign_sockets(paths: Sequence[Path], uid: int) -> None:
+    """Refuse, in one line, a path SeaweedFS will put a gRPC socket at that holds what user ``uid``
+    cannot remove: another user's stack left it in /tmp (sticky: only the file's owner, the
+    directory's or root may remove it). SeaweedFS could neither remove it nor listen there, and its
+    servers dialled it instead of each other: its start hung until the readiness wait gave up."""
+    for path in paths:
+        try:
+            owner = path.lstat().st_uid
+            directory = path.parent.stat()
+        except OSError:
+            continue
+        if uid == 0 or owner == uid or directory.st_uid == uid or not directory.st_mode & stat.S_ISVTX:
+            continue
+        raise StackError(f"{path} was left by another user's SeaweedFS (uid {owner}) and only its owner or "
+                         "root can remove it: SeaweedFS cannot start on these ports while it is there; have it "
+                         "removed, or move PALETTE_S3_PORT")
+
+
 def weed_grpc_ports(s3_port: int) -> dict[str, int]:
     """The gRPC port of each SeaweedFS server that has one, S3's included: its port + 10000."""
     ports = weed_ports(s3_port)
@@ -300,6 +318,7 @@ class EmbeddedStack(Generic[S]):
         except OSError as e:
             raise StackError(unusable_data_dir(self.data_dir, e)) from None
         check_ports(self.ports_to_bind(()))
+        refuse_foreign_sockets(weed_grpc_sockets(self.settings.s3_port), os.geteuid())
         self._check_s3_client()
         try:
             self.supervisor.start(self._postgres_spec())

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.stack import SOCKET_PATH_MAX, local_socket
-from infra.supervisor import ServiceSpec, Supervisor, remove_left_sockets
+from infra.stack import SOCKET_PATH_MAX, local_socket, refuse_foreign_sockets
+from infra.supervisor import ServiceSpec, StackError, Supervisor, remove_left_sockets
 
 
 def test_a_socket_goes_in_the_stacks_own_directory() -> None:
@@ -144,3 +144,49 @@ def test_a_start_up_failure_quotes_a_json_records_exception_and_an_exception_gro
         (tmp_path / "svc.log").write_text("starting\n" + log + "\n")
         message = start_up_failure(tmp_path, "import sys; sys.exit(3)")
         assert wanted in message and "File " not in message and "Traceback" not in message, message
+
+
+def left_socket(path: Path) -> Path:
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))  # closed without removing the file, as a killed SeaweedFS leaves it
+    return path
+
+
+def test_a_grpc_socket_another_user_left_in_tmp_is_refused_in_one_line(tmp_path: Path) -> None:
+    """SeaweedFS's gRPC sockets are at /tmp paths no flag moves. One another user's stack left there
+    (sticky: only its owner, the directory's or root removes it) made SeaweedFS fail to listen and
+    dial it instead: `palette up` waited 60 s, then quoted SeaweedFS's log ("s3 not ready after 60s")."""
+    tmp_path.chmod(0o1777)  # as /tmp
+    left = left_socket(tmp_path / "seaweedfs-master-grpc-18334.sock")
+    someone_else = os.geteuid() + 1
+    with pytest.raises(StackError) as refused:
+        refuse_foreign_sockets((tmp_path / "missing.sock", left), uid=someone_else)
+    message = str(refused.value)
+    assert str(left) in message and f"uid {os.geteuid()}" in message and "PALETTE_S3_PORT" in message
+    assert "\n" not in message
+    refuse_foreign_sockets((left,), uid=os.geteuid())  # ours: removed before SeaweedFS starts
+    refuse_foreign_sockets((left,), uid=0)  # root removes any
+    tmp_path.chmod(0o777)  # not sticky: whoever may write the directory removes it
+    refuse_foreign_sockets((left,), uid=someone_else)
+
+
+def test_palette_up_refuses_a_foreign_grpc_socket_before_it_starts_anything(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    import infra.stack as stack
+
+    tmp_path.chmod(0o1777)
+    left = left_socket(tmp_path / "seaweedfs-admin-grpc-18339.sock")
+    settings = types.SimpleNamespace(data_dir=tmp_path / "data", log_max_bytes=1 << 20, log_keep=1, s3_port=8333,
+                                     pg_port=5433, kafka_port=9092)
+    embedded = stack.EmbeddedStack(settings, topics=(), prepare=lambda: None, app_argv=[])
+    monkeypatch.setattr(stack, "check_ports", lambda ports: None)
+    monkeypatch.setattr(stack, "weed_grpc_sockets", lambda port: (left,))
+    monkeypatch.setattr(stack.os, "geteuid", lambda: os.getuid() + 1)
+    started: list[str] = []
+    monkeypatch.setattr(embedded.supervisor, "start", lambda spec: started.append(spec.name))
+    monkeypatch.setattr(embedded, "_check_s3_client", lambda: None)
+    with pytest.raises(StackError, match="another user"):
+        embedded.start_infra()
+    assert started == []
