@@ -303,7 +303,7 @@ class PaletteService:
     def erase_user(self, user_id: UUID) -> bool:
         """Cancel the user's unfinished jobs (refunded) and record the erasure, atomically; True
         when this call recorded it. Destroying the key and deleting objects and webhooks is the
-        caller's (``adapters.erasure``), which does it first."""
+        caller's (``adapters.erasure``), which does it after (its tombstone before)."""
         for _ in range(3):
             user = self.executor.read(user_id)
             if not isinstance(user, User):
@@ -587,8 +587,8 @@ class PaletteService:
 
     def delete_job_command(self, user_id: UUID, job_id: UUID) -> Command[bool]:
         """Delete the caller's terminal job (True: this call deleted it; False: it already was).
-        Its objects are removed by the caller first (adapters.objects), so a failure there leaves
-        the job as it was for a retry."""
+        Its objects are removed by the caller after (adapters.objects); those a failure there
+        leaves, the sweeper's late pass removes (``adapters.retention``)."""
         at = self.clock.now()
 
         @touches(job_id, user_id)
