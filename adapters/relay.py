@@ -10,8 +10,9 @@ The broker is not the source of truth, the event store is. The relay remembers t
 the broker acknowledged on each partition (in PostgreSQL, with its position). When a partition it
 had acknowledged records on is empty (a broker that restarted empty), or an acknowledgement comes
 back at or below one before it (a lost tail, seen on the next publish), the broker lost messages:
-the relay records the loss (``palette_relay.broker_losses``, which the projector and the
-dispatcher watch) and publishes again from the oldest event some read model still needs.
+the relay records the loss (``palette_relay.broker_losses``, which the projector, the dispatcher
+and the webhook consumer watch) and publishes again from the oldest event some read model still
+needs.
 """
 
 from __future__ import annotations
