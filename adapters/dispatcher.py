@@ -4,10 +4,11 @@ At-least-once; the GPU worker's callback key makes duplicates harmless.
 A record it cannot handle never stops it: an envelope that does not decode, a ``JobQueued`` whose
 job cannot be loaded or whose preset is unknown, a task the broker refuses as too large, any other
 error while building tasks. Such a record is logged in one line and parked as it came on
-``palette.events.dispatcher-dlq`` (same key and value, the reason in its ``error`` header, the
-origin in ``topic``/``partition``/``offset`` headers); the loop goes on. Database and broker
-errors are transient and raise: the supervisor restarts the process and the uncommitted records
-come again.
+``palette.events.dispatcher-dlq`` (same key and value, or the value's first 64 KiB and a
+``truncated`` header where the whole is more than the producer sends; the reason in its ``error``
+header, the origin in ``topic``/``partition``/``offset`` headers); the loop goes on. Database
+and broker errors are transient and raise: the supervisor restarts the process and the
+uncommitted records come again.
 
 A broker that loses an acknowledged message (seen with the embedded broker under SIGKILL) would
 leave a job queued forever, so the dispatcher also sweeps: a queued or running job without
