@@ -472,9 +472,10 @@ def apply_isolating(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnve
                     fill: Fill | None = None, *, bulk: bool = False,
                     models: Sequence[ReadModel] | None = None, suffix: str = "") -> BatchResult:
     """``apply_batch`` (into ``models``, all by default; into their ``suffix``ed tables, a
-    rebuild's, with ``suffix``); when it fails for any reason but the connection, again model by
-    model, and in a failing model event by event: an event whose fold or write fails is parked
-    with its error (its stream's later events are held behind it) and every other stream goes on."""
+    rebuild's, with ``suffix``); when it fails for any reason but the database (``is_transient``),
+    again model by model, and in a failing model event by event: an event whose fold or write
+    fails is parked with its error (its stream's later events are held behind it) and every other
+    stream goes on."""
     try:
         return apply_batch(conn, envelopes, models, fill=fill, bulk=bulk, suffix=suffix)
     except Exception as exc:
