@@ -213,7 +213,7 @@ class IdempotencyKeys:
             await self.fail("UNAVAILABLE", unavailable.message(e), headers=unavailable.HEADERS)(scope, receive, send)
             return
         address = self._address(scope, raw_headers)
-        if claimed is not None and (refused := self._address_refuses(address)) is not None:
+        if claimed is not None and (refused := self._spend_address_keys(address)) is not None:
             # Only a key claimed anew spends from its address: a replay, a 409 or a 422 adds no
             # row, and charging them let one client's replays of one key refuse its neighbours'.
             await self._release(owner, key, claimed)
@@ -277,7 +277,7 @@ class IdempotencyKeys:
         peer = scope["client"][0] if scope.get("client") else None
         return client_address(peer, forwarded_for, self.trusted_proxies)
 
-    def _address_refuses(self, address: str | None, keys: int = 1) -> RateLimited | None:
+    def _spend_address_keys(self, address: str | None, keys: int = 1) -> RateLimited | None:
         """Spend ``keys`` of the client address's keys; the refusal when it holds fewer."""
         if self.per_address is None or address is None or keys <= 0:
             return None
@@ -343,7 +343,7 @@ class IdempotencyKeys:
         failing too, left to go stale (STALE_S)."""
         try:
             extra = -(-len(body) // ANSWER_BYTES_PER_KEY) - 1
-            if storable(status) and self._address_refuses(address, extra) is None:
+            if storable(status) and self._spend_address_keys(address, extra) is None:
                 await self._store(owner, key, claimed, status, headers, body)
             else:
                 await self._release(owner, key, claimed)
