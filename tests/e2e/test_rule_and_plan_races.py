@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - ``url`` is test_money_races' fixture, taken as every test's and helper's argument
 """Races on the plan's limits and on rule writes, through one API process and through two on one
 port: creations past the rule slots (one key among them) or the jobs at once, edits from one version, a deletion
 racing edits, and a plan downgrade racing creations, many in flight at once, round after round.
@@ -21,29 +22,14 @@ import pytest
 from adapters.bootstrap import Container, build, open_event_store
 from adapters.settings import Settings
 from application.services import PaletteApplication
-from infra.stack import EmbeddedStack
 from projections.replay import Replayer
 
 from .conftest import Client
-from .test_api_workers import _serve_api
-from .test_money_races import ROUNDS, code, no_5xx, request
+from .test_money_races import ROUNDS, code, no_5xx, request, url  # noqa: F401 - the fixture: one process, then two
 
 JOBS_AT_ONCE = {"free": 1, "pro": 4}  # README: Plans
 RULE_SLOTS = {"free": 2, "pro": 20}
 EDITS = {"wall": {"action": "tone", "value": "warm"}}
-
-
-@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "two-processes"])
-def url(request: pytest.FixtureRequest, apps: EmbeddedStack[Any], api_url: str) -> Iterator[str]:
-    if request.param == 1:
-        yield api_url
-        return
-    proc, url = _serve_api(apps, 2)
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 
 import psycopg
+import pytest
 
 from projections.queries import list_rules
 from projections.schema import ensure_schema
@@ -25,27 +26,10 @@ def _insert_rules(conn: psycopg.Connection[object], user: uuid.UUID, count: int,
                  "%s, now() + n * interval '1 ms', now() FROM generate_series(1, %s) AS n", [user, deleted, count])
 
 
-def test_listing_a_users_rules_reads_only_their_live_ones_however_many_they_deleted(fresh_db):
-    # Rule writes have a daily budget, not a lifetime one: a client creating and deleting rules
-    # within it leaves a flagged row each time, and GET /rules read every one of them.
-    user = uuid.uuid4()
-    with psycopg.connect(fresh_db, autocommit=True) as c:
-        ensure_schema(c)
-        _insert_rules(c, user, 5000, deleted=True)
-        _insert_rules(c, user, 2, deleted=False)
-        _insert_rules(c, uuid.uuid4(), 3000, deleted=False)
-        c.execute("ANALYZE palette_read.rules")
-    # A session of its own: a session's counts not yet reported (once a second) read as its transaction's.
-    with psycopg.connect(fresh_db) as alone:
-        listed = list_rules(alone, user)
-        read = _tuples_read(alone, "rules")
-    assert [r["name"] for r in listed] == ["r1", "r2"]
-    assert read <= 2
-
-
-def test_listing_a_users_rules_reads_the_versions_of_their_live_ones_only(fresh_db):
-    # Each rule ever made keeps its tracking row: a user's many deleted rules swell the planner's
-    # estimate of its listing, which then hashed the whole tracking table for its versions.
+@pytest.fixture
+def crowded(fresh_db: str) -> tuple[str, uuid.UUID]:
+    """A read side holding, for one user, 2 live rules beside 5,000 deleted ones, and 3,000 of
+    another user's, each with its tracking row (one per rule ever made, deleted or not)."""
     user = uuid.uuid4()
     with psycopg.connect(fresh_db, autocommit=True) as c:
         ensure_schema(c)
@@ -54,9 +38,20 @@ def test_listing_a_users_rules_reads_the_versions_of_their_live_ones_only(fresh_
         _insert_rules(c, uuid.uuid4(), 3000, deleted=False)
         c.execute("INSERT INTO palette_read.rules_tracking SELECT id, 1 FROM palette_read.rules")
         c.execute("ANALYZE palette_read.rules; ANALYZE palette_read.rules_tracking")
-    with psycopg.connect(fresh_db) as alone:
+    return fresh_db, user
+
+
+@pytest.mark.parametrize("table", ["rules", "rules_tracking"])
+def test_listing_a_users_rules_reads_only_their_live_ones_however_many_they_deleted(crowded, table):
+    # Rule writes have a daily budget, not a lifetime one: a client creating and deleting rules
+    # within it leaves a flagged row each time, and GET /rules read every one of them; and the
+    # tracking rows of them all swelled the planner's estimate, which then hashed the whole
+    # tracking table for the listed rules' versions.
+    url, user = crowded
+    # A session of its own: a session's counts not yet reported (once a second) read as its transaction's.
+    with psycopg.connect(url) as alone:
         listed = list_rules(alone, user)
-        read = _tuples_read(alone, "rules_tracking")
+        read = _tuples_read(alone, table)
     assert [(r["name"], r["version"]) for r in listed] == [("r1", 1), ("r2", 1)]
     assert read <= 2
 
