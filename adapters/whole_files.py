@@ -33,11 +33,8 @@ def write_whole(path: Path, data: str | bytes, mode: int = 0o666) -> None:
         return
     partial = target.with_name(f".{target.name}.partial")
     partial.unlink(missing_ok=True)  # a crash's: made anew, so it takes ``mode``
+    _write_synced(partial, body, mode)  # before the rename: else a crash can leave the new name on no data
     try:
-        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())  # before the rename: else a crash can leave the new name on no data
         partial.replace(target)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -54,22 +51,21 @@ def write_new(path: Path, data: bytes, mode: int = 0o666) -> None:
     kept = os.fsdecode(os.fsencode(path.name)[:PARTIAL_NAME_BYTES])
     partial = path.with_name(f".{kept}.{uuid4().hex[:12]}.partial")
     try:
-        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # before the link: else a crash can leave the name on no data
+        _write_synced(partial, data, mode)  # before the link: else a crash can leave the name on no data
         try:
             os.link(partial, path, follow_symlinks=False)
         except OSError as e:
             if e.errno not in NO_LINKS:
                 raise
-            _write_in_place(path, data, mode)
+            _write_synced(path, data, mode)
     finally:
         partial.unlink(missing_ok=True)
     sync(path.resolve().parent)  # the name itself
 
 
-def _write_in_place(path: Path, data: bytes, mode: int) -> None:
+def _write_synced(path: Path, data: bytes, mode: int) -> None:
+    """``data`` into a new file ``path`` (made exclusively, with ``mode``), synced; the file
+    removed if that does not complete."""
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
         try:
             f.write(data)

@@ -78,14 +78,16 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     app.state.tokens = TokenIssuer(s.jwt_secret, s.jwt_issuer, s.jwt_audience, s.jwt_ttl_s)
     app.state.verified_tokens = VerifiedTokens(app.state.tokens)
     app.state.erased_users = ErasedUsers(container.read_pool, s.jwt_ttl_s, on_erased=container.service.sealer.evict)
-    app.state.job_limits = Budget(s.rate_jobs_per_s, s.rate_jobs_burst, s.rate_jobs_per_day,
-                                  per_address_day=s.rate_jobs_per_address_per_day)
+
+    def as_large_as_jobs() -> Budget:
+        return Budget(s.rate_jobs_per_s, s.rate_jobs_burst, s.rate_jobs_per_day,
+                      per_address_day=s.rate_jobs_per_address_per_day)
+
+    app.state.job_limits = as_large_as_jobs()
     # Each rule write is an event on the rule's stream: a budget of its own, as large.
-    app.state.rule_limits = Budget(s.rate_jobs_per_s, s.rate_jobs_burst, s.rate_jobs_per_day,
-                                   per_address_day=s.rate_jobs_per_address_per_day)
+    app.state.rule_limits = as_large_as_jobs()
     # Each endpoint creation checks a URL the client chose (its host resolved, in production).
-    app.state.webhook_limits = Budget(s.rate_jobs_per_s, s.rate_jobs_burst, s.rate_jobs_per_day,
-                                      per_address_day=s.rate_jobs_per_address_per_day)
+    app.state.webhook_limits = as_large_as_jobs()
     app.state.callback_limits = TokenBuckets(s.rate_callbacks_per_s, s.rate_callbacks_burst)
     app.state.unflushed = unflushed(s.effective_database_url)  # idempotency keys, callback signatures
     app.state.callback_signatures = CallbackSignatures(app.state.unflushed)
