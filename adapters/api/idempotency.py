@@ -36,7 +36,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Container
+from collections.abc import Callable, Container
 from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
@@ -140,6 +140,53 @@ def _valid_key(key: bytes) -> bool:
     return 0 < len(key) <= MAX_KEY and all(0x20 <= b < 0x7F for b in key)
 
 
+def _first_of_each(raw_headers: list[tuple[bytes, bytes]]) -> tuple[dict[bytes, bytes], set[bytes]]:
+    """The first value of each header, as the routes read a repeated one, and the names repeated."""
+    headers: dict[bytes, bytes] = {}
+    repeated: set[bytes] = set()
+    for name, value in raw_headers:
+        if name in headers:
+            repeated.add(name)
+        else:
+            headers[name] = value
+    return headers, repeated
+
+
+def _key_refusal(raw_key: bytes, repeated: set[bytes]) -> str | None:
+    """Why a keyed request's headers are refused (None: they are not)."""
+    for once, spelled in ONCE:
+        if once in repeated:
+            return f"{spelled} must be given once"
+    if not _valid_key(raw_key):
+        return f"Idempotency-Key must be 1..{MAX_KEY} printable ASCII characters"
+    return None
+
+
+async def _whole_body(receive: Receive) -> bytes | None:
+    """The request's body, all of it (the edge caps it); None when its client left before it ended."""
+    parts: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+def _replay(stored: tuple[str, int | None, Any, Any]) -> ASGIApp:
+    """The kept answer, sent again and marked as such."""
+    _, status, headers, body = stored
+    raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers or []]
+    raw_headers.append((b"idempotent-replayed", b"true"))
+
+    async def replay(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": bytes(body or b"")})
+
+    return replay
+
+
 class TokenVerifier(Protocol):
     def verify(self, token: str) -> tuple[uuid.UUID, str]:
         """The token's user id and role; raises TokenInvalid."""
@@ -149,7 +196,7 @@ class TokenVerifier(Protocol):
 class IdempotencyKeys:
     """Pure ASGI middleware; requests without the header, or without a valid token, pass straight through."""
 
-    def __init__(self, app: ASGIApp, connections: LoopConnections, tokens: TokenVerifier, fail: Any,
+    def __init__(self, app: ASGIApp, connections: LoopConnections, tokens: TokenVerifier, fail: Callable[..., ASGIApp],
                  ttl_s: float = DEFAULT_TTL_S, erased: Container[UUID] = frozenset(),
                  max_keys: int = MAX_KEYS_PER_OWNER, per_address: int | None = None,
                  trusted_proxies: int = 0) -> None:
@@ -171,39 +218,23 @@ class IdempotencyKeys:
             await self.app(scope, receive, send)
             return
         raw_headers = scope.get("headers") or []
-        headers: dict[bytes, bytes] = {}
-        repeated: set[bytes] = set()
-        for name, value in raw_headers:  # the first of a repeated header, as the routes read it
-            if name in headers:
-                repeated.add(name)
-            else:
-                headers[name] = value
+        headers, repeated = _first_of_each(raw_headers)
         raw_key = headers.get(b"idempotency-key")
         owner = self._owner(headers) if raw_key is not None else None
         if raw_key is None or owner is None:
             await self.app(scope, receive, send)
             return
-        for once, spelled in ONCE:
-            if once in repeated:
-                await self.fail("VALIDATION_FAILED", f"{spelled} must be given once")(scope, receive, send)
-                return
-        if not _valid_key(raw_key):
-            refusal = self.fail("VALIDATION_FAILED", f"Idempotency-Key must be 1..{MAX_KEY} printable ASCII characters")
-            await refusal(scope, receive, send)
+        if (refusal := _key_refusal(raw_key, repeated)) is not None:
+            await self.fail("VALIDATION_FAILED", refusal)(scope, receive, send)
             return
         key = raw_key.decode("ascii")
-        body = b""
         try:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return  # gone before its body ended: what came is not its request, and nobody waits
-                body += message.get("body", b"")
-                if not message.get("more_body"):
-                    break
+            body = await _whole_body(receive)
         except ApiError as e:  # the body cap tripped while buffering
             await self.fail(e.code, e.message)(scope, receive, send)
             return
+        if body is None:
+            return  # gone before its body ended: what came is not its request, and nobody waits
         request_hash = hashlib.sha256(canonical_path(scope["path"]).encode() + b"\n" + body).hexdigest()
         try:
             claimed, stored = await self._claim(owner, key, request_hash)
@@ -212,8 +243,11 @@ class IdempotencyKeys:
                 raise
             await self.fail("UNAVAILABLE", unavailable.message(e), headers=unavailable.HEADERS)(scope, receive, send)
             return
+        if claimed is None:
+            await self._held(stored, request_hash)(scope, receive, send)
+            return
         address = self._address(scope, raw_headers)
-        if claimed is not None and (refused := self._spend_address_keys(address)) is not None:
+        if (refused := self._spend_address_keys(address)) is not None:
             # Only a key claimed anew spends from its address: a replay, a 409 or a 422 adds no
             # row, and charging them let one client's replays of one key refuse its neighbours'.
             await self._release(owner, key, claimed)
@@ -221,21 +255,24 @@ class IdempotencyKeys:
                             "without one, or later", status=429,
                             headers={"Retry-After": refused.retry_after_header})(scope, receive, send)
             return
-        if claimed is None:
-            if stored is FULL:
-                await self.fail("RATE_LIMITED", f"at most {self.max_keys} Idempotency-Keys are kept at once; "
-                                "send this request without one, or later", status=429,
-                                headers={"Retry-After": "3600"})(scope, receive, send)
-            elif stored is not None and stored[0] != request_hash:
-                await self.fail("VALIDATION_FAILED", "Idempotency-Key reused with a different request",
-                                status=422)(scope, receive, send)
-            elif stored is None or stored[1] is None:
-                await self.fail("CONFLICT", "a request with this Idempotency-Key is still in flight",
-                                status=409)(scope, receive, send)
-            else:
-                await self._replay(stored, send)
-            return
+        await self._run_keeping(scope, body, send, owner=owner, key=key, claimed=claimed, address=address)
 
+    def _held(self, stored: tuple[str, int | None, Any, Any] | None, request_hash: str) -> ASGIApp:
+        """The answer to a request whose key it did not claim: the answer kept for the key, or why
+        there is none to give."""
+        if stored is FULL:
+            return self.fail("RATE_LIMITED", f"at most {self.max_keys} Idempotency-Keys are kept at once; "
+                             "send this request without one, or later", status=429, headers={"Retry-After": "3600"})
+        if stored is not None and stored[0] != request_hash:
+            return self.fail("VALIDATION_FAILED", "Idempotency-Key reused with a different request", status=422)
+        if stored is None or stored[1] is None:
+            return self.fail("CONFLICT", "a request with this Idempotency-Key is still in flight", status=409)
+        return _replay(stored)
+
+    async def _run_keeping(self, scope: Scope, body: bytes, send: Send, *, owner: str, key: str,
+                           claimed: datetime, address: str | None) -> None:
+        """Run the request (its body, read already, given again) and keep its answer for the key,
+        or release the key if it does not run to its answer's end."""
         sent = False
 
         async def replay_body() -> Message:
@@ -366,12 +403,6 @@ class IdempotencyKeys:
             await conn.execute("DELETE FROM palette_api.idempotency WHERE scope = %s AND key = %s AND created_at = %s",
                                [owner, key, claimed])
 
-    async def _replay(self, stored: tuple[str, int | None, Any, Any], send: Send) -> None:
-        _, status, headers, body = stored
-        raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers or []]
-        raw_headers.append((b"idempotent-replayed", b"true"))
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": bytes(body or b"")})
 
 
 # At most %(limit)s keys claimed more than %(ttl)s seconds ago, oldest first, skipping rows another
