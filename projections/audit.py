@@ -18,6 +18,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
+from domain.contracts.envelope import EventEnvelope
 from domain.contracts.streams import stream_topics, topic_prefix
 from projections import schema
 from projections.log import enveloped, events_by_stream, events_table
@@ -438,71 +439,94 @@ def _reconcile_user(user: UUID, report: Reconciliation, found: _Findings, upto: 
                     users_tracked: tuple[Any, ...] | None, billing_tracked: tuple[Any, ...] | None) -> None:
     """One user: its events folded up to the version each model tracked, its ledger rows merged
     with the fold's, its credits and balances against the User aggregate's, its settlements."""
-    tracked_users = users_tracked[1] if users_tracked else 0
-    tracked_billing = billing_tracked[1] if billing_tracked else 0
     merge = LedgerMerge((_key_of(row[1:]) for row in ledger.take(user)), found.missing.add, found.extra.add)
-    folded_users: Rows = {}
-    heads: Rows = {}
-    reserved: Counter[str] = Counter()
-    settled: Counter[str] = Counter()
-    balances: dict[str, list[int] | None] = {"users": None, "billing_events": None}  # [balance, version]
-    failed = False
-    unfolded = 0
+    fold = _UserFold(users_tracked[1] if users_tracked else 0, billing_tracked[1] if billing_tracked else 0,
+                     upto, merge)
     for stored in log.take(user):
-        env = enveloped(stored, transcoder)
-        version, position = env.version, env.id
         report.events += 1
         if progress and report.events % 100_000 == 0:
             progress(report.events)
+        fold.take(enveloped(stored, transcoder))
+    merge.finish()
+    report.ledger_rows += fold.ledger_rows
+    _judge_user(user, fold, live.one(user), report, found)
+
+
+class _UserFold:
+    """Reconcile's oracle for one user: its events folded up to the version each model tracked
+    (the users row, the ledger rows merged with the projection's), the balance each model should
+    hold as the User aggregate keeps it, and its jobs' reservations and settlements."""
+
+    def __init__(self, tracked_users: int, tracked_billing: int, upto: int, merge: LedgerMerge) -> None:
+        self.tracked_users = tracked_users
+        self.tracked_billing = tracked_billing
+        self.upto = upto
+        self.merge = merge
+        self.users: Rows = {}
+        self.heads: Rows = {}
+        self.reserved: Counter[str] = Counter()
+        self.settled: Counter[str] = Counter()
+        self.balances: dict[str, list[int] | None] = {"users": None, "billing_events": None}  # [balance, version]
+        self.failed = False  # an event its fold refused: the stream is reported, not compared
+        self.unfolded = 0  # events at or before ``upto`` some model has not folded
+        self.ledger_rows = 0
+
+    def take(self, env: EventEnvelope) -> None:
         job_id = env.data.get("job_id")  # none in an unreadable event: its fold fails below
         if env.type == "CreditsReserved" and job_id is not None:
-            reserved[str(job_id)] += 1
+            self.reserved[str(job_id)] += 1
         elif env.type == "CreditsSettled" and job_id is not None:
-            settled[str(job_id)] += 1
-        in_users, in_billing = version <= tracked_users, version <= tracked_billing
-        if position <= upto and not (in_users and in_billing):
-            unfolded += 1
-        if failed:
-            continue
+            self.settled[str(job_id)] += 1
+        in_users, in_billing = env.version <= self.tracked_users, env.version <= self.tracked_billing
+        if env.id <= self.upto and not (in_users and in_billing):
+            self.unfolded += 1
+        if self.failed:
+            return
         try:
-            for table, folded in (("users", in_users), ("billing_events", in_billing)):
-                if folded:
-                    balance = balances[table] = balances[table] or [0, 0]
-                    balance[0] += _balance_effect(env)
-                    balance[1] = version
-            if in_users:
-                USERS.apply(folded_users, env)
-            if in_billing:
-                for entry in BILLING.apply(heads, env):
-                    report.ledger_rows += 1
-                    merge.expect(_key(entry))
+            self._fold(env, in_users, in_billing)
         except Exception:  # noqa: BLE001 - reported, as the live projector would park it
-            failed = True
-    merge.finish()
-    if unfolded:
-        found.unfolded.add((user, unfolded))
-    if failed:
+            self.failed = True
+
+    def _fold(self, env: EventEnvelope, in_users: bool, in_billing: bool) -> None:
+        for table, folded in (("users", in_users), ("billing_events", in_billing)):
+            if folded:
+                balance = self.balances[table] = self.balances[table] or [0, 0]
+                balance[0] += _balance_effect(env)
+                balance[1] = env.version
+        if in_users:
+            USERS.apply(self.users, env)
+        if in_billing:
+            for entry in BILLING.apply(self.heads, env):
+                self.ledger_rows += 1
+                self.merge.expect(_key(entry))
+
+
+def _judge_user(user: UUID, fold: _UserFold, users_row: tuple[Any, ...] | None, report: Reconciliation,
+                found: _Findings) -> None:
+    """What one user's fold finds in its users row, its ledger's balance and its settlements."""
+    if fold.unfolded:
+        found.unfolded.add((user, fold.unfolded))
+    if fold.failed:
         found.failed += 1
-    users_row = live.one(user)
     have = (users_row[1], users_row[2], users_row[3]) if users_row is not None else None
-    fold = folded_users.get((user,))
-    if fold is not None:
+    folded = fold.users.get((user,))
+    if folded is not None:
         report.users += 1
-        want = (fold["credits"], fold["reserved"], fold["spent"])
+        want = (folded["credits"], folded["reserved"], folded["spent"])
         if have != want:
             found.users.add(f"user {user}: projection has (credits, reserved, spent) {have}, the log folds to {want}")
-    for table, projected, present in (("billing_events", merge.total, merge.rows > 0),
+    for table, projected, present in (("billing_events", fold.merge.total, fold.merge.rows > 0),
                                       ("users", have[0] if have else 0, have is not None)):
-        aggregate = balances[table]
-        if failed or (aggregate is None and not present):
+        aggregate = fold.balances[table]
+        if fold.failed or (aggregate is None and not present):
             continue  # a stream that cannot be folded is reported above
         should, at_version = aggregate or [0, 0]
         if projected != should:
             found.balances[table].add(BalanceMismatch(str(user), table, projected, should, at_version))
-    for job_id, n in settled.items():
+    for job_id, n in fold.settled.items():
         if n > 1:
             found.jobs.add(f"job {job_id} settled {n} times")
-        if job_id not in reserved:
+        if job_id not in fold.reserved:
             found.jobs.add(f"job {job_id} settled without a reservation")
 
 
