@@ -234,104 +234,133 @@ def _fold_into_shadow(conn: psycopg.Connection[Any], model: ReadModel,
     (``reread``) and written event by event as the live projector's isolation does (``_isolate``):
     a stream stops at the event whose rows cannot be stored, its rows and tracking as before that
     event (the live projector parked it; the rebuild leaves its letter as it is)."""
-    folded = _Folded()
-    keyed: list[Row] = []  # the rows and tracking of the streams new to the shadow tables (COPY)
-    tracking: list[tuple[UUID, int]] = []
-    # A long stream's rows and tracking so far, and the versions stored of it before (upserts).
-    again: dict[UUID, tuple[Rows, int | None, int]] = {}
-    appended: list[Row] = []
-    ids: list[UUID] = []  # the batch's streams
-    ended_rows = failures = 0  # the batch's keyed rows of streams that ended, and streams that failed to fold
-
-    def live(rows: Rows) -> int:
-        return sum(r is not None for r in rows.values())
-
-    def add(stream_id: UUID, after: int, rows: Rows, version: int | None) -> None:
-        """A stream's rows so far into the batch (those it appended are there)."""
-        if after:
-            again[stream_id] = rows, version, after
-        else:
-            keyed.extend(r for r in rows.values() if r is not None)
-            if version is not None:
-                tracking.append((stream_id, version))
-        ids.append(stream_id)
-
-    def copy_out() -> bool:
-        """The batch into the shadow tables, or, if PostgreSQL refuses it, each of its streams
-        to its end through ``_isolate``: whether it refused."""
-        nonlocal ended_rows, failures
-        try:
-            with conn.transaction():
-                names = model.column_names
-                copy_rows(conn, table(model.keyed_table + SHADOW), names, ([r[c] for c in names] for r in keyed))
-                for rows, _, _ in again.values():  # a long stream's rows so far are there: an upsert (and its deletes)
-                    write_rows(conn, model, model.keyed_table + SHADOW, rows, list(rows))
-                if model.append:
-                    columns = model.append.columns
-                    copy_rows(conn, table(model.append.name + SHADOW), columns,
-                              ([r[c] for c in columns] for r in appended))
-                copy_rows(conn, table(tracking_table(model, SHADOW)), ("stream_id", "version"), tracking)
-                write_tracking(conn, model, SHADOW, {s: v for s, (_, v, _) in again.items() if v is not None})
-            folded.rows += ended_rows
-            folded.ledger_rows += len(appended)
-            folded.failed += failures
-            refused = False
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            log.warning("%s: a rebuild's batch of %d stream(s) failed (%s); writing them event by event",
-                        model.name, len(ids), describe(exc))
-            for stream_id in ids:
-                after = again[stream_id][2] if stream_id in again else 0
-                rows, ledger, stopped = _isolate(conn, model, stream_id, after, reread(stream_id),
-                                                 skipped.get(stream_id, set()))
-                folded.rows += live(rows)
-                folded.ledger_rows += ledger
-                folded.failed += stopped
-            refused = True
-        keyed.clear()
-        tracking.clear()
-        again.clear()
-        appended.clear()
-        ids.clear()
-        ended_rows = failures = 0
-        return refused
-
-    no_skips: set[int] = set()
+    shadow = _Shadow(conn, model, skipped, reread)
     for stream_id, envelopes in streams:
+        shadow.fold(stream_id, envelopes, progress)
+    shadow.copy_out()
+    return shadow.folded
+
+
+def _live(rows: Rows) -> int:
+    return sum(r is not None for r in rows.values())
+
+
+NO_SKIPS: frozenset[int] = frozenset()
+
+
+class _Shadow:
+    """``_fold_into_shadow``'s batch: the rows folded since its last copy into the shadow tables,
+    and what the copies stored (``folded``)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], model: ReadModel, skipped: dict[UUID, set[int]],
+                 reread: Callable[[UUID], list[EventEnvelope]]) -> None:
+        self.conn = conn
+        self.model = model
+        self.skipped = skipped
+        self.reread = reread
+        self.folded = _Folded()
+        self.keyed: list[Row] = []  # the rows and tracking of the streams new to the shadow tables (COPY)
+        self.tracking: list[tuple[UUID, int]] = []
+        # A long stream's rows and tracking so far, and the versions stored of it before (upserts).
+        self.again: dict[UUID, tuple[Rows, int | None, int]] = {}
+        self.appended: list[Row] = []
+        self.ids: list[UUID] = []  # the batch's streams
+        self.ended_rows = 0  # the batch's keyed rows of streams that ended
+        self.failures = 0  # the batch's streams that failed to fold
+
+    def fold(self, stream_id: UUID, envelopes: Iterator[EventEnvelope],
+             progress: Callable[[int], None] | None) -> None:
+        """One stream into the batch, and the batch out when it is full (a long stream's rows go
+        out as it is folded)."""
         rows: Rows = {}
         version: int | None = None
         after = 0
         failed = isolated = False
-        passed = skipped.get(stream_id, no_skips)
+        passed = self.skipped.get(stream_id, NO_SKIPS)
         for env in envelopes:
-            folded.events += 1
-            if progress and folded.events % 50_000 == 0:
-                progress(folded.events)
-            if failed or not relevant(model, env):
+            self.folded.events += 1
+            if progress and self.folded.events % 50_000 == 0:
+                progress(self.folded.events)
+            if failed or not relevant(self.model, env):
                 continue
             if env.version in passed:  # the operator's decision stands: not folded, tracked past
                 version = env.version
                 continue
             try:
-                appended.extend(model.apply(rows, env))
+                self.appended.extend(self.model.apply(rows, env))
             except Exception:  # noqa: BLE001 - the stream stays parked, as in the live projector
                 failed = True
-                failures += 1
+                self.failures += 1
                 continue
             version = env.version
-            if len(appended) >= COPY_ROWS:  # a long stream's ledger rows go out as it goes
-                add(stream_id, after, rows, version)
-                failed = isolated = copy_out()  # refused: _isolate wrote the stream to its end
+            if len(self.appended) >= COPY_ROWS:  # a long stream's ledger rows go out as it goes
+                self._add(stream_id, after, rows, version)
+                failed = isolated = self.copy_out()  # refused: _isolate wrote the stream to its end
                 after = env.version
         if isolated:
-            continue
-        add(stream_id, after, rows, version)
-        ended_rows += live(rows)
-        if len(keyed) + len(appended) >= COPY_ROWS:
-            copy_out()
-    copy_out()
-    return folded
+            return
+        self._add(stream_id, after, rows, version)
+        self.ended_rows += _live(rows)
+        if len(self.keyed) + len(self.appended) >= COPY_ROWS:
+            self.copy_out()
+
+    def _add(self, stream_id: UUID, after: int, rows: Rows, version: int | None) -> None:
+        """A stream's rows so far into the batch (those it appended are there)."""
+        if after:
+            self.again[stream_id] = rows, version, after
+        else:
+            self.keyed.extend(r for r in rows.values() if r is not None)
+            if version is not None:
+                self.tracking.append((stream_id, version))
+        self.ids.append(stream_id)
+
+    def copy_out(self) -> bool:
+        """The batch into the shadow tables, or, if PostgreSQL refuses it, each of its streams
+        to its end through ``_isolate``: whether it refused."""
+        try:
+            self._copy()
+            refused = False
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.warning("%s: a rebuild's batch of %d stream(s) failed (%s); writing them event by event",
+                        self.model.name, len(self.ids), describe(exc))
+            self._isolate_each()
+            refused = True
+        self.keyed.clear()
+        self.tracking.clear()
+        self.again.clear()
+        self.appended.clear()
+        self.ids.clear()
+        self.ended_rows = self.failures = 0
+        return refused
+
+    def _copy(self) -> None:
+        conn, model = self.conn, self.model
+        with conn.transaction():
+            names = model.column_names
+            copy_rows(conn, table(model.keyed_table + SHADOW), names, ([r[c] for c in names] for r in self.keyed))
+            for rows, _, _ in self.again.values():  # a long stream's rows so far are there: an upsert (and its deletes)
+                write_rows(conn, model, model.keyed_table + SHADOW, rows, list(rows))
+            if model.append:
+                columns = model.append.columns
+                copy_rows(conn, table(model.append.name + SHADOW), columns,
+                          ([r[c] for c in columns] for r in self.appended))
+            copy_rows(conn, table(tracking_table(model, SHADOW)), ("stream_id", "version"), self.tracking)
+            write_tracking(conn, model, SHADOW, {s: v for s, (_, v, _) in self.again.items() if v is not None})
+        self.folded.rows += self.ended_rows
+        self.folded.ledger_rows += len(self.appended)
+        self.folded.failed += self.failures
+
+    def _isolate_each(self) -> None:
+        """Each of the batch's streams written to its end, read again from the log, event by event."""
+        for stream_id in self.ids:
+            after = self.again[stream_id][2] if stream_id in self.again else 0
+            rows, ledger, stopped = _isolate(self.conn, self.model, stream_id, after, self.reread(stream_id),
+                                             self.skipped.get(stream_id, set()))
+            self.folded.rows += _live(rows)
+            self.folded.ledger_rows += ledger
+            self.folded.failed += stopped
 
 
 def _isolate(conn: psycopg.Connection[Any], model: ReadModel, stream_id: UUID, after: int,
