@@ -23,12 +23,15 @@ from adapters import keyring
 from adapters.objects import delete_prefixes
 from application.services import PaletteService
 from domain.contracts.keys import user_prefixes
+from domain.contracts.personal import ERASED, SEALED_PREFIX, sealed_owner
 from domain.errors import InvalidState, NotFound
 from domain.user import User
 from projections.log import events_table
 
 log = logging.getLogger("palette.erasure")
 REGISTERED_TOPIC = "domain.user:User.Registered"
+RULE_SLOT_TOPIC = "domain.user:User.RuleSlotTaken"
+RULE_NAMED_TOPICS = ["domain.rule:Rule.RuleCreated", "domain.rule:Rule.RuleUpdated"]
 REFRESH_S = 1.0  # how soon another API process refuses an erased user's tokens
 LATE_S = 300.0  # each refresh reads again the tombstones this much older than the newest it has
 PRUNE_EVERY_S = 60.0
@@ -58,6 +61,7 @@ def erase(service: PaletteService, pool: Any, s3: Any, bucket: str, user_id: UUI
     service.sealer.forget(user_id)
     with pool.connection() as conn:
         redact_legacy_registration(conn, service.app, user_id)
+        redact_legacy_rule_names(conn, service.app, user_id)
         webhooks = forget_user_data(conn, user_id)
     objects = delete_prefixes(s3, bucket, user_prefixes(user_id))
     with pool.connection() as conn:
@@ -88,7 +92,7 @@ def record_erasure(service: PaletteService, user_id: UUID, clock: Callable[[], f
 def redact_legacy_registration(conn: Any, app: Any, user_id: UUID) -> bool:
     """Drop the raw device hash from the user's v1 ``Registered`` event, if it has one (True).
 
-    The one place an event is rewritten: a user registered before device keys has the raw hash
+    One of two places an event is rewritten: a user registered before device keys has the raw hash
     (a credential) in its stored v1 event, which no key ever sealed, so destroying a key cannot
     reach it. Every read already drops it (``User.Registered.upcast_v1_v2``); this drops it from
     the stored bytes too, leaving what every read saw. Nothing hashes stored states (the ledger's
@@ -109,6 +113,40 @@ def redact_legacy_registration(conn: Any, app: Any, user_id: UUID) -> bool:
     conn.execute(sql.SQL("UPDATE {} SET state = %s WHERE originator_id = %s AND originator_version = 1 "
                          "AND topic = %s").format(table), [mapper.transcoder.encode(state), user_id, REGISTERED_TOPIC])
     return True
+
+
+def redact_legacy_rule_names(conn: Any, app: Any, user_id: UUID) -> int:
+    """Set to "erased" each rule name the user's rules hold in clear, in their stored events and in
+    the ``rules`` read model; returns the events rewritten.
+
+    Rules saved before sealing hold their names (personal) in clear, which destroying a key cannot
+    reach. The user's ``RuleSlotTaken`` events name every rule it made, deleted ones too. Rewritten
+    as the v1 registration is, and with it left as it is where stored states are not plain JSON."""
+    mapper = app.mapper
+    if getattr(mapper, "compressor", None) is not None or getattr(mapper, "cipher", None) is not None:
+        return 0
+    table = events_table(app.recorder)
+    slots = conn.execute(sql.SQL("SELECT state FROM {} WHERE originator_id = %s AND topic = %s").format(table),
+                         [user_id, RULE_SLOT_TOPIC]).fetchall()
+    rule_ids = list({mapper.transcoder.decode(bytes(state))["rule_id"] for (state,) in slots})
+    if not rule_ids:
+        return 0
+    rows = conn.execute(sql.SQL("SELECT originator_id, originator_version, state FROM {} "
+                                "WHERE originator_id = ANY(%s) AND topic = ANY(%s)").format(table),
+                        [rule_ids, RULE_NAMED_TOPICS]).fetchall()
+    rewritten = 0
+    for rule_id, version, stored in rows:
+        state = mapper.transcoder.decode(bytes(stored))
+        if sealed_owner(state.get("name")) is not None or state.get("name") == ERASED:
+            continue
+        state["name"] = ERASED
+        conn.execute(sql.SQL("UPDATE {} SET state = %s WHERE originator_id = %s AND originator_version = %s")
+                     .format(table), [mapper.transcoder.encode(state), rule_id, version])
+        rewritten += 1
+    if _exists(conn, "palette_read.rules"):
+        conn.execute("UPDATE palette_read.rules SET name = %s WHERE id = ANY(%s) AND name <> %s "
+                     "AND NOT starts_with(name, %s)", [ERASED, rule_ids, ERASED, SEALED_PREFIX])
+    return rewritten
 
 
 def forget_user_data(conn: Any, user_id: UUID) -> int:

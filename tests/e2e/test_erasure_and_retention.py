@@ -400,6 +400,59 @@ def test_erasing_a_user_registered_before_device_keys_drops_the_raw_device_hash_
         container.close()
 
 
+def test_erasing_a_user_whose_rules_were_named_before_sealing_drops_their_names_everywhere(http, settings):
+    """A rule saved by the code before sealing holds its name in clear in its stored events, which
+    no key sealed: erasure must drop it there, from the rules read model and from replays."""
+    from datetime import UTC, datetime
+
+    from eventsourcing.persistence import StoredEvent
+
+    from adapters import bootstrap
+    from adapters.erasure import erase
+    from tests.unit.test_device_key import store_v1_user
+
+    names = (f"Old flat {uuid.uuid4().hex}", f"Old flat renamed {uuid.uuid4().hex}")
+    container = bootstrap.build(settings, pool_size=2)
+    try:
+        at = datetime.now(UTC)
+        user_id = store_v1_user(container.app, f"legacy-device-{uuid.uuid4().hex}", at)
+        rule_id = uuid.uuid4()
+        encode = container.app.mapper.transcoder.encode
+        edits = {"wall": {"action": "recolor", "value": "#5b7f95"}}
+        container.app.recorder.insert_events([  # as the code before sealing stored a rule
+            StoredEvent(rule_id, 1, "domain.rule:Rule.RuleCreated", encode(
+                {"timestamp": at, "originator_topic": "domain.rule:Rule", "user_id": user_id, "name": names[0],
+                 "preset_id": "interior", "concepts": edits, "protect": []})),
+            StoredEvent(rule_id, 2, "domain.rule:Rule.RuleUpdated", encode(
+                {"timestamp": at, "name": names[1], "concepts": edits, "protect": []})),
+            StoredEvent(user_id, 3, "domain.user:User.RuleSlotTaken", encode({"timestamp": at, "rule_id": rule_id})),
+        ])
+        recorder = container.app.recorder
+        table = sql.Identifier(recorder.datastore.schema, recorder.events_table_name)
+
+        def stored_names() -> int:
+            with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+                row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE position(%s::bytea in state) > 0 "
+                                           "OR position(%s::bytea in state) > 0").format(table),
+                                   [names[0].encode(), names[1].encode()]).fetchone()
+            return int(row[0]) if row else -1
+
+        def read_model_name() -> str | None:
+            with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+                row = conn.execute("SELECT name FROM palette_read.rules WHERE id = %s", [rule_id]).fetchone()
+            return row[0] if row else None
+
+        assert stored_names() == 2
+        wait_until(lambda: read_model_name() == names[1], timeout_s=30, what="the legacy rule's row")
+        erase(container.service, container.read_pool, container.s3, settings.s3_bucket, user_id)
+        assert stored_names() == 0
+        assert read_model_name() == ERASED
+        events = list(Replayer(container.app).stream(rule_id))
+        assert [e.data["name"] for e in events] == [ERASED, ERASED]
+    finally:
+        container.close()
+
+
 def test_a_job_that_spent_nothing_keeps_its_objects_a_day_and_a_paid_one_the_retention_period(
         client, other, http, settings):
     """Canceling refunds everything, so the objects of a job canceled (or failed whole) are not
