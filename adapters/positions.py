@@ -21,8 +21,14 @@ DDL = (
     "CREATE SCHEMA IF NOT EXISTS palette_relay",
     "CREATE TABLE IF NOT EXISTS palette_relay.positions (name text PRIMARY KEY, position bigint NOT NULL, "
     "updated_at timestamptz NOT NULL DEFAULT now())",
-    "CREATE TABLE IF NOT EXISTS palette_relay.acked_offsets (name text NOT NULL, partition integer NOT NULL, "
-    "acked bigint NOT NULL, PRIMARY KEY (name, partition))",
+    # A release before acknowledged offsets were kept left the relay's position alone: the broker
+    # then held what it had published, and the broker started now (memory storage, the default) may
+    # hold none of it. An offset acknowledged on partition 0 makes the relay's (RELAY_NAME) first probe tell.
+    "DO $$ BEGIN IF to_regclass('palette_relay.acked_offsets') IS NULL THEN "
+    "CREATE TABLE palette_relay.acked_offsets (name text NOT NULL, partition integer NOT NULL, "
+    "acked bigint NOT NULL, PRIMARY KEY (name, partition)); "
+    "INSERT INTO palette_relay.acked_offsets (name, partition, acked) SELECT name, 0, 0 "
+    "FROM palette_relay.positions WHERE name = 'palette.events' AND position > 0; END IF; END $$",
     "CREATE TABLE IF NOT EXISTS palette_relay.broker_losses (id bigserial PRIMARY KEY, name text NOT NULL, "
     "republish_from bigint NOT NULL, detected_at timestamptz NOT NULL DEFAULT now())",
     "CREATE TABLE IF NOT EXISTS palette_relay.losses_handled (consumer text PRIMARY KEY, loss_id bigint NOT NULL)",

@@ -16,9 +16,9 @@ import pytest
 
 from adapters import kafka_io
 from adapters.bootstrap import open_event_store
-from adapters.positions import LossSignal, PgPositions
+from adapters.positions import RELAY_NAME, LossSignal, PgPositions
 from adapters.projector import SWEEP, PgReadStore, Projector
-from adapters.relay import RelayState
+from adapters.relay import LossWatch, RelayState
 from adapters.settings import Settings
 from application.services import PaletteService
 from domain.contracts import topics
@@ -170,6 +170,36 @@ def test_consumers_starting_together_on_a_fresh_database_each_make_the_relays_ta
     for t in threads:
         t.join()
     assert failed == []
+
+
+class EmptyBroker:
+    """A broker that restarted empty: every partition ends at 0."""
+
+    def end_offsets(self) -> dict[int, int]:
+        return {0: 0, 1: 0, 2: 0, 3: 0}
+
+
+@pytest.mark.parametrize("published_before", [True, False])
+def test_a_relay_upgraded_from_before_acknowledged_offsets_takes_an_empty_broker_for_a_loss(
+        losses_db: str, published_before: bool) -> None:
+    """A release before the relay kept the broker's acknowledged offsets left only its position: the
+    relay of this one, on a broker that starts empty (memory storage, the default now), must see
+    that the tasks and events published before are gone, or jobs running at the upgrade waited
+    for the stale sweep. A database the relay never published from has nothing to lose."""
+    with psycopg.connect(losses_db, autocommit=True) as conn:  # the schema as that release left it
+        conn.execute("CREATE SCHEMA palette_relay")
+        conn.execute("CREATE TABLE palette_relay.positions (name text PRIMARY KEY, position bigint NOT NULL, "
+                     "updated_at timestamptz NOT NULL DEFAULT now())")
+        if published_before:
+            conn.execute("INSERT INTO palette_relay.positions (name, position) VALUES (%s, 215)", [RELAY_NAME])
+    state = RelayState.connect(losses_db)
+    try:
+        watch = LossWatch(EmptyBroker(), lambda: 1, state, RELAY_NAME)  # type: ignore[arg-type]
+        assert watch.probe(force=True) is published_before
+        RelayState.connect(losses_db).close()  # a second start finds the schema as the first left it
+        assert LossWatch(EmptyBroker(), lambda: 1, state, RELAY_NAME).probe(force=True) is published_before  # type: ignore[arg-type]
+    finally:
+        state.close()
 
 
 def test_the_loss_signal_and_the_positions_connect_again_after_their_connection_died(losses_db: str) -> None:
