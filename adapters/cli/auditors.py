@@ -274,12 +274,9 @@ def _audit_verify(args: argparse.Namespace, conn: Any, settings: Any) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    import csv
-    import json
-
     import psycopg
 
-    from projections import audit, schema
+    from projections import schema
 
     if args.action == "ledger" and args.since is not None and args.until is not None and args.until < args.since:
         print("palette audit ledger: the period's end (--to) must be after its start (--from)", file=sys.stderr)
@@ -289,67 +286,88 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     settings = running_settings()
     if args.action == "keygen":
         return _audit_keygen(args)
+    action = {"report": _audit_report, "checkpoint": _audit_checkpoint, "ledger": _audit_ledger,
+              "balance": _audit_balance, "export": _audit_export, "verify": _audit_verify,
+              "reconcile": _audit_reconcile}[args.action]
     with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
         schema.ensure_schema(conn)
-        if args.action == "report":
-            return _audit_report(args, conn, settings)
-        if args.action == "checkpoint":
-            return _audit_checkpoint(args, conn, settings)
-        if args.action == "ledger":
-            try:
-                rows = audit.known_ledger(conn, args.user, args.since, args.until)
-            except LookupError as e:  # no such user (or not projected yet), as balance says
-                print(f"palette audit ledger: {e.args[0]}", file=sys.stderr)
-                return 2
-            print(f"{'seq':>5} {'occurred_at':<33}{'type':<8}{'amount':>8}{'delta':>8}{'balance':>9}  ref")
-            for r in rows:
-                print(f"{r['seq']:>5} {r['occurred_at'].isoformat():<33}{r['type']:<8}{r['amount']:>8}"  # a grant's
-                      f"{r['balance_delta']:>8}{r['balance']:>9}  {one_line(r['ref'])}")  # reason may break lines
-            if not rows:
-                print("no ledger entries for this user in that range")
-        elif args.action == "balance":
-            try:
-                balance = audit.known_balance_as_of(conn, args.user, args.as_of)
-            except LookupError as e:  # no such user (or not projected yet)
-                print(f"palette audit balance: {e.args[0]}", file=sys.stderr)
-                return 2
-            print(json.dumps(balance, indent=2))
-        elif args.action == "export":
-            exported = with_progress(audit.export(conn), what="ledger rows")
-            if args.format == "csv":
-                writer = csv.writer(sys.stdout)
-                writer.writerow(audit.LEDGER_COLUMNS)
-                for r in exported:
-                    writer.writerow([r[c] for c in audit.LEDGER_COLUMNS])
-            else:
-                for r in exported:
-                    sys.stdout.write(json.dumps(r, default=str) + "\n")
-        elif args.action == "verify":
-            return _audit_verify(args, conn, settings)
-        elif args.action == "reconcile":
-            app = event_store(settings)
-            try:
-                if (refused := _refused_position(args.at, app)) is not None:
-                    print(f"palette audit reconcile: {refused}", file=sys.stderr)
-                    return 2
-                t0 = time.monotonic()
-                report = audit.reconcile(
-                    conn, app.recorder, app.mapper.transcoder,
-                    progress=lambda n: print(f"... {n:,} user events folded", file=sys.stderr, flush=True),
-                    at=args.at)
-                log_size = app.recorder.max_notification_id() or 0
-            finally:
-                app.close()
-            for d in report.differences:
-                print(f"DIFF {d}")
-            verdict = "OK" if report.ok else (f"{len(report.differences)} difference(s), of which "
-                                              f"{len(report.balance_mismatches)} ledger/aggregate balance mismatch(es)")
-            print(f"reconciled {report.events:,} user events (of {log_size:,} in the log; folded up to "
-                  f"position {report.position:,} at least), "
-                  f"{report.ledger_rows:,} ledger rows, {report.users:,} users "
-                  f"in {time.monotonic() - t0:.1f}s: {verdict}")
-            return 0 if report.ok else 1
+        return action(args, conn, settings)
+
+
+def _audit_ledger(args: argparse.Namespace, conn: Any, settings: Any) -> int:
+    from projections import audit
+
+    try:
+        rows = audit.known_ledger(conn, args.user, args.since, args.until)
+    except LookupError as e:  # no such user (or not projected yet), as balance says
+        print(f"palette audit ledger: {e.args[0]}", file=sys.stderr)
+        return 2
+    print(f"{'seq':>5} {'occurred_at':<33}{'type':<8}{'amount':>8}{'delta':>8}{'balance':>9}  ref")
+    for r in rows:
+        print(f"{r['seq']:>5} {r['occurred_at'].isoformat():<33}{r['type']:<8}{r['amount']:>8}"  # a grant's
+              f"{r['balance_delta']:>8}{r['balance']:>9}  {one_line(r['ref'])}")  # reason may break lines
+    if not rows:
+        print("no ledger entries for this user in that range")
     return 0
+
+
+def _audit_balance(args: argparse.Namespace, conn: Any, settings: Any) -> int:
+    import json
+
+    from projections import audit
+
+    try:
+        balance = audit.known_balance_as_of(conn, args.user, args.as_of)
+    except LookupError as e:  # no such user (or not projected yet)
+        print(f"palette audit balance: {e.args[0]}", file=sys.stderr)
+        return 2
+    print(json.dumps(balance, indent=2))
+    return 0
+
+
+def _audit_export(args: argparse.Namespace, conn: Any, settings: Any) -> int:
+    import csv
+    import json
+
+    from projections import audit
+
+    exported = with_progress(audit.export(conn), what="ledger rows")
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(audit.LEDGER_COLUMNS)
+        for r in exported:
+            writer.writerow([r[c] for c in audit.LEDGER_COLUMNS])
+    else:
+        for r in exported:
+            sys.stdout.write(json.dumps(r, default=str) + "\n")
+    return 0
+
+
+def _audit_reconcile(args: argparse.Namespace, conn: Any, settings: Any) -> int:
+    from projections import audit
+
+    app = event_store(settings)
+    try:
+        if (refused := _refused_position(args.at, app)) is not None:
+            print(f"palette audit reconcile: {refused}", file=sys.stderr)
+            return 2
+        t0 = time.monotonic()
+        report = audit.reconcile(
+            conn, app.recorder, app.mapper.transcoder,
+            progress=lambda n: print(f"... {n:,} user events folded", file=sys.stderr, flush=True),
+            at=args.at)
+        log_size = app.recorder.max_notification_id() or 0
+    finally:
+        app.close()
+    for d in report.differences:
+        print(f"DIFF {d}")
+    verdict = "OK" if report.ok else (f"{len(report.differences)} difference(s), of which "
+                                      f"{len(report.balance_mismatches)} ledger/aggregate balance mismatch(es)")
+    print(f"reconciled {report.events:,} user events (of {log_size:,} in the log; folded up to "
+          f"position {report.position:,} at least), "
+          f"{report.ledger_rows:,} ledger rows, {report.users:,} users "
+          f"in {time.monotonic() - t0:.1f}s: {verdict}")
+    return 0 if report.ok else 1
 
 
 def _refused_position(at: int | None, app: Any) -> str | None:
