@@ -92,6 +92,26 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     app.state.unflushed = unflushed(s.effective_database_url)  # idempotency keys, callback signatures
     app.state.callback_signatures = CallbackSignatures(app.state.unflushed)
 
+    _answer_errors(app)
+
+    # The routes themselves, not include_router: FastAPI matches an included router through a
+    # lazily resolved view that walks all its routes twice per request (a tenth of /me's time).
+    for module in (routes_users, routes_rules, routes_jobs, routes_analysts, routes_webhooks):
+        app.router.routes.extend(module.router.routes)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        return document_keys(add_links(generate()))  # each idempotent on the cached schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _answer_errors(app: FastAPI) -> None:
+    """Every error a route lets out answered in the envelope with its stable code: the domain's,
+    the API's, a request that does not validate, a rate limit, a database or object store away
+    (503, retry), and anything else (500, logged with its request id)."""
+
     @app.exception_handler(RateLimited)
     async def _rate(_: Request, e: RateLimited) -> JSONResponse:
         return fail("RATE_LIMITED", str(e), headers={"Retry-After": e.retry_after_header})
@@ -153,18 +173,6 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error (request %s)", request_id_var.get())
         return fail("INTERNAL", "internal error", status=500)
-
-    # The routes themselves, not include_router: FastAPI matches an included router through a
-    # lazily resolved view that walks all its routes twice per request (a tenth of /me's time).
-    for module in (routes_users, routes_rules, routes_jobs, routes_analysts, routes_webhooks):
-        app.router.routes.extend(module.router.routes)
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        return document_keys(add_links(generate()))  # each idempotent on the cached schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-    return app
 
 
 def create_asgi(container: Container, owns_container: bool = False,
