@@ -242,9 +242,11 @@ class Sweeper:
         with self.container.read_pool.connection() as conn:
             ensure_schema(conn)
 
-    def step(self, now: datetime | None = None, erasure_grace_s: float = 0.0) -> SweepReport:
+    def step(self, now: datetime | None = None, erasure_grace_s: float = 0.0,
+             on_pass: Callable[[str], None] | None = None) -> SweepReport:
         """One pass (``now``: the clock, for tests that look days ahead; ``erasure_grace_s``: how old
-        an unfinished erasure must be to be finished, 0 for every one, as ``palette admin sweep``)."""
+        an unfinished erasure must be to be finished, 0 for every one, as ``palette admin sweep``;
+        ``on_pass`` is told the name of each of its passes as it begins)."""
         now = now or self.container.service.clock.now()
         report = SweepReport()
         cutoff = now - timedelta(days=self.settings.retention_days)
@@ -272,6 +274,8 @@ class Sweeper:
             ("erasures", erasures), ("late uploads", uploads), ("oversized uploads", oversized),
             ("snapshots", snapshots))
         for name, work in passes:
+            if on_pass is not None:
+                on_pass(name)
             try:
                 work()
             except PASS_ERRORS:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 from uuid import uuid4
 
@@ -15,6 +18,7 @@ from domain.plans import DEFAULT_PLANS
 
 if TYPE_CHECKING:
     from adapters.cli.arguments import Subcommands
+    from adapters.retention import Sweeper, SweepReport
     from application.services import PaletteService
 
 
@@ -49,7 +53,7 @@ def _cmd_admin(args: argparse.Namespace) -> int:
         try:
             sweeper = bootstrap.build_sweeper(settings)
             try:
-                r = sweeper.step()
+                r = _sweep_saying_where(sweeper)
             finally:
                 sweeper.close()
         finally:
@@ -145,6 +149,31 @@ class _Failures(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+
+
+SWEEP_PROGRESS_S = 10.0
+
+
+def _sweep_saying_where(sweeper: Sweeper, every_s: float = SWEEP_PROGRESS_S,
+                        say: Callable[[str], None] | None = None) -> SweepReport:
+    """One sweeper pass, saying on stderr (``say``) every ``every_s`` which of its passes it is in:
+    over a large backlog a pass runs minutes. A pass done sooner says nothing."""
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    current = ["the first"]
+    done = threading.Event()
+    t0 = time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            say(f"  sweeping: the {current[0]} pass, {time.monotonic() - t0:.0f}s in")
+
+    heart = threading.Thread(target=beat, name="sweep-progress", daemon=True)
+    heart.start()
+    try:
+        return sweeper.step(on_pass=lambda name: current.__setitem__(0, name))
+    finally:
+        done.set()
+        heart.join()
 
 
 def _sweep_failed(records: list[logging.LogRecord]) -> int:

@@ -476,7 +476,7 @@ class _SweeperMeetingADownStore:
     in its stride (the erasures it finishes: each logged and tried again later), as the real one
     does: the erasure it could not finish is logged with its traceback, and the pass goes on."""
 
-    def step(self) -> Any:
+    def step(self, on_pass: Any = None) -> Any:
         import logging
 
         from adapters.retention import SweepReport

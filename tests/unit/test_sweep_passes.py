@@ -6,6 +6,7 @@ traceback, and exits 1."""
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -87,13 +88,38 @@ def test_palette_admin_sweep_says_what_failed_in_one_line_and_exits_1(monkeypatc
                         lambda: SimpleNamespace(retention_days=30, unpaid_retention_days=7))
     monkeypatch.setattr(bootstrap, "build_sweeper", lambda _settings: sweeper)
     monkeypatch.setattr(operators, "reach_database", lambda _settings: None)  # no PostgreSQL here
-    monkeypatch.setattr(sweeper, "step", lambda: Sweeper.step(sweeper, now=NOW))
+    monkeypatch.setattr(sweeper, "step", lambda **kw: Sweeper.step(sweeper, now=NOW, **kw))
     assert cli.main(["admin", "sweep"]) == 1
     out, err = capsys.readouterr()
     assert out.startswith("swept: 0 job(s) expired") and "2 erasure(s) finished, 8 object(s) deleted" in out
     assert err.splitlines() == [
         "palette admin sweep: the retention pass failed (and 1 more thing(s)), the rest of the pass done: "
         "ClientError: An error occurred (AccessDenied) when calling the DeleteObjects operation: denied"]
+
+
+def test_a_long_sweep_says_which_pass_it_is_in_and_a_short_one_nothing() -> None:
+    """Over a large backlog a pass runs minutes (260 s silent on a 2M-event log): `palette admin
+    sweep` says on stderr, every few seconds, which pass it is in."""
+    lines: list[str] = []
+    told = threading.Event()
+
+    def say(line: str) -> None:
+        lines.append(line)
+        if "oversized uploads" in line:
+            told.set()
+
+    sweeper = failing_sweeper([], REFUSED)
+    sweeper._oversized_uploads = lambda *_: 0 if told.wait(30) else -1  # type: ignore[method-assign]
+    sweeper.step = lambda **kw: Sweeper.step(sweeper, now=NOW, **kw)  # type: ignore[method-assign]
+    report = operators._sweep_saying_where(sweeper, every_s=0.01, say=say)
+    assert told.is_set() and report.objects_deleted == 1 + 3
+    assert all(line.startswith("  sweeping: the ") and line.endswith("s in") for line in lines)
+    assert "  sweeping: the oversized uploads pass" in [line.split(",")[0] for line in lines]
+
+    quiet: list[str] = []
+    sweeper._oversized_uploads = lambda *_: 0  # type: ignore[method-assign]
+    operators._sweep_saying_where(sweeper, every_s=60, say=quiet.append)
+    assert quiet == []
 
 
 def test_an_abandoned_job_whose_cancel_keeps_conflicting_stops_the_pass_before_it() -> None:
