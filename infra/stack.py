@@ -169,6 +169,9 @@ S3_HEALTH_FREE_SHARE = 0.02
 S3_META_LOG = "/topics/.system/log"
 S3_META_LOG_KEEP_DAYS = 7
 S3_META_LOG_PURGE_S = 3600.0
+# A check's share of `palette up`'s one loop: the days past it (a year of them, after an upgrade)
+# are deleted by the checks after, each one day at least.
+S3_META_LOG_PURGE_BUDGET_S = 1.0
 
 UP_LOCK = "palette-up.lock"  # in the data directory: held by the one `palette up` running on it
 
@@ -561,26 +564,35 @@ class EmbeddedStack(Generic[S]):
         if time.monotonic() >= self._next_meta_log_purge:
             self._next_meta_log_purge = time.monotonic() + S3_META_LOG_PURGE_S
             with contextlib.suppress(Exception):  # whatever the filer answered: tried again in an hour
-                self._purge_meta_log()
+                if self._purge_meta_log():
+                    self._next_meta_log_purge = 0.0
         return True
 
-    def _purge_meta_log(self) -> None:
+    def _purge_meta_log(self) -> bool:
         """Delete the days of SeaweedFS's change log (S3_META_LOG) older than S3_META_LOG_KEEP_DAYS:
-        it grew ~12 MB a 1,000 jobs in a soak, and ~5 MB a day from this health check alone."""
+        it grew ~12 MB a 1,000 jobs in a soak, and ~5 MB a day from this health check alone.
+        True when S3_META_LOG_PURGE_BUDGET_S ran out with days left."""
+        until = time.monotonic() + S3_META_LOG_PURGE_BUDGET_S
         url = f"http://127.0.0.1:{weed_ports(self.settings.s3_port)['filer']}{S3_META_LOG}/"
         listing = urllib.request.Request(url + "?limit=1000", headers={"Accept": "application/json"})  # noqa: S310
         with urllib.request.urlopen(listing, timeout=2) as resp:  # noqa: S310 - our own filer
             entries = json.load(resp).get("Entries") or []
         oldest_kept = datetime.now(UTC).date() - timedelta(days=S3_META_LOG_KEEP_DAYS)
+        deleted = 0
         for entry in entries:
             day = str(entry.get("FullPath", "")).rsplit("/", 1)[-1]
             try:
                 stale = date.fromisoformat(day) < oldest_kept
             except ValueError:  # not a day's folder
                 continue
-            if stale:
-                delete = urllib.request.Request(f"{url}{day}?recursive=true", method="DELETE")  # noqa: S310
-                urllib.request.urlopen(delete, timeout=2).close()  # noqa: S310 - our own filer
+            if not stale:
+                continue
+            if deleted and time.monotonic() >= until:
+                return True
+            delete = urllib.request.Request(f"{url}{day}?recursive=true", method="DELETE")  # noqa: S310
+            urllib.request.urlopen(delete, timeout=2).close()  # noqa: S310 - our own filer
+            deleted += 1
+        return False
 
     def _ensure_buckets(self) -> None:
         client = self._s3()

@@ -81,6 +81,40 @@ def test_the_s3_services_health_check_purges_the_days_of_seaweedfs_change_log_pa
     assert str(old) not in days
 
 
+def test_the_s3_services_health_check_purges_a_long_change_log_a_share_at_a_time(stack, monkeypatch):
+    """A stack upgraded after a year holds ~360 days of change log past the week: deleting them all
+    in one health check held `palette up`'s one loop (which restarts crashed services) for as long.
+    A check deletes the days that fit its budget, one at least, and the next check goes on."""
+    import time
+
+    import httpx
+
+    from infra import stack as embedded
+    from infra.stack import S3_META_LOG, S3_META_LOG_KEEP_DAYS, weed_ports
+
+    log_url = f"http://127.0.0.1:{weed_ports(stack.settings.s3_port)['filer']}{S3_META_LOG}"
+    today = datetime.now(UTC).date()
+    for age in (S3_META_LOG_KEEP_DAYS + 30, S3_META_LOG_KEEP_DAYS + 31):
+        day = today - timedelta(days=age)
+        httpx.post(f"{log_url}/{day}/00-00.test", files={"file": ("00-00.test", b"change")}).raise_for_status()
+
+    def stale_days() -> set[str]:
+        entries = httpx.get(f"{log_url}/", headers={"Accept": "application/json"}).json()["Entries"] or []
+        days = {e["FullPath"].rsplit("/", 1)[-1] for e in entries}
+        return {d for d in days if d < str(today - timedelta(days=S3_META_LOG_KEEP_DAYS))}
+
+    monkeypatch.setattr(embedded, "S3_META_LOG_PURGE_BUDGET_S", 0.0)
+    stack._next_meta_log_purge = 0.0
+    before = stale_days()
+    assert len(before) >= 2
+    assert stack._s3_writes()
+    assert len(stale_days()) == len(before) - 1
+    while stale_days():
+        assert stack._next_meta_log_purge <= time.monotonic()
+        assert stack._s3_writes()
+    assert stack._next_meta_log_purge > time.monotonic() + embedded.S3_META_LOG_PURGE_S / 2
+
+
 def test_a_consumer_living_through_a_broker_restart_reads_the_new_log_from_its_start(stack):
     """A member keeps its position across the restart (kafka-python keeps it over a rebalance)
     and the memory broker answers a fetch past its new, shorter log with nothing: without reading
