@@ -159,7 +159,7 @@ def _sweep_saying_where(sweeper: Sweeper, every_s: float = SWEEP_PROGRESS_S,
     """One sweeper pass, saying on stderr (``say``) every ``every_s`` which of its passes it is in:
     over a large backlog a pass runs minutes. A pass done sooner says nothing."""
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
-    current = ["the first"]
+    current = ["first"]
     done = threading.Event()
     t0 = time.monotonic()
 
