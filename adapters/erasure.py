@@ -17,10 +17,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from eventsourcing.postgres import PostgresAggregateRecorder
 from psycopg import sql
 
 from adapters import keyring
 from adapters.objects import delete_prefixes
+from application.executors import snapshot_recorder
 from application.services import PaletteService
 from domain.contracts.keys import user_prefixes
 from domain.contracts.personal import ERASED, SEALED_PREFIX, sealed_owner
@@ -121,7 +123,8 @@ def redact_legacy_rule_names(conn: Any, app: Any, user_id: UUID) -> int:
 
     Rules saved before sealing hold their names (personal) in clear, which destroying a key cannot
     reach. The user's ``RuleSlotTaken`` events name every rule it made, deleted ones too. Rewritten
-    as the v1 registration is, and with it left as it is where stored states are not plain JSON."""
+    as the v1 registration is, and with it left as it is where stored states are not plain JSON;
+    the snapshots of rules rewritten are deleted (each holds the name its rule had)."""
     mapper = app.mapper
     if getattr(mapper, "compressor", None) is not None or getattr(mapper, "cipher", None) is not None:
         return 0
@@ -146,6 +149,10 @@ def redact_legacy_rule_names(conn: Any, app: Any, user_id: UUID) -> int:
     if _exists(conn, "palette_read.rules"):
         conn.execute("UPDATE palette_read.rules SET name = %s WHERE id = ANY(%s) AND name <> %s "
                      "AND NOT starts_with(name, %s)", [ERASED, rule_ids, ERASED, SEALED_PREFIX])
+    snapshots = snapshot_recorder(app)
+    if rewritten and isinstance(snapshots, PostgresAggregateRecorder):  # a snapshot holds the name as it was
+        conn.execute(sql.SQL("DELETE FROM {} WHERE originator_id = ANY(%s)").format(events_table(snapshots)),
+                     [rule_ids])  # a load folds the rewritten events instead
     return rewritten
 
 

@@ -442,10 +442,21 @@ def test_erasing_a_user_whose_rules_were_named_before_sealing_drops_their_names_
                 row = conn.execute("SELECT name FROM palette_read.rules WHERE id = %s", [rule_id]).fetchone()
             return row[0] if row else None
 
-        assert stored_names() == 2
+        snapshots = container.app.snapshots.recorder  # a snapshot the old rule's 100th event had made
+        snapshots.insert_events([StoredEvent(rule_id, 2, "eventsourcing.domain:Snapshot", encode(
+            {"timestamp": at, "topic": "domain.rule:Rule", "state": {"name": names[1]}}))])
+        snapshot_table = sql.Identifier(snapshots.datastore.schema, snapshots.events_table_name)
+
+        def snapshots_of_the_rule() -> int:
+            with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+                row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE originator_id = %s").format(snapshot_table),
+                                   [rule_id]).fetchone()
+            return int(row[0]) if row else -1
+
+        assert stored_names() == 2 and snapshots_of_the_rule() == 1
         wait_until(lambda: read_model_name() == names[1], timeout_s=30, what="the legacy rule's row")
         erase(container.service, container.read_pool, container.s3, settings.s3_bucket, user_id)
-        assert stored_names() == 0
+        assert stored_names() == 0 and snapshots_of_the_rule() == 0
         assert read_model_name() == ERASED
         events = list(Replayer(container.app).stream(rule_id))
         assert [e.data["name"] for e in events] == [ERASED, ERASED]
