@@ -89,6 +89,12 @@ DDL = (
     "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = "
     "'palette_webhooks' AND table_name = 'deliveries' AND column_name = 'leased_until') THEN "
     "ALTER TABLE palette_webhooks.deliveries ADD COLUMN leased_until timestamptz; END IF; END $$",
+    # A release before 2026-12-06 left a disabled endpoint's pending deliveries due: they wait for
+    # an enable, out of the claims' way, as ``finish`` leaves them now (those in flight keep their
+    # claim). Few rows to look at: the disabled endpoints' pending deliveries, by index.
+    "UPDATE palette_webhooks.deliveries d SET next_attempt_at = NULL FROM palette_webhooks.endpoints e "
+    "WHERE NOT e.enabled AND d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at IS NOT NULL "
+    "AND NOT coalesce(d.next_attempt_at = d.leased_until AND d.leased_until > now(), false)",
 )
 # A delivery whose attempt is in flight (claimed, its lease not over, its outcome not recorded).
 _IN_FLIGHT = sql.SQL("(d.status = 'pending' AND d.next_attempt_at = d.leased_until AND d.leased_until > now())")

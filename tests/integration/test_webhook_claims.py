@@ -640,3 +640,31 @@ def test_forgetting_a_deleted_jobs_deliveries_reads_only_that_jobs_rows(conn, se
         assert scans == (0,)
     finally:
         conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
+
+
+def test_a_disabled_endpoints_backlog_left_due_by_an_older_release_is_moved_out_of_the_claims_way(conn, monkeypatch):
+    # A release before 2026-12-06 disabled an endpoint and left its pending deliveries due, for the
+    # week they are kept: upgraded, more of them than a claim reads hid every other endpoint's
+    # delivery until they were pruned. The schema's start takes them out of the claims' way.
+    monkeypatch.setattr(store, "CLAIM_WINDOW", 5)
+    monkeypatch.setattr(store, "CLAIM_SCAN", 20)
+    failing, victim = uuid.uuid4(), uuid.uuid4()
+    [disabled] = endpoints(conn, failing, "disabled-by-an-older-release")
+    [answered] = endpoints(conn, victim, "answered")
+    jobs = [uuid.uuid4() for _ in range(30)]
+    try:
+        store.record(conn, [store.NewDelivery(disabled, f"msg_{j.hex}_1", j, 1, "job.queued", b"{}") for j in jobs])
+        conn.execute("UPDATE palette_webhooks.endpoints SET enabled = false, disabled_at = now() - interval '1 day' "
+                     "WHERE id = %s", [disabled])
+        conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() - interval '2 hours' "
+                     "WHERE endpoint_id = %s", [disabled])
+        store.record(conn, [store.NewDelivery(answered, f"msg_{jobs[0].hex}_1", jobs[0], 1, "job.queued", b"{}")])
+        conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() - interval '1 hour' "
+                     "WHERE endpoint_id = %s", [answered])
+        store.ensure_schema(conn)
+        got = store.claim(conn, 8, 30.0, per_user=2)
+        assert [d.user_id for d in got if d.user_id in (failing, victim)] == [victim]
+        assert store.enable_endpoint(conn, failing, disabled, WEEK_S) is not None  # an enable still sends them all
+        assert len([d for d in store.claim(conn, 10_000, 30.0) if d.user_id == failing]) == 30
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[disabled, answered]])
