@@ -91,7 +91,9 @@ DDL = (
     "ALTER TABLE palette_webhooks.deliveries ADD COLUMN leased_until timestamptz; END IF; END $$",
     # A release before 2026-12-06 left a disabled endpoint's pending deliveries due: they wait for
     # an enable, out of the claims' way, as ``finish`` leaves them now (those in flight keep their
-    # claim). Few rows to look at: the disabled endpoints' pending deliveries, by index.
+    # claim). Few rows to look at: the disabled endpoints' pending deliveries, by index. No enable
+    # interleaves: the CREATE INDEXes above hold the deliveries' SHARE lock to this transaction's end,
+    # so an enable has updated them and committed before this reads its endpoint, or waits for it to end.
     "UPDATE palette_webhooks.deliveries d SET next_attempt_at = NULL FROM palette_webhooks.endpoints e "
     "WHERE NOT e.enabled AND d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at IS NOT NULL "
     "AND NOT coalesce(d.next_attempt_at = d.leased_until AND d.leased_until > now(), false)",
