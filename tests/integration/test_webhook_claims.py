@@ -501,43 +501,57 @@ def test_each_failed_try_moves_the_delivery_one_step_along_its_schedule_and_past
         assert (status, wait) == ("failed", None)
 
 
+@contextlib.contextmanager
+def beside_a_victim(conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch, name: str,
+                    scan: int = 20) -> Iterator[tuple[uuid.UUID, uuid.UUID, uuid.UUID, uuid.UUID]]:
+    """A failing user's endpoint ``name`` and a victim's that answers, under claims that read
+    ``scan`` rows, 5 a window: (failing, its endpoint, victim, the victim's); both removed after."""
+    monkeypatch.setattr(store, "CLAIM_WINDOW", 5)
+    monkeypatch.setattr(store, "CLAIM_SCAN", scan)
+    failing, victim = uuid.uuid4(), uuid.uuid4()
+    [endpoint] = endpoints(conn, failing, name)
+    [answered] = endpoints(conn, victim, "answered")
+    try:
+        yield failing, endpoint, victim, answered
+    finally:
+        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[endpoint, answered]])
+
+
+def claimed_of(conn: psycopg.Connection[Any], *users: uuid.UUID) -> list[uuid.UUID]:
+    """The users among ``users`` whose deliveries one claim of 8 (2 a user) took, in its order."""
+    return [d.user_id for d in store.claim(conn, 8, 30.0, per_user=2) if d.user_id in users]
+
+
+def sent_once_enabled(conn: psycopg.Connection[Any], user: uuid.UUID, endpoint: uuid.UUID) -> int:
+    """How many of ``user``'s deliveries a claim takes once its ``endpoint`` is enabled again."""
+    assert store.enable_endpoint(conn, user, endpoint, WEEK_S) is not None
+    return len([d for d in store.claim(conn, 10_000, 30.0) if d.user_id == user])
+
+
 def test_a_jobs_deliveries_waiting_on_its_earlier_one_do_not_hide_a_delivery_the_claim_may_take(conn, monkeypatch):
     # A job's later deliveries wait while its first is pending (order per job): due since the
     # endpoint's hold ended, they stay due for the hours of its retry delay, and they filled the
     # claim's window before the order was checked: no thread took anyone's delivery due after them.
-    monkeypatch.setattr(store, "CLAIM_WINDOW", 5)
-    monkeypatch.setattr(store, "CLAIM_SCAN", 200)
-    failing, victim = uuid.uuid4(), uuid.uuid4()
-    [blocked] = endpoints(conn, failing, "order")
-    [answered] = endpoints(conn, victim, "answered")
-    job, other = uuid.uuid4(), uuid.uuid4()
-    store.record(conn, [store.NewDelivery(blocked, f"msg_{job.hex}_{v}", job, v, "job.queued", b"{}")
-                        for v in range(1, 11)])
-    store.record(conn, [store.NewDelivery(answered, f"msg_{other.hex}_1", other, 1, "job.queued", b"{}")])
-    # the job's first delivery waits for its next try, an hour ahead; its nine others are due
-    # since two hours (they wait on it), the victim's since one
-    conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() + CASE WHEN version = 1 "
-                 "THEN interval '1 hour' ELSE - interval '2 hours' END WHERE endpoint_id = %s", [blocked])
-    conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() - interval '1 hour' "
-                 "WHERE endpoint_id = %s", [answered])
-    try:
-        got = store.claim(conn, 8, 30.0, per_user=2)
-        assert [d.user_id for d in got if d.user_id in (failing, victim)] == [victim]
-    finally:
-        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[blocked, answered]])
+    with beside_a_victim(conn, monkeypatch, "order", scan=200) as (failing, blocked, victim, answered):
+        job, other = uuid.uuid4(), uuid.uuid4()
+        store.record(conn, [store.NewDelivery(blocked, f"msg_{job.hex}_{v}", job, v, "job.queued", b"{}")
+                            for v in range(1, 11)])
+        store.record(conn, [store.NewDelivery(answered, f"msg_{other.hex}_1", other, 1, "job.queued", b"{}")])
+        # the job's first delivery waits for its next try, an hour ahead; its nine others are due
+        # since two hours (they wait on it), the victim's since one
+        conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() + CASE WHEN version = 1 "
+                     "THEN interval '1 hour' ELSE - interval '2 hours' END WHERE endpoint_id = %s", [blocked])
+        conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() - interval '1 hour' "
+                     "WHERE endpoint_id = %s", [answered])
+        assert claimed_of(conn, failing, victim) == [victim]
 
 
 def test_a_disabled_endpoints_backlog_does_not_hide_a_delivery_the_claim_may_take(conn, monkeypatch):
     # A disabled endpoint's pending deliveries stayed due (from its last hold's end) for the keep
     # time, a week: more of them than the claim reads filled its scan, and no thread took anyone's
     # delivery due after them. Once disabled they wait for an enable, out of the claims' way.
-    monkeypatch.setattr(store, "CLAIM_WINDOW", 5)
-    monkeypatch.setattr(store, "CLAIM_SCAN", 20)
-    failing, victim = uuid.uuid4(), uuid.uuid4()
-    [disabled] = endpoints(conn, failing, "disabled-backlog")
-    [answered] = endpoints(conn, victim, "answered")
-    jobs = [uuid.uuid4() for _ in range(30)]
-    try:
+    with beside_a_victim(conn, monkeypatch, "disabled-backlog") as (failing, disabled, victim, answered):
+        jobs = [uuid.uuid4() for _ in range(30)]
         store.record(conn, [store.NewDelivery(disabled, f"msg_{jobs[0].hex}_1", jobs[0], 1, "job.queued", b"{}")])
         [first] = [d for d in store.claim(conn, 10_000, 30.0) if d.user_id == failing]
         store.record(conn, [store.NewDelivery(disabled, f"msg_{j.hex}_1", j, 1, "job.queued", b"{}")
@@ -554,12 +568,8 @@ def test_a_disabled_endpoints_backlog_does_not_hide_a_delivery_the_claim_may_tak
         store.record(conn, [store.NewDelivery(answered, f"msg_{other.hex}_1", other, 1, "job.queued", b"{}")])
         conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() - interval '1 hour' "
                      "WHERE endpoint_id = %s", [answered])
-        got = store.claim(conn, 8, 30.0, per_user=2)
-        assert [d.user_id for d in got if d.user_id in (failing, victim)] == [victim]
-        assert store.enable_endpoint(conn, failing, disabled, WEEK_S) is not None  # and an enable sends them all
-        assert len([d for d in store.claim(conn, 10_000, 30.0) if d.user_id == failing]) == 31
-    finally:
-        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[disabled, answered]])
+        assert claimed_of(conn, failing, victim) == [victim]
+        assert sent_once_enabled(conn, failing, disabled) == 31  # and an enable sends them all
 
 
 def test_deliveries_recorded_while_their_endpoint_is_enabled_again_are_due(conn, settings):
@@ -592,14 +602,9 @@ def test_a_longer_hold_from_a_second_failure_in_flight_keeps_the_whole_backlog_w
     # its backlog to that hold's end; the second lengthened the hold but moved only what was due,
     # so the backlog came due at the first hold's end while the endpoint was still held, and,
     # more of it than the claim reads, hid every other endpoint's delivery due after it.
-    monkeypatch.setattr(store, "CLAIM_WINDOW", 5)
-    monkeypatch.setattr(store, "CLAIM_SCAN", 20)
-    failing, victim = uuid.uuid4(), uuid.uuid4()
-    [held] = endpoints(conn, failing, "held-backlog")
-    [answered] = endpoints(conn, victim, "answered-after-backlog")
-    jobs = [uuid.uuid4() for _ in range(30)]
-    store.record(conn, [store.NewDelivery(held, f"msg_{j.hex}_1", j, 1, "job.queued", b"{}") for j in jobs])
-    try:
+    with beside_a_victim(conn, monkeypatch, "held-backlog") as (failing, held, victim, answered):
+        jobs = [uuid.uuid4() for _ in range(30)]
+        store.record(conn, [store.NewDelivery(held, f"msg_{j.hex}_1", j, 1, "job.queued", b"{}") for j in jobs])
         first, second = [d for d in store.claim(conn, 10_000, 30.0, per_user=2) if d.user_id == failing]
         for attempt in (first, second):  # 60 s held after one failure in a row, 120 s after two
             store.finish(conn, attempt.id, Outcome(None, "timeout", "", 10_000), 5.0, 20, 0, attempt.lease,
@@ -615,10 +620,7 @@ def test_a_longer_hold_from_a_second_failure_in_flight_keeps_the_whole_backlog_w
         conn.execute("UPDATE palette_webhooks.endpoints SET held_until = held_until - interval '90 seconds' "
                      "WHERE id = %s", [held])
         store.record(conn, [store.NewDelivery(answered, f"msg_{jobs[0].hex}_1", jobs[0], 1, "job.queued", b"{}")])
-        got = store.claim(conn, 8, 30.0, per_user=2)
-        assert [d.user_id for d in got if d.user_id in (failing, victim)] == [victim]
-    finally:
-        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[held, answered]])
+        assert claimed_of(conn, failing, victim) == [victim]
 
 
 def test_forgetting_a_deleted_jobs_deliveries_reads_only_that_jobs_rows(conn, settings):
@@ -646,13 +648,8 @@ def test_a_disabled_endpoints_backlog_left_due_by_an_older_release_is_moved_out_
     # A release before 2026-12-06 disabled an endpoint and left its pending deliveries due, for the
     # week they are kept: upgraded, more of them than a claim reads hid every other endpoint's
     # delivery until they were pruned. The schema's start takes them out of the claims' way.
-    monkeypatch.setattr(store, "CLAIM_WINDOW", 5)
-    monkeypatch.setattr(store, "CLAIM_SCAN", 20)
-    failing, victim = uuid.uuid4(), uuid.uuid4()
-    [disabled] = endpoints(conn, failing, "disabled-by-an-older-release")
-    [answered] = endpoints(conn, victim, "answered")
-    jobs = [uuid.uuid4() for _ in range(30)]
-    try:
+    with beside_a_victim(conn, monkeypatch, "disabled-by-an-older-release") as (failing, disabled, victim, answered):
+        jobs = [uuid.uuid4() for _ in range(30)]
         store.record(conn, [store.NewDelivery(disabled, f"msg_{j.hex}_1", j, 1, "job.queued", b"{}") for j in jobs])
         conn.execute("UPDATE palette_webhooks.endpoints SET enabled = false, disabled_at = now() - interval '1 day' "
                      "WHERE id = %s", [disabled])
@@ -662,9 +659,5 @@ def test_a_disabled_endpoints_backlog_left_due_by_an_older_release_is_moved_out_
         conn.execute("UPDATE palette_webhooks.deliveries SET next_attempt_at = now() - interval '1 hour' "
                      "WHERE endpoint_id = %s", [answered])
         store.ensure_schema(conn)
-        got = store.claim(conn, 8, 30.0, per_user=2)
-        assert [d.user_id for d in got if d.user_id in (failing, victim)] == [victim]
-        assert store.enable_endpoint(conn, failing, disabled, WEEK_S) is not None  # an enable still sends them all
-        assert len([d for d in store.claim(conn, 10_000, 30.0) if d.user_id == failing]) == 30
-    finally:
-        conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = ANY(%s)", [[disabled, answered]])
+        assert claimed_of(conn, failing, victim) == [victim]
+        assert sent_once_enabled(conn, failing, disabled) == 30  # an enable still sends them all
