@@ -59,11 +59,9 @@ def _report_text(report: Any, fmt: str) -> str:
 def _audit_report(args: argparse.Namespace, conn: Any, settings: Any) -> int:
     from projections import audit
 
-    app = event_store(settings)
+    if (app := _log_at(settings, args.at, "report")) is None:
+        return 2
     try:
-        if (refused := _refused_position(args.at, app)) is not None:
-            print(f"palette audit report: {refused}", file=sys.stderr)
-            return 2
         report = audit.period_report(conn, app.recorder, app.mapper.transcoder, args.since, args.until,
                                      at=args.at)
     except ValueError as e:
@@ -346,11 +344,9 @@ def _audit_export(args: argparse.Namespace, conn: Any, settings: Any) -> int:
 def _audit_reconcile(args: argparse.Namespace, conn: Any, settings: Any) -> int:
     from projections import audit
 
-    app = event_store(settings)
+    if (app := _log_at(settings, args.at, "reconcile")) is None:
+        return 2
     try:
-        if (refused := _refused_position(args.at, app)) is not None:
-            print(f"palette audit reconcile: {refused}", file=sys.stderr)
-            return 2
         t0 = time.monotonic()
         report = audit.reconcile(
             conn, app.recorder, app.mapper.transcoder,
@@ -368,6 +364,22 @@ def _audit_reconcile(args: argparse.Namespace, conn: Any, settings: Any) -> int:
           f"{report.ledger_rows:,} ledger rows, {report.users:,} users "
           f"in {time.monotonic() - t0:.1f}s: {verdict}")
     return 0 if report.ok else 1
+
+
+def _log_at(settings: Any, at: int | None, command: str) -> Any | None:
+    """The event store, open, where ``--at`` names a position of its log (or is not given); else
+    None, the refusal said on stderr as ``palette audit command``'s."""
+    app = event_store(settings)
+    try:
+        refused = _refused_position(at, app)
+    except BaseException:
+        app.close()
+        raise
+    if refused is None:
+        return app
+    app.close()
+    print(f"palette audit {command}: {refused}", file=sys.stderr)
+    return None
 
 
 def _refused_position(at: int | None, app: Any) -> str | None:
