@@ -23,7 +23,7 @@ DDL = (
     "updated_at timestamptz NOT NULL DEFAULT now())",
     # A release before acknowledged offsets were kept left the relay's position alone: the broker
     # then held what it had published, and the broker started now (memory storage, the default) may
-    # hold none of it. An offset acknowledged on partition 0 makes the relay's (RELAY_NAME) first probe tell.
+    # hold none of it. An offset acknowledged on partition 0 makes the live relay's (RELAY_NAME's) first probe tell.
     "DO $$ BEGIN IF to_regclass('palette_relay.acked_offsets') IS NULL THEN "
     "CREATE TABLE palette_relay.acked_offsets (name text NOT NULL, partition integer NOT NULL, "
     "acked bigint NOT NULL, PRIMARY KEY (name, partition)); "

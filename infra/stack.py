@@ -165,7 +165,8 @@ S3_HEALTH_FREE_BYTES = 256 * 1024 * 1024  # with less free, a refused write is t
 S3_HEALTH_FREE_SHARE = 0.02
 # SeaweedFS's filer logs every change (an object written or deleted) here, a folder a day, and keeps
 # it for good: the master's script that purges it (fs.log.purge -daysAgo=7) is skipped while an
-# admin server is connected, as weed mini's always is. The health check deletes the days past as many.
+# admin server is connected, as weed mini's always is. The health check deletes the days older than
+# S3_META_LOG_KEEP_DAYS.
 S3_META_LOG = "/topics/.system/log"
 S3_META_LOG_KEEP_DAYS = 7
 S3_META_LOG_PURGE_S = 3600.0
