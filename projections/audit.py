@@ -595,68 +595,96 @@ class _ChainEnd:
     expected_seq: int = 1
     broken: bool = False
 
+    def take(self, row: dict[str, Any]) -> ChainBreak | None:
+        """The chain's next row; the break it is, the chain's first (None: it holds, or the
+        chain broke before)."""
+        found = None if self.broken else self._first_break(row)
+        self.broken = self.broken or found is not None
+        self.prev, self.expected_seq = row["hash"], row["seq"] + 1
+        return found
+
+    def _first_break(self, row: dict[str, Any]) -> ChainBreak | None:
+        user, position = str(self.user), row["position"]
+        if row["seq"] != self.expected_seq:  # named by the missing row, found just before this one
+            return ChainBreak(user, self.expected_seq, position,
+                              f"sequence jumps from {self.expected_seq - 1} to {row['seq']} (a row was deleted)")
+        if row["prev_hash"] != self.prev:
+            return ChainBreak(user, row["seq"], position,
+                              "prev_hash does not match the previous row (a row was inserted or replaced)")
+        if ledger_hash(row["prev_hash"], row) != row["hash"]:
+            return ChainBreak(user, row["seq"], position, "hash does not match the row's contents (the row was edited)")
+        return None
+
+    def end(self, head: tuple[int, str] | None) -> ChainBreak | None:
+        """The chain's last row against its recorded head (seq, last hash): what breaks there, if
+        the chain did not break before."""
+        if self.broken:
+            return None
+        user, last = str(self.user), self.expected_seq - 1
+        if head is None:
+            return ChainBreak(user, last + 1, None, "the chain has no recorded head")
+        if head[0] > last:  # named by the first seq missing
+            return ChainBreak(user, last + 1, None, f"the chain ends at seq {last}, before its recorded head "
+                                                    f"(seq {head[0]}): its last rows were deleted")
+        if (head[0], head[1]) != (last, self.prev):
+            return ChainBreak(user, last, None, f"the chain's end (seq {last}) does not hash to its recorded "
+                                                f"head (seq {head[0]}): the chain was rewritten, or rows added")
+        return None
+
+
+class _Chains:
+    """The ledger's chains, taken row by row in (user, seq) order, merged with their recorded
+    heads (read by user): memory holds one chain's end, however many users. A head with no row
+    is a chain whose every row is missing."""
+
+    def __init__(self, heads: _Sorted, limit: int) -> None:
+        self.heads = heads
+        self.breaks = Firsts(limit)  # found in user order: both go by user id
+        self.checked = 0
+        self._chain: _ChainEnd | None = None
+
+    def take(self, row: dict[str, Any]) -> None:
+        if self._chain is None or row["user_id"] != self._chain.user:
+            self._close()
+            self._headless(row["user_id"])
+            self._chain = _ChainEnd(row["user_id"])
+        self.checked += 1
+        self._add(self._chain.take(row))
+
+    def finish(self) -> Verification:
+        self._close()
+        self._headless(None)
+        return Verification(self.checked, self.breaks.first(), self.breaks.count)
+
+    def _close(self) -> None:
+        if self._chain is not None:
+            found = self.heads.one(self._chain.user)  # taken even for a broken chain: else headless would name it
+            self._add(self._chain.end(found[1:] if found is not None else None))
+
+    def _headless(self, before: UUID | None) -> None:
+        """Recorded heads of chains without a row, up to ``before`` (None: all that are left)."""
+        while self.heads.head is not None and (before is None or self.heads.head[0] < before):
+            self._add(ChainBreak(str(self.heads.pop()[0]), 1, None, "every row of this chain is missing"))
+
+    def _add(self, found: ChainBreak | None) -> None:
+        if found is not None:
+            self.breaks.add(found)
+
 
 def _verify(conn: psycopg.Connection[Any], limit: int, progress: Callable[[int], None] | None) -> Verification:
     """The chains (the ledger by user and seq) and their recorded heads (by user), each read
-    through a server-side cursor and merged: memory holds one chain's end, however many users."""
-    breaks = Firsts(limit)  # found in user order: both cursors go by user id
-    checked = 0
-    chain: _ChainEnd | None = None
-
-    def headless(before: UUID | None) -> None:
-        """Recorded heads of chains without a row, up to ``before`` (None: all that are left)."""
-        while heads.head is not None and (before is None or heads.head[0] < before):
-            breaks.add(ChainBreak(str(heads.pop()[0]), 1, None, "every row of this chain is missing"))
-
-    def close_chain() -> None:
-        if chain is None:
-            return
-        found = heads.one(chain.user)  # taken even for a broken chain: else headless would name it
-        if chain.broken:
-            return
-        user, head = str(chain.user), found[1:] if found is not None else None
-        last = chain.expected_seq - 1
-        if head is None:
-            breaks.add(ChainBreak(user, last + 1, None, "the chain has no recorded head"))
-        elif head[0] > last:  # named by the first seq missing
-            breaks.add(ChainBreak(user, last + 1, None, f"the chain ends at seq {last}, before its recorded head "
-                                                           f"(seq {head[0]}): its last rows were deleted"))
-        elif (head[0], head[1]) != (last, chain.prev):
-            breaks.add(ChainBreak(user, last, None, f"the chain's end (seq {last}) does not hash to its recorded "
-                                                       f"head (seq {head[0]}): the chain was rewritten, or rows added"))
-
+    through a server-side cursor and merged (``_Chains``)."""
     with contextlib.ExitStack() as cursors:  # inside the snapshot's (or the caller's) transaction
-        heads = _cursor(cursors, conn, "verify_heads", sql.SQL(
-            "SELECT user_id, seq, last_hash FROM palette_read.billing_heads ORDER BY user_id"))
+        chains = _Chains(_cursor(cursors, conn, "verify_heads", sql.SQL(
+            "SELECT user_id, seq, last_hash FROM palette_read.billing_heads ORDER BY user_id")), limit)
         cur = cursors.enter_context(conn.cursor(name="audit_verify_ledger", row_factory=tuple_row))
         cur.itersize = 10_000
         cur.execute(_select() + sql.SQL(" ORDER BY user_id, seq"))
         for rec in cur:
-            row = dict(zip(LEDGER_COLUMNS, rec, strict=True))
-            if chain is None or row["user_id"] != chain.user:
-                close_chain()
-                headless(row["user_id"])
-                chain = _ChainEnd(row["user_id"])
-            checked += 1
+            chains.take(dict(zip(LEDGER_COLUMNS, rec, strict=True)))
             if progress is not None:
-                progress(checked)
-            if chain.broken:
-                continue
-            reason, at_seq = None, row["seq"]
-            if row["seq"] != chain.expected_seq:
-                at_seq = chain.expected_seq  # name the missing row, found just before this one
-                reason = f"sequence jumps from {chain.expected_seq - 1} to {row['seq']} (a row was deleted)"
-            elif row["prev_hash"] != chain.prev:
-                reason = "prev_hash does not match the previous row (a row was inserted or replaced)"
-            elif ledger_hash(row["prev_hash"], row) != row["hash"]:
-                reason = "hash does not match the row's contents (the row was edited)"
-            if reason:
-                breaks.add(ChainBreak(str(row["user_id"]), at_seq, row["position"], reason))
-                chain.broken = True
-            chain.prev, chain.expected_seq = row["hash"], row["seq"] + 1
-        close_chain()
-        headless(None)
-    return Verification(checked, breaks.first(), breaks.count)
+                progress(chains.checked)
+        return chains.finish()
 
 
 # -- period report ----------------------------------------------------------------------------
