@@ -128,44 +128,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"palette {args.command}: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        if logging.getLogger().handlers and (_is_unreachable(e) or _broker_unreachable(e)):
-            # A service's log (`palette serve` configures one) keeps where it met the error: a
-            # timeout hours into its run is not the start-up's unreachable stack. The one line
-            # below is what a command without a log says.
-            logging.getLogger("palette.serve").error("stopped on %s", type(e).__name__, exc_info=e)
-        if _is_unreachable(e) and (full := _disk_full(e)) is not None:
-            print(f"palette {args.command}: PostgreSQL cannot write: its disk is full ({full}); "
-                  "free space where its data is (PALETTE_DATA_DIR's pg/, or pg-elsewhere's)", file=sys.stderr)
-            return 3
-        if _is_unreachable(e):
-            reason = driver_reason(e)
-            hint = ("is PALETTE_DATA_DIR the running stack's (its secrets.json holds the password) and "
-                    "PALETTE_DATABASE_URL right?" if "password authentication failed" in reason else
-                    "is the stack up (`make run`) and PALETTE_DATABASE_URL right?")
-            print(f"palette {args.command}: cannot reach PostgreSQL ({reason}); {hint}", file=sys.stderr)
-            return 3
-        if (refusal := _refusal(e)) is not None:
-            print(f"palette {args.command}: PostgreSQL refused ({driver_reason(refusal)}); is PALETTE_DATABASE_URL "
-                  "the primary's, as the stack's role?", file=sys.stderr)
-            return 3
-        if _broker_unreachable(e):  # `palette serve gpu`, which needs no database, meets it first
-            print(f"palette {args.command}: cannot reach the broker ({driver_reason(e)}); "
-                  "is the stack up (`make run`) and PALETTE_KAFKA_BOOTSTRAP right?", file=sys.stderr)
-            return 3
-        if _store_unreachable(e):
-            print(f"palette {args.command}: cannot reach the object store ({driver_reason(e)}); "
-                  "is the stack up (`make run`) and PALETTE_S3_ENDPOINT right?", file=sys.stderr)
-            return 3
-        if isinstance(e, OSError) and e.filename is not None:  # a file we read or write
-            print(f"palette {args.command}: {e.filename}: {e.strerror or e}", file=sys.stderr)
-            return 2
-        if isinstance(e, OSError) and e.errno in OUTPUT_ERRORS:  # stdout: > a file on a full disk, /dev/full
-            print(f"palette {args.command}: cannot write the output: {e.strerror or e}", file=sys.stderr)
-            stdout_gone()  # what is still buffered cannot be written either: not at the interpreter's exit
-            return 2
-        raise
+        if (said := _said_why(args.command, e)) is None:
+            raise
+        return said
     except KeyboardInterrupt as e:
         return 128 + e.signum if isinstance(e, Terminated) else 130
+
+
+def _said_why(command: str, e: Exception) -> int | None:
+    """The one line a command stopped by ``e`` says, and its exit code (3: a part of the stack
+    away or refusing, 2: a file or the output); None: a fault of ours, left to its traceback."""
+    if logging.getLogger().handlers and (_is_unreachable(e) or _broker_unreachable(e)):
+        # A service's log (`palette serve` configures one) keeps where it met the error: a
+        # timeout hours into its run is not the start-up's unreachable stack. The one line
+        # below is what a command without a log says.
+        logging.getLogger("palette.serve").error("stopped on %s", type(e).__name__, exc_info=e)
+    if _is_unreachable(e) and (full := _disk_full(e)) is not None:
+        print(f"palette {command}: PostgreSQL cannot write: its disk is full ({full}); "
+              "free space where its data is (PALETTE_DATA_DIR's pg/, or pg-elsewhere's)", file=sys.stderr)
+        return 3
+    if _is_unreachable(e):
+        reason = driver_reason(e)
+        hint = ("is PALETTE_DATA_DIR the running stack's (its secrets.json holds the password) and "
+                "PALETTE_DATABASE_URL right?" if "password authentication failed" in reason else
+                "is the stack up (`make run`) and PALETTE_DATABASE_URL right?")
+        print(f"palette {command}: cannot reach PostgreSQL ({reason}); {hint}", file=sys.stderr)
+        return 3
+    if (refusal := _refusal(e)) is not None:
+        print(f"palette {command}: PostgreSQL refused ({driver_reason(refusal)}); is PALETTE_DATABASE_URL "
+              "the primary's, as the stack's role?", file=sys.stderr)
+        return 3
+    if _broker_unreachable(e):  # `palette serve gpu`, which needs no database, meets it first
+        print(f"palette {command}: cannot reach the broker ({driver_reason(e)}); "
+              "is the stack up (`make run`) and PALETTE_KAFKA_BOOTSTRAP right?", file=sys.stderr)
+        return 3
+    if _store_unreachable(e):
+        print(f"palette {command}: cannot reach the object store ({driver_reason(e)}); "
+              "is the stack up (`make run`) and PALETTE_S3_ENDPOINT right?", file=sys.stderr)
+        return 3
+    if isinstance(e, OSError) and e.filename is not None:  # a file we read or write
+        print(f"palette {command}: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    if isinstance(e, OSError) and e.errno in OUTPUT_ERRORS:  # stdout: > a file on a full disk, /dev/full
+        print(f"palette {command}: cannot write the output: {e.strerror or e}", file=sys.stderr)
+        stdout_gone()  # what is still buffered cannot be written either: not at the interpreter's exit
+        return 2
+    return None
 
 
 __all__ = ["SIGPIPE_EXIT", "Terminated", "main", "parser"]
