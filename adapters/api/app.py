@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -107,72 +107,75 @@ def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     return app
 
 
+async def _rate_limited(_: Request, e: RateLimited) -> JSONResponse:
+    return fail("RATE_LIMITED", str(e), headers={"Retry-After": e.retry_after_header})
+
+
+async def _domain_error(request: Request, e: DomainError) -> JSONResponse:
+    if isinstance(e, UserNotFound) and str(e.user_id) == str(getattr(request.state, "client", None)):
+        # the caller erased a moment ago, before this process refused its tokens (within 1 s)
+        return fail("AUTH_INVALID", "the token is invalid or expired", headers={"WWW-Authenticate": "Bearer"})
+    details = ({"missing": e.missing} if hasattr(e, "missing")
+               else {"too_large": e.too_large} if hasattr(e, "too_large") else None)
+    return fail(e.code, e.message, details=details)
+
+
+async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.code.startswith("AUTH") else None
+    return fail(e.code, e.message, headers=headers)
+
+
+async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    first = e.errors()[0] if e.errors() else {}
+    if first.get("type") == "json_invalid":  # its loc is a character offset, its reason in ctx
+        return fail("VALIDATION_FAILED", f"request: the body is not JSON: {first.get('ctx', {}).get('error', '')}")
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return fail("VALIDATION_FAILED", f"{where or 'request'}: {first.get('msg', 'invalid')}")
+
+
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    if e.status_code == 400:  # a body that is not JSON: bad input like any other, one status
+        return fail("VALIDATION_FAILED", f"request: {e.detail}")
+    code = CODE_BY_STATUS.get(e.status_code, "VALIDATION_FAILED" if e.status_code < 500 else "INTERNAL")
+    return fail(code, str(e.detail), status=e.status_code)
+
+
+async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+    log.exception("unhandled error (request %s)", request_id_var.get())
+    return fail("INTERNAL", "internal error", status=500)
+
+
+def _answer_away(away: unavailable.Away, is_away: Callable[[Exception], bool],
+                 message: Callable[[Exception], str]) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """A handler for a part of the stack's errors: 503 with Retry-After when ``is_away`` (noted in
+    ``away``, its log), else a fault of ours under that error's class (500, logged)."""
+
+    async def answer(request: Request, e: Exception) -> JSONResponse:
+        if not is_away(e):
+            return await _unexpected(request, e)
+        away.note(e)
+        return fail("UNAVAILABLE", message(e), headers=unavailable.HEADERS)
+
+    return answer
+
+
 def _answer_errors(app: FastAPI) -> None:
     """Every error a route lets out answered in the envelope with its stable code: the domain's,
-    the API's, a request that does not validate, a rate limit, a database or object store away
-    (503, retry), and anything else (500, logged with its request id)."""
-
-    @app.exception_handler(RateLimited)
-    async def _rate(_: Request, e: RateLimited) -> JSONResponse:
-        return fail("RATE_LIMITED", str(e), headers={"Retry-After": e.retry_after_header})
-
-    @app.exception_handler(DomainError)
-    async def _domain(request: Request, e: DomainError) -> JSONResponse:
-        if isinstance(e, UserNotFound) and str(e.user_id) == str(getattr(request.state, "client", None)):
-            # the caller erased a moment ago, before this process refused its tokens (within 1 s)
-            return fail("AUTH_INVALID", "the token is invalid or expired", headers={"WWW-Authenticate": "Bearer"})
-        details = ({"missing": e.missing} if hasattr(e, "missing")
-                   else {"too_large": e.too_large} if hasattr(e, "too_large") else None)
-        return fail(e.code, e.message, details=details)
-
-    @app.exception_handler(ApiError)
-    async def _api(_: Request, e: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if e.code.startswith("AUTH") else None
-        return fail(e.code, e.message, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        if first.get("type") == "json_invalid":  # its loc is a character offset, its reason in ctx
-            return fail("VALIDATION_FAILED", f"request: the body is not JSON: {first.get('ctx', {}).get('error', '')}")
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return fail("VALIDATION_FAILED", f"{where or 'request'}: {first.get('msg', 'invalid')}")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        if e.status_code == 400:  # a body that is not JSON: bad input like any other, one status
-            return fail("VALIDATION_FAILED", f"request: {e.detail}")
-        code = CODE_BY_STATUS.get(e.status_code, "VALIDATION_FAILED" if e.status_code < 500 else "INTERNAL")
-        return fail(code, str(e.detail), status=e.status_code)
-
+    the API's, a request that does not validate, a rate limit, a database (a bug or a limit of ours
+    under an OperationalError's class is a 500) or object store (it refused us: credentials, bucket)
+    away (503, retry), and anything else (500, logged with its request id)."""
+    handlers: list[tuple[type[Exception], Any]] = [
+        (RateLimited, _rate_limited), (DomainError, _domain_error), (ApiError, _api_error),
+        (RequestValidationError, _invalid), (StarletteHTTPException, _http_error)]
     app.state.database_away = away = unavailable.Away()
-
-    async def _database_away(_: Request, e: Exception) -> JSONResponse:
-        if not unavailable.database_away(e):  # a bug or a limit of ours under an OperationalError's class
-            log.exception("unhandled error (request %s)", request_id_var.get())
-            return fail("INTERNAL", "internal error", status=500)
-        away.note(e)
-        return fail("UNAVAILABLE", unavailable.message(e), headers=unavailable.HEADERS)
-
-    for database_error in unavailable.DATABASE_ERRORS:
-        app.add_exception_handler(database_error, _database_away)
-
-    store_away = unavailable.Away("the object store")
-
-    async def _store_away(_: Request, e: Exception) -> JSONResponse:
-        if not unavailable.store_away(e):  # it refused us (credentials, bucket): ours to mend
-            log.exception("unhandled error (request %s)", request_id_var.get())
-            return fail("INTERNAL", "internal error", status=500)
-        store_away.note(e)
-        return fail("UNAVAILABLE", unavailable.STORE_MESSAGE, headers=unavailable.HEADERS)
-
-    for store_error in unavailable.OBJECT_STORE_ERRORS:
-        app.add_exception_handler(store_error, _store_away)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error (request %s)", request_id_var.get())
-        return fail("INTERNAL", "internal error", status=500)
+    database = _answer_away(away, unavailable.database_away, unavailable.message)
+    handlers += [(error, database) for error in unavailable.DATABASE_ERRORS]
+    store = _answer_away(unavailable.Away("the object store"), unavailable.store_away,
+                         lambda _: unavailable.STORE_MESSAGE)
+    handlers += [(error, store) for error in unavailable.OBJECT_STORE_ERRORS]
+    handlers.append((Exception, _unexpected))
+    for error, handler in handlers:
+        app.add_exception_handler(error, handler)
 
 
 def create_asgi(container: Container, owns_container: bool = False,
