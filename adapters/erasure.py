@@ -221,7 +221,7 @@ class ErasedUsers:
     def refresh(self) -> None:
         """Read the tombstones requested since the last refresh (I/O: call on a thread)."""
         with self.pool.connection() as conn:
-            found = keyring.erased_since(conn, self.within_s, self._read_after)
+            found = keyring.erased_since(conn, self.within_s, self._read_after, LATE_S)
         stored = self._stored
         stored.update(found)  # one thread refreshes; readers only test membership
         if self.on_erased is not None:

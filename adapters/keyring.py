@@ -181,13 +181,15 @@ def complete_erasure(conn: psycopg.Connection[Any], user_id: UUID) -> None:
                  [user_id])
 
 
-def erased_since(conn: psycopg.Connection[Any], within_s: float,
-                 after: datetime | None = None) -> list[tuple[UUID, datetime]]:
+def erased_since(conn: psycopg.Connection[Any], within_s: float, after: datetime | None = None,
+                 late_s: float = 0.0) -> list[tuple[UUID, datetime]]:
     """Users erased no longer ago than ``within_s`` (a token's lifetime: an older erasure's
-    tokens have all expired), and after ``after`` if given, with when."""
+    tokens have all expired), and after ``after`` if given, with when; and those of the last
+    ``late_s`` whatever ``after`` says: a clock stepped back stamps new tombstones before it."""
     rows = conn.execute("SELECT user_id, requested_at FROM palette_erasures "
                         "WHERE requested_at > now() - %s * interval '1 second' "
-                        "AND (%s::timestamptz IS NULL OR requested_at > %s)", [within_s, after, after]).fetchall()
+                        "AND (%s::timestamptz IS NULL OR requested_at > least(%s, now() - %s * interval '1 second'))",
+                        [within_s, after, after, late_s]).fetchall()
     return [(r[0], r[1]) for r in rows]
 
 
