@@ -272,7 +272,8 @@ def _jpeg_scans(data: bytes) -> int:
     content in Python), and a marker libjpeg does not know, which it refuses at the top level but
     scans past, its length unread, at a restart point: whatever that length would cover is read
     as scans."""
-    at, scans, skipped, segments, exif_segments, frames, parsed = 2, 0, 0, 0, 0, 0, 0
+    at, scans, skipped, segments = 2, 0, 0, 0
+    header = _JpegHeader()
     while scans <= MAX_JPEG_SCANS:
         found = _NEXT_MARKER.search(data, at)
         if found is None:
@@ -293,21 +294,8 @@ def _jpeg_scans(data: bytes) -> int:
             at += 2
             continue
         length = int.from_bytes(data[at + 2:at + 4], "big")
-        if marker == 0xE1 and not scans and length >= 8 and data[at + 4:at + 10] == b"Exif\x00\x00":
-            exif_segments += 1
-            if exif_segments > MAX_JPEG_EXIF_SEGMENTS:
-                raise BadInput(f"JPEG of more than {MAX_JPEG_EXIF_SEGMENTS} EXIF segments; "
-                               f"at most {MAX_JPEG_EXIF_SEGMENTS} are read")
-        photoshop = marker == 0xED and length >= 16 and data.startswith(b"Photoshop 3.0\x00", at + 4)
-        if not scans and (marker == 0xDB or photoshop):
-            parsed += 1
-            if parsed > MAX_JPEG_PARSED_SEGMENTS:
-                raise BadInput(f"JPEG of more than {MAX_JPEG_PARSED_SEGMENTS} quantization table or Photoshop "
-                               "segments before its image")
-        if marker in SOF_MARKERS and not scans:
-            frames += 1
-            if frames > 1:
-                raise BadInput("JPEG of more than one frame header (SOF); a JPEG has one")
+        if not scans:
+            header.take(data, at, marker, length)
         at += 2 + length
         if marker != 0xDA:
             continue
@@ -316,6 +304,33 @@ def _jpeg_scans(data: bytes) -> int:
             break
         at = found.start()
     return scans
+
+
+@dataclass
+class _JpegHeader:
+    """The segments before a JPEG's first scan that PIL reads in Python, counted against their
+    bounds (``_jpeg_scans``): EXIF segments, frame headers, quantization table and Photoshop ones."""
+
+    exif: int = 0
+    frames: int = 0
+    parsed: int = 0
+
+    def take(self, data: bytes, at: int, marker: int, length: int) -> None:
+        """The segment of ``marker`` and ``length`` at ``at``; BadInput past a bound."""
+        if marker == 0xE1 and length >= 8 and data[at + 4:at + 10] == b"Exif\x00\x00":
+            self.exif += 1
+            if self.exif > MAX_JPEG_EXIF_SEGMENTS:
+                raise BadInput(f"JPEG of more than {MAX_JPEG_EXIF_SEGMENTS} EXIF segments; "
+                               f"at most {MAX_JPEG_EXIF_SEGMENTS} are read")
+        if marker == 0xDB or (marker == 0xED and length >= 16 and data.startswith(b"Photoshop 3.0\x00", at + 4)):
+            self.parsed += 1
+            if self.parsed > MAX_JPEG_PARSED_SEGMENTS:
+                raise BadInput(f"JPEG of more than {MAX_JPEG_PARSED_SEGMENTS} quantization table or Photoshop "
+                               "segments before its image")
+        if marker in SOF_MARKERS:
+            self.frames += 1
+            if self.frames > 1:
+                raise BadInput("JPEG of more than one frame header (SOF); a JPEG has one")
 
 
 def _png_chunks(data: bytes) -> tuple[int, int]:
