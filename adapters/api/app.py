@@ -34,6 +34,7 @@ log = logging.getLogger("palette.api")
 
 THREADS = 256
 API_POOL_SIZE = 16  # event store and read-pool connections of one API process
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     """Build the API around an already-wired container (closed when the server stops if it
@@ -207,16 +208,35 @@ def bound_connections(settings: Settings) -> None:
                                   0 if settings.trusted_proxies else settings.api_max_connections_per_peer)
 
 
+def stop_with_parent() -> None:
+    """SIGTERM to this worker process when the `palette serve api` that started it dies: one
+    SIGKILLed stops nothing, and its workers went on holding the API's port, so every restart of
+    it failed to bind the port ("Address already in use") and they outlived `palette up`."""
+    import ctypes
+    import multiprocessing
+    import os
+    import signal
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # prctl(2) is Linux's
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent.pid:  # gone before the kernel was asked
+        signal.raise_signal(signal.SIGTERM)
+
+
 def worker_asgi(naive: bool) -> ASGIApp:
     """What one of several API processes serves (PALETTE_API_WORKERS > 1): a container of its
-    own, from the environment's settings, closed when that process stops; its own tracer (uvicorn
-    has set up its JSON logs, and the parent its metrics directory: adapters.cli)."""
+    own, from the environment's settings, closed when that process stops (or its parent dies);
+    its own tracer (uvicorn has set up its JSON logs, and the parent its metrics directory: adapters.cli)."""
     import os
 
     from adapters import bootstrap, tracing
     from adapters.collector import serving_gc
     from adapters.settings import load_settings
 
+    stop_with_parent()
     settings = load_settings()
     bound_connections(settings)
     tracing.configure("api", settings.trace_exporter)

@@ -21,6 +21,7 @@ import pytest
 
 from adapters.api.http_limits import GRACEFUL_SHUTDOWN_S
 from infra.stack import EmbeddedStack
+from infra.supervisor import port_free
 from tests.conftest import free_port
 from tests.waiting import wait_until
 
@@ -167,3 +168,37 @@ def test_an_open_event_stream_does_not_hold_up_a_stop(apps: EmbeddedStack, worke
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the workers too
             proc.wait(timeout=30)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    return False
+
+
+def test_the_workers_of_a_killed_parent_stop_and_leave_the_port_to_the_next(apps: EmbeddedStack) -> None:
+    """`palette serve api` SIGKILLed (the OOM killer; its supervisor restarts it): its workers went on
+    serving the port without it, so each restart exited with "Address already in use", for good,
+    and the workers outlived `palette up`. They stop as their parent dies."""
+    proc, url = _serve_api(apps, 2)
+    workers = wait_until(lambda: len(found := _children(proc.pid)) >= 2 and found, timeout_s=30, what="the workers")
+    try:
+        proc.kill()
+        proc.wait(timeout=30)
+        wait_until(lambda: not any(_running(w) for w in workers), timeout_s=GRACEFUL_SHUTDOWN_S + 20,
+                   what="the orphaned workers to stop")
+        assert port_free(int(url.rpartition(":")[2]))
+    finally:
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
