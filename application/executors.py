@@ -698,21 +698,8 @@ class GroupCommitter:
             except IntegrityError:
                 self.cache.evict(uow.ids())
                 attempt += 1
-                self.conflicts += 1
-                split = self._apart_from_contended(batch, decided.touched, based_on)
-                if split is not None:
-                    # Each part decided again on its own: the commands on streams no other process
-                    # wrote are not refused with those that keep losing to one that writes on.
-                    clear, contended = split
-                    self._run(clear)
-                    self._outbox.flush()
-                    self._run(contended, attempt)
+                if self._after_conflict(batch, decided.touched, based_on, attempt):
                     return
-                if attempt >= self.max_attempts:
-                    for p in batch:
-                        p.future.set_exception(ConflictError("too much contention; try again"))
-                    return
-                _backoff(attempt)
                 continue
             except TRANSIENT:
                 # The database went away mid-save: what the batch decided may not be stored, so
@@ -732,6 +719,28 @@ class GroupCommitter:
                 self._outbox.flush()  # the callers need not wait for the snapshots
                 self._take_snapshots(due)
             return
+
+    def _after_conflict(self, batch: list[_Pending], touched: list[set[UUID]], based_on: Mapping[UUID, int],
+                        attempt: int) -> bool:
+        """Another process wrote a stream the batch decided on: the batch run again in two parts
+        (True), refused when it has lost ``max_attempts`` times (True), or to be decided again
+        whole after a pause (False)."""
+        self.conflicts += 1
+        split = self._apart_from_contended(batch, touched, based_on)
+        if split is not None:
+            # Each part decided again on its own: the commands on streams no other process
+            # wrote are not refused with those that keep losing to one that writes on.
+            clear, contended = split
+            self._run(clear)
+            self._outbox.flush()
+            self._run(contended, attempt)
+            return True
+        if attempt >= self.max_attempts:
+            for p in batch:
+                p.future.set_exception(ConflictError("too much contention; try again"))
+            return True
+        _backoff(attempt)
+        return False
 
     def _answer(self, decided: _Decided, position: int | None, versions: Mapping[UUID, int]) -> None:
         """Each caller of a saved batch its command's outcome: its value with the save's position
