@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import glob
 import json
 import os
@@ -229,10 +230,12 @@ class ProcessLog:
                         older.unlink()
 
 
-def _die_with_parent() -> None:
-    # The kernel sends SIGTERM to the child if the supervisor dies, so nothing is orphaned.
+def _die_with_parent(stop_signal: int) -> None:
+    # The kernel sends the child its stop signal if the supervisor dies, so nothing is orphaned:
+    # PostgreSQL's SIGTERM (a smart shutdown) waited on every client session, and one left open
+    # (an operator's psql) kept it holding its port from the next `palette up`.
     with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, stop_signal)
     os.setpgrp()
 
 
@@ -260,7 +263,7 @@ class _Running:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=functools.partial(_die_with_parent, self.spec.stop_signal),
         )
         self.started_at = time.monotonic()
         self.next_health_at, self.failed_health = self.started_at + HEALTH_EVERY_S, 0

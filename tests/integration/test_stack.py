@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -525,3 +527,39 @@ def test_a_scrape_meeting_a_dead_event_store_connection_loses_the_read_side_fami
         assert 'palette_read_model_lag_events{model="users"}' in scraped
     finally:
         app.close()
+
+
+def test_postgresql_stops_with_a_killed_supervisor_though_a_client_session_is_open():
+    """`palette up` SIGKILLed (the OOM killer) sent PostgreSQL SIGTERM, its smart shutdown, which
+    waits on every client session: one left open (an operator's psql) kept it running, refusing
+    connections and holding its port, so the next `palette up` failed ("port ... is already in
+    use") for as long as the session stayed. It gets its stop signal, SIGINT, as on Ctrl-C."""
+    import psycopg
+
+    from infra.supervisor import port_free
+
+    top = Path(tempfile.mkdtemp(prefix="palette-orphan-"))
+    top.chmod(0o755)  # root's PostgreSQL uses it: nothing made under /var/lib/palette to be left there
+    ports = _free_port_block(random.Random(os.getpid() + 7))
+    env = {**os.environ, "PALETTE_ENV": "development", "PALETTE_DATA_DIR": str(top / "data"),
+           "PALETTE_PG_FSYNC": "false", **{f"PALETTE_{name.upper()}": str(port) for name, port in ports.items()}}
+    standin = subprocess.Popen(  # `palette up` as far as PostgreSQL
+        [sys.executable, "-c", "import time\nfrom adapters.bootstrap import embedded_stack\n"
+         "from adapters.settings import load_settings\nstack = embedded_stack(load_settings())\n"
+         "stack.supervisor.start(stack._postgres_spec())\nstack._ensure_database()\n"
+         "print(stack.supervisor.pid('postgres'), flush=True)\ntime.sleep(600)"],
+        env=env, stdout=subprocess.PIPE, text=True)
+    postmaster = top / "data" / "pg" / "postmaster.pid"
+    try:
+        assert standin.stdout is not None and standin.stdout.readline().strip().isdigit()
+        with psycopg.connect(load_settings(env="development", data_dir=top / "data", **ports).effective_database_url):
+            standin.kill()
+            standin.wait(timeout=30)
+            wait_until(lambda: port_free(ports["pg_port"]) and not postmaster.exists(), timeout_s=30,
+                       what="PostgreSQL to stop with its supervisor")
+    finally:
+        standin.kill()
+        standin.wait(timeout=30)
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            os.kill(int(postmaster.read_text().split()[0]), signal.SIGQUIT)
+        shutil.rmtree(top, ignore_errors=True)
