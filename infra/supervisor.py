@@ -230,12 +230,20 @@ class ProcessLog:
                         older.unlink()
 
 
-def _die_with_parent(stop_signal: int) -> None:
-    # The kernel sends the child its stop signal if the supervisor dies, so nothing is orphaned:
-    # PostgreSQL's SIGTERM (a smart shutdown) waited on every client session, and one left open
-    # (an operator's psql) kept it holding its port from the next `palette up`.
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, stop_signal)
+def stop_with_parent(stop_signal: int, parent: int) -> None:
+    """The kernel sends this process ``stop_signal`` when the process ``parent`` that started it
+    dies, so nothing is orphaned; sent now if that parent is gone already (it died before the
+    kernel was asked)."""
+    with contextlib.suppress(OSError, AttributeError):  # prctl(2) is Linux's
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, stop_signal)
+    if os.getppid() != parent:
+        signal.raise_signal(stop_signal)
+
+
+def _die_with_parent(stop_signal: int, parent: int) -> None:
+    # Each its own stop signal: PostgreSQL's SIGTERM (a smart shutdown) waited on every client
+    # session, and one left open (an operator's psql) kept it holding its port from the next `palette up`.
+    stop_with_parent(stop_signal, parent)
     os.setpgrp()
 
 
@@ -263,7 +271,7 @@ class _Running:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            preexec_fn=functools.partial(_die_with_parent, self.spec.stop_signal),
+            preexec_fn=functools.partial(_die_with_parent, self.spec.stop_signal, os.getpid()),
         )
         self.started_at = time.monotonic()
         self.next_health_at, self.failed_health = self.started_at + HEALTH_EVERY_S, 0

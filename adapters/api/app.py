@@ -34,7 +34,6 @@ log = logging.getLogger("palette.api")
 
 THREADS = 256
 API_POOL_SIZE = 16  # event store and read-pool connections of one API process
-PR_SET_PDEATHSIG = 1  # prctl(2)
 
 def create_app(container: Container, owns_container: bool = False) -> FastAPI:
     """Build the API around an already-wired container (closed when the server stops if it
@@ -212,18 +211,14 @@ def stop_with_parent() -> None:
     """SIGTERM to this worker process when the `palette serve api` that started it dies: one
     SIGKILLed stops nothing, and its workers went on holding the API's port, so every restart of
     it failed to bind the port ("Address already in use") and they outlived `palette up`."""
-    import ctypes
     import multiprocessing
-    import os
     import signal
 
+    from infra import supervisor
+
     parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-    with contextlib.suppress(OSError, AttributeError):  # prctl(2) is Linux's
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent.pid:  # gone before the kernel was asked
-        signal.raise_signal(signal.SIGTERM)
+    if parent is not None and parent.pid is not None:
+        supervisor.stop_with_parent(signal.SIGTERM, parent.pid)
 
 
 def worker_asgi(naive: bool) -> ASGIApp:
