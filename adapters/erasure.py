@@ -21,7 +21,7 @@ from eventsourcing.postgres import PostgresAggregateRecorder
 from psycopg import sql
 
 from adapters import keyring
-from adapters.objects import delete_prefixes
+from adapters.objects import OutOfTime, delete_prefixes
 from application.executors import snapshot_recorder
 from application.services import PaletteService
 from domain.contracts.keys import user_prefixes
@@ -46,13 +46,16 @@ class Erasure:
     recorded: bool  # this call recorded the Erased event (False: it already was)
     webhooks: int
     objects: int
+    finished: bool = True  # False: out of time with objects left, which the sweeper deletes
 
 
 def erase(service: PaletteService, pool: Any, s3: Any, bucket: str, user_id: UUID,
-          must_exist: bool = True, tombstoned: Callable[[UUID], None] | None = None) -> Erasure:
+          must_exist: bool = True, tombstoned: Callable[[UUID], None] | None = None,
+          deadline: float | None = None) -> Erasure:
     """Erase ``user_id`` (NotFound for no such user when ``must_exist``); ``tombstoned`` is called
     once the tombstone is stored (DELETE /me refuses the token from then on: an erasure that
-    failed before it recorded nothing, and may be asked again)."""
+    failed before it recorded nothing, and may be asked again). Past ``deadline``
+    (``time.monotonic``) the objects left are the sweeper's: the tombstone stays unfinished."""
     if must_exist and not isinstance(service.executor.read(user_id), User):
         raise NotFound("user not found")
     with pool.connection() as conn:
@@ -65,7 +68,12 @@ def erase(service: PaletteService, pool: Any, s3: Any, bucket: str, user_id: UUI
         redact_legacy_registration(conn, service.app, user_id)
         redact_legacy_rule_names(conn, service.app, user_id)
         webhooks = forget_user_data(conn, user_id)
-    objects = delete_prefixes(s3, bucket, user_prefixes(user_id))
+    try:
+        objects = delete_prefixes(s3, bucket, user_prefixes(user_id), deadline)
+    except OutOfTime as e:  # a long-lived user's photos: hundreds of thousands, minutes to delete
+        log.info("user %s erased but for objects (%d deleted so far): the sweeper deletes the rest", user_id,
+                 e.deleted, extra={"user_id": str(user_id)})
+        return Erasure(user_id, recorded, webhooks, e.deleted, finished=False)
     with pool.connection() as conn:
         keyring.complete_erasure(conn, user_id)
     log.info("user %s erased (%d webhook endpoints, %d objects)", user_id, webhooks, objects,

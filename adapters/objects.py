@@ -5,6 +5,7 @@ prefix of any size costs bounded memory."""
 from __future__ import annotations
 
 import os.path
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -25,6 +26,14 @@ class NotDeleted(OSError):
         self.codes = codes
 
 
+class OutOfTime(Exception):
+    """A deletion stopped at its deadline with ``deleted`` objects gone; running it again finishes it."""
+
+    def __init__(self, deleted: int) -> None:
+        super().__init__(f"{deleted} object(s) deleted before the deadline")
+        self.deleted = deleted
+
+
 def delete_keys(s3: Any, bucket: str, keys: list[str]) -> None:
     """Delete these objects, a thousand a request (one already gone is no error)."""
     for start in range(0, len(keys), PAGE):
@@ -39,19 +48,23 @@ def _delete_page(s3: Any, bucket: str, keys: list[dict[str, str]], where: str) -
                          frozenset(str(e.get("Code")) for e in failed))
 
 
-def delete_prefixes(s3: Any, bucket: str, prefixes: Iterable[str]) -> int:
+def delete_prefixes(s3: Any, bucket: str, prefixes: Iterable[str], deadline: float | None = None) -> int:
     """Delete every object under ``prefixes``; returns how many went. Deleting what is already
-    gone is no error, so a deletion cut short is finished by running it again."""
-    return delete_larger(s3, bucket, prefixes, -1)
+    gone is no error, so a deletion cut short is finished by running it again. Past ``deadline``
+    (``time.monotonic``), OutOfTime before the next page: a page deletes about a thousand a second."""
+    return delete_larger(s3, bucket, prefixes, -1, deadline)
 
 
-def delete_larger(s3: Any, bucket: str, prefixes: Iterable[str], limit: int) -> int:
+def delete_larger(s3: Any, bucket: str, prefixes: Iterable[str], limit: int, deadline: float | None = None) -> int:
     """Delete the objects under ``prefixes`` larger than ``limit`` bytes (-1: all); returns how
     many went."""
-    deleted = 0
+    deleted, listed = 0, False
     for prefix in prefixes:
         token: str | None = None
         while True:
+            if listed and deadline is not None and time.monotonic() >= deadline:
+                raise OutOfTime(deleted)
+            listed = True
             page = s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=PAGE,
                                       **({"ContinuationToken": token} if token else {}))
             keys = [{"Key": obj["Key"]} for obj in page.get("Contents", []) if obj.get("Size", 0) > limit]

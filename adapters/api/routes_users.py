@@ -40,6 +40,7 @@ ERRORS = {code: {"model": Envelope[None], "description": text} for code, text in
 }.items()}
 
 
+ERASURE_REQUEST_S = 20.0  # DELETE /me deletes objects this long, well within a proxy's timeout
 HEALTH_CACHE_S = 1.0  # a flood of /health costs at most one check per dependency per second
 HEALTH_TIMEOUT_S = 2.0  # a dependency slower than this to answer reads as failing
 
@@ -185,20 +186,24 @@ async def me(user_id: CurrentUser, request: Request) -> JSONResponse:
 
 
 @router.delete("/me", response_model=Envelope[ErasedPublic], tags=["user"],
-               responses={401: ERRORS[401], 409: {"model": Envelope[None], "description": "INVALID_STATE"}})
+               responses={202: {"model": Envelope[ErasedPublic], "description": "erased; objects left to delete"},
+                          401: ERRORS[401], 409: {"model": Envelope[None], "description": "INVALID_STATE"}})
 async def erase_me(user_id: CurrentUser, service: ServiceDep, container: ContainerDep,
                    request: Request) -> JSONResponse:
     """Erase the caller (GDPR): unfinished jobs are canceled and refunded, the key sealing the
     caller's personal fields is destroyed (they read as "erased" everywhere from then on), every
     photo, output, mask and preview and every webhook endpoint is deleted, and this token is
     refused (401). The credit history stays, without personal data, for the ledger. The same
-    device registering again gets a new user."""
+    device registering again gets a new user. Objects left after ``ERASURE_REQUEST_S`` (a
+    long-lived user's) are the sweeper's to delete: the answer is then a 202, ``finished`` false."""
     # Refused from the tombstone on, even mid-erasure; not before it: an erasure the database
     # cut short before then recorded nothing, and its 503 invites the client to ask again.
     done = await run_in_threadpool(erase, service, container.read_pool, container.s3,
                                    container.settings.s3_bucket, user_id,
-                                   tombstoned=request.app.state.erased_users.add)
-    return ok(ErasedPublic(erased=True, objects_deleted=done.objects, webhooks_deleted=done.webhooks))
+                                   tombstoned=request.app.state.erased_users.add,
+                                   deadline=time.monotonic() + ERASURE_REQUEST_S)
+    return ok(ErasedPublic(erased=True, objects_deleted=done.objects, webhooks_deleted=done.webhooks,
+                           finished=done.finished), status=200 if done.finished else 202)
 
 
 def _preset_public(preset_id: str) -> PresetPublic:

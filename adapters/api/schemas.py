@@ -83,6 +83,7 @@ class ErasedPublic(BaseModel):
     erased: bool
     objects_deleted: int
     webhooks_deleted: int
+    finished: bool = True  # False (a 202): objects are left, which the sweeper deletes within minutes
 
 
 class MePublic(BaseModel):
