@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -221,9 +222,26 @@ def prepare_schemas(settings: Settings) -> None:
 
 
 def embedded_stack(settings: Settings, echo: IO[str] | None = None) -> EmbeddedStack[Settings]:
-    """The embedded stack, handed its topics, the schema step and the command of each process."""
+    """The embedded stack, handed its topics, the schema step, the command of each process and
+    where each answers whether it is alive."""
     return EmbeddedStack(settings, topics=topics.ALL, prepare=lambda: prepare_schemas(settings),
-                         app_argv=[sys.executable, "-m", "adapters.cli", "serve"], echo=echo)
+                         app_argv=[sys.executable, "-m", "adapters.cli", "serve"], echo=echo,
+                         livez=functools.partial(livez_url, settings))
+
+
+def livez_url(settings: Settings, process: str) -> str | None:
+    """Where ``process`` answers whether it is alive: the API on its own port (from its event
+    loop, so a blocked loop does not answer), the others on their metrics port (from a thread of
+    their own: a process stopped or frozen whole does not); None without such a port (metrics
+    off, the sweeper)."""
+    from adapters.observability import port_of
+
+    host, port = (settings.api_host, settings.api_port) if process == "api" else (
+        settings.metrics_host, port_of(settings, process))
+    if port is None:
+        return None
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104 - a wildcard's own address
+    return f"http://[{host}]:{port}/livez" if ":" in host else f"http://{host}:{port}/livez"
 
 
 def build_sweeper(settings: Settings) -> Sweeper:

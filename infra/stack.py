@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import glob
 import hashlib
+import http.client
 import json
 import os
 import pwd
@@ -252,6 +254,7 @@ def embedded_ports(settings: StackSettings) -> dict[str, int]:
 
 
 WILDCARDS = ("", "0.0.0.0", "::")  # noqa: S104 - compared with, never bound
+LIVEZ_TIMEOUT_S = 2.0  # an application process that does not answer its /livez within it fails a health check
 
 
 def check_ports(ports: Mapping[str, tuple[str, int]]) -> None:
@@ -299,6 +302,15 @@ def pg_max_connections(api_workers: int) -> int:
 S = TypeVar("S", bound=StackSettings)
 
 
+def answers(url: str, timeout_s: float = LIVEZ_TIMEOUT_S) -> bool:
+    """Whether ``url`` answers within ``timeout_s`` with a success (an error status raises HTTPError)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):  # noqa: S310 - the composition root's http:// URL
+            return True
+    except (OSError, ValueError, http.client.HTTPException):  # refused, timed out, an answer that is not HTTP
+        return False
+
+
 class EmbeddedStack(Generic[S]):
     """Starts and stops the embedded infrastructure and the application processes.
 
@@ -307,11 +319,16 @@ class EmbeddedStack(Generic[S]):
     process (``<app_argv> <name>``); the composition root (``adapters.bootstrap``) wires them."""
 
     def __init__(self, settings: S, *, topics: Sequence[str], prepare: Callable[[], None],
-                 app_argv: Sequence[str], echo: IO[str] | None = None) -> None:
+                 app_argv: Sequence[str], echo: IO[str] | None = None,
+                 livez: Callable[[str], str | None] = lambda name: None) -> None:
         self.settings = settings
         self.topics = tuple(topics)
         self.prepare = prepare
         self.app_argv = list(app_argv)
+        # The /livez URL of each application process (None: none to ask): one that does not answer
+        # HEALTH_FAILURES times in a row is wedged (stopped, or its API's event loop blocked) and
+        # is started again, as a crashed one is.
+        self.livez = livez
         self.data_dir = settings.data_dir
         self.log_dir = self.data_dir / "logs"
         self.supervisor = Supervisor(self.log_dir, echo, log_max_bytes=settings.log_max_bytes,
@@ -631,14 +648,16 @@ class EmbeddedStack(Generic[S]):
         env = self.settings.as_env()
         env["PYTHONUNBUFFERED"] = "1"
         argv = [*self.app_argv, name]
+        url = self.livez(name)
+        healthy = functools.partial(answers, url) if url is not None else None
         if name == "api":
-            return ServiceSpec(name, argv, ready=self._api_ready, env=env, restart=True)
+            return ServiceSpec(name, argv, ready=self._api_ready, env=env, restart=True, healthy=healthy)
         run_dir = self.data_dir / "run"
         run_dir.mkdir(exist_ok=True)
         ready_file = run_dir / f"{name}.ready"
         ready_file.unlink(missing_ok=True)
         return ServiceSpec(name, [*argv, "--ready-file", str(ready_file)], ready=ready_file.exists,
-                           env=env, restart=True, stop_signal=signal.SIGTERM)
+                           env=env, restart=True, stop_signal=signal.SIGTERM, healthy=healthy)
 
     def _api_ready(self) -> bool:
         url = f"http://{self.settings.api_host}:{self.settings.api_port}/health"
