@@ -106,6 +106,7 @@ def open_event_store(settings: Settings, pool_size: int = 8, schema: str = "",
             env["CREATE_TABLE"] = "n"  # made below, each type once
             app = PaletteApplication(env=env)
             try:
+                _refuse_session_defaults(settings)
                 if missing:
                     _create_store_tables(app)
                 if saves:
@@ -119,6 +120,18 @@ def open_event_store(settings: Settings, pool_size: int = 8, schema: str = "",
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _refuse_session_defaults(settings: Settings) -> None:
+    """SettingsError, in one line with its fix, when the role's session defaults would fail every
+    read of a time (``adapters.pg_session``: a DBA's own PostgreSQL)."""
+    import psycopg
+
+    from adapters.pg_session import refusal
+
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        if (why := refusal(conn)) is not None:
+            raise SettingsError(why)
 
 
 def _create_store_tables(app: PaletteApplication) -> None:

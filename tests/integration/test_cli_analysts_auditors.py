@@ -338,3 +338,21 @@ def test_a_path_that_is_empty_or_not_utf8_is_one_line(command: list[str], env: d
     odd = str(tmp_path / "caf\udce9")
     refused_argument(capsys, [*command, odd], f"argument {command[-1]}: not UTF-8 text")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("setting", "value"), [("DateStyle", "SQL, DMY"), ("IntervalStyle", "sql_standard")])
+def test_a_database_whose_session_defaults_fail_every_read_of_a_time_is_refused_in_one_line(
+        env: dict[str, str], fresh_db: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        setting: str, value: str) -> None:
+    """A PostgreSQL of an operator's own whose database defaults to DateStyle 'SQL, DMY' (a
+    European DBA's choice): psycopg parses no time but ISO's, so every read of one failed (the
+    API's a 500, the commands' a traceback). The event store refuses to open, naming the fix."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+            sql.Identifier(conn.info.dbname), sql.SQL(setting), sql.Literal(value)))
+    monkeypatch.setenv("PALETTE_DATABASE_URL", fresh_db)
+    assert cli.main(["replay", "all"]) == 2
+    assert one_line(capsys, f"{setting} for this role is '{value}'", f"SET {setting} = '") == ""
