@@ -420,6 +420,7 @@ def test_a_stream_another_process_keeps_writing_fails_only_the_commands_on_it_no
     assert [f.result(10).value for f in innocent] == [50 + 7] * 5
     with pytest.raises(ConflictError):
         contended.result(10)
+    assert len(tries) == 3  # max_attempts in all: its part decided apart counts on from the batch's tries
     assert [svc.get_user(u).granted for u in others] == [_folded(app, u).granted for u in others] == [57] * 5
     assert svc.get_user(hot).granted == _folded(app, hot).granted == 50 + len(tries)  # each lost try's grant elsewhere
     committer.stop()
