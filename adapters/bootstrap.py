@@ -27,7 +27,7 @@ from application.executors import DirectExecutor, GroupCommitter
 from application.services import PaletteApplication, PaletteService
 from domain.contracts import topics
 from infra.s3 import s3_client
-from infra.stack import EmbeddedStack
+from infra.stack import EmbeddedStack, local_url
 from projections.schema import ensure_schema
 
 if TYPE_CHECKING:
@@ -251,10 +251,7 @@ def livez_url(settings: Settings, process: str) -> str | None:
 
     host, port = (settings.api_host, settings.api_port) if process == "api" else (
         settings.metrics_host, port_of(settings, process))
-    if port is None:
-        return None
-    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104 - a wildcard's own address
-    return f"http://[{host}]:{port}/livez" if ":" in host else f"http://{host}:{port}/livez"
+    return None if port is None else local_url(host, port, "/livez")
 
 
 def build_sweeper(settings: Settings) -> Sweeper:

@@ -254,6 +254,7 @@ def embedded_ports(settings: StackSettings) -> dict[str, int]:
 
 
 WILDCARDS = ("", "0.0.0.0", "::")  # noqa: S104 - compared with, never bound
+LOOPBACK_OF = dict(zip(WILDCARDS, ("127.0.0.1", "127.0.0.1", "::1"), strict=True))  # where a wildcard is reached
 LIVEZ_TIMEOUT_S = 2.0  # an application process that does not answer its /livez within it fails a health check
 
 
@@ -302,11 +303,17 @@ def pg_max_connections(api_workers: int) -> int:
 S = TypeVar("S", bound=StackSettings)
 
 
+def local_url(host: str, port: int, path: str) -> str:
+    """The URL of ``path`` on a server of this machine bound to ``host`` (a wildcard: its loopback)."""
+    host = LOOPBACK_OF.get(host, host)
+    return f"http://[{host}]:{port}{path}" if ":" in host else f"http://{host}:{port}{path}"
+
+
 def answers(url: str, timeout_s: float = LIVEZ_TIMEOUT_S) -> bool:
-    """Whether ``url`` answers within ``timeout_s`` with a success (an error status raises HTTPError)."""
+    """Whether ``url`` answers 200 within ``timeout_s`` (a 204 is no probe's answer; an error raises HTTPError)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s):  # noqa: S310 - the composition root's http:// URL
-            return True
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - the composition root's http:// URL
+            return bool(resp.status == 200)
     except (OSError, ValueError, http.client.HTTPException):  # refused, timed out, an answer that is not HTTP
         return False
 
@@ -660,12 +667,7 @@ class EmbeddedStack(Generic[S]):
                            env=env, restart=True, stop_signal=signal.SIGTERM, healthy=healthy)
 
     def _api_ready(self) -> bool:
-        url = f"http://{self.settings.api_host}:{self.settings.api_port}/health"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                return bool(resp.status == 200)
-        except OSError:
-            return False
+        return answers(local_url(self.settings.api_host, self.settings.api_port, "/health"))
 
     def stop_app(self, name: str) -> None:
         """Stop one application process until ``start_app`` (tests of a process being away)."""
