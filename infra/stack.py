@@ -19,6 +19,7 @@ import stat
 import sysconfig
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -314,6 +315,21 @@ def answers(url: str, timeout_s: float = LIVEZ_TIMEOUT_S) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - the composition root's http:// URL
             return bool(resp.status == 200)
+    except (OSError, ValueError, http.client.HTTPException):  # refused, timed out, an answer that is not HTTP
+        return False
+
+
+def alive(url: str, timeout_s: float = LIVEZ_TIMEOUT_S) -> bool:
+    """Whether the process serving ``url`` answers HTTP at all within ``timeout_s``. A liveness
+    probe's answer is a 200; any other is the process's own refusal, written by the very loop the
+    probe asks after (the API's 503 at its connection limits, which a client holding its address's
+    share from the supervisor's loopback made every probe get, so an answering API was restarted)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):  # noqa: S310 - the composition root's http:// URL
+            return True
+    except urllib.error.HTTPError as refusal:
+        refusal.close()
+        return True
     except (OSError, ValueError, http.client.HTTPException):  # refused, timed out, an answer that is not HTTP
         return False
 
@@ -656,7 +672,7 @@ class EmbeddedStack(Generic[S]):
         env["PYTHONUNBUFFERED"] = "1"
         argv = [*self.app_argv, name]
         url = self.livez(name)
-        healthy = functools.partial(answers, url) if url is not None else None
+        healthy = functools.partial(alive, url) if url is not None else None
         if name == "api":
             return ServiceSpec(name, argv, ready=self._api_ready, env=env, restart=True, healthy=healthy)
         run_dir = self.data_dir / "run"

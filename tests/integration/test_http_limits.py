@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +23,8 @@ import pytest
 import uvicorn
 
 from adapters.api import http_limits
+from adapters.bootstrap import embedded_stack
+from adapters.settings import load_settings
 from tests.conftest import free_port
 from tests.waiting import wait_until
 
@@ -660,3 +663,21 @@ def test_a_client_refused_again_and_again_writes_a_line_to_the_log_at_most_every
     said = [r.getMessage() for r in our_lines.records if "requests refused unread" in r.getMessage()]
     assert 1 <= len(said) <= 1 + (time.monotonic() - began) / http_limits.WARN_EVERY_S, said[:3]
     assert said[0].endswith(", 1 requests refused unread")  # the first, said at once
+
+
+@pytest.mark.parametrize(("total", "per_peer", "busy"), [(100, 2, 0), (3, 0, 3)])
+def test_an_api_at_its_connection_limits_is_alive_to_the_supervisor(tmp_path: Path, total: int, per_peer: int,
+                                                                    busy: int) -> None:
+    """The 503 a server at its limits answers is its event loop's own: the process is alive. The
+    supervisor's probe counted it a miss, so a client holding its address's share (the supervisor's
+    own loopback: a proxy on the same host, or anyone there) had an answering API restarted with
+    every request in flight (seen live: 256 kept-alive connections from 127.0.0.1, a restart a
+    minute later); so had every connection busy at once."""
+    with serving(limited(total=total, per_peer=per_peer)) as (port, srv), contextlib.ExitStack() as held:
+        for _ in range(per_peer):
+            held.enter_context(kept_alive(port))
+        if busy:
+            busy_connections(port, srv, held, busy)
+        assert refused(exchange(port, b"GET /livez HTTP/1.1\r\nhost: x\r\n\r\n"))
+        healthy = embedded_stack(load_settings(data_dir=tmp_path, api_port=port))._app_spec("api").healthy
+        assert healthy is not None and healthy()

@@ -19,7 +19,7 @@ import pytest
 
 from adapters.bootstrap import embedded_stack, livez_url
 from adapters.settings import load_settings
-from infra.stack import answers
+from infra.stack import alive, answers
 
 
 @contextlib.contextmanager
@@ -71,33 +71,38 @@ def _listener(reply: bytes | None) -> Iterator[str]:
                 conn.close()
 
 
-def test_a_process_answering_200_is_alive() -> None:
+def test_a_process_answering_200_is_alive_and_ready() -> None:
     with _server(200) as url:
-        assert answers(url)
+        assert alive(url) and answers(url)
 
 
-def test_a_process_answering_503_is_not() -> None:
-    with _server(503) as url:
-        assert not answers(url)
+@pytest.mark.parametrize("status", [503, 404, 500])
+def test_a_process_answering_anything_else_is_alive_but_not_ready(status: int) -> None:
+    """Its answer is its own (the API's 503 at its connection limits): it runs, though ready it is not."""
+    with _server(status) as url:
+        assert alive(url) and not answers(url)
 
 
-def test_a_process_that_takes_the_connection_and_never_answers_is_not_within_the_timeout() -> None:
+@pytest.mark.parametrize("check", [alive, answers])
+def test_a_process_that_takes_the_connection_and_never_answers_is_not_within_the_timeout(check: Any) -> None:
     with _listener(None) as url:
         started = time.monotonic()
-        assert not answers(url, timeout_s=0.3)
+        assert not check(url, timeout_s=0.3)
         assert time.monotonic() - started < 5
 
 
-def test_an_answer_that_is_not_http_is_not_alive() -> None:
+@pytest.mark.parametrize("check", [alive, answers])
+def test_an_answer_that_is_not_http_is_not_alive(check: Any) -> None:
     with _listener(b"hello\r\n\r\n") as url:
-        assert not answers(url, timeout_s=2)
+        assert not check(url, timeout_s=2)
 
 
-def test_nobody_listening_is_not_alive() -> None:
+@pytest.mark.parametrize("check", [alive, answers])
+def test_nobody_listening_is_not_alive(check: Any) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, not listening: refused
-        assert not answers(f"http://127.0.0.1:{port}/livez")
+        assert not check(f"http://127.0.0.1:{port}/livez")
 
 
 def test_the_api_is_asked_on_its_own_port_and_the_others_on_their_metrics_port(tmp_path: Path) -> None:
