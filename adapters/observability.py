@@ -42,6 +42,9 @@ OFFSETS = {"api": 0, "relay": 1, "projector": 2, "dispatcher": 3, "gpu": 4, "web
 CHECK_TIMEOUT_S = 2.0
 CHECK_TTL_S = 1.0  # a flood of /readyz costs one check per dependency per second
 MAX_CONNECTIONS = 32  # on the metrics and probes port at once (scrapers, probes)
+BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n"
+        b'{"status":"busy"}')  # past MAX_CONNECTIONS
+MAX_HEAD_READ = 64 * 1024  # of a connection turned away, read and dropped before it is closed
 REQUEST_TIMEOUT_S = 10.0  # to send a whole request to that port, and to read each part of its answer
 GPU_ITEM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -193,7 +196,7 @@ class _BoundedServer(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)
+            self._turn_away(request)
             return
         with self._heads_lock:
             self._heads[request] = time.monotonic() + REQUEST_TIMEOUT_S
@@ -202,6 +205,16 @@ class _BoundedServer(ThreadingHTTPServer):
         except BaseException:  # socketserver closes it (shutdown_request)
             self._slots.release()
             raise
+
+    def _turn_away(self, request: Any) -> None:
+        """A 503 and the connection closed, never waiting on the client: closed unanswered, a
+        liveness probe counted it a miss, and whoever held the slots had the process restarted."""
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            request.send(BUSY)
+            request.shutdown(socket.SHUT_WR)
+            request.recv(MAX_HEAD_READ)  # what it sent already: unread, the close would be a reset
+        self.shutdown_request(request)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:

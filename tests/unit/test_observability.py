@@ -291,11 +291,14 @@ def test_the_dispatchers_count_of_tasks_sent_takes_in_those_the_stale_sweep_send
 def test_connections_that_send_nothing_are_closed_and_bounded_on_the_probes_port(monkeypatch):
     """A connection to the metrics port that sent nothing held a thread and a descriptor for good:
     enough of them took every file descriptor of the process (its database and broker
-    connections' too). Each is closed after REQUEST_TIMEOUT_S, and one past MAX_CONNECTIONS at once."""
+    connections' too). Each is closed after REQUEST_TIMEOUT_S, and one past MAX_CONNECTIONS at once
+    is answered a 503 and closed: closed unanswered, it was a miss of the supervisor's liveness
+    probe, so whoever could reach the port held every slot and had the process restarted each minute."""
     import socket
     import time
 
     from adapters import observability
+    from infra.stack import alive
 
     # Long enough that the fifth connection is accepted before the four time out (one thread
     # accepts them in the order they came, the four first: no wait is needed for that).
@@ -309,7 +312,10 @@ def test_connections_that_send_nothing_are_closed_and_bounded_on_the_probes_port
             s.sendall(b"GET /met")  # and no more
         with socket.create_connection(("127.0.0.1", port)) as past:
             past.sendall(b"GET /livez HTTP/1.0\r\n\r\n")
-            assert _closed(past)  # unanswered: every slot is taken
+            past.settimeout(5)
+            answer = b"".join(iter(lambda: past.recv(1000), b""))  # to its end: closed
+            assert answer.startswith(b"HTTP/1.0 503 ")  # every slot is taken
+        assert alive(f"http://127.0.0.1:{port}/livez")  # the process's own answer all the same
         started = time.monotonic()
         assert all(_closed(s) for s in idle)  # by the server, not by the test's 5 s
         assert time.monotonic() - started < 4
