@@ -28,6 +28,12 @@ TAIL_LINE_CHARS = 300  # of a process's log line quoted in a StackError
 TAIL_BYTES = 64 * 1024  # of a process's log read for that quote: its end, never the whole file
 HEALTH_EVERY_S = 15.0  # between two health checks of one service (the first this long after its start)
 HEALTH_FAILURES = 4  # checks failed in a row that restart a service: a minute of not doing its work
+# A check failed while the service's processes used this share of a core since the check before
+# is not counted: it works, busy, not wedged (a store flooded with uploads, an API with more
+# requests than it answers), and a restart would cut off all it is doing. Failing
+# HEALTH_BUSY_FAILURES in a row, busy or not (a loop spinning for good), restarts it all the same.
+HEALTH_BUSY_SHARE = 0.1
+HEALTH_BUSY_FAILURES = 20  # five minutes
 # SIGTERM to SIGKILL for a service restarted for its health: it is wedged (SeaweedFS ignored SIGTERM
 # then), and the wait holds up `palette up`'s one loop (other restarts, Ctrl-C).
 HEALTH_STOP_S = 5.0
@@ -230,6 +236,29 @@ class ProcessLog:
                         older.unlink()
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) process ``pid`` and its live descendants have used, from
+    /proc; 0.0 for a process gone."""
+    clock_ticks = os.sysconf("SC_CLK_TCK")
+    used: dict[int, float] = {}
+    children: dict[int, list[int]] = {}
+    for path in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(path, "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()  # after the command's name, which may hold anything
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        proc = int(path.split("/")[2])
+        used[proc] = (int(fields[11]) + int(fields[12])) / clock_ticks  # utime, stime
+        children.setdefault(int(fields[1]), []).append(proc)
+    total, todo = 0.0, [pid] if pid in used else []
+    while todo:
+        proc = todo.pop()
+        total += used.get(proc, 0.0)
+        todo.extend(children.get(proc, ()))
+    return total
+
+
 def stop_with_parent(stop_signal: int, parent: int) -> None:
     """The kernel sends this process ``stop_signal`` when the process ``parent`` that started it
     dies, so nothing is orphaned; sent now if that parent is gone already (it died before the
@@ -257,7 +286,9 @@ class _Running:
         self.next_restart_at = 0.0
         self.started_at = 0.0
         self.next_health_at = 0.0
-        self.failed_health = 0  # health checks failed in a row
+        self.failed_health = 0  # health checks failed in a row while it was not busy
+        self.failed_busy = 0  # health checks failed in a row, busy or not
+        self.cpu_at_check = 0.0  # the CPU its processes had used at its last health check
         self.probe_error = ""  # the last failure of its ready probe while starting, said at the timeout
 
     def start(self) -> None:
@@ -274,7 +305,8 @@ class _Running:
             preexec_fn=functools.partial(_die_with_parent, self.spec.stop_signal, os.getpid()),
         )
         self.started_at = time.monotonic()
-        self.next_health_at, self.failed_health = self.started_at + HEALTH_EVERY_S, 0
+        self.next_health_at, self.failed_health, self.failed_busy = self.started_at + HEALTH_EVERY_S, 0, 0
+        self.cpu_at_check = tree_cpu_seconds(self.proc.pid)
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
 
     def _pump(self, proc: subprocess.Popen[bytes]) -> None:
@@ -477,7 +509,8 @@ class Supervisor:
         for name in self._order:
             run = self._running[name]
             if run.alive() and self._unhealthy(run, now):
-                self._say(f"{name} failed its health check {run.failed_health} times in a row; restarting")
+                busy = ", busy" if run.failed_health < HEALTH_FAILURES else ""
+                self._say(f"{name} failed its health check {run.failed_busy} times in a row{busy}; restarting")
                 try:
                     run.stop(HEALTH_STOP_S)
                 except subprocess.TimeoutExpired:  # not gone even killed: its next check tries again
@@ -533,16 +566,23 @@ class Supervisor:
 
     @staticmethod
     def _unhealthy(run: _Running, now: float) -> bool:
-        """Check ``run``'s health when due; whether it has now failed HEALTH_FAILURES in a row."""
+        """Check ``run``'s health when due; whether it has now failed HEALTH_FAILURES in a row while
+        not busy, or HEALTH_BUSY_FAILURES in all."""
         if run.spec.healthy is None or not run.spec.restart or now < run.next_health_at:
             return False
-        run.next_health_at = now + HEALTH_EVERY_S
+        since, run.next_health_at = now - (run.next_health_at - HEALTH_EVERY_S), now + HEALTH_EVERY_S
         try:
             ok = run.spec.healthy()
         except Exception:  # noqa: BLE001 - a check that cannot be made is a failed one
             ok = False
-        run.failed_health = 0 if ok else run.failed_health + 1
-        return run.failed_health >= HEALTH_FAILURES
+        cpu = tree_cpu_seconds(run.proc.pid) if run.proc is not None else 0.0
+        busy, run.cpu_at_check = cpu - run.cpu_at_check >= HEALTH_BUSY_SHARE * since, cpu
+        if ok:
+            run.failed_health = run.failed_busy = 0
+            return False
+        run.failed_busy += 1
+        run.failed_health += 0 if busy else 1
+        return run.failed_health >= HEALTH_FAILURES or run.failed_busy >= HEALTH_BUSY_FAILURES
 
     def stop_all(self) -> None:
         for name in reversed(self._order):

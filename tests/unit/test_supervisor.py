@@ -334,3 +334,75 @@ def test_a_health_restart_of_a_process_not_gone_even_killed_is_said_and_left_to_
     assert said(supervisor)[-1] == "[palette] s3 did not exit when killed; not started again yet"
     assert supervisor.pid("s3") == first
     monkeypatch.undo()
+
+
+def test_a_service_failing_its_checks_while_busy_is_given_time_and_one_idle_is_not(
+        clock: Clock, supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that does not answer but works is busy, not wedged: SeaweedFS under 64 uploads of
+    20 MB at once answered its probe in 2 to 9 s, and the supervisor restarted it, cutting off
+    every upload (106 failed). A failed check counts only when the service's processes used under
+    HEALTH_BUSY_SHARE of a core since the check before; one failing that long while busy (a loop
+    spinning for good) is restarted all the same after HEALTH_BUSY_FAILURES."""
+    from infra.supervisor import HEALTH_BUSY_FAILURES, HEALTH_BUSY_SHARE
+
+    used = {"cpu": 0.0}
+    monkeypatch.setattr(supervisor_module, "tree_cpu_seconds", lambda pid: used["cpu"])
+    supervisor.start(ServiceSpec("s3", ["/bin/sh", "-c", "sleep 60"], ready=lambda: True, restart=True,
+                                 healthy=lambda: False))
+    first = supervisor.pid("s3")
+    share = HEALTH_BUSY_SHARE * 1.01
+    for _ in range(HEALTH_BUSY_FAILURES - 1):  # busy all along: each failure excused, to a limit
+        clock.now += HEALTH_EVERY_S
+        used["cpu"] += share * HEALTH_EVERY_S
+        assert supervisor.check() == []
+    clock.now += HEALTH_EVERY_S
+    used["cpu"] += share * HEALTH_EVERY_S
+    assert supervisor.check() == ["s3"]
+    assert said(supervisor)[-1] == (f"[palette] s3 failed its health check {HEALTH_BUSY_FAILURES} times in a row, "
+                                    "busy; restarting")
+    second = supervisor.pid("s3")
+    assert second not in (None, first)
+    for _ in range(HEALTH_FAILURES - 1):  # idle: under the share, each failure counts
+        clock.now += HEALTH_EVERY_S
+        used["cpu"] += HEALTH_BUSY_SHARE * 0.99 * HEALTH_EVERY_S
+        assert supervisor.check() == []
+    clock.now += HEALTH_EVERY_S
+    assert supervisor.check() == ["s3"]
+    assert supervisor.pid("s3") not in (None, second)
+
+
+def test_busy_checks_between_idle_ones_neither_count_nor_start_the_count_over(
+        clock: Clock, supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra.supervisor import HEALTH_BUSY_SHARE
+
+    used = {"cpu": 0.0}
+    monkeypatch.setattr(supervisor_module, "tree_cpu_seconds", lambda pid: used["cpu"])
+    supervisor.start(ServiceSpec("s3", ["/bin/sh", "-c", "sleep 60"], ready=lambda: True, restart=True,
+                                 healthy=lambda: False))
+    for busy in [False, True, False, True, False]:
+        clock.now += HEALTH_EVERY_S
+        used["cpu"] += (2 * HEALTH_BUSY_SHARE if busy else 0) * HEALTH_EVERY_S
+        assert supervisor.check() == []
+    clock.now += HEALTH_EVERY_S  # the fourth idle failure of the streak
+    assert supervisor.check() == ["s3"]
+
+
+def test_the_cpu_of_a_service_is_its_processes_and_their_live_children() -> None:
+    """Read from /proc: a shell whose child spins uses CPU; one whose child sleeps does not."""
+    import os
+    import signal
+    import subprocess
+
+    from infra.supervisor import tree_cpu_seconds
+
+    spinning = subprocess.Popen(["/bin/sh", "-c", "sh -c 'while :; do :; done' & wait"], start_new_session=True)
+    sleeping = subprocess.Popen(["/bin/sh", "-c", "sleep 60 & wait"], start_new_session=True)
+    try:
+        before = tree_cpu_seconds(spinning.pid), tree_cpu_seconds(sleeping.pid)
+        wait_until(lambda: tree_cpu_seconds(spinning.pid) - before[0] >= 0.3, 30, "the child's CPU counted")
+        assert tree_cpu_seconds(sleeping.pid) - before[1] < 0.1
+    finally:
+        for proc in (spinning, sleeping):
+            os.killpg(proc.pid, signal.SIGKILL)  # the shell and its child
+            proc.wait()
+    assert tree_cpu_seconds(spinning.pid) == 0.0  # gone: nothing to read
