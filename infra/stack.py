@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -67,6 +68,20 @@ def find_pg_bin(name: str, version: str | None = None) -> str:
         f"PostgreSQL binary '{name}' not found: install the Debian package postgresql "
         "(`make install` does it when run as root)"
     )
+
+
+# A line of a failed initdb's output that says why: its own error, or the bootstrap server's (its
+# log prefix dropped). initdb's clean-up follows it ("removing contents of data directory").
+INITDB_CAUSE = re.compile(r"^initdb: error:\s+(.*)|\b(?:FATAL|PANIC|ERROR):\s+(.*)")
+
+
+def initdb_reason(output: str) -> str:
+    """Why initdb failed: the first line of ``output`` naming an error, else its last line."""
+    lines = output.strip().splitlines()
+    for line in lines:
+        if (cause := INITDB_CAUSE.search(line)) is not None:
+            return cause.group(1) or cause.group(2)
+    return lines[-1] if lines else "no output"
 
 
 def _sync_directory(path: Path) -> None:
@@ -502,8 +517,10 @@ class EmbeddedStack(Generic[S]):
         finally:
             pwfile.unlink(missing_ok=True)
         if result.returncode != 0:
-            last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise StackError(f"initdb failed: {last[0]}")
+            reason = initdb_reason(result.stderr or result.stdout)
+            if os.strerror(errno.ENOSPC) in reason:
+                reason += f" (free space on the disk of {partial.parent})"
+            raise StackError(f"initdb failed: {reason}")
         partial.rename(pgdir)
         # The rename made durable: lost to a power cut once the cluster holds data, pg.initdb
         # would be taken for a cut-short initdb at the next start, and deleted with that data.

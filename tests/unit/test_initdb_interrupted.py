@@ -101,3 +101,34 @@ def test_the_note_of_a_cluster_kept_elsewhere_is_made_durable(tmp_path: Path, mo
     base = s._pg_base()
     assert base.parent == tmp_path / "pg-home" and (s.data_dir / "pg-elsewhere").exists()
     assert {str(s.data_dir), str(s.data_dir.parent)} <= set(synced)
+
+
+
+# What PostgreSQL 15's initdb writes to stderr when its disk fills (seen on a 20 MiB ext4 volume):
+# the cause first, then its own clean-up, which was all `palette up` quoted.
+DISK_FULL = ("#!/bin/sh\ncat >&2 <<'END'\n"
+             '2026-12-07 14:57:54.825 UTC [26864] FATAL:  could not extend file "base/1/2691": '
+             "No space left on device\n"
+             "2026-12-07 14:57:54.825 UTC [26864] HINT:  Check free disk space.\n"
+             "2026-12-07 14:57:54.825 UTC [26864] PANIC:  cannot abort transaction 1, it was already committed\n"
+             "Aborted\nchild process exited with exit code 134\n"
+             'initdb: removing contents of data directory "/d/pg.initdb"\nEND\nexit 1\n')
+OWN_ERROR = ("#!/bin/sh\ncat >&2 <<'END'\n"
+             'initdb: error: could not write file "/d/pg.initdb/postgresql.conf": No space left on device\n'
+             'initdb: removing contents of data directory "/d/pg.initdb"\nEND\nexit 1\n')
+
+
+@pytest.mark.parametrize(("script", "said"), [
+    (DISK_FULL, 'initdb failed: could not extend file "base/1/2691": No space left on device (free space'),
+    (OWN_ERROR, 'initdb failed: could not write file "/d/pg.initdb/postgresql.conf": No space left on device (free'),
+    (KILLED, "initdb failed: no output"),
+])
+def test_a_failed_initdb_is_said_by_its_cause_not_its_clean_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str, said: str) -> None:
+    pgdir, rundir = tmp_path / "data" / "pg", tmp_path / "data" / "pg-run"
+    rundir.mkdir(parents=True)
+    with pytest.raises(StackError) as failed:
+        stack(tmp_path, monkeypatch, script)._initdb(pgdir, rundir)
+    assert str(failed.value).startswith(said)
+    assert (str(pgdir.parent) in str(failed.value)) == ("No space" in said)  # where to free it
+    assert "\n" not in str(failed.value)
