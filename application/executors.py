@@ -42,6 +42,9 @@ CURRENT_TRACE: ContextVar[str] = ContextVar("palette_traceparent", default="")
 # The database, not a command, failed: the batch's outcome is unknown (the commit may have landed),
 # so it is not run again here; every caller gets the error.
 TRANSIENT: tuple[type[BaseException], ...] = (OperationalError, InterfaceError, ConnectionError)
+# How long a coroutine waits for the writer's answer (NotAnswered): past COMMIT_LAG_MAX_S, so a
+# command queued in time is answered unless the database holds its batch.
+ANSWER_WITHIN_S = 10.0
 
 
 class WrittenTooLate(OperationalError):
@@ -50,6 +53,15 @@ class WrittenTooLate(OperationalError):
     its caller tries again and its events are stamped anew. Nothing of it is saved, unless an
     earlier attempt's commit landed and its answer was lost (as with any database error). Readers
     of the log rely on the bound (TIME_SLACK_S)."""
+
+
+class NotAnswered(OperationalError):
+    """The writer gave no answer within the caller's bound (``answer_within_s``): a database that
+    stopped answering mid-batch (a server frozen, a stalled disk, a network dropping packets)
+    holds the writer, and every caller behind it, for as long. Refused as a database that does not
+    answer is; the command itself is refused when the writer reaches it (WrittenTooLate: the
+    bound is past COMMIT_LAG_MAX_S), unless it is in the batch being saved, whose commit may land
+    (as with any lost answer: a retry with its Idempotency-Key is safe)."""
 
 
 class OutcomeUnknown(OperationalError):
@@ -490,6 +502,7 @@ class GroupCommitter:
         self.max_batch = max_batch
         self.max_attempts = max_attempts
         self.monotonic = monotonic  # how long a command waits to be written (COMMIT_LAG_MAX_S)
+        self.answer_within_s = ANSWER_WITHIN_S
         self.written_too_late = 0  # commands refused as WrittenTooLate
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()  # each writer makes its own
         self._thread: threading.Thread | None = None
@@ -557,7 +570,7 @@ class GroupCommitter:
         """execute for a coroutine: it waits on an asyncio future the writer settles (no thread)."""
         outcome = _LoopOutcome(self._outbox)
         self._enqueue(_Pending(command, outcome))
-        committed: Committed[T] = await outcome.future
+        committed: Committed[T] = await self._answer_of(outcome)
         return committed
 
     def read(self, aggregate_id: UUID) -> Aggregate | None:
@@ -572,8 +585,20 @@ class GroupCommitter:
         nothing that shares its state (a copy, or plain values), as the next batch changes it."""
         outcome = _LoopOutcome(self._outbox)
         self._enqueue(_Pending(_Viewing(aggregate_id, view), outcome, read=True))
-        committed: Committed[T] = await outcome.future
+        committed: Committed[T] = await self._answer_of(outcome)
         return committed.value
+
+    async def _answer_of(self, outcome: _LoopOutcome) -> Any:
+        """The writer's answer, or NotAnswered after ``answer_within_s`` (the future is canceled:
+        the writer's late answer goes nowhere)."""
+        deadline = asyncio.timeout(self.answer_within_s)
+        try:
+            async with deadline:
+                return await outcome.future
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise NotAnswered(f"no answer within {self.answer_within_s:g} s; try again") from None
 
     def _loop(self, commands: queue.SimpleQueue[_Pending | None], previous: threading.Thread | None) -> None:
         if previous is not None:

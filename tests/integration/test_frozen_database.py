@@ -1,0 +1,106 @@
+"""A database that stops answering without closing its connections (PostgreSQL stopped with
+SIGSTOP, a stalled disk, a network dropping packets) held the group committer's writer in its
+statement, and every request waiting on the writer with it: seen live, GET /me, GET /jobs/{id},
+POST /jobs and confirm-upload had no answer after 140 s of a frozen PostgreSQL under `palette up`.
+Real PostgreSQL behind a proxy that freezes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from eventsourcing.persistence import OperationalError
+
+from adapters.bootstrap import event_store_env
+from adapters.pg_streams import insert_in_one_round_trip, pg_stream_loader
+from adapters.settings import Settings
+from adapters.system import RandomIds, SystemClock
+from application.executors import GroupCommitter
+from application.services import PaletteApplication, PaletteService
+from domain.user import User
+from tests.frozen_pg import FreezingProxy, freezing_proxy
+from tests.keys import process_keys
+
+BOUND_S = 1.0  # the callers' bound in these tests (the API's is ANSWER_WITHIN_S)
+
+
+@pytest.fixture
+def proxy(settings: Settings) -> Iterator[FreezingProxy]:
+    with freezing_proxy(settings.pg_port) as p:
+        yield p
+
+
+@pytest.fixture
+def clock() -> list[float]:
+    return [0.0]
+
+
+@pytest.fixture
+def committer(settings: Settings, schema: str, proxy: FreezingProxy, clock: list[float]) -> Iterator[GroupCommitter]:
+    app = PaletteApplication(env={**event_store_env(settings, schema=schema), "POSTGRES_PORT": str(proxy.port)})
+    assert insert_in_one_round_trip(app)
+    runs = GroupCommitter(app, pg_stream_loader(app), monotonic=lambda: clock[0]).start()
+    runs.answer_within_s = BOUND_S
+    yield runs
+    proxy.thaw()
+    runs.stop()
+    app.close()
+
+
+def _balance(user: Any) -> int:
+    assert isinstance(user, User)
+    return user.balance
+
+
+def _stored_balance(settings: Settings, schema: str, user_id: Any) -> int:
+    """The user's balance as the store holds it, read past the proxy."""
+    app = PaletteApplication(env=event_store_env(settings, schema=schema))
+    try:
+        return _balance(app.repository.get(user_id))
+    finally:
+        app.close()
+
+
+def _answered_within(call: Any, limit_s: float) -> tuple[Any, float]:
+    """What ``call()`` answered (or raised), and how long it took; the test's own guard past
+    ``limit_s`` raises TimeoutError."""
+    async def timed() -> tuple[Any, float]:
+        started = time.monotonic()
+        try:
+            answer = await asyncio.wait_for(call(), limit_s)
+        except OperationalError as e:
+            answer = e
+        return answer, time.monotonic() - started
+    return asyncio.run(timed())
+
+
+def test_a_read_waits_for_a_frozen_database_only_as_long_as_its_bound(committer, proxy, settings, schema):
+    service = PaletteService(committer.app, committer, SystemClock(), RandomIds(), **process_keys())
+    user_id = service.register("a-device").value[0]
+    service.grant_credits(user_id, 3, "support")
+    committer.cache.evict([user_id])  # its next read loads it from the database
+    proxy.freeze()
+    answer, took = _answered_within(lambda: committer.read_async(user_id, _balance), 30)
+    assert isinstance(answer, OperationalError) and took < BOUND_S + 2
+    proxy.thaw()
+    answer, _ = _answered_within(lambda: committer.read_async(user_id, _balance), 30)
+    assert answer == _stored_balance(settings, schema, user_id)  # the writer recovered
+
+
+def test_a_command_whose_caller_gave_up_is_not_saved_once_the_database_thaws(committer, proxy, clock, settings,
+                                                                             schema):
+    service = PaletteService(committer.app, committer, SystemClock(), RandomIds(), **process_keys())
+    user_id = service.register("a-device").value[0]
+    before = _stored_balance(settings, schema, user_id)
+    committer.cache.evict([user_id])
+    proxy.freeze()
+    held = _answered_within(lambda: committer.read_async(user_id, _balance), 30)[0]  # holds the writer
+    grant = _answered_within(lambda: service.run(service.grant_credits_command(user_id, 5, "support")), 30)[0]
+    assert isinstance(held, OperationalError) and isinstance(grant, OperationalError)
+    clock[0] += 60  # the database stayed frozen a minute
+    proxy.thaw()
+    assert service.grant_credits(user_id, 1, "after").value == before + 1  # the grant refused, not saved late
+    assert _stored_balance(settings, schema, user_id) == before + 1
