@@ -45,12 +45,17 @@ class LoopConnections:
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A connection of the running loop for the block (PoolTimeout when none frees up within
-        ``timeout_s``)."""
+        ``timeout_s``, or when the block has not ended within ``timeout_s``: a server that stopped
+        answering without closing the connection, frozen or behind a network dropping packets,
+        would hold its statement, and its request, for as long; psycopg then tries to cancel
+        the statement, for up to 10 s more, before the connection goes)."""
         here = self._here()
         conn = await here.take()
+        deadline = asyncio.timeout(self.timeout_s)
         try:
-            yield conn
-        except BaseException:
+            async with deadline:
+                yield conn
+        except BaseException as e:
             # A statement failed or was cancelled: the session's state is unknown, so it goes.
             broken = conn.broken
             await here.drop(conn)
@@ -58,6 +63,8 @@ class LoopConnections:
                 # The server went away (a restart, a failover): the idle ones died with this one,
                 # and each would fail the next request that took it, long after the server is back.
                 await here.drop_idle()
+            if isinstance(e, TimeoutError) and deadline.expired():
+                raise PoolTimeout(f"no answer within {self.timeout_s:g} s") from None
             raise
         await here.give(conn)
 

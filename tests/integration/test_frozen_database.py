@@ -1,6 +1,7 @@
 """A database that stops answering without closing its connections (PostgreSQL stopped with
 SIGSTOP, a stalled disk, a network dropping packets) held the group committer's writer in its
-statement, and every request waiting on the writer with it: seen live, GET /me, GET /jobs/{id},
+statement, and every request waiting on the writer with it, and a statement on an event loop's
+own connections (a keyed POST's Idempotency-Key claim): seen live, GET /me, GET /jobs/{id},
 POST /jobs and confirm-upload had no answer after 140 s of a frozen PostgreSQL under `palette up`.
 Real PostgreSQL behind a proxy that freezes."""
 
@@ -13,8 +14,10 @@ from typing import Any
 
 import pytest
 from eventsourcing.persistence import OperationalError
+from psycopg_pool import PoolTimeout
 
 from adapters.bootstrap import event_store_env
+from adapters.loop_pg import LoopConnections
 from adapters.pg_streams import insert_in_one_round_trip, pg_stream_loader
 from adapters.settings import Settings
 from adapters.system import RandomIds, SystemClock
@@ -104,3 +107,27 @@ def test_a_command_whose_caller_gave_up_is_not_saved_once_the_database_thaws(com
     proxy.thaw()
     assert service.grant_credits(user_id, 1, "after").value == before + 1  # the grant refused, not saved late
     assert _stored_balance(settings, schema, user_id) == before + 1
+
+
+def test_a_statement_on_the_loops_own_connection_ends_within_its_bound(settings, proxy):
+    url = settings.effective_database_url.replace(f":{settings.pg_port}/", f":{proxy.port}/")
+    connections = LoopConnections(url, timeout_s=BOUND_S)
+
+    async def scenario() -> tuple[float, Any]:
+        async with connections.connection() as conn:
+            await conn.execute("SELECT 1")  # one idle connection now, taken by the next block
+        proxy.freeze()
+        started = time.monotonic()
+        with pytest.raises(PoolTimeout):
+            async with connections.connection() as conn:
+                await conn.execute("SELECT 1")
+        took = time.monotonic() - started
+        proxy.thaw()
+        async with connections.connection() as conn:
+            row = await (await conn.execute("SELECT 2")).fetchone()
+        await connections.close()
+        return took, row
+
+    took, row = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert took < BOUND_S + 12  # psycopg tries to cancel the statement for up to 10 s
+    assert row == (2,)

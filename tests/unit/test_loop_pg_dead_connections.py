@@ -125,20 +125,12 @@ def test_a_busy_pool_is_not_waited_for_twice(monkeypatch: pytest.MonkeyPatch) ->
         return await take(self)
 
     async def scenario() -> None:
-        held, hold = asyncio.Event(), asyncio.Event()
-
-        async def holder() -> None:
-            async with keyring.connections.connection():  # type: ignore[union-attr]
-                held.set()
-                await hold.wait()
-
-        task = asyncio.create_task(holder())
-        await held.wait()  # the pool's one connection is taken
+        here = keyring.connections._here()  # type: ignore[union-attr]
+        held = await here.take()  # the pool's one connection is taken (a block would be bounded)
         monkeypatch.setattr(_Connections, "take", counted_take)
         with pytest.raises(PoolTimeout):
             await keyring.key_for_async(uuid.uuid4())
-        hold.set()
-        await task
+        await here.give(held)
 
     asyncio.run(scenario())
     assert waits == [1]  # one wait for a connection, not a second after the first ran out
