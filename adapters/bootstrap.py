@@ -23,7 +23,7 @@ from adapters.s3_listing import S3Listing
 from adapters.settings import Settings, SettingsError
 from adapters.system import RandomIds, SystemClock
 from application.device_keys import HmacDeviceKeyer
-from application.executors import DirectExecutor, GroupCommitter
+from application.executors import ANSWER_WITHIN_S, DirectExecutor, GroupCommitter
 from application.services import PaletteApplication, PaletteService
 from domain.contracts import topics
 from infra.s3 import s3_client
@@ -193,15 +193,23 @@ def executor(app: PaletteApplication, kind: Literal["group", "direct"] = "group"
     return GroupCommitter(app, pg_stream_loader(app)).start()
 
 
+def read_pool(url: str, size: int) -> ConnectionPool:
+    """The API's pool for the read models and its own tables: a request waits for a connection
+    as long as for the writer's answer (ANSWER_WITHIN_S), then 503 (the library's 30 s was three
+    times that, with every connection held by a server that stopped answering), and a new
+    connection is given as long to be made."""
+    return ConnectionPool(url, min_size=1, max_size=size, timeout=ANSWER_WITHIN_S, open=True,
+                          kwargs={"autocommit": True, "connect_timeout": round(ANSWER_WITHIN_S)})
+
+
 def build(settings: Settings, *, naive: bool = False, pool_size: int = 8) -> Container:
     """``naive`` builds the baseline path: no cache, one save per command."""
     app = open_event_store(settings, pool_size=pool_size)
     s3 = s3_client(settings)
     runs = executor(app, "direct" if naive else "group")
     committer = runs if isinstance(runs, GroupCommitter) else None
-    read_pool = ConnectionPool(settings.effective_database_url, min_size=1, max_size=pool_size,
-                               kwargs={"autocommit": True}, open=True)
-    with read_pool.connection() as conn:
+    read_models = read_pool(settings.effective_database_url, pool_size)
+    with read_models.connection() as conn:
         ensure_schema(conn)
         ensure_keyring_schema(conn)
     # The naive baseline also makes data keys and lists inputs on a worker thread each (its
@@ -211,10 +219,10 @@ def build(settings: Settings, *, naive: bool = False, pool_size: int = 8) -> Con
     service = PaletteService(
         app, runs, SystemClock(), RandomIds(), store=S3ObjectStore(s3, settings.s3_bucket, listing),
         device_keys=HmacDeviceKeyer(settings.device_key_secret),
-        keyring=PgKeyring(read_pool, settings.device_key_secret, connections),
+        keyring=PgKeyring(read_models, settings.device_key_secret, connections),
         versions=None if naive else pg_stream_versions(app, settings.effective_database_url),
     )
-    return Container(settings, app, service, committer, s3, read_pool, LastWrites(), connections)
+    return Container(settings, app, service, committer, s3, read_models, LastWrites(), connections)
 
 
 def prepare_schemas(settings: Settings) -> None:

@@ -26,6 +26,7 @@ from application.services import PaletteApplication, PaletteService
 from domain.user import User
 from tests.frozen_pg import FreezingProxy, freezing_proxy
 from tests.keys import process_keys
+from tests.waiting import wait_until
 
 BOUND_S = 1.0  # the callers' bound in these tests (the API's is ANSWER_WITHIN_S)
 
@@ -131,3 +132,36 @@ def test_a_statement_on_the_loops_own_connection_ends_within_its_bound(settings,
     took, row = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert took < BOUND_S + 12  # psycopg tries to cancel the statement for up to 10 s
     assert row == (2,)
+
+
+def test_a_read_of_the_read_models_waits_for_a_frozen_database_only_as_long_as_the_writers_bound(settings, proxy):
+    """The read models' pool (GET /jobs, /rules, the ledger) waited its library's 30 s for a
+    connection, and a new connection to a frozen server without end: with each one held by a
+    statement the server never answers, the next read answered 503 only after 30 s."""
+    import threading
+
+    from adapters.bootstrap import read_pool
+    from application.executors import ANSWER_WITHIN_S
+
+    url = settings.effective_database_url.replace(f":{settings.pg_port}/", f":{proxy.port}/")
+    pool = read_pool(url, size=1)
+    try:
+        with pool.connection() as conn:
+            conn.execute("SELECT 1")
+        proxy.freeze()
+        holding = threading.Thread(target=_read, args=(pool,), daemon=True)  # answered after the thaw
+        holding.start()  # takes the one connection into a statement that is not answered
+        wait_until(lambda: pool.get_stats()["pool_available"] == 0, 10, "the connection taken")
+        started = time.monotonic()
+        with pytest.raises(PoolTimeout):
+            _read(pool)
+        assert time.monotonic() - started < ANSWER_WITHIN_S + 2
+    finally:
+        proxy.thaw()
+        holding.join(timeout=30)
+        pool.close()
+
+
+def _read(pool: Any) -> Any:
+    with pool.connection() as conn:
+        return conn.execute("SELECT 1").fetchone()
