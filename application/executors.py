@@ -590,7 +590,8 @@ class GroupCommitter:
 
     async def _answer_of(self, outcome: _LoopOutcome) -> Any:
         """The writer's answer, or NotAnswered after ``answer_within_s`` (the future is canceled:
-        the writer's late answer goes nowhere)."""
+        the writer's late answer goes nowhere). An answer settled in the same turn of the loop as
+        the bound ran out is the caller's: its command may be saved."""
         deadline = asyncio.timeout(self.answer_within_s)
         try:
             async with deadline:
@@ -598,6 +599,8 @@ class GroupCommitter:
         except TimeoutError:
             if not deadline.expired():
                 raise
+            if outcome.future.done() and not outcome.future.cancelled():
+                return outcome.future.result()
             raise NotAnswered(f"no answer within {self.answer_within_s:g} s; try again") from None
 
     def _loop(self, commands: queue.SimpleQueue[_Pending | None], previous: threading.Thread | None) -> None:

@@ -845,3 +845,40 @@ def test_a_job_is_weighed_by_the_concepts_it_was_given_too() -> None:
     given_all()  # what a first job allocates once (classes' caches) is no part of one
     job, held = _allocated(given_all)
     assert 0.5 < approx_bytes(job) / held < 2, (approx_bytes(job), held)
+
+
+def test_an_answer_the_writer_gave_as_its_callers_bound_ran_out_is_the_callers() -> None:
+    """The writer's answer and the end of the caller's bound in one turn of the loop, the answer
+    first: the future held the outcome (a command saved), and the caller was told NotAnswered, a
+    503 for a command whose commit had landed."""
+    svc = _service(group_commit=True)
+    committer = svc.executor
+    assert isinstance(committer, GroupCommitter)
+    user_id, _ = svc.register("bound").value
+    committer.answer_within_s = 0.01
+    gate, _ = _hold_writer(committer)
+
+    def grant(uow):  # type: ignore[no-untyped-def]
+        uow.get(User, user_id).grant(5, "bound", StepClock().now())
+        return "granted"
+
+    def answered_and_bound_run_out() -> None:
+        """The loop held while the writer answers and the caller's bound passes."""
+        gate.set()
+        for _ in range(2):  # the second in a batch after the grant's, whose answers had gone out
+            committer.submit(touches(user_id)(lambda uow: None)).result(10)
+        time.sleep(2 * committer.answer_within_s)  # the bound itself passing, not a wait on anyone
+
+    async def main() -> str:
+        loop = asyncio.get_running_loop()
+        granting = asyncio.ensure_future(committer.execute_async(touches(user_id)(grant)))
+        loop.call_soon(answered_and_bound_run_out)  # right after the command is queued
+        answer: str = (await granting).value
+        return answer
+
+    try:
+        assert asyncio.run(main()) == "granted"
+    finally:
+        gate.set()
+        committer.stop()
+    assert svc.get_user(user_id).credits == 55
