@@ -3,10 +3,22 @@ and infra knows no other code of ours (ARCHITECTURE §8, layering)."""
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Protocol
 
 PG_ELSEWHERE = "pg-elsewhere"  # the data directory's note of where its PostgreSQL files are
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def unproxied_loopback(environ: MutableMapping[str, str]) -> None:
+    """Add loopback to ``no_proxy`` (and ``NO_PROXY``) in ``environ``, which boto3, urllib and httpx
+    read, keeping what was there: behind a proxy (``http_proxy`` set, as a corporate network has
+    it to reach the package registries), every client of the embedded stack asked the proxy for
+    127.0.0.1, and `palette up` never saw its S3 store ready."""
+    entries = [e.strip() for e in (environ.get("no_proxy") or environ.get("NO_PROXY") or "").split(",") if e.strip()]
+    value = ",".join([*entries, *(host for host in LOOPBACK_HOSTS if host not in entries)])
+    environ["no_proxy"] = environ["NO_PROXY"] = value
 
 
 class S3Settings(Protocol):

@@ -17,6 +17,7 @@ from hypothesis import settings as hypothesis_settings
 
 from adapters.bootstrap import embedded_stack
 from adapters.settings import Settings, load_settings
+from infra.config import unproxied_loopback
 from infra.stack import PG_HOME, PG_OWNER, EmbeddedStack, embedded_ports
 from infra.supervisor import port_free
 
@@ -25,6 +26,10 @@ from infra.supervisor import port_free
 # whichever text-drawing property ran first could fail. Deadlines and the other checks stay.
 hypothesis_settings.register_profile("palette", suppress_health_check=[HealthCheck.too_slow])
 hypothesis_settings.load_profile("palette")
+
+# Behind a proxy (http_proxy set to reach the package registries), the tests' own clients of the
+# stacks they start would ask it for 127.0.0.1, as `palette` did before its main took loopback out.
+unproxied_loopback(os.environ)
 
 
 # A port a test binds seconds after choosing it must sit below the kernel's ephemeral range: a

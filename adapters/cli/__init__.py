@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from adapters.cli import analysts, auditors, bench, operators, read_models, stac
 from adapters.cli.outputs import SIGPIPE_EXIT, stdout_closed, stdout_gone
 from adapters.logs import driver_reason
 from adapters.settings import SettingsError
+from infra.config import unproxied_loopback
 from infra.supervisor import StackError
 
 COMMANDS = (stack, read_models, analysts, auditors, bench, operators)
@@ -110,6 +112,7 @@ def _terminated(signum: int, _frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unproxied_loopback(os.environ)  # before any client is made; the processes it starts inherit it
     args = parser().parse_args(argv)
     if sys.stdout is None:  # started with stdout closed (`>&-`): nowhere to write what it prints
         print(f"palette {args.command}: stdout is closed; redirect it (> FILE or > /dev/null)", file=sys.stderr)
