@@ -10,6 +10,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
+from tests.pg_answer_loss import proxied
+
 
 class FreezingProxy:
     def __init__(self, upstream_port: int) -> None:
@@ -41,16 +43,7 @@ class FreezingProxy:
             s.close()
 
     def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(("127.0.0.1", self.upstream_port))
-            except OSError:
-                client.close()
-                continue
+        for client, server in proxied(self._listener, self.upstream_port):
             with self._lock:
                 self._sockets += [client, server]
             threading.Thread(target=self._pump, args=(client, server), daemon=True).start()

@@ -18,6 +18,22 @@ READY = b"Z\x00\x00\x00\x05"  # ReadyForQuery: the server is done with what it w
 UNTYPED_REQUESTS = (80877103, 80877104)  # SSLRequest, GSSENCRequest: a start-up message follows
 
 
+def proxied(listener: socket.socket, upstream_port: int) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """Each connection ``listener`` accepts, with one of its own to PostgreSQL on ``upstream_port``
+    (a client whose server is not there sees its connection closed), until the listener closes."""
+    while True:
+        try:
+            client, _ = listener.accept()
+        except OSError:
+            return
+        try:
+            server = socket.create_connection(("127.0.0.1", upstream_port))
+        except OSError:
+            client.close()
+            continue
+        yield client, server
+
+
 class AnswerLosingProxy:
     """Listens on ``port``, passes every connection through to PostgreSQL on ``upstream_port``,
     and loses the answers to the next executions of the statement holding ``fragment`` once
@@ -32,7 +48,6 @@ class AnswerLosingProxy:
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
-        self._closed = False
         self._connections: list[_Connection] = []
         self._acceptor = threading.Thread(target=self._accept, daemon=True)
         self._acceptor.start()
@@ -46,7 +61,6 @@ class AnswerLosingProxy:
         """Stop listening and close every connection. Closing the listening socket alone leaves
         a thread blocked in accept() holding it, and the port taking connections: shut down, it
         wakes the accept."""
-        self._closed = True
         with suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
@@ -74,16 +88,7 @@ class AnswerLosingProxy:
                 self.lost_failed += 1
 
     def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(("127.0.0.1", self.upstream_port))
-            except OSError:  # the server is not there: the client sees its connection closed
-                client.close()
-                continue
+        for client, server in proxied(self._listener, self.upstream_port):
             connection = _Connection(self, client, server)
             with self._lock:
                 self._connections.append(connection)
