@@ -177,6 +177,10 @@ def remove_stale_pid_file(pgdir: Path) -> bool:
 
 S3_HEALTH_KEY = "palette-probe/supervisor-write"  # what the s3 service's health check writes
 S3_HEALTH_BYTES = 64 * 1024  # past what SeaweedFS keeps in its filer's entry: a write to a volume too
+LOW_DISK_BYTES = 2**30  # with less free on a disk the stack writes to (or under LOW_DISK_SHARE), palette up says so
+LOW_DISK_SHARE = 0.05
+LOW_DISK_EVERY_S = 600.0  # at most this often while it stays low
+DISK_CHECK_EVERY_S = 30.0
 S3_HEALTH_FREE_BYTES = 256 * 1024 * 1024  # with less free, a refused write is the disk's, not SeaweedFS's
 # ... nor with less than this share of the disk free: SeaweedFS's volume server marks every volume
 # read-only under 1% free (weed mini keeps the volume server's minFreeSpace default), checked each minute
@@ -325,6 +329,19 @@ def local_url(host: str, port: int, path: str) -> str:
     return f"http://[{host}]:{port}{path}" if ":" in host else f"http://{host}:{port}{path}"
 
 
+def low_disk(path: Path) -> str | None:
+    """How little is free on the disk of ``path``, when under LOW_DISK_BYTES or LOW_DISK_SHARE of
+    it; None when it has room, or cannot be asked."""
+    try:
+        fs = os.statvfs(path)
+    except OSError:
+        return None
+    free, total = fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
+    if free >= max(LOW_DISK_BYTES, LOW_DISK_SHARE * total):
+        return None
+    return f"{path} has {free // 2**20:,} MB free of {total // 2**20:,} MB"
+
+
 def answers(url: str, timeout_s: float = LIVEZ_TIMEOUT_S) -> bool:
     """Whether ``url`` answers 200 within ``timeout_s`` (a 204 is no probe's answer; an error raises HTTPError)."""
     try:
@@ -374,6 +391,8 @@ class EmbeddedStack(Generic[S]):
         self._run_as = "postgres" if os.geteuid() == 0 else None
         self._probe_client: Any = None  # the s3 health check's (_s3_probe)
         self._next_meta_log_purge = 0.0
+        self.pg_base: Path | None = None  # where PostgreSQL's files are, once known (_pg_base)
+        self._next_disk_check = self._next_disk_warning = 0.0
 
     # -- lifecycle ------------------------------------------------------------------
     def start_infra(self) -> None:
@@ -426,6 +445,21 @@ class EmbeddedStack(Generic[S]):
     def stop(self) -> None:
         self.supervisor.stop_all()
 
+    def watch_disks(self) -> None:
+        """Say which disk the stack writes to runs low, at most every LOW_DISK_EVERY_S, looking
+        every DISK_CHECK_EVERY_S: a full one stops PostgreSQL (README: When the disk fills), and
+        nothing warned before."""
+        now = time.monotonic()
+        if now < self._next_disk_check:
+            return
+        self._next_disk_check = now + DISK_CHECK_EVERY_S
+        paths = dict.fromkeys(p for p in (self.data_dir, self.pg_base) if p is not None)
+        low = [line for path in paths if (line := low_disk(path)) is not None]
+        if low and now >= self._next_disk_warning:
+            self._next_disk_warning = now + LOW_DISK_EVERY_S
+            self.supervisor.say(f"low on disk: {'; '.join(low)}; PostgreSQL stops when it is full "
+                                "(README: When the disk fills)")
+
     # -- PostgreSQL -------------------------------------------------------------------
     def _pg_paths(self) -> tuple[Path, Path]:
         base = self._pg_base()
@@ -436,6 +470,7 @@ class EmbeddedStack(Generic[S]):
         its own under PG_HOME, noted in the data directory: a data directory made afresh (its note
         gone) gets a fresh database there, never the one a deleted data directory left behind."""
         if self._run_as is None or traversable_by(self.data_dir, self._run_as):
+            self.pg_base = self.data_dir
             return self.data_dir
         digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:16]
         base = PG_HOME / digest
@@ -455,6 +490,7 @@ class EmbeddedStack(Generic[S]):
         except OSError as e:
             raise StackError(f"{self.data_dir} is out of the {self._run_as} user's reach and {base} cannot be "
                              f"made: {e.strerror}") from None
+        self.pg_base = base
         return base
 
     def _chown_pg(self, path: Path) -> None:

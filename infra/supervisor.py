@@ -459,7 +459,7 @@ class Supervisor:
                         if run.next_restart_at == 0.0:
                             delay = 0.5 * 2**run.restarts
                             run.next_restart_at = now + delay
-                            self._say(f"{spec.name} exited during start-up; starting it again in {delay:.1f}s "
+                            self.say(f"{spec.name} exited during start-up; starting it again in {delay:.1f}s "
                                       f"({run.restarts + 2}/{START_ATTEMPTS})")
                         elif now >= run.next_restart_at:
                             run.restarts += 1
@@ -473,7 +473,7 @@ class Supervisor:
                     waiting.remove(run)
                     self.startup_s[spec.name] = time.monotonic() - t0
                     pid = run.proc.pid if run.proc else "?"
-                    self._say(f"{spec.name} ready in {self.startup_s[spec.name]:.1f}s (pid {pid})")
+                    self.say(f"{spec.name} ready in {self.startup_s[spec.name]:.1f}s (pid {pid})")
                 elif time.monotonic() > t0 + spec.ready_timeout_s:
                     why = f"its last probe: {run.probe_error}" if run.probe_error else run.tail() or "no output"
                     raise StackError(f"{spec.name} not ready after {spec.ready_timeout_s:.0f}s: {why}")
@@ -510,11 +510,11 @@ class Supervisor:
             run = self._running[name]
             if run.alive() and self._unhealthy(run, now):
                 busy = ", busy" if run.failed_health < HEALTH_FAILURES else ""
-                self._say(f"{name} failed its health check {run.failed_busy} times in a row{busy}; restarting")
+                self.say(f"{name} failed its health check {run.failed_busy} times in a row{busy}; restarting")
                 try:
                     run.stop(HEALTH_STOP_S)
                 except subprocess.TimeoutExpired:  # not gone even killed: its next check tries again
-                    self._say(f"{name} did not exit when killed; not started again yet")
+                    self.say(f"{name} did not exit when killed; not started again yet")
                     continue
                 if self._start_again(run):
                     restarted.append(name)
@@ -530,7 +530,7 @@ class Supervisor:
                 delay = min(30.0, 0.5 * 2 ** min(run.restarts, 6))
                 run.next_restart_at = now + delay
                 code = run.proc.returncode if run.proc else None
-                self._say(f"{name} exited with {code}; restarting in {delay:.1f}s")
+                self.say(f"{name} exited with {code}; restarting in {delay:.1f}s")
             elif now >= run.next_restart_at:
                 run.restarts += 1
                 run.next_restart_at = 0.0
@@ -546,7 +546,7 @@ class Supervisor:
             run.start()
         except (OSError, subprocess.SubprocessError) as e:
             run.started_at = time.monotonic()  # not a healthy minute: the backoff grows
-            self._say(f"{run.spec.name} could not be started: {type(e).__name__}: {getattr(e, 'strerror', None) or e}")
+            self.say(f"{run.spec.name} could not be started: {type(e).__name__}: {getattr(e, 'strerror', None) or e}")
             return False
         return True
 
@@ -586,15 +586,15 @@ class Supervisor:
 
     def stop_all(self) -> None:
         for name in reversed(self._order):
-            self._say(f"stopping {name}")
+            self.say(f"stopping {name}")
             try:
                 self._running[name].stop()
             except subprocess.TimeoutExpired:  # in a wait no signal ends (a disk that hangs)
-                self._say(f"{name} did not exit when killed; stopping the others")
+                self.say(f"{name} did not exit when killed; stopping the others")
         self._running.clear()
         self._order.clear()
 
-    def _say(self, msg: str) -> None:
+    def say(self, msg: str) -> None:
         if self.echo is not None:
             with contextlib.suppress(ValueError, OSError):
                 self.echo.write(f"[palette] {msg}\n")

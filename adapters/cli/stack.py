@@ -100,6 +100,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
               f"(data and logs in {settings.data_dir}); Ctrl-C stops everything", flush=True)
         while not stopping:
             stack.supervisor.check()
+            stack.watch_disks()
             time.sleep(0.5)
     except StackError as e:
         starting = False
