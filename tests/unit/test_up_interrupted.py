@@ -29,6 +29,7 @@ class Stack:
     def __init__(self):
         self.supervisor = Supervisor(__import__("pathlib").Path({data!r}) / "logs")
     def start_apps(self, apps): pass
+    def watch_disks(self): pass
     def stop(self): self.supervisor.stop_all()
 """
 
