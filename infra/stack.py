@@ -177,10 +177,6 @@ def remove_stale_pid_file(pgdir: Path) -> bool:
 
 S3_HEALTH_KEY = "palette-probe/supervisor-write"  # what the s3 service's health check writes
 S3_HEALTH_BYTES = 64 * 1024  # past what SeaweedFS keeps in its filer's entry: a write to a volume too
-LOW_DISK_BYTES = 2**30  # with less free on a disk the stack writes to (or under LOW_DISK_SHARE), palette up says so
-LOW_DISK_SHARE = 0.05
-LOW_DISK_EVERY_S = 600.0  # at most this often while it stays low
-DISK_CHECK_EVERY_S = 30.0
 S3_HEALTH_FREE_BYTES = 256 * 1024 * 1024  # with less free, a refused write is the disk's, not SeaweedFS's
 # ... nor with less than this share of the disk free: SeaweedFS's volume server marks every volume
 # read-only under 1% free (weed mini keeps the volume server's minFreeSpace default), checked each minute
@@ -195,6 +191,11 @@ S3_META_LOG_PURGE_S = 3600.0
 # A check's share of `palette up`'s one loop: the days past it (a year of them, after an upgrade)
 # are deleted by the checks after, each one day at least.
 S3_META_LOG_PURGE_BUDGET_S = 1.0
+# `palette up` says when a disk it writes to has under LOW_DISK_BYTES or LOW_DISK_SHARE of it free
+LOW_DISK_BYTES = 2**30
+LOW_DISK_SHARE = 0.05
+LOW_DISK_EVERY_S = 600.0  # at most this often while it stays low
+DISK_CHECK_EVERY_S = 30.0
 
 UP_LOCK = "palette-up.lock"  # in the data directory: held by the one `palette up` running on it
 
