@@ -343,13 +343,22 @@ def low_disk(path: Path) -> str | None:
     return f"{path} has {free // 2**20:,} MB free of {total // 2**20:,} MB"
 
 
-def answers(url: str, timeout_s: float = LIVEZ_TIMEOUT_S) -> bool:
-    """Whether ``url`` answers 200 within ``timeout_s`` (a 204 is no probe's answer; an error raises HTTPError)."""
+def _status(url: str, timeout_s: float) -> int | None:
+    """The HTTP status ``url`` answers within ``timeout_s``; None for no answer (refused, timed
+    out, or one that is not HTTP)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - the composition root's http:// URL
-            return bool(resp.status == 200)
-    except (OSError, ValueError, http.client.HTTPException):  # refused, timed out, an answer that is not HTTP
-        return False
+            return int(resp.status)
+    except urllib.error.HTTPError as answer:  # a status urllib takes for an error: an answer all the same
+        answer.close()
+        return int(answer.code)
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+
+
+def answers(url: str, timeout_s: float = LIVEZ_TIMEOUT_S) -> bool:
+    """Whether ``url`` answers 200 within ``timeout_s`` (a 204 is no probe's answer)."""
+    return _status(url, timeout_s) == 200
 
 
 def alive(url: str, timeout_s: float = LIVEZ_TIMEOUT_S) -> bool:
@@ -357,14 +366,7 @@ def alive(url: str, timeout_s: float = LIVEZ_TIMEOUT_S) -> bool:
     probe's answer is a 200; any other is the process's own refusal, written by the very loop the
     probe asks after (the API's 503 at its connection limits, which a client holding its address's
     share from the supervisor's loopback made every probe get, so an answering API was restarted)."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s):  # noqa: S310 - the composition root's http:// URL
-            return True
-    except urllib.error.HTTPError as refusal:
-        refusal.close()
-        return True
-    except (OSError, ValueError, http.client.HTTPException):  # refused, timed out, an answer that is not HTTP
-        return False
+    return _status(url, timeout_s) is not None
 
 
 class EmbeddedStack(Generic[S]):

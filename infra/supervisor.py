@@ -286,8 +286,8 @@ class _Running:
         self.next_restart_at = 0.0
         self.started_at = 0.0
         self.next_health_at = 0.0
-        self.failed_health = 0  # health checks failed in a row while it was not busy
-        self.failed_busy = 0  # health checks failed in a row, busy or not
+        self.failed_health = 0  # health checks failed in a row, busy or not
+        self.failed_idle = 0  # of those, the ones failed while it was not busy
         self.failed_at: tuple[float, float] | None = None  # its last failed check's time and its processes' CPU
         self.probe_error = ""  # the last failure of its ready probe while starting, said at the timeout
 
@@ -305,7 +305,7 @@ class _Running:
             preexec_fn=functools.partial(_die_with_parent, self.spec.stop_signal, os.getpid()),
         )
         self.started_at = time.monotonic()
-        self.next_health_at, self.failed_health, self.failed_busy = self.started_at + HEALTH_EVERY_S, 0, 0
+        self.next_health_at, self.failed_health, self.failed_idle = self.started_at + HEALTH_EVERY_S, 0, 0
         self.failed_at = None
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
 
@@ -460,7 +460,7 @@ class Supervisor:
                             delay = 0.5 * 2**run.restarts
                             run.next_restart_at = now + delay
                             self.say(f"{spec.name} exited during start-up; starting it again in {delay:.1f}s "
-                                      f"({run.restarts + 2}/{START_ATTEMPTS})")
+                                     f"({run.restarts + 2}/{START_ATTEMPTS})")
                         elif now >= run.next_restart_at:
                             run.restarts += 1
                             run.next_restart_at = 0.0
@@ -509,8 +509,8 @@ class Supervisor:
         for name in self._order:
             run = self._running[name]
             if run.alive() and self._unhealthy(run, now):
-                busy = ", busy" if run.failed_health < HEALTH_FAILURES else ""
-                self.say(f"{name} failed its health check {run.failed_busy} times in a row{busy}; restarting")
+                busy = ", busy" if run.failed_idle < HEALTH_FAILURES else ""
+                self.say(f"{name} failed its health check {run.failed_health} times in a row{busy}; restarting")
                 try:
                     run.stop(HEALTH_STOP_S)
                 except subprocess.TimeoutExpired:  # not gone even killed: its next check tries again
@@ -577,15 +577,15 @@ class Supervisor:
         except Exception:  # noqa: BLE001 - a check that cannot be made is a failed one
             ok = False
         if ok:
-            run.failed_health = run.failed_busy = 0
+            run.failed_health = run.failed_idle = 0
             run.failed_at = None
             return False
         cpu = tree_cpu_seconds(run.proc.pid) if run.proc is not None else 0.0
         busy = run.failed_at is not None and cpu - run.failed_at[1] >= HEALTH_BUSY_SHARE * (now - run.failed_at[0])
         run.failed_at = (now, cpu)
-        run.failed_busy += 1
-        run.failed_health += 0 if busy else 1
-        return run.failed_health >= HEALTH_FAILURES or run.failed_busy >= HEALTH_BUSY_FAILURES
+        run.failed_health += 1
+        run.failed_idle += 0 if busy else 1
+        return run.failed_idle >= HEALTH_FAILURES or run.failed_health >= HEALTH_BUSY_FAILURES
 
     def stop_all(self) -> None:
         for name in reversed(self._order):
