@@ -11,7 +11,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +19,14 @@ import pytest
 from adapters.bootstrap import embedded_stack, livez_url
 from adapters.settings import load_settings
 from infra.stack import alive, answers
+from tests.served import answering
 
 
 @contextlib.contextmanager
 def _server(status: int) -> Iterator[str]:
     """An HTTP server on loopback answering every GET with ``status``; its /livez URL."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *_: Any) -> None:
-            return
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/livez"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with answering(status) as port:
+        yield f"http://127.0.0.1:{port}/livez"
 
 
 @contextlib.contextmanager

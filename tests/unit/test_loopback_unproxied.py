@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import httpx
 import pytest
@@ -21,29 +18,15 @@ from botocore.utils import should_bypass_proxies
 
 from adapters.cli import main
 from infra.config import LOOPBACK_HOSTS, unproxied_loopback
+from tests.served import answering
 
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens
 
 
 @contextlib.contextmanager
 def _local_server() -> Iterator[str]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        def log_message(self, *_: Any) -> None:
-            return
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with answering(200, b"ok") as port:
+        yield f"http://127.0.0.1:{port}/"
 
 
 def _opened(url: str) -> bytes:
