@@ -4,15 +4,27 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install postgres run test test-unit lint bench chaos clean
+.PHONY: install postgres run test test-unit lint lock bench chaos clean
 
 install: $(VENV)/.installed postgres
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the versions the suite last passed on (pyproject.toml says what the code accepts).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
+
+# constraints.txt afresh: pyproject.toml resolved anew in a scratch venv (then make test, and commit both).
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q --upgrade pip
+	.lock-venv/bin/pip install -q -e '.[dev]'
+	{ grep '^#' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable \
+		| sed -E 's/^([^=]+==[^+]+)\+.*/\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .lock-venv
 
 postgres:
 	@bash infra/ensure-postgres.sh
@@ -44,4 +56,4 @@ bench: install
 	$(BIN)/palette bench --json docs/bench.json --plot docs/bench.png
 
 clean:
-	rm -rf $(VENV) palette.egg-info .palette .pytest_cache .hypothesis photo.jpg job.json rerun.json analytics
+	rm -rf $(VENV) .lock-venv palette.egg-info .palette .pytest_cache .hypothesis photo.jpg job.json rerun.json analytics
