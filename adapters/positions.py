@@ -97,9 +97,10 @@ class PgPositions(_OwnConnection):
             "DO UPDATE SET position = EXCLUDED.position, updated_at = now()").format(t=tbl, k=column)
 
     @classmethod
-    def connect(cls, database_url: str) -> Self:
-        """The relay's positions, on a connection of their own (the schema created if missing)."""
-        conn = psycopg.connect(database_url, autocommit=True)
+    def connect(cls, database_url: str, **params: Any) -> Self:
+        """The relay's positions, on a connection of their own (the schema created if missing);
+        ``params`` are libpq's, beside the URL's."""
+        conn = psycopg.connect(database_url, autocommit=True, **params)
         ensure_schema(conn)
         return cls(conn, conninfo=database_url)
 
