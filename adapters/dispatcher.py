@@ -55,7 +55,7 @@ from eventsourcing.persistence import ConnectionPoolClosedError, PersistenceErro
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from adapters import kafka_io
-from adapters.positions import LossSignal
+from adapters.positions import LossSignal, lock_holder
 from adapters.rollover import LogRollover
 from domain.contracts import topics
 from domain.contracts import trace as tracing
@@ -227,7 +227,7 @@ class Dispatcher(ConsumerLoop):
         self.placements_bytes = placements_bytes
         self.placements = Placements(placements_bytes)
         self.losses = losses  # says when the relay saw the broker lose messages
-        self.conn = psycopg.connect(database_url, autocommit=True) if database_url else None
+        self.conn = lock_holder(database_url) if database_url else None  # ALONE_LOCK's session
         self.stale_jobs = stale_jobs or (self._stale_jobs_in_read_model if self.conn is not None else None)
         self._next_sweep = clock() + self.sweep_every_s
         self._swept_to: tuple[Any, Any] | None = None  # (updated_at, id) the last sweep's page ended at

@@ -75,6 +75,25 @@ class _OwnConnection:
         self.conn = psycopg.connect(self.conninfo, autocommit=True)  # the database away: raised
 
 
+# A session holding a lock others wait for ends once its peer is silent for 30 s, on both ends:
+# keepalives from 10 s idle, every 5 s, 3 missed (25 s), and data unacknowledged for 30 s (a
+# statement sent into a cut). With the system's TCP defaults the server sends its first keepalive
+# after two idle hours, and keeps the lock until then. Over a Unix socket they are ignored.
+LOCK_HOLDER: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+               "tcp_user_timeout": 30_000}
+LOCK_HOLDER_SESSION = ("SELECT set_config('tcp_keepalives_idle', '10', false), "
+                       "set_config('tcp_keepalives_interval', '5', false), "
+                       "set_config('tcp_keepalives_count', '3', false), "
+                       "set_config('tcp_user_timeout', '30000', false)")
+
+
+def lock_holder(database_url: str) -> psycopg.Connection[Any]:
+    """An autocommit connection for session locks, both of its ends set as ``LOCK_HOLDER`` says."""
+    conn = psycopg.connect(database_url, autocommit=True, **LOCK_HOLDER)
+    conn.execute(LOCK_HOLDER_SESSION)
+    return conn
+
+
 class Positions(Protocol):
     def get(self, name: str) -> int: ...
     def save(self, name: str, position: int) -> None: ...

@@ -28,7 +28,7 @@ import psycopg
 from kafka.errors import KafkaError
 from psycopg import sql
 
-from adapters.positions import RELAY_NAME, PgPositions, Positions, ensure_schema
+from adapters.positions import LOCK_HOLDER, LOCK_HOLDER_SESSION, RELAY_NAME, PgPositions, Positions, ensure_schema
 from domain.contracts import trace as tracing
 from domain.contracts.envelope import EventEnvelope, decode
 from domain.contracts.topics import EVENTS as EVENTS_TOPIC
@@ -176,18 +176,6 @@ class LossWatch:
         return start - 1
 
 
-# A peer silent for 30 s ends the lead's session, on both ends: keepalives from 10 s idle, every
-# 5 s, 3 missed (25 s), and data unacknowledged for 30 s (a statement sent into the cut). Over a
-# Unix socket they are ignored, as they may be: nothing cuts one off.
-CLIENT_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
-                     "tcp_user_timeout": 30_000}
-SESSION_SETTINGS = ("SELECT set_config('synchronous_commit', 'off', false), "
-                    "set_config('tcp_keepalives_idle', '10', false), "
-                    "set_config('tcp_keepalives_interval', '5', false), "
-                    "set_config('tcp_keepalives_count', '3', false), "
-                    "set_config('tcp_user_timeout', '30000', false)")
-
-
 class RelayState(PgPositions):
     """The relay's position, the offsets the broker acknowledged, the losses it saw, and the
     consumer groups seen reading the log it starts afresh (``LogRollover``).
@@ -204,11 +192,12 @@ class RelayState(PgPositions):
         """Its session holds the lead (``lead``), which the server keeps until it sees the session
         end: for a relay the network cut off, with TCP's usual defaults, two hours or more without
         a relay. Keepalives on both ends and a bound on unacknowledged data end such a session
-        within 30 s on each side (``CLIENT_KEEPALIVES``, ``SESSION_SETTINGS``), so a standby takes
-        over and the cut-off relay's next statement fails (it then restarts as a standby)."""
-        state = super().connect(database_url, **(CLIENT_KEEPALIVES | params))
+        within 30 s on each side (``positions.LOCK_HOLDER``), so a standby takes over and the
+        cut-off relay's next statement fails (it then restarts as a standby)."""
+        state = super().connect(database_url, **(LOCK_HOLDER | params))
         state.conninfo = None  # never replaced: its session lock (``lead``) goes with it, and so must the relay
-        state.conn.execute(SESSION_SETTINGS)
+        state.conn.execute(LOCK_HOLDER_SESSION)
+        state.conn.execute("SET synchronous_commit = off")
         return state
 
     def acked_offsets(self, name: str) -> dict[int, int]:
