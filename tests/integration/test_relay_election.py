@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+from types import SimpleNamespace
 
 import pytest
 
-from adapters.positions import lock_holder
+from adapters.dispatcher import Dispatcher
 from adapters.relay import RelayState
 
 from .test_stack import wait_until
@@ -36,7 +37,11 @@ def test_a_lock_holders_session_ends_within_30_s_of_its_peer_going_silent_on_eit
     every 5 s, 3 missed) and data unacknowledged 30 s. (A cut itself needs a network namespace and
     a PostgreSQL listening on it; measured by hand.)"""
     url = settings.effective_database_url
-    conn = RelayState.connect(url).conn if holder == "relay" else lock_holder(url)
+    if holder == "relay":
+        conn = RelayState.connect(url).conn
+    else:  # only its connection is asked for
+        conn = Dispatcher(None, None, SimpleNamespace(repository=None), url).conn  # type: ignore[arg-type]
+        assert conn is not None
     try:
         row = conn.execute("SELECT current_setting('tcp_keepalives_idle'), current_setting('tcp_keepalives_interval'), "
                            "current_setting('tcp_keepalives_count'), current_setting('tcp_user_timeout')").fetchone()
