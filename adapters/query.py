@@ -33,7 +33,7 @@ from typing import Any
 import duckdb
 import psycopg
 
-from domain.text import one_line
+from domain.text import csv_cell, one_line
 from projections.parquet import ExportError, is_staging, read_table, redacted
 
 READ_MODELS = ("users", "rules", "jobs_log", "job_items_log", "billing_events", "billing_heads")
@@ -304,7 +304,8 @@ def _render(result: Result, fmt: str) -> str:
         return json.dumps([dict(zip(names, map(_finite, r), strict=True)) for r in result.rows],
                           default=str, indent=1, allow_nan=False)
     if fmt == "csv":
-        rows = [result.columns, *([_text(v, whole=True) for v in r] for r in result.rows)]
+        rows = [[csv_cell(c) for c in result.columns],
+                *([csv_cell(v) if isinstance(v, str) else _text(v, whole=True) for v in r] for r in result.rows)]
         return "\n".join(map(_csv_line, rows))
     # control characters escaped (as the audit ledger's cells): a line break (a grant's reason,
     # a column named with one) broke its row across lines

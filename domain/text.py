@@ -73,6 +73,17 @@ def iso_time(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
+# What a spreadsheet takes as the start of a formula (OWASP's list for CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """``value`` as a CSV cell that a spreadsheet shows rather than runs: text beginning as a
+    formula does after a quote (``'=1+1``), as OWASP advises; anything else, a negative number
+    included, as it is."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
 # Control characters (a line break, a tab, whatever str.splitlines ends a line at) as escapes,
 # so a value prints in its one cell.
 _CONTROLS = ({c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)]} | {10: "\\n", 13: "\\r", 9: "\\t"}

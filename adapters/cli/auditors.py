@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from adapters.cli.arguments import file_name, given_text, path_value, time_value, uuid_value
 from adapters.cli.connect import event_store, running_settings
 from adapters.cli.outputs import progress_lines, unwritable, with_progress
-from domain.text import one_line
+from domain.text import csv_cell, one_line
 
 if TYPE_CHECKING:
     from adapters.cli.arguments import Subcommands
@@ -34,7 +34,7 @@ def _report_text(report: Any, fmt: str) -> str:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["plan", *FIGURES, "balanced"])
-        writer.writerows([[r["plan"], *(r[f] for f in FIGURES), r["balanced"]] for r in rows])
+        writer.writerows([[csv_cell(r["plan"]), *(r[f] for f in FIGURES), r["balanced"]] for r in rows])
         return buf.getvalue().rstrip("\n")
     t = report.total
     where = (f"reconciled to the log at position {report.position:,}: every user event up to it folded, "
@@ -334,7 +334,7 @@ def _audit_export(args: argparse.Namespace, conn: Any, settings: Any) -> int:
         writer = csv.writer(sys.stdout)
         writer.writerow(audit.LEDGER_COLUMNS)
         for r in exported:
-            writer.writerow([r[c] for c in audit.LEDGER_COLUMNS])
+            writer.writerow([csv_cell(r[c]) for c in audit.LEDGER_COLUMNS])
     else:
         for r in exported:
             sys.stdout.write(json.dumps(r, default=str) + "\n")

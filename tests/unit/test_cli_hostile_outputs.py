@@ -556,4 +556,41 @@ def test_query_csv_quotes_a_value_or_name_holding_a_carriage_return_alone() -> N
 
     result = run("SELECT 'a' || chr(13) || 'b' AS \"r\rn\", chr(13) || chr(13) AS rr, 7 AS n", None, None)
     rows = list(csv.reader(io.StringIO(render(result, "csv"), newline="")))
-    assert rows == [["r\rn", "rr", "n"], ["a\rb", "\r\r", "7"]]
+    assert rows == [["r\rn", "rr", "n"], ["a\rb", "'\r\r", "7"]]  # a CR first starts a formula: quoted
+
+
+def test_query_csv_writes_text_beginning_as_a_formula_after_a_quote_and_numbers_as_they_are() -> None:
+    """A text cell beginning with = + - @, a tab or a CR (a grant's reason) ran as a formula when the
+    CSV was opened in a spreadsheet; it is written after a quote there, a negative number stays a
+    number, and JSON and the table keep the text exactly."""
+    import csv
+    import io
+    import json
+
+    from adapters.query import render, run
+
+    result = run("SELECT '=1+1' AS f, '@SUM(A1)' AS a, '-x' AS t, chr(9) || 'x' AS tab, 'a=b' AS s, "
+                 "-5 AS n, -0.5::DOUBLE AS d, '=x' AS \"=name\"", None, None)
+    rows = list(csv.reader(io.StringIO(render(result, "csv"), newline="")))
+    assert rows == [["f", "a", "t", "tab", "s", "n", "d", "'=name"],
+                    ["'=1+1", "'@SUM(A1)", "'-x", "'\tx", "a=b", "-5", "-0.5", "'=x"]]
+    assert list(json.loads(render(result, "json"))[0].values()) == [
+        "=1+1", "@SUM(A1)", "-x", "\tx", "a=b", -5, -0.5, "=x"]
+    assert render(result, "table").splitlines()[2].split()[:2] == ["=1+1", "@SUM(A1)"]
+
+
+def test_audit_report_csv_writes_a_plan_beginning_as_a_formula_after_a_quote_and_a_negative_figure_as_it_is() -> None:
+    """A plan's name (from the log's events) heads a row of `audit report --format csv`; one
+    beginning with = ran as a formula in a spreadsheet. A negative figure stays a number."""
+    import csv
+    import io
+    from datetime import UTC, datetime
+
+    from adapters.cli.auditors import _report_text
+    from projections.audit import PeriodFigures, PeriodReport
+
+    plan = PeriodFigures("=evil()", users=1, opening=5, refunded=5, closing=10, held_opening=5)
+    report = PeriodReport(datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC), 9, 0,
+                          PeriodFigures("total"), [plan])
+    rows = list(csv.DictReader(io.StringIO(_report_text(report, "csv"), newline="")))
+    assert [(r["plan"], r["reserved"]) for r in rows] == [("'=evil()", "-5"), ("total", "0")]

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.text import escaped, iso_time, refused_character, storable_text
+from domain.text import csv_cell, escaped, iso_time, refused_character, storable_text
 
 # The 66 non-characters, listed as Unicode lists them: U+FDD0..U+FDEF, and the last two code
 # points of each of the 17 planes.
@@ -97,3 +97,23 @@ def test_the_api_refuses_a_time_finer_than_a_microsecond_saying_so_not_as_no_tim
         _iso_time("2026-12-06T07:27:12.1234567Z")
     with pytest.raises(ValueError, match=r"not an ISO 8601 time \(e\.g\."):
         _iso_time("yesterday")
+
+
+FORMULA_FIRST = "=+-@\t\r"  # what a spreadsheet starts a formula at (OWASP's list)
+
+
+@given(st.text())
+def test_a_csv_cell_of_text_never_begins_a_formula_and_keeps_what_did_not(text):
+    cell = csv_cell(text)
+    assert not cell.startswith(tuple(FORMULA_FIRST))
+    assert cell == ("'" + text if text.startswith(tuple(FORMULA_FIRST)) else text)
+
+
+@given(st.sampled_from(FORMULA_FIRST), st.text())
+def test_a_text_cell_beginning_a_formula_is_written_after_a_quote(first, rest):
+    assert csv_cell(first + rest) == "'" + first + rest
+
+
+@given(st.integers() | st.floats(allow_nan=False) | st.booleans() | st.none())
+def test_a_csv_cell_that_is_not_text_is_left_as_it_is_a_negative_number_included(value):
+    assert csv_cell(value) is value
