@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from adapters.loop_pg import LoopConnections
 from adapters.objects import S3ObjectStore
 from adapters.pg_streams import insert_in_one_round_trip, pg_stream_loader, pg_stream_versions
 from adapters.s3_listing import S3Listing
-from adapters.settings import Settings, SettingsError
+from adapters.settings import CONNECTION_TARGET, Settings, SettingsError
 from adapters.system import RandomIds, SystemClock
 from application.device_keys import HmacDeviceKeyer
 from application.executors import ANSWER_WITHIN_S, DirectExecutor, GroupCommitter
@@ -46,7 +47,8 @@ def event_store_env(settings: Settings, pool_size: int = 8, schema: str = "") ->
     """eventsourcing's PostgreSQL settings from PALETTE_DATABASE_URL (``schema`` must exist)."""
     url = urlsplit(settings.effective_database_url)
     env = {
-        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "PERSISTENCE_MODULE": "adapters.pg_streams:PostgresFactory",
+        "POSTGRES_URL_PARAMETERS": json.dumps(url_parameters(settings.effective_database_url)),
         "POSTGRES_DBNAME": url.path.lstrip("/") or "palette",
         "POSTGRES_HOST": url.hostname or "127.0.0.1",
         "POSTGRES_PORT": str(url.port or 5432),
@@ -66,6 +68,15 @@ def event_store_env(settings: Settings, pool_size: int = 8, schema: str = "") ->
         # PostgreSQL logs an ERROR for it each time a process opens the store.
         env["CREATE_TABLE"] = "n"
     return env
+
+
+def url_parameters(url: str) -> dict[str, str]:
+    """The URL's libpq parameters beyond its target (``sslmode``, ``sslrootcert``, ``keepalives_idle``,
+    ``application_name``, …), which eventsourcing's own settings have no place for
+    (``pg_streams.PostgresFactory`` gives them to its pool)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    return {k: str(v) for k, v in conninfo_to_dict(url).items() if k not in CONNECTION_TARGET}
 
 
 def _store_tables_exist(settings: Settings, schema: str) -> bool:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 from uuid import UUID
 
 import psycopg
+from eventsourcing import postgres
 from eventsourcing.application import Application
 from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresAggregateRecorder, PostgresApplicationRecorder
@@ -23,6 +25,21 @@ from application.executors import snapshot_recorder
 from application.ports import VersionUnknown
 
 log = logging.getLogger(__name__)
+
+
+class PostgresFactory(postgres.PostgresFactory):
+    """eventsourcing's, its pool given the database URL's other libpq parameters before it first
+    connects (``POSTGRES_URL_PARAMETERS``, JSON: ``sslmode``, ``sslrootcert``, keepalives, …):
+    eventsourcing's settings name the target alone, and its pool connected with libpq's defaults
+    whatever else the URL said (``sslmode=prefer`` where it said ``verify-full``)."""
+
+    POSTGRES_URL_PARAMETERS = "POSTGRES_URL_PARAMETERS"
+
+    def __init__(self, env: Any) -> None:
+        super().__init__(env)
+        kwargs = self.datastore.pool.kwargs
+        assert isinstance(kwargs, dict)  # as eventsourcing makes it
+        kwargs.update(json.loads(self.env.get(self.POSTGRES_URL_PARAMETERS) or "{}"))
 
 
 class PgStreamLoader:

@@ -4,6 +4,8 @@ each type once."""
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -98,3 +100,22 @@ def test_opening_the_store_retries_a_catalog_conflict_of_processes_starting_toge
     monkeypatch.setattr(bootstrap, "event_store_env", conflicting)
     open_event_store(settings, pool_size=1).close()
     assert len(calls) == 3
+
+
+def test_the_event_store_connects_with_every_parameter_its_url_gives(settings: Settings) -> None:
+    """eventsourcing's settings name the target alone (host, port, database, user, password): its
+    pool connected with libpq's defaults whatever else the URL said, sslmode=prefer where it said
+    verify-full, and without the keepalives or client certificate given there."""
+    name = f"palette-{uuid.uuid4().hex[:8]}"
+    url = f"{settings.effective_database_url}?application_name={name}&tcp_user_timeout=30000"
+    app = open_event_store(settings.model_copy(update={"database_url": url}), pool_size=1)
+    try:
+        for recorder in (app.recorder, app.snapshots.recorder if app.snapshots else None):
+            assert recorder is not None
+            with recorder.datastore.get_connection() as conn:  # type: ignore[attr-defined]
+                row = conn.execute("SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+                assert row.fetchone() == {"application_name": name}
+                with socket.socket(fileno=os.dup(conn.fileno())) as client:
+                    assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 30_000
+    finally:
+        app.close()
