@@ -16,68 +16,101 @@ from adapters.cli.outputs import progress_lines, with_progress
 from domain.contracts.envelope import MAX_POSITION
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from adapters.cli.arguments import Subcommands
+    from domain.contracts.envelope import EventEnvelope
+    from projections.replay import Replayer
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    import json
+    from projections.replay import Replayer
 
-    from projections.replay import Replayer, as_csv, as_jsonl
-
-    if getattr(args, "out", None) is not None and args.format != "parquet":
-        print(f"palette replay all: --out is for --format parquet; {args.format} goes to stdout "
-              f"(redirect it: > FILE)", file=sys.stderr)
-        return 2
-    if args.action == "state" and args.version is not None and args.version < 1:
-        print(f"palette replay state: --version must be 1 or more, not {args.version}", file=sys.stderr)
-        return 2
-    if args.action == "all" and (why := _bad_window(args.from_position, args.since, args.until)):
-        print(f"palette replay all: {why}", file=sys.stderr)
+    if why := _replay_refused(args):
+        print(why, file=sys.stderr)
         return 2
     settings = running_settings()
     app = event_store(settings)
     replayer = Replayer(app, erased_users(settings))
-    out = sys.stdout
     try:
         if args.action == "state":
-            try:  # no such stream, none of its events by then, or not that many versions
-                state = replayer.state(args.id, version=args.version, as_of=args.as_of)
-            except LookupError as e:
-                print(f"palette replay state: {e.args[0]}", file=sys.stderr)
-                return 2
-            print(json.dumps(state, indent=2))
-            return 0
+            return _replay_state(args, replayer)
         if args.action == "stream":
-            try:
-                envelopes = replayer.existing_stream(args.id)
-            except LookupError as e:
-                print(f"palette replay stream: {e.args[0]}", file=sys.stderr)
-                return 2
-        elif args.format == "parquet":
+            return _replay_stream(args, replayer)
+        if args.format == "parquet":
             return _replay_parquet(args, app, replayer)
-        else:
-            try:
-                if args.format == "jsonl" and args.since is None and args.until is None:
-                    for line in with_progress(replayer.all_jsonl(args.from_position, args.type or None)):
-                        out.buffer.write(line)
-                    out.flush()
-                    return 0
-                envelopes = replayer.all(start=args.from_position, since=args.since, until=args.until,
-                                         types=args.type or None)
-                envelopes = with_progress(envelopes)
-            except ValueError as e:
-                print(f"palette replay all: {e}", file=sys.stderr)
-                return 2
-        if args.format == "csv":
-            for line in as_csv(envelopes):
-                out.write(line)
-        else:
-            for chunk in as_jsonl(envelopes):
-                out.buffer.write(chunk)
-        out.flush()
+        return _replay_all(args, replayer)
     finally:
         app.close()
+
+
+def _replay_refused(args: argparse.Namespace) -> str | None:
+    """Why the command line asks for what no replay can give, said before a setting is read or the store opened."""
+    if getattr(args, "out", None) is not None and args.format != "parquet":
+        return (f"palette replay all: --out is for --format parquet; {args.format} goes to stdout "
+                f"(redirect it: > FILE)")
+    if args.action == "state" and args.version is not None and args.version < 1:
+        return f"palette replay state: --version must be 1 or more, not {args.version}"
+    if args.action == "all" and (why := _bad_window(args.from_position, args.since, args.until)):
+        return f"palette replay all: {why}"
+    return None
+
+
+def _replay_state(args: argparse.Namespace, replayer: Replayer) -> int:
+    """A stream folded to a version or a time, as JSON; one it never had is exit 2, not an empty state."""
+    import json
+
+    try:  # no such stream, none of its events by then, or not that many versions
+        state = replayer.state(args.id, version=args.version, as_of=args.as_of)
+    except LookupError as e:
+        print(f"palette replay state: {e.args[0]}", file=sys.stderr)
+        return 2
+    print(json.dumps(state, indent=2))
     return 0
+
+
+def _replay_stream(args: argparse.Namespace, replayer: Replayer) -> int:
+    """One stream's events; an unknown stream is exit 2, not an empty answer."""
+    try:
+        envelopes = replayer.existing_stream(args.id)
+    except LookupError as e:
+        print(f"palette replay stream: {e.args[0]}", file=sys.stderr)
+        return 2
+    _write_envelopes(envelopes, args.format)
+    return 0
+
+
+def _replay_all(args: argparse.Namespace, replayer: Replayer) -> int:
+    """The log from --from, of --type, in --since/--until; unwindowed JSON lines go out as stored, never decoded."""
+    out = sys.stdout
+    try:
+        if args.format == "jsonl" and args.since is None and args.until is None:
+            for line in with_progress(replayer.all_jsonl(args.from_position, args.type or None)):
+                out.buffer.write(line)
+            out.flush()
+            return 0
+        envelopes = replayer.all(start=args.from_position, since=args.since, until=args.until,
+                                 types=args.type or None)
+        envelopes = with_progress(envelopes)
+    except ValueError as e:
+        print(f"palette replay all: {e}", file=sys.stderr)
+        return 2
+    _write_envelopes(envelopes, args.format)
+    return 0
+
+
+def _write_envelopes(envelopes: Iterator[EventEnvelope], fmt: str) -> None:
+    """Events on stdout as CSV text or as JSON lines (bytes: UTF-8 whatever the locale)."""
+    from projections.replay import as_csv, as_jsonl
+
+    out = sys.stdout
+    if fmt == "csv":
+        for line in as_csv(envelopes):
+            out.write(line)
+    else:
+        for chunk in as_jsonl(envelopes):
+            out.buffer.write(chunk)
+    out.flush()
 
 
 def _bad_window(from_position: int, since: datetime | None, until: datetime | None) -> str | None:

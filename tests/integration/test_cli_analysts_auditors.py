@@ -5,10 +5,12 @@ command quietly."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,21 @@ def test_replay_stream_of_a_known_stream_prints_its_events(env: dict[str, str], 
     assert cli.main(["replay", "stream", str(user)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) >= 2 and all(str(user) in line for line in lines)
+
+
+def test_replay_all_as_jsonl_keeps_to_its_since_and_until(env: dict[str, str], user: uuid.UUID,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A window on the log is read event by event, not streamed as stored from --from to the head."""
+    assert cli.main(["replay", "stream", str(user)]) == 0
+    last = json.loads(capsys.readouterr().out.splitlines()[-1])
+    since, until = datetime.fromisoformat(last["timestamp"]), datetime(2000, 1, 1, tzinfo=UTC)
+    assert cli.main(["replay", "all", "--since", since.isoformat()]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert last["id"] in [e["id"] for e in events]
+    assert all(datetime.fromisoformat(e["timestamp"]) >= since for e in events)
+    assert cli.main(["replay", "all", "--until", until.isoformat()]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert all(datetime.fromisoformat(e["timestamp"]) <= until for e in events)
 
 
 def test_replay_state_past_the_last_version_says_how_many_there_are(env: dict[str, str], user: uuid.UUID,
