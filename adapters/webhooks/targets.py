@@ -126,41 +126,60 @@ def ascii_host(host: str) -> str:
     """The ASCII, lower-case form of a host name or address (``bücher.de`` ->
     ``xn--bcher-kva.de``); raises TargetRefused for a host with none."""
     if ":" in host:  # an IPv6 literal (urlsplit took it from between brackets), kept as written
-        try:
-            if "%" in host:  # a zone names one of this machine's interfaces: no webhook target
-                raise ValueError("a zone")
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise TargetRefused(f"{host!r} is not an IPv6 address without a zone") from None
-        return host.lower()
-    name = host
-    if not name.isascii():
-        try:
-            name = _idna(name)
-        except (UnicodeError, ValueError) as e:  # idna.IDNAError is a UnicodeError
-            raise TargetRefused(f"the host {host!r} has no IDNA form ({str(e)[:100]})") from None
-    name = name.lower()
+        return _ipv6_literal(host)
+    name = _a_labels(host).lower()
     labels = name.removesuffix(".").split(".")
     if len(name.removesuffix(".")) > MAX_NAME:
         raise TargetRefused(f"the host is longer than {MAX_NAME} characters")
     for label in labels:
-        if not label:
-            raise TargetRefused(f"the host {host!r} has an empty label")
-        if len(label) > MAX_LABEL:
-            raise TargetRefused(f"the host {host!r} has a label longer than {MAX_LABEL} characters")
-        if _ASCII_LABEL.fullmatch(label) is None:
-            raise TargetRefused(f"the host {host!r} holds a character no host name may")
-        if label.startswith("xn--"):
-            try:
-                _idna(label)
-            except (UnicodeError, ValueError):
-                raise TargetRefused(f"the host {host!r} has an invalid IDNA label") from None
+        _check_label(label, host)
     if labels[-1].isdigit():  # no top-level name is numeric: an IPv4 address, written in full
-        try:
-            ipaddress.IPv4Address(name.removesuffix("."))
-        except ValueError:
-            raise TargetRefused(f"{host!r} is not an IPv4 address") from None
+        _check_ipv4(name.removesuffix("."), host)
     return name
+
+
+def _ipv6_literal(host: str) -> str:
+    """An IPv6 address as its lower-case self; one with a zone names this machine's interface, no target."""
+    try:
+        if "%" in host:
+            raise ValueError("a zone")
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        raise TargetRefused(f"{host!r} is not an IPv6 address without a zone") from None
+    return host.lower()
+
+
+def _a_labels(host: str) -> str:
+    """An international host name in IDNA A-labels; an ASCII one as written."""
+    if host.isascii():
+        return host
+    try:
+        return _idna(host)
+    except (UnicodeError, ValueError) as e:  # idna.IDNAError is a UnicodeError
+        raise TargetRefused(f"the host {host!r} has no IDNA form ({str(e)[:100]})") from None
+
+
+def _check_label(label: str, host: str) -> None:
+    """One label of ``host`` as DNS takes it: not empty, at most 63 characters, LDH, an A-label decodable."""
+    if not label:
+        raise TargetRefused(f"the host {host!r} has an empty label")
+    if len(label) > MAX_LABEL:
+        raise TargetRefused(f"the host {host!r} has a label longer than {MAX_LABEL} characters")
+    if _ASCII_LABEL.fullmatch(label) is None:
+        raise TargetRefused(f"the host {host!r} holds a character no host name may")
+    if label.startswith("xn--"):
+        try:
+            _idna(label)
+        except (UnicodeError, ValueError):
+            raise TargetRefused(f"the host {host!r} has an invalid IDNA label") from None
+
+
+def _check_ipv4(address: str, host: str) -> None:
+    """A numeric host is an IPv4 address in full (``10.1`` is not one here, though inet_aton takes it)."""
+    try:
+        ipaddress.IPv4Address(address)
+    except ValueError:
+        raise TargetRefused(f"{host!r} is not an IPv4 address") from None
 
 
 @dataclass(frozen=True)
