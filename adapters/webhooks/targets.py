@@ -35,7 +35,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import httpcore
 import httpx
@@ -194,6 +194,16 @@ class Target:
 def check(url: str, production: bool, resolver: Resolver = resolve) -> Target:
     """The target of ``url``, its host in ASCII (``Target.url`` is ``url`` with that host, as
     urlunsplit writes it: an empty query or fragment dropped); raises TargetRefused with the reason."""
+    parts, port = _sendable_parts(url)
+    host = ascii_host(_hostname(parts, port, production))
+    url = _stored_url(parts, host)
+    if not production:
+        return Target(url, host, None)
+    return Target(url, host, _public_addresses(host, port, resolver)[0])
+
+
+def _sendable_parts(url: str) -> tuple[SplitResult, int]:
+    """A URL that can be sent as stored, in parts, and the port it connects to."""
     if len(url) > MAX_URL_LENGTH:
         raise TargetRefused(f"the URL is longer than {MAX_URL_LENGTH} characters")
     if _UNSENDABLE.search(url):
@@ -203,6 +213,11 @@ def check(url: str, production: bool, resolver: Resolver = resolve) -> Target:
         port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
     except ValueError as e:
         raise TargetRefused(f"not a URL ({e})") from None
+    return parts, port
+
+
+def _hostname(parts: SplitResult, port: int, production: bool) -> str:
+    """The URL's host as written, once its port, scheme, credentials and path are a webhook's."""
     if port == 0:
         raise TargetRefused("the URL's port must be 1..65535")
     allowed = ("https",) if production else ("http", "https")
@@ -212,15 +227,22 @@ def check(url: str, production: bool, resolver: Resolver = resolve) -> Target:
         raise TargetRefused("the URL must not carry credentials")
     if {".", ".."} & set(parts.path.split("/")):  # the client drops them: it would post elsewhere than listed
         raise TargetRefused("the URL's path must not hold . or .. segments (write it resolved)")
-    host = ascii_host(parts.hostname)
+    return parts.hostname
+
+
+def _stored_url(parts: SplitResult, host: str) -> str:
+    """The URL with its host in ASCII, as stored, listed and sent."""
     # Always rebuilt as urlunsplit writes it (an empty query or fragment dropped): a production
     # attempt connects to this URL rebuilt so (_pinned), and "/hook?" was stored but "/hook" sent.
     url = urlunsplit(parts._replace(netloc=_netloc(host, parts.port)))
     if len(url) > MAX_URL_LENGTH:  # an international host grows in IDNA: the stored URL is checked again
         raise TargetRefused(f"the URL is longer than {MAX_URL_LENGTH} characters with its host in ASCII")
-    if not production:
-        return Target(url, host, None)
-    try:  # an address literal is judged as written; a name, by every address it resolves to
+    return url
+
+
+def _public_addresses(host: str, port: int, resolver: Resolver) -> list[str]:
+    """The addresses to connect to, all public: a literal as written, a name every address it resolves to."""
+    try:
         ipaddress.ip_address(host)
         addresses, verb = [host], "is"
     except ValueError:
@@ -231,7 +253,7 @@ def check(url: str, production: bool, resolver: Resolver = resolve) -> Target:
         reason = refusal(ipaddress.ip_address(text.split("%")[0]))
         if reason is not None:
             raise TargetRefused(f"{host} {verb} a {reason} address")
-    return Target(url, host, addresses[0])
+    return addresses
 
 
 def _netloc(host: str, port: int | None) -> str:

@@ -260,6 +260,13 @@ def test_a_name_resolving_to_such_an_address_is_refused_alike(address, reason):
         targets.check("https://hooks.example/in", True, Resolving("93.184.216.34", address))
 
 
+def test_a_name_that_resolves_to_no_address_is_refused():
+    resolver = Resolving()
+    with pytest.raises(targets.TargetRefused, match=r"^hooks\.example does not resolve$"):
+        targets.check("https://hooks.example/in", True, resolver)
+    assert resolver.asked == ["hooks.example"]
+
+
 def test_a_public_literal_host_is_connected_to_as_written():
     assert targets.check("https://[2606:4700::6810:85e5]/in", True, no_dns).address == "2606:4700::6810:85e5"
 
