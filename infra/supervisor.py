@@ -428,57 +428,66 @@ class Supervisor:
         """Launch services that do not depend on each other at once, then wait for all of them."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        launched = []
-        for spec in specs:
-            log = self._logs.get(spec.name)
-            if log is None:
-                log = self._logs[spec.name] = ProcessLog(self.log_dir / f"{spec.name}.log",
-                                                          self.log_max_bytes, self.log_keep)
-            run = _Running(spec, log, self.echo)
-            try:
-                run.start()
-            except FileNotFoundError:
-                raise StackError(f"{spec.name}: program not found: {spec.argv[0]}") from None
-            except PermissionError as e:
-                raise StackError(f"{spec.name}: cannot run {spec.argv[0]}: {e.strerror}") from None
-            self._running[spec.name] = run
-            self._order.append(spec.name)
-            launched.append(run)
-        waiting = list(launched)
+        waiting = [self._launch(spec) for spec in specs]
         while waiting:
             for run in list(waiting):
-                spec = run.spec
-                if not run.alive():
-                    # An application process that crashes while starting (a dependency not yet
-                    # answering, a fault it recovers from) gets the restarts it would get later;
-                    # one that keeps crashing is reported with its last lines.
-                    # It is started again after the delay a crash later would wait (0.5 s, then
-                    # 1 s): a dependency still coming up gets that time to answer.
-                    if spec.restart and run.restarts < START_ATTEMPTS - 1:
-                        now = time.monotonic()
-                        if run.next_restart_at == 0.0:
-                            delay = 0.5 * 2**run.restarts
-                            run.next_restart_at = now + delay
-                            self.say(f"{spec.name} exited during start-up; starting it again in {delay:.1f}s "
-                                     f"({run.restarts + 2}/{START_ATTEMPTS})")
-                        elif now >= run.next_restart_at:
-                            run.restarts += 1
-                            run.next_restart_at = 0.0
-                            run.start()
-                        continue
-                    raise StackError(f"{spec.name} exited during start-up: {run.tail() or 'no output'}")
-                # Ready means this child answers: a probe that passes while the child has died
-                # was answered by someone else (a process already on its port), not by ours.
-                if self._probe(run) and run.alive():
+                if self._ready(run, t0):
                     waiting.remove(run)
-                    self.startup_s[spec.name] = time.monotonic() - t0
-                    pid = run.proc.pid if run.proc else "?"
-                    self.say(f"{spec.name} ready in {self.startup_s[spec.name]:.1f}s (pid {pid})")
-                elif time.monotonic() > t0 + spec.ready_timeout_s:
-                    why = f"its last probe: {run.probe_error}" if run.probe_error else run.tail() or "no output"
-                    raise StackError(f"{spec.name} not ready after {spec.ready_timeout_s:.0f}s: {why}")
             if waiting:
                 time.sleep(0.1)
+
+    def _launch(self, spec: ServiceSpec) -> _Running:
+        """Start ``spec``'s process, logging to its file (kept across restarts), and own it."""
+        log = self._logs.get(spec.name)
+        if log is None:
+            log = self._logs[spec.name] = ProcessLog(self.log_dir / f"{spec.name}.log",
+                                                      self.log_max_bytes, self.log_keep)
+        run = _Running(spec, log, self.echo)
+        try:
+            run.start()
+        except FileNotFoundError:
+            raise StackError(f"{spec.name}: program not found: {spec.argv[0]}") from None
+        except PermissionError as e:
+            raise StackError(f"{spec.name}: cannot run {spec.argv[0]}: {e.strerror}") from None
+        self._running[spec.name] = run
+        self._order.append(spec.name)
+        return run
+
+    def _ready(self, run: _Running, t0: float) -> bool:
+        """Whether ``run``'s own process answers its probe; raises StackError once it cannot be."""
+        spec = run.spec
+        if not run.alive():
+            self._restart_during_start_up(run)
+            return False
+        # Ready means this child answers: a probe that passes while the child has died
+        # was answered by someone else (a process already on its port), not by ours.
+        if self._probe(run) and run.alive():
+            self.startup_s[spec.name] = time.monotonic() - t0
+            pid = run.proc.pid if run.proc else "?"
+            self.say(f"{spec.name} ready in {self.startup_s[spec.name]:.1f}s (pid {pid})")
+            return True
+        if time.monotonic() > t0 + spec.ready_timeout_s:
+            why = f"its last probe: {run.probe_error}" if run.probe_error else run.tail() or "no output"
+            raise StackError(f"{spec.name} not ready after {spec.ready_timeout_s:.0f}s: {why}")
+        return False
+
+    def _restart_during_start_up(self, run: _Running) -> None:
+        """An application process that crashes while starting (a dependency not yet answering, a
+        fault it recovers from) gets the restarts it would get later, after the delay a crash later
+        would wait (0.5 s, then 1 s); one that keeps crashing is reported with its last lines."""
+        spec = run.spec
+        if not (spec.restart and run.restarts < START_ATTEMPTS - 1):
+            raise StackError(f"{spec.name} exited during start-up: {run.tail() or 'no output'}")
+        now = time.monotonic()
+        if run.next_restart_at == 0.0:
+            delay = 0.5 * 2**run.restarts
+            run.next_restart_at = now + delay
+            self.say(f"{spec.name} exited during start-up; starting it again in {delay:.1f}s "
+                     f"({run.restarts + 2}/{START_ATTEMPTS})")
+        elif now >= run.next_restart_at:
+            run.restarts += 1
+            run.next_restart_at = 0.0
+            run.start()
 
     def pid(self, name: str) -> int | None:
         run = self._running.get(name)

@@ -236,6 +236,32 @@ def test_a_service_that_keeps_crashing_while_starting_is_started_start_attempts_
     ]
 
 
+def test_a_probe_that_passes_once_the_child_has_died_was_answered_by_another_not_by_it(
+        clock: Clock, supervisor: Supervisor) -> None:
+    """A process already on the service's port answers its probe: the child that exited is not ready."""
+    def answered_after_its_exit() -> bool:
+        run = supervisor._running["svc"]
+        assert run.proc is not None
+        run.proc.wait(30)
+        return True
+
+    with pytest.raises(StackError, match=r"^svc exited during start-up: "):
+        supervisor.start(ServiceSpec("svc", ["/bin/sh", "-c", "exit 1"], ready=answered_after_its_exit))
+    assert "svc" not in supervisor.startup_s
+
+
+def test_a_program_that_is_missing_or_not_executable_is_refused_in_one_line_naming_it(
+        supervisor: Supervisor, tmp_path: Path) -> None:
+    missing, plain = tmp_path / "missing", tmp_path / "plain"
+    plain.write_text("#!/bin/sh\n")
+    plain.chmod(0o644)
+    with pytest.raises(StackError, match=f"^svc: program not found: {re.escape(str(missing))}$"):
+        supervisor.start(ServiceSpec("svc", [str(missing)], ready=lambda: True))
+    with pytest.raises(StackError, match=f"^svc: cannot run {re.escape(str(plain))}: Permission denied$"):
+        supervisor.start(ServiceSpec("svc", [str(plain)], ready=lambda: True))
+    assert supervisor.names() == []
+
+
 def test_a_start_up_waits_its_ready_timeout_and_no_longer(clock: Clock, supervisor: Supervisor) -> None:
     began = clock.now
     spec = ServiceSpec("slow", [sys.executable, "-c", "import time; time.sleep(60)"], ready=lambda: False,
