@@ -17,6 +17,7 @@ from domain.text import csv_cell, one_line
 
 if TYPE_CHECKING:
     from adapters.cli.arguments import Subcommands
+    from projections.audit import ChainBreak, Verification
 
 
 def _report_text(report: Any, fmt: str) -> str:
@@ -241,19 +242,37 @@ def _audit_verify(args: argparse.Namespace, conn: Any, settings: Any) -> int:
         anchored = (f"; {len(payload['heads']):,} chain heads of the checkpoint at log position "
                     f"{payload['log_position']:,} ({where}, signature valid): "
                     + ("all match" if not head_breaks else f"{len(head_breaks)} do not match"))
-        if earlier is None:
-            anchored += "; no checkpoint before it to compare with"
-        else:
-            before_where, before = earlier
-            lost = [f"BROKEN user {b.user_id} at seq {b.seq} (checkpoint before it, {before_where}): {b.reason}"
-                    for b in audit.heads_regressions(before["heads"], payload["heads"])]
-            if int(payload["log_position"]) < int(before["log_position"]):
-                lost.insert(0, f"BROKEN checkpoint: its log position {payload['log_position']:,} is before "
-                               f"{before['log_position']:,}, that of the checkpoint before it ({before_where})")
-            anchored += (f"; against the checkpoint before it ({before_where}, log position "
-                         f"{before['log_position']:,}): " + ("every head kept" if not lost else
-                                                            f"{len(lost):,} lost or gone backwards"))
+        compared, lost = _against_earlier(payload, earlier)
+        anchored += compared
     report = audit.verify(conn, progress=progress_lines("ledger rows checked"))
+    _print_findings(report, head_breaks, lost)
+    bad = report.broken + len(head_breaks) + len(lost)
+    print(f"verified {report.checked:,} ledger rows: {'OK' if not bad else f'{bad:,} broken chain(s)'}{anchored}")
+    return 0 if not bad else 1
+
+
+def _against_earlier(payload: dict[str, Any], earlier: tuple[str, Any] | None) -> tuple[str, list[str]]:
+    """The summary's clause on the checkpoint before this one, and a BROKEN line for each head it
+    holds that this one lost or holds at an earlier seq (first, a log position gone backwards)."""
+    from projections import audit
+
+    if earlier is None:
+        return "; no checkpoint before it to compare with", []
+    before_where, before = earlier
+    lost = [f"BROKEN user {b.user_id} at seq {b.seq} (checkpoint before it, {before_where}): {b.reason}"
+            for b in audit.heads_regressions(before["heads"], payload["heads"])]
+    if int(payload["log_position"]) < int(before["log_position"]):
+        lost.insert(0, f"BROKEN checkpoint: its log position {payload['log_position']:,} is before "
+                       f"{before['log_position']:,}, that of the checkpoint before it ({before_where})")
+    return (f"; against the checkpoint before it ({before_where}, log position {before['log_position']:,}): "
+            + ("every head kept" if not lost else f"{len(lost):,} lost or gone backwards")), lost
+
+
+def _print_findings(report: Verification, head_breaks: list[ChainBreak], lost: list[str]) -> None:
+    """The first findings of each kind (chains, checkpointed heads, heads lost since the checkpoint
+    before), then a count of the rest: however much is broken, the output stays short."""
+    from projections import audit
+
     for b in [*report.breaks, *head_breaks[:audit.FIRST_FINDINGS]]:  # each by user id
         where_ = f"position {b.position}" if b.position is not None else "its end"
         print(f"BROKEN user {b.user_id} at seq {b.seq} ({where_}): {b.reason}")
@@ -266,9 +285,6 @@ def _audit_verify(args: argparse.Namespace, conn: Any, settings: Any) -> int:
     if len(lost) > audit.FIRST_FINDINGS:
         print(f"... and {len(lost) - audit.FIRST_FINDINGS:,} more head(s) lost or gone backwards since the "
               "checkpoint before it")
-    bad = report.broken + len(head_breaks) + len(lost)
-    print(f"verified {report.checked:,} ledger rows: {'OK' if not bad else f'{bad:,} broken chain(s)'}{anchored}")
-    return 0 if not bad else 1
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:

@@ -471,6 +471,38 @@ def test_verify_against_a_checkpoint_prints_its_first_unmatched_heads_and_counts
                           "no checkpoint before it to compare with"]
 
 
+def test_verify_against_the_checkpoint_before_says_a_position_gone_backwards_first_then_the_lost_heads(
+        monkeypatch: Any, capsys: Any) -> None:
+    """A checkpoint signed at an earlier log position than the one before it is a finding of its
+    own, printed first; heads lost since are printed as the rest are: the first ones, then a count."""
+    import argparse
+
+    from adapters.cli import auditors
+    from adapters.cli.auditors import _audit_verify
+    from projections import audit
+
+    gone = [audit.ChainBreak(f"u{i:03}", 4, None, "missing from this one") for i in range(audit.FIRST_FINDINGS + 2)]
+    monkeypatch.setattr(checkpoints, "trusted_key", lambda settings, key: None)
+    monkeypatch.setattr(checkpoints, "read_file", lambda path: {})
+    monkeypatch.setattr(checkpoints, "verified_payload", lambda doc, key: {"heads": [], "log_position": 9})
+    monkeypatch.setattr(audit, "verify_heads", lambda conn, payload_heads: [])
+    monkeypatch.setattr(audit, "verify", lambda conn, progress: audit.Verification(40, [], 0))
+    monkeypatch.setattr(audit, "heads_regressions", lambda earlier, later: gone)
+    monkeypatch.setattr(auditors, "_earlier_checkpoint",
+                        lambda settings, store, payload, key: ("cp-0.json", {"heads": [], "log_position": 20}))
+    assert _audit_verify(argparse.Namespace(public_key=None, checkpoint="cp.json"), None, None) == 1
+    lines = capsys.readouterr().out.splitlines()
+    findings = len(gone) + 1
+    assert lines == [
+        "BROKEN checkpoint: its log position 9 is before 20, that of the checkpoint before it (cp-0.json)",
+        *[f"BROKEN user u{i:03} at seq 4 (checkpoint before it, cp-0.json): missing from this one"
+          for i in range(audit.FIRST_FINDINGS - 1)],
+        f"... and {findings - audit.FIRST_FINDINGS} more head(s) lost or gone backwards since the checkpoint before it",
+        f"verified 40 ledger rows: {findings} broken chain(s); 0 chain heads of the checkpoint at log position 9 "
+        f"(cp.json, signature valid): all match; against the checkpoint before it (cp-0.json, log position 20): "
+        f"{findings} lost or gone backwards"]
+
+
 class _SweeperMeetingADownStore:
     """A sweeper whose pass meets an object store that does not answer where the sweeper takes it
     in its stride (the erasures it finishes: each logged and tried again later), as the real one
