@@ -172,6 +172,12 @@ def _select(con: duckdb.DuckDBPyConnection, query: str, limit: int,
         if worker.ident is not None:  # started: stopped before the connection is closed under it
             stop()
         raise
+    return _answer(done, timed_out, timeout)
+
+
+def _answer(done: dict[str, Any], timed_out: bool, timeout: float) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The worker's columns and rows; else why there are none: the timeout it was stopped at, DuckDB's
+    error in one line, or whatever else it raised (a KeyboardInterrupt there), as raised."""
     if "result" in done:
         result: tuple[list[str], list[tuple[Any, ...]]] = done["result"]
         return result

@@ -157,6 +157,30 @@ def test_an_interrupt_duckdb_drops_is_sent_again_until_the_query_stops() -> None
         con.close()
 
 
+def test_a_query_that_answers_as_its_timeout_interrupts_it_gives_its_rows() -> None:
+    """Rows that came in as the timeout stopped the query are its answer, not a timeout error."""
+    from adapters.query import _select
+
+    class AnswersOnceInterrupted:
+        def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+            self.con, self.interrupted = con, threading.Event()
+
+        def execute(self, query: str) -> Any:
+            assert self.interrupted.wait(20)
+            return self.con.execute(query)
+
+        def interrupt(self) -> None:
+            self.interrupted.set()
+
+    con = duckdb.connect(":memory:")
+    try:
+        late = AnswersOnceInterrupted(con)
+        assert _select(late, "SELECT 42 AS answer", 10, timeout=0.2) == (["answer"], [(42,)])  # type: ignore[arg-type]
+        assert late.interrupted.is_set()
+    finally:
+        con.close()
+
+
 # -- --data folders DuckDB cannot read ---------------------------------------------------------
 
 def _write(path: Path, content: bytes) -> None:
