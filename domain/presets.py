@@ -49,22 +49,7 @@ def normalise_edits(
         edit = concepts[concept]
         if concept not in preset.concepts:
             raise ValidationFailed(f"concept {concept!r} is not in preset {preset_id!r}")
-        action = edit.get("action")
-        value = edit.get("value")
-        if action not in ACTIONS:
-            raise ValidationFailed(f"{concept}: action must be one of {list(ACTIONS)}")
-        value_s = "" if value is None else str(value)
-        if action == "recolor" and HEX_COLOUR.fullmatch(value_s) is None:
-            raise ValidationFailed(f"{concept}: recolor needs a value like #a1b2c3")
-        if action == "tone" and value_s not in TONES:
-            raise ValidationFailed(f"{concept}: tone must be one of {list(TONES)}")
-        if action == "texture" and value_s not in TEXTURES:
-            raise ValidationFailed(f"{concept}: texture must be one of {list(TEXTURES)}")
-        if action == "recolor":
-            value_s = value_s.lower()
-        elif action == "remove":
-            value_s = ""
-        edits[concept] = {"action": str(action), "value": value_s}
+        edits[concept] = _canonical_edit(concept, edit.get("action"), edit.get("value"))
     protected = sorted(set(protect))
     for concept in protected:
         if concept not in preset.concepts:
@@ -72,3 +57,22 @@ def normalise_edits(
         if concept in edits:
             raise ValidationFailed(f"concept {concept!r} cannot be both edited and protected")
     return edits, protected
+
+
+def _canonical_edit(concept: str, action: object, value: object) -> dict[str, str]:
+    """One concept's edit as stored: a known action with a value it takes (a colour in lower case,
+    no value for a removal), so equal edits compare equal."""
+    if action not in ACTIONS:
+        raise ValidationFailed(f"{concept}: action must be one of {list(ACTIONS)}")
+    value_s = "" if value is None else str(value)
+    if action == "recolor" and HEX_COLOUR.fullmatch(value_s) is None:
+        raise ValidationFailed(f"{concept}: recolor needs a value like #a1b2c3")
+    if action == "tone" and value_s not in TONES:
+        raise ValidationFailed(f"{concept}: tone must be one of {list(TONES)}")
+    if action == "texture" and value_s not in TEXTURES:
+        raise ValidationFailed(f"{concept}: texture must be one of {list(TEXTURES)}")
+    if action == "recolor":
+        value_s = value_s.lower()
+    elif action == "remove":
+        value_s = ""
+    return {"action": str(action), "value": value_s}
