@@ -302,6 +302,14 @@ def _positions_sql() -> sql.Composed:
 Fill = Callable[[dict[UUID, tuple[int, int]]], list[EventEnvelope]]
 
 
+def _blocked(cur: psycopg.Cursor[Any] | None, streams: dict[UUID, UUID]) -> dict[str, set[UUID]]:
+    """The batch's streams each model holds a parked or held letter for: their events wait behind it."""
+    blocked: dict[str, set[UUID]] = {}
+    for name, stream in cur.fetchall() if cur is not None else []:
+        blocked.setdefault(name, set()).add(streams.get(stream, stream))
+    return blocked
+
+
 def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope],
                 models: Iterable[ReadModel] | None = None, fill: Fill | None = None, *,
                 suffix: str = "", park: bool = True, bulk: bool = False) -> BatchResult:
@@ -334,9 +342,7 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
             blocked_cur = conn.execute(sql.SQL(
                 "SELECT model, stream_id FROM {} WHERE status IN ('parked', 'held') AND stream_id = ANY(%b)"
             ).format(table("dead_letters")), [list(streams)]) if park else None
-        blocked: dict[str, set[UUID]] = {}
-        for name, stream in blocked_cur.fetchall() if blocked_cur is not None else []:
-            blocked.setdefault(name, set()).add(streams.get(stream, stream))
+        blocked = _blocked(blocked_cur, streams)
         tracked = {m.name: {streams.get(r[0], r[0]): r[1] for r in tracked_cur[m.name].fetchall()} for m in active}
         plans = {m.name: batch.plan(m, share[m.name], tracked[m.name], blocked.get(m.name, set())) for m in active}
         gaps = batch.merge_gaps(plans.values())
