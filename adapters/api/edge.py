@@ -92,7 +92,7 @@ class RequestEdge:
                                  "request received -> response headers sent, by route template and method",
                                  ["route", "method"], buckets=LATENCY_BUCKETS, registry=registry)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: C901 - every request's hot path, kept inline
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
