@@ -150,6 +150,19 @@ def test_a_job_started_after_the_erasure_read_the_reservations_leaves_everything
     assert user.erased and not user.reservations
 
 
+def test_an_erasure_handed_another_users_job_leaves_that_job_and_its_credits_alone():
+    """``erase_user_command`` takes the job ids it is given: one that is not the erased user's is
+    skipped, never canceled (its owner's credits stay reserved for it)."""
+    (service,) = processes(1)
+    user_id, _ = service.register(DEVICE).value
+    other_id, _ = service.register("another-device").value
+    theirs = service.create_job(other_id, "interior", 3).value
+    assert service.executor.execute(service.erase_user_command(user_id, [theirs])).value
+    assert service.app.repository.get(theirs).status == "created"
+    other: User = service.app.repository.get(other_id)
+    assert (other.reservations, other.balance) == ({theirs: 3}, DEFAULT_PLANS["free"].initial_credits - 3)
+
+
 def _starting_a_job_after_each_read(here: PaletteService, there: PaletteService, user_id: object,
                                     times: int) -> list[object]:
     """Another API process starts a job right after each of ``here``'s next ``times`` reads of the
