@@ -257,6 +257,20 @@ def test_a_period_balances_only_when_both_the_spendable_and_the_held_credits_rol
     assert not dataclasses.replace(sound, closing=12).balanced
 
 
+def test_a_report_whose_total_balances_is_not_ok_while_one_plans_figures_do_not():
+    # by hand: each plan opens with 10 and moves nothing, but free closes at 11 and pro at 9 (a ledger
+    # row's delta not its type's, in each): the total, 20 -> 20, balances and hides both
+    free = audit.PeriodFigures("free", users=1, opening=10, closing=11)
+    pro = audit.PeriodFigures("pro", users=1, opening=10, closing=9)
+    total = audit.PeriodFigures("TOTAL", users=2, opening=20, closing=20)
+    at = datetime(2026, 11, 1, tzinfo=UTC)
+    report = audit.PeriodReport(at, at + timedelta(days=1), 7, 0, total, [free, pro])
+    assert total.balanced and not free.balanced and not pro.balanced
+    assert not report.ok and not report.as_dict()["ok"]
+    assert audit.PeriodReport(at, at + timedelta(days=1), 7, 0, total, [dataclasses.replace(free, closing=10),
+                                                                        dataclasses.replace(pro, closing=10)]).ok
+
+
 def test_a_validly_signed_document_of_another_algorithm_or_kind_is_no_checkpoint():
     key = Ed25519PrivateKey.generate()
     for doc in ({**checkpoints.sign(_payload([]), key), "algorithm": "RSA"},
