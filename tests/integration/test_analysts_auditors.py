@@ -383,6 +383,17 @@ def test_a_chain_end_that_is_not_its_recorded_head_breaks_verify_however_well_it
     assert "does not hash to its recorded head" in breaks[0].reason
 
 
+def test_a_chains_last_row_deleted_breaks_verify_at_that_seq_as_a_deletion(history, service, settings,  # noqa: F811
+                                                                           tx):
+    wait_drained(service, settings)
+    user_id, last = _longest_chain(tx)
+    tx.execute("DELETE FROM palette_read.billing_events WHERE user_id = %s AND seq = %s", [user_id, last])
+    breaks = audit.verify(tx).breaks
+    assert [(b.user_id, b.seq, b.position) for b in breaks] == [(str(user_id), last, None)]
+    assert breaks[0].reason == (f"the chain ends at seq {last - 1}, before its recorded head (seq {last}): "
+                                "its last rows were deleted")
+
+
 class _AppendsAfterTheHeads:
     """A connection that, once the chain heads are read on it, lets the projector's next append
     land (on another connection, committed) before anything else is read."""
@@ -497,6 +508,21 @@ def test_reconcile_names_a_stream_the_ledger_has_not_folded_though_users_has(his
                [user_id])
     report = audit.reconcile(tx, service.app.recorder, service.app.mapper.transcoder, wait_s=0)
     assert any(d.startswith(f"user {user_id}: 1 event(s) at or before position") for d in report.differences), \
+        report.differences
+
+
+def test_reconcile_at_a_position_names_the_event_at_that_very_position_unfolded(history, service, settings,  # noqa: F811
+                                                                              tx):
+    """Reconcile ``at`` the position of a stream's last event, which billing_events has not folded:
+    "at or before" includes that event."""
+    wait_drained(service, settings)
+    user_id, _ = _longest_chain(tx)
+    last = list(history.stream(user_id))[-1]
+    tx.execute("UPDATE palette_read.billing_events_tracking SET version = %s WHERE stream_id = %s",
+               [last.version - 1, user_id])
+    report = audit.reconcile(tx, service.app.recorder, service.app.mapper.transcoder, at=last.id, wait_s=0)
+    assert report.position == last.id
+    assert f"user {user_id}: 1 event(s) at or before position {last.id} not folded after 0 s" in report.differences, \
         report.differences
 
 
