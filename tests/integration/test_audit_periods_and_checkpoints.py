@@ -125,6 +125,32 @@ def test_a_period_report_equals_the_fold_of_the_raw_log(busy, service, settings)
     assert everything.total.outstanding == everything.total.granted - everything.total.spent
 
 
+def test_a_plan_changed_after_the_period_leaves_the_user_under_the_plan_it_had(busy, service, settings):  # noqa: F811
+    user_id = service.register(f"period-{uuid.uuid4()}", plan="free").value[0]
+    service.grant_credits(user_id, 7, "bonus")
+    service.change_plan(user_id, "pro")
+    wait_drained(service, settings)
+    *_, granted, changed = busy.stream(user_id)
+    assert (granted.type, changed.type) == ("CreditsGranted", "PlanChanged")
+    assert granted.timestamp < changed.timestamp
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        report = audit.period_report(conn, service.app.recorder, service.app.mapper.transcoder, granted.timestamp,
+                                     changed.timestamp)  # the period ends as the plan changes
+    assert {p.plan: p.granted for p in report.plans if p.granted} == {"free": 7}
+    _check(report, busy)
+
+
+def test_a_period_report_at_the_logs_head_is_the_report_of_the_whole_log(busy, service, settings):  # noqa: F811
+    wait_drained(service, settings)
+    events = [e for e in busy.all() if e.stream_type == "User"]
+    since, until = events[0].timestamp - timedelta(days=1), events[-1].timestamp + timedelta(days=1)
+    head = service.app.recorder.max_notification_id()
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        report = audit.period_report(conn, service.app.recorder, service.app.mapper.transcoder, since, until, at=head)
+    assert report.position == head
+    _check(report, busy)
+
+
 def _run(service, ops: list[tuple[str, int]]) -> None:  # noqa: F811
     """Commands drawn by hypothesis, through the real service: grants, jobs settled done/failed or
     canceled, plan changes."""
