@@ -73,15 +73,19 @@ def iso_time(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
-# What a spreadsheet takes as the start of a formula (OWASP's list for CSV injection).
+# What a spreadsheet takes as the start of a formula (OWASP's list for CSV injection), and a
+# signed number, which begins as one but can only be a number.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_SIGNED_NUMBER = re.compile(r"[+-](?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 def csv_cell(value: object) -> object:
     """``value`` as a CSV cell that a spreadsheet shows rather than runs: text beginning as a
     formula does after a quote (``'=1+1``), as OWASP advises; anything else, a negative number
-    included, as it is."""
-    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+    or the text of one (``-5``, a JSON value's) included, as it is."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS) and not _SIGNED_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
 
 
 # Control characters (a line break, a tab, whatever str.splitlines ends a line at) as escapes,

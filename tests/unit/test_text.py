@@ -102,16 +102,33 @@ def test_the_api_refuses_a_time_finer_than_a_microsecond_saying_so_not_as_no_tim
 FORMULA_FIRST = "=+-@\t\r"  # what a spreadsheet starts a formula at (OWASP's list)
 
 
-@given(st.text())
+def _a_number(text: str) -> bool:
+    """Text a spreadsheet can only read as a number: digits, a point, an exponent, signs, and float's word for it."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return set(text) <= set("0123456789.eE+-")
+
+
+@given(st.text() | st.from_regex(r"\A[+-][0-9.eE+-]{1,8}\Z"))
 def test_a_csv_cell_of_text_never_begins_a_formula_and_keeps_what_did_not(text):
     cell = csv_cell(text)
-    assert not cell.startswith(tuple(FORMULA_FIRST))
-    assert cell == ("'" + text if text.startswith(tuple(FORMULA_FIRST)) else text)
+    assert not cell.startswith(tuple(FORMULA_FIRST)) or (cell == text and _a_number(text))
+    assert cell in (text, "'" + text)
+    assert cell == text or text.startswith(tuple(FORMULA_FIRST))
 
 
 @given(st.sampled_from(FORMULA_FIRST), st.text())
 def test_a_text_cell_beginning_a_formula_is_written_after_a_quote(first, rest):
-    assert csv_cell(first + rest) == "'" + first + rest
+    assert csv_cell(first + rest) == (first + rest if _a_number(first + rest) else "'" + first + rest)
+
+
+def test_the_text_of_a_signed_number_stays_a_number_and_arithmetic_does_not():
+    for number in ("-5", "+3", "-0.5", "-.5", "+1e3", "-2.5E-10", "-5."):
+        assert csv_cell(number) == number
+    for formula in ("-5+1", "+1-cmd|' /C calc'!A0", "-", "+", "-e5", "-1,5", "-5 ", "-0x1f", "-inf", "-nan", "-1_0"):
+        assert csv_cell(formula) == "'" + formula
 
 
 @given(st.integers() | st.floats(allow_nan=False) | st.booleans() | st.none())
