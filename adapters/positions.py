@@ -79,18 +79,19 @@ class _OwnConnection:
 # keepalives from 10 s idle, every 5 s, 3 missed (25 s), and data unacknowledged for 30 s (a
 # statement sent into a cut). With the system's TCP defaults the server sends its first keepalive
 # after two idle hours, and keeps the lock until then. Over a Unix socket they are ignored.
-LOCK_HOLDER: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
-               "tcp_user_timeout": 30_000}
-LOCK_HOLDER_SESSION = ("SELECT set_config('tcp_keepalives_idle', '10', false), "
-                       "set_config('tcp_keepalives_interval', '5', false), "
-                       "set_config('tcp_keepalives_count', '3', false), "
-                       "set_config('tcp_user_timeout', '30000', false)")
+# libpq's names; the server's are the same with ``tcp_`` before each keepalive's.
+SILENT_PEER: dict[str, Any] = {"keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+                               "tcp_user_timeout": 30_000}
+_SERVER_SIDE = sql.SQL("SELECT {}").format(sql.SQL(", ").join(
+    sql.SQL("set_config({}, {}, false)").format(sql.Literal(name if name.startswith("tcp_") else f"tcp_{name}"),
+                                                sql.Literal(str(value)))
+    for name, value in SILENT_PEER.items()))
 
 
 def lock_holder(database_url: str) -> psycopg.Connection[Any]:
-    """An autocommit connection for session locks, both of its ends set as ``LOCK_HOLDER`` says."""
-    conn = psycopg.connect(database_url, autocommit=True, **LOCK_HOLDER)
-    conn.execute(LOCK_HOLDER_SESSION)
+    """An autocommit connection for session locks, both of its ends set as ``SILENT_PEER`` says."""
+    conn = psycopg.connect(database_url, autocommit=True, keepalives=1, **SILENT_PEER)
+    conn.execute(_SERVER_SIDE)
     return conn
 
 
@@ -116,10 +117,9 @@ class PgPositions(_OwnConnection):
             "DO UPDATE SET position = EXCLUDED.position, updated_at = now()").format(t=tbl, k=column)
 
     @classmethod
-    def connect(cls, database_url: str, **params: Any) -> Self:
-        """The relay's positions, on a connection of their own (the schema created if missing);
-        ``params`` are libpq's, beside the URL's."""
-        conn = psycopg.connect(database_url, autocommit=True, **params)
+    def connect(cls, database_url: str) -> Self:
+        """The relay's positions, on a connection of their own (the schema created if missing)."""
+        conn = psycopg.connect(database_url, autocommit=True)
         ensure_schema(conn)
         return cls(conn, conninfo=database_url)
 

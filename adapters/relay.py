@@ -28,7 +28,7 @@ import psycopg
 from kafka.errors import KafkaError
 from psycopg import sql
 
-from adapters.positions import LOCK_HOLDER, LOCK_HOLDER_SESSION, RELAY_NAME, PgPositions, Positions, ensure_schema
+from adapters.positions import RELAY_NAME, PgPositions, Positions, ensure_schema, lock_holder
 from domain.contracts import trace as tracing
 from domain.contracts.envelope import EventEnvelope, decode
 from domain.contracts.topics import EVENTS as EVENTS_TOPIC
@@ -188,17 +188,16 @@ class RelayState(PgPositions):
     record does wait for its flush (``record_loss``)."""
 
     @classmethod
-    def connect(cls, database_url: str, **params: Any) -> Self:
+    def connect(cls, database_url: str) -> Self:
         """Its session holds the lead (``lead``), which the server keeps until it sees the session
         end: for a relay the network cut off, with TCP's usual defaults, two hours or more without
         a relay. Keepalives on both ends and a bound on unacknowledged data end such a session
-        within 30 s on each side (``positions.LOCK_HOLDER``), so a standby takes over and the
+        within 30 s on each side (``positions.lock_holder``), so a standby takes over and the
         cut-off relay's next statement fails (it then restarts as a standby)."""
-        state = super().connect(database_url, **(LOCK_HOLDER | params))
-        state.conninfo = None  # never replaced: its session lock (``lead``) goes with it, and so must the relay
-        state.conn.execute(LOCK_HOLDER_SESSION)
-        state.conn.execute("SET synchronous_commit = off")
-        return state
+        conn = lock_holder(database_url)
+        ensure_schema(conn)
+        conn.execute("SET synchronous_commit = off")
+        return cls(conn)  # no conninfo: never replaced, its session lock (``lead``) goes with it, and so must the relay
 
     def acked_offsets(self, name: str) -> dict[int, int]:
         rows = self.conn.execute("SELECT partition, acked FROM palette_relay.acked_offsets WHERE name = %s",

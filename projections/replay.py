@@ -22,7 +22,6 @@ from psycopg import sql
 from domain.contracts.envelope import EventEnvelope, encode
 from domain.contracts.personal import SEALED_PREFIX, redact
 from domain.contracts.streams import TIME_SLACK_S, event_classes
-from domain.text import csv_cell
 from projections.log import LogReader, StoredRow, events_table
 from projections.rebuild import PAGE
 from projections.stored_events import UNREADABLE, from_notification, from_stored, stored_message
@@ -235,6 +234,8 @@ def as_jsonl(envelopes: Iterator[EventEnvelope]) -> Iterator[bytes]:
 
 
 def as_csv(envelopes: Iterator[EventEnvelope]) -> Iterator[str]:
+    """No cell here can begin a spreadsheet formula (``domain.text.csv_cell``): ids, numbers, the
+    server's names, a time, and the event's data as a JSON object, ``{`` first."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(CSV_COLUMNS)
@@ -242,6 +243,6 @@ def as_csv(envelopes: Iterator[EventEnvelope]) -> Iterator[str]:
     for env in envelopes:
         buf.seek(0)
         buf.truncate()
-        writer.writerow(map(csv_cell, [env.id, env.stream_id, env.stream_type, env.version, env.type,
-                                       env.timestamp.isoformat(), json.dumps(env.data, separators=(",", ":"))]))
+        writer.writerow([env.id, env.stream_id, env.stream_type, env.version, env.type,
+                         env.timestamp.isoformat(), json.dumps(env.data, separators=(",", ":"))])
         yield buf.getvalue()
