@@ -283,8 +283,9 @@ async def rerun_job(job_id: UUID, user_id: CurrentUser, service: ServiceDep, con
         per_day = container.settings.rerun_copy_bytes_per_day
         per_address = container.settings.rerun_copy_bytes_per_address_per_day
         if copied > min(per_day, per_address):  # a 429 would name a wait that never comes
+            bound, whose = min((per_day, "a user's reruns"), (per_address, "the reruns from one address"))
             raise InvalidState(f"cannot rerun this job: its photos and masks are {copied / 2**30:.1f} GiB, more than "
-                               f"the {min(per_day, per_address) / 2**30:.1f} GiB a user's reruns may copy in a day")
+                               f"the {bound / 2**30:.1f} GiB {whose} may copy in a day")
         copy_bytes = made_once(request, "rerun_copy_bytes", lambda: TokenBuckets(per_day / DAY_S, per_day))
         address_bytes = made_once(request, "rerun_copy_bytes_per_address",
                                   lambda: TokenBuckets(per_address / DAY_S, per_address))

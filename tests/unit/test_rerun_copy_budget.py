@@ -168,3 +168,22 @@ def test_the_users_of_one_address_share_its_days_copy_bytes() -> None:
     assert s3.copies == 7 * PHOTOS
     assert rerun(users[2], "198.51.100.9") == 201  # another address: its own day
     assert s3.copies == 8 * PHOTOS
+
+
+def test_a_rerun_larger_than_the_addresss_day_names_the_addresss_limit() -> None:
+    """The refusal names the limit that refused it: one address's day (6 GiB here) when it is
+    smaller than a user's (8 GiB), not the user's."""
+    settings = Settings(jwt_secret="s" * 48, callback_secret="c" * 48, device_key_secret="d" * 48,
+                        rerun_copy_bytes_per_day=8 * GB, rerun_copy_bytes_per_address_per_day=6 * GB)
+    user, source = uuid4(), uuid4()
+    s3 = FakeS3(user, source)
+    s3.listing.append({"Key": s3.listing[0]["Key"].replace("/0.", "/extra."), "Size": 6 * GB})  # 7 GiB in all
+    container = SimpleNamespace(settings=settings, read_pool=None, service=FakeService(), s3=s3,
+                                last_writes=SimpleNamespace(record=lambda *a: None))
+    app = create_app(container)  # type: ignore[arg-type]
+    token = app.state.tokens.issue(user, datetime.now(UTC))
+    answer = TestClient(app).post(f"/jobs/{source}/rerun", headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 409, answer.text
+    message = answer.json()["error"]["message"]
+    assert "7.0 GiB, more than the 6.0 GiB the reruns from one address may copy" in message, message
+    assert s3.copies == 0
