@@ -64,6 +64,7 @@ from domain.contracts.gpu_task import tasks_for as build_tasks
 from domain.contracts.loop import ConsumerLoop
 from domain.job import Job
 from domain.presets import PRESETS
+from domain.text import utf8_head
 
 log = logging.getLogger("palette.dispatcher")
 GROUP = topics.DISPATCHER_GROUP
@@ -438,7 +439,7 @@ class Dispatcher(ConsumerLoop):
         reason = f"{type(error).__name__}: {error}"
         log.error("record %s/%s/%s parked on %s: %s", record.topic, record.partition, record.offset, DLQ_TOPIC,
                   " ".join(reason.split())[:300])
-        headers = [("error", reason.encode()[:2000]), ("topic", str(record.topic).encode()),
+        headers = [("error", utf8_head(reason, 2000)), ("topic", str(record.topic).encode()),
                    ("partition", str(record.partition).encode()), ("offset", str(record.offset).encode())]
         value = record.value if record.value is not None else b""
         try:

@@ -55,6 +55,13 @@ def escaped(text: str) -> str:
     return "".join(ch if refused_character(ch) is None else ascii(ch)[1:-1] for ch in text)
 
 
+def utf8_head(text: str, max_bytes: int) -> bytes:
+    """``text`` as UTF-8 of at most ``max_bytes``, cut between two characters (a byte cut can
+    split one, which a strict reader then refuses), a lone surrogate as its escape (``\\udc80``:
+    UTF-8 has none, and ``str.encode`` raises on one)."""
+    return text.encode("utf-8", "backslashreplace")[:max_bytes].decode("utf-8", "ignore").encode()
+
+
 class TimeTooFine(ValueError):
     """An ISO 8601 time finer than the log's microseconds: a time, refused for that alone (its
     refusal says so, rather than that it is no time)."""

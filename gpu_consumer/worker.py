@@ -61,6 +61,7 @@ from typing import Any
 from domain.contracts import topics, trace
 from domain.contracts.gpu_task import Task
 from domain.contracts.loop import ConsumerLoop
+from domain.text import utf8_head
 from gpu_consumer.callbacks import CallbackClient, CallbackUnavailable
 from gpu_consumer.codec import BadInput
 from gpu_consumer.pipeline import Edited, Fetched, ImagePipeline
@@ -370,7 +371,7 @@ class GpuWorker(ConsumerLoop):
             value = json.dumps({"error": reason[:PARKED_ERROR_CHARS], "parked_bytes": len(value),
                                 "head": value[:4096].decode("utf-8", "replace")}).encode()
         sent = self.producer.send(DLQ_TOPIC, key=key, value=value,
-                                  headers=[("error", reason.encode()[:PARKED_ERROR_CHARS])])
+                                  headers=[("error", utf8_head(reason, PARKED_ERROR_CHARS))])
         self.producer.flush()
         try:
             sent.get(timeout=30)  # flush does not raise for a send the broker refused: this does

@@ -490,3 +490,14 @@ def test_the_stale_sweep_looks_every_minute_however_long_a_job_may_take_to_be_st
             now[0] = tick * every
             d.step(timeout_ms=0)
         assert looked == [every, 2 * every, 3 * every], stale_s
+
+
+def test_a_parked_records_error_header_is_whole_characters_within_its_bound() -> None:
+    """A byte cut split the character across the bound, and a lone surrogate in the error made
+    the send raise instead of parking."""
+    d, producer, _consumer = dispatcher([])
+    d._park(Record(b"v", b"k", 1), ValueError("\u00e9" * 2000))
+    d._park(Record(b"v", b"k", 2), ValueError("bad \udc80"))
+    [(_, cut), (_, surrogate)] = producer.parked()
+    assert cut["error"].decode("utf-8") == "ValueError: " + "\u00e9" * ((2000 - len("ValueError: ")) // 2)
+    assert surrogate["error"] == b"ValueError: bad \\udc80"

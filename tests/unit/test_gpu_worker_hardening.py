@@ -30,7 +30,7 @@ from gpu_consumer import ops
 from gpu_consumer.callbacks import CallbackClient, CallbackUnavailable
 from gpu_consumer.codec import BadInput
 from gpu_consumer.pipeline import ImagePipeline
-from gpu_consumer.worker import GpuWorker, Prefetch, RecentKeys, StartedItems, Task
+from gpu_consumer.worker import PARKED_ERROR_CHARS, GpuWorker, Prefetch, RecentKeys, StartedItems, Task
 from tests.unit.broker_fakes import FakeConsumer, FakeLog, Record
 
 DLQ = "palette.gpu-jobs.dlq"
@@ -1317,3 +1317,18 @@ def test_an_object_store_that_does_not_answer_is_waited_out_not_charged_to_the_i
     finally:
         w.close()
     assert callbacks.reports == [(t["idempotency_key"], "done", "")] and consumer.commits == 1
+
+
+def test_a_parked_tasks_error_header_is_whole_characters_within_its_bound() -> None:
+    """A byte cut split the character across the bound (a strict reader of the DLQ refused the
+    header), and a lone surrogate in the reason (a task's JSON may carry one escaped) made the
+    send raise instead of parking."""
+    w, _s3, producer, _callbacks, _consumer = worker()
+    try:
+        w._park(b"k", b"{}", "x" + "\u00e9" * PARKED_ERROR_CHARS)
+        w._park(b"k", b"{}", "bad value \udc80")
+    finally:
+        w.close()
+    [(_, cut), (_, surrogate)] = producer.parked()
+    assert cut["error"].decode("utf-8") == "x" + "\u00e9" * ((PARKED_ERROR_CHARS - 1) // 2)
+    assert surrogate["error"] == b"bad value \\udc80"

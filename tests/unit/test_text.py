@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.text import csv_cell, escaped, iso_time, refused_character, storable_text
+from domain.text import csv_cell, escaped, iso_time, refused_character, storable_text, utf8_head
 
 # The 66 non-characters, listed as Unicode lists them: U+FDD0..U+FDEF, and the last two code
 # points of each of the 17 planes.
@@ -134,3 +134,23 @@ def test_the_text_of_a_signed_number_stays_a_number_and_arithmetic_does_not():
 @given(st.integers() | st.floats(allow_nan=False) | st.booleans() | st.none())
 def test_a_csv_cell_that_is_not_text_is_left_as_it_is_a_negative_number_included(value):
     assert csv_cell(value) is value
+
+
+@given(st.text(), st.integers(min_value=0, max_value=64))
+def test_a_utf8_head_is_the_longest_whole_character_prefix_that_fits(text: str, max_bytes: int) -> None:
+    """Oracle: characters taken one by one (a lone surrogate as its ``\\uXXXX`` escape) while
+    their UTF-8 still fits."""
+    expected = b""
+    for ch in text:
+        piece = ascii(ch)[1:-1].encode() if 0xD800 <= ord(ch) <= 0xDFFF else ch.encode()
+        if len(expected) + len(piece) > max_bytes:
+            break
+        expected += piece
+    head = utf8_head(text, max_bytes)
+    assert head == expected
+    head.decode("utf-8")  # strict: no character cut in two
+
+
+def test_a_utf8_head_cuts_before_a_character_that_does_not_fit_whole() -> None:
+    assert utf8_head("ab\u00e9", 3) == b"ab" and utf8_head("ab\u00e9", 4) == "ab\u00e9".encode()
+    assert utf8_head("x\udc80y", 10) == b"x\\udc80y"
