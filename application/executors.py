@@ -140,6 +140,8 @@ class WriterCache:
         versions = {i: (agg.version if agg is not None else 0) for i, agg in out.items()}
         try:
             snapshots, events = self.loader.since_snapshots(versions)
+        except TRANSIENT:  # the database, not the snapshots: the events would wait for it as long
+            raise
         except Exception as e:  # noqa: BLE001 - the snapshots' table gone, say: read the events alone
             log.warning("loading from snapshots failed (%s: %s): reading the events", type(e).__name__, e)
             snapshots, events = [], self.loader.newer_than(versions)

@@ -480,6 +480,28 @@ def test_the_writer_cache_holds_at_most_its_bound_dropping_the_least_recently_sa
     assert all(loaded[x.id].version == x.version for x in (a, b, c))
 
 
+def test_a_database_away_fails_the_writer_cache_load_without_asking_it_again_for_the_events() -> None:
+    """A snapshot that cannot be read costs only the shortcut (the events are read instead), but a
+    database that does not answer is no snapshot's fault: asking it again would make every batch
+    wait out the pool twice before it fails."""
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    user = User.register("hmac-sha256:away", DEFAULT_PLANS["free"], StepClock().now())
+    app.save(user)
+    asked_for_events: list[dict[UUID, int]] = []
+
+    class Away(RecorderStreamLoader):
+        def since_snapshots(self, versions):  # type: ignore[no-untyped-def]
+            raise OperationalError("connection refused")
+
+        def newer_than(self, versions):  # type: ignore[no-untyped-def]
+            asked_for_events.append(dict(versions))
+            return super().newer_than(versions)
+
+    with pytest.raises(OperationalError):
+        WriterCache(app, Away(app.recorder)).load([user.id])
+    assert asked_for_events == []
+
+
 def _allocated(make: Callable[[], T]) -> tuple[T, int]:
     """What ``make`` returns, and the bytes it allocated that are still held (tracemalloc)."""
     gc.collect()
