@@ -416,7 +416,9 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _development_register_rate(self) -> Settings:
+    def _development_address_limits(self) -> Settings:
+        """In development, each limit per client address not set is the DEV_ one: local tools and
+        test suites run every user from loopback."""
         if self.env == "development":
             rate, burst = DEV_REGISTER_RATE
             if "rate_register_per_s" not in self.model_fields_set:
