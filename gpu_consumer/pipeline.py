@@ -13,7 +13,7 @@ import torch
 from domain.contracts.gpu_task import Task
 from domain.contracts.keys import MAX_INPUT_BYTES
 from gpu_consumer import ops
-from gpu_consumer.codec import BadInput, check_size, decode_upright, encode_png, encode_preview, read_mask
+from gpu_consumer.codec import BadInput, decode_upright, encode_png, encode_preview, read_mask
 from gpu_consumer.fill import has_surroundings
 from gpu_consumer.refine import refine_masks
 from gpu_consumer.segment import Instance, Segmenter, built_in
@@ -127,7 +127,6 @@ class ImagePipeline:
         data = self._get(task.input_key, "photo")
         if data is None:
             raise BadInput("input image is missing")
-        check_size(data)
         image, orientation, profile = decode_upright(data)
         masks = {}
         for concept in [*task.concepts, *task.protect]:
