@@ -18,6 +18,7 @@ from adapters.cli import analysts, auditors, bench, operators, read_models, stac
 from adapters.cli.outputs import SIGPIPE_EXIT, stdout_closed, stdout_gone
 from adapters.logs import driver_reason
 from adapters.settings import SettingsError
+from domain.text import one_line
 from infra.config import unproxied_loopback
 from infra.supervisor import StackError
 
@@ -26,10 +27,11 @@ COMMANDS = (stack, read_models, analysts, auditors, bench, operators)
 
 class _Parser(argparse.ArgumentParser):
     """argparse's refusal in one line, as every other refusal of the command line (its usage,
-    several lines of it, is what --help prints); its subcommands' parsers are of this class too."""
+    several lines of it, is what --help prints), an argument it did not expect escaped to stay on
+    that line; its subcommands' parsers are of this class too."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from adapters.cli.connect import running_settings
 from adapters.settings import Settings, load_settings
+from domain.text import one_line
 from infra.supervisor import StackError, stop_strays
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
     if args.key is not None:  # an empty name too ("$UNSET"): not every setting, secrets included, for one
         key = args.key if args.key.startswith("PALETTE_") else f"PALETTE_{args.key.upper()}"
         if key not in values:
-            print(f"palette env: unknown setting {args.key or '(an empty name)'}", file=sys.stderr)
+            print(f"palette env: unknown setting {one_line(args.key) or '(an empty name)'}", file=sys.stderr)
             return 2
         print(values[key])
         return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters import cli
@@ -275,6 +275,31 @@ def test_env_prints_a_setting_named_either_way_and_refuses_an_unknown_one(tmp_pa
     assert cli.main(["env", ""]) == 2  # "$UNSET": no value, rather than every setting, secrets included
     captured = capsys.readouterr()
     assert (captured.out, captured.err) == ("", "palette env: unknown setting (an empty name)\n")
+
+
+# What argv can hold: no NUL, and no surrogate but the ones undecodable bytes become, which
+# stderr writes escaped (capsys's cannot: it is strict UTF-8).
+ARGV_CHARACTERS = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.text(ARGV_CHARACTERS), extra=st.text(ARGV_CHARACTERS, min_size=1).filter(lambda t: t[0] != "-"))
+def test_a_refusal_is_one_line_whatever_the_value_it_names_holds(key: str, extra: str, tmp_path: Path, capsys: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`palette env "$KEY"` with a line break in KEY (a value pasted with its newline) said
+    "unknown setting" over two lines, as did argparse of an argument it did not expect."""
+    monkeypatch.setenv("PALETTE_DATA_DIR", str(tmp_path))
+    try:
+        code = cli.main(["env", key])
+    except SystemExit as refused:  # a key that reads as an option
+        code = refused.code
+    captured = capsys.readouterr()
+    assert code == 0 or (code == 2 and captured.err.count("\n") == 1 and captured.err.endswith("\n")), captured.err
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["env", "api_port", extra])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("(see palette --help)\n"), err
 
 
 def test_serve_naive_for_a_process_other_than_the_api_is_refused(capsys: Any) -> None:
