@@ -410,7 +410,12 @@ def _refused_position(at: int | None, app: Any) -> str | None:
 
 def _audit_keygen(args: argparse.Namespace) -> int:
     from adapters import checkpoints
+    from adapters.settings import breaks_lines
 
+    if breaks_lines(str(args.out)):  # a key that no setting could name
+        print(f"palette audit keygen: --out {one_line(args.out)} holds a line break, which "
+              "PALETTE_AUDIT_SIGNING_KEY_FILE (a setting, one line) cannot: name another file", file=sys.stderr)
+        return 2
     try:
         public = checkpoints.keygen(args.out)
     except checkpoints.CheckpointError as e:

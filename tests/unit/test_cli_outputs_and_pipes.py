@@ -121,6 +121,22 @@ def test_keygen_into_a_missing_directory_is_one_line(tmp_path: Path, monkeypatch
     assert err.count("\n") == 1 and str(out) in err and "No such file or directory" in err
 
 
+@pytest.mark.parametrize("name", ["key\n.pem", "key\r.pem", "key\u2028.pem"])
+def test_keygen_refuses_a_name_no_setting_can_hold_and_writes_no_key(name: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A key written under a name with a line break could never be used: the setting that names
+    it, PALETTE_AUDIT_SIGNING_KEY_FILE, is refused when it holds one."""
+    monkeypatch.setenv("PALETTE_DATA_DIR", str(tmp_path))
+    out = tmp_path / "keys" / name
+    out.parent.mkdir()
+    assert cli.main(["audit", "keygen", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+    assert "holds a line break" in captured.err and "PALETTE_AUDIT_SIGNING_KEY_FILE" in captured.err
+    assert list(out.parent.iterdir()) == []
+
+
 def test_an_os_error_on_a_named_file_is_one_line_not_a_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """The last resort for any path the CLI touches (here the ready file of `palette serve`)."""
