@@ -18,7 +18,7 @@ from eventsourcing.persistence import OperationalError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka import TopicPartition
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import KafkaConnectionError, KafkaTimeoutError, MessageSizeTooLargeError
 
 from adapters.dispatcher import DLQ_TOPIC, GPU_GROUP, Dispatcher, KafkaTaskQueue, Placement, Placements
 from adapters.rollover import LogRollover
@@ -501,3 +501,150 @@ def test_a_parked_records_error_header_is_whole_characters_within_its_bound() ->
     [(_, cut), (_, surrogate)] = producer.parked()
     assert cut["error"].decode("utf-8") == "ValueError: " + "\u00e9" * ((2000 - len("ValueError: ")) // 2)
     assert surrogate["error"] == b"ValueError: bad \\udc80"
+
+
+def test_every_task_of_a_job_goes_under_the_job_id_as_its_key_sent_again_too():
+    """One key, so one partition: a job's placement (its last task's offset) speaks for all its tasks."""
+    job = queued_job(3)
+    queue = FakeQueue(consumed={0: 0})
+    d, producer, _ = dispatcher([envelope(job.id)], jobs=[job], queue=queue)
+    d.step()
+    queue.consumed[0] = 3
+    assert d.sweep() == 3
+    keys = [key for topic, key, _, _ in producer.sent if topic == GPU_TOPIC]
+    assert keys == [str(job.id).encode()] * 6
+
+
+class RefusingLarge(FakeProducer):
+    """A producer that refuses a value over 64 KiB, as kafka-python's does past max_request_size."""
+
+    def send(self, topic: str, key: bytes | None = None, value: bytes = b"",
+             headers: list[tuple[str, bytes]] | None = None) -> Sent:
+        if len(value) > 64 * 1024:
+            raise MessageSizeTooLargeError(f"{len(value)} bytes")
+        return super().send(topic, key, value, headers)
+
+
+def test_a_record_too_large_to_park_whole_is_parked_as_its_head_and_the_loop_goes_on():
+    big = b"\xff" + b"x" * (100 * 1024)
+    consumer = FakeConsumer([Record(big, b"k", 7)])
+    producer = RefusingLarge()
+    d = Dispatcher(consumer, producer, FakeApp(FakeRepository()), clock=lambda: 0.0)
+    assert d.step() == 0
+    [(value, headers)] = producer.parked()
+    assert value == big[:65536] and headers["truncated"] == b"true" and headers["offset"] == b"7"
+    assert consumer.commits == 1
+
+
+class Losses:
+    """The relay's record of broker losses as a consumer sees it: pending until handled."""
+
+    def __init__(self) -> None:
+        self.pending = True
+
+    def new_loss(self) -> bool:
+        return self.pending
+
+    def handled(self) -> None:
+        self.pending = False
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_broker_loss_sends_the_unfinished_tasks_again_once_and_again_after_a_failed_try():
+    losses = Losses()
+    d, _, _ = dispatcher(queue=FakeQueue())
+    d.losses = losses  # type: ignore[assignment]
+    tries: list[str] = []
+
+    def queue_lost(why: str, page: int = 500) -> int:
+        tries.append(why)
+        if len(tries) == 1:
+            raise KafkaConnectionError()  # the broker still coming back
+        return 0
+
+    d.queue_lost = queue_lost  # type: ignore[method-assign]
+    d.step()
+    assert len(tries) == 1 and losses.pending  # not handled: tried again
+    d.step()
+    assert len(tries) == 2 and not losses.pending
+    d.step()
+    d.step()
+    assert len(tries) == 2
+
+
+class AwayOnce(LogAdmin):
+    """The broker away when the dispatcher first makes the GPU queue's topic."""
+
+    def ensure(self, topic: str, partitions: int) -> None:
+        if not self.ensured:
+            self.ensured = -1
+            raise KafkaConnectionError()
+        super().ensure(topic, partitions)
+
+
+def test_no_task_is_sent_before_the_gpu_queues_topic_is_known_to_be_made():
+    """Else the broker makes it on the first send, with its own defaults."""
+    job = queued_job(2)
+    admin = AwayOnce({})
+    d, producer, consumer = dispatcher([envelope(job.id)], jobs=[job], queue=FakeQueue(),
+                                       rollover=rolling(admin, Clock()))
+    assert d.step(timeout_ms=0) == 0
+    assert producer.tasks() == [] and consumer.commits == 0 and len(consumer.polls) == 1  # not polled
+    assert d.step(timeout_ms=0) == 2
+    assert admin.ensured == 0 and consumer.commits == 1
+
+
+def test_a_database_outage_during_the_sweep_raises():
+    """A transient error is not one job's fault: the process restarts, not the sweep skipping every job."""
+    d, producer, _ = dispatcher(jobs=[queued_job(1)], queue=FakeQueue(), failure=OperationalError("server closed"))
+    with pytest.raises(OperationalError):
+        d.sweep()
+    assert producer.tasks() == []
+
+
+def test_a_sweep_the_broker_does_not_answer_about_sends_nothing_and_goes_on():
+    job = queued_job(2)
+    queue = FakeQueue(consumed={0: 0})
+    d, producer, _ = dispatcher([envelope(job.id)], jobs=[job], queue=queue)
+    d.step()
+
+    def no_answer(partitions: Iterable[int]) -> dict[int, int]:
+        raise KafkaTimeoutError("no answer")
+
+    queue.committed = no_answer  # type: ignore[method-assign]
+    assert d.sweep() == 0 and len(producer.tasks()) == 2
+
+
+def test_the_gpu_queues_topic_id_is_asked_once_a_second_however_often_the_loop_steps():
+    now, asked = [0.0], []
+
+    class Counting(FakeQueue):
+        def log_id(self) -> str:
+            asked.append(now[0])
+            return super().log_id()
+
+    d = Dispatcher(FakeConsumer(), FakeProducer(), FakeApp(FakeRepository()), clock=lambda: now[0], queue=Counting())
+    for t in (0.0, 0.5, 0.99, 1.0, 1.5, 2.25):
+        now[0] = t
+        d.step(timeout_ms=0)
+    assert asked == [0.0, 1.0, 2.25]
+
+
+class Described:
+    def __init__(self, *topics: dict[str, Any]) -> None:
+        self.topics = topics
+
+    def describe_topics(self, names: list[str]) -> list[dict[str, Any]]:
+        return list(self.topics)
+
+
+def test_a_gpu_queue_the_broker_does_not_hold_has_no_id():
+    """A missing topic's metadata carries an error and an all-zero id: no id, so not a new queue."""
+    zero, real = UUID(int=0), uuid.uuid4()
+    missing = {"name": GPU_TOPIC, "error_code": 3, "topic_id": zero}
+    assert KafkaTaskQueue(Described(missing), probe=None).log_id() is None
+    held = Described({"name": "other", "error_code": 0, "topic_id": zero},
+                     {"name": GPU_TOPIC, "error_code": 0, "topic_id": real})
+    assert KafkaTaskQueue(held, probe=None).log_id() == real
