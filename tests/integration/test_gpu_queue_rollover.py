@@ -80,3 +80,39 @@ def test_the_dispatcher_starts_the_gpu_queue_afresh_and_the_gpu_group_misses_no_
         dispatcher.producer.close()
         rollover.close()
         queue.close()
+
+
+class NoProducer:
+    def close(self) -> None:
+        pass
+
+
+class NoAdmin:
+    """The rollover's broker admin, never asked here."""
+
+
+def test_a_dispatcher_is_not_alone_while_another_lives(settings: Settings) -> None:
+    """Each one holds ALONE_LOCK shared for its life, so none starts the GPU queue afresh (and
+    drops the other's tasks with the old log) while another runs."""
+
+    def started() -> Dispatcher:
+        rollover = LogRollover(NoAdmin(), f"gpu-alone-{uuid.uuid4().hex[:8]}", 1, ("gpu-alone",), every_batches=4)
+        return Dispatcher(NoEvents(), NoProducer(), NoStore(), settings.effective_database_url, rollover=rollover)
+
+    def held_by(d: Dispatcher) -> list[str]:
+        assert d.conn is not None
+        with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+            return [mode for (mode,) in conn.execute(
+                "SELECT mode FROM pg_locks WHERE locktype = 'advisory' AND pid = %s "
+                "AND classid::bigint = (hashtext(%s)::bigint >> 32) & 4294967295 "
+                "AND objid::bigint = hashtext(%s)::bigint & 4294967295",
+                [d.conn.info.backend_pid, ALONE_LOCK, ALONE_LOCK]).fetchall()]
+
+    first, second = started(), started()
+    try:
+        assert held_by(first) == ["ShareLock"]
+        with second._alone() as alone:
+            assert not alone  # (other dispatchers on this database may hold it too: never alone then either)
+    finally:
+        first.close()
+        second.close()
