@@ -312,3 +312,112 @@ def test_a_request_whose_stale_claim_was_taken_over_leaves_the_retrys_answer_alo
     asyncio.run(scenario())
     assert statuses == [409, 201, 201]  # the first, its retry, and the retry's answer replayed
     assert len(ran) == 2
+
+
+def test_an_answer_kept_longer_than_a_stale_claim_is_replayed_not_run_again(settings: Settings) -> None:
+    """STALE_S is for a claim with no answer (its process died): a kept answer stays the answer
+    until the key's TTL, however long ago it was kept."""
+    url = settings.effective_database_url
+    user_id, key = uuid.uuid4(), f"k-{uuid.uuid4().hex}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        ensure_schema(conn)
+        conn.execute("INSERT INTO palette_api.idempotency (scope, key, request_hash, status, headers, body, "
+                     "created_at) VALUES (%s, %s, %s, 201, '[]', 'kept', now() - interval '1 minute')",
+                     [f"user:{user_id}", key, hashlib.sha256(b"/jobs/x/cancel\n{}").hexdigest()])
+    ran: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        ran.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ran again"})
+
+    sent: list[Any] = []
+
+    async def scenario() -> None:
+        connections = unflushed(url)
+
+        async def receive() -> Any:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        try:
+            await IdempotencyKeys(app, connections, Tokens(user_id), fail)(
+                {"type": "http", "method": "POST", "path": "/jobs/x/cancel", "client": ("127.0.0.1", 40000),
+                 "headers": [(b"authorization", b"Bearer t"), (b"idempotency-key", key.encode())]}, receive, send)
+        finally:
+            await connections.close()
+
+    asyncio.run(scenario())
+    assert ran == []
+    start, body = sent
+    assert start["status"] == 201 and (b"idempotent-replayed", b"true") in start["headers"]
+    assert body["body"] == b"kept"
+
+
+def test_a_request_that_fails_before_its_answer_releases_its_key(settings: Settings) -> None:
+    """A route that raises: the retry runs again at once, not a 409 until the claim is stale."""
+    url = settings.effective_database_url
+    user_id, key = uuid.uuid4(), f"k-{uuid.uuid4().hex}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        ensure_schema(conn)
+    ran: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        ran.append(len(ran))
+        if len(ran) == 1:
+            raise RuntimeError("the route failed")
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"made"})
+
+    async def scenario() -> int:
+        connections = unflushed(url)
+        keys = IdempotencyKeys(app, connections, Tokens(user_id), fail)
+        try:
+            with contextlib.suppress(RuntimeError):
+                await _post(keys, "/rules", key)
+            return await _post(keys, "/rules", key)
+        finally:
+            await connections.close()
+
+    assert asyncio.run(scenario()) == 201
+    assert ran == [0, 1]
+
+
+def test_a_request_whose_claim_was_taken_over_does_not_keep_its_answer_over_the_retrys(settings: Settings) -> None:
+    """Both runs answer 201; the key keeps the retry's answer (the latest claim's), so a third try
+    replays what the retry said, not what the slow first run said after it."""
+    url = settings.effective_database_url
+    user_id, key = uuid.uuid4(), f"k-{uuid.uuid4().hex}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        ensure_schema(conn)
+    ran: list[int] = []
+    keys: list[IdempotencyKeys] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        run = len(ran)
+        ran.append(run)
+        if run == 0:  # the first run outlives its claim; its retry comes meanwhile and runs
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("UPDATE palette_api.idempotency SET created_at = now() - interval '1 minute' "
+                             "WHERE scope = %s AND key = %s", [f"user:{user_id}", key])
+            await _post(keys[0], "/jobs/x/execute", key)
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"run %d" % run})
+
+    async def scenario() -> None:
+        connections = unflushed(url)
+        keys.append(IdempotencyKeys(app, connections, Tokens(user_id), fail))
+        try:
+            await _post(keys[0], "/jobs/x/execute", key)
+            assert await _post(keys[0], "/jobs/x/execute", key) == 201
+        finally:
+            await connections.close()
+
+    asyncio.run(scenario())
+    assert ran == [0, 1]
+    with psycopg.connect(url, autocommit=True) as conn:
+        kept = conn.execute("SELECT body FROM palette_api.idempotency WHERE scope = %s AND key = %s",
+                            [f"user:{user_id}", key]).fetchone()
+    assert kept is not None and bytes(kept[0]) == b"run 1"
