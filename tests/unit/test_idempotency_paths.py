@@ -119,3 +119,34 @@ def test_a_client_gone_before_its_body_ended_neither_claims_a_key_nor_runs_the_r
     asyncio.run(IdempotencyKeys(app, NoDatabase(), issuer, fail=None)(  # type: ignore[arg-type]
         scope, receive, None))  # type: ignore[arg-type]
     assert reached == []
+
+
+@pytest.mark.parametrize(("key", "claimed"), [
+    (b"k" * 255, True), (b" ~", True),  # README: 1 to 255 printable ASCII characters
+    (b"k" * 256, False), (b"", False), (b"a\x7fb", False), (b"a\x1fb", False), ("é".encode(), False),
+])
+def test_a_key_of_1_to_255_printable_ascii_characters_is_claimed_and_any_other_is_a_422(key, claimed):
+    issuer = TokenIssuer("s" * 48, "palette", "palette-app", 3600)
+    refusals: list[tuple[str, str]] = []
+
+    def fail(code: str, message: str, **kwargs: object) -> object:
+        refusals.append((code, message))
+
+        async def answer(scope: dict, receive: object, send: object) -> None:
+            pass
+
+        return answer
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    token = issuer.issue(uuid4(), datetime.now(UTC)).encode()
+    scope = {"type": "http", "method": "POST", "path": "/rules",
+             "headers": [(b"idempotency-key", key), (b"authorization", b"Bearer " + token)]}
+    keys = IdempotencyKeys(None, NoDatabase(), issuer, fail=fail)  # type: ignore[arg-type]
+    if claimed:
+        with pytest.raises(AssertionError, match="key table"):
+            asyncio.run(keys(scope, receive, None))  # type: ignore[arg-type]
+    else:
+        asyncio.run(keys(scope, receive, None))  # type: ignore[arg-type]
+    assert [code for code, _ in refusals] == ([] if claimed else ["VALIDATION_FAILED"])
