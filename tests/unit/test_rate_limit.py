@@ -271,6 +271,17 @@ def test_a_key_s_spending_comes_back_only_when_its_command_recorded_nothing():
         pass
 
 
+def test_a_spending_of_several_tokens_gives_all_of_them_back_into_a_bucket_not_full():
+    """A rerun's copy bytes: a refused rerun of 4 GB must not cost its user 3 of them."""
+    buckets = TokenBuckets(rate_per_s=1 / DAY_S, burst=10, clock=FakeClock())
+    buckets.take("k", 3)  # 7 left
+    with buckets.spending("k", 4):  # 3 left while it runs; it records nothing: 7 again
+        pass
+    buckets.take("k", 7)
+    with pytest.raises(RateLimited):
+        buckets.take("k", 1)
+
+
 def test_an_ipv4_client_counts_as_itself_however_its_address_is_written_and_ipv6_by_its_64():
     """A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d: counted by its /64, every IPv4
     client on the Internet would share one limit."""
