@@ -77,9 +77,7 @@ def test_the_dispatcher_starts_the_gpu_queue_afresh_and_the_gpu_group_misses_no_
     finally:
         other.close()
         member.close()
-        dispatcher.producer.close()
-        rollover.close()
-        queue.close()
+        dispatcher.close()  # its rollover and queue, and its ALONE_LOCK session: a later test may count holders
 
 
 class NoProducer:
