@@ -22,6 +22,7 @@ from tests.unit.test_webhooks import Target
 
 BODY = b'{"type":"job.queued"}'
 LONG_LABEL = "a" * 64
+FULL_NAME = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])  # 253 characters
 
 
 class Resolving:
@@ -47,6 +48,7 @@ def no_dns(host: str, port: int) -> list[str]:
     ("例え。テスト", "xn--r8jz45g.xn--zckzah"), ("xn--bcher-kva.de", "xn--bcher-kva.de"),
     ("Hooks.Example", "hooks.example"), ("my_host.example", "my_host.example"), ("example.com.", "example.com."),
     ("127.0.0.1", "127.0.0.1"), ("2001:db8::1", "2001:db8::1"), ("a" * 63 + ".com", "a" * 63 + ".com"),
+    (FULL_NAME + ".", FULL_NAME + "."),  # 253 characters and the root's dot: the longest name DNS takes
 ])
 def test_a_host_is_kept_in_its_ascii_form(host, ascii):
     assert targets.ascii_host(host) == ascii
@@ -254,7 +256,7 @@ def test_a_literal_host_is_judged_as_written_without_resolving(host, reason):
 
 
 @pytest.mark.parametrize(("address", "reason"), [("::127.0.0.1", "loopback"), ("fec0::1", "site-local"),
-                                                 ("4000::1", "reserved")])
+                                                 ("4000::1", "reserved"), ("fe80::1%eth0", "link-local")])
 def test_a_name_resolving_to_such_an_address_is_refused_alike(address, reason):
     with pytest.raises(targets.TargetRefused, match=f"hooks.example resolves to a {reason} address"):
         targets.check("https://hooks.example/in", True, Resolving("93.184.216.34", address))

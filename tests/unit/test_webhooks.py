@@ -125,6 +125,7 @@ NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC).timestamp()
     ("Sun, 06 Dec 2026 12:02:00 GMT", 120.0),  # the IMF-fixdate of RFC 9110
     ("Sunday, 06-Dec-26 12:02:00 GMT", 120.0),  # the obsolete RFC 850 form
     ("Sun Dec  6 12:02:00 2026", 120.0),  # asctime, no zone: GMT
+    (" " * 61 + "120", 120.0),  # 64 characters: the longest value read
 ])
 def test_a_retry_after_is_read_as_seconds_or_an_http_date(value, wait):
     assert targets.retry_after_s(value, NOW) == wait
@@ -133,7 +134,7 @@ def test_a_retry_after_is_read_as_seconds_or_an_http_date(value, wait):
 @pytest.mark.parametrize("value", [None, "", "-5", "1.5", "²", "12345678901", "soon", "120, 30", "\x00", "12\x00",
                                    "\x1b[31m", "\ud800", "1" * 65536, "Sun, 06 Dec 2026 12:02:00 GMT\x00" * 2048,
                                    "Sun, 06 Dec 2026 11:59:00 GMT", "Mon, 01 Jan 0001 00:00:00 GMT",
-                                   "Sun, 06 Dec 2026 25:61:00 GMT"])
+                                   "Sun, 06 Dec 2026 25:61:00 GMT", " " * 62 + "120"])
 def test_a_retry_after_absent_unreadable_or_past_asks_for_no_wait(value):
     assert targets.retry_after_s(value, NOW) is None
 
