@@ -5,8 +5,10 @@ reserved, site-local and IPv4-compatible addresses, written as literals or resol
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import sys
+import threading
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 from uuid import uuid4
@@ -15,9 +17,10 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from standardwebhooks import Webhook
 
 from adapters.webhooks import store, targets
-from adapters.webhooks.sender import HOLD_MAX_S, WebhookSender
+from adapters.webhooks.sender import HOLD_MAX_S, PRUNE_PAGE, WebhookSender
 from tests.unit.test_webhooks import Target
 
 BODY = b'{"type":"job.queued"}'
@@ -226,6 +229,67 @@ def test_the_sender_records_an_attempt_that_raised_as_a_failure_on_the_retry_sch
     assert not outcome.ok and outcome.status_code is None and outcome.error.startswith("UnicodeEncodeError: ")
     assert retry_in == pytest.approx(60.0)  # the second try failed: the schedule's second step
     assert (disable_after, disable_after_s) == (3, 0.0)
+
+
+@pytest.mark.parametrize(("step", "held"), [(600.0, 600.0), (5.0, 60.0)])
+def test_a_retry_after_holds_the_endpoint_for_it_or_the_schedules_step_whichever_is_longer(monkeypatch, step, held):
+    finished: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(store, "finish", lambda *args: finished.append(args))
+    busy = Target(429, headers={"Retry-After": "60"})
+    sender = WebhookSender(Finishing(), busy.client(), (step,), production=False,  # type: ignore[arg-type]
+                           disable_after=3, disable_after_s=0.0, draw=lambda: 0.5)  # 0.5: no jitter
+    sender._deliver(store.Due(uuid4(), "msg_x_1", BODY, 0, "http://127.0.0.1:9/in", ("whsec_dGVzdA==",)))
+    hold_s = finished[0][7]
+    assert hold_s(1) == pytest.approx(held)
+
+
+def test_an_attempt_is_signed_with_every_key_of_its_delivery(monkeypatch):
+    monkeypatch.setattr(store, "finish", lambda *args: None)
+    receiver = Target(204)
+    sender = WebhookSender(Finishing(), receiver.client(), (5.0,), production=False,  # type: ignore[arg-type]
+                           disable_after=3, disable_after_s=0.0)
+    old, new = "whsec_" + base64.b64encode(b"o" * 24).decode(), "whsec_" + base64.b64encode(b"n" * 24).decode()
+    sender._deliver(store.Due(uuid4(), "msg_x_1", BODY, 0, "http://127.0.0.1:9/in", (new, old)))
+    [request] = receiver.requests
+    headers = dict(request.headers)
+    for secret in (old, new):
+        Webhook(secret).verify(request.content, headers)  # raises unless one signature is this secret's
+
+
+def test_a_sender_forgets_a_user_whose_attempts_are_over(monkeypatch):
+    """The attempts in flight are counted by user: a user with none left keeps no entry, else
+    the count grew with every user the process ever delivered to."""
+    monkeypatch.setattr(store, "finish", lambda *args: None)
+    sender = WebhookSender(Finishing(), Target(204).client(), (5.0,), production=False,  # type: ignore[arg-type]
+                           disable_after=3, disable_after_s=0.0)
+    due = store.Due(uuid4(), "msg_x_1", BODY, 0, "http://127.0.0.1:9/in", ("whsec_dGVzdA==",), user_id=uuid4())
+    sender._busy[due.user_id] += 1  # as run() counts a claimed delivery
+    sender._deliver(due)
+    assert dict(sender._busy) == {}
+
+
+def test_the_sender_prunes_page_after_page_while_pages_come_back_full(monkeypatch):
+    pruned: list[int] = []
+    stop = threading.Event()
+    polls = iter(range(5))
+
+    def prune(conn: Any, keep_s: float, limit: int) -> int:
+        pruned.append(limit)
+        if len(pruned) == 3:
+            stop.set()
+        return limit if len(pruned) < 3 else limit - 1
+
+    def claim(*args: Any, **kwargs: Any) -> list[store.Due]:
+        if next(polls, None) is None:  # a bound on the loop, whatever prune does
+            stop.set()
+        return []
+
+    monkeypatch.setattr(store, "prune", prune)
+    monkeypatch.setattr(store, "claim", claim)
+    sender = WebhookSender(Finishing(), Target(204).client(), (5.0,), production=False,  # type: ignore[arg-type]
+                           disable_after=3, disable_after_s=0.0, poll_s=0.0)
+    sender.run(stop)
+    assert pruned == [PRUNE_PAGE] * 3  # two full pages, then the last, each at once
 
 
 # -- addresses production refuses ------------------------------------------------------------------
