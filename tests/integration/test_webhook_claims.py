@@ -275,10 +275,13 @@ def test_a_delivery_redelivered_without_end_keeps_only_its_latest_attempts(conn)
         [delivery] = [r[0] for r in conn.execute("SELECT id FROM palette_webhooks.deliveries WHERE job_id = %s",
                                                  [job]).fetchall()]
         rounds = store.SHOWN_ATTEMPTS + 15
-        for _ in range(rounds):
+        for made in range(1, rounds + 1):
             assert store.redeliver(conn, user, endpoint, delivery) is not None
             [due] = [d for d in store.claim(conn, 1000, 30.0) if d.id == delivery]
             store.finish(conn, delivery, Outcome(500, "HTTP 500", "x" * 4096, 3), 5.0, 1000, 10**6, due.lease)
+            [(count,)] = conn.execute("SELECT count(*) FROM palette_webhooks.attempts WHERE delivery_id = %s",
+                                      [delivery]).fetchall()
+            assert count == min(made, store.SHOWN_ATTEMPTS), made  # never one more, not even for one attempt
         kept = [r[0] for r in conn.execute("SELECT n FROM palette_webhooks.attempts WHERE delivery_id = %s "
                                            "ORDER BY n", [delivery]).fetchall()]
         assert kept == list(range(rounds - store.SHOWN_ATTEMPTS + 1, rounds + 1))
@@ -499,6 +502,27 @@ def test_each_failed_try_moves_the_delivery_one_step_along_its_schedule_and_past
                              [due.id])  # its time has come
         assert claimed == [0, 1, 2] and retry_in is None
         assert (status, wait) == ("failed", None)
+
+
+def failed_once(conn: psycopg.Connection[Any], user: uuid.UUID, endpoint: uuid.UUID) -> bool:
+    """One failed attempt of ``user``'s due delivery (an endpoint is disabled after 3 failures in
+    a run that has lasted an hour); whether ``endpoint`` is still enabled."""
+    [due] = [d for d in store.claim(conn, 10_000, 30.0) if d.user_id == user]
+    store.finish(conn, due.id, Outcome(500, "", "", 10), 0.0, 3, 3600.0, due.lease)
+    return bool(conn.execute("SELECT enabled FROM palette_webhooks.endpoints WHERE id = %s",
+                             [endpoint]).fetchone()[0])
+
+
+def test_an_endpoint_is_disabled_only_once_its_run_of_failures_has_lasted_the_time_asked(conn):
+    brief, lasting = uuid.uuid4(), uuid.uuid4()
+    with one_delivery(conn, brief, "briefly-failing") as (endpoint, _job):
+        assert all([failed_once(conn, brief, endpoint) for _ in range(3)])  # three, but a run of seconds
+    with one_delivery(conn, lasting, "failing-for-long") as (endpoint, _job):
+        assert failed_once(conn, lasting, endpoint)
+        conn.execute("UPDATE palette_webhooks.endpoints SET failing_since = now() - interval '61 minutes' "
+                     "WHERE id = %s", [endpoint])  # the run began with that failure, an hour and a minute ago
+        assert failed_once(conn, lasting, endpoint)  # two: the run goes on from its first failure
+        assert not failed_once(conn, lasting, endpoint)
 
 
 @contextlib.contextmanager
