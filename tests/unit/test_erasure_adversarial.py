@@ -337,3 +337,59 @@ def test_a_refresh_reads_again_from_before_its_newest_tombstone_whatever_the_dat
     users.refresh()
     assert asked[0] is None
     assert asked[1] == newest.astimezone(UTC) - timedelta(seconds=LATE_S), asked[1].astimezone(UTC)
+
+
+class _Tombstones:
+    """A pool whose connection answers ``erased_since``'s query with ``answers``, one a refresh,
+    keeping the ``after`` each asked with."""
+
+    def __init__(self, *answers: list[Any]) -> None:
+        self.answers = list(answers)
+        self.asked: list[Any] = []
+
+    def connection(self) -> Any:
+        from contextlib import nullcontext
+
+        def execute(_sql: str, params: list[Any]) -> Any:
+            self.asked.append(params[1])
+            found = self.answers.pop(0) if self.answers else []
+            return SimpleNamespace(fetchall=lambda: found)
+
+        return nullcontext(SimpleNamespace(execute=execute))
+
+
+def test_a_refresh_never_reads_from_further_back_than_the_one_before():
+    """A tombstone stamped before the newest known (a clock stepped back, a late commit) is read,
+    but the next refresh still reads from the newest known, less LATE_S, not from it."""
+    from datetime import UTC, datetime, timedelta
+    from uuid import uuid4
+
+    from adapters.erasure import LATE_S, ErasedUsers
+
+    newest = datetime(2027, 1, 1, 12, 0, tzinfo=UTC)
+    stepped_back = uuid4()
+    pool = _Tombstones([(uuid4(), newest)], [(stepped_back, newest - timedelta(hours=1))])
+    users = ErasedUsers(pool, token_ttl_s=7200)
+    for _ in range(3):
+        users.refresh()
+    assert stepped_back in users
+    assert pool.asked == [None, newest - timedelta(seconds=LATE_S), newest - timedelta(seconds=LATE_S)]
+
+
+def test_an_erasure_made_here_is_forgotten_once_every_token_it_refused_has_expired():
+    """Added at once (DELETE /me) and kept until a refresh reads its tombstone, or a token's
+    lifetime (and a minute's leeway) has passed, whichever comes first: not for ever."""
+    from uuid import uuid4
+
+    from adapters.erasure import ErasedUsers
+
+    now = [1000.0]
+    user_id = uuid4()
+    users = ErasedUsers(_Tombstones(), token_ttl_s=3600, clock=lambda: now[0])  # no tombstone is ever read
+    users.add(user_id)
+    now[0] += 3600 + 60  # the token's lifetime and the leeway: still refused
+    users.refresh()
+    assert user_id in users
+    now[0] += 1
+    users.refresh()
+    assert user_id not in users
