@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from types import SimpleNamespace
 from typing import Any, cast
 
 import psycopg
@@ -107,3 +108,31 @@ def test_a_new_group_records_the_events_a_log_started_afresh_before_its_first_st
             relay.close()
             conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+def test_a_redelivered_or_swept_record_of_a_deleted_job_records_no_delivery(
+        service: PaletteService, settings: Settings) -> None:
+    """Deleting a job forgets its deliveries (they hold its public view): a record of it the
+    broker delivers again, or the sweep reads, must not bring them back. A job kept beside it is
+    recorded as usual."""
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        store.ensure_schema(conn)
+        user = service.register(f"hook-{uuid.uuid4()}", plan="pro").value[0]
+        endpoint = store.create_endpoint(conn, user, "http://127.0.0.1:9/deleted", list(EVENT_TYPES.values()),
+                                         "whsec_x", limit=10)["id"]
+        kept, deleted = (service.create_job(user, "interior", 1).value for _ in range(2))
+        for job in (kept, deleted):
+            service.confirm_upload(user, job)
+            service.execute_job(user, job, EDITS, None, None)
+            service.cancel_job(user, job)
+        assert service.executor.execute(service.delete_job_command(user, deleted)).value is True
+        records = [SimpleNamespace(stream_type="Job", type="JobCanceled", stream_id=job,
+                                   version=service.executor.read(job).version) for job in (kept, deleted)]
+        recorder = DeliveryRecorder(conn, LogReader.of(service.app), service.app.repository.event_store)
+        try:
+            recorder.record(cast(Any, records))
+            jobs = conn.execute("SELECT DISTINCT job_id FROM palette_webhooks.deliveries WHERE endpoint_id = %s",
+                                [endpoint]).fetchall()
+            assert jobs == [(kept,)]
+        finally:
+            conn.execute("DELETE FROM palette_webhooks.endpoints WHERE id = %s", [endpoint])
