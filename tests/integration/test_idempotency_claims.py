@@ -51,6 +51,17 @@ async def _post(keys: IdempotencyKeys, path: str, *idempotency_keys: str, client
     return int(next(m["status"] for m in sent if m["type"] == "http.response.start"))
 
 
+def _claimed_a_minute_ago(url: str, user_id: uuid.UUID, key: str, request: bytes, answer: bytes | None = None) -> None:
+    """A claim of ``key`` for ``request`` (its path and body) made a minute ago, past STALE_S:
+    with ``answer`` kept (a 201), else with none (its process died before answering)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        ensure_schema(conn)
+        conn.execute("INSERT INTO palette_api.idempotency (scope, key, request_hash, status, headers, body, "
+                     "created_at) VALUES (%s, %s, %s, %s, %s, %s, now() - interval '1 minute')",
+                     [f"user:{user_id}", key, hashlib.sha256(request).hexdigest(),
+                      None if answer is None else 201, None if answer is None else "[]", answer])
+
+
 def test_a_key_released_while_its_retry_claims_it_is_claimed_again_not_refused_as_another_request(
     settings: Settings,
 ) -> None:
@@ -141,11 +152,7 @@ def test_a_stale_claim_is_taken_over_only_by_a_retry_of_the_same_request(setting
     again; another request under the key is still a 422, not a run in the dead one's place."""
     url = settings.effective_database_url
     user_id, key = uuid.uuid4(), f"k-{uuid.uuid4().hex}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        ensure_schema(conn)
-        conn.execute("INSERT INTO palette_api.idempotency (scope, key, request_hash, created_at) "
-                     "VALUES (%s, %s, %s, now() - interval '1 minute')",
-                     [f"user:{user_id}", key, hashlib.sha256(b"/rules\n{}").hexdigest()])
+    _claimed_a_minute_ago(url, user_id, key, b"/rules\n{}")
     ran: list[str] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -319,11 +326,7 @@ def test_an_answer_kept_longer_than_a_stale_claim_is_replayed_not_run_again(sett
     until the key's TTL, however long ago it was kept."""
     url = settings.effective_database_url
     user_id, key = uuid.uuid4(), f"k-{uuid.uuid4().hex}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        ensure_schema(conn)
-        conn.execute("INSERT INTO palette_api.idempotency (scope, key, request_hash, status, headers, body, "
-                     "created_at) VALUES (%s, %s, %s, 201, '[]', 'kept', now() - interval '1 minute')",
-                     [f"user:{user_id}", key, hashlib.sha256(b"/jobs/x/cancel\n{}").hexdigest()])
+    _claimed_a_minute_ago(url, user_id, key, b"/jobs/x/cancel\n{}", answer=b"kept")
     ran: list[str] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
