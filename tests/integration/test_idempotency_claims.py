@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
+import pytest
 
 from adapters.api.envelope import fail
 from adapters.api.idempotency import ANSWER_BYTES_PER_KEY, IdempotencyKeys, ensure_schema, unflushed
@@ -283,10 +284,13 @@ def test_an_answer_whose_key_cannot_be_stored_still_reaches_its_client(settings:
     assert held == (0,)  # released: the retry runs again rather than waiting STALE_S on a claim in flight
 
 
-def test_a_request_whose_stale_claim_was_taken_over_leaves_the_retrys_answer_alone(settings: Settings) -> None:
+@pytest.mark.parametrize("first_status", [409, 201])
+def test_a_request_whose_stale_claim_was_taken_over_leaves_the_retrys_answer_alone(settings: Settings,
+                                                                                   first_status: int) -> None:
     """A request still running past STALE_S has its claim taken over by its retry, which runs and
-    keeps its answer; the first one's own end (here a 409, released) must not delete the retry's
-    answer, nor overwrite it: a third try is then a replay, not a third run."""
+    keeps its answer; the first one's own end (a 409, released; or a 201 of its own) must neither
+    delete the retry's answer nor overwrite it: a third try is then a replay of the retry's answer,
+    not a third run, nor what the slow first run said after it."""
     url = settings.effective_database_url
     user_id, key = uuid.uuid4(), f"k-{uuid.uuid4().hex}"
     with psycopg.connect(url, autocommit=True) as conn:
@@ -296,16 +300,17 @@ def test_a_request_whose_stale_claim_was_taken_over_leaves_the_retrys_answer_alo
     keys: list[IdempotencyKeys] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        ran.append(len(ran))
+        run = len(ran)
+        ran.append(run)
         status = 201
-        if len(ran) == 1:  # the first run outlives its claim; its retry comes meanwhile and runs
+        if run == 0:  # the first run outlives its claim; its retry comes meanwhile and runs
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute("UPDATE palette_api.idempotency SET created_at = now() - interval '1 minute' "
                              "WHERE scope = %s AND key = %s", [f"user:{user_id}", key])
             statuses.append(await _post(keys[0], "/jobs/x/execute", key))
-            status = 409
+            status = first_status
         await send({"type": "http.response.start", "status": status, "headers": []})
-        await send({"type": "http.response.body", "body": b"%d" % status})
+        await send({"type": "http.response.body", "body": b"run %d" % run})
 
     async def scenario() -> None:
         connections = unflushed(url)
@@ -317,8 +322,12 @@ def test_a_request_whose_stale_claim_was_taken_over_leaves_the_retrys_answer_alo
             await connections.close()
 
     asyncio.run(scenario())
-    assert statuses == [409, 201, 201]  # the first, its retry, and the retry's answer replayed
-    assert len(ran) == 2
+    assert statuses == [first_status, 201, 201]  # the first, its retry, and the retry's answer replayed
+    assert ran == [0, 1]
+    with psycopg.connect(url, autocommit=True) as conn:
+        kept = conn.execute("SELECT body FROM palette_api.idempotency WHERE scope = %s AND key = %s",
+                            [f"user:{user_id}", key]).fetchone()
+    assert kept is not None and bytes(kept[0]) == b"run 1"
 
 
 def test_an_answer_kept_longer_than_a_stale_claim_is_replayed_not_run_again(settings: Settings) -> None:
@@ -386,41 +395,3 @@ def test_a_request_that_fails_before_its_answer_releases_its_key(settings: Setti
 
     assert asyncio.run(scenario()) == 201
     assert ran == [0, 1]
-
-
-def test_a_request_whose_claim_was_taken_over_does_not_keep_its_answer_over_the_retrys(settings: Settings) -> None:
-    """Both runs answer 201; the key keeps the retry's answer (the latest claim's), so a third try
-    replays what the retry said, not what the slow first run said after it."""
-    url = settings.effective_database_url
-    user_id, key = uuid.uuid4(), f"k-{uuid.uuid4().hex}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        ensure_schema(conn)
-    ran: list[int] = []
-    keys: list[IdempotencyKeys] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        run = len(ran)
-        ran.append(run)
-        if run == 0:  # the first run outlives its claim; its retry comes meanwhile and runs
-            with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute("UPDATE palette_api.idempotency SET created_at = now() - interval '1 minute' "
-                             "WHERE scope = %s AND key = %s", [f"user:{user_id}", key])
-            await _post(keys[0], "/jobs/x/execute", key)
-        await send({"type": "http.response.start", "status": 201, "headers": []})
-        await send({"type": "http.response.body", "body": b"run %d" % run})
-
-    async def scenario() -> None:
-        connections = unflushed(url)
-        keys.append(IdempotencyKeys(app, connections, Tokens(user_id), fail))
-        try:
-            await _post(keys[0], "/jobs/x/execute", key)
-            assert await _post(keys[0], "/jobs/x/execute", key) == 201
-        finally:
-            await connections.close()
-
-    asyncio.run(scenario())
-    assert ran == [0, 1]
-    with psycopg.connect(url, autocommit=True) as conn:
-        kept = conn.execute("SELECT body FROM palette_api.idempotency WHERE scope = %s AND key = %s",
-                            [f"user:{user_id}", key]).fetchone()
-    assert kept is not None and bytes(kept[0]) == b"run 1"
