@@ -236,6 +236,29 @@ def test_slots_given_back_leave_no_trace_of_their_users_or_addresses() -> None:
     assert slots._open == {}
 
 
+def test_a_stream_that_ends_gives_its_slot_back() -> None:
+    """A job's stream that reaches its end (the job done): its slot comes back for the next one,
+    else a user following a job at a time would be refused streams after ``per_user`` jobs."""
+    slots, user = StreamSlots(per_user=1), uuid4()
+    sent: list[dict[str, Any]] = []
+
+    async def events() -> Any:
+        yield b"id: 1\n\n"
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # the client stays
+        return {}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(SlotStream(events(), slots.take(user))({"type": "http", "asgi": {"spec_version": "2.4"}},
+                                                       receive, send))
+    assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert slots.open_streams(user) == 0
+    slots.take(user)
+
+
 def test_a_stream_that_fails_midway_gives_its_slot_back() -> None:
     """A replay or an event stream whose read fails (the event store gone): the slot comes back
     all the same, else its user would be refused streams for the life of the process."""
