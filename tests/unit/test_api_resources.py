@@ -8,7 +8,7 @@ import asyncio
 import json
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Any
 from unittest import mock
@@ -45,6 +45,19 @@ def test_presigned_get_urls_are_the_very_ones_boto3_makes(endpoint: str, key: st
         expected = s3_client(settings).generate_presigned_url(
             "get_object", Params={"Bucket": "palette-images", "Key": key}, ExpiresIn=900)
     assert GetUrls(settings, now).url(key) == expected
+
+
+@pytest.mark.parametrize("hours", [-5, 2])
+def test_a_presigned_url_is_dated_in_utc_whatever_zone_its_time_was_given_in(hours: int) -> None:
+    """A clock's time in another zone names the same instant: the URL's date and scope are UTC's,
+    else a link would be valid hours past (or before) its 15 minutes."""
+    settings = Settings(s3_endpoint="http://127.0.0.1:8333", s3_access_key="AKID", s3_secret_key="secret",
+                        s3_region="eu-west-1", s3_bucket="palette-images")
+    utc = datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC)
+    zoned = utc.astimezone(timezone(timedelta(hours=hours)))
+    url = GetUrls(settings, zoned).url("outputs/u/j/0_result.png")
+    assert "X-Amz-Date=20261231T235959Z" in url and "%2F20261231%2Feu-west-1%2Fs3%2F" in url
+    assert url == GetUrls(settings, utc).url("outputs/u/j/0_result.png")
 
 
 # -- /health's checks ---------------------------------------------------------------------------
