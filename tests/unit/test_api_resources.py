@@ -170,6 +170,8 @@ def test_health_and_readiness_name_a_failing_dependency_whichever_it_is() -> Non
             name: "failing" if name == failing else "ok" for name in ("postgres", "broker", "s3")}}
         ready = asyncio.run(readyz(None, request))
         assert ready.status_code == 503 and json.loads(ready.body) == {"status": "not ready", "failing": [failing]}
+    both = asyncio.run(readyz(None, _with_checks(postgres=False, broker=True, s3=False)))
+    assert json.loads(both.body) == {"status": "not ready", "failing": ["postgres", "s3"]}  # each named
     request = _with_checks(postgres=True, broker=True, s3=True)
     assert json.loads(asyncio.run(health(None, request)).body)["data"]["status"] == "ok"
     assert asyncio.run(readyz(None, request)).status_code == 200
