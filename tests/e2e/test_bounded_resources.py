@@ -406,6 +406,30 @@ def test_the_users_of_one_address_share_its_day_of_job_creations_and_of_rule_wri
     assert refused.headers["retry-after"] and refused.json()["error"]["code"] == "RATE_LIMITED"
 
 
+def test_a_rule_deletion_spends_its_address_day_as_any_rule_write(settings: Settings) -> None:
+    """A deletion records an event on the rule's stream: of an address's day of 3 rule writes, a
+    creation, its deletion and a creation leave none for a fourth write."""
+    from fastapi.testclient import TestClient
+
+    from adapters.api.app import create_asgi
+    from adapters.bootstrap import build
+
+    tight = settings.model_copy(update={"rate_jobs_per_address_per_day": 3})
+    container = build(tight, pool_size=2)
+    try:
+        with TestClient(create_asgi(container)) as api:
+            r = api.post("/auth/anon", json={"device_hash": f"device-{uuid.uuid4().hex}"})
+            h = {"Authorization": f"Bearer {r.json()['data']['token']}"}
+            body = {"name": "warm", "preset_id": "interior", "concepts": EDITS}
+            first = api.post("/rules", headers=h, json=body)
+            statuses = [first.status_code, api.delete(f"/rules/{first.json()['data']['id']}", headers=h).status_code,
+                        api.post("/rules", headers=h, json=body).status_code,
+                        api.post("/rules", headers=h, json=body).status_code]
+    finally:
+        container.close()
+    assert statuses == [201, 200, 201, 429], statuses
+
+
 def test_a_command_repeated_without_end_is_logged_once_not_once_a_request(
         settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
     """Executing a queued job again with the same edits, and deleting a deleted job again, answer
