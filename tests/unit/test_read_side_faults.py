@@ -114,8 +114,8 @@ def test_a_batch_folds_only_the_unbroken_run_after_what_was_folded_and_names_the
 
 def test_the_range_read_for_a_hole_covers_what_every_model_misses_of_the_stream() -> None:
     a, b = uuid.uuid4(), uuid.uuid4()
-    plans = [Plan(gaps={a: (2, 5)}), Plan(gaps={a: (0, 3), b: (1, 2)}), Plan(gaps={a: (1, 4)})]
-    assert merge_gaps(plans) == {a: (0, 5), b: (1, 2)}
+    plans = [Plan(gaps={a: (2, 5)}), Plan(gaps={a: (0, 3), b: (1, 2)}), Plan(gaps={a: (1, 7)})]
+    assert merge_gaps(plans) == {a: (0, 7), b: (1, 2)}  # the lowest start of one, the highest end of another
 
 
 class _RefusingOne:
