@@ -303,3 +303,31 @@ def test_the_sweep_folds_each_event_the_broker_never_delivered_once_and_stops_at
     assert sorted(swept) == sorted(set(swept)) and lost <= set(swept)  # every lost one, once
     assert all(p <= head for p in swept) and store.positions[SWEEP] == head  # never past the relay
     assert projector.swept == len(lost) and projector._next_sweep == 60.0  # then the next interval
+
+
+class AskedStore(FoldingStore):
+    """A ``FoldingStore`` that records each range the sweep asks it about."""
+
+    def __init__(self, folded: set[int]) -> None:
+        super().__init__(folded)
+        self.asked: list[tuple[int, int]] = []
+
+    def first_unfolded(self, events: Any, after: int, upto: int) -> int | None:
+        self.asked.append((after, upto))
+        return super().first_unfolded(events, after, upto)
+
+
+def test_one_step_of_the_sweep_asks_the_database_about_at_most_sweep_scan_positions() -> None:
+    store = AskedStore(set(range(1, 21)))  # nothing lost
+    now = [0.0]
+    projector = Projector(PartitionedLog({0: []}), store, EventLog(20), published=lambda: 20,  # type: ignore[arg-type]
+                          sweep_every_s=30.0, clock=lambda: now[0])
+    now[0] = 30.0  # the first sweep is due
+    projector.sweep_bound = 20
+    with patch("adapters.projector.SWEEP_SCAN", 5):
+        assert projector.sweep() == 0
+        assert store.asked == [(0, 5)] and store.positions[SWEEP] == 5 and projector._next_sweep == 30.0
+        for _ in range(3):
+            projector.sweep()
+    assert store.asked == [(0, 5), (5, 10), (10, 15), (15, 20)] and store.positions[SWEEP] == 20
+    assert store.applied == [] and projector._next_sweep == 60.0
