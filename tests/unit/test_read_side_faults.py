@@ -4,18 +4,21 @@ only a failure of the database itself counts as transient."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 
 import psycopg
+import pytest
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 from hypothesis import given
 from hypothesis import strategies as st
 from psycopg import errors
 
 from domain.contracts.envelope import EventEnvelope, decode
+from projections import store
 from projections.batch import Plan, fold, merge_gaps, plan
 from projections.models import READ_MODELS
 from projections.store import BatchResult, add_result, describe, is_transient, storable
@@ -155,3 +158,32 @@ def test_results_added_up_count_every_field_and_keep_the_highest_position() -> N
     # a field added to BatchResult is added here, and to add_result
     assert {f.name for f in fields(BatchResult)} == {"applied", "skipped", "parked", "max_position", "filled",
                                                       "per_model"}
+
+
+class _RecordingConn:
+    """A connection that only records what is sent through it (a park would be)."""
+
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+
+    def transaction(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
+
+    def execute(self, query: object, params: object = None) -> None:
+        self.sent.append(query)
+
+
+def test_a_database_failing_while_a_refused_batch_is_applied_event_by_event_parks_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch and its model's share are refused (a poison event); applied one by one, the
+    database fails: that raises (the projector restarts and tries again) rather than park events
+    the database, not their fold, could not take."""
+    def failing(conn: object, envelopes: list[EventEnvelope], *args: object, **kwargs: object) -> BatchResult:
+        raise ValueError("poison") if len(envelopes) > 1 else errors.SerializationFailure()
+
+    monkeypatch.setattr(store, "apply_batch", failing)
+    conn, stream = _RecordingConn(), uuid.uuid4()
+    with pytest.raises(errors.SerializationFailure):
+        store.apply_isolating(conn, [_rule_event(stream, 1), _rule_event(stream, 2)],  # type: ignore[arg-type]
+                              models=[READ_MODELS["rules"]])
+    assert conn.sent == []
