@@ -98,7 +98,6 @@ class Folded:
     advanced: dict[UUID, int] = field(default_factory=dict)  # stream -> version folded up to
     parks: list[tuple[EventEnvelope, str, str]] = field(default_factory=list)  # (event, error, status)
     applied: int = 0
-    max_position: int = 0
 
 
 def fold(model: ReadModel, rows: Rows, todo: Sequence[EventEnvelope], held: Sequence[EventEnvelope],
@@ -121,6 +120,4 @@ def fold(model: ReadModel, rows: Rows, todo: Sequence[EventEnvelope], held: Sequ
             continue
         advanced[e.stream_id] = e.version
         out.applied += 1
-        if e.id > out.max_position:
-            out.max_position = e.id
     return out

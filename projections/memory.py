@@ -55,7 +55,6 @@ class MemoryReadStore:
                 st.dead.setdefault((e.stream_id, e.version), (e, error, status))
             result.applied += folded.applied
             result.parked += len(folded.parks)
-            result.max_position = max(result.max_position, folded.max_position)
         self._commit(staged)
         return result
 

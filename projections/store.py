@@ -53,7 +53,6 @@ class BatchResult:
     applied: int = 0
     skipped: int = 0  # duplicates and stale redeliveries
     parked: int = 0
-    max_position: int = 0
     filled: int = 0  # events read from the log to close a hole the broker left
     per_model: dict[str, int] = field(default_factory=dict)
 
@@ -371,7 +370,6 @@ def apply_batch(conn: psycopg.Connection[Any], envelopes: Sequence[EventEnvelope
                 raise ValueError(failures[0])
             result.applied += folded.applied
             result.parked += len(folded.parks)
-            result.max_position = max(result.max_position, folded.max_position)
             result.per_model[m.name] = result.per_model.get(m.name, 0) + len(folded.advanced)
             writes.append((m, rows, keys, present, folded))
         with contextlib.nullcontext() if bulk else conn.pipeline():
@@ -469,7 +467,6 @@ def add_result(total: BatchResult, part: BatchResult) -> None:
     total.skipped += part.skipped
     total.parked += part.parked
     total.filled += part.filled
-    total.max_position = max(total.max_position, part.max_position)
     for name, n in part.per_model.items():
         total.per_model[name] = total.per_model.get(name, 0) + n
 
