@@ -58,8 +58,10 @@ def escaped(text: str) -> str:
 def utf8_head(text: str, max_bytes: int) -> bytes:
     """``text`` as UTF-8 of at most ``max_bytes``, cut between two characters (a byte cut can
     split one, which a strict reader then refuses), a lone surrogate as its escape (``\\udc80``:
-    UTF-8 has none, and ``str.encode`` raises on one)."""
-    return text.encode("utf-8", "backslashreplace")[:max_bytes].decode("utf-8", "ignore").encode()
+    UTF-8 has none, and ``str.encode`` raises on one). Only its first ``max_bytes`` characters are
+    encoded: each takes a byte at least, and a reason may be as long as what it quotes."""
+    head = text[:max_bytes].encode("utf-8", "backslashreplace")[:max_bytes]
+    return head.decode("utf-8", "ignore").encode()
 
 
 class TimeTooFine(ValueError):
