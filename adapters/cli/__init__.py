@@ -172,7 +172,7 @@ def _said_why(command: str, e: Exception) -> int | None:
               "is the stack up (`make run`) and PALETTE_S3_ENDPOINT right?", file=sys.stderr)
         return 3
     if isinstance(e, OSError) and e.filename is not None:  # a file we read or write
-        print(f"palette {command}: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        print(f"palette {command}: {one_line(e.filename)}: {e.strerror or e}", file=sys.stderr)
         return 2
     if isinstance(e, OSError) and e.errno in OUTPUT_ERRORS:  # stdout: > a file on a full disk, /dev/full
         print(f"palette {command}: cannot write the output: {e.strerror or e}", file=sys.stderr)

@@ -14,6 +14,7 @@ from adapters.cli.arguments import path_value, row_limit, time_value, uuid_value
 from adapters.cli.connect import erased_users, event_store, running_settings
 from adapters.cli.outputs import progress_lines, with_progress
 from domain.contracts.envelope import MAX_POSITION
+from domain.text import one_line
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -149,7 +150,7 @@ def _replay_parquet(args: argparse.Namespace, app: Any, replayer: Any) -> int:
 def _not_exported(command: str, out: Path, e: Exception) -> int:
     """An export refused (projections.parquet.ExportError) or a file it could not write: one line, exit 2."""
     if isinstance(e, OSError):
-        print(f"{command}: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
+        print(f"{command}: cannot write {one_line(e.filename or out)}: {e.strerror or e}", file=sys.stderr)
     else:
         print(f"{command}: {e}", file=sys.stderr)
     return 2

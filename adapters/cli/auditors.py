@@ -81,10 +81,10 @@ def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int
     from adapters.system import SystemClock
 
     if args.out is not None and (why := unwritable(args.out)) is not None:
-        print(f"palette audit checkpoint: cannot write {args.out}: {why}", file=sys.stderr)
+        print(f"palette audit checkpoint: cannot write {one_line(args.out)}: {why}", file=sys.stderr)
         return 2
     if args.out is not None and args.out.resolve().is_file():  # a checkpoint kept, or the signing key
-        print(f"palette audit checkpoint: {args.out} exists: a checkpoint file is never overwritten "
+        print(f"palette audit checkpoint: {one_line(args.out)} exists: a checkpoint file is never overwritten "
               "(name a new one)", file=sys.stderr)
         return 2
     try:
@@ -116,7 +116,8 @@ def _audit_checkpoint(args: argparse.Namespace, conn: Any, settings: Any) -> int
             write_whole(args.out, json.dumps(doc, separators=(",", ":")))
         except OSError as e:
             kept = f" (the checkpoint is kept at {', '.join(where)})" if where else ""
-            print(f"palette audit checkpoint: cannot write {args.out}: {e.strerror or e}{kept}", file=sys.stderr)
+            print(f"palette audit checkpoint: cannot write {one_line(args.out)}: {e.strerror or e}{kept}",
+                  file=sys.stderr)
             return 2
         where.append(str(args.out))
     if unkept is not None:

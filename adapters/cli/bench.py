@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from adapters.cli.arguments import event_count
 from adapters.cli.outputs import unwritable
+from domain.text import one_line
 
 if TYPE_CHECKING:
     from adapters.cli.arguments import Subcommands
@@ -30,7 +31,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 2
     for option, path in (("--json", args.json_path), ("--plot", args.plot_path)):
         if path is not None and (why := unwritable(Path(path))) is not None:
-            print(f"palette bench: cannot write {path} ({option}): {why}", file=sys.stderr)
+            print(f"palette bench: cannot write {one_line(path)} ({option}): {why}", file=sys.stderr)
             return 2
     # A console script's sys.path starts with its own directory, not the working directory
     # (`python -m` would put it first): from a checkout's root, tests/ becomes importable.

@@ -626,3 +626,32 @@ def test_audit_report_csv_writes_a_plan_beginning_as_a_formula_after_a_quote_and
                           PeriodFigures("total"), [plan])
     rows = list(csv.DictReader(io.StringIO(_report_text(report, "csv"), newline="")))
     assert [(r["plan"], r["reserved"]) for r in rows] == [("'=evil()", "-5"), ("total", "0")]
+
+
+BROKEN = "a\nb\rc"  # a name a shell lets through ($'a\nb\rc'), which printed as is broke the line
+
+
+def _refusals(tmp_path: Path) -> dict[str, Any]:
+    """Each refusal that names a path, given one with line breaks; each returns the exit code."""
+    import argparse
+
+    from adapters.cli import analysts, auditors
+
+    missing = tmp_path / BROKEN / "out.json"  # under a directory that does not exist
+    kept = tmp_path / BROKEN
+    kept.write_text("{}")
+    return {
+        "bench --json": lambda: cli.main(["bench", "--json", str(missing)]),
+        "an OSError's file": lambda: cli._said_why("query", FileNotFoundError(2, "No such file", str(missing))),
+        "an export's file": lambda: analysts._not_exported("palette export", missing, PermissionError(13, "Denied")),
+        "checkpoint --out unwritable": lambda: auditors._audit_checkpoint(argparse.Namespace(out=missing), None, None),
+        "checkpoint --out exists": lambda: auditors._audit_checkpoint(argparse.Namespace(out=kept), None, None),
+    }
+
+
+@pytest.mark.parametrize("refusal", ["bench --json", "an OSError's file", "an export's file",
+                                     "checkpoint --out unwritable", "checkpoint --out exists"])
+def test_a_refusal_naming_a_path_with_line_breaks_stays_one_line(refusal: str, tmp_path: Path, capsys: Any) -> None:
+    assert _refusals(tmp_path)[refusal]() == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\r" not in err and "a\\nb\\rc" in err, err
