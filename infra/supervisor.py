@@ -406,6 +406,18 @@ def _readable_record(line: str) -> str:
     return f"{record['msg']}: {last}" if last else str(record["msg"])
 
 
+def _start_during_start_up(run: _Running) -> None:
+    """Start ``run``; a start the system refuses (its program missing, not executable, no process
+    left to fork) is a StackError naming the program, in one line."""
+    spec = run.spec
+    try:
+        run.start()
+    except FileNotFoundError:
+        raise StackError(f"{spec.name}: program not found: {spec.argv[0]}") from None
+    except (OSError, subprocess.SubprocessError) as e:
+        raise StackError(f"{spec.name}: cannot run {spec.argv[0]}: {getattr(e, 'strerror', None) or e}") from None
+
+
 class Supervisor:
     """Owns the processes of one stack. Not thread-safe: one owner drives it."""
 
@@ -443,12 +455,7 @@ class Supervisor:
             log = self._logs[spec.name] = ProcessLog(self.log_dir / f"{spec.name}.log",
                                                       self.log_max_bytes, self.log_keep)
         run = _Running(spec, log, self.echo)
-        try:
-            run.start()
-        except FileNotFoundError:
-            raise StackError(f"{spec.name}: program not found: {spec.argv[0]}") from None
-        except PermissionError as e:
-            raise StackError(f"{spec.name}: cannot run {spec.argv[0]}: {e.strerror}") from None
+        _start_during_start_up(run)
         self._running[spec.name] = run
         self._order.append(spec.name)
         return run
@@ -487,7 +494,7 @@ class Supervisor:
         elif now >= run.next_restart_at:
             run.restarts += 1
             run.next_restart_at = 0.0
-            run.start()
+            _start_during_start_up(run)
 
     def pid(self, name: str) -> int | None:
         run = self._running.get(name)

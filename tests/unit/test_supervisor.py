@@ -262,6 +262,37 @@ def test_a_program_that_is_missing_or_not_executable_is_refused_in_one_line_nami
     assert supervisor.names() == []
 
 
+def test_a_program_the_system_cannot_execute_is_refused_in_one_line_naming_it(
+        supervisor: Supervisor, tmp_path: Path) -> None:
+    """An executable file in no format the kernel runs (no #! line): an OSError of no file the CLI
+    names, which left `palette up` with a traceback."""
+    garbled = tmp_path / "garbled"
+    garbled.write_text("not a program\n")
+    garbled.chmod(0o755)
+    with pytest.raises(StackError, match=f"^svc: cannot run {re.escape(str(garbled))}: Exec format error$"):
+        supervisor.start(ServiceSpec("svc", [str(garbled)], ready=lambda: True))
+    assert supervisor.names() == []
+
+
+def test_a_program_that_cannot_be_run_again_after_a_crash_while_starting_is_refused_in_one_line(
+        clock: Clock, supervisor: Supervisor, tmp_path: Path) -> None:
+    """Its first run crashed while starting and left its program unrunnable (a reinstall cut
+    short): the restart's refusal is said as the first start's is, not raised as an OSError."""
+    program = tmp_path / "program"
+    program.write_text("#!/bin/sh\nprintf 'not a program\\n' > \"$0\"\nexit 3\n")
+    program.chmod(0o755)
+
+    def not_ready() -> bool:  # once its child has exited: the stand-in clock must not race past it
+        run = supervisor._running["svc"]
+        assert run.proc is not None
+        run.proc.wait(30)
+        return False
+
+    with pytest.raises(StackError, match=f"^svc: cannot run {re.escape(str(program))}: Exec format error$"):
+        supervisor.start(ServiceSpec("svc", [str(program)], ready=not_ready, restart=True))
+    assert program.read_text() == "not a program\n"
+
+
 def test_a_start_up_waits_its_ready_timeout_and_no_longer(clock: Clock, supervisor: Supervisor) -> None:
     began = clock.now
     spec = ServiceSpec("slow", [sys.executable, "-c", "import time; time.sleep(60)"], ready=lambda: False,
