@@ -736,7 +736,8 @@ class EmbeddedStack(Generic[S]):
         ready_file = run_dir / f"{name}.ready"
         ready_file.unlink(missing_ok=True)
         return ServiceSpec(name, [*argv, "--ready-file", str(ready_file)], ready=ready_file.exists,
-                           env=env, restart=True, stop_signal=signal.SIGTERM, healthy=healthy)
+                           env=env, restart=True, stop_signal=signal.SIGTERM, healthy=healthy,
+                           ready_file=ready_file)
 
     def _api_ready(self) -> bool:
         return answers(local_url(self.settings.api_host, self.settings.api_port, "/health"))

@@ -63,6 +63,9 @@ class ServiceSpec:
     ready_timeout_s: float = 60.0
     restart: bool = False  # application processes are restarted with backoff
     leaves: tuple[Path, ...] = ()  # Unix sockets it leaves behind: removed once it has stopped
+    # The file its process makes once ready, when ``ready`` asks for one: removed before each start,
+    # so that one a run made before it crashed while starting never passes for the next run's.
+    ready_file: Path | None = None
     # Whether a running service still does its work (beyond its process being alive): failing
     # HEALTH_FAILURES checks in a row, HEALTH_EVERY_S apart, it is stopped and started again.
     healthy: Callable[[], bool] | None = None
@@ -293,6 +296,8 @@ class _Running:
 
     def start(self) -> None:
         remove_left_sockets(self.spec.leaves)  # what a run that died with its supervisor left
+        if self.spec.ready_file is not None:
+            self.spec.ready_file.unlink(missing_ok=True)
         env = {**os.environ, **self.spec.env}
         self.proc = subprocess.Popen(  # noqa: S603 - argv built from our own specs
             self.spec.argv,

@@ -203,6 +203,7 @@ def test_a_ready_file_left_by_an_earlier_run_is_not_a_new_process_readiness(tmp_
     spec = stack._app_spec("relay")
     assert not spec.ready()
     assert spec.argv[-2:] == ["--ready-file", str(tmp_path / "run" / "relay.ready")]
+    assert spec.ready_file == tmp_path / "run" / "relay.ready"  # removed before each start (a restart's too)
 
 
 @pytest.mark.parametrize(("status", "ready"), [(200, True), (204, False), (503, False)])

@@ -293,6 +293,26 @@ def test_a_program_that_cannot_be_run_again_after_a_crash_while_starting_is_refu
     assert program.read_text() == "not a program\n"
 
 
+def test_a_ready_file_left_by_a_run_that_crashed_while_starting_is_not_the_next_runs_readiness(
+        clock: Clock, supervisor: Supervisor, tmp_path: Path) -> None:
+    """A worker that made its ready file and crashed before the next poll (its first step failing)
+    is started again: that file must not pass the new run, which has not warmed up, for ready."""
+    ready_file, crashed = tmp_path / "svc.ready", tmp_path / "crashed"
+    argv = ["/bin/sh", "-c", f"[ -e {crashed} ] && exec sleep 30; touch {crashed} {ready_file}; exit 3"]
+
+    def ready() -> bool:
+        run = supervisor._running["svc"]
+        if run.restarts == 0:  # the first run: seen once it has made its file and exited
+            assert run.proc is not None
+            run.proc.wait(30)
+        return ready_file.exists()
+
+    with pytest.raises(StackError, match=r"^svc not ready after 5s"):
+        supervisor.start(ServiceSpec("svc", argv, ready=ready, restart=True, ready_timeout_s=5,
+                                     ready_file=ready_file))
+    assert crashed.exists()
+
+
 def test_a_start_up_waits_its_ready_timeout_and_no_longer(clock: Clock, supervisor: Supervisor) -> None:
     began = clock.now
     spec = ServiceSpec("slow", [sys.executable, "-c", "import time; time.sleep(60)"], ready=lambda: False,
