@@ -66,7 +66,8 @@ INVALID_REQUEST = "Invalid HTTP request received."  # uvicorn's warning, once pe
 
 
 def fd_limit(raise_to_hard: bool = True) -> int:
-    """The process's limit on open descriptors, its soft limit raised to the hard one first."""
+    """The process's limit on open descriptors; with ``raise_to_hard``, its soft limit raised to
+    the hard one first (where the system allows it)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if raise_to_hard and soft != hard:
         try:
