@@ -176,11 +176,11 @@ class Readiness:
 
 class _BoundedServer(ThreadingHTTPServer):
     """At most ``MAX_CONNECTIONS`` connections served at once, a thread each; one past them is
-    answered a 503 and closed (``_turn_away``). A connection's request must be in within ``REQUEST_TIMEOUT_S`` of its
-    acceptance, each write of its answer within as long (``Handler.timeout``): a connection that
-    sent nothing, or a byte now and then, was a thread and a descriptor held for good, enough of
-    them the process's file descriptors (its database and broker connections' too), and, with the
-    bound, every slot."""
+    answered a 503 and closed (``_turn_away``). A connection's request must be in within
+    ``REQUEST_TIMEOUT_S`` of its acceptance, each write of its answer within as long
+    (``Handler.timeout``): a connection that sent nothing, or a byte now and then, was a thread
+    and a descriptor held for good, enough of them the process's file descriptors (its database
+    and broker connections' too), and, with the bound, every slot."""
 
     daemon_threads = True
 
