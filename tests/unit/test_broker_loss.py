@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from kafka.errors import KafkaTimeoutError
 
 from adapters.relay import LossWatch
 
@@ -32,6 +34,7 @@ class FakeState:
 
     def save_acked(self, name: str, position: int, offsets: dict[int, int]) -> None:
         self.saved.append((position, dict(offsets)))
+        self.acked.update(offsets)  # as the table's upsert: a partition not given keeps what it had
 
     def record_loss(self, name: str, republish_from: int) -> None:
         self.losses.append(republish_from)
@@ -129,3 +132,30 @@ def test_the_acknowledged_ends_are_how_many_records_each_partition_took(partitio
     for i in range(0, len(acks), batch):
         assert not w.on_acks(acks[i:i + batch])
     assert w.ends() == {p: partitions.count(p) for p in set(partitions)}
+
+
+def test_two_probes_that_see_an_emptied_partition_must_follow_each_other() -> None:
+    """A probe that finds the partition again clears the suspicion: two broker answers without the
+    topic a while apart (each a broker still starting, say) are no loss."""
+    broker = FakeBroker({0: 0})
+    w = watch(FakeState({0: 5}), broker)
+    w.probe_every_s = 0.0
+    assert w.probe() is False
+    broker.ends = {0: 6}
+    assert w.probe() is False
+    broker.ends = {0: 0}
+    assert w.probe() is False and w.probe() is True
+
+
+class Away(FakeBroker):
+    def __init__(self, error: Exception) -> None:
+        super().__init__({})
+        self.error = error
+
+    def end_offsets(self) -> dict[int, int]:
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [KafkaTimeoutError("no answer"), ConnectionRefusedError("refused")])
+def test_a_probe_the_broker_does_not_answer_is_no_loss(error: Exception) -> None:
+    assert watch(FakeState({0: 5}), Away(error)).probe(force=True) is False
