@@ -324,3 +324,26 @@ def test_a_standby_that_takes_over_compares_the_broker_with_the_offsets_the_lead
 
     Relay(App(3), broker, Positions(broker), batch_size=2, loss=loss, lead=lead).run(stop, idle_s=0.0, max_idle_s=0.0)
     assert state.losses == [] and broker.acked == [1, 2, 3] and state.saved[-1] == (3, {0: 2})
+
+
+def test_an_idle_relay_records_its_last_batch_once() -> None:
+    """Each empty read drains what is in flight: the batch acknowledged by the first is not taken
+    again by the next (its offsets would come back as a log that restarted)."""
+    broker = Broker()
+    state = FakeState()
+    loss = LossWatch(FakeBroker({0: 3}), lambda: 1, state, "relay")  # type: ignore[arg-type]
+    r = Relay(App(3), broker, Positions(broker), batch_size=3, loss=loss)
+    position = r.step(0)
+    for _ in range(3):
+        assert r.step(position) == position
+    assert not r._lost and r.published == 3 and state.saved == [(3, {0: 2})]
+
+
+def test_a_lost_acknowledgement_seen_as_the_last_batch_drains_saves_nothing() -> None:
+    broker = Broker(restart_after=2)  # batch 2 is acknowledged at offsets 0 and 1 again
+    state = FakeState()
+    loss = LossWatch(FakeBroker({}), lambda: 1, state, "relay")  # type: ignore[arg-type]
+    r = Relay(App(4), broker, Positions(broker), batch_size=2, loss=loss)
+    position = r.step(r.step(0))
+    assert r.step(position) == position and r._lost  # nothing more to read: batch 2 is drained
+    assert state.saved == [(2, {0: 1})]
