@@ -347,3 +347,72 @@ def test_a_lost_acknowledgement_seen_as_the_last_batch_drains_saves_nothing() ->
     position = r.step(r.step(0))
     assert r.step(position) == position and r._lost  # nothing more to read: batch 2 is drained
     assert state.saved == [(2, {0: 1})]
+
+
+class Idle:
+    """The relay's wakeup: it idles here (``then`` runs at each wait); a relay still idle after
+    ``most`` waits is stopped (one that never gets on)."""
+
+    def __init__(self, stop: threading.Event, then: Any = None, most: int = 20) -> None:
+        self.stop, self.then, self.most = stop, then, most
+        self.waits = 0
+
+    def wait(self, timeout_s: float) -> bool:
+        self.waits += 1
+        if self.then is not None:
+            self.then()
+        if self.waits >= self.most:
+            self.stop.set()
+        return False
+
+
+@pytest.mark.parametrize("postponed", [False, True])
+def test_a_lost_tail_is_recorded_once_and_what_is_still_needed_published_again_before_anything_new(
+        postponed: bool) -> None:
+    """The broker restarted empty under load (batch 2 comes back at offsets 0 and 1): the relay
+    records the loss once and publishes again from the oldest event a consumer needs, sending
+    nothing new before; a broker that does not answer the recovery yet postpones it, the loss
+    still known (the new log's next offsets would be above the old ones: nothing else tells)."""
+    stop = threading.Event()
+    broker = FlakyBroker(stop, last=6)
+    broker.restart_after = 2
+    state = FakeState()
+    asked: list[int] = []
+
+    def republish_from() -> int:
+        asked.append(1)
+        if len(asked) >= 5:  # a relay that recovers again and again
+            stop.set()
+        if postponed and len(asked) == 1:
+            raise KafkaTimeoutError("the broker is not back")
+        return 2
+
+    loss = LossWatch(FakeBroker({0: 6}), republish_from, state, "relay")  # type: ignore[arg-type]
+    relay = Relay(App(6), broker, Positions(broker), batch_size=2, loss=loss, wakeup=Idle(stop))
+    relay.run(stop, idle_s=0.0, max_idle_s=0.0)
+    assert state.losses == [2] and loss.losses == 1
+    assert [e for kind, e in broker.timeline if kind == "send"] == [1, 2, 3, 4, 2, 3, 4, 5, 6]
+    assert state.saved[-1][0] == 6
+
+
+@pytest.mark.parametrize(("events", "emptied_at_start"), [(6, True), (4, False)])
+def test_a_broker_found_empty_is_a_loss_recorded_before_anything_more_is_sent(
+        events: int, emptied_at_start: bool) -> None:
+    """The relay had published events 1 to 4 (offsets 0 to 3) when the broker came back empty:
+    found so as the relay starts (new events waiting), or by its probe while it idles, the loss
+    is recorded and the events still needed (from 2) are published again first."""
+    stop = threading.Event()
+    broker = FlakyBroker(stop, last=events)
+    state = FakeState({0: 3})
+    ends = FakeBroker({0: 0} if emptied_at_start else {0: 4})
+
+    def empty() -> None:
+        ends.ends = {0: 0}
+
+    loss = LossWatch(ends, lambda: 2, state, "relay", probe_every_s=0.0)  # type: ignore[arg-type]
+    positions = Positions(broker)
+    positions.saved = 4
+    relay = Relay(App(events), broker, positions, batch_size=2, loss=loss, wakeup=Idle(stop, then=empty))
+    relay.run(stop, idle_s=0.0, max_idle_s=0.0)
+    assert state.losses == [2]
+    assert [e for kind, e in broker.timeline if kind == "send"] == list(range(2, events + 1))
