@@ -416,3 +416,19 @@ def test_a_broker_found_empty_is_a_loss_recorded_before_anything_more_is_sent(
     relay.run(stop, idle_s=0.0, max_idle_s=0.0)
     assert state.losses == [2]
     assert [e for kind, e in broker.timeline if kind == "send"] == list(range(2, events + 1))
+
+
+def test_a_standby_stopped_before_it_leads_leaves_the_log_alone() -> None:
+    """Stopped while another relay publishes: no loss recorded, no position saved, nothing sent,
+    though the broker looks emptied (the leader's to handle)."""
+    stop = threading.Event()
+    broker = FlakyBroker(stop, last=3)
+    state = FakeState({0: 5})
+    loss = LossWatch(FakeBroker({}), lambda: 1, state, "relay")  # type: ignore[arg-type]
+
+    def lead(name: str) -> bool:
+        stop.set()
+        return False
+
+    Relay(App(3), broker, Positions(broker), batch_size=2, loss=loss, lead=lead).run(stop, idle_s=0.0, max_idle_s=0.0)
+    assert state.losses == [] and state.position == 0 and state.saved == [] and broker.timeline == []
