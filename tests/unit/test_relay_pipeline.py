@@ -9,6 +9,7 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -432,3 +433,17 @@ def test_a_standby_stopped_before_it_leads_leaves_the_log_alone() -> None:
 
     Relay(App(3), broker, Positions(broker), batch_size=2, loss=loss, lead=lead).run(stop, idle_s=0.0, max_idle_s=0.0)
     assert state.losses == [] and state.position == 0 and state.saved == [] and broker.timeline == []
+
+
+def test_the_ack_latency_observed_is_that_of_the_batchs_oldest_event() -> None:
+    app = App(3)
+    now = datetime.now(UTC)
+    for i, n in enumerate(app.recorder.log):  # decided 300, 200 and 100 s ago
+        state = json.dumps({"timestamp": (now - timedelta(seconds=100 * (3 - i))).isoformat()}).encode()
+        app.recorder.log[i] = Stored(n.id, n.originator_id, n.originator_version, n.topic, state)
+    broker = Broker()
+    r = Relay(app, broker, Positions(broker), batch_size=3)
+    seen: list[float] = []
+    r.observe_ack = seen.append
+    r.step(r.step(0))
+    assert len(seen) == 1 and 300 <= seen[0] < 400
