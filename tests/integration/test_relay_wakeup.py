@@ -4,6 +4,8 @@ once for every commit made since it last looked, and not for a write elsewhere."
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 
 from adapters.relay import PgWakeup, install_wakeup
@@ -29,5 +31,9 @@ def test_a_commit_that_wrote_events_wakes_the_relay_once_for_all_since_and_nothi
                     conn.execute("INSERT INTO stored_events (topic) VALUES (%s)", [f"t{n}"])
             assert wakeup.wait(0) is True
             assert wakeup.wait(0) is False  # one read covers them all: no wake left for each
+            with wakeup.conn.transaction():
+                conn.execute("INSERT INTO stored_events (topic) VALUES ('t')")
+            started = time.monotonic()
+            assert wakeup.wait(30) is True and time.monotonic() - started < 15  # at once, not at the timeout
         finally:
             wakeup.close()
