@@ -519,6 +519,19 @@ def test_bad_claims_are_refused(mutate):
         issuer().verify(token)
 
 
+@pytest.mark.parametrize(("past_exp", "accepted"), [(LEEWAY_S - 2, True), (LEEWAY_S + 2, False)])
+def test_a_token_is_accepted_past_its_exp_by_the_leeway_and_no_longer(past_exp, accepted):
+    """The leeway forgives clocks a few seconds apart, not a token expired minutes ago."""
+    now = int(time.time())
+    claims = {**fresh_claims(), "iat": now - 60, "exp": now - past_exp}
+    token = jwt.encode(claims, SECRET, algorithm="HS256")
+    if accepted:
+        assert issuer().verify(token)[1] == "client"
+    else:
+        with pytest.raises(TokenInvalid):
+            issuer().verify(token)
+
+
 @pytest.mark.parametrize(("role", "age", "accepted"), [
     ("client", 3600, True), ("client", 3600 + LEEWAY_S + 2, False),
     ("analyst", 30 * 86400, True), ("auditor", 30 * 86400 + LEEWAY_S + 2, False),
