@@ -535,6 +535,7 @@ def test_a_token_is_accepted_past_its_exp_by_the_leeway_and_no_longer(past_exp, 
 @pytest.mark.parametrize(("role", "age", "accepted"), [
     ("client", 3600, True), ("client", 3600 + LEEWAY_S + 2, False),
     ("analyst", 30 * 86400, True), ("auditor", 30 * 86400 + LEEWAY_S + 2, False),
+    ("auditor", 30 * 86400, True), ("analyst", 30 * 86400 + LEEWAY_S + 2, False),
 ])
 def test_a_token_older_than_this_server_mints_them_is_refused_whatever_its_exp(role, age, accepted):
     """Signed with the secret all the same (an old configuration, a hand-made 100-year token): a
