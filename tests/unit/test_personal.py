@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import threading
 import uuid
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -36,6 +39,22 @@ def test_sealing_is_deterministic_per_user_and_field_only():
     assert sealer.seal(ALICE, "rule.name", "Kitchen") == same  # an unchanged name is an unchanged value
     assert sealer.seal(ALICE, "device_key", "Kitchen") != same
     assert sealer.seal(BOB, "rule.name", "Kitchen").split(":")[-1] != same.split(":")[-1]
+
+
+@given(st.text(max_size=50), st.sampled_from(["rule.name", "device_key"]))
+def test_a_sealed_value_is_the_documented_format_computed_by_hand(value, field):
+    """sealed:v1:<user>:<base64url(nonce | AES-GCM)>, the nonce an HMAC (under a key derived from
+    the data key, not the data key itself) of the user, field and value, the user and field the
+    associated data: values already stored must seal alike after an upgrade."""
+    keyring = MemoryKeyring()
+    sealed = Sealer(keyring).seal(ALICE, field, value)
+    key = keyring.key(ALICE)
+    assert key is not None
+    aad = f"{ALICE}:{field}".encode()
+    nonce_key = hmac.new(key, b"palette synthetic nonce", hashlib.sha256).digest()
+    nonce = hmac.new(nonce_key, aad + b"\0" + value.encode(), hashlib.sha256).digest()[:12]
+    blob = nonce + AESGCM(key).encrypt(nonce, value.encode(), aad)
+    assert sealed == f"sealed:v1:{ALICE}:" + base64.urlsafe_b64encode(blob).decode().rstrip("=")
 
 
 def test_a_value_moved_to_another_field_or_user_or_altered_does_not_open():
