@@ -71,6 +71,8 @@ def test_a_value_moved_to_another_field_or_user_or_altered_does_not_open():
     tampered = sealed.rsplit(":", 1)[0] + ":" + base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("=")
     with pytest.raises(ValueError, match="does not open"):
         sealer.open("rule.name", tampered)
+    with pytest.raises(ValueError, match="does not open"):
+        sealer.open("rule.name", sealed[:len(f"{SEALED_PREFIX}{ALICE}:") + 2])  # cut short: no whole nonce
 
 
 def test_after_erasure_the_value_reads_erased_and_nothing_can_be_sealed_for_the_user():
