@@ -88,8 +88,11 @@ def test_after_erasure_the_value_reads_erased_and_nothing_can_be_sealed_for_the_
     assert keyring.erased([ALICE, BOB]) == {ALICE}
 
 
-def test_a_value_written_before_sealing_is_returned_as_it_is():
-    assert Sealer(MemoryKeyring()).open("rule.name", "Plain old name") == "Plain old name"
+@pytest.mark.parametrize("value", ["Plain old name", f"{SEALED_PREFIX}{ALICE}"])
+def test_a_value_written_before_sealing_is_returned_as_it_is(value):
+    """Sealed is the prefix, a user id and a colon: a name that only looks like one is plain."""
+    assert sealed_owner(value) is None
+    assert Sealer(MemoryKeyring()).open("rule.name", value) == value
 
 
 def test_redact_replaces_only_erased_users_sealed_values_anywhere_in_the_data():
