@@ -18,6 +18,7 @@ from psycopg_pool import ConnectionPool
 from adapters import keyring as keyring_module
 from adapters.keyring import PgKeyring
 from adapters.settings import Settings
+from application.personal import KeyDestroyed
 
 
 @pytest.fixture
@@ -52,3 +53,15 @@ def test_a_stored_key_is_wrapped_under_the_secrets_derived_key_bound_to_its_user
     assert alices[:12] != bobs[:12]  # one key-encryption key never wraps twice under one nonce
     with pytest.raises(InvalidTag):  # Alice's row moved to Bob's id opens nothing
         kek.decrypt(alices[:12], alices[12:], bob.bytes)
+
+
+def test_an_erased_users_key_is_deleted_and_never_made_again(settings: Settings, pool: ConnectionPool[Any]) -> None:
+    keyring = PgKeyring(pool, settings.device_key_secret)
+    user = uuid.uuid4()
+    keyring.key_for(user)
+    keyring.destroy(user)
+    assert _wrapped(pool, user) is None and keyring.key(user) is None
+    with pytest.raises(KeyDestroyed):
+        keyring.key_for(user)
+    assert _wrapped(pool, user) is None
+    assert keyring.erased([user, uuid.uuid4()]) == {user}
