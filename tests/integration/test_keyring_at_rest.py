@@ -65,3 +65,16 @@ def test_an_erased_users_key_is_deleted_and_never_made_again(settings: Settings,
         keyring.key_for(user)
     assert _wrapped(pool, user) is None
     assert keyring.erased([user, uuid.uuid4()]) == {user}
+
+
+def test_an_erasure_completed_again_keeps_its_first_completion(settings: Settings, pool: ConnectionPool[Any]) -> None:
+    """``completed_at`` is set once: the retention sweep walks erasures in its order."""
+    user = uuid.uuid4()
+    PgKeyring(pool, settings.device_key_secret).destroy(user)
+    with pool.connection() as conn:
+        keyring_module.complete_erasure(conn, user)
+        first = conn.execute("SELECT completed_at FROM palette_erasures WHERE user_id = %s", [user]).fetchone()
+        with conn.transaction():  # now() is the transaction's start: a later one stamps later
+            keyring_module.complete_erasure(conn, user)
+        again = conn.execute("SELECT completed_at FROM palette_erasures WHERE user_id = %s", [user]).fetchone()
+    assert first is not None and first[0] is not None and again == first
