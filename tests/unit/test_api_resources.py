@@ -36,7 +36,8 @@ from infra.s3 import s3_client
 @pytest.mark.parametrize("endpoint", ["http://127.0.0.1:8333", "https://s3.example.com",
                                       "https://s3.example.com:443", "http://store:80/base", "http://[::1]:9000",
                                       "http://S3.Example.COM:9000", "https://S3.EXAMPLE.com:443"])
-@pytest.mark.parametrize("key", ["outputs/u/j/0_result.png", "previews/a b/c~d+e%f_thumb.jpg", "outputs/ü/0.png"])
+@pytest.mark.parametrize("key", ["outputs/u/j/0_result.png", "previews/a b/c~d+e%f_thumb.jpg", "outputs/ü/0.png",
+                                 "masks/u/j/0_a=b&c?d#e;f:g@h$i,j!k*l'm(n)o[p]q.png"])
 def test_presigned_get_urls_are_the_very_ones_boto3_makes(endpoint: str, key: str) -> None:
     settings = Settings(s3_endpoint=endpoint, s3_access_key="AKID/x+y", s3_secret_key="secret/+=",
                         s3_region="eu-west-1", s3_bucket="palette-images")
