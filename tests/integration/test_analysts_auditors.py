@@ -394,6 +394,17 @@ def test_a_chains_last_row_deleted_breaks_verify_at_that_seq_as_a_deletion(histo
                                 "its last rows were deleted")
 
 
+def test_a_chain_whose_recorded_head_was_deleted_breaks_verify_at_its_end(history, service, settings,  # noqa: F811
+                                                                          tx):
+    """Its heads row deleted, a chain's last rows could go unseen: the end is named."""
+    wait_drained(service, settings)
+    user_id, last = _longest_chain(tx)
+    tx.execute("DELETE FROM palette_read.billing_heads WHERE user_id = %s", [user_id])
+    breaks = audit.verify(tx).breaks
+    assert [(b.user_id, b.seq, b.position, b.reason) for b in breaks] == [
+        (str(user_id), last + 1, None, "the chain has no recorded head")]
+
+
 class _AppendsAfterTheHeads:
     """A connection that, once the chain heads are read on it, lets the projector's next append
     land (on another connection, committed) before anything else is read."""
