@@ -243,6 +243,17 @@ def test_a_consistent_rewrite_passes_verify_but_not_a_signed_checkpoint(busy, se
     assert "rewritten" in breaks[0].reason
 
 
+def test_a_checkpoint_holds_each_users_last_ledger_row(busy, service, settings, tx):  # noqa: F811
+    """The head that pins a chain is its last row: any earlier one leaves the rows after it free."""
+    wait_drained(service, settings)
+    payload = checkpoints.take(tx, service.app.recorder, Ed25519PrivateKey.generate(), SystemClock().now(),
+                               wait_s=0)["payload"]
+    last_rows = tx.execute("SELECT DISTINCT ON (e.user_id) e.user_id::text, e.seq, e.hash, e.position "
+                           "FROM palette_read.billing_events e ORDER BY e.user_id, e.seq DESC").fetchall()
+    assert any(seq > 1 for _, seq, _, _ in last_rows)
+    assert payload["heads"] == [list(r) for r in last_rows]
+
+
 def test_a_user_without_a_heads_row_is_still_in_the_checkpoint(busy, service, settings, tx):  # noqa: F811
     """Heads used to be read from billing_heads joined to the ledger: delete a user's heads row,
     let the next checkpoint be taken without them (still `complete`), then rewrite their chain
