@@ -160,6 +160,18 @@ def test_a_signed_checkpoint_verifies_and_any_change_to_it_does_not(heads, chang
         checkpoints.verified_payload(doc, Ed25519PrivateKey.generate().public_key())
 
 
+def test_a_checkpoint_signs_its_payload_as_sorted_compact_json_so_a_reordered_copy_still_verifies():
+    """The signed bytes are the payload's JSON with sorted keys and no spaces (checked here with
+    the key alone): a copy rewritten by a tool that orders keys otherwise still verifies."""
+    key = Ed25519PrivateKey.generate()
+    payload = _payload([[str(uuid.uuid4()), 3, "ab" * 32, 11]])
+    doc = checkpoints.sign(payload, key)
+    signed = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    key.public_key().verify(bytes.fromhex(doc["signature"]), signed)
+    reordered = {**doc, "payload": dict(reversed(list(payload.items())))}
+    assert checkpoints.verified_payload(json.loads(json.dumps(reordered)), key.public_key()) == payload
+
+
 @pytest.mark.parametrize("doc", [None, [], {"payload": {}}, {"payload": {"kind": "x"}, "algorithm": "Ed25519"},
                                  {"payload": _payload([]), "algorithm": "RSA"},
                                  {"payload": _payload([]), "algorithm": "Ed25519", "signature": "zz"}])
