@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from adapters.settings import Settings
@@ -42,6 +42,7 @@ rows_strategy = st.lists(st.tuples(st.sampled_from(sorted(KINDS)), st.integers(1
 
 @given(rows=rows_strategy, since=st.none() | MINUTES, until=st.none() | MINUTES,
        limit=st.integers(1, 7))
+@example(rows=[("grant", 5, 2), ("grant", 7, 3), ("refund", 9, 6), ("grant", 11, 7)], since=3, until=6, limit=1)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_the_pages_of_a_period_are_its_entries_with_their_running_balance(
         conn: psycopg.Connection[Any], rows: list[tuple[str, int, int]], since: int | None, until: int | None,
