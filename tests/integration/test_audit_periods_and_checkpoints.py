@@ -388,6 +388,20 @@ def test_a_deleted_head_row_is_named_against_a_signed_checkpoint(busy, service, 
         (user_id, seq, position, "no ledger row at the checkpointed head")]
 
 
+def test_chains_grown_since_a_checkpoint_still_match_it(busy, service, settings):  # noqa: F811
+    """Users go on being billed after a checkpoint: only the row at each signed head is compared."""
+    key = Ed25519PrivateKey.generate()
+    payload = checkpoints.verified_payload(_checkpoint(service, settings, key), key.public_key())
+    grown = uuid.UUID(payload["heads"][0][0])
+    service.grant_credits(grown, 5, "bonus")
+    wait_drained(service, settings)
+    with psycopg.connect(settings.effective_database_url, autocommit=True) as conn:
+        (seq,) = conn.execute("SELECT max(seq) FROM palette_read.billing_events WHERE user_id = %s",
+                              [grown]).fetchone() or (None,)
+        assert seq == payload["heads"][0][1] + 1
+        assert audit.verify_heads(conn, payload["heads"]) == []
+
+
 def test_a_checkpoint_taken_before_the_ledger_folded_the_log_says_it_is_incomplete(busy, service, settings,  # noqa: F811
                                                                                   tx):
     wait_drained(service, settings)
