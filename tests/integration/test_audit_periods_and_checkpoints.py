@@ -411,6 +411,18 @@ def test_a_checkpoint_taken_before_the_ledger_folded_the_log_says_it_is_incomple
     assert doc["payload"]["complete"] is False
 
 
+def test_a_checkpoint_whose_ledger_lacks_only_the_logs_last_event_is_incomplete(busy, service, settings,  # noqa: F811
+                                                                               tx):
+    """The checkpoint covers the log up to and with its log position: the event there counts."""
+    user_id = service.register(f"last-{uuid.uuid4()}", plan="pro").value[0]
+    service.grant_credits(user_id, 5, "bonus")  # the log's last event
+    wait_drained(service, settings)
+    tx.execute("UPDATE palette_read.billing_events_tracking SET version = version - 1 WHERE stream_id = %s",
+               [user_id])
+    doc = checkpoints.take(tx, service.app.recorder, Ed25519PrivateKey.generate(), SystemClock().now(), wait_s=0)
+    assert doc["payload"]["complete"] is False
+
+
 def test_cli_verify_fails_when_a_signed_head_does_not_match_the_ledger(busy, service, settings, tmp_path,  # noqa: F811
                                                                       own_store, capsys):
     key = Ed25519PrivateKey.generate()
