@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from uuid import uuid4
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from domain.errors import ConcurrencyLimit, InsufficientCredits, RuleSlotsFull, ValidationFailed
@@ -33,6 +33,15 @@ def test_registration_grants_the_plans_initial_credits():
     assert new_events(user) == ["Registered", "CreditsGranted"]
     assert (user.balance, user.granted, user.plan) == (50, 50, "free")
     assert user.id == user_id_for_device_key(KEY)
+
+
+@given(credits=st.integers(0, 1_000))
+@example(credits=0)
+@example(credits=1)
+def test_registration_grants_any_positive_initial_credits_and_records_no_grant_of_none(credits):
+    user = User.register(KEY, Plan("custom", credits, 1, 2), AT)
+    assert new_events(user) == ["Registered"] + ["CreditsGranted"] * (credits > 0)
+    assert (user.balance, user.granted) == (credits, credits)
 
 
 def test_registration_stores_the_device_key_and_the_aggregate_keeps_none():
