@@ -132,11 +132,15 @@ def test_a_repeated_key_returns_the_original_outcome_and_records_nothing():
     assert (result.outcome, result.idx, result.item_status) == (ResultOutcome.DUPLICATE, 0, "done")
 
 
-def test_a_second_result_for_an_item_under_another_key_changes_nothing():
-    job = job_in("running")
-    result = job.record_result(0, "failed", "", "", "", "other", AT)
+@pytest.mark.parametrize("first", ["done", "failed"])
+@pytest.mark.parametrize("second", ["done", "failed"])
+def test_a_second_result_for_an_item_under_another_key_changes_nothing_and_answers_the_first(first, second):
+    job = job_in("queued")
+    job.record_result(1, first, "o", "p", "e", "k1", AT)
+    job.collect_events()
+    result = job.record_result(1, second, "o2", "p2", "e2", "other", AT)
     assert new_events(job) == []
-    assert result.outcome == ResultOutcome.ALREADY_RECORDED
+    assert (result.outcome, result.idx, result.item_status) == (ResultOutcome.ALREADY_RECORDED, 1, first)
 
 
 def test_canceled_job_ignores_late_item_result():
@@ -284,7 +288,9 @@ def test_executing_a_queued_job_again_with_other_edits_is_refused(other):
     assert new_events(job) == []
 
 
-@pytest.mark.parametrize(("idx", "status", "key"), [(-1, "done", "k"), (1, "weird", "k"), (1, "done", "")])
+@pytest.mark.parametrize(("idx", "status", "key"), [
+    (-1, "done", "k"), (1, "weird", "k"), (1, "done", ""),
+    *((1, other, "k") for other in ("pending", "queued", "running", "canceled", "Done", "done "))])
 def test_a_result_with_a_bad_index_status_or_key_is_refused(idx, status, key):
     job = job_in("running")
     with pytest.raises(ValidationFailed):
