@@ -10,9 +10,12 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from application.services import PaletteApplication
 from domain.contracts.envelope import EventEnvelope
+from domain.job import Job
 from projections.memory import MemoryReadStore
 from projections.models import READ_MODELS
+from projections.rebuild import iter_envelopes
 
 AT = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -38,6 +41,26 @@ def test_a_deleted_job_leaves_jobs_log_and_job_items_log_and_an_expired_one_stay
     assert set(jobs) == {(expired,), (kept,)}
     assert sorted(k for k in items) == sorted([(expired, 0), (expired, 1), (kept, 0)])
     assert jobs[(expired,)]["status"] == "canceled"
+
+
+@given(items=st.integers(1, 6), results=st.dictionaries(st.integers(0, 5), st.sampled_from(["done", "failed"])))
+def test_a_job_canceled_part_way_and_deleted_leaves_no_row_of_any_item(items, results):
+    """The aggregate's own events, stored and folded: every item's row goes, those without a
+    result too (a job canceled after some of its items)."""
+    job = Job.create(uuid.uuid4(), uuid.uuid4(), "interior", items, AT)
+    job.confirm_upload(AT)
+    job.execute({}, [], None, AT)
+    for idx, status in results.items():
+        if idx < items:
+            job.record_result(idx, status, "o", "p", "e", f"k{idx}", AT)
+    if not job.status.terminal:
+        job.cancel("user", AT)
+    job.delete(AT)
+    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    app.save(job)
+    store = MemoryReadStore()
+    store.apply(list(iter_envelopes(app.recorder, app.mapper.transcoder, 1, None)))
+    assert (store.table("jobs_log"), store.table("job_items_log")) == ({}, {})
 
 
 def test_a_finished_job_names_its_rule_its_finish_and_its_failed_item_without_keys():
