@@ -15,7 +15,7 @@ from domain.contracts.envelope import EventEnvelope
 from domain.job import Job
 from projections.memory import MemoryReadStore
 from projections.models import READ_MODELS
-from projections.rebuild import iter_envelopes
+from projections.rebuild import fold_log, iter_envelopes
 
 AT = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -118,3 +118,27 @@ def test_every_row_a_fold_changes_is_one_its_model_names_for_the_event(items, re
                 changed, _ = model.evolve(rows, e)
                 assert set(changed) <= set(model.keys_for(e)), (model.name, e.type)
                 rows.update(changed)
+
+
+def test_the_reference_fold_stops_a_stream_at_its_first_event_that_cannot_be_folded_and_only_that_stream():
+    """As the live projector parks it: the stream keeps what it had before that event, its later
+    events are not folded, and the other streams fold on."""
+    broken, healthy, user = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+
+    def item(idx: int) -> dict[str, Any]:
+        return {"idx": idx, "status": "done", "output_key": "o", "preview_key": "p", "error": ""}
+
+    steps = [(broken, "JobCreated", {"user_id": str(user), "preset": "interior", "item_count": 1}),
+             (healthy, "JobCreated", {"user_id": str(user), "preset": "interior", "item_count": 1}),
+             (broken, "ItemCompleted", item(5)),  # no item 5: the fold raises
+             (broken, "ItemCompleted", item(0)),
+             (healthy, "ItemCompleted", item(0))]
+    versions: dict[uuid.UUID, int] = {}
+    events = []
+    for n, (stream, kind, data) in enumerate(steps):
+        versions[stream] = versions.get(stream, 0) + 1
+        events.append(EventEnvelope(id=n + 1, stream_id=stream, stream_type="Job", version=versions[stream],
+                                    type=kind, timestamp=AT, data=data))
+    rows, _, tracking, count, failed = fold_log(READ_MODELS["job_items_log"], events)
+    assert (failed, tracking, count) == ({broken}, {broken: 1, healthy: 2}, 5)
+    assert (rows[(broken, 0)]["status"], rows[(healthy, 0)]["status"]) == ("pending", "done")
