@@ -773,6 +773,31 @@ def test_a_resolved_dead_letter_folds_the_event_the_broker_lost_behind_it_from_t
                             [rule]).fetchone() == (4,)
 
 
+def test_a_rebuild_that_folds_a_parked_event_its_streams_last_leaves_no_letter_holding_its_stream(
+        own_log, monkeypatch):
+    """The parked event is the stream's last (nothing held behind it): the rebuild folds it, its
+    tracking stands at that very version, and the letter is resolved, so the stream's next
+    event is folded, not held behind it."""
+    url, app = own_log
+    rule = uuid.uuid4()
+    _rule_event(app, rule, 1, "first")
+    _rule_event(app, rule, 2, "later")
+    model = READ_MODELS["rules"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        monkeypatch.setitem(READ_MODELS, "rules", _failing_on_later(model))
+        apply_isolating(conn, list(iter_envelopes(app.recorder, app.mapper.transcoder, 1, None)),
+                        models=[READ_MODELS["rules"]])
+        monkeypatch.setitem(READ_MODELS, "rules", model)  # the code fixed
+        assert _rule_letters(conn, rule) == [(2, "parked")]
+
+        rebuild(url, app.recorder, app.mapper.transcoder, "rules")
+        assert conn.execute("SELECT name FROM palette_read.rules WHERE id = %s", [rule]).fetchone() == ("later",)
+        assert _rule_letters(conn, rule) == []
+        _rule_event(app, rule, 3, "third")
+        assert _live_fold(conn, app).applied == 1
+        assert conn.execute("SELECT name FROM palette_read.rules WHERE id = %s", [rule]).fetchone() == ("third",)
+
+
 @pytest.mark.parametrize("cause", ["a fold since fixed", "a row postgres refused, renamed since"])
 def test_a_rebuild_that_folds_a_parked_event_leaves_no_letter_holding_its_stream(own_log, monkeypatch, cause):
     """The live model parked v2 (its fold failed, or PostgreSQL refused the row it made) and held
