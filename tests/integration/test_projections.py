@@ -547,6 +547,30 @@ def test_a_rebuild_keeps_an_operators_skip(own_log):
 
 
 
+def test_a_rebuild_tracks_a_stream_past_an_operators_skip_of_its_last_event(own_log):
+    """The skipped event is the stream's last: the rebuilt tracking stands past it, as the live
+    model's does, so the live projector finds nothing of the stream to fold again."""
+    url, app = own_log
+    rule = uuid.uuid4()
+    _rule_event(app, rule, 1, "first")
+    _rule_event(app, rule, 2, None)  # the poison, and the stream's last event
+    with psycopg.connect(url, autocommit=True) as conn:
+        _live_fold(conn, app)
+        [parked] = [d for d in dead_letters(conn) if d["stream_id"] == rule and d["status"] == "parked"]
+        resolve_dead_letter(conn, parked["id"], "skip")
+        live = table_contents(conn, "rules", RULE_COLUMNS)
+        assert conn.execute("SELECT version FROM palette_read.rules_tracking WHERE stream_id = %s",
+                            [rule]).fetchone() == (2,)
+
+        rebuild(url, app.recorder, app.mapper.transcoder, "rules")
+        assert conn.execute("SELECT version FROM palette_read.rules_tracking WHERE stream_id = %s",
+                            [rule]).fetchone() == (2,)
+        assert table_contents(conn, "rules", RULE_COLUMNS) == live
+        again = _live_fold(conn, app)
+        assert (again.applied, again.parked) == (0, 0)
+        assert _rule_letters(conn, rule) == [(2, "skipped")]
+
+
 def _user_event(app: PaletteApplication, user: uuid.UUID, version: int, amount: int | None = None) -> None:
     """A user's event straight into the log: registered at version 1, granted ``amount`` after."""
     from eventsourcing.persistence import StoredEvent
