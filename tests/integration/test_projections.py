@@ -25,6 +25,7 @@ from application.executors import GroupCommitter
 from application.services import PaletteApplication, PaletteService
 from domain.contracts.envelope import EventEnvelope
 from domain.errors import DomainError
+from domain.job import Job
 from projections import rebuild as rebuilding
 from projections.log import LogReader, events_table
 from projections.models import READ_MODELS
@@ -569,6 +570,23 @@ def test_a_rebuild_tracks_a_stream_past_an_operators_skip_of_its_last_event(own_
         again = _live_fold(conn, app)
         assert (again.applied, again.parked) == (0, 0)
         assert _rule_letters(conn, rule) == [(2, "skipped")]
+
+
+@pytest.mark.parametrize("batch", [1, rebuilding.COPY_ROWS], ids=["a batch a row", "one batch"])
+def test_a_rebuilds_report_counts_the_rows_it_stored_not_those_a_deleted_job_had(own_log, monkeypatch, batch):
+    monkeypatch.setattr(rebuilding, "COPY_ROWS", batch)
+    url, app = own_log
+    at = datetime.now(UTC)
+    kept, deleted = (Job.create(uuid.uuid4(), uuid.uuid4(), "interior", 3, at) for _ in range(2))
+    deleted.cancel("user", at)
+    deleted.delete(at)
+    app.save(kept, deleted)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for name in ("jobs_log", "job_items_log"):
+            report = rebuild(url, app.recorder, app.mapper.transcoder, name)
+            stored = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                sql.Identifier("palette_read", name))).fetchone()[0]
+            assert (report.rows, stored) == ({"jobs_log": 1, "job_items_log": 3}[name],) * 2, name
 
 
 def _user_event(app: PaletteApplication, user: uuid.UUID, version: int, amount: int | None = None) -> None:
