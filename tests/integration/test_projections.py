@@ -589,6 +589,27 @@ def test_a_rebuilds_report_counts_the_rows_it_stored_not_those_a_deleted_job_had
             assert (report.rows, stored) == ({"jobs_log": 1, "job_items_log": 3}[name],) * 2, name
 
 
+def test_a_rebuild_whose_copy_loses_the_database_ends_with_that_error_and_swaps_nothing(own_log, monkeypatch):
+    """A transient error is the database's, not a batch PostgreSQL refused: the rebuild raises it
+    (the operator runs it again) rather than rewrite its batch event by event, and the live tables
+    stay as they were."""
+    url, app = own_log
+    rule = uuid.uuid4()
+    _rule_event(app, rule, 1, "first")
+    with psycopg.connect(url, autocommit=True) as conn:
+        _live_fold(conn, app)
+        live = _model_contents(conn, "rules")
+        _rule_event(app, rule, 2, "second")
+
+        def lost(*_: Any) -> None:
+            raise ConnectionError("the database went away")
+
+        monkeypatch.setattr(rebuilding, "copy_rows", lost)
+        with pytest.raises(ConnectionError):
+            rebuild(url, app.recorder, app.mapper.transcoder, "rules")
+        assert _model_contents(conn, "rules") == live
+
+
 def _user_event(app: PaletteApplication, user: uuid.UUID, version: int, amount: int | None = None) -> None:
     """A user's event straight into the log: registered at version 1, granted ``amount`` after."""
     from eventsourcing.persistence import StoredEvent
