@@ -15,14 +15,20 @@ from tests.keys import process_keys
 from tests.simulation import Ids, StepClock
 
 
-def test_a_read_for_some_stream_types_is_the_whole_log_filtered() -> None:
+def _log_of_users(users: int) -> PaletteApplication:
+    """An in-memory log of ``users`` users, each with a rule and a job: three stream types."""
     app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
     svc = PaletteService(app, DirectExecutor(app), StepClock(), Ids(), **process_keys())
     preset = next(iter(PRESETS))
-    for n in range(6):
+    for n in range(users):
         user_id, _ = svc.register(f"device-{n}").value
         svc.create_rule(user_id, "r", preset, {"wall": {"action": "recolor", "value": "#ffffff"}})
         svc.create_job(user_id, preset, 2)
+    return app
+
+
+def test_a_read_for_some_stream_types_is_the_whole_log_filtered() -> None:
+    app = _log_of_users(6)
     reader = LogReader(app.recorder, app.mapper.transcoder)
     head = reader.head()
     whole = reader.read(0, head, 10**6)
@@ -40,13 +46,7 @@ def test_a_rebuilds_read_of_the_log_after_a_position_takes_every_event_however_i
         monkeypatch: pytest.MonkeyPatch, page: int) -> None:
     """The tail a rebuild folds under the model's lock (``iter_envelopes``), read a page at a time:
     no event at a page's edge is lost or read twice."""
-    app = PaletteApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
-    svc = PaletteService(app, DirectExecutor(app), StepClock(), Ids(), **process_keys())
-    preset = next(iter(PRESETS))
-    for n in range(3):
-        user_id, _ = svc.register(f"device-{n}").value
-        svc.create_rule(user_id, "r", preset, {"wall": {"action": "recolor", "value": "#ffffff"}})
-        svc.create_job(user_id, preset, 2)
+    app = _log_of_users(3)
     monkeypatch.setattr(rebuilding, "PAGE", page)
     reader = LogReader(app.recorder, app.mapper.transcoder)
     head = reader.head()
