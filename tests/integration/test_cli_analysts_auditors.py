@@ -18,6 +18,7 @@ import pytest
 
 from adapters import checkpoints, cli
 from adapters.cli.connect import event_store
+from domain.text import one_line as escaped
 from tests.unit.test_cli_outputs_and_pipes import into_closed_pipe
 
 
@@ -127,7 +128,7 @@ def test_checkpoint_out_that_cannot_be_written_is_one_line(where: str, env: dict
     if where == "the-signing-key":
         one_line(capsys, f"palette audit checkpoint: {out} exists: a checkpoint file is never overwritten")
     else:
-        one_line(capsys, f"palette audit checkpoint: cannot write {out}: ", {
+        one_line(capsys, f"palette audit checkpoint: cannot write {escaped(out)}: ", {  # the NUL as \x00
             "missing-dir": "No such file or directory", "a-directory": "Is a directory",
             "a-nul-byte": "embedded null byte"}[where])
     assert key_file.read_bytes() == key
