@@ -51,3 +51,20 @@ def test_a_state_shows_an_erased_users_sealed_field_as_erased_and_anyone_elses_s
     assert erased["name"] == ERASED
     assert {k: v for k, v in erased.items() if k != "name"} == {k: v for k, v in sealed.items() if k != "name"}
     assert NAME not in json.dumps(sealed) + json.dumps(erased)
+
+
+def test_replay_as_csv_is_one_header_and_one_row_per_event_holding_what_its_json_line_does() -> None:
+    import csv
+    import io
+
+    from projections.replay import CSV_COLUMNS, as_csv, as_jsonl
+
+    app, _, _ = _log()
+    replayer = Replayer(app)
+    lines = [json.loads(line) for line in as_jsonl(replayer.all())]
+    header, *rows = list(csv.reader(io.StringIO("".join(as_csv(replayer.all())))))
+    assert header == list(CSV_COLUMNS) and len(rows) == len(lines) > 1
+    for row, line in zip(rows, lines, strict=True):
+        cells = dict(zip(CSV_COLUMNS, row, strict=True))
+        assert json.loads(cells.pop("data")) == line.pop("data")
+        assert cells == {k: str(line[k]) for k in cells}  # the timestamp in the same ISO 8601 form
