@@ -243,3 +243,22 @@ def test_a_read_model_the_database_has_no_table_for_is_refused_in_one_line(fresh
     error, a traceback from `palette query`."""
     with pytest.raises(QueryError, match=r"no read model table palette_read\.users"):
         run("SELECT count(*) FROM users", None, fresh_db)
+
+
+def test_an_erased_users_sealed_fields_are_exported_as_erased_and_no_one_elses(log, service, tmp_path):  # noqa: F811
+    """The export reads the log as stored: a rule's name is its user's sealed text, which for an
+    erased user (``erased``, as the CLI reads the tombstones) must leave as "erased", not as the
+    ciphertext of a key destroyed or not yet (the same guarantee as the replay's)."""
+    preset = "interior"
+    named: dict[str, tuple[uuid.UUID, uuid.UUID]] = {}
+    for who in ("gone", "kept"):
+        user_id, _ = service.register(f"export-{who}-{uuid.uuid4().hex}").value
+        edits = {"wall": {"action": "recolor", "value": "#ffffff"}}
+        rule_id = service.create_rule(user_id, f"{who}'s kitchen", preset, edits).value
+        named[who] = (user_id, rule_id)
+    gone, kept = named["gone"][0], named["kept"][0]
+    export_log(service.app.recorder, service.app.mapper.transcoder, tmp_path, erased={gone})
+    names = {r["stream_id"]: r["name"] for r in _rows(tmp_path, "RuleCreated").values()}
+    assert names[str(named["gone"][1])] == "erased"
+    assert names[str(named["kept"][1])].startswith(f"sealed:v1:{kept}:")
+    assert service.rule_name(names[str(named["kept"][1])]) == "kept's kitchen"
