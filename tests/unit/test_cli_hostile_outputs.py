@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+from argparse import Namespace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 
 from adapters import checkpoints, cli
-from adapters.cli import operators
+from adapters.cli import analysts, auditors, operators
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -631,27 +633,28 @@ def test_audit_report_csv_writes_a_plan_beginning_as_a_formula_after_a_quote_and
 BROKEN = "a\nb\rc"  # a name a shell lets through ($'a\nb\rc'), which printed as is broke the line
 
 
-def _refusals(tmp_path: Path) -> dict[str, Any]:
-    """Each refusal that names a path, given one with line breaks; each returns the exit code."""
-    import argparse
+def _missing(tmp_path: Path) -> Path:
+    return tmp_path / BROKEN / "out.json"  # under a directory that does not exist
 
-    from adapters.cli import analysts, auditors
 
-    missing = tmp_path / BROKEN / "out.json"  # under a directory that does not exist
+def _kept(tmp_path: Path) -> Path:
     kept = tmp_path / BROKEN
     kept.write_text("{}")
-    return {
-        "bench --json": lambda: cli.main(["bench", "--json", str(missing)]),
-        "an OSError's file": lambda: cli._said_why("query", FileNotFoundError(2, "No such file", str(missing))),
-        "an export's file": lambda: analysts._not_exported("palette export", missing, PermissionError(13, "Denied")),
-        "checkpoint --out unwritable": lambda: auditors._audit_checkpoint(argparse.Namespace(out=missing), None, None),
-        "checkpoint --out exists": lambda: auditors._audit_checkpoint(argparse.Namespace(out=kept), None, None),
-    }
+    return kept
 
 
-@pytest.mark.parametrize("refusal", ["bench --json", "an OSError's file", "an export's file",
-                                     "checkpoint --out unwritable", "checkpoint --out exists"])
+# Each refusal that names a path, given one with line breaks: its exit code.
+REFUSALS: dict[str, Callable[[Path], int | None]] = {
+    "bench --json": lambda tmp: cli.main(["bench", "--json", str(_missing(tmp))]),
+    "an OSError's file": lambda tmp: cli._said_why("query", FileNotFoundError(2, "No such file", str(_missing(tmp)))),
+    "an export's file": lambda tmp: analysts._not_exported("palette export", _missing(tmp), PermissionError(13, "No")),
+    "checkpoint --out unwritable": lambda tmp: auditors._audit_checkpoint(Namespace(out=_missing(tmp)), None, None),
+    "checkpoint --out exists": lambda tmp: auditors._audit_checkpoint(Namespace(out=_kept(tmp)), None, None),
+}
+
+
+@pytest.mark.parametrize("refusal", list(REFUSALS))
 def test_a_refusal_naming_a_path_with_line_breaks_stays_one_line(refusal: str, tmp_path: Path, capsys: Any) -> None:
-    assert _refusals(tmp_path)[refusal]() == 2
+    assert REFUSALS[refusal](tmp_path) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "\r" not in err and "a\\nb\\rc" in err, err
